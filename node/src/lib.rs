@@ -1,1 +1,29 @@
+//! The statemesh runtime: a node running stateful functions (DESIGN.md, "The node").
+//!
+//! Embed it with [`NodeBuilder`]: register functions, configure, start; the returned
+//! [`NodeHandle`] gives the bound addresses, an in-process [`Router`], and `shutdown`.
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! use statemesh_node::{NodeBuilder, NodeConfig};
+//! let node = NodeBuilder::new(NodeConfig::default()).with_examples().start().await?;
+//! node.shutdown().await;
+//! # Ok(()) }
+//! ```
 
+pub mod config;
+mod egress;
+pub mod error;
+pub mod ingress;
+mod instance;
+pub mod metrics;
+mod node;
+mod registry;
+mod router;
+mod shard;
+mod store;
+
+pub use config::{NodeConfig, RetryConfig};
+pub use error::ServiceError;
+pub use node::{NodeBuilder, NodeHandle, StartError};
+pub use router::Router;

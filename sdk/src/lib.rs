@@ -18,7 +18,7 @@ mod types;
 pub use address::{Address, AddressError, TypeName};
 pub use client::{Client, ClientError};
 pub use function::{
-    Context, DelayedMessage, Effects, FnFunction, FunctionError, StateSlot, StatefulFunction,
+    Context, DelayedMessage, Effects, FnFunction, FunctionError, StateSlot, StatefulFunction, Undo,
 };
 pub use spec::{Expiration, ValueSpec, ValueSpecDescriptor};
 pub use types::{Codec, DecodeError, Json, Proto, TypedValue, WellKnown};

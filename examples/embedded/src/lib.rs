@@ -1,1 +1,28 @@
-pub fn x() {}
+//! The bundled example functions, shipped in the stock `statemesh` binary.
+//!
+//! - `example/greeter`: keeps a visit count per name; replies "Hello <name>, you are visitor #N".
+//! - `example/counter`: adds a `long` delta to a running total; replies the new total (the
+//!   benchmark workload).
+//! - `example/cart` and `example/stock`: a shopping cart (see [`cart`]).
+
+use std::sync::Arc;
+
+use statemesh_sdk::{StatefulFunction, TypeName};
+
+pub mod cart;
+pub mod counter;
+pub mod greeter;
+
+/// All example function types.
+pub fn all() -> Vec<(TypeName, Arc<dyn StatefulFunction>)> {
+    let t = |s: &str| TypeName::parse(s).expect("valid example type");
+    vec![
+        (
+            t(greeter::TYPE),
+            Arc::new(greeter::function()) as Arc<dyn StatefulFunction>,
+        ),
+        (t(counter::TYPE), Arc::new(counter::function())),
+        (t(cart::CART_TYPE), Arc::new(cart::cart_function())),
+        (t(cart::STOCK_TYPE), Arc::new(cart::stock_function())),
+    ]
+}

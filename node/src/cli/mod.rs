@@ -1,0 +1,263 @@
+//! Command-line interface of `statemesh`.
+
+mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use statemesh_node::ingress::{value_from_text, value_to_json, value_to_text};
+use statemesh_node::{NodeBuilder, NodeConfig};
+use statemesh_sdk::{typenames, Address, Client};
+
+/// statemesh: a runtime for stateful functions.
+#[derive(Parser)]
+#[command(name = "statemesh", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct NodeTarget {
+    /// gRPC URL of the node to talk to.
+    #[arg(
+        long = "node",
+        env = "STATEMESH_NODE",
+        default_value = "http://127.0.0.1:5090"
+    )]
+    node: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (with the bundled example functions).
+    Node {
+        /// Node configuration file (TOML); see docs/configuration.md.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides the file); default ./data.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// gRPC listen address (overrides the file); default 127.0.0.1:5090.
+        #[arg(long)]
+        grpc_addr: Option<std::net::SocketAddr>,
+        /// HTTP listen address (overrides the file); default 127.0.0.1:8090.
+        #[arg(long)]
+        http_addr: Option<std::net::SocketAddr>,
+        /// Shards (overrides the file); default one per core.
+        #[arg(long)]
+        shards: Option<usize>,
+    },
+    /// Send a one-way message: `statemesh send example/counter/a 5 --type long`.
+    Send {
+        /// Target address `namespace/type/id`.
+        address: String,
+        /// The value: plain text for built-in types, raw text otherwise.
+        value: String,
+        /// Typename, or a built-in short name: string (default), long, int, bool, float, double.
+        #[arg(long = "type", default_value = "string")]
+        typ: String,
+        /// Idempotency key.
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        target: NodeTarget,
+    },
+    /// Call an address and print its reply: `statemesh call example/greeter/alice hi`.
+    Call {
+        /// Target address `namespace/type/id`.
+        address: String,
+        /// The value: plain text for built-in types, raw text otherwise.
+        value: String,
+        /// Typename, or a built-in short name: string (default), long, int, bool, float, double.
+        #[arg(long = "type", default_value = "string")]
+        typ: String,
+        /// Reply timeout in milliseconds (default: the node's).
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Idempotency key.
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        target: NodeTarget,
+    },
+    /// Inspect state.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+    /// Load generators and benchmarks (print JSON).
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Print the states of an address as JSON.
+    Get {
+        /// Address `namespace/type/id`.
+        address: String,
+        #[command(flatten)]
+        target: NodeTarget,
+    },
+}
+
+/// Resolves `--type` short names to typenames.
+fn typename(t: &str) -> String {
+    match t {
+        "string" => typenames::STRING.into(),
+        "long" => typenames::LONG.into(),
+        "int" => typenames::INT.into(),
+        "bool" => typenames::BOOL.into(),
+        "float" => typenames::FLOAT.into(),
+        "double" => typenames::DOUBLE.into(),
+        other => other.into(),
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(t: &NodeTarget) -> anyhow::Result<Client> {
+    Ok(Client::connect(&t.node).await?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node {
+            config,
+            data_dir,
+            grpc_addr,
+            http_addr,
+            shards,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => NodeConfig::load(p)?,
+                None => NodeConfig::default(),
+            };
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(a) = grpc_addr {
+                cfg.grpc_addr = a;
+            }
+            if let Some(a) = http_addr {
+                cfg.http_addr = a;
+            }
+            if let Some(s) = shards {
+                cfg.shards = s;
+            }
+            run_node(cfg).await
+        }
+        Command::Send {
+            address,
+            value,
+            typ,
+            key,
+            target,
+        } => {
+            let address = Address::parse(&address)?;
+            let v = value_from_text(&typename(&typ), value.into_bytes().into())?;
+            connect(&target)
+                .await?
+                .send_with_key(&address, v, key.as_deref())
+                .await?;
+            Ok(())
+        }
+        Command::Call {
+            address,
+            value,
+            typ,
+            timeout_ms,
+            key,
+            target,
+        } => {
+            let address = Address::parse(&address)?;
+            let v = value_from_text(&typename(&typ), value.into_bytes().into())?;
+            let timeout = timeout_ms.map(std::time::Duration::from_millis);
+            let reply = connect(&target)
+                .await?
+                .call_with(&address, v, key.as_deref(), timeout)
+                .await?;
+            let text = value_to_text(&reply);
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            out.write_all(&text)?;
+            out.write_all(b"\n")?;
+            Ok(())
+        }
+        Command::State {
+            command: StateCommand::Get { address, target },
+        } => {
+            let address = Address::parse(&address)?;
+            let values = connect(&target).await?.get_state(&address).await?;
+            let mut states = serde_json::Map::new();
+            for (name, v, exp) in values {
+                let mut j = value_to_json(&v);
+                if exp != 0 {
+                    j["expires_at_ms"] = serde_json::json!(exp);
+                }
+                states.insert(name, j);
+            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({ "address": address.to_string(), "states": states })
+                )?
+            );
+            Ok(())
+        }
+        Command::Bench { command } => bench::run(command).await,
+    }
+}
+
+async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
+    let node = NodeBuilder::new(cfg)
+        .with_examples()
+        .start()
+        .await
+        .context("the node refused to start")?;
+    // One machine-readable line, for scripts and tests that pick port 0.
+    println!(
+        "statemesh listening grpc={} http={}",
+        node.grpc_addr(),
+        node.http_addr()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => { if let Err(e) = r { bail!("cannot wait for Ctrl-C: {e}") } }
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! Node configuration (the TOML node file), with defaults for the embedded single node.
+//!
+//! Every option is documented here and in `docs/configuration.md`. Unknown keys are an
+//! error naming the file, line and key: a typo must not silently fall back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has wrong keys or values.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What was expected and found.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Retry policy of failing embedded invocations.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts per message before it goes to `statemesh/dead-letters` (≥ 1).
+    pub max_attempts: u32,
+    /// Backoff before the second attempt; doubles per attempt.
+    pub initial_backoff_ms: u64,
+    /// Upper bound of the backoff.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 5,
+            initial_backoff_ms: 10,
+            max_backoff_ms: 2_000,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The backoff after `attempt` failed attempts (1-based).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .initial_backoff_ms
+            .saturating_mul(1u64 << attempt.saturating_sub(1).min(20));
+        Duration::from_millis(exp.min(self.max_backoff_ms))
+    }
+}
+
+/// The node configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Directory of local state (sled under `<data_dir>/state`). Default `./data`.
+    pub data_dir: PathBuf,
+    /// gRPC ingress/admin address. Default `127.0.0.1:5090`; port 0 picks a free port.
+    pub grpc_addr: SocketAddr,
+    /// HTTP ingress/admin address. Default `127.0.0.1:8090`; port 0 picks a free port.
+    pub http_addr: SocketAddr,
+    /// Shards (actix arbiter threads). 0 = one per core.
+    pub shards: usize,
+    /// Key groups of the cluster (fixed for the life of the data directory). Default 1024.
+    pub key_groups: u32,
+    /// Maximum active (in-memory) instances per node; beyond it the least recently used
+    /// idle instances are passivated. Default 1,000,000.
+    pub max_active_instances: usize,
+    /// An instance idle this long is passivated. Default 300,000 ms (5 minutes).
+    pub idle_timeout_ms: u64,
+    /// Largest accepted message value in bytes. Default 4 MiB.
+    pub max_message_bytes: usize,
+    /// Default reply timeout of `Call`. Default 30,000 ms.
+    pub call_timeout_ms: u64,
+    /// How often dirty state and timers are written to sled. Default 200 ms.
+    pub flush_interval_ms: u64,
+    /// Ingress messages queued per shard before ingress answers 429/RESOURCE_EXHAUSTED.
+    /// Default 200,000.
+    pub max_queued_per_shard: usize,
+    /// Records kept per egress topic until read; beyond it the oldest are dropped and
+    /// counted in `statemesh_egress_dropped_total`. Default 100,000.
+    pub egress_topic_capacity: usize,
+    /// Most messages given to one embedded instance in one batch. Default 256.
+    pub max_batch: usize,
+    /// Grace period to drain inboxes on shutdown. Default 5,000 ms.
+    pub shutdown_grace_ms: u64,
+    /// Retry policy of failing invocations.
+    pub retry: RetryConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: PathBuf::from("./data"),
+            grpc_addr: "127.0.0.1:5090".parse().expect("literal address"),
+            http_addr: "127.0.0.1:8090".parse().expect("literal address"),
+            shards: 0,
+            key_groups: statemesh_mesh::keygroup::DEFAULT_KEY_GROUPS,
+            max_active_instances: 1_000_000,
+            idle_timeout_ms: 300_000,
+            max_message_bytes: 4 << 20,
+            call_timeout_ms: 30_000,
+            flush_interval_ms: 200,
+            max_queued_per_shard: 200_000,
+            egress_topic_capacity: 100_000,
+            max_batch: 256,
+            shutdown_grace_ms: 5_000,
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+impl NodeConfig {
+    /// Parses TOML text; `path` names the source in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: NodeConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Loads a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.key_groups == 0 || self.key_groups > 65_536 {
+            return bad("key_groups: expected 1..=65536");
+        }
+        if self.max_active_instances == 0 {
+            return bad("max_active_instances: expected at least 1");
+        }
+        if self.max_batch == 0 {
+            return bad("max_batch: expected at least 1");
+        }
+        if self.retry.max_attempts == 0 {
+            return bad("retry.max_attempts: expected at least 1");
+        }
+        if self.flush_interval_ms == 0 {
+            return bad("flush_interval_ms: expected at least 1");
+        }
+        Ok(())
+    }
+
+    /// The number of shards to run (resolving 0 to the core count).
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = NodeConfig::from_toml(
+            "shards = 3\n[retry]\nmax_attempts = 2\n",
+            Path::new("n.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.retry.max_attempts, 2);
+        assert_eq!(c.grpc_addr.port(), 5090);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let e = NodeConfig::from_toml("shards = 1\nsharts = 2\n", Path::new("n.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("n.toml:2:1:"), "{e}");
+        assert!(e.contains("sharts"), "{e}");
+        let e = NodeConfig::from_toml("grpc_addr = \"nope\"\n", Path::new("n.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("n.toml:1:"), "{e}");
+        let e = NodeConfig::from_toml("key_groups = 0\n", Path::new("n.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_groups"), "{e}");
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let r = RetryConfig {
+            max_attempts: 5,
+            initial_backoff_ms: 10,
+            max_backoff_ms: 50,
+        };
+        assert_eq!(r.backoff(1).as_millis(), 10);
+        assert_eq!(r.backoff(2).as_millis(), 20);
+        assert_eq!(r.backoff(4).as_millis(), 50);
+    }
+}

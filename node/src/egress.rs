@@ -1,0 +1,121 @@
+//! Egress topics: records functions send out of the mesh, read by gRPC `Subscribe` and
+//! `GET /v1/egress/{topic}`.
+//!
+//! A topic is a bounded queue: each record goes to exactly one reader (an HTTP GET pops
+//! one; a subscriber pops them as they come). Beyond `egress_topic_capacity` unread records
+//! the oldest is dropped, logged and counted (`statemesh_egress_dropped_total`), so an
+//! unread topic cannot grow memory without bound.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use statemesh_sdk::TypedValue;
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+
+struct Topic {
+    queue: Mutex<VecDeque<TypedValue>>,
+    notify: Notify,
+}
+
+/// All egress topics of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct Egress {
+    topics: Arc<Mutex<HashMap<String, Arc<Topic>>>>,
+    capacity: usize,
+    metrics: Metrics,
+}
+
+impl Egress {
+    /// Topics holding at most `capacity` unread records each.
+    pub fn new(capacity: usize, metrics: Metrics) -> Self {
+        Egress {
+            topics: Arc::default(),
+            capacity: capacity.max(1),
+            metrics,
+        }
+    }
+
+    fn topic(&self, name: &str) -> Arc<Topic> {
+        let mut topics = self.topics.lock();
+        if let Some(t) = topics.get(name) {
+            return t.clone();
+        }
+        let t = Arc::new(Topic {
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+        });
+        topics.insert(name.to_string(), t.clone());
+        t
+    }
+
+    /// Appends a record.
+    pub fn publish(&self, topic: &str, value: TypedValue) {
+        let t = self.topic(topic);
+        {
+            let mut q = t.queue.lock();
+            if q.len() >= self.capacity {
+                q.pop_front();
+                self.metrics.egress_dropped.inc();
+                tracing::warn!(
+                    topic,
+                    capacity = self.capacity,
+                    "egress topic full: dropped its oldest unread record"
+                );
+            }
+            q.push_back(value);
+        }
+        self.metrics.egress_records.inc();
+        t.notify.notify_one();
+    }
+
+    /// Pops the next record, if any.
+    pub fn pop(&self, topic: &str) -> Option<TypedValue> {
+        let t = self.topics.lock().get(topic).cloned()?;
+        let v = t.queue.lock().pop_front();
+        v
+    }
+
+    /// Waits for and pops the next record.
+    pub async fn next(&self, topic: &str) -> TypedValue {
+        let t = self.topic(topic);
+        loop {
+            let notified = t.notify.notified();
+            if let Some(v) = t.queue.lock().pop_front() {
+                // Pass the wake-up on: more records may be waiting for other readers.
+                if !t.queue.lock().is_empty() {
+                    t.notify.notify_one();
+                }
+                return v;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn queue_pop_and_bounded() {
+        let e = Egress::new(2, Metrics::new());
+        assert!(e.pop("t").is_none());
+        for i in 0..3i64 {
+            e.publish("t", TypedValue::of(&i));
+        }
+        assert_eq!(
+            e.pop("t").unwrap().get::<i64>().unwrap(),
+            1,
+            "oldest dropped"
+        );
+        assert_eq!(e.next("t").await.get::<i64>().unwrap(), 2);
+        let e2 = e.clone();
+        let waiter = tokio::spawn(async move { e2.next("t").await });
+        tokio::task::yield_now().await;
+        e.publish("t", TypedValue::of(&9i64));
+        assert_eq!(waiter.await.unwrap().get::<i64>().unwrap(), 9);
+    }
+}

@@ -1,0 +1,182 @@
+//! gRPC ingress (`statemesh.v1.Ingress`) and admin (`statemesh.v1.Admin`) over tonic.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use statemesh_proto::v1 as pb;
+use statemesh_sdk::{Address, TypedValue};
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ServiceError;
+use crate::node::Shared;
+
+struct IngressService {
+    shared: Shared,
+}
+
+fn target_and_message(
+    target: Option<pb::Address>,
+    message: Option<pb::TypedValue>,
+) -> Result<(Address, TypedValue), ServiceError> {
+    let target =
+        target.ok_or_else(|| ServiceError::InvalidArgument("missing target address".into()))?;
+    let target = Address::from_proto(&target)?;
+    let message = message.ok_or_else(|| ServiceError::InvalidArgument("missing message".into()))?;
+    Ok((target, TypedValue::from_proto(message)))
+}
+
+#[tonic::async_trait]
+impl pb::ingress_server::Ingress for IngressService {
+    async fn send(
+        &self,
+        req: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
+        let r = req.into_inner();
+        let (target, message) = target_and_message(r.target, r.message)?;
+        self.shared.router.send(target, message)?;
+        Ok(Response::new(pb::SendResponse {}))
+    }
+
+    async fn call(
+        &self,
+        req: Request<pb::CallRequest>,
+    ) -> Result<Response<pb::CallResponse>, Status> {
+        let r = req.into_inner();
+        let (target, message) = target_and_message(r.target, r.message)?;
+        let timeout = if r.timeout_ms > 0 {
+            r.timeout_ms
+        } else {
+            self.shared.config.call_timeout_ms
+        };
+        let reply = self
+            .shared
+            .router
+            .call(target, message, Duration::from_millis(timeout))
+            .await?;
+        Ok(Response::new(pb::CallResponse {
+            reply: Some(reply.to_proto()),
+        }))
+    }
+
+    async fn send_stream(
+        &self,
+        req: Request<Streaming<pb::SendBatch>>,
+    ) -> Result<Response<pb::SendStreamSummary>, Status> {
+        let mut stream = req.into_inner();
+        let mut accepted = 0u64;
+        while let Some(frame) = stream.next().await {
+            let frame = frame?;
+            let mut batch = Vec::with_capacity(frame.messages.len());
+            for m in frame.messages {
+                batch.push(
+                    target_and_message(m.target, m.message)
+                        .map_err(|e| with_progress(e, accepted))?,
+                );
+            }
+            let n = self
+                .shared
+                .router
+                .send_batch(batch)
+                .map_err(|e| with_progress(e, accepted))?;
+            accepted += n as u64;
+        }
+        Ok(Response::new(pb::SendStreamSummary { accepted }))
+    }
+
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::EgressRecord, Status>> + Send>>;
+
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let topic = req.into_inner().topic;
+        if topic.is_empty() {
+            return Err(ServiceError::InvalidArgument("missing topic".into()).into());
+        }
+        let egress = self.shared.router.egress().clone();
+        let stream = futures::stream::unfold((egress, topic), |(egress, topic)| async move {
+            let v = egress.next(&topic).await;
+            let rec = pb::EgressRecord {
+                topic: topic.clone(),
+                value: Some(v.to_proto()),
+            };
+            Some((Ok(rec), (egress, topic)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn with_progress(e: ServiceError, accepted: u64) -> Status {
+    let code = e.grpc_code();
+    Status::new(
+        code,
+        format!("{e} (after {accepted} messages of this stream were accepted)"),
+    )
+}
+
+struct AdminService {
+    shared: Shared,
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn get_state(
+        &self,
+        req: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateResponse>, Status> {
+        let a = req
+            .into_inner()
+            .address
+            .ok_or_else(|| ServiceError::InvalidArgument("missing address".into()))?;
+        let address = Address::from_proto(&a).map_err(ServiceError::from)?;
+        let values = self.shared.router.get_state(address).await?;
+        Ok(Response::new(pb::GetStateResponse {
+            values: values
+                .into_iter()
+                .map(|(name, v, exp)| pb::StateValue {
+                    name,
+                    value: Some(v.to_proto()),
+                    expires_at_ms: exp,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// Serves gRPC on `listener` until the returned sender fires.
+pub(crate) fn serve(
+    shared: Shared,
+    listener: tokio::net::TcpListener,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    // Leave room above the value limit so oversized values get our RESOURCE_EXHAUSTED
+    // (naming the limit) rather than a transport error.
+    let max = shared
+        .config
+        .max_message_bytes
+        .saturating_mul(2)
+        .saturating_add(1 << 20);
+    let ingress = pb::ingress_server::IngressServer::new(IngressService {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let admin = pb::admin_server::AdminServer::new(AdminService { shared });
+    let task = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let r = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(ingress)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+    (tx, task)
+}

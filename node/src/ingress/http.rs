@@ -1,0 +1,185 @@
+//! HTTP ingress and admin on actix-web.
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `POST /v1/send/{ns}/{type}/{id}` | one-way message; 202 |
+//! | `POST /v1/call/{ns}/{type}/{id}` | request-reply; the reply in the body, its typename in `Content-Type` |
+//! | `GET /v1/state/{ns}/{type}/{id}` | JSON of the address's states |
+//! | `GET /v1/egress/{topic}` | pops the next record of a topic; 204 when there is none |
+//! | `GET /v1/functions` | the registered function types |
+//! | `GET /healthz`, `/readyz`, `/metrics` | liveness, readiness, Prometheus |
+//!
+//! Bodies use `Content-Type: application/vnd.<typename>` (`text/plain` = string). Built-in
+//! types travel in their plain-text form (`5`, `true`, `hello`); others as raw bytes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use bytes::Bytes;
+use statemesh_sdk::{Address, TypedValue};
+
+use super::{typename_from_content_type, value_from_text, value_to_json, value_to_text};
+use crate::error::ServiceError;
+use crate::node::Shared;
+
+fn parse_request(
+    shared: &Shared,
+    req: &HttpRequest,
+    path: &(String, String, String),
+    body: Bytes,
+) -> Result<(Address, TypedValue), ServiceError> {
+    let target = Address::from_parts(&path.0, &path.1, &path.2)?;
+    let max = shared.config.max_message_bytes;
+    if body.len() > max {
+        return Err(ServiceError::TooLarge {
+            size: body.len(),
+            max,
+        });
+    }
+    let ct = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok());
+    let typename = typename_from_content_type(ct)?;
+    Ok((target, value_from_text(&typename, body)?))
+}
+
+fn reply_response(v: &TypedValue) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(format!("application/vnd.{}", v.typename()))
+        .body(value_to_text(v))
+}
+
+async fn send(
+    shared: web::Data<Shared>,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<HttpResponse, ServiceError> {
+    let (target, message) = parse_request(&shared, &req, &path, body)?;
+    shared.router.send(target, message)?;
+    Ok(HttpResponse::Accepted().finish())
+}
+
+fn call_timeout(shared: &Shared, req: &HttpRequest) -> Result<u64, ServiceError> {
+    let from_query =
+        web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.get("timeout_ms").cloned());
+    let from_header = req
+        .headers()
+        .get("statemesh-timeout-ms")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    match from_query.or(from_header) {
+        None => Ok(shared.config.call_timeout_ms),
+        Some(s) => s
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or_else(|| {
+                ServiceError::InvalidArgument(format!(
+                    "timeout_ms: expected a positive number of milliseconds, found {s:?}"
+                ))
+            }),
+    }
+}
+
+async fn call(
+    shared: web::Data<Shared>,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<HttpResponse, ServiceError> {
+    let (target, message) = parse_request(&shared, &req, &path, body)?;
+    let timeout = call_timeout(&shared, &req)?;
+    let reply = shared
+        .router
+        .call(target, message, Duration::from_millis(timeout))
+        .await?;
+    Ok(reply_response(&reply))
+}
+
+async fn state(
+    shared: web::Data<Shared>,
+    path: web::Path<(String, String, String)>,
+) -> Result<HttpResponse, ServiceError> {
+    let address = Address::from_parts(&path.0, &path.1, &path.2)?;
+    let values = shared.router.get_state(address.clone()).await?;
+    let mut states = serde_json::Map::new();
+    for (name, v, exp) in values {
+        let mut j = value_to_json(&v);
+        if exp != 0 {
+            j["expires_at_ms"] = serde_json::json!(exp);
+        }
+        states.insert(name, j);
+    }
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({ "address": address.to_string(), "states": states })))
+}
+
+async fn egress(shared: web::Data<Shared>, path: web::Path<String>) -> HttpResponse {
+    match shared.router.egress().pop(&path) {
+        Some(v) => reply_response(&v),
+        None => HttpResponse::NoContent().finish(),
+    }
+}
+
+async fn functions(shared: web::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "functions": shared.router.registry().types() }))
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().body("ok\n")
+}
+
+async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
+    if shared.ready.load(Ordering::SeqCst) {
+        HttpResponse::Ok().body("ready\n")
+    } else {
+        HttpResponse::ServiceUnavailable().body("not ready: starting or shutting down\n")
+    }
+}
+
+async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
+    shared.update_gauges().await;
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(shared.router.metrics().render())
+}
+
+/// Builds the HTTP server on a bound listener; returns it (not yet spawned) and its address.
+pub(crate) fn server(
+    shared: Shared,
+    listener: std::net::TcpListener,
+) -> Result<(actix_web::dev::Server, SocketAddr), String> {
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    // Accept a little more than the limit so oversized bodies get our 413 naming the limit.
+    let limit = shared.config.max_message_bytes.saturating_add(1 << 20);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let data = web::Data::new(shared);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(web::PayloadConfig::new(limit))
+            .route("/v1/send/{ns}/{type}/{id:.+}", web::post().to(send))
+            .route("/v1/call/{ns}/{type}/{id:.+}", web::post().to(call))
+            .route("/v1/state/{ns}/{type}/{id:.+}", web::get().to(state))
+            .route("/v1/egress/{topic:.+}", web::get().to(egress))
+            .route("/v1/functions", web::get().to(functions))
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics))
+    })
+    .workers(workers)
+    .disable_signals()
+    .listen(listener)
+    .map_err(|e| format!("cannot listen on {addr} (http): {e}"))?
+    .run();
+    Ok((server, addr))
+}

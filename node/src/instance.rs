@@ -1,0 +1,138 @@
+//! Function instances as actix actors (DESIGN.md: "Instances are actix actors").
+//!
+//! One actor per active address, on its shard's arbiter. The shard hands it a batch of the
+//! address's queued messages plus the address's state; the actor invokes the function for
+//! each message in order and hands back the state, the collected effects and how many
+//! messages succeeded. A failing or panicking invocation is rolled back and stops the batch,
+//! so the shard can retry it with backoff without breaking FIFO order. actix stays inside
+//! this module and the shard: nothing else depends on it.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use prometheus::local::LocalHistogram;
+use statemesh_sdk::{Address, Context as FnContext, Effects, Expiration, StateSlot, Undo};
+
+use crate::registry::FunctionEntry;
+use crate::shard::{InvokeDone, Pending, Shard};
+
+/// A batch for the instance.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Invoke {
+    pub batch: Vec<Pending>,
+    pub state: Vec<StateSlot>,
+    pub now_ms: u64,
+}
+
+pub(crate) struct Instance {
+    address: Address,
+    entry: Arc<FunctionEntry>,
+    slot: usize,
+    shard: Addr<Shard>,
+    hist: Rc<LocalHistogram>,
+    undo: Vec<Undo>,
+}
+
+impl Instance {
+    pub fn new(
+        address: Address,
+        entry: Arc<FunctionEntry>,
+        slot: usize,
+        shard: Addr<Shard>,
+        hist: Rc<LocalHistogram>,
+    ) -> Self {
+        Instance {
+            address,
+            entry,
+            slot,
+            shard,
+            hist,
+            undo: Vec::new(),
+        }
+    }
+}
+
+impl Actor for Instance {
+    type Context = Context<Self>;
+}
+
+/// Applies TTL bookkeeping before an invocation: expired values become absent (and are
+/// deleted on the next flush); values that expire after invoke get a fresh deadline.
+fn refresh_ttl(state: &mut [StateSlot], now_ms: u64) {
+    for s in state.iter_mut() {
+        if s.value.is_none() {
+            continue;
+        }
+        if s.expires_at_ms != 0 && now_ms >= s.expires_at_ms {
+            s.value = None;
+            s.expires_at_ms = 0;
+            s.dirty = true;
+        } else if let Expiration::AfterInvoke(ttl) = s.expiration {
+            s.expires_at_ms = now_ms + ttl.as_millis() as u64;
+            s.dirty = true;
+        }
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        format!("function panicked: {s}")
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        format!("function panicked: {s}")
+    } else {
+        "function panicked".to_string()
+    }
+}
+
+impl Handler<Invoke> for Instance {
+    type Result = ();
+
+    fn handle(&mut self, msg: Invoke, _: &mut Self::Context) {
+        let Invoke {
+            batch,
+            mut state,
+            now_ms,
+        } = msg;
+        refresh_ttl(&mut state, now_ms);
+        let mut effects = Effects::default();
+        let mut processed = 0;
+        let mut failure = None;
+        for p in &batch {
+            let start = Instant::now();
+            let mut ctx = FnContext::new(
+                &self.address,
+                p.caller.as_ref(),
+                now_ms,
+                &mut state,
+                &mut effects,
+                &mut self.undo,
+            );
+            let function = &self.entry.function;
+            let result = catch_unwind(AssertUnwindSafe(|| function.invoke(&mut ctx, &p.message)));
+            self.hist.observe(start.elapsed().as_secs_f64());
+            let error = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(panic) => Some(panic_message(panic)),
+            };
+            if let Some(e) = error {
+                ctx.rollback();
+                failure = Some(e);
+                break;
+            }
+            processed += 1;
+        }
+        self.shard.do_send(InvokeDone {
+            slot: self.slot,
+            batch,
+            processed,
+            state,
+            effects,
+            failure,
+        });
+    }
+}

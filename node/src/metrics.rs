@@ -1,0 +1,179 @@
+//! Prometheus metrics of a node (`GET /metrics`).
+//!
+//! Shards count locally and fold their counts in on each tick, so the hot path does no
+//! shared atomic operation per message.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// The metrics of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// Invocations completed (successfully or not).
+    pub invocations: IntCounter,
+    /// Failed invocation attempts.
+    pub invocation_errors: IntCounter,
+    /// Invocation latency.
+    pub invocation_seconds: Histogram,
+    /// Active (in-memory) instances.
+    pub active_instances: IntGauge,
+    /// Messages queued in inboxes.
+    pub inbox_depth: IntGauge,
+    /// Pending delayed messages.
+    pub delayed_pending: IntGauge,
+    /// Messages sent to `statemesh/dead-letters`.
+    pub dead_letters: IntCounter,
+    /// Requests refused, by reason.
+    pub ingress_errors: IntCounterVec,
+    /// Ingress messages accepted.
+    pub ingress_messages: IntCounter,
+    /// Egress records published.
+    pub egress_records: IntCounter,
+    /// Egress records dropped because their topic was full.
+    pub egress_dropped: IntCounter,
+    /// Instances passivated.
+    pub passivations: IntCounter,
+    /// Local state write failures.
+    pub store_errors: IntCounter,
+    rss: IntGauge,
+    peak_rss: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric name");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric name");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    /// A fresh registry.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let invocation_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "statemesh_invocation_duration_seconds",
+                "Duration of one invocation",
+            )
+            .buckets(vec![
+                1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0,
+            ]),
+        )
+        .expect("valid histogram");
+        r.register(Box::new(invocation_seconds.clone()))
+            .expect("metric registered once");
+        let ingress_errors = IntCounterVec::new(
+            Opts::new(
+                "statemesh_ingress_errors_total",
+                "Ingress requests refused, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(ingress_errors.clone()))
+            .expect("metric registered once");
+        Metrics {
+            invocations: counter(&r, "statemesh_invocations_total", "Invocations completed"),
+            invocation_errors: counter(
+                &r,
+                "statemesh_invocation_errors_total",
+                "Failed invocation attempts",
+            ),
+            invocation_seconds,
+            active_instances: gauge(
+                &r,
+                "statemesh_active_instances",
+                "Active (in-memory) instances",
+            ),
+            inbox_depth: gauge(&r, "statemesh_inbox_depth", "Messages queued in inboxes"),
+            delayed_pending: gauge(&r, "statemesh_delayed_messages", "Pending delayed messages"),
+            dead_letters: counter(
+                &r,
+                "statemesh_dead_letters_total",
+                "Messages sent to statemesh/dead-letters",
+            ),
+            ingress_errors,
+            ingress_messages: counter(
+                &r,
+                "statemesh_ingress_messages_total",
+                "Ingress messages accepted",
+            ),
+            egress_records: counter(
+                &r,
+                "statemesh_egress_records_total",
+                "Egress records published",
+            ),
+            egress_dropped: counter(
+                &r,
+                "statemesh_egress_dropped_total",
+                "Egress records dropped from full topics",
+            ),
+            passivations: counter(&r, "statemesh_passivations_total", "Instances passivated"),
+            store_errors: counter(
+                &r,
+                "statemesh_store_errors_total",
+                "Local state write failures",
+            ),
+            rss: gauge(
+                &r,
+                "statemesh_process_resident_memory_bytes",
+                "Resident memory of the node process",
+            ),
+            peak_rss: gauge(
+                &r,
+                "statemesh_process_peak_resident_memory_bytes",
+                "Peak resident memory of the node process",
+            ),
+            registry: Arc::new(r),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        if let Some((rss, peak)) = process_memory() {
+            self.rss.set(rss as i64);
+            self.peak_rss.set(peak as i64);
+        }
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding to a Vec does not fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// (current RSS, peak RSS) in bytes of this process, from /proc on Linux.
+pub fn process_memory() -> Option<(u64, u64)> {
+    proc_memory("self")
+}
+
+/// (current RSS, peak RSS) in bytes of process `pid` (`self` for this one).
+pub fn proc_memory(pid: &str) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}

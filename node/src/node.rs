@@ -1,0 +1,308 @@
+//! Assembling and running a node: the builder users embed, and the handle to stop it.
+//!
+//! Threads: the shards run on actix arbiters (one thread each) inside an actix System on a
+//! dedicated thread, which also runs the actix-web HTTP server; gRPC (tonic) runs on the
+//! caller's tokio runtime. They meet only through the [`Router`] (cheap `Addr::do_send`s
+//! and oneshot replies), so no lock is held across threads on the message path.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use statemesh_sdk::{StatefulFunction, TypeName};
+use tokio::sync::oneshot;
+
+use crate::config::NodeConfig;
+use crate::egress::Egress;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::router::Router;
+use crate::shard::{FlushNow, Gauges, Outstanding, Shard, ShardOptions};
+use crate::store::Store;
+
+/// A node that failed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Local state could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Builds a node: configure, register functions, start.
+pub struct NodeBuilder {
+    config: NodeConfig,
+    registry: Registry,
+}
+
+impl NodeBuilder {
+    /// A builder with the given configuration and no functions.
+    pub fn new(config: NodeConfig) -> Self {
+        NodeBuilder {
+            config,
+            registry: Registry::default(),
+        }
+    }
+
+    /// Registers an embedded function type.
+    pub fn function(mut self, typ: TypeName, f: impl StatefulFunction) -> Self {
+        self.registry.register(typ, Arc::new(f));
+        self
+    }
+
+    /// Registers an embedded function type (shared).
+    pub fn function_arc(mut self, typ: TypeName, f: Arc<dyn StatefulFunction>) -> Self {
+        self.registry.register(typ, f);
+        self
+    }
+
+    /// Registers the bundled example functions (greeter, counter, shopping cart).
+    pub fn with_examples(mut self) -> Self {
+        for (t, f) in statemesh_examples::all() {
+            self.registry.register(t, f);
+        }
+        self
+    }
+
+    /// Starts the node. Must be called inside a tokio runtime (gRPC runs on it).
+    pub async fn start(self) -> Result<NodeHandle, StartError> {
+        start(self.config, self.registry).await
+    }
+}
+
+/// Shared by the ingress services.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub router: Router,
+    pub config: Arc<NodeConfig>,
+    pub shards: Vec<Addr<Shard>>,
+    pub ready: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// Folds the shards' gauges into the metrics.
+    pub async fn update_gauges(&self) {
+        let (mut active, mut queued, mut timers) = (0, 0, 0);
+        for s in &self.shards {
+            if let Ok((a, q, t)) = s.send(Gauges).await {
+                active += a;
+                queued += q;
+                timers += t;
+            }
+        }
+        let m = self.router.metrics();
+        m.active_instances.set(active as i64);
+        m.inbox_depth.set(queued as i64);
+        m.delayed_pending.set(timers as i64);
+    }
+}
+
+/// A running node.
+pub struct NodeHandle {
+    shared: Shared,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    grpc_shutdown: Option<oneshot::Sender<()>>,
+    grpc_task: Option<tokio::task::JoinHandle<()>>,
+    http_server: actix_web::dev::ServerHandle,
+    system: actix_rt::System,
+    actix_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The in-process router (send and call without a network hop).
+    pub fn router(&self) -> &Router {
+        &self.shared.router
+    }
+
+    /// Stops ingress, drains inboxes for up to `shutdown_grace_ms`, writes all state to
+    /// sled and stops the shards.
+    pub async fn shutdown(mut self) {
+        self.shared.ready.store(false, Ordering::SeqCst);
+        self.shared.router.close();
+        self.http_server.stop(true).await;
+        if let Some(tx) = self.grpc_shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.grpc_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.shared.config.shutdown_grace_ms);
+        loop {
+            let mut left = 0;
+            for s in &self.shared.shards {
+                left += s.send(Outstanding).await.unwrap_or(0);
+            }
+            if left == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    messages = left,
+                    "shutdown grace period over with messages still queued"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for s in &self.shared.shards {
+            match s.send(FlushNow).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
+                Err(e) => tracing::error!(error = %e, "shard gone before the final flush"),
+            }
+        }
+        self.system.stop();
+        if let Some(t) = self.actix_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        tracing::info!("node stopped");
+    }
+}
+
+struct ActixStarted {
+    shards: Vec<Addr<Shard>>,
+    http_addr: SocketAddr,
+    http_server: actix_web::dev::ServerHandle,
+    system: actix_rt::System,
+}
+
+async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, StartError> {
+    config.validate()?;
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        StartError::Other(format!(
+            "cannot create data directory {}: {e}",
+            config.data_dir.display()
+        ))
+    })?;
+    let store = Store::open(&config.data_dir.join("state"), config.key_groups)?;
+    let metrics = Metrics::new();
+    let egress = Egress::new(config.egress_topic_capacity, metrics.clone());
+    let shard_count = config.shard_count();
+    let router = Router::new(
+        shard_count,
+        config.key_groups,
+        config.max_queued_per_shard,
+        config.max_message_bytes,
+        Arc::new(registry),
+        egress,
+        metrics,
+    );
+    let ready = Arc::new(AtomicBool::new(false));
+
+    // gRPC listener first, so a bad address fails before threads start.
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "grpc",
+            addr: config.grpc_addr,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|e| StartError::Other(e.to_string()))?;
+    let http_listener =
+        std::net::TcpListener::bind(config.http_addr).map_err(|source| StartError::Bind {
+            what: "http",
+            addr: config.http_addr,
+            source,
+        })?;
+
+    let (started_tx, started_rx) = oneshot::channel::<Result<ActixStarted, String>>();
+    let (r2, c2, ready2) = (router.clone(), config.clone(), ready.clone());
+    let actix_thread = std::thread::Builder::new()
+        .name("statemesh-actix".into())
+        .spawn(move || {
+            let sys = actix_rt::System::new();
+            let setup = sys.block_on(async move {
+                let mut shards = Vec::with_capacity(shard_count);
+                for index in 0..shard_count {
+                    let arbiter = Arbiter::new();
+                    let opts = ShardOptions {
+                        index,
+                        router: r2.clone(),
+                        store: store.clone(),
+                        config: c2.clone(),
+                    };
+                    shards.push(Shard::start_in_arbiter(&arbiter.handle(), move |_| {
+                        Shard::new(opts)
+                    }));
+                }
+                r2.set_shards(shards.clone());
+                let shared = Shared {
+                    router: r2.clone(),
+                    config: c2.clone(),
+                    shards: shards.clone(),
+                    ready: ready2,
+                };
+                let server = crate::ingress::http::server(shared, http_listener)?;
+                let http_addr = server.1;
+                let handle = server.0.handle();
+                actix_rt::spawn(server.0);
+                Ok::<_, String>(ActixStarted {
+                    shards,
+                    http_addr,
+                    http_server: handle,
+                    system: actix_rt::System::current(),
+                })
+            });
+            let ok = setup.is_ok();
+            let _ = started_tx.send(setup);
+            if ok {
+                let _ = sys.run();
+            }
+        })
+        .map_err(|e| StartError::Other(format!("cannot start the actix thread: {e}")))?;
+    let started = started_rx
+        .await
+        .map_err(|_| StartError::Other("the actix thread died during start".into()))?
+        .map_err(StartError::Other)?;
+
+    let shared = Shared {
+        router,
+        config: config.clone(),
+        shards: started.shards,
+        ready: ready.clone(),
+    };
+    let (grpc_shutdown, grpc_task) = crate::ingress::grpc::serve(shared.clone(), grpc_listener);
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(grpc = %grpc_addr, http = %started.http_addr, shards = shard_count, data_dir = %config.data_dir.display(), "node started");
+    Ok(NodeHandle {
+        shared,
+        grpc_addr,
+        http_addr: started.http_addr,
+        grpc_shutdown: Some(grpc_shutdown),
+        grpc_task: Some(grpc_task),
+        http_server: started.http_server,
+        system: started.system,
+        actix_thread: Some(actix_thread),
+    })
+}

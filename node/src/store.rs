@@ -1,0 +1,398 @@
+//! Local state in sled: state values and durable delayed messages.
+//!
+//! One sled tree, keys prefixed by kind and key group so a key group's data is one range
+//! (the unit a later checkpoint or move reads):
+//!
+//! ```text
+//! 's' ‖ kg:u16be ‖ len:u32be ‖ "ns/type/id" ‖ state name  → 1 ‖ expires_at_ms:u64le ‖ tn_len:u16le ‖ typename ‖ value
+//! 't' ‖ kg:u16be ‖ seq:u64be                             → a delayed message (see `StoredTimer`)
+//! 'm' ‖ "key_groups"                                     → u32le
+//! ```
+//!
+//! A timer lives in the key group of its *sender*, because cancellation tokens are scoped
+//! to the sender. Writes are batched by the shards (one `apply_batch` per flush).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use statemesh_sdk::{Address, StateSlot, TypedValue, ValueSpecDescriptor};
+
+/// A local storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed.
+    #[error("sled at {path}: {source}")]
+    Sled {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: sled::Error,
+    },
+    /// The data directory was made with another key-group count.
+    #[error("data directory {path} was created with key_groups = {found}, but the configuration says {expected}; key_groups cannot change for existing data")]
+    KeyGroupsChanged {
+        /// The directory.
+        path: String,
+        /// Configured.
+        expected: u32,
+        /// Stored.
+        found: u32,
+    },
+    /// A stored record does not decode.
+    #[error("corrupt record in local state: {0}")]
+    Corrupt(String),
+}
+
+/// A delayed message as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredTimer {
+    /// When it fires, ms since the Unix epoch.
+    pub due_ms: u64,
+    /// The sending address (owner of the cancellation token).
+    pub sender: Address,
+    /// The cancellation token, if any.
+    pub token: Option<String>,
+    /// The target.
+    pub target: Address,
+    /// The message.
+    pub message: TypedValue,
+}
+
+/// The sled database of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    path: Arc<str>,
+}
+
+fn state_prefix(kg: u32, addr: &Address) -> Vec<u8> {
+    let a = addr.to_string();
+    let mut k = Vec::with_capacity(7 + a.len() + 16);
+    k.push(b's');
+    k.extend_from_slice(&(kg as u16).to_be_bytes());
+    k.extend_from_slice(&(a.len() as u32).to_be_bytes());
+    k.extend_from_slice(a.as_bytes());
+    k
+}
+
+fn timer_key(kg: u32, seq: u64) -> [u8; 11] {
+    let mut k = [0u8; 11];
+    k[0] = b't';
+    k[1..3].copy_from_slice(&(kg as u16).to_be_bytes());
+    k[3..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn put_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s);
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        if self.0.len() < n {
+            return Err(StoreError::Corrupt(format!(
+                "expected {n} more bytes, found {}",
+                self.0.len()
+            )));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
+        let n = u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")) as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<&'a str, StoreError> {
+        std::str::from_utf8(self.bytes()?).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+    fn address(&mut self) -> Result<Address, StoreError> {
+        Address::parse(self.string()?).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+}
+
+fn encode_value(slot: &StateSlot, value: &[u8]) -> Vec<u8> {
+    let tn = slot.typename.as_bytes();
+    let mut v = Vec::with_capacity(11 + tn.len() + value.len());
+    v.push(1);
+    v.extend_from_slice(&slot.expires_at_ms.to_le_bytes());
+    v.extend_from_slice(&(tn.len() as u16).to_le_bytes());
+    v.extend_from_slice(tn);
+    v.extend_from_slice(value);
+    v
+}
+
+/// Decodes a stored state value: (typename, expires_at_ms, value).
+fn decode_value(raw: &[u8]) -> Result<(&str, u64, &[u8]), StoreError> {
+    if raw.len() < 11 || raw[0] != 1 {
+        return Err(StoreError::Corrupt(format!(
+            "state value: expected version 1 and ≥ 11 bytes, found {} bytes",
+            raw.len()
+        )));
+    }
+    let expires = u64::from_le_bytes(raw[1..9].try_into().expect("8 bytes"));
+    let tn_len = u16::from_le_bytes(raw[9..11].try_into().expect("2 bytes")) as usize;
+    if raw.len() < 11 + tn_len {
+        return Err(StoreError::Corrupt(
+            "state value: typename runs past the end".into(),
+        ));
+    }
+    let tn = std::str::from_utf8(&raw[11..11 + tn_len])
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok((tn, expires, &raw[11 + tn_len..]))
+}
+
+impl StoredTimer {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(64 + self.message.value().len());
+        v.extend_from_slice(&self.due_ms.to_le_bytes());
+        put_str(&mut v, self.sender.to_string().as_bytes());
+        put_str(&mut v, self.token.as_deref().unwrap_or("").as_bytes());
+        v.push(u8::from(self.token.is_some()));
+        put_str(&mut v, self.target.to_string().as_bytes());
+        put_str(&mut v, self.message.typename().as_bytes());
+        v.push(u8::from(self.message.has_value()));
+        put_str(&mut v, self.message.value());
+        v
+    }
+
+    fn decode(raw: &[u8]) -> Result<Self, StoreError> {
+        let mut r = Reader(raw);
+        let due_ms = r.u64()?;
+        let sender = r.address()?;
+        let token = r.string()?.to_string();
+        let has_token = r.take(1)?[0] != 0;
+        let target = r.address()?;
+        let typename = r.string()?.to_string();
+        let has_value = r.take(1)?[0] != 0;
+        let value = Bytes::copy_from_slice(r.bytes()?);
+        let message = if has_value {
+            TypedValue::new(typename, value)
+        } else {
+            TypedValue::empty(typename)
+        };
+        Ok(StoredTimer {
+            due_ms,
+            sender,
+            token: has_token.then_some(token),
+            target,
+            message,
+        })
+    }
+}
+
+/// Writes collected by a shard and applied atomically.
+#[derive(Default)]
+pub struct WriteBatch {
+    batch: sled::Batch,
+    len: usize,
+}
+
+impl WriteBatch {
+    /// Writes (or deletes, when absent) a state slot of an address.
+    pub fn put_state(&mut self, kg: u32, addr: &Address, slot: &StateSlot) {
+        let mut key = state_prefix(kg, addr);
+        key.extend_from_slice(slot.name.as_bytes());
+        match &slot.value {
+            Some(v) => self.batch.insert(key, encode_value(slot, v)),
+            None => self.batch.remove(key),
+        }
+        self.len += 1;
+    }
+
+    /// Stores a delayed message.
+    pub fn put_timer(&mut self, kg: u32, seq: u64, t: &StoredTimer) {
+        self.batch.insert(&timer_key(kg, seq)[..], t.encode());
+        self.len += 1;
+    }
+
+    /// Removes a delayed message (fired or cancelled).
+    pub fn delete_timer(&mut self, kg: u32, seq: u64) {
+        self.batch.remove(&timer_key(kg, seq)[..]);
+        self.len += 1;
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir`, checking the key-group count.
+    pub fn open(dir: &Path, key_groups: u32) -> Result<Self, StoreError> {
+        let path: Arc<str> = dir.display().to_string().into();
+        let sled_err = |source| StoreError::Sled {
+            path: path.to_string(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 << 20)
+            .open()
+            .map_err(sled_err)?;
+        match db.get(b"mkey_groups").map_err(sled_err)? {
+            Some(v) if v.len() == 4 => {
+                let found = u32::from_le_bytes(v[..4].try_into().expect("4 bytes"));
+                if found != key_groups {
+                    return Err(StoreError::KeyGroupsChanged {
+                        path: path.to_string(),
+                        expected: key_groups,
+                        found,
+                    });
+                }
+            }
+            Some(_) => {
+                return Err(StoreError::Corrupt(
+                    "meta key_groups: expected 4 bytes".into(),
+                ))
+            }
+            None => {
+                db.insert(b"mkey_groups", &key_groups.to_le_bytes())
+                    .map_err(sled_err)?;
+                db.flush().map_err(sled_err)?;
+            }
+        }
+        Ok(Store { db, path })
+    }
+
+    fn err(&self, source: sled::Error) -> StoreError {
+        StoreError::Sled {
+            path: self.path.to_string(),
+            source,
+        }
+    }
+
+    /// Loads the declared states of an address (absent slots for missing values).
+    pub fn load_state(
+        &self,
+        kg: u32,
+        addr: &Address,
+        specs: &[ValueSpecDescriptor],
+    ) -> Result<Vec<StateSlot>, StoreError> {
+        let prefix = state_prefix(kg, addr);
+        let mut slots: Vec<StateSlot> = specs.iter().map(StateSlot::empty).collect();
+        let mut key = prefix;
+        let base = key.len();
+        for slot in slots.iter_mut() {
+            key.truncate(base);
+            key.extend_from_slice(slot.name.as_bytes());
+            if let Some(raw) = self.db.get(&key).map_err(|e| self.err(e))? {
+                let (tn, expires, value) = decode_value(&raw)?;
+                if tn == &*slot.typename {
+                    slot.value = Some(Bytes::copy_from_slice(value));
+                    slot.expires_at_ms = expires;
+                } else {
+                    tracing::warn!(address = %addr, state = %slot.name, stored = tn, declared = %slot.typename,
+                        "stored state has another typename than declared; treating it as absent");
+                }
+            }
+        }
+        Ok(slots)
+    }
+
+    /// All stored states of an address: (name, value, expires_at_ms).
+    pub fn scan_state(
+        &self,
+        kg: u32,
+        addr: &Address,
+    ) -> Result<Vec<(String, TypedValue, u64)>, StoreError> {
+        let prefix = state_prefix(kg, addr);
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(&prefix) {
+            let (k, raw) = item.map_err(|e| self.err(e))?;
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).to_string();
+            let (tn, expires, value) = decode_value(&raw)?;
+            out.push((
+                name,
+                TypedValue::new(tn.to_string(), Bytes::copy_from_slice(value)),
+                expires,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The delayed messages stored for a key group: (seq, timer).
+    pub fn load_timers(&self, kg: u32) -> Result<Vec<(u64, StoredTimer)>, StoreError> {
+        let mut prefix = vec![b't'];
+        prefix.extend_from_slice(&(kg as u16).to_be_bytes());
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(&prefix) {
+            let (k, raw) = item.map_err(|e| self.err(e))?;
+            let seq = u64::from_be_bytes(
+                k[3..11]
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("timer key".into()))?,
+            );
+            out.push((seq, StoredTimer::decode(&raw)?));
+        }
+        Ok(out)
+    }
+
+    /// Applies a batch atomically.
+    pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.db.apply_batch(batch.batch).map_err(|e| self.err(e))
+    }
+
+    /// Flushes sled's buffers to disk.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use statemesh_sdk::ValueSpec;
+
+    #[test]
+    fn state_and_timers_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16).unwrap();
+        let addr = Address::parse("example/counter/a").unwrap();
+        let spec = ValueSpec::<i64>::new("total");
+        let mut slot = StateSlot::empty(spec.descriptor());
+        slot.value = Some(TypedValue::of(&7i64).value().clone());
+        slot.expires_at_ms = 99;
+        let timer = StoredTimer {
+            due_ms: 5,
+            sender: addr.clone(),
+            token: Some("tok".into()),
+            target: Address::parse("example/greeter/b").unwrap(),
+            message: TypedValue::of(&"hi".to_string()),
+        };
+        let mut b = WriteBatch::default();
+        b.put_state(3, &addr, &slot);
+        b.put_timer(3, 42, &timer);
+        store.write(b).unwrap();
+        let loaded = store
+            .load_state(3, &addr, &[spec.descriptor().clone()])
+            .unwrap();
+        assert_eq!(loaded[0].value, slot.value);
+        assert_eq!(loaded[0].expires_at_ms, 99);
+        assert_eq!(store.load_timers(3).unwrap(), vec![(42, timer)]);
+        assert!(store.load_timers(4).unwrap().is_empty());
+        let mut b = WriteBatch::default();
+        b.delete_timer(3, 42);
+        slot.value = None;
+        b.put_state(3, &addr, &slot);
+        store.write(b).unwrap();
+        assert!(store.load_timers(3).unwrap().is_empty());
+        assert!(store.scan_state(3, &addr).unwrap().is_empty());
+        drop(store);
+        let e = Store::open(dir.path(), 32).err().unwrap().to_string();
+        assert!(e.contains("key_groups = 16"), "{e}");
+    }
+}
