@@ -192,7 +192,9 @@ impl Router {
     fn admit(&self, shard: usize, n: usize) -> Result<(), ServiceError> {
         let q = &self.inner.queued[shard];
         let before = q.fetch_add(n, Ordering::Relaxed);
-        if before + n > self.inner.max_queued {
+        // A batch larger than the whole limit is admitted into an empty shard, so streams
+        // with big frames cannot wait forever.
+        if before + n > self.inner.max_queued && before > 0 {
             q.fetch_sub(n, Ordering::Relaxed);
             return Err(self.reject(
                 ServiceError::Overloaded(format!(
@@ -234,8 +236,14 @@ impl Router {
         Ok(())
     }
 
-    /// Sends many messages from ingress; all are validated before any is sent.
-    pub fn send_batch(&self, messages: Vec<(Address, TypedValue)>) -> Result<usize, ServiceError> {
+    /// Sends many messages from ingress; all are validated before any is sent. With
+    /// `wait`, a full shard makes this wait for room (flow control for streams) instead of
+    /// failing with `Overloaded`.
+    pub async fn send_batch(
+        &self,
+        messages: Vec<(Address, TypedValue)>,
+        wait: bool,
+    ) -> Result<usize, ServiceError> {
         for (t, m) in &messages {
             self.validate(t, m)?;
         }
@@ -246,22 +254,29 @@ impl Router {
             let (s, env) = self.envelope(t, None, m);
             per_shard[s].push(env);
         }
-        for (s, batch) in per_shard.iter().enumerate() {
-            if !batch.is_empty() {
-                if let Err(e) = self.admit(s, batch.len()) {
-                    // Undo the admissions already made for earlier shards of this batch.
-                    for (s2, b2) in per_shard.iter().enumerate().take(s) {
-                        self.release(s2, b2.len());
+        for (s, batch) in per_shard.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            loop {
+                match self.admit(s, batch.len()) {
+                    Ok(()) => break,
+                    Err(e) if !wait => return Err(e),
+                    Err(_) => {
+                        if self.inner.closed.load(Ordering::Relaxed) {
+                            return Err(ServiceError::Unavailable(
+                                "the node is shutting down".into(),
+                            ));
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    return Err(e);
                 }
             }
-        }
-        self.inner.metrics.ingress_messages.inc_by(n as u64);
-        for (s, batch) in per_shard.into_iter().enumerate() {
-            if !batch.is_empty() {
-                self.shards()[s].do_send(Deliver { batch });
-            }
+            self.inner
+                .metrics
+                .ingress_messages
+                .inc_by(batch.len() as u64);
+            self.shards()[s].do_send(Deliver { batch });
         }
         Ok(n)
     }

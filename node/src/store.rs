@@ -190,35 +190,50 @@ impl StoredTimer {
     }
 }
 
-/// Writes collected by a shard and applied atomically.
+/// Operations per sled batch. sled 0.34 keeps several KiB of memory per operation of a
+/// large batch long after applying it (measured: ~4.5 KiB/op at 100k ops per batch, ~0.5 KiB
+/// at ≤ 128), so writes are applied in small atomic chunks.
+const CHUNK: usize = 64;
+
+/// Writes collected by a shard, applied in order in small atomic chunks. (Crash atomicity
+/// of a whole epoch comes from checkpoints, not from sled.)
 #[derive(Default)]
 pub struct WriteBatch {
+    done: Vec<sled::Batch>,
     batch: sled::Batch,
+    cur: usize,
     len: usize,
 }
 
 impl WriteBatch {
+    fn op(&mut self) -> &mut sled::Batch {
+        if self.cur == CHUNK {
+            self.done.push(std::mem::take(&mut self.batch));
+            self.cur = 0;
+        }
+        self.cur += 1;
+        self.len += 1;
+        &mut self.batch
+    }
+
     /// Writes (or deletes, when absent) a state slot of an address.
     pub fn put_state(&mut self, kg: u32, addr: &Address, slot: &StateSlot) {
         let mut key = state_prefix(kg, addr);
         key.extend_from_slice(slot.name.as_bytes());
         match &slot.value {
-            Some(v) => self.batch.insert(key, encode_value(slot, v)),
-            None => self.batch.remove(key),
+            Some(v) => self.op().insert(key, encode_value(slot, v)),
+            None => self.op().remove(key),
         }
-        self.len += 1;
     }
 
     /// Stores a delayed message.
     pub fn put_timer(&mut self, kg: u32, seq: u64, t: &StoredTimer) {
-        self.batch.insert(&timer_key(kg, seq)[..], t.encode());
-        self.len += 1;
+        self.op().insert(&timer_key(kg, seq)[..], t.encode());
     }
 
     /// Removes a delayed message (fired or cancelled).
     pub fn delete_timer(&mut self, kg: u32, seq: u64) {
-        self.batch.remove(&timer_key(kg, seq)[..]);
-        self.len += 1;
+        self.op().remove(&timer_key(kg, seq)[..]);
     }
 
     /// Whether the batch is empty.
@@ -237,7 +252,7 @@ impl Store {
         };
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(64 << 20)
+            .cache_capacity(32 << 20)
             .open()
             .map_err(sled_err)?;
         match db.get(b"mkey_groups").map_err(sled_err)? {
@@ -338,12 +353,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Applies a batch atomically.
+    /// Applies a batch (in order, chunk by chunk).
     pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.db.apply_batch(batch.batch).map_err(|e| self.err(e))
+        for b in batch.done.into_iter().chain(std::iter::once(batch.batch)) {
+            self.db.apply_batch(b).map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// Flushes sled's buffers to disk.

@@ -78,7 +78,8 @@ impl pb::ingress_server::Ingress for IngressService {
             let n = self
                 .shared
                 .router
-                .send_batch(batch)
+                .send_batch(batch, true)
+                .await
                 .map_err(|e| with_progress(e, accepted))?;
             accepted += n as u64;
         }
