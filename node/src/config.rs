@@ -229,6 +229,12 @@ mod tests {
     }
 
     #[test]
+    fn ops_sample_is_the_default() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/node.toml"));
+        assert_eq!(NodeConfig::load(path).unwrap(), NodeConfig::default());
+    }
+
+    #[test]
     fn backoff_doubles_and_caps() {
         let r = RetryConfig {
             max_attempts: 5,

@@ -83,9 +83,14 @@ impl Egress {
         let t = self.topic(topic);
         loop {
             let notified = t.notify.notified();
-            if let Some(v) = t.queue.lock().pop_front() {
+            let (next, more) = {
+                let mut q = t.queue.lock();
+                let next = q.pop_front();
+                (next, !q.is_empty())
+            };
+            if let Some(v) = next {
                 // Pass the wake-up on: more records may be waiting for other readers.
-                if !t.queue.lock().is_empty() {
+                if more {
                     t.notify.notify_one();
                 }
                 return v;

@@ -89,6 +89,17 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(ingress_errors.clone()))
             .expect("metric registered once");
+        // Export every reason from the start, at 0, so rates work before the first error.
+        for reason in [
+            "unknown_function",
+            "invalid_argument",
+            "too_large",
+            "overloaded",
+            "timeout",
+            "shutdown",
+        ] {
+            ingress_errors.with_label_values(&[reason]);
+        }
         Metrics {
             invocations: counter(&r, "statemesh_invocations_total", "Invocations completed"),
             invocation_errors: counter(

@@ -4,6 +4,8 @@
 //! - `example/counter`: adds a `long` delta to a running total; replies the new total (the
 //!   benchmark workload).
 //! - `example/cart` and `example/stock`: a shopping cart (see [`cart`]).
+//! - `example/memo`: state with TTLs (see [`memo`]).
+//! - `example/sequence`: a per-address FIFO checker (see [`sequence`]).
 
 use std::sync::Arc;
 
@@ -12,6 +14,8 @@ use statemesh_sdk::{StatefulFunction, TypeName};
 pub mod cart;
 pub mod counter;
 pub mod greeter;
+pub mod memo;
+pub mod sequence;
 
 /// All example function types.
 pub fn all() -> Vec<(TypeName, Arc<dyn StatefulFunction>)> {
@@ -24,5 +28,7 @@ pub fn all() -> Vec<(TypeName, Arc<dyn StatefulFunction>)> {
         (t(counter::TYPE), Arc::new(counter::function())),
         (t(cart::CART_TYPE), Arc::new(cart::cart_function())),
         (t(cart::STOCK_TYPE), Arc::new(cart::stock_function())),
+        (t(memo::TYPE), Arc::new(memo::function())),
+        (t(sequence::TYPE), Arc::new(sequence::function())),
     ]
 }

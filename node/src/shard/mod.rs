@@ -44,6 +44,9 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where the states of an address (name, value, expires_at_ms) are sent.
+pub(crate) type StateReply = oneshot::Sender<Result<Vec<(String, TypedValue, u64)>, ServiceError>>;
+
 /// A queued message of an address.
 pub(crate) struct Pending {
     pub caller: Option<Address>,
@@ -64,7 +67,7 @@ struct Slot {
     retry_wait: bool,
     in_dirty_list: bool,
     last_used_ms: u64,
-    readers: Vec<oneshot::Sender<Result<Vec<(String, TypedValue, u64)>, ServiceError>>>,
+    readers: Vec<StateReply>,
 }
 
 impl Slot {
@@ -98,7 +101,7 @@ pub(crate) struct InvokeDone {
 pub(crate) struct GetState {
     pub address: Address,
     pub kg: u32,
-    pub reply: oneshot::Sender<Result<Vec<(String, TypedValue, u64)>, ServiceError>>,
+    pub reply: StateReply,
 }
 
 /// How much work is left (for draining on shutdown).
@@ -665,6 +668,7 @@ impl Handler<Gauges> for Shard {
     type Result = MessageResult<Gauges>;
 
     fn handle(&mut self, _: Gauges, _: &mut Self::Context) -> Self::Result {
+        self.fold_metrics();
         let queued = self.slots.iter().map(|(_, s)| s.inbox.len()).sum();
         MessageResult((self.slots.len(), queued, self.timers.len()))
     }

@@ -1,0 +1,212 @@
+//! Test harness: starts the real `statemesh` binary on loopback ports chosen by the OS,
+//! talks to it over gRPC, HTTP and the CLI, and stops it by PID (SIGTERM or SIGKILL).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use statemesh_sdk::Client;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_statemesh");
+
+/// A running node process.
+pub struct Node {
+    child: Option<Child>,
+    pub grpc: String,
+    pub http: String,
+    pub data_dir: PathBuf,
+}
+
+impl Node {
+    /// Starts a node on `data_dir` with an optional TOML config; waits until it listens.
+    pub fn start(data_dir: &Path, config: Option<&str>) -> Node {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("node").arg("--data-dir").arg(data_dir).args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ]);
+        if let Some(c) = config {
+            let path = data_dir.with_extension("toml");
+            std::fs::write(&path, c).unwrap();
+            cmd.arg("--config").arg(&path);
+        }
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.with_extension("log"))
+            .unwrap();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn statemesh");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let log =
+                    std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
+                panic!("node did not start; log:\n{log}");
+            }
+        };
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+                .to_string()
+        };
+        Node {
+            grpc: format!("http://{}", field("grpc=")),
+            http: format!("http://{}", field("http=")),
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "node exited with {status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.grpc).await.unwrap()
+    }
+
+    /// Runs the CLI against this node; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("STATEMESH_NODE", &self.grpc)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, _, body) = http(&format!("{}/metrics", self.http), "GET", None, Bytes::new()).await;
+        let text = String::from_utf8_lossy(&body).to_string();
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One HTTP request; returns (status, content type, body).
+pub async fn http(
+    url: &str,
+    method: &str,
+    content_type: Option<&str>,
+    body: Bytes,
+) -> (u16, String, Bytes) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut req = hyper::Request::builder().method(method).uri(url);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    let resp = client
+        .request(req.body(Full::new(body)).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (
+        status,
+        ct,
+        resp.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+/// POSTs a plain-text value of `typename` to `/v1/{verb}/{address}`.
+pub async fn post(
+    node: &Node,
+    verb: &str,
+    address: &str,
+    typename: &str,
+    body: &str,
+) -> (u16, String, String) {
+    let (s, ct, b) = http(
+        &format!("{}/v1/{verb}/{address}", node.http),
+        "POST",
+        Some(&format!("application/vnd.{typename}")),
+        Bytes::from(body.to_string()),
+    )
+    .await;
+    (s, ct, String::from_utf8_lossy(&b).to_string())
+}
+
+/// Polls `f` until it returns Some, or panics at the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,627 @@
+//! Integration tests of a single node: the real `statemesh` binary on loopback ports chosen
+//! at run time, driven through gRPC, HTTP and the CLI.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{eventually, http, post, Node};
+use futures::StreamExt;
+use statemesh_sdk::{typenames, Address, TypedValue};
+
+const LONG: &str = typenames::LONG;
+const STRING: &str = typenames::STRING;
+
+fn addr(s: &str) -> Address {
+    Address::parse(s).unwrap()
+}
+
+async fn state_value(node: &Node, address: &str, name: &str) -> Option<serde_json::Value> {
+    let (s, _, body) = http(
+        &format!("{}/v1/state/{address}", node.http),
+        "GET",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    j["states"].get(name).map(|v| v["value"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greeter_over_grpc_http_and_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), None);
+    let client = node.client().await;
+
+    let r = client
+        .call(
+            &addr("example/greeter/alice"),
+            TypedValue::of(&"hi".to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.get::<String>().unwrap(),
+        "Hello alice, you are visitor #1"
+    );
+
+    let (s, ct, body) = post(&node, "call", "example/greeter/alice", STRING, "hi").await;
+    assert_eq!(
+        (s, ct.as_str(), body.as_str()),
+        (
+            200,
+            "application/vnd.io.statefun.types/string",
+            "Hello alice, you are visitor #2"
+        )
+    );
+    let (s, _, body) = http(
+        &format!("{}/v1/call/example/greeter/alice", node.http),
+        "POST",
+        Some("text/plain"),
+        Bytes::from("x"),
+    )
+    .await;
+    assert_eq!(
+        (s, &body[..]),
+        (200, &b"Hello alice, you are visitor #3"[..])
+    );
+
+    let (ok, out, err) = node.cli(&["call", "example/greeter/alice", "hi"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "Hello alice, you are visitor #4");
+
+    let (ok, out, err) = node.cli(&["call", "example/counter/c", "5", "--type", "long"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "5");
+    let (ok, _, err) = node.cli(&["send", "example/counter/c", "7", "--type", "long"]);
+    assert!(ok, "{err}");
+    eventually("send applied", Duration::from_secs(10), || async {
+        (state_value(&node, "example/counter/c", "total").await == Some(serde_json::json!(12)))
+            .then_some(())
+    })
+    .await;
+
+    let (ok, out, err) = node.cli(&["state", "get", "example/greeter/alice"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["states"]["visits"]["value"], 4);
+    assert_eq!(j["states"]["visits"]["typename"], LONG);
+
+    let (s, _, body) = post(&node, "send", "example/counter/c", LONG, "1").await;
+    assert_eq!(s, 202, "{body}");
+    let (s, _, body) = http(
+        &format!("{}/v1/functions", node.http),
+        "GET",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(String::from_utf8_lossy(&body).contains("example/greeter"));
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            http(&format!("{}{path}", node.http), "GET", None, Bytes::new())
+                .await
+                .0,
+            200
+        );
+    }
+    assert!(node.metric("statemesh_invocations_total").await >= 6.0);
+    let (s, _, body) = http(&format!("{}/metrics", node.http), "GET", None, Bytes::new()).await;
+    assert_eq!(s, 200);
+    let text = String::from_utf8_lossy(&body);
+    for m in [
+        "statemesh_invocation_duration_seconds_bucket",
+        "statemesh_active_instances",
+        "statemesh_inbox_depth",
+        "statemesh_ingress_errors_total",
+    ] {
+        assert!(text.contains(m), "metrics lack {m}");
+    }
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_clean_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let node = Node::start(&data, None);
+    let c = node.client().await;
+    for i in 0..20 {
+        c.call(
+            &addr(&format!("example/counter/k{}", i % 4)),
+            TypedValue::of(&1i64),
+        )
+        .await
+        .unwrap();
+    }
+    node.stop();
+    let node = Node::start(&data, None);
+    let c = node.client().await;
+    for k in 0..4 {
+        let r = c
+            .call(
+                &addr(&format!("example/counter/k{k}")),
+                TypedValue::of(&1i64),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<i64>().unwrap(), 6, "k{k}");
+    }
+    // State of an address that was never activated since the restart is read from sled.
+    let states = c.get_state(&addr("example/counter/k0")).await.unwrap();
+    assert_eq!(states[0].0, "total");
+    node.stop();
+}
+
+async fn stock(node: &Node, item: &str) -> i64 {
+    state_value(node, &format!("example/stock/{item}"), "quantity")
+        .await
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0)
+}
+
+async fn cart(node: &Node, user: &str) -> serde_json::Value {
+    let (s, _, body) = post(
+        node,
+        "call",
+        &format!("example/cart/{user}"),
+        "example/ViewCart",
+        "{}",
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_message_fires_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let node = Node::start(&data, None);
+    assert_eq!(
+        post(&node, "call", "example/stock/apple", LONG, "10")
+            .await
+            .2,
+        "10"
+    );
+    let add = r#"{"item":"apple","quantity":3,"checkout_timeout_ms":1500}"#;
+    assert_eq!(
+        post(&node, "send", "example/cart/bob", "example/AddToCart", add)
+            .await
+            .0,
+        202
+    );
+    eventually("item in cart", Duration::from_secs(10), || async {
+        (cart(&node, "bob").await["apple"] == 3).then_some(())
+    })
+    .await;
+    assert_eq!(stock(&node, "apple").await, 7);
+    node.stop();
+    // The timeout comes due while the node is down; it must fire after the restart.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let node = Node::start(&data, None);
+    eventually(
+        "abandoned cart restocked",
+        Duration::from_secs(10),
+        || async { (stock(&node, "apple").await == 10).then_some(()) },
+    )
+    .await;
+    assert_eq!(cart(&node, "bob").await, serde_json::json!({}));
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_cancels_timeout_and_publishes_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), None);
+    let client = node.client().await;
+    let mut receipts = client.subscribe("receipts").await.unwrap();
+    assert_eq!(
+        post(&node, "call", "example/stock/pear", LONG, "5").await.2,
+        "5"
+    );
+    let add = r#"{"item":"pear","quantity":2,"checkout_timeout_ms":800}"#;
+    post(&node, "send", "example/cart/ann", "example/AddToCart", add).await;
+    eventually("item in cart", Duration::from_secs(10), || async {
+        (cart(&node, "ann").await["pear"] == 2).then_some(())
+    })
+    .await;
+    let (s, ct, body) = post(&node, "call", "example/cart/ann", "example/Checkout", "{}").await;
+    assert_eq!((s, ct.as_str()), (200, "application/vnd.example/Receipt"));
+    let receipt: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        receipt,
+        serde_json::json!({"user": "ann", "items": {"pear": 2}})
+    );
+    let streamed = tokio::time::timeout(Duration::from_secs(10), receipts.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(streamed.typename(), "example/Receipt");
+    // The cancelled timeout must not restock.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(stock(&node, "pear").await, 3);
+    // A second checkout's receipt is readable through HTTP egress too; an empty topic is 204.
+    drop(receipts);
+    post(&node, "call", "example/cart/ann", "example/Checkout", "{}").await;
+    let (s, _, _) = eventually("receipt over HTTP", Duration::from_secs(5), || async {
+        let r = http(
+            &format!("{}/v1/egress/receipts", node.http),
+            "GET",
+            None,
+            Bytes::new(),
+        )
+        .await;
+        (r.0 == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        http(
+            &format!("{}/v1/egress/nothing-here", node.http),
+            "GET",
+            None,
+            Bytes::new()
+        )
+        .await
+        .0,
+        204
+    );
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), None);
+    assert_eq!(
+        post(&node, "call", "example/memo/m", STRING, "a").await.2,
+        ""
+    );
+    assert_eq!(
+        post(&node, "call", "example/memo/m", STRING, "b").await.2,
+        "a"
+    );
+    // Keep invoking more often than the 1 s TTL: `calls` (after invoke) survives, `value`
+    // (after write) too since each call rewrites it.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        post(&node, "call", "example/memo/m", STRING, "c").await;
+    }
+    assert_eq!(
+        state_value(&node, "example/memo/m", "calls").await,
+        Some(serde_json::json!(5))
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        state_value(&node, "example/memo/m", "value").await,
+        None,
+        "expired after write"
+    );
+    assert_eq!(
+        state_value(&node, "example/memo/m", "calls").await,
+        None,
+        "expired after invoke"
+    );
+    assert_eq!(
+        post(&node, "call", "example/memo/m", STRING, "d").await.2,
+        "",
+        "expired value reads as absent"
+    );
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_address_order_under_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), None);
+    let client = node.client().await;
+    let addresses = 50;
+    let per_address = 400i64;
+    // One ordered stream interleaving all addresses, plus concurrent unary senders each
+    // owning other addresses.
+    let stream_msgs: Vec<(Address, TypedValue)> = (1..=per_address)
+        .flat_map(|n| {
+            (0..addresses)
+                .map(move |a| (addr(&format!("example/sequence/s{a}")), TypedValue::of(&n)))
+        })
+        .collect();
+    let c2 = client.clone();
+    let streamer = tokio::spawn(async move {
+        c2.send_stream(futures::stream::iter(stream_msgs), 97)
+            .await
+            .unwrap()
+    });
+    let mut senders = Vec::new();
+    for a in 0..8 {
+        let c = client.clone();
+        senders.push(tokio::spawn(async move {
+            for n in 1..=100i64 {
+                c.send(&addr(&format!("example/sequence/u{a}")), TypedValue::of(&n))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    assert_eq!(streamer.await.unwrap(), (addresses * per_address) as u64);
+    for s in senders {
+        s.await.unwrap();
+    }
+    for (prefix, count, last) in [("s", addresses, per_address), ("u", 8, 100)] {
+        for a in 0..count {
+            let a = format!("example/sequence/{prefix}{a}");
+            eventually("all processed", Duration::from_secs(20), || async {
+                (state_value(&node, &a, "last").await == Some(serde_json::json!(last)))
+                    .then_some(())
+            })
+            .await;
+            assert_eq!(
+                state_value(&node, &a, "gaps").await,
+                None,
+                "{a} saw messages out of order"
+            );
+        }
+    }
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passivation_under_small_instance_limit_keeps_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("n"),
+        Some("max_active_instances = 4\nidle_timeout_ms = 100\nshards = 2\n"),
+    );
+    let c = node.client().await;
+    for round in 1..=3i64 {
+        for k in 0..40 {
+            let r = c
+                .call(
+                    &addr(&format!("example/counter/p{k}")),
+                    TypedValue::of(&1i64),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.get::<i64>().unwrap(), round, "p{k}");
+        }
+    }
+    assert!(node.metric("statemesh_passivations_total").await >= 40.0);
+    assert!(node.metric("statemesh_active_instances").await <= 4.0);
+    // Idle instances are passivated after the idle timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually("idle passivation", Duration::from_secs(5), || async {
+        (node.metric("statemesh_active_instances").await == 0.0).then_some(())
+    })
+    .await;
+    let r = c
+        .call(&addr("example/counter/p0"), TypedValue::of(&1i64))
+        .await
+        .unwrap();
+    assert_eq!(r.get::<i64>().unwrap(), 4);
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), Some("max_message_bytes = 1024\n"));
+    let client = node.client().await;
+
+    // Unknown function type.
+    let (s, _, body) = post(&node, "call", "example/nope/a", STRING, "x").await;
+    assert_eq!(s, 404);
+    assert!(
+        body.contains("unknown function type \\\"example/nope\\\""),
+        "{body}"
+    );
+    let e = client
+        .send(&addr("example/nope/a"), TypedValue::of(&1i64))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::NotFound));
+    assert!(e.to_string().contains("example/nope"), "{e}");
+
+    // Malformed address and typename.
+    let raw = statemesh_proto::v1::SendRequest {
+        target: Some(statemesh_proto::v1::Address {
+            namespace: "example".into(),
+            r#type: "counter".into(),
+            id: String::new(),
+        }),
+        message: Some(TypedValue::of(&1i64).to_proto()),
+        idempotency_key: String::new(),
+    };
+    let mut ingress =
+        statemesh_proto::v1::ingress_client::IngressClient::connect(node.grpc.clone())
+            .await
+            .unwrap();
+    let e = ingress.send(raw).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("expected"), "{}", e.message());
+    let e = client
+        .send(
+            &addr("example/counter/a"),
+            TypedValue::new("no-slash", Bytes::new()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument));
+    assert!(e.to_string().contains("namespace/name"), "{e}");
+    let (s, _, body) = http(
+        &format!("{}/v1/send/example/counter/a", node.http),
+        "POST",
+        Some("application/json"),
+        Bytes::from("1"),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("application/vnd."),
+        "{body:?}"
+    );
+    let (s, _, body) = post(&node, "send", "example/counter/a", LONG, "five").await;
+    assert_eq!(s, 400);
+    assert!(body.contains("expected a 64-bit integer"), "{body}");
+
+    // Too large.
+    let big = "x".repeat(2000);
+    let (s, _, body) = post(&node, "send", "example/greeter/a", "example/Blob", &big).await;
+    assert_eq!(s, 413, "{body}");
+    assert!(body.contains("maximum of 1024 bytes"), "{body}");
+    let e = client
+        .send(
+            &addr("example/greeter/a"),
+            TypedValue::new("example/Blob", Bytes::from(big)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::ResourceExhausted));
+
+    // A reply that never comes: 504 / DEADLINE_EXCEEDED.
+    let (s, _, body) = http(
+        &format!("{}/v1/call/example/cart/z?timeout_ms=200", node.http),
+        "POST",
+        Some("application/vnd.example/ItemAvailability"),
+        Bytes::from(r#"{"item":"a","quantity":0,"in_stock":false}"#),
+    )
+    .await;
+    assert_eq!(s, 504, "{body:?}");
+    let e = client
+        .call_with(
+            &addr("example/sequence/t"),
+            TypedValue::of(&"not a long".to_string()),
+            None,
+            Some(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Some(tonic::Code::DeadlineExceeded) | Some(tonic::Code::Aborted)
+        ),
+        "{e}"
+    );
+
+    // A failing function: retried with backoff, then dead-lettered with its error; the
+    // caller hears at once (502 / ABORTED), other addresses keep running.
+    let (s, _, body) = post(&node, "call", "example/counter/bad", STRING, "not a long").await;
+    assert_eq!(s, 502, "{body}");
+    assert!(
+        body.contains("after 5 attempts") && body.contains("statemesh/dead-letters"),
+        "{body}"
+    );
+    let dead = eventually("dead letter", Duration::from_secs(5), || async {
+        let r = http(
+            &format!("{}/v1/egress/statemesh/dead-letters", node.http),
+            "GET",
+            None,
+            Bytes::new(),
+        )
+        .await;
+        (r.0 == 200).then_some(r.2)
+    })
+    .await;
+    let dead: serde_json::Value = serde_json::from_slice(&dead).unwrap();
+    // The first dead letter is either call's (both fail to decode their argument).
+    assert!(
+        dead["error"].as_str().unwrap().contains("cannot decode"),
+        "{dead}"
+    );
+    assert_eq!(dead["attempts"], 5);
+    assert_eq!(
+        post(&node, "call", "example/counter/good", LONG, "3")
+            .await
+            .2,
+        "3"
+    );
+    assert!(node.metric("statemesh_dead_letters_total").await >= 1.0);
+    assert!(node.metric("statemesh_invocation_errors_total").await >= 5.0);
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_function_does_not_stop_others() {
+    // `example/cart` panics on nothing, but a message of an unexpected type makes it fail;
+    // meanwhile many other addresses keep being served.
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("n"),
+        Some("[retry]\nmax_attempts = 3\ninitial_backoff_ms = 50\n"),
+    );
+    let c = node.client().await;
+    c.send(&addr("example/cart/x"), TypedValue::of(&1i64))
+        .await
+        .unwrap();
+    for k in 0..200 {
+        c.call(
+            &addr(&format!("example/counter/o{k}")),
+            TypedValue::of(&1i64),
+        )
+        .await
+        .unwrap();
+    }
+    let dead = eventually("dead letter", Duration::from_secs(5), || async {
+        let r = http(
+            &format!("{}/v1/egress/statemesh/dead-letters", node.http),
+            "GET",
+            None,
+            Bytes::new(),
+        )
+        .await;
+        (r.0 == 200).then_some(r.2)
+    })
+    .await;
+    let dead: serde_json::Value = serde_json::from_slice(&dead).unwrap();
+    assert_eq!(dead["address"], "example/cart/x");
+    assert_eq!(dead["attempts"], 3);
+    node.stop();
+}
+
+#[test]
+fn malformed_config_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(&cfg, "shards = 2\nmax_active_instance = 5\n").unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "node",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("d").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node.toml:2:1") && err.contains("max_active_instance"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, "grpc_addr = 5\n").unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["node", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node.toml:1:") && err.contains("expected"),
+        "{err}"
+    );
+
+    // A bad address on the command line.
+    let out = std::process::Command::new(common::BIN)
+        .args(["call", "greeter", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected \"namespace/type/id\""));
+}
