@@ -127,6 +127,12 @@ impl Router {
         &self.inner.egress
     }
 
+    /// The node's metrics in the Prometheus text format (counters as of the shards' last
+    /// periodic fold).
+    pub fn metrics_text(&self) -> String {
+        self.inner.metrics.render()
+    }
+
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
@@ -292,7 +298,7 @@ impl Router {
         let id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let caller = Address {
             typ: self.inner.reply_type.clone(),
-            id: id.to_string(),
+            id: id.to_string().into(),
         };
         let (shard, env) = self.envelope(target, Some(caller), message);
         self.admit(shard, 1)?;

@@ -100,13 +100,14 @@ impl fmt::Debug for TypeName {
 pub struct Address {
     /// The function type.
     pub typ: TypeName,
-    /// The instance id (any non-empty string).
-    pub id: String,
+    /// The instance id (any non-empty string). Shared, so cloning an address (every
+    /// message carries its caller's) allocates nothing.
+    pub id: Arc<str>,
 }
 
 impl Address {
     /// Builds an address; the id must be non-empty.
-    pub fn new(typ: TypeName, id: impl Into<String>) -> Result<Self, AddressError> {
+    pub fn new(typ: TypeName, id: impl Into<Arc<str>>) -> Result<Self, AddressError> {
         let id = id.into();
         if id.is_empty() {
             return Err(AddressError::Malformed {
@@ -134,7 +135,7 @@ impl Address {
         }
         Ok(Address {
             typ: TypeName::parse(&format!("{namespace}/{typ}"))?,
-            id: id.to_string(),
+            id: Arc::from(id),
         })
     }
 
@@ -156,7 +157,7 @@ impl Address {
         statemesh_proto::v1::Address {
             namespace: self.typ.namespace().to_string(),
             r#type: self.typ.name().to_string(),
-            id: self.id.clone(),
+            id: self.id.to_string(),
         }
     }
 
@@ -194,7 +195,7 @@ mod tests {
         let a = Address::parse("example/greeter/alice/x").unwrap();
         assert_eq!(a.typ.namespace(), "example");
         assert_eq!(a.typ.name(), "greeter");
-        assert_eq!(a.id, "alice/x");
+        assert_eq!(&*a.id, "alice/x");
         assert_eq!(a.to_string(), "example/greeter/alice/x");
     }
 

@@ -145,7 +145,7 @@ pub fn cart_function() -> FnFunction {
                 let receipt = TypedValue::with_type(
                     "example/Receipt",
                     &Json(Receipt {
-                        user: me.id.clone(),
+                        user: me.id.to_string(),
                         items,
                     }),
                 );
@@ -196,7 +196,7 @@ pub fn stock_function() -> FnFunction {
             }
             "example/RequestItem" => {
                 let r: RequestItem = decode(msg)?;
-                let item = ctx.self_address().id.clone();
+                let item = ctx.self_address().id.to_string();
                 let in_stock = have >= r.quantity;
                 if in_stock {
                     ctx.set(&quantity, &(have - r.quantity))?;

@@ -52,6 +52,12 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         shards: usize,
     },
+    /// Memory: idle node RSS, then RSS per active instance after activating N counters.
+    Memory {
+        /// Counter instances to activate.
+        #[arg(long, default_value_t = 100_000)]
+        instances: u64,
+    },
     /// Counter workload against a running node.
     Load {
         /// gRPC URL of the node.
@@ -102,6 +108,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             duration,
             shards,
         } => embedded(instances, tokens, duration, shards).await,
+        BenchCommand::Memory { instances } => memory(instances).await,
         BenchCommand::Load {
             grpc,
             http,
@@ -153,7 +160,7 @@ async fn embedded(instances: u64, tokens: u64, duration: f64, shards: usize) -> 
             let id: u64 = ctx.self_address().id.parse().unwrap_or(0);
             let next = Address {
                 typ: ring2.clone(),
-                id: ((id + 1) % instances).to_string(),
+                id: ((id + 1) % instances).to_string().into(),
             };
             ctx.send_value(next, &now_us);
         }
@@ -175,7 +182,9 @@ async fn embedded(instances: u64, tokens: u64, duration: f64, shards: usize) -> 
             (
                 Address {
                     typ: ring.clone(),
-                    id: ((t * instances / tokens.max(1)) % instances).to_string(),
+                    id: ((t * instances / tokens.max(1)) % instances)
+                        .to_string()
+                        .into(),
                 },
                 TypedValue::of(&0i64),
             )
@@ -207,6 +216,77 @@ async fn embedded(instances: u64, tokens: u64, duration: f64, shards: usize) -> 
             "hop_latency_p99_ms": ms(&l, 0.99),
             "errors": 0,
             "peak_rss_mib": peak.map(|p| p as f64 / 1048576.0),
+        })
+    );
+    Ok(())
+}
+
+async fn memory(instances: u64) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let cfg = NodeConfig {
+        data_dir: dir.clone(),
+        grpc_addr: "127.0.0.1:0".parse()?,
+        http_addr: "127.0.0.1:0".parse()?,
+        ..NodeConfig::default()
+    };
+    let node = NodeBuilder::new(cfg).with_examples().start().await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = || {
+        statemesh_node::metrics::process_memory()
+            .map(|(r, _)| r)
+            .unwrap_or(0) as f64
+    };
+    let idle = rss();
+    let counter = TypeName::parse("example/counter")?;
+    let metrics = || async {
+        // The invocation count as the node exports it.
+        let text = node.router().metrics_text();
+        text.lines()
+            .find(|l| l.starts_with("statemesh_invocations_total "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    for chunk in (0..instances).collect::<Vec<_>>().chunks(10_000) {
+        let batch = chunk
+            .iter()
+            .map(|i| {
+                (
+                    Address {
+                        typ: counter.clone(),
+                        id: i.to_string().into(),
+                    },
+                    TypedValue::of(&1i64),
+                )
+            })
+            .collect();
+        node.router().send_batch(batch, true).await?;
+    }
+    let t0 = Instant::now();
+    while metrics().await < instances && t0.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the periodic flush write every dirty state to sled and the instance actors'
+    // linger run out (their state stays cached in the shards: the instances stay active).
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // Return freed pages to the OS so RSS shows live memory, not the ingest burst's garbage.
+    // SAFETY: asks mimalloc to release unused memory; no preconditions.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+    let active = rss();
+    let peak = statemesh_node::metrics::process_memory()
+        .map(|(_, p)| p)
+        .unwrap_or(0) as f64;
+    node.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{}",
+        json!({
+            "bench": "memory",
+            "instances": instances,
+            "idle_rss_mib": idle / 1048576.0,
+            "active_rss_mib": active / 1048576.0,
+            "peak_rss_mib": peak / 1048576.0,
+            "bytes_per_active_instance": ((active - idle) / instances as f64).round(),
         })
     );
     Ok(())
@@ -306,7 +386,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
                         n2.fetch_add(1, Ordering::Relaxed);
                         let addr = Address {
                             typ: ctr,
-                            id: (i % keys).to_string(),
+                            id: (i % keys).to_string().into(),
                         };
                         Some(((addr, TypedValue::of(&1i64)), i + 7919))
                     }
@@ -328,7 +408,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
                         let c = grpc.as_ref().expect("grpc client");
                         let addr = Address {
                             typ: counter.clone(),
-                            id: key,
+                            id: key.into(),
                         };
                         match mode {
                             Mode::Call => c

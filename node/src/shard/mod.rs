@@ -62,7 +62,10 @@ struct Slot {
     inbox: VecDeque<Pending>,
     /// `None` while lent to the instance with a batch.
     state: Option<Vec<StateSlot>>,
-    instance: Addr<Instance>,
+    /// The instance actor; started when the address has work, stopped after it has been
+    /// idle for `instance_linger_ms` (its state stays cached here until passivation).
+    instance: Option<Addr<Instance>>,
+    entry: Arc<FunctionEntry>,
     in_flight: bool,
     retry_wait: bool,
     in_dirty_list: bool,
@@ -159,12 +162,14 @@ impl Actor for Shard {
                 act.fold_metrics();
             },
         );
-        ctx.run_interval(
-            Duration::from_millis(self.config.idle_timeout_ms.clamp(10, 1000)),
-            |act, _| {
-                act.passivate_idle();
-            },
-        );
+        let sweep_ms = self
+            .config
+            .idle_timeout_ms
+            .min(self.config.instance_linger_ms)
+            .clamp(10, 1000);
+        ctx.run_interval(Duration::from_millis(sweep_ms), |act, _| {
+            act.passivate_idle();
+        });
     }
 }
 
@@ -208,36 +213,28 @@ impl Shard {
         if let Some(&i) = self.by_addr.get(address) {
             return Ok(i);
         }
+        // Make room first, so the address being activated cannot be the one evicted.
+        if self.slots.len() >= self.max_active {
+            self.evict_lru();
+        }
         let state = self
             .store
             .load_state(kg, address, &entry.specs)
             .map_err(|e| e.to_string())?;
-        let slot_key = self.slots.vacant_key();
-        let instance = Instance::new(
-            address.clone(),
-            entry.clone(),
-            slot_key,
-            self.me.clone().expect("started"),
-            self.invocation_hist.clone(),
-        )
-        .start();
         let i = self.slots.insert(Slot {
             address: address.clone(),
             kg,
             inbox: VecDeque::new(),
             state: Some(state),
-            instance,
+            instance: None,
+            entry: entry.clone(),
             in_flight: false,
             retry_wait: false,
             in_dirty_list: false,
             last_used_ms: now_ms(),
             readers: Vec::new(),
         });
-        debug_assert_eq!(i, slot_key);
         self.by_addr.insert(address.clone(), i);
-        if self.slots.len() > self.max_active {
-            self.evict_lru();
-        }
         Ok(i)
     }
 
@@ -292,14 +289,32 @@ impl Shard {
                 continue;
             }
             let n = slot.inbox.len().min(self.config.max_batch);
-            let batch: Vec<Pending> = slot.inbox.drain(..n).collect();
+            // Taking the whole inbox hands its buffer to the batch: an idle address keeps no
+            // queue capacity.
+            let batch: Vec<Pending> = if n == slot.inbox.len() {
+                Vec::from(std::mem::take(&mut slot.inbox))
+            } else {
+                slot.inbox.drain(..n).collect()
+            };
             let state = slot
                 .state
                 .take()
                 .expect("state is home when nothing is in flight");
             slot.in_flight = true;
             slot.last_used_ms = now;
-            slot.instance.do_send(Invoke {
+            let (me, hist) = (&self.me, &self.invocation_hist);
+            let instance = slot.instance.get_or_insert_with(|| {
+                let shard = me.clone().expect("started");
+                Instance::new(
+                    slot.address.clone(),
+                    slot.entry.clone(),
+                    i,
+                    shard,
+                    hist.clone(),
+                )
+                .start()
+            });
+            instance.do_send(Invoke {
                 batch,
                 state,
                 now_ms: now,
@@ -465,8 +480,10 @@ impl Shard {
         // Dropping the slot drops the last `Addr` of the instance actor, which stops it.
     }
 
+    /// Passivates least recently used idle instances down to 90 % of the limit (at least
+    /// one below it, to make room for an activation).
     fn evict_lru(&mut self) {
-        let target = self.max_active - self.max_active / 10;
+        let target = (self.max_active - self.max_active / 10).min(self.max_active - 1);
         let mut idle: Vec<(u64, usize)> = self
             .slots
             .iter()
@@ -481,7 +498,14 @@ impl Shard {
     }
 
     fn passivate_idle(&mut self) {
-        let cutoff = now_ms().saturating_sub(self.config.idle_timeout_ms);
+        let now = now_ms();
+        let linger_cutoff = now.saturating_sub(self.config.instance_linger_ms);
+        for (_, s) in self.slots.iter_mut() {
+            if s.instance.is_some() && s.idle() && s.last_used_ms <= linger_cutoff {
+                s.instance = None;
+            }
+        }
+        let cutoff = now.saturating_sub(self.config.idle_timeout_ms);
         let idle: Vec<usize> = self
             .slots
             .iter()
