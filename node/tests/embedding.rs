@@ -1,0 +1,125 @@
+//! The embedding API: a user's own binary builds a node with its own functions.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use statemesh_node::{NodeBuilder, NodeConfig, RetryConfig, ServiceError};
+use statemesh_sdk::{Address, FnFunction, FunctionError, TypeName, TypedValue, ValueSpec};
+
+fn config(dir: &std::path::Path) -> NodeConfig {
+    NodeConfig {
+        data_dir: dir.to_path_buf(),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        retry: RetryConfig {
+            max_attempts: 3,
+            initial_backoff_ms: 5,
+            max_backoff_ms: 20,
+        },
+        ..NodeConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panics_and_errors_are_retried_then_dead_lettered_and_leave_no_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let a2 = attempts.clone();
+    let total = ValueSpec::<i64>::new("total");
+    let t2 = total.clone();
+    // Adds the delta, then panics on 13 and fails on 7 — after changing state and
+    // publishing to egress, which must all be undone.
+    let flaky = FnFunction::new(vec![total.descriptor().clone()], move |ctx, msg| {
+        let d: i64 = msg.get()?;
+        let t = ctx.get(&t2)?.unwrap_or(0) + d;
+        ctx.set(&t2, &t)?;
+        ctx.send_egress("side-effects", TypedValue::of(&d));
+        match d {
+            13 => {
+                a2.fetch_add(1, Ordering::SeqCst);
+                panic!("unlucky number")
+            }
+            7 => Err(FunctionError::msg("seven is refused")),
+            _ => {
+                ctx.reply(TypedValue::of(&t));
+                Ok(())
+            }
+        }
+    });
+    let typ = TypeName::parse("test/flaky").unwrap();
+    let node = NodeBuilder::new(config(dir.path()))
+        .function(typ.clone(), flaky)
+        .start()
+        .await
+        .unwrap();
+    let r = node.router();
+    let a = Address::new(typ.clone(), "a").unwrap();
+    let call = |v: i64| r.call(a.clone(), TypedValue::of(&v), Duration::from_secs(5));
+
+    assert_eq!(call(1).await.unwrap().get::<i64>().unwrap(), 1);
+    let e = call(13).await.unwrap_err();
+    assert!(matches!(e, ServiceError::FunctionFailed(_)), "{e}");
+    assert!(
+        e.to_string().contains("function panicked: unlucky number"),
+        "{e}"
+    );
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        3,
+        "retried up to max_attempts"
+    );
+    let e = call(7).await.unwrap_err();
+    assert!(e.to_string().contains("seven is refused"), "{e}");
+    // Neither failure left state behind, and the address still works.
+    assert_eq!(call(2).await.unwrap().get::<i64>().unwrap(), 3);
+    let states = r.get_state(a.clone()).await.unwrap();
+    assert_eq!(states.len(), 1);
+    assert_eq!(states[0].1.get::<i64>().unwrap(), 3);
+    // Only the successful invocations' egress records were published.
+    let metrics = r.metrics_text();
+    assert!(
+        metrics.contains("statemesh_dead_letters_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("statemesh_egress_records_total 4"),
+        "2 side effects + 2 dead letters\n{metrics}"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_node_serves_its_own_functions_and_the_examples() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = FnFunction::new(vec![], |ctx, msg| {
+        ctx.reply(msg.clone());
+        Ok(())
+    });
+    let node = NodeBuilder::new(config(dir.path()))
+        .with_examples()
+        .function(TypeName::parse("my/echo").unwrap(), echo)
+        .start()
+        .await
+        .unwrap();
+    let client = statemesh_sdk::Client::connect(&format!("http://{}", node.grpc_addr()))
+        .await
+        .unwrap();
+    let r = client
+        .call(
+            &Address::parse("my/echo/x").unwrap(),
+            TypedValue::of(&"ping".to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<String>().unwrap(), "ping");
+    let r = client
+        .call(
+            &Address::parse("example/counter/x").unwrap(),
+            TypedValue::of(&4i64),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<i64>().unwrap(), 4);
+    node.shutdown().await;
+}
