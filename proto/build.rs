@@ -2,7 +2,10 @@
 //! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/statemesh/v1/api.proto"];
+    let files = [
+        "proto/statemesh/v1/api.proto",
+        "proto/statefun/v3/request-reply.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -17,6 +17,7 @@ pub mod error;
 pub mod ingress;
 mod instance;
 pub mod metrics;
+pub mod module;
 mod node;
 mod registry;
 mod router;

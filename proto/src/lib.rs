@@ -2,9 +2,17 @@
 //!
 //! - [`v1`]: the public API (`statemesh.v1`): addresses, typed values, the `Ingress` and
 //!   `Admin` gRPC services.
+//! - [`statefun_v3`]: StateFun's remote-function request-reply protocol, v3
+//!   (`io.statefun.sdk.reqreply`).
 
 /// The public API package `statemesh.v1`.
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("statemesh.v1");
+}
+
+/// StateFun's request-reply protocol v3 (`io.statefun.sdk.reqreply`).
+#[allow(missing_docs, clippy::all)]
+pub mod statefun_v3 {
+    tonic::include_proto!("io.statefun.sdk.reqreply");
 }
