@@ -16,7 +16,8 @@ use actix::prelude::*;
 use prometheus::local::LocalHistogram;
 use statemesh_sdk::{Address, Context as FnContext, Effects, Expiration, StateSlot, Undo};
 
-use crate::registry::FunctionEntry;
+use crate::registry::{FunctionEntry, FunctionKind};
+use crate::remote::Outcome;
 use crate::shard::{InvokeDone, Pending, Shard};
 
 /// A batch for the instance.
@@ -98,41 +99,85 @@ impl Handler<Invoke> for Instance {
             now_ms,
         } = msg;
         refresh_ttl(&mut state, now_ms);
-        let mut effects = Effects::default();
-        let mut processed = 0;
-        let mut failure = None;
-        for p in &batch {
-            let start = Instant::now();
-            let mut ctx = FnContext::new(
-                &self.address,
-                p.caller.as_ref(),
-                now_ms,
-                &mut state,
-                &mut effects,
-                &mut self.undo,
-            );
-            let function = &self.entry.function;
-            let result = catch_unwind(AssertUnwindSafe(|| function.invoke(&mut ctx, &p.message)));
-            self.hist.observe(start.elapsed().as_secs_f64());
-            let error = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(panic) => Some(panic_message(panic)),
-            };
-            if let Some(e) = error {
-                ctx.rollback();
-                failure = Some(e);
-                break;
+        let slot = self.slot;
+        match &self.entry.kind {
+            FunctionKind::Embedded(function) => {
+                let mut effects = Effects::default();
+                let mut processed = 0;
+                let mut failure = None;
+                for p in &batch {
+                    let start = Instant::now();
+                    let mut ctx = FnContext::new(
+                        &self.address,
+                        p.caller.as_ref(),
+                        now_ms,
+                        &mut state,
+                        &mut effects,
+                        &mut self.undo,
+                    );
+                    let result =
+                        catch_unwind(AssertUnwindSafe(|| function.invoke(&mut ctx, &p.message)));
+                    self.hist.observe(start.elapsed().as_secs_f64());
+                    let error = match result {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(panic) => Some(panic_message(panic)),
+                    };
+                    if let Some(e) = error {
+                        ctx.rollback();
+                        failure = Some(e);
+                        break;
+                    }
+                    processed += 1;
+                }
+                self.shard.do_send(InvokeDone {
+                    slot,
+                    batch,
+                    processed,
+                    state,
+                    effects,
+                    failure,
+                    batch_failure: None,
+                    renegotiate: false,
+                });
             }
-            processed += 1;
+            FunctionKind::Remote(remote) => {
+                let (remote, entry, address, shard, hist) = (
+                    remote.clone(),
+                    self.entry.clone(),
+                    self.address.clone(),
+                    self.shard.clone(),
+                    self.hist.clone(),
+                );
+                actix::spawn(async move {
+                    let start = Instant::now();
+                    let outcome = remote.invoke(&address, &batch, &mut state, now_ms).await;
+                    hist.observe(start.elapsed().as_secs_f64());
+                    let mut done = InvokeDone {
+                        slot,
+                        processed: 0,
+                        batch,
+                        state,
+                        effects: Effects::default(),
+                        failure: None,
+                        batch_failure: None,
+                        renegotiate: false,
+                    };
+                    match outcome {
+                        Outcome::Done(effects) => {
+                            done.processed = done.batch.len();
+                            done.effects = effects;
+                        }
+                        Outcome::NeedState(specs) => {
+                            tracing::debug!(%address, states = ?specs.iter().map(|s| s.name.to_string()).collect::<Vec<_>>(), "remote function registered states");
+                            entry.add_specs(specs);
+                            done.renegotiate = true;
+                        }
+                        Outcome::Failed(reason) => done.batch_failure = Some(reason),
+                    }
+                    shard.do_send(done);
+                });
+            }
         }
-        self.shard.do_send(InvokeDone {
-            slot: self.slot,
-            batch,
-            processed,
-            state,
-            effects,
-            failure,
-        });
     }
 }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod module;
 mod node;
 mod registry;
+pub mod remote;
 mod router;
 mod shard;
 mod store;

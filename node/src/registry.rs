@@ -1,40 +1,142 @@
-//! The registry of function types a node runs.
+//! The registry of function types a node runs: embedded functions registered by code, and
+//! remote functions matched by the module's endpoints (`namespace/*` patterns match types
+//! the node first meets at run time).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use statemesh_sdk::{StatefulFunction, TypeName, ValueSpecDescriptor};
+
+use crate::module::Module;
+use crate::remote::{HttpClient, RemoteFunction};
+
+/// How a function type runs.
+pub enum FunctionKind {
+    /// Rust code in-process.
+    Embedded(Arc<dyn StatefulFunction>),
+    /// A StateFun request-reply endpoint.
+    Remote(Arc<RemoteFunction>),
+}
 
 /// A registered function type.
 pub struct FunctionEntry {
     /// The implementation.
-    pub function: Arc<dyn StatefulFunction>,
-    /// Its declared states (in slot order).
-    pub specs: Arc<[ValueSpecDescriptor]>,
+    pub kind: FunctionKind,
+    /// Declared states, in slot order. Remote v3 functions add to them as they negotiate.
+    specs: RwLock<Arc<[ValueSpecDescriptor]>>,
 }
 
-/// Function types by name. Immutable once the node runs.
-#[derive(Default, Clone)]
+impl FunctionEntry {
+    fn new(kind: FunctionKind, specs: Vec<ValueSpecDescriptor>) -> Self {
+        FunctionEntry {
+            kind,
+            specs: RwLock::new(specs.into()),
+        }
+    }
+
+    /// The declared states.
+    pub fn specs(&self) -> Arc<[ValueSpecDescriptor]> {
+        self.specs.read().clone()
+    }
+
+    /// Registers states a remote function asked for; returns whether any was new or changed.
+    pub fn add_specs(&self, wanted: Vec<ValueSpecDescriptor>) -> bool {
+        let mut specs = self.specs.write();
+        let mut v: Vec<ValueSpecDescriptor> = specs.to_vec();
+        let mut changed = false;
+        for w in wanted {
+            match v.iter_mut().find(|s| s.name == w.name) {
+                Some(s) if *s == w => {}
+                Some(s) => {
+                    *s = w;
+                    changed = true;
+                }
+                None => {
+                    v.push(w);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            *specs = v.into();
+        }
+        changed
+    }
+}
+
+/// Function types by name. Embedded types are fixed once the node runs; remote types are
+/// added on first use from the module's endpoints.
+#[derive(Default)]
 pub struct Registry {
-    functions: HashMap<TypeName, Arc<FunctionEntry>>,
+    embedded: HashMap<TypeName, Arc<FunctionEntry>>,
+    module: Module,
+    clients: Vec<HttpClient>,
+    remote: RwLock<HashMap<TypeName, Arc<FunctionEntry>>>,
 }
 
 impl Registry {
-    /// Registers (or replaces) a function type.
+    /// Registers (or replaces) an embedded function type.
     pub fn register(&mut self, typ: TypeName, function: Arc<dyn StatefulFunction>) {
-        let specs: Arc<[ValueSpecDescriptor]> = function.value_specs().into();
-        self.functions
-            .insert(typ, Arc::new(FunctionEntry { function, specs }));
+        let specs = function.value_specs();
+        self.embedded.insert(
+            typ,
+            Arc::new(FunctionEntry::new(FunctionKind::Embedded(function), specs)),
+        );
     }
 
-    /// The entry of a type.
-    pub fn get(&self, typ: &TypeName) -> Option<&Arc<FunctionEntry>> {
-        self.functions.get(typ)
+    /// Uses a module's remote endpoints (one HTTP client with its own pool per endpoint).
+    pub fn set_module(&mut self, module: Module) {
+        self.clients = module
+            .endpoints
+            .iter()
+            .map(crate::remote::client_for)
+            .collect();
+        self.module = module;
     }
 
-    /// All registered type names, sorted.
+    /// The module in use.
+    pub fn module(&self) -> &Module {
+        &self.module
+    }
+
+    /// The entry of a type: embedded first, then a remote endpoint that serves it.
+    pub fn get(&self, typ: &TypeName) -> Option<Arc<FunctionEntry>> {
+        if let Some(e) = self.embedded.get(typ) {
+            return Some(e.clone());
+        }
+        if let Some(e) = self.remote.read().get(typ) {
+            return Some(e.clone());
+        }
+        let i = self
+            .module
+            .endpoints
+            .iter()
+            .position(|e| e.functions.matches(typ.as_str()))?;
+        let endpoint = &self.module.endpoints[i];
+        let f = RemoteFunction::new(typ.clone(), endpoint.clone(), self.clients[i].clone());
+        let entry = Arc::new(FunctionEntry::new(
+            FunctionKind::Remote(Arc::new(f)),
+            endpoint.states.clone(),
+        ));
+        Some(
+            self.remote
+                .write()
+                .entry(typ.clone())
+                .or_insert(entry)
+                .clone(),
+        )
+    }
+
+    /// Registered type names and endpoint patterns, sorted.
     pub fn types(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.functions.keys().map(|t| t.to_string()).collect();
+        let mut v: Vec<String> = self.embedded.keys().map(|t| t.to_string()).collect();
+        for e in &self.module.endpoints {
+            v.push(match &e.functions {
+                crate::module::FunctionPattern::Exact(t) => t.clone(),
+                crate::module::FunctionPattern::Namespace(ns) => format!("{ns}/*"),
+            });
+        }
         v.sort();
         v
     }

@@ -37,6 +37,9 @@ enum Command {
         /// Node configuration file (TOML); see docs/configuration.md.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// StateFun module file (module.yaml): remote function endpoints.
+        #[arg(long)]
+        module: Option<PathBuf>,
         /// Data directory (overrides the file); default ./data.
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -155,6 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node {
             config,
+            module,
             data_dir,
             grpc_addr,
             http_addr,
@@ -176,7 +180,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(s) = shards {
                 cfg.shards = s;
             }
-            run_node(cfg).await
+            let module = match &module {
+                Some(p) => Some(statemesh_node::module::Module::load(p)?),
+                None => None,
+            };
+            run_node(cfg, module).await
         }
         Command::Send {
             address,
@@ -240,12 +248,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
-    let node = NodeBuilder::new(cfg)
-        .with_examples()
-        .start()
-        .await
-        .context("the node refused to start")?;
+async fn run_node(
+    cfg: NodeConfig,
+    module: Option<statemesh_node::module::Module>,
+) -> anyhow::Result<()> {
+    let mut builder = NodeBuilder::new(cfg).with_examples();
+    if let Some(m) = module {
+        builder = builder.module(m);
+    }
+    let node = builder.start().await.context("the node refused to start")?;
     // One machine-readable line, for scripts and tests that pick port 0.
     println!(
         "statemesh listening grpc={} http={}",

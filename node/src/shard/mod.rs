@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use crate::config::NodeConfig;
 use crate::error::ServiceError;
 use crate::instance::{Instance, Invoke};
-use crate::registry::FunctionEntry;
+use crate::registry::{FunctionEntry, FunctionKind};
 use crate::router::{Envelope, Router};
 use crate::store::{Store, WriteBatch};
 use timers::Timers;
@@ -42,6 +42,35 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Adds slots for states registered since the address was activated (remote functions
+/// negotiate their states), loading their stored values.
+fn sync_state(store: &Store, slot: &Slot, state: &mut Vec<StateSlot>) {
+    let specs = slot.entry.specs();
+    if specs.len() == state.len()
+        && specs
+            .iter()
+            .zip(state.iter())
+            .all(|(a, b)| a.name == b.name && a.typename == b.typename)
+    {
+        return;
+    }
+    for spec in specs.iter() {
+        match state.iter_mut().find(|s| s.name == spec.name) {
+            Some(s) => {
+                s.typename = spec.typename.clone();
+                s.expiration = spec.expiration;
+            }
+            None => match store.load_state(slot.kg, &slot.address, std::slice::from_ref(spec)) {
+                Ok(mut loaded) => state.append(&mut loaded),
+                Err(e) => {
+                    tracing::error!(address = %slot.address, state = %spec.name, error = %e, "cannot load state; sending it as absent");
+                    state.push(StateSlot::empty(spec));
+                }
+            },
+        }
+    }
 }
 
 /// Where the states of an address (name, value, expires_at_ms) are sent.
@@ -95,7 +124,12 @@ pub(crate) struct InvokeDone {
     pub processed: usize,
     pub state: Vec<StateSlot>,
     pub effects: Effects,
+    /// The invocation at `processed` failed (embedded): retry it, then dead-letter it.
     pub failure: Option<String>,
+    /// The whole batch failed for good (remote, after its call budget): dead-letter it.
+    pub batch_failure: Option<String>,
+    /// The function registered more states: send the same batch again with them.
+    pub renegotiate: bool,
 }
 
 /// Read the states of an address.
@@ -219,7 +253,7 @@ impl Shard {
         }
         let state = self
             .store
-            .load_state(kg, address, &entry.specs)
+            .load_state(kg, address, &entry.specs())
             .map_err(|e| e.to_string())?;
         let i = self.slots.insert(Slot {
             address: address.clone(),
@@ -240,7 +274,7 @@ impl Shard {
 
     /// Queues a message for a local address.
     fn enqueue(&mut self, env: Envelope) {
-        let Some(entry) = self.router.registry().get(&env.target.typ).cloned() else {
+        let Some(entry) = self.router.registry().get(&env.target.typ) else {
             if env.ingress {
                 self.router.release(self.index, 1);
             }
@@ -281,6 +315,7 @@ impl Shard {
 
     fn dispatch_ready(&mut self) {
         let now = now_ms();
+        let store = &self.store;
         while let Some(i) = self.ready.pop() {
             let Some(slot) = self.slots.get_mut(i) else {
                 continue;
@@ -288,7 +323,12 @@ impl Shard {
             if slot.in_flight || slot.retry_wait || slot.inbox.is_empty() {
                 continue;
             }
-            let n = slot.inbox.len().min(self.config.max_batch);
+            let cap = match &slot.entry.kind {
+                FunctionKind::Remote(r) if r.max_batch() > 0 => r.max_batch(),
+                FunctionKind::Remote(_) => usize::MAX,
+                FunctionKind::Embedded(_) => self.config.max_batch,
+            };
+            let n = slot.inbox.len().min(cap);
             // Taking the whole inbox hands its buffer to the batch: an idle address keeps no
             // queue capacity.
             let batch: Vec<Pending> = if n == slot.inbox.len() {
@@ -296,10 +336,11 @@ impl Shard {
             } else {
                 slot.inbox.drain(..n).collect()
             };
-            let state = slot
+            let mut state = slot
                 .state
                 .take()
                 .expect("state is home when nothing is in flight");
+            sync_state(store, slot, &mut state);
             slot.in_flight = true;
             slot.last_used_ms = now;
             let (me, hist) = (&self.me, &self.invocation_hist);
@@ -578,7 +619,22 @@ impl Handler<InvokeDone> for Shard {
         self.apply_effects(&address, kg, done.effects);
         self.mark_dirty(i);
 
-        if let Some(error) = done.failure {
+        if done.renegotiate {
+            // Same batch again, now with the states the function registered.
+            let slot = &mut self.slots[i];
+            for p in batch.into_iter().rev() {
+                slot.inbox.push_front(p);
+            }
+        } else if let Some(reason) = done.batch_failure {
+            self.invocation_errors += 1;
+            for p in batch {
+                self.invocations += 1;
+                if p.ingress {
+                    self.router.release(self.index, 1);
+                }
+                self.dead_letter(&address, p.caller.as_ref(), &p.message, &reason, 1);
+            }
+        } else if let Some(error) = done.failure {
             self.invocation_errors += 1;
             let mut rest: Vec<Pending> = batch.drain(done.processed..).collect();
             let failed = &mut rest[0];
