@@ -139,6 +139,7 @@ impl Handler<Invoke> for Instance {
                     failure,
                     batch_failure: None,
                     renegotiate: false,
+                    remote_failed_attempts: 0,
                 });
             }
             FunctionKind::Remote(remote) => {
@@ -151,7 +152,7 @@ impl Handler<Invoke> for Instance {
                 );
                 actix::spawn(async move {
                     let start = Instant::now();
-                    let outcome = remote.invoke(&address, &batch, &mut state, now_ms).await;
+                    let call = remote.invoke(&address, &batch, &mut state, now_ms).await;
                     hist.observe(start.elapsed().as_secs_f64());
                     let mut done = InvokeDone {
                         slot,
@@ -162,8 +163,9 @@ impl Handler<Invoke> for Instance {
                         failure: None,
                         batch_failure: None,
                         renegotiate: false,
+                        remote_failed_attempts: call.failed_attempts,
                     };
-                    match outcome {
+                    match call.outcome {
                         Outcome::Done(effects) => {
                             done.processed = done.batch.len();
                             done.effects = effects;

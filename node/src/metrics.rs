@@ -39,6 +39,10 @@ pub struct Metrics {
     pub passivations: IntCounter,
     /// Local state write failures.
     pub store_errors: IntCounter,
+    /// Messages per remote batch.
+    pub remote_batch_size: Histogram,
+    /// Failed remote call attempts (each retried or ending in a dead letter).
+    pub remote_failed_attempts: IntCounter,
     rss: IntGauge,
     peak_rss: IntGauge,
 }
@@ -100,7 +104,25 @@ impl Metrics {
         ] {
             ingress_errors.with_label_values(&[reason]);
         }
+        let remote_batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "statemesh_remote_batch_size",
+                "Messages per remote function batch",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ]),
+        )
+        .expect("valid histogram");
+        r.register(Box::new(remote_batch_size.clone()))
+            .expect("metric registered once");
         Metrics {
+            remote_batch_size,
+            remote_failed_attempts: counter(
+                &r,
+                "statemesh_remote_failed_attempts_total",
+                "Failed remote function call attempts",
+            ),
             invocations: counter(&r, "statemesh_invocations_total", "Invocations completed"),
             invocation_errors: counter(
                 &r,

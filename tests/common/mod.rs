@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod badserver;
+pub mod python;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,8 +28,19 @@ pub struct Node {
 impl Node {
     /// Starts a node on `data_dir` with an optional TOML config; waits until it listens.
     pub fn start(data_dir: &Path, config: Option<&str>) -> Node {
+        Self::start_with_module(data_dir, config, None)
+    }
+
+    /// Like [`Node::start`], with a module.yaml text.
+    pub fn start_with_module(data_dir: &Path, config: Option<&str>, module: Option<&str>) -> Node {
         let mut cmd = Command::new(BIN);
-        cmd.arg("node").arg("--data-dir").arg(data_dir).args([
+        cmd.arg("node");
+        if let Some(m) = module {
+            let path = data_dir.with_extension("module.yaml");
+            std::fs::write(&path, m).unwrap();
+            cmd.arg("--module").arg(&path);
+        }
+        cmd.arg("--data-dir").arg(data_dir).args([
             "--grpc-addr",
             "127.0.0.1:0",
             "--http-addr",

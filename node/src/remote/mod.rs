@@ -64,6 +64,14 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// The outcome of a batch call and how many attempts failed on the way.
+pub struct CallResult {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Attempts that failed (retried, or the last one of a failed call).
+    pub failed_attempts: u32,
+}
+
 /// One failed attempt.
 struct AttemptError {
     reason: String,
@@ -203,7 +211,7 @@ impl RemoteFunction {
         batch: &[Pending],
         state: &mut [StateSlot],
         now_ms: u64,
-    ) -> Outcome {
+    ) -> CallResult {
         let body = Bytes::from(self.request(target, batch, state, now_ms));
         let deadline = Instant::now() + self.endpoint.call_timeout;
         let mut backoff = Duration::from_millis(10);
@@ -213,7 +221,11 @@ impl RemoteFunction {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let err = match self.attempt(body.clone(), remaining).await {
                 Ok(resp) => match pb::FromFunction::decode(resp.as_ref()) {
-                    Ok(ff) => return apply_response(&self.typ, ff, state, now_ms),
+                    Ok(ff) => {
+                        let outcome = apply_response(&self.typ, ff, state, now_ms);
+                        let failed_attempts = attempts - 1 + u32::from(matches!(outcome, Outcome::Failed(_)));
+                        return CallResult { outcome, failed_attempts };
+                    }
                     Err(e) => AttemptError {
                         reason: format!("response is not a StateFun FromFunction message ({e}); is the endpoint a StateFun v3 function?"),
                         retryable: true,
@@ -222,14 +234,19 @@ impl RemoteFunction {
                 Err(e) => e,
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if !err.retryable || remaining <= backoff {
-                return Outcome::Failed(format!(
-                    "remote function {} at {} failed after {attempts} attempt(s): {}",
-                    self.typ, self.url, err.reason
-                ));
+            if !err.retryable || remaining < Duration::from_millis(20) {
+                tracing::error!(function = %self.typ, url = %self.url, address = %target, attempts, error = %err.reason, "remote call failed for good; dead-lettering the batch");
+                return CallResult {
+                    outcome: Outcome::Failed(format!(
+                        "remote function {} at {} failed after {attempts} attempt(s): {}",
+                        self.typ, self.url, err.reason
+                    )),
+                    failed_attempts: attempts,
+                };
             }
             tracing::warn!(function = %self.typ, url = %self.url, address = %target, attempt = attempts, error = %err.reason, ?backoff, "remote call failed; retrying");
-            tokio::time::sleep(backoff).await;
+            // Use the whole budget: the last wait is cut short to leave time for one more try.
+            tokio::time::sleep(backoff.min(remaining / 2)).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }

@@ -130,6 +130,8 @@ pub(crate) struct InvokeDone {
     pub batch_failure: Option<String>,
     /// The function registered more states: send the same batch again with them.
     pub renegotiate: bool,
+    /// Failed remote call attempts behind this result.
+    pub remote_failed_attempts: u32,
 }
 
 /// Read the states of an address.
@@ -343,6 +345,12 @@ impl Shard {
             sync_state(store, slot, &mut state);
             slot.in_flight = true;
             slot.last_used_ms = now;
+            if matches!(slot.entry.kind, FunctionKind::Remote(_)) {
+                self.router
+                    .metrics()
+                    .remote_batch_size
+                    .observe(batch.len() as f64);
+            }
             let (me, hist) = (&self.me, &self.invocation_hist);
             let instance = slot.instance.get_or_insert_with(|| {
                 let shard = me.clone().expect("started");
@@ -614,6 +622,12 @@ impl Handler<InvokeDone> for Shard {
             (slot.address.clone(), slot.kg)
         };
         self.invocations += done.processed as u64;
+        if done.remote_failed_attempts > 0 {
+            self.router
+                .metrics()
+                .remote_failed_attempts
+                .inc_by(u64::from(done.remote_failed_attempts));
+        }
         let released = batch[..done.processed].iter().filter(|p| p.ingress).count();
         self.router.release(self.index, released);
         self.apply_effects(&address, kg, done.effects);

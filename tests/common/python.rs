@@ -1,0 +1,103 @@
+//! Real StateFun SDK function servers from PyPI, in venvs the harness creates under
+//! `target/` when missing (`python3 -m venv` + `pip install`), started on OS-chosen ports.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+static VENV_LOCK: Mutex<()> = Mutex::new(());
+
+/// The python of a venv with `packages`, created under `target/py/<name>` if missing.
+pub fn venv(name: &str, packages: &[&str]) -> PathBuf {
+    let _guard = VENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/py")
+        .join(name);
+    let python = dir.join("bin/python");
+    let marker = dir.join(".installed");
+    let wanted = packages.join(" ");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
+        return python;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&dir)
+        .status()
+        .expect("python3 is needed for remote-function tests");
+    assert!(ok.success(), "python3 -m venv {} failed", dir.display());
+    let out = Command::new(dir.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(packages)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pip install {wanted} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&marker, &wanted).unwrap();
+    python
+}
+
+/// The StateFun 3.3 Python SDK.
+pub fn statefun3() -> PathBuf {
+    venv(
+        "statefun3",
+        &["apache-flink-statefun==3.3.0", "aiohttp==3.14.5"],
+    )
+}
+
+/// A running function server, killed on drop.
+pub struct FunctionServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl FunctionServer {
+    /// Starts `script` (which prints "serving on PORT") with `python`.
+    pub fn start(python: &Path, script: &str) -> FunctionServer {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(script);
+        let mut child = Command::new(python)
+            .arg(&script)
+            .arg("0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the function server");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("function server did not start");
+        let port = line
+            .trim()
+            .strip_prefix("serving on ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        FunctionServer { child, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/statefun", self.port)
+    }
+}
+
+impl Drop for FunctionServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

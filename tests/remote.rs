@@ -1,0 +1,317 @@
+//! Remote functions over the StateFun request-reply protocol: the real `statemesh` binary
+//! against real StateFun Python SDK function servers (from PyPI, in a venv under `target/`),
+//! and against a deliberately broken server.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::python::{statefun3, FunctionServer};
+use common::{badserver, eventually, http, post, Node};
+use statemesh_sdk::{typenames, Address, TypedValue};
+
+const STRING: &str = typenames::STRING;
+const LONG: &str = typenames::LONG;
+
+fn module_for(url: &str) -> String {
+    format!("kind: io.statefun.endpoints.v2/http\nspec:\n  functions: py/*\n  urlPathTemplate: {url}\n  maxNumBatchRequests: 1000\n  transport:\n    type: io.statefun.transports.v1/async\n    call: 30s\n")
+}
+
+async fn state(node: &Node, address: &str, name: &str) -> Option<serde_json::Value> {
+    let (s, _, body) = http(
+        &format!("{}/v1/state/{address}", node.http),
+        "GET",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    j["states"].get(name).map(|v| v["value"].clone())
+}
+
+fn start(dir: &tempfile::TempDir) -> (FunctionServer, Node) {
+    let server = FunctionServer::start(&statefun3(), "tests/py/statefun3_functions.py");
+    let node = Node::start_with_module(
+        &dir.path().join("n"),
+        None,
+        Some(&module_for(&server.url())),
+    );
+    (server, node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_greeter_state_negotiation_and_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, node) = start(&dir);
+    // The first call negotiates the `seen` state (incomplete invocation context round trip).
+    let (s, ct, body) = post(&node, "call", "py/greeter/g1", STRING, "alice").await;
+    assert_eq!(
+        (s, ct.as_str(), body.as_str()),
+        (
+            200,
+            "application/vnd.io.statefun.types/string",
+            "Hello alice, you are visitor #1"
+        )
+    );
+    let client = node.client().await;
+    let r = client
+        .call(
+            &Address::parse("py/greeter/g1").unwrap(),
+            TypedValue::of(&"bob".to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<String>().unwrap(), "Hello bob, you are visitor #2");
+    assert_eq!(
+        state(&node, "py/greeter/g1", "seen").await,
+        Some(serde_json::json!(2))
+    );
+    let (ok, out, err) = node.cli(&["call", "py/counter/c", "40", "--type", "long"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "40");
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_ttl_delayed_messages_and_egress() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, node) = start(&dir);
+    // TTL: `w` expires 1 s after write, `i` 1 s after the last call.
+    assert_eq!(post(&node, "call", "py/ttl/t", STRING, "a").await.2, "|1");
+    assert_eq!(
+        post(&node, "call", "py/ttl/t", STRING, "peek").await.2,
+        "a|2"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        post(&node, "call", "py/ttl/t", STRING, "peek").await.2,
+        "a|3",
+        "i refreshed by the call"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        post(&node, "call", "py/ttl/t", STRING, "peek").await.2,
+        "|4",
+        "w expired 1 s after its write; i still alive"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        post(&node, "call", "py/ttl/t", STRING, "peek").await.2,
+        "|1",
+        "both expired"
+    );
+
+    // A delayed message fires; a cancelled one does not.
+    assert_eq!(
+        post(&node, "call", "py/timer/a", STRING, "schedule")
+            .await
+            .2,
+        "0"
+    );
+    assert_eq!(
+        post(&node, "call", "py/timer/b", STRING, "schedule")
+            .await
+            .2,
+        "0"
+    );
+    assert_eq!(
+        post(&node, "call", "py/timer/b", STRING, "cancel").await.2,
+        "0"
+    );
+    eventually("timer a fired", Duration::from_secs(10), || async {
+        (post(&node, "call", "py/timer/a", STRING, "get").await.2 == "1").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        post(&node, "call", "py/timer/b", STRING, "get").await.2,
+        "0",
+        "cancelled"
+    );
+
+    // Egress through the playground egress record: lands on its topic.
+    post(&node, "send", "py/egress/e", STRING, "there").await;
+    let body = eventually("egress record", Duration::from_secs(10), || async {
+        let r = http(
+            &format!("{}/v1/egress/greetings", node.http),
+            "GET",
+            None,
+            Bytes::new(),
+        )
+        .await;
+        (r.0 == 200).then_some(r.2)
+    })
+    .await;
+    let rec: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        rec,
+        serde_json::json!({"topic": "greetings", "payload": "hi there"})
+    );
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_order_batching_and_many_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, node) = start(&dir);
+    let client = node.client().await;
+    // 1,000 messages to one address: processed in order, and in batches > 1 while a batch
+    // is in flight.
+    let msgs: Vec<(Address, TypedValue)> = (1..=1000i64)
+        .map(|n| (Address::parse("py/seq/one").unwrap(), TypedValue::of(&n)))
+        .collect();
+    assert_eq!(
+        client
+            .send_stream(futures::stream::iter(msgs), 100)
+            .await
+            .unwrap(),
+        1000
+    );
+    eventually("1000 processed", Duration::from_secs(60), || async {
+        (state(&node, "py/seq/one", "last").await == Some(serde_json::json!(1000))).then_some(())
+    })
+    .await;
+    assert_eq!(
+        state(&node, "py/seq/one", "gaps").await,
+        None,
+        "out of order"
+    );
+    let batches = node.metric("statemesh_remote_batch_size_count").await;
+    let messages = node.metric("statemesh_remote_batch_size_sum").await;
+    assert!(
+        messages >= 1000.0 && batches < messages / 2.0,
+        "mean batch size {} over {batches} batches",
+        messages / batches
+    );
+
+    // Many addresses concurrently.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for a in 0..100 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..5 {
+                c.call(
+                    &Address::parse(&format!("py/counter/k{a}")).unwrap(),
+                    TypedValue::of(&2i64),
+                )
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for a in [0, 42, 99] {
+        assert_eq!(
+            state(&node, &format!("py/counter/k{a}"), "total").await,
+            Some(serde_json::json!(10))
+        );
+    }
+    eprintln!(
+        "500 remote calls over 100 addresses took {:?}",
+        started.elapsed()
+    );
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_function_servers_are_retried_then_dead_lettered_and_others_keep_running() {
+    let bad = badserver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let module = format!(
+        "kind: io.statefun.endpoints.v2/http\nspec:\n  functions: bad/*\n  urlPathTemplate: http://127.0.0.1:{}/{{function.name}}\n  transport:\n    call: 2s\n    payload_max_bytes: 1048576\n",
+        bad.port
+    );
+    let node = Node::start_with_module(&dir.path().join("n"), None, Some(&module));
+    // (function, expected reason, retried?)
+    let cases = [
+        ("garbage", "not a StateFun FromFunction", true),
+        ("html", "not a StateFun FromFunction", true),
+        ("status500", "HTTP status 500", true),
+        ("status404", "HTTP status 404", false),
+        ("hang", "no response within", true),
+        ("reset", "transport error", true),
+        ("big", "exceeds payload_max_bytes (1048576 bytes)", false),
+        (
+            "unregistered",
+            "mutated state \\\"nope\\\", which it never registered",
+            false,
+        ),
+        (
+            "mismatch",
+            "registered as \\\"io.statefun.types/int\\\"",
+            false,
+        ),
+    ];
+    let started = Instant::now();
+    let calls = cases.iter().map(|(f, _, _)| {
+        let node = &node;
+        async move {
+            let t = Instant::now();
+            let r = post(
+                node,
+                "call",
+                &format!("bad/{f}/x?timeout_ms=20000"),
+                STRING,
+                "hi",
+            )
+            .await;
+            (r, t.elapsed())
+        }
+    });
+    let good = async {
+        // Meanwhile an embedded function and a flaky remote one keep working.
+        for i in 1..=50i64 {
+            assert_eq!(
+                post(&node, "call", "example/counter/fine", LONG, "1")
+                    .await
+                    .2,
+                i.to_string()
+            );
+        }
+        let (s, _, body) = post(&node, "call", "bad/flaky/y?timeout_ms=20000", STRING, "hi").await;
+        assert_eq!(
+            (s, body.as_str()),
+            (200, "ok"),
+            "flaky recovers within the budget"
+        );
+    };
+    let (results, ()) = tokio::join!(futures::future::join_all(calls), good);
+    for ((f, reason, retried), ((status, _, body), took)) in cases.iter().zip(results) {
+        assert_eq!(status, 502, "{f}: {body}");
+        assert!(body.contains(reason), "{f}: expected {reason:?} in {body}");
+        if *retried {
+            assert!(
+                took >= Duration::from_millis(1500),
+                "{f} gave up after {took:?}, before its 2 s budget"
+            );
+        } else {
+            assert!(
+                body.contains("after 1 attempt"),
+                "{f} is not retryable: {body}"
+            );
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(bad.flaky_calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    // Every failed batch is in the dead letters, with its reason.
+    let mut dead = Vec::new();
+    while let (200, _, b) = http(
+        &format!("{}/v1/egress/statemesh/dead-letters", node.http),
+        "GET",
+        None,
+        Bytes::new(),
+    )
+    .await
+    {
+        dead.push(serde_json::from_slice::<serde_json::Value>(&b).unwrap());
+    }
+    assert_eq!(dead.len(), cases.len(), "{dead:?}");
+    assert!(node.metric("statemesh_remote_failed_attempts_total").await >= 9.0);
+    assert!(node.metric("statemesh_dead_letters_total").await >= 9.0);
+    node.stop();
+}
