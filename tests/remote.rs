@@ -315,3 +315,70 @@ async fn broken_function_servers_are_retried_then_dead_lettered_and_others_keep_
     assert!(node.metric("statemesh_dead_letters_total").await >= 9.0);
     node.stop();
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playground_greeter_example_runs_as_is() {
+    let server = FunctionServer::start(&statefun3(), "examples/python-greeter/functions.py");
+    let (ingress, egress) = (free_port(), free_port());
+    let module = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/python-greeter/module.yaml"
+    ))
+    .unwrap()
+    .replace("http://127.0.0.1:8000/statefun", &server.url())
+    .replace("port: 8090", &format!("port: {ingress}"))
+    .replace("port: 8091", &format!("port: {egress}"));
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with_module(&dir.path().join("n"), None, Some(&module));
+    for _ in 0..2 {
+        let (s, _, body) = http(
+            &format!("http://127.0.0.1:{ingress}/example/person/Bob"),
+            "PUT",
+            Some("application/vnd.example/GreetRequest"),
+            Bytes::from(r#"{"name": "Bob"}"#),
+        )
+        .await;
+        assert_eq!(s, 200, "{body:?}");
+    }
+    let mut greetings = Vec::new();
+    while greetings.len() < 2 {
+        let g = eventually("greeting", Duration::from_secs(20), || async {
+            let r = http(
+                &format!("http://127.0.0.1:{egress}/greetings"),
+                "GET",
+                None,
+                Bytes::new(),
+            )
+            .await;
+            (r.0 == 200).then(|| String::from_utf8_lossy(&r.2).to_string())
+        })
+        .await;
+        greetings.push(g);
+    }
+    assert_eq!(
+        greetings,
+        [
+            "Hello Bob! Nice to meet you!",
+            "Hello Bob! Nice to see you again, visit #2."
+        ]
+    );
+    // The bundled Rust example/greeter yields to the module's example/* endpoint.
+    let (ok, out, err) = node.cli(&[
+        "call",
+        "example/person/Ann",
+        r#"{"name": "Ann"}"#,
+        "--type",
+        "example/GreetRequest",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "Hello Ann! Nice to meet you!");
+    node.stop();
+}

@@ -1,62 +1,69 @@
-"""A StateFun 3.3 Python SDK function server, playground style: `example/person` keeps a
-visit count per name and `example/greeter` builds the greeting, sent back to the caller.
+"""The StateFun playground's Python greeter, unmodified in spirit, on the StateFun 3.3 SDK.
 
-Run: python functions.py --port 8000
+`example/person` counts visits per name and asks `example/greeter` for a greeting, which goes
+to the playground egress topic `greetings` (and, for `statemesh call`, back to the caller).
+
+Run: python functions.py [PORT]      (default 8000; 0 = any free port)
 """
-import argparse
+import asyncio
+import sys
 
 from aiohttp import web
-from statefun import (Context, IntType, Message, RequestReplyHandler, StatefulFunctions,
-                      StringType, ValueSpec, message_builder)
+from statefun import (Context, IntType, Message, RequestReplyHandler, StatefulFunctions, ValueSpec,
+                      egress_message_builder, make_json_type, message_builder)
 
 functions = StatefulFunctions()
 
+GREET_REQUEST_TYPE = make_json_type(typename="example/GreetRequest")
+EGRESS_RECORD_TYPE = make_json_type(typename="io.statefun.playground/EgressRecord")
 
-@functions.bind(typename="pygreet/person", specs=[ValueSpec(name="visits", type=IntType)])
+
+@functions.bind(typename="example/person", specs=[ValueSpec(name="visits", type=IntType)])
 async def person(context: Context, message: Message):
-    visits = context.storage.visits or 0
-    visits += 1
+    request = message.as_type(GREET_REQUEST_TYPE)
+    visits = (context.storage.visits or 0) + 1
     context.storage.visits = visits
-    context.send(message_builder(target_typename="pygreet/greeter",
-                                 target_id=context.address.id,
-                                 int_value=visits))
-    # Remember who asked, so the greeter's answer can go back to them.
+    request["visits"] = visits
     if context.caller is not None:
-        context.send(message_builder(target_typename="pygreet/greeter",
-                                     target_id=context.address.id,
-                                     str_value=context.caller.typename + "|" + context.caller.id))
+        request["reply_to"] = [context.caller.typename, context.caller.id]
+    context.send(message_builder(target_typename="example/greeter", target_id=request["name"],
+                                 value=request, value_type=GREET_REQUEST_TYPE))
 
 
-@functions.bind(typename="pygreet/greeter", specs=[ValueSpec(name="reply_to", type=StringType),
-                                                  ValueSpec(name="visits", type=IntType)])
+@functions.bind(typename="example/greeter")
 async def greeter(context: Context, message: Message):
-    if message.is_int():
-        context.storage.visits = message.as_int()
+    request = message.as_type(GREET_REQUEST_TYPE)
+    name, visits = request["name"], request["visits"]
+    if visits == 1:
+        greeting = f"Hello {name}! Nice to meet you!"
     else:
-        context.storage.reply_to = message.as_string()
-    reply_to = context.storage.reply_to
-    visits = context.storage.visits
-    if reply_to and visits:
-        typename, caller_id = reply_to.split("|", 1)
-        context.send(message_builder(target_typename=typename, target_id=caller_id,
-                                     str_value=f"Hello {context.address.id}, you are visitor #{visits}"))
-        del context.storage.reply_to
-        del context.storage.visits
+        greeting = f"Hello {name}! Nice to see you again, visit #{visits}."
+    context.send_egress(egress_message_builder(target_typename="io.statefun.playground/egress",
+                                               value={"topic": "greetings", "payload": greeting},
+                                               value_type=EGRESS_RECORD_TYPE))
+    if "reply_to" in request:
+        typename, caller_id = request["reply_to"]
+        context.send(message_builder(target_typename=typename, target_id=caller_id, str_value=greeting))
 
 
 handler = RequestReplyHandler(functions)
 
 
 async def handle(request):
-    req = await request.read()
-    res = await handler.handle_async(req)
+    res = await handler.handle_async(await request.read())
     return web.Response(body=res, content_type="application/octet-stream")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args()
+async def main(port):
     app = web.Application()
     app.add_routes([web.post("/statefun", handle)])
-    web.run_app(app, host="127.0.0.1", port=args.port, print=lambda *_: print(f"serving on {args.port}", flush=True))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    print(f"serving on {site._server.sockets[0].getsockname()[1]}", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 8000))

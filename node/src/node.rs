@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::config::NodeConfig;
 use crate::egress::Egress;
+use crate::ingress::http::Routes;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::router::Router;
@@ -79,10 +80,11 @@ impl NodeBuilder {
         self
     }
 
-    /// Registers the bundled example functions (greeter, counter, shopping cart).
+    /// Registers the bundled example functions (greeter, counter, shopping cart, memo,
+    /// sequence); a module endpoint serving one of their types takes precedence.
     pub fn with_examples(mut self) -> Self {
         for (t, f) in statemesh_examples::all() {
-            self.registry.register(t, f);
+            self.registry.register_bundled(t, f);
         }
         self
     }
@@ -128,6 +130,7 @@ pub struct NodeHandle {
     grpc_shutdown: Option<oneshot::Sender<()>>,
     grpc_task: Option<tokio::task::JoinHandle<()>>,
     http_server: actix_web::dev::ServerHandle,
+    playground: Vec<actix_web::dev::ServerHandle>,
     system: actix_rt::System,
     actix_thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -154,6 +157,9 @@ impl NodeHandle {
         self.shared.ready.store(false, Ordering::SeqCst);
         self.shared.router.close();
         self.http_server.stop(true).await;
+        for p in &self.playground {
+            p.stop(true).await;
+        }
         if let Some(tx) = self.grpc_shutdown.take() {
             let _ = tx.send(());
         }
@@ -195,6 +201,7 @@ impl NodeHandle {
 
 struct ActixStarted {
     shards: Vec<Addr<Shard>>,
+    playground: Vec<actix_web::dev::ServerHandle>,
     http_addr: SocketAddr,
     http_server: actix_web::dev::ServerHandle,
     system: actix_rt::System,
@@ -255,6 +262,51 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
             addr: config.http_addr,
             source,
         })?;
+    // The playground's ingress and egress listen on the ports the module names (on the HTTP
+    // address's interface), sharing the main listener when a port is the same.
+    let http_port = http_listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut main_routes = Routes {
+        api: true,
+        playground_ingress: false,
+        playground_egress: false,
+    };
+    let mut extra: Vec<(std::net::TcpListener, Routes)> = Vec::new();
+    let module = router.registry().module();
+    let ports = [
+        (module.playground_ingress, true),
+        (module.playground_egress, false),
+    ];
+    for (port, ingress) in ports.into_iter().filter_map(|(p, i)| p.map(|p| (p, i))) {
+        let set = |r: &mut Routes| {
+            if ingress {
+                r.playground_ingress = true;
+            } else {
+                r.playground_egress = true;
+            }
+        };
+        if port == http_port || port == config.http_addr.port() {
+            set(&mut main_routes);
+        } else if let Some((_, r)) = extra
+            .iter_mut()
+            .find(|(l, _)| l.local_addr().map(|a| a.port()).ok() == Some(port))
+        {
+            set(r);
+        } else {
+            let addr = SocketAddr::new(config.http_addr.ip(), port);
+            let l = std::net::TcpListener::bind(addr).map_err(|source| StartError::Bind {
+                what: "playground",
+                addr,
+                source,
+            })?;
+            let mut r = Routes {
+                api: false,
+                playground_ingress: false,
+                playground_egress: false,
+            };
+            set(&mut r);
+            extra.push((l, r));
+        }
+    }
 
     let (started_tx, started_rx) = oneshot::channel::<Result<ActixStarted, String>>();
     let (r2, c2, ready2) = (router.clone(), config.clone(), ready.clone());
@@ -283,7 +335,14 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
                     shards: shards.clone(),
                     ready: ready2,
                 };
-                let server = crate::ingress::http::server(shared, http_listener)?;
+                let mut playground = Vec::new();
+                for (l, routes) in extra {
+                    let (srv, addr) = crate::ingress::http::server(shared.clone(), l, routes)?;
+                    tracing::info!(%addr, ?routes, "playground I/O listening");
+                    playground.push(srv.handle());
+                    actix_rt::spawn(srv);
+                }
+                let server = crate::ingress::http::server(shared, http_listener, main_routes)?;
                 let http_addr = server.1;
                 let handle = server.0.handle();
                 actix_rt::spawn(server.0);
@@ -291,6 +350,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
                     shards,
                     http_addr,
                     http_server: handle,
+                    playground,
                     system: actix_rt::System::current(),
                 })
             });
@@ -322,6 +382,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         grpc_shutdown: Some(grpc_shutdown),
         grpc_task: Some(grpc_task),
         http_server: started.http_server,
+        playground: started.playground,
         system: started.system,
         actix_thread: Some(actix_thread),
     })

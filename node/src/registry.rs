@@ -70,6 +70,8 @@ impl FunctionEntry {
 #[derive(Default)]
 pub struct Registry {
     embedded: HashMap<TypeName, Arc<FunctionEntry>>,
+    /// The bundled examples: they yield to the module's endpoints.
+    bundled: HashMap<TypeName, Arc<FunctionEntry>>,
     module: Module,
     clients: Vec<HttpClient>,
     remote: RwLock<HashMap<TypeName, Arc<FunctionEntry>>>,
@@ -80,6 +82,16 @@ impl Registry {
     pub fn register(&mut self, typ: TypeName, function: Arc<dyn StatefulFunction>) {
         let specs = function.value_specs();
         self.embedded.insert(
+            typ,
+            Arc::new(FunctionEntry::new(FunctionKind::Embedded(function), specs)),
+        );
+    }
+
+    /// Registers a bundled example function type; a module endpoint serving the same type
+    /// takes precedence over it.
+    pub fn register_bundled(&mut self, typ: TypeName, function: Arc<dyn StatefulFunction>) {
+        let specs = function.value_specs();
+        self.bundled.insert(
             typ,
             Arc::new(FunctionEntry::new(FunctionKind::Embedded(function), specs)),
         );
@@ -100,7 +112,8 @@ impl Registry {
         &self.module
     }
 
-    /// The entry of a type: embedded first, then a remote endpoint that serves it.
+    /// The entry of a type: functions registered in code first, then a module endpoint that
+    /// serves it, then the bundled examples.
     pub fn get(&self, typ: &TypeName) -> Option<Arc<FunctionEntry>> {
         if let Some(e) = self.embedded.get(typ) {
             return Some(e.clone());
@@ -131,6 +144,16 @@ impl Registry {
     /// Registered type names and endpoint patterns, sorted.
     pub fn types(&self) -> Vec<String> {
         let mut v: Vec<String> = self.embedded.keys().map(|t| t.to_string()).collect();
+        for t in self.bundled.keys() {
+            if !self
+                .module
+                .endpoints
+                .iter()
+                .any(|e| e.functions.matches(t.as_str()))
+            {
+                v.push(t.to_string());
+            }
+        }
         for e in &self.module.endpoints {
             v.push(match &e.functions {
                 crate::module::FunctionPattern::Exact(t) => t.clone(),

@@ -151,10 +151,79 @@ async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
         .body(shared.router.metrics().render())
 }
 
+/// `PUT /<namespace>/<type>/<id>`: the StateFun playground's ingress. The body is the
+/// message value as it is, typed by `Content-Type: application/vnd.<typename>`; without a
+/// content type (or with `text/plain`) it is a string.
+async fn playground_put(
+    shared: web::Data<Shared>,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<HttpResponse, ServiceError> {
+    let target = Address::from_parts(&path.0, &path.1, &path.2)?;
+    let max = shared.config.max_message_bytes;
+    if body.len() > max {
+        return Err(ServiceError::TooLarge {
+            size: body.len(),
+            max,
+        });
+    }
+    let ct = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok());
+    let message = match ct {
+        None => value_from_text(statemesh_sdk::typenames::STRING, body)?,
+        Some(_) => {
+            let typename = typename_from_content_type(ct)?;
+            if typename == statemesh_sdk::typenames::STRING && !ct.unwrap_or("").contains("vnd.") {
+                value_from_text(&typename, body)?
+            } else {
+                TypedValue::new(typename, body)
+            }
+        }
+    };
+    shared.router.send(target, message)?;
+    Ok(HttpResponse::Ok().finish())
+}
+
+/// `GET /<topic>`: the StateFun playground's egress; pops the next record of the topic and
+/// answers its `payload` (204 when the topic is empty).
+async fn playground_get(shared: web::Data<Shared>, path: web::Path<String>) -> HttpResponse {
+    let Some(v) = shared.router.egress().pop(&path) else {
+        return HttpResponse::NoContent().finish();
+    };
+    if v.typename() == "io.statefun.playground/EgressRecord" {
+        if let Ok(rec) = serde_json::from_slice::<serde_json::Value>(v.value()) {
+            return match rec.get("payload") {
+                Some(serde_json::Value::String(s)) => HttpResponse::Ok()
+                    .content_type("text/plain; charset=utf-8")
+                    .body(s.clone()),
+                Some(other) => HttpResponse::Ok().json(other),
+                None => HttpResponse::Ok().json(rec),
+            };
+        }
+    }
+    reply_response(&v)
+}
+
+/// Which routes a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Routes {
+    /// `/v1/...` and the admin endpoints.
+    pub api: bool,
+    /// The playground ingress (`PUT /<ns>/<type>/<id>`).
+    pub playground_ingress: bool,
+    /// The playground egress (`GET /<topic>`), registered last so that it never shadows
+    /// the API's own GET routes on a shared port.
+    pub playground_egress: bool,
+}
+
 /// Builds the HTTP server on a bound listener; returns it (not yet spawned) and its address.
 pub(crate) fn server(
     shared: Shared,
     listener: std::net::TcpListener,
+    routes: Routes,
 ) -> Result<(actix_web::dev::Server, SocketAddr), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     // Accept a little more than the limit so oversized bodies get our 413 naming the limit.
@@ -164,17 +233,27 @@ pub(crate) fn server(
         .unwrap_or(1);
     let data = web::Data::new(shared);
     let server = HttpServer::new(move || {
-        App::new()
+        let mut app = App::new()
             .app_data(data.clone())
-            .app_data(web::PayloadConfig::new(limit))
-            .route("/v1/send/{ns}/{type}/{id:.+}", web::post().to(send))
-            .route("/v1/call/{ns}/{type}/{id:.+}", web::post().to(call))
-            .route("/v1/state/{ns}/{type}/{id:.+}", web::get().to(state))
-            .route("/v1/egress/{topic:.+}", web::get().to(egress))
-            .route("/v1/functions", web::get().to(functions))
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz))
-            .route("/metrics", web::get().to(metrics))
+            .app_data(web::PayloadConfig::new(limit));
+        if routes.api {
+            app = app
+                .route("/v1/send/{ns}/{type}/{id:.+}", web::post().to(send))
+                .route("/v1/call/{ns}/{type}/{id:.+}", web::post().to(call))
+                .route("/v1/state/{ns}/{type}/{id:.+}", web::get().to(state))
+                .route("/v1/egress/{topic:.+}", web::get().to(egress))
+                .route("/v1/functions", web::get().to(functions))
+                .route("/healthz", web::get().to(healthz))
+                .route("/readyz", web::get().to(readyz))
+                .route("/metrics", web::get().to(metrics));
+        }
+        if routes.playground_ingress {
+            app = app.route("/{ns}/{type}/{id:.+}", web::put().to(playground_put));
+        }
+        if routes.playground_egress {
+            app = app.route("/{topic:.+}", web::get().to(playground_get));
+        }
+        app
     })
     .workers(workers)
     .disable_signals()
