@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/statemesh/v1/api.proto",
         "proto/statefun/v3/request-reply.proto",
+        "proto/statefun/v2/request-reply.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -229,8 +229,8 @@ async fn broken_function_servers_are_retried_then_dead_lettered_and_others_keep_
     let node = Node::start_with_module(&dir.path().join("n"), None, Some(&module));
     // (function, expected reason, retried?)
     let cases = [
-        ("garbage", "not a StateFun FromFunction", true),
-        ("html", "not a StateFun FromFunction", true),
+        ("garbage", "FromFunction message", true),
+        ("html", "FromFunction message", true),
         ("status500", "HTTP status 500", true),
         ("status404", "HTTP status 404", false),
         ("hang", "no response within", true),
@@ -380,5 +380,104 @@ async fn playground_greeter_example_runs_as_is() {
     ]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "Hello Ann! Nice to meet you!");
+    node.stop();
+}
+
+/// A protobuf `google.protobuf.StringValue` / `Int64Value` / `Struct`, hand-encoded.
+fn pb_string_value(s: &str) -> Bytes {
+    let mut v = vec![0x0A, s.len() as u8];
+    v.extend_from_slice(s.as_bytes());
+    Bytes::from(v)
+}
+
+fn pb_feedback(arm: u8, reward: f64) -> Bytes {
+    // Struct { fields: {"arm": number_value arm, "reward": number_value reward} }
+    let entry = |key: &str, num: f64| {
+        let mut value = vec![0x11];
+        value.extend_from_slice(&num.to_le_bytes());
+        let mut e = vec![0x0A, key.len() as u8];
+        e.extend_from_slice(key.as_bytes());
+        e.push(0x12);
+        e.push(value.len() as u8);
+        e.extend_from_slice(&value);
+        let mut f = vec![0x0A, e.len() as u8];
+        f.extend_from_slice(&e);
+        f
+    };
+    let mut v = entry("arm", arm as f64);
+    v.extend(entry("reward", reward));
+    Bytes::from(v)
+}
+
+fn pb_int64_value(b: &[u8]) -> i64 {
+    if b.is_empty() {
+        return 0;
+    }
+    assert_eq!(b[0], 0x08, "Int64Value field 1 varint");
+    let mut v: i64 = 0;
+    for (i, byte) in b[1..].iter().enumerate() {
+        v |= ((byte & 0x7f) as i64) << (7 * i);
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandit_demo_on_the_statefun_2_sdk() {
+    let python = common::python::venv(
+        "statefun2",
+        &["apache-flink-statefun==2.0.0", "aiohttp==3.14.5"],
+    );
+    let server = FunctionServer::start(&python, "examples/bandit/model.py");
+    let module = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/bandit/module.yaml"
+    ))
+    .unwrap()
+    .replace("http://127.0.0.1:8000/statefun", &server.url());
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with_module(&dir.path().join("n"), None, Some(&module));
+    let any = |name: &str| format!("application/vnd.type.googleapis.com/google.protobuf.{name}");
+    for _ in 0..10 {
+        for arm in 0..4u8 {
+            let (s, _, _) = http(
+                &format!("{}/v1/send/demo/model/m1", node.http),
+                "POST",
+                Some(&any("Struct")),
+                pb_feedback(arm, if arm == 2 { 1.0 } else { 0.0 }),
+            )
+            .await;
+            assert_eq!(s, 202);
+        }
+    }
+    let mut best = 0;
+    for i in 0..20 {
+        let (s, ct, body) = http(
+            &format!("{}/v1/call/demo/model/m1", node.http),
+            "POST",
+            Some(&any("StringValue")),
+            pb_string_value(&format!("request-{i}")),
+        )
+        .await;
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(ct, any("Int64Value"));
+        if pb_int64_value(&body) == 2 {
+            best += 1;
+        }
+    }
+    assert!(best >= 14, "arm 2 chosen {best} of 20 times");
+    // The state `arms` is stored as the bytes the v2 SDK wrote (a packed Any).
+    let (s, _, body) = http(
+        &format!("{}/v1/state/demo/model/m1", node.http),
+        "GET",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(j["states"]["arms"]["encoding"], "base64");
     node.stop();
 }

@@ -212,17 +212,6 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     for w in &registry.module().warnings {
         tracing::warn!("{w}");
     }
-    if let Some(e) = registry
-        .module()
-        .endpoints
-        .iter()
-        .find(|e| e.protocol == crate::module::WireProtocol::V2)
-    {
-        return Err(StartError::Other(format!(
-            "remote function {:?} at {} uses the StateFun 2.x wire protocol (module version 1.0/2.0), which is not supported yet; use a version \"3.0\" module or v3 components",
-            e.functions, e.url_template
-        )));
-    }
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         StartError::Other(format!(

@@ -121,11 +121,14 @@ impl Registry {
         if let Some(e) = self.remote.read().get(typ) {
             return Some(e.clone());
         }
-        let i = self
+        let Some(i) = self
             .module
             .endpoints
             .iter()
-            .position(|e| e.functions.matches(typ.as_str()))?;
+            .position(|e| e.functions.matches(typ.as_str()))
+        else {
+            return self.bundled.get(typ).cloned();
+        };
         let endpoint = &self.module.endpoints[i];
         let f = RemoteFunction::new(typ.clone(), endpoint.clone(), self.clients[i].clone());
         let entry = Arc::new(FunctionEntry::new(

@@ -4,6 +4,8 @@
 //!   `Admin` gRPC services.
 //! - [`statefun_v3`]: StateFun's remote-function request-reply protocol, v3
 //!   (`io.statefun.sdk.reqreply`).
+//! - [`statefun_v2`]: StateFun's request-reply protocol, v2
+//!   (`org.apache.flink.statefun.flink.core.polyglot`).
 
 /// The public API package `statemesh.v1`.
 #[allow(missing_docs, clippy::all)]
@@ -15,4 +17,10 @@ pub mod v1 {
 #[allow(missing_docs, clippy::all)]
 pub mod statefun_v3 {
     tonic::include_proto!("io.statefun.sdk.reqreply");
+}
+
+/// StateFun's request-reply protocol v2 (`org.apache.flink.statefun.flink.core.polyglot`).
+#[allow(missing_docs, clippy::all)]
+pub mod statefun_v2 {
+    tonic::include_proto!("org.apache.flink.statefun.flink.core.polyglot");
 }

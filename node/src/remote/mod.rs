@@ -27,8 +27,10 @@ use statemesh_sdk::{
     ValueSpecDescriptor,
 };
 
-use crate::module::Endpoint;
+use crate::module::{Endpoint, WireProtocol};
 use crate::shard::Pending;
+
+mod v2;
 
 /// The HTTP client of an endpoint (keep-alive pool).
 pub type HttpClient = hyper_util::client::legacy::Client<
@@ -110,6 +112,19 @@ impl RemoteFunction {
         state: &[StateSlot],
         now_ms: u64,
     ) -> Vec<u8> {
+        let req = Self::request_v3(target, batch, state, now_ms);
+        match self.endpoint.protocol {
+            WireProtocol::V3 => req.encode_to_vec(),
+            WireProtocol::V2 => v2::request(req).encode_to_vec(),
+        }
+    }
+
+    fn request_v3(
+        target: &Address,
+        batch: &[Pending],
+        state: &[StateSlot],
+        now_ms: u64,
+    ) -> pb::ToFunction {
         let addr = |a: &Address| pb::Address {
             namespace: a.typ.namespace().to_string(),
             r#type: a.typ.name().to_string(),
@@ -152,7 +167,7 @@ impl RemoteFunction {
                 },
             )),
         };
-        req.encode_to_vec()
+        req
     }
 
     async fn attempt(&self, body: Bytes, budget: Duration) -> Result<Bytes, AttemptError> {
@@ -203,6 +218,18 @@ impl RemoteFunction {
         }
     }
 
+    fn decode(
+        &self,
+        body: &[u8],
+        state: &[StateSlot],
+    ) -> Result<pb::FromFunction, prost::DecodeError> {
+        match self.endpoint.protocol {
+            WireProtocol::V3 => pb::FromFunction::decode(body),
+            WireProtocol::V2 => statemesh_proto::statefun_v2::FromFunction::decode(body)
+                .map(|r| v2::response(r, state)),
+        }
+    }
+
     /// Calls the function with a batch, retrying within the call budget. Updates `state` in
     /// place on success.
     pub(crate) async fn invoke(
@@ -220,14 +247,21 @@ impl RemoteFunction {
             attempts += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let err = match self.attempt(body.clone(), remaining).await {
-                Ok(resp) => match pb::FromFunction::decode(resp.as_ref()) {
+                Ok(resp) => match self.decode(&resp, state) {
                     Ok(ff) => {
-                        let outcome = apply_response(&self.typ, ff, state, now_ms);
+                        let outcome = match apply_response(&self.typ, ff, state, now_ms) {
+                            Outcome::Failed(reason) => {
+                                tracing::error!(function = %self.typ, url = %self.url, address = %target, error = %reason, "remote function violated the protocol; dead-lettering the batch");
+                                Outcome::Failed(format!("{reason} (answer of {} after {attempts} attempt(s))", self.url))
+                            }
+                            other => other,
+                        };
                         let failed_attempts = attempts - 1 + u32::from(matches!(outcome, Outcome::Failed(_)));
                         return CallResult { outcome, failed_attempts };
                     }
                     Err(e) => AttemptError {
-                        reason: format!("response is not a StateFun FromFunction message ({e}); is the endpoint a StateFun v3 function?"),
+                        reason: format!("response is not a StateFun {:?} FromFunction message ({e}); does the endpoint speak that protocol?",
+                            self.endpoint.protocol),
                         retryable: true,
                     },
                 },

@@ -416,8 +416,15 @@ impl Shard {
         self.router.metrics().dead_letters.inc();
         if let Some(c) = caller.filter(|c| self.router.is_reply_address(c)) {
             // A waiting caller learns now rather than at its timeout.
+            // `attempts` counts the node's own retries (embedded functions); a remote
+            // function's error already says how many calls were tried.
+            let tries = match attempts {
+                0 => String::new(),
+                1 => "after 1 attempt; ".to_string(),
+                n => format!("after {n} attempts; "),
+            };
             let e = ServiceError::FunctionFailed(format!(
-                "{target}: {error} (after {attempts} attempts; the message is in {DEAD_LETTERS_TOPIC})"
+                "{target}: {error} ({tries}the message is in {DEAD_LETTERS_TOPIC})"
             ));
             self.router.complete_call(c, Err(e));
         }
@@ -646,7 +653,7 @@ impl Handler<InvokeDone> for Shard {
                 if p.ingress {
                     self.router.release(self.index, 1);
                 }
-                self.dead_letter(&address, p.caller.as_ref(), &p.message, &reason, 1);
+                self.dead_letter(&address, p.caller.as_ref(), &p.message, &reason, 0);
             }
         } else if let Some(error) = done.failure {
             self.invocation_errors += 1;
