@@ -481,3 +481,77 @@ async fn bandit_demo_on_the_statefun_2_sdk() {
     assert_eq!(j["states"]["arms"]["encoding"], "base64");
     node.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_remote_function_server() {
+    // The examples' code, served by the SDK's remote-function server in this process.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut server = statemesh_sdk::server::FunctionServer::new();
+    for (typ, f) in statemesh_examples::all() {
+        server = server.function_arc(statemesh_sdk::TypeName::new("rs", typ.name()).unwrap(), f);
+    }
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(server.serve_listener(listener))
+    });
+    let module = format!("kind: io.statefun.endpoints.v2/http\nspec:\n  functions: rs/*\n  urlPathTemplate: http://127.0.0.1:{port}/statefun\n");
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with_module(&dir.path().join("n"), None, Some(&module));
+
+    assert_eq!(
+        post(&node, "call", "rs/greeter/alice", STRING, "hi")
+            .await
+            .2,
+        "Hello alice, you are visitor #1"
+    );
+    assert_eq!(
+        post(&node, "call", "rs/greeter/alice", STRING, "hi")
+            .await
+            .2,
+        "Hello alice, you are visitor #2"
+    );
+    for i in 1..=20i64 {
+        assert_eq!(
+            post(&node, "call", "rs/counter/c", LONG, "2").await.2,
+            (2 * i).to_string()
+        );
+    }
+    // A remote cart reserving from the node's embedded stock, with a delayed checkout timeout
+    // cancelled by checkout, and its receipt on the egress topic.
+    assert_eq!(
+        post(&node, "call", "example/stock/plum", LONG, "5").await.2,
+        "5"
+    );
+    let add = r#"{"item":"plum","quantity":2,"checkout_timeout_ms":700}"#;
+    post(&node, "send", "rs/cart/zoe", "example/AddToCart", add).await;
+    eventually(
+        "item in the remote cart",
+        Duration::from_secs(10),
+        || async {
+            let (_, _, b) = post(&node, "call", "rs/cart/zoe", "example/ViewCart", "{}").await;
+            (b == r#"{"plum":2}"#).then_some(())
+        },
+    )
+    .await;
+    let (s, _, receipt) = post(&node, "call", "rs/cart/zoe", "example/Checkout", "{}").await;
+    assert_eq!(s, 200, "{receipt}");
+    assert_eq!(receipt, r#"{"user":"zoe","items":{"plum":2}}"#);
+    let (s, _, body) = http(
+        &format!("{}/v1/egress/receipts", node.http),
+        "GET",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(
+        (s, String::from_utf8_lossy(&body).to_string()),
+        (200, receipt.clone())
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        state(&node, "example/stock/plum", "quantity").await,
+        Some(serde_json::json!(3)),
+        "the cancelled timeout did not restock"
+    );
+    node.stop();
+}

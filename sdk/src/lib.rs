@@ -8,12 +8,17 @@
 //! - [`StatefulFunction`], [`Context`], [`Effects`]: the function API shared by embedded
 //!   functions and the remote-function server.
 //! - [`Client`]: an async gRPC client of a node.
+//! - `server` (feature `server`): serve functions to statemesh nodes over StateFun's
+//!   request-reply protocol.
 
 mod address;
 mod client;
 mod function;
 mod spec;
 mod types;
+
+#[cfg(feature = "server")]
+pub mod server;
 
 pub use address::{Address, AddressError, TypeName};
 pub use client::{Client, ClientError};

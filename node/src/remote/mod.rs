@@ -435,8 +435,12 @@ pub(crate) fn apply_response(
 }
 
 /// The egress topic of an egress message: the playground egress's records name their own
-/// topic; any other egress `namespace/type` is a topic of that name.
+/// topic; `statemesh/<topic>` (what the Rust SDK's server sends for a plain topic) is
+/// `<topic>`; any other egress `namespace/type` is a topic of that name.
 fn egress_topic(ns: &str, typ: &str, value: &TypedValue) -> String {
+    if ns == "statemesh" {
+        return typ.to_string();
+    }
     if ns == "io.statefun.playground"
         && typ == "egress"
         && value.typename() == "io.statefun.playground/EgressRecord"
