@@ -555,3 +555,73 @@ async fn rust_remote_function_server() {
     );
     node.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_num_batch_requests_back_pressures_ingress() {
+    let server = FunctionServer::start(&statefun3(), "tests/py/statefun3_functions.py");
+    let module =
+        module_for(&server.url()).replace("maxNumBatchRequests: 1000", "maxNumBatchRequests: 10");
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with_module(&dir.path().join("n"), None, Some(&module));
+    let client = node.client().await;
+    // Unary sends to one slow address: beyond 10 queued, ingress says 429 / RESOURCE_EXHAUSTED.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0, 0);
+            for _ in 0..10 {
+                match c
+                    .send(&Address::parse("py/slow/a").unwrap(), TypedValue::of(&1i64))
+                    .await
+                {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        assert_eq!(e.code(), Some(tonic::Code::ResourceExhausted), "{e}");
+                        assert!(e.to_string().contains("maxNumBatchRequests"), "{e}");
+                        refused += 1;
+                    }
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let (mut ok, mut refused) = (0i64, 0);
+    for t in tasks {
+        let (o, r) = t.await.unwrap();
+        ok += o;
+        refused += r;
+    }
+    assert!(refused > 0, "no back-pressure seen");
+    // Every accepted message is processed; none is lost.
+    eventually(
+        "accepted sends processed",
+        Duration::from_secs(30),
+        || async {
+            (state(&node, "py/slow/a", "n").await == Some(serde_json::json!(ok))).then_some(())
+        },
+    )
+    .await;
+    // A stream is flow-controlled instead: all 300 messages get through.
+    let msgs: Vec<(Address, TypedValue)> = (0..300)
+        .map(|_| (Address::parse("py/slow/b").unwrap(), TypedValue::of(&1i64)))
+        .collect();
+    assert_eq!(
+        client
+            .send_stream(futures::stream::iter(msgs), 50)
+            .await
+            .unwrap(),
+        300
+    );
+    eventually("stream processed", Duration::from_secs(60), || async {
+        (state(&node, "py/slow/b", "n").await == Some(serde_json::json!(300))).then_some(())
+    })
+    .await;
+    let batches = node.metric("statemesh_remote_batch_size_count").await;
+    let messages = node.metric("statemesh_remote_batch_size_sum").await;
+    assert!(
+        messages / batches <= 10.0,
+        "batches never exceed maxNumBatchRequests"
+    );
+    node.stop();
+}

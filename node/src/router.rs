@@ -45,6 +45,10 @@ struct Inner {
     egress: Egress,
     metrics: Metrics,
     closed: AtomicBool,
+    /// Per shard: remote-function addresses whose inbox reached `maxNumBatchRequests`;
+    /// ingress refuses (or, for streams, holds back) messages to them until it drains.
+    saturated: Vec<parking_lot::RwLock<rustc_hash::FxHashSet<Address>>>,
+    saturated_count: AtomicUsize,
 }
 
 /// Routes messages to shards. Cheap to clone.
@@ -77,6 +81,8 @@ impl Router {
                 egress,
                 metrics,
                 closed: AtomicBool::new(false),
+                saturated: (0..shard_count).map(|_| Default::default()).collect(),
+                saturated_count: AtomicUsize::new(0),
             }),
         }
     }
@@ -195,6 +201,39 @@ impl Router {
         Ok(())
     }
 
+    /// Marks (or clears) an address whose inbox reached its `maxNumBatchRequests`.
+    pub(crate) fn set_saturated(
+        &self,
+        shard: usize,
+        address: &Address,
+        saturated: bool,
+        limit: usize,
+    ) {
+        let mut set = self.inner.saturated[shard].write();
+        if saturated {
+            if set.insert(address.clone()) {
+                self.inner.saturated_count.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%address, limit, "address saturated: back-pressure on its ingress");
+            }
+        } else if set.remove(address) {
+            self.inner.saturated_count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn check_saturated(&self, shard: usize, target: &Address) -> Result<(), ServiceError> {
+        if self.inner.saturated_count.load(Ordering::Relaxed) == 0
+            || !self.inner.saturated[shard].read().contains(target)
+        {
+            return Ok(());
+        }
+        Err(self.reject(
+            ServiceError::Overloaded(format!(
+                "{target} has reached its maxNumBatchRequests of queued messages; retry later"
+            )),
+            "overloaded",
+        ))
+    }
+
     fn admit(&self, shard: usize, n: usize) -> Result<(), ServiceError> {
         let q = &self.inner.queued[shard];
         let before = q.fetch_add(n, Ordering::Relaxed);
@@ -236,6 +275,7 @@ impl Router {
     pub fn send(&self, target: Address, message: TypedValue) -> Result<(), ServiceError> {
         self.validate(&target, &message)?;
         let (shard, env) = self.envelope(target, None, message);
+        self.check_saturated(shard, &env.target)?;
         self.admit(shard, 1)?;
         self.inner.metrics.ingress_messages.inc();
         self.shards()[shard].do_send(Deliver { batch: vec![env] });
@@ -265,7 +305,11 @@ impl Router {
                 continue;
             }
             loop {
-                match self.admit(s, batch.len()) {
+                let admitted = batch
+                    .iter()
+                    .try_for_each(|e| self.check_saturated(s, &e.target))
+                    .and_then(|()| self.admit(s, batch.len()));
+                match admitted {
                     Ok(()) => break,
                     Err(e) if !wait => return Err(e),
                     Err(_) => {
@@ -301,6 +345,7 @@ impl Router {
             id: id.to_string().into(),
         };
         let (shard, env) = self.envelope(target, Some(caller), message);
+        self.check_saturated(shard, &env.target)?;
         self.admit(shard, 1)?;
         let (tx, rx) = oneshot::channel();
         self.inner.calls.lock().insert(id, tx);

@@ -97,6 +97,8 @@ struct Slot {
     entry: Arc<FunctionEntry>,
     in_flight: bool,
     retry_wait: bool,
+    /// The inbox reached the remote function's `maxNumBatchRequests` (ingress is held back).
+    saturated: bool,
     in_dirty_list: bool,
     last_used_ms: u64,
     readers: Vec<StateReply>,
@@ -266,6 +268,7 @@ impl Shard {
             entry: entry.clone(),
             in_flight: false,
             retry_wait: false,
+            saturated: false,
             in_dirty_list: false,
             last_used_ms: now_ms(),
             readers: Vec::new(),
@@ -313,6 +316,14 @@ impl Shard {
         if !slot.in_flight && !slot.retry_wait && slot.inbox.len() == 1 {
             self.ready.push(i);
         }
+        if let FunctionKind::Remote(r) = &slot.entry.kind {
+            let limit = r.max_batch();
+            if limit > 0 && !slot.saturated && slot.inbox.len() >= limit {
+                slot.saturated = true;
+                self.router
+                    .set_saturated(self.index, &slot.address, true, limit);
+            }
+        }
     }
 
     fn dispatch_ready(&mut self) {
@@ -338,6 +349,11 @@ impl Shard {
             } else {
                 slot.inbox.drain(..n).collect()
             };
+            if slot.saturated && slot.inbox.len() < cap {
+                slot.saturated = false;
+                self.router
+                    .set_saturated(self.index, &slot.address, false, cap);
+            }
             let mut state = slot
                 .state
                 .take()
