@@ -9,7 +9,7 @@ use parking_lot::RwLock;
 use statemesh_sdk::{StatefulFunction, TypeName, ValueSpecDescriptor};
 
 use crate::module::Module;
-use crate::remote::{HttpClient, RemoteFunction};
+use crate::remote::RemoteFunction;
 
 /// How a function type runs.
 pub enum FunctionKind {
@@ -73,7 +73,7 @@ pub struct Registry {
     /// The bundled examples: they yield to the module's endpoints.
     bundled: HashMap<TypeName, Arc<FunctionEntry>>,
     module: Module,
-    clients: Vec<HttpClient>,
+    pools: Vec<u64>,
     remote: RwLock<HashMap<TypeName, Arc<FunctionEntry>>>,
 }
 
@@ -97,12 +97,12 @@ impl Registry {
         );
     }
 
-    /// Uses a module's remote endpoints (one HTTP client with its own pool per endpoint).
+    /// Uses a module's remote endpoints (keep-alive pools per endpoint and shard thread).
     pub fn set_module(&mut self, module: Module) {
-        self.clients = module
+        self.pools = module
             .endpoints
             .iter()
-            .map(crate::remote::client_for)
+            .map(|_| crate::remote::new_pool_id())
             .collect();
         self.module = module;
     }
@@ -130,7 +130,7 @@ impl Registry {
             return self.bundled.get(typ).cloned();
         };
         let endpoint = &self.module.endpoints[i];
-        let f = RemoteFunction::new(typ.clone(), endpoint.clone(), self.clients[i].clone());
+        let f = RemoteFunction::new(typ.clone(), endpoint.clone(), self.pools[i]);
         let entry = Arc::new(FunctionEntry::new(
             FunctionKind::Remote(Arc::new(f)),
             endpoint.states.clone(),

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full};
 use parking_lot::Mutex;
 use serde_json::json;
 use statemesh_node::{NodeBuilder, NodeConfig};
-use statemesh_sdk::{Address, Client, FnFunction, TypeName, TypedValue, ValueSpec};
+use statemesh_sdk::{Address, Client, FnFunction, TypeName, TypedValue, ValueSpec, WellKnown};
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum Protocol {
@@ -85,6 +85,31 @@ pub enum BenchCommand {
         /// Messages per frame in stream mode.
         #[arg(long, default_value_t = 512)]
         batch: usize,
+        /// The counter function type to load (`example/counter`, or a remote one).
+        #[arg(long, default_value = "example/counter")]
+        function: String,
+    },
+    /// Loads a StateFun function server directly (no node) with the shape statemesh sends:
+    /// one counter invocation per request, with its state, per address.
+    Direct {
+        /// The function endpoint URL.
+        #[arg(long)]
+        url: String,
+        /// The counter function type the server serves.
+        #[arg(long, default_value = "rs/counter")]
+        function: String,
+        /// The counter's state name.
+        #[arg(long, default_value = "total")]
+        state: String,
+        /// Concurrent requests, each to its own address.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Messages per request.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Seconds to measure.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
     },
 }
 
@@ -119,6 +144,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             duration,
             connections,
             batch,
+            function,
         } => {
             load(LoadArgs {
                 grpc,
@@ -130,9 +156,18 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 duration,
                 connections,
                 batch,
+                function,
             })
             .await
         }
+        BenchCommand::Direct {
+            url,
+            function,
+            state,
+            concurrency,
+            batch,
+            duration,
+        } => direct(url, function, state, concurrency, batch, duration).await,
     }
 }
 
@@ -299,6 +334,7 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
 }
 
 struct LoadArgs {
+    function: String,
     grpc: String,
     http: String,
     protocol: Protocol,
@@ -315,7 +351,8 @@ type HttpClient = hyper_util::client::legacy::Client<
     Full<Bytes>,
 >;
 
-async fn node_peak_rss(http: &str) -> Option<f64> {
+/// A metric of the node, from its `/metrics`.
+async fn node_metric(http: &str, name: &str) -> Option<f64> {
     let client: HttpClient =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
@@ -325,10 +362,16 @@ async fn node_peak_rss(http: &str) -> Option<f64> {
         .ok()?;
     let body = resp.into_body().collect().await.ok()?.to_bytes();
     let text = String::from_utf8_lossy(&body);
+    let prefix = format!("{name} ");
     text.lines()
-        .find(|l| l.starts_with("statemesh_process_peak_resident_memory_bytes "))
+        .find(|l| l.starts_with(&prefix))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
+}
+
+async fn node_peak_rss(http: &str) -> Option<f64> {
+    node_metric(http, "statemesh_process_peak_resident_memory_bytes")
+        .await
         .map(|b| b / 1048576.0)
 }
 
@@ -336,7 +379,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     if a.mode == Mode::Stream && a.protocol == Protocol::Http {
         anyhow::bail!("--mode stream needs --protocol grpc");
     }
-    let counter = TypeName::parse("example/counter")?;
+    let counter = TypeName::parse(&a.function)?;
     let deadline = Instant::now() + Duration::from_secs_f64(a.duration);
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -351,6 +394,12 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_max_idle_per_host(a.concurrency)
             .build_http();
+    let batches_before = node_metric(&a.http, "statemesh_remote_batch_size_count")
+        .await
+        .unwrap_or(0.0);
+    let batched_before = node_metric(&a.http, "statemesh_remote_batch_size_sum")
+        .await
+        .unwrap_or(0.0);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..a.concurrency {
@@ -456,12 +505,22 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let n = ok.load(Ordering::Relaxed);
+    let batches = node_metric(&a.http, "statemesh_remote_batch_size_count")
+        .await
+        .unwrap_or(0.0)
+        - batches_before;
+    let batched = node_metric(&a.http, "statemesh_remote_batch_size_sum")
+        .await
+        .unwrap_or(0.0)
+        - batched_before;
     println!(
         "{}",
         json!({
             "bench": "load",
+            "remote_mean_batch_size": if batches > 0.0 { serde_json::json!((batched / batches * 100.0).round() / 100.0) } else { serde_json::Value::Null },
             "protocol": format!("{:?}", a.protocol).to_lowercase(),
             "mode": format!("{:?}", a.mode).to_lowercase(),
+            "function": a.function,
             "keys": a.keys,
             "concurrency": a.concurrency,
             "duration_s": elapsed,
@@ -472,6 +531,110 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
             "errors": errors.load(Ordering::Relaxed),
             "first_error": *first_error.lock(),
             "node_peak_rss_mib": node_peak_rss(&a.http).await,
+        })
+    );
+    Ok(())
+}
+
+async fn direct(
+    url: String,
+    function: String,
+    state: String,
+    concurrency: usize,
+    batch: usize,
+    duration: f64,
+) -> anyhow::Result<()> {
+    use prost::Message;
+    use statemesh_proto::statefun_v3 as pb;
+    let typ = TypeName::parse(&function)?;
+    let client: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(concurrency)
+            .build_http();
+    let deadline = Instant::now() + Duration::from_secs_f64(duration);
+    let errors = Arc::new(AtomicU64::new(0));
+    let messages = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (client, url, typ, state, errors, messages) = (
+            client.clone(),
+            url.clone(),
+            typ.clone(),
+            state.clone(),
+            errors.clone(),
+            messages.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut h = hist();
+            let mut total = TypedValue::empty(<i64 as WellKnown>::TYPENAME);
+            let target = pb::Address { namespace: typ.namespace().into(), r#type: typ.name().into(), id: format!("direct-{w}") };
+            let caller = pb::Address { namespace: "statemesh".into(), r#type: "reply".into(), id: w.to_string() };
+            while Instant::now() < deadline {
+                let req = pb::ToFunction {
+                    request: Some(pb::to_function::Request::Invocation(pb::to_function::InvocationBatchRequest {
+                        target: Some(target.clone()),
+                        state: vec![pb::to_function::PersistedValue {
+                            state_name: state.clone(),
+                            state_value: Some(pb::TypedValue { typename: total.typename().into(), has_value: total.has_value(), value: total.value().clone() }),
+                        }],
+                        invocations: (0..batch)
+                            .map(|_| pb::to_function::Invocation {
+                                caller: Some(caller.clone()),
+                                argument: Some(pb::TypedValue { typename: <i64 as WellKnown>::TYPENAME.into(), has_value: true, value: TypedValue::of(&1i64).value().clone() }),
+                            })
+                            .collect(),
+                    })),
+                };
+                let t = Instant::now();
+                let http_req = hyper::Request::post(url.as_str())
+                    .header("content-type", "application/octet-stream")
+                    .body(Full::new(Bytes::from(req.encode_to_vec())))
+                    .expect("valid request");
+                let ok = match client.request(http_req).await {
+                    Ok(resp) if resp.status().is_success() => match resp.into_body().collect().await {
+                        Ok(b) => match pb::FromFunction::decode(b.to_bytes()) {
+                            Ok(pb::FromFunction { response: Some(pb::from_function::Response::InvocationResult(r)) }) => {
+                                if let Some(v) = r.state_mutations.into_iter().find_map(|m| m.state_value) {
+                                    total = TypedValue::new(v.typename, v.value);
+                                }
+                                true
+                            }
+                            _ => false,
+                        },
+                        Err(_) => false,
+                    },
+                    _ => false,
+                };
+                if ok {
+                    h.saturating_record(t.elapsed().as_micros().max(1) as u64);
+                    messages.fetch_add(batch as u64, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            h
+        }));
+    }
+    let mut all = hist();
+    for t in tasks {
+        all.add(t.await?).ok();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let n = messages.load(Ordering::Relaxed);
+    println!(
+        "{}",
+        json!({
+            "bench": "direct",
+            "url": url,
+            "function": function,
+            "concurrency": concurrency,
+            "batch": batch,
+            "duration_s": elapsed,
+            "messages_per_s": (n as f64 / elapsed).round(),
+            "request_latency_p50_ms": ms(&all, 0.5),
+            "request_latency_p99_ms": ms(&all, 0.99),
+            "errors": errors.load(Ordering::Relaxed),
         })
     );
     Ok(())

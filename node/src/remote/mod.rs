@@ -38,6 +38,19 @@ pub type HttpClient = hyper_util::client::legacy::Client<
     Full<Bytes>,
 >;
 
+static NEXT_POOL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A new identity for an endpoint's connection pools.
+pub(crate) fn new_pool_id() -> u64 {
+    NEXT_POOL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+thread_local! {
+    /// One keep-alive pool per endpoint *per shard thread*: a connection is driven by the
+    /// thread that uses it, so a call never wakes another thread.
+    static POOLS: std::cell::RefCell<std::collections::HashMap<u64, HttpClient>> = Default::default();
+}
+
 /// Builds the client of an endpoint.
 pub fn client_for(e: &Endpoint) -> HttpClient {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -53,7 +66,7 @@ pub struct RemoteFunction {
     typ: TypeName,
     endpoint: Endpoint,
     url: String,
-    client: HttpClient,
+    pool_id: u64,
 }
 
 /// How a batch call ended.
@@ -85,13 +98,13 @@ fn retryable_status(code: u16) -> bool {
 }
 
 impl RemoteFunction {
-    pub(crate) fn new(typ: TypeName, endpoint: Endpoint, client: HttpClient) -> Self {
+    pub(crate) fn new(typ: TypeName, endpoint: Endpoint, pool_id: u64) -> Self {
         let url = endpoint.url_for(typ.name());
         RemoteFunction {
             typ,
             endpoint,
             url,
-            client,
+            pool_id,
         }
     }
 
@@ -180,7 +193,13 @@ impl RemoteFunction {
             })?;
         let limit = self.endpoint.payload_max_bytes;
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| AttemptError {
+            let client = POOLS.with(|p| {
+                p.borrow_mut()
+                    .entry(self.pool_id)
+                    .or_insert_with(|| client_for(&self.endpoint))
+                    .clone()
+            });
+            let resp = client.request(req).await.map_err(|e| AttemptError {
                 reason: format!("transport error: {}", error_chain(&e)),
                 retryable: true,
             })?;
