@@ -625,3 +625,45 @@ fn malformed_config_refuses_to_start() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected \"namespace/type/id\""));
 }
+
+#[test]
+fn malformed_module_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("module.yaml");
+    std::fs::write(&module, "kind: io.statefun.endpoints.v2/http\nspec:\n  functions: greeter\n  urlPathTemplate: http://127.0.0.1:1/x\n").unwrap();
+    let run = || {
+        std::process::Command::new(common::BIN)
+            .args([
+                "node",
+                "--module",
+                module.to_str().unwrap(),
+                "--data-dir",
+                dir.path().join("d").to_str().unwrap(),
+            ])
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("module.yaml:3:") && err.contains("expected \"namespace/name\""),
+        "{err}"
+    );
+    // Kafka is parsed but refused by name until it is supported.
+    std::fs::write(
+        &module,
+        "kind: io.statefun.kafka.v1/ingress\nspec:\n  address: localhost:9092\n",
+    )
+    .unwrap();
+    let out = run();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("module.yaml:1:")
+            && err.contains("io.statefun.kafka.v1/ingress")
+            && err.contains("not supported yet"),
+        "{err}"
+    );
+}
