@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{eventually, http, post, Node};
+use common::{eventually, http, next_egress, post, Node};
 use futures::StreamExt;
 use statemesh_sdk::{typenames, Address, TypedValue};
 
@@ -516,17 +516,7 @@ async fn bad_input_is_refused_with_clear_errors() {
         body.contains("after 5 attempts") && body.contains("statemesh/dead-letters"),
         "{body}"
     );
-    let dead = eventually("dead letter", Duration::from_secs(5), || async {
-        let r = http(
-            &format!("{}/v1/egress/statemesh/dead-letters", node.http),
-            "GET",
-            None,
-            Bytes::new(),
-        )
-        .await;
-        (r.0 == 200).then_some(r.2)
-    })
-    .await;
+    let dead = next_egress(&node, "statemesh/dead-letters", Duration::from_secs(5)).await;
     let dead: serde_json::Value = serde_json::from_slice(&dead).unwrap();
     // The first dead letter is either call's (both fail to decode their argument).
     assert!(
@@ -566,17 +556,7 @@ async fn a_panicking_function_does_not_stop_others() {
         .await
         .unwrap();
     }
-    let dead = eventually("dead letter", Duration::from_secs(5), || async {
-        let r = http(
-            &format!("{}/v1/egress/statemesh/dead-letters", node.http),
-            "GET",
-            None,
-            Bytes::new(),
-        )
-        .await;
-        (r.0 == 200).then_some(r.2)
-    })
-    .await;
+    let dead = next_egress(&node, "statemesh/dead-letters", Duration::from_secs(5)).await;
     let dead: serde_json::Value = serde_json::from_slice(&dead).unwrap();
     assert_eq!(dead["address"], "example/cart/x");
     assert_eq!(dead["attempts"], 3);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::python::{statefun3, FunctionServer};
-use common::{badserver, eventually, http, post, Node};
+use common::{badserver, eventually, http, next_egress, post, Node};
 use statemesh_sdk::{typenames, Address, TypedValue};
 
 const STRING: &str = typenames::STRING;
@@ -133,17 +133,7 @@ async fn python_sdk_ttl_delayed_messages_and_egress() {
 
     // Egress through the playground egress record: lands on its topic.
     post(&node, "send", "py/egress/e", STRING, "there").await;
-    let body = eventually("egress record", Duration::from_secs(10), || async {
-        let r = http(
-            &format!("{}/v1/egress/greetings", node.http),
-            "GET",
-            None,
-            Bytes::new(),
-        )
-        .await;
-        (r.0 == 200).then_some(r.2)
-    })
-    .await;
+    let body = next_egress(&node, "greetings", Duration::from_secs(10)).await;
     let rec: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
         rec,

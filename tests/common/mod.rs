@@ -62,18 +62,9 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("spawn statemesh");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) => l,
-            Err(_) => {
+        let line = match first_line(&mut child) {
+            Some(l) => l,
+            None => {
                 let _ = child.kill();
                 let log =
                     std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
@@ -223,4 +214,34 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Waits for and pops the next record of an egress topic over HTTP.
+pub async fn next_egress(node: &Node, topic: &str, timeout: Duration) -> Bytes {
+    eventually(&format!("a record on {topic}"), timeout, || async {
+        let r = http(
+            &format!("{}/v1/egress/{topic}", node.http),
+            "GET",
+            None,
+            Bytes::new(),
+        )
+        .await;
+        (r.0 == 200).then_some(r.2)
+    })
+    .await
+}
+
+/// The first line a child prints on stdout (e.g. "serving on PORT"), within a minute; the
+/// rest of its stdout is drained in the background.
+pub fn first_line(child: &mut Child) -> Option<String> {
+    let stdout = child.stdout.take()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    rx.recv_timeout(Duration::from_secs(60)).ok()
 }

@@ -1,11 +1,9 @@
 //! Real StateFun SDK function servers from PyPI, in venvs the harness creates under
 //! `target/` when missing (`python3 -m venv` + `pip install`), started on OS-chosen ports.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
 
 static VENV_LOCK: Mutex<()> = Mutex::new(());
 
@@ -70,18 +68,7 @@ impl FunctionServer {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start the function server");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            for _ in lines {}
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("function server did not start");
+        let line = super::first_line(&mut child).expect("function server did not start");
         let port = line
             .trim()
             .strip_prefix("serving on ")

@@ -202,11 +202,8 @@ async fn embedded(instances: u64, tokens: u64, duration: f64, shards: usize) -> 
         Ok(())
     });
     let cfg = NodeConfig {
-        data_dir: dir.clone(),
-        grpc_addr: "127.0.0.1:0".parse()?,
-        http_addr: "127.0.0.1:0".parse()?,
         shards,
-        ..NodeConfig::default()
+        ..in_process_config(&dir)
     };
     let node = NodeBuilder::new(cfg)
         .function(ring.clone(), f)
@@ -258,12 +255,7 @@ async fn embedded(instances: u64, tokens: u64, duration: f64, shards: usize) -> 
 
 async fn memory(instances: u64) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
-    let cfg = NodeConfig {
-        data_dir: dir.clone(),
-        grpc_addr: "127.0.0.1:0".parse()?,
-        http_addr: "127.0.0.1:0".parse()?,
-        ..NodeConfig::default()
-    };
+    let cfg = in_process_config(&dir);
     let node = NodeBuilder::new(cfg).with_examples().start().await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss = || {
@@ -325,6 +317,16 @@ async fn memory(instances: u64) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// An in-process node on a scratch directory and OS-chosen loopback ports.
+fn in_process_config(dir: &std::path::Path) -> NodeConfig {
+    NodeConfig {
+        data_dir: dir.to_path_buf(),
+        grpc_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        http_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..NodeConfig::default()
+    }
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use statemesh_node::ingress::{value_from_text, value_to_json, value_to_text};
+use statemesh_node::ingress::{states_to_json, value_from_text, value_to_text};
 use statemesh_node::{NodeBuilder, NodeConfig};
 use statemesh_sdk::{typenames, Address, Client};
 
@@ -228,19 +228,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let address = Address::parse(&address)?;
             let values = connect(&target).await?.get_state(&address).await?;
-            let mut states = serde_json::Map::new();
-            for (name, v, exp) in values {
-                let mut j = value_to_json(&v);
-                if exp != 0 {
-                    j["expires_at_ms"] = serde_json::json!(exp);
-                }
-                states.insert(name, j);
-            }
             println!(
                 "{}",
-                serde_json::to_string_pretty(
-                    &serde_json::json!({ "address": address.to_string(), "states": states })
-                )?
+                serde_json::to_string_pretty(&states_to_json(&address, values))?
             );
             Ok(())
         }

@@ -20,16 +20,16 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use bytes::Bytes;
 use statemesh_sdk::{Address, TypedValue};
 
-use super::{typename_from_content_type, value_from_text, value_to_json, value_to_text};
+use super::{typename_from_content_type, value_from_text, value_to_text};
 use crate::error::ServiceError;
 use crate::node::Shared;
 
-fn parse_request(
+/// The target address of a `/{ns}/{type}/{id}` path, after checking the body's size.
+fn target_of(
     shared: &Shared,
-    req: &HttpRequest,
     path: &(String, String, String),
-    body: Bytes,
-) -> Result<(Address, TypedValue), ServiceError> {
+    body: &Bytes,
+) -> Result<Address, ServiceError> {
     let target = Address::from_parts(&path.0, &path.1, &path.2)?;
     let max = shared.config.max_message_bytes;
     if body.len() > max {
@@ -38,6 +38,16 @@ fn parse_request(
             max,
         });
     }
+    Ok(target)
+}
+
+fn parse_request(
+    shared: &Shared,
+    req: &HttpRequest,
+    path: &(String, String, String),
+    body: Bytes,
+) -> Result<(Address, TypedValue), ServiceError> {
+    let target = target_of(shared, path, &body)?;
     let ct = req
         .headers()
         .get("content-type")
@@ -109,16 +119,7 @@ async fn state(
 ) -> Result<HttpResponse, ServiceError> {
     let address = Address::from_parts(&path.0, &path.1, &path.2)?;
     let values = shared.router.get_state(address.clone()).await?;
-    let mut states = serde_json::Map::new();
-    for (name, v, exp) in values {
-        let mut j = value_to_json(&v);
-        if exp != 0 {
-            j["expires_at_ms"] = serde_json::json!(exp);
-        }
-        states.insert(name, j);
-    }
-    Ok(HttpResponse::Ok()
-        .json(serde_json::json!({ "address": address.to_string(), "states": states })))
+    Ok(HttpResponse::Ok().json(super::states_to_json(&address, values)))
 }
 
 async fn egress(shared: web::Data<Shared>, path: web::Path<String>) -> HttpResponse {
@@ -160,14 +161,7 @@ async fn playground_put(
     path: web::Path<(String, String, String)>,
     body: Bytes,
 ) -> Result<HttpResponse, ServiceError> {
-    let target = Address::from_parts(&path.0, &path.1, &path.2)?;
-    let max = shared.config.max_message_bytes;
-    if body.len() > max {
-        return Err(ServiceError::TooLarge {
-            size: body.len(),
-            max,
-        });
-    }
+    let target = target_of(&shared, &path, &body)?;
     let ct = req
         .headers()
         .get("content-type")

@@ -125,6 +125,23 @@ pub fn value_to_json(v: &TypedValue) -> serde_json::Value {
     }
 }
 
+/// The JSON view of an address's states (`GET /v1/state/...` and `statemesh state get`):
+/// `{"address", "states": {name: {typename, value[, encoding][, expires_at_ms]}}}`.
+pub fn states_to_json(
+    address: &statemesh_sdk::Address,
+    values: Vec<(String, TypedValue, u64)>,
+) -> serde_json::Value {
+    let mut states = serde_json::Map::new();
+    for (name, v, exp) in values {
+        let mut j = value_to_json(&v);
+        if exp != 0 {
+            j["expires_at_ms"] = serde_json::json!(exp);
+        }
+        states.insert(name, j);
+    }
+    serde_json::json!({ "address": address.to_string(), "states": states })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
