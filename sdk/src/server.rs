@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # use statemesh_sdk::{server::FunctionServer, FnFunction, TypeName};
-//! # fn f() -> FnFunction { unimplemented!() }
+//! # fn f() -> FnFunction { FnFunction::new(vec![], |_ctx, _msg| Ok(())) }
 //! #[actix_web::main]
 //! async fn main() -> std::io::Result<()> {
 //!     let server = FunctionServer::new().function(TypeName::parse("my/fn").unwrap(), f());
