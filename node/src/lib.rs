@@ -11,6 +11,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod checkpoint;
 pub mod config;
 mod egress;
 pub mod error;

@@ -1,0 +1,201 @@
+//! Blob storage from a URL, through object_store.
+//!
+//! | URL | backend |
+//! | --- | --- |
+//! | `file:///abs/path` or a plain path | local files (created if missing) |
+//! | `memory://` | in memory (tests) |
+//! | `s3://bucket/prefix` | S3 or an S3-compatible server; settings from [`S3Options`] and the usual `AWS_*` environment variables |
+//! | `gs://bucket/prefix` | Google Cloud Storage (`GOOGLE_*` environment variables) |
+//! | `az://container/prefix` | Azure Blob Storage (`AZURE_*` environment variables) |
+
+use std::path::Path;
+use std::sync::Arc;
+
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
+
+/// A blob store that could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The URL is not one of the supported forms.
+    #[error("blob URL {url:?}: {reason}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// The backend refused its configuration.
+    #[error("blob store {url:?}: {source}")]
+    Backend {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: object_store::Error,
+    },
+}
+
+/// S3 settings that override the environment (`AWS_ENDPOINT`, `AWS_REGION`, …).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Options {
+    /// Endpoint of an S3-compatible server, e.g. `http://127.0.0.1:9000`.
+    pub endpoint: Option<String>,
+    /// Region (S3-compatible servers usually accept any).
+    pub region: Option<String>,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<String>,
+    /// Allow plain HTTP endpoints.
+    pub allow_http: bool,
+}
+
+/// An opened blob store: the store and the key prefix everything lives under.
+#[derive(Clone)]
+pub struct Blob {
+    /// The store.
+    pub store: Arc<dyn ObjectStore>,
+    /// The prefix inside it.
+    pub prefix: ObjectPath,
+    /// The URL it was opened from (for messages).
+    pub url: String,
+}
+
+impl std::fmt::Debug for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Blob({})", self.url)
+    }
+}
+
+fn split_bucket(url: &str, rest: &str) -> Result<(String, ObjectPath), BlobError> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(BlobError::Url {
+            url: url.into(),
+            reason: "expected a bucket name after the scheme, as in s3://bucket/prefix".into(),
+        });
+    }
+    Ok((
+        bucket.to_string(),
+        ObjectPath::from(prefix.trim_matches('/')),
+    ))
+}
+
+/// Opens the blob store named by `url`.
+pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
+    let backend = |source| BlobError::Backend {
+        url: url.to_string(),
+        source,
+    };
+    if url == "memory://" || url == "memory:" {
+        return Ok(Blob {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            prefix: ObjectPath::default(),
+            url: url.into(),
+        });
+    }
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = split_bucket(url, rest)?;
+        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(e) = &s3.endpoint {
+            b = b.with_endpoint(e);
+        }
+        if let Some(r) = &s3.region {
+            b = b.with_region(r);
+        }
+        if let Some(k) = &s3.access_key_id {
+            b = b.with_access_key_id(k);
+        }
+        if let Some(k) = &s3.secret_access_key {
+            b = b.with_secret_access_key(k);
+        }
+        if s3.allow_http {
+            b = b.with_allow_http(true);
+        }
+        // Create-only puts (the manifest) use S3's conditional writes (If-None-Match).
+        b = b.with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch);
+        return Ok(Blob {
+            store: Arc::new(b.build().map_err(backend)?),
+            prefix,
+            url: url.into(),
+        });
+    }
+    if let Some(rest) = url.strip_prefix("gs://") {
+        let (bucket, prefix) = split_bucket(url, rest)?;
+        let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+        return Ok(Blob {
+            store: Arc::new(b.build().map_err(backend)?),
+            prefix,
+            url: url.into(),
+        });
+    }
+    if let Some(rest) = url.strip_prefix("az://") {
+        let (container, prefix) = split_bucket(url, rest)?;
+        let b =
+            object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(container);
+        return Ok(Blob {
+            store: Arc::new(b.build().map_err(backend)?),
+            prefix,
+            url: url.into(),
+        });
+    }
+    let path = match url.strip_prefix("file://") {
+        Some(p) => p,
+        None if !url.contains("://") => url,
+        None => {
+            return Err(BlobError::Url {
+                url: url.into(),
+                reason: "expected file://PATH, memory://, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX".into(),
+            })
+        }
+    };
+    let dir = Path::new(path);
+    std::fs::create_dir_all(dir).map_err(|e| BlobError::Url {
+        url: url.into(),
+        reason: format!("cannot create directory {}: {e}", dir.display()),
+    })?;
+    let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(backend)?;
+    Ok(Blob {
+        store: Arc::new(fs),
+        prefix: ObjectPath::default(),
+        url: url.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert!(open("memory://", &S3Options::default()).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(
+            &format!("file://{}/cp", dir.path().display()),
+            &S3Options::default(),
+        )
+        .unwrap();
+        assert!(b.prefix.as_ref().is_empty());
+        assert!(dir.path().join("cp").is_dir());
+        let e = open("ftp://x", &S3Options::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected file://PATH"), "{e}");
+        let e = open("s3://", &S3Options::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected a bucket name"), "{e}");
+        let b = open(
+            "s3://bkt/some/prefix/",
+            &S3Options {
+                endpoint: Some("http://127.0.0.1:1".into()),
+                region: Some("us-east-1".into()),
+                allow_http: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(b.prefix.as_ref(), "some/prefix");
+    }
+}

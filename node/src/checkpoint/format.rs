@@ -1,0 +1,231 @@
+//! What an epoch writes (pure; no I/O).
+//!
+//! - One [`NodeEpoch`] object per node per epoch (protobuf via prost): a section per key group
+//!   the node checkpoints in that epoch — a full snapshot or a delta — with the key group's
+//!   pending messages and timers as of the epoch's cut.
+//! - One [`Manifest`] per epoch (JSON), written last and create-only: the epoch's objects, which
+//!   key groups each holds (and which in full), and the previous committed epoch, so a reader
+//!   walks back from the newest manifest to each key group's last full snapshot.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// A key/value entry (state entries: the local store's key; timers: the sequence number).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Entry {
+    /// The key.
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    /// The value.
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+/// A message not yet processed at the epoch's cut (inbox, in-flight batch inputs, or late
+/// messages of an earlier epoch logged into this one).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PendingMessage {
+    /// Target address `ns/type/id`.
+    #[prost(string, tag = "1")]
+    pub target: String,
+    /// Caller address, if any.
+    #[prost(string, tag = "2")]
+    pub caller: String,
+    /// Message typename.
+    #[prost(string, tag = "3")]
+    pub typename: String,
+    /// Message value.
+    #[prost(bytes = "vec", tag = "4")]
+    pub value: Vec<u8>,
+    /// Whether the value is present.
+    #[prost(bool, tag = "5")]
+    pub has_value: bool,
+}
+
+/// One key group's part of an epoch.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeyGroupSection {
+    /// The key group.
+    #[prost(uint32, tag = "1")]
+    pub key_group: u32,
+    /// A full snapshot (replaces everything before) rather than a delta.
+    #[prost(bool, tag = "2")]
+    pub full: bool,
+    /// State entries written (full: all of them).
+    #[prost(message, repeated, tag = "3")]
+    pub puts: Vec<Entry>,
+    /// State keys deleted (deltas only).
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    pub deletes: Vec<Vec<u8>>,
+    /// Pending messages at the cut (always complete for the key group).
+    #[prost(message, repeated, tag = "5")]
+    pub pending: Vec<PendingMessage>,
+    /// Timers at the cut (always complete for the key group).
+    #[prost(message, repeated, tag = "6")]
+    pub timers: Vec<Entry>,
+}
+
+/// Everything one node writes for one epoch.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NodeEpoch {
+    /// The epoch.
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+    /// The writing node.
+    #[prost(string, tag = "2")]
+    pub node: String,
+    /// Its key groups' sections.
+    #[prost(message, repeated, tag = "3")]
+    pub key_groups: Vec<KeyGroupSection>,
+}
+
+/// One node object of an epoch, as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    /// The writing node.
+    pub node: String,
+    /// The object's path below the store's prefix.
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Key groups with a section in it.
+    pub key_groups: Vec<u32>,
+    /// Of those, the ones written in full.
+    pub full_key_groups: Vec<u32>,
+}
+
+/// A committed epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The epoch.
+    pub epoch: u64,
+    /// The previous committed epoch (`None` for the first).
+    pub previous: Option<u64>,
+    /// When the manifest was written, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// The epoch's node objects.
+    pub objects: Vec<ObjectRef>,
+}
+
+impl Manifest {
+    /// Key groups this epoch wrote in full.
+    pub fn full_key_groups(&self) -> BTreeSet<u32> {
+        self.objects
+            .iter()
+            .flat_map(|o| o.full_key_groups.iter().copied())
+            .collect()
+    }
+}
+
+impl NodeEpoch {
+    /// The manifest entry of this object stored at `path` with `size` bytes.
+    pub fn object_ref(&self, path: String, size: u64) -> ObjectRef {
+        ObjectRef {
+            node: self.node.clone(),
+            path,
+            size,
+            key_groups: self.key_groups.iter().map(|k| k.key_group).collect(),
+            full_key_groups: self
+                .key_groups
+                .iter()
+                .filter(|k| k.full)
+                .map(|k| k.key_group)
+                .collect(),
+        }
+    }
+}
+
+/// A key group's state, pending messages and timers, rebuilt from a chain of sections (oldest
+/// first: a full snapshot, then deltas).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct KeyGroupState {
+    /// State entries.
+    pub state: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Pending messages at the newest cut.
+    pub pending: Vec<PendingMessage>,
+    /// Timers at the newest cut.
+    pub timers: Vec<Entry>,
+}
+
+impl KeyGroupState {
+    /// Applies the next section of the chain.
+    pub fn apply(&mut self, s: KeyGroupSection) {
+        if s.full {
+            self.state.clear();
+        }
+        for k in s.deletes {
+            self.state.remove(&k);
+        }
+        for e in s.puts {
+            self.state.insert(e.key, e.value);
+        }
+        self.pending = s.pending;
+        self.timers = s.timers;
+    }
+}
+
+/// The object path of a node's epoch object.
+pub fn epoch_object_path(epoch: u64, node: &str, nonce: u64) -> String {
+    format!("epochs/{epoch:020}/{node}-{nonce:016x}.bin")
+}
+
+/// The path of an epoch's manifest.
+pub fn manifest_path(epoch: u64) -> String {
+    format!("manifests/{epoch:020}.json")
+}
+
+/// The epoch of a manifest or epoch-object path, if it is one.
+pub fn epoch_of(path: &str) -> Option<u64> {
+    let rest = path
+        .strip_prefix("manifests/")
+        .or_else(|| path.strip_prefix("epochs/"))?;
+    rest.get(..20)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_application() {
+        let e = |k: &str, v: &str| Entry {
+            key: k.into(),
+            value: v.into(),
+        };
+        let mut s = KeyGroupState::default();
+        s.apply(KeyGroupSection {
+            key_group: 1,
+            full: true,
+            puts: vec![e("a", "1"), e("b", "2")],
+            ..Default::default()
+        });
+        s.apply(KeyGroupSection {
+            key_group: 1,
+            full: false,
+            puts: vec![e("a", "3")],
+            deletes: vec![b"b".to_vec()],
+            ..Default::default()
+        });
+        assert_eq!(s.state.len(), 1);
+        assert_eq!(s.state[b"a".as_slice()], b"3");
+        s.apply(KeyGroupSection {
+            key_group: 1,
+            full: true,
+            puts: vec![e("c", "4")],
+            ..Default::default()
+        });
+        assert_eq!(s.state.keys().collect::<Vec<_>>(), vec![&b"c".to_vec()]);
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(epoch_of(&manifest_path(42)), Some(42));
+        assert_eq!(epoch_of(&epoch_object_path(7, "n1", 9)), Some(7));
+        assert_eq!(epoch_of("other/x"), None);
+        assert!(
+            manifest_path(2) < manifest_path(10),
+            "lexicographic order is epoch order"
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! Checkpoints of state and pending messages to blob storage (DESIGN.md, "Exactly-once:
+//! epochs and checkpoints"; see `OVERVIEW.md` beside this file).
+//!
+//! - [`blob`]: opening a blob store from a URL (`file://`, `memory://`, `s3://`, `gs://`,
+//!   `az://`) through object_store.
+//! - [`format`]: what an epoch writes: per-node epoch objects and the manifest (pure).
+//! - [`store`]: writing, committing (create-only manifest), reading chains, retention.
+
+pub mod blob;
+pub mod format;
+pub mod store;

@@ -1,0 +1,348 @@
+//! Writing, committing, reading and collecting checkpoints in a blob store (the I/O driver
+//! of [`super::format`]).
+//!
+//! Invariants:
+//! - epoch objects are immutable and written (create-only) before their manifest;
+//! - a manifest is written create-only: of two writers of one epoch exactly one commits;
+//! - only epochs with a manifest exist for readers;
+//! - garbage collection never removes an object a retained manifest's recovery needs, nor
+//!   anything of an epoch newer than the latest commit (it may still be committing).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use prost::Message;
+
+use super::blob::Blob;
+use super::format::{
+    epoch_object_path, epoch_of, manifest_path, KeyGroupState, Manifest, NodeEpoch, ObjectRef,
+};
+
+/// A checkpoint operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The blob store failed.
+    #[error("blob store {url}: {op} {path}: {source}")]
+    Blob {
+        /// The store.
+        url: String,
+        /// What was being done.
+        op: &'static str,
+        /// The object.
+        path: String,
+        /// Why.
+        source: object_store::Error,
+    },
+    /// Another writer committed this epoch first.
+    #[error("epoch {0} is already committed (another writer won)")]
+    AlreadyCommitted(u64),
+    /// An object does not decode.
+    #[error("corrupt checkpoint object {path}: {reason}")]
+    Corrupt {
+        /// The object.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What a garbage collection removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    /// Oldest epoch still needed by a retained manifest.
+    pub oldest_needed: Option<u64>,
+    /// Manifests deleted.
+    pub manifests_deleted: usize,
+    /// Epoch objects deleted (including orphans of epochs that never committed).
+    pub objects_deleted: usize,
+}
+
+/// Checkpoints in one blob store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct CheckpointStore {
+    blob: Blob,
+}
+
+static NONCE: AtomicU64 = AtomicU64::new(0);
+
+fn nonce() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (NONCE.fetch_add(1, Ordering::Relaxed) << 48) ^ u64::from(std::process::id())
+}
+
+impl CheckpointStore {
+    /// Checkpoints in `blob`.
+    pub fn new(blob: Blob) -> Self {
+        CheckpointStore { blob }
+    }
+
+    fn path(&self, rel: &str) -> ObjectPath {
+        if self.blob.prefix.as_ref().is_empty() {
+            ObjectPath::from(rel)
+        } else {
+            ObjectPath::from(format!("{}/{rel}", self.blob.prefix))
+        }
+    }
+
+    fn rel<'a>(&self, p: &'a ObjectPath) -> &'a str {
+        let s = p.as_ref();
+        let prefix = self.blob.prefix.as_ref();
+        if prefix.is_empty() {
+            s
+        } else {
+            s.strip_prefix(prefix)
+                .map(|r| r.trim_start_matches('/'))
+                .unwrap_or(s)
+        }
+    }
+
+    fn err(&self, op: &'static str, path: &str, source: object_store::Error) -> CheckpointError {
+        CheckpointError::Blob {
+            url: self.blob.url.clone(),
+            op,
+            path: path.to_string(),
+            source,
+        }
+    }
+
+    async fn get(&self, rel: &str) -> Result<Bytes, CheckpointError> {
+        let r = self
+            .blob
+            .store
+            .get(&self.path(rel))
+            .await
+            .map_err(|e| self.err("get", rel, e))?;
+        r.bytes().await.map_err(|e| self.err("get", rel, e))
+    }
+
+    async fn list(&self, dir: &str) -> Result<Vec<String>, CheckpointError> {
+        let prefix = self.path(dir);
+        let metas: Vec<_> = self
+            .blob
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("list", dir, e))?;
+        Ok(metas
+            .iter()
+            .map(|m| self.rel(&m.location).to_string())
+            .collect())
+    }
+
+    /// Writes a node's epoch object (create-only) and returns its manifest entry.
+    pub async fn write_node_epoch(&self, e: &NodeEpoch) -> Result<ObjectRef, CheckpointError> {
+        let rel = epoch_object_path(e.epoch, &e.node, nonce());
+        let bytes = e.encode_to_vec();
+        let size = bytes.len() as u64;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        self.blob
+            .store
+            .put_opts(&self.path(&rel), PutPayload::from(bytes), opts)
+            .await
+            .map_err(|err| self.err("put", &rel, err))?;
+        Ok(e.object_ref(rel, size))
+    }
+
+    /// Commits an epoch by writing its manifest, create-only. Exactly one of several writers
+    /// of the same epoch succeeds; the others get [`CheckpointError::AlreadyCommitted`].
+    pub async fn commit(&self, m: &Manifest) -> Result<(), CheckpointError> {
+        let rel = manifest_path(m.epoch);
+        let body = serde_json::to_vec(m).expect("a manifest serializes");
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .blob
+            .store
+            .put_opts(&self.path(&rel), PutPayload::from(body), opts)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => {
+                Err(CheckpointError::AlreadyCommitted(m.epoch))
+            }
+            Err(e) => Err(self.err("put", &rel, e)),
+        }
+    }
+
+    /// The committed epochs, oldest first.
+    pub async fn committed_epochs(&self) -> Result<Vec<u64>, CheckpointError> {
+        let mut v: Vec<u64> = self
+            .list("manifests")
+            .await?
+            .iter()
+            .filter_map(|p| epoch_of(p))
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// The manifest of a committed epoch.
+    pub async fn manifest(&self, epoch: u64) -> Result<Manifest, CheckpointError> {
+        let rel = manifest_path(epoch);
+        let b = self.get(&rel).await?;
+        serde_json::from_slice(&b).map_err(|e| CheckpointError::Corrupt {
+            path: rel,
+            reason: e.to_string(),
+        })
+    }
+
+    /// The newest committed manifest, if any.
+    pub async fn latest(&self) -> Result<Option<Manifest>, CheckpointError> {
+        match self.committed_epochs().await?.last() {
+            Some(&e) => Ok(Some(self.manifest(e).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The manifests back from `from` to the oldest retained one, newest first (garbage
+    /// collection keeps this history short: see [`CheckpointStore::gc`]).
+    async fn history(&self, from: Manifest) -> Result<Vec<Manifest>, CheckpointError> {
+        let mut out = Vec::new();
+        let mut cur = Some(from);
+        while let Some(m) = cur {
+            let previous = m.previous;
+            out.push(m);
+            cur = match previous {
+                Some(p) => match self.manifest(p).await {
+                    Ok(m) => Some(m),
+                    // Collected by GC: everything a recovery needs is newer.
+                    Err(CheckpointError::Blob {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) => None,
+                    Err(e) => return Err(e),
+                },
+                None => None,
+            };
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds the key groups `wanted` selects as of the newest committed epoch: returns that
+    /// epoch (if any) and each key group's state, pending messages and timers.
+    pub async fn recover(
+        &self,
+        wanted: &dyn Fn(u32) -> bool,
+    ) -> Result<(Option<u64>, BTreeMap<u32, KeyGroupState>), CheckpointError> {
+        let Some(latest) = self.latest().await? else {
+            return Ok((None, BTreeMap::new()));
+        };
+        let epoch = latest.epoch;
+        let manifests = self.history(latest).await?;
+        // Per key group, the objects to read, newest first, cut at its newest full snapshot.
+        let mut needed: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
+        let mut based = BTreeSet::new();
+        for m in &manifests {
+            for o in &m.objects {
+                for &kg in o
+                    .key_groups
+                    .iter()
+                    .filter(|k| wanted(**k) && !based.contains(*k))
+                {
+                    needed
+                        .entry(kg)
+                        .or_default()
+                        .push((m.epoch, o.path.clone()));
+                }
+            }
+            for o in &m.objects {
+                based.extend(o.full_key_groups.iter().copied().filter(|k| wanted(*k)));
+            }
+        }
+        let mut objects: HashMap<String, NodeEpoch> = HashMap::new();
+        let mut out = BTreeMap::new();
+        for (kg, mut chain) in needed {
+            chain.sort();
+            let mut state = KeyGroupState::default();
+            for (_, path) in chain {
+                if !objects.contains_key(&path) {
+                    let b = self.get(&path).await?;
+                    let e = NodeEpoch::decode(b).map_err(|e| CheckpointError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    objects.insert(path.clone(), e);
+                }
+                if let Some(s) = objects[&path].key_groups.iter().find(|s| s.key_group == kg) {
+                    state.apply(s.clone());
+                }
+            }
+            out.insert(kg, state);
+        }
+        Ok((Some(epoch), out))
+    }
+
+    /// Keeps the newest `keep` committed epochs (and everything their recovery reads) and
+    /// deletes the rest, plus orphaned objects of epochs that never committed.
+    pub async fn gc(&self, keep: usize) -> Result<GcReport, CheckpointError> {
+        let epochs = self.committed_epochs().await?;
+        let Some(&latest) = epochs.last() else {
+            return Ok(GcReport::default());
+        };
+        let keep = keep.max(1);
+        let oldest_kept = epochs[epochs.len().saturating_sub(keep)];
+        // Recovering at the oldest kept epoch reads, per key group, back to its newest full
+        // snapshot at or before it; a key group without one needs all history.
+        let history = self.history(self.manifest(oldest_kept).await?).await?;
+        let mut seen = BTreeSet::new();
+        let mut base: BTreeMap<u32, u64> = BTreeMap::new();
+        for m in &history {
+            for o in &m.objects {
+                seen.extend(o.key_groups.iter().copied());
+                for &kg in &o.full_key_groups {
+                    base.entry(kg).or_insert(m.epoch);
+                }
+            }
+        }
+        let oldest_needed = if seen.iter().any(|k| !base.contains_key(k)) {
+            history.last().map(|m| m.epoch).unwrap_or(oldest_kept)
+        } else {
+            base.values()
+                .copied()
+                .min()
+                .unwrap_or(oldest_kept)
+                .min(oldest_kept)
+        };
+        let mut report = GcReport {
+            oldest_needed: Some(oldest_needed),
+            ..Default::default()
+        };
+        for e in epochs.iter().copied().filter(|e| *e < oldest_needed) {
+            let rel = manifest_path(e);
+            self.blob
+                .store
+                .delete(&self.path(&rel))
+                .await
+                .map_err(|err| self.err("delete", &rel, err))?;
+            report.manifests_deleted += 1;
+        }
+        let committed: BTreeSet<u64> = epochs.iter().copied().collect();
+        for rel in self.list("epochs").await? {
+            let Some(e) = epoch_of(&rel) else { continue };
+            let orphan = !committed.contains(&e) && e < latest;
+            if e < oldest_needed || orphan {
+                self.blob
+                    .store
+                    .delete(&self.path(&rel))
+                    .await
+                    .map_err(|err| self.err("delete", &rel, err))?;
+                report.objects_deleted += 1;
+            }
+        }
+        Ok(report)
+    }
+}
