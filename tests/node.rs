@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{eventually, http, next_egress, post, Node};
+use common::{eventually, http, next_egress, post, state_value, Node};
 use futures::StreamExt;
 use statemesh_sdk::{typenames, Address, TypedValue};
 
@@ -15,19 +15,6 @@ const STRING: &str = typenames::STRING;
 
 fn addr(s: &str) -> Address {
     Address::parse(s).unwrap()
-}
-
-async fn state_value(node: &Node, address: &str, name: &str) -> Option<serde_json::Value> {
-    let (s, _, body) = http(
-        &format!("{}/v1/state/{address}", node.http),
-        "GET",
-        None,
-        Bytes::new(),
-    )
-    .await;
-    assert_eq!(s, 200);
-    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    j["states"].get(name).map(|v| v["value"].clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

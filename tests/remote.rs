@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::python::{statefun3, FunctionServer};
-use common::{badserver, eventually, http, next_egress, post, Node};
+use common::{badserver, eventually, http, next_egress, post, state_value, Node};
 use statemesh_sdk::{typenames, Address, TypedValue};
 
 const STRING: &str = typenames::STRING;
@@ -16,19 +16,6 @@ const LONG: &str = typenames::LONG;
 
 fn module_for(url: &str) -> String {
     format!("kind: io.statefun.endpoints.v2/http\nspec:\n  functions: py/*\n  urlPathTemplate: {url}\n  maxNumBatchRequests: 1000\n  transport:\n    type: io.statefun.transports.v1/async\n    call: 30s\n")
-}
-
-async fn state(node: &Node, address: &str, name: &str) -> Option<serde_json::Value> {
-    let (s, _, body) = http(
-        &format!("{}/v1/state/{address}", node.http),
-        "GET",
-        None,
-        Bytes::new(),
-    )
-    .await;
-    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
-    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    j["states"].get(name).map(|v| v["value"].clone())
 }
 
 fn start(dir: &tempfile::TempDir) -> (FunctionServer, Node) {
@@ -65,7 +52,7 @@ async fn python_sdk_greeter_state_negotiation_and_replies() {
         .unwrap();
     assert_eq!(r.get::<String>().unwrap(), "Hello bob, you are visitor #2");
     assert_eq!(
-        state(&node, "py/greeter/g1", "seen").await,
+        state_value(&node, "py/greeter/g1", "seen").await,
         Some(serde_json::json!(2))
     );
     let (ok, out, err) = node.cli(&["call", "py/counter/c", "40", "--type", "long"]);
@@ -160,11 +147,12 @@ async fn python_sdk_order_batching_and_many_addresses() {
         1000
     );
     eventually("1000 processed", Duration::from_secs(60), || async {
-        (state(&node, "py/seq/one", "last").await == Some(serde_json::json!(1000))).then_some(())
+        (state_value(&node, "py/seq/one", "last").await == Some(serde_json::json!(1000)))
+            .then_some(())
     })
     .await;
     assert_eq!(
-        state(&node, "py/seq/one", "gaps").await,
+        state_value(&node, "py/seq/one", "gaps").await,
         None,
         "out of order"
     );
@@ -197,7 +185,7 @@ async fn python_sdk_order_batching_and_many_addresses() {
     }
     for a in [0, 42, 99] {
         assert_eq!(
-            state(&node, &format!("py/counter/k{a}"), "total").await,
+            state_value(&node, &format!("py/counter/k{a}"), "total").await,
             Some(serde_json::json!(10))
         );
     }
@@ -539,7 +527,7 @@ async fn rust_remote_function_server() {
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
-        state(&node, "example/stock/plum", "quantity").await,
+        state_value(&node, "example/stock/plum", "quantity").await,
         Some(serde_json::json!(3)),
         "the cancelled timeout did not restock"
     );
@@ -588,7 +576,8 @@ async fn max_num_batch_requests_back_pressures_ingress() {
         "accepted sends processed",
         Duration::from_secs(30),
         || async {
-            (state(&node, "py/slow/a", "n").await == Some(serde_json::json!(ok))).then_some(())
+            (state_value(&node, "py/slow/a", "n").await == Some(serde_json::json!(ok)))
+                .then_some(())
         },
     )
     .await;
@@ -604,7 +593,7 @@ async fn max_num_batch_requests_back_pressures_ingress() {
         300
     );
     eventually("stream processed", Duration::from_secs(60), || async {
-        (state(&node, "py/slow/b", "n").await == Some(serde_json::json!(300))).then_some(())
+        (state_value(&node, "py/slow/b", "n").await == Some(serde_json::json!(300))).then_some(())
     })
     .await;
     let batches = node.metric("statemesh_remote_batch_size_count").await;

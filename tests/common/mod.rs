@@ -245,3 +245,17 @@ pub fn first_line(child: &mut Child) -> Option<String> {
     });
     rx.recv_timeout(Duration::from_secs(60)).ok()
 }
+
+/// The JSON value of one state of an address (`GET /v1/state/...`), if present.
+pub async fn state_value(node: &Node, address: &str, name: &str) -> Option<serde_json::Value> {
+    let (s, _, body) = http(
+        &format!("{}/v1/state/{address}", node.http),
+        "GET",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    j["states"].get(name).map(|v| v["value"].clone())
+}

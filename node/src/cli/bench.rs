@@ -59,36 +59,7 @@ pub enum BenchCommand {
         instances: u64,
     },
     /// Counter workload against a running node.
-    Load {
-        /// gRPC URL of the node.
-        #[arg(long, default_value = "http://127.0.0.1:5090")]
-        grpc: String,
-        /// HTTP base URL of the node (also used to read its peak memory from /metrics).
-        #[arg(long, default_value = "http://127.0.0.1:8090")]
-        http: String,
-        #[arg(long, value_enum, default_value = "grpc")]
-        protocol: Protocol,
-        #[arg(long, value_enum, default_value = "call")]
-        mode: Mode,
-        /// Distinct counter keys.
-        #[arg(long, default_value_t = 1_000)]
-        keys: u64,
-        /// Concurrent requests (or streams).
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// Seconds to measure.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
-        /// Connections to spread the load over.
-        #[arg(long, default_value_t = 4)]
-        connections: usize,
-        /// Messages per frame in stream mode.
-        #[arg(long, default_value_t = 512)]
-        batch: usize,
-        /// The counter function type to load (`example/counter`, or a remote one).
-        #[arg(long, default_value = "example/counter")]
-        function: String,
-    },
+    Load(LoadArgs),
     /// Loads a StateFun function server directly (no node) with the shape statemesh sends:
     /// one counter invocation per request, with its state, per address.
     Direct {
@@ -134,32 +105,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             shards,
         } => embedded(instances, tokens, duration, shards).await,
         BenchCommand::Memory { instances } => memory(instances).await,
-        BenchCommand::Load {
-            grpc,
-            http,
-            protocol,
-            mode,
-            keys,
-            concurrency,
-            duration,
-            connections,
-            batch,
-            function,
-        } => {
-            load(LoadArgs {
-                grpc,
-                http,
-                protocol,
-                mode,
-                keys,
-                concurrency,
-                duration,
-                connections,
-                batch,
-                function,
-            })
-            .await
-        }
+        BenchCommand::Load(args) => load(args).await,
         BenchCommand::Direct {
             url,
             function,
@@ -335,17 +281,36 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     Ok(d)
 }
 
-struct LoadArgs {
-    function: String,
+#[derive(clap::Args)]
+pub struct LoadArgs {
+    /// gRPC URL of the node.
+    #[arg(long, default_value = "http://127.0.0.1:5090")]
     grpc: String,
+    /// HTTP base URL of the node (also used to read its peak memory from /metrics).
+    #[arg(long, default_value = "http://127.0.0.1:8090")]
     http: String,
+    #[arg(long, value_enum, default_value = "grpc")]
     protocol: Protocol,
+    #[arg(long, value_enum, default_value = "call")]
     mode: Mode,
+    /// Distinct counter keys.
+    #[arg(long, default_value_t = 1_000)]
     keys: u64,
+    /// Concurrent requests (or streams).
+    #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Connections to spread the load over.
+    #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Messages per frame in stream mode.
+    #[arg(long, default_value_t = 512)]
     batch: usize,
+    /// The counter function type to load (`example/counter`, or a remote one).
+    #[arg(long, default_value = "example/counter")]
+    function: String,
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
