@@ -5,7 +5,9 @@
 //!   `az://`) through object_store.
 //! - [`format`]: what an epoch writes: per-node epoch objects and the manifest (pure).
 //! - [`store`]: writing, committing (create-only manifest), reading chains, retention.
+//! - [`coordinator`]: when epochs start, persist and commit (pure; not wired into the node yet).
 
 pub mod blob;
+pub mod coordinator;
 pub mod format;
 pub mod store;

@@ -1,0 +1,339 @@
+//! The epoch coordinator of one node, as a pure state machine (no clocks, sockets or files:
+//! the driver feeds it [`Input`]s and performs its [`Action`]s). The mesh issue puts the same
+//! decisions behind the Raft control group.
+//!
+//! Rules:
+//! - a new epoch starts every `interval_ms`, or at once when a caller waits on a commit, as
+//!   long as fewer than `max_uncommitted` epochs are open;
+//! - epochs are written and committed strictly in order, one at a time, once every shard has
+//!   cut them;
+//! - a failed write or commit is retried with exponential backoff, never skipped;
+//! - back-pressure is on while an epoch is due but `max_uncommitted` epochs are already open
+//!   (the driver answers 429 and `/readyz` says why), off again once one commits.
+//!
+//! Invariant (checked in debug builds): `committed ≤ started`, and the epoch being persisted is
+//! always `committed + 1`.
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Time passed (driver ticks often, e.g. every few ms).
+    Tick {
+        /// Now, ms.
+        now_ms: u64,
+    },
+    /// A caller waits for a commit (a committed `Send`/`Call`): start an epoch soon.
+    CallerWaiting,
+    /// A shard finished its cut of an epoch.
+    ShardCut {
+        /// The epoch.
+        epoch: u64,
+        /// The shard.
+        shard: usize,
+    },
+    /// The node's epoch object is in blob storage.
+    Written {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The manifest is in blob storage: the epoch is committed.
+    Committed {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// Writing the object or the manifest failed.
+    Failed {
+        /// The epoch.
+        epoch: u64,
+        /// Now, ms.
+        now_ms: u64,
+    },
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Tell every shard to cut this epoch.
+    Barrier(u64),
+    /// Write the node's object of this epoch (all shards have cut it).
+    Write(u64),
+    /// Write this epoch's manifest (create-only).
+    Commit(u64),
+    /// The epoch committed: release its acknowledgements, replies and egress; apply its
+    /// state to the local store.
+    Release(u64),
+    /// Turn ingress back-pressure on or off.
+    Backpressure(bool),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Persisting {
+    Idle,
+    Writing(u64),
+    Committing(u64),
+    /// Waiting to retry the write of this epoch at this time.
+    Backoff(u64, u64),
+}
+
+/// The coordinator.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    shards: usize,
+    interval_ms: u64,
+    max_uncommitted: u64,
+    started: u64,
+    committed: u64,
+    last_start_ms: Option<u64>,
+    waiting: bool,
+    /// cuts[i] = shards that cut epoch committed+1+i
+    cuts: std::collections::VecDeque<Vec<bool>>,
+    persisting: Persisting,
+    failures: u32,
+    backpressure: bool,
+}
+
+impl Coordinator {
+    /// A coordinator for `shards` shards, resuming after `committed`.
+    pub fn new(shards: usize, interval_ms: u64, max_uncommitted: u64, committed: u64) -> Self {
+        Coordinator {
+            shards: shards.max(1),
+            interval_ms: interval_ms.max(1),
+            max_uncommitted: max_uncommitted.max(1),
+            started: committed,
+            committed,
+            last_start_ms: None,
+            waiting: false,
+            cuts: Default::default(),
+            persisting: Persisting::Idle,
+            failures: 0,
+            backpressure: false,
+        }
+    }
+
+    /// The last committed epoch.
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    /// The last started epoch.
+    pub fn started(&self) -> u64 {
+        self.started
+    }
+
+    fn open(&self) -> u64 {
+        self.started - self.committed
+    }
+
+    fn backoff_ms(&self) -> u64 {
+        (10u64 << self.failures.min(10)).min(5_000)
+    }
+
+    fn all_cut(&self, epoch: u64) -> bool {
+        epoch > self.committed
+            && self
+                .cuts
+                .get((epoch - self.committed - 1) as usize)
+                .is_some_and(|c| c.iter().all(|x| *x))
+    }
+
+    fn maybe_persist(&mut self, out: &mut Vec<Action>) {
+        let next = self.committed + 1;
+        if self.persisting == Persisting::Idle && self.all_cut(next) {
+            self.persisting = Persisting::Writing(next);
+            out.push(Action::Write(next));
+        }
+    }
+
+    /// On while an epoch is due but cannot start (the backlog is full); off once one can.
+    fn set_backpressure(&mut self, blocked: bool, out: &mut Vec<Action>) {
+        let on = blocked && self.open() >= self.max_uncommitted;
+        if on != self.backpressure {
+            self.backpressure = on;
+            out.push(Action::Backpressure(on));
+        }
+    }
+
+    /// Feeds one input; returns the actions to perform, in order.
+    pub fn handle(&mut self, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Tick { now_ms } => {
+                if let Persisting::Backoff(e, at) = self.persisting {
+                    if now_ms >= at {
+                        self.persisting = Persisting::Writing(e);
+                        out.push(Action::Write(e));
+                    }
+                }
+                let due = self.waiting
+                    || self
+                        .last_start_ms
+                        .is_none_or(|t| now_ms.saturating_sub(t) >= self.interval_ms);
+                let blocked = due && self.open() >= self.max_uncommitted;
+                if due && !blocked {
+                    self.started += 1;
+                    self.last_start_ms = Some(now_ms);
+                    self.waiting = false;
+                    self.cuts.push_back(vec![false; self.shards]);
+                    out.push(Action::Barrier(self.started));
+                }
+                self.set_backpressure(blocked, &mut out);
+            }
+            Input::CallerWaiting => self.waiting = true,
+            Input::ShardCut { epoch, shard } => {
+                if epoch > self.committed && epoch <= self.started && shard < self.shards {
+                    self.cuts[(epoch - self.committed - 1) as usize][shard] = true;
+                    self.maybe_persist(&mut out);
+                }
+            }
+            Input::Written { epoch } => {
+                if self.persisting == Persisting::Writing(epoch) {
+                    self.persisting = Persisting::Committing(epoch);
+                    out.push(Action::Commit(epoch));
+                }
+            }
+            Input::Committed { epoch } => {
+                if self.persisting == Persisting::Committing(epoch) {
+                    self.committed = epoch;
+                    self.cuts.pop_front();
+                    self.persisting = Persisting::Idle;
+                    self.failures = 0;
+                    out.push(Action::Release(epoch));
+                    self.maybe_persist(&mut out);
+                    self.set_backpressure(self.backpressure, &mut out);
+                }
+            }
+            Input::Failed { epoch, now_ms } => {
+                if matches!(self.persisting, Persisting::Writing(e) | Persisting::Committing(e) if e == epoch)
+                {
+                    self.failures += 1;
+                    self.persisting = Persisting::Backoff(epoch, now_ms + self.backoff_ms());
+                }
+            }
+        }
+        debug_assert!(self.committed <= self.started);
+        debug_assert!(match self.persisting {
+            Persisting::Idle => true,
+            Persisting::Writing(e) | Persisting::Committing(e) | Persisting::Backoff(e, _) =>
+                e == self.committed + 1,
+        });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut_all(c: &mut Coordinator, epoch: u64, shards: usize) -> Vec<Action> {
+        (0..shards)
+            .flat_map(|s| c.handle(Input::ShardCut { epoch, shard: s }))
+            .collect()
+    }
+
+    #[test]
+    fn epochs_start_on_the_interval_and_commit_in_order() {
+        let mut c = Coordinator::new(2, 100, 4, 0);
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 0 }),
+            vec![Action::Barrier(1)]
+        );
+        assert_eq!(c.handle(Input::Tick { now_ms: 50 }), vec![]);
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 100 }),
+            vec![Action::Barrier(2)]
+        );
+        // Epoch 2 is cut first: nothing is written before epoch 1.
+        assert_eq!(cut_all(&mut c, 2, 2), vec![]);
+        assert_eq!(c.handle(Input::ShardCut { epoch: 1, shard: 0 }), vec![]);
+        assert_eq!(
+            c.handle(Input::ShardCut { epoch: 1, shard: 1 }),
+            vec![Action::Write(1)]
+        );
+        assert_eq!(
+            c.handle(Input::Written { epoch: 1 }),
+            vec![Action::Commit(1)]
+        );
+        assert_eq!(
+            c.handle(Input::Committed { epoch: 1 }),
+            vec![Action::Release(1), Action::Write(2)]
+        );
+        assert_eq!(
+            c.handle(Input::Written { epoch: 2 }),
+            vec![Action::Commit(2)]
+        );
+        assert_eq!(
+            c.handle(Input::Committed { epoch: 2 }),
+            vec![Action::Release(2)]
+        );
+        assert_eq!(c.committed(), 2);
+    }
+
+    #[test]
+    fn a_waiting_caller_starts_an_epoch_early() {
+        let mut c = Coordinator::new(1, 1_000, 4, 7);
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 0 }),
+            vec![Action::Barrier(8)]
+        );
+        assert_eq!(c.handle(Input::Tick { now_ms: 10 }), vec![]);
+        c.handle(Input::CallerWaiting);
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 11 }),
+            vec![Action::Barrier(9)]
+        );
+    }
+
+    #[test]
+    fn failures_retry_with_backoff_and_backlog_backpressures() {
+        let mut c = Coordinator::new(1, 10, 2, 0);
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 0 }),
+            vec![Action::Barrier(1)]
+        );
+        assert_eq!(cut_all(&mut c, 1, 1), vec![Action::Write(1)]);
+        assert_eq!(
+            c.handle(Input::Failed {
+                epoch: 1,
+                now_ms: 5
+            }),
+            vec![]
+        );
+        // Two epochs open: back-pressure, and no third epoch starts.
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 10 }),
+            vec![Action::Barrier(2)],
+            "two open epochs are normal"
+        );
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 20 }),
+            vec![Action::Backpressure(true)],
+            "a third is due but cannot start"
+        );
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 25 }),
+            vec![Action::Write(1)],
+            "retried after its 20 ms backoff"
+        );
+        assert_eq!(
+            c.handle(Input::Written { epoch: 1 }),
+            vec![Action::Commit(1)]
+        );
+        assert_eq!(
+            c.handle(Input::Committed { epoch: 1 }),
+            vec![Action::Release(1), Action::Backpressure(false)]
+        );
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 30 }),
+            vec![Action::Barrier(3)]
+        );
+    }
+
+    #[test]
+    fn stale_and_unknown_inputs_are_ignored() {
+        let mut c = Coordinator::new(1, 10, 4, 3);
+        assert_eq!(c.handle(Input::ShardCut { epoch: 2, shard: 0 }), vec![]);
+        assert_eq!(c.handle(Input::ShardCut { epoch: 9, shard: 0 }), vec![]);
+        assert_eq!(c.handle(Input::Committed { epoch: 4 }), vec![]);
+        assert_eq!(c.handle(Input::Written { epoch: 4 }), vec![]);
+    }
+}
