@@ -595,8 +595,6 @@ impl Shard {
         m.invocation_errors
             .inc_by(std::mem::take(&mut self.invocation_errors));
         self.invocation_hist.flush();
-        // Gauges are node-wide: each shard adds its change since the last fold.
-        let _ = m;
     }
 
     fn read_state(&self, slot: &Slot) -> Vec<(String, TypedValue, u64)> {
