@@ -76,6 +76,10 @@ pub struct Endpoint {
     pub connect_timeout: Duration,
     /// Largest accepted response body. Default 32 MiB.
     pub payload_max_bytes: usize,
+    /// How long an idle pooled connection is kept (`pool_ttl`). Default 15 s.
+    pub pool_ttl: Duration,
+    /// Most idle pooled connections per shard thread (`pool_size`). Default 1024.
+    pub pool_size: usize,
     /// Declared states (v2; v3 negotiates them).
     pub states: Vec<ValueSpecDescriptor>,
 }
@@ -90,6 +94,8 @@ impl Endpoint {
             call_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             payload_max_bytes: 32 << 20,
+            pool_ttl: Duration::from_secs(15),
+            pool_size: 1024,
             states: Vec::new(),
         }
     }
@@ -311,6 +317,14 @@ fn v3_component(
                 }
                 if let Some(c) = d.duration(t, "connect", tkey)? {
                     e.connect_timeout = c;
+                }
+                if let Some(ttl) = d.duration(t, "pool_ttl", tkey)? {
+                    e.pool_ttl = ttl;
+                }
+                if let Some(n) = d.int(t, "pool_size", tkey)? {
+                    if n > 0 {
+                        e.pool_size = n as usize;
+                    }
                 }
                 if let Some(p) = d.int(t, "payload_max_bytes", tkey)? {
                     if p > 0 {
@@ -599,6 +613,14 @@ mod tests {
             "{:?}",
             m.warnings
         );
+    }
+
+    #[test]
+    fn transport_pool_settings() {
+        let m = parse("kind: io.statefun.endpoints.v2/http\nspec:\n  functions: a/b\n  urlPathTemplate: http://x\n  transport:\n    pool_ttl: 30s\n    pool_size: 8\n").unwrap();
+        let e = m.endpoint_for("a/b").unwrap();
+        assert_eq!((e.pool_ttl, e.pool_size), (Duration::from_secs(30), 8));
+        assert!(m.warnings.is_empty(), "{:?}", m.warnings);
     }
 
     #[test]

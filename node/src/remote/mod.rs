@@ -57,7 +57,8 @@ pub fn client_for(e: &Endpoint) -> HttpClient {
     connector.set_connect_timeout(Some(e.connect_timeout));
     connector.set_nodelay(true);
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_idle_timeout(e.pool_ttl)
+        .pool_max_idle_per_host(e.pool_size)
         .build(connector)
 }
 
