@@ -32,6 +32,10 @@ fn section(kg: u32, full: bool, puts: &[(&str, &str)], deletes: &[&str]) -> KeyG
             has_value: true,
         }],
         timers: vec![],
+        idempotency: vec![Entry {
+            key: format!("key-{kg}").into_bytes(),
+            value: vec![0; 9],
+        }],
     }
 }
 
@@ -144,6 +148,7 @@ async fn scenario(store: CheckpointStore) {
         vec![("y".into(), "3".into()), ("z".into(), "1".into())]
     );
     assert_eq!(kgs[&1].pending[0].value, vec![1]);
+    assert_eq!(kgs[&1].idempotency[0].key, b"key-1");
     let (_, only0) = store.recover(&|kg| kg == 0).await.unwrap();
     assert_eq!(only0.keys().copied().collect::<Vec<_>>(), vec![0]);
 

@@ -64,6 +64,10 @@ pub struct KeyGroupSection {
     /// Timers at the cut (always complete for the key group).
     #[prost(message, repeated, tag = "6")]
     pub timers: Vec<Entry>,
+    /// Finished idempotency records at the cut (always complete for the key group; see
+    /// `idempotency.rs`).
+    #[prost(message, repeated, tag = "7")]
+    pub idempotency: Vec<Entry>,
 }
 
 /// Everything one node writes for one epoch.
@@ -146,6 +150,8 @@ pub struct KeyGroupState {
     pub pending: Vec<PendingMessage>,
     /// Timers at the newest cut.
     pub timers: Vec<Entry>,
+    /// Idempotency records at the newest cut.
+    pub idempotency: Vec<Entry>,
 }
 
 impl KeyGroupState {
@@ -162,6 +168,7 @@ impl KeyGroupState {
         }
         self.pending = s.pending;
         self.timers = s.timers;
+        self.idempotency = s.idempotency;
     }
 }
 
