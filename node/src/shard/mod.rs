@@ -290,8 +290,9 @@ impl Shard {
         let i = match self.activate(&env.target, env.kg, &entry) {
             Ok(i) => i,
             Err(e) => {
-                // Local storage is broken: keep the message (it is retried when the next
-                // message for the address arrives) rather than drop it.
+                // Local storage is broken for this address: running the function on absent
+                // state would corrupt it, so the message goes to the dead letters (with the
+                // reason) instead of being applied or silently dropped.
                 tracing::error!(address = %env.target, error = %e, "cannot load state; message dead-lettered");
                 if env.ingress {
                     self.router.release(self.index, 1);
