@@ -634,3 +634,50 @@ fn malformed_module_refuses_to_start() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_local_state_is_dead_lettered_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let node = Node::start(&data, None);
+    assert_eq!(
+        post(&node, "call", "example/counter/x", LONG, "1").await.2,
+        "1"
+    );
+    node.stop();
+    // Corrupt the stored `total` of example/counter/x (layout: store.rs).
+    {
+        let db = sled::open(data.join("state")).unwrap();
+        let addr = "example/counter/x";
+        let kg = statemesh_mesh::keygroup::key_group("example", "counter", "x", 1024) as u16;
+        let mut key = vec![b's'];
+        key.extend_from_slice(&kg.to_be_bytes());
+        key.extend_from_slice(&(addr.len() as u32).to_be_bytes());
+        key.extend_from_slice(addr.as_bytes());
+        key.extend_from_slice(b"total");
+        assert!(
+            db.get(&key).unwrap().is_some(),
+            "the layout matches store.rs"
+        );
+        db.insert(key, &b"\x07garbage"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let node = Node::start(&data, None);
+    let (s, _, body) = post(&node, "call", "example/counter/x", LONG, "1").await;
+    assert_eq!(s, 502, "{body}");
+    assert!(
+        body.contains("cannot load state") && body.contains("corrupt"),
+        "{body}"
+    );
+    let dead: serde_json::Value = serde_json::from_slice(
+        &next_egress(&node, "statemesh/dead-letters", Duration::from_secs(5)).await,
+    )
+    .unwrap();
+    assert_eq!(dead["address"], "example/counter/x");
+    assert_eq!(
+        post(&node, "call", "example/counter/y", LONG, "2").await.2,
+        "2",
+        "other addresses are unaffected"
+    );
+    node.stop();
+}
