@@ -85,10 +85,6 @@ impl Node {
         }
     }
 
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) {
         let mut child = self.child.take().unwrap();

@@ -112,16 +112,6 @@ pub struct Manifest {
     pub objects: Vec<ObjectRef>,
 }
 
-impl Manifest {
-    /// Key groups this epoch wrote in full.
-    pub fn full_key_groups(&self) -> BTreeSet<u32> {
-        self.objects
-            .iter()
-            .flat_map(|o| o.full_key_groups.iter().copied())
-            .collect()
-    }
-}
-
 impl NodeEpoch {
     /// The manifest entry of this object stored at `path` with `size` bytes.
     pub fn object_ref(&self, path: String, size: u64) -> ObjectRef {

@@ -114,11 +114,6 @@ impl RemoteFunction {
         self.endpoint.max_batch
     }
 
-    /// The wire protocol of the endpoint.
-    pub fn protocol(&self) -> crate::module::WireProtocol {
-        self.endpoint.protocol
-    }
-
     fn request(
         &self,
         target: &Address,
