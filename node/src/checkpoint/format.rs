@@ -7,7 +7,7 @@
 //!   key groups each holds (and which in full), and the previous committed epoch, so a reader
 //!   walks back from the newest manifest to each key group's last full snapshot.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
