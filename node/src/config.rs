@@ -69,6 +69,61 @@ impl RetryConfig {
     }
 }
 
+/// When a `Send` is acknowledged.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// Once the epoch holding the message has committed to blob storage (durable).
+    #[default]
+    Committed,
+    /// As soon as the owning shard has queued it (faster; lost if the node dies first).
+    Accepted,
+}
+
+/// Checkpoints: epochs of state and pending messages in blob storage (exactly-once).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Checkpoint to blob storage. When off, state is still written to sled every
+    /// `flush_interval_ms`, but nothing survives the loss of the data directory, pending
+    /// messages are lost in a crash, and `Send`s are acknowledged on acceptance. Default on.
+    pub enabled: bool,
+    /// Blob storage URL: `file:///path` (or a plain path), `memory://`, `s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix`. Default `<data_dir>/checkpoints`.
+    pub url: Option<String>,
+    /// How often an epoch starts (earlier when callers wait for a commit). Default 100 ms.
+    pub interval_ms: u64,
+    /// Committed epochs to keep. Default 10.
+    pub retain: usize,
+    /// Epochs cut but not yet committed before ingress gets back-pressure (429 /
+    /// RESOURCE_EXHAUSTED). Default 100.
+    pub max_uncommitted: u64,
+    /// When a `Send` is acknowledged (`committed` or `accepted`). Default `committed`.
+    pub ack: AckMode,
+    /// How long idempotency keys are remembered. Default 3,600,000 ms (1 hour).
+    pub idempotency_window_ms: u64,
+    /// This node's name in epoch objects. Default `node-0`.
+    pub node_id: String,
+    /// S3 settings (override `AWS_*` environment variables).
+    pub s3: crate::checkpoint::blob::S3Options,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            enabled: true,
+            url: None,
+            interval_ms: 100,
+            retain: 10,
+            max_uncommitted: 100,
+            ack: AckMode::Committed,
+            idempotency_window_ms: 3_600_000,
+            node_id: "node-0".into(),
+            s3: Default::default(),
+        }
+    }
+}
+
 /// The node configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -95,7 +150,8 @@ pub struct NodeConfig {
     pub max_message_bytes: usize,
     /// Default reply timeout of `Call`. Default 30,000 ms.
     pub call_timeout_ms: u64,
-    /// How often dirty state and timers are written to sled. Default 200 ms.
+    /// How often state and timers are written to sled when checkpoints are off (with
+    /// checkpoints on, sled is written when an epoch commits). Default 200 ms.
     pub flush_interval_ms: u64,
     /// Ingress messages queued per shard before ingress answers 429/RESOURCE_EXHAUSTED.
     /// Default 200,000.
@@ -109,6 +165,8 @@ pub struct NodeConfig {
     pub shutdown_grace_ms: u64,
     /// Retry policy of failing invocations.
     pub retry: RetryConfig,
+    /// Checkpoints to blob storage.
+    pub checkpoint: CheckpointConfig,
 }
 
 impl Default for NodeConfig {
@@ -130,6 +188,7 @@ impl Default for NodeConfig {
             max_batch: 256,
             shutdown_grace_ms: 5_000,
             retry: RetryConfig::default(),
+            checkpoint: CheckpointConfig::default(),
         }
     }
 }
@@ -184,7 +243,31 @@ impl NodeConfig {
         if self.flush_interval_ms == 0 {
             return bad("flush_interval_ms: expected at least 1");
         }
+        if self.checkpoint.interval_ms == 0 {
+            return bad("checkpoint.interval_ms: expected at least 1");
+        }
+        if self.checkpoint.max_uncommitted == 0 {
+            return bad("checkpoint.max_uncommitted: expected at least 1");
+        }
+        if self.checkpoint.node_id.is_empty()
+            || !self
+                .checkpoint
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad("checkpoint.node_id: expected letters, digits, '-' or '_'");
+        }
         Ok(())
+    }
+
+    /// The blob storage URL of checkpoints.
+    pub fn checkpoint_url(&self) -> String {
+        self.checkpoint.url.clone().unwrap_or_else(|| {
+            let p = self.data_dir.join("checkpoints");
+            let abs = std::path::absolute(&p).unwrap_or(p);
+            abs.display().to_string()
+        })
     }
 
     /// The number of shards to run (resolving 0 to the core count).

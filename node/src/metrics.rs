@@ -43,6 +43,22 @@ pub struct Metrics {
     pub remote_batch_size: Histogram,
     /// Failed remote call attempts (each retried or ending in a dead letter).
     pub remote_failed_attempts: IntCounter,
+    /// Retried requests answered from their idempotency record.
+    pub idempotent_retries: IntCounter,
+    /// Time from an epoch's barrier to its commit.
+    pub checkpoint_seconds: Histogram,
+    /// Bytes written to blob storage by epochs and full snapshots.
+    pub checkpoint_bytes: IntCounter,
+    /// Bytes of the last committed epoch's object.
+    pub checkpoint_last_bytes: IntGauge,
+    /// The last committed epoch.
+    pub checkpoint_committed_epoch: IntGauge,
+    /// Epochs cut but not yet committed.
+    pub checkpoint_backlog: IntGauge,
+    /// Milliseconds since the last commit (while an epoch is open).
+    pub checkpoint_commit_lag_ms: IntGauge,
+    /// Failed epoch writes and commits (each retried).
+    pub checkpoint_failures: IntCounter,
     rss: IntGauge,
     peak_rss: IntGauge,
 }
@@ -101,6 +117,7 @@ impl Metrics {
             "overloaded",
             "timeout",
             "shutdown",
+            "checkpoint_backlog",
         ] {
             ingress_errors.with_label_values(&[reason]);
         }
@@ -116,7 +133,55 @@ impl Metrics {
         .expect("valid histogram");
         r.register(Box::new(remote_batch_size.clone()))
             .expect("metric registered once");
+        let checkpoint_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "statemesh_checkpoint_duration_seconds",
+                "Time from an epoch's barrier to its commit",
+            )
+            .buckets(vec![
+                1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+            ]),
+        )
+        .expect("valid histogram");
+        r.register(Box::new(checkpoint_seconds.clone()))
+            .expect("metric registered once");
         Metrics {
+            idempotent_retries: counter(
+                &r,
+                "statemesh_idempotent_retries_total",
+                "Retried requests answered from their idempotency record",
+            ),
+            checkpoint_seconds,
+            checkpoint_bytes: counter(
+                &r,
+                "statemesh_checkpoint_bytes_total",
+                "Bytes written to blob storage by epochs and full snapshots",
+            ),
+            checkpoint_last_bytes: gauge(
+                &r,
+                "statemesh_checkpoint_last_bytes",
+                "Bytes of the last committed epoch's object",
+            ),
+            checkpoint_committed_epoch: gauge(
+                &r,
+                "statemesh_checkpoint_committed_epoch",
+                "The last committed epoch",
+            ),
+            checkpoint_backlog: gauge(
+                &r,
+                "statemesh_checkpoint_uncommitted_epochs",
+                "Epochs cut but not yet committed",
+            ),
+            checkpoint_commit_lag_ms: gauge(
+                &r,
+                "statemesh_checkpoint_commit_lag_milliseconds",
+                "Milliseconds since the last commit",
+            ),
+            checkpoint_failures: counter(
+                &r,
+                "statemesh_checkpoint_failures_total",
+                "Failed epoch writes and commits (each retried)",
+            ),
             remote_batch_size,
             remote_failed_attempts: counter(
                 &r,

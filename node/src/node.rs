@@ -14,13 +14,16 @@ use actix::prelude::*;
 use statemesh_sdk::{StatefulFunction, TypeName};
 use tokio::sync::oneshot;
 
+use crate::checkpoint::driver::{self, DriverEvent, StatusHandle};
+use crate::checkpoint::store::CheckpointStore;
 use crate::config::NodeConfig;
 use crate::egress::Egress;
 use crate::ingress::http::Routes;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::router::Envelope;
 use crate::router::Router;
-use crate::shard::{FlushNow, Gauges, Outstanding, Shard, ShardOptions};
+use crate::shard::{Gauges, Outstanding, Shard, ShardOptions};
 use crate::store::Store;
 
 /// A node that failed to start.
@@ -102,6 +105,7 @@ pub(crate) struct Shared {
     pub config: Arc<NodeConfig>,
     pub shards: Vec<Addr<Shard>>,
     pub ready: Arc<AtomicBool>,
+    pub checkpoints: StatusHandle,
 }
 
 impl Shared {
@@ -133,6 +137,8 @@ pub struct NodeHandle {
     playground: Vec<actix_web::dev::ServerHandle>,
     system: actix_rt::System,
     actix_thread: Option<std::thread::JoinHandle<()>>,
+    driver_events: tokio::sync::mpsc::UnboundedSender<DriverEvent>,
+    store: Store,
 }
 
 impl NodeHandle {
@@ -151,8 +157,13 @@ impl NodeHandle {
         &self.shared.router
     }
 
-    /// Stops ingress, drains inboxes for up to `shutdown_grace_ms`, writes all state to
-    /// sled and stops the shards.
+    /// The checkpoint status (`GET /v1/checkpoints`).
+    pub fn checkpoints(&self) -> driver::CheckpointStatus {
+        self.shared.checkpoints.lock().clone()
+    }
+
+    /// Stops ingress, drains inboxes for up to `shutdown_grace_ms`, commits a last epoch
+    /// (written to blob storage and sled) and stops the shards.
     pub async fn shutdown(mut self) {
         self.shared.ready.store(false, Ordering::SeqCst);
         self.shared.router.close();
@@ -184,12 +195,17 @@ impl NodeHandle {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        for s in &self.shared.shards {
-            match s.send(FlushNow).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
-                Err(e) => tracing::error!(error = %e, "shard gone before the final flush"),
+        let (tx, rx) = oneshot::channel();
+        if self.driver_events.send(DriverEvent::Finish(tx)).is_ok() {
+            match tokio::time::timeout(Duration::from_secs(30), rx).await {
+                Ok(Ok(epoch)) => tracing::info!(epoch, "last epoch committed"),
+                _ => tracing::error!(
+                    "the last epoch did not commit within 30 s; what it holds is recovered from the previous commit and replayed"
+                ),
             }
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::error!(error = %e, "final sled flush failed");
         }
         self.system.stop();
         if let Some(t) = self.actix_thread.take() {
@@ -219,10 +235,59 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
             config.data_dir.display()
         ))
     })?;
-    let store = Store::open(&config.data_dir.join("state"), config.key_groups)?;
+    let cp = if config.checkpoint.enabled {
+        let url = config.checkpoint_url();
+        if let Some(path) = url
+            .strip_prefix("file://")
+            .or((!url.contains("://")).then_some(url.as_str()))
+        {
+            std::fs::create_dir_all(path).map_err(|e| {
+                StartError::Other(format!("cannot create checkpoint directory {path}: {e}"))
+            })?;
+        }
+        let blob = crate::checkpoint::blob::open(&url, &config.checkpoint.s3)
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        Some(CheckpointStore::new(blob))
+    } else {
+        None
+    };
+    let state_dir = config.data_dir.join("state");
+    let store = match Store::open(&state_dir, config.key_groups) {
+        Ok(s) => s,
+        Err(e @ crate::store::StoreError::KeyGroupsChanged { .. }) => return Err(e.into()),
+        Err(e) if cp.is_some() => {
+            // Blob storage holds every committed epoch: move the broken store aside and
+            // rebuild it from there.
+            let aside = config
+                .data_dir
+                .join(format!("state.corrupt-{}", crate::shard::now_ms()));
+            tracing::error!(error = %e, moved_to = %aside.display(), "local state cannot be opened; rebuilding it from blob storage");
+            std::fs::rename(&state_dir, &aside).map_err(|err| {
+                StartError::Other(format!(
+                    "local state cannot be opened ({e}) and cannot be moved aside: {err}"
+                ))
+            })?;
+            Store::open(&state_dir, config.key_groups)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let shard_count = config.shard_count();
+    let recovered = driver::recover(&store, cp.as_ref(), config.key_groups, shard_count)
+        .await
+        .map_err(|e| StartError::Other(format!("recovery failed: {e}")))?;
+    let status: StatusHandle = Default::default();
+    {
+        let mut s = status.lock();
+        s.url = if cp.is_some() {
+            config.checkpoint_url()
+        } else {
+            "off".into()
+        };
+        s.recovery = Some(recovered.report.clone());
+    }
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = Metrics::new();
     let egress = Egress::new(config.egress_topic_capacity, metrics.clone());
-    let shard_count = config.shard_count();
     let router = Router::new(
         shard_count,
         config.key_groups,
@@ -231,6 +296,8 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         Arc::new(registry),
         egress,
         metrics,
+        cp.is_some(),
+        config.checkpoint.ack,
     );
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -299,6 +366,9 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
 
     let (started_tx, started_rx) = oneshot::channel::<Result<ActixStarted, String>>();
     let (r2, c2, ready2) = (router.clone(), config.clone(), ready.clone());
+    let (store2, events2, status2) = (store.clone(), events_tx.clone(), status.clone());
+    let committed = recovered.committed;
+    let replay = recovered.pending;
     let actix_thread = std::thread::Builder::new()
         .name("statemesh-actix".into())
         .spawn(move || {
@@ -310,19 +380,25 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
                     let opts = ShardOptions {
                         index,
                         router: r2.clone(),
-                        store: store.clone(),
+                        store: store2.clone(),
                         config: c2.clone(),
+                        committed,
+                        events: events2.clone(),
                     };
                     shards.push(Shard::start_in_arbiter(&arbiter.handle(), move |_| {
                         Shard::new(opts)
                     }));
                 }
                 r2.set_shards(shards.clone());
+                // Pending messages of the recovered epoch go first: the shards' mailboxes
+                // hold them ahead of anything ingress sends once it opens.
+                replay_pending(&r2, replay);
                 let shared = Shared {
                     router: r2.clone(),
                     config: c2.clone(),
                     shards: shards.clone(),
                     ready: ready2,
+                    checkpoints: status2,
                 };
                 let mut playground = Vec::new();
                 for (l, routes) in extra {
@@ -355,11 +431,25 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         .map_err(|_| StartError::Other("the actix thread died during start".into()))?
         .map_err(StartError::Other)?;
 
+    driver::start(
+        &config,
+        cp,
+        store.clone(),
+        router.clone(),
+        started.shards.clone(),
+        recovered.committed,
+        recovered.last_manifest,
+        recovered.force_full,
+        events_tx.clone(),
+        events_rx,
+        status.clone(),
+    );
     let shared = Shared {
         router,
         config: config.clone(),
         shards: started.shards,
         ready: ready.clone(),
+        checkpoints: status,
     };
     let (grpc_shutdown, grpc_task) = crate::ingress::grpc::serve(shared.clone(), grpc_listener);
     ready.store(true, Ordering::SeqCst);
@@ -374,5 +464,52 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         playground: started.playground,
         system: started.system,
         actix_thread: Some(actix_thread),
+        driver_events: events_tx,
+        store,
     })
+}
+
+/// Queues a recovered epoch's pending messages at their shards, in order.
+fn replay_pending(router: &Router, pending: Vec<(u32, crate::checkpoint::format::PendingMessage)>) {
+    if pending.is_empty() {
+        return;
+    }
+    let n = pending.len();
+    let mut per_shard: Vec<Vec<Envelope>> = (0..router.shard_count()).map(|_| Vec::new()).collect();
+    for (kg, m) in pending {
+        let target = match statemesh_sdk::Address::parse(&m.target) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(target = %m.target, error = %e, "recovered message has a malformed target; dropped");
+                continue;
+            }
+        };
+        let caller = if m.caller.is_empty() {
+            None
+        } else {
+            statemesh_sdk::Address::parse(&m.caller).ok()
+        };
+        let message = if m.has_value {
+            statemesh_sdk::TypedValue::new(m.typename, m.value)
+        } else {
+            statemesh_sdk::TypedValue::empty(m.typename)
+        };
+        per_shard[router.shard_of(kg)].push(Envelope {
+            target,
+            kg,
+            caller,
+            message,
+            ingress: false,
+            key: None,
+        });
+    }
+    for (s, batch) in per_shard.into_iter().enumerate() {
+        if !batch.is_empty() {
+            router.deliver_internal(s, None, batch);
+        }
+    }
+    tracing::info!(
+        messages = n,
+        "replaying the recovered epoch's pending messages"
+    );
 }

@@ -16,11 +16,37 @@ use rustc_hash::FxHashMap;
 use statemesh_sdk::{Address, TypeName, TypedValue, REPLY_TYPE};
 use tokio::sync::oneshot;
 
+use crate::config::AckMode;
 use crate::egress::Egress;
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::shard::{Deliver, GetState, Shard};
+use crate::shard::{Deliver, GetState, Marker, Shard};
+
+/// Where a shard sends a `Send`'s acknowledgement (once its epoch commits).
+pub(crate) type AckTx = oneshot::Sender<Result<(), ServiceError>>;
+
+/// A reply address's parts: `statemesh/reply/<kg>.<call id>[.<idempotency scope>]`. The key
+/// group is the call target's, so replies go through the shard that owns the call's
+/// idempotency record and hold the reply until its epoch commits.
+pub(crate) struct ReplyTo<'a> {
+    pub kg: u32,
+    pub call: u64,
+    pub scope: Option<&'a str>,
+}
+
+pub(crate) fn parse_reply_id(id: &str) -> Option<ReplyTo<'_>> {
+    let (kg, rest) = id.split_once('.')?;
+    let (call, scope) = match rest.split_once('.') {
+        Some((c, s)) => (c, Some(s)),
+        None => (rest, None),
+    };
+    Some(ReplyTo {
+        kg: kg.parse().ok()?,
+        call: call.parse().ok()?,
+        scope,
+    })
+}
 
 /// A message on its way to an address.
 pub(crate) struct Envelope {
@@ -30,6 +56,8 @@ pub(crate) struct Envelope {
     pub message: TypedValue,
     /// Came from ingress: counts against the shard's admission limit until processed.
     pub ingress: bool,
+    /// The ingress request's idempotency key.
+    pub key: Option<Box<str>>,
 }
 
 struct Inner {
@@ -49,6 +77,16 @@ struct Inner {
     /// ingress refuses (or, for streams, holds back) messages to them until it drains.
     saturated: Vec<parking_lot::RwLock<rustc_hash::FxHashSet<Address>>>,
     saturated_count: AtomicUsize,
+    /// Checkpoints are on: acknowledgements, replies and egress wait for commits.
+    checkpointing: bool,
+    ack: AckMode,
+    /// Something waits for a commit: the coordinator starts an epoch early.
+    commit_wanted: AtomicBool,
+    /// Why ingress is refused while checkpoints are behind (`None`: it is not).
+    backpressure: parking_lot::RwLock<Option<String>>,
+    backpressure_on: AtomicBool,
+    /// The newest epoch applied to sled (shards passivate only what it holds).
+    applied: AtomicU64,
 }
 
 /// Routes messages to shards. Cheap to clone.
@@ -58,6 +96,7 @@ pub struct Router {
 }
 
 impl Router {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         shard_count: usize,
         key_groups: u32,
@@ -66,7 +105,16 @@ impl Router {
         registry: Arc<Registry>,
         egress: Egress,
         metrics: Metrics,
+        checkpointing: bool,
+        ack: AckMode,
     ) -> Self {
+        // Call ids must not repeat across restarts: a reply recovered from a checkpoint must
+        // not complete an unrelated new call.
+        let first_call = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1)
+            << 8;
         Router {
             inner: Arc::new(Inner {
                 shards: OnceLock::new(),
@@ -75,7 +123,7 @@ impl Router {
                 max_message_bytes,
                 key_groups,
                 calls: Mutex::default(),
-                next_call: AtomicU64::new(1),
+                next_call: AtomicU64::new(first_call),
                 reply_type: TypeName::parse(REPLY_TYPE).expect("valid literal type"),
                 registry,
                 egress,
@@ -83,6 +131,12 @@ impl Router {
                 closed: AtomicBool::new(false),
                 saturated: (0..shard_count).map(|_| Default::default()).collect(),
                 saturated_count: AtomicUsize::new(0),
+                checkpointing,
+                ack,
+                commit_wanted: AtomicBool::new(false),
+                backpressure: Default::default(),
+                backpressure_on: AtomicBool::new(false),
+                applied: AtomicU64::new(0),
             }),
         }
     }
@@ -110,8 +164,13 @@ impl Router {
         self.inner.queued.len()
     }
 
-    /// The key group of an address.
+    /// The key group of an address (a reply address names its call target's).
     pub fn key_group(&self, a: &Address) -> u32 {
+        if self.is_reply_address(a) {
+            if let Some(r) = parse_reply_id(&a.id) {
+                return r.kg % self.inner.key_groups;
+            }
+        }
         statemesh_mesh::keygroup::key_group(
             a.typ.namespace(),
             a.typ.name(),
@@ -141,6 +200,51 @@ impl Router {
 
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// Whether checkpoints are on.
+    pub(crate) fn checkpointing(&self) -> bool {
+        self.inner.checkpointing
+    }
+
+    /// Asks for an epoch soon (something waits for a commit).
+    pub(crate) fn want_commit(&self) {
+        if !self.inner.commit_wanted.load(Ordering::Relaxed) {
+            self.inner.commit_wanted.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether an epoch was asked for since the last call.
+    pub(crate) fn take_commit_wanted(&self) -> bool {
+        self.inner.commit_wanted.swap(false, Ordering::Relaxed)
+    }
+
+    /// Turns checkpoint back-pressure on (with the reason ingress reports) or off.
+    pub(crate) fn set_backpressure(&self, reason: Option<String>) {
+        self.inner
+            .backpressure_on
+            .store(reason.is_some(), Ordering::SeqCst);
+        *self.inner.backpressure.write() = reason;
+    }
+
+    /// Why ingress is refused because checkpoints are behind, if it is.
+    pub fn backpressure(&self) -> Option<String> {
+        self.inner.backpressure.read().clone()
+    }
+
+    pub(crate) fn set_applied(&self, epoch: u64) {
+        self.inner.applied.fetch_max(epoch, Ordering::SeqCst);
+    }
+
+    /// The newest epoch applied to the local store.
+    pub(crate) fn applied(&self) -> u64 {
+        self.inner.applied.load(Ordering::SeqCst)
+    }
+
+    /// Sends shard `from`'s marker of epoch `e` to shard `to` (after everything `from` sent
+    /// it before its cut: the same mailbox keeps the order).
+    pub(crate) fn marker(&self, to: usize, from: usize, epoch: u64) {
+        self.shards()[to].do_send(Marker { from, epoch });
     }
 
     /// Stops accepting ingress (shutdown).
@@ -235,6 +339,11 @@ impl Router {
     }
 
     fn admit(&self, shard: usize, n: usize) -> Result<(), ServiceError> {
+        if self.inner.backpressure_on.load(Ordering::Relaxed) {
+            if let Some(reason) = self.backpressure() {
+                return Err(self.reject(ServiceError::Overloaded(reason), "checkpoint_backlog"));
+            }
+        }
         let q = &self.inner.queued[shard];
         let before = q.fetch_add(n, Ordering::Relaxed);
         // A batch larger than the whole limit is admitted into an empty shard, so streams
@@ -267,39 +376,87 @@ impl Router {
                 caller,
                 message,
                 ingress: true,
+                key: None,
             },
         )
     }
 
-    /// Sends one message from ingress. Returns once the owning shard has it queued.
+    /// Sends one message from ingress, acknowledged on acceptance (returns once the owning
+    /// shard has it queued; not durable).
     pub fn send(&self, target: Address, message: TypedValue) -> Result<(), ServiceError> {
         self.validate(&target, &message)?;
         let (shard, env) = self.envelope(target, None, message);
         self.check_saturated(shard, &env.target)?;
         self.admit(shard, 1)?;
         self.inner.metrics.ingress_messages.inc();
-        self.shards()[shard].do_send(Deliver { batch: vec![env] });
+        self.shards()[shard].do_send(Deliver {
+            batch: vec![env],
+            from: None,
+            ack: None,
+        });
         Ok(())
     }
 
-    /// Sends many messages from ingress; all are validated before any is sent. With
-    /// `wait`, a full shard makes this wait for room (flow control for streams) instead of
-    /// failing with `Overloaded`.
+    /// Sends one message from ingress with the node's acknowledgement mode (by default:
+    /// returns once the epoch holding it has committed) and an optional idempotency key (a
+    /// retry with the same key within the window is acknowledged without applying it again).
+    pub async fn send_with(
+        &self,
+        target: Address,
+        message: TypedValue,
+        key: Option<String>,
+    ) -> Result<(), ServiceError> {
+        self.validate(&target, &message)?;
+        let key = validate_key(key)?;
+        let (shard, mut env) = self.envelope(target, None, message);
+        env.key = key.map(String::into_boxed_str);
+        self.check_saturated(shard, &env.target)?;
+        self.admit(shard, 1)?;
+        self.inner.metrics.ingress_messages.inc();
+        let committed = self.inner.checkpointing && self.inner.ack == AckMode::Committed;
+        if !committed {
+            self.shards()[shard].do_send(Deliver {
+                batch: vec![env],
+                from: None,
+                ack: None,
+            });
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shards()[shard].do_send(Deliver {
+            batch: vec![env],
+            from: None,
+            ack: Some(tx),
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(ServiceError::Unavailable(
+                "the node stopped before the message's epoch committed; retry with the same idempotency key".into(),
+            ))
+        })
+    }
+
+    /// Sends many messages from ingress (each with an optional idempotency key); all are
+    /// validated before any is sent. With `wait`, a full shard makes this wait for room (flow
+    /// control for streams) instead of failing with `Overloaded`. Returns, with the node's
+    /// acknowledgement mode, once all of them are committed (or accepted).
     pub async fn send_batch(
         &self,
-        messages: Vec<(Address, TypedValue)>,
+        messages: Vec<(Address, TypedValue, Option<String>)>,
         wait: bool,
     ) -> Result<usize, ServiceError> {
-        for (t, m) in &messages {
+        for (t, m, _) in &messages {
             self.validate(t, m)?;
         }
         let n = messages.len();
         let mut per_shard: Vec<Vec<Envelope>> =
             (0..self.shard_count()).map(|_| Vec::new()).collect();
-        for (t, m) in messages {
-            let (s, env) = self.envelope(t, None, m);
+        for (t, m, k) in messages {
+            let (s, mut env) = self.envelope(t, None, m);
+            env.key = validate_key(k)?.map(String::into_boxed_str);
             per_shard[s].push(env);
         }
+        let committed = self.inner.checkpointing && self.inner.ack == AckMode::Committed;
+        let mut acks = Vec::new();
         for (s, batch) in per_shard.into_iter().enumerate() {
             if batch.is_empty() {
                 continue;
@@ -326,31 +483,74 @@ impl Router {
                 .metrics
                 .ingress_messages
                 .inc_by(batch.len() as u64);
-            self.shards()[s].do_send(Deliver { batch });
+            let ack = committed.then(|| {
+                let (tx, rx) = oneshot::channel();
+                acks.push(rx);
+                tx
+            });
+            self.shards()[s].do_send(Deliver {
+                batch,
+                from: None,
+                ack,
+            });
+        }
+        for rx in acks {
+            rx.await.unwrap_or_else(|_| {
+                Err(ServiceError::Unavailable(
+                    "the node stopped before the messages' epoch committed".into(),
+                ))
+            })?;
         }
         Ok(n)
     }
 
-    /// Calls an address and waits for the reply.
+    /// Calls an address and waits for the reply (released once the epoch that produced it
+    /// has committed).
     pub async fn call(
         &self,
         target: Address,
         message: TypedValue,
         timeout: Duration,
     ) -> Result<TypedValue, ServiceError> {
+        self.call_with(target, message, timeout, None).await
+    }
+
+    /// Like [`Router::call`], with an idempotency key: a retry with the same key within the
+    /// window gets the first call's reply instead of applying the call again.
+    pub async fn call_with(
+        &self,
+        target: Address,
+        message: TypedValue,
+        timeout: Duration,
+        key: Option<String>,
+    ) -> Result<TypedValue, ServiceError> {
         self.validate(&target, &message)?;
+        let key = validate_key(key)?;
         let id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
+        let kg = self.key_group(&target);
+        let reply_id = match &key {
+            Some(k) => format!(
+                "{kg}.{id}.{}",
+                crate::checkpoint::idempotency::scope(&target.to_string(), k)
+            ),
+            None => format!("{kg}.{id}"),
+        };
         let caller = Address {
             typ: self.inner.reply_type.clone(),
-            id: id.to_string().into(),
+            id: reply_id.into(),
         };
-        let (shard, env) = self.envelope(target, Some(caller), message);
+        let (shard, mut env) = self.envelope(target, Some(caller), message);
+        env.key = key.map(String::into_boxed_str);
         self.check_saturated(shard, &env.target)?;
         self.admit(shard, 1)?;
         let (tx, rx) = oneshot::channel();
         self.inner.calls.lock().insert(id, tx);
         self.inner.metrics.ingress_messages.inc();
-        self.shards()[shard].do_send(Deliver { batch: vec![env] });
+        self.shards()[shard].do_send(Deliver {
+            batch: vec![env],
+            from: None,
+            ack: None,
+        });
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ServiceError::Unavailable(
@@ -364,14 +564,7 @@ impl Router {
     }
 
     /// Completes a waiting call; false if nobody waits for it (any more).
-    pub(crate) fn complete_call(
-        &self,
-        reply_to: &Address,
-        value: Result<TypedValue, ServiceError>,
-    ) -> bool {
-        let Ok(id) = reply_to.id.parse::<u64>() else {
-            return false;
-        };
+    pub(crate) fn complete_call(&self, id: u64, value: Result<TypedValue, ServiceError>) -> bool {
         match self.inner.calls.lock().remove(&id) {
             Some(tx) => tx.send(value).is_ok(),
             None => false,
@@ -380,8 +573,12 @@ impl Router {
 
     /// Delivers messages produced inside the mesh to another shard (no admission check:
     /// refusing them could deadlock a cycle of functions).
-    pub(crate) fn deliver_internal(&self, shard: usize, batch: Vec<Envelope>) {
-        self.shards()[shard].do_send(Deliver { batch });
+    pub(crate) fn deliver_internal(&self, shard: usize, from: Option<usize>, batch: Vec<Envelope>) {
+        self.shards()[shard].do_send(Deliver {
+            batch,
+            from,
+            ack: None,
+        });
     }
 
     /// The stored states of an address (from its shard's cache or sled).
@@ -401,5 +598,21 @@ impl Router {
         });
         rx.await
             .map_err(|_| ServiceError::Unavailable("the shard stopped".into()))?
+    }
+}
+
+/// Longest accepted idempotency key.
+const MAX_KEY_BYTES: usize = 256;
+
+fn validate_key(key: Option<String>) -> Result<Option<String>, ServiceError> {
+    match key {
+        Some(k) if k.is_empty() => Ok(None),
+        Some(k) if k.len() > MAX_KEY_BYTES || k.chars().any(char::is_control) => {
+            Err(ServiceError::InvalidArgument(format!(
+                "idempotency key: expected at most {MAX_KEY_BYTES} bytes without control characters, found {} bytes",
+                k.len()
+            )))
+        }
+        k => Ok(k),
     }
 }

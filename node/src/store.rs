@@ -195,51 +195,64 @@ impl StoredTimer {
 /// at ≤ 128), so writes are applied in small atomic chunks.
 const CHUNK: usize = 64;
 
-/// Writes collected by a shard, applied in order in small atomic chunks. (Crash atomicity
-/// of a whole epoch comes from checkpoints, not from sled.)
-#[derive(Default)]
+/// Writes to the local store, applied in order (a later write of a key wins). Kept as plain
+/// key/value operations so the same batch is both an epoch's delta in blob storage and what
+/// is applied to sled when the epoch commits.
+#[derive(Default, Debug, Clone)]
 pub struct WriteBatch {
-    done: Vec<sled::Batch>,
-    batch: sled::Batch,
-    cur: usize,
-    len: usize,
+    /// (key, `Some(value)` to put or `None` to delete), in order.
+    pub ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl WriteBatch {
-    fn op(&mut self) -> &mut sled::Batch {
-        if self.cur == CHUNK {
-            self.done.push(std::mem::take(&mut self.batch));
-            self.cur = 0;
-        }
-        self.cur += 1;
-        self.len += 1;
-        &mut self.batch
-    }
-
-    /// Writes (or deletes, when absent) a state slot of an address.
+    /// Writes (or deletes, if it has no value) a state slot.
+    #[cfg(test)]
     pub fn put_state(&mut self, kg: u32, addr: &Address, slot: &StateSlot) {
-        let mut key = state_prefix(kg, addr);
-        key.extend_from_slice(slot.name.as_bytes());
-        match &slot.value {
-            Some(v) => self.op().insert(key, encode_value(slot, v)),
-            None => self.op().remove(key),
-        }
+        self.ops.push(state_entry(kg, addr, slot));
     }
 
     /// Stores a delayed message.
     pub fn put_timer(&mut self, kg: u32, seq: u64, t: &StoredTimer) {
-        self.op().insert(&timer_key(kg, seq)[..], t.encode());
+        self.ops
+            .push((timer_key(kg, seq).to_vec(), Some(t.encode())));
     }
 
-    /// Removes a delayed message (fired or cancelled).
+    /// Deletes a delayed message.
     pub fn delete_timer(&mut self, kg: u32, seq: u64) {
-        self.op().remove(&timer_key(kg, seq)[..]);
+        self.ops.push((timer_key(kg, seq).to_vec(), None));
     }
+}
 
-    /// Whether the batch is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
+/// The local-store entry of a state slot: its key and encoded value (`None`: absent).
+pub fn state_entry(kg: u32, addr: &Address, slot: &StateSlot) -> (Vec<u8>, Option<Vec<u8>>) {
+    let mut key = state_prefix(kg, addr);
+    key.extend_from_slice(slot.name.as_bytes());
+    let value = slot.value.as_ref().map(|v| encode_value(slot, v));
+    (key, value)
+}
+
+/// A stored key and value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// The key of an idempotency record: `'i' ‖ kg:u16be ‖ scope`.
+pub fn idempotency_key(kg: u32, scope: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + scope.len());
+    k.push(b'i');
+    k.extend_from_slice(&(kg as u16).to_be_bytes());
+    k.extend_from_slice(scope.as_bytes());
+    k
+}
+
+/// The key group of a local-store entry key (`'s'`, `'t'` and `'i'` keys all start with
+/// `tag ‖ kg:u16be`).
+pub fn key_group_of(key: &[u8]) -> Option<u32> {
+    (key.len() >= 3 && matches!(key[0], b's' | b't' | b'i'))
+        .then(|| u32::from(u16::from_be_bytes([key[1], key[2]])))
+}
+
+/// Meta key: the newest epoch shard `i` has applied to sled.
+fn applied_key(shard: usize) -> Vec<u8> {
+    format!("mapplied/{shard}").into_bytes()
 }
 
 impl Store {
@@ -353,15 +366,133 @@ impl Store {
         Ok(out)
     }
 
-    /// Applies a batch (in order, chunk by chunk).
+    /// Applies a batch (in order, chunk by chunk: sled keeps far less memory per operation
+    /// for small batches).
+    #[cfg(test)]
     pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
+        self.write_ops(batch.ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
+    }
+
+    /// Applies key/value operations in order, in chunks.
+    pub fn write_ops<'a>(
+        &self,
+        ops: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    ) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        let mut n = 0;
+        for (k, v) in ops {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+            n += 1;
+            if n == CHUNK {
+                self.db
+                    .apply_batch(std::mem::take(&mut b))
+                    .map_err(|e| self.err(e))?;
+                n = 0;
+            }
         }
-        for b in batch.done.into_iter().chain(std::iter::once(batch.batch)) {
+        if n > 0 {
             self.db.apply_batch(b).map_err(|e| self.err(e))?;
         }
         Ok(())
+    }
+
+    /// Records that shard `shard` has applied every epoch up to `epoch`.
+    pub fn set_applied(&self, shard: usize, epoch: u64) -> Result<(), StoreError> {
+        self.db
+            .insert(applied_key(shard), &epoch.to_le_bytes())
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The newest epoch every shard has applied (`None`: none recorded, a fresh or
+    /// pre-checkpoint store).
+    pub fn applied(&self) -> Result<Option<u64>, StoreError> {
+        let mut min: Option<u64> = None;
+        for item in self.db.scan_prefix(b"mapplied/") {
+            let (_, v) = item.map_err(|e| self.err(e))?;
+            let e = u64::from_le_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("meta applied: expected 8 bytes".into()))?,
+            );
+            min = Some(min.map_or(e, |m| m.min(e)));
+        }
+        Ok(min)
+    }
+
+    /// After a recovery: every shard has applied `epoch` (old per-shard records go).
+    pub fn reset_applied(&self, shards: usize, epoch: u64) -> Result<(), StoreError> {
+        let old: Vec<sled::IVec> = self
+            .db
+            .scan_prefix(b"mapplied/")
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        for k in old {
+            self.db.remove(k).map_err(|e| self.err(e))?;
+        }
+        for s in 0..shards {
+            self.set_applied(s, epoch)?;
+        }
+        self.flush()
+    }
+
+    /// Deletes every entry (state, timers, idempotency records) of the key groups.
+    pub fn clear_key_groups(&self, kgs: impl Iterator<Item = u32>) -> Result<(), StoreError> {
+        for kg in kgs {
+            for tag in [b's', b't', b'i'] {
+                let mut prefix = vec![tag];
+                prefix.extend_from_slice(&(kg as u16).to_be_bytes());
+                let keys: Vec<sled::IVec> = self
+                    .db
+                    .scan_prefix(&prefix)
+                    .keys()
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.err(e))?;
+                self.write_ops(keys.iter().map(|k| (k.as_ref(), None)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any state, timer or idempotency record is stored.
+    pub fn has_entries(&self) -> Result<bool, StoreError> {
+        for tag in [b"s", b"t", b"i"] {
+            if let Some(item) = self.db.scan_prefix(tag).next() {
+                item.map_err(|e| self.err(e))?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Every entry (state, timers, idempotency records) of a key group, key-ordered.
+    pub fn scan_key_group(&self, kg: u32) -> Result<Vec<KeyValue>, StoreError> {
+        let mut out = Vec::new();
+        for tag in [b'i', b's', b't'] {
+            let mut prefix = vec![tag];
+            prefix.extend_from_slice(&(kg as u16).to_be_bytes());
+            for item in self.db.scan_prefix(&prefix) {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                out.push((k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The idempotency records of a key group: (scope, encoded record).
+    pub fn load_idempotency(&self, kg: u32) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = idempotency_key(kg, "");
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(&prefix) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let scope = String::from_utf8_lossy(&k[3..]).to_string();
+            out.push((scope, v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Flushes sled's buffers to disk.

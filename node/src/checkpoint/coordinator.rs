@@ -5,6 +5,7 @@
 //! Rules:
 //! - a new epoch starts every `interval_ms`, or at once when a caller waits on a commit, as
 //!   long as fewer than `max_uncommitted` epochs are open;
+//! - an epoch starts only once every shard has finished cutting the previous one;
 //! - epochs are written and committed strictly in order, one at a time, once every shard has
 //!   cut them;
 //! - a failed write or commit is retried with exponential backoff, never skipped;
@@ -169,7 +170,10 @@ impl Coordinator {
                         .last_start_ms
                         .is_none_or(|t| now_ms.saturating_sub(t) >= self.interval_ms);
                 let blocked = due && self.open() >= self.max_uncommitted;
-                if due && !blocked {
+                // One cut at a time: shards finish cutting an epoch (every marker arrived)
+                // before the next one starts, so their cuts never overlap.
+                let cut_done = self.cuts.back().is_none_or(|c| c.iter().all(|x| *x));
+                if due && !blocked && cut_done {
                     self.started += 1;
                     self.last_start_ms = Some(now_ms);
                     self.waiting = false;
@@ -240,15 +244,20 @@ mod tests {
         assert_eq!(c.handle(Input::Tick { now_ms: 50 }), vec![]);
         assert_eq!(
             c.handle(Input::Tick { now_ms: 100 }),
-            vec![Action::Barrier(2)]
+            vec![],
+            "epoch 2 waits until every shard has cut epoch 1"
         );
-        // Epoch 2 is cut first: nothing is written before epoch 1.
-        assert_eq!(cut_all(&mut c, 2, 2), vec![]);
         assert_eq!(c.handle(Input::ShardCut { epoch: 1, shard: 0 }), vec![]);
         assert_eq!(
             c.handle(Input::ShardCut { epoch: 1, shard: 1 }),
             vec![Action::Write(1)]
         );
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 101 }),
+            vec![Action::Barrier(2)]
+        );
+        // Epoch 2 is cut while epoch 1 is still being written: it waits its turn.
+        assert_eq!(cut_all(&mut c, 2, 2), vec![]);
         assert_eq!(
             c.handle(Input::Written { epoch: 1 }),
             vec![Action::Commit(1)]
@@ -275,6 +284,7 @@ mod tests {
             c.handle(Input::Tick { now_ms: 0 }),
             vec![Action::Barrier(8)]
         );
+        assert_eq!(cut_all(&mut c, 8, 1), vec![Action::Write(8)]);
         assert_eq!(c.handle(Input::Tick { now_ms: 10 }), vec![]);
         c.handle(Input::CallerWaiting);
         assert_eq!(
@@ -322,6 +332,7 @@ mod tests {
             c.handle(Input::Committed { epoch: 1 }),
             vec![Action::Release(1), Action::Backpressure(false)]
         );
+        assert_eq!(cut_all(&mut c, 2, 1), vec![Action::Write(2)]);
         assert_eq!(
             c.handle(Input::Tick { now_ms: 30 }),
             vec![Action::Barrier(3)]

@@ -61,11 +61,11 @@ pub struct KeyGroupSection {
     /// Pending messages at the cut (always complete for the key group).
     #[prost(message, repeated, tag = "5")]
     pub pending: Vec<PendingMessage>,
-    /// Timers at the cut (always complete for the key group).
+    /// Unused: timers are local-store entries (`'t' ‖ kg ‖ seq`) in `puts`/`deletes`.
     #[prost(message, repeated, tag = "6")]
     pub timers: Vec<Entry>,
-    /// Finished idempotency records at the cut (always complete for the key group; see
-    /// `idempotency.rs`).
+    /// Unused: idempotency records are local-store entries (`'i' ‖ kg ‖ scope`) in
+    /// `puts`/`deletes`.
     #[prost(message, repeated, tag = "7")]
     pub idempotency: Vec<Entry>,
 }
@@ -136,6 +136,9 @@ impl NodeEpoch {
 pub struct KeyGroupState {
     /// State entries.
     pub state: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Keys deleted by the deltas applied (and not written again since): a store being
+    /// caught up with deltas must delete them too.
+    pub deleted: std::collections::BTreeSet<Vec<u8>>,
     /// Pending messages at the newest cut.
     pub pending: Vec<PendingMessage>,
     /// Timers at the newest cut.
@@ -149,11 +152,14 @@ impl KeyGroupState {
     pub fn apply(&mut self, s: KeyGroupSection) {
         if s.full {
             self.state.clear();
+            self.deleted.clear();
         }
         for k in s.deletes {
             self.state.remove(&k);
+            self.deleted.insert(k);
         }
         for e in s.puts {
+            self.deleted.remove(&e.key);
             self.state.insert(e.key, e.value);
         }
         self.pending = s.pending;

@@ -1,153 +1,161 @@
-//! The idempotency table (issue 4): a `Send` or `Call` retried with the same idempotency key
-//! within a window is not applied again. A retried `Send` is acknowledged, a retried `Call`
-//! gets the first call's reply (or waits for it while it is still in flight). The table is
-//! part of each key group's checkpoint, so it survives recovery: [`IdempotencyTable::to_entries`]
-//! and [`IdempotencyTable::from_entries`].
+//! Idempotency records (issue 4): a `Send` or `Call` retried with the same idempotency key
+//! within a window is not applied again. A retried `Send` is acknowledged; a retried `Call`
+//! gets the first call's reply, or waits for it while it is still being computed.
 //!
-//! Pure: time comes in as `now_ms`. Not wired into the node yet (see `OVERVIEW.md`).
+//! A record belongs to the key group of the request's target and lives in the shard that owns
+//! it. It is written into the epoch in which the shard accepted the request (and again when a
+//! call's reply arrives), as a local-store entry `'i' ‖ kg ‖ scope`, so it is committed
+//! atomically with the message it guards and survives recovery with it.
+//!
+//! Pure: time comes in as `now_ms`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::VecDeque;
 
-use super::format::Entry;
+use rustc_hash::FxHashMap;
+use statemesh_sdk::TypedValue;
 
-/// What a key is known for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Check {
-    /// Not seen within the window: apply the request (the key is now recorded in flight).
-    New,
-    /// Applied before and finished: answer with the recorded reply (`None` for a `Send`).
-    Done(Option<Vec<u8>>),
-    /// Applied before, not finished yet: wait for its result instead of applying again.
-    InFlight,
+/// What a request with a key turned out to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// A `Send`: accepted.
+    Sent,
+    /// A `Call` whose reply has not arrived yet.
+    CallPending,
+    /// A `Call` that was answered.
+    Replied(TypedValue),
+    /// A `Call` that failed for good (its message was dead-lettered).
+    Failed(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Record {
-    seen_ms: u64,
-    /// `None` while in flight; `Some(reply)` once done.
-    result: Option<Option<Vec<u8>>>,
+/// One record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// When the key was first seen, ms since the Unix epoch.
+    pub seen_ms: u64,
+    /// What it did.
+    pub outcome: Outcome,
 }
 
-/// Idempotency keys seen within a window.
-#[derive(Debug, Clone)]
+impl Record {
+    /// The stored form: `seen_ms:u64le ‖ tag:u8 ‖ …`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = self.seen_ms.to_le_bytes().to_vec();
+        match &self.outcome {
+            Outcome::Sent => v.push(0),
+            Outcome::CallPending => v.push(1),
+            Outcome::Replied(t) => {
+                v.push(2);
+                let tn = t.typename().as_bytes();
+                v.extend_from_slice(&(tn.len() as u32).to_le_bytes());
+                v.extend_from_slice(tn);
+                v.push(u8::from(t.has_value()));
+                v.extend_from_slice(t.value());
+            }
+            Outcome::Failed(e) => {
+                v.push(3);
+                v.extend_from_slice(e.as_bytes());
+            }
+        }
+        v
+    }
+
+    /// Decodes the stored form.
+    pub fn decode(raw: &[u8]) -> Result<Record, String> {
+        if raw.len() < 9 {
+            return Err(format!(
+                "idempotency record: expected ≥ 9 bytes, found {}",
+                raw.len()
+            ));
+        }
+        let seen_ms = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
+        let rest = &raw[9..];
+        let outcome = match raw[8] {
+            0 => Outcome::Sent,
+            1 => Outcome::CallPending,
+            2 => {
+                if rest.len() < 4 {
+                    return Err("idempotency record: reply typename length missing".into());
+                }
+                let n = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+                if rest.len() < 5 + n {
+                    return Err("idempotency record: reply runs past the end".into());
+                }
+                let tn = std::str::from_utf8(&rest[4..4 + n]).map_err(|e| e.to_string())?;
+                let has_value = rest[4 + n] != 0;
+                let value = bytes::Bytes::copy_from_slice(&rest[5 + n..]);
+                Outcome::Replied(if has_value {
+                    TypedValue::new(tn.to_string(), value)
+                } else {
+                    TypedValue::empty(tn.to_string())
+                })
+            }
+            3 => Outcome::Failed(String::from_utf8_lossy(rest).to_string()),
+            t => return Err(format!("idempotency record: unknown tag {t}")),
+        };
+        Ok(Record { seen_ms, outcome })
+    }
+}
+
+/// The records of one shard, by scope (`target address ‖ 0x1F ‖ key`).
+#[derive(Debug, Default)]
 pub struct IdempotencyTable {
-    window_ms: u64,
-    records: HashMap<String, Record>,
-    by_time: BTreeSet<(u64, String)>,
+    records: FxHashMap<String, Record>,
+    /// (seen_ms, key group, scope) in the order keys were first seen.
+    by_time: VecDeque<(u64, u32, String)>,
+}
+
+/// The scope of a key: keys are per target address.
+pub fn scope(target: &str, key: &str) -> String {
+    format!("{target}\u{1f}{key}")
 }
 
 impl IdempotencyTable {
-    /// A table remembering keys for `window_ms`.
-    pub fn new(window_ms: u64) -> Self {
-        IdempotencyTable {
-            window_ms,
-            records: HashMap::new(),
-            by_time: BTreeSet::new(),
-        }
-    }
-
-    /// Keys remembered.
+    /// Records remembered.
     pub fn len(&self) -> usize {
         self.records.len()
     }
 
-    /// Whether no key is remembered.
+    /// Whether no record is remembered.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
 
-    /// Checks a request's key, recording it as in flight if it is new.
-    pub fn check(&mut self, key: &str, now_ms: u64) -> Check {
-        self.expire(now_ms);
-        match self.records.get(key) {
-            Some(Record {
-                result: Some(r), ..
-            }) => Check::Done(r.clone()),
-            Some(Record { result: None, .. }) => Check::InFlight,
-            None => {
-                self.records.insert(
-                    key.to_string(),
-                    Record {
-                        seen_ms: now_ms,
-                        result: None,
-                    },
-                );
-                self.by_time.insert((now_ms, key.to_string()));
-                Check::New
-            }
-        }
+    /// The record of a scope, if any.
+    pub fn get(&self, scope: &str) -> Option<&Record> {
+        self.records.get(scope)
     }
 
-    /// Records the result of a request (`None` for a `Send`'s acknowledgement).
-    pub fn complete(&mut self, key: &str, reply: Option<Vec<u8>>) {
-        if let Some(r) = self.records.get_mut(key) {
-            r.result = Some(reply);
+    /// Inserts or replaces a record.
+    pub fn put(&mut self, kg: u32, scope: &str, record: Record) {
+        if !self.records.contains_key(scope) {
+            self.by_time
+                .push_back((record.seen_ms, kg, scope.to_string()));
         }
+        self.records.insert(scope.to_string(), record);
     }
 
-    /// Forgets a request that failed before it was applied, so a retry applies it.
-    pub fn forget(&mut self, key: &str) {
-        if let Some(r) = self.records.remove(key) {
-            self.by_time.remove(&(r.seen_ms, key.to_string()));
-        }
-    }
-
-    /// Forgets keys older than the window.
-    pub fn expire(&mut self, now_ms: u64) {
-        let cutoff = now_ms.saturating_sub(self.window_ms);
-        while let Some((t, k)) = self.by_time.first().cloned() {
-            if t >= cutoff {
+    /// Forgets records first seen more than `window_ms` ago; returns their (key group, scope)
+    /// so the caller deletes them from the store too.
+    pub fn expire(&mut self, now_ms: u64, window_ms: u64) -> Vec<(u32, String)> {
+        let cutoff = now_ms.saturating_sub(window_ms);
+        let mut gone = Vec::new();
+        while let Some((t, _, _)) = self.by_time.front() {
+            if *t >= cutoff {
                 break;
             }
-            self.by_time.pop_first();
-            self.records.remove(&k);
+            let (_, kg, scope) = self.by_time.pop_front().expect("non-empty");
+            self.records.remove(&scope);
+            gone.push((kg, scope));
         }
+        gone
     }
 
-    /// The finished records, for a checkpoint section (in-flight ones are re-applied from the
-    /// checkpoint's pending messages after recovery, which records them again).
-    pub fn to_entries(&self) -> Vec<Entry> {
-        let mut v: Vec<Entry> = self
-            .records
-            .iter()
-            .filter_map(|(k, r)| {
-                let reply = r.result.as_ref()?;
-                let mut value = r.seen_ms.to_le_bytes().to_vec();
-                if let Some(b) = reply {
-                    value.push(1);
-                    value.extend_from_slice(b);
-                } else {
-                    value.push(0);
-                }
-                Some(Entry {
-                    key: k.as_bytes().to_vec(),
-                    value,
-                })
-            })
-            .collect();
-        v.sort_by(|a, b| a.key.cmp(&b.key));
-        v
-    }
-
-    /// Restores a table from checkpoint entries; malformed entries are skipped.
-    pub fn from_entries(window_ms: u64, entries: &[Entry]) -> Self {
-        let mut t = Self::new(window_ms);
-        for e in entries {
-            let (Ok(key), true) = (std::str::from_utf8(&e.key), e.value.len() >= 9) else {
-                continue;
-            };
-            let seen_ms = u64::from_le_bytes(e.value[..8].try_into().expect("8 bytes"));
-            let reply = (e.value[8] == 1).then(|| e.value[9..].to_vec());
-            t.records.insert(
-                key.to_string(),
-                Record {
-                    seen_ms,
-                    result: Some(reply),
-                },
-            );
-            t.by_time.insert((seen_ms, key.to_string()));
+    /// Restores the table from stored records (oldest first by `seen_ms`).
+    pub fn load(&mut self, mut records: Vec<(u32, String, Record)>) {
+        records.sort_by_key(|(_, _, r)| r.seen_ms);
+        for (kg, scope, r) in records {
+            self.put(kg, &scope, r);
         }
-        t
     }
 }
 
@@ -156,42 +164,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retries_within_the_window_are_not_applied_again() {
-        let mut t = IdempotencyTable::new(1_000);
-        assert_eq!(t.check("send-1", 0), Check::New);
-        assert_eq!(t.check("send-1", 10), Check::InFlight);
-        t.complete("send-1", None);
-        assert_eq!(t.check("send-1", 20), Check::Done(None));
-        assert_eq!(t.check("call-1", 30), Check::New);
-        t.complete("call-1", Some(b"reply".to_vec()));
-        assert_eq!(t.check("call-1", 40), Check::Done(Some(b"reply".to_vec())));
-        // Past the window, a key is new again.
-        assert_eq!(t.check("send-1", 1_001), Check::New);
-        assert_eq!(t.len(), 2, "call-1 (seen at 30) is still within the window");
+    fn records_round_trip() {
+        for outcome in [
+            Outcome::Sent,
+            Outcome::CallPending,
+            Outcome::Replied(TypedValue::new("a/b", b"xyz".to_vec())),
+            Outcome::Replied(TypedValue::empty("a/b")),
+            Outcome::Failed("boom".into()),
+        ] {
+            let r = Record {
+                seen_ms: 42,
+                outcome,
+            };
+            assert_eq!(Record::decode(&r.encode()).unwrap(), r);
+        }
+        assert!(Record::decode(b"short").unwrap_err().contains("≥ 9 bytes"));
+        let mut bad = Record {
+            seen_ms: 1,
+            outcome: Outcome::Sent,
+        }
+        .encode();
+        bad[8] = 9;
+        assert!(Record::decode(&bad).unwrap_err().contains("unknown tag 9"));
     }
 
     #[test]
-    fn failures_are_forgotten_and_finished_records_survive_a_checkpoint() {
-        let mut t = IdempotencyTable::new(1_000);
-        t.check("a", 5);
-        t.complete("a", Some(vec![1, 2]));
-        t.check("b", 6);
-        t.complete("b", None);
-        t.check("c", 7);
-        t.check("d", 8);
-        t.forget("d");
-        assert_eq!(t.check("d", 9), Check::New);
-        let entries = t.to_entries();
-        assert_eq!(
-            entries.iter().map(|e| e.key.clone()).collect::<Vec<_>>(),
-            vec![b"a".to_vec(), b"b".to_vec()],
-            "in-flight keys are not checkpointed"
-        );
-        let mut r = IdempotencyTable::from_entries(1_000, &entries);
-        assert_eq!(r.check("a", 10), Check::Done(Some(vec![1, 2])));
-        assert_eq!(r.check("b", 10), Check::Done(None));
-        assert_eq!(r.check("c", 10), Check::New);
-        r.expire(2_000);
-        assert!(r.check("a", 2_000) == Check::New);
+    fn records_expire_after_the_window_in_order() {
+        let mut t = IdempotencyTable::default();
+        let rec = |ms| Record {
+            seen_ms: ms,
+            outcome: Outcome::Sent,
+        };
+        t.put(1, "a", rec(100));
+        t.put(2, "b", rec(200));
+        // Replacing a record (a call's reply arrived) keeps its place.
+        t.put(1, "a", rec(100));
+        assert_eq!(t.len(), 2);
+        assert!(t.expire(150, 100).is_empty());
+        assert_eq!(t.expire(250, 100), vec![(1, "a".to_string())]);
+        assert!(t.get("a").is_none());
+        assert!(t.get("b").is_some());
+        assert_eq!(t.expire(1000, 100), vec![(2, "b".to_string())]);
+        assert!(t.is_empty());
     }
 }

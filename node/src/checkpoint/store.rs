@@ -40,6 +40,14 @@ pub enum CheckpointError {
     /// Another writer committed this epoch first.
     #[error("epoch {0} is already committed (another writer won)")]
     AlreadyCommitted(u64),
+    /// The local store is older than the epochs blob storage keeps deltas for.
+    #[error("the local store is at epoch {applied}, but blob storage keeps epochs from {oldest} on only")]
+    HistoryTooShort {
+        /// The local store's epoch.
+        applied: u64,
+        /// The oldest retained epoch.
+        oldest: u64,
+    },
     /// An object does not decode.
     #[error("corrupt checkpoint object {path}: {reason}")]
     Corrupt {
@@ -233,61 +241,101 @@ impl CheckpointStore {
     }
 
     /// Rebuilds the key groups `wanted` selects as of the newest committed epoch: returns that
-    /// epoch (if any) and each key group's state, pending messages and timers.
+    /// epoch (if any) and each key group's state and pending messages.
+    ///
+    /// A key group's chain is its newest full snapshot (labelled with the epoch it reflects),
+    /// then every delta of a later epoch, oldest first. Pending messages come from the newest
+    /// epoch only (a key group without a section in it had none at that cut).
     pub async fn recover(
         &self,
         wanted: &dyn Fn(u32) -> bool,
+    ) -> Result<(Option<u64>, BTreeMap<u32, KeyGroupState>), CheckpointError> {
+        self.recover_after(wanted, None).await
+    }
+
+    /// Like [`CheckpointStore::recover`], but when `after` is given only the deltas of epochs
+    /// after it are read (the local store already holds the state as of `after`); returns
+    /// `None` as the state map if the retained history does not reach back that far.
+    pub async fn recover_after(
+        &self,
+        wanted: &dyn Fn(u32) -> bool,
+        after: Option<u64>,
     ) -> Result<(Option<u64>, BTreeMap<u32, KeyGroupState>), CheckpointError> {
         let Some(latest) = self.latest().await? else {
             return Ok((None, BTreeMap::new()));
         };
         let epoch = latest.epoch;
         let manifests = self.history(latest).await?;
-        // Per key group, the objects to read, newest first, cut at its newest full snapshot.
-        let mut needed: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
-        let mut based = BTreeSet::new();
+        let oldest = manifests.last().map(|m| m.epoch).unwrap_or(epoch);
+        if let Some(a) = after {
+            if oldest > a + 1 && manifests.last().and_then(|m| m.previous).is_some() {
+                return Err(CheckpointError::HistoryTooShort { applied: a, oldest });
+            }
+        }
+        // Per key group: (label, full, path) of every object holding a section of it.
+        let mut per_kg: BTreeMap<u32, Vec<(u64, bool, String)>> = BTreeMap::new();
+        let mut listed = BTreeSet::new();
         for m in &manifests {
             for o in &m.objects {
-                for &kg in o
-                    .key_groups
-                    .iter()
-                    .filter(|k| wanted(**k) && !based.contains(*k))
-                {
-                    needed
-                        .entry(kg)
-                        .or_default()
-                        .push((m.epoch, o.path.clone()));
+                if !listed.insert(o.path.clone()) {
+                    continue;
                 }
-            }
-            for o in &m.objects {
-                based.extend(o.full_key_groups.iter().copied().filter(|k| wanted(*k)));
+                let label = epoch_of(&o.path).unwrap_or(m.epoch);
+                for &kg in o.key_groups.iter().filter(|k| wanted(**k)) {
+                    per_kg.entry(kg).or_default().push((
+                        label,
+                        o.full_key_groups.contains(&kg),
+                        o.path.clone(),
+                    ));
+                }
             }
         }
         let mut objects: HashMap<String, NodeEpoch> = HashMap::new();
         let mut out = BTreeMap::new();
-        for (kg, mut chain) in needed {
-            chain.sort();
+        for (kg, entries) in per_kg {
+            let base = match after {
+                Some(a) => Some(a),
+                None => entries.iter().filter(|e| e.1).map(|e| e.0).max(),
+            };
+            let mut chain: Vec<&(u64, bool, String)> = entries
+                .iter()
+                .filter(|(label, full, _)| match base {
+                    Some(b) if after.is_none() => (*full && *label == b) || (!*full && *label > b),
+                    // The newest epoch's delta always: it holds the pending messages.
+                    Some(b) => !*full && (*label > b || *label == epoch),
+                    None => !*full,
+                })
+                .collect();
+            chain.sort_by_key(|(label, full, _)| (*label, !*full));
             let mut state = KeyGroupState::default();
-            for (_, path) in chain {
-                if !objects.contains_key(&path) {
-                    let b = self.get(&path).await?;
+            let mut last = 0;
+            for (label, _, path) in chain {
+                if !objects.contains_key(path) {
+                    let b = self.get(path).await?;
                     let e = NodeEpoch::decode(b).map_err(|e| CheckpointError::Corrupt {
                         path: path.clone(),
                         reason: e.to_string(),
                     })?;
                     objects.insert(path.clone(), e);
                 }
-                if let Some(s) = objects[&path].key_groups.iter().find(|s| s.key_group == kg) {
+                if let Some(s) = objects[path].key_groups.iter().find(|s| s.key_group == kg) {
                     state.apply(s.clone());
+                    last = *label;
                 }
+            }
+            if last != epoch {
+                state.pending.clear();
             }
             out.insert(kg, state);
         }
         Ok((Some(epoch), out))
     }
 
-    /// Keeps the newest `keep` committed epochs (and everything their recovery reads) and
-    /// deletes the rest, plus orphaned objects of epochs that never committed.
+    /// Keeps the newest `keep` committed epochs and everything recovering at the newest one
+    /// reads (each key group's newest full snapshot and the deltas after it); deletes older
+    /// manifests and every object no kept manifest references, including orphans of epochs
+    /// that never committed. Objects of epochs newer than the latest commit are left alone
+    /// (they may still be committing). Callers must not write full snapshots concurrently.
     pub async fn gc(&self, keep: usize) -> Result<GcReport, CheckpointError> {
         let epochs = self.committed_epochs().await?;
         let Some(&latest) = epochs.last() else {
@@ -295,32 +343,42 @@ impl CheckpointStore {
         };
         let keep = keep.max(1);
         let oldest_kept = epochs[epochs.len().saturating_sub(keep)];
-        // Recovering at the oldest kept epoch reads, per key group, back to its newest full
-        // snapshot at or before it; a key group without one needs all history.
-        let history = self.history(self.manifest(oldest_kept).await?).await?;
+        let history = self.history(self.manifest(latest).await?).await?;
         let mut seen = BTreeSet::new();
-        let mut base: BTreeMap<u32, u64> = BTreeMap::new();
+        // Per key group: the label of its newest full snapshot and the manifest listing it.
+        let mut base: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
         for m in &history {
             for o in &m.objects {
                 seen.extend(o.key_groups.iter().copied());
+                let label = epoch_of(&o.path).unwrap_or(m.epoch);
                 for &kg in &o.full_key_groups {
-                    base.entry(kg).or_insert(m.epoch);
+                    let b = base.entry(kg).or_insert((label, m.epoch));
+                    if label > b.0 {
+                        *b = (label, m.epoch);
+                    }
                 }
             }
         }
+        let oldest_history = history.last().map(|m| m.epoch).unwrap_or(latest);
         let oldest_needed = if seen.iter().any(|k| !base.contains_key(k)) {
-            history.last().map(|m| m.epoch).unwrap_or(oldest_kept)
+            oldest_history
         } else {
+            // The manifest listing the full snapshot, and every manifest after its label.
             base.values()
-                .copied()
+                .map(|(label, listed)| (*listed).min(label + 1))
                 .min()
                 .unwrap_or(oldest_kept)
                 .min(oldest_kept)
+                .max(oldest_history)
         };
         let mut report = GcReport {
             oldest_needed: Some(oldest_needed),
             ..Default::default()
         };
+        let mut referenced = BTreeSet::new();
+        for m in history.iter().filter(|m| m.epoch >= oldest_needed) {
+            referenced.extend(m.objects.iter().map(|o| o.path.clone()));
+        }
         for e in epochs.iter().copied().filter(|e| *e < oldest_needed) {
             let rel = manifest_path(e);
             self.blob
@@ -330,11 +388,9 @@ impl CheckpointStore {
                 .map_err(|err| self.err("delete", &rel, err))?;
             report.manifests_deleted += 1;
         }
-        let committed: BTreeSet<u64> = epochs.iter().copied().collect();
         for rel in self.list("epochs").await? {
             let Some(e) = epoch_of(&rel) else { continue };
-            let orphan = !committed.contains(&e) && e < latest;
-            if e < oldest_needed || orphan {
+            if e <= latest && !referenced.contains(&rel) {
                 self.blob
                     .store
                     .delete(&self.path(&rel))

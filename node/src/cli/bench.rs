@@ -155,7 +155,7 @@ async fn embedded(instances: u64, tokens: u64, duration: f64, shards: usize) -> 
         .function(ring.clone(), f)
         .start()
         .await?;
-    let batch: Vec<(Address, TypedValue)> = (0..tokens)
+    let batch: Vec<(Address, TypedValue, Option<String>)> = (0..tokens)
         .map(|t| {
             (
                 Address {
@@ -165,6 +165,7 @@ async fn embedded(instances: u64, tokens: u64, duration: f64, shards: usize) -> 
                         .into(),
                 },
                 TypedValue::of(&0i64),
+                None,
             )
         })
         .collect();
@@ -230,6 +231,7 @@ async fn memory(instances: u64) -> anyhow::Result<()> {
                         id: i.to_string().into(),
                     },
                     TypedValue::of(&1i64),
+                    None,
                 )
             })
             .collect();

@@ -35,7 +35,8 @@ impl pb::ingress_server::Ingress for IngressService {
     ) -> Result<Response<pb::SendResponse>, Status> {
         let r = req.into_inner();
         let (target, message) = target_and_message(r.target, r.message)?;
-        self.shared.router.send(target, message)?;
+        let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
+        self.shared.router.send_with(target, message, key).await?;
         Ok(Response::new(pb::SendResponse {}))
     }
 
@@ -50,10 +51,11 @@ impl pb::ingress_server::Ingress for IngressService {
         } else {
             self.shared.config.call_timeout_ms
         };
+        let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
         let reply = self
             .shared
             .router
-            .call(target, message, Duration::from_millis(timeout))
+            .call_with(target, message, Duration::from_millis(timeout), key)
             .await?;
         Ok(Response::new(pb::CallResponse {
             reply: Some(reply.to_proto()),
@@ -70,10 +72,10 @@ impl pb::ingress_server::Ingress for IngressService {
             let frame = frame?;
             let mut batch = Vec::with_capacity(frame.messages.len());
             for m in frame.messages {
-                batch.push(
-                    target_and_message(m.target, m.message)
-                        .map_err(|e| with_progress(e, accepted))?,
-                );
+                let (t, v) = target_and_message(m.target, m.message)
+                    .map_err(|e| with_progress(e, accepted))?;
+                let key = Some(m.idempotency_key).filter(|k| !k.is_empty());
+                batch.push((t, v, key));
             }
             let n = self
                 .shared

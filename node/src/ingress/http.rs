@@ -69,8 +69,19 @@ async fn send(
     body: Bytes,
 ) -> Result<HttpResponse, ServiceError> {
     let (target, message) = parse_request(&shared, &req, &path, body)?;
-    shared.router.send(target, message)?;
+    let key = idempotency_key(&req)?;
+    shared.router.send_with(target, message, key).await?;
     Ok(HttpResponse::Accepted().finish())
+}
+
+/// The `Idempotency-Key` header, if any.
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ServiceError> {
+    match req.headers().get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|s| Some(s.trim().to_string())).map_err(|_| {
+            ServiceError::InvalidArgument("Idempotency-Key: expected visible ASCII".into())
+        }),
+    }
 }
 
 fn call_timeout(shared: &Shared, req: &HttpRequest) -> Result<u64, ServiceError> {
@@ -106,9 +117,10 @@ async fn call(
 ) -> Result<HttpResponse, ServiceError> {
     let (target, message) = parse_request(&shared, &req, &path, body)?;
     let timeout = call_timeout(&shared, &req)?;
+    let key = idempotency_key(&req)?;
     let reply = shared
         .router
-        .call(target, message, Duration::from_millis(timeout))
+        .call_with(target, message, Duration::from_millis(timeout), key)
         .await?;
     Ok(reply_response(&reply))
 }
@@ -138,11 +150,19 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
-    if shared.ready.load(Ordering::SeqCst) {
+    if let Some(reason) = shared.router.backpressure() {
+        HttpResponse::ServiceUnavailable().body(format!("not ready: {reason}\n"))
+    } else if shared.ready.load(Ordering::SeqCst) {
         HttpResponse::Ok().body("ready\n")
     } else {
         HttpResponse::ServiceUnavailable().body("not ready: starting or shutting down\n")
     }
+}
+
+/// `GET /v1/checkpoints`: epochs, sizes, durations, the last commit and recovery.
+async fn checkpoints(shared: web::Data<Shared>) -> HttpResponse {
+    let status = shared.checkpoints.lock().clone();
+    HttpResponse::Ok().json(status)
 }
 
 async fn metrics(shared: web::Data<Shared>) -> HttpResponse {
@@ -177,7 +197,7 @@ async fn playground_put(
             }
         }
     };
-    shared.router.send(target, message)?;
+    shared.router.send_with(target, message, None).await?;
     Ok(HttpResponse::Ok().finish())
 }
 
@@ -239,6 +259,7 @@ pub(crate) fn server(
                 .route("/v1/functions", web::get().to(functions))
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
+                .route("/v1/checkpoints", web::get().to(checkpoints))
                 .route("/metrics", web::get().to(metrics));
         }
         if routes.playground_ingress {

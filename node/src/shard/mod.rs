@@ -7,11 +7,20 @@
 //! dead-letters messages that keep failing. Inboxes live here and not in actix mailboxes so
 //! that pending messages stay visible to checkpoints (DESIGN.md).
 //!
+//! Epochs (`checkpoint/OVERVIEW.md`): on `Barrier(e)` — or the first `Marker(e)` of another
+//! shard — the shard cuts epoch `e` between two messages: the state changes since the last cut
+//! (plus timer and idempotency-record changes) become the epoch's delta, and its unprocessed
+//! messages (inboxes, inputs of in-flight batches, and messages other shards sent before their
+//! own cut that arrive after this one) its pending messages. The cut is sent to the epoch
+//! driver, which writes it to blob storage and, after the commit, to sled. Outputs of an epoch
+//! (`Send` acknowledgements, `Call` replies, egress records) are held until it commits.
+//!
 //! Invariants:
 //! - an address has at most one batch in flight; messages to it are processed in arrival
 //!   order (per sender);
-//! - a passivated address has had its dirty state written to sled first, so passivation
-//!   never loses state;
+//! - sled holds committed epochs only; an address is passivated only once every change of
+//!   its state is applied to sled, so passivation never loses state;
+//! - nothing an epoch produced leaves the node before the epoch commits (with checkpoints on);
 //! - a failed invocation leaves no trace (its state changes and effects are undone).
 
 mod timers;
@@ -24,16 +33,21 @@ use actix::prelude::*;
 use base64::Engine;
 use prometheus::local::LocalHistogram;
 use rustc_hash::FxHashMap;
+use rustc_hash::FxHashSet;
 use slab::Slab;
 use statemesh_sdk::{Address, Effects, StateSlot, TypedValue, DEAD_LETTERS_TOPIC};
 use tokio::sync::oneshot;
 
+use crate::checkpoint::barrier::{Arrival, Barrier as Cuts};
+use crate::checkpoint::driver::{DriverEvent, ShardCut};
+use crate::checkpoint::format::PendingMessage;
+use crate::checkpoint::idempotency::{self, IdempotencyTable, Outcome, Record};
 use crate::config::NodeConfig;
 use crate::error::ServiceError;
 use crate::instance::{Instance, Invoke};
 use crate::registry::{FunctionEntry, FunctionKind};
-use crate::router::{Envelope, Router};
-use crate::store::{Store, WriteBatch};
+use crate::router::{parse_reply_id, AckTx, Envelope, Router};
+use crate::store::{idempotency_key, state_entry, Store, WriteBatch};
 use timers::Timers;
 
 /// Milliseconds since the Unix epoch.
@@ -102,6 +116,15 @@ struct Slot {
     in_dirty_list: bool,
     last_used_ms: u64,
     readers: Vec<StateReply>,
+    /// The newest epoch holding a change of this address's state (passivation waits until
+    /// it is applied to sled).
+    change_epoch: u64,
+    /// A remote batch in flight, as pending messages (part of every cut while it runs).
+    in_flight_copy: Option<Vec<PendingMessage>>,
+    /// Listed in `busy` (has or had queued or in-flight messages since the last cut).
+    in_busy_list: bool,
+    /// The last cut that listed this slot's pending messages.
+    cut_mark: u64,
 }
 
 impl Slot {
@@ -115,6 +138,60 @@ impl Slot {
 #[rtype(result = "()")]
 pub(crate) struct Deliver {
     pub batch: Vec<Envelope>,
+    /// The sending shard (`None`: ingress or recovery).
+    pub from: Option<usize>,
+    /// Acknowledge once the epoch that received the batch commits.
+    pub ack: Option<AckTx>,
+}
+
+/// Cut epoch `epoch` (from the epoch driver).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Barrier {
+    pub epoch: u64,
+}
+
+/// Shard `from` has cut `epoch`; everything it sent before is already here.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Marker {
+    pub from: usize,
+    pub epoch: u64,
+}
+
+/// Epoch `epoch` committed: release what it holds.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Committed {
+    pub epoch: u64,
+}
+
+/// An output waiting for its epoch to commit.
+enum Held {
+    Ack(AckTx),
+    Reply(u64, Result<TypedValue, ServiceError>),
+    Egress(String, TypedValue),
+}
+
+/// An open cut: waiting for other shards' markers and for embedded batches that were in
+/// flight at the cut to hand back their inputs.
+struct Cut {
+    epoch: u64,
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// (target, order: 0 in flight, 1 inbox, 2 arrived across the cut; kg; message)
+    pending: Vec<(Arc<str>, u8, u32, PendingMessage)>,
+    awaiting: FxHashSet<usize>,
+    markers_done: bool,
+}
+
+fn pending_message(target: &Address, caller: Option<&Address>, m: &TypedValue) -> PendingMessage {
+    PendingMessage {
+        target: target.to_string(),
+        caller: caller.map(|c| c.to_string()).unwrap_or_default(),
+        typename: m.typename().to_string(),
+        value: m.value().to_vec(),
+        has_value: m.has_value(),
+    }
 }
 
 /// The result of one batch, from the instance.
@@ -150,17 +227,15 @@ pub(crate) struct GetState {
 #[rtype(result = "usize")]
 pub(crate) struct Outstanding;
 
-/// Write everything dirty to sled now.
-#[derive(Message)]
-#[rtype(result = "Result<(), String>")]
-pub(crate) struct FlushNow;
-
 /// The construction parameters of a shard.
 pub(crate) struct ShardOptions {
     pub index: usize,
     pub router: Router,
     pub store: Store,
     pub config: Arc<NodeConfig>,
+    /// The last committed epoch at start.
+    pub committed: u64,
+    pub events: tokio::sync::mpsc::UnboundedSender<DriverEvent>,
 }
 
 /// A shard actor.
@@ -181,6 +256,17 @@ pub(crate) struct Shard {
     invocations: u64,
     invocation_errors: u64,
     me: Option<Addr<Shard>>,
+    /// The epoch being accumulated (the last cut + 1).
+    epoch: u64,
+    cuts: Cuts,
+    cut: Option<Cut>,
+    busy: Vec<usize>,
+    held: VecDeque<(u64, Held)>,
+    idem: IdempotencyTable,
+    /// Calls retried with a key whose first call has not been answered yet.
+    keyed_waiters: FxHashMap<String, Vec<u64>>,
+    events: tokio::sync::mpsc::UnboundedSender<DriverEvent>,
+    checkpointing: bool,
 }
 
 impl Actor for Shard {
@@ -189,17 +275,30 @@ impl Actor for Shard {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.me = Some(ctx.address());
         let kgs: Vec<u32> = self.owned_key_groups().collect();
-        if let Err(e) = self.timers.load(&self.store, kgs.into_iter()) {
+        if let Err(e) = self.timers.load(&self.store, kgs.iter().copied()) {
             tracing::error!(shard = self.index, error = %e, "cannot load delayed messages; they stay in sled until the next start");
         }
+        let mut records = Vec::new();
+        for &kg in &kgs {
+            match self.store.load_idempotency(kg) {
+                Ok(v) => {
+                    for (scope, raw) in v {
+                        match Record::decode(&raw) {
+                            Ok(r) => records.push((kg, scope, r)),
+                            Err(e) => {
+                                tracing::warn!(key_group = kg, error = %e, "skipping a corrupt idempotency record")
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(key_group = kg, error = %e, "cannot load idempotency records")
+                }
+            }
+        }
+        self.idem.load(records);
         ctx.run_interval(Duration::from_millis(5), |act, _| act.fire_timers());
-        ctx.run_interval(
-            Duration::from_millis(self.config.flush_interval_ms),
-            |act, _| {
-                act.flush();
-                act.fold_metrics();
-            },
-        );
+        ctx.run_interval(Duration::from_millis(200), |act, _| act.fold_metrics());
         let sweep_ms = self
             .config
             .idle_timeout_ms
@@ -216,7 +315,17 @@ impl Shard {
         let n = o.router.shard_count();
         let max_active = o.config.max_active_instances.div_ceil(n).max(1);
         let hist = o.router.metrics().invocation_seconds.local();
+        let checkpointing = o.router.checkpointing();
         Shard {
+            epoch: o.committed + 1,
+            cuts: Cuts::new(o.index, n, o.committed),
+            cut: None,
+            busy: Vec::new(),
+            held: VecDeque::new(),
+            idem: IdempotencyTable::default(),
+            keyed_waiters: FxHashMap::default(),
+            events: o.events,
+            checkpointing,
             index: o.index,
             outgoing: (0..n).map(|_| Vec::new()).collect(),
             router: o.router,
@@ -272,13 +381,136 @@ impl Shard {
             in_dirty_list: false,
             last_used_ms: now_ms(),
             readers: Vec::new(),
+            change_epoch: 0,
+            in_flight_copy: None,
+            in_busy_list: false,
+            cut_mark: 0,
         });
         self.by_addr.insert(address.clone(), i);
         Ok(i)
     }
 
+    /// Holds an output until the current epoch commits (or releases it now when checkpoints
+    /// are off).
+    fn hold(&mut self, h: Held) {
+        if self.checkpointing {
+            self.held.push_back((self.epoch, h));
+            self.router.want_commit();
+        } else {
+            self.release(h);
+        }
+    }
+
+    fn release(&self, h: Held) {
+        match h {
+            Held::Ack(tx) => {
+                let _ = tx.send(Ok(()));
+            }
+            Held::Reply(call, r) => {
+                if !self.router.complete_call(call, r) {
+                    tracing::debug!(call, "reply arrived after its caller stopped waiting");
+                }
+            }
+            Held::Egress(topic, v) => self.router.egress().publish(&topic, v),
+        }
+    }
+
+    fn record(&mut self, kg: u32, scope: &str, r: Record) {
+        self.pending_writes
+            .ops
+            .push((idempotency_key(kg, scope), Some(r.encode())));
+        self.idem.put(kg, scope, r);
+    }
+
+    /// A reply to an ingress call: recorded for its idempotency key, held until commit.
+    fn handle_reply(&mut self, target: &Address, value: Result<TypedValue, ServiceError>) {
+        let Some(r) = parse_reply_id(&target.id) else {
+            tracing::warn!(address = %target, "malformed reply address; reply dropped");
+            return;
+        };
+        let (kg, call) = (r.kg, r.call);
+        if let Some(scope) = r.scope.map(str::to_string) {
+            if let Some(rec) = self.idem.get(&scope) {
+                let outcome = match &value {
+                    Ok(v) => Outcome::Replied(v.clone()),
+                    Err(e) => Outcome::Failed(e.to_string()),
+                };
+                let seen_ms = rec.seen_ms;
+                self.record(kg, &scope, Record { seen_ms, outcome });
+            }
+            for w in self.keyed_waiters.remove(&scope).unwrap_or_default() {
+                self.hold(Held::Reply(w, value.clone()));
+            }
+        }
+        self.hold(Held::Reply(call, value));
+    }
+
+    /// Checks an ingress message's idempotency key: false if it was seen before (then the
+    /// retry is answered from the record and not applied again).
+    fn first_time(&mut self, env: &Envelope) -> bool {
+        let Some(key) = env.key.as_deref() else {
+            return true;
+        };
+        let scope = idempotency::scope(&env.target.to_string(), key);
+        let call = env
+            .caller
+            .as_ref()
+            .filter(|c| self.router.is_reply_address(c))
+            .and_then(|c| parse_reply_id(&c.id).map(|r| r.call));
+        match self.idem.get(&scope).map(|r| r.outcome.clone()) {
+            None => {
+                let outcome = if call.is_some() {
+                    Outcome::CallPending
+                } else {
+                    Outcome::Sent
+                };
+                self.record(
+                    env.kg,
+                    &scope,
+                    Record {
+                        seen_ms: now_ms(),
+                        outcome,
+                    },
+                );
+                return true;
+            }
+            Some(o) => {
+                self.router.metrics().idempotent_retries.inc();
+                if let Some(c) = call {
+                    match o {
+                        Outcome::Sent => self.hold(Held::Reply(
+                            c,
+                            Err(ServiceError::InvalidArgument(format!(
+                                "idempotency key {key:?} was already used by a Send to {}",
+                                env.target
+                            ))),
+                        )),
+                        Outcome::CallPending => {
+                            self.keyed_waiters.entry(scope).or_default().push(c)
+                        }
+                        Outcome::Replied(v) => self.hold(Held::Reply(c, Ok(v))),
+                        Outcome::Failed(e) => {
+                            self.hold(Held::Reply(c, Err(ServiceError::FunctionFailed(e))))
+                        }
+                    }
+                }
+            }
+        }
+        false
+    }
+
     /// Queues a message for a local address.
     fn enqueue(&mut self, env: Envelope) {
+        if self.router.is_reply_address(&env.target) {
+            self.handle_reply(&env.target, Ok(env.message));
+            return;
+        }
+        if env.key.is_some() && !self.first_time(&env) {
+            if env.ingress {
+                self.router.release(self.index, 1);
+            }
+            return;
+        }
         let Some(entry) = self.router.registry().get(&env.target.typ) else {
             if env.ingress {
                 self.router.release(self.index, 1);
@@ -314,6 +546,10 @@ impl Shard {
             ingress: env.ingress,
             attempts: 0,
         });
+        if !slot.in_busy_list {
+            slot.in_busy_list = true;
+            self.busy.push(i);
+        }
         if !slot.in_flight && !slot.retry_wait && slot.inbox.len() == 1 {
             self.ready.push(i);
         }
@@ -355,6 +591,18 @@ impl Shard {
                 self.router
                     .set_saturated(self.index, &slot.address, false, cap);
             }
+            // Changes not yet cut go into the epoch's delta before the state is lent out.
+            if slot.in_dirty_list {
+                Self::write_slot(&mut self.pending_writes, slot, self.epoch);
+            }
+            if self.checkpointing && matches!(slot.entry.kind, FunctionKind::Remote(_)) {
+                slot.in_flight_copy = Some(
+                    batch
+                        .iter()
+                        .map(|p| pending_message(&slot.address, p.caller.as_ref(), &p.message))
+                        .collect(),
+                );
+            }
             let mut state = slot
                 .state
                 .take()
@@ -390,12 +638,6 @@ impl Shard {
 
     /// Routes a message produced by an invocation or a timer.
     fn route(&mut self, target: Address, caller: Option<Address>, message: TypedValue) {
-        if self.router.is_reply_address(&target) {
-            if !self.router.complete_call(&target, Ok(message)) {
-                tracing::debug!(call = %target, "reply arrived after its caller stopped waiting");
-            }
-            return;
-        }
         let kg = self.router.key_group(&target);
         let shard = self.router.shard_of(kg);
         let env = Envelope {
@@ -404,6 +646,7 @@ impl Shard {
             caller,
             message,
             ingress: false,
+            key: None,
         };
         if shard == self.index {
             self.enqueue(env);
@@ -416,7 +659,7 @@ impl Shard {
         for s in 0..self.outgoing.len() {
             if !self.outgoing[s].is_empty() {
                 let batch = std::mem::take(&mut self.outgoing[s]);
-                self.router.deliver_internal(s, batch);
+                self.router.deliver_internal(s, Some(self.index), batch);
             }
         }
     }
@@ -443,7 +686,8 @@ impl Shard {
             let e = ServiceError::FunctionFailed(format!(
                 "{target}: {error} ({tries}the message is in {DEAD_LETTERS_TOPIC})"
             ));
-            self.router.complete_call(c, Err(e));
+            let c = c.clone();
+            self.handle_reply(&c, Err(e));
         }
         let record = serde_json::json!({
             "address": target.to_string(),
@@ -453,10 +697,10 @@ impl Shard {
             "error": error,
             "attempts": attempts,
         });
-        self.router.egress().publish(
-            DEAD_LETTERS_TOPIC,
+        self.hold(Held::Egress(
+            DEAD_LETTERS_TOPIC.to_string(),
             TypedValue::new("statemesh/DeadLetter", record.to_string().into_bytes()),
-        );
+        ));
     }
 
     fn apply_effects(&mut self, sender: &Address, sender_kg: u32, effects: Effects) {
@@ -476,7 +720,7 @@ impl Shard {
             self.timers.cancel(sender, &token, &mut self.pending_writes);
         }
         for (topic, value) in effects.egress {
-            self.router.egress().publish(&topic, value);
+            self.hold(Held::Egress(topic, value));
         }
     }
 
@@ -505,62 +749,137 @@ impl Shard {
         }
     }
 
-    fn write_slot(batch: &mut WriteBatch, slot: &mut Slot) {
+    fn write_slot(batch: &mut WriteBatch, slot: &mut Slot, epoch: u64) {
         if let Some(state) = slot.state.as_mut() {
             for v in state.iter_mut().filter(|v| v.dirty) {
-                batch.put_state(slot.kg, &slot.address, v);
+                batch.ops.push(state_entry(slot.kg, &slot.address, v));
                 v.dirty = false;
+                slot.change_epoch = epoch;
             }
         }
     }
 
-    /// Writes dirty state and timer changes to sled in one batch.
-    fn flush(&mut self) {
-        let mut batch = std::mem::take(&mut self.pending_writes);
-        let dirty = std::mem::take(&mut self.dirty);
-        for i in dirty {
+    /// Whether an idle slot can be dropped: all its changes are in sled.
+    fn passivable(s: &Slot, applied: u64) -> bool {
+        s.idle()
+            && s.readers.is_empty()
+            && s.change_epoch <= applied
+            && s.state
+                .as_ref()
+                .is_some_and(|st| !st.iter().any(|v| v.dirty))
+    }
+
+    fn passivate(&mut self, i: usize) {
+        let slot = self.slots.remove(i);
+        self.by_addr.remove(&slot.address);
+        self.router.metrics().passivations.inc();
+        // Dropping the slot drops the last `Addr` of the instance actor, which stops it.
+    }
+
+    /// Cuts the current epoch: its delta and (with checkpoints) its pending messages; sends
+    /// this shard's markers to the others.
+    fn begin_cut(&mut self, e: u64) {
+        debug_assert_eq!(e, self.epoch);
+        // Everything produced before the cut goes out ahead of the markers.
+        self.send_outgoing();
+        let mut ops = std::mem::take(&mut self.pending_writes).ops;
+        let mut batch = WriteBatch::default();
+        for i in std::mem::take(&mut self.dirty) {
             let Some(slot) = self.slots.get_mut(i) else {
                 continue;
             };
             slot.in_dirty_list = false;
-            if slot.state.is_none() {
-                // Lent to an in-flight batch; it is marked dirty again when it returns.
-                continue;
+            // A lent state was written at dispatch; its batch's changes belong to the next
+            // epoch and mark it dirty again when it returns.
+            Self::write_slot(&mut batch, slot, e);
+        }
+        ops.append(&mut batch.ops);
+        for (kg, scope) in self
+            .idem
+            .expire(now_ms(), self.config.checkpoint.idempotency_window_ms)
+        {
+            self.keyed_waiters.remove(&scope);
+            ops.push((idempotency_key(kg, &scope), None));
+        }
+        let mut cut = Cut {
+            epoch: e,
+            ops,
+            pending: Vec::new(),
+            awaiting: FxHashSet::default(),
+            markers_done: true,
+        };
+        if self.checkpointing {
+            let busy = std::mem::take(&mut self.busy);
+            for i in busy {
+                let Some(slot) = self.slots.get_mut(i) else {
+                    continue;
+                };
+                if !slot.in_busy_list || slot.cut_mark == e {
+                    continue;
+                }
+                slot.cut_mark = e;
+                let target: Arc<str> = slot.address.to_string().into();
+                if slot.in_flight {
+                    match &slot.in_flight_copy {
+                        Some(copy) => cut
+                            .pending
+                            .extend(copy.iter().map(|m| (target.clone(), 0, slot.kg, m.clone()))),
+                        None => {
+                            cut.awaiting.insert(i);
+                        }
+                    }
+                }
+                for p in &slot.inbox {
+                    cut.pending.push((
+                        target.clone(),
+                        1,
+                        slot.kg,
+                        pending_message(&slot.address, p.caller.as_ref(), &p.message),
+                    ));
+                }
+                if slot.idle() {
+                    slot.in_busy_list = false;
+                } else {
+                    self.busy.push(i);
+                }
             }
-            Self::write_slot(&mut batch, slot);
+            let n = self.router.shard_count();
+            for j in (0..n).filter(|j| *j != self.index) {
+                self.router.marker(j, self.index, e);
+            }
+            cut.markers_done = self.cuts.snapshot(e);
         }
-        if let Err(e) = self.store.write(batch) {
-            self.router.metrics().store_errors.inc();
-            tracing::error!(shard = self.index, error = %e, "writing local state failed");
-        }
+        self.epoch = e + 1;
+        self.cut = Some(cut);
+        self.maybe_finish_cut();
     }
 
-    fn passivate(&mut self, i: usize) {
-        let mut slot = self.slots.remove(i);
-        self.by_addr.remove(&slot.address);
-        let mut batch = WriteBatch::default();
-        Self::write_slot(&mut batch, &mut slot);
-        if let Err(e) = self.store.write(batch) {
-            // Keep the instance rather than lose its state.
-            self.router.metrics().store_errors.inc();
-            tracing::error!(address = %slot.address, error = %e, "cannot write state on passivation; keeping the instance");
-            let addr = slot.address.clone();
-            let j = self.slots.insert(slot);
-            self.by_addr.insert(addr, j);
-            return;
+    fn maybe_finish_cut(&mut self) {
+        match &self.cut {
+            Some(c) if c.markers_done && c.awaiting.is_empty() => {}
+            _ => return,
         }
-        self.router.metrics().passivations.inc();
-        // Dropping the slot drops the last `Addr` of the instance actor, which stops it.
+        let cut = self.cut.take().expect("checked");
+        let mut pending = cut.pending;
+        // Per address: in-flight inputs, then the inbox, then what arrived across the cut.
+        pending.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let _ = self.events.send(DriverEvent::Cut(ShardCut {
+            epoch: cut.epoch,
+            shard: self.index,
+            ops: cut.ops,
+            pending: pending.into_iter().map(|(_, _, kg, m)| (kg, m)).collect(),
+        }));
     }
 
     /// Passivates least recently used idle instances down to 90 % of the limit (at least
     /// one below it, to make room for an activation).
     fn evict_lru(&mut self) {
         let target = (self.max_active - self.max_active / 10).min(self.max_active - 1);
+        let applied = self.router.applied();
         let mut idle: Vec<(u64, usize)> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.idle() && s.readers.is_empty())
+            .filter(|(_, s)| Self::passivable(s, applied))
             .map(|(i, s)| (s.last_used_ms, i))
             .collect();
         idle.sort_unstable();
@@ -579,10 +898,11 @@ impl Shard {
             }
         }
         let cutoff = now.saturating_sub(self.config.idle_timeout_ms);
+        let applied = self.router.applied();
         let idle: Vec<usize> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.idle() && s.last_used_ms <= cutoff && s.readers.is_empty())
+            .filter(|(_, s)| s.last_used_ms <= cutoff && Self::passivable(s, applied))
             .map(|(i, _)| i)
             .collect();
         for i in idle {
@@ -623,11 +943,64 @@ impl Handler<Deliver> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) {
+        let arrival = match msg.from {
+            Some(j) if self.checkpointing => self.cuts.arrival(j),
+            _ => Arrival::Process,
+        };
         for env in msg.batch {
+            if let (Arrival::ProcessAndLog(_), Some(cut)) = (arrival, self.cut.as_mut()) {
+                // Sent before the sender's cut, arriving after ours: in flight across it.
+                cut.pending.push((
+                    env.target.to_string().into(),
+                    2,
+                    env.kg,
+                    pending_message(&env.target, env.caller.as_ref(), &env.message),
+                ));
+            }
             self.enqueue(env);
+        }
+        if let Some(ack) = msg.ack {
+            self.hold(Held::Ack(ack));
         }
         self.send_outgoing();
         self.dispatch_ready();
+    }
+}
+
+impl Handler<Barrier> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Barrier, _: &mut Self::Context) {
+        if msg.epoch == self.epoch {
+            self.begin_cut(msg.epoch);
+        }
+    }
+}
+
+impl Handler<Marker> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Marker, _: &mut Self::Context) {
+        if msg.epoch == self.epoch {
+            self.begin_cut(msg.epoch);
+        }
+        if self.cuts.marker(msg.from, msg.epoch) {
+            if let Some(c) = self.cut.as_mut() {
+                c.markers_done = true;
+            }
+            self.maybe_finish_cut();
+        }
+    }
+}
+
+impl Handler<Committed> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Committed, _: &mut Self::Context) {
+        while self.held.front().is_some_and(|(e, _)| *e <= msg.epoch) {
+            let (_, h) = self.held.pop_front().expect("non-empty");
+            self.release(h);
+        }
     }
 }
 
@@ -641,8 +1014,25 @@ impl Handler<InvokeDone> for Shard {
             let slot = &mut self.slots[i];
             slot.state = Some(done.state);
             slot.in_flight = false;
+            slot.in_flight_copy = None;
             (slot.address.clone(), slot.kg)
         };
+        let mut cut_ready = false;
+        if let Some(cut) = self.cut.as_mut() {
+            if cut.awaiting.remove(&i) {
+                // In flight at the cut: its inputs are pending messages of the cut epoch.
+                let target: Arc<str> = address.to_string().into();
+                cut.pending.extend(batch.iter().map(|p| {
+                    (
+                        target.clone(),
+                        0,
+                        kg,
+                        pending_message(&address, p.caller.as_ref(), &p.message),
+                    )
+                }));
+                cut_ready = cut.awaiting.is_empty();
+            }
+        }
         self.invocations += done.processed as u64;
         if done.remote_failed_attempts > 0 {
             self.router
@@ -718,6 +1108,9 @@ impl Handler<InvokeDone> for Shard {
         if !slot.inbox.is_empty() && !slot.retry_wait {
             self.ready.push(i);
         }
+        if cut_ready {
+            self.maybe_finish_cut();
+        }
         self.send_outgoing();
         self.dispatch_ready();
     }
@@ -758,20 +1151,6 @@ impl Handler<Outstanding> for Shard {
             .iter()
             .map(|(_, s)| s.inbox.len() + usize::from(s.in_flight))
             .sum()
-    }
-}
-
-impl Handler<FlushNow> for Shard {
-    type Result = Result<(), String>;
-
-    fn handle(&mut self, _: FlushNow, _: &mut Self::Context) -> Self::Result {
-        let all: Vec<usize> = self.slots.iter().map(|(i, _)| i).collect();
-        for i in all {
-            self.mark_dirty(i);
-        }
-        self.flush();
-        self.fold_metrics();
-        self.store.flush().map_err(|e| e.to_string())
     }
 }
 

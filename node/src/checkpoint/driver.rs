@@ -1,0 +1,824 @@
+//! The epoch driver of one node: runs the [`Coordinator`] against the shards, blob storage and
+//! sled, and recovers a node at start.
+//!
+//! Flow of an epoch `e`: `Barrier(e)` to every shard → each shard's [`ShardCut`] (its delta
+//! and pending messages) → one node object in blob storage → the manifest (create-only: the
+//! commit point) → `Committed(e)` to the shards (they release held acknowledgements, replies and
+//! egress) → the delta applied to sled by the applier thread, which then records `applied = e`.
+//!
+//! An epoch in which nothing changed and nothing was pending is committed without writing
+//! (it equals the previous one). With checkpoints off the same flow runs without blob storage,
+//! so sled is still written once per `flush_interval_ms`.
+//!
+//! Full snapshots: when the deltas written since the last full snapshot exceed twice its size
+//! (at least 8 MiB), the driver scans sled (which holds every committed epoch up to some `c`)
+//! into a full snapshot labelled `c` and lists it in the next manifest; recovery reads it and
+//! the deltas after `c`. Scanning while newer epochs are applied is safe: every key changed
+//! after `c` is rewritten by a delta after `c`. Garbage collection runs between snapshots,
+//! never concurrently with one.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::coordinator::{Action, Coordinator, Input};
+use super::format::{Entry, KeyGroupSection, Manifest, NodeEpoch, ObjectRef, PendingMessage};
+use super::store::{CheckpointError, CheckpointStore};
+use crate::router::Router;
+use crate::shard::{Barrier, Committed, Shard};
+use crate::store::{key_group_of, Store};
+
+/// What a shard cut.
+pub(crate) struct ShardCut {
+    pub epoch: u64,
+    pub shard: usize,
+    /// Local-store writes since the previous cut, in order.
+    pub ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Unprocessed messages at the cut, with their key group, in replay order.
+    pub pending: Vec<(u32, PendingMessage)>,
+}
+
+/// Inputs of the driver.
+pub(crate) enum DriverEvent {
+    Cut(ShardCut),
+    Written {
+        epoch: u64,
+        result: Result<Option<ObjectRef>, String>,
+    },
+    Committed {
+        epoch: u64,
+        result: Result<(), String>,
+    },
+    Applied {
+        epoch: u64,
+        result: Result<(), String>,
+    },
+    Maintenance(Result<Maintenance, String>),
+    /// Commit everything accepted so far and apply it to sled (shutdown); answers with the
+    /// epoch.
+    Finish(oneshot::Sender<u64>),
+}
+
+/// A finished background job.
+pub(crate) enum Maintenance {
+    Full { object: ObjectRef, label: u64 },
+    Gc(super::store::GcReport),
+}
+
+/// One committed epoch, for `GET /v1/checkpoints`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochInfo {
+    /// The epoch.
+    pub epoch: u64,
+    /// Bytes of its node object (0: nothing changed, nothing written).
+    pub bytes: u64,
+    /// Key groups with a section.
+    pub key_groups: usize,
+    /// State entries written or deleted.
+    pub entries: usize,
+    /// Pending messages at its cut.
+    pub pending: usize,
+    /// Barrier to commit, ms.
+    pub duration_ms: f64,
+    /// When it committed, ms since the Unix epoch.
+    pub committed_ms: u64,
+}
+
+/// The checkpoint status of a node.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckpointStatus {
+    /// Checkpoints on.
+    pub enabled: bool,
+    /// Blob storage URL.
+    pub url: String,
+    /// Last committed epoch.
+    pub committed: u64,
+    /// Last started epoch.
+    pub started: u64,
+    /// Newest epoch applied to sled.
+    pub applied: u64,
+    /// When the last epoch committed, ms since the Unix epoch.
+    pub last_commit_ms: u64,
+    /// The last write or commit error (cleared by a commit).
+    pub last_error: Option<String>,
+    /// Why ingress is refused, if it is.
+    pub backpressure: Option<String>,
+    /// The newest full snapshot: (label epoch, bytes).
+    pub last_full: Option<(u64, u64)>,
+    /// How the node recovered at start.
+    pub recovery: Option<RecoveryReport>,
+    /// The newest committed epochs, newest last.
+    pub recent: VecDeque<EpochInfo>,
+}
+
+/// How a node recovered.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RecoveryReport {
+    /// `none` (fresh), `sled` (local state current), `blob-deltas` (sled caught up from
+    /// blob storage), `blob-full` (sled rebuilt from blob storage).
+    pub source: String,
+    /// The epoch recovered.
+    pub epoch: u64,
+    /// Pending messages replayed.
+    pub pending: usize,
+    /// State entries written to sled.
+    pub entries: usize,
+    /// Time spent, ms.
+    pub duration_ms: u64,
+}
+
+/// Shared with the admin endpoints.
+pub type StatusHandle = Arc<Mutex<CheckpointStatus>>;
+
+struct Options {
+    node_id: String,
+    retain: usize,
+    owned: Vec<u32>,
+}
+
+struct Driver {
+    coord: Coordinator,
+    events: mpsc::UnboundedSender<DriverEvent>,
+    cp: Option<CheckpointStore>,
+    store: Store,
+    router: Router,
+    shards: Vec<Addr<Shard>>,
+    opts: Options,
+    /// Cuts received, by epoch.
+    cuts: BTreeMap<u64, Vec<ShardCut>>,
+    /// Built and being written/committed, by epoch.
+    built: BTreeMap<u64, Arc<NodeEpoch>>,
+    objects: BTreeMap<u64, Option<ObjectRef>>,
+    started_at: BTreeMap<u64, Instant>,
+    last_manifest: Option<u64>,
+    /// A full snapshot waiting to be listed in the next manifest.
+    unlisted_full: Option<(ObjectRef, u64)>,
+    listing: Option<(u64, (ObjectRef, u64))>,
+    maintenance_running: bool,
+    bytes_since_full: u64,
+    last_full_bytes: u64,
+    force_full: bool,
+    commits_since_gc: u64,
+    applier: std::sync::mpsc::Sender<(u64, Option<Arc<NodeEpoch>>)>,
+    finish: Vec<(u64, oneshot::Sender<u64>)>,
+    status: StatusHandle,
+}
+
+fn now_ms() -> u64 {
+    crate::shard::now_ms()
+}
+
+/// Starts the driver on the current tokio runtime.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start(
+    config: &crate::config::NodeConfig,
+    cp: Option<CheckpointStore>,
+    store: Store,
+    router: Router,
+    shards: Vec<Addr<Shard>>,
+    committed: u64,
+    last_manifest: Option<u64>,
+    force_full: bool,
+    events: mpsc::UnboundedSender<DriverEvent>,
+    rx: mpsc::UnboundedReceiver<DriverEvent>,
+    status: StatusHandle,
+) -> tokio::task::JoinHandle<()> {
+    let interval = if cp.is_some() {
+        config.checkpoint.interval_ms
+    } else {
+        config.flush_interval_ms
+    };
+    let n = shards.len();
+    let owned: Vec<u32> = (0..config.key_groups).collect();
+    let (atx, arx) = std::sync::mpsc::channel::<(u64, Option<Arc<NodeEpoch>>)>();
+    {
+        let (store, router, events) = (store.clone(), router.clone(), events.clone());
+        std::thread::Builder::new()
+            .name("statemesh-apply".into())
+            .spawn(move || applier(store, router, events, arx))
+            .expect("spawn the applier thread");
+    }
+    router.set_applied(committed);
+    {
+        let mut s = status.lock();
+        s.enabled = cp.is_some();
+        s.committed = committed;
+        s.started = committed;
+        s.applied = committed;
+    }
+    let mut d = Driver {
+        coord: Coordinator::new(n, interval, config.checkpoint.max_uncommitted, committed),
+        events,
+        cp,
+        store,
+        router,
+        shards,
+        opts: Options {
+            node_id: config.checkpoint.node_id.clone(),
+            retain: config.checkpoint.retain,
+            owned,
+        },
+        cuts: BTreeMap::new(),
+        built: BTreeMap::new(),
+        objects: BTreeMap::new(),
+        started_at: BTreeMap::new(),
+        last_manifest,
+        unlisted_full: None,
+        listing: None,
+        maintenance_running: false,
+        bytes_since_full: 0,
+        last_full_bytes: 0,
+        force_full,
+        commits_since_gc: 0,
+        applier: atx,
+        finish: Vec::new(),
+        status,
+    };
+    tokio::spawn(async move { d.run(rx).await })
+}
+
+/// Applies committed epochs to sled, in order, then records them as applied.
+fn applier(
+    store: Store,
+    router: Router,
+    events: mpsc::UnboundedSender<DriverEvent>,
+    rx: std::sync::mpsc::Receiver<(u64, Option<Arc<NodeEpoch>>)>,
+) {
+    while let Ok((epoch, e)) = rx.recv() {
+        let result = match e {
+            None => Ok(()),
+            Some(e) => apply_to_sled(&store, &e)
+                .and_then(|()| store.set_applied(0, epoch).map_err(|err| err.to_string())),
+        };
+        if let Err(err) = &result {
+            router.metrics().store_errors.inc();
+            tracing::error!(epoch, error = %err, "applying a committed epoch to sled failed; recovery will re-apply it from blob storage");
+        }
+        router.set_applied(epoch);
+        let _ = events.send(DriverEvent::Applied { epoch, result });
+    }
+}
+
+fn apply_to_sled(store: &Store, e: &NodeEpoch) -> Result<(), String> {
+    let ops = e.key_groups.iter().flat_map(|s| {
+        s.puts
+            .iter()
+            .map(|p| (p.key.as_slice(), Some(p.value.as_slice())))
+            .chain(s.deletes.iter().map(|k| (k.as_slice(), None)))
+    });
+    store.write_ops(ops).map_err(|e| e.to_string())
+}
+
+/// Builds a node's epoch object from its shards' cuts (later writes of a key win).
+fn build(epoch: u64, node: &str, cuts: Vec<ShardCut>) -> NodeEpoch {
+    type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+    let mut kgs: BTreeMap<u32, (Changes, Vec<PendingMessage>)> = BTreeMap::new();
+    for c in cuts {
+        for (k, v) in c.ops {
+            let Some(kg) = key_group_of(&k) else {
+                tracing::error!(key = ?k, "local-store key without a key group; not checkpointed");
+                continue;
+            };
+            kgs.entry(kg).or_default().0.insert(k, v);
+        }
+        for (kg, m) in c.pending {
+            kgs.entry(kg).or_default().1.push(m);
+        }
+    }
+    let key_groups = kgs
+        .into_iter()
+        .map(|(kg, (entries, pending))| {
+            let mut s = KeyGroupSection {
+                key_group: kg,
+                full: false,
+                pending,
+                ..Default::default()
+            };
+            for (key, v) in entries {
+                match v {
+                    Some(value) => s.puts.push(Entry { key, value }),
+                    None => s.deletes.push(key),
+                }
+            }
+            s
+        })
+        .collect();
+    NodeEpoch {
+        epoch,
+        node: node.to_string(),
+        key_groups,
+    }
+}
+
+impl Driver {
+    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<DriverEvent>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => self.event(ev),
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    if self.router.take_commit_wanted() || !self.finish.is_empty() {
+                        self.input(Input::CallerWaiting);
+                    }
+                    self.input(Input::Tick { now_ms: now_ms() });
+                    self.gauges();
+                }
+            }
+        }
+    }
+
+    fn gauges(&self) {
+        let m = self.router.metrics();
+        let open = self.coord.started() - self.coord.committed();
+        m.checkpoint_backlog.set(open as i64);
+        let last = self.status.lock().last_commit_ms;
+        m.checkpoint_commit_lag_ms.set(if open > 0 && last > 0 {
+            now_ms().saturating_sub(last) as i64
+        } else {
+            0
+        });
+    }
+
+    fn input(&mut self, i: Input) {
+        for a in self.coord.handle(i) {
+            self.action(a);
+        }
+    }
+
+    fn event(&mut self, ev: DriverEvent) {
+        match ev {
+            DriverEvent::Cut(c) => {
+                let (epoch, shard) = (c.epoch, c.shard);
+                self.cuts.entry(epoch).or_default().push(c);
+                self.input(Input::ShardCut { epoch, shard });
+            }
+            DriverEvent::Written { epoch, result } => match result {
+                Ok(obj) => {
+                    if let Some(o) = &obj {
+                        self.router.metrics().checkpoint_bytes.inc_by(o.size);
+                        self.bytes_since_full += o.size;
+                    }
+                    self.objects.insert(epoch, obj);
+                    self.input(Input::Written { epoch });
+                }
+                Err(e) => self.failed(epoch, e),
+            },
+            DriverEvent::Committed { epoch, result } => match result {
+                Ok(()) => {
+                    if self.objects.get(&epoch).is_some_and(|o| o.is_some()) {
+                        self.last_manifest = Some(epoch);
+                    }
+                    if let Some((e, (obj, label))) = self.listing.take() {
+                        if e == epoch {
+                            let mut s = self.status.lock();
+                            s.last_full = Some((label, obj.size));
+                        } else {
+                            self.listing = Some((e, (obj, label)));
+                        }
+                    }
+                    self.input(Input::Committed { epoch });
+                }
+                Err(e) => {
+                    // The full snapshot stays unlisted until a manifest lists it.
+                    if let Some((e2, full)) = self.listing.take() {
+                        if e2 == epoch {
+                            self.unlisted_full = Some(full);
+                        } else {
+                            self.listing = Some((e2, full));
+                        }
+                    }
+                    self.failed(epoch, e)
+                }
+            },
+            DriverEvent::Applied { epoch, result } => {
+                {
+                    let mut s = self.status.lock();
+                    s.applied = epoch;
+                    if let Err(e) = result {
+                        s.last_error = Some(format!("applying epoch {epoch} to sled: {e}"));
+                    }
+                }
+                let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.finish)
+                    .into_iter()
+                    .partition(|(target, _)| epoch >= *target);
+                self.finish = keep;
+                for (_, tx) in done {
+                    let _ = tx.send(epoch);
+                }
+            }
+            DriverEvent::Maintenance(r) => {
+                self.maintenance_running = false;
+                match r {
+                    Ok(Maintenance::Full { object, label }) => {
+                        self.router.metrics().checkpoint_bytes.inc_by(object.size);
+                        self.last_full_bytes = object.size;
+                        self.bytes_since_full = 0;
+                        self.force_full = false;
+                        self.unlisted_full = Some((object, label));
+                    }
+                    Ok(Maintenance::Gc(report)) => {
+                        tracing::debug!(?report, "checkpoint garbage collection");
+                    }
+                    Err(e) => {
+                        self.router.metrics().checkpoint_failures.inc();
+                        tracing::warn!(error = %e, "checkpoint maintenance failed; retried later");
+                    }
+                }
+            }
+            DriverEvent::Finish(tx) => {
+                // Everything accepted so far is in the next epoch to start.
+                self.finish.push((self.coord.started() + 1, tx));
+            }
+        }
+    }
+
+    fn failed(&mut self, epoch: u64, e: String) {
+        self.router.metrics().checkpoint_failures.inc();
+        tracing::warn!(epoch, error = %e, "checkpoint failed; retrying");
+        self.status.lock().last_error = Some(e);
+        self.input(Input::Failed {
+            epoch,
+            now_ms: now_ms(),
+        });
+    }
+
+    fn action(&mut self, a: Action) {
+        match a {
+            Action::Barrier(e) => {
+                self.started_at.insert(e, Instant::now());
+                self.status.lock().started = e;
+                for s in &self.shards {
+                    s.do_send(Barrier { epoch: e });
+                }
+            }
+            Action::Write(e) => {
+                let built = match self.built.get(&e) {
+                    Some(b) => b.clone(),
+                    None => {
+                        let cuts = self.cuts.remove(&e).unwrap_or_default();
+                        let b = Arc::new(build(e, &self.opts.node_id, cuts));
+                        self.built.insert(e, b.clone());
+                        b
+                    }
+                };
+                let tx = self.events.clone();
+                match &self.cp {
+                    Some(cp) if !built.key_groups.is_empty() => {
+                        let cp = cp.clone();
+                        tokio::spawn(async move {
+                            let result = cp
+                                .write_node_epoch(&built)
+                                .await
+                                .map(Some)
+                                .map_err(|e| e.to_string());
+                            let _ = tx.send(DriverEvent::Written { epoch: e, result });
+                        });
+                    }
+                    _ => {
+                        let _ = tx.send(DriverEvent::Written {
+                            epoch: e,
+                            result: Ok(None),
+                        });
+                    }
+                }
+            }
+            Action::Commit(e) => {
+                let tx = self.events.clone();
+                let obj = self.objects.get(&e).cloned().flatten();
+                match (&self.cp, obj) {
+                    (Some(cp), Some(obj)) => {
+                        let mut objects = vec![obj];
+                        if let Some(full) = self.unlisted_full.take() {
+                            objects.push(full.0.clone());
+                            self.listing = Some((e, full));
+                        }
+                        let m = Manifest {
+                            epoch: e,
+                            previous: self.last_manifest,
+                            created_ms: now_ms(),
+                            objects,
+                        };
+                        let cp = cp.clone();
+                        tokio::spawn(async move {
+                            let result = cp.commit(&m).await.map_err(|e| match e {
+                                CheckpointError::AlreadyCommitted(_) => format!(
+                                    "{e}: another node writes checkpoints to the same blob storage prefix; stop it or give this node its own prefix"
+                                ),
+                                e => e.to_string(),
+                            });
+                            let _ = tx.send(DriverEvent::Committed { epoch: e, result });
+                        });
+                    }
+                    _ => {
+                        let _ = tx.send(DriverEvent::Committed {
+                            epoch: e,
+                            result: Ok(()),
+                        });
+                    }
+                }
+            }
+            Action::Release(e) => {
+                for s in &self.shards {
+                    s.do_send(Committed { epoch: e });
+                }
+                let built = self.built.remove(&e);
+                let obj = self.objects.remove(&e).flatten();
+                let m = self.router.metrics();
+                m.checkpoint_committed_epoch.set(e as i64);
+                let duration = self
+                    .started_at
+                    .remove(&e)
+                    .map(|t| t.elapsed())
+                    .unwrap_or_default();
+                m.checkpoint_seconds.observe(duration.as_secs_f64());
+                if let Some(o) = &obj {
+                    m.checkpoint_last_bytes.set(o.size as i64);
+                }
+                {
+                    let mut s = self.status.lock();
+                    s.committed = e;
+                    s.last_commit_ms = now_ms();
+                    s.last_error = None;
+                    if let (Some(o), Some(b)) = (&obj, &built) {
+                        s.recent.push_back(EpochInfo {
+                            epoch: e,
+                            bytes: o.size,
+                            key_groups: b.key_groups.len(),
+                            entries: b
+                                .key_groups
+                                .iter()
+                                .map(|k| k.puts.len() + k.deletes.len())
+                                .sum(),
+                            pending: b.key_groups.iter().map(|k| k.pending.len()).sum(),
+                            duration_ms: duration.as_secs_f64() * 1e3,
+                            committed_ms: now_ms(),
+                        });
+                        if s.recent.len() > 64 {
+                            s.recent.pop_front();
+                        }
+                    }
+                }
+                let changed = built.as_ref().is_some_and(|b| {
+                    b.key_groups
+                        .iter()
+                        .any(|k| !k.puts.is_empty() || !k.deletes.is_empty())
+                });
+                let _ = self.applier.send((e, if changed { built } else { None }));
+                if obj.is_some() {
+                    self.commits_since_gc += 1;
+                }
+                self.maintain();
+            }
+            Action::Backpressure(on) => {
+                let reason = on.then(|| {
+                    let s = self.status.lock();
+                    format!(
+                        "checkpoints are behind: {} epochs are cut but not committed to {} (last error: {})",
+                        self.coord.started() - self.coord.committed(),
+                        s.url,
+                        s.last_error.as_deref().unwrap_or("none")
+                    )
+                });
+                if let Some(r) = &reason {
+                    tracing::warn!("{r}; refusing ingress until an epoch commits");
+                }
+                self.status.lock().backpressure = reason.clone();
+                self.router.set_backpressure(reason);
+            }
+        }
+    }
+
+    /// Starts a full snapshot or a garbage collection when one is due and none runs.
+    fn maintain(&mut self) {
+        let Some(cp) = self.cp.clone() else {
+            return;
+        };
+        if self.maintenance_running || self.unlisted_full.is_some() || self.listing.is_some() {
+            return;
+        }
+        let tx = self.events.clone();
+        let due_full =
+            self.force_full || self.bytes_since_full >= (2 * self.last_full_bytes).max(8 << 20);
+        if due_full {
+            self.maintenance_running = true;
+            let (store, node, owned) = (
+                self.store.clone(),
+                self.opts.node_id.clone(),
+                self.opts.owned.clone(),
+            );
+            let label = self.router.applied();
+            tokio::spawn(async move {
+                let built = tokio::task::spawn_blocking(move || {
+                    let mut key_groups = Vec::with_capacity(owned.len());
+                    for kg in owned {
+                        let puts = store
+                            .scan_key_group(kg)
+                            .map_err(|e| e.to_string())?
+                            .into_iter()
+                            .map(|(key, value)| Entry { key, value })
+                            .collect();
+                        key_groups.push(KeyGroupSection {
+                            key_group: kg,
+                            full: true,
+                            puts,
+                            ..Default::default()
+                        });
+                    }
+                    Ok::<_, String>(NodeEpoch {
+                        epoch: label,
+                        node,
+                        key_groups,
+                    })
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+                let r = match built {
+                    Ok(e) => cp
+                        .write_node_epoch(&e)
+                        .await
+                        .map(|object| Maintenance::Full { object, label })
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(DriverEvent::Maintenance(r));
+            });
+        } else if self.commits_since_gc >= 50 {
+            self.commits_since_gc = 0;
+            self.maintenance_running = true;
+            let retain = self.opts.retain;
+            tokio::spawn(async move {
+                let r = cp
+                    .gc(retain)
+                    .await
+                    .map(Maintenance::Gc)
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(DriverEvent::Maintenance(r));
+            });
+        }
+    }
+}
+
+/// What recovery hands the node.
+pub(crate) struct Recovered {
+    /// The last committed epoch.
+    pub committed: u64,
+    /// The newest manifest.
+    pub last_manifest: Option<u64>,
+    /// Pending messages to replay before ingress opens, by key group.
+    pub pending: Vec<(u32, PendingMessage)>,
+    /// The next epoch must be preceded by a full snapshot (blob storage lacks the base).
+    pub force_full: bool,
+    pub report: RecoveryReport,
+}
+
+/// Brings sled to the newest committed epoch and returns what to replay. With no blob store
+/// (checkpoints off) sled is taken as it is.
+pub(crate) async fn recover(
+    store: &Store,
+    cp: Option<&CheckpointStore>,
+    key_groups: u32,
+    shards: usize,
+) -> Result<Recovered, String> {
+    let t0 = Instant::now();
+    let applied = store.applied().map_err(|e| e.to_string())?;
+    let Some(cp) = cp else {
+        return Ok(Recovered {
+            committed: applied.unwrap_or(0),
+            last_manifest: None,
+            pending: Vec::new(),
+            force_full: false,
+            report: RecoveryReport {
+                source: "sled".into(),
+                epoch: applied.unwrap_or(0),
+                ..Default::default()
+            },
+        });
+    };
+    let latest = retry("read the newest manifest", || cp.latest()).await?;
+    let has_local = store.has_entries().map_err(|e| e.to_string())?;
+    let Some(latest) = latest else {
+        // Nothing in blob storage: a fresh node, or local state from before checkpoints (or
+        // a new blob location): the first epoch needs a full snapshot.
+        return Ok(Recovered {
+            committed: applied.unwrap_or(0),
+            last_manifest: None,
+            pending: Vec::new(),
+            force_full: has_local,
+            report: RecoveryReport {
+                source: if has_local { "sled" } else { "none" }.into(),
+                epoch: applied.unwrap_or(0),
+                duration_ms: t0.elapsed().as_millis() as u64,
+                ..Default::default()
+            },
+        });
+    };
+    let e = latest.epoch;
+    let all = |_: u32| true;
+    let (source, after) = match applied {
+        Some(a) if a == e => ("sled", Some(e)),
+        Some(a) if a < e => ("blob-deltas", Some(a)),
+        Some(a) => {
+            tracing::warn!(
+                applied = a,
+                committed = e,
+                "local state is newer than blob storage's newest epoch; keeping it and writing a full snapshot"
+            );
+            return Ok(Recovered {
+                committed: a,
+                last_manifest: Some(e),
+                pending: Vec::new(),
+                force_full: true,
+                report: RecoveryReport {
+                    source: "sled".into(),
+                    epoch: a,
+                    duration_ms: t0.elapsed().as_millis() as u64,
+                    ..Default::default()
+                },
+            });
+        }
+        None => ("blob-full", None),
+    };
+    let r = retry("read the checkpoint chain", || {
+        cp.recover_after(&all, after)
+    })
+    .await;
+    let (source, full, states) = match r {
+        Ok((_, states)) => (source, after.is_none(), states),
+        Err(m) if m.contains("keeps epochs from") => {
+            tracing::warn!(error = %m, "rebuilding local state from blob storage");
+            let (_, states) = retry("read the checkpoint chain", || cp.recover(&all)).await?;
+            ("blob-full", true, states)
+        }
+        Err(m) => return Err(m),
+    };
+    let mut entries = 0;
+    if full {
+        store
+            .clear_key_groups(0..key_groups)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut pending = Vec::new();
+    for (kg, st) in states {
+        if source != "sled" {
+            entries += st.state.len() + st.deleted.len();
+            store
+                .write_ops(
+                    st.deleted.iter().map(|k| (k.as_slice(), None)).chain(
+                        st.state
+                            .iter()
+                            .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
+                    ),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        pending.extend(st.pending.into_iter().map(|m| (kg, m)));
+    }
+    store.reset_applied(shards, e).map_err(|e| e.to_string())?;
+    let report = RecoveryReport {
+        source: source.into(),
+        epoch: e,
+        pending: pending.len(),
+        entries,
+        duration_ms: t0.elapsed().as_millis() as u64,
+    };
+    tracing::info!(?report, "recovered");
+    Ok(Recovered {
+        committed: e,
+        last_manifest: Some(e),
+        pending,
+        force_full: false,
+        report,
+    })
+}
+
+/// Retries a blob read a few times (a flaky network at start), then gives up naming it.
+async fn retry<T, F, Fut>(what: &str, f: F) -> Result<T, String>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CheckpointError>>,
+{
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1.. {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e @ CheckpointError::HistoryTooShort { .. }) => return Err(e.to_string()),
+            Err(e) if attempt >= 5 => return Err(format!("cannot {what}: {e}")),
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "cannot {what}; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    unreachable!()
+}
