@@ -5,8 +5,15 @@
 //! one; a subscriber pops them as they come). Beyond `egress_topic_capacity` unread records
 //! the oldest is dropped, logged and counted (`statemesh_egress_dropped_total`), so an
 //! unread topic cannot grow memory without bound.
+//!
+//! With checkpoints on, a record is published only once the epoch that produced it commits,
+//! and it is durable until read: it is a local-store entry (`'e' ‖ kg ‖ seq`) written in that
+//! epoch, reloaded after a restart, and deleted in the epoch after it is read or dropped.
+//! Production is exactly once; delivery to readers is at least once across a crash (a record
+//! read just before the crash, whose deletion had not committed yet, is read again).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -15,8 +22,11 @@ use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 
+/// A record and, if it is durable, its local-store key.
+type Record = (TypedValue, Option<Vec<u8>>);
+
 struct Topic {
-    queue: Mutex<VecDeque<TypedValue>>,
+    queue: Mutex<VecDeque<Record>>,
     notify: Notify,
 }
 
@@ -26,6 +36,9 @@ pub struct Egress {
     topics: Arc<Mutex<HashMap<String, Arc<Topic>>>>,
     capacity: usize,
     metrics: Metrics,
+    /// Keys of durable records read or dropped since the last epoch was built.
+    consumed: Arc<Mutex<Vec<Vec<u8>>>>,
+    next_seq: Arc<AtomicU64>,
 }
 
 impl Egress {
@@ -35,6 +48,32 @@ impl Egress {
             topics: Arc::default(),
             capacity: capacity.max(1),
             metrics,
+            consumed: Arc::default(),
+            next_seq: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// The next durable record key of key group `kg`.
+    pub(crate) fn next_key(&self, kg: u32) -> Vec<u8> {
+        crate::store::egress_key(kg, self.next_seq.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Restores durable records (in production order) after a restart.
+    pub(crate) fn restore(&self, records: Vec<crate::store::StoredEgress>) {
+        for (seq, key, topic, value) in records {
+            self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
+            self.publish_durable(&topic, value, Some(key));
+        }
+    }
+
+    /// Keys of durable records read or dropped since the last call (to delete them).
+    pub(crate) fn take_consumed(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.consumed.lock())
+    }
+
+    fn consumed(&self, key: Option<Vec<u8>>) {
+        if let Some(k) = key {
+            self.consumed.lock().push(k);
         }
     }
 
@@ -51,13 +90,20 @@ impl Egress {
         t
     }
 
-    /// Appends a record.
+    /// Appends a record that is not durable.
+    #[cfg(test)]
     pub fn publish(&self, topic: &str, value: TypedValue) {
+        self.publish_durable(topic, value, None)
+    }
+
+    /// Appends a record stored under `key` until it is read.
+    pub(crate) fn publish_durable(&self, topic: &str, value: TypedValue, key: Option<Vec<u8>>) {
         let t = self.topic(topic);
         {
             let mut q = t.queue.lock();
             if q.len() >= self.capacity {
-                q.pop_front();
+                let dropped = q.pop_front().and_then(|r| r.1);
+                self.consumed(dropped);
                 self.metrics.egress_dropped.inc();
                 tracing::warn!(
                     topic,
@@ -65,7 +111,7 @@ impl Egress {
                     "egress topic full: dropped its oldest unread record"
                 );
             }
-            q.push_back(value);
+            q.push_back((value, key));
         }
         self.metrics.egress_records.inc();
         t.notify.notify_one();
@@ -75,7 +121,9 @@ impl Egress {
     pub fn pop(&self, topic: &str) -> Option<TypedValue> {
         let t = self.topics.lock().get(topic).cloned()?;
         let v = t.queue.lock().pop_front();
-        v
+        let (v, key) = v?;
+        self.consumed(key);
+        Some(v)
     }
 
     /// Waits for and pops the next record.
@@ -88,7 +136,8 @@ impl Egress {
                 let next = q.pop_front();
                 (next, !q.is_empty())
             };
-            if let Some(v) = next {
+            if let Some((v, key)) = next {
+                self.consumed(key);
                 // Pass the wake-up on: more records may be waiting for other readers.
                 if more {
                     t.notify.notify_one();

@@ -300,6 +300,10 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         config.checkpoint.ack,
     );
     let ready = Arc::new(AtomicBool::new(false));
+    if cp.is_some() {
+        // Egress records committed but not read before the last stop.
+        router.egress().restore(store.load_egress()?);
+    }
 
     // gRPC listener first, so a bad address fails before threads start.
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr)

@@ -231,6 +231,9 @@ pub fn state_entry(kg: u32, addr: &Address, slot: &StateSlot) -> (Vec<u8>, Optio
     (key, value)
 }
 
+/// A durable egress record: (seq, key, topic, value).
+pub type StoredEgress = (u64, Vec<u8>, String, TypedValue);
+
 /// A stored key and value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
@@ -243,10 +246,46 @@ pub fn idempotency_key(kg: u32, scope: &str) -> Vec<u8> {
     k
 }
 
-/// The key group of a local-store entry key (`'s'`, `'t'` and `'i'` keys all start with
-/// `tag ‖ kg:u16be`).
+/// The key of a durable egress record: `'e' ‖ kg:u16be ‖ seq:u64be`.
+pub fn egress_key(kg: u32, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(11);
+    k.push(b'e');
+    k.extend_from_slice(&(kg as u16).to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The stored form of an egress record.
+pub fn encode_egress(topic: &str, v: &TypedValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + topic.len() + v.value().len());
+    put_str(&mut out, topic.as_bytes());
+    put_str(&mut out, v.typename().as_bytes());
+    out.push(u8::from(v.has_value()));
+    put_str(&mut out, v.value());
+    out
+}
+
+fn decode_egress(raw: &[u8]) -> Result<(String, TypedValue), StoreError> {
+    let mut r = Reader(raw);
+    let topic = r.string()?.to_string();
+    let typename = r.string()?.to_string();
+    let has_value = r.take(1)?[0] != 0;
+    let value = Bytes::copy_from_slice(r.bytes()?);
+    let v = if has_value {
+        TypedValue::new(typename, value)
+    } else {
+        TypedValue::empty(typename)
+    };
+    Ok((topic, v))
+}
+
+/// Entry tags that belong to a key group.
+const KG_TAGS: [u8; 4] = [b'e', b'i', b's', b't'];
+
+/// The key group of a local-store entry key (`'s'`, `'t'`, `'i'` and `'e'` keys all start
+/// with `tag ‖ kg:u16be`).
 pub fn key_group_of(key: &[u8]) -> Option<u32> {
-    (key.len() >= 3 && matches!(key[0], b's' | b't' | b'i'))
+    (key.len() >= 3 && KG_TAGS.contains(&key[0]))
         .then(|| u32::from(u16::from_be_bytes([key[1], key[2]])))
 }
 
@@ -443,7 +482,7 @@ impl Store {
     /// Deletes every entry (state, timers, idempotency records) of the key groups.
     pub fn clear_key_groups(&self, kgs: impl Iterator<Item = u32>) -> Result<(), StoreError> {
         for kg in kgs {
-            for tag in [b's', b't', b'i'] {
+            for tag in KG_TAGS {
                 let mut prefix = vec![tag];
                 prefix.extend_from_slice(&(kg as u16).to_be_bytes());
                 let keys: Vec<sled::IVec> = self
@@ -460,8 +499,8 @@ impl Store {
 
     /// Whether any state, timer or idempotency record is stored.
     pub fn has_entries(&self) -> Result<bool, StoreError> {
-        for tag in [b"s", b"t", b"i"] {
-            if let Some(item) = self.db.scan_prefix(tag).next() {
+        for tag in KG_TAGS {
+            if let Some(item) = self.db.scan_prefix([tag]).next() {
                 item.map_err(|e| self.err(e))?;
                 return Ok(true);
             }
@@ -472,7 +511,7 @@ impl Store {
     /// Every entry (state, timers, idempotency records) of a key group, key-ordered.
     pub fn scan_key_group(&self, kg: u32) -> Result<Vec<KeyValue>, StoreError> {
         let mut out = Vec::new();
-        for tag in [b'i', b's', b't'] {
+        for tag in KG_TAGS {
             let mut prefix = vec![tag];
             prefix.extend_from_slice(&(kg as u16).to_be_bytes());
             for item in self.db.scan_prefix(&prefix) {
@@ -480,6 +519,22 @@ impl Store {
                 out.push((k.to_vec(), v.to_vec()));
             }
         }
+        Ok(out)
+    }
+
+    /// Every durable egress record: (seq, key, topic, value), in production order.
+    pub fn load_egress(&self) -> Result<Vec<StoredEgress>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(b"e") {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if k.len() != 11 {
+                return Err(StoreError::Corrupt("egress key: expected 11 bytes".into()));
+            }
+            let seq = u64::from_be_bytes(k[3..11].try_into().expect("8 bytes"));
+            let (topic, value) = decode_egress(&v)?;
+            out.push((seq, k.to_vec(), topic, value));
+        }
+        out.sort_by_key(|r| r.0);
         Ok(out)
     }
 

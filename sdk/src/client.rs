@@ -36,11 +36,49 @@ impl ClientError {
     }
 }
 
-/// A client of one node. Cheap to clone; clones share the connection.
+/// How a client retries requests that carry an idempotency key (requests without a key are
+/// never retried: they could apply twice). A keyed request is retried when the node is
+/// unreachable or restarting (`UNAVAILABLE`, `UNKNOWN` transport failures, `CANCELLED`) or
+/// pushes back (`RESOURCE_EXHAUSTED`), with exponential backoff; the node answers a retry of
+/// something it already applied from its idempotency record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all (1 = no retry).
+    pub attempts: u32,
+    /// Backoff before the second attempt; doubles per attempt.
+    pub initial_backoff: std::time::Duration,
+    /// Upper bound of the backoff.
+    pub max_backoff: std::time::Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 12 attempts, 50 ms doubling to at most 2 s (about 15 s in all).
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 12,
+            initial_backoff: std::time::Duration::from_millis(50),
+            max_backoff: std::time::Duration::from_secs(2),
+        }
+    }
+}
+
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::ResourceExhausted
+    )
+}
+
+/// A client of one node. Cheap to clone; clones share the connection (which reconnects by
+/// itself after the node restarts).
 #[derive(Clone)]
 pub struct Client {
     ingress: pb::ingress_client::IngressClient<Channel>,
     admin: pb::admin_client::AdminClient<Channel>,
+    retry: RetryPolicy,
 }
 
 impl Client {
@@ -63,7 +101,52 @@ impl Client {
             ingress: pb::ingress_client::IngressClient::new(channel.clone())
                 .max_decoding_message_size(64 << 20),
             admin: pb::admin_client::AdminClient::new(channel),
+            retry: RetryPolicy::default(),
         })
+    }
+
+    /// Connects lazily: the first request connects (useful when the node is still starting).
+    pub fn connect_lazy(url: &str) -> Result<Self, ClientError> {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|source| ClientError::Connect {
+                url: url.to_string(),
+                source,
+            })?
+            .tcp_nodelay(true)
+            .connect_timeout(std::time::Duration::from_secs(2));
+        let channel = endpoint.connect_lazy();
+        Ok(Client {
+            ingress: pb::ingress_client::IngressClient::new(channel.clone())
+                .max_decoding_message_size(64 << 20),
+            admin: pb::admin_client::AdminClient::new(channel),
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    /// The same client with another retry policy for keyed requests.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Runs a request, retrying it under the policy if it carries an idempotency key.
+    async fn retrying<T, F, Fut>(&self, keyed: bool, f: F) -> Result<T, tonic::Status>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut backoff = self.retry.initial_backoff;
+        let mut attempt = 1;
+        loop {
+            match f().await {
+                Err(s) if keyed && attempt < self.retry.attempts && retryable(&s) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.retry.max_backoff);
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Sends a one-way message.
@@ -71,7 +154,8 @@ impl Client {
         self.send_with_key(target, message, None).await
     }
 
-    /// Sends a one-way message with an idempotency key.
+    /// Sends a one-way message with an idempotency key; with a key, retried under the
+    /// client's [`RetryPolicy`] and applied once.
     pub async fn send_with_key(
         &self,
         target: &Address,
@@ -83,7 +167,11 @@ impl Client {
             message: Some(message.to_proto()),
             idempotency_key: key.unwrap_or_default().to_string(),
         };
-        self.ingress.clone().send(req).await?;
+        self.retrying(key.is_some(), || {
+            let (mut c, req) = (self.ingress.clone(), req.clone());
+            async move { c.send(req).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -96,7 +184,8 @@ impl Client {
         self.call_with(target, message, None, None).await
     }
 
-    /// Calls with an optional idempotency key and reply timeout.
+    /// Calls with an optional idempotency key and reply timeout; with a key, retried under the
+    /// client's [`RetryPolicy`] and applied once (a retry gets the first call's reply).
     pub async fn call_with(
         &self,
         target: &Address,
@@ -110,7 +199,13 @@ impl Client {
             idempotency_key: key.unwrap_or_default().to_string(),
             timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
         };
-        let resp = self.ingress.clone().call(req).await?.into_inner();
+        let resp = self
+            .retrying(key.is_some(), || {
+                let (mut c, req) = (self.ingress.clone(), req.clone());
+                async move { c.call(req).await }
+            })
+            .await?
+            .into_inner();
         resp.reply
             .map(TypedValue::from_proto)
             .ok_or_else(|| ClientError::InvalidResponse("call response without a reply".into()))

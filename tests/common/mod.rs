@@ -33,6 +33,17 @@ impl Node {
 
     /// Like [`Node::start`], with a module.yaml text.
     pub fn start_with_module(data_dir: &Path, config: Option<&str>, module: Option<&str>) -> Node {
+        Self::start_at(data_dir, config, module, 0, 0)
+    }
+
+    /// Like [`Node::start_with_module`], on given loopback ports (0 = any free port).
+    pub fn start_at(
+        data_dir: &Path,
+        config: Option<&str>,
+        module: Option<&str>,
+        grpc_port: u16,
+        http_port: u16,
+    ) -> Node {
         let mut cmd = Command::new(BIN);
         cmd.arg("node");
         if let Some(m) = module {
@@ -42,9 +53,9 @@ impl Node {
         }
         cmd.arg("--data-dir").arg(data_dir).args([
             "--grpc-addr",
-            "127.0.0.1:0",
+            &format!("127.0.0.1:{grpc_port}"),
             "--http-addr",
-            "127.0.0.1:0",
+            &format!("127.0.0.1:{http_port}"),
         ]);
         if let Some(c) = config {
             let path = data_dir.with_extension("toml");
@@ -103,6 +114,11 @@ impl Node {
         }
     }
 
+    /// The node's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     /// SIGKILL.
     pub fn kill(mut self) {
         let mut child = self.child.take().unwrap();
@@ -146,6 +162,15 @@ impl Drop for Node {
             let _ = c.wait();
         }
     }
+}
+
+/// A loopback port that is free now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One HTTP request; returns (status, content type, body).

@@ -83,6 +83,34 @@ async def slow(ctx: Context, msg: Message):
     reply(ctx, long_value=ctx.storage.n)
 
 
+SMOKE = make_json_type(typename="statemesh.smoke/Commands")
+
+
+@functions.bind(typename="statemesh.smoke/py", specs=[ValueSpec(name="count", type=LongType)])
+async def smoke(ctx: Context, msg: Message):
+    """The crash test's command interpreter (the same as examples/embedded/src/smoke.rs)."""
+    for c in msg.as_type(SMOKE)["cmds"]:
+        (op, arg), = c.items()
+        if op == "inc":
+            ctx.storage.count = (ctx.storage.count or 0) + arg
+        elif op in ("send", "delay"):
+            ns, typ, id_ = arg["to"].split("/", 2)
+            m = message_builder(target_typename=f"{ns}/{typ}", target_id=id_, value={"cmds": arg["cmds"]},
+                                value_type=SMOKE)
+            if op == "send":
+                ctx.send(m)
+            else:
+                ctx.send_after(timedelta(milliseconds=arg["ms"]), m, cancellation_token=arg.get("token") or "")
+        elif op == "cancel":
+            ctx.cancel_delayed_message(arg)
+        elif op == "egress":
+            ctx.send_egress(egress_message_builder(target_typename="statemesh/smoke", value=arg, value_type=StringType))
+        elif op == "reply":
+            reply(ctx, str_value=arg)
+        else:
+            raise ValueError(f"unknown smoke command {op}")
+
+
 handler = RequestReplyHandler(functions)
 
 

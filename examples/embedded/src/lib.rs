@@ -6,6 +6,8 @@
 //! - `example/cart` and `example/stock`: a shopping cart (see [`cart`]).
 //! - `example/memo`: state with TTLs (see [`memo`]).
 //! - `example/sequence`: a per-address FIFO checker (see [`sequence`]).
+//! - `statemesh.smoke/fn`: a command interpreter for the exactly-once crash test (see
+//!   [`smoke`]).
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ pub mod counter;
 pub mod greeter;
 pub mod memo;
 pub mod sequence;
+pub mod smoke;
 
 /// All example function types.
 pub fn all() -> Vec<(TypeName, Arc<dyn StatefulFunction>)> {
@@ -30,5 +33,6 @@ pub fn all() -> Vec<(TypeName, Arc<dyn StatefulFunction>)> {
         (t(cart::STOCK_TYPE), Arc::new(cart::stock_function())),
         (t(memo::TYPE), Arc::new(memo::function())),
         (t(sequence::TYPE), Arc::new(sequence::function())),
+        (t(smoke::TYPE), Arc::new(smoke::function())),
     ]
 }

@@ -464,7 +464,17 @@ impl Driver {
                 let built = match self.built.get(&e) {
                     Some(b) => b.clone(),
                     None => {
-                        let cuts = self.cuts.remove(&e).unwrap_or_default();
+                        let mut cuts = self.cuts.remove(&e).unwrap_or_default();
+                        // Egress records read since the last epoch: delete them.
+                        let consumed = self.router.egress().take_consumed();
+                        if !consumed.is_empty() {
+                            cuts.push(ShardCut {
+                                epoch: e,
+                                shard: usize::MAX,
+                                ops: consumed.into_iter().map(|k| (k, None)).collect(),
+                                pending: Vec::new(),
+                            });
+                        }
                         let b = Arc::new(build(e, &self.opts.node_id, cuts));
                         self.built.insert(e, b.clone());
                         b

@@ -170,7 +170,7 @@ pub(crate) struct Committed {
 enum Held {
     Ack(AckTx),
     Reply(u64, Result<TypedValue, ServiceError>),
-    Egress(String, TypedValue),
+    Egress(String, TypedValue, Option<Vec<u8>>),
 }
 
 /// An open cut: waiting for other shards' markers and for embedded batches that were in
@@ -411,8 +411,21 @@ impl Shard {
                     tracing::debug!(call, "reply arrived after its caller stopped waiting");
                 }
             }
-            Held::Egress(topic, v) => self.router.egress().publish(&topic, v),
+            Held::Egress(topic, v, key) => self.router.egress().publish_durable(&topic, v, key),
         }
+    }
+
+    /// An egress record of key group `kg`: durable from its epoch on, published at commit.
+    fn emit(&mut self, kg: u32, topic: String, value: TypedValue) {
+        let key = self.checkpointing.then(|| {
+            let key = self.router.egress().next_key(kg);
+            self.pending_writes.ops.push((
+                key.clone(),
+                Some(crate::store::encode_egress(&topic, &value)),
+            ));
+            key
+        });
+        self.hold(Held::Egress(topic, value, key));
     }
 
     fn record(&mut self, kg: u32, scope: &str, r: Record) {
@@ -697,10 +710,12 @@ impl Shard {
             "error": error,
             "attempts": attempts,
         });
-        self.hold(Held::Egress(
+        let kg = self.router.key_group(target);
+        self.emit(
+            kg,
             DEAD_LETTERS_TOPIC.to_string(),
             TypedValue::new("statemesh/DeadLetter", record.to_string().into_bytes()),
-        ));
+        );
     }
 
     fn apply_effects(&mut self, sender: &Address, sender_kg: u32, effects: Effects) {
@@ -720,7 +735,7 @@ impl Shard {
             self.timers.cancel(sender, &token, &mut self.pending_writes);
         }
         for (topic, value) in effects.egress {
-            self.hold(Held::Egress(topic, value));
+            self.emit(sender_kg, topic, value);
         }
     }
 
