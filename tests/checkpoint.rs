@@ -3,9 +3,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
-
 use statemesh_node::checkpoint::blob::{self, S3Options};
 use statemesh_node::checkpoint::format::{
     Entry, KeyGroupSection, Manifest, NodeEpoch, PendingMessage,
@@ -232,48 +229,9 @@ async fn file_backend() {
     .await;
 }
 
-/// moto's S3 server, killed on drop.
-struct Moto {
-    child: std::process::Child,
-    endpoint: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn moto() -> Moto {
-    let python = common::python::venv("moto", &["moto[server]==5.2.5"]);
-    let bin = python.with_file_name("moto_server");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "moto_server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Moto { child, endpoint }
-}
-
 #[tokio::test]
 async fn s3_backend_on_moto() {
-    let m = moto();
+    let m = common::python::moto();
     // moto accepts unsigned bucket creation.
     let (status, _, _) = common::http(
         &format!("{}/checkpoints", m.endpoint),

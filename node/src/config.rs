@@ -104,6 +104,11 @@ pub struct CheckpointConfig {
     pub idempotency_window_ms: u64,
     /// This node's name in epoch objects. Default `node-0`.
     pub node_id: String,
+    /// A full snapshot is written once the deltas written since the last one exceed twice its
+    /// size and at least this many bytes. Default 8 MiB.
+    pub full_snapshot_min_bytes: u64,
+    /// Garbage collection of old epochs runs every this many commits. Default 20.
+    pub gc_every: u64,
     /// S3 settings (override `AWS_*` environment variables).
     pub s3: crate::checkpoint::blob::S3Options,
 }
@@ -119,6 +124,8 @@ impl Default for CheckpointConfig {
             ack: AckMode::Committed,
             idempotency_window_ms: 3_600_000,
             node_id: "node-0".into(),
+            full_snapshot_min_bytes: 8 << 20,
+            gc_every: 20,
             s3: Default::default(),
         }
     }

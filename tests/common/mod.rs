@@ -114,6 +114,17 @@ impl Node {
         }
     }
 
+    /// A handle on an already running node's HTTP address (for requests from other tasks;
+    /// it does not own the process).
+    pub fn attach(http: &str) -> Node {
+        Node {
+            child: None,
+            grpc: String::new(),
+            http: http.to_string(),
+            data_dir: PathBuf::new(),
+        }
+    }
+
     /// The node's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)

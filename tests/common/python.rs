@@ -88,3 +88,39 @@ impl Drop for FunctionServer {
         let _ = self.child.wait();
     }
 }
+
+/// moto's S3 server (from PyPI) on a loopback port, killed on drop.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `moto_server` on a free loopback port and waits until it listens.
+pub fn moto() -> Moto {
+    let python = venv("moto", &["moto[server]==5.2.5"]);
+    let bin = python.with_file_name("moto_server");
+    let port = super::free_port();
+    let child = Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "moto_server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Moto { child, endpoint }
+}

@@ -82,6 +82,26 @@ fn split_bucket(url: &str, rest: &str) -> Result<(String, ObjectPath), BlobError
     ))
 }
 
+/// Requests give up after a few quick retries: the epoch coordinator retries failed epochs
+/// itself (and reports them), so a blob store outage shows within seconds, not minutes.
+fn retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(20),
+            max_backoff: std::time::Duration::from_millis(500),
+            base: 2.0,
+        },
+        max_retries: 3,
+        retry_timeout: std::time::Duration::from_secs(10),
+    }
+}
+
+fn client_options() -> object_store::ClientOptions {
+    object_store::ClientOptions::new()
+        .with_timeout(std::time::Duration::from_secs(10))
+        .with_connect_timeout(std::time::Duration::from_secs(2))
+}
+
 /// Opens the blob store named by `url`.
 pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
     let backend = |source| BlobError::Backend {
@@ -97,7 +117,10 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
     }
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = split_bucket(url, rest)?;
-        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let mut b = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_retry(retry_config())
+            .with_client_options(client_options());
         if let Some(e) = &s3.endpoint {
             b = b.with_endpoint(e);
         }
@@ -123,7 +146,10 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
     }
     if let Some(rest) = url.strip_prefix("gs://") {
         let (bucket, prefix) = split_bucket(url, rest)?;
-        let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+        let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            .with_bucket_name(bucket)
+            .with_retry(retry_config())
+            .with_client_options(client_options());
         return Ok(Blob {
             store: Arc::new(b.build().map_err(backend)?),
             prefix,
@@ -132,8 +158,10 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
     }
     if let Some(rest) = url.strip_prefix("az://") {
         let (container, prefix) = split_bucket(url, rest)?;
-        let b =
-            object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(container);
+        let b = object_store::azure::MicrosoftAzureBuilder::from_env()
+            .with_container_name(container)
+            .with_retry(retry_config())
+            .with_client_options(client_options());
         return Ok(Blob {
             store: Arc::new(b.build().map_err(backend)?),
             prefix,

@@ -11,7 +11,7 @@
 //! so sled is still written once per `flush_interval_ms`.
 //!
 //! Full snapshots: when the deltas written since the last full snapshot exceed twice its size
-//! (at least 8 MiB), the driver scans sled (which holds every committed epoch up to some `c`)
+//! (at least `full_snapshot_min_bytes`, 8 MiB), the driver scans sled (which holds every committed epoch up to some `c`)
 //! into a full snapshot labelled `c` and lists it in the next manifest; recovery reads it and
 //! the deltas after `c`. Scanning while newer epochs are applied is safe: every key changed
 //! after `c` is rewritten by a delta after `c`. Garbage collection runs between snapshots,
@@ -139,6 +139,8 @@ struct Options {
     node_id: String,
     retain: usize,
     owned: Vec<u32>,
+    full_min: u64,
+    gc_every: u64,
 }
 
 struct Driver {
@@ -164,6 +166,7 @@ struct Driver {
     last_full_bytes: u64,
     force_full: bool,
     commits_since_gc: u64,
+    last_was_gc: bool,
     applier: std::sync::mpsc::Sender<(u64, Option<Arc<NodeEpoch>>)>,
     finish: Vec<(u64, oneshot::Sender<u64>)>,
     status: StatusHandle,
@@ -222,6 +225,8 @@ pub(crate) fn start(
             node_id: config.checkpoint.node_id.clone(),
             retain: config.checkpoint.retain,
             owned,
+            full_min: config.checkpoint.full_snapshot_min_bytes,
+            gc_every: config.checkpoint.gc_every.max(1),
         },
         cuts: BTreeMap::new(),
         built: BTreeMap::new(),
@@ -235,6 +240,7 @@ pub(crate) fn start(
         last_full_bytes: 0,
         force_full,
         commits_since_gc: 0,
+        last_was_gc: false,
         applier: atx,
         finish: Vec::new(),
         status,
@@ -616,9 +622,26 @@ impl Driver {
             return;
         }
         let tx = self.events.clone();
-        let due_full =
-            self.force_full || self.bytes_since_full >= (2 * self.last_full_bytes).max(8 << 20);
-        if due_full {
+        let due_full = self.force_full
+            || (self.bytes_since_full > 0
+                && self.bytes_since_full >= (2 * self.last_full_bytes).max(self.opts.full_min));
+        let gc_due = self.commits_since_gc >= self.opts.gc_every && !self.force_full;
+        // When both are due they take turns.
+        if gc_due && !(due_full && self.last_was_gc) {
+            self.last_was_gc = true;
+            self.commits_since_gc = 0;
+            self.maintenance_running = true;
+            let retain = self.opts.retain;
+            tokio::spawn(async move {
+                let r = cp
+                    .gc(retain)
+                    .await
+                    .map(Maintenance::Gc)
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(DriverEvent::Maintenance(r));
+            });
+        } else if due_full {
+            self.last_was_gc = false;
             self.maintenance_running = true;
             let (store, node, owned) = (
                 self.store.clone(),
@@ -660,18 +683,6 @@ impl Driver {
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e),
                 };
-                let _ = tx.send(DriverEvent::Maintenance(r));
-            });
-        } else if self.commits_since_gc >= 50 {
-            self.commits_since_gc = 0;
-            self.maintenance_running = true;
-            let retain = self.opts.retain;
-            tokio::spawn(async move {
-                let r = cp
-                    .gc(retain)
-                    .await
-                    .map(Maintenance::Gc)
-                    .map_err(|e| e.to_string());
                 let _ = tx.send(DriverEvent::Maintenance(r));
             });
         }

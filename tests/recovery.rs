@@ -1,0 +1,255 @@
+//! Recovery and failure paths of checkpoints, against the real binary: blob storage failing
+//! (back-pressure, `/readyz`, nothing lost), local state missing or corrupt (rebuilt from blob
+//! storage, through full snapshots and garbage-collected history), idempotency keys surviving
+//! recovery, and a node checkpointing to a real S3-compatible server (moto).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::python::moto;
+use common::{http, state_value, Node};
+use statemesh_sdk::{typenames, Address, TypedValue};
+
+const LONG: &str = typenames::LONG;
+
+async fn checkpoints(node: &Node) -> serde_json::Value {
+    let (s, _, body) = http(
+        &format!("{}/v1/checkpoints", node.http),
+        "GET",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    serde_json::from_slice(&body).unwrap()
+}
+
+async fn total(node: &Node, id: &str) -> i64 {
+    state_value(node, &format!("example/counter/{id}"), "total")
+        .await
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0)
+}
+
+/// `POST /v1/send` with an optional idempotency key; returns (status, body).
+async fn send(node: &Node, id: &str, n: i64, key: Option<&str>) -> (u16, String) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<Bytes>>();
+    let mut req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("{}/v1/send/example/counter/{id}", node.http))
+        .header("content-type", format!("application/vnd.{LONG}"));
+    if let Some(k) = key {
+        req = req.header("idempotency-key", k);
+    }
+    let resp = client
+        .request(
+            req.body(http_body_util::Full::new(Bytes::from(n.to_string())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_outage_holds_acks_then_backpressures_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let config = "[checkpoint]\ninterval_ms = 20\nmax_uncommitted = 4\n";
+    let node = Node::start(&data, Some(config));
+    assert_eq!(send(&node, "a", 1, Some("k1")).await.0, 202);
+
+    // Blob storage breaks: `epochs` becomes a file, so no epoch object can be written.
+    let epochs = data.join("checkpoints").join("epochs");
+    std::fs::rename(&epochs, data.join("epochs.bak")).unwrap();
+    std::fs::write(&epochs, b"not a directory").unwrap();
+
+    // A send is processed but not acknowledged while its epoch cannot commit.
+    let http_addr = node.http.clone();
+    let held = tokio::spawn(async move {
+        let n = Node::attach(&http_addr);
+        send(&n, "a", 10, Some("k2")).await
+    });
+    // Epochs keep being cut until the backlog is full; then ingress is refused with a reason.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reason = loop {
+        let (s, _, body) = http(&format!("{}/readyz", node.http), "GET", None, Bytes::new()).await;
+        if s == 503 {
+            break String::from_utf8_lossy(&body).to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no back-pressure after the blob store failed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(reason.contains("checkpoints are behind"), "{reason}");
+    assert!(
+        reason.contains("Not a directory")
+            || reason.contains("not a directory")
+            || reason.contains("epochs"),
+        "{reason}"
+    );
+    let (s, body) = send(&node, "b", 5, Some("k3")).await;
+    assert_eq!(s, 429, "{body}");
+    assert!(body.contains("checkpoints are behind"), "{body}");
+    let cp = checkpoints(&node).await;
+    assert!(cp["last_error"].is_string(), "{cp}");
+    assert!(!held.is_finished(), "the ack must wait for the commit");
+    // Processing went on: the state already counts the held message.
+    assert_eq!(total(&node, "a").await, 11);
+
+    // Blob storage comes back: the backlog commits, the held ack arrives, ingress reopens.
+    std::fs::remove_file(&epochs).unwrap();
+    std::fs::rename(data.join("epochs.bak"), &epochs).unwrap();
+    let (s, body) = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s, 202, "{body}");
+    common::eventually("ready again", Duration::from_secs(10), || async {
+        let (s, _, _) = http(&format!("{}/readyz", node.http), "GET", None, Bytes::new()).await;
+        (s == 200).then_some(())
+    })
+    .await;
+    assert_eq!(send(&node, "b", 5, Some("k3")).await.0, 202);
+
+    // Nothing acknowledged is lost across a SIGKILL, and keys survive recovery.
+    node.kill();
+    let node = Node::start(&data, Some(config));
+    assert_eq!(total(&node, "a").await, 11);
+    assert_eq!(total(&node, "b").await, 5);
+    assert_eq!(
+        send(&node, "a", 10, Some("k2")).await.0,
+        202,
+        "a retry is acknowledged"
+    );
+    assert_eq!(send(&node, "b", 5, Some("k3")).await.0, 202);
+    assert_eq!(total(&node, "a").await, 11, "a retry is not applied again");
+    assert_eq!(total(&node, "b").await, 5);
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_corrupt_local_state_is_rebuilt_from_blob_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    // Full snapshots after every change and aggressive retention, so recovery goes through a
+    // full snapshot plus deltas, with older history collected.
+    let config =
+        "[checkpoint]\ninterval_ms = 10\nretain = 2\nfull_snapshot_min_bytes = 1\ngc_every = 1\n";
+    let node = Node::start(&data, Some(config));
+    let client = node.client().await;
+    for round in 1..=20i64 {
+        for id in 0..10 {
+            let a = Address::parse(&format!("example/counter/c{id}")).unwrap();
+            client
+                .send_with_key(&a, TypedValue::of(&round), Some(&format!("r{round}-{id}")))
+                .await
+                .unwrap();
+        }
+    }
+    let want: i64 = (1..=20).sum();
+    let cp = checkpoints(&node).await;
+    assert!(
+        cp["last_full"].is_array(),
+        "a full snapshot was written: {cp}"
+    );
+    // Retention collected the manifests older than the newest full snapshot's chain.
+    let mut manifests: Vec<String> = std::fs::read_dir(data.join("checkpoints").join("manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    manifests.sort();
+    let oldest: u64 = manifests[0][..20].parse().unwrap();
+    assert!(
+        oldest > 1 && manifests.len() < 200,
+        "manifests kept: {manifests:?}"
+    );
+
+    // Missing local state.
+    node.kill();
+    std::fs::remove_dir_all(data.join("state")).unwrap();
+    let node = Node::start(&data, Some(config));
+    let cp = checkpoints(&node).await;
+    assert_eq!(cp["recovery"]["source"], "blob-full", "{cp}");
+    for id in 0..10 {
+        assert_eq!(total(&node, &format!("c{id}")).await, want, "c{id}");
+    }
+    // Keys survive the rebuild too.
+    let a = Address::parse("example/counter/c0").unwrap();
+    let client = node.client().await;
+    client
+        .send_with_key(&a, TypedValue::of(&20i64), Some("r20-0"))
+        .await
+        .unwrap();
+    assert_eq!(total(&node, "c0").await, want);
+
+    // Corrupt local state: moved aside and rebuilt.
+    node.kill();
+    std::fs::remove_dir_all(data.join("state")).unwrap();
+    std::fs::write(data.join("state"), b"garbage, not a sled directory").unwrap();
+    let node = Node::start(&data, Some(config));
+    let cp = checkpoints(&node).await;
+    assert_eq!(cp["recovery"]["source"], "blob-full", "{cp}");
+    assert_eq!(total(&node, "c5").await, want);
+    let aside = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.corrupt-")
+        });
+    assert!(aside, "the corrupt store is kept aside for inspection");
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_checkpoints_to_s3_and_recovers_from_it_alone() {
+    let m = moto();
+    let (s, _, _) = http(&format!("{}/smcp", m.endpoint), "PUT", None, Bytes::new()).await;
+    assert_eq!(s, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let config = format!(
+        "[checkpoint]\nurl = \"s3://smcp/cluster-a\"\n[checkpoint.s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n",
+        m.endpoint
+    );
+    let node = Node::start(&data, Some(&config));
+    for i in 1..=5i64 {
+        assert_eq!(send(&node, "s3", i, Some(&format!("s3-{i}"))).await.0, 202);
+    }
+    let (s, _, body) = http(
+        &format!("{}/v1/call/example/counter/s3", node.http),
+        "POST",
+        Some(&format!("application/vnd.{LONG}")),
+        Bytes::from("0"),
+    )
+    .await;
+    assert_eq!(
+        (s, String::from_utf8_lossy(&body).to_string()),
+        (200, "15".to_string())
+    );
+    node.kill();
+    // Only blob storage is left.
+    std::fs::remove_dir_all(data.join("state")).unwrap();
+    let node = Node::start(&data, Some(&config));
+    assert_eq!(total(&node, "s3").await, 15);
+    let cp = checkpoints(&node).await;
+    assert_eq!(cp["recovery"]["source"], "blob-full", "{cp}");
+    assert!(
+        cp["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("s3://smcp/cluster-a"),
+        "{cp}"
+    );
+    node.stop();
+}
