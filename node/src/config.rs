@@ -109,6 +109,10 @@ pub struct CheckpointConfig {
     pub full_snapshot_min_bytes: u64,
     /// Garbage collection of old epochs runs every this many commits. Default 20.
     pub gc_every: u64,
+    /// Committed epochs are applied to sled at most this often, merged (a key changed in
+    /// several epochs is written once); recovery replays the epochs sled lacks from blob
+    /// storage. Default 1,000 ms.
+    pub apply_interval_ms: u64,
     /// S3 settings (override `AWS_*` environment variables).
     pub s3: crate::checkpoint::blob::S3Options,
 }
@@ -126,6 +130,7 @@ impl Default for CheckpointConfig {
             node_id: "node-0".into(),
             full_snapshot_min_bytes: 8 << 20,
             gc_every: 20,
+            apply_interval_ms: 1_000,
             s3: Default::default(),
         }
     }

@@ -26,7 +26,8 @@ mod router;
 mod shard;
 mod store;
 
-pub use config::{NodeConfig, RetryConfig};
+pub use checkpoint::driver::{CheckpointStatus, EpochInfo, RecoveryReport};
+pub use config::{AckMode, CheckpointConfig, NodeConfig, RetryConfig};
 pub use error::ServiceError;
 pub use node::{NodeBuilder, NodeHandle, StartError};
 pub use router::Router;

@@ -204,6 +204,10 @@ impl NodeHandle {
                 ),
             }
         }
+        let (tx, rx) = oneshot::channel();
+        if self.driver_events.send(DriverEvent::Stop(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
+        }
         if let Err(e) = self.store.flush() {
             tracing::error!(error = %e, "final sled flush failed");
         }
@@ -255,6 +259,12 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     let store = match Store::open(&state_dir, config.key_groups) {
         Ok(s) => s,
         Err(e @ crate::store::StoreError::KeyGroupsChanged { .. }) => return Err(e.into()),
+        // Another process (or node) has it open: never touch it.
+        Err(e) if e.to_string().contains("could not acquire lock") => {
+            return Err(StartError::Other(format!(
+                "{e}: another statemesh node uses this data directory"
+            )))
+        }
         Err(e) if cp.is_some() => {
             // Blob storage holds every committed epoch: move the broken store aside and
             // rebuild it from there.

@@ -87,6 +87,8 @@ struct Inner {
     backpressure_on: AtomicBool,
     /// The newest epoch applied to sled (shards passivate only what it holds).
     applied: AtomicU64,
+    /// A shard must passivate but waits for sled: apply committed epochs now.
+    apply_wanted: AtomicBool,
 }
 
 /// Routes messages to shards. Cheap to clone.
@@ -137,6 +139,7 @@ impl Router {
                 backpressure: Default::default(),
                 backpressure_on: AtomicBool::new(false),
                 applied: AtomicU64::new(0),
+                apply_wanted: AtomicBool::new(false),
             }),
         }
     }
@@ -234,6 +237,16 @@ impl Router {
 
     pub(crate) fn set_applied(&self, epoch: u64) {
         self.inner.applied.fetch_max(epoch, Ordering::SeqCst);
+    }
+
+    /// Asks for committed epochs to be applied to sled now (instances wait to be passivated).
+    pub(crate) fn want_apply(&self) {
+        self.inner.apply_wanted.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an early apply was asked for since the last call.
+    pub(crate) fn take_apply_wanted(&self) -> bool {
+        self.inner.apply_wanted.swap(false, Ordering::Relaxed)
     }
 
     /// The newest epoch applied to the local store.

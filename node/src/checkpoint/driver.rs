@@ -62,6 +62,8 @@ pub(crate) enum DriverEvent {
     /// Commit everything accepted so far and apply it to sled (shutdown); answers with the
     /// epoch.
     Finish(oneshot::Sender<u64>),
+    /// Stop the driver and the applier (after `Finish`); answers once they have stopped.
+    Stop(oneshot::Sender<()>),
 }
 
 /// A finished background job.
@@ -167,7 +169,10 @@ struct Driver {
     force_full: bool,
     commits_since_gc: u64,
     last_was_gc: bool,
-    applier: std::sync::mpsc::Sender<(u64, Option<Arc<NodeEpoch>>)>,
+    /// A full snapshot is due once sled has applied this epoch.
+    full_wanted_at: Option<u64>,
+    applier: Option<std::sync::mpsc::Sender<(u64, Option<Arc<NodeEpoch>>)>>,
+    applier_thread: Option<std::thread::JoinHandle<()>>,
     finish: Vec<(u64, oneshot::Sender<u64>)>,
     status: StatusHandle,
 }
@@ -199,13 +204,20 @@ pub(crate) fn start(
     let n = shards.len();
     let owned: Vec<u32> = (0..config.key_groups).collect();
     let (atx, arx) = std::sync::mpsc::channel::<(u64, Option<Arc<NodeEpoch>>)>();
-    {
+    // With checkpoints, sled is a cache of blob storage: apply at most once a second. Without,
+    // sled is all there is: apply every epoch (`flush_interval_ms`).
+    let coalesce = if cp.is_some() {
+        Duration::from_millis(config.checkpoint.apply_interval_ms)
+    } else {
+        Duration::ZERO
+    };
+    let applier_thread = {
         let (store, router, events) = (store.clone(), router.clone(), events.clone());
         std::thread::Builder::new()
             .name("statemesh-apply".into())
-            .spawn(move || applier(store, router, events, arx))
-            .expect("spawn the applier thread");
-    }
+            .spawn(move || applier(store, router, events, arx, coalesce))
+            .expect("spawn the applier thread")
+    };
     router.set_applied(committed);
     {
         let mut s = status.lock();
@@ -241,43 +253,93 @@ pub(crate) fn start(
         force_full,
         commits_since_gc: 0,
         last_was_gc: false,
-        applier: atx,
+        full_wanted_at: None,
+        applier: Some(atx),
+        applier_thread: Some(applier_thread),
         finish: Vec::new(),
         status,
     };
     tokio::spawn(async move { d.run(rx).await })
 }
 
-/// Applies committed epochs to sled, in order, then records them as applied.
+/// Applies committed epochs to sled, in order, then records them as applied. Epochs that
+/// commit within `coalesce` (`checkpoint.apply_interval_ms`) of each other are merged and
+/// written once (a key written in
+/// several of them is written once): sled may lag the commits by that much, which recovery
+/// makes up from blob storage.
 fn applier(
     store: Store,
     router: Router,
     events: mpsc::UnboundedSender<DriverEvent>,
     rx: std::sync::mpsc::Receiver<(u64, Option<Arc<NodeEpoch>>)>,
+    coalesce: Duration,
 ) {
-    while let Ok((epoch, e)) = rx.recv() {
-        let result = match e {
-            None => Ok(()),
-            Some(e) => apply_to_sled(&store, &e)
-                .and_then(|()| store.set_applied(0, epoch).map_err(|err| err.to_string())),
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let deadline = Instant::now() + coalesce;
+        let mut closed = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if router.take_apply_wanted() {
+                break;
+            }
+            match rx.recv_timeout(left.min(Duration::from_millis(10))) {
+                Ok(j) => jobs.push(j),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let epoch = jobs.last().map(|j| j.0).unwrap_or(0);
+        let epochs: Vec<Arc<NodeEpoch>> = jobs.into_iter().filter_map(|j| j.1).collect();
+        let result = if epochs.is_empty() {
+            Ok(())
+        } else {
+            apply_to_sled(&store, &epochs)
+                .and_then(|()| store.set_applied(0, epoch).map_err(|err| err.to_string()))
         };
         if let Err(err) = &result {
             router.metrics().store_errors.inc();
-            tracing::error!(epoch, error = %err, "applying a committed epoch to sled failed; recovery will re-apply it from blob storage");
+            tracing::error!(epoch, error = %err, "applying committed epochs to sled failed; recovery will re-apply them from blob storage");
         }
         router.set_applied(epoch);
         let _ = events.send(DriverEvent::Applied { epoch, result });
+        if closed {
+            return;
+        }
     }
 }
 
-fn apply_to_sled(store: &Store, e: &NodeEpoch) -> Result<(), String> {
-    let ops = e.key_groups.iter().flat_map(|s| {
-        s.puts
-            .iter()
-            .map(|p| (p.key.as_slice(), Some(p.value.as_slice())))
-            .chain(s.deletes.iter().map(|k| (k.as_slice(), None)))
-    });
-    store.write_ops(ops).map_err(|e| e.to_string())
+/// Writes the merged changes of committed epochs (oldest first; later writes win).
+fn apply_to_sled(store: &Store, epochs: &[Arc<NodeEpoch>]) -> Result<(), String> {
+    if let [e] = epochs {
+        let ops = e.key_groups.iter().flat_map(|s| {
+            s.puts
+                .iter()
+                .map(|p| (p.key.as_slice(), Some(p.value.as_slice())))
+                .chain(s.deletes.iter().map(|k| (k.as_slice(), None)))
+        });
+        return store.write_ops(ops).map_err(|e| e.to_string());
+    }
+    let mut merged: BTreeMap<&[u8], Option<&[u8]>> = BTreeMap::new();
+    for e in epochs {
+        for s in &e.key_groups {
+            for p in &s.puts {
+                merged.insert(&p.key, Some(&p.value));
+            }
+            for k in &s.deletes {
+                merged.insert(k, None);
+            }
+        }
+    }
+    store
+        .write_ops(merged.into_iter())
+        .map_err(|e| e.to_string())
 }
 
 /// Builds a node's epoch object from its shards' cuts (later writes of a key win).
@@ -328,6 +390,16 @@ impl Driver {
         loop {
             tokio::select! {
                 ev = rx.recv() => match ev {
+                    Some(DriverEvent::Stop(done)) => {
+                        // Dropping the sender ends the applier once it has written what
+                        // it holds; then nothing here uses the store any more.
+                        self.applier = None;
+                        if let Some(t) = self.applier_thread.take() {
+                            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+                        }
+                        let _ = done.send(());
+                        return;
+                    }
                     Some(ev) => self.event(ev),
                     None => return,
                 },
@@ -420,11 +492,13 @@ impl Driver {
                 for (_, tx) in done {
                     let _ = tx.send(epoch);
                 }
+                self.maintain();
             }
             DriverEvent::Maintenance(r) => {
                 self.maintenance_running = false;
                 match r {
                     Ok(Maintenance::Full { object, label }) => {
+                        self.full_wanted_at = None;
                         self.router.metrics().checkpoint_bytes.inc_by(object.size);
                         self.last_full_bytes = object.size;
                         self.bytes_since_full = 0;
@@ -440,6 +514,7 @@ impl Driver {
                     }
                 }
             }
+            DriverEvent::Stop(_) => unreachable!("handled by run"),
             DriverEvent::Finish(tx) => {
                 // Everything accepted so far is in the next epoch to start.
                 self.finish.push((self.coord.started() + 1, tx));
@@ -588,7 +663,9 @@ impl Driver {
                         .iter()
                         .any(|k| !k.puts.is_empty() || !k.deletes.is_empty())
                 });
-                let _ = self.applier.send((e, if changed { built } else { None }));
+                if let Some(a) = &self.applier {
+                    let _ = a.send((e, if changed { built } else { None }));
+                }
                 if obj.is_some() {
                     self.commits_since_gc += 1;
                 }
@@ -622,9 +699,15 @@ impl Driver {
             return;
         }
         let tx = self.events.clone();
-        let due_full = self.force_full
-            || (self.bytes_since_full > 0
-                && self.bytes_since_full >= (2 * self.last_full_bytes).max(self.opts.full_min));
+        let threshold = self.bytes_since_full > 0
+            && self.bytes_since_full >= (2 * self.last_full_bytes).max(self.opts.full_min);
+        if (self.force_full || threshold) && self.full_wanted_at.is_none() {
+            self.full_wanted_at = Some(self.coord.committed());
+        }
+        // A snapshot of sled is worth taking once sled holds the epochs that made it due.
+        let due_full = self
+            .full_wanted_at
+            .is_some_and(|e| self.router.applied() >= e);
         let gc_due = self.commits_since_gc >= self.opts.gc_every && !self.force_full;
         // When both are due they take turns.
         if gc_due && !(due_full && self.last_was_gc) {

@@ -14,7 +14,7 @@
 pub mod barrier;
 pub mod blob;
 pub mod coordinator;
-pub(crate) mod driver;
+pub mod driver;
 pub mod format;
 pub mod idempotency;
 pub mod store;

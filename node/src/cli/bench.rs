@@ -51,6 +51,39 @@ pub enum BenchCommand {
         /// Shards (0 = one per core).
         #[arg(long, default_value_t = 0)]
         shards: usize,
+        /// Checkpoint to blob storage (a `file://` store in the scratch directory) every
+        /// `--interval-ms`; off = sled only.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        checkpoints: bool,
+        /// Checkpoint interval.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
+    /// Checkpoint cost vs state size: populates `--keys` states of `--value-bytes`, then
+    /// changes `--change` of them per round and reports each epoch's bytes and duration.
+    Checkpoint {
+        /// Keys (one state each).
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        /// Bytes per state value.
+        #[arg(long, default_value_t = 100)]
+        value_bytes: usize,
+        /// Fraction of keys changed per round.
+        #[arg(long, default_value_t = 0.01)]
+        change: f64,
+        /// Rounds.
+        #[arg(long, default_value_t = 20)]
+        rounds: u64,
+    },
+    /// Recovery time to the first served call: populates `--keys` states, stops, restarts
+    /// from local sled, then from blob storage alone (sled deleted).
+    Recovery {
+        /// Keys (one state each).
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: u64,
+        /// Bytes per state value.
+        #[arg(long, default_value_t = 100)]
+        value_bytes: usize,
     },
     /// Memory: idle node RSS, then RSS per active instance after activating N counters.
     Memory {
@@ -103,7 +136,26 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             tokens,
             duration,
             shards,
-        } => embedded(instances, tokens, duration, shards).await,
+            checkpoints,
+            interval_ms,
+        } => {
+            embedded(
+                instances,
+                tokens,
+                duration,
+                shards,
+                checkpoints,
+                interval_ms,
+            )
+            .await
+        }
+        BenchCommand::Checkpoint {
+            keys,
+            value_bytes,
+            change,
+            rounds,
+        } => checkpoint(keys, value_bytes, change, rounds).await,
+        BenchCommand::Recovery { keys, value_bytes } => recovery(keys, value_bytes).await,
         BenchCommand::Memory { instances } => memory(instances).await,
         BenchCommand::Load(args) => load(args).await,
         BenchCommand::Direct {
@@ -117,7 +169,14 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn embedded(instances: u64, tokens: u64, duration: f64, shards: usize) -> anyhow::Result<()> {
+async fn embedded(
+    instances: u64,
+    tokens: u64,
+    duration: f64,
+    shards: usize,
+    checkpoints: bool,
+    interval_ms: u64,
+) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
     let stop = Arc::new(AtomicBool::new(false));
     let hops = Arc::new(AtomicU64::new(0));
@@ -132,7 +191,14 @@ async fn embedded(instances: u64, tokens: u64, duration: f64, shards: usize) -> 
         let now_us = origin.elapsed().as_micros() as i64;
         let n = ctx.get(&count)?.unwrap_or(0) + 1;
         ctx.set(&count, &n)?;
-        if n % 64 == 0 {
+        thread_local! {
+            static LOCAL_HOPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        }
+        let local = LOCAL_HOPS.with(|h| {
+            h.set(h.get() + 1);
+            h.get()
+        });
+        if local.is_multiple_of(64) {
             lat2.lock()
                 .saturating_record((now_us - sent_us).max(1) as u64);
             hops2.fetch_add(64, Ordering::Relaxed);
@@ -147,10 +213,12 @@ async fn embedded(instances: u64, tokens: u64, duration: f64, shards: usize) -> 
         }
         Ok(())
     });
-    let cfg = NodeConfig {
+    let mut cfg = NodeConfig {
         shards,
         ..in_process_config(&dir)
     };
+    cfg.checkpoint.enabled = checkpoints;
+    cfg.checkpoint.interval_ms = interval_ms;
     let node = NodeBuilder::new(cfg)
         .function(ring.clone(), f)
         .start()
@@ -174,23 +242,34 @@ async fn embedded(instances: u64, tokens: u64, duration: f64, shards: usize) -> 
     tokio::time::sleep(Duration::from_millis(1000)).await;
     latency.lock().reset();
     let h0 = hops.load(Ordering::Relaxed);
+    let cpu0 = process_cpu_s();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(duration)).await;
     let elapsed = t0.elapsed().as_secs_f64();
     let h1 = hops.load(Ordering::Relaxed);
+    let cpu = process_cpu_s() - cpu0;
     stop.store(true, Ordering::Relaxed);
     let peak = statemesh_node::metrics::process_memory().map(|(_, p)| p);
     let l = latency.lock().clone();
+    let cp = node.checkpoints();
     node.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+    let epochs = cp.recent.len().max(1) as f64;
     println!(
         "{}",
         json!({
             "bench": "embedded-ring",
+            "checkpoints": checkpoints,
+            "interval_ms": interval_ms,
+            "epochs_committed": cp.committed,
+            "recent_epoch_mean_bytes": (cp.recent.iter().map(|e| e.bytes).sum::<u64>() as f64 / epochs).round(),
+            "recent_epoch_mean_ms": cp.recent.iter().map(|e| e.duration_ms).sum::<f64>() / epochs,
             "instances": instances,
             "tokens": tokens,
             "duration_s": elapsed,
             "invocations_per_s": ((h1 - h0) as f64 / elapsed).round(),
+            "cpu_s": cpu,
+            "cpu_us_per_invocation": cpu * 1e6 / (h1 - h0).max(1) as f64,
             "hop_latency_p50_ms": ms(&l, 0.5),
             "hop_latency_p99_ms": ms(&l, 0.99),
             "errors": 0,
@@ -264,6 +343,192 @@ async fn memory(instances: u64) -> anyhow::Result<()> {
             "bytes_per_active_instance": ((active - idle) / instances as f64).round(),
         })
     );
+    Ok(())
+}
+
+/// CPU time (user + system) this process has used, seconds.
+fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 14th field.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz.max(1.0)
+}
+
+/// A function keeping the message (a string) as its state `v`; replies its length.
+fn blob_function() -> (TypeName, FnFunction) {
+    let v = ValueSpec::<String>::new("v");
+    let f = FnFunction::new(vec![v.descriptor().clone()], move |ctx, msg| {
+        let s: String = msg.get()?;
+        let n = s.len() as i64;
+        ctx.set(&v, &s)?;
+        ctx.reply(TypedValue::of(&n));
+        Ok(())
+    });
+    (TypeName::parse("bench/blob").expect("valid"), f)
+}
+
+fn value(bytes: usize, round: u64) -> TypedValue {
+    let mut s = format!("{round:08}");
+    s.extend(std::iter::repeat_n('x', bytes.saturating_sub(s.len())));
+    TypedValue::of(&s)
+}
+
+/// Sends `value` to `keys` (committed acknowledgements), in chunks.
+async fn write_keys(
+    node: &statemesh_node::NodeHandle,
+    typ: &TypeName,
+    keys: impl Iterator<Item = u64>,
+    v: &TypedValue,
+) -> anyhow::Result<()> {
+    let keys: Vec<u64> = keys.collect();
+    for chunk in keys.chunks(20_000) {
+        let batch = chunk
+            .iter()
+            .map(|k| {
+                (
+                    Address {
+                        typ: typ.clone(),
+                        id: k.to_string().into(),
+                    },
+                    v.clone(),
+                    None,
+                )
+            })
+            .collect();
+        node.router().send_batch(batch, true).await?;
+    }
+    Ok(())
+}
+
+async fn checkpoint(keys: u64, value_bytes: usize, change: f64, rounds: u64) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let (typ, f) = blob_function();
+    let node = NodeBuilder::new(in_process_config(&dir))
+        .function(typ.clone(), f)
+        .start()
+        .await?;
+    let t0 = Instant::now();
+    write_keys(&node, &typ, 0..keys, &value(value_bytes, 0)).await?;
+    let populate_s = t0.elapsed().as_secs_f64();
+    // Let any full snapshot the population triggered finish.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = node.checkpoints();
+    let changed = ((keys as f64 * change).round() as u64).max(1);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut commit = hist();
+    for r in 1..=rounds {
+        let picks: Vec<u64> = (0..changed)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % keys
+            })
+            .collect();
+        let t = Instant::now();
+        write_keys(&node, &typ, picks.into_iter(), &value(value_bytes, r)).await?;
+        commit.saturating_record(t.elapsed().as_micros().max(1) as u64);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let after = node.checkpoints();
+    let peak = statemesh_node::metrics::process_memory().map(|(_, p)| p);
+    node.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let epochs: Vec<_> = after
+        .recent
+        .iter()
+        .filter(|e| e.epoch > before.committed && e.bytes > 0)
+        .collect();
+    let n = epochs.len().max(1) as f64;
+    let mut durations: Vec<f64> = epochs.iter().map(|e| e.duration_ms).collect();
+    durations.sort_by(|a, b| a.total_cmp(b));
+    let pct = |q: f64| {
+        durations
+            .get(((durations.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+    };
+    println!(
+        "{}",
+        json!({
+            "bench": "checkpoint",
+            "keys": keys,
+            "value_bytes": value_bytes,
+            "state_mib": (keys as f64 * value_bytes as f64) / 1048576.0,
+            "changed_per_round": changed,
+            "populate_s": populate_s,
+            "epochs": epochs.len(),
+            "epoch_mean_bytes": (epochs.iter().map(|e| e.bytes).sum::<u64>() as f64 / n).round(),
+            "epoch_mean_entries": (epochs.iter().map(|e| e.entries).sum::<usize>() as f64 / n).round(),
+            "epoch_duration_mean_ms": durations.iter().sum::<f64>() / n,
+            "epoch_duration_p50_ms": pct(0.5),
+            "epoch_duration_p99_ms": pct(0.99),
+            "round_commit_p50_ms": ms(&commit, 0.5),
+            "round_commit_p99_ms": ms(&commit, 0.99),
+            "last_full_snapshot": after.last_full,
+            "peak_rss_mib": peak.map(|p| p as f64 / 1048576.0),
+        })
+    );
+    Ok(())
+}
+
+async fn recovery(keys: u64, value_bytes: usize) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let start = || async {
+        let (typ, f) = blob_function();
+        let node = NodeBuilder::new(in_process_config(&dir))
+            .function(typ.clone(), f)
+            .start()
+            .await?;
+        anyhow::Ok((node, typ))
+    };
+    let (node, typ) = start().await?;
+    let t0 = Instant::now();
+    write_keys(&node, &typ, 0..keys, &value(value_bytes, 0)).await?;
+    let populate_s = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let full = node.checkpoints().last_full;
+    node.shutdown().await;
+    let mut out = json!({
+        "bench": "recovery",
+        "keys": keys,
+        "value_bytes": value_bytes,
+        "populate_s": populate_s,
+        "full_snapshot": full,
+    });
+    for (label, wipe) in [("from_sled", false), ("from_blob", true)] {
+        if wipe {
+            std::fs::remove_dir_all(dir.join("state"))?;
+        }
+        let t = Instant::now();
+        let (node, typ) = start().await?;
+        let a = Address {
+            typ: typ.clone(),
+            id: (keys / 2).to_string().into(),
+        };
+        let reply = node
+            .router()
+            .call(a, value(value_bytes, 1), Duration::from_secs(60))
+            .await?;
+        let first_call_ms = t.elapsed().as_secs_f64() * 1e3;
+        anyhow::ensure!(
+            reply.get::<i64>()? == value_bytes as i64,
+            "unexpected reply"
+        );
+        let report = node.checkpoints().recovery;
+        out[label] = json!({
+            "first_call_ms": first_call_ms,
+            "recovery": report,
+        });
+        node.shutdown().await;
+    }
+    out["peak_rss_mib"] =
+        json!(statemesh_node::metrics::process_memory().map(|(_, p)| p as f64 / 1048576.0));
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("{out}");
     Ok(())
 }
 

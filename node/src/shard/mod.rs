@@ -902,9 +902,16 @@ impl Shard {
         for &(_, i) in idle.iter().take(excess) {
             self.passivate(i);
         }
+        if self.slots.len() >= self.max_active {
+            // What is left waits for its changes to reach sled: ask for them now.
+            self.router.want_apply();
+        }
     }
 
     fn passivate_idle(&mut self) {
+        if self.slots.len() >= self.max_active {
+            self.evict_lru();
+        }
         let now = now_ms();
         let linger_cutoff = now.saturating_sub(self.config.instance_linger_ms);
         for (_, s) in self.slots.iter_mut() {
