@@ -3,8 +3,8 @@
 //! decisions behind the Raft control group.
 //!
 //! Rules:
-//! - a new epoch starts every `interval_ms`, or at once when a caller waits on a commit, as
-//!   long as fewer than `max_uncommitted` epochs are open;
+//! - a new epoch starts every `interval_ms`, or early when a caller waits on a commit and no
+//!   epoch is open (group commit), as long as fewer than `max_uncommitted` epochs are open;
 //! - an epoch starts only once every shard has finished cutting the previous one;
 //! - epochs are written and committed strictly in order, one at a time, once every shard has
 //!   cut them;
@@ -14,6 +14,10 @@
 //!
 //! Invariant (checked in debug builds): `committed ≤ started`, and the epoch being persisted is
 //! always `committed + 1`.
+
+/// While an epoch is being persisted, a waiting caller starts the next one at most this
+/// often.
+const GROUP_MS: u64 = 2;
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,10 +169,14 @@ impl Coordinator {
                         out.push(Action::Write(e));
                     }
                 }
-                let due = self.waiting
-                    || self
-                        .last_start_ms
-                        .is_none_or(|t| now_ms.saturating_sub(t) >= self.interval_ms);
+                // A waiting caller starts an epoch at once when none is being persisted, else
+                // at most every `GROUP_MS`: what arrives meanwhile goes into one epoch (group
+                // commit: epochs grow with the load instead of multiplying).
+                let since_start = self
+                    .last_start_ms
+                    .map_or(u64::MAX, |t| now_ms.saturating_sub(t));
+                let due = (self.waiting && (self.open() == 0 || since_start >= GROUP_MS))
+                    || since_start >= self.interval_ms;
                 let blocked = due && self.open() >= self.max_uncommitted;
                 // One cut at a time: shards finish cutting an epoch (every marker arrived)
                 // before the next one starts, so their cuts never overlap.
@@ -285,11 +293,31 @@ mod tests {
             vec![Action::Barrier(8)]
         );
         assert_eq!(cut_all(&mut c, 8, 1), vec![Action::Write(8)]);
-        assert_eq!(c.handle(Input::Tick { now_ms: 10 }), vec![]);
         c.handle(Input::CallerWaiting);
         assert_eq!(
-            c.handle(Input::Tick { now_ms: 11 }),
-            vec![Action::Barrier(9)]
+            c.handle(Input::Tick { now_ms: 1 }),
+            vec![],
+            "while epoch 8 is persisted, waiting callers gather in the next epoch"
+        );
+        assert_eq!(
+            c.handle(Input::Written { epoch: 8 }),
+            vec![Action::Commit(8)]
+        );
+        assert_eq!(
+            c.handle(Input::Committed { epoch: 8 }),
+            vec![Action::Release(8)]
+        );
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 1 }),
+            vec![Action::Barrier(9)],
+            "and it starts as soon as nothing is open"
+        );
+        assert_eq!(cut_all(&mut c, 9, 1), vec![Action::Write(9)]);
+        c.handle(Input::CallerWaiting);
+        assert_eq!(
+            c.handle(Input::Tick { now_ms: 3 }),
+            vec![Action::Barrier(10)],
+            "or, under load, every 2 ms while one is persisted"
         );
     }
 

@@ -404,14 +404,18 @@ impl Driver {
                     None => return,
                 },
                 _ = tick.tick() => {
-                    if self.router.take_commit_wanted() || !self.finish.is_empty() {
-                        self.input(Input::CallerWaiting);
-                    }
-                    self.input(Input::Tick { now_ms: now_ms() });
+                    self.tick();
                     self.gauges();
                 }
             }
         }
+    }
+
+    fn tick(&mut self) {
+        if self.router.take_commit_wanted() || !self.finish.is_empty() {
+            self.input(Input::CallerWaiting);
+        }
+        self.input(Input::Tick { now_ms: now_ms() });
     }
 
     fn gauges(&self) {
@@ -464,6 +468,8 @@ impl Driver {
                         }
                     }
                     self.input(Input::Committed { epoch });
+                    // Group commit: the next epoch may start right away.
+                    self.tick();
                 }
                 Err(e) => {
                     // The full snapshot stays unlisted until a manifest lists it.

@@ -267,6 +267,8 @@ pub(crate) struct Shard {
     keyed_waiters: FxHashMap<String, Vec<u64>>,
     events: tokio::sync::mpsc::UnboundedSender<DriverEvent>,
     checkpointing: bool,
+    /// The applied epoch at which the last eviction scan found too little to passivate.
+    evict_blocked_at: Option<u64>,
 }
 
 impl Actor for Shard {
@@ -326,6 +328,7 @@ impl Shard {
             keyed_waiters: FxHashMap::default(),
             events: o.events,
             checkpointing,
+            evict_blocked_at: None,
             index: o.index,
             outgoing: (0..n).map(|_| Vec::new()).collect(),
             router: o.router,
@@ -889,8 +892,13 @@ impl Shard {
     /// Passivates least recently used idle instances down to 90 % of the limit (at least
     /// one below it, to make room for an activation).
     fn evict_lru(&mut self) {
-        let target = (self.max_active - self.max_active / 10).min(self.max_active - 1);
         let applied = self.router.applied();
+        // A scan that could not make room is not repeated until sled has moved on (else every
+        // activation would rescan every instance).
+        if self.evict_blocked_at == Some(applied) {
+            return;
+        }
+        let target = (self.max_active - self.max_active / 10).min(self.max_active - 1);
         let mut idle: Vec<(u64, usize)> = self
             .slots
             .iter()
@@ -904,7 +912,10 @@ impl Shard {
         }
         if self.slots.len() >= self.max_active {
             // What is left waits for its changes to reach sled: ask for them now.
+            self.evict_blocked_at = Some(applied);
             self.router.want_apply();
+        } else {
+            self.evict_blocked_at = None;
         }
     }
 
