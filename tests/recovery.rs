@@ -65,10 +65,11 @@ async fn blob_outage_holds_acks_then_backpressures_and_loses_nothing() {
     let node = Node::start(&data, Some(config));
     assert_eq!(send(&node, "a", 1, Some("k1")).await.0, 202);
 
-    // Blob storage breaks: `epochs` becomes a file, so no epoch object can be written.
-    let epochs = data.join("checkpoints").join("epochs");
-    std::fs::rename(&epochs, data.join("epochs.bak")).unwrap();
-    std::fs::write(&epochs, b"not a directory").unwrap();
+    // Blob storage breaks: `manifests` becomes a file, so no epoch can commit (small epochs
+    // ride inline in their manifest).
+    let manifests = data.join("checkpoints").join("manifests");
+    std::fs::rename(&manifests, data.join("manifests.bak")).unwrap();
+    std::fs::write(&manifests, b"not a directory").unwrap();
 
     // A send is processed but not acknowledged while its epoch cannot commit.
     let http_addr = node.http.clone();
@@ -93,7 +94,7 @@ async fn blob_outage_holds_acks_then_backpressures_and_loses_nothing() {
     assert!(
         reason.contains("Not a directory")
             || reason.contains("not a directory")
-            || reason.contains("epochs"),
+            || reason.contains("manifests"),
         "{reason}"
     );
     let (s, body) = send(&node, "b", 5, Some("k3")).await;
@@ -106,8 +107,8 @@ async fn blob_outage_holds_acks_then_backpressures_and_loses_nothing() {
     assert_eq!(total(&node, "a").await, 11);
 
     // Blob storage comes back: the backlog commits, the held ack arrives, ingress reopens.
-    std::fs::remove_file(&epochs).unwrap();
-    std::fs::rename(data.join("epochs.bak"), &epochs).unwrap();
+    std::fs::remove_file(&manifests).unwrap();
+    std::fs::rename(data.join("manifests.bak"), &manifests).unwrap();
     let (s, body) = tokio::time::timeout(Duration::from_secs(20), held)
         .await
         .unwrap()
@@ -211,6 +212,13 @@ async fn missing_or_corrupt_local_state_is_rebuilt_from_blob_storage() {
                 .starts_with("state.corrupt-")
         });
     assert!(aside, "the corrupt store is kept aside for inspection");
+    node.stop();
+
+    // After a clean stop the rebuilt store is current: the next start reads nothing back.
+    let node = Node::start(&data, Some(config));
+    let cp = checkpoints(&node).await;
+    assert_eq!(cp["recovery"]["source"], "sled", "{cp}");
+    assert_eq!(total(&node, "c9").await, want);
     node.stop();
 }
 

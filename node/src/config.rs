@@ -107,6 +107,9 @@ pub struct CheckpointConfig {
     /// A full snapshot is written once the deltas written since the last one exceed twice its
     /// size and at least this many bytes. Default 8 MiB.
     pub full_snapshot_min_bytes: u64,
+    /// A full snapshot is also written once this many epochs have committed since the last
+    /// one (bounds how many manifests recovery reads under high epoch rates). Default 5,000.
+    pub full_snapshot_max_epochs: u64,
     /// Garbage collection of old epochs runs every this many commits. Default 20.
     pub gc_every: u64,
     /// Committed epochs are applied to sled at most this often, merged (a key changed in
@@ -129,6 +132,7 @@ impl Default for CheckpointConfig {
             idempotency_window_ms: 3_600_000,
             node_id: "node-0".into(),
             full_snapshot_min_bytes: 8 << 20,
+            full_snapshot_max_epochs: 5_000,
             gc_every: 20,
             apply_interval_ms: 1_000,
             s3: Default::default(),

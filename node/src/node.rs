@@ -282,7 +282,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         Err(e) => return Err(e.into()),
     };
     let shard_count = config.shard_count();
-    let recovered = driver::recover(&store, cp.as_ref(), config.key_groups, shard_count)
+    let recovered = driver::recover(&store, cp.as_ref(), config.key_groups)
         .await
         .map_err(|e| StartError::Other(format!("recovery failed: {e}")))?;
     let status: StatusHandle = Default::default();

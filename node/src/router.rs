@@ -82,6 +82,8 @@ struct Inner {
     ack: AckMode,
     /// Something waits for a commit: the coordinator starts an epoch early.
     commit_wanted: AtomicBool,
+    /// Wakes the epoch driver when `commit_wanted` turns on.
+    commit_notify: tokio::sync::Notify,
     /// Why ingress is refused while checkpoints are behind (`None`: it is not).
     backpressure: parking_lot::RwLock<Option<String>>,
     backpressure_on: AtomicBool,
@@ -136,6 +138,7 @@ impl Router {
                 checkpointing,
                 ack,
                 commit_wanted: AtomicBool::new(false),
+                commit_notify: tokio::sync::Notify::new(),
                 backpressure: Default::default(),
                 backpressure_on: AtomicBool::new(false),
                 applied: AtomicU64::new(0),
@@ -212,9 +215,16 @@ impl Router {
 
     /// Asks for an epoch soon (something waits for a commit).
     pub(crate) fn want_commit(&self) {
-        if !self.inner.commit_wanted.load(Ordering::Relaxed) {
-            self.inner.commit_wanted.store(true, Ordering::Relaxed);
+        if !self.inner.commit_wanted.load(Ordering::Relaxed)
+            && !self.inner.commit_wanted.swap(true, Ordering::AcqRel)
+        {
+            self.inner.commit_notify.notify_one();
         }
+    }
+
+    /// Resolves when something starts waiting for a commit.
+    pub(crate) async fn commit_wanted(&self) {
+        self.inner.commit_notify.notified().await
     }
 
     /// Whether an epoch was asked for since the last call.

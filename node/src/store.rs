@@ -289,10 +289,8 @@ pub fn key_group_of(key: &[u8]) -> Option<u32> {
         .then(|| u32::from(u16::from_be_bytes([key[1], key[2]])))
 }
 
-/// Meta key: the newest epoch shard `i` has applied to sled.
-fn applied_key(shard: usize) -> Vec<u8> {
-    format!("mapplied/{shard}").into_bytes()
-}
+/// Meta key: the newest epoch applied to sled.
+const APPLIED_KEY: &[u8] = b"mapplied/0";
 
 impl Store {
     /// Opens (or creates) the store under `dir`, checking the key-group count.
@@ -438,16 +436,16 @@ impl Store {
         Ok(())
     }
 
-    /// Records that shard `shard` has applied every epoch up to `epoch`.
-    pub fn set_applied(&self, shard: usize, epoch: u64) -> Result<(), StoreError> {
+    /// Records that every epoch up to `epoch` is applied.
+    pub fn set_applied(&self, epoch: u64) -> Result<(), StoreError> {
         self.db
-            .insert(applied_key(shard), &epoch.to_le_bytes())
+            .insert(APPLIED_KEY, &epoch.to_le_bytes())
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
-    /// The newest epoch every shard has applied (`None`: none recorded, a fresh or
-    /// pre-checkpoint store).
+    /// The newest epoch applied (`None`: none recorded, a fresh or pre-checkpoint store);
+    /// the oldest if several markers exist.
     pub fn applied(&self) -> Result<Option<u64>, StoreError> {
         let mut min: Option<u64> = None;
         for item in self.db.scan_prefix(b"mapplied/") {
@@ -462,8 +460,8 @@ impl Store {
         Ok(min)
     }
 
-    /// After a recovery: every shard has applied `epoch` (old per-shard records go).
-    pub fn reset_applied(&self, shards: usize, epoch: u64) -> Result<(), StoreError> {
+    /// After a recovery: the store holds `epoch` (older or other markers go).
+    pub fn reset_applied(&self, epoch: u64) -> Result<(), StoreError> {
         let old: Vec<sled::IVec> = self
             .db
             .scan_prefix(b"mapplied/")
@@ -473,9 +471,7 @@ impl Store {
         for k in old {
             self.db.remove(k).map_err(|e| self.err(e))?;
         }
-        for s in 0..shards {
-            self.set_applied(s, epoch)?;
-        }
+        self.set_applied(epoch)?;
         self.flush()
     }
 

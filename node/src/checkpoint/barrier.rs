@@ -1,5 +1,5 @@
 //! A shard's side of the epoch cut (Chandy–Lamport over the FIFO shard-to-shard channels), as
-//! pure bookkeeping. Not wired into the shards yet (see `OVERVIEW.md`).
+//! pure bookkeeping; `shard/mod.rs` drives it.
 //!
 //! When shard `i` receives `Barrier(e)` it snapshots (overlay delta, inboxes, timers), sends
 //! `Marker(e)` to every other shard on the same channel as its messages, and from then on

@@ -80,7 +80,31 @@ enum Persisting {
     Backoff(u64, u64),
 }
 
-/// The coordinator.
+/// The decisions about epochs, as the epoch driver sees them: feed inputs, perform the
+/// actions. One node uses [`Coordinator`]; the mesh puts the same state machine behind its
+/// Raft control group (inputs proposed to the log, actions taken by the leader).
+pub trait EpochCoordinator: Send {
+    /// Feeds one input; returns the actions to perform, in order.
+    fn handle(&mut self, input: Input) -> Vec<Action>;
+    /// The last committed epoch.
+    fn committed(&self) -> u64;
+    /// The last started epoch.
+    fn started(&self) -> u64;
+}
+
+impl EpochCoordinator for Coordinator {
+    fn handle(&mut self, input: Input) -> Vec<Action> {
+        Coordinator::handle(self, input)
+    }
+    fn committed(&self) -> u64 {
+        self.committed
+    }
+    fn started(&self) -> u64 {
+        self.started
+    }
+}
+
+/// The coordinator of one node.
 #[derive(Debug, Clone)]
 pub struct Coordinator {
     shards: usize,

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::coordinator::{Action, Coordinator, Input};
+use super::coordinator::{Action, Coordinator, EpochCoordinator, Input};
 use super::format::{Entry, KeyGroupSection, Manifest, NodeEpoch, ObjectRef, PendingMessage};
 use super::store::{CheckpointError, CheckpointStore};
 use crate::router::Router;
@@ -142,11 +142,12 @@ struct Options {
     retain: usize,
     owned: Vec<u32>,
     full_min: u64,
+    full_max_epochs: u64,
     gc_every: u64,
 }
 
 struct Driver {
-    coord: Coordinator,
+    coord: Box<dyn EpochCoordinator>,
     events: mpsc::UnboundedSender<DriverEvent>,
     cp: Option<CheckpointStore>,
     store: Store,
@@ -171,6 +172,7 @@ struct Driver {
     last_was_gc: bool,
     /// A full snapshot is due once sled has applied this epoch.
     full_wanted_at: Option<u64>,
+    epochs_since_full: u64,
     applier: Option<std::sync::mpsc::Sender<(u64, Option<Arc<NodeEpoch>>)>>,
     applier_thread: Option<std::thread::JoinHandle<()>>,
     finish: Vec<(u64, oneshot::Sender<u64>)>,
@@ -180,6 +182,9 @@ struct Driver {
 fn now_ms() -> u64 {
     crate::shard::now_ms()
 }
+
+/// Epoch objects up to this size are kept inline in the manifest.
+const INLINE_MAX: usize = 64 << 10;
 
 /// Starts the driver on the current tokio runtime.
 #[allow(clippy::too_many_arguments)]
@@ -227,7 +232,12 @@ pub(crate) fn start(
         s.applied = committed;
     }
     let mut d = Driver {
-        coord: Coordinator::new(n, interval, config.checkpoint.max_uncommitted, committed),
+        coord: Box::new(Coordinator::new(
+            n,
+            interval,
+            config.checkpoint.max_uncommitted,
+            committed,
+        )),
         events,
         cp,
         store,
@@ -238,6 +248,7 @@ pub(crate) fn start(
             retain: config.checkpoint.retain,
             owned,
             full_min: config.checkpoint.full_snapshot_min_bytes,
+            full_max_epochs: config.checkpoint.full_snapshot_max_epochs.max(1),
             gc_every: config.checkpoint.gc_every.max(1),
         },
         cuts: BTreeMap::new(),
@@ -254,6 +265,7 @@ pub(crate) fn start(
         commits_since_gc: 0,
         last_was_gc: false,
         full_wanted_at: None,
+        epochs_since_full: 0,
         applier: Some(atx),
         applier_thread: Some(applier_thread),
         finish: Vec::new(),
@@ -296,12 +308,14 @@ fn applier(
             }
         }
         let epoch = jobs.last().map(|j| j.0).unwrap_or(0);
+        // The durable marker names the newest epoch that changed something: epochs without
+        // changes may have no manifest, and the marker must never be ahead of blob storage.
+        let marker = jobs.iter().filter(|j| j.1.is_some()).map(|j| j.0).max();
         let epochs: Vec<Arc<NodeEpoch>> = jobs.into_iter().filter_map(|j| j.1).collect();
-        let result = if epochs.is_empty() {
-            Ok(())
-        } else {
-            apply_to_sled(&store, &epochs)
-                .and_then(|()| store.set_applied(0, epoch).map_err(|err| err.to_string()))
+        let result = match marker {
+            None => Ok(()),
+            Some(marker) => apply_to_sled(&store, &epochs)
+                .and_then(|()| store.set_applied(marker).map_err(|err| err.to_string())),
         };
         if let Err(err) = &result {
             router.metrics().store_errors.inc();
@@ -385,6 +399,7 @@ fn build(epoch: u64, node: &str, cuts: Vec<ShardCut>) -> NodeEpoch {
 
 impl Driver {
     async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<DriverEvent>) {
+        let router = self.router.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -407,6 +422,8 @@ impl Driver {
                     self.tick();
                     self.gauges();
                 }
+                // A caller waits: start its epoch now rather than at the next tick.
+                _ = router.commit_wanted() => self.tick(),
             }
         }
     }
@@ -508,6 +525,7 @@ impl Driver {
                         self.router.metrics().checkpoint_bytes.inc_by(object.size);
                         self.last_full_bytes = object.size;
                         self.bytes_since_full = 0;
+                        self.epochs_since_full = 0;
                         self.force_full = false;
                         self.unlisted_full = Some((object, label));
                     }
@@ -522,6 +540,8 @@ impl Driver {
             }
             DriverEvent::Stop(_) => unreachable!("handled by run"),
             DriverEvent::Finish(tx) => {
+                // No waiting for the applier's merge window.
+                self.router.want_apply();
                 // Everything accepted so far is in the next epoch to start.
                 self.finish.push((self.coord.started() + 1, tx));
             }
@@ -571,6 +591,16 @@ impl Driver {
                 match &self.cp {
                     Some(cp) if !built.key_groups.is_empty() => {
                         let cp = cp.clone();
+                        let encoded = prost::Message::encode_to_vec(&*built);
+                        if encoded.len() <= INLINE_MAX {
+                            // Small epochs ride in the manifest: one put per epoch.
+                            let obj = cp.inline_node_epoch(&built, &encoded);
+                            let _ = tx.send(DriverEvent::Written {
+                                epoch: e,
+                                result: Ok(Some(obj)),
+                            });
+                            return;
+                        }
                         tokio::spawn(async move {
                             let result = cp
                                 .write_node_epoch(&built)
@@ -674,6 +704,7 @@ impl Driver {
                 }
                 if obj.is_some() {
                     self.commits_since_gc += 1;
+                    self.epochs_since_full += 1;
                 }
                 self.maintain();
             }
@@ -706,7 +737,8 @@ impl Driver {
         }
         let tx = self.events.clone();
         let threshold = self.bytes_since_full > 0
-            && self.bytes_since_full >= (2 * self.last_full_bytes).max(self.opts.full_min);
+            && (self.bytes_since_full >= (2 * self.last_full_bytes).max(self.opts.full_min)
+                || self.epochs_since_full >= self.opts.full_max_epochs);
         if (self.force_full || threshold) && self.full_wanted_at.is_none() {
             self.full_wanted_at = Some(self.coord.committed());
         }
@@ -797,7 +829,6 @@ pub(crate) async fn recover(
     store: &Store,
     cp: Option<&CheckpointStore>,
     key_groups: u32,
-    shards: usize,
 ) -> Result<Recovered, String> {
     let t0 = Instant::now();
     let applied = store.applied().map_err(|e| e.to_string())?;
@@ -893,7 +924,7 @@ pub(crate) async fn recover(
         }
         pending.extend(st.pending.into_iter().map(|m| (kg, m)));
     }
-    store.reset_applied(shards, e).map_err(|e| e.to_string())?;
+    store.reset_applied(e).map_err(|e| e.to_string())?;
     let report = RecoveryReport {
         source: source.into(),
         epoch: e,

@@ -97,6 +97,10 @@ pub struct ObjectRef {
     pub key_groups: Vec<u32>,
     /// Of those, the ones written in full.
     pub full_key_groups: Vec<u32>,
+    /// A small object is kept in the manifest itself (base64 of the `NodeEpoch`), saving a
+    /// put per epoch; then nothing is stored at `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<String>,
 }
 
 /// A committed epoch.
@@ -126,6 +130,7 @@ impl NodeEpoch {
                 .filter(|k| k.full)
                 .map(|k| k.key_group)
                 .collect(),
+            inline: None,
         }
     }
 }

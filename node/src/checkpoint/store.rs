@@ -73,6 +73,8 @@ pub struct GcReport {
 #[derive(Clone, Debug)]
 pub struct CheckpointStore {
     blob: Blob,
+    /// Manifests garbage collection has read, without inline objects (they never change).
+    gc_cache: std::sync::Arc<parking_lot::Mutex<HashMap<u64, Manifest>>>,
 }
 
 static NONCE: AtomicU64 = AtomicU64::new(0);
@@ -88,7 +90,10 @@ fn nonce() -> u64 {
 impl CheckpointStore {
     /// Checkpoints in `blob`.
     pub fn new(blob: Blob) -> Self {
-        CheckpointStore { blob }
+        CheckpointStore {
+            blob,
+            gc_cache: Default::default(),
+        }
     }
 
     fn path(&self, rel: &str) -> ObjectPath {
@@ -160,6 +165,15 @@ impl CheckpointStore {
             .await
             .map_err(|err| self.err("put", &rel, err))?;
         Ok(e.object_ref(rel, size))
+    }
+
+    /// The manifest entry of a node's epoch object kept inline in the manifest (no put).
+    pub fn inline_node_epoch(&self, e: &NodeEpoch, encoded: &[u8]) -> ObjectRef {
+        use base64::Engine;
+        let rel = epoch_object_path(e.epoch, &e.node, nonce());
+        let mut r = e.object_ref(rel, encoded.len() as u64);
+        r.inline = Some(base64::engine::general_purpose::STANDARD.encode(encoded));
+        r
     }
 
     /// Commits an epoch by writing its manifest, create-only. Exactly one of several writers
@@ -240,6 +254,37 @@ impl CheckpointStore {
         Ok(out)
     }
 
+    /// Like `history`, for garbage collection: manifests read before come from memory
+    /// (stripped of inline objects), so a collection reads only the manifests new since the
+    /// last one.
+    async fn gc_history(&self, latest: u64) -> Result<Vec<Manifest>, CheckpointError> {
+        let mut out = Vec::new();
+        let mut cur = Some(latest);
+        while let Some(e) = cur {
+            let cached = self.gc_cache.lock().get(&e).cloned();
+            let m = match cached {
+                Some(m) => m,
+                None => match self.manifest(e).await {
+                    Ok(mut m) => {
+                        for o in &mut m.objects {
+                            o.inline = None;
+                        }
+                        self.gc_cache.lock().insert(e, m.clone());
+                        m
+                    }
+                    Err(CheckpointError::Blob {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) if e != latest => break,
+                    Err(err) => return Err(err),
+                },
+            };
+            cur = m.previous;
+            out.push(m);
+        }
+        Ok(out)
+    }
+
     /// Rebuilds the key groups `wanted` selects as of the newest committed epoch: returns that
     /// epoch (if any) and each key group's state and pending messages.
     ///
@@ -275,10 +320,14 @@ impl CheckpointStore {
         // Per key group: (label, full, path) of every object holding a section of it.
         let mut per_kg: BTreeMap<u32, Vec<(u64, bool, String)>> = BTreeMap::new();
         let mut listed = BTreeSet::new();
+        let mut inline: HashMap<String, &str> = HashMap::new();
         for m in &manifests {
             for o in &m.objects {
                 if !listed.insert(o.path.clone()) {
                     continue;
+                }
+                if let Some(b) = &o.inline {
+                    inline.insert(o.path.clone(), b);
                 }
                 let label = epoch_of(&o.path).unwrap_or(m.epoch);
                 for &kg in o.key_groups.iter().filter(|k| wanted(**k)) {
@@ -311,7 +360,20 @@ impl CheckpointStore {
             let mut last = 0;
             for (label, _, path) in chain {
                 if !objects.contains_key(path) {
-                    let b = self.get(path).await?;
+                    let b = match inline.get(path) {
+                        Some(b64) => {
+                            use base64::Engine;
+                            Bytes::from(
+                                base64::engine::general_purpose::STANDARD
+                                    .decode(b64)
+                                    .map_err(|e| CheckpointError::Corrupt {
+                                        path: path.clone(),
+                                        reason: format!("inline object: {e}"),
+                                    })?,
+                            )
+                        }
+                        None => self.get(path).await?,
+                    };
                     let e = NodeEpoch::decode(b).map_err(|e| CheckpointError::Corrupt {
                         path: path.clone(),
                         reason: e.to_string(),
@@ -343,7 +405,7 @@ impl CheckpointStore {
         };
         let keep = keep.max(1);
         let oldest_kept = epochs[epochs.len().saturating_sub(keep)];
-        let history = self.history(self.manifest(latest).await?).await?;
+        let history = self.gc_history(latest).await?;
         let mut seen = BTreeSet::new();
         // Per key group: the label of its newest full snapshot and the manifest listing it.
         let mut base: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
@@ -387,6 +449,7 @@ impl CheckpointStore {
                 .await
                 .map_err(|err| self.err("delete", &rel, err))?;
             report.manifests_deleted += 1;
+            self.gc_cache.lock().remove(&e);
         }
         for rel in self.list("epochs").await? {
             let Some(e) = epoch_of(&rel) else { continue };
