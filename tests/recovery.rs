@@ -143,8 +143,7 @@ async fn missing_or_corrupt_local_state_is_rebuilt_from_blob_storage() {
     let data = dir.path().join("n");
     // Full snapshots after every change and aggressive retention, so recovery goes through a
     // full snapshot plus deltas, with older history collected.
-    let config =
-        "[checkpoint]\ninterval_ms = 10\nretain = 2\nfull_snapshot_min_bytes = 1\ngc_every = 1\n";
+    let config = "[checkpoint]\ninterval_ms = 10\nretain = 2\nfull_snapshot_min_bytes = 1\ngc_every = 1\ngc_min_interval_ms = 0\napply_interval_ms = 50\n";
     let node = Node::start(&data, Some(config));
     let client = node.client().await;
     for round in 1..=20i64 {

@@ -110,8 +110,11 @@ pub struct CheckpointConfig {
     /// A full snapshot is also written once this many epochs have committed since the last
     /// one (bounds how many manifests recovery reads under high epoch rates). Default 5,000.
     pub full_snapshot_max_epochs: u64,
-    /// Garbage collection of old epochs runs every this many commits. Default 20.
+    /// Garbage collection of old epochs runs every this many commits, but at most once per
+    /// `gc_min_interval_ms`. Default 20.
     pub gc_every: u64,
+    /// Least time between two garbage collections (each lists the manifests). Default 5,000 ms.
+    pub gc_min_interval_ms: u64,
     /// Committed epochs are applied to sled at most this often, merged (a key changed in
     /// several epochs is written once); recovery replays the epochs sled lacks from blob
     /// storage. Default 1,000 ms.
@@ -134,6 +137,7 @@ impl Default for CheckpointConfig {
             full_snapshot_min_bytes: 8 << 20,
             full_snapshot_max_epochs: 5_000,
             gc_every: 20,
+            gc_min_interval_ms: 5_000,
             apply_interval_ms: 1_000,
             s3: Default::default(),
         }

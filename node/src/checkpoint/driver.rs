@@ -144,6 +144,7 @@ struct Options {
     full_min: u64,
     full_max_epochs: u64,
     gc_every: u64,
+    gc_min_interval: Duration,
 }
 
 struct Driver {
@@ -173,6 +174,7 @@ struct Driver {
     /// A full snapshot is due once sled has applied this epoch.
     full_wanted_at: Option<u64>,
     epochs_since_full: u64,
+    last_gc: Option<Instant>,
     applier: Option<std::sync::mpsc::Sender<(u64, Option<Arc<NodeEpoch>>)>>,
     applier_thread: Option<std::thread::JoinHandle<()>>,
     finish: Vec<(u64, oneshot::Sender<u64>)>,
@@ -250,6 +252,7 @@ pub(crate) fn start(
             full_min: config.checkpoint.full_snapshot_min_bytes,
             full_max_epochs: config.checkpoint.full_snapshot_max_epochs.max(1),
             gc_every: config.checkpoint.gc_every.max(1),
+            gc_min_interval: Duration::from_millis(config.checkpoint.gc_min_interval_ms),
         },
         cuts: BTreeMap::new(),
         built: BTreeMap::new(),
@@ -266,6 +269,7 @@ pub(crate) fn start(
         last_was_gc: false,
         full_wanted_at: None,
         epochs_since_full: 0,
+        last_gc: None,
         applier: Some(atx),
         applier_thread: Some(applier_thread),
         finish: Vec::new(),
@@ -746,10 +750,15 @@ impl Driver {
         let due_full = self
             .full_wanted_at
             .is_some_and(|e| self.router.applied() >= e);
-        let gc_due = self.commits_since_gc >= self.opts.gc_every && !self.force_full;
+        let gc_due = self.commits_since_gc >= self.opts.gc_every
+            && !self.force_full
+            && self
+                .last_gc
+                .is_none_or(|t| t.elapsed() >= self.opts.gc_min_interval);
         // When both are due they take turns.
         if gc_due && !(due_full && self.last_was_gc) {
             self.last_was_gc = true;
+            self.last_gc = Some(Instant::now());
             self.commits_since_gc = 0;
             self.maintenance_running = true;
             let retain = self.opts.retain;
