@@ -47,6 +47,10 @@ pub struct Metrics {
     pub idempotent_retries: IntCounter,
     /// Time from an epoch's barrier to its commit.
     pub checkpoint_seconds: Histogram,
+    /// How long a shard paused processing to cut an epoch.
+    pub checkpoint_cut_seconds: Histogram,
+    /// The longest such pause so far, µs.
+    pub checkpoint_cut_max_us: IntGauge,
     /// Bytes written to blob storage by epochs and full snapshots.
     pub checkpoint_bytes: IntCounter,
     /// Bytes of the last committed epoch's object.
@@ -145,7 +149,25 @@ impl Metrics {
         .expect("valid histogram");
         r.register(Box::new(checkpoint_seconds.clone()))
             .expect("metric registered once");
+        let checkpoint_cut_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "statemesh_checkpoint_cut_duration_seconds",
+                "How long a shard paused processing to cut an epoch",
+            )
+            .buckets(vec![
+                1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1,
+            ]),
+        )
+        .expect("valid histogram");
+        r.register(Box::new(checkpoint_cut_seconds.clone()))
+            .expect("metric registered once");
         Metrics {
+            checkpoint_cut_seconds,
+            checkpoint_cut_max_us: gauge(
+                &r,
+                "statemesh_checkpoint_cut_max_microseconds",
+                "The longest pause of a shard to cut an epoch",
+            ),
             idempotent_retries: counter(
                 &r,
                 "statemesh_idempotent_retries_total",

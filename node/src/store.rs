@@ -195,31 +195,53 @@ impl StoredTimer {
 /// at ≤ 128), so writes are applied in small atomic chunks.
 const CHUNK: usize = 64;
 
-/// Writes to the local store, applied in order (a later write of a key wins). Kept as plain
-/// key/value operations so the same batch is both an epoch's delta in blob storage and what
-/// is applied to sled when the epoch commits.
+/// One write to the local store.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// An encoded key and value (`None`: delete).
+    Raw(Vec<u8>, Option<Vec<u8>>),
+    /// A state slot, encoded later (off the shard: the epoch driver encodes it), so an epoch
+    /// cut only clones reference-counted values.
+    State(u32, Address, StateSlot),
+}
+
+impl Change {
+    /// The encoded key and value.
+    pub fn encode(self) -> (Vec<u8>, Option<Vec<u8>>) {
+        match self {
+            Change::Raw(k, v) => (k, v),
+            Change::State(kg, addr, slot) => state_entry(kg, &addr, &slot),
+        }
+    }
+}
+
+/// Writes to the local store, applied in order (a later write of a key wins): the same batch
+/// is both an epoch's delta in blob storage and what is applied to sled when it commits.
 #[derive(Default, Debug, Clone)]
 pub struct WriteBatch {
-    /// (key, `Some(value)` to put or `None` to delete), in order.
-    pub ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The writes, in order.
+    pub ops: Vec<Change>,
 }
 
 impl WriteBatch {
     /// Writes (or deletes, if it has no value) a state slot.
-    #[cfg(test)]
     pub fn put_state(&mut self, kg: u32, addr: &Address, slot: &StateSlot) {
-        self.ops.push(state_entry(kg, addr, slot));
+        self.ops.push(Change::State(kg, addr.clone(), slot.clone()));
+    }
+
+    /// Writes an encoded key and value (`None`: delete).
+    pub fn put_raw(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.ops.push(Change::Raw(key, value));
     }
 
     /// Stores a delayed message.
     pub fn put_timer(&mut self, kg: u32, seq: u64, t: &StoredTimer) {
-        self.ops
-            .push((timer_key(kg, seq).to_vec(), Some(t.encode())));
+        self.put_raw(timer_key(kg, seq).to_vec(), Some(t.encode()));
     }
 
     /// Deletes a delayed message.
     pub fn delete_timer(&mut self, kg: u32, seq: u64) {
-        self.ops.push((timer_key(kg, seq).to_vec(), None));
+        self.put_raw(timer_key(kg, seq).to_vec(), None);
     }
 }
 
@@ -407,7 +429,8 @@ impl Store {
     /// for small batches).
     #[cfg(test)]
     pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.write_ops(batch.ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
+        let ops: Vec<_> = batch.ops.into_iter().map(Change::encode).collect();
+        self.write_ops(ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
     }
 
     /// Applies key/value operations in order, in chunks.

@@ -31,14 +31,14 @@ use super::format::{Entry, KeyGroupSection, Manifest, NodeEpoch, ObjectRef, Pend
 use super::store::{CheckpointError, CheckpointStore};
 use crate::router::Router;
 use crate::shard::{Barrier, Committed, Shard};
-use crate::store::{key_group_of, Store};
+use crate::store::{key_group_of, Change, Store};
 
 /// What a shard cut.
 pub(crate) struct ShardCut {
     pub epoch: u64,
     pub shard: usize,
     /// Local-store writes since the previous cut, in order.
-    pub ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub ops: Vec<Change>,
     /// Unprocessed messages at the cut, with their key group, in replay order.
     pub pending: Vec<(u32, PendingMessage)>,
 }
@@ -365,7 +365,7 @@ fn build(epoch: u64, node: &str, cuts: Vec<ShardCut>) -> NodeEpoch {
     type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
     let mut kgs: BTreeMap<u32, (Changes, Vec<PendingMessage>)> = BTreeMap::new();
     for c in cuts {
-        for (k, v) in c.ops {
+        for (k, v) in c.ops.into_iter().map(Change::encode) {
             let Some(kg) = key_group_of(&k) else {
                 tracing::error!(key = ?k, "local-store key without a key group; not checkpointed");
                 continue;
@@ -582,7 +582,7 @@ impl Driver {
                             cuts.push(ShardCut {
                                 epoch: e,
                                 shard: usize::MAX,
-                                ops: consumed.into_iter().map(|k| (k, None)).collect(),
+                                ops: consumed.into_iter().map(|k| Change::Raw(k, None)).collect(),
                                 pending: Vec::new(),
                             });
                         }

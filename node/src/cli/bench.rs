@@ -261,6 +261,21 @@ async fn embedded(
     let peak = statemesh_node::metrics::process_memory().map(|(_, p)| p);
     let l = latency.lock().clone();
     let cp = node.checkpoints();
+    let text = node.router().metrics_text();
+    let metric = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let cut_max_ms = metric("statemesh_checkpoint_cut_max_microseconds ").map(|us| us / 1e3);
+    let cut_mean_ms = match (
+        metric("statemesh_checkpoint_cut_duration_seconds_sum "),
+        metric("statemesh_checkpoint_cut_duration_seconds_count "),
+    ) {
+        (Some(s), Some(c)) if c > 0.0 => Some(s / c * 1e3),
+        _ => None,
+    };
     node.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     let epochs = cp.recent.len().max(1) as f64;
@@ -271,6 +286,8 @@ async fn embedded(
             "checkpoints": checkpoints,
             "interval_ms": interval_ms,
             "epochs_committed": cp.committed,
+            "cut_pause_mean_ms": cut_mean_ms,
+            "cut_pause_max_ms": cut_max_ms,
             "recent_epoch_mean_bytes": (cp.recent.iter().map(|e| e.bytes).sum::<u64>() as f64 / epochs).round(),
             "recent_epoch_mean_ms": cp.recent.iter().map(|e| e.duration_ms).sum::<f64>() / epochs,
             "instances": instances,

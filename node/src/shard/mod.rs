@@ -47,7 +47,7 @@ use crate::error::ServiceError;
 use crate::instance::{Instance, Invoke};
 use crate::registry::{FunctionEntry, FunctionKind};
 use crate::router::{parse_reply_id, AckTx, Envelope, Router};
-use crate::store::{idempotency_key, state_entry, Store, WriteBatch};
+use crate::store::{idempotency_key, Change, Store, WriteBatch};
 use timers::Timers;
 
 /// Milliseconds since the Unix epoch.
@@ -177,7 +177,7 @@ enum Held {
 /// flight at the cut to hand back their inputs.
 struct Cut {
     epoch: u64,
-    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ops: Vec<Change>,
     /// (target, order: 0 in flight, 1 inbox, 2 arrived across the cut; kg; message)
     pending: Vec<(Arc<str>, u8, u32, PendingMessage)>,
     awaiting: FxHashSet<usize>,
@@ -422,10 +422,10 @@ impl Shard {
     fn emit(&mut self, kg: u32, topic: String, value: TypedValue) {
         let key = self.checkpointing.then(|| {
             let key = self.router.egress().next_key(kg);
-            self.pending_writes.ops.push((
+            self.pending_writes.put_raw(
                 key.clone(),
                 Some(crate::store::encode_egress(&topic, &value)),
-            ));
+            );
             key
         });
         self.hold(Held::Egress(topic, value, key));
@@ -433,8 +433,7 @@ impl Shard {
 
     fn record(&mut self, kg: u32, scope: &str, r: Record) {
         self.pending_writes
-            .ops
-            .push((idempotency_key(kg, scope), Some(r.encode())));
+            .put_raw(idempotency_key(kg, scope), Some(r.encode()));
         self.idem.put(kg, scope, r);
     }
 
@@ -770,7 +769,7 @@ impl Shard {
     fn write_slot(batch: &mut WriteBatch, slot: &mut Slot, epoch: u64) {
         if let Some(state) = slot.state.as_mut() {
             for v in state.iter_mut().filter(|v| v.dirty) {
-                batch.ops.push(state_entry(slot.kg, &slot.address, v));
+                batch.put_state(slot.kg, &slot.address, v);
                 v.dirty = false;
                 slot.change_epoch = epoch;
             }
@@ -798,6 +797,7 @@ impl Shard {
     /// this shard's markers to the others.
     fn begin_cut(&mut self, e: u64) {
         debug_assert_eq!(e, self.epoch);
+        let t0 = std::time::Instant::now();
         // Everything produced before the cut goes out ahead of the markers.
         self.send_outgoing();
         let mut ops = std::mem::take(&mut self.pending_writes).ops;
@@ -817,7 +817,7 @@ impl Shard {
             .expire(now_ms(), self.config.checkpoint.idempotency_window_ms)
         {
             self.keyed_waiters.remove(&scope);
-            ops.push((idempotency_key(kg, &scope), None));
+            ops.push(Change::Raw(idempotency_key(kg, &scope), None));
         }
         let mut cut = Cut {
             epoch: e,
@@ -870,6 +870,13 @@ impl Shard {
         self.epoch = e + 1;
         self.cut = Some(cut);
         self.maybe_finish_cut();
+        let pause = t0.elapsed();
+        let m = self.router.metrics();
+        m.checkpoint_cut_seconds.observe(pause.as_secs_f64());
+        let us = pause.as_micros() as i64;
+        if us > m.checkpoint_cut_max_us.get() {
+            m.checkpoint_cut_max_us.set(us);
+        }
     }
 
     fn maybe_finish_cut(&mut self) {
