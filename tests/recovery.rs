@@ -263,3 +263,85 @@ async fn a_node_checkpoints_to_s3_and_recovers_from_it_alone() {
     );
     node.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_dedupe_calls_and_bad_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), None);
+    let call = |key: &'static str, n: i64| {
+        let url = format!("{}/v1/call/example/counter/k", node.http);
+        async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Full<Bytes>>();
+            let req = hyper::Request::builder()
+                .method("POST")
+                .uri(url)
+                .header("content-type", format!("application/vnd.{LONG}"))
+                .header("idempotency-key", key)
+                .body(http_body_util::Full::new(Bytes::from(n.to_string())))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            use http_body_util::BodyExt;
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).to_string())
+        }
+    };
+    // A retried call gets the first call's reply and is not applied again.
+    assert_eq!(call("c1", 5).await, (200, "5".to_string()));
+    assert_eq!(call("c1", 5).await, (200, "5".to_string()));
+    assert_eq!(call("c2", 1).await, (200, "6".to_string()));
+    assert_eq!(total(&node, "k").await, 6);
+    // A key first used by a Send cannot be reused by a Call.
+    assert_eq!(send(&node, "k", 100, Some("s1")).await.0, 202);
+    let (s, body) = call("s1", 1).await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("already used by a Send"), "{body}");
+    // Keys too long are refused, naming the limit.
+    let long: &'static str = Box::leak("x".repeat(300).into_boxed_str());
+    let (s, body) = send(&node, "k", 1, Some(long)).await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("idempotency key"), "{body}");
+    assert_eq!(total(&node, "k").await, 106);
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_in_use_by_another_node_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let node = Node::start(&data, None);
+    assert_eq!(send(&node, "lock", 3, Some("l1")).await.0, 202);
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "node",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a second node started on the same data"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another statemesh node uses this data directory"),
+        "{err}"
+    );
+    // The running node's state was not moved aside.
+    assert!(!std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e
+            .file_name()
+            .to_string_lossy()
+            .starts_with("state.corrupt-")));
+    assert_eq!(total(&node, "lock").await, 3);
+    node.stop();
+}

@@ -404,20 +404,31 @@ impl Router {
         )
     }
 
-    /// Sends one message from ingress, acknowledged on acceptance (returns once the owning
-    /// shard has it queued; not durable).
-    pub fn send(&self, target: Address, message: TypedValue) -> Result<(), ServiceError> {
-        self.validate(&target, &message)?;
-        let (shard, env) = self.envelope(target, None, message);
+    /// Admits one ingress message and hands it to its shard (with the `Send`
+    /// acknowledgement to hold until its epoch commits, if any).
+    fn deliver_one(
+        &self,
+        shard: usize,
+        env: Envelope,
+        ack: Option<AckTx>,
+    ) -> Result<(), ServiceError> {
         self.check_saturated(shard, &env.target)?;
         self.admit(shard, 1)?;
         self.inner.metrics.ingress_messages.inc();
         self.shards()[shard].do_send(Deliver {
             batch: vec![env],
             from: None,
-            ack: None,
+            ack,
         });
         Ok(())
+    }
+
+    /// Sends one message from ingress, acknowledged on acceptance (returns once the owning
+    /// shard has it queued; not durable).
+    pub fn send(&self, target: Address, message: TypedValue) -> Result<(), ServiceError> {
+        self.validate(&target, &message)?;
+        let (shard, env) = self.envelope(target, None, message);
+        self.deliver_one(shard, env, None)
     }
 
     /// Sends one message from ingress with the node's acknowledgement mode (by default:
@@ -433,24 +444,11 @@ impl Router {
         let key = validate_key(key)?;
         let (shard, mut env) = self.envelope(target, None, message);
         env.key = key.map(String::into_boxed_str);
-        self.check_saturated(shard, &env.target)?;
-        self.admit(shard, 1)?;
-        self.inner.metrics.ingress_messages.inc();
-        let committed = self.inner.checkpointing && self.inner.ack == AckMode::Committed;
-        if !committed {
-            self.shards()[shard].do_send(Deliver {
-                batch: vec![env],
-                from: None,
-                ack: None,
-            });
-            return Ok(());
+        if !(self.inner.checkpointing && self.inner.ack == AckMode::Committed) {
+            return self.deliver_one(shard, env, None);
         }
         let (tx, rx) = oneshot::channel();
-        self.shards()[shard].do_send(Deliver {
-            batch: vec![env],
-            from: None,
-            ack: Some(tx),
-        });
+        self.deliver_one(shard, env, Some(tx))?;
         rx.await.unwrap_or_else(|_| {
             Err(ServiceError::Unavailable(
                 "the node stopped before the message's epoch committed; retry with the same idempotency key".into(),
@@ -564,16 +562,13 @@ impl Router {
         };
         let (shard, mut env) = self.envelope(target, Some(caller), message);
         env.key = key.map(String::into_boxed_str);
-        self.check_saturated(shard, &env.target)?;
-        self.admit(shard, 1)?;
+        // Registered before the message leaves: the reply can come back at once.
         let (tx, rx) = oneshot::channel();
         self.inner.calls.lock().insert(id, tx);
-        self.inner.metrics.ingress_messages.inc();
-        self.shards()[shard].do_send(Deliver {
-            batch: vec![env],
-            from: None,
-            ack: None,
-        });
+        if let Err(e) = self.deliver_one(shard, env, None) {
+            self.inner.calls.lock().remove(&id);
+            return Err(e);
+        }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ServiceError::Unavailable(

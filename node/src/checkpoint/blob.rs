@@ -108,12 +108,16 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
         url: url.to_string(),
         source,
     };
+    let blob = |store: Arc<dyn ObjectStore>, prefix| Blob {
+        store,
+        prefix,
+        url: url.into(),
+    };
     if url == "memory://" || url == "memory:" {
-        return Ok(Blob {
-            store: Arc::new(object_store::memory::InMemory::new()),
-            prefix: ObjectPath::default(),
-            url: url.into(),
-        });
+        return Ok(blob(
+            Arc::new(object_store::memory::InMemory::new()),
+            ObjectPath::default(),
+        ));
     }
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = split_bucket(url, rest)?;
@@ -138,11 +142,7 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
         }
         // Create-only puts (the manifest) use S3's conditional writes (If-None-Match).
         b = b.with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch);
-        return Ok(Blob {
-            store: Arc::new(b.build().map_err(backend)?),
-            prefix,
-            url: url.into(),
-        });
+        return Ok(blob(Arc::new(b.build().map_err(backend)?), prefix));
     }
     if let Some(rest) = url.strip_prefix("gs://") {
         let (bucket, prefix) = split_bucket(url, rest)?;
@@ -150,11 +150,7 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
             .with_bucket_name(bucket)
             .with_retry(retry_config())
             .with_client_options(client_options());
-        return Ok(Blob {
-            store: Arc::new(b.build().map_err(backend)?),
-            prefix,
-            url: url.into(),
-        });
+        return Ok(blob(Arc::new(b.build().map_err(backend)?), prefix));
     }
     if let Some(rest) = url.strip_prefix("az://") {
         let (container, prefix) = split_bucket(url, rest)?;
@@ -162,11 +158,7 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
             .with_container_name(container)
             .with_retry(retry_config())
             .with_client_options(client_options());
-        return Ok(Blob {
-            store: Arc::new(b.build().map_err(backend)?),
-            prefix,
-            url: url.into(),
-        });
+        return Ok(blob(Arc::new(b.build().map_err(backend)?), prefix));
     }
     let path = match url.strip_prefix("file://") {
         Some(p) => p,
@@ -184,11 +176,7 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
         reason: format!("cannot create directory {}: {e}", dir.display()),
     })?;
     let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(backend)?;
-    Ok(Blob {
-        store: Arc::new(fs),
-        prefix: ObjectPath::default(),
-        url: url.into(),
-    })
+    Ok(blob(Arc::new(fs), ObjectPath::default()))
 }
 
 #[cfg(test)]

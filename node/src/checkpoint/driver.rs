@@ -164,7 +164,8 @@ struct Driver {
     last_manifest: Option<u64>,
     /// A full snapshot waiting to be listed in the next manifest.
     unlisted_full: Option<(ObjectRef, u64)>,
-    listing: Option<(u64, (ObjectRef, u64))>,
+    /// The full snapshot listed by the manifest being committed.
+    listing: Option<(ObjectRef, u64)>,
     maintenance_running: bool,
     bytes_since_full: u64,
     last_full_bytes: u64,
@@ -480,13 +481,9 @@ impl Driver {
                     if self.objects.get(&epoch).is_some_and(|o| o.is_some()) {
                         self.last_manifest = Some(epoch);
                     }
-                    if let Some((e, (obj, label))) = self.listing.take() {
-                        if e == epoch {
-                            let mut s = self.status.lock();
-                            s.last_full = Some((label, obj.size));
-                        } else {
-                            self.listing = Some((e, (obj, label)));
-                        }
+                    // One commit is in flight at a time: a listed snapshot is in this one.
+                    if let Some((obj, label)) = self.listing.take() {
+                        self.status.lock().last_full = Some((label, obj.size));
                     }
                     self.input(Input::Committed { epoch });
                     // Group commit: the next epoch may start right away.
@@ -494,12 +491,8 @@ impl Driver {
                 }
                 Err(e) => {
                     // The full snapshot stays unlisted until a manifest lists it.
-                    if let Some((e2, full)) = self.listing.take() {
-                        if e2 == epoch {
-                            self.unlisted_full = Some(full);
-                        } else {
-                            self.listing = Some((e2, full));
-                        }
+                    if let Some(full) = self.listing.take() {
+                        self.unlisted_full = Some(full);
                     }
                     self.failed(epoch, e)
                 }
@@ -630,7 +623,7 @@ impl Driver {
                         let mut objects = vec![obj];
                         if let Some(full) = self.unlisted_full.take() {
                             objects.push(full.0.clone());
-                            self.listing = Some((e, full));
+                            self.listing = Some(full);
                         }
                         let m = Manifest {
                             epoch: e,
@@ -855,8 +848,8 @@ pub(crate) async fn recover(
         });
     };
     let latest = retry("read the newest manifest", || cp.latest()).await?;
-    let has_local = store.has_entries().map_err(|e| e.to_string())?;
     let Some(latest) = latest else {
+        let has_local = store.has_entries().map_err(|e| e.to_string())?;
         // Nothing in blob storage: a fresh node, or local state from before checkpoints (or
         // a new blob location): the first epoch needs a full snapshot.
         return Ok(Recovered {

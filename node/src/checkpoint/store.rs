@@ -230,48 +230,32 @@ impl CheckpointStore {
         }
     }
 
-    /// The manifests back from `from` to the oldest retained one, newest first (garbage
-    /// collection keeps this history short: see [`CheckpointStore::gc`]).
-    async fn history(&self, from: Manifest) -> Result<Vec<Manifest>, CheckpointError> {
-        let mut out = Vec::new();
-        let mut cur = Some(from);
-        while let Some(m) = cur {
-            let previous = m.previous;
-            out.push(m);
-            cur = match previous {
-                Some(p) => match self.manifest(p).await {
-                    Ok(m) => Some(m),
-                    // Collected by GC: everything a recovery needs is newer.
-                    Err(CheckpointError::Blob {
-                        source: object_store::Error::NotFound { .. },
-                        ..
-                    }) => None,
-                    Err(e) => return Err(e),
-                },
-                None => None,
-            };
-        }
-        Ok(out)
-    }
-
-    /// Like `history`, for garbage collection: manifests read before come from memory
-    /// (stripped of inline objects), so a collection reads only the manifests new since the
-    /// last one.
-    async fn gc_history(&self, latest: u64) -> Result<Vec<Manifest>, CheckpointError> {
+    /// The manifests back from `latest` to the oldest retained one, newest first (garbage
+    /// collection keeps this history short: see [`CheckpointStore::gc`]). With `cached`
+    /// (garbage collection), manifests read before come from memory, stripped of inline
+    /// objects (manifests never change), so a collection reads only the new ones.
+    async fn history(&self, latest: u64, cached: bool) -> Result<Vec<Manifest>, CheckpointError> {
         let mut out = Vec::new();
         let mut cur = Some(latest);
         while let Some(e) = cur {
-            let cached = self.gc_cache.lock().get(&e).cloned();
-            let m = match cached {
+            let hit = if cached {
+                self.gc_cache.lock().get(&e).cloned()
+            } else {
+                None
+            };
+            let m = match hit {
                 Some(m) => m,
                 None => match self.manifest(e).await {
                     Ok(mut m) => {
-                        for o in &mut m.objects {
-                            o.inline = None;
+                        if cached {
+                            for o in &mut m.objects {
+                                o.inline = None;
+                            }
+                            self.gc_cache.lock().insert(e, m.clone());
                         }
-                        self.gc_cache.lock().insert(e, m.clone());
                         m
                     }
+                    // Collected by GC: everything a recovery needs is newer.
                     Err(CheckpointError::Blob {
                         source: object_store::Error::NotFound { .. },
                         ..
@@ -310,7 +294,7 @@ impl CheckpointStore {
             return Ok((None, BTreeMap::new()));
         };
         let epoch = latest.epoch;
-        let manifests = self.history(latest).await?;
+        let manifests = self.history(latest.epoch, false).await?;
         let oldest = manifests.last().map(|m| m.epoch).unwrap_or(epoch);
         if let Some(a) = after {
             if oldest > a + 1 && manifests.last().and_then(|m| m.previous).is_some() {
@@ -405,7 +389,7 @@ impl CheckpointStore {
         };
         let keep = keep.max(1);
         let oldest_kept = epochs[epochs.len().saturating_sub(keep)];
-        let history = self.gc_history(latest).await?;
+        let history = self.history(latest, true).await?;
         let mut seen = BTreeSet::new();
         // Per key group: the label of its newest full snapshot and the manifest listing it.
         let mut base: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
