@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod config;
 mod egress;
 pub mod error;
+pub mod failpoint;
 pub mod ingress;
 mod instance;
 pub mod metrics;

@@ -20,9 +20,27 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_statemesh");
 /// A running node process.
 pub struct Node {
     child: Option<Child>,
+    /// The first line the node prints on stdout (`statemesh listening grpc=… http=…`), once
+    /// it arrives.
+    ready: Option<std::sync::Mutex<std::sync::mpsc::Receiver<String>>>,
+    log_offset: u64,
     pub grpc: String,
     pub http: String,
     pub data_dir: PathBuf,
+}
+
+/// How to launch a node.
+#[derive(Default, Clone)]
+pub struct Launch {
+    /// TOML config text.
+    pub config: Option<String>,
+    /// module.yaml text.
+    pub module: Option<String>,
+    /// Loopback ports (0 = any free port).
+    pub grpc_port: u16,
+    pub http_port: u16,
+    /// Extra environment variables (e.g. `FAILPOINTS`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -36,7 +54,9 @@ impl Node {
         Self::start_at(data_dir, config, module, 0, 0)
     }
 
-    /// Like [`Node::start_with_module`], on given loopback ports (0 = any free port).
+    /// Like [`Node::start_with_module`], on given loopback ports (0 = any free port). A port
+    /// chosen in advance may meanwhile be taken as the local port of some other connection:
+    /// then the start is retried (for up to 30 s) until the bind succeeds.
     pub fn start_at(
         data_dir: &Path,
         config: Option<&str>,
@@ -44,43 +64,113 @@ impl Node {
         grpc_port: u16,
         http_port: u16,
     ) -> Node {
+        Self::start_launch(
+            data_dir,
+            &Launch {
+                config: config.map(String::from),
+                module: module.map(String::from),
+                grpc_port,
+                http_port,
+                env: Vec::new(),
+            },
+        )
+    }
+
+    /// Starts a node as `l` says and waits until it listens, retrying a bind that failed
+    /// because the port was in use; panics with the node's log if it does not start.
+    pub fn start_launch(data_dir: &Path, l: &Launch) -> Node {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut n = Node::launch(data_dir, l);
+            match n.wait_listening() {
+                Ok(()) => return n,
+                Err(log) if log.contains("in use") && Instant::now() < deadline => {
+                    eprintln!("a port was in use; starting the node again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(log) => panic!("node did not start; log:\n{log}"),
+            }
+        }
+    }
+
+    /// Spawns a node without waiting for it to listen (see [`Node::wait_listening`]).
+    pub fn launch(data_dir: &Path, l: &Launch) -> Node {
         let mut cmd = Command::new(BIN);
         cmd.arg("node");
-        if let Some(m) = module {
+        if let Some(m) = &l.module {
             let path = data_dir.with_extension("module.yaml");
             std::fs::write(&path, m).unwrap();
             cmd.arg("--module").arg(&path);
         }
         cmd.arg("--data-dir").arg(data_dir).args([
             "--grpc-addr",
-            &format!("127.0.0.1:{grpc_port}"),
+            &format!("127.0.0.1:{}", l.grpc_port),
             "--http-addr",
-            &format!("127.0.0.1:{http_port}"),
+            &format!("127.0.0.1:{}", l.http_port),
         ]);
-        if let Some(c) = config {
+        if let Some(c) = &l.config {
             let path = data_dir.with_extension("toml");
             std::fs::write(&path, c).unwrap();
             cmd.arg("--config").arg(&path);
         }
+        cmd.env_remove("FAILPOINTS");
+        for (k, v) in &l.env {
+            cmd.env(k, v);
+        }
         std::fs::create_dir_all(data_dir).unwrap();
+        let log_path = data_dir.with_extension("log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(data_dir.with_extension("log"))
+            .open(&log_path)
             .unwrap();
+        let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .expect("spawn statemesh");
-        let line = match first_line(&mut child) {
-            Some(l) => l,
-            None => {
-                let _ = child.kill();
-                let log =
-                    std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
-                panic!("node did not start; log:\n{log}");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
             }
+            for _ in lines {}
+        });
+        let port_url = |p: u16| {
+            if p == 0 {
+                String::new()
+            } else {
+                format!("http://127.0.0.1:{p}")
+            }
+        };
+        Node {
+            child: Some(child),
+            ready: Some(std::sync::Mutex::new(rx)),
+            log_offset,
+            grpc: port_url(l.grpc_port),
+            http: port_url(l.http_port),
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    /// Waits (up to a minute) until the node prints that it listens; `Err` with what it
+    /// logged since its launch if it exits or stays silent (it is then killed).
+    pub fn wait_listening(&mut self) -> Result<(), String> {
+        let line = self.ready.take().and_then(|rx| {
+            rx.into_inner()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(60))
+                .ok()
+        });
+        let Some(line) = line else {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            return Err(self.log_since_launch());
         };
         let field = |k: &str| {
             line.split_whitespace()
@@ -88,12 +178,44 @@ impl Node {
                 .unwrap_or_else(|| panic!("no {k} in {line:?}"))
                 .to_string()
         };
-        Node {
-            grpc: format!("http://{}", field("grpc=")),
-            http: format!("http://{}", field("http=")),
-            child: Some(child),
-            data_dir: data_dir.to_path_buf(),
+        self.grpc = format!("http://{}", field("grpc="));
+        self.http = format!("http://{}", field("http="));
+        Ok(())
+    }
+
+    /// Whether the node has printed that it listens (without waiting).
+    pub fn is_listening(&mut self) -> bool {
+        match self.ready.as_ref().map(|rx| rx.lock().unwrap().try_recv()) {
+            None => true,
+            Some(Ok(line)) => {
+                self.ready = None;
+                if let Some(a) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("grpc="))
+                {
+                    self.grpc = format!("http://{a}");
+                }
+                if let Some(a) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("http="))
+                {
+                    self.http = format!("http://{a}");
+                }
+                true
+            }
+            Some(Err(_)) => false,
         }
+    }
+
+    /// What the node wrote to its log since it was launched.
+    pub fn log_since_launch(&self) -> String {
+        let all = std::fs::read(self.data_dir.with_extension("log")).unwrap_or_default();
+        String::from_utf8_lossy(all.get(self.log_offset as usize..).unwrap_or_default()).to_string()
+    }
+
+    /// The exit status if the process has exited (by itself, e.g. at a fault point).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
     }
 
     /// SIGTERM and wait for a clean exit.
@@ -119,6 +241,8 @@ impl Node {
     pub fn attach(http: &str) -> Node {
         Node {
             child: None,
+            ready: None,
+            log_offset: 0,
             grpc: String::new(),
             http: http.to_string(),
             data_dir: PathBuf::new(),
@@ -175,8 +299,27 @@ impl Drop for Node {
     }
 }
 
-/// A loopback port that is free now.
+/// A loopback port that is free now, from below the kernel's ephemeral range (32768 and up
+/// by default), so that a node restarted on it later does not race with the local ports of
+/// outgoing connections; a port taken meanwhile makes [`Node::start_at`] retry.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ (u64::from(std::process::id()) << 20);
+    for _ in 0..1000 {
+        let mut x = seed.wrapping_add(NEXT.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed));
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        let port = 20_000 + (x % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -212,6 +355,44 @@ pub async fn http(
         ct,
         resp.into_body().collect().await.unwrap().to_bytes(),
     )
+}
+
+/// One HTTP request that may fail (a node being killed): `Err` on a transport error or
+/// after 2 s.
+pub async fn try_http(
+    url: &str,
+    method: &str,
+    content_type: Option<&str>,
+    body: Bytes,
+) -> Result<(u16, String, Bytes), String> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut req = hyper::Request::builder().method(method).uri(url);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    let fut = async {
+        let resp = client
+            .request(req.body(Full::new(body)).unwrap())
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+            .unwrap_or_default();
+        let b = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, ct, b))
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .map_err(|_| "timed out".to_string())?
 }
 
 /// POSTs a plain-text value of `typename` to `/v1/{verb}/{address}`.

@@ -86,17 +86,24 @@ async def slow(ctx: Context, msg: Message):
 SMOKE = make_json_type(typename="statemesh.smoke/Commands")
 
 
-@functions.bind(typename="statemesh.smoke/py", specs=[ValueSpec(name="count", type=LongType)])
+@functions.bind(typename="statemesh.smoke/py",
+                specs=[ValueSpec(name="count", type=LongType), ValueSpec(name="log", type=StringType),
+                       ValueSpec(name="pad", type=StringType)])
 async def smoke(ctx: Context, msg: Message):
     """The crash test's command interpreter (the same as examples/embedded/src/smoke.rs)."""
-    for c in msg.as_type(SMOKE)["cmds"]:
+    doc = msg.as_type(SMOKE)
+    if doc.get("id") is not None:
+        ctx.storage.log = (ctx.storage.log or "") + doc["id"] + " "
+    for c in doc["cmds"]:
         (op, arg), = c.items()
         if op == "inc":
             ctx.storage.count = (ctx.storage.count or 0) + arg
         elif op in ("send", "delay"):
             ns, typ, id_ = arg["to"].split("/", 2)
-            m = message_builder(target_typename=f"{ns}/{typ}", target_id=id_, value={"cmds": arg["cmds"]},
-                                value_type=SMOKE)
+            body = {"cmds": arg["cmds"]}
+            if arg.get("id") is not None:
+                body["id"] = arg["id"]
+            m = message_builder(target_typename=f"{ns}/{typ}", target_id=id_, value=body, value_type=SMOKE)
             if op == "send":
                 ctx.send(m)
             else:
@@ -105,6 +112,8 @@ async def smoke(ctx: Context, msg: Message):
             ctx.cancel_delayed_message(arg)
         elif op == "egress":
             ctx.send_egress(egress_message_builder(target_typename="statemesh/smoke", value=arg, value_type=StringType))
+        elif op == "pad":
+            ctx.storage.pad = "p" * arg
         elif op == "reply":
             reply(ctx, str_value=arg)
         else:

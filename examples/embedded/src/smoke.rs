@@ -2,7 +2,10 @@
 //! on StateFun's end-to-end smoke test). `tests/py/statefun3_functions.py` serves the same
 //! function as `statemesh.smoke/py` through the StateFun Python SDK.
 //!
-//! Message (typename `statemesh.smoke/Commands`, JSON): `{"cmds": [command, …]}`, run in order:
+//! Message (typename `statemesh.smoke/Commands`, JSON): `{"id": "m17", "cmds": [command, …]}`,
+//! run in order. A message with an `id` appends it and a space to the state `log` first, so the
+//! crash test sees which messages were applied, how often, and in which order (an over-count
+//! and a lost message cannot cancel out in `log` as they could in `count`).
 //!
 //! | command | effect |
 //! | --- | --- |
@@ -12,6 +15,7 @@
 //! | `{"cancel": "t"}` | cancels this address's delayed message with token t |
 //! | `{"egress": "record"}` | appends the string to egress topic `smoke` |
 //! | `{"reply": "value"}` | replies the string to the caller |
+//! | `{"pad": n}` | sets the state `pad` to n bytes (large epochs in the crash test) |
 
 use std::time::Duration;
 
@@ -29,23 +33,37 @@ fn bad(what: &str, v: &Value) -> FunctionError {
     FunctionError::msg(format!("smoke command: {what}, found {v}"))
 }
 
-fn commands(cmds: &Value) -> TypedValue {
-    TypedValue::new(
-        COMMANDS,
-        serde_json::to_vec(&serde_json::json!({ "cmds": cmds })).expect("JSON serializes"),
-    )
+fn commands(id: Option<&Value>, cmds: &Value) -> TypedValue {
+    let doc = match id {
+        Some(id) => serde_json::json!({ "id": id, "cmds": cmds }),
+        None => serde_json::json!({ "cmds": cmds }),
+    };
+    TypedValue::new(COMMANDS, serde_json::to_vec(&doc).expect("JSON serializes"))
 }
 
 /// The command interpreter.
 pub fn function() -> FnFunction {
     let count = ValueSpec::<i64>::new("count");
-    FnFunction::new(vec![count.descriptor().clone()], move |ctx, msg| {
+    let log = ValueSpec::<String>::new("log");
+    let pad = ValueSpec::<String>::new("pad");
+    let specs = vec![
+        count.descriptor().clone(),
+        log.descriptor().clone(),
+        pad.descriptor().clone(),
+    ];
+    FnFunction::new(specs, move |ctx, msg| {
         let doc: Value = serde_json::from_slice(msg.value())
             .map_err(|e| FunctionError::msg(format!("smoke message: invalid JSON: {e}")))?;
         let cmds = doc
             .get("cmds")
             .and_then(Value::as_array)
             .ok_or_else(|| bad("expected {\"cmds\": [...]}", &doc))?;
+        if let Some(id) = doc.get("id").and_then(Value::as_str) {
+            let mut l = ctx.get(&log)?.unwrap_or_default();
+            l.push_str(id);
+            l.push(' ');
+            ctx.set(&log, &l)?;
+        }
         for c in cmds {
             let obj = c.as_object().ok_or_else(|| bad("expected an object", c))?;
             let (op, arg) = obj.iter().next().ok_or_else(|| bad("empty command", c))?;
@@ -63,7 +81,7 @@ pub fn function() -> FnFunction {
                         .and_then(Value::as_str)
                         .ok_or_else(|| bad("expected \"to\"", c))?;
                     let to = Address::parse(to).map_err(|e| FunctionError::msg(e.to_string()))?;
-                    let msg = commands(arg.get("cmds").unwrap_or(&Value::Null));
+                    let msg = commands(arg.get("id"), arg.get("cmds").unwrap_or(&Value::Null));
                     if op == "send" {
                         ctx.send(to, msg);
                     } else {
@@ -83,6 +101,12 @@ pub fn function() -> FnFunction {
                         .as_str()
                         .ok_or_else(|| bad("egress: expected a string", c))?;
                     ctx.send_egress(TOPIC, TypedValue::of(&r.to_string()));
+                }
+                "pad" => {
+                    let n = arg
+                        .as_u64()
+                        .ok_or_else(|| bad("pad: expected a number", c))?;
+                    ctx.set(&pad, &"p".repeat(n as usize))?;
                 }
                 "reply" => {
                     let r = arg

@@ -52,7 +52,8 @@ pub(crate) enum DriverEvent {
     },
     Committed {
         epoch: u64,
-        result: Result<(), String>,
+        /// The manifest stored (after an ambiguous put, an earlier attempt's).
+        result: Result<Manifest, String>,
     },
     Applied {
         epoch: u64,
@@ -139,6 +140,8 @@ pub type StatusHandle = Arc<Mutex<CheckpointStatus>>;
 
 struct Options {
     node_id: String,
+    /// `node/nonce`: recognises this process's manifests after an ambiguous put.
+    writer: String,
     retain: usize,
     owned: Vec<u32>,
     full_min: u64,
@@ -184,6 +187,15 @@ struct Driver {
 
 fn now_ms() -> u64 {
     crate::shard::now_ms()
+}
+
+/// A nonce for this process's writer id.
+fn rand_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// Epoch objects up to this size are kept inline in the manifest.
@@ -248,6 +260,7 @@ pub(crate) fn start(
         shards,
         opts: Options {
             node_id: config.checkpoint.node_id.clone(),
+            writer: format!("{}/{:016x}", config.checkpoint.node_id, rand_nonce()),
             retain: config.checkpoint.retain,
             owned,
             full_min: config.checkpoint.full_snapshot_min_bytes,
@@ -320,6 +333,7 @@ fn applier(
         let result = match marker {
             None => Ok(()),
             Some(marker) => apply_to_sled(&store, &epochs)
+                .and_then(|()| crate::failpoint::eval("checkpoint-sled-apply"))
                 .and_then(|()| store.set_applied(marker).map_err(|err| err.to_string())),
         };
         if let Err(err) = &result {
@@ -477,13 +491,18 @@ impl Driver {
                 Err(e) => self.failed(epoch, e),
             },
             DriverEvent::Committed { epoch, result } => match result {
-                Ok(()) => {
+                Ok(stored) => {
                     if self.objects.get(&epoch).is_some_and(|o| o.is_some()) {
                         self.last_manifest = Some(epoch);
                     }
-                    // One commit is in flight at a time: a listed snapshot is in this one.
+                    // One commit is in flight at a time: a listed snapshot is in this one,
+                    // unless the manifest stored is an earlier attempt's that did not list it.
                     if let Some((obj, label)) = self.listing.take() {
-                        self.status.lock().last_full = Some((label, obj.size));
+                        if stored.objects.iter().any(|o| o.path == obj.path) {
+                            self.status.lock().last_full = Some((label, obj.size));
+                        } else {
+                            self.unlisted_full = Some((obj, label));
+                        }
                     }
                     self.input(Input::Committed { epoch });
                     // Group commit: the next epoch may start right away.
@@ -630,22 +649,37 @@ impl Driver {
                             previous: self.last_manifest,
                             created_ms: now_ms(),
                             objects,
+                            writer: Some(self.opts.writer.clone()),
                         };
                         let cp = cp.clone();
                         tokio::spawn(async move {
-                            let result = cp.commit(&m).await.map_err(|e| match e {
-                                CheckpointError::AlreadyCommitted(_) => format!(
-                                    "{e}: another node writes checkpoints to the same blob storage prefix; stop it or give this node its own prefix"
-                                ),
-                                e => e.to_string(),
-                            });
+                            let result = cp
+                                .commit(&m)
+                                .await
+                                .map_err(|e| match e {
+                                    CheckpointError::AlreadyCommitted(_) => format!(
+                                        "{e}: another node writes checkpoints to the same blob storage prefix; stop it or give this node its own prefix"
+                                    ),
+                                    e => e.to_string(),
+                                })
+                                .and_then(|stored| {
+                                    // Stored, acknowledgements not yet released.
+                                    crate::failpoint::eval("checkpoint-after-commit")
+                                        .map(|()| stored)
+                                });
                             let _ = tx.send(DriverEvent::Committed { epoch: e, result });
                         });
                     }
                     _ => {
                         let _ = tx.send(DriverEvent::Committed {
                             epoch: e,
-                            result: Ok(()),
+                            result: Ok(Manifest {
+                                epoch: e,
+                                previous: self.last_manifest,
+                                created_ms: now_ms(),
+                                objects: Vec::new(),
+                                writer: None,
+                            }),
                         });
                     }
                 }
@@ -755,9 +789,10 @@ impl Driver {
             self.commits_since_gc = 0;
             self.maintenance_running = true;
             let retain = self.opts.retain;
+            let owned = self.opts.owned.clone();
             tokio::spawn(async move {
                 let r = cp
-                    .gc(retain)
+                    .gc(retain, &owned)
                     .await
                     .map(Maintenance::Gc)
                     .map_err(|e| e.to_string());
@@ -800,7 +835,7 @@ impl Driver {
                 .and_then(|r| r);
                 let r = match built {
                     Ok(e) => cp
-                        .write_node_epoch(&e)
+                        .write_full_snapshot(&e)
                         .await
                         .map(|object| Maintenance::Full { object, label })
                         .map_err(|e| e.to_string()),
@@ -847,7 +882,9 @@ pub(crate) async fn recover(
             },
         });
     };
-    let latest = retry("read the newest manifest", || cp.latest()).await?;
+    let latest = retry("read the newest manifest", || cp.latest())
+        .await
+        .map_err(|e| format!("cannot read the newest manifest: {e}"))?;
     let Some(latest) = latest else {
         let has_local = store.has_entries().map_err(|e| e.to_string())?;
         // Nothing in blob storage: a fresh node, or local state from before checkpoints (or
@@ -866,7 +903,7 @@ pub(crate) async fn recover(
         });
     };
     let e = latest.epoch;
-    let all = |_: u32| true;
+    let all: Vec<u32> = (0..key_groups).collect();
     let (source, after) = match applied {
         Some(a) if a == e => ("sled", Some(e)),
         Some(a) if a < e => ("blob-deltas", Some(a)),
@@ -897,12 +934,14 @@ pub(crate) async fn recover(
     .await;
     let (source, full, states) = match r {
         Ok((_, states)) => (source, after.is_none(), states),
-        Err(m) if m.contains("keeps epochs from") => {
-            tracing::warn!(error = %m, "rebuilding local state from blob storage");
-            let (_, states) = retry("read the checkpoint chain", || cp.recover(&all)).await?;
+        Err(err @ CheckpointError::HistoryTooShort { .. }) => {
+            tracing::warn!(error = %err, "rebuilding local state from blob storage");
+            let (_, states) = retry("read the checkpoint chain", || cp.recover(&all))
+                .await
+                .map_err(|e| format!("cannot read the checkpoint chain: {e}"))?;
             ("blob-full", true, states)
         }
-        Err(m) => return Err(m),
+        Err(err) => return Err(format!("cannot read the checkpoint chain: {err}")),
     };
     let mut entries = 0;
     if full {
@@ -911,7 +950,15 @@ pub(crate) async fn recover(
             .map_err(|e| e.to_string())?;
     }
     let mut pending = Vec::new();
-    for (kg, st) in states {
+    let half = states.len() / 2;
+    if states.is_empty() {
+        crate::failpoint::eval("checkpoint-recovery")?;
+    }
+    for (i, (kg, st)) in states.into_iter().enumerate() {
+        if i == half {
+            // Part of the local state is rebuilt, the applied marker not yet moved.
+            crate::failpoint::eval("checkpoint-recovery")?;
+        }
         if source != "sled" {
             entries += st.state.len() + st.deleted.len();
             store
@@ -944,24 +991,26 @@ pub(crate) async fn recover(
     })
 }
 
-/// Retries a blob read a few times (a flaky network at start), then gives up naming it.
-async fn retry<T, F, Fut>(what: &str, f: F) -> Result<T, String>
+/// Retries a blob read a few times (a flaky network at start), then gives up with the last
+/// error. Errors retrying cannot fix (missing, corrupt or truncated checkpoints, a history
+/// too short) return at once.
+async fn retry<T, F, Fut>(what: &str, f: F) -> Result<T, CheckpointError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T, CheckpointError>>,
 {
     let mut delay = Duration::from_millis(50);
-    for attempt in 1.. {
+    let mut attempt = 1;
+    loop {
         match f().await {
             Ok(v) => return Ok(v),
-            Err(e @ CheckpointError::HistoryTooShort { .. }) => return Err(e.to_string()),
-            Err(e) if attempt >= 5 => return Err(format!("cannot {what}: {e}")),
+            Err(e) if e.is_permanent() || attempt >= 5 => return Err(e),
             Err(e) => {
                 tracing::warn!(attempt, error = %e, "cannot {what}; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
+                attempt += 1;
             }
         }
     }
-    unreachable!()
 }

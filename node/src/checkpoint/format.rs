@@ -114,6 +114,11 @@ pub struct Manifest {
     pub created_ms: u64,
     /// The epoch's node objects.
     pub objects: Vec<ObjectRef>,
+    /// Who wrote it: the node id and a nonce of the writing process (`node/nonce`). After an
+    /// ambiguous put (the server stored it, the client saw an error) the writer reads the
+    /// manifest back and recognises its own by this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 impl NodeEpoch {

@@ -4,9 +4,19 @@
 //! Invariants:
 //! - epoch objects are immutable and written (create-only) before their manifest;
 //! - a manifest is written create-only: of two writers of one epoch exactly one commits;
+//!   a put whose outcome is unknown (an error after the server may have stored it, or an
+//!   object_store retry that meets its own earlier attempt) is resolved by reading the object
+//!   back: ours (same writer, or same bytes) → done, another writer's → fenced, absent → retry;
 //! - only epochs with a manifest exist for readers;
+//! - recovery never silently truncates: a manifest missing from the history (collected by
+//!   garbage collection) is skipped only when every key group read has a full snapshot that
+//!   covers it; a missing or corrupt object is an error naming it;
 //! - garbage collection never removes an object a retained manifest's recovery needs, nor
 //!   anything of an epoch newer than the latest commit (it may still be committing).
+
+// `CheckpointError` carries object_store's error (136 bytes); it is returned on the rare
+// failure path of blob I/O, where its size does not matter.
+#![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +58,25 @@ pub enum CheckpointError {
         /// The oldest retained epoch.
         oldest: u64,
     },
+    /// An object a manifest lists is not in blob storage.
+    #[error("checkpoint object {path} is missing (listed by manifest {epoch}); recovery cannot rebuild the state without it")]
+    Missing {
+        /// The object.
+        path: String,
+        /// The manifest listing it.
+        epoch: u64,
+    },
+    /// The history has a gap that no full snapshot covers: recovering (or collecting) would
+    /// lose state.
+    #[error("manifest {missing} is missing from the checkpoint history and key group {key_group} has no full snapshot at or after epoch {missing} (newest: {base}); refusing to continue with truncated state")]
+    Truncated {
+        /// The missing manifest's epoch.
+        missing: u64,
+        /// A key group without a covering full snapshot.
+        key_group: u32,
+        /// Its newest full snapshot's label, if any.
+        base: String,
+    },
     /// An object does not decode.
     #[error("corrupt checkpoint object {path}: {reason}")]
     Corrupt {
@@ -56,6 +85,75 @@ pub enum CheckpointError {
         /// Why.
         reason: String,
     },
+}
+
+impl CheckpointError {
+    /// Retrying cannot help: the stored checkpoints themselves are wrong or incomplete.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            CheckpointError::Missing { .. }
+                | CheckpointError::Truncated { .. }
+                | CheckpointError::Corrupt { .. }
+                | CheckpointError::HistoryTooShort { .. }
+        )
+    }
+}
+
+/// The manifests from the newest back, and where the walk stopped.
+struct History {
+    /// Newest first.
+    manifests: Vec<Manifest>,
+    /// The epoch of a manifest that the walk needed but that is gone (collected by garbage
+    /// collection, or lost), if it stopped at one rather than at the first manifest.
+    missing: Option<u64>,
+}
+
+impl History {
+    /// Each key group's newest full snapshot among the manifests read: (label, listing manifest).
+    fn bases(&self) -> BTreeMap<u32, (u64, u64)> {
+        let mut base: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        for m in &self.manifests {
+            for o in &m.objects {
+                let label = epoch_of(&o.path).unwrap_or(m.epoch);
+                for &kg in &o.full_key_groups {
+                    let b = base.entry(kg).or_insert((label, m.epoch));
+                    if label > b.0 {
+                        *b = (label, m.epoch);
+                    }
+                }
+            }
+        }
+        base
+    }
+
+    /// Proves that the manifests read hold everything of `key_groups`: when the walk stopped
+    /// at a missing manifest `m`, each key group needs a full snapshot labelled `≥ m` (every
+    /// delta after it is in a manifest read); otherwise names the first that has none.
+    fn check_covered(&self, key_groups: &[u32]) -> Result<(), CheckpointError> {
+        let Some(missing) = self.missing else {
+            return Ok(());
+        };
+        let bases = self.bases();
+        for &kg in key_groups {
+            match bases.get(&kg) {
+                Some((label, _)) if *label >= missing => {}
+                other => {
+                    return Err(CheckpointError::Truncated {
+                        missing,
+                        key_group: kg,
+                        base: match other {
+                            Some((label, listed)) => {
+                                format!("labelled {label}, listed by manifest {listed}")
+                            }
+                            None => "none".into(),
+                        },
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a garbage collection removed.
@@ -152,19 +250,79 @@ impl CheckpointStore {
 
     /// Writes a node's epoch object (create-only) and returns its manifest entry.
     pub async fn write_node_epoch(&self, e: &NodeEpoch) -> Result<ObjectRef, CheckpointError> {
+        self.put_node_epoch(e, "checkpoint-object-put").await
+    }
+
+    /// Writes a full snapshot (a node epoch object labelled with the epoch it reflects).
+    pub async fn write_full_snapshot(&self, e: &NodeEpoch) -> Result<ObjectRef, CheckpointError> {
+        self.put_node_epoch(e, "checkpoint-full-snapshot-put").await
+    }
+
+    async fn put_node_epoch(
+        &self,
+        e: &NodeEpoch,
+        failpoint: &'static str,
+    ) -> Result<ObjectRef, CheckpointError> {
         let rel = epoch_object_path(e.epoch, &e.node, nonce());
-        let bytes = e.encode_to_vec();
+        let bytes = Bytes::from(e.encode_to_vec());
         let size = bytes.len() as u64;
+        let outcome = self
+            .put_create(&rel, bytes.clone())
+            .await
+            .and_then(|()| crate::failpoint::eval(failpoint).map_err(|m| self.injected(&rel, m)));
+        match outcome {
+            Ok(()) => Ok(e.object_ref(rel, size)),
+            // Unknown outcome: the object's path carries our nonce, so whatever is stored
+            // there is an earlier attempt of this very put.
+            Err(err) => match self.read_back(&rel).await {
+                Some(stored) if stored == bytes => Ok(e.object_ref(rel, size)),
+                Some(_) => Err(CheckpointError::Corrupt {
+                    path: rel,
+                    reason:
+                        "after an ambiguous put, the stored object differs from what was written"
+                            .into(),
+                }),
+                None => Err(err),
+            },
+        }
+    }
+
+    /// A create-only put; `AlreadyExists` and `Precondition` map to a blob error the caller
+    /// resolves by reading back.
+    async fn put_create(&self, rel: &str, body: Bytes) -> Result<(), CheckpointError> {
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
         self.blob
             .store
-            .put_opts(&self.path(&rel), PutPayload::from(bytes), opts)
+            .put_opts(&self.path(rel), PutPayload::from(body), opts)
             .await
-            .map_err(|err| self.err("put", &rel, err))?;
-        Ok(e.object_ref(rel, size))
+            .map(|_| ())
+            .map_err(|e| self.err("put", rel, e))
+    }
+
+    fn injected(&self, rel: &str, message: String) -> CheckpointError {
+        self.err(
+            "put",
+            rel,
+            object_store::Error::Generic {
+                store: "failpoint",
+                source: message.into(),
+            },
+        )
+    }
+
+    /// The object at `rel` if it can be read now; `None` if it is absent or unreadable (then
+    /// the caller keeps its original error and retries).
+    async fn read_back(&self, rel: &str) -> Option<Bytes> {
+        match self.get(rel).await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::debug!(path = rel, error = %e, "read-back after an ambiguous put");
+                None
+            }
+        }
     }
 
     /// The manifest entry of a node's epoch object kept inline in the manifest (no put).
@@ -178,25 +336,41 @@ impl CheckpointStore {
 
     /// Commits an epoch by writing its manifest, create-only. Exactly one of several writers
     /// of the same epoch succeeds; the others get [`CheckpointError::AlreadyCommitted`].
-    pub async fn commit(&self, m: &Manifest) -> Result<(), CheckpointError> {
+    ///
+    /// When the put's outcome is unknown (an error, or a create conflict that may be this
+    /// writer's own earlier attempt), the manifest is read back: if it is ours (the same
+    /// `writer`, or the same contents when no writer is named) the epoch is committed and the
+    /// stored manifest is returned (it may be an earlier attempt's, listing other objects);
+    /// if another writer's, `AlreadyCommitted`; if absent or unreadable, the put's error.
+    pub async fn commit(&self, m: &Manifest) -> Result<Manifest, CheckpointError> {
         let rel = manifest_path(m.epoch);
-        let body = serde_json::to_vec(m).expect("a manifest serializes");
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
+        let body = Bytes::from(serde_json::to_vec(m).expect("a manifest serializes"));
+        let outcome = self.put_create(&rel, body).await.and_then(|()| {
+            crate::failpoint::eval("checkpoint-manifest-put")
+                .map_err(|msg| self.injected(&rel, msg))
+        });
+        let err = match outcome {
+            Ok(()) => return Ok(m.clone()),
+            Err(e) => e,
         };
-        match self
-            .blob
-            .store
-            .put_opts(&self.path(&rel), PutPayload::from(body), opts)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => {
-                Err(CheckpointError::AlreadyCommitted(m.epoch))
-            }
-            Err(e) => Err(self.err("put", &rel, e)),
+        let Some(stored) = self.read_back(&rel).await else {
+            return Err(err);
+        };
+        let stored: Manifest =
+            serde_json::from_slice(&stored).map_err(|e| CheckpointError::Corrupt {
+                path: rel.clone(),
+                reason: e.to_string(),
+            })?;
+        let ours = match (&m.writer, &stored.writer) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => stored == *m,
+            _ => false,
+        };
+        if ours {
+            tracing::info!(epoch = m.epoch, error = %err, "the manifest put reported an error, but the manifest stored is ours: committed");
+            Ok(stored)
+        } else {
+            Err(CheckpointError::AlreadyCommitted(m.epoch))
         }
     }
 
@@ -231,11 +405,14 @@ impl CheckpointStore {
     }
 
     /// The manifests back from `latest` to the oldest retained one, newest first (garbage
-    /// collection keeps this history short: see [`CheckpointStore::gc`]). With `cached`
-    /// (garbage collection), manifests read before come from memory, stripped of inline
-    /// objects (manifests never change), so a collection reads only the new ones.
-    async fn history(&self, latest: u64, cached: bool) -> Result<Vec<Manifest>, CheckpointError> {
+    /// collection keeps this history short: see [`CheckpointStore::gc`]), and the missing
+    /// manifest the walk stopped at, if any: whether skipping it is safe is for the caller to
+    /// prove ([`History::check_covered`]). With `cached` (garbage collection), manifests read
+    /// before come from memory, stripped of inline objects (manifests never change), so a
+    /// collection reads only the new ones.
+    async fn history(&self, latest: u64, cached: bool) -> Result<History, CheckpointError> {
         let mut out = Vec::new();
+        let mut missing = None;
         let mut cur = Some(latest);
         while let Some(e) = cur {
             let hit = if cached {
@@ -247,6 +424,12 @@ impl CheckpointStore {
                 Some(m) => m,
                 None => match self.manifest(e).await {
                     Ok(mut m) => {
+                        if m.epoch != e {
+                            return Err(CheckpointError::Corrupt {
+                                path: manifest_path(e),
+                                reason: format!("it names epoch {}", m.epoch),
+                            });
+                        }
                         if cached {
                             for o in &mut m.objects {
                                 o.inline = None;
@@ -255,57 +438,75 @@ impl CheckpointStore {
                         }
                         m
                     }
-                    // Collected by GC: everything a recovery needs is newer.
                     Err(CheckpointError::Blob {
                         source: object_store::Error::NotFound { .. },
                         ..
-                    }) if e != latest => break,
+                    }) if e != latest => {
+                        missing = Some(e);
+                        break;
+                    }
                     Err(err) => return Err(err),
                 },
             };
+            if m.previous.is_some_and(|p| p >= e) {
+                return Err(CheckpointError::Corrupt {
+                    path: manifest_path(e),
+                    reason: format!("its previous epoch {:?} is not older", m.previous),
+                });
+            }
             cur = m.previous;
             out.push(m);
         }
-        Ok(out)
+        Ok(History {
+            manifests: out,
+            missing,
+        })
     }
 
-    /// Rebuilds the key groups `wanted` selects as of the newest committed epoch: returns that
-    /// epoch (if any) and each key group's state and pending messages.
+    /// Rebuilds `key_groups` as of the newest committed epoch: returns that epoch (if any)
+    /// and each key group's state and pending messages.
     ///
     /// A key group's chain is its newest full snapshot (labelled with the epoch it reflects),
     /// then every delta of a later epoch, oldest first. Pending messages come from the newest
-    /// epoch only (a key group without a section in it had none at that cut).
+    /// epoch only (a key group without a section in it had none at that cut). Fails with
+    /// [`CheckpointError::Truncated`] if the history has a gap not covered by a full snapshot
+    /// of every key group, and with [`CheckpointError::Missing`] or
+    /// [`CheckpointError::Corrupt`] for an object it cannot read.
     pub async fn recover(
         &self,
-        wanted: &dyn Fn(u32) -> bool,
+        key_groups: &[u32],
     ) -> Result<(Option<u64>, BTreeMap<u32, KeyGroupState>), CheckpointError> {
-        self.recover_after(wanted, None).await
+        self.recover_after(key_groups, None).await
     }
 
     /// Like [`CheckpointStore::recover`], but when `after` is given only the deltas of epochs
-    /// after it are read (the local store already holds the state as of `after`); returns
-    /// `None` as the state map if the retained history does not reach back that far.
+    /// after it are read (the local store already holds the state as of `after`); fails with
+    /// [`CheckpointError::HistoryTooShort`] if the retained history does not reach back that
+    /// far.
     pub async fn recover_after(
         &self,
-        wanted: &dyn Fn(u32) -> bool,
+        key_groups: &[u32],
         after: Option<u64>,
     ) -> Result<(Option<u64>, BTreeMap<u32, KeyGroupState>), CheckpointError> {
-        let Some(latest) = self.latest().await? else {
+        let Some(&epoch) = self.committed_epochs().await?.last() else {
             return Ok((None, BTreeMap::new()));
         };
-        let epoch = latest.epoch;
-        let manifests = self.history(latest.epoch, false).await?;
-        let oldest = manifests.last().map(|m| m.epoch).unwrap_or(epoch);
-        if let Some(a) = after {
-            if oldest > a + 1 && manifests.last().and_then(|m| m.previous).is_some() {
+        let history = self.history(epoch, false).await?;
+        match (after, history.missing) {
+            (Some(a), Some(missing)) if missing > a => {
+                let oldest = history.manifests.last().map(|m| m.epoch).unwrap_or(epoch);
                 return Err(CheckpointError::HistoryTooShort { applied: a, oldest });
             }
+            (Some(_), _) => {}
+            (None, _) => history.check_covered(key_groups)?,
         }
-        // Per key group: (label, full, path) of every object holding a section of it.
-        let mut per_kg: BTreeMap<u32, Vec<(u64, bool, String)>> = BTreeMap::new();
+        let wanted: BTreeSet<u32> = key_groups.iter().copied().collect();
+        // Per key group: (label, full, path, listing manifest) of every object with a section
+        // of it.
+        let mut per_kg: BTreeMap<u32, Vec<(u64, bool, String, u64)>> = BTreeMap::new();
         let mut listed = BTreeSet::new();
         let mut inline: HashMap<String, &str> = HashMap::new();
-        for m in &manifests {
+        for m in &history.manifests {
             for o in &m.objects {
                 if !listed.insert(o.path.clone()) {
                     continue;
@@ -314,11 +515,12 @@ impl CheckpointStore {
                     inline.insert(o.path.clone(), b);
                 }
                 let label = epoch_of(&o.path).unwrap_or(m.epoch);
-                for &kg in o.key_groups.iter().filter(|k| wanted(**k)) {
+                for &kg in o.key_groups.iter().filter(|k| wanted.contains(k)) {
                     per_kg.entry(kg).or_default().push((
                         label,
                         o.full_key_groups.contains(&kg),
                         o.path.clone(),
+                        m.epoch,
                     ));
                 }
             }
@@ -330,19 +532,19 @@ impl CheckpointStore {
                 Some(a) => Some(a),
                 None => entries.iter().filter(|e| e.1).map(|e| e.0).max(),
             };
-            let mut chain: Vec<&(u64, bool, String)> = entries
+            let mut chain: Vec<&(u64, bool, String, u64)> = entries
                 .iter()
-                .filter(|(label, full, _)| match base {
+                .filter(|(label, full, _, _)| match base {
                     Some(b) if after.is_none() => (*full && *label == b) || (!*full && *label > b),
                     // The newest epoch's delta always: it holds the pending messages.
                     Some(b) => !*full && (*label > b || *label == epoch),
                     None => !*full,
                 })
                 .collect();
-            chain.sort_by_key(|(label, full, _)| (*label, !*full));
+            chain.sort_by_key(|(label, full, _, _)| (*label, !*full));
             let mut state = KeyGroupState::default();
             let mut last = 0;
-            for (label, _, path) in chain {
+            for (label, _, path, listed_by) in chain {
                 if !objects.contains_key(path) {
                     let b = match inline.get(path) {
                         Some(b64) => {
@@ -351,12 +553,21 @@ impl CheckpointStore {
                                 base64::engine::general_purpose::STANDARD
                                     .decode(b64)
                                     .map_err(|e| CheckpointError::Corrupt {
-                                        path: path.clone(),
-                                        reason: format!("inline object: {e}"),
+                                        path: format!("{} (inline in manifest {listed_by})", path),
+                                        reason: e.to_string(),
                                     })?,
                             )
                         }
-                        None => self.get(path).await?,
+                        None => self.get(path).await.map_err(|e| match e {
+                            CheckpointError::Blob {
+                                source: object_store::Error::NotFound { .. },
+                                ..
+                            } => CheckpointError::Missing {
+                                path: path.clone(),
+                                epoch: *listed_by,
+                            },
+                            e => e,
+                        })?,
                     };
                     let e = NodeEpoch::decode(b).map_err(|e| CheckpointError::Corrupt {
                         path: path.clone(),
@@ -364,9 +575,19 @@ impl CheckpointStore {
                     })?;
                     objects.insert(path.clone(), e);
                 }
-                if let Some(s) = objects[path].key_groups.iter().find(|s| s.key_group == kg) {
-                    state.apply(s.clone());
-                    last = *label;
+                match objects[path].key_groups.iter().find(|s| s.key_group == kg) {
+                    Some(s) => {
+                        state.apply(s.clone());
+                        last = *label;
+                    }
+                    None => {
+                        return Err(CheckpointError::Corrupt {
+                            path: path.clone(),
+                            reason: format!(
+                                "manifest {listed_by} lists key group {kg} in it, but it has no section for it"
+                            ),
+                        })
+                    }
                 }
             }
             if last != epoch {
@@ -377,12 +598,15 @@ impl CheckpointStore {
         Ok((Some(epoch), out))
     }
 
-    /// Keeps the newest `keep` committed epochs and everything recovering at the newest one
-    /// reads (each key group's newest full snapshot and the deltas after it); deletes older
-    /// manifests and every object no kept manifest references, including orphans of epochs
-    /// that never committed. Objects of epochs newer than the latest commit are left alone
-    /// (they may still be committing). Callers must not write full snapshots concurrently.
-    pub async fn gc(&self, keep: usize) -> Result<GcReport, CheckpointError> {
+    /// Keeps the newest `keep` committed epochs and everything recovering `key_groups` at
+    /// the newest one reads (each key group's newest full snapshot and the deltas after it);
+    /// deletes older manifests (oldest first, so a collection stopped half-way leaves a
+    /// recoverable history) and then every object no kept manifest references, including
+    /// orphans of epochs that never committed. Objects of epochs newer than the latest commit
+    /// are left alone (they may still be committing). Refuses to delete anything
+    /// ([`CheckpointError::Truncated`]) when the history it finds already has a gap that a full
+    /// snapshot does not cover. Callers must not write full snapshots concurrently.
+    pub async fn gc(&self, keep: usize, key_groups: &[u32]) -> Result<GcReport, CheckpointError> {
         let epochs = self.committed_epochs().await?;
         let Some(&latest) = epochs.last() else {
             return Ok(GcReport::default());
@@ -390,23 +614,17 @@ impl CheckpointStore {
         let keep = keep.max(1);
         let oldest_kept = epochs[epochs.len().saturating_sub(keep)];
         let history = self.history(latest, true).await?;
-        let mut seen = BTreeSet::new();
-        // Per key group: the label of its newest full snapshot and the manifest listing it.
-        let mut base: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
-        for m in &history {
-            for o in &m.objects {
-                seen.extend(o.key_groups.iter().copied());
-                let label = epoch_of(&o.path).unwrap_or(m.epoch);
-                for &kg in &o.full_key_groups {
-                    let b = base.entry(kg).or_insert((label, m.epoch));
-                    if label > b.0 {
-                        *b = (label, m.epoch);
-                    }
-                }
-            }
-        }
-        let oldest_history = history.last().map(|m| m.epoch).unwrap_or(latest);
+        history.check_covered(key_groups)?;
+        let base = history.bases();
+        let seen: BTreeSet<u32> = history
+            .manifests
+            .iter()
+            .flat_map(|m| m.objects.iter().flat_map(|o| o.key_groups.iter().copied()))
+            .chain(key_groups.iter().copied())
+            .collect();
+        let oldest_history = history.manifests.last().map(|m| m.epoch).unwrap_or(latest);
         let oldest_needed = if seen.iter().any(|k| !base.contains_key(k)) {
+            // Some key group's chain starts at the first delta: keep the whole history.
             oldest_history
         } else {
             // The manifest listing the full snapshot, and every manifest after its label.
@@ -422,30 +640,44 @@ impl CheckpointStore {
             ..Default::default()
         };
         let mut referenced = BTreeSet::new();
-        for m in history.iter().filter(|m| m.epoch >= oldest_needed) {
+        for m in history
+            .manifests
+            .iter()
+            .filter(|m| m.epoch >= oldest_needed)
+        {
             referenced.extend(m.objects.iter().map(|o| o.path.clone()));
         }
         for e in epochs.iter().copied().filter(|e| *e < oldest_needed) {
             let rel = manifest_path(e);
-            self.blob
-                .store
-                .delete(&self.path(&rel))
-                .await
-                .map_err(|err| self.err("delete", &rel, err))?;
+            self.delete(&rel).await?;
             report.manifests_deleted += 1;
             self.gc_cache.lock().remove(&e);
         }
         for rel in self.list("epochs").await? {
             let Some(e) = epoch_of(&rel) else { continue };
             if e <= latest && !referenced.contains(&rel) {
-                self.blob
-                    .store
-                    .delete(&self.path(&rel))
-                    .await
-                    .map_err(|err| self.err("delete", &rel, err))?;
+                self.delete(&rel).await?;
                 report.objects_deleted += 1;
             }
         }
         Ok(report)
+    }
+
+    async fn delete(&self, rel: &str) -> Result<(), CheckpointError> {
+        crate::failpoint::eval("checkpoint-gc-delete").map_err(|m| {
+            self.err(
+                "delete",
+                rel,
+                object_store::Error::Generic {
+                    store: "failpoint",
+                    source: m.into(),
+                },
+            )
+        })?;
+        self.blob
+            .store
+            .delete(&self.path(rel))
+            .await
+            .map_err(|err| self.err("delete", rel, err))
     }
 }

@@ -164,6 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http_addr,
             shards,
         } => {
+            statemesh_node::failpoint::setup_from_env().map_err(anyhow::Error::msg)?;
             let mut cfg = match &config {
                 Some(p) => NodeConfig::load(p)?,
                 None => NodeConfig::default(),

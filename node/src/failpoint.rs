@@ -1,0 +1,103 @@
+//! Named fault points at the durable steps of checkpoints (TiKV's `fail` crate), for the
+//! crash tests.
+//!
+//! Compiled into debug builds and into release builds built with the `failpoints` feature;
+//! otherwise [`eval`] is an empty inline function. The `statemesh node` command configures
+//! them from the `FAILPOINTS` environment variable, as TiKV does:
+//! `FAILPOINTS="checkpoint-manifest-put=1*return(error);checkpoint-gc-delete=3*off->return(abort)"`.
+//!
+//! Actions (the `fail` crate's syntax: `[p%][n*]action[(arg)]`, chained with `->`):
+//! - `return(abort)`: the process kills itself with SIGKILL at that point (a crash: nothing
+//!   is flushed, no destructor runs);
+//! - `return` or `return(<text>)`: the step fails with an error naming the point;
+//! - `sleep(ms)`: the step is delayed;
+//! - `off`, `print`, `panic`, `pause` as the crate defines them.
+//!
+//! | point | where |
+//! | --- | --- |
+//! | `checkpoint-object-put` | after an epoch object's put, before its manifest |
+//! | `checkpoint-manifest-put` | inside the manifest put: the manifest is stored, then the step fails (an ambiguous commit) |
+//! | `checkpoint-after-commit` | after the manifest is stored, before acknowledgements are released |
+//! | `checkpoint-full-snapshot-put` | after a full snapshot's put, before a manifest lists it |
+//! | `checkpoint-gc-delete` | before each delete of a garbage collection |
+//! | `checkpoint-sled-apply` | after committed epochs are written to sled, before sled records them as applied |
+//! | `checkpoint-recovery` | during recovery, after part of the local state is rebuilt |
+
+/// Every fault point, for documentation and the tests.
+pub const POINTS: &[&str] = &[
+    "checkpoint-object-put",
+    "checkpoint-manifest-put",
+    "checkpoint-after-commit",
+    "checkpoint-full-snapshot-put",
+    "checkpoint-gc-delete",
+    "checkpoint-sled-apply",
+    "checkpoint-recovery",
+];
+
+/// Evaluates the fault point `name`: `Err` when it is configured to fail the step (the
+/// message names the point); never returns when configured to abort.
+#[cfg(any(debug_assertions, feature = "failpoints"))]
+pub fn eval(name: &str) -> Result<(), String> {
+    match fail::eval(name, |arg| arg) {
+        None => Ok(()),
+        Some(Some(a)) if a == "abort" => {
+            eprintln!("failpoint {name}: abort");
+            // SAFETY: kill(2) on our own pid; nothing after it runs.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            loop {
+                std::thread::park();
+            }
+        }
+        Some(Some(a)) if !a.is_empty() => Err(format!("failpoint {name}: {a}")),
+        Some(_) => Err(format!("failpoint {name}: injected error")),
+    }
+}
+
+/// Evaluates the fault point `name` (compiled out: always `Ok`).
+#[cfg(not(any(debug_assertions, feature = "failpoints")))]
+#[inline(always)]
+pub fn eval(_name: &str) -> Result<(), String> {
+    Ok(())
+}
+
+/// Configures fault points from `FAILPOINTS` (`name=actions;name=actions`); an unknown name
+/// or a malformed action is an error naming it.
+pub fn setup_from_env() -> Result<(), String> {
+    let Ok(spec) = std::env::var("FAILPOINTS") else {
+        return Ok(());
+    };
+    configure(&spec)
+}
+
+/// Configures fault points from a `name=actions;…` list.
+#[cfg(any(debug_assertions, feature = "failpoints"))]
+pub fn configure(spec: &str) -> Result<(), String> {
+    for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, actions) = part
+            .split_once('=')
+            .ok_or_else(|| format!("FAILPOINTS: expected name=actions, found {part:?}"))?;
+        let name = name.trim();
+        if !POINTS.contains(&name) {
+            return Err(format!(
+                "FAILPOINTS: unknown fault point {name:?} (known: {})",
+                POINTS.join(", ")
+            ));
+        }
+        fail::cfg(name, actions.trim())
+            .map_err(|e| format!("FAILPOINTS: {name}={actions}: {e}"))?;
+        tracing::warn!(point = name, actions, "fault point configured");
+    }
+    Ok(())
+}
+
+/// Fault points are compiled out of this build: configuring one is an error.
+#[cfg(not(any(debug_assertions, feature = "failpoints")))]
+pub fn configure(spec: &str) -> Result<(), String> {
+    if spec.trim().is_empty() {
+        return Ok(());
+    }
+    Err(
+        "FAILPOINTS is set, but this build has no fault points (build with --features failpoints)"
+            .into(),
+    )
+}
