@@ -345,3 +345,126 @@ async fn a_data_directory_in_use_by_another_node_is_refused_and_left_alone() {
     assert_eq!(total(&node, "lock").await, 3);
     node.stop();
 }
+
+/// Every manifest put stores the manifest and then reports an error (fault point
+/// `checkpoint-manifest-put`, as a timeout or a dropped connection after the server wrote
+/// it): the node reads each manifest back, recognises its own, and commits. Before, it took
+/// its own manifest for another node's and stayed in back-pressure with the epoch stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_manifest_puts_commit_instead_of_fencing_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let launch = common::Launch {
+        env: vec![(
+            "FAILPOINTS".into(),
+            "checkpoint-manifest-put=return(connection reset by peer)".into(),
+        )],
+        ..Default::default()
+    };
+    let node = Node::start_launch(&data, &launch);
+    for i in 0..20 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            send(&node, "a", 1, Some(&format!("k{i}"))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("send {i} not acknowledged within 10 s"));
+        assert_eq!(r.0, 202, "send {i}: {}", r.1);
+    }
+    assert_eq!(total(&node, "a").await, 20);
+    let cp = checkpoints(&node).await;
+    assert!(cp["backpressure"].is_null(), "{cp}");
+    assert!(cp["committed"].as_u64().unwrap() >= 1, "{cp}");
+    let log = node.log_since_launch();
+    assert!(
+        log.contains("the manifest stored is ours"),
+        "the ambiguous puts were resolved by reading back"
+    );
+    assert!(
+        !log.contains("another node writes checkpoints"),
+        "no epoch was taken for another writer's"
+    );
+    // What was acknowledged is committed: recovered from blob storage alone, and retries are
+    // not applied again.
+    node.kill();
+    std::fs::remove_dir_all(data.join("state")).unwrap();
+    let node = Node::start(&data, None);
+    assert_eq!(checkpoints(&node).await["recovery"]["source"], "blob-full");
+    assert_eq!(total(&node, "a").await, 20);
+    assert_eq!(send(&node, "a", 1, Some("k7")).await.0, 202);
+    assert_eq!(total(&node, "a").await, 20, "a retry is not applied again");
+    node.stop();
+}
+
+/// Blob storage with a lost manifest in the middle of the history, or a corrupt one: the node
+/// refuses to start with an error naming it (instead of recovering part of the state) and
+/// changes nothing; once the object is back, it starts with everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_or_corrupt_history_stops_the_node_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let node = Node::start(&data, None);
+    for i in 0..10 {
+        assert_eq!(send(&node, "a", 1, Some(&format!("k{i}"))).await.0, 202);
+    }
+    node.stop();
+    let manifests = data.join("checkpoints").join("manifests");
+    let mut names: Vec<String> = std::fs::read_dir(&manifests)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert!(
+        names.len() >= 5,
+        "one manifest per committed send: {names:?}"
+    );
+    let listing = |dir: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let refused = |what: &str, expect: &[&str]| {
+        std::fs::remove_dir_all(data.join("state")).ok();
+        let before = listing(&manifests);
+        let mut n = Node::launch(&data, &common::Launch::default());
+        let log = n.wait_listening().expect_err("the node must not start");
+        for e in expect {
+            assert!(
+                log.contains(e),
+                "{what}: the error names {e:?}; log:\n{log}"
+            );
+        }
+        assert_eq!(
+            listing(&manifests),
+            before,
+            "{what}: blob storage unchanged"
+        );
+    };
+
+    // A manifest in the middle is lost (not collected: no full snapshot covers it).
+    let middle = &names[names.len() / 2];
+    let epoch: u64 = middle.trim_end_matches(".json").parse().unwrap();
+    let saved = std::fs::read(manifests.join(middle)).unwrap();
+    std::fs::remove_file(manifests.join(middle)).unwrap();
+    refused(
+        "lost manifest",
+        &[&format!("manifest {epoch} is missing"), "key group"],
+    );
+    std::fs::write(manifests.join(middle), &saved).unwrap();
+
+    // The newest manifest is corrupt.
+    let newest = names.last().unwrap();
+    let saved = std::fs::read(manifests.join(newest)).unwrap();
+    std::fs::write(manifests.join(newest), b"{\"epoch\": 1, trunc").unwrap();
+    refused("corrupt manifest", &["corrupt checkpoint object", newest]);
+    std::fs::write(manifests.join(newest), &saved).unwrap();
+
+    // Repaired: everything is there.
+    let node = Node::start(&data, None);
+    assert_eq!(checkpoints(&node).await["recovery"]["source"], "blob-full");
+    assert_eq!(total(&node, "a").await, 10);
+    node.stop();
+}
