@@ -114,7 +114,7 @@ impl Gen<'_> {
         };
         let mut out = Vec::new();
         for _ in 0..1 + self.rng.below(4) {
-            match self.rng.below(if depth < 2 { 7 } else { 3 }) {
+            match self.rng.below(if depth < 2 { 8 } else { 3 }) {
                 0 | 1 => {
                     let n = 1 + self.rng.below(5) as i64;
                     msg.inc += n;
@@ -136,6 +136,16 @@ impl Gen<'_> {
                     let (child, cmds) = self.message(&to, depth + 1, model);
                     let ms = 5 + self.rng.below(200);
                     out.push(json!({ "delay": { "ms": ms, "to": to, "id": child, "token": null, "cmds": cmds } }));
+                }
+                7 => {
+                    // A burst to one address: its order there is promised, and some of it is
+                    // likely still queued when an epoch is cut (replayed after a crash).
+                    let to = self.address();
+                    for _ in 0..3 + self.rng.below(4) {
+                        let (child, cmds) = self.message(&to, 2, model);
+                        msg.sends.push((to.clone(), child.clone()));
+                        out.push(json!({ "send": { "to": to, "id": child, "cmds": cmds } }));
+                    }
                 }
                 5 if self.pad && self.rng.below(3) == 0 => {
                     // Over 64 KiB: the epoch holding it is written apart from its manifest.
@@ -234,6 +244,9 @@ const ALL_POINTS: &[&str] = &[
 ];
 
 const CONFIG: &str = "shards = 2\n";
+
+/// Errors and delays at the durable steps (fault point actions other than abort).
+const NOISE: &str = "checkpoint-object-put=20%return(timeout);checkpoint-manifest-put=20%return(connection reset);checkpoint-after-commit=10%return;checkpoint-full-snapshot-put=30%return;checkpoint-gc-delete=20%return(503);checkpoint-sled-apply=30%sleep(30)";
 
 /// Full snapshots and garbage collection every few epochs, two epochs retained.
 const SMALL: &str = "shards = 2\n[checkpoint]\nretain = 2\ngc_every = 2\ngc_min_interval_ms = 0\nfull_snapshot_min_bytes = 1\nfull_snapshot_max_epochs = 4\napply_interval_ms = 200\n";
@@ -495,7 +508,7 @@ async fn run(seed: u64, v: Variant) {
             // Fault points in turn; the killer stays on one until it fired (at most 3 tries).
             let (mut point, mut tries) = (0, 0);
             for k in 0..kills {
-                let (wait, fault, wipe) = {
+                let (wait, fault, wipe, noisy) = {
                     let mut r = kill_rng.lock();
                     let wait = if r.below(8) == 0 {
                         r.below(30)
@@ -514,7 +527,10 @@ async fn run(seed: u64, v: Variant) {
                             },
                         )
                     });
-                    (wait, fault, wipe_local && r.below(3) == 0)
+                    // Some incarnations fail and delay durable steps now and then (errors are
+                    // retried; stored-then-failed puts are resolved by reading back).
+                    let noisy = fault.is_none() && !points.is_empty() && r.below(4) == 0;
+                    (wait, fault, wipe_local && r.below(3) == 0, noisy)
                 };
                 if wipe {
                     std::fs::remove_dir_all(data.join("state")).ok();
@@ -526,6 +542,9 @@ async fn run(seed: u64, v: Variant) {
                         "FAILPOINTS".into(),
                         format!("{p}={skip}*off->return(abort)"),
                     ));
+                }
+                if noisy {
+                    l.env.push(("FAILPOINTS".into(), NOISE.into()));
                 }
                 let mut n = Node::launch(&data, &l);
                 let spawned = Instant::now();
@@ -578,7 +597,7 @@ async fn run(seed: u64, v: Variant) {
                     }
                 }
                 println!(
-                    "kill {} of {kills}: {}{}",
+                    "kill {} of {kills}: {}{}{}",
                     k + 1,
                     match fault {
                         Some((p, skip)) => format!("abort at {p} after {skip} passes"),
@@ -586,6 +605,11 @@ async fn run(seed: u64, v: Variant) {
                     },
                     if wipe {
                         " (local state deleted before start)"
+                    } else {
+                        ""
+                    },
+                    if noisy {
+                        " (errors and delays injected)"
                     } else {
                         ""
                     }
