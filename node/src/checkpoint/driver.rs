@@ -52,8 +52,9 @@ pub(crate) enum DriverEvent {
     },
     Committed {
         epoch: u64,
-        /// The manifest stored (after an ambiguous put, an earlier attempt's).
-        result: Result<Manifest, String>,
+        /// `Some`: the manifest stored is an earlier attempt's (found reading back after an
+        /// ambiguous put), not the one just written.
+        result: Result<Option<Manifest>, String>,
     },
     Applied {
         epoch: u64,
@@ -498,7 +499,10 @@ impl Driver {
                     // One commit is in flight at a time: a listed snapshot is in this one,
                     // unless the manifest stored is an earlier attempt's that did not list it.
                     if let Some((obj, label)) = self.listing.take() {
-                        if stored.objects.iter().any(|o| o.path == obj.path) {
+                        if stored
+                            .as_ref()
+                            .is_none_or(|m| m.objects.iter().any(|o| o.path == obj.path))
+                        {
                             self.status.lock().last_full = Some((label, obj.size));
                         } else {
                             self.unlisted_full = Some((obj, label));
@@ -673,13 +677,7 @@ impl Driver {
                     _ => {
                         let _ = tx.send(DriverEvent::Committed {
                             epoch: e,
-                            result: Ok(Manifest {
-                                epoch: e,
-                                previous: self.last_manifest,
-                                created_ms: now_ms(),
-                                objects: Vec::new(),
-                                writer: None,
-                            }),
+                            result: Ok(None),
                         });
                     }
                 }

@@ -340,9 +340,10 @@ impl CheckpointStore {
     /// When the put's outcome is unknown (an error, or a create conflict that may be this
     /// writer's own earlier attempt), the manifest is read back: if it is ours (the same
     /// `writer`, or the same contents when no writer is named) the epoch is committed and the
-    /// stored manifest is returned (it may be an earlier attempt's, listing other objects);
-    /// if another writer's, `AlreadyCommitted`; if absent or unreadable, the put's error.
-    pub async fn commit(&self, m: &Manifest) -> Result<Manifest, CheckpointError> {
+    /// stored manifest is returned as `Some` (it may be an earlier attempt's, listing other
+    /// objects); if another writer's, `AlreadyCommitted`; if absent or unreadable, the put's
+    /// error. `Ok(None)`: `m` itself was stored.
+    pub async fn commit(&self, m: &Manifest) -> Result<Option<Manifest>, CheckpointError> {
         let rel = manifest_path(m.epoch);
         let body = Bytes::from(serde_json::to_vec(m).expect("a manifest serializes"));
         let outcome = self.put_create(&rel, body).await.and_then(|()| {
@@ -350,7 +351,7 @@ impl CheckpointStore {
                 .map_err(|msg| self.injected(&rel, msg))
         });
         let err = match outcome {
-            Ok(()) => return Ok(m.clone()),
+            Ok(()) => return Ok(None),
             Err(e) => e,
         };
         let Some(stored) = self.read_back(&rel).await else {
@@ -368,7 +369,7 @@ impl CheckpointStore {
         };
         if ours {
             tracing::info!(epoch = m.epoch, error = %err, "the manifest put reported an error, but the manifest stored is ours: committed");
-            Ok(stored)
+            Ok(Some(stored))
         } else {
             Err(CheckpointError::AlreadyCommitted(m.epoch))
         }
