@@ -47,7 +47,7 @@ pub fn key_group(namespace: &str, typ: &str, id: &str, key_groups: u32) -> u32 {
     (stable_hash(namespace, typ, id) % u64::from(key_groups)) as u32
 }
 
-fn fmix64(mut k: u64) -> u64 {
+pub(crate) fn fmix64(mut k: u64) -> u64 {
     k ^= k >> 33;
     k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
     k ^= k >> 33;

@@ -1,7 +1,12 @@
 //! The mesh layer of statemesh (DESIGN.md, "The mesh").
 //!
-//! For now it holds what every node needs already: the mapping of an address to its key
-//! group ([`keygroup`]). Membership, the Raft control group and placement come with the
-//! multi-node issue.
+//! - [`keygroup`]: address → key group (fixed forever).
+//! - [`placement`]: rendezvous hashing of key groups over members, and rate-limited move plans.
+//! - [`control`]: the control group's replicated state machine (members, generations,
+//!   key-group ownership versions, committed epochs).
+//!
+//! All of it is pure (inputs → state and actions; no clocks, no sockets).
 
+pub mod control;
 pub mod keygroup;
+pub mod placement;

@@ -1,0 +1,404 @@
+//! The control group's state machine (pure): members with their generations, the key-group
+//! table with an ownership version per key group, and the committed epochs. Every node applies
+//! the same committed Raft entries in the same order, so every node holds the same state at
+//! the same index (DESIGN.md, "The mesh").
+//!
+//! Entries are [`Command`]s (JSON, the control plane is low-volume); a snapshot is the whole
+//! [`ClusterState`] (JSON), which carries the index it reflects so that a restart never
+//! applies an entry twice and never sees `applied > committed`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::placement::NodeId;
+
+/// A member's part in the Raft group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Votes and counts towards commits (1, 3 or 5 of them).
+    Voter,
+    /// Replicates the log only.
+    Learner,
+}
+
+/// A member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its id.
+    pub id: NodeId,
+    /// Bumped each time it (re)joins: messages and writes of an older generation are stale.
+    pub generation: u64,
+    /// Its gRPC address (ingress and the mesh transport).
+    pub grpc_addr: String,
+    /// Its HTTP address.
+    pub http_addr: String,
+    /// Its role in the Raft group.
+    pub role: Role,
+    /// Not declared dead.
+    pub alive: bool,
+}
+
+/// Who owns a key group, and the version of that ownership (bumped by every move).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ownership {
+    /// The owner (`None`: not assigned yet).
+    pub owner: Option<NodeId>,
+    /// Bumped on every change of owner; forwarded messages and durable writes carry it.
+    pub version: u64,
+}
+
+/// One key group changing owner, valid only if its version is still `version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveCommand {
+    /// The key group.
+    pub kg: u32,
+    /// The owner it moves to.
+    pub to: NodeId,
+    /// The ownership version the proposer saw (compare-and-set).
+    pub version: u64,
+}
+
+/// An entry of the control group's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A node joins, or rejoins after a restart or after being declared dead: it gets the
+    /// next generation.
+    Join {
+        /// Its id.
+        id: NodeId,
+        /// Its gRPC address.
+        grpc_addr: String,
+        /// Its HTTP address.
+        http_addr: String,
+        /// Its role (a membership change in Raft goes with it).
+        role: Role,
+    },
+    /// A member's role changed (after the Raft configuration change committed).
+    SetRole {
+        /// The member.
+        id: NodeId,
+        /// Its role now.
+        role: Role,
+    },
+    /// A member is declared dead (its generation must still be current).
+    MarkDead {
+        /// The member.
+        id: NodeId,
+        /// The generation declared dead.
+        generation: u64,
+    },
+    /// A member left for good.
+    Remove {
+        /// The member.
+        id: NodeId,
+    },
+    /// Key groups change owner, all or none (each must still be at the version given).
+    Move {
+        /// The moves.
+        moves: Vec<MoveCommand>,
+    },
+    /// An epoch committed cluster-wide (the commit point of a cluster epoch).
+    CommitEpoch {
+        /// The epoch; must be newer than the last committed.
+        epoch: u64,
+    },
+}
+
+impl Command {
+    /// The entry's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a command serializes")
+    }
+
+    /// A command from an entry's bytes.
+    pub fn decode(b: &[u8]) -> Result<Command, String> {
+        serde_json::from_slice(b).map_err(|e| format!("control entry: {e}"))
+    }
+}
+
+/// What applying an entry did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied.
+    Applied,
+    /// Not applied (the state is unchanged), and why: a stale version, an unknown member, an
+    /// epoch not newer than the last, …
+    Rejected(String),
+    /// Already applied before (an index at or below the applied index, after a restart).
+    Duplicate,
+}
+
+/// The replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// The members by id.
+    pub members: BTreeMap<NodeId, Member>,
+    /// Ownership per key group (index = key group).
+    pub table: Vec<Ownership>,
+    /// Bumped by every applied change of the table.
+    pub placement_version: u64,
+    /// The newest epoch committed cluster-wide.
+    pub committed_epoch: u64,
+    /// The index of the last entry applied.
+    pub applied_index: u64,
+}
+
+impl ClusterState {
+    /// An empty cluster of `key_groups` unassigned key groups.
+    pub fn new(key_groups: u32) -> Self {
+        ClusterState {
+            members: BTreeMap::new(),
+            table: vec![
+                Ownership {
+                    owner: None,
+                    version: 0
+                };
+                key_groups as usize
+            ],
+            placement_version: 0,
+            committed_epoch: 0,
+            applied_index: 0,
+        }
+    }
+
+    /// The owner per key group.
+    pub fn owners(&self) -> Vec<Option<NodeId>> {
+        self.table.iter().map(|o| o.owner).collect()
+    }
+
+    /// The live members' ids.
+    pub fn live_members(&self) -> Vec<NodeId> {
+        self.members
+            .values()
+            .filter(|m| m.alive)
+            .map(|m| m.id)
+            .collect()
+    }
+
+    /// How many key groups a member owns.
+    pub fn owned_by(&self, id: NodeId) -> usize {
+        self.table.iter().filter(|o| o.owner == Some(id)).count()
+    }
+
+    /// Applies the entry at `index` (entries must come in index order; an index at or below
+    /// the applied one is a duplicate and changes nothing).
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Outcome {
+        if index <= self.applied_index {
+            return Outcome::Duplicate;
+        }
+        self.applied_index = index;
+        match self.check(cmd) {
+            Err(why) => Outcome::Rejected(why),
+            Ok(()) => {
+                self.change(cmd);
+                Outcome::Applied
+            }
+        }
+    }
+
+    fn check(&self, cmd: &Command) -> Result<(), String> {
+        let member = |id: &NodeId| {
+            self.members
+                .get(id)
+                .ok_or_else(|| format!("node {id} is not a member"))
+        };
+        match cmd {
+            Command::Join { id, .. } if *id == 0 => Err("node id 0 is reserved".into()),
+            Command::Join { .. } => Ok(()),
+            Command::SetRole { id, .. } | Command::Remove { id } => member(id).map(|_| ()),
+            Command::MarkDead { id, generation } => {
+                let m = member(id)?;
+                if m.generation != *generation {
+                    return Err(format!(
+                        "node {id} is at generation {}, not {generation}",
+                        m.generation
+                    ));
+                }
+                Ok(())
+            }
+            Command::Move { moves } => {
+                let mut seen = std::collections::BTreeSet::new();
+                for m in moves {
+                    let Some(cur) = self.table.get(m.kg as usize) else {
+                        return Err(format!("key group {} does not exist", m.kg));
+                    };
+                    if !seen.insert(m.kg) {
+                        return Err(format!("key group {} moves twice", m.kg));
+                    }
+                    if cur.version != m.version {
+                        return Err(format!(
+                            "key group {} is at version {}, not {}",
+                            m.kg, cur.version, m.version
+                        ));
+                    }
+                    match self.members.get(&m.to) {
+                        Some(t) if t.alive => {}
+                        _ => return Err(format!("node {} is not a live member", m.to)),
+                    }
+                }
+                Ok(())
+            }
+            Command::CommitEpoch { epoch } if *epoch <= self.committed_epoch => Err(format!(
+                "epoch {epoch} is not newer than the committed epoch {}",
+                self.committed_epoch
+            )),
+            Command::CommitEpoch { .. } => Ok(()),
+        }
+    }
+
+    fn change(&mut self, cmd: &Command) {
+        match cmd {
+            Command::Join {
+                id,
+                grpc_addr,
+                http_addr,
+                role,
+            } => {
+                let generation = self.members.get(id).map_or(1, |m| m.generation + 1);
+                self.members.insert(
+                    *id,
+                    Member {
+                        id: *id,
+                        generation,
+                        grpc_addr: grpc_addr.clone(),
+                        http_addr: http_addr.clone(),
+                        role: *role,
+                        alive: true,
+                    },
+                );
+            }
+            Command::SetRole { id, role } => {
+                if let Some(m) = self.members.get_mut(id) {
+                    m.role = *role;
+                }
+            }
+            Command::MarkDead { id, .. } => {
+                if let Some(m) = self.members.get_mut(id) {
+                    m.alive = false;
+                }
+            }
+            Command::Remove { id } => {
+                self.members.remove(id);
+            }
+            Command::Move { moves } => {
+                for m in moves {
+                    let o = &mut self.table[m.kg as usize];
+                    o.owner = Some(m.to);
+                    o.version += 1;
+                }
+                self.placement_version += 1;
+            }
+            Command::CommitEpoch { epoch } => self.committed_epoch = *epoch,
+        }
+    }
+
+    /// The snapshot's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("the cluster state serializes")
+    }
+
+    /// A state from a snapshot's bytes.
+    pub fn decode(b: &[u8]) -> Result<ClusterState, String> {
+        serde_json::from_slice(b).map_err(|e| format!("control snapshot: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join(id: NodeId) -> Command {
+        Command::Join {
+            id,
+            grpc_addr: format!("127.0.0.1:{}", 9000 + id),
+            http_addr: format!("127.0.0.1:{}", 8000 + id),
+            role: Role::Voter,
+        }
+    }
+
+    #[test]
+    fn members_generations_moves_and_epochs() {
+        let mut s = ClusterState::new(4);
+        assert_eq!(s.apply(1, &join(1)), Outcome::Applied);
+        assert_eq!(s.apply(2, &join(2)), Outcome::Applied);
+        assert_eq!(s.members[&1].generation, 1);
+        let mv = |kg, to, version| MoveCommand { kg, to, version };
+        assert_eq!(
+            s.apply(
+                3,
+                &Command::Move {
+                    moves: vec![mv(0, 1, 0), mv(1, 2, 0)]
+                }
+            ),
+            Outcome::Applied
+        );
+        assert_eq!(
+            s.table[0],
+            Ownership {
+                owner: Some(1),
+                version: 1
+            }
+        );
+        // A move proposed against an older version is refused, all or nothing.
+        let r = s.apply(
+            4,
+            &Command::Move {
+                moves: vec![mv(2, 1, 0), mv(0, 2, 0)],
+            },
+        );
+        assert!(
+            matches!(r, Outcome::Rejected(ref w) if w.contains("key group 0 is at version 1")),
+            "{r:?}"
+        );
+        assert_eq!(s.table[2].owner, None);
+        assert_eq!(s.placement_version, 1);
+        // Rejoining bumps the generation; a stale death is refused.
+        assert_eq!(s.apply(5, &join(1)), Outcome::Applied);
+        assert_eq!(s.members[&1].generation, 2);
+        assert!(matches!(
+            s.apply(
+                6,
+                &Command::MarkDead {
+                    id: 1,
+                    generation: 1
+                }
+            ),
+            Outcome::Rejected(_)
+        ));
+        assert_eq!(
+            s.apply(
+                7,
+                &Command::MarkDead {
+                    id: 1,
+                    generation: 2
+                }
+            ),
+            Outcome::Applied
+        );
+        assert!(matches!(
+            s.apply(8, &Command::Move { moves: vec![mv(3, 1, 0)] }),
+            Outcome::Rejected(ref w) if w.contains("not a live member")
+        ));
+        // Epochs only move forward.
+        assert_eq!(
+            s.apply(9, &Command::CommitEpoch { epoch: 5 }),
+            Outcome::Applied
+        );
+        assert!(matches!(
+            s.apply(10, &Command::CommitEpoch { epoch: 5 }),
+            Outcome::Rejected(_)
+        ));
+        // Replayed entries are duplicates; the snapshot carries the applied index.
+        assert_eq!(
+            s.apply(9, &Command::CommitEpoch { epoch: 6 }),
+            Outcome::Duplicate
+        );
+        let back = ClusterState::decode(&s.encode()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.applied_index, 10);
+        assert_eq!(Command::decode(&join(3).encode()).unwrap(), join(3));
+        assert!(Command::decode(b"{}").is_err());
+    }
+}
