@@ -4,9 +4,12 @@
 //! - [`placement`]: rendezvous hashing of key groups over members, and rate-limited move plans.
 //! - [`control`]: the control group's replicated state machine (members, generations,
 //!   key-group ownership versions, committed epochs).
+//! - [`group`]: one member's replica of the control group (raft-rs `RawNode` + the state
+//!   machine) as pure steps.
 //!
 //! All of it is pure (inputs → state and actions; no clocks, no sockets).
 
 pub mod control;
+pub mod group;
 pub mod keygroup;
 pub mod placement;

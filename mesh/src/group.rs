@@ -1,0 +1,286 @@
+//! One member's replica of the control group: a raft-rs `RawNode` driving the
+//! [`ClusterState`] state machine, as pure input → output steps (no clock, no socket: the
+//! caller ticks it, hands it the bytes of peer messages, and sends what it returns).
+//!
+//! `Ready` is handled in the order raft-rs documents (MESH.md, lesson 7): send the leader's
+//! messages; apply a snapshot; apply committed entries; append the new entries and save the
+//! hard state (durably: the storage is written before the call returns); only then send the
+//! `persisted_messages`; `advance`; save the new commit index; send and apply what the light
+//! ready holds; `advance_apply`. The applied index travels with the state machine, so a
+//! restart from the same storage and state never applies an entry twice and never sees
+//! `applied > committed`.
+//!
+//! The storage is raft-rs's `MemStorage` for now (the simulation keeps it across a "crash"
+//! as the durable part); raft-engine behind the same `Storage` trait comes with the node.
+
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::storage::MemStorage;
+use raft::{Config, RawNode, StateRole};
+
+use crate::control::{ClusterState, Command, Outcome};
+use crate::placement::NodeId;
+
+/// What a step produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Messages to peers: (to, encoded `eraftpb.Message`).
+    pub messages: Vec<(NodeId, Vec<u8>)>,
+    /// Entries applied, in order: (index, command, outcome). Entries without a command
+    /// (a new leader's empty entry, configuration changes) are not listed.
+    pub applied: Vec<(u64, Command, Outcome)>,
+}
+
+/// Timing of the group, in ticks.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Ticks without a leader before a follower campaigns.
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            election_ticks: 10,
+            heartbeat_ticks: 3,
+        }
+    }
+}
+
+/// A member's replica of the control group.
+pub struct ControlNode {
+    id: NodeId,
+    raw: RawNode<MemStorage>,
+    state: ClusterState,
+}
+
+/// A storage for a new group whose first voters are `voters`.
+pub fn bootstrap_storage(voters: &[NodeId]) -> MemStorage {
+    MemStorage::new_with_conf_state(ConfState::from((voters.to_vec(), vec![])))
+}
+
+impl ControlNode {
+    /// Starts (or restarts) member `id` on `storage` (its durable log and hard state) with
+    /// `state` (its durable state machine, at some applied index ≤ the storage's commit).
+    pub fn new(
+        id: NodeId,
+        storage: MemStorage,
+        state: ClusterState,
+        timing: Timing,
+    ) -> Result<ControlNode, String> {
+        let config = Config {
+            id,
+            election_tick: timing.election_ticks,
+            heartbeat_tick: timing.heartbeat_ticks,
+            applied: state.applied_index,
+            check_quorum: true,
+            pre_vote: true,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let committed = storage.rl().hard_state().commit;
+        if state.applied_index > committed {
+            return Err(format!(
+                "control state applied up to {} but the log has committed only {committed}",
+                state.applied_index
+            ));
+        }
+        let raw = RawNode::new(&config, storage, &logger).map_err(|e| e.to_string())?;
+        Ok(ControlNode { id, raw, state })
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The replicated state as applied here.
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// The leader this member knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        let l = self.raw.raft.leader_id;
+        (l != raft::INVALID_ID).then_some(l)
+    }
+
+    /// Whether this member is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The current term.
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    /// The highest log index known committed here.
+    pub fn committed(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    /// The storage (durable part) of this member.
+    pub fn storage(&self) -> &MemStorage {
+        self.raw.store()
+    }
+
+    /// Advances the logical clock by one tick.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// Hands over a peer's message (its encoded bytes). A message that does not decode is
+    /// refused with an error naming it; the node is unaffected.
+    pub fn step(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let m = Message::parse_from_bytes(bytes).map_err(|e| format!("raft message: {e}"))?;
+        if m.to != self.id {
+            return Err(format!(
+                "raft message for node {} reached node {}",
+                m.to, self.id
+            ));
+        }
+        self.raw.step(m).map_err(|e| format!("raft step: {e}"))
+    }
+
+    /// Proposes a command; only the leader accepts (others answer with an error, and the
+    /// caller forwards to [`ControlNode::leader`]).
+    pub fn propose(&mut self, cmd: &Command) -> Result<(), String> {
+        if !self.is_leader() {
+            return Err(format!(
+                "node {} is not the leader (leader: {:?})",
+                self.id,
+                self.leader()
+            ));
+        }
+        self.raw
+            .propose(Vec::new(), cmd.encode())
+            .map_err(|e| format!("propose: {e}"))
+    }
+
+    /// Proposes a change of the Raft configuration (only on the leader).
+    pub fn propose_conf_change(&mut self, cc: ConfChangeV2) -> Result<(), String> {
+        if !self.is_leader() {
+            return Err(format!("node {} is not the leader", self.id));
+        }
+        self.raw
+            .propose_conf_change(Vec::new(), cc)
+            .map_err(|e| format!("propose configuration change: {e}"))
+    }
+
+    /// The voters and learners of the current configuration.
+    pub fn conf_state(&self) -> ConfState {
+        self.raw.raft.prs().conf().to_conf_state()
+    }
+
+    /// Handles whatever raft-rs has ready, in its documented order.
+    pub fn process(&mut self) -> Output {
+        let mut out = Output::default();
+        if !self.raw.has_ready() {
+            return out;
+        }
+        let mut rd = self.raw.ready();
+        // 1. A leader may send before its own entries are durable.
+        push_messages(&mut out, rd.take_messages());
+        // 2. A snapshot from the leader replaces the state machine.
+        if !rd.snapshot().is_empty() {
+            self.apply_snapshot(rd.snapshot().clone());
+        }
+        // 3. Entries committed earlier.
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed, &mut out);
+        // 4. New entries and the hard state, durably, before anything that depends on them.
+        {
+            let store = self.raw.mut_store();
+            if !rd.entries().is_empty() {
+                store
+                    .wl()
+                    .append(rd.entries())
+                    .expect("appending to the control log");
+            }
+            if let Some(hs) = rd.hs() {
+                store.wl().set_hardstate(hs.clone());
+            }
+        }
+        // 5. Messages that promise what was just persisted.
+        push_messages(&mut out, rd.take_persisted_messages());
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw
+                .mut_store()
+                .wl()
+                .mut_hard_state()
+                .set_commit(commit);
+        }
+        push_messages(&mut out, light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed, &mut out);
+        self.raw.advance_apply();
+        out
+    }
+
+    fn apply_snapshot(&mut self, snap: Snapshot) {
+        let data = snap.get_data().to_vec();
+        self.raw
+            .mut_store()
+            .wl()
+            .apply_snapshot(snap)
+            .expect("applying a control snapshot");
+        if let Ok(s) = ClusterState::decode(&data) {
+            self.state = s;
+        }
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Output) {
+        for e in entries {
+            let index = e.get_index();
+            match e.get_entry_type() {
+                EntryType::EntryNormal if e.get_data().is_empty() => {
+                    self.state.applied_index = self.state.applied_index.max(index);
+                }
+                EntryType::EntryNormal => match Command::decode(e.get_data()) {
+                    Ok(cmd) => {
+                        let outcome = self.state.apply(index, &cmd);
+                        out.applied.push((index, cmd, outcome));
+                    }
+                    Err(err) => {
+                        // Deterministic on every member: the entry is skipped everywhere.
+                        self.state.applied_index = self.state.applied_index.max(index);
+                        out.applied.push((
+                            index,
+                            Command::CommitEpoch { epoch: 0 },
+                            Outcome::Rejected(err),
+                        ));
+                    }
+                },
+                EntryType::EntryConfChange => {
+                    if let Ok(cc) = ConfChange::parse_from_bytes(e.get_data()) {
+                        if let Ok(cs) = self.raw.apply_conf_change(&cc) {
+                            self.raw.mut_store().wl().set_conf_state(cs);
+                        }
+                    }
+                    self.state.applied_index = self.state.applied_index.max(index);
+                }
+                EntryType::EntryConfChangeV2 => {
+                    if let Ok(cc) = ConfChangeV2::parse_from_bytes(e.get_data()) {
+                        if let Ok(cs) = self.raw.apply_conf_change(&cc) {
+                            self.raw.mut_store().wl().set_conf_state(cs);
+                        }
+                    }
+                    self.state.applied_index = self.state.applied_index.max(index);
+                }
+            }
+        }
+    }
+}
+
+fn push_messages(out: &mut Output, msgs: Vec<Message>) {
+    for m in msgs {
+        let to = m.to;
+        out.messages
+            .push((to, m.write_to_bytes().expect("a raft message encodes")));
+    }
+}
