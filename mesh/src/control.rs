@@ -218,6 +218,7 @@ impl ClusterState {
                 }
                 Ok(())
             }
+            Command::Move { moves } if moves.is_empty() => Err("no key group to move".into()),
             Command::Move { moves } => {
                 let mut seen = std::collections::BTreeSet::new();
                 for m in moves {
@@ -380,6 +381,10 @@ mod tests {
         assert!(matches!(
             s.apply(8, &Command::Move { moves: vec![mv(3, 1, 0)] }),
             Outcome::Rejected(ref w) if w.contains("not a live member")
+        ));
+        assert!(matches!(
+            ClusterState::new(1).apply(1, &Command::Move { moves: vec![] }),
+            Outcome::Rejected(_)
         ));
         // Epochs only move forward.
         assert_eq!(

@@ -15,7 +15,7 @@
 //!
 //! And at the end, after healing: every member catches up and a new epoch commits (liveness).
 //!
-//! `SIM_SEED=<n>` runs one schedule; `SIM_SEEDS=<n>` sets how many (default 600 per size).
+//! `SIM_SEED=<n>` runs one schedule; `SIM_SEEDS=<n>` sets how many (default 1000 per size).
 //! The failing seed is printed.
 
 use std::cmp::Reverse;
@@ -400,7 +400,11 @@ impl Sim {
             }
         }
         let mut target: Option<u64> = None;
-        for _ in 0..3000 {
+        for step in 0..3000 {
+            // A proposal can be lost with a leader change: the client proposes again.
+            if step % 300 == 299 {
+                target = None;
+            }
             self.now += 1;
             for r in &mut self.replicas {
                 r.node.as_mut().unwrap().tick();
@@ -480,7 +484,7 @@ fn seeds() -> Vec<u64> {
     let n: u64 = std::env::var("SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
+        .unwrap_or(1000);
     let base = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
