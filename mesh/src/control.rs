@@ -130,6 +130,23 @@ pub enum Outcome {
     Duplicate,
 }
 
+/// The Raft configuration as of the applied index (raft-rs's `ConfState`): kept with the state
+/// machine, so that a member restarting from a state that lags its log starts from the
+/// configuration of that state and re-applies the later changes in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftConf {
+    /// Voters (the incoming ones during a joint configuration).
+    pub voters: Vec<NodeId>,
+    /// Learners.
+    pub learners: Vec<NodeId>,
+    /// The outgoing voters of a joint configuration (empty otherwise).
+    pub voters_outgoing: Vec<NodeId>,
+    /// Voters becoming learners when the joint configuration is left.
+    pub learners_next: Vec<NodeId>,
+    /// Whether raft-rs leaves the joint configuration by itself.
+    pub auto_leave: bool,
+}
+
 /// The replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -143,6 +160,9 @@ pub struct ClusterState {
     pub committed_epoch: u64,
     /// The index of the last entry applied.
     pub applied_index: u64,
+    /// The Raft configuration as of `applied_index` (`None`: the bootstrap configuration).
+    #[serde(default)]
+    pub conf: Option<RaftConf>,
 }
 
 impl ClusterState {
@@ -160,7 +180,22 @@ impl ClusterState {
             placement_version: 0,
             committed_epoch: 0,
             applied_index: 0,
+            conf: None,
         }
+    }
+
+    /// Records the Raft configuration a configuration change at `index` produced, and the
+    /// members' roles from it.
+    pub fn set_conf(&mut self, index: u64, conf: RaftConf) {
+        self.applied_index = self.applied_index.max(index);
+        for m in self.members.values_mut() {
+            if conf.voters.contains(&m.id) {
+                m.role = Role::Voter;
+            } else if conf.learners.contains(&m.id) || conf.learners_next.contains(&m.id) {
+                m.role = Role::Learner;
+            }
+        }
+        self.conf = Some(conf);
     }
 
     /// The owner per key group.
@@ -258,6 +293,14 @@ impl ClusterState {
                 role,
             } => {
                 let generation = self.members.get(id).map_or(1, |m| m.generation + 1);
+                // The Raft configuration decides the role of a node it already lists.
+                let role = match &self.conf {
+                    Some(c) if c.voters.contains(id) => &Role::Voter,
+                    Some(c) if c.learners.contains(id) || c.learners_next.contains(id) => {
+                        &Role::Learner
+                    }
+                    _ => role,
+                };
                 self.members.insert(
                     *id,
                     Member {

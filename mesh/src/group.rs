@@ -14,11 +14,14 @@
 //! as the durable part); raft-engine behind the same `Storage` trait comes with the node.
 
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::prelude::{
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState,
+    Entry, EntryType, Message, Snapshot,
+};
 use raft::storage::MemStorage;
 use raft::{Config, RawNode, StateRole};
 
-use crate::control::{ClusterState, Command, Outcome};
+use crate::control::{ClusterState, Command, Outcome, RaftConf, Role};
 use crate::placement::NodeId;
 
 /// What a step produced.
@@ -56,9 +59,18 @@ pub struct ControlNode {
     state: ClusterState,
 }
 
-/// A storage for a new group whose first voters are `voters`.
-pub fn bootstrap_storage(voters: &[NodeId]) -> MemStorage {
-    MemStorage::new_with_conf_state(ConfState::from((voters.to_vec(), vec![])))
+/// The durable parts of a member of a new group whose first members are `voters` and
+/// `learners`: its storage, and its state machine with that configuration recorded (so that
+/// a restart from any state starts from the configuration of that state).
+pub fn bootstrap(
+    voters: &[NodeId],
+    learners: &[NodeId],
+    key_groups: u32,
+) -> (MemStorage, ClusterState) {
+    let cs = ConfState::from((voters.to_vec(), learners.to_vec()));
+    let mut state = ClusterState::new(key_groups);
+    state.conf = Some(from_conf_state(&cs));
+    (MemStorage::new_with_conf_state(cs), state)
 }
 
 impl ControlNode {
@@ -81,6 +93,13 @@ impl ControlNode {
             ..Default::default()
         };
         let logger = slog::Logger::root(slog::Discard, slog::o!());
+        // The configuration as of the state's applied index: later changes are applied again.
+        match &state.conf {
+            Some(conf) => storage.wl().set_conf_state(to_conf_state(conf)),
+            None => {
+                return Err("control state without a Raft configuration (not bootstrapped)".into())
+            }
+        }
         let committed = storage.rl().hard_state().commit;
         if state.applied_index > committed {
             return Err(format!(
@@ -176,6 +195,36 @@ impl ControlNode {
         self.raw.raft.prs().conf().to_conf_state()
     }
 
+    /// Whether the configuration is joint (entered, not yet left).
+    pub fn in_joint(&self) -> bool {
+        !self.conf_state().voters_outgoing.is_empty()
+    }
+
+    /// Proposes membership changes (`Some(role)`: add or change to that role; `None`:
+    /// remove) as one joint-consensus change that is left explicitly with
+    /// [`ControlNode::propose_leave_joint`] once applied (raft-rs's automatic leave can stick
+    /// when the leader steps down in between).
+    pub fn propose_membership(&mut self, changes: &[(NodeId, Option<Role>)]) -> Result<(), String> {
+        let mut cc = ConfChangeV2::default();
+        cc.set_transition(ConfChangeTransition::Explicit);
+        for (id, role) in changes {
+            let mut c = ConfChangeSingle::default();
+            c.node_id = *id;
+            c.set_change_type(match role {
+                Some(Role::Voter) => ConfChangeType::AddNode,
+                Some(Role::Learner) => ConfChangeType::AddLearnerNode,
+                None => ConfChangeType::RemoveNode,
+            });
+            cc.mut_changes().push(c);
+        }
+        self.propose_conf_change(cc)
+    }
+
+    /// Proposes leaving the joint configuration.
+    pub fn propose_leave_joint(&mut self) -> Result<(), String> {
+        self.propose_conf_change(ConfChangeV2::default())
+    }
+
     /// Handles whatever raft-rs has ready, in its documented order.
     pub fn process(&mut self) -> Output {
         let mut out = Output::default();
@@ -259,7 +308,7 @@ impl ControlNode {
                 EntryType::EntryConfChange => {
                     if let Ok(cc) = ConfChange::parse_from_bytes(e.get_data()) {
                         if let Ok(cs) = self.raw.apply_conf_change(&cc) {
-                            self.raw.mut_store().wl().set_conf_state(cs);
+                            self.conf_applied(index, cs);
                         }
                     }
                     self.state.applied_index = self.state.applied_index.max(index);
@@ -267,7 +316,7 @@ impl ControlNode {
                 EntryType::EntryConfChangeV2 => {
                     if let Ok(cc) = ConfChangeV2::parse_from_bytes(e.get_data()) {
                         if let Ok(cs) = self.raw.apply_conf_change(&cc) {
-                            self.raw.mut_store().wl().set_conf_state(cs);
+                            self.conf_applied(index, cs);
                         }
                     }
                     self.state.applied_index = self.state.applied_index.max(index);
@@ -275,6 +324,36 @@ impl ControlNode {
             }
         }
     }
+}
+
+impl ControlNode {
+    fn conf_applied(&mut self, index: u64, cs: ConfState) {
+        self.state.set_conf(index, from_conf_state(&cs));
+        self.raw.mut_store().wl().set_conf_state(cs);
+    }
+}
+
+fn from_conf_state(cs: &ConfState) -> RaftConf {
+    let sorted = |v: &[u64]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v
+    };
+    RaftConf {
+        voters: sorted(cs.get_voters()),
+        learners: sorted(cs.get_learners()),
+        voters_outgoing: sorted(cs.get_voters_outgoing()),
+        learners_next: sorted(cs.get_learners_next()),
+        auto_leave: cs.get_auto_leave(),
+    }
+}
+
+fn to_conf_state(c: &RaftConf) -> ConfState {
+    let mut cs = ConfState::from((c.voters.clone(), c.learners.clone()));
+    cs.set_voters_outgoing(c.voters_outgoing.clone());
+    cs.set_learners_next(c.learners_next.clone());
+    cs.set_auto_leave(c.auto_leave);
+    cs
 }
 
 fn push_messages(out: &mut Output, msgs: Vec<Message>) {

@@ -3,7 +3,9 @@
 //! member — the leader included — crashes and restarts from its durable part (the Raft log
 //! and hard state, and a state machine persisted at some applied index that may lag). A
 //! workload of joins, deaths, rejoins, key-group moves (from the leader's placement plan, and
-//! deliberately stale ones) and epoch commits runs throughout.
+//! deliberately stale ones) and epoch commits runs throughout. The 5-member cluster has 3
+//! voters and 2 learners, and the leader keeps swapping a learner for a voter through a joint
+//! configuration (ConfChangeV2) that it leaves explicitly.
 //!
 //! Checked after every step:
 //! - the state machine agrees: every member that has applied index `i` holds exactly the same
@@ -11,9 +13,12 @@
 //! - every entry and its outcome agree across members;
 //! - applied ≤ committed on every member, and a restart never finds applied > committed;
 //! - at most one leader per term;
-//! - ownership versions only grow, and a stale move is always rejected.
+//! - ownership versions only grow, and a stale move is always rejected;
+//! - the Raft configuration (part of the state) agrees too, and a restart from a lagging
+//!   state starts from that state's configuration.
 //!
-//! And at the end, after healing: every member catches up and a new epoch commits (liveness).
+//! And at the end, after healing: every member catches up, the configuration leaves any joint
+//! state with 3 voters, and a new epoch commits (liveness).
 //!
 //! `SIM_SEED=<n>` runs one schedule; `SIM_SEEDS=<n>` sets how many (default 1000 per size).
 //! The failing seed is printed.
@@ -23,7 +28,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 use raft::storage::MemStorage;
 use statemesh_mesh::control::{ClusterState, Command, MoveCommand, Outcome, Role};
-use statemesh_mesh::group::{bootstrap_storage, ControlNode, Timing};
+use statemesh_mesh::group::{bootstrap, ControlNode, Timing};
 use statemesh_mesh::placement::{self, NodeId};
 
 const KEY_GROUPS: u32 = 64;
@@ -77,6 +82,8 @@ struct Sim {
     replicas_checked: Vec<u64>,
     stale_moves: usize,
     stale_rejected: usize,
+    /// Voter/learner swaps proposed.
+    swaps: usize,
     /// Moves proposed against a replaced version (encoded): never to be applied.
     stale: std::collections::HashSet<Vec<u8>>,
     crashes: usize,
@@ -85,11 +92,11 @@ struct Sim {
 impl Sim {
     fn new(seed: u64, members: usize) -> Sim {
         let ids: Vec<NodeId> = (1..=members as u64).collect();
+        let (voters, learners) = ids.split_at(ids.len().min(3));
         let replicas = ids
             .iter()
             .map(|&id| {
-                let storage = bootstrap_storage(&ids);
-                let durable = ClusterState::new(KEY_GROUPS);
+                let (storage, durable) = bootstrap(voters, learners, KEY_GROUPS);
                 Replica {
                     node: Some(
                         ControlNode::new(id, storage.clone(), durable.clone(), Timing::default())
@@ -121,6 +128,7 @@ impl Sim {
             replicas_checked: vec![u64::MAX; members],
             stale_moves: 0,
             stale_rejected: 0,
+            swaps: 0,
             stale: Default::default(),
             crashes: 0,
         }
@@ -333,6 +341,40 @@ impl Sim {
                 let _ = self.replicas[l].node.as_mut().unwrap().propose(&cmd);
             }
         }
+        // Membership churn (with learners): swap a learner and a voter that is not the leader
+        // through a joint configuration, and leave it explicitly.
+        if self.replicas.len() > 3 && self.rng.chance(20) {
+            if let Some(l) = self.leader() {
+                let node = self.replicas[l].node.as_mut().unwrap();
+                if node.in_joint() {
+                    let _ = node.propose_leave_joint();
+                } else {
+                    let cs = node.conf_state();
+                    let me = node.id();
+                    let voters: Vec<NodeId> = cs
+                        .get_voters()
+                        .iter()
+                        .copied()
+                        .filter(|v| *v != me)
+                        .collect();
+                    let learners = cs.get_learners().to_vec();
+                    if !voters.is_empty() && !learners.is_empty() {
+                        let v = voters[self.rng.below(voters.len() as u64) as usize];
+                        let lr = learners[self.rng.below(learners.len() as u64) as usize];
+                        let node = self.replicas[l].node.as_mut().unwrap();
+                        if node
+                            .propose_membership(&[
+                                (lr, Some(Role::Voter)),
+                                (v, Some(Role::Learner)),
+                            ])
+                            .is_ok()
+                        {
+                            self.swaps += 1;
+                        }
+                    }
+                }
+            }
+        }
         // Garbage from a peer is refused and changes nothing.
         if self.rng.chance(5) {
             let i = self.rng.below(self.replicas.len() as u64) as usize;
@@ -412,6 +454,13 @@ impl Sim {
             self.deliver(false);
             self.process(false);
             let Some(l) = self.leader() else { continue };
+            if self.replicas[l].node.as_ref().unwrap().in_joint() && step % 50 == 0 {
+                let _ = self.replicas[l]
+                    .node
+                    .as_mut()
+                    .unwrap()
+                    .propose_leave_joint();
+            }
             let state = self.replicas[l].node.as_ref().unwrap().state().clone();
             match target {
                 None => {
@@ -437,7 +486,18 @@ impl Sim {
                             .iter()
                             .map(|r| r.node.as_ref().unwrap().state().applied_index)
                             .collect();
-                        if applied.len() == 1 {
+                        let joint = self
+                            .replicas
+                            .iter()
+                            .any(|r| r.node.as_ref().unwrap().in_joint());
+                        if applied.len() == 1 && !joint {
+                            let cs = self.replicas[l].node.as_ref().unwrap().conf_state();
+                            if cs.get_voters().len() != 3.min(self.replicas.len()) {
+                                self.fail(format!(
+                                    "the group ended with voters {:?}",
+                                    cs.get_voters()
+                                ));
+                            }
                             return;
                         }
                     }
@@ -462,7 +522,7 @@ impl Sim {
     }
 }
 
-fn run(seed: u64, members: usize, steps: u64) -> (usize, usize, usize, u64) {
+fn run(seed: u64, members: usize, steps: u64) -> (usize, usize, usize, u64, usize) {
     let mut sim = Sim::new(seed, members);
     for _ in 0..steps {
         sim.chaos_step();
@@ -474,7 +534,13 @@ fn run(seed: u64, members: usize, steps: u64) -> (usize, usize, usize, u64) {
         .unwrap()
         .state()
         .committed_epoch;
-    (sim.crashes, sim.stale_rejected, sim.entries.len(), epoch)
+    (
+        sim.crashes,
+        sim.stale_rejected,
+        sim.entries.len(),
+        epoch,
+        sim.swaps,
+    )
 }
 
 fn seeds() -> Vec<u64> {
@@ -501,19 +567,23 @@ fn many(members: usize) {
         seeds.len(),
         seeds[0]
     );
-    let (mut crashes, mut stale, mut entries, mut epochs) = (0, 0, 0, 0);
+    let (mut crashes, mut stale, mut entries, mut epochs, mut swaps) = (0, 0, 0, 0, 0);
     for &seed in &seeds {
-        let (c, s, e, ep) = run(seed, members, 1500);
+        let (c, s, e, ep, sw) = run(seed, members, 1500);
         crashes += c;
         stale += s;
         entries += e;
         epochs += ep;
+        swaps += sw;
     }
     println!(
-        "{} schedules: {crashes} crashes, {entries} entries applied, {stale} stale moves rejected, {epochs} epochs committed",
+        "{} schedules: {crashes} crashes, {entries} entries applied, {stale} stale moves rejected, {epochs} epochs committed, {swaps} voter/learner swaps proposed",
         seeds.len()
     );
     assert!(crashes > 0 && stale > 0 && entries > 0 && epochs > 0);
+    if members > 3 {
+        assert!(swaps > 0);
+    }
 }
 
 #[test]
@@ -528,8 +598,7 @@ fn five_members_under_chaos() {
 
 #[test]
 fn a_restart_never_applies_past_the_commit() {
-    let storage = bootstrap_storage(&[1]);
-    let mut state = ClusterState::new(4);
+    let (storage, mut state) = bootstrap(&[1], &[], 4);
     state.applied_index = 5;
     let e = ControlNode::new(1, storage, state, Timing::default())
         .err()
