@@ -209,7 +209,7 @@ impl ControlNode {
         cc.set_transition(ConfChangeTransition::Explicit);
         for (id, role) in changes {
             let mut c = ConfChangeSingle::default();
-            c.node_id = *id;
+            c.set_node_id(*id);
             c.set_change_type(match role {
                 Some(Role::Voter) => ConfChangeType::AddNode,
                 Some(Role::Learner) => ConfChangeType::AddLearnerNode,
