@@ -10,8 +10,9 @@
 //! restart from the same storage and state never applies an entry twice and never sees
 //! `applied > committed`.
 //!
-//! The storage is raft-rs's `MemStorage` for now (the simulation keeps it across a "crash"
-//! as the durable part); raft-engine behind the same `Storage` trait comes with the node.
+//! The storage is any [`ControlLog`]: raft-engine ([`crate::storage::EngineStorage`], fsynced)
+//! in a node, raft-rs's `MemStorage` in the simulation (which keeps it across a "crash" as
+//! the durable part).
 
 use protobuf::Message as _;
 use raft::prelude::{
@@ -19,10 +20,11 @@ use raft::prelude::{
     Entry, EntryType, Message, Snapshot,
 };
 use raft::storage::MemStorage;
-use raft::{Config, RawNode, StateRole};
+use raft::{Config, RawNode, SnapshotStatus, StateRole};
 
 use crate::control::{ClusterState, Command, Outcome, RaftConf, Role};
 use crate::placement::NodeId;
+use crate::storage::ControlLog;
 
 /// What a step produced.
 #[derive(Debug, Default)]
@@ -53,9 +55,9 @@ impl Default for Timing {
 }
 
 /// A member's replica of the control group.
-pub struct ControlNode {
+pub struct ControlNode<S: ControlLog = MemStorage> {
     id: NodeId,
-    raw: RawNode<MemStorage>,
+    raw: RawNode<S>,
     state: ClusterState,
 }
 
@@ -73,15 +75,15 @@ pub fn bootstrap(
     (MemStorage::new_with_conf_state(cs), state)
 }
 
-impl ControlNode {
+impl<S: ControlLog> ControlNode<S> {
     /// Starts (or restarts) member `id` on `storage` (its durable log and hard state) with
     /// `state` (its durable state machine, at some applied index ≤ the storage's commit).
     pub fn new(
         id: NodeId,
-        storage: MemStorage,
+        storage: S,
         state: ClusterState,
         timing: Timing,
-    ) -> Result<ControlNode, String> {
+    ) -> Result<ControlNode<S>, String> {
         let config = Config {
             id,
             election_tick: timing.election_ticks,
@@ -95,12 +97,12 @@ impl ControlNode {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         // The configuration as of the state's applied index: later changes are applied again.
         match &state.conf {
-            Some(conf) => storage.wl().set_conf_state(to_conf_state(conf)),
+            Some(conf) => storage.set_conf_state(to_conf_state(conf))?,
             None => {
                 return Err("control state without a Raft configuration (not bootstrapped)".into())
             }
         }
-        let committed = storage.rl().hard_state().commit;
+        let committed = storage.hard_state().commit;
         if state.applied_index > committed {
             return Err(format!(
                 "control state applied up to {} but the log has committed only {committed}",
@@ -143,8 +145,35 @@ impl ControlNode {
     }
 
     /// The storage (durable part) of this member.
-    pub fn storage(&self) -> &MemStorage {
+    pub fn storage(&self) -> &S {
         self.raw.store()
+    }
+
+    /// The transport could not reach `peer`.
+    pub fn report_unreachable(&mut self, peer: NodeId) {
+        self.raw.report_unreachable(peer);
+    }
+
+    /// A snapshot sent to `peer` was delivered (or failed).
+    pub fn report_snapshot(&mut self, peer: NodeId, delivered: bool) {
+        let status = if delivered {
+            SnapshotStatus::Finish
+        } else {
+            SnapshotStatus::Failure
+        };
+        self.raw.report_snapshot(peer, status);
+    }
+
+    /// Keeps a snapshot of the state machine at the applied index and drops the log up to it,
+    /// once more than `keep` entries are applied beyond the log's start. A peer that needs the
+    /// dropped entries is sent the snapshot.
+    pub fn compact(&mut self, keep: u64) -> Result<bool, String> {
+        let first = self.raw.store().first_index().map_err(|e| e.to_string())?;
+        if self.state.applied_index < first + keep {
+            return Ok(false);
+        }
+        self.raw.store().compact(&self.state)?;
+        Ok(true)
     }
 
     /// Advances the logical clock by one tick.
@@ -225,65 +254,46 @@ impl ControlNode {
         self.propose_conf_change(ConfChangeV2::default())
     }
 
-    /// Handles whatever raft-rs has ready, in its documented order.
-    pub fn process(&mut self) -> Output {
+    /// Handles whatever raft-rs has ready, in its documented order. An error (the log cannot
+    /// be written) is fatal for this replica: it must be restarted from its storage.
+    pub fn process(&mut self) -> Result<Output, String> {
         let mut out = Output::default();
         if !self.raw.has_ready() {
-            return out;
+            return Ok(out);
         }
         let mut rd = self.raw.ready();
         // 1. A leader may send before its own entries are durable.
         push_messages(&mut out, rd.take_messages());
         // 2. A snapshot from the leader replaces the state machine.
         if !rd.snapshot().is_empty() {
-            self.apply_snapshot(rd.snapshot().clone());
+            self.apply_snapshot(rd.snapshot().clone())?;
         }
         // 3. Entries committed earlier.
         let committed = rd.take_committed_entries();
-        self.apply_entries(committed, &mut out);
+        self.apply_entries(committed, &mut out)?;
         // 4. New entries and the hard state, durably, before anything that depends on them.
-        {
-            let store = self.raw.mut_store();
-            if !rd.entries().is_empty() {
-                store
-                    .wl()
-                    .append(rd.entries())
-                    .expect("appending to the control log");
-            }
-            if let Some(hs) = rd.hs() {
-                store.wl().set_hardstate(hs.clone());
-            }
-        }
+        self.raw.store().persist(rd.entries(), rd.hs())?;
         // 5. Messages that promise what was just persisted.
         push_messages(&mut out, rd.take_persisted_messages());
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
-            self.raw
-                .mut_store()
-                .wl()
-                .mut_hard_state()
-                .set_commit(commit);
+            self.raw.store().persist_commit(commit)?;
         }
         push_messages(&mut out, light.take_messages());
         let committed = light.take_committed_entries();
-        self.apply_entries(committed, &mut out);
+        self.apply_entries(committed, &mut out)?;
         self.raw.advance_apply();
-        out
+        Ok(out)
     }
 
-    fn apply_snapshot(&mut self, snap: Snapshot) {
-        let data = snap.get_data().to_vec();
-        self.raw
-            .mut_store()
-            .wl()
-            .apply_snapshot(snap)
-            .expect("applying a control snapshot");
-        if let Ok(s) = ClusterState::decode(&data) {
-            self.state = s;
-        }
+    fn apply_snapshot(&mut self, snap: Snapshot) -> Result<(), String> {
+        let state = ClusterState::decode(snap.get_data())?;
+        self.raw.store().apply_snapshot(snap)?;
+        self.state = state;
+        Ok(())
     }
 
-    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Output) {
+    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Output) -> Result<(), String> {
         for e in entries {
             let index = e.get_index();
             match e.get_entry_type() {
@@ -308,7 +318,7 @@ impl ControlNode {
                 EntryType::EntryConfChange => {
                     if let Ok(cc) = ConfChange::parse_from_bytes(e.get_data()) {
                         if let Ok(cs) = self.raw.apply_conf_change(&cc) {
-                            self.conf_applied(index, cs);
+                            self.conf_applied(index, cs)?;
                         }
                     }
                     self.state.applied_index = self.state.applied_index.max(index);
@@ -316,20 +326,21 @@ impl ControlNode {
                 EntryType::EntryConfChangeV2 => {
                     if let Ok(cc) = ConfChangeV2::parse_from_bytes(e.get_data()) {
                         if let Ok(cs) = self.raw.apply_conf_change(&cc) {
-                            self.conf_applied(index, cs);
+                            self.conf_applied(index, cs)?;
                         }
                     }
                     self.state.applied_index = self.state.applied_index.max(index);
                 }
             }
         }
+        Ok(())
     }
 }
 
-impl ControlNode {
-    fn conf_applied(&mut self, index: u64, cs: ConfState) {
+impl<S: ControlLog> ControlNode<S> {
+    fn conf_applied(&mut self, index: u64, cs: ConfState) -> Result<(), String> {
         self.state.set_conf(index, from_conf_state(&cs));
-        self.raw.mut_store().wl().set_conf_state(cs);
+        self.raw.store().set_conf_state(cs)
     }
 }
 

@@ -6,6 +6,7 @@
 //!   key-group ownership versions, committed epochs).
 //! - [`group`]: one member's replica of the control group (raft-rs `RawNode` + the state
 //!   machine) as pure steps.
+//! - [`storage`]: the control group's durable log on raft-engine.
 //!
 //! All of it is pure (inputs → state and actions; no clocks, no sockets).
 
@@ -13,3 +14,4 @@ pub mod control;
 pub mod group;
 pub mod keygroup;
 pub mod placement;
+pub mod storage;

@@ -190,7 +190,14 @@ impl Sim {
             let Some(node) = self.replicas[i].node.as_mut() else {
                 continue;
             };
-            let out = node.process();
+            let out = match node.process() {
+                Ok(o) => o,
+                Err(e) => panic!(
+                    "seed {}: node {} cannot write its log: {e}",
+                    self.seed,
+                    i + 1
+                ),
+            };
             let changed =
                 !out.applied.is_empty() || node.state().applied_index != self.replicas_checked[i];
             let (applied, committed, term, leader) = (

@@ -1,0 +1,352 @@
+//! The control group's durable log: raft-rs's `Storage` over raft-engine (which fsyncs; sled's
+//! flush is not an fsync), plus the writes a replica makes ([`ControlLog`]).
+//!
+//! One raft-engine group (id 1) holds the entries and these keys: `hs` (hard state), `cs`
+//! (configuration), `snap` (the newest snapshot: metadata and the state machine's bytes) and
+//! `sm` (the state machine as last persisted, with its applied index; it may lag the log,
+//! never lead its commit). Entries and the hard state of one `Ready` go in one fsynced batch;
+//! the commit index is fsynced before any entry it commits is applied, so a restart never finds
+//! `applied > committed`. A snapshot received from the leader replaces the whole log in one
+//! batch; compaction keeps a snapshot at the compaction point, which is what a lagging
+//! follower is sent.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::storage::MemStorage;
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+use raft_engine::{Command as EngineCommand, Config, Engine, LogBatch, MessageExt};
+
+use crate::control::ClusterState;
+
+const GROUP: u64 = 1;
+const HARD_STATE: &[u8] = b"hs";
+const CONF_STATE: &[u8] = b"cs";
+const SNAPSHOT: &[u8] = b"snap";
+const STATE: &[u8] = b"sm";
+
+/// The writes a control-group replica makes to its log, on top of raft-rs's reads.
+pub trait ControlLog: Storage {
+    /// Appends entries (replacing any conflicting tail) and saves the hard state, durably.
+    fn persist(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), String>;
+    /// Saves a newer commit index, durably.
+    fn persist_commit(&self, commit: u64) -> Result<(), String>;
+    /// Saves the configuration a configuration change produced.
+    fn set_conf_state(&self, cs: ConfState) -> Result<(), String>;
+    /// Replaces the log by a snapshot from the leader.
+    fn apply_snapshot(&self, snap: Snapshot) -> Result<(), String>;
+    /// The saved hard state.
+    fn hard_state(&self) -> HardState;
+    /// Keeps a snapshot of the state machine at `state.applied_index` and drops the entries
+    /// up to it (no-op for storages that cannot).
+    fn compact(&self, state: &ClusterState) -> Result<(), String>;
+}
+
+impl ControlLog for MemStorage {
+    fn persist(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), String> {
+        let mut w = self.wl();
+        if !entries.is_empty() {
+            w.append(entries).map_err(|e| e.to_string())?;
+        }
+        if let Some(hs) = hs {
+            w.set_hardstate(hs.clone());
+        }
+        Ok(())
+    }
+
+    fn persist_commit(&self, commit: u64) -> Result<(), String> {
+        self.wl().mut_hard_state().set_commit(commit);
+        Ok(())
+    }
+
+    fn set_conf_state(&self, cs: ConfState) -> Result<(), String> {
+        self.wl().set_conf_state(cs);
+        Ok(())
+    }
+
+    fn apply_snapshot(&self, snap: Snapshot) -> Result<(), String> {
+        self.wl().apply_snapshot(snap).map_err(|e| e.to_string())
+    }
+
+    fn hard_state(&self) -> HardState {
+        self.rl().hard_state().clone()
+    }
+
+    fn compact(&self, _state: &ClusterState) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct EntryExt;
+
+impl MessageExt for EntryExt {
+    type Entry = Entry;
+
+    fn index(e: &Entry) -> u64 {
+        e.index
+    }
+}
+
+struct Cached {
+    hs: HardState,
+    cs: ConfState,
+    snap: Snapshot,
+}
+
+/// The control group's log in a raft-engine directory. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineStorage {
+    engine: Arc<Engine>,
+    cached: Arc<RwLock<Cached>>,
+}
+
+fn engine_err(e: impl std::fmt::Display) -> String {
+    format!("control log: {e}")
+}
+
+fn to_raft(e: String) -> raft::Error {
+    raft::Error::Store(StorageError::Other(e.into()))
+}
+
+impl EngineStorage {
+    /// Opens (or creates) the log in `dir`. A new log starts with the configuration
+    /// `bootstrap` (the first voters and learners).
+    pub fn open(dir: &Path, bootstrap: &ConfState) -> Result<EngineStorage, String> {
+        let cfg = Config {
+            dir: dir.to_string_lossy().to_string(),
+            ..Default::default()
+        };
+        let engine = Engine::open(cfg).map_err(engine_err)?;
+        let hs: Option<HardState> = engine.get_message(GROUP, HARD_STATE).map_err(engine_err)?;
+        let cs: Option<ConfState> = engine.get_message(GROUP, CONF_STATE).map_err(engine_err)?;
+        let snap: Option<Snapshot> = engine.get_message(GROUP, SNAPSHOT).map_err(engine_err)?;
+        let s = EngineStorage {
+            engine: Arc::new(engine),
+            cached: Arc::new(RwLock::new(Cached {
+                hs: hs.unwrap_or_default(),
+                cs: cs.unwrap_or_else(|| bootstrap.clone()),
+                snap: snap.unwrap_or_default(),
+            })),
+        };
+        if s.engine.get(GROUP, CONF_STATE).is_none() {
+            s.set_conf_state(bootstrap.clone())?;
+        }
+        Ok(s)
+    }
+
+    /// The state machine to restart from: the newer of the one last saved
+    /// ([`EngineStorage::save_state`], not synced) and the snapshot kept when the log was
+    /// compacted (synced), so a restart can always replay the log from its applied index.
+    pub fn load_state(&self) -> Result<Option<ClusterState>, String> {
+        let saved = match self.engine.get(GROUP, STATE) {
+            None => None,
+            Some(b) => Some(ClusterState::decode(&b)?),
+        };
+        let snap = self.cached.read().unwrap().snap.clone();
+        let from_snap = if snap.get_data().is_empty() {
+            None
+        } else {
+            Some(ClusterState::decode(snap.get_data())?)
+        };
+        Ok(match (saved, from_snap) {
+            (Some(a), Some(b)) => Some(if a.applied_index >= b.applied_index {
+                a
+            } else {
+                b
+            }),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// Saves the state machine (not synced: a state that lags the log is replayed forward).
+    pub fn save_state(&self, state: &ClusterState) -> Result<(), String> {
+        let mut b = LogBatch::default();
+        b.put(GROUP, STATE.to_vec(), state.encode())
+            .map_err(engine_err)?;
+        self.engine.write(&mut b, false).map_err(engine_err)?;
+        Ok(())
+    }
+
+    fn snapshot_index(&self) -> u64 {
+        self.cached.read().unwrap().snap.get_metadata().index
+    }
+
+    fn write(&self, b: &mut LogBatch) -> Result<(), String> {
+        self.engine.write(b, true).map(|_| ()).map_err(engine_err)
+    }
+}
+
+impl Storage for EngineStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let c = self.cached.read().unwrap();
+        Ok(RaftState::new(c.hs.clone(), c.cs.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first_index()? {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last_index()? + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let mut v = Vec::with_capacity((high - low) as usize);
+        self.engine
+            .fetch_entries_to::<EntryExt>(GROUP, low, high, None, &mut v)
+            .map_err(|e| to_raft(engine_err(e)))?;
+        raft::util::limit_size(&mut v, max_size.into());
+        Ok(v)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        {
+            let c = self.cached.read().unwrap();
+            if idx == c.snap.get_metadata().index {
+                return Ok(c.snap.get_metadata().term);
+            }
+        }
+        if idx < self.first_index()? {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last_index()? {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        match self
+            .engine
+            .get_entry::<EntryExt>(GROUP, idx)
+            .map_err(|e| to_raft(engine_err(e)))?
+        {
+            Some(e) => Ok(e.term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self
+            .engine
+            .first_index(GROUP)
+            .unwrap_or(self.snapshot_index() + 1))
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self
+            .engine
+            .last_index(GROUP)
+            .unwrap_or(self.snapshot_index()))
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let c = self.cached.read().unwrap();
+        if c.snap.get_metadata().index < request_index || c.snap.get_data().is_empty() {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(c.snap.clone())
+    }
+}
+
+impl ControlLog for EngineStorage {
+    fn persist(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), String> {
+        let mut b = LogBatch::default();
+        if !entries.is_empty() {
+            b.add_entries::<EntryExt>(GROUP, entries)
+                .map_err(engine_err)?;
+        }
+        if let Some(hs) = hs {
+            b.put_message(GROUP, HARD_STATE.to_vec(), hs)
+                .map_err(engine_err)?;
+        }
+        if b.is_empty() {
+            return Ok(());
+        }
+        self.write(&mut b)?;
+        if let Some(hs) = hs {
+            self.cached.write().unwrap().hs = hs.clone();
+        }
+        Ok(())
+    }
+
+    fn persist_commit(&self, commit: u64) -> Result<(), String> {
+        let mut hs = self.cached.read().unwrap().hs.clone();
+        if commit <= hs.commit {
+            return Ok(());
+        }
+        hs.set_commit(commit);
+        self.persist(&[], Some(&hs))
+    }
+
+    fn set_conf_state(&self, cs: ConfState) -> Result<(), String> {
+        let mut b = LogBatch::default();
+        b.put_message(GROUP, CONF_STATE.to_vec(), &cs)
+            .map_err(engine_err)?;
+        self.write(&mut b)?;
+        self.cached.write().unwrap().cs = cs;
+        Ok(())
+    }
+
+    fn apply_snapshot(&self, snap: Snapshot) -> Result<(), String> {
+        let meta = snap.get_metadata().clone();
+        let mut hs = self.cached.read().unwrap().hs.clone();
+        hs.set_term(hs.term.max(meta.term));
+        hs.set_commit(hs.commit.max(meta.index));
+        let mut b = LogBatch::default();
+        // The whole log goes (entries and keys), then the new keys, in one batch.
+        b.add_command(GROUP, EngineCommand::Clean);
+        b.put_message(GROUP, HARD_STATE.to_vec(), &hs)
+            .map_err(engine_err)?;
+        b.put_message(GROUP, CONF_STATE.to_vec(), meta.get_conf_state())
+            .map_err(engine_err)?;
+        b.put_message(GROUP, SNAPSHOT.to_vec(), &snap)
+            .map_err(engine_err)?;
+        if let Ok(state) = ClusterState::decode(snap.get_data()) {
+            b.put(GROUP, STATE.to_vec(), state.encode())
+                .map_err(engine_err)?;
+        }
+        self.write(&mut b)?;
+        let mut c = self.cached.write().unwrap();
+        c.hs = hs;
+        c.cs = meta.get_conf_state().clone();
+        c.snap = snap;
+        Ok(())
+    }
+
+    fn hard_state(&self) -> HardState {
+        self.cached.read().unwrap().hs.clone()
+    }
+
+    fn compact(&self, state: &ClusterState) -> Result<(), String> {
+        let index = state.applied_index;
+        if index <= self.snapshot_index() {
+            return Ok(());
+        }
+        let term = self.term(index).map_err(|e| e.to_string())?;
+        let mut snap = Snapshot::default();
+        snap.set_data(state.encode().into());
+        let meta = snap.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(self.cached.read().unwrap().cs.clone());
+        let mut b = LogBatch::default();
+        b.put_message(GROUP, SNAPSHOT.to_vec(), &snap)
+            .map_err(engine_err)?;
+        b.add_command(GROUP, EngineCommand::Compact { index: index + 1 });
+        self.write(&mut b)?;
+        self.cached.write().unwrap().snap = snap;
+        Ok(())
+    }
+}
+
+/// The log's raft-engine directory is refused if it cannot be opened (named in the error).
+pub fn open_in(data_dir: &Path, bootstrap: &ConfState) -> Result<EngineStorage, String> {
+    let dir = data_dir.join("control");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    EngineStorage::open(&dir, bootstrap).map_err(|e| format!("{}: {e}", dir.display()))
+}

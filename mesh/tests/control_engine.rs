@@ -1,0 +1,214 @@
+//! The control group on its real durable log (raft-engine files in temporary directories):
+//! members stop and restart from their directories, a stopped member catches up through a
+//! snapshot after the leader compacted its log, and the whole group restarts from disk with
+//! nothing lost.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+
+use raft::prelude::ConfState;
+use raft::Storage;
+use statemesh_mesh::control::{ClusterState, Command, Role};
+use statemesh_mesh::group::{ControlNode, Timing};
+use statemesh_mesh::placement::NodeId;
+use statemesh_mesh::storage::{open_in, ControlLog, EngineStorage};
+
+const K: u32 = 16;
+
+struct Member {
+    dir: PathBuf,
+    node: Option<ControlNode<EngineStorage>>,
+}
+
+fn conf() -> ConfState {
+    ConfState::from((vec![1, 2, 3], vec![]))
+}
+
+fn start(dir: &Path, id: NodeId) -> ControlNode<EngineStorage> {
+    let storage = open_in(dir, &conf()).unwrap();
+    let state = storage.load_state().unwrap().unwrap_or_else(|| {
+        let mut s = ClusterState::new(K);
+        s.conf = Some(statemesh_mesh::control::RaftConf {
+            voters: vec![1, 2, 3],
+            ..Default::default()
+        });
+        s
+    });
+    ControlNode::new(id, storage, state, Timing::default()).unwrap()
+}
+
+/// Runs the members for `steps` ticks, delivering every message in order.
+fn run(members: &mut [Member], steps: usize) {
+    let mut net: VecDeque<(usize, Vec<u8>)> = VecDeque::new();
+    for _ in 0..steps {
+        for m in members.iter_mut() {
+            if let Some(n) = m.node.as_mut() {
+                n.tick();
+            }
+        }
+        for _ in 0..4 {
+            for (i, m) in members.iter_mut().enumerate() {
+                let Some(n) = m.node.as_mut() else { continue };
+                let out = n.process().unwrap();
+                if !out.applied.is_empty() {
+                    n.storage().save_state(n.state()).unwrap();
+                }
+                for (to, b) in out.messages {
+                    net.push_back(((to - 1) as usize, b));
+                    let _ = i;
+                }
+            }
+            while let Some((to, b)) = net.pop_front() {
+                if let Some(n) = members[to].node.as_mut() {
+                    let _ = n.step(&b);
+                }
+            }
+        }
+    }
+}
+
+fn leader(members: &mut [Member]) -> &mut ControlNode<EngineStorage> {
+    members
+        .iter_mut()
+        .filter_map(|m| m.node.as_mut())
+        .find(|n| n.is_leader())
+        .expect("a leader")
+}
+
+fn propose_epochs(members: &mut [Member], from: u64, to: u64) {
+    for e in from..=to {
+        leader(members)
+            .propose(&Command::CommitEpoch { epoch: e })
+            .unwrap();
+        run(members, 1);
+    }
+    run(members, 20);
+}
+
+#[test]
+fn members_restart_from_disk_and_catch_up_through_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut members: Vec<Member> = (1..=3u64)
+        .map(|id| {
+            let d = dir.path().join(format!("n{id}"));
+            Member {
+                node: Some(start(&d, id)),
+                dir: d,
+            }
+        })
+        .collect();
+    run(&mut members, 60);
+    leader(&mut members)
+        .propose(&Command::Join {
+            id: 1,
+            grpc_addr: "127.0.0.1:1".into(),
+            http_addr: "127.0.0.1:2".into(),
+            role: Role::Voter,
+        })
+        .unwrap();
+    propose_epochs(&mut members, 1, 30);
+    for m in &members {
+        assert_eq!(m.node.as_ref().unwrap().state().committed_epoch, 30);
+    }
+
+    // Member 3 stops (its engine closes); the others go on and compact their logs.
+    let stopped = members
+        .iter()
+        .position(|m| !m.node.as_ref().unwrap().is_leader())
+        .unwrap();
+    members[stopped].node = None;
+    propose_epochs(&mut members, 31, 80);
+    let mut compacted = 0;
+    for m in members.iter_mut() {
+        if let Some(n) = m.node.as_mut() {
+            if n.compact(5).unwrap() {
+                compacted += 1;
+            }
+            assert!(
+                n.storage().first_index().unwrap() > 31,
+                "the log was compacted"
+            );
+        }
+    }
+    assert_eq!(compacted, 2);
+    propose_epochs(&mut members, 81, 85);
+
+    // It restarts from its directory; the entries it lacks are gone: it gets a snapshot.
+    members[stopped].node = Some(start(&members[stopped].dir.clone(), (stopped + 1) as u64));
+    run(&mut members, 100);
+    let want = members[(stopped + 1) % 3]
+        .node
+        .as_ref()
+        .unwrap()
+        .state()
+        .clone();
+    assert_eq!(want.committed_epoch, 85);
+    assert_eq!(members[stopped].node.as_ref().unwrap().state(), &want);
+    assert!(
+        members[stopped]
+            .node
+            .as_ref()
+            .unwrap()
+            .storage()
+            .first_index()
+            .unwrap()
+            > 31,
+        "caught up from a snapshot, not from entries"
+    );
+
+    // A member whose saved state machine was lost (it is written without fsync) restarts
+    // from the snapshot kept at compaction and replays the rest of its log.
+    let other = (stopped + 1) % 3;
+    members[other].node = None;
+    {
+        let storage = open_in(&members[other].dir, &conf()).unwrap();
+        let mut old = ClusterState::new(K);
+        old.conf = want.conf.clone();
+        storage.save_state(&old).unwrap();
+    }
+    members[other].node = Some(start(&members[other].dir.clone(), (other + 1) as u64));
+    assert!(
+        members[other]
+            .node
+            .as_ref()
+            .unwrap()
+            .state()
+            .committed_epoch
+            >= 80
+    );
+    run(&mut members, 40);
+    assert_eq!(
+        members[other]
+            .node
+            .as_ref()
+            .unwrap()
+            .state()
+            .committed_epoch,
+        85
+    );
+
+    // The whole group stops and restarts from disk: nothing is lost, and it goes on.
+    for m in members.iter_mut() {
+        m.node = None;
+    }
+    for (i, m) in members.iter_mut().enumerate() {
+        m.node = Some(start(&m.dir, (i + 1) as u64));
+        let n = m.node.as_ref().unwrap();
+        assert!(n.state().applied_index <= n.storage().hard_state().commit);
+    }
+    run(&mut members, 60);
+    propose_epochs(&mut members, 86, 90);
+    for m in &members {
+        let s = m.node.as_ref().unwrap().state();
+        assert_eq!(s.committed_epoch, 90);
+        assert_eq!(s.members[&1].grpc_addr, "127.0.0.1:1");
+    }
+}
+
+#[test]
+fn an_unreadable_log_directory_is_refused_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("control"), b"not a directory").unwrap();
+    let e = open_in(dir.path(), &conf()).err().expect("refused");
+    assert!(e.contains("control"), "{e}");
+}
