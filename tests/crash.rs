@@ -382,6 +382,7 @@ async fn run(seed: u64, v: Variant) {
         grpc_port,
         http_port,
         env: Vec::new(),
+        args: Vec::new(),
     };
     let http_url = format!("http://127.0.0.1:{http_port}");
     let grpc = format!("http://127.0.0.1:{grpc_port}");

@@ -745,3 +745,76 @@ async fn unreadable_local_state_is_dead_lettered_not_applied() {
     );
     node.stop();
 }
+
+async fn cluster(node: &Node) -> serde_json::Value {
+    let (s, _, body) = http(
+        &format!("{}/v1/cluster", node.http),
+        "GET",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// A node without peers is a cluster of one: it leads its control group (raft-rs, log in
+/// raft-engine under the data directory), joins it with a new generation on every start,
+/// owns all 1,024 key groups by placement, and keeps its node id in the data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_node_is_a_cluster_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let launch = |id: &str| common::Launch {
+        args: vec!["--node-id".into(), id.into()],
+        ..Default::default()
+    };
+    let settled = |node: &Node, generation: u64| {
+        let node = Node::attach(&node.http);
+        async move {
+            eventually("the cluster of one", Duration::from_secs(20), || async {
+                let c = cluster(&node).await;
+                let m = &c["members"];
+                (c["leader"] == 7
+                    && c["unassigned_key_groups"] == 0
+                    && m.as_array().map(|a| a.len()) == Some(1)
+                    && m[0]["generation"] == generation)
+                    .then_some(c)
+            })
+            .await
+        }
+    };
+    let node = Node::start_launch(&data, &launch("7"));
+    let c = settled(&node, 1).await;
+    let m = &c["members"][0];
+    assert_eq!(c["node_id"], 7);
+    assert_eq!(m["id"], 7);
+    assert_eq!(m["role"], "voter");
+    assert_eq!(m["alive"], true);
+    assert_eq!(m["key_groups"], 1024);
+    assert_eq!(
+        format!("http://{}", m["grpc_addr"].as_str().unwrap()),
+        node.grpc
+    );
+    assert_eq!(
+        format!("http://{}", m["http_addr"].as_str().unwrap()),
+        node.http
+    );
+    assert!(c["placement_version"].as_u64().unwrap() >= 8, "{c}");
+    assert!(c["term"].as_u64().unwrap() >= 1);
+    node.stop();
+
+    // A restart (without --node-id: it is in the data directory) rejoins as generation 2.
+    let node = Node::start(&data, None);
+    let c = settled(&node, 2).await;
+    assert_eq!(c["members"][0]["key_groups"], 1024);
+    node.stop();
+
+    // The data directory of node 7 refuses to start as node 8; 0 is not an id.
+    let mut n = Node::launch(&data, &launch("8"));
+    let log = n.wait_listening().expect_err("refused");
+    assert!(log.contains("belongs to node 7, not 8"), "{log}");
+    let mut n = Node::launch(&dir.path().join("other"), &launch("0"));
+    let log = n.wait_listening().expect_err("refused");
+    assert!(log.contains("0 is reserved"), "{log}");
+}

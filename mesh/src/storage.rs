@@ -18,7 +18,7 @@ use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use raft_engine::{Command as EngineCommand, Config, Engine, LogBatch, MessageExt};
 
-use crate::control::ClusterState;
+use crate::control::{ClusterState, RaftConf};
 
 const GROUP: u64 = 1;
 const HARD_STATE: &[u8] = b"hs";
@@ -344,9 +344,11 @@ impl ControlLog for EngineStorage {
     }
 }
 
-/// The log's raft-engine directory is refused if it cannot be opened (named in the error).
-pub fn open_in(data_dir: &Path, bootstrap: &ConfState) -> Result<EngineStorage, String> {
+/// Opens the control log in `<data_dir>/control` (created with the configuration
+/// `bootstrap` if new); an unusable directory is refused with its name.
+pub fn open_in(data_dir: &Path, bootstrap: &RaftConf) -> Result<EngineStorage, String> {
     let dir = data_dir.join("control");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    EngineStorage::open(&dir, bootstrap).map_err(|e| format!("{}: {e}", dir.display()))
+    let cs = ConfState::from((bootstrap.voters.clone(), bootstrap.learners.clone()));
+    EngineStorage::open(&dir, &cs).map_err(|e| format!("{}: {e}", dir.display()))
 }

@@ -6,9 +6,8 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
-use raft::prelude::ConfState;
 use raft::Storage;
-use statemesh_mesh::control::{ClusterState, Command, Role};
+use statemesh_mesh::control::{ClusterState, Command, RaftConf, Role};
 use statemesh_mesh::group::{ControlNode, Timing};
 use statemesh_mesh::placement::NodeId;
 use statemesh_mesh::storage::{open_in, ControlLog, EngineStorage};
@@ -20,18 +19,18 @@ struct Member {
     node: Option<ControlNode<EngineStorage>>,
 }
 
-fn conf() -> ConfState {
-    ConfState::from((vec![1, 2, 3], vec![]))
+fn conf() -> RaftConf {
+    RaftConf {
+        voters: vec![1, 2, 3],
+        ..Default::default()
+    }
 }
 
 fn start(dir: &Path, id: NodeId) -> ControlNode<EngineStorage> {
     let storage = open_in(dir, &conf()).unwrap();
     let state = storage.load_state().unwrap().unwrap_or_else(|| {
         let mut s = ClusterState::new(K);
-        s.conf = Some(statemesh_mesh::control::RaftConf {
-            voters: vec![1, 2, 3],
-            ..Default::default()
-        });
+        s.conf = Some(conf());
         s
     });
     ControlNode::new(id, storage, state, Timing::default()).unwrap()

@@ -150,6 +150,9 @@ impl Default for CheckpointConfig {
 pub struct NodeConfig {
     /// Directory of local state (sled under `<data_dir>/state`). Default `./data`.
     pub data_dir: PathBuf,
+    /// This node's id in the cluster (a positive integer), kept in `<data_dir>/node-id`;
+    /// generated on the first start if not given. Default: none.
+    pub node_id: Option<u64>,
     /// gRPC ingress/admin address. Default `127.0.0.1:5090`; port 0 picks a free port.
     pub grpc_addr: SocketAddr,
     /// HTTP ingress/admin address. Default `127.0.0.1:8090`; port 0 picks a free port.
@@ -193,6 +196,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             data_dir: PathBuf::from("./data"),
+            node_id: None,
             grpc_addr: "127.0.0.1:5090".parse().expect("literal address"),
             http_addr: "127.0.0.1:8090".parse().expect("literal address"),
             shards: 0,

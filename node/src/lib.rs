@@ -12,6 +12,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 mod egress;
 pub mod error;

@@ -106,6 +106,7 @@ pub(crate) struct Shared {
     pub shards: Vec<Addr<Shard>>,
     pub ready: Arc<AtomicBool>,
     pub checkpoints: StatusHandle,
+    pub cluster: crate::cluster::ClusterHandle,
 }
 
 impl Shared {
@@ -139,6 +140,7 @@ pub struct NodeHandle {
     actix_thread: Option<std::thread::JoinHandle<()>>,
     driver_events: tokio::sync::mpsc::UnboundedSender<DriverEvent>,
     store: Store,
+    control: tokio::task::JoinHandle<()>,
 }
 
 impl NodeHandle {
@@ -211,6 +213,8 @@ impl NodeHandle {
         if let Err(e) = self.store.flush() {
             tracing::error!(error = %e, "final sled flush failed");
         }
+        self.control.abort();
+        let _ = (&mut self.control).await;
         self.system.stop();
         if let Some(t) = self.actix_thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
@@ -255,6 +259,9 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     } else {
         None
     };
+    let node_id =
+        crate::cluster::node_id(&config.data_dir, config.node_id).map_err(StartError::Other)?;
+    let cluster: crate::cluster::ClusterHandle = Default::default();
     let state_dir = config.data_dir.join("state");
     let store = match Store::open(&state_dir, config.key_groups) {
         Ok(s) => s,
@@ -381,6 +388,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     let (started_tx, started_rx) = oneshot::channel::<Result<ActixStarted, String>>();
     let (r2, c2, ready2) = (router.clone(), config.clone(), ready.clone());
     let (store2, events2, status2) = (store.clone(), events_tx.clone(), status.clone());
+    let cluster2 = cluster.clone();
     let committed = recovered.committed;
     let replay = recovered.pending;
     let actix_thread = std::thread::Builder::new()
@@ -413,6 +421,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
                     shards: shards.clone(),
                     ready: ready2,
                     checkpoints: status2,
+                    cluster: cluster2,
                 };
                 let mut playground = Vec::new();
                 for (l, routes) in extra {
@@ -458,12 +467,24 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         events_rx,
         status.clone(),
     );
+    let committed_status = status.clone();
+    let control = crate::cluster::start(
+        &config.data_dir,
+        node_id,
+        config.key_groups,
+        grpc_addr.to_string(),
+        started.http_addr.to_string(),
+        cluster.clone(),
+        Box::new(move || committed_status.lock().committed),
+    )
+    .map_err(|e| StartError::Other(format!("control group: {e}")))?;
     let shared = Shared {
         router,
         config: config.clone(),
         shards: started.shards,
         ready: ready.clone(),
         checkpoints: status,
+        cluster,
     };
     let (grpc_shutdown, grpc_task) = crate::ingress::grpc::serve(shared.clone(), grpc_listener);
     ready.store(true, Ordering::SeqCst);
@@ -480,6 +501,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         actix_thread: Some(actix_thread),
         driver_events: events_tx,
         store,
+        control,
     })
 }
 

@@ -41,6 +41,8 @@ pub struct Launch {
     pub http_port: u16,
     /// Extra environment variables (e.g. `FAILPOINTS`).
     pub env: Vec<(String, String)>,
+    /// Extra arguments of `statemesh node` (e.g. `--node-id 7`).
+    pub args: Vec<String>,
 }
 
 impl Node {
@@ -72,6 +74,7 @@ impl Node {
                 grpc_port,
                 http_port,
                 env: Vec::new(),
+                args: Vec::new(),
             },
         )
     }
@@ -113,6 +116,7 @@ impl Node {
             std::fs::write(&path, c).unwrap();
             cmd.arg("--config").arg(&path);
         }
+        cmd.args(&l.args);
         cmd.env_remove("FAILPOINTS");
         for (k, v) in &l.env {
             cmd.env(k, v);

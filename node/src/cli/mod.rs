@@ -52,6 +52,10 @@ enum Command {
         /// Shards (overrides the file); default one per core.
         #[arg(long)]
         shards: Option<usize>,
+        /// This node's id in the cluster, a positive integer (kept in the data directory;
+        /// generated on the first start if not given).
+        #[arg(long)]
+        node_id: Option<u64>,
     },
     /// Send a one-way message: `statemesh send example/counter/a 5 --type long`.
     Send {
@@ -163,6 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             grpc_addr,
             http_addr,
             shards,
+            node_id,
         } => {
             statemesh_node::failpoint::setup_from_env().map_err(anyhow::Error::msg)?;
             let mut cfg = match &config {
@@ -180,6 +185,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(s) = shards {
                 cfg.shards = s;
+            }
+            if node_id.is_some() {
+                cfg.node_id = node_id;
             }
             let module = match &module {
                 Some(p) => Some(statemesh_node::module::Module::load(p)?),

@@ -7,6 +7,8 @@
 //! | `GET /v1/state/{ns}/{type}/{id}` | JSON of the address's states |
 //! | `GET /v1/egress/{topic}` | pops the next record of a topic; 204 when there is none |
 //! | `GET /v1/functions` | the registered function types |
+//! | `GET /v1/checkpoints` | epochs, sizes, durations, the last commit and recovery |
+//! | `GET /v1/cluster` | the control group: leader, term, placement version, members and their key groups |
 //! | `GET /healthz`, `/readyz`, `/metrics` | liveness, readiness, Prometheus |
 //!
 //! Bodies use `Content-Type: application/vnd.<typename>` (`text/plain` = string). Built-in
@@ -159,6 +161,13 @@ async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
     }
 }
 
+/// `GET /v1/cluster`: the control group as this node sees it (leader, term, members, key
+/// groups).
+async fn cluster(shared: web::Data<Shared>) -> HttpResponse {
+    let view = shared.cluster.lock().clone();
+    HttpResponse::Ok().json(view)
+}
+
 /// `GET /v1/checkpoints`: epochs, sizes, durations, the last commit and recovery.
 async fn checkpoints(shared: web::Data<Shared>) -> HttpResponse {
     let status = shared.checkpoints.lock().clone();
@@ -260,6 +269,7 @@ pub(crate) fn server(
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
                 .route("/v1/checkpoints", web::get().to(checkpoints))
+                .route("/v1/cluster", web::get().to(cluster))
                 .route("/metrics", web::get().to(metrics));
         }
         if routes.playground_ingress {
