@@ -233,15 +233,7 @@ const POINTS: &[&str] = &[
 ];
 
 /// With tiny thresholds: every fault point.
-const ALL_POINTS: &[&str] = &[
-    "checkpoint-object-put",
-    "checkpoint-manifest-put",
-    "checkpoint-after-commit",
-    "checkpoint-full-snapshot-put",
-    "checkpoint-gc-delete",
-    "checkpoint-sled-apply",
-    "checkpoint-recovery",
-];
+const ALL_POINTS: &[&str] = statemesh_node::failpoint::POINTS;
 
 const CONFIG: &str = "shards = 2\n";
 

@@ -212,6 +212,19 @@ impl ClusterState {
             .collect()
     }
 
+    /// The next round of placement: at most `limit` moves towards rendezvous placement over
+    /// the live members, each at the version it has now (see [`crate::placement::plan`]).
+    pub fn plan_moves(&self, limit: usize) -> Vec<MoveCommand> {
+        crate::placement::plan(&self.owners(), &self.live_members(), limit)
+            .into_iter()
+            .map(|m| MoveCommand {
+                kg: m.kg,
+                to: m.to,
+                version: self.table[m.kg as usize].version,
+            })
+            .collect()
+    }
+
     /// How many key groups a member owns.
     pub fn owned_by(&self, id: NodeId) -> usize {
         self.table.iter().filter(|o| o.owner == Some(id)).count()

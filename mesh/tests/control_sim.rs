@@ -29,7 +29,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use raft::storage::MemStorage;
 use statemesh_mesh::control::{ClusterState, Command, MoveCommand, Outcome, Role};
 use statemesh_mesh::group::{bootstrap, ControlNode, Timing};
-use statemesh_mesh::placement::{self, NodeId};
+use statemesh_mesh::placement::NodeId;
 
 const KEY_GROUPS: u32 = 64;
 
@@ -291,19 +291,9 @@ impl Sim {
                     epoch: state.committed_epoch + 1,
                 },
             },
-            4..=6 => {
-                let live = state.live_members();
-                let moves: Vec<MoveCommand> =
-                    placement::plan(&state.owners(), &live, 1 + self.rng.below(16) as usize)
-                        .into_iter()
-                        .map(|m| MoveCommand {
-                            kg: m.kg,
-                            to: m.to,
-                            version: state.table[m.kg as usize].version,
-                        })
-                        .collect();
-                Command::Move { moves }
-            }
+            4..=6 => Command::Move {
+                moves: state.plan_moves(1 + self.rng.below(16) as usize),
+            },
             7 => {
                 // A move against a version already replaced: must be rejected.
                 let kg = self.rng.below(KEY_GROUPS as u64) as u32;

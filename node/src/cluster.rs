@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use statemesh_mesh::control::{ClusterState, Command, MoveCommand, RaftConf, Role};
+use statemesh_mesh::control::{ClusterState, Command, Member, RaftConf, Role};
 use statemesh_mesh::group::{ControlNode, Timing};
-use statemesh_mesh::placement::{self, NodeId};
+use statemesh_mesh::placement::NodeId;
 use statemesh_mesh::storage::{open_in, EngineStorage};
 
 /// Key groups moved per round of placement (a round is a Raft commit).
@@ -27,21 +27,12 @@ const TICK: Duration = Duration::from_millis(50);
 /// Log entries kept after the applied index before compacting.
 const KEEP_ENTRIES: u64 = 1000;
 
-/// A member as `GET /v1/cluster` shows it.
+/// A member as `GET /v1/cluster` shows it: its record and how many key groups it owns.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemberView {
-    /// Its id.
-    pub id: NodeId,
-    /// Its generation (bumped on every (re)join).
-    pub generation: u64,
-    /// Its gRPC address.
-    pub grpc_addr: String,
-    /// Its HTTP address.
-    pub http_addr: String,
-    /// `voter` or `learner`.
-    pub role: Role,
-    /// Not declared dead.
-    pub alive: bool,
+    /// The member (id, generation, addresses, role, alive).
+    #[serde(flatten)]
+    pub member: Member,
     /// Key groups it owns.
     pub key_groups: usize,
 }
@@ -215,15 +206,7 @@ impl Driver {
         if !state.members.contains_key(&id) {
             return Ok(());
         }
-        let moves: Vec<MoveCommand> =
-            placement::plan(&state.owners(), &state.live_members(), MOVES_PER_ROUND)
-                .into_iter()
-                .map(|m| MoveCommand {
-                    kg: m.kg,
-                    to: m.to,
-                    version: state.table[m.kg as usize].version,
-                })
-                .collect();
+        let moves = state.plan_moves(MOVES_PER_ROUND);
         if !moves.is_empty() {
             // Rejected (a stale version) when an earlier round is still being applied: the
             // next round plans again from the applied table.
@@ -246,12 +229,7 @@ impl Driver {
                 .members
                 .values()
                 .map(|m| MemberView {
-                    id: m.id,
-                    generation: m.generation,
-                    grpc_addr: m.grpc_addr.clone(),
-                    http_addr: m.http_addr.clone(),
-                    role: m.role,
-                    alive: m.alive,
+                    member: m.clone(),
                     key_groups: s.owned_by(m.id),
                 })
                 .collect(),

@@ -331,39 +331,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// One HTTP request; returns (status, content type, body).
+/// One HTTP request; returns (status, content type, body). Panics on a transport error.
 pub async fn http(
     url: &str,
     method: &str,
     content_type: Option<&str>,
     body: Bytes,
 ) -> (u16, String, Bytes) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let mut req = hyper::Request::builder().method(method).uri(url);
-    if let Some(ct) = content_type {
-        req = req.header("content-type", ct);
-    }
-    let resp = client
-        .request(req.body(Full::new(body)).unwrap())
+    request(url, method, content_type, body)
         .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let ct = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    (
-        status,
-        ct,
-        resp.into_body().collect().await.unwrap().to_bytes(),
-    )
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
 }
 
-/// One HTTP request that may fail (a node being killed): `Err` on a transport error or
-/// after 2 s.
-pub async fn try_http(
+async fn request(
     url: &str,
     method: &str,
     content_type: Option<&str>,
@@ -375,28 +355,39 @@ pub async fn try_http(
     if let Some(ct) = content_type {
         req = req.header("content-type", ct);
     }
-    let fut = async {
-        let resp = client
-            .request(req.body(Full::new(body)).unwrap())
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let ct = resp
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap_or_default().to_string())
-            .unwrap_or_default();
-        let b = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, ct, b))
-    };
-    tokio::time::timeout(Duration::from_secs(2), fut)
+    let resp = client
+        .request(req.body(Full::new(body)).unwrap())
         .await
-        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    let b = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, ct, b))
+}
+
+/// One HTTP request that may fail (a node being killed): `Err` on a transport error or
+/// after 2 s.
+pub async fn try_http(
+    url: &str,
+    method: &str,
+    content_type: Option<&str>,
+    body: Bytes,
+) -> Result<(u16, String, Bytes), String> {
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        request(url, method, content_type, body),
+    )
+    .await
+    .map_err(|_| "timed out".to_string())?
 }
 
 /// POSTs a plain-text value of `typename` to `/v1/{verb}/{address}`.
