@@ -134,15 +134,7 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("spawn statemesh");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            for _ in lines {}
-        });
+        let rx = first_line_later(&mut child).expect("the child's stdout is piped");
         let port_url = |p: u16| {
             if p == 0 {
                 String::new()
@@ -442,6 +434,14 @@ pub async fn next_egress(node: &Node, topic: &str, timeout: Duration) -> Bytes {
 /// The first line a child prints on stdout (e.g. "serving on PORT"), within a minute; the
 /// rest of its stdout is drained in the background.
 pub fn first_line(child: &mut Child) -> Option<String> {
+    first_line_later(child)?
+        .recv_timeout(Duration::from_secs(60))
+        .ok()
+}
+
+/// A channel that receives the first line a child prints on stdout; the rest of its stdout
+/// is drained in the background.
+fn first_line_later(child: &mut Child) -> Option<std::sync::mpsc::Receiver<String>> {
     let stdout = child.stdout.take()?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -451,7 +451,7 @@ pub fn first_line(child: &mut Child) -> Option<String> {
         }
         for _ in lines {}
     });
-    rx.recv_timeout(Duration::from_secs(60)).ok()
+    Some(rx)
 }
 
 /// The JSON value of one state of an address (`GET /v1/state/...`), if present.
