@@ -229,6 +229,7 @@ const POINTS: &[&str] = &[
     "checkpoint-manifest-put",
     "checkpoint-after-commit",
     "checkpoint-sled-apply",
+    "checkpoint-sled-marker",
     "checkpoint-recovery",
 ];
 
@@ -238,7 +239,7 @@ const ALL_POINTS: &[&str] = statemesh_node::failpoint::POINTS;
 const CONFIG: &str = "shards = 2\n";
 
 /// Errors and delays at the durable steps (fault point actions other than abort).
-const NOISE: &str = "checkpoint-object-put=20%return(timeout);checkpoint-manifest-put=20%return(connection reset);checkpoint-after-commit=10%return;checkpoint-full-snapshot-put=30%return;checkpoint-gc-delete=20%return(503);checkpoint-sled-apply=30%sleep(30)";
+const NOISE: &str = "checkpoint-object-put=20%return(timeout);checkpoint-manifest-put=20%return(connection reset);checkpoint-after-commit=10%return;checkpoint-full-snapshot-put=30%return;checkpoint-gc-delete=20%return(503);checkpoint-sled-apply=10%return(no space left on device);checkpoint-sled-marker=30%sleep(30)";
 
 /// Full snapshots and garbage collection every few epochs, two epochs retained.
 const SMALL: &str = "shards = 2\n[checkpoint]\nretain = 2\ngc_every = 2\ngc_min_interval_ms = 0\nfull_snapshot_min_bytes = 1\nfull_snapshot_max_epochs = 4\napply_interval_ms = 200\n";

@@ -468,3 +468,60 @@ async fn a_truncated_or_corrupt_history_stops_the_node_with_its_name() {
     assert_eq!(total(&node, "a").await, 10);
     node.stop();
 }
+
+/// The first write of committed epochs to sled fails (fault point `checkpoint-sled-apply`: a
+/// full disk, say): the applier retries the same epochs, and neither the applied epoch nor
+/// sled's marker moves past them meanwhile. Before, the failed epochs were skipped: a later
+/// write moved the marker past them, and a restart from sled lost their changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sled_write_is_retried_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let launch = common::Launch {
+        config: Some("[checkpoint]\napply_interval_ms = 20\n".into()),
+        env: vec![(
+            "FAILPOINTS".into(),
+            "checkpoint-sled-apply=1*return(no space left on device)".into(),
+        )],
+        ..Default::default()
+    };
+    let node = Node::start_launch(&data, &launch);
+    // One address per send: a later epoch cannot rewrite what an earlier one lost. The first
+    // sends' epochs meet the failed write; the later ones are applied in a later batch.
+    for i in 0..10 {
+        if i == 5 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_eq!(
+            send(&node, &format!("s{i}"), i + 1, Some(&format!("k{i}")))
+                .await
+                .0,
+            202
+        );
+    }
+    common::eventually(
+        "sled has every committed epoch",
+        Duration::from_secs(20),
+        || async {
+            let cp = checkpoints(&node).await;
+            (cp["applied"].as_u64() >= cp["committed"].as_u64()
+                && cp["committed"].as_u64() > Some(0))
+            .then_some(())
+        },
+    )
+    .await;
+    assert!(node.metric("statemesh_store_errors_total").await >= 1.0);
+    assert!(node.log_since_launch().contains("no space left on device"));
+    // A restart starts from sled's marker (sled, or sled plus the deltas after the marker),
+    // not from a full rebuild: every send is there. (A clean stop, so that sled is flushed:
+    // after a SIGKILL sled may have lost its newest writes, and recovery rebuilds from blob
+    // storage.)
+    node.stop();
+    let node = Node::start(&data, Some("[checkpoint]\napply_interval_ms = 20\n"));
+    let source = checkpoints(&node).await["recovery"]["source"].clone();
+    assert!(source == "sled" || source == "blob-deltas", "{source}");
+    for i in 0..10 {
+        assert_eq!(total(&node, &format!("s{i}")).await, i + 1, "s{i}");
+    }
+    node.stop();
+}

@@ -20,7 +20,8 @@
 //! | `checkpoint-after-commit` | after the manifest is stored, before acknowledgements are released |
 //! | `checkpoint-full-snapshot-put` | after a full snapshot's put, before a manifest lists it |
 //! | `checkpoint-gc-delete` | before each delete of a garbage collection |
-//! | `checkpoint-sled-apply` | after committed epochs are written to sled, before sled records them as applied |
+//! | `checkpoint-sled-apply` | before committed epochs are written to sled (`return`: the write fails; it is retried) |
+//! | `checkpoint-sled-marker` | after committed epochs are written to sled, before sled records them as applied |
 //! | `checkpoint-recovery` | during recovery, after part of the local state is rebuilt |
 
 /// Every fault point, for documentation and the tests.
@@ -31,6 +32,7 @@ pub const POINTS: &[&str] = &[
     "checkpoint-full-snapshot-put",
     "checkpoint-gc-delete",
     "checkpoint-sled-apply",
+    "checkpoint-sled-marker",
     "checkpoint-recovery",
 ];
 

@@ -236,7 +236,7 @@ pub(crate) fn start(
         let (store, router, events) = (store.clone(), router.clone(), events.clone());
         std::thread::Builder::new()
             .name("statemesh-apply".into())
-            .spawn(move || applier(store, router, events, arx, coalesce))
+            .spawn(move || applier(store, router, events, arx, coalesce, committed))
             .expect("spawn the applier thread")
     };
     router.set_applied(committed);
@@ -304,12 +304,24 @@ fn applier(
     events: mpsc::UnboundedSender<DriverEvent>,
     rx: std::sync::mpsc::Receiver<(u64, Option<Arc<NodeEpoch>>)>,
     coalesce: Duration,
+    mut last_applied: u64,
 ) {
-    while let Ok(first) = rx.recv() {
+    // Jobs received while a failed write was being retried.
+    let mut stash: VecDeque<(u64, Option<Arc<NodeEpoch>>)> = VecDeque::new();
+    let mut closed = false;
+    loop {
+        let first = match stash.pop_front() {
+            Some(j) => j,
+            None if closed => return,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
         let mut jobs = vec![first];
+        jobs.extend(stash.drain(..));
         let deadline = Instant::now() + coalesce;
-        let mut closed = false;
-        loop {
+        while !closed {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -320,10 +332,7 @@ fn applier(
             match rx.recv_timeout(left.min(Duration::from_millis(10))) {
                 Ok(j) => jobs.push(j),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => closed = true,
             }
         }
         let epoch = jobs.last().map(|j| j.0).unwrap_or(0);
@@ -331,20 +340,55 @@ fn applier(
         // changes may have no manifest, and the marker must never be ahead of blob storage.
         let marker = jobs.iter().filter(|j| j.1.is_some()).map(|j| j.0).max();
         let epochs: Vec<Arc<NodeEpoch>> = jobs.into_iter().filter_map(|j| j.1).collect();
-        let result = match marker {
-            None => Ok(()),
-            Some(marker) => apply_to_sled(&store, &epochs)
-                .and_then(|()| crate::failpoint::eval("checkpoint-sled-apply"))
-                .and_then(|()| store.set_applied(marker).map_err(|err| err.to_string())),
-        };
-        if let Err(err) = &result {
+        // A failed write is retried with the same epochs until it succeeds: neither `applied`
+        // nor the durable marker may pass an epoch sled does not hold (passivation would
+        // reload stale state, a full snapshot labelled past it would lose it, and a restart
+        // from sled would skip it). Only at shutdown does it give up, the marker behind, so
+        // that recovery re-applies those epochs from blob storage.
+        let mut delay = Duration::from_millis(20);
+        let mut attempts = 0u32;
+        let result = loop {
+            let r = match marker {
+                None => Ok(()),
+                Some(marker) => crate::failpoint::eval("checkpoint-sled-apply")
+                    .and_then(|()| apply_to_sled(&store, &epochs))
+                    .and_then(|()| crate::failpoint::eval("checkpoint-sled-marker"))
+                    .and_then(|()| store.set_applied(marker).map_err(|err| err.to_string())),
+            };
+            let Err(err) = r else { break Ok(()) };
+            attempts += 1;
             router.metrics().store_errors.inc();
-            tracing::error!(epoch, error = %err, "applying committed epochs to sled failed; recovery will re-apply them from blob storage");
-        }
-        router.set_applied(epoch);
-        let _ = events.send(DriverEvent::Applied { epoch, result });
-        if closed {
-            return;
+            tracing::error!(epoch, attempts, error = %err, "applying committed epochs to sled failed; retrying (they stay in blob storage)");
+            let _ = events.send(DriverEvent::Applied {
+                epoch: last_applied,
+                result: Err(err.clone()),
+            });
+            loop {
+                match rx.try_recv() {
+                    Ok(j) => stash.push_back(j),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if closed && attempts >= 5 {
+                break Err(err);
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(1));
+        };
+        match result {
+            Ok(()) => {
+                last_applied = epoch;
+                router.set_applied(epoch);
+                let _ = events.send(DriverEvent::Applied { epoch, result });
+            }
+            Err(_) => {
+                tracing::error!(epoch, "stopping with committed epochs not in sled; recovery re-applies them from blob storage");
+                return;
+            }
         }
     }
 }
