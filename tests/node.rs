@@ -802,6 +802,16 @@ async fn a_lone_node_is_a_cluster_of_one() {
     );
     assert!(c["placement_version"].as_u64().unwrap() >= 8, "{c}");
     assert!(c["term"].as_u64().unwrap() >= 1);
+    // The same over gRPC, as the CLI prints it.
+    let (ok, out, err) = node.cli(&["cluster", "status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("leader 7"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("7 "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[..5], &["7", "1", "voter", "true", "1024"], "{out}");
     node.stop();
 
     // A restart (without --node-id: it is in the data directory) rejoins as generation 2.

@@ -250,6 +250,16 @@ impl Client {
         }))
     }
 
+    /// The cluster as the node sees it (leader, term, members and their key groups).
+    pub async fn cluster(&self) -> Result<pb::GetClusterResponse, ClientError> {
+        Ok(self
+            .admin
+            .clone()
+            .get_cluster(pb::GetClusterRequest {})
+            .await?
+            .into_inner())
+    }
+
     /// The stored states of an address: (name, value, expires_at_ms).
     pub async fn get_state(
         &self,

@@ -95,6 +95,11 @@ enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
+    /// The cluster: `statemesh cluster status` prints its members as a table.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Load generators and benchmarks (print JSON).
     Bench {
         #[command(subcommand)]
@@ -103,6 +108,16 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ClusterCommand {
+    /// The leader, term, placement version and committed epoch, and a row per member (id,
+    /// generation, role, alive, key groups, addresses).
+    Status {
+        #[command(flatten)]
+        target: NodeTarget,
+    },
+}
+
+#[derive(clap::Subcommand)]
 enum StateCommand {
     /// Print the states of an address as JSON.
     Get {
@@ -241,6 +256,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{}",
                 serde_json::to_string_pretty(&states_to_json(&address, values))?
             );
+            Ok(())
+        }
+        Command::Cluster {
+            command: ClusterCommand::Status { target },
+        } => {
+            let c = connect(&target).await?.cluster().await?;
+            println!(
+                "node {}  leader {}  term {}  placement_version {}  committed_epoch {}  unassigned_key_groups {}",
+                c.node_id,
+                if c.leader == 0 { "none".to_string() } else { c.leader.to_string() },
+                c.term,
+                c.placement_version,
+                c.committed_epoch,
+                c.unassigned_key_groups
+            );
+            println!(
+                "{:<20} {:>4} {:<8} {:<6} {:>10}  {:<22} {:<22}",
+                "ID", "GEN", "ROLE", "ALIVE", "KEY_GROUPS", "GRPC", "HTTP"
+            );
+            for m in c.members {
+                println!(
+                    "{:<20} {:>4} {:<8} {:<6} {:>10}  {:<22} {:<22}",
+                    m.id, m.generation, m.role, m.alive, m.key_groups, m.grpc_addr, m.http_addr
+                );
+            }
             Ok(())
         }
         Command::Bench { command } => bench::run(command).await,

@@ -125,6 +125,37 @@ struct AdminService {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn get_cluster(
+        &self,
+        _req: Request<pb::GetClusterRequest>,
+    ) -> Result<Response<pb::GetClusterResponse>, Status> {
+        let v = self.shared.cluster.lock().clone();
+        Ok(Response::new(pb::GetClusterResponse {
+            node_id: v.node_id,
+            leader: v.leader.unwrap_or(0),
+            term: v.term,
+            placement_version: v.placement_version,
+            committed_epoch: v.committed_epoch,
+            unassigned_key_groups: v.unassigned_key_groups as u32,
+            members: v
+                .members
+                .into_iter()
+                .map(|m| pb::ClusterMember {
+                    id: m.member.id,
+                    generation: m.member.generation,
+                    grpc_addr: m.member.grpc_addr,
+                    http_addr: m.member.http_addr,
+                    role: match m.member.role {
+                        statemesh_mesh::control::Role::Voter => "voter".into(),
+                        statemesh_mesh::control::Role::Learner => "learner".into(),
+                    },
+                    alive: m.member.alive,
+                    key_groups: m.key_groups as u32,
+                })
+                .collect(),
+        }))
+    }
+
     async fn get_state(
         &self,
         req: Request<pb::GetStateRequest>,
