@@ -340,6 +340,8 @@ impl ControlLog for EngineStorage {
         b.add_command(GROUP, EngineCommand::Compact { index: index + 1 });
         self.write(&mut b)?;
         self.cached.write().unwrap().snap = snap;
+        // Log files holding only compacted entries are deleted (raft-engine does it on request).
+        self.engine.purge_expired_files().map_err(engine_err)?;
         Ok(())
     }
 }
