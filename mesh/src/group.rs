@@ -95,13 +95,10 @@ impl<S: ControlLog> ControlNode<S> {
             ..Default::default()
         };
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        // The configuration as of the state's applied index: later changes are applied again.
-        match &state.conf {
-            Some(conf) => storage.set_conf_state(to_conf_state(conf))?,
-            None => {
-                return Err("control state without a Raft configuration (not bootstrapped)".into())
-            }
-        }
+        // Validate before touching the storage.
+        let Some(conf) = &state.conf else {
+            return Err("control state without a Raft configuration (not bootstrapped)".into());
+        };
         let committed = storage.hard_state().commit;
         if state.applied_index > committed {
             return Err(format!(
@@ -109,6 +106,15 @@ impl<S: ControlLog> ControlNode<S> {
                 state.applied_index
             ));
         }
+        let first = storage.first_index().map_err(|e| e.to_string())?;
+        if state.applied_index + 1 < first {
+            return Err(format!(
+                "control state applied up to {} but the log starts at {first} (compacted): restart from its snapshot",
+                state.applied_index
+            ));
+        }
+        // The configuration as of the state's applied index: later changes are applied again.
+        storage.set_conf_state(to_conf_state(conf))?;
         let raw = RawNode::new(&config, storage, &logger).map_err(|e| e.to_string())?;
         Ok(ControlNode { id, raw, state })
     }
@@ -164,15 +170,15 @@ impl<S: ControlLog> ControlNode<S> {
         self.raw.report_snapshot(peer, status);
     }
 
-    /// Keeps a snapshot of the state machine at the applied index and drops the log up to it,
-    /// once more than `keep` entries are applied beyond the log's start. A peer that needs the
-    /// dropped entries is sent the snapshot.
+    /// Once more than `2 × keep` entries are applied beyond the log's start, keeps a snapshot
+    /// of the state machine at the applied index and drops the entries before the last `keep`
+    /// applied ones. A peer that needs dropped entries is sent the snapshot.
     pub fn compact(&mut self, keep: u64) -> Result<bool, String> {
         let first = self.raw.store().first_index().map_err(|e| e.to_string())?;
-        if self.state.applied_index < first + keep {
+        if self.state.applied_index < first + 2 * keep {
             return Ok(false);
         }
-        self.raw.store().compact(&self.state)?;
+        self.raw.store().compact(&self.state, keep)?;
         Ok(true)
     }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock};
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
-use raft_engine::{Command as EngineCommand, Config, Engine, LogBatch, MessageExt};
+use raft_engine::{Command as EngineCommand, Config, Engine, LogBatch, MessageExt, ReadableSize};
 
 use crate::control::{ClusterState, RaftConf};
 
@@ -39,8 +39,9 @@ pub trait ControlLog: Storage {
     /// The saved hard state.
     fn hard_state(&self) -> HardState;
     /// Keeps a snapshot of the state machine at `state.applied_index` and drops the entries
-    /// up to it (no-op for storages that cannot).
-    fn compact(&self, state: &ClusterState) -> Result<(), String>;
+    /// before the last `keep` of it (no-op for storages that cannot): a member at most `keep`
+    /// entries behind still catches up from entries, one further behind gets the snapshot.
+    fn compact(&self, state: &ClusterState, keep: u64) -> Result<(), String>;
 }
 
 impl ControlLog for MemStorage {
@@ -73,7 +74,7 @@ impl ControlLog for MemStorage {
         self.rl().hard_state().clone()
     }
 
-    fn compact(&self, _state: &ClusterState) -> Result<(), String> {
+    fn compact(&self, _state: &ClusterState, _keep: u64) -> Result<(), String> {
         Ok(())
     }
 }
@@ -116,6 +117,10 @@ impl EngineStorage {
     pub fn open(dir: &Path, bootstrap: &ConfState) -> Result<EngineStorage, String> {
         let cfg = Config {
             dir: dir.to_string_lossy().to_string(),
+            // raft-engine deletes files of compacted entries only once the log exceeds this
+            // (default 10 GiB); the control log is small.
+            purge_threshold: ReadableSize::mb(64),
+            target_file_size: ReadableSize::mb(8),
             ..Default::default()
         };
         let engine = Engine::open(cfg).map_err(engine_err)?;
@@ -322,7 +327,7 @@ impl ControlLog for EngineStorage {
         self.cached.read().unwrap().hs.clone()
     }
 
-    fn compact(&self, state: &ClusterState) -> Result<(), String> {
+    fn compact(&self, state: &ClusterState, keep: u64) -> Result<(), String> {
         let index = state.applied_index;
         if index <= self.snapshot_index() {
             return Ok(());
@@ -337,11 +342,16 @@ impl ControlLog for EngineStorage {
         let mut b = LogBatch::default();
         b.put_message(GROUP, SNAPSHOT.to_vec(), &snap)
             .map_err(engine_err)?;
-        b.add_command(GROUP, EngineCommand::Compact { index: index + 1 });
+        let keep_from = (index + 1).saturating_sub(keep).max(1);
+        b.add_command(GROUP, EngineCommand::Compact { index: keep_from });
         self.write(&mut b)?;
         self.cached.write().unwrap().snap = snap;
-        // Log files holding only compacted entries are deleted (raft-engine does it on request).
-        self.engine.purge_expired_files().map_err(engine_err)?;
+        // Log files holding only compacted entries are deleted (raft-engine does it on request,
+        // once the log is over `purge_threshold`). A failure here loses nothing: retried at the
+        // next compaction.
+        if let Err(e) = self.engine.purge_expired_files() {
+            return Err(engine_err(format!("purging compacted log files: {e}")));
+        }
         Ok(())
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use statemesh_mesh::control::{ClusterState, Command, Member, RaftConf, Role};
+use statemesh_mesh::control::{ClusterState, Command, Member, Outcome, RaftConf, Role};
 use statemesh_mesh::group::{ControlNode, Timing};
 use statemesh_mesh::placement::NodeId;
 use statemesh_mesh::storage::{open_in, EngineStorage};
@@ -24,7 +24,7 @@ use statemesh_mesh::storage::{open_in, EngineStorage};
 const MOVES_PER_ROUND: usize = 128;
 /// One tick of the control group.
 const TICK: Duration = Duration::from_millis(50);
-/// Log entries kept after the applied index before compacting.
+/// Applied entries kept behind a compaction (a member further behind is sent a snapshot).
 const KEEP_ENTRIES: u64 = 1000;
 
 /// A member as `GET /v1/cluster` shows it: its record and how many key groups it owns.
@@ -145,10 +145,13 @@ pub fn start(
         let mut c = Driver {
             node,
             joined: false,
+            join_proposed: None,
             grpc_addr,
             http_addr,
         };
         let mut tick = tokio::time::interval(TICK);
+        // After a stall (an fsync, say) no burst of ticks: it would look like lost heartbeats.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             if let Err(e) = c.round() {
@@ -163,7 +166,10 @@ pub fn start(
 
 struct Driver {
     node: ControlNode<EngineStorage>,
+    /// This start's Join has been applied.
     joined: bool,
+    /// The term in which this start's Join was last proposed.
+    join_proposed: Option<u64>,
     grpc_addr: String,
     http_addr: String,
 }
@@ -179,12 +185,21 @@ impl Driver {
         if !out.applied.is_empty() {
             for (index, cmd, outcome) in &out.applied {
                 tracing::debug!(index, ?cmd, ?outcome, "control entry applied");
+                if matches!(cmd, Command::Join { id, .. } if *id == self.node.id())
+                    && *outcome == Outcome::Applied
+                {
+                    self.joined = true;
+                    self.join_proposed = None;
+                }
             }
             self.node.storage().save_state(self.node.state())?;
             self.node.compact(KEEP_ENTRIES)?;
         }
         if self.node.is_leader() {
-            self.lead()?;
+            // A proposal can be dropped (a leader change, a transfer): proposed again later.
+            if let Err(e) = self.lead() {
+                tracing::debug!(error = %e, "control proposal not taken; retried");
+            }
         }
         Ok(())
     }
@@ -193,13 +208,17 @@ impl Driver {
     fn lead(&mut self) -> Result<(), String> {
         let id = self.node.id();
         if !self.joined {
-            self.node.propose(&Command::Join {
-                id,
-                grpc_addr: self.grpc_addr.clone(),
-                http_addr: self.http_addr.clone(),
-                role: Role::Voter,
-            })?;
-            self.joined = true;
+            // Proposed once per term until applied (a proposal lost with a leader change is
+            // proposed again by the next leader's round).
+            if self.join_proposed != Some(self.node.term()) {
+                self.join_proposed = Some(self.node.term());
+                self.node.propose(&Command::Join {
+                    id,
+                    grpc_addr: self.grpc_addr.clone(),
+                    http_addr: self.http_addr.clone(),
+                    role: Role::Voter,
+                })?;
+            }
             return Ok(());
         }
         let state = self.node.state();
