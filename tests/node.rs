@@ -747,15 +747,7 @@ async fn unreadable_local_state_is_dead_lettered_not_applied() {
 }
 
 async fn cluster(node: &Node) -> serde_json::Value {
-    let (s, _, body) = http(
-        &format!("{}/v1/cluster", node.http),
-        "GET",
-        None,
-        Bytes::new(),
-    )
-    .await;
-    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
-    serde_json::from_slice(&body).unwrap()
+    node.get_json("/v1/cluster").await
 }
 
 /// A node without peers is a cluster of one: it leads its control group (raft-rs, log in
@@ -827,4 +819,11 @@ async fn a_lone_node_is_a_cluster_of_one() {
     let mut n = Node::launch(&dir.path().join("other"), &launch("0"));
     let log = n.wait_listening().expect_err("refused");
     assert!(log.contains("0 is reserved"), "{log}");
+    // A node-id file that is not an id is refused, naming the file.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("node-id"), "seven\n").unwrap();
+    let mut n = Node::launch(&bad, &common::Launch::default());
+    let log = n.wait_listening().expect_err("refused");
+    assert!(log.contains("node-id: expected a node id"), "{log}");
 }

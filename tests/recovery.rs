@@ -15,15 +15,7 @@ use statemesh_sdk::{typenames, Address, TypedValue};
 const LONG: &str = typenames::LONG;
 
 async fn checkpoints(node: &Node) -> serde_json::Value {
-    let (s, _, body) = http(
-        &format!("{}/v1/checkpoints", node.http),
-        "GET",
-        None,
-        Bytes::new(),
-    )
-    .await;
-    assert_eq!(s, 200);
-    serde_json::from_slice(&body).unwrap()
+    node.get_json("/v1/checkpoints").await
 }
 
 async fn total(node: &Node, id: &str) -> i64 {

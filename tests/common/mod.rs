@@ -277,13 +277,24 @@ impl Node {
 
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, _, body) = http(&format!("{}/metrics", self.http), "GET", None, Bytes::new()).await;
-        let text = String::from_utf8_lossy(&body).to_string();
-        text.lines()
-            .find(|l| l.starts_with(&format!("{name} ")))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .map(|v| v.parse().unwrap())
-            .unwrap_or(0.0)
+        parse_metric(&body, name).unwrap_or(0.0)
     }
+
+    /// `GET <path>` on the node's HTTP address, expecting 200 and a JSON body.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let (s, _, body) = http(&format!("{}{path}", self.http), "GET", None, Bytes::new()).await;
+        assert_eq!(s, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    }
+}
+
+/// The value of a metric without labels in a Prometheus text body.
+pub fn parse_metric(body: &[u8], name: &str) -> Option<f64> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
 }
 
 impl Drop for Node {

@@ -971,14 +971,14 @@ pub(crate) async fn recover(
         None => ("blob-full", None),
     };
     let r = retry("read the checkpoint chain", || {
-        cp.recover_after(&all, after)
+        cp.recover_at(e, &all, after)
     })
     .await;
     let (source, full, states) = match r {
         Ok((_, states)) => (source, after.is_none(), states),
         Err(err @ CheckpointError::HistoryTooShort { .. }) => {
             tracing::warn!(error = %err, "rebuilding local state from blob storage");
-            let (_, states) = retry("read the checkpoint chain", || cp.recover(&all))
+            let (_, states) = retry("read the checkpoint chain", || cp.recover_at(e, &all, None))
                 .await
                 .map_err(|e| format!("cannot read the checkpoint chain: {e}"))?;
             ("blob-full", true, states)

@@ -492,6 +492,17 @@ impl CheckpointStore {
         let Some(&epoch) = self.committed_epochs().await?.last() else {
             return Ok((None, BTreeMap::new()));
         };
+        self.recover_at(epoch, key_groups, after).await
+    }
+
+    /// Like [`CheckpointStore::recover_after`], at a committed `epoch` the caller already
+    /// knows (no listing of the manifests).
+    pub async fn recover_at(
+        &self,
+        epoch: u64,
+        key_groups: &[u32],
+        after: Option<u64>,
+    ) -> Result<(Option<u64>, BTreeMap<u32, KeyGroupState>), CheckpointError> {
         let history = self.history(epoch, false).await?;
         match (after, history.missing) {
             (Some(a), Some(missing)) if missing > a => {
