@@ -4,6 +4,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/statemesh/v1/api.proto",
+        "proto/statemesh/mesh/v1/mesh.proto",
         "proto/statefun/v3/request-reply.proto",
         "proto/statefun/v2/request-reply.proto",
     ];

@@ -38,6 +38,10 @@ pub struct Member {
     pub role: Role,
     /// Not declared dead.
     pub alive: bool,
+    /// The process start that joined last (random per start): a node knows its own join is
+    /// applied by finding it here, even when it learns the state from a snapshot.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// Who owns a key group, and the version of that ownership (bumped by every move).
@@ -74,6 +78,9 @@ pub enum Command {
         http_addr: String,
         /// Its role (a membership change in Raft goes with it).
         role: Role,
+        /// The joining process start (see [`Member::incarnation`]).
+        #[serde(default)]
+        incarnation: u64,
     },
     /// A member's role changed (after the Raft configuration change committed).
     SetRole {
@@ -150,6 +157,10 @@ pub struct RaftConf {
 /// The replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
+    /// The cluster's id, chosen by the node that bootstrapped it: a data directory or a peer
+    /// of another cluster is refused by comparing it.
+    #[serde(default)]
+    pub cluster_id: String,
     /// The members by id.
     pub members: BTreeMap<NodeId, Member>,
     /// Ownership per key group (index = key group).
@@ -169,6 +180,7 @@ impl ClusterState {
     /// An empty cluster of `key_groups` unassigned key groups.
     pub fn new(key_groups: u32) -> Self {
         ClusterState {
+            cluster_id: String::new(),
             members: BTreeMap::new(),
             table: vec![
                 Ownership {
@@ -254,6 +266,18 @@ impl ClusterState {
         };
         match cmd {
             Command::Join { id, .. } if *id == 0 => Err("node id 0 is reserved".into()),
+            // The same start's Join proposed again (its first proposal's outcome was not seen
+            // in time): one generation per start.
+            Command::Join {
+                id, incarnation, ..
+            } if *incarnation != 0
+                && self
+                    .members
+                    .get(id)
+                    .is_some_and(|m| m.incarnation == *incarnation) =>
+            {
+                Err(format!("node {id} already joined with this start"))
+            }
             Command::Join { .. } => Ok(()),
             Command::SetRole { id, .. } | Command::Remove { id } => member(id).map(|_| ()),
             Command::MarkDead { id, generation } => {
@@ -304,6 +328,7 @@ impl ClusterState {
                 grpc_addr,
                 http_addr,
                 role,
+                incarnation,
             } => {
                 let generation = self.members.get(id).map_or(1, |m| m.generation + 1);
                 // The Raft configuration decides the role of a node it already lists.
@@ -323,6 +348,7 @@ impl ClusterState {
                         http_addr: http_addr.clone(),
                         role: *role,
                         alive: true,
+                        incarnation: *incarnation,
                     },
                 );
             }
@@ -372,6 +398,7 @@ mod tests {
             grpc_addr: format!("127.0.0.1:{}", 9000 + id),
             http_addr: format!("127.0.0.1:{}", 8000 + id),
             role: Role::Voter,
+            incarnation: id,
         }
     }
 
@@ -411,12 +438,20 @@ mod tests {
         );
         assert_eq!(s.table[2].owner, None);
         assert_eq!(s.placement_version, 1);
-        // Rejoining bumps the generation; a stale death is refused.
-        assert_eq!(s.apply(5, &join(1)), Outcome::Applied);
+        // The same start's join again changes nothing; a new start bumps the generation; a
+        // stale death is refused.
+        assert!(
+            matches!(s.apply(5, &join(1)), Outcome::Rejected(ref w) if w.contains("already joined"))
+        );
+        let mut rejoin = join(1);
+        if let Command::Join { incarnation, .. } = &mut rejoin {
+            *incarnation = 99;
+        }
+        assert_eq!(s.apply(6, &rejoin), Outcome::Applied);
         assert_eq!(s.members[&1].generation, 2);
         assert!(matches!(
             s.apply(
-                6,
+                7,
                 &Command::MarkDead {
                     id: 1,
                     generation: 1
@@ -426,7 +461,7 @@ mod tests {
         ));
         assert_eq!(
             s.apply(
-                7,
+                8,
                 &Command::MarkDead {
                     id: 1,
                     generation: 2
@@ -435,7 +470,7 @@ mod tests {
             Outcome::Applied
         );
         assert!(matches!(
-            s.apply(8, &Command::Move { moves: vec![mv(3, 1, 0)] }),
+            s.apply(9, &Command::Move { moves: vec![mv(3, 1, 0)] }),
             Outcome::Rejected(ref w) if w.contains("not a live member")
         ));
         assert!(matches!(
@@ -444,21 +479,21 @@ mod tests {
         ));
         // Epochs only move forward.
         assert_eq!(
-            s.apply(9, &Command::CommitEpoch { epoch: 5 }),
+            s.apply(10, &Command::CommitEpoch { epoch: 5 }),
             Outcome::Applied
         );
         assert!(matches!(
-            s.apply(10, &Command::CommitEpoch { epoch: 5 }),
+            s.apply(11, &Command::CommitEpoch { epoch: 5 }),
             Outcome::Rejected(_)
         ));
         // Replayed entries are duplicates; the snapshot carries the applied index.
         assert_eq!(
-            s.apply(9, &Command::CommitEpoch { epoch: 6 }),
+            s.apply(10, &Command::CommitEpoch { epoch: 6 }),
             Outcome::Duplicate
         );
         let back = ClusterState::decode(&s.encode()).unwrap();
         assert_eq!(back, s);
-        assert_eq!(back.applied_index, 10);
+        assert_eq!(back.applied_index, 11);
         assert_eq!(Command::decode(&join(3).encode()).unwrap(), join(3));
         assert!(Command::decode(b"{}").is_err());
     }

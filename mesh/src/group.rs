@@ -215,6 +215,18 @@ impl<S: ControlLog> ControlNode<S> {
             .map_err(|e| format!("propose: {e}"))
     }
 
+    /// Proposes a command from any member: a follower forwards it to the leader it knows
+    /// (raft-rs's proposal forwarding; lost with a lost message, so the caller proposes again
+    /// until it sees the entry applied). Fails when no leader is known.
+    pub fn propose_anywhere(&mut self, cmd: &Command) -> Result<(), String> {
+        if self.leader().is_none() {
+            return Err(format!("node {}: no leader known", self.id));
+        }
+        self.raw
+            .propose(Vec::new(), cmd.encode())
+            .map_err(|e| format!("propose: {e}"))
+    }
+
     /// Proposes a change of the Raft configuration (only on the leader).
     pub fn propose_conf_change(&mut self, cc: ConfChangeV2) -> Result<(), String> {
         if !self.is_leader() {
@@ -264,6 +276,9 @@ impl<S: ControlLog> ControlNode<S> {
     /// be written) is fatal for this replica: it must be restarted from its storage.
     pub fn process(&mut self) -> Result<Output, String> {
         let mut out = Output::default();
+        if self.raw.store().snapshot_wanted() {
+            self.raw.store().refresh_snapshot(&self.state)?;
+        }
         if !self.raw.has_ready() {
             return Ok(out);
         }
@@ -348,6 +363,14 @@ impl<S: ControlLog> ControlNode<S> {
         self.state.set_conf(index, from_conf_state(&cs));
         self.raw.store().set_conf_state(cs)
     }
+}
+
+/// Checks that `bytes` are a Raft message (what [`ControlNode::step`] accepts), so that a peer
+/// sending anything else can be disconnected before its bytes reach the group.
+pub fn check_message(bytes: &[u8]) -> Result<(), String> {
+    Message::parse_from_bytes(bytes)
+        .map(|_| ())
+        .map_err(|e| format!("not a Raft message: {e}"))
 }
 
 fn from_conf_state(cs: &ConfState) -> RaftConf {

@@ -42,6 +42,15 @@ pub trait ControlLog: Storage {
     /// before the last `keep` of it (no-op for storages that cannot): a member at most `keep`
     /// entries behind still catches up from entries, one further behind gets the snapshot.
     fn compact(&self, state: &ClusterState, keep: u64) -> Result<(), String>;
+    /// Whether the leader needed a snapshot its kept one cannot serve (it predates the
+    /// configuration that added the peer); [`ControlLog::refresh_snapshot`] then keeps one.
+    fn snapshot_wanted(&self) -> bool {
+        false
+    }
+    /// Keeps a snapshot of `state` at its applied index (no compaction).
+    fn refresh_snapshot(&self, _state: &ClusterState) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl ControlLog for MemStorage {
@@ -101,6 +110,8 @@ struct Cached {
 pub struct EngineStorage {
     engine: Arc<Engine>,
     cached: Arc<RwLock<Cached>>,
+    /// Set by `snapshot` when the kept snapshot does not list the peer asking.
+    wanted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn engine_err(e: impl std::fmt::Display) -> String {
@@ -134,6 +145,7 @@ impl EngineStorage {
                 cs: cs.unwrap_or_else(|| bootstrap.clone()),
                 snap: snap.unwrap_or_default(),
             })),
+            wanted: Default::default(),
         };
         if s.engine.get(GROUP, CONF_STATE).is_none() {
             s.set_conf_state(bootstrap.clone())?;
@@ -172,6 +184,34 @@ impl EngineStorage {
             .map_err(engine_err)?;
         self.engine.write(&mut b, false).map_err(engine_err)?;
         Ok(())
+    }
+
+    /// Whether nothing was ever written (no hard state, no snapshot, no entry).
+    pub fn is_new(&self) -> bool {
+        let c = self.cached.read().unwrap();
+        c.hs == HardState::default()
+            && c.snap.get_metadata().index == 0
+            && self.engine.last_index(GROUP).is_none()
+    }
+
+    /// Starts a new group's log with `state` as a snapshot at index 1 (term 1) holding its
+    /// configuration (`state.conf`): the log then starts at 2, so a member that joins later always catches
+    /// up from a snapshot first and so learns the first configuration and the cluster id,
+    /// which no entry carries (raft-rs's "non-zero first index" initialisation, as TiKV's).
+    pub fn bootstrap(&self, state: &ClusterState) -> Result<(), String> {
+        if !self.is_new() {
+            return Err("control log: bootstrap of a log that is not new".into());
+        }
+        let mut state = state.clone();
+        state.applied_index = 1;
+        let conf = state.conf.clone().unwrap_or_default();
+        let cs = ConfState::from((conf.voters, conf.learners));
+        let mut snap = Snapshot::default();
+        snap.set_data(state.encode().into());
+        snap.mut_metadata().index = 1;
+        snap.mut_metadata().term = 1;
+        snap.mut_metadata().set_conf_state(cs);
+        self.apply_snapshot(snap)
     }
 
     fn snapshot_index(&self) -> u64 {
@@ -247,9 +287,21 @@ impl Storage for EngineStorage {
             .unwrap_or(self.snapshot_index()))
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let c = self.cached.read().unwrap();
-        if c.snap.get_metadata().index < request_index || c.snap.get_data().is_empty() {
+        let cs = c.snap.get_metadata().get_conf_state();
+        // A peer the snapshot's configuration does not list would refuse it (raft-rs): a
+        // newer one is made by the replica's next round and sent on the next try.
+        let lists = cs
+            .get_voters()
+            .iter()
+            .chain(cs.get_learners())
+            .chain(cs.get_voters_outgoing())
+            .chain(cs.get_learners_next())
+            .any(|&id| id == to);
+        if c.snap.get_metadata().index < request_index || c.snap.get_data().is_empty() || !lists {
+            self.wanted
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -327,7 +379,25 @@ impl ControlLog for EngineStorage {
         self.cached.read().unwrap().hs.clone()
     }
 
+    fn snapshot_wanted(&self) -> bool {
+        self.wanted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn refresh_snapshot(&self, state: &ClusterState) -> Result<(), String> {
+        self.wanted
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.keep_snapshot(state, None)
+    }
+
     fn compact(&self, state: &ClusterState, keep: u64) -> Result<(), String> {
+        self.keep_snapshot(state, Some(keep))
+    }
+}
+
+impl EngineStorage {
+    /// Keeps a snapshot of `state` at its applied index and, with `keep`, drops the entries
+    /// before the last `keep` applied ones.
+    fn keep_snapshot(&self, state: &ClusterState, keep: Option<u64>) -> Result<(), String> {
         let index = state.applied_index;
         if index <= self.snapshot_index() {
             return Ok(());
@@ -342,10 +412,15 @@ impl ControlLog for EngineStorage {
         let mut b = LogBatch::default();
         b.put_message(GROUP, SNAPSHOT.to_vec(), &snap)
             .map_err(engine_err)?;
-        let keep_from = (index + 1).saturating_sub(keep).max(1);
-        b.add_command(GROUP, EngineCommand::Compact { index: keep_from });
+        if let Some(keep) = keep {
+            let keep_from = (index + 1).saturating_sub(keep).max(1);
+            b.add_command(GROUP, EngineCommand::Compact { index: keep_from });
+        }
         self.write(&mut b)?;
         self.cached.write().unwrap().snap = snap;
+        if keep.is_none() {
+            return Ok(());
+        }
         // Log files holding only compacted entries are deleted (raft-engine does it on request,
         // once the log is over `purge_threshold`). A failure here loses nothing: retried at the
         // next compaction.
@@ -362,5 +437,14 @@ pub fn open_in(data_dir: &Path, bootstrap: &RaftConf) -> Result<EngineStorage, S
     let dir = data_dir.join("control");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let cs = ConfState::from((bootstrap.voters.clone(), bootstrap.learners.clone()));
-    EngineStorage::open(&dir, &cs).map_err(|e| format!("{}: {e}", dir.display()))
+    EngineStorage::open(&dir, &cs).map_err(|e| {
+        if e.contains("Failed to lock file") {
+            format!(
+                "{}: another statemesh node uses this data directory (its control log is locked)",
+                dir.display()
+            )
+        } else {
+            format!("{}: {e}", dir.display())
+        }
+    })
 }

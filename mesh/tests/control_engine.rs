@@ -103,6 +103,7 @@ fn members_restart_from_disk_and_catch_up_through_snapshots() {
             grpc_addr: "127.0.0.1:1".into(),
             http_addr: "127.0.0.1:2".into(),
             role: Role::Voter,
+            incarnation: 7,
         })
         .unwrap();
     propose_epochs(&mut members, 1, 30);
@@ -224,4 +225,83 @@ fn an_unreadable_log_directory_is_refused_with_its_name() {
     std::fs::write(dir.path().join("control"), b"not a directory").unwrap();
     let e = open_in(dir.path(), &conf()).err().expect("refused");
     assert!(e.contains("control"), "{e}");
+}
+
+/// A new cluster's first node bootstraps its log with a snapshot at index 1; a node that joins
+/// later starts with an empty configuration and catches up from a snapshot made for it (the
+/// bootstrap one does not list it), learning the cluster id and the first configuration,
+/// which no entry carries; it is then promoted to voter by joint consensus.
+#[test]
+fn a_joining_node_starts_from_a_snapshot_that_lists_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d1 = dir.path().join("n1");
+    let d2 = dir.path().join("n2");
+    let s1 = open_in(&d1, &RaftConf::default()).unwrap();
+    assert!(s1.is_new());
+    let mut st = ClusterState::new(K);
+    st.cluster_id = "c-1".into();
+    st.conf = Some(RaftConf {
+        voters: vec![1],
+        ..Default::default()
+    });
+    s1.bootstrap(&st).unwrap();
+    assert!(!s1.is_new());
+    assert!(s1.bootstrap(&st).is_err(), "bootstrapped twice");
+    assert_eq!(s1.first_index().unwrap(), 2);
+    let mut st1 = s1.load_state().unwrap().unwrap();
+    assert_eq!(st1.applied_index, 1);
+    st1.conf = st.conf.clone();
+    let n1 = ControlNode::new(1, s1, st1, Timing::default()).unwrap();
+    // The joiner: an empty log and an empty configuration.
+    let s2 = open_in(&d2, &RaftConf::default()).unwrap();
+    let mut st2 = ClusterState::new(K);
+    st2.conf = Some(RaftConf::default());
+    let n2 = ControlNode::new(2, s2, st2, Timing::default()).unwrap();
+    let mut members = vec![
+        Member {
+            dir: d1,
+            node: Some(n1),
+        },
+        Member {
+            dir: d2,
+            node: Some(n2),
+        },
+    ];
+    run(&mut members, 30);
+    assert!(leader(&mut members).id() == 1);
+    propose_epochs(&mut members, 1, 3);
+    leader(&mut members)
+        .propose_membership(&[(2, Some(Role::Learner))])
+        .unwrap();
+    run(&mut members, 30);
+    // Every change enters a joint configuration, left explicitly.
+    leader(&mut members).propose_leave_joint().unwrap();
+    run(&mut members, 10);
+    let n2 = members[1].node.as_ref().unwrap();
+    assert_eq!(n2.state().cluster_id, "c-1");
+    assert_eq!(n2.state().committed_epoch, 3);
+    assert_eq!(n2.state().conf.as_ref().unwrap().learners, vec![2]);
+    assert_eq!(n2.state(), members[0].node.as_ref().unwrap().state());
+    // Promoted: joint configuration, then left explicitly.
+    leader(&mut members)
+        .propose_membership(&[(2, Some(Role::Voter))])
+        .unwrap();
+    run(&mut members, 10);
+    assert!(leader(&mut members).in_joint());
+    leader(&mut members).propose_leave_joint().unwrap();
+    run(&mut members, 10);
+    for m in &members {
+        let n = m.node.as_ref().unwrap();
+        assert_eq!(n.state().conf.as_ref().unwrap().voters, vec![1, 2]);
+        assert!(!n.in_joint());
+    }
+    propose_epochs(&mut members, 4, 5);
+    // The joiner restarts from its directory with everything.
+    let d = members[1].dir.clone();
+    members[1].node = None;
+    let s = open_in(&d, &RaftConf::default()).unwrap();
+    let st = s.load_state().unwrap().unwrap();
+    members[1].node = Some(ControlNode::new(2, s, st, Timing::default()).unwrap());
+    propose_epochs(&mut members, 6, 6);
+    assert_eq!(members[1].node.as_ref().unwrap().state().committed_epoch, 6);
 }

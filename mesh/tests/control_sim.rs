@@ -281,6 +281,7 @@ impl Sim {
                 grpc_addr: format!("127.0.0.1:{}", 9000 + id),
                 http_addr: format!("127.0.0.1:{}", 8000 + id),
                 role: Role::Voter,
+                incarnation: self.rng.below(1 << 20),
             },
             3 => match state.members.get(&id) {
                 Some(m) => Command::MarkDead {

@@ -1,27 +1,41 @@
 //! The node's replica of the control group (`statemesh_mesh::group`), run as a tokio task.
 //!
-//! A node without peers is a cluster of one: it bootstraps a group with itself as the only
-//! voter (its log in `<data_dir>/control`, raft-engine, fsynced), joins it on every start (a
-//! new generation per start), and, as leader, assigns the key groups by rendezvous placement,
-//! at most `MOVES_PER_ROUND` per round. `GET /v1/cluster` shows the result. Joining other
-//! nodes (the mesh transport), routing and cluster-wide epochs come next (issue 8).
+//! A node started without `--join` on a new data directory bootstraps a new cluster with
+//! itself as the only voter (its log in `<data_dir>/control`, raft-engine, fsynced; the first
+//! state is a snapshot at index 1, so that every later member starts from it). A node started
+//! with `--join` on a new data directory asks a member (`statemesh.mesh.v1.Mesh/Join`,
+//! redirected to the leader) and is added as a learner; the leader then streams it the log
+//! ([`crate::mesh::Link`]: one gRPC stream per peer carrying Raft messages as bytes). Every
+//! start (re)joins: a `Join` entry proposed from any member (forwarded to the leader by
+//! raft-rs) gives the node its next generation.
+//!
+//! The leader reconciles the Raft configuration with the members (ConfChangeV2, joint
+//! consensus left explicitly): 1 voter for up to 2 members, 3 for 3–4, 5 from 5; the others
+//! are learners. The key groups are all assigned to the first node when it bootstraps the
+//! cluster (joins wait until they are). Key groups that have an owner stay where they are
+//! until live handover exists (issue 8, item 5): a node that joins owns nothing yet and
+//! forwards every address to its owner ([`crate::mesh::Placement`]).
 //!
 //! The node id is kept in `<data_dir>/node-id`: generated on the first start unless
 //! `--node-id` gives it, and a data directory of one node refuses to start as another.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use statemesh_mesh::control::{ClusterState, Command, Member, Outcome, RaftConf, Role};
+use statemesh_mesh::control::{ClusterState, Command, Member, RaftConf, Role};
 use statemesh_mesh::group::{ControlNode, Timing};
 use statemesh_mesh::placement::NodeId;
 use statemesh_mesh::storage::{open_in, EngineStorage};
+use statemesh_proto::mesh_v1 as mpb;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
 
-/// Key groups moved per round of placement (a round is a Raft commit).
-const MOVES_PER_ROUND: usize = 128;
+use crate::mesh::{ControlInput, Link, Placement};
+
 /// One tick of the control group.
 const TICK: Duration = Duration::from_millis(50);
 /// Applied entries kept behind a compaction (a member further behind is sent a snapshot).
@@ -42,6 +56,8 @@ pub struct MemberView {
 pub struct ClusterView {
     /// This node's id.
     pub node_id: NodeId,
+    /// The cluster's id.
+    pub cluster_id: String,
     /// The leader it knows of.
     pub leader: Option<NodeId>,
     /// The Raft term.
@@ -95,40 +111,90 @@ pub fn node_id(data_dir: &Path, given: Option<NodeId>) -> Result<NodeId, String>
 }
 
 fn generated_id() -> NodeId {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
     // Positive and printable as a JSON number without loss.
-    (h.finish() >> 12).max(1)
+    (random_u64() >> 12).max(1)
 }
 
-/// Starts the control group of this node. `committed_epoch` reads the checkpoint driver's
-/// committed epoch for the view.
-pub fn start(
+/// The control group of this node, opened (and joined) but not started yet.
+pub(crate) struct Opened {
+    /// This node.
+    pub id: NodeId,
+    /// The state machine as of the last start (or the new cluster's).
+    pub state: ClusterState,
+    storage: EngineStorage,
+    /// The cluster's id.
+    pub cluster_id: Arc<str>,
+    /// This process start.
+    incarnation: u64,
+    /// The transport's inbox (the mesh service sends here) and its receiving end.
+    pub inbox: mpsc::Sender<ControlInput>,
+    inbox_rx: mpsc::Receiver<ControlInput>,
+}
+
+/// How long a restarting member waits for a member named by `--join` to confirm the cluster
+/// id; when none answers (the whole cluster restarts), it starts anyway.
+const REJOIN_CHECK: Duration = Duration::from_secs(3);
+/// How long a new node tries to join before giving up.
+const JOIN_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Opens the control group in `data_dir` and finds this node's place: a new data directory
+/// without `join` bootstraps a new cluster; with `join`, it joins the cluster there (refused:
+/// an error naming why, nothing joined); an existing one restarts as the member it was
+/// (checking, when `join` is given, that the cluster there is the same).
+pub(crate) async fn open(
     data_dir: &Path,
     id: NodeId,
     key_groups: u32,
-    grpc_addr: String,
-    http_addr: String,
-    handle: ClusterHandle,
-    committed_epoch: Box<dyn Fn() -> u64 + Send>,
-) -> Result<tokio::task::JoinHandle<()>, String> {
-    let bootstrap = RaftConf {
-        voters: vec![id],
-        ..Default::default()
+    join: &[String],
+    grpc_addr: &str,
+    http_addr: &str,
+) -> Result<Opened, String> {
+    let storage = open_in(data_dir, &RaftConf::default())?;
+    let incarnation = random_u64().max(1);
+    let request = |cluster_id: &str| mpb::JoinRequest {
+        id,
+        grpc_addr: grpc_addr.to_string(),
+        http_addr: http_addr.to_string(),
+        cluster_id: cluster_id.to_string(),
+        incarnation,
     };
-    let storage = open_in(data_dir, &bootstrap)?;
     let state = match storage.load_state()? {
-        Some(s) => s,
-        None => {
+        None if join.is_empty() => {
             let mut s = ClusterState::new(key_groups);
-            s.conf = Some(bootstrap);
+            s.cluster_id = format!("{:016x}", random_u64());
+            s.conf = Some(RaftConf {
+                voters: vec![id],
+                ..Default::default()
+            });
+            storage.bootstrap(&s)?;
+            s.applied_index = 1;
+            tracing::info!(cluster = %s.cluster_id, node = id, "bootstrapped a new cluster");
+            s
+        }
+        None => {
+            let reply = crate::mesh::join(join, request(""), JOIN_PATIENCE)
+                .await
+                .map_err(|e| format!("cannot join the cluster: {e}"))?;
+            let mut s = ClusterState::new(key_groups);
+            s.cluster_id = reply.cluster_id.clone();
+            s.conf = Some(RaftConf::default());
+            // Kept before anything else: a restart rejoins as this member of this cluster.
+            storage.save_state(&s)?;
+            tracing::info!(cluster = %s.cluster_id, node = id, via = %join.join(","), "joined the cluster");
+            s
+        }
+        Some(s) => {
+            if !join.is_empty() {
+                match crate::mesh::join(join, request(&s.cluster_id), REJOIN_CHECK).await {
+                    Ok(_) => {}
+                    Err(e) if e.starts_with("refused") => {
+                        return Err(format!("cannot rejoin the cluster: {e}"))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no member confirmed the cluster; starting on the local control log (the cluster may be restarting)")
+                    }
+                }
+            }
             s
         }
     };
@@ -138,25 +204,97 @@ pub fn start(
             state.table.len()
         ));
     }
+    let (inbox, inbox_rx) = mpsc::channel(crate::mesh::INBOX);
+    Ok(Opened {
+        id,
+        cluster_id: state.cluster_id.clone().into(),
+        state,
+        storage,
+        incarnation,
+        inbox,
+        inbox_rx,
+    })
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Starts the control group of this node as a task. `committed_epoch` reads the checkpoint
+/// driver's committed epoch for the view; `placement` is kept current with the key-group
+/// table.
+pub(crate) fn start(
+    opened: Opened,
+    grpc_addr: String,
+    http_addr: String,
+    handle: ClusterHandle,
+    placement: Arc<Placement>,
+    committed_epoch: Box<dyn Fn() -> u64 + Send>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let Opened {
+        id,
+        state,
+        storage,
+        cluster_id,
+        incarnation,
+        inbox,
+        mut inbox_rx,
+    } = opened;
+    placement.update(&state);
     let node = ControlNode::new(id, storage, state, Timing::default())?;
     handle.lock().node_id = id;
     let h = handle;
     let task = tokio::spawn(async move {
         let mut c = Driver {
             node,
+            incarnation,
             joined: false,
             join_proposed: None,
             grpc_addr,
             http_addr,
+            cluster_id,
+            links: HashMap::new(),
+            learned: HashMap::new(),
+            inbox,
+            pending_joins: HashMap::new(),
+            conf_proposed: None,
+            published: u64::MAX,
         };
         let mut tick = tokio::time::interval(TICK);
         // After a stall (an fsync, say) no burst of ticks: it would look like lost heartbeats.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => c.node.tick(),
+                input = inbox_rx.recv() => match input {
+                    Some(i) => c.input(i),
+                    None => return,
+                },
+            }
+            // Whatever else arrived meanwhile, in one round.
+            for _ in 0..256 {
+                match inbox_rx.try_recv() {
+                    Ok(i) => c.input(i),
+                    Err(_) => break,
+                }
+            }
             if let Err(e) = c.round() {
                 tracing::error!(error = %e, "control group: cannot write its log; stopping it");
                 return;
+            }
+            let applied = c.node.state().applied_index;
+            if applied != c.published {
+                c.published = applied;
+                placement.update(c.node.state());
             }
             *h.lock() = c.view(committed_epoch());
         }
@@ -166,66 +304,267 @@ pub fn start(
 
 struct Driver {
     node: ControlNode<EngineStorage>,
+    /// This process start (see `Member::incarnation`).
+    incarnation: u64,
     /// This start's Join has been applied.
     joined: bool,
-    /// The term in which this start's Join was last proposed.
-    join_proposed: Option<u64>,
+    /// When this start's Join was last proposed.
+    join_proposed: Option<Instant>,
     grpc_addr: String,
     http_addr: String,
+    cluster_id: Arc<str>,
+    /// The stream to each peer.
+    links: HashMap<NodeId, Link>,
+    /// Addresses of nodes not (yet) in the applied members: joiners, and peers whose
+    /// streams name them.
+    learned: HashMap<NodeId, String>,
+    /// For the links to report failures.
+    inbox: mpsc::Sender<ControlInput>,
+    /// Join calls waiting for their entry (id → incarnation, reply).
+    pending_joins: HashMap<NodeId, (u64, oneshot::Sender<Result<mpb::JoinReply, Status>>)>,
+    /// The configuration when a configuration change was last proposed, and when.
+    conf_proposed: Option<(Option<RaftConf>, Instant)>,
+    /// The applied index the placement was last updated at.
+    published: u64,
 }
 
+/// How long a proposal that changed nothing waits before it is proposed again.
+const REPROPOSE: Duration = Duration::from_secs(2);
+
 impl Driver {
-    fn round(&mut self) -> Result<(), String> {
-        self.node.tick();
-        let out = self.node.process()?;
-        for (to, _) in &out.messages {
-            // No transport yet: a lone node has no peers to reach.
-            self.node.report_unreachable(*to);
-        }
-        if !out.applied.is_empty() {
-            for (index, cmd, outcome) in &out.applied {
-                tracing::debug!(index, ?cmd, ?outcome, "control entry applied");
-                if matches!(cmd, Command::Join { id, .. } if *id == self.node.id())
-                    && *outcome == Outcome::Applied
-                {
-                    self.joined = true;
-                    self.join_proposed = None;
+    fn input(&mut self, i: ControlInput) {
+        match i {
+            ControlInput::Raft { from, addr, msgs } => {
+                if !addr.is_empty() {
+                    self.learned.insert(from, addr);
+                }
+                for m in msgs {
+                    if let Err(e) = self.node.step(&m) {
+                        tracing::debug!(from, error = %e, "raft message not taken");
+                    }
                 }
             }
-            self.node.storage().save_state(self.node.state())?;
-            self.node.compact(KEEP_ENTRIES)?;
+            ControlInput::Unreachable(peer) => {
+                self.node.report_unreachable(peer);
+                self.node.report_snapshot(peer, false);
+            }
+            ControlInput::Join { req, reply } => self.join_request(req, reply),
         }
-        if self.node.is_leader() {
+    }
+
+    fn join_request(
+        &mut self,
+        req: mpb::JoinRequest,
+        reply: oneshot::Sender<Result<mpb::JoinReply, Status>>,
+    ) {
+        let state = self.node.state();
+        let accepted = mpb::JoinReply {
+            accepted: true,
+            cluster_id: self.cluster_id.to_string(),
+            leader: self.node.id(),
+            leader_addr: self.grpc_addr.clone(),
+        };
+        if !self.node.is_leader() {
+            let leader = self.node.leader().filter(|&l| l != self.node.id());
+            let leader_addr = leader
+                .and_then(|l| {
+                    state
+                        .members
+                        .get(&l)
+                        .map(|m| m.grpc_addr.clone())
+                        .or_else(|| self.learned.get(&l).cloned())
+                })
+                .unwrap_or_default();
+            let _ = reply.send(Ok(mpb::JoinReply {
+                accepted: false,
+                cluster_id: self.cluster_id.to_string(),
+                leader: leader.unwrap_or(0),
+                leader_addr,
+            }));
+            return;
+        }
+        let id = req.id;
+        if !req.cluster_id.is_empty() && *req.cluster_id != *self.cluster_id {
+            let _ = reply.send(Err(Status::failed_precondition(format!(
+                "the data directory of node {id} belongs to cluster {:?}, not to this cluster ({:?}); start it on an empty data directory to join this one",
+                req.cluster_id, self.cluster_id
+            ))));
+            return;
+        }
+        if state.table.iter().any(|o| o.owner.is_none()) {
+            let _ = reply.send(Err(Status::unavailable(
+                "the cluster is still assigning its key groups; retry",
+            )));
+            return;
+        }
+        match state.members.get(&id) {
+            // A restarting member: it proposes its own Join.
+            Some(_) if !req.cluster_id.is_empty() => {
+                let _ = reply.send(Ok(accepted));
+            }
+            // A retry of the same join (its reply was lost).
+            Some(m) if m.incarnation == req.incarnation => {
+                let _ = reply.send(Ok(accepted));
+            }
+            Some(m) => {
+                let _ = reply.send(Err(Status::already_exists(format!(
+                    "node id {id} is already used by a member of this cluster (at {}); give the new node another --node-id, or restart that member on its own data directory",
+                    m.grpc_addr
+                ))));
+            }
+            None => {
+                if req.grpc_addr.is_empty() {
+                    let _ = reply.send(Err(Status::invalid_argument(
+                        "a joining node must give its gRPC address",
+                    )));
+                    return;
+                }
+                self.learned.insert(id, req.grpc_addr.clone());
+                let cmd = Command::Join {
+                    id,
+                    grpc_addr: req.grpc_addr,
+                    http_addr: req.http_addr,
+                    role: Role::Learner,
+                    incarnation: req.incarnation,
+                };
+                match self.node.propose(&cmd) {
+                    Ok(()) => {
+                        self.pending_joins.insert(id, (req.incarnation, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(Status::unavailable(format!(
+                            "the join was not proposed ({e}); retry"
+                        ))));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles what the group has ready (twice: proposals made in between go out at once).
+    fn round(&mut self) -> Result<(), String> {
+        self.process()?;
+        // A new member first needs the cluster's state (the leader's snapshot).
+        let bootstrapped = self
+            .node
+            .state()
+            .conf
+            .as_ref()
+            .is_some_and(|c| !c.voters.is_empty());
+        if !self.joined && bootstrapped && self.node.leader().is_some() {
+            // Proposed (forwarded to the leader from any member) until seen applied.
+            if self.join_proposed.is_none_or(|t| t.elapsed() >= REPROPOSE) {
+                self.join_proposed = Some(Instant::now());
+                let cmd = Command::Join {
+                    id: self.node.id(),
+                    grpc_addr: self.grpc_addr.clone(),
+                    http_addr: self.http_addr.clone(),
+                    role: Role::Learner,
+                    incarnation: self.incarnation,
+                };
+                if let Err(e) = self.node.propose_anywhere(&cmd) {
+                    tracing::debug!(error = %e, "own join not proposed; retried");
+                }
+            }
+        }
+        if self.node.is_leader() && self.joined {
             // A proposal can be dropped (a leader change, a transfer): proposed again later.
             if let Err(e) = self.lead() {
                 tracing::debug!(error = %e, "control proposal not taken; retried");
             }
         }
+        self.process()
+    }
+
+    fn process(&mut self) -> Result<(), String> {
+        let out = self.node.process()?;
+        for (to, bytes) in out.messages {
+            self.send(to, bytes);
+        }
+        if !out.applied.is_empty() {
+            for (index, cmd, outcome) in &out.applied {
+                tracing::debug!(index, ?cmd, ?outcome, "control entry applied");
+            }
+            self.node.storage().save_state(self.node.state())?;
+            self.node.compact(KEEP_ENTRIES)?;
+        }
+        let me = self.node.id();
+        let state = self.node.state();
+        self.joined = state
+            .members
+            .get(&me)
+            .is_some_and(|m| m.incarnation == self.incarnation);
+        if !self.pending_joins.is_empty() {
+            let done: Vec<NodeId> = self
+                .pending_joins
+                .iter()
+                .filter(|(id, (inc, _))| {
+                    state.members.get(id).is_some_and(|m| m.incarnation == *inc)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in done {
+                if let Some((_, reply)) = self.pending_joins.remove(&id) {
+                    let _ = reply.send(Ok(mpb::JoinReply {
+                        accepted: true,
+                        cluster_id: self.cluster_id.to_string(),
+                        leader: me,
+                        leader_addr: self.grpc_addr.clone(),
+                    }));
+                }
+            }
+            // A lost leadership drops the waiting calls (the joiner retries elsewhere).
+            if !self.node.is_leader() {
+                self.pending_joins.clear();
+            }
+        }
         Ok(())
     }
 
-    /// What the leader proposes: its own (re)join, then the placement of key groups.
+    fn send(&mut self, to: NodeId, bytes: Vec<u8>) {
+        let addr = self
+            .node
+            .state()
+            .members
+            .get(&to)
+            .map(|m| m.grpc_addr.clone())
+            .or_else(|| self.learned.get(&to).cloned());
+        let Some(addr) = addr else {
+            self.node.report_unreachable(to);
+            return;
+        };
+        if self.links.get(&to).is_none_or(|l| l.addr != addr) {
+            let link = Link::start(
+                self.node.id(),
+                self.grpc_addr.clone(),
+                self.cluster_id.clone(),
+                to,
+                addr,
+                self.inbox.clone(),
+            );
+            self.links.insert(to, link);
+        }
+        if !self.links[&to].send(bytes.into()) {
+            self.node.report_unreachable(to);
+        }
+    }
+
+    /// What the leader proposes: the Raft configuration that fits the members, then the
+    /// placement of unowned key groups.
     fn lead(&mut self) -> Result<(), String> {
-        let id = self.node.id();
-        if !self.joined {
-            // Proposed once per term until applied (a proposal lost with a leader change is
-            // proposed again by the next leader's round).
-            if self.join_proposed != Some(self.node.term()) {
-                self.join_proposed = Some(self.node.term());
-                self.node.propose(&Command::Join {
-                    id,
-                    grpc_addr: self.grpc_addr.clone(),
-                    http_addr: self.http_addr.clone(),
-                    role: Role::Voter,
-                })?;
-            }
-            return Ok(());
-        }
+        self.reconcile_conf()?;
         let state = self.node.state();
-        if !state.members.contains_key(&id) {
+        // Key groups are assigned when the cluster is bootstrapped, all to its first node, in
+        // one entry (nothing moves yet, so nothing to rate-limit). Owned key groups move only
+        // with live handover (not built yet), so a cluster that has grown keeps its owners.
+        if state.live_members() != [self.node.id()] {
             return Ok(());
         }
-        let moves = state.plan_moves(MOVES_PER_ROUND);
+        let moves: Vec<_> = state
+            .plan_moves(state.table.len())
+            .into_iter()
+            .filter(|m| state.table[m.kg as usize].owner.is_none())
+            .collect();
         if !moves.is_empty() {
             // Rejected (a stale version) when an earlier round is still being applied: the
             // next round plans again from the applied table.
@@ -234,10 +573,57 @@ impl Driver {
         Ok(())
     }
 
+    /// Members join as learners; voters are added (joint consensus, left explicitly) up to 3
+    /// of 3–4 live members and 5 of 5 or more. One change at a time.
+    fn reconcile_conf(&mut self) -> Result<(), String> {
+        let state = self.node.state();
+        let conf = state.conf.clone().unwrap_or_default();
+        if let Some((c, t)) = &self.conf_proposed {
+            if *c == state.conf && t.elapsed() < REPROPOSE {
+                return Ok(());
+            }
+        }
+        let mark = Some((state.conf.clone(), Instant::now()));
+        if self.node.in_joint() {
+            self.conf_proposed = mark;
+            return self.node.propose_leave_joint();
+        }
+        let listed = |id: &NodeId| conf.voters.contains(id) || conf.learners.contains(id);
+        let alive = state.live_members();
+        let new: Vec<(NodeId, Option<Role>)> = alive
+            .iter()
+            .filter(|id| !listed(id))
+            .map(|&id| (id, Some(Role::Learner)))
+            .collect();
+        if !new.is_empty() {
+            self.conf_proposed = mark;
+            return self.node.propose_membership(&new);
+        }
+        let target: usize = match alive.len() {
+            0..=2 => 1,
+            3 | 4 => 3,
+            _ => 5,
+        };
+        let voters = conf.voters.iter().filter(|v| alive.contains(v)).count();
+        let promote: Vec<(NodeId, Option<Role>)> = alive
+            .iter()
+            .filter(|id| conf.learners.contains(id))
+            .take(target.saturating_sub(voters))
+            .map(|&id| (id, Some(Role::Voter)))
+            .collect();
+        if !promote.is_empty() {
+            tracing::info!(?promote, "promoting learners to voters");
+            self.conf_proposed = mark;
+            return self.node.propose_membership(&promote);
+        }
+        Ok(())
+    }
+
     fn view(&self, committed_epoch: u64) -> ClusterView {
         let s = self.node.state();
         ClusterView {
             node_id: self.node.id(),
+            cluster_id: s.cluster_id.clone(),
             leader: self.node.leader(),
             term: self.node.term(),
             placement_version: s.placement_version,

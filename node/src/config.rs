@@ -153,6 +153,12 @@ pub struct NodeConfig {
     /// This node's id in the cluster (a positive integer), kept in `<data_dir>/node-id`;
     /// generated on the first start if not given. Default: none.
     pub node_id: Option<u64>,
+    /// gRPC addresses (`HOST:PORT`) of members of a cluster to join. Empty (the default): a
+    /// new data directory starts a new cluster of one.
+    pub join: Vec<String>,
+    /// The gRPC address (`HOST:PORT`) other nodes reach this one at. Default: `grpc_addr`
+    /// (as bound); required when that is a wildcard address such as 0.0.0.0.
+    pub advertise_addr: Option<String>,
     /// gRPC ingress/admin address. Default `127.0.0.1:5090`; port 0 picks a free port.
     pub grpc_addr: SocketAddr,
     /// HTTP ingress/admin address. Default `127.0.0.1:8090`; port 0 picks a free port.
@@ -197,6 +203,8 @@ impl Default for NodeConfig {
         NodeConfig {
             data_dir: PathBuf::from("./data"),
             node_id: None,
+            join: Vec::new(),
+            advertise_addr: None,
             grpc_addr: "127.0.0.1:5090".parse().expect("literal address"),
             http_addr: "127.0.0.1:8090".parse().expect("literal address"),
             shards: 0,
@@ -282,7 +290,24 @@ impl NodeConfig {
         {
             return bad("checkpoint.node_id: expected letters, digits, '-' or '_'");
         }
+        for a in self.join.iter().chain(self.advertise_addr.iter()) {
+            if !is_host_port(a) {
+                return Err(ConfigError::Invalid(format!(
+                    "join/advertise_addr: expected HOST:PORT, found {a:?}"
+                )));
+            }
+        }
+        if self.advertise_addr.is_none() && self.grpc_addr.ip().is_unspecified() {
+            return bad("advertise_addr: required when grpc_addr is a wildcard address (other nodes must know where to reach this one)");
+        }
         Ok(())
+    }
+
+    /// The gRPC address other nodes reach this one at, given the bound one.
+    pub fn advertised_grpc(&self, bound: SocketAddr) -> String {
+        self.advertise_addr
+            .clone()
+            .unwrap_or_else(|| bound.to_string())
     }
 
     /// The blob storage URL of checkpoints.
@@ -303,6 +328,14 @@ impl NodeConfig {
                 .map(|n| n.get())
                 .unwrap_or(1)
         }
+    }
+}
+
+/// `HOST:PORT` with a non-empty host and a port number.
+fn is_host_port(a: &str) -> bool {
+    match a.rsplit_once(':') {
+        Some((h, p)) => !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
     }
 }
 

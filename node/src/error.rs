@@ -37,6 +37,10 @@ pub enum ServiceError {
     /// A bug or I/O failure inside the node.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The error another node (the owner of the address) answered a forwarded request with,
+    /// passed on with its code and text.
+    #[error("{1}")]
+    Forwarded(tonic::Code, String),
 }
 
 impl ServiceError {
@@ -52,6 +56,7 @@ impl ServiceError {
             ServiceError::Unavailable(_) => tonic::Code::Unavailable,
             ServiceError::FunctionFailed(_) => tonic::Code::Aborted,
             ServiceError::Internal(_) => tonic::Code::Internal,
+            ServiceError::Forwarded(code, _) => *code,
         }
     }
 
@@ -66,8 +71,24 @@ impl ServiceError {
             ServiceError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ServiceError::FunctionFailed(_) => StatusCode::BAD_GATEWAY,
             ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServiceError::Forwarded(code, _) => match code {
+                tonic::Code::NotFound => StatusCode::NOT_FOUND,
+                tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+                tonic::Code::ResourceExhausted if is_too_large(self) => {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                }
+                tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+                tonic::Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+                tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                tonic::Code::Aborted => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         }
     }
+}
+
+fn is_too_large(e: &ServiceError) -> bool {
+    matches!(e, ServiceError::Forwarded(_, m) if m.contains("exceeds the maximum"))
 }
 
 impl From<ServiceError> for tonic::Status {

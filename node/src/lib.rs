@@ -19,6 +19,7 @@ pub mod error;
 pub mod failpoint;
 pub mod ingress;
 mod instance;
+mod mesh;
 pub mod metrics;
 pub mod module;
 mod node;

@@ -107,6 +107,7 @@ pub(crate) struct Shared {
     pub ready: Arc<AtomicBool>,
     pub checkpoints: StatusHandle,
     pub cluster: crate::cluster::ClusterHandle,
+    pub mesh: Arc<crate::mesh::MeshService>,
 }
 
 impl Shared {
@@ -243,7 +244,67 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
             config.data_dir.display()
         ))
     })?;
-    let cp = if config.checkpoint.enabled {
+    let new_dir = !config.data_dir.join("node-id").exists();
+    let node_id =
+        crate::cluster::node_id(&config.data_dir, config.node_id).map_err(StartError::Other)?;
+    let cluster: crate::cluster::ClusterHandle = Default::default();
+    // Listeners first, so a bad address fails before anything starts, and the addresses to
+    // advertise are known before joining.
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "grpc",
+            addr: config.grpc_addr,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|e| StartError::Other(e.to_string()))?;
+    let http_listener =
+        std::net::TcpListener::bind(config.http_addr).map_err(|source| StartError::Bind {
+            what: "http",
+            addr: config.http_addr,
+            source,
+        })?;
+    let adv_grpc = config.advertised_grpc(grpc_addr);
+    let adv_http = match &config.advertise_addr {
+        Some(a) => {
+            let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h);
+            format!(
+                "{host}:{}",
+                http_listener.local_addr().map(|a| a.port()).unwrap_or(0)
+            )
+        }
+        None => http_listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+    };
+    let opened = crate::cluster::open(
+        &config.data_dir,
+        node_id,
+        config.key_groups,
+        &config.join,
+        &adv_grpc,
+        &adv_http,
+    )
+    .await
+    .map_err(|e| {
+        if new_dir {
+            // A refused join leaves the data directory as it was: a retry (with another
+            // node id, say) starts afresh.
+            let _ = std::fs::remove_dir_all(config.data_dir.join("control"));
+            let _ = std::fs::remove_file(config.data_dir.join("node-id"));
+        }
+        StartError::Other(e)
+    })?;
+    let placement = Arc::new(crate::mesh::Placement::new(node_id));
+    placement.update(&opened.state);
+    // Until key groups move between nodes (live handover), a node that owns none of them
+    // (it joined a cluster whose key groups are owned elsewhere) holds no state and writes no
+    // checkpoints: the owners' checkpoints are not its to recover or extend.
+    let serves_key_groups = opened.state.owned_by(node_id) > 0 || placement.is_lone();
+    let cp = if config.checkpoint.enabled && serves_key_groups {
         let url = config.checkpoint_url();
         if let Some(path) = url
             .strip_prefix("file://")
@@ -259,9 +320,6 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     } else {
         None
     };
-    let node_id =
-        crate::cluster::node_id(&config.data_dir, config.node_id).map_err(StartError::Other)?;
-    let cluster: crate::cluster::ClusterHandle = Default::default();
     let state_dir = config.data_dir.join("state");
     let store = match Store::open(&state_dir, config.key_groups) {
         Ok(s) => s,
@@ -297,6 +355,8 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         let mut s = status.lock();
         s.url = if cp.is_some() {
             config.checkpoint_url()
+        } else if config.checkpoint.enabled {
+            "none: this node owns no key groups".into()
         } else {
             "off".into()
         };
@@ -315,6 +375,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         metrics,
         cp.is_some(),
         config.checkpoint.ack,
+        placement.clone(),
     );
     let ready = Arc::new(AtomicBool::new(false));
     if cp.is_some() {
@@ -322,23 +383,6 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         router.egress().restore(store.load_egress()?);
     }
 
-    // gRPC listener first, so a bad address fails before threads start.
-    let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: "grpc",
-            addr: config.grpc_addr,
-            source,
-        })?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|e| StartError::Other(e.to_string()))?;
-    let http_listener =
-        std::net::TcpListener::bind(config.http_addr).map_err(|source| StartError::Bind {
-            what: "http",
-            addr: config.http_addr,
-            source,
-        })?;
     // The playground's ingress and egress listen on the ports the module names (on the HTTP
     // address's interface), sharing the main listener when a port is the same.
     let http_port = http_listener.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -389,6 +433,12 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     let (r2, c2, ready2) = (router.clone(), config.clone(), ready.clone());
     let (store2, events2, status2) = (store.clone(), events_tx.clone(), status.clone());
     let cluster2 = cluster.clone();
+    let mesh = Arc::new(crate::mesh::MeshService {
+        me: node_id,
+        cluster_id: opened.cluster_id.clone(),
+        inbox: opened.inbox.clone(),
+    });
+    let mesh2 = mesh.clone();
     let committed = recovered.committed;
     let replay = recovered.pending;
     let actix_thread = std::thread::Builder::new()
@@ -422,6 +472,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
                     ready: ready2,
                     checkpoints: status2,
                     cluster: cluster2,
+                    mesh: mesh2,
                 };
                 let mut playground = Vec::new();
                 for (l, routes) in extra {
@@ -469,12 +520,11 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     );
     let committed_status = status.clone();
     let control = crate::cluster::start(
-        &config.data_dir,
-        node_id,
-        config.key_groups,
-        grpc_addr.to_string(),
-        started.http_addr.to_string(),
+        opened,
+        adv_grpc,
+        adv_http,
         cluster.clone(),
+        placement,
         Box::new(move || committed_status.lock().committed),
     )
     .map_err(|e| StartError::Other(format!("control group: {e}")))?;
@@ -485,6 +535,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         ready: ready.clone(),
         checkpoints: status,
         cluster,
+        mesh,
     };
     let (grpc_shutdown, grpc_task) = crate::ingress::grpc::serve(shared.clone(), grpc_listener);
     ready.store(true, Ordering::SeqCst);

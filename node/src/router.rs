@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use crate::config::AckMode;
 use crate::egress::Egress;
 use crate::error::ServiceError;
+use crate::mesh::{Placement, Route};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::shard::{Deliver, GetState, Marker, Shard};
@@ -89,6 +90,8 @@ struct Inner {
     backpressure_on: AtomicBool,
     /// The newest epoch applied to sled (shards passivate only what it holds).
     applied: AtomicU64,
+    /// Which node owns which key group (ingress for another owner is forwarded there).
+    placement: Arc<Placement>,
     /// A shard must passivate but waits for sled: apply committed epochs now.
     apply_wanted: AtomicBool,
 }
@@ -111,6 +114,7 @@ impl Router {
         metrics: Metrics,
         checkpointing: bool,
         ack: AckMode,
+        placement: Arc<Placement>,
     ) -> Self {
         // Call ids must not repeat across restarts: a reply recovered from a checkpoint must
         // not complete an unrelated new call.
@@ -143,6 +147,7 @@ impl Router {
                 backpressure_on: AtomicBool::new(false),
                 applied: AtomicU64::new(0),
                 apply_wanted: AtomicBool::new(false),
+                placement,
             }),
         }
     }
@@ -427,6 +432,22 @@ impl Router {
     /// shard has it queued; not durable).
     pub fn send(&self, target: Address, message: TypedValue) -> Result<(), ServiceError> {
         self.validate(&target, &message)?;
+        if let Some((node, addr)) = self.remote(self.key_group(&target), false)? {
+            let rt = tokio::runtime::Handle::try_current().map_err(|_| {
+                ServiceError::Unavailable(format!(
+                    "{target} is owned by node {node}: forwarding needs a tokio runtime; use send_with"
+                ))
+            })?;
+            let p = self.inner.placement.clone();
+            rt.spawn(async move {
+                if let Err(e) =
+                    crate::mesh::forward_send(&p, node, &addr, &target, message, None).await
+                {
+                    tracing::warn!(%target, node, error = %e, "forwarding a message failed");
+                }
+            });
+            return Ok(());
+        }
         let (shard, env) = self.envelope(target, None, message);
         self.deliver_one(shard, env, None)
     }
@@ -440,8 +461,24 @@ impl Router {
         message: TypedValue,
         key: Option<String>,
     ) -> Result<(), ServiceError> {
+        self.send_routed(target, message, key, false).await
+    }
+
+    /// [`Router::send_with`] for a request that another node may have `forwarded` here
+    /// (then it is not forwarded again).
+    pub(crate) async fn send_routed(
+        &self,
+        target: Address,
+        message: TypedValue,
+        key: Option<String>,
+        forwarded: bool,
+    ) -> Result<(), ServiceError> {
         self.validate(&target, &message)?;
         let key = validate_key(key)?;
+        if let Some((node, addr)) = self.remote(self.key_group(&target), forwarded)? {
+            let p = &self.inner.placement;
+            return crate::mesh::forward_send(p, node, &addr, &target, message, key).await;
+        }
         let (shard, mut env) = self.envelope(target, None, message);
         env.key = key.map(String::into_boxed_str);
         if !(self.inner.checkpointing && self.inner.ack == AckMode::Committed) {
@@ -465,9 +502,51 @@ impl Router {
         messages: Vec<(Address, TypedValue, Option<String>)>,
         wait: bool,
     ) -> Result<usize, ServiceError> {
+        self.send_batch_routed(messages, wait, false).await
+    }
+
+    /// [`Router::send_batch`] for a batch another node may have `forwarded` here. Messages
+    /// owned elsewhere go to their owners as one batch per owner, concurrently with the
+    /// local ones.
+    pub(crate) async fn send_batch_routed(
+        &self,
+        messages: Vec<(Address, TypedValue, Option<String>)>,
+        wait: bool,
+        forwarded: bool,
+    ) -> Result<usize, ServiceError> {
         for (t, m, _) in &messages {
             self.validate(t, m)?;
         }
+        let n = messages.len();
+        let mut local = Vec::with_capacity(n);
+        let mut remote: std::collections::BTreeMap<(u64, String), Vec<_>> = Default::default();
+        for (t, m, k) in messages {
+            let k = validate_key(k)?;
+            match self.remote(self.key_group(&t), forwarded)? {
+                None => local.push((t, m, k)),
+                Some(owner) => remote.entry(owner).or_default().push((t, m, k)),
+            }
+        }
+        if remote.is_empty() {
+            return self.send_batch_local(local, wait).await;
+        }
+        let p = &self.inner.placement;
+        let forwards = futures::future::try_join_all(remote.into_iter().map(
+            |((node, addr), batch)| async move {
+                crate::mesh::forward_batch(p, node, &addr, batch).await
+            },
+        ));
+        let (l, r) = futures::future::join(self.send_batch_local(local, wait), forwards).await;
+        l?;
+        r?;
+        Ok(n)
+    }
+
+    async fn send_batch_local(
+        &self,
+        messages: Vec<(Address, TypedValue, Option<String>)>,
+        wait: bool,
+    ) -> Result<usize, ServiceError> {
         let n = messages.len();
         let mut per_shard: Vec<Vec<Envelope>> =
             (0..self.shard_count()).map(|_| Vec::new()).collect();
@@ -545,10 +624,26 @@ impl Router {
         timeout: Duration,
         key: Option<String>,
     ) -> Result<TypedValue, ServiceError> {
+        self.call_routed(target, message, timeout, key, false).await
+    }
+
+    /// [`Router::call_with`] for a call another node may have `forwarded` here.
+    pub(crate) async fn call_routed(
+        &self,
+        target: Address,
+        message: TypedValue,
+        timeout: Duration,
+        key: Option<String>,
+        forwarded: bool,
+    ) -> Result<TypedValue, ServiceError> {
         self.validate(&target, &message)?;
         let key = validate_key(key)?;
-        let id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let kg = self.key_group(&target);
+        if let Some((node, addr)) = self.remote(kg, forwarded)? {
+            let p = &self.inner.placement;
+            return crate::mesh::forward_call(p, node, &addr, &target, message, timeout, key).await;
+        }
+        let id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let reply_id = match &key {
             Some(k) => format!(
                 "{kg}.{id}.{}",
@@ -581,6 +676,29 @@ impl Router {
         }
     }
 
+    /// The owner to forward key group `kg` to (`None`: this node serves it). A request that
+    /// was already forwarded is not forwarded again.
+    fn remote(&self, kg: u32, forwarded: bool) -> Result<Option<(u64, String)>, ServiceError> {
+        match self.inner.placement.route(kg) {
+            Route::Local => Ok(None),
+            Route::Remote { node, .. } if forwarded => Err(self.reject(
+                ServiceError::Unavailable(format!(
+                    "a node forwarded key group {kg} here, but node {node} owns it (ownership is changing); retry"
+                )),
+                "not_owner",
+            )),
+            Route::Remote { node, addr } => Ok(Some((node, addr))),
+            Route::Unavailable(why) => {
+                Err(self.reject(ServiceError::Unavailable(why), "no_owner"))
+            }
+        }
+    }
+
+    /// Which node owns which key group.
+    pub(crate) fn placement(&self) -> &Arc<Placement> {
+        &self.inner.placement
+    }
+
     /// Completes a waiting call; false if nobody waits for it (any more).
     pub(crate) fn complete_call(&self, id: u64, value: Result<TypedValue, ServiceError>) -> bool {
         match self.inner.calls.lock().remove(&id) {
@@ -604,10 +722,23 @@ impl Router {
         &self,
         address: Address,
     ) -> Result<Vec<(String, TypedValue, u64)>, ServiceError> {
+        self.get_state_routed(address, false).await
+    }
+
+    /// [`Router::get_state`] for a read another node may have `forwarded` here.
+    pub(crate) async fn get_state_routed(
+        &self,
+        address: Address,
+        forwarded: bool,
+    ) -> Result<Vec<(String, TypedValue, u64)>, ServiceError> {
         if self.inner.registry.get(&address.typ).is_none() {
             return Err(ServiceError::UnknownFunction(address.typ.to_string()));
         }
         let kg = self.key_group(&address);
+        if let Some((node, addr)) = self.remote(kg, forwarded)? {
+            let p = &self.inner.placement;
+            return crate::mesh::forward_get_state(p, node, &addr, &address).await;
+        }
         let (tx, rx) = oneshot::channel();
         self.shards()[self.shard_of(kg)].do_send(GetState {
             address,

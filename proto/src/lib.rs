@@ -2,6 +2,7 @@
 //!
 //! - [`v1`]: the public API (`statemesh.v1`): addresses, typed values, the `Ingress` and
 //!   `Admin` gRPC services.
+//! - [`mesh_v1`]: node-to-node messages (`statemesh.mesh.v1`).
 //! - [`statefun_v3`]: StateFun's remote-function request-reply protocol, v3
 //!   (`io.statefun.sdk.reqreply`).
 //! - [`statefun_v2`]: StateFun's request-reply protocol, v2
@@ -11,6 +12,12 @@
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("statemesh.v1");
+}
+
+/// Node-to-node messages (`statemesh.mesh.v1`): the control group's stream and joins.
+#[allow(missing_docs, clippy::all)]
+pub mod mesh_v1 {
+    tonic::include_proto!("statemesh.mesh.v1");
 }
 
 /// StateFun's request-reply protocol v3 (`io.statefun.sdk.reqreply`).

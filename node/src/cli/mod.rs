@@ -56,6 +56,17 @@ enum Command {
         /// generated on the first start if not given).
         #[arg(long)]
         node_id: Option<u64>,
+        /// Join the cluster of these members (gRPC addresses `HOST:PORT[,HOST:PORT…]`);
+        /// without it a new data directory starts a new cluster of one.
+        #[arg(long, value_delimiter = ',')]
+        join: Vec<String>,
+        /// The gRPC address other nodes reach this one at (default: --grpc-addr).
+        #[arg(long)]
+        advertise_addr: Option<String>,
+        /// Blob storage of checkpoints (overrides `[checkpoint] url`); every member of a
+        /// cluster uses the same location.
+        #[arg(long)]
+        checkpoint_url: Option<String>,
     },
     /// Send a one-way message: `statemesh send example/counter/a 5 --type long`.
     Send {
@@ -183,6 +194,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             http_addr,
             shards,
             node_id,
+            join,
+            advertise_addr,
+            checkpoint_url,
         } => {
             statemesh_node::failpoint::setup_from_env().map_err(anyhow::Error::msg)?;
             let mut cfg = match &config {
@@ -203,6 +217,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if node_id.is_some() {
                 cfg.node_id = node_id;
+            }
+            if !join.is_empty() {
+                cfg.join = join;
+            }
+            if advertise_addr.is_some() {
+                cfg.advertise_addr = advertise_addr;
+            }
+            if checkpoint_url.is_some() {
+                cfg.checkpoint.url = checkpoint_url;
             }
             let module = match &module {
                 Some(p) => Some(statemesh_node::module::Module::load(p)?),

@@ -154,6 +154,8 @@ async fn healthz() -> HttpResponse {
 async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
     if let Some(reason) = shared.router.backpressure() {
         HttpResponse::ServiceUnavailable().body(format!("not ready: {reason}\n"))
+    } else if !shared.router.placement().ready() {
+        HttpResponse::ServiceUnavailable().body("not ready: joining the cluster\n")
     } else if shared.ready.load(Ordering::SeqCst) {
         HttpResponse::Ok().body("ready\n")
     } else {

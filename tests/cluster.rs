@@ -1,0 +1,440 @@
+//! Multi-process clusters of real `statemesh` nodes on loopback: forming a cluster by joining
+//! (3 and 5 nodes, voters and learners), routing every kind of ingress from every node to the
+//! owner, SIGKILL and restart of the leader and of the owner, joins that must be refused, and
+//! peers that send garbage.
+//!
+//! Until live handover exists, the node that bootstrapped the cluster owns every key group and
+//! the others forward to it (see `node/src/cluster.rs`).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{eventually, free_port, http, Launch, Node};
+use statemesh_sdk::{Address, Client, TypedValue};
+
+/// The tests of this file start several nodes each: one at a time on a 2-core machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn launch(_root: &Path, id: u64, ports: (u16, u16), join: Option<&str>) -> Launch {
+    let mut args = vec![
+        "--node-id".to_string(),
+        id.to_string(),
+        "--shards".into(),
+        "1".into(),
+    ];
+    if let Some(j) = join {
+        args.push("--join".into());
+        args.push(j.into());
+    }
+    Launch {
+        config: Some("[checkpoint]\ninterval_ms = 20\n".into()),
+        grpc_port: ports.0,
+        http_port: ports.1,
+        args,
+        ..Default::default()
+    }
+}
+
+/// Starts node `id` (ports chosen now and kept across restarts).
+fn start(root: &Path, id: u64, join: Option<&str>) -> (Node, (u16, u16)) {
+    let ports = (free_port(), free_port());
+    let n = Node::start_launch(&root.join(format!("n{id}")), &launch(root, id, ports, join));
+    (n, ports)
+}
+
+fn restart(root: &Path, id: u64, ports: (u16, u16), join: Option<&str>) -> Node {
+    Node::start_launch(&root.join(format!("n{id}")), &launch(root, id, ports, join))
+}
+
+async fn view(n: &Node) -> Option<serde_json::Value> {
+    let (s, _, b) = common::try_http(
+        &format!("{}/v1/cluster", n.http),
+        "GET",
+        None,
+        Default::default(),
+    )
+    .await
+    .ok()?;
+    (s == 200).then(|| serde_json::from_slice(&b).unwrap())
+}
+
+/// Waits until every node in `nodes` sees the same leader and `voters` voters among
+/// `members` members, all alive and ready.
+async fn converged(nodes: &[&Node], members: usize, voters: usize) -> u64 {
+    eventually(
+        &format!(
+            "{} nodes agreeing on {members} members, {voters} voters",
+            nodes.len()
+        ),
+        Duration::from_secs(60),
+        || async {
+            let mut leader = None;
+            for n in nodes {
+                let v = view(n).await?;
+                let ms = v["members"].as_array()?;
+                let nv = ms.iter().filter(|m| m["role"] == "voter").count();
+                let l = v["leader"].as_u64()?;
+                if ms.len() != members || nv != voters || leader.is_some_and(|x| x != l) {
+                    return None;
+                }
+                if !ms.iter().all(|m| m["alive"] == true) {
+                    return None;
+                }
+                let (s, _, _) = common::try_http(
+                    &format!("{}/readyz", n.http),
+                    "GET",
+                    None,
+                    Default::default(),
+                )
+                .await
+                .ok()?;
+                if s != 200 {
+                    return None;
+                }
+                leader = Some(l);
+            }
+            leader
+        },
+    )
+    .await
+}
+
+fn counter(id: &str) -> Address {
+    Address::parse(&format!("example/counter/{id}")).unwrap()
+}
+
+async fn add(c: &Client, id: &str, n: i64) -> i64 {
+    c.call(&counter(id), TypedValue::of(&n))
+        .await
+        .unwrap_or_else(|e| panic!("call example/counter/{id}: {e}"))
+        .get::<i64>()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
+    let _g = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (n1, p1) = start(root, 1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let (n2, p2) = start(root, 2, Some(&seed));
+    let (n3, p3) = start(root, 3, Some(&seed));
+    let leader = converged(&[&n1, &n2, &n3], 3, 3).await;
+    assert_eq!(
+        leader, 1,
+        "the bootstrap node leads a cluster that never lost it"
+    );
+    let v = n3.get_json("/v1/cluster").await;
+    let owned: Vec<u64> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["key_groups"].as_u64().unwrap())
+        .collect();
+    assert_eq!(owned, vec![1024, 0, 0], "{v}");
+    assert!(
+        v["cluster_id"].as_str().is_some_and(|c| c.len() == 16),
+        "{v}"
+    );
+
+    // Every node serves every address: Call over gRPC, HTTP, state reads.
+    let mut expected = 0;
+    for (i, n) in [&n1, &n2, &n3].iter().enumerate() {
+        let c = n.client().await;
+        expected += i as i64 + 1;
+        assert_eq!(add(&c, "shared", i as i64 + 1).await, expected);
+        let (s, _, body) = common::post(
+            n,
+            "call",
+            "example/counter/http",
+            "io.statefun.types/long",
+            "2",
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(body, ((i + 1) * 2).to_string());
+    }
+    for n in [&n1, &n2, &n3] {
+        assert_eq!(
+            common::state_value(n, "example/counter/shared", "total").await,
+            Some(serde_json::json!(expected))
+        );
+    }
+    // Idempotency keys hold whichever node a retry reaches.
+    let c2 = n2.client().await;
+    let c3 = n3.client().await;
+    for c in [&c2, &c3, &c2] {
+        c.send_with_key(&counter("keyed"), TypedValue::of(&5i64), Some("k-1"))
+            .await
+            .unwrap();
+    }
+    let r = c3
+        .call_with(&counter("keyed"), TypedValue::of(&1i64), Some("k-2"), None)
+        .await
+        .unwrap();
+    let r2 = c2
+        .call_with(&counter("keyed"), TypedValue::of(&1i64), Some("k-2"), None)
+        .await
+        .unwrap();
+    assert_eq!(r.get::<i64>().unwrap(), 6);
+    assert_eq!(
+        r2.get::<i64>().unwrap(),
+        6,
+        "the retry gets the first call's reply"
+    );
+    // A stream of sends through a node that owns nothing.
+    let msgs = (0..50).map(|_| (counter("streamed"), TypedValue::of(&1i64)));
+    assert_eq!(
+        c3.send_stream(futures::stream::iter(msgs), 16)
+            .await
+            .unwrap(),
+        50
+    );
+    assert_eq!(add(&c2, "streamed", 0).await, 50);
+    // Errors of the owner come back as they are.
+    let e = c3
+        .call(
+            &Address::parse("example/nope/x").unwrap(),
+            TypedValue::of(&1i64),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::NotFound), "{e}");
+
+    // SIGKILL a follower: the others go on; it rejoins with the next generation.
+    let gen = |v: &serde_json::Value, id: u64| {
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .unwrap()["generation"]
+            .as_u64()
+            .unwrap()
+    };
+    let g3 = gen(&n1.get_json("/v1/cluster").await, 3);
+    n3.kill();
+    assert_eq!(add(&c2, "shared", 1).await, expected + 1);
+    let n3 = restart(root, 3, p3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    assert_eq!(gen(&n2.get_json("/v1/cluster").await, 3), g3 + 1);
+    assert_eq!(add(&n3.client().await, "shared", 1).await, expected + 2);
+
+    // SIGKILL the leader, which owns every key group: a new leader is elected, requests for
+    // its key groups fail with UNAVAILABLE naming it until it is back, then nothing is lost.
+    n1.kill();
+    let l = eventually("a new leader", Duration::from_secs(30), || async {
+        let v = view(&n2).await?;
+        let l = v["leader"].as_u64()?;
+        (l == 2 || l == 3).then_some(l)
+    })
+    .await;
+    let e = c2
+        .call(&counter("shared"), TypedValue::of(&1i64))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+    assert!(e.to_string().contains("node 1"), "{e}");
+    let n1 = restart(root, 1, p1, Some(n2.grpc.trim_start_matches("http://")));
+    let l2 = converged(&[&n1, &n2, &n3], 3, 3).await;
+    assert_eq!(l, l2, "the restarted node does not take the lead back");
+    assert_eq!(add(&c2, "shared", 1).await, expected + 3);
+    assert_eq!(add(&n1.client().await, "keyed", 0).await, 6);
+
+    // A full restart of the cluster (every node SIGKILLed) comes back with everything.
+    for n in [n1, n2, n3] {
+        n.kill();
+    }
+    let n2 = restart(root, 2, p2, Some(&seed));
+    let n3 = restart(root, 3, p3, Some(&seed));
+    let n1 = restart(root, 1, p1, None);
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    let c3 = n3.client().await;
+    assert_eq!(add(&c3, "shared", 0).await, expected + 3);
+    assert_eq!(add(&c3, "streamed", 0).await, 50);
+    for n in [n1, n2, n3] {
+        n.stop();
+    }
+}
+
+#[tokio::test]
+async fn five_nodes_have_five_voters_and_a_sixth_is_a_learner() {
+    let _g = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (n1, _) = start(root, 1, None);
+    let mut nodes = vec![n1];
+    for id in 2..=6 {
+        // Joining through the latest member (redirected to the leader when it is not).
+        let via = nodes
+            .last()
+            .unwrap()
+            .grpc
+            .trim_start_matches("http://")
+            .to_string();
+        nodes.push(start(root, id, Some(&via)).0);
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    converged(&refs, 6, 5).await;
+    let v = nodes[5].get_json("/v1/cluster").await;
+    let learners: Vec<u64> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "learner")
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(learners, vec![6], "{v}");
+    for n in &nodes {
+        assert!(add(&n.client().await, "five", 1).await > 0);
+    }
+    assert_eq!(add(&nodes[3].client().await, "five", 0).await, 6);
+    let (ok, out, err) = nodes[4].cli(&["cluster", "status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("learner") && out.contains("voter"), "{out}");
+    for n in nodes {
+        n.stop();
+    }
+}
+
+#[tokio::test]
+async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
+    let _g = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (n1, _) = start(root, 1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let (n2, _) = start(root, 2, Some(&seed));
+    converged(&[&n1, &n2], 2, 1).await;
+
+    let refused = |dir: &Path, l: &Launch| {
+        let mut n = Node::launch(dir, l);
+        n.wait_listening().expect_err("the node must not start")
+    };
+    // A node id already used by a live member.
+    let fresh = root.join("fresh");
+    let log = refused(&fresh, &launch(root, 2, (0, 0), Some(&seed)));
+    assert!(
+        log.contains("node id 2 is already used by a member of this cluster"),
+        "{log}"
+    );
+    // Nothing was kept: the same directory joins under another id.
+    assert!(!fresh.join("node-id").exists());
+    let n4 = Node::start_launch(&fresh, &launch(root, 4, (0, 0), Some(&seed)));
+    converged(&[&n1, &n2, &n4], 3, 3).await;
+
+    // A data directory of another cluster.
+    let (other, _) = start(root, 9, None);
+    other.stop();
+    let log = refused(&root.join("n9"), &launch(root, 9, (0, 0), Some(&seed)));
+    assert!(log.contains("belongs to cluster"), "{log}");
+
+    // A cluster nobody answers for.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let log = refused(
+        &root.join("lonely"),
+        &launch(root, 7, (0, 0), Some(&nobody)),
+    );
+    assert!(
+        log.contains("cannot join the cluster") && log.contains(&nobody),
+        "{log}"
+    );
+
+    // Bad addresses are named.
+    let mut l = launch(root, 8, (0, 0), Some("no-port"));
+    l.args.push("--advertise-addr".into());
+    l.args.push("127.0.0.1:1".into());
+    let log = refused(&root.join("bad"), &l);
+    assert!(
+        log.contains("expected HOST:PORT, found \"no-port\""),
+        "{log}"
+    );
+
+    // The cluster is as it was.
+    let v = n1.get_json("/v1/cluster").await;
+    let ids: Vec<u64> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2, 4], "{v}");
+    for n in [n1, n2, n4] {
+        n.stop();
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_sends_garbage_is_disconnected_and_the_node_keeps_serving() {
+    use statemesh_proto::mesh_v1 as mpb;
+    let _g = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (n1, _) = start(root, 1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let (n2, _) = start(root, 2, Some(&seed));
+    converged(&[&n1, &n2], 2, 1).await;
+    let cluster_id = n1.get_json("/v1/cluster").await["cluster_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Bytes that are not HTTP/2 at all.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(&seed).await.unwrap();
+        let _ = s
+            .write_all(b"\x00\x01garbage that is not a gRPC connection\r\n\r\n")
+            .await;
+    }
+    let mut c = mpb::mesh_client::MeshClient::connect(n1.grpc.clone())
+        .await
+        .unwrap();
+    let frame = |cluster: &str, raft: Vec<bytes::Bytes>| mpb::PeerFrame {
+        from: 2,
+        cluster_id: cluster.into(),
+        from_addr: String::new(),
+        raft,
+    };
+    // A frame whose bytes are not a Raft message.
+    let e = c
+        .peer(tokio_stream::iter(vec![frame(
+            &cluster_id,
+            vec![bytes::Bytes::from_static(b"\xff\xff\xffnot raft")],
+        )]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    // A frame of another cluster.
+    let e = c
+        .peer(tokio_stream::iter(vec![frame("another", vec![])]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("cluster"), "{e}");
+    // A join without an id.
+    let e = c.join(mpb::JoinRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+
+    let log = std::fs::read_to_string(root.join("n1.log")).unwrap();
+    assert!(log.contains("not a Raft message; disconnected"), "{log}");
+    assert!(log.contains("refused a mesh stream"), "{log}");
+    // Both nodes still serve, and the group still commits (a join goes through).
+    assert_eq!(add(&n2.client().await, "after-garbage", 3).await, 3);
+    let (n3, _) = start(root, 3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    let (s, _, _) = http(
+        &format!("{}/readyz", n3.http),
+        "GET",
+        None,
+        Default::default(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    for n in [n1, n2, n3] {
+        n.stop();
+    }
+}
