@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# One node vs a cluster of three (release builds, loopback, checkpoints on local files, durable
+# acknowledgements): counter `Call` over HTTP at each concurrency, through the node that owns
+# the key groups (local) and through one that forwards to it. Today the cluster's first node
+# owns every key group (live handover is not built yet), so "local" and "forwarded" are
+# exactly the two paths a call can take. One JSON line per scenario: the load generator's
+# figures (throughput, p50/p99, errors, the target node's peak RSS) plus the CPU time of all
+# node processes during the run, per call (`cpu_us_per_call`) and per node.
+#   DURATION=8 CONCURRENCY="1 16 64" bash scripts/bench-cluster.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-8}
+CONCURRENCY=${CONCURRENCY:-"1 16 64"}
+KEYS=${KEYS:-1000}
+cargo build --release -p statemesh-node >&2
+B=target/release/statemesh
+ROOT=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$ROOT"
+}
+trap cleanup EXIT
+TCK=$(getconf CLK_TCK)
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start ID [JOIN] -> sets GRPC_<ID>, HTTP_<ID>, PID_<ID>
+start() {
+  local id=$1 join=${2:-} g h
+  g=$(port); h=$(port)
+  local args=(node --data-dir "$ROOT/n$id" --grpc-addr "127.0.0.1:$g" --http-addr "127.0.0.1:$h" --node-id "$id")
+  [ -n "$join" ] && args+=(--join "$join")
+  "$B" "${args[@]}" >"$ROOT/n$id.out" 2>"$ROOT/n$id.log" &
+  local pid=$!
+  PIDS+=("$pid")
+  for _ in $(seq 300); do grep -q listening "$ROOT/n$id.out" && break; sleep 0.1; done
+  grep -q listening "$ROOT/n$id.out" || { cat "$ROOT/n$id.log" >&2; exit 1; }
+  printf -v "GRPC_$id" '%s' "127.0.0.1:$g"
+  printf -v "HTTP_$id" '%s' "127.0.0.1:$h"
+  printf -v "PID_$id" '%s' "$pid"
+}
+
+ready() { # HTTP...
+  for h in "$@"; do
+    for _ in $(seq 300); do
+      [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$h/readyz")" = 200 ] && break
+      sleep 0.1
+    done
+  done
+}
+
+ticks() { # PID... -> total utime+stime in clock ticks
+  local t=0 p f
+  for p in "$@"; do
+    read -r -a f < "/proc/$p/stat"
+    t=$((t + f[13] + f[14]))
+  done
+  echo "$t"
+}
+
+# run NAME TARGET_HTTP TARGET_GRPC C PID...
+run() {
+  local name=$1 http=$2 grpc=$3 c=$4; shift 4
+  local before=() p
+  for p in "$@"; do before+=("$(ticks "$p")"); done
+  local out
+  out=$("$B" bench load --grpc "http://$grpc" --http "http://$http" --protocol http --mode call \
+    --concurrency "$c" --duration "$DURATION" --keys "$KEYS")
+  local per=()
+  local i=0
+  for p in "$@"; do per+=("$(( $(ticks "$p") - before[i] ))"); i=$((i + 1)); done
+  python3 - "$name" "$TCK" "$out" "${per[@]}" <<'EOF'
+import json, sys
+name, tck, out = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+per = [int(x) * 1e6 / tck for x in sys.argv[4:]]
+ok = max(out["ok"], 1)
+out = {"scenario": name, **out,
+       "cpu_us_per_call": round(sum(per) / ok, 1),
+       "cpu_us_per_call_per_node": [round(x / ok, 1) for x in per],
+       "cpu_cores_used": round(sum(per) / 1e6 / out["duration_s"], 2)}
+print(json.dumps(out))
+EOF
+}
+
+# One node.
+start 1
+ready "$HTTP_1"
+for c in $CONCURRENCY; do run single "$HTTP_1" "$GRPC_1" "$c" "$PID_1"; done
+kill "$PID_1"; wait "$PID_1" 2>/dev/null || true; PIDS=()
+
+# Three nodes (node 11 owns every key group).
+start 11
+ready "$HTTP_11"
+start 12 "$GRPC_11"
+start 13 "$GRPC_11"
+ready "$HTTP_12" "$HTTP_13"
+for c in $CONCURRENCY; do
+  run cluster3-local "$HTTP_11" "$GRPC_11" "$c" "$PID_11" "$PID_12" "$PID_13"
+  run cluster3-forwarded "$HTTP_12" "$GRPC_12" "$c" "$PID_11" "$PID_12" "$PID_13"
+done
