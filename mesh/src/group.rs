@@ -140,6 +140,18 @@ impl<S: ControlLog> ControlNode<S> {
         self.raw.raft.state == StateRole::Leader
     }
 
+    /// Whether peer `id` has (as the leader sees it) every committed entry and answered
+    /// recently: only such a learner is promoted to voter.
+    pub fn caught_up(&self, id: NodeId) -> bool {
+        self.is_leader()
+            && self
+                .raw
+                .raft
+                .prs()
+                .get(id)
+                .is_some_and(|p| p.recent_active && p.matched >= self.raw.raft.raft_log.committed)
+    }
+
     /// The current term.
     pub fn term(&self) -> u64 {
         self.raw.raft.term

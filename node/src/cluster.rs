@@ -157,6 +157,7 @@ pub(crate) async fn open(
         http_addr: http_addr.to_string(),
         cluster_id: cluster_id.to_string(),
         incarnation,
+        key_groups,
     };
     let state = match storage.load_state()? {
         None if join.is_empty() => {
@@ -391,6 +392,14 @@ impl Driver {
             ))));
             return;
         }
+        if req.key_groups != 0 && req.key_groups as usize != state.table.len() {
+            let _ = reply.send(Err(Status::failed_precondition(format!(
+                "node {id} is configured with {} key groups, this cluster has {}",
+                req.key_groups,
+                state.table.len()
+            ))));
+            return;
+        }
         if state.table.iter().any(|o| o.owner.is_none()) {
             let _ = reply.send(Err(Status::unavailable(
                 "the cluster is still assigning its key groups; retry",
@@ -513,10 +522,12 @@ impl Driver {
                     }));
                 }
             }
-            // A lost leadership drops the waiting calls (the joiner retries elsewhere).
+            // A lost leadership drops the waiting calls (the joiner retries elsewhere), and so
+            // does a caller that gave up.
             if !self.node.is_leader() {
                 self.pending_joins.clear();
             }
+            self.pending_joins.retain(|_, (_, r)| !r.is_closed());
         }
         Ok(())
     }
@@ -607,7 +618,7 @@ impl Driver {
         let voters = conf.voters.iter().filter(|v| alive.contains(v)).count();
         let promote: Vec<(NodeId, Option<Role>)> = alive
             .iter()
-            .filter(|id| conf.learners.contains(id))
+            .filter(|id| conf.learners.contains(id) && self.node.caught_up(**id))
             .take(target.saturating_sub(voters))
             .map(|&id| (id, Some(Role::Voter)))
             .collect();

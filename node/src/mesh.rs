@@ -113,6 +113,9 @@ impl Placement {
                 )),
             },
             None if t.lone => Route::Local,
+            None if !t.member => Route::Unavailable(
+                "this node has not received the cluster's state yet (it is joining); retry".into(),
+            ),
             None => Route::Unavailable(format!(
                 "key group {kg} has no owner yet (the cluster is assigning key groups); retry"
             )),
@@ -153,26 +156,75 @@ fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
         .keep_alive_timeout(Duration::from_secs(5)))
 }
 
-/// An error answered by another node, passed on as it came (same code, same text).
-fn from_status(node: NodeId, addr: &str, s: Status) -> ServiceError {
+/// An error answered by another node, passed on as it came (same code, same text); a failed
+/// connection (nothing was sent) as UNAVAILABLE naming the owner; a broken one (the request
+/// may have been applied) as an error that says the outcome is unknown; the forwarding
+/// deadline as a timeout.
+fn from_status(node: NodeId, addr: &str, s: Status, timeout: Duration) -> ServiceError {
+    let text = error_chain(&s);
+    let not_sent = [
+        "tcp connect error",
+        "error trying to connect",
+        "Connection refused",
+    ]
+    .iter()
+    .any(|m| text.contains(m));
     match s.code() {
-        // The connection failed (connect refused, reset): the owner is down or unreachable.
-        tonic::Code::Unavailable | tonic::Code::Unknown
-            if s.message().contains("transport") || s.message().contains("connect") =>
-        {
+        tonic::Code::Unavailable | tonic::Code::Unknown if not_sent => {
             ServiceError::Unavailable(format!(
-                "node {node} (at {addr}), the owner of this address, is unreachable: {}; retry",
-                s.message()
+                "node {node} (at {addr}), the owner of this address, is unreachable ({text}); retry"
             ))
+        }
+        tonic::Code::Cancelled if s.message().contains("Timeout expired") => {
+            ServiceError::Timeout(timeout.as_millis() as u64)
+        }
+        // A transport failure after sending (a status with a source), not the owner's answer.
+        tonic::Code::Unavailable | tonic::Code::Unknown
+            if std::error::Error::source(&s).is_some() =>
+        {
+            ServiceError::Forwarded(
+                tonic::Code::Unknown,
+                format!(
+                    "the connection to node {node} (at {addr}), the owner of this address, broke ({text}): the request may or may not have been applied; retry with an idempotency key"
+                ),
+            )
         }
         code => ServiceError::Forwarded(code, s.message().to_string()),
     }
+}
+
+/// A status's message with the causes tonic keeps in its source chain.
+fn error_chain(s: &Status) -> String {
+    let mut text = s.message().to_string();
+    let mut src = std::error::Error::source(s);
+    while let Some(e) = src {
+        let m = e.to_string();
+        if !text.contains(&m) {
+            text.push_str(": ");
+            text.push_str(&m);
+        }
+        src = e.source();
+    }
+    text
+}
+
+/// Deadline of forwarded requests other than calls.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest message a forwarding client or the mesh service accepts (replies and states can be
+/// as large as the owner's limit allows).
+const MAX_FORWARDED: usize = 256 << 20;
+
+fn ingress_client(ch: Channel) -> pb::ingress_client::IngressClient<Channel> {
+    pb::ingress_client::IngressClient::new(ch)
+        .max_decoding_message_size(MAX_FORWARDED)
+        .max_encoding_message_size(MAX_FORWARDED)
 }
 
 fn forwarded<T>(msg: T) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r.set_timeout(FORWARD_TIMEOUT);
     r
 }
 
@@ -185,7 +237,7 @@ pub(crate) async fn forward_send(
     message: TypedValue,
     key: Option<String>,
 ) -> Result<(), ServiceError> {
-    let mut c = pb::ingress_client::IngressClient::new(p.channel(addr)?);
+    let mut c = ingress_client(p.channel(addr)?);
     c.send(forwarded(pb::SendRequest {
         target: Some(target.to_proto()),
         message: Some(message.to_proto()),
@@ -193,7 +245,7 @@ pub(crate) async fn forward_send(
     }))
     .await
     .map(|_| ())
-    .map_err(|s| from_status(node, addr, s))
+    .map_err(|s| from_status(node, addr, s, FORWARD_TIMEOUT))
 }
 
 /// Forwards a `Call` to its owner; the reply comes back on the same request.
@@ -206,7 +258,7 @@ pub(crate) async fn forward_call(
     timeout: Duration,
     key: Option<String>,
 ) -> Result<TypedValue, ServiceError> {
-    let mut c = pb::ingress_client::IngressClient::new(p.channel(addr)?);
+    let mut c = ingress_client(p.channel(addr)?);
     let mut req = forwarded(pb::CallRequest {
         target: Some(target.to_proto()),
         message: Some(message.to_proto()),
@@ -214,7 +266,10 @@ pub(crate) async fn forward_call(
         idempotency_key: key.unwrap_or_default(),
     });
     req.set_timeout(timeout + Duration::from_secs(2));
-    let r = c.call(req).await.map_err(|s| from_status(node, addr, s))?;
+    let r = c
+        .call(req)
+        .await
+        .map_err(|s| from_status(node, addr, s, timeout))?;
     r.into_inner()
         .reply
         .map(TypedValue::from_proto)
@@ -230,7 +285,7 @@ pub(crate) async fn forward_batch(
     addr: &str,
     messages: Vec<(Address, TypedValue, Option<String>)>,
 ) -> Result<(), ServiceError> {
-    let mut c = pb::ingress_client::IngressClient::new(p.channel(addr)?);
+    let mut c = ingress_client(p.channel(addr)?);
     let batch = pb::SendBatch {
         messages: messages
             .into_iter()
@@ -244,7 +299,7 @@ pub(crate) async fn forward_batch(
     c.send_stream(forwarded(tokio_stream::once(batch)))
         .await
         .map(|_| ())
-        .map_err(|s| from_status(node, addr, s))
+        .map_err(|s| from_status(node, addr, s, FORWARD_TIMEOUT))
 }
 
 /// Reads an address's states at its owner.
@@ -254,13 +309,14 @@ pub(crate) async fn forward_get_state(
     addr: &str,
     address: &Address,
 ) -> Result<Vec<(String, TypedValue, u64)>, ServiceError> {
-    let mut c = pb::admin_client::AdminClient::new(p.channel(addr)?);
+    let mut c = pb::admin_client::AdminClient::new(p.channel(addr)?)
+        .max_decoding_message_size(MAX_FORWARDED);
     let r = c
         .get_state(forwarded(pb::GetStateRequest {
             address: Some(address.to_proto()),
         }))
         .await
-        .map_err(|s| from_status(node, addr, s))?;
+        .map_err(|s| from_status(node, addr, s, FORWARD_TIMEOUT))?;
     Ok(r.into_inner()
         .values
         .into_iter()
@@ -465,7 +521,11 @@ impl Link {
                         }
                     }
                 };
-                tracing::debug!(peer, addr = %a, error = %err, "mesh link down; reconnecting");
+                if backoff >= Duration::from_secs(1) {
+                    tracing::warn!(peer, addr = %a, error = %err, "mesh link to a peer is down; reconnecting");
+                } else {
+                    tracing::debug!(peer, addr = %a, error = %err, "mesh link down; reconnecting");
+                }
                 let _ = inbox.try_send(ControlInput::Unreachable(peer));
                 // What queued meanwhile is stale: Raft resends what still matters.
                 while rx.try_recv().is_ok() {}
@@ -482,7 +542,15 @@ async fn connect(addr: &str) -> Result<Channel, String> {
         .map_err(|e| e.to_string())?
         .connect()
         .await
-        .map_err(|e| format!("connect: {e}"))
+        .map_err(|e| {
+            let mut text = format!("connect: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(c) = src {
+                text.push_str(&format!(": {c}"));
+                src = c.source();
+            }
+            text
+        })
 }
 
 /// Asks the cluster at `seeds` to let node `req.id` join, following redirects to the leader,
@@ -500,16 +568,24 @@ pub(crate) async fn join(
         while i < targets.len() && i < 16 {
             let addr = targets[i].clone();
             i += 1;
-            let ch = match connect(&addr).await {
-                Ok(ch) => ch,
-                Err(e) => {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let ch = match tokio::time::timeout(left, connect(&addr)).await {
+                Ok(Ok(ch)) => ch,
+                Ok(Err(e)) => {
                     last = format!("{addr}: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    last = format!("{addr}: no answer");
                     continue;
                 }
             };
             let mut c = mpb::mesh_client::MeshClient::new(ch);
             let mut r = Request::new(req.clone());
-            r.set_timeout(Duration::from_secs(12));
+            r.set_timeout(left.max(Duration::from_millis(100)));
             match c.join(r).await {
                 Ok(rep) => {
                     let rep = rep.into_inner();

@@ -5,7 +5,7 @@ mod bench;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use statemesh_node::ingress::{states_to_json, value_from_text, value_to_text};
 use statemesh_node::{NodeBuilder, NodeConfig};
@@ -314,6 +314,10 @@ async fn run_node(
     cfg: NodeConfig,
     module: Option<statemesh_node::module::Module>,
 ) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM right after the node says it listens must stop it cleanly.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let mut builder = NodeBuilder::new(cfg).with_examples();
     if let Some(m) = module {
         builder = builder.module(m);
@@ -325,9 +329,8 @@ async fn run_node(
         node.grpc_addr(),
         node.http_addr()
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        r = tokio::signal::ctrl_c() => { if let Err(e) = r { bail!("cannot wait for Ctrl-C: {e}") } }
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");

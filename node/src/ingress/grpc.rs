@@ -210,7 +210,8 @@ pub(crate) fn serve(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let mesh = statemesh_proto::mesh_v1::mesh_server::MeshServer::from_arc(shared.mesh.clone());
+    let mesh = statemesh_proto::mesh_v1::mesh_server::MeshServer::from_arc(shared.mesh.clone())
+        .max_decoding_message_size(256 << 20);
     let admin = pb::admin_server::AdminServer::new(AdminService { shared });
     let task = tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
