@@ -351,6 +351,8 @@ async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
         log.contains("cannot join the cluster") && log.contains(&nobody),
         "{log}"
     );
+    assert!(!root.join("lonely").join("node-id").exists());
+    assert!(!root.join("lonely").join("control").exists());
 
     // Bad addresses are named.
     let mut l = launch(root, 8, (0, 0), Some("no-port"));

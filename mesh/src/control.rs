@@ -81,6 +81,10 @@ pub enum Command {
         /// The joining process start (see [`Member::incarnation`]).
         #[serde(default)]
         incarnation: u64,
+        /// A node with a new data directory (not a member restarting): refused if the id is
+        /// already a member's (two new nodes given one id, racing).
+        #[serde(default)]
+        fresh: bool,
     },
     /// A member's role changed (after the Raft configuration change committed).
     SetRole {
@@ -278,6 +282,12 @@ impl ClusterState {
             {
                 Err(format!("node {id} already joined with this start"))
             }
+            Command::Join {
+                id, fresh: true, ..
+            } if self.members.contains_key(id) => Err(format!(
+                "node id {id} is already used by a member of this cluster (at {})",
+                self.members[id].grpc_addr
+            )),
             Command::Join { .. } => Ok(()),
             Command::SetRole { id, .. } | Command::Remove { id } => member(id).map(|_| ()),
             Command::MarkDead { id, generation } => {
@@ -329,6 +339,7 @@ impl ClusterState {
                 http_addr,
                 role,
                 incarnation,
+                ..
             } => {
                 let generation = self.members.get(id).map_or(1, |m| m.generation + 1);
                 // The Raft configuration decides the role of a node it already lists.
@@ -399,6 +410,7 @@ mod tests {
             http_addr: format!("127.0.0.1:{}", 8000 + id),
             role: Role::Voter,
             incarnation: id,
+            fresh: false,
         }
     }
 
@@ -448,10 +460,24 @@ mod tests {
             *incarnation = 99;
         }
         assert_eq!(s.apply(6, &rejoin), Outcome::Applied);
+        // A new node given a member's id is refused when its entry applies.
+        let mut twin = join(2);
+        if let Command::Join {
+            incarnation, fresh, ..
+        } = &mut twin
+        {
+            *incarnation = 77;
+            *fresh = true;
+        }
+        let before = s.members[&2].clone();
+        assert!(
+            matches!(s.apply(7, &twin), Outcome::Rejected(ref w) if w.contains("already used"))
+        );
+        assert_eq!(s.members[&2], before);
         assert_eq!(s.members[&1].generation, 2);
         assert!(matches!(
             s.apply(
-                7,
+                8,
                 &Command::MarkDead {
                     id: 1,
                     generation: 1
@@ -461,7 +487,7 @@ mod tests {
         ));
         assert_eq!(
             s.apply(
-                8,
+                9,
                 &Command::MarkDead {
                     id: 1,
                     generation: 2
@@ -470,7 +496,7 @@ mod tests {
             Outcome::Applied
         );
         assert!(matches!(
-            s.apply(9, &Command::Move { moves: vec![mv(3, 1, 0)] }),
+            s.apply(10, &Command::Move { moves: vec![mv(3, 1, 0)] }),
             Outcome::Rejected(ref w) if w.contains("not a live member")
         ));
         assert!(matches!(
@@ -479,21 +505,21 @@ mod tests {
         ));
         // Epochs only move forward.
         assert_eq!(
-            s.apply(10, &Command::CommitEpoch { epoch: 5 }),
+            s.apply(11, &Command::CommitEpoch { epoch: 5 }),
             Outcome::Applied
         );
         assert!(matches!(
-            s.apply(11, &Command::CommitEpoch { epoch: 5 }),
+            s.apply(12, &Command::CommitEpoch { epoch: 5 }),
             Outcome::Rejected(_)
         ));
         // Replayed entries are duplicates; the snapshot carries the applied index.
         assert_eq!(
-            s.apply(10, &Command::CommitEpoch { epoch: 6 }),
+            s.apply(11, &Command::CommitEpoch { epoch: 6 }),
             Outcome::Duplicate
         );
         let back = ClusterState::decode(&s.encode()).unwrap();
         assert_eq!(back, s);
-        assert_eq!(back.applied_index, 11);
+        assert_eq!(back.applied_index, 12);
         assert_eq!(Command::decode(&join(3).encode()).unwrap(), join(3));
         assert!(Command::decode(b"{}").is_err());
     }

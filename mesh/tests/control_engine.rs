@@ -104,6 +104,7 @@ fn members_restart_from_disk_and_catch_up_through_snapshots() {
             http_addr: "127.0.0.1:2".into(),
             role: Role::Voter,
             incarnation: 7,
+            fresh: false,
         })
         .unwrap();
     propose_epochs(&mut members, 1, 30);

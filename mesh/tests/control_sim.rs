@@ -282,6 +282,7 @@ impl Sim {
                 http_addr: format!("127.0.0.1:{}", 8000 + id),
                 role: Role::Voter,
                 incarnation: self.rng.below(1 << 20),
+                fresh: false,
             },
             3 => match state.members.get(&id) {
                 Some(m) => Command::MarkDead {

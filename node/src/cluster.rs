@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use statemesh_mesh::control::{ClusterState, Command, Member, RaftConf, Role};
+use statemesh_mesh::control::{ClusterState, Command, Member, Outcome, RaftConf, Role};
 use statemesh_mesh::group::{ControlNode, Timing};
 use statemesh_mesh::placement::NodeId;
 use statemesh_mesh::storage::{open_in, EngineStorage};
@@ -150,7 +150,21 @@ pub(crate) async fn open(
     http_addr: &str,
 ) -> Result<Opened, String> {
     let storage = open_in(data_dir, &RaftConf::default())?;
-    let incarnation = random_u64().max(1);
+    let saved = storage.load_state()?;
+    // A new node's join that may have been applied without an answer is finished by the next
+    // start with the same incarnation (kept in `joining` until the join succeeds).
+    let joining = data_dir.join("joining");
+    let mut incarnation = random_u64().max(1);
+    if saved.is_none() && !join.is_empty() {
+        if let Some(i) = std::fs::read_to_string(&joining)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            incarnation = i;
+        }
+        std::fs::write(&joining, format!("{incarnation}\n"))
+            .map_err(|e| format!("{}: {e}", joining.display()))?;
+    }
     let request = |cluster_id: &str| mpb::JoinRequest {
         id,
         grpc_addr: grpc_addr.to_string(),
@@ -159,7 +173,7 @@ pub(crate) async fn open(
         incarnation,
         key_groups,
     };
-    let state = match storage.load_state()? {
+    let state = match saved {
         None if join.is_empty() => {
             let mut s = ClusterState::new(key_groups);
             s.cluster_id = format!("{:016x}", random_u64());
@@ -173,14 +187,28 @@ pub(crate) async fn open(
             s
         }
         None => {
-            let reply = crate::mesh::join(join, request(""), JOIN_PATIENCE)
-                .await
-                .map_err(|e| format!("cannot join the cluster: {e}"))?;
+            let reply = match crate::mesh::join(join, request(""), JOIN_PATIENCE).await {
+                Ok(r) => r,
+                Err(e) if e.maybe_applied => {
+                    return Err(format!(
+                        "cannot join the cluster: {e} (the join may have been applied: start this node again on the same data directory to finish it)"
+                    ))
+                }
+                Err(e) => {
+                    // Not a member: the data directory is left as it was.
+                    drop(storage);
+                    let _ = std::fs::remove_dir_all(data_dir.join("control"));
+                    let _ = std::fs::remove_file(data_dir.join("node-id"));
+                    let _ = std::fs::remove_file(&joining);
+                    return Err(format!("cannot join the cluster: {e}"));
+                }
+            };
             let mut s = ClusterState::new(key_groups);
             s.cluster_id = reply.cluster_id.clone();
             s.conf = Some(RaftConf::default());
             // Kept before anything else: a restart rejoins as this member of this cluster.
             storage.save_state(&s)?;
+            let _ = std::fs::remove_file(&joining);
             tracing::info!(cluster = %s.cluster_id, node = id, via = %join.join(","), "joined the cluster");
             s
         }
@@ -188,9 +216,7 @@ pub(crate) async fn open(
             if !join.is_empty() {
                 match crate::mesh::join(join, request(&s.cluster_id), REJOIN_CHECK).await {
                     Ok(_) => {}
-                    Err(e) if e.starts_with("refused") => {
-                        return Err(format!("cannot rejoin the cluster: {e}"))
-                    }
+                    Err(e) if e.refused => return Err(format!("cannot rejoin the cluster: {e}")),
                     Err(e) => {
                         tracing::warn!(error = %e, "no member confirmed the cluster; starting on the local control log (the cluster may be restarting)")
                     }
@@ -240,7 +266,7 @@ pub(crate) fn start(
     handle: ClusterHandle,
     placement: Arc<Placement>,
     committed_epoch: Box<dyn Fn() -> u64 + Send>,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+) -> Result<Control, String> {
     let Opened {
         id,
         state,
@@ -254,7 +280,14 @@ pub(crate) fn start(
     let node = ControlNode::new(id, storage, state, Timing::default())?;
     handle.lock().node_id = id;
     let h = handle;
-    let task = tokio::spawn(async move {
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the control group's runtime: {e}"))?;
+    // Its own thread: the log's fsyncs never hold up ingress, and ingress never delays
+    // heartbeats. The peer links run here too.
+    let main = async move {
         let mut c = Driver {
             node,
             incarnation,
@@ -275,6 +308,7 @@ pub(crate) fn start(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = &mut stop_rx => return,
                 _ = tick.tick() => c.node.tick(),
                 input = inbox_rx.recv() => match input {
                     Some(i) => c.input(i),
@@ -299,8 +333,33 @@ pub(crate) fn start(
             }
             *h.lock() = c.view(committed_epoch());
         }
-    });
-    Ok(task)
+    };
+    let thread = std::thread::Builder::new()
+        .name("statemesh-control".into())
+        .spawn(move || rt.block_on(main))
+        .map_err(|e| format!("cannot start the control group's thread: {e}"))?;
+    Ok(Control {
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+/// The running control group (its thread).
+pub(crate) struct Control {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Control {
+    /// Stops the control group and waits for its thread.
+    pub(crate) async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
 }
 
 struct Driver {
@@ -435,6 +494,7 @@ impl Driver {
                     http_addr: req.http_addr,
                     role: Role::Learner,
                     incarnation: req.incarnation,
+                    fresh: true,
                 };
                 match self.node.propose(&cmd) {
                     Ok(()) => {
@@ -470,6 +530,7 @@ impl Driver {
                     http_addr: self.http_addr.clone(),
                     role: Role::Learner,
                     incarnation: self.incarnation,
+                    fresh: false,
                 };
                 if let Err(e) = self.node.propose_anywhere(&cmd) {
                     tracing::debug!(error = %e, "own join not proposed; retried");
@@ -493,6 +554,24 @@ impl Driver {
         if !out.applied.is_empty() {
             for (index, cmd, outcome) in &out.applied {
                 tracing::debug!(index, ?cmd, ?outcome, "control entry applied");
+                // A join refused when its entry applied (its id taken meanwhile): answered now.
+                if let (
+                    Command::Join {
+                        id, incarnation, ..
+                    },
+                    Outcome::Rejected(why),
+                ) = (cmd, outcome)
+                {
+                    if self
+                        .pending_joins
+                        .get(id)
+                        .is_some_and(|(i, _)| i == incarnation)
+                    {
+                        if let Some((_, reply)) = self.pending_joins.remove(id) {
+                            let _ = reply.send(Err(Status::already_exists(why.clone())));
+                        }
+                    }
+                }
             }
             self.node.storage().save_state(self.node.state())?;
             self.node.compact(KEEP_ENTRIES)?;

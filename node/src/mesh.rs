@@ -553,15 +553,34 @@ async fn connect(addr: &str) -> Result<Channel, String> {
         })
 }
 
+/// Why a join did not succeed.
+#[derive(Debug)]
+pub(crate) struct JoinError {
+    /// What happened, naming the addresses.
+    pub message: String,
+    /// A member refused (the node is not a member).
+    pub refused: bool,
+    /// A leader may have applied the join although no answer came (a call timed out or broke
+    /// after reaching a member).
+    pub maybe_applied: bool,
+}
+
+impl std::fmt::Display for JoinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Asks the cluster at `seeds` to let node `req.id` join, following redirects to the leader,
 /// for up to `patience`. Returns the accepting reply, or why it was refused or unreachable.
 pub(crate) async fn join(
     seeds: &[String],
     req: mpb::JoinRequest,
     patience: Duration,
-) -> Result<mpb::JoinReply, String> {
+) -> Result<mpb::JoinReply, JoinError> {
     let deadline = tokio::time::Instant::now() + patience;
     let mut last = String::from("no address tried");
+    let mut maybe_applied = false;
     loop {
         let mut targets: Vec<String> = seeds.to_vec();
         let mut i = 0;
@@ -607,17 +626,28 @@ pub(crate) async fn join(
                             | tonic::Code::InvalidArgument
                     ) =>
                 {
-                    return Err(format!("refused by {addr}: {}", s.message()));
+                    return Err(JoinError {
+                        message: format!("refused by {addr}: {}", s.message()),
+                        refused: true,
+                        maybe_applied: false,
+                    });
                 }
-                Err(s) => last = format!("{addr}: {}", s.message()),
+                Err(s) => {
+                    maybe_applied = true;
+                    last = format!("{addr}: {}", s.message());
+                }
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(format!(
-                "no member of the cluster at {} accepted the join within {} s (last: {last})",
-                seeds.join(","),
-                patience.as_secs()
-            ));
+            return Err(JoinError {
+                message: format!(
+                    "no member of the cluster at {} accepted the join within {} s (last: {last})",
+                    seeds.join(","),
+                    patience.as_secs()
+                ),
+                refused: false,
+                maybe_applied,
+            });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -648,6 +678,7 @@ mod tests {
             http_addr: String::new(),
             role: Role::Learner,
             incarnation: 0,
+            fresh: false,
         };
         s.apply(2, &join(1));
         s.apply(3, &join(2));

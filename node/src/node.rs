@@ -141,7 +141,7 @@ pub struct NodeHandle {
     actix_thread: Option<std::thread::JoinHandle<()>>,
     driver_events: tokio::sync::mpsc::UnboundedSender<DriverEvent>,
     store: Store,
-    control: tokio::task::JoinHandle<()>,
+    control: crate::cluster::Control,
 }
 
 impl NodeHandle {
@@ -214,8 +214,7 @@ impl NodeHandle {
         if let Err(e) = self.store.flush() {
             tracing::error!(error = %e, "final sled flush failed");
         }
-        self.control.abort();
-        let _ = (&mut self.control).await;
+        self.control.stop().await;
         self.system.stop();
         if let Some(t) = self.actix_thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
@@ -244,7 +243,6 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
             config.data_dir.display()
         ))
     })?;
-    let new_dir = !config.data_dir.join("node-id").exists();
     let node_id =
         crate::cluster::node_id(&config.data_dir, config.node_id).map_err(StartError::Other)?;
     let cluster: crate::cluster::ClusterHandle = Default::default();
@@ -289,15 +287,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         &adv_http,
     )
     .await
-    .map_err(|e| {
-        if new_dir {
-            // A refused join leaves the data directory as it was: a retry (with another
-            // node id, say) starts afresh.
-            let _ = std::fs::remove_dir_all(config.data_dir.join("control"));
-            let _ = std::fs::remove_file(config.data_dir.join("node-id"));
-        }
-        StartError::Other(e)
-    })?;
+    .map_err(StartError::Other)?;
     let placement = Arc::new(crate::mesh::Placement::new(node_id));
     placement.update(&opened.state);
     // Until key groups move between nodes (live handover), a node that owns none of them
