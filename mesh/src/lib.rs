@@ -4,6 +4,7 @@
 //! - [`placement`]: rendezvous hashing of key groups over members, and rate-limited move plans.
 //! - [`control`]: the control group's replicated state machine (members, generations,
 //!   key-group ownership versions, committed epochs).
+//! - [`epoch`]: cluster-wide epochs (the cut across nodes, the leader's commit), pure.
 //! - [`group`]: one member's replica of the control group (raft-rs `RawNode` + the state
 //!   machine) as pure steps.
 //! - [`storage`]: the control group's durable log on raft-engine.
@@ -11,6 +12,7 @@
 //! All of it is pure (inputs → state and actions; no clocks, no sockets).
 
 pub mod control;
+pub mod epoch;
 pub mod group;
 pub mod keygroup;
 pub mod placement;

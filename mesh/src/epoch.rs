@@ -1,0 +1,581 @@
+//! Cluster-wide epochs (issue 8, item 6) as pure state machines: [`NodeCut`] runs on every
+//! node (when its cut of an epoch happens, which messages from peers are in flight across the
+//! cut, when its part of the epoch is complete), [`ClusterCoordinator`] on the leader (when an
+//! epoch starts, when every part is written, when to write the manifest and propose the commit
+//! entry, and which epochs to abandon when a participant dies or restarts). The single-node
+//! coordinator (`node/src/checkpoint/coordinator.rs`) is the case of one participant with no
+//! peers. Not wired into the node yet.
+//!
+//! **The cut** is Chandy–Lamport over the FIFO node-pair streams. A node cuts epoch `e` when
+//! the leader's barrier of `e` or the first peer marker of `e` reaches it, whichever comes
+//! first (a node that waited for the barrier could process, inside its `e`, a message a peer
+//! sent after cutting `e`: an orphan that recovery to `e` would apply twice). Right after its
+//! local cut it sends a marker of `e` to every peer, behind everything it sent before. A
+//! message from peer `p` that arrives after this node's cut of `e` but before `p`'s marker of
+//! `e` was sent before `p`'s cut and received after this node's: it is in flight across `e`
+//! and is logged into this node's part of `e` (replayed on recovery to `e`). The part of `e` is
+//! complete once the local shards have cut `e` and a marker of `e` came from every peer that
+//! takes part in `e`.
+//!
+//! **The commit**: parts are written to blob storage by their nodes; once every participant's
+//! part of the next epoch is written, the leader writes the manifest (create-only) naming them
+//! and the previous committed epoch, then proposes the commit entry; nodes release what the
+//! epoch holds when the entry applies. A written manifest *is* a commit (blob storage alone
+//! restores it), so an epoch whose manifest was written is never abandoned. When a participant
+//! dies or restarts, the open epochs it takes part in (and all later ones) are abandoned: every
+//! node rolls back to the last committed epoch and replays its pending messages. Epoch numbers
+//! are never reused; a manifest names its predecessor, so the chain skips abandoned numbers.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::placement::NodeId;
+
+/// An epoch number.
+pub type Epoch = u64;
+
+/// What a node's cut learns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CutInput {
+    /// The leader starts `epoch` with these participants.
+    Barrier {
+        /// The epoch.
+        epoch: Epoch,
+        /// Its participants (this node among them).
+        members: BTreeSet<NodeId>,
+    },
+    /// Peer `from`'s marker of `epoch`, on its stream (behind all it sent before its cut).
+    Marker {
+        /// The peer.
+        from: NodeId,
+        /// The epoch.
+        epoch: Epoch,
+        /// The epoch's participants (a node that cuts on a marker learns them from it).
+        members: BTreeSet<NodeId>,
+    },
+    /// Every local shard has cut `epoch`.
+    ShardsCut {
+        /// The epoch.
+        epoch: Epoch,
+    },
+    /// Epochs after `committed` were abandoned: the node rolled back to `committed`; cuts
+    /// restart after the highest epoch ever started.
+    Abandoned {
+        /// The last committed epoch.
+        committed: Epoch,
+        /// The highest epoch started so far (numbers are never reused).
+        started: Epoch,
+    },
+}
+
+/// What a node does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CutAction {
+    /// Cut `epoch` on the local shards (each reports when done: [`CutInput::ShardsCut`]).
+    CutShards(Epoch),
+    /// Send the marker of `epoch` to these peers, behind everything already sent to them.
+    SendMarkers {
+        /// The epoch.
+        epoch: Epoch,
+        /// The peers.
+        to: Vec<NodeId>,
+        /// The epoch's participants (carried on the marker).
+        members: BTreeSet<NodeId>,
+    },
+    /// This node's part of `epoch` is complete: write it (its local delta, its pending
+    /// messages, and the messages logged in flight for it).
+    WritePart(Epoch),
+}
+
+#[derive(Debug, Clone)]
+struct Open {
+    members: BTreeSet<NodeId>,
+    shards_cut: bool,
+    markers: BTreeSet<NodeId>,
+}
+
+/// A node's side of the cluster cut.
+#[derive(Debug, Clone)]
+pub struct NodeCut {
+    me: NodeId,
+    /// The last epoch cut here.
+    cut: Epoch,
+    /// The last epoch whose part was complete (parts complete in order).
+    complete: Epoch,
+    /// Epochs cut here whose part is not complete yet.
+    open: BTreeMap<Epoch, Open>,
+    /// The newest marker from each peer.
+    markers: BTreeMap<NodeId, Epoch>,
+    /// Epochs at or below this were abandoned or committed: their markers are stale.
+    floor: Epoch,
+}
+
+impl NodeCut {
+    /// A node `me` that has cut every epoch up to `cut` (its last committed or started one).
+    pub fn new(me: NodeId, cut: Epoch) -> Self {
+        NodeCut {
+            me,
+            cut,
+            complete: cut,
+            open: BTreeMap::new(),
+            markers: BTreeMap::new(),
+            floor: cut,
+        }
+    }
+
+    /// The last epoch cut here.
+    pub fn cut(&self) -> Epoch {
+        self.cut
+    }
+
+    /// The epochs a message from `from` arriving now is in flight for (its part logs it):
+    /// those this node has cut and `from` had not cut when it sent the message, among the
+    /// epochs `from` takes part in. Empty for a message that belongs to the current epoch.
+    pub fn in_flight(&self, from: NodeId) -> Vec<Epoch> {
+        let seen = self.markers.get(&from).copied().unwrap_or(self.floor);
+        self.open
+            .range(seen.max(self.floor) + 1..)
+            .filter(|(_, o)| o.members.contains(&from))
+            .map(|(e, _)| *e)
+            .collect()
+    }
+
+    /// Feeds one input; returns the actions, in order.
+    pub fn handle(&mut self, input: CutInput) -> Vec<CutAction> {
+        let mut out = Vec::new();
+        match input {
+            CutInput::Barrier { epoch, members } => self.cut_to(epoch, &members, &mut out),
+            CutInput::Marker {
+                from,
+                epoch,
+                members,
+            } => {
+                if epoch <= self.floor {
+                    return out;
+                }
+                let m = self.markers.entry(from).or_insert(self.floor);
+                *m = (*m).max(epoch);
+                self.cut_to(epoch, &members, &mut out);
+                // FIFO streams: a marker of `epoch` follows the peer's earlier markers.
+                for (_, o) in self.open.range_mut(..=epoch) {
+                    o.markers.insert(from);
+                }
+            }
+            CutInput::ShardsCut { epoch } => {
+                if let Some(o) = self.open.get_mut(&epoch) {
+                    o.shards_cut = true;
+                }
+            }
+            CutInput::Abandoned { committed, started } => {
+                self.open.clear();
+                self.markers.clear();
+                self.cut = self.cut.max(started);
+                self.complete = self.cut;
+                self.floor = self.cut;
+                let _ = committed;
+            }
+        }
+        // Parts complete in order.
+        while let Some((&e, o)) = self.open.iter().next() {
+            let peers_done = o
+                .members
+                .iter()
+                .all(|p| *p == self.me || o.markers.contains(p));
+            if !(o.shards_cut && peers_done) {
+                break;
+            }
+            self.open.remove(&e);
+            self.complete = e;
+            out.push(CutAction::WritePart(e));
+        }
+        out
+    }
+
+    fn cut_to(&mut self, epoch: Epoch, members: &BTreeSet<NodeId>, out: &mut Vec<CutAction>) {
+        while self.cut < epoch {
+            self.cut += 1;
+            let e = self.cut;
+            self.open.insert(
+                e,
+                Open {
+                    members: members.clone(),
+                    shards_cut: false,
+                    markers: BTreeSet::new(),
+                },
+            );
+            out.push(CutAction::CutShards(e));
+            let to: Vec<NodeId> = members.iter().copied().filter(|p| *p != self.me).collect();
+            if !to.is_empty() {
+                out.push(CutAction::SendMarkers {
+                    epoch: e,
+                    to,
+                    members: members.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// What the leader's coordinator learns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordInput {
+    /// Time passed.
+    Tick {
+        /// Now, ms.
+        now_ms: u64,
+    },
+    /// A caller waits for a commit somewhere: start an epoch soon.
+    CallerWaiting,
+    /// The participants of the epochs started from now on (the live members).
+    Members(BTreeSet<NodeId>),
+    /// `node` wrote its part of `epoch`.
+    PartWritten {
+        /// The epoch.
+        epoch: Epoch,
+        /// The node.
+        node: NodeId,
+    },
+    /// The manifest of `epoch` is in blob storage (the epoch is committed).
+    ManifestWritten {
+        /// The epoch.
+        epoch: Epoch,
+    },
+    /// The commit entry of `epoch` was applied (nodes release what it holds).
+    Committed {
+        /// The epoch.
+        epoch: Epoch,
+    },
+    /// Writing the manifest or proposing the entry failed: retried after a backoff.
+    Failed {
+        /// The epoch.
+        epoch: Epoch,
+        /// Now, ms.
+        now_ms: u64,
+    },
+    /// A participant died or restarted (a new generation): what it had not written is gone.
+    Left {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// What the leader does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordAction {
+    /// Start `epoch` on these participants.
+    Barrier {
+        /// The epoch.
+        epoch: Epoch,
+        /// Its participants.
+        members: BTreeSet<NodeId>,
+    },
+    /// Write the manifest of `epoch` (create-only) naming the parts of these nodes and its
+    /// predecessor.
+    WriteManifest {
+        /// The epoch.
+        epoch: Epoch,
+        /// The last committed epoch before it.
+        previous: Epoch,
+        /// Whose parts it lists.
+        parts: BTreeSet<NodeId>,
+    },
+    /// Propose the commit entry of `epoch`.
+    ProposeCommit(Epoch),
+    /// Every epoch after `committed` up to `started` is abandoned: nodes roll back to
+    /// `committed` and replay.
+    Abandon {
+        /// The last committed (or manifest-written) epoch.
+        committed: Epoch,
+        /// The highest epoch started.
+        started: Epoch,
+    },
+    /// Ingress back-pressure on or off (too many epochs open).
+    Backpressure(bool),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Persisting {
+    Idle,
+    Manifest(Epoch),
+    Proposing(Epoch),
+    Backoff(Epoch, u64, bool),
+}
+
+/// The leader's side of cluster epochs.
+#[derive(Debug, Clone)]
+pub struct ClusterCoordinator {
+    interval_ms: u64,
+    max_uncommitted: u64,
+    committed: Epoch,
+    started: Epoch,
+    members: BTreeSet<NodeId>,
+    /// Open epochs: participants and the parts written so far.
+    open: BTreeMap<Epoch, (BTreeSet<NodeId>, BTreeSet<NodeId>)>,
+    persisting: Persisting,
+    last_start_ms: Option<u64>,
+    waiting: bool,
+    failures: u32,
+    backpressure: bool,
+}
+
+impl ClusterCoordinator {
+    /// A coordinator resuming after `committed`, with `started` the highest epoch any leader
+    /// started (numbers are never reused).
+    pub fn new(interval_ms: u64, max_uncommitted: u64, committed: Epoch, started: Epoch) -> Self {
+        ClusterCoordinator {
+            interval_ms: interval_ms.max(1),
+            max_uncommitted: max_uncommitted.max(1),
+            committed,
+            started: started.max(committed),
+            members: BTreeSet::new(),
+            open: BTreeMap::new(),
+            persisting: Persisting::Idle,
+            last_start_ms: None,
+            waiting: false,
+            failures: 0,
+            backpressure: false,
+        }
+    }
+
+    /// The last committed epoch.
+    pub fn committed(&self) -> Epoch {
+        self.committed
+    }
+
+    /// The highest epoch started.
+    pub fn started(&self) -> Epoch {
+        self.started
+    }
+
+    fn next_open(&self) -> Option<Epoch> {
+        self.open.keys().next().copied()
+    }
+
+    fn maybe_persist(&mut self, out: &mut Vec<CoordAction>) {
+        if self.persisting != Persisting::Idle {
+            return;
+        }
+        if let Some((&e, (members, written))) = self.open.iter().next() {
+            if members.is_subset(written) {
+                self.persisting = Persisting::Manifest(e);
+                out.push(CoordAction::WriteManifest {
+                    epoch: e,
+                    previous: self.committed,
+                    parts: members.clone(),
+                });
+            }
+        }
+    }
+
+    /// Feeds one input; returns the actions, in order.
+    pub fn handle(&mut self, input: CoordInput) -> Vec<CoordAction> {
+        let mut out = Vec::new();
+        match input {
+            CoordInput::Tick { now_ms } => {
+                if let Persisting::Backoff(e, at, proposing) = self.persisting {
+                    if now_ms >= at {
+                        if proposing {
+                            self.persisting = Persisting::Proposing(e);
+                            out.push(CoordAction::ProposeCommit(e));
+                        } else {
+                            self.persisting = Persisting::Manifest(e);
+                            out.push(CoordAction::WriteManifest {
+                                epoch: e,
+                                previous: self.committed,
+                                parts: self.open[&e].0.clone(),
+                            });
+                        }
+                    }
+                }
+                let since = self
+                    .last_start_ms
+                    .map_or(u64::MAX, |t| now_ms.saturating_sub(t));
+                let due = (self.waiting && since >= 2) || since >= self.interval_ms;
+                let blocked = due && self.open.len() as u64 >= self.max_uncommitted;
+                if due && !blocked && !self.members.is_empty() {
+                    self.started += 1;
+                    self.last_start_ms = Some(now_ms);
+                    self.waiting = false;
+                    self.open
+                        .insert(self.started, (self.members.clone(), BTreeSet::new()));
+                    out.push(CoordAction::Barrier {
+                        epoch: self.started,
+                        members: self.members.clone(),
+                    });
+                }
+                let on = blocked;
+                if on != self.backpressure {
+                    self.backpressure = on;
+                    out.push(CoordAction::Backpressure(on));
+                }
+            }
+            CoordInput::CallerWaiting => self.waiting = true,
+            CoordInput::Members(m) => self.members = m,
+            CoordInput::PartWritten { epoch, node } => {
+                if let Some((members, written)) = self.open.get_mut(&epoch) {
+                    if members.contains(&node) {
+                        written.insert(node);
+                    }
+                }
+                self.maybe_persist(&mut out);
+            }
+            CoordInput::ManifestWritten { epoch } => {
+                if self.persisting == Persisting::Manifest(epoch) {
+                    self.persisting = Persisting::Proposing(epoch);
+                    out.push(CoordAction::ProposeCommit(epoch));
+                }
+            }
+            CoordInput::Committed { epoch } => {
+                if self.next_open() == Some(epoch)
+                    && matches!(self.persisting, Persisting::Proposing(e) | Persisting::Backoff(e, _, true) if e == epoch)
+                {
+                    self.open.remove(&epoch);
+                    self.committed = epoch;
+                    self.persisting = Persisting::Idle;
+                    self.failures = 0;
+                    self.maybe_persist(&mut out);
+                }
+            }
+            CoordInput::Failed { epoch, now_ms } => {
+                let proposing = match self.persisting {
+                    Persisting::Manifest(e) if e == epoch => false,
+                    Persisting::Proposing(e) if e == epoch => true,
+                    _ => return out,
+                };
+                self.failures += 1;
+                let backoff = (10u64 << self.failures.min(9)).min(5_000);
+                self.persisting = Persisting::Backoff(epoch, now_ms + backoff, proposing);
+            }
+            CoordInput::Left { node } => {
+                // What the node received since its last written part is gone, and peers may
+                // have sent it messages in the epoch not started yet: unless it was no
+                // participant at all, every node rolls back to the newest epoch whose
+                // manifest is written (committed, or sealed: only its entry is pending), and
+                // every other open epoch is abandoned.
+                let was_member = self.members.remove(&node);
+                let sealed = match self.persisting {
+                    Persisting::Proposing(e) | Persisting::Backoff(e, _, true) => Some(e),
+                    _ => None,
+                };
+                let involved = was_member
+                    || self
+                        .open
+                        .iter()
+                        .any(|(e, (m, _))| Some(*e) != sealed && m.contains(&node));
+                if involved {
+                    self.open.retain(|e, _| Some(*e) == sealed);
+                    if sealed.is_none() {
+                        self.persisting = Persisting::Idle;
+                    }
+                    out.push(CoordAction::Abandon {
+                        committed: sealed.unwrap_or(self.committed),
+                        started: self.started,
+                    });
+                }
+            }
+        }
+        debug_assert!(self.committed <= self.started);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(v: &[NodeId]) -> BTreeSet<NodeId> {
+        v.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_marker_before_the_barrier_cuts_and_messages_after_the_cut_are_in_flight() {
+        let mut n = NodeCut::new(2, 0);
+        let members = set(&[1, 2, 3]);
+        // Node 1's marker arrives before the leader's barrier: node 2 cuts at once.
+        let a = n.handle(CutInput::Marker {
+            from: 1,
+            epoch: 1,
+            members: members.clone(),
+        });
+        assert_eq!(a[0], CutAction::CutShards(1));
+        assert!(matches!(&a[1], CutAction::SendMarkers { epoch: 1, to, .. } if to == &vec![1, 3]));
+        // A message from 3 (no marker yet) is in flight for epoch 1; one from 1 is not.
+        assert_eq!(n.in_flight(3), vec![1]);
+        assert!(n.in_flight(1).is_empty());
+        // The barrier now changes nothing.
+        assert!(n
+            .handle(CutInput::Barrier {
+                epoch: 1,
+                members: members.clone()
+            })
+            .is_empty());
+        assert!(n.handle(CutInput::ShardsCut { epoch: 1 }).is_empty());
+        let a = n.handle(CutInput::Marker {
+            from: 3,
+            epoch: 1,
+            members,
+        });
+        assert_eq!(a, vec![CutAction::WritePart(1)]);
+        assert!(n.in_flight(3).is_empty());
+    }
+
+    #[test]
+    fn the_leader_commits_in_order_and_abandons_what_a_dead_node_held() {
+        let mut c = ClusterCoordinator::new(10, 4, 0, 0);
+        c.handle(CoordInput::Members(set(&[1, 2])));
+        let a = c.handle(CoordInput::Tick { now_ms: 100 });
+        assert!(matches!(&a[0], CoordAction::Barrier { epoch: 1, .. }));
+        c.handle(CoordInput::Tick { now_ms: 110 });
+        c.handle(CoordInput::PartWritten { epoch: 2, node: 1 });
+        c.handle(CoordInput::PartWritten { epoch: 2, node: 2 });
+        c.handle(CoordInput::PartWritten { epoch: 1, node: 1 });
+        let a = c.handle(CoordInput::PartWritten { epoch: 1, node: 2 });
+        assert_eq!(
+            a,
+            vec![CoordAction::WriteManifest {
+                epoch: 1,
+                previous: 0,
+                parts: set(&[1, 2])
+            }]
+        );
+        assert_eq!(
+            c.handle(CoordInput::ManifestWritten { epoch: 1 }),
+            vec![CoordAction::ProposeCommit(1)]
+        );
+        let a = c.handle(CoordInput::Committed { epoch: 1 });
+        assert!(matches!(
+            &a[0],
+            CoordAction::WriteManifest {
+                epoch: 2,
+                previous: 1,
+                ..
+            }
+        ));
+        c.handle(CoordInput::ManifestWritten { epoch: 2 });
+        c.handle(CoordInput::Tick { now_ms: 120 });
+        // Node 2 dies: epoch 2's manifest is written (kept), epoch 3 is abandoned.
+        let a = c.handle(CoordInput::Left { node: 2 });
+        assert_eq!(
+            a,
+            vec![CoordAction::Abandon {
+                committed: 2,
+                started: 3
+            }]
+        );
+        c.handle(CoordInput::Committed { epoch: 2 });
+        assert_eq!(c.committed(), 2);
+        // The next epoch is 4, on node 1 alone, and names 2 as its predecessor.
+        let a = c.handle(CoordInput::Tick { now_ms: 200 });
+        assert!(
+            matches!(&a[0], CoordAction::Barrier { epoch: 4, members } if members == &set(&[1]))
+        );
+        let a = c.handle(CoordInput::PartWritten { epoch: 4, node: 1 });
+        assert!(matches!(
+            &a[0],
+            CoordAction::WriteManifest {
+                epoch: 4,
+                previous: 2,
+                ..
+            }
+        ));
+    }
+}
