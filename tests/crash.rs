@@ -19,6 +19,11 @@
 //! from blob storage alone). A run fails unless retried requests were deduplicated and
 //! pending messages recovered, so a run that never exercised them cannot pass.
 //!
+//! Two variants run the same model on a cluster of three nodes: every request (and every
+//! retry) goes to the next node in turn, so most are forwarded to the owner, and the killer
+//! SIGKILLs the owner, the current leader or a random node, 21–24 times, restarting each on
+//! its data directory (the others keep running).
+//!
 //! The seed is printed; `SMOKE_SEED=<n>` reproduces a run's commands and kill schedule.
 
 mod common;
@@ -222,6 +227,10 @@ struct Variant {
     wipe_local: bool,
     /// Some messages set states over 64 KiB.
     pad: bool,
+    /// Three nodes (node 1 bootstraps the cluster and owns every key group, 2 and 3 join and
+    /// forward); every request goes to a random node, and random nodes are killed (the owner
+    /// every third kill, the current leader every third).
+    cluster: bool,
 }
 
 /// Fault points every configuration reaches.
@@ -375,13 +384,21 @@ async fn run(seed: u64, v: Variant) {
     };
     let http_url = format!("http://127.0.0.1:{http_port}");
     let grpc = format!("http://127.0.0.1:{grpc_port}");
-    let client = Client::connect_lazy(&grpc)
-        .unwrap()
-        .with_retry(RetryPolicy {
-            attempts: 100,
-            initial_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_millis(250),
-        });
+    // In a cluster, nodes 2 and 3 (ports chosen now, kept across restarts).
+    let peers: Vec<(u16, u16)> = if v.cluster {
+        vec![(free_port(), free_port()), (free_port(), free_port())]
+    } else {
+        Vec::new()
+    };
+    let retry = RetryPolicy {
+        attempts: 100,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(250),
+    };
+    let clients: Vec<Client> = std::iter::once(grpc.clone())
+        .chain(peers.iter().map(|(g, _)| format!("http://127.0.0.1:{g}")))
+        .map(|url| Client::connect_lazy(&url).unwrap().with_retry(retry))
+        .collect();
 
     let reqs = Arc::new(reqs);
     let next = Arc::new(AtomicUsize::new(0));
@@ -391,10 +408,10 @@ async fn run(seed: u64, v: Variant) {
     let t0 = Instant::now();
     let mut workers = Vec::new();
     for w in 0..4u64 {
-        let (reqs, next, client, acked, done) = (
+        let (reqs, next, clients, acked, done) = (
             reqs.clone(),
             next.clone(),
-            client.clone(),
+            clients.clone(),
             acked.clone(),
             done.clone(),
         );
@@ -403,10 +420,14 @@ async fn run(seed: u64, v: Variant) {
             let mut rng = Rng(seed.wrapping_add(w + 1));
             // Sends one message until acknowledged (same key on every attempt).
             let deliver = |t: Address, id: String, v: Value, reply: Option<String>| {
-                let client = client.clone();
+                let clients = clients.clone();
+                // Each attempt through the next node (a cluster: any node takes any request).
+                let mut through = (seed as usize).wrapping_add(id.len() + w as usize);
                 async move {
                     let deadline = Instant::now() + Duration::from_secs(120);
                     loop {
+                        through = through.wrapping_add(1);
+                        let client = &clients[through % clients.len()];
                         let r = match &reply {
                             None => client
                                 .send_with_key(&t, commands(&v), Some(&id))
@@ -485,6 +506,26 @@ async fn run(seed: u64, v: Variant) {
     // The killer: each incarnation is killed with SIGKILL 0-700 ms after its spawn, or aborts
     // by itself at a fault point; then it is restarted on the same data and ports.
     let stats = Arc::new(Mutex::new(KillStats::default()));
+    if v.cluster {
+        let (n, others) = cluster_killer(
+            dir.path(),
+            &launch,
+            &peers,
+            v.kills,
+            kill_rng,
+            stats.clone(),
+        )
+        .await;
+        done.store(true, Ordering::SeqCst);
+        for w in workers {
+            w.await.unwrap();
+        }
+        verify(seed, &v, n, model, reqs, next, acked, stats, t0, &addresses).await;
+        for o in others {
+            o.stop();
+        }
+        return;
+    }
     let killer = {
         let (data, launch, done, stats, http_url) = (
             data.clone(),
@@ -617,6 +658,24 @@ async fn run(seed: u64, v: Variant) {
     }
     let n = killer.await.unwrap();
     assert!(done.load(Ordering::SeqCst));
+    verify(seed, &v, n, model, reqs, next, acked, stats, t0, &addresses).await;
+}
+
+/// Checks everything the clients had acknowledged against the model, reading through `n`
+/// (the node that owns the key groups), and that the run exercised what it claims to check.
+#[allow(clippy::too_many_arguments)]
+async fn verify(
+    seed: u64,
+    v: &Variant,
+    n: Node,
+    mut model: Model,
+    reqs: Arc<Vec<Request>>,
+    next: Arc<AtomicUsize>,
+    acked: Acked,
+    stats: Arc<Mutex<KillStats>>,
+    t0: Instant,
+    addresses: &[String],
+) {
     if let Some((source, pending)) = recovery(&n.http).await {
         let mut s = stats.lock();
         s.recovered_pending += pending;
@@ -652,7 +711,7 @@ async fn run(seed: u64, v: Variant) {
     let logs: BTreeMap<String, Vec<String>> = loop {
         let mut logs = BTreeMap::new();
         let mut seen = BTreeSet::new();
-        for a in &addresses {
+        for a in addresses {
             // Both states from one read: delayed messages may still be applying.
             let states = n.get_json(&format!("/v1/state/{a}")).await;
             let log: Vec<String> = states["states"]["log"]["value"]
@@ -712,6 +771,7 @@ async fn run(seed: u64, v: Variant) {
     };
     // Order per sender: a client's acknowledged requests to an address...
     for (w, list) in acked.lock().iter().enumerate() {
+        let _ = &reqs;
         let mut last: BTreeMap<&str, (usize, &str)> = BTreeMap::new();
         for (at, id) in list {
             let pos = position(at)[id.as_str()];
@@ -851,6 +911,7 @@ async fn embedded_functions_survive_sigkill_exactly_once() {
             points: POINTS,
             wipe_local: false,
             pad: false,
+            cluster: false,
         },
     )
     .await;
@@ -869,6 +930,7 @@ async fn small_thresholds_and_recovery_from_blob_storage_alone() {
             points: ALL_POINTS,
             wipe_local: true,
             pad: true,
+            cluster: false,
         },
     )
     .await;
@@ -892,6 +954,154 @@ async fn python_sdk_functions_survive_sigkill_exactly_once() {
             points: POINTS,
             wipe_local: false,
             pad: false,
+            cluster: false,
+        },
+    )
+    .await;
+    drop(server);
+}
+
+/// The killer of a three-node cluster: starts node 1 (it bootstraps the cluster and owns
+/// every key group) and nodes 2 and 3 (joining), then `kills` times SIGKILLs one of them — the
+/// owner every third kill, the current leader every third, a random node otherwise — 0-700 ms
+/// after its previous restart, and restarts it on its data directory and ports. Returns node
+/// 1 and the two others, all running.
+async fn cluster_killer(
+    root: &std::path::Path,
+    owner: &Launch,
+    peers: &[(u16, u16)],
+    kills: usize,
+    rng: Mutex<Rng>,
+    stats: Arc<Mutex<KillStats>>,
+) -> (Node, Vec<Node>) {
+    let seed = format!("127.0.0.1:{}", owner.grpc_port);
+    let launches: Vec<Launch> = std::iter::once({
+        let mut l = owner.clone();
+        l.args = vec!["--node-id".into(), "1".into()];
+        l
+    })
+    .chain(peers.iter().enumerate().map(|(i, (g, h))| {
+        let mut l = owner.clone();
+        l.grpc_port = *g;
+        l.http_port = *h;
+        l.args = vec![
+            "--node-id".into(),
+            (i + 2).to_string(),
+            "--join".into(),
+            seed.clone(),
+        ];
+        l
+    }))
+    .collect();
+    let dir = |i: usize| root.join(format!("n{}", i + 1));
+    let mut nodes: Vec<Option<Node>> = Vec::new();
+    for (i, l) in launches.iter().enumerate() {
+        nodes.push(Some(Node::start_launch(&dir(i), l)));
+    }
+    let http = |i: usize| format!("http://127.0.0.1:{}", launches[i].http_port);
+    for k in 0..kills {
+        let (wait, victim) = {
+            let mut r = rng.lock();
+            let wait = if r.below(8) == 0 {
+                r.below(30)
+            } else {
+                r.below(700)
+            };
+            (wait, r.below(3) as usize)
+        };
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let why = ["the owner", "the leader", "random"][k % 3];
+        let victim = match k % 3 {
+            0 => 0,
+            1 => {
+                // The leader, as a live node sees it.
+                let mut leader = None;
+                for i in 0..3 {
+                    if let Ok((200, _, b)) = common::try_http(
+                        &format!("{}/v1/cluster", http(i)),
+                        "GET",
+                        None,
+                        Bytes::new(),
+                    )
+                    .await
+                    {
+                        let j: Value = serde_json::from_slice(&b).unwrap_or_default();
+                        leader = j["leader"].as_u64().map(|l| l as usize - 1);
+                        break;
+                    }
+                }
+                leader.unwrap_or(victim)
+            }
+            _ => victim,
+        };
+        if let Some(n) = nodes[victim].take() {
+            n.kill();
+        }
+        stats.lock().kills += 1;
+        println!(
+            "kill {} of {kills}: node {} ({why}; SIGKILL after {wait} ms)",
+            k + 1,
+            victim + 1
+        );
+        let mut n = Node::launch(&dir(victim), &launches[victim]);
+        if let Err(log) = n.wait_listening() {
+            panic!("node {} did not restart:\n{log}", victim + 1);
+        }
+        if victim == 0 {
+            if let Some((source, pending)) = recovery(&http(0)).await {
+                let mut s = stats.lock();
+                s.recovered_pending += pending;
+                *s.recoveries.entry(source).or_default() += 1;
+            }
+            if let Some(d) = metric(&http(0), "statemesh_idempotent_retries_total").await {
+                stats.lock().dedup += d;
+            }
+        }
+        nodes[victim] = Some(n);
+    }
+    let mut it = nodes.into_iter().map(Option::unwrap);
+    let first = it.next().unwrap();
+    (first, it.collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_functions_in_a_three_node_cluster_survive_sigkill_exactly_once() {
+    run(
+        seed(),
+        Variant {
+            types: &["statemesh.smoke/fn"],
+            module: None,
+            config: CONFIG,
+            requests: 200,
+            kills: 24,
+            points: &[],
+            wipe_local: false,
+            pad: false,
+            cluster: true,
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_functions_in_a_three_node_cluster_survive_sigkill_exactly_once() {
+    let server = FunctionServer::start(&statefun3(), "tests/py/statefun3_functions.py");
+    let module = format!(
+        "kind: io.statefun.endpoints.v2/http\nspec:\n  functions: statemesh.smoke/py\n  urlPathTemplate: {}\n  transport:\n    type: io.statefun.transports.v1/async\n    call: 10s\n",
+        server.url()
+    );
+    run(
+        seed(),
+        Variant {
+            types: &["statemesh.smoke/fn", "statemesh.smoke/py"],
+            module: Some(module),
+            config: CONFIG,
+            requests: 150,
+            kills: 21,
+            points: &[],
+            wipe_local: false,
+            pad: false,
+            cluster: true,
         },
     )
     .await;
