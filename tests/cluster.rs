@@ -190,6 +190,47 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
         50
     );
     assert_eq!(add(&c2, "streamed", 0).await, 50);
+    // Egress: records produced on the owner are read from any node, each once (HTTP pops
+    // on node 3, a gRPC subscription on node 2).
+    let smoke = |cmds: serde_json::Value| {
+        TypedValue::new(
+            "statemesh.smoke/Commands",
+            serde_json::to_vec(&serde_json::json!({ "cmds": cmds })).unwrap(),
+        )
+    };
+    let fnaddr = Address::parse("statemesh.smoke/fn/egress").unwrap();
+    for i in 0..4 {
+        c2.send(
+            &fnaddr,
+            smoke(serde_json::json!([{ "egress": format!("r{i}") }])),
+        )
+        .await
+        .unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let r = common::next_egress(&n3, "smoke", Duration::from_secs(10)).await;
+        got.push(String::from_utf8_lossy(&r).to_string());
+    }
+    let mut sub = Box::pin(c2.subscribe("smoke").await.unwrap());
+    for _ in 0..2 {
+        let v = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut sub))
+            .await
+            .expect("a record within 10 s")
+            .unwrap()
+            .unwrap();
+        got.push(v.get::<String>().unwrap());
+    }
+    got.sort();
+    assert_eq!(got, vec!["r0", "r1", "r2", "r3"]);
+    let (s, _, _) = http(
+        &format!("{}/v1/egress/smoke", n1.http),
+        "GET",
+        None,
+        Default::default(),
+    )
+    .await;
+    assert_eq!(s, 204, "every record was read once");
     // Errors of the owner come back as they are.
     let e = c3
         .call(

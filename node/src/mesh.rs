@@ -56,6 +56,8 @@ struct Table {
     lone: bool,
     /// This node is a member (its join applied).
     member: bool,
+    /// The other members that own key groups (where egress records are produced).
+    producers: Vec<(NodeId, String)>,
 }
 
 /// Who owns what, shared by the control task (writer) and the router (readers).
@@ -94,6 +96,12 @@ impl Placement {
                 .collect(),
             lone: bootstrapped && state.members.keys().all(|&id| id == me),
             member: state.members.contains_key(&me),
+            producers: state
+                .members
+                .values()
+                .filter(|m| m.id != me && state.owned_by(m.id) > 0)
+                .map(|m| (m.id, m.grpc_addr.clone()))
+                .collect(),
         };
         *self.table.write() = t;
     }
@@ -120,6 +128,11 @@ impl Placement {
                 "key group {kg} has no owner yet (the cluster is assigning key groups); retry"
             )),
         }
+    }
+
+    /// The other members whose functions produce egress records (they own key groups).
+    pub(crate) fn producers(&self) -> Vec<(NodeId, String)> {
+        self.table.read().producers.clone()
     }
 
     /// Whether this node is alone in the cluster it bootstrapped.
@@ -278,6 +291,37 @@ pub(crate) async fn forward_call(
         })
 }
 
+/// Pops the next record of `topic` at a peer (`None`: it has none, or cannot be reached).
+pub(crate) async fn pop_remote_egress(
+    p: &Placement,
+    node: NodeId,
+    addr: &str,
+    topic: &str,
+) -> Option<TypedValue> {
+    let mut c = mpb::mesh_client::MeshClient::new(p.channel(addr).ok()?)
+        .max_decoding_message_size(MAX_FORWARDED);
+    let mut req = Request::new(mpb::PopEgressRequest {
+        topic: topic.to_string(),
+    });
+    req.set_timeout(Duration::from_secs(5));
+    match c.pop_egress(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            r.found.then(|| {
+                if r.has_value {
+                    TypedValue::new(r.typename, r.value)
+                } else {
+                    TypedValue::empty(r.typename)
+                }
+            })
+        }
+        Err(e) => {
+            tracing::debug!(node, %addr, error = %e, "cannot read a peer's egress");
+            None
+        }
+    }
+}
+
 /// Forwards messages of one owner as one `SendStream` batch.
 pub(crate) async fn forward_batch(
     p: &Placement,
@@ -362,6 +406,7 @@ pub(crate) struct MeshService {
     pub me: NodeId,
     pub cluster_id: Arc<str>,
     pub inbox: mpsc::Sender<ControlInput>,
+    pub egress: crate::egress::Egress,
 }
 
 #[tonic::async_trait]
@@ -418,6 +463,22 @@ impl mpb::mesh_server::Mesh for MeshService {
             });
         }
         Ok(Response::new(mpb::PeerAck {}))
+    }
+
+    async fn pop_egress(
+        &self,
+        req: Request<mpb::PopEgressRequest>,
+    ) -> Result<Response<mpb::PopEgressReply>, Status> {
+        let topic = req.into_inner().topic;
+        Ok(Response::new(match self.egress.pop(&topic) {
+            Some(v) => mpb::PopEgressReply {
+                found: true,
+                typename: v.typename().to_string(),
+                has_value: v.has_value(),
+                value: v.value().clone(),
+            },
+            None => mpb::PopEgressReply::default(),
+        }))
     }
 
     async fn join(

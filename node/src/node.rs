@@ -427,6 +427,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         me: node_id,
         cluster_id: opened.cluster_id.clone(),
         inbox: opened.inbox.clone(),
+        egress: router.egress().clone(),
     });
     let mesh2 = mesh.clone();
     let committed = recovered.committed;

@@ -694,6 +694,23 @@ impl Router {
         }
     }
 
+    /// Pops the next record of an egress topic: this node's first, then (unless the request
+    /// came from a peer) the peers' that own key groups. Each record is popped once, where it
+    /// was produced, so a topic read from any node yields every record once.
+    pub(crate) async fn pop_egress(&self, topic: &str) -> Option<TypedValue> {
+        if let Some(v) = self.inner.egress.pop(topic) {
+            return Some(v);
+        }
+        for (node, addr) in self.inner.placement.producers() {
+            if let Some(v) =
+                crate::mesh::pop_remote_egress(&self.inner.placement, node, &addr, topic).await
+            {
+                return Some(v);
+            }
+        }
+        None
+    }
+
     /// Which node owns which key group.
     pub(crate) fn placement(&self) -> &Arc<Placement> {
         &self.inner.placement

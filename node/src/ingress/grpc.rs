@@ -110,14 +110,26 @@ impl pb::ingress_server::Ingress for IngressService {
         if topic.is_empty() {
             return Err(ServiceError::InvalidArgument("missing topic".into()).into());
         }
-        let egress = self.shared.router.egress().clone();
-        let stream = futures::stream::unfold((egress, topic), |(egress, topic)| async move {
-            let v = egress.next(&topic).await;
+        let router = self.shared.router.clone();
+        // This node's records as they come, and the records of the peers that produce them
+        // (polled, 50 ms apart while everything is empty): each record popped once, where it
+        // was produced.
+        let stream = futures::stream::unfold((router, topic), |(router, topic)| async move {
+            let v = loop {
+                if let Some(v) = router.pop_egress(&topic).await {
+                    break v;
+                }
+                let local = router.egress().clone();
+                tokio::select! {
+                    v = local.next(&topic) => break v,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            };
             let rec = pb::EgressRecord {
                 topic: topic.clone(),
                 value: Some(v.to_proto()),
             };
-            Some((Ok(rec), (egress, topic)))
+            Some((Ok(rec), (router, topic)))
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -137,7 +137,7 @@ async fn state(
 }
 
 async fn egress(shared: web::Data<Shared>, path: web::Path<String>) -> HttpResponse {
-    match shared.router.egress().pop(&path) {
+    match shared.router.pop_egress(&path).await {
         Some(v) => reply_response(&v),
         None => HttpResponse::NoContent().finish(),
     }
@@ -215,7 +215,7 @@ async fn playground_put(
 /// `GET /<topic>`: the StateFun playground's egress; pops the next record of the topic and
 /// answers its `payload` (204 when the topic is empty).
 async fn playground_get(shared: web::Data<Shared>, path: web::Path<String>) -> HttpResponse {
-    let Some(v) = shared.router.egress().pop(&path) else {
+    let Some(v) = shared.router.pop_egress(&path).await else {
         return HttpResponse::NoContent().finish();
     };
     if v.typename() == "io.statefun.playground/EgressRecord" {
