@@ -146,8 +146,29 @@ impl Placement {
         t.member || t.lone
     }
 
-    /// A lazily connected channel to a peer's gRPC address (one HTTP/2 connection, shared).
+    /// A lazily connected channel to a peer's gRPC address (one HTTP/2 connection). Called
+    /// on a single-threaded runtime (an HTTP worker), the channel is that thread's own, so a
+    /// forwarded request and its connection run on one thread and never wake another; on the
+    /// node's main runtime it is shared.
     pub(crate) fn channel(&self, addr: &str) -> Result<Channel, ServiceError> {
+        thread_local! {
+            static LOCAL: std::cell::RefCell<HashMap<String, Channel>> = Default::default();
+        }
+        let single = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
+        });
+        if single {
+            return LOCAL.with(|l| {
+                if let Some(ch) = l.borrow().get(addr) {
+                    return Ok(ch.clone());
+                }
+                let ch = endpoint(addr)
+                    .map_err(|e| ServiceError::Internal(format!("peer address {addr:?}: {e}")))?
+                    .connect_lazy();
+                l.borrow_mut().insert(addr.to_string(), ch.clone());
+                Ok(ch)
+            });
+        }
         let mut c = self.channels.lock();
         if let Some(ch) = c.get(addr) {
             return Ok(ch.clone());
