@@ -64,6 +64,7 @@ struct Table {
 pub struct Placement {
     table: RwLock<Table>,
     channels: Mutex<HashMap<String, Channel>>,
+    forwarders: Mutex<HashMap<String, Forwarder>>,
     /// The node's main runtime: connections to peers live there, whichever thread (gRPC,
     /// an HTTP worker) first needs them.
     rt: Option<tokio::runtime::Handle>,
@@ -78,6 +79,7 @@ impl Placement {
                 ..Default::default()
             }),
             channels: Mutex::default(),
+            forwarders: Mutex::default(),
             rt: tokio::runtime::Handle::try_current().ok(),
         }
     }
@@ -154,9 +156,8 @@ impl Placement {
         thread_local! {
             static LOCAL: std::cell::RefCell<HashMap<String, Channel>> = Default::default();
         }
-        let single = tokio::runtime::Handle::try_current().is_ok_and(|h| {
-            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
-        });
+        let single = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         if single {
             return LOCAL.with(|l| {
                 if let Some(ch) = l.borrow().get(addr) {
@@ -262,7 +263,7 @@ fn forwarded<T>(msg: T) -> Request<T> {
     r
 }
 
-/// Forwards a `Send` to its owner.
+/// Forwards a `Send` to its owner (on the node-pair forwarding stream).
 pub(crate) async fn forward_send(
     p: &Placement,
     node: NodeId,
@@ -271,18 +272,17 @@ pub(crate) async fn forward_send(
     message: TypedValue,
     key: Option<String>,
 ) -> Result<(), ServiceError> {
-    let mut c = ingress_client(p.channel(addr)?);
-    c.send(forwarded(pb::SendRequest {
+    let req = pb::SendRequest {
         target: Some(target.to_proto()),
         message: Some(message.to_proto()),
         idempotency_key: key.unwrap_or_default(),
-    }))
-    .await
-    .map(|_| ())
-    .map_err(|s| from_status(node, addr, s, FORWARD_TIMEOUT))
+    };
+    p.forward(node, addr, Kind::Send, req.encode_to_vec(), FORWARD_TIMEOUT)
+        .await
+        .map(|_| ())
 }
 
-/// Forwards a `Call` to its owner; the reply comes back on the same request.
+/// Forwards a `Call` to its owner; the reply comes back on the same stream.
 pub(crate) async fn forward_call(
     p: &Placement,
     node: NodeId,
@@ -292,20 +292,24 @@ pub(crate) async fn forward_call(
     timeout: Duration,
     key: Option<String>,
 ) -> Result<TypedValue, ServiceError> {
-    let mut c = ingress_client(p.channel(addr)?);
-    let mut req = forwarded(pb::CallRequest {
+    let req = pb::CallRequest {
         target: Some(target.to_proto()),
         message: Some(message.to_proto()),
         timeout_ms: timeout.as_millis() as u64,
         idempotency_key: key.unwrap_or_default(),
-    });
-    req.set_timeout(timeout + Duration::from_secs(2));
-    let r = c
-        .call(req)
-        .await
-        .map_err(|s| from_status(node, addr, s, timeout))?;
-    r.into_inner()
-        .reply
+    };
+    let b = p
+        .forward(
+            node,
+            addr,
+            Kind::Call,
+            req.encode_to_vec(),
+            timeout + Duration::from_secs(2),
+        )
+        .await?;
+    pb::CallResponse::decode(b)
+        .ok()
+        .and_then(|r| r.reply)
         .map(TypedValue::from_proto)
         .ok_or_else(|| {
             ServiceError::Internal(format!("node {node} answered a call without a reply"))
@@ -374,16 +378,24 @@ pub(crate) async fn forward_get_state(
     addr: &str,
     address: &Address,
 ) -> Result<Vec<(String, TypedValue, u64)>, ServiceError> {
-    let mut c = pb::admin_client::AdminClient::new(p.channel(addr)?)
-        .max_decoding_message_size(MAX_FORWARDED);
-    let r = c
-        .get_state(forwarded(pb::GetStateRequest {
-            address: Some(address.to_proto()),
-        }))
-        .await
-        .map_err(|s| from_status(node, addr, s, FORWARD_TIMEOUT))?;
-    Ok(r.into_inner()
-        .values
+    let req = pb::GetStateRequest {
+        address: Some(address.to_proto()),
+    };
+    let b = p
+        .forward(
+            node,
+            addr,
+            Kind::GetState,
+            req.encode_to_vec(),
+            FORWARD_TIMEOUT,
+        )
+        .await?;
+    let r = pb::GetStateResponse::decode(b).map_err(|e| {
+        ServiceError::Internal(format!(
+            "node {node} answered a state read that does not decode: {e}"
+        ))
+    })?;
+    Ok(r.values
         .into_iter()
         .map(|v| {
             (
@@ -395,6 +407,319 @@ pub(crate) async fn forward_get_state(
             )
         })
         .collect())
+}
+
+// ---------------------------------------------------------------------------------------
+// The forwarding stream: one per node pair (per sending thread), batched both ways.
+
+use mpb::forward_request::Kind;
+use prost::Message as _;
+
+/// A forwarded request's reply: the encoded response, or the owner's status.
+type ReplyTx = oneshot::Sender<Result<bytes::Bytes, Status>>;
+
+/// Requests queued per forwarding stream before callers wait (flow control).
+const FORWARD_QUEUE: usize = 4096;
+/// Requests or replies per frame.
+const FRAME: usize = 256;
+
+/// The sending side of a forwarding stream to one peer.
+#[derive(Clone)]
+pub(crate) struct Forwarder {
+    tx: mpsc::Sender<(Kind, Vec<u8>, ReplyTx)>,
+}
+
+impl Forwarder {
+    /// Starts the stream's task on `rt` (connecting on the first request, reconnecting after
+    /// a failure).
+    fn start(addr: String, channel: Channel, rt: &tokio::runtime::Handle) -> Forwarder {
+        let (tx, rx) = mpsc::channel(FORWARD_QUEUE);
+        rt.spawn(forwarder_task(addr, channel, rx));
+        Forwarder { tx }
+    }
+}
+
+async fn forwarder_task(
+    addr: String,
+    channel: Channel,
+    mut rx: mpsc::Receiver<(Kind, Vec<u8>, ReplyTx)>,
+) {
+    let mut next_id = 1u64;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let Some(first) = rx.recv().await else { return };
+        let (ftx, frx) = mpsc::channel::<mpb::ForwardFrame>(64);
+        let mut client = mpb::mesh_client::MeshClient::new(channel.clone())
+            .max_decoding_message_size(MAX_FORWARDED)
+            .max_encoding_message_size(MAX_FORWARDED);
+        let mut pending: HashMap<u64, ReplyTx> = HashMap::new();
+        let mut queue = vec![first];
+        let stream = client
+            .forward(tokio_stream::wrappers::ReceiverStream::new(frx))
+            .await;
+        let mut replies = match stream {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                // Nothing was sent: everything queued fails as the connection did.
+                while let Ok(r) = rx.try_recv() {
+                    queue.push(r);
+                }
+                for (_, _, reply) in queue {
+                    let _ = reply.send(Err(s.clone()));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(20);
+        let broke: Status = 'stream: loop {
+            if !queue.is_empty() {
+                while queue.len() < FRAME {
+                    match rx.try_recv() {
+                        Ok(r) => queue.push(r),
+                        Err(_) => break,
+                    }
+                }
+                let mut requests = Vec::with_capacity(queue.len());
+                for (kind, request, reply) in queue.drain(..) {
+                    let id = next_id;
+                    next_id += 1;
+                    pending.insert(id, reply);
+                    requests.push(mpb::ForwardRequest {
+                        id,
+                        kind: kind as i32,
+                        request: request.into(),
+                    });
+                }
+                if ftx.send(mpb::ForwardFrame { requests }).await.is_err() {
+                    break 'stream Status::unavailable("the forwarding stream closed");
+                }
+            }
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => queue.push(r),
+                    None => return,
+                },
+                m = replies.message() => match m {
+                    Ok(Some(frame)) => {
+                        for r in frame.replies {
+                            if let Some(tx) = pending.remove(&r.id) {
+                                let _ = tx.send(if r.code == 0 {
+                                    Ok(r.response)
+                                } else {
+                                    Err(Status::new(tonic::Code::from(r.code), r.message))
+                                });
+                            }
+                        }
+                    }
+                    Ok(None) => break 'stream Status::unavailable("the owner closed the forwarding stream"),
+                    Err(s) => break 'stream s,
+                },
+            }
+        };
+        tracing::debug!(%addr, error = %broke, pending = pending.len(), "forwarding stream broke; reconnecting");
+        // Sent and unanswered: their outcome is unknown.
+        for (_, tx) in pending.drain() {
+            let _ = tx.send(Err(Status::unknown(format!(
+                "the forwarding stream broke ({}): the request may or may not have been applied",
+                broke.message()
+            ))));
+        }
+        for (_, _, tx) in queue.drain(..) {
+            let _ = tx.send(Err(broke.clone()));
+        }
+    }
+}
+
+impl Placement {
+    /// Sends a request on the forwarding stream to `addr` and waits (up to `timeout`) for the
+    /// owner's answer.
+    async fn forward(
+        &self,
+        node: NodeId,
+        addr: &str,
+        kind: Kind,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<bytes::Bytes, ServiceError> {
+        let f = self.forwarder(addr)?;
+        let (tx, rx) = oneshot::channel();
+        if f.tx.send((kind, request, tx)).await.is_err() {
+            return Err(ServiceError::Unavailable(format!(
+                "the forwarding stream to node {node} (at {addr}) stopped; retry"
+            )));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(b))) => Ok(b),
+            Ok(Ok(Err(s)))
+                if s.code() == tonic::Code::Unknown
+                    && s.message().starts_with("the forwarding stream") =>
+            {
+                Err(ServiceError::Forwarded(
+                    tonic::Code::Unknown,
+                    format!("node {node} (at {addr}), the owner of this address: {}; retry with an idempotency key", s.message()),
+                ))
+            }
+            Ok(Ok(Err(s))) => Err(from_status(node, addr, s, timeout)),
+            Ok(Err(_)) => Err(ServiceError::Unavailable(format!(
+                "the forwarding stream to node {node} (at {addr}) stopped; retry"
+            ))),
+            Err(_) => Err(ServiceError::Timeout(timeout.as_millis() as u64)),
+        }
+    }
+
+    /// The forwarding stream to `addr`: the calling thread's own on a single-threaded runtime
+    /// (an HTTP worker), else the node's shared one.
+    fn forwarder(&self, addr: &str) -> Result<Forwarder, ServiceError> {
+        thread_local! {
+            static LOCAL: std::cell::RefCell<HashMap<String, Forwarder>> = Default::default();
+        }
+        let current = tokio::runtime::Handle::try_current().ok();
+        let single = current
+            .as_ref()
+            .is_some_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        if let (true, Some(h)) = (single, current) {
+            let ch = self.channel(addr)?;
+            return Ok(LOCAL.with(|l| {
+                let mut l = l.borrow_mut();
+                match l.get(addr) {
+                    Some(f) if !f.tx.is_closed() => f.clone(),
+                    _ => {
+                        let f = Forwarder::start(addr.to_string(), ch, &h);
+                        l.insert(addr.to_string(), f.clone());
+                        f
+                    }
+                }
+            }));
+        }
+        let rt = self
+            .rt
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+            .ok_or_else(|| ServiceError::Unavailable("forwarding needs a tokio runtime".into()))?;
+        let ch = self.channel(addr)?;
+        let mut m = self.forwarders.lock();
+        match m.get(addr) {
+            Some(f) if !f.tx.is_closed() => Ok(f.clone()),
+            _ => {
+                let f = Forwarder::start(addr.to_string(), ch, &rt);
+                m.insert(addr.to_string(), f.clone());
+                Ok(f)
+            }
+        }
+    }
+}
+
+/// Serves one forwarding stream: each request runs as its own task (as if it had come to this
+/// node's ingress, but never forwarded again), replies go back batched in frames.
+pub(crate) fn serve_forward(
+    router: crate::router::Router,
+    mut inbound: Streaming<mpb::ForwardFrame>,
+) -> std::pin::Pin<Box<dyn futures::Stream<Item = Result<mpb::ForwardReplyFrame, Status>> + Send>> {
+    let (rtx, rrx) = mpsc::channel::<mpb::ForwardReply>(FORWARD_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let frame = match inbound.next().await {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "a forwarding stream ended");
+                    return;
+                }
+                None => return,
+            };
+            for r in frame.requests {
+                let (router, rtx) = (router.clone(), rtx.clone());
+                tokio::spawn(async move {
+                    let id = r.id;
+                    let reply = match serve_one(&router, r).await {
+                        Ok(response) => mpb::ForwardReply {
+                            id,
+                            code: 0,
+                            message: String::new(),
+                            response: response.into(),
+                        },
+                        Err(e) => mpb::ForwardReply {
+                            id,
+                            code: e.grpc_code() as i32,
+                            message: e.to_string(),
+                            response: Default::default(),
+                        },
+                    };
+                    let _ = rtx.send(reply).await;
+                });
+            }
+        }
+    });
+    Box::pin(futures::stream::unfold(rrx, |mut rrx| async move {
+        let first = rrx.recv().await?;
+        let mut replies = vec![first];
+        while replies.len() < FRAME {
+            match rrx.try_recv() {
+                Ok(r) => replies.push(r),
+                Err(_) => break,
+            }
+        }
+        Some((Ok(mpb::ForwardReplyFrame { replies }), rrx))
+    }))
+}
+
+async fn serve_one(
+    router: &crate::router::Router,
+    r: mpb::ForwardRequest,
+) -> Result<Vec<u8>, ServiceError> {
+    let bad = |e: prost::DecodeError| {
+        ServiceError::InvalidArgument(format!("a forwarded request does not decode: {e}"))
+    };
+    let parts = |t: Option<pb::Address>, m: Option<pb::TypedValue>| {
+        let t = t.ok_or_else(|| ServiceError::InvalidArgument("missing target address".into()))?;
+        let m = m.ok_or_else(|| ServiceError::InvalidArgument("missing message".into()))?;
+        Ok::<_, ServiceError>((Address::from_proto(&t)?, TypedValue::from_proto(m)))
+    };
+    match Kind::try_from(r.kind) {
+        Ok(Kind::Send) => {
+            let q = pb::SendRequest::decode(r.request).map_err(bad)?;
+            let (t, m) = parts(q.target, q.message)?;
+            let key = Some(q.idempotency_key).filter(|k| !k.is_empty());
+            router.send_routed(t, m, key, true).await?;
+            Ok(pb::SendResponse {}.encode_to_vec())
+        }
+        Ok(Kind::Call) => {
+            let q = pb::CallRequest::decode(r.request).map_err(bad)?;
+            let (t, m) = parts(q.target, q.message)?;
+            let key = Some(q.idempotency_key).filter(|k| !k.is_empty());
+            let timeout = Duration::from_millis(q.timeout_ms.max(1));
+            let v = router.call_routed(t, m, timeout, key, true).await?;
+            Ok(pb::CallResponse {
+                reply: Some(v.to_proto()),
+            }
+            .encode_to_vec())
+        }
+        Ok(Kind::GetState) => {
+            let q = pb::GetStateRequest::decode(r.request).map_err(bad)?;
+            let a = q
+                .address
+                .ok_or_else(|| ServiceError::InvalidArgument("missing address".into()))?;
+            let values = router
+                .get_state_routed(Address::from_proto(&a)?, true)
+                .await?;
+            Ok(pb::GetStateResponse {
+                values: values
+                    .into_iter()
+                    .map(|(name, v, exp)| pb::StateValue {
+                        name,
+                        value: Some(v.to_proto()),
+                        expires_at_ms: exp,
+                    })
+                    .collect(),
+            }
+            .encode_to_vec())
+        }
+        Err(_) => Err(ServiceError::InvalidArgument(format!(
+            "unknown forwarded request kind {}",
+            r.kind
+        ))),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -428,6 +753,7 @@ pub(crate) struct MeshService {
     pub cluster_id: Arc<str>,
     pub inbox: mpsc::Sender<ControlInput>,
     pub egress: crate::egress::Egress,
+    pub router: crate::router::Router,
 }
 
 #[tonic::async_trait]
@@ -484,6 +810,20 @@ impl mpb::mesh_server::Mesh for MeshService {
             });
         }
         Ok(Response::new(mpb::PeerAck {}))
+    }
+
+    type ForwardStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<mpb::ForwardReplyFrame, Status>> + Send>,
+    >;
+
+    async fn forward(
+        &self,
+        req: Request<Streaming<mpb::ForwardFrame>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        Ok(Response::new(serve_forward(
+            self.router.clone(),
+            req.into_inner(),
+        )))
     }
 
     async fn pop_egress(

@@ -428,6 +428,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         cluster_id: opened.cluster_id.clone(),
         inbox: opened.inbox.clone(),
         egress: router.egress().clone(),
+        router: router.clone(),
     });
     let mesh2 = mesh.clone();
     let committed = recovered.committed;
