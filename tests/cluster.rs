@@ -101,6 +101,23 @@ async fn converged(nodes: &[&Node], members: usize, voters: usize) -> u64 {
     .await
 }
 
+/// Node 1 (it bootstraps the cluster) and node 2 (joined), agreed; and node 1's gRPC address.
+async fn two_nodes(root: &Path) -> (Node, Node, String) {
+    let (n1, _) = start(root, 1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let (n2, _) = start(root, 2, Some(&seed));
+    converged(&[&n1, &n2], 2, 1).await;
+    (n1, n2, seed)
+}
+
+/// A command list for `statemesh.smoke/fn` (examples/embedded/src/smoke.rs).
+fn smoke(cmds: serde_json::Value) -> TypedValue {
+    TypedValue::new(
+        "statemesh.smoke/Commands",
+        serde_json::to_vec(&serde_json::json!({ "cmds": cmds })).unwrap(),
+    )
+}
+
 fn counter(id: &str) -> Address {
     Address::parse(&format!("example/counter/{id}")).unwrap()
 }
@@ -192,12 +209,6 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     assert_eq!(add(&c2, "streamed", 0).await, 50);
     // Egress: records produced on the owner are read from any node, each once (HTTP pops
     // on node 3, a gRPC subscription on node 2).
-    let smoke = |cmds: serde_json::Value| {
-        TypedValue::new(
-            "statemesh.smoke/Commands",
-            serde_json::to_vec(&serde_json::json!({ "cmds": cmds })).unwrap(),
-        )
-    };
     let fnaddr = Address::parse("statemesh.smoke/fn/egress").unwrap();
     for i in 0..4 {
         c2.send(
@@ -355,10 +366,7 @@ async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
     let _g = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let (n1, _) = start(root, 1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let (n2, _) = start(root, 2, Some(&seed));
-    converged(&[&n1, &n2], 2, 1).await;
+    let (n1, n2, seed) = two_nodes(root).await;
 
     let refused = |dir: &Path, l: &Launch| {
         let mut n = Node::launch(dir, l);
@@ -425,10 +433,7 @@ async fn a_peer_that_sends_garbage_is_disconnected_and_the_node_keeps_serving() 
     let _g = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let (n1, _) = start(root, 1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let (n2, _) = start(root, 2, Some(&seed));
-    converged(&[&n1, &n2], 2, 1).await;
+    let (n1, n2, seed) = two_nodes(root).await;
     let cluster_id = n1.get_json("/v1/cluster").await["cluster_id"]
         .as_str()
         .unwrap()
@@ -516,12 +521,6 @@ async fn a_new_cluster_on_the_same_blob_location_restores_everything() {
     let n2 = start_b(2, Some(&seed));
     let n3 = start_b(3, Some(&seed));
     converged(&[&n1, &n2, &n3], 3, 3).await;
-    let smoke = |cmds: serde_json::Value| {
-        TypedValue::new(
-            "statemesh.smoke/Commands",
-            serde_json::to_vec(&serde_json::json!({ "cmds": cmds })).unwrap(),
-        )
-    };
     let fnaddr = |id: &str| Address::parse(&format!("statemesh.smoke/fn/{id}")).unwrap();
     let c2 = n2.client().await;
     let c3 = n3.client().await;

@@ -39,24 +39,10 @@ use common::python::{statefun3, FunctionServer};
 use common::{free_port, http, Launch, Node};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
+use statemesh_mesh::sim::Rng;
 use statemesh_sdk::{Address, Client, RetryPolicy, TypedValue};
 
 const COMMANDS: &str = "statemesh.smoke/Commands";
-
-/// xorshift64*: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What one message does when applied, and whether it must be.
 #[derive(Default, Debug)]
@@ -981,10 +967,7 @@ async fn small_thresholds_and_recovery_from_blob_storage_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_functions_survive_sigkill_exactly_once() {
     let server = FunctionServer::start(&statefun3(), "tests/py/statefun3_functions.py");
-    let module = format!(
-        "kind: io.statefun.endpoints.v2/http\nspec:\n  functions: statemesh.smoke/py\n  urlPathTemplate: {}\n  transport:\n    type: io.statefun.transports.v1/async\n    call: 10s\n",
-        server.url()
-    );
+    let module = python_module(&server.url());
     run(
         seed(),
         Variant {
@@ -1138,10 +1121,7 @@ async fn embedded_functions_in_a_three_node_cluster_survive_sigkill_exactly_once
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_functions_in_a_three_node_cluster_survive_sigkill_exactly_once() {
     let server = FunctionServer::start(&statefun3(), "tests/py/statefun3_functions.py");
-    let module = format!(
-        "kind: io.statefun.endpoints.v2/http\nspec:\n  functions: statemesh.smoke/py\n  urlPathTemplate: {}\n  transport:\n    type: io.statefun.transports.v1/async\n    call: 10s\n",
-        server.url()
-    );
+    let module = python_module(&server.url());
     run(
         seed(),
         Variant {
@@ -1158,4 +1138,11 @@ async fn python_sdk_functions_in_a_three_node_cluster_survive_sigkill_exactly_on
     )
     .await;
     drop(server);
+}
+
+/// The module.yaml serving `statemesh.smoke/py` from the Python SDK server at `url`.
+fn python_module(url: &str) -> String {
+    format!(
+        "kind: io.statefun.endpoints.v2/http\nspec:\n  functions: statemesh.smoke/py\n  urlPathTemplate: {url}\n  transport:\n    type: io.statefun.transports.v1/async\n    call: 10s\n"
+    )
 }

@@ -7,6 +7,7 @@
 //! - [`epoch`]: cluster-wide epochs (the cut across nodes, the leader's commit), pure.
 //! - [`group`]: one member's replica of the control group (raft-rs `RawNode` + the state
 //!   machine) as pure steps.
+//! - [`sim`]: the seeded random generator of the simulations.
 //! - [`storage`]: the control group's durable log on raft-engine.
 //!
 //! All of it is pure (inputs → state and actions; no clocks, no sockets).
@@ -16,4 +17,5 @@ pub mod epoch;
 pub mod group;
 pub mod keygroup;
 pub mod placement;
+pub mod sim;
 pub mod storage;

@@ -30,26 +30,9 @@ use raft::storage::MemStorage;
 use statemesh_mesh::control::{ClusterState, Command, MoveCommand, Outcome, Role};
 use statemesh_mesh::group::{bootstrap, ControlNode, Timing};
 use statemesh_mesh::placement::NodeId;
+use statemesh_mesh::sim::Rng;
 
 const KEY_GROUPS: u32 = 64;
-
-/// xorshift64*: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
 
 struct Replica {
     node: Option<ControlNode>,

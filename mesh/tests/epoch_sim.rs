@@ -27,23 +27,7 @@ use statemesh_mesh::epoch::{
     ClusterCoordinator, CoordAction, CoordInput, CutAction, CutInput, Epoch, NodeCut,
 };
 use statemesh_mesh::placement::NodeId;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
+use statemesh_mesh::sim::Rng;
 
 #[derive(Debug, Clone)]
 enum Packet {
@@ -246,13 +230,17 @@ impl Sim {
         }
     }
 
-    fn step(&mut self, failures: bool) {
-        let alive: Vec<NodeId> = self
-            .nodes
+    /// The live nodes.
+    fn live(&self) -> Vec<NodeId> {
+        self.nodes
             .iter()
             .filter(|(_, n)| n.alive)
             .map(|(id, _)| *id)
-            .collect();
+            .collect()
+    }
+
+    fn step(&mut self, failures: bool) {
+        let alive = self.live();
         match self.rng.below(100) {
             0..=9 => {
                 self.now += self.rng.below(5);
@@ -394,12 +382,7 @@ impl Sim {
                     self.net.retain(|(a, b), _| *a != id && *b != id);
                     self.barriers.remove(&id);
                     self.coord(CoordInput::Left { node: id });
-                    let live: BTreeSet<NodeId> = self
-                        .nodes
-                        .iter()
-                        .filter(|(_, n)| n.alive)
-                        .map(|(i, _)| *i)
-                        .collect();
+                    let live = self.live().into_iter().collect();
                     self.coord(CoordInput::Members(live));
                 } else if !self.nodes[&id].alive {
                     let started = self.coord.started();
@@ -408,12 +391,7 @@ impl Sim {
                     n.cut = NodeCut::new(id, started);
                     n.cutting.clear();
                     n.writing.clear();
-                    let live: BTreeSet<NodeId> = self
-                        .nodes
-                        .iter()
-                        .filter(|(_, n)| n.alive)
-                        .map(|(i, _)| *i)
-                        .collect();
+                    let live = self.live().into_iter().collect();
                     self.coord(CoordInput::Members(live));
                 }
             }

@@ -409,6 +409,18 @@ pub(crate) async fn forward_get_state(
         .collect())
 }
 
+/// An address's states as `statemesh.v1` values.
+pub(crate) fn state_values(values: Vec<(String, TypedValue, u64)>) -> Vec<pb::StateValue> {
+    values
+        .into_iter()
+        .map(|(name, v, exp)| pb::StateValue {
+            name,
+            value: Some(v.to_proto()),
+            expires_at_ms: exp,
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------
 // The forwarding stream: one per node pair (per sending thread), batched both ways.
 
@@ -704,14 +716,7 @@ async fn serve_one(
                 .get_state_routed(Address::from_proto(&a)?, true)
                 .await?;
             Ok(pb::GetStateResponse {
-                values: values
-                    .into_iter()
-                    .map(|(name, v, exp)| pb::StateValue {
-                        name,
-                        value: Some(v.to_proto()),
-                        expires_at_ms: exp,
-                    })
-                    .collect(),
+                values: state_values(values),
             }
             .encode_to_vec())
         }

@@ -192,14 +192,7 @@ impl pb::admin_server::Admin for AdminService {
         let address = Address::from_proto(&a).map_err(ServiceError::from)?;
         let values = self.shared.router.get_state_routed(address, fwd).await?;
         Ok(Response::new(pb::GetStateResponse {
-            values: values
-                .into_iter()
-                .map(|(name, v, exp)| pb::StateValue {
-                    name,
-                    value: Some(v.to_proto()),
-                    expires_at_ms: exp,
-                })
-                .collect(),
+            values: crate::mesh::state_values(values),
         }))
     }
 }
