@@ -384,6 +384,16 @@ async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
     let n4 = Node::start_launch(&fresh, &launch(root, 4, (0, 0), Some(&seed)));
     converged(&[&n1, &n2, &n4], 3, 3).await;
 
+    // A node configured with another number of key groups.
+    let mut l = launch(root, 5, (0, 0), Some(&seed));
+    l.config = Some("key_groups = 512\n[checkpoint]\ninterval_ms = 20\n".into());
+    let log = refused(&root.join("k512"), &l);
+    assert!(
+        log.contains("configured with 512 key groups, this cluster has 1024"),
+        "{log}"
+    );
+    assert!(!root.join("k512").join("node-id").exists());
+
     // A data directory of another cluster.
     let (other, _) = start(root, 9, None);
     other.stop();

@@ -3,12 +3,12 @@
 //! transport of the control group (`statemesh.mesh.v1.Mesh`: one stream per node pair,
 //! carrying Raft messages as bytes, and the `Join` call).
 //!
-//! Forwarding uses the owner's own `statemesh.v1` gRPC ingress over one multiplexed HTTP/2
-//! connection per peer (tonic `Channel`), marked with [`FORWARDED`]: a node that receives a
-//! forwarded message for a key group it does not own answers `UNAVAILABLE` instead of
-//! forwarding again (its table and the sender's disagree during a change; the client retries).
-//! Acknowledgements, replies and idempotency are the owner's, so they hold whichever node a
-//! client reaches.
+//! Forwarding runs on one batched stream per node pair (`Mesh/Forward`, per sending thread),
+//! carrying `statemesh.v1` requests to the owner, which serves them as its own ingress would:
+//! acknowledgements, replies and idempotency are the owner's, so they hold whichever node a
+//! client reaches. A node that receives a forwarded request for a key group it does not own
+//! answers `UNAVAILABLE` instead of forwarding again (its table and the sender's disagree
+//! during a change; the client retries).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,9 +26,6 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ServiceError;
-
-/// gRPC metadata key marking a request forwarded by another node.
-pub(crate) const FORWARDED: &str = "x-statemesh-forwarded";
 
 /// Where a key group's messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,9 +190,8 @@ fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
 
 /// An error answered by another node, passed on as it came (same code, same text); a failed
 /// connection (nothing was sent) as UNAVAILABLE naming the owner; a broken one (the request
-/// may have been applied) as an error that says the outcome is unknown; the forwarding
-/// deadline as a timeout.
-fn from_status(node: NodeId, addr: &str, s: Status, timeout: Duration) -> ServiceError {
+/// may have been applied) as an error that says the outcome is unknown.
+fn from_status(node: NodeId, addr: &str, s: Status) -> ServiceError {
     let text = error_chain(&s);
     let not_sent = [
         "tcp connect error",
@@ -209,9 +205,6 @@ fn from_status(node: NodeId, addr: &str, s: Status, timeout: Duration) -> Servic
             ServiceError::Unavailable(format!(
                 "node {node} (at {addr}), the owner of this address, is unreachable ({text}); retry"
             ))
-        }
-        tonic::Code::Cancelled if s.message().contains("Timeout expired") => {
-            ServiceError::Timeout(timeout.as_millis() as u64)
         }
         // A transport failure after sending (a status with a source), not the owner's answer.
         tonic::Code::Unavailable | tonic::Code::Unknown
@@ -248,20 +241,6 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest message a forwarding client or the mesh service accepts (replies and states can be
 /// as large as the owner's limit allows).
 const MAX_FORWARDED: usize = 256 << 20;
-
-fn ingress_client(ch: Channel) -> pb::ingress_client::IngressClient<Channel> {
-    pb::ingress_client::IngressClient::new(ch)
-        .max_decoding_message_size(MAX_FORWARDED)
-        .max_encoding_message_size(MAX_FORWARDED)
-}
-
-fn forwarded<T>(msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    r.set_timeout(FORWARD_TIMEOUT);
-    r
-}
 
 /// Forwards a `Send` to its owner (on the node-pair forwarding stream).
 pub(crate) async fn forward_send(
@@ -347,14 +326,13 @@ pub(crate) async fn pop_remote_egress(
     }
 }
 
-/// Forwards messages of one owner as one `SendStream` batch.
+/// Forwards messages of one owner as one batch (the owner waits for room for them).
 pub(crate) async fn forward_batch(
     p: &Placement,
     node: NodeId,
     addr: &str,
     messages: Vec<(Address, TypedValue, Option<String>)>,
 ) -> Result<(), ServiceError> {
-    let mut c = ingress_client(p.channel(addr)?);
     let batch = pb::SendBatch {
         messages: messages
             .into_iter()
@@ -365,10 +343,15 @@ pub(crate) async fn forward_batch(
             })
             .collect(),
     };
-    c.send_stream(forwarded(tokio_stream::once(batch)))
-        .await
-        .map(|_| ())
-        .map_err(|s| from_status(node, addr, s, FORWARD_TIMEOUT))
+    p.forward(
+        node,
+        addr,
+        Kind::SendBatch,
+        batch.encode_to_vec(),
+        FORWARD_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Reads an address's states at its owner.
@@ -573,7 +556,7 @@ impl Placement {
                     format!("node {node} (at {addr}), the owner of this address: {}; retry with an idempotency key", s.message()),
                 ))
             }
-            Ok(Ok(Err(s))) => Err(from_status(node, addr, s, timeout)),
+            Ok(Ok(Err(s))) => Err(from_status(node, addr, s)),
             Ok(Err(_)) => Err(ServiceError::Unavailable(format!(
                 "the forwarding stream to node {node} (at {addr}) stopped; retry"
             ))),
@@ -706,6 +689,16 @@ async fn serve_one(
                 reply: Some(v.to_proto()),
             }
             .encode_to_vec())
+        }
+        Ok(Kind::SendBatch) => {
+            let q = pb::SendBatch::decode(r.request).map_err(bad)?;
+            let mut batch = Vec::with_capacity(q.messages.len());
+            for m in q.messages {
+                let (t, v) = parts(m.target, m.message)?;
+                batch.push((t, v, Some(m.idempotency_key).filter(|k| !k.is_empty())));
+            }
+            let accepted = router.send_batch_routed(batch, true, true).await? as u64;
+            Ok(pb::SendStreamSummary { accepted }.encode_to_vec())
         }
         Ok(Kind::GetState) => {
             let q = pb::GetStateRequest::decode(r.request).map_err(bad)?;

@@ -27,26 +27,16 @@ fn target_and_message(
     Ok((target, TypedValue::from_proto(message)))
 }
 
-/// Whether another node forwarded this request (it is then served here or refused, never
-/// forwarded again).
-fn is_forwarded<T>(req: &Request<T>) -> bool {
-    req.metadata().contains_key(crate::mesh::FORWARDED)
-}
-
 #[tonic::async_trait]
 impl pb::ingress_server::Ingress for IngressService {
     async fn send(
         &self,
         req: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
-        let fwd = is_forwarded(&req);
         let r = req.into_inner();
         let (target, message) = target_and_message(r.target, r.message)?;
         let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
-        self.shared
-            .router
-            .send_routed(target, message, key, fwd)
-            .await?;
+        self.shared.router.send_with(target, message, key).await?;
         Ok(Response::new(pb::SendResponse {}))
     }
 
@@ -54,7 +44,6 @@ impl pb::ingress_server::Ingress for IngressService {
         &self,
         req: Request<pb::CallRequest>,
     ) -> Result<Response<pb::CallResponse>, Status> {
-        let fwd = is_forwarded(&req);
         let r = req.into_inner();
         let (target, message) = target_and_message(r.target, r.message)?;
         let timeout = if r.timeout_ms > 0 {
@@ -66,7 +55,7 @@ impl pb::ingress_server::Ingress for IngressService {
         let reply = self
             .shared
             .router
-            .call_routed(target, message, Duration::from_millis(timeout), key, fwd)
+            .call_with(target, message, Duration::from_millis(timeout), key)
             .await?;
         Ok(Response::new(pb::CallResponse {
             reply: Some(reply.to_proto()),
@@ -77,7 +66,6 @@ impl pb::ingress_server::Ingress for IngressService {
         &self,
         req: Request<Streaming<pb::SendBatch>>,
     ) -> Result<Response<pb::SendStreamSummary>, Status> {
-        let fwd = is_forwarded(&req);
         let mut stream = req.into_inner();
         let mut accepted = 0u64;
         while let Some(frame) = stream.next().await {
@@ -92,7 +80,7 @@ impl pb::ingress_server::Ingress for IngressService {
             let n = self
                 .shared
                 .router
-                .send_batch_routed(batch, true, fwd)
+                .send_batch(batch, true)
                 .await
                 .map_err(|e| with_progress(e, accepted))?;
             accepted += n as u64;
@@ -184,13 +172,12 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::GetStateResponse>, Status> {
-        let fwd = is_forwarded(&req);
         let a = req
             .into_inner()
             .address
             .ok_or_else(|| ServiceError::InvalidArgument("missing address".into()))?;
         let address = Address::from_proto(&a).map_err(ServiceError::from)?;
-        let values = self.shared.router.get_state_routed(address, fwd).await?;
+        let values = self.shared.router.get_state(address).await?;
         Ok(Response::new(pb::GetStateResponse {
             values: crate::mesh::state_values(values),
         }))
