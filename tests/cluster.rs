@@ -557,12 +557,49 @@ async fn a_new_cluster_on_the_same_blob_location_restores_everything() {
     )
     .await
     .unwrap();
-    for n in [n1, n2, n3] {
+    // A second cluster on the blob location while this one runs is refused, and its data
+    // directory is left as it was.
+    let n21 = root.join("n21");
+    let log = Node::launch(&n21, &with_blob(launch(root, 21, (0, 0), None)))
+        .wait_listening()
+        .expect_err("a second running cluster on one blob location must not start");
+    assert!(log.contains("is in use by running cluster"), "{log}");
+    assert!(!n21.join("node-id").exists() && !n21.join("control").exists());
+    // The node that writes the checkpoints is paused (it looks lost), the others are gone.
+    let n1_pid = n1.pid();
+    unsafe { libc::kill(n1_pid as i32, libc::SIGSTOP) };
+    for n in [n2, n3] {
         n.kill();
     }
 
-    // A new cluster: other ids, empty data directories, the same blob location.
+    // A new cluster: other ids, empty data directories, the same blob location. It takes
+    // the location over once no lease there is renewed.
     let n11 = start_b(11, None);
+    // The paused node resumes, sees the location taken over, and stops without writing.
+    unsafe { libc::kill(n1_pid as i32, libc::SIGCONT) };
+    let mut n1 = n1;
+    let status = eventually(
+        "the old cluster's node stops",
+        Duration::from_secs(20),
+        || {
+            let s = n1.exited();
+            async move { s }
+        },
+    )
+    .await;
+    assert_eq!(status.code(), Some(3), "{}", n1.log_since_launch());
+    assert!(
+        n1.log_since_launch()
+            .contains("was taken over by running cluster"),
+        "{}",
+        n1.log_since_launch()
+    );
+    // Restarted on its data directory, it is refused: the location is no longer its cluster's.
+    let log = Node::launch(&root.join("n1"), &with_blob(launch(root, 1, (0, 0), None)))
+        .wait_listening()
+        .expect_err("a cluster whose location was taken over must not start on it");
+    assert!(log.contains("was taken over by cluster"), "{log}");
+
     let s = n11.grpc.trim_start_matches("http://").to_string();
     let n12 = start_b(12, Some(&s));
     converged(&[&n11, &n12], 2, 1).await;

@@ -126,6 +126,8 @@ pub(crate) struct Opened {
     pub cluster_id: Arc<str>,
     /// This process start.
     incarnation: u64,
+    /// This start bootstrapped a new cluster in a new data directory.
+    pub bootstrapped: bool,
     /// The transport's inbox (the mesh service sends here) and its receiving end.
     pub inbox: mpsc::Sender<ControlInput>,
     inbox_rx: mpsc::Receiver<ControlInput>,
@@ -173,6 +175,7 @@ pub(crate) async fn open(
         incarnation,
         key_groups,
     };
+    let fresh_bootstrap = saved.is_none() && join.is_empty();
     let state = match saved {
         None if join.is_empty() => {
             let mut s = ClusterState::new(key_groups);
@@ -233,6 +236,7 @@ pub(crate) async fn open(
     }
     let (inbox, inbox_rx) = mpsc::channel(crate::mesh::INBOX);
     Ok(Opened {
+        bootstrapped: fresh_bootstrap,
         id,
         cluster_id: state.cluster_id.clone().into(),
         state,
@@ -241,6 +245,18 @@ pub(crate) async fn open(
         inbox,
         inbox_rx,
     })
+}
+
+impl Opened {
+    /// Undoes the bootstrap of a new cluster that must not start after all: the data
+    /// directory is left as it was before this start.
+    pub(crate) fn undo_bootstrap(self, data_dir: &Path) {
+        if self.bootstrapped {
+            drop(self);
+            let _ = std::fs::remove_dir_all(data_dir.join("control"));
+            let _ = std::fs::remove_file(data_dir.join("node-id"));
+        }
+    }
 }
 
 fn random_u64() -> u64 {
@@ -275,6 +291,7 @@ pub(crate) fn start(
         incarnation,
         inbox,
         mut inbox_rx,
+        ..
     } = opened;
     placement.update(&state);
     let node = ControlNode::new(id, storage, state, Timing::default())?;

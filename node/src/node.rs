@@ -310,6 +310,19 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     } else {
         None
     };
+    // One running cluster per blob location (a new cluster on a silent one restores it).
+    let lease = match &cp {
+        Some(cp) => {
+            match crate::checkpoint::lease::acquire(cp, &opened.cluster_id, node_id).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    opened.undo_bootstrap(&config.data_dir);
+                    return Err(StartError::Other(e));
+                }
+            }
+        }
+        None => None,
+    };
     let state_dir = config.data_dir.join("state");
     let store = match Store::open(&state_dir, config.key_groups) {
         Ok(s) => s,
@@ -337,9 +350,15 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         Err(e) => return Err(e.into()),
     };
     let shard_count = config.shard_count();
-    let recovered = driver::recover(&store, cp.as_ref(), config.key_groups)
+    let mut recovered = driver::recover(&store, cp.as_ref(), config.key_groups)
         .await
         .map_err(|e| StartError::Other(format!("recovery failed: {e}")))?;
+    if lease.as_ref().is_some_and(|l| l.took_over()) {
+        // Epochs of a cluster that only looked lost (paused) and commits a few more before it
+        // sees the lease can never collide with this cluster's, nor enter its chain (each
+        // manifest names its predecessor).
+        recovered.committed += crate::checkpoint::lease::TAKEOVER_JUMP;
+    }
     let status: StatusHandle = Default::default();
     {
         let mut s = status.lock();
@@ -530,6 +549,9 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         mesh,
     };
     let (grpc_shutdown, grpc_task) = crate::ingress::grpc::serve(shared.clone(), grpc_listener);
+    if let Some(l) = lease {
+        l.spawn();
+    }
     ready.store(true, Ordering::SeqCst);
     tracing::info!(grpc = %grpc_addr, http = %started.http_addr, shards = shard_count, data_dir = %config.data_dir.display(), "node started");
     Ok(NodeHandle {

@@ -7,6 +7,7 @@
 //!   `az://`) through object_store.
 //! - [`format`]: what an epoch writes: per-node epoch objects and the manifest (pure).
 //! - [`store`]: writing, committing (create-only manifest), reading chains, retention.
+//! - [`lease`]: which cluster writes a blob location (a second running cluster is refused).
 //! - [`idempotency`]: idempotency records within a window (pure).
 //! - [`coordinator`]: when epochs start, persist and commit (pure; the mesh backs the same
 //!   decisions with Raft).
@@ -17,4 +18,5 @@ pub mod coordinator;
 pub mod driver;
 pub mod format;
 pub mod idempotency;
+pub mod lease;
 pub mod store;

@@ -248,6 +248,45 @@ impl CheckpointStore {
             .collect())
     }
 
+    /// The URL of the location (for messages).
+    pub fn url(&self) -> &str {
+        &self.blob.url
+    }
+
+    /// The cluster leases at the location (see [`super::lease`]), each with its metadata.
+    pub async fn leases(&self) -> Result<Vec<super::lease::LeaseObj>, CheckpointError> {
+        let prefix = self.path("leases");
+        let metas: Vec<object_store::ObjectMeta> =
+            match self.blob.store.list(Some(&prefix)).try_collect().await {
+                Ok(m) => m,
+                Err(object_store::Error::NotFound { .. }) => Vec::new(),
+                Err(e) => return Err(self.err("list", "leases", e)),
+            };
+        Ok(metas
+            .iter()
+            .filter_map(|m| {
+                let tag = format!(
+                    "{}/{:?}/{:?}/{}",
+                    m.last_modified.timestamp_nanos_opt().unwrap_or_default(),
+                    m.e_tag,
+                    m.version,
+                    m.size
+                );
+                super::lease::parse_lease(self.rel(&m.location), tag)
+            })
+            .collect())
+    }
+
+    /// Writes (overwrites) a lease object.
+    pub async fn put_lease(&self, rel: &str, body: Bytes) -> Result<(), CheckpointError> {
+        self.blob
+            .store
+            .put(&self.path(rel), PutPayload::from(body))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err("put", rel, e))
+    }
+
     /// Writes a node's epoch object (create-only) and returns its manifest entry.
     pub async fn write_node_epoch(&self, e: &NodeEpoch) -> Result<ObjectRef, CheckpointError> {
         self.put_node_epoch(e, "checkpoint-object-put").await

@@ -1,0 +1,336 @@
+//! Which cluster writes a blob location (issue 8, item 8): every cluster that checkpoints to a
+//! location keeps a lease object there, `leases/<generation>-<cluster id>`, rewritten every
+//! [`RENEW`] by each of its nodes that writes checkpoints. Liveness is read from the object's
+//! metadata (modification time, e-tag, size) changing between two listings, never from
+//! comparing clocks.
+//!
+//! - **Start.** A node whose cluster has a lease there keeps its generation, unless a newer
+//!   generation of another cluster is there: that cluster restored from the location after
+//!   this one was lost (disaster recovery), and this one must not write there again (refused).
+//!   A node whose cluster has no lease there yet (a new cluster) and finds other clusters'
+//!   leases watches them for [`WATCH`]: one that changes belongs to a running cluster
+//!   (refused: a second running cluster); otherwise the new cluster takes the location over with
+//!   the next generation (disaster recovery of a lost cluster).
+//! - **Running.** Each renewal also lists the leases: a lease of a newer generation (or of the
+//!   same generation and a greater cluster id: two new clusters started at once) that changed
+//!   since the previous listing belongs to a running cluster that took the location over, and
+//!   this node stops at once (it has lost the location; nothing it has not committed is
+//!   acknowledged, so stopping loses nothing).
+//!
+//! Leases are never deleted: a stopped cluster's lease records that the location was its, so
+//! that it cannot restart on it once another cluster took it over. A stopped cluster's lease
+//! costs a new cluster one [`WATCH`] at start.
+//!
+//! A cluster paused for longer than [`WATCH`] (SIGSTOP, a frozen VM) looks lost; if a new
+//! cluster takes the location over meanwhile, the old one stops at its first renewal after it
+//! resumes and may commit epochs until then (at most [`RENEW`] plus one listing). Those never
+//! reach the new cluster: it numbers its epochs from [`TAKEOVER_JUMP`] above the newest it
+//! found, and its manifests name their predecessors, so the old cluster's late manifests are
+//! in nobody's chain.
+
+use std::time::Duration;
+
+use super::store::{CheckpointError, CheckpointStore};
+
+/// How often a node rewrites its cluster's lease.
+pub const RENEW: Duration = Duration::from_secs(2);
+/// How long a new cluster watches other clusters' leases before taking a location over.
+pub const WATCH: Duration = Duration::from_millis(5_500);
+
+/// How far a cluster that takes a location over skips the epoch numbers: a cluster that only
+/// looked lost and commits a few more epochs before it stops writes numbers below the new
+/// cluster's, which no manifest of the new cluster names as its predecessor.
+pub const TAKEOVER_JUMP: u64 = 1 << 20;
+
+/// One lease object, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseObj {
+    /// Its generation (the number of clusters that took the location over before, plus one).
+    pub generation: u64,
+    /// The cluster holding it.
+    pub cluster: String,
+    /// Its metadata (modification time, e-tag, size): changes on every renewal.
+    pub tag: String,
+}
+
+/// The object's path below the location's prefix.
+pub fn lease_path(generation: u64, cluster: &str) -> String {
+    format!("leases/{generation:010}-{cluster}")
+}
+
+/// A lease from its path (`None`: not a lease).
+pub fn parse_lease(path: &str, tag: String) -> Option<LeaseObj> {
+    let name = path.strip_prefix("leases/")?;
+    let (g, c) = name.split_once('-')?;
+    Some(LeaseObj {
+        generation: g.parse().ok()?,
+        cluster: c.to_string(),
+        tag,
+    })
+}
+
+/// `a` outranks `b`: newer generation, or the same and a greater cluster id.
+fn outranks(a: &LeaseObj, generation: u64, cluster: &str) -> bool {
+    (a.generation, a.cluster.as_str()) > (generation, cluster)
+}
+
+/// The start decision from one listing: `Ok(Some(g))` — this cluster holds generation `g`;
+/// `Ok(None)` — it holds none and other clusters' leases must be watched (or there are none:
+/// see [`after_watch`]); `Err` — refused.
+pub fn on_start(url: &str, ours: &str, leases: &[LeaseObj]) -> Result<Option<u64>, String> {
+    let Some(own) = leases
+        .iter()
+        .filter(|l| l.cluster == ours)
+        .map(|l| l.generation)
+        .max()
+    else {
+        return Ok(None);
+    };
+    match leases
+        .iter()
+        .filter(|l| l.cluster != ours && outranks(l, own, ours))
+        .max_by_key(|l| l.generation)
+    {
+        Some(l) => Err(format!(
+            "the blob location {url} was taken over by cluster {} (lease generation {}; this cluster {ours} has generation {own}): a newer cluster restored from it, so this cluster must not write there again. Start this node on an empty data directory with --join to a member of cluster {}, or give it another --checkpoint-url",
+            l.cluster, l.generation, l.cluster
+        )),
+        None => Ok(Some(own)),
+    }
+}
+
+/// Another cluster's lease in `after` that is new or changed since `before`.
+fn renewed<'a>(ours: &str, before: &[LeaseObj], after: &'a [LeaseObj]) -> Vec<&'a LeaseObj> {
+    after
+        .iter()
+        .filter(|l| l.cluster != ours)
+        .filter(|l| !before.contains(l))
+        .collect()
+}
+
+/// The start decision of a cluster without a lease, from listings `before` and `after` one
+/// [`WATCH`]: the generation to take (one above every lease there), or refused when another
+/// cluster renewed its lease meanwhile.
+pub fn after_watch(
+    url: &str,
+    ours: &str,
+    before: &[LeaseObj],
+    after: &[LeaseObj],
+) -> Result<u64, String> {
+    if let Some(l) = renewed(ours, before, after).first() {
+        return Err(format!(
+            "the blob location {url} is in use by running cluster {}: its lease {} was renewed within the last {:.1} s. Stop that cluster first (a new cluster started on a blob location that holds data restores it: disaster recovery), or give this cluster another --checkpoint-url",
+            l.cluster,
+            lease_path(l.generation, &l.cluster),
+            WATCH.as_secs_f64()
+        ));
+    }
+    Ok(after
+        .iter()
+        .chain(before)
+        .map(|l| l.generation)
+        .max()
+        .unwrap_or(0)
+        + 1)
+}
+
+/// While running: `Some(why)` when a cluster that outranks this one renewed its lease between
+/// two listings (this node must stop writing).
+pub fn fenced(
+    url: &str,
+    ours: &str,
+    generation: u64,
+    before: &[LeaseObj],
+    after: &[LeaseObj],
+) -> Option<String> {
+    renewed(ours, before, after)
+        .into_iter()
+        .find(|l| outranks(l, generation, ours))
+        .map(|l| {
+            format!(
+                "the blob location {url} was taken over by running cluster {} (lease generation {}; this cluster {ours} has generation {generation}); this node stops writing to it and exits",
+                l.cluster, l.generation
+            )
+        })
+}
+
+/// This cluster's lease on a blob location, held by one node (see the module documentation).
+pub struct Lease {
+    cp: CheckpointStore,
+    cluster: String,
+    generation: u64,
+    node: u64,
+    seq: u64,
+    took_over: bool,
+    /// The last listing.
+    last: Vec<LeaseObj>,
+}
+
+fn listing_error(url: &str, e: CheckpointError) -> String {
+    format!("cannot list the cluster leases of the blob location {url}: {e}")
+}
+
+/// Takes (or keeps) this cluster's lease on the checkpoint location, or refuses with the reason
+/// (another running cluster writes there, or a newer cluster took it over).
+pub async fn acquire(cp: &CheckpointStore, cluster: &str, node: u64) -> Result<Lease, String> {
+    let url = cp.url().to_string();
+    let before = cp.leases().await.map_err(|e| listing_error(&url, e))?;
+    let mut took_over = false;
+    let generation = match on_start(&url, cluster, &before)? {
+        Some(g) => g,
+        None => {
+            let others: Vec<&str> = before
+                .iter()
+                .filter(|l| l.cluster != cluster)
+                .map(|l| l.cluster.as_str())
+                .collect();
+            let after = if others.is_empty() {
+                before.clone()
+            } else {
+                tracing::info!(url = %url, clusters = ?others, watch_s = WATCH.as_secs_f64(), "the blob location holds other clusters' leases; checking that none of them is running");
+                tokio::time::sleep(WATCH).await;
+                cp.leases().await.map_err(|e| listing_error(&url, e))?
+            };
+            let g = after_watch(&url, cluster, &before, &after)?;
+            took_over = !others.is_empty();
+            if took_over {
+                tracing::warn!(url = %url, clusters = ?others, generation = g, "taking over the blob location of clusters that are not running (disaster recovery)");
+            }
+            g
+        }
+    };
+    let mut lease = Lease {
+        cp: cp.clone(),
+        cluster: cluster.to_string(),
+        generation,
+        node,
+        seq: 0,
+        took_over,
+        last: Vec::new(),
+    };
+    lease.write().await.map_err(|e| {
+        format!("cannot write this cluster's lease on the blob location {url}: {e}")
+    })?;
+    lease.last = cp.leases().await.map_err(|e| listing_error(&url, e))?;
+    Ok(lease)
+}
+
+impl Lease {
+    /// The generation held.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// This start took the location over from other clusters (disaster recovery).
+    pub fn took_over(&self) -> bool {
+        self.took_over
+    }
+
+    async fn write(&mut self) -> Result<(), CheckpointError> {
+        self.seq += 1;
+        let body = serde_json::json!({
+            "cluster_id": self.cluster,
+            "generation": self.generation,
+            "node": self.node,
+            "seq": self.seq,
+            "renewed_ms": crate::shard::now_ms(),
+        });
+        self.cp
+            .put_lease(
+                &lease_path(self.generation, &self.cluster),
+                serde_json::to_vec(&body).unwrap_or_default().into(),
+            )
+            .await
+    }
+
+    /// Renews the lease every [`RENEW`] in the background; exits the process at once when a
+    /// cluster that took the location over is seen renewing its own.
+    pub fn spawn(mut self) {
+        tokio::spawn(async move {
+            let url = self.cp.url().to_string();
+            loop {
+                tokio::time::sleep(RENEW).await;
+                if let Err(e) = self.write().await {
+                    tracing::warn!(url = %url, error = %e, "cannot renew this cluster's lease on the blob location");
+                }
+                let now = match self.cp.leases().await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(url = %url, error = %e, "cannot list the blob location's cluster leases");
+                        continue;
+                    }
+                };
+                if let Some(why) = fenced(&url, &self.cluster, self.generation, &self.last, &now) {
+                    tracing::error!("{why}");
+                    eprintln!("statemesh: {why}");
+                    std::process::exit(3);
+                }
+                self.last = now;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(g: u64, c: &str, tag: &str) -> LeaseObj {
+        LeaseObj {
+            generation: g,
+            cluster: c.into(),
+            tag: tag.into(),
+        }
+    }
+
+    #[test]
+    fn paths_round_trip() {
+        let p = lease_path(3, "00ab");
+        assert_eq!(p, "leases/0000000003-00ab");
+        assert_eq!(parse_lease(&p, "t".into()), Some(l(3, "00ab", "t")));
+        assert_eq!(parse_lease("manifests/x", String::new()), None);
+        assert_eq!(parse_lease("leases/zz-a", String::new()), None);
+    }
+
+    #[test]
+    fn a_member_keeps_its_generation_unless_a_newer_cluster_took_over() {
+        assert_eq!(on_start("u", "a", &[]), Ok(None));
+        assert_eq!(on_start("u", "a", &[l(1, "b", "x")]), Ok(None));
+        assert_eq!(
+            on_start("u", "a", &[l(2, "a", "x"), l(1, "b", "y")]),
+            Ok(Some(2))
+        );
+        let e = on_start("u", "a", &[l(1, "a", "x"), l(2, "b", "y")]).unwrap_err();
+        assert!(e.contains("taken over by cluster b"), "{e}");
+    }
+
+    #[test]
+    fn a_new_cluster_takes_over_a_silent_location_and_is_refused_by_a_live_one() {
+        let before = [l(1, "a", "t1"), l(2, "b", "t2")];
+        assert_eq!(after_watch("u", "c", &before, &before), Ok(3));
+        assert_eq!(after_watch("u", "c", &[], &[]), Ok(1));
+        let after = [l(1, "a", "t1"), l(2, "b", "t3")];
+        let e = after_watch("u", "c", &before, &after).unwrap_err();
+        assert!(e.contains("in use by running cluster b"), "{e}");
+        // A lease appearing meanwhile is a cluster starting.
+        let e = after_watch("u", "c", &[], &[l(1, "d", "t")]).unwrap_err();
+        assert!(e.contains("running cluster d"), "{e}");
+    }
+
+    #[test]
+    fn only_a_live_newer_cluster_fences() {
+        let before = [l(1, "a", "t1"), l(2, "b", "t2")];
+        // b renews: a is fenced, b is not.
+        let after = [l(1, "a", "t9"), l(2, "b", "t3")];
+        assert!(fenced("u", "a", 1, &before, &after).is_some());
+        assert!(fenced("u", "b", 2, &before, &after).is_none());
+        // b silent (stopped): a keeps going.
+        let quiet = [l(1, "a", "t9"), l(2, "b", "t2")];
+        assert!(fenced("u", "a", 1, &before, &quiet).is_none());
+        // Two new clusters of one generation: the greater id wins.
+        let both0 = [l(1, "a", "1"), l(1, "b", "1")];
+        let both1 = [l(1, "a", "2"), l(1, "b", "2")];
+        assert!(fenced("u", "a", 1, &both0, &both1).is_some());
+        assert!(fenced("u", "b", 1, &both0, &both1).is_none());
+    }
+}
