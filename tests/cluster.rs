@@ -361,6 +361,54 @@ async fn five_nodes_have_five_voters_and_a_sixth_is_a_learner() {
     }
 }
 
+/// A join the leader applied but could not answer (it crashed first): the new node says so
+/// and keeps its start's incarnation, so that its next start on the same data directory
+/// finishes that join instead of making a second member.
+#[tokio::test]
+async fn a_join_applied_but_not_answered_is_finished_by_the_next_start() {
+    let _g = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let p1 = (free_port(), free_port());
+    let mut l1 = launch(root, 1, p1, None);
+    l1.env
+        .push(("FAILPOINTS".into(), "mesh-join-reply=return(abort)".into()));
+    let mut n1 = Node::start_launch(&root.join("n1"), &l1);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let n2_dir = root.join("n2");
+    let log = Node::launch(&n2_dir, &launch(root, 2, (0, 0), Some(&seed)))
+        .wait_listening()
+        .expect_err("the join is not answered");
+    assert!(
+        log.contains(
+            "the join may have been applied: start this node again on the same data directory"
+        ),
+        "{log}"
+    );
+    assert!(n2_dir.join("joining").exists() && n2_dir.join("node-id").exists());
+    eventually("the leader's abort", Duration::from_secs(10), || {
+        let s = n1.exited();
+        async move { s }
+    })
+    .await;
+    let n1 = restart(root, 1, p1, None);
+    let n2 = Node::start_launch(&n2_dir, &launch(root, 2, (0, 0), Some(&seed)));
+    assert!(!n2_dir.join("joining").exists());
+    converged(&[&n1, &n2], 2, 1).await;
+    let v = view(&n1).await.unwrap();
+    let ids: Vec<u64> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2], "{v}");
+    assert_eq!(add(&n2.client().await, "after-join", 2).await, 2);
+    for n in [n1, n2] {
+        n.stop();
+    }
+}
+
 #[tokio::test]
 async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
     let _g = SERIAL.lock().await;

@@ -157,12 +157,14 @@ pub(crate) async fn open(
     // start with the same incarnation (kept in `joining` until the join succeeds).
     let joining = data_dir.join("joining");
     let mut incarnation = random_u64().max(1);
+    let mut finishing = false;
     if saved.is_none() && !join.is_empty() {
         if let Some(i) = std::fs::read_to_string(&joining)
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
         {
             incarnation = i;
+            finishing = true;
         }
         std::fs::write(&joining, format!("{incarnation}\n"))
             .map_err(|e| format!("{}: {e}", joining.display()))?;
@@ -212,6 +214,11 @@ pub(crate) async fn open(
             // Kept before anything else: a restart rejoins as this member of this cluster.
             storage.save_state(&s)?;
             let _ = std::fs::remove_file(&joining);
+            if finishing {
+                // The join applied was an earlier start's, with that start's addresses: this
+                // start proposes its own Join (as a restarting member does) to record its own.
+                incarnation = random_u64().max(1);
+            }
             tracing::info!(cluster = %s.cluster_id, node = id, via = %join.join(","), "joined the cluster");
             s
         }
@@ -315,6 +322,7 @@ pub(crate) fn start(
             cluster_id,
             links: HashMap::new(),
             learned: HashMap::new(),
+            seen_incarnations: HashMap::new(),
             inbox,
             pending_joins: HashMap::new(),
             conf_proposed: None,
@@ -392,9 +400,12 @@ struct Driver {
     cluster_id: Arc<str>,
     /// The stream to each peer.
     links: HashMap<NodeId, Link>,
-    /// Addresses of nodes not (yet) in the applied members: joiners, and peers whose
-    /// streams name them.
+    /// Addresses given by nodes' current processes (their streams, their join calls), used
+    /// before the applied members' until the node's next Join applies: joiners, and members
+    /// restarted at another address.
     learned: HashMap<NodeId, String>,
+    /// Each member's incarnation as last seen applied.
+    seen_incarnations: HashMap<NodeId, u64>,
     /// For the links to report failures.
     inbox: mpsc::Sender<ControlInput>,
     /// Join calls waiting for their entry (id → incarnation, reply).
@@ -483,12 +494,20 @@ impl Driver {
             return;
         }
         match state.members.get(&id) {
-            // A restarting member: it proposes its own Join.
+            // A restarting member: it proposes its own Join. Until that applies, its current
+            // address is the one it gives here.
             Some(_) if !req.cluster_id.is_empty() => {
+                if !req.grpc_addr.is_empty() {
+                    self.learned.insert(id, req.grpc_addr.clone());
+                }
                 let _ = reply.send(Ok(accepted));
             }
-            // A retry of the same join (its reply was lost).
+            // A retry of the same join (its reply was lost), possibly from a later start at
+            // another address: the cluster's state reaches it there.
             Some(m) if m.incarnation == req.incarnation => {
+                if !req.grpc_addr.is_empty() {
+                    self.learned.insert(id, req.grpc_addr.clone());
+                }
                 let _ = reply.send(Ok(accepted));
             }
             Some(m) => {
@@ -599,6 +618,14 @@ impl Driver {
             .members
             .get(&me)
             .is_some_and(|m| m.incarnation == self.incarnation);
+        // An applied Join records a member's current address: forget what was learned before.
+        for (id, m) in &state.members {
+            if let Some(seen) = self.seen_incarnations.insert(*id, m.incarnation) {
+                if seen != m.incarnation {
+                    self.learned.remove(id);
+                }
+            }
+        }
         if !self.pending_joins.is_empty() {
             let done: Vec<NodeId> = self
                 .pending_joins
@@ -610,6 +637,11 @@ impl Driver {
                 .collect();
             for id in done {
                 if let Some((_, reply)) = self.pending_joins.remove(&id) {
+                    if let Err(e) = crate::failpoint::eval("mesh-join-reply") {
+                        // The join is applied but the joiner is not told.
+                        tracing::warn!(node = id, "{e}");
+                        continue;
+                    }
                     let _ = reply.send(Ok(mpb::JoinReply {
                         accepted: true,
                         cluster_id: self.cluster_id.to_string(),
@@ -629,13 +661,15 @@ impl Driver {
     }
 
     fn send(&mut self, to: NodeId, bytes: Vec<u8>) {
-        let addr = self
-            .node
-            .state()
-            .members
-            .get(&to)
-            .map(|m| m.grpc_addr.clone())
-            .or_else(|| self.learned.get(&to).cloned());
+        // What the peer's current process said (its stream, its join) is newer than its last
+        // applied Join, until the next one applies.
+        let addr = self.learned.get(&to).cloned().or_else(|| {
+            self.node
+                .state()
+                .members
+                .get(&to)
+                .map(|m| m.grpc_addr.clone())
+        });
         let Some(addr) = addr else {
             self.node.report_unreachable(to);
             return;

@@ -23,8 +23,9 @@
 //! | `checkpoint-sled-apply` | before committed epochs are written to sled (`return`: the write fails; it is retried) |
 //! | `checkpoint-sled-marker` | after committed epochs are written to sled, before sled records them as applied |
 //! | `checkpoint-recovery` | during recovery, after part of the local state is rebuilt |
+//! | `mesh-join-reply` | on the leader, after a new member's join is applied, before it is answered |
 
-/// Every fault point, for documentation and the tests.
+/// Every fault point of checkpoints, for documentation and the crash tests.
 pub const POINTS: &[&str] = &[
     "checkpoint-object-put",
     "checkpoint-manifest-put",
@@ -35,6 +36,9 @@ pub const POINTS: &[&str] = &[
     "checkpoint-sled-marker",
     "checkpoint-recovery",
 ];
+
+/// The fault points of the cluster layer (reached only with more than one node).
+pub const MESH_POINTS: &[&str] = &["mesh-join-reply"];
 
 /// Evaluates the fault point `name`: `Err` when it is configured to fail the step (the
 /// message names the point); never returns when configured to abort.
@@ -79,10 +83,11 @@ pub fn configure(spec: &str) -> Result<(), String> {
             .split_once('=')
             .ok_or_else(|| format!("FAILPOINTS: expected name=actions, found {part:?}"))?;
         let name = name.trim();
-        if !POINTS.contains(&name) {
+        if !POINTS.contains(&name) && !MESH_POINTS.contains(&name) {
             return Err(format!(
-                "FAILPOINTS: unknown fault point {name:?} (known: {})",
-                POINTS.join(", ")
+                "FAILPOINTS: unknown fault point {name:?} (known: {}, {})",
+                POINTS.join(", "),
+                MESH_POINTS.join(", ")
             ));
         }
         fail::cfg(name, actions.trim())

@@ -87,7 +87,7 @@ impl Node {
             let mut n = Node::launch(data_dir, l);
             match n.wait_listening() {
                 Ok(()) => return n,
-                Err(log) if log.contains("in use") && Instant::now() < deadline => {
+                Err(log) if log.contains("Address already in use") && Instant::now() < deadline => {
                     eprintln!("a port was in use; starting the node again");
                     std::thread::sleep(Duration::from_millis(200));
                 }
