@@ -9,13 +9,16 @@
 //! **The cut** is Chandy–Lamport over the FIFO node-pair streams. A node cuts epoch `e` when
 //! the leader's barrier of `e` or the first peer marker of `e` reaches it, whichever comes
 //! first (a node that waited for the barrier could process, inside its `e`, a message a peer
-//! sent after cutting `e`: an orphan that recovery to `e` would apply twice). Right after its
-//! local cut it sends a marker of `e` to every peer, behind everything it sent before. A
-//! message from peer `p` that arrives after this node's cut of `e` but before `p`'s marker of
-//! `e` was sent before `p`'s cut and received after this node's: it is in flight across `e`
-//! and is logged into this node's part of `e` (replayed on recovery to `e`). The part of `e` is
-//! complete once the local shards have cut `e` and a marker of `e` came from every peer that
-//! takes part in `e`.
+//! sent after cutting `e`: an orphan that recovery to `e` would apply twice). Its shards pass
+//! their cuts one after another; once all have, it sends a marker of `e` to every peer, behind
+//! everything they sent before their cuts, and messages shards sent after their cut wait for
+//! it ([`Outbox`]). (Sending the marker at the node's cut, before the shards had cut, loses
+//! messages: a shard still in `e` sends behind the marker, and the peer takes the message for
+//! one of `e + 1`. `tests/epoch_sim.rs` finds that schedule at once.) A message from peer `p`
+//! that arrives after this node's cut of `e` but before `p`'s marker of `e` was sent before
+//! `p`'s cut and received after this node's: it is in flight across `e` and is logged into
+//! this node's part of `e` (replayed on recovery to `e`). The part of `e` is complete once the
+//! local shards have cut `e` and a marker of `e` came from every peer that takes part in `e`.
 //!
 //! **The commit**: parts are written to blob storage by their nodes; once every participant's
 //! part of the next epoch is written, the leader writes the manifest (create-only) naming them
@@ -72,7 +75,9 @@ pub enum CutInput {
 pub enum CutAction {
     /// Cut `epoch` on the local shards (each reports when done: [`CutInput::ShardsCut`]).
     CutShards(Epoch),
-    /// Send the marker of `epoch` to these peers, behind everything already sent to them.
+    /// Send the marker of `epoch` to these peers, behind everything already sent to them, then
+    /// what their [`Outbox`] releases; the streams to other peers pass `epoch` without a marker
+    /// (`to` may be empty).
     SendMarkers {
         /// The epoch.
         epoch: Epoch,
@@ -163,6 +168,21 @@ impl NodeCut {
             CutInput::ShardsCut { epoch } => {
                 if let Some(o) = self.open.get_mut(&epoch) {
                     o.shards_cut = true;
+                    // Every message the shards sent before their cuts is on the streams now:
+                    // the markers go behind them (and the held later ones behind the markers:
+                    // see [`Outbox`]).
+                    // Also with no peer in `epoch`: every stream passes it ([`Outbox::marker`]).
+                    let to: Vec<NodeId> = o
+                        .members
+                        .iter()
+                        .copied()
+                        .filter(|p| *p != self.me)
+                        .collect();
+                    out.push(CutAction::SendMarkers {
+                        epoch,
+                        to,
+                        members: o.members.clone(),
+                    });
                 }
             }
             CutInput::Abandoned { committed, started } => {
@@ -203,15 +223,80 @@ impl NodeCut {
                 },
             );
             out.push(CutAction::CutShards(e));
-            let to: Vec<NodeId> = members.iter().copied().filter(|p| *p != self.me).collect();
-            if !to.is_empty() {
-                out.push(CutAction::SendMarkers {
-                    epoch: e,
-                    to,
-                    members: members.clone(),
-                });
+        }
+    }
+}
+
+/// This node's stream to one peer, as the cut sees it: application messages tagged with the
+/// epoch their sending shard was in (its last cut + 1), and this node's markers.
+///
+/// A node's shards pass their cut of an epoch one after another, so around a cut the node
+/// sends in two epochs at once. The marker of `e` goes out once every shard has cut `e`
+/// ([`CutAction::SendMarkers`] follows [`CutInput::ShardsCut`]), behind every message sent in
+/// `e` or before; a message sent in `e + 1` by a shard that cut early is held until then, so
+/// that no message of a later epoch reaches a peer ahead of the marker that closes the earlier
+/// one (the peer would take it for a message of the earlier epoch: an orphan, applied twice
+/// after a rollback). Messages of one shard keep their order (tags never decrease per shard);
+/// a message may overtake held messages of another shard.
+#[derive(Debug, Clone)]
+pub struct Outbox<T> {
+    /// The last epoch whose marker went out.
+    marked: Epoch,
+    held: std::collections::VecDeque<(Epoch, T)>,
+}
+
+impl<T> Outbox<T> {
+    /// A stream whose markers up to `marked` are sent (the node's last cut at start, or after
+    /// a rollback).
+    pub fn new(marked: Epoch) -> Self {
+        Outbox {
+            marked,
+            held: Default::default(),
+        }
+    }
+
+    /// A message sent in epoch `tag`: returned to be sent now, or held (`None`) until the
+    /// marker of `tag - 1` is sent.
+    pub fn push(&mut self, tag: Epoch, msg: T) -> Option<T> {
+        if tag <= self.marked + 1 {
+            Some(msg)
+        } else {
+            self.held.push_back((tag, msg));
+            None
+        }
+    }
+
+    /// The marker of `epoch` is sent now (or, to a peer outside `epoch`, the epoch passes
+    /// without one): the held messages that may follow it, in order.
+    pub fn marker(&mut self, epoch: Epoch) -> Vec<T> {
+        self.marked = self.marked.max(epoch);
+        // By epoch, not first-in-first-out: a message of `epoch + 1` held behind one of
+        // `epoch + 2` (another shard's) goes now. Per shard the order holds (its tags never
+        // decrease).
+        let limit = self.marked + 1;
+        let mut out = Vec::new();
+        let mut keep = std::collections::VecDeque::with_capacity(self.held.len());
+        for (t, m) in self.held.drain(..) {
+            if t <= limit {
+                out.push(m);
+            } else {
+                keep.push_back((t, m));
             }
         }
+        self.held = keep;
+        out
+    }
+
+    /// Messages held.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// A rollback: held messages belong to abandoned epochs and are dropped; markers count from
+    /// `cut` (the node's cut after the rollback).
+    pub fn reset(&mut self, cut: Epoch) {
+        self.held.clear();
+        self.marked = cut;
     }
 }
 
@@ -496,8 +581,7 @@ mod tests {
             epoch: 1,
             members: members.clone(),
         });
-        assert_eq!(a[0], CutAction::CutShards(1));
-        assert!(matches!(&a[1], CutAction::SendMarkers { epoch: 1, to, .. } if to == &vec![1, 3]));
+        assert_eq!(a, vec![CutAction::CutShards(1)]);
         // A message from 3 (no marker yet) is in flight for epoch 1; one from 1 is not.
         assert_eq!(n.in_flight(3), vec![1]);
         assert!(n.in_flight(1).is_empty());
@@ -508,7 +592,11 @@ mod tests {
                 members: members.clone()
             })
             .is_empty());
-        assert!(n.handle(CutInput::ShardsCut { epoch: 1 }).is_empty());
+        // Its markers go out once its shards have cut.
+        let a = n.handle(CutInput::ShardsCut { epoch: 1 });
+        assert!(
+            matches!(&a[..], [CutAction::SendMarkers { epoch: 1, to, .. }] if to == &vec![1, 3])
+        );
         let a = n.handle(CutInput::Marker {
             from: 3,
             epoch: 1,
@@ -516,6 +604,30 @@ mod tests {
         });
         assert_eq!(a, vec![CutAction::WritePart(1)]);
         assert!(n.in_flight(3).is_empty());
+    }
+
+    #[test]
+    fn an_outbox_holds_messages_of_a_later_epoch_until_the_marker() {
+        let mut o = Outbox::new(0);
+        // Shard A is still in epoch 1; shard B has cut 1 (and 2) and sends in 2 and 3.
+        assert_eq!(o.push(1, "a1"), Some("a1"));
+        assert_eq!(o.push(2, "b2"), None);
+        assert_eq!(o.push(3, "b3"), None);
+        // A's messages of epoch 1 overtake B's held ones.
+        assert_eq!(o.push(1, "a1'"), Some("a1'"));
+        assert_eq!(o.held(), 2);
+        assert_eq!(o.marker(1), vec!["b2"]);
+        assert_eq!(o.marker(2), vec!["b3"]);
+        assert_eq!(o.push(3, "x"), Some("x"));
+        // Released by epoch: B's 5 does not hold back A's 4.
+        assert_eq!(o.push(5, "b5"), None);
+        assert_eq!(o.push(4, "a4"), None);
+        assert_eq!(o.marker(3), vec!["a4"]);
+        assert_eq!(o.marker(4), vec!["b5"]);
+        assert_eq!(o.push(6, "y"), None);
+        o.reset(4);
+        assert_eq!(o.held(), 0);
+        assert_eq!(o.push(5, "z"), Some("z"));
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Cluster-wide epochs under a deterministic, seeded simulation: 3 to 5 nodes exchange
-//! application messages on FIFO node-pair streams with random delays, the leader's barriers
-//! arrive late or early relative to peer markers, shards take random time to cut, part and
+//! Cluster-wide epochs under a deterministic, seeded simulation: 3 to 5 nodes of 3 shards each
+//! exchange application messages on FIFO node-pair streams with random delays (each message
+//! sent by a shard in the epoch that shard is in, through the node's [`Outbox`] to the peer),
+//! the leader's barriers arrive late or early relative to peer markers, shards pass their cuts
+//! one after another at random times, part and
 //! manifest writes complete in random order and fail now and then, and nodes die and come back
 //! (the leader abandons the open epochs they took part in; everybody rolls back).
 //!
@@ -19,12 +21,17 @@
 //!
 //! The leader does not change here (its change is the control group's, simulated in
 //! `control_sim.rs`). `SIM_SEED=<n>` runs one schedule; `SIM_SEEDS=<n>` sets how many
-//! (default 2000). The failing seed is printed.
+//! (default 2000); `SIM_TRACE=1` prints its events. The failing seed is printed.
+//!
+//! Without the outbox's hold (a shard that cut early sends ahead of its node's marker) seed 1
+//! fails at once: a message of epoch 12 is logged in flight for 11 (applied twice after a
+//! rollback to 11); with the markers sent at the node's cut instead of after its shards'
+//! cuts, seed 1 loses a message.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use statemesh_mesh::epoch::{
-    ClusterCoordinator, CoordAction, CoordInput, CutAction, CutInput, Epoch, NodeCut,
+    ClusterCoordinator, CoordAction, CoordInput, CutAction, CutInput, Epoch, NodeCut, Outbox,
 };
 use statemesh_mesh::placement::NodeId;
 use statemesh_mesh::sim::Rng;
@@ -35,11 +42,19 @@ enum Packet {
     Marker(Epoch, BTreeSet<NodeId>),
 }
 
+/// Shards per node: each passes its cut of an epoch at its own time, and sends messages in
+/// the epoch it is in (so a node's shards send in two epochs around a cut).
+const SHARDS: usize = 3;
+
 struct Node {
     cut: NodeCut,
     alive: bool,
-    /// Epochs whose shards have not finished cutting, in order.
+    /// Epochs whose shards have not all passed their cut, in order.
     cutting: VecDeque<Epoch>,
+    /// The last epoch each shard has cut.
+    shards: Vec<Epoch>,
+    /// The stream to each peer, as the cut sees it.
+    outbox: BTreeMap<NodeId, Outbox<u64>>,
     /// Parts ready to be written.
     writing: Vec<Epoch>,
     /// Messages logged in flight, per epoch.
@@ -61,9 +76,9 @@ struct Sim {
     nodes: BTreeMap<NodeId, Node>,
     coord: ClusterCoordinator,
     now: u64,
-    net: HashMap<(NodeId, NodeId), VecDeque<Packet>>,
-    barriers: HashMap<NodeId, VecDeque<(Epoch, BTreeSet<NodeId>)>>,
-    msgs: HashMap<u64, Msg>,
+    net: BTreeMap<(NodeId, NodeId), VecDeque<Packet>>,
+    barriers: BTreeMap<NodeId, VecDeque<(Epoch, BTreeSet<NodeId>)>>,
+    msgs: BTreeMap<u64, Msg>,
     next_msg: u64,
     /// Participants of each started epoch.
     members_of: BTreeMap<Epoch, BTreeSet<NodeId>>,
@@ -84,6 +99,8 @@ struct Stats {
     markers_before_barrier: u64,
     abandons: u64,
     commits: u64,
+    /// Messages of a later epoch held behind a marker not sent yet.
+    held: u64,
 }
 
 impl Sim {
@@ -96,6 +113,11 @@ impl Sim {
                     cut: NodeCut::new(id, 0),
                     alive: true,
                     cutting: VecDeque::new(),
+                    shards: vec![0; SHARDS],
+                    outbox: (1..=n)
+                        .filter(|p| *p != id)
+                        .map(|p| (p, Outbox::new(0)))
+                        .collect(),
                     writing: Vec::new(),
                     in_flight: BTreeMap::new(),
                 },
@@ -108,9 +130,9 @@ impl Sim {
             nodes,
             coord,
             now: 0,
-            net: HashMap::new(),
-            barriers: HashMap::new(),
-            msgs: HashMap::new(),
+            net: BTreeMap::new(),
+            barriers: BTreeMap::new(),
+            msgs: BTreeMap::new(),
             next_msg: 0,
             members_of: BTreeMap::new(),
             manifest: None,
@@ -154,17 +176,32 @@ impl Sim {
     }
 
     fn node(&mut self, id: NodeId, input: CutInput) {
+        if std::env::var("SIM_TRACE").is_ok() {
+            eprintln!("node {id} <- {input:?} (cut {})", self.nodes[&id].cut.cut());
+        }
         let actions = self.nodes.get_mut(&id).unwrap().cut.handle(input);
         for a in actions {
             match a {
                 CutAction::CutShards(e) => self.nodes.get_mut(&id).unwrap().cutting.push_back(e),
                 CutAction::SendMarkers { epoch, to, members } => {
-                    for p in to {
+                    // Every stream passes the epoch (one to a node outside it carries no
+                    // marker, but must not hold its later messages for ever).
+                    let peers: Vec<NodeId> = self.nodes[&id].outbox.keys().copied().collect();
+                    for p in peers {
+                        let released = self
+                            .nodes
+                            .get_mut(&id)
+                            .unwrap()
+                            .outbox
+                            .get_mut(&p)
+                            .unwrap()
+                            .marker(epoch);
                         if self.nodes[&p].alive {
-                            self.net
-                                .entry((id, p))
-                                .or_default()
-                                .push_back(Packet::Marker(epoch, members.clone()));
+                            let q = self.net.entry((id, p)).or_default();
+                            if to.contains(&p) {
+                                q.push_back(Packet::Marker(epoch, members.clone()));
+                            }
+                            q.extend(released.into_iter().map(Packet::App));
                         }
                     }
                 }
@@ -187,6 +224,11 @@ impl Sim {
             n.writing.clear();
             n.in_flight.retain(|e, _| *e <= committed);
             n.cut.handle(CutInput::Abandoned { committed, started });
+            n.shards = vec![n.cut.cut(); SHARDS];
+            let cut = n.cut.cut();
+            for o in n.outbox.values_mut() {
+                o.reset(cut);
+            }
         }
     }
 
@@ -263,6 +305,9 @@ impl Sim {
                 match p {
                     Packet::App(id) => {
                         let flight = self.nodes[&to].cut.in_flight(from);
+                        if std::env::var("SIM_TRACE").is_ok() {
+                            eprintln!("msg {id} {from}->{to} sent {} arrives at cut {} in flight {flight:?}", self.msgs[&id].sent, self.nodes[&to].cut.cut());
+                        }
                         let n = self.nodes.get_mut(&to).unwrap();
                         for e in flight {
                             n.in_flight.entry(e).or_default().insert(id);
@@ -315,7 +360,9 @@ impl Sim {
                 }
                 let id = self.next_msg;
                 self.next_msg += 1;
-                let sent = self.nodes[&from].cut.cut() + 1;
+                // Sent by a shard, in the epoch that shard is in.
+                let shard = self.rng.below(SHARDS as u64) as usize;
+                let sent = self.nodes[&from].shards[shard] + 1;
                 self.msgs.insert(
                     id,
                     Msg {
@@ -325,14 +372,44 @@ impl Sim {
                         recv: None,
                     },
                 );
-                self.net
-                    .entry((from, to))
-                    .or_default()
-                    .push_back(Packet::App(id));
+                let now = self
+                    .nodes
+                    .get_mut(&from)
+                    .unwrap()
+                    .outbox
+                    .get_mut(&to)
+                    .unwrap()
+                    .push(sent, id);
+                if std::env::var("SIM_TRACE").is_ok() {
+                    eprintln!("msg {id} {from}->{to} sent {sent} by shard {shard} (shards {:?}, cut {}) now {}", self.nodes[&from].shards, self.nodes[&from].cut.cut(), now.is_some());
+                }
+                if let Some(id) = now {
+                    self.net
+                        .entry((from, to))
+                        .or_default()
+                        .push_back(Packet::App(id));
+                } else {
+                    self.stats.held += 1;
+                }
             }
             65..=74 => {
+                // A shard of a node passes its next cut; once all have passed an epoch's,
+                // the node's shards have cut it.
                 let id = alive[self.rng.below(alive.len() as u64) as usize];
-                if let Some(e) = self.nodes.get_mut(&id).unwrap().cutting.pop_front() {
+                let n = self.nodes.get_mut(&id).unwrap();
+                let behind: Vec<usize> =
+                    (0..SHARDS).filter(|&s| n.shards[s] < n.cut.cut()).collect();
+                if behind.is_empty() {
+                    return;
+                }
+                let s = behind[self.rng.below(behind.len() as u64) as usize];
+                n.shards[s] += 1;
+                let low = n.shards.iter().copied().min().unwrap_or(0);
+                let mut done = Vec::new();
+                while n.cutting.front().is_some_and(|e| *e <= low) {
+                    done.push(n.cutting.pop_front().unwrap());
+                }
+                for e in done {
                     self.node(id, CutInput::ShardsCut { epoch: e });
                 }
             }
@@ -391,6 +468,10 @@ impl Sim {
                     n.cut = NodeCut::new(id, started);
                     n.cutting.clear();
                     n.writing.clear();
+                    n.shards = vec![started; SHARDS];
+                    for o in n.outbox.values_mut() {
+                        o.reset(started);
+                    }
                     let live = self.live().into_iter().collect();
                     self.coord(CoordInput::Members(live));
                 }
@@ -412,6 +493,10 @@ fn run(seed: u64, n: u64) -> Stats {
             let node = sim.nodes.get_mut(&id).unwrap();
             node.alive = true;
             node.cut = NodeCut::new(id, started);
+            node.shards = vec![started; SHARDS];
+            for o in node.outbox.values_mut() {
+                o.reset(started);
+            }
         }
     }
     let all: BTreeSet<NodeId> = sim.nodes.keys().copied().collect();
@@ -457,6 +542,7 @@ fn cluster_epochs_under_seeded_schedules() {
                 total.markers_before_barrier += s.markers_before_barrier;
                 total.abandons += s.abandons;
                 total.commits += s.commits;
+                total.held += s.held;
             }
             Err(e) => {
                 eprintln!("epoch simulation failed: SIM_SEED={seed} ({n} nodes)");
@@ -472,7 +558,8 @@ fn cluster_epochs_under_seeded_schedules() {
                 && total.in_flight_logged > 0
                 && total.markers_before_barrier > 0
                 && total.abandons > 0
-                && total.commits > 0,
+                && total.commits > 0
+                && total.held > 0,
             "the schedules did not exercise every path: {total:?}"
         );
     }
