@@ -234,8 +234,9 @@ const ALL_POINTS: &[&str] = statemesh_node::failpoint::POINTS;
 
 const CONFIG: &str = "shards = 2\n";
 
-/// Errors and delays at the durable steps (fault point actions other than abort).
-const NOISE: &str = "checkpoint-object-put=20%return(timeout);checkpoint-manifest-put=20%return(connection reset);checkpoint-after-commit=10%return;checkpoint-full-snapshot-put=30%return;checkpoint-gc-delete=20%return(503);checkpoint-sled-apply=10%return(no space left on device);checkpoint-sled-marker=30%sleep(30)";
+/// Errors and delays at the durable steps (fault point actions other than abort), and
+/// in-place rollbacks to the last committed epoch.
+const NOISE: &str = "checkpoint-object-put=20%return(timeout);checkpoint-manifest-put=20%return(connection reset);checkpoint-after-commit=10%return;checkpoint-full-snapshot-put=30%return;checkpoint-gc-delete=20%return(503);checkpoint-sled-apply=10%return(no space left on device);checkpoint-sled-marker=30%sleep(30);checkpoint-rollback=10%return";
 
 /// Full snapshots and garbage collection every few epochs, two epochs retained.
 const SMALL: &str = "shards = 2\n[checkpoint]\nretain = 2\ngc_every = 2\ngc_min_interval_ms = 0\nfull_snapshot_min_bytes = 1\nfull_snapshot_max_epochs = 4\napply_interval_ms = 200\n";
@@ -252,6 +253,8 @@ struct KillStats {
     dedup: f64,
     recovered_pending: u64,
     recoveries: BTreeMap<String, usize>,
+    /// In-place rollbacks to the last committed epoch (`checkpoint-rollback` in the noise).
+    rollbacks: usize,
 }
 
 async fn metric(http_url: &str, name: &str) -> Option<f64> {
@@ -358,7 +361,12 @@ async fn run(seed: u64, v: Variant) {
     }
     let kill_rng = Mutex::new(Rng(seed ^ 0x9E37_79B9_7F4A_7C15));
 
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
+    // CRASH_KEEP=1 keeps the data directory and the node's log for a look after a failure.
+    if std::env::var_os("CRASH_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        println!("seed {seed}: keeping {}", dir.path().display());
+    }
     let data = dir.path().join("n");
     let (grpc_port, http_port) = (free_port(), free_port());
     let launch = Launch {
@@ -628,6 +636,7 @@ async fn run(seed: u64, v: Variant) {
                 let mut s = stats.lock();
                 s.kills += 1;
                 s.dedup += dedup;
+                s.rollbacks += log.matches("rolled back to epoch").count();
                 if let Some((p, _)) = fault {
                     tries += 1;
                     if log.contains(&format!("failpoint {p}: abort")) {
@@ -912,6 +921,12 @@ async fn verify(
     assert!(
         v.cluster || stats.recovered_pending > 0,
         "seed {seed}: no recovery replayed a pending message"
+    );
+    // Noise (on some incarnations of the variants with fault points) rolls nodes back in
+    // place to their last committed epoch now and then.
+    assert!(
+        v.points.is_empty() || v.cluster || stats.rollbacks > 0,
+        "seed {seed}: no incarnation rolled back: {stats:?}"
     );
     for p in v.points {
         assert!(

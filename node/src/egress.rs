@@ -71,6 +71,14 @@ impl Egress {
         std::mem::take(&mut *self.consumed.lock())
     }
 
+    /// Gives back consumed records' keys taken for an epoch that was abandoned (rollback):
+    /// the next epoch deletes them.
+    pub(crate) fn return_consumed(&self, mut keys: Vec<Vec<u8>>) {
+        if !keys.is_empty() {
+            self.consumed.lock().append(&mut keys);
+        }
+    }
+
     fn consumed(&self, key: Option<Vec<u8>>) {
         if let Some(k) = key {
             self.consumed.lock().push(k);

@@ -23,6 +23,7 @@
 //! | `checkpoint-sled-apply` | before committed epochs are written to sled (`return`: the write fails; it is retried) |
 //! | `checkpoint-sled-marker` | after committed epochs are written to sled, before sled records them as applied |
 //! | `checkpoint-recovery` | during recovery, after part of the local state is rebuilt |
+//! | `checkpoint-rollback` | after an epoch object's put, before its manifest (`return`: the node abandons the epochs after the last committed one and rolls back to it, as it will when a cluster epoch is abandoned) |
 //! | `mesh-join-reply` | on the leader, after a new member's join is applied, before it is answered |
 
 /// Every fault point of checkpoints, for documentation and the crash tests.
@@ -35,6 +36,7 @@ pub const POINTS: &[&str] = &[
     "checkpoint-sled-apply",
     "checkpoint-sled-marker",
     "checkpoint-recovery",
+    "checkpoint-rollback",
 ];
 
 /// The fault points of the cluster layer (reached only with more than one node).

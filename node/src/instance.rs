@@ -33,6 +33,9 @@ pub(crate) struct Instance {
     address: Address,
     entry: Arc<FunctionEntry>,
     slot: usize,
+    /// The shard's generation when it started this instance (its results are dropped after a
+    /// rollback).
+    generation: u64,
     shard: Addr<Shard>,
     hist: Rc<LocalHistogram>,
     undo: Vec<Undo>,
@@ -43,6 +46,7 @@ impl Instance {
         address: Address,
         entry: Arc<FunctionEntry>,
         slot: usize,
+        generation: u64,
         shard: Addr<Shard>,
         hist: Rc<LocalHistogram>,
     ) -> Self {
@@ -50,6 +54,7 @@ impl Instance {
             address,
             entry,
             slot,
+            generation,
             shard,
             hist,
             undo: Vec::new(),
@@ -99,7 +104,7 @@ impl Handler<Invoke> for Instance {
             now_ms,
         } = msg;
         refresh_ttl(&mut state, now_ms);
-        let slot = self.slot;
+        let (slot, generation) = (self.slot, self.generation);
         match &self.entry.kind {
             FunctionKind::Embedded(function) => {
                 let mut effects = Effects::default();
@@ -132,6 +137,7 @@ impl Handler<Invoke> for Instance {
                 }
                 self.shard.do_send(InvokeDone {
                     slot,
+                    generation,
                     batch,
                     processed,
                     state,
@@ -156,6 +162,7 @@ impl Handler<Invoke> for Instance {
                     hist.observe(start.elapsed().as_secs_f64());
                     let mut done = InvokeDone {
                         slot,
+                        generation,
                         processed: 0,
                         batch,
                         state,

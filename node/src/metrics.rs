@@ -63,6 +63,8 @@ pub struct Metrics {
     pub checkpoint_commit_lag_ms: IntGauge,
     /// Failed epoch writes and commits (each retried).
     pub checkpoint_failures: IntCounter,
+    /// Rollbacks to the last committed epoch.
+    pub checkpoint_rollbacks: IntCounter,
     rss: IntGauge,
     peak_rss: IntGauge,
 }
@@ -203,6 +205,11 @@ impl Metrics {
                 &r,
                 "statemesh_checkpoint_failures_total",
                 "Failed epoch writes and commits (each retried)",
+            ),
+            checkpoint_rollbacks: counter(
+                &r,
+                "statemesh_checkpoint_rollbacks_total",
+                "Rollbacks to the last committed epoch (the epochs after it abandoned)",
             ),
             remote_batch_size,
             remote_failed_attempts: counter(

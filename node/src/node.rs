@@ -451,7 +451,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     });
     let mesh2 = mesh.clone();
     let committed = recovered.committed;
-    let replay = recovered.pending;
+    let replay = recovered.pending.clone();
     let actix_thread = std::thread::Builder::new()
         .name("statemesh-actix".into())
         .spawn(move || {
@@ -525,6 +525,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         recovered.committed,
         recovered.last_manifest,
         recovered.force_full,
+        recovered.pending,
         events_tx.clone(),
         events_rx,
         status.clone(),
@@ -571,7 +572,10 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
 }
 
 /// Queues a recovered epoch's pending messages at their shards, in order.
-fn replay_pending(router: &Router, pending: Vec<(u32, crate::checkpoint::format::PendingMessage)>) {
+pub(crate) fn replay_pending(
+    router: &Router,
+    pending: Vec<(u32, crate::checkpoint::format::PendingMessage)>,
+) {
     if pending.is_empty() {
         return;
     }
@@ -606,7 +610,7 @@ fn replay_pending(router: &Router, pending: Vec<(u32, crate::checkpoint::format:
     }
     for (s, batch) in per_shard.into_iter().enumerate() {
         if !batch.is_empty() {
-            router.deliver_internal(s, None, batch);
+            router.deliver_internal(s, None, 0, batch);
         }
     }
     tracing::info!(

@@ -94,6 +94,11 @@ struct Inner {
     placement: Arc<Placement>,
     /// A shard must passivate but waits for sled: apply committed epochs now.
     apply_wanted: AtomicBool,
+    /// Why ingress is refused while the node rolls back (`None`: it is not).
+    rolling_back: parking_lot::RwLock<Option<String>>,
+    rolling_back_on: AtomicBool,
+    /// The shards' generation (bumped by each rollback).
+    generation: AtomicU64,
 }
 
 /// Routes messages to shards. Cheap to clone.
@@ -147,6 +152,9 @@ impl Router {
                 backpressure_on: AtomicBool::new(false),
                 applied: AtomicU64::new(0),
                 apply_wanted: AtomicBool::new(false),
+                rolling_back: Default::default(),
+                rolling_back_on: AtomicBool::new(false),
+                generation: AtomicU64::new(0),
                 placement,
             }),
         }
@@ -271,8 +279,12 @@ impl Router {
 
     /// Sends shard `from`'s marker of epoch `e` to shard `to` (after everything `from` sent
     /// it before its cut: the same mailbox keeps the order).
-    pub(crate) fn marker(&self, to: usize, from: usize, epoch: u64) {
-        self.shards()[to].do_send(Marker { from, epoch });
+    pub(crate) fn marker(&self, to: usize, from: usize, generation: u64, epoch: u64) {
+        self.shards()[to].do_send(Marker {
+            from,
+            epoch,
+            generation,
+        });
     }
 
     /// Stops accepting ingress (shutdown).
@@ -307,6 +319,11 @@ impl Router {
                 ServiceError::Unavailable("the node is shutting down".into()),
                 "shutdown",
             ));
+        }
+        if self.inner.rolling_back_on.load(Ordering::Relaxed) {
+            if let Some(why) = self.inner.rolling_back.read().clone() {
+                return Err(self.reject(ServiceError::Unavailable(why), "rolling_back"));
+            }
         }
         if self.inner.registry.get(&target.typ).is_none() {
             return Err(self.reject(
@@ -423,6 +440,7 @@ impl Router {
         self.shards()[shard].do_send(Deliver {
             batch: vec![env],
             from: None,
+            generation: 0,
             ack,
         });
         Ok(())
@@ -591,6 +609,7 @@ impl Router {
             self.shards()[s].do_send(Deliver {
                 batch,
                 from: None,
+                generation: 0,
                 ack,
             });
         }
@@ -726,12 +745,41 @@ impl Router {
 
     /// Delivers messages produced inside the mesh to another shard (no admission check:
     /// refusing them could deadlock a cycle of functions).
-    pub(crate) fn deliver_internal(&self, shard: usize, from: Option<usize>, batch: Vec<Envelope>) {
+    pub(crate) fn deliver_internal(
+        &self,
+        shard: usize,
+        from: Option<usize>,
+        generation: u64,
+        batch: Vec<Envelope>,
+    ) {
         self.shards()[shard].do_send(Deliver {
             batch,
             from,
+            generation,
             ack: None,
         });
+    }
+
+    /// The next shard generation (a rollback's).
+    pub(crate) fn next_generation(&self) -> u64 {
+        self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Ingress is refused (with the reason) while the node rolls back, or admitted again.
+    pub(crate) fn set_rolling_back(&self, reason: Option<String>) {
+        self.inner
+            .rolling_back_on
+            .store(reason.is_some(), Ordering::SeqCst);
+        *self.inner.rolling_back.write() = reason;
+    }
+
+    /// Fails every call waiting for a reply (a rollback: the replies of calls whose messages
+    /// are replayed find nobody waiting; their callers retry with their keys).
+    pub(crate) fn fail_calls(&self, e: &ServiceError) {
+        let calls = std::mem::take(&mut *self.inner.calls.lock());
+        for (_, tx) in calls {
+            let _ = tx.send(Err(e.clone()));
+        }
     }
 
     /// The stored states of an address (from its shard's cache or sled).

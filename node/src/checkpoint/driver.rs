@@ -30,7 +30,7 @@ use super::coordinator::{Action, Coordinator, EpochCoordinator, Input};
 use super::format::{Entry, KeyGroupSection, Manifest, NodeEpoch, ObjectRef, PendingMessage};
 use super::store::{CheckpointError, CheckpointStore};
 use crate::router::Router;
-use crate::shard::{Barrier, Committed, Shard};
+use crate::shard::{Barrier, Committed, Rollback, Shard};
 use crate::store::{key_group_of, Change, Store};
 
 /// What a shard cut.
@@ -66,6 +66,8 @@ pub(crate) enum DriverEvent {
     Finish(oneshot::Sender<u64>),
     /// Stop the driver and the applier (after `Finish`); answers once they have stopped.
     Stop(oneshot::Sender<()>),
+    /// Every shard has rolled back and the pending messages are replayed.
+    RolledBack,
 }
 
 /// A finished background job.
@@ -118,6 +120,8 @@ pub struct CheckpointStatus {
     pub recovery: Option<RecoveryReport>,
     /// The newest committed epochs, newest last.
     pub recent: VecDeque<EpochInfo>,
+    /// Rollbacks to the last committed epoch since start.
+    pub rollbacks: u64,
 }
 
 /// How a node recovered.
@@ -184,6 +188,28 @@ struct Driver {
     applier_thread: Option<std::thread::JoinHandle<()>>,
     finish: Vec<(u64, oneshot::Sender<u64>)>,
     status: StatusHandle,
+    /// The coordinator's parameters (a rollback starts a new one).
+    coord_params: (usize, u64, u64),
+    /// The newest committed epoch that wrote an object (its pending messages are what a
+    /// rollback replays) — `None` until one commits after the start.
+    last_written: Option<Arc<NodeEpoch>>,
+    /// The pending messages recovered at start (replayed by a rollback before any commit).
+    initial_pending: Vec<(u32, PendingMessage)>,
+    /// Egress records read, taken into each epoch not committed yet (a rollback gives them
+    /// back).
+    consumed: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// A rollback under way.
+    rolling_back: Option<RollingBack>,
+}
+
+/// A rollback under way: to the committed epoch `to`, after which epochs are numbered from
+/// `base + 1` (abandoned numbers are not reused).
+#[derive(Debug, Clone, Copy)]
+struct RollingBack {
+    to: u64,
+    base: u64,
+    /// The shards were told (after sled had applied `to`).
+    shards_told: bool,
 }
 
 fn now_ms() -> u64 {
@@ -213,6 +239,7 @@ pub(crate) fn start(
     committed: u64,
     last_manifest: Option<u64>,
     force_full: bool,
+    initial_pending: Vec<(u32, PendingMessage)>,
     events: mpsc::UnboundedSender<DriverEvent>,
     rx: mpsc::UnboundedReceiver<DriverEvent>,
     status: StatusHandle,
@@ -289,6 +316,11 @@ pub(crate) fn start(
         applier_thread: Some(applier_thread),
         finish: Vec::new(),
         status,
+        coord_params: (n, interval, config.checkpoint.max_uncommitted),
+        last_written: None,
+        initial_pending,
+        consumed: BTreeMap::new(),
+        rolling_back: None,
     };
     tokio::spawn(async move { d.run(rx).await })
 }
@@ -493,6 +525,9 @@ impl Driver {
     }
 
     fn tick(&mut self) {
+        if self.rolling_back.is_some() {
+            return;
+        }
         if self.router.take_commit_wanted() || !self.finish.is_empty() {
             self.input(Input::CallerWaiting);
         }
@@ -519,6 +554,11 @@ impl Driver {
 
     fn event(&mut self, ev: DriverEvent) {
         match ev {
+            // Everything of the epochs being abandoned is dropped: a cut, or a write, of one.
+            DriverEvent::Cut(_) | DriverEvent::Written { .. } if self.rolling_back.is_some() => {}
+            DriverEvent::Cut(c) if c.epoch <= self.coord.committed() => {
+                // A cut of an abandoned epoch (sent before its shard rolled back).
+            }
             DriverEvent::Cut(c) => {
                 let (epoch, shard) = (c.epoch, c.shard);
                 self.cuts.entry(epoch).or_default().push(c);
@@ -529,6 +569,11 @@ impl Driver {
                     if let Some(o) = &obj {
                         self.router.metrics().checkpoint_bytes.inc_by(o.size);
                         self.bytes_since_full += o.size;
+                    }
+                    if let Err(e) = crate::failpoint::eval("checkpoint-rollback") {
+                        tracing::warn!(epoch, "{e}");
+                        self.begin_rollback();
+                        return;
                     }
                     self.objects.insert(epoch, obj);
                     self.input(Input::Written { epoch });
@@ -579,8 +624,10 @@ impl Driver {
                 for (_, tx) in done {
                     let _ = tx.send(epoch);
                 }
+                self.continue_rollback();
                 self.maintain();
             }
+            DriverEvent::RolledBack => self.end_rollback(),
             DriverEvent::Maintenance(r) => {
                 self.maintenance_running = false;
                 match r {
@@ -612,6 +659,104 @@ impl Driver {
         }
     }
 
+    /// Abandons the epochs after the last committed one: ingress is refused, sled catches up
+    /// with the committed epoch, then every shard drops what it did since
+    /// ([`continue_rollback`](Self::continue_rollback)) and the committed epoch's pending
+    /// messages are delivered again ([`end_rollback`](Self::end_rollback)). Called with no
+    /// commit in flight (epochs commit one at a time; this is decided before the next).
+    fn begin_rollback(&mut self) {
+        let (to, base) = (self.coord.committed(), self.coord.started());
+        tracing::warn!(
+            committed = to,
+            abandoned = ?(to + 1..=base),
+            "rolling back to the last committed epoch"
+        );
+        self.router.set_rolling_back(Some(format!(
+            "the node is rolling back to its last committed epoch {to}; retry"
+        )));
+        self.rolling_back = Some(RollingBack {
+            to,
+            base,
+            shards_told: false,
+        });
+        self.router.want_apply();
+        self.continue_rollback();
+    }
+
+    /// Once sled holds the committed epoch: the shards roll back, then the pending messages
+    /// are replayed (in a task; it reports [`DriverEvent::RolledBack`]).
+    fn continue_rollback(&mut self) {
+        let Some(rb) = self.rolling_back.as_mut() else {
+            return;
+        };
+        if rb.shards_told || self.status.lock().applied < rb.to {
+            return;
+        }
+        rb.shards_told = true;
+        let rb = *rb;
+        let generation = self.router.next_generation();
+        let shards = self.shards.clone();
+        let router = self.router.clone();
+        let events = self.events.clone();
+        let pending = match &self.last_written {
+            Some(b) => b
+                .key_groups
+                .iter()
+                .flat_map(|k| k.pending.iter().map(|m| (k.key_group, m.clone())))
+                .collect(),
+            None => self.initial_pending.clone(),
+        };
+        tokio::spawn(async move {
+            let msg = |_: usize| Rollback {
+                base: rb.base,
+                generation,
+                committed: rb.to,
+            };
+            let _ =
+                futures::future::join_all(shards.iter().enumerate().map(|(i, s)| s.send(msg(i))))
+                    .await;
+            router.fail_calls(&crate::error::ServiceError::Unavailable(format!(
+                "the node rolled back to its last committed epoch {}; retry with the same idempotency key",
+                rb.to
+            )));
+            crate::node::replay_pending(&router, pending);
+            let _ = events.send(DriverEvent::RolledBack);
+        });
+    }
+
+    /// The shards have rolled back: epochs start again after the abandoned ones.
+    fn end_rollback(&mut self) {
+        let Some(rb) = self.rolling_back.take() else {
+            return;
+        };
+        let (n, interval, max) = self.coord_params;
+        // Committed "up to" `base` for the numbering: nothing between `to` and `base` is
+        // in blob storage's chain (the next manifest names `last_manifest`).
+        self.coord = Box::new(Coordinator::new(n, interval, max, rb.base));
+        self.cuts.clear();
+        self.built.clear();
+        self.objects.clear();
+        self.started_at.clear();
+        for (_, keys) in std::mem::take(&mut self.consumed) {
+            self.router.egress().return_consumed(keys);
+        }
+        {
+            let mut s = self.status.lock();
+            s.rollbacks += 1;
+            s.started = rb.base;
+            s.backpressure = None;
+        }
+        self.router.metrics().checkpoint_rollbacks.inc();
+        self.router.set_backpressure(None);
+        self.router.set_rolling_back(None);
+        tracing::warn!(
+            committed = rb.to,
+            next = rb.base + 1,
+            "rolled back to epoch {}; the pending messages of that epoch are replayed",
+            rb.to
+        );
+    }
+
     fn failed(&mut self, epoch: u64, e: String) {
         self.router.metrics().checkpoint_failures.inc();
         tracing::warn!(epoch, error = %e, "checkpoint failed; retrying");
@@ -639,6 +784,7 @@ impl Driver {
                         // Egress records read since the last epoch: delete them.
                         let consumed = self.router.egress().take_consumed();
                         if !consumed.is_empty() {
+                            self.consumed.insert(e, consumed.clone());
                             cuts.push(ShardCut {
                                 epoch: e,
                                 shard: usize::MAX,
@@ -732,6 +878,10 @@ impl Driver {
                 }
                 let built = self.built.remove(&e);
                 let obj = self.objects.remove(&e).flatten();
+                self.consumed.remove(&e);
+                if let Some(b) = built.as_ref().filter(|b| !b.key_groups.is_empty()) {
+                    self.last_written = Some(b.clone());
+                }
                 let m = self.router.metrics();
                 m.checkpoint_committed_epoch.set(e as i64);
                 let duration = self

@@ -125,6 +125,9 @@ struct Slot {
     in_busy_list: bool,
     /// The last cut that listed this slot's pending messages.
     cut_mark: u64,
+    /// Ingress messages in the batch in flight (released from the ingress count when it
+    /// returns, or by a rollback).
+    in_flight_ingress: usize,
 }
 
 impl Slot {
@@ -140,6 +143,8 @@ pub(crate) struct Deliver {
     pub batch: Vec<Envelope>,
     /// The sending shard (`None`: ingress or recovery).
     pub from: Option<usize>,
+    /// The sending shard's generation (a batch a shard sent before a rollback is dropped).
+    pub generation: u64,
     /// Acknowledge once the epoch that received the batch commits.
     pub ack: Option<AckTx>,
 }
@@ -157,6 +162,24 @@ pub(crate) struct Barrier {
 pub(crate) struct Marker {
     pub from: usize,
     pub epoch: u64,
+    /// The sending shard's generation.
+    pub generation: u64,
+}
+
+/// Roll back to the last committed epoch (the epoch driver abandoned the epochs after it):
+/// everything since is dropped — state changes, queued and in-flight messages, held
+/// acknowledgements, replies and egress (their waiters get an error) — and the shard goes on
+/// from the local store (at the committed epoch), cutting epochs after `base`. The pending
+/// messages of the committed epoch are delivered again afterwards.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Rollback {
+    /// The last epoch cut before the rollback (numbers are not reused).
+    pub base: u64,
+    /// The shard's new generation.
+    pub generation: u64,
+    /// The committed epoch rolled back to (for messages).
+    pub committed: u64,
 }
 
 /// Epoch `epoch` committed: release what it holds.
@@ -199,6 +222,8 @@ fn pending_message(target: &Address, caller: Option<&Address>, m: &TypedValue) -
 #[rtype(result = "()")]
 pub(crate) struct InvokeDone {
     pub slot: usize,
+    /// The generation of the shard that started the instance.
+    pub generation: u64,
     pub batch: Vec<Pending>,
     pub processed: usize,
     pub state: Vec<StateSlot>,
@@ -269,6 +294,17 @@ pub(crate) struct Shard {
     checkpointing: bool,
     /// The applied epoch at which the last eviction scan found too little to passivate.
     evict_blocked_at: Option<u64>,
+    /// Bumped by each rollback: what was sent or started before it is dropped.
+    generation: u64,
+    /// Batches and markers of shards that already rolled back, arrived before this shard's own
+    /// rollback: handled right after it (handled now, the rollback would undo them).
+    early: Vec<Early>,
+}
+
+/// A message from a shard of a newer generation.
+enum Early {
+    Deliver(Deliver),
+    Marker(Marker),
 }
 
 impl Actor for Shard {
@@ -276,6 +312,23 @@ impl Actor for Shard {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.me = Some(ctx.address());
+        self.load_from_store();
+        ctx.run_interval(Duration::from_millis(5), |act, _| act.fire_timers());
+        ctx.run_interval(Duration::from_millis(200), |act, _| act.fold_metrics());
+        let sweep_ms = self
+            .config
+            .idle_timeout_ms
+            .min(self.config.instance_linger_ms)
+            .clamp(10, 1000);
+        ctx.run_interval(Duration::from_millis(sweep_ms), |act, _| {
+            act.passivate_idle();
+        });
+    }
+}
+
+impl Shard {
+    /// Loads delayed messages and idempotency records from the local store.
+    fn load_from_store(&mut self) {
         let kgs: Vec<u32> = self.owned_key_groups().collect();
         if let Err(e) = self.timers.load(&self.store, kgs.iter().copied()) {
             tracing::error!(shard = self.index, error = %e, "cannot load delayed messages; they stay in sled until the next start");
@@ -299,20 +352,8 @@ impl Actor for Shard {
             }
         }
         self.idem.load(records);
-        ctx.run_interval(Duration::from_millis(5), |act, _| act.fire_timers());
-        ctx.run_interval(Duration::from_millis(200), |act, _| act.fold_metrics());
-        let sweep_ms = self
-            .config
-            .idle_timeout_ms
-            .min(self.config.instance_linger_ms)
-            .clamp(10, 1000);
-        ctx.run_interval(Duration::from_millis(sweep_ms), |act, _| {
-            act.passivate_idle();
-        });
     }
-}
 
-impl Shard {
     pub(crate) fn new(o: ShardOptions) -> Self {
         let n = o.router.shard_count();
         let max_active = o.config.max_active_instances.div_ceil(n).max(1);
@@ -329,6 +370,8 @@ impl Shard {
             events: o.events,
             checkpointing,
             evict_blocked_at: None,
+            generation: 0,
+            early: Vec::new(),
             index: o.index,
             outgoing: (0..n).map(|_| Vec::new()).collect(),
             router: o.router,
@@ -388,6 +431,7 @@ impl Shard {
             in_flight_copy: None,
             in_busy_list: false,
             cut_mark: 0,
+            in_flight_ingress: 0,
         });
         self.by_addr.insert(address.clone(), i);
         Ok(i)
@@ -624,6 +668,7 @@ impl Shard {
                 .expect("state is home when nothing is in flight");
             sync_state(store, slot, &mut state);
             slot.in_flight = true;
+            slot.in_flight_ingress = batch.iter().filter(|p| p.ingress).count();
             slot.last_used_ms = now;
             if matches!(slot.entry.kind, FunctionKind::Remote(_)) {
                 self.router
@@ -631,13 +676,14 @@ impl Shard {
                     .remote_batch_size
                     .observe(batch.len() as f64);
             }
-            let (me, hist) = (&self.me, &self.invocation_hist);
+            let (me, hist, generation) = (&self.me, &self.invocation_hist, self.generation);
             let instance = slot.instance.get_or_insert_with(|| {
                 let shard = me.clone().expect("started");
                 Instance::new(
                     slot.address.clone(),
                     slot.entry.clone(),
                     i,
+                    generation,
                     shard,
                     hist.clone(),
                 )
@@ -674,7 +720,8 @@ impl Shard {
         for s in 0..self.outgoing.len() {
             if !self.outgoing[s].is_empty() {
                 let batch = std::mem::take(&mut self.outgoing[s]);
-                self.router.deliver_internal(s, Some(self.index), batch);
+                self.router
+                    .deliver_internal(s, Some(self.index), self.generation, batch);
             }
         }
     }
@@ -863,7 +910,7 @@ impl Shard {
             }
             let n = self.router.shard_count();
             for j in (0..n).filter(|j| *j != self.index) {
-                self.router.marker(j, self.index, e);
+                self.router.marker(j, self.index, self.generation, e);
             }
             cut.markers_done = self.cuts.snapshot(e);
         }
@@ -983,6 +1030,19 @@ impl Handler<Deliver> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) {
+        if msg.from.is_some() && msg.generation != self.generation {
+            if msg.generation > self.generation {
+                self.early.push(Early::Deliver(msg));
+            }
+            // Older: sent by another shard before a rollback, undone with everything else.
+            return;
+        }
+        self.deliver(msg);
+    }
+}
+
+impl Shard {
+    fn deliver(&mut self, msg: Deliver) {
         let arrival = match msg.from {
             Some(j) if self.checkpointing => self.cuts.arrival(j),
             _ => Arrival::Process,
@@ -1021,6 +1081,18 @@ impl Handler<Marker> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: Marker, _: &mut Self::Context) {
+        if msg.generation != self.generation {
+            if msg.generation > self.generation {
+                self.early.push(Early::Marker(msg));
+            }
+            return;
+        }
+        self.marker(msg);
+    }
+}
+
+impl Shard {
+    fn marker(&mut self, msg: Marker) {
         if msg.epoch == self.epoch {
             self.begin_cut(msg.epoch);
         }
@@ -1048,12 +1120,17 @@ impl Handler<InvokeDone> for Shard {
     type Result = ();
 
     fn handle(&mut self, done: InvokeDone, ctx: &mut Self::Context) {
+        if done.generation != self.generation {
+            // A batch started before a rollback: its slot and its results are gone.
+            return;
+        }
         let i = done.slot;
         let mut batch = done.batch;
         let (address, kg) = {
             let slot = &mut self.slots[i];
             slot.state = Some(done.state);
             slot.in_flight = false;
+            slot.in_flight_ingress = 0;
             slot.in_flight_copy = None;
             (slot.address.clone(), slot.kg)
         };
@@ -1122,7 +1199,11 @@ impl Handler<InvokeDone> for Shard {
                 let backoff = self.config.retry.backoff(failed.attempts);
                 tracing::info!(%address, attempt = failed.attempts, ?backoff, error, "invocation failed; retrying");
                 self.slots[i].retry_wait = true;
+                let generation = self.generation;
                 ctx.run_later(backoff, move |act, _| {
+                    if act.generation != generation {
+                        return;
+                    }
                     if let Some(slot) = act.slots.get_mut(i) {
                         slot.retry_wait = false;
                         act.ready.push(i);
@@ -1180,6 +1261,73 @@ impl Handler<GetState> for Shard {
             })
             .map_err(|e| ServiceError::Internal(e.to_string()));
         let _ = msg.reply.send(r);
+    }
+}
+
+impl Handler<Rollback> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Rollback, _: &mut Self::Context) {
+        let why = || {
+            ServiceError::Unavailable(format!(
+                "the node rolled back to its last committed epoch {} (a failure elsewhere undid the epochs after it); retry with the same idempotency key",
+                msg.committed
+            ))
+        };
+        // Outputs of the abandoned epochs (those of committed ones were released before).
+        for (_, h) in std::mem::take(&mut self.held) {
+            match h {
+                Held::Ack(tx) => {
+                    let _ = tx.send(Err(why()));
+                }
+                Held::Reply(call, _) => {
+                    self.router.complete_call(call, Err(why()));
+                }
+                Held::Egress(..) => {}
+            }
+        }
+        for (_, calls) in std::mem::take(&mut self.keyed_waiters) {
+            for c in calls {
+                self.router.complete_call(c, Err(why()));
+            }
+        }
+        let mut ingress = 0;
+        for (_, slot) in std::mem::take(&mut self.slots) {
+            ingress += slot.inbox.iter().filter(|p| p.ingress).count() + slot.in_flight_ingress;
+            for r in slot.readers {
+                let _ = r.send(Err(why()));
+            }
+            if slot.saturated {
+                self.router
+                    .set_saturated(self.index, &slot.address, false, 0);
+            }
+            // Dropping the slot drops the instance's last address: it stops.
+        }
+        self.router.release(self.index, ingress);
+        self.by_addr.clear();
+        self.ready.clear();
+        self.dirty.clear();
+        self.busy.clear();
+        for o in &mut self.outgoing {
+            o.clear();
+        }
+        self.pending_writes = WriteBatch::default();
+        self.cut = None;
+        self.evict_blocked_at = None;
+        self.generation = msg.generation;
+        self.epoch = msg.base + 1;
+        self.cuts = Cuts::new(self.index, self.router.shard_count(), msg.base);
+        self.timers = Timers::default();
+        self.idem = IdempotencyTable::default();
+        self.load_from_store();
+        // What shards that rolled back first sent meanwhile.
+        for e in std::mem::take(&mut self.early) {
+            match e {
+                Early::Deliver(d) if d.generation == self.generation => self.deliver(d),
+                Early::Marker(m) if m.generation == self.generation => self.marker(m),
+                _ => {}
+            }
+        }
     }
 }
 
