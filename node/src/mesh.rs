@@ -261,6 +261,51 @@ pub(crate) async fn forward_send(
         .map(|_| ())
 }
 
+/// Queues a fire-and-forget `Send` for its owner at once, behind what this thread queued
+/// before (so that one thread's messages keep their order), or refuses it when the stream's
+/// queue is full. A failure after that is logged: nobody waits for it.
+pub(crate) fn forward_send_now(
+    p: &Placement,
+    node: NodeId,
+    addr: &str,
+    target: &Address,
+    message: TypedValue,
+) -> Result<(), ServiceError> {
+    let req = pb::SendRequest {
+        target: Some(target.to_proto()),
+        message: Some(message.to_proto()),
+        idempotency_key: String::new(),
+    };
+    let f = p.forwarder(addr)?;
+    let rt =
+        p.rt.clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+            .ok_or_else(|| ServiceError::Unavailable("forwarding needs a tokio runtime".into()))?;
+    let (tx, rx) = oneshot::channel();
+    f.tx.try_send((Kind::Send, req.encode_to_vec(), tx))
+        .map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ServiceError::Overloaded(format!(
+                "the forwarding queue to node {node} (at {addr}), the owner of {target}, is full ({FORWARD_QUEUE} requests); retry later"
+            )),
+            mpsc::error::TrySendError::Closed(_) => ServiceError::Unavailable(format!(
+                "the forwarding stream to node {node} (at {addr}) stopped; retry"
+            )),
+        })?;
+    let target = target.clone();
+    rt.spawn(async move {
+        match rx.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(s)) => {
+                tracing::warn!(%target, node, error = %s.message(), "a forwarded message was not accepted by its owner")
+            }
+            Err(_) => {
+                tracing::warn!(%target, node, "the forwarding stream stopped before the owner answered")
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Forwards a `Call` to its owner; the reply comes back on the same stream.
 pub(crate) async fn forward_call(
     p: &Placement,
@@ -624,10 +669,14 @@ pub(crate) fn serve_forward(
                 None => return,
             };
             for r in frame.requests {
-                let (router, rtx) = (router.clone(), rtx.clone());
+                let id = r.id;
+                // Sends and calls are queued here, in the stream's order (a sender's messages
+                // keep their order); waiting for their acknowledgements and replies, and the
+                // other kinds, run as tasks.
+                let work = start_one(&router, r);
+                let rtx = rtx.clone();
                 tokio::spawn(async move {
-                    let id = r.id;
-                    let reply = match serve_one(&router, r).await {
+                    let reply = match work.await {
                         Ok(response) => mpb::ForwardReply {
                             id,
                             code: 0,
@@ -657,6 +706,59 @@ pub(crate) fn serve_forward(
         }
         Some((Ok(mpb::ForwardReplyFrame { replies }), rrx))
     }))
+}
+
+/// Starts one forwarded request: a `Send` or `Call` is checked and queued at once (its
+/// future waits for the outcome); the other kinds run entirely in the future.
+fn start_one(
+    router: &crate::router::Router,
+    r: mpb::ForwardRequest,
+) -> futures::future::BoxFuture<'static, Result<Vec<u8>, ServiceError>> {
+    use futures::FutureExt;
+    let bad = |e: prost::DecodeError| {
+        ServiceError::InvalidArgument(format!("a forwarded request does not decode: {e}"))
+    };
+    let parts = |t: Option<pb::Address>, m: Option<pb::TypedValue>| {
+        let t = t.ok_or_else(|| ServiceError::InvalidArgument("missing target address".into()))?;
+        let m = m.ok_or_else(|| ServiceError::InvalidArgument("missing message".into()))?;
+        Ok::<_, ServiceError>((Address::from_proto(&t)?, TypedValue::from_proto(m)))
+    };
+    let now = match Kind::try_from(r.kind) {
+        Ok(Kind::Send) => (|| {
+            let q = pb::SendRequest::decode(r.request.clone()).map_err(bad)?;
+            let (t, m) = parts(q.target, q.message)?;
+            let key = Some(q.idempotency_key).filter(|k| !k.is_empty());
+            let ack = router.send_forwarded_now(t, m, key)?;
+            Ok(async move {
+                ack.await?;
+                Ok(pb::SendResponse {}.encode_to_vec())
+            }
+            .boxed())
+        })(),
+        Ok(Kind::Call) => (|| {
+            let q = pb::CallRequest::decode(r.request.clone()).map_err(bad)?;
+            let (t, m) = parts(q.target, q.message)?;
+            let key = Some(q.idempotency_key).filter(|k| !k.is_empty());
+            let timeout = Duration::from_millis(q.timeout_ms.max(1));
+            let reply = router.call_forwarded_now(t, m, timeout, key)?;
+            Ok(async move {
+                let v = reply.await?;
+                Ok(pb::CallResponse {
+                    reply: Some(v.to_proto()),
+                }
+                .encode_to_vec())
+            }
+            .boxed())
+        })(),
+        _ => {
+            let router = router.clone();
+            return async move { serve_one(&router, r).await }.boxed();
+        }
+    };
+    match now {
+        Ok(f) => f,
+        Err(e) => futures::future::ready(Err(e)).boxed(),
+    }
 }
 
 async fn serve_one(

@@ -451,20 +451,14 @@ impl Router {
     pub fn send(&self, target: Address, message: TypedValue) -> Result<(), ServiceError> {
         self.validate(&target, &message)?;
         if let Some((node, addr)) = self.remote(self.key_group(&target), false)? {
-            let rt = tokio::runtime::Handle::try_current().map_err(|_| {
-                ServiceError::Unavailable(format!(
-                    "{target} is owned by node {node}: forwarding needs a tokio runtime; use send_with"
-                ))
-            })?;
-            let p = self.inner.placement.clone();
-            rt.spawn(async move {
-                if let Err(e) =
-                    crate::mesh::forward_send(&p, node, &addr, &target, message, None).await
-                {
-                    tracing::warn!(%target, node, error = %e, "forwarding a message failed");
-                }
-            });
-            return Ok(());
+            // Queued for the owner now, in this thread's order (or refused when full).
+            return crate::mesh::forward_send_now(
+                &self.inner.placement,
+                node,
+                &addr,
+                &target,
+                message,
+            );
         }
         let (shard, env) = self.envelope(target, None, message);
         self.deliver_one(shard, env, None)
@@ -497,18 +491,49 @@ impl Router {
             let p = &self.inner.placement;
             return crate::mesh::forward_send(p, node, &addr, &target, message, key).await;
         }
+        self.send_local_now(target, message, key)?.await
+    }
+
+    /// Queues a `Send` for a key group this node owns now (in the caller's order); the
+    /// future waits for its acknowledgement (with the node's acknowledgement mode).
+    pub(crate) fn send_local_now(
+        &self,
+        target: Address,
+        message: TypedValue,
+        key: Option<String>,
+    ) -> Result<futures::future::BoxFuture<'static, Result<(), ServiceError>>, ServiceError> {
+        use futures::FutureExt;
         let (shard, mut env) = self.envelope(target, None, message);
         env.key = key.map(String::into_boxed_str);
         if !(self.inner.checkpointing && self.inner.ack == AckMode::Committed) {
-            return self.deliver_one(shard, env, None);
+            self.deliver_one(shard, env, None)?;
+            return Ok(futures::future::ready(Ok(())).boxed());
         }
         let (tx, rx) = oneshot::channel();
         self.deliver_one(shard, env, Some(tx))?;
-        rx.await.unwrap_or_else(|_| {
-            Err(ServiceError::Unavailable(
-                "the node stopped before the message's epoch committed; retry with the same idempotency key".into(),
-            ))
-        })
+        Ok(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(ServiceError::Unavailable(
+                    "the node stopped before the message's epoch committed; retry with the same idempotency key".into(),
+                ))
+            })
+        }
+        .boxed())
+    }
+
+    /// The owner's side of a forwarded `Send`: checked and queued now, in the order the
+    /// forwarding stream delivered it; the future waits for the acknowledgement.
+    pub(crate) fn send_forwarded_now(
+        &self,
+        target: Address,
+        message: TypedValue,
+        key: Option<String>,
+    ) -> Result<futures::future::BoxFuture<'static, Result<(), ServiceError>>, ServiceError> {
+        self.validate(&target, &message)?;
+        let key = validate_key(key)?;
+        // Forwarded once already: never forwarded again (`remote` refuses if not the owner).
+        self.remote(self.key_group(&target), true)?;
+        self.send_local_now(target, message, key)
     }
 
     /// Sends many messages from ingress (each with an optional idempotency key); all are
@@ -662,6 +687,36 @@ impl Router {
             let p = &self.inner.placement;
             return crate::mesh::forward_call(p, node, &addr, &target, message, timeout, key).await;
         }
+        self.call_local_now(target, message, timeout, key)?.await
+    }
+
+    /// The owner's side of a forwarded `Call`: checked and queued now, in the order the
+    /// forwarding stream delivered it; the future waits for the reply.
+    pub(crate) fn call_forwarded_now(
+        &self,
+        target: Address,
+        message: TypedValue,
+        timeout: Duration,
+        key: Option<String>,
+    ) -> Result<futures::future::BoxFuture<'static, Result<TypedValue, ServiceError>>, ServiceError>
+    {
+        self.validate(&target, &message)?;
+        let key = validate_key(key)?;
+        self.remote(self.key_group(&target), true)?;
+        self.call_local_now(target, message, timeout, key)
+    }
+
+    /// Queues a `Call` for a key group this node owns now; the future waits for the reply.
+    fn call_local_now(
+        &self,
+        target: Address,
+        message: TypedValue,
+        timeout: Duration,
+        key: Option<String>,
+    ) -> Result<futures::future::BoxFuture<'static, Result<TypedValue, ServiceError>>, ServiceError>
+    {
+        use futures::FutureExt;
+        let kg = self.key_group(&target);
         let id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let reply_id = match &key {
             Some(k) => format!(
@@ -683,16 +738,20 @@ impl Router {
             self.inner.calls.lock().remove(&id);
             return Err(e);
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(ServiceError::Unavailable(
-                "the node dropped the call while shutting down".into(),
-            )),
-            Err(_) => {
-                self.inner.calls.lock().remove(&id);
-                Err(self.reject(ServiceError::Timeout(timeout.as_millis() as u64), "timeout"))
+        let this = self.clone();
+        Ok(async move {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(ServiceError::Unavailable(
+                    "the node dropped the call while shutting down".into(),
+                )),
+                Err(_) => {
+                    this.inner.calls.lock().remove(&id);
+                    Err(this.reject(ServiceError::Timeout(timeout.as_millis() as u64), "timeout"))
+                }
             }
         }
+        .boxed())
     }
 
     /// The owner to forward key group `kg` to (`None`: this node serves it). A request that

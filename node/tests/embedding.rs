@@ -123,3 +123,89 @@ async fn embedded_node_serves_its_own_functions_and_the_examples() {
     assert_eq!(r.get::<i64>().unwrap(), 4);
     node.shutdown().await;
 }
+
+/// An embedded node that does not own an address forwards `Router::send` to the owner in the
+/// calling thread's order: a burst of fire-and-forget messages to one address is applied in
+/// the order it was sent (each accepted message once; a full forwarding queue refuses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fire_and_forget_sends_through_a_non_owner_keep_their_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = || {
+        // The numbers received, space-separated.
+        let seen = ValueSpec::<String>::new("seen");
+        let s2 = seen.clone();
+        FnFunction::new(vec![seen.descriptor().clone()], move |ctx, msg| {
+            let mut v = ctx.get(&s2)?.unwrap_or_default();
+            if msg.typename() == "test/Read" {
+                ctx.reply(TypedValue::of(&v));
+                return Ok(());
+            }
+            v.push_str(&format!("{} ", msg.get::<i64>()?));
+            ctx.set(&s2, &v)?;
+            Ok(())
+        })
+    };
+    let typ = TypeName::parse("test/log").unwrap();
+    let owner = NodeBuilder::new(NodeConfig {
+        node_id: Some(1),
+        ..config(&dir.path().join("a"))
+    })
+    .function(typ.clone(), log())
+    .start()
+    .await
+    .unwrap();
+    let other = NodeBuilder::new(NodeConfig {
+        node_id: Some(2),
+        join: vec![owner.grpc_addr().to_string()],
+        ..config(&dir.path().join("b"))
+    })
+    .function(typ.clone(), log())
+    .start()
+    .await
+    .unwrap();
+    let a = Address::new(typ.clone(), "x").unwrap();
+    let r = other.router();
+    let read = || {
+        r.call(
+            a.clone(),
+            TypedValue::new("test/Read", Vec::new()),
+            Duration::from_secs(5),
+        )
+    };
+    // Until the joiner has the cluster's state, it cannot route.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = read().await {
+        assert!(std::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..3000i64 {
+        match r.send(a.clone(), TypedValue::of(&i)) {
+            Ok(()) => accepted.push(i),
+            Err(ServiceError::Overloaded(m)) => {
+                assert!(m.contains("forwarding queue"), "{m}");
+                refused += 1;
+            }
+            Err(e) => panic!("send {i}: {e}"),
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Vec<i64> = read()
+            .await
+            .unwrap()
+            .get::<String>()
+            .unwrap()
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        if v.len() >= accepted.len() || std::time::Instant::now() > deadline {
+            assert_eq!(v, accepted, "{refused} refused");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    other.shutdown().await;
+    owner.shutdown().await;
+}
