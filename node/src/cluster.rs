@@ -257,11 +257,13 @@ pub(crate) async fn open(
 impl Opened {
     /// Undoes the bootstrap of a new cluster that must not start after all: the data
     /// directory is left as it was before this start.
-    pub(crate) fn undo_bootstrap(self, data_dir: &Path) {
+    pub(crate) fn undo_bootstrap(self, data_dir: &Path, node_id_was_new: bool) {
         if self.bootstrapped {
             drop(self);
             let _ = std::fs::remove_dir_all(data_dir.join("control"));
-            let _ = std::fs::remove_file(data_dir.join("node-id"));
+            if node_id_was_new {
+                let _ = std::fs::remove_file(data_dir.join("node-id"));
+            }
         }
     }
 }

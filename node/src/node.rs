@@ -243,6 +243,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
             config.data_dir.display()
         ))
     })?;
+    let node_id_was_new = !config.data_dir.join("node-id").exists();
     let node_id =
         crate::cluster::node_id(&config.data_dir, config.node_id).map_err(StartError::Other)?;
     let cluster: crate::cluster::ClusterHandle = Default::default();
@@ -316,7 +317,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
             match crate::checkpoint::lease::acquire(cp, &opened.cluster_id, node_id).await {
                 Ok(l) => Some(l),
                 Err(e) => {
-                    opened.undo_bootstrap(&config.data_dir);
+                    opened.undo_bootstrap(&config.data_dir, node_id_was_new);
                     return Err(StartError::Other(e));
                 }
             }
@@ -353,11 +354,12 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     let mut recovered = driver::recover(&store, cp.as_ref(), config.key_groups)
         .await
         .map_err(|e| StartError::Other(format!("recovery failed: {e}")))?;
-    if lease.as_ref().is_some_and(|l| l.took_over()) {
-        // Epochs of a cluster that only looked lost (paused) and commits a few more before it
-        // sees the lease can never collide with this cluster's, nor enter its chain (each
-        // manifest names its predecessor).
-        recovered.committed += crate::checkpoint::lease::TAKEOVER_JUMP;
+    if let Some(floor) = lease.as_ref().map(|l| l.epoch_floor()) {
+        // A cluster that took the location over numbers its epochs above any an older
+        // cluster reaches (one that only looked lost and commits a few more before it sees the
+        // lease): they never collide, nor enter its chain (each manifest names its
+        // predecessor).
+        recovered.committed = recovered.committed.max(floor);
     }
     let status: StatusHandle = Default::default();
     {
@@ -580,7 +582,28 @@ pub(crate) fn replay_pending(
         return;
     }
     let n = pending.len();
-    let mut per_shard: Vec<Vec<Envelope>> = (0..router.shard_count()).map(|_| Vec::new()).collect();
+    let mut per_shard: Vec<Vec<(u32, crate::checkpoint::format::PendingMessage)>> =
+        (0..router.shard_count()).map(|_| Vec::new()).collect();
+    for (kg, m) in pending {
+        per_shard[router.shard_of(kg)].push((kg, m));
+    }
+    for (s, batch) in per_shard.into_iter().enumerate() {
+        if !batch.is_empty() {
+            router.deliver_internal(s, None, 0, envelopes(batch));
+        }
+    }
+    tracing::info!(
+        messages = n,
+        "replaying the recovered epoch's pending messages"
+    );
+}
+
+/// Pending messages of a checkpoint as envelopes, in order (a malformed target is logged and
+/// dropped).
+pub(crate) fn envelopes(
+    pending: Vec<(u32, crate::checkpoint::format::PendingMessage)>,
+) -> Vec<Envelope> {
+    let mut out = Vec::with_capacity(pending.len());
     for (kg, m) in pending {
         let target = match statemesh_sdk::Address::parse(&m.target) {
             Ok(a) => a,
@@ -599,7 +622,7 @@ pub(crate) fn replay_pending(
         } else {
             statemesh_sdk::TypedValue::empty(m.typename)
         };
-        per_shard[router.shard_of(kg)].push(Envelope {
+        out.push(Envelope {
             target,
             kg,
             caller,
@@ -608,13 +631,5 @@ pub(crate) fn replay_pending(
             key: None,
         });
     }
-    for (s, batch) in per_shard.into_iter().enumerate() {
-        if !batch.is_empty() {
-            router.deliver_internal(s, None, 0, batch);
-        }
-    }
-    tracing::info!(
-        messages = n,
-        "replaying the recovered epoch's pending messages"
-    );
+    out
 }

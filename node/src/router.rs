@@ -384,6 +384,13 @@ impl Router {
     }
 
     fn admit(&self, shard: usize, n: usize) -> Result<(), ServiceError> {
+        // Checked again here: a stream waiting for room since before a rollback must not get
+        // in ahead of the replayed messages.
+        if self.inner.rolling_back_on.load(Ordering::Relaxed) {
+            if let Some(why) = self.inner.rolling_back.read().clone() {
+                return Err(self.reject(ServiceError::Unavailable(why), "rolling_back"));
+            }
+        }
         if self.inner.backpressure_on.load(Ordering::Relaxed) {
             if let Some(reason) = self.backpressure() {
                 return Err(self.reject(ServiceError::Overloaded(reason), "checkpoint_backlog"));

@@ -122,6 +122,9 @@ pub struct CheckpointStatus {
     pub recent: VecDeque<EpochInfo>,
     /// Rollbacks to the last committed epoch since start.
     pub rollbacks: u64,
+    /// How long the last one refused ingress (from its start until the pending messages were
+    /// replayed), ms.
+    pub last_rollback_ms: Option<f64>,
 }
 
 /// How a node recovered.
@@ -190,16 +193,21 @@ struct Driver {
     status: StatusHandle,
     /// The coordinator's parameters (a rollback starts a new one).
     coord_params: (usize, u64, u64),
-    /// The newest committed epoch that wrote an object (its pending messages are what a
-    /// rollback replays) — `None` until one commits after the start.
-    last_written: Option<Arc<NodeEpoch>>,
-    /// The pending messages recovered at start (replayed by a rollback before any commit).
-    initial_pending: Vec<(u32, PendingMessage)>,
+    /// The pending messages of the last committed epoch (what a rollback replays).
+    last_pending: LastPending,
     /// Egress records read, taken into each epoch not committed yet (a rollback gives them
     /// back).
     consumed: BTreeMap<u64, Vec<Vec<u8>>>,
     /// A rollback under way.
     rolling_back: Option<RollingBack>,
+}
+
+/// Where the pending messages of the last committed epoch are.
+enum LastPending {
+    /// Recovered at start (no epoch committed since).
+    Recovered(Vec<(u32, PendingMessage)>),
+    /// In the last committed epoch's object (none if it wrote nothing).
+    Epoch(Arc<NodeEpoch>),
 }
 
 /// A rollback under way: to the committed epoch `to`, after which epochs are numbered from
@@ -210,6 +218,7 @@ struct RollingBack {
     base: u64,
     /// The shards were told (after sled had applied `to`).
     shards_told: bool,
+    since: Instant,
 }
 
 fn now_ms() -> u64 {
@@ -317,8 +326,7 @@ pub(crate) fn start(
         finish: Vec::new(),
         status,
         coord_params: (n, interval, config.checkpoint.max_uncommitted),
-        last_written: None,
-        initial_pending,
+        last_pending: LastPending::Recovered(initial_pending),
         consumed: BTreeMap::new(),
         rolling_back: None,
     };
@@ -570,7 +578,13 @@ impl Driver {
                         self.router.metrics().checkpoint_bytes.inc_by(o.size);
                         self.bytes_since_full += o.size;
                     }
-                    if let Err(e) = crate::failpoint::eval("checkpoint-rollback") {
+                    // Only with checkpoints: without them outputs are not held and cuts keep
+                    // no pending messages, so there is nothing consistent to go back to.
+                    let rollback = match self.cp {
+                        Some(_) => crate::failpoint::eval("checkpoint-rollback"),
+                        None => Ok(()),
+                    };
+                    if let Err(e) = rollback {
                         tracing::warn!(epoch, "{e}");
                         self.begin_rollback();
                         return;
@@ -665,6 +679,7 @@ impl Driver {
     /// messages are delivered again ([`end_rollback`](Self::end_rollback)). Called with no
     /// commit in flight (epochs commit one at a time; this is decided before the next).
     fn begin_rollback(&mut self) {
+        debug_assert!(self.cp.is_some(), "a rollback needs checkpoints");
         let (to, base) = (self.coord.committed(), self.coord.started());
         tracing::warn!(
             committed = to,
@@ -678,6 +693,7 @@ impl Driver {
             to,
             base,
             shards_told: false,
+            since: Instant::now(),
         });
         self.router.want_apply();
         self.continue_rollback();
@@ -698,28 +714,40 @@ impl Driver {
         let shards = self.shards.clone();
         let router = self.router.clone();
         let events = self.events.clone();
-        let pending = match &self.last_written {
-            Some(b) => b
-                .key_groups
-                .iter()
-                .flat_map(|k| k.pending.iter().map(|m| (k.key_group, m.clone())))
-                .collect(),
-            None => self.initial_pending.clone(),
-        };
+        // Each shard gets its share inside its `Rollback`, ahead of anything it can do
+        // afterwards (fire a timer, take a message another shard sent after its rollback).
+        let n = self.shards.len();
+        let mut per_shard: Vec<Vec<(u32, PendingMessage)>> = (0..n).map(|_| Vec::new()).collect();
+        match &self.last_pending {
+            LastPending::Recovered(v) => {
+                for (kg, m) in v {
+                    per_shard[self.router.shard_of(*kg)].push((*kg, m.clone()));
+                }
+            }
+            LastPending::Epoch(b) => {
+                for k in &b.key_groups {
+                    for m in &k.pending {
+                        per_shard[self.router.shard_of(k.key_group)].push((k.key_group, m.clone()));
+                    }
+                }
+            }
+        }
         tokio::spawn(async move {
-            let msg = |_: usize| Rollback {
-                base: rb.base,
-                generation,
-                committed: rb.to,
-            };
-            let _ =
-                futures::future::join_all(shards.iter().enumerate().map(|(i, s)| s.send(msg(i))))
-                    .await;
+            // Waiting calls fail first: a reply the replay produces finds nobody waiting (its
+            // caller retries with its key), like after a restart.
             router.fail_calls(&crate::error::ServiceError::Unavailable(format!(
                 "the node rolled back to its last committed epoch {}; retry with the same idempotency key",
                 rb.to
             )));
-            crate::node::replay_pending(&router, pending);
+            let _ = futures::future::join_all(shards.iter().zip(per_shard).map(|(s, pending)| {
+                s.send(Rollback {
+                    base: rb.base,
+                    generation,
+                    committed: rb.to,
+                    pending: crate::node::envelopes(pending),
+                })
+            }))
+            .await;
             let _ = events.send(DriverEvent::RolledBack);
         });
     }
@@ -740,9 +768,11 @@ impl Driver {
         for (_, keys) in std::mem::take(&mut self.consumed) {
             self.router.egress().return_consumed(keys);
         }
+        let took = rb.since.elapsed();
         {
             let mut s = self.status.lock();
             s.rollbacks += 1;
+            s.last_rollback_ms = Some(took.as_secs_f64() * 1e3);
             s.started = rb.base;
             s.backpressure = None;
         }
@@ -752,6 +782,7 @@ impl Driver {
         tracing::warn!(
             committed = rb.to,
             next = rb.base + 1,
+            ms = took.as_secs_f64() * 1e3,
             "rolled back to epoch {}; the pending messages of that epoch are replayed",
             rb.to
         );
@@ -879,9 +910,6 @@ impl Driver {
                 let built = self.built.remove(&e);
                 let obj = self.objects.remove(&e).flatten();
                 self.consumed.remove(&e);
-                if let Some(b) = built.as_ref().filter(|b| !b.key_groups.is_empty()) {
-                    self.last_written = Some(b.clone());
-                }
                 let m = self.router.metrics();
                 m.checkpoint_committed_epoch.set(e as i64);
                 let duration = self
@@ -916,6 +944,9 @@ impl Driver {
                             s.recent.pop_front();
                         }
                     }
+                }
+                if let Some(b) = &built {
+                    self.last_pending = LastPending::Epoch(b.clone());
                 }
                 let changed = built.as_ref().is_some_and(|b| {
                     b.key_groups

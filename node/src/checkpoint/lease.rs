@@ -24,9 +24,16 @@
 //! A cluster paused for longer than [`WATCH`] (SIGSTOP, a frozen VM) looks lost; if a new
 //! cluster takes the location over meanwhile, the old one stops at its first renewal after it
 //! resumes and may commit epochs until then (at most [`RENEW`] plus one listing). Those never
-//! reach the new cluster: it numbers its epochs from [`TAKEOVER_JUMP`] above the newest it
-//! found, and its manifests name their predecessors, so the old cluster's late manifests are
-//! in nobody's chain.
+//! reach the new cluster: every generation numbers its epochs from its own floor
+//! ([`Lease::epoch_floor`], kept across restarts since it follows from the lease), above any
+//! number an older generation reaches, and manifests name their predecessors, so the old
+//! cluster's late manifests are in nobody's chain.
+//!
+//! Two new clusters started at the same moment on one location: each looks again [`CONFIRM`]
+//! after writing its first lease, and the one outranked (lower generation, or the same and a
+//! smaller cluster id) removes its lease and does not start. (If one of them took longer than
+//! [`CONFIRM`] between listing and writing, both start and the outranked one exits at its
+//! first renewal.)
 
 use std::time::Duration;
 
@@ -37,10 +44,15 @@ pub const RENEW: Duration = Duration::from_secs(2);
 /// How long a new cluster watches other clusters' leases before taking a location over.
 pub const WATCH: Duration = Duration::from_millis(5_500);
 
-/// How far a cluster that takes a location over skips the epoch numbers: a cluster that only
-/// looked lost and commits a few more epochs before it stops writes numbers below the new
-/// cluster's, which no manifest of the new cluster names as its predecessor.
-pub const TAKEOVER_JUMP: u64 = 1 << 20;
+/// How long a cluster that wrote its first lease on a location waits before it looks again
+/// for another cluster that started there at the same moment.
+pub const CONFIRM: Duration = Duration::from_secs(1);
+
+/// Epoch numbers of lease generation `g` start at `(g - 1) << EPOCH_BITS`: a cluster that only
+/// looked lost and commits a few more epochs before it stops writes numbers below the cluster
+/// that took over, which no manifest of that cluster names as its predecessor (2^44 epochs per
+/// generation: 5,000 years at 100 a second).
+pub const EPOCH_BITS: u32 = 44;
 
 /// One lease object, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +82,7 @@ pub fn parse_lease(path: &str, tag: String) -> Option<LeaseObj> {
 }
 
 /// `a` outranks `b`: newer generation, or the same and a greater cluster id.
-fn outranks(a: &LeaseObj, generation: u64, cluster: &str) -> bool {
+pub(crate) fn outranks(a: &LeaseObj, generation: u64, cluster: &str) -> bool {
     (a.generation, a.cluster.as_str()) > (generation, cluster)
 }
 
@@ -161,24 +173,41 @@ pub struct Lease {
     generation: u64,
     node: u64,
     seq: u64,
-    took_over: bool,
     /// The last listing.
     last: Vec<LeaseObj>,
 }
 
-fn listing_error(url: &str, e: CheckpointError) -> String {
-    format!("cannot list the cluster leases of the blob location {url}: {e}")
+/// Lists the leases, retrying a failed listing a few times (a blob store hiccup at start).
+async fn list(cp: &CheckpointStore, url: &str) -> Result<Vec<LeaseObj>, String> {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1.. {
+        match cp.leases().await {
+            Ok(l) => return Ok(l),
+            Err(e) if attempt < 4 && !e.is_permanent() => {
+                tracing::warn!(url, attempt, error = %e, "cannot list the cluster leases; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot list the cluster leases of the blob location {url}: {e}"
+                ))
+            }
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 /// Takes (or keeps) this cluster's lease on the checkpoint location, or refuses with the reason
 /// (another running cluster writes there, or a newer cluster took it over).
 pub async fn acquire(cp: &CheckpointStore, cluster: &str, node: u64) -> Result<Lease, String> {
     let url = cp.url().to_string();
-    let before = cp.leases().await.map_err(|e| listing_error(&url, e))?;
-    let mut took_over = false;
+    let before = list(cp, &url).await?;
+    let mut fresh = false;
     let generation = match on_start(&url, cluster, &before)? {
         Some(g) => g,
         None => {
+            fresh = true;
             let others: Vec<&str> = before
                 .iter()
                 .filter(|l| l.cluster != cluster)
@@ -189,11 +218,10 @@ pub async fn acquire(cp: &CheckpointStore, cluster: &str, node: u64) -> Result<L
             } else {
                 tracing::info!(url = %url, clusters = ?others, watch_s = WATCH.as_secs_f64(), "the blob location holds other clusters' leases; checking that none of them is running");
                 tokio::time::sleep(WATCH).await;
-                cp.leases().await.map_err(|e| listing_error(&url, e))?
+                list(cp, &url).await?
             };
             let g = after_watch(&url, cluster, &before, &after)?;
-            took_over = !others.is_empty();
-            if took_over {
+            if !others.is_empty() {
                 tracing::warn!(url = %url, clusters = ?others, generation = g, "taking over the blob location of clusters that are not running (disaster recovery)");
             }
             g
@@ -205,13 +233,28 @@ pub async fn acquire(cp: &CheckpointStore, cluster: &str, node: u64) -> Result<L
         generation,
         node,
         seq: 0,
-        took_over,
         last: Vec::new(),
     };
     lease.write().await.map_err(|e| {
         format!("cannot write this cluster's lease on the blob location {url}: {e}")
     })?;
-    lease.last = cp.leases().await.map_err(|e| listing_error(&url, e))?;
+    if fresh {
+        // Another new cluster may have listed before this one wrote: look again.
+        tokio::time::sleep(CONFIRM).await;
+        let now = list(cp, &url).await?;
+        if let Some(l) = now
+            .iter()
+            .find(|l| l.cluster != cluster && outranks(l, generation, cluster))
+        {
+            let why = format!(
+                "the blob location {url} was taken by cluster {} (lease generation {}), started there at the same moment as this cluster {cluster}; this one does not start. Give it another --checkpoint-url, or join cluster {}",
+                l.cluster, l.generation, l.cluster
+            );
+            let _ = cp.delete_lease(&lease_path(generation, cluster)).await;
+            return Err(why);
+        }
+    }
+    lease.last = list(cp, &url).await?;
     Ok(lease)
 }
 
@@ -221,9 +264,9 @@ impl Lease {
         self.generation
     }
 
-    /// This start took the location over from other clusters (disaster recovery).
-    pub fn took_over(&self) -> bool {
-        self.took_over
+    /// The lowest epoch number this cluster's generation uses (see [`EPOCH_BITS`]).
+    pub fn epoch_floor(&self) -> u64 {
+        self.generation.saturating_sub(1) << EPOCH_BITS
     }
 
     async fn write(&mut self) -> Result<(), CheckpointError> {
@@ -281,6 +324,34 @@ mod tests {
             cluster: c.into(),
             tag: tag.into(),
         }
+    }
+
+    /// Real leases in a local-files blob store: of two new clusters started at once, the
+    /// outranking one takes the location and the other leaves no lease; a later generation
+    /// numbers its epochs above the earlier ones.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn of_two_new_clusters_started_at_once_one_takes_the_location() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().display().to_string();
+        let blob = crate::checkpoint::blob::open(&url, &Default::default()).unwrap();
+        let cp = CheckpointStore::new(blob);
+        let (a, b) = tokio::join!(acquire(&cp, "aaaa", 1), acquire(&cp, "bbbb", 2));
+        let e = a.err().expect("the outranked cluster does not start");
+        assert!(e.contains("started there at the same moment"), "{e}");
+        let b = b.expect("the outranking cluster starts");
+        assert_eq!(b.generation(), 1);
+        assert_eq!(b.epoch_floor(), 0);
+        let left = cp.leases().await.unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].cluster, "bbbb");
+        // A restart of the winner keeps its generation at once.
+        let again = acquire(&cp, "bbbb", 2).await.unwrap();
+        assert_eq!(again.generation(), 1);
+        let l = Lease {
+            generation: 3,
+            ..again
+        };
+        assert_eq!(l.epoch_floor(), 2 << EPOCH_BITS);
     }
 
     #[test]

@@ -277,6 +277,15 @@ impl CheckpointStore {
             .collect())
     }
 
+    /// Deletes a lease object (a new cluster that does not start after all).
+    pub async fn delete_lease(&self, rel: &str) -> Result<(), CheckpointError> {
+        self.blob
+            .store
+            .delete(&self.path(rel))
+            .await
+            .map_err(|e| self.err("delete", rel, e))
+    }
+
     /// Writes (overwrites) a lease object.
     pub async fn put_lease(&self, rel: &str, body: Bytes) -> Result<(), CheckpointError> {
         self.blob

@@ -180,6 +180,8 @@ pub(crate) struct Rollback {
     pub generation: u64,
     /// The committed epoch rolled back to (for messages).
     pub committed: u64,
+    /// This shard's pending messages of the committed epoch, to process first.
+    pub pending: Vec<Envelope>,
 }
 
 /// Epoch `epoch` committed: release what it holds.
@@ -1320,7 +1322,16 @@ impl Handler<Rollback> for Shard {
         self.timers = Timers::default();
         self.idem = IdempotencyTable::default();
         self.load_from_store();
-        // What shards that rolled back first sent meanwhile.
+        // The committed epoch's pending messages first, then what shards that rolled back
+        // first sent meanwhile.
+        if !msg.pending.is_empty() {
+            self.deliver(Deliver {
+                batch: msg.pending,
+                from: None,
+                generation: self.generation,
+                ack: None,
+            });
+        }
         for e in std::mem::take(&mut self.early) {
             match e {
                 Early::Deliver(d) if d.generation == self.generation => self.deliver(d),
