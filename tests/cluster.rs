@@ -48,6 +48,16 @@ fn restart(root: &Path, id: u64, ports: (u16, u16), join: Option<&str>) -> Node 
     Node::start_launch(&root.join(format!("n{id}")), &launch(root, id, ports, join))
 }
 
+/// One numeric field of every member in a `GET /v1/cluster` answer, in member order.
+fn member_field(v: &serde_json::Value, field: &str) -> Vec<u64> {
+    v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m[field].as_u64().unwrap())
+        .collect()
+}
+
 async fn view(n: &Node) -> Option<serde_json::Value> {
     let (s, _, b) = common::try_http(
         &format!("{}/v1/cluster", n.http),
@@ -141,12 +151,7 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     let (n3, p3) = start(root, 3, Some(&seed));
     converged(&[&n1, &n2, &n3], 3, 3).await;
     let v = n3.get_json("/v1/cluster").await;
-    let owned: Vec<u64> = v["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["key_groups"].as_u64().unwrap())
-        .collect();
+    let owned: Vec<u64> = member_field(&v, "key_groups");
     assert_eq!(owned, vec![1024, 0, 0], "{v}");
     assert!(
         v["cluster_id"].as_str().is_some_and(|c| c.len() == 16),
@@ -396,12 +401,7 @@ async fn a_join_applied_but_not_answered_is_finished_by_the_next_start() {
     assert!(!n2_dir.join("joining").exists());
     converged(&[&n1, &n2], 2, 1).await;
     let v = view(&n1).await.unwrap();
-    let ids: Vec<u64> = v["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_u64().unwrap())
-        .collect();
+    let ids: Vec<u64> = member_field(&v, "id");
     assert_eq!(ids, vec![1, 2], "{v}");
     assert_eq!(add(&n2.client().await, "after-join", 2).await, 2);
     for n in [n1, n2] {
@@ -473,12 +473,7 @@ async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
 
     // The cluster is as it was.
     let v = n1.get_json("/v1/cluster").await;
-    let ids: Vec<u64> = v["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_u64().unwrap())
-        .collect();
+    let ids: Vec<u64> = member_field(&v, "id");
     assert_eq!(ids, vec![1, 2, 4], "{v}");
     for n in [n1, n2, n4] {
         n.stop();

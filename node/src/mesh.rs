@@ -715,14 +715,6 @@ fn start_one(
     r: mpb::ForwardRequest,
 ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, ServiceError>> {
     use futures::FutureExt;
-    let bad = |e: prost::DecodeError| {
-        ServiceError::InvalidArgument(format!("a forwarded request does not decode: {e}"))
-    };
-    let parts = |t: Option<pb::Address>, m: Option<pb::TypedValue>| {
-        let t = t.ok_or_else(|| ServiceError::InvalidArgument("missing target address".into()))?;
-        let m = m.ok_or_else(|| ServiceError::InvalidArgument("missing message".into()))?;
-        Ok::<_, ServiceError>((Address::from_proto(&t)?, TypedValue::from_proto(m)))
-    };
     let now = match Kind::try_from(r.kind) {
         Ok(Kind::Send) => (|| {
             let q = pb::SendRequest::decode(r.request.clone()).map_err(bad)?;
@@ -761,37 +753,31 @@ fn start_one(
     }
 }
 
+/// A forwarded request that does not decode.
+fn bad(e: prost::DecodeError) -> ServiceError {
+    ServiceError::InvalidArgument(format!("a forwarded request does not decode: {e}"))
+}
+
+/// A forwarded message's target and value.
+fn parts(
+    t: Option<pb::Address>,
+    m: Option<pb::TypedValue>,
+) -> Result<(Address, TypedValue), ServiceError> {
+    let t = t.ok_or_else(|| ServiceError::InvalidArgument("missing target address".into()))?;
+    let m = m.ok_or_else(|| ServiceError::InvalidArgument("missing message".into()))?;
+    Ok((Address::from_proto(&t)?, TypedValue::from_proto(m)))
+}
+
+/// The forwarded requests [`start_one`] does not queue at once: stream batches and state
+/// reads.
 async fn serve_one(
     router: &crate::router::Router,
     r: mpb::ForwardRequest,
 ) -> Result<Vec<u8>, ServiceError> {
-    let bad = |e: prost::DecodeError| {
-        ServiceError::InvalidArgument(format!("a forwarded request does not decode: {e}"))
-    };
-    let parts = |t: Option<pb::Address>, m: Option<pb::TypedValue>| {
-        let t = t.ok_or_else(|| ServiceError::InvalidArgument("missing target address".into()))?;
-        let m = m.ok_or_else(|| ServiceError::InvalidArgument("missing message".into()))?;
-        Ok::<_, ServiceError>((Address::from_proto(&t)?, TypedValue::from_proto(m)))
-    };
     match Kind::try_from(r.kind) {
-        Ok(Kind::Send) => {
-            let q = pb::SendRequest::decode(r.request).map_err(bad)?;
-            let (t, m) = parts(q.target, q.message)?;
-            let key = Some(q.idempotency_key).filter(|k| !k.is_empty());
-            router.send_routed(t, m, key, true).await?;
-            Ok(pb::SendResponse {}.encode_to_vec())
-        }
-        Ok(Kind::Call) => {
-            let q = pb::CallRequest::decode(r.request).map_err(bad)?;
-            let (t, m) = parts(q.target, q.message)?;
-            let key = Some(q.idempotency_key).filter(|k| !k.is_empty());
-            let timeout = Duration::from_millis(q.timeout_ms.max(1));
-            let v = router.call_routed(t, m, timeout, key, true).await?;
-            Ok(pb::CallResponse {
-                reply: Some(v.to_proto()),
-            }
-            .encode_to_vec())
-        }
+        Ok(Kind::Send | Kind::Call) => Err(ServiceError::Internal(
+            "sends and calls are queued by start_one".into(),
+        )),
         Ok(Kind::SendBatch) => {
             let q = pb::SendBatch::decode(r.request).map_err(bad)?;
             let mut batch = Vec::with_capacity(q.messages.len());
