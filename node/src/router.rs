@@ -86,8 +86,7 @@ struct Inner {
     /// Wakes the epoch driver when `commit_wanted` turns on.
     commit_notify: tokio::sync::Notify,
     /// Why ingress is refused while checkpoints are behind (`None`: it is not).
-    backpressure: parking_lot::RwLock<Option<String>>,
-    backpressure_on: AtomicBool,
+    backpressure: Refusal,
     /// The newest epoch applied to sled (shards passivate only what it holds).
     applied: AtomicU64,
     /// Which node owns which key group (ingress for another owner is forwarded there).
@@ -95,10 +94,33 @@ struct Inner {
     /// A shard must passivate but waits for sled: apply committed epochs now.
     apply_wanted: AtomicBool,
     /// Why ingress is refused while the node rolls back (`None`: it is not).
-    rolling_back: parking_lot::RwLock<Option<String>>,
-    rolling_back_on: AtomicBool,
+    rolling_back: Refusal,
     /// The shards' generation (bumped by each rollback).
     generation: AtomicU64,
+}
+
+/// A reason ingress is refused for now (checked on every admission: one atomic load while
+/// there is none).
+#[derive(Default)]
+struct Refusal {
+    on: AtomicBool,
+    why: parking_lot::RwLock<Option<String>>,
+}
+
+impl Refusal {
+    fn set(&self, why: Option<String>) {
+        let on = why.is_some();
+        *self.why.write() = why;
+        self.on.store(on, Ordering::SeqCst);
+    }
+
+    fn get(&self) -> Option<String> {
+        if self.on.load(Ordering::Relaxed) {
+            self.why.read().clone()
+        } else {
+            None
+        }
+    }
 }
 
 /// Routes messages to shards. Cheap to clone.
@@ -148,12 +170,10 @@ impl Router {
                 ack,
                 commit_wanted: AtomicBool::new(false),
                 commit_notify: tokio::sync::Notify::new(),
-                backpressure: Default::default(),
-                backpressure_on: AtomicBool::new(false),
+                backpressure: Refusal::default(),
                 applied: AtomicU64::new(0),
                 apply_wanted: AtomicBool::new(false),
-                rolling_back: Default::default(),
-                rolling_back_on: AtomicBool::new(false),
+                rolling_back: Refusal::default(),
                 generation: AtomicU64::new(0),
                 placement,
             }),
@@ -247,15 +267,12 @@ impl Router {
 
     /// Turns checkpoint back-pressure on (with the reason ingress reports) or off.
     pub(crate) fn set_backpressure(&self, reason: Option<String>) {
-        self.inner
-            .backpressure_on
-            .store(reason.is_some(), Ordering::SeqCst);
-        *self.inner.backpressure.write() = reason;
+        self.inner.backpressure.set(reason);
     }
 
     /// Why ingress is refused because checkpoints are behind, if it is.
     pub fn backpressure(&self) -> Option<String> {
-        self.inner.backpressure.read().clone()
+        self.inner.backpressure.get()
     }
 
     pub(crate) fn set_applied(&self, epoch: u64) {
@@ -320,11 +337,6 @@ impl Router {
                 "shutdown",
             ));
         }
-        if self.inner.rolling_back_on.load(Ordering::Relaxed) {
-            if let Some(why) = self.inner.rolling_back.read().clone() {
-                return Err(self.reject(ServiceError::Unavailable(why), "rolling_back"));
-            }
-        }
         if self.inner.registry.get(&target.typ).is_none() {
             return Err(self.reject(
                 ServiceError::UnknownFunction(target.typ.to_string()),
@@ -384,17 +396,13 @@ impl Router {
     }
 
     fn admit(&self, shard: usize, n: usize) -> Result<(), ServiceError> {
-        // Checked again here: a stream waiting for room since before a rollback must not get
-        // in ahead of the replayed messages.
-        if self.inner.rolling_back_on.load(Ordering::Relaxed) {
-            if let Some(why) = self.inner.rolling_back.read().clone() {
-                return Err(self.reject(ServiceError::Unavailable(why), "rolling_back"));
-            }
+        // Here, not at validation: a stream waiting for room since before a rollback must not
+        // get in ahead of the replayed messages.
+        if let Some(why) = self.inner.rolling_back.get() {
+            return Err(self.reject(ServiceError::Unavailable(why), "rolling_back"));
         }
-        if self.inner.backpressure_on.load(Ordering::Relaxed) {
-            if let Some(reason) = self.backpressure() {
-                return Err(self.reject(ServiceError::Overloaded(reason), "checkpoint_backlog"));
-            }
+        if let Some(reason) = self.inner.backpressure.get() {
+            return Err(self.reject(ServiceError::Overloaded(reason), "checkpoint_backlog"));
         }
         let q = &self.inner.queued[shard];
         let before = q.fetch_add(n, Ordering::Relaxed);
@@ -833,10 +841,7 @@ impl Router {
 
     /// Ingress is refused (with the reason) while the node rolls back, or admitted again.
     pub(crate) fn set_rolling_back(&self, reason: Option<String>) {
-        self.inner
-            .rolling_back_on
-            .store(reason.is_some(), Ordering::SeqCst);
-        *self.inner.rolling_back.write() = reason;
+        self.inner.rolling_back.set(reason);
     }
 
     /// Fails every call waiting for a reply (a rollback: the replies of calls whose messages

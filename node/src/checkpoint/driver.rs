@@ -562,11 +562,9 @@ impl Driver {
 
     fn event(&mut self, ev: DriverEvent) {
         match ev {
-            // Everything of the epochs being abandoned is dropped: a cut, or a write, of one.
+            // Everything of the epochs being abandoned is dropped: a cut, or a write, of one
+            // (a shard's last old cut reaches this channel before `RolledBack` does).
             DriverEvent::Cut(_) | DriverEvent::Written { .. } if self.rolling_back.is_some() => {}
-            DriverEvent::Cut(c) if c.epoch <= self.coord.committed() => {
-                // A cut of an abandoned epoch (sent before its shard rolled back).
-            }
             DriverEvent::Cut(c) => {
                 let (epoch, shard) = (c.epoch, c.shard);
                 self.cuts.entry(epoch).or_default().push(c);

@@ -180,13 +180,15 @@ pub struct Lease {
 /// Lists the leases, retrying a failed listing a few times (a blob store hiccup at start).
 async fn list(cp: &CheckpointStore, url: &str) -> Result<Vec<LeaseObj>, String> {
     let mut delay = Duration::from_millis(100);
-    for attempt in 1.. {
+    let mut attempt = 1;
+    loop {
         match cp.leases().await {
             Ok(l) => return Ok(l),
             Err(e) if attempt < 4 && !e.is_permanent() => {
                 tracing::warn!(url, attempt, error = %e, "cannot list the cluster leases; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
+                attempt += 1;
             }
             Err(e) => {
                 return Err(format!(
@@ -195,7 +197,6 @@ async fn list(cp: &CheckpointStore, url: &str) -> Result<Vec<LeaseObj>, String> 
             }
         }
     }
-    unreachable!("the loop returns")
 }
 
 /// Takes (or keeps) this cluster's lease on the checkpoint location, or refuses with the reason
