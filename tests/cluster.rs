@@ -508,6 +508,7 @@ async fn a_peer_that_sends_garbage_is_disconnected_and_the_node_keeps_serving() 
         cluster_id: cluster.into(),
         from_addr: String::new(),
         raft,
+        epoch: Vec::new(),
     };
     // A frame whose bytes are not a Raft message.
     let e = c

@@ -178,6 +178,10 @@ pub struct ClusterState {
     /// The Raft configuration as of `applied_index` (`None`: the bootstrap configuration).
     #[serde(default)]
     pub conf: Option<RaftConf>,
+    /// The blob location every member writes its checkpoints to (the bootstrapping node's;
+    /// empty: checkpoints are off).
+    #[serde(default)]
+    pub checkpoint_url: String,
 }
 
 impl ClusterState {
@@ -197,6 +201,7 @@ impl ClusterState {
             committed_epoch: 0,
             applied_index: 0,
             conf: None,
+            checkpoint_url: String::new(),
         }
     }
 

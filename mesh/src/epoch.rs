@@ -4,7 +4,9 @@
 //! epoch starts, when every part is written, when to write the manifest and propose the commit
 //! entry, and which epochs to abandon when a participant dies or restarts). The single-node
 //! coordinator (`node/src/checkpoint/coordinator.rs`) is the case of one participant with no
-//! peers. Not wired into the node yet.
+//! peers. [`EpochLeader`] wraps the coordinator with the synchronisation of the participants
+//! and is what the node's control thread runs (`node/src/cluster.rs`); [`NodeCut`] and
+//! [`Outbox`] are not wired into the node yet (one participant so far).
 //!
 //! **The cut** is Chandy–Lamport over the FIFO node-pair streams. A node cuts epoch `e` when
 //! the leader's barrier of `e` or the first peer marker of `e` reaches it, whichever comes
@@ -563,6 +565,543 @@ impl ClusterCoordinator {
     }
 }
 
+/// A message of the cluster-epoch protocol between the leader and the participants (the
+/// members that own key groups), carried on the node-pair control streams. Every message
+/// names the leader's synchronisation generation `gen` (term-based, increasing): a message of
+/// an older one is stale and ignored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum EpochMsg {
+    /// Leader → participant: stop cutting epochs of older generations and report where you
+    /// stand (a node that commits its own epochs first finishes the one it is committing).
+    Hold {
+        /// The new generation.
+        gen: u64,
+    },
+    /// Participant → leader: its last committed (released) epoch and its last cut one.
+    Held {
+        /// The generation answered.
+        gen: u64,
+        /// Its last committed epoch.
+        committed: Epoch,
+        /// The last epoch it cut.
+        cut: Epoch,
+    },
+    /// Leader → participant: epochs up to `committed` are committed (release them); the ones
+    /// after it are abandoned (roll back to `committed` and replay its pending messages);
+    /// epochs go on after `base`.
+    Resume {
+        /// The generation.
+        gen: u64,
+        /// The last committed epoch.
+        committed: Epoch,
+        /// The highest epoch cut anywhere (numbers are never reused).
+        base: Epoch,
+        /// The newest manifest of the chain (a participant behind `committed` reads the
+        /// epochs it missed from there).
+        manifest: Option<Epoch>,
+    },
+    /// Leader → participant: cut `epoch` (its participants are `members`).
+    Barrier {
+        /// The generation.
+        gen: u64,
+        /// The epoch.
+        epoch: Epoch,
+        /// Its participants.
+        members: Vec<NodeId>,
+    },
+    /// Participant → leader: a caller waits for a commit (start an epoch soon).
+    Wanted {
+        /// The generation.
+        gen: u64,
+    },
+    /// Participant → leader: its part of `epoch` is in blob storage; `objects` is what the
+    /// manifest lists for it (opaque here: the node's encoding of its object references).
+    Part {
+        /// The generation.
+        gen: u64,
+        /// The epoch.
+        epoch: Epoch,
+        /// What the manifest lists for this part.
+        objects: Vec<u8>,
+    },
+    /// Leader → participant: `epoch` is committed (its manifest is written): release it and
+    /// every earlier one.
+    Committed {
+        /// The generation.
+        gen: u64,
+        /// The epoch.
+        epoch: Epoch,
+    },
+    /// Participant → leader: its open epochs are lost (a local failure): synchronise again.
+    Reset {
+        /// The generation.
+        gen: u64,
+    },
+}
+
+impl EpochMsg {
+    /// Whether the leader's side takes this message (else a participant's).
+    pub fn to_leader(&self) -> bool {
+        matches!(
+            self,
+            EpochMsg::Held { .. }
+                | EpochMsg::Wanted { .. }
+                | EpochMsg::Part { .. }
+                | EpochMsg::Reset { .. }
+        )
+    }
+
+    /// The generation the message belongs to.
+    pub fn gen(&self) -> u64 {
+        match self {
+            EpochMsg::Hold { gen }
+            | EpochMsg::Held { gen, .. }
+            | EpochMsg::Resume { gen, .. }
+            | EpochMsg::Barrier { gen, .. }
+            | EpochMsg::Wanted { gen }
+            | EpochMsg::Part { gen, .. }
+            | EpochMsg::Committed { gen, .. }
+            | EpochMsg::Reset { gen } => *gen,
+        }
+    }
+
+    /// The message's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an epoch message serializes")
+    }
+
+    /// A message from its bytes.
+    pub fn decode(b: &[u8]) -> Result<EpochMsg, String> {
+        serde_json::from_slice(b).map_err(|e| format!("epoch message: {e}"))
+    }
+}
+
+/// What the leader's epoch side learns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeadInput {
+    /// Time passed.
+    Tick {
+        /// Now, ms.
+        now_ms: u64,
+    },
+    /// The participants now (members that own key groups) with their incarnations: a new
+    /// participant, one gone, or one restarted (another incarnation) makes the leader
+    /// synchronise again.
+    Participants(BTreeMap<NodeId, u64>),
+    /// A participant's message.
+    Msg {
+        /// The sender.
+        from: NodeId,
+        /// The message.
+        msg: EpochMsg,
+    },
+    /// The newest manifest in blob storage (read for a synchronisation; `Err`: the read
+    /// failed, retried).
+    Latest(Result<Option<Epoch>, String>),
+    /// The manifest write of `epoch` finished (`wrote`: a manifest was stored; every part was
+    /// empty otherwise, and the epoch commits without one).
+    ManifestDone {
+        /// The epoch.
+        epoch: Epoch,
+        /// `Ok(wrote)`, or the error.
+        result: Result<bool, String>,
+    },
+}
+
+/// What the leader's epoch side does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeadAction {
+    /// Send a message to a participant (this node included).
+    Send {
+        /// The participant.
+        to: NodeId,
+        /// The message.
+        msg: EpochMsg,
+    },
+    /// Read the newest manifest ([`LeadInput::Latest`] answers).
+    ReadLatest,
+    /// Write the manifest of `epoch` (create-only) listing the parts, after `previous`
+    /// ([`LeadInput::ManifestDone`] answers). With nothing in any part, write nothing.
+    WriteManifest {
+        /// The epoch.
+        epoch: Epoch,
+        /// The last epoch with a manifest.
+        previous: Option<Epoch>,
+        /// The parts (what each participant listed).
+        parts: Vec<Vec<u8>>,
+    },
+    /// `epoch` is committed: record it in the control group (bookkeeping for later leaders;
+    /// the manifest is the commit point).
+    Record(Epoch),
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    /// No participants.
+    Idle,
+    /// Waiting for every participant's `Held`, then for the newest manifest.
+    Syncing {
+        held: BTreeMap<NodeId, (Epoch, Epoch)>,
+        reading: bool,
+        last_hold_ms: Option<u64>,
+    },
+    Running {
+        coord: ClusterCoordinator,
+        /// The manifest being written.
+        writing: Option<Epoch>,
+        /// When each open epoch started (a stalled one makes the leader synchronise again).
+        since: BTreeMap<Epoch, u64>,
+    },
+}
+
+/// How often a leader that waits for `Held` answers sends `Hold` again.
+const HOLD_RESEND_MS: u64 = 500;
+
+/// The leader's side of cluster epochs: synchronises the participants (after it took over, or
+/// when they change), then runs a [`ClusterCoordinator`] over them. A participant that does
+/// not answer, or an epoch that makes no progress for `stall_ms`, makes it synchronise again
+/// (lost messages, a participant that restarted): every participant rolls back to the last
+/// committed epoch.
+#[derive(Debug, Clone)]
+pub struct EpochLeader {
+    gen: u64,
+    interval_ms: u64,
+    max_uncommitted: u64,
+    stall_ms: u64,
+    participants: BTreeMap<NodeId, u64>,
+    phase: Phase,
+    /// The parts received per open epoch.
+    parts: BTreeMap<Epoch, BTreeMap<NodeId, Vec<u8>>>,
+    /// The newest manifest written (the next one names it).
+    previous: Option<Epoch>,
+    /// The last committed epoch known.
+    committed: Epoch,
+    /// The highest epoch started or cut anywhere (numbers are never reused).
+    base: Epoch,
+    /// A synchronisation is due once the manifest being written is done.
+    resync: bool,
+    now_ms: u64,
+}
+
+impl EpochLeader {
+    /// A leader whose generations start above `gen` (its term, shifted: every leader's are
+    /// above every earlier leader's), knowing `committed` from the control group.
+    pub fn new(
+        gen: u64,
+        interval_ms: u64,
+        max_uncommitted: u64,
+        stall_ms: u64,
+        committed: Epoch,
+    ) -> Self {
+        EpochLeader {
+            gen,
+            interval_ms,
+            max_uncommitted,
+            stall_ms: stall_ms.max(1),
+            participants: BTreeMap::new(),
+            phase: Phase::Idle,
+            parts: BTreeMap::new(),
+            previous: None,
+            committed,
+            base: committed,
+            resync: false,
+            now_ms: 0,
+        }
+    }
+
+    /// The current generation.
+    pub fn gen(&self) -> u64 {
+        self.gen
+    }
+
+    /// The last committed epoch.
+    pub fn committed(&self) -> Epoch {
+        self.committed
+    }
+
+    /// Whether epochs run (every participant is synchronised).
+    pub fn running(&self) -> bool {
+        matches!(self.phase, Phase::Running { .. })
+    }
+
+    fn sync(&mut self, out: &mut Vec<LeadAction>) {
+        self.resync = false;
+        self.parts.clear();
+        if self.participants.is_empty() {
+            self.phase = Phase::Idle;
+            return;
+        }
+        self.gen += 1;
+        self.phase = Phase::Syncing {
+            held: BTreeMap::new(),
+            reading: false,
+            last_hold_ms: Some(self.now_ms),
+        };
+        for &to in self.participants.keys() {
+            out.push(LeadAction::Send {
+                to,
+                msg: EpochMsg::Hold { gen: self.gen },
+            });
+        }
+    }
+
+    fn want_sync(&mut self, out: &mut Vec<LeadAction>) {
+        match &self.phase {
+            Phase::Running {
+                writing: Some(_), ..
+            } => self.resync = true,
+            _ => self.sync(out),
+        }
+    }
+
+    fn coord_actions(&mut self, acts: Vec<CoordAction>, out: &mut Vec<LeadAction>) {
+        for a in acts {
+            match a {
+                CoordAction::Barrier { epoch, members } => {
+                    self.base = self.base.max(epoch);
+                    if let Phase::Running { since, .. } = &mut self.phase {
+                        since.insert(epoch, self.now_ms);
+                    }
+                    for &to in &members {
+                        out.push(LeadAction::Send {
+                            to,
+                            msg: EpochMsg::Barrier {
+                                gen: self.gen,
+                                epoch,
+                                members: members.iter().copied().collect(),
+                            },
+                        });
+                    }
+                }
+                CoordAction::WriteManifest { epoch, parts, .. } => {
+                    if let Phase::Running { writing, .. } = &mut self.phase {
+                        *writing = Some(epoch);
+                    }
+                    let got = self.parts.get(&epoch);
+                    out.push(LeadAction::WriteManifest {
+                        epoch,
+                        previous: self.previous,
+                        parts: parts
+                            .iter()
+                            .filter_map(|n| got.and_then(|g| g.get(n)).cloned())
+                            .collect(),
+                    });
+                }
+                CoordAction::ProposeCommit(epoch) => {
+                    // The manifest is the commit point: release at once, record in the
+                    // control group for later leaders.
+                    self.committed = epoch;
+                    self.parts.remove(&epoch);
+                    if let Phase::Running { since, .. } = &mut self.phase {
+                        since.remove(&epoch);
+                    }
+                    for &to in self.participants.keys() {
+                        out.push(LeadAction::Send {
+                            to,
+                            msg: EpochMsg::Committed {
+                                gen: self.gen,
+                                epoch,
+                            },
+                        });
+                    }
+                    out.push(LeadAction::Record(epoch));
+                    let more = match &mut self.phase {
+                        Phase::Running { coord, .. } => {
+                            coord.handle(CoordInput::Committed { epoch })
+                        }
+                        _ => Vec::new(),
+                    };
+                    self.coord_actions(more, out);
+                }
+                CoordAction::Abandon { .. } | CoordAction::Backpressure(_) => {}
+            }
+        }
+    }
+
+    /// Feeds one input; returns the actions, in order.
+    pub fn handle(&mut self, input: LeadInput) -> Vec<LeadAction> {
+        let mut out = Vec::new();
+        match input {
+            LeadInput::Tick { now_ms } => {
+                self.now_ms = now_ms;
+                match &mut self.phase {
+                    Phase::Idle => {}
+                    Phase::Syncing {
+                        held,
+                        reading,
+                        last_hold_ms,
+                    } => {
+                        if !*reading && last_hold_ms.is_none_or(|t| now_ms >= t + HOLD_RESEND_MS) {
+                            *last_hold_ms = Some(now_ms);
+                            for &to in self.participants.keys() {
+                                if !held.contains_key(&to) {
+                                    out.push(LeadAction::Send {
+                                        to,
+                                        msg: EpochMsg::Hold { gen: self.gen },
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    Phase::Running {
+                        coord,
+                        since,
+                        writing,
+                    } => {
+                        // The oldest open epoch still lacks a part after `stall_ms` (a lost
+                        // barrier or part, a participant that restarted): synchronise again.
+                        // A manifest that keeps failing is retried instead.
+                        let n = self.participants.len();
+                        let stalled = writing.is_none()
+                            && since.iter().next().is_some_and(|(e, &t)| {
+                                now_ms >= t + self.stall_ms
+                                    && self.parts.get(e).map_or(0, |p| p.len()) < n
+                            });
+                        if stalled {
+                            self.sync(&mut out);
+                        } else {
+                            let acts = coord.handle(CoordInput::Tick { now_ms });
+                            self.coord_actions(acts, &mut out);
+                        }
+                    }
+                }
+            }
+            LeadInput::Participants(p) => {
+                if p != self.participants {
+                    self.participants = p;
+                    self.want_sync(&mut out);
+                }
+            }
+            LeadInput::Msg { from, msg } => {
+                if msg.gen() != self.gen || !self.participants.contains_key(&from) {
+                    return out;
+                }
+                match (msg, &mut self.phase) {
+                    (
+                        EpochMsg::Held { committed, cut, .. },
+                        Phase::Syncing { held, reading, .. },
+                    ) => {
+                        held.insert(from, (committed, cut));
+                        if !*reading && held.len() == self.participants.len() {
+                            *reading = true;
+                            out.push(LeadAction::ReadLatest);
+                        }
+                    }
+                    (EpochMsg::Wanted { .. }, Phase::Running { coord, .. }) => {
+                        coord.handle(CoordInput::CallerWaiting);
+                        let acts = coord.handle(CoordInput::Tick {
+                            now_ms: self.now_ms,
+                        });
+                        self.coord_actions(acts, &mut out);
+                    }
+                    (EpochMsg::Part { epoch, objects, .. }, Phase::Running { coord, .. })
+                        if epoch > self.committed =>
+                    {
+                        self.parts.entry(epoch).or_default().insert(from, objects);
+                        let acts = coord.handle(CoordInput::PartWritten { epoch, node: from });
+                        self.coord_actions(acts, &mut out);
+                    }
+                    (EpochMsg::Reset { .. }, _) => self.want_sync(&mut out),
+                    _ => {}
+                }
+            }
+            LeadInput::Latest(r) => {
+                let Phase::Syncing { held, reading, .. } = &mut self.phase else {
+                    return out;
+                };
+                if !*reading {
+                    return out;
+                }
+                match r {
+                    Err(_) => {
+                        // Read again at the next tick's resend time.
+                        *reading = false;
+                        held.clear();
+                    }
+                    Ok(latest) => {
+                        if latest.is_some() {
+                            self.previous = latest.max(self.previous);
+                        }
+                        let committed = held
+                            .values()
+                            .map(|(c, _)| *c)
+                            .chain(latest)
+                            .fold(self.committed, Epoch::max);
+                        let base = held
+                            .values()
+                            .map(|(_, cut)| *cut)
+                            .fold(self.base.max(committed), Epoch::max);
+                        self.committed = committed;
+                        self.base = base;
+                        for &to in self.participants.keys() {
+                            out.push(LeadAction::Send {
+                                to,
+                                msg: EpochMsg::Resume {
+                                    gen: self.gen,
+                                    committed,
+                                    base,
+                                    manifest: self.previous,
+                                },
+                            });
+                        }
+                        let mut coord = ClusterCoordinator::new(
+                            self.interval_ms,
+                            self.max_uncommitted,
+                            base,
+                            base,
+                        );
+                        coord.handle(CoordInput::Members(
+                            self.participants.keys().copied().collect(),
+                        ));
+                        self.phase = Phase::Running {
+                            coord,
+                            writing: None,
+                            since: BTreeMap::new(),
+                        };
+                    }
+                }
+            }
+            LeadInput::ManifestDone { epoch, result } => {
+                let Phase::Running { coord, writing, .. } = &mut self.phase else {
+                    return out;
+                };
+                if *writing != Some(epoch) {
+                    return out;
+                }
+                *writing = None;
+                match result {
+                    Ok(wrote) => {
+                        if wrote {
+                            self.previous = Some(epoch);
+                        }
+                        let acts = coord.handle(CoordInput::ManifestWritten { epoch });
+                        self.coord_actions(acts, &mut out);
+                    }
+                    Err(_) => {
+                        let acts = coord.handle(CoordInput::Failed {
+                            epoch,
+                            now_ms: self.now_ms,
+                        });
+                        self.coord_actions(acts, &mut out);
+                    }
+                }
+                if self.resync
+                    && !matches!(
+                        self.phase,
+                        Phase::Running {
+                            writing: Some(_),
+                            ..
+                        }
+                    )
+                {
+                    self.sync(&mut out);
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -689,5 +1228,150 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    fn sends(a: &[LeadAction]) -> Vec<(NodeId, EpochMsg)> {
+        a.iter()
+            .filter_map(|x| match x {
+                LeadAction::Send { to, msg } => Some((*to, msg.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_leader_synchronises_then_commits_epochs_and_resyncs_when_participants_change() {
+        let mut l = EpochLeader::new(7 << 32, 10, 4, 1_000, 3);
+        l.handle(LeadInput::Tick { now_ms: 0 });
+        let a = l.handle(LeadInput::Participants([(1, 11), (2, 22)].into()));
+        let g = l.gen();
+        assert_eq!(
+            sends(&a),
+            vec![
+                (1, EpochMsg::Hold { gen: g }),
+                (2, EpochMsg::Hold { gen: g })
+            ]
+        );
+        // Answers of another generation are stale.
+        assert!(l
+            .handle(LeadInput::Msg {
+                from: 1,
+                msg: EpochMsg::Held {
+                    gen: g - 1,
+                    committed: 3,
+                    cut: 3
+                }
+            })
+            .is_empty());
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Held {
+                gen: g,
+                committed: 4,
+                cut: 6,
+            },
+        });
+        let a = l.handle(LeadInput::Msg {
+            from: 2,
+            msg: EpochMsg::Held {
+                gen: g,
+                committed: 3,
+                cut: 3,
+            },
+        });
+        assert_eq!(a, vec![LeadAction::ReadLatest]);
+        let a = l.handle(LeadInput::Latest(Ok(Some(5))));
+        // Manifest 5 is committed (node 1 had not heard yet); 6 is abandoned.
+        assert_eq!(
+            sends(&a)[0],
+            (
+                1,
+                EpochMsg::Resume {
+                    gen: g,
+                    committed: 5,
+                    base: 6,
+                    manifest: Some(5)
+                }
+            )
+        );
+        assert!(l.running());
+        let a = l.handle(LeadInput::Tick { now_ms: 100 });
+        assert!(matches!(
+            &sends(&a)[0],
+            (1, EpochMsg::Barrier { epoch: 7, members, .. }) if members == &vec![1, 2]
+        ));
+        l.handle(LeadInput::Msg {
+            from: 2,
+            msg: EpochMsg::Part {
+                gen: g,
+                epoch: 7,
+                objects: b"b".to_vec(),
+            },
+        });
+        let a = l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Part {
+                gen: g,
+                epoch: 7,
+                objects: b"a".to_vec(),
+            },
+        });
+        assert_eq!(
+            a,
+            vec![LeadAction::WriteManifest {
+                epoch: 7,
+                previous: Some(5),
+                parts: vec![b"a".to_vec(), b"b".to_vec()]
+            }]
+        );
+        // A participant restarts while the manifest is written: the write finishes first.
+        assert!(l
+            .handle(LeadInput::Participants([(1, 11), (2, 23)].into()))
+            .is_empty());
+        let a = l.handle(LeadInput::ManifestDone {
+            epoch: 7,
+            result: Ok(true),
+        });
+        let s = sends(&a);
+        assert_eq!(
+            &s[..2],
+            &[
+                (1, EpochMsg::Committed { gen: g, epoch: 7 }),
+                (2, EpochMsg::Committed { gen: g, epoch: 7 })
+            ]
+        );
+        assert!(a.contains(&LeadAction::Record(7)));
+        assert_eq!(s[2], (1, EpochMsg::Hold { gen: g + 1 }));
+        assert_eq!(l.committed(), 7);
+    }
+
+    #[test]
+    fn an_epoch_missing_a_part_for_too_long_makes_the_leader_resync() {
+        let mut l = EpochLeader::new(1 << 32, 10, 4, 1_000, 0);
+        l.handle(LeadInput::Participants([(1, 1)].into()));
+        let g = l.gen();
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Held {
+                gen: g,
+                committed: 0,
+                cut: 0,
+            },
+        });
+        l.handle(LeadInput::Latest(Ok(None)));
+        l.handle(LeadInput::Tick { now_ms: 10 });
+        assert!(l
+            .handle(LeadInput::Tick { now_ms: 500 })
+            .iter()
+            .all(|a| !matches!(
+                a,
+                LeadAction::Send {
+                    msg: EpochMsg::Hold { .. },
+                    ..
+                }
+            )));
+        let a = l.handle(LeadInput::Tick { now_ms: 1_010 });
+        assert_eq!(sends(&a), vec![(1, EpochMsg::Hold { gen: g + 1 })]);
+        assert!(!l.running());
     }
 }

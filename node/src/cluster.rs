@@ -34,7 +34,40 @@ use statemesh_proto::mesh_v1 as mpb;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
+use crate::checkpoint::driver::DriverEvent;
+use crate::checkpoint::format::{Manifest, ObjectRef};
+use crate::checkpoint::store::CheckpointStore;
 use crate::mesh::{ControlInput, Link, Placement};
+use statemesh_mesh::epoch::{EpochLeader, EpochMsg, LeadAction, LeadInput};
+
+/// An epoch message on its way (to a peer, to this node's leader side or its participant
+/// side), or a result for the leader's side.
+pub(crate) enum EpochRoute {
+    Send {
+        from: NodeId,
+        to: NodeId,
+        msg: EpochMsg,
+    },
+    Lead(LeadInput),
+}
+
+/// What the control thread needs to lead cluster epochs.
+pub(crate) struct EpochParams {
+    /// Epoch messages and results for the control thread.
+    pub tx: mpsc::UnboundedSender<EpochRoute>,
+    pub rx: mpsc::UnboundedReceiver<EpochRoute>,
+    /// This node's participant side.
+    pub driver: mpsc::UnboundedSender<DriverEvent>,
+    /// Blob storage (`None`: checkpoints off, no cluster epochs).
+    pub cp: Option<CheckpointStore>,
+    pub interval_ms: u64,
+    pub max_uncommitted: u64,
+}
+
+/// An epoch that lacks a participant's part this long makes the leader synchronise again.
+const EPOCH_STALL_MS: u64 = 10_000;
+/// Committed epochs are recorded in the control group at most this often.
+const RECORD_EVERY: Duration = Duration::from_millis(200);
 
 /// One tick of the control group.
 const TICK: Duration = Duration::from_millis(50);
@@ -128,6 +161,8 @@ pub(crate) struct Opened {
     incarnation: u64,
     /// This start bootstrapped a new cluster in a new data directory.
     pub bootstrapped: bool,
+    /// The cluster's blob location (empty: not known, or checkpoints are off).
+    pub checkpoint_url: String,
     /// The transport's inbox (the mesh service sends here) and its receiving end.
     pub inbox: mpsc::Sender<ControlInput>,
     inbox_rx: mpsc::Receiver<ControlInput>,
@@ -143,6 +178,7 @@ const JOIN_PATIENCE: Duration = Duration::from_secs(10);
 /// without `join` bootstraps a new cluster; with `join`, it joins the cluster there (refused:
 /// an error naming why, nothing joined); an existing one restarts as the member it was
 /// (checking, when `join` is given, that the cluster there is the same).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn open(
     data_dir: &Path,
     id: NodeId,
@@ -150,6 +186,8 @@ pub(crate) async fn open(
     join: &[String],
     grpc_addr: &str,
     http_addr: &str,
+    checkpoint_url: &str,
+    explicit_url: bool,
 ) -> Result<Opened, String> {
     let storage = open_in(data_dir, &RaftConf::default())?;
     let saved = storage.load_state()?;
@@ -176,12 +214,18 @@ pub(crate) async fn open(
         cluster_id: cluster_id.to_string(),
         incarnation,
         key_groups,
+        checkpoint_url: if explicit_url {
+            checkpoint_url.to_string()
+        } else {
+            String::new()
+        },
     };
     let fresh_bootstrap = saved.is_none() && join.is_empty();
     let state = match saved {
         None if join.is_empty() => {
             let mut s = ClusterState::new(key_groups);
             s.cluster_id = format!("{:016x}", random_u64());
+            s.checkpoint_url = checkpoint_url.to_string();
             s.conf = Some(RaftConf {
                 voters: vec![id],
                 ..Default::default()
@@ -210,6 +254,7 @@ pub(crate) async fn open(
             };
             let mut s = ClusterState::new(key_groups);
             s.cluster_id = reply.cluster_id.clone();
+            s.checkpoint_url = reply.checkpoint_url.clone();
             s.conf = Some(RaftConf::default());
             // Kept before anything else: a restart rejoins as this member of this cluster.
             storage.save_state(&s)?;
@@ -243,6 +288,7 @@ pub(crate) async fn open(
     }
     let (inbox, inbox_rx) = mpsc::channel(crate::mesh::INBOX);
     Ok(Opened {
+        checkpoint_url: state.checkpoint_url.clone(),
         bootstrapped: fresh_bootstrap,
         id,
         cluster_id: state.cluster_id.clone().into(),
@@ -291,6 +337,7 @@ pub(crate) fn start(
     handle: ClusterHandle,
     placement: Arc<Placement>,
     committed_epoch: Box<dyn Fn() -> u64 + Send>,
+    epochs: EpochParams,
 ) -> Result<Control, String> {
     let Opened {
         id,
@@ -313,8 +360,25 @@ pub(crate) fn start(
         .map_err(|e| format!("cannot start the control group's runtime: {e}"))?;
     // Its own thread: the log's fsyncs never hold up ingress, and ingress never delays
     // heartbeats. The peer links run here too.
+    let EpochParams {
+        tx: epoch_tx,
+        rx: mut epoch_rx,
+        driver: epoch_driver,
+        cp: epoch_cp,
+        interval_ms,
+        max_uncommitted,
+    } = epochs;
     let main = async move {
         let mut c = Driver {
+            lead: None,
+            participants: None,
+            epoch_tx,
+            epoch_driver,
+            epoch_cp,
+            epoch_cfg: (interval_ms, max_uncommitted),
+            writer: format!("{id}/{:016x}", random_u64()),
+            record_wanted: 0,
+            recorded_at: None,
             node,
             incarnation,
             joined: false,
@@ -333,9 +397,25 @@ pub(crate) fn start(
         let mut tick = tokio::time::interval(TICK);
         // After a stall (an fsync, say) no burst of ticks: it would look like lost heartbeats.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut epoch_tick = tokio::time::interval(Duration::from_millis(1));
+        epoch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 _ = &mut stop_rx => return,
+                // Epoch messages and ticks do not run a Raft round (it runs on its own tick).
+                r = epoch_rx.recv() => {
+                    if let Some(r) = r {
+                        c.epoch_route(r);
+                    }
+                    while let Ok(r) = epoch_rx.try_recv() {
+                        c.epoch_route(r);
+                    }
+                    continue;
+                }
+                _ = epoch_tick.tick(), if c.lead.is_some() => {
+                    c.lead_input(LeadInput::Tick { now_ms: crate::shard::now_ms() });
+                    continue;
+                }
                 _ = tick.tick() => c.node.tick(),
                 input = inbox_rx.recv() => match input {
                     Some(i) => c.input(i),
@@ -390,6 +470,19 @@ impl Control {
 }
 
 struct Driver {
+    /// The leader's side of cluster epochs (while this node leads a cluster of several).
+    lead: Option<EpochLeader>,
+    /// The participants last given to `lead`.
+    participants: Option<std::collections::BTreeMap<NodeId, u64>>,
+    epoch_tx: mpsc::UnboundedSender<EpochRoute>,
+    epoch_driver: mpsc::UnboundedSender<DriverEvent>,
+    epoch_cp: Option<CheckpointStore>,
+    epoch_cfg: (u64, u64),
+    /// Names this process in the manifests it writes.
+    writer: String,
+    /// The newest committed epoch to record in the control group, and when one last was.
+    record_wanted: u64,
+    recorded_at: Option<Instant>,
     node: ControlNode<EngineStorage>,
     /// This process start (see `Member::incarnation`).
     incarnation: u64,
@@ -453,6 +546,7 @@ impl Driver {
             cluster_id: self.cluster_id.to_string(),
             leader: self.node.id(),
             leader_addr: self.grpc_addr.clone(),
+            checkpoint_url: state.checkpoint_url.clone(),
         };
         if !self.node.is_leader() {
             let leader = self.node.leader().filter(|&l| l != self.node.id());
@@ -470,6 +564,7 @@ impl Driver {
                 cluster_id: self.cluster_id.to_string(),
                 leader: leader.unwrap_or(0),
                 leader_addr,
+                checkpoint_url: String::new(),
             }));
             return;
         }
@@ -486,6 +581,16 @@ impl Driver {
                 "node {id} is configured with {} key groups, this cluster has {}",
                 req.key_groups,
                 state.table.len()
+            ))));
+            return;
+        }
+        if !req.checkpoint_url.is_empty()
+            && !state.checkpoint_url.is_empty()
+            && req.checkpoint_url != state.checkpoint_url
+        {
+            let _ = reply.send(Err(Status::failed_precondition(format!(
+                "node {id} is configured with the blob location {:?}, this cluster uses {:?}: every member writes its checkpoints to the cluster's (leave --checkpoint-url out to use it)",
+                req.checkpoint_url, state.checkpoint_url
             ))));
             return;
         }
@@ -581,7 +686,172 @@ impl Driver {
                 tracing::debug!(error = %e, "control proposal not taken; retried");
             }
         }
+        self.lead_epochs();
         self.process()
+    }
+
+    /// Leads cluster epochs while this node leads a cluster of several members (a lone node
+    /// commits its own).
+    fn lead_epochs(&mut self) {
+        let state = self.node.state();
+        let want = self.epoch_cp.is_some()
+            && self.node.is_leader()
+            && self.joined
+            && state.members.len() > 1;
+        if !want {
+            if self.lead.take().is_some() {
+                tracing::info!("no longer leading cluster epochs");
+            }
+            self.participants = None;
+            return;
+        }
+        if self.lead.is_none() {
+            let (interval, max) = self.epoch_cfg;
+            tracing::info!(
+                term = self.node.term(),
+                "leading cluster epochs: synchronising the members that own key groups"
+            );
+            self.lead = Some(EpochLeader::new(
+                self.node.term() << 32,
+                interval,
+                max,
+                EPOCH_STALL_MS,
+                state.committed_epoch,
+            ));
+            self.participants = None;
+        }
+        let p: std::collections::BTreeMap<NodeId, u64> = state
+            .members
+            .values()
+            .filter(|m| m.alive && state.owned_by(m.id) > 0)
+            .map(|m| (m.id, m.incarnation))
+            .collect();
+        let recorded = state.committed_epoch;
+        if self.participants.as_ref() != Some(&p) {
+            self.participants = Some(p.clone());
+            self.lead_input(LeadInput::Participants(p));
+        }
+        // Recorded for later leaders (the manifests are the commit points).
+        if self.record_wanted > recorded
+            && self.recorded_at.is_none_or(|t| t.elapsed() >= RECORD_EVERY)
+        {
+            self.recorded_at = Some(Instant::now());
+            let cmd = Command::CommitEpoch {
+                epoch: self.record_wanted,
+            };
+            if let Err(e) = self.node.propose(&cmd) {
+                tracing::debug!(error = %e, "committed epoch not recorded; retried");
+            }
+        }
+    }
+
+    fn lead_input(&mut self, i: LeadInput) {
+        let Some(l) = self.lead.as_mut() else {
+            return;
+        };
+        for a in l.handle(i) {
+            self.lead_action(a);
+        }
+    }
+
+    fn lead_action(&mut self, a: LeadAction) {
+        let me = self.node.id();
+        match a {
+            LeadAction::Send { to, msg } => {
+                self.epoch_route(EpochRoute::Send { from: me, to, msg })
+            }
+            LeadAction::ReadLatest => {
+                let (cp, tx) = (self.epoch_cp.clone(), self.epoch_tx.clone());
+                tokio::spawn(async move {
+                    let r = match cp {
+                        Some(cp) => cp
+                            .latest()
+                            .await
+                            .map(|m| m.map(|m| m.epoch))
+                            .map_err(|e| e.to_string()),
+                        None => Err("checkpoints are off".into()),
+                    };
+                    if let Err(e) = &r {
+                        tracing::warn!(error = %e, "cannot read the newest manifest; retrying");
+                    }
+                    let _ = tx.send(EpochRoute::Lead(LeadInput::Latest(r)));
+                });
+            }
+            LeadAction::WriteManifest {
+                epoch,
+                previous,
+                parts,
+            } => {
+                let mut objects: Vec<ObjectRef> = Vec::new();
+                let mut bad = None;
+                for p in &parts {
+                    match serde_json::from_slice::<Vec<ObjectRef>>(p) {
+                        Ok(mut v) => objects.append(&mut v),
+                        Err(e) => {
+                            bad = Some(format!("a part of epoch {epoch} does not decode: {e}"))
+                        }
+                    }
+                }
+                if let Some(e) = bad {
+                    tracing::error!("{e}");
+                    self.lead_input(LeadInput::ManifestDone {
+                        epoch,
+                        result: Err(e),
+                    });
+                    return;
+                }
+                if objects.is_empty() {
+                    // Nothing changed anywhere: committed without a manifest.
+                    self.lead_input(LeadInput::ManifestDone {
+                        epoch,
+                        result: Ok(false),
+                    });
+                    return;
+                }
+                let m = Manifest {
+                    epoch,
+                    previous,
+                    created_ms: crate::shard::now_ms(),
+                    objects,
+                    writer: Some(self.writer.clone()),
+                };
+                let (cp, tx) = (self.epoch_cp.clone(), self.epoch_tx.clone());
+                tokio::spawn(async move {
+                    let result = match cp {
+                        Some(cp) => cp.commit(&m).await.map(|_| true).map_err(|e| e.to_string()),
+                        None => Err("checkpoints are off".into()),
+                    };
+                    if let Err(e) = &result {
+                        tracing::warn!(epoch, error = %e, "cannot write an epoch's manifest; retrying");
+                    }
+                    let _ = tx.send(EpochRoute::Lead(LeadInput::ManifestDone { epoch, result }));
+                });
+            }
+            LeadAction::Record(e) => self.record_wanted = self.record_wanted.max(e),
+        }
+    }
+
+    fn epoch_route(&mut self, r: EpochRoute) {
+        match r {
+            EpochRoute::Lead(i) => self.lead_input(i),
+            EpochRoute::Send { from, to, msg } if to == self.node.id() => {
+                if msg.to_leader() {
+                    self.lead_input(LeadInput::Msg { from, msg });
+                } else {
+                    let _ = self.epoch_driver.send(DriverEvent::Epoch { from, msg });
+                }
+            }
+            EpochRoute::Send { to, msg, .. } => {
+                if let Some(link) = self.link(to) {
+                    if !link.send_epoch(msg.encode().into()) {
+                        tracing::warn!(
+                            peer = to,
+                            "epoch message dropped (the link's queue is full)"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     fn process(&mut self) -> Result<(), String> {
@@ -649,6 +919,7 @@ impl Driver {
                         cluster_id: self.cluster_id.to_string(),
                         leader: me,
                         leader_addr: self.grpc_addr.clone(),
+                        checkpoint_url: self.node.state().checkpoint_url.clone(),
                     }));
                 }
             }
@@ -662,7 +933,8 @@ impl Driver {
         Ok(())
     }
 
-    fn send(&mut self, to: NodeId, bytes: Vec<u8>) {
+    /// The link to a peer (started, or restarted at its current address).
+    fn link(&mut self, to: NodeId) -> Option<&Link> {
         // What the peer's current process said (its stream, its join) is newer than its last
         // applied Join, until the next one applies.
         let addr = self.learned.get(&to).cloned().or_else(|| {
@@ -671,11 +943,7 @@ impl Driver {
                 .members
                 .get(&to)
                 .map(|m| m.grpc_addr.clone())
-        });
-        let Some(addr) = addr else {
-            self.node.report_unreachable(to);
-            return;
-        };
+        })?;
         if self.links.get(&to).is_none_or(|l| l.addr != addr) {
             let link = Link::start(
                 self.node.id(),
@@ -687,7 +955,12 @@ impl Driver {
             );
             self.links.insert(to, link);
         }
-        if !self.links[&to].send(bytes.into()) {
+        self.links.get(&to)
+    }
+
+    fn send(&mut self, to: NodeId, bytes: Vec<u8>) {
+        let sent = self.link(to).map(|l| l.send(bytes.into()));
+        if sent != Some(true) {
             self.node.report_unreachable(to);
         }
     }

@@ -838,6 +838,10 @@ pub(crate) struct MeshService {
     pub me: NodeId,
     pub cluster_id: Arc<str>,
     pub inbox: mpsc::Sender<ControlInput>,
+    /// Epoch messages for the leader's side (this node's control thread).
+    pub epochs: mpsc::UnboundedSender<crate::cluster::EpochRoute>,
+    /// Epoch messages for this node's side (its checkpoint driver).
+    pub driver: mpsc::UnboundedSender<crate::checkpoint::driver::DriverEvent>,
     pub egress: crate::egress::Egress,
     pub router: crate::router::Router,
 }
@@ -883,6 +887,29 @@ impl mpb::mesh_server::Mesh for MeshService {
                 if let Err(e) = statemesh_mesh::group::check_message(b) {
                     tracing::warn!(peer = f.from, %remote, error = %e, "a peer sent bytes that are not a Raft message; disconnected");
                     return Err(Status::invalid_argument(e));
+                }
+            }
+            let mut epochs = Vec::with_capacity(f.epoch.len());
+            for b in &f.epoch {
+                match statemesh_mesh::epoch::EpochMsg::decode(b) {
+                    Ok(m) => epochs.push(m),
+                    Err(e) => {
+                        tracing::warn!(peer = f.from, %remote, error = %e, "a peer sent bytes that are not an epoch message; disconnected");
+                        return Err(Status::invalid_argument(e));
+                    }
+                }
+            }
+            for msg in epochs {
+                if msg.to_leader() {
+                    let _ = self.epochs.send(crate::cluster::EpochRoute::Send {
+                        from: f.from,
+                        to: self.me,
+                        msg,
+                    });
+                } else {
+                    let _ = self
+                        .driver
+                        .send(crate::checkpoint::driver::DriverEvent::Epoch { from: f.from, msg });
                 }
             }
             if f.raft.is_empty() {
@@ -958,7 +985,7 @@ impl mpb::mesh_server::Mesh for MeshService {
 /// The sending side of the stream to one peer.
 pub(crate) struct Link {
     pub addr: String,
-    tx: mpsc::Sender<bytes::Bytes>,
+    tx: mpsc::Sender<Out>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -968,10 +995,22 @@ impl Drop for Link {
     }
 }
 
+/// What a link carries.
+enum Out {
+    Raft(bytes::Bytes),
+    Epoch(bytes::Bytes),
+}
+
 impl Link {
     /// Queues a Raft message; false if the queue is full (the message is dropped).
     pub fn send(&self, msg: bytes::Bytes) -> bool {
-        self.tx.try_send(msg).is_ok()
+        self.tx.try_send(Out::Raft(msg)).is_ok()
+    }
+
+    /// Queues an epoch message; false if the queue is full (dropped: the leader synchronises
+    /// again when an epoch stalls).
+    pub fn send_epoch(&self, msg: bytes::Bytes) -> bool {
+        self.tx.try_send(Out::Epoch(msg)).is_ok()
     }
 
     /// Starts the stream from `me` to `peer` at `addr`; reconnects with backoff, and reports
@@ -984,7 +1023,7 @@ impl Link {
         addr: String,
         inbox: mpsc::Sender<ControlInput>,
     ) -> Link {
-        let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(LINK_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Out>(LINK_QUEUE);
         let a = addr.clone();
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
@@ -1006,11 +1045,17 @@ impl Link {
                                 call.abort();
                                 return;
                             };
-                            let mut raft = vec![first];
-                            while raft.len() < 256 {
-                                match rx.try_recv() {
-                                    Ok(m) => raft.push(m),
-                                    Err(_) => break,
+                            let (mut raft, mut epoch) = (Vec::new(), Vec::new());
+                            let mut next = Some(first);
+                            let mut n = 0;
+                            while let Some(m) = next.take() {
+                                match m {
+                                    Out::Raft(b) => raft.push(b),
+                                    Out::Epoch(b) => epoch.push(b),
+                                }
+                                n += 1;
+                                if n < 256 {
+                                    next = rx.try_recv().ok();
                                 }
                             }
                             let frame = mpb::PeerFrame {
@@ -1018,6 +1063,7 @@ impl Link {
                                 cluster_id: cluster_id.to_string(),
                                 from_addr: my_addr.clone(),
                                 raft,
+                                epoch,
                             };
                             if ftx.send(frame).await.is_err() {
                                 break;

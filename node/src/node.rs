@@ -279,6 +279,8 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
             .map(|a| a.to_string())
             .unwrap_or_default(),
     };
+    let own_url = config.checkpoint_url();
+    let explicit_url = config.checkpoint.url.is_some();
     let opened = crate::cluster::open(
         &config.data_dir,
         node_id,
@@ -286,17 +288,47 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         &config.join,
         &adv_grpc,
         &adv_http,
+        if config.checkpoint.enabled {
+            &own_url
+        } else {
+            ""
+        },
+        explicit_url && config.checkpoint.enabled,
     )
     .await
     .map_err(StartError::Other)?;
+    // Every member writes to the cluster's blob location.
+    let url = if opened.checkpoint_url.is_empty() {
+        own_url
+    } else {
+        if explicit_url && opened.checkpoint_url != own_url {
+            return Err(StartError::Other(format!(
+                "this node is configured with the blob location {own_url:?}, its cluster uses {:?}: every member writes its checkpoints to the cluster's (leave --checkpoint-url out to use it)",
+                opened.checkpoint_url
+            )));
+        }
+        opened.checkpoint_url.clone()
+    };
     let placement = Arc::new(crate::mesh::Placement::new(node_id));
     placement.update(&opened.state);
-    // Until key groups move between nodes (live handover), a node that owns none of them
-    // (it joined a cluster whose key groups are owned elsewhere) holds no state and writes no
-    // checkpoints: the owners' checkpoints are not its to recover or extend.
-    let serves_key_groups = opened.state.owned_by(node_id) > 0 || placement.is_lone();
-    let cp = if config.checkpoint.enabled && serves_key_groups {
-        let url = config.checkpoint_url();
+    // Every member uses the blob location: the owners write their parts of each epoch there,
+    // the leader the manifests. A member recovers only the key groups it owns (all of them
+    // while it is alone).
+    let lone = placement.is_lone();
+    let owned: Vec<u32> = if lone {
+        (0..config.key_groups).collect()
+    } else {
+        (0..config.key_groups)
+            .filter(|&kg| {
+                opened
+                    .state
+                    .table
+                    .get(kg as usize)
+                    .is_some_and(|o| o.owner == Some(node_id))
+            })
+            .collect()
+    };
+    let cp = if config.checkpoint.enabled {
         if let Some(path) = url
             .strip_prefix("file://")
             .or((!url.contains("://")).then_some(url.as_str()))
@@ -351,7 +383,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         Err(e) => return Err(e.into()),
     };
     let shard_count = config.shard_count();
-    let mut recovered = driver::recover(&store, cp.as_ref(), config.key_groups)
+    let mut recovered = driver::recover(&store, cp.as_ref(), &owned)
         .await
         .map_err(|e| StartError::Other(format!("recovery failed: {e}")))?;
     if let Some(floor) = lease.as_ref().map(|l| l.epoch_floor()) {
@@ -365,15 +397,14 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     {
         let mut s = status.lock();
         s.url = if cp.is_some() {
-            config.checkpoint_url()
-        } else if config.checkpoint.enabled {
-            "none: this node owns no key groups".into()
+            url.clone()
         } else {
             "off".into()
         };
         s.recovery = Some(recovered.report.clone());
     }
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (epoch_tx, epoch_rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = Metrics::new();
     let egress = Egress::new(config.egress_topic_capacity, metrics.clone());
     let router = Router::new(
@@ -448,6 +479,8 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         me: node_id,
         cluster_id: opened.cluster_id.clone(),
         inbox: opened.inbox.clone(),
+        epochs: epoch_tx.clone(),
+        driver: events_tx.clone(),
         egress: router.egress().clone(),
         router: router.clone(),
     });
@@ -518,6 +551,10 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         .map_err(|_| StartError::Other("the actix thread died during start".into()))?
         .map_err(StartError::Other)?;
 
+    // With checkpoints a node of a cluster of several follows the leader's epochs (a lone
+    // node commits its own until a second member joins).
+    let epoch_side = cp.as_ref().map(|_| (node_id, epoch_tx.clone(), !lone));
+    let epoch_cp = cp.clone();
     driver::start(
         &config,
         cp,
@@ -531,6 +568,8 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         events_tx.clone(),
         events_rx,
         status.clone(),
+        owned,
+        epoch_side,
     );
     let committed_status = status.clone();
     let control = crate::cluster::start(
@@ -540,6 +579,14 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         cluster.clone(),
         placement,
         Box::new(move || committed_status.lock().committed),
+        crate::cluster::EpochParams {
+            tx: epoch_tx,
+            rx: epoch_rx,
+            driver: events_tx.clone(),
+            cp: epoch_cp,
+            interval_ms: config.checkpoint.interval_ms,
+            max_uncommitted: config.checkpoint.max_uncommitted,
+        },
     )
     .map_err(|e| StartError::Other(format!("control group: {e}")))?;
     let shared = Shared {

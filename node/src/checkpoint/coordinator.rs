@@ -46,6 +46,12 @@ pub enum Input {
         /// The epoch.
         epoch: u64,
     },
+    /// The cluster's leader starts `epoch` (a participant's coordinator; the local one
+    /// ignores it).
+    Barrier {
+        /// The epoch.
+        epoch: u64,
+    },
     /// Writing the object or the manifest failed.
     Failed {
         /// The epoch.
@@ -69,6 +75,9 @@ pub enum Action {
     Release(u64),
     /// Turn ingress back-pressure on or off.
     Backpressure(bool),
+    /// Tell the cluster's leader that this node's part of the epoch is written (a
+    /// participant's coordinator: the leader writes the manifest).
+    Report(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,11 +99,28 @@ pub trait EpochCoordinator: Send {
     fn committed(&self) -> u64;
     /// The last started epoch.
     fn started(&self) -> u64;
+    /// Starts no more epochs (see [`Coordinator::drain`]).
+    fn drain(&mut self) {}
 }
 
 impl EpochCoordinator for Coordinator {
     fn handle(&mut self, input: Input) -> Vec<Action> {
         Coordinator::handle(self, input)
+    }
+    fn committed(&self) -> u64 {
+        self.committed
+    }
+    fn started(&self) -> u64 {
+        self.started
+    }
+    fn drain(&mut self) {
+        Coordinator::drain(self)
+    }
+}
+
+impl EpochCoordinator for Participant {
+    fn handle(&mut self, input: Input) -> Vec<Action> {
+        Participant::handle(self, input)
     }
     fn committed(&self) -> u64 {
         self.committed
@@ -119,6 +145,7 @@ pub struct Coordinator {
     persisting: Persisting,
     failures: u32,
     backpressure: bool,
+    draining: bool,
 }
 
 impl Coordinator {
@@ -136,7 +163,14 @@ impl Coordinator {
             persisting: Persisting::Idle,
             failures: 0,
             backpressure: false,
+            draining: false,
         }
+    }
+
+    /// Starts no more epochs (the node is handing its epochs over to the cluster's leader);
+    /// the open ones are still written and committed.
+    pub fn drain(&mut self) {
+        self.draining = true;
     }
 
     /// The last committed epoch.
@@ -205,7 +239,7 @@ impl Coordinator {
                 // One cut at a time: shards finish cutting an epoch (every marker arrived)
                 // before the next one starts, so their cuts never overlap.
                 let cut_done = self.cuts.back().is_none_or(|c| c.iter().all(|x| *x));
-                if due && !blocked && cut_done {
+                if due && !blocked && cut_done && !self.draining {
                     self.started += 1;
                     self.last_start_ms = Some(now_ms);
                     self.waiting = false;
@@ -215,6 +249,7 @@ impl Coordinator {
                 self.set_backpressure(blocked, &mut out);
             }
             Input::CallerWaiting => self.waiting = true,
+            Input::Barrier { .. } => {}
             Input::ShardCut { epoch, shard } => {
                 if epoch > self.committed && epoch <= self.started && shard < self.shards {
                     self.cuts[(epoch - self.committed - 1) as usize][shard] = true;
@@ -252,6 +287,129 @@ impl Coordinator {
             Persisting::Writing(e) | Persisting::Committing(e) | Persisting::Backoff(e, _) =>
                 e == self.committed + 1,
         });
+        out
+    }
+}
+
+/// The coordinator of a node in a cluster of several (a participant: it owns key groups). The
+/// leader decides when epochs start ([`Input::Barrier`], numbered consecutively) and when they
+/// commit ([`Input::Committed`]); the node cuts them, writes its part of each (one at a time,
+/// in order, without waiting for commits), reports it ([`Action::Report`]) and releases
+/// epochs in order as the leader commits them. Back-pressure is on while `max_uncommitted`
+/// epochs are open (the leader starts no more).
+#[derive(Debug, Clone)]
+pub struct Participant {
+    shards: usize,
+    max_uncommitted: u64,
+    started: u64,
+    committed: u64,
+    /// The last epoch whose part was written and reported.
+    written: u64,
+    /// cuts[i] = shards that cut epoch committed+1+i
+    cuts: std::collections::VecDeque<Vec<bool>>,
+    persisting: Persisting,
+    failures: u32,
+    backpressure: bool,
+}
+
+impl Participant {
+    /// A participant of `shards` shards whose last committed epoch is `committed` and whose
+    /// epochs go on after `started`.
+    pub fn new(shards: usize, max_uncommitted: u64, committed: u64, started: u64) -> Self {
+        let started = started.max(committed);
+        Participant {
+            shards: shards.max(1),
+            max_uncommitted: max_uncommitted.max(1),
+            started,
+            // Epochs between `committed` and `started` were abandoned: counted as done.
+            committed: started,
+            written: started,
+            cuts: Default::default(),
+            persisting: Persisting::Idle,
+            failures: 0,
+            backpressure: false,
+        }
+    }
+
+    fn all_cut(&self, epoch: u64) -> bool {
+        epoch > self.committed
+            && self
+                .cuts
+                .get((epoch - self.committed - 1) as usize)
+                .is_some_and(|c| c.iter().all(|x| *x))
+    }
+
+    fn maybe_write(&mut self, out: &mut Vec<Action>) {
+        let next = self.written + 1;
+        if self.persisting == Persisting::Idle && next <= self.started && self.all_cut(next) {
+            self.persisting = Persisting::Writing(next);
+            out.push(Action::Write(next));
+        }
+    }
+
+    fn set_backpressure(&mut self, out: &mut Vec<Action>) {
+        let on = self.started - self.committed >= self.max_uncommitted;
+        if on != self.backpressure {
+            self.backpressure = on;
+            out.push(Action::Backpressure(on));
+        }
+    }
+
+    /// Feeds one input; returns the actions to perform, in order.
+    pub fn handle(&mut self, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Tick { now_ms } => {
+                if let Persisting::Backoff(e, at) = self.persisting {
+                    if now_ms >= at {
+                        self.persisting = Persisting::Writing(e);
+                        out.push(Action::Write(e));
+                    }
+                }
+            }
+            Input::CallerWaiting => {}
+            Input::Barrier { epoch } => {
+                // Consecutive within a leader's generation; a gap (a lost barrier) leaves the
+                // epoch without this part, and the leader synchronises again.
+                if epoch == self.started + 1 {
+                    self.started = epoch;
+                    self.cuts.push_back(vec![false; self.shards]);
+                    out.push(Action::Barrier(epoch));
+                    self.set_backpressure(&mut out);
+                }
+            }
+            Input::ShardCut { epoch, shard } => {
+                if epoch > self.committed && epoch <= self.started && shard < self.shards {
+                    self.cuts[(epoch - self.committed - 1) as usize][shard] = true;
+                    self.maybe_write(&mut out);
+                }
+            }
+            Input::Written { epoch } => {
+                if self.persisting == Persisting::Writing(epoch) {
+                    self.persisting = Persisting::Idle;
+                    self.written = epoch;
+                    self.failures = 0;
+                    out.push(Action::Report(epoch));
+                    self.maybe_write(&mut out);
+                }
+            }
+            Input::Committed { epoch } => {
+                while self.committed < epoch.min(self.written) {
+                    self.committed += 1;
+                    self.cuts.pop_front();
+                    out.push(Action::Release(self.committed));
+                }
+                self.set_backpressure(&mut out);
+            }
+            Input::Failed { epoch, now_ms } => {
+                if self.persisting == Persisting::Writing(epoch) {
+                    self.failures += 1;
+                    let backoff = (10u64 << self.failures.min(10)).min(5_000);
+                    self.persisting = Persisting::Backoff(epoch, now_ms + backoff);
+                }
+            }
+        }
+        debug_assert!(self.committed <= self.written && self.written <= self.started);
         out
     }
 }
@@ -398,5 +556,52 @@ mod tests {
         assert_eq!(c.handle(Input::ShardCut { epoch: 9, shard: 0 }), vec![]);
         assert_eq!(c.handle(Input::Committed { epoch: 4 }), vec![]);
         assert_eq!(c.handle(Input::Written { epoch: 4 }), vec![]);
+    }
+
+    #[test]
+    fn a_participant_cuts_on_the_leaders_barriers_reports_parts_and_releases_in_order() {
+        let mut p = Participant::new(2, 2, 5, 7);
+        assert_eq!(p.handle(Input::Barrier { epoch: 9 }), vec![], "a gap");
+        assert_eq!(
+            p.handle(Input::Barrier { epoch: 8 }),
+            vec![Action::Barrier(8)]
+        );
+        assert_eq!(
+            p.handle(Input::Barrier { epoch: 9 }),
+            vec![Action::Barrier(9), Action::Backpressure(true)]
+        );
+        assert_eq!(p.handle(Input::ShardCut { epoch: 9, shard: 0 }), vec![]);
+        assert_eq!(p.handle(Input::ShardCut { epoch: 9, shard: 1 }), vec![]);
+        assert_eq!(p.handle(Input::ShardCut { epoch: 8, shard: 1 }), vec![]);
+        assert_eq!(
+            p.handle(Input::ShardCut { epoch: 8, shard: 0 }),
+            vec![Action::Write(8)]
+        );
+        assert_eq!(
+            p.handle(Input::Written { epoch: 8 }),
+            vec![Action::Report(8), Action::Write(9)]
+        );
+        // Only written epochs are released.
+        assert_eq!(
+            p.handle(Input::Committed { epoch: 9 }),
+            vec![Action::Release(8), Action::Backpressure(false)]
+        );
+        assert_eq!(
+            p.handle(Input::Failed {
+                epoch: 9,
+                now_ms: 0
+            }),
+            vec![]
+        );
+        assert_eq!(p.handle(Input::Tick { now_ms: 25 }), vec![Action::Write(9)]);
+        assert_eq!(
+            p.handle(Input::Written { epoch: 9 }),
+            vec![Action::Report(9)]
+        );
+        assert_eq!(
+            p.handle(Input::Committed { epoch: 9 }),
+            vec![Action::Release(9)]
+        );
+        assert_eq!((p.committed(), p.started()), (9, 9));
     }
 }

@@ -26,12 +26,13 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::coordinator::{Action, Coordinator, EpochCoordinator, Input};
+use super::coordinator::{Action, Coordinator, EpochCoordinator, Input, Participant};
 use super::format::{Entry, KeyGroupSection, Manifest, NodeEpoch, ObjectRef, PendingMessage};
 use super::store::{CheckpointError, CheckpointStore};
 use crate::router::Router;
 use crate::shard::{Barrier, Committed, Rollback, Shard};
 use crate::store::{key_group_of, Change, Store};
+use statemesh_mesh::epoch::EpochMsg;
 
 /// What a shard cut.
 pub(crate) struct ShardCut {
@@ -68,6 +69,40 @@ pub(crate) enum DriverEvent {
     Stop(oneshot::Sender<()>),
     /// Every shard has rolled back and the pending messages are replayed.
     RolledBack,
+    /// A participant stops waiting for its last epoch to commit (`Finish`).
+    FinishTimeout,
+    /// A message of the cluster's epoch protocol for this node (a participant).
+    Epoch {
+        from: statemesh_mesh::placement::NodeId,
+        msg: EpochMsg,
+    },
+    /// Committed epochs this node did not write were read from blob storage into sled (a
+    /// rollback to an epoch the leader committed while this node restarted): their pending
+    /// messages, or the error.
+    CaughtUp(Result<Vec<(u32, PendingMessage)>, String>),
+}
+
+/// Where a node in a cluster of several sends its epoch messages (its control thread, which
+/// passes them to the leader).
+pub(crate) type EpochOut = mpsc::UnboundedSender<crate::cluster::EpochRoute>;
+
+/// A node's side of cluster epochs.
+struct ClusterSide {
+    me: statemesh_mesh::placement::NodeId,
+    out: EpochOut,
+    /// The leader decides the epochs (else this node still commits its own: it was alone).
+    active: bool,
+    /// The leader's synchronisation generation this node follows.
+    gen: u64,
+    leader: Option<statemesh_mesh::placement::NodeId>,
+    /// Synchronising: no epochs are cut until the leader's `Resume`.
+    holding: bool,
+    /// A `Hold` waits for this node's own open epochs to commit (it was alone until now).
+    hold_pending: bool,
+    /// Barriers that arrived during a rollback, cut after it.
+    deferred: Vec<u64>,
+    /// The epoch whose part lists the full snapshot being listed.
+    listing_epoch: Option<u64>,
 }
 
 /// A finished background job.
@@ -200,6 +235,74 @@ struct Driver {
     consumed: BTreeMap<u64, Vec<Vec<u8>>>,
     /// A rollback under way.
     rolling_back: Option<RollingBack>,
+    /// In a cluster of several: the leader's side of epochs.
+    cluster: Option<ClusterSide>,
+    /// The last epoch released here (whose state sled gets): numbers after it that were
+    /// abandoned are not counted.
+    last_released: u64,
+}
+
+impl ClusterSide {
+    fn send(&self, to: statemesh_mesh::placement::NodeId, msg: EpochMsg) {
+        let _ = self.out.send(crate::cluster::EpochRoute::Send {
+            from: self.me,
+            to,
+            msg,
+        });
+    }
+}
+
+/// Reads the committed epochs after `after` up to `to` of the key groups `owned` from blob
+/// storage into sled (a rollback to an epoch this node did not see committed); returns the
+/// pending messages of `to`.
+async fn catch_up(
+    cp: &CheckpointStore,
+    store: &Store,
+    owned: &[u32],
+    after: u64,
+    to: u64,
+    manifest: u64,
+) -> Result<Vec<(u32, PendingMessage)>, String> {
+    let m = retry("read a committed epoch", || cp.manifest(manifest))
+        .await
+        .map_err(|e| format!("cannot read the manifest of epoch {manifest}: {e}"))?;
+    let (_, states) = match retry("read the checkpoint chain", || {
+        cp.recover_at(m.epoch, owned, Some(after))
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(CheckpointError::HistoryTooShort { .. }) => {
+            store
+                .clear_key_groups(owned.iter().copied())
+                .map_err(|e| e.to_string())?;
+            retry("read the checkpoint chain", || {
+                cp.recover_at(m.epoch, owned, None)
+            })
+            .await
+            .map_err(|e| format!("cannot read the checkpoint chain: {e}"))?
+        }
+        Err(e) => return Err(format!("cannot read the checkpoint chain: {e}")),
+    };
+    let mut pending = Vec::new();
+    for (kg, st) in states {
+        store
+            .write_ops(
+                st.deleted.iter().map(|k| (k.as_slice(), None)).chain(
+                    st.state
+                        .iter()
+                        .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+        pending.extend(st.pending.into_iter().map(|m| (kg, m)));
+    }
+    store.reset_applied(to).map_err(|e| e.to_string())?;
+    // The epochs after the manifest's wrote nothing: nothing was pending at their cuts.
+    if manifest < to {
+        pending.clear();
+    }
+    Ok(pending)
 }
 
 /// Where the pending messages of the last committed epoch are.
@@ -218,6 +321,14 @@ struct RollingBack {
     base: u64,
     /// The shards were told (after sled had applied `to`).
     shards_told: bool,
+    /// Sled must hold this epoch before the shards are told (the last one this node
+    /// released).
+    wait: u64,
+    /// `to` is past what this node released: the committed epochs between (the newest with a
+    /// manifest is the second number) are read from blob storage first, once sled holds this
+    /// node's own.
+    catch_up: Option<(u64, u64)>,
+    catching_up: bool,
     since: Instant,
 }
 
@@ -233,6 +344,9 @@ fn rand_nonce() -> u64 {
     h.write_u32(std::process::id());
     h.finish()
 }
+
+/// How long a participant in a cluster waits at shutdown for its last epoch to commit.
+const FINISH_IN_CLUSTER: Duration = Duration::from_secs(5);
 
 /// Epoch objects up to this size are kept inline in the manifest.
 const INLINE_MAX: usize = 64 << 10;
@@ -252,6 +366,8 @@ pub(crate) fn start(
     events: mpsc::UnboundedSender<DriverEvent>,
     rx: mpsc::UnboundedReceiver<DriverEvent>,
     status: StatusHandle,
+    owned: Vec<u32>,
+    cluster: Option<(statemesh_mesh::placement::NodeId, EpochOut, bool)>,
 ) -> tokio::task::JoinHandle<()> {
     let interval = if cp.is_some() {
         config.checkpoint.interval_ms
@@ -259,7 +375,6 @@ pub(crate) fn start(
         config.flush_interval_ms
     };
     let n = shards.len();
-    let owned: Vec<u32> = (0..config.key_groups).collect();
     let (atx, arx) = std::sync::mpsc::channel::<(u64, Option<Arc<NodeEpoch>>)>();
     // With checkpoints, sled is a cache of blob storage: apply at most once a second. Without,
     // sled is all there is: apply every epoch (`flush_interval_ms`).
@@ -283,13 +398,24 @@ pub(crate) fn start(
         s.started = committed;
         s.applied = committed;
     }
-    let mut d = Driver {
-        coord: Box::new(Coordinator::new(
+    let clustered = cluster.as_ref().is_some_and(|c| c.2);
+    let coord: Box<dyn EpochCoordinator> = if clustered {
+        Box::new(Participant::new(
+            n,
+            config.checkpoint.max_uncommitted,
+            committed,
+            committed,
+        ))
+    } else {
+        Box::new(Coordinator::new(
             n,
             interval,
             config.checkpoint.max_uncommitted,
             committed,
-        )),
+        ))
+    };
+    let mut d = Driver {
+        coord,
         events,
         cp,
         store,
@@ -329,6 +455,18 @@ pub(crate) fn start(
         last_pending: LastPending::Recovered(initial_pending),
         consumed: BTreeMap::new(),
         rolling_back: None,
+        last_released: committed,
+        cluster: cluster.map(|(me, out, active)| ClusterSide {
+            me,
+            out,
+            active,
+            gen: 0,
+            leader: None,
+            holding: active,
+            hold_pending: false,
+            deferred: Vec::new(),
+            listing_epoch: None,
+        }),
     };
     tokio::spawn(async move { d.run(rx).await })
 }
@@ -536,7 +674,14 @@ impl Driver {
         if self.rolling_back.is_some() {
             return;
         }
-        if self.router.take_commit_wanted() || !self.finish.is_empty() {
+        let wanted = self.router.take_commit_wanted() || !self.finish.is_empty();
+        if let Some(c) = self.cluster.as_ref().filter(|c| c.active) {
+            if wanted && !c.holding {
+                if let Some(l) = c.leader {
+                    c.send(l, EpochMsg::Wanted { gen: c.gen });
+                }
+            }
+        } else if wanted {
             self.input(Input::CallerWaiting);
         }
         self.input(Input::Tick { now_ms: now_ms() });
@@ -584,7 +729,18 @@ impl Driver {
                     };
                     if let Err(e) = rollback {
                         tracing::warn!(epoch, "{e}");
-                        self.begin_rollback();
+                        match self.cluster.as_ref().filter(|c| c.active) {
+                            // Every participant rolls back together: the leader decides.
+                            Some(c) => {
+                                if let Some(l) = c.leader {
+                                    c.send(l, EpochMsg::Reset { gen: c.gen });
+                                }
+                            }
+                            None => {
+                                let (to, base) = (self.coord.committed(), self.coord.started());
+                                self.begin_rollback(to, base, None);
+                            }
+                        }
                         return;
                     }
                     self.objects.insert(epoch, obj);
@@ -612,6 +768,7 @@ impl Driver {
                     self.input(Input::Committed { epoch });
                     // Group commit: the next epoch may start right away.
                     self.tick();
+                    self.maybe_held();
                 }
                 Err(e) => {
                     // The full snapshot stays unlisted until a manifest lists it.
@@ -640,6 +797,27 @@ impl Driver {
                 self.maintain();
             }
             DriverEvent::RolledBack => self.end_rollback(),
+            DriverEvent::Epoch { from, msg } => self.epoch_msg(from, msg),
+            DriverEvent::CaughtUp(r) => match r {
+                Ok(pending) => {
+                    if let Some(rb) = self.rolling_back.as_mut() {
+                        rb.catch_up = None;
+                        rb.catching_up = false;
+                        rb.wait = rb.to;
+                        self.last_released = rb.to;
+                        self.status.lock().applied = rb.to;
+                        self.router.set_applied(rb.to);
+                        self.last_pending = LastPending::Recovered(pending);
+                        self.continue_rollback();
+                    }
+                }
+                Err(e) => {
+                    // Nothing this node acknowledged depends on it; without those epochs it
+                    // cannot go on consistently.
+                    tracing::error!(error = %e, "cannot read committed epochs from blob storage during a rollback; stopping the node (a restart recovers them)");
+                    std::process::exit(3);
+                }
+            },
             DriverEvent::Maintenance(r) => {
                 self.maintenance_running = false;
                 match r {
@@ -665,8 +843,26 @@ impl Driver {
             DriverEvent::Finish(tx) => {
                 // No waiting for the applier's merge window.
                 self.router.want_apply();
+                if let Some(c) = self.cluster.as_ref().filter(|c| c.active) {
+                    // Epochs need the leader (which may be stopping too): a node that takes
+                    // no part in them answers at once, a participant waits a little.
+                    if c.holding || c.leader.is_none() || self.opts.owned.is_empty() {
+                        let _ = tx.send(self.last_released);
+                        return;
+                    }
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(FINISH_IN_CLUSTER).await;
+                        let _ = events.send(DriverEvent::FinishTimeout);
+                    });
+                }
                 // Everything accepted so far is in the next epoch to start.
                 self.finish.push((self.coord.started() + 1, tx));
+            }
+            DriverEvent::FinishTimeout => {
+                for (_, tx) in std::mem::take(&mut self.finish) {
+                    let _ = tx.send(self.last_released);
+                }
             }
         }
     }
@@ -676,9 +872,8 @@ impl Driver {
     /// ([`continue_rollback`](Self::continue_rollback)) and the committed epoch's pending
     /// messages are delivered again ([`end_rollback`](Self::end_rollback)). Called with no
     /// commit in flight (epochs commit one at a time; this is decided before the next).
-    fn begin_rollback(&mut self) {
+    fn begin_rollback(&mut self, to: u64, base: u64, manifest: Option<u64>) {
         debug_assert!(self.cp.is_some(), "a rollback needs checkpoints");
-        let (to, base) = (self.coord.committed(), self.coord.started());
         tracing::warn!(
             committed = to,
             abandoned = ?(to + 1..=base),
@@ -687,10 +882,17 @@ impl Driver {
         self.router.set_rolling_back(Some(format!(
             "the node is rolling back to its last committed epoch {to}; retry"
         )));
+        // Numbers between the last epoch released here and `to` were abandoned, unless a
+        // manifest after it exists (the leader committed epochs this node did not release).
+        let own = self.last_released;
+        let catch_up = manifest.filter(|&m| m > own).map(|m| (own, m));
         self.rolling_back = Some(RollingBack {
             to,
             base,
             shards_told: false,
+            wait: own.min(to),
+            catch_up,
+            catching_up: false,
             since: Instant::now(),
         });
         self.router.want_apply();
@@ -703,7 +905,24 @@ impl Driver {
         let Some(rb) = self.rolling_back.as_mut() else {
             return;
         };
-        if rb.shards_told || self.status.lock().applied < rb.to {
+        if rb.shards_told || rb.catching_up || self.status.lock().applied < rb.wait {
+            return;
+        }
+        if let Some((own, manifest)) = rb.catch_up {
+            // Sled holds this node's own committed epochs: the later ones come from blob
+            // storage.
+            rb.catching_up = true;
+            let (cp, store, owned, to) = (
+                self.cp.clone().expect("a rollback needs checkpoints"),
+                self.store.clone(),
+                self.opts.owned.clone(),
+                rb.to,
+            );
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                let r = catch_up(&cp, &store, &owned, own, to, manifest).await;
+                let _ = events.send(DriverEvent::CaughtUp(r));
+            });
             return;
         }
         rb.shards_told = true;
@@ -758,7 +977,10 @@ impl Driver {
         let (n, interval, max) = self.coord_params;
         // Committed "up to" `base` for the numbering: nothing between `to` and `base` is
         // in blob storage's chain (the next manifest names `last_manifest`).
-        self.coord = Box::new(Coordinator::new(n, interval, max, rb.base));
+        self.coord = match &self.cluster {
+            Some(c) if c.active => Box::new(Participant::new(n, max, rb.base, rb.base)),
+            _ => Box::new(Coordinator::new(n, interval, max, rb.base)),
+        };
         self.cuts.clear();
         self.built.clear();
         self.objects.clear();
@@ -784,6 +1006,133 @@ impl Driver {
             "rolled back to epoch {}; the pending messages of that epoch are replayed",
             rb.to
         );
+        if let Some(full) = self.listing.take() {
+            self.unlisted_full = Some(full);
+        }
+        if self.cluster.as_ref().is_some_and(|c| c.hold_pending) {
+            self.coord.drain();
+            self.maybe_held();
+        }
+        if let Some(c) = self.cluster.as_mut().filter(|c| c.active) {
+            c.holding = false;
+            c.listing_epoch = None;
+            let deferred = std::mem::take(&mut c.deferred);
+            for epoch in deferred {
+                self.input(Input::Barrier { epoch });
+            }
+        }
+    }
+
+    /// A message of the cluster's epoch protocol.
+    fn epoch_msg(&mut self, from: statemesh_mesh::placement::NodeId, msg: EpochMsg) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        let gen = msg.gen();
+        let (active, holding) = (c.active, c.holding);
+        match msg {
+            EpochMsg::Hold { .. } if gen > c.gen || (gen == c.gen && holding) => {
+                c.gen = gen;
+                c.leader = Some(from);
+                c.holding = true;
+                c.deferred.clear();
+                if active {
+                    let held = EpochMsg::Held {
+                        gen,
+                        committed: self.last_released,
+                        cut: self.coord.started(),
+                    };
+                    c.send(from, held);
+                } else {
+                    // Alone until now: finish the open epochs (this node writes their
+                    // manifests), start no more, then answer.
+                    c.hold_pending = true;
+                    self.coord.drain();
+                    self.maybe_held();
+                }
+            }
+            EpochMsg::Resume {
+                committed,
+                base,
+                manifest,
+                ..
+            } if gen == c.gen && holding && active && self.rolling_back.is_none() => {
+                self.resume(committed, base, manifest)
+            }
+            EpochMsg::Barrier { epoch, .. } if gen == c.gen && active => {
+                if self.rolling_back.is_some() {
+                    c.deferred.push(epoch);
+                } else if !holding {
+                    self.input(Input::Barrier { epoch });
+                }
+            }
+            EpochMsg::Committed { epoch, .. } if gen == c.gen && active => {
+                self.input(Input::Committed { epoch });
+            }
+            _ => {}
+        }
+    }
+
+    /// A `Hold` that waited for this node's own epochs: once none is open, the node hands its
+    /// epochs to the leader (it becomes a participant) and answers.
+    fn maybe_held(&mut self) {
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
+        if !c.hold_pending
+            || self.rolling_back.is_some()
+            || self.coord.started() != self.coord.committed()
+        {
+            return;
+        }
+        c.hold_pending = false;
+        c.active = true;
+        let (n, _, max) = self.coord_params;
+        let cut = self.coord.started();
+        let committed = self.last_released;
+        self.coord = Box::new(Participant::new(n, max, cut, cut));
+        tracing::info!(
+            committed,
+            "the cluster has several members: its leader coordinates this node's epochs from now on"
+        );
+        let c = self.cluster.as_ref().expect("checked");
+        if let Some(l) = c.leader {
+            c.send(
+                l,
+                EpochMsg::Held {
+                    gen: c.gen,
+                    committed,
+                    cut,
+                },
+            );
+        }
+    }
+
+    /// The leader's `Resume`: epochs up to `committed` are committed (the newest with a
+    /// manifest is `manifest`), later ones abandoned; epochs go on after `base` (the shards
+    /// take the next number the leader gives them).
+    fn resume(&mut self, committed: u64, base: u64, manifest: Option<u64>) {
+        if committed > self.coord.committed() {
+            self.input(Input::Committed { epoch: committed });
+        }
+        // Committed epochs with data this node did not release (it restarted as the leader
+        // committed them), or open epochs (abandoned): roll back.
+        let missing = manifest.filter(|&m| m > self.last_released);
+        let open = self.coord.started() > self.coord.committed();
+        if (missing.is_some() || open) && self.cp.is_some() {
+            if let Some(c) = self.cluster.as_mut() {
+                c.holding = true;
+            }
+            self.begin_rollback(committed, base.max(self.coord.started()), missing);
+            return;
+        }
+        let (n, _, max) = self.coord_params;
+        let committed = committed.max(self.coord.committed());
+        self.coord = Box::new(Participant::new(n, max, committed, base.max(committed)));
+        self.status.lock().started = self.coord.started();
+        if let Some(c) = self.cluster.as_mut() {
+            c.holding = false;
+        }
     }
 
     fn failed(&mut self, epoch: u64, e: String) {
@@ -902,6 +1251,13 @@ impl Driver {
                 }
             }
             Action::Release(e) => {
+                self.last_released = e;
+                if let Some(c) = self.cluster.as_mut().filter(|c| c.listing_epoch == Some(e)) {
+                    c.listing_epoch = None;
+                    if let Some((obj, label)) = self.listing.take() {
+                        self.status.lock().last_full = Some((label, obj.size));
+                    }
+                }
                 for s in &self.shards {
                     s.do_send(Committed { epoch: e });
                 }
@@ -959,6 +1315,35 @@ impl Driver {
                     self.epochs_since_full += 1;
                 }
                 self.maintain();
+            }
+            Action::Report(e) => {
+                let mut objects: Vec<ObjectRef> = self
+                    .objects
+                    .get(&e)
+                    .cloned()
+                    .flatten()
+                    .into_iter()
+                    .collect();
+                if let Some(full) = self.unlisted_full.take() {
+                    objects.push(full.0.clone());
+                    self.listing = Some(full);
+                    if let Some(c) = self.cluster.as_mut() {
+                        c.listing_epoch = Some(e);
+                    }
+                }
+                if let Some(c) = &self.cluster {
+                    if let Some(l) = c.leader {
+                        c.send(
+                            l,
+                            EpochMsg::Part {
+                                gen: c.gen,
+                                epoch: e,
+                                objects: serde_json::to_vec(&objects)
+                                    .expect("object references serialize"),
+                            },
+                        );
+                    }
+                }
             }
             Action::Backpressure(on) => {
                 let reason = on.then(|| {
@@ -1086,7 +1471,7 @@ pub(crate) struct Recovered {
 pub(crate) async fn recover(
     store: &Store,
     cp: Option<&CheckpointStore>,
-    key_groups: u32,
+    owned: &[u32],
 ) -> Result<Recovered, String> {
     let t0 = Instant::now();
     let applied = store.applied().map_err(|e| e.to_string())?;
@@ -1124,7 +1509,23 @@ pub(crate) async fn recover(
         });
     };
     let e = latest.epoch;
-    let all: Vec<u32> = (0..key_groups).collect();
+    let all: Vec<u32> = owned.to_vec();
+    if all.is_empty() {
+        // A member that owns no key groups: nothing of blob storage is its to recover.
+        store.reset_applied(e).map_err(|e| e.to_string())?;
+        return Ok(Recovered {
+            committed: e,
+            last_manifest: Some(e),
+            pending: Vec::new(),
+            force_full: false,
+            report: RecoveryReport {
+                source: "none".into(),
+                epoch: e,
+                duration_ms: t0.elapsed().as_millis() as u64,
+                ..Default::default()
+            },
+        });
+    }
     let (source, after) = match applied {
         Some(a) if a == e => ("sled", Some(e)),
         Some(a) if a < e => ("blob-deltas", Some(a)),
@@ -1167,7 +1568,7 @@ pub(crate) async fn recover(
     let mut entries = 0;
     if full {
         store
-            .clear_key_groups(0..key_groups)
+            .clear_key_groups(all.iter().copied())
             .map_err(|e| e.to_string())?;
     }
     let mut pending = Vec::new();

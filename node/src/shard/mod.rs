@@ -1073,7 +1073,10 @@ impl Handler<Barrier> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: Barrier, _: &mut Self::Context) {
-        if msg.epoch == self.epoch {
+        // A cluster's leader may number on after abandoned epochs: the epoch being
+        // accumulated takes the number it is cut with.
+        if msg.epoch >= self.epoch {
+            self.epoch = msg.epoch;
             self.begin_cut(msg.epoch);
         }
     }
@@ -1095,7 +1098,8 @@ impl Handler<Marker> for Shard {
 
 impl Shard {
     fn marker(&mut self, msg: Marker) {
-        if msg.epoch == self.epoch {
+        if msg.epoch >= self.epoch {
+            self.epoch = msg.epoch;
             self.begin_cut(msg.epoch);
         }
         if self.cuts.marker(msg.from, msg.epoch) {
