@@ -476,7 +476,10 @@ impl ClusterCoordinator {
                 let since = self
                     .last_start_ms
                     .map_or(u64::MAX, |t| now_ms.saturating_sub(t));
-                let due = (self.waiting && since >= 2) || since >= self.interval_ms;
+                // A waiting caller starts an epoch at once when none is open, else at most
+                // every 2 ms (group commit).
+                let due = (self.waiting && (self.open.is_empty() || since >= 2))
+                    || since >= self.interval_ms;
                 let blocked = due && self.open.len() as u64 >= self.max_uncommitted;
                 if due && !blocked && !self.members.is_empty() {
                     self.started += 1;

@@ -295,13 +295,16 @@ impl Coordinator {
 /// leader decides when epochs start ([`Input::Barrier`], numbered consecutively) and when they
 /// commit ([`Input::Committed`]); the node cuts them, writes its part of each (one at a time,
 /// in order, without waiting for commits), reports it ([`Action::Report`]) and releases
-/// epochs in order as the leader commits them. Back-pressure is on while `max_uncommitted`
-/// epochs are open (the leader starts no more).
+/// epochs in order as the leader commits them. Shards cut one epoch at a time: a barrier that
+/// arrives while they still cut the previous one waits. Back-pressure is on while
+/// `max_uncommitted` epochs are open (the leader starts no more).
 #[derive(Debug, Clone)]
 pub struct Participant {
     shards: usize,
     max_uncommitted: u64,
     started: u64,
+    /// The last epoch the leader started (barriers after `started` wait for the shards).
+    announced: u64,
     committed: u64,
     /// The last epoch whose part was written and reported.
     written: u64,
@@ -321,6 +324,7 @@ impl Participant {
             shards: shards.max(1),
             max_uncommitted: max_uncommitted.max(1),
             started,
+            announced: started,
             // Epochs between `committed` and `started` were abandoned: counted as done.
             committed: started,
             written: started,
@@ -347,8 +351,18 @@ impl Participant {
         }
     }
 
+    /// Starts the announced epochs, one cut at a time.
+    fn start_next(&mut self, out: &mut Vec<Action>) {
+        while self.started < self.announced && self.cuts.back().is_none_or(|c| c.iter().all(|x| *x))
+        {
+            self.started += 1;
+            self.cuts.push_back(vec![false; self.shards]);
+            out.push(Action::Barrier(self.started));
+        }
+    }
+
     fn set_backpressure(&mut self, out: &mut Vec<Action>) {
-        let on = self.started - self.committed >= self.max_uncommitted;
+        let on = self.announced - self.committed >= self.max_uncommitted;
         if on != self.backpressure {
             self.backpressure = on;
             out.push(Action::Backpressure(on));
@@ -371,10 +385,9 @@ impl Participant {
             Input::Barrier { epoch } => {
                 // Consecutive within a leader's generation; a gap (a lost barrier) leaves the
                 // epoch without this part, and the leader synchronises again.
-                if epoch == self.started + 1 {
-                    self.started = epoch;
-                    self.cuts.push_back(vec![false; self.shards]);
-                    out.push(Action::Barrier(epoch));
+                if epoch == self.announced + 1 {
+                    self.announced = epoch;
+                    self.start_next(&mut out);
                     self.set_backpressure(&mut out);
                 }
             }
@@ -382,6 +395,7 @@ impl Participant {
                 if epoch > self.committed && epoch <= self.started && shard < self.shards {
                     self.cuts[(epoch - self.committed - 1) as usize][shard] = true;
                     self.maybe_write(&mut out);
+                    self.start_next(&mut out);
                 }
             }
             Input::Written { epoch } => {
@@ -409,7 +423,11 @@ impl Participant {
                 }
             }
         }
-        debug_assert!(self.committed <= self.written && self.written <= self.started);
+        debug_assert!(
+            self.committed <= self.written
+                && self.written <= self.started
+                && self.started <= self.announced
+        );
         out
     }
 }
@@ -568,15 +586,16 @@ mod tests {
         );
         assert_eq!(
             p.handle(Input::Barrier { epoch: 9 }),
-            vec![Action::Barrier(9), Action::Backpressure(true)]
+            vec![Action::Backpressure(true)],
+            "epoch 9 waits until the shards have cut 8"
         );
-        assert_eq!(p.handle(Input::ShardCut { epoch: 9, shard: 0 }), vec![]);
-        assert_eq!(p.handle(Input::ShardCut { epoch: 9, shard: 1 }), vec![]);
         assert_eq!(p.handle(Input::ShardCut { epoch: 8, shard: 1 }), vec![]);
         assert_eq!(
             p.handle(Input::ShardCut { epoch: 8, shard: 0 }),
-            vec![Action::Write(8)]
+            vec![Action::Write(8), Action::Barrier(9)]
         );
+        assert_eq!(p.handle(Input::ShardCut { epoch: 9, shard: 0 }), vec![]);
+        assert_eq!(p.handle(Input::ShardCut { epoch: 9, shard: 1 }), vec![]);
         assert_eq!(
             p.handle(Input::Written { epoch: 8 }),
             vec![Action::Report(8), Action::Write(9)]
