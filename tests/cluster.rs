@@ -442,6 +442,22 @@ async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
     );
     assert!(!root.join("k512").join("node-id").exists());
 
+    // A node configured with another blob location (members without one use the cluster's).
+    let mut l = launch(root, 6, (0, 0), Some(&seed));
+    let elsewhere = root.join("elsewhere");
+    l.args.push("--checkpoint-url".into());
+    l.args.push(elsewhere.display().to_string());
+    let log = refused(&root.join("blob"), &l);
+    assert!(
+        log.contains("is configured with the blob location") && log.contains("this cluster uses"),
+        "{log}"
+    );
+    assert!(!root.join("blob").join("node-id").exists());
+    let url = |v: serde_json::Value| v["url"].as_str().unwrap_or_default().to_string();
+    let cluster_url = url(n1.get_json("/v1/checkpoints").await);
+    assert!(cluster_url.ends_with("checkpoints"), "{cluster_url}");
+    assert_eq!(url(n4.get_json("/v1/checkpoints").await), cluster_url);
+
     // A data directory of another cluster.
     let (other, _) = start(root, 9, None);
     other.stop();

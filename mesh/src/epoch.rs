@@ -602,6 +602,11 @@ pub enum EpochMsg {
         /// The newest manifest of the chain (a participant behind `committed` reads the
         /// epochs it missed from there).
         manifest: Option<Epoch>,
+        /// Every participant rolls back to `committed`, what it did since its last cut
+        /// included (several participants: work since then may depend on messages of work
+        /// that was lost). A lone participant keeps what it did since its last cut.
+        #[serde(default)]
+        roll_back: bool,
     },
     /// Leader → participant: cut `epoch` (its participants are `members`).
     Barrier {
@@ -1044,6 +1049,7 @@ impl EpochLeader {
                                     committed,
                                     base,
                                     manifest: self.previous,
+                                    roll_back: self.participants.len() > 1,
                                 },
                             });
                         }
@@ -1293,7 +1299,8 @@ mod tests {
                     gen: g,
                     committed: 5,
                     base: 6,
-                    manifest: Some(5)
+                    manifest: Some(5),
+                    roll_back: true
                 }
             )
         );

@@ -1055,9 +1055,10 @@ impl Driver {
                 committed,
                 base,
                 manifest,
+                roll_back,
                 ..
             } if gen == c.gen && holding && active && self.rolling_back.is_none() => {
-                self.resume(committed, base, manifest)
+                self.resume(committed, base, manifest, roll_back)
             }
             EpochMsg::Barrier { epoch, .. } if gen == c.gen && active => {
                 if self.rolling_back.is_some() {
@@ -1111,15 +1112,16 @@ impl Driver {
     /// The leader's `Resume`: epochs up to `committed` are committed (the newest with a
     /// manifest is `manifest`), later ones abandoned; epochs go on after `base` (the shards
     /// take the next number the leader gives them).
-    fn resume(&mut self, committed: u64, base: u64, manifest: Option<u64>) {
+    fn resume(&mut self, committed: u64, base: u64, manifest: Option<u64>, all: bool) {
         if committed > self.coord.committed() {
             self.input(Input::Committed { epoch: committed });
         }
         // Committed epochs with data this node did not release (it restarted as the leader
-        // committed them), or open epochs (abandoned): roll back.
+        // committed them), open epochs (abandoned), or several participants (all go back to
+        // the same cut): roll back.
         let missing = manifest.filter(|&m| m > self.last_released);
         let open = self.coord.started() > self.coord.committed();
-        if (missing.is_some() || open) && self.cp.is_some() {
+        if (missing.is_some() || open || all) && self.cp.is_some() {
             if let Some(c) = self.cluster.as_mut() {
                 c.holding = true;
             }
