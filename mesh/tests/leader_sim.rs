@@ -217,10 +217,10 @@ impl World {
                 p.floor = p.cut;
                 p.holding = false;
             }
-            EpochMsg::Barrier { epoch, .. } if gen == p.gen && !p.holding => {
-                if epoch == p.announced + 1 {
-                    p.announced = epoch;
-                }
+            EpochMsg::Barrier { epoch, .. }
+                if gen == p.gen && !p.holding && epoch == p.announced + 1 =>
+            {
+                p.announced = epoch;
             }
             EpochMsg::Committed { epoch, .. } if gen == p.gen && !p.holding => {
                 self.release(id, epoch)?;
