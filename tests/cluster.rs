@@ -132,12 +132,33 @@ fn counter(id: &str) -> Address {
     Address::parse(&format!("example/counter/{id}")).unwrap()
 }
 
+/// Adds `n` to a counter through `c`, retrying with the same idempotency key what the
+/// cluster refuses for now (a rollback while key groups move, a leader change).
 async fn add(c: &Client, id: &str, n: i64) -> i64 {
-    c.call(&counter(id), TypedValue::of(&n))
-        .await
-        .unwrap_or_else(|e| panic!("call example/counter/{id}: {e}"))
-        .get::<i64>()
-        .unwrap()
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let key = format!(
+        "add-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match c
+            .call_with(&counter(id), TypedValue::of(&n), Some(&key), None)
+            .await
+        {
+            Ok(v) => return v.get::<i64>().unwrap(),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(tonic::Code::Unavailable | tonic::Code::Unknown)
+                ) && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("call example/counter/{id}: {e}"),
+        }
+    }
 }
 
 #[tokio::test]
@@ -150,9 +171,26 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     let (n2, p2) = start(root, 2, Some(&seed));
     let (n3, p3) = start(root, 3, Some(&seed));
     converged(&[&n1, &n2, &n3], 3, 3).await;
-    let v = n3.get_json("/v1/cluster").await;
-    let owned: Vec<u64> = member_field(&v, "key_groups");
-    assert_eq!(owned, vec![1024, 0, 0], "{v}");
+    // The joiners get their share of the key groups (rendezvous hashing) within 30 s.
+    let t0 = std::time::Instant::now();
+    let v = eventually(
+        "every member owns key groups",
+        Duration::from_secs(30),
+        || async {
+            let v = view(&n3).await?;
+            let owned: Vec<u64> = member_field(&v, "key_groups");
+            (owned.len() == 3
+                && owned.iter().all(|&k| k > 200)
+                && owned.iter().sum::<u64>() == 1024)
+                .then_some(v)
+        },
+    )
+    .await;
+    println!(
+        "key groups spread over 3 nodes in {:?}: {:?}",
+        t0.elapsed(),
+        member_field(&v, "key_groups")
+    );
     assert!(
         v["cluster_id"].as_str().is_some_and(|c| c.len() == 16),
         "{v}"
@@ -282,8 +320,10 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     .await;
     assert_eq!(add(&n3.client().await, "shared", 1).await, expected + 2);
 
-    // SIGKILL the leader, which owns every key group: a new leader is elected, requests for
-    // its key groups fail with UNAVAILABLE naming it until it is back, then nothing is lost.
+    // SIGKILL the leader, which owns a third of the key groups: a new leader is elected,
+    // requests for node 1's key groups fail with UNAVAILABLE naming it until it is back, then
+    // nothing is lost. (Until failover, issue 9, no epoch commits without node 1: requests
+    // for the other key groups wait for it.)
     n1.kill();
     eventually("a new leader", Duration::from_secs(30), || async {
         let v = view(&n2).await?;
@@ -291,20 +331,38 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
         (l == 2 || l == 3).then_some(())
     })
     .await;
-    let e = c2
-        .call(&counter("shared"), TypedValue::of(&1i64))
-        .await
-        .unwrap_err();
-    // UNAVAILABLE once the connection is known dead; UNKNOWN ("may or may not have been
-    // applied") if the request went out on a connection the kill broke.
+    let (mut refused, mut served) = (None, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    while refused.is_none() && std::time::Instant::now() < deadline {
+        i += 1;
+        match c2
+            .call_with(
+                &counter(&format!("probe-{i}")),
+                TypedValue::of(&1i64),
+                Some(&format!("probe-{i}")),
+                Some(Duration::from_secs(2)),
+            )
+            .await
+        {
+            Ok(_) => served += 1,
+            // UNAVAILABLE once the connection is known dead; UNKNOWN ("may or may not have
+            // been applied") if the request went out on a connection the kill broke.
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(tonic::Code::Unavailable | tonic::Code::Unknown)
+                ) && e.to_string().contains("node 1") =>
+            {
+                refused = Some(e.to_string())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
     assert!(
-        matches!(
-            e.code(),
-            Some(tonic::Code::Unavailable | tonic::Code::Unknown)
-        ),
-        "{e}"
+        refused.is_some(),
+        "with node 1 down: {served} served, none refused naming node 1"
     );
-    assert!(e.to_string().contains("node 1"), "{e}");
     let n1 = restart(root, 1, p1, Some(n2.grpc.trim_start_matches("http://")));
     converged(&[&n1, &n2, &n3], 3, 3).await;
     assert_eq!(add(&c2, "shared", 1).await, expected + 3);

@@ -314,6 +314,14 @@ pub enum CoordInput {
     CallerWaiting,
     /// The participants of the epochs started from now on (the live members).
     Members(BTreeSet<NodeId>),
+    /// Every shard of `node` has cut `epoch` (it has every marker of it): the next epoch may
+    /// start once all participants have (a shard's cuts never overlap).
+    CutDone {
+        /// The epoch.
+        epoch: Epoch,
+        /// The node.
+        node: NodeId,
+    },
     /// `node` wrote its part of `epoch`.
     PartWritten {
         /// The epoch.
@@ -397,6 +405,8 @@ pub struct ClusterCoordinator {
     members: BTreeSet<NodeId>,
     /// Open epochs: participants and the parts written so far.
     open: BTreeMap<Epoch, (BTreeSet<NodeId>, BTreeSet<NodeId>)>,
+    /// The participants that have not finished cutting the last epoch started.
+    cutting: BTreeSet<NodeId>,
     persisting: Persisting,
     last_start_ms: Option<u64>,
     waiting: bool,
@@ -415,6 +425,7 @@ impl ClusterCoordinator {
             started: started.max(committed),
             members: BTreeSet::new(),
             open: BTreeMap::new(),
+            cutting: BTreeSet::new(),
             persisting: Persisting::Idle,
             last_start_ms: None,
             waiting: false,
@@ -431,6 +442,11 @@ impl ClusterCoordinator {
     /// The highest epoch started.
     pub fn started(&self) -> Epoch {
         self.started
+    }
+
+    /// Whether a participant has not finished cutting the last epoch started.
+    pub fn cutting(&self) -> bool {
+        !self.cutting.is_empty()
     }
 
     fn next_open(&self) -> Option<Epoch> {
@@ -481,8 +497,9 @@ impl ClusterCoordinator {
                 let due = (self.waiting && (self.open.is_empty() || since >= 2))
                     || since >= self.interval_ms;
                 let blocked = due && self.open.len() as u64 >= self.max_uncommitted;
-                if due && !blocked && !self.members.is_empty() {
+                if due && !blocked && !self.members.is_empty() && self.cutting.is_empty() {
                     self.started += 1;
+                    self.cutting = self.members.clone();
                     self.last_start_ms = Some(now_ms);
                     self.waiting = false;
                     self.open
@@ -500,6 +517,11 @@ impl ClusterCoordinator {
             }
             CoordInput::CallerWaiting => self.waiting = true,
             CoordInput::Members(m) => self.members = m,
+            CoordInput::CutDone { epoch, node } => {
+                if epoch == self.started {
+                    self.cutting.remove(&node);
+                }
+            }
             CoordInput::PartWritten { epoch, node } => {
                 if let Some((members, written)) = self.open.get_mut(&epoch) {
                     if members.contains(&node) {
@@ -551,7 +573,10 @@ impl ClusterCoordinator {
                         .open
                         .iter()
                         .any(|(e, (m, _))| Some(*e) != sealed && m.contains(&node));
+                self.cutting.remove(&node);
                 if involved {
+                    // Everyone rolls back: cuts start afresh.
+                    self.cutting.clear();
                     self.open.retain(|e, _| Some(*e) == sealed);
                     if sealed.is_none() {
                         self.persisting = Persisting::Idle;
@@ -588,6 +613,9 @@ pub enum EpochMsg {
         committed: Epoch,
         /// The last epoch it cut.
         cut: Epoch,
+        /// Its shards (each is a source of the cut: its markers are awaited).
+        #[serde(default)]
+        shards: u32,
     },
     /// Leader → participant: epochs up to `committed` are committed (release them); the ones
     /// after it are abandoned (roll back to `committed` and replay its pending messages);
@@ -607,6 +635,14 @@ pub enum EpochMsg {
         /// that was lost). A lone participant keeps what it did since its last cut.
         #[serde(default)]
         roll_back: bool,
+        /// The participants until the next synchronisation, with their shards.
+        #[serde(default)]
+        members: Vec<(NodeId, u32)>,
+        /// The control group's key-group table version the leader resumes at: a participant
+        /// whose table is older waits until it has applied it (it decides which key groups
+        /// it serves from it).
+        #[serde(default)]
+        placement_version: u64,
     },
     /// Leader → participant: cut `epoch` (its participants are `members`).
     Barrier {
@@ -616,6 +652,13 @@ pub enum EpochMsg {
         epoch: Epoch,
         /// Its participants.
         members: Vec<NodeId>,
+    },
+    /// Participant → leader: every shard of it has cut `epoch` (has every marker of it).
+    Cut {
+        /// The generation.
+        gen: u64,
+        /// The epoch.
+        epoch: Epoch,
     },
     /// Participant → leader: a caller waits for a commit (start an epoch soon).
     Wanted {
@@ -653,6 +696,7 @@ impl EpochMsg {
         matches!(
             self,
             EpochMsg::Held { .. }
+                | EpochMsg::Cut { .. }
                 | EpochMsg::Wanted { .. }
                 | EpochMsg::Part { .. }
                 | EpochMsg::Reset { .. }
@@ -667,6 +711,7 @@ impl EpochMsg {
             | EpochMsg::Resume { gen, .. }
             | EpochMsg::Barrier { gen, .. }
             | EpochMsg::Wanted { gen }
+            | EpochMsg::Cut { gen, .. }
             | EpochMsg::Part { gen, .. }
             | EpochMsg::Committed { gen, .. }
             | EpochMsg::Reset { gen } => *gen,
@@ -696,6 +741,11 @@ pub enum LeadInput {
     /// participant, one gone, or one restarted (another incarnation) makes the leader
     /// synchronise again.
     Participants(BTreeMap<NodeId, u64>),
+    /// Move key groups (the plan is the control group's): at the next synchronisation, once
+    /// every participant holds, [`LeadAction::ProposeMove`]; everyone resumes after it.
+    Handover,
+    /// The move proposed was applied (or refused): the synchronisation goes on.
+    Moved,
     /// A participant's message.
     Msg {
         /// The sender.
@@ -728,6 +778,9 @@ pub enum LeadAction {
     },
     /// Read the newest manifest ([`LeadInput::Latest`] answers).
     ReadLatest,
+    /// Every participant holds (nothing commits): propose the planned moves now
+    /// ([`LeadInput::Moved`] answers once they are applied or refused).
+    ProposeMove,
     /// Write the manifest of `epoch` (create-only) listing the parts, after `previous`
     /// ([`LeadInput::ManifestDone`] answers). With nothing in any part, write nothing.
     WriteManifest {
@@ -749,9 +802,13 @@ enum Phase {
     Idle,
     /// Waiting for every participant's `Held`, then for the newest manifest.
     Syncing {
-        held: BTreeMap<NodeId, (Epoch, Epoch)>,
+        held: BTreeMap<NodeId, (Epoch, Epoch, u32)>,
         reading: bool,
         last_hold_ms: Option<u64>,
+        /// Key groups move once everyone holds (`Some(true)`: the move is proposed).
+        moving: Option<bool>,
+        /// When the synchronisation started.
+        since_ms: u64,
     },
     Running {
         coord: ClusterCoordinator,
@@ -764,6 +821,9 @@ enum Phase {
 
 /// How often a leader that waits for `Held` answers sends `Hold` again.
 const HOLD_RESEND_MS: u64 = 500;
+/// A participant that has not answered `Hold` after this long is left out of the epochs
+/// until it answers (it died, or cannot be reached): the others go on. Its key groups wait.
+pub const HOLD_TIMEOUT_MS: u64 = 3_000;
 
 /// The leader's side of cluster epochs: synchronises the participants (after it took over, or
 /// when they change), then runs a [`ClusterCoordinator`] over them. A participant that does
@@ -788,6 +848,16 @@ pub struct EpochLeader {
     base: Epoch,
     /// A synchronisation is due once the manifest being written is done.
     resync: bool,
+    /// It moves key groups.
+    handover: bool,
+    /// Participants that do not answer are left out (see [`HOLD_TIMEOUT_MS`]); off until
+    /// recovery merges the pending messages others kept for them (see the closing note).
+    exclude: bool,
+    /// The participants that take part in the epochs (those that answered the last
+    /// synchronisation).
+    active: BTreeSet<NodeId>,
+    /// When the last epoch started.
+    last_barrier_ms: u64,
     now_ms: u64,
 }
 
@@ -813,6 +883,10 @@ impl EpochLeader {
             committed,
             base: committed,
             resync: false,
+            handover: false,
+            exclude: false,
+            active: BTreeSet::new(),
+            last_barrier_ms: 0,
             now_ms: 0,
         }
     }
@@ -834,6 +908,7 @@ impl EpochLeader {
 
     fn sync(&mut self, out: &mut Vec<LeadAction>) {
         self.resync = false;
+        let moving = std::mem::take(&mut self.handover).then_some(false);
         self.parts.clear();
         if self.participants.is_empty() {
             self.phase = Phase::Idle;
@@ -844,6 +919,8 @@ impl EpochLeader {
             held: BTreeMap::new(),
             reading: false,
             last_hold_ms: Some(self.now_ms),
+            moving,
+            since_ms: self.now_ms,
         };
         for &to in self.participants.keys() {
             out.push(LeadAction::Send {
@@ -867,6 +944,7 @@ impl EpochLeader {
             match a {
                 CoordAction::Barrier { epoch, members } => {
                     self.base = self.base.max(epoch);
+                    self.last_barrier_ms = self.now_ms;
                     if let Phase::Running { since, .. } = &mut self.phase {
                         since.insert(epoch, self.now_ms);
                     }
@@ -903,7 +981,7 @@ impl EpochLeader {
                     if let Phase::Running { since, .. } = &mut self.phase {
                         since.remove(&epoch);
                     }
-                    for &to in self.participants.keys() {
+                    for &to in &self.active {
                         out.push(LeadAction::Send {
                             to,
                             msg: EpochMsg::Committed {
@@ -938,7 +1016,20 @@ impl EpochLeader {
                         held,
                         reading,
                         last_hold_ms,
+                        moving,
+                        since_ms,
                     } => {
+                        // Participants that do not answer are left out (the others go on).
+                        if self.exclude
+                            && !*reading
+                            && *moving != Some(true)
+                            && !held.is_empty()
+                            && now_ms >= *since_ms + HOLD_TIMEOUT_MS
+                        {
+                            *moving = None;
+                            *reading = true;
+                            out.push(LeadAction::ReadLatest);
+                        }
                         if !*reading && last_hold_ms.is_none_or(|t| now_ms >= t + HOLD_RESEND_MS) {
                             *last_hold_ms = Some(now_ms);
                             for &to in self.participants.keys() {
@@ -959,18 +1050,38 @@ impl EpochLeader {
                         // The oldest open epoch still lacks a part after `stall_ms` (a lost
                         // barrier or part, a participant that restarted): synchronise again.
                         // A manifest that keeps failing is retried instead.
-                        let n = self.participants.len();
+                        let n = self.active.len();
+                        // Or a participant never reported its cut of the last epoch.
                         let stalled = writing.is_none()
-                            && since.iter().next().is_some_and(|(e, &t)| {
+                            && (since.iter().next().is_some_and(|(e, &t)| {
                                 now_ms >= t + self.stall_ms
                                     && self.parts.get(e).map_or(0, |p| p.len()) < n
-                            });
+                            }) || (coord.cutting()
+                                && now_ms >= self.last_barrier_ms + self.stall_ms));
                         if stalled {
                             self.sync(&mut out);
                         } else {
                             let acts = coord.handle(CoordInput::Tick { now_ms });
                             self.coord_actions(acts, &mut out);
                         }
+                    }
+                }
+            }
+            LeadInput::Handover => {
+                if self.running() && !self.participants.is_empty() {
+                    self.handover = true;
+                    self.want_sync(&mut out);
+                }
+            }
+            LeadInput::Moved => {
+                if let Phase::Syncing {
+                    moving, reading, ..
+                } = &mut self.phase
+                {
+                    if *moving == Some(true) && !*reading {
+                        *moving = None;
+                        *reading = true;
+                        out.push(LeadAction::ReadLatest);
                     }
                 }
             }
@@ -986,14 +1097,46 @@ impl EpochLeader {
                 }
                 match (msg, &mut self.phase) {
                     (
-                        EpochMsg::Held { committed, cut, .. },
-                        Phase::Syncing { held, reading, .. },
+                        EpochMsg::Held {
+                            committed,
+                            cut,
+                            shards,
+                            ..
+                        },
+                        Phase::Syncing {
+                            held,
+                            reading,
+                            moving,
+                            ..
+                        },
                     ) => {
-                        held.insert(from, (committed, cut));
+                        held.insert(from, (committed, cut, shards.max(1)));
                         if !*reading && held.len() == self.participants.len() {
-                            *reading = true;
-                            out.push(LeadAction::ReadLatest);
+                            match moving {
+                                Some(false) => {
+                                    *moving = Some(true);
+                                    out.push(LeadAction::ProposeMove);
+                                }
+                                Some(true) => {}
+                                None => {
+                                    *reading = true;
+                                    out.push(LeadAction::ReadLatest);
+                                }
+                            }
                         }
+                    }
+                    // A participant left out answers at last: take it in.
+                    (EpochMsg::Held { .. }, Phase::Running { .. })
+                        if !self.active.contains(&from) =>
+                    {
+                        self.want_sync(&mut out)
+                    }
+                    (EpochMsg::Cut { epoch, .. }, Phase::Running { coord, .. }) => {
+                        coord.handle(CoordInput::CutDone { epoch, node: from });
+                        let acts = coord.handle(CoordInput::Tick {
+                            now_ms: self.now_ms,
+                        });
+                        self.coord_actions(acts, &mut out);
                     }
                     (EpochMsg::Wanted { .. }, Phase::Running { coord, .. }) => {
                         coord.handle(CoordInput::CallerWaiting);
@@ -1032,16 +1175,22 @@ impl EpochLeader {
                         }
                         let committed = held
                             .values()
-                            .map(|(c, _)| *c)
+                            .map(|(c, _, _)| *c)
                             .chain(latest)
                             .fold(self.committed, Epoch::max);
                         let base = held
                             .values()
-                            .map(|(_, cut)| *cut)
+                            .map(|(_, cut, _)| *cut)
                             .fold(self.base.max(committed), Epoch::max);
+                        let members: Vec<(NodeId, u32)> =
+                            held.iter().map(|(n, (_, _, s))| (*n, *s)).collect();
+                        // Several participants (or several before): work since the last
+                        // cut may depend on work that was lost elsewhere.
+                        let roll_back = self.active.len() > 1 || held.len() > 1;
+                        self.active = held.keys().copied().collect();
                         self.committed = committed;
                         self.base = base;
-                        for &to in self.participants.keys() {
+                        for &to in &self.active {
                             out.push(LeadAction::Send {
                                 to,
                                 msg: EpochMsg::Resume {
@@ -1049,7 +1198,9 @@ impl EpochLeader {
                                     committed,
                                     base,
                                     manifest: self.previous,
-                                    roll_back: self.participants.len() > 1,
+                                    roll_back,
+                                    members: members.clone(),
+                                    placement_version: 0,
                                 },
                             });
                         }
@@ -1059,9 +1210,7 @@ impl EpochLeader {
                             base,
                             base,
                         );
-                        coord.handle(CoordInput::Members(
-                            self.participants.keys().copied().collect(),
-                        ));
+                        coord.handle(CoordInput::Members(self.active.clone()));
                         self.phase = Phase::Running {
                             coord,
                             writing: None,
@@ -1184,6 +1333,12 @@ mod tests {
         c.handle(CoordInput::Members(set(&[1, 2])));
         let a = c.handle(CoordInput::Tick { now_ms: 100 });
         assert!(matches!(&a[0], CoordAction::Barrier { epoch: 1, .. }));
+        c.handle(CoordInput::CutDone { epoch: 1, node: 1 });
+        assert!(
+            c.handle(CoordInput::Tick { now_ms: 110 }).is_empty(),
+            "epoch 2 waits until every participant has cut epoch 1"
+        );
+        c.handle(CoordInput::CutDone { epoch: 1, node: 2 });
         c.handle(CoordInput::Tick { now_ms: 110 });
         c.handle(CoordInput::PartWritten { epoch: 2, node: 1 });
         c.handle(CoordInput::PartWritten { epoch: 2, node: 2 });
@@ -1211,6 +1366,8 @@ mod tests {
             }
         ));
         c.handle(CoordInput::ManifestWritten { epoch: 2 });
+        c.handle(CoordInput::CutDone { epoch: 2, node: 1 });
+        c.handle(CoordInput::CutDone { epoch: 2, node: 2 });
         c.handle(CoordInput::Tick { now_ms: 120 });
         // Node 2 dies: epoch 2's manifest is written (kept), epoch 3 is abandoned.
         let a = c.handle(CoordInput::Left { node: 2 });
@@ -1268,7 +1425,8 @@ mod tests {
                 msg: EpochMsg::Held {
                     gen: g - 1,
                     committed: 3,
-                    cut: 3
+                    cut: 3,
+                    shards: 1
                 }
             })
             .is_empty());
@@ -1278,6 +1436,7 @@ mod tests {
                 gen: g,
                 committed: 4,
                 cut: 6,
+                shards: 1,
             },
         });
         let a = l.handle(LeadInput::Msg {
@@ -1286,6 +1445,7 @@ mod tests {
                 gen: g,
                 committed: 3,
                 cut: 3,
+                shards: 1,
             },
         });
         assert_eq!(a, vec![LeadAction::ReadLatest]);
@@ -1300,7 +1460,9 @@ mod tests {
                     committed: 5,
                     base: 6,
                     manifest: Some(5),
-                    roll_back: true
+                    roll_back: true,
+                    members: vec![(1, 1), (2, 1)],
+                    placement_version: 0
                 }
             )
         );
@@ -1366,6 +1528,7 @@ mod tests {
                 gen: g,
                 committed: 0,
                 cut: 0,
+                shards: 1,
             },
         });
         l.handle(LeadInput::Latest(Ok(None)));

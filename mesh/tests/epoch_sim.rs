@@ -205,7 +205,12 @@ impl Sim {
                         }
                     }
                 }
-                CutAction::WritePart(e) => self.nodes.get_mut(&id).unwrap().writing.push(e),
+                CutAction::WritePart(e) => {
+                    self.nodes.get_mut(&id).unwrap().writing.push(e);
+                    // Its cut of `e` is complete (every marker is in): the leader may start
+                    // the next epoch once every participant's is.
+                    self.coord(CoordInput::CutDone { epoch: e, node: id });
+                }
             }
         }
     }

@@ -73,6 +73,8 @@ struct World {
     manifest_writes: Vec<(u64, u64, Epoch, Manifest, bool)>,
     /// Reads of the newest manifest in flight: (done at, term).
     reads: Vec<(u64, u64)>,
+    /// Moves of key groups proposed (every participant holds): (applied at, term).
+    moves: Vec<(u64, u64)>,
     /// Every epoch any participant released: (participant, epoch).
     released: Vec<(NodeId, Epoch)>,
     lossy: bool,
@@ -134,6 +136,10 @@ impl World {
                     ));
                 }
                 LeadAction::Record(_) => {}
+                LeadAction::ProposeMove => {
+                    let at = self.now + 1 + self.rng.below(10);
+                    self.moves.push((at, self.term));
+                }
             }
         }
     }
@@ -194,6 +200,7 @@ impl World {
                     gen,
                     committed: p.released,
                     cut: p.cut,
+                    shards: 1,
                 };
                 self.send(id, LEADER, held);
             }
@@ -244,6 +251,11 @@ impl World {
             if cut_now && self.rng.chance(500) {
                 let p = self.parts.get_mut(&id).unwrap();
                 p.cut += 1;
+                let msg = EpochMsg::Cut {
+                    gen: p.gen,
+                    epoch: p.cut,
+                };
+                self.send(id, LEADER, msg);
             }
             if write_done {
                 let fails = self.rng.chance(50);
@@ -327,6 +339,20 @@ impl World {
         self.lossy = chaos;
         if chaos && self.rng.chance(4) {
             self.new_leader();
+        }
+        if chaos && self.rng.chance(5) {
+            // The control group plans a move of key groups.
+            self.lead(LeadInput::Handover);
+        }
+        let now = self.now;
+        let (done, left): (Vec<_>, Vec<_>) = std::mem::take(&mut self.moves)
+            .into_iter()
+            .partition(|m| m.0 <= now);
+        self.moves = left;
+        for (_, term) in done {
+            if term == self.term {
+                self.lead(LeadInput::Moved);
+            }
         }
         if chaos && self.rng.chance(3) {
             let ids: Vec<NodeId> = self.parts.keys().copied().collect();
@@ -430,6 +456,7 @@ fn run(seed: u64) -> Result<[u64; 4], String> {
         blob: BTreeMap::new(),
         manifest_writes: Vec::new(),
         reads: Vec::new(),
+        moves: Vec::new(),
         released: Vec::new(),
         lossy: false,
         late: 0,

@@ -68,6 +68,11 @@ pub(crate) struct EpochParams {
 const EPOCH_STALL_MS: u64 = 10_000;
 /// Committed epochs are recorded in the control group at most this often.
 const RECORD_EVERY: Duration = Duration::from_millis(200);
+/// Key groups moved per round (a round synchronises every participant: they roll back to the
+/// last committed epoch and the new owners load their key groups from blob storage).
+const MOVES_PER_ROUND: usize = 1024;
+/// Rounds of moves start at most this often.
+const MOVE_ROUND_EVERY: Duration = Duration::from_secs(2);
 
 /// One tick of the control group.
 const TICK: Duration = Duration::from_millis(50);
@@ -379,6 +384,8 @@ pub(crate) fn start(
             writer: format!("{id}/{:016x}", random_u64()),
             record_wanted: 0,
             recorded_at: None,
+            move_round: None,
+            move_proposed: None,
             node,
             incarnation,
             joined: false,
@@ -483,6 +490,10 @@ struct Driver {
     /// The newest committed epoch to record in the control group, and when one last was.
     record_wanted: u64,
     recorded_at: Option<Instant>,
+    /// When the last round of moves started, and the move proposed in it (the placement
+    /// version it was proposed at, when).
+    move_round: Option<Instant>,
+    move_proposed: Option<(u64, Instant)>,
     node: ControlNode<EngineStorage>,
     /// This process start (see `Member::incarnation`).
     incarnation: u64,
@@ -727,9 +738,27 @@ impl Driver {
             .map(|m| (m.id, m.incarnation))
             .collect();
         let recorded = state.committed_epoch;
+        let version = state.placement_version;
+        let planned = !state.plan_moves(1).is_empty();
         if self.participants.as_ref() != Some(&p) {
             self.participants = Some(p.clone());
             self.lead_input(LeadInput::Participants(p));
+        }
+        // Key groups move to the members rendezvous hashing gives them, a round at a time.
+        if let Some((v, t)) = self.move_proposed {
+            if version != v || t.elapsed() >= REPROPOSE {
+                self.move_proposed = None;
+                self.lead_input(LeadInput::Moved);
+            }
+        } else if planned
+            && self.lead.as_ref().is_some_and(|l| l.running())
+            && self
+                .move_round
+                .is_none_or(|t| t.elapsed() >= MOVE_ROUND_EVERY)
+        {
+            self.move_round = Some(Instant::now());
+            tracing::info!("moving key groups to the members that should own them");
+            self.lead_input(LeadInput::Handover);
         }
         // Recorded for later leaders (the manifests are the commit points).
         if self.record_wanted > recorded
@@ -757,7 +786,13 @@ impl Driver {
     fn lead_action(&mut self, a: LeadAction) {
         let me = self.node.id();
         match a {
-            LeadAction::Send { to, msg } => {
+            LeadAction::Send { to, mut msg } => {
+                if let EpochMsg::Resume {
+                    placement_version, ..
+                } = &mut msg
+                {
+                    *placement_version = self.node.state().placement_version;
+                }
                 self.epoch_route(EpochRoute::Send { from: me, to, msg })
             }
             LeadAction::ReadLatest => {
@@ -828,10 +863,33 @@ impl Driver {
                 });
             }
             LeadAction::Record(e) => self.record_wanted = self.record_wanted.max(e),
+            LeadAction::ProposeMove => {
+                let state = self.node.state();
+                let moves = state.plan_moves(MOVES_PER_ROUND);
+                let version = state.placement_version;
+                if moves.is_empty() {
+                    self.lead_input(LeadInput::Moved);
+                    return;
+                }
+                tracing::info!(
+                    moves = moves.len(),
+                    "every participant holds: moving key groups"
+                );
+                match self.node.propose(&Command::Move { moves }) {
+                    Ok(()) => self.move_proposed = Some((version, Instant::now())),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "key-group moves not proposed; the participants resume");
+                        self.lead_input(LeadInput::Moved);
+                    }
+                }
+            }
         }
     }
 
     fn epoch_route(&mut self, r: EpochRoute) {
+        if let EpochRoute::Send { from, to, msg } = &r {
+            tracing::trace!(from, to, ?msg, "epoch message");
+        }
         match r {
             EpochRoute::Lead(i) => self.lead_input(i),
             EpochRoute::Send { from, to, msg } if to == self.node.id() => {

@@ -66,6 +66,24 @@ impl Egress {
         }
     }
 
+    /// Drops the unread records of key groups this node no longer serves (their new owner
+    /// restores them from the state it loads).
+    pub(crate) fn drop_key_groups(&self, kgs: &std::collections::BTreeSet<u32>) {
+        let of = |k: &Option<Vec<u8>>| {
+            k.as_ref()
+                .filter(|k| k.len() >= 3)
+                .map(|k| u16::from_be_bytes([k[1], k[2]]) as u32)
+        };
+        for t in self.topics.lock().values() {
+            t.queue
+                .lock()
+                .retain(|(_, k)| of(k).is_none_or(|kg| !kgs.contains(&kg)));
+        }
+        self.consumed
+            .lock()
+            .retain(|k| of(&Some(k.clone())).is_none_or(|kg| !kgs.contains(&kg)));
+    }
+
     /// Keys of durable records read or dropped since the last call (to delete them).
     pub(crate) fn take_consumed(&self) -> Vec<Vec<u8>> {
         std::mem::take(&mut *self.consumed.lock())

@@ -55,11 +55,16 @@ struct Table {
     member: bool,
     /// The other members that own key groups (where egress records are produced).
     producers: Vec<(NodeId, String)>,
+    /// The table's version (`placement_version` of the control group's state).
+    version: u64,
 }
 
 /// Who owns what, shared by the control task (writer) and the router (readers).
 pub struct Placement {
     table: RwLock<Table>,
+    /// A stream carrying messages between functions broke (messages may be lost): the
+    /// participants must go back to the last committed epoch together.
+    fn_broken: std::sync::atomic::AtomicBool,
     channels: Mutex<HashMap<String, Channel>>,
     forwarders: Mutex<HashMap<String, Forwarder>>,
     /// The node's main runtime: connections to peers live there, whichever thread (gRPC,
@@ -78,7 +83,43 @@ impl Placement {
             channels: Mutex::default(),
             forwarders: Mutex::default(),
             rt: tokio::runtime::Handle::try_current().ok(),
+            fn_broken: Default::default(),
         }
+    }
+
+    /// The version of the key-group table applied here.
+    pub(crate) fn version(&self) -> u64 {
+        self.table.read().version
+    }
+
+    /// This node.
+    pub(crate) fn me(&self) -> NodeId {
+        self.table.read().me
+    }
+
+    /// A member's gRPC address.
+    pub(crate) fn addr_of(&self, node: NodeId) -> Option<String> {
+        self.table.read().addrs.get(&node).cloned()
+    }
+
+    /// Whether this node serves key group `kg` now.
+    pub(crate) fn is_local(&self, kg: u32) -> bool {
+        let t = self.table.read();
+        match t.owners.get(kg as usize).copied().flatten() {
+            Some(o) => o == t.me,
+            None => t.lone,
+        }
+    }
+
+    /// The key groups this node serves now.
+    pub(crate) fn owned(&self, key_groups: u32) -> Vec<u32> {
+        (0..key_groups).filter(|&kg| self.is_local(kg)).collect()
+    }
+
+    /// Whether a stream of messages between functions broke since the last call.
+    pub(crate) fn take_fn_broken(&self) -> bool {
+        self.fn_broken
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// Replaces the table by the one of `state`.
@@ -95,6 +136,7 @@ impl Placement {
                 .collect(),
             lone: bootstrapped && state.members.keys().all(|&id| id == me),
             member: state.members.contains_key(&me),
+            version: state.placement_version,
             producers: state
                 .members
                 .values()
@@ -651,6 +693,189 @@ impl Placement {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Messages between functions on different nodes: one stream per sending shard and peer
+// (FIFO per shard pair, as the cut needs), unbounded (a function's messages are never
+// refused: refusing could deadlock a cycle of functions; the checkpoint back-pressure bounds
+// what is in flight), not answered. A broken stream may have lost messages: the node asks
+// the leader to roll every participant back to the last committed epoch.
+
+/// What a shard sends a peer.
+pub(crate) use mpb::forward_request::Kind as FnKind;
+
+/// The sending side of a shard's stream to one peer.
+#[derive(Clone)]
+struct FnForwarder {
+    tx: mpsc::UnboundedSender<(Kind, Vec<u8>)>,
+}
+
+async fn fn_forwarder_task(
+    addr: String,
+    channel: Channel,
+    mut rx: mpsc::UnboundedReceiver<(Kind, Vec<u8>)>,
+    placement: std::sync::Weak<Placement>,
+) {
+    let mut next_id = 1u64;
+    loop {
+        let Some(first) = rx.recv().await else { return };
+        let (ftx, frx) = mpsc::channel::<mpb::ForwardFrame>(64);
+        let mut client = mpb::mesh_client::MeshClient::new(channel.clone())
+            .max_decoding_message_size(MAX_FORWARDED)
+            .max_encoding_message_size(MAX_FORWARDED);
+        // The response stays open as long as the stream (dropping it would end the stream).
+        let call = tokio::spawn(async move {
+            let r = client
+                .forward(tokio_stream::wrappers::ReceiverStream::new(frx))
+                .await;
+            if let Ok(r) = r {
+                let mut replies = r.into_inner();
+                while let Ok(Some(_)) = replies.message().await {}
+            }
+        });
+        let mut queue = vec![first];
+        let broke = loop {
+            while queue.len() < FRAME {
+                match rx.try_recv() {
+                    Ok(r) => queue.push(r),
+                    Err(_) => break,
+                }
+            }
+            let requests = queue
+                .drain(..)
+                .map(|(kind, request)| {
+                    next_id += 1;
+                    mpb::ForwardRequest {
+                        id: next_id,
+                        kind: kind as i32,
+                        request: request.into(),
+                    }
+                })
+                .collect();
+            if ftx.send(mpb::ForwardFrame { requests }).await.is_err() {
+                break "the stream closed".to_string();
+            }
+            match rx.recv().await {
+                Some(r) => queue.push(r),
+                None => return,
+            }
+        };
+        call.abort();
+        tracing::warn!(%addr, error = %broke, "a stream of messages between functions broke; the participants go back to the last committed epoch");
+        if let Some(p) = placement.upgrade() {
+            p.fn_broken
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        // What was queued belongs to work the rollback undoes.
+        while rx.try_recv().is_ok() {}
+    }
+}
+
+impl Placement {
+    /// Queues a shard's messages or marker for the peer at `addr` on this thread's stream.
+    pub(crate) fn send_fn(self: &Arc<Self>, addr: &str, kind: Kind, bytes: Vec<u8>) {
+        thread_local! {
+            static LOCAL: std::cell::RefCell<HashMap<String, FnForwarder>> = Default::default();
+        }
+        let f = LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            match l.get(addr) {
+                Some(f) if !f.tx.is_closed() => Some(f.clone()),
+                _ => {
+                    let ch = self.channel(addr).ok()?;
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let h = tokio::runtime::Handle::try_current()
+                        .ok()
+                        .or_else(|| self.rt.clone())?;
+                    h.spawn(fn_forwarder_task(
+                        addr.to_string(),
+                        ch,
+                        rx,
+                        Arc::downgrade(self),
+                    ));
+                    let f = FnForwarder { tx };
+                    l.insert(addr.to_string(), f.clone());
+                    Some(f)
+                }
+            }
+        });
+        match f {
+            Some(f) => {
+                let _ = f.tx.send((kind, bytes));
+            }
+            None => {
+                tracing::warn!(%addr, "no stream to a peer for messages between functions");
+                self.fn_broken
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Encodes a shard's messages for a peer.
+pub(crate) fn shard_messages(
+    from_node: NodeId,
+    from_shard: usize,
+    generation: u64,
+    batch: Vec<crate::router::Envelope>,
+) -> Vec<u8> {
+    mpb::ShardMessages {
+        from_node,
+        from_shard: from_shard as u32,
+        generation,
+        messages: batch
+            .into_iter()
+            .map(|e| mpb::ShardEnvelope {
+                target: Some(e.target.to_proto()),
+                caller: e.caller.map(|c| c.to_proto()),
+                message: Some(e.message.to_proto()),
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// Encodes a shard's marker for a peer.
+pub(crate) fn shard_marker(
+    from_node: NodeId,
+    from_shard: usize,
+    generation: u64,
+    epoch: u64,
+) -> Vec<u8> {
+    mpb::ShardMarker {
+        from_node,
+        from_shard: from_shard as u32,
+        generation,
+        epoch,
+    }
+    .encode_to_vec()
+}
+
+/// Hands a peer's shard messages or marker to the local shards, in the stream's order.
+fn take_fn(router: &crate::router::Router, r: &mpb::ForwardRequest) -> Result<(), ServiceError> {
+    match Kind::try_from(r.kind) {
+        Ok(Kind::Deliver) => {
+            let m = mpb::ShardMessages::decode(r.request.clone()).map_err(bad)?;
+            let mut batch = Vec::with_capacity(m.messages.len());
+            for e in m.messages {
+                let (t, v) = parts(e.target, e.message)?;
+                let caller = match e.caller {
+                    Some(c) => Some(Address::from_proto(&c)?),
+                    None => None,
+                };
+                batch.push((t, caller, v));
+            }
+            router.deliver_remote((m.from_node, m.from_shard), m.generation, batch);
+            Ok(())
+        }
+        Ok(Kind::Marker) => {
+            let m = mpb::ShardMarker::decode(r.request.clone()).map_err(bad)?;
+            router.remote_marker((m.from_node, m.from_shard), m.generation, m.epoch);
+            Ok(())
+        }
+        _ => Err(ServiceError::Internal("not a shard message".into())),
+    }
+}
+
 /// Serves one forwarding stream: each request runs as its own task (as if it had come to this
 /// node's ingress, but never forwarded again), replies go back batched in frames.
 pub(crate) fn serve_forward(
@@ -670,6 +895,14 @@ pub(crate) fn serve_forward(
             };
             for r in frame.requests {
                 let id = r.id;
+                if matches!(Kind::try_from(r.kind), Ok(Kind::Deliver | Kind::Marker)) {
+                    // Between functions: taken in the stream's order, not answered.
+                    if let Err(e) = take_fn(&router, &r) {
+                        tracing::warn!(error = %e, "a peer sent a shard message that does not decode; disconnected");
+                        return;
+                    }
+                    continue;
+                }
                 // Sends and calls are queued here, in the stream's order (a sender's messages
                 // keep their order); waiting for their acknowledgements and replies, and the
                 // other kinds, run as tasks.
@@ -775,8 +1008,8 @@ async fn serve_one(
     r: mpb::ForwardRequest,
 ) -> Result<Vec<u8>, ServiceError> {
     match Kind::try_from(r.kind) {
-        Ok(Kind::Send | Kind::Call) => Err(ServiceError::Internal(
-            "sends and calls are queued by start_one".into(),
+        Ok(Kind::Send | Kind::Call | Kind::Deliver | Kind::Marker) => Err(ServiceError::Internal(
+            "sends, calls and shard messages are queued as the stream delivers them".into(),
         )),
         Ok(Kind::SendBatch) => {
             let q = pb::SendBatch::decode(r.request).map_err(bad)?;

@@ -22,7 +22,7 @@ use crate::error::ServiceError;
 use crate::mesh::{Placement, Route};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::shard::{Deliver, GetState, Marker, Shard};
+use crate::shard::{Deliver, GetState, Marker, RemoteMarker, Shard};
 
 /// Where a shard sends a `Send`'s acknowledgement (once its epoch commits).
 pub(crate) type AckTx = oneshot::Sender<Result<(), ServiceError>>;
@@ -455,6 +455,7 @@ impl Router {
         self.shards()[shard].do_send(Deliver {
             batch: vec![env],
             from: None,
+            remote: None,
             generation: 0,
             ack,
         });
@@ -649,6 +650,7 @@ impl Router {
             self.shards()[s].do_send(Deliver {
                 batch,
                 from: None,
+                remote: None,
                 generation: 0,
                 ack,
             });
@@ -817,6 +819,51 @@ impl Router {
         }
     }
 
+    /// Delivers messages another node's shard `from` sent to addresses this node owns, to
+    /// their shards in the stream's order (no admission check, as between local shards).
+    pub(crate) fn deliver_remote(
+        &self,
+        from: (u64, u32),
+        generation: u64,
+        batch: Vec<(Address, Option<Address>, TypedValue)>,
+    ) {
+        let mut per: Vec<Vec<Envelope>> = (0..self.shard_count()).map(|_| Vec::new()).collect();
+        for (target, caller, message) in batch {
+            let kg = self.key_group(&target);
+            per[self.shard_of(kg)].push(Envelope {
+                target,
+                kg,
+                caller,
+                message,
+                ingress: false,
+                key: None,
+            });
+        }
+        for (s, batch) in per.into_iter().enumerate() {
+            if !batch.is_empty() {
+                self.shards()[s].do_send(Deliver {
+                    batch,
+                    from: None,
+                    remote: Some(from),
+                    generation,
+                    ack: None,
+                });
+            }
+        }
+    }
+
+    /// Another node's shard `from` cut `epoch`: every local shard learns it, behind what
+    /// that shard sent before.
+    pub(crate) fn remote_marker(&self, from: (u64, u32), generation: u64, epoch: u64) {
+        for s in self.shards() {
+            s.do_send(RemoteMarker {
+                from,
+                epoch,
+                generation,
+            });
+        }
+    }
+
     /// Delivers messages produced inside the mesh to another shard (no admission check:
     /// refusing them could deadlock a cycle of functions).
     pub(crate) fn deliver_internal(
@@ -829,6 +876,7 @@ impl Router {
         self.shards()[shard].do_send(Deliver {
             batch,
             from,
+            remote: None,
             generation,
             ack: None,
         });

@@ -14,11 +14,23 @@ pub mod v1 {
     tonic::include_proto!("statemesh.v1");
 }
 
-/// Node-to-node messages (`statemesh.mesh.v1`): the control group's stream and joins.
+/// The packages' own paths (`statemesh.mesh.v1` refers to `statemesh.v1` types).
+#[doc(hidden)]
 #[allow(missing_docs, clippy::all)]
-pub mod mesh_v1 {
-    tonic::include_proto!("statemesh.mesh.v1");
+pub mod statemesh {
+    pub mod v1 {
+        pub use crate::v1::*;
+    }
+    pub mod mesh {
+        pub mod v1 {
+            tonic::include_proto!("statemesh.mesh.v1");
+        }
+    }
 }
+
+/// Node-to-node messages (`statemesh.mesh.v1`): the control group's stream, joins, and
+/// messages between functions on different nodes.
+pub use statemesh::mesh::v1 as mesh_v1;
 
 /// StateFun's request-reply protocol v3 (`io.statefun.sdk.reqreply`).
 #[allow(missing_docs, clippy::all)]

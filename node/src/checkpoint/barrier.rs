@@ -18,6 +18,10 @@ pub enum Arrival {
     ProcessAndLog(u64),
 }
 
+/// A shard of another node (node id, shard index): in a cluster of several participants,
+/// each is a source of the cut like a local shard (its stream to this node is FIFO).
+pub type RemoteShard = (u64, u32);
+
 /// One shard's view of the epoch being cut.
 #[derive(Debug, Clone)]
 pub struct Barrier {
@@ -27,6 +31,8 @@ pub struct Barrier {
     cutting: Option<u64>,
     /// markers[j] = the newest epoch whose marker arrived from shard j.
     markers: Vec<u64>,
+    /// The other participants' shards and the newest marker of each.
+    remote: std::collections::BTreeMap<RemoteShard, u64>,
 }
 
 impl Barrier {
@@ -37,7 +43,31 @@ impl Barrier {
             shards,
             cutting: None,
             markers: vec![committed; shards],
+            remote: Default::default(),
         }
+    }
+
+    /// The other participants' shards (until the next rollback): their markers are awaited
+    /// too.
+    pub fn set_remote(&mut self, sources: impl IntoIterator<Item = RemoteShard>, committed: u64) {
+        self.remote = sources.into_iter().map(|s| (s, committed)).collect();
+    }
+
+    /// A message from another node's shard arrives.
+    pub fn arrival_remote(&self, from: RemoteShard) -> Arrival {
+        match (self.cutting, self.remote.get(&from)) {
+            (Some(e), Some(m)) if *m < e => Arrival::ProcessAndLog(e),
+            _ => Arrival::Process,
+        }
+    }
+
+    /// Another node's shard's marker for `e` arrives; returns whether this shard's cut of `e`
+    /// is now complete.
+    pub fn marker_remote(&mut self, from: RemoteShard, e: u64) -> bool {
+        if let Some(m) = self.remote.get_mut(&from) {
+            *m = (*m).max(e);
+        }
+        self.check_complete()
     }
 
     /// The shard snapshots epoch `e` now; returns whether its cut is already complete (every
@@ -69,7 +99,8 @@ impl Barrier {
             Some(e)
                 if (0..self.shards)
                     .filter(|j| *j != self.me)
-                    .all(|j| self.markers[j] >= e) =>
+                    .all(|j| self.markers[j] >= e)
+                    && self.remote.values().all(|m| *m >= e) =>
             {
                 self.cutting = None;
                 true
@@ -110,5 +141,26 @@ mod tests {
         assert_eq!(b.arrival(0), Arrival::Process);
         // A single shard has no channels: its cut completes at once.
         assert!(Barrier::new(0, 1, 0).snapshot(1));
+    }
+
+    #[test]
+    fn other_nodes_shards_are_sources_of_the_cut() {
+        let mut b = Barrier::new(0, 2, 0);
+        b.set_remote([(7, 0), (7, 1)], 0);
+        assert!(!b.marker_remote((7, 1), 1), "before the snapshot");
+        assert!(!b.snapshot(1));
+        assert_eq!(b.arrival_remote((7, 0)), Arrival::ProcessAndLog(1));
+        assert_eq!(
+            b.arrival_remote((7, 1)),
+            Arrival::Process,
+            "its marker came"
+        );
+        assert_eq!(
+            b.arrival_remote((9, 0)),
+            Arrival::Process,
+            "not a participant"
+        );
+        assert!(!b.marker(1, 1));
+        assert!(b.marker_remote((7, 0), 1), "complete with every marker");
     }
 }

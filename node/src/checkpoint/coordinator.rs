@@ -78,6 +78,9 @@ pub enum Action {
     /// Tell the cluster's leader that this node's part of the epoch is written (a
     /// participant's coordinator: the leader writes the manifest).
     Report(u64),
+    /// Tell the cluster's leader that every shard has cut the epoch (it starts the next one
+    /// once every participant has: a shard's cuts never overlap).
+    Cut(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,6 +313,9 @@ pub struct Participant {
     written: u64,
     /// cuts[i] = shards that cut epoch committed+1+i
     cuts: std::collections::VecDeque<Vec<bool>>,
+    /// Shards that cut an epoch not started here yet (another node's marker reached them
+    /// before the leader's barrier reached this node).
+    early: std::collections::BTreeMap<u64, Vec<usize>>,
     persisting: Persisting,
     failures: u32,
     backpressure: bool,
@@ -329,9 +335,19 @@ impl Participant {
             committed: started,
             written: started,
             cuts: Default::default(),
+            early: Default::default(),
             persisting: Persisting::Idle,
             failures: 0,
             backpressure: false,
+        }
+    }
+
+    fn mark_cut(&mut self, epoch: u64, shard: usize, out: &mut Vec<Action>) {
+        let i = (epoch - self.committed - 1) as usize;
+        let before = self.cuts[i].iter().all(|x| *x);
+        self.cuts[i][shard] = true;
+        if !before && self.cuts[i].iter().all(|x| *x) {
+            out.push(Action::Cut(epoch));
         }
     }
 
@@ -358,6 +374,10 @@ impl Participant {
             self.started += 1;
             self.cuts.push_back(vec![false; self.shards]);
             out.push(Action::Barrier(self.started));
+            for shard in self.early.remove(&self.started).unwrap_or_default() {
+                self.mark_cut(self.started, shard, out);
+                self.maybe_write(out);
+            }
         }
     }
 
@@ -392,8 +412,10 @@ impl Participant {
                 }
             }
             Input::ShardCut { epoch, shard } => {
-                if epoch > self.committed && epoch <= self.started && shard < self.shards {
-                    self.cuts[(epoch - self.committed - 1) as usize][shard] = true;
+                if epoch > self.started && shard < self.shards {
+                    self.early.entry(epoch).or_default().push(shard);
+                } else if epoch > self.committed && shard < self.shards {
+                    self.mark_cut(epoch, shard, &mut out);
                     self.maybe_write(&mut out);
                     self.start_next(&mut out);
                 }
@@ -592,10 +614,13 @@ mod tests {
         assert_eq!(p.handle(Input::ShardCut { epoch: 8, shard: 1 }), vec![]);
         assert_eq!(
             p.handle(Input::ShardCut { epoch: 8, shard: 0 }),
-            vec![Action::Write(8), Action::Barrier(9)]
+            vec![Action::Cut(8), Action::Write(8), Action::Barrier(9)]
         );
         assert_eq!(p.handle(Input::ShardCut { epoch: 9, shard: 0 }), vec![]);
-        assert_eq!(p.handle(Input::ShardCut { epoch: 9, shard: 1 }), vec![]);
+        assert_eq!(
+            p.handle(Input::ShardCut { epoch: 9, shard: 1 }),
+            vec![Action::Cut(9)]
+        );
         assert_eq!(
             p.handle(Input::Written { epoch: 8 }),
             vec![Action::Report(8), Action::Write(9)]

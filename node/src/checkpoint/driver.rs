@@ -79,7 +79,21 @@ pub(crate) enum DriverEvent {
     /// Committed epochs this node did not write were read from blob storage into sled (a
     /// rollback to an epoch the leader committed while this node restarted): their pending
     /// messages, or the error.
-    CaughtUp(Result<Vec<(u32, PendingMessage)>, String>),
+    CaughtUp(Result<Loaded, String>),
+}
+
+/// What a rollback read from blob storage.
+pub(crate) struct Loaded {
+    /// The committed epochs this node missed (its key groups' pending messages at the
+    /// committed epoch replace the last ones it knew).
+    replaced: Option<Vec<(u32, PendingMessage)>>,
+    /// The key groups new to this node: their pending messages at the committed epoch.
+    extra: Vec<(u32, PendingMessage)>,
+    /// The key groups sled now holds.
+    owned: std::collections::BTreeSet<u32>,
+    /// Of those, the ones new to this node; and the ones it no longer holds.
+    gained: Vec<u32>,
+    lost: Vec<u32>,
 }
 
 /// Where a node in a cluster of several sends its epoch messages (its control thread, which
@@ -103,6 +117,8 @@ struct ClusterSide {
     deferred: Vec<u64>,
     /// The epoch whose part lists the full snapshot being listed.
     listing_epoch: Option<u64>,
+    /// A `Resume` waiting for the key-group table it was sent at.
+    waiting_resume: Option<(statemesh_mesh::placement::NodeId, EpochMsg)>,
 }
 
 /// A finished background job.
@@ -186,7 +202,6 @@ struct Options {
     /// `node/nonce`: recognises this process's manifests after an ambiguous put.
     writer: String,
     retain: usize,
-    owned: Vec<u32>,
     full_min: u64,
     full_max_epochs: u64,
     gc_every: u64,
@@ -240,6 +255,15 @@ struct Driver {
     /// The last epoch released here (whose state sled gets): numbers after it that were
     /// abandoned are not counted.
     last_released: u64,
+    /// The key groups whose state sled holds (this node's when it last started or rolled
+    /// back; a rollback loads the ones it gained from blob storage and drops the ones it
+    /// lost).
+    loaded: std::collections::BTreeSet<u32>,
+    /// The participants of the cluster's epochs the shards know (empty: this node alone).
+    members: Arc<Vec<(u64, u32)>>,
+    key_groups: u32,
+    /// Cuts of epochs after a rollback that arrived before it ended.
+    early_cuts: Vec<ShardCut>,
 }
 
 impl ClusterSide {
@@ -259,15 +283,24 @@ async fn catch_up(
     cp: &CheckpointStore,
     store: &Store,
     owned: &[u32],
-    after: u64,
+    after: Option<u64>,
     to: u64,
     manifest: u64,
 ) -> Result<Vec<(u32, PendingMessage)>, String> {
+    if owned.is_empty() {
+        return Ok(Vec::new());
+    }
+    if after.is_none() {
+        // Key groups new to this node: whatever sled holds of them is stale.
+        store
+            .clear_key_groups(owned.iter().copied())
+            .map_err(|e| e.to_string())?;
+    }
     let m = retry("read a committed epoch", || cp.manifest(manifest))
         .await
         .map_err(|e| format!("cannot read the manifest of epoch {manifest}: {e}"))?;
     let (_, states) = match retry("read the checkpoint chain", || {
-        cp.recover_at(m.epoch, owned, Some(after))
+        cp.recover_at(m.epoch, owned, after)
     })
     .await
     {
@@ -297,7 +330,9 @@ async fn catch_up(
             .map_err(|e| e.to_string())?;
         pending.extend(st.pending.into_iter().map(|m| (kg, m)));
     }
-    store.reset_applied(to).map_err(|e| e.to_string())?;
+    if after.is_some() {
+        store.reset_applied(to).map_err(|e| e.to_string())?;
+    }
     // The epochs after the manifest's wrote nothing: nothing was pending at their cuts.
     if manifest < to {
         pending.clear();
@@ -315,7 +350,7 @@ enum LastPending {
 
 /// A rollback under way: to the committed epoch `to`, after which epochs are numbered from
 /// `base + 1` (abandoned numbers are not reused).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct RollingBack {
     to: u64,
     base: u64,
@@ -329,6 +364,12 @@ struct RollingBack {
     /// node's own.
     catch_up: Option<(u64, u64)>,
     catching_up: bool,
+    /// The newest manifest up to `to` (key groups this node gained are read from it).
+    manifest: Option<u64>,
+    /// Gained and lost key groups are handled.
+    owned_checked: bool,
+    /// Pending messages of key groups gained, replayed with the others.
+    extra: Vec<(u32, PendingMessage)>,
     since: Instant,
 }
 
@@ -425,7 +466,6 @@ pub(crate) fn start(
             node_id: config.checkpoint.node_id.clone(),
             writer: format!("{}/{:016x}", config.checkpoint.node_id, rand_nonce()),
             retain: config.checkpoint.retain,
-            owned,
             full_min: config.checkpoint.full_snapshot_min_bytes,
             full_max_epochs: config.checkpoint.full_snapshot_max_epochs.max(1),
             gc_every: config.checkpoint.gc_every.max(1),
@@ -456,6 +496,10 @@ pub(crate) fn start(
         consumed: BTreeMap::new(),
         rolling_back: None,
         last_released: committed,
+        loaded: owned.iter().copied().collect(),
+        members: Arc::new(Vec::new()),
+        key_groups: config.key_groups,
+        early_cuts: Vec::new(),
         cluster: cluster.map(|(me, out, active)| ClusterSide {
             me,
             out,
@@ -466,6 +510,7 @@ pub(crate) fn start(
             hold_pending: false,
             deferred: Vec::new(),
             listing_epoch: None,
+            waiting_resume: None,
         }),
     };
     tokio::spawn(async move { d.run(rx).await })
@@ -675,10 +720,20 @@ impl Driver {
             return;
         }
         let wanted = self.router.take_commit_wanted() || !self.finish.is_empty();
+        if let Some((from, msg)) = self.cluster.as_mut().and_then(|c| c.waiting_resume.take()) {
+            self.epoch_msg(from, msg);
+        }
         if let Some(c) = self.cluster.as_ref().filter(|c| c.active) {
             if wanted && !c.holding {
                 if let Some(l) = c.leader {
                     c.send(l, EpochMsg::Wanted { gen: c.gen });
+                }
+            }
+            // Messages between functions may have been lost: every participant goes back to
+            // the last committed epoch.
+            if self.router.placement().take_fn_broken() && !c.holding {
+                if let Some(l) = c.leader {
+                    c.send(l, EpochMsg::Reset { gen: c.gen });
                 }
             }
         } else if wanted {
@@ -709,6 +764,16 @@ impl Driver {
         match ev {
             // Everything of the epochs being abandoned is dropped: a cut, or a write, of one
             // (a shard's last old cut reaches this channel before `RolledBack` does).
+            // A shard that rolled back may cut the next epoch at once (another node's marker
+            // came first): kept for after the rollback.
+            DriverEvent::Cut(c)
+                if self
+                    .rolling_back
+                    .as_ref()
+                    .is_some_and(|rb| c.epoch > rb.base) =>
+            {
+                self.early_cuts.push(c);
+            }
             DriverEvent::Cut(_) | DriverEvent::Written { .. } if self.rolling_back.is_some() => {}
             DriverEvent::Cut(c) => {
                 let (epoch, shard) = (c.epoch, c.shard);
@@ -738,7 +803,7 @@ impl Driver {
                             }
                             None => {
                                 let (to, base) = (self.coord.committed(), self.coord.started());
-                                self.begin_rollback(to, base, None);
+                                self.begin_rollback(to, base, None, None);
                             }
                         }
                         return;
@@ -799,15 +864,42 @@ impl Driver {
             DriverEvent::RolledBack => self.end_rollback(),
             DriverEvent::Epoch { from, msg } => self.epoch_msg(from, msg),
             DriverEvent::CaughtUp(r) => match r {
-                Ok(pending) => {
+                Ok(l) => {
                     if let Some(rb) = self.rolling_back.as_mut() {
-                        rb.catch_up = None;
                         rb.catching_up = false;
-                        rb.wait = rb.to;
-                        self.last_released = rb.to;
-                        self.status.lock().applied = rb.to;
-                        self.router.set_applied(rb.to);
-                        self.last_pending = LastPending::Recovered(pending);
+                        rb.owned_checked = true;
+                        rb.extra = l.extra;
+                        if let Some(pending) = l.replaced {
+                            rb.catch_up = None;
+                            rb.wait = rb.to;
+                            self.last_released = rb.to;
+                            self.status.lock().applied = rb.to;
+                            self.router.set_applied(rb.to);
+                            self.last_pending = LastPending::Recovered(pending);
+                        }
+                        self.loaded = l.owned;
+                        // Unread egress records move with their key groups.
+                        let egress = self.router.egress();
+                        egress.drop_key_groups(&l.lost.iter().copied().collect());
+                        if !l.gained.is_empty() {
+                            let gained: std::collections::BTreeSet<u32> =
+                                l.gained.iter().copied().collect();
+                            match self.store.load_egress() {
+                                Ok(v) => egress.restore(
+                                    v.into_iter()
+                                        .filter(|r| {
+                                            r.1.len() >= 3
+                                                && gained.contains(
+                                                    &(u16::from_be_bytes([r.1[1], r.1[2]]) as u32),
+                                                )
+                                        })
+                                        .collect(),
+                                ),
+                                Err(e) => {
+                                    tracing::error!(error = %e, "cannot load the egress records of key groups gained")
+                                }
+                            }
+                        }
                         self.continue_rollback();
                     }
                 }
@@ -846,7 +938,10 @@ impl Driver {
                 if let Some(c) = self.cluster.as_ref().filter(|c| c.active) {
                     // Epochs need the leader (which may be stopping too): a node that takes
                     // no part in them answers at once, a participant waits a little.
-                    if c.holding || c.leader.is_none() || self.opts.owned.is_empty() {
+                    if c.holding
+                        || c.leader.is_none()
+                        || self.router.placement().owned(self.key_groups).is_empty()
+                    {
                         let _ = tx.send(self.last_released);
                         return;
                     }
@@ -872,7 +967,7 @@ impl Driver {
     /// ([`continue_rollback`](Self::continue_rollback)) and the committed epoch's pending
     /// messages are delivered again ([`end_rollback`](Self::end_rollback)). Called with no
     /// commit in flight (epochs commit one at a time; this is decided before the next).
-    fn begin_rollback(&mut self, to: u64, base: u64, manifest: Option<u64>) {
+    fn begin_rollback(&mut self, to: u64, base: u64, behind: Option<u64>, manifest: Option<u64>) {
         debug_assert!(self.cp.is_some(), "a rollback needs checkpoints");
         tracing::warn!(
             committed = to,
@@ -885,7 +980,7 @@ impl Driver {
         // Numbers between the last epoch released here and `to` were abandoned, unless a
         // manifest after it exists (the leader committed epochs this node did not release).
         let own = self.last_released;
-        let catch_up = manifest.filter(|&m| m > own).map(|m| (own, m));
+        let catch_up = behind.filter(|&m| m > own).map(|m| (own, m));
         self.rolling_back = Some(RollingBack {
             to,
             base,
@@ -893,6 +988,9 @@ impl Driver {
             wait: own.min(to),
             catch_up,
             catching_up: false,
+            manifest,
+            owned_checked: false,
+            extra: Vec::new(),
             since: Instant::now(),
         });
         self.router.want_apply();
@@ -908,26 +1006,81 @@ impl Driver {
         if rb.shards_told || rb.catching_up || self.status.lock().applied < rb.wait {
             return;
         }
-        if let Some((own, manifest)) = rb.catch_up {
-            // Sled holds this node's own committed epochs: the later ones come from blob
-            // storage.
-            rb.catching_up = true;
-            let (cp, store, owned, to) = (
-                self.cp.clone().expect("a rollback needs checkpoints"),
-                self.store.clone(),
-                self.opts.owned.clone(),
-                rb.to,
-            );
-            let events = self.events.clone();
-            tokio::spawn(async move {
-                let r = catch_up(&cp, &store, &owned, own, to, manifest).await;
-                let _ = events.send(DriverEvent::CaughtUp(r));
-            });
-            return;
+        if !rb.owned_checked {
+            // Sled holds this node's own committed epochs: key groups it gained (a move)
+            // and committed epochs it missed (it restarted as the leader committed them) come
+            // from blob storage; key groups it lost are dropped from sled.
+            let now: std::collections::BTreeSet<u32> = self
+                .router
+                .placement()
+                .owned(self.key_groups)
+                .into_iter()
+                .collect();
+            let gained: Vec<u32> = now.difference(&self.loaded).copied().collect();
+            let lost: Vec<u32> = self.loaded.difference(&now).copied().collect();
+            if rb.catch_up.is_some() || !gained.is_empty() || !lost.is_empty() {
+                rb.catching_up = true;
+                let keep: Vec<u32> = now
+                    .difference(&gained.iter().copied().collect())
+                    .copied()
+                    .collect();
+                let (cp, store, to, behind, manifest) = (
+                    self.cp.clone().expect("a rollback needs checkpoints"),
+                    self.store.clone(),
+                    rb.to,
+                    rb.catch_up,
+                    rb.manifest,
+                );
+                if !gained.is_empty() || !lost.is_empty() {
+                    tracing::info!(gained = gained.len(), lost = lost.len(), manifest = ?manifest, "key groups moved: loading the ones gained from blob storage");
+                }
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    let r = async {
+                        store
+                            .clear_key_groups(lost.iter().copied())
+                            .map_err(|e| e.to_string())?;
+                        let replaced = match behind {
+                            Some((own, m)) => {
+                                Some(catch_up(&cp, &store, &keep, Some(own), to, m).await?)
+                            }
+                            None => None,
+                        };
+                        let extra = match manifest {
+                            Some(m) => catch_up(&cp, &store, &gained, None, to, m).await?,
+                            None => {
+                                store
+                                    .clear_key_groups(gained.iter().copied())
+                                    .map_err(|e| e.to_string())?;
+                                Vec::new()
+                            }
+                        };
+                        Ok(Loaded {
+                            replaced,
+                            extra,
+                            owned: now,
+                            gained,
+                            lost,
+                        })
+                    }
+                    .await;
+                    let _ = events.send(DriverEvent::CaughtUp(r));
+                });
+                return;
+            }
+            rb.owned_checked = true;
         }
         rb.shards_told = true;
-        let rb = *rb;
-        let generation = self.router.next_generation();
+        let extra = std::mem::take(&mut rb.extra);
+        let rb = rb.clone();
+        let generation = match self.cluster.as_ref().filter(|c| c.active) {
+            // Every participant takes the leader's generation: messages between them of work
+            // before the rollback are told apart.
+            Some(c) => c.gen,
+            None => self.router.next_generation(),
+        };
+        let placement = self.router.placement().clone();
+        let members = self.members.clone();
         let shards = self.shards.clone();
         let router = self.router.clone();
         let events = self.events.clone();
@@ -935,19 +1088,28 @@ impl Driver {
         // afterwards (fire a timer, take a message another shard sent after its rollback).
         let n = self.shards.len();
         let mut per_shard: Vec<Vec<(u32, PendingMessage)>> = (0..n).map(|_| Vec::new()).collect();
+        // The key groups this node serves now (the new owner of a moved one replays its
+        // pending messages, read from blob storage).
         match &self.last_pending {
             LastPending::Recovered(v) => {
-                for (kg, m) in v {
+                for (kg, m) in v.iter().filter(|(kg, _)| placement.is_local(*kg)) {
                     per_shard[self.router.shard_of(*kg)].push((*kg, m.clone()));
                 }
             }
             LastPending::Epoch(b) => {
-                for k in &b.key_groups {
+                for k in b
+                    .key_groups
+                    .iter()
+                    .filter(|k| placement.is_local(k.key_group))
+                {
                     for m in &k.pending {
                         per_shard[self.router.shard_of(k.key_group)].push((k.key_group, m.clone()));
                     }
                 }
             }
+        }
+        for (kg, m) in extra {
+            per_shard[self.router.shard_of(kg)].push((kg, m));
         }
         tokio::spawn(async move {
             // Waiting calls fail first: a reply the replay produces finds nobody waiting (its
@@ -962,6 +1124,7 @@ impl Driver {
                     generation,
                     committed: rb.to,
                     pending: crate::node::envelopes(pending),
+                    members: members.clone(),
                 })
             }))
             .await;
@@ -1021,6 +1184,11 @@ impl Driver {
                 self.input(Input::Barrier { epoch });
             }
         }
+        for c in std::mem::take(&mut self.early_cuts) {
+            let (epoch, shard) = (c.epoch, c.shard);
+            self.cuts.entry(epoch).or_default().push(c);
+            self.input(Input::ShardCut { epoch, shard });
+        }
     }
 
     /// A message of the cluster's epoch protocol.
@@ -1041,6 +1209,7 @@ impl Driver {
                         gen,
                         committed: self.last_released,
                         cut: self.coord.started(),
+                        shards: self.shards.len() as u32,
                     };
                     c.send(from, held);
                 } else {
@@ -1056,9 +1225,28 @@ impl Driver {
                 base,
                 manifest,
                 roll_back,
+                members,
+                placement_version,
                 ..
             } if gen == c.gen && holding && active && self.rolling_back.is_none() => {
-                self.resume(committed, base, manifest, roll_back)
+                if self.router.placement().version() < placement_version {
+                    // The key groups this node serves are decided by the table the leader
+                    // resumed at: wait until it is applied here.
+                    c.waiting_resume = Some((
+                        from,
+                        EpochMsg::Resume {
+                            gen,
+                            committed,
+                            base,
+                            manifest,
+                            roll_back,
+                            members,
+                            placement_version,
+                        },
+                    ));
+                    return;
+                }
+                self.resume(committed, base, manifest, roll_back, members)
             }
             EpochMsg::Barrier { epoch, .. } if gen == c.gen && active => {
                 if self.rolling_back.is_some() {
@@ -1104,6 +1292,7 @@ impl Driver {
                     gen: c.gen,
                     committed,
                     cut,
+                    shards: self.shards.len() as u32,
                 },
             );
         }
@@ -1112,7 +1301,31 @@ impl Driver {
     /// The leader's `Resume`: epochs up to `committed` are committed (the newest with a
     /// manifest is `manifest`), later ones abandoned; epochs go on after `base` (the shards
     /// take the next number the leader gives them).
-    fn resume(&mut self, committed: u64, base: u64, manifest: Option<u64>, all: bool) {
+    fn resume(
+        &mut self,
+        committed: u64,
+        base: u64,
+        manifest: Option<u64>,
+        all: bool,
+        members: Vec<(u64, u32)>,
+    ) {
+        // The shards learn the participants in a rollback (a lone participant has no peers).
+        let members = if members.len() > 1 {
+            members
+        } else {
+            Vec::new()
+        };
+        let changed = members != *self.members;
+        self.members = Arc::new(members);
+        let owned_changed = {
+            let now: std::collections::BTreeSet<u32> = self
+                .router
+                .placement()
+                .owned(self.key_groups)
+                .into_iter()
+                .collect();
+            now != self.loaded
+        };
         if committed > self.coord.committed() {
             self.input(Input::Committed { epoch: committed });
         }
@@ -1121,11 +1334,11 @@ impl Driver {
         // the same cut): roll back.
         let missing = manifest.filter(|&m| m > self.last_released);
         let open = self.coord.started() > self.coord.committed();
-        if (missing.is_some() || open || all) && self.cp.is_some() {
+        if (missing.is_some() || open || all || changed || owned_changed) && self.cp.is_some() {
             if let Some(c) = self.cluster.as_mut() {
                 c.holding = true;
             }
-            self.begin_rollback(committed, base.max(self.coord.started()), missing);
+            self.begin_rollback(committed, base.max(self.coord.started()), missing, manifest);
             return;
         }
         let (n, _, max) = self.coord_params;
@@ -1318,6 +1531,19 @@ impl Driver {
                 }
                 self.maintain();
             }
+            Action::Cut(e) => {
+                if let Some(c) = &self.cluster {
+                    if let Some(l) = c.leader {
+                        c.send(
+                            l,
+                            EpochMsg::Cut {
+                                gen: c.gen,
+                                epoch: e,
+                            },
+                        );
+                    }
+                }
+            }
             Action::Report(e) => {
                 let mut objects: Vec<ObjectRef> = self
                     .objects
@@ -1385,7 +1611,11 @@ impl Driver {
         let due_full = self
             .full_wanted_at
             .is_some_and(|e| self.router.applied() >= e);
-        let gc_due = self.commits_since_gc >= self.opts.gc_every
+        // In a cluster, one node collects (the owner of key group 0), for every key group.
+        let collects =
+            self.cluster.as_ref().is_none_or(|c| !c.active) || self.router.placement().is_local(0);
+        let gc_due = collects
+            && self.commits_since_gc >= self.opts.gc_every
             && !self.force_full
             && self
                 .last_gc
@@ -1397,7 +1627,8 @@ impl Driver {
             self.commits_since_gc = 0;
             self.maintenance_running = true;
             let retain = self.opts.retain;
-            let owned = self.opts.owned.clone();
+            // Everything every key group needs, whoever owns it now.
+            let owned: Vec<u32> = (0..self.key_groups).collect();
             tokio::spawn(async move {
                 let r = cp
                     .gc(retain, &owned)
@@ -1412,7 +1643,7 @@ impl Driver {
             let (store, node, owned) = (
                 self.store.clone(),
                 self.opts.node_id.clone(),
-                self.opts.owned.clone(),
+                self.router.placement().owned(self.key_groups),
             );
             let label = self.router.applied();
             tokio::spawn(async move {

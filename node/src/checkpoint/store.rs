@@ -604,7 +604,7 @@ impl CheckpointStore {
             chain.sort_by_key(|(label, full, _, _)| (*label, !*full));
             let mut state = KeyGroupState::default();
             let mut last = 0;
-            for (label, _, path, listed_by) in chain {
+            for (label, full, path, listed_by) in chain {
                 if !objects.contains_key(path) {
                     let b = match inline.get(path) {
                         Some(b64) => {
@@ -636,6 +636,19 @@ impl CheckpointStore {
                     objects.insert(path.clone(), e);
                 }
                 match objects[path].key_groups.iter().find(|s| s.key_group == kg) {
+                    // Several nodes' parts of one epoch: the owner's has the state, any of
+                    // them pending messages for the key group (sent to it while its owner took
+                    // no part, or in flight).
+                    Some(s) if *label == last && last != 0 && !*full => {
+                        state.pending.extend(s.pending.iter().cloned());
+                        let mut s = s.clone();
+                        s.pending.clear();
+                        let pending = std::mem::take(&mut state.pending);
+                        if !s.puts.is_empty() || !s.deletes.is_empty() {
+                            state.apply(s);
+                        }
+                        state.pending = pending;
+                    }
                     Some(s) => {
                         state.apply(s.clone());
                         last = *label;

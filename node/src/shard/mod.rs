@@ -143,6 +143,8 @@ pub(crate) struct Deliver {
     pub batch: Vec<Envelope>,
     /// The sending shard (`None`: ingress or recovery).
     pub from: Option<usize>,
+    /// The sending shard of another node (messages between functions across nodes).
+    pub remote: Option<(u64, u32)>,
     /// The sending shard's generation (a batch a shard sent before a rollback is dropped).
     pub generation: u64,
     /// Acknowledge once the epoch that received the batch commits.
@@ -166,6 +168,15 @@ pub(crate) struct Marker {
     pub generation: u64,
 }
 
+/// Another node's shard `from` has cut `epoch`; everything it sent before is already here.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct RemoteMarker {
+    pub from: (u64, u32),
+    pub epoch: u64,
+    pub generation: u64,
+}
+
 /// Roll back to the last committed epoch (the epoch driver abandoned the epochs after it):
 /// everything since is dropped — state changes, queued and in-flight messages, held
 /// acknowledgements, replies and egress (their waiters get an error) — and the shard goes on
@@ -182,6 +193,9 @@ pub(crate) struct Rollback {
     pub committed: u64,
     /// This shard's pending messages of the committed epoch, to process first.
     pub pending: Vec<Envelope>,
+    /// The participants of the cluster's epochs until the next rollback, with their shards
+    /// (empty: this node alone).
+    pub members: Arc<Vec<(u64, u32)>>,
 }
 
 /// Epoch `epoch` committed: release what it holds.
@@ -301,12 +315,24 @@ pub(crate) struct Shard {
     /// Batches and markers of shards that already rolled back, arrived before this shard's own
     /// rollback: handled right after it (handled now, the rollback would undo them).
     early: Vec<Early>,
+    /// This node.
+    node: u64,
+    /// The other participants of the cluster's epochs (their shards are sources of the cut;
+    /// its markers go to them).
+    peers: Vec<u64>,
+    /// Messages for addresses other nodes own, per node, sent at the next flush.
+    remote_out: std::collections::BTreeMap<u64, (String, Vec<Envelope>)>,
+    /// Messages for addresses whose owner takes no part in the epochs now (it died, or is
+    /// being synchronised): kept as pending messages of every cut, and delivered by the owner
+    /// when it replays the committed epoch's pending messages of its key groups.
+    parked: Vec<Envelope>,
 }
 
 /// A message from a shard of a newer generation.
 enum Early {
     Deliver(Deliver),
     Marker(Marker),
+    RemoteMarker(RemoteMarker),
 }
 
 impl Actor for Shard {
@@ -331,7 +357,11 @@ impl Actor for Shard {
 impl Shard {
     /// Loads delayed messages and idempotency records from the local store.
     fn load_from_store(&mut self) {
-        let kgs: Vec<u32> = self.owned_key_groups().collect();
+        let placement = self.router.placement().clone();
+        let kgs: Vec<u32> = self
+            .owned_key_groups()
+            .filter(|&kg| placement.is_local(kg))
+            .collect();
         if let Err(e) = self.timers.load(&self.store, kgs.iter().copied()) {
             tracing::error!(shard = self.index, error = %e, "cannot load delayed messages; they stay in sled until the next start");
         }
@@ -374,6 +404,10 @@ impl Shard {
             evict_blocked_at: None,
             generation: 0,
             early: Vec::new(),
+            node: o.router.placement().me(),
+            peers: Vec::new(),
+            remote_out: Default::default(),
+            parked: Vec::new(),
             index: o.index,
             outgoing: (0..n).map(|_| Vec::new()).collect(),
             router: o.router,
@@ -702,7 +736,6 @@ impl Shard {
     /// Routes a message produced by an invocation or a timer.
     fn route(&mut self, target: Address, caller: Option<Address>, message: TypedValue) {
         let kg = self.router.key_group(&target);
-        let shard = self.router.shard_of(kg);
         let env = Envelope {
             target,
             kg,
@@ -711,6 +744,25 @@ impl Shard {
             ingress: false,
             key: None,
         };
+        self.route_env(env);
+    }
+
+    /// To the owner of the envelope's key group: this shard, another one, or another node.
+    fn route_env(&mut self, env: Envelope) {
+        if let crate::mesh::Route::Remote { node, addr } = self.router.placement().route(env.kg) {
+            if self.checkpointing && !self.peers.contains(&node) {
+                self.parked.push(env);
+                return;
+            }
+            // A reply goes to the owner of its call's key group, which holds the caller.
+            self.remote_out
+                .entry(node)
+                .or_insert_with(|| (addr, Vec::new()))
+                .1
+                .push(env);
+            return;
+        }
+        let shard = self.router.shard_of(env.kg);
         if shard == self.index {
             self.enqueue(env);
         } else {
@@ -724,6 +776,15 @@ impl Shard {
                 let batch = std::mem::take(&mut self.outgoing[s]);
                 self.router
                     .deliver_internal(s, Some(self.index), self.generation, batch);
+            }
+        }
+        if !self.remote_out.is_empty() {
+            let placement = self.router.placement().clone();
+            for (node, (addr, batch)) in std::mem::take(&mut self.remote_out) {
+                let bytes =
+                    crate::mesh::shard_messages(self.node, self.index, self.generation, batch);
+                placement.send_fn(&addr, crate::mesh::FnKind::Deliver, bytes);
+                let _ = node;
             }
         }
     }
@@ -876,6 +937,14 @@ impl Shard {
             markers_done: true,
         };
         if self.checkpointing {
+            for env in &self.parked {
+                cut.pending.push((
+                    env.target.to_string().into(),
+                    3,
+                    env.kg,
+                    pending_message(&env.target, env.caller.as_ref(), &env.message),
+                ));
+            }
             let busy = std::mem::take(&mut self.busy);
             for i in busy {
                 let Some(slot) = self.slots.get_mut(i) else {
@@ -914,7 +983,24 @@ impl Shard {
             for j in (0..n).filter(|j| *j != self.index) {
                 self.router.marker(j, self.index, self.generation, e);
             }
+            // The other participants' shards, behind what this shard sent them.
+            if !self.peers.is_empty() {
+                let placement = self.router.placement().clone();
+                for &p in &self.peers {
+                    match placement.addr_of(p) {
+                        Some(addr) => placement.send_fn(
+                            &addr,
+                            crate::mesh::FnKind::Marker,
+                            crate::mesh::shard_marker(self.node, self.index, self.generation, e),
+                        ),
+                        None => {
+                            tracing::warn!(node = p, "a participant has no address; its epoch stalls until the leader synchronises")
+                        }
+                    }
+                }
+            }
             cut.markers_done = self.cuts.snapshot(e);
+            tracing::trace!(shard = self.index, epoch = e, done = cut.markers_done, peers = ?self.peers, "cut");
         }
         self.epoch = e + 1;
         self.cut = Some(cut);
@@ -1032,7 +1118,7 @@ impl Handler<Deliver> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) {
-        if msg.from.is_some() && msg.generation != self.generation {
+        if (msg.from.is_some() || msg.remote.is_some()) && msg.generation != self.generation {
             if msg.generation > self.generation {
                 self.early.push(Early::Deliver(msg));
             }
@@ -1045,8 +1131,9 @@ impl Handler<Deliver> for Shard {
 
 impl Shard {
     fn deliver(&mut self, msg: Deliver) {
-        let arrival = match msg.from {
-            Some(j) if self.checkpointing => self.cuts.arrival(j),
+        let arrival = match (msg.from, msg.remote) {
+            (Some(j), _) if self.checkpointing => self.cuts.arrival(j),
+            (_, Some(r)) if self.checkpointing => self.cuts.arrival_remote(r),
             _ => Arrival::Process,
         };
         for env in msg.batch {
@@ -1058,6 +1145,11 @@ impl Shard {
                     env.kg,
                     pending_message(&env.target, env.caller.as_ref(), &env.message),
                 ));
+            }
+            if msg.remote.is_some() && !self.router.placement().is_local(env.kg) {
+                // The sender's table is behind: on to the owner.
+                self.route_env(env);
+                continue;
             }
             self.enqueue(env);
         }
@@ -1103,6 +1195,39 @@ impl Shard {
             self.begin_cut(msg.epoch);
         }
         if self.cuts.marker(msg.from, msg.epoch) {
+            if let Some(c) = self.cut.as_mut() {
+                c.markers_done = true;
+            }
+            self.maybe_finish_cut();
+        }
+    }
+}
+
+impl Handler<RemoteMarker> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoteMarker, _: &mut Self::Context) {
+        if msg.generation != self.generation {
+            if msg.generation > self.generation {
+                self.early.push(Early::RemoteMarker(msg));
+            }
+            return;
+        }
+        self.remote_marker(msg);
+    }
+}
+
+impl Shard {
+    fn remote_marker(&mut self, msg: RemoteMarker) {
+        tracing::trace!(shard = self.index, from = ?msg.from, epoch = msg.epoch, "remote marker");
+        if !self.checkpointing {
+            return;
+        }
+        if msg.epoch >= self.epoch {
+            self.epoch = msg.epoch;
+            self.begin_cut(msg.epoch);
+        }
+        if self.cuts.marker_remote(msg.from, msg.epoch) {
             if let Some(c) = self.cut.as_mut() {
                 c.markers_done = true;
             }
@@ -1317,12 +1442,28 @@ impl Handler<Rollback> for Shard {
         for o in &mut self.outgoing {
             o.clear();
         }
+        self.remote_out.clear();
+        self.parked.clear();
         self.pending_writes = WriteBatch::default();
         self.cut = None;
         self.evict_blocked_at = None;
         self.generation = msg.generation;
         self.epoch = msg.base + 1;
         self.cuts = Cuts::new(self.index, self.router.shard_count(), msg.base);
+        self.peers = msg
+            .members
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| *n != self.node)
+            .collect();
+        self.cuts.set_remote(
+            msg.members
+                .iter()
+                .filter(|(n, _)| *n != self.node)
+                .flat_map(|&(n, s)| (0..s).map(move |j| (n, j))),
+            msg.base,
+        );
+        tracing::debug!(shard = self.index, peers = ?self.peers, generation = msg.generation, base = msg.base, "shard rolled back");
         self.timers = Timers::default();
         self.idem = IdempotencyTable::default();
         self.load_from_store();
@@ -1332,6 +1473,7 @@ impl Handler<Rollback> for Shard {
             self.deliver(Deliver {
                 batch: msg.pending,
                 from: None,
+                remote: None,
                 generation: self.generation,
                 ack: None,
             });
@@ -1340,6 +1482,7 @@ impl Handler<Rollback> for Shard {
             match e {
                 Early::Deliver(d) if d.generation == self.generation => self.deliver(d),
                 Early::Marker(m) if m.generation == self.generation => self.marker(m),
+                Early::RemoteMarker(m) if m.generation == self.generation => self.remote_marker(m),
                 _ => {}
             }
         }
