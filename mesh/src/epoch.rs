@@ -652,6 +652,11 @@ pub enum EpochMsg {
         epoch: Epoch,
         /// Its participants.
         members: Vec<NodeId>,
+        /// Key groups move once this epoch commits: from now until the next `Resume`, egress
+        /// records are not read (every record read is then deleted in a committed epoch, and
+        /// a new owner loads exactly the unread ones).
+        #[serde(default)]
+        quiesce: bool,
     },
     /// Participant → leader: every shard of it has cut `epoch` (has every marker of it).
     Cut {
@@ -850,6 +855,11 @@ pub struct EpochLeader {
     resync: bool,
     /// It moves key groups.
     handover: bool,
+    /// A move waits for a quiesced epoch: `Some(None)` until the next barrier, then
+    /// `Some(Some(e))` until `e` commits.
+    quiesce: Option<Option<Epoch>>,
+    /// The quiesced epoch committed: synchronise to move.
+    move_now: bool,
     /// Participants that do not answer are left out (see [`HOLD_TIMEOUT_MS`]); off until
     /// recovery merges the pending messages others kept for them (see the closing note).
     exclude: bool,
@@ -884,6 +894,8 @@ impl EpochLeader {
             base: committed,
             resync: false,
             handover: false,
+            quiesce: None,
+            move_now: false,
             exclude: false,
             active: BTreeSet::new(),
             last_barrier_ms: 0,
@@ -908,6 +920,9 @@ impl EpochLeader {
 
     fn sync(&mut self, out: &mut Vec<LeadAction>) {
         self.resync = false;
+        // A resynchronisation drops a pending move (the next round plans again).
+        self.quiesce = None;
+        self.move_now = false;
         let moving = std::mem::take(&mut self.handover).then_some(false);
         self.parts.clear();
         if self.participants.is_empty() {
@@ -945,6 +960,10 @@ impl EpochLeader {
                 CoordAction::Barrier { epoch, members } => {
                     self.base = self.base.max(epoch);
                     self.last_barrier_ms = self.now_ms;
+                    let quiesce = self.quiesce == Some(None);
+                    if quiesce {
+                        self.quiesce = Some(Some(epoch));
+                    }
                     if let Phase::Running { since, .. } = &mut self.phase {
                         since.insert(epoch, self.now_ms);
                     }
@@ -955,6 +974,7 @@ impl EpochLeader {
                                 gen: self.gen,
                                 epoch,
                                 members: members.iter().copied().collect(),
+                                quiesce,
                             },
                         });
                     }
@@ -974,6 +994,11 @@ impl EpochLeader {
                     });
                 }
                 CoordAction::ProposeCommit(epoch) => {
+                    if self.quiesce.is_some_and(|q| q.is_some_and(|e| epoch >= e)) {
+                        // The quiesced epoch committed: the moves happen now.
+                        self.quiesce = None;
+                        self.move_now = true;
+                    }
                     // The manifest is the commit point: release at once, record in the
                     // control group for later leaders.
                     self.committed = epoch;
@@ -1068,9 +1093,10 @@ impl EpochLeader {
                 }
             }
             LeadInput::Handover => {
-                if self.running() && !self.participants.is_empty() {
-                    self.handover = true;
-                    self.want_sync(&mut out);
+                // First an epoch after which no egress record is read commits; then the
+                // synchronisation that moves key groups.
+                if self.running() && !self.participants.is_empty() && self.quiesce.is_none() {
+                    self.quiesce = Some(None);
                 }
             }
             LeadInput::Moved => {
@@ -1255,6 +1281,20 @@ impl EpochLeader {
                     self.sync(&mut out);
                 }
             }
+        }
+        if self.move_now
+            && !matches!(
+                self.phase,
+                Phase::Running {
+                    writing: Some(_),
+                    ..
+                }
+            )
+        {
+            self.move_now = false;
+            self.handover = true;
+            self.sync(&mut out);
+            // `sync` cleared the flags; the round moves.
         }
         out
     }

@@ -39,6 +39,9 @@ pub struct Egress {
     /// Keys of durable records read or dropped since the last epoch was built.
     consumed: Arc<Mutex<Vec<Vec<u8>>>>,
     next_seq: Arc<AtomicU64>,
+    /// Key groups are about to move: no record is read until they have (every record read
+    /// before is deleted by a committed epoch, so the new owners load exactly the unread).
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Egress {
@@ -50,6 +53,7 @@ impl Egress {
             metrics,
             consumed: Arc::default(),
             next_seq: Arc::new(AtomicU64::new(1)),
+            paused: Arc::default(),
         }
     }
 
@@ -143,8 +147,21 @@ impl Egress {
         t.notify.notify_one();
     }
 
+    /// Stops reads (key groups are about to move) or lets them go on.
+    pub(crate) fn pause(&self, on: bool) {
+        let was = self.paused.swap(on, Ordering::SeqCst);
+        if was && !on {
+            for t in self.topics.lock().values() {
+                t.notify.notify_one();
+            }
+        }
+    }
+
     /// Pops the next record, if any.
     pub fn pop(&self, topic: &str) -> Option<TypedValue> {
+        if self.paused.load(Ordering::SeqCst) {
+            return None;
+        }
         let t = self.topics.lock().get(topic).cloned()?;
         let v = t.queue.lock().pop_front();
         let (v, key) = v?;
@@ -157,6 +174,10 @@ impl Egress {
         let t = self.topic(topic);
         loop {
             let notified = t.notify.notified();
+            if self.paused.load(Ordering::SeqCst) {
+                notified.await;
+                continue;
+            }
             let (next, more) = {
                 let mut q = t.queue.lock();
                 let next = q.pop_front();

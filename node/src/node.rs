@@ -422,7 +422,18 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     let ready = Arc::new(AtomicBool::new(false));
     if cp.is_some() {
         // Egress records committed but not read before the last stop.
-        router.egress().restore(store.load_egress()?);
+        // Only the key groups this node serves: a node stopped between a move and its
+        // rollback still holds the records of key groups it lost (their new owner serves them).
+        let mine: std::collections::BTreeSet<u32> = owned.iter().copied().collect();
+        router.egress().restore(
+            store
+                .load_egress()?
+                .into_iter()
+                .filter(|r| {
+                    r.1.len() >= 3 && mine.contains(&(u16::from_be_bytes([r.1[1], r.1[2]]) as u32))
+                })
+                .collect(),
+        );
     }
 
     // The playground's ingress and egress listen on the ports the module names (on the HTTP

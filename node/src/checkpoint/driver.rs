@@ -1248,7 +1248,11 @@ impl Driver {
                 }
                 self.resume(committed, base, manifest, roll_back, members)
             }
-            EpochMsg::Barrier { epoch, .. } if gen == c.gen && active => {
+            EpochMsg::Barrier { epoch, quiesce, .. } if gen == c.gen && active => {
+                if quiesce {
+                    // Key groups move once this epoch commits: reads stop until the move.
+                    self.router.egress().pause(true);
+                }
                 if self.rolling_back.is_some() {
                     c.deferred.push(epoch);
                 } else if !holding {
@@ -1309,6 +1313,8 @@ impl Driver {
         all: bool,
         members: Vec<(u64, u32)>,
     ) {
+        // Reads stopped for a move go on (moved or not).
+        self.router.egress().pause(false);
         // The shards learn the participants in a rollback (a lone participant has no peers).
         let members = if members.len() > 1 {
             members
