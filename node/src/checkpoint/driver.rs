@@ -1018,7 +1018,11 @@ impl Driver {
                 .collect();
             let gained: Vec<u32> = now.difference(&self.loaded).copied().collect();
             let lost: Vec<u32> = self.loaded.difference(&now).copied().collect();
-            if rb.catch_up.is_some() || !gained.is_empty() || !lost.is_empty() {
+            // With several participants, a key group's pending messages at the committed epoch
+            // are in every participant's part (its own inboxes; messages others kept for it or
+            // logged in flight while rerouting them): the owner reads them all.
+            let several = self.members.len() > 1;
+            if rb.catch_up.is_some() || !gained.is_empty() || !lost.is_empty() || several {
                 rb.catching_up = true;
                 let keep: Vec<u32> = now
                     .difference(&gained.iter().copied().collect())
@@ -1044,6 +1048,23 @@ impl Driver {
                             Some((own, m)) => {
                                 Some(catch_up(&cp, &store, &keep, Some(own), to, m).await?)
                             }
+                            None if several => Some(match manifest {
+                                Some(m) if m == to => {
+                                    let (_, states) = retry("read the committed epoch", || {
+                                        cp.recover_at(m, &keep, Some(m))
+                                    })
+                                    .await
+                                    .map_err(|e| {
+                                        format!("cannot read the committed epoch's pending messages: {e}")
+                                    })?;
+                                    states
+                                        .into_iter()
+                                        .flat_map(|(kg, st)| st.pending.into_iter().map(move |p| (kg, p)))
+                                        .collect()
+                                }
+                                // No manifest: every part was empty, nothing was pending.
+                                _ => Vec::new(),
+                            }),
                             None => None,
                         };
                         let extra = match manifest {
