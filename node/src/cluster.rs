@@ -12,9 +12,12 @@
 //! The leader reconciles the Raft configuration with the members (ConfChangeV2, joint
 //! consensus left explicitly): 1 voter for up to 2 members, 3 for 3–4, 5 from 5; the others
 //! are learners. The key groups are all assigned to the first node when it bootstraps the
-//! cluster (joins wait until they are). Key groups that have an owner stay where they are
-//! until live handover exists (issue 8, item 5): a node that joins owns nothing yet and
-//! forwards every address to its owner ([`crate::mesh::Placement`]).
+//! cluster (joins wait until they are). Then, while it leads the cluster's epochs, the leader
+//! moves key groups to the members rendezvous hashing gives them, a round at a time (at most
+//! every 2 s): an epoch after which no egress record is read commits, every participant
+//! holds, the moves are proposed, and everyone resumes after rolling back to the last
+//! committed epoch (new owners load their key groups from blob storage). Every node routes
+//! every address to its owner ([`crate::mesh::Placement`]).
 //!
 //! The node id is kept in `<data_dir>/node-id`: generated on the first start unless
 //! `--node-id` gives it, and a data directory of one node refuses to start as another.
