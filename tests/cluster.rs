@@ -308,9 +308,11 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     };
     let g3 = gen(&n1.get_json("/v1/cluster").await, 3);
     n3.kill();
-    assert_eq!(add(&c2, "shared", 1).await, expected + 1);
+    // (Until failover, issue 9, no epoch commits while a node that owns key groups is down:
+    // the add waits for it.)
     let n3 = restart(root, 3, p3, Some(&seed));
     converged(&[&n1, &n2, &n3], 3, 3).await;
+    assert_eq!(add(&c2, "shared", 1).await, expected + 1);
     // Its new Join is applied shortly after it is ready (it serves from its saved state).
     eventually(
         "node 3's next generation",
