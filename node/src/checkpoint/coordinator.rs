@@ -19,6 +19,11 @@
 /// often.
 const GROUP_MS: u64 = 2;
 
+/// How long a failed write waits before it is retried, after `failures` failures in a row.
+fn backoff_ms(failures: u32) -> u64 {
+    (10u64 << failures.min(10)).min(5_000)
+}
+
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -191,7 +196,7 @@ impl Coordinator {
     }
 
     fn backoff_ms(&self) -> u64 {
-        (10u64 << self.failures.min(10)).min(5_000)
+        backoff_ms(self.failures)
     }
 
     fn all_cut(&self, epoch: u64) -> bool {
@@ -440,8 +445,8 @@ impl Participant {
             Input::Failed { epoch, now_ms } => {
                 if self.persisting == Persisting::Writing(epoch) {
                     self.failures += 1;
-                    let backoff = (10u64 << self.failures.min(10)).min(5_000);
-                    self.persisting = Persisting::Backoff(epoch, now_ms + backoff);
+                    self.persisting =
+                        Persisting::Backoff(epoch, now_ms + backoff_ms(self.failures));
                 }
             }
         }

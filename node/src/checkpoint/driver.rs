@@ -276,6 +276,20 @@ impl ClusterSide {
     }
 }
 
+/// Writes a key group's state rebuilt from blob storage into sled (its deletions, then its
+/// entries).
+fn write_state(store: &Store, st: &super::format::KeyGroupState) -> Result<(), String> {
+    store
+        .write_ops(
+            st.deleted.iter().map(|k| (k.as_slice(), None)).chain(
+                st.state
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
+            ),
+        )
+        .map_err(|e| e.to_string())
+}
+
 /// Reads the committed epochs after `after` up to `to` of the key groups `owned` from blob
 /// storage into sled (a rollback to an epoch this node did not see committed); returns the
 /// pending messages of `to`.
@@ -319,15 +333,7 @@ async fn catch_up(
     };
     let mut pending = Vec::new();
     for (kg, st) in states {
-        store
-            .write_ops(
-                st.deleted.iter().map(|k| (k.as_slice(), None)).chain(
-                    st.state
-                        .iter()
-                        .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
-                ),
-            )
-            .map_err(|e| e.to_string())?;
+        write_state(store, &st)?;
         pending.extend(st.pending.into_iter().map(|m| (kg, m)));
     }
     if after.is_some() {
@@ -1843,15 +1849,7 @@ pub(crate) async fn recover(
         }
         if source != "sled" {
             entries += st.state.len() + st.deleted.len();
-            store
-                .write_ops(
-                    st.deleted.iter().map(|k| (k.as_slice(), None)).chain(
-                        st.state
-                            .iter()
-                            .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
-                    ),
-                )
-                .map_err(|e| e.to_string())?;
+            write_state(store, &st)?;
         }
         pending.extend(st.pending.into_iter().map(|m| (kg, m)));
     }
