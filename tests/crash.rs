@@ -582,7 +582,10 @@ async fn run(seed: u64, v: Variant) {
                     });
                     // Some incarnations fail and delay durable steps now and then (errors are
                     // retried; stored-then-failed puts are resolved by reading back).
-                    let noisy = fault.is_none() && !points.is_empty() && r.below(4) == 0;
+                    // Every sixth incarnation at least, for long enough to roll back in place.
+                    let noisy =
+                        fault.is_none() && !points.is_empty() && (r.below(4) == 0 || k % 6 == 1);
+                    let wait = if noisy { wait.max(300) } else { wait };
                     (wait, fault, wipe_local && r.below(3) == 0, noisy)
                 };
                 if wipe {

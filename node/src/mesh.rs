@@ -706,18 +706,39 @@ pub(crate) use mpb::forward_request::Kind as FnKind;
 /// The sending side of a shard's stream to one peer.
 #[derive(Clone)]
 struct FnForwarder {
-    tx: mpsc::UnboundedSender<(Kind, Vec<u8>)>,
+    tx: mpsc::UnboundedSender<(Kind, u64, Vec<u8>)>,
 }
 
+/// Takes the next item not sent by a generation at or below `poisoned`.
+async fn next_unpoisoned(
+    rx: &mut mpsc::UnboundedReceiver<(Kind, u64, Vec<u8>)>,
+    poisoned: Option<u64>,
+) -> Option<(Kind, u64, Vec<u8>)> {
+    loop {
+        let r = rx.recv().await?;
+        if poisoned.is_none_or(|p| r.1 > p) {
+            return Some(r);
+        }
+    }
+}
+
+/// Sends the messages and markers that this thread's shards address to one peer, in order,
+/// on one stream. When the stream breaks, what was in it may be lost: everything the same
+/// generations of senders queue afterwards is dropped too (the stream stays *poisoned* until
+/// the participants roll back together and take a newer generation), so that no marker of
+/// theirs reaches the peer after a lost message (the peer would complete a cut without it).
 async fn fn_forwarder_task(
     addr: String,
     channel: Channel,
-    mut rx: mpsc::UnboundedReceiver<(Kind, Vec<u8>)>,
+    mut rx: mpsc::UnboundedReceiver<(Kind, u64, Vec<u8>)>,
     placement: std::sync::Weak<Placement>,
 ) {
     let mut next_id = 1u64;
+    let mut poisoned: Option<u64> = None;
     loop {
-        let Some(first) = rx.recv().await else { return };
+        let Some(first) = next_unpoisoned(&mut rx, poisoned).await else {
+            return;
+        };
         let (ftx, frx) = mpsc::channel::<mpb::ForwardFrame>(64);
         let mut client = mpb::mesh_client::MeshClient::new(channel.clone())
             .max_decoding_message_size(MAX_FORWARDED)
@@ -732,18 +753,21 @@ async fn fn_forwarder_task(
                 while let Ok(Some(_)) = replies.message().await {}
             }
         });
+        let mut newest = first.1;
         let mut queue = vec![first];
         let broke = loop {
             while queue.len() < FRAME {
                 match rx.try_recv() {
-                    Ok(r) => queue.push(r),
+                    Ok(r) if poisoned.is_none_or(|p| r.1 > p) => queue.push(r),
+                    Ok(_) => {}
                     Err(_) => break,
                 }
             }
             let requests = queue
                 .drain(..)
-                .map(|(kind, request)| {
+                .map(|(kind, gen, request)| {
                     next_id += 1;
+                    newest = newest.max(gen);
                     mpb::ForwardRequest {
                         id: next_id,
                         kind: kind as i32,
@@ -754,27 +778,33 @@ async fn fn_forwarder_task(
             if ftx.send(mpb::ForwardFrame { requests }).await.is_err() {
                 break "the stream closed".to_string();
             }
-            match rx.recv().await {
+            match next_unpoisoned(&mut rx, poisoned).await {
                 Some(r) => queue.push(r),
                 None => return,
             }
         };
         call.abort();
-        tracing::warn!(%addr, error = %broke, "a stream of messages between functions broke; the participants go back to the last committed epoch");
+        poisoned = Some(newest);
+        tracing::warn!(%addr, error = %broke, generation = newest, "a stream of messages between functions broke; the participants go back to the last committed epoch (until then, this generation's messages to the peer are dropped)");
         if let Some(p) = placement.upgrade() {
             p.fn_broken
                 .store(true, std::sync::atomic::Ordering::Release);
         }
-        // What was queued belongs to work the rollback undoes.
-        while rx.try_recv().is_ok() {}
     }
 }
 
 impl Placement {
-    /// Queues a shard's messages or marker for the peer at `addr` on this thread's stream.
-    pub(crate) fn send_fn(self: &Arc<Self>, addr: &str, kind: Kind, bytes: Vec<u8>) {
+    /// Queues a shard's messages or marker (of the shard's `generation`) for the peer at
+    /// `addr` on this thread's stream.
+    pub(crate) fn send_fn(self: &Arc<Self>, addr: &str, kind: Kind, generation: u64, bytes: Vec<u8>) {
         thread_local! {
             static LOCAL: std::cell::RefCell<HashMap<String, FnForwarder>> = Default::default();
+            /// Peers this thread could not open a stream to, with the newest generation that
+            /// lost a message for them.
+            static FAILED: std::cell::RefCell<HashMap<String, u64>> = Default::default();
+        }
+        if FAILED.with(|f| f.borrow().get(addr).is_some_and(|&g| generation <= g)) {
+            return;
         }
         let f = LOCAL.with(|l| {
             let mut l = l.borrow_mut();
@@ -800,9 +830,10 @@ impl Placement {
         });
         match f {
             Some(f) => {
-                let _ = f.tx.send((kind, bytes));
+                let _ = f.tx.send((kind, generation, bytes));
             }
             None => {
+                FAILED.with(|f| f.borrow_mut().insert(addr.to_string(), generation));
                 tracing::warn!(%addr, "no stream to a peer for messages between functions");
                 self.fn_broken
                     .store(true, std::sync::atomic::Ordering::Release);

@@ -314,6 +314,11 @@ pub fn key_group_of(key: &[u8]) -> Option<u32> {
 /// Meta key: the newest epoch applied to sled.
 const APPLIED_KEY: &[u8] = b"mapplied/0";
 
+/// Meta key: key groups whose entries in sled do not follow the applied marker (being
+/// loaded from blob storage, or given up), as big-endian `u16`s. A start reads them whole
+/// from blob storage if the node owns them.
+const STALE_KEY: &[u8] = b"mstale";
+
 impl Store {
     /// Opens (or creates) the store under `dir`, checking the key-group count.
     pub fn open(dir: &Path, key_groups: u32) -> Result<Self, StoreError> {
@@ -495,6 +500,45 @@ impl Store {
             self.db.remove(k).map_err(|e| self.err(e))?;
         }
         self.set_applied(epoch)?;
+        self.flush()
+    }
+
+    /// Key groups whose local entries are not to be trusted (see [`set_stale`](Self::set_stale)).
+    pub fn stale_key_groups(&self) -> Result<std::collections::BTreeSet<u32>, StoreError> {
+        Ok(match self.db.get(STALE_KEY).map_err(|e| self.err(e))? {
+            Some(v) => v
+                .chunks_exact(2)
+                .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+                .collect(),
+            None => Default::default(),
+        })
+    }
+
+    /// Marks key groups as stale (their entries may be partial or old: before they are
+    /// cleared and rebuilt from blob storage, or when the node gives them up) or as held
+    /// again (after they are rebuilt); durable on return (sled is flushed first, so the
+    /// rebuilt entries are durable before the mark goes).
+    pub fn set_stale(
+        &self,
+        kgs: impl IntoIterator<Item = u32>,
+        stale: bool,
+    ) -> Result<(), StoreError> {
+        let mut set = self.stale_key_groups()?;
+        let mut changed = false;
+        for kg in kgs {
+            changed |= if stale { set.insert(kg) } else { set.remove(&kg) };
+        }
+        if !changed {
+            return Ok(());
+        }
+        if !stale {
+            self.flush()?;
+        }
+        let v: Vec<u8> = set
+            .iter()
+            .flat_map(|&kg| (kg as u16).to_be_bytes())
+            .collect();
+        self.db.insert(STALE_KEY, v).map_err(|e| self.err(e))?;
         self.flush()
     }
 

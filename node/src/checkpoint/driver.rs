@@ -304,10 +304,14 @@ async fn catch_up(
     if owned.is_empty() {
         return Ok(Vec::new());
     }
-    if after.is_none() {
+    // Key groups rebuilt whole: marked stale in sled until they are (a node killed meanwhile
+    // reads them whole again at its start, not as deltas over a partial copy).
+    let mut whole = after.is_none();
+    if whole {
         // Key groups new to this node: whatever sled holds of them is stale.
         store
-            .clear_key_groups(owned.iter().copied())
+            .set_stale(owned.iter().copied(), true)
+            .and_then(|()| store.clear_key_groups(owned.iter().copied()))
             .map_err(|e| e.to_string())?;
     }
     let m = retry("read a committed epoch", || cp.manifest(manifest))
@@ -320,8 +324,10 @@ async fn catch_up(
     {
         Ok(r) => r,
         Err(CheckpointError::HistoryTooShort { .. }) => {
+            whole = true;
             store
-                .clear_key_groups(owned.iter().copied())
+                .set_stale(owned.iter().copied(), true)
+                .and_then(|()| store.clear_key_groups(owned.iter().copied()))
                 .map_err(|e| e.to_string())?;
             retry("read the checkpoint chain", || {
                 cp.recover_at(m.epoch, owned, None)
@@ -338,6 +344,11 @@ async fn catch_up(
     }
     if after.is_some() {
         store.reset_applied(to).map_err(|e| e.to_string())?;
+    }
+    if whole {
+        store
+            .set_stale(owned.iter().copied(), false)
+            .map_err(|e| e.to_string())?;
     }
     // The epochs after the manifest's wrote nothing: nothing was pending at their cuts.
     if manifest < to {
@@ -1048,7 +1059,8 @@ impl Driver {
                 tokio::spawn(async move {
                     let r = async {
                         store
-                            .clear_key_groups(lost.iter().copied())
+                            .set_stale(lost.iter().copied(), true)
+                            .and_then(|()| store.clear_key_groups(lost.iter().copied()))
                             .map_err(|e| e.to_string())?;
                         let replaced = match behind {
                             Some((own, m)) => {
@@ -1076,8 +1088,10 @@ impl Driver {
                         let extra = match manifest {
                             Some(m) => catch_up(&cp, &store, &gained, None, to, m).await?,
                             None => {
+                                // Nothing committed yet: they are empty.
                                 store
                                     .clear_key_groups(gained.iter().copied())
+                                    .and_then(|()| store.set_stale(gained.iter().copied(), false))
                                     .map_err(|e| e.to_string())?;
                                 Vec::new()
                             }
@@ -1775,14 +1789,66 @@ pub(crate) async fn recover(
         });
     };
     let e = latest.epoch;
-    let all: Vec<u32> = owned.to_vec();
+    // Owned key groups sled does not hold (a load from blob storage or a give-up was
+    // interrupted): rebuilt whole from blob storage.
+    let stale = store.stale_key_groups().map_err(|e| e.to_string())?;
+    let reload: Vec<u32> = owned
+        .iter()
+        .copied()
+        .filter(|kg| stale.contains(kg))
+        .collect();
+    let mut reloaded = Vec::new();
+    if !reload.is_empty() {
+        tracing::info!(
+            key_groups = reload.len(),
+            "rebuilding key groups whose local copy was not complete from blob storage"
+        );
+        let (_, states) = retry("read the checkpoint chain", || {
+            cp.recover_at(e, &reload, None)
+        })
+        .await
+        .map_err(|e| format!("cannot read the checkpoint chain: {e}"))?;
+        store
+            .clear_key_groups(reload.iter().copied())
+            .map_err(|e| e.to_string())?;
+        for (kg, st) in states {
+            write_state(store, &st)?;
+            reloaded.extend(st.pending.into_iter().map(|m| (kg, m)));
+        }
+    }
+    let all: Vec<u32> = owned
+        .iter()
+        .copied()
+        .filter(|kg| !stale.contains(kg))
+        .collect();
+    let r = recover_held(store, cp, e, all, applied, t0, reloaded).await?;
+    if !reload.is_empty() {
+        // After the applied marker moved to `e` (the rebuilt copies are of `e`).
+        store
+            .set_stale(reload, false)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(r)
+}
+
+/// Recovers the key groups sled holds (`all`), `extra` being the pending messages of the ones
+/// rebuilt whole.
+async fn recover_held(
+    store: &Store,
+    cp: &CheckpointStore,
+    e: u64,
+    all: Vec<u32>,
+    applied: Option<u64>,
+    t0: Instant,
+    extra: Vec<(u32, PendingMessage)>,
+) -> Result<Recovered, String> {
     if all.is_empty() {
         // A member that owns no key groups: nothing of blob storage is its to recover.
         store.reset_applied(e).map_err(|e| e.to_string())?;
         return Ok(Recovered {
             committed: e,
             last_manifest: Some(e),
-            pending: Vec::new(),
+            pending: extra,
             force_full: false,
             report: RecoveryReport {
                 source: "none".into(),
@@ -1804,7 +1870,7 @@ pub(crate) async fn recover(
             return Ok(Recovered {
                 committed: a,
                 last_manifest: Some(e),
-                pending: Vec::new(),
+                pending: extra,
                 force_full: true,
                 report: RecoveryReport {
                     source: "sled".into(),
@@ -1837,7 +1903,7 @@ pub(crate) async fn recover(
             .clear_key_groups(all.iter().copied())
             .map_err(|e| e.to_string())?;
     }
-    let mut pending = Vec::new();
+    let mut pending = extra;
     let half = states.len() / 2;
     if states.is_empty() {
         crate::failpoint::eval("checkpoint-recovery")?;
@@ -1892,5 +1958,90 @@ where
                 attempt += 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::format::{Entry, KeyGroupSection, Manifest};
+
+    fn section(kg: u32, key: Vec<u8>, value: &[u8]) -> KeyGroupSection {
+        KeyGroupSection {
+            key_group: kg,
+            puts: vec![Entry {
+                key,
+                value: value.to_vec(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A node killed while it loaded a key group it gained (sled holds a partial copy, its
+    /// applied marker an older epoch) rebuilds that key group whole at its start, while the
+    /// key groups it held take only the deltas after its marker.
+    #[tokio::test]
+    async fn a_start_rebuilds_stale_key_groups_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state"), 16).unwrap();
+        let cp = CheckpointStore::new(
+            crate::checkpoint::blob::open("memory://", &Default::default()).unwrap(),
+        );
+        let key = |kg: u32, k: &str| {
+            let mut v = vec![b's'];
+            v.extend_from_slice(&(kg as u16).to_be_bytes());
+            v.extend_from_slice(k.as_bytes());
+            v
+        };
+        // Epoch 1 writes key groups 3 and 4; epoch 2 only 3.
+        let mut previous = None;
+        for (e, sections) in [
+            (1, vec![section(3, key(3, "a"), b"1"), section(4, key(4, "b"), b"1")]),
+            (2, vec![section(3, key(3, "a"), b"2")]),
+        ] {
+            let o = cp
+                .write_node_epoch(&NodeEpoch {
+                    epoch: e,
+                    node: "n".into(),
+                    key_groups: sections,
+                })
+                .await
+                .unwrap();
+            cp.commit(&Manifest {
+                epoch: e,
+                previous,
+                created_ms: 0,
+                objects: vec![o],
+                writer: Some("test/1".into()),
+            })
+            .await
+            .unwrap();
+            previous = Some(e);
+        }
+        // Sled holds epoch 1 of key group 3; key group 4 was being loaded (cleared, marked).
+        store
+            .write_ops([(key(3, "a").as_slice(), Some(&b"1"[..]))].into_iter())
+            .unwrap();
+        store.reset_applied(1).unwrap();
+        store.set_stale([4], true).unwrap();
+        assert_eq!(store.stale_key_groups().unwrap(), [4].into());
+        let r = recover(&store, Some(&cp), &[3, 4]).await.unwrap();
+        assert_eq!(r.committed, 2);
+        assert_eq!(r.report.source, "blob-deltas");
+        let entries = |kg| {
+            store
+                .scan_key_group(kg)
+                .unwrap()
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(entries(3), vec![b"2".to_vec()], "the delta after the marker");
+        assert_eq!(entries(4), vec![b"1".to_vec()], "rebuilt whole (no delta after 1)");
+        assert!(store.stale_key_groups().unwrap().is_empty());
+        // A stale key group the node does not own stays marked, untouched.
+        store.set_stale([9], true).unwrap();
+        recover(&store, Some(&cp), &[3, 4]).await.unwrap();
+        assert_eq!(store.stale_key_groups().unwrap(), [9].into());
     }
 }

@@ -783,7 +783,7 @@ impl Shard {
             for (node, (addr, batch)) in std::mem::take(&mut self.remote_out) {
                 let bytes =
                     crate::mesh::shard_messages(self.node, self.index, self.generation, batch);
-                placement.send_fn(&addr, crate::mesh::FnKind::Deliver, bytes);
+                placement.send_fn(&addr, crate::mesh::FnKind::Deliver, self.generation, bytes);
                 let _ = node;
             }
         }
@@ -991,6 +991,7 @@ impl Shard {
                         Some(addr) => placement.send_fn(
                             &addr,
                             crate::mesh::FnKind::Marker,
+                            self.generation,
                             crate::mesh::shard_marker(self.node, self.index, self.generation, e),
                         ),
                         None => {
