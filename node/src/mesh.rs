@@ -796,7 +796,13 @@ async fn fn_forwarder_task(
 impl Placement {
     /// Queues a shard's messages or marker (of the shard's `generation`) for the peer at
     /// `addr` on this thread's stream.
-    pub(crate) fn send_fn(self: &Arc<Self>, addr: &str, kind: Kind, generation: u64, bytes: Vec<u8>) {
+    pub(crate) fn send_fn(
+        self: &Arc<Self>,
+        addr: &str,
+        kind: Kind,
+        generation: u64,
+        bytes: Vec<u8>,
+    ) {
         thread_local! {
             static LOCAL: std::cell::RefCell<HashMap<String, FnForwarder>> = Default::default();
             /// Peers this thread could not open a stream to, with the newest generation that

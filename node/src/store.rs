@@ -526,7 +526,11 @@ impl Store {
         let mut set = self.stale_key_groups()?;
         let mut changed = false;
         for kg in kgs {
-            changed |= if stale { set.insert(kg) } else { set.remove(&kg) };
+            changed |= if stale {
+                set.insert(kg)
+            } else {
+                set.remove(&kg)
+            };
         }
         if !changed {
             return Ok(());

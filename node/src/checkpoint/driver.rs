@@ -1824,9 +1824,7 @@ pub(crate) async fn recover(
     let r = recover_held(store, cp, e, all, applied, t0, reloaded).await?;
     if !reload.is_empty() {
         // After the applied marker moved to `e` (the rebuilt copies are of `e`).
-        store
-            .set_stale(reload, false)
-            .map_err(|e| e.to_string())?;
+        store.set_stale(reload, false).map_err(|e| e.to_string())?;
     }
     Ok(r)
 }
@@ -1996,7 +1994,10 @@ mod tests {
         // Epoch 1 writes key groups 3 and 4; epoch 2 only 3.
         let mut previous = None;
         for (e, sections) in [
-            (1, vec![section(3, key(3, "a"), b"1"), section(4, key(4, "b"), b"1")]),
+            (
+                1,
+                vec![section(3, key(3, "a"), b"1"), section(4, key(4, "b"), b"1")],
+            ),
             (2, vec![section(3, key(3, "a"), b"2")]),
         ] {
             let o = cp
@@ -2036,8 +2037,16 @@ mod tests {
                 .map(|(_, v)| v)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(entries(3), vec![b"2".to_vec()], "the delta after the marker");
-        assert_eq!(entries(4), vec![b"1".to_vec()], "rebuilt whole (no delta after 1)");
+        assert_eq!(
+            entries(3),
+            vec![b"2".to_vec()],
+            "the delta after the marker"
+        );
+        assert_eq!(
+            entries(4),
+            vec![b"1".to_vec()],
+            "rebuilt whole (no delta after 1)"
+        );
         assert!(store.stale_key_groups().unwrap().is_empty());
         // A stale key group the node does not own stays marked, untouched.
         store.set_stale([9], true).unwrap();
