@@ -195,6 +195,21 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
         v["cluster_id"].as_str().is_some_and(|c| c.len() == 16),
         "{v}"
     );
+    // The table, key group by key group, agrees with the counts (node 3 applied it).
+    let t = n3.get_json("/v1/cluster/key-groups").await;
+    let owners = t["owners"].as_array().expect("owners").clone();
+    assert_eq!(owners.len(), 1024, "{t}");
+    for (id, count) in member_field(&v, "id")
+        .into_iter()
+        .zip(member_field(&v, "key_groups"))
+    {
+        let n = owners.iter().filter(|o| o.as_u64() == Some(id)).count() as u64;
+        assert_eq!(n, count, "node {id}: {t}");
+    }
+    assert!(
+        t["placement_version"].as_u64().is_some_and(|p| p > 0),
+        "{t}"
+    );
 
     // Every node serves every address: Call over gRPC, HTTP, state reads.
     let mut expected = 0;

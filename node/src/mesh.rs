@@ -111,6 +111,12 @@ impl Placement {
         }
     }
 
+    /// The table's version and the owner of each key group (`None`: unassigned).
+    pub(crate) fn owners(&self) -> (u64, Vec<Option<NodeId>>) {
+        let t = self.table.read();
+        (t.version, t.owners.clone())
+    }
+
     /// The key groups this node serves now.
     pub(crate) fn owned(&self, key_groups: u32) -> Vec<u32> {
         (0..key_groups).filter(|&kg| self.is_local(kg)).collect()

@@ -604,6 +604,13 @@ pub struct LoadArgs {
     /// The counter function type to load (`example/counter`, or a remote one).
     #[arg(long, default_value = "example/counter")]
     function: String,
+    /// Writes every request (call and send modes) to this CSV file: start (µs since the
+    /// load began), latency (µs), key, key group, and 1 if it succeeded.
+    #[arg(long)]
+    timeline: Option<std::path::PathBuf>,
+    /// The nodes' key-group count (for the timeline's key group column).
+    #[arg(long, default_value_t = 1024)]
+    key_groups: u32,
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
@@ -673,8 +680,10 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
         let http_client = http_client.clone();
         let (http, mode, protocol, keys, batch) =
             (a.http.clone(), a.mode, a.protocol, a.keys.max(1), a.batch);
+        let timeline = a.timeline.is_some();
         tasks.push(tokio::spawn(async move {
             let mut h = hist();
+            let mut rows: Vec<(u64, u64, u64, bool)> = Vec::new();
             let mut i = w as u64;
             let note = |e: String| {
                 errors.fetch_add(1, Ordering::Relaxed);
@@ -706,10 +715,11 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
                     }
                     Err(e) => note(e.to_string()),
                 }
-                return h;
+                return (h, rows);
             }
             while Instant::now() < deadline {
-                let key = (i % keys).to_string();
+                let k = i % keys;
+                let key = k.to_string();
                 i = i.wrapping_add(7919);
                 let t = Instant::now();
                 let r: Result<(), String> = match protocol {
@@ -748,20 +758,49 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
                         }
                     }
                 };
+                let took = t.elapsed().as_micros().max(1) as u64;
+                if timeline {
+                    rows.push((
+                        t.duration_since(start).as_micros() as u64,
+                        took,
+                        k,
+                        r.is_ok(),
+                    ));
+                }
                 match r {
                     Ok(()) => {
-                        h.saturating_record(t.elapsed().as_micros().max(1) as u64);
+                        h.saturating_record(took);
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => note(e),
                 }
             }
-            h
+            (h, rows)
         }));
     }
     let mut all = hist();
+    let mut rows = Vec::new();
     for t in tasks {
-        all.add(t.await?).ok();
+        let (h, r) = t.await?;
+        all.add(h).ok();
+        rows.extend(r);
+    }
+    if let Some(path) = &a.timeline {
+        use std::io::Write;
+        rows.sort_unstable();
+        let (ns, typ) = (counter.namespace().to_string(), counter.name().to_string());
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let began = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(start.elapsed());
+        writeln!(f, "# start_unix_ms={}", began.as_millis())?;
+        writeln!(f, "start_us,latency_us,key,key_group,ok")?;
+        for (at, took, k, ok) in rows {
+            let kg = statemesh_mesh::keygroup::key_group(&ns, &typ, &k.to_string(), a.key_groups);
+            writeln!(f, "{at},{took},{k},{kg},{}", u8::from(ok))?;
+        }
+        f.flush()?;
     }
     let elapsed = start.elapsed().as_secs_f64();
     let n = ok.load(Ordering::Relaxed);

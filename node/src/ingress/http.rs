@@ -170,6 +170,16 @@ async fn cluster(shared: web::Data<Shared>) -> HttpResponse {
     HttpResponse::Ok().json(view)
 }
 
+/// `GET /v1/cluster/key-groups`: the key-group table as this node applied it (`owners[kg]`
+/// is the owning node's id, `null` if unassigned; a node alone serves unassigned ones).
+async fn cluster_key_groups(shared: web::Data<Shared>) -> HttpResponse {
+    let (version, owners) = shared.router.placement().owners();
+    HttpResponse::Ok().json(serde_json::json!({
+        "placement_version": version,
+        "owners": owners,
+    }))
+}
+
 /// `GET /v1/checkpoints`: epochs, sizes, durations, the last commit and recovery.
 async fn checkpoints(shared: web::Data<Shared>) -> HttpResponse {
     let status = shared.checkpoints.lock().clone();
@@ -272,6 +282,7 @@ pub(crate) fn server(
                 .route("/readyz", web::get().to(readyz))
                 .route("/v1/checkpoints", web::get().to(checkpoints))
                 .route("/v1/cluster", web::get().to(cluster))
+                .route("/v1/cluster/key-groups", web::get().to(cluster_key_groups))
                 .route("/metrics", web::get().to(metrics));
         }
         if routes.playground_ingress {

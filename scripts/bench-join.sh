@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# A third node joins a cluster of two under load (release builds, loopback, checkpoints on
+# local files, durable acknowledgements). Counter `Call`s over HTTP go to node 1 for
+# BEFORE seconds, node 3 joins, and the load goes on until the key groups have moved and
+# AFTER more seconds have passed. Prints one JSON line: the time from the join to node 3
+# owning its share, the pause of a moved key group (per key: the longest time without a
+# successful call while it moved), and the p99 latency of calls to key groups that did not
+# move, before and during the join (from the join to AFTER seconds after the handover), with
+# the errors (callers see 503 "retry" while the
+# participants roll back to the last committed epoch).
+#   BEFORE=8 AFTER=8 CONCURRENCY=16 KEYS=256 bash scripts/bench-join.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BEFORE=${BEFORE:-8}
+AFTER=${AFTER:-8}
+CONCURRENCY=${CONCURRENCY:-16}
+KEYS=${KEYS:-256}
+cargo build --release -p statemesh-node >&2
+B=target/release/statemesh
+ROOT=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$ROOT"
+}
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now_ms() { python3 -c 'import time; print(int(time.time()*1000))'; }
+
+# start ID [JOIN] -> sets GRPC_<ID>, HTTP_<ID>, PID_<ID>
+start() {
+  local id=$1 join=${2:-} g h
+  g=$(port); h=$(port)
+  local args=(node --data-dir "$ROOT/n$id" --grpc-addr "127.0.0.1:$g" --http-addr "127.0.0.1:$h" --node-id "$id")
+  [ -n "$join" ] && args+=(--join "$join")
+  "$B" "${args[@]}" >"$ROOT/n$id.out" 2>"$ROOT/n$id.log" &
+  local pid=$!
+  PIDS+=("$pid")
+  for _ in $(seq 300); do grep -q listening "$ROOT/n$id.out" && break; sleep 0.1; done
+  grep -q listening "$ROOT/n$id.out" || { cat "$ROOT/n$id.log" >&2; exit 1; }
+  printf -v "GRPC_$id" '%s' "127.0.0.1:$g"
+  printf -v "HTTP_$id" '%s' "127.0.0.1:$h"
+  printf -v "PID_$id" '%s' "$pid"
+}
+
+owned_by() { # HTTP NODE -> key groups NODE owns in HTTP's table
+  curl -s "http://$1/v1/cluster/key-groups" |
+    python3 -c "import json,sys; print(sum(1 for o in json.load(sys.stdin)['owners'] if o == $2))"
+}
+
+start 1
+start 2 "$GRPC_1"
+# Until the two share the key groups.
+for _ in $(seq 600); do
+  [ "$(owned_by "$HTTP_1" 2)" -gt 400 ] && break
+  sleep 0.1
+done
+curl -s "http://$HTTP_1/v1/cluster/key-groups" >"$ROOT/before.json"
+# Long enough for the handover (it ends on its own: the timeline is written at the end).
+TOTAL=$((BEFORE + AFTER + 12))
+"$B" bench load --grpc "http://$GRPC_1" --http "http://$HTTP_1" --protocol http --mode call \
+  --concurrency "$CONCURRENCY" --duration "$TOTAL" --keys "$KEYS" --timeline "$ROOT/timeline.csv" \
+  >"$ROOT/load.json" &
+LOAD=$!
+sleep "$BEFORE"
+JOIN_MS=$(now_ms)
+start 3 "$GRPC_1"
+# Poll the table until node 3 owns its share (a third, within 10 %).
+DONE_MS=""
+for _ in $(seq 1200); do
+  n=$(owned_by "$HTTP_1" 3)
+  if [ "$n" -ge 307 ]; then DONE_MS=$(now_ms); break; fi
+  sleep 0.05
+done
+[ -n "$DONE_MS" ] || { echo "node 3 did not get its share within 60 s" >&2; tail -50 "$ROOT/n1.log" >&2; exit 1; }
+wait "$LOAD"
+curl -s "http://$HTTP_1/v1/cluster/key-groups" >"$ROOT/after.json"
+python3 - "$ROOT" "$JOIN_MS" "$DONE_MS" "$AFTER" <<'PY'
+import csv, json, sys
+root, join_ms, done_ms, after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+before = json.load(open(f"{root}/before.json"))["owners"]
+after_t = json.load(open(f"{root}/after.json"))["owners"]
+moved = {kg for kg, (a, b) in enumerate(zip(before, after_t)) if a != b}
+lines = open(f"{root}/timeline.csv").read().splitlines()
+t0 = int(lines[0].split("=")[1])
+rows = [(int(r["start_us"]), int(r["latency_us"]), int(r["key"]), int(r["key_group"]), r["ok"] == "1")
+        for r in csv.DictReader(lines[1:])]
+join = (join_ms - t0) * 1000
+end = (done_ms - t0) * 1000 + int(after * 1e6)
+def pct(v, q):
+    v = sorted(v)
+    return round(v[min(len(v) - 1, int(q * len(v)))] / 1000, 2) if v else None
+def window(lo, hi, pred):
+    sel = [r for r in rows if lo <= r[0] < hi and pred(r[3])]
+    ok = [r[1] for r in sel if r[4]]
+    return {"calls": len(sel), "errors": sum(1 for r in sel if not r[4]),
+            "p50_ms": pct(ok, 0.5), "p99_ms": pct(ok, 0.99),
+            "per_s": round(len(ok) / max((hi - lo) / 1e6, 1e-9))}
+def pauses(lo, hi, pred):
+    # Per key: the longest time between two successful completions (or from lo to the first).
+    last, worst = {}, {}
+    for s, lat, key, kg, ok in rows:
+        if not (lo <= s < hi and pred(kg)) or not ok:
+            continue
+        done = s + lat
+        prev = last.get(key, lo)
+        worst[key] = max(worst.get(key, 0), done - prev)
+        last[key] = max(prev, done)
+    v = list(worst.values())
+    return {"keys": len(v), "p50_ms": pct(v, 0.5), "p99_ms": pct(v, 0.99), "max_ms": pct(v, 1.0)}
+stay = lambda kg: kg not in moved
+move = lambda kg: kg in moved
+print(json.dumps({
+    "bench": "join",
+    "key_groups_moved": len(moved),
+    "handover_s": round((done_ms - join_ms) / 1000, 2),
+    "before": window(0, join, lambda kg: True),
+    "during_unmoved": window(join, end, stay),
+    "during_moved": window(join, end, move),
+    "pause_moved_keys": pauses(join, end, move),
+    "pause_unmoved_keys": pauses(join, end, stay),
+    "pause_before_join": pauses(max(0, join - 5_000_000), join, lambda kg: True),
+}))
+PY
