@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One node vs a cluster of three (release builds, loopback, checkpoints on local files, durable
-# acknowledgements): counter `Call` over HTTP at each concurrency, through the node that owns
-# the key groups (local) and through one that forwards to it. Today the cluster's first node
-# owns every key group (live handover is not built yet), so "local" and "forwarded" are
-# exactly the two paths a call can take. One JSON line per scenario: the load generator's
-# figures (throughput, p50/p99, errors, the target node's peak RSS) plus the CPU time of all
-# node processes during the run, per call (`cpu_us_per_call`) and per node.
+# acknowledgements): counter `Call` over HTTP at each concurrency. In the cluster the key
+# groups are spread over the three nodes (rendezvous hashing; the script waits for the moves),
+# so a call through any node is local for a third of the keys and forwarded for the rest; the
+# Raft leader runs the epochs of all three participants. One JSON line per scenario: the load
+# generator's figures (throughput, p50/p99, errors, the target node's peak RSS), the epoch
+# barrier-to-commit p50/p99 of the target node, and the CPU time of all node processes during
+# the run, per call (`cpu_us_per_call`) and per node.
 #   DURATION=8 CONCURRENCY="1 16 64" bash scripts/bench-cluster.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,8 +71,8 @@ run() {
   local per=()
   local i=0
   for p in "$@"; do per+=("$(( $(ticks "$p") - before[i] ))"); i=$((i + 1)); done
-  # The owner's last (up to 64) committed epochs: barrier to commit (in a cluster, the leader's
-  # barrier to the manifest and the participants' release).
+  # The target node's last (up to 64) committed epochs: barrier to commit (in a cluster, the
+  # leader's barrier to the manifest and the participant's release).
   local ck
   ck=$(curl -s "http://$OWNER_HTTP/v1/checkpoints")
   python3 - "$name" "$TCK" "$out" "$ck" "${per[@]}" <<'EOF'
@@ -98,15 +99,21 @@ OWNER_HTTP=$HTTP_1
 for c in $CONCURRENCY; do run single "$HTTP_1" "$GRPC_1" "$c" "$PID_1"; done
 kill "$PID_1"; wait "$PID_1" 2>/dev/null || true; PIDS=()
 
-# Three nodes (node 11 owns every key group; with several members the Raft leader runs the
-# epochs: node 11 while it leads).
+# Three nodes: node 11 bootstraps, 12 and 13 join and get their share of the key groups.
 start 11
 ready "$HTTP_11"
-OWNER_HTTP=$HTTP_11
 start 12 "$GRPC_11"
 start 13 "$GRPC_11"
 ready "$HTTP_12" "$HTTP_13"
+for _ in $(seq 600); do
+  n=$(curl -s "http://$HTTP_11/v1/cluster/key-groups" |
+    python3 -c "import json,sys; o=json.load(sys.stdin)['owners']; print(min(o.count(i) for i in (11,12,13)))")
+  [ "$n" -gt 250 ] && break
+  sleep 0.1
+done
 for c in $CONCURRENCY; do
-  run cluster3-local "$HTTP_11" "$GRPC_11" "$c" "$PID_11" "$PID_12" "$PID_13"
-  run cluster3-forwarded "$HTTP_12" "$GRPC_12" "$c" "$PID_11" "$PID_12" "$PID_13"
+  OWNER_HTTP=$HTTP_11
+  run cluster3-via-node1 "$HTTP_11" "$GRPC_11" "$c" "$PID_11" "$PID_12" "$PID_13"
+  OWNER_HTTP=$HTTP_12
+  run cluster3-via-node2 "$HTTP_12" "$GRPC_12" "$c" "$PID_11" "$PID_12" "$PID_13"
 done

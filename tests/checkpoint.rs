@@ -512,6 +512,20 @@ async fn a_gap_in_the_history_is_an_error_not_a_truncation() {
     // A local store at epoch 2 or later needs nothing older: that still recovers.
     let (_, since2) = store.recover_after(KGS, Some(2)).await.unwrap();
     assert_eq!(kv(&since2[&1]), pairs(&[("z", "3")]));
+    // ... and reads no manifest at or before its epoch (a corrupt one there is not seen).
+    blob.store
+        .put(
+            &full_path(&blob, &manifest_path(2)),
+            bytes::Bytes::from_static(b"not json").into(),
+        )
+        .await
+        .unwrap();
+    let (_, since3) = store.recover_after(KGS, Some(3)).await.unwrap();
+    assert_eq!(kv(&since3[&0]), pairs(&[("b", "4")]));
+    blob.store
+        .delete(&full_path(&blob, &manifest_path(2)))
+        .await
+        .unwrap();
 
     // A full snapshot of every key group at or after the gap makes skipping it safe.
     let snapshot = store

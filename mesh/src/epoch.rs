@@ -825,7 +825,7 @@ enum Phase {
 }
 
 /// How often a leader that waits for `Held` answers sends `Hold` again.
-const HOLD_RESEND_MS: u64 = 500;
+const HOLD_RESEND_MS: u64 = 100;
 /// A participant that has not answered `Hold` after this long is left out of the epochs
 /// until it answers (it died, or cannot be reached): the others go on. Its key groups wait.
 pub const HOLD_TIMEOUT_MS: u64 = 3_000;

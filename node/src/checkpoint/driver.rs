@@ -1294,9 +1294,11 @@ impl Driver {
                     // Key groups move once this epoch commits: reads stop until the move.
                     self.router.egress().pause(true);
                 }
-                if self.rolling_back.is_some() {
+                if self.rolling_back.is_some() || holding {
+                    // The leader sends it after this generation's `Resume`, which is not
+                    // done yet (a rollback, or a table version to apply first): cut it then.
                     c.deferred.push(epoch);
-                } else if !holding {
+                } else {
                     self.input(Input::Barrier { epoch });
                 }
             }
@@ -1394,6 +1396,9 @@ impl Driver {
         self.status.lock().started = self.coord.started();
         if let Some(c) = self.cluster.as_mut() {
             c.holding = false;
+            for epoch in std::mem::take(&mut c.deferred) {
+                self.input(Input::Barrier { epoch });
+            }
         }
     }
 

@@ -460,10 +460,25 @@ impl CheckpointStore {
     /// before come from memory, stripped of inline objects (manifests never change), so a
     /// collection reads only the new ones.
     async fn history(&self, latest: u64, cached: bool) -> Result<History, CheckpointError> {
+        self.history_after(latest, cached, None).await
+    }
+
+    /// The chain of manifests from `latest` back, down to the first missing one — or only
+    /// those after `after` (and `latest` itself): a reader of the deltas after `after` needs
+    /// no older manifest.
+    async fn history_after(
+        &self,
+        latest: u64,
+        cached: bool,
+        after: Option<u64>,
+    ) -> Result<History, CheckpointError> {
         let mut out = Vec::new();
         let mut missing = None;
         let mut cur = Some(latest);
         while let Some(e) = cur {
+            if e != latest && after.is_some_and(|a| e <= a) {
+                break;
+            }
             let hit = if cached {
                 self.gc_cache.lock().get(&e).cloned()
             } else {
@@ -551,7 +566,7 @@ impl CheckpointStore {
         key_groups: &[u32],
         after: Option<u64>,
     ) -> Result<(Option<u64>, BTreeMap<u32, KeyGroupState>), CheckpointError> {
-        let history = self.history(epoch, false).await?;
+        let history = self.history_after(epoch, false, after).await?;
         match (after, history.missing) {
             (Some(a), Some(missing)) if missing > a => {
                 let oldest = history.manifests.last().map(|m| m.epoch).unwrap_or(epoch);

@@ -608,6 +608,10 @@ pub struct LoadArgs {
     /// load began), latency (µs), key, key group, and 1 if it succeeded.
     #[arg(long)]
     timeline: Option<std::path::PathBuf>,
+    /// Retries a request refused with UNAVAILABLE (HTTP 503) until it succeeds (up to 30 s),
+    /// as a client with idempotency keys would; its latency covers the retries.
+    #[arg(long)]
+    retry_unavailable: bool,
     /// The nodes' key-group count (for the timeline's key group column).
     #[arg(long, default_value_t = 1024)]
     key_groups: u32,
@@ -651,6 +655,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let retries = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
     if a.protocol == Protocol::Grpc {
         for _ in 0..a.connections.max(1) {
@@ -681,6 +686,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
         let (http, mode, protocol, keys, batch) =
             (a.http.clone(), a.mode, a.protocol, a.keys.max(1), a.batch);
         let timeline = a.timeline.is_some();
+        let (retry, retries) = (a.retry_unavailable, retries.clone());
         tasks.push(tokio::spawn(async move {
             let mut h = hist();
             let mut rows: Vec<(u64, u64, u64, bool)> = Vec::new();
@@ -722,42 +728,58 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
                 let key = k.to_string();
                 i = i.wrapping_add(7919);
                 let t = Instant::now();
-                let r: Result<(), String> = match protocol {
-                    Protocol::Grpc => {
-                        let c = grpc.as_ref().expect("grpc client");
-                        let addr = Address {
-                            typ: counter.clone(),
-                            id: key.into(),
-                        };
-                        match mode {
-                            Mode::Call => c
-                                .call(&addr, TypedValue::of(&1i64))
-                                .await
-                                .map(|_| ())
-                                .map_err(|e| e.to_string()),
-                            _ => c
-                                .send(&addr, TypedValue::of(&1i64))
-                                .await
-                                .map_err(|e| e.to_string()),
-                        }
-                    }
-                    Protocol::Http => {
-                        let verb = if mode == Mode::Call { "call" } else { "send" };
-                        let req =
-                            hyper::Request::post(format!("{http}/v1/{verb}/example/counter/{key}"))
-                                .header("content-type", "application/vnd.io.statefun.types/long")
-                                .body(Full::new(Bytes::from_static(b"1")))
-                                .expect("valid request");
-                        match http_client.request(req).await {
-                            Ok(resp) if resp.status().is_success() => {
-                                let _ = resp.into_body().collect().await;
-                                Ok(())
+                let mut r: Result<(), String>;
+                loop {
+                    r = match protocol {
+                            Protocol::Grpc => {
+                                let c = grpc.as_ref().expect("grpc client");
+                                let addr = Address {
+                                    typ: counter.clone(),
+                                    id: key.clone().into(),
+                                };
+                                match mode {
+                                    Mode::Call => c
+                                        .call(&addr, TypedValue::of(&1i64))
+                                        .await
+                                        .map(|_| ())
+                                        .map_err(|e| e.to_string()),
+                                    _ => c
+                                        .send(&addr, TypedValue::of(&1i64))
+                                        .await
+                                        .map_err(|e| e.to_string()),
+                                }
                             }
-                            Ok(resp) => Err(format!("HTTP {}", resp.status())),
-                            Err(e) => Err(e.to_string()),
+                            Protocol::Http => {
+                                let verb = if mode == Mode::Call { "call" } else { "send" };
+                                let req =
+                                    hyper::Request::post(format!("{http}/v1/{verb}/example/counter/{key}"))
+                                        .header("content-type", "application/vnd.io.statefun.types/long")
+                                        .body(Full::new(Bytes::from_static(b"1")))
+                                        .expect("valid request");
+                                match http_client.request(req).await {
+                                    Ok(resp) if resp.status().is_success() => {
+                                        let _ = resp.into_body().collect().await;
+                                        Ok(())
+                                    }
+                                    Ok(resp) => Err(format!("HTTP {}", resp.status())),
+                                    Err(e) => Err(e.to_string()),
+                                }
+                            }
+                        };
+                    // A caller that retries what the cluster refused for now (a rollback, a
+                    // key group moving): the latency is the whole wait.
+                    match &r {
+                        Err(e)
+                            if retry
+                                && (e.contains("503") || e.contains("navailable"))
+                                && t.elapsed() < Duration::from_secs(30) =>
+                        {
+                            retries.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(2)).await;
                         }
+                        _ => break,
                     }
-                };
+                }
                 let took = t.elapsed().as_micros().max(1) as u64;
                 if timeline {
                     rows.push((
@@ -828,6 +850,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
             "latency_p50_ms": ms(&all, 0.5),
             "latency_p99_ms": ms(&all, 0.99),
             "errors": errors.load(Ordering::Relaxed),
+            "retried_unavailable": retries.load(Ordering::Relaxed),
             "first_error": *first_error.lock(),
             "node_peak_rss_mib": node_peak_rss(&a.http).await,
         })
