@@ -731,41 +731,42 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
                 let mut r: Result<(), String>;
                 loop {
                     r = match protocol {
-                            Protocol::Grpc => {
-                                let c = grpc.as_ref().expect("grpc client");
-                                let addr = Address {
-                                    typ: counter.clone(),
-                                    id: key.clone().into(),
-                                };
-                                match mode {
-                                    Mode::Call => c
-                                        .call(&addr, TypedValue::of(&1i64))
-                                        .await
-                                        .map(|_| ())
-                                        .map_err(|e| e.to_string()),
-                                    _ => c
-                                        .send(&addr, TypedValue::of(&1i64))
-                                        .await
-                                        .map_err(|e| e.to_string()),
-                                }
+                        Protocol::Grpc => {
+                            let c = grpc.as_ref().expect("grpc client");
+                            let addr = Address {
+                                typ: counter.clone(),
+                                id: key.clone().into(),
+                            };
+                            match mode {
+                                Mode::Call => c
+                                    .call(&addr, TypedValue::of(&1i64))
+                                    .await
+                                    .map(|_| ())
+                                    .map_err(|e| e.to_string()),
+                                _ => c
+                                    .send(&addr, TypedValue::of(&1i64))
+                                    .await
+                                    .map_err(|e| e.to_string()),
                             }
-                            Protocol::Http => {
-                                let verb = if mode == Mode::Call { "call" } else { "send" };
-                                let req =
-                                    hyper::Request::post(format!("{http}/v1/{verb}/example/counter/{key}"))
-                                        .header("content-type", "application/vnd.io.statefun.types/long")
-                                        .body(Full::new(Bytes::from_static(b"1")))
-                                        .expect("valid request");
-                                match http_client.request(req).await {
-                                    Ok(resp) if resp.status().is_success() => {
-                                        let _ = resp.into_body().collect().await;
-                                        Ok(())
-                                    }
-                                    Ok(resp) => Err(format!("HTTP {}", resp.status())),
-                                    Err(e) => Err(e.to_string()),
+                        }
+                        Protocol::Http => {
+                            let verb = if mode == Mode::Call { "call" } else { "send" };
+                            let req = hyper::Request::post(format!(
+                                "{http}/v1/{verb}/example/counter/{key}"
+                            ))
+                            .header("content-type", "application/vnd.io.statefun.types/long")
+                            .body(Full::new(Bytes::from_static(b"1")))
+                            .expect("valid request");
+                            match http_client.request(req).await {
+                                Ok(resp) if resp.status().is_success() => {
+                                    let _ = resp.into_body().collect().await;
+                                    Ok(())
                                 }
+                                Ok(resp) => Err(format!("HTTP {}", resp.status())),
+                                Err(e) => Err(e.to_string()),
                             }
-                        };
+                        }
+                    };
                     // A caller that retries what the cluster refused for now (a rollback, a
                     // key group moving): the latency is the whole wait.
                     match &r {
