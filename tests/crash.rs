@@ -256,6 +256,9 @@ struct KillStats {
     /// In-place rollbacks to the last committed epoch begun (`checkpoint-rollback` in the
     /// noise; in a cluster, the leader synchronising the members).
     rollbacks: usize,
+    /// Streams of messages between functions broken (`mesh-fn-stream-break` in a cluster's
+    /// noise: the frame is lost, the participants roll back).
+    stream_breaks: usize,
 }
 
 async fn metric(http_url: &str, name: &str) -> Option<f64> {
@@ -1100,12 +1103,16 @@ async fn cluster_killer(
             }
         }
         if let Some(n) = nodes[victim].take() {
-            let rolled = n
-                .log_since_launch()
+            let log = n.log_since_launch();
+            let rolled = log
                 .matches("rolling back to the last committed epoch")
+                .count();
+            let broke = log
+                .matches("a stream of messages between functions broke")
                 .count();
             n.kill();
             stats.lock().rollbacks += rolled;
+            stats.lock().stream_breaks += broke;
         }
         stats.lock().kills += 1;
         println!(
@@ -1120,7 +1127,11 @@ async fn cluster_killer(
             // Each rollback asked for here rolls every participant back: rarer than on one node.
             l.env.push((
                 "FAILPOINTS".into(),
-                NOISE.replace("checkpoint-rollback=10%", "checkpoint-rollback=1%"),
+                // Streams of messages between functions break now and then (frames lost).
+                format!(
+                    "{};mesh-fn-stream-break=0.2%return",
+                    NOISE.replace("checkpoint-rollback=10%", "checkpoint-rollback=1%")
+                ),
             ));
         }
         let mut n = Node::launch(&dir(victim), &l);

@@ -25,6 +25,7 @@
 //! | `checkpoint-recovery` | during recovery, after part of the local state is rebuilt |
 //! | `checkpoint-rollback` | after an epoch object's put, before its manifest (`return`: the node abandons the epochs after the last committed one and rolls back to it, as it will when a cluster epoch is abandoned) |
 //! | `mesh-join-reply` | on the leader, after a new member's join is applied, before it is answered |
+//! | `mesh-fn-stream-break` | before a frame of messages between functions is sent to a peer (`return`: the frame is lost and the stream breaks, as when the connection drops) |
 
 /// Every fault point of checkpoints, for documentation and the crash tests.
 pub const POINTS: &[&str] = &[
@@ -40,7 +41,7 @@ pub const POINTS: &[&str] = &[
 ];
 
 /// The fault points of the cluster layer (reached only with more than one node).
-pub const MESH_POINTS: &[&str] = &["mesh-join-reply"];
+pub const MESH_POINTS: &[&str] = &["mesh-join-reply", "mesh-fn-stream-break"];
 
 /// Evaluates the fault point `name`: `Err` when it is configured to fail the step (the
 /// message names the point); never returns when configured to abort.

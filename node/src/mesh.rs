@@ -781,6 +781,10 @@ async fn fn_forwarder_task(
                     }
                 })
                 .collect();
+            if let Err(e) = crate::failpoint::eval("mesh-fn-stream-break") {
+                // The frame is lost with the connection.
+                break e;
+            }
             if ftx.send(mpb::ForwardFrame { requests }).await.is_err() {
                 break "the stream closed".to_string();
             }
