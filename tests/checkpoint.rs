@@ -545,6 +545,21 @@ async fn a_gap_in_the_history_is_an_error_not_a_truncation() {
         .unwrap();
     let (_, kgs) = store.recover(KGS).await.unwrap();
     assert_eq!(kv(&kgs[&0]), pairs(&[("a", "2"), ("b", "4")]));
+    // Rebuilding key groups whole reads no manifest at or before their full snapshots' labels
+    // (a corrupt one there is not seen).
+    blob.store
+        .put(
+            &full_path(&blob, &manifest_path(2)),
+            bytes::Bytes::from_static(b"not json").into(),
+        )
+        .await
+        .unwrap();
+    let (_, kgs) = store.recover(KGS).await.unwrap();
+    assert_eq!(kv(&kgs[&1]), pairs(&[("z", "3")]));
+    blob.store
+        .delete(&full_path(&blob, &manifest_path(2)))
+        .await
+        .unwrap();
     // ... but only for the key groups it covers.
     assert!(matches!(
         store.recover(&[0, 1, 2]).await,

@@ -460,23 +460,33 @@ impl CheckpointStore {
     /// before come from memory, stripped of inline objects (manifests never change), so a
     /// collection reads only the new ones.
     async fn history(&self, latest: u64, cached: bool) -> Result<History, CheckpointError> {
-        self.history_after(latest, cached, None).await
+        self.history_after(latest, cached, None, None).await
     }
 
     /// The chain of manifests from `latest` back, down to the first missing one — or only
     /// those after `after` (and `latest` itself): a reader of the deltas after `after` needs
-    /// no older manifest.
+    /// no older manifest. Likewise a reader of the key groups `wanted` whole stops once each
+    /// has a full snapshot listed and the manifests after the oldest of them are read.
     async fn history_after(
         &self,
         latest: u64,
         cached: bool,
         after: Option<u64>,
+        wanted: Option<&BTreeSet<u32>>,
     ) -> Result<History, CheckpointError> {
         let mut out = Vec::new();
         let mut missing = None;
         let mut cur = Some(latest);
+        // Per wanted key group, the label of the newest full snapshot listed so far.
+        let mut fulls: BTreeMap<u32, u64> = BTreeMap::new();
         while let Some(e) = cur {
             if e != latest && after.is_some_and(|a| e <= a) {
+                break;
+            }
+            if e != latest
+                && wanted.is_some_and(|w| !w.is_empty() && fulls.len() == w.len())
+                && fulls.values().all(|&l| e <= l)
+            {
                 break;
             }
             let hit = if cached {
@@ -517,6 +527,15 @@ impl CheckpointStore {
                     path: manifest_path(e),
                     reason: format!("its previous epoch {:?} is not older", m.previous),
                 });
+            }
+            if let Some(w) = wanted {
+                for o in m.objects.iter().filter(|o| !o.full_key_groups.is_empty()) {
+                    let label = epoch_of(&o.path).unwrap_or(m.epoch);
+                    for kg in o.full_key_groups.iter().filter(|k| w.contains(k)) {
+                        let l = fulls.entry(*kg).or_insert(label);
+                        *l = (*l).max(label);
+                    }
+                }
             }
             cur = m.previous;
             out.push(m);
@@ -566,7 +585,10 @@ impl CheckpointStore {
         key_groups: &[u32],
         after: Option<u64>,
     ) -> Result<(Option<u64>, BTreeMap<u32, KeyGroupState>), CheckpointError> {
-        let history = self.history_after(epoch, false, after).await?;
+        let wanted: BTreeSet<u32> = key_groups.iter().copied().collect();
+        let history = self
+            .history_after(epoch, false, after, after.is_none().then_some(&wanted))
+            .await?;
         match (after, history.missing) {
             (Some(a), Some(missing)) if missing > a => {
                 let oldest = history.manifests.last().map(|m| m.epoch).unwrap_or(epoch);
@@ -575,7 +597,6 @@ impl CheckpointStore {
             (Some(_), _) => {}
             (None, _) => history.check_covered(key_groups)?,
         }
-        let wanted: BTreeSet<u32> = key_groups.iter().copied().collect();
         // Per key group: (label, full, path, listing manifest) of every object with a section
         // of it.
         let mut per_kg: BTreeMap<u32, Vec<(u64, bool, String, u64)>> = BTreeMap::new();
