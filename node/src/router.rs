@@ -203,6 +203,13 @@ impl Router {
         self.inner.queued.len()
     }
 
+    /// The node that owns `a`'s key group, as this node last applied the key-group table
+    /// (`None`: unassigned; a node alone serves those).
+    pub fn owner_of(&self, a: &Address) -> Option<u64> {
+        let kg = self.key_group(a) as usize;
+        self.placement().owners().1.get(kg).copied().flatten()
+    }
+
     /// The key group of an address (a reply address names its call target's).
     pub fn key_group(&self, a: &Address) -> u32 {
         if self.is_reply_address(a) {

@@ -163,8 +163,29 @@ async fn fire_and_forget_sends_through_a_non_owner_keep_their_order() {
     .start()
     .await
     .unwrap();
+    // The joiner gets its share of the key groups (one round of moves, which rolls both back):
+    // wait for it, then send through the node that does not own the address.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let probes: Vec<Address> = (0..64)
+        .map(|i| Address::new(typ.clone(), format!("p{i}")).unwrap())
+        .collect();
+    while ![&owner, &other].iter().all(|n| {
+        let seen: std::collections::BTreeSet<_> =
+            probes.iter().map(|p| n.router().owner_of(p)).collect();
+        seen.contains(&Some(1)) && seen.contains(&Some(2))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key groups did not spread"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let a = Address::new(typ.clone(), "x").unwrap();
-    let r = other.router();
+    let via = match owner.router().owner_of(&a) {
+        Some(1) => &other,
+        _ => &owner,
+    };
+    let r = via.router();
     let read = || {
         r.call(
             a.clone(),
