@@ -15,32 +15,8 @@ CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 KEYS=${KEYS:-1000}
 cargo build --release -p statemesh-node >&2
 B=target/release/statemesh
-ROOT=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$ROOT"
-}
-trap cleanup EXIT
+. scripts/nodes.sh
 TCK=$(getconf CLK_TCK)
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# start ID [JOIN] -> sets GRPC_<ID>, HTTP_<ID>, PID_<ID>
-start() {
-  local id=$1 join=${2:-} g h
-  g=$(port); h=$(port)
-  local args=(node --data-dir "$ROOT/n$id" --grpc-addr "127.0.0.1:$g" --http-addr "127.0.0.1:$h" --node-id "$id")
-  [ -n "$join" ] && args+=(--join "$join")
-  "$B" "${args[@]}" >"$ROOT/n$id.out" 2>"$ROOT/n$id.log" &
-  local pid=$!
-  PIDS+=("$pid")
-  for _ in $(seq 300); do grep -q listening "$ROOT/n$id.out" && break; sleep 0.1; done
-  grep -q listening "$ROOT/n$id.out" || { cat "$ROOT/n$id.log" >&2; exit 1; }
-  printf -v "GRPC_$id" '%s' "127.0.0.1:$g"
-  printf -v "HTTP_$id" '%s' "127.0.0.1:$h"
-  printf -v "PID_$id" '%s' "$pid"
-}
 
 ready() { # HTTP...
   for h in "$@"; do

@@ -92,6 +92,17 @@ async fn commit_epoch(
     paths
 }
 
+/// Puts an unreadable manifest of `epoch` (or removes it again).
+async fn corrupt_manifest(blob: &Blob, epoch: u64, corrupt: bool) {
+    let path = full_path(blob, &manifest_path(epoch));
+    if corrupt {
+        let garbage = bytes::Bytes::from_static(b"not json");
+        blob.store.put(&path, garbage.into()).await.unwrap();
+    } else {
+        blob.store.delete(&path).await.unwrap();
+    }
+}
+
 /// Every path below the blob's prefix.
 async fn paths(blob: &Blob) -> BTreeSet<String> {
     let prefix = blob.prefix.as_ref().to_string();
@@ -513,19 +524,10 @@ async fn a_gap_in_the_history_is_an_error_not_a_truncation() {
     let (_, since2) = store.recover_after(KGS, Some(2)).await.unwrap();
     assert_eq!(kv(&since2[&1]), pairs(&[("z", "3")]));
     // ... and reads no manifest at or before its epoch (a corrupt one there is not seen).
-    blob.store
-        .put(
-            &full_path(&blob, &manifest_path(2)),
-            bytes::Bytes::from_static(b"not json").into(),
-        )
-        .await
-        .unwrap();
+    corrupt_manifest(&blob, 2, true).await;
     let (_, since3) = store.recover_after(KGS, Some(3)).await.unwrap();
     assert_eq!(kv(&since3[&0]), pairs(&[("b", "4")]));
-    blob.store
-        .delete(&full_path(&blob, &manifest_path(2)))
-        .await
-        .unwrap();
+    corrupt_manifest(&blob, 2, false).await;
 
     // A full snapshot of every key group at or after the gap makes skipping it safe.
     let snapshot = store
@@ -547,19 +549,10 @@ async fn a_gap_in_the_history_is_an_error_not_a_truncation() {
     assert_eq!(kv(&kgs[&0]), pairs(&[("a", "2"), ("b", "4")]));
     // Rebuilding key groups whole reads no manifest at or before their full snapshots' labels
     // (a corrupt one there is not seen).
-    blob.store
-        .put(
-            &full_path(&blob, &manifest_path(2)),
-            bytes::Bytes::from_static(b"not json").into(),
-        )
-        .await
-        .unwrap();
+    corrupt_manifest(&blob, 2, true).await;
     let (_, kgs) = store.recover(KGS).await.unwrap();
     assert_eq!(kv(&kgs[&1]), pairs(&[("z", "3")]));
-    blob.store
-        .delete(&full_path(&blob, &manifest_path(2)))
-        .await
-        .unwrap();
+    corrupt_manifest(&blob, 2, false).await;
     // ... but only for the key groups it covers.
     assert!(matches!(
         store.recover(&[0, 1, 2]).await,
