@@ -657,6 +657,18 @@ pub enum EpochMsg {
         /// a new owner loads exactly the unread ones).
         #[serde(default)]
         quiesce: bool,
+        /// Key groups about to move (the control group's plan): each participant writes a
+        /// full snapshot of the ones it owns and answers [`EpochMsg::Prepared`] once one of
+        /// its parts lists it, so that their new owners read a short chain, not every
+        /// manifest since the last periodic full snapshot.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        snapshot: Vec<u32>,
+    },
+    /// Participant → leader: the full snapshot of the key groups about to move that it owns
+    /// (the barrier's `snapshot`) is listed in a part it reported (or it owns none of them).
+    Prepared {
+        /// The generation.
+        gen: u64,
     },
     /// Participant → leader: every shard of it has cut `epoch` (has every marker of it).
     Cut {
@@ -704,6 +716,7 @@ impl EpochMsg {
                 | EpochMsg::Cut { .. }
                 | EpochMsg::Wanted { .. }
                 | EpochMsg::Part { .. }
+                | EpochMsg::Prepared { .. }
                 | EpochMsg::Reset { .. }
         )
     }
@@ -716,6 +729,7 @@ impl EpochMsg {
             | EpochMsg::Resume { gen, .. }
             | EpochMsg::Barrier { gen, .. }
             | EpochMsg::Wanted { gen }
+            | EpochMsg::Prepared { gen }
             | EpochMsg::Cut { gen, .. }
             | EpochMsg::Part { gen, .. }
             | EpochMsg::Committed { gen, .. }
@@ -746,9 +760,16 @@ pub enum LeadInput {
     /// participant, one gone, or one restarted (another incarnation) makes the leader
     /// synchronise again.
     Participants(BTreeMap<NodeId, u64>),
-    /// Move key groups (the plan is the control group's): at the next synchronisation, once
-    /// every participant holds, [`LeadAction::ProposeMove`]; everyone resumes after it.
-    Handover,
+    /// Move key groups (the plan is the control group's): the next barrier asks the
+    /// participants for a full snapshot of the key groups in `snapshot` (the plan's; empty:
+    /// none); once every participant answers [`EpochMsg::Prepared`] (or after
+    /// [`PREPARE_TIMEOUT_MS`]) an epoch is quiesced, and once it commits the leader
+    /// synchronises: once every participant holds, [`LeadAction::ProposeMove`]; everyone
+    /// resumes after it.
+    Handover {
+        /// The key groups about to move.
+        snapshot: Vec<u32>,
+    },
     /// The move proposed was applied (or refused): the synchronisation goes on.
     Moved,
     /// A participant's message.
@@ -824,6 +845,22 @@ enum Phase {
     },
 }
 
+/// How long a move waits for the participants' snapshots of the key groups about to move
+/// before it goes on without them (their new owners then read a longer chain).
+pub const PREPARE_TIMEOUT_MS: u64 = 3_000;
+
+/// A move's request for snapshots of the key groups about to move.
+#[derive(Debug, Clone)]
+struct Prepare {
+    /// The key groups.
+    key_groups: Vec<u32>,
+    /// The barrier that asked (`None`: the next one asks).
+    asked: Option<Epoch>,
+    /// The participants whose snapshot is listed.
+    ready: BTreeSet<NodeId>,
+    since_ms: u64,
+}
+
 /// How often a leader that waits for `Held` answers sends `Hold` again.
 const HOLD_RESEND_MS: u64 = 100;
 /// A participant that has not answered `Hold` after this long is left out of the epochs
@@ -855,6 +892,8 @@ pub struct EpochLeader {
     resync: bool,
     /// It moves key groups.
     handover: bool,
+    /// A move waits for the participants' snapshots of the key groups about to move.
+    prepare: Option<Prepare>,
     /// A move waits for a quiesced epoch: `Some(None)` until the next barrier, then
     /// `Some(Some(e))` until `e` commits.
     quiesce: Option<Option<Epoch>>,
@@ -868,6 +907,8 @@ pub struct EpochLeader {
     active: BTreeSet<NodeId>,
     /// When the last epoch started.
     last_barrier_ms: u64,
+    /// This leader knows the newest manifest (see [`EpochLeader::read_latest`]).
+    latest_known: bool,
     now_ms: u64,
 }
 
@@ -894,11 +935,13 @@ impl EpochLeader {
             base: committed,
             resync: false,
             handover: false,
+            prepare: None,
             quiesce: None,
             move_now: false,
             exclude: false,
             active: BTreeSet::new(),
             last_barrier_ms: 0,
+            latest_known: false,
             now_ms: 0,
         }
     }
@@ -921,6 +964,7 @@ impl EpochLeader {
     fn sync(&mut self, out: &mut Vec<LeadAction>) {
         self.resync = false;
         // A resynchronisation drops a pending move (the next round plans again).
+        self.prepare = None;
         self.quiesce = None;
         self.move_now = false;
         let moving = std::mem::take(&mut self.handover).then_some(false);
@@ -964,6 +1008,13 @@ impl EpochLeader {
                     if quiesce {
                         self.quiesce = Some(Some(epoch));
                     }
+                    let snapshot = match &mut self.prepare {
+                        Some(p) if p.asked.is_none() => {
+                            p.asked = Some(epoch);
+                            p.key_groups.clone()
+                        }
+                        _ => Vec::new(),
+                    };
                     if let Phase::Running { since, .. } = &mut self.phase {
                         since.insert(epoch, self.now_ms);
                     }
@@ -975,6 +1026,7 @@ impl EpochLeader {
                                 epoch,
                                 members: members.iter().copied().collect(),
                                 quiesce,
+                                snapshot: snapshot.clone(),
                             },
                         });
                     }
@@ -1029,9 +1081,24 @@ impl EpochLeader {
         }
     }
 
+    /// The newest manifest, for a synchronisation: read from blob storage, unless this leader
+    /// knows it (it read it once, and every manifest write of its since returned). A deposed
+    /// leader's manifest landing later is never released by anyone, read or not: the
+    /// participants follow this leader's generation by then.
+    fn read_latest(&mut self, out: &mut Vec<LeadAction>) {
+        if self.latest_known {
+            let more = self.handle(LeadInput::Latest(Ok(self.previous)));
+            out.extend(more);
+        } else {
+            out.push(LeadAction::ReadLatest);
+        }
+    }
+
     /// Feeds one input; returns the actions, in order.
     pub fn handle(&mut self, input: LeadInput) -> Vec<LeadAction> {
         let mut out = Vec::new();
+        // The newest manifest is wanted (a synchronisation: every participant holds).
+        let mut read = false;
         match input {
             LeadInput::Tick { now_ms } => {
                 self.now_ms = now_ms;
@@ -1053,7 +1120,7 @@ impl EpochLeader {
                         {
                             *moving = None;
                             *reading = true;
-                            out.push(LeadAction::ReadLatest);
+                            read = true;
                         }
                         if !*reading && last_hold_ms.is_none_or(|t| now_ms >= t + HOLD_RESEND_MS) {
                             *last_hold_ms = Some(now_ms);
@@ -1083,6 +1150,15 @@ impl EpochLeader {
                                     && self.parts.get(e).map_or(0, |p| p.len()) < n
                             }) || (coord.cutting()
                                 && now_ms >= self.last_barrier_ms + self.stall_ms));
+                        if self
+                            .prepare
+                            .as_ref()
+                            .is_some_and(|p| now_ms >= p.since_ms + PREPARE_TIMEOUT_MS)
+                        {
+                            // Snapshots missing: the move goes on (their new owners read more).
+                            self.prepare = None;
+                            self.quiesce = Some(None);
+                        }
                         if stalled {
                             self.sync(&mut out);
                         } else {
@@ -1092,11 +1168,25 @@ impl EpochLeader {
                     }
                 }
             }
-            LeadInput::Handover => {
-                // First an epoch after which no egress record is read commits; then the
-                // synchronisation that moves key groups.
-                if self.running() && !self.participants.is_empty() && self.quiesce.is_none() {
-                    self.quiesce = Some(None);
+            LeadInput::Handover { snapshot } => {
+                // First the participants snapshot the key groups about to move; then an epoch
+                // after which no egress record is read commits; then the synchronisation that
+                // moves key groups.
+                if self.running()
+                    && !self.participants.is_empty()
+                    && self.quiesce.is_none()
+                    && self.prepare.is_none()
+                {
+                    if snapshot.is_empty() {
+                        self.quiesce = Some(None);
+                    } else {
+                        self.prepare = Some(Prepare {
+                            key_groups: snapshot,
+                            asked: None,
+                            ready: BTreeSet::new(),
+                            since_ms: self.now_ms,
+                        });
+                    }
                 }
             }
             LeadInput::Moved => {
@@ -1107,7 +1197,7 @@ impl EpochLeader {
                     if *moving == Some(true) && !*reading {
                         *moving = None;
                         *reading = true;
-                        out.push(LeadAction::ReadLatest);
+                        read = true;
                     }
                 }
             }
@@ -1146,7 +1236,7 @@ impl EpochLeader {
                                 Some(true) => {}
                                 None => {
                                     *reading = true;
-                                    out.push(LeadAction::ReadLatest);
+                                    read = true;
                                 }
                             }
                         }
@@ -1178,6 +1268,16 @@ impl EpochLeader {
                         let acts = coord.handle(CoordInput::PartWritten { epoch, node: from });
                         self.coord_actions(acts, &mut out);
                     }
+                    (EpochMsg::Prepared { .. }, Phase::Running { .. }) => {
+                        if let Some(p) = self.prepare.as_mut().filter(|p| p.asked.is_some()) {
+                            p.ready.insert(from);
+                            if self.active.iter().all(|n| p.ready.contains(n)) {
+                                // Every snapshot is listed: quiesce the next epoch.
+                                self.prepare = None;
+                                self.quiesce = Some(None);
+                            }
+                        }
+                    }
                     (EpochMsg::Reset { .. }, _) => self.want_sync(&mut out),
                     _ => {}
                 }
@@ -1196,6 +1296,7 @@ impl EpochLeader {
                         held.clear();
                     }
                     Ok(latest) => {
+                        self.latest_known = true;
                         if latest.is_some() {
                             self.previous = latest.max(self.previous);
                         }
@@ -1262,6 +1363,9 @@ impl EpochLeader {
                         self.coord_actions(acts, &mut out);
                     }
                     Err(_) => {
+                        // It may be stored all the same (an ambiguous put): read at the next
+                        // synchronisation.
+                        self.latest_known = false;
                         let acts = coord.handle(CoordInput::Failed {
                             epoch,
                             now_ms: self.now_ms,
@@ -1281,6 +1385,9 @@ impl EpochLeader {
                     self.sync(&mut out);
                 }
             }
+        }
+        if read {
+            self.read_latest(&mut out);
         }
         if self.move_now
             && !matches!(
@@ -1555,6 +1662,217 @@ mod tests {
         assert!(a.contains(&LeadAction::Record(7)));
         assert_eq!(s[2], (1, EpochMsg::Hold { gen: g + 1 }));
         assert_eq!(l.committed(), 7);
+    }
+
+    /// A running leader over participants 1 and 2 (synchronised at epoch 0).
+    fn running_leader() -> (EpochLeader, u64) {
+        let mut l = EpochLeader::new(1 << 32, 10, 4, 100_000, 0);
+        l.handle(LeadInput::Tick { now_ms: 0 });
+        l.handle(LeadInput::Participants([(1, 1), (2, 1)].into()));
+        let g = l.gen();
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Held {
+                    gen: g,
+                    committed: 0,
+                    cut: 0,
+                    shards: 1,
+                },
+            });
+        }
+        l.handle(LeadInput::Latest(Ok(None)));
+        assert!(l.running());
+        (l, g)
+    }
+
+    /// Ticks until the leader starts an epoch: (epoch, quiesce, snapshot) of its barrier.
+    fn next_barrier(l: &mut EpochLeader, now: &mut u64) -> (Epoch, bool, Vec<u32>) {
+        for _ in 0..100 {
+            *now += 10;
+            for (to, m) in sends(&l.handle(LeadInput::Tick { now_ms: *now })) {
+                if let (
+                    1,
+                    EpochMsg::Barrier {
+                        epoch,
+                        quiesce,
+                        snapshot,
+                        ..
+                    },
+                ) = (to, m)
+                {
+                    return (epoch, quiesce, snapshot);
+                }
+            }
+        }
+        panic!("no barrier");
+    }
+
+    /// Participants 1 and 2 cut `epoch` and report their parts; its manifest is written.
+    fn commit(l: &mut EpochLeader, g: u64, epoch: Epoch) {
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Cut { gen: g, epoch },
+            });
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Part {
+                    gen: g,
+                    epoch,
+                    objects: vec![from as u8],
+                },
+            });
+        }
+        l.handle(LeadInput::ManifestDone {
+            epoch,
+            result: Ok(true),
+        });
+        assert_eq!(l.committed(), epoch);
+    }
+
+    #[test]
+    fn a_move_asks_for_snapshots_and_quiesces_once_every_participant_listed_its_own() {
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        l.handle(LeadInput::Handover {
+            snapshot: vec![3, 4],
+        });
+        // The next barrier asks for the snapshots, once.
+        let (e, quiesce, snapshot) = next_barrier(&mut l, &mut now);
+        assert_eq!((quiesce, snapshot), (false, vec![3, 4]));
+        commit(&mut l, g, e);
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Prepared { gen: g },
+        });
+        // Participant 2's snapshot is not listed yet: no quiesced epoch.
+        let (e, quiesce, snapshot) = next_barrier(&mut l, &mut now);
+        assert_eq!((quiesce, snapshot), (false, vec![]));
+        // A stale answer (another generation) does not count.
+        l.handle(LeadInput::Msg {
+            from: 2,
+            msg: EpochMsg::Prepared { gen: g - 1 },
+        });
+        commit(&mut l, g, e);
+        let (e, quiesce, _) = next_barrier(&mut l, &mut now);
+        assert!(!quiesce);
+        l.handle(LeadInput::Msg {
+            from: 2,
+            msg: EpochMsg::Prepared { gen: g },
+        });
+        commit(&mut l, g, e);
+        let (e, quiesce, _) = next_barrier(&mut l, &mut now);
+        assert!(
+            quiesce,
+            "every snapshot is listed: the next epoch is quiesced"
+        );
+        // Once the quiesced epoch commits, the leader holds everyone to move.
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Cut { gen: g, epoch: e },
+            });
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Part {
+                    gen: g,
+                    epoch: e,
+                    objects: vec![from as u8],
+                },
+            });
+        }
+        let a = l.handle(LeadInput::ManifestDone {
+            epoch: e,
+            result: Ok(true),
+        });
+        assert!(sends(&a).contains(&(1, EpochMsg::Hold { gen: g + 1 })));
+    }
+
+    /// Participants 1 and 2 answer the current generation's `Hold`.
+    fn held(l: &mut EpochLeader, committed: Epoch) -> Vec<LeadAction> {
+        let g = l.gen();
+        let mut out = Vec::new();
+        for from in [1, 2] {
+            out.extend(l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Held {
+                    gen: g,
+                    committed,
+                    cut: committed,
+                    shards: 1,
+                },
+            }));
+        }
+        out
+    }
+
+    #[test]
+    fn a_leader_reads_the_newest_manifest_again_only_after_a_manifest_write_failed() {
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        commit(&mut l, g, e);
+        // A participant restarts: this leader wrote every manifest since it read the newest,
+        // so it resumes at once.
+        l.handle(LeadInput::Participants([(1, 1), (2, 2)].into()));
+        let a = held(&mut l, e);
+        assert!(!a.contains(&LeadAction::ReadLatest));
+        assert!(l.running());
+        assert!(sends(&a).iter().any(|(to, m)| *to == 1
+            && matches!(m, EpochMsg::Resume { committed, manifest, .. } if *committed == e && *manifest == Some(e))));
+        // A manifest write fails (it may be stored all the same): the next synchronisation
+        // reads.
+        let g = l.gen();
+        let (e2, _, _) = next_barrier(&mut l, &mut now);
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Cut { gen: g, epoch: e2 },
+            });
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Part {
+                    gen: g,
+                    epoch: e2,
+                    objects: vec![1],
+                },
+            });
+        }
+        l.handle(LeadInput::ManifestDone {
+            epoch: e2,
+            result: Err("timed out".into()),
+        });
+        l.handle(LeadInput::Participants([(1, 2), (2, 2)].into()));
+        let a = held(&mut l, e);
+        assert_eq!(a, vec![LeadAction::ReadLatest]);
+        // It was stored: the participants resume at it.
+        let a = l.handle(LeadInput::Latest(Ok(Some(e2))));
+        assert!(sends(&a).iter().any(|(to, m)| *to == 1
+            && matches!(m, EpochMsg::Resume { committed, .. } if *committed == e2)));
+    }
+
+    #[test]
+    fn a_move_goes_on_without_the_snapshots_after_the_prepare_timeout() {
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        l.handle(LeadInput::Handover { snapshot: vec![9] });
+        let (e, _, snapshot) = next_barrier(&mut l, &mut now);
+        assert_eq!(snapshot, vec![9]);
+        commit(&mut l, g, e);
+        // A second plan while one waits is not taken.
+        l.handle(LeadInput::Handover { snapshot: vec![10] });
+        let start = now;
+        loop {
+            let (e, quiesce, snapshot) = next_barrier(&mut l, &mut now);
+            assert!(snapshot.is_empty());
+            if quiesce {
+                assert!(now >= start + PREPARE_TIMEOUT_MS - 20, "quiesced at {now}");
+                break;
+            }
+            assert!(now < start + PREPARE_TIMEOUT_MS + 100, "never quiesced");
+            commit(&mut l, g, e);
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! leader with the next term takes over at random; the deposed one's manifest write in flight
 //! may still land afterwards), messages between them are delayed, reordered across links and
 //! lost now and then (each link is FIFO, as the node-pair streams are), part and manifest
-//! writes take random times and fail, and participants restart (they lose everything blob
+//! writes take random times and fail (a manifest write may also fail after storing it), and participants restart (they lose everything blob
 //! storage does not hold and come back with the newest manifest and another incarnation).
 //!
 //! The participants here model the node's participant side (`node/src/checkpoint/driver.rs`
@@ -69,6 +69,8 @@ struct World {
     links: BTreeMap<(NodeId, NodeId), VecDeque<(u64, EpochMsg)>>,
     /// Blob storage: the manifests.
     blob: BTreeMap<Epoch, Manifest>,
+    /// The term of each manifest's writer.
+    writers: BTreeMap<Epoch, u64>,
     /// Manifest writes in flight: (done at, term of the writer, epoch, manifest, fails).
     manifest_writes: Vec<(u64, u64, Epoch, Manifest, bool)>,
     /// Reads of the newest manifest in flight: (done at, term).
@@ -82,6 +84,8 @@ struct World {
     late: u64,
     takeovers: u64,
     restarts: u64,
+    /// Rounds of moves that reached their proposal.
+    moves_proposed: u64,
 }
 
 impl World {
@@ -139,6 +143,7 @@ impl World {
                 LeadAction::ProposeMove => {
                     let at = self.now + 1 + self.rng.below(10);
                     self.moves.push((at, self.term));
+                    self.moves_proposed += 1;
                 }
             }
         }
@@ -224,10 +229,15 @@ impl World {
                 p.floor = p.cut;
                 p.holding = false;
             }
-            EpochMsg::Barrier { epoch, .. }
-                if gen == p.gen && !p.holding && epoch == p.announced + 1 =>
-            {
+            EpochMsg::Barrier {
+                epoch, snapshot, ..
+            } if gen == p.gen && !p.holding && epoch == p.announced + 1 => {
                 p.announced = epoch;
+                // A move's snapshot is listed (in the node, with a later part), or it is
+                // never answered (the leader's timeout goes on without it).
+                if !snapshot.is_empty() && !self.rng.chance(10) {
+                    self.send(id, LEADER, EpochMsg::Prepared { gen });
+                }
             }
             EpochMsg::Committed { epoch, .. } if gen == p.gen && !p.holding => {
                 self.release(id, epoch)?;
@@ -342,7 +352,12 @@ impl World {
         }
         if chaos && self.rng.chance(5) {
             // The control group plans a move of key groups.
-            self.lead(LeadInput::Handover);
+            let snapshot = if self.rng.chance(2) {
+                vec![1, 2]
+            } else {
+                Vec::new()
+            };
+            self.lead(LeadInput::Handover { snapshot });
         }
         let now = self.now;
         let (done, left): (Vec<_>, Vec<_>) = std::mem::take(&mut self.moves)
@@ -368,6 +383,10 @@ impl World {
         for (_, term, epoch, m, fails) in done {
             let result = if fails {
                 Err("injected".to_string())
+            } else if self.writers.get(&epoch) == Some(&term) {
+                // Its own earlier attempt, recognised by its writer id (as the node's
+                // `CheckpointStore::commit` does after an ambiguous put).
+                Ok(true)
             } else if self.blob.contains_key(&epoch) {
                 Err(format!("manifest {epoch} exists"))
             } else {
@@ -376,7 +395,14 @@ impl World {
                     self.late += 1;
                 }
                 self.blob.insert(epoch, m);
-                Ok(true)
+                self.writers.insert(epoch, term);
+                if self.rng.chance(80) {
+                    // Stored, but the writer saw an error (an ambiguous put).
+                    self.log(|| format!("manifest {epoch}: stored, the writer sees an error"));
+                    Err("ambiguous".to_string())
+                } else {
+                    Ok(true)
+                }
             };
             if term == self.term {
                 self.lead(LeadInput::ManifestDone { epoch, result });
@@ -431,8 +457,8 @@ impl World {
 }
 
 /// What a schedule went through: (releases, leader takeovers, participant restarts, late
-/// manifests of deposed leaders).
-fn run(seed: u64) -> Result<[u64; 4], String> {
+/// manifests of deposed leaders, rounds of moves proposed).
+fn run(seed: u64) -> Result<[u64; 5], String> {
     let mut rng = Rng(seed.max(1));
     let n = 1 + rng.below(3);
     let mut w = World {
@@ -454,6 +480,7 @@ fn run(seed: u64) -> Result<[u64; 4], String> {
             .collect(),
         links: BTreeMap::new(),
         blob: BTreeMap::new(),
+        writers: BTreeMap::new(),
         manifest_writes: Vec::new(),
         reads: Vec::new(),
         moves: Vec::new(),
@@ -462,6 +489,7 @@ fn run(seed: u64) -> Result<[u64; 4], String> {
         late: 0,
         takeovers: 0,
         restarts: 0,
+        moves_proposed: 0,
     };
     w.participants_input();
     for _ in 0..3_000 {
@@ -493,7 +521,13 @@ fn run(seed: u64) -> Result<[u64; 4], String> {
             ));
         }
     }
-    Ok([w.released.len() as u64, w.takeovers, w.restarts, w.late])
+    Ok([
+        w.released.len() as u64,
+        w.takeovers,
+        w.restarts,
+        w.late,
+        w.moves_proposed,
+    ])
 }
 
 #[test]
@@ -509,17 +543,18 @@ fn the_leader_synchronises_participants_safely_through_leader_changes_losses_and
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    let mut total = [0u64; 4];
+    let mut total = [0u64; 5];
     for seed in 1..=seeds {
         match run(seed) {
-            Ok(t) => (0..4).for_each(|i| total[i] += t[i]),
+            Ok(t) => (0..5).for_each(|i| total[i] += t[i]),
             Err(e) => panic!("seed {seed} (SIM_SEED={seed} reproduces it): {e}"),
         }
     }
     println!(
-        "{seeds} schedules passed: {} releases, {} leader takeovers, {} participant restarts, {} manifests of deposed leaders landing late",
-        total[0], total[1], total[2], total[3]
+        "{seeds} schedules passed: {} releases, {} leader takeovers, {} participant restarts, {} manifests of deposed leaders landing late, {} rounds of moves proposed",
+        total[0], total[1], total[2], total[3], total[4]
     );
+    assert!(total[4] > 0, "no schedule proposed a move");
     assert!(
         total[3] > 0,
         "no schedule let a deposed leader's manifest land late"

@@ -760,8 +760,20 @@ impl Driver {
                 .is_none_or(|t| t.elapsed() >= MOVE_ROUND_EVERY)
         {
             self.move_round = Some(Instant::now());
-            tracing::info!("moving key groups to the members that should own them");
-            self.lead_input(LeadInput::Handover);
+            // Their owners first snapshot the key groups about to move: their new owners
+            // then read a short chain.
+            let plan: Vec<u32> = self
+                .node
+                .state()
+                .plan_moves(MOVES_PER_ROUND)
+                .iter()
+                .map(|m| m.kg)
+                .collect();
+            tracing::info!(
+                key_groups = plan.len(),
+                "moving key groups to the members that should own them"
+            );
+            self.lead_input(LeadInput::Handover { snapshot: plan });
         }
         // Recorded for later leaders (the manifests are the commit points).
         if self.record_wanted > recorded

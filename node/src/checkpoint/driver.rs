@@ -119,11 +119,31 @@ struct ClusterSide {
     listing_epoch: Option<u64>,
     /// A `Resume` waiting for the key-group table it was sent at.
     waiting_resume: Option<(statemesh_mesh::placement::NodeId, EpochMsg)>,
+    /// The leader asked for a full snapshot of key groups about to move.
+    move_snapshot: Option<MoveSnapshot>,
+}
+
+/// A full snapshot of the key groups about to move that this node owns: once a part lists
+/// it, the node answers `Prepared` (their new owners read the chain only from its label on).
+#[derive(Debug)]
+struct MoveSnapshot {
+    /// The generation that asked.
+    gen: u64,
+    key_groups: Vec<u32>,
+    /// Being written.
+    started: bool,
+    /// Written (waiting to be listed): its path.
+    path: Option<String>,
 }
 
 /// A finished background job.
 pub(crate) enum Maintenance {
-    Full { object: ObjectRef, label: u64 },
+    /// `partial`: only key groups about to move (the periodic snapshot is not reset).
+    Full {
+        object: ObjectRef,
+        label: u64,
+        partial: bool,
+    },
     Gc(super::store::GcReport),
 }
 
@@ -528,6 +548,7 @@ pub(crate) fn start(
             deferred: Vec::new(),
             listing_epoch: None,
             waiting_resume: None,
+            move_snapshot: None,
         }),
     };
     tokio::spawn(async move { d.run(rx).await })
@@ -930,19 +951,37 @@ impl Driver {
             DriverEvent::Maintenance(r) => {
                 self.maintenance_running = false;
                 match r {
-                    Ok(Maintenance::Full { object, label }) => {
-                        self.full_wanted_at = None;
+                    Ok(Maintenance::Full {
+                        object,
+                        label,
+                        partial,
+                    }) => {
                         self.router.metrics().checkpoint_bytes.inc_by(object.size);
-                        self.last_full_bytes = object.size;
-                        self.bytes_since_full = 0;
-                        self.epochs_since_full = 0;
-                        self.force_full = false;
+                        if partial {
+                            if let Some(m) =
+                                self.cluster.as_mut().and_then(|c| c.move_snapshot.as_mut())
+                            {
+                                m.path = Some(object.path.clone());
+                            }
+                            tracing::debug!(label, key_groups = ?object.full_key_groups, "snapshot of key groups about to move written");
+                        } else {
+                            self.full_wanted_at = None;
+                            self.last_full_bytes = object.size;
+                            self.bytes_since_full = 0;
+                            self.epochs_since_full = 0;
+                            self.force_full = false;
+                        }
                         self.unlisted_full = Some((object, label));
                     }
                     Ok(Maintenance::Gc(report)) => {
                         tracing::debug!(?report, "checkpoint garbage collection");
                     }
                     Err(e) => {
+                        if let Some(m) =
+                            self.cluster.as_mut().and_then(|c| c.move_snapshot.as_mut())
+                        {
+                            m.started = false;
+                        }
                         self.router.metrics().checkpoint_failures.inc();
                         tracing::warn!(error = %e, "checkpoint maintenance failed; retried later");
                     }
@@ -1245,6 +1284,11 @@ impl Driver {
                 c.leader = Some(from);
                 c.holding = true;
                 c.deferred.clear();
+                // The leader dropped the move that asked (a snapshot under way is still
+                // listed: it is a valid one).
+                if c.move_snapshot.as_ref().is_some_and(|m| m.gen < gen) {
+                    c.move_snapshot = None;
+                }
                 if active {
                     let held = EpochMsg::Held {
                         gen,
@@ -1289,7 +1333,38 @@ impl Driver {
                 }
                 self.resume(committed, base, manifest, roll_back, members)
             }
-            EpochMsg::Barrier { epoch, quiesce, .. } if gen == c.gen && active => {
+            EpochMsg::Barrier {
+                epoch,
+                quiesce,
+                snapshot,
+                ..
+            } if gen == c.gen && active => {
+                if !snapshot.is_empty() && c.move_snapshot.is_none() {
+                    let owned: std::collections::BTreeSet<u32> = self
+                        .router
+                        .placement()
+                        .owned(self.key_groups)
+                        .into_iter()
+                        .collect();
+                    let mine: Vec<u32> = snapshot
+                        .into_iter()
+                        .filter(|kg| owned.contains(kg))
+                        .collect();
+                    if mine.is_empty() || self.cp.is_none() {
+                        c.send(from, EpochMsg::Prepared { gen });
+                    } else {
+                        tracing::debug!(
+                            key_groups = mine.len(),
+                            "snapshotting the key groups about to move"
+                        );
+                        c.move_snapshot = Some(MoveSnapshot {
+                            gen,
+                            key_groups: mine,
+                            started: false,
+                            path: None,
+                        });
+                    }
+                }
                 if quiesce {
                     // Key groups move once this epoch commits: reads stop until the move.
                     self.router.egress().pause(true);
@@ -1301,6 +1376,7 @@ impl Driver {
                 } else {
                     self.input(Input::Barrier { epoch });
                 }
+                self.maintain();
             }
             EpochMsg::Committed { epoch, .. } if gen == c.gen && active => {
                 self.input(Input::Committed { epoch });
@@ -1611,7 +1687,7 @@ impl Driver {
                         c.listing_epoch = Some(e);
                     }
                 }
-                if let Some(c) = &self.cluster {
+                if let Some(c) = self.cluster.as_mut() {
                     if let Some(l) = c.leader {
                         c.send(
                             l,
@@ -1622,6 +1698,17 @@ impl Driver {
                                     .expect("object references serialize"),
                             },
                         );
+                        // The snapshot of key groups about to move is listed in this part.
+                        let listed = c.move_snapshot.as_ref().is_some_and(|m| {
+                            m.gen == c.gen
+                                && m.path
+                                    .as_ref()
+                                    .is_some_and(|p| objects.iter().any(|o| &o.path == p))
+                        });
+                        if listed {
+                            c.move_snapshot = None;
+                            c.send(l, EpochMsg::Prepared { gen: c.gen });
+                        }
                     }
                 }
             }
@@ -1653,6 +1740,21 @@ impl Driver {
             return;
         }
         let tx = self.events.clone();
+        // Key groups about to move first (a move waits for them).
+        let moving = self
+            .cluster
+            .as_mut()
+            .and_then(|c| c.move_snapshot.as_mut())
+            .filter(|m| !m.started && m.path.is_none())
+            .map(|m| {
+                m.started = true;
+                m.key_groups.clone()
+            });
+        if let Some(key_groups) = moving {
+            self.maintenance_running = true;
+            self.snapshot(cp, key_groups, true);
+            return;
+        }
         let threshold = self.bytes_since_full > 0
             && (self.bytes_since_full >= (2 * self.last_full_bytes).max(self.opts.full_min)
                 || self.epochs_since_full >= self.opts.full_max_epochs);
@@ -1692,11 +1794,17 @@ impl Driver {
         } else if due_full {
             self.last_was_gc = false;
             self.maintenance_running = true;
-            let (store, node, owned) = (
-                self.store.clone(),
-                self.opts.node_id.clone(),
-                self.router.placement().owned(self.key_groups),
-            );
+            let owned = self.router.placement().owned(self.key_groups);
+            self.snapshot(cp, owned, false);
+        }
+    }
+
+    /// Writes a full snapshot of `owned` from sled (labelled with the newest epoch sled holds)
+    /// in the background; [`Maintenance::Full`] reports it.
+    fn snapshot(&mut self, cp: CheckpointStore, owned: Vec<u32>, partial: bool) {
+        let tx = self.events.clone();
+        {
+            let (store, node) = (self.store.clone(), self.opts.node_id.clone());
             let label = self.router.applied();
             tokio::spawn(async move {
                 let built = tokio::task::spawn_blocking(move || {
@@ -1728,7 +1836,11 @@ impl Driver {
                     Ok(e) => cp
                         .write_full_snapshot(&e)
                         .await
-                        .map(|object| Maintenance::Full { object, label })
+                        .map(|object| Maintenance::Full {
+                            object,
+                            label,
+                            partial,
+                        })
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e),
                 };
