@@ -259,6 +259,9 @@ struct KillStats {
     /// Streams of messages between functions broken (`mesh-fn-stream-break` in a cluster's
     /// noise: the frame is lost, the participants roll back).
     stream_breaks: usize,
+    /// Times a cluster's leader left out a participant that was down (one kill in a cluster
+    /// run keeps its node down for longer than the leader waits).
+    left_out: usize,
 }
 
 async fn metric(http_url: &str, name: &str) -> Option<f64> {
@@ -798,12 +801,29 @@ async fn verify(
         if missing.is_empty() {
             break logs;
         }
-        assert!(
-            Instant::now() < deadline,
-            "seed {seed}: {} required messages were never applied: {:?}",
-            missing.len(),
-            missing.iter().take(20).collect::<Vec<_>>()
-        );
+        if Instant::now() >= deadline {
+            // Where each went and what sent it (a function's send, or the request itself).
+            let detail: Vec<String> = missing
+                .iter()
+                .take(20)
+                .map(|id| {
+                    let m = &model.msgs[**id];
+                    let parent = model
+                        .msgs
+                        .iter()
+                        .find(|(_, p)| p.sends.iter().any(|(_, s)| s == **id))
+                        .map(|(p, pm)| {
+                            format!("sent by {p} at {} (applied: {})", pm.at, seen.contains(p))
+                        })
+                        .unwrap_or_else(|| "sent by the client".into());
+                    format!("{id} to {} (request {}, {parent})", m.at, m.req)
+                })
+                .collect();
+            panic!(
+                "seed {seed}: {} required messages were never applied: {detail:?}",
+                missing.len()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let position = |a: &str| -> BTreeMap<&str, usize> {
@@ -939,6 +959,10 @@ async fn verify(
         (v.points.is_empty() && !v.cluster) || stats.rollbacks > 0,
         "seed {seed}: no incarnation rolled back: {stats:?}"
     );
+    assert!(
+        !v.cluster || stats.left_out > 0,
+        "seed {seed}: the leader never left out the node kept down: {stats:?}"
+    );
     for p in v.points {
         assert!(
             stats.aborts.get(*p).copied().unwrap_or(0) > 0,
@@ -1011,6 +1035,12 @@ async fn python_sdk_functions_survive_sigkill_exactly_once() {
     .await;
     drop(server);
 }
+
+/// What a cluster's leader logs when it leaves out a participant that does not answer.
+const LEFT_OUT: &str = "left out of the cluster's epochs";
+/// How long one victim of a cluster run stays down (the leader leaves a participant out after
+/// 3 s without an answer).
+const OUTAGE: Duration = Duration::from_secs(6);
 
 /// The killer of a three-node cluster: starts node 1 (it bootstraps the cluster and owns
 /// every key group) and nodes 2 and 3 (joining), then `kills` times SIGKILLs one of them — the
@@ -1110,9 +1140,11 @@ async fn cluster_killer(
             let broke = log
                 .matches("a stream of messages between functions broke")
                 .count();
+            let left = log.matches(LEFT_OUT).count();
             n.kill();
             stats.lock().rollbacks += rolled;
             stats.lock().stream_breaks += broke;
+            stats.lock().left_out += left;
         }
         stats.lock().kills += 1;
         println!(
@@ -1120,6 +1152,12 @@ async fn cluster_killer(
             k + 1,
             victim + 1
         );
+        if k + 2 == kills {
+            // Down for longer than the leader waits for an answer: the others leave it out
+            // and go on; messages for its key groups are kept for it.
+            println!("node {} stays down for {OUTAGE:?}", victim + 1);
+            tokio::time::sleep(OUTAGE).await;
+        }
         // Half of the restarts fail blob writes (manifests are the leader's, parts the
         // owner's) and roll back in place now and then (the leader synchronises everyone).
         let mut l = launches[victim].clone();
@@ -1146,6 +1184,9 @@ async fn cluster_killer(
             }
         }
         nodes[victim] = Some(n);
+    }
+    for n in nodes.iter().flatten() {
+        stats.lock().left_out += n.log_since_launch().matches(LEFT_OUT).count();
     }
     let mut it = nodes.into_iter().map(Option::unwrap);
     let first = it.next().unwrap();

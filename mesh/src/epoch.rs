@@ -616,6 +616,10 @@ pub enum EpochMsg {
         /// Its shards (each is a source of the cut: its markers are awaited).
         #[serde(default)]
         shards: u32,
+        /// The generation its open epochs were cut in (that of the last `Resume` it
+        /// followed; 0: none).
+        #[serde(default)]
+        cut_gen: u64,
     },
     /// Leader → participant: epochs up to `committed` are committed (release them); the ones
     /// after it are abandoned (roll back to `committed` and replay its pending messages);
@@ -643,6 +647,13 @@ pub enum EpochMsg {
         /// it serves from it).
         #[serde(default)]
         placement_version: u64,
+        /// The participant's own open epochs up to `committed` are the committed ones: it
+        /// took part in the generation that cut them. Otherwise (it was left out meanwhile,
+        /// or this leader does not know) it releases none of its open epochs: others'
+        /// epochs of the same numbers may have committed without it, and it reads the
+        /// committed ones back from blob storage.
+        #[serde(default)]
+        release: bool,
     },
     /// Leader → participant: cut `epoch` (its participants are `members`).
     Barrier {
@@ -772,6 +783,9 @@ pub enum LeadInput {
     },
     /// The move proposed was applied (or refused): the synchronisation goes on.
     Moved,
+    /// The stream to a node broke (messages queued on it are lost): a participant taking
+    /// part in the epochs makes the leader synchronise at once.
+    Unreachable(NodeId),
     /// A participant's message.
     Msg {
         /// The sender.
@@ -828,7 +842,8 @@ enum Phase {
     Idle,
     /// Waiting for every participant's `Held`, then for the newest manifest.
     Syncing {
-        held: BTreeMap<NodeId, (Epoch, Epoch, u32)>,
+        /// Per participant: its committed epoch, its cut, its shards, its cut's generation.
+        held: BTreeMap<NodeId, (Epoch, Epoch, u32, u64)>,
         reading: bool,
         last_hold_ms: Option<u64>,
         /// Key groups move once everyone holds (`Some(true)`: the move is proposed).
@@ -860,6 +875,9 @@ struct Prepare {
     ready: BTreeSet<NodeId>,
     since_ms: u64,
 }
+
+/// How often participants left out are sent `Hold` while epochs run.
+const EXCLUDED_HOLD_EVERY_MS: u64 = 1_000;
 
 /// How often a leader that waits for `Held` answers sends `Hold` again.
 const HOLD_RESEND_MS: u64 = 100;
@@ -899,9 +917,14 @@ pub struct EpochLeader {
     quiesce: Option<Option<Epoch>>,
     /// The quiesced epoch committed: synchronise to move.
     move_now: bool,
-    /// Participants that do not answer are left out (see [`HOLD_TIMEOUT_MS`]); off until
-    /// recovery merges the pending messages others kept for them (see the closing note).
-    exclude: bool,
+    /// Participants that do not answer a `Hold` within this long are left out (`None`:
+    /// never; see [`HOLD_TIMEOUT_MS`]).
+    exclude_after_ms: Option<u64>,
+    /// The participants left out: a synchronisation does not wait for them (they are sent
+    /// `Hold` all the same, and now and then while epochs run; one that answers is taken in).
+    excluded: BTreeSet<NodeId>,
+    /// When `Hold` last went to the participants left out, while epochs run.
+    last_excluded_hold_ms: u64,
     /// The participants that take part in the epochs (those that answered the last
     /// synchronisation).
     active: BTreeSet<NodeId>,
@@ -909,7 +932,13 @@ pub struct EpochLeader {
     last_barrier_ms: u64,
     /// This leader knows the newest manifest (see [`EpochLeader::read_latest`]).
     latest_known: bool,
+    /// The generation this leader cut `committed` in (0: not known, e.g. read from blob
+    /// storage): a participant that followed it releases its open epochs up to `committed`.
+    committed_gen: u64,
     now_ms: u64,
+    /// A tick told the time (until then `now_ms` is not known: a synchronisation started
+    /// before the first tick counts its timeouts from it).
+    ticked: bool,
 }
 
 impl EpochLeader {
@@ -938,12 +967,28 @@ impl EpochLeader {
             prepare: None,
             quiesce: None,
             move_now: false,
-            exclude: false,
+            exclude_after_ms: Some(HOLD_TIMEOUT_MS),
+            excluded: BTreeSet::new(),
+            last_excluded_hold_ms: 0,
             active: BTreeSet::new(),
             last_barrier_ms: 0,
             latest_known: false,
+            committed_gen: 0,
             now_ms: 0,
+            ticked: false,
         }
+    }
+
+    /// Participants that do not answer a `Hold` within `ms` are left out of the epochs until
+    /// they answer (`None`: the others wait for them).
+    pub fn exclude_after(mut self, ms: Option<u64>) -> Self {
+        self.exclude_after_ms = ms;
+        self
+    }
+
+    /// The participants left out of the epochs now (they did not answer).
+    pub fn excluded(&self) -> &BTreeSet<NodeId> {
+        &self.excluded
     }
 
     /// The current generation.
@@ -1054,6 +1099,7 @@ impl EpochLeader {
                     // The manifest is the commit point: release at once, record in the
                     // control group for later leaders.
                     self.committed = epoch;
+                    self.committed_gen = self.gen;
                     self.parts.remove(&epoch);
                     if let Phase::Running { since, .. } = &mut self.phase {
                         since.remove(&epoch);
@@ -1102,6 +1148,12 @@ impl EpochLeader {
         match input {
             LeadInput::Tick { now_ms } => {
                 self.now_ms = now_ms;
+                if !std::mem::replace(&mut self.ticked, true) {
+                    // The time a synchronisation started before it was known.
+                    if let Phase::Syncing { since_ms, .. } = &mut self.phase {
+                        *since_ms = now_ms;
+                    }
+                }
                 match &mut self.phase {
                     Phase::Idle => {}
                     Phase::Syncing {
@@ -1112,12 +1164,21 @@ impl EpochLeader {
                         since_ms,
                     } => {
                         // Participants that do not answer are left out (the others go on).
-                        if self.exclude
+                        if self
+                            .exclude_after_ms
+                            .is_some_and(|t| now_ms >= *since_ms + t)
                             && !*reading
                             && *moving != Some(true)
                             && !held.is_empty()
-                            && now_ms >= *since_ms + HOLD_TIMEOUT_MS
                         {
+                            // Those that did not answer are left out; the others go on.
+                            let missing: Vec<NodeId> = self
+                                .participants
+                                .keys()
+                                .filter(|n| !held.contains_key(n))
+                                .copied()
+                                .collect();
+                            self.excluded.extend(missing);
                             *moving = None;
                             *reading = true;
                             read = true;
@@ -1158,6 +1219,19 @@ impl EpochLeader {
                             // Snapshots missing: the move goes on (their new owners read more).
                             self.prepare = None;
                             self.quiesce = Some(None);
+                        }
+                        if !self.excluded.is_empty()
+                            && now_ms >= self.last_excluded_hold_ms + EXCLUDED_HOLD_EVERY_MS
+                        {
+                            // A participant left out that can be reached again answers, and
+                            // is taken in.
+                            self.last_excluded_hold_ms = now_ms;
+                            for &to in &self.excluded {
+                                out.push(LeadAction::Send {
+                                    to,
+                                    msg: EpochMsg::Hold { gen: self.gen },
+                                });
+                            }
                         }
                         if stalled {
                             self.sync(&mut out);
@@ -1201,8 +1275,18 @@ impl EpochLeader {
                     }
                 }
             }
+            LeadInput::Unreachable(n) => {
+                if self.running() && self.active.contains(&n) && self.participants.contains_key(&n)
+                {
+                    self.want_sync(&mut out);
+                }
+            }
             LeadInput::Participants(p) => {
                 if p != self.participants {
+                    // One that restarted (another incarnation) or left is no longer left out.
+                    let old = std::mem::take(&mut self.participants);
+                    self.excluded
+                        .retain(|n| p.get(n).is_some_and(|i| old.get(n) == Some(i)));
                     self.participants = p;
                     self.want_sync(&mut out);
                 }
@@ -1217,6 +1301,7 @@ impl EpochLeader {
                             committed,
                             cut,
                             shards,
+                            cut_gen,
                             ..
                         },
                         Phase::Syncing {
@@ -1226,8 +1311,13 @@ impl EpochLeader {
                             ..
                         },
                     ) => {
-                        held.insert(from, (committed, cut, shards.max(1)));
-                        if !*reading && held.len() == self.participants.len() {
+                        held.insert(from, (committed, cut, shards.max(1), cut_gen));
+                        self.excluded.remove(&from);
+                        let all = self
+                            .participants
+                            .keys()
+                            .all(|n| held.contains_key(n) || self.excluded.contains(n));
+                        if !*reading && all {
                             match moving {
                                 Some(false) => {
                                     *moving = Some(true);
@@ -1245,6 +1335,8 @@ impl EpochLeader {
                     (EpochMsg::Held { .. }, Phase::Running { .. })
                         if !self.active.contains(&from) =>
                     {
+                        // The next synchronisation waits for it.
+                        self.excluded.remove(&from);
                         self.want_sync(&mut out)
                     }
                     (EpochMsg::Cut { epoch, .. }, Phase::Running { coord, .. }) => {
@@ -1302,20 +1394,35 @@ impl EpochLeader {
                         }
                         let committed = held
                             .values()
-                            .map(|(c, _, _)| *c)
+                            .map(|(c, _, _, _)| *c)
                             .chain(latest)
                             .fold(self.committed, Epoch::max);
                         let base = held
                             .values()
-                            .map(|(_, cut, _)| *cut)
+                            .map(|(_, cut, _, _)| *cut)
                             .fold(self.base.max(committed), Epoch::max);
                         let members: Vec<(NodeId, u32)> =
-                            held.iter().map(|(n, (_, _, s))| (*n, *s)).collect();
-                        // Several participants (or several before): work since the last
+                            held.iter().map(|(n, (_, _, s, _))| (*n, *s)).collect();
+                        // Several participants (or several before, or others left out: a new
+                        // leader does not know who took part before): work since the last
                         // cut may depend on work that was lost elsewhere.
-                        let roll_back = self.active.len() > 1 || held.len() > 1;
+                        let roll_back =
+                            self.active.len() > 1 || held.len() > 1 || self.participants.len() > 1;
+                        // Who may release its open epochs up to `committed`: a participant
+                        // that cut them in the generation this leader committed `committed`
+                        // in (it followed that generation's `Resume`, so it was one of its
+                        // participants and every epoch of it has its part; generations are
+                        // unique across leaders, their term is in them).
+                        let cut_by: BTreeMap<NodeId, u64> =
+                            held.iter().map(|(n, (_, _, _, g))| (*n, *g)).collect();
+                        let known_gen = if committed == self.committed {
+                            self.committed_gen
+                        } else {
+                            0
+                        };
                         self.active = held.keys().copied().collect();
                         self.committed = committed;
+                        self.committed_gen = known_gen;
                         self.base = base;
                         for &to in &self.active {
                             out.push(LeadAction::Send {
@@ -1328,6 +1435,7 @@ impl EpochLeader {
                                     roll_back,
                                     members: members.clone(),
                                     placement_version: 0,
+                                    release: known_gen != 0 && cut_by.get(&to) == Some(&known_gen),
                                 },
                             });
                         }
@@ -1573,7 +1681,8 @@ mod tests {
                     gen: g - 1,
                     committed: 3,
                     cut: 3,
-                    shards: 1
+                    shards: 1,
+                    cut_gen: 0,
                 }
             })
             .is_empty());
@@ -1584,6 +1693,7 @@ mod tests {
                 committed: 4,
                 cut: 6,
                 shards: 1,
+                cut_gen: 0,
             },
         });
         let a = l.handle(LeadInput::Msg {
@@ -1593,6 +1703,7 @@ mod tests {
                 committed: 3,
                 cut: 3,
                 shards: 1,
+                cut_gen: 0,
             },
         });
         assert_eq!(a, vec![LeadAction::ReadLatest]);
@@ -1609,7 +1720,8 @@ mod tests {
                     manifest: Some(5),
                     roll_back: true,
                     members: vec![(1, 1), (2, 1)],
-                    placement_version: 0
+                    placement_version: 0,
+                    release: false,
                 }
             )
         );
@@ -1678,6 +1790,7 @@ mod tests {
                     committed: 0,
                     cut: 0,
                     shards: 1,
+                    cut_gen: 0,
                 },
             });
         }
@@ -1801,6 +1914,7 @@ mod tests {
                     committed,
                     cut: committed,
                     shards: 1,
+                    cut_gen: 0,
                 },
             }));
         }
@@ -1853,6 +1967,184 @@ mod tests {
     }
 
     #[test]
+    fn a_participant_that_does_not_answer_is_left_out_then_taken_in_when_it_answers() {
+        let (mut l, _) = running_leader();
+        // The stream to node 2 broke: synchronise at once.
+        let a = l.handle(LeadInput::Unreachable(2));
+        let g = l.gen();
+        assert!(sends(&a).contains(&(2, EpochMsg::Hold { gen: g })));
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Held {
+                gen: g,
+                committed: 0,
+                cut: 0,
+                shards: 1,
+                cut_gen: 0,
+            },
+        });
+        // Node 2 does not answer: after the timeout it is left out, node 1 goes on alone.
+        let a = l.handle(LeadInput::Tick {
+            now_ms: HOLD_TIMEOUT_MS - 1,
+        });
+        assert!(!a.contains(&LeadAction::ReadLatest) && !l.running());
+        let a = l.handle(LeadInput::Tick {
+            now_ms: HOLD_TIMEOUT_MS,
+        });
+        assert!(l.running());
+        assert_eq!(l.excluded(), &BTreeSet::from([2]));
+        let s = sends(&a);
+        assert!(s.iter().any(|(to, m)| *to == 1
+            && matches!(m, EpochMsg::Resume { members, .. } if members == &vec![(1, 1)])));
+        assert!(!s.iter().any(|(to, _)| *to == 2));
+        // Epochs run without it; it is sent `Hold` now and then.
+        let mut now = HOLD_TIMEOUT_MS;
+        let mut holds = 0;
+        for _ in 0..150 {
+            now += 10;
+            for (to, m) in sends(&l.handle(LeadInput::Tick { now_ms: now })) {
+                match (to, m) {
+                    (2, EpochMsg::Hold { gen }) if gen == g => holds += 1,
+                    (2, m) => panic!("node 2 is left out, yet sent {m:?}"),
+                    _ => {}
+                }
+            }
+        }
+        assert!(holds >= 1, "no Hold to the participant left out");
+        // It answers: the next synchronisation waits for it.
+        let a = l.handle(LeadInput::Msg {
+            from: 2,
+            msg: EpochMsg::Held {
+                gen: g,
+                committed: 0,
+                cut: 4,
+                shards: 1,
+                cut_gen: 0,
+            },
+        });
+        assert!(l.excluded().is_empty());
+        let g2 = l.gen();
+        assert!(g2 > g && sends(&a).contains(&(2, EpochMsg::Hold { gen: g2 })));
+    }
+
+    /// The `release` of each participant in a `Resume` of generation `g`.
+    fn releases(a: &[LeadAction], g: u64) -> BTreeMap<NodeId, bool> {
+        sends(a)
+            .into_iter()
+            .filter_map(|(to, m)| match m {
+                EpochMsg::Resume { gen, release, .. } if gen == g => Some((to, release)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_a_participant_that_took_part_in_the_committed_epochs_releases_its_open_ones() {
+        let (mut l, g0) = running_leader();
+        let mut now = 0;
+        let (e1, _, _) = next_barrier(&mut l, &mut now);
+        commit(&mut l, g0, e1);
+        // Both cut the next epoch; node 2 stops answering.
+        let (e2, _, _) = next_barrier(&mut l, &mut now);
+        let a = l.handle(LeadInput::Unreachable(2));
+        let g1 = l.gen();
+        assert!(sends(&a).contains(&(1, EpochMsg::Hold { gen: g1 })));
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Held {
+                gen: g1,
+                committed: e1 - 1,
+                cut: e2,
+                shards: 1,
+                cut_gen: g0,
+            },
+        });
+        now += HOLD_TIMEOUT_MS;
+        let a = l.handle(LeadInput::Tick { now_ms: now });
+        assert_eq!(l.excluded(), &BTreeSet::from([2]));
+        // Node 1 cut its open epochs in the generation that committed e1: it releases them.
+        assert_eq!(releases(&a, g1), BTreeMap::from([(1, true)]));
+        // Node 1 goes on alone, after e2.
+        let mut e = e2;
+        for _ in 0..2 {
+            let (next, _, _) = next_barrier(&mut l, &mut now);
+            assert!(next > e);
+            e = next;
+            l.handle(LeadInput::Msg {
+                from: 1,
+                msg: EpochMsg::Cut { gen: g1, epoch: e },
+            });
+            l.handle(LeadInput::Msg {
+                from: 1,
+                msg: EpochMsg::Part {
+                    gen: g1,
+                    epoch: e,
+                    objects: vec![1],
+                },
+            });
+            l.handle(LeadInput::ManifestDone {
+                epoch: e,
+                result: Ok(true),
+            });
+            assert_eq!(l.committed(), e);
+        }
+        // Node 2 answers: it still holds its epochs of generation g0, the committed ones are
+        // of g1 without it. It releases none of its own; node 1 releases its own.
+        l.handle(LeadInput::Msg {
+            from: 2,
+            msg: EpochMsg::Held {
+                gen: g1,
+                committed: e1,
+                cut: e2,
+                shards: 1,
+                cut_gen: g0,
+            },
+        });
+        let g2 = l.gen();
+        assert!(g2 > g1);
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Held {
+                gen: g2,
+                committed: e - 1,
+                cut: e,
+                shards: 1,
+                cut_gen: g1,
+            },
+        });
+        let a = l.handle(LeadInput::Msg {
+            from: 2,
+            msg: EpochMsg::Held {
+                gen: g2,
+                committed: e1,
+                cut: e2,
+                shards: 1,
+                cut_gen: g0,
+            },
+        });
+        assert_eq!(releases(&a, g2), BTreeMap::from([(1, true), (2, false)]));
+        // A new leader does not know which generation cut the committed epochs: nobody
+        // releases open epochs of its own (they read the committed ones back).
+        let mut l2 = EpochLeader::new(2 << 32, 10, 4, 100_000, 0);
+        l2.handle(LeadInput::Participants([(1, 1), (2, 1)].into()));
+        let g3 = l2.gen();
+        for from in [1, 2] {
+            l2.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Held {
+                    gen: g3,
+                    committed: e1,
+                    cut: e + 1,
+                    shards: 1,
+                    cut_gen: g2,
+                },
+            });
+        }
+        let a = l2.handle(LeadInput::Latest(Ok(Some(e))));
+        assert_eq!(releases(&a, g3), BTreeMap::from([(1, false), (2, false)]));
+    }
+
+    #[test]
     fn a_move_goes_on_without_the_snapshots_after_the_prepare_timeout() {
         let (mut l, g) = running_leader();
         let mut now = 0;
@@ -1876,6 +2168,43 @@ mod tests {
     }
 
     #[test]
+    fn a_new_leader_waits_the_full_timeout_from_its_first_tick_and_a_lone_survivor_rolls_back() {
+        // A leader is made and given its participants before its first tick (as the control
+        // group's driver does): the time is not known yet.
+        let mut l = EpochLeader::new(3 << 32, 10, 4, 100_000, 0);
+        l.handle(LeadInput::Participants([(1, 1), (2, 1)].into()));
+        let g = l.gen();
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Held {
+                gen: g,
+                committed: 0,
+                cut: 2,
+                shards: 1,
+                cut_gen: 0,
+            },
+        });
+        let t0 = 1_764_000_000_000;
+        for now_ms in [t0, t0 + HOLD_TIMEOUT_MS - 1] {
+            let a = l.handle(LeadInput::Tick { now_ms });
+            assert!(
+                l.excluded().is_empty() && !a.contains(&LeadAction::ReadLatest),
+                "node 2 left out at {} ms",
+                now_ms - t0
+            );
+        }
+        l.handle(LeadInput::Tick {
+            now_ms: t0 + HOLD_TIMEOUT_MS,
+        });
+        assert_eq!(l.excluded(), &BTreeSet::from([2]));
+        let a = l.handle(LeadInput::Latest(Ok(None)));
+        // Node 1 resumes alone, but it may have exchanged messages with node 2 since its
+        // last cut (this leader cannot know): it rolls back.
+        assert!(sends(&a).iter().any(|(to, m)| *to == 1
+            && matches!(m, EpochMsg::Resume { roll_back: true, members, .. } if members == &vec![(1, 1)])));
+    }
+
+    #[test]
     fn an_epoch_missing_a_part_for_too_long_makes_the_leader_resync() {
         let mut l = EpochLeader::new(1 << 32, 10, 4, 1_000, 0);
         l.handle(LeadInput::Participants([(1, 1)].into()));
@@ -1887,6 +2216,7 @@ mod tests {
                 committed: 0,
                 cut: 0,
                 shards: 1,
+                cut_gen: 0,
             },
         });
         l.handle(LeadInput::Latest(Ok(None)));

@@ -388,6 +388,7 @@ pub(crate) fn start(
             record_wanted: 0,
             recorded_at: None,
             move_round: None,
+            left_out: Default::default(),
             move_proposed: None,
             node,
             incarnation,
@@ -496,6 +497,8 @@ struct Driver {
     /// When the last round of moves started, and the move proposed in it (the placement
     /// version it was proposed at, when).
     move_round: Option<Instant>,
+    /// The participants the epoch leader leaves out now (logged when it changes).
+    left_out: std::collections::BTreeSet<NodeId>,
     move_proposed: Option<(u64, Instant)>,
     node: ControlNode<EngineStorage>,
     /// This process start (see `Member::incarnation`).
@@ -544,6 +547,9 @@ impl Driver {
             ControlInput::Unreachable(peer) => {
                 self.node.report_unreachable(peer);
                 self.node.report_snapshot(peer, false);
+                // Epoch messages queued on the broken stream are gone: synchronise now rather
+                // than when the epoch stalls (a dead participant is left out after a while).
+                self.lead_input(LeadInput::Unreachable(peer));
             }
             ControlInput::Join { req, reply } => self.join_request(req, reply),
         }
@@ -754,7 +760,11 @@ impl Driver {
                 self.lead_input(LeadInput::Moved);
             }
         } else if planned
-            && self.lead.as_ref().is_some_and(|l| l.running())
+            // Not while a participant is left out (a move's synchronisation would wait for it).
+            && self
+                .lead
+                .as_ref()
+                .is_some_and(|l| l.running() && l.excluded().is_empty())
             && self
                 .move_round
                 .is_none_or(|t| t.elapsed() >= MOVE_ROUND_EVERY)
@@ -793,7 +803,24 @@ impl Driver {
         let Some(l) = self.lead.as_mut() else {
             return;
         };
-        for a in l.handle(i) {
+        let acts = l.handle(i);
+        if l.excluded() != &self.left_out {
+            let now = l.excluded().clone();
+            for n in now.difference(&self.left_out) {
+                tracing::warn!(
+                    node = n,
+                    "node {n} does not answer: left out of the cluster's epochs (the others go on; requests for its key groups wait for it, messages to them are kept)"
+                );
+            }
+            for n in self.left_out.difference(&now) {
+                tracing::info!(
+                    node = n,
+                    "node {n} answers again: taken back into the cluster's epochs"
+                );
+            }
+            self.left_out = now;
+        }
+        for a in acts {
             self.lead_action(a);
         }
     }

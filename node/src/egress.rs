@@ -70,6 +70,33 @@ impl Egress {
         }
     }
 
+    /// Restores the durable records of key groups `kgs` that sled holds but this node has
+    /// neither queued nor read (`also_read`: keys read in epochs not committed yet), in
+    /// production order: the records of epochs read back from blob storage in place of the
+    /// node's own (it had not released them), or of key groups it gained.
+    pub(crate) fn restore_missing(
+        &self,
+        records: Vec<crate::store::StoredEgress>,
+        kgs: &std::collections::BTreeSet<u32>,
+        also_read: &std::collections::HashSet<Vec<u8>>,
+    ) {
+        let mut known: std::collections::HashSet<Vec<u8>> = also_read.clone();
+        known.extend(self.consumed.lock().iter().cloned());
+        for t in self.topics.lock().values() {
+            known.extend(t.queue.lock().iter().filter_map(|(_, k)| k.clone()));
+        }
+        self.restore(
+            records
+                .into_iter()
+                .filter(|r| {
+                    r.1.len() >= 3
+                        && kgs.contains(&(u16::from_be_bytes([r.1[1], r.1[2]]) as u32))
+                        && !known.contains(&r.1)
+                })
+                .collect(),
+        );
+    }
+
     /// Drops the unread records of key groups this node no longer serves (their new owner
     /// restores them from the state it loads).
     pub(crate) fn drop_key_groups(&self, kgs: &std::collections::BTreeSet<u32>) {
@@ -199,6 +226,36 @@ impl Egress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restore_missing_adds_only_records_neither_queued_nor_read() {
+        let e = Egress::new(16, Metrics::new());
+        let rec = |kg: u32, seq: u64| {
+            (
+                seq,
+                crate::store::egress_key(kg, seq),
+                "t".to_string(),
+                TypedValue::of(&(seq as i64)),
+            )
+        };
+        // Released before: records 1 and 2 of key group 5 (record 1 read since, its deletion
+        // not committed yet), record 3 of key group 5 read in an epoch not committed yet.
+        for r in [rec(5, 1), rec(5, 2)] {
+            e.publish_durable(&r.2, r.3, Some(r.1));
+        }
+        assert_eq!(e.pop("t").unwrap().get::<i64>().unwrap(), 1);
+        let read: std::collections::HashSet<Vec<u8>> = [rec(5, 3).1].into_iter().collect();
+        // Sled holds all of them, record 4 (read back from blob storage) and record 5 of a key
+        // group not restored.
+        let sled = vec![rec(5, 1), rec(5, 2), rec(5, 3), rec(5, 4), rec(6, 5)];
+        e.restore_missing(sled, &[5].into_iter().collect(), &read);
+        let mut got = Vec::new();
+        while let Some(v) = e.pop("t") {
+            got.push(v.get::<i64>().unwrap());
+        }
+        assert_eq!(got, vec![2, 4]);
+        assert_eq!(e.next_key(5), crate::store::egress_key(5, 5));
+    }
 
     #[tokio::test]
     async fn queue_pop_and_bounded() {

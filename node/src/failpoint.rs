@@ -25,6 +25,7 @@
 //! | `checkpoint-recovery` | during recovery, after part of the local state is rebuilt |
 //! | `checkpoint-rollback` | after an epoch object's put, before its manifest (`return`: the node abandons the epochs after the last committed one and rolls back to it, as it will when a cluster epoch is abandoned) |
 //! | `mesh-join-reply` | on the leader, after a new member's join is applied, before it is answered |
+//! | `function-invoke` | before an embedded function's batch runs (`sleep(ms)`: a slow function, messages queue up behind it; other actions do nothing) |
 //! | `mesh-fn-stream-break` | before a frame of messages between functions is sent to a peer (`return`: the frame is lost and the stream breaks, as when the connection drops) |
 
 /// Every fault point of checkpoints, for documentation and the crash tests.
@@ -42,6 +43,9 @@ pub const POINTS: &[&str] = &[
 
 /// The fault points of the cluster layer (reached only with more than one node).
 pub const MESH_POINTS: &[&str] = &["mesh-join-reply", "mesh-fn-stream-break"];
+
+/// Fault points that slow work down rather than fail it.
+pub const SLOW_POINTS: &[&str] = &["function-invoke"];
 
 /// Evaluates the fault point `name`: `Err` when it is configured to fail the step (the
 /// message names the point); never returns when configured to abort.
@@ -86,11 +90,12 @@ pub fn configure(spec: &str) -> Result<(), String> {
             .split_once('=')
             .ok_or_else(|| format!("FAILPOINTS: expected name=actions, found {part:?}"))?;
         let name = name.trim();
-        if !POINTS.contains(&name) && !MESH_POINTS.contains(&name) {
+        if !POINTS.contains(&name) && !MESH_POINTS.contains(&name) && !SLOW_POINTS.contains(&name) {
             return Err(format!(
-                "FAILPOINTS: unknown fault point {name:?} (known: {}, {})",
+                "FAILPOINTS: unknown fault point {name:?} (known: {}, {}, {})",
                 POINTS.join(", "),
-                MESH_POINTS.join(", ")
+                MESH_POINTS.join(", "),
+                SLOW_POINTS.join(", ")
             ));
         }
         fail::cfg(name, actions.trim())

@@ -107,6 +107,8 @@ impl Handler<Invoke> for Instance {
         let (slot, generation) = (self.slot, self.generation);
         match &self.entry.kind {
             FunctionKind::Embedded(function) => {
+                // `sleep(ms)`: a slow function, for the tests (messages queue up behind it).
+                let _ = crate::failpoint::eval("function-invoke");
                 let mut effects = Effects::default();
                 let mut processed = 0;
                 let mut failure = None;

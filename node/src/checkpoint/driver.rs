@@ -108,6 +108,8 @@ struct ClusterSide {
     active: bool,
     /// The leader's synchronisation generation this node follows.
     gen: u64,
+    /// The generation of the last `Resume` it followed: its open epochs were cut in it.
+    cut_gen: u64,
     leader: Option<statemesh_mesh::placement::NodeId>,
     /// Synchronising: no epochs are cut until the leader's `Resume`.
     holding: bool,
@@ -548,6 +550,7 @@ pub(crate) fn start(
             deferred: Vec::new(),
             listing_epoch: None,
             waiting_resume: None,
+            cut_gen: 0,
             move_snapshot: None,
         }),
     };
@@ -907,6 +910,9 @@ impl Driver {
                         rb.catching_up = false;
                         rb.owned_checked = true;
                         rb.extra = l.extra;
+                        // Committed epochs read back in place of its own (not only the
+                        // pending messages of the committed one).
+                        let replaced = l.replaced.is_some() && rb.catch_up.is_some();
                         if let Some(pending) = l.replaced {
                             rb.catch_up = None;
                             rb.wait = rb.to;
@@ -919,22 +925,21 @@ impl Driver {
                         // Unread egress records move with their key groups.
                         let egress = self.router.egress();
                         egress.drop_key_groups(&l.lost.iter().copied().collect());
-                        if !l.gained.is_empty() {
-                            let gained: std::collections::BTreeSet<u32> =
-                                l.gained.iter().copied().collect();
+                        // Records of the key groups gained, and of the epochs read back in
+                        // place of this node's own (it had not released them: their records
+                        // are in sled now, not yet in the queues).
+                        let mut restore: std::collections::BTreeSet<u32> =
+                            l.gained.iter().copied().collect();
+                        if replaced {
+                            restore.extend(self.loaded.iter().copied());
+                        }
+                        if !restore.is_empty() {
+                            let read: std::collections::HashSet<Vec<u8>> =
+                                self.consumed.values().flatten().cloned().collect();
                             match self.store.load_egress() {
-                                Ok(v) => egress.restore(
-                                    v.into_iter()
-                                        .filter(|r| {
-                                            r.1.len() >= 3
-                                                && gained.contains(
-                                                    &(u16::from_be_bytes([r.1[1], r.1[2]]) as u32),
-                                                )
-                                        })
-                                        .collect(),
-                                ),
+                                Ok(v) => egress.restore_missing(v, &restore, &read),
                                 Err(e) => {
-                                    tracing::error!(error = %e, "cannot load the egress records of key groups gained")
+                                    tracing::error!(error = %e, "cannot load the egress records of key groups read from blob storage")
                                 }
                             }
                         }
@@ -1056,6 +1061,10 @@ impl Driver {
     /// Once sled holds the committed epoch: the shards roll back, then the pending messages
     /// are replayed (in a task; it reports [`DriverEvent::RolledBack`]).
     fn continue_rollback(&mut self) {
+        let carried = match self.rolling_back.as_ref() {
+            Some(rb) if !rb.owned_checked => self.carried(),
+            _ => Vec::new(),
+        };
         let Some(rb) = self.rolling_back.as_mut() else {
             return;
         };
@@ -1078,7 +1087,17 @@ impl Driver {
             // are in every participant's part (its own inboxes; messages others kept for it or
             // logged in flight while rerouting them): the owner reads them all.
             let several = self.members.len() > 1;
-            if rb.catch_up.is_some() || !gained.is_empty() || !lost.is_empty() || several {
+            // Key groups whose owner takes no part now (the leader left it out: it did not
+            // answer): the participant with the lowest id carries their pending messages at the
+            // committed epoch (its shards keep them parked, in every cut) until the owner is
+            // back and reads them from its parts. Every committed epoch's parts hold every
+            // pending message, whoever is absent.
+            if rb.catch_up.is_some()
+                || !gained.is_empty()
+                || !lost.is_empty()
+                || several
+                || !carried.is_empty()
+            {
                 rb.catching_up = true;
                 let keep: Vec<u32> = now
                     .difference(&gained.iter().copied().collect())
@@ -1093,6 +1112,12 @@ impl Driver {
                 );
                 if !gained.is_empty() || !lost.is_empty() {
                     tracing::info!(gained = gained.len(), lost = lost.len(), manifest = ?manifest, "key groups moved: loading the ones gained from blob storage");
+                }
+                if !carried.is_empty() {
+                    tracing::info!(
+                        key_groups = carried.len(),
+                        "carrying the pending messages of key groups whose owner takes no part now"
+                    );
                 }
                 let events = self.events.clone();
                 tokio::spawn(async move {
@@ -1124,7 +1149,7 @@ impl Driver {
                             }),
                             None => None,
                         };
-                        let extra = match manifest {
+                        let mut extra = match manifest {
                             Some(m) => catch_up(&cp, &store, &gained, None, to, m).await?,
                             None => {
                                 // Nothing committed yet: they are empty.
@@ -1135,6 +1160,20 @@ impl Driver {
                                 Vec::new()
                             }
                         };
+                        if let Some(m) = manifest.filter(|&m| m == to && !carried.is_empty()) {
+                            let (_, states) = retry("read the committed epoch", || {
+                                cp.recover_at(m, &carried, Some(m))
+                            })
+                            .await
+                            .map_err(|e| {
+                                format!("cannot read the committed epoch's pending messages: {e}")
+                            })?;
+                            extra.extend(
+                                states
+                                    .into_iter()
+                                    .flat_map(|(kg, st)| st.pending.into_iter().map(move |p| (kg, p))),
+                            );
+                        }
                         Ok(Loaded {
                             replaced,
                             extra,
@@ -1295,6 +1334,7 @@ impl Driver {
                         committed: self.last_released,
                         cut: self.coord.started(),
                         shards: self.shards.len() as u32,
+                        cut_gen: c.cut_gen,
                     };
                     c.send(from, held);
                 } else {
@@ -1312,6 +1352,7 @@ impl Driver {
                 roll_back,
                 members,
                 placement_version,
+                release,
                 ..
             } if gen == c.gen && holding && active && self.rolling_back.is_none() => {
                 if self.router.placement().version() < placement_version {
@@ -1327,11 +1368,13 @@ impl Driver {
                             roll_back,
                             members,
                             placement_version,
+                            release,
                         },
                     ));
                     return;
                 }
-                self.resume(committed, base, manifest, roll_back, members)
+                c.cut_gen = gen;
+                self.resume(committed, base, manifest, roll_back, members, release)
             }
             EpochMsg::Barrier {
                 epoch,
@@ -1416,9 +1459,32 @@ impl Driver {
                     committed,
                     cut,
                     shards: self.shards.len() as u32,
+                    cut_gen: 0,
                 },
             );
         }
+    }
+
+    /// The key groups whose pending messages this node carries: their owner takes no part in
+    /// the epochs now (the leader left it out), and this node is the participant with the
+    /// lowest id (or alone).
+    fn carried(&self) -> Vec<u32> {
+        let Some(c) = self.cluster.as_ref().filter(|c| c.active) else {
+            return Vec::new();
+        };
+        let ids: Vec<u64> = self.members.iter().map(|(n, _)| *n).collect();
+        if ids.iter().min().is_some_and(|&m| m != c.me) {
+            return Vec::new();
+        }
+        let (_, owners) = self.router.placement().owners();
+        owners
+            .iter()
+            .enumerate()
+            .filter_map(|(kg, o)| match o {
+                Some(o) if *o != c.me && !ids.contains(o) => Some(kg as u32),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The leader's `Resume`: epochs up to `committed` are committed (the newest with a
@@ -1431,6 +1497,7 @@ impl Driver {
         manifest: Option<u64>,
         all: bool,
         members: Vec<(u64, u32)>,
+        release: bool,
     ) {
         // Reads stopped for a move go on (moved or not).
         self.router.egress().pause(false);
@@ -1451,15 +1518,26 @@ impl Driver {
                 .collect();
             now != self.loaded
         };
-        if committed > self.coord.committed() {
+        // Open epochs of its own are released by `committed` only when the leader says they
+        // are the committed ones (this node took part in the generation that cut them):
+        // otherwise they may have been abandoned while the leader left this node out (the
+        // others' epochs of the same numbers committed since). Those that did commit are read
+        // back from blob storage below (their callers, failed by the rollback, retry with
+        // their keys).
+        let open = self.coord.started() > self.coord.committed();
+        if committed > self.coord.committed() && (!open || release) {
             self.input(Input::Committed { epoch: committed });
         }
-        // Committed epochs with data this node did not release (it restarted as the leader
-        // committed them), open epochs (abandoned), or several participants (all go back to
-        // the same cut): roll back.
-        let missing = manifest.filter(|&m| m > self.last_released);
         let open = self.coord.started() > self.coord.committed();
-        if (missing.is_some() || open || all || changed || owned_changed) && self.cp.is_some() {
+        // Committed epochs with data this node did not release (it restarted as the leader
+        // committed them, or was left out), open epochs (abandoned), several participants
+        // (all go back to the same cut), or key groups whose pending messages it carries now
+        // (their owner is left out: its next parts must hold them): roll back.
+        let missing = manifest.filter(|&m| m > self.last_released);
+        let carries = !self.carried().is_empty();
+        if (missing.is_some() || open || all || changed || owned_changed || carries)
+            && self.cp.is_some()
+        {
             if let Some(c) = self.cluster.as_mut() {
                 c.holding = true;
             }

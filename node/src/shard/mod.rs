@@ -1469,10 +1469,18 @@ impl Handler<Rollback> for Shard {
         self.idem = IdempotencyTable::default();
         self.load_from_store();
         // The committed epoch's pending messages first, then what shards that rolled back
-        // first sent meanwhile.
-        if !msg.pending.is_empty() {
+        // first sent meanwhile. Those of key groups another node owns are carried for an
+        // owner that takes no part now: parked (in every cut) until it is back.
+        let (local, carried): (Vec<Envelope>, Vec<Envelope>) = msg
+            .pending
+            .into_iter()
+            .partition(|e| self.router.placement().is_local(e.kg));
+        for env in carried {
+            self.route_env(env);
+        }
+        if !local.is_empty() {
             self.deliver(Deliver {
-                batch: msg.pending,
+                batch: local,
                 from: None,
                 remote: None,
                 generation: self.generation,
