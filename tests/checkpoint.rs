@@ -411,6 +411,29 @@ async fn scenario(blob: Blob) {
     assert_eq!(kv(&since9[&1]), pairs(&[("x", "12"), ("y", "10")]));
     let (_, full) = store.recover(KGS).await.unwrap();
     assert_eq!(kv(&full[&0]), pairs(&[("a", "9"), ("b", "8"), ("c", "11")]));
+
+    // A full snapshot labelled 12 that no manifest lists yet (its writer lists it in a later
+    // part; in a cluster another member collects meanwhile): within the grace GC keeps it,
+    // after it (here: none) it is an orphan.
+    let unlisted = store
+        .write_full_snapshot(&node(
+            "n2",
+            12,
+            vec![section(1, true, &[("x", "12"), ("y", "10")], &[])],
+        ))
+        .await
+        .unwrap()
+        .path;
+    store
+        .gc_after(1, KGS, std::time::Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert!(
+        paths(&blob).await.contains(&unlisted),
+        "GC deleted a snapshot not listed yet"
+    );
+    store.gc(1, KGS).await.unwrap();
+    assert!(!paths(&blob).await.contains(&unlisted));
 }
 
 async fn memory() -> Blob {

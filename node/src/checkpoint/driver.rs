@@ -100,6 +100,11 @@ pub(crate) struct Loaded {
 /// passes them to the leader).
 pub(crate) type EpochOut = mpsc::UnboundedSender<crate::cluster::EpochRoute>;
 
+/// How long garbage collection leaves an object no manifest lists: a full snapshot is listed
+/// only in a part after it is written (a move's snapshot after the leader's `Prepared` round),
+/// and in a cluster the member that collects is not the one that wrote it.
+const GC_GRACE: Duration = Duration::from_secs(300);
+
 /// A node's side of cluster epochs.
 struct ClusterSide {
     me: statemesh_mesh::placement::NodeId,
@@ -1863,7 +1868,7 @@ impl Driver {
             let owned: Vec<u32> = (0..self.key_groups).collect();
             tokio::spawn(async move {
                 let r = cp
-                    .gc(retain, &owned)
+                    .gc_after(retain, &owned, GC_GRACE)
                     .await
                     .map(Maintenance::Gc)
                     .map_err(|e| e.to_string());

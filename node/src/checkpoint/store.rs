@@ -234,6 +234,19 @@ impl CheckpointStore {
     }
 
     async fn list(&self, dir: &str) -> Result<Vec<String>, CheckpointError> {
+        Ok(self
+            .list_meta(dir)
+            .await?
+            .into_iter()
+            .map(|(rel, _)| rel)
+            .collect())
+    }
+
+    /// The objects under `dir`, each with when it was last modified.
+    async fn list_meta(
+        &self,
+        dir: &str,
+    ) -> Result<Vec<(String, std::time::SystemTime)>, CheckpointError> {
         let prefix = self.path(dir);
         let metas: Vec<_> = self
             .blob
@@ -244,7 +257,12 @@ impl CheckpointStore {
             .map_err(|e| self.err("list", dir, e))?;
         Ok(metas
             .iter()
-            .map(|m| self.rel(&m.location).to_string())
+            .map(|m| {
+                (
+                    self.rel(&m.location).to_string(),
+                    std::time::SystemTime::from(m.last_modified),
+                )
+            })
             .collect())
     }
 
@@ -716,6 +734,19 @@ impl CheckpointStore {
     /// ([`CheckpointError::Truncated`]) when the history it finds already has a gap that a full
     /// snapshot does not cover. Callers must not write full snapshots concurrently.
     pub async fn gc(&self, keep: usize, key_groups: &[u32]) -> Result<GcReport, CheckpointError> {
+        self.gc_after(keep, key_groups, std::time::Duration::ZERO)
+            .await
+    }
+
+    /// [`Self::gc`], but an object no manifest lists is deleted only once it is older than
+    /// `grace`: a full snapshot is written before the manifest that lists it (by any member
+    /// of a cluster, while another one collects), and must survive until it is listed.
+    pub async fn gc_after(
+        &self,
+        keep: usize,
+        key_groups: &[u32],
+        grace: std::time::Duration,
+    ) -> Result<GcReport, CheckpointError> {
         let epochs = self.committed_epochs().await?;
         let Some(&latest) = epochs.last() else {
             return Ok(GcReport::default());
@@ -762,9 +793,11 @@ impl CheckpointStore {
             report.manifests_deleted += 1;
             self.gc_cache.lock().remove(&e);
         }
-        for rel in self.list("epochs").await? {
+        let now = std::time::SystemTime::now();
+        for (rel, modified) in self.list_meta("epochs").await? {
             let Some(e) = epoch_of(&rel) else { continue };
-            if e <= latest && !referenced.contains(&rel) {
+            let age = now.duration_since(modified).unwrap_or_default();
+            if e <= latest && !referenced.contains(&rel) && age >= grace {
                 self.delete(&rel).await?;
                 report.objects_deleted += 1;
             }
