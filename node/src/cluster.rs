@@ -769,21 +769,31 @@ impl Driver {
                 .move_round
                 .is_none_or(|t| t.elapsed() >= MOVE_ROUND_EVERY)
         {
-            self.move_round = Some(Instant::now());
-            // Their owners first snapshot the key groups about to move: their new owners
-            // then read a short chain.
-            let plan: Vec<u32> = self
-                .node
-                .state()
-                .plan_moves(MOVES_PER_ROUND)
+            let moves = self.node.state().plan_moves(MOVES_PER_ROUND);
+            // Only to members whose control log has caught up (their process runs and has
+            // the table): a joiner still starting would hold every participant's
+            // synchronisation, and so every key group, until it answers.
+            let me = self.node.id();
+            let waiting = moves
                 .iter()
-                .map(|m| m.kg)
-                .collect();
-            tracing::info!(
-                key_groups = plan.len(),
-                "moving key groups to the members that should own them"
-            );
-            self.lead_input(LeadInput::Handover { snapshot: plan });
+                .find(|m| m.to != me && !self.node.caught_up(m.to))
+                .map(|m| m.to);
+            if let Some(n) = waiting {
+                tracing::debug!(
+                    node = n,
+                    "key groups wait to move: their new owner's control log has not caught up"
+                );
+            } else {
+                self.move_round = Some(Instant::now());
+                // Their owners first snapshot the key groups about to move: their new owners
+                // then read a short chain.
+                let plan: Vec<u32> = moves.iter().map(|m| m.kg).collect();
+                tracing::info!(
+                    key_groups = plan.len(),
+                    "moving key groups to the members that should own them"
+                );
+                self.lead_input(LeadInput::Handover { snapshot: plan });
+            }
         }
         // Recorded for later leaders (the manifests are the commit points).
         if self.record_wanted > recorded
