@@ -1651,6 +1651,17 @@ mod tests {
         ));
     }
 
+    /// A participant's `Held` with one shard.
+    fn held_msg(gen: u64, committed: Epoch, cut: Epoch, cut_gen: u64) -> EpochMsg {
+        EpochMsg::Held {
+            gen,
+            committed,
+            cut,
+            shards: 1,
+            cut_gen,
+        }
+    }
+
     fn sends(a: &[LeadAction]) -> Vec<(NodeId, EpochMsg)> {
         a.iter()
             .filter_map(|x| match x {
@@ -1677,34 +1688,16 @@ mod tests {
         assert!(l
             .handle(LeadInput::Msg {
                 from: 1,
-                msg: EpochMsg::Held {
-                    gen: g - 1,
-                    committed: 3,
-                    cut: 3,
-                    shards: 1,
-                    cut_gen: 0,
-                }
+                msg: held_msg(g - 1, 3, 3, 0)
             })
             .is_empty());
         l.handle(LeadInput::Msg {
             from: 1,
-            msg: EpochMsg::Held {
-                gen: g,
-                committed: 4,
-                cut: 6,
-                shards: 1,
-                cut_gen: 0,
-            },
+            msg: held_msg(g, 4, 6, 0),
         });
         let a = l.handle(LeadInput::Msg {
             from: 2,
-            msg: EpochMsg::Held {
-                gen: g,
-                committed: 3,
-                cut: 3,
-                shards: 1,
-                cut_gen: 0,
-            },
+            msg: held_msg(g, 3, 3, 0),
         });
         assert_eq!(a, vec![LeadAction::ReadLatest]);
         let a = l.handle(LeadInput::Latest(Ok(Some(5))));
@@ -1785,13 +1778,7 @@ mod tests {
         for from in [1, 2] {
             l.handle(LeadInput::Msg {
                 from,
-                msg: EpochMsg::Held {
-                    gen: g,
-                    committed: 0,
-                    cut: 0,
-                    shards: 1,
-                    cut_gen: 0,
-                },
+                msg: held_msg(g, 0, 0, 0),
             });
         }
         l.handle(LeadInput::Latest(Ok(None)));
@@ -1975,13 +1962,7 @@ mod tests {
         assert!(sends(&a).contains(&(2, EpochMsg::Hold { gen: g })));
         l.handle(LeadInput::Msg {
             from: 1,
-            msg: EpochMsg::Held {
-                gen: g,
-                committed: 0,
-                cut: 0,
-                shards: 1,
-                cut_gen: 0,
-            },
+            msg: held_msg(g, 0, 0, 0),
         });
         // Node 2 does not answer: after the timeout it is left out, node 1 goes on alone.
         let a = l.handle(LeadInput::Tick {
@@ -2014,13 +1995,7 @@ mod tests {
         // It answers: the next synchronisation waits for it.
         let a = l.handle(LeadInput::Msg {
             from: 2,
-            msg: EpochMsg::Held {
-                gen: g,
-                committed: 0,
-                cut: 4,
-                shards: 1,
-                cut_gen: 0,
-            },
+            msg: held_msg(g, 0, 4, 0),
         });
         assert!(l.excluded().is_empty());
         let g2 = l.gen();
@@ -2051,13 +2026,7 @@ mod tests {
         assert!(sends(&a).contains(&(1, EpochMsg::Hold { gen: g1 })));
         l.handle(LeadInput::Msg {
             from: 1,
-            msg: EpochMsg::Held {
-                gen: g1,
-                committed: e1 - 1,
-                cut: e2,
-                shards: 1,
-                cut_gen: g0,
-            },
+            msg: held_msg(g1, e1 - 1, e2, g0),
         });
         now += HOLD_TIMEOUT_MS;
         let a = l.handle(LeadInput::Tick { now_ms: now });
@@ -2092,35 +2061,17 @@ mod tests {
         // of g1 without it. It releases none of its own; node 1 releases its own.
         l.handle(LeadInput::Msg {
             from: 2,
-            msg: EpochMsg::Held {
-                gen: g1,
-                committed: e1,
-                cut: e2,
-                shards: 1,
-                cut_gen: g0,
-            },
+            msg: held_msg(g1, e1, e2, g0),
         });
         let g2 = l.gen();
         assert!(g2 > g1);
         l.handle(LeadInput::Msg {
             from: 1,
-            msg: EpochMsg::Held {
-                gen: g2,
-                committed: e - 1,
-                cut: e,
-                shards: 1,
-                cut_gen: g1,
-            },
+            msg: held_msg(g2, e - 1, e, g1),
         });
         let a = l.handle(LeadInput::Msg {
             from: 2,
-            msg: EpochMsg::Held {
-                gen: g2,
-                committed: e1,
-                cut: e2,
-                shards: 1,
-                cut_gen: g0,
-            },
+            msg: held_msg(g2, e1, e2, g0),
         });
         assert_eq!(releases(&a, g2), BTreeMap::from([(1, true), (2, false)]));
         // A new leader does not know which generation cut the committed epochs: nobody
@@ -2131,13 +2082,7 @@ mod tests {
         for from in [1, 2] {
             l2.handle(LeadInput::Msg {
                 from,
-                msg: EpochMsg::Held {
-                    gen: g3,
-                    committed: e1,
-                    cut: e + 1,
-                    shards: 1,
-                    cut_gen: g2,
-                },
+                msg: held_msg(g3, e1, e + 1, g2),
             });
         }
         let a = l2.handle(LeadInput::Latest(Ok(Some(e))));
@@ -2176,13 +2121,7 @@ mod tests {
         let g = l.gen();
         l.handle(LeadInput::Msg {
             from: 1,
-            msg: EpochMsg::Held {
-                gen: g,
-                committed: 0,
-                cut: 2,
-                shards: 1,
-                cut_gen: 0,
-            },
+            msg: held_msg(g, 0, 2, 0),
         });
         let t0 = 1_764_000_000_000;
         for now_ms in [t0, t0 + HOLD_TIMEOUT_MS - 1] {
@@ -2211,13 +2150,7 @@ mod tests {
         let g = l.gen();
         l.handle(LeadInput::Msg {
             from: 1,
-            msg: EpochMsg::Held {
-                gen: g,
-                committed: 0,
-                cut: 0,
-                shards: 1,
-                cut_gen: 0,
-            },
+            msg: held_msg(g, 0, 0, 0),
         });
         l.handle(LeadInput::Latest(Ok(None)));
         l.handle(LeadInput::Tick { now_ms: 10 });

@@ -320,6 +320,24 @@ fn write_state(store: &Store, st: &super::format::KeyGroupState) -> Result<(), S
 /// Reads the committed epochs after `after` up to `to` of the key groups `owned` from blob
 /// storage into sled (a rollback to an epoch this node did not see committed); returns the
 /// pending messages of `to`.
+/// The pending messages of key groups `kgs` at committed epoch `m` (every participant's part
+/// of it), read from blob storage.
+async fn pending_at(
+    cp: &CheckpointStore,
+    m: u64,
+    kgs: &[u32],
+) -> Result<Vec<(u32, PendingMessage)>, String> {
+    let (_, states) = retry("read the committed epoch", || {
+        cp.recover_at(m, kgs, Some(m))
+    })
+    .await
+    .map_err(|e| format!("cannot read the committed epoch's pending messages: {e}"))?;
+    Ok(states
+        .into_iter()
+        .flat_map(|(kg, st)| st.pending.into_iter().map(move |p| (kg, p)))
+        .collect())
+}
+
 async fn catch_up(
     cp: &CheckpointStore,
     store: &Store,
@@ -1136,19 +1154,7 @@ impl Driver {
                                 Some(catch_up(&cp, &store, &keep, Some(own), to, m).await?)
                             }
                             None if several => Some(match manifest {
-                                Some(m) if m == to => {
-                                    let (_, states) = retry("read the committed epoch", || {
-                                        cp.recover_at(m, &keep, Some(m))
-                                    })
-                                    .await
-                                    .map_err(|e| {
-                                        format!("cannot read the committed epoch's pending messages: {e}")
-                                    })?;
-                                    states
-                                        .into_iter()
-                                        .flat_map(|(kg, st)| st.pending.into_iter().map(move |p| (kg, p)))
-                                        .collect()
-                                }
+                                Some(m) if m == to => pending_at(&cp, m, &keep).await?,
                                 // No manifest: every part was empty, nothing was pending.
                                 _ => Vec::new(),
                             }),
@@ -1166,18 +1172,7 @@ impl Driver {
                             }
                         };
                         if let Some(m) = manifest.filter(|&m| m == to && !carried.is_empty()) {
-                            let (_, states) = retry("read the committed epoch", || {
-                                cp.recover_at(m, &carried, Some(m))
-                            })
-                            .await
-                            .map_err(|e| {
-                                format!("cannot read the committed epoch's pending messages: {e}")
-                            })?;
-                            extra.extend(
-                                states
-                                    .into_iter()
-                                    .flat_map(|(kg, st)| st.pending.into_iter().map(move |p| (kg, p))),
-                            );
+                            extra.extend(pending_at(&cp, m, &carried).await?);
                         }
                         Ok(Loaded {
                             replaced,
