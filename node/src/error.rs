@@ -37,6 +37,17 @@ pub enum ServiceError {
     /// A bug or I/O failure inside the node.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A forwarded request reached a node that does not own its key group (the two nodes'
+    /// tables disagree while ownership changes): refused, nothing applied. `version` is the
+    /// refusing node's ownership version of the key group; the forwarding node routes the
+    /// request again once the tables agree.
+    #[error("unavailable: {message}")]
+    NotOwner {
+        /// The refusing node's ownership version of the key group.
+        version: u64,
+        /// What happened, for the client if routing again does not help.
+        message: String,
+    },
     /// The error another node (the owner of the address) answered a forwarded request with,
     /// passed on with its code and text.
     #[error("{1}")]
@@ -53,7 +64,9 @@ impl ServiceError {
                 tonic::Code::ResourceExhausted
             }
             ServiceError::Timeout(_) => tonic::Code::DeadlineExceeded,
-            ServiceError::Unavailable(_) => tonic::Code::Unavailable,
+            ServiceError::Unavailable(_) | ServiceError::NotOwner { .. } => {
+                tonic::Code::Unavailable
+            }
             ServiceError::FunctionFailed(_) => tonic::Code::Aborted,
             ServiceError::Internal(_) => tonic::Code::Internal,
             ServiceError::Forwarded(code, _) => *code,
@@ -68,7 +81,9 @@ impl ServiceError {
             ServiceError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ServiceError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ServiceError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServiceError::Unavailable(_) | ServiceError::NotOwner { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ServiceError::FunctionFailed(_) => StatusCode::BAD_GATEWAY,
             ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ServiceError::Forwarded(code, _) => match code {

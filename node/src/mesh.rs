@@ -57,6 +57,8 @@ struct Table {
     producers: Vec<(NodeId, String)>,
     /// The table's version (`placement_version` of the control group's state).
     version: u64,
+    /// Each key group's ownership version (bumped by each of its moves).
+    versions: Vec<u64>,
 }
 
 /// Who owns what, shared by the control task (writer) and the router (readers).
@@ -111,6 +113,41 @@ impl Placement {
         }
     }
 
+    /// Key group `kg`'s ownership version here (0: unassigned, or no table yet).
+    pub(crate) fn kg_version(&self, kg: u32) -> u64 {
+        self.table
+            .read()
+            .versions
+            .get(kg as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// After a node refused a request for key group `kg` forwarded at ownership version
+    /// `used` because it does not own it at its version `theirs`: waits until routing again
+    /// can reach the owner. If the refusing node's table is ahead, until this node's has
+    /// caught up; if it is behind, a moment for it to catch up. False once `deadline` passed
+    /// (the refusal goes to the client).
+    pub(crate) async fn settle(
+        &self,
+        kg: u32,
+        used: u64,
+        theirs: u64,
+        deadline: std::time::Instant,
+    ) -> bool {
+        if theirs <= used {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            return std::time::Instant::now() < deadline;
+        }
+        while std::time::Instant::now() < deadline {
+            if self.kg_version(kg) >= theirs {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
     /// The table's version and the owner of each key group (`None`: unassigned).
     pub(crate) fn owners(&self) -> (u64, Vec<Option<NodeId>>) {
         let t = self.table.read();
@@ -143,6 +180,7 @@ impl Placement {
             lone: bootstrapped && state.members.keys().all(|&id| id == me),
             member: state.members.contains_key(&me),
             version: state.placement_version,
+            versions: state.table.iter().map(|o| o.version).collect(),
             producers: state
                 .members
                 .values()
@@ -298,15 +336,21 @@ pub(crate) async fn forward_send(
     target: &Address,
     message: TypedValue,
     key: Option<String>,
+    kg_version: u64,
 ) -> Result<(), ServiceError> {
     let req = pb::SendRequest {
         target: Some(target.to_proto()),
         message: Some(message.to_proto()),
         idempotency_key: key.unwrap_or_default(),
     };
-    p.forward(node, addr, Kind::Send, req.encode_to_vec(), FORWARD_TIMEOUT)
-        .await
-        .map(|_| ())
+    p.forward(
+        node,
+        addr,
+        (Kind::Send, req.encode_to_vec(), kg_version),
+        FORWARD_TIMEOUT,
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Queues a fire-and-forget `Send` for its owner at once, behind what this thread queued
@@ -330,7 +374,7 @@ pub(crate) fn forward_send_now(
             .or_else(|| tokio::runtime::Handle::try_current().ok())
             .ok_or_else(|| ServiceError::Unavailable("forwarding needs a tokio runtime".into()))?;
     let (tx, rx) = oneshot::channel();
-    f.tx.try_send((Kind::Send, req.encode_to_vec(), tx))
+    f.tx.try_send((Kind::Send, req.encode_to_vec(), 0, tx))
         .map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ServiceError::Overloaded(format!(
                 "the forwarding queue to node {node} (at {addr}), the owner of {target}, is full ({FORWARD_QUEUE} requests); retry later"
@@ -354,11 +398,11 @@ pub(crate) fn forward_send_now(
     Ok(())
 }
 
-/// Forwards a `Call` to its owner; the reply comes back on the same stream.
+/// Forwards a `Call` to its owner (`node` at `addr`, owning the key group at `kg_version`);
+/// the reply comes back on the same stream.
 pub(crate) async fn forward_call(
     p: &Placement,
-    node: NodeId,
-    addr: &str,
+    (node, addr, kg_version): (NodeId, &str, u64),
     target: &Address,
     message: TypedValue,
     timeout: Duration,
@@ -374,8 +418,7 @@ pub(crate) async fn forward_call(
         .forward(
             node,
             addr,
-            Kind::Call,
-            req.encode_to_vec(),
+            (Kind::Call, req.encode_to_vec(), kg_version),
             timeout + Duration::from_secs(2),
         )
         .await?;
@@ -439,8 +482,7 @@ pub(crate) async fn forward_batch(
     p.forward(
         node,
         addr,
-        Kind::SendBatch,
-        batch.encode_to_vec(),
+        (Kind::SendBatch, batch.encode_to_vec(), 0),
         FORWARD_TIMEOUT,
     )
     .await
@@ -453,6 +495,7 @@ pub(crate) async fn forward_get_state(
     node: NodeId,
     addr: &str,
     address: &Address,
+    kg_version: u64,
 ) -> Result<Vec<(String, TypedValue, u64)>, ServiceError> {
     let req = pb::GetStateRequest {
         address: Some(address.to_proto()),
@@ -461,8 +504,7 @@ pub(crate) async fn forward_get_state(
         .forward(
             node,
             addr,
-            Kind::GetState,
-            req.encode_to_vec(),
+            (Kind::GetState, req.encode_to_vec(), kg_version),
             FORWARD_TIMEOUT,
         )
         .await?;
@@ -511,10 +553,35 @@ const FORWARD_QUEUE: usize = 4096;
 /// Requests or replies per frame.
 const FRAME: usize = 256;
 
+/// A request to forward: its kind, encoded request and key-group ownership version.
+type Outgoing = (Kind, Vec<u8>, u64);
+
 /// The sending side of a forwarding stream to one peer.
 #[derive(Clone)]
 pub(crate) struct Forwarder {
-    tx: mpsc::Sender<(Kind, Vec<u8>, ReplyTx)>,
+    tx: mpsc::Sender<(Kind, Vec<u8>, u64, ReplyTx)>,
+}
+
+/// The metadata key of a refusal by a node that does not own the request's key group: its
+/// ownership version.
+const OWNER_VERSION: &str = "x-statemesh-owner-version";
+
+/// The status a forwarded request's refusal by a node that does not own its key group
+/// travels as, from the stream's task to the waiting caller.
+fn not_owner_status(message: String, version: u64) -> Status {
+    let mut s = Status::unavailable(message);
+    s.metadata_mut()
+        .insert(OWNER_VERSION, tonic::metadata::MetadataValue::from(version));
+    s
+}
+
+/// The refusing node's ownership version, if `s` is a refusal by a node that does not own the
+/// request's key group.
+fn owner_version(s: &Status) -> Option<u64> {
+    s.metadata()
+        .get(OWNER_VERSION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 impl Forwarder {
@@ -530,7 +597,7 @@ impl Forwarder {
 async fn forwarder_task(
     addr: String,
     channel: Channel,
-    mut rx: mpsc::Receiver<(Kind, Vec<u8>, ReplyTx)>,
+    mut rx: mpsc::Receiver<(Kind, Vec<u8>, u64, ReplyTx)>,
 ) {
     let mut next_id = 1u64;
     let mut backoff = Duration::from_millis(20);
@@ -552,7 +619,7 @@ async fn forwarder_task(
                 while let Ok(r) = rx.try_recv() {
                     queue.push(r);
                 }
-                for (_, _, reply) in queue {
+                for (_, _, _, reply) in queue {
                     let _ = reply.send(Err(s.clone()));
                 }
                 tokio::time::sleep(backoff).await;
@@ -570,7 +637,7 @@ async fn forwarder_task(
                     }
                 }
                 let mut requests = Vec::with_capacity(queue.len());
-                for (kind, request, reply) in queue.drain(..) {
+                for (kind, request, kg_version, reply) in queue.drain(..) {
                     let id = next_id;
                     next_id += 1;
                     pending.insert(id, reply);
@@ -578,6 +645,7 @@ async fn forwarder_task(
                         id,
                         kind: kind as i32,
                         request: request.into(),
+                        kg_version,
                     });
                 }
                 if ftx.send(mpb::ForwardFrame { requests }).await.is_err() {
@@ -595,6 +663,8 @@ async fn forwarder_task(
                             if let Some(tx) = pending.remove(&r.id) {
                                 let _ = tx.send(if r.code == 0 {
                                     Ok(r.response)
+                                } else if r.not_owner {
+                                    Err(not_owner_status(r.message, r.owner_version))
                                 } else {
                                     Err(Status::new(tonic::Code::from(r.code), r.message))
                                 });
@@ -614,7 +684,7 @@ async fn forwarder_task(
                 broke.message()
             ))));
         }
-        for (_, _, tx) in queue.drain(..) {
+        for (_, _, _, tx) in queue.drain(..) {
             let _ = tx.send(Err(broke.clone()));
         }
     }
@@ -627,13 +697,12 @@ impl Placement {
         &self,
         node: NodeId,
         addr: &str,
-        kind: Kind,
-        request: Vec<u8>,
+        (kind, request, kg_version): Outgoing,
         timeout: Duration,
     ) -> Result<bytes::Bytes, ServiceError> {
         let f = self.forwarder(addr)?;
         let (tx, rx) = oneshot::channel();
-        if f.tx.send((kind, request, tx)).await.is_err() {
+        if f.tx.send((kind, request, kg_version, tx)).await.is_err() {
             return Err(ServiceError::Unavailable(format!(
                 "the forwarding stream to node {node} (at {addr}) stopped; retry"
             )));
@@ -649,7 +718,13 @@ impl Placement {
                     format!("node {node} (at {addr}), the owner of this address: {}; retry with an idempotency key", s.message()),
                 ))
             }
-            Ok(Ok(Err(s))) => Err(from_status(node, addr, s)),
+            Ok(Ok(Err(s))) => match owner_version(&s) {
+                Some(version) => Err(ServiceError::NotOwner {
+                    version,
+                    message: s.message().to_string(),
+                }),
+                None => Err(from_status(node, addr, s)),
+            },
             Ok(Err(_)) => Err(ServiceError::Unavailable(format!(
                 "the forwarding stream to node {node} (at {addr}) stopped; retry"
             ))),
@@ -778,6 +853,9 @@ async fn fn_forwarder_task(
                         id: next_id,
                         kind: kind as i32,
                         request: request.into(),
+                        // Rerouted by the receiver itself when its table is ahead (see
+                        // `Shard::deliver`); a rollback drops what an older table sent.
+                        kg_version: 0,
                     }
                 })
                 .collect();
@@ -962,12 +1040,18 @@ pub(crate) fn serve_forward(
                             code: 0,
                             message: String::new(),
                             response: response.into(),
+                            ..Default::default()
                         },
                         Err(e) => mpb::ForwardReply {
                             id,
                             code: e.grpc_code() as i32,
                             message: e.to_string(),
                             response: Default::default(),
+                            not_owner: matches!(e, ServiceError::NotOwner { .. }),
+                            owner_version: match e {
+                                ServiceError::NotOwner { version, .. } => version,
+                                _ => 0,
+                            },
                         },
                     };
                     let _ = rtx.send(reply).await;
@@ -1000,7 +1084,7 @@ fn start_one(
             let q = pb::SendRequest::decode(r.request.clone()).map_err(bad)?;
             let (t, m) = parts(q.target, q.message)?;
             let key = Some(q.idempotency_key).filter(|k| !k.is_empty());
-            let ack = router.send_forwarded_now(t, m, key)?;
+            let ack = router.send_forwarded_now(t, m, key, r.kg_version)?;
             Ok(async move {
                 ack.await?;
                 Ok(pb::SendResponse {}.encode_to_vec())
@@ -1012,7 +1096,7 @@ fn start_one(
             let (t, m) = parts(q.target, q.message)?;
             let key = Some(q.idempotency_key).filter(|k| !k.is_empty());
             let timeout = Duration::from_millis(q.timeout_ms.max(1));
-            let reply = router.call_forwarded_now(t, m, timeout, key)?;
+            let reply = router.call_forwarded_now(t, m, timeout, key, r.kg_version)?;
             Ok(async move {
                 let v = reply.await?;
                 Ok(pb::CallResponse {
@@ -1065,7 +1149,9 @@ async fn serve_one(
                 let (t, v) = parts(m.target, m.message)?;
                 batch.push((t, v, Some(m.idempotency_key).filter(|k| !k.is_empty())));
             }
-            let accepted = router.send_batch_routed(batch, true, true).await? as u64;
+            let accepted = router
+                .send_batch_routed(batch, true, Some(r.kg_version))
+                .await? as u64;
             Ok(pb::SendStreamSummary { accepted }.encode_to_vec())
         }
         Ok(Kind::GetState) => {
@@ -1074,7 +1160,7 @@ async fn serve_one(
                 .address
                 .ok_or_else(|| ServiceError::InvalidArgument("missing address".into()))?;
             let values = router
-                .get_state_routed(Address::from_proto(&a)?, true)
+                .get_state_routed(Address::from_proto(&a)?, Some(r.kg_version))
                 .await?;
             Ok(pb::GetStateResponse {
                 values: state_values(values),
@@ -1551,5 +1637,72 @@ mod tests {
         j.update(&fresh);
         assert!(matches!(j.route(0), Route::Unavailable(_)));
         assert!(!j.ready());
+    }
+
+    /// A forwarded request refused by a node that does not own its key group is routed again
+    /// once the tables agree: this node's waits for the refusing node's newer version, a
+    /// refusing node that is behind gets a moment, and both give up at the deadline.
+    #[tokio::test]
+    async fn a_refused_forward_waits_for_the_newer_table_then_routes_again() {
+        use statemesh_mesh::control::MoveCommand;
+        use std::time::{Duration, Instant};
+        let p = Arc::new(Placement::new(1));
+        let mut s = ClusterState::new(4);
+        s.conf = Some(RaftConf {
+            voters: vec![1],
+            ..Default::default()
+        });
+        for (i, id) in [1, 2, 3].into_iter().enumerate() {
+            s.apply(
+                2 + i as u64,
+                &Command::Join {
+                    id,
+                    grpc_addr: format!("127.0.0.1:{}", 9000 + id),
+                    http_addr: String::new(),
+                    role: Role::Learner,
+                    incarnation: 0,
+                    fresh: false,
+                },
+            );
+        }
+        let mv = |kg, to, version| MoveCommand { kg, to, version };
+        s.apply(
+            5,
+            &Command::Move {
+                moves: vec![mv(0, 2, 0)],
+            },
+        );
+        p.update(&s);
+        assert_eq!(p.kg_version(0), 1);
+        assert!(matches!(p.route(0), Route::Remote { node: 2, .. }));
+        // Node 2 refused at version 2 (the key group moved on to node 3): this node routes
+        // again once it has applied that move too.
+        let mut next = s.clone();
+        next.apply(
+            6,
+            &Command::Move {
+                moves: vec![mv(0, 3, 1)],
+            },
+        );
+        let later = p.clone();
+        let t = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            later.update(&next);
+        });
+        assert!(p.settle(0, 1, 2, t + Duration::from_secs(3)).await);
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        assert_eq!(p.kg_version(0), 2);
+        assert!(matches!(p.route(0), Route::Remote { node: 3, .. }));
+        // The refusing node is behind (version 1 < 2): a moment for it, then again.
+        let t = Instant::now();
+        assert!(p.settle(0, 2, 1, t + Duration::from_secs(3)).await);
+        assert!(t.elapsed() >= Duration::from_millis(10));
+        // A version this node never reaches: refused after the deadline.
+        let t = Instant::now();
+        assert!(!p.settle(0, 2, 7, t + Duration::from_millis(40)).await);
+        assert!(t.elapsed() >= Duration::from_millis(40));
+        // Past the deadline nothing is retried.
+        assert!(!p.settle(0, 2, 1, Instant::now()).await);
     }
 }

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub remote_failed_attempts: IntCounter,
     /// Retried requests answered from their idempotency record.
     pub idempotent_retries: IntCounter,
+    /// Forwarded requests a node that does not own their key group refused, routed again.
+    pub rerouted: IntCounter,
     /// Time from an epoch's barrier to its commit.
     pub checkpoint_seconds: Histogram,
     /// How long a shard paused processing to cut an epoch.
@@ -174,6 +176,11 @@ impl Metrics {
                 &r,
                 "statemesh_idempotent_retries_total",
                 "Retried requests answered from their idempotency record",
+            ),
+            rerouted: counter(
+                &r,
+                "statemesh_forward_rerouted_total",
+                "Forwarded requests refused by a node that does not own their key group (ownership was changing), routed again",
             ),
             checkpoint_seconds,
             checkpoint_bytes: counter(

@@ -473,7 +473,7 @@ impl Router {
     /// shard has it queued; not durable).
     pub fn send(&self, target: Address, message: TypedValue) -> Result<(), ServiceError> {
         self.validate(&target, &message)?;
-        if let Some((node, addr)) = self.remote(self.key_group(&target), false)? {
+        if let Some((node, addr, _)) = self.remote(self.key_group(&target), None)? {
             // Queued for the owner now, in this thread's order (or refused when full).
             return crate::mesh::forward_send_now(
                 &self.inner.placement,
@@ -496,25 +496,34 @@ impl Router {
         message: TypedValue,
         key: Option<String>,
     ) -> Result<(), ServiceError> {
-        self.send_routed(target, message, key, false).await
+        self.send_routed(target, message, key).await
     }
 
-    /// [`Router::send_with`] for a request that another node may have `forwarded` here
-    /// (then it is not forwarded again).
-    pub(crate) async fn send_routed(
+    /// [`Router::send_with`]: to the owner, routed again while a node that is not the owner
+    /// refuses it (ownership is changing).
+    async fn send_routed(
         &self,
         target: Address,
         message: TypedValue,
         key: Option<String>,
-        forwarded: bool,
     ) -> Result<(), ServiceError> {
         self.validate(&target, &message)?;
         let key = validate_key(key)?;
-        if let Some((node, addr)) = self.remote(self.key_group(&target), forwarded)? {
+        let kg = self.key_group(&target);
+        let mut reroute = Reroute::new();
+        loop {
+            let Some((node, addr, v)) = self.remote(kg, None)? else {
+                return self.send_local_now(target, message, key)?.await;
+            };
             let p = &self.inner.placement;
-            return crate::mesh::forward_send(p, node, &addr, &target, message, key).await;
+            let r =
+                crate::mesh::forward_send(p, node, &addr, &target, message.clone(), key.clone(), v)
+                    .await;
+            match r {
+                Err(e) if reroute.again(self, kg, v, &e).await => {}
+                r => return r,
+            }
         }
-        self.send_local_now(target, message, key)?.await
     }
 
     /// Queues a `Send` for a key group this node owns now (in the caller's order); the
@@ -551,11 +560,12 @@ impl Router {
         target: Address,
         message: TypedValue,
         key: Option<String>,
+        sender_version: u64,
     ) -> Result<futures::future::BoxFuture<'static, Result<(), ServiceError>>, ServiceError> {
         self.validate(&target, &message)?;
         let key = validate_key(key)?;
         // Forwarded once already: never forwarded again (`remote` refuses if not the owner).
-        self.remote(self.key_group(&target), true)?;
+        self.remote(self.key_group(&target), Some(sender_version))?;
         self.send_local_now(target, message, key)
     }
 
@@ -568,17 +578,17 @@ impl Router {
         messages: Vec<(Address, TypedValue, Option<String>)>,
         wait: bool,
     ) -> Result<usize, ServiceError> {
-        self.send_batch_routed(messages, wait, false).await
+        self.send_batch_routed(messages, wait, None).await
     }
 
-    /// [`Router::send_batch`] for a batch another node may have `forwarded` here. Messages
-    /// owned elsewhere go to their owners as one batch per owner, concurrently with the
-    /// local ones.
+    /// [`Router::send_batch`] for a batch another node may have forwarded here (`forwarded`:
+    /// the ownership version the sender routed by; 0: not known). Messages owned elsewhere go
+    /// to their owners as one batch per owner, concurrently with the local ones.
     pub(crate) async fn send_batch_routed(
         &self,
         messages: Vec<(Address, TypedValue, Option<String>)>,
         wait: bool,
-        forwarded: bool,
+        forwarded: Option<u64>,
     ) -> Result<usize, ServiceError> {
         for (t, m, _) in &messages {
             self.validate(t, m)?;
@@ -590,7 +600,7 @@ impl Router {
             let k = validate_key(k)?;
             match self.remote(self.key_group(&t), forwarded)? {
                 None => local.push((t, m, k)),
-                Some(owner) => remote.entry(owner).or_default().push((t, m, k)),
+                Some((node, addr, _)) => remote.entry((node, addr)).or_default().push((t, m, k)),
             }
         }
         if remote.is_empty() {
@@ -692,26 +702,41 @@ impl Router {
         timeout: Duration,
         key: Option<String>,
     ) -> Result<TypedValue, ServiceError> {
-        self.call_routed(target, message, timeout, key, false).await
+        self.call_routed(target, message, timeout, key).await
     }
 
-    /// [`Router::call_with`] for a call another node may have `forwarded` here.
-    pub(crate) async fn call_routed(
+    /// [`Router::call_with`]: to the owner, routed again while a node that is not the owner
+    /// refuses it (ownership is changing).
+    async fn call_routed(
         &self,
         target: Address,
         message: TypedValue,
         timeout: Duration,
         key: Option<String>,
-        forwarded: bool,
     ) -> Result<TypedValue, ServiceError> {
         self.validate(&target, &message)?;
         let key = validate_key(key)?;
         let kg = self.key_group(&target);
-        if let Some((node, addr)) = self.remote(kg, forwarded)? {
+        let mut reroute = Reroute::new();
+        loop {
+            let Some((node, addr, v)) = self.remote(kg, None)? else {
+                return self.call_local_now(target, message, timeout, key)?.await;
+            };
             let p = &self.inner.placement;
-            return crate::mesh::forward_call(p, node, &addr, &target, message, timeout, key).await;
+            let r = crate::mesh::forward_call(
+                p,
+                (node, &addr, v),
+                &target,
+                message.clone(),
+                timeout,
+                key.clone(),
+            )
+            .await;
+            match r {
+                Err(e) if reroute.again(self, kg, v, &e).await => {}
+                r => return r,
+            }
         }
-        self.call_local_now(target, message, timeout, key)?.await
     }
 
     /// The owner's side of a forwarded `Call`: checked and queued now, in the order the
@@ -722,11 +747,12 @@ impl Router {
         message: TypedValue,
         timeout: Duration,
         key: Option<String>,
+        sender_version: u64,
     ) -> Result<futures::future::BoxFuture<'static, Result<TypedValue, ServiceError>>, ServiceError>
     {
         self.validate(&target, &message)?;
         let key = validate_key(key)?;
-        self.remote(self.key_group(&target), true)?;
+        self.remote(self.key_group(&target), Some(sender_version))?;
         self.call_local_now(target, message, timeout, key)
     }
 
@@ -778,21 +804,39 @@ impl Router {
         .boxed())
     }
 
-    /// The owner to forward key group `kg` to (`None`: this node serves it). A request that
-    /// was already forwarded is not forwarded again.
-    fn remote(&self, kg: u32, forwarded: bool) -> Result<Option<(u64, String)>, ServiceError> {
-        match self.inner.placement.route(kg) {
+    /// The owner to forward key group `kg` to, with the ownership version it owns it at
+    /// (`None`: this node serves it). A request that was already forwarded here
+    /// (`forwarded`: the ownership version the sender routed by) is not forwarded again: it
+    /// is refused with [`ServiceError::NotOwner`], and the sender routes it again.
+    fn remote(
+        &self,
+        kg: u32,
+        forwarded: Option<u64>,
+    ) -> Result<Option<(u64, String, u64)>, ServiceError> {
+        let p = &self.inner.placement;
+        match p.route(kg) {
             Route::Local => Ok(None),
-            Route::Remote { node, .. } if forwarded => Err(self.reject(
-                ServiceError::Unavailable(format!(
-                    "a node forwarded key group {kg} here, but node {node} owns it (ownership is changing); retry"
-                )),
-                "not_owner",
-            )),
-            Route::Remote { node, addr } => Ok(Some((node, addr))),
-            Route::Unavailable(why) => {
-                Err(self.reject(ServiceError::Unavailable(why), "no_owner"))
+            Route::Remote { node, .. } if forwarded.is_some() => {
+                let (theirs, mine) = (forwarded.unwrap_or(0), p.kg_version(kg));
+                let message = if theirs > mine {
+                    format!(
+                        "a node forwarded key group {kg} here at ownership version {theirs}, but this node has applied only version {mine} (node {node} owns it there; ownership is changing); retry"
+                    )
+                } else {
+                    format!(
+                        "a node forwarded key group {kg} here at ownership version {theirs}, but node {node} owns it at version {mine} (ownership is changing); retry"
+                    )
+                };
+                Err(self.reject(
+                    ServiceError::NotOwner {
+                        version: mine,
+                        message,
+                    },
+                    "not_owner",
+                ))
             }
+            Route::Remote { node, addr } => Ok(Some((node, addr, p.kg_version(kg)))),
+            Route::Unavailable(why) => Err(self.reject(ServiceError::Unavailable(why), "no_owner")),
         }
     }
 
@@ -913,22 +957,28 @@ impl Router {
         &self,
         address: Address,
     ) -> Result<Vec<(String, TypedValue, u64)>, ServiceError> {
-        self.get_state_routed(address, false).await
+        self.get_state_routed(address, None).await
     }
 
-    /// [`Router::get_state`] for a read another node may have `forwarded` here.
+    /// [`Router::get_state`] for a read another node may have forwarded here (`forwarded`:
+    /// the ownership version it routed by); a read of this node's own is routed again while
+    /// a node that is not the owner refuses it.
     pub(crate) async fn get_state_routed(
         &self,
         address: Address,
-        forwarded: bool,
+        forwarded: Option<u64>,
     ) -> Result<Vec<(String, TypedValue, u64)>, ServiceError> {
         if self.inner.registry.get(&address.typ).is_none() {
             return Err(ServiceError::UnknownFunction(address.typ.to_string()));
         }
         let kg = self.key_group(&address);
-        if let Some((node, addr)) = self.remote(kg, forwarded)? {
+        let mut reroute = Reroute::new();
+        while let Some((node, addr, v)) = self.remote(kg, forwarded)? {
             let p = &self.inner.placement;
-            return crate::mesh::forward_get_state(p, node, &addr, &address).await;
+            match crate::mesh::forward_get_state(p, node, &addr, &address, v).await {
+                Err(e) if forwarded.is_none() && reroute.again(self, kg, v, &e).await => {}
+                r => return r,
+            }
         }
         let (tx, rx) = oneshot::channel();
         self.shards()[self.shard_of(kg)].do_send(GetState {
@@ -938,6 +988,43 @@ impl Router {
         });
         rx.await
             .map_err(|_| ServiceError::Unavailable("the shard stopped".into()))?
+    }
+}
+
+/// How long a request refused by a node that does not own its key group keeps being routed
+/// again before the refusal reaches the client.
+const REROUTE_FOR: Duration = Duration::from_secs(3);
+
+/// Routing a forwarded request again after a node that does not own its key group refused it
+/// (nothing was applied there, so sending it again is safe with or without an idempotency
+/// key).
+struct Reroute {
+    deadline: Option<std::time::Instant>,
+}
+
+impl Reroute {
+    fn new() -> Self {
+        Reroute { deadline: None }
+    }
+
+    /// Whether to route again after `e` (a request for key group `kg` forwarded at ownership
+    /// version `used`): see [`crate::mesh::Placement::settle`]. Gives up after
+    /// [`REROUTE_FOR`].
+    async fn again(&mut self, router: &Router, kg: u32, used: u64, e: &ServiceError) -> bool {
+        let ServiceError::NotOwner { version, .. } = e else {
+            return false;
+        };
+        let deadline = *self
+            .deadline
+            .get_or_insert_with(|| std::time::Instant::now() + REROUTE_FOR);
+        if router.inner.closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        router.inner.metrics.rerouted.inc();
+        router
+            .placement()
+            .settle(kg, used, *version, deadline)
+            .await
     }
 }
 
