@@ -52,6 +52,7 @@ fn section(kg: u32, full: bool, puts: &[(&str, &str)], deletes: &[&str]) -> KeyG
             key: format!("key-{kg}").into_bytes(),
             value: vec![0; 9],
         }],
+        version: 0,
     }
 }
 

@@ -778,6 +778,55 @@ fn key_group(addr: &str) -> u32 {
     statemesh_mesh::keygroup::key_group(a.typ.namespace(), a.typ.name(), &a.id, 1024)
 }
 
+/// A part naming ownership versions that are not the owner's (a table behind) is refused by
+/// the leader: no manifest lists it, the participants synchronise and go back to the last
+/// commit, and callers retrying with their keys see every call applied once.
+#[tokio::test]
+async fn a_part_written_at_a_stale_ownership_version_is_refused_and_nothing_is_applied_twice() {
+    let _g = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (n1, _) = start(root, 1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    // Node 2's first part that writes key groups as their owner names versions one below.
+    let mut l2 = launch(root, 2, (free_port(), free_port()), Some(&seed));
+    l2.env
+        .push(("FAILPOINTS".into(), "mesh-stale-part=1*return".into()));
+    let n2 = Node::start_launch(&root.join("n2"), &l2);
+    converged(&[&n1, &n2], 2, 1).await;
+    eventually(
+        "both members own key groups",
+        Duration::from_secs(30),
+        || async {
+            let v = view(&n1).await?;
+            let owned: Vec<u64> = member_field(&v, "key_groups");
+            (owned.len() == 2 && owned.iter().all(|&k| k > 400)).then_some(())
+        },
+    )
+    .await;
+    let t = n1.get_json("/v1/cluster/key-groups").await;
+    let ctr = owned_address(&t, "example/counter/s-", 2);
+    let id = ctr.rsplit('/').next().unwrap().to_string();
+    let c1 = n1.client().await;
+    // Each call has its own key and is retried until it succeeds (`add`).
+    for i in 1..=20 {
+        assert_eq!(add(&c1, &id, 1).await, i);
+    }
+    let log = n1.log_since_launch();
+    assert!(
+        log.contains("a part is refused: node 2 wrote key group"),
+        "the leader did not refuse the stale part:\n{log}"
+    );
+    assert!(
+        n2.log_since_launch()
+            .contains("this part names stale ownership versions"),
+        "the fault point did not fire"
+    );
+    assert_eq!(add(&c1, &id, 0).await, 20);
+    n2.stop();
+    n1.stop();
+}
+
 /// An address `<prefix><i>` whose key group `owner` owns in the table `t`.
 fn owned_address(t: &serde_json::Value, prefix: &str, owner: u64) -> String {
     let owners = t["owners"].as_array().unwrap();

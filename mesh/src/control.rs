@@ -246,6 +246,24 @@ impl ClusterState {
             .collect()
     }
 
+    /// Why a part of member `from` that wrote key groups as their owner (`(key group,
+    /// ownership version)`, the versions its table had) must be refused: a key group it does
+    /// not own, or owns at another version (its table and this one disagree: a move it has not
+    /// seen, or one this node has not applied yet). `None`: every write is the owner's.
+    pub fn stale_write(&self, from: NodeId, owned: &[(u32, u64)]) -> Option<String> {
+        owned.iter().find_map(|&(kg, version)| {
+            let o = self.table.get(kg as usize)?;
+            (o.owner != Some(from) || o.version != version).then(|| {
+                format!(
+                    "node {from} wrote key group {kg} as its owner at ownership version {version}, but {} owns it at version {}",
+                    o.owner
+                        .map_or("nobody".to_string(), |n| format!("node {n}")),
+                    o.version
+                )
+            })
+        })
+    }
+
     /// How many key groups a member owns.
     pub fn owned_by(&self, id: NodeId) -> usize {
         self.table.iter().filter(|o| o.owner == Some(id)).count()
@@ -406,6 +424,57 @@ impl ClusterState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_write_by_a_node_that_does_not_own_the_key_group_at_that_version_is_stale() {
+        let mut s = ClusterState::new(4);
+        for (i, id) in [1, 2].into_iter().enumerate() {
+            s.apply(
+                1 + i as u64,
+                &Command::Join {
+                    id,
+                    grpc_addr: String::new(),
+                    http_addr: String::new(),
+                    role: Role::Voter,
+                    incarnation: 0,
+                    fresh: false,
+                },
+            );
+        }
+        let mv = |kg, to, version| MoveCommand { kg, to, version };
+        s.apply(
+            3,
+            &Command::Move {
+                moves: vec![mv(0, 1, 0), mv(1, 2, 0)],
+            },
+        );
+        assert_eq!(s.stale_write(1, &[(0, 1)]), None);
+        assert_eq!(s.stale_write(2, &[(1, 1)]), None);
+        assert_eq!(s.stale_write(1, &[]), None);
+        // Another owner's key group.
+        let w = s.stale_write(1, &[(0, 1), (1, 1)]).expect("stale");
+        assert!(
+            w.contains("key group 1") && w.contains("node 2 owns it"),
+            "{w}"
+        );
+        // The key group moved on: the old owner's version is stale.
+        s.apply(
+            4,
+            &Command::Move {
+                moves: vec![mv(0, 2, 1)],
+            },
+        );
+        let w = s.stale_write(1, &[(0, 1)]).expect("stale");
+        assert!(
+            w.contains("version 1") && w.contains("node 2 owns it at version 2"),
+            "{w}"
+        );
+        // The new owner at an older version (its table was behind when it cut) too.
+        assert!(s.stale_write(2, &[(0, 1)]).is_some());
+        assert_eq!(s.stale_write(2, &[(0, 2)]), None);
+        // Unassigned.
+        assert!(s.stale_write(1, &[(3, 0)]).unwrap().contains("nobody"));
+    }
+
     use super::*;
 
     fn join(id: NodeId) -> Command {

@@ -702,6 +702,10 @@ pub enum EpochMsg {
         epoch: Epoch,
         /// What the manifest lists for this part.
         objects: Vec<u8>,
+        /// The key groups it wrote as their owner, with its ownership versions (the leader
+        /// refuses the part if it does not own them at those versions).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        owned: Vec<(u32, u64)>,
     },
     /// Leader → participant: `epoch` is committed (its manifest is written): release it and
     /// every earlier one.
@@ -1730,6 +1734,7 @@ mod tests {
                 gen: g,
                 epoch: 7,
                 objects: b"b".to_vec(),
+                owned: Vec::new(),
             },
         });
         let a = l.handle(LeadInput::Msg {
@@ -1738,6 +1743,7 @@ mod tests {
                 gen: g,
                 epoch: 7,
                 objects: b"a".to_vec(),
+                owned: Vec::new(),
             },
         });
         assert_eq!(
@@ -1821,6 +1827,7 @@ mod tests {
                     gen: g,
                     epoch,
                     objects: vec![from as u8],
+                    owned: Vec::new(),
                 },
             });
         }
@@ -1879,6 +1886,7 @@ mod tests {
                     gen: g,
                     epoch: e,
                     objects: vec![from as u8],
+                    owned: Vec::new(),
                 },
             });
         }
@@ -1937,6 +1945,7 @@ mod tests {
                     gen: g,
                     epoch: e2,
                     objects: vec![1],
+                    owned: Vec::new(),
                 },
             });
         }
@@ -2049,6 +2058,7 @@ mod tests {
                     gen: g1,
                     epoch: e,
                     objects: vec![1],
+                    owned: Vec::new(),
                 },
             });
             l.handle(LeadInput::ManifestDone {

@@ -311,6 +311,7 @@ impl World {
                         gen: p.gen,
                         epoch: e,
                         objects: id.to_string().into_bytes(),
+                        owned: Vec::new(),
                     };
                     self.send(id, LEADER, msg);
                 }

@@ -710,6 +710,29 @@ impl Driver {
         self.process()
     }
 
+    /// The planned moves (up to a round's) whose new owner can take them now: its control log
+    /// has caught up (its process runs and has the table). A joiner still starting would hold
+    /// every participant's synchronisation, and so every key group, until it answers: moves
+    /// to it wait for a later round (the others go now). Also the first member waited for.
+    fn ready_moves(&self) -> (Vec<statemesh_mesh::control::MoveCommand>, Option<NodeId>) {
+        let state = self.node.state();
+        let me = self.node.id();
+        let mut waiting = None;
+        let moves = state
+            .plan_moves(state.table.len())
+            .into_iter()
+            .filter(|m| {
+                let ok = m.to == me || self.node.caught_up(m.to);
+                if !ok && waiting.is_none() {
+                    waiting = Some(m.to);
+                }
+                ok
+            })
+            .take(MOVES_PER_ROUND)
+            .collect();
+        (moves, waiting)
+    }
+
     /// Leads cluster epochs while this node leads a cluster of several members (a lone node
     /// commits its own).
     fn lead_epochs(&mut self) {
@@ -769,21 +792,14 @@ impl Driver {
                 .move_round
                 .is_none_or(|t| t.elapsed() >= MOVE_ROUND_EVERY)
         {
-            let moves = self.node.state().plan_moves(MOVES_PER_ROUND);
-            // Only to members whose control log has caught up (their process runs and has
-            // the table): a joiner still starting would hold every participant's
-            // synchronisation, and so every key group, until it answers.
-            let me = self.node.id();
-            let waiting = moves
-                .iter()
-                .find(|m| m.to != me && !self.node.caught_up(m.to))
-                .map(|m| m.to);
+            let (moves, waiting) = self.ready_moves();
             if let Some(n) = waiting {
                 tracing::debug!(
                     node = n,
                     "key groups wait to move: their new owner's control log has not caught up"
                 );
-            } else {
+            }
+            if !moves.is_empty() {
                 self.move_round = Some(Instant::now());
                 // Their owners first snapshot the key groups about to move: their new owners
                 // then read a short chain.
@@ -916,9 +932,8 @@ impl Driver {
             }
             LeadAction::Record(e) => self.record_wanted = self.record_wanted.max(e),
             LeadAction::ProposeMove => {
-                let state = self.node.state();
-                let moves = state.plan_moves(MOVES_PER_ROUND);
-                let version = state.placement_version;
+                let (moves, _) = self.ready_moves();
+                let version = self.node.state().placement_version;
                 if moves.is_empty() {
                     self.lead_input(LeadInput::Moved);
                     return;
@@ -946,6 +961,26 @@ impl Driver {
             EpochRoute::Lead(i) => self.lead_input(i),
             EpochRoute::Send { from, to, msg } if to == self.node.id() => {
                 if msg.to_leader() {
+                    // A part that wrote key groups its sender does not own at the versions of
+                    // this node's table is refused (never listed by a manifest): the
+                    // participants synchronise again, and roll back to the last commit.
+                    let stale = match &msg {
+                        EpochMsg::Part { owned, .. } if !owned.is_empty() => {
+                            self.node.state().stale_write(from, owned)
+                        }
+                        _ => None,
+                    };
+                    let msg = match (msg, stale) {
+                        (EpochMsg::Part { gen, epoch, .. }, Some(why)) => {
+                            tracing::error!(
+                                node = from,
+                                epoch,
+                                "a part is refused: {why}; the participants synchronise again"
+                            );
+                            EpochMsg::Reset { gen }
+                        }
+                        (msg, _) => msg,
+                    };
                     self.lead_input(LeadInput::Msg { from, msg });
                 } else {
                     let _ = self.epoch_driver.send(DriverEvent::Epoch { from, msg });

@@ -708,7 +708,15 @@ fn apply_to_sled(store: &Store, epochs: &[Arc<NodeEpoch>]) -> Result<(), String>
 }
 
 /// Builds a node's epoch object from its shards' cuts (later writes of a key win).
-fn build(epoch: u64, node: &str, cuts: Vec<ShardCut>) -> NodeEpoch {
+/// Whether a local-store key is one only its key group's owner writes: a state entry, a
+/// delayed message or an idempotency record (egress records are deleted by whoever read them).
+fn owner_key(k: &[u8]) -> bool {
+    matches!(k.first(), Some(b's' | b't' | b'i'))
+}
+
+/// A node's part of `epoch` from its shards' cuts; `version` gives the node's ownership
+/// version of a key group, recorded on the sections with an owner's changes.
+fn build(epoch: u64, node: &str, cuts: Vec<ShardCut>, version: impl Fn(u32) -> u64) -> NodeEpoch {
     type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
     let mut kgs: BTreeMap<u32, (Changes, Vec<PendingMessage>)> = BTreeMap::new();
     for c in cuts {
@@ -732,6 +740,9 @@ fn build(epoch: u64, node: &str, cuts: Vec<ShardCut>) -> NodeEpoch {
                 pending,
                 ..Default::default()
             };
+            if entries.keys().any(|k| owner_key(k)) {
+                s.version = version(kg);
+            }
             for (key, v) in entries {
                 match v {
                     Some(value) => s.puts.push(Entry { key, value }),
@@ -1591,7 +1602,10 @@ impl Driver {
                                 pending: Vec::new(),
                             });
                         }
-                        let b = Arc::new(build(e, &self.opts.node_id, cuts));
+                        let placement = self.router.placement().clone();
+                        let b = Arc::new(build(e, &self.opts.node_id, cuts, |kg| {
+                            placement.kg_version(kg)
+                        }));
                         self.built.insert(e, b.clone());
                         b
                     }
@@ -1765,6 +1779,24 @@ impl Driver {
                         c.listing_epoch = Some(e);
                     }
                 }
+                // The key groups it wrote as their owner, at its ownership versions: the
+                // leader refuses the part if they are not the owners'.
+                let mut owned: Vec<(u32, u64)> = self.built.get(&e).map_or(Vec::new(), |b| {
+                    b.key_groups
+                        .iter()
+                        .filter(|s| s.version > 0)
+                        .map(|s| (s.key_group, s.version))
+                        .collect()
+                });
+                if !owned.is_empty() && crate::failpoint::eval("mesh-stale-part").is_err() {
+                    tracing::warn!(
+                        epoch = e,
+                        "fault point: this part names stale ownership versions"
+                    );
+                    for (_, v) in &mut owned {
+                        *v -= 1;
+                    }
+                }
                 if let Some(c) = self.cluster.as_mut() {
                     if let Some(l) = c.leader {
                         c.send(
@@ -1774,6 +1806,7 @@ impl Driver {
                                 epoch: e,
                                 objects: serde_json::to_vec(&objects)
                                     .expect("object references serialize"),
+                                owned,
                             },
                         );
                         // The snapshot of key groups about to move is listed in this part.

@@ -68,6 +68,12 @@ pub struct KeyGroupSection {
     /// `puts`/`deletes`.
     #[prost(message, repeated, tag = "7")]
     pub idempotency: Vec<Entry>,
+    /// The writer's ownership version of the key group (the control group's table), on a
+    /// section with an owner's changes (states, delayed messages, idempotency records); 0:
+    /// none (only pending messages, egress deletions or full snapshots), or not known (a node
+    /// alone). The cluster's leader refuses a part whose versions are not the owners'.
+    #[prost(uint64, tag = "8")]
+    pub version: u64,
 }
 
 /// Everything one node writes for one epoch.
