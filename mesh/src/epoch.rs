@@ -701,6 +701,7 @@ pub enum EpochMsg {
         /// The epoch.
         epoch: Epoch,
         /// What the manifest lists for this part.
+        #[serde(with = "text_bytes")]
         objects: Vec<u8>,
         /// The key groups it wrote as their owner, with its ownership versions (the leader
         /// refuses the part if it does not own them at those versions).
@@ -720,6 +721,34 @@ pub enum EpochMsg {
         /// The generation.
         gen: u64,
     },
+}
+
+/// Opaque bytes that are text in practice (a part's object references are JSON): carried as a
+/// JSON string, not as an array of numbers (several times larger, and parsed number by
+/// number); other bytes as the array.
+mod text_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(b) {
+            Ok(t) => s.serialize_str(t),
+            Err(_) => s.collect_seq(b),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Text(String),
+        Bytes(Vec<u8>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        Ok(match Form::deserialize(d)? {
+            Form::Text(t) => t.into_bytes(),
+            Form::Bytes(b) => b,
+        })
+    }
 }
 
 impl EpochMsg {
@@ -1522,6 +1551,27 @@ impl EpochLeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_carries_its_object_references_as_text() {
+        let part = |objects: Vec<u8>| EpochMsg::Part {
+            gen: 3,
+            epoch: 9,
+            objects,
+            owned: vec![(4, 2)],
+        };
+        let json = br#"[{"node":"2","path":"e/9","size":5}]"#.to_vec();
+        let m = part(json.clone());
+        let wire = m.encode();
+        let text = String::from_utf8(wire.clone()).unwrap();
+        assert!(text.contains(r#""objects":"[{\"node\""#), "{text}");
+        assert_eq!(EpochMsg::decode(&wire).unwrap(), m);
+        // Bytes that are not text travel as numbers.
+        let m = part(vec![0xff, 0, 7]);
+        let wire = m.encode();
+        assert!(String::from_utf8_lossy(&wire).contains("[255,0,7]"));
+        assert_eq!(EpochMsg::decode(&wire).unwrap(), m);
+    }
 
     fn set(v: &[NodeId]) -> BTreeSet<NodeId> {
         v.iter().copied().collect()
