@@ -822,6 +822,11 @@ impl Router {
                     format!(
                         "a node forwarded key group {kg} here at ownership version {theirs}, but this node has applied only version {mine} (node {node} owns it there; ownership is changing); retry"
                     )
+                } else if theirs == 0 {
+                    // A batch of several key groups names no version.
+                    format!(
+                        "a node forwarded key group {kg} here, but node {node} owns it at version {mine} (ownership is changing); retry"
+                    )
                 } else {
                     format!(
                         "a node forwarded key group {kg} here at ownership version {theirs}, but node {node} owns it at version {mine} (ownership is changing); retry"
