@@ -1578,6 +1578,18 @@ mod tests {
     use super::*;
     use statemesh_mesh::control::{Command, RaftConf, Role};
 
+    /// A learner `id` joining, serving gRPC at `127.0.0.1:9000 + id`.
+    fn join(id: NodeId) -> Command {
+        Command::Join {
+            id,
+            grpc_addr: format!("127.0.0.1:{}", 9000 + id),
+            http_addr: String::new(),
+            role: Role::Learner,
+            incarnation: 0,
+            fresh: false,
+        }
+    }
+
     #[test]
     fn routes_follow_the_table() {
         let p = Placement::new(1);
@@ -1592,14 +1604,6 @@ mod tests {
         // A bootstrapped lone node serves unassigned key groups.
         assert_eq!(p.route(3), Route::Local);
         assert!(p.ready());
-        let join = |id: NodeId| Command::Join {
-            id,
-            grpc_addr: format!("127.0.0.1:{}", 9000 + id),
-            http_addr: String::new(),
-            role: Role::Learner,
-            incarnation: 0,
-            fresh: false,
-        };
         s.apply(2, &join(1));
         s.apply(3, &join(2));
         s.apply(
@@ -1653,17 +1657,7 @@ mod tests {
             ..Default::default()
         });
         for (i, id) in [1, 2, 3].into_iter().enumerate() {
-            s.apply(
-                2 + i as u64,
-                &Command::Join {
-                    id,
-                    grpc_addr: format!("127.0.0.1:{}", 9000 + id),
-                    http_addr: String::new(),
-                    role: Role::Learner,
-                    incarnation: 0,
-                    fresh: false,
-                },
-            );
+            s.apply(2 + i as u64, &join(id));
         }
         let mv = |kg, to, version| MoveCommand { kg, to, version };
         s.apply(
