@@ -412,6 +412,8 @@ pub struct ClusterCoordinator {
     waiting: bool,
     failures: u32,
     backpressure: bool,
+    /// No epoch starts (a live move waits for the open ones to commit, or for its own).
+    paused: bool,
 }
 
 impl ClusterCoordinator {
@@ -431,7 +433,18 @@ impl ClusterCoordinator {
             waiting: false,
             failures: 0,
             backpressure: false,
+            paused: false,
         }
+    }
+
+    /// Starts no epoch while `on` (the open ones go on committing).
+    pub fn pause(&mut self, on: bool) {
+        self.paused = on;
+    }
+
+    /// Whether every epoch started is committed.
+    pub fn drained(&self) -> bool {
+        self.open.is_empty() && self.cutting.is_empty()
     }
 
     /// The last committed epoch.
@@ -497,7 +510,12 @@ impl ClusterCoordinator {
                 let due = (self.waiting && (self.open.is_empty() || since >= 2))
                     || since >= self.interval_ms;
                 let blocked = due && self.open.len() as u64 >= self.max_uncommitted;
-                if due && !blocked && !self.members.is_empty() && self.cutting.is_empty() {
+                if due
+                    && !blocked
+                    && !self.paused
+                    && !self.members.is_empty()
+                    && self.cutting.is_empty()
+                {
                     self.started += 1;
                     self.cutting = self.members.clone();
                     self.last_start_ms = Some(now_ms);
@@ -620,6 +638,10 @@ pub enum EpochMsg {
         /// followed; 0: none).
         #[serde(default)]
         cut_gen: u64,
+        /// The generation its shards took at their last rollback (messages between shards
+        /// carry it; a participant that joins the epochs live takes the others').
+        #[serde(default)]
+        shard_gen: u64,
     },
     /// Leader → participant: epochs up to `committed` are committed (release them); the ones
     /// after it are abandoned (roll back to `committed` and replay its pending messages);
@@ -654,6 +676,42 @@ pub enum EpochMsg {
         /// committed ones back from blob storage.
         #[serde(default)]
         release: bool,
+        /// A live move: every participant stopped the moving key groups at their cut of
+        /// `committed` (the leader's [`EpochMsg::Stop`]) and cut nothing after it. Nobody rolls
+        /// back: each participant hands the moving key groups over (their new owners read
+        /// them, and their messages pending at `committed`, from blob storage), sends on what
+        /// it kept for them since, and answers [`EpochMsg::Reconfigured`]; epochs start again
+        /// once all did.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        live: bool,
+        /// With `live`: the generation of the shards of the participants that took part
+        /// before (a participant new to the epochs, which owns nothing, rolls back to it).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        shards_gen: u64,
+    },
+    /// Leader → participant: key groups `key_groups` are about to move; every shard stops
+    /// them at its cut of epoch `at` (the next one the leader starts): from then on none of
+    /// their messages is processed (those sent after the sender's cut are kept by the
+    /// sender), and requests for them are refused until the move is done. Answered by
+    /// [`EpochMsg::Stopping`].
+    Stop {
+        /// The generation.
+        gen: u64,
+        /// The epoch at whose cut they stop.
+        at: Epoch,
+        /// The key groups.
+        key_groups: Vec<u32>,
+    },
+    /// Participant → leader: it will stop the key groups at the cut of the `Stop`'s epoch.
+    Stopping {
+        /// The generation.
+        gen: u64,
+    },
+    /// Participant → leader: after a live `Resume`, it handed the moving key groups over and
+    /// sent on the messages it kept for them.
+    Reconfigured {
+        /// The generation.
+        gen: u64,
     },
     /// Leader → participant: cut `epoch` (its participants are `members`).
     Barrier {
@@ -723,6 +781,10 @@ pub enum EpochMsg {
     },
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Opaque bytes that are text in practice (a part's object references are JSON): carried as a
 /// JSON string, not as an array of numbers (several times larger, and parsed number by
 /// number); other bytes as the array.
@@ -762,6 +824,8 @@ impl EpochMsg {
                 | EpochMsg::Part { .. }
                 | EpochMsg::Prepared { .. }
                 | EpochMsg::Reset { .. }
+                | EpochMsg::Stopping { .. }
+                | EpochMsg::Reconfigured { .. }
         )
     }
 
@@ -777,6 +841,9 @@ impl EpochMsg {
             | EpochMsg::Cut { gen, .. }
             | EpochMsg::Part { gen, .. }
             | EpochMsg::Committed { gen, .. }
+            | EpochMsg::Stop { gen, .. }
+            | EpochMsg::Stopping { gen }
+            | EpochMsg::Reconfigured { gen }
             | EpochMsg::Reset { gen } => *gen,
         }
     }
@@ -875,8 +942,9 @@ enum Phase {
     Idle,
     /// Waiting for every participant's `Held`, then for the newest manifest.
     Syncing {
-        /// Per participant: its committed epoch, its cut, its shards, its cut's generation.
-        held: BTreeMap<NodeId, (Epoch, Epoch, u32, u64)>,
+        /// Per participant: its committed epoch, its cut, its shards, its cut's generation,
+        /// its shards' generation.
+        held: BTreeMap<NodeId, (Epoch, Epoch, u32, u64, u64)>,
         reading: bool,
         last_hold_ms: Option<u64>,
         /// Key groups move once everyone holds (`Some(true)`: the move is proposed).
@@ -907,6 +975,29 @@ struct Prepare {
     /// The participants whose snapshot is listed.
     ready: BTreeSet<NodeId>,
     since_ms: u64,
+}
+
+/// How long a live move waits for every participant's [`EpochMsg::Stopping`] (counted from
+/// when it asked for the open epochs to drain) before it moves the old way: every participant
+/// rolls back to the quiesced epoch.
+pub const STOP_TIMEOUT_MS: u64 = 3_000;
+
+/// How long the leader waits for every participant's [`EpochMsg::Reconfigured`] after a live
+/// move before it synchronises again (everyone rolls back to the last committed epoch).
+pub const RECONFIGURE_TIMEOUT_MS: u64 = 10_000;
+
+/// A live move being prepared: the open epochs drain, then every participant is asked to stop
+/// the moving key groups at the cut of the next epoch.
+#[derive(Debug, Clone)]
+struct Stop {
+    key_groups: Vec<u32>,
+    /// The epoch they stop at, once asked.
+    at: Option<Epoch>,
+    /// The participants that answered `Stopping`.
+    answered: BTreeSet<NodeId>,
+    since_ms: u64,
+    /// When `Stop` last went out (sent again to those that did not answer).
+    sent_ms: u64,
 }
 
 /// How often participants left out are sent `Hold` while epochs run.
@@ -950,6 +1041,26 @@ pub struct EpochLeader {
     quiesce: Option<Option<Epoch>>,
     /// The quiesced epoch committed: synchronise to move.
     move_now: bool,
+    /// The key groups of the move under way (the control group's plan).
+    plan: Vec<u32>,
+    /// A live move asking the participants to stop the moving key groups.
+    stop: Option<Stop>,
+    /// Every participant stops the moving key groups at the cut of this epoch (the quiesced
+    /// one): the move after it is live unless something else happened meanwhile.
+    live: Option<Epoch>,
+    /// The generation the participants were asked to stop in (their `Held` names it).
+    live_gen: u64,
+    /// After a live `Resume`: the participants that have not answered `Reconfigured` yet, and
+    /// since when the leader waits (no epoch starts until all did).
+    reconfiguring: Option<(BTreeSet<NodeId>, u64)>,
+    /// Participants new to the epochs (members that own nothing yet) being taken in live:
+    /// the open epochs drain first (since when), then a synchronisation rolls nobody back.
+    adding: Option<u64>,
+    /// The participants the synchronisation under way takes in live.
+    joining: BTreeSet<NodeId>,
+    /// See [`STOP_TIMEOUT_MS`] and [`RECONFIGURE_TIMEOUT_MS`].
+    stop_timeout_ms: u64,
+    reconfigure_timeout_ms: u64,
     /// Participants that do not answer a `Hold` within this long are left out (`None`:
     /// never; see [`HOLD_TIMEOUT_MS`]).
     exclude_after_ms: Option<u64>,
@@ -1000,6 +1111,15 @@ impl EpochLeader {
             prepare: None,
             quiesce: None,
             move_now: false,
+            plan: Vec::new(),
+            stop: None,
+            live: None,
+            live_gen: 0,
+            reconfiguring: None,
+            adding: None,
+            joining: BTreeSet::new(),
+            stop_timeout_ms: STOP_TIMEOUT_MS,
+            reconfigure_timeout_ms: RECONFIGURE_TIMEOUT_MS,
             exclude_after_ms: Some(HOLD_TIMEOUT_MS),
             excluded: BTreeSet::new(),
             last_excluded_hold_ms: 0,
@@ -1016,6 +1136,14 @@ impl EpochLeader {
     /// they answer (`None`: the others wait for them).
     pub fn exclude_after(mut self, ms: Option<u64>) -> Self {
         self.exclude_after_ms = ms;
+        self
+    }
+
+    /// How long a live move waits for the participants' `Stopping`, and for their
+    /// `Reconfigured` (defaults: [`STOP_TIMEOUT_MS`], [`RECONFIGURE_TIMEOUT_MS`]).
+    pub fn move_timeouts(mut self, stop_ms: u64, reconfigure_ms: u64) -> Self {
+        self.stop_timeout_ms = stop_ms;
+        self.reconfigure_timeout_ms = reconfigure_ms;
         self
     }
 
@@ -1045,6 +1173,11 @@ impl EpochLeader {
         self.prepare = None;
         self.quiesce = None;
         self.move_now = false;
+        self.stop = None;
+        self.live = None;
+        self.reconfiguring = None;
+        self.adding = None;
+        self.joining.clear();
         let moving = std::mem::take(&mut self.handover).then_some(false);
         self.parts.clear();
         if self.participants.is_empty() {
@@ -1067,6 +1200,26 @@ impl EpochLeader {
         }
     }
 
+    /// The moving key groups' snapshots are listed (or given up on): a live move drains the
+    /// open epochs, then asks every participant to stop them at the next cut; a move without
+    /// a plan quiesces the next epoch at once.
+    fn begin_stop(&mut self) {
+        if self.plan.is_empty() {
+            self.quiesce = Some(None);
+            return;
+        }
+        self.stop = Some(Stop {
+            key_groups: self.plan.clone(),
+            at: None,
+            answered: BTreeSet::new(),
+            since_ms: self.now_ms,
+            sent_ms: 0,
+        });
+        if let Phase::Running { coord, .. } = &mut self.phase {
+            coord.pause(true);
+        }
+    }
+
     fn want_sync(&mut self, out: &mut Vec<LeadAction>) {
         match &self.phase {
             Phase::Running {
@@ -1085,6 +1238,16 @@ impl EpochLeader {
                     let quiesce = self.quiesce == Some(None);
                     if quiesce {
                         self.quiesce = Some(Some(epoch));
+                        if let Some(at) = self.live {
+                            if at == epoch {
+                                // Nothing starts after it until the move is done.
+                                if let Phase::Running { coord, .. } = &mut self.phase {
+                                    coord.pause(true);
+                                }
+                            } else {
+                                self.live = None;
+                            }
+                        }
                     }
                     let snapshot = match &mut self.prepare {
                         Some(p) if p.asked.is_none() => {
@@ -1251,7 +1414,76 @@ impl EpochLeader {
                         {
                             // Snapshots missing: the move goes on (their new owners read more).
                             self.prepare = None;
-                            self.quiesce = Some(None);
+                            if self.plan.is_empty() {
+                                self.quiesce = Some(None);
+                            } else {
+                                self.stop = Some(Stop {
+                                    key_groups: self.plan.clone(),
+                                    at: None,
+                                    answered: BTreeSet::new(),
+                                    since_ms: now_ms,
+                                    sent_ms: 0,
+                                });
+                                coord.pause(true);
+                            }
+                        }
+                        let mut stop_asked = None;
+                        if let Some(st) = self.stop.as_mut() {
+                            if now_ms >= st.since_ms + self.stop_timeout_ms {
+                                // A participant did not answer: the move goes the old way.
+                                self.stop = None;
+                                self.quiesce = Some(None);
+                                coord.pause(false);
+                            } else if st.at.is_none() && coord.drained() && writing.is_none() {
+                                let at = coord.started() + 1;
+                                st.at = Some(at);
+                                st.sent_ms = now_ms;
+                                self.live_gen = self.gen;
+                                stop_asked = Some((at, st.key_groups.clone()));
+                            } else if let Some(at) =
+                                st.at.filter(|_| now_ms >= st.sent_ms + HOLD_RESEND_MS)
+                            {
+                                // Lost on the way (or its answer was): asked again.
+                                st.sent_ms = now_ms;
+                                stop_asked = Some((at, st.key_groups.clone()));
+                            }
+                        }
+                        if let Some((at, key_groups)) = stop_asked {
+                            let answered = self
+                                .stop
+                                .as_ref()
+                                .map(|s| s.answered.clone())
+                                .unwrap_or_default();
+                            for &to in self.active.iter().filter(|n| !answered.contains(n)) {
+                                out.push(LeadAction::Send {
+                                    to,
+                                    msg: EpochMsg::Stop {
+                                        gen: self.gen,
+                                        at,
+                                        key_groups: key_groups.clone(),
+                                    },
+                                });
+                            }
+                        }
+                        let stalled = stalled
+                            || self
+                                .reconfiguring
+                                .as_ref()
+                                .is_some_and(|(_, t)| now_ms >= t + self.reconfigure_timeout_ms)
+                            || self
+                                .adding
+                                .is_some_and(|t| now_ms >= t + self.stop_timeout_ms);
+                        if self.adding.is_some() && !stalled && coord.drained() && writing.is_none()
+                        {
+                            // Nothing open: take the new participants in, rolling nobody back.
+                            let at = coord.committed();
+                            let joining = std::mem::take(&mut self.joining);
+                            let was = self.gen;
+                            self.sync(&mut out);
+                            self.live = Some(at);
+                            self.live_gen = was;
+                            self.joining = joining;
+                            return out;
                         }
                         if !self.excluded.is_empty()
                             && now_ms >= self.last_excluded_hold_ms + EXCLUDED_HOLD_EVERY_MS
@@ -1283,7 +1515,12 @@ impl EpochLeader {
                     && !self.participants.is_empty()
                     && self.quiesce.is_none()
                     && self.prepare.is_none()
+                    && self.stop.is_none()
+                    && self.live.is_none()
+                    && self.reconfiguring.is_none()
+                    && self.adding.is_none()
                 {
+                    self.plan = snapshot.clone();
                     if snapshot.is_empty() {
                         self.quiesce = Some(None);
                     } else {
@@ -1315,7 +1552,34 @@ impl EpochLeader {
                 }
             }
             LeadInput::Participants(p) => {
-                if p != self.participants {
+                // Only new members that own nothing (as far as the leader knows: every
+                // participant it had is still there, the same incarnation): taken in live once
+                // the open epochs drained.
+                let grows = p.len() > self.participants.len()
+                    && self.participants.iter().all(|(n, i)| p.get(n) == Some(i));
+                if grows
+                    && self.running()
+                    && self.excluded.is_empty()
+                    && self.stop.is_none()
+                    && self.live.is_none()
+                    && self.reconfiguring.is_none()
+                    && self.prepare.is_none()
+                    && self.quiesce.is_none()
+                {
+                    let new: BTreeSet<NodeId> = p
+                        .keys()
+                        .filter(|n| !self.participants.contains_key(n))
+                        .copied()
+                        .collect();
+                    self.participants = p;
+                    self.joining.extend(new);
+                    if self.adding.is_none() {
+                        self.adding = Some(self.now_ms);
+                        if let Phase::Running { coord, .. } = &mut self.phase {
+                            coord.pause(true);
+                        }
+                    }
+                } else if p != self.participants {
                     // One that restarted (another incarnation) or left is no longer left out.
                     let old = std::mem::take(&mut self.participants);
                     self.excluded
@@ -1335,6 +1599,7 @@ impl EpochLeader {
                             cut,
                             shards,
                             cut_gen,
+                            shard_gen,
                             ..
                         },
                         Phase::Syncing {
@@ -1344,7 +1609,7 @@ impl EpochLeader {
                             ..
                         },
                     ) => {
-                        held.insert(from, (committed, cut, shards.max(1), cut_gen));
+                        held.insert(from, (committed, cut, shards.max(1), cut_gen, shard_gen));
                         self.excluded.remove(&from);
                         let all = self
                             .participants
@@ -1397,9 +1662,48 @@ impl EpochLeader {
                         if let Some(p) = self.prepare.as_mut().filter(|p| p.asked.is_some()) {
                             p.ready.insert(from);
                             if self.active.iter().all(|n| p.ready.contains(n)) {
-                                // Every snapshot is listed: quiesce the next epoch.
+                                // Every snapshot is listed: stop the moving key groups at the
+                                // next cut.
                                 self.prepare = None;
-                                self.quiesce = Some(None);
+                                self.begin_stop();
+                            }
+                        }
+                    }
+                    (EpochMsg::Stopping { .. }, Phase::Running { coord, .. }) => {
+                        let all = match self.stop.as_mut().filter(|s| s.at.is_some()) {
+                            Some(st) => {
+                                st.answered.insert(from);
+                                self.active.iter().all(|n| st.answered.contains(n))
+                            }
+                            None => false,
+                        };
+                        if all {
+                            // Every participant stops them at the cut of `at`: it is the
+                            // quiesced epoch, and nothing starts after it until the move.
+                            self.live = self.stop.take().and_then(|s| s.at);
+                            self.quiesce = Some(None);
+                            coord.pause(false);
+                            let acts = coord.handle(CoordInput::CallerWaiting);
+                            self.coord_actions(acts, &mut out);
+                            if let Phase::Running { coord, .. } = &mut self.phase {
+                                let acts = coord.handle(CoordInput::Tick {
+                                    now_ms: self.now_ms,
+                                });
+                                self.coord_actions(acts, &mut out);
+                            }
+                        }
+                    }
+                    (EpochMsg::Reconfigured { .. }, Phase::Running { coord, .. }) => {
+                        if let Some((waiting, _)) = self.reconfiguring.as_mut() {
+                            waiting.remove(&from);
+                            if waiting.is_empty() {
+                                // Every participant handed the key groups over: epochs go on.
+                                self.reconfiguring = None;
+                                coord.pause(false);
+                                let acts = coord.handle(CoordInput::Tick {
+                                    now_ms: self.now_ms,
+                                });
+                                self.coord_actions(acts, &mut out);
                             }
                         }
                     }
@@ -1427,27 +1731,54 @@ impl EpochLeader {
                         }
                         let committed = held
                             .values()
-                            .map(|(c, _, _, _)| *c)
+                            .map(|(c, _, _, _, _)| *c)
                             .chain(latest)
                             .fold(self.committed, Epoch::max);
+                        // (The cuts of participants new to the epochs count only if they have
+                        // committed epochs of their own the chain does not know.)
                         let base = held
-                            .values()
-                            .map(|(_, cut, _, _)| *cut)
+                            .iter()
+                            .filter(|(n, (c, _, _, _, _))| {
+                                !self.joining.contains(n) || *c > committed
+                            })
+                            .map(|(_, (_, cut, _, _, _))| *cut)
                             .fold(self.base.max(committed), Epoch::max);
                         let members: Vec<(NodeId, u32)> =
-                            held.iter().map(|(n, (_, _, s, _))| (*n, *s)).collect();
+                            held.iter().map(|(n, (_, _, s, _, _))| (*n, *s)).collect();
                         // Several participants (or several before, or others left out: a new
                         // leader does not know who took part before): work since the last
                         // cut may depend on work that was lost elsewhere.
-                        let roll_back =
-                            self.active.len() > 1 || held.len() > 1 || self.participants.len() > 1;
+                        // A live move: every participant stopped the moving key groups at the cut
+                        // of the quiesced epoch, which committed, and cut nothing after it.
+                        // Participants new to the epochs (they own nothing) take the others'
+                        // shard generation.
+                        let before: Vec<_> = held
+                            .iter()
+                            .filter(|(n, _)| !self.joining.contains(n))
+                            .map(|(_, h)| *h)
+                            .collect();
+                        let shards_gen = before.first().map_or(0, |h| h.4);
+                        let live = self.live.is_some_and(|at| at == committed && base == at)
+                            && self.excluded.is_empty()
+                            && held.len() == self.participants.len()
+                            && shards_gen != 0
+                            && before.iter().all(|&(c, cut, _, g, sg)| {
+                                c == committed
+                                    && cut == committed
+                                    && g == self.live_gen
+                                    && sg == shards_gen
+                            });
+                        let roll_back = !live
+                            && (self.active.len() > 1
+                                || held.len() > 1
+                                || self.participants.len() > 1);
                         // Who may release its open epochs up to `committed`: a participant
                         // that cut them in the generation this leader committed `committed`
                         // in (it followed that generation's `Resume`, so it was one of its
                         // participants and every epoch of it has its part; generations are
                         // unique across leaders, their term is in them).
                         let cut_by: BTreeMap<NodeId, u64> =
-                            held.iter().map(|(n, (_, _, _, g))| (*n, *g)).collect();
+                            held.iter().map(|(n, (_, _, _, g, _))| (*n, *g)).collect();
                         let known_gen = if committed == self.committed {
                             self.committed_gen
                         } else {
@@ -1469,6 +1800,8 @@ impl EpochLeader {
                                     members: members.clone(),
                                     placement_version: 0,
                                     release: known_gen != 0 && cut_by.get(&to) == Some(&known_gen),
+                                    live,
+                                    shards_gen: if live { shards_gen } else { 0 },
                                 },
                             });
                         }
@@ -1479,6 +1812,12 @@ impl EpochLeader {
                             base,
                         );
                         coord.handle(CoordInput::Members(self.active.clone()));
+                        self.live = None;
+                        if live {
+                            // No epoch starts until every participant handed over.
+                            coord.pause(true);
+                            self.reconfiguring = Some((self.active.clone(), self.now_ms));
+                        }
                         self.phase = Phase::Running {
                             coord,
                             writing: None,
@@ -1541,7 +1880,9 @@ impl EpochLeader {
         {
             self.move_now = false;
             self.handover = true;
+            let live = self.live;
             self.sync(&mut out);
+            self.live = live;
             // `sync` cleared the flags; the round moves.
         }
         out
@@ -1713,6 +2054,7 @@ mod tests {
             cut,
             shards: 1,
             cut_gen,
+            shard_gen: 7,
         }
     }
 
@@ -1766,6 +2108,8 @@ mod tests {
                     base: 6,
                     manifest: Some(5),
                     roll_back: true,
+                    live: false,
+                    shards_gen: 0,
                     members: vec![(1, 1), (2, 1)],
                     placement_version: 0,
                     release: false,
@@ -1844,7 +2188,7 @@ mod tests {
 
     /// Ticks until the leader starts an epoch: (epoch, quiesce, snapshot) of its barrier.
     fn next_barrier(l: &mut EpochLeader, now: &mut u64) -> (Epoch, bool, Vec<u32>) {
-        for _ in 0..100 {
+        for _ in 0..1_000 {
             *now += 10;
             for (to, m) in sends(&l.handle(LeadInput::Tick { now_ms: *now })) {
                 if let (
@@ -1889,7 +2233,7 @@ mod tests {
     }
 
     #[test]
-    fn a_move_asks_for_snapshots_and_quiesces_once_every_participant_listed_its_own() {
+    fn a_move_asks_for_snapshots_then_stops_the_moving_key_groups_and_hands_them_over_live() {
         let (mut l, g) = running_leader();
         let mut now = 0;
         l.handle(LeadInput::Handover {
@@ -1903,7 +2247,7 @@ mod tests {
             from: 1,
             msg: EpochMsg::Prepared { gen: g },
         });
-        // Participant 2's snapshot is not listed yet: no quiesced epoch.
+        // Participant 2's snapshot is not listed yet: epochs go on.
         let (e, quiesce, snapshot) = next_barrier(&mut l, &mut now);
         assert_eq!((quiesce, snapshot), (false, vec![]));
         // A stale answer (another generation) does not count.
@@ -1918,33 +2262,342 @@ mod tests {
             from: 2,
             msg: EpochMsg::Prepared { gen: g },
         });
-        commit(&mut l, g, e);
-        let (e, quiesce, _) = next_barrier(&mut l, &mut now);
+        // Every snapshot is listed: no epoch starts until the open one commits; then every
+        // participant is asked to stop the moving key groups at the next cut.
+        let a = tick(&mut l, &mut now, 5);
         assert!(
-            quiesce,
-            "every snapshot is listed: the next epoch is quiesced"
+            a.iter()
+                .all(|(_, m)| !matches!(m, EpochMsg::Barrier { .. } | EpochMsg::Stop { .. })),
+            "{a:?}"
         );
-        // Once the quiesced epoch commits, the leader holds everyone to move.
+        commit(&mut l, g, e);
+        let at = e + 1;
+        let a = tick(&mut l, &mut now, 1);
+        let stop = EpochMsg::Stop {
+            gen: g,
+            at,
+            key_groups: vec![3, 4],
+        };
+        assert_eq!(a, vec![(1, stop.clone()), (2, stop)]);
+        // Until both answer, nothing starts.
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Stopping { gen: g },
+        });
+        assert!(tick(&mut l, &mut now, 5).is_empty());
+        let a = l.handle(LeadInput::Msg {
+            from: 2,
+            msg: EpochMsg::Stopping { gen: g },
+        });
+        assert!(
+            sends(&a).iter().any(
+                |(_, m)| matches!(m, EpochMsg::Barrier { epoch, quiesce: true, .. } if *epoch == at)
+            ),
+            "the stop epoch is quiesced: {a:?}"
+        );
+        // Nothing starts after it.
+        assert!(tick(&mut l, &mut now, 5).is_empty());
         for from in [1, 2] {
             l.handle(LeadInput::Msg {
                 from,
-                msg: EpochMsg::Cut { gen: g, epoch: e },
+                msg: EpochMsg::Cut { gen: g, epoch: at },
             });
             l.handle(LeadInput::Msg {
                 from,
                 msg: EpochMsg::Part {
                     gen: g,
-                    epoch: e,
+                    epoch: at,
                     objects: vec![from as u8],
                     owned: Vec::new(),
                 },
             });
         }
         let a = l.handle(LeadInput::ManifestDone {
-            epoch: e,
+            epoch: at,
             result: Ok(true),
         });
+        // Once it commits, the leader holds everyone to move.
         assert!(sends(&a).contains(&(1, EpochMsg::Hold { gen: g + 1 })));
+        let g1 = l.gen();
+        let mut a = Vec::new();
+        for from in [1, 2] {
+            a = l.handle(LeadInput::Msg {
+                from,
+                msg: held_msg(g1, at, at, g),
+            });
+        }
+        assert_eq!(a, vec![LeadAction::ProposeMove]);
+        // This leader knows the newest manifest: it resumes at once.
+        let a = l.handle(LeadInput::Moved);
+        let resumes: Vec<_> = sends(&a)
+            .into_iter()
+            .filter_map(|(to, m)| match m {
+                EpochMsg::Resume {
+                    roll_back, live, ..
+                } => Some((to, roll_back, live)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(resumes, vec![(1, false, true), (2, false, true)]);
+        // Epochs start again once every participant has handed over.
+        l.handle(LeadInput::Msg {
+            from: 2,
+            msg: EpochMsg::Reconfigured { gen: g1 },
+        });
+        assert!(tick(&mut l, &mut now, 5).is_empty());
+        let a = l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Reconfigured { gen: g1 },
+        });
+        assert!(
+            sends(&a)
+                .iter()
+                .any(|(_, m)| matches!(m, EpochMsg::Barrier { epoch, .. } if *epoch == at + 1)),
+            "{a:?}"
+        );
+    }
+
+    /// Ticks `n` times 10 ms apart; the messages sent.
+    fn tick(l: &mut EpochLeader, now: &mut u64, n: usize) -> Vec<(NodeId, EpochMsg)> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            *now += 10;
+            out.extend(sends(&l.handle(LeadInput::Tick { now_ms: *now })));
+        }
+        out
+    }
+
+    #[test]
+    fn a_live_move_falls_back_to_a_rollback_when_a_participant_does_not_stop_or_does_not_hand_over()
+    {
+        // Participant 2 never answers `Stop`: after the timeout the move goes the old way.
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        l.handle(LeadInput::Handover { snapshot: vec![] });
+        // (no snapshots asked: the plan is empty, the next epoch is quiesced)
+        let (e, quiesce, _) = next_barrier(&mut l, &mut now);
+        assert!(quiesce);
+        commit(&mut l, g, e);
+
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        l.handle(LeadInput::Handover { snapshot: vec![5] });
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        commit(&mut l, g, e);
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Prepared { gen: g },
+            });
+        }
+        let a = tick(&mut l, &mut now, 1);
+        assert!(a.iter().any(|(_, m)| matches!(m, EpochMsg::Stop { .. })));
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Stopping { gen: g },
+        });
+        let start = now;
+        let (e, quiesce, _) = next_barrier(&mut l, &mut now);
+        assert!(
+            quiesce && now >= start + STOP_TIMEOUT_MS - 20,
+            "quiesced at {now}"
+        );
+        commit(&mut l, g, e);
+        let g1 = l.gen();
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: held_msg(g1, e, e, g),
+            });
+        }
+        l.handle(LeadInput::Moved);
+        let a = l.handle(LeadInput::Latest(Ok(Some(e))));
+        assert!(sends(&a).iter().all(|(_, m)| matches!(
+            m,
+            EpochMsg::Resume {
+                roll_back: true,
+                live: false,
+                ..
+            }
+        )));
+
+        // Both stop, but participant 1 never hands over: the leader synchronises again (a
+        // rollback) after the timeout.
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        l.handle(LeadInput::Handover { snapshot: vec![5] });
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        commit(&mut l, g, e);
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Prepared { gen: g },
+            });
+        }
+        tick(&mut l, &mut now, 1);
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Stopping { gen: g },
+            });
+        }
+        let at = e + 1;
+        commit(&mut l, g, at);
+        let g1 = l.gen();
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                // Participant 2 cut an epoch the leader never started: not live.
+                msg: held_msg(g1, at, at, g),
+            });
+        }
+        l.handle(LeadInput::Moved);
+        let a = l.handle(LeadInput::Latest(Ok(Some(at))));
+        assert!(sends(&a)
+            .iter()
+            .all(|(_, m)| matches!(m, EpochMsg::Resume { live: true, .. })));
+        l.handle(LeadInput::Msg {
+            from: 2,
+            msg: EpochMsg::Reconfigured { gen: g1 },
+        });
+        let mut held_again = false;
+        for _ in 0..(RECONFIGURE_TIMEOUT_MS / 10 + 10) {
+            let a = tick(&mut l, &mut now, 1);
+            assert!(a
+                .iter()
+                .all(|(_, m)| !matches!(m, EpochMsg::Barrier { .. })));
+            if a.iter().any(|(_, m)| matches!(m, EpochMsg::Hold { .. })) {
+                held_again = true;
+                break;
+            }
+        }
+        assert!(
+            held_again,
+            "no synchronisation after the handover timed out"
+        );
+    }
+
+    #[test]
+    fn a_member_that_owns_nothing_is_taken_in_without_a_rollback_once_the_open_epochs_drain() {
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        // Node 3 (new, owns nothing) wants in while epoch `e` is open: nothing starts, and
+        // nobody is held until it commits.
+        let a = l.handle(LeadInput::Participants([(1, 1), (2, 1), (3, 1)].into()));
+        assert!(a.is_empty());
+        assert!(tick(&mut l, &mut now, 3).is_empty());
+        commit(&mut l, g, e);
+        let a = tick(&mut l, &mut now, 1);
+        let g1 = l.gen();
+        assert_eq!(
+            a,
+            vec![
+                (1, EpochMsg::Hold { gen: g1 }),
+                (2, EpochMsg::Hold { gen: g1 }),
+                (3, EpochMsg::Hold { gen: g1 })
+            ]
+        );
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: held_msg(g1, e, e, g),
+            });
+        }
+        // Its own numbering and shard generation do not matter: it owns nothing.
+        let a = l.handle(LeadInput::Msg {
+            from: 3,
+            msg: EpochMsg::Held {
+                gen: g1,
+                committed: 0,
+                cut: 0,
+                shards: 2,
+                cut_gen: 0,
+                shard_gen: 0,
+            },
+        });
+        assert_eq!(a.len(), 3, "{a:?}");
+        for (to, m) in sends(&a) {
+            match m {
+                EpochMsg::Resume {
+                    roll_back,
+                    live,
+                    shards_gen,
+                    committed,
+                    base,
+                    members,
+                    ..
+                } => {
+                    assert!(!roll_back && live, "to {to}");
+                    assert_eq!((shards_gen, committed, base), (7, e, e));
+                    assert_eq!(members, vec![(1, 1), (2, 1), (3, 2)]);
+                }
+                m => panic!("{m:?}"),
+            }
+        }
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Reconfigured { gen: g1 },
+            });
+        }
+        assert!(tick(&mut l, &mut now, 3).is_empty());
+        let a = l.handle(LeadInput::Msg {
+            from: 3,
+            msg: EpochMsg::Reconfigured { gen: g1 },
+        });
+        assert!(sends(&a)
+            .iter()
+            .any(|(to, m)| *to == 3
+                && matches!(m, EpochMsg::Barrier { epoch, .. } if *epoch == e + 1)));
+
+        // A participant that restarted (another incarnation) is not taken in live.
+        let (mut l, g) = running_leader();
+        let a = l.handle(LeadInput::Participants([(1, 2), (2, 1), (3, 1)].into()));
+        assert!(sends(&a).contains(&(1, EpochMsg::Hold { gen: g + 1 })));
+    }
+
+    #[test]
+    fn a_participant_that_cut_past_the_stop_epoch_makes_the_move_roll_back() {
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        l.handle(LeadInput::Handover { snapshot: vec![5] });
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        commit(&mut l, g, e);
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Prepared { gen: g },
+            });
+        }
+        tick(&mut l, &mut now, 1);
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Stopping { gen: g },
+            });
+        }
+        let at = e + 1;
+        commit(&mut l, g, at);
+        let g1 = l.gen();
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: held_msg(g1, at, at, g),
+        });
+        l.handle(LeadInput::Msg {
+            from: 2,
+            msg: held_msg(g1, at, at + 1, g),
+        });
+        l.handle(LeadInput::Moved);
+        let a = l.handle(LeadInput::Latest(Ok(Some(at))));
+        assert!(sends(&a).iter().all(|(_, m)| matches!(
+            m,
+            EpochMsg::Resume {
+                roll_back: true,
+                live: false,
+                ..
+            }
+        )));
     }
 
     /// Participants 1 and 2 answer the current generation's `Hold`.
@@ -1960,6 +2613,7 @@ mod tests {
                     cut: committed,
                     shards: 1,
                     cut_gen: 0,
+                    shard_gen: 7,
                 },
             }));
         }
@@ -2161,14 +2815,29 @@ mod tests {
         l.handle(LeadInput::Handover { snapshot: vec![10] });
         let start = now;
         loop {
-            let (e, quiesce, snapshot) = next_barrier(&mut l, &mut now);
-            assert!(snapshot.is_empty());
-            if quiesce {
-                assert!(now >= start + PREPARE_TIMEOUT_MS - 20, "quiesced at {now}");
+            let a = tick(&mut l, &mut now, 1);
+            if a.iter().any(
+                |(_, m)| matches!(m, EpochMsg::Stop { key_groups, .. } if key_groups == &vec![9]),
+            ) {
+                assert!(now >= start + PREPARE_TIMEOUT_MS - 20, "stopped at {now}");
                 break;
             }
-            assert!(now < start + PREPARE_TIMEOUT_MS + 100, "never quiesced");
-            commit(&mut l, g, e);
+            for (to, m) in a {
+                if let (
+                    1,
+                    EpochMsg::Barrier {
+                        epoch,
+                        quiesce,
+                        snapshot,
+                        ..
+                    },
+                ) = (to, m)
+                {
+                    assert!(snapshot.is_empty() && !quiesce);
+                    commit(&mut l, g, epoch);
+                }
+            }
+            assert!(now < start + PREPARE_TIMEOUT_MS + 100, "never stopped");
         }
     }
 

@@ -18,6 +18,10 @@
 //!   in the final chain (following `previous` from the newest manifest): nothing acknowledged
 //!   is lost or orphaned; each manifest lists a part of every participant that released it;
 //!   releases per participant strictly increase between restarts;
+//! - **live moves**: a participant is never asked to stop key groups at an epoch it has cut
+//!   already, and a live `Resume` (nobody rolls back) comes only to participants that stopped
+//!   at the committed epoch, released it and cut nothing after it (they answer `Stop` and
+//!   `Resume` only now and then: the leader's timeouts move the old way);
 //! - **liveness**: once failures stop, epochs commit again.
 //!
 //! `SIM_SEED=<n>` runs one schedule; `SIM_SEEDS=<n>` sets how many (default 2000);
@@ -35,6 +39,11 @@ const LEADER: NodeId = 100;
 /// Participants that do not answer a `Hold` within this many steps are left out (the others
 /// go on; they are taken in when they answer).
 const EXCLUDE_AFTER: u64 = 40;
+
+/// A live move that does not get every `Stopping` (or `Reconfigured`) within this many steps
+/// moves the old way (synchronises again: everyone rolls back).
+const STOP_AFTER: u64 = 150;
+const RECONFIGURE_AFTER: u64 = 150;
 
 #[derive(Debug, Clone)]
 struct Manifest {
@@ -62,6 +71,15 @@ struct Participant {
     writing: Option<(Epoch, u64)>,
     /// The generation its open epochs were cut in (that of the last `Resume` it followed).
     cut_gen: u64,
+    /// A live move asked it to stop the moving key groups at the cut of this epoch.
+    stop_at: Option<Epoch>,
+    /// It cut the epoch it was asked to stop at.
+    stopped: Option<Epoch>,
+    /// The generation of the last `Resume` that rolled it back (its shards').
+    shard_gen: u64,
+    /// A member that has not joined the epochs yet (it owns nothing): the leader does not know
+    /// it until it joins.
+    waiting: bool,
 }
 
 struct World {
@@ -98,6 +116,10 @@ struct World {
     released_open: u64,
     /// Broken streams the leader is told of at the next step.
     unreachable: Vec<NodeId>,
+    /// Live `Resume`s (moves that rolled nobody back) participants followed.
+    live: u64,
+    /// Participants new to the epochs taken in by a live `Resume`.
+    joined_live: u64,
 }
 
 impl World {
@@ -170,6 +192,7 @@ impl World {
         let p = self
             .parts
             .iter()
+            .filter(|(_, p)| !p.waiting)
             .map(|(id, p)| (*id, p.incarnation))
             .collect();
         self.lead(LeadInput::Participants(p));
@@ -224,8 +247,82 @@ impl World {
                     cut: p.cut,
                     shards: 1,
                     cut_gen: p.cut_gen,
+                    shard_gen: p.shard_gen,
                 };
                 self.send(id, LEADER, held);
+            }
+            EpochMsg::Stop { at, .. } if gen == p.gen && !p.holding => {
+                // Safety: no shard may have cut the epoch it is asked to stop at.
+                if p.cut >= at {
+                    return Err(format!(
+                        "node {id} is asked to stop at epoch {at}, but it cut {} already",
+                        p.cut
+                    ));
+                }
+                p.stop_at = Some(at);
+                // Now and then the answer never comes (the leader's timeout moves the old way).
+                if !self.rng.chance(20) {
+                    self.send(id, LEADER, EpochMsg::Stopping { gen });
+                }
+            }
+            EpochMsg::Resume {
+                committed,
+                live,
+                shards_gen,
+                ..
+            } if gen == p.gen && p.holding && live && p.shard_gen == 0 && p.releases.is_empty() => {
+                // New to the epochs (it owns nothing): it takes the others' shard generation
+                // and goes on after `committed` (the node rolls back to it, losing nothing).
+                if p.cut > committed {
+                    return Err(format!(
+                        "node {id} joins live at {committed}, but it cut {} of its own",
+                        p.cut
+                    ));
+                }
+                p.shard_gen = shards_gen;
+                p.cut_gen = gen;
+                p.released = committed;
+                p.cut = committed;
+                p.announced = committed;
+                p.floor = committed;
+                p.holding = false;
+                p.stop_at = None;
+                p.stopped = None;
+                self.joined_live += 1;
+                self.send(id, LEADER, EpochMsg::Reconfigured { gen });
+            }
+            EpochMsg::Resume {
+                committed,
+                live,
+                shards_gen,
+                ..
+            } if gen == p.gen && p.holding && live => {
+                if shards_gen != p.shard_gen {
+                    return Err(format!(
+                        "node {id} resumes live with shard generation {shards_gen}, but its shards have {}",
+                        p.shard_gen
+                    ));
+                }
+                // Safety: a live move rolls nobody back, so every participant must have
+                // stopped the moving key groups at its cut of `committed`, released it, and
+                // cut nothing after it.
+                // (A participant taken in live moves nothing: nobody was asked to stop.)
+                let stopped_ok = p.stop_at.is_none() || p.stopped == Some(committed);
+                if !stopped_ok || p.cut != committed || p.released != committed {
+                    return Err(format!(
+                        "node {id} resumes live at {committed}, but it stopped at {:?}, cut {} and released {}",
+                        p.stopped, p.cut, p.released
+                    ));
+                }
+                p.cut_gen = gen;
+                p.holding = false;
+                p.stop_at = None;
+                p.stopped = None;
+                self.live += 1;
+                // Now and then it never answers (the leader's timeout synchronises again).
+                if !self.rng.chance(15) {
+                    self.send(id, LEADER, EpochMsg::Reconfigured { gen });
+                }
             }
             EpochMsg::Resume {
                 committed,
@@ -234,6 +331,9 @@ impl World {
                 release,
                 ..
             } if gen == p.gen && p.holding => {
+                p.stop_at = None;
+                p.stopped = None;
+                p.shard_gen = gen;
                 // Epochs of its own still open are released only when the leader says they
                 // are the committed ones: otherwise they may have been abandoned while it was
                 // left out (another participant's epochs of the same numbers committed
@@ -292,6 +392,9 @@ impl World {
             if cut_now && self.rng.chance(500) {
                 let p = self.parts.get_mut(&id).unwrap();
                 p.cut += 1;
+                if p.stop_at == Some(p.cut) {
+                    p.stopped = Some(p.cut);
+                }
                 let msg = EpochMsg::Cut {
                     gen: p.gen,
                     epoch: p.cut,
@@ -340,6 +443,7 @@ impl World {
         let p = self.parts.get_mut(&id).unwrap();
         p.incarnation += 1;
         p.gen = 0;
+        p.shard_gen = 0;
         p.holding = true;
         p.released = p.released.max(latest);
         p.releases.clear();
@@ -348,6 +452,8 @@ impl World {
         p.floor = p.cut;
         p.written.clear();
         p.writing = None;
+        p.stop_at = None;
+        p.stopped = None;
         let at = p.released;
         // Messages to and from the old process are gone.
         for ((from, to), q) in self.links.iter_mut() {
@@ -365,7 +471,8 @@ impl World {
         // A new leader knows what the control group recorded: at most the newest manifest.
         let recorded = self.latest().unwrap_or(0).saturating_sub(self.rng.below(3));
         self.leader = EpochLeader::new(self.term << 32, 5, 4, 200, recorded)
-            .exclude_after(Some(EXCLUDE_AFTER));
+            .exclude_after(Some(EXCLUDE_AFTER))
+            .move_timeouts(STOP_AFTER, RECONFIGURE_AFTER);
         self.reads.clear();
         for ((from, to), q) in self.links.iter_mut() {
             if *from == LEADER || *to == LEADER {
@@ -383,9 +490,10 @@ impl World {
         if chaos && self.rng.chance(4) {
             self.new_leader();
         }
-        if chaos && self.rng.chance(5) {
-            // The control group plans a move of key groups.
-            let snapshot = if self.rng.chance(2) {
+        if (chaos && self.rng.chance(5)) || (!chaos && self.rng.chance(3)) {
+            // The control group plans a move of key groups (also once failures stopped: those
+            // moves go live). Without a plan a move quiesces an epoch and rolls back.
+            let snapshot = if !self.rng.chance(300) {
                 vec![1, 2]
             } else {
                 Vec::new()
@@ -497,12 +605,14 @@ impl World {
 
 /// What a schedule went through: (releases, leader takeovers, participant restarts, late
 /// manifests of deposed leaders, rounds of moves proposed).
-fn run(seed: u64) -> Result<[u64; 7], String> {
+fn run(seed: u64) -> Result<[u64; 9], String> {
     let mut rng = Rng(seed.max(1));
     let n = 1 + rng.below(3);
     let mut w = World {
         trace: std::env::var("SIM_TRACE").is_ok(),
-        leader: EpochLeader::new(1 << 32, 5, 4, 200, 0).exclude_after(Some(EXCLUDE_AFTER)),
+        leader: EpochLeader::new(1 << 32, 5, 4, 200, 0)
+            .exclude_after(Some(EXCLUDE_AFTER))
+            .move_timeouts(STOP_AFTER, RECONFIGURE_AFTER),
         rng,
         now: 0,
         term: 1,
@@ -532,15 +642,31 @@ fn run(seed: u64) -> Result<[u64; 7], String> {
         excluded_steps: 0,
         released_open: 0,
         unreachable: Vec::new(),
+        live: 0,
+        joined_live: 0,
     };
+    // Now and then the last member joins the epochs later (it owns nothing until then).
+    let joins_at = (n > 1 && w.rng.chance(500)).then(|| 1 + w.rng.below(5_000));
+    if joins_at.is_some() {
+        w.parts.get_mut(&n).unwrap().waiting = true;
+    }
     w.participants_input();
+    let join = |w: &mut World| {
+        if joins_at == Some(w.now) {
+            w.log(|| format!("node {n} joins the epochs"));
+            w.parts.get_mut(&n).unwrap().waiting = false;
+            w.participants_input();
+        }
+    };
     for _ in 0..3_000 {
         w.step(true)?;
+        join(&mut w);
     }
     // Failures stop: epochs commit again.
     let before = w.released.len();
     for _ in 0..3_000 {
         w.step(false)?;
+        join(&mut w);
     }
     // Leftover manifest writes of deposed leaders land (or not) before the final check.
     while !w.manifest_writes.is_empty() {
@@ -571,6 +697,8 @@ fn run(seed: u64) -> Result<[u64; 7], String> {
         w.moves_proposed,
         w.excluded_steps,
         w.released_open,
+        w.live,
+        w.joined_live,
     ])
 }
 
@@ -587,17 +715,19 @@ fn the_leader_synchronises_participants_safely_through_leader_changes_losses_and
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    let mut total = [0u64; 7];
+    let mut total = [0u64; 9];
     for seed in 1..=seeds {
         match run(seed) {
-            Ok(t) => (0..7).for_each(|i| total[i] += t[i]),
+            Ok(t) => (0..9).for_each(|i| total[i] += t[i]),
             Err(e) => panic!("seed {seed} (SIM_SEED={seed} reproduces it): {e}"),
         }
     }
     println!(
-        "{seeds} schedules passed: {} releases, {} leader takeovers, {} participant restarts, {} manifests of deposed leaders landing late, {} rounds of moves proposed, {} steps with a participant left out, {} resumes releasing open epochs",
-        total[0], total[1], total[2], total[3], total[4], total[5], total[6]
+        "{seeds} schedules passed: {} releases, {} leader takeovers, {} participant restarts, {} manifests of deposed leaders landing late, {} rounds of moves proposed, {} steps with a participant left out, {} resumes releasing open epochs, {} live resumes (moves that rolled nobody back), {} participants taken in live",
+        total[0], total[1], total[2], total[3], total[4], total[5], total[6], total[7], total[8]
     );
+    assert!(total[8] > 0, "no participant was taken in live");
+    assert!(total[7] > 0, "no move was handed over live");
     assert!(
         total[6] > 0,
         "no resume let a participant release its open epochs"

@@ -390,6 +390,7 @@ pub(crate) fn start(
             move_round: None,
             left_out: Default::default(),
             move_proposed: None,
+            move_plan: Vec::new(),
             node,
             incarnation,
             joined: false,
@@ -500,6 +501,8 @@ struct Driver {
     /// The participants the epoch leader leaves out now (logged when it changes).
     left_out: std::collections::BTreeSet<NodeId>,
     move_proposed: Option<(u64, Instant)>,
+    /// The key groups of the move round under way.
+    move_plan: Vec<u32>,
     node: ControlNode<EngineStorage>,
     /// This process start (see `Member::incarnation`).
     incarnation: u64,
@@ -763,10 +766,19 @@ impl Driver {
             ));
             self.participants = None;
         }
+        // The members that own key groups, and those that can take some (their control log
+        // has caught up; once in, they stay while alive): a new member takes part in the
+        // epochs before key groups move to it, so that the move rolls nobody back.
+        let before = self.participants.clone().unwrap_or_default();
         let p: std::collections::BTreeMap<NodeId, u64> = state
             .members
             .values()
-            .filter(|m| m.alive && state.owned_by(m.id) > 0)
+            .filter(|m| {
+                m.alive
+                    && (state.owned_by(m.id) > 0
+                        || before.get(&m.id) == Some(&m.incarnation)
+                        || self.node.caught_up(m.id))
+            })
             .map(|m| (m.id, m.incarnation))
             .collect();
         let recorded = state.committed_epoch;
@@ -804,6 +816,7 @@ impl Driver {
                 // Their owners first snapshot the key groups about to move: their new owners
                 // then read a short chain.
                 let plan: Vec<u32> = moves.iter().map(|m| m.kg).collect();
+                self.move_plan = plan.clone();
                 tracing::info!(
                     key_groups = plan.len(),
                     "moving key groups to the members that should own them"
@@ -932,7 +945,9 @@ impl Driver {
             }
             LeadAction::Record(e) => self.record_wanted = self.record_wanted.max(e),
             LeadAction::ProposeMove => {
-                let (moves, _) = self.ready_moves();
+                // Only key groups of the round's plan: those the participants stopped.
+                let (mut moves, _) = self.ready_moves();
+                moves.retain(|m| self.move_plan.contains(&m.kg));
                 let version = self.node.state().placement_version;
                 if moves.is_empty() {
                     self.lead_input(LeadInput::Moved);

@@ -72,6 +72,19 @@ pub struct Placement {
     /// The node's main runtime: connections to peers live there, whichever thread (gRPC,
     /// an HTTP worker) first needs them.
     rt: Option<tokio::runtime::Handle>,
+    /// A live move under way: the key groups moving, and the epoch at whose cut the shards
+    /// stop them. Requests for them are refused ([`ServiceError::NotOwner`]: routed again)
+    /// until the move is done.
+    moving: RwLock<Option<Moving>>,
+    any_moving: std::sync::atomic::AtomicBool,
+}
+
+/// Key groups moving live: see [`Placement::set_moving`].
+#[derive(Clone, Debug)]
+pub(crate) struct Moving {
+    /// The epoch at whose cut the shards stop them.
+    pub at: u64,
+    pub key_groups: Arc<rustc_hash::FxHashSet<u32>>,
 }
 
 impl Placement {
@@ -86,7 +99,47 @@ impl Placement {
             forwarders: Mutex::default(),
             rt: tokio::runtime::Handle::try_current().ok(),
             fn_broken: Default::default(),
+            moving: RwLock::new(None),
+            any_moving: Default::default(),
         }
+    }
+
+    /// Starts (`Some`) or ends (`None`) a live move of key groups: from now until it ends,
+    /// requests for them are refused here, and each shard stops them at its cut of the move's
+    /// epoch.
+    pub(crate) fn set_moving(&self, m: Option<Moving>) {
+        let on = m.is_some();
+        *self.moving.write() = m;
+        self.any_moving
+            .store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The live move under way, if any.
+    pub(crate) fn moving(&self) -> Option<Moving> {
+        self.moving.read().clone()
+    }
+
+    /// Whether key group `kg` is moving live now.
+    pub(crate) fn is_moving(&self, kg: u32) -> bool {
+        self.any_moving.load(std::sync::atomic::Ordering::Acquire)
+            && self
+                .moving
+                .read()
+                .as_ref()
+                .is_some_and(|m| m.key_groups.contains(&kg))
+    }
+
+    /// The key groups a shard stops at its cut of epoch `epoch` (none unless a live move
+    /// stops them there).
+    pub(crate) fn stop_at(&self, epoch: u64) -> Option<Arc<rustc_hash::FxHashSet<u32>>> {
+        if !self.any_moving.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.moving
+            .read()
+            .as_ref()
+            .filter(|m| m.at == epoch)
+            .map(|m| m.key_groups.clone())
     }
 
     /// The version of the key-group table applied here.

@@ -61,13 +61,17 @@ pub(crate) struct Envelope {
     pub key: Option<Box<str>>,
 }
 
+/// Where a call's reply goes.
+type ReplyTx = oneshot::Sender<Result<TypedValue, ServiceError>>;
+
 struct Inner {
     shards: OnceLock<Vec<Addr<Shard>>>,
     queued: Vec<AtomicUsize>,
     max_queued: usize,
     max_message_bytes: usize,
     key_groups: u32,
-    calls: Mutex<FxHashMap<u64, oneshot::Sender<Result<TypedValue, ServiceError>>>>,
+    /// Calls waiting for their reply: the key group of the call's target, and the waiter.
+    calls: Mutex<FxHashMap<u64, (u32, ReplyTx)>>,
     next_call: AtomicU64,
     reply_type: TypeName,
     registry: Arc<Registry>,
@@ -512,7 +516,17 @@ impl Router {
         let kg = self.key_group(&target);
         let mut reroute = Reroute::new();
         loop {
-            let Some((node, addr, v)) = self.remote(kg, None)? else {
+            let route = match self.remote(kg, None) {
+                Err(e)
+                    if reroute
+                        .again(self, kg, self.placement().kg_version(kg), &e)
+                        .await =>
+                {
+                    continue
+                }
+                r => r?,
+            };
+            let Some((node, addr, v)) = route else {
                 return self.send_local_now(target, message, key)?.await;
             };
             let p = &self.inner.placement;
@@ -594,6 +608,21 @@ impl Router {
             self.validate(t, m)?;
         }
         let n = messages.len();
+        if wait {
+            // A stream waits while a key group of its batch moves (refused otherwise).
+            let p = &self.inner.placement;
+            while messages
+                .iter()
+                .any(|(t, _, _)| p.is_moving(self.key_group(t)))
+            {
+                if self.inner.closed.load(Ordering::Relaxed) {
+                    return Err(ServiceError::Unavailable(
+                        "the node is shutting down".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         let mut local = Vec::with_capacity(n);
         let mut remote: std::collections::BTreeMap<(u64, String), Vec<_>> = Default::default();
         for (t, m, k) in messages {
@@ -719,7 +748,17 @@ impl Router {
         let kg = self.key_group(&target);
         let mut reroute = Reroute::new();
         loop {
-            let Some((node, addr, v)) = self.remote(kg, None)? else {
+            let route = match self.remote(kg, None) {
+                Err(e)
+                    if reroute
+                        .again(self, kg, self.placement().kg_version(kg), &e)
+                        .await =>
+                {
+                    continue
+                }
+                r => r?,
+            };
+            let Some((node, addr, v)) = route else {
                 return self.call_local_now(target, message, timeout, key)?.await;
             };
             let p = &self.inner.placement;
@@ -783,7 +822,7 @@ impl Router {
         env.key = key.map(String::into_boxed_str);
         // Registered before the message leaves: the reply can come back at once.
         let (tx, rx) = oneshot::channel();
-        self.inner.calls.lock().insert(id, tx);
+        self.inner.calls.lock().insert(id, (kg, tx));
         if let Err(e) = self.deliver_one(shard, env, None) {
             self.inner.calls.lock().remove(&id);
             return Err(e);
@@ -814,6 +853,17 @@ impl Router {
         forwarded: Option<u64>,
     ) -> Result<Option<(u64, String, u64)>, ServiceError> {
         let p = &self.inner.placement;
+        if p.is_moving(kg) {
+            return Err(self.reject(
+                ServiceError::NotOwner {
+                    version: p.kg_version(kg),
+                    message: format!(
+                        "key group {kg} is moving to another node (its requests wait until the move is done); retry"
+                    ),
+                },
+                "moving",
+            ));
+        }
         match p.route(kg) {
             Route::Local => Ok(None),
             Route::Remote { node, .. } if forwarded.is_some() => {
@@ -870,7 +920,7 @@ impl Router {
     /// Completes a waiting call; false if nobody waits for it (any more).
     pub(crate) fn complete_call(&self, id: u64, value: Result<TypedValue, ServiceError>) -> bool {
         match self.inner.calls.lock().remove(&id) {
-            Some(tx) => tx.send(value).is_ok(),
+            Some((_, tx)) => tx.send(value).is_ok(),
             None => false,
         }
     }
@@ -952,7 +1002,24 @@ impl Router {
     /// are replayed find nobody waiting; their callers retry with their keys).
     pub(crate) fn fail_calls(&self, e: &ServiceError) {
         let calls = std::mem::take(&mut *self.inner.calls.lock());
-        for (_, tx) in calls {
+        for (_, (_, tx)) in calls {
+            let _ = tx.send(Err(e.clone()));
+        }
+    }
+
+    /// Fails the calls waiting for a reply from key groups `kgs` (they moved to another node:
+    /// the reply goes to the new owner, which holds no waiter for it).
+    pub(crate) fn fail_calls_of(&self, kgs: &rustc_hash::FxHashSet<u32>, e: &ServiceError) {
+        let gone: Vec<_> = {
+            let mut calls = self.inner.calls.lock();
+            let ids: Vec<u64> = calls
+                .iter()
+                .filter(|(_, (kg, _))| kgs.contains(kg))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter().filter_map(|id| calls.remove(&id)).collect()
+        };
+        for (_, tx) in gone {
             let _ = tx.send(Err(e.clone()));
         }
     }
@@ -978,7 +1045,19 @@ impl Router {
         }
         let kg = self.key_group(&address);
         let mut reroute = Reroute::new();
-        while let Some((node, addr, v)) = self.remote(kg, forwarded)? {
+        loop {
+            let route = match self.remote(kg, forwarded) {
+                Err(e)
+                    if forwarded.is_none()
+                        && reroute
+                            .again(self, kg, self.placement().kg_version(kg), &e)
+                            .await =>
+                {
+                    continue
+                }
+                r => r?,
+            };
+            let Some((node, addr, v)) = route else { break };
             let p = &self.inner.placement;
             match crate::mesh::forward_get_state(p, node, &addr, &address, v).await {
                 Err(e) if forwarded.is_none() && reroute.again(self, kg, v, &e).await => {}

@@ -80,6 +80,35 @@ pub(crate) enum DriverEvent {
     /// rollback to an epoch the leader committed while this node restarted): their pending
     /// messages, or the error.
     CaughtUp(Result<Loaded, String>),
+    /// A live move's key groups were read from blob storage (see [`Reconfiguring`]).
+    Handed(Result<Handed, String>),
+    /// Every shard handed the live move's key groups over.
+    HandedOver {
+        at: u64,
+    },
+}
+
+/// What a live move read from blob storage for this node.
+pub(crate) struct Handed {
+    at: u64,
+    /// The pending messages at `at` of the moving key groups this node serves now.
+    pending: Vec<(u32, PendingMessage)>,
+    /// The key groups sled holds now.
+    owned: std::collections::BTreeSet<u32>,
+    gained: Vec<u32>,
+    lost: Vec<u32>,
+}
+
+/// A live move under way here (after the leader's live `Resume`): once sled holds `at`, the
+/// key groups this node gained are read from blob storage, those it lost are dropped from
+/// sled, the pending messages of every moving key group it serves now are read, and then the
+/// shards hand them over ([`Reconfigure`](crate::shard::Reconfigure)).
+#[derive(Debug)]
+struct Reconfiguring {
+    at: u64,
+    manifest: Option<u64>,
+    started: bool,
+    since: Instant,
 }
 
 /// What a rollback read from blob storage.
@@ -291,6 +320,10 @@ struct Driver {
     key_groups: u32,
     /// Cuts of epochs after a rollback that arrived before it ended.
     early_cuts: Vec<ShardCut>,
+    /// A live move under way.
+    reconfiguring: Option<Reconfiguring>,
+    /// The generation the shards took at their last rollback.
+    shard_gen: u64,
 }
 
 impl ClusterSide {
@@ -416,6 +449,9 @@ enum LastPending {
 struct RollingBack {
     to: u64,
     base: u64,
+    /// A participant new to the epochs taken in live: its shards take this generation (the
+    /// others'), and it answers `Reconfigured` at the end.
+    join_live: Option<u64>,
     /// The shards were told (after sled had applied `to`).
     shards_told: bool,
     /// Sled must hold this epoch before the shards are told (the last one this node
@@ -562,6 +598,8 @@ pub(crate) fn start(
         members: Arc::new(Vec::new()),
         key_groups: config.key_groups,
         early_cuts: Vec::new(),
+        reconfiguring: None,
+        shard_gen: 0,
         cluster: cluster.map(|(me, out, active)| ClusterSide {
             me,
             out,
@@ -934,8 +972,11 @@ impl Driver {
                     let _ = tx.send(epoch);
                 }
                 self.continue_rollback();
+                self.continue_reconfigure();
                 self.maintain();
             }
+            DriverEvent::Handed(r) => self.handed(r),
+            DriverEvent::HandedOver { at } => self.handed_over(at),
             DriverEvent::RolledBack => self.end_rollback(),
             DriverEvent::Epoch { from, msg } => self.epoch_msg(from, msg),
             DriverEvent::CaughtUp(r) => match r {
@@ -1063,6 +1104,18 @@ impl Driver {
     /// messages are delivered again ([`end_rollback`](Self::end_rollback)). Called with no
     /// commit in flight (epochs commit one at a time; this is decided before the next).
     fn begin_rollback(&mut self, to: u64, base: u64, behind: Option<u64>, manifest: Option<u64>) {
+        self.begin_rollback_as(to, base, behind, manifest, None)
+    }
+
+    /// [`begin_rollback`](Self::begin_rollback); `join_live`: see [`RollingBack`].
+    fn begin_rollback_as(
+        &mut self,
+        to: u64,
+        base: u64,
+        behind: Option<u64>,
+        manifest: Option<u64>,
+        join_live: Option<u64>,
+    ) {
         debug_assert!(self.cp.is_some(), "a rollback needs checkpoints");
         tracing::warn!(
             committed = to,
@@ -1072,6 +1125,10 @@ impl Driver {
         self.router.set_rolling_back(Some(format!(
             "the node is rolling back to its last committed epoch {to}; retry"
         )));
+        // A live move under way is abandoned: the shards drop what they stopped, and the
+        // key groups are served by the table again.
+        self.reconfiguring = None;
+        self.router.placement().set_moving(None);
         // Numbers between the last epoch released here and `to` were abandoned, unless a
         // manifest after it exists (the leader committed epochs this node did not release).
         let own = self.last_released;
@@ -1079,6 +1136,7 @@ impl Driver {
         self.rolling_back = Some(RollingBack {
             to,
             base,
+            join_live,
             shards_told: false,
             wait: own.min(to),
             catch_up,
@@ -1203,12 +1261,15 @@ impl Driver {
         rb.shards_told = true;
         let extra = std::mem::take(&mut rb.extra);
         let rb = rb.clone();
-        let generation = match self.cluster.as_ref().filter(|c| c.active) {
+        let generation = match (rb.join_live, self.cluster.as_ref().filter(|c| c.active)) {
+            // Taken in live: the others keep theirs.
+            (Some(g), _) => g,
             // Every participant takes the leader's generation: messages between them of work
             // before the rollback are told apart.
-            Some(c) => c.gen,
-            None => self.router.next_generation(),
+            (None, Some(c)) => c.gen,
+            (None, None) => self.router.next_generation(),
         };
+        self.shard_gen = generation;
         let placement = self.router.placement().clone();
         let members = self.members.clone();
         let shards = self.shards.clone();
@@ -1309,6 +1370,11 @@ impl Driver {
         if let Some(c) = self.cluster.as_mut().filter(|c| c.active) {
             c.holding = false;
             c.listing_epoch = None;
+            if rb.join_live.is_some() {
+                if let Some(l) = c.leader {
+                    c.send(l, EpochMsg::Reconfigured { gen: c.gen });
+                }
+            }
             let deferred = std::mem::take(&mut c.deferred);
             for epoch in deferred {
                 self.input(Input::Barrier { epoch });
@@ -1346,6 +1412,7 @@ impl Driver {
                         cut: self.coord.started(),
                         shards: self.shards.len() as u32,
                         cut_gen: c.cut_gen,
+                        shard_gen: self.shard_gen,
                     };
                     c.send(from, held);
                 } else {
@@ -1356,6 +1423,23 @@ impl Driver {
                     self.maybe_held();
                 }
             }
+            EpochMsg::Stop { at, key_groups, .. }
+                if gen == c.gen && active && !holding && self.rolling_back.is_none() =>
+            {
+                // Before answering: no shard can cut `at` before the leader has every answer.
+                tracing::debug!(
+                    at,
+                    key_groups = key_groups.len(),
+                    "key groups stop at the next cut for a move"
+                );
+                self.router
+                    .placement()
+                    .set_moving(Some(crate::mesh::Moving {
+                        at,
+                        key_groups: Arc::new(key_groups.into_iter().collect()),
+                    }));
+                c.send(from, EpochMsg::Stopping { gen });
+            }
             EpochMsg::Resume {
                 committed,
                 base,
@@ -1364,6 +1448,8 @@ impl Driver {
                 members,
                 placement_version,
                 release,
+                live,
+                shards_gen,
                 ..
             } if gen == c.gen && holding && active && self.rolling_back.is_none() => {
                 if self.router.placement().version() < placement_version {
@@ -1380,12 +1466,29 @@ impl Driver {
                             members,
                             placement_version,
                             release,
+                            live,
+                            shards_gen,
                         },
                     ));
                     return;
                 }
                 c.cut_gen = gen;
-                self.resume(committed, base, manifest, roll_back, members, release)
+                if live {
+                    self.resume_live(from, committed, base, manifest, members, shards_gen);
+                } else {
+                    // A live move given up: its shards may have stopped key groups, which only
+                    // a rollback undoes.
+                    let stopped = self.router.placement().moving().is_some();
+                    self.router.placement().set_moving(None);
+                    self.resume(
+                        committed,
+                        base,
+                        manifest,
+                        roll_back || stopped,
+                        members,
+                        release,
+                    )
+                }
             }
             EpochMsg::Barrier {
                 epoch,
@@ -1471,6 +1574,7 @@ impl Driver {
                     cut,
                     shards: self.shards.len() as u32,
                     cut_gen: 0,
+                    shard_gen: self.shard_gen,
                 },
             );
         }
@@ -1561,6 +1665,266 @@ impl Driver {
         self.status.lock().started = self.coord.started();
         if let Some(c) = self.cluster.as_mut() {
             c.holding = false;
+            for epoch in std::mem::take(&mut c.deferred) {
+                self.input(Input::Barrier { epoch });
+            }
+        }
+    }
+
+    /// The leader's live `Resume` (a move that rolls nobody back): every participant stopped
+    /// the moving key groups at its cut of `committed`, which it released, and cut nothing
+    /// after it. This node hands them over ([`Reconfiguring`]) and answers `Reconfigured`;
+    /// epochs start again once every participant did. If it cannot (its epochs are not the
+    /// leader's), it asks the leader to synchronise again: everyone rolls back.
+    fn resume_live(
+        &mut self,
+        leader: statemesh_mesh::placement::NodeId,
+        committed: u64,
+        base: u64,
+        manifest: Option<u64>,
+        members: Vec<(u64, u32)>,
+        shards_gen: u64,
+    ) {
+        let members = if members.len() > 1 {
+            members
+        } else {
+            Vec::new()
+        };
+        let open = self.coord.started() > self.coord.committed();
+        let ours = !open
+            && self.coord.committed() == committed
+            && self.last_released == committed
+            && self.shard_gen == shards_gen;
+        let owns_nothing =
+            self.loaded.is_empty() && self.router.placement().owned(self.key_groups).is_empty();
+        if !ours && owns_nothing && self.cp.is_some() && shards_gen != 0 {
+            // New to the epochs and owning nothing: it loses nothing by rolling back to the
+            // committed epoch, with the others' shard generation (they roll nothing back).
+            tracing::info!(
+                committed,
+                "taking part in the cluster's epochs (nothing rolls back elsewhere)"
+            );
+            self.router.placement().set_moving(None);
+            self.router.egress().pause(false);
+            self.members = Arc::new(members);
+            if let Some(c) = self.cluster.as_mut() {
+                c.holding = true;
+            }
+            let missing = manifest.filter(|&m| m > self.last_released);
+            self.begin_rollback_as(
+                committed,
+                base.max(self.coord.started()),
+                missing,
+                manifest,
+                Some(shards_gen),
+            );
+            return;
+        }
+        let why = if self.cp.is_none() {
+            Some("checkpoints are off")
+        } else if !ours {
+            Some("its epochs are not the leader's")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            tracing::warn!(
+                committed,
+                "cannot hand key groups over live: {why}; the participants synchronise again"
+            );
+            if let Some(c) = self.cluster.as_ref() {
+                c.send(leader, EpochMsg::Reset { gen: c.gen });
+            }
+            return;
+        }
+        self.members = Arc::new(members);
+        let (n, _, max) = self.coord_params;
+        self.coord = Box::new(Participant::new(n, max, committed, base.max(committed)));
+        self.status.lock().started = self.coord.started();
+        self.reconfiguring = Some(Reconfiguring {
+            at: committed,
+            manifest,
+            started: false,
+            since: Instant::now(),
+        });
+        self.router.want_apply();
+        self.continue_reconfigure();
+    }
+
+    /// Once sled holds the move's epoch: reads what this node gained from blob storage (in a
+    /// task; it reports [`DriverEvent::Handed`]).
+    fn continue_reconfigure(&mut self) {
+        let Some(r) = self.reconfiguring.as_mut() else {
+            return;
+        };
+        if r.started || self.status.lock().applied < r.at {
+            return;
+        }
+        r.started = true;
+        let (at, manifest) = (r.at, r.manifest);
+        let placement = self.router.placement().clone();
+        let now: std::collections::BTreeSet<u32> =
+            placement.owned(self.key_groups).into_iter().collect();
+        let gained: Vec<u32> = now.difference(&self.loaded).copied().collect();
+        let lost: Vec<u32> = self.loaded.difference(&now).copied().collect();
+        let moving = placement.stop_at(at).unwrap_or_default();
+        if let Some(kg) = gained.iter().chain(&lost).find(|kg| !moving.contains(kg)) {
+            // Ownership changed beyond what stopped: it cannot be handed over live.
+            tracing::error!(
+                key_group = kg,
+                "a key group moved that was not stopped; the participants synchronise again"
+            );
+            self.reconfiguring = None;
+            if let Some(c) = self.cluster.as_ref() {
+                if let Some(l) = c.leader {
+                    c.send(l, EpochMsg::Reset { gen: c.gen });
+                }
+            }
+            return;
+        }
+        let mine: Vec<u32> = moving
+            .iter()
+            .copied()
+            .filter(|kg| now.contains(kg))
+            .collect();
+        if !gained.is_empty() || !lost.is_empty() {
+            tracing::info!(
+                gained = gained.len(),
+                lost = lost.len(),
+                epoch = at,
+                "key groups moved (live): loading the ones gained from blob storage"
+            );
+        }
+        let (cp, store, events) = (
+            self.cp.clone().expect("a live move needs checkpoints"),
+            self.store.clone(),
+            self.events.clone(),
+        );
+        tokio::spawn(async move {
+            let r = async {
+                store
+                    .set_stale(lost.iter().copied(), true)
+                    .and_then(|()| store.clear_key_groups(lost.iter().copied()))
+                    .map_err(|e| e.to_string())?;
+                match manifest {
+                    Some(m) => {
+                        catch_up(&cp, &store, &gained, None, at, m).await?;
+                    }
+                    None => {
+                        // Nothing committed yet: they are empty.
+                        store
+                            .clear_key_groups(gained.iter().copied())
+                            .and_then(|()| store.set_stale(gained.iter().copied(), false))
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                // Their messages pending at the move's cut are in every participant's part.
+                let pending = match manifest {
+                    Some(m) if m == at => pending_at(&cp, m, &mine).await?,
+                    // No manifest at `at`: every part was empty, nothing was pending.
+                    _ => Vec::new(),
+                };
+                Ok(Handed {
+                    at,
+                    pending,
+                    owned: now,
+                    gained,
+                    lost,
+                })
+            }
+            .await;
+            let _ = events.send(DriverEvent::Handed(r));
+        });
+    }
+
+    /// The move's key groups are read: the shards hand them over.
+    fn handed(&mut self, r: Result<Handed, String>) {
+        let h = match r {
+            Ok(h) if self.reconfiguring.as_ref().is_some_and(|x| x.at == h.at) => h,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the moving key groups from blob storage; the participants synchronise again");
+                self.reconfiguring = None;
+                if let Some(c) = self.cluster.as_ref() {
+                    if let Some(l) = c.leader {
+                        c.send(l, EpochMsg::Reset { gen: c.gen });
+                    }
+                }
+                return;
+            }
+        };
+        self.loaded = h.owned;
+        // Unread egress records move with their key groups.
+        let egress = self.router.egress();
+        egress.drop_key_groups(&h.lost.iter().copied().collect());
+        if !h.gained.is_empty() {
+            let read: std::collections::HashSet<Vec<u8>> =
+                self.consumed.values().flatten().cloned().collect();
+            match self.store.load_egress() {
+                Ok(v) => egress.restore_missing(v, &h.gained.iter().copied().collect(), &read),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot load the egress records of key groups read from blob storage")
+                }
+            }
+        }
+        // Calls waiting here for a reply of a key group that left: the reply goes to its new
+        // owner.
+        let lost: rustc_hash::FxHashSet<u32> = h.lost.iter().copied().collect();
+        if !lost.is_empty() {
+            self.router.fail_calls_of(
+                &lost,
+                &crate::error::ServiceError::Unavailable(format!(
+                    "the call's key group moved to another node at epoch {}; retry with the same idempotency key",
+                    h.at
+                )),
+            );
+        }
+        let n = self.shards.len();
+        let mut per_shard: Vec<Vec<(u32, PendingMessage)>> = (0..n).map(|_| Vec::new()).collect();
+        for (kg, m) in h.pending {
+            per_shard[self.router.shard_of(kg)].push((kg, m));
+        }
+        let (shards, members, events, at, generation) = (
+            self.shards.clone(),
+            self.members.clone(),
+            self.events.clone(),
+            h.at,
+            self.shard_gen,
+        );
+        tokio::spawn(async move {
+            let _ = futures::future::join_all(shards.iter().zip(per_shard).map(|(s, pending)| {
+                s.send(crate::shard::Reconfigure {
+                    at,
+                    generation,
+                    pending: crate::node::envelopes(pending),
+                    members: members.clone(),
+                })
+            }))
+            .await;
+            let _ = events.send(DriverEvent::HandedOver { at });
+        });
+    }
+
+    /// Every shard handed over: requests for the moved key groups go to their owners again,
+    /// egress records are read again, and the leader learns it.
+    fn handed_over(&mut self, at: u64) {
+        let Some(r) = self.reconfiguring.take_if(|r| r.at == at) else {
+            return;
+        };
+        self.router.placement().set_moving(None);
+        self.router.egress().pause(false);
+        tracing::info!(
+            epoch = at,
+            ms = r.since.elapsed().as_secs_f64() * 1e3,
+            "key groups handed over live (nothing rolled back)"
+        );
+        if let Some(c) = self.cluster.as_mut() {
+            c.holding = false;
+            if let Some(l) = c.leader {
+                c.send(l, EpochMsg::Reconfigured { gen: c.gen });
+            }
+        }
+        if let Some(c) = self.cluster.as_mut() {
             for epoch in std::mem::take(&mut c.deferred) {
                 self.input(Input::Barrier { epoch });
             }

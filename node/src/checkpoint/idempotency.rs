@@ -150,6 +150,18 @@ impl IdempotencyTable {
         gone
     }
 
+    /// Forgets the records of key groups `kgs` (they moved; sled keeps them).
+    pub fn drop_key_groups(&mut self, kgs: &rustc_hash::FxHashSet<u32>) {
+        let records = &mut self.records;
+        self.by_time.retain(|(_, kg, scope)| {
+            let keep = !kgs.contains(kg);
+            if !keep {
+                records.remove(scope);
+            }
+            keep
+        });
+    }
+
     /// Restores the table from stored records (oldest first by `seen_ms`).
     pub fn load(&mut self, mut records: Vec<(u32, String, Record)>) {
         records.sort_by_key(|(_, _, r)| r.seen_ms);

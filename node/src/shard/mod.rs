@@ -198,6 +198,26 @@ pub(crate) struct Rollback {
     pub members: Arc<Vec<(u64, u32)>>,
 }
 
+/// A live move is done (the leader's live `Resume`; nobody rolled back): the key groups the
+/// shard stopped at its cut of `at` are dropped here and, where this node serves them now,
+/// loaded again from sled (which holds them at `at`: read from blob storage if they are new
+/// here); their messages pending at `at` (`pending`, from blob storage) are processed first,
+/// then the ones the shard kept for them since its cut. The participants of the epochs may
+/// have changed (a member that owns nothing joined them).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Reconfigure {
+    /// The epoch the key groups stopped at.
+    pub at: u64,
+    /// The shards' generation it was sent for (a rollback since makes it stale).
+    pub generation: u64,
+    /// The pending messages at `at` of the stopped key groups this node serves now, of this
+    /// shard.
+    pub pending: Vec<Envelope>,
+    /// The participants from now on, with their shards (empty: this node alone).
+    pub members: Arc<Vec<(u64, u32)>>,
+}
+
 /// Epoch `epoch` committed: release what it holds.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -326,6 +346,16 @@ pub(crate) struct Shard {
     /// being synchronised): kept as pending messages of every cut, and delivered by the owner
     /// when it replays the committed epoch's pending messages of its key groups.
     parked: Vec<Envelope>,
+    /// A live move: the key groups this shard stopped at its cut of the move's epoch (their
+    /// messages are not processed; what arrives for them after the cut is kept in
+    /// `moving_out` until the move is done).
+    stopped: Option<(u64, Arc<FxHashSet<u32>>)>,
+    /// Messages for stopped key groups, sent or arrived after the cut they stopped at, in
+    /// order: sent on to their owner once the move is done.
+    moving_out: Vec<Envelope>,
+    /// Slots of key groups that moved away while a batch of theirs was in flight: dropped
+    /// (results and all) when it returns.
+    zombies: FxHashSet<usize>,
 }
 
 /// A message from a shard of a newer generation.
@@ -362,11 +392,16 @@ impl Shard {
             .owned_key_groups()
             .filter(|&kg| placement.is_local(kg))
             .collect();
+        self.load_key_groups(&kgs);
+    }
+
+    /// Loads the delayed messages and idempotency records of key groups `kgs`.
+    fn load_key_groups(&mut self, kgs: &[u32]) {
         if let Err(e) = self.timers.load(&self.store, kgs.iter().copied()) {
             tracing::error!(shard = self.index, error = %e, "cannot load delayed messages; they stay in sled until the next start");
         }
         let mut records = Vec::new();
-        for &kg in &kgs {
+        for &kg in kgs {
             match self.store.load_idempotency(kg) {
                 Ok(v) => {
                     for (scope, raw) in v {
@@ -408,6 +443,9 @@ impl Shard {
             peers: Vec::new(),
             remote_out: Default::default(),
             parked: Vec::new(),
+            stopped: None,
+            moving_out: Vec::new(),
+            zombies: FxHashSet::default(),
             index: o.index,
             outgoing: (0..n).map(|_| Vec::new()).collect(),
             router: o.router,
@@ -425,6 +463,21 @@ impl Shard {
             invocation_errors: 0,
             me: None,
         }
+    }
+
+    /// Whether key group `kg` is stopped here (a live move).
+    fn is_stopped(&self, kg: u32) -> bool {
+        self.stopped.as_ref().is_some_and(|(_, s)| s.contains(&kg))
+    }
+
+    /// Keeps a message for a stopped key group until the move is done.
+    fn keep_for_move(&mut self, mut env: Envelope) {
+        if env.ingress {
+            // Sent on as a message between functions: no longer counted as ingress here.
+            self.router.release(self.index, 1);
+            env.ingress = false;
+        }
+        self.moving_out.push(env);
     }
 
     fn owned_key_groups(&self) -> impl Iterator<Item = u32> + '_ {
@@ -668,6 +721,14 @@ impl Shard {
             if slot.in_flight || slot.retry_wait || slot.inbox.is_empty() {
                 continue;
             }
+            if self
+                .stopped
+                .as_ref()
+                .is_some_and(|(_, s)| s.contains(&slot.kg))
+            {
+                // Its messages are processed by its owner after the move.
+                continue;
+            }
             let cap = match &slot.entry.kind {
                 FunctionKind::Remote(r) if r.max_batch() > 0 => r.max_batch(),
                 FunctionKind::Remote(_) => usize::MAX,
@@ -749,6 +810,10 @@ impl Shard {
 
     /// To the owner of the envelope's key group: this shard, another one, or another node.
     fn route_env(&mut self, env: Envelope) {
+        if self.is_stopped(env.kg) {
+            self.keep_for_move(env);
+            return;
+        }
         if let crate::mesh::Route::Remote { node, addr } = self.router.placement().route(env.kg) {
             if self.checkpointing && !self.peers.contains(&node) {
                 self.parked.push(env);
@@ -852,7 +917,10 @@ impl Shard {
     }
 
     fn fire_timers(&mut self) {
-        let due = self.timers.take_due(now_ms(), &mut self.pending_writes);
+        let stopped = self.stopped.as_ref().map(|(_, s)| s.clone());
+        let due = self
+            .timers
+            .take_due(now_ms(), &mut self.pending_writes, stopped.as_deref());
         if due.is_empty() {
             return;
         }
@@ -937,7 +1005,7 @@ impl Shard {
             markers_done: true,
         };
         if self.checkpointing {
-            for env in &self.parked {
+            for env in self.parked.iter().chain(&self.moving_out) {
                 cut.pending.push((
                     env.target.to_string().into(),
                     3,
@@ -1005,6 +1073,18 @@ impl Shard {
         }
         self.epoch = e + 1;
         self.cut = Some(cut);
+        if let Some(set) = self.router.placement().stop_at(e) {
+            // A live move: from this cut on, these key groups' messages wait for their owner
+            // after the move (what their inboxes and batches in flight hold is pending at
+            // this cut; the new owner reads it from blob storage).
+            tracing::debug!(
+                shard = self.index,
+                epoch = e,
+                key_groups = set.len(),
+                "key groups stopped for a move"
+            );
+            self.stopped = Some((e, set));
+        }
         self.maybe_finish_cut();
         let pause = t0.elapsed();
         let m = self.router.metrics();
@@ -1138,6 +1218,7 @@ impl Shard {
             _ => Arrival::Process,
         };
         for env in msg.batch {
+            let mut logged = false;
             if let (Arrival::ProcessAndLog(_), Some(cut)) = (arrival, self.cut.as_mut()) {
                 // Sent before the sender's cut, arriving after ours: in flight across it.
                 cut.pending.push((
@@ -1146,6 +1227,19 @@ impl Shard {
                     env.kg,
                     pending_message(&env.target, env.caller.as_ref(), &env.message),
                 ));
+                logged = true;
+            }
+            if self.is_stopped(env.kg) {
+                if logged {
+                    // Pending at the cut it stopped at: its owner after the move reads it
+                    // from blob storage.
+                    if env.ingress {
+                        self.router.release(self.index, 1);
+                    }
+                } else {
+                    self.keep_for_move(env);
+                }
+                continue;
             }
             if msg.remote.is_some() && !self.router.placement().is_local(env.kg) {
                 // The sender's table is behind: on to the owner.
@@ -1257,6 +1351,18 @@ impl Handler<InvokeDone> for Shard {
             return;
         }
         let i = done.slot;
+        if self.zombies.remove(&i) {
+            // Its key group moved away meanwhile: its inputs were pending at the move's cut.
+            let slot = self.slots.remove(i);
+            self.router.release(self.index, slot.in_flight_ingress);
+            for r in slot.readers {
+                let _ = r.send(Err(ServiceError::Unavailable(format!(
+                    "{} moved to another node; retry",
+                    slot.address
+                ))));
+            }
+            return;
+        }
         let mut batch = done.batch;
         let (address, kg) = {
             let slot = &mut self.slots[i];
@@ -1281,6 +1387,16 @@ impl Handler<InvokeDone> for Shard {
                 }));
                 cut_ready = cut.awaiting.is_empty();
             }
+        }
+        if self.is_stopped(kg) {
+            // In flight when its key group stopped: its inputs are pending at that cut, and
+            // its owner after the move processes them; its results are dropped.
+            let ingress = batch.iter().filter(|p| p.ingress).count();
+            self.router.release(self.index, ingress);
+            if cut_ready {
+                self.maybe_finish_cut();
+            }
+            return;
         }
         self.invocations += done.processed as u64;
         if done.remote_failed_attempts > 0 {
@@ -1445,6 +1561,9 @@ impl Handler<Rollback> for Shard {
         }
         self.remote_out.clear();
         self.parked.clear();
+        self.stopped = None;
+        self.moving_out.clear();
+        self.zombies.clear();
         self.pending_writes = WriteBatch::default();
         self.cut = None;
         self.evict_blocked_at = None;
@@ -1495,6 +1614,130 @@ impl Handler<Rollback> for Shard {
                 _ => {}
             }
         }
+    }
+}
+
+impl Handler<Reconfigure> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reconfigure, _: &mut Self::Context) {
+        if !self.checkpointing || msg.generation != self.generation {
+            return;
+        }
+        let set = match self.stopped.take() {
+            Some((at, set)) if at == msg.at => Some(set),
+            Some(other) => {
+                // Not this move's (a rollback came between): nothing to hand over.
+                self.stopped = Some(other);
+                return;
+            }
+            None => None,
+        };
+        // The participants may have changed (one that owns nothing joined).
+        self.peers = msg
+            .members
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| *n != self.node)
+            .collect();
+        self.cuts.set_remote(
+            msg.members
+                .iter()
+                .filter(|(n, _)| *n != self.node)
+                .flat_map(|&(n, s)| (0..s).map(move |j| (n, j))),
+            msg.at,
+        );
+        if let Some(set) = set {
+            let why = |a: &Address| {
+                ServiceError::Unavailable(format!("{a} moved to another node; retry"))
+            };
+            let gone: Vec<usize> = self
+                .slots
+                .iter()
+                .filter(|(_, s)| set.contains(&s.kg))
+                .map(|(i, _)| i)
+                .collect();
+            let mut ingress = 0;
+            for &i in &gone {
+                let slot = &mut self.slots[i];
+                self.by_addr.remove(&slot.address);
+                ingress += slot.inbox.iter().filter(|p| p.ingress).count();
+                slot.inbox.clear();
+                if slot.saturated {
+                    slot.saturated = false;
+                    self.router
+                        .set_saturated(self.index, &slot.address, false, 0);
+                }
+                for r in std::mem::take(&mut slot.readers) {
+                    let _ = r.send(Err(why(&slot.address)));
+                }
+                if slot.in_flight {
+                    // Dropped when its batch returns (the slot index stays taken until then).
+                    slot.in_busy_list = false;
+                    slot.in_dirty_list = false;
+                    self.zombies.insert(i);
+                } else {
+                    self.slots.remove(i);
+                }
+            }
+            self.router.release(self.index, ingress);
+            let gone: FxHashSet<usize> = gone.into_iter().collect();
+            self.ready.retain(|i| !gone.contains(i));
+            self.busy.retain(|i| !gone.contains(i));
+            self.dirty.retain(|i| !gone.contains(i));
+            // Their delayed messages and idempotency records are in sled at `at` (or not
+            // here at all any more): loaded again for those this node serves now.
+            self.timers.drop_key_groups(&set);
+            self.idem.drop_key_groups(&set);
+            let placement = self.router.placement().clone();
+            let mine: Vec<u32> = self
+                .owned_key_groups()
+                .filter(|kg| set.contains(kg) && placement.is_local(*kg))
+                .collect();
+            self.load_key_groups(&mine);
+            // Keyed calls waiting for a first call's reply of a key group that moved: that
+            // reply now comes from its new owner.
+            let router = self.router.clone();
+            let waiting: Vec<String> = self
+                .keyed_waiters
+                .keys()
+                .filter(|scope| {
+                    scope
+                        .split('\u{1f}')
+                        .next()
+                        .and_then(|t| Address::parse(t).ok())
+                        .is_some_and(|a| set.contains(&router.key_group(&a)))
+                })
+                .cloned()
+                .collect();
+            for scope in waiting {
+                for c in self.keyed_waiters.remove(&scope).unwrap_or_default() {
+                    self.router.complete_call(
+                        c,
+                        Err(ServiceError::Unavailable(
+                            "its key group moved to another node before the call it waited for was answered; retry with the same idempotency key".into(),
+                        )),
+                    );
+                }
+            }
+            tracing::debug!(
+                shard = self.index,
+                dropped = gone.len(),
+                loaded = mine.len(),
+                pending = msg.pending.len(),
+                kept = self.moving_out.len(),
+                "key groups handed over"
+            );
+        }
+        // Pending at the stop, then what was kept since, in order.
+        for env in msg.pending {
+            self.enqueue(env);
+        }
+        for env in std::mem::take(&mut self.moving_out) {
+            self.route_env(env);
+        }
+        self.send_outgoing();
+        self.dispatch_ready();
     }
 }
 

@@ -92,9 +92,39 @@ impl Timers {
         }
     }
 
-    /// Removes and returns the messages due at `now_ms`.
-    pub fn take_due(&mut self, now_ms: u64, w: &mut WriteBatch) -> Vec<StoredTimer> {
+    /// Forgets the delayed messages of key groups `kgs` (they moved; sled keeps them).
+    pub fn drop_key_groups(&mut self, kgs: &rustc_hash::FxHashSet<u32>) {
+        self.schedule.retain(|_, (kg, _)| !kgs.contains(kg));
+        let schedule = &self.schedule;
+        self.tokens.retain(|_, k| schedule.contains_key(k));
+    }
+
+    /// Removes and returns the messages due at `now_ms` (except those of key groups in
+    /// `stopped`: they fire at their owner after a move).
+    pub fn take_due(
+        &mut self,
+        now_ms: u64,
+        w: &mut WriteBatch,
+        stopped: Option<&rustc_hash::FxHashSet<u32>>,
+    ) -> Vec<StoredTimer> {
         let mut out = Vec::new();
+        if let Some(stopped) = stopped {
+            let due: Vec<(u64, u64)> = self
+                .schedule
+                .range(..=(now_ms, u64::MAX))
+                .filter(|(_, (kg, _))| !stopped.contains(kg))
+                .map(|(k, _)| *k)
+                .collect();
+            for key in due {
+                let (kg, t) = self.schedule.remove(&key).expect("listed");
+                if let Some(tok) = &t.token {
+                    self.tokens.remove(&(t.sender.clone(), tok.clone()));
+                }
+                w.delete_timer(kg, key.1);
+                out.push(t);
+            }
+            return out;
+        }
         while let Some(entry) = self.schedule.first_entry() {
             if entry.key().0 > now_ms {
                 break;
@@ -137,10 +167,10 @@ mod tests {
             "duplicate live token"
         );
         t.schedule(&me, 0, 100, delayed(20, None), &mut w).unwrap();
-        assert!(t.take_due(109, &mut w).is_empty());
+        assert!(t.take_due(109, &mut w, None).is_empty());
         assert!(t.cancel(&me, "x", &mut w));
         assert!(!t.cancel(&me, "x", &mut w));
-        assert_eq!(t.take_due(120, &mut w).len(), 1);
+        assert_eq!(t.take_due(120, &mut w, None).len(), 1);
         assert_eq!(t.len(), 0);
         // The token is free again after cancellation.
         t.schedule(&me, 0, 100, delayed(10, Some("x")), &mut w)
