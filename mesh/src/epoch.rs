@@ -1147,6 +1147,23 @@ impl EpochLeader {
         self
     }
 
+    /// Whether a round of moves can start now ([`LeadInput::Handover`] is taken): epochs run,
+    /// nobody is left out, and no move or live addition is under way.
+    pub fn ready_to_move(&self) -> bool {
+        self.running() && self.excluded.is_empty() && self.no_move_under_way()
+    }
+
+    fn no_move_under_way(&self) -> bool {
+        self.prepare.is_none()
+            && self.quiesce.is_none()
+            && self.stop.is_none()
+            && self.live.is_none()
+            && self.reconfiguring.is_none()
+            && self.adding.is_none()
+            && !self.move_now
+            && !self.handover
+    }
+
     /// The participants left out of the epochs now (they did not answer).
     pub fn excluded(&self) -> &BTreeSet<NodeId> {
         &self.excluded
@@ -1511,15 +1528,7 @@ impl EpochLeader {
                 // First the participants snapshot the key groups about to move; then an epoch
                 // after which no egress record is read commits; then the synchronisation that
                 // moves key groups.
-                if self.running()
-                    && !self.participants.is_empty()
-                    && self.quiesce.is_none()
-                    && self.prepare.is_none()
-                    && self.stop.is_none()
-                    && self.live.is_none()
-                    && self.reconfiguring.is_none()
-                    && self.adding.is_none()
-                {
+                if self.running() && !self.participants.is_empty() && self.no_move_under_way() {
                     self.plan = snapshot.clone();
                     if snapshot.is_empty() {
                         self.quiesce = Some(None);

@@ -799,7 +799,7 @@ impl Driver {
             && self
                 .lead
                 .as_ref()
-                .is_some_and(|l| l.running() && l.excluded().is_empty())
+                .is_some_and(|l| l.ready_to_move())
             && self
                 .move_round
                 .is_none_or(|t| t.elapsed() >= MOVE_ROUND_EVERY)
@@ -945,9 +945,14 @@ impl Driver {
             }
             LeadAction::Record(e) => self.record_wanted = self.record_wanted.max(e),
             LeadAction::ProposeMove => {
-                // Only key groups of the round's plan: those the participants stopped.
-                let (mut moves, _) = self.ready_moves();
-                moves.retain(|m| self.move_plan.contains(&m.kg));
+                // The round's plan (its new owners had caught up when it started; the
+                // participants stopped these key groups), as far as it still stands.
+                let state = self.node.state();
+                let moves: Vec<_> = state
+                    .plan_moves(state.table.len())
+                    .into_iter()
+                    .filter(|m| self.move_plan.contains(&m.kg))
+                    .collect();
                 let version = self.node.state().placement_version;
                 if moves.is_empty() {
                     self.lead_input(LeadInput::Moved);
