@@ -2366,6 +2366,33 @@ mod tests {
         );
     }
 
+    /// A running leader over participants 1 and 2 that moved key group 5 up to its stop epoch
+    /// (both answered `Stopping`) and committed it: (leader, generation of the stop, the stop
+    /// epoch, now).
+    fn stopped_leader() -> (EpochLeader, u64, Epoch, u64) {
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        l.handle(LeadInput::Handover { snapshot: vec![5] });
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        commit(&mut l, g, e);
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Prepared { gen: g },
+            });
+        }
+        tick(&mut l, &mut now, 1);
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Stopping { gen: g },
+            });
+        }
+        let at = e + 1;
+        commit(&mut l, g, at);
+        (l, g, at, now)
+    }
+
     /// Ticks `n` times 10 ms apart; the messages sent.
     fn tick(l: &mut EpochLeader, now: &mut u64, n: usize) -> Vec<(NodeId, EpochMsg)> {
         let mut out = Vec::new();
@@ -2432,26 +2459,7 @@ mod tests {
 
         // Both stop, but participant 1 never hands over: the leader synchronises again (a
         // rollback) after the timeout.
-        let (mut l, g) = running_leader();
-        let mut now = 0;
-        l.handle(LeadInput::Handover { snapshot: vec![5] });
-        let (e, _, _) = next_barrier(&mut l, &mut now);
-        commit(&mut l, g, e);
-        for from in [1, 2] {
-            l.handle(LeadInput::Msg {
-                from,
-                msg: EpochMsg::Prepared { gen: g },
-            });
-        }
-        tick(&mut l, &mut now, 1);
-        for from in [1, 2] {
-            l.handle(LeadInput::Msg {
-                from,
-                msg: EpochMsg::Stopping { gen: g },
-            });
-        }
-        let at = e + 1;
-        commit(&mut l, g, at);
+        let (mut l, g, at, mut now) = stopped_leader();
         let g1 = l.gen();
         for from in [1, 2] {
             l.handle(LeadInput::Msg {
@@ -2568,26 +2576,7 @@ mod tests {
 
     #[test]
     fn a_participant_that_cut_past_the_stop_epoch_makes_the_move_roll_back() {
-        let (mut l, g) = running_leader();
-        let mut now = 0;
-        l.handle(LeadInput::Handover { snapshot: vec![5] });
-        let (e, _, _) = next_barrier(&mut l, &mut now);
-        commit(&mut l, g, e);
-        for from in [1, 2] {
-            l.handle(LeadInput::Msg {
-                from,
-                msg: EpochMsg::Prepared { gen: g },
-            });
-        }
-        tick(&mut l, &mut now, 1);
-        for from in [1, 2] {
-            l.handle(LeadInput::Msg {
-                from,
-                msg: EpochMsg::Stopping { gen: g },
-            });
-        }
-        let at = e + 1;
-        commit(&mut l, g, at);
+        let (mut l, g, at, _) = stopped_leader();
         let g1 = l.gen();
         l.handle(LeadInput::Msg {
             from: 1,

@@ -516,15 +516,8 @@ impl Router {
         let kg = self.key_group(&target);
         let mut reroute = Reroute::new();
         loop {
-            let route = match self.remote(kg, None) {
-                Err(e)
-                    if reroute
-                        .again(self, kg, self.placement().kg_version(kg), &e)
-                        .await =>
-                {
-                    continue
-                }
-                r => r?,
+            let Some(route) = self.route_again(kg, None, &mut reroute).await? else {
+                continue;
             };
             let Some((node, addr, v)) = route else {
                 return self.send_local_now(target, message, key)?.await;
@@ -748,15 +741,8 @@ impl Router {
         let kg = self.key_group(&target);
         let mut reroute = Reroute::new();
         loop {
-            let route = match self.remote(kg, None) {
-                Err(e)
-                    if reroute
-                        .again(self, kg, self.placement().kg_version(kg), &e)
-                        .await =>
-                {
-                    continue
-                }
-                r => r?,
+            let Some(route) = self.route_again(kg, None, &mut reroute).await? else {
+                continue;
             };
             let Some((node, addr, v)) = route else {
                 return self.call_local_now(target, message, timeout, key)?.await;
@@ -841,6 +827,28 @@ impl Router {
             }
         }
         .boxed())
+    }
+
+    /// [`Router::remote`], waiting out a refusal of this node's own (a key group moving) for a
+    /// request taken here (`forwarded`: `None`): `Ok(None)` then, to route it again.
+    #[allow(clippy::type_complexity)]
+    async fn route_again(
+        &self,
+        kg: u32,
+        forwarded: Option<u64>,
+        reroute: &mut Reroute,
+    ) -> Result<Option<Option<(u64, String, u64)>>, ServiceError> {
+        match self.remote(kg, forwarded) {
+            Err(e)
+                if forwarded.is_none()
+                    && reroute
+                        .again(self, kg, self.placement().kg_version(kg), &e)
+                        .await =>
+            {
+                Ok(None)
+            }
+            r => r.map(Some),
+        }
     }
 
     /// The owner to forward key group `kg` to, with the ownership version it owns it at
@@ -1046,16 +1054,8 @@ impl Router {
         let kg = self.key_group(&address);
         let mut reroute = Reroute::new();
         loop {
-            let route = match self.remote(kg, forwarded) {
-                Err(e)
-                    if forwarded.is_none()
-                        && reroute
-                            .again(self, kg, self.placement().kg_version(kg), &e)
-                            .await =>
-                {
-                    continue
-                }
-                r => r?,
+            let Some(route) = self.route_again(kg, forwarded, &mut reroute).await? else {
+                continue;
             };
             let Some((node, addr, v)) = route else { break };
             let p = &self.inner.placement;

@@ -465,6 +465,24 @@ impl Shard {
         }
     }
 
+    /// The participants of the cluster's epochs (with their shards) from epoch `base` on: the
+    /// other ones' shards are sources of the cuts, and get this shard's markers.
+    fn set_members(&mut self, members: &[(u64, u32)], base: u64) {
+        let me = self.node;
+        self.peers = members
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| *n != me)
+            .collect();
+        self.cuts.set_remote(
+            members
+                .iter()
+                .filter(|(n, _)| *n != me)
+                .flat_map(|&(n, s)| (0..s).map(move |j| (n, j))),
+            base,
+        );
+    }
+
     /// Whether key group `kg` is stopped here (a live move).
     fn is_stopped(&self, kg: u32) -> bool {
         self.stopped.as_ref().is_some_and(|(_, s)| s.contains(&kg))
@@ -1570,19 +1588,7 @@ impl Handler<Rollback> for Shard {
         self.generation = msg.generation;
         self.epoch = msg.base + 1;
         self.cuts = Cuts::new(self.index, self.router.shard_count(), msg.base);
-        self.peers = msg
-            .members
-            .iter()
-            .map(|(n, _)| *n)
-            .filter(|n| *n != self.node)
-            .collect();
-        self.cuts.set_remote(
-            msg.members
-                .iter()
-                .filter(|(n, _)| *n != self.node)
-                .flat_map(|&(n, s)| (0..s).map(move |j| (n, j))),
-            msg.base,
-        );
+        self.set_members(&msg.members, msg.base);
         tracing::debug!(shard = self.index, peers = ?self.peers, generation = msg.generation, base = msg.base, "shard rolled back");
         self.timers = Timers::default();
         self.idem = IdempotencyTable::default();
@@ -1634,19 +1640,7 @@ impl Handler<Reconfigure> for Shard {
             None => None,
         };
         // The participants may have changed (one that owns nothing joined).
-        self.peers = msg
-            .members
-            .iter()
-            .map(|(n, _)| *n)
-            .filter(|n| *n != self.node)
-            .collect();
-        self.cuts.set_remote(
-            msg.members
-                .iter()
-                .filter(|(n, _)| *n != self.node)
-                .flat_map(|&(n, s)| (0..s).map(move |j| (n, j))),
-            msg.at,
-        );
+        self.set_members(&msg.members, msg.at);
         if let Some(set) = set {
             let why = |a: &Address| {
                 ServiceError::Unavailable(format!("{a} moved to another node; retry"))
