@@ -2366,10 +2366,9 @@ mod tests {
         );
     }
 
-    /// A running leader over participants 1 and 2 that moved key group 5 up to its stop epoch
-    /// (both answered `Stopping`) and committed it: (leader, generation of the stop, the stop
-    /// epoch, now).
-    fn stopped_leader() -> (EpochLeader, u64, Epoch, u64) {
+    /// A running leader over participants 1 and 2 planning to move key group 5, whose
+    /// snapshots both listed in a committed epoch: (leader, generation, that epoch, now).
+    fn prepared_leader() -> (EpochLeader, u64, Epoch, u64) {
         let (mut l, g) = running_leader();
         let mut now = 0;
         l.handle(LeadInput::Handover { snapshot: vec![5] });
@@ -2381,6 +2380,14 @@ mod tests {
                 msg: EpochMsg::Prepared { gen: g },
             });
         }
+        (l, g, e, now)
+    }
+
+    /// A running leader over participants 1 and 2 that moved key group 5 up to its stop epoch
+    /// (both answered `Stopping`) and committed it: (leader, generation of the stop, the stop
+    /// epoch, now).
+    fn stopped_leader() -> (EpochLeader, u64, Epoch, u64) {
+        let (mut l, g, e, mut now) = prepared_leader();
         tick(&mut l, &mut now, 1);
         for from in [1, 2] {
             l.handle(LeadInput::Msg {
@@ -2415,17 +2422,7 @@ mod tests {
         assert!(quiesce);
         commit(&mut l, g, e);
 
-        let (mut l, g) = running_leader();
-        let mut now = 0;
-        l.handle(LeadInput::Handover { snapshot: vec![5] });
-        let (e, _, _) = next_barrier(&mut l, &mut now);
-        commit(&mut l, g, e);
-        for from in [1, 2] {
-            l.handle(LeadInput::Msg {
-                from,
-                msg: EpochMsg::Prepared { gen: g },
-            });
-        }
+        let (mut l, g, _, mut now) = prepared_leader();
         let a = tick(&mut l, &mut now, 1);
         assert!(a.iter().any(|(_, m)| matches!(m, EpochMsg::Stop { .. })));
         l.handle(LeadInput::Msg {

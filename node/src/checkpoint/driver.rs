@@ -997,9 +997,6 @@ impl Driver {
                             self.last_pending = LastPending::Recovered(pending);
                         }
                         self.loaded = l.owned;
-                        // Unread egress records move with their key groups.
-                        let egress = self.router.egress();
-                        egress.drop_key_groups(&l.lost.iter().copied().collect());
                         // Records of the key groups gained, and of the epochs read back in
                         // place of this node's own (it had not released them: their records
                         // are in sled now, not yet in the queues).
@@ -1008,16 +1005,7 @@ impl Driver {
                         if replaced {
                             restore.extend(self.loaded.iter().copied());
                         }
-                        if !restore.is_empty() {
-                            let read: std::collections::HashSet<Vec<u8>> =
-                                self.consumed.values().flatten().cloned().collect();
-                            match self.store.load_egress() {
-                                Ok(v) => egress.restore_missing(v, &restore, &read),
-                                Err(e) => {
-                                    tracing::error!(error = %e, "cannot load the egress records of key groups read from blob storage")
-                                }
-                            }
-                        }
+                        self.move_egress(&l.lost, &restore);
                         self.continue_rollback();
                     }
                 }
@@ -1732,9 +1720,10 @@ impl Driver {
                 committed,
                 "cannot hand key groups over live: {why}; the participants synchronise again"
             );
-            if let Some(c) = self.cluster.as_ref() {
-                c.send(leader, EpochMsg::Reset { gen: c.gen });
+            if let Some(c) = self.cluster.as_mut() {
+                c.leader = Some(leader);
             }
+            self.give_up_live();
             return;
         }
         self.members = Arc::new(members);
@@ -1749,6 +1738,36 @@ impl Driver {
         });
         self.router.want_apply();
         self.continue_reconfigure();
+    }
+
+    /// The live move cannot go on here: the leader synchronises again (everyone rolls back,
+    /// which also undoes what the shards stopped).
+    fn give_up_live(&mut self) {
+        self.reconfiguring = None;
+        if let Some(c) = self.cluster.as_ref() {
+            if let Some(l) = c.leader {
+                c.send(l, EpochMsg::Reset { gen: c.gen });
+            }
+        }
+    }
+
+    /// Unread egress records move with their key groups: those of `lost` leave the queues,
+    /// those of `restore` (read from blob storage into sled) join them, except records read
+    /// in epochs not committed yet.
+    fn move_egress(&self, lost: &[u32], restore: &std::collections::BTreeSet<u32>) {
+        let egress = self.router.egress();
+        egress.drop_key_groups(&lost.iter().copied().collect());
+        if restore.is_empty() {
+            return;
+        }
+        let read: std::collections::HashSet<Vec<u8>> =
+            self.consumed.values().flatten().cloned().collect();
+        match self.store.load_egress() {
+            Ok(v) => egress.restore_missing(v, restore, &read),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the egress records of key groups read from blob storage")
+            }
+        }
     }
 
     /// Once sled holds the move's epoch: reads what this node gained from blob storage (in a
@@ -1774,12 +1793,7 @@ impl Driver {
                 key_group = kg,
                 "a key group moved that was not stopped; the participants synchronise again"
             );
-            self.reconfiguring = None;
-            if let Some(c) = self.cluster.as_ref() {
-                if let Some(l) = c.leader {
-                    c.send(l, EpochMsg::Reset { gen: c.gen });
-                }
-            }
+            self.give_up_live();
             return;
         }
         let mine: Vec<u32> = moving
@@ -1844,29 +1858,12 @@ impl Driver {
             Ok(_) => return,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the moving key groups from blob storage; the participants synchronise again");
-                self.reconfiguring = None;
-                if let Some(c) = self.cluster.as_ref() {
-                    if let Some(l) = c.leader {
-                        c.send(l, EpochMsg::Reset { gen: c.gen });
-                    }
-                }
+                self.give_up_live();
                 return;
             }
         };
         self.loaded = h.owned;
-        // Unread egress records move with their key groups.
-        let egress = self.router.egress();
-        egress.drop_key_groups(&h.lost.iter().copied().collect());
-        if !h.gained.is_empty() {
-            let read: std::collections::HashSet<Vec<u8>> =
-                self.consumed.values().flatten().cloned().collect();
-            match self.store.load_egress() {
-                Ok(v) => egress.restore_missing(v, &h.gained.iter().copied().collect(), &read),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot load the egress records of key groups read from blob storage")
-                }
-            }
-        }
+        self.move_egress(&h.lost, &h.gained.iter().copied().collect());
         // Calls waiting here for a reply of a key group that left: the reply goes to its new
         // owner.
         let lost: rustc_hash::FxHashSet<u32> = h.lost.iter().copied().collect();
