@@ -447,6 +447,28 @@ async fn a_node_joining_under_load_gets_key_groups_live_and_nothing_rolls_back()
             (i, expected)
         }));
     }
+    // And a stream through node 2, one message to each of 64 counters per batch: parts of
+    // its batches are forwarded, some to key groups that move while they travel (refused by
+    // the old owner, routed again). Every batch must be accepted.
+    let streamer = {
+        let c = n2.client().await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut batches = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch: Vec<_> = (0..64)
+                    .map(|k| (counter(&format!("stream-{k}")), TypedValue::of(&1i64)))
+                    .collect();
+                let n = c
+                    .send_stream(futures::stream::iter(batch), 64)
+                    .await
+                    .unwrap_or_else(|e| panic!("stream batch {batches} during the join: {e}"));
+                assert_eq!(n, 64);
+                batches += 1;
+            }
+            batches
+        })
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (n3, _) = start(root, 3, Some(&seed));
     converged(&[&n1, &n2, &n3], 3, 3).await;
@@ -470,14 +492,23 @@ async fn a_node_joining_under_load_gets_key_groups_live_and_nothing_rolls_back()
         expected.extend(e);
     }
     assert!(calls > 50, "only {calls} calls under load");
+    let batches = streamer.await.unwrap();
+    assert!(batches > 5, "only {batches} stream batches during the join");
     // Every counter holds exactly what was acknowledged, read through the new node.
     let c3 = n3.client().await;
     for (id, total) in &expected {
         let got = add(&c3, id, 0).await;
         assert_eq!(got, *total, "counter {id}");
     }
+    for k in 0..64 {
+        let got = add(&c3, &format!("stream-{k}"), 0).await;
+        assert_eq!(
+            got, batches,
+            "counter stream-{k}: one add per accepted batch"
+        );
+    }
     let after = (n1.metric(ROLLBACKS).await, n2.metric(ROLLBACKS).await);
-    println!("{calls} calls during the join; rollbacks before {before:?}, after {after:?}");
+    println!("{calls} calls and {batches} stream batches during the join; rollbacks before {before:?}, after {after:?}");
     assert_eq!(
         before, after,
         "the join rolled a node back (node 1 and 2 rollbacks before and after)"

@@ -43,6 +43,8 @@ pub enum ServiceError {
     /// request again once the tables agree.
     #[error("unavailable: {message}")]
     NotOwner {
+        /// The key group (of a batch: the first one the node does not own).
+        key_group: u32,
         /// The refusing node's ownership version of the key group.
         version: u64,
         /// What happened, for the client if routing again does not help.

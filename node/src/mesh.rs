@@ -406,16 +406,18 @@ pub(crate) async fn forward_send(
     .map(|_| ())
 }
 
-/// Queues a fire-and-forget `Send` for its owner at once, behind what this thread queued
-/// before (so that one thread's messages keep their order), or refuses it when the stream's
-/// queue is full. A failure after that is logged: nobody waits for it.
+/// Queues a fire-and-forget `Send` for its owner (`node` at `addr`, owning the key group at
+/// `kg_version`) at once, behind what this thread queued before (so that one thread's messages
+/// keep their order), or refuses it when the stream's queue is full. A refusal by a node that
+/// does not own the key group (nothing applied) sends it again through `router` once the
+/// tables agree; any other failure after that is logged: nobody waits for it.
 pub(crate) fn forward_send_now(
-    p: &Placement,
-    node: NodeId,
-    addr: &str,
+    router: &crate::router::Router,
+    (node, addr, kg_version): (NodeId, &str, u64),
     target: &Address,
     message: TypedValue,
 ) -> Result<(), ServiceError> {
+    let p = router.placement();
     let req = pb::SendRequest {
         target: Some(target.to_proto()),
         message: Some(message.to_proto()),
@@ -427,7 +429,7 @@ pub(crate) fn forward_send_now(
             .or_else(|| tokio::runtime::Handle::try_current().ok())
             .ok_or_else(|| ServiceError::Unavailable("forwarding needs a tokio runtime".into()))?;
     let (tx, rx) = oneshot::channel();
-    f.tx.try_send((Kind::Send, req.encode_to_vec(), 0, tx))
+    f.tx.try_send((Kind::Send, req.encode_to_vec(), kg_version, tx))
         .map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ServiceError::Overloaded(format!(
                 "the forwarding queue to node {node} (at {addr}), the owner of {target}, is full ({FORWARD_QUEUE} requests); retry later"
@@ -437,12 +439,22 @@ pub(crate) fn forward_send_now(
             )),
         })?;
     let target = target.clone();
+    let router = router.clone();
     rt.spawn(async move {
         match rx.await {
             Ok(Ok(_)) => {}
-            Ok(Err(s)) => {
-                tracing::warn!(%target, node, error = %s.message(), "a forwarded message was not accepted by its owner")
-            }
+            Ok(Err(s)) => match owner_version(&s) {
+                Some((theirs, kg)) => {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+                    router.placement().settle(kg, kg_version, theirs, deadline).await;
+                    if let Err(e) = router.send_routed(target.clone(), message, None).await {
+                        tracing::warn!(%target, error = %e, "a message refused by a node that no longer owns its key group could not be sent again");
+                    }
+                }
+                None => {
+                    tracing::warn!(%target, node, error = %s.message(), "a forwarded message was not accepted by its owner")
+                }
+            },
             Err(_) => {
                 tracing::warn!(%target, node, "the forwarding stream stopped before the owner answered")
             }
@@ -515,27 +527,33 @@ pub(crate) async fn pop_remote_egress(
     }
 }
 
-/// Forwards messages of one owner as one batch (the owner waits for room for them).
+/// Forwards messages of one owner as one batch (the owner waits for room for them), with the
+/// ownership version each was routed by.
 pub(crate) async fn forward_batch(
     p: &Placement,
     node: NodeId,
     addr: &str,
-    messages: Vec<(Address, TypedValue, Option<String>)>,
+    messages: &[(Address, TypedValue, Option<String>)],
+    kg_versions: Vec<u64>,
 ) -> Result<(), ServiceError> {
     let batch = pb::SendBatch {
         messages: messages
-            .into_iter()
+            .iter()
             .map(|(t, m, k)| pb::SendRequest {
                 target: Some(t.to_proto()),
                 message: Some(m.to_proto()),
-                idempotency_key: k.unwrap_or_default(),
+                idempotency_key: k.clone().unwrap_or_default(),
             })
             .collect(),
+    };
+    let request = mpb::ForwardedBatch {
+        batch: Some(batch),
+        kg_versions,
     };
     p.forward(
         node,
         addr,
-        (Kind::SendBatch, batch.encode_to_vec(), 0),
+        (Kind::SendBatch, request.encode_to_vec(), 0),
         FORWARD_TIMEOUT,
     )
     .await
@@ -615,26 +633,34 @@ pub(crate) struct Forwarder {
     tx: mpsc::Sender<(Kind, Vec<u8>, u64, ReplyTx)>,
 }
 
-/// The metadata key of a refusal by a node that does not own the request's key group: its
-/// ownership version.
+/// The metadata keys of a refusal by a node that does not own the request's key group: its
+/// ownership version, and the key group.
 const OWNER_VERSION: &str = "x-statemesh-owner-version";
+const OWNER_KEY_GROUP: &str = "x-statemesh-key-group";
 
 /// The status a forwarded request's refusal by a node that does not own its key group
 /// travels as, from the stream's task to the waiting caller.
-fn not_owner_status(message: String, version: u64) -> Status {
+fn not_owner_status(message: String, version: u64, key_group: u32) -> Status {
     let mut s = Status::unavailable(message);
     s.metadata_mut()
         .insert(OWNER_VERSION, tonic::metadata::MetadataValue::from(version));
+    s.metadata_mut().insert(
+        OWNER_KEY_GROUP,
+        tonic::metadata::MetadataValue::from(key_group),
+    );
     s
 }
 
-/// The refusing node's ownership version, if `s` is a refusal by a node that does not own the
-/// request's key group.
-fn owner_version(s: &Status) -> Option<u64> {
-    s.metadata()
-        .get(OWNER_VERSION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+/// The refusing node's ownership version and the key group, if `s` is a refusal by a node
+/// that does not own the request's key group.
+fn owner_version(s: &Status) -> Option<(u64, u32)> {
+    let get = |k: &str| {
+        s.metadata()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    };
+    Some((get(OWNER_VERSION)?, get(OWNER_KEY_GROUP)? as u32))
 }
 
 impl Forwarder {
@@ -717,7 +743,7 @@ async fn forwarder_task(
                                 let _ = tx.send(if r.code == 0 {
                                     Ok(r.response)
                                 } else if r.not_owner {
-                                    Err(not_owner_status(r.message, r.owner_version))
+                                    Err(not_owner_status(r.message, r.owner_version, r.key_group))
                                 } else {
                                     Err(Status::new(tonic::Code::from(r.code), r.message))
                                 });
@@ -772,7 +798,8 @@ impl Placement {
                 ))
             }
             Ok(Ok(Err(s))) => match owner_version(&s) {
-                Some(version) => Err(ServiceError::NotOwner {
+                Some((version, key_group)) => Err(ServiceError::NotOwner {
+                    key_group,
                     version,
                     message: s.message().to_string(),
                 }),
@@ -989,13 +1016,16 @@ impl Placement {
     }
 }
 
-/// Encodes a shard's messages for a peer.
+/// Encodes a shard's messages for a peer, each with its key group's ownership version in
+/// `p`'s table.
 pub(crate) fn shard_messages(
+    p: &Placement,
     from_node: NodeId,
     from_shard: usize,
     generation: u64,
     batch: Vec<crate::router::Envelope>,
 ) -> Vec<u8> {
+    let t = p.table.read();
     mpb::ShardMessages {
         from_node,
         from_shard: from_shard as u32,
@@ -1003,6 +1033,7 @@ pub(crate) fn shard_messages(
         messages: batch
             .into_iter()
             .map(|e| mpb::ShardEnvelope {
+                kg_version: t.versions.get(e.kg as usize).copied().unwrap_or(0),
                 target: Some(e.target.to_proto()),
                 caller: e.caller.map(|c| c.to_proto()),
                 message: Some(e.message.to_proto()),
@@ -1040,7 +1071,7 @@ fn take_fn(router: &crate::router::Router, r: &mpb::ForwardRequest) -> Result<()
                     Some(c) => Some(Address::from_proto(&c)?),
                     None => None,
                 };
-                batch.push((t, caller, v));
+                batch.push((t, caller, v, e.kg_version));
             }
             router.deliver_remote((m.from_node, m.from_shard), m.generation, batch);
             Ok(())
@@ -1095,17 +1126,23 @@ pub(crate) fn serve_forward(
                             response: response.into(),
                             ..Default::default()
                         },
-                        Err(e) => mpb::ForwardReply {
-                            id,
-                            code: e.grpc_code() as i32,
-                            message: e.to_string(),
-                            response: Default::default(),
-                            not_owner: matches!(e, ServiceError::NotOwner { .. }),
-                            owner_version: match e {
-                                ServiceError::NotOwner { version, .. } => version,
-                                _ => 0,
-                            },
-                        },
+                        Err(e) => {
+                            let (not_owner, owner_version, key_group) = match e {
+                                ServiceError::NotOwner {
+                                    version, key_group, ..
+                                } => (true, version, key_group),
+                                _ => (false, 0, 0),
+                            };
+                            mpb::ForwardReply {
+                                id,
+                                code: e.grpc_code() as i32,
+                                message: e.to_string(),
+                                response: Default::default(),
+                                not_owner,
+                                owner_version,
+                                key_group,
+                            }
+                        }
                     };
                     let _ = rtx.send(reply).await;
                 });
@@ -1196,14 +1233,15 @@ async fn serve_one(
             "sends, calls and shard messages are queued as the stream delivers them".into(),
         )),
         Ok(Kind::SendBatch) => {
-            let q = pb::SendBatch::decode(r.request).map_err(bad)?;
-            let mut batch = Vec::with_capacity(q.messages.len());
-            for m in q.messages {
+            let q = mpb::ForwardedBatch::decode(r.request).map_err(bad)?;
+            let messages = q.batch.map(|b| b.messages).unwrap_or_default();
+            let mut batch = Vec::with_capacity(messages.len());
+            for m in messages {
                 let (t, v) = parts(m.target, m.message)?;
                 batch.push((t, v, Some(m.idempotency_key).filter(|k| !k.is_empty())));
             }
             let accepted = router
-                .send_batch_routed(batch, true, Some(r.kg_version))
+                .send_batch_routed(batch, true, Some(&q.kg_versions))
                 .await? as u64;
             Ok(pb::SendStreamSummary { accepted }.encode_to_vec())
         }
@@ -1751,5 +1789,154 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(40));
         // Past the deadline nothing is retried.
         assert!(!p.settle(0, 2, 1, Instant::now()).await);
+    }
+
+    /// A lone node with the example functions and no epochs (nothing changes its table but
+    /// the test), once its own start has given it every key group; and its id.
+    async fn quiet_node(dir: &std::path::Path) -> (crate::node::NodeHandle, NodeId) {
+        use std::time::{Duration, Instant};
+        let mut config = crate::config::NodeConfig {
+            data_dir: dir.to_path_buf(),
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        config.checkpoint.enabled = false;
+        let node = crate::node::NodeBuilder::new(config)
+            .with_examples()
+            .start()
+            .await
+            .unwrap();
+        let p = node.router().placement().clone();
+        let me = p.table.read().me;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.owners().1.first().copied().flatten() != Some(me) {
+            assert!(Instant::now() < deadline, "the node took no key groups");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (node, me)
+    }
+
+    /// A table of `me` and `other` (serving gRPC at `other_addr`) where key group `kg` moved
+    /// to each of `owners` in turn.
+    fn table(me: NodeId, other: (NodeId, String), kg: u32, owners: &[NodeId]) -> ClusterState {
+        use statemesh_mesh::control::MoveCommand;
+        let mut s = ClusterState::new(statemesh_mesh::keygroup::DEFAULT_KEY_GROUPS);
+        s.conf = Some(RaftConf {
+            voters: vec![me],
+            ..Default::default()
+        });
+        s.apply(2, &join(me));
+        let mut j = join(other.0);
+        if let Command::Join { grpc_addr, .. } = &mut j {
+            *grpc_addr = other.1;
+        }
+        s.apply(3, &j);
+        for (v, &to) in owners.iter().enumerate() {
+            s.apply(
+                4 + v as u64,
+                &Command::Move {
+                    moves: vec![MoveCommand {
+                        kg,
+                        to,
+                        version: v as u64,
+                    }],
+                },
+            );
+        }
+        s
+    }
+
+    /// The counter `a`'s total at this node, read as a request forwarded at version 2 (a
+    /// node that does not own it refuses).
+    async fn total(r: &crate::router::Router, a: &Address) -> Result<Option<i64>, ServiceError> {
+        r.get_state_routed(a.clone(), Some(2)).await.map(|v| {
+            v.iter()
+                .find(|(name, _, _)| name == "total")
+                .map(|(_, v, _)| v.get::<i64>().unwrap())
+        })
+    }
+
+    /// Waits until the counter `a` holds `n` at this node.
+    async fn total_reaches(r: &crate::router::Router, a: &Address, n: i64) {
+        use std::time::{Duration, Instant};
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match total(r, a).await {
+                Ok(Some(t)) if t == n => return,
+                other if Instant::now() > deadline => panic!("counter {a}: {other:?}"),
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// A message another node's shard routed here by a table that is ahead of this node's
+    /// (it moved the key group here, this node has not applied that yet): held, neither sent
+    /// back to the owner this node's table names nor lost, and processed once this node's
+    /// table reaches the sender's version.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_routed_here_by_a_newer_table_waits_for_this_nodes_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, me) = quiet_node(dir.path()).await;
+        let r = node.router().clone();
+        let p = r.placement().clone();
+        let other = (me + 1, "127.0.0.1:9".to_string());
+        let a = Address::parse("example/counter/held").unwrap();
+        let kg = r.key_group(&a);
+        p.update(&table(me, other.clone(), kg, &[other.0]));
+        assert!(matches!(p.route(kg), Route::Remote { node, .. } if node == other.0));
+        // The other node moved the key group back here (version 2) and sent a message by
+        // that table.
+        r.deliver_remote(
+            (other.0, 0),
+            0,
+            vec![(a.clone(), None, TypedValue::of(&5i64), 2)],
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let held = total(&r, &a).await;
+        assert!(
+            matches!(held, Err(ServiceError::NotOwner { .. })),
+            "read while held: {held:?}"
+        );
+        p.update(&table(me, other, kg, &[me + 1, me]));
+        assert_eq!(p.kg_version(kg), 2);
+        total_reaches(&r, &a, 5).await;
+        node.shutdown().await;
+    }
+
+    /// A fire-and-forget `Send` forwarded to a node that does not own the key group (here:
+    /// this node itself, named as the other member's address) is refused there and sent
+    /// again once the tables agree, not lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fire_and_forget_send_refused_by_a_node_that_is_not_the_owner_is_sent_again() {
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().unwrap();
+        let (node, me) = quiet_node(dir.path()).await;
+        let r = node.router().clone();
+        let p = r.placement().clone();
+        let other = (me + 1, node.grpc_addr().to_string());
+        let a = Address::parse("example/counter/refused").unwrap();
+        let kg = r.key_group(&a);
+        p.update(&table(me, other.clone(), kg, &[other.0]));
+        let refusals = || {
+            r.metrics()
+                .ingress_errors
+                .with_label_values(&["not_owner"])
+                .get()
+        };
+        let before = refusals();
+        r.send(a.clone(), TypedValue::of(&7i64)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while refusals() == before {
+            assert!(
+                Instant::now() < deadline,
+                "the forwarded send was not refused"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        p.update(&table(me, other, kg, &[me + 1, me]));
+        total_reaches(&r, &a, 7).await;
+        node.shutdown().await;
     }
 }

@@ -464,6 +464,7 @@ impl Router {
         self.admit(shard, 1)?;
         self.inner.metrics.ingress_messages.inc();
         self.shards()[shard].do_send(Deliver {
+            versions: Vec::new(),
             batch: vec![env],
             from: None,
             remote: None,
@@ -477,15 +478,9 @@ impl Router {
     /// shard has it queued; not durable).
     pub fn send(&self, target: Address, message: TypedValue) -> Result<(), ServiceError> {
         self.validate(&target, &message)?;
-        if let Some((node, addr, _)) = self.remote(self.key_group(&target), None)? {
+        if let Some((node, addr, v)) = self.remote(self.key_group(&target), None)? {
             // Queued for the owner now, in this thread's order (or refused when full).
-            return crate::mesh::forward_send_now(
-                &self.inner.placement,
-                node,
-                &addr,
-                &target,
-                message,
-            );
+            return crate::mesh::forward_send_now(self, (node, &addr, v), &target, message);
         }
         let (shard, env) = self.envelope(target, None, message);
         self.deliver_one(shard, env, None)
@@ -505,7 +500,7 @@ impl Router {
 
     /// [`Router::send_with`]: to the owner, routed again while a node that is not the owner
     /// refuses it (ownership is changing).
-    async fn send_routed(
+    pub(crate) async fn send_routed(
         &self,
         target: Address,
         message: TypedValue,
@@ -589,60 +584,127 @@ impl Router {
     }
 
     /// [`Router::send_batch`] for a batch another node may have forwarded here (`forwarded`:
-    /// the ownership version the sender routed by; 0: not known). Messages owned elsewhere go
+    /// the ownership version the sender routed each message by). Messages owned elsewhere go
     /// to their owners as one batch per owner, concurrently with the local ones.
     pub(crate) async fn send_batch_routed(
         &self,
         messages: Vec<(Address, TypedValue, Option<String>)>,
         wait: bool,
-        forwarded: Option<u64>,
+        forwarded: Option<&[u64]>,
     ) -> Result<usize, ServiceError> {
         for (t, m, _) in &messages {
             self.validate(t, m)?;
         }
+        if let Some(versions) = forwarded {
+            if versions.len() != messages.len() {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "a forwarded batch of {} messages names {} ownership versions",
+                    messages.len(),
+                    versions.len()
+                )));
+            }
+        }
         let n = messages.len();
-        if wait {
-            // A stream waits while a key group of its batch moves (refused otherwise).
-            let p = &self.inner.placement;
-            while messages
-                .iter()
-                .any(|(t, _, _)| p.is_moving(self.key_group(t)))
-            {
-                if self.inner.closed.load(Ordering::Relaxed) {
-                    return Err(ServiceError::Unavailable(
-                        "the node is shutting down".into(),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        let mut local = Vec::with_capacity(n);
-        let mut remote: std::collections::BTreeMap<(u64, String), Vec<_>> = Default::default();
-        for (t, m, k) in messages {
-            let k = validate_key(k)?;
-            match self.remote(self.key_group(&t), forwarded)? {
-                None => local.push((t, m, k)),
-                Some((node, addr, _)) => remote.entry((node, addr)).or_default().push((t, m, k)),
-            }
-        }
-        if remote.is_empty() {
-            return self.send_batch_local(local, wait).await;
-        }
-        let p = &self.inner.placement;
-        let forwards = futures::future::try_join_all(remote.into_iter().map(
-            |((node, addr), batch)| async move {
-                crate::mesh::forward_batch(p, node, &addr, batch).await
-            },
-        ));
-        let (l, r) = futures::future::join(self.send_batch_local(local, wait), forwards).await;
-        l?;
-        r?;
+        let messages = messages
+            .into_iter()
+            .map(|(t, m, k)| Ok((t, m, validate_key(k)?)))
+            .collect::<Result<Vec<_>, ServiceError>>()?;
+        self.route_batch(messages, wait, forwarded, Reroute::new())
+            .await?;
         Ok(n)
+    }
+
+    /// Routes a batch: the local messages to the shards, the others to their owners (one
+    /// batch per owner), all at once. With `wait`, it first waits while a key group of the
+    /// batch moves. A batch forwarded here (`forwarded`: the versions it was routed by) is
+    /// refused as a whole, with nothing applied, unless this node owns every key group of it;
+    /// a part this node forwarded and the owner refused that way is routed again (within
+    /// `reroute`'s time).
+    fn route_batch<'a>(
+        &'a self,
+        mut messages: Vec<BatchMessage>,
+        wait: bool,
+        forwarded: Option<&'a [u64]>,
+        mut reroute: Reroute,
+    ) -> futures::future::BoxFuture<'a, Result<(), ServiceError>> {
+        use futures::FutureExt;
+        async move {
+            let routes = loop {
+                if wait {
+                    self.wait_moves(&messages).await?;
+                }
+                let routes: Result<Vec<_>, _> = messages
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (t, _, _))| self.remote(self.key_group(t), forwarded.map(|v| v[i])))
+                    .collect();
+                match routes {
+                    Ok(r) => break r,
+                    Err(e) if forwarded.is_none() && reroute.again_batch(self, &e).await => {}
+                    Err(e) => return Err(e),
+                }
+            };
+            let mut local = Vec::with_capacity(messages.len());
+            let mut remote: std::collections::BTreeMap<(u64, String), (Vec<_>, Vec<u64>)> =
+                Default::default();
+            for (m, route) in messages.drain(..).zip(routes) {
+                match route {
+                    None => local.push(m),
+                    Some((node, addr, v)) => {
+                        let e = remote.entry((node, addr)).or_default();
+                        e.0.push(m);
+                        e.1.push(v);
+                    }
+                }
+            }
+            let p = &self.inner.placement;
+            let forwards = futures::future::try_join_all(remote.into_iter().map(
+                |((node, addr), (batch, versions))| {
+                    let mut reroute = reroute.clone();
+                    async move {
+                        match crate::mesh::forward_batch(p, node, &addr, &batch, versions).await {
+                            Err(e) if reroute.again_batch(self, &e).await => {
+                                self.route_batch(batch, wait, None, reroute).await
+                            }
+                            r => r,
+                        }
+                    }
+                },
+            ));
+            let local = async {
+                if local.is_empty() {
+                    return Ok(0);
+                }
+                self.send_batch_local(local, wait).await
+            };
+            let (l, r) = futures::future::join(local, forwards).await;
+            l?;
+            r?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    /// Waits while a key group of `messages` moves.
+    async fn wait_moves(&self, messages: &[BatchMessage]) -> Result<(), ServiceError> {
+        let p = &self.inner.placement;
+        while messages
+            .iter()
+            .any(|(t, _, _)| p.is_moving(self.key_group(t)))
+        {
+            if self.inner.closed.load(Ordering::Relaxed) {
+                return Err(ServiceError::Unavailable(
+                    "the node is shutting down".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
     }
 
     async fn send_batch_local(
         &self,
-        messages: Vec<(Address, TypedValue, Option<String>)>,
+        messages: Vec<BatchMessage>,
         wait: bool,
     ) -> Result<usize, ServiceError> {
         let n = messages.len();
@@ -687,6 +749,7 @@ impl Router {
                 tx
             });
             self.shards()[s].do_send(Deliver {
+                versions: Vec::new(),
                 batch,
                 from: None,
                 remote: None,
@@ -864,6 +927,7 @@ impl Router {
         if p.is_moving(kg) {
             return Err(self.reject(
                 ServiceError::NotOwner {
+                    key_group: kg,
                     version: p.kg_version(kg),
                     message: format!(
                         "key group {kg} is moving to another node (its requests wait until the move is done); retry"
@@ -880,11 +944,6 @@ impl Router {
                     format!(
                         "a node forwarded key group {kg} here at ownership version {theirs}, but this node has applied only version {mine} (node {node} owns it there; ownership is changing); retry"
                     )
-                } else if theirs == 0 {
-                    // A batch of several key groups names no version.
-                    format!(
-                        "a node forwarded key group {kg} here, but node {node} owns it at version {mine} (ownership is changing); retry"
-                    )
                 } else {
                     format!(
                         "a node forwarded key group {kg} here at ownership version {theirs}, but node {node} owns it at version {mine} (ownership is changing); retry"
@@ -892,6 +951,7 @@ impl Router {
                 };
                 Err(self.reject(
                     ServiceError::NotOwner {
+                        key_group: kg,
                         version: mine,
                         message,
                     },
@@ -939,12 +999,15 @@ impl Router {
         &self,
         from: (u64, u32),
         generation: u64,
-        batch: Vec<(Address, Option<Address>, TypedValue)>,
+        batch: Vec<(Address, Option<Address>, TypedValue, u64)>,
     ) {
-        let mut per: Vec<Vec<Envelope>> = (0..self.shard_count()).map(|_| Vec::new()).collect();
-        for (target, caller, message) in batch {
+        let mut per: Vec<(Vec<Envelope>, Vec<u64>)> = (0..self.shard_count())
+            .map(|_| Default::default())
+            .collect();
+        for (target, caller, message, version) in batch {
             let kg = self.key_group(&target);
-            per[self.shard_of(kg)].push(Envelope {
+            let (envs, versions) = &mut per[self.shard_of(kg)];
+            envs.push(Envelope {
                 target,
                 kg,
                 caller,
@@ -952,10 +1015,12 @@ impl Router {
                 ingress: false,
                 key: None,
             });
+            versions.push(version);
         }
-        for (s, batch) in per.into_iter().enumerate() {
+        for (s, (batch, versions)) in per.into_iter().enumerate() {
             if !batch.is_empty() {
                 self.shards()[s].do_send(Deliver {
+                    versions,
                     batch,
                     from: None,
                     remote: Some(from),
@@ -988,6 +1053,7 @@ impl Router {
         batch: Vec<Envelope>,
     ) {
         self.shards()[shard].do_send(Deliver {
+            versions: Vec::new(),
             batch,
             from,
             remote: None,
@@ -1082,6 +1148,7 @@ const REROUTE_FOR: Duration = Duration::from_secs(3);
 /// Routing a forwarded request again after a node that does not own its key group refused it
 /// (nothing was applied there, so sending it again is safe with or without an idempotency
 /// key).
+#[derive(Clone)]
 struct Reroute {
     deadline: Option<std::time::Instant>,
 }
@@ -1110,7 +1177,20 @@ impl Reroute {
             .settle(kg, used, *version, deadline)
             .await
     }
+
+    /// [`Reroute::again`] for a batch refused because of key group `key_group` (named by the
+    /// refusal), routed by this node's current table.
+    async fn again_batch(&mut self, router: &Router, e: &ServiceError) -> bool {
+        let ServiceError::NotOwner { key_group, .. } = e else {
+            return false;
+        };
+        let used = router.placement().kg_version(*key_group);
+        self.again(router, *key_group, used, e).await
+    }
 }
+
+/// A message of a batch: its target, value and idempotency key.
+type BatchMessage = (Address, TypedValue, Option<String>);
 
 /// Longest accepted idempotency key.
 const MAX_KEY_BYTES: usize = 256;

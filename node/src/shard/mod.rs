@@ -149,6 +149,9 @@ pub(crate) struct Deliver {
     pub generation: u64,
     /// Acknowledge once the epoch that received the batch commits.
     pub ack: Option<AckTx>,
+    /// From another node: the ownership version of each message's key group in the sender's
+    /// table (same order; empty otherwise).
+    pub versions: Vec<u64>,
 }
 
 /// Cut epoch `epoch` (from the epoch driver).
@@ -346,6 +349,10 @@ pub(crate) struct Shard {
     /// being synchronised): kept as pending messages of every cut, and delivered by the owner
     /// when it replays the committed epoch's pending messages of its key groups.
     parked: Vec<Envelope>,
+    /// Messages from another node whose table is ahead of this node's: it routed them here
+    /// by an ownership version this node has not applied yet (and this node's table names
+    /// another owner). Held (in every cut) until the table reaches that version.
+    behind: Vec<(u64, Envelope)>,
     /// A live move: the key groups this shard stopped at its cut of the move's epoch (their
     /// messages are not processed; what arrives for them after the cut is kept in
     /// `moving_out` until the move is done).
@@ -371,7 +378,10 @@ impl Actor for Shard {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.me = Some(ctx.address());
         self.load_from_store();
-        ctx.run_interval(Duration::from_millis(5), |act, _| act.fire_timers());
+        ctx.run_interval(Duration::from_millis(5), |act, _| {
+            act.fire_timers();
+            act.release_behind();
+        });
         ctx.run_interval(Duration::from_millis(200), |act, _| act.fold_metrics());
         let sweep_ms = self
             .config
@@ -443,6 +453,7 @@ impl Shard {
             peers: Vec::new(),
             remote_out: Default::default(),
             parked: Vec::new(),
+            behind: Vec::new(),
             stopped: None,
             moving_out: Vec::new(),
             zombies: FxHashSet::default(),
@@ -864,8 +875,13 @@ impl Shard {
         if !self.remote_out.is_empty() {
             let placement = self.router.placement().clone();
             for (node, (addr, batch)) in std::mem::take(&mut self.remote_out) {
-                let bytes =
-                    crate::mesh::shard_messages(self.node, self.index, self.generation, batch);
+                let bytes = crate::mesh::shard_messages(
+                    &placement,
+                    self.node,
+                    self.index,
+                    self.generation,
+                    batch,
+                );
                 placement.send_fn(&addr, crate::mesh::FnKind::Deliver, self.generation, bytes);
                 let _ = node;
             }
@@ -932,6 +948,26 @@ impl Shard {
         for (topic, value) in effects.egress {
             self.emit(sender_kg, topic, value);
         }
+    }
+
+    /// Routes the messages held for this node's table to catch up, once it has.
+    fn release_behind(&mut self) {
+        if self.behind.is_empty() {
+            return;
+        }
+        let placement = self.router.placement().clone();
+        let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.behind)
+            .into_iter()
+            .partition(|(v, env)| placement.kg_version(env.kg) >= *v);
+        self.behind = held;
+        if ready.is_empty() {
+            return;
+        }
+        for (_, env) in ready {
+            self.route_env(env);
+        }
+        self.send_outgoing();
+        self.dispatch_ready();
     }
 
     fn fire_timers(&mut self) {
@@ -1023,7 +1059,8 @@ impl Shard {
             markers_done: true,
         };
         if self.checkpointing {
-            for env in self.parked.iter().chain(&self.moving_out) {
+            let behind = self.behind.iter().map(|(_, e)| e);
+            for env in self.parked.iter().chain(&self.moving_out).chain(behind) {
                 cut.pending.push((
                     env.target.to_string().into(),
                     3,
@@ -1235,7 +1272,7 @@ impl Shard {
             (_, Some(r)) if self.checkpointing => self.cuts.arrival_remote(r),
             _ => Arrival::Process,
         };
-        for env in msg.batch {
+        for (i, env) in msg.batch.into_iter().enumerate() {
             let mut logged = false;
             if let (Arrival::ProcessAndLog(_), Some(cut)) = (arrival, self.cut.as_mut()) {
                 // Sent before the sender's cut, arriving after ours: in flight across it.
@@ -1260,8 +1297,14 @@ impl Shard {
                 continue;
             }
             if msg.remote.is_some() && !self.router.placement().is_local(env.kg) {
-                // The sender's table is behind: on to the owner.
-                self.route_env(env);
+                let theirs = msg.versions.get(i).copied().unwrap_or(0);
+                if theirs > self.router.placement().kg_version(env.kg) {
+                    // This node's table is behind the sender's, which names this node.
+                    self.behind.push((theirs, env));
+                } else {
+                    // The sender's table is behind: on to the owner.
+                    self.route_env(env);
+                }
                 continue;
             }
             self.enqueue(env);
@@ -1579,6 +1622,7 @@ impl Handler<Rollback> for Shard {
         }
         self.remote_out.clear();
         self.parked.clear();
+        self.behind.clear();
         self.stopped = None;
         self.moving_out.clear();
         self.zombies.clear();
@@ -1605,6 +1649,7 @@ impl Handler<Rollback> for Shard {
         }
         if !local.is_empty() {
             self.deliver(Deliver {
+                versions: Vec::new(),
                 batch: local,
                 from: None,
                 remote: None,
