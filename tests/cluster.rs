@@ -398,121 +398,239 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     }
 }
 
+/// Load on a cluster while its members change: callers that each add to their own counters
+/// (checking that every acknowledged add returns the counter's next value: exactly once, in
+/// order) and, with `stream`, a stream of batches that adds one to each of 64 counters (parts
+/// of each batch are forwarded, some to key groups that move while they travel; its messages
+/// carry no idempotency keys, so it is only for changes that roll nothing back). Every call and
+/// batch must succeed.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    callers: Vec<tokio::task::JoinHandle<(u64, std::collections::BTreeMap<String, i64>)>>,
+    streamer: Option<tokio::task::JoinHandle<i64>>,
+    prefix: String,
+}
+
+impl Load {
+    /// Starts 8 callers spread over `nodes` and the stream through the last of them.
+    async fn start(nodes: &[&Node], prefix: &str, stream: bool) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut callers = Vec::new();
+        for w in 0..8 {
+            let c = nodes[w % nodes.len()].client().await;
+            let stop = stop.clone();
+            let prefix = prefix.to_string();
+            callers.push(tokio::spawn(async move {
+                let mut expected = std::collections::BTreeMap::new();
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let id = format!("{prefix}-{w}-{}", i % 16);
+                    let total: &mut i64 = expected.entry(id.clone()).or_default();
+                    *total += 1;
+                    let got = add(&c, &id, 1).await;
+                    assert_eq!(got, *total, "counter {id}");
+                    i += 1;
+                }
+                (i, expected)
+            }));
+        }
+        let streamer = if !stream {
+            None
+        } else {
+            let c = nodes[nodes.len() - 1].client().await;
+            let stop = stop.clone();
+            let prefix = prefix.to_string();
+            Some(tokio::spawn(async move {
+                let mut batches = 0i64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let batch: Vec<_> = (0..64)
+                        .map(|k| {
+                            (
+                                counter(&format!("{prefix}-stream-{k}")),
+                                TypedValue::of(&1i64),
+                            )
+                        })
+                        .collect();
+                    let n = c
+                        .send_stream(futures::stream::iter(batch), 64)
+                        .await
+                        .unwrap_or_else(|e| panic!("stream batch {batches} under load: {e}"));
+                    assert_eq!(n, 64);
+                    batches += 1;
+                }
+                batches
+            }))
+        };
+        Load {
+            stop,
+            callers,
+            streamer,
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// Stops the load and checks every counter through `via`; returns the calls and batches
+    /// made.
+    async fn finish(self, via: &Node) -> (u64, i64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut calls = 0;
+        let mut expected = std::collections::BTreeMap::new();
+        for t in self.callers {
+            let (n, e) = t.await.unwrap();
+            calls += n;
+            expected.extend(e);
+        }
+        assert!(calls > 50, "only {calls} calls under load");
+        // Every counter holds exactly what was acknowledged.
+        let c = via.client().await;
+        for (id, total) in &expected {
+            assert_eq!(add(&c, id, 0).await, *total, "counter {id}");
+        }
+        let Some(streamer) = self.streamer else {
+            return (calls, 0);
+        };
+        let batches = streamer.await.unwrap();
+        assert!(batches > 5, "only {batches} stream batches under load");
+        for k in 0..64 {
+            let id = format!("{}-stream-{k}", self.prefix);
+            assert_eq!(
+                add(&c, &id, 0).await,
+                batches,
+                "counter {id}: one add per batch"
+            );
+        }
+        (calls, batches)
+    }
+}
+
+/// Waits until every one of `n` members owns more than `least` key groups.
+async fn spread(via: &Node, n: usize, least: u64) {
+    eventually(
+        &format!("{n} members own more than {least} key groups each"),
+        Duration::from_secs(60),
+        || async {
+            let v = view(via).await?;
+            let owned = member_field(&v, "key_groups");
+            (owned.len() == n && owned.iter().all(|&k| k > least)).then_some(())
+        },
+    )
+    .await;
+}
+
 /// A third node joins two that serve calls: it takes part in the epochs, then a third of the
 /// key groups moves to it, and neither step rolls anything back (the rollback counters of the
-/// first two stay where they were); every acknowledged call is applied exactly once, in order.
+/// first two stay where they were); every acknowledged call is applied exactly once, in order,
+/// and every batch of a stream through a node whose forwarded parts meet a move is accepted.
 #[tokio::test]
 async fn a_node_joining_under_load_gets_key_groups_live_and_nothing_rolls_back() {
     let _g = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let (n1, n2, seed) = two_nodes(root).await;
-    eventually(
-        "both members own key groups",
-        Duration::from_secs(30),
-        || async {
-            let v = view(&n1).await?;
-            let owned = member_field(&v, "key_groups");
-            (owned.len() == 2 && owned.iter().all(|&k| k > 300)).then_some(())
-        },
-    )
-    .await;
+    spread(&n1, 2, 300).await;
     // A few calls, so that both nodes have committed epochs behind them.
-    let c1 = n1.client().await;
-    add(&c1, "warm", 1).await;
+    add(&n1.client().await, "warm", 1).await;
     const ROLLBACKS: &str = "statemesh_checkpoint_rollbacks_total";
     let before = (n1.metric(ROLLBACKS).await, n2.metric(ROLLBACKS).await);
-    // Load: 8 callers, each on its own counters, through both nodes.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for w in 0..8 {
-        let c = if w % 2 == 0 {
-            n1.client().await
-        } else {
-            n2.client().await
-        };
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut expected = std::collections::BTreeMap::new();
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let id = format!("live-{w}-{}", i % 16);
-                let total: &mut i64 = expected.entry(id.clone()).or_default();
-                *total += 1;
-                let got = add(&c, &id, 1).await;
-                // In order, exactly once: each acknowledged add is the counter's next value.
-                assert_eq!(got, *total, "counter {id}");
-                i += 1;
-            }
-            (i, expected)
-        }));
-    }
-    // And a stream through node 2, one message to each of 64 counters per batch: parts of
-    // its batches are forwarded, some to key groups that move while they travel (refused by
-    // the old owner, routed again). Every batch must be accepted.
-    let streamer = {
-        let c = n2.client().await;
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut batches = 0i64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let batch: Vec<_> = (0..64)
-                    .map(|k| (counter(&format!("stream-{k}")), TypedValue::of(&1i64)))
-                    .collect();
-                let n = c
-                    .send_stream(futures::stream::iter(batch), 64)
-                    .await
-                    .unwrap_or_else(|e| panic!("stream batch {batches} during the join: {e}"));
-                assert_eq!(n, 64);
-                batches += 1;
-            }
-            batches
-        })
-    };
+    let load = Load::start(&[&n1, &n2], "live", true).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (n3, _) = start(root, 3, Some(&seed));
     converged(&[&n1, &n2, &n3], 3, 3).await;
-    eventually(
-        "node 3 owns a third of the key groups",
-        Duration::from_secs(30),
-        || async {
-            let v = view(&n1).await?;
-            let owned = member_field(&v, "key_groups");
-            (owned.len() == 3 && owned.iter().all(|&k| k > 250)).then_some(())
-        },
-    )
-    .await;
+    spread(&n1, 3, 250).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut calls = 0;
-    let mut expected = std::collections::BTreeMap::new();
-    for t in tasks {
-        let (n, e) = t.await.unwrap();
-        calls += n;
-        expected.extend(e);
-    }
-    assert!(calls > 50, "only {calls} calls under load");
-    let batches = streamer.await.unwrap();
-    assert!(batches > 5, "only {batches} stream batches during the join");
-    // Every counter holds exactly what was acknowledged, read through the new node.
-    let c3 = n3.client().await;
-    for (id, total) in &expected {
-        let got = add(&c3, id, 0).await;
-        assert_eq!(got, *total, "counter {id}");
-    }
-    for k in 0..64 {
-        let got = add(&c3, &format!("stream-{k}"), 0).await;
-        assert_eq!(
-            got, batches,
-            "counter stream-{k}: one add per accepted batch"
-        );
-    }
+    // Read through the new node.
+    let (calls, batches) = load.finish(&n3).await;
     let after = (n1.metric(ROLLBACKS).await, n2.metric(ROLLBACKS).await);
     println!("{calls} calls and {batches} stream batches during the join; rollbacks before {before:?}, after {after:?}");
     assert_eq!(
         before, after,
         "the join rolled a node back (node 1 and 2 rollbacks before and after)"
     );
+}
+
+/// Hand-overs that go wrong on the new owner fall back to a rollback of every participant
+/// and lose nothing. Node 3's read of the key groups it gains is slower than the leader
+/// waits for (fault point `mesh-handover-read=return(11000)`): the leader gives up on the
+/// live move and everyone rolls back while that read still runs (node 3's rollback waits for
+/// it, so that its own writes of those key groups come last). Node 4's read fails
+/// (`return`): it asks the leader to synchronise again. Under load throughout, every
+/// acknowledged call is applied exactly once.
+#[tokio::test]
+async fn a_hand_over_that_is_too_slow_or_fails_falls_back_to_a_rollback_and_loses_nothing() {
+    let _g = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (n1, n2, seed) = two_nodes(root).await;
+    spread(&n1, 2, 300).await;
+    add(&n1.client().await, "warm", 1).await;
+    const ROLLBACKS: &str = "statemesh_checkpoint_rollbacks_total";
+    let joiner = |id: u64, fault: &str| {
+        let ports = (free_port(), free_port());
+        let mut l = launch(root, id, ports, Some(&seed));
+        l.env
+            .push(("FAILPOINTS".into(), format!("mesh-handover-read={fault}")));
+        (Node::start_launch(&root.join(format!("n{id}")), &l), ports)
+    };
+    let load = Load::start(&[&n1, &n2], "slow", false).await;
+    let before = n1.metric(ROLLBACKS).await;
+    let (n3, ports3) = joiner(3, "1*return(13000)");
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    spread(&n1, 3, 250).await;
+    // The leader gives up on the move after 10 s, while node 3's read is delayed (13 s):
+    // node 3 rolls back after the delay began, and its rollback ends after the read.
+    let n3_ref = &n3;
+    let log = eventually(
+        "node 3 rolled back and its delayed read ended",
+        Duration::from_secs(30),
+        || async move {
+            let log = n3_ref.log_since_launch();
+            let delayed = log.find("hand-over's blob read is delayed")?;
+            (log[delayed..].contains("rolled back to epoch")
+                && log.contains("blob read ended after its move was given up"))
+            .then_some(log)
+        },
+    )
+    .await;
+    let delayed = log.find("hand-over's blob read is delayed").unwrap();
+    assert!(
+        log[delayed..].contains("rolling back to the last committed epoch"),
+        "{log}"
+    );
+    // Node 3 is killed at once: what it recovers from sled (and the epochs after sled's)
+    // must be exactly what was acknowledged. (Had the delayed read written its key groups
+    // after the rollback and the epochs applied to sled since, sled would hold them as they
+    // were at the move, with a later epoch marked applied.)
+    n3.kill();
+    let n3 = restart(root, 3, ports3, Some(&seed));
+    let (calls, batches) = load.finish(&n3).await;
+    let slow = n1.metric(ROLLBACKS).await - before;
+    println!("slow hand-over: {calls} calls, {batches} batches, {slow} rollbacks on node 1");
+    assert!(
+        slow >= 1.0,
+        "the slow hand-over did not fall back to a rollback"
+    );
+
+    let load = Load::start(&[&n1, &n3], "failed", false).await;
+    let before = n1.metric(ROLLBACKS).await;
+    let (n4, _) = joiner(4, "1*return");
+    converged(&[&n1, &n2, &n3, &n4], 4, 3).await;
+    spread(&n1, 4, 180).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (calls, batches) = load.finish(&n4).await;
+    let failed = n1.metric(ROLLBACKS).await - before;
+    println!("failed hand-over: {calls} calls, {batches} batches, {failed} rollbacks on node 1");
+    assert!(
+        failed >= 1.0,
+        "the failed hand-over did not fall back to a rollback"
+    );
+    let log = n4.log_since_launch();
+    assert!(
+        log.contains("cannot read the moving key groups from blob storage"),
+        "{log}"
+    );
+    for n in [n1, n2, n3, n4] {
+        n.stop();
+    }
 }
 
 #[tokio::test]

@@ -27,6 +27,7 @@
 //! | `mesh-join-reply` | on the leader, after a new member's join is applied, before it is answered |
 //! | `function-invoke` | before an embedded function's batch runs (`sleep(ms)`: a slow function, messages queue up behind it; other actions do nothing) |
 //! | `mesh-stale-part` | when a participant reports a part that wrote key groups as their owner (`return`: it names ownership versions one below its own, as a node whose table is behind would: the leader refuses the part) |
+//! | `mesh-handover-read` | when a live hand-over starts reading the key groups a node gained from blob storage (`return(<ms>)`: the read is delayed that long, as on a slow store; `return`: it fails, and the participants synchronise again) |
 //! | `mesh-fn-stream-break` | before a frame of messages between functions is sent to a peer (`return`: the frame is lost and the stream breaks, as when the connection drops) |
 
 /// Every fault point of checkpoints, for documentation and the crash tests.
@@ -43,7 +44,12 @@ pub const POINTS: &[&str] = &[
 ];
 
 /// The fault points of the cluster layer (reached only with more than one node).
-pub const MESH_POINTS: &[&str] = &["mesh-join-reply", "mesh-fn-stream-break", "mesh-stale-part"];
+pub const MESH_POINTS: &[&str] = &[
+    "mesh-join-reply",
+    "mesh-fn-stream-break",
+    "mesh-stale-part",
+    "mesh-handover-read",
+];
 
 /// Fault points that slow work down rather than fail it.
 pub const SLOW_POINTS: &[&str] = &["function-invoke"];

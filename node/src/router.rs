@@ -73,6 +73,8 @@ struct Inner {
     /// Calls waiting for their reply: the key group of the call's target, and the waiter.
     calls: Mutex<FxHashMap<u64, (u32, ReplyTx)>>,
     next_call: AtomicU64,
+    /// The leading bits of this node's call ids (its node id's).
+    node_bits: u64,
     reply_type: TypeName,
     registry: Arc<Registry>,
     egress: Egress,
@@ -147,13 +149,16 @@ impl Router {
         ack: AckMode,
         placement: Arc<Placement>,
     ) -> Self {
-        // Call ids must not repeat across restarts: a reply recovered from a checkpoint must
-        // not complete an unrelated new call.
+        // Call ids must not repeat across restarts (a reply recovered from a checkpoint must
+        // not complete an unrelated new call): they count on from the start time. Nor across
+        // nodes (a call's reply goes to the owner of its target's key group, a new one after a
+        // move): the node id's low 16 bits lead.
         let first_call = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(1)
             << 8;
+        let node_bits = (placement.me() & 0xffff) << CALL_COUNTER_BITS;
         Router {
             inner: Arc::new(Inner {
                 shards: OnceLock::new(),
@@ -163,6 +168,7 @@ impl Router {
                 key_groups,
                 calls: Mutex::default(),
                 next_call: AtomicU64::new(first_call),
+                node_bits,
                 reply_type: TypeName::parse(REPLY_TYPE).expect("valid literal type"),
                 registry,
                 egress,
@@ -855,7 +861,8 @@ impl Router {
     {
         use futures::FutureExt;
         let kg = self.key_group(&target);
-        let id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
+        let id = self.inner.node_bits
+            | (self.inner.next_call.fetch_add(1, Ordering::Relaxed) & CALL_COUNTER_MASK);
         let reply_id = match &key {
             Some(k) => format!(
                 "{kg}.{id}.{}",
@@ -1140,6 +1147,10 @@ impl Router {
             .map_err(|_| ServiceError::Unavailable("the shard stopped".into()))?
     }
 }
+
+/// A call id: the node id's low 16 bits, then a counter that starts at the node's start time.
+const CALL_COUNTER_BITS: u32 = 48;
+const CALL_COUNTER_MASK: u64 = (1 << CALL_COUNTER_BITS) - 1;
 
 /// How long a request refused by a node that does not own its key group keeps being routed
 /// again before the refusal reaches the client.

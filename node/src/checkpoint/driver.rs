@@ -322,6 +322,9 @@ struct Driver {
     early_cuts: Vec<ShardCut>,
     /// A live move under way.
     reconfiguring: Option<Reconfiguring>,
+    /// A hand-over's task that writes the moving key groups to sled runs (a rollback waits
+    /// for it, so that the rollback's own writes of the same key groups come last).
+    handing: bool,
     /// The generation the shards took at their last rollback.
     shard_gen: u64,
 }
@@ -369,6 +372,22 @@ async fn pending_at(
         .into_iter()
         .flat_map(|(kg, st)| st.pending.into_iter().map(move |p| (kg, p)))
         .collect())
+}
+
+/// The fault point `mesh-handover-read`, before a hand-over reads the moving key groups:
+/// `return(<ms>)` delays the read (a slow blob store), any other `return` fails it.
+async fn handover_fault() -> Result<(), String> {
+    match crate::failpoint::eval("mesh-handover-read") {
+        Ok(()) => Ok(()),
+        Err(e) => match e.rsplit(": ").next().and_then(|a| a.parse::<u64>().ok()) {
+            Some(ms) => {
+                tracing::warn!(ms, "fault point: the hand-over's blob read is delayed");
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                Ok(())
+            }
+            None => Err(e),
+        },
+    }
 }
 
 async fn catch_up(
@@ -599,6 +618,7 @@ pub(crate) fn start(
         key_groups: config.key_groups,
         early_cuts: Vec::new(),
         reconfiguring: None,
+        handing: false,
         shard_gen: 0,
         cluster: cluster.map(|(me, out, active)| ClusterSide {
             me,
@@ -1148,7 +1168,8 @@ impl Driver {
         let Some(rb) = self.rolling_back.as_mut() else {
             return;
         };
-        if rb.shards_told || rb.catching_up || self.status.lock().applied < rb.wait {
+        if rb.shards_told || rb.catching_up || self.handing || self.status.lock().applied < rb.wait
+        {
             return;
         }
         if !rb.owned_checked {
@@ -1814,8 +1835,10 @@ impl Driver {
             self.store.clone(),
             self.events.clone(),
         );
+        self.handing = true;
         tokio::spawn(async move {
             let r = async {
+                handover_fault().await?;
                 store
                     .set_stale(lost.iter().copied(), true)
                     .and_then(|()| store.clear_key_groups(lost.iter().copied()))
@@ -1853,9 +1876,18 @@ impl Driver {
 
     /// The move's key groups are read: the shards hand them over.
     fn handed(&mut self, r: Result<Handed, String>) {
+        self.handing = false;
+        // A rollback that came meanwhile waited for the task's writes to sled.
+        self.continue_rollback();
         let h = match r {
             Ok(h) if self.reconfiguring.as_ref().is_some_and(|x| x.at == h.at) => h,
-            Ok(_) => return,
+            Ok(h) => {
+                tracing::info!(
+                    epoch = h.at,
+                    "a hand-over's blob read ended after its move was given up"
+                );
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the moving key groups from blob storage; the participants synchronise again");
                 self.give_up_live();
