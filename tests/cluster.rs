@@ -517,6 +517,17 @@ async fn spread(via: &Node, n: usize, least: u64) {
     .await;
 }
 
+const ROLLBACKS: &str = "statemesh_checkpoint_rollbacks_total";
+
+/// Nodes 1 and 2 with the key groups spread over them and committed epochs behind them (a
+/// call); and node 1's gRPC address.
+async fn two_warm_nodes(root: &Path) -> (Node, Node, String) {
+    let (n1, n2, seed) = two_nodes(root).await;
+    spread(&n1, 2, 300).await;
+    add(&n1.client().await, "warm", 1).await;
+    (n1, n2, seed)
+}
+
 /// A third node joins two that serve calls: it takes part in the epochs, then a third of the
 /// key groups moves to it, and neither step rolls anything back (the rollback counters of the
 /// first two stay where they were); every acknowledged call is applied exactly once, in order,
@@ -526,11 +537,7 @@ async fn a_node_joining_under_load_gets_key_groups_live_and_nothing_rolls_back()
     let _g = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let (n1, n2, seed) = two_nodes(root).await;
-    spread(&n1, 2, 300).await;
-    // A few calls, so that both nodes have committed epochs behind them.
-    add(&n1.client().await, "warm", 1).await;
-    const ROLLBACKS: &str = "statemesh_checkpoint_rollbacks_total";
+    let (n1, n2, seed) = two_warm_nodes(root).await;
     let before = (n1.metric(ROLLBACKS).await, n2.metric(ROLLBACKS).await);
     let load = Load::start(&[&n1, &n2], "live", true).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -550,7 +557,7 @@ async fn a_node_joining_under_load_gets_key_groups_live_and_nothing_rolls_back()
 
 /// Hand-overs that go wrong on the new owner fall back to a rollback of every participant
 /// and lose nothing. Node 3's read of the key groups it gains is slower than the leader
-/// waits for (fault point `mesh-handover-read=return(11000)`): the leader gives up on the
+/// waits for (fault point `mesh-handover-read=return(13000)`): the leader gives up on the
 /// live move and everyone rolls back while that read still runs (node 3's rollback waits for
 /// it, so that its own writes of those key groups come last). Node 4's read fails
 /// (`return`): it asks the leader to synchronise again. Under load throughout, every
@@ -560,10 +567,7 @@ async fn a_hand_over_that_is_too_slow_or_fails_falls_back_to_a_rollback_and_lose
     let _g = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let (n1, n2, seed) = two_nodes(root).await;
-    spread(&n1, 2, 300).await;
-    add(&n1.client().await, "warm", 1).await;
-    const ROLLBACKS: &str = "statemesh_checkpoint_rollbacks_total";
+    let (n1, n2, seed) = two_warm_nodes(root).await;
     let joiner = |id: u64, fault: &str| {
         let ports = (free_port(), free_port());
         let mut l = launch(root, id, ports, Some(&seed));
