@@ -678,20 +678,6 @@ async fn five_nodes_have_five_voters_and_a_sixth_is_a_learner() {
     let (ok, out, err) = nodes[4].cli(&["cluster", "status"]);
     assert!(ok, "{err}");
     assert!(out.contains("learner") && out.contains("voter"), "{out}");
-    // SIGTERM: the first node stops promptly although its five peers hold streams to it (the
-    // gRPC server's graceful shutdown waits for open streams: they end when the node stops,
-    // once its last epoch has committed). The others stop after it (a node whose leader is
-    // gone waits for the epochs to settle first).
-    let mut nodes = nodes.into_iter();
-    let first = nodes.next().unwrap();
-    let t = std::time::Instant::now();
-    first.stop();
-    let took = t.elapsed();
-    println!("node 1 stopped in {took:?}");
-    assert!(
-        took < Duration::from_secs(3),
-        "node 1 took {took:?} to stop"
-    );
     for n in nodes {
         n.stop();
     }

@@ -1090,20 +1090,11 @@ fn take_fn(router: &crate::router::Router, r: &mpb::ForwardRequest) -> Result<()
 pub(crate) fn serve_forward(
     router: crate::router::Router,
     mut inbound: Streaming<mpb::ForwardFrame>,
-    stopping: tokio::sync::watch::Receiver<bool>,
 ) -> std::pin::Pin<Box<dyn futures::Stream<Item = Result<mpb::ForwardReplyFrame, Status>> + Send>> {
     let (rtx, rrx) = mpsc::channel::<mpb::ForwardReply>(FORWARD_QUEUE);
     tokio::spawn(async move {
-        let stop = stopped(stopping);
-        tokio::pin!(stop);
         loop {
-            let next = tokio::select! {
-                f = inbound.next() => f,
-                // Shutting down: nothing more is taken; the replies of what was taken still
-                // go back, then the stream ends (the peer routes what it sends next again).
-                _ = &mut stop => return,
-            };
-            let frame = match next {
+            let frame = match inbound.next().await {
                 Some(Ok(f)) => f,
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "a forwarding stream ended");
@@ -1310,17 +1301,6 @@ pub(crate) struct MeshService {
     pub driver: mpsc::UnboundedSender<crate::checkpoint::driver::DriverEvent>,
     pub egress: crate::egress::Egress,
     pub router: crate::router::Router,
-    /// Set when the node shuts down: streams from peers end (the server's graceful shutdown
-    /// waits for every open stream, and a peer never ends its own).
-    pub stopping: tokio::sync::watch::Sender<bool>,
-}
-
-/// Resolves once `stopping` is set.
-async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
-    // The sender lives as long as the service.
-    if stopping.wait_for(|s| *s).await.is_err() {
-        std::future::pending::<()>().await
-    }
 }
 
 #[tonic::async_trait]
@@ -1335,15 +1315,7 @@ impl mpb::mesh_server::Mesh for MeshService {
             .unwrap_or_else(|| "?".into());
         let mut s = req.into_inner();
         let mut from: Option<NodeId> = None;
-        let stop = stopped(self.stopping.subscribe());
-        tokio::pin!(stop);
-        loop {
-            let f = tokio::select! {
-                f = s.next() => f,
-                // Shutting down: what the peer sends from now on is not needed (Raft resends).
-                _ = &mut stop => None,
-            };
-            let Some(f) = f else { break };
+        while let Some(f) = s.next().await {
             let f = match f {
                 Ok(f) => f,
                 Err(e) => {
@@ -1421,7 +1393,6 @@ impl mpb::mesh_server::Mesh for MeshService {
         Ok(Response::new(serve_forward(
             self.router.clone(),
             req.into_inner(),
-            self.stopping.subscribe(),
         )))
     }
 

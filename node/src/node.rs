@@ -174,9 +174,12 @@ impl NodeHandle {
         for p in &self.playground {
             p.stop(true).await;
         }
-        // The gRPC server stays up until the last epoch has committed: requests taken before
-        // get their answers, and in a cluster the epochs travel on the peers' streams to it
-        // (new requests are refused meanwhile: the router is closed).
+        if let Some(tx) = self.grpc_shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.grpc_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
         let deadline = Instant::now() + Duration::from_millis(self.shared.config.shutdown_grace_ms);
         loop {
             let mut left = 0;
@@ -203,15 +206,6 @@ impl NodeHandle {
                     "the last epoch did not commit within 30 s; what it holds is recovered from the previous commit and replayed"
                 ),
             }
-        }
-        // Streams from peers end (the server's graceful shutdown waits for every open stream,
-        // and a peer never ends its own).
-        self.shared.mesh.stopping.send_replace(true);
-        if let Some(tx) = self.grpc_shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.grpc_task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         let (tx, rx) = oneshot::channel();
         if self.driver_events.send(DriverEvent::Stop(tx)).is_ok() {
@@ -500,7 +494,6 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         driver: events_tx.clone(),
         egress: router.egress().clone(),
         router: router.clone(),
-        stopping: tokio::sync::watch::channel(false).0,
     });
     let mesh2 = mesh.clone();
     let committed = recovered.committed;
