@@ -1,7 +1,9 @@
 //! Multi-process clusters of real `statemesh` nodes on loopback: forming a cluster by joining
 //! (3 and 5 nodes, voters and learners), key groups handed over live to a node joining under
 //! load, routing every kind of ingress from every node to the owner, SIGKILL and restart of the
-//! leader and of the owner, joins that must be refused, and peers that send garbage.
+//! leader and of the owner, failover of a node that stays dead (declared dead, its key groups
+//! moved to the others, its share back when it returns), joins that must be refused, and peers
+//! that send garbage.
 
 mod common;
 
@@ -43,6 +45,17 @@ fn start(root: &Path, id: u64, join: Option<&str>) -> (Node, (u16, u16)) {
 
 fn restart(root: &Path, id: u64, ports: (u16, u16), join: Option<&str>) -> Node {
     Node::start_launch(&root.join(format!("n{id}")), &launch(root, id, ports, join))
+}
+
+/// A directory for a test's nodes; `CLUSTER_KEEP=1` keeps it (data and node logs) for a look
+/// after a failure.
+fn test_dir() -> tempfile::TempDir {
+    let mut dir = tempfile::tempdir().unwrap();
+    if std::env::var_os("CLUSTER_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        println!("keeping {}", dir.path().display());
+    }
+    dir
 }
 
 /// One numeric field of every member in a `GET /v1/cluster` answer, in member order.
@@ -161,7 +174,7 @@ async fn add(c: &Client, id: &str, n: i64) -> i64 {
 #[tokio::test]
 async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     let _g = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let root = dir.path();
     let (n1, p1) = start(root, 1, None);
     let seed = n1.grpc.trim_start_matches("http://").to_string();
@@ -334,51 +347,53 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     .await;
     assert_eq!(add(&n3.client().await, "shared", 1).await, expected + 2);
 
-    // SIGKILL the leader, which owns a third of the key groups: a new leader is elected,
-    // requests for node 1's key groups fail with UNAVAILABLE naming it until it is back, then
-    // nothing is lost. (Until failover, issue 9, no epoch commits without node 1: requests
-    // for the other key groups wait for it.)
+    // SIGKILL the leader, which owns a third of the key groups: a new leader is elected, it
+    // declares node 1 dead and moves its key groups to nodes 2 and 3 (failover), and every
+    // address is served again, nothing lost.
     n1.kill();
+    let killed = std::time::Instant::now();
     eventually("a new leader", Duration::from_secs(30), || async {
         let v = view(&n2).await?;
         let l = v["leader"].as_u64()?;
         (l == 2 || l == 3).then_some(())
     })
     .await;
-    let (mut refused, mut served) = (None, 0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut i = 0;
-    while refused.is_none() && std::time::Instant::now() < deadline {
-        i += 1;
-        match c2
-            .call_with(
-                &counter(&format!("probe-{i}")),
-                TypedValue::of(&1i64),
-                Some(&format!("probe-{i}")),
-                Some(Duration::from_secs(2)),
-            )
-            .await
-        {
-            Ok(_) => served += 1,
-            // UNAVAILABLE once the connection is known dead; UNKNOWN ("may or may not have
-            // been applied") if the request went out on a connection the kill broke.
-            Err(e)
-                if matches!(
-                    e.code(),
-                    Some(tonic::Code::Unavailable | tonic::Code::Unknown)
-                ) && e.to_string().contains("node 1") =>
-            {
-                refused = Some(e.to_string())
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    assert!(
-        refused.is_some(),
-        "with node 1 down: {served} served, none refused naming node 1"
+    let v = eventually(
+        "node 1 declared dead, its key groups moved",
+        Duration::from_secs(30),
+        || async {
+            let v = view(&n2).await?;
+            let m1 = v["members"]
+                .as_array()?
+                .iter()
+                .find(|m| m["id"] == 1)?
+                .clone();
+            (m1["alive"] == false && m1["key_groups"] == 0).then_some(v)
+        },
+    )
+    .await;
+    println!(
+        "node 1 (the leader) failed over {:?} after its SIGKILL: {:?}",
+        killed.elapsed(),
+        member_field(&v, "key_groups")
     );
+    for i in 0..20 {
+        assert_eq!(add(&c2, &format!("probe-{i}"), 1).await, 1);
+    }
+    assert_eq!(add(&c2, "shared", 0).await, expected + 2);
     let n1 = restart(root, 1, p1, Some(n2.grpc.trim_start_matches("http://")));
     converged(&[&n1, &n2, &n3], 3, 3).await;
+    // Back with a new generation: rendezvous hashing gives it its share again.
+    eventually(
+        "node 1 owns key groups again",
+        Duration::from_secs(60),
+        || async {
+            let v = view(&n2).await?;
+            let owned: Vec<u64> = member_field(&v, "key_groups");
+            (owned.len() == 3 && owned.iter().all(|&k| k > 200)).then_some(())
+        },
+    )
+    .await;
     assert_eq!(add(&c2, "shared", 1).await, expected + 3);
     assert_eq!(add(&n1.client().await, "keyed", 0).await, 6);
 
@@ -535,7 +550,7 @@ async fn two_warm_nodes(root: &Path) -> (Node, Node, String) {
 #[tokio::test]
 async fn a_node_joining_under_load_gets_key_groups_live_and_nothing_rolls_back() {
     let _g = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let root = dir.path();
     let (n1, n2, seed) = two_warm_nodes(root).await;
     let before = (n1.metric(ROLLBACKS).await, n2.metric(ROLLBACKS).await);
@@ -565,7 +580,7 @@ async fn a_node_joining_under_load_gets_key_groups_live_and_nothing_rolls_back()
 #[tokio::test]
 async fn a_hand_over_that_is_too_slow_or_fails_falls_back_to_a_rollback_and_loses_nothing() {
     let _g = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let root = dir.path();
     let (n1, n2, seed) = two_warm_nodes(root).await;
     let joiner = |id: u64, fault: &str| {
@@ -640,7 +655,7 @@ async fn a_hand_over_that_is_too_slow_or_fails_falls_back_to_a_rollback_and_lose
 #[tokio::test]
 async fn five_nodes_have_five_voters_and_a_sixth_is_a_learner() {
     let _g = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let root = dir.path();
     let (n1, _) = start(root, 1, None);
     let mut nodes = vec![n1];
@@ -689,7 +704,7 @@ async fn five_nodes_have_five_voters_and_a_sixth_is_a_learner() {
 #[tokio::test]
 async fn a_join_applied_but_not_answered_is_finished_by_the_next_start() {
     let _g = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let root = dir.path();
     let p1 = (free_port(), free_port());
     let mut l1 = launch(root, 1, p1, None);
@@ -729,7 +744,7 @@ async fn a_join_applied_but_not_answered_is_finished_by_the_next_start() {
 #[tokio::test]
 async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
     let _g = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let root = dir.path();
     let (n1, n2, seed) = two_nodes(root).await;
 
@@ -817,7 +832,7 @@ async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
 async fn a_peer_that_sends_garbage_is_disconnected_and_the_node_keeps_serving() {
     use statemesh_proto::mesh_v1 as mpb;
     let _g = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let root = dir.path();
     let (n1, n2, seed) = two_nodes(root).await;
     let cluster_id = n1.get_json("/v1/cluster").await["cluster_id"]
@@ -889,7 +904,7 @@ async fn a_peer_that_sends_garbage_is_disconnected_and_the_node_keeps_serving() 
 #[tokio::test]
 async fn a_new_cluster_on_the_same_blob_location_restores_everything() {
     let _g = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let root = dir.path();
     let blob = root.join("blob");
     let with_blob = |mut l: Launch| {
@@ -1020,7 +1035,7 @@ fn key_group(addr: &str) -> u32 {
 #[tokio::test]
 async fn a_part_written_at_a_stale_ownership_version_is_refused_and_nothing_is_applied_twice() {
     let _g = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let root = dir.path();
     let (n1, _) = start(root, 1, None);
     let seed = n1.grpc.trim_start_matches("http://").to_string();
@@ -1073,9 +1088,9 @@ fn owned_address(t: &serde_json::Value, prefix: &str, owner: u64) -> String {
 }
 
 #[tokio::test]
-async fn a_node_that_is_down_is_left_out_the_others_go_on_and_it_gets_what_was_sent_to_it() {
+async fn a_killed_node_is_declared_dead_its_key_groups_fail_over_and_it_gets_its_share_back() {
     let _g = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let root = dir.path();
     let (n1, _) = start(root, 1, None);
     let seed = n1.grpc.trim_start_matches("http://").to_string();
@@ -1108,6 +1123,7 @@ async fn a_node_that_is_down_is_left_out_the_others_go_on_and_it_gets_what_was_s
         smoke(serde_json::json!([{ "send": { "to": dst, "id": id, "cmds": [{ "inc": 1 }] } }]))
     };
     let src_addr = Address::parse(&src).unwrap();
+    let dst_addr = Address::parse(&dst).unwrap();
     assert_eq!(add(&c1, &ctr_id, 1).await, 1);
     // A burst just before the kill: some of it is still queued on node 3 when it dies.
     let burst: Vec<_> = (0..40)
@@ -1121,79 +1137,129 @@ async fn a_node_that_is_down_is_left_out_the_others_go_on_and_it_gets_what_was_s
     );
     n3.kill();
     let killed = std::time::Instant::now();
-    // The leader leaves node 3 out once it does not answer: the others commit again.
-    let deadline = killed + Duration::from_secs(60);
-    let mut i = 0;
-    let total = loop {
-        i += 1;
-        let key = format!("after-kill-{i}");
-        match c1
+    // The leader declares node 3 dead and moves its key groups to nodes 1 and 2: a call to
+    // node 3's function succeeds again, served by its new owner. (Retried here every 20 ms,
+    // not by the client's backoff, to see when.)
+    let once = c1.clone().with_retry(statemesh_sdk::RetryPolicy {
+        attempts: 1,
+        ..Default::default()
+    });
+    let mut refusals = Vec::new();
+    loop {
+        match once
             .call_with(
-                &counter(&ctr_id),
-                TypedValue::of(&1i64),
-                Some(&key),
-                Some(Duration::from_secs(30)),
+                &dst_addr,
+                smoke(serde_json::json!([{ "reply": "here" }])),
+                Some("probe"),
+                Some(Duration::from_secs(5)),
             )
             .await
         {
-            Ok(v) => break v.get::<i64>().unwrap(),
-            Err(e) if std::time::Instant::now() < deadline => {
-                println!("while node 3 is down: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    killed.elapsed() < Duration::from_secs(30),
+                    "node 3's key group never failed over: {e}"
+                );
+                assert!(
+                    matches!(
+                        e.code(),
+                        Some(
+                            tonic::Code::Unavailable
+                                | tonic::Code::Unknown
+                                | tonic::Code::DeadlineExceeded
+                        )
+                    ),
+                    "{e}"
+                );
+                refusals.push(e.to_string());
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(e) => panic!("node 2's counter never served with node 3 down: {e}"),
         }
-    };
+    }
+    let failover = killed.elapsed();
     println!(
-        "node 2's key groups served again {:?} after node 3 was killed",
-        killed.elapsed()
+        "node 3's key group served again {failover:?} after node 3 was killed ({} refusals, the last: {:?})",
+        refusals.len(),
+        refusals.last()
     );
-    assert_eq!(total, 2);
-    // Sends to node 3's function while it is down are acknowledged (kept by node 1).
+    let v = eventually(
+        "node 3 declared dead, owning nothing",
+        Duration::from_secs(10),
+        || async {
+            let v = view(&n1).await?;
+            let m3 = v["members"]
+                .as_array()?
+                .iter()
+                .find(|m| m["id"] == 3)?
+                .clone();
+            (m3["alive"] == false && m3["key_groups"] == 0).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(
+        member_field(&v, "key_groups").iter().sum::<u64>(),
+        1024,
+        "{v}"
+    );
+    assert!(
+        n1.log_since_launch().contains("declaring it dead")
+            || n2.log_since_launch().contains("declaring it dead"),
+        "the leader logs the death"
+    );
+    assert_eq!(add(&c1, &ctr_id, 1).await, 2);
+    // Sends to node 3's old function while it is down are served by its new owner.
     for i in 0..10 {
         c1.send(&src_addr, relay(format!("b{i}"))).await.unwrap();
     }
-    // Its own key groups are refused, naming it.
-    let e = c1
-        .call_with(
-            &Address::parse(&dst).unwrap(),
-            smoke(serde_json::json!([])),
-            Some("probe"),
-            Some(Duration::from_secs(5)),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            e.code(),
-            Some(tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded)
-        ),
-        "{e}"
-    );
-    assert_eq!(add(&c1, &ctr_id, 1).await, 3);
-    // Back: it gets every message once, in order, and the counter went on.
-    let n3 = restart(root, 3, p3, Some(&seed));
-    converged(&[&n1, &n2, &n3], 3, 3).await;
     let want: String = (0..40)
         .map(|i| format!("a{i} "))
         .chain((0..10).map(|i| format!("b{i} ")))
         .collect();
     let got = eventually(
-        "every message at node 3's function",
+        "every message at node 3's old function, on its new owner",
         Duration::from_secs(30),
         || async {
-            let l = common::state_value(&n3, &dst, "log").await?;
+            let l = common::state_value(&n1, &dst, "log").await?;
             let l = l.as_str()?.to_string();
             (l.len() >= want.len()).then_some(l)
         },
     )
     .await;
-    assert_eq!(got, want, "each message once, in order");
     assert_eq!(
-        common::state_value(&n3, &dst, "count").await,
-        Some(serde_json::json!(50))
+        got, want,
+        "each message once, in order, across the failover"
     );
-    assert_eq!(add(&n3.client().await, &ctr_id, 0).await, 3);
+    // Back: a new generation, alive, and its share of the key groups again.
+    let n3 = restart(root, 3, p3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    let v = eventually(
+        "node 3 owns key groups again",
+        Duration::from_secs(60),
+        || async {
+            let v = view(&n1).await?;
+            let owned: Vec<u64> = member_field(&v, "key_groups");
+            (owned.len() == 3 && owned.iter().all(|&k| k > 200)).then_some(v)
+        },
+    )
+    .await;
+    let m3 = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == 3)
+        .unwrap()
+        .clone();
+    assert!(m3["generation"].as_u64().unwrap() >= 2, "{m3}");
+    for n in [&n1, &n2, &n3] {
+        assert_eq!(
+            common::state_value(n, &dst, "count").await,
+            Some(serde_json::json!(50)),
+            "read through node {}",
+            n.http
+        );
+    }
+    assert_eq!(add(&n3.client().await, &ctr_id, 0).await, 2);
     for n in [n1, n2, n3] {
         n.stop();
     }

@@ -62,6 +62,12 @@ pub struct MoveCommand {
     pub to: NodeId,
     /// The ownership version the proposer saw (compare-and-set).
     pub version: u64,
+    /// A failover: the key group's owner was dead (or it had none) when the move was planned,
+    /// and the move is refused if that owner is alive again when the entry applies (it
+    /// rejoined meanwhile and serves the key group: moving it without a hand-over would give
+    /// it two owners). Its version alone does not say so: a rejoin does not change it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub orphan: bool,
 }
 
 /// An entry of the control group's log.
@@ -242,6 +248,7 @@ impl ClusterState {
                 kg: m.kg,
                 to: m.to,
                 version: self.table[m.kg as usize].version,
+                orphan: m.from.is_none(),
             })
             .collect()
     }
@@ -343,6 +350,14 @@ impl ClusterState {
                         Some(t) if t.alive => {}
                         _ => return Err(format!("node {} is not a live member", m.to)),
                     }
+                    if let Some(o) = cur.owner.filter(|_| m.orphan) {
+                        if self.members.get(&o).is_some_and(|x| x.alive) {
+                            return Err(format!(
+                                "key group {}'s owner node {o} is alive again: its failover move is stale",
+                                m.kg
+                            ));
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -440,7 +455,12 @@ mod tests {
                 },
             );
         }
-        let mv = |kg, to, version| MoveCommand { kg, to, version };
+        let mv = |kg, to, version| MoveCommand {
+            kg,
+            to,
+            version,
+            orphan: false,
+        };
         s.apply(
             3,
             &Command::Move {
@@ -489,12 +509,85 @@ mod tests {
     }
 
     #[test]
+    fn a_failover_move_is_refused_once_the_dead_owner_is_alive_again() {
+        let mut s = ClusterState::new(2);
+        s.apply(1, &join(1));
+        s.apply(2, &join(2));
+        let mv = |kg, to, version, orphan| MoveCommand {
+            kg,
+            to,
+            version,
+            orphan,
+        };
+        s.apply(
+            3,
+            &Command::Move {
+                moves: vec![mv(0, 1, 0, true), mv(1, 1, 0, true)],
+            },
+        );
+        s.apply(
+            4,
+            &Command::MarkDead {
+                id: 1,
+                generation: 1,
+            },
+        );
+        // Planned while node 1 is dead: a failover.
+        let plan = s.plan_moves(2);
+        assert!(plan.iter().all(|m| m.orphan && m.to == 2), "{plan:?}");
+        // Node 1 rejoins before the move applies: refused, it keeps its key groups.
+        let mut rejoin = join(1);
+        if let Command::Join { incarnation, .. } = &mut rejoin {
+            *incarnation = 42;
+        }
+        s.apply(5, &rejoin);
+        let r = s.apply(
+            6,
+            &Command::Move {
+                moves: plan.clone(),
+            },
+        );
+        assert!(
+            matches!(r, Outcome::Rejected(ref w) if w.contains("alive again")),
+            "{r:?}"
+        );
+        assert_eq!(s.owned_by(1), 2);
+        // Dead again: the same plan applies.
+        s.apply(
+            7,
+            &Command::MarkDead {
+                id: 1,
+                generation: 2,
+            },
+        );
+        assert_eq!(s.apply(8, &Command::Move { moves: plan }), Outcome::Applied);
+        assert_eq!(s.owned_by(2), 2);
+        // A move between live owners is not a failover.
+        assert!(s.plan_moves(2).is_empty());
+        s.apply(9, &rejoin_with(1, 43));
+        assert!(s.plan_moves(2).iter().all(|m| !m.orphan));
+    }
+
+    fn rejoin_with(id: NodeId, incarnation: u64) -> Command {
+        let mut c = join(id);
+        if let Command::Join { incarnation: i, .. } = &mut c {
+            *i = incarnation;
+        }
+        c
+    }
+
+    #[test]
     fn members_generations_moves_and_epochs() {
         let mut s = ClusterState::new(4);
         assert_eq!(s.apply(1, &join(1)), Outcome::Applied);
         assert_eq!(s.apply(2, &join(2)), Outcome::Applied);
         assert_eq!(s.members[&1].generation, 1);
-        let mv = |kg, to, version| MoveCommand { kg, to, version };
+        let mv = |kg, to, version| MoveCommand {
+            kg,
+            to,
+            version,
+            orphan: false,
+        };
         assert_eq!(
             s.apply(
                 3,

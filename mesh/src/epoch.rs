@@ -881,6 +881,13 @@ pub enum LeadInput {
         /// The key groups about to move.
         snapshot: Vec<u32>,
     },
+    /// Participants died (declared dead: their key groups have no live owner): the
+    /// participants now. The synchronisation that drops them also moves their key groups:
+    /// once every remaining participant holds, [`LeadAction::ProposeMove`]; everyone rolls
+    /// back to the last committed epoch after it, and the new owners load the key groups from
+    /// blob storage (failover). Also taken when the participants did not change but key
+    /// groups have no live owner (a leader that took over after the death).
+    Failover(BTreeMap<NodeId, u64>),
     /// The move proposed was applied (or refused): the synchronisation goes on.
     Moved,
     /// The stream to a node broke (messages queued on it are lost): a participant taking
@@ -1541,6 +1548,15 @@ impl EpochLeader {
                         });
                     }
                 }
+            }
+            LeadInput::Failover(p) => {
+                let old = std::mem::take(&mut self.participants);
+                self.excluded
+                    .retain(|n| p.get(n).is_some_and(|i| old.get(n) == Some(i)));
+                self.participants = p;
+                // `sync` takes the move (now, or once the manifest being written is done).
+                self.handover = true;
+                self.want_sync(&mut out);
             }
             LeadInput::Moved => {
                 if let Phase::Syncing {

@@ -34,6 +34,8 @@ pub struct Output {
     /// Entries applied, in order: (index, command, outcome). Entries without a command
     /// (a new leader's empty entry, configuration changes) are not listed.
     pub applied: Vec<(u64, Command, Outcome)>,
+    /// Read indexes confirmed (see [`ControlNode::read_index`]): (context, index).
+    pub read_states: Vec<(Vec<u8>, u64)>,
 }
 
 /// Timing of the group, in ticks.
@@ -43,6 +45,10 @@ pub struct Timing {
     pub election_ticks: usize,
     /// Ticks between a leader's heartbeats.
     pub heartbeat_ticks: usize,
+    /// A fixed election timeout in ticks (simulations): raft-rs otherwise draws each one in
+    /// `[election_ticks, 2 × election_ticks)` from an unseeded generator, and a seed would not
+    /// reproduce a schedule.
+    pub fixed_election_ticks: Option<usize>,
 }
 
 impl Default for Timing {
@@ -50,6 +56,7 @@ impl Default for Timing {
         Timing {
             election_ticks: 10,
             heartbeat_ticks: 3,
+            fixed_election_ticks: None,
         }
     }
 }
@@ -84,10 +91,16 @@ impl<S: ControlLog> ControlNode<S> {
         state: ClusterState,
         timing: Timing,
     ) -> Result<ControlNode<S>, String> {
+        let (min_election_tick, max_election_tick) = match timing.fixed_election_ticks {
+            Some(t) => (t, t + 1),
+            None => (0, 0),
+        };
         let config = Config {
             id,
             election_tick: timing.election_ticks,
             heartbeat_tick: timing.heartbeat_ticks,
+            min_election_tick,
+            max_election_tick,
             applied: state.applied_index,
             check_quorum: true,
             pre_vote: true,
@@ -199,9 +212,11 @@ impl<S: ControlLog> ControlNode<S> {
         self.raw.tick();
     }
 
-    /// Hands over a peer's message (its encoded bytes). A message that does not decode is
-    /// refused with an error naming it; the node is unaffected.
-    pub fn step(&mut self, bytes: &[u8]) -> Result<(), String> {
+    /// Hands over a peer's message (its encoded bytes); returns the member that sent it (the
+    /// one that created it: a message forwarded by another member, a read index say, names
+    /// its origin). A message that does not decode is refused with an error naming it; the
+    /// node is unaffected.
+    pub fn step(&mut self, bytes: &[u8]) -> Result<NodeId, String> {
         let m = Message::parse_from_bytes(bytes).map_err(|e| format!("raft message: {e}"))?;
         if m.to != self.id {
             return Err(format!(
@@ -209,7 +224,11 @@ impl<S: ControlLog> ControlNode<S> {
                 m.to, self.id
             ));
         }
-        self.raw.step(m).map_err(|e| format!("raft step: {e}"))
+        let from = m.from;
+        self.raw
+            .step(m)
+            .map(|()| from)
+            .map_err(|e| format!("raft step: {e}"))
     }
 
     /// Proposes a command; only the leader accepts (others answer with an error, and the
@@ -237,6 +256,13 @@ impl<S: ControlLog> ControlNode<S> {
         self.raw
             .propose(Vec::new(), cmd.encode())
             .map_err(|e| format!("propose: {e}"))
+    }
+
+    /// Asks the leader for a read index (confirmed by a heartbeat round with a majority): the
+    /// answer comes back in a later [`Output::read_states`] with `ctx`, or never (no leader,
+    /// a leader that has not committed in its term yet, a lost message): ask again.
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.raw.read_index(ctx);
     }
 
     /// Proposes a change of the Raft configuration (only on the leader).
@@ -297,6 +323,11 @@ impl<S: ControlLog> ControlNode<S> {
         let mut rd = self.raw.ready();
         // 1. A leader may send before its own entries are durable.
         push_messages(&mut out, rd.take_messages());
+        out.read_states.extend(
+            rd.take_read_states()
+                .into_iter()
+                .map(|r| (r.request_ctx, r.index)),
+        );
         // 2. A snapshot from the leader replaces the state machine.
         if !rd.snapshot().is_empty() {
             self.apply_snapshot(rd.snapshot().clone())?;

@@ -5,6 +5,8 @@
 //! - [`control`]: the control group's replicated state machine (members, generations,
 //!   key-group ownership versions, committed epochs).
 //! - [`epoch`]: cluster-wide epochs (the cut across nodes, the leader's commit), pure.
+//! - [`failure`]: the leader's failure detector, the members' ownership leases, and the
+//!   Raft configuration changes that replace dead voters.
 //! - [`group`]: one member's replica of the control group (raft-rs `RawNode` + the state
 //!   machine) as pure steps.
 //! - [`sim`]: the seeded random generator of the simulations.
@@ -14,6 +16,7 @@
 
 pub mod control;
 pub mod epoch;
+pub mod failure;
 pub mod group;
 pub mod keygroup;
 pub mod placement;

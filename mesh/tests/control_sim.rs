@@ -294,6 +294,7 @@ impl Sim {
                         kg,
                         to: id,
                         version: v - 1,
+                        orphan: false,
                     }],
                 };
                 self.stale.insert(cmd.encode());

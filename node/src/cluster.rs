@@ -42,6 +42,7 @@ use crate::checkpoint::format::{Manifest, ObjectRef};
 use crate::checkpoint::store::CheckpointStore;
 use crate::mesh::{ControlInput, Link, Placement};
 use statemesh_mesh::epoch::{EpochLeader, EpochMsg, LeadAction, LeadInput};
+use statemesh_mesh::failure::{Detector, FailureConfig, Lease};
 
 /// An epoch message on its way (to a peer, to this node's leader side or its participant
 /// side), or a result for the leader's side.
@@ -65,6 +66,8 @@ pub(crate) struct EpochParams {
     pub cp: Option<CheckpointStore>,
     pub interval_ms: u64,
     pub max_uncommitted: u64,
+    /// Failure detection and the ownership lease (`[mesh]`).
+    pub failure: FailureConfig,
 }
 
 /// An epoch that lacks a participant's part this long makes the leader synchronise again.
@@ -375,6 +378,7 @@ pub(crate) fn start(
         cp: epoch_cp,
         interval_ms,
         max_uncommitted,
+        failure,
     } = epochs;
     let main = async move {
         let mut c = Driver {
@@ -405,6 +409,11 @@ pub(crate) fn start(
             pending_joins: HashMap::new(),
             conf_proposed: None,
             published: u64::MAX,
+            detector: Detector::new(failure),
+            lease: Lease::new(failure, random_u64()),
+            failure,
+            dead_proposed: HashMap::new(),
+            lease_until: 0,
         };
         let mut tick = tokio::time::interval(TICK);
         // After a stall (an fsync, say) no burst of ticks: it would look like lost heartbeats.
@@ -450,6 +459,11 @@ pub(crate) fn start(
                 c.published = applied;
                 placement.update(c.node.state());
             }
+            let lone = c.node.state().members.keys().all(|&m| m == id);
+            placement.set_lease(
+                if lone { u64::MAX } else { c.lease_until },
+                c.failure.lease_ms,
+            );
             *h.lock() = c.view(committed_epoch());
         }
     };
@@ -529,6 +543,14 @@ struct Driver {
     conf_proposed: Option<(Option<RaftConf>, Instant)>,
     /// The applied index the placement was last updated at.
     published: u64,
+    /// The leader's failure detector.
+    detector: Detector,
+    /// This node's ownership lease, and its end (in `mono_ms`).
+    lease: Lease,
+    lease_until: u64,
+    failure: FailureConfig,
+    /// Deaths proposed (member → generation, when), proposed again after `REPROPOSE`.
+    dead_proposed: HashMap<NodeId, (u64, Instant)>,
 }
 
 /// How long a proposal that changed nothing waits before it is proposed again.
@@ -538,12 +560,16 @@ impl Driver {
     fn input(&mut self, i: ControlInput) {
         match i {
             ControlInput::Raft { from, addr, msgs } => {
+                self.detector.heard(from, crate::mesh::mono_ms());
                 if !addr.is_empty() {
                     self.learned.insert(from, addr);
                 }
                 for m in msgs {
-                    if let Err(e) = self.node.step(&m) {
-                        tracing::debug!(from, error = %e, "raft message not taken");
+                    match self.node.step(&m) {
+                        // The member that created it (a read index forwarded by another member
+                        // names its origin): what the ownership leases are bounded by.
+                        Ok(origin) => self.detector.heard(origin, crate::mesh::mono_ms()),
+                        Err(e) => tracing::debug!(from, error = %e, "raft message not taken"),
                     }
                 }
             }
@@ -679,6 +705,11 @@ impl Driver {
     /// Handles what the group has ready (twice: proposals made in between go out at once).
     fn round(&mut self) -> Result<(), String> {
         self.process()?;
+        let now = crate::mesh::mono_ms();
+        if let Some(ctx) = self.lease.due(now) {
+            self.node.read_index(ctx);
+        }
+        self.detect(now);
         // A new member first needs the cluster's state (the leader's snapshot).
         let bootstrapped = self
             .node
@@ -713,6 +744,37 @@ impl Driver {
         self.process()
     }
 
+    /// The leader declares dead the members it has not heard from (see
+    /// `statemesh_mesh::failure`): a `MarkDead` entry each, proposed again until applied.
+    fn detect(&mut self, now: u64) {
+        let leading = self.node.is_leader() && self.joined;
+        self.detector.leading(leading, now);
+        if !leading {
+            self.dead_proposed.clear();
+            return;
+        }
+        let me = self.node.id();
+        for (id, generation) in self.detector.check(now, me, self.node.state()) {
+            if self
+                .dead_proposed
+                .get(&id)
+                .is_some_and(|(g, t)| *g == generation && t.elapsed() < REPROPOSE)
+            {
+                continue;
+            }
+            tracing::warn!(
+                node = id,
+                generation,
+                "node {id} has not been heard from for {} ms: declaring it dead (its key groups move to the others)",
+                self.failure.detection_ms()
+            );
+            self.dead_proposed.insert(id, (generation, Instant::now()));
+            if let Err(e) = self.node.propose(&Command::MarkDead { id, generation }) {
+                tracing::debug!(error = %e, "death not proposed; retried");
+            }
+        }
+    }
+
     /// The planned moves (up to a round's) whose new owner can take them now: its control log
     /// has caught up (its process runs and has the table). A joiner still starting would hold
     /// every participant's synchronisation, and so every key group, until it answers: moves
@@ -724,6 +786,12 @@ impl Driver {
         let moves = state
             .plan_moves(state.table.len())
             .into_iter()
+            // Key groups of dead members move by failover only (`orphan_moves`).
+            .filter(|m| {
+                state.table[m.kg as usize]
+                    .owner
+                    .is_none_or(|o| state.members.get(&o).is_some_and(|x| x.alive))
+            })
             .filter(|m| {
                 let ok = m.to == me || self.node.caught_up(m.to);
                 if !ok && waiting.is_none() {
@@ -734,6 +802,49 @@ impl Driver {
             .take(MOVES_PER_ROUND)
             .collect();
         (moves, waiting)
+    }
+
+    /// The planned moves of key groups whose owner is dead (or gone), to members that can
+    /// take them now, once every ownership lease the dead owner may hold has expired
+    /// (`Detector::may_take_over`).
+    fn orphan_moves(&self) -> Vec<u32> {
+        let state = self.node.state();
+        let me = self.node.id();
+        let dead = |n: NodeId| !state.members.get(&n).is_some_and(|m| m.alive);
+        if !state.table.iter().any(|o| o.owner.is_some_and(dead)) {
+            return Vec::new();
+        }
+        let now = crate::mesh::mono_ms();
+        state
+            .plan_moves(state.table.len())
+            .into_iter()
+            .filter(|m| {
+                state.table[m.kg as usize]
+                    .owner
+                    .is_some_and(|o| dead(o) && self.detector.may_take_over(o, now))
+            })
+            .filter(|m| m.to == me || self.node.caught_up(m.to))
+            .map(|m| m.kg)
+            .collect()
+    }
+
+    /// Moves the key groups of dead members (`plan`) in a synchronisation of the participants
+    /// `p`: every participant holds, the moves are proposed, and everyone rolls back to the
+    /// last committed epoch; the new owners load the key groups from blob storage.
+    fn failover(&mut self, p: std::collections::BTreeMap<NodeId, u64>, plan: Vec<u32>) {
+        let state = self.node.state();
+        let dead: std::collections::BTreeSet<NodeId> = plan
+            .iter()
+            .filter_map(|&kg| state.table[kg as usize].owner)
+            .collect();
+        tracing::warn!(
+            key_groups = plan.len(),
+            ?dead,
+            "failover: moving the key groups of dead members to the others (every node rolls back to the last committed epoch)"
+        );
+        self.move_round = Some(Instant::now());
+        self.move_plan = plan;
+        self.lead_input(LeadInput::Failover(p));
     }
 
     /// Leads cluster epochs while this node leads a cluster of several members (a lone node
@@ -784,9 +895,24 @@ impl Driver {
         let recorded = state.committed_epoch;
         let version = state.placement_version;
         let planned = !state.plan_moves(1).is_empty();
+        // Key groups whose owner is dead move at once, in the synchronisation that drops it
+        // (failover); the others a round at a time.
+        let orphans = self.orphan_moves();
         if self.participants.as_ref() != Some(&p) {
             self.participants = Some(p.clone());
-            self.lead_input(LeadInput::Participants(p));
+            if orphans.is_empty() {
+                self.lead_input(LeadInput::Participants(p));
+            } else {
+                self.failover(p, orphans);
+            }
+        } else if !orphans.is_empty()
+            && self.move_proposed.is_none()
+            && self.lead.as_ref().is_some_and(|l| l.ready_to_move())
+            && self
+                .move_round
+                .is_none_or(|t| t.elapsed() >= MOVE_ROUND_EVERY)
+        {
+            self.failover(p, orphans);
         }
         // Key groups move to the members rendezvous hashing gives them, a round at a time.
         if let Some((v, t)) = self.move_proposed {
@@ -1024,6 +1150,9 @@ impl Driver {
         for (to, bytes) in out.messages {
             self.send(to, bytes);
         }
+        for (ctx, index) in &out.read_states {
+            self.lease.read_state(ctx, *index);
+        }
         if !out.applied.is_empty() {
             for (index, cmd, outcome) in &out.applied {
                 tracing::debug!(index, ?cmd, ?outcome, "control entry applied");
@@ -1051,6 +1180,24 @@ impl Driver {
         }
         let me = self.node.id();
         let state = self.node.state();
+        let mine = state
+            .members
+            .get(&me)
+            .filter(|m| m.incarnation == self.incarnation);
+        if mine.is_some_and(|m| !m.alive) {
+            // Declared dead (it was paused, or cut off from the majority, for longer than the
+            // failure timeout): its key groups have moved. It joins again as a new generation;
+            // the rollback that takes it back into the epochs drops what it held.
+            tracing::warn!(
+                node = me,
+                "this node was declared dead by the cluster (it did not answer for longer than the failure timeout): its key groups have moved to the others; joining again"
+            );
+            self.incarnation = random_u64().max(1);
+            self.join_proposed = None;
+            self.lease.revoke();
+        }
+        let alive_here = state.members.get(&me).is_some_and(|m| m.alive);
+        self.lease_until = self.lease.applied(state.applied_index, alive_here);
         self.joined = state
             .members
             .get(&me)
@@ -1155,7 +1302,8 @@ impl Driver {
     }
 
     /// Members join as learners; voters are added (joint consensus, left explicitly) up to 3
-    /// of 3–4 live members and 5 of 5 or more. One change at a time.
+    /// of 3–4 live members and 5 of 5 or more; a dead voter is swapped for a caught-up
+    /// learner (`statemesh_mesh::failure::conf_change`). One change at a time.
     fn reconcile_conf(&mut self) -> Result<(), String> {
         let state = self.node.state();
         let conf = state.conf.clone().unwrap_or_default();
@@ -1169,35 +1317,19 @@ impl Driver {
             self.conf_proposed = mark;
             return self.node.propose_leave_joint();
         }
-        let listed = |id: &NodeId| conf.voters.contains(id) || conf.learners.contains(id);
-        let alive = state.live_members();
-        let new: Vec<(NodeId, Option<Role>)> = alive
-            .iter()
-            .filter(|id| !listed(id))
-            .map(|&id| (id, Some(Role::Learner)))
-            .collect();
-        if !new.is_empty() {
-            self.conf_proposed = mark;
-            return self.node.propose_membership(&new);
-        }
-        let target: usize = match alive.len() {
-            0..=2 => 1,
-            3 | 4 => 3,
-            _ => 5,
+        let node = &self.node;
+        let change = statemesh_mesh::failure::conf_change(state, &|id| node.caught_up(id));
+        let Some(change) = change else {
+            return Ok(());
         };
-        let voters = conf.voters.iter().filter(|v| alive.contains(v)).count();
-        let promote: Vec<(NodeId, Option<Role>)> = alive
+        if change
             .iter()
-            .filter(|id| conf.learners.contains(id) && self.node.caught_up(**id))
-            .take(target.saturating_sub(voters))
-            .map(|&id| (id, Some(Role::Voter)))
-            .collect();
-        if !promote.is_empty() {
-            tracing::info!(?promote, "promoting learners to voters");
-            self.conf_proposed = mark;
-            return self.node.propose_membership(&promote);
+            .any(|(id, r)| *r == Some(Role::Voter) && conf.learners.contains(id))
+        {
+            tracing::info!(?change, "changing voters");
         }
-        Ok(())
+        self.conf_proposed = mark;
+        self.node.propose_membership(&change)
     }
 
     fn view(&self, committed_epoch: u64) -> ClusterView {

@@ -37,6 +37,45 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Failure detection and ownership leases in a cluster (`[mesh]`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// The leader suspects a member it has not heard from for this long (the control group's
+    /// heartbeats go every 150 ms). Default 1,500 ms.
+    pub failure_timeout_ms: u64,
+    /// A suspicion must hold this long more before the member is declared dead (a Raft
+    /// entry) and its key groups move to the others. Default 300 ms: detection within
+    /// 1.8 s of the last heartbeat.
+    pub stability_window_ms: u64,
+    /// A member serves its key groups only within this long of its last confirmation by a
+    /// majority; must be below `failure_timeout_ms`, so that a member cut off from the
+    /// majority stops serving before it is declared dead. Default 1,000 ms.
+    pub lease_ms: u64,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        let d = statemesh_mesh::failure::FailureConfig::default();
+        MeshConfig {
+            failure_timeout_ms: d.timeout_ms,
+            stability_window_ms: d.stability_ms,
+            lease_ms: d.lease_ms,
+        }
+    }
+}
+
+impl MeshConfig {
+    /// The detector's and the lease's timing.
+    pub fn failure(&self) -> statemesh_mesh::failure::FailureConfig {
+        statemesh_mesh::failure::FailureConfig {
+            timeout_ms: self.failure_timeout_ms,
+            stability_ms: self.stability_window_ms,
+            lease_ms: self.lease_ms,
+        }
+    }
+}
+
 /// Retry policy of failing embedded invocations.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -196,6 +235,8 @@ pub struct NodeConfig {
     pub retry: RetryConfig,
     /// Checkpoints to blob storage.
     pub checkpoint: CheckpointConfig,
+    /// Failure detection and leases in a cluster.
+    pub mesh: MeshConfig,
 }
 
 impl Default for NodeConfig {
@@ -221,6 +262,7 @@ impl Default for NodeConfig {
             shutdown_grace_ms: 5_000,
             retry: RetryConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            mesh: MeshConfig::default(),
         }
     }
 }
@@ -290,6 +332,9 @@ impl NodeConfig {
         {
             return bad("checkpoint.node_id: expected letters, digits, '-' or '_'");
         }
+        if let Err(e) = self.mesh.failure().check() {
+            return Err(ConfigError::Invalid(format!("mesh.{e}")));
+        }
         for a in self.join.iter().chain(self.advertise_addr.iter()) {
             if !is_host_port(a) {
                 return Err(ConfigError::Invalid(format!(
@@ -353,6 +398,22 @@ mod tests {
         assert_eq!(c.shards, 3);
         assert_eq!(c.retry.max_attempts, 2);
         assert_eq!(c.grpc_addr.port(), 5090);
+        assert_eq!(c.mesh, MeshConfig::default());
+        let c = NodeConfig::from_toml(
+            "[mesh]\nfailure_timeout_ms = 3000\nlease_ms = 2000\n",
+            Path::new("n.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.mesh.failure().timeout_ms, 3_000);
+        assert_eq!(c.mesh.failure().stability_ms, 300);
+        // A lease as long as the detection would let a cut-off node serve after its death.
+        let e = NodeConfig::from_toml("[mesh]\nlease_ms = 1500\n", Path::new("n.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mesh.lease_ms") && e.contains("below failure_timeout_ms"),
+            "{e}"
+        );
     }
 
     #[test]

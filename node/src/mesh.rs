@@ -77,6 +77,21 @@ pub struct Placement {
     /// until the move is done.
     moving: RwLock<Option<Moving>>,
     any_moving: std::sync::atomic::AtomicBool,
+    /// Until when (in [`mono_ms`]) this node may serve its key groups: its ownership lease
+    /// (`statemesh_mesh::failure::Lease`), kept by the control thread. `u64::MAX`: a
+    /// cluster of this node alone.
+    lease_until: std::sync::atomic::AtomicU64,
+    /// The lease length, for messages.
+    lease_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Milliseconds on this process's monotonic clock (leases and failure detection).
+pub(crate) fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// Key groups moving live: see [`Placement::set_moving`].
@@ -101,7 +116,32 @@ impl Placement {
             fn_broken: Default::default(),
             moving: RwLock::new(None),
             any_moving: Default::default(),
+            lease_until: std::sync::atomic::AtomicU64::new(u64::MAX),
+            lease_ms: Default::default(),
         }
+    }
+
+    /// Sets this node's ownership lease (see [`Placement::lease_refusal`]).
+    pub(crate) fn set_lease(&self, until_ms: u64, lease_ms: u64) {
+        self.lease_ms
+            .store(lease_ms, std::sync::atomic::Ordering::Relaxed);
+        self.lease_until
+            .store(until_ms, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Why this node must not serve key group `kg` now although its table names it the
+    /// owner: its lease expired (it has not been confirmed by a majority of the cluster
+    /// lately: cut off, paused, or declared dead). `None`: it may serve.
+    pub(crate) fn lease_refusal(&self, kg: u32) -> Option<String> {
+        let until = self.lease_until.load(std::sync::atomic::Ordering::Acquire);
+        if until == u64::MAX || mono_ms() < until {
+            return None;
+        }
+        let me = self.me();
+        Some(format!(
+            "node {me} cannot confirm that it still owns key group {kg}: no majority of the cluster has confirmed its ownership within the last {} ms (its ownership lease expired: it is cut off from the others, was paused, or was declared dead); retry, or call another node",
+            self.lease_ms.load(std::sync::atomic::Ordering::Relaxed)
+        ))
     }
 
     /// Starts (`Some`) or ends (`None`) a live move of key groups: from now until it ends,
@@ -1705,11 +1745,13 @@ mod tests {
                         kg: 0,
                         to: 1,
                         version: 0,
+                        orphan: false,
                     },
                     statemesh_mesh::control::MoveCommand {
                         kg: 1,
                         to: 2,
                         version: 0,
+                        orphan: false,
                     },
                 ],
             },
@@ -1750,7 +1792,12 @@ mod tests {
         for (i, id) in [1, 2, 3].into_iter().enumerate() {
             s.apply(2 + i as u64, &join(id));
         }
-        let mv = |kg, to, version| MoveCommand { kg, to, version };
+        let mv = |kg, to, version| MoveCommand {
+            kg,
+            to,
+            version,
+            orphan: false,
+        };
         s.apply(
             5,
             &Command::Move {
@@ -1841,6 +1888,7 @@ mod tests {
                         kg,
                         to,
                         version: v as u64,
+                        orphan: false,
                     }],
                 },
             );

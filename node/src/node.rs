@@ -597,6 +597,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
             cp: epoch_cp,
             interval_ms: config.checkpoint.interval_ms,
             max_uncommitted: config.checkpoint.max_uncommitted,
+            failure: config.mesh.failure(),
         },
     )
     .map_err(|e| StartError::Other(format!("control group: {e}")))?;

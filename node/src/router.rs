@@ -944,7 +944,10 @@ impl Router {
             ));
         }
         match p.route(kg) {
-            Route::Local => Ok(None),
+            Route::Local => match p.lease_refusal(kg) {
+                None => Ok(None),
+                Some(why) => Err(self.reject(ServiceError::Unavailable(why), "lease")),
+            },
             Route::Remote { node, .. } if forwarded.is_some() => {
                 let (theirs, mine) = (forwarded.unwrap_or(0), p.kg_version(kg));
                 let message = if theirs > mine {

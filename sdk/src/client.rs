@@ -52,12 +52,14 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// 12 attempts, 50 ms doubling to at most 2 s (about 15 s in all).
+    /// 34 attempts, 50 ms doubling to at most 500 ms (about 15 s in all). The short cap
+    /// matters in a cluster: a failover takes about 2 s, and a caller should see its key
+    /// group served again within a retry of that, not 2 s later.
     fn default() -> Self {
         RetryPolicy {
-            attempts: 12,
+            attempts: 34,
             initial_backoff: std::time::Duration::from_millis(50),
-            max_backoff: std::time::Duration::from_secs(2),
+            max_backoff: std::time::Duration::from_millis(500),
         }
     }
 }

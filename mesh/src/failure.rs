@@ -1,0 +1,597 @@
+//! Failures (issue 9), pure: the leader's failure detector, every member's ownership lease,
+//! and the leader's choice of Raft configuration changes when members die.
+//!
+//! **Detection.** Raft's heartbeats are the heartbeats: the leader sends one to every member
+//! each heartbeat interval and every member answers, so the leader hears from each live
+//! member several times a second. A member the leader has not heard from for `timeout_ms` is
+//! *suspected*; one still silent `stability_ms` later is declared dead (a `MarkDead` entry),
+//! provided the leader itself heard from a majority of the voters meanwhile (a leader that is
+//! the one cut off declares nobody dead; it steps down instead). A leader counts silence from
+//! when it took over, and a member from when its current generation appeared.
+//!
+//! **Lease.** A member serves its key groups only while it can prove it still owns them: it
+//! asks the leader for a read index (raft-rs `ReadIndex`, confirmed by a heartbeat round with
+//! a majority) every `lease_ms / 4`; once it has applied up to the index returned, it holds a
+//! lease until `sent + lease_ms`, where `sent` is when it asked. The leader received the ask
+//! after `sent`, so it heard from the member after `sent`, and declares it dead no earlier
+//! than `sent + timeout_ms + stability_ms`: with `lease_ms < timeout_ms`, a member cut off
+//! from the majority stops serving before the majority even proposes its death, let alone
+//! moves its key groups. A member that applied its own death holds no lease.
+
+use std::collections::BTreeMap;
+
+use crate::control::{ClusterState, Role};
+use crate::placement::NodeId;
+
+/// The detector's and the lease's timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureConfig {
+    /// Silence after which a member is suspected.
+    pub timeout_ms: u64,
+    /// How long a suspicion must hold before the member is declared dead.
+    pub stability_ms: u64,
+    /// How long a confirmed read index lets a member serve (must be below `timeout_ms`).
+    pub lease_ms: u64,
+}
+
+impl Default for FailureConfig {
+    fn default() -> Self {
+        FailureConfig {
+            timeout_ms: 1_500,
+            stability_ms: 300,
+            lease_ms: 1_000,
+        }
+    }
+}
+
+impl FailureConfig {
+    /// Checks the timing; the error names what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        if self.timeout_ms < 200 {
+            return Err(format!(
+                "failure_timeout_ms: {} is below 200 (heartbeats go every 150 ms)",
+                self.timeout_ms
+            ));
+        }
+        if self.lease_ms < 100 || self.lease_ms >= self.timeout_ms {
+            return Err(format!(
+                "lease_ms: {} must be at least 100 and below failure_timeout_ms ({}): a node cut off must stop serving before the others declare it dead",
+                self.lease_ms, self.timeout_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long after the last message from a member the leader declares it dead.
+    pub fn detection_ms(&self) -> u64 {
+        self.timeout_ms + self.stability_ms
+    }
+}
+
+/// The leader's failure detector.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    cfg: FailureConfig,
+    /// Leading since (`None`: not leading, nothing is detected).
+    since_ms: Option<u64>,
+    /// Per member: the generation seen, and when the leader last heard from it.
+    heard: BTreeMap<NodeId, (u64, u64)>,
+    /// Per member: suspected since.
+    suspected: BTreeMap<NodeId, u64>,
+}
+
+impl Detector {
+    /// A detector with this timing.
+    pub fn new(cfg: FailureConfig) -> Self {
+        Detector {
+            cfg,
+            since_ms: None,
+            heard: BTreeMap::new(),
+            suspected: BTreeMap::new(),
+        }
+    }
+
+    /// A message from `id` arrived.
+    pub fn heard(&mut self, id: NodeId, now_ms: u64) {
+        if self.since_ms.is_none() {
+            return;
+        }
+        let h = self.heard.entry(id).or_insert((0, now_ms));
+        h.1 = h.1.max(now_ms);
+    }
+
+    /// Whether this node leads now. Taking over starts every member's count afresh.
+    pub fn leading(&mut self, leading: bool, now_ms: u64) {
+        match (leading, self.since_ms) {
+            (true, None) => {
+                self.since_ms = Some(now_ms);
+                self.heard.clear();
+                self.suspected.clear();
+            }
+            (false, Some(_)) => self.since_ms = None,
+            _ => {}
+        }
+    }
+
+    /// Whether the key groups of member `id` (declared dead) may move to others now: every
+    /// ownership lease it may hold has expired. A lease runs `lease_ms` from an ask that the
+    /// leader received, and so heard, later; asks answered by an earlier leader were sent
+    /// before this one took over. (Its death may have been proposed before an ask arrived and
+    /// committed after the answer: the answer then let it serve on, up to `lease_ms`.)
+    pub fn may_take_over(&self, id: NodeId, now_ms: u64) -> bool {
+        let Some(since) = self.since_ms else {
+            return false;
+        };
+        let last = self.heard.get(&id).map_or(since, |h| h.1.max(since));
+        now_ms >= last + self.cfg.lease_ms
+    }
+
+    /// The members suspected now (for the view).
+    pub fn suspected(&self) -> Vec<NodeId> {
+        self.suspected.keys().copied().collect()
+    }
+
+    /// The live members of `state` (other than `me`) to declare dead now, with their
+    /// generations. Called often (each round); the caller proposes `MarkDead` for each.
+    pub fn check(&mut self, now_ms: u64, me: NodeId, state: &ClusterState) -> Vec<(NodeId, u64)> {
+        let Some(since) = self.since_ms else {
+            return Vec::new();
+        };
+        // Members to watch, each counted from when its generation appeared (or from now).
+        let live: BTreeMap<NodeId, u64> = state
+            .members
+            .values()
+            .filter(|m| m.alive && m.id != me)
+            .map(|m| (m.id, m.generation))
+            .collect();
+        // (Dead members stay: `may_take_over` needs when they were last heard.)
+        self.heard.retain(|id, _| state.members.contains_key(id));
+        self.suspected.retain(|id, _| live.contains_key(id));
+        for (&id, &generation) in &live {
+            let h = self.heard.entry(id).or_insert((generation, since));
+            if h.0 == 0 {
+                // Heard before its record was seen.
+                h.0 = generation;
+            } else if h.0 != generation {
+                // A new generation (it rejoined): counted from now.
+                *h = (generation, now_ms.max(h.1));
+            }
+        }
+        // The leader counts as heard; a majority of the voters must have been heard lately.
+        let voters: Vec<NodeId> = match &state.conf {
+            Some(c) => c.voters.clone(),
+            None => Vec::new(),
+        };
+        let recent = voters
+            .iter()
+            .filter(|v| {
+                **v == me
+                    || self
+                        .heard
+                        .get(v)
+                        .is_some_and(|h| now_ms < h.1 + self.cfg.timeout_ms)
+            })
+            .count();
+        let quorum = !voters.is_empty() && recent > voters.len() / 2;
+        let mut dead = Vec::new();
+        for (&id, &(generation, last)) in self.heard.iter().filter(|(id, _)| live.contains_key(id))
+        {
+            if now_ms >= last + self.cfg.timeout_ms {
+                let s = *self.suspected.entry(id).or_insert(now_ms);
+                if quorum && now_ms >= s + self.cfg.stability_ms {
+                    dead.push((id, generation));
+                }
+            } else {
+                self.suspected.remove(&id);
+            }
+        }
+        dead
+    }
+}
+
+/// A member's ownership lease (see the module's documentation).
+#[derive(Debug, Clone)]
+pub struct Lease {
+    cfg: FailureConfig,
+    /// Part of every context: the leader keeps one pending read per context, so two members
+    /// (or two starts of one) must never ask with the same one.
+    salt: u64,
+    next_ctx: u64,
+    /// Read indexes asked and not answered: ctx → sent.
+    asked: BTreeMap<u64, u64>,
+    /// Answered, waiting to be applied: (index, sent).
+    answered: Vec<(u64, u64)>,
+    last_ask_ms: Option<u64>,
+    until_ms: u64,
+}
+
+impl Lease {
+    /// No lease yet. `salt` must be unique to this member and process start (the leader
+    /// drops a read index asked with a context it already has pending).
+    pub fn new(cfg: FailureConfig, salt: u64) -> Self {
+        Lease {
+            cfg,
+            salt,
+            next_ctx: 1,
+            asked: BTreeMap::new(),
+            answered: Vec::new(),
+            last_ask_ms: None,
+            until_ms: 0,
+        }
+    }
+
+    /// The read index to ask now, if one is due (its context, to hand to `read_index`).
+    pub fn due(&mut self, now_ms: u64) -> Option<Vec<u8>> {
+        // Unanswered asks older than the lease cannot extend it any more.
+        self.asked
+            .retain(|_, sent| now_ms < *sent + self.cfg.lease_ms);
+        if self
+            .last_ask_ms
+            .is_some_and(|t| now_ms < t + self.cfg.lease_ms / 4)
+        {
+            return None;
+        }
+        self.last_ask_ms = Some(now_ms);
+        let ctx = self.next_ctx;
+        self.next_ctx += 1;
+        self.asked.insert(ctx, now_ms);
+        Some(lease_ctx(self.salt, ctx))
+    }
+
+    /// A read state came back (`ctx` as asked, the leader's commit index).
+    pub fn read_state(&mut self, ctx: &[u8], index: u64) {
+        let Some((salt, ctx)) = parse_ctx(ctx) else {
+            return;
+        };
+        if salt != self.salt {
+            return;
+        }
+        if let Some(sent) = self.asked.remove(&ctx) {
+            self.answered.push((index, sent));
+        }
+    }
+
+    /// This member has applied up to `applied`; `alive` is whether its own record (its
+    /// current generation) is alive in that state. Returns the lease's end.
+    pub fn applied(&mut self, applied: u64, alive: bool) -> u64 {
+        if !alive {
+            self.answered.clear();
+            self.until_ms = 0;
+            return 0;
+        }
+        let lease = self.cfg.lease_ms;
+        let mut until = self.until_ms;
+        self.answered.retain(|&(index, sent)| {
+            if index <= applied {
+                until = until.max(sent + lease);
+                false
+            } else {
+                true
+            }
+        });
+        self.until_ms = until;
+        until
+    }
+
+    /// Until when this member may serve (ms, the caller's clock).
+    pub fn until_ms(&self) -> u64 {
+        self.until_ms
+    }
+
+    /// Ends the lease now (the member learned it was declared dead, say).
+    pub fn revoke(&mut self) {
+        self.until_ms = 0;
+        self.answered.clear();
+        self.asked.clear();
+    }
+}
+
+const LEASE_TAG: &[u8; 6] = b"lease:";
+
+fn lease_ctx(salt: u64, n: u64) -> Vec<u8> {
+    let mut v = LEASE_TAG.to_vec();
+    v.extend_from_slice(&salt.to_be_bytes());
+    v.extend_from_slice(&n.to_be_bytes());
+    v
+}
+
+fn parse_ctx(b: &[u8]) -> Option<(u64, u64)> {
+    let rest = b.strip_prefix(LEASE_TAG.as_slice())?;
+    if rest.len() != 16 {
+        return None;
+    }
+    let (salt, n) = rest.split_at(8);
+    Some((
+        u64::from_be_bytes(salt.try_into().ok()?),
+        u64::from_be_bytes(n.try_into().ok()?),
+    ))
+}
+
+/// The number of voters wanted for `live` live members: 1 for up to 2, 3 for 3–4, 5 from 5.
+pub fn voters_wanted(live: usize) -> usize {
+    match live {
+        0..=2 => 1,
+        3 | 4 => 3,
+        _ => 5,
+    }
+}
+
+/// The next Raft configuration change the leader proposes (one joint change at a time), given
+/// the state and which learners are caught up. `None`: the configuration fits.
+///
+/// - Live members not in the configuration are added as learners.
+/// - A dead voter is swapped for a caught-up live learner in one change (the group keeps its
+///   size). Without such a learner it stays a voter: it may come back, and removing it would
+///   shrink the group below what its members were promised.
+/// - Live learners are promoted (caught up) while fewer voters than wanted are live and no
+///   voter is dead.
+pub fn conf_change(
+    state: &ClusterState,
+    caught_up: &dyn Fn(NodeId) -> bool,
+) -> Option<Vec<(NodeId, Option<Role>)>> {
+    let conf = state.conf.clone().unwrap_or_default();
+    let listed = |id: &NodeId| conf.voters.contains(id) || conf.learners.contains(id);
+    let alive = state.live_members();
+    let new: Vec<(NodeId, Option<Role>)> = alive
+        .iter()
+        .filter(|id| !listed(id))
+        .map(|&id| (id, Some(Role::Learner)))
+        .collect();
+    if !new.is_empty() {
+        return Some(new);
+    }
+    let mut candidates = alive
+        .iter()
+        .filter(|id| conf.learners.contains(id) && caught_up(**id));
+    let dead_voter = conf
+        .voters
+        .iter()
+        .find(|v| state.members.get(v).is_some_and(|m| !m.alive));
+    if let Some(&d) = dead_voter {
+        if let Some(&c) = candidates.next() {
+            return Some(vec![(c, Some(Role::Voter)), (d, Some(Role::Learner))]);
+        }
+    }
+    if dead_voter.is_some() {
+        return None;
+    }
+    let want = voters_wanted(alive.len());
+    let voters = conf.voters.iter().filter(|v| alive.contains(v)).count();
+    let promote: Vec<(NodeId, Option<Role>)> = candidates
+        .take(want.saturating_sub(voters))
+        .map(|&id| (id, Some(Role::Voter)))
+        .collect();
+    (!promote.is_empty()).then_some(promote)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{Command, RaftConf};
+
+    fn cluster(ids: &[NodeId], voters: &[NodeId]) -> ClusterState {
+        let mut s = ClusterState::new(8);
+        for (i, &id) in ids.iter().enumerate() {
+            s.apply(
+                i as u64 + 1,
+                &Command::Join {
+                    id,
+                    grpc_addr: String::new(),
+                    http_addr: String::new(),
+                    role: Role::Learner,
+                    incarnation: id,
+                    fresh: false,
+                },
+            );
+        }
+        let learners = ids
+            .iter()
+            .filter(|i| !voters.contains(i))
+            .copied()
+            .collect();
+        let n = s.applied_index + 1;
+        s.set_conf(
+            n,
+            RaftConf {
+                voters: voters.to_vec(),
+                learners,
+                ..Default::default()
+            },
+        );
+        s
+    }
+
+    fn kill(s: &mut ClusterState, id: NodeId) {
+        let g = s.members[&id].generation;
+        let n = s.applied_index + 1;
+        s.apply(n, &Command::MarkDead { id, generation: g });
+    }
+
+    #[test]
+    fn a_silent_member_is_declared_dead_after_the_timeout_and_the_window() {
+        let cfg = FailureConfig::default();
+        let s = cluster(&[1, 2, 3], &[1, 2, 3]);
+        let mut d = Detector::new(cfg);
+        // Not leading: nothing.
+        assert!(d.check(10_000, 1, &s).is_empty());
+        d.leading(true, 1_000);
+        for t in (1_000..=4_000).step_by(50) {
+            d.heard(2, t);
+            // Node 3 is heard until 1 200 only.
+            if t <= 1_200 {
+                d.heard(3, t);
+            }
+            let dead = d.check(t, 1, &s);
+            if t < 1_200 + cfg.timeout_ms + cfg.stability_ms {
+                assert!(dead.is_empty(), "{t}: {dead:?}");
+            } else {
+                assert_eq!(dead, vec![(3, 1)], "{t}");
+                break;
+            }
+        }
+        assert_eq!(d.suspected(), vec![3]);
+        // Heard again within the window: no longer suspected.
+        let mut d = Detector::new(cfg);
+        d.leading(true, 0);
+        d.heard(2, 0);
+        assert!(d.check(0, 1, &s).is_empty());
+        assert!(d.check(cfg.timeout_ms, 1, &s).is_empty());
+        assert_eq!(d.suspected(), vec![2, 3]);
+        d.heard(2, cfg.timeout_ms + 10);
+        d.heard(3, cfg.timeout_ms + 10);
+        assert!(d
+            .check(cfg.timeout_ms + cfg.stability_ms + 20, 1, &s)
+            .is_empty());
+        assert!(d.suspected().is_empty());
+    }
+
+    #[test]
+    fn a_dead_members_key_groups_move_only_once_its_lease_must_have_expired() {
+        let cfg = FailureConfig::default();
+        let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
+        let mut d = Detector::new(cfg);
+        assert!(!d.may_take_over(3, 100_000), "not leading");
+        d.leading(true, 0);
+        d.check(0, 1, &s);
+        d.heard(2, 1_500);
+        d.check(1_500, 1, &s);
+        assert_eq!(d.check(1_800, 1, &s), vec![(3, 1)]);
+        kill(&mut s, 3);
+        // Silent since this leader took over, at 0: any lease ended at 1 000.
+        assert!(d.may_take_over(3, 1_800));
+        // An ask from it arrives after its death was proposed (it restarted): the answer may
+        // let it serve until 1 000 ms after the ask.
+        d.heard(3, 1_850);
+        d.check(1_900, 1, &s);
+        assert!(!d.may_take_over(3, 2_800));
+        assert!(d.may_take_over(3, 2_850));
+        // A new leader counts from when it took over.
+        let mut d = Detector::new(cfg);
+        d.leading(true, 5_000);
+        assert!(!d.may_take_over(3, 5_999));
+        assert!(d.may_take_over(3, 6_000));
+    }
+
+    #[test]
+    fn a_leader_that_hears_no_majority_declares_nobody_dead() {
+        let cfg = FailureConfig::default();
+        let s = cluster(&[1, 2, 3], &[1, 2, 3]);
+        let mut d = Detector::new(cfg);
+        d.leading(true, 0);
+        assert!(d.check(0, 1, &s).is_empty());
+        // Nobody heard: the leader is the one cut off.
+        assert!(d.check(10_000, 1, &s).is_empty());
+        // One voter heard: a majority with the leader.
+        d.heard(2, 10_000);
+        assert!(d.check(10_100, 1, &s).is_empty(), "the window starts");
+        assert_eq!(d.check(10_400, 1, &s), vec![(3, 1)]);
+    }
+
+    #[test]
+    fn a_new_leader_or_a_new_generation_counts_afresh() {
+        let cfg = FailureConfig::default();
+        let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
+        let mut d = Detector::new(cfg);
+        d.leading(true, 0);
+        d.check(0, 1, &s);
+        d.heard(2, 5_000);
+        assert!(d.check(5_000, 1, &s).is_empty(), "suspected from now on");
+        assert_eq!(d.check(5_300, 1, &s), vec![(3, 1)]);
+        // Node 3 restarted: a new generation, counted from now.
+        let n = s.applied_index + 1;
+        s.apply(
+            n,
+            &Command::Join {
+                id: 3,
+                grpc_addr: String::new(),
+                http_addr: String::new(),
+                role: Role::Learner,
+                incarnation: 99,
+                fresh: false,
+            },
+        );
+        assert!(d.check(5_100, 1, &s).is_empty());
+        // Leadership lost and taken again: counted from then.
+        d.leading(false, 6_000);
+        assert!(d.check(9_000, 1, &s).is_empty());
+        d.leading(true, 9_000);
+        d.heard(2, 10_000);
+        assert!(d.check(10_000, 1, &s).is_empty());
+        assert!(
+            d.check(10_800, 1, &s).is_empty(),
+            "suspected from 10 500 on"
+        );
+        assert_eq!(d.check(11_100, 1, &s), vec![(3, 2)]);
+    }
+
+    #[test]
+    fn a_lease_runs_from_when_the_read_index_was_asked_and_needs_it_applied() {
+        let cfg = FailureConfig::default();
+        let mut l = Lease::new(cfg, 7);
+        let ctx = l.due(100).unwrap();
+        assert!(l.due(150).is_none(), "asked at most every lease/4");
+        l.read_state(&ctx, 7);
+        assert_eq!(l.applied(6, true), 0, "not applied up to the index");
+        assert_eq!(l.applied(7, true), 100 + cfg.lease_ms);
+        // An answer to an ask older than the lease extends nothing.
+        let ctx = l.due(400).unwrap();
+        l.due(400 + cfg.lease_ms);
+        l.read_state(&ctx, 8);
+        assert_eq!(l.applied(9, true), 100 + cfg.lease_ms);
+        // Foreign contexts (another member's, with the same counter) are ignored; a member
+        // that applied its own death holds nothing.
+        l.read_state(b"other", 1);
+        let theirs = Lease::new(cfg, 8).due(0).unwrap();
+        l.read_state(&theirs, 1);
+        assert!(l.answered.is_empty());
+        let ctx = l.due(2_000).unwrap();
+        l.read_state(&ctx, 9);
+        assert_eq!(l.applied(9, false), 0);
+        assert_eq!(l.until_ms(), 0);
+    }
+
+    #[test]
+    fn timing_is_checked() {
+        assert!(FailureConfig::default().check().is_ok());
+        assert!(FailureConfig::default().detection_ms() <= 2_000);
+        let bad = FailureConfig {
+            lease_ms: 2_000,
+            ..Default::default()
+        };
+        assert!(bad.check().unwrap_err().contains("lease_ms"));
+        let bad = FailureConfig {
+            timeout_ms: 100,
+            ..Default::default()
+        };
+        assert!(bad.check().unwrap_err().contains("failure_timeout_ms"));
+    }
+
+    #[test]
+    fn a_dead_voter_is_swapped_for_a_learner_and_kept_without_one() {
+        let yes = |_| true;
+        // 3 voters, one dead, no learner: nothing changes.
+        let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
+        kill(&mut s, 3);
+        assert_eq!(conf_change(&s, &yes), None);
+        // With a learner: promoted, the dead voter demoted, in one change.
+        let mut s = cluster(&[1, 2, 3, 4], &[1, 2, 3]);
+        kill(&mut s, 2);
+        assert_eq!(
+            conf_change(&s, &yes),
+            Some(vec![(4, Some(Role::Voter)), (2, Some(Role::Learner))])
+        );
+        // Not caught up: waits.
+        assert_eq!(conf_change(&s, &|_| false), None);
+        // Growth: learners promoted up to the size wanted.
+        let s = cluster(&[1, 2, 3, 4, 5], &[1]);
+        assert_eq!(
+            conf_change(&s, &yes),
+            Some(vec![
+                (2, Some(Role::Voter)),
+                (3, Some(Role::Voter)),
+                (4, Some(Role::Voter)),
+                (5, Some(Role::Voter))
+            ])
+        );
+    }
+}
