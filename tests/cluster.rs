@@ -1264,3 +1264,129 @@ async fn a_killed_node_is_declared_dead_its_key_groups_fail_over_and_it_gets_its
         n.stop();
     }
 }
+
+/// Configures fault points of a running node (`PUT /debug/failpoints`).
+async fn failpoints(n: &Node, spec: &str) {
+    let (s, _, b) = common::try_http(
+        &format!("{}/debug/failpoints", n.http),
+        "PUT",
+        None,
+        bytes::Bytes::from(spec.to_string()),
+    )
+    .await
+    .expect("the node answers");
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_the_majority_stops_serving_within_its_lease_and_says_why() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, _) = start(root, 1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let (n2, _) = start(root, 2, Some(&seed));
+    let (n3, _) = start(root, 3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    spread(&n1, 3, 200).await;
+    let t = n1.get_json("/v1/cluster/key-groups").await;
+    let ctr = owned_address(&t, "example/counter/cut-", 3);
+    let id = ctr.rsplit('/').next().unwrap().to_string();
+    let c3 = n3.client().await;
+    assert_eq!(add(&c3, &id, 5).await, 5);
+    // Node 3 is cut off from both others: it must stop serving its key groups before they
+    // declare it dead and move them, and tell its callers why.
+    failpoints(&n3, "mesh-partition=return").await;
+    let cut = std::time::Instant::now();
+    let once = c3.clone().with_retry(statemesh_sdk::RetryPolicy {
+        attempts: 1,
+        ..Default::default()
+    });
+    let c1 = n1.client().await;
+    let (mut refused, mut dead) = (None, None);
+    let mut i = 0;
+    while refused.is_none() || dead.is_none() {
+        assert!(
+            cut.elapsed() < Duration::from_secs(20),
+            "refused by node 3 after {refused:?}, node 3 declared dead after {dead:?}"
+        );
+        if refused.is_none() {
+            i += 1;
+            // Adds 0: a read that cannot change anything, whatever happens to it.
+            match once
+                .call_with(
+                    &counter(&id),
+                    TypedValue::of(&0i64),
+                    Some(&format!("read-{i}")),
+                    Some(Duration::from_millis(300)),
+                )
+                .await
+            {
+                Err(e) if e.to_string().contains("ownership lease expired") => {
+                    assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+                    println!("node 3 refuses after {:?}: {e}", cut.elapsed());
+                    refused = Some(cut.elapsed());
+                }
+                _ => {}
+            }
+        }
+        if dead.is_none() {
+            let v = view(&n1).await.unwrap();
+            let m3 = v["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["id"] == 3)
+                .unwrap()
+                .clone();
+            if m3["alive"] == false {
+                println!("node 3 declared dead after {:?}", cut.elapsed());
+                dead = Some(cut.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (refused, dead) = (refused.unwrap(), dead.unwrap());
+    assert!(
+        refused < dead,
+        "node 3 must stop serving ({refused:?}) before the others declare it dead ({dead:?})"
+    );
+    assert!(
+        refused < Duration::from_millis(2_500),
+        "node 3 stopped serving {refused:?} after it was cut off (lease 1 s)"
+    );
+    // The majority serves node 3's key groups, with everything acknowledged before the cut.
+    assert_eq!(add(&c1, &id, 1).await, 6);
+    eventually(
+        "node 3's key groups moved",
+        Duration::from_secs(10),
+        || async {
+            let v = view(&n1).await?;
+            let m3 = v["members"]
+                .as_array()?
+                .iter()
+                .find(|m| m["id"] == 3)?
+                .clone();
+            (m3["key_groups"] == 0).then_some(())
+        },
+    )
+    .await;
+    let m = n3
+        .metric("statemesh_ingress_errors_total{reason=\"lease\"}")
+        .await;
+    assert!(m > 0.0, "lease refusals are counted: {m}");
+    // Healed: node 3 learns it was declared dead, joins again as a new generation, and gets
+    // its share back; nothing is lost.
+    failpoints(&n3, "mesh-partition=off").await;
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    spread(&n1, 3, 200).await;
+    assert!(
+        n3.log_since_launch()
+            .contains("this node was declared dead"),
+        "node 3 logs that it was declared dead"
+    );
+    assert_eq!(add(&c3, &id, 1).await, 7);
+    for n in [n1, n2, n3] {
+        n.stop();
+    }
+}

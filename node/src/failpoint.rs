@@ -29,6 +29,11 @@
 //! | `mesh-stale-part` | when a participant reports a part that wrote key groups as their owner (`return`: it names ownership versions one below its own, as a node whose table is behind would: the leader refuses the part) |
 //! | `mesh-handover-read` | when a live hand-over starts reading the key groups a node gained from blob storage (`return(<ms>)`: the read is delayed that long, as on a slow store; `return`: it fails, and the participants synchronise again) |
 //! | `mesh-fn-stream-break` | before a frame of messages between functions is sent to a peer (`return`: the frame is lost and the stream breaks, as when the connection drops) |
+//! | `mesh-partition` | wherever traffic with peers enters or leaves the node (`return`: cut off both ways; `return(in)`: what peers send is lost; `return(out)`: what it sends is lost; streams break and new ones are refused, as in a network partition) |
+//!
+//! In builds with fault points, `PUT /debug/failpoints` (body: the `FAILPOINTS` syntax; `off`
+//! turns a point off) changes them while the node runs: the partition tests cut a node off
+//! and heal it.
 
 /// Every fault point of checkpoints, for documentation and the crash tests.
 pub const POINTS: &[&str] = &[
@@ -49,6 +54,7 @@ pub const MESH_POINTS: &[&str] = &[
     "mesh-fn-stream-break",
     "mesh-stale-part",
     "mesh-handover-read",
+    "mesh-partition",
 ];
 
 /// Fault points that slow work down rather than fail it.

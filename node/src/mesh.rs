@@ -85,6 +85,23 @@ pub struct Placement {
     lease_ms: std::sync::atomic::AtomicU64,
 }
 
+/// Whether the fault point `mesh-partition` (tests) cuts this node's traffic with its peers
+/// in this direction: `return` both ways, `return(in)` what peers send here, `return(out)`
+/// what this node sends them. Checked where peer traffic enters and leaves (Raft and epoch
+/// frames, forwarded requests, messages between functions): a cut stream breaks, as with a
+/// real partition, and new ones are refused.
+pub(crate) fn cut_off(outbound: bool) -> bool {
+    match crate::failpoint::eval("mesh-partition") {
+        Ok(()) => false,
+        Err(e) if e.ends_with(": in") => !outbound,
+        Err(e) if e.ends_with(": out") => outbound,
+        Err(_) => true,
+    }
+}
+
+/// What a peer is told when this node is cut off by `mesh-partition`.
+const CUT_OFF: &str = "this node is cut off from its peers (fault point mesh-partition)";
+
 /// Milliseconds on this process's monotonic clock (leases and failure detection).
 pub(crate) fn mono_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -749,6 +766,10 @@ async fn forwarder_task(
         backoff = Duration::from_millis(20);
         let broke: Status = 'stream: loop {
             if !queue.is_empty() {
+                if cut_off(true) {
+                    // Not sent: they fail as a refused connection would.
+                    break 'stream Status::unavailable(CUT_OFF);
+                }
                 while queue.len() < FRAME {
                     match rx.try_recv() {
                         Ok(r) => queue.push(r),
@@ -983,6 +1004,9 @@ async fn fn_forwarder_task(
                 // The frame is lost with the connection.
                 break e;
             }
+            if cut_off(true) {
+                break CUT_OFF.to_string();
+            }
             if ftx.send(mpb::ForwardFrame { requests }).await.is_err() {
                 break "the stream closed".to_string();
             }
@@ -1142,6 +1166,10 @@ pub(crate) fn serve_forward(
                 }
                 None => return,
             };
+            if cut_off(false) {
+                // Lost with the connection.
+                return;
+            }
             for r in frame.requests {
                 let id = r.id;
                 if matches!(Kind::try_from(r.kind), Ok(Kind::Deliver | Kind::Marker)) {
@@ -1356,6 +1384,9 @@ impl mpb::mesh_server::Mesh for MeshService {
         let mut s = req.into_inner();
         let mut from: Option<NodeId> = None;
         while let Some(f) = s.next().await {
+            if cut_off(false) {
+                return Err(Status::unavailable(CUT_OFF));
+            }
             let f = match f {
                 Ok(f) => f,
                 Err(e) => {
@@ -1430,6 +1461,9 @@ impl mpb::mesh_server::Mesh for MeshService {
         &self,
         req: Request<Streaming<mpb::ForwardFrame>>,
     ) -> Result<Response<Self::ForwardStream>, Status> {
+        if cut_off(false) {
+            return Err(Status::unavailable(CUT_OFF));
+        }
         Ok(Response::new(serve_forward(
             self.router.clone(),
             req.into_inner(),
@@ -1525,7 +1559,12 @@ impl Link {
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
             loop {
-                let err = match connect(&a).await {
+                let connected = if cut_off(true) {
+                    Err(CUT_OFF.to_string())
+                } else {
+                    connect(&a).await
+                };
+                let err = match connected {
                     Err(e) => e,
                     Ok(ch) => {
                         let (ftx, frx) = mpsc::channel::<mpb::PeerFrame>(8);
@@ -1554,6 +1593,10 @@ impl Link {
                                 if n < 256 {
                                     next = rx.try_recv().ok();
                                 }
+                            }
+                            if cut_off(true) {
+                                call.abort();
+                                break;
                             }
                             let frame = mpb::PeerFrame {
                                 from: me,

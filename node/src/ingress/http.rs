@@ -165,6 +165,16 @@ async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
 
 /// `GET /v1/cluster`: the control group as this node sees it (leader, term, members, key
 /// groups).
+/// `PUT /debug/failpoints`: configures fault points while the node runs (builds with fault
+/// points only; the body uses the `FAILPOINTS` syntax). For tests that partition nodes.
+async fn set_failpoints(body: web::Bytes) -> HttpResponse {
+    let spec = String::from_utf8_lossy(&body);
+    match crate::failpoint::configure(&spec) {
+        Ok(()) => HttpResponse::Ok().body("ok\n"),
+        Err(e) => HttpResponse::BadRequest().body(format!("{e}\n")),
+    }
+}
+
 async fn cluster(shared: web::Data<Shared>) -> HttpResponse {
     let view = shared.cluster.lock().clone();
     HttpResponse::Ok().json(view)
@@ -282,6 +292,7 @@ pub(crate) fn server(
                 .route("/readyz", web::get().to(readyz))
                 .route("/v1/checkpoints", web::get().to(checkpoints))
                 .route("/v1/cluster", web::get().to(cluster))
+                .route("/debug/failpoints", web::put().to(set_failpoints))
                 .route("/v1/cluster/key-groups", web::get().to(cluster_key_groups))
                 .route("/metrics", web::get().to(metrics));
         }
