@@ -1202,6 +1202,17 @@ async fn a_killed_node_is_declared_dead_its_key_groups_fail_over_and_it_gets_its
         1024,
         "{v}"
     );
+    let whys: Vec<&str> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["why"].as_str().unwrap())
+        .collect();
+    let failure = whys
+        .iter()
+        .position(|w| *w == "failure")
+        .expect("a failure");
+    assert!(whys[failure..].contains(&"failover"), "{whys:?}");
     assert!(
         n1.log_since_launch().contains("declaring it dead")
             || n2.log_since_launch().contains("declaring it dead"),
@@ -1387,6 +1398,95 @@ async fn a_node_cut_off_from_the_majority_stops_serving_within_its_lease_and_say
     );
     assert_eq!(add(&c3, &id, 1).await, 7);
     for n in [n1, n2, n3] {
+        n.stop();
+    }
+}
+
+#[tokio::test]
+async fn a_voter_leaves_under_load_its_seat_goes_to_the_learner_and_it_exits_0() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, _) = start(root, 1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let (n2, _) = start(root, 2, Some(&seed));
+    let (n3, _) = start(root, 3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    let (n4, _) = start(root, 4, Some(&seed));
+    converged(&[&n1, &n2, &n3, &n4], 4, 3).await;
+    spread(&n1, 4, 150).await;
+    let v = view(&n1).await.unwrap();
+    let m2 = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == 2)
+        .unwrap()
+        .clone();
+    assert_eq!(m2["role"], "voter", "{v}");
+    let load = Load::start(&[&n1, &n3], "leave", false).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // `statemesh cluster leave --node <node 2>`: waits until node 2 has left and stopped.
+    let t0 = std::time::Instant::now();
+    let grpc2 = n2.grpc.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(common::BIN)
+            .args(["cluster", "leave", "--node", &grpc2])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    })
+    .await
+    .unwrap();
+    println!("node 2 left in {:?}:\n{out}", t0.elapsed());
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("node 2 is leaving") && out.contains("has left"),
+        "{out}"
+    );
+    let mut n2 = n2;
+    let status = eventually("node 2 exits", Duration::from_secs(30), || {
+        let s = n2.exited();
+        async move { s }
+    })
+    .await;
+    assert!(status.success(), "node 2 exited with {status}");
+    assert!(
+        n2.log_since_launch()
+            .contains("this node has left the cluster"),
+        "node 2 logs its leave"
+    );
+    // Three members, three voters (node 4 took node 2's seat), every key group owned.
+    converged(&[&n1, &n3, &n4], 3, 3).await;
+    let v = view(&n1).await.unwrap();
+    assert_eq!(member_field(&v, "id"), vec![1, 3, 4], "{v}");
+    assert_eq!(
+        member_field(&v, "key_groups").iter().sum::<u64>(),
+        1024,
+        "{v}"
+    );
+    // The history says what happened, in order.
+    let whys: Vec<(String, Option<u64>)> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["why"].as_str().unwrap().to_string(), c["node"].as_u64()))
+        .collect();
+    let at = |w: &str, n: Option<u64>| {
+        whys.iter()
+            .position(|x| x.0 == w && x.1 == n)
+            .unwrap_or_else(|| panic!("no {w} {n:?} in {whys:?}"))
+    };
+    assert!(at("join", Some(4)) < at("leave", Some(2)), "{whys:?}");
+    assert!(at("leave", Some(2)) < at("leave", None), "{whys:?}");
+    assert!(at("leave", None) < at("left", Some(2)), "{whys:?}");
+    let (calls, _) = load.finish(&n3).await;
+    println!("{calls} calls while node 2 left");
+    for n in [n1, n3, n4] {
         n.stop();
     }
 }

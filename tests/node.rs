@@ -804,7 +804,7 @@ async fn a_lone_node_is_a_cluster_of_one() {
         .find(|l| l.starts_with("7 "))
         .unwrap_or_else(|| panic!("{out}"));
     let cols: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(&cols[..5], &["7", "1", "voter", "true", "1024"], "{out}");
+    assert_eq!(&cols[..5], &["7", "1", "voter", "alive", "1024"], "{out}");
     node.stop();
 
     // A restart (without --node-id: it is in the data directory) rejoins as generation 2.

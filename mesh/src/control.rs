@@ -38,6 +38,10 @@ pub struct Member {
     pub role: Role,
     /// Not declared dead.
     pub alive: bool,
+    /// Leaving the cluster (`statemesh cluster leave`): its key groups move to the others,
+    /// then it is removed from the Raft group and the members.
+    #[serde(default)]
+    pub leaving: bool,
     /// The process start that joined last (random per start): a node knows its own join is
     /// applied by finding it here, even when it learns the state from a snapshot.
     #[serde(default)]
@@ -105,6 +109,12 @@ pub enum Command {
         id: NodeId,
         /// The generation declared dead.
         generation: u64,
+    },
+    /// A member leaves: its key groups move to the others (it takes none any more); once it
+    /// owns nothing it is removed from the Raft group, then from the members.
+    Leave {
+        /// The member.
+        id: NodeId,
     },
     /// A member left for good.
     Remove {
@@ -239,16 +249,30 @@ impl ClusterState {
             .collect()
     }
 
+    /// The members that take key groups: alive and not leaving.
+    pub fn placement_members(&self) -> Vec<NodeId> {
+        self.members
+            .values()
+            .filter(|m| m.alive && !m.leaving)
+            .map(|m| m.id)
+            .collect()
+    }
+
     /// The next round of placement: at most `limit` moves towards rendezvous placement over
-    /// the live members, each at the version it has now (see [`crate::placement::plan`]).
+    /// the members that take key groups, each at the version it has now (see
+    /// [`crate::placement::plan`]).
     pub fn plan_moves(&self, limit: usize) -> Vec<MoveCommand> {
-        crate::placement::plan(&self.owners(), &self.live_members(), limit)
+        crate::placement::plan(&self.owners(), &self.placement_members(), limit)
             .into_iter()
             .map(|m| MoveCommand {
                 kg: m.kg,
                 to: m.to,
                 version: self.table[m.kg as usize].version,
-                orphan: m.from.is_none(),
+                // Not from a live member (a dead one, or none): a failover. (A member leaving
+                // is alive: its key groups are handed over live.)
+                orphan: !self.table[m.kg as usize]
+                    .owner
+                    .is_some_and(|o| self.members.get(&o).is_some_and(|x| x.alive)),
             })
             .collect()
     }
@@ -320,6 +344,18 @@ impl ClusterState {
             )),
             Command::Join { .. } => Ok(()),
             Command::SetRole { id, .. } | Command::Remove { id } => member(id).map(|_| ()),
+            Command::Leave { id } => {
+                let m = member(id)?;
+                if !m.alive {
+                    return Err(format!("node {id} is dead: it cannot leave"));
+                }
+                if self.placement_members() == [*id] {
+                    return Err(format!(
+                        "node {id} is the only member that can own key groups: it cannot leave (stop it instead)"
+                    ));
+                }
+                Ok(())
+            }
             Command::MarkDead { id, generation } => {
                 let m = member(id)?;
                 if m.generation != *generation {
@@ -347,7 +383,10 @@ impl ClusterState {
                         ));
                     }
                     match self.members.get(&m.to) {
-                        Some(t) if t.alive => {}
+                        Some(t) if t.alive && !t.leaving => {}
+                        Some(t) if t.alive => {
+                            return Err(format!("node {} is leaving the cluster", m.to))
+                        }
                         _ => return Err(format!("node {} is not a live member", m.to)),
                     }
                     if let Some(o) = cur.owner.filter(|_| m.orphan) {
@@ -380,6 +419,8 @@ impl ClusterState {
                 ..
             } => {
                 let generation = self.members.get(id).map_or(1, |m| m.generation + 1);
+                // A member that restarts while it leaves goes on leaving.
+                let leaving = self.members.get(id).is_some_and(|m| m.leaving);
                 // The Raft configuration decides the role of a node it already lists.
                 let role = match &self.conf {
                     Some(c) if c.voters.contains(id) => &Role::Voter,
@@ -397,6 +438,7 @@ impl ClusterState {
                         http_addr: http_addr.clone(),
                         role: *role,
                         alive: true,
+                        leaving,
                         incarnation: *incarnation,
                     },
                 );
@@ -413,6 +455,11 @@ impl ClusterState {
             }
             Command::Remove { id } => {
                 self.members.remove(id);
+            }
+            Command::Leave { id } => {
+                if let Some(m) = self.members.get_mut(id) {
+                    m.leaving = true;
+                }
             }
             Command::Move { moves } => {
                 for m in moves {

@@ -331,7 +331,8 @@ pub fn conf_change(
 ) -> Option<Vec<(NodeId, Option<Role>)>> {
     let conf = state.conf.clone().unwrap_or_default();
     let listed = |id: &NodeId| conf.voters.contains(id) || conf.learners.contains(id);
-    let alive = state.live_members();
+    // Members that stay: alive and not leaving.
+    let alive = state.placement_members();
     let new: Vec<(NodeId, Option<Role>)> = alive
         .iter()
         .filter(|id| !listed(id))
@@ -343,6 +344,28 @@ pub fn conf_change(
     let mut candidates = alive
         .iter()
         .filter(|id| conf.learners.contains(id) && caught_up(**id));
+    // A member leaving that owns nothing any more leaves the Raft group; a voter's seat goes
+    // to a caught-up learner in the same change. (The last voter stays.)
+    let departing = state
+        .members
+        .values()
+        .find(|m| m.leaving && listed(&m.id) && state.owned_by(m.id) == 0)
+        .map(|m| m.id)
+        .filter(|d| conf.voters != [*d]);
+    if let Some(d) = departing {
+        let mut change = vec![(d, None)];
+        let live_voters = conf
+            .voters
+            .iter()
+            .filter(|v| **v != d && alive.contains(v))
+            .count();
+        if conf.voters.contains(&d) && live_voters < voters_wanted(alive.len()) {
+            if let Some(&c) = candidates.next() {
+                change.push((c, Some(Role::Voter)));
+            }
+        }
+        return Some(change);
+    }
     let dead_voter = conf
         .voters
         .iter()
@@ -355,8 +378,10 @@ pub fn conf_change(
     if dead_voter.is_some() {
         return None;
     }
+    // (A voter leaving keeps its seat until it departs, then hands it over.)
     let want = voters_wanted(alive.len());
-    let voters = conf.voters.iter().filter(|v| alive.contains(v)).count();
+    let live = state.live_members();
+    let voters = conf.voters.iter().filter(|v| live.contains(v)).count();
     let promote: Vec<(NodeId, Option<Role>)> = candidates
         .take(want.saturating_sub(voters))
         .map(|&id| (id, Some(Role::Voter)))
@@ -582,6 +607,30 @@ mod tests {
         );
         // Not caught up: waits.
         assert_eq!(conf_change(&s, &|_| false), None);
+        // A voter leaving: once it owns nothing, out of the group, its seat to the learner.
+        let mut s = cluster(&[1, 2, 3, 4], &[1, 2, 3]);
+        let n = s.applied_index + 1;
+        let moves = s.plan_moves(8);
+        s.apply(n, &Command::Move { moves });
+        assert!(s.owned_by(2) > 0);
+        let n = s.applied_index + 1;
+        s.apply(n, &Command::Leave { id: 2 });
+        assert!(s.members[&2].leaving);
+        assert_eq!(conf_change(&s, &yes), None, "it still owns key groups");
+        let n = s.applied_index + 1;
+        let moves = s.plan_moves(8);
+        assert!(moves.iter().all(|m| m.to != 2 && !m.orphan), "{moves:?}");
+        s.apply(n, &Command::Move { moves });
+        assert_eq!(s.owned_by(2), 0);
+        assert_eq!(
+            conf_change(&s, &yes),
+            Some(vec![(2, None), (4, Some(Role::Voter))])
+        );
+        // Without a learner the group shrinks.
+        let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
+        let n = s.applied_index + 1;
+        s.apply(n, &Command::Leave { id: 3 });
+        assert_eq!(conf_change(&s, &yes), Some(vec![(3, None)]));
         // Growth: learners promoted up to the size wanted.
         let s = cluster(&[1, 2, 3, 4, 5], &[1]);
         assert_eq!(

@@ -116,10 +116,68 @@ pub struct ClusterView {
     pub unassigned_key_groups: usize,
     /// The members.
     pub members: Vec<MemberView>,
+    /// This node has left the cluster (the process stops).
+    #[serde(skip)]
+    pub left: bool,
+    /// Members the leader has not heard from for the failure timeout (declared dead once the
+    /// stability window passes); only the leader knows.
+    pub suspected: Vec<NodeId>,
+    /// A live move under way.
+    pub moving: Option<MovingView>,
+    /// The last changes of membership and ownership, newest last.
+    pub history: Vec<Change>,
 }
+
+/// A change of membership or ownership as this node applied it (`GET /v1/cluster`'s
+/// `history`, newest last; entries replayed at a start are dated then).
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    /// When this node applied it (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Its index in the control log.
+    pub index: u64,
+    /// `join`, `rejoin`, `failure` (declared dead), `leave` (started), `left` (removed),
+    /// `failover` (a dead member's key groups moved), `rebalance`.
+    pub why: &'static str,
+    /// The member concerned (none for moves).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeId>,
+    /// Key groups moved (moves).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub key_groups: usize,
+    /// The generation (joins, deaths) or the receivers (moves).
+    pub detail: String,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// A key group moving live now, as this node sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MovingView {
+    /// The epoch at whose cut the moving key groups stop at their old owners.
+    pub at_epoch: u64,
+    /// (key group, from, to).
+    pub key_groups: Vec<(u32, Option<NodeId>, Option<NodeId>)>,
+}
+
+/// How many changes `GET /v1/cluster` keeps.
+const HISTORY: usize = 64;
 
 /// Shared with the admin endpoints.
 pub type ClusterHandle = Arc<Mutex<ClusterView>>;
+
+/// Asks this node's control group to leave the cluster (see `ControlInput::Leave`).
+pub(crate) async fn leave(mesh: &crate::mesh::MeshService) -> Result<(), Status> {
+    let (tx, rx) = oneshot::channel();
+    mesh.inbox
+        .send(ControlInput::Leave { reply: tx })
+        .await
+        .map_err(|_| Status::unavailable("the control group is stopping"))?;
+    rx.await
+        .map_err(|_| Status::unavailable("the control group is stopping"))?
+}
 
 /// Reads or creates the node id kept in the data directory.
 pub fn node_id(data_dir: &Path, given: Option<NodeId>) -> Result<NodeId, String> {
@@ -414,6 +472,10 @@ pub(crate) fn start(
             failure,
             dead_proposed: HashMap::new(),
             lease_until: 0,
+            remove_proposed: None,
+            left: false,
+            last_heard: Instant::now(),
+            history: Default::default(),
         };
         let mut tick = tokio::time::interval(TICK);
         // After a stall (an fsync, say) no burst of ticks: it would look like lost heartbeats.
@@ -464,7 +526,7 @@ pub(crate) fn start(
                 if lone { u64::MAX } else { c.lease_until },
                 c.failure.lease_ms,
             );
-            *h.lock() = c.view(committed_epoch());
+            *h.lock() = c.view(committed_epoch(), placement.moving());
         }
     };
     let thread = std::thread::Builder::new()
@@ -551,7 +613,20 @@ struct Driver {
     failure: FailureConfig,
     /// Deaths proposed (member → generation, when), proposed again after `REPROPOSE`.
     dead_proposed: HashMap<NodeId, (u64, Instant)>,
+    /// When a peer's Raft message last arrived.
+    last_heard: Instant,
+    /// The last changes (see [`Change`]).
+    history: std::collections::VecDeque<Change>,
+    /// The last removal proposed (a member that left), and when.
+    remove_proposed: Option<(NodeId, Instant)>,
+    /// This node left the cluster (`statemesh cluster leave`): it owns nothing and is out of
+    /// the Raft group; the process stops.
+    left: bool,
 }
+
+/// A member leaving that owns nothing and has heard from no peer this long has left (the
+/// group stopped sending to it).
+const LEFT_SILENCE: Duration = Duration::from_secs(3);
 
 /// How long a proposal that changed nothing waits before it is proposed again.
 const REPROPOSE: Duration = Duration::from_secs(2);
@@ -561,6 +636,7 @@ impl Driver {
         match i {
             ControlInput::Raft { from, addr, msgs } => {
                 self.detector.heard(from, crate::mesh::mono_ms());
+                self.last_heard = Instant::now();
                 if !addr.is_empty() {
                     self.learned.insert(from, addr);
                 }
@@ -581,7 +657,37 @@ impl Driver {
                 self.lead_input(LeadInput::Unreachable(peer));
             }
             ControlInput::Join { req, reply } => self.join_request(req, reply),
+            ControlInput::Leave { reply } => {
+                let _ = reply.send(self.leave());
+            }
         }
+    }
+
+    /// Proposes this node's `Leave` (from any member: forwarded to the leader).
+    fn leave(&mut self) -> Result<(), Status> {
+        let me = self.node.id();
+        let state = self.node.state();
+        let Some(m) = state.members.get(&me) else {
+            return Err(Status::failed_precondition(format!(
+                "node {me} is not a member of a cluster"
+            )));
+        };
+        if m.leaving {
+            return Ok(());
+        }
+        if state.placement_members() == [me] {
+            return Err(Status::failed_precondition(format!(
+                "node {me} is the only member that can own key groups: it cannot leave (stop it instead)"
+            )));
+        }
+        self.node
+            .propose_anywhere(&Command::Leave { id: me })
+            .map_err(|e| Status::unavailable(format!("the leave was not proposed ({e}); retry")))?;
+        tracing::info!(
+            node = me,
+            "leaving the cluster: its key groups move to the others"
+        );
+        Ok(())
     }
 
     fn join_request(
@@ -887,8 +993,9 @@ impl Driver {
             .filter(|m| {
                 m.alive
                     && (state.owned_by(m.id) > 0
-                        || before.get(&m.id) == Some(&m.incarnation)
-                        || self.node.caught_up(m.id))
+                        || (!m.leaving
+                            && (before.get(&m.id) == Some(&m.incarnation)
+                                || self.node.caught_up(m.id))))
             })
             .map(|m| (m.id, m.incarnation))
             .collect();
@@ -1156,6 +1263,9 @@ impl Driver {
         if !out.applied.is_empty() {
             for (index, cmd, outcome) in &out.applied {
                 tracing::debug!(index, ?cmd, ?outcome, "control entry applied");
+                if *outcome == Outcome::Applied {
+                    self.record(*index, cmd);
+                }
                 // A join refused when its entry applied (its id taken meanwhile): answered now.
                 if let (
                     Command::Join {
@@ -1195,6 +1305,26 @@ impl Driver {
             self.incarnation = random_u64().max(1);
             self.join_proposed = None;
             self.lease.revoke();
+        }
+        // Left: it was leaving, owns nothing, and the Raft group has let it go (or the
+        // members have).
+        if self.joined && !self.left {
+            let conf = state.conf.clone().unwrap_or_default();
+            let gone = match state.members.get(&me) {
+                None => true,
+                Some(m) => {
+                    m.leaving
+                        && state.owned_by(me) == 0
+                        && ((!conf.voters.contains(&me) && !conf.learners.contains(&me))
+                            // A learner removed from the group may not learn that the
+                            // change committed: the leader stops sending to it.
+                            || self.last_heard.elapsed() > LEFT_SILENCE)
+                }
+            };
+            if gone {
+                tracing::info!(node = me, "this node has left the cluster: it owns nothing and is out of the Raft group; stopping");
+                self.left = true;
+            }
         }
         let alive_here = state.members.get(&me).is_some_and(|m| m.alive);
         self.lease_until = self.lease.applied(state.applied_index, alive_here);
@@ -1281,6 +1411,36 @@ impl Driver {
     /// placement of unowned key groups.
     fn lead(&mut self) -> Result<(), String> {
         self.reconcile_conf()?;
+        // Members that left the Raft group after leaving leave the members.
+        let state = self.node.state();
+        let conf = state.conf.clone().unwrap_or_default();
+        let gone: Vec<NodeId> = state
+            .members
+            .values()
+            .filter(|m| m.leaving && state.owned_by(m.id) == 0)
+            .filter(|m| {
+                ![
+                    &conf.voters,
+                    &conf.learners,
+                    &conf.voters_outgoing,
+                    &conf.learners_next,
+                ]
+                .iter()
+                .any(|l| l.contains(&m.id))
+            })
+            .map(|m| m.id)
+            .collect();
+        for id in gone {
+            if self
+                .remove_proposed
+                .is_some_and(|(r, t)| r == id && t.elapsed() < REPROPOSE)
+            {
+                continue;
+            }
+            tracing::info!(node = id, "node {id} left: removing it from the members");
+            self.remove_proposed = Some((id, Instant::now()));
+            self.node.propose(&Command::Remove { id })?;
+        }
         let state = self.node.state();
         // Key groups are assigned when the cluster is bootstrapped, all to its first node, in
         // one entry (nothing moves yet, so nothing to rate-limit). Owned key groups move only
@@ -1306,7 +1466,6 @@ impl Driver {
     /// learner (`statemesh_mesh::failure::conf_change`). One change at a time.
     fn reconcile_conf(&mut self) -> Result<(), String> {
         let state = self.node.state();
-        let conf = state.conf.clone().unwrap_or_default();
         if let Some((c, t)) = &self.conf_proposed {
             if *c == state.conf && t.elapsed() < REPROPOSE {
                 return Ok(());
@@ -1322,18 +1481,36 @@ impl Driver {
         let Some(change) = change else {
             return Ok(());
         };
-        if change
-            .iter()
-            .any(|(id, r)| *r == Some(Role::Voter) && conf.learners.contains(id))
-        {
-            tracing::info!(?change, "changing voters");
-        }
+        tracing::info!(
+            ?change,
+            "changing the Raft group (node, new role; None: removed)"
+        );
         self.conf_proposed = mark;
         self.node.propose_membership(&change)
     }
 
-    fn view(&self, committed_epoch: u64) -> ClusterView {
+    fn view(&self, committed_epoch: u64, moving: Option<crate::mesh::Moving>) -> ClusterView {
         let s = self.node.state();
+        let targets =
+            statemesh_mesh::placement::desired(s.table.len() as u32, &s.placement_members());
+        let moving = moving.map(|m| {
+            let mut key_groups: Vec<_> = m
+                .key_groups
+                .iter()
+                .map(|&kg| {
+                    (
+                        kg,
+                        s.table.get(kg as usize).and_then(|o| o.owner),
+                        targets.get(kg as usize).copied().flatten(),
+                    )
+                })
+                .collect();
+            key_groups.sort_unstable();
+            MovingView {
+                at_epoch: m.at,
+                key_groups,
+            }
+        });
         ClusterView {
             node_id: self.node.id(),
             cluster_id: s.cluster_id.clone(),
@@ -1351,6 +1528,54 @@ impl Driver {
                     key_groups: s.owned_by(m.id),
                 })
                 .collect(),
+            left: self.left,
+            suspected: self.detector.suspected(),
+            moving,
+            history: self.history.iter().cloned().collect(),
         }
+    }
+
+    /// Records the changes an applied entry made.
+    fn record(&mut self, index: u64, cmd: &Command) {
+        let state = self.node.state();
+        let change = |why, node, key_groups, detail: String| Change {
+            at_ms: crate::shard::now_ms(),
+            index,
+            why,
+            node,
+            key_groups,
+            detail,
+        };
+        let c = match cmd {
+            Command::Join { id, .. } => {
+                let g = state.members.get(id).map_or(0, |m| m.generation);
+                let why = if g > 1 { "rejoin" } else { "join" };
+                change(why, Some(*id), 0, format!("generation {g}"))
+            }
+            Command::MarkDead { id, generation } => change(
+                "failure",
+                Some(*id),
+                0,
+                format!("generation {generation} declared dead"),
+            ),
+            Command::Leave { id } => change("leave", Some(*id), 0, "leaving".into()),
+            Command::Remove { id } => change("left", Some(*id), 0, "removed".into()),
+            Command::Move { moves } => {
+                let why = if moves.iter().any(|m| m.orphan) {
+                    "failover"
+                } else if state.members.values().any(|m| m.leaving) {
+                    "leave"
+                } else {
+                    "rebalance"
+                };
+                let to: std::collections::BTreeSet<NodeId> = moves.iter().map(|m| m.to).collect();
+                change(why, None, moves.len(), format!("to {to:?}"))
+            }
+            Command::SetRole { .. } | Command::CommitEpoch { .. } => return,
+        };
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(c);
     }
 }

@@ -1351,6 +1351,11 @@ pub(crate) enum ControlInput {
     },
     /// The stream to a peer failed (its messages since were dropped).
     Unreachable(NodeId),
+    /// This node is asked to leave the cluster (`statemesh cluster leave`): answered once
+    /// its `Leave` entry is proposed (the caller watches it go).
+    Leave {
+        reply: oneshot::Sender<Result<(), Status>>,
+    },
 }
 
 /// Capacity of the control task's inbox; beyond it peer messages are dropped (Raft resends).

@@ -262,6 +262,18 @@ impl Client {
             .into_inner())
     }
 
+    /// Asks the node this client talks to to leave its cluster; returns its id. It hands its
+    /// key groups over to the others, leaves the Raft group and the members, and exits.
+    pub async fn leave_cluster(&self) -> Result<u64, ClientError> {
+        Ok(self
+            .admin
+            .clone()
+            .leave_cluster(pb::LeaveClusterRequest {})
+            .await?
+            .into_inner()
+            .node_id)
+    }
+
     /// The stored states of an address: (name, value, expires_at_ms).
     pub async fn get_state(
         &self,

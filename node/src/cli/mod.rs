@@ -126,6 +126,16 @@ enum ClusterCommand {
         #[command(flatten)]
         target: NodeTarget,
     },
+    /// The node at `--node` leaves its cluster: its key groups are handed over to the others,
+    /// it leaves the Raft group (a voter's seat goes to a learner) and the members, and its
+    /// process exits 0. Waits (printing progress) until it has left.
+    Leave {
+        #[command(flatten)]
+        target: NodeTarget,
+        /// Give up waiting after this long (the leave goes on).
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -295,16 +305,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 c.unassigned_key_groups
             );
             println!(
-                "{:<20} {:>4} {:<8} {:<6} {:>10}  {:<22} {:<22}",
-                "ID", "GEN", "ROLE", "ALIVE", "KEY_GROUPS", "GRPC", "HTTP"
+                "{:<20} {:>4} {:<8} {:<8} {:>10}  {:<22} {:<22}",
+                "ID", "GEN", "ROLE", "STATE", "KEY_GROUPS", "GRPC", "HTTP"
             );
             for m in c.members {
+                let state = match (m.alive, m.leaving) {
+                    (false, _) => "dead",
+                    (true, true) => "leaving",
+                    (true, false) => "alive",
+                };
                 println!(
-                    "{:<20} {:>4} {:<8} {:<6} {:>10}  {:<22} {:<22}",
-                    m.id, m.generation, m.role, m.alive, m.key_groups, m.grpc_addr, m.http_addr
+                    "{:<20} {:>4} {:<8} {:<8} {:>10}  {:<22} {:<22}",
+                    m.id, m.generation, m.role, state, m.key_groups, m.grpc_addr, m.http_addr
                 );
             }
             Ok(())
+        }
+        Command::Cluster {
+            command: ClusterCommand::Leave { target, timeout_s },
+        } => {
+            let c = connect(&target).await?;
+            let id = c.leave_cluster().await?;
+            println!("node {id} is leaving the cluster");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+            let mut last = None;
+            loop {
+                match c.cluster().await {
+                    Ok(v) => {
+                        let owned = v.members.iter().find(|m| m.id == id).map(|m| m.key_groups);
+                        if owned != last {
+                            match owned {
+                                Some(k) => println!("node {id} owns {k} key groups"),
+                                None => println!("node {id} is no longer a member"),
+                            }
+                            last = owned;
+                        }
+                    }
+                    // The node has stopped: it left.
+                    Err(_) => {
+                        println!("node {id} has left the cluster and stopped");
+                        return Ok(());
+                    }
+                }
+                if std::time::Instant::now() > deadline {
+                    anyhow::bail!(
+                        "node {id} has not left within {timeout_s} s (the leave goes on)"
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
         }
         Command::Bench { command } => bench::run(command).await,
     }
@@ -332,6 +381,7 @@ async fn run_node(
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}
+        _ = node.left() => {}
     }
     tracing::info!("shutting down");
     node.shutdown().await;

@@ -163,8 +163,19 @@ impl pb::admin_server::Admin for AdminService {
                     },
                     alive: m.member.alive,
                     key_groups: m.key_groups as u32,
+                    leaving: m.member.leaving,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn leave_cluster(
+        &self,
+        _req: Request<pb::LeaveClusterRequest>,
+    ) -> Result<Response<pb::LeaveClusterResponse>, Status> {
+        crate::cluster::leave(&self.shared.mesh).await?;
+        Ok(Response::new(pb::LeaveClusterResponse {
+            node_id: self.shared.cluster.lock().node_id,
         }))
     }
 

@@ -175,6 +175,24 @@ async fn set_failpoints(body: web::Bytes) -> HttpResponse {
     }
 }
 
+/// `POST /v1/cluster/leave`: this node leaves its cluster (see `Admin.LeaveCluster`).
+async fn cluster_leave(shared: web::Data<Shared>) -> HttpResponse {
+    match crate::cluster::leave(&shared.mesh).await {
+        Ok(()) => HttpResponse::Accepted().json(serde_json::json!({
+            "node_id": shared.cluster.lock().node_id,
+            "leaving": true,
+        })),
+        Err(s) => {
+            let code = match s.code() {
+                tonic::Code::FailedPrecondition => 409,
+                _ => 503,
+            };
+            HttpResponse::build(actix_web::http::StatusCode::from_u16(code).unwrap_or_default())
+                .json(serde_json::json!({ "error": s.message() }))
+        }
+    }
+}
+
 async fn cluster(shared: web::Data<Shared>) -> HttpResponse {
     let view = shared.cluster.lock().clone();
     HttpResponse::Ok().json(view)
@@ -293,6 +311,7 @@ pub(crate) fn server(
                 .route("/v1/checkpoints", web::get().to(checkpoints))
                 .route("/v1/cluster", web::get().to(cluster))
                 .route("/debug/failpoints", web::put().to(set_failpoints))
+                .route("/v1/cluster/leave", web::post().to(cluster_leave))
                 .route("/v1/cluster/key-groups", web::get().to(cluster_key_groups))
                 .route("/metrics", web::get().to(metrics));
         }
