@@ -78,6 +78,10 @@ pub struct Detector {
     heard: BTreeMap<NodeId, (u64, u64)>,
     /// Per member: suspected since.
     suspected: BTreeMap<NodeId, u64>,
+    /// When each member was last heard while this node did not lead (a follower hears the
+    /// leader's heartbeats): a new leader counts the silence of the leader it replaces from
+    /// its last heartbeat, not from its own election.
+    heard_as_follower: BTreeMap<NodeId, u64>,
 }
 
 impl Detector {
@@ -88,25 +92,37 @@ impl Detector {
             since_ms: None,
             heard: BTreeMap::new(),
             suspected: BTreeMap::new(),
+            heard_as_follower: BTreeMap::new(),
         }
     }
 
     /// A message from `id` arrived.
     pub fn heard(&mut self, id: NodeId, now_ms: u64) {
         if self.since_ms.is_none() {
+            let h = self.heard_as_follower.entry(id).or_insert(now_ms);
+            *h = (*h).max(now_ms);
             return;
         }
         let h = self.heard.entry(id).or_insert((0, now_ms));
         h.1 = h.1.max(now_ms);
     }
 
-    /// Whether this node leads now. Taking over starts every member's count afresh.
-    pub fn leading(&mut self, leading: bool, now_ms: u64) {
+    /// Whether this node leads now (`previous`: the leader it knew before). Taking over
+    /// starts every member's count afresh, except the previous leader's: its silence counts
+    /// from its last heartbeat heard here. (Its key groups still move only once
+    /// [`Detector::may_take_over`], counted from the takeover.)
+    pub fn leading(&mut self, leading: bool, now_ms: u64, previous: Option<NodeId>) {
         match (leading, self.since_ms) {
             (true, None) => {
                 self.since_ms = Some(now_ms);
                 self.heard.clear();
                 self.suspected.clear();
+                if let Some((l, t)) =
+                    previous.and_then(|l| self.heard_as_follower.get(&l).map(|t| (l, *t)))
+                {
+                    self.heard.insert(l, (0, t.min(now_ms)));
+                }
+                self.heard_as_follower.clear();
             }
             (false, Some(_)) => self.since_ms = None,
             _ => {}
@@ -122,6 +138,9 @@ impl Detector {
         let Some(since) = self.since_ms else {
             return false;
         };
+        // (From the takeover at the earliest, whatever was heard as a follower: a lease the
+        // previous leader confirmed with others' heartbeats may have run past the last one
+        // heard here.)
         let last = self.heard.get(&id).map_or(since, |h| h.1.max(since));
         now_ms >= last + self.cfg.lease_ms
     }
@@ -150,7 +169,8 @@ impl Detector {
         for (&id, &generation) in &live {
             let h = self.heard.entry(id).or_insert((generation, since));
             if h.0 == 0 {
-                // Heard before its record was seen.
+                // Heard before its record was seen (or the previous leader, heard as a
+                // follower).
                 h.0 = generation;
             } else if h.0 != generation {
                 // A new generation (it rejoined): counted from now.
@@ -327,6 +347,7 @@ pub fn voters_wanted(live: usize) -> usize {
 ///   voter is dead.
 pub fn conf_change(
     state: &ClusterState,
+    me: NodeId,
     caught_up: &dyn Fn(NodeId) -> bool,
 ) -> Option<Vec<(NodeId, Option<Role>)>> {
     let conf = state.conf.clone().unwrap_or_default();
@@ -375,11 +396,26 @@ pub fn conf_change(
             return Some(vec![(c, Some(Role::Voter)), (d, Some(Role::Learner))]);
         }
     }
+    // (A voter leaving keeps its seat until it departs, then hands it over.)
+    let want = voters_wanted(alive.len());
+    // (Counting dead members too: a dead voter keeps its seat until a learner can take it.)
+    let members = state.members.values().filter(|m| !m.leaving).count();
+    if conf.voters.len() > voters_wanted(members) {
+        // More voters than the members want (voters listed before they joined, say): a dead
+        // one, or one that is not a member, becomes a learner first; else a live one other
+        // than the leader.
+        let excess = conf
+            .voters
+            .iter()
+            .find(|v| !state.members.get(v).is_some_and(|m| m.alive))
+            .or_else(|| conf.voters.iter().rev().find(|v| **v != me));
+        if let Some(&v) = excess {
+            return Some(vec![(v, Some(Role::Learner))]);
+        }
+    }
     if dead_voter.is_some() {
         return None;
     }
-    // (A voter leaving keeps its seat until it departs, then hands it over.)
-    let want = voters_wanted(alive.len());
     let live = state.live_members();
     let voters = conf.voters.iter().filter(|v| live.contains(v)).count();
     let promote: Vec<(NodeId, Option<Role>)> = candidates
@@ -439,7 +475,7 @@ mod tests {
         let mut d = Detector::new(cfg);
         // Not leading: nothing.
         assert!(d.check(10_000, 1, &s).is_empty());
-        d.leading(true, 1_000);
+        d.leading(true, 1_000, None);
         for t in (1_000..=4_000).step_by(50) {
             d.heard(2, t);
             // Node 3 is heard until 1 200 only.
@@ -457,7 +493,7 @@ mod tests {
         assert_eq!(d.suspected(), vec![3]);
         // Heard again within the window: no longer suspected.
         let mut d = Detector::new(cfg);
-        d.leading(true, 0);
+        d.leading(true, 0, None);
         d.heard(2, 0);
         assert!(d.check(0, 1, &s).is_empty());
         assert!(d.check(cfg.timeout_ms, 1, &s).is_empty());
@@ -476,7 +512,7 @@ mod tests {
         let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
         let mut d = Detector::new(cfg);
         assert!(!d.may_take_over(3, 100_000), "not leading");
-        d.leading(true, 0);
+        d.leading(true, 0, None);
         d.check(0, 1, &s);
         d.heard(2, 1_500);
         d.check(1_500, 1, &s);
@@ -492,9 +528,32 @@ mod tests {
         assert!(d.may_take_over(3, 2_850));
         // A new leader counts from when it took over.
         let mut d = Detector::new(cfg);
-        d.leading(true, 5_000);
+        d.leading(true, 5_000, None);
         assert!(!d.may_take_over(3, 5_999));
         assert!(d.may_take_over(3, 6_000));
+    }
+
+    #[test]
+    fn a_new_leader_counts_the_old_leaders_silence_from_its_last_heartbeat() {
+        let cfg = FailureConfig::default();
+        let s = cluster(&[1, 2, 3], &[1, 2, 3]);
+        let mut d = Detector::new(cfg);
+        // Node 2 follows node 1: heartbeats until 10 000, then node 1 dies; node 2 is
+        // elected at 10 700.
+        for t in (0..=10_000).step_by(150) {
+            d.heard(1, t);
+        }
+        d.heard(3, 10_650);
+        d.leading(true, 10_700, Some(1));
+        assert!(d.check(10_700, 2, &s).is_empty());
+        d.heard(3, 11_500);
+        assert!(d.check(11_500, 2, &s).is_empty(), "suspected from 11 500");
+        assert_eq!(d.check(11_800, 2, &s), vec![(1, 1)]);
+        // Its key groups move only a lease after the takeover.
+        assert!(!d.may_take_over(1, 11_699));
+        assert!(d.may_take_over(1, 11_700));
+        // Node 3, never heard as a follower, counts from the takeover.
+        assert!(!d.suspected().contains(&3));
     }
 
     #[test]
@@ -502,7 +561,7 @@ mod tests {
         let cfg = FailureConfig::default();
         let s = cluster(&[1, 2, 3], &[1, 2, 3]);
         let mut d = Detector::new(cfg);
-        d.leading(true, 0);
+        d.leading(true, 0, None);
         assert!(d.check(0, 1, &s).is_empty());
         // Nobody heard: the leader is the one cut off.
         assert!(d.check(10_000, 1, &s).is_empty());
@@ -517,7 +576,7 @@ mod tests {
         let cfg = FailureConfig::default();
         let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
         let mut d = Detector::new(cfg);
-        d.leading(true, 0);
+        d.leading(true, 0, None);
         d.check(0, 1, &s);
         d.heard(2, 5_000);
         assert!(d.check(5_000, 1, &s).is_empty(), "suspected from now on");
@@ -537,9 +596,9 @@ mod tests {
         );
         assert!(d.check(5_100, 1, &s).is_empty());
         // Leadership lost and taken again: counted from then.
-        d.leading(false, 6_000);
+        d.leading(false, 6_000, None);
         assert!(d.check(9_000, 1, &s).is_empty());
-        d.leading(true, 9_000);
+        d.leading(true, 9_000, None);
         d.heard(2, 10_000);
         assert!(d.check(10_000, 1, &s).is_empty());
         assert!(
@@ -597,16 +656,16 @@ mod tests {
         // 3 voters, one dead, no learner: nothing changes.
         let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
         kill(&mut s, 3);
-        assert_eq!(conf_change(&s, &yes), None);
+        assert_eq!(conf_change(&s, 1, &yes), None);
         // With a learner: promoted, the dead voter demoted, in one change.
         let mut s = cluster(&[1, 2, 3, 4], &[1, 2, 3]);
         kill(&mut s, 2);
         assert_eq!(
-            conf_change(&s, &yes),
+            conf_change(&s, 1, &yes),
             Some(vec![(4, Some(Role::Voter)), (2, Some(Role::Learner))])
         );
         // Not caught up: waits.
-        assert_eq!(conf_change(&s, &|_| false), None);
+        assert_eq!(conf_change(&s, 1, &|_| false), None);
         // A voter leaving: once it owns nothing, out of the group, its seat to the learner.
         let mut s = cluster(&[1, 2, 3, 4], &[1, 2, 3]);
         let n = s.applied_index + 1;
@@ -616,25 +675,36 @@ mod tests {
         let n = s.applied_index + 1;
         s.apply(n, &Command::Leave { id: 2 });
         assert!(s.members[&2].leaving);
-        assert_eq!(conf_change(&s, &yes), None, "it still owns key groups");
+        assert_eq!(conf_change(&s, 1, &yes), None, "it still owns key groups");
         let n = s.applied_index + 1;
         let moves = s.plan_moves(8);
         assert!(moves.iter().all(|m| m.to != 2 && !m.orphan), "{moves:?}");
         s.apply(n, &Command::Move { moves });
         assert_eq!(s.owned_by(2), 0);
         assert_eq!(
-            conf_change(&s, &yes),
+            conf_change(&s, 1, &yes),
             Some(vec![(2, None), (4, Some(Role::Voter))])
         );
         // Without a learner the group shrinks.
         let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
         let n = s.applied_index + 1;
         s.apply(n, &Command::Leave { id: 3 });
-        assert_eq!(conf_change(&s, &yes), Some(vec![(3, None)]));
+        assert_eq!(conf_change(&s, 1, &yes), Some(vec![(3, None)]));
+        // Too many voters (one listed before it joined, say): the dead or missing one first.
+        let mut s = cluster(&[1, 2, 3, 4], &[1, 2, 3, 4]);
+        assert_eq!(
+            conf_change(&s, 1, &yes),
+            Some(vec![(4, Some(Role::Learner))])
+        );
+        kill(&mut s, 2);
+        assert_eq!(
+            conf_change(&s, 1, &yes),
+            Some(vec![(2, Some(Role::Learner))])
+        );
         // Growth: learners promoted up to the size wanted.
         let s = cluster(&[1, 2, 3, 4, 5], &[1]);
         assert_eq!(
-            conf_change(&s, &yes),
+            conf_change(&s, 1, &yes),
             Some(vec![
                 (2, Some(Role::Voter)),
                 (3, Some(Role::Voter)),

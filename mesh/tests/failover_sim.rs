@@ -75,6 +75,8 @@ struct Member {
     inbox: Vec<Vec<u8>>,
     /// Crashed until.
     down_until: u64,
+    /// The last leader other than itself it knew.
+    last_leader: Option<NodeId>,
 }
 
 #[derive(Default, Debug)]
@@ -137,6 +139,7 @@ impl Sim {
                     paused_until: None,
                     inbox: Vec::new(),
                     down_until: 0,
+                    last_leader: None,
                 }
             })
             .collect();
@@ -290,7 +293,11 @@ impl Sim {
             });
         }
         let leading = node.is_leader() && joined;
-        m.detector.leading(leading, now);
+        let previous = m.last_leader;
+        m.detector.leading(leading, now, previous);
+        if let Some(l) = node.leader().filter(|&l| l != me) {
+            m.last_leader = Some(l);
+        }
         if !leading {
             return;
         }
@@ -316,7 +323,7 @@ impl Sim {
             if node.in_joint() {
                 m.conf_at = now + REPROPOSE_MS;
                 let _ = node.propose_leave_joint();
-            } else if let Some(change) = conf_change(&state, &|id| node.caught_up(id)) {
+            } else if let Some(change) = conf_change(&state, me, &|id| node.caught_up(id)) {
                 m.conf_at = now + REPROPOSE_MS;
                 if change.iter().any(|(_, r)| *r == Some(Role::Learner))
                     && change.iter().any(|(_, r)| *r == Some(Role::Voter))
@@ -476,6 +483,7 @@ impl Sim {
                 m.lease_until = 0;
                 m.detector = Detector::new(self.cfg);
                 m.dead_at.clear();
+                m.last_leader = None;
             }
             Err(e) => self.fail(format!("node {} cannot restart: {e}", i + 1)),
         }

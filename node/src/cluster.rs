@@ -475,6 +475,7 @@ pub(crate) fn start(
             remove_proposed: None,
             left: false,
             last_heard: Instant::now(),
+            last_leader: None,
             history: Default::default(),
         };
         let mut tick = tokio::time::interval(TICK);
@@ -615,6 +616,8 @@ struct Driver {
     dead_proposed: HashMap<NodeId, (u64, Instant)>,
     /// When a peer's Raft message last arrived.
     last_heard: Instant,
+    /// The last leader other than this node it knew.
+    last_leader: Option<NodeId>,
     /// The last changes (see [`Change`]).
     history: std::collections::VecDeque<Change>,
     /// The last removal proposed (a member that left), and when.
@@ -854,7 +857,10 @@ impl Driver {
     /// `statemesh_mesh::failure`): a `MarkDead` entry each, proposed again until applied.
     fn detect(&mut self, now: u64) {
         let leading = self.node.is_leader() && self.joined;
-        self.detector.leading(leading, now);
+        self.detector.leading(leading, now, self.last_leader);
+        if let Some(l) = self.node.leader().filter(|&l| l != self.node.id()) {
+            self.last_leader = Some(l);
+        }
         if !leading {
             self.dead_proposed.clear();
             return;
@@ -1477,7 +1483,8 @@ impl Driver {
             return self.node.propose_leave_joint();
         }
         let node = &self.node;
-        let change = statemesh_mesh::failure::conf_change(state, &|id| node.caught_up(id));
+        let change =
+            statemesh_mesh::failure::conf_change(state, node.id(), &|id| node.caught_up(id));
         let Some(change) = change else {
             return Ok(());
         };

@@ -758,7 +758,19 @@ async fn forwarder_task(
                 for (_, _, _, reply) in queue {
                     let _ = reply.send(Err(s.clone()));
                 }
-                tokio::time::sleep(backoff).await;
+                // Until the next attempt, requests fail at once as this one did (the caller
+                // retries, and reaches a new owner as soon as its table names one), rather
+                // than wait out the backoff.
+                let until = tokio::time::Instant::now() + backoff;
+                loop {
+                    match tokio::time::timeout_at(until, rx.recv()).await {
+                        Ok(Some((_, _, _, reply))) => {
+                            let _ = reply.send(Err(s.clone()));
+                        }
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Failover time on a cluster of three (release builds, loopback, checkpoints on local files,
+# the default [mesh] options): KILLS times, SIGKILL one node (the leader every third time, a
+# follower otherwise), and measure from the kill to the first successful `Call` through a survivor to a
+# counter whose key group the killed node owned (retried every 20 ms, 500 ms timeout each).
+# Then the node restarts and the script waits until it has its share back. Prints one JSON
+# line per kill and a summary (p50/p90/max, and the same for kills of the leader).
+#   KILLS=10 bash scripts/bench-failover.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KILLS=${KILLS:-10}
+cargo build --release -p statemesh-node >&2
+ROOT=$(mktemp -d)
+trap 'if [ -n "${KEEP:-}" ]; then echo "kept $ROOT" >&2; else rm -rf "$ROOT"; fi' EXIT
+python3 - "target/release/statemesh" "$ROOT" "$KILLS" <<'EOF'
+import json, os, signal, socket, subprocess, sys, time, urllib.request
+
+B, ROOT, KILLS = sys.argv[1], sys.argv[2], int(sys.argv[3])
+M64 = (1 << 64) - 1
+
+def fmix64(k):
+    k ^= k >> 33; k = (k * 0xFF51AFD7ED558CCD) & M64
+    k ^= k >> 33; k = (k * 0xC4CEB9FE1A85EC53) & M64
+    return k ^ (k >> 33)
+
+def key_group(ns, typ, id_, k=1024):
+    h = 0xCBF29CE484222325
+    for b in ns.encode() + b"\x1f" + typ.encode() + b"\x1f" + id_.encode():
+        h = ((h ^ b) * 0x100000001B3) & M64
+    return fmix64(h) % k
+
+def port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+nodes = {}
+def start(i, join=None):
+    g, h = nodes[i]["ports"] if i in nodes else (port(), port())
+    args = [B, "node", "--data-dir", f"{ROOT}/n{i}", "--grpc-addr", f"127.0.0.1:{g}",
+            "--http-addr", f"127.0.0.1:{h}", "--node-id", str(i)]
+    if join:
+        args += ["--join", join]
+    out = open(f"{ROOT}/n{i}.out", "a"); log = open(f"{ROOT}/n{i}.log", "a")
+    p = subprocess.Popen(args, stdout=out, stderr=log)
+    nodes[i] = {"ports": (g, h), "proc": p, "http": f"http://127.0.0.1:{h}"}
+
+def get(url, timeout=2):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            body = r.read()
+    except Exception:
+        return None, None
+    try:
+        return r.status, json.loads(body)
+    except ValueError:
+        return r.status, None
+
+def call(http, id_, timeout_ms=500):
+    req = urllib.request.Request(f"{http}/v1/call/example/counter/{id_}?timeout_ms={timeout_ms}",
+        data=b"0", method="POST", headers={"Content-Type": "application/vnd.io.statefun.types/long"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_ms / 1000 + 1) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+def view(i):
+    return get(nodes[i]["http"] + "/v1/cluster")[1]
+
+def settled(members):
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ok = True
+        for i in members:
+            v = view(i)
+            if not v or len(v["members"]) != 3 or not all(m["alive"] for m in v["members"]) \
+                    or not all(m["key_groups"] > 200 for m in v["members"]) \
+                    or get(nodes[i]["http"] + "/readyz")[0] != 200:
+                ok = False; break
+        if ok:
+            return
+        time.sleep(0.2)
+    sys.exit("the cluster did not settle")
+
+try:
+    start(1)
+    time.sleep(1)
+    seed = f"127.0.0.1:{nodes[1]['ports'][0]}"
+    start(2, seed); start(3, seed)
+    settled([1, 2, 3])
+    times, leader_times = [], []
+    for k in range(KILLS):
+        # Every third kill the leader, the others a follower (as a random node would be).
+        leader = view(1 if nodes[1]["proc"].poll() is None else 2)["leader"]
+        followers = [i for i in (1, 2, 3) if i != leader]
+        victim = leader if k % 3 == 0 else followers[k % 2]
+        survivor = next(i for i in (1, 2, 3) if i != victim)
+        was_leader = victim == leader
+        owners = get(nodes[survivor]["http"] + "/v1/cluster/key-groups")[1]["owners"]
+        id_ = next(f"fo-{k}-{j}" for j in range(100000)
+                   if owners[key_group("example", "counter", f"fo-{k}-{j}")] == victim)
+        while not call(nodes[survivor]["http"], id_):
+            time.sleep(0.05)
+        nodes[victim]["proc"].send_signal(signal.SIGKILL)
+        nodes[victim]["proc"].wait()
+        t0 = time.monotonic()
+        while not call(nodes[survivor]["http"], id_):
+            time.sleep(0.02)
+        t = time.monotonic() - t0
+        times.append(t)
+        if was_leader:
+            leader_times.append(t)
+        print(json.dumps({"kill": k + 1, "node": victim, "leader": was_leader,
+                          "failover_s": round(t, 3)}), flush=True)
+        start(victim, seed if victim != 1 else f"127.0.0.1:{nodes[2]['ports'][0]}")
+        settled([1, 2, 3])
+    def pct(xs, q):
+        xs = sorted(xs); return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
+    print(json.dumps({"kills": len(times), "p50_s": pct(times, 0.5), "p90_s": pct(times, 0.9),
+                      "max_s": round(max(times), 3), "leader_kills": len(leader_times),
+                      "leader_p50_s": pct(leader_times, 0.5),
+                      "follower_p50_s": pct([t for t in times if t not in leader_times], 0.5)}))
+finally:
+    for n in nodes.values():
+        if n["proc"].poll() is None:
+            n["proc"].send_signal(signal.SIGTERM)
+    for n in nodes.values():
+        try:
+            n["proc"].wait(timeout=30)
+        except Exception:
+            n["proc"].kill()
+EOF
