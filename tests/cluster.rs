@@ -58,6 +58,30 @@ fn test_dir() -> tempfile::TempDir {
     dir
 }
 
+/// Member `id`'s record in a `GET /v1/cluster` answer (`Null` if it is not a member).
+fn member(v: &serde_json::Value, id: u64) -> serde_json::Value {
+    v["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["id"] == id))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until `via` sees member `id` declared dead and owning nothing (its key groups moved
+/// to the others); returns that view.
+async fn failed_over(via: &Node, id: u64, within: Duration) -> serde_json::Value {
+    eventually(
+        &format!("node {id} declared dead, its key groups moved"),
+        within,
+        || async {
+            let v = view(via).await?;
+            let m = member(&v, id);
+            (m["alive"] == false && m["key_groups"] == 0).then_some(v)
+        },
+    )
+    .await
+}
+
 /// One numeric field of every member in a `GET /v1/cluster` answer, in member order.
 fn member_field(v: &serde_json::Value, field: &str) -> Vec<u64> {
     v["members"]
@@ -128,6 +152,17 @@ async fn two_nodes(root: &Path) -> (Node, Node, String) {
     let (n2, _) = start(root, 2, Some(&seed));
     converged(&[&n1, &n2], 2, 1).await;
     (n1, n2, seed)
+}
+
+/// Nodes 1 (it bootstraps the cluster), 2 and 3 (joined), agreed, three voters; and node 1's
+/// gRPC address.
+async fn three_nodes(root: &Path) -> (Node, Node, Node, String) {
+    let (n1, _) = start(root, 1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let (n2, _) = start(root, 2, Some(&seed));
+    let (n3, _) = start(root, 3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    (n1, n2, n3, seed)
 }
 
 /// A command list for `statemesh.smoke/fn` (examples/embedded/src/smoke.rs).
@@ -358,20 +393,7 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
         (l == 2 || l == 3).then_some(())
     })
     .await;
-    let v = eventually(
-        "node 1 declared dead, its key groups moved",
-        Duration::from_secs(30),
-        || async {
-            let v = view(&n2).await?;
-            let m1 = v["members"]
-                .as_array()?
-                .iter()
-                .find(|m| m["id"] == 1)?
-                .clone();
-            (m1["alive"] == false && m1["key_groups"] == 0).then_some(v)
-        },
-    )
-    .await;
+    let v = failed_over(&n2, 1, Duration::from_secs(30)).await;
     println!(
         "node 1 (the leader) failed over {:?} after its SIGKILL: {:?}",
         killed.elapsed(),
@@ -384,16 +406,7 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     let n1 = restart(root, 1, p1, Some(n2.grpc.trim_start_matches("http://")));
     converged(&[&n1, &n2, &n3], 3, 3).await;
     // Back with a new generation: rendezvous hashing gives it its share again.
-    eventually(
-        "node 1 owns key groups again",
-        Duration::from_secs(60),
-        || async {
-            let v = view(&n2).await?;
-            let owned: Vec<u64> = member_field(&v, "key_groups");
-            (owned.len() == 3 && owned.iter().all(|&k| k > 200)).then_some(())
-        },
-    )
-    .await;
+    spread(&n2, 3, 200).await;
     assert_eq!(add(&c2, "shared", 1).await, expected + 3);
     assert_eq!(add(&n1.client().await, "keyed", 0).await, 6);
 
@@ -1183,20 +1196,7 @@ async fn a_killed_node_is_declared_dead_its_key_groups_fail_over_and_it_gets_its
         refusals.len(),
         refusals.last()
     );
-    let v = eventually(
-        "node 3 declared dead, owning nothing",
-        Duration::from_secs(10),
-        || async {
-            let v = view(&n1).await?;
-            let m3 = v["members"]
-                .as_array()?
-                .iter()
-                .find(|m| m["id"] == 3)?
-                .clone();
-            (m3["alive"] == false && m3["key_groups"] == 0).then_some(v)
-        },
-    )
-    .await;
+    let v = failed_over(&n1, 3, Duration::from_secs(10)).await;
     assert_eq!(
         member_field(&v, "key_groups").iter().sum::<u64>(),
         1024,
@@ -1254,13 +1254,7 @@ async fn a_killed_node_is_declared_dead_its_key_groups_fail_over_and_it_gets_its
         },
     )
     .await;
-    let m3 = v["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == 3)
-        .unwrap()
-        .clone();
+    let m3 = member(&v, 3);
     assert!(m3["generation"].as_u64().unwrap() >= 2, "{m3}");
     for n in [&n1, &n2, &n3] {
         assert_eq!(
@@ -1294,11 +1288,7 @@ async fn a_node_cut_off_from_the_majority_stops_serving_within_its_lease_and_say
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
-    let (n1, _) = start(root, 1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let (n2, _) = start(root, 2, Some(&seed));
-    let (n3, _) = start(root, 3, Some(&seed));
-    converged(&[&n1, &n2, &n3], 3, 3).await;
+    let (n1, n2, n3, _) = three_nodes(root).await;
     spread(&n1, 3, 200).await;
     let t = n1.get_json("/v1/cluster/key-groups").await;
     let ctr = owned_address(&t, "example/counter/cut-", 3);
@@ -1329,7 +1319,7 @@ async fn a_node_cut_off_from_the_majority_stops_serving_within_its_lease_and_say
                     &counter(&id),
                     TypedValue::of(&0i64),
                     Some(&format!("read-{i}")),
-                    Some(Duration::from_millis(300)),
+                    Some(Duration::from_millis(1_000)),
                 )
                 .await
             {
@@ -1342,14 +1332,7 @@ async fn a_node_cut_off_from_the_majority_stops_serving_within_its_lease_and_say
             }
         }
         if dead.is_none() {
-            let v = view(&n1).await.unwrap();
-            let m3 = v["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|m| m["id"] == 3)
-                .unwrap()
-                .clone();
+            let m3 = member(&view(&n1).await.unwrap(), 3);
             if m3["alive"] == false {
                 println!("node 3 declared dead after {:?}", cut.elapsed());
                 dead = Some(cut.elapsed());
@@ -1368,20 +1351,7 @@ async fn a_node_cut_off_from_the_majority_stops_serving_within_its_lease_and_say
     );
     // The majority serves node 3's key groups, with everything acknowledged before the cut.
     assert_eq!(add(&c1, &id, 1).await, 6);
-    eventually(
-        "node 3's key groups moved",
-        Duration::from_secs(10),
-        || async {
-            let v = view(&n1).await?;
-            let m3 = v["members"]
-                .as_array()?
-                .iter()
-                .find(|m| m["id"] == 3)?
-                .clone();
-            (m3["key_groups"] == 0).then_some(())
-        },
-    )
-    .await;
+    failed_over(&n1, 3, Duration::from_secs(10)).await;
     let m = n3
         .metric("statemesh_ingress_errors_total{reason=\"lease\"}")
         .await;
@@ -1407,23 +1377,12 @@ async fn a_voter_leaves_under_load_its_seat_goes_to_the_learner_and_it_exits_0()
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
-    let (n1, _) = start(root, 1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let (n2, _) = start(root, 2, Some(&seed));
-    let (n3, _) = start(root, 3, Some(&seed));
-    converged(&[&n1, &n2, &n3], 3, 3).await;
+    let (n1, n2, n3, seed) = three_nodes(root).await;
     let (n4, _) = start(root, 4, Some(&seed));
     converged(&[&n1, &n2, &n3, &n4], 4, 3).await;
     spread(&n1, 4, 150).await;
     let v = view(&n1).await.unwrap();
-    let m2 = v["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == 2)
-        .unwrap()
-        .clone();
-    assert_eq!(m2["role"], "voter", "{v}");
+    assert_eq!(member(&v, 2)["role"], "voter", "{v}");
     let load = Load::start(&[&n1, &n3], "leave", false).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // `statemesh cluster leave --node <node 2>`: waits until node 2 has left and stopped.

@@ -627,25 +627,8 @@ fn run(seed: u64, members: usize, steps: u64) -> Stats {
     sim.stats
 }
 
-fn seeds() -> Vec<u64> {
-    if let Some(s) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
-        return vec![s];
-    }
-    let n: u64 = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(700);
-    let base = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    (0..n)
-        .map(|i| base.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
-        .collect()
-}
-
 fn many(members: usize) {
-    let seeds = seeds();
+    let seeds = statemesh_mesh::sim::seeds(700);
     println!(
         "{} schedules of {members} members from seed {} (SIM_SEED=<seed> runs one)",
         seeds.len(),

@@ -476,6 +476,7 @@ pub(crate) fn start(
             left: false,
             last_heard: Instant::now(),
             last_leader: None,
+            lease_lapsed: false,
             history: Default::default(),
         };
         let mut tick = tokio::time::interval(TICK);
@@ -527,6 +528,21 @@ pub(crate) fn start(
                 if lone { u64::MAX } else { c.lease_until },
                 c.failure.lease_ms,
             );
+            // A lapse while it owns key groups is worth a line (a cut-off node, or a control
+            // thread held up): requests for them are refused until it is renewed.
+            let lapsed = !lone
+                && c.lease_until != 0
+                && crate::mesh::mono_ms() >= c.lease_until
+                && c.node.state().owned_by(id) > 0;
+            if lapsed && !c.lease_lapsed {
+                tracing::warn!(
+                    leader = ?c.node.leader(),
+                    applied = c.node.state().applied_index,
+                    "this node's ownership lease lapsed: no read index confirmed by a majority within {} ms; its key groups are refused until it is renewed",
+                    c.failure.lease_ms
+                );
+            }
+            c.lease_lapsed = lapsed;
             *h.lock() = c.view(committed_epoch(), placement.moving());
         }
     };
@@ -618,6 +634,8 @@ struct Driver {
     last_heard: Instant,
     /// The last leader other than this node it knew.
     last_leader: Option<NodeId>,
+    /// The lease lapsed while it owned key groups (logged once per lapse).
+    lease_lapsed: bool,
     /// The last changes (see [`Change`]).
     history: std::collections::VecDeque<Change>,
     /// The last removal proposed (a member that left), and when.

@@ -639,6 +639,9 @@ impl Router {
                 if wait {
                     self.wait_moves(&messages).await?;
                 }
+                if let Some((t, _, _)) = messages.first() {
+                    self.wait_lease(self.key_group(t)).await;
+                }
                 let routes: Result<Vec<_>, _> = messages
                     .iter()
                     .enumerate()
@@ -689,6 +692,24 @@ impl Router {
             Ok(())
         }
         .boxed()
+    }
+
+    /// When this node owns key group `kg` but its ownership lease has lapsed, waits a moment
+    /// (up to [`LEASE_GRACE`]) for the renewal already on its way: a control thread that was
+    /// held up briefly renews it in milliseconds. A node cut off from the majority refuses
+    /// after the wait (see `Placement::lease_refusal`).
+    async fn wait_lease(&self, kg: u32) {
+        let p = &self.inner.placement;
+        if p.lease_refusal(kg).is_none() || !p.is_local(kg) {
+            return;
+        }
+        let deadline = std::time::Instant::now() + LEASE_GRACE;
+        while std::time::Instant::now() < deadline
+            && p.lease_refusal(kg).is_some()
+            && !self.inner.closed.load(Ordering::Relaxed)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Waits while a key group of `messages` moves.
@@ -908,6 +929,7 @@ impl Router {
         forwarded: Option<u64>,
         reroute: &mut Reroute,
     ) -> Result<Option<Option<(u64, String, u64)>>, ServiceError> {
+        self.wait_lease(kg).await;
         match self.remote(kg, forwarded) {
             Err(e)
                 if forwarded.is_none()
@@ -1202,6 +1224,10 @@ impl Reroute {
         self.again(router, *key_group, used, e).await
     }
 }
+
+/// How long a request for a key group this node owns waits for a lapsed ownership lease to be
+/// renewed before it is refused (one renewal period of the default `lease_ms`).
+const LEASE_GRACE: Duration = Duration::from_millis(250);
 
 /// A message of a batch: its target, value and idempotency key.
 type BatchMessage = (Address, TypedValue, Option<String>);
