@@ -49,10 +49,14 @@ fn trace() -> bool {
 
 /// The node's timing, with an election timeout drawn from the seed (raft-rs would draw it
 /// from an unseeded generator).
-fn timing(rng: &mut Rng) -> Timing {
+/// Each member's is distinct (`2 × (id - 1)` ticks apart, plus 0 or 1): with equal fixed
+/// timeouts and the fixed delays of a healed network, candidates could split the vote forever.
+fn timing(rng: &mut Rng, id: NodeId) -> Timing {
     let d = Timing::default();
     Timing {
-        fixed_election_ticks: Some(d.election_ticks + rng.below(d.election_ticks as u64) as usize),
+        fixed_election_ticks: Some(
+            d.election_ticks + 2 * (id as usize - 1) + rng.below(2) as usize,
+        ),
         ..d
     }
 }
@@ -123,8 +127,13 @@ impl Sim {
                 Member {
                     id,
                     node: Some(
-                        ControlNode::new(id, storage.clone(), durable.clone(), timing(&mut rng))
-                            .unwrap(),
+                        ControlNode::new(
+                            id,
+                            storage.clone(),
+                            durable.clone(),
+                            timing(&mut rng, id),
+                        )
+                        .unwrap(),
                     ),
                     storage,
                     durable,
@@ -471,7 +480,7 @@ impl Sim {
     }
 
     fn restart(&mut self, i: usize) {
-        let t = timing(&mut self.rng);
+        let t = timing(&mut self.rng, self.members[i].id);
         let m = &mut self.members[i];
         match ControlNode::new(m.id, m.storage.clone(), m.durable.clone(), t) {
             Ok(n) => {
