@@ -1516,9 +1516,10 @@ impl Driver {
 
     fn view(&self, committed_epoch: u64, moving: Option<crate::mesh::Moving>) -> ClusterView {
         let s = self.node.state();
-        let targets =
-            statemesh_mesh::placement::desired(s.table.len() as u32, &s.placement_members());
+        // (Only the moving key groups' targets, only during a move: the view is rebuilt at
+        // every turn of the control loop.)
         let moving = moving.map(|m| {
+            let members = s.placement_members();
             let mut key_groups: Vec<_> = m
                 .key_groups
                 .iter()
@@ -1526,7 +1527,7 @@ impl Driver {
                     (
                         kg,
                         s.table.get(kg as usize).and_then(|o| o.owner),
-                        targets.get(kg as usize).copied().flatten(),
+                        statemesh_mesh::placement::owner_of(kg, &members),
                     )
                 })
                 .collect();
