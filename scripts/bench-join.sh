@@ -9,12 +9,16 @@
 # move and for every key in the 5 s before the join, and p50/p99 of calls before and during the
 # join (from the join to AFTER seconds after the handover).
 #   BEFORE=8 AFTER=8 CONCURRENCY=16 KEYS=256 bash scripts/bench-join.sh
+# MODE=leave measures the other way: three nodes share the key groups, and node 3 leaves
+# (`statemesh cluster leave`) under the same load; the handover ends when node 3 owns nothing
+# in node 1's table ("left_s": when the CLI returned, node 3 gone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BEFORE=${BEFORE:-8}
 AFTER=${AFTER:-8}
 CONCURRENCY=${CONCURRENCY:-16}
 KEYS=${KEYS:-256}
+MODE=${MODE:-join}
 cargo build --release -p statemesh-node >&2
 B=target/release/statemesh
 . scripts/nodes.sh
@@ -27,11 +31,19 @@ owned_by() { # HTTP NODE -> key groups NODE owns in HTTP's table
 
 start 1
 start 2 "$GRPC_1"
-# Until the two share the key groups.
-for _ in $(seq 600); do
-  [ "$(owned_by "$HTTP_1" 2)" -gt 400 ] && break
-  sleep 0.1
-done
+# Until the two (leave: the three) share the key groups.
+if [ "$MODE" = leave ]; then
+  start 3 "$GRPC_1"
+  for _ in $(seq 600); do
+    [ "$(owned_by "$HTTP_1" 3)" -ge 307 ] && [ "$(owned_by "$HTTP_1" 2)" -ge 307 ] && break
+    sleep 0.1
+  done
+else
+  for _ in $(seq 600); do
+    [ "$(owned_by "$HTTP_1" 2)" -gt 400 ] && break
+    sleep 0.1
+  done
+fi
 curl -s "http://$HTTP_1/v1/cluster/key-groups" >"$ROOT/before.json"
 # Long enough for the handover (it ends on its own: the timeline is written at the end).
 TOTAL=$((BEFORE + AFTER + 12))
@@ -42,20 +54,37 @@ TOTAL=$((BEFORE + AFTER + 12))
 LOAD=$!
 sleep "$BEFORE"
 JOIN_MS=$(now_ms)
-start 3 "$GRPC_1"
-# Poll the table until node 3 owns its share (a third, within 10 %).
-DONE_MS=""
-for _ in $(seq 1200); do
-  n=$(owned_by "$HTTP_1" 3)
-  if [ "$n" -ge 307 ]; then DONE_MS=$(now_ms); break; fi
-  sleep 0.05
-done
-[ -n "$DONE_MS" ] || { echo "node 3 did not get its share within 60 s" >&2; tail -50 "$ROOT/n1.log" >&2; exit 1; }
+LEFT_S=null
+if [ "$MODE" = leave ]; then
+  "$B" cluster leave --node "http://$GRPC_3" >"$ROOT/leave.out" &
+  LEAVE=$!
+  # Poll the table until node 3 owns nothing.
+  DONE_MS=""
+  for _ in $(seq 1200); do
+    n=$(owned_by "$HTTP_1" 3)
+    if [ "$n" -eq 0 ]; then DONE_MS=$(now_ms); break; fi
+    sleep 0.05
+  done
+  [ -n "$DONE_MS" ] || { echo "node 3 still owned key groups 60 s after its leave" >&2; tail -50 "$ROOT/n3.log" >&2; exit 1; }
+  wait "$LEAVE"
+  LEFT_S=$(python3 -c "print(round(($(now_ms) - $JOIN_MS) / 1000, 2))")
+else
+  start 3 "$GRPC_1"
+  # Poll the table until node 3 owns its share (a third, within 10 %).
+  DONE_MS=""
+  for _ in $(seq 1200); do
+    n=$(owned_by "$HTTP_1" 3)
+    if [ "$n" -ge 307 ]; then DONE_MS=$(now_ms); break; fi
+    sleep 0.05
+  done
+  [ -n "$DONE_MS" ] || { echo "node 3 did not get its share within 60 s" >&2; tail -50 "$ROOT/n1.log" >&2; exit 1; }
+fi
 wait "$LOAD"
 curl -s "http://$HTTP_1/v1/cluster/key-groups" >"$ROOT/after.json"
-python3 - "$ROOT" "$JOIN_MS" "$DONE_MS" "$AFTER" <<'PY'
+python3 - "$ROOT" "$JOIN_MS" "$DONE_MS" "$AFTER" "$MODE" "$LEFT_S" <<'PY'
 import csv, json, sys
 root, join_ms, done_ms, after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+mode, left_s = sys.argv[5], json.loads(sys.argv[6])
 load = json.load(open(f"{root}/load.json"))
 before = json.load(open(f"{root}/before.json"))["owners"]
 after_t = json.load(open(f"{root}/after.json"))["owners"]
@@ -86,9 +115,10 @@ def pauses(lo, hi, pred):
 stay = lambda kg: kg not in moved
 move = lambda kg: kg in moved
 print(json.dumps({
-    "bench": "join",
+    "bench": mode,
     "key_groups_moved": len(moved),
     "handover_s": round((done_ms - join_ms) / 1000, 2),
+    "left_s": left_s,
     "before": window(0, join, lambda kg: True),
     "during_unmoved": window(join, end, stay),
     "during_moved": window(join, end, move),

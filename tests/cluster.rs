@@ -1148,6 +1148,9 @@ async fn a_killed_node_is_declared_dead_its_key_groups_fail_over_and_it_gets_its
             .unwrap(),
         40
     );
+    // A client connected to node 3 learns the other members (for its keyed retries).
+    let via3 = n3.client().await;
+    assert_eq!(via3.nodes().len(), 3, "{:?}", via3.nodes());
     n3.kill();
     let killed = std::time::Instant::now();
     // The leader declares node 3 dead and moves its key groups to nodes 1 and 2: a call to
@@ -1219,6 +1222,20 @@ async fn a_killed_node_is_declared_dead_its_key_groups_fail_over_and_it_gets_its
         "the leader logs the death"
     );
     assert_eq!(add(&c1, &ctr_id, 1).await, 2);
+    // The client of node 3 goes on through the others while node 3 is down; its key holds
+    // on every node.
+    for c in [&via3, &c1] {
+        let r = c
+            .call_with(
+                &counter(&ctr_id),
+                TypedValue::of(&1i64),
+                Some("via-3"),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<i64>().unwrap(), 3);
+    }
     // Sends to node 3's old function while it is down are served by its new owner.
     for i in 0..10 {
         c1.send(&src_addr, relay(format!("b{i}"))).await.unwrap();
@@ -1264,7 +1281,7 @@ async fn a_killed_node_is_declared_dead_its_key_groups_fail_over_and_it_gets_its
             n.http
         );
     }
-    assert_eq!(add(&n3.client().await, &ctr_id, 0).await, 2);
+    assert_eq!(add(&n3.client().await, &ctr_id, 0).await, 3);
     for n in [n1, n2, n3] {
         n.stop();
     }
@@ -1299,10 +1316,13 @@ async fn a_node_cut_off_from_the_majority_stops_serving_within_its_lease_and_say
     // declare it dead and move them, and tell its callers why.
     failpoints(&n3, "mesh-partition=return").await;
     let cut = std::time::Instant::now();
-    let once = c3.clone().with_retry(statemesh_sdk::RetryPolicy {
-        attempts: 1,
-        ..Default::default()
-    });
+    // Pinned to node 3: a client that knows the cluster (`c3`) would move on to another node.
+    let once = Client::connect_lazy(&n3.grpc)
+        .unwrap()
+        .with_retry(statemesh_sdk::RetryPolicy {
+            attempts: 1,
+            ..Default::default()
+        });
     let c1 = n1.client().await;
     let (mut refused, mut dead) = (None, None);
     let mut i = 0;

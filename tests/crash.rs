@@ -25,6 +25,16 @@
 //! its data directory (the others keep running). The third node joins under load, after the
 //! third kill.
 //!
+//! Two chaos runs, on three nodes (embedded and Python SDK functions) and on five, put the
+//! same model through 30 seeded events each, one at a time once the cluster has settled:
+//! SIGKILL with a quick restart, SIGKILL with an outage beyond the failure detection (the
+//! node's key groups fail over, and come back when it returns), SIGKILL for good, SIGSTOP and
+//! SIGCONT (a pause beyond 1.8 s gets the node declared dead), a network partition of one node
+//! (both ways or one way, the `mesh-partition` fault point set at run time), a join, and a
+//! leave through the CLI. The clients use one SDK client of the whole cluster, which retries
+//! a keyed request on the next node it knows. The run prints the clients' throughput in a
+//! quiet phase and during the events.
+//!
 //! The seed is printed; `SMOKE_SEED=<n>` reproduces a run's commands and kill schedule.
 
 mod common;
@@ -218,6 +228,9 @@ struct Variant {
     /// forward); every request goes to a random node, and random nodes are killed (the owner
     /// every third kill, the current leader every third).
     cluster: bool,
+    /// A chaos run on a cluster of this many nodes (0: none): `kills` seeded events (see
+    /// [`chaos`]), one client of the whole cluster per worker.
+    chaos: usize,
 }
 
 /// Fault points every configuration reaches.
@@ -263,6 +276,14 @@ struct KillStats {
     /// others (one kill in a cluster run keeps its node down for longer than the failure
     /// detection takes).
     failovers: usize,
+    /// Chaos runs: events, pauses, partitions, joins, leaves, and nodes that learnt they had
+    /// been declared dead (paused or cut off) and joined again.
+    events: usize,
+    pauses: usize,
+    partitions: usize,
+    joins: usize,
+    leaves: usize,
+    declared_dead: usize,
 }
 
 async fn metric(http_url: &str, name: &str) -> Option<f64> {
@@ -290,7 +311,17 @@ async fn recovery(http_url: &str) -> Option<(String, u64)> {
     Some((r["source"].as_str()?.to_string(), r["pending"].as_u64()?))
 }
 
+/// Chaos runs start up to eight nodes each: they run alone, the other runs of this file side
+/// by side (two at a time on two cores).
+static HEAVY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn run(seed: u64, v: Variant) {
+    let (_alone, _beside);
+    if v.chaos > 0 {
+        _alone = HEAVY.write().await;
+    } else {
+        _beside = HEAVY.read().await;
+    }
     println!("crash test seed = {seed} (SMOKE_SEED={seed} reproduces it)");
     let addresses: Vec<String> = v
         .types
@@ -398,10 +429,29 @@ async fn run(seed: u64, v: Variant) {
         initial_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(250),
     };
-    let clients: Vec<Client> = std::iter::once(grpc.clone())
-        .chain(peers.iter().map(|(g, _)| format!("http://127.0.0.1:{g}")))
-        .map(|url| Client::connect_lazy(&url).unwrap().with_retry(retry))
+    // A chaos run: ports of every node it may start (node 1's are above); one client of the
+    // cluster (it learns the nodes that join, and retries keyed requests on the next node).
+    let chaos_ports: Vec<(u16, u16)> = (0..v.chaos.saturating_sub(1) + 7)
+        .map(|_| (free_port(), free_port()))
         .collect();
+    let clients: Vec<Client> = if v.chaos > 0 {
+        let urls: Vec<String> = std::iter::once(grpc.clone())
+            .chain(
+                chaos_ports[..v.chaos - 1]
+                    .iter()
+                    .map(|(g, _)| format!("http://127.0.0.1:{g}")),
+            )
+            .collect();
+        vec![Client::connect_cluster(&urls)
+            .unwrap()
+            .with_retry(retry)
+            .with_attempt_timeout(Duration::from_secs(5))]
+    } else {
+        std::iter::once(grpc.clone())
+            .chain(peers.iter().map(|(g, _)| format!("http://127.0.0.1:{g}")))
+            .map(|url| Client::connect_lazy(&url).unwrap().with_retry(retry))
+            .collect()
+    };
 
     let reqs = Arc::new(reqs);
     let next = Arc::new(AtomicUsize::new(0));
@@ -419,7 +469,7 @@ async fn run(seed: u64, v: Variant) {
             done.clone(),
         );
         let min_requests = v.requests;
-        let cluster = v.cluster;
+        let cluster = v.cluster || v.chaos > 0;
         workers.push(tokio::spawn(async move {
             let mut rng = Rng(seed.wrapping_add(w + 1));
             // Sends one message until acknowledged (same key on every attempt).
@@ -518,6 +568,46 @@ async fn run(seed: u64, v: Variant) {
     // The killer: each incarnation is killed with SIGKILL 0-700 ms after its spawn, or aborts
     // by itself at a fault point; then it is restarted on the same data and ports.
     let stats = Arc::new(Mutex::new(KillStats::default()));
+    if v.chaos > 0 {
+        let ports = std::iter::once((grpc_port, http_port))
+            .chain(chaos_ports)
+            .collect();
+        let (n, others) = chaos(
+            dir.path(),
+            &launch,
+            ports,
+            v.chaos,
+            v.kills,
+            kill_rng,
+            stats.clone(),
+            acked.clone(),
+        )
+        .await;
+        done.store(true, Ordering::SeqCst);
+        for w in workers {
+            w.await.unwrap();
+        }
+        let egress_http = n.http.clone();
+        verify(
+            seed,
+            &v,
+            n,
+            &others,
+            model,
+            reqs,
+            next,
+            acked,
+            stats,
+            t0,
+            &addresses,
+            &egress_http,
+        )
+        .await;
+        for o in others {
+            o.stop();
+        }
+        return;
+    }
     if v.cluster {
         let (n, others) = cluster_killer(
             dir.path(),
@@ -538,6 +628,7 @@ async fn run(seed: u64, v: Variant) {
             seed,
             &v,
             n,
+            &others,
             model,
             reqs,
             next,
@@ -696,6 +787,7 @@ async fn run(seed: u64, v: Variant) {
         seed,
         &v,
         n,
+        &[],
         model,
         reqs,
         next,
@@ -715,6 +807,7 @@ async fn verify(
     seed: u64,
     v: &Variant,
     n: Node,
+    others: &[Node],
     mut model: Model,
     reqs: Arc<Vec<Request>>,
     next: Arc<AtomicUsize>,
@@ -882,7 +975,10 @@ async fn verify(
     // No delayed message is left over (cancelled ones included).
     let gauge_deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let pending = n.metric("statemesh_delayed_messages").await;
+        let mut pending = n.metric("statemesh_delayed_messages").await;
+        for o in others {
+            pending += o.metric("statemesh_delayed_messages").await;
+        }
         if pending == 0.0 {
             break;
         }
@@ -938,7 +1034,10 @@ async fn verify(
         got, expected_egress,
         "seed {seed}: egress records differ from the model"
     );
-    let dedup_now = n.metric("statemesh_idempotent_retries_total").await;
+    let mut dedup_now = n.metric("statemesh_idempotent_retries_total").await;
+    for o in others {
+        dedup_now += o.metric("statemesh_idempotent_retries_total").await;
+    }
     let stats = stats.lock();
     println!("seed {seed}: {want} egress records exactly once; {stats:?}");
     // The run exercised what it claims to check.
@@ -949,7 +1048,7 @@ async fn verify(
     // (A cluster run kills the owner about eight times, often between epochs with nothing
     // pending; the single-node variants, killed 30-45 times, prove the replay.)
     assert!(
-        v.cluster || stats.recovered_pending > 0,
+        v.cluster || v.chaos > 0 || stats.recovered_pending > 0,
         "seed {seed}: no recovery replayed a pending message"
     );
     // Noise (on some incarnations of the variants with fault points) rolls nodes back in
@@ -991,6 +1090,7 @@ async fn embedded_functions_survive_sigkill_exactly_once() {
             wipe_local: false,
             pad: false,
             cluster: false,
+            chaos: 0,
         },
     )
     .await;
@@ -1010,6 +1110,7 @@ async fn small_thresholds_and_recovery_from_blob_storage_alone() {
             wipe_local: true,
             pad: true,
             cluster: false,
+            chaos: 0,
         },
     )
     .await;
@@ -1031,6 +1132,7 @@ async fn python_sdk_functions_survive_sigkill_exactly_once() {
             wipe_local: false,
             pad: false,
             cluster: false,
+            chaos: 0,
         },
     )
     .await;
@@ -1209,6 +1311,7 @@ async fn embedded_functions_in_a_three_node_cluster_survive_sigkill_exactly_once
             wipe_local: false,
             pad: false,
             cluster: true,
+            chaos: 0,
         },
     )
     .await;
@@ -1230,6 +1333,7 @@ async fn python_sdk_functions_in_a_three_node_cluster_survive_sigkill_exactly_on
             wipe_local: false,
             pad: false,
             cluster: true,
+            chaos: 0,
         },
     )
     .await;
@@ -1241,4 +1345,383 @@ fn python_module(url: &str) -> String {
     format!(
         "kind: io.statefun.endpoints.v2/http\nspec:\n  functions: statemesh.smoke/py\n  urlPathTemplate: {url}\n  transport:\n    type: io.statefun.transports.v1/async\n    call: 10s\n"
     )
+}
+
+/// What a node logs when it learns it was declared dead (it was paused, or cut off from the
+/// majority), before it joins again as a new generation.
+const DECLARED_DEAD: &str = "this node was declared dead";
+
+/// One event of a chaos run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Event {
+    /// SIGKILL, restart 0-700 ms later on the same data.
+    KillRestart,
+    /// SIGKILL, down for 2.5-5 s (longer than the failure detection: its key groups fail
+    /// over), then restarted (a new generation: it gets its share back).
+    KillDown,
+    /// SIGKILL, never restarted (a dead member from then on).
+    KillForever,
+    /// SIGSTOP for 0.3-3 s, then SIGCONT (beyond 1.8 s it is declared dead and rejoins).
+    Pause,
+    /// Cut off from the others (`mesh-partition`, both ways or one way) for 0.5-3 s.
+    Partition,
+    /// A new node joins.
+    Join,
+    /// `statemesh cluster leave --node <a node>`: it hands its key groups over and exits 0.
+    Leave,
+}
+
+/// The nodes of a chaos run.
+struct Mesh {
+    root: std::path::PathBuf,
+    /// Node 1's launch; the others differ in ports and arguments.
+    base: Launch,
+    /// Ports of node `id` at `id - 1`.
+    ports: Vec<(u16, u16)>,
+    running: BTreeMap<u64, Node>,
+    /// Left, or killed for good.
+    gone: BTreeSet<u64>,
+    next_id: u64,
+}
+
+impl Mesh {
+    fn dir(&self, id: u64) -> std::path::PathBuf {
+        self.root.join(format!("n{id}"))
+    }
+
+    /// Starts node `id` (node 1 bootstraps the cluster; the others join through the running
+    /// nodes, or restart on their data) and waits until it listens.
+    fn start(&mut self, id: u64) {
+        let mut l = self.base.clone();
+        (l.grpc_port, l.http_port) = self.ports[id as usize - 1];
+        l.args = vec!["--node-id".into(), id.to_string()];
+        let seeds: Vec<String> = self
+            .running
+            .values()
+            .map(|n| n.grpc.trim_start_matches("http://").to_string())
+            .collect();
+        if id != 1 && !seeds.is_empty() {
+            l.args.push("--join".into());
+            l.args.push(seeds.join(","));
+        }
+        let n = Node::start_launch(&self.dir(id), &l);
+        self.running.insert(id, n);
+    }
+
+    /// Waits until every running node agrees on a leader, sees every running node as a live
+    /// member that is not leaving, no key group unassigned and none owned by a dead member, and
+    /// is ready; returns the leader.
+    async fn settled(&self) -> u64 {
+        let running: BTreeSet<u64> = self.running.keys().copied().collect();
+        common::eventually(
+            &format!("the cluster to settle with nodes {running:?} running"),
+            Duration::from_secs(60),
+            || async {
+                let mut leader = None;
+                for n in self.running.values() {
+                    let (s, _, b) = common::try_http(
+                        &format!("{}/v1/cluster", n.http),
+                        "GET",
+                        None,
+                        Bytes::new(),
+                    )
+                    .await
+                    .ok()?;
+                    let v: Value = (s == 200).then(|| serde_json::from_slice(&b).ok())??;
+                    let l = v["leader"].as_u64().filter(|l| *l > 0)?;
+                    if leader.is_some_and(|x| x != l) || v["unassigned_key_groups"] != 0 {
+                        return None;
+                    }
+                    leader = Some(l);
+                    let ms = v["members"].as_array()?;
+                    for id in &running {
+                        let m = ms.iter().find(|m| m["id"] == *id)?;
+                        if m["alive"] != true || m["leaving"] == true {
+                            return None;
+                        }
+                    }
+                    if ms
+                        .iter()
+                        .any(|m| m["alive"] == false && m["key_groups"] != 0)
+                    {
+                        return None;
+                    }
+                    let (s, _, _) =
+                        common::try_http(&format!("{}/readyz", n.http), "GET", None, Bytes::new())
+                            .await
+                            .ok()?;
+                    if s != 200 {
+                        return None;
+                    }
+                }
+                leader
+            },
+        )
+        .await
+    }
+
+    /// Takes node `id` out of the running ones, counting what its log says.
+    fn take(&mut self, id: u64, stats: &Mutex<KillStats>) -> Node {
+        let n = self.running.remove(&id).unwrap();
+        tally(&n, stats);
+        n
+    }
+}
+
+/// Counts the failovers, rollbacks and declared deaths a node logged since its launch.
+fn tally(n: &Node, stats: &Mutex<KillStats>) {
+    let log = n.log_since_launch();
+    let mut s = stats.lock();
+    s.failovers += log.matches(FAILOVER).count();
+    s.rollbacks += log
+        .matches("rolling back to the last committed epoch")
+        .count();
+    s.declared_dead += log.matches(DECLARED_DEAD).count();
+}
+
+/// The seeded schedule of a chaos run: cycles of six events in a random order, each cycle a
+/// SIGKILL with a quick restart, a SIGKILL with an outage beyond the failure detection, a
+/// pause, a partition, a join and (after it) a leave; in the second cycle a SIGKILL for good
+/// instead of the leave.
+fn chaos_schedule(rng: &mut Rng, events: usize) -> Vec<Event> {
+    let mut out = Vec::new();
+    let mut cycle = 0;
+    while out.len() < events {
+        let mut c = vec![
+            Event::KillRestart,
+            Event::KillDown,
+            Event::Pause,
+            Event::Partition,
+            Event::Join,
+            if cycle == 1 {
+                Event::KillForever
+            } else {
+                Event::Leave
+            },
+        ];
+        for i in (1..c.len()).rev() {
+            c.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        // A join first: the members never drop below the initial count.
+        let (j, l) = (
+            c.iter().position(|e| *e == Event::Join).unwrap(),
+            c.iter()
+                .position(|e| matches!(e, Event::Leave | Event::KillForever))
+                .unwrap(),
+        );
+        if l < j {
+            c.swap(j, l);
+        }
+        out.extend(c);
+        cycle += 1;
+    }
+    out.truncate(events);
+    out
+}
+
+/// A chaos run on a cluster of `size` nodes: starts them, measures the clients' throughput
+/// for 10 s of quiet, then runs `events` seeded events (one at a time, each after the cluster
+/// has settled: a failure of a node while another is out would stop commits in a 3-voter
+/// group, which loses nothing but proves nothing more); returns a running node and the other
+/// running ones.
+#[allow(clippy::too_many_arguments)]
+async fn chaos(
+    root: &std::path::Path,
+    base: &Launch,
+    ports: Vec<(u16, u16)>,
+    size: usize,
+    events: usize,
+    rng: Mutex<Rng>,
+    stats: Arc<Mutex<KillStats>>,
+    acked: Acked,
+) -> (Node, Vec<Node>) {
+    let mut mesh = Mesh {
+        root: root.to_path_buf(),
+        base: base.clone(),
+        ports,
+        running: BTreeMap::new(),
+        gone: BTreeSet::new(),
+        next_id: size as u64 + 1,
+    };
+    for id in 1..=size as u64 {
+        mesh.start(id);
+    }
+    mesh.settled().await;
+    let acks = || acked.lock().iter().map(Vec::len).sum::<usize>();
+    let (a0, t0) = (acks(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let quiet = (acks() - a0) as f64 / t0.elapsed().as_secs_f64();
+    let schedule = chaos_schedule(&mut rng.lock(), events);
+    println!("chaos schedule: {schedule:?}");
+    let (a1, t1) = (acks(), Instant::now());
+    for (k, e) in schedule.iter().enumerate() {
+        let leader = mesh.settled().await;
+        let (victim, wait, mode) = {
+            let mut r = rng.lock();
+            let ids: Vec<u64> = mesh.running.keys().copied().collect();
+            let random = ids[r.below(ids.len() as u64) as usize];
+            let victim = if r.below(3) == 0 && mesh.running.contains_key(&leader) {
+                leader
+            } else {
+                random
+            };
+            let wait = match e {
+                Event::KillRestart => r.below(700),
+                Event::KillDown => 2_500 + r.below(2_500),
+                Event::Pause => 300 + r.below(2_700),
+                Event::Partition => 500 + r.below(2_500),
+                _ => 0,
+            };
+            let mode = ["return", "return(in)", "return(out)"][r.below(3) as usize];
+            (victim, wait, mode)
+        };
+        let what = match e {
+            Event::KillRestart | Event::KillDown | Event::KillForever => {
+                mesh.take(victim, &stats).kill();
+                stats.lock().kills += 1;
+                if *e != Event::KillForever {
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    mesh.start(victim);
+                } else {
+                    mesh.gone.insert(victim);
+                }
+                if *e == Event::KillForever {
+                    format!("SIGKILL node {victim} for good")
+                } else {
+                    format!("SIGKILL node {victim}, restarted {wait} ms later")
+                }
+            }
+            Event::Pause => {
+                let pid = mesh.running[&victim].pid() as i32;
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                stats.lock().pauses += 1;
+                format!("SIGSTOP node {victim}, SIGCONT {wait} ms later")
+            }
+            Event::Partition => {
+                let n = &mesh.running[&victim];
+                put_failpoints(n, &format!("mesh-partition={mode}")).await;
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                put_failpoints(n, "mesh-partition=off").await;
+                stats.lock().partitions += 1;
+                format!("node {victim} cut off ({mode}) for {wait} ms")
+            }
+            Event::Join => {
+                let id = mesh.next_id;
+                mesh.next_id += 1;
+                mesh.start(id);
+                stats.lock().joins += 1;
+                format!("node {id} joins")
+            }
+            Event::Leave => {
+                let grpc = mesh.running[&victim].grpc.clone();
+                let t = Instant::now();
+                let (ok, out, err) = tokio::task::spawn_blocking(move || {
+                    let o = std::process::Command::new(common::BIN)
+                        .args(["cluster", "leave", "--node", &grpc, "--timeout-s", "90"])
+                        .output()
+                        .unwrap();
+                    (
+                        o.status.success(),
+                        String::from_utf8_lossy(&o.stdout).to_string(),
+                        String::from_utf8_lossy(&o.stderr).to_string(),
+                    )
+                })
+                .await
+                .unwrap();
+                assert!(ok, "node {victim} did not leave:\n{out}\n{err}");
+                let mut n = mesh.take(victim, &stats);
+                let status = common::eventually(
+                    &format!("node {victim} to exit after leaving"),
+                    Duration::from_secs(30),
+                    || {
+                        let s = n.exited();
+                        async move { s }
+                    },
+                )
+                .await;
+                assert!(status.success(), "node {victim} exited with {status}");
+                mesh.gone.insert(victim);
+                stats.lock().leaves += 1;
+                format!("node {victim} leaves ({:?})", t.elapsed())
+            }
+        };
+        stats.lock().events += 1;
+        println!("event {} of {events}: {what}", k + 1);
+    }
+    mesh.settled().await;
+    let during = (acks() - a1) as f64 / t1.elapsed().as_secs_f64();
+    println!(
+        "throughput of the clients: {quiet:.0} acknowledged requests/s quiet, {during:.0}/s during {events} events over {:?} ({:.0} %)",
+        t1.elapsed(),
+        100.0 * during / quiet
+    );
+    for n in mesh.running.values() {
+        tally(n, &stats);
+    }
+    let s = stats.lock();
+    assert!(
+        s.failovers > 0 && s.declared_dead > 0 && s.joins > 0 && s.leaves > 0,
+        "the chaos run exercised failover, declared deaths, joins and leaves: {s:?}"
+    );
+    drop(s);
+    let mut it = std::mem::take(&mut mesh.running).into_values();
+    let first = it.next().unwrap();
+    (first, it.collect())
+}
+
+/// Configures fault points of a running node (`PUT /debug/failpoints`).
+async fn put_failpoints(n: &Node, spec: &str) {
+    let (s, _, b) = common::http(
+        &format!("{}/debug/failpoints", n.http),
+        "PUT",
+        None,
+        Bytes::from(spec.to_string()),
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_three_nodes_with_python_sdk_functions_loses_nothing() {
+    let server = FunctionServer::start(&statefun3(), "tests/py/statefun3_functions.py");
+    let module = python_module(&server.url());
+    run(
+        seed(),
+        Variant {
+            types: &["statemesh.smoke/fn", "statemesh.smoke/py"],
+            module: Some(module),
+            config: CONFIG,
+            requests: 200,
+            kills: 30,
+            points: &[],
+            wipe_local: false,
+            pad: false,
+            cluster: false,
+            chaos: 3,
+        },
+    )
+    .await;
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_five_nodes_loses_nothing() {
+    run(
+        seed(),
+        Variant {
+            types: &["statemesh.smoke/fn"],
+            module: None,
+            config: CONFIG,
+            requests: 200,
+            kills: 30,
+            points: &[],
+            wipe_local: false,
+            pad: false,
+            cluster: false,
+            chaos: 5,
+        },
+    )
+    .await;
 }

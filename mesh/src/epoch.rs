@@ -941,6 +941,9 @@ pub enum LeadAction {
     /// `epoch` is committed: record it in the control group (bookkeeping for later leaders;
     /// the manifest is the commit point).
     Record(Epoch),
+    /// The epochs made no progress (why, naming the participants waited for): a
+    /// synchronisation follows (every participant rolls back to the last committed epoch).
+    Stalled(String),
 }
 
 #[derive(Debug, Clone)]
@@ -1523,6 +1526,28 @@ impl EpochLeader {
                             }
                         }
                         if stalled {
+                            let oldest = since.iter().next().map(|(e, _)| *e);
+                            let lacking = |e: Epoch| -> Vec<NodeId> {
+                                let got = self.parts.get(&e);
+                                self.active
+                                    .iter()
+                                    .filter(|n| !got.is_some_and(|p| p.contains_key(n)))
+                                    .copied()
+                                    .collect()
+                            };
+                            let why = if let Some((waiting, _)) = &self.reconfiguring {
+                                format!("a live move: no Reconfigured from {waiting:?}")
+                            } else if self.adding.is_some() {
+                                "new participants: the open epochs did not drain".to_string()
+                            } else if let Some(e) = oldest.filter(|e| !lacking(*e).is_empty()) {
+                                format!("epoch {e} lacks the parts of {:?}", lacking(e))
+                            } else {
+                                format!(
+                                    "a cut not reported (active participants {:?})",
+                                    self.active
+                                )
+                            };
+                            out.push(LeadAction::Stalled(why));
                             self.sync(&mut out);
                         } else {
                             let acts = coord.handle(CoordInput::Tick { now_ms });

@@ -178,7 +178,7 @@ impl World {
                         fails,
                     ));
                 }
-                LeadAction::Record(_) => {}
+                LeadAction::Record(_) | LeadAction::Stalled(_) => {}
                 LeadAction::ProposeMove => {
                     let at = self.now + 1 + self.rng.below(10);
                     self.moves.push((at, self.term));

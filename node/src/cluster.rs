@@ -1201,6 +1201,9 @@ impl Driver {
                 });
             }
             LeadAction::Record(e) => self.record_wanted = self.record_wanted.max(e),
+            LeadAction::Stalled(why) => tracing::warn!(
+                "cluster epochs made no progress: synchronising the participants again ({why})"
+            ),
             LeadAction::ProposeMove => {
                 // The round's plan (its new owners had caught up when it started; the
                 // participants stopped these key groups), as far as it still stands.

@@ -74,55 +74,173 @@ fn retryable(s: &tonic::Status) -> bool {
     )
 }
 
-/// A client of one node. Cheap to clone; clones share the connection (which reconnects by
-/// itself after the node restarts).
+/// A client of a node and, for keyed requests, of the other nodes of its cluster. Cheap to
+/// clone; clones share the connections (which reconnect by themselves after a node restarts).
+///
+/// A keyed request that finds its node unavailable (down, restarting, cut off from its
+/// cluster, or not answering within [`Client::with_attempt_timeout`]) is retried with the
+/// same idempotency key on the next node the client knows: the nodes it was given
+/// ([`Client::connect_cluster`], [`Client::add_node`]) and the live members it learns from
+/// the cluster (when [`Client::connect`] connects, and after a failure, at most every 5 s).
+/// Any node takes any request (it forwards it to the owner), and the key makes the retry
+/// apply once. Admin requests ([`Client::cluster`], [`Client::leave_cluster`],
+/// [`Client::get_state`]) always go to the first node.
 #[derive(Clone)]
 pub struct Client {
     ingress: pb::ingress_client::IngressClient<Channel>,
     admin: pb::admin_client::AdminClient<Channel>,
     retry: RetryPolicy,
+    attempt_timeout: Option<std::time::Duration>,
+    nodes: std::sync::Arc<Nodes>,
+}
+
+/// The nodes a client knows; the first is the one it was connected to.
+struct Nodes {
+    list: std::sync::RwLock<Vec<Known>>,
+    /// Index into `list` of the node ingress requests go to now.
+    current: std::sync::atomic::AtomicUsize,
+    /// When the members were last asked for.
+    learned: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+struct Known {
+    /// `host:port`, as members advertise their gRPC addresses.
+    addr: String,
+    ingress: pb::ingress_client::IngressClient<Channel>,
+    admin: pb::admin_client::AdminClient<Channel>,
+}
+
+/// How often a client asks for the members at most.
+const LEARN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|source| ClientError::Connect {
+            url: url.to_string(),
+            source,
+        })?
+        .tcp_nodelay(true))
+}
+
+fn known(url: &str, channel: Channel) -> Known {
+    Known {
+        addr: url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string(),
+        ingress: pb::ingress_client::IngressClient::new(channel.clone())
+            .max_decoding_message_size(64 << 20),
+        admin: pb::admin_client::AdminClient::new(channel),
+    }
 }
 
 impl Client {
-    /// Connects to a node's gRPC address, e.g. `http://127.0.0.1:5090`.
+    fn over(first: Known) -> Self {
+        Client {
+            ingress: first.ingress.clone(),
+            admin: first.admin.clone(),
+            retry: RetryPolicy::default(),
+            attempt_timeout: None,
+            nodes: std::sync::Arc::new(Nodes {
+                list: std::sync::RwLock::new(vec![first]),
+                current: Default::default(),
+                learned: Default::default(),
+            }),
+        }
+    }
+
+    /// Connects to a node's gRPC address, e.g. `http://127.0.0.1:5090`, and learns the other
+    /// live members of its cluster (if it is in one) for keyed retries.
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|source| ClientError::Connect {
-                url: url.to_string(),
-                source,
-            })?
-            .tcp_nodelay(true);
-        let channel = endpoint
+        let channel = endpoint(url)?
             .connect()
             .await
             .map_err(|source| ClientError::Connect {
                 url: url.to_string(),
                 source,
             })?;
-        Ok(Client {
-            ingress: pb::ingress_client::IngressClient::new(channel.clone())
-                .max_decoding_message_size(64 << 20),
-            admin: pb::admin_client::AdminClient::new(channel),
-            retry: RetryPolicy::default(),
-        })
+        let client = Client::over(known(url, channel));
+        client.learn(0).await;
+        Ok(client)
     }
 
     /// Connects lazily: the first request connects (useful when the node is still starting).
     pub fn connect_lazy(url: &str) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|source| ClientError::Connect {
-                url: url.to_string(),
-                source,
-            })?
-            .tcp_nodelay(true)
-            .connect_timeout(std::time::Duration::from_secs(2));
-        let channel = endpoint.connect_lazy();
-        Ok(Client {
-            ingress: pb::ingress_client::IngressClient::new(channel.clone())
-                .max_decoding_message_size(64 << 20),
-            admin: pb::admin_client::AdminClient::new(channel),
-            retry: RetryPolicy::default(),
-        })
+        let channel = endpoint(url)?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .connect_lazy();
+        Ok(Client::over(known(url, channel)))
+    }
+
+    /// A client of several nodes of one cluster, connected lazily: requests go to the first,
+    /// and a keyed request moves on to the next when a node is unavailable. The live members
+    /// of the cluster are learned too (after a failure), so one reachable address is enough;
+    /// several survive the first being down.
+    pub fn connect_cluster<S: AsRef<str>>(urls: &[S]) -> Result<Self, ClientError> {
+        let Some(first) = urls.first() else {
+            return Err(ClientError::InvalidResponse(
+                "connect_cluster needs at least one node URL".into(),
+            ));
+        };
+        let client = Client::connect_lazy(first.as_ref())?;
+        for u in &urls[1..] {
+            client.add_node(u.as_ref())?;
+        }
+        Ok(client)
+    }
+
+    /// Adds a node (a gRPC URL, or `host:port`) that keyed requests may be retried on.
+    pub fn add_node(&self, url: &str) -> Result<(), ClientError> {
+        let url = if url.contains("://") {
+            url.to_string()
+        } else {
+            format!("http://{url}")
+        };
+        let channel = endpoint(&url)?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .connect_lazy();
+        let k = known(&url, channel);
+        let mut list = self.nodes.list.write().unwrap();
+        if !list.iter().any(|n| n.addr == k.addr) {
+            list.push(k);
+        }
+        Ok(())
+    }
+
+    /// The nodes this client knows (`host:port`), the one it was connected to first.
+    pub fn nodes(&self) -> Vec<String> {
+        let list = self.nodes.list.read().unwrap();
+        list.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// Asks node `via` (an index into the known nodes) for the members of its cluster and
+    /// adds the live ones' gRPC addresses; at most every [`LEARN_EVERY`], and failures are
+    /// ignored (a later failure asks again).
+    async fn learn(&self, via: usize) {
+        {
+            let mut at = self.nodes.learned.lock().unwrap();
+            if at.is_some_and(|t| t.elapsed() < LEARN_EVERY) {
+                return;
+            }
+            *at = Some(std::time::Instant::now());
+        }
+        let mut admin = {
+            let list = self.nodes.list.read().unwrap();
+            list[via % list.len()].admin.clone()
+        };
+        let asked = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            admin.get_cluster(pb::GetClusterRequest {}),
+        )
+        .await;
+        if let Ok(Ok(resp)) = asked {
+            for m in resp.into_inner().members {
+                if m.alive && !m.leaving && !m.grpc_addr.is_empty() {
+                    let _ = self.add_node(&m.grpc_addr);
+                }
+            }
+        }
     }
 
     /// The same client with another retry policy for keyed requests.
@@ -131,23 +249,69 @@ impl Client {
         self
     }
 
-    /// Runs a request, retrying it under the policy if it carries an idempotency key.
+    /// The same client with a deadline on each attempt of an ingress request: a node that
+    /// does not answer within it (paused, or cut off with its connection still open) counts
+    /// as unavailable, so a keyed request moves on to another node. None by default (a call
+    /// waits for its reply timeout).
+    pub fn with_attempt_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// Runs an ingress request on the current node; if it carries an idempotency key,
+    /// retries it under the policy, on the next node the client knows when this one is
+    /// unavailable.
     async fn retrying<T, F, Fut>(&self, keyed: bool, f: F) -> Result<T, tonic::Status>
     where
-        F: Fn() -> Fut,
+        F: Fn(pb::ingress_client::IngressClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
+        use std::sync::atomic::Ordering;
         let mut backoff = self.retry.initial_backoff;
         let mut attempt = 1;
         loop {
-            match f().await {
-                Err(s) if keyed && attempt < self.retry.attempts && retryable(&s) => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.retry.max_backoff);
-                    attempt += 1;
+            let (at, ingress, count) = {
+                let list = self.nodes.list.read().unwrap();
+                let at = self.nodes.current.load(Ordering::Relaxed) % list.len();
+                (at, list[at].ingress.clone(), list.len())
+            };
+            let r = match self.attempt_timeout {
+                None => f(ingress).await,
+                Some(d) => tokio::time::timeout(d, f(ingress))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(tonic::Status::unavailable(format!(
+                            "no answer within {} ms",
+                            d.as_millis()
+                        )))
+                    }),
+            };
+            let again = keyed && attempt < self.retry.attempts;
+            match r {
+                Err(s) if retryable(&s) => {
+                    if s.code() != tonic::Code::ResourceExhausted {
+                        // Unavailable: this request (if keyed) and the next go to the next
+                        // node, and the client asks for the members it may not know yet.
+                        let next = (at + 1) % count;
+                        let _ = self.nodes.current.compare_exchange(
+                            at,
+                            next,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                        if again {
+                            self.learn(next).await;
+                        }
+                    }
+                    if !again {
+                        return Err(s);
+                    }
                 }
                 r => return r,
             }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.retry.max_backoff);
+            attempt += 1;
         }
     }
 
@@ -169,8 +333,8 @@ impl Client {
             message: Some(message.to_proto()),
             idempotency_key: key.unwrap_or_default().to_string(),
         };
-        self.retrying(key.is_some(), || {
-            let (mut c, req) = (self.ingress.clone(), req.clone());
+        self.retrying(key.is_some(), |mut c| {
+            let req = req.clone();
             async move { c.send(req).await }
         })
         .await?;
@@ -202,8 +366,8 @@ impl Client {
             timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
         };
         let resp = self
-            .retrying(key.is_some(), || {
-                let (mut c, req) = (self.ingress.clone(), req.clone());
+            .retrying(key.is_some(), |mut c| {
+                let req = req.clone();
                 async move { c.call(req).await }
             })
             .await?
