@@ -953,6 +953,11 @@ async fn next_unpoisoned(
         if poisoned.is_none_or(|p| r.1 > p) {
             return Some(r);
         }
+        tracing::trace!(
+            generation = r.1,
+            ?poisoned,
+            "message to a peer dropped: its stream broke in this generation"
+        );
     }
 }
 
@@ -1054,6 +1059,7 @@ impl Placement {
             static FAILED: std::cell::RefCell<HashMap<String, u64>> = Default::default();
         }
         if FAILED.with(|f| f.borrow().get(addr).is_some_and(|&g| generation <= g)) {
+            tracing::trace!(%addr, generation, "message to a peer dropped: its stream could not be opened in this generation");
             return;
         }
         let f = LOCAL.with(|l| {

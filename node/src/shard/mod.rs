@@ -1364,6 +1364,7 @@ impl Handler<RemoteMarker> for Shard {
 
     fn handle(&mut self, msg: RemoteMarker, _: &mut Self::Context) {
         if msg.generation != self.generation {
+            tracing::trace!(shard = self.index, from = ?msg.from, epoch = msg.epoch, generation = msg.generation, own = self.generation, "remote marker of another generation (a newer one waits, an older one is dropped)");
             if msg.generation > self.generation {
                 self.early.push(Early::RemoteMarker(msg));
             }
