@@ -214,9 +214,9 @@ impl Client {
         list.iter().map(|n| n.addr.clone()).collect()
     }
 
-    /// Asks node `via` (an index into the known nodes) for the members of its cluster and
-    /// adds the live ones' gRPC addresses; at most every [`LEARN_EVERY`], and failures are
-    /// ignored (a later failure asks again).
+    /// Asks the known nodes, from `via` (an index into them) on, for the members of their
+    /// cluster until one answers, and adds the live members' gRPC addresses; at most every
+    /// [`LEARN_EVERY`] (a later failure asks again).
     async fn learn(&self, via: usize) {
         {
             let mut at = self.nodes.learned.lock().unwrap();
@@ -225,20 +225,25 @@ impl Client {
             }
             *at = Some(std::time::Instant::now());
         }
-        let mut admin = {
+        let admins: Vec<_> = {
             let list = self.nodes.list.read().unwrap();
-            list[via % list.len()].admin.clone()
+            (0..list.len())
+                .map(|k| list[(via + k) % list.len()].admin.clone())
+                .collect()
         };
-        let asked = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            admin.get_cluster(pb::GetClusterRequest {}),
-        )
-        .await;
-        if let Ok(Ok(resp)) = asked {
-            for m in resp.into_inner().members {
-                if m.alive && !m.leaving && !m.grpc_addr.is_empty() {
-                    let _ = self.add_node(&m.grpc_addr);
+        for mut admin in admins {
+            let asked = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                admin.get_cluster(pb::GetClusterRequest {}),
+            )
+            .await;
+            if let Ok(Ok(resp)) = asked {
+                for m in resp.into_inner().members {
+                    if m.alive && !m.leaving && !m.grpc_addr.is_empty() {
+                        let _ = self.add_node(&m.grpc_addr);
+                    }
                 }
+                return;
             }
         }
     }
