@@ -488,6 +488,10 @@ struct RollingBack {
     /// Pending messages of key groups gained, replayed with the others.
     extra: Vec<(u32, PendingMessage)>,
     since: Instant,
+    /// In a cluster: the generation this rollback is for (its shards take it). A `Hold` of a
+    /// newer one may come meanwhile: that generation's `Resume` (its base, its participants)
+    /// waits until this rollback is done, then rolls back again.
+    gen: Option<u64>,
 }
 
 fn now_ms() -> u64 {
@@ -1153,6 +1157,7 @@ impl Driver {
             owned_checked: false,
             extra: Vec::new(),
             since: Instant::now(),
+            gen: self.cluster.as_ref().filter(|c| c.active).map(|c| c.gen),
         });
         self.router.want_apply();
         self.continue_rollback();
@@ -1274,8 +1279,10 @@ impl Driver {
             // Taken in live: the others keep theirs.
             (Some(g), _) => g,
             // Every participant takes the leader's generation: messages between them of work
-            // before the rollback are told apart.
-            (None, Some(c)) => c.gen,
+            // before the rollback are told apart. The one this rollback is for: a newer one
+            // held meanwhile comes with its own `Resume` and base (shards in it with this
+            // rollback's base would number their cuts apart from the others').
+            (None, Some(c)) => rb.gen.unwrap_or(c.gen),
             (None, None) => self.router.next_generation(),
         };
         self.shard_gen = generation;
@@ -1376,7 +1383,11 @@ impl Driver {
             self.coord.drain();
             self.maybe_held();
         }
-        if let Some(c) = self.cluster.as_mut().filter(|c| c.active) {
+        if let Some(c) = self
+            .cluster
+            .as_mut()
+            .filter(|c| c.active && rb.gen.is_none_or(|g| g == c.gen))
+        {
             c.holding = false;
             c.listing_epoch = None;
             if rb.join_live.is_some() {
@@ -1448,6 +1459,17 @@ impl Driver {
                         key_groups: Arc::new(key_groups.into_iter().collect()),
                     }));
                 c.send(from, EpochMsg::Stopping { gen });
+            }
+            m @ EpochMsg::Resume { .. }
+                if gen == c.gen && holding && active && self.rolling_back.is_some() =>
+            {
+                // The rollback of an earlier generation is still under way: this one's
+                // `Resume` is taken once it is done (see `tick`).
+                tracing::debug!(
+                    gen,
+                    "resume of a newer generation waits for the rollback under way"
+                );
+                c.waiting_resume = Some((from, m));
             }
             EpochMsg::Resume {
                 committed,

@@ -839,6 +839,7 @@ impl Shard {
 
     /// To the owner of the envelope's key group: this shard, another one, or another node.
     fn route_env(&mut self, env: Envelope) {
+        tracing::trace!(shard = self.index, kg = env.kg, id = msg_id(&env.message), stopped = self.is_stopped(env.kg), route = ?self.router.placement().route(env.kg), peers = ?self.peers, "routed");
         if self.is_stopped(env.kg) {
             self.keep_for_move(env);
             return;
@@ -875,6 +876,7 @@ impl Shard {
         if !self.remote_out.is_empty() {
             let placement = self.router.placement().clone();
             for (node, (addr, batch)) in std::mem::take(&mut self.remote_out) {
+                tracing::trace!(shard = self.index, node, generation = self.generation, ids = ?batch.iter().map(|e| msg_id(&e.message)).collect::<Vec<_>>(), "sent to a peer");
                 let bytes = crate::mesh::shard_messages(
                     &placement,
                     self.node,
@@ -1061,6 +1063,13 @@ impl Shard {
         if self.checkpointing {
             let behind = self.behind.iter().map(|(_, e)| e);
             for env in self.parked.iter().chain(&self.moving_out).chain(behind) {
+                tracing::trace!(
+                    shard = self.index,
+                    epoch = e,
+                    kg = env.kg,
+                    id = msg_id(&env.message),
+                    "parked, kept for a move or behind: pending at the cut"
+                );
                 cut.pending.push((
                     env.target.to_string().into(),
                     3,
@@ -1077,6 +1086,7 @@ impl Shard {
                     continue;
                 }
                 slot.cut_mark = e;
+                tracing::trace!(shard = self.index, epoch = e, kg = slot.kg, in_flight = slot.in_flight, copy = slot.in_flight_copy.as_ref().map(|c| c.len()), inbox = ?slot.inbox.iter().map(|p| msg_id(&p.message)).collect::<Vec<_>>(), "busy at the cut: pending");
                 let target: Arc<str> = slot.address.to_string().into();
                 if slot.in_flight {
                     match &slot.in_flight_copy {
@@ -1250,11 +1260,27 @@ impl Shard {
     }
 }
 
+/// The `"id"` field of a JSON message body, for trace logs (the crash and chaos tests' message
+/// ids): follows one message through routing, cuts, moves and rollbacks.
+fn msg_id(m: &TypedValue) -> &str {
+    const PAT: &[u8] = b"\"id\":\"";
+    let v: &[u8] = m.value();
+    v.windows(PAT.len())
+        .position(|w| w == PAT)
+        .and_then(|i| {
+            let rest = &v[i + PAT.len()..];
+            let end = rest.iter().position(|&b| b == b'"')?;
+            std::str::from_utf8(&rest[..end]).ok()
+        })
+        .unwrap_or("")
+}
+
 impl Handler<Deliver> for Shard {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) {
         if (msg.from.is_some() || msg.remote.is_some()) && msg.generation != self.generation {
+            tracing::trace!(shard = self.index, generation = msg.generation, own = self.generation, remote = ?msg.remote, ids = ?msg.batch.iter().map(|e| msg_id(&e.message)).collect::<Vec<_>>(), "delivery of another generation (a newer one waits, an older one is dropped)");
             if msg.generation > self.generation {
                 self.early.push(Early::Deliver(msg));
             }
@@ -1273,6 +1299,7 @@ impl Shard {
             _ => Arrival::Process,
         };
         for (i, env) in msg.batch.into_iter().enumerate() {
+            tracing::trace!(shard = self.index, kg = env.kg, id = msg_id(&env.message), ?arrival, from = ?msg.from, remote = ?msg.remote, "delivered");
             let mut logged = false;
             if let (Arrival::ProcessAndLog(_), Some(cut)) = (arrival, self.cut.as_mut()) {
                 // Sent before the sender's cut, arriving after ours: in flight across it.
@@ -1408,6 +1435,7 @@ impl Handler<InvokeDone> for Shard {
     type Result = ();
 
     fn handle(&mut self, done: InvokeDone, ctx: &mut Self::Context) {
+        tracing::trace!(shard = self.index, generation = done.generation, own = self.generation, zombie = self.zombies.contains(&done.slot), processed = done.processed, ids = ?done.batch.iter().map(|p| msg_id(&p.message)).collect::<Vec<_>>(), "invocation done");
         if done.generation != self.generation {
             // A batch started before a rollback: its slot and its results are gone.
             return;
@@ -1646,7 +1674,21 @@ impl Handler<Rollback> for Shard {
             .into_iter()
             .partition(|e| self.router.placement().is_local(e.kg));
         for env in carried {
+            tracing::trace!(
+                shard = self.index,
+                kg = env.kg,
+                id = msg_id(&env.message),
+                "pending at the rollback, carried"
+            );
             self.route_env(env);
+        }
+        for env in &local {
+            tracing::trace!(
+                shard = self.index,
+                kg = env.kg,
+                id = msg_id(&env.message),
+                "pending at the rollback, local"
+            );
         }
         if !local.is_empty() {
             self.deliver(Deliver {
@@ -1658,11 +1700,20 @@ impl Handler<Rollback> for Shard {
                 ack: None,
             });
         }
+        // What came early for this generation is taken now; for a newer one (this rollback
+        // was overtaken: the next follows) it waits again; an older one's is dropped.
+        let g = self.generation;
         for e in std::mem::take(&mut self.early) {
+            let of = match &e {
+                Early::Deliver(d) => d.generation,
+                Early::Marker(m) => m.generation,
+                Early::RemoteMarker(m) => m.generation,
+            };
             match e {
-                Early::Deliver(d) if d.generation == self.generation => self.deliver(d),
-                Early::Marker(m) if m.generation == self.generation => self.marker(m),
-                Early::RemoteMarker(m) if m.generation == self.generation => self.remote_marker(m),
+                _ if of > g => self.early.push(e),
+                Early::Deliver(d) if of == g => self.deliver(d),
+                Early::Marker(m) if of == g => self.marker(m),
+                Early::RemoteMarker(m) if of == g => self.remote_marker(m),
                 _ => {}
             }
         }
@@ -1701,6 +1752,7 @@ impl Handler<Reconfigure> for Shard {
             for &i in &gone {
                 let slot = &mut self.slots[i];
                 self.by_addr.remove(&slot.address);
+                tracing::trace!(shard = self.index, kg = slot.kg, ids = ?slot.inbox.iter().map(|p| msg_id(&p.message)).collect::<Vec<_>>(), in_flight = slot.in_flight, "moved away: inbox cleared");
                 ingress += slot.inbox.iter().filter(|p| p.ingress).count();
                 slot.inbox.clear();
                 if slot.saturated {
@@ -1770,6 +1822,7 @@ impl Handler<Reconfigure> for Shard {
             );
         }
         // Pending at the stop, then what was kept since, in order.
+        tracing::trace!(shard = self.index, pending = ?msg.pending.iter().map(|e| msg_id(&e.message)).collect::<Vec<_>>(), kept = ?self.moving_out.iter().map(|e| msg_id(&e.message)).collect::<Vec<_>>(), "after a live move: pending and kept messages");
         for env in msg.pending {
             self.enqueue(env);
         }
