@@ -284,6 +284,8 @@ struct KillStats {
     joins: usize,
     leaves: usize,
     declared_dead: usize,
+    /// Times the epoch leader gave up waiting for a part and synchronised everyone again.
+    stalls: usize,
 }
 
 async fn metric(http_url: &str, name: &str) -> Option<f64> {
@@ -568,61 +570,38 @@ async fn run(seed: u64, v: Variant) {
     // The killer: each incarnation is killed with SIGKILL 0-700 ms after its spawn, or aborts
     // by itself at a fault point; then it is restarted on the same data and ports.
     let stats = Arc::new(Mutex::new(KillStats::default()));
-    if v.chaos > 0 {
-        let ports = std::iter::once((grpc_port, http_port))
-            .chain(chaos_ports)
-            .collect();
-        let (n, others) = chaos(
-            dir.path(),
-            &launch,
-            ports,
-            v.chaos,
-            v.kills,
-            kill_rng,
-            stats.clone(),
-            acked.clone(),
-        )
-        .await;
+    if v.chaos > 0 || v.cluster {
+        let (n, others) = if v.chaos > 0 {
+            let ports = std::iter::once((grpc_port, http_port))
+                .chain(chaos_ports)
+                .collect();
+            chaos(
+                dir.path(),
+                &launch,
+                ports,
+                v.chaos,
+                v.kills,
+                kill_rng,
+                stats.clone(),
+                acked.clone(),
+            )
+            .await
+        } else {
+            cluster_killer(
+                dir.path(),
+                &launch,
+                &peers,
+                v.kills,
+                kill_rng,
+                stats.clone(),
+            )
+            .await
+        };
         done.store(true, Ordering::SeqCst);
         for w in workers {
             w.await.unwrap();
         }
-        let egress_http = n.http.clone();
-        verify(
-            seed,
-            &v,
-            n,
-            &others,
-            model,
-            reqs,
-            next,
-            acked,
-            stats,
-            t0,
-            &addresses,
-            &egress_http,
-        )
-        .await;
-        for o in others {
-            o.stop();
-        }
-        return;
-    }
-    if v.cluster {
-        let (n, others) = cluster_killer(
-            dir.path(),
-            &launch,
-            &peers,
-            v.kills,
-            kill_rng,
-            stats.clone(),
-        )
-        .await;
-        done.store(true, Ordering::SeqCst);
-        for w in workers {
-            w.await.unwrap();
-        }
-        // Egress is read through a node that owns nothing (it pops the owner's records).
+        // Egress is read through another node (it pops the owners' records).
         let egress_http = others[0].http.clone();
         verify(
             seed,
@@ -1477,6 +1456,7 @@ fn tally(n: &Node, stats: &Mutex<KillStats>) {
         .matches("rolling back to the last committed epoch")
         .count();
     s.declared_dead += log.matches(DECLARED_DEAD).count();
+    s.stalls += log.matches("cluster epochs made no progress").count();
 }
 
 /// The seeded schedule of a chaos run: cycles of six events in a random order, each cycle a
@@ -1683,11 +1663,11 @@ async fn put_failpoints(n: &Node, spec: &str) {
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
 }
 
-// Not in CI yet: one run in about ten (seed 1796279335830154761, locally) lost one message
-// between two Python SDK functions during a partition, a kill of the leader, a failover and a
-// live move in a row (see the progress note of issue 9). Run it with
-// `cargo test --test crash -- --ignored chaos_on_three`.
-#[ignore = "loses a message between functions in about one run in ten: issue 9"]
+// Not in CI yet: before the fix of overlapping rollbacks (a shard dropped what came early for
+// a newer generation when an older rollback finished first), one run in about ten lost a
+// message between two functions (seed 1796279335830154761). It goes back into CI once it has
+// passed many runs in a row: `cargo test --test crash -- --ignored chaos_on_three`.
+#[ignore = "back in CI after many clean runs (issue 9): it once lost a message between functions"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_on_three_nodes_with_python_sdk_functions_loses_nothing() {
     let server = FunctionServer::start(&statefun3(), "tests/py/statefun3_functions.py");
