@@ -122,6 +122,13 @@ fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
         .tcp_nodelay(true))
 }
 
+/// A channel that connects on its first request (within 2 s).
+fn lazy_channel(url: &str) -> Result<Channel, ClientError> {
+    Ok(endpoint(url)?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy())
+}
+
 fn known(url: &str, channel: Channel) -> Known {
     Known {
         addr: url
@@ -167,10 +174,7 @@ impl Client {
 
     /// Connects lazily: the first request connects (useful when the node is still starting).
     pub fn connect_lazy(url: &str) -> Result<Self, ClientError> {
-        let channel = endpoint(url)?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .connect_lazy();
-        Ok(Client::over(known(url, channel)))
+        Ok(Client::over(known(url, lazy_channel(url)?)))
     }
 
     /// A client of several nodes of one cluster, connected lazily: requests go to the first,
@@ -197,10 +201,7 @@ impl Client {
         } else {
             format!("http://{url}")
         };
-        let channel = endpoint(&url)?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .connect_lazy();
-        let k = known(&url, channel);
+        let k = known(&url, lazy_channel(&url)?);
         let mut list = self.nodes.list.write().unwrap();
         if !list.iter().any(|n| n.addr == k.addr) {
             list.push(k);
