@@ -828,3 +828,79 @@ async fn a_lone_node_is_a_cluster_of_one() {
     let log = n.wait_listening().expect_err("refused");
     assert!(log.contains("node-id: expected a node id"), "{log}");
 }
+
+/// The SDK client says what went wrong when no node it knows answers: no URL at all; a node
+/// that does not answer within the attempt timeout (SIGSTOP) beside one that refuses
+/// connections (keyed retries rotate over both, then the last refusal is returned); and
+/// after the pause, the same idempotency key is applied once. Then every node it knows is
+/// gone: the retries end with UNAVAILABLE, in bounded time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_client_says_why_when_no_node_it_knows_answers() {
+    let none: &[&str] = &[];
+    let Err(e) = statemesh_sdk::Client::connect_cluster(none) else {
+        panic!("a client without any node URL");
+    };
+    assert!(e.to_string().contains("at least one node URL"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), None);
+    let closed = format!("127.0.0.1:{}", common::free_port());
+    let client = statemesh_sdk::Client::connect_cluster(&[node.grpc.as_str(), closed.as_str()])
+        .unwrap()
+        .with_attempt_timeout(Duration::from_millis(300))
+        .with_retry(statemesh_sdk::RetryPolicy {
+            attempts: 4,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(50),
+        });
+    assert_eq!(client.nodes().len(), 2, "{:?}", client.nodes());
+    let ctr = addr("example/counter/paused");
+    let add = |n: i64, key: &'static str| {
+        let client = client.clone();
+        let ctr = ctr.clone();
+        async move {
+            client
+                .call_with(&ctr, TypedValue::of(&n), Some(key), None)
+                .await
+        }
+    };
+    assert_eq!(add(1, "k1").await.unwrap().get::<i64>().unwrap(), 1);
+
+    unsafe { libc::kill(node.pid() as i32, libc::SIGSTOP) };
+    let t = Instant::now();
+    let e = add(5, "k2").await.unwrap_err();
+    let took = t.elapsed();
+    unsafe { libc::kill(node.pid() as i32, libc::SIGCONT) };
+    assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+    let why = e.to_string();
+    assert!(
+        why.contains("no answer within 300 ms") || why.contains("onnect"),
+        "the error names neither the timeout nor the refused connection: {why}"
+    );
+    assert!(took < Duration::from_secs(6), "gave up after {took:?}");
+    println!("with the node paused, the client gave up after {took:?}: {why}");
+    // The paused node may have taken the request before it stopped: retried with its key, it
+    // is applied once either way.
+    let r = eventually("the node answering again", Duration::from_secs(10), || {
+        let add = add(5, "k2");
+        async move { add.await.ok() }
+    })
+    .await;
+    assert_eq!(r.get::<i64>().unwrap(), 6);
+    assert_eq!(add(5, "k2").await.unwrap().get::<i64>().unwrap(), 6);
+    assert_eq!(add(1, "k3").await.unwrap().get::<i64>().unwrap(), 7);
+
+    node.kill();
+    let t = Instant::now();
+    let e = add(1, "k4").await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+    assert!(
+        e.to_string().contains("4 attempts over 2 of the 2 nodes"),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    println!(
+        "with every node gone, the client gave up after {:?}: {e}",
+        t.elapsed()
+    );
+}

@@ -277,6 +277,35 @@ impl ClusterState {
             .collect()
     }
 
+    /// The failover moves: every key group whose owner is dead (or gone) goes to the member
+    /// rendezvous hashing picks among the members that take key groups *and* can take one now
+    /// (`ready`: its control log has caught up). A key group whose wanted owner cannot take it
+    /// yet (a member still starting) is served meanwhile by the next in its ranking, and moves
+    /// on later by a live handover, instead of staying unserved until that member is ready.
+    /// Only key groups with a dead owner move; unassigned ones follow `plan_moves`.
+    pub fn plan_failover(&self, ready: &dyn Fn(NodeId) -> bool) -> Vec<MoveCommand> {
+        let dead = |n: NodeId| !self.members.get(&n).is_some_and(|m| m.alive);
+        let members: Vec<NodeId> = self
+            .placement_members()
+            .into_iter()
+            .filter(|&m| ready(m))
+            .collect();
+        self.table
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.owner.is_some_and(dead))
+            .filter_map(|(kg, o)| {
+                let to = crate::placement::owner_of(kg as u32, &members)?;
+                Some(MoveCommand {
+                    kg: kg as u32,
+                    to,
+                    version: o.version,
+                    orphan: true,
+                })
+            })
+            .collect()
+    }
+
     /// Why a part of member `from` that wrote key groups as their owner (`(key group,
     /// ownership version)`, the versions its table had) must be refused: a key group it does
     /// not own, or owns at another version (its table and this one disagree: a move it has not
@@ -613,6 +642,56 @@ mod tests {
         assert!(s.plan_moves(2).is_empty());
         s.apply(9, &rejoin_with(1, 43));
         assert!(s.plan_moves(2).iter().all(|m| !m.orphan));
+    }
+
+    #[test]
+    fn a_dead_members_key_groups_go_to_ready_members_only_and_move_on_later() {
+        let mut s = ClusterState::new(64);
+        for (i, id) in [1, 2, 3].into_iter().enumerate() {
+            s.apply(i as u64 + 1, &join(id));
+        }
+        let n = s.applied_index + 1;
+        let moves = s.plan_moves(64);
+        s.apply(n, &Command::Move { moves });
+        let n = s.applied_index + 1;
+        s.apply(
+            n,
+            &Command::MarkDead {
+                id: 1,
+                generation: 1,
+            },
+        );
+        let of_1: Vec<u32> = (0..64)
+            .filter(|&kg| s.table[kg as usize].owner == Some(1))
+            .collect();
+        assert!(!of_1.is_empty());
+        // Everyone ready: the rendezvous owners over the live members, as `plan_moves` has.
+        let all = s.plan_failover(&|_| true);
+        let mut planned = s.plan_moves(64);
+        planned.retain(|m| m.orphan);
+        assert_eq!(all, planned);
+        // Node 3 not caught up: all of node 1's key groups go to node 2, none waits.
+        let plan = s.plan_failover(&|n| n != 3);
+        assert_eq!(plan.iter().map(|m| m.kg).collect::<Vec<_>>(), of_1);
+        assert!(plan.iter().all(|m| m.to == 2 && m.orphan), "{plan:?}");
+        let n = s.applied_index + 1;
+        assert_eq!(s.apply(n, &Command::Move { moves: plan }), Outcome::Applied);
+        assert!(s.plan_failover(&|_| true).is_empty());
+        // Later, the ones node 3 should own move to it as live handovers (not failovers).
+        let later = s.plan_moves(64);
+        assert!(!later.is_empty());
+        assert!(later.iter().all(|m| m.to == 3 && !m.orphan), "{later:?}");
+        // Nobody ready: nothing planned.
+        let mut s2 = s.clone();
+        let n = s2.applied_index + 1;
+        s2.apply(
+            n,
+            &Command::MarkDead {
+                id: 2,
+                generation: 1,
+            },
+        );
+        assert!(s2.plan_failover(&|_| false).is_empty());
     }
 
     fn rejoin_with(id: NodeId, incarnation: u64) -> Command {

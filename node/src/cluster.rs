@@ -453,6 +453,7 @@ pub(crate) fn start(
             left_out: Default::default(),
             move_proposed: None,
             move_plan: Vec::new(),
+            failover_plan: Vec::new(),
             node,
             incarnation,
             joined: false,
@@ -596,6 +597,9 @@ struct Driver {
     move_proposed: Option<(u64, Instant)>,
     /// The key groups of the move round under way.
     move_plan: Vec<u32>,
+    /// The moves of the failover in progress (empty for a handover round, whose moves are
+    /// planned again when proposed).
+    failover_plan: Vec<statemesh_mesh::control::MoveCommand>,
     node: ControlNode<EngineStorage>,
     /// This process start (see `Member::incarnation`).
     incarnation: u64,
@@ -934,10 +938,11 @@ impl Driver {
         (moves, waiting)
     }
 
-    /// The planned moves of key groups whose owner is dead (or gone), to members that can
-    /// take them now, once every ownership lease the dead owner may hold has expired
-    /// (`Detector::may_take_over`).
-    fn orphan_moves(&self) -> Vec<u32> {
+    /// The failover moves of key groups whose owner is dead (or gone), once every ownership
+    /// lease the dead owner may hold has expired (`Detector::may_take_over`), to members that
+    /// can take them now (`ClusterState::plan_failover`: a wanted owner whose control log has
+    /// not caught up is skipped for the next in the ranking; it gets them later by handover).
+    fn orphan_moves(&self) -> Vec<statemesh_mesh::control::MoveCommand> {
         let state = self.node.state();
         let me = self.node.id();
         let dead = |n: NodeId| !state.members.get(&n).is_some_and(|m| m.alive);
@@ -946,26 +951,28 @@ impl Driver {
         }
         let now = crate::mesh::mono_ms();
         state
-            .plan_moves(state.table.len())
+            .plan_failover(&|n| n == me || self.node.caught_up(n))
             .into_iter()
             .filter(|m| {
                 state.table[m.kg as usize]
                     .owner
-                    .is_some_and(|o| dead(o) && self.detector.may_take_over(o, now))
+                    .is_some_and(|o| self.detector.may_take_over(o, now))
             })
-            .filter(|m| m.to == me || self.node.caught_up(m.to))
-            .map(|m| m.kg)
             .collect()
     }
 
     /// Moves the key groups of dead members (`plan`) in a synchronisation of the participants
     /// `p`: every participant holds, the moves are proposed, and everyone rolls back to the
     /// last committed epoch; the new owners load the key groups from blob storage.
-    fn failover(&mut self, p: std::collections::BTreeMap<NodeId, u64>, plan: Vec<u32>) {
+    fn failover(
+        &mut self,
+        p: std::collections::BTreeMap<NodeId, u64>,
+        plan: Vec<statemesh_mesh::control::MoveCommand>,
+    ) {
         let state = self.node.state();
         let dead: std::collections::BTreeSet<NodeId> = plan
             .iter()
-            .filter_map(|&kg| state.table[kg as usize].owner)
+            .filter_map(|m| state.table[m.kg as usize].owner)
             .collect();
         tracing::warn!(
             key_groups = plan.len(),
@@ -973,7 +980,8 @@ impl Driver {
             "failover: moving the key groups of dead members to the others (every node rolls back to the last committed epoch)"
         );
         self.move_round = Some(Instant::now());
-        self.move_plan = plan;
+        self.move_plan = plan.iter().map(|m| m.kg).collect();
+        self.failover_plan = plan;
         self.lead_input(LeadInput::Failover(p));
     }
 
@@ -1074,6 +1082,7 @@ impl Driver {
                 // then read a short chain.
                 let plan: Vec<u32> = moves.iter().map(|m| m.kg).collect();
                 self.move_plan = plan.clone();
+                self.failover_plan.clear();
                 tracing::info!(
                     key_groups = plan.len(),
                     "moving key groups to the members that should own them"
@@ -1207,12 +1216,31 @@ impl Driver {
             LeadAction::ProposeMove => {
                 // The round's plan (its new owners had caught up when it started; the
                 // participants stopped these key groups), as far as it still stands.
+                // A failover's moves were planned over the members ready then; they still
+                // stand while the key group's version and the target's membership do.
                 let state = self.node.state();
-                let moves: Vec<_> = state
-                    .plan_moves(state.table.len())
-                    .into_iter()
-                    .filter(|m| self.move_plan.contains(&m.kg))
-                    .collect();
+                let moves: Vec<_> = if self.failover_plan.is_empty() {
+                    state
+                        .plan_moves(state.table.len())
+                        .into_iter()
+                        .filter(|m| self.move_plan.contains(&m.kg))
+                        .collect()
+                } else {
+                    std::mem::take(&mut self.failover_plan)
+                        .into_iter()
+                        .filter(|m| {
+                            let o = &state.table[m.kg as usize];
+                            o.version == m.version
+                                && o.owner.is_some_and(|d| {
+                                    !state.members.get(&d).is_some_and(|x| x.alive)
+                                })
+                                && state
+                                    .members
+                                    .get(&m.to)
+                                    .is_some_and(|t| t.alive && !t.leaving)
+                        })
+                        .collect()
+                };
                 let version = self.node.state().placement_version;
                 if moves.is_empty() {
                     self.lead_input(LeadInput::Moved);

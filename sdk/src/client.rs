@@ -276,10 +276,15 @@ impl Client {
         let mut backoff = self.retry.initial_backoff;
         let mut attempt = 1;
         loop {
-            let (at, ingress, count) = {
+            let (at, ingress, count, addr) = {
                 let list = self.nodes.list.read().unwrap();
                 let at = self.nodes.current.load(Ordering::Relaxed) % list.len();
-                (at, list[at].ingress.clone(), list.len())
+                (
+                    at,
+                    list[at].ingress.clone(),
+                    list.len(),
+                    list[at].addr.clone(),
+                )
             };
             let r = match self.attempt_timeout {
                 None => f(ingress).await,
@@ -310,7 +315,19 @@ impl Client {
                         }
                     }
                     if !again {
-                        return Err(s);
+                        // Named: which node refused last, and how often the client tried.
+                        let tried = if attempt > 1 {
+                            format!(
+                                "; {attempt} attempts over {} of the {count} nodes the client knows",
+                                count.min(attempt as usize)
+                            )
+                        } else {
+                            String::new()
+                        };
+                        return Err(tonic::Status::new(
+                            s.code(),
+                            format!("{} (node {addr}{tried})", s.message()),
+                        ));
                     }
                 }
                 r => return r,
