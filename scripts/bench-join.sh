@@ -7,7 +7,7 @@
 # join to node 3 owning its share in node 1's table, the pause of a moved key (per key: its
 # longest call during the join; p50/p99/max over the keys), the same for keys that did not
 # move and for every key in the 5 s before the join, and p50/p99 of calls before and during the
-# join (from the join to AFTER seconds after the handover).
+# join (from the join to AFTER seconds after the handover), and of the unmoved keys after that.
 #   BEFORE=8 AFTER=8 CONCURRENCY=16 KEYS=256 bash scripts/bench-join.sh
 # MODE=leave measures the other way: three nodes share the key groups, and node 3 leaves
 # (`statemesh cluster leave`) under the same load; the handover ends when node 3 owns nothing
@@ -122,6 +122,9 @@ print(json.dumps({
     "before": window(0, join, lambda kg: True),
     "during_unmoved": window(join, end, stay),
     "during_moved": window(join, end, move),
+    # The same keys once the move is over (the cluster's new steady state: on a small machine
+    # a third process alone changes latencies, whatever moved).
+    "after_unmoved": window(end, 1 << 62, stay),
     "pause_moved_keys": pauses(join, end, move),
     "pause_unmoved_keys": pauses(join, end, stay),
     "pause_before_join": pauses(max(0, join - 5_000_000), join, lambda kg: True),

@@ -1405,6 +1405,12 @@ async fn a_voter_leaves_under_load_its_seat_goes_to_the_learner_and_it_exits_0()
     assert_eq!(member(&v, 2)["role"], "voter", "{v}");
     let load = Load::start(&[&n1, &n3], "leave", false).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    const ROLLBACKS: &str = "statemesh_checkpoint_rollbacks_total";
+    let rollbacks_before = [
+        n1.metric(ROLLBACKS).await,
+        n3.metric(ROLLBACKS).await,
+        n4.metric(ROLLBACKS).await,
+    ];
     // `statemesh cluster leave --node <node 2>`: waits until node 2 has left and stopped.
     let t0 = std::time::Instant::now();
     let grpc2 = n2.grpc.clone();
@@ -1428,12 +1434,20 @@ async fn a_voter_leaves_under_load_its_seat_goes_to_the_learner_and_it_exits_0()
         "{out}"
     );
     let mut n2 = n2;
+    let left = std::time::Instant::now();
     let status = eventually("node 2 exits", Duration::from_secs(30), || {
         let s = n2.exited();
         async move { s }
     })
     .await;
     assert!(status.success(), "node 2 exited with {status}");
+    // It stops at once: its peers' streams end once its last epoch committed (the gRPC
+    // server's graceful stop waited 5 s for them before).
+    assert!(
+        left.elapsed() < Duration::from_secs(3),
+        "node 2 exited {:?} after it left",
+        left.elapsed()
+    );
     assert!(
         n2.log_since_launch()
             .contains("this node has left the cluster"),
@@ -1463,6 +1477,16 @@ async fn a_voter_leaves_under_load_its_seat_goes_to_the_learner_and_it_exits_0()
     assert!(at("join", Some(4)) < at("leave", Some(2)), "{whys:?}");
     assert!(at("leave", Some(2)) < at("leave", None), "{whys:?}");
     assert!(at("leave", None) < at("left", Some(2)), "{whys:?}");
+    // Node 2 left the epochs live once it owned nothing: nobody rolled back.
+    let rollbacks_after = [
+        n1.metric(ROLLBACKS).await,
+        n3.metric(ROLLBACKS).await,
+        n4.metric(ROLLBACKS).await,
+    ];
+    assert_eq!(
+        rollbacks_before, rollbacks_after,
+        "rollbacks on nodes 1, 3 and 4 during the leave"
+    );
     let (calls, _) = load.finish(&n3).await;
     println!("{calls} calls while node 2 left");
     for n in [n1, n3, n4] {

@@ -888,6 +888,12 @@ pub enum LeadInput {
     /// blob storage (failover). Also taken when the participants did not change but key
     /// groups have no live owner (a leader that took over after the death).
     Failover(BTreeMap<NodeId, u64>),
+    /// The participants now, without some that own no key groups and are alive (a member
+    /// that is leaving, once its key groups were handed over): taken out live once the open
+    /// epochs drained (they still take part in those), so that nobody rolls back. Anything
+    /// else (not a subset of the participants, another incarnation, a move under way, someone
+    /// left out) is taken as [`LeadInput::Participants`].
+    Retire(BTreeMap<NodeId, u64>),
     /// The move proposed was applied (or refused): the synchronisation goes on.
     Moved,
     /// The stream to a node broke (messages queued on it are lost): a participant taking
@@ -1063,8 +1069,9 @@ pub struct EpochLeader {
     /// After a live `Resume`: the participants that have not answered `Reconfigured` yet, and
     /// since when the leader waits (no epoch starts until all did).
     reconfiguring: Option<(BTreeSet<NodeId>, u64)>,
-    /// Participants new to the epochs (members that own nothing yet) being taken in live:
-    /// the open epochs drain first (since when), then a synchronisation rolls nobody back.
+    /// Participants new to the epochs (members that own nothing yet) being taken in live, or
+    /// participants that own nothing being taken out ([`LeadInput::Retire`]): the open epochs
+    /// drain first (since when), then a synchronisation rolls nobody back.
     adding: Option<u64>,
     /// The participants the synchronisation under way takes in live.
     joining: BTreeSet<NodeId>,
@@ -1172,6 +1179,12 @@ impl EpochLeader {
             && self.adding.is_none()
             && !self.move_now
             && !self.handover
+    }
+
+    /// The participants that take part in the epochs now (a participant that
+    /// [`LeadInput::Retire`] takes out stays in until the open epochs drained).
+    pub fn active(&self) -> &BTreeSet<NodeId> {
+        &self.active
     }
 
     /// The participants left out of the epochs now (they did not answer).
@@ -1538,7 +1551,8 @@ impl EpochLeader {
                             let why = if let Some((waiting, _)) = &self.reconfiguring {
                                 format!("a live move: no Reconfigured from {waiting:?}")
                             } else if self.adding.is_some() {
-                                "new participants: the open epochs did not drain".to_string()
+                                "participants joining or leaving: the open epochs did not drain"
+                                    .to_string()
                             } else if let Some(e) = oldest.filter(|e| !lacking(*e).is_empty()) {
                                 format!("epoch {e} lacks the parts of {:?}", lacking(e))
                             } else {
@@ -1601,6 +1615,22 @@ impl EpochLeader {
                     self.want_sync(&mut out);
                 }
             }
+            LeadInput::Retire(p) => {
+                let shrinks = !p.is_empty()
+                    && p.len() < self.participants.len()
+                    && p.iter().all(|(n, i)| self.participants.get(n) == Some(i));
+                if shrinks && self.ready_to_move() {
+                    // The coordinator still counts the ones retiring (`active`) until the
+                    // synchronisation after the drain, which holds only those that stay.
+                    self.participants = p;
+                    self.adding = Some(self.now_ms);
+                    if let Phase::Running { coord, .. } = &mut self.phase {
+                        coord.pause(true);
+                    }
+                } else {
+                    return self.handle(LeadInput::Participants(p));
+                }
+            }
             LeadInput::Participants(p) => {
                 // Only new members that own nothing (as far as the leader knows: every
                 // participant it had is still there, the same incarnation): taken in live once
@@ -1639,7 +1669,10 @@ impl EpochLeader {
                 }
             }
             LeadInput::Msg { from, msg } => {
-                if msg.gen() != self.gen || !self.participants.contains_key(&from) {
+                // (One retiring still takes part in the open epochs: see `Retire`.)
+                if msg.gen() != self.gen
+                    || !(self.participants.contains_key(&from) || self.active.contains(&from))
+                {
                     return out;
                 }
                 match (msg, &mut self.phase) {
@@ -2610,6 +2643,126 @@ mod tests {
         let (mut l, g) = running_leader();
         let a = l.handle(LeadInput::Participants([(1, 2), (2, 1), (3, 1)].into()));
         assert!(sends(&a).contains(&(1, EpochMsg::Hold { gen: g + 1 })));
+    }
+
+    #[test]
+    fn a_participant_that_owns_nothing_is_taken_out_without_a_rollback_once_the_open_epochs_drain()
+    {
+        let mut l = EpochLeader::new(1 << 32, 10, 4, 100_000, 0);
+        l.handle(LeadInput::Tick { now_ms: 0 });
+        l.handle(LeadInput::Participants([(1, 1), (2, 1), (3, 1)].into()));
+        let g = l.gen();
+        for from in [1, 2, 3] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: held_msg(g, 0, 0, 0),
+            });
+        }
+        l.handle(LeadInput::Latest(Ok(None)));
+        assert!(l.running());
+        let mut now = 0;
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        // Node 3 left its key groups behind while epoch `e` is open: it still takes part in
+        // `e` (the leader waits for its cut and part), nothing else starts.
+        let a = l.handle(LeadInput::Retire([(1, 1), (2, 1)].into()));
+        assert!(a.is_empty(), "{a:?}");
+        assert!(tick(&mut l, &mut now, 3).is_empty());
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Cut { gen: g, epoch: e },
+            });
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Part {
+                    gen: g,
+                    epoch: e,
+                    objects: vec![1],
+                    owned: Vec::new(),
+                },
+            });
+        }
+        for _ in 0..3 {
+            now += 10;
+            let a = l.handle(LeadInput::Tick { now_ms: now });
+            assert!(a.is_empty(), "without node 3's part: {a:?}");
+        }
+        l.handle(LeadInput::Msg {
+            from: 3,
+            msg: EpochMsg::Cut { gen: g, epoch: e },
+        });
+        let a = l.handle(LeadInput::Msg {
+            from: 3,
+            msg: EpochMsg::Part {
+                gen: g,
+                epoch: e,
+                objects: Vec::new(),
+                owned: Vec::new(),
+            },
+        });
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, LeadAction::WriteManifest { epoch, .. } if *epoch == e)),
+            "{a:?}"
+        );
+        l.handle(LeadInput::ManifestDone {
+            epoch: e,
+            result: Ok(true),
+        });
+        // Drained: only the two that stay are held, and resume live where they are.
+        let a = tick(&mut l, &mut now, 1);
+        let g1 = l.gen();
+        assert_eq!(
+            a,
+            vec![
+                (1, EpochMsg::Hold { gen: g1 }),
+                (2, EpochMsg::Hold { gen: g1 })
+            ]
+        );
+        // (This leader wrote every manifest since it read the newest: no read.)
+        let mut a = Vec::new();
+        for from in [1, 2] {
+            a.extend(l.handle(LeadInput::Msg {
+                from,
+                msg: held_msg(g1, e, e, g),
+            }));
+        }
+        let resumes = sends(&a);
+        assert_eq!(resumes.len(), 2, "{resumes:?}");
+        for (_, m) in resumes {
+            assert!(
+                matches!(m, EpochMsg::Resume { roll_back: false, live: true, ref members, committed, .. }
+                    if committed == e && members == &vec![(1, 1), (2, 1)]),
+                "{m:?}"
+            );
+        }
+        let mut a = Vec::new();
+        for from in [1, 2] {
+            a.extend(l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Reconfigured { gen: g1 },
+            }));
+        }
+        let barriers: Vec<_> = sends(&a)
+            .into_iter()
+            .filter_map(|(to, m)| match m {
+                EpochMsg::Barrier { epoch, members, .. } => Some((to, epoch, members)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            barriers,
+            vec![(1, e + 1, vec![1, 2]), (2, e + 1, vec![1, 2])],
+            "{a:?}"
+        );
+
+        // Not a subset (another incarnation): the old way, everyone rolls back.
+        let (mut l, g) = running_leader();
+        let a = l.handle(LeadInput::Retire([(1, 2)].into()));
+        assert!(
+            sends(&a).contains(&(1, EpochMsg::Hold { gen: g + 1 })),
+            "{a:?}"
+        );
     }
 
     #[test]

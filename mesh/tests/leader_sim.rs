@@ -80,6 +80,9 @@ struct Participant {
     /// A member that has not joined the epochs yet (it owns nothing): the leader does not know
     /// it until it joins.
     waiting: bool,
+    /// A member that left the epochs (it owns nothing: a leave handed its key groups over):
+    /// it still answers for the epochs it took part in.
+    retired: bool,
 }
 
 struct World {
@@ -120,6 +123,10 @@ struct World {
     live: u64,
     /// Participants new to the epochs taken in by a live `Resume`.
     joined_live: u64,
+    /// The participant being taken out (`Retire`) until the others resume.
+    retiring: Option<NodeId>,
+    /// Participants taken out with the others resuming live (nobody rolled back).
+    retired_live: u64,
 }
 
 impl World {
@@ -192,10 +199,24 @@ impl World {
         let p = self
             .parts
             .iter()
-            .filter(|(_, p)| !p.waiting)
+            .filter(|(_, p)| !p.waiting && !p.retired)
             .map(|(id, p)| (*id, p.incarnation))
             .collect();
         self.lead(LeadInput::Participants(p));
+    }
+
+    /// Participant `id` owns nothing and leaves the epochs.
+    fn retire(&mut self, id: NodeId) {
+        self.log(|| format!("node {id} retires from the epochs"));
+        self.parts.get_mut(&id).unwrap().retired = true;
+        self.retiring = Some(id);
+        let p = self
+            .parts
+            .iter()
+            .filter(|(_, p)| !p.waiting && !p.retired)
+            .map(|(id, p)| (*id, p.incarnation))
+            .collect();
+        self.lead(LeadInput::Retire(p));
     }
 
     fn release(&mut self, id: NodeId, upto: Epoch) -> Result<(), String> {
@@ -319,6 +340,10 @@ impl World {
                 p.stop_at = None;
                 p.stopped = None;
                 self.live += 1;
+                if self.retiring.is_some_and(|r| r != id) {
+                    self.retiring = None;
+                    self.retired_live += 1;
+                }
                 // Now and then it never answers (the leader's timeout synchronises again).
                 if !self.rng.chance(15) {
                     self.send(id, LEADER, EpochMsg::Reconfigured { gen });
@@ -331,6 +356,11 @@ impl World {
                 release,
                 ..
             } if gen == p.gen && p.holding => {
+                if self.retiring.is_some_and(|r| r != id) {
+                    // Taken out the old way (a rollback).
+                    self.retiring = None;
+                }
+                let p = self.parts.get_mut(&id).unwrap();
                 p.stop_at = None;
                 p.stopped = None;
                 p.shard_gen = gen;
@@ -605,7 +635,7 @@ impl World {
 
 /// What a schedule went through: (releases, leader takeovers, participant restarts, late
 /// manifests of deposed leaders, rounds of moves proposed).
-fn run(seed: u64) -> Result<[u64; 9], String> {
+fn run(seed: u64) -> Result<[u64; 10], String> {
     let mut rng = Rng(seed.max(1));
     let n = 1 + rng.below(3);
     let mut w = World {
@@ -644,18 +674,30 @@ fn run(seed: u64) -> Result<[u64; 9], String> {
         unreachable: Vec::new(),
         live: 0,
         joined_live: 0,
+        retiring: None,
+        retired_live: 0,
     };
     // Now and then the last member joins the epochs later (it owns nothing until then).
     let joins_at = (n > 1 && w.rng.chance(500)).then(|| 1 + w.rng.below(5_000));
     if joins_at.is_some() {
         w.parts.get_mut(&n).unwrap().waiting = true;
     }
+    // Now and then (three members, none joining later) the last one leaves the epochs, as a
+    // member whose key groups were handed over by a leave does.
+    let retires_at =
+        (n == 3 && joins_at.is_none() && w.rng.chance(500)).then(|| 1 + w.rng.below(5_000));
     w.participants_input();
     let join = |w: &mut World| {
         if joins_at == Some(w.now) {
             w.log(|| format!("node {n} joins the epochs"));
             w.parts.get_mut(&n).unwrap().waiting = false;
             w.participants_input();
+        }
+        // As the node's leader does, the retirement waits for a move under way (for a while).
+        if let Some(at) = retires_at.filter(|&at| w.now >= at && !w.parts[&n].retired) {
+            if w.leader.ready_to_move() || w.now >= at + 300 {
+                w.retire(n);
+            }
         }
     };
     for _ in 0..3_000 {
@@ -699,6 +741,7 @@ fn run(seed: u64) -> Result<[u64; 9], String> {
         w.released_open,
         w.live,
         w.joined_live,
+        w.retired_live,
     ])
 }
 
@@ -715,17 +758,18 @@ fn the_leader_synchronises_participants_safely_through_leader_changes_losses_and
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    let mut total = [0u64; 9];
+    let mut total = [0u64; 10];
     for seed in 1..=seeds {
         match run(seed) {
-            Ok(t) => (0..9).for_each(|i| total[i] += t[i]),
+            Ok(t) => (0..10).for_each(|i| total[i] += t[i]),
             Err(e) => panic!("seed {seed} (SIM_SEED={seed} reproduces it): {e}"),
         }
     }
     println!(
-        "{seeds} schedules passed: {} releases, {} leader takeovers, {} participant restarts, {} manifests of deposed leaders landing late, {} rounds of moves proposed, {} steps with a participant left out, {} resumes releasing open epochs, {} live resumes (moves that rolled nobody back), {} participants taken in live",
-        total[0], total[1], total[2], total[3], total[4], total[5], total[6], total[7], total[8]
+        "{seeds} schedules passed: {} releases, {} leader takeovers, {} participant restarts, {} manifests of deposed leaders landing late, {} rounds of moves proposed, {} steps with a participant left out, {} resumes releasing open epochs, {} live resumes (moves that rolled nobody back), {} participants taken in live, {} taken out live",
+        total[0], total[1], total[2], total[3], total[4], total[5], total[6], total[7], total[8], total[9]
     );
+    assert!(total[9] > 0, "no participant was taken out live");
     assert!(total[8] > 0, "no participant was taken in live");
     assert!(total[7] > 0, "no move was handed over live");
     assert!(

@@ -77,6 +77,12 @@ const RECORD_EVERY: Duration = Duration::from_millis(200);
 /// Key groups moved per round (a round synchronises every participant: they roll back to the
 /// last committed epoch and the new owners load their key groups from blob storage).
 const MOVES_PER_ROUND: usize = 1024;
+/// How long participants that own nothing wait for a move under way to end before they
+/// leave the epochs the old way (a synchronisation that rolls everyone back).
+const RETIRE_WAIT: Duration = Duration::from_secs(3);
+/// How long removing a member from the Raft group waits for it to leave the cluster's epochs
+/// (`RETIRE_WAIT`, then the drain of the open epochs).
+const CONF_WAIT_FOR_RETIRE: Duration = Duration::from_secs(6);
 /// Rounds of moves start at most this often.
 const MOVE_ROUND_EVERY: Duration = Duration::from_secs(2);
 
@@ -453,6 +459,8 @@ pub(crate) fn start(
             left_out: Default::default(),
             move_proposed: None,
             move_plan: Vec::new(),
+            retire_wait: None,
+            conf_wait: None,
             failover_plan: Vec::new(),
             node,
             incarnation,
@@ -597,6 +605,12 @@ struct Driver {
     move_proposed: Option<(u64, Instant)>,
     /// The key groups of the move round under way.
     move_plan: Vec<u32>,
+    /// Since when participants that own nothing wait to leave the epochs live (a move is
+    /// under way).
+    retire_wait: Option<Instant>,
+    /// Since when a change of the Raft group waits for a member it removes to leave the
+    /// cluster's epochs.
+    conf_wait: Option<Instant>,
     /// The moves of the failover in progress (empty for a handover round, whose moves are
     /// planned again when proposed).
     failover_plan: Vec<statemesh_mesh::control::MoveCommand>,
@@ -1037,13 +1051,35 @@ impl Driver {
         // Key groups whose owner is dead move at once, in the synchronisation that drops it
         // (failover); the others a round at a time.
         let orphans = self.orphan_moves();
-        if self.participants.as_ref() != Some(&p) {
+        // Participants that own nothing and are alive leave the epochs live (a member whose
+        // key groups a leave handed over): once no move is under way, for up to
+        // `RETIRE_WAIT`; then the old way (everyone rolls back).
+        let retire = orphans.is_empty()
+            && p.len() < before.len()
+            && p.iter().all(|(n, i)| before.get(n) == Some(i))
+            && before
+                .keys()
+                .filter(|n| !p.contains_key(n))
+                .all(|n| state.members.get(n).is_some_and(|m| m.alive) && state.owned_by(*n) == 0);
+        let wait_retire = retire
+            && !self.lead.as_ref().is_some_and(|l| l.ready_to_move())
+            && self.retire_wait.get_or_insert_with(Instant::now).elapsed() < RETIRE_WAIT;
+        if self.participants.as_ref() != Some(&p) && !wait_retire {
+            self.retire_wait = None;
             self.participants = Some(p.clone());
-            if orphans.is_empty() {
-                self.lead_input(LeadInput::Participants(p));
-            } else {
+            if !orphans.is_empty() {
                 self.failover(p, orphans);
+            } else if retire {
+                tracing::info!(
+                    participants = ?p.keys().collect::<Vec<_>>(),
+                    "members that own nothing leave the cluster's epochs (nobody rolls back)"
+                );
+                self.lead_input(LeadInput::Retire(p));
+            } else {
+                self.lead_input(LeadInput::Participants(p));
             }
+        } else if wait_retire {
+            // Not while the participants are about to change.
         } else if !orphans.is_empty()
             && self.move_proposed.is_none()
             && self.lead.as_ref().is_some_and(|l| l.ready_to_move())
@@ -1535,8 +1571,26 @@ impl Driver {
         let change =
             statemesh_mesh::failure::conf_change(state, node.id(), &|id| node.caught_up(id));
         let Some(change) = change else {
+            self.conf_wait = None;
             return Ok(());
         };
+        // A member that leaves stops once it is out of the group: not while it still takes
+        // part in the cluster's epochs (it leaves them live once it owns nothing, and the open
+        // epochs need its parts), for up to `CONF_WAIT_FOR_RETIRE`.
+        let takes_part = |n: &NodeId| {
+            self.participants
+                .as_ref()
+                .is_some_and(|p| p.contains_key(n))
+                || self.lead.as_ref().is_some_and(|l| l.active().contains(n))
+        };
+        if change
+            .iter()
+            .any(|(n, role)| role.is_none() && takes_part(n))
+            && self.conf_wait.get_or_insert_with(Instant::now).elapsed() < CONF_WAIT_FOR_RETIRE
+        {
+            return Ok(());
+        }
+        self.conf_wait = None;
         tracing::info!(
             ?change,
             "changing the Raft group (node, new role; None: removed)"

@@ -1172,11 +1172,20 @@ fn take_fn(router: &crate::router::Router, r: &mpb::ForwardRequest) -> Result<()
 pub(crate) fn serve_forward(
     router: crate::router::Router,
     mut inbound: Streaming<mpb::ForwardFrame>,
+    closing: tokio::sync::watch::Receiver<bool>,
 ) -> std::pin::Pin<Box<dyn futures::Stream<Item = Result<mpb::ForwardReplyFrame, Status>> + Send>> {
     let (rtx, rrx) = mpsc::channel::<mpb::ForwardReply>(FORWARD_QUEUE);
     tokio::spawn(async move {
+        // Once the node stopping committed its last epoch, no more requests are read: the
+        // reply stream ends when those under way have answered.
+        let stop = closed(closing);
+        tokio::pin!(stop);
         loop {
-            let frame = match inbound.next().await {
+            let next = tokio::select! {
+                f = inbound.next() => f,
+                _ = &mut stop => return,
+            };
+            let frame = match next {
                 Some(Ok(f)) => f,
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "a forwarding stream ended");
@@ -1392,7 +1401,20 @@ pub(crate) struct MeshService {
     pub driver: mpsc::UnboundedSender<crate::checkpoint::driver::DriverEvent>,
     pub egress: crate::egress::Egress,
     pub router: crate::router::Router,
+    /// Set once the node stopping has committed its last epoch: the streams peers opened to
+    /// it end (they would keep the gRPC server's graceful shutdown waiting).
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
+
+/// Resolves once `closing` is set (never, if its sender is gone without setting it).
+async fn closed(mut closing: tokio::sync::watch::Receiver<bool>) {
+    if closing.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Why a peer's stream ends when this node stops.
+const STOPPING: &str = "the node is stopping (its last epoch committed)";
 
 #[tonic::async_trait]
 impl mpb::mesh_server::Mesh for MeshService {
@@ -1406,7 +1428,14 @@ impl mpb::mesh_server::Mesh for MeshService {
             .unwrap_or_else(|| "?".into());
         let mut s = req.into_inner();
         let mut from: Option<NodeId> = None;
-        while let Some(f) = s.next().await {
+        let stop = closed(self.closing.clone());
+        tokio::pin!(stop);
+        loop {
+            let f = tokio::select! {
+                f = s.next() => f,
+                _ = &mut stop => return Err(Status::unavailable(STOPPING)),
+            };
+            let Some(f) = f else { break };
             if cut_off(false) {
                 return Err(Status::unavailable(CUT_OFF));
             }
@@ -1490,6 +1519,7 @@ impl mpb::mesh_server::Mesh for MeshService {
         Ok(Response::new(serve_forward(
             self.router.clone(),
             req.into_inner(),
+            self.closing.clone(),
         )))
     }
 

@@ -135,6 +135,8 @@ pub struct NodeHandle {
     http_addr: SocketAddr,
     grpc_shutdown: Option<oneshot::Sender<()>>,
     grpc_task: Option<tokio::task::JoinHandle<()>>,
+    /// Ends the streams peers opened to this node (see `MeshService::closing`).
+    mesh_closing: tokio::sync::watch::Sender<bool>,
     http_server: actix_web::dev::ServerHandle,
     playground: Vec<actix_web::dev::ServerHandle>,
     system: actix_rt::System,
@@ -188,9 +190,8 @@ impl NodeHandle {
         if let Some(tx) = self.grpc_shutdown.take() {
             let _ = tx.send(());
         }
-        if let Some(t) = self.grpc_task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
+        // The gRPC server stops taking requests; those under way are answered once their
+        // epochs commit (waited for after the last one below).
         let deadline = Instant::now() + Duration::from_millis(self.shared.config.shutdown_grace_ms);
         loop {
             let mut left = 0;
@@ -216,6 +217,18 @@ impl NodeHandle {
                 _ => tracing::error!(
                     "the last epoch did not commit within 30 s; what it holds is recovered from the previous commit and replayed"
                 ),
+            }
+        }
+        // Nothing more is needed from the peers: the streams they opened end, and the gRPC
+        // server stops once the replies under way are sent (a cluster's peer streams kept it
+        // waiting 5 s).
+        let _ = self.mesh_closing.send(true);
+        if let Some(t) = self.grpc_task.take() {
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the gRPC server did not stop within 5 s");
             }
         }
         let (tx, rx) = oneshot::channel();
@@ -497,6 +510,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     let (r2, c2, ready2) = (router.clone(), config.clone(), ready.clone());
     let (store2, events2, status2) = (store.clone(), events_tx.clone(), status.clone());
     let cluster2 = cluster.clone();
+    let (mesh_closing, mesh_closing_rx) = tokio::sync::watch::channel(false);
     let mesh = Arc::new(crate::mesh::MeshService {
         me: node_id,
         cluster_id: opened.cluster_id.clone(),
@@ -505,6 +519,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         driver: events_tx.clone(),
         egress: router.egress().clone(),
         router: router.clone(),
+        closing: mesh_closing_rx,
     });
     let mesh2 = mesh.clone();
     let committed = recovered.committed;
@@ -633,6 +648,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         http_addr: started.http_addr,
         grpc_shutdown: Some(grpc_shutdown),
         grpc_task: Some(grpc_task),
+        mesh_closing,
         http_server: started.http_server,
         playground: started.playground,
         system: started.system,
