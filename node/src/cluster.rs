@@ -988,11 +988,23 @@ impl Driver {
             .iter()
             .filter_map(|m| state.table[m.kg as usize].owner)
             .collect();
+        let members = state.placement_members();
+        let interim = plan
+            .iter()
+            .filter(|m| statemesh_mesh::placement::owner_of(m.kg, &members) != Some(m.to))
+            .count();
         tracing::warn!(
             key_groups = plan.len(),
             ?dead,
+            interim,
             "failover: moving the key groups of dead members to the others (every node rolls back to the last committed epoch)"
         );
+        if interim > 0 {
+            tracing::info!(
+                interim,
+                "failover: key groups whose wanted owner cannot take them yet go to the next in their ranking (they move on later)"
+            );
+        }
         self.move_round = Some(Instant::now());
         self.move_plan = plan.iter().map(|m| m.kg).collect();
         self.failover_plan = plan;
