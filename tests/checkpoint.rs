@@ -438,7 +438,7 @@ async fn scenario(blob: Blob) {
 }
 
 async fn memory() -> Blob {
-    blob::open("memory://", &S3Options::default()).unwrap()
+    blob::open("memory://", &S3Options::default(), false).unwrap()
 }
 
 #[tokio::test]
@@ -452,7 +452,7 @@ async fn file_backend() {
     let _g = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}/checkpoints", dir.path().display());
-    scenario(blob::open(&url, &S3Options::default()).unwrap()).await;
+    scenario(blob::open(&url, &S3Options::default(), true).unwrap()).await;
 }
 
 #[tokio::test]
@@ -475,7 +475,7 @@ async fn s3_backend_on_moto() {
         secret_access_key: Some("test".into()),
         allow_http: true,
     };
-    scenario(blob::open("s3://checkpoints/cluster-a", &opts).unwrap()).await;
+    scenario(blob::open("s3://checkpoints/cluster-a", &opts, true).unwrap()).await;
 }
 
 /// A history of four epochs: full snapshots of both key groups at 1, then deltas.
@@ -700,7 +700,7 @@ async fn ambiguous_puts_are_resolved_by_reading_back() {
     // an error, not a commit and not a fence.
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("cp");
-    let file = blob::open(root.to_str().unwrap(), &S3Options::default()).unwrap();
+    let file = blob::open(root.to_str().unwrap(), &S3Options::default(), true).unwrap();
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("manifests"), b"not a directory").unwrap();
     let store = CheckpointStore::new(file);

@@ -213,6 +213,64 @@ async fn missing_or_corrupt_local_state_is_rebuilt_from_blob_storage() {
     node.stop();
 }
 
+/// Local files are fsynced before an epoch commits (default); `[checkpoint] fsync = false`
+/// turns it off and says so. Either way an acknowledged message survives a SIGKILL with only
+/// blob storage left (a power loss, which only the fsync survives, cannot be staged here: the
+/// syncs themselves are object_store's `LocalFileSystem::with_fsync`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_checkpoints_are_fsynced_unless_turned_off() {
+    for (config, durability) in [
+        ("[checkpoint]\ninterval_ms = 20\n", "fsync"),
+        (
+            "[checkpoint]\ninterval_ms = 20\nfsync = false\n",
+            "no-fsync",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("n");
+        let node = Node::start(&data, Some(config));
+        assert_eq!(checkpoints(&node).await["durability"], durability);
+        for i in 1..=3i64 {
+            let key = format!("d-{i}");
+            assert_eq!(send(&node, "d", i, Some(&key)).await.0, 202);
+        }
+        node.kill();
+        std::fs::remove_dir_all(data.join("state")).unwrap();
+        let node = Node::start(&data, Some(config));
+        assert_eq!(total(&node, "d").await, 6, "{durability}");
+        node.stop();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["node", "--data-dir"])
+        .arg(dir.path().join("n"))
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .arg("--config")
+        .arg({
+            let p = dir.path().join("bad.toml");
+            std::fs::write(&p, "[checkpoint]\nfsync = \"yes\"\n").unwrap();
+            p
+        })
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("bad.toml:2") && err.contains("expected a boolean"),
+        "the error names the file, the line and what was expected: {err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_checkpoints_to_s3_and_recovers_from_it_alone() {
     let m = moto();
@@ -246,6 +304,8 @@ async fn a_node_checkpoints_to_s3_and_recovers_from_it_alone() {
     assert_eq!(total(&node, "s3").await, 15);
     let cp = checkpoints(&node).await;
     assert_eq!(cp["recovery"]["source"], "blob-full", "{cp}");
+    // S3's puts are durable when they return: `[checkpoint] fsync` has nothing to do.
+    assert_eq!(cp["durability"], "backend", "{cp}");
     assert!(
         cp["url"]
             .as_str()

@@ -361,8 +361,9 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
                 StartError::Other(format!("cannot create checkpoint directory {path}: {e}"))
             })?;
         }
-        let blob = crate::checkpoint::blob::open(&url, &config.checkpoint.s3)
-            .map_err(|e| StartError::Other(e.to_string()))?;
+        let blob =
+            crate::checkpoint::blob::open(&url, &config.checkpoint.s3, config.checkpoint.fsync)
+                .map_err(|e| StartError::Other(e.to_string()))?;
         Some(CheckpointStore::new(blob))
     } else {
         None
@@ -425,6 +426,15 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         } else {
             "off".into()
         };
+        let local = !url.contains("://") || url.starts_with("file://");
+        s.durability = match (cp.is_some(), local) {
+            (false, _) => "none",
+            (true, true) if config.checkpoint.fsync => "fsync",
+            (true, true) => "no-fsync",
+            (true, false) if url.starts_with("memory:") => "none",
+            (true, false) => "backend",
+        }
+        .into();
         s.recovery = Some(recovered.report.clone());
     }
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -102,8 +102,10 @@ fn client_options() -> object_store::ClientOptions {
         .with_connect_timeout(std::time::Duration::from_secs(2))
 }
 
-/// Opens the blob store named by `url`.
-pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
+/// Opens the blob store named by `url`. `fsync`: local files (and the directory entries that
+/// name them) are on stable storage before a write returns (see `[checkpoint] fsync`); the
+/// other backends' writes are durable when they return.
+pub fn open(url: &str, s3: &S3Options, fsync: bool) -> Result<Blob, BlobError> {
     let backend = |source| BlobError::Backend {
         url: url.to_string(),
         source,
@@ -175,7 +177,9 @@ pub fn open(url: &str, s3: &S3Options) -> Result<Blob, BlobError> {
         url: url.into(),
         reason: format!("cannot create directory {}: {e}", dir.display()),
     })?;
-    let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(backend)?;
+    let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+        .map_err(backend)?
+        .with_fsync(fsync);
     Ok(blob(Arc::new(fs), ObjectPath::default()))
 }
 
@@ -185,20 +189,21 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert!(open("memory://", &S3Options::default()).is_ok());
+        assert!(open("memory://", &S3Options::default(), true).is_ok());
         let dir = tempfile::tempdir().unwrap();
         let b = open(
             &format!("file://{}/cp", dir.path().display()),
             &S3Options::default(),
+            true,
         )
         .unwrap();
         assert!(b.prefix.as_ref().is_empty());
         assert!(dir.path().join("cp").is_dir());
-        let e = open("ftp://x", &S3Options::default())
+        let e = open("ftp://x", &S3Options::default(), true)
             .unwrap_err()
             .to_string();
         assert!(e.contains("expected file://PATH"), "{e}");
-        let e = open("s3://", &S3Options::default())
+        let e = open("s3://", &S3Options::default(), true)
             .unwrap_err()
             .to_string();
         assert!(e.contains("expected a bucket name"), "{e}");
@@ -210,6 +215,7 @@ mod tests {
                 allow_http: true,
                 ..Default::default()
             },
+            true,
         )
         .unwrap();
         assert_eq!(b.prefix.as_ref(), "some/prefix");

@@ -209,6 +209,11 @@ pub struct CheckpointStatus {
     pub enabled: bool,
     /// Blob storage URL.
     pub url: String,
+    /// How a committed epoch is durable: `fsync` (local files synced to stable storage),
+    /// `no-fsync` (local files in the page cache: a process crash loses nothing, a power loss
+    /// may), `backend` (the store's writes are durable when they return: S3, GCS, Azure),
+    /// `none` (in memory, or checkpoints off).
+    pub durability: String,
     /// Last committed epoch.
     pub committed: u64,
     /// Last started epoch.
@@ -2626,7 +2631,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state"), 16).unwrap();
         let cp = CheckpointStore::new(
-            crate::checkpoint::blob::open("memory://", &Default::default()).unwrap(),
+            crate::checkpoint::blob::open("memory://", &Default::default(), false).unwrap(),
         );
         let key = |kg: u32, k: &str| {
             let mut v = vec![b's'];

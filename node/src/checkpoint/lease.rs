@@ -334,7 +334,7 @@ mod tests {
     async fn of_two_new_clusters_started_at_once_one_takes_the_location() {
         let dir = tempfile::tempdir().unwrap();
         let url = dir.path().display().to_string();
-        let blob = crate::checkpoint::blob::open(&url, &Default::default()).unwrap();
+        let blob = crate::checkpoint::blob::open(&url, &Default::default(), false).unwrap();
         let cp = CheckpointStore::new(blob);
         let (a, b) = tokio::join!(acquire(&cp, "aaaa", 1), acquire(&cp, "bbbb", 2));
         let e = a.err().expect("the outranked cluster does not start");
