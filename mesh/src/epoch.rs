@@ -2292,21 +2292,33 @@ mod tests {
     }
 
     /// Participants 1 and 2 cut `epoch` and report their parts; its manifest is written.
+    /// Participant `from` cuts `epoch` and reports its part (`objects`); the leader's actions.
+    fn cut_and_report(
+        l: &mut EpochLeader,
+        g: u64,
+        epoch: Epoch,
+        from: NodeId,
+        objects: Vec<u8>,
+    ) -> Vec<LeadAction> {
+        let mut a = l.handle(LeadInput::Msg {
+            from,
+            msg: EpochMsg::Cut { gen: g, epoch },
+        });
+        a.extend(l.handle(LeadInput::Msg {
+            from,
+            msg: EpochMsg::Part {
+                gen: g,
+                epoch,
+                objects,
+                owned: Vec::new(),
+            },
+        }));
+        a
+    }
+
     fn commit(l: &mut EpochLeader, g: u64, epoch: Epoch) {
         for from in [1, 2] {
-            l.handle(LeadInput::Msg {
-                from,
-                msg: EpochMsg::Cut { gen: g, epoch },
-            });
-            l.handle(LeadInput::Msg {
-                from,
-                msg: EpochMsg::Part {
-                    gen: g,
-                    epoch,
-                    objects: vec![from as u8],
-                    owned: Vec::new(),
-                },
-            });
+            cut_and_report(l, g, epoch, from, vec![from as u8]);
         }
         l.handle(LeadInput::ManifestDone {
             epoch,
@@ -2668,38 +2680,14 @@ mod tests {
         assert!(a.is_empty(), "{a:?}");
         assert!(tick(&mut l, &mut now, 3).is_empty());
         for from in [1, 2] {
-            l.handle(LeadInput::Msg {
-                from,
-                msg: EpochMsg::Cut { gen: g, epoch: e },
-            });
-            l.handle(LeadInput::Msg {
-                from,
-                msg: EpochMsg::Part {
-                    gen: g,
-                    epoch: e,
-                    objects: vec![1],
-                    owned: Vec::new(),
-                },
-            });
+            cut_and_report(&mut l, g, e, from, vec![1]);
         }
         for _ in 0..3 {
             now += 10;
             let a = l.handle(LeadInput::Tick { now_ms: now });
             assert!(a.is_empty(), "without node 3's part: {a:?}");
         }
-        l.handle(LeadInput::Msg {
-            from: 3,
-            msg: EpochMsg::Cut { gen: g, epoch: e },
-        });
-        let a = l.handle(LeadInput::Msg {
-            from: 3,
-            msg: EpochMsg::Part {
-                gen: g,
-                epoch: e,
-                objects: Vec::new(),
-                owned: Vec::new(),
-            },
-        });
+        let a = cut_and_report(&mut l, g, e, 3, Vec::new());
         assert!(
             a.iter()
                 .any(|x| matches!(x, LeadAction::WriteManifest { epoch, .. } if *epoch == e)),

@@ -195,13 +195,18 @@ impl World {
         }
     }
 
-    fn participants_input(&mut self) {
-        let p = self
-            .parts
+    /// The participants the control group knows: those that joined the epochs and did not
+    /// leave them, with their incarnations.
+    fn participants(&self) -> BTreeMap<NodeId, u64> {
+        self.parts
             .iter()
             .filter(|(_, p)| !p.waiting && !p.retired)
             .map(|(id, p)| (*id, p.incarnation))
-            .collect();
+            .collect()
+    }
+
+    fn participants_input(&mut self) {
+        let p = self.participants();
         self.lead(LeadInput::Participants(p));
     }
 
@@ -210,12 +215,7 @@ impl World {
         self.log(|| format!("node {id} retires from the epochs"));
         self.parts.get_mut(&id).unwrap().retired = true;
         self.retiring = Some(id);
-        let p = self
-            .parts
-            .iter()
-            .filter(|(_, p)| !p.waiting && !p.retired)
-            .map(|(id, p)| (*id, p.incarnation))
-            .collect();
+        let p = self.participants();
         self.lead(LeadInput::Retire(p));
     }
 
