@@ -564,6 +564,14 @@ impl Store {
         Ok(())
     }
 
+    /// Whether nothing was ever applied here: no applied marker, no key group marked stale,
+    /// no entry.
+    pub fn is_fresh(&self) -> Result<bool, StoreError> {
+        Ok(self.applied()?.is_none()
+            && self.stale_key_groups()?.is_empty()
+            && !self.has_entries()?)
+    }
+
     /// Whether any state, timer or idempotency record is stored.
     pub fn has_entries(&self) -> Result<bool, StoreError> {
         for tag in KG_TAGS {
