@@ -437,15 +437,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         } else {
             "off".into()
         };
-        let local = !url.contains("://") || url.starts_with("file://");
-        s.durability = match (cp.is_some(), local) {
-            (false, _) => "none",
-            (true, true) if config.checkpoint.fsync => "fsync",
-            (true, true) => "no-fsync",
-            (true, false) if url.starts_with("memory:") => "none",
-            (true, false) => "backend",
-        }
-        .into();
+        s.durability = cp.as_ref().map_or("none", |c| c.durability()).into();
         s.recovery = Some(recovered.report.clone());
     }
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();

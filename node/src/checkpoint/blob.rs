@@ -60,6 +60,9 @@ pub struct Blob {
     pub prefix: ObjectPath,
     /// The URL it was opened from (for messages).
     pub url: String,
+    /// How a write is durable when it returns: `fsync`, `no-fsync` (local files), `backend`
+    /// (S3, GCS, Azure) or `none` (memory).
+    pub durability: &'static str,
 }
 
 impl std::fmt::Debug for Blob {
@@ -114,12 +117,16 @@ pub fn open(url: &str, s3: &S3Options, fsync: bool) -> Result<Blob, BlobError> {
         store,
         prefix,
         url: url.into(),
+        durability: "backend",
     };
     if url == "memory://" || url == "memory:" {
-        return Ok(blob(
-            Arc::new(object_store::memory::InMemory::new()),
-            ObjectPath::default(),
-        ));
+        return Ok(Blob {
+            durability: "none",
+            ..blob(
+                Arc::new(object_store::memory::InMemory::new()),
+                ObjectPath::default(),
+            )
+        });
     }
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = split_bucket(url, rest)?;
@@ -180,7 +187,10 @@ pub fn open(url: &str, s3: &S3Options, fsync: bool) -> Result<Blob, BlobError> {
     let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
         .map_err(backend)?
         .with_fsync(fsync);
-    Ok(blob(Arc::new(fs), ObjectPath::default()))
+    Ok(Blob {
+        durability: if fsync { "fsync" } else { "no-fsync" },
+        ..blob(Arc::new(fs), ObjectPath::default())
+    })
 }
 
 #[cfg(test)]

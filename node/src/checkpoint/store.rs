@@ -271,6 +271,11 @@ impl CheckpointStore {
         &self.blob.url
     }
 
+    /// How its writes are durable (see [`Blob::durability`]).
+    pub fn durability(&self) -> &'static str {
+        self.blob.durability
+    }
+
     /// The cluster leases at the location (see [`super::lease`]), each with its metadata.
     pub async fn leases(&self) -> Result<Vec<super::lease::LeaseObj>, CheckpointError> {
         let prefix = self.path("leases");
