@@ -9,8 +9,13 @@
 //! With checkpoints on, a record is published only once the epoch that produced it commits,
 //! and it is durable until read: it is a local-store entry (`'e' ‖ kg ‖ seq`) written in that
 //! epoch, reloaded after a restart, and deleted in the epoch after it is read or dropped.
-//! Production is exactly once; delivery to readers is at least once across a crash (a record
-//! read just before the crash, whose deletion had not committed yet, is read again).
+//! A read is answered only once the epoch deleting its record commits ([`Popped::settled`]),
+//! so a record a reader got is never read again — not after a crash, a rollback or a move of
+//! its key group — and a read that fails or is refused leaves its record unread: the record
+//! goes to the node that owns its key group then. A reader that leaves before its read's
+//! epoch is built gives its record back (first in the queue); one that leaves later, while
+//! that epoch commits, loses it like a reply lost on the wire
+//! (`statemesh_egress_unclaimed_total`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +23,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use statemesh_sdk::TypedValue;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::metrics::Metrics;
 
@@ -30,6 +35,37 @@ struct Topic {
     notify: Notify,
 }
 
+/// A read whose record is durable: the record, its topic, and the reader waiting for the
+/// epoch deleting it to commit (`true`) or for its key group to leave this node (`false`).
+struct Waiter {
+    topic: String,
+    value: TypedValue,
+    tx: oneshot::Sender<bool>,
+}
+
+/// A popped record, answered to its reader once [`Popped::settled`] says so.
+pub struct Popped {
+    value: TypedValue,
+    settle: Option<oneshot::Receiver<bool>>,
+}
+
+impl Popped {
+    /// Whether the read waits for a commit (the record is durable).
+    pub fn waits(&self) -> bool {
+        self.settle.is_some()
+    }
+
+    /// The record once its removal is committed (at once if it is not durable); `None` if it
+    /// was not removed here after all (its key group moved to another node, which has it, or
+    /// this node stopped first): nothing was read.
+    pub async fn settled(self) -> Option<TypedValue> {
+        match self.settle {
+            None => Some(self.value),
+            Some(rx) => matches!(rx.await, Ok(true)).then_some(self.value),
+        }
+    }
+}
+
 /// All egress topics of a node. Cheap to clone.
 #[derive(Clone)]
 pub struct Egress {
@@ -38,6 +74,8 @@ pub struct Egress {
     metrics: Metrics,
     /// Keys of durable records read or dropped since the last epoch was built.
     consumed: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Reads of durable records whose removal has not committed yet, by record key.
+    waiting: Arc<Mutex<HashMap<Vec<u8>, Waiter>>>,
     next_seq: Arc<AtomicU64>,
     /// Key groups are about to move: no record is read until they have (every record read
     /// before is deleted by a committed epoch, so the new owners load exactly the unread).
@@ -52,6 +90,7 @@ impl Egress {
             capacity: capacity.max(1),
             metrics,
             consumed: Arc::default(),
+            waiting: Arc::default(),
             next_seq: Arc::new(AtomicU64::new(1)),
             paused: Arc::default(),
         }
@@ -82,6 +121,7 @@ impl Egress {
     ) {
         let mut known: std::collections::HashSet<Vec<u8>> = also_read.clone();
         known.extend(self.consumed.lock().iter().cloned());
+        known.extend(self.waiting.lock().keys().cloned());
         for t in self.topics.lock().values() {
             known.extend(t.queue.lock().iter().filter_map(|(_, k)| k.clone()));
         }
@@ -89,8 +129,7 @@ impl Egress {
             records
                 .into_iter()
                 .filter(|r| {
-                    r.1.len() >= 3
-                        && kgs.contains(&(u16::from_be_bytes([r.1[1], r.1[2]]) as u32))
+                    crate::store::egress_key_group(&r.1).is_some_and(|kg| kgs.contains(&kg))
                         && !known.contains(&r.1)
                 })
                 .collect(),
@@ -98,26 +137,63 @@ impl Egress {
     }
 
     /// Drops the unread records of key groups this node no longer serves (their new owner
-    /// restores them from the state it loads).
+    /// restores them from the state it loads), and the reads of their records not committed
+    /// yet: those readers get nothing (the new owner has the records).
     pub(crate) fn drop_key_groups(&self, kgs: &std::collections::BTreeSet<u32>) {
-        let of = |k: &Option<Vec<u8>>| {
-            k.as_ref()
-                .filter(|k| k.len() >= 3)
-                .map(|k| u16::from_be_bytes([k[1], k[2]]) as u32)
-        };
+        let kept = |k: &[u8]| crate::store::egress_key_group(k).is_none_or(|kg| !kgs.contains(&kg));
         for t in self.topics.lock().values() {
             t.queue
                 .lock()
-                .retain(|(_, k)| of(k).is_none_or(|kg| !kgs.contains(&kg)));
+                .retain(|(_, k)| k.as_deref().is_none_or(kept));
         }
-        self.consumed
-            .lock()
-            .retain(|k| of(&Some(k.clone())).is_none_or(|kg| !kgs.contains(&kg)));
+        self.consumed.lock().retain(|k| kept(k));
+        let mut waiting = self.waiting.lock();
+        let gone: Vec<Vec<u8>> = waiting.keys().filter(|k| !kept(k)).cloned().collect();
+        for k in gone {
+            if let Some(w) = waiting.remove(&k) {
+                let _ = w.tx.send(false);
+            }
+        }
     }
 
-    /// Keys of durable records read or dropped since the last call (to delete them).
+    /// Keys of durable records read or dropped since the last call (to delete them). A
+    /// record whose reader has left gives its read back: it is first in its topic again.
     pub(crate) fn take_consumed(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut *self.consumed.lock())
+        let mut keys = std::mem::take(&mut *self.consumed.lock());
+        let mut back = Vec::new();
+        {
+            let mut waiting = self.waiting.lock();
+            keys.retain(|k| match waiting.get(k) {
+                Some(w) if w.tx.is_closed() => {
+                    let w = waiting.remove(k).expect("present");
+                    back.push((w.topic, w.value, k.clone()));
+                    false
+                }
+                _ => true,
+            });
+        }
+        for (topic, value, key) in back.into_iter().rev() {
+            let t = self.topic(&topic);
+            t.queue.lock().push_front((value, Some(key)));
+            t.notify.notify_one();
+        }
+        keys
+    }
+
+    /// The epochs deleting these records committed: their readers get them.
+    pub(crate) fn released(&self, keys: &[Vec<u8>]) {
+        let mut waiting = self.waiting.lock();
+        for k in keys {
+            if let Some(w) = waiting.remove(k) {
+                if w.tx.send(true).is_err() {
+                    self.metrics.egress_unclaimed.inc();
+                    tracing::warn!(
+                        topic = w.topic,
+                        "an egress record's reader left while its read was committed: the record is consumed unanswered"
+                    );
+                }
+            }
+        }
     }
 
     /// Gives back consumed records' keys taken for an epoch that was abandoned (rollback):
@@ -131,6 +207,32 @@ impl Egress {
     fn consumed(&self, key: Option<Vec<u8>>) {
         if let Some(k) = key {
             self.consumed.lock().push(k);
+        }
+    }
+
+    /// A read of `value` (from `topic`, stored under `key` if durable): it waits for the
+    /// epoch deleting the record to commit.
+    fn read(&self, topic: &str, value: TypedValue, key: Option<Vec<u8>>) -> Popped {
+        let Some(key) = key else {
+            return Popped {
+                value,
+                settle: None,
+            };
+        };
+        let (tx, rx) = oneshot::channel();
+        // Registered before the key can be taken into an epoch.
+        self.waiting.lock().insert(
+            key.clone(),
+            Waiter {
+                topic: topic.to_string(),
+                value: value.clone(),
+                tx,
+            },
+        );
+        self.consumed.lock().push(key);
+        Popped {
+            value,
+            settle: Some(rx),
         }
     }
 
@@ -185,19 +287,18 @@ impl Egress {
     }
 
     /// Pops the next record, if any.
-    pub fn pop(&self, topic: &str) -> Option<TypedValue> {
+    pub fn pop(&self, topic: &str) -> Option<Popped> {
         if self.paused.load(Ordering::SeqCst) {
             return None;
         }
         let t = self.topics.lock().get(topic).cloned()?;
         let v = t.queue.lock().pop_front();
         let (v, key) = v?;
-        self.consumed(key);
-        Some(v)
+        Some(self.read(topic, v, key))
     }
 
     /// Waits for and pops the next record.
-    pub async fn next(&self, topic: &str) -> TypedValue {
+    pub async fn next(&self, topic: &str) -> Popped {
         let t = self.topic(topic);
         loop {
             let notified = t.notify.notified();
@@ -211,12 +312,11 @@ impl Egress {
                 (next, !q.is_empty())
             };
             if let Some((v, key)) = next {
-                self.consumed(key);
                 // Pass the wake-up on: more records may be waiting for other readers.
                 if more {
                     t.notify.notify_one();
                 }
-                return v;
+                return self.read(topic, v, key);
             }
             notified.await;
         }
@@ -227,34 +327,121 @@ impl Egress {
 mod tests {
     use super::*;
 
+    fn rec(kg: u32, seq: u64) -> crate::store::StoredEgress {
+        (
+            seq,
+            crate::store::egress_key(kg, seq),
+            "t".to_string(),
+            TypedValue::of(&(seq as i64)),
+        )
+    }
+
+    fn publish(e: &Egress, r: crate::store::StoredEgress) {
+        e.publish_durable(&r.2, r.3, Some(r.1));
+    }
+
+    /// Pops every record at once (their reads not committed).
+    fn drain(e: &Egress) -> Vec<i64> {
+        std::iter::from_fn(|| e.pop("t"))
+            .map(|p| p.value.get::<i64>().unwrap())
+            .collect()
+    }
+
     #[test]
     fn restore_missing_adds_only_records_neither_queued_nor_read() {
         let e = Egress::new(16, Metrics::new());
-        let rec = |kg: u32, seq: u64| {
-            (
-                seq,
-                crate::store::egress_key(kg, seq),
-                "t".to_string(),
-                TypedValue::of(&(seq as i64)),
-            )
-        };
         // Released before: records 1 and 2 of key group 5 (record 1 read since, its deletion
         // not committed yet), record 3 of key group 5 read in an epoch not committed yet.
         for r in [rec(5, 1), rec(5, 2)] {
-            e.publish_durable(&r.2, r.3, Some(r.1));
+            publish(&e, r);
         }
-        assert_eq!(e.pop("t").unwrap().get::<i64>().unwrap(), 1);
+        let first = e.pop("t").unwrap();
+        assert!(first.waits());
         let read: std::collections::HashSet<Vec<u8>> = [rec(5, 3).1].into_iter().collect();
         // Sled holds all of them, record 4 (read back from blob storage) and record 5 of a key
         // group not restored.
         let sled = vec![rec(5, 1), rec(5, 2), rec(5, 3), rec(5, 4), rec(6, 5)];
         e.restore_missing(sled, &[5].into_iter().collect(), &read);
-        let mut got = Vec::new();
-        while let Some(v) = e.pop("t") {
-            got.push(v.get::<i64>().unwrap());
-        }
-        assert_eq!(got, vec![2, 4]);
+        assert_eq!(drain(&e), vec![2, 4]);
         assert_eq!(e.next_key(5), crate::store::egress_key(5, 5));
+    }
+
+    #[tokio::test]
+    async fn a_read_is_answered_once_the_epoch_removing_its_record_is_released() {
+        let e = Egress::new(16, Metrics::new());
+        publish(&e, rec(5, 1));
+        publish(&e, rec(5, 2));
+        let p = e.pop("t").unwrap();
+        let reader = tokio::spawn(p.settled());
+        tokio::task::yield_now().await;
+        assert!(
+            !reader.is_finished(),
+            "answered before its removal committed"
+        );
+        let keys = e.take_consumed();
+        assert_eq!(keys, vec![rec(5, 1).1]);
+        // A rollback gives the keys back: the next epoch removes them, the reader still waits.
+        e.return_consumed(keys);
+        tokio::task::yield_now().await;
+        assert!(!reader.is_finished(), "answered after a rollback");
+        let keys = e.take_consumed();
+        e.released(&keys);
+        assert_eq!(reader.await.unwrap().unwrap().get::<i64>().unwrap(), 1);
+        assert_eq!(e.metrics.egress_unclaimed.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_read_of_a_key_group_that_leaves_before_its_commit_gets_nothing() {
+        let e = Egress::new(16, Metrics::new());
+        publish(&e, rec(5, 1));
+        publish(&e, rec(6, 2));
+        let lost = e.pop("t").unwrap();
+        let kept = e.pop("t").unwrap();
+        assert_eq!(e.take_consumed().len(), 2);
+        // Key group 5 moves away before the epoch commits: its new owner has the record.
+        e.drop_key_groups(&[5].into_iter().collect());
+        assert!(lost.settled().await.is_none());
+        e.released(&[rec(6, 2).1]);
+        assert_eq!(kept.settled().await.unwrap().get::<i64>().unwrap(), 2);
+        // Nothing of key group 5 is queued or removed here any more.
+        publish(&e, rec(5, 3));
+        e.drop_key_groups(&[5].into_iter().collect());
+        assert!(e.pop("t").is_none());
+        assert!(e.take_consumed().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_leaves_before_its_epoch_gives_its_record_back() {
+        let e = Egress::new(16, Metrics::new());
+        for seq in 1..=3 {
+            publish(&e, rec(5, seq));
+        }
+        // Records 1 and 2 read; record 1's reader leaves (a cancelled request).
+        drop(e.pop("t").unwrap());
+        let second = e.pop("t").unwrap();
+        // The epoch removes record 2 only; record 1 is first in the queue again.
+        assert_eq!(e.take_consumed(), vec![rec(5, 2).1]);
+        let again: Vec<Popped> = std::iter::from_fn(|| e.pop("t")).collect();
+        let got: Vec<i64> = again
+            .iter()
+            .map(|p| p.value.get::<i64>().unwrap())
+            .collect();
+        assert_eq!(got, vec![1, 3]);
+        assert_eq!(e.take_consumed(), vec![rec(5, 1).1, rec(5, 3).1]);
+        // A reader that leaves after its epoch was built: the record is consumed unanswered.
+        drop(second);
+        e.released(&[rec(5, 2).1]);
+        assert_eq!(e.metrics.egress_unclaimed.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn records_that_are_not_durable_are_answered_at_once() {
+        let e = Egress::new(16, Metrics::new());
+        e.publish("t", TypedValue::of(&7i64));
+        let p = e.pop("t").unwrap();
+        assert!(!p.waits());
+        assert_eq!(p.settled().await.unwrap().get::<i64>().unwrap(), 7);
+        assert!(e.take_consumed().is_empty());
     }
 
     #[tokio::test]
@@ -265,15 +452,15 @@ mod tests {
             e.publish("t", TypedValue::of(&i));
         }
         assert_eq!(
-            e.pop("t").unwrap().get::<i64>().unwrap(),
+            e.pop("t").unwrap().value.get::<i64>().unwrap(),
             1,
             "oldest dropped"
         );
-        assert_eq!(e.next("t").await.get::<i64>().unwrap(), 2);
+        assert_eq!(e.next("t").await.value.get::<i64>().unwrap(), 2);
         let e2 = e.clone();
         let waiter = tokio::spawn(async move { e2.next("t").await });
         tokio::task::yield_now().await;
         e.publish("t", TypedValue::of(&9i64));
-        assert_eq!(waiter.await.unwrap().get::<i64>().unwrap(), 9);
+        assert_eq!(waiter.await.unwrap().value.get::<i64>().unwrap(), 9);
     }
 }

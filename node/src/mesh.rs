@@ -565,7 +565,8 @@ pub(crate) async fn pop_remote_egress(
     let mut req = Request::new(mpb::PopEgressRequest {
         topic: topic.to_string(),
     });
-    req.set_timeout(Duration::from_secs(5));
+    // The peer answers once the record's removal is committed there.
+    req.set_timeout(Duration::from_secs(30));
     match c.pop_egress(req).await {
         Ok(r) => {
             let r = r.into_inner();
@@ -1399,7 +1400,6 @@ pub(crate) struct MeshService {
     pub epochs: mpsc::UnboundedSender<crate::cluster::EpochRoute>,
     /// Epoch messages for this node's side (its checkpoint driver).
     pub driver: mpsc::UnboundedSender<crate::checkpoint::driver::DriverEvent>,
-    pub egress: crate::egress::Egress,
     pub router: crate::router::Router,
     /// Set once the node stopping has committed its last epoch: the streams peers opened to
     /// it end (they would keep the gRPC server's graceful shutdown waiting).
@@ -1528,15 +1528,17 @@ impl mpb::mesh_server::Mesh for MeshService {
         req: Request<mpb::PopEgressRequest>,
     ) -> Result<Response<mpb::PopEgressReply>, Status> {
         let topic = req.into_inner().topic;
-        Ok(Response::new(match self.egress.pop(&topic) {
-            Some(v) => mpb::PopEgressReply {
-                found: true,
-                typename: v.typename().to_string(),
-                has_value: v.has_value(),
-                value: v.value().clone(),
+        Ok(Response::new(
+            match self.router.pop_local_egress(&topic).await {
+                Some(v) => mpb::PopEgressReply {
+                    found: true,
+                    typename: v.typename().to_string(),
+                    has_value: v.has_value(),
+                    value: v.value().clone(),
+                },
+                None => mpb::PopEgressReply::default(),
             },
-            None => mpb::PopEgressReply::default(),
-        }))
+        ))
     }
 
     async fn join(

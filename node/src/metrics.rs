@@ -35,6 +35,8 @@ pub struct Metrics {
     pub egress_records: IntCounter,
     /// Egress records dropped because their topic was full.
     pub egress_dropped: IntCounter,
+    /// Egress records whose reader left while the read was committed.
+    pub egress_unclaimed: IntCounter,
     /// Instances passivated.
     pub passivations: IntCounter,
     /// Local state write failures.
@@ -258,6 +260,11 @@ impl Metrics {
                 &r,
                 "statemesh_egress_dropped_total",
                 "Egress records dropped from full topics",
+            ),
+            egress_unclaimed: counter(
+                &r,
+                "statemesh_egress_unclaimed_total",
+                "Egress records consumed unanswered: their reader left while the read was committed",
             ),
             passivations: counter(&r, "statemesh_passivations_total", "Instances passivated"),
             store_errors: counter(

@@ -408,16 +408,8 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         Err(e) => return Err(e.into()),
     };
     let shard_count = config.shard_count();
-    if cp.is_some() && store.is_fresh()? {
-        // A new store holds only what this start recovers (the key groups it owns): every
-        // other key group is stale until a load from blob storage wrote it whole. Otherwise a
-        // key group gained later by a move, and not loaded yet when the process died, would
-        // be recovered from the deltas after sled's applied marker only (onto nothing: its
-        // older keys lost).
-        store.set_stale(
-            (0..config.key_groups).filter(|kg| !owned.contains(kg)),
-            true,
-        )?;
+    if cp.is_some() {
+        driver::mark_unowned_stale(&store, config.key_groups, &owned)?;
     }
     let mut recovered = driver::recover(&store, cp.as_ref(), &owned)
         .await
@@ -530,7 +522,6 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         inbox: opened.inbox.clone(),
         epochs: epoch_tx.clone(),
         driver: events_tx.clone(),
-        egress: router.egress().clone(),
         router: router.clone(),
         closing: mesh_closing_rx,
     });

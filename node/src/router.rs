@@ -999,13 +999,29 @@ impl Router {
     /// came from a peer) the peers' that own key groups. Each record is popped once, where it
     /// was produced, so a topic read from any node yields every record once.
     pub(crate) async fn pop_egress(&self, topic: &str) -> Option<TypedValue> {
-        if let Some(v) = self.inner.egress.pop(topic) {
+        if let Some(v) = self.pop_local_egress(topic).await {
             return Some(v);
         }
         for (node, addr) in self.inner.placement.producers() {
             if let Some(v) =
                 crate::mesh::pop_remote_egress(&self.inner.placement, node, &addr, topic).await
             {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Pops the next record of an egress topic produced here, answered once its removal is
+    /// committed. A record whose key group leaves this node first is not read here (its new
+    /// owner has it): the next one is tried, a few times.
+    pub(crate) async fn pop_local_egress(&self, topic: &str) -> Option<TypedValue> {
+        for _ in 0..4 {
+            let p = self.inner.egress.pop(topic)?;
+            if p.waits() {
+                self.want_commit();
+            }
+            if let Some(v) = p.settled().await {
                 return Some(v);
             }
         }

@@ -268,6 +268,11 @@ pub fn idempotency_key(kg: u32, scope: &str) -> Vec<u8> {
     k
 }
 
+/// The key group of an egress record's key (`None`: not one).
+pub(crate) fn egress_key_group(k: &[u8]) -> Option<u32> {
+    (k.len() >= 3 && k[0] == b'e').then(|| u16::from_be_bytes([k[1], k[2]]) as u32)
+}
+
 /// The key of a durable egress record: `'e' ‖ kg:u16be ‖ seq:u64be`.
 pub fn egress_key(kg: u32, seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(11);

@@ -123,6 +123,9 @@ pub(crate) struct Loaded {
     /// Of those, the ones new to this node; and the ones it no longer holds.
     gained: Vec<u32>,
     lost: Vec<u32>,
+    /// Of this node's open epochs that read egress records, the ones committed (a manifest
+    /// lists their object): the reads' records are removed.
+    committed_reads: Vec<u64>,
 }
 
 /// Where a node in a cluster of several sends its epoch messages (its control thread, which
@@ -1026,6 +1029,11 @@ impl Driver {
                             self.last_pending = LastPending::Recovered(pending);
                         }
                         self.loaded = l.owned;
+                        for e in &l.committed_reads {
+                            if let Some(keys) = self.consumed.remove(e) {
+                                self.router.egress().released(&keys);
+                            }
+                        }
                         // Records of the key groups gained, and of the epochs read back in
                         // place of this node's own (it had not released them: their records
                         // are in sled now, not yet in the queues).
@@ -1221,6 +1229,17 @@ impl Driver {
                     rb.catch_up,
                     rb.manifest,
                 );
+                // Open epochs of this node that removed egress records read here: whether
+                // each committed decides whether its readers get their records (or, for key
+                // groups this node loses, the new owner does).
+                let reads: Vec<(u64, String)> = self
+                    .consumed
+                    .range(..=to)
+                    .filter_map(|(e, _)| {
+                        let o = self.objects.get(e).cloned().flatten()?;
+                        Some((*e, o.path))
+                    })
+                    .collect();
                 if !gained.is_empty() || !lost.is_empty() {
                     tracing::info!(gained = gained.len(), lost = lost.len(), manifest = ?manifest, "key groups moved: loading the ones gained from blob storage");
                 }
@@ -1262,12 +1281,19 @@ impl Driver {
                         if let Some(m) = manifest.filter(|&m| m == to && !carried.is_empty()) {
                             extra.extend(pending_at(&cp, m, &carried).await?);
                         }
+                        let mut committed_reads = Vec::new();
+                        for (e, path) in reads {
+                            if lists(&cp, e, &path).await? {
+                                committed_reads.push(e);
+                            }
+                        }
                         Ok(Loaded {
                             replaced,
                             extra,
                             owned: now,
                             gained,
                             lost,
+                            committed_reads,
                         })
                     }
                     .await;
@@ -1802,9 +1828,15 @@ impl Driver {
     /// Unread egress records move with their key groups: those of `lost` leave the queues,
     /// those of `restore` (read from blob storage into sled) join them, except records read
     /// in epochs not committed yet.
-    fn move_egress(&self, lost: &[u32], restore: &std::collections::BTreeSet<u32>) {
+    fn move_egress(&mut self, lost: &[u32], restore: &std::collections::BTreeSet<u32>) {
+        let lost: std::collections::BTreeSet<u32> = lost.iter().copied().collect();
+        // Reads of their records in open epochs are undone (the epochs are abandoned): the
+        // new owner has the records, and this node no longer removes them.
+        for keys in self.consumed.values_mut() {
+            keys.retain(|k| crate::store::egress_key_group(k).is_none_or(|kg| !lost.contains(&kg)));
+        }
         let egress = self.router.egress();
-        egress.drop_key_groups(&lost.iter().copied().collect());
+        egress.drop_key_groups(&lost);
         if restore.is_empty() {
             return;
         }
@@ -2118,7 +2150,11 @@ impl Driver {
                 }
                 let built = self.built.remove(&e);
                 let obj = self.objects.remove(&e).flatten();
-                self.consumed.remove(&e);
+                // Egress records removed by the epochs released: their readers get them.
+                let later = self.consumed.split_off(&(e + 1));
+                for (_, keys) in std::mem::replace(&mut self.consumed, later) {
+                    self.router.egress().released(&keys);
+                }
                 let m = self.router.metrics();
                 m.checkpoint_committed_epoch.set(e as i64);
                 let duration = self
@@ -2394,6 +2430,23 @@ pub(crate) struct Recovered {
     pub report: RecoveryReport,
 }
 
+/// At the first start of a store (nothing in it): every key group but the `owned` ones is
+/// marked stale. A new store holds only what this start recovers; any other key group is
+/// stale until a load from blob storage writes it whole. Otherwise a key group gained later by
+/// a move, and not loaded yet when the process died, would be recovered from the deltas after
+/// sled's applied marker only (onto nothing: its older keys lost). Whether it marked them.
+pub(crate) fn mark_unowned_stale(
+    store: &Store,
+    key_groups: u32,
+    owned: &[u32],
+) -> Result<bool, crate::store::StoreError> {
+    if !store.is_fresh()? {
+        return Ok(false);
+    }
+    store.set_stale((0..key_groups).filter(|kg| !owned.contains(kg)), true)?;
+    Ok(true)
+}
+
 /// Brings sled to the newest committed epoch and returns what to replay. With no blob store
 /// (checkpoints off) sled is taken as it is.
 pub(crate) async fn recover(
@@ -2586,6 +2639,30 @@ async fn recover_held(
 /// Retries a blob read a few times (a flaky network at start), then gives up with the last
 /// error. Errors retrying cannot fix (missing, corrupt or truncated checkpoints, a history
 /// too short) return at once.
+/// Whether the manifest of epoch `epoch` lists the object at `path` (no manifest: the
+/// epoch did not commit).
+async fn lists(cp: &CheckpointStore, epoch: u64, path: &str) -> Result<bool, String> {
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1.. {
+        match cp.manifest(epoch).await {
+            Ok(m) => return Ok(m.objects.iter().any(|o| o.path == path)),
+            Err(CheckpointError::Blob {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => return Ok(false),
+            Err(e) if e.is_permanent() || attempt >= 5 => {
+                return Err(format!("cannot read the manifest of epoch {epoch}: {e}"))
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "cannot read the manifest of epoch {epoch}; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 async fn retry<T, F, Fut>(what: &str, f: F) -> Result<T, CheckpointError>
 where
     F: Fn() -> Fut,
@@ -2621,6 +2698,78 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    /// A node killed after a move gave it a key group and before it loaded it (sled holds
+    /// nothing of it, its applied marker is newer than the key group's older keys) rebuilds
+    /// it whole at its start: its first start marked every key group it did not own stale.
+    #[tokio::test]
+    async fn a_key_group_gained_by_a_move_and_not_loaded_before_a_crash_is_rebuilt_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state"), 16).unwrap();
+        let cp = CheckpointStore::new(
+            crate::checkpoint::blob::open("memory://", &Default::default(), false).unwrap(),
+        );
+        let key = |kg: u32, k: &str| {
+            let mut v = vec![b's'];
+            v.extend_from_slice(&(kg as u16).to_be_bytes());
+            v.extend_from_slice(k.as_bytes());
+            v
+        };
+        // Another node owned key group 4: its key "b" in epoch 1, key "c" in epoch 3. Key
+        // group 3 is this node's from the start.
+        let mut previous = None;
+        for (e, sections) in [
+            (
+                1,
+                vec![section(3, key(3, "a"), b"1"), section(4, key(4, "b"), b"1")],
+            ),
+            (2, vec![section(3, key(3, "a"), b"2")]),
+            (3, vec![section(4, key(4, "c"), b"3")]),
+        ] {
+            let o = cp
+                .write_node_epoch(&NodeEpoch {
+                    epoch: e,
+                    node: "n".into(),
+                    key_groups: sections,
+                })
+                .await
+                .unwrap();
+            cp.commit(&Manifest {
+                epoch: e,
+                previous,
+                created_ms: 0,
+                objects: vec![o],
+                writer: Some("test/1".into()),
+            })
+            .await
+            .unwrap();
+            previous = Some(e);
+        }
+        // This node's first start, owning key group 3 at epoch 2.
+        assert!(mark_unowned_stale(&store, 16, &[3]).unwrap());
+        let stale = store.stale_key_groups().unwrap();
+        assert_eq!(stale.len(), 15);
+        assert!(!stale.contains(&3) && stale.contains(&4));
+        let r = recover(&store, Some(&cp), &[3]).await.unwrap();
+        assert_eq!(r.committed, 3);
+        // It gains key group 4 by a move (the move applied) and is killed before it loaded
+        // it. Its next start owns 3 and 4; the store is not new any more.
+        assert!(!mark_unowned_stale(&store, 16, &[3, 4]).unwrap());
+        recover(&store, Some(&cp), &[3, 4]).await.unwrap();
+        let mut entries: Vec<Vec<u8>> = store
+            .scan_key_group(4)
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        entries.sort();
+        assert_eq!(
+            entries,
+            vec![b"1".to_vec(), b"3".to_vec()],
+            "key group 4 rebuilt whole, not only the delta after the marker"
+        );
+        assert!(!store.stale_key_groups().unwrap().contains(&4));
     }
 
     /// A node killed while it loaded a key group it gained (sled holds a partial copy, its

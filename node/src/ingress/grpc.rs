@@ -1,5 +1,6 @@
 //! gRPC ingress (`statemesh.v1.Ingress`) and admin (`statemesh.v1.Admin`) over tonic.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -10,6 +11,10 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ServiceError;
+
+/// At most this many egress records a subscriber reads at once (one commit answers them;
+/// like any record sent, they are lost if its stream breaks before they reach it).
+const SUBSCRIBE_BATCH: usize = 64;
 use crate::node::Shared;
 
 struct IngressService {
@@ -101,23 +106,45 @@ impl pb::ingress_server::Ingress for IngressService {
         let router = self.shared.router.clone();
         // This node's records as they come, and the records of the peers that produce them
         // (polled, 50 ms apart while everything is empty): each record popped once, where it
-        // was produced.
-        let stream = futures::stream::unfold((router, topic), |(router, topic)| async move {
+        // was produced, and sent once its removal is committed (the records available here
+        // at once are read together, so that one commit answers them all).
+        let start = (router, topic, VecDeque::new());
+        let stream = futures::stream::unfold(start, |(router, topic, mut ready)| async move {
             let v = loop {
-                if let Some(v) = router.pop_egress(&topic).await {
+                if let Some(v) = ready.pop_front() {
                     break v;
                 }
                 let local = router.egress().clone();
-                tokio::select! {
-                    v = local.next(&topic) => break v,
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                let mut batch = Vec::new();
+                while batch.len() < SUBSCRIBE_BATCH {
+                    match local.pop(&topic) {
+                        Some(p) => batch.push(p),
+                        None => break,
+                    }
+                }
+                if batch.is_empty() {
+                    if let Some(v) = router.pop_egress(&topic).await {
+                        break v;
+                    }
+                    tokio::select! {
+                        p = local.next(&topic) => batch.push(p),
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+                if batch.iter().any(|p| p.waits()) {
+                    router.want_commit();
+                }
+                for p in batch {
+                    if let Some(v) = p.settled().await {
+                        ready.push_back(v);
+                    }
                 }
             };
             let rec = pb::EgressRecord {
                 topic: topic.clone(),
                 value: Some(v.to_proto()),
             };
-            Some((Ok(rec), (router, topic)))
+            Some((Ok(rec), (router, topic, ready)))
         });
         Ok(Response::new(Box::pin(stream)))
     }
