@@ -711,3 +711,45 @@ async fn ambiguous_puts_are_resolved_by_reading_back() {
     std::fs::remove_file(root.join("manifests")).unwrap();
     store.commit(&manifest(1, None, vec![])).await.unwrap();
 }
+
+/// A recovery from blob storage alone walks a long chain of manifests reading ahead
+/// concurrently, not one GET after another: 200 epochs (a manifest and an object each) behind a
+/// store that adds 20 ms to every GET are read in a fraction of the 8 s a sequential walk
+/// takes, and the state is the same.
+#[tokio::test]
+async fn a_long_history_is_read_ahead_concurrently() {
+    use object_store::throttle::{ThrottleConfig, ThrottledStore};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let throttled = Arc::new(ThrottledStore::new(
+        object_store::memory::InMemory::new(),
+        ThrottleConfig::default(),
+    ));
+    let store = CheckpointStore::new(Blob {
+        store: throttled.clone(),
+        prefix: ObjectPath::from("cp"),
+        url: "memory://throttled".into(),
+        durability: "none",
+    });
+    // A full snapshot of key group 0 at epoch 1, then a delta in each of 199 epochs.
+    let mut previous = None;
+    for e in 1..=200u64 {
+        let v = e.to_string();
+        let s = section(0, e == 1, &[(&format!("k{}", e % 7), &v)], &[]);
+        commit_epoch(&store, e, previous, vec![node("n1", e, vec![s])]).await;
+        previous = Some(e);
+    }
+    let (at, expected) = store.recover(&[0]).await.unwrap();
+    assert_eq!(at, Some(200));
+    throttled.config_mut(|c| c.wait_get_per_call = Duration::from_millis(20));
+    let t = Instant::now();
+    let (at, states) = store.recover(&[0]).await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(at, Some(200));
+    assert_eq!(states[&0].state, expected[&0].state);
+    assert_eq!(states[&0].state.len(), 7);
+    assert!(
+        took < Duration::from_millis(2000),
+        "200 epochs took {took:?} to read (one GET after another: at least 8 s)"
+    );
+}

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use prost::Message;
@@ -31,6 +31,13 @@ use super::blob::Blob;
 use super::format::{
     epoch_object_path, epoch_of, manifest_path, KeyGroupState, Manifest, NodeEpoch, ObjectRef,
 };
+
+/// A walk back along the manifests reads this many one by one before it reads ahead.
+const SEQUENTIAL_MANIFESTS: usize = 4;
+/// At most this many manifests are read at once when a walk reads ahead.
+const MANIFEST_BATCH: usize = 64;
+/// At most this many epoch objects are read at once by a recovery.
+const OBJECT_READS: usize = 32;
 
 /// A checkpoint operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -502,6 +509,14 @@ impl CheckpointStore {
         let mut cur = Some(latest);
         // Per wanted key group, the label of the newest full snapshot listed so far.
         let mut fulls: BTreeMap<u32, u64> = BTreeMap::new();
+        // A short walk reads its manifests one by one along the chain. A long one (a
+        // recovery from blob storage alone) lists the committed epochs and reads the next
+        // older ones concurrently, in batches that double (one round trip per batch rather
+        // than per manifest); what it read beyond where the walk stops is dropped.
+        let mut read = 0usize;
+        let mut listed: Option<Vec<u64>> = None;
+        let mut batch = 2usize;
+        let mut ahead: HashMap<u64, Result<Manifest, CheckpointError>> = HashMap::new();
         while let Some(e) = cur {
             if e != latest && after.is_some_and(|a| e <= a) {
                 break;
@@ -519,7 +534,28 @@ impl CheckpointStore {
             };
             let m = match hit {
                 Some(m) => m,
-                None => match self.manifest(e).await {
+                None => match match ahead.remove(&e) {
+                    Some(r) => r,
+                    None if read < SEQUENTIAL_MANIFESTS => {
+                        read += 1;
+                        self.manifest(e).await
+                    }
+                    None => {
+                        if listed.is_none() {
+                            listed = Some(self.committed_epochs().await?);
+                        }
+                        let l = listed.as_deref().unwrap_or_default();
+                        let below = l.partition_point(|&x| x < e);
+                        let mut epochs = vec![e];
+                        epochs.extend(l[below.saturating_sub(batch - 1)..below].iter().rev());
+                        batch = (batch * 2).min(MANIFEST_BATCH);
+                        let got =
+                            futures::future::join_all(epochs.iter().map(|&x| self.manifest(x)))
+                                .await;
+                        ahead.extend(epochs.into_iter().zip(got));
+                        ahead.remove(&e).expect("read in this batch")
+                    }
+                } {
                     Ok(mut m) => {
                         if m.epoch != e {
                             return Err(CheckpointError::Corrupt {
@@ -644,14 +680,15 @@ impl CheckpointStore {
                 }
             }
         }
-        let mut objects: HashMap<String, NodeEpoch> = HashMap::new();
-        let mut out = BTreeMap::new();
-        for (kg, entries) in per_kg {
+        // A key group's chain: its base (the newest full snapshot, or the local store as of
+        // `after`) and the deltas after it, oldest first.
+        type Entry = (u64, bool, String, u64);
+        fn chain_of(entries: &[Entry], after: Option<u64>, epoch: u64) -> Vec<&Entry> {
             let base = match after {
                 Some(a) => Some(a),
                 None => entries.iter().filter(|e| e.1).map(|e| e.0).max(),
             };
-            let mut chain: Vec<&(u64, bool, String, u64)> = entries
+            let mut chain: Vec<&Entry> = entries
                 .iter()
                 .filter(|(label, full, _, _)| match base {
                     Some(b) if after.is_none() => (*full && *label == b) || (!*full && *label > b),
@@ -661,6 +698,33 @@ impl CheckpointStore {
                 })
                 .collect();
             chain.sort_by_key(|(label, full, _, _)| (*label, !*full));
+            chain
+        }
+        // The objects of every chain not inline in a manifest, read concurrently.
+        let need: BTreeSet<String> = per_kg
+            .values()
+            .flat_map(|entries| chain_of(entries, after, epoch))
+            .map(|(_, _, path, _)| path)
+            .filter(|path| !inline.contains_key(*path))
+            .cloned()
+            .collect();
+        let reads: Vec<_> = need
+            .into_iter()
+            .map(|path| async move {
+                let r = self.get(&path).await;
+                (path, r)
+            })
+            .collect();
+        let mut fetched: HashMap<String, Result<Bytes, CheckpointError>> =
+            futures::stream::iter(reads)
+                .buffer_unordered(OBJECT_READS)
+                .collect()
+                .await;
+        let mut objects: HashMap<String, NodeEpoch> = HashMap::new();
+        let mut out = BTreeMap::new();
+        for (kg, entries) in &per_kg {
+            let kg = *kg;
+            let chain = chain_of(entries, after, epoch);
             let mut state = KeyGroupState::default();
             let mut last = 0;
             for (label, full, path, listed_by) in chain {
@@ -677,7 +741,11 @@ impl CheckpointStore {
                                     })?,
                             )
                         }
-                        None => self.get(path).await.map_err(|e| match e {
+                        None => match fetched.remove(path) {
+                            Some(r) => r,
+                            None => self.get(path).await,
+                        }
+                        .map_err(|e| match e {
                             CheckpointError::Blob {
                                 source: object_store::Error::NotFound { .. },
                                 ..
