@@ -2689,44 +2689,25 @@ mod tests {
     use super::*;
     use crate::checkpoint::format::{Entry, KeyGroupSection, Manifest};
 
-    fn section(kg: u32, key: Vec<u8>, value: &[u8]) -> KeyGroupSection {
-        KeyGroupSection {
-            key_group: kg,
-            puts: vec![Entry {
-                key,
-                value: value.to_vec(),
-            }],
-            ..Default::default()
-        }
+    /// A state key of key group `kg`.
+    fn key(kg: u32, k: &str) -> Vec<u8> {
+        let mut v = vec![b's'];
+        v.extend_from_slice(&(kg as u16).to_be_bytes());
+        v.extend_from_slice(k.as_bytes());
+        v
     }
 
-    /// A node killed after a move gave it a key group and before it loaded it (sled holds
-    /// nothing of it, its applied marker is newer than the key group's older keys) rebuilds
-    /// it whole at its start: its first start marked every key group it did not own stale.
-    #[tokio::test]
-    async fn a_key_group_gained_by_a_move_and_not_loaded_before_a_crash_is_rebuilt_whole() {
+    /// A new store, and blob storage holding committed epochs 1, 2, … of one object each.
+    async fn chain(
+        epochs: Vec<Vec<KeyGroupSection>>,
+    ) -> (tempfile::TempDir, Store, CheckpointStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state"), 16).unwrap();
         let cp = CheckpointStore::new(
             crate::checkpoint::blob::open("memory://", &Default::default(), false).unwrap(),
         );
-        let key = |kg: u32, k: &str| {
-            let mut v = vec![b's'];
-            v.extend_from_slice(&(kg as u16).to_be_bytes());
-            v.extend_from_slice(k.as_bytes());
-            v
-        };
-        // Another node owned key group 4: its key "b" in epoch 1, key "c" in epoch 3. Key
-        // group 3 is this node's from the start.
         let mut previous = None;
-        for (e, sections) in [
-            (
-                1,
-                vec![section(3, key(3, "a"), b"1"), section(4, key(4, "b"), b"1")],
-            ),
-            (2, vec![section(3, key(3, "a"), b"2")]),
-            (3, vec![section(4, key(4, "c"), b"3")]),
-        ] {
+        for (e, sections) in (1..).zip(epochs) {
             let o = cp
                 .write_node_epoch(&NodeEpoch {
                     epoch: e,
@@ -2746,6 +2727,33 @@ mod tests {
             .unwrap();
             previous = Some(e);
         }
+        (dir, store, cp)
+    }
+
+    fn section(kg: u32, key: Vec<u8>, value: &[u8]) -> KeyGroupSection {
+        KeyGroupSection {
+            key_group: kg,
+            puts: vec![Entry {
+                key,
+                value: value.to_vec(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A node killed after a move gave it a key group and before it loaded it (sled holds
+    /// nothing of it, its applied marker is newer than the key group's older keys) rebuilds
+    /// it whole at its start: its first start marked every key group it did not own stale.
+    #[tokio::test]
+    async fn a_key_group_gained_by_a_move_and_not_loaded_before_a_crash_is_rebuilt_whole() {
+        // Another node owned key group 4: its key "b" in epoch 1, key "c" in epoch 3. Key
+        // group 3 is this node's from the start.
+        let (_dir, store, cp) = chain(vec![
+            vec![section(3, key(3, "a"), b"1"), section(4, key(4, "b"), b"1")],
+            vec![section(3, key(3, "a"), b"2")],
+            vec![section(4, key(4, "c"), b"3")],
+        ])
+        .await;
         // This node's first start, owning key group 3 at epoch 2.
         assert!(mark_unowned_stale(&store, 16, &[3]).unwrap());
         let stale = store.stale_key_groups().unwrap();
@@ -2777,45 +2785,12 @@ mod tests {
     /// key groups it held take only the deltas after its marker.
     #[tokio::test]
     async fn a_start_rebuilds_stale_key_groups_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state"), 16).unwrap();
-        let cp = CheckpointStore::new(
-            crate::checkpoint::blob::open("memory://", &Default::default(), false).unwrap(),
-        );
-        let key = |kg: u32, k: &str| {
-            let mut v = vec![b's'];
-            v.extend_from_slice(&(kg as u16).to_be_bytes());
-            v.extend_from_slice(k.as_bytes());
-            v
-        };
         // Epoch 1 writes key groups 3 and 4; epoch 2 only 3.
-        let mut previous = None;
-        for (e, sections) in [
-            (
-                1,
-                vec![section(3, key(3, "a"), b"1"), section(4, key(4, "b"), b"1")],
-            ),
-            (2, vec![section(3, key(3, "a"), b"2")]),
-        ] {
-            let o = cp
-                .write_node_epoch(&NodeEpoch {
-                    epoch: e,
-                    node: "n".into(),
-                    key_groups: sections,
-                })
-                .await
-                .unwrap();
-            cp.commit(&Manifest {
-                epoch: e,
-                previous,
-                created_ms: 0,
-                objects: vec![o],
-                writer: Some("test/1".into()),
-            })
-            .await
-            .unwrap();
-            previous = Some(e);
-        }
+        let (_dir, store, cp) = chain(vec![
+            vec![section(3, key(3, "a"), b"1"), section(4, key(4, "b"), b"1")],
+            vec![section(3, key(3, "a"), b"2")],
+        ])
+        .await;
         // Sled holds epoch 1 of key group 3; key group 4 was being loaded (cleared, marked).
         store
             .write_ops([(key(3, "a").as_slice(), Some(&b"1"[..]))].into_iter())
