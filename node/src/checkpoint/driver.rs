@@ -2642,25 +2642,18 @@ async fn recover_held(
 /// Whether the manifest of epoch `epoch` lists the object at `path` (no manifest: the
 /// epoch did not commit).
 async fn lists(cp: &CheckpointStore, epoch: u64, path: &str) -> Result<bool, String> {
-    let mut delay = Duration::from_millis(50);
-    for attempt in 1.. {
+    retry("read a manifest", || async {
         match cp.manifest(epoch).await {
-            Ok(m) => return Ok(m.objects.iter().any(|o| o.path == path)),
+            Ok(m) => Ok(m.objects.iter().any(|o| o.path == path)),
             Err(CheckpointError::Blob {
                 source: object_store::Error::NotFound { .. },
                 ..
-            }) => return Ok(false),
-            Err(e) if e.is_permanent() || attempt >= 5 => {
-                return Err(format!("cannot read the manifest of epoch {epoch}: {e}"))
-            }
-            Err(e) => {
-                tracing::warn!(attempt, error = %e, "cannot read the manifest of epoch {epoch}; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
+            }) => Ok(false),
+            Err(e) => Err(e),
         }
-    }
-    unreachable!("the loop returns")
+    })
+    .await
+    .map_err(|e| format!("cannot read the manifest of epoch {epoch}: {e}"))
 }
 
 async fn retry<T, F, Fut>(what: &str, f: F) -> Result<T, CheckpointError>
