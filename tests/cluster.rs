@@ -583,6 +583,56 @@ async fn a_node_joining_under_load_gets_key_groups_live_and_nothing_rolls_back()
     );
 }
 
+/// A node alone commits to its epoch log; before a second member joins, it uploads the log to
+/// blob storage (the join is answered "retry" meanwhile) and commits to blob storage from then
+/// on: a node that then loses its sled and its log recovers everything from blob storage.
+#[tokio::test]
+async fn a_node_alone_uploads_its_epoch_log_before_a_second_member_joins() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    // Node 1 would upload its log only every 10 minutes.
+    let ports = (free_port(), free_port());
+    let mut l = launch(root, 1, ports, None);
+    l.config = Some("[checkpoint]\ninterval_ms = 20\nupload_interval_ms = 600000\n".into());
+    let n1 = Node::start_launch(&root.join("n1"), &l);
+    let c1 = n1.client().await;
+    for i in 1..=20 {
+        assert_eq!(add(&c1, "x", 1).await, i);
+    }
+    let cp = n1.get_json("/v1/checkpoints").await;
+    assert_eq!(cp["log"]["active"], true, "{cp}");
+    assert!(cp["log"]["epochs"].as_u64().unwrap() > 0, "{cp}");
+    let manifests = root.join("n1").join("checkpoints").join("manifests");
+    let before = std::fs::read_dir(&manifests).map_or(0, |d| d.count());
+    assert_eq!(before, 0, "nothing uploaded yet");
+
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let (n2, _) = start(root, 2, Some(&seed));
+    converged(&[&n1, &n2], 2, 1).await;
+    let cp = n1.get_json("/v1/checkpoints").await;
+    assert_eq!(cp["log"]["active"], false, "{cp}");
+    assert_eq!(cp["log"]["epochs"], 0, "{cp}");
+    assert!(cp["log"]["uploads"].as_u64().unwrap() >= 1, "{cp}");
+    assert!(
+        n1.log_since_launch().contains("uploading the epoch log"),
+        "node 1 says why the join waits"
+    );
+    let c2 = n2.client().await;
+    assert_eq!(add(&c2, "x", 1).await, 21);
+
+    // Node 1 loses its sled and its log: blob storage has everything.
+    n1.kill();
+    std::fs::remove_dir_all(root.join("n1").join("state")).unwrap();
+    std::fs::remove_dir_all(root.join("n1").join("epochlog")).unwrap();
+    let n1 = restart(root, 1, ports, None);
+    converged(&[&n1, &n2], 2, 1).await;
+    let c1 = n1.client().await;
+    assert_eq!(add(&c1, "x", 1).await, 22);
+    drop(n2);
+    drop(n1);
+}
+
 /// Hand-overs that go wrong on the new owner fall back to a rollback of every participant
 /// and lose nothing. Node 3's read of the key groups it gains is slower than the leader
 /// waits for (fault point `mesh-handover-read=return(13000)`): the leader gives up on the

@@ -242,17 +242,33 @@ const POINTS: &[&str] = &[
     "checkpoint-recovery",
 ];
 
+/// A node alone with its epoch log: the points above and the log's.
+const LOG_POINTS: &[&str] = &[
+    "checkpoint-manifest-put",
+    "checkpoint-after-commit",
+    "checkpoint-sled-apply",
+    "checkpoint-sled-marker",
+    "checkpoint-recovery",
+    "checkpoint-log-append",
+    "checkpoint-upload",
+    "checkpoint-log-truncate",
+];
+
 /// With tiny thresholds: every fault point.
 const ALL_POINTS: &[&str] = statemesh_node::failpoint::POINTS;
 
-const CONFIG: &str = "shards = 2\n";
+/// A node alone commits to its epoch log, uploaded every 100 ms (kills come every 0-700 ms).
+const CONFIG: &str = "shards = 2\n[checkpoint]\nupload_interval_ms = 100\n";
+
+/// Epochs commit to blob storage one by one (no epoch log).
+const BLOB_CONFIG: &str = "shards = 2\n[checkpoint]\nlog = false\n";
 
 /// Errors and delays at the durable steps (fault point actions other than abort), and
 /// in-place rollbacks to the last committed epoch.
-const NOISE: &str = "checkpoint-object-put=20%return(timeout);checkpoint-manifest-put=20%return(connection reset);checkpoint-after-commit=10%return;checkpoint-full-snapshot-put=30%return;checkpoint-gc-delete=20%return(503);checkpoint-sled-apply=10%return(no space left on device);checkpoint-sled-marker=30%sleep(30);checkpoint-rollback=10%return";
+const NOISE: &str = "checkpoint-object-put=20%return(timeout);checkpoint-manifest-put=20%return(connection reset);checkpoint-after-commit=10%return;checkpoint-full-snapshot-put=30%return;checkpoint-gc-delete=20%return(503);checkpoint-sled-apply=10%return(no space left on device);checkpoint-sled-marker=30%sleep(30);checkpoint-rollback=10%return;checkpoint-log-append=5%return(input/output error);checkpoint-upload=20%return(timeout)";
 
 /// Full snapshots and garbage collection every few epochs, two epochs retained.
-const SMALL: &str = "shards = 2\n[checkpoint]\nretain = 2\ngc_every = 2\ngc_min_interval_ms = 0\nfull_snapshot_min_bytes = 1\nfull_snapshot_max_epochs = 4\napply_interval_ms = 200\n";
+const SMALL: &str = "shards = 2\n[checkpoint]\nretain = 2\ngc_every = 2\ngc_min_interval_ms = 0\nfull_snapshot_min_bytes = 1\nfull_snapshot_max_epochs = 4\napply_interval_ms = 200\nupload_interval_ms = 50\n";
 
 /// Per client, its acknowledged top-level messages in order: (target, message id).
 type Acked = Arc<Mutex<Vec<Vec<(String, String)>>>>;
@@ -1085,7 +1101,7 @@ async fn embedded_functions_survive_sigkill_exactly_once() {
             config: CONFIG,
             requests: 300,
             kills: 40,
-            points: POINTS,
+            points: LOG_POINTS,
             wipe_local: false,
             pad: false,
             cluster: false,
@@ -1124,7 +1140,7 @@ async fn python_sdk_functions_survive_sigkill_exactly_once() {
         Variant {
             types: &["statemesh.smoke/fn", "statemesh.smoke/py"],
             module: Some(module),
-            config: CONFIG,
+            config: BLOB_CONFIG,
             requests: 250,
             kills: 30,
             points: POINTS,

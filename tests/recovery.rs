@@ -53,7 +53,8 @@ async fn send(node: &Node, id: &str, n: i64, key: Option<&str>) -> (u16, String)
 async fn blob_outage_holds_acks_then_backpressures_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n");
-    let config = "[checkpoint]\ninterval_ms = 20\nmax_uncommitted = 4\n";
+    // Epochs commit to blob storage (as in a cluster of several), not to the epoch log.
+    let config = "[checkpoint]\ninterval_ms = 20\nmax_uncommitted = 4\nlog = false\n";
     let node = Node::start(&data, Some(config));
     assert_eq!(send(&node, "a", 1, Some("k1")).await.0, 202);
 
@@ -129,13 +130,143 @@ async fn blob_outage_holds_acks_then_backpressures_and_loses_nothing() {
     node.stop();
 }
 
+/// A node alone commits its epochs to its epoch log: while blob storage is down,
+/// acknowledgements keep coming until the log holds `log_max_bytes`; then ingress is refused and
+/// `/readyz` names the log. A node killed meanwhile does not start until blob storage is back
+/// (it uploads the log first), and then has everything that was acknowledged, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_log_acknowledges_while_blob_storage_is_down_up_to_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let config = "[checkpoint]\ninterval_ms = 20\nupload_interval_ms = 50\nlog_max_bytes = 3000\n";
+    let node = Node::start(&data, Some(config));
+    assert_eq!(send(&node, "a", 1, Some("k0")).await.0, 202);
+    let manifests = data.join("checkpoints").join("manifests");
+    common::eventually("the first upload", Duration::from_secs(10), || async {
+        manifests.is_dir().then_some(())
+    })
+    .await;
+
+    // Blob storage breaks: no upload can write its manifest.
+    std::fs::rename(&manifests, data.join("manifests.bak")).unwrap();
+    std::fs::write(&manifests, b"not a directory").unwrap();
+    let mut acked = 1i64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let (s, body) = tokio::time::timeout(
+            Duration::from_secs(5),
+            send(&node, "a", 1, Some(&format!("k{acked}"))),
+        )
+        .await
+        .expect("acknowledged or refused at once, not held");
+        match s {
+            202 => acked += 1,
+            429 => break body,
+            s => panic!("send {acked}: {s} {body}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never refused: {acked} acknowledged"
+        );
+    };
+    assert!(
+        acked >= 5,
+        "acknowledgements flow while blob storage is down: {acked}"
+    );
+    assert!(refused.contains("epoch log"), "{refused}");
+    // `/readyz` names the bound and, once an upload has failed, why.
+    let body = common::eventually(
+        "readyz names the upload error",
+        Duration::from_secs(10),
+        || async {
+            let (s, _, body) =
+                http(&format!("{}/readyz", node.http), "GET", None, Bytes::new()).await;
+            let body = String::from_utf8_lossy(&body).to_string();
+            assert_eq!(s, 503, "{body}");
+            (body.contains("Not a directory") || body.contains("not a directory")).then_some(body)
+        },
+    )
+    .await;
+    assert!(body.contains("log_max_bytes"), "{body}");
+    let cp = checkpoints(&node).await;
+    assert!(cp["log"]["epochs"].as_u64().unwrap() > 0, "{cp}");
+    assert!(
+        cp["log"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("uploading the epoch log")),
+        "{cp}"
+    );
+    assert_eq!(total(&node, "a").await, acked);
+
+    // Killed while blob storage is down: it does not start without uploading its log.
+    node.kill();
+    let launch = common::Launch {
+        config: Some(config.into()),
+        ..Default::default()
+    };
+    let mut n = Node::launch(&data, &launch);
+    let log = n.wait_listening().expect_err("the node must not start");
+    assert!(log.contains("cannot upload the epoch log"), "{log}");
+
+    // Blob storage is back: everything acknowledged is there, and retries are not applied again.
+    std::fs::remove_file(&manifests).unwrap();
+    std::fs::rename(data.join("manifests.bak"), &manifests).unwrap();
+    // Only blob storage and the log are left.
+    std::fs::remove_dir_all(data.join("state")).unwrap();
+    let node = Node::start(&data, Some(config));
+    assert_eq!(checkpoints(&node).await["recovery"]["source"], "blob-full");
+    assert_eq!(total(&node, "a").await, acked);
+    for k in [0, acked / 2, acked - 1] {
+        assert_eq!(send(&node, "a", 1, Some(&format!("k{k}"))).await.0, 202);
+    }
+    assert_eq!(
+        total(&node, "a").await,
+        acked,
+        "a retry is not applied again"
+    );
+    assert_eq!(send(&node, "b", 1, None).await.0, 202);
+    node.stop();
+}
+
+/// The epoch log batches blob storage's writes: a burst of committed sends becomes a few
+/// uploads (each a manifest, the merged epochs inline), not a manifest per epoch; a node killed
+/// between uploads has them all at restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_log_uploads_many_epochs_in_few_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let config = "[checkpoint]\nupload_interval_ms = 1000\n";
+    let node = Node::start(&data, Some(config));
+    let t0 = Instant::now();
+    let mut sent = 0i64;
+    while t0.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(send(&node, "a", 1, None).await.0, 202);
+        sent += 1;
+    }
+    let cp = checkpoints(&node).await;
+    let committed = cp["committed"].as_u64().unwrap();
+    let manifests = data.join("checkpoints").join("manifests");
+    let written = std::fs::read_dir(&manifests).map_or(0, |d| d.count());
+    assert!(sent >= 20, "{sent} sends in 1.5 s");
+    assert!(
+        written <= 3,
+        "{written} manifests for {sent} committed sends (epoch {committed})"
+    );
+    assert!(cp["log"]["active"].as_bool().unwrap(), "{cp}");
+    node.kill();
+    let node = Node::start(&data, Some(config));
+    assert_eq!(total(&node, "a").await, sent);
+    node.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_corrupt_local_state_is_rebuilt_from_blob_storage() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n");
     // Full snapshots after every change and aggressive retention, so recovery goes through a
     // full snapshot plus deltas, with older history collected.
-    let config = "[checkpoint]\ninterval_ms = 10\nretain = 2\nfull_snapshot_min_bytes = 1\ngc_every = 1\ngc_min_interval_ms = 0\napply_interval_ms = 50\n";
+    // The epoch log is uploaded every 10 ms.
+    let config = "[checkpoint]\ninterval_ms = 10\nretain = 2\nfull_snapshot_min_bytes = 1\ngc_every = 1\ngc_min_interval_ms = 0\napply_interval_ms = 50\nupload_interval_ms = 10\n";
     let node = Node::start(&data, Some(config));
     let client = node.client().await;
     for round in 1..=20i64 {
@@ -406,11 +537,13 @@ async fn a_data_directory_in_use_by_another_node_is_refused_and_left_alone() {
 async fn ambiguous_manifest_puts_commit_instead_of_fencing_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n");
+    // Every upload of the epoch log writes a manifest.
     let launch = common::Launch {
         env: vec![(
             "FAILPOINTS".into(),
             "checkpoint-manifest-put=return(connection reset by peer)".into(),
         )],
+        config: Some("[checkpoint]\nupload_interval_ms = 10\n".into()),
         ..Default::default()
     };
     let node = Node::start_launch(&data, &launch);
@@ -455,7 +588,9 @@ async fn ambiguous_manifest_puts_commit_instead_of_fencing_the_node() {
 async fn a_truncated_or_corrupt_history_stops_the_node_with_its_name() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n");
-    let node = Node::start(&data, None);
+    // One manifest per committed epoch: epochs commit to blob storage, not to the epoch log.
+    let config = "[checkpoint]\nlog = false\n";
+    let node = Node::start(&data, Some(config));
     for i in 0..10 {
         assert_eq!(send(&node, "a", 1, Some(&format!("k{i}"))).await.0, 202);
     }
@@ -481,7 +616,11 @@ async fn a_truncated_or_corrupt_history_stops_the_node_with_its_name() {
     let refused = |what: &str, expect: &[&str]| {
         std::fs::remove_dir_all(data.join("state")).ok();
         let before = listing(&manifests);
-        let mut n = Node::launch(&data, &common::Launch::default());
+        let launch = common::Launch {
+            config: Some(config.into()),
+            ..Default::default()
+        };
+        let mut n = Node::launch(&data, &launch);
         let log = n.wait_listening().expect_err("the node must not start");
         for e in expect {
             assert!(
@@ -515,7 +654,7 @@ async fn a_truncated_or_corrupt_history_stops_the_node_with_its_name() {
     std::fs::write(manifests.join(newest), &saved).unwrap();
 
     // Repaired: everything is there.
-    let node = Node::start(&data, None);
+    let node = Node::start(&data, Some(config));
     assert_eq!(checkpoints(&node).await["recovery"]["source"], "blob-full");
     assert_eq!(total(&node, "a").await, 10);
     node.stop();

@@ -9,6 +9,7 @@
 //!   Raft configuration changes that replace dead voters.
 //! - [`group`]: one member's replica of the control group (raft-rs `RawNode` + the state
 //!   machine) as pure steps.
+//! - [`epochlog`]: a node's short-term log of committed epochs on raft-engine.
 //! - [`sim`]: the seeded random generator of the simulations.
 //! - [`storage`]: the control group's durable log on raft-engine.
 //!
@@ -16,6 +17,7 @@
 
 pub mod control;
 pub mod epoch;
+pub mod epochlog;
 pub mod failure;
 pub mod group;
 pub mod keygroup;

@@ -68,6 +68,9 @@ pub(crate) struct EpochParams {
     pub max_uncommitted: u64,
     /// Failure detection and the ownership lease (`[mesh]`).
     pub failure: FailureConfig,
+    /// This node's epoch log is active or holds epochs blob storage lacks: a second member
+    /// joins only once it is uploaded (the members share blob storage's history).
+    pub log_busy: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// An epoch that lacks a participant's part this long makes the leader synchronise again.
@@ -443,6 +446,7 @@ pub(crate) fn start(
         interval_ms,
         max_uncommitted,
         failure,
+        log_busy,
     } = epochs;
     let main = async move {
         let mut c = Driver {
@@ -452,6 +456,7 @@ pub(crate) fn start(
             epoch_driver,
             epoch_cp,
             epoch_cfg: (interval_ms, max_uncommitted),
+            log_busy,
             writer: format!("{id}/{:016x}", random_u64()),
             record_wanted: 0,
             recorded_at: None,
@@ -592,6 +597,8 @@ struct Driver {
     epoch_driver: mpsc::UnboundedSender<DriverEvent>,
     epoch_cp: Option<CheckpointStore>,
     epoch_cfg: (u64, u64),
+    /// See [`EpochParams::log_busy`].
+    log_busy: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Names this process in the manifests it writes.
     writer: String,
     /// The newest committed epoch to record in the control group, and when one last was.
@@ -791,6 +798,21 @@ impl Driver {
         if state.table.iter().any(|o| o.owner.is_none()) {
             let _ = reply.send(Err(Status::unavailable(
                 "the cluster is still assigning its key groups; retry",
+            )));
+            return;
+        }
+        // A node alone commits to its epoch log; the members of a cluster share blob
+        // storage's history, so the log goes there before a second member joins.
+        if state.members.len() <= 1
+            && !state.members.contains_key(&id)
+            && self
+                .log_busy
+                .as_ref()
+                .is_some_and(|b| b.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            let _ = self.epoch_driver.send(DriverEvent::LeaveLog);
+            let _ = reply.send(Err(Status::unavailable(
+                "the node is uploading its epoch log to blob storage before a second member joins; retry",
             )));
             return;
         }

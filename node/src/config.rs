@@ -165,6 +165,22 @@ pub struct CheckpointConfig {
     /// power loss may lose the last acknowledged epochs. No effect on S3, GCS and Azure, whose
     /// writes are durable when they return. Default on.
     pub fsync: bool,
+    /// A node alone commits its epochs to its epoch log (`<data_dir>/epochlog`, raft-engine,
+    /// fsynced) rather than to blob storage, and uploads the log to blob storage every
+    /// `upload_interval_ms` or `upload_bytes`, merged: acknowledgements do not wait for blob
+    /// storage, and blob storage sees a few requests a second at most. The log survives a
+    /// process crash and a power loss, not the loss of the disk. In a cluster of several, epochs
+    /// commit to blob storage (the log is uploaded before a second member joins). Default on.
+    pub log: bool,
+    /// How often the epoch log is uploaded to blob storage while it holds epochs. Default
+    /// 2,000 ms.
+    pub upload_interval_ms: u64,
+    /// The log is uploaded sooner once it holds this many bytes. Default 16 MiB.
+    pub upload_bytes: u64,
+    /// Ingress is refused (429 / RESOURCE_EXHAUSTED, named by `/readyz`) while the log holds
+    /// more than this many bytes blob storage lacks (blob storage is down or slow).
+    /// Default 1 GiB.
+    pub log_max_bytes: u64,
     /// S3 settings (override `AWS_*` environment variables).
     pub s3: crate::checkpoint::blob::S3Options,
 }
@@ -186,6 +202,10 @@ impl Default for CheckpointConfig {
             gc_min_interval_ms: 5_000,
             apply_interval_ms: 1_000,
             fsync: true,
+            log: true,
+            upload_interval_ms: 2_000,
+            upload_bytes: 16 << 20,
+            log_max_bytes: 1 << 30,
             s3: Default::default(),
         }
     }

@@ -46,6 +46,9 @@ pub const POINTS: &[&str] = &[
     "checkpoint-sled-marker",
     "checkpoint-recovery",
     "checkpoint-rollback",
+    "checkpoint-log-append",
+    "checkpoint-upload",
+    "checkpoint-log-truncate",
 ];
 
 /// The fault points of the cluster layer (reached only with more than one node).

@@ -219,6 +219,21 @@ impl NodeHandle {
                 ),
             }
         }
+        // A node alone leaves blob storage complete (its epoch log is uploaded now rather
+        // than at its next start).
+        let (tx, rx) = oneshot::channel();
+        if self.driver_events.send(DriverEvent::UploadLog(tx)).is_ok() {
+            match tokio::time::timeout(Duration::from_secs(10), rx).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(
+                    error = %e,
+                    "the epoch log was not uploaded; the next start uploads it"
+                ),
+                _ => tracing::warn!(
+                    "the epoch log was not uploaded within 10 s; the next start uploads it"
+                ),
+            }
+        }
         // Nothing more is needed from the peers: the streams they opened end, and the gRPC
         // server stops once the replies under way are sent (a cluster's peer streams kept it
         // waiting 5 s).
@@ -411,6 +426,31 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     if cp.is_some() {
         driver::mark_unowned_stale(&store, config.key_groups, &owned)?;
     }
+    // The epoch log: what it holds beyond blob storage (epochs acknowledged before a stop)
+    // is uploaded first, so recovery reads one history.
+    let log = match &cp {
+        Some(cp) if config.checkpoint.log => {
+            let log = Arc::new(
+                statemesh_mesh::epochlog::EpochLog::open(&config.data_dir.join("epochlog"))
+                    .map_err(StartError::Other)?,
+            );
+            let writer = format!(
+                "{}/start-{}",
+                config.checkpoint.node_id,
+                crate::shard::now_ms()
+            );
+            crate::checkpoint::upload::upload_at_start(cp, &log, &writer)
+                .await
+                .map_err(|e| {
+                    StartError::Other(format!(
+                        "recovery failed: cannot upload the epoch log to blob storage: {e}"
+                    ))
+                })?;
+            Some((log, Arc::new(std::sync::atomic::AtomicBool::new(false))))
+        }
+        _ => None,
+    };
+    let log_busy = log.as_ref().map(|l| l.1.clone());
     let mut recovered = driver::recover(&store, cp.as_ref(), &owned)
         .await
         .map_err(|e| StartError::Other(format!("recovery failed: {e}")))?;
@@ -611,6 +651,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         status.clone(),
         owned,
         epoch_side,
+        log,
     );
     let committed_status = status.clone();
     let control = crate::cluster::start(
@@ -628,6 +669,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
             interval_ms: config.checkpoint.interval_ms,
             max_uncommitted: config.checkpoint.max_uncommitted,
             failure: config.mesh.failure(),
+            log_busy,
         },
     )
     .map_err(|e| StartError::Other(format!("control group: {e}")))?;

@@ -86,6 +86,14 @@ pub(crate) enum DriverEvent {
     HandedOver {
         at: u64,
     },
+    /// An upload of the epoch log ended.
+    Uploaded(Result<Option<super::upload::Uploaded>, String>),
+    /// A second member is about to join: epochs commit to blob storage from now on, and the
+    /// epoch log is uploaded.
+    LeaveLog,
+    /// Upload the epoch log now (shutdown); answers once it holds nothing released, or with
+    /// the upload's error.
+    UploadLog(oneshot::Sender<Result<(), String>>),
 }
 
 /// What a live move read from blob storage for this node.
@@ -240,6 +248,47 @@ pub struct CheckpointStatus {
     /// How long the last one refused ingress (from its start until the pending messages were
     /// replayed), ms.
     pub last_rollback_ms: Option<f64>,
+    /// The epoch log (`[checkpoint] log`), if the node keeps one.
+    pub log: Option<LogStatus>,
+}
+
+/// The epoch log's state, for `GET /v1/checkpoints`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LogStatus {
+    /// Epochs commit to the log (the node is alone); else to blob storage.
+    pub active: bool,
+    /// Committed epochs the log holds that blob storage does not have yet.
+    pub epochs: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The newest epoch uploaded to blob storage.
+    pub uploaded: Option<u64>,
+    /// Uploads since start.
+    pub uploads: u64,
+    /// Why the last upload failed (cleared by the next that succeeds).
+    pub last_error: Option<String>,
+}
+
+/// The epoch log while this node has one (OVERVIEW.md, "The epoch log").
+struct LogSide {
+    log: Arc<statemesh_mesh::epochlog::EpochLog>,
+    /// Epochs commit to the log (the node is alone); else to blob storage.
+    active: bool,
+    uploading: bool,
+    last_upload: Instant,
+    /// After a failed upload, the next waits until then.
+    retry_at: Option<Instant>,
+    failures: u32,
+    interval: Duration,
+    upload_bytes: u64,
+    max_bytes: u64,
+    /// Ingress is refused: the log is over `max_bytes`.
+    full: Option<String>,
+    /// Read by the control thread: the log is active or holds epochs blob storage lacks (a
+    /// second member may join only once it is false).
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    /// Waiting for the log's released epochs to be uploaded (shutdown).
+    flush: Vec<oneshot::Sender<Result<(), String>>>,
 }
 
 /// How a node recovered.
@@ -335,6 +384,12 @@ struct Driver {
     handing: bool,
     /// The generation the shards took at their last rollback.
     shard_gen: u64,
+    /// The epoch log (a node alone commits its epochs there).
+    log: Option<LogSide>,
+    /// An epoch to commit to blob storage once the log is uploaded (it left the log).
+    commit_after_upload: Option<u64>,
+    /// The coordinator's back-pressure (epochs not committed), beside the log's.
+    coord_backpressure: Option<String>,
 }
 
 impl ClusterSide {
@@ -502,7 +557,7 @@ struct RollingBack {
     gen: Option<u64>,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     crate::shard::now_ms()
 }
 
@@ -518,8 +573,7 @@ fn rand_nonce() -> u64 {
 /// How long a participant in a cluster waits at shutdown for its last epoch to commit.
 const FINISH_IN_CLUSTER: Duration = Duration::from_secs(5);
 
-/// Epoch objects up to this size are kept inline in the manifest.
-const INLINE_MAX: usize = 64 << 10;
+use super::upload::INLINE_MAX;
 
 /// Starts the driver on the current tokio runtime.
 #[allow(clippy::too_many_arguments)]
@@ -538,6 +592,10 @@ pub(crate) fn start(
     status: StatusHandle,
     owned: Vec<u32>,
     cluster: Option<(statemesh_mesh::placement::NodeId, EpochOut, bool)>,
+    log: Option<(
+        Arc<statemesh_mesh::epochlog::EpochLog>,
+        Arc<std::sync::atomic::AtomicBool>,
+    )>,
 ) -> tokio::task::JoinHandle<()> {
     let interval = if cp.is_some() {
         config.checkpoint.interval_ms
@@ -569,6 +627,32 @@ pub(crate) fn start(
         s.applied = committed;
     }
     let clustered = cluster.as_ref().is_some_and(|c| c.2);
+    let log = log.filter(|_| cp.is_some()).map(|(log, busy)| {
+        let active = !clustered;
+        busy.store(
+            active || log.last_epoch().is_some(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        LogSide {
+            log,
+            active,
+            uploading: false,
+            last_upload: Instant::now(),
+            retry_at: None,
+            failures: 0,
+            interval: Duration::from_millis(config.checkpoint.upload_interval_ms),
+            upload_bytes: config.checkpoint.upload_bytes,
+            max_bytes: config.checkpoint.log_max_bytes,
+            full: None,
+            busy,
+            flush: Vec::new(),
+        }
+    });
+    status.lock().log = log.as_ref().map(|l| LogStatus {
+        active: l.active,
+        uploaded: last_manifest,
+        ..Default::default()
+    });
     let coord: Box<dyn EpochCoordinator> = if clustered {
         Box::new(Participant::new(
             n,
@@ -632,6 +716,9 @@ pub(crate) fn start(
         reconfiguring: None,
         handing: false,
         shard_gen: 0,
+        log,
+        commit_after_upload: None,
+        coord_backpressure: None,
         cluster: cluster.map(|(me, out, active)| ClusterSide {
             me,
             out,
@@ -861,6 +948,7 @@ impl Driver {
     }
 
     fn tick(&mut self) {
+        self.maybe_upload();
         if self.rolling_back.is_some() {
             return;
         }
@@ -1008,6 +1096,18 @@ impl Driver {
                 self.maintain();
             }
             DriverEvent::Handed(r) => self.handed(r),
+            DriverEvent::Uploaded(r) => self.uploaded(r),
+            DriverEvent::LeaveLog => self.leave_log(),
+            DriverEvent::UploadLog(tx) => match self.log.as_mut() {
+                Some(l) => {
+                    l.flush.push(tx);
+                    l.retry_at = None;
+                    self.maybe_upload();
+                }
+                None => {
+                    let _ = tx.send(Ok(()));
+                }
+            },
             DriverEvent::HandedOver { at } => self.handed_over(at),
             DriverEvent::RolledBack => self.end_rollback(),
             DriverEvent::Epoch { from, msg } => self.epoch_msg(from, msg),
@@ -1150,6 +1250,16 @@ impl Driver {
         self.router.set_rolling_back(Some(format!(
             "the node is rolling back to its last committed epoch {to}; retry"
         )));
+        // An abandoned epoch may be in the epoch log already (its append was durable, then a
+        // later step failed and the epoch was abandoned before it was released): it must not
+        // be uploaded, nor found at a restart.
+        if let Some(l) = &self.log {
+            if let Err(e) = l.log.discard_after(to) {
+                tracing::error!(error = %e, "cannot drop abandoned epochs from the epoch log; stopping");
+                eprintln!("statemesh: cannot drop abandoned epochs from the epoch log: {e}");
+                std::process::exit(3);
+            }
+        }
         // A live move under way is abandoned: the shards drop what they stopped, and the
         // key groups are served by the table again.
         self.reconfiguring = None;
@@ -1471,6 +1581,8 @@ impl Driver {
                     // manifests), start no more, then answer.
                     c.hold_pending = true;
                     self.coord.drain();
+                    // The others read blob storage: the log goes there first.
+                    self.leave_log();
                     self.maybe_held();
                 }
             }
@@ -1613,6 +1725,10 @@ impl Driver {
         if !c.hold_pending
             || self.rolling_back.is_some()
             || self.coord.started() != self.coord.committed()
+            || self
+                .log
+                .as_ref()
+                .is_some_and(|l| l.active || l.log.last_epoch().is_some())
         {
             return;
         }
@@ -2063,7 +2179,15 @@ impl Driver {
                     }
                 };
                 let tx = self.events.clone();
+                let to_log = self.log.as_ref().is_some_and(|l| l.active);
                 match &self.cp {
+                    // Logged at its commit.
+                    Some(_) if to_log => {
+                        let _ = tx.send(DriverEvent::Written {
+                            epoch: e,
+                            result: Ok(None),
+                        });
+                    }
                     Some(cp) if !built.key_groups.is_empty() => {
                         let cp = cp.clone();
                         let encoded = prost::Message::encode_to_vec(&*built);
@@ -2096,6 +2220,36 @@ impl Driver {
             Action::Commit(e) => {
                 let tx = self.events.clone();
                 let obj = self.objects.get(&e).cloned().flatten();
+                if let Some(l) = &self.log {
+                    let built = self.built.get(&e).filter(|b| !b.key_groups.is_empty());
+                    match (&obj, built) {
+                        // Written while the log was active: it commits there.
+                        (None, Some(b)) => {
+                            let (log, b) = (l.log.clone(), b.clone());
+                            tokio::task::spawn_blocking(move || {
+                                let result = crate::failpoint::eval("checkpoint-log-append")
+                                    .and_then(|()| {
+                                        log.append(e, &prost::Message::encode_to_vec(&*b))
+                                    })
+                                    .and_then(|()| {
+                                        // Durable, acknowledgements not yet released.
+                                        crate::failpoint::eval("checkpoint-after-commit")
+                                    })
+                                    .map(|()| None);
+                                let _ = tx.send(DriverEvent::Committed { epoch: e, result });
+                            });
+                            return;
+                        }
+                        // Written to blob storage after the log was left: its manifest comes
+                        // after the log's epochs are uploaded (it names the last as previous).
+                        (Some(_), _) if l.log.last_epoch().is_some() => {
+                            self.commit_after_upload = Some(e);
+                            self.leave_log();
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
                 match (&self.cp, obj) {
                     (Some(cp), Some(obj)) => {
                         let mut objects = vec![obj];
@@ -2206,6 +2360,7 @@ impl Driver {
                     self.epochs_since_full += 1;
                 }
                 self.maintain();
+                self.maybe_upload();
             }
             Action::Cut(e) => {
                 if let Some(c) = &self.cluster {
@@ -2292,10 +2447,199 @@ impl Driver {
                 if let Some(r) = &reason {
                     tracing::warn!("{r}; refusing ingress until an epoch commits");
                 }
-                self.status.lock().backpressure = reason.clone();
-                self.router.set_backpressure(reason);
+                self.coord_backpressure = reason;
+                self.set_backpressure();
             }
         }
+    }
+
+    /// Refuses ingress while the coordinator has too many epochs open or the epoch log is
+    /// over its bound.
+    fn set_backpressure(&mut self) {
+        let reason = self
+            .coord_backpressure
+            .clone()
+            .or_else(|| self.log.as_ref().and_then(|l| l.full.clone()));
+        let mut s = self.status.lock();
+        if s.backpressure != reason {
+            s.backpressure = reason.clone();
+            drop(s);
+            self.router.set_backpressure(reason);
+        }
+    }
+
+    /// Epochs commit to blob storage from now on (a second member joins, whose epochs are the
+    /// cluster's), once the log's are uploaded.
+    fn leave_log(&mut self) {
+        if let Some(l) = self.log.as_mut().filter(|l| l.active) {
+            l.active = false;
+            tracing::info!(
+                "the cluster grows: epochs commit to blob storage from now on; uploading the epoch log"
+            );
+            if let Some(s) = self.status.lock().log.as_mut() {
+                s.active = false;
+            }
+        }
+        self.maybe_upload();
+    }
+
+    /// Uploads the epoch log when an upload is due (every `upload_interval_ms` or
+    /// `upload_bytes`, at once when the log was left) and none runs; keeps ingress refused
+    /// while the log is over `log_max_bytes`.
+    fn maybe_upload(&mut self) {
+        let Some(cp) = self.cp.clone() else {
+            return;
+        };
+        let Some(l) = self.log.as_mut() else {
+            return;
+        };
+        let (epochs, bytes) = l.log.size();
+        let full = (bytes > l.max_bytes).then(|| {
+            format!(
+                "the epoch log holds {epochs} epochs ({bytes} bytes) that blob storage ({}) does not have yet, over [checkpoint] log_max_bytes ({}); last upload error: {}",
+                cp.url(),
+                l.max_bytes,
+                self.status
+                    .lock()
+                    .log
+                    .as_ref()
+                    .and_then(|s| s.last_error.clone())
+                    .unwrap_or_else(|| "none".into())
+            )
+        });
+        if full.is_some() != l.full.is_some() {
+            match &full {
+                Some(r) => tracing::warn!("{r}; refusing ingress until it is uploaded"),
+                None => tracing::info!("the epoch log is below its bound again"),
+            }
+        }
+        if full != l.full {
+            // Also when only the reason changed (a newer upload error).
+            l.full = full;
+            self.set_backpressure();
+        }
+        if let Some(ls) = self.status.lock().log.as_mut() {
+            (ls.epochs, ls.bytes) = (epochs, bytes);
+        }
+        let through = self.last_released;
+        let Some(l) = self.log.as_mut() else {
+            return;
+        };
+        l.busy
+            .store(l.active || epochs > 0, std::sync::atomic::Ordering::SeqCst);
+        if !l.uploading && !l.flush.is_empty() && l.log.first_epoch().is_none_or(|f| f > through) {
+            for tx in l.flush.drain(..) {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        if l.uploading || epochs == 0 || l.log.first_epoch().is_none_or(|f| f > through) {
+            return;
+        }
+        let now = Instant::now();
+        if l.retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let due = !l.active
+            || !l.flush.is_empty()
+            || bytes >= l.upload_bytes
+            || now.duration_since(l.last_upload) >= l.interval;
+        if !due {
+            return;
+        }
+        l.uploading = true;
+        let log = l.log.clone();
+        // A full snapshot waiting to be listed, if its label is at most what this upload
+        // carries (it reflects epochs up to its label).
+        let last = log.last_epoch().unwrap_or(0).min(through);
+        if self.unlisted_full.as_ref().is_some_and(|f| f.1 <= last) {
+            self.listing = self.unlisted_full.take();
+        }
+        let full = self.listing.as_ref().map(|f| f.0.clone());
+        let (previous, writer, tx) = (
+            self.last_manifest,
+            self.opts.writer.clone(),
+            self.events.clone(),
+        );
+        tokio::spawn(async move {
+            let r = super::upload::upload(&cp, &log, previous, through, &writer, full).await;
+            let _ = tx.send(DriverEvent::Uploaded(r));
+        });
+    }
+
+    fn uploaded(&mut self, r: Result<Option<super::upload::Uploaded>, String>) {
+        let Some(l) = self.log.as_mut() else {
+            return;
+        };
+        l.uploading = false;
+        match r {
+            Ok(u) => {
+                l.last_upload = Instant::now();
+                l.retry_at = None;
+                l.failures = 0;
+                let (epochs, bytes) = l.log.size();
+                if let Some(u) = u {
+                    self.last_manifest = Some(u.epoch);
+                    self.commits_since_gc += 1;
+                    self.epochs_since_full += 1;
+                    self.bytes_since_full += u.bytes;
+                    self.router.metrics().checkpoint_bytes.inc_by(u.bytes);
+                    tracing::debug!(
+                        epoch = u.epoch,
+                        epochs = u.epochs,
+                        bytes = u.bytes,
+                        "uploaded the epoch log"
+                    );
+                    if let Some((obj, label)) = self.listing.take() {
+                        if u.stored
+                            .as_ref()
+                            .is_none_or(|m| m.objects.iter().any(|o| o.path == obj.path))
+                        {
+                            self.status.lock().last_full = Some((label, obj.size));
+                        } else {
+                            self.unlisted_full = Some((obj, label));
+                        }
+                    }
+                    let mut s = self.status.lock();
+                    if let Some(ls) = s.log.as_mut() {
+                        ls.uploaded = Some(u.epoch);
+                        ls.uploads += 1;
+                        ls.last_error = None;
+                    }
+                } else if let Some(full) = self.listing.take() {
+                    self.unlisted_full = Some(full);
+                }
+                if let Some(ls) = self.status.lock().log.as_mut() {
+                    (ls.epochs, ls.bytes) = (epochs, bytes);
+                }
+                if epochs == 0 {
+                    if let Some(e) = self.commit_after_upload.take() {
+                        self.action(Action::Commit(e));
+                    }
+                }
+                self.maybe_held();
+                self.maintain();
+            }
+            Err(e) => {
+                for tx in l.flush.drain(..) {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                l.failures += 1;
+                let backoff = Duration::from_millis((100u64 << l.failures.min(6)).min(5_000));
+                l.retry_at = Some(Instant::now() + backoff);
+                if let Some(full) = self.listing.take() {
+                    self.unlisted_full = Some(full);
+                }
+                self.router.metrics().checkpoint_failures.inc();
+                tracing::warn!(error = %e, "uploading the epoch log failed; retrying");
+                let e = format!("uploading the epoch log: {e}");
+                let mut s = self.status.lock();
+                s.last_error = Some(e.clone());
+                if let Some(ls) = s.log.as_mut() {
+                    ls.last_error = Some(e);
+                }
+            }
+        }
+        self.maybe_upload();
     }
 
     /// Starts a full snapshot or a garbage collection when one is due and none runs.

@@ -20,3 +20,4 @@ pub mod format;
 pub mod idempotency;
 pub mod lease;
 pub mod store;
+pub mod upload;

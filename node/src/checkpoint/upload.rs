@@ -1,0 +1,314 @@
+//! Uploading the epoch log to blob storage (see OVERVIEW.md, "The epoch log").
+//!
+//! A node alone commits its epochs to its local log (`statemesh_mesh::epochlog`, fsynced) and
+//! uploads them every few seconds or megabytes as one merged delta: the epochs after the last
+//! uploaded manifest `p`, up to the newest logged `l`, become one object (each changed key's
+//! last value or deletion; the pending messages of `l`) and a manifest `l` whose previous
+//! is `p`. A reader of the chain cannot tell it from a single epoch `l` written after `p`.
+//! Applying it over a state newer than `p` (a full snapshot labelled inside `(p, l]`, or sled
+//! applied that far) is also right: it carries the newest value of every key changed after `p`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use prost::Message;
+use statemesh_mesh::epochlog::EpochLog;
+
+use super::format::{Entry, KeyGroupSection, Manifest, NodeEpoch, ObjectRef};
+use super::store::{CheckpointError, CheckpointStore};
+
+/// Merges consecutive committed epochs of one node (oldest first) into one delta labelled with
+/// the newest: per key group, every key's last write or deletion, and the newest epoch's
+/// pending messages (an epoch's sections hold all of a key group's pending messages at its
+/// cut; a key group without a section in the newest epoch had none).
+pub(crate) fn merge(epochs: Vec<NodeEpoch>) -> Option<NodeEpoch> {
+    let last = epochs.last()?;
+    let (epoch, node) = (last.epoch, last.node.clone());
+    #[derive(Default)]
+    struct Kg {
+        changes: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+        seq: u64,
+        pending: Vec<super::format::PendingMessage>,
+        version: u64,
+    }
+    let mut kgs: BTreeMap<u32, Kg> = BTreeMap::new();
+    for e in epochs {
+        let newest = e.epoch == epoch;
+        for s in e.key_groups {
+            let k = kgs.entry(s.key_group).or_default();
+            // Deletes then puts, as a section is applied.
+            for d in s.deletes {
+                k.seq += 1;
+                k.changes.insert(d, (k.seq, None));
+            }
+            for p in s.puts {
+                k.seq += 1;
+                k.changes.insert(p.key, (k.seq, Some(p.value)));
+            }
+            if newest {
+                k.pending = s.pending;
+            }
+            if s.version > 0 {
+                k.version = s.version;
+            }
+        }
+    }
+    let key_groups = kgs
+        .into_iter()
+        .map(|(key_group, k)| {
+            let mut changes: Vec<_> = k.changes.into_iter().collect();
+            changes.sort_by_key(|(_, (seq, _))| *seq);
+            let mut s = KeyGroupSection {
+                key_group,
+                version: k.version,
+                pending: k.pending,
+                ..Default::default()
+            };
+            for (key, (_, v)) in changes {
+                match v {
+                    Some(value) => s.puts.push(Entry { key, value }),
+                    None => s.deletes.push(key),
+                }
+            }
+            s
+        })
+        .collect();
+    Some(NodeEpoch {
+        epoch,
+        node,
+        key_groups,
+    })
+}
+
+/// What one upload wrote.
+#[derive(Debug)]
+pub(crate) struct Uploaded {
+    /// The manifest written (the newest epoch uploaded).
+    pub epoch: u64,
+    /// Epochs merged into it.
+    pub epochs: usize,
+    /// Bytes of its object.
+    pub bytes: u64,
+    /// The manifest stored, when an earlier attempt's was found after an ambiguous put.
+    pub stored: Option<Manifest>,
+}
+
+/// Epoch objects up to this size ride inline in the manifest.
+pub(crate) const INLINE_MAX: usize = 64 << 10;
+
+/// Uploads the log's epochs after `previous` (the newest manifest) up to `through` (the
+/// newest the node released: a later one may still be abandoned by a rollback) as one merged
+/// delta and its manifest, listing `full` too (a full snapshot waiting to be listed, whose label
+/// is at most the newest epoch uploaded), then truncates the log behind it. `Ok(None)`: the log
+/// holds nothing in that range.
+pub(crate) async fn upload(
+    cp: &CheckpointStore,
+    log: &Arc<EpochLog>,
+    previous: Option<u64>,
+    through: u64,
+    writer: &str,
+    full: Option<ObjectRef>,
+) -> Result<Option<Uploaded>, String> {
+    let l = log.clone();
+    let mut entries = tokio::task::spawn_blocking(move || l.after(previous))
+        .await
+        .map_err(|e| e.to_string())??;
+    entries.retain(|(e, _)| *e <= through);
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    let count = entries.len();
+    let mut epochs = Vec::with_capacity(count);
+    for (e, bytes) in entries {
+        epochs.push(NodeEpoch::decode(bytes.as_slice()).map_err(|err| {
+            format!("epoch log: epoch {e} cannot be decoded ({err}); the log is corrupt")
+        })?);
+    }
+    let merged = merge(epochs).expect("not empty");
+    let epoch = merged.epoch;
+    let encoded = merged.encode_to_vec();
+    let obj = if encoded.len() <= INLINE_MAX {
+        cp.inline_node_epoch(&merged, &encoded)
+    } else {
+        cp.write_node_epoch(&merged)
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    crate::failpoint::eval("checkpoint-upload")?;
+    let bytes = obj.size;
+    let mut objects = vec![obj];
+    objects.extend(full);
+    let m = Manifest {
+        epoch,
+        previous,
+        created_ms: super::driver::now_ms(),
+        objects,
+        writer: Some(writer.to_string()),
+    };
+    let stored = cp.commit(&m).await.map_err(|e| match e {
+        CheckpointError::AlreadyCommitted(_) => format!(
+            "{e}: another node writes checkpoints to the same blob storage prefix; stop it or give this node its own prefix"
+        ),
+        e => e.to_string(),
+    })?;
+    // Uploaded; the log not yet truncated (a restart drops what blob storage has).
+    crate::failpoint::eval("checkpoint-log-truncate")?;
+    let l = log.clone();
+    tokio::task::spawn_blocking(move || l.truncate(epoch))
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok(Some(Uploaded {
+        epoch,
+        epochs: count,
+        bytes,
+        stored,
+    }))
+}
+
+/// At start, before recovery: uploads what the log holds beyond blob storage's newest
+/// manifest (the epochs this node acknowledged before it stopped), so that recovery reads one
+/// history. Returns the epoch uploaded.
+pub(crate) async fn upload_at_start(
+    cp: &CheckpointStore,
+    log: &Arc<EpochLog>,
+    writer: &str,
+) -> Result<Option<u64>, String> {
+    if log.last_epoch().is_none() {
+        return Ok(None);
+    }
+    let latest = cp
+        .latest()
+        .await
+        .map_err(|e| format!("cannot read the newest manifest: {e}"))?
+        .map(|m| m.epoch);
+    // Every epoch in the log committed (it was durable before anything of it was released).
+    match upload(cp, log, latest, u64::MAX, writer, None).await? {
+        Some(u) => {
+            tracing::info!(
+                epoch = u.epoch,
+                epochs = u.epochs,
+                bytes = u.bytes,
+                "uploaded the epoch log's committed epochs to blob storage"
+            );
+            Ok(Some(u.epoch))
+        }
+        None => {
+            // Everything logged is in blob storage already (a stop between an upload and the
+            // truncation).
+            if let Some(l) = latest {
+                let log = log.clone();
+                tokio::task::spawn_blocking(move || log.truncate(l))
+                    .await
+                    .map_err(|e| e.to_string())??;
+            }
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::format::PendingMessage;
+    use super::*;
+
+    fn section(
+        kg: u32,
+        puts: &[(&str, &str)],
+        deletes: &[&str],
+        pending: &[&str],
+    ) -> KeyGroupSection {
+        KeyGroupSection {
+            key_group: kg,
+            puts: puts
+                .iter()
+                .map(|(k, v)| Entry {
+                    key: k.as_bytes().to_vec(),
+                    value: v.as_bytes().to_vec(),
+                })
+                .collect(),
+            deletes: deletes.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            pending: pending
+                .iter()
+                .map(|t| PendingMessage {
+                    target: t.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn epoch(e: u64, sections: Vec<KeyGroupSection>) -> NodeEpoch {
+        NodeEpoch {
+            epoch: e,
+            node: "n".into(),
+            key_groups: sections,
+        }
+    }
+
+    #[test]
+    fn a_merge_keeps_each_keys_last_change_and_the_newest_pending_messages() {
+        let merged = merge(vec![
+            epoch(
+                3,
+                vec![
+                    section(1, &[("a", "1"), ("b", "1")], &[], &["x"]),
+                    section(2, &[("c", "1")], &[], &["y"]),
+                ],
+            ),
+            epoch(5, vec![section(1, &[("a", "2")], &["b"], &[])]),
+            epoch(8, vec![section(1, &[("b", "3")], &["a"], &["z"])]),
+        ])
+        .unwrap();
+        assert_eq!(merged.epoch, 8);
+        let s1 = &merged.key_groups[0];
+        assert_eq!(s1.key_group, 1);
+        assert_eq!(s1.deletes, vec![b"a".to_vec()]);
+        assert_eq!(s1.puts.len(), 1);
+        assert_eq!(
+            (s1.puts[0].key.as_slice(), s1.puts[0].value.as_slice()),
+            (&b"b"[..], &b"3"[..])
+        );
+        assert_eq!(s1.pending.len(), 1);
+        assert_eq!(s1.pending[0].target, "z");
+        // Key group 2 changed in epoch 3 only; at 8 it had nothing pending.
+        let s2 = &merged.key_groups[1];
+        assert_eq!(s2.puts.len(), 1);
+        assert!(s2.pending.is_empty());
+        assert!(merge(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn a_merged_delta_over_a_state_inside_its_range_gives_the_newest_state() {
+        // The state after epoch 5 (a full snapshot labelled 5, or sled applied to 5), then the
+        // merge of 3..=8 on top: the same as applying 8 alone.
+        let e3 = epoch(3, vec![section(1, &[("a", "1"), ("b", "1")], &[], &[])]);
+        let e5 = epoch(5, vec![section(1, &[("a", "2")], &["b"], &[])]);
+        let e8 = epoch(8, vec![section(1, &[("c", "3")], &[], &[])]);
+        let mut at5: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for e in [&e3, &e5] {
+            for s in &e.key_groups {
+                for d in &s.deletes {
+                    at5.remove(d);
+                }
+                for p in &s.puts {
+                    at5.insert(p.key.clone(), p.value.clone());
+                }
+            }
+        }
+        let apply = |mut st: BTreeMap<Vec<u8>, Vec<u8>>, e: &NodeEpoch| {
+            for s in &e.key_groups {
+                for d in &s.deletes {
+                    st.remove(d);
+                }
+                for p in &s.puts {
+                    st.insert(p.key.clone(), p.value.clone());
+                }
+            }
+            st
+        };
+        let want = apply(at5.clone(), &e8);
+        let merged = merge(vec![e3, e5, e8.clone()]).unwrap();
+        assert_eq!(apply(at5, &merged), want);
+    }
+}
