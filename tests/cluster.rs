@@ -28,7 +28,9 @@ fn launch(_root: &Path, id: u64, ports: (u16, u16), join: Option<&str>) -> Launc
         args.push(j.into());
     }
     Launch {
-        config: Some("[checkpoint]\ninterval_ms = 20\n".into()),
+        // Idle nodes renew their blob location's lease every 2 s (default 30 s): a new
+        // cluster on the location watches it 5.5 s rather than 33.5 s.
+        config: Some("[checkpoint]\ninterval_ms = 20\nlease_idle_renew_ms = 2000\n".into()),
         grpc_port: ports.0,
         http_port: ports.1,
         args,
@@ -594,7 +596,10 @@ async fn a_node_alone_uploads_its_epoch_log_before_a_second_member_joins() {
     // Node 1 would upload its log only every 10 minutes.
     let ports = (free_port(), free_port());
     let mut l = launch(root, 1, ports, None);
-    l.config = Some("[checkpoint]\ninterval_ms = 20\nupload_interval_ms = 600000\n".into());
+    l.config = Some(
+        "[checkpoint]\ninterval_ms = 20\nlease_idle_renew_ms = 2000\nupload_interval_ms = 600000\n"
+            .into(),
+    );
     let n1 = Node::start_launch(&root.join("n1"), &l);
     let c1 = n1.client().await;
     for i in 1..=20 {

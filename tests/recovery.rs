@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::python::moto;
+use common::python::{moto, LatencyProxy};
 use common::{http, state_value, Node};
 use statemesh_sdk::{typenames, Address, TypedValue};
 
@@ -443,6 +443,91 @@ async fn a_node_checkpoints_to_s3_and_recovers_from_it_alone() {
             .unwrap()
             .starts_with("s3://smcp/cluster-a"),
         "{cp}"
+    );
+    node.stop();
+}
+
+/// The S3 request budget (issue 10): a node alone on S3 — moto behind a proxy that adds 30 ms to
+/// every request — makes at most 10 requests a second under a sustained load of committed
+/// calls from 16 clients (acknowledgements wait for its epoch log, not for S3), and at most one
+/// per 10 s when idle. Latencies are printed (a debug build: figures for the record are the
+/// release benchmark's, `scripts/bench-s3.sh`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_requests_stay_within_budget_under_load_and_when_idle() {
+    let m = moto();
+    let proxy = LatencyProxy::start(&m.endpoint, 30);
+    let (s, _, _) = http(
+        &format!("{}/budget", proxy.endpoint),
+        "PUT",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let config = format!(
+        "[checkpoint]\nurl = \"s3://budget/n\"\n[checkpoint.s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n",
+        proxy.endpoint
+    );
+    let node = Node::start(&data, Some(&config));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.reset().await;
+    let load = Duration::from_secs(10);
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..16)
+        .map(|c| {
+            let url = format!("{}/v1/call/example/counter/budget-{c}", node.http);
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while t0.elapsed() < load {
+                    let t = Instant::now();
+                    let (s, _, body) = http(
+                        &url,
+                        "POST",
+                        Some(&format!("application/vnd.{LONG}")),
+                        Bytes::from("1"),
+                    )
+                    .await;
+                    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let (n, secs) = proxy.requests().await;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+    let rate = n as f64 / secs;
+    println!(
+        "S3 budget under load: {} committed calls in {:.1} s from 16 clients (p50 {:.1} ms, p99 {:.1} ms, debug build); {n} S3 requests, {rate:.2}/s",
+        lat.len(),
+        secs,
+        pct(0.5),
+        pct(0.99)
+    );
+    assert!(lat.len() >= 100, "{} calls", lat.len());
+    assert!(
+        rate <= 10.0,
+        "{rate:.2} S3 requests a second under load (budget 10)"
+    );
+    let cp = checkpoints(&node).await;
+    assert!(cp["log"]["uploads"].as_u64().unwrap() >= 2, "{cp}");
+
+    // Idle: the last upload and the lease renewal after it, then nothing for 20 s.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.reset().await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (n, secs) = proxy.requests().await;
+    println!("S3 budget idle: {n} requests in {secs:.1} s");
+    assert!(
+        n <= 2,
+        "{n} S3 requests in {secs:.1} s idle (budget 1 per 10 s)"
     );
     node.stop();
 }

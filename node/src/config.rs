@@ -181,6 +181,12 @@ pub struct CheckpointConfig {
     /// more than this many bytes blob storage lacks (blob storage is down or slow).
     /// Default 1 GiB.
     pub log_max_bytes: u64,
+    /// The cluster's lease on the blob location is rewritten every 2 s while the node writes
+    /// checkpoints, and this often while it writes none (an idle node then costs blob storage
+    /// a put and a listing per period). A new cluster on a location holding another cluster's
+    /// lease watches it this long plus 3.5 s before taking the location over. Default
+    /// 30,000 ms (at least 2,000).
+    pub lease_idle_renew_ms: u64,
     /// S3 settings (override `AWS_*` environment variables).
     pub s3: crate::checkpoint::blob::S3Options,
 }
@@ -206,6 +212,7 @@ impl Default for CheckpointConfig {
             upload_interval_ms: 2_000,
             upload_bytes: 16 << 20,
             log_max_bytes: 1 << 30,
+            lease_idle_renew_ms: 30_000,
             s3: Default::default(),
         }
     }

@@ -386,7 +386,14 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     // One running cluster per blob location (a new cluster on a silent one restores it).
     let lease = match &cp {
         Some(cp) => {
-            match crate::checkpoint::lease::acquire(cp, &opened.cluster_id, node_id).await {
+            match crate::checkpoint::lease::acquire(
+                cp,
+                &opened.cluster_id,
+                node_id,
+                Duration::from_millis(config.checkpoint.lease_idle_renew_ms),
+            )
+            .await
+            {
                 Ok(l) => Some(l),
                 Err(e) => {
                     opened.undo_bootstrap(&config.data_dir, node_id_was_new);

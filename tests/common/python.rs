@@ -124,3 +124,71 @@ pub fn moto() -> Moto {
     }
     Moto { child, endpoint }
 }
+
+/// `tests/py/s3_latency_proxy.py` in front of an S3-compatible server: adds `delay_ms` to
+/// every request and counts them; killed on drop.
+pub struct LatencyProxy {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LatencyProxy {
+    /// Starts the proxy on a free loopback port in front of `upstream`.
+    pub fn start(upstream: &str, delay_ms: u32) -> LatencyProxy {
+        use std::io::BufRead;
+        let python = venv("moto", &["moto[server]==5.2.5"]);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/py/s3_latency_proxy.py");
+        let mut child = Command::new(python)
+            .arg(script)
+            .args(["--upstream", upstream, "--port", "0", "--delay-ms"])
+            .arg(delay_ms.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the latency proxy did not start: {line:?}"));
+        LatencyProxy {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Requests forwarded since the last reset, and the seconds since.
+    pub async fn requests(&self) -> (u64, f64) {
+        let (_, _, body) = super::http(
+            &format!("{}/__proxy/stats", self.endpoint),
+            "GET",
+            None,
+            bytes::Bytes::new(),
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        (v["total"].as_u64().unwrap(), v["since_s"].as_f64().unwrap())
+    }
+
+    /// Zeroes the counts.
+    pub async fn reset(&self) {
+        super::http(
+            &format!("{}/__proxy/reset", self.endpoint),
+            "POST",
+            None,
+            bytes::Bytes::new(),
+        )
+        .await;
+    }
+}

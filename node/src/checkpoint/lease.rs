@@ -1,14 +1,17 @@
 //! Which cluster writes a blob location (issue 8, item 8): every cluster that checkpoints to a
-//! location keeps a lease object there, `leases/<generation>-<cluster id>`, rewritten every
-//! [`RENEW`] by each of its nodes that writes checkpoints. Liveness is read from the object's
-//! metadata (modification time, e-tag, size) changing between two listings, never from
-//! comparing clocks.
+//! location keeps a lease object there, `leases/<generation>-<cluster id>`, rewritten by each of
+//! its nodes that writes checkpoints every [`RENEW`] while the node writes checkpoints, and every
+//! `[checkpoint] lease_idle_renew_ms` (30 s; written in the lease) while it writes nothing, so an
+//! idle node costs blob storage two requests (a put and a listing) per idle period, not one a
+//! second. Liveness is read from the object's metadata (modification time, e-tag, size) changing
+//! between two listings, never from comparing clocks.
 //!
 //! - **Start.** A node whose cluster has a lease there keeps its generation, unless a newer
 //!   generation of another cluster is there: that cluster restored from the location after
 //!   this one was lost (disaster recovery), and this one must not write there again (refused).
 //!   A node whose cluster has no lease there yet (a new cluster) and finds other clusters'
-//!   leases watches them for [`WATCH`]: one that changes belongs to a running cluster
+//!   leases watches them for [`WATCH`], or longer when a lease says its cluster renews less
+//!   often when idle ([`watch_for`]): one that changes belongs to a running cluster
 //!   (refused: a second running cluster); otherwise the new cluster takes the location over with
 //!   the next generation (disaster recovery of a lost cluster).
 //! - **Running.** Each renewal also lists the leases: a lease of a newer generation (or of the
@@ -41,8 +44,25 @@ use super::store::{CheckpointError, CheckpointStore};
 
 /// How often a node rewrites its cluster's lease.
 pub const RENEW: Duration = Duration::from_secs(2);
-/// How long a new cluster watches other clusters' leases before taking a location over.
+/// How long a new cluster watches other clusters' leases before taking a location over (at
+/// least; see [`watch_for`]).
 pub const WATCH: Duration = Duration::from_millis(5_500);
+
+/// How long to watch leases whose clusters renew at least every `idle_renew` (the longest of
+/// the watched leases' `idle_renew_ms`): a renewal comes on the first [`RENEW`] tick within a
+/// second of that, and a put and a listing take a moment.
+pub fn watch_for(idle_renew: Duration) -> Duration {
+    (idle_renew + Duration::from_millis(3_500)).max(WATCH)
+}
+
+/// The idle renewal period a lease body names (`idle_renew_ms`; [`RENEW`] when it names none:
+/// written before leases said so, when every renewal came every [`RENEW`]).
+pub fn idle_renew_of(body: &[u8]) -> Duration {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["idle_renew_ms"].as_u64())
+        .map_or(RENEW, Duration::from_millis)
+}
 
 /// How long a cluster that wrote its first lease on a location waits before it looks again
 /// for another cluster that started there at the same moment.
@@ -121,20 +141,21 @@ fn renewed<'a>(ours: &str, before: &[LeaseObj], after: &'a [LeaseObj]) -> Vec<&'
 }
 
 /// The start decision of a cluster without a lease, from listings `before` and `after` one
-/// [`WATCH`]: the generation to take (one above every lease there), or refused when another
-/// cluster renewed its lease meanwhile.
+/// watch (`watched`) apart: the generation to take (one above every lease there), or refused
+/// when another cluster renewed its lease meanwhile.
 pub fn after_watch(
     url: &str,
     ours: &str,
     before: &[LeaseObj],
     after: &[LeaseObj],
+    watched: Duration,
 ) -> Result<u64, String> {
     if let Some(l) = renewed(ours, before, after).first() {
         return Err(format!(
             "the blob location {url} is in use by running cluster {}: its lease {} was renewed within the last {:.1} s. Stop that cluster first (a new cluster started on a blob location that holds data restores it: disaster recovery), or give this cluster another --checkpoint-url",
             l.cluster,
             lease_path(l.generation, &l.cluster),
-            WATCH.as_secs_f64()
+            watched.as_secs_f64()
         ));
     }
     Ok(after
@@ -175,6 +196,8 @@ pub struct Lease {
     seq: u64,
     /// The last listing.
     last: Vec<LeaseObj>,
+    /// Renewed at least this often, also while the node writes nothing.
+    idle_renew: Duration,
 }
 
 /// Lists the leases, retrying a failed listing a few times (a blob store hiccup at start).
@@ -201,7 +224,12 @@ async fn list(cp: &CheckpointStore, url: &str) -> Result<Vec<LeaseObj>, String> 
 
 /// Takes (or keeps) this cluster's lease on the checkpoint location, or refuses with the reason
 /// (another running cluster writes there, or a newer cluster took it over).
-pub async fn acquire(cp: &CheckpointStore, cluster: &str, node: u64) -> Result<Lease, String> {
+pub async fn acquire(
+    cp: &CheckpointStore,
+    cluster: &str,
+    node: u64,
+    idle_renew: Duration,
+) -> Result<Lease, String> {
     let url = cp.url().to_string();
     let before = list(cp, &url).await?;
     let mut fresh = false;
@@ -214,14 +242,25 @@ pub async fn acquire(cp: &CheckpointStore, cluster: &str, node: u64) -> Result<L
                 .filter(|l| l.cluster != cluster)
                 .map(|l| l.cluster.as_str())
                 .collect();
+            // As long as the slowest of them renews when idle (a lease that cannot be read
+            // counts as renewed every 30 s at least).
+            let mut idle = RENEW;
+            for l in before.iter().filter(|l| l.cluster != cluster) {
+                let i = match cp.lease_body(&lease_path(l.generation, &l.cluster)).await {
+                    Ok(b) => idle_renew_of(&b),
+                    Err(_) => idle_renew.max(Duration::from_secs(30)),
+                };
+                idle = idle.max(i);
+            }
+            let watch = watch_for(idle);
             let after = if others.is_empty() {
                 before.clone()
             } else {
-                tracing::info!(url = %url, clusters = ?others, watch_s = WATCH.as_secs_f64(), "the blob location holds other clusters' leases; checking that none of them is running");
-                tokio::time::sleep(WATCH).await;
+                tracing::info!(url = %url, clusters = ?others, watch_s = watch.as_secs_f64(), "the blob location holds other clusters' leases; checking that none of them is running");
+                tokio::time::sleep(watch).await;
                 list(cp, &url).await?
             };
-            let g = after_watch(&url, cluster, &before, &after)?;
+            let g = after_watch(&url, cluster, &before, &after, watch)?;
             if !others.is_empty() {
                 tracing::warn!(url = %url, clusters = ?others, generation = g, "taking over the blob location of clusters that are not running (disaster recovery)");
             }
@@ -235,6 +274,7 @@ pub async fn acquire(cp: &CheckpointStore, cluster: &str, node: u64) -> Result<L
         node,
         seq: 0,
         last: Vec::new(),
+        idle_renew: idle_renew.max(RENEW),
     };
     lease.write().await.map_err(|e| {
         format!("cannot write this cluster's lease on the blob location {url}: {e}")
@@ -278,6 +318,7 @@ impl Lease {
             "node": self.node,
             "seq": self.seq,
             "renewed_ms": crate::shard::now_ms(),
+            "idle_renew_ms": self.idle_renew.as_millis() as u64,
         });
         self.cp
             .put_lease(
@@ -287,13 +328,22 @@ impl Lease {
             .await
     }
 
-    /// Renews the lease every [`RENEW`] in the background; exits the process at once when a
-    /// cluster that took the location over is seen renewing its own.
+    /// Renews the lease in the background, every [`RENEW`] while this node writes checkpoints
+    /// and every `idle_renew` while it does not; exits the process at once when a cluster that
+    /// took the location over is seen renewing its own.
     pub fn spawn(mut self) {
         tokio::spawn(async move {
             let url = self.cp.url().to_string();
+            let mut writes = self.cp.writes();
+            let mut renewed = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(RENEW).await;
+                let now = self.cp.writes();
+                if now == writes && renewed.elapsed() + RENEW / 2 < self.idle_renew {
+                    continue;
+                }
+                writes = now;
+                renewed = tokio::time::Instant::now();
                 if let Err(e) = self.write().await {
                     tracing::warn!(url = %url, error = %e, "cannot renew this cluster's lease on the blob location");
                 }
@@ -336,7 +386,10 @@ mod tests {
         let url = dir.path().display().to_string();
         let blob = crate::checkpoint::blob::open(&url, &Default::default(), false).unwrap();
         let cp = CheckpointStore::new(blob);
-        let (a, b) = tokio::join!(acquire(&cp, "aaaa", 1), acquire(&cp, "bbbb", 2));
+        let (a, b) = tokio::join!(
+            acquire(&cp, "aaaa", 1, RENEW),
+            acquire(&cp, "bbbb", 2, RENEW)
+        );
         let e = a.err().expect("the outranked cluster does not start");
         assert!(e.contains("started there at the same moment"), "{e}");
         let b = b.expect("the outranking cluster starts");
@@ -346,7 +399,7 @@ mod tests {
         assert_eq!(left.len(), 1, "{left:?}");
         assert_eq!(left[0].cluster, "bbbb");
         // A restart of the winner keeps its generation at once.
-        let again = acquire(&cp, "bbbb", 2).await.unwrap();
+        let again = acquire(&cp, "bbbb", 2, RENEW).await.unwrap();
         assert_eq!(again.generation(), 1);
         let l = Lease {
             generation: 3,
@@ -379,13 +432,25 @@ mod tests {
     #[test]
     fn a_new_cluster_takes_over_a_silent_location_and_is_refused_by_a_live_one() {
         let before = [l(1, "a", "t1"), l(2, "b", "t2")];
-        assert_eq!(after_watch("u", "c", &before, &before), Ok(3));
-        assert_eq!(after_watch("u", "c", &[], &[]), Ok(1));
+        assert_eq!(after_watch("u", "c", &before, &before, WATCH), Ok(3));
+        // Leases name how often their cluster renews when idle; older ones every RENEW.
+        assert_eq!(
+            idle_renew_of(br#"{"idle_renew_ms": 30000}"#),
+            Duration::from_secs(30)
+        );
+        assert_eq!(idle_renew_of(br#"{"seq": 3}"#), RENEW);
+        assert_eq!(idle_renew_of(b"garbage"), RENEW);
+        assert_eq!(watch_for(RENEW), WATCH);
+        assert_eq!(
+            watch_for(Duration::from_secs(30)),
+            Duration::from_millis(33_500)
+        );
+        assert_eq!(after_watch("u", "c", &[], &[], WATCH), Ok(1));
         let after = [l(1, "a", "t1"), l(2, "b", "t3")];
-        let e = after_watch("u", "c", &before, &after).unwrap_err();
+        let e = after_watch("u", "c", &before, &after, WATCH).unwrap_err();
         assert!(e.contains("in use by running cluster b"), "{e}");
         // A lease appearing meanwhile is a cluster starting.
-        let e = after_watch("u", "c", &[], &[l(1, "d", "t")]).unwrap_err();
+        let e = after_watch("u", "c", &[], &[l(1, "d", "t")], WATCH).unwrap_err();
         assert!(e.contains("running cluster d"), "{e}");
     }
 

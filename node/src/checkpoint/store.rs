@@ -180,6 +180,9 @@ pub struct CheckpointStore {
     blob: Blob,
     /// Manifests garbage collection has read, without inline objects (they never change).
     gc_cache: std::sync::Arc<parking_lot::Mutex<HashMap<u64, Manifest>>>,
+    /// Checkpoint writes (puts and deletes, leases aside) since start: the lease is renewed
+    /// often only while they happen.
+    writes: std::sync::Arc<AtomicU64>,
 }
 
 static NONCE: AtomicU64 = AtomicU64::new(0);
@@ -198,7 +201,18 @@ impl CheckpointStore {
         CheckpointStore {
             blob,
             gc_cache: Default::default(),
+            writes: Default::default(),
         }
+    }
+
+    /// Checkpoint writes (puts and deletes of anything but leases) since start.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// A lease object's body.
+    pub async fn lease_body(&self, rel: &str) -> Result<Bytes, CheckpointError> {
+        self.get(rel).await
     }
 
     fn path(&self, rel: &str) -> ObjectPath {
@@ -368,6 +382,7 @@ impl CheckpointStore {
     /// A create-only put; `AlreadyExists` and `Precondition` map to a blob error the caller
     /// resolves by reading back.
     async fn put_create(&self, rel: &str, body: Bytes) -> Result<(), CheckpointError> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -889,6 +904,7 @@ impl CheckpointStore {
                 },
             )
         })?;
+        self.writes.fetch_add(1, Ordering::Relaxed);
         self.blob
             .store
             .delete(&self.path(rel))

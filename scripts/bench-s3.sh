@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The S3 budgets of issue 10: committed counter `Call`s against one node whose blob storage is
+# moto's S3 server behind tests/py/s3_latency_proxy.py (30 ms added to every request), with the
+# epoch log (default) and without it (`log = false`: every epoch commits to S3), then idle.
+# Per run one JSON line: the load's figures (throughput, p50/p99 latency, peak RSS) plus the S3
+# requests per second it caused and their monthly cost at S3 Standard list prices
+# (PUT/POST/LIST $0.005 per 1,000, GET/HEAD $0.0004 per 1,000, DELETE free).
+#   DURATION=10 CONCURRENCY="1 16 64" IDLE=30 DELAY_MS=30 bash scripts/bench-s3.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+CONCURRENCY=${CONCURRENCY:-"1 16 64"}
+IDLE=${IDLE:-30}
+DELAY_MS=${DELAY_MS:-30}
+MODES=${MODES:-"true false"}
+cargo build --release -p statemesh-node >&2
+BIN=target/release/statemesh
+VENV=target/py/moto
+if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "moto[server]==5.2.5" ]; then
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "moto[server]==5.2.5"
+  echo -n "moto[server]==5.2.5" >"$VENV/.installed"
+fi
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+MOTO_PORT=$(free_port)
+"$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >/dev/null 2>&1 &
+PIDS+=($!)
+"$VENV/bin/python" tests/py/s3_latency_proxy.py --upstream "http://127.0.0.1:$MOTO_PORT" \
+  --port 0 --delay-ms "$DELAY_MS" >"$WORK/proxy.out" &
+PIDS+=($!)
+for _ in $(seq 100); do grep -q listening "$WORK/proxy.out" 2>/dev/null && break; sleep 0.1; done
+PROXY=http://127.0.0.1:$(cut -d' ' -f2 "$WORK/proxy.out")
+for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$MOTO_PORT" && break; sleep 0.1; done
+curl -s -X PUT "$PROXY/bench" >/dev/null
+stats() { curl -s "$PROXY/__proxy/stats"; }
+reset() { curl -s -X POST "$PROXY/__proxy/reset" >/dev/null; }
+# The S3 figures of the requests since the last reset, merged into the JSON line on stdin.
+merge() {
+  python3 -c '
+import json, sys
+d = json.loads(sys.stdin.readline())
+s = json.loads(sys.argv[1])
+m = s["by_method"]
+rate = s["total"] / s["since_s"]
+cost_s = sum(m.get(k, 0) for k in ("PUT", "POST", "LIST")) * 0.005e-3 \
+    + sum(m.get(k, 0) for k in ("GET", "HEAD")) * 0.0004e-3
+d.update({"log": sys.argv[2] == "true", "s3_requests": s["total"], "s3_by_method": m,
+          "s3_requests_per_s": round(rate, 2),
+          "s3_usd_per_month": round(cost_s / s["since_s"] * 2592000, 2)})
+print(json.dumps(d))' "$(stats)" "$1"
+}
+N=0
+for log in $MODES; do
+  N=$((N + 1))
+  DATA=$WORK/n$N
+  mkdir -p "$DATA"
+  cat >"$DATA/node.toml" <<EOF
+[checkpoint]
+url = "s3://bench/n$N"
+log = $log
+[checkpoint.s3]
+endpoint = "$PROXY"
+region = "us-east-1"
+access_key_id = "test"
+secret_access_key = "test"
+allow_http = true
+EOF
+  "$BIN" node --data-dir "$DATA/d" --config "$DATA/node.toml" --grpc-addr 127.0.0.1:0 \
+    --http-addr 127.0.0.1:0 >"$DATA/out" 2>"$DATA/log" &
+  PID=$!
+  PIDS+=($PID)
+  for _ in $(seq 300); do grep -q listening "$DATA/out" && break; sleep 0.1; done
+  GRPC=http://$(grep -o 'grpc=[0-9.:]*' "$DATA/out" | cut -d= -f2)
+  HTTP=http://$(grep -o 'http=[0-9.:]*' "$DATA/out" | cut -d= -f2)
+  load() { "$BIN" bench load --grpc "$GRPC" --http "$HTTP" "$@" 2>/dev/null; }
+  load --protocol http --mode call --concurrency 4 --duration 2 >/dev/null # warm-up
+  for c in $CONCURRENCY; do
+    reset
+    load --protocol http --mode call --concurrency "$c" --duration "$DURATION" | merge "$log"
+  done
+  # Idle: after the last upload and the lease renewal that follows it.
+  sleep 5
+  reset
+  sleep "$IDLE"
+  echo '{"mode": "idle", "seconds": '"$IDLE"'}' | merge "$log"
+  kill "$PID"; wait "$PID" 2>/dev/null || true
+done
