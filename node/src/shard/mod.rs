@@ -326,11 +326,6 @@ pub(crate) struct Shard {
     cut: Option<Cut>,
     busy: Vec<usize>,
     held: VecDeque<(u64, Held)>,
-    /// Embedded batches in flight.
-    embedded_in_flight: usize,
-    /// A `Send` acknowledgement waits for a commit that is asked for once the next embedded
-    /// batch returns (see `Handler<Deliver>`).
-    commit_deferred: bool,
     idem: IdempotencyTable,
     /// Calls retried with a key whose first call has not been answered yet.
     keyed_waiters: FxHashMap<String, Vec<u64>>,
@@ -447,8 +442,6 @@ impl Shard {
             cut: None,
             busy: Vec::new(),
             held: VecDeque::new(),
-            embedded_in_flight: 0,
-            commit_deferred: false,
             idem: IdempotencyTable::default(),
             keyed_waiters: FxHashMap::default(),
             events: o.events,
@@ -808,9 +801,6 @@ impl Shard {
                     .metrics()
                     .remote_batch_size
                     .observe(batch.len() as f64);
-            }
-            if matches!(slot.entry.kind, FunctionKind::Embedded(_)) {
-                self.embedded_in_flight += 1;
             }
             let (me, hist, generation) = (&self.me, &self.invocation_hist, self.generation);
             let instance = slot.instance.get_or_insert_with(|| {
@@ -1346,22 +1336,11 @@ impl Shard {
             }
             self.enqueue(env);
         }
-        let ack = msg.ack.map(Held::Ack);
+        if let Some(ack) = msg.ack {
+            self.hold(Held::Ack(ack));
+        }
         self.send_outgoing();
         self.dispatch_ready();
-        if let Some(ack) = ack {
-            if self.checkpointing && self.embedded_in_flight > 0 {
-                // The epoch is asked for once the embedded batch just started returns
-                // (microseconds): then it carries the message's effects rather than the message
-                // itself as pending, and the next `Send` does not wait behind a second epoch
-                // holding those effects (at one client, a `Send` took two commits, a `Call`
-                // one). The periodic epoch bounds the wait if nothing returns.
-                self.held.push_back((self.epoch, ack));
-                self.commit_deferred = true;
-            } else {
-                self.hold(ack);
-            }
-        }
     }
 }
 
@@ -1462,17 +1441,6 @@ impl Handler<InvokeDone> for Shard {
             return;
         }
         let i = done.slot;
-        if self
-            .slots
-            .get(i)
-            .is_some_and(|s| matches!(s.entry.kind, FunctionKind::Embedded(_)))
-        {
-            self.embedded_in_flight = self.embedded_in_flight.saturating_sub(1);
-        }
-        if self.commit_deferred {
-            self.commit_deferred = false;
-            self.router.want_commit();
-        }
         if self.zombies.remove(&i) {
             // Its key group moved away meanwhile: its inputs were pending at the move's cut.
             let slot = self.slots.remove(i);
@@ -1691,9 +1659,6 @@ impl Handler<Rollback> for Shard {
         self.cut = None;
         self.evict_blocked_at = None;
         self.generation = msg.generation;
-        // Batches in flight are dropped: their results, of the old generation, never count.
-        self.embedded_in_flight = 0;
-        self.commit_deferred = false;
         self.epoch = msg.base + 1;
         self.cuts = Cuts::new(self.index, self.router.shard_count(), msg.base);
         self.set_members(&msg.members, msg.base);
