@@ -84,12 +84,15 @@ EOF
   load --protocol http --mode call --concurrency 4 --duration 2 >/dev/null # warm-up
   for c in $CONCURRENCY; do
     reset
-    load --protocol http --mode call --concurrency "$c" --duration "$DURATION" | merge "$log"
+    # The counts are read once the load is over.
+    out=$(load --protocol http --mode call --concurrency "$c" --duration "$DURATION")
+    echo "$out" | merge "$log"
   done
   # Idle: after the last upload and the lease renewal that follows it.
   sleep 5
   reset
   sleep "$IDLE"
-  echo '{"mode": "idle", "seconds": '"$IDLE"'}' | merge "$log"
+  out='{"mode": "idle", "seconds": '"$IDLE"'}'
+  echo "$out" | merge "$log"
   kill "$PID"; wait "$PID" 2>/dev/null || true
 done
