@@ -13,7 +13,9 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use raft::prelude::Entry;
-use raft_engine::{Config, Engine, LogBatch, MessageExt, ReadableSize};
+use raft_engine::{Config, Engine, LogBatch, ReadableSize};
+
+use crate::storage::EntryExt;
 
 const GROUP: u64 = 1;
 /// The index the next append takes, saved with each truncation (an empty log has no last
@@ -21,17 +23,6 @@ const GROUP: u64 = 1;
 const NEXT: &[u8] = b"next";
 /// The epoch number of a tombstone entry.
 const TOMBSTONE: u64 = u64::MAX;
-
-#[derive(Clone)]
-struct EntryExt;
-
-impl MessageExt for EntryExt {
-    type Entry = Entry;
-
-    fn index(e: &Entry) -> u64 {
-        e.index
-    }
-}
 
 fn err(e: impl std::fmt::Display) -> String {
     format!("epoch log: {e}")

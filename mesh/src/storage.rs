@@ -88,8 +88,9 @@ impl ControlLog for MemStorage {
     }
 }
 
+/// raft-engine's view of raft-rs entries (also the epoch log's).
 #[derive(Clone)]
-struct EntryExt;
+pub(crate) struct EntryExt;
 
 impl MessageExt for EntryExt {
     type Entry = Entry;
