@@ -643,8 +643,9 @@ async fn a_node_alone_uploads_its_epoch_log_before_a_second_member_joins() {
 /// waits for (fault point `mesh-handover-read=return(13000)`): the leader gives up on the
 /// live move and everyone rolls back while that read still runs (node 3's rollback waits for
 /// it, so that its own writes of those key groups come last). Node 4's read fails
-/// (`return`): it asks the leader to synchronise again. Under load throughout, every
-/// acknowledged call is applied exactly once.
+/// (`return`): it asks the leader to synchronise again, and the others' hand-overs under way
+/// are given up at once (node 1's is slowed down so that the resync overlaps it). Under load
+/// throughout, every acknowledged call is applied exactly once.
 #[tokio::test]
 async fn a_hand_over_that_is_too_slow_or_fails_falls_back_to_a_rollback_and_loses_nothing() {
     let _g = SERIAL.lock().await;
@@ -671,14 +672,16 @@ async fn a_hand_over_that_is_too_slow_or_fails_falls_back_to_a_rollback_and_lose
         Duration::from_secs(30),
         || async move {
             let log = n3_ref.log_since_launch();
-            let delayed = log.find("hand-over's blob read is delayed")?;
+            let delayed = log.find("fault point mesh-handover-read: the step is delayed")?;
             (log[delayed..].contains("rolled back to epoch")
                 && log.contains("blob read ended after its move was given up"))
             .then_some(log)
         },
     )
     .await;
-    let delayed = log.find("hand-over's blob read is delayed").unwrap();
+    let delayed = log
+        .find("fault point mesh-handover-read: the step is delayed")
+        .unwrap();
     assert!(
         log[delayed..].contains("rolling back to the last committed epoch"),
         "{log}"
@@ -697,13 +700,39 @@ async fn a_hand_over_that_is_too_slow_or_fails_falls_back_to_a_rollback_and_lose
         "the slow hand-over did not fall back to a rollback"
     );
 
+    // Node 1's own part of the hand-overs is slowed down by 0.3 s, node 2's answer to the
+    // leader's `Hold` by 1 s. Node 4's read fails at once; the leader's new generation holds
+    // node 1 while its hand-over still runs, and that hand-over ends before the new
+    // generation's `Resume`. It must not end the hold (node
+    // 1 would go on with the old generation's shards while the others roll back, and no epoch
+    // could be cut until the leader's 10 s stall timeout).
+    let count = |what: &str| n1.log_since_launch().matches(what).count();
+    let (stalls, given_up) = (
+        "cluster epochs made no progress",
+        "blob read ended after its move was given up",
+    );
+    let stalls_before = count(stalls);
+    let given_up_before = count(given_up);
+    failpoints(&n1, "mesh-handover-read=return(300)").await;
+    failpoints(&n2, "mesh-held-answer=return(1000)").await;
     let load = Load::start(&[&n1, &n3], "failed", false).await;
     let before = n1.metric(ROLLBACKS).await;
     let (n4, _) = joiner(4, "1*return");
     converged(&[&n1, &n2, &n3, &n4], 4, 3).await;
     spread(&n1, 4, 180).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     let (calls, batches) = load.finish(&n4).await;
+    assert_eq!(
+        count(stalls),
+        stalls_before,
+        "the failed hand-over was resolved by the leader's stall timeout, not by its resync: {}",
+        n1.log_since_launch()
+    );
+    assert!(
+        count(given_up) > given_up_before,
+        "node 1's slowed hand-over did not overlap the resync: {}",
+        n1.log_since_launch()
+    );
     let failed = n1.metric(ROLLBACKS).await - before;
     println!("failed hand-over: {calls} calls, {batches} batches, {failed} rollbacks on node 1");
     assert!(

@@ -28,6 +28,7 @@
 //! | `function-invoke` | before an embedded function's batch runs (`sleep(ms)`: a slow function, messages queue up behind it; other actions do nothing) |
 //! | `mesh-stale-part` | when a participant reports a part that wrote key groups as their owner (`return`: it names ownership versions one below its own, as a node whose table is behind would: the leader refuses the part) |
 //! | `mesh-handover-read` | when a live hand-over starts reading the key groups a node gained from blob storage (`return(<ms>)`: the read is delayed that long, as on a slow store; `return`: it fails, and the participants synchronise again) |
+//! | `mesh-held-answer` | when a participant answers the epochs' leader's `Hold` (`return(<ms>)`: the answer is delayed, as from a slow or distant participant) |
 //! | `mesh-fn-stream-break` | before a frame of messages between functions is sent to a peer (`return`: the frame is lost and the stream breaks, as when the connection drops) |
 //! | `mesh-partition` | wherever traffic with peers enters or leaves the node (`return`: cut off both ways; `return(in)`: what peers send is lost; `return(out)`: what it sends is lost; streams break and new ones are refused, as in a network partition) |
 //!
@@ -57,6 +58,7 @@ pub const MESH_POINTS: &[&str] = &[
     "mesh-fn-stream-break",
     "mesh-stale-part",
     "mesh-handover-read",
+    "mesh-held-answer",
     "mesh-partition",
 ];
 
@@ -86,6 +88,29 @@ pub fn eval(name: &str) -> Result<(), String> {
 #[cfg(not(any(debug_assertions, feature = "failpoints")))]
 #[inline(always)]
 pub fn eval(_name: &str) -> Result<(), String> {
+    Ok(())
+}
+
+/// Evaluates a fault point that stands for a slow or failing step: `return(<ms>)` gives the
+/// delay (`Ok(Some(ms))`), any other `return` fails the step.
+pub fn eval_delay(name: &str) -> Result<Option<u64>, String> {
+    match eval(name) {
+        Ok(()) => Ok(None),
+        Err(e) => match e.rsplit(": ").next().and_then(|a| a.parse::<u64>().ok()) {
+            Some(ms) => {
+                tracing::warn!(ms, "fault point {name}: the step is delayed");
+                Ok(Some(ms))
+            }
+            None => Err(e),
+        },
+    }
+}
+
+/// [`eval_delay`], waiting out the delay (a slow blob store, say).
+pub async fn eval_slow(name: &str) -> Result<(), String> {
+    if let Some(ms) = eval_delay(name)? {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     Ok(())
 }
 

@@ -437,22 +437,6 @@ async fn pending_at(
         .collect())
 }
 
-/// The fault point `mesh-handover-read`, before a hand-over reads the moving key groups:
-/// `return(<ms>)` delays the read (a slow blob store), any other `return` fails it.
-async fn handover_fault() -> Result<(), String> {
-    match crate::failpoint::eval("mesh-handover-read") {
-        Ok(()) => Ok(()),
-        Err(e) => match e.rsplit(": ").next().and_then(|a| a.parse::<u64>().ok()) {
-            Some(ms) => {
-                tracing::warn!(ms, "fault point: the hand-over's blob read is delayed");
-                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-                Ok(())
-            }
-            None => Err(e),
-        },
-    }
-}
-
 async fn catch_up(
     cp: &CheckpointStore,
     store: &Store,
@@ -1557,6 +1541,18 @@ impl Driver {
         let (active, holding) = (c.active, c.holding);
         match msg {
             EpochMsg::Hold { .. } if gen > c.gen || (gen == c.gen && holding) => {
+                if gen > c.gen {
+                    // A live hand-over under way belongs to the generation that ends here: it
+                    // is given up (its end must not release the hold of this one; this
+                    // generation's `Resume` decides, and rolls back what it did).
+                    if let Some(r) = self.reconfiguring.take() {
+                        tracing::info!(
+                            epoch = r.at,
+                            gen,
+                            "the leader synchronises again during a live hand-over: it is given up"
+                        );
+                    }
+                }
                 c.gen = gen;
                 c.leader = Some(from);
                 c.holding = true;
@@ -1575,7 +1571,21 @@ impl Driver {
                         cut_gen: c.cut_gen,
                         shard_gen: self.shard_gen,
                     };
-                    c.send(from, held);
+                    match crate::failpoint::eval_delay("mesh-held-answer") {
+                        Ok(Some(ms)) => {
+                            let out = c.out.clone();
+                            let me = c.me;
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                                let _ = out.send(crate::cluster::EpochRoute::Send {
+                                    from: me,
+                                    to: from,
+                                    msg: held,
+                                });
+                            });
+                        }
+                        _ => c.send(from, held),
+                    }
                 } else {
                     // Alone until now: finish the open epochs (this node writes their
                     // manifests), start no more, then answer.
@@ -2013,7 +2023,7 @@ impl Driver {
         self.handing = true;
         tokio::spawn(async move {
             let r = async {
-                handover_fault().await?;
+                crate::failpoint::eval_slow("mesh-handover-read").await?;
                 store
                     .set_stale(lost.iter().copied(), true)
                     .and_then(|()| store.clear_key_groups(lost.iter().copied()))
