@@ -7,14 +7,19 @@
 # generator's figures (throughput, p50/p99, errors, the target node's peak RSS), the epoch
 # barrier-to-commit p50/p99 of the target node, and the CPU time of all node processes during
 # the run, per call (`cpu_us_per_call`) and per node.
+# BIN: a statemesh binary to use instead of building this tree's.
 #   DURATION=8 CONCURRENCY="1 16 64" bash scripts/bench-cluster.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-8}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 KEYS=${KEYS:-1000}
-cargo build --release -p statemesh-node >&2
-B=target/release/statemesh
+if [ -n "${BIN:-}" ]; then
+  B=$BIN
+else
+  cargo build --release -p statemesh-node >&2
+  B=target/release/statemesh
+fi
 . scripts/nodes.sh
 TCK=$(getconf CLK_TCK)
 

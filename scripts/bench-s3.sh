@@ -5,7 +5,11 @@
 # Per run one JSON line: the load's figures (throughput, p50/p99 latency, peak RSS) plus the S3
 # requests per second it caused and their monthly cost at S3 Standard list prices
 # (PUT/POST/LIST $0.005 per 1,000, GET/HEAD $0.0004 per 1,000, DELETE free).
-#   DURATION=10 CONCURRENCY="1 16 64" IDLE=30 DELAY_MS=30 bash scripts/bench-s3.sh
+# MODES: `true` (one node, epoch log), `false` (one node, no log), `cluster` (three nodes
+# sharing the bucket; the load goes through node 1, so two thirds of the calls are forwarded).
+# BIN: a statemesh binary to use instead of building this tree's.
+#   DURATION=10 CONCURRENCY="1 16 64" IDLE=30 DELAY_MS=30 MODES="true false cluster" \
+#     bash scripts/bench-s3.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
@@ -13,8 +17,10 @@ CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 IDLE=${IDLE:-30}
 DELAY_MS=${DELAY_MS:-30}
 MODES=${MODES:-"true false"}
-cargo build --release -p statemesh-node >&2
-BIN=target/release/statemesh
+if [ -z "${BIN:-}" ]; then
+  cargo build --release -p statemesh-node >&2
+  BIN=target/release/statemesh
+fi
 VENV=target/py/moto
 if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "moto[server]==5.2.5" ]; then
   rm -rf "$VENV"
@@ -52,16 +58,18 @@ m = s["by_method"]
 rate = s["total"] / s["since_s"]
 cost_s = sum(m.get(k, 0) for k in ("PUT", "POST", "LIST")) * 0.005e-3 \
     + sum(m.get(k, 0) for k in ("GET", "HEAD")) * 0.0004e-3
-d.update({"log": sys.argv[2] == "true", "s3_requests": s["total"], "s3_by_method": m,
+d.update({"setup": sys.argv[2], "s3_requests": s["total"], "s3_by_method": m,
           "s3_requests_per_s": round(rate, 2),
           "s3_usd_per_month": round(cost_s / s["since_s"] * 2592000, 2)})
 print(json.dumps(d))' "$(stats)" "$1"
 }
 N=0
-for log in $MODES; do
+for mode in $MODES; do
   N=$((N + 1))
   DATA=$WORK/n$N
   mkdir -p "$DATA"
+  log=$mode
+  [ "$mode" = cluster ] && log=true
   cat >"$DATA/node.toml" <<EOF
 [checkpoint]
 url = "s3://bench/n$N"
@@ -73,26 +81,52 @@ access_key_id = "test"
 secret_access_key = "test"
 allow_http = true
 EOF
-  "$BIN" node --data-dir "$DATA/d" --config "$DATA/node.toml" --grpc-addr 127.0.0.1:0 \
-    --http-addr 127.0.0.1:0 >"$DATA/out" 2>"$DATA/log" &
-  PID=$!
-  PIDS+=($PID)
-  for _ in $(seq 300); do grep -q listening "$DATA/out" && break; sleep 0.1; done
-  GRPC=http://$(grep -o 'grpc=[0-9.:]*' "$DATA/out" | cut -d= -f2)
-  HTTP=http://$(grep -o 'http=[0-9.:]*' "$DATA/out" | cut -d= -f2)
+  if [ "$mode" = cluster ]; then
+    # Three nodes (node 1 bootstraps, 2 and 3 join); the load waits for the key groups'
+    # spread.
+    PID=""
+    for id in 1 2 3; do
+      p=$(free_port) h=$(free_port)
+      args=(node --data-dir "$DATA/d$id" --config "$DATA/node.toml" --node-id "$id"
+        --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$h")
+      [ "$id" = 1 ] || args+=(--join "$GRPC1")
+      "$BIN" "${args[@]}" >"$DATA/out$id" 2>"$DATA/log$id" &
+      PIDS+=($!)
+      PID="$PID $!"
+      for _ in $(seq 300); do grep -q listening "$DATA/out$id" && break; sleep 0.1; done
+      [ "$id" = 1 ] && GRPC1=127.0.0.1:$p HTTP1=127.0.0.1:$h
+    done
+    GRPC=http://$GRPC1 HTTP=http://$HTTP1
+    for _ in $(seq 600); do
+      n=$(curl -s "$HTTP/v1/cluster/key-groups" | python3 -c \
+        "import json,sys; o=json.load(sys.stdin)['owners']; print(min(o.count(i) for i in (1,2,3)))" \
+        2>/dev/null || echo 0)
+      [ "$n" -gt 250 ] && break
+      sleep 0.1
+    done
+  else
+    "$BIN" node --data-dir "$DATA/d" --config "$DATA/node.toml" --grpc-addr 127.0.0.1:0 \
+      --http-addr 127.0.0.1:0 >"$DATA/out" 2>"$DATA/log" &
+    PID=$!
+    PIDS+=($PID)
+    for _ in $(seq 300); do grep -q listening "$DATA/out" && break; sleep 0.1; done
+    GRPC=http://$(grep -o 'grpc=[0-9.:]*' "$DATA/out" | cut -d= -f2)
+    HTTP=http://$(grep -o 'http=[0-9.:]*' "$DATA/out" | cut -d= -f2)
+  fi
   load() { "$BIN" bench load --grpc "$GRPC" --http "$HTTP" "$@" 2>/dev/null; }
   load --protocol http --mode call --concurrency 4 --duration 2 >/dev/null # warm-up
   for c in $CONCURRENCY; do
     reset
     # The counts are read once the load is over.
     out=$(load --protocol http --mode call --concurrency "$c" --duration "$DURATION")
-    echo "$out" | merge "$log"
+    echo "$out" | merge "$mode"
   done
   # Idle: after the last upload and the lease renewal that follows it.
   sleep 5
   reset
   sleep "$IDLE"
-  out='{"mode": "idle", "seconds": '"$IDLE"'}'
-  echo "$out" | merge "$log"
-  kill "$PID"; wait "$PID" 2>/dev/null || true
+  out='{"idle_s": '"$IDLE"'}'
+  echo "$out" | merge "$mode"
+  for p in $PID; do kill "$p"; done
+  for p in $PID; do wait "$p" 2>/dev/null || true; done
 done

@@ -506,8 +506,12 @@ impl ClusterCoordinator {
                     .last_start_ms
                     .map_or(u64::MAX, |t| now_ms.saturating_sub(t));
                 // A waiting caller starts an epoch at once when none is open, else at most
-                // every 2 ms (group commit).
-                let due = (self.waiting && (self.open.is_empty() || since >= 2))
+                // every 2 ms and only while no more than one is open (group commit: what
+                // arrives while an epoch persists goes into one more, instead of epochs of a
+                // call or two that each wait for a whole commit and cost every participant a
+                // blob write).
+                let due = (self.waiting
+                    && (self.open.is_empty() || (since >= 2 && self.open.len() < 2)))
                     || since >= self.interval_ms;
                 let blocked = due && self.open.len() as u64 >= self.max_uncommitted;
                 if due
@@ -2127,6 +2131,49 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn waiting_callers_start_at_most_one_epoch_while_another_persists() {
+        let mut c = ClusterCoordinator::new(1000, 8, 0, 0);
+        c.handle(CoordInput::Members(set(&[1, 2])));
+        let cut = |c: &mut ClusterCoordinator, epoch: Epoch| {
+            c.handle(CoordInput::CutDone { epoch, node: 1 });
+            c.handle(CoordInput::CutDone { epoch, node: 2 });
+        };
+        c.handle(CoordInput::CallerWaiting);
+        let a = c.handle(CoordInput::Tick { now_ms: 5 });
+        assert!(
+            matches!(&a[..], [CoordAction::Barrier { epoch: 1, .. }]),
+            "a waiting caller starts an epoch at once when none is open: {a:?}"
+        );
+        cut(&mut c, 1);
+        c.handle(CoordInput::CallerWaiting);
+        assert!(
+            c.handle(CoordInput::Tick { now_ms: 6 }).is_empty(),
+            "the next one waits 2 ms"
+        );
+        let a = c.handle(CoordInput::Tick { now_ms: 7 });
+        assert!(matches!(&a[..], [CoordAction::Barrier { epoch: 2, .. }]));
+        cut(&mut c, 2);
+        c.handle(CoordInput::CallerWaiting);
+        assert!(
+            c.handle(CoordInput::Tick { now_ms: 50 }).is_empty(),
+            "no third while epoch 1 persists: callers gather in the next"
+        );
+        c.handle(CoordInput::PartWritten { epoch: 1, node: 1 });
+        c.handle(CoordInput::PartWritten { epoch: 1, node: 2 });
+        c.handle(CoordInput::ManifestWritten { epoch: 1 });
+        c.handle(CoordInput::Committed { epoch: 1 });
+        let a = c.handle(CoordInput::Tick { now_ms: 51 });
+        assert!(
+            matches!(&a[..], [CoordAction::Barrier { epoch: 3, .. }]),
+            "once it committed: {a:?}"
+        );
+        // Without waiting callers, the interval still starts epochs (up to the bound).
+        cut(&mut c, 3);
+        let a = c.handle(CoordInput::Tick { now_ms: 1051 });
+        assert!(matches!(&a[..], [CoordAction::Barrier { epoch: 4, .. }]));
     }
 
     /// A participant's `Held` with one shard.
