@@ -211,9 +211,23 @@ async fn the_epoch_log_acknowledges_while_blob_storage_is_down_up_to_its_bound()
     // Blob storage is back: everything acknowledged is there, and retries are not applied again.
     std::fs::remove_file(&manifests).unwrap();
     std::fs::rename(data.join("manifests.bak"), &manifests).unwrap();
-    // Only blob storage and the log are left.
+    // Only blob storage and the log are left. Its first two upload attempts fail (a blip):
+    // the start tries again.
     std::fs::remove_dir_all(data.join("state")).unwrap();
-    let node = Node::start(&data, Some(config));
+    let node = Node::start_launch(
+        &data,
+        &common::Launch {
+            config: Some(config.into()),
+            env: vec![("FAILPOINTS".into(), "checkpoint-upload=2*return".into())],
+            ..Default::default()
+        },
+    );
+    assert!(
+        node.log_since_launch()
+            .contains("cannot upload the epoch log at start; retrying"),
+        "{}",
+        node.log_since_launch()
+    );
     assert_eq!(checkpoints(&node).await["recovery"]["source"], "blob-full");
     assert_eq!(total(&node, "a").await, acked);
     for k in [0, acked / 2, acked - 1] {

@@ -289,6 +289,21 @@ struct LogSide {
     busy: Arc<std::sync::atomic::AtomicBool>,
     /// Waiting for the log's released epochs to be uploaded (shutdown).
     flush: Vec<oneshot::Sender<Result<(), String>>>,
+    /// The size last shown in the status (epochs, bytes): it is updated on a change only.
+    shown: (usize, u64),
+}
+
+impl LogSide {
+    /// The log is active or holds epochs blob storage lacks: a second member may not join yet
+    /// (see `busy`).
+    fn busy_now(&self) -> bool {
+        self.active || self.log.last_epoch().is_some()
+    }
+
+    fn publish_busy(&self) {
+        self.busy
+            .store(self.busy_now(), std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// How a node recovered.
@@ -612,14 +627,9 @@ pub(crate) fn start(
     }
     let clustered = cluster.as_ref().is_some_and(|c| c.2);
     let log = log.filter(|_| cp.is_some()).map(|(log, busy)| {
-        let active = !clustered;
-        busy.store(
-            active || log.last_epoch().is_some(),
-            std::sync::atomic::Ordering::SeqCst,
-        );
-        LogSide {
+        let l = LogSide {
             log,
-            active,
+            active: !clustered,
             uploading: false,
             last_upload: Instant::now(),
             retry_at: None,
@@ -630,7 +640,10 @@ pub(crate) fn start(
             full: None,
             busy,
             flush: Vec::new(),
-        }
+            shown: (usize::MAX, u64::MAX),
+        };
+        l.publish_busy();
+        l
     });
     status.lock().log = log.as_ref().map(|l| LogStatus {
         active: l.active,
@@ -1735,10 +1748,7 @@ impl Driver {
         if !c.hold_pending
             || self.rolling_back.is_some()
             || self.coord.started() != self.coord.committed()
-            || self
-                .log
-                .as_ref()
-                .is_some_and(|l| l.active || l.log.last_epoch().is_some())
+            || self.log.as_ref().is_some_and(LogSide::busy_now)
         {
             return;
         }
@@ -2504,6 +2514,12 @@ impl Driver {
             return;
         };
         let (epochs, bytes) = l.log.size();
+        if l.shown != (epochs, bytes) {
+            l.shown = (epochs, bytes);
+            if let Some(ls) = self.status.lock().log.as_mut() {
+                (ls.epochs, ls.bytes) = (epochs, bytes);
+            }
+        }
         let full = (bytes > l.max_bytes).then(|| {
             format!(
                 "the epoch log holds {epochs} epochs ({bytes} bytes) that blob storage ({}) does not have yet, over [checkpoint] log_max_bytes ({}); last upload error: {}",
@@ -2528,15 +2544,11 @@ impl Driver {
             l.full = full;
             self.set_backpressure();
         }
-        if let Some(ls) = self.status.lock().log.as_mut() {
-            (ls.epochs, ls.bytes) = (epochs, bytes);
-        }
         let through = self.last_released;
         let Some(l) = self.log.as_mut() else {
             return;
         };
-        l.busy
-            .store(l.active || epochs > 0, std::sync::atomic::Ordering::SeqCst);
+        l.publish_busy();
         if !l.uploading && !l.flush.is_empty() && l.log.first_epoch().is_none_or(|f| f > through) {
             for tx in l.flush.drain(..) {
                 let _ = tx.send(Ok(()));
@@ -2620,6 +2632,9 @@ impl Driver {
                 }
                 if let Some(ls) = self.status.lock().log.as_mut() {
                     (ls.epochs, ls.bytes) = (epochs, bytes);
+                }
+                if let Some(l) = self.log.as_mut() {
+                    l.shown = (epochs, bytes);
                 }
                 if epochs == 0 {
                     if let Some(e) = self.commit_after_upload.take() {

@@ -167,8 +167,29 @@ pub(crate) async fn upload(
 
 /// At start, before recovery: uploads what the log holds beyond blob storage's newest
 /// manifest (the epochs this node acknowledged before it stopped), so that recovery reads one
-/// history. Returns the epoch uploaded.
+/// history. Returns the epoch uploaded. A failure is tried again (5 attempts, 0.1 s to 1.6 s
+/// apart: a blob store that blips does not fail the start); the last error is returned.
 pub(crate) async fn upload_at_start(
+    cp: &CheckpointStore,
+    log: &Arc<EpochLog>,
+    writer: &str,
+) -> Result<Option<u64>, String> {
+    let mut delay = std::time::Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match upload_at_start_once(cp, log, writer).await {
+            Err(e) if attempt < 5 => {
+                tracing::warn!(attempt, error = %e, "cannot upload the epoch log at start; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn upload_at_start_once(
     cp: &CheckpointStore,
     log: &Arc<EpochLog>,
     writer: &str,
