@@ -58,7 +58,7 @@ m = s["by_method"]
 rate = s["total"] / s["since_s"]
 cost_s = sum(m.get(k, 0) for k in ("PUT", "POST", "LIST")) * 0.005e-3 \
     + sum(m.get(k, 0) for k in ("GET", "HEAD")) * 0.0004e-3
-d.update({"setup": sys.argv[2], "s3_requests": s["total"], "s3_by_method": m,
+d.update({"setup": sys.argv[2], "s3_requests": s["total"], "s3_by_method": m, "s3_by_kind": s.get("by_kind", {}),
           "s3_requests_per_s": round(rate, 2),
           "s3_usd_per_month": round(cost_s / s["since_s"] * 2592000, 2)})
 print(json.dumps(d))' "$(stats)" "$1"

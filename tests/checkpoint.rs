@@ -585,6 +585,49 @@ async fn a_gap_in_the_history_is_an_error_not_a_truncation() {
 }
 
 /// A missing or corrupt object, or a corrupt manifest, is an error naming it.
+/// A collection does not read back the manifests its own store committed since the last one
+/// (they are in its cache; on S3 that was a GET per commit): those manifests are overwritten
+/// with garbage behind the store's back, and its next collection still succeeds, while a store
+/// without that cache names the first one it reads corrupt.
+#[tokio::test]
+async fn a_collection_does_not_read_back_the_manifests_its_store_committed() {
+    let _g = SERIAL.lock().await;
+    let blob = memory().await;
+    let store = CheckpointStore::new(blob.clone());
+    let first = four_epochs(&store).await;
+    assert!(!first.is_empty());
+    // The first collection reads what is there (the cache comes into use).
+    store.gc(10, KGS).await.unwrap();
+    for e in 5..=8 {
+        commit_epoch(
+            &store,
+            e,
+            Some(e - 1),
+            vec![node(
+                "n1",
+                e,
+                vec![section(0, false, &[("a", &e.to_string())], &[])],
+            )],
+        )
+        .await;
+    }
+    for e in 5..=8 {
+        blob.store
+            .put(
+                &full_path(&blob, &manifest_path(e)),
+                PutPayload::from_static(b"\xff garbage"),
+            )
+            .await
+            .unwrap();
+    }
+    let report = store.gc(10, KGS).await.unwrap();
+    assert_eq!(report.oldest_needed, Some(1), "{report:?}");
+    match CheckpointStore::new(blob.clone()).gc(10, KGS).await {
+        Err(CheckpointError::Corrupt { path, .. }) => assert_eq!(path, manifest_path(8)),
+        other => panic!("a store without the cache reads the manifests: {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn missing_and_corrupt_objects_are_named() {
     let _g = SERIAL.lock().await;

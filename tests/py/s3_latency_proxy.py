@@ -5,7 +5,9 @@ budgets). Standard library only.
     python s3_latency_proxy.py --upstream http://127.0.0.1:5000 --port 0 --delay-ms 30
 
 Prints `listening <port>` once it listens. `GET /__proxy/stats` answers the counts so far as
-JSON (`{"total": n, "by_method": {...}, "since_s": s}`; listings count as `LIST`); `POST /__proxy/reset` zeroes them.
+JSON (`{"total": n, "by_method": {...}, "by_kind": {...}, "since_s": s}`; listings count as
+`LIST`; `by_kind` names what each was for, as `GET n1/manifests/*`); `POST /__proxy/reset`
+zeroes them.
 Neither is forwarded or counted.
 """
 
@@ -19,13 +21,23 @@ import time
 import urllib.parse
 
 LOCK = threading.Lock()
-STATS = {"total": 0, "by_method": {}, "since": time.monotonic()}
+STATS = {"total": 0, "by_method": {}, "by_kind": {}, "since": time.monotonic()}
 
 
-def count(method):
+def kind(method, path):
+    """`METHOD a/b`: the object's path without its bucket, numbers and names of one object
+    replaced by `*` (what a request was for: manifests, parts, the lease)."""
+    segs = [s for s in path.split("?")[0].split("/") if s][1:]
+    segs = ["*" if any(ch.isdigit() for ch in s) else s for s in segs]
+    return method + " " + "/".join(segs[:3])
+
+
+def count(method, path):
     with LOCK:
         STATS["total"] += 1
         STATS["by_method"][method] = STATS["by_method"].get(method, 0) + 1
+        k = kind(method, path)
+        STATS["by_kind"][k] = STATS["by_kind"].get(k, 0) + 1
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -61,18 +73,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 with LOCK:
                     STATS["total"] = 0
                     STATS["by_method"] = {}
+                    STATS["by_kind"] = {}
                     STATS["since"] = time.monotonic()
                 return self.reply(200, b"{}")
             with LOCK:
                 out = {
                     "total": STATS["total"],
                     "by_method": dict(STATS["by_method"]),
+                    "by_kind": dict(STATS["by_kind"]),
                     "since_s": time.monotonic() - STATS["since"],
                 }
             return self.reply(200, json.dumps(out).encode(), [("Content-Type", "application/json")])
         # A listing is a GET of the bucket with a query (priced like a PUT).
         listing = self.command == "GET" and ("list-type=" in self.path or "prefix=" in self.path)
-        count("LIST" if listing else self.command)
+        count("LIST" if listing else self.command, self.path)
         time.sleep(self.delay)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
         for attempt in range(2):

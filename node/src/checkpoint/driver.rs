@@ -2701,9 +2701,12 @@ impl Driver {
         let due_full = self
             .full_wanted_at
             .is_some_and(|e| self.router.applied() >= e);
-        // In a cluster, one node collects (the owner of key group 0), for every key group.
-        let collects =
-            self.cluster.as_ref().is_none_or(|c| !c.active) || self.router.placement().is_local(0);
+        // In a cluster, one node collects, for every key group: the epochs' leader, which
+        // wrote the manifests (its collections read none of them back from blob storage).
+        let collects = self
+            .cluster
+            .as_ref()
+            .is_none_or(|c| !c.active || c.leader == Some(c.me));
         let gc_due = collects
             && self.commits_since_gc >= self.opts.gc_every
             && !self.force_full
