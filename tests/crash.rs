@@ -228,6 +228,11 @@ struct Variant {
     /// forward); every request goes to a random node, and random nodes are killed (the owner
     /// every third kill, the current leader every third).
     cluster: bool,
+    /// A cluster run whose long outage (the second-to-last kill, the leader) loses the
+    /// victim's disk: its whole data directory is deleted, and it comes back empty as a new
+    /// member (a new node id, joining through a live member) while the cluster has declared
+    /// its former self dead. Blob storage is outside every data directory.
+    lose_disk: bool,
     /// A chaos run on a cluster of this many nodes (0: none): `kills` seeded events (see
     /// [`chaos`]), one client of the whole cluster per worker.
     chaos: usize,
@@ -279,6 +284,8 @@ struct KillStats {
     kills: usize,
     aborts: BTreeMap<String, usize>,
     wiped: usize,
+    /// Nodes whose whole data directory was deleted (`lose_disk`).
+    lost_disks: usize,
     dedup: f64,
     recovered_pending: u64,
     recoveries: BTreeMap<String, usize>,
@@ -426,8 +433,15 @@ async fn run(seed: u64, v: Variant) {
     }
     let data = dir.path().join("n");
     let (grpc_port, http_port) = (free_port(), free_port());
+    let config = if v.lose_disk {
+        // Beside the data directories (by default it is in node 1's, which may be lost).
+        let blob = dir.path().join("blob");
+        format!("{}url = {:?}\n", v.config, blob.display().to_string())
+    } else {
+        v.config.to_string()
+    };
     let launch = Launch {
-        config: Some(v.config.to_string()),
+        config: Some(config),
         module: v.module.clone(),
         grpc_port,
         http_port,
@@ -608,6 +622,7 @@ async fn run(seed: u64, v: Variant) {
                 &launch,
                 &peers,
                 v.kills,
+                v.lose_disk,
                 kill_rng,
                 stats.clone(),
             )
@@ -1088,6 +1103,9 @@ async fn verify(
     if v.wipe_local {
         assert!(stats.wiped > 0 && stats.recoveries.contains_key("blob-full"));
     }
+    if v.lose_disk {
+        assert_eq!(stats.lost_disks, 1, "seed {seed}: {stats:?}");
+    }
     n.stop();
 }
 
@@ -1105,6 +1123,7 @@ async fn embedded_functions_survive_sigkill_exactly_once() {
             wipe_local: false,
             pad: false,
             cluster: false,
+            lose_disk: false,
             chaos: 0,
         },
     )
@@ -1125,6 +1144,7 @@ async fn small_thresholds_and_recovery_from_blob_storage_alone() {
             wipe_local: true,
             pad: true,
             cluster: false,
+            lose_disk: false,
             chaos: 0,
         },
     )
@@ -1147,6 +1167,7 @@ async fn python_sdk_functions_survive_sigkill_exactly_once() {
             wipe_local: false,
             pad: false,
             cluster: false,
+            lose_disk: false,
             chaos: 0,
         },
     )
@@ -1163,18 +1184,20 @@ const OUTAGE: Duration = Duration::from_secs(6);
 /// The killer of a three-node cluster: starts node 1 (it bootstraps the cluster and owns
 /// every key group) and nodes 2 and 3 (joining), then `kills` times SIGKILLs one of them — the
 /// owner every third kill, the current leader every third, a random node otherwise — 0-700 ms
-/// after its previous restart, and restarts it on its data directory and ports. Returns node
-/// 1 and the two others, all running.
+/// after its previous restart, and restarts it on its data directory and ports (with
+/// `lose_disk`, the node kept down long loses its data directory and comes back as node 4).
+/// Returns node 1's slot and the two others, all running.
 async fn cluster_killer(
     root: &std::path::Path,
     owner: &Launch,
     peers: &[(u16, u16)],
     kills: usize,
+    lose_disk: bool,
     rng: Mutex<Rng>,
     stats: Arc<Mutex<KillStats>>,
 ) -> (Node, Vec<Node>) {
     let seed = format!("127.0.0.1:{}", owner.grpc_port);
-    let launches: Vec<Launch> = std::iter::once({
+    let mut launches: Vec<Launch> = std::iter::once({
         let mut l = owner.clone();
         l.args = vec!["--node-id".into(), "1".into()];
         l
@@ -1200,7 +1223,8 @@ async fn cluster_killer(
         None,
     ];
     let joins_at = 3;
-    let http = |i: usize| format!("http://127.0.0.1:{}", launches[i].http_port);
+    let http_ports: Vec<u16> = launches.iter().map(|l| l.http_port).collect();
+    let http = |i: usize| format!("http://127.0.0.1:{}", http_ports[i]);
     for k in 0..kills {
         let (wait, victim, noisy) = {
             let mut r = rng.lock();
@@ -1270,12 +1294,36 @@ async fn cluster_killer(
             k + 1,
             victim + 1
         );
+        let mut replaced = false;
         if k + 2 == kills {
             // Down for longer than the failure detection: the leader declares it dead and its
             // key groups move to the others (everyone rolls back to the last committed epoch;
             // the new owners load them from blob storage); it gets its share back on return.
             println!("node {} stays down for {OUTAGE:?}", victim + 1);
+            if lose_disk {
+                // Its disk is lost for good: nothing it acknowledged may depend on it.
+                std::fs::remove_dir_all(dir(victim)).unwrap();
+                println!(
+                    "node {}'s whole data directory is deleted; it comes back empty as node 4",
+                    victim + 1
+                );
+                stats.lock().lost_disks += 1;
+                replaced = true;
+            }
             tokio::time::sleep(OUTAGE).await;
+        }
+        if replaced {
+            // A new member on the same ports: a node id of its own (its former self is a
+            // dead member, whose Raft seat goes to it once it has caught up), joining
+            // through a member that runs.
+            let through = (0..launches.len()).find(|i| *i != victim && nodes[*i].is_some());
+            let through = launches[through.expect("another node runs")].grpc_port;
+            launches[victim].args = vec![
+                "--node-id".into(),
+                "4".into(),
+                "--join".into(),
+                format!("127.0.0.1:{through}"),
+            ];
         }
         // Half of the restarts fail blob writes (manifests are the leader's, parts the
         // owner's) and roll back in place now and then (the leader synchronises everyone).
@@ -1313,7 +1361,7 @@ async fn cluster_killer(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_functions_in_a_three_node_cluster_survive_sigkill_exactly_once() {
+async fn embedded_functions_in_a_three_node_cluster_survive_sigkill_and_a_lost_disk_exactly_once() {
     run(
         seed(),
         Variant {
@@ -1326,6 +1374,7 @@ async fn embedded_functions_in_a_three_node_cluster_survive_sigkill_exactly_once
             wipe_local: false,
             pad: false,
             cluster: true,
+            lose_disk: true,
             chaos: 0,
         },
     )
@@ -1358,6 +1407,7 @@ async fn python_sdk_functions_in_a_three_node_cluster_survive_sigkill_exactly_on
             wipe_local: false,
             pad: false,
             cluster: true,
+            lose_disk: false,
             chaos: 0,
         },
     )
@@ -1729,6 +1779,7 @@ async fn chaos_on_three_nodes_with_python_sdk_functions_loses_nothing() {
             wipe_local: false,
             pad: false,
             cluster: false,
+            lose_disk: false,
             chaos: 3,
         },
     )
@@ -1750,6 +1801,7 @@ async fn chaos_on_five_nodes_loses_nothing() {
             wipe_local: false,
             pad: false,
             cluster: false,
+            lose_disk: false,
             chaos: 5,
         },
     )
