@@ -6,8 +6,17 @@
 //! Entries are [`Command`]s (JSON, the control plane is low-volume); a snapshot is the whole
 //! [`ClusterState`] (JSON), which carries the index it reflects so that a restart never
 //! applies an entry twice and never sees `applied > committed`.
+//!
+//! The group also carries the cluster's **epoch log** ([`EpochTail`]): committed epochs that
+//! blob storage does not hold yet, each an opaque byte string ([`Command::LogEpoch`], base64
+//! in the entry), dropped once an upload covers them ([`Command::Uploaded`]). The tail is part
+//! of the state, so a snapshot carries it: every member that has applied an index — a member
+//! restored from a snapshot after it lost its disk, a new leader — holds the same tail, and an
+//! epoch whose entry committed (is durable on a quorum of voters) survives the loss of any one
+//! member's disk.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -131,6 +140,77 @@ pub enum Command {
         /// The epoch; must be newer than the last committed.
         epoch: u64,
     },
+    /// An epoch committed through the control group itself: its bytes join the epoch log's
+    /// tail, and the entry's commit is the epoch's commit point.
+    LogEpoch {
+        /// The epoch; must be newer than the last committed.
+        epoch: u64,
+        /// What blob storage will receive (opaque here).
+        bytes: EpochBytes,
+    },
+    /// Blob storage holds every epoch up to `through` (an upload's manifest): the tail drops
+    /// them.
+    Uploaded {
+        /// The newest epoch uploaded; committed, and newer than the last upload.
+        through: u64,
+    },
+}
+
+/// An epoch's bytes in the epoch log: shared (a state clone copies no bytes), base64 in JSON,
+/// shown by their size.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EpochBytes(pub Arc<Vec<u8>>);
+
+impl EpochBytes {
+    /// Wraps `bytes`.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        EpochBytes(Arc::new(bytes))
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for EpochBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+impl Serialize for EpochBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(self.bytes()))
+    }
+}
+
+impl<'de> Deserialize<'de> for EpochBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine as _;
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map(EpochBytes::new)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The cluster's epoch log: committed epochs blob storage does not hold yet, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochTail {
+    /// The newest epoch blob storage holds through an upload (0: none).
+    pub uploaded: u64,
+    /// Epoch → its bytes: every epoch logged after `uploaded`.
+    pub epochs: BTreeMap<u64, EpochBytes>,
+}
+
+impl EpochTail {
+    /// The bytes the tail holds.
+    pub fn size(&self) -> u64 {
+        self.epochs.values().map(|b| b.0.len() as u64).sum()
+    }
 }
 
 impl Command {
@@ -198,6 +278,9 @@ pub struct ClusterState {
     /// empty: checkpoints are off).
     #[serde(default)]
     pub checkpoint_url: String,
+    /// The epoch log's tail: committed epochs blob storage does not hold yet.
+    #[serde(default)]
+    pub log: EpochTail,
 }
 
 impl ClusterState {
@@ -218,6 +301,7 @@ impl ClusterState {
             applied_index: 0,
             conf: None,
             checkpoint_url: String::new(),
+            log: EpochTail::default(),
         }
     }
 
@@ -434,6 +518,20 @@ impl ClusterState {
                 self.committed_epoch
             )),
             Command::CommitEpoch { .. } => Ok(()),
+            Command::LogEpoch { epoch, .. } if *epoch <= self.committed_epoch => Err(format!(
+                "epoch {epoch} is not newer than the committed epoch {}",
+                self.committed_epoch
+            )),
+            Command::LogEpoch { .. } => Ok(()),
+            Command::Uploaded { through } if *through > self.committed_epoch => Err(format!(
+                "epoch {through} is not committed (the committed epoch is {})",
+                self.committed_epoch
+            )),
+            Command::Uploaded { through } if *through <= self.log.uploaded => Err(format!(
+                "epoch {through} is not newer than the last upload ({})",
+                self.log.uploaded
+            )),
+            Command::Uploaded { .. } => Ok(()),
         }
     }
 
@@ -499,12 +597,31 @@ impl ClusterState {
                 self.placement_version += 1;
             }
             Command::CommitEpoch { epoch } => self.committed_epoch = *epoch,
+            Command::LogEpoch { epoch, bytes } => {
+                self.committed_epoch = *epoch;
+                self.log.epochs.insert(*epoch, bytes.clone());
+            }
+            Command::Uploaded { through } => {
+                self.log.epochs = self.log.epochs.split_off(&(through + 1));
+                self.log.uploaded = *through;
+            }
         }
     }
 
     /// The snapshot's bytes.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("the cluster state serializes")
+    }
+
+    /// The state's bytes without the epoch log's epochs (its `uploaded` mark stays): what a
+    /// member saves after each step, beside the epochs it saves one by one.
+    pub fn encode_without_log(&self) -> Vec<u8> {
+        if self.log.epochs.is_empty() {
+            return self.encode();
+        }
+        let mut s = self.clone();
+        s.log.epochs.clear();
+        s.encode()
     }
 
     /// A state from a snapshot's bytes.
@@ -515,6 +632,51 @@ impl ClusterState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_epoch_log_holds_committed_epochs_until_an_upload_covers_them() {
+        use super::{ClusterState, Command, EpochBytes, Outcome};
+        let mut s = ClusterState::new(4);
+        let log = |e: u64, b: &[u8]| Command::LogEpoch {
+            epoch: e,
+            bytes: EpochBytes::new(b.to_vec()),
+        };
+        assert_eq!(s.apply(1, &log(3, b"three")), Outcome::Applied);
+        assert_eq!(s.apply(2, &log(5, &[0, 255, 7])), Outcome::Applied);
+        assert_eq!(s.committed_epoch, 5);
+        assert!(
+            matches!(s.apply(3, &log(5, b"again")), Outcome::Rejected(ref w) if w.contains("not newer"))
+        );
+        assert!(
+            matches!(s.apply(4, &Command::Uploaded { through: 6 }), Outcome::Rejected(ref w) if w.contains("not committed"))
+        );
+        // A snapshot carries the tail, bytes and all; the state saved beside it does not.
+        let back = ClusterState::decode(&s.encode()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.log.epochs[&5].bytes(), &[0, 255, 7]);
+        assert_eq!(s.log.size(), 8);
+        let lean = ClusterState::decode(&s.encode_without_log()).unwrap();
+        assert!(lean.log.epochs.is_empty());
+        assert_eq!(
+            format!("{:?}", log(9, b"abc")),
+            "LogEpoch { epoch: 9, bytes: <3 bytes> }"
+        );
+        // An upload through 3 drops 3; one through 5 the rest; an older one is refused.
+        assert_eq!(
+            s.apply(5, &Command::Uploaded { through: 3 }),
+            Outcome::Applied
+        );
+        assert_eq!(s.log.epochs.keys().copied().collect::<Vec<_>>(), vec![5]);
+        assert_eq!(
+            s.apply(6, &Command::Uploaded { through: 5 }),
+            Outcome::Applied
+        );
+        assert!(s.log.epochs.is_empty() && s.log.uploaded == 5);
+        assert!(
+            matches!(s.apply(7, &Command::Uploaded { through: 4 }), Outcome::Rejected(ref w) if w.contains("not newer than the last upload"))
+        );
+        assert_eq!(s.applied_index, 7);
+    }
+
     #[test]
     fn a_write_by_a_node_that_does_not_own_the_key_group_at_that_version_is_stale() {
         let mut s = ClusterState::new(4);

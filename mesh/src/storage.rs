@@ -4,7 +4,9 @@
 //! One raft-engine group (id 1) holds the entries and these keys: `hs` (hard state), `cs`
 //! (configuration), `snap` (the newest snapshot: metadata and the state machine's bytes) and
 //! `sm` (the state machine as last persisted, with its applied index; it may lag the log,
-//! never lead its commit). Entries and the hard state of one `Ready` go in one fsynced batch;
+//! never lead its commit) without the epoch log's epochs, which are saved one per key beside it
+//! (`tail/` ‖ epoch, big-endian; in the same batch, so the two always agree): a save writes
+//! only the epochs logged and deletes the ones uploaded since the last. Entries and the hard state of one `Ready` go in one fsynced batch;
 //! the commit index is fsynced before any entry it commits is applied, so a restart never finds
 //! `applied > committed`. A snapshot received from the leader replaces the whole log in one
 //! batch; compaction keeps a snapshot at the compaction point, which is what a lagging
@@ -18,13 +20,23 @@ use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use raft_engine::{Command as EngineCommand, Config, Engine, LogBatch, MessageExt, ReadableSize};
 
-use crate::control::{ClusterState, RaftConf};
+use std::collections::BTreeMap;
+
+use crate::control::{ClusterState, EpochBytes, RaftConf};
 
 const GROUP: u64 = 1;
 const HARD_STATE: &[u8] = b"hs";
 const CONF_STATE: &[u8] = b"cs";
 const SNAPSHOT: &[u8] = b"snap";
 const STATE: &[u8] = b"sm";
+/// The prefix of the saved epoch log's keys.
+const TAIL: &[u8] = b"tail/";
+
+fn tail_key(epoch: u64) -> Vec<u8> {
+    let mut k = TAIL.to_vec();
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k
+}
 
 /// The writes a control-group replica makes to its log, on top of raft-rs's reads.
 pub trait ControlLog: Storage {
@@ -113,6 +125,8 @@ pub struct EngineStorage {
     cached: Arc<RwLock<Cached>>,
     /// Set by `snapshot` when the kept snapshot does not list the peer asking.
     wanted: Arc<std::sync::atomic::AtomicBool>,
+    /// The epochs of the epoch log saved beside the state (`tail/` keys).
+    saved_tail: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
 }
 
 fn engine_err(e: impl std::fmt::Display) -> String {
@@ -147,7 +161,9 @@ impl EngineStorage {
                 snap: snap.unwrap_or_default(),
             })),
             wanted: Default::default(),
+            saved_tail: Default::default(),
         };
+        *s.saved_tail.lock().unwrap() = s.saved_epochs()?.into_keys().collect();
         if s.engine.get(GROUP, CONF_STATE).is_none() {
             s.set_conf_state(bootstrap.clone())?;
         }
@@ -160,7 +176,11 @@ impl EngineStorage {
     pub fn load_state(&self) -> Result<Option<ClusterState>, String> {
         let saved = match self.engine.get(GROUP, STATE) {
             None => None,
-            Some(b) => Some(ClusterState::decode(&b)?),
+            Some(b) => {
+                let mut s = ClusterState::decode(&b)?;
+                s.log.epochs.extend(self.saved_epochs()?);
+                Some(s)
+            }
         };
         let snap = self.cached.read().unwrap().snap.clone();
         let from_snap = if snap.get_data().is_empty() {
@@ -178,13 +198,65 @@ impl EngineStorage {
         })
     }
 
-    /// Saves the state machine (not synced: a state that lags the log is replayed forward).
+    /// Saves the state machine (not synced: a state that lags the log is replayed forward):
+    /// the state without its epoch log, plus the epochs logged and minus the epochs uploaded
+    /// since the last save.
     pub fn save_state(&self, state: &ClusterState) -> Result<(), String> {
+        let mut saved = self.saved_tail.lock().unwrap();
         let mut b = LogBatch::default();
-        b.put(GROUP, STATE.to_vec(), state.encode())
+        b.put(GROUP, STATE.to_vec(), state.encode_without_log())
             .map_err(engine_err)?;
+        let gone: Vec<u64> = saved
+            .iter()
+            .filter(|e| !state.log.epochs.contains_key(e))
+            .copied()
+            .collect();
+        for e in &gone {
+            b.delete(GROUP, tail_key(*e));
+        }
+        let mut added = Vec::new();
+        for (e, bytes) in &state.log.epochs {
+            if !saved.contains(e) {
+                b.put(GROUP, tail_key(*e), bytes.bytes().to_vec())
+                    .map_err(engine_err)?;
+                added.push(*e);
+            }
+        }
         self.engine.write(&mut b, false).map_err(engine_err)?;
+        for e in gone {
+            saved.remove(&e);
+        }
+        saved.extend(added);
         Ok(())
+    }
+
+    /// The epochs of the epoch log saved beside the state.
+    fn saved_epochs(&self) -> Result<BTreeMap<u64, EpochBytes>, String> {
+        let mut out = BTreeMap::new();
+        let mut end = TAIL.to_vec();
+        *end.last_mut().expect("a prefix") += 1;
+        let mut bad = None;
+        self.engine
+            .scan_raw_messages(GROUP, Some(TAIL), Some(&end), false, |k, v| {
+                match k[TAIL.len()..].try_into() {
+                    Ok(b) => {
+                        out.insert(u64::from_be_bytes(b), EpochBytes::new(v.to_vec()));
+                        true
+                    }
+                    Err(_) => {
+                        bad = Some(k.to_vec());
+                        false
+                    }
+                }
+            })
+            .map_err(engine_err)?;
+        match bad {
+            Some(k) => Err(engine_err(format!(
+                "a saved epoch's key is malformed: {}",
+                String::from_utf8_lossy(&k)
+            ))),
+            None => Ok(out),
+        }
     }
 
     /// Whether nothing was ever written (no hard state, no snapshot, no entry).
@@ -364,11 +436,21 @@ impl ControlLog for EngineStorage {
             .map_err(engine_err)?;
         b.put_message(GROUP, SNAPSHOT.to_vec(), &snap)
             .map_err(engine_err)?;
+        // The state as `save_state` keeps it: without its epoch log, whose epochs go beside it.
+        let mut saved = self.saved_tail.lock().unwrap();
+        let mut tail = std::collections::BTreeSet::new();
         if let Ok(state) = ClusterState::decode(snap.get_data()) {
-            b.put(GROUP, STATE.to_vec(), state.encode())
+            b.put(GROUP, STATE.to_vec(), state.encode_without_log())
                 .map_err(engine_err)?;
+            for (e, bytes) in &state.log.epochs {
+                b.put(GROUP, tail_key(*e), bytes.bytes().to_vec())
+                    .map_err(engine_err)?;
+                tail.insert(*e);
+            }
         }
         self.write(&mut b)?;
+        *saved = tail;
+        drop(saved);
         let mut c = self.cached.write().unwrap();
         c.hs = hs;
         c.cs = meta.get_conf_state().clone();

@@ -27,7 +27,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 use raft::storage::MemStorage;
-use statemesh_mesh::control::{ClusterState, Command, MoveCommand, Outcome, Role};
+use statemesh_mesh::control::{ClusterState, Command, EpochBytes, MoveCommand, Outcome, Role};
 use statemesh_mesh::group::{bootstrap, ControlNode, Timing};
 use statemesh_mesh::placement::NodeId;
 use statemesh_mesh::sim::Rng;
@@ -300,6 +300,26 @@ impl Sim {
                 self.stale.insert(cmd.encode());
                 cmd
             }
+            8 => {
+                // An epoch through the epoch log: its bytes name it.
+                let epoch = state.committed_epoch + 1;
+                let mut bytes = epoch.to_be_bytes().to_vec();
+                bytes.extend((0..self.rng.below(40)).map(|i| i as u8));
+                Command::LogEpoch {
+                    epoch,
+                    bytes: EpochBytes::new(bytes),
+                }
+            }
+            9 if self.rng.below(3) == 0 => {
+                // An upload through some logged epoch (or a stale one: rejected).
+                let logged: Vec<u64> = state.log.epochs.keys().copied().collect();
+                let through = if logged.is_empty() || self.rng.below(5) == 0 {
+                    state.log.uploaded
+                } else {
+                    logged[self.rng.below(logged.len() as u64) as usize]
+                };
+                Command::Uploaded { through }
+            }
             _ => Command::CommitEpoch {
                 epoch: state.committed_epoch + 1,
             },
@@ -505,12 +525,40 @@ impl Sim {
     }
 }
 
-fn run(seed: u64, members: usize, steps: u64) -> (usize, usize, usize, u64, usize) {
+fn run(seed: u64, members: usize, steps: u64) -> (usize, usize, usize, u64, usize, usize) {
     let mut sim = Sim::new(seed, members);
     for _ in 0..steps {
         sim.chaos_step();
     }
     sim.heal_and_check_liveness();
+    // The epoch log: every epoch logged and not uploaded since is in every member's tail,
+    // with its bytes; nothing else is.
+    let end = sim.replicas[0].node.as_ref().unwrap().state().clone();
+    let mut want = std::collections::BTreeMap::new();
+    let mut indexes: Vec<&u64> = sim.entries.keys().collect();
+    indexes.sort();
+    for i in indexes {
+        if let (Command::LogEpoch { epoch, bytes }, Outcome::Applied) = &sim.entries[i] {
+            if *epoch > end.log.uploaded {
+                want.insert(*epoch, bytes.clone());
+            }
+        }
+    }
+    let uploads = sim
+        .entries
+        .values()
+        .filter(|(c, o)| matches!(c, Command::Uploaded { .. }) && *o == Outcome::Applied)
+        .count();
+    for r in &sim.replicas {
+        let tail = &r.node.as_ref().unwrap().state().log.epochs;
+        if tail != &want {
+            sim.fail(format!(
+                "the epoch log lost or kept epochs: {:?} != {:?}",
+                tail.keys(),
+                want.keys()
+            ));
+        }
+    }
     let epoch = sim.replicas[0]
         .node
         .as_ref()
@@ -523,6 +571,7 @@ fn run(seed: u64, members: usize, steps: u64) -> (usize, usize, usize, u64, usiz
         sim.entries.len(),
         epoch,
         sim.swaps,
+        uploads,
     )
 }
 
@@ -533,9 +582,11 @@ fn many(members: usize) {
         seeds.len(),
         seeds[0]
     );
-    let (mut crashes, mut stale, mut entries, mut epochs, mut swaps) = (0, 0, 0, 0, 0);
+    let (mut crashes, mut stale, mut entries, mut epochs, mut swaps, mut uploads) =
+        (0, 0, 0, 0, 0, 0);
     for &seed in &seeds {
-        let (c, s, e, ep, sw) = run(seed, members, 1500);
+        let (c, s, e, ep, sw, up) = run(seed, members, 1500);
+        uploads += up;
         crashes += c;
         stale += s;
         entries += e;
@@ -543,10 +594,10 @@ fn many(members: usize) {
         swaps += sw;
     }
     println!(
-        "{} schedules: {crashes} crashes, {entries} entries applied, {stale} stale moves rejected, {epochs} epochs committed, {swaps} voter/learner swaps proposed",
+        "{} schedules: {crashes} crashes, {entries} entries applied, {stale} stale moves rejected, {epochs} epochs committed, {swaps} voter/learner swaps proposed, {uploads} uploads of the epoch log",
         seeds.len()
     );
-    assert!(crashes > 0 && stale > 0 && entries > 0 && epochs > 0);
+    assert!(crashes > 0 && stale > 0 && entries > 0 && epochs > 0 && uploads > 0);
     if members > 3 {
         assert!(swaps > 0);
     }

@@ -1716,7 +1716,10 @@ impl Driver {
                 let to: std::collections::BTreeSet<NodeId> = moves.iter().map(|m| m.to).collect();
                 change(why, None, moves.len(), format!("to {to:?}"))
             }
-            Command::SetRole { .. } | Command::CommitEpoch { .. } => return,
+            Command::SetRole { .. }
+            | Command::CommitEpoch { .. }
+            | Command::LogEpoch { .. }
+            | Command::Uploaded { .. } => return,
         };
         if self.history.len() == HISTORY {
             self.history.pop_front();
