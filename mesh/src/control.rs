@@ -145,8 +145,19 @@ pub enum Command {
     LogEpoch {
         /// The epoch; must be newer than the last committed.
         epoch: u64,
+        /// The epochs' generation (a leader's synchronisation) it was cut in: the one the
+        /// last [`Command::Fence`] opened, or the epoch does not commit.
+        gen: u64,
         /// What blob storage will receive (opaque here).
         bytes: EpochBytes,
+    },
+    /// A synchronisation of the epochs begins (generation `gen`, newer than the last): no
+    /// epoch of an earlier generation commits after this entry, so once it has applied the
+    /// leader knows every committed epoch — one proposed by a deposed leader, or before the
+    /// synchronisation, that lands later is refused.
+    Fence {
+        /// The new generation.
+        gen: u64,
     },
     /// Blob storage holds every epoch up to `through` (an upload's manifest): the tail drops
     /// them.
@@ -202,6 +213,9 @@ impl<'de> Deserialize<'de> for EpochBytes {
 pub struct EpochTail {
     /// The newest epoch blob storage holds through an upload (0: none).
     pub uploaded: u64,
+    /// The generation the last [`Command::Fence`] opened (0: none).
+    #[serde(default)]
+    pub gen: u64,
     /// Epoch → its bytes: every epoch logged after `uploaded`.
     pub epochs: BTreeMap<u64, EpochBytes>,
 }
@@ -522,7 +536,16 @@ impl ClusterState {
                 "epoch {epoch} is not newer than the committed epoch {}",
                 self.committed_epoch
             )),
+            Command::LogEpoch { epoch, gen, .. } if *gen != self.log.gen => Err(format!(
+                "epoch {epoch} was cut in generation {gen}, not in the fenced one ({})",
+                self.log.gen
+            )),
             Command::LogEpoch { .. } => Ok(()),
+            Command::Fence { gen } if *gen <= self.log.gen => Err(format!(
+                "generation {gen} is not newer than the fenced one ({})",
+                self.log.gen
+            )),
+            Command::Fence { .. } => Ok(()),
             Command::Uploaded { through } if *through > self.committed_epoch => Err(format!(
                 "epoch {through} is not committed (the committed epoch is {})",
                 self.committed_epoch
@@ -597,7 +620,8 @@ impl ClusterState {
                 self.placement_version += 1;
             }
             Command::CommitEpoch { epoch } => self.committed_epoch = *epoch,
-            Command::LogEpoch { epoch, bytes } => {
+            Command::Fence { gen } => self.log.gen = *gen,
+            Command::LogEpoch { epoch, bytes, .. } => {
                 self.committed_epoch = *epoch;
                 self.log.epochs.insert(*epoch, bytes.clone());
             }
@@ -638,16 +662,22 @@ mod tests {
         let mut s = ClusterState::new(4);
         let log = |e: u64, b: &[u8]| Command::LogEpoch {
             epoch: e,
+            gen: 7,
             bytes: EpochBytes::new(b.to_vec()),
         };
-        assert_eq!(s.apply(1, &log(3, b"three")), Outcome::Applied);
-        assert_eq!(s.apply(2, &log(5, &[0, 255, 7])), Outcome::Applied);
+        // Nothing is logged before a generation is fenced.
+        assert!(
+            matches!(s.apply(1, &log(3, b"three")), Outcome::Rejected(ref w) if w.contains("not in the fenced one"))
+        );
+        assert_eq!(s.apply(2, &Command::Fence { gen: 7 }), Outcome::Applied);
+        assert_eq!(s.apply(3, &log(3, b"three")), Outcome::Applied);
+        assert_eq!(s.apply(4, &log(5, &[0, 255, 7])), Outcome::Applied);
         assert_eq!(s.committed_epoch, 5);
         assert!(
-            matches!(s.apply(3, &log(5, b"again")), Outcome::Rejected(ref w) if w.contains("not newer"))
+            matches!(s.apply(5, &log(5, b"again")), Outcome::Rejected(ref w) if w.contains("not newer"))
         );
         assert!(
-            matches!(s.apply(4, &Command::Uploaded { through: 6 }), Outcome::Rejected(ref w) if w.contains("not committed"))
+            matches!(s.apply(6, &Command::Uploaded { through: 6 }), Outcome::Rejected(ref w) if w.contains("not committed"))
         );
         // A snapshot carries the tail, bytes and all; the state saved beside it does not.
         let back = ClusterState::decode(&s.encode()).unwrap();
@@ -658,23 +688,31 @@ mod tests {
         assert!(lean.log.epochs.is_empty());
         assert_eq!(
             format!("{:?}", log(9, b"abc")),
-            "LogEpoch { epoch: 9, bytes: <3 bytes> }"
+            "LogEpoch { epoch: 9, gen: 7, bytes: <3 bytes> }"
         );
         // An upload through 3 drops 3; one through 5 the rest; an older one is refused.
         assert_eq!(
-            s.apply(5, &Command::Uploaded { through: 3 }),
+            s.apply(7, &Command::Uploaded { through: 3 }),
             Outcome::Applied
         );
         assert_eq!(s.log.epochs.keys().copied().collect::<Vec<_>>(), vec![5]);
         assert_eq!(
-            s.apply(6, &Command::Uploaded { through: 5 }),
+            s.apply(8, &Command::Uploaded { through: 5 }),
             Outcome::Applied
         );
         assert!(s.log.epochs.is_empty() && s.log.uploaded == 5);
         assert!(
-            matches!(s.apply(7, &Command::Uploaded { through: 4 }), Outcome::Rejected(ref w) if w.contains("not newer than the last upload"))
+            matches!(s.apply(9, &Command::Uploaded { through: 4 }), Outcome::Rejected(ref w) if w.contains("not newer than the last upload"))
         );
-        assert_eq!(s.applied_index, 7);
+        // A new generation fences the old one: its epochs landing late do not commit.
+        assert_eq!(s.apply(10, &Command::Fence { gen: 9 }), Outcome::Applied);
+        assert!(
+            matches!(s.apply(11, &log(6, b"late")), Outcome::Rejected(ref w) if w.contains("cut in generation 7"))
+        );
+        assert!(
+            matches!(s.apply(12, &Command::Fence { gen: 9 }), Outcome::Rejected(ref w) if w.contains("not newer than the fenced"))
+        );
+        assert_eq!((s.committed_epoch, s.applied_index), (5, 12));
     }
 
     #[test]

@@ -316,6 +316,7 @@ fn log_epochs(members: &mut [Member], from: u64, to: u64) {
         leader(members)
             .propose(&Command::LogEpoch {
                 epoch: e,
+                gen: 1,
                 bytes: EpochBytes::new(epoch_bytes(e)),
             })
             .unwrap();
@@ -349,6 +350,10 @@ fn the_epoch_log_survives_the_loss_of_the_leaders_disk() {
         })
         .collect();
     run(&mut members, 60);
+    leader(&mut members)
+        .propose(&Command::Fence { gen: 1 })
+        .unwrap();
+    run(&mut members, 20);
     log_epochs(&mut members, 1, 40);
     leader(&mut members)
         .propose(&Command::Uploaded { through: 10 })

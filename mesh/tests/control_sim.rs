@@ -301,13 +301,25 @@ impl Sim {
                 cmd
             }
             8 => {
-                // An epoch through the epoch log: its bytes name it.
+                // An epoch through the epoch log (its bytes name it), mostly in the fenced
+                // generation; a new generation now and then.
                 let epoch = state.committed_epoch + 1;
                 let mut bytes = epoch.to_be_bytes().to_vec();
                 bytes.extend((0..self.rng.below(40)).map(|i| i as u8));
-                Command::LogEpoch {
-                    epoch,
-                    bytes: EpochBytes::new(bytes),
+                match self.rng.below(8) {
+                    0 => Command::Fence {
+                        gen: state.log.gen + self.rng.below(2),
+                    },
+                    1 => Command::LogEpoch {
+                        epoch,
+                        gen: state.log.gen.saturating_sub(1),
+                        bytes: EpochBytes::new(bytes),
+                    },
+                    _ => Command::LogEpoch {
+                        epoch,
+                        gen: state.log.gen,
+                        bytes: EpochBytes::new(bytes),
+                    },
                 }
             }
             9 if self.rng.below(3) == 0 => {
@@ -538,7 +550,7 @@ fn run(seed: u64, members: usize, steps: u64) -> (usize, usize, usize, u64, usiz
     let mut indexes: Vec<&u64> = sim.entries.keys().collect();
     indexes.sort();
     for i in indexes {
-        if let (Command::LogEpoch { epoch, bytes }, Outcome::Applied) = &sim.entries[i] {
+        if let (Command::LogEpoch { epoch, bytes, .. }, Outcome::Applied) = &sim.entries[i] {
             if *epoch > end.log.uploaded {
                 want.insert(*epoch, bytes.clone());
             }

@@ -1719,6 +1719,7 @@ impl Driver {
             Command::SetRole { .. }
             | Command::CommitEpoch { .. }
             | Command::LogEpoch { .. }
+            | Command::Fence { .. }
             | Command::Uploaded { .. } => return,
         };
         if self.history.len() == HISTORY {
