@@ -6,9 +6,11 @@
 # requests per second it caused and their monthly cost at S3 Standard list prices
 # (PUT/POST/LIST $0.005 per 1,000, GET/HEAD $0.0004 per 1,000, DELETE free).
 # MODES: `true` (one node, epoch log), `false` (one node, no log), `cluster` (three nodes
-# sharing the bucket; the load goes through node 1, so two thirds of the calls are forwarded).
+# sharing the bucket, epochs committed to S3; the load goes through node 1, so two thirds of
+# the calls are forwarded), `cluster-log` (the same three nodes, epochs committed through the
+# control group: `cluster_log = true`).
 # BIN: a statemesh binary to use instead of building this tree's.
-#   DURATION=10 CONCURRENCY="1 16 64" IDLE=30 DELAY_MS=30 MODES="true false cluster" \
+#   DURATION=10 CONCURRENCY="1 16 64" IDLE=30 DELAY_MS=30 MODES="true false cluster cluster-log" \
 #     bash scripts/bench-s3.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,12 +70,16 @@ for mode in $MODES; do
   N=$((N + 1))
   DATA=$WORK/n$N
   mkdir -p "$DATA"
-  log=$mode
-  [ "$mode" = cluster ] && log=true
+  log=$mode cluster_log=false
+  case $mode in
+    cluster) log=true ;;
+    cluster-log) log=true cluster_log=true ;;
+  esac
   cat >"$DATA/node.toml" <<EOF
 [checkpoint]
 url = "s3://bench/n$N"
 log = $log
+cluster_log = $cluster_log
 [checkpoint.s3]
 endpoint = "$PROXY"
 region = "us-east-1"
@@ -81,7 +87,7 @@ access_key_id = "test"
 secret_access_key = "test"
 allow_http = true
 EOF
-  if [ "$mode" = cluster ]; then
+  if [ "$mode" != true ] && [ "$mode" != false ]; then
     # Three nodes (node 1 bootstraps, 2 and 3 join); the load waits for the key groups'
     # spread.
     PID=""

@@ -1577,3 +1577,117 @@ async fn a_voter_leaves_under_load_its_seat_goes_to_the_learner_and_it_exits_0()
         n.stop();
     }
 }
+
+/// The S3 budget of a cluster (issue 10): three nodes on one bucket — moto behind a proxy that
+/// adds 30 ms to every request — commit their epochs through the control group (`[checkpoint]
+/// cluster_log`, the default). Under committed calls from 16 clients for 10 s blob storage sees
+/// at most 10 requests a second from the three together, and idle at most one per 10 s per
+/// node. Then the leader, which holds the log's tail, is SIGKILLed: its successor uploads the
+/// tail it holds too, and every acknowledged call is there. Latencies are printed (a debug
+/// build: the figures for the record are `scripts/bench-s3.sh MODES=cluster-log`).
+#[tokio::test]
+async fn three_nodes_on_s3_commit_through_the_control_group_within_the_request_budget() {
+    let _serial = SERIAL.lock().await;
+    let m = common::python::moto();
+    let proxy = common::python::LatencyProxy::start(&m.endpoint, 30);
+    let (s, _, _) = http(
+        &format!("{}/budget", proxy.endpoint),
+        "PUT",
+        None,
+        Default::default(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let dir = test_dir();
+    let config = format!(
+        "[checkpoint]\nurl = \"s3://budget/c\"\n[checkpoint.s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n",
+        proxy.endpoint
+    );
+    let start = |id: u64, join: Option<&str>| {
+        let mut l = launch(dir.path(), id, (free_port(), free_port()), join);
+        l.config = Some(config.clone());
+        Node::start_launch(&dir.path().join(format!("n{id}")), &l)
+    };
+    let n1 = start(1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let n2 = start(2, Some(&seed));
+    let n3 = start(3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    spread(&n1, 3, 200).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.reset().await;
+
+    let load = Duration::from_secs(10);
+    let t0 = std::time::Instant::now();
+    let tasks: Vec<_> = (0..16)
+        .map(|c| {
+            let grpc = n1.grpc.clone();
+            tokio::spawn(async move {
+                let client = Client::connect(&grpc).await.unwrap();
+                let (mut lat, mut acked) = (Vec::new(), 0i64);
+                while t0.elapsed() < load {
+                    let t = std::time::Instant::now();
+                    acked += 1;
+                    assert_eq!(add(&client, &format!("budget-{c}"), 1).await, acked);
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                (lat, acked)
+            })
+        })
+        .collect();
+    let (mut lat, mut acked) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (l, a) = t.await.unwrap();
+        lat.extend(l);
+        acked.push(a);
+    }
+    let (n, secs) = proxy.requests().await;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+    let rate = n as f64 / secs;
+    println!(
+        "S3 budget, three nodes: {} committed calls in {secs:.1} s from 16 clients (p50 {:.1} ms, p99 {:.1} ms, debug build); {n} S3 requests, {rate:.2}/s",
+        lat.len(),
+        pct(0.5),
+        pct(0.99)
+    );
+    assert!(lat.len() >= 100, "{} calls", lat.len());
+    assert!(
+        rate <= 10.0,
+        "{rate:.2} S3 requests a second under load from three nodes (budget 10 per node)"
+    );
+
+    // Idle: the last upload and any lease renewal after it, then at most one per 10 s per node.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.reset().await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (n, secs) = proxy.requests().await;
+    println!("S3 budget idle, three nodes: {n} requests in {secs:.1} s");
+    assert!(
+        n <= 6,
+        "{n} S3 requests in {secs:.1} s idle from three nodes (budget 1 per 10 s per node)"
+    );
+
+    // More acknowledged calls (the tail holds them), then the leader dies.
+    let client = Client::connect(&n1.grpc).await.unwrap();
+    for (c, a) in acked.iter_mut().enumerate() {
+        *a += 1;
+        assert_eq!(add(&client, &format!("budget-{c}"), 1).await, *a);
+    }
+    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
+    println!("node {leader} (the leader) is SIGKILLed");
+    let mut nodes: Vec<Option<Node>> = vec![Some(n1), Some(n2), Some(n3)];
+    nodes[leader as usize - 1].take().unwrap().kill();
+    let survivor = nodes.iter().flatten().next().unwrap();
+    let client = Client::connect(&survivor.grpc).await.unwrap();
+    for (c, a) in acked.iter().enumerate() {
+        assert_eq!(
+            add(&client, &format!("budget-{c}"), 0).await,
+            *a,
+            "counter budget-{c}: every acknowledged call is there"
+        );
+    }
+    for n in nodes.into_iter().flatten() {
+        n.stop();
+    }
+}

@@ -1097,6 +1097,10 @@ pub struct EpochLeader {
     last_barrier_ms: u64,
     /// This leader knows the newest manifest (see [`EpochLeader::read_latest`]).
     latest_known: bool,
+    /// Every synchronisation asks for the newest manifest ([`LeadAction::ReadLatest`]), even
+    /// when this leader knows it: the cluster's epoch log fences the generation and uploads
+    /// its tail then.
+    always_read: bool,
     /// The generation this leader cut `committed` in (0: not known, e.g. read from blob
     /// storage): a participant that followed it releases its open epochs up to `committed`.
     committed_gen: u64,
@@ -1147,6 +1151,7 @@ impl EpochLeader {
             active: BTreeSet::new(),
             last_barrier_ms: 0,
             latest_known: false,
+            always_read: false,
             committed_gen: 0,
             now_ms: 0,
             ticked: false,
@@ -1189,6 +1194,12 @@ impl EpochLeader {
     /// [`LeadInput::Retire`] takes out stays in until the open epochs drained).
     pub fn active(&self) -> &BTreeSet<NodeId> {
         &self.active
+    }
+
+    /// Every synchronisation asks for the newest manifest (the cluster's epoch log fences
+    /// and uploads then), even when this leader knows it.
+    pub fn read_latest_always(&mut self) {
+        self.always_read = true;
     }
 
     /// The participants left out of the epochs now (they did not answer).
@@ -1372,7 +1383,7 @@ impl EpochLeader {
     /// leader's manifest landing later is never released by anyone, read or not: the
     /// participants follow this leader's generation by then.
     fn read_latest(&mut self, out: &mut Vec<LeadAction>) {
-        if self.latest_known {
+        if self.latest_known && !self.always_read {
             let more = self.handle(LeadInput::Latest(Ok(self.previous)));
             out.extend(more);
         } else {

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use statemesh_mesh::control::{ClusterState, Command, Member, Outcome, RaftConf, Role};
+use statemesh_mesh::control::{ClusterState, Command, EpochBytes, Member, Outcome, RaftConf, Role};
 use statemesh_mesh::group::{ControlNode, Timing};
 use statemesh_mesh::placement::NodeId;
 use statemesh_mesh::storage::{open_in, EngineStorage};
@@ -53,6 +53,51 @@ pub(crate) enum EpochRoute {
         msg: EpochMsg,
     },
     Lead(LeadInput),
+    /// An upload of the cluster's epoch log ended: the newest epoch uploaded.
+    Uploaded(Result<u64, String>),
+}
+
+/// `[checkpoint] cluster_log`: epochs commit through the control group, and the leader
+/// uploads the log's tail to blob storage.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogConfig {
+    pub upload_interval: Duration,
+    pub upload_bytes: u64,
+    pub max_bytes: u64,
+}
+
+/// The epochs' leader's side of the cluster's epoch log (see the checkpoint OVERVIEW).
+struct LogLead {
+    cfg: LogConfig,
+    /// Epochs proposed whose entries have not applied yet.
+    proposed: std::collections::BTreeSet<u64>,
+    /// A synchronisation waits for the newest manifest: its generation, and whether its
+    /// fence has applied (then the tail is uploaded before blob storage is read).
+    sync: Option<(u64, bool)>,
+    /// An upload runs.
+    uploading: bool,
+    /// When the last upload ended (or this leader started).
+    last_upload: Instant,
+    /// No upload before this (after a failure).
+    retry_at: Instant,
+    backoff: Duration,
+    /// The tail is full (logged once per episode).
+    full: bool,
+}
+
+impl LogLead {
+    fn new(cfg: LogConfig) -> Self {
+        LogLead {
+            cfg,
+            proposed: Default::default(),
+            sync: None,
+            uploading: false,
+            last_upload: Instant::now(),
+            retry_at: Instant::now(),
+            backoff: Duration::from_millis(100),
+            full: false,
+        }
+    }
 }
 
 /// What the control thread needs to lead cluster epochs.
@@ -71,6 +116,8 @@ pub(crate) struct EpochParams {
     /// This node's epoch log is active or holds epochs blob storage lacks: a second member
     /// joins only once it is uploaded (the members share blob storage's history).
     pub log_busy: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// `[checkpoint] cluster_log` (`None`: off).
+    pub cluster_log: Option<LogConfig>,
 }
 
 /// An epoch that lacks a participant's part this long makes the leader synchronise again.
@@ -447,6 +494,7 @@ pub(crate) fn start(
         max_uncommitted,
         failure,
         log_busy,
+        cluster_log,
     } = epochs;
     let main = async move {
         let mut c = Driver {
@@ -456,6 +504,9 @@ pub(crate) fn start(
             epoch_driver,
             epoch_cp,
             epoch_cfg: (interval_ms, max_uncommitted),
+            log_cfg: cluster_log,
+            log_lead: None,
+            kick: false,
             log_busy,
             writer: format!("{id}/{:016x}", random_u64()),
             record_wanted: 0,
@@ -509,11 +560,17 @@ pub(crate) fn start(
                     while let Ok(r) = epoch_rx.try_recv() {
                         c.epoch_route(r);
                     }
-                    continue;
+                    // Unless something was proposed (an epoch to log): its round runs now.
+                    if !std::mem::take(&mut c.kick) {
+                        continue;
+                    }
                 }
                 _ = epoch_tick.tick(), if c.lead.is_some() => {
                     c.lead_input(LeadInput::Tick { now_ms: crate::shard::now_ms() });
-                    continue;
+                    c.log_tick();
+                    if !std::mem::take(&mut c.kick) {
+                        continue;
+                    }
                 }
                 _ = tick.tick() => c.node.tick(),
                 input = inbox_rx.recv() => match input {
@@ -597,6 +654,12 @@ struct Driver {
     epoch_driver: mpsc::UnboundedSender<DriverEvent>,
     epoch_cp: Option<CheckpointStore>,
     epoch_cfg: (u64, u64),
+    /// `[checkpoint] cluster_log`.
+    log_cfg: Option<LogConfig>,
+    /// While it leads the epochs with the cluster's epoch log.
+    log_lead: Option<LogLead>,
+    /// Something was proposed outside a round: run one now.
+    kick: bool,
     /// See [`EpochParams::log_busy`].
     log_busy: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Names this process in the manifests it writes.
@@ -1042,6 +1105,7 @@ impl Driver {
             && self.joined
             && state.members.len() > 1;
         if !want {
+            self.log_lead = None;
             if self.lead.take().is_some() {
                 tracing::info!("no longer leading cluster epochs");
             }
@@ -1054,13 +1118,19 @@ impl Driver {
                 term = self.node.term(),
                 "leading cluster epochs: synchronising the members that own key groups"
             );
-            self.lead = Some(EpochLeader::new(
+            let mut lead = EpochLeader::new(
                 self.node.term() << 32,
                 interval,
                 max,
                 EPOCH_STALL_MS,
                 state.committed_epoch,
-            ));
+            );
+            if let Some(cfg) = self.log_cfg {
+                // Every synchronisation fences its generation and uploads the tail first.
+                lead.read_latest_always();
+                self.log_lead = Some(LogLead::new(cfg));
+            }
+            self.lead = Some(lead);
             self.participants = None;
         }
         // The members that own key groups, and those that can take some (their control log
@@ -1200,6 +1270,202 @@ impl Driver {
         }
     }
 
+    /// Reads blob storage's newest manifest for a synchronisation.
+    fn read_latest(&self) {
+        let (cp, tx) = (self.epoch_cp.clone(), self.epoch_tx.clone());
+        tokio::spawn(async move {
+            let r = match cp {
+                Some(cp) => cp
+                    .latest()
+                    .await
+                    .map(|m| m.map(|m| m.epoch))
+                    .map_err(|e| e.to_string()),
+                None => Err("checkpoints are off".into()),
+            };
+            if let Err(e) = &r {
+                tracing::warn!(error = %e, "cannot read the newest manifest; retrying");
+            }
+            let _ = tx.send(EpochRoute::Lead(LeadInput::Latest(r)));
+        });
+    }
+
+    /// Commits an epoch through the control group: its manifest is logged
+    /// (`Command::LogEpoch`); the epoch has committed once the entry applies.
+    fn log_epoch(&mut self, m: Manifest) {
+        let epoch = m.epoch;
+        let size = self.node.state().log.size();
+        let Some(ll) = self.log_lead.as_mut() else {
+            return;
+        };
+        if size >= ll.cfg.max_bytes {
+            if !ll.full {
+                ll.full = true;
+                tracing::warn!(
+                    bytes = size,
+                    "the cluster's epoch log holds {size} bytes blob storage lacks (log_max_bytes = {}): epochs wait for an upload",
+                    ll.cfg.max_bytes
+                );
+            }
+            let why = format!("the cluster's epoch log is full ({size} bytes blob storage lacks)");
+            self.lead_input(LeadInput::ManifestDone {
+                epoch,
+                result: Err(why),
+            });
+            return;
+        }
+        ll.full = false;
+        let gen = self.lead.as_ref().map_or(0, |l| l.gen());
+        let cmd = Command::LogEpoch {
+            epoch,
+            gen,
+            bytes: EpochBytes::new(serde_json::to_vec(&m).expect("a manifest serializes")),
+        };
+        match self.node.propose(&cmd) {
+            Ok(()) => {
+                if let Some(ll) = self.log_lead.as_mut() {
+                    ll.proposed.insert(epoch);
+                }
+                self.kick = true;
+            }
+            Err(e) => {
+                tracing::warn!(epoch, error = %e, "cannot log an epoch; retrying");
+                self.lead_input(LeadInput::ManifestDone {
+                    epoch,
+                    result: Err(e),
+                });
+            }
+        }
+    }
+
+    /// An entry of the cluster's epoch log applied.
+    fn log_applied(&mut self, cmd: &Command, outcome: &Outcome) {
+        let Some(ll) = self.log_lead.as_mut() else {
+            return;
+        };
+        match cmd {
+            Command::LogEpoch { epoch, .. } if ll.proposed.remove(epoch) => {
+                let result = match outcome {
+                    Outcome::Applied | Outcome::Duplicate => Ok(true),
+                    Outcome::Rejected(why) => {
+                        tracing::warn!(epoch, "an epoch was not logged: {why}");
+                        Err(why.clone())
+                    }
+                };
+                self.lead_input(LeadInput::ManifestDone {
+                    epoch: *epoch,
+                    result,
+                });
+            }
+            Command::Fence { gen }
+                if ll.sync == Some((*gen, false)) && self.node.state().log.gen >= *gen =>
+            {
+                self.log_fenced(*gen);
+            }
+            _ => {}
+        }
+    }
+
+    /// The synchronisation of generation `gen` is fenced: no earlier epoch commits any more.
+    /// Blob storage receives the whole tail before it is read.
+    fn log_fenced(&mut self, gen: u64) {
+        let Some(ll) = self.log_lead.as_mut() else {
+            return;
+        };
+        ll.sync = Some((gen, true));
+        if !ll.uploading {
+            self.log_upload();
+        }
+    }
+
+    /// Uploads the tail (if it holds epochs); for a fenced synchronisation with nothing to
+    /// upload, reads blob storage.
+    fn log_upload(&mut self) {
+        let tail: Vec<(u64, Vec<u8>)> = self
+            .node
+            .state()
+            .log
+            .epochs
+            .iter()
+            .map(|(e, b)| (*e, b.bytes().to_vec()))
+            .collect();
+        let Some(ll) = self.log_lead.as_mut() else {
+            return;
+        };
+        if tail.is_empty() {
+            if matches!(ll.sync, Some((_, true))) {
+                ll.sync = None;
+                self.read_latest();
+            }
+            return;
+        }
+        let Some(cp) = self.epoch_cp.clone() else {
+            return;
+        };
+        ll.uploading = true;
+        let (tx, writer) = (self.epoch_tx.clone(), self.writer.clone());
+        tokio::spawn(async move {
+            let r = crate::checkpoint::upload::upload_tail(&cp, tail, &writer).await;
+            let _ = tx.send(EpochRoute::Uploaded(r));
+        });
+    }
+
+    fn log_uploaded(&mut self, r: Result<u64, String>) {
+        let uploaded = self.node.state().log.uploaded;
+        let Some(ll) = self.log_lead.as_mut() else {
+            return;
+        };
+        ll.uploading = false;
+        ll.last_upload = Instant::now();
+        match r {
+            Ok(l) => {
+                ll.backoff = Duration::from_millis(100);
+                tracing::debug!(epoch = l, "the cluster's epoch log uploaded");
+                if l > uploaded {
+                    if let Err(e) = self.node.propose(&Command::Uploaded { through: l }) {
+                        tracing::debug!(error = %e, "upload not recorded; the next upload repeats it");
+                    }
+                    self.kick = true;
+                }
+                if matches!(
+                    self.log_lead.as_ref().and_then(|ll| ll.sync),
+                    Some((_, true))
+                ) {
+                    let more = self.node.state().log.epochs.keys().any(|e| *e > l);
+                    if more {
+                        self.log_upload();
+                    } else {
+                        if let Some(ll) = self.log_lead.as_mut() {
+                            ll.sync = None;
+                        }
+                        self.read_latest();
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot upload the cluster's epoch log; retrying");
+                ll.retry_at = Instant::now() + ll.backoff;
+                ll.backoff = (ll.backoff * 2).min(Duration::from_secs(5));
+                if let Some((_, true)) = ll.sync.take() {
+                    self.lead_input(LeadInput::Latest(Err(e)));
+                }
+            }
+        }
+    }
+
+    /// Uploads the tail every `upload_interval` or `upload_bytes`.
+    fn log_tick(&mut self) {
+        let Some(ll) = self.log_lead.as_ref() else {
+            return;
+        };
+        let log = &self.node.state().log;
+        if ll.uploading || log.epochs.is_empty() || Instant::now() < ll.retry_at {
+            return;
+        }
+        if ll.last_upload.elapsed() >= ll.cfg.upload_interval || log.size() >= ll.cfg.upload_bytes {
+            self.log_upload();
+        }
+    }
+
     fn lead_action(&mut self, a: LeadAction) {
         let me = self.node.id();
         match a {
@@ -1212,23 +1478,24 @@ impl Driver {
                 }
                 self.epoch_route(EpochRoute::Send { from: me, to, msg })
             }
-            LeadAction::ReadLatest => {
-                let (cp, tx) = (self.epoch_cp.clone(), self.epoch_tx.clone());
-                tokio::spawn(async move {
-                    let r = match cp {
-                        Some(cp) => cp
-                            .latest()
-                            .await
-                            .map(|m| m.map(|m| m.epoch))
-                            .map_err(|e| e.to_string()),
-                        None => Err("checkpoints are off".into()),
-                    };
-                    if let Err(e) = &r {
-                        tracing::warn!(error = %e, "cannot read the newest manifest; retrying");
+            LeadAction::ReadLatest if self.log_lead.is_some() => {
+                // Fence the generation, upload the tail, then read blob storage.
+                let gen = self.lead.as_ref().map_or(0, |l| l.gen());
+                if self.node.state().log.gen >= gen {
+                    self.log_fenced(gen);
+                } else {
+                    match self.node.propose(&Command::Fence { gen }) {
+                        Ok(()) => {
+                            if let Some(ll) = self.log_lead.as_mut() {
+                                ll.sync = Some((gen, false));
+                            }
+                            self.kick = true;
+                        }
+                        Err(e) => self.lead_input(LeadInput::Latest(Err(e))),
                     }
-                    let _ = tx.send(EpochRoute::Lead(LeadInput::Latest(r)));
-                });
+                }
             }
+            LeadAction::ReadLatest => self.read_latest(),
             LeadAction::WriteManifest {
                 epoch,
                 previous,
@@ -1267,6 +1534,10 @@ impl Driver {
                     objects,
                     writer: Some(self.writer.clone()),
                 };
+                if self.log_lead.is_some() {
+                    self.log_epoch(m);
+                    return;
+                }
                 let (cp, tx) = (self.epoch_cp.clone(), self.epoch_tx.clone());
                 tokio::spawn(async move {
                     let result = match cp {
@@ -1337,6 +1608,7 @@ impl Driver {
         }
         match r {
             EpochRoute::Lead(i) => self.lead_input(i),
+            EpochRoute::Uploaded(r) => self.log_uploaded(r),
             EpochRoute::Send { from, to, msg } if to == self.node.id() => {
                 if msg.to_leader() {
                     // A part that wrote key groups its sender does not own at the versions of
@@ -1388,6 +1660,7 @@ impl Driver {
         if !out.applied.is_empty() {
             for (index, cmd, outcome) in &out.applied {
                 tracing::debug!(index, ?cmd, ?outcome, "control entry applied");
+                self.log_applied(cmd, outcome);
                 if *outcome == Outcome::Applied {
                     self.record(*index, cmd);
                 }

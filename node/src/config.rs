@@ -172,6 +172,15 @@ pub struct CheckpointConfig {
     /// process crash and a power loss, not the loss of the disk. In a cluster of several, epochs
     /// commit to blob storage (the log is uploaded before a second member joins). Default on.
     pub log: bool,
+    /// In a cluster of several, epochs commit through the control group (Raft, fsynced on a
+    /// majority of voters) instead of a manifest in blob storage: the leader logs each epoch's
+    /// manifest (the participants' parts ride in it when small, up to 64 KiB each) and uploads
+    /// the log's tail every `upload_interval_ms` or `upload_bytes`, merged, and before every
+    /// synchronisation of the participants; the tail survives the loss of any one member's
+    /// disk. While the tail holds `log_max_bytes`, epochs wait (ingress is refused once
+    /// `max_uncommitted` are open). Off: every epoch's manifest is a put to blob storage.
+    /// Default on.
+    pub cluster_log: bool,
     /// How often the epoch log is uploaded to blob storage while it holds epochs. Default
     /// 2,000 ms.
     pub upload_interval_ms: u64,
@@ -209,6 +218,7 @@ impl Default for CheckpointConfig {
             apply_interval_ms: 1_000,
             fsync: true,
             log: true,
+            cluster_log: true,
             upload_interval_ms: 2_000,
             upload_bytes: 16 << 20,
             log_max_bytes: 1 << 30,

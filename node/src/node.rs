@@ -677,6 +677,16 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
             max_uncommitted: config.checkpoint.max_uncommitted,
             failure: config.mesh.failure(),
             log_busy,
+            cluster_log: config
+                .checkpoint
+                .cluster_log
+                .then(|| crate::cluster::LogConfig {
+                    upload_interval: std::time::Duration::from_millis(
+                        config.checkpoint.upload_interval_ms,
+                    ),
+                    upload_bytes: config.checkpoint.upload_bytes,
+                    max_bytes: config.checkpoint.log_max_bytes,
+                }),
         },
     )
     .map_err(|e| StartError::Other(format!("control group: {e}")))?;

@@ -247,7 +247,7 @@ impl CheckpointStore {
         }
     }
 
-    async fn get(&self, rel: &str) -> Result<Bytes, CheckpointError> {
+    pub(crate) async fn get(&self, rel: &str) -> Result<Bytes, CheckpointError> {
         let r = self
             .blob
             .store

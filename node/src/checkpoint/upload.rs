@@ -227,6 +227,134 @@ async fn upload_at_start_once(
     }
 }
 
+/// Uploads the cluster's epoch log tail (`statemesh_mesh::control::EpochTail`: epoch → its
+/// manifest as the leader logged it, JSON), oldest first, and returns the newest epoch
+/// uploaded. Consecutive manifests whose objects are all deltas (participants' parts, inline
+/// or written to blob storage) are merged: each participant's parts as a node alone's epochs
+/// are (see [`merge`]; a participant without a part in the run's newest epoch had nothing
+/// pending then, so its merged part is relabelled with that epoch and carries no pending
+/// messages), into one manifest labelled with the run's newest epoch whose previous is its
+/// first's. A manifest listing a full snapshot (or a part with key groups written in full) is
+/// written as logged, after the run before it. So a tail under load costs one or two puts. A
+/// manifest another writer stored for the same epochs (a deposed leader uploading the same
+/// log) counts as uploaded.
+pub(crate) async fn upload_tail(
+    cp: &CheckpointStore,
+    tail: Vec<(u64, Vec<u8>)>,
+    writer: &str,
+) -> Result<u64, String> {
+    let mut manifests = Vec::with_capacity(tail.len());
+    for (e, bytes) in tail {
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|err| format!("the cluster's epoch log: epoch {e} does not decode ({err})"))?;
+        if m.epoch != e {
+            return Err(format!(
+                "the cluster's epoch log: the entry of epoch {e} holds the manifest of epoch {}",
+                m.epoch
+            ));
+        }
+        manifests.push(m);
+    }
+    let Some(l) = manifests.last().map(|m| m.epoch) else {
+        return Err("the cluster's epoch log is empty: nothing to upload".into());
+    };
+    let mut run: Vec<Manifest> = Vec::new();
+    for m in manifests {
+        if m.objects.iter().all(|o| o.full_key_groups.is_empty()) {
+            run.push(m);
+            continue;
+        }
+        upload_run(cp, std::mem::take(&mut run), writer).await?;
+        commit_logged(cp, &m).await?;
+    }
+    upload_run(cp, run, writer).await?;
+    Ok(l)
+}
+
+/// Writes a logged manifest as it is.
+async fn commit_logged(cp: &CheckpointStore, m: &Manifest) -> Result<(), String> {
+    match cp.commit(m).await {
+        Ok(_) | Err(CheckpointError::AlreadyCommitted(_)) => Ok(()),
+        Err(e) => Err(format!("cannot upload epoch {}: {e}", m.epoch)),
+    }
+}
+
+/// Uploads consecutive logged manifests of deltas as one (see [`upload_tail`]).
+async fn upload_run(cp: &CheckpointStore, run: Vec<Manifest>, writer: &str) -> Result<(), String> {
+    use base64::Engine as _;
+    match run.len() {
+        0 => return Ok(()),
+        1 => return commit_logged(cp, &run[0]).await,
+        _ => {}
+    }
+    let l = run.last().expect("not empty").epoch;
+    let previous = run[0].previous;
+    let mut by_node: BTreeMap<String, Vec<NodeEpoch>> = BTreeMap::new();
+    for m in &run {
+        for o in &m.objects {
+            let bytes = match &o.inline {
+                Some(b64) => base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|err| {
+                        format!(
+                            "the cluster's epoch log: a part of epoch {} is not base64 ({err})",
+                            m.epoch
+                        )
+                    })?
+                    .into(),
+                None => cp
+                    .get(&o.path)
+                    .await
+                    .map_err(|e| format!("cannot read a part of epoch {}: {e}", m.epoch))?,
+            };
+            let part = NodeEpoch::decode(bytes).map_err(|err| {
+                format!(
+                    "the cluster's epoch log: a part of epoch {} does not decode ({err})",
+                    m.epoch
+                )
+            })?;
+            by_node.entry(o.node.clone()).or_default().push(part);
+        }
+    }
+    let mut objects = Vec::with_capacity(by_node.len());
+    for (_, parts) in by_node {
+        let mut merged = merge(parts).expect("not empty");
+        if merged.epoch != l {
+            merged.epoch = l;
+            for s in &mut merged.key_groups {
+                s.pending.clear();
+            }
+        }
+        let encoded = merged.encode_to_vec();
+        objects.push(if encoded.len() <= INLINE_MAX {
+            cp.inline_node_epoch(&merged, &encoded)
+        } else {
+            cp.write_node_epoch(&merged)
+                .await
+                .map_err(|e| format!("cannot upload epoch {l}: {e}"))?
+        });
+    }
+    crate::failpoint::eval("checkpoint-upload")?;
+    let m = Manifest {
+        epoch: l,
+        previous,
+        created_ms: super::driver::now_ms(),
+        objects,
+        writer: Some(writer.to_string()),
+    };
+    match cp.commit(&m).await {
+        Ok(_) => Ok(()),
+        Err(CheckpointError::AlreadyCommitted(_)) => {
+            tracing::info!(
+                epoch = l,
+                "the epoch log's upload was stored by another writer (an earlier leader)"
+            );
+            Ok(())
+        }
+        Err(e) => Err(format!("cannot upload epoch {l}: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::format::PendingMessage;
@@ -331,5 +459,120 @@ mod tests {
         let want = apply(at5.clone(), &e8);
         let merged = merge(vec![e3, e5, e8.clone()]).unwrap();
         assert_eq!(apply(at5, &merged), want);
+    }
+
+    /// A tail of epochs 2..=6 over blob storage's manifest 1: the deltas of 2..=4 become
+    /// one manifest 4 (a participant without a part in 4 carries no pending messages), 5
+    /// lists a full snapshot and is written as logged, 6 alone too; recovery reads the same
+    /// state as from the epochs one by one.
+    #[tokio::test]
+    async fn the_clusters_tail_uploads_merged_runs_and_full_snapshots_as_logged() {
+        let cp = CheckpointStore::new(
+            super::super::blob::open("memory://", &Default::default(), false).unwrap(),
+        );
+        let part = |e: u64, node: &str, sections: Vec<KeyGroupSection>| {
+            let ne = NodeEpoch {
+                epoch: e,
+                node: node.into(),
+                key_groups: sections,
+            };
+            let enc = ne.encode_to_vec();
+            cp.inline_node_epoch(&ne, &enc)
+        };
+        let manifest = |e: u64, previous: u64, objects: Vec<ObjectRef>| Manifest {
+            epoch: e,
+            previous: Some(previous).filter(|p| *p > 0),
+            created_ms: 0,
+            objects,
+            writer: Some("leader/1".into()),
+        };
+        cp.commit(&manifest(
+            1,
+            0,
+            vec![part(1, "a", vec![section(1, &[("k", "1")], &[], &[])])],
+        ))
+        .await
+        .unwrap();
+        let full = cp
+            .write_full_snapshot(&NodeEpoch {
+                epoch: 4,
+                node: "a".into(),
+                key_groups: vec![KeyGroupSection {
+                    full: true,
+                    ..section(1, &[("k", "4")], &[], &[])
+                }],
+            })
+            .await
+            .unwrap();
+        let tail = [
+            manifest(
+                2,
+                1,
+                vec![part(2, "a", vec![section(1, &[("k", "2")], &[], &[])])],
+            ),
+            manifest(
+                3,
+                2,
+                vec![
+                    part(3, "a", vec![section(1, &[("k", "3")], &[], &[])]),
+                    part(3, "b", vec![section(2, &[("j", "1")], &[], &["stale"])]),
+                ],
+            ),
+            manifest(
+                4,
+                3,
+                vec![part(4, "a", vec![section(1, &[("k", "4")], &[], &["q"])])],
+            ),
+            manifest(
+                5,
+                4,
+                vec![
+                    full,
+                    part(5, "b", vec![section(2, &[("j", "5")], &[], &[])]),
+                ],
+            ),
+            manifest(
+                6,
+                5,
+                vec![part(6, "a", vec![section(1, &[("k", "6")], &[], &["r"])])],
+            ),
+        ];
+        let tail: Vec<(u64, Vec<u8>)> = tail
+            .iter()
+            .map(|m| (m.epoch, serde_json::to_vec(m).unwrap()))
+            .collect();
+        assert_eq!(upload_tail(&cp, tail.clone(), "leader/2").await.unwrap(), 6);
+        assert_eq!(cp.committed_epochs().await.unwrap(), vec![1, 4, 5, 6]);
+        let m4 = cp.manifest(4).await.unwrap();
+        assert_eq!(m4.previous, Some(1));
+        assert_eq!(m4.objects.len(), 2);
+        let b = m4.objects.iter().find(|o| o.node == "b").unwrap();
+        use base64::Engine as _;
+        let b = NodeEpoch::decode(
+            base64::engine::general_purpose::STANDARD
+                .decode(b.inline.as_ref().unwrap())
+                .unwrap()
+                .as_slice(),
+        )
+        .unwrap();
+        assert_eq!(b.epoch, 4);
+        assert!(
+            b.key_groups[0].pending.is_empty(),
+            "b had nothing pending at 4"
+        );
+        assert_eq!(cp.manifest(5).await.unwrap().previous, Some(4));
+        let (_, states) = cp.recover_at(6, &[1, 2], None).await.unwrap();
+        assert_eq!(states[&1].state.get(&b"k"[..]), Some(&b"6".to_vec()));
+        assert_eq!(states[&2].state.get(&b"j"[..]), Some(&b"5".to_vec()));
+        let pending: Vec<&str> = states[&1]
+            .pending
+            .iter()
+            .map(|p| p.target.as_str())
+            .collect();
+        assert_eq!(pending, vec!["r"]);
+        // Uploading the same tail again (the record of the first upload was lost, or another
+        // leader does it) changes nothing.
+        assert_eq!(upload_tail(&cp, tail, "leader/3").await.unwrap(), 6);
+        assert_eq!(cp.committed_epochs().await.unwrap(), vec![1, 4, 5, 6]);
     }
 }
