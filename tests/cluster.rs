@@ -1588,21 +1588,9 @@ async fn a_voter_leaves_under_load_its_seat_goes_to_the_learner_and_it_exits_0()
 #[tokio::test]
 async fn three_nodes_on_s3_commit_through_the_control_group_within_the_request_budget() {
     let _serial = SERIAL.lock().await;
-    let m = common::python::moto();
-    let proxy = common::python::LatencyProxy::start(&m.endpoint, 30);
-    let (s, _, _) = http(
-        &format!("{}/budget", proxy.endpoint),
-        "PUT",
-        None,
-        Default::default(),
-    )
-    .await;
-    assert_eq!(s, 200);
+    let (_moto, proxy) = common::python::s3_behind_proxy("budget", 30).await;
     let dir = test_dir();
-    let config = format!(
-        "[checkpoint]\nurl = \"s3://budget/c\"\n[checkpoint.s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n",
-        proxy.endpoint
-    );
+    let config = common::python::s3_config(&proxy.endpoint, "budget/c");
     let start = |id: u64, join: Option<&str>| {
         let mut l = launch(dir.path(), id, (free_port(), free_port()), join);
         l.config = Some(config.clone());

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::python::{moto, LatencyProxy};
+use common::python::{moto, s3_behind_proxy, s3_config};
 use common::{http, state_value, Node};
 use statemesh_sdk::{typenames, Address, TypedValue};
 
@@ -423,10 +423,7 @@ async fn a_node_checkpoints_to_s3_and_recovers_from_it_alone() {
     assert_eq!(s, 200);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n");
-    let config = format!(
-        "[checkpoint]\nurl = \"s3://smcp/cluster-a\"\n[checkpoint.s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n",
-        m.endpoint
-    );
+    let config = s3_config(&m.endpoint, "smcp/cluster-a");
     let node = Node::start(&data, Some(&config));
     for i in 1..=5i64 {
         assert_eq!(send(&node, "s3", i, Some(&format!("s3-{i}"))).await.0, 202);
@@ -468,22 +465,10 @@ async fn a_node_checkpoints_to_s3_and_recovers_from_it_alone() {
 /// release benchmark's, `scripts/bench-s3.sh`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_requests_stay_within_budget_under_load_and_when_idle() {
-    let m = moto();
-    let proxy = LatencyProxy::start(&m.endpoint, 30);
-    let (s, _, _) = http(
-        &format!("{}/budget", proxy.endpoint),
-        "PUT",
-        None,
-        Bytes::new(),
-    )
-    .await;
-    assert_eq!(s, 200);
+    let (_moto, proxy) = s3_behind_proxy("budget", 30).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n");
-    let config = format!(
-        "[checkpoint]\nurl = \"s3://budget/n\"\n[checkpoint.s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n",
-        proxy.endpoint
-    );
+    let config = s3_config(&proxy.endpoint, "budget/n");
     let node = Node::start(&data, Some(&config));
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.reset().await;

@@ -36,6 +36,19 @@ fn start(dir: &Path, id: NodeId) -> ControlNode<EngineStorage> {
     ControlNode::new(id, storage, state, Timing::default()).unwrap()
 }
 
+/// Members 1, 2 and 3 on directories `n1`, `n2`, `n3` under `root`.
+fn three(root: &Path) -> Vec<Member> {
+    (1..=3u64)
+        .map(|id| {
+            let d = root.join(format!("n{id}"));
+            Member {
+                node: Some(start(&d, id)),
+                dir: d,
+            }
+        })
+        .collect()
+}
+
 /// Runs the members for `steps` ticks, delivering every message in order.
 fn run(members: &mut [Member], steps: usize) {
     let mut net: VecDeque<(usize, Vec<u8>)> = VecDeque::new();
@@ -87,15 +100,7 @@ fn propose_epochs(members: &mut [Member], from: u64, to: u64) {
 #[test]
 fn members_restart_from_disk_and_catch_up_through_snapshots() {
     let dir = tempfile::tempdir().unwrap();
-    let mut members: Vec<Member> = (1..=3u64)
-        .map(|id| {
-            let d = dir.path().join(format!("n{id}"));
-            Member {
-                node: Some(start(&d, id)),
-                dir: d,
-            }
-        })
-        .collect();
+    let mut members = three(dir.path());
     run(&mut members, 60);
     leader(&mut members)
         .propose(&Command::Join {
@@ -340,15 +345,7 @@ fn tail_of(n: &ControlNode<EngineStorage>) -> Vec<(u64, Vec<u8>)> {
 #[test]
 fn the_epoch_log_survives_the_loss_of_the_leaders_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let mut members: Vec<Member> = (1..=3u64)
-        .map(|id| {
-            let d = dir.path().join(format!("n{id}"));
-            Member {
-                node: Some(start(&d, id)),
-                dir: d,
-            }
-        })
-        .collect();
+    let mut members = three(dir.path());
     run(&mut members, 60);
     leader(&mut members)
         .propose(&Command::Fence { gen: 1 })

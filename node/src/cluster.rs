@@ -53,18 +53,25 @@ pub(crate) enum EpochRoute {
         msg: EpochMsg,
     },
     Lead(LeadInput),
-    /// An upload of the cluster's epoch log ended: the newest epoch uploaded.
-    Uploaded(Result<u64, String>),
+    /// An upload of the cluster's epoch log ended (its number): the newest epoch uploaded.
+    Uploaded(u64, Result<u64, String>),
 }
 
 /// `[checkpoint] cluster_log`: epochs commit through the control group, and the leader
 /// uploads the log's tail to blob storage.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LogConfig {
+    /// Epochs commit through the control group (off: by a manifest put; the leader still
+    /// uploads a tail left by a leader that had it on).
+    pub enabled: bool,
     pub upload_interval: Duration,
     pub upload_bytes: u64,
     pub max_bytes: u64,
 }
+
+/// The most the cluster's epoch log holds: its tail is in every snapshot of the control
+/// group, whose messages between members are refused over 256 MiB.
+pub(crate) const LOG_MAX_BYTES: u64 = 128 << 20;
 
 /// The epochs' leader's side of the cluster's epoch log (see the checkpoint OVERVIEW).
 struct LogLead {
@@ -74,8 +81,8 @@ struct LogLead {
     /// A synchronisation waits for the newest manifest: its generation, and whether its
     /// fence has applied (then the tail is uploaded before blob storage is read).
     sync: Option<(u64, bool)>,
-    /// An upload runs.
-    uploading: bool,
+    /// The number of the upload that runs.
+    uploading: Option<u64>,
     /// When the last upload ended (or this leader started).
     last_upload: Instant,
     /// No upload before this (after a failure).
@@ -91,7 +98,7 @@ impl LogLead {
             cfg,
             proposed: Default::default(),
             sync: None,
-            uploading: false,
+            uploading: None,
             last_upload: Instant::now(),
             retry_at: Instant::now(),
             backoff: Duration::from_millis(100),
@@ -116,8 +123,8 @@ pub(crate) struct EpochParams {
     /// This node's epoch log is active or holds epochs blob storage lacks: a second member
     /// joins only once it is uploaded (the members share blob storage's history).
     pub log_busy: Option<Arc<std::sync::atomic::AtomicBool>>,
-    /// `[checkpoint] cluster_log` (`None`: off).
-    pub cluster_log: Option<LogConfig>,
+    /// `[checkpoint] cluster_log` and the upload settings.
+    pub cluster_log: LogConfig,
 }
 
 /// An epoch that lacks a participant's part this long makes the leader synchronise again.
@@ -505,6 +512,7 @@ pub(crate) fn start(
             epoch_cp,
             epoch_cfg: (interval_ms, max_uncommitted),
             log_cfg: cluster_log,
+            uploads: 0,
             log_lead: None,
             kick: false,
             log_busy,
@@ -654,8 +662,10 @@ struct Driver {
     epoch_driver: mpsc::UnboundedSender<DriverEvent>,
     epoch_cp: Option<CheckpointStore>,
     epoch_cfg: (u64, u64),
-    /// `[checkpoint] cluster_log`.
-    log_cfg: Option<LogConfig>,
+    /// `[checkpoint] cluster_log` and the upload settings.
+    log_cfg: LogConfig,
+    /// Uploads of the epoch log started (numbers them).
+    uploads: u64,
     /// While it leads the epochs with the cluster's epoch log.
     log_lead: Option<LogLead>,
     /// Something was proposed outside a round: run one now.
@@ -1118,18 +1128,19 @@ impl Driver {
                 term = self.node.term(),
                 "leading cluster epochs: synchronising the members that own key groups"
             );
+            // Above every generation of earlier leaders and of an earlier leader of this term
+            // (members 2 → 1 → 2), which the epoch log's fence may hold.
             let mut lead = EpochLeader::new(
-                self.node.term() << 32,
+                (self.node.term() << 32).max(state.log.gen),
                 interval,
                 max,
                 EPOCH_STALL_MS,
                 state.committed_epoch,
             );
-            if let Some(cfg) = self.log_cfg {
-                // Every synchronisation fences its generation and uploads the tail first.
-                lead.read_latest_always();
-                self.log_lead = Some(LogLead::new(cfg));
-            }
+            // Every synchronisation fences its generation and uploads the tail first (also
+            // with the log off here: a tail another leader left is uploaded).
+            lead.read_latest_always();
+            self.log_lead = Some(LogLead::new(self.log_cfg));
             self.lead = Some(lead);
             self.participants = None;
         }
@@ -1345,9 +1356,14 @@ impl Driver {
         match cmd {
             Command::LogEpoch { epoch, .. } if ll.proposed.remove(epoch) => {
                 let result = match outcome {
-                    Outcome::Applied | Outcome::Duplicate => Ok(true),
+                    Outcome::Applied => Ok(true),
+                    Outcome::Duplicate if self.node.state().log.epochs.contains_key(epoch) => {
+                        Ok(true)
+                    }
+                    Outcome::Duplicate => Err("the epoch's entry applied before".into()),
                     Outcome::Rejected(why) => {
-                        tracing::warn!(epoch, "an epoch was not logged: {why}");
+                        // After a fence, an epoch of the generation before (expected).
+                        tracing::debug!(epoch, "an epoch was not logged: {why}");
                         Err(why.clone())
                     }
                 };
@@ -1372,7 +1388,7 @@ impl Driver {
             return;
         };
         ll.sync = Some((gen, true));
-        if !ll.uploading {
+        if ll.uploading.is_none() {
             self.log_upload();
         }
     }
@@ -1401,20 +1417,32 @@ impl Driver {
         let Some(cp) = self.epoch_cp.clone() else {
             return;
         };
-        ll.uploading = true;
+        self.uploads += 1;
+        let n = self.uploads;
+        ll.uploading = Some(n);
         let (tx, writer) = (self.epoch_tx.clone(), self.writer.clone());
+        let task = tokio::spawn(async move {
+            crate::checkpoint::upload::upload_tail(&cp, tail, &writer).await
+        });
+        // Answered even if the upload's task fails.
         tokio::spawn(async move {
-            let r = crate::checkpoint::upload::upload_tail(&cp, tail, &writer).await;
-            let _ = tx.send(EpochRoute::Uploaded(r));
+            let r = task
+                .await
+                .unwrap_or_else(|e| Err(format!("the upload's task failed: {e}")));
+            let _ = tx.send(EpochRoute::Uploaded(n, r));
         });
     }
 
-    fn log_uploaded(&mut self, r: Result<u64, String>) {
+    fn log_uploaded(&mut self, n: u64, r: Result<u64, String>) {
         let uploaded = self.node.state().log.uploaded;
         let Some(ll) = self.log_lead.as_mut() else {
             return;
         };
-        ll.uploading = false;
+        if ll.uploading != Some(n) {
+            // Started while this node led before (or a result already handled).
+            return;
+        }
+        ll.uploading = None;
         ll.last_upload = Instant::now();
         match r {
             Ok(l) => {
@@ -1445,7 +1473,10 @@ impl Driver {
                 tracing::warn!(error = %e, "cannot upload the cluster's epoch log; retrying");
                 ll.retry_at = Instant::now() + ll.backoff;
                 ll.backoff = (ll.backoff * 2).min(Duration::from_secs(5));
-                if let Some((_, true)) = ll.sync.take() {
+                // A synchronisation waiting for this upload reads again later (its fence has
+                // applied); one whose fence has not applied yet goes on waiting for it.
+                if matches!(ll.sync, Some((_, true))) {
+                    ll.sync = None;
                     self.lead_input(LeadInput::Latest(Err(e)));
                 }
             }
@@ -1458,7 +1489,7 @@ impl Driver {
             return;
         };
         let log = &self.node.state().log;
-        if ll.uploading || log.epochs.is_empty() || Instant::now() < ll.retry_at {
+        if ll.uploading.is_some() || log.epochs.is_empty() || Instant::now() < ll.retry_at {
             return;
         }
         if ll.last_upload.elapsed() >= ll.cfg.upload_interval || log.size() >= ll.cfg.upload_bytes {
@@ -1534,7 +1565,7 @@ impl Driver {
                     objects,
                     writer: Some(self.writer.clone()),
                 };
-                if self.log_lead.is_some() {
+                if self.log_lead.as_ref().is_some_and(|ll| ll.cfg.enabled) {
                     self.log_epoch(m);
                     return;
                 }
@@ -1608,7 +1639,7 @@ impl Driver {
         }
         match r {
             EpochRoute::Lead(i) => self.lead_input(i),
-            EpochRoute::Uploaded(r) => self.log_uploaded(r),
+            EpochRoute::Uploaded(n, r) => self.log_uploaded(n, r),
             EpochRoute::Send { from, to, msg } if to == self.node.id() => {
                 if msg.to_leader() {
                     // A part that wrote key groups its sender does not own at the versions of

@@ -177,8 +177,11 @@ pub struct CheckpointConfig {
     /// manifest (the participants' parts ride in it when small, up to 64 KiB each) and uploads
     /// the log's tail every `upload_interval_ms` or `upload_bytes`, merged, and before every
     /// synchronisation of the participants; the tail survives the loss of any one member's
-    /// disk. While the tail holds `log_max_bytes`, epochs wait (ingress is refused once
-    /// `max_uncommitted` are open). Off: every epoch's manifest is a put to blob storage.
+    /// disk (in a cluster of three or more: a majority of voters is two disks or more; a
+    /// cluster of two has one voter, and the log is then on the leader's disk only, as a node
+    /// alone's). While the tail holds `log_max_bytes` (at most 128 MiB here: the tail rides in
+    /// the control group's snapshots), epochs wait (ingress is refused once `max_uncommitted`
+    /// are open). Off: every epoch's manifest is a put to blob storage.
     /// Default on.
     pub cluster_log: bool,
     /// How often the epoch log is uploaded to blob storage while it holds epochs. Default

@@ -677,16 +677,17 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
             max_uncommitted: config.checkpoint.max_uncommitted,
             failure: config.mesh.failure(),
             log_busy,
-            cluster_log: config
-                .checkpoint
-                .cluster_log
-                .then(|| crate::cluster::LogConfig {
-                    upload_interval: std::time::Duration::from_millis(
-                        config.checkpoint.upload_interval_ms,
-                    ),
-                    upload_bytes: config.checkpoint.upload_bytes,
-                    max_bytes: config.checkpoint.log_max_bytes,
-                }),
+            cluster_log: crate::cluster::LogConfig {
+                enabled: config.checkpoint.cluster_log,
+                upload_interval: std::time::Duration::from_millis(
+                    config.checkpoint.upload_interval_ms,
+                ),
+                upload_bytes: config.checkpoint.upload_bytes,
+                max_bytes: config
+                    .checkpoint
+                    .log_max_bytes
+                    .min(crate::cluster::LOG_MAX_BYTES),
+            },
         },
     )
     .map_err(|e| StartError::Other(format!("control group: {e}")))?;

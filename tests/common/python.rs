@@ -125,6 +125,41 @@ pub fn moto() -> Moto {
     Moto { child, endpoint }
 }
 
+/// The `[checkpoint]` config text of a node writing to `s3://<location>` on the S3 server at
+/// `endpoint` (moto's test credentials, plain HTTP).
+pub fn s3_config(endpoint: &str, location: &str) -> String {
+    format!(
+        "[checkpoint]\nurl = \"s3://{location}\"\n[checkpoint.s3]\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nallow_http = true\n"
+    )
+}
+
+/// Bucket `bucket` on a new moto server behind a latency proxy adding `delay_ms` to every
+/// request (the proxy's endpoint is the one to use).
+pub async fn s3_behind_proxy(bucket: &str, delay_ms: u32) -> (Moto, LatencyProxy) {
+    let m = moto();
+    let proxy = LatencyProxy::start(&m.endpoint, delay_ms);
+    // moto listens before it serves: a first request may get the proxy's 502.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (s, _, body) = super::http(
+            &format!("{}/{bucket}", proxy.endpoint),
+            "PUT",
+            None,
+            bytes::Bytes::new(),
+        )
+        .await;
+        if s == 200 {
+            return (m, proxy);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bucket {bucket} not created: {s} {}",
+            String::from_utf8_lossy(&body)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// `tests/py/s3_latency_proxy.py` in front of an S3-compatible server: adds `delay_ms` to
 /// every request and counts them; killed on drop.
 pub struct LatencyProxy {

@@ -234,10 +234,12 @@ async fn upload_at_start_once(
 /// are (see [`merge`]; a participant without a part in the run's newest epoch had nothing
 /// pending then, so its merged part is relabelled with that epoch and carries no pending
 /// messages), into one manifest labelled with the run's newest epoch whose previous is its
-/// first's. A manifest listing a full snapshot (or a part with key groups written in full) is
-/// written as logged, after the run before it. So a tail under load costs one or two puts. A
-/// manifest another writer stored for the same epochs (a deposed leader uploading the same
-/// log) counts as uploaded.
+/// first's. A run ends before a manifest in which a key group's changes come from another
+/// writer or ownership version than earlier in the run (it moved: two merged parts with the
+/// same label must never both change it). A manifest listing a full snapshot (or a part with
+/// key groups written in full) is written as logged, after the run before it. So a tail under
+/// load costs one or two puts. A manifest another writer stored for the same epochs (a deposed
+/// leader uploading the same log) counts as uploaded.
 pub(crate) async fn upload_tail(
     cp: &CheckpointStore,
     tail: Vec<(u64, Vec<u8>)>,
@@ -258,17 +260,70 @@ pub(crate) async fn upload_tail(
     let Some(l) = manifests.last().map(|m| m.epoch) else {
         return Err("the cluster's epoch log is empty: nothing to upload".into());
     };
-    let mut run: Vec<Manifest> = Vec::new();
+    let mut run: Vec<(Manifest, Vec<NodeEpoch>)> = Vec::new();
+    // Per key group changed in the run: its writer and ownership version.
+    let mut writers: HashMap<u32, (String, u64)> = HashMap::new();
     for m in manifests {
-        if m.objects.iter().all(|o| o.full_key_groups.is_empty()) {
-            run.push(m);
+        if !m.objects.iter().all(|o| o.full_key_groups.is_empty()) {
+            upload_run(cp, std::mem::take(&mut run), writer).await?;
+            writers.clear();
+            commit_logged(cp, &m).await?;
             continue;
         }
-        upload_run(cp, std::mem::take(&mut run), writer).await?;
-        commit_logged(cp, &m).await?;
+        let parts = read_parts(cp, &m).await?;
+        let moved = parts.iter().any(|p| {
+            p.key_groups.iter().any(|s| {
+                s.version > 0
+                    && writers
+                        .get(&s.key_group)
+                        .is_some_and(|w| w.0 != p.node || w.1 != s.version)
+            })
+        });
+        if moved {
+            upload_run(cp, std::mem::take(&mut run), writer).await?;
+            writers.clear();
+        }
+        for p in &parts {
+            for s in p.key_groups.iter().filter(|s| s.version > 0) {
+                writers.insert(s.key_group, (p.node.clone(), s.version));
+            }
+        }
+        run.push((m, parts));
     }
     upload_run(cp, run, writer).await?;
     Ok(l)
+}
+
+/// The parts a logged manifest lists, decoded (inline, or read from blob storage).
+async fn read_parts(cp: &CheckpointStore, m: &Manifest) -> Result<Vec<NodeEpoch>, String> {
+    use base64::Engine as _;
+    let mut parts = Vec::with_capacity(m.objects.len());
+    for o in &m.objects {
+        let bytes: bytes::Bytes = match &o.inline {
+            Some(b64) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|err| {
+                    format!(
+                        "the cluster's epoch log: a part of epoch {} is not base64 ({err})",
+                        m.epoch
+                    )
+                })?
+                .into(),
+            None => cp
+                .get(&o.path)
+                .await
+                .map_err(|e| format!("cannot read a part of epoch {}: {e}", m.epoch))?,
+        };
+        let mut part = NodeEpoch::decode(bytes).map_err(|err| {
+            format!(
+                "the cluster's epoch log: a part of epoch {} does not decode ({err})",
+                m.epoch
+            )
+        })?;
+        part.node = o.node.clone();
+        parts.push(part);
+    }
+    Ok(parts)
 }
 
 /// Writes a logged manifest as it is.
@@ -280,40 +335,22 @@ async fn commit_logged(cp: &CheckpointStore, m: &Manifest) -> Result<(), String>
 }
 
 /// Uploads consecutive logged manifests of deltas as one (see [`upload_tail`]).
-async fn upload_run(cp: &CheckpointStore, run: Vec<Manifest>, writer: &str) -> Result<(), String> {
-    use base64::Engine as _;
+async fn upload_run(
+    cp: &CheckpointStore,
+    run: Vec<(Manifest, Vec<NodeEpoch>)>,
+    writer: &str,
+) -> Result<(), String> {
     match run.len() {
         0 => return Ok(()),
-        1 => return commit_logged(cp, &run[0]).await,
+        1 => return commit_logged(cp, &run[0].0).await,
         _ => {}
     }
-    let l = run.last().expect("not empty").epoch;
-    let previous = run[0].previous;
+    let l = run.last().expect("not empty").0.epoch;
+    let previous = run[0].0.previous;
     let mut by_node: BTreeMap<String, Vec<NodeEpoch>> = BTreeMap::new();
-    for m in &run {
-        for o in &m.objects {
-            let bytes = match &o.inline {
-                Some(b64) => base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .map_err(|err| {
-                        format!(
-                            "the cluster's epoch log: a part of epoch {} is not base64 ({err})",
-                            m.epoch
-                        )
-                    })?
-                    .into(),
-                None => cp
-                    .get(&o.path)
-                    .await
-                    .map_err(|e| format!("cannot read a part of epoch {}: {e}", m.epoch))?,
-            };
-            let part = NodeEpoch::decode(bytes).map_err(|err| {
-                format!(
-                    "the cluster's epoch log: a part of epoch {} does not decode ({err})",
-                    m.epoch
-                )
-            })?;
-            by_node.entry(o.node.clone()).or_default().push(part);
+    for (_, parts) in run {
+        for p in parts {
+            by_node.entry(p.node.clone()).or_default().push(p);
         }
     }
     let mut objects = Vec::with_capacity(by_node.len());
@@ -574,5 +611,49 @@ mod tests {
         // leader does it) changes nothing.
         assert_eq!(upload_tail(&cp, tail, "leader/3").await.unwrap(), 6);
         assert_eq!(cp.committed_epochs().await.unwrap(), vec![1, 4, 5, 6]);
+    }
+
+    /// A key group that moved inside the tail (written by node a at version 1, then by node b
+    /// at version 2) ends the run: the two writers' changes are never merged under one label.
+    #[tokio::test]
+    async fn a_run_ends_where_a_key_group_changes_writer() {
+        let cp = CheckpointStore::new(
+            super::super::blob::open("memory://", &Default::default(), false).unwrap(),
+        );
+        let part = |e: u64, node: &str, version: u64, v: &str| {
+            let ne = NodeEpoch {
+                epoch: e,
+                node: node.into(),
+                key_groups: vec![KeyGroupSection {
+                    version,
+                    ..section(1, &[("k", v)], &[], &[])
+                }],
+            };
+            let enc = ne.encode_to_vec();
+            cp.inline_node_epoch(&ne, &enc)
+        };
+        let tail: Vec<(u64, Vec<u8>)> = [
+            (2, None, part(2, "a", 1, "2")),
+            (3, Some(2), part(3, "a", 1, "3")),
+            (4, Some(3), part(4, "b", 2, "4")),
+            (5, Some(4), part(5, "b", 2, "5")),
+        ]
+        .into_iter()
+        .map(|(e, previous, o)| {
+            let m = Manifest {
+                epoch: e,
+                previous,
+                created_ms: 0,
+                objects: vec![o],
+                writer: Some("leader/1".into()),
+            };
+            (e, serde_json::to_vec(&m).unwrap())
+        })
+        .collect();
+        assert_eq!(upload_tail(&cp, tail, "leader/1").await.unwrap(), 5);
+        assert_eq!(cp.committed_epochs().await.unwrap(), vec![3, 5]);
+        assert_eq!(cp.manifest(5).await.unwrap().previous, Some(3));
+        let (_, states) = cp.recover_at(5, &[1], None).await.unwrap();
+        assert_eq!(states[&1].state.get(&b"k"[..]), Some(&b"5".to_vec()));
     }
 }
