@@ -864,7 +864,26 @@ async fn verify(
         let mut seen = BTreeSet::new();
         for a in addresses {
             // Both states from one read: delayed messages may still be applying.
-            let states = n.get_json(&format!("/v1/state/{a}")).await;
+            // A node just restarted refuses reads until a majority confirms its ownership
+            // lease again (503, retryable).
+            let states: Value = loop {
+                let (s, _, body) = common::http(
+                    &format!("{}/v1/state/{a}", n.http),
+                    "GET",
+                    None,
+                    Bytes::new(),
+                )
+                .await;
+                if s == 200 {
+                    break serde_json::from_slice(&body).unwrap();
+                }
+                assert!(
+                    s == 503 && Instant::now() < deadline,
+                    "seed {seed}: GET /v1/state/{a}: {s} {}",
+                    String::from_utf8_lossy(&body)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
             let log: Vec<String> = states["states"]["log"]["value"]
                 .as_str()
                 .map(String::from)
