@@ -1390,7 +1390,7 @@ impl Driver {
                         }
                         let mut committed_reads = Vec::new();
                         for (e, path) in reads {
-                            if lists(&cp, e, &path).await? {
+                            if lists(&cp, e, &path, manifest).await? {
                                 committed_reads.push(e);
                             }
                         }
@@ -3008,26 +3008,55 @@ async fn recover_held(
     })
 }
 
+/// Whether the committed epoch `epoch` lists the object at `path` (no manifest covers it:
+/// the epoch did not commit). The cluster's epoch log uploads runs of epochs merged into one
+/// manifest labelled with the run's newest: a part that removed egress records is named in the
+/// merged object's `merged`, and the manifest covering `epoch` is found walking back from
+/// `newest` (the newest manifest the synchronisation read).
+pub(super) async fn lists(
+    cp: &CheckpointStore,
+    epoch: u64,
+    path: &str,
+    newest: Option<u64>,
+) -> Result<bool, String> {
+    let read = |e: u64| {
+        retry("read a manifest", move || async move {
+            match cp.manifest(e).await {
+                Ok(m) => Ok(Some(m)),
+                Err(CheckpointError::Blob {
+                    source: object_store::Error::NotFound { .. },
+                    ..
+                }) => Ok(None),
+                Err(err) => Err(err),
+            }
+        })
+    };
+    let found = |m: &Manifest| {
+        m.objects
+            .iter()
+            .any(|o| o.path == path || o.merged.iter().any(|p| p == path))
+    };
+    let failed =
+        |e: u64, err: CheckpointError| format!("cannot read the manifest of epoch {e}: {err}");
+    if let Some(m) = read(epoch).await.map_err(|err| failed(epoch, err))? {
+        return Ok(found(&m));
+    }
+    let mut at = newest.filter(|&n| n > epoch);
+    while let Some(n) = at {
+        let Some(m) = read(n).await.map_err(|err| failed(n, err))? else {
+            return Ok(false);
+        };
+        if m.previous.is_none_or(|p| p < epoch) {
+            return Ok(found(&m));
+        }
+        at = m.previous;
+    }
+    Ok(false)
+}
+
 /// Retries a blob read a few times (a flaky network at start), then gives up with the last
 /// error. Errors retrying cannot fix (missing, corrupt or truncated checkpoints, a history
 /// too short) return at once.
-/// Whether the manifest of epoch `epoch` lists the object at `path` (no manifest: the
-/// epoch did not commit).
-async fn lists(cp: &CheckpointStore, epoch: u64, path: &str) -> Result<bool, String> {
-    retry("read a manifest", || async {
-        match cp.manifest(epoch).await {
-            Ok(m) => Ok(m.objects.iter().any(|o| o.path == path)),
-            Err(CheckpointError::Blob {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(false),
-            Err(e) => Err(e),
-        }
-    })
-    .await
-    .map_err(|e| format!("cannot read the manifest of epoch {epoch}: {e}"))
-}
-
 async fn retry<T, F, Fut>(what: &str, f: F) -> Result<T, CheckpointError>
 where
     F: Fn() -> Fut,

@@ -107,6 +107,12 @@ pub struct ObjectRef {
     /// put per epoch; then nothing is stored at `path`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inline: Option<String>,
+    /// An object merged from several epochs' parts (the cluster's epoch log, uploaded): the
+    /// paths of those parts that removed egress records. A participant asks whether an epoch
+    /// in which it read egress records committed by looking for its part's path (see the
+    /// driver's `lists`); after a merge the path is here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<String>,
 }
 
 /// A committed epoch.
@@ -142,6 +148,7 @@ impl NodeEpoch {
                 .map(|k| k.key_group)
                 .collect(),
             inline: None,
+            merged: Vec::new(),
         }
     }
 }

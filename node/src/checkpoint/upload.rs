@@ -20,7 +20,9 @@ use super::store::{CheckpointError, CheckpointStore};
 /// Merges consecutive committed epochs of one node (oldest first) into one delta labelled with
 /// the newest: per key group, every key's last write or deletion, and the newest epoch's
 /// pending messages (an epoch's sections hold all of a key group's pending messages at its
-/// cut; a key group without a section in the newest epoch had none).
+/// cut; a key group without a section in the newest epoch had none). Several parts of the
+/// same epoch (participants that share a name: `[checkpoint] node_id` defaults to `node-0` on
+/// every node) are applied in order and their pending messages all kept.
 pub(crate) fn merge(epochs: Vec<NodeEpoch>) -> Option<NodeEpoch> {
     let last = epochs.last()?;
     let (epoch, node) = (last.epoch, last.node.clone());
@@ -46,7 +48,7 @@ pub(crate) fn merge(epochs: Vec<NodeEpoch>) -> Option<NodeEpoch> {
                 k.changes.insert(p.key, (k.seq, Some(p.value)));
             }
             if newest {
-                k.pending = s.pending;
+                k.pending.extend(s.pending);
             }
             if s.version > 0 {
                 k.version = s.version;
@@ -347,14 +349,23 @@ async fn upload_run(
     }
     let l = run.last().expect("not empty").0.epoch;
     let previous = run[0].0.previous;
-    let mut by_node: BTreeMap<String, Vec<NodeEpoch>> = BTreeMap::new();
-    for (_, parts) in run {
-        for p in parts {
-            by_node.entry(p.node.clone()).or_default().push(p);
+    // Per node: its parts, and the paths of those that removed egress records.
+    let mut by_node: BTreeMap<String, (Vec<NodeEpoch>, Vec<String>)> = BTreeMap::new();
+    for (m, parts) in run {
+        for (o, p) in m.objects.iter().zip(parts) {
+            let n = by_node.entry(p.node.clone()).or_default();
+            let read_egress = p
+                .key_groups
+                .iter()
+                .any(|s| s.deletes.iter().any(|k| k.first() == Some(&b'e')));
+            if read_egress {
+                n.1.push(o.path.clone());
+            }
+            n.0.push(p);
         }
     }
     let mut objects = Vec::with_capacity(by_node.len());
-    for (_, parts) in by_node {
+    for (_, (parts, read_egress)) in by_node {
         let mut merged = merge(parts).expect("not empty");
         if merged.epoch != l {
             merged.epoch = l;
@@ -363,13 +374,15 @@ async fn upload_run(
             }
         }
         let encoded = merged.encode_to_vec();
-        objects.push(if encoded.len() <= INLINE_MAX {
+        let mut o = if encoded.len() <= INLINE_MAX {
             cp.inline_node_epoch(&merged, &encoded)
         } else {
             cp.write_node_epoch(&merged)
                 .await
                 .map_err(|e| format!("cannot upload epoch {l}: {e}"))?
-        });
+        };
+        o.merged = read_egress;
+        objects.push(o);
     }
     crate::failpoint::eval("checkpoint-upload")?;
     let m = Manifest {
@@ -655,5 +668,73 @@ mod tests {
         assert_eq!(cp.manifest(5).await.unwrap().previous, Some(3));
         let (_, states) = cp.recover_at(5, &[1], None).await.unwrap();
         assert_eq!(states[&1].state.get(&b"k"[..]), Some(&b"5".to_vec()));
+    }
+
+    /// Participants that share a name (`[checkpoint] node_id` defaults to `node-0` on every
+    /// node): their parts of the run's newest epoch all keep their pending messages (a chaos
+    /// run lost two acknowledged messages when the last part overwrote the others'), and a
+    /// merged part that removed egress records is still found by its path.
+    #[tokio::test]
+    async fn participants_sharing_a_name_keep_all_their_pending_messages() {
+        let cp = CheckpointStore::new(
+            super::super::blob::open("memory://", &Default::default(), false).unwrap(),
+        );
+        let part = |e: u64, sections: Vec<KeyGroupSection>| {
+            let ne = NodeEpoch {
+                epoch: e,
+                node: "node-0".into(),
+                key_groups: sections,
+            };
+            let enc = ne.encode_to_vec();
+            cp.inline_node_epoch(&ne, &enc)
+        };
+        let read = part(2, vec![section(7, &[], &["e\0\u{7}r1"], &["p0"])]);
+        let read_path = read.path.clone();
+        let tail: Vec<(u64, Vec<u8>)> = [
+            (
+                2,
+                vec![read, part(2, vec![section(9, &[("s", "1")], &[], &[])])],
+            ),
+            (
+                3,
+                vec![
+                    part(3, vec![section(7, &[], &[], &["p1"])]),
+                    part(3, vec![section(7, &[], &[], &["p2", "p3"])]),
+                    part(3, vec![section(9, &[("s", "3")], &[], &["p4"])]),
+                ],
+            ),
+        ]
+        .into_iter()
+        .map(|(e, objects)| {
+            let m = Manifest {
+                epoch: e,
+                previous: (e > 2).then_some(e - 1),
+                created_ms: 0,
+                objects,
+                writer: Some("leader/1".into()),
+            };
+            (e, serde_json::to_vec(&m).unwrap())
+        })
+        .collect();
+        assert_eq!(upload_tail(&cp, tail, "leader/1").await.unwrap(), 3);
+        assert_eq!(cp.committed_epochs().await.unwrap(), vec![3]);
+        let (_, states) = cp.recover_at(3, &[7, 9], None).await.unwrap();
+        let targets = |kg: u32| -> Vec<String> {
+            let mut t: Vec<String> = states[&kg]
+                .pending
+                .iter()
+                .map(|p| p.target.clone())
+                .collect();
+            t.sort();
+            t
+        };
+        assert_eq!(targets(7), vec!["p1", "p2", "p3"]);
+        assert_eq!(targets(9), vec!["p4"]);
+        assert_eq!(states[&9].state.get(&b"s"[..]), Some(&b"3".to_vec()));
+        // Epoch 2 has no manifest of its own; its part that read egress records is found.
+        let lists = super::super::driver::lists;
+        assert!(lists(&cp, 2, &read_path, Some(3)).await.unwrap());
+        assert!(!lists(&cp, 2, "epochs/2/other", Some(3)).await.unwrap());
+        assert!(!lists(&cp, 4, &read_path, Some(3)).await.unwrap());
     }
 }
