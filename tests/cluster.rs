@@ -1679,3 +1679,157 @@ async fn three_nodes_on_s3_commit_through_the_control_group_within_the_request_b
         n.stop();
     }
 }
+
+/// Adds `n` to counter `id` through `c` with one idempotency key, retrying whatever the
+/// cluster refuses for now (a full log, a synchronisation) for up to two minutes.
+async fn add_patiently(c: &Client, id: &str, key: &str, n: i64) -> i64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match c
+            .call_with(
+                &counter(id),
+                TypedValue::of(&n),
+                Some(key),
+                Some(Duration::from_secs(5)),
+            )
+            .await
+        {
+            Ok(v) => return v.get::<i64>().unwrap(),
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("call example/counter/{id} ({key}): {e}"),
+        }
+    }
+}
+
+/// The cluster's epoch log cannot be uploaded (blob storage refuses): it fills up to
+/// `log_max_bytes`, then epochs wait and `/readyz` names the log; a member dies meanwhile, and
+/// its synchronisation waits for the upload. Once uploads work again the synchronisation ends
+/// and epochs commit: every call acknowledged before, during and after counts exactly once.
+#[tokio::test]
+async fn a_full_cluster_epoch_log_and_failing_uploads_hold_epochs_and_lose_nothing() {
+    let _serial = SERIAL.lock().await;
+    let dir = test_dir();
+    const MAX: u64 = 100_000;
+    let start = |id: u64, join: Option<&str>| {
+        let mut l = launch(dir.path(), id, (free_port(), free_port()), join);
+        l.config = Some(format!(
+            "[checkpoint]\ninterval_ms = 20\nlease_idle_renew_ms = 2000\nupload_interval_ms = 200\nlog_max_bytes = {MAX}\n"
+        ));
+        Node::start_launch(&dir.path().join(format!("n{id}")), &l)
+    };
+    let n1 = start(1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let n2 = start(2, Some(&seed));
+    let n3 = start(3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    spread(&n1, 3, 200).await;
+    for n in [&n1, &n2, &n3] {
+        failpoints(n, "checkpoint-upload=return(blob storage refuses)").await;
+    }
+
+    // One writer, sequential calls: the k-th acknowledged add answers k.
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (grpc, acked, stop) = (n1.grpc.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let client = Client::connect(&grpc).await.unwrap();
+            let mut k = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                k += 1;
+                let got = add_patiently(&client, "full", &format!("full-{k}"), 1).await;
+                assert_eq!(got, k, "the {k}th acknowledged add");
+                acked.store(k, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    let log_of = |v: &serde_json::Value| v["epoch_log"]["bytes"].as_u64().unwrap_or(0);
+    eventually(
+        "the cluster's epoch log to fill up",
+        Duration::from_secs(60),
+        || async { view(&n1).await.filter(|v| log_of(v) >= MAX).map(|_| ()) },
+    )
+    .await;
+    // Epochs wait: no call is acknowledged any more (one in flight may still finish).
+    let full_at = acked.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = acked.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        later <= full_at + 1,
+        "{} calls acknowledged with the log full",
+        later - full_at
+    );
+    let (s, _, body) = http(
+        &format!("{}/readyz", n1.http),
+        "GET",
+        None,
+        bytes::Bytes::new(),
+    )
+    .await;
+    let body = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("cluster's epoch log"), "{body}");
+    println!("full at {full_at} acknowledged calls; /readyz: {body}");
+
+    // A member that does not lead dies: the synchronisation that drops it waits for an upload.
+    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
+    let mut nodes: Vec<Option<Node>> = vec![Some(n1), Some(n2), Some(n3)];
+    let victim = (1..=3u64).rev().find(|&i| i != leader && i != 1).unwrap();
+    nodes[victim as usize - 1].take().unwrap().kill();
+    println!("node {victim} SIGKILLed (node {leader} leads)");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let during = acked.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        during <= full_at + 1,
+        "calls acknowledged while nothing uploads"
+    );
+
+    // Uploads work again: the tail drains, the synchronisation ends, calls flow.
+    for n in nodes.iter().flatten() {
+        failpoints(n, "checkpoint-upload=off").await;
+    }
+    eventually(
+        "calls to be acknowledged again",
+        Duration::from_secs(90),
+        || {
+            let a = acked.clone();
+            async move { (a.load(std::sync::atomic::Ordering::SeqCst) >= during + 20).then_some(()) }
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+    let n1 = nodes[0].as_ref().unwrap();
+    let total = acked.load(std::sync::atomic::Ordering::SeqCst);
+    let client = Client::connect(&n1.grpc).await.unwrap();
+    assert_eq!(
+        add_patiently(&client, "full", "full-read", 0).await,
+        total,
+        "every acknowledged add counts once"
+    );
+    let v = view(n1).await.unwrap();
+    assert!(log_of(&v) < MAX, "the tail drained: {}", v["epoch_log"]);
+    eventually(
+        "/readyz to answer 200 again",
+        Duration::from_secs(30),
+        || async {
+            common::try_http(
+                &format!("{}/readyz", n1.http),
+                "GET",
+                None,
+                bytes::Bytes::new(),
+            )
+            .await
+            .ok()
+            .filter(|(s, _, _)| *s == 200)
+            .map(|_| ())
+        },
+    )
+    .await;
+    println!("{total} calls acknowledged, each counted once");
+    for n in nodes.into_iter().flatten() {
+        n.stop();
+    }
+}

@@ -1725,7 +1725,25 @@ async fn chaos(
                 })
                 .await
                 .unwrap();
-                assert!(ok, "node {victim} did not leave:\n{out}\n{err}");
+                if !ok {
+                    // What the members say, and what the nodes logged lately.
+                    let status = std::process::Command::new(common::BIN)
+                        .args(["cluster", "status", "--node", &mesh.running[&victim].grpc])
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                        .unwrap_or_default();
+                    let mut logs = String::new();
+                    for (id, n) in &mesh.running {
+                        let log = n.log_since_launch();
+                        let lines: Vec<&str> =
+                            log.lines().filter(|l| l.contains("statemesh")).collect();
+                        logs += &format!("--- node {id}, the end of its log:\n");
+                        for l in &lines[lines.len().saturating_sub(25)..] {
+                            logs += &format!("{}\n", l.chars().take(400).collect::<String>());
+                        }
+                    }
+                    panic!("node {victim} did not leave:\n{out}\n{err}\n{status}\n{logs}");
+                }
                 let mut n = mesh.take(victim, &stats);
                 let status = common::eventually(
                     &format!("node {victim} to exit after leaving"),

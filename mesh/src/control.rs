@@ -209,21 +209,80 @@ impl<'de> Deserialize<'de> for EpochBytes {
 }
 
 /// The cluster's epoch log: committed epochs blob storage does not hold yet, oldest first.
+/// It counts the bytes it holds as epochs come and go (the leader asks at every epoch and
+/// every tick).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "TailForm")]
 pub struct EpochTail {
     /// The newest epoch blob storage holds through an upload (0: none).
     pub uploaded: u64,
     /// The generation the last [`Command::Fence`] opened (0: none).
-    #[serde(default)]
     pub gen: u64,
     /// Epoch → its bytes: every epoch logged after `uploaded`.
-    pub epochs: BTreeMap<u64, EpochBytes>,
+    epochs: BTreeMap<u64, EpochBytes>,
+    /// The bytes of `epochs`.
+    #[serde(skip)]
+    size: u64,
+}
+
+/// [`EpochTail`] as it is stored (its byte count is recomputed on reading).
+#[derive(Deserialize)]
+struct TailForm {
+    uploaded: u64,
+    #[serde(default)]
+    gen: u64,
+    epochs: BTreeMap<u64, EpochBytes>,
+}
+
+impl From<TailForm> for EpochTail {
+    fn from(f: TailForm) -> Self {
+        let mut t = EpochTail {
+            uploaded: f.uploaded,
+            gen: f.gen,
+            ..Default::default()
+        };
+        t.extend(f.epochs);
+        t
+    }
 }
 
 impl EpochTail {
     /// The bytes the tail holds.
     pub fn size(&self) -> u64 {
-        self.epochs.values().map(|b| b.0.len() as u64).sum()
+        self.size
+    }
+
+    /// Its epochs, oldest first.
+    pub fn epochs(&self) -> &BTreeMap<u64, EpochBytes> {
+        &self.epochs
+    }
+
+    /// Adds (or replaces) an epoch.
+    pub fn insert(&mut self, epoch: u64, bytes: EpochBytes) {
+        self.size += bytes.0.len() as u64;
+        if let Some(old) = self.epochs.insert(epoch, bytes) {
+            self.size -= old.0.len() as u64;
+        }
+    }
+
+    /// Adds epochs (a member's saved tail, at a restart).
+    pub fn extend(&mut self, epochs: impl IntoIterator<Item = (u64, EpochBytes)>) {
+        for (e, b) in epochs {
+            self.insert(e, b);
+        }
+    }
+
+    /// Drops the epochs up to `through` (uploaded).
+    pub fn drop_through(&mut self, through: u64) {
+        let kept = self.epochs.split_off(&(through + 1));
+        let dropped = std::mem::replace(&mut self.epochs, kept);
+        self.size -= dropped.values().map(|b| b.0.len() as u64).sum::<u64>();
+    }
+
+    /// Drops every epoch.
+    pub fn clear(&mut self) {
+        self.epochs.clear();
+        self.size = 0;
     }
 }
 
@@ -623,10 +682,10 @@ impl ClusterState {
             Command::Fence { gen } => self.log.gen = *gen,
             Command::LogEpoch { epoch, bytes, .. } => {
                 self.committed_epoch = *epoch;
-                self.log.epochs.insert(*epoch, bytes.clone());
+                self.log.insert(*epoch, bytes.clone());
             }
             Command::Uploaded { through } => {
-                self.log.epochs = self.log.epochs.split_off(&(through + 1));
+                self.log.drop_through(*through);
                 self.log.uploaded = *through;
             }
         }
@@ -640,11 +699,11 @@ impl ClusterState {
     /// The state's bytes without the epoch log's epochs (its `uploaded` mark stays): what a
     /// member saves after each step, beside the epochs it saves one by one.
     pub fn encode_without_log(&self) -> Vec<u8> {
-        if self.log.epochs.is_empty() {
+        if self.log.epochs().is_empty() {
             return self.encode();
         }
         let mut s = self.clone();
-        s.log.epochs.clear();
+        s.log.clear();
         s.encode()
     }
 
@@ -682,10 +741,25 @@ mod tests {
         // A snapshot carries the tail, bytes and all; the state saved beside it does not.
         let back = ClusterState::decode(&s.encode()).unwrap();
         assert_eq!(back, s);
-        assert_eq!(back.log.epochs[&5].bytes(), &[0, 255, 7]);
+        assert_eq!(back.log.epochs()[&5].bytes(), &[0, 255, 7]);
         assert_eq!(s.log.size(), 8);
+        assert_eq!(
+            back.log.size(),
+            8,
+            "the byte count is recomputed on reading"
+        );
         let lean = ClusterState::decode(&s.encode_without_log()).unwrap();
-        assert!(lean.log.epochs.is_empty());
+        assert!(lean.log.epochs().is_empty());
+        assert_eq!(lean.log.size(), 0);
+        // Counted as epochs are replaced, added and dropped.
+        let mut t = back.log.clone();
+        t.insert(5, EpochBytes::new(vec![1; 10]));
+        t.extend([(6, EpochBytes::new(vec![2; 4]))]);
+        assert_eq!(t.size(), 5 + 10 + 4);
+        t.drop_through(5);
+        assert_eq!(t.size(), 4);
+        t.clear();
+        assert_eq!(t.size(), 0);
         assert_eq!(
             format!("{:?}", log(9, b"abc")),
             "LogEpoch { epoch: 9, gen: 7, bytes: <3 bytes> }"
@@ -695,12 +769,13 @@ mod tests {
             s.apply(7, &Command::Uploaded { through: 3 }),
             Outcome::Applied
         );
-        assert_eq!(s.log.epochs.keys().copied().collect::<Vec<_>>(), vec![5]);
+        assert_eq!(s.log.epochs().keys().copied().collect::<Vec<_>>(), vec![5]);
+        assert_eq!(s.log.size(), 3);
         assert_eq!(
             s.apply(8, &Command::Uploaded { through: 5 }),
             Outcome::Applied
         );
-        assert!(s.log.epochs.is_empty() && s.log.uploaded == 5);
+        assert!(s.log.epochs().is_empty() && s.log.uploaded == 5 && s.log.size() == 0);
         assert!(
             matches!(s.apply(9, &Command::Uploaded { through: 4 }), Outcome::Rejected(ref w) if w.contains("not newer than the last upload"))
         );

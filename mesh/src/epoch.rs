@@ -1179,6 +1179,35 @@ impl EpochLeader {
         self.running() && self.excluded.is_empty() && self.no_move_under_way()
     }
 
+    /// Why a round of moves cannot start now (`None`: it can), for the logs.
+    pub fn move_blocker(&self) -> Option<String> {
+        let phase = match &self.phase {
+            Phase::Running { .. } => None,
+            Phase::Syncing { .. } => Some("the participants are synchronising"),
+            _ => Some("epochs are not running"),
+        };
+        let under_way = [
+            (self.prepare.is_some(), "a move's snapshot"),
+            (self.quiesce.is_some(), "a move's quiescing epoch"),
+            (self.stop.is_some(), "a move's stop"),
+            (self.live.is_some(), "a live synchronisation"),
+            (self.reconfiguring.is_some(), "a live hand-over"),
+            (self.adding.is_some(), "participants joining or leaving"),
+            (self.move_now || self.handover, "a move's synchronisation"),
+        ];
+        let mut why: Vec<String> = phase.into_iter().map(String::from).collect();
+        if !self.excluded.is_empty() {
+            why.push(format!("participants left out: {:?}", self.excluded));
+        }
+        why.extend(
+            under_way
+                .iter()
+                .filter(|(b, _)| *b)
+                .map(|(_, w)| format!("{w} under way")),
+        );
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+
     fn no_move_under_way(&self) -> bool {
         self.prepare.is_none()
             && self.quiesce.is_none()

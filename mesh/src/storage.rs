@@ -178,7 +178,7 @@ impl EngineStorage {
             None => None,
             Some(b) => {
                 let mut s = ClusterState::decode(&b)?;
-                s.log.epochs.extend(self.saved_epochs()?);
+                s.log.extend(self.saved_epochs()?);
                 Some(s)
             }
         };
@@ -208,14 +208,14 @@ impl EngineStorage {
             .map_err(engine_err)?;
         let gone: Vec<u64> = saved
             .iter()
-            .filter(|e| !state.log.epochs.contains_key(e))
+            .filter(|e| !state.log.epochs().contains_key(e))
             .copied()
             .collect();
         for e in &gone {
             b.delete(GROUP, tail_key(*e));
         }
         let mut added = Vec::new();
-        for (e, bytes) in &state.log.epochs {
+        for (e, bytes) in state.log.epochs() {
             if !saved.contains(e) {
                 b.put(GROUP, tail_key(*e), bytes.bytes().to_vec())
                     .map_err(engine_err)?;
@@ -442,7 +442,7 @@ impl ControlLog for EngineStorage {
         if let Ok(state) = ClusterState::decode(snap.get_data()) {
             b.put(GROUP, STATE.to_vec(), state.encode_without_log())
                 .map_err(engine_err)?;
-            for (e, bytes) in &state.log.epochs {
+            for (e, bytes) in state.log.epochs() {
                 b.put(GROUP, tail_key(*e), bytes.bytes().to_vec())
                     .map_err(engine_err)?;
                 tail.insert(*e);

@@ -333,7 +333,7 @@ fn log_epochs(members: &mut [Member], from: u64, to: u64) {
 fn tail_of(n: &ControlNode<EngineStorage>) -> Vec<(u64, Vec<u8>)> {
     n.state()
         .log
-        .epochs
+        .epochs()
         .iter()
         .map(|(e, b)| (*e, b.bytes().to_vec()))
         .collect()
@@ -399,7 +399,7 @@ fn the_epoch_log_survives_the_loss_of_the_leaders_disk() {
         let n = m.node.as_ref().unwrap();
         let s = n.storage().load_state().unwrap().unwrap();
         assert_eq!(
-            s.log.epochs.keys().copied().collect::<Vec<_>>(),
+            s.log.epochs().keys().copied().collect::<Vec<_>>(),
             (11..=60).collect::<Vec<_>>()
         );
     }
@@ -415,13 +415,13 @@ fn the_epoch_log_survives_the_loss_of_the_leaders_disk() {
     run(&mut members, 20);
     for m in members.iter_mut() {
         let n = m.node.as_ref().unwrap();
-        assert!(n.state().log.epochs.is_empty());
+        assert!(n.state().log.epochs().is_empty());
         assert_eq!(n.state().log.uploaded, 60);
         m.node = None;
         let storage = open_in(&m.dir, &conf()).unwrap();
         let s = storage.load_state().unwrap().unwrap();
         assert!(
-            s.log.epochs.is_empty() && s.log.uploaded == 60,
+            s.log.epochs().is_empty() && s.log.uploaded == 60,
             "{:?}",
             s.log
         );

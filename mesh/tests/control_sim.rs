@@ -324,7 +324,7 @@ impl Sim {
             }
             9 if self.rng.below(3) == 0 => {
                 // An upload through some logged epoch (or a stale one: rejected).
-                let logged: Vec<u64> = state.log.epochs.keys().copied().collect();
+                let logged: Vec<u64> = state.log.epochs().keys().copied().collect();
                 let through = if logged.is_empty() || self.rng.below(5) == 0 {
                     state.log.uploaded
                 } else {
@@ -562,8 +562,8 @@ fn run(seed: u64, members: usize, steps: u64) -> (usize, usize, usize, u64, usiz
         .filter(|(c, o)| matches!(c, Command::Uploaded { .. }) && *o == Outcome::Applied)
         .count();
     for r in &sim.replicas {
-        let tail = &r.node.as_ref().unwrap().state().log.epochs;
-        if tail != &want {
+        let tail = &r.node.as_ref().unwrap().state().log.epochs();
+        if *tail != &want {
             sim.fail(format!(
                 "the epoch log lost or kept epochs: {:?} != {:?}",
                 tail.keys(),

@@ -140,6 +140,8 @@ const RETIRE_WAIT: Duration = Duration::from_secs(3);
 /// How long removing a member from the Raft group waits for it to leave the cluster's epochs
 /// (`RETIRE_WAIT`, then the drain of the open epochs).
 const CONF_WAIT_FOR_RETIRE: Duration = Duration::from_secs(6);
+/// How often a leader says why planned moves do not start.
+const MOVES_STUCK_LOG: Duration = Duration::from_secs(10);
 /// Rounds of moves start at most this often.
 const MOVE_ROUND_EVERY: Duration = Duration::from_secs(2);
 
@@ -189,6 +191,33 @@ pub struct ClusterView {
     pub moving: Option<MovingView>,
     /// The last changes of membership and ownership, newest last.
     pub history: Vec<Change>,
+    /// The cluster's epoch log: committed epochs blob storage does not hold yet.
+    pub epoch_log: EpochLogView,
+}
+
+/// The cluster's epoch log as a member sees it (it is part of the control group's state).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EpochLogView {
+    /// Epochs it holds.
+    pub epochs: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The newest epoch uploaded to blob storage.
+    pub uploaded: u64,
+    /// `[checkpoint] log_max_bytes` of this node (epochs wait for an upload beyond it).
+    pub max_bytes: u64,
+}
+
+impl EpochLogView {
+    /// Why epochs cannot commit through the log now, if it is full.
+    pub fn full(&self) -> Option<String> {
+        (self.max_bytes > 0 && self.bytes >= self.max_bytes).then(|| {
+            format!(
+                "the cluster's epoch log holds {} epochs ({} bytes) that blob storage does not have yet, at [checkpoint] log_max_bytes ({}): epochs wait for an upload",
+                self.epochs, self.bytes, self.max_bytes
+            )
+        })
+    }
 }
 
 /// A change of membership or ownership as this node applied it (`GET /v1/cluster`'s
@@ -522,6 +551,7 @@ pub(crate) fn start(
             move_round: None,
             left_out: Default::default(),
             move_proposed: None,
+            moves_stuck_logged: None,
             move_plan: Vec::new(),
             retire_wait: None,
             conf_wait: None,
@@ -683,6 +713,8 @@ struct Driver {
     /// The participants the epoch leader leaves out now (logged when it changes).
     left_out: std::collections::BTreeSet<NodeId>,
     move_proposed: Option<(u64, Instant)>,
+    /// When it last logged why planned moves do not start (every `MOVES_STUCK_LOG`).
+    moves_stuck_logged: Option<Instant>,
     /// The key groups of the move round under way.
     move_plan: Vec<u32>,
     /// Since when participants that own nothing wait to leave the epochs live (a move is
@@ -1226,6 +1258,11 @@ impl Driver {
                     node = n,
                     "key groups wait to move: their new owner's control log has not caught up"
                 );
+                if moves.is_empty() {
+                    self.moves_stuck(format!(
+                        "their new owner (node {n}) has not caught up with the control log"
+                    ));
+                }
             }
             if !moves.is_empty() {
                 self.move_round = Some(Instant::now());
@@ -1241,6 +1278,16 @@ impl Driver {
                 self.lead_input(LeadInput::Handover { snapshot: plan });
             }
         }
+        if planned {
+            let blocker = if self.move_proposed.is_some() {
+                Some("the last round's move has not applied".to_string())
+            } else {
+                self.lead.as_ref().and_then(|l| l.move_blocker())
+            };
+            if let Some(why) = blocker {
+                self.moves_stuck(why);
+            }
+        }
         // Recorded for later leaders (the manifests are the commit points).
         if self.record_wanted > recorded
             && self.recorded_at.is_none_or(|t| t.elapsed() >= RECORD_EVERY)
@@ -1252,6 +1299,16 @@ impl Driver {
             if let Err(e) = self.node.propose(&cmd) {
                 tracing::debug!(error = %e, "committed epoch not recorded; retried");
             }
+        }
+    }
+
+    /// Planned moves cannot start: says why, at most every `MOVES_STUCK_LOG`, once no round
+    /// has started for that long (a leave or a rebalance that hangs shows its reason).
+    fn moves_stuck(&mut self, why: String) {
+        let quiet = |t: Option<Instant>| t.is_none_or(|t| t.elapsed() >= MOVES_STUCK_LOG);
+        if quiet(self.move_round) && quiet(self.moves_stuck_logged) {
+            self.moves_stuck_logged = Some(Instant::now());
+            tracing::info!("key groups wait to move to the members that should own them: {why}");
         }
     }
 
@@ -1357,7 +1414,7 @@ impl Driver {
             Command::LogEpoch { epoch, .. } if ll.proposed.remove(epoch) => {
                 let result = match outcome {
                     Outcome::Applied => Ok(true),
-                    Outcome::Duplicate if self.node.state().log.epochs.contains_key(epoch) => {
+                    Outcome::Duplicate if self.node.state().log.epochs().contains_key(epoch) => {
                         Ok(true)
                     }
                     Outcome::Duplicate => Err("the epoch's entry applied before".into()),
@@ -1396,13 +1453,14 @@ impl Driver {
     /// Uploads the tail (if it holds epochs); for a fenced synchronisation with nothing to
     /// upload, reads blob storage.
     fn log_upload(&mut self) {
-        let tail: Vec<(u64, Vec<u8>)> = self
+        // (Shared bytes: nothing of the tail is copied.)
+        let tail: Vec<(u64, EpochBytes)> = self
             .node
             .state()
             .log
-            .epochs
+            .epochs()
             .iter()
-            .map(|(e, b)| (*e, b.bytes().to_vec()))
+            .map(|(e, b)| (*e, b.clone()))
             .collect();
         let Some(ll) = self.log_lead.as_mut() else {
             return;
@@ -1458,7 +1516,7 @@ impl Driver {
                     self.log_lead.as_ref().and_then(|ll| ll.sync),
                     Some((_, true))
                 ) {
-                    let more = self.node.state().log.epochs.keys().any(|e| *e > l);
+                    let more = self.node.state().log.epochs().keys().any(|e| *e > l);
                     if more {
                         self.log_upload();
                     } else {
@@ -1489,7 +1547,7 @@ impl Driver {
             return;
         };
         let log = &self.node.state().log;
-        if ll.uploading.is_some() || log.epochs.is_empty() || Instant::now() < ll.retry_at {
+        if ll.uploading.is_some() || log.epochs().is_empty() || Instant::now() < ll.retry_at {
             return;
         }
         if ll.last_upload.elapsed() >= ll.cfg.upload_interval || log.size() >= ll.cfg.upload_bytes {
@@ -1981,6 +2039,16 @@ impl Driver {
             suspected: self.detector.suspected(),
             moving,
             history: self.history.iter().cloned().collect(),
+            epoch_log: EpochLogView {
+                epochs: s.log.epochs().len(),
+                bytes: s.log.size(),
+                uploaded: s.log.uploaded,
+                max_bytes: if self.log_cfg.enabled {
+                    self.log_cfg.max_bytes
+                } else {
+                    0
+                },
+            },
         }
     }
 

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use prost::Message;
+use statemesh_mesh::control::EpochBytes;
 use statemesh_mesh::epochlog::EpochLog;
 
 use super::format::{Entry, KeyGroupSection, Manifest, NodeEpoch, ObjectRef};
@@ -244,12 +245,12 @@ async fn upload_at_start_once(
 /// leader uploading the same log) counts as uploaded.
 pub(crate) async fn upload_tail(
     cp: &CheckpointStore,
-    tail: Vec<(u64, Vec<u8>)>,
+    tail: Vec<(u64, EpochBytes)>,
     writer: &str,
 ) -> Result<u64, String> {
     let mut manifests = Vec::with_capacity(tail.len());
     for (e, bytes) in tail {
-        let m: Manifest = serde_json::from_slice(&bytes)
+        let m: Manifest = serde_json::from_slice(bytes.bytes())
             .map_err(|err| format!("the cluster's epoch log: epoch {e} does not decode ({err})"))?;
         if m.epoch != e {
             return Err(format!(
@@ -262,6 +263,7 @@ pub(crate) async fn upload_tail(
     let Some(l) = manifests.last().map(|m| m.epoch) else {
         return Err("the cluster's epoch log is empty: nothing to upload".into());
     };
+    crate::failpoint::eval("checkpoint-upload")?;
     let mut run: Vec<(Manifest, Vec<NodeEpoch>)> = Vec::new();
     // Per key group changed in the run: its writer and ownership version.
     let mut writers: HashMap<u32, (String, u64)> = HashMap::new();
@@ -587,9 +589,9 @@ mod tests {
                 vec![part(6, "a", vec![section(1, &[("k", "6")], &[], &["r"])])],
             ),
         ];
-        let tail: Vec<(u64, Vec<u8>)> = tail
+        let tail: Vec<(u64, EpochBytes)> = tail
             .iter()
-            .map(|m| (m.epoch, serde_json::to_vec(m).unwrap()))
+            .map(|m| (m.epoch, EpochBytes::new(serde_json::to_vec(m).unwrap())))
             .collect();
         assert_eq!(upload_tail(&cp, tail.clone(), "leader/2").await.unwrap(), 6);
         assert_eq!(cp.committed_epochs().await.unwrap(), vec![1, 4, 5, 6]);
@@ -645,7 +647,7 @@ mod tests {
             let enc = ne.encode_to_vec();
             cp.inline_node_epoch(&ne, &enc)
         };
-        let tail: Vec<(u64, Vec<u8>)> = [
+        let tail: Vec<(u64, EpochBytes)> = [
             (2, None, part(2, "a", 1, "2")),
             (3, Some(2), part(3, "a", 1, "3")),
             (4, Some(3), part(4, "b", 2, "4")),
@@ -660,7 +662,7 @@ mod tests {
                 objects: vec![o],
                 writer: Some("leader/1".into()),
             };
-            (e, serde_json::to_vec(&m).unwrap())
+            (e, EpochBytes::new(serde_json::to_vec(&m).unwrap()))
         })
         .collect();
         assert_eq!(upload_tail(&cp, tail, "leader/1").await.unwrap(), 5);
@@ -690,7 +692,7 @@ mod tests {
         };
         let read = part(2, vec![section(7, &[], &["e\0\u{7}r1"], &["p0"])]);
         let read_path = read.path.clone();
-        let tail: Vec<(u64, Vec<u8>)> = [
+        let tail: Vec<(u64, EpochBytes)> = [
             (
                 2,
                 vec![read, part(2, vec![section(9, &[("s", "1")], &[], &[])])],
@@ -713,7 +715,7 @@ mod tests {
                 objects,
                 writer: Some("leader/1".into()),
             };
-            (e, serde_json::to_vec(&m).unwrap())
+            (e, EpochBytes::new(serde_json::to_vec(&m).unwrap()))
         })
         .collect();
         assert_eq!(upload_tail(&cp, tail, "leader/1").await.unwrap(), 3);

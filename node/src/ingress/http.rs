@@ -152,7 +152,16 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
-    if let Some(reason) = shared.router.backpressure() {
+    // The cluster's epoch log full is the cause of the back-pressure it leads to: named first.
+    let full = shared.cluster.lock().epoch_log.full();
+    if let Some(full) = full {
+        let and = shared
+            .router
+            .backpressure()
+            .map(|b| format!("; {b}"))
+            .unwrap_or_default();
+        HttpResponse::ServiceUnavailable().body(format!("not ready: {full}{and}\n"))
+    } else if let Some(reason) = shared.router.backpressure() {
         HttpResponse::ServiceUnavailable().body(format!("not ready: {reason}\n"))
     } else if !shared.router.placement().ready() {
         HttpResponse::ServiceUnavailable().body("not ready: joining the cluster\n")
