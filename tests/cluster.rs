@@ -1833,3 +1833,64 @@ async fn a_full_cluster_epoch_log_and_failing_uploads_hold_epochs_and_lose_nothi
         n.stop();
     }
 }
+
+/// A leave asked for while the node is cut off from its peers (its proposal, forwarded to the
+/// leader, is lost) still happens once the link is back: the node proposes it again until it
+/// applies. A chaos run's leave never applied, and the node was given key groups again.
+#[tokio::test]
+async fn a_leave_whose_proposal_is_lost_is_proposed_again_and_the_node_leaves() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, _) = three_nodes(root).await;
+    spread(&n1, 3, 200).await;
+    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
+    let victim = (1..=3u64).rev().find(|&i| i != leader).unwrap();
+    let mut nodes = vec![Some(n1), Some(n2), Some(n3)];
+    let n = nodes[victim as usize - 1].take().unwrap();
+    // Cut off (outgoing) for less than the failure timeout: the leave's proposal is lost.
+    failpoints(&n, "mesh-partition=return(out)").await;
+    let (s, _, body) = http(
+        &format!("{}/v1/cluster/leave", n.http),
+        "POST",
+        None,
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&body));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    failpoints(&n, "mesh-partition=off").await;
+    let other = nodes.iter().flatten().next().unwrap();
+    let mut n = n;
+    let status = eventually(
+        &format!("node {victim} to leave and exit"),
+        Duration::from_secs(60),
+        || {
+            let s = n.exited();
+            async move { s }
+        },
+    )
+    .await;
+    assert!(status.success(), "node {victim} exited with {status}");
+    let log = n.log_since_launch();
+    assert!(
+        log.contains("proposing it again") && log.contains("this node has left the cluster"),
+        "node {victim} proposed its leave again, then left"
+    );
+    // Two members own every key group.
+    eventually(
+        "the two others to own every key group",
+        Duration::from_secs(30),
+        || async {
+            let v = view(other).await?;
+            (member(&v, victim).is_null()
+                && member_field(&v, "key_groups").iter().sum::<u64>() == 1024
+                && v["members"].as_array()?.len() == 2)
+                .then_some(())
+        },
+    )
+    .await;
+    for n in nodes.into_iter().flatten() {
+        n.stop();
+    }
+}

@@ -560,6 +560,7 @@ pub(crate) fn start(
             incarnation,
             joined: false,
             join_proposed: None,
+            leave_proposed: None,
             grpc_addr,
             http_addr,
             cluster_id,
@@ -733,6 +734,9 @@ struct Driver {
     joined: bool,
     /// When this start's Join was last proposed.
     join_proposed: Option<Instant>,
+    /// When this node last proposed its own `Leave` (a leave was asked for here): proposed
+    /// again until it applies (a proposal forwarded to the leader can be lost).
+    leave_proposed: Option<Instant>,
     grpc_addr: String,
     http_addr: String,
     cluster_id: Arc<str>,
@@ -824,6 +828,7 @@ impl Driver {
             )));
         };
         if m.leaving {
+            self.leave_proposed.get_or_insert_with(Instant::now);
             return Ok(());
         }
         if state.placement_members() == [me] {
@@ -834,6 +839,7 @@ impl Driver {
         self.node
             .propose_anywhere(&Command::Leave { id: me })
             .map_err(|e| Status::unavailable(format!("the leave was not proposed ({e}); retry")))?;
+        self.leave_proposed = Some(Instant::now());
         tracing::info!(
             node = me,
             "leaving the cluster: its key groups move to the others"
@@ -1003,6 +1009,22 @@ impl Driver {
                 };
                 if let Err(e) = self.node.propose_anywhere(&cmd) {
                     tracing::debug!(error = %e, "own join not proposed; retried");
+                }
+            }
+        }
+        // Its own leave, likewise: forwarded to the leader, it can be lost (the link was down;
+        // a chaos run's leave never applied and the node was given key groups again).
+        if let Some(t) = self.leave_proposed {
+            let me = self.node.id();
+            let applied = self.node.state().members.get(&me).is_none_or(|m| m.leaving);
+            if !applied && self.joined && self.node.leader().is_some() && t.elapsed() >= REPROPOSE {
+                self.leave_proposed = Some(Instant::now());
+                tracing::info!(
+                    node = me,
+                    "this node's leave has not applied yet: proposing it again"
+                );
+                if let Err(e) = self.node.propose_anywhere(&Command::Leave { id: me }) {
+                    tracing::debug!(error = %e, "own leave not proposed; retried");
                 }
             }
         }

@@ -141,7 +141,8 @@ pub struct CheckpointConfig {
     pub ack: AckMode,
     /// How long idempotency keys are remembered. Default 3,600,000 ms (1 hour).
     pub idempotency_window_ms: u64,
-    /// This node's name in epoch objects. Default `node-0`.
+    /// This node's name in epoch objects. Default (empty): `node-<its cluster node id>`, so
+    /// that the members of a cluster have distinct names.
     pub node_id: String,
     /// A full snapshot is written once the deltas written since the last one exceed twice its
     /// size and at least this many bytes. Default 8 MiB.
@@ -213,7 +214,7 @@ impl Default for CheckpointConfig {
             max_uncommitted: 100,
             ack: AckMode::Committed,
             idempotency_window_ms: 3_600_000,
-            node_id: "node-0".into(),
+            node_id: String::new(),
             full_snapshot_min_bytes: 8 << 20,
             full_snapshot_max_epochs: 5_000,
             gc_every: 20,
@@ -371,12 +372,11 @@ impl NodeConfig {
         if self.checkpoint.max_uncommitted == 0 {
             return bad("checkpoint.max_uncommitted: expected at least 1");
         }
-        if self.checkpoint.node_id.is_empty()
-            || !self
-                .checkpoint
-                .node_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        if !self
+            .checkpoint
+            .node_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             return bad("checkpoint.node_id: expected letters, digits, '-' or '_'");
         }

@@ -275,7 +275,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     for w in &registry.module().warnings {
         tracing::warn!("{w}");
     }
-    let config = Arc::new(config);
+    let mut config = config;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         StartError::Other(format!(
             "cannot create data directory {}: {e}",
@@ -285,6 +285,11 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     let node_id_was_new = !config.data_dir.join("node-id").exists();
     let node_id =
         crate::cluster::node_id(&config.data_dir, config.node_id).map_err(StartError::Other)?;
+    if config.checkpoint.node_id.is_empty() {
+        // The members of a cluster name their epoch objects apart.
+        config.checkpoint.node_id = format!("node-{node_id}");
+    }
+    let config = Arc::new(config);
     let cluster: crate::cluster::ClusterHandle = Default::default();
     // Listeners first, so a bad address fails before anything starts, and the addresses to
     // advertise are known before joining.
