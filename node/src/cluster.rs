@@ -1280,7 +1280,7 @@ impl Driver {
                     node = n,
                     "key groups wait to move: their new owner's control log has not caught up"
                 );
-                if moves.is_empty() {
+                if moves.is_empty() && self.moves_stuck_due() {
                     self.moves_stuck(format!(
                         "their new owner (node {n}) has not caught up with the control log"
                     ));
@@ -1300,7 +1300,7 @@ impl Driver {
                 self.lead_input(LeadInput::Handover { snapshot: plan });
             }
         }
-        if planned {
+        if planned && self.moves_stuck_due() {
             let blocker = if self.move_proposed.is_some() {
                 Some("the last round's move has not applied".to_string())
             } else {
@@ -1327,11 +1327,16 @@ impl Driver {
     /// Planned moves cannot start: says why, at most every `MOVES_STUCK_LOG`, once no round
     /// has started for that long (a leave or a rebalance that hangs shows its reason).
     fn moves_stuck(&mut self, why: String) {
-        let quiet = |t: Option<Instant>| t.is_none_or(|t| t.elapsed() >= MOVES_STUCK_LOG);
-        if quiet(self.move_round) && quiet(self.moves_stuck_logged) {
+        if self.moves_stuck_due() {
             self.moves_stuck_logged = Some(Instant::now());
             tracing::info!("key groups wait to move to the members that should own them: {why}");
         }
+    }
+
+    /// Whether `moves_stuck` would log now (no round and no line for `MOVES_STUCK_LOG`).
+    fn moves_stuck_due(&self) -> bool {
+        let quiet = |t: Option<Instant>| t.is_none_or(|t| t.elapsed() >= MOVES_STUCK_LOG);
+        quiet(self.move_round) && quiet(self.moves_stuck_logged)
     }
 
     fn lead_input(&mut self, i: LeadInput) {
