@@ -188,22 +188,37 @@ async fn add(c: &Client, id: &str, n: i64) -> i64 {
         std::process::id(),
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    call_counter(c, id, &key, n, None, Duration::from_secs(20), |e| {
+        matches!(
+            e.code(),
+            Some(tonic::Code::Unavailable | tonic::Code::Unknown)
+        )
+    })
+    .await
+}
+
+/// Adds `n` to counter `id` through `c` with idempotency key `key`, retrying the errors
+/// `retry` accepts for up to `within` (each attempt waits at most `timeout`).
+async fn call_counter(
+    c: &Client,
+    id: &str,
+    key: &str,
+    n: i64,
+    timeout: Option<Duration>,
+    within: Duration,
+    retry: impl Fn(&statemesh_sdk::ClientError) -> bool,
+) -> i64 {
+    let deadline = std::time::Instant::now() + within;
     loop {
         match c
-            .call_with(&counter(id), TypedValue::of(&n), Some(&key), None)
+            .call_with(&counter(id), TypedValue::of(&n), Some(key), timeout)
             .await
         {
             Ok(v) => return v.get::<i64>().unwrap(),
-            Err(e)
-                if matches!(
-                    e.code(),
-                    Some(tonic::Code::Unavailable | tonic::Code::Unknown)
-                ) && std::time::Instant::now() < deadline =>
-            {
+            Err(e) if retry(&e) && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(e) => panic!("call example/counter/{id}: {e}"),
+            Err(e) => panic!("call example/counter/{id} ({key}): {e}"),
         }
     }
 }
@@ -1683,24 +1698,8 @@ async fn three_nodes_on_s3_commit_through_the_control_group_within_the_request_b
 /// Adds `n` to counter `id` through `c` with one idempotency key, retrying whatever the
 /// cluster refuses for now (a full log, a synchronisation) for up to two minutes.
 async fn add_patiently(c: &Client, id: &str, key: &str, n: i64) -> i64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        match c
-            .call_with(
-                &counter(id),
-                TypedValue::of(&n),
-                Some(key),
-                Some(Duration::from_secs(5)),
-            )
-            .await
-        {
-            Ok(v) => return v.get::<i64>().unwrap(),
-            Err(_) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("call example/counter/{id} ({key}): {e}"),
-        }
-    }
+    let attempt = Some(Duration::from_secs(5));
+    call_counter(c, id, key, n, attempt, Duration::from_secs(120), |_| true).await
 }
 
 /// The cluster's epoch log cannot be uploaded (blob storage refuses): it fills up to

@@ -1326,11 +1326,10 @@ impl Driver {
 
     /// Planned moves cannot start: says why, at most every `MOVES_STUCK_LOG`, once no round
     /// has started for that long (a leave or a rebalance that hangs shows its reason).
+    /// (Callers check `moves_stuck_due` first, before working out `why`.)
     fn moves_stuck(&mut self, why: String) {
-        if self.moves_stuck_due() {
-            self.moves_stuck_logged = Some(Instant::now());
-            tracing::info!("key groups wait to move to the members that should own them: {why}");
-        }
+        self.moves_stuck_logged = Some(Instant::now());
+        tracing::info!("key groups wait to move to the members that should own them: {why}");
     }
 
     /// Whether `moves_stuck` would log now (no round and no line for `MOVES_STUCK_LOG`).
