@@ -433,13 +433,19 @@ async fn run(seed: u64, v: Variant) {
     }
     let data = dir.path().join("n");
     let (grpc_port, http_port) = (free_port(), free_port());
-    let config = if v.lose_disk {
+    let mut config = if v.lose_disk {
         // Beside the data directories (by default it is in node 1's, which may be lost).
         let blob = dir.path().join("blob");
         format!("{}url = {:?}\n", v.config, blob.display().to_string())
     } else {
         v.config.to_string()
     };
+    // CRASH_CHECKPOINT adds lines to the nodes' [checkpoint] section (every variant's config
+    // ends in it); with CRASH_KEEP, `retain = 1000000` keeps every epoch for a look.
+    if let Ok(extra) = std::env::var("CRASH_CHECKPOINT") {
+        config.push_str(&extra.replace(';', "\n"));
+        config.push('\n');
+    }
     let launch = Launch {
         config: Some(config),
         module: v.module.clone(),

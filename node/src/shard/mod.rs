@@ -980,6 +980,7 @@ impl Shard {
         if due.is_empty() {
             return;
         }
+        tracing::trace!(target: "statemesh_node::shard::timers", shard = self.index, epoch = self.epoch, generation = self.generation, ids = ?due.iter().map(|t| msg_id(&t.message)).collect::<Vec<_>>(), "delayed messages fire");
         for t in due {
             self.route(t.target, Some(t.sender), t.message);
         }

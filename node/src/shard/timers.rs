@@ -33,6 +33,13 @@ impl Timers {
         for kg in kgs {
             for (seq, t) in store.load_timers(kg)? {
                 self.next_seq = self.next_seq.max(seq + 1);
+                tracing::trace!(
+                    kg,
+                    seq,
+                    id = super::msg_id(&t.message),
+                    due = t.due_ms,
+                    "delayed message loaded"
+                );
                 if let Some(tok) = &t.token {
                     self.tokens
                         .insert((t.sender.clone(), tok.clone()), (t.due_ms, seq));
@@ -74,6 +81,13 @@ impl Timers {
             self.tokens
                 .insert((sender.clone(), tok.clone()), (due, seq));
         }
+        tracing::trace!(
+            kg,
+            seq,
+            id = super::msg_id(&t.message),
+            due,
+            "delayed message scheduled"
+        );
         w.put_timer(kg, seq, &t);
         self.schedule.insert((due, seq), (kg, t));
         Ok(())
@@ -84,6 +98,7 @@ impl Timers {
         match self.tokens.remove(&(sender.clone(), token.to_string())) {
             Some(key) => {
                 if let Some((kg, _)) = self.schedule.remove(&key) {
+                    tracing::trace!(kg, seq = key.1, "delayed message cancelled");
                     w.delete_timer(kg, key.1);
                 }
                 true
@@ -120,6 +135,12 @@ impl Timers {
                 if let Some(tok) = &t.token {
                     self.tokens.remove(&(t.sender.clone(), tok.clone()));
                 }
+                tracing::trace!(
+                    kg,
+                    seq = key.1,
+                    id = super::msg_id(&t.message),
+                    "delayed message due"
+                );
                 w.delete_timer(kg, key.1);
                 out.push(t);
             }
@@ -133,6 +154,12 @@ impl Timers {
             if let Some(tok) = &t.token {
                 self.tokens.remove(&(t.sender.clone(), tok.clone()));
             }
+            tracing::trace!(
+                kg,
+                seq,
+                id = super::msg_id(&t.message),
+                "delayed message due"
+            );
             w.delete_timer(kg, seq);
             out.push(t);
         }
