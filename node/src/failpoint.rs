@@ -18,6 +18,7 @@
 //! | `checkpoint-object-put` | after an epoch object's put, before its manifest |
 //! | `checkpoint-manifest-put` | inside the manifest put: the manifest is stored, then the step fails (an ambiguous commit) |
 //! | `checkpoint-after-commit` | after the manifest is stored, before acknowledgements are released |
+//! | `checkpoint-full-snapshot-scan` | before a full snapshot scans sled (`sleep(ms)`: a long scan, as of a large store; `return`: the snapshot fails and is taken again later) |
 //! | `checkpoint-full-snapshot-put` | after a full snapshot's put, before a manifest lists it |
 //! | `checkpoint-gc-delete` | before each delete of a garbage collection |
 //! | `checkpoint-sled-apply` | before committed epochs are written to sled (`return`: the write fails; it is retried) |
@@ -41,6 +42,7 @@ pub const POINTS: &[&str] = &[
     "checkpoint-object-put",
     "checkpoint-manifest-put",
     "checkpoint-after-commit",
+    "checkpoint-full-snapshot-scan",
     "checkpoint-full-snapshot-put",
     "checkpoint-gc-delete",
     "checkpoint-sled-apply",

@@ -190,6 +190,8 @@ pub(crate) enum Maintenance {
         object: ObjectRef,
         label: u64,
         partial: bool,
+        /// [`Driver::sled_rewrites`] when the scan began.
+        rewrites: u64,
     },
     Gc(super::store::GcReport),
 }
@@ -397,6 +399,10 @@ struct Driver {
     /// A hand-over's task that writes the moving key groups to sled runs (a rollback waits
     /// for it, so that the rollback's own writes of the same key groups come last).
     handing: bool,
+    /// Counts the rollbacks and hand-overs begun: each may rewrite key groups in sled (clear
+    /// the ones lost, rebuild the ones gained, read committed epochs back). A full snapshot
+    /// scanned across one is dropped (see [`Driver::snapshot`]).
+    sled_rewrites: u64,
     /// The generation the shards took at their last rollback.
     shard_gen: u64,
     /// The epoch log (a node alone commits its epochs there).
@@ -712,6 +718,7 @@ pub(crate) fn start(
         early_cuts: Vec::new(),
         reconfiguring: None,
         handing: false,
+        sled_rewrites: 0,
         shard_gen: 0,
         log,
         commit_after_upload: None,
@@ -1157,6 +1164,30 @@ impl Driver {
                         object,
                         label,
                         partial,
+                        rewrites,
+                    }) if rewrites != self.sled_rewrites => {
+                        // Sled was being rewritten during the scan (a key group cleared or
+                        // rebuilt under it): the object may not reflect `label`. Never listed
+                        // (garbage collection deletes it); taken again later.
+                        tracing::info!(
+                            label,
+                            partial,
+                            path = %object.path,
+                            "a full snapshot scanned while key groups were rewritten in sled is dropped"
+                        );
+                        if let Some(m) =
+                            self.cluster.as_mut().and_then(|c| c.move_snapshot.as_mut())
+                        {
+                            if partial {
+                                m.started = false;
+                            }
+                        }
+                    }
+                    Ok(Maintenance::Full {
+                        object,
+                        label,
+                        partial,
+                        ..
                     }) => {
                         self.router.metrics().checkpoint_bytes.inc_by(object.size);
                         if partial {
@@ -1239,6 +1270,7 @@ impl Driver {
         join_live: Option<u64>,
     ) {
         debug_assert!(self.cp.is_some(), "a rollback needs checkpoints");
+        self.sled_rewrites += 1;
         tracing::warn!(
             committed = to,
             abandoned = ?(to + 1..=base),
@@ -1996,6 +2028,7 @@ impl Driver {
             return;
         }
         r.started = true;
+        self.sled_rewrites += 1;
         let (at, manifest) = (r.at, r.manifest);
         let placement = self.router.placement().clone();
         let now: std::collections::BTreeSet<u32> =
@@ -2675,11 +2708,15 @@ impl Driver {
         if self.maintenance_running || self.unlisted_full.is_some() || self.listing.is_some() {
             return;
         }
+        // Sled is a key group's current copy only outside rollbacks and hand-overs (they
+        // clear and rebuild key groups in it): no snapshot is scanned meanwhile.
+        let rewriting = self.rolling_back.is_some() || self.reconfiguring.is_some() || self.handing;
         let tx = self.events.clone();
         // Key groups about to move first (a move waits for them).
         let moving = self
             .cluster
             .as_mut()
+            .filter(|_| !rewriting)
             .and_then(|c| c.move_snapshot.as_mut())
             .filter(|m| !m.started && m.path.is_none())
             .map(|m| {
@@ -2698,9 +2735,10 @@ impl Driver {
             self.full_wanted_at = Some(self.coord.committed());
         }
         // A snapshot of sled is worth taking once sled holds the epochs that made it due.
-        let due_full = self
-            .full_wanted_at
-            .is_some_and(|e| self.router.applied() >= e);
+        let due_full = !rewriting
+            && self
+                .full_wanted_at
+                .is_some_and(|e| self.router.applied() >= e);
         // In a cluster, one node collects, for every key group: the epochs' leader, which
         // wrote the manifests (its collections read none of them back from blob storage).
         let collects = self
@@ -2733,20 +2771,33 @@ impl Driver {
         } else if due_full {
             self.last_was_gc = false;
             self.maintenance_running = true;
-            let owned = self.router.placement().owned(self.key_groups);
+            // The key groups this node serves whose copy in sled is current (the table may
+            // name it the owner of one before the synchronisation that loads it).
+            let owned: Vec<u32> = self
+                .router
+                .placement()
+                .owned(self.key_groups)
+                .into_iter()
+                .filter(|kg| self.loaded.contains(kg))
+                .collect();
             self.snapshot(cp, owned, false);
         }
     }
 
     /// Writes a full snapshot of `owned` from sled (labelled with the newest epoch sled holds)
-    /// in the background; [`Maintenance::Full`] reports it.
+    /// in the background; [`Maintenance::Full`] reports it. Recovery takes a key group's
+    /// newest full snapshot whoever wrote it, so sled must hold each of `owned` as of the
+    /// label: a snapshot is never started during a rollback or hand-over, and one that a
+    /// rollback or hand-over overtook is dropped (`rewrites`).
     fn snapshot(&mut self, cp: CheckpointStore, owned: Vec<u32>, partial: bool) {
         let tx = self.events.clone();
+        let rewrites = self.sled_rewrites;
         {
             let (store, node) = (self.store.clone(), self.opts.node_id.clone());
             let label = self.router.applied();
             tokio::spawn(async move {
                 let built = tokio::task::spawn_blocking(move || {
+                    crate::failpoint::eval("checkpoint-full-snapshot-scan")?;
                     let mut key_groups = Vec::with_capacity(owned.len());
                     for kg in owned {
                         let puts = store
@@ -2779,6 +2830,7 @@ impl Driver {
                             object,
                             label,
                             partial,
+                            rewrites,
                         })
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e),
