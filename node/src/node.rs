@@ -258,6 +258,22 @@ impl NodeHandle {
         if let Some(t) = self.actix_thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        // The shards' arbiter threads drop their actors (and their store handles) after the
+        // system stopped, the applier after the driver: the data directory is given back
+        // (sled's lock released) only once every handle but this one is gone, so that a node
+        // started in this process right after opens it (1e6 cached instances took longer than
+        // the next start).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.store.handles() > 1 {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    handles = self.store.handles() - 1,
+                    "the local store is still in use 30 s after the node stopped"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         tracing::info!("node stopped");
     }
 }

@@ -325,6 +325,11 @@ const APPLIED_KEY: &[u8] = b"mapplied/0";
 const STALE_KEY: &[u8] = b"mstale";
 
 impl Store {
+    /// How many handles of this store exist (this one included): sled's lock on the directory
+    /// is released once the last is dropped.
+    pub(crate) fn handles(&self) -> usize {
+        Arc::strong_count(&self.path)
+    }
     /// Opens (or creates) the store under `dir`, checking the key-group count.
     pub fn open(dir: &Path, key_groups: u32) -> Result<Self, StoreError> {
         let path: Arc<str> = dir.display().to_string().into();

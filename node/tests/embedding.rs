@@ -124,6 +124,32 @@ async fn embedded_node_serves_its_own_functions_and_the_examples() {
     node.shutdown().await;
 }
 
+/// A node shut down in-process gives its data directory back: a node started right after on
+/// the same directory (a service restarting its embedded node) opens it and has the state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shut_down_in_process_can_start_again_on_its_data_directory_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = Address::parse("example/counter/again").unwrap();
+    for round in 1..=3i64 {
+        let node = NodeBuilder::new(config(dir.path()))
+            .with_examples()
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("start {round} on the same data directory: {e}"));
+        let r = node
+            .router()
+            .call(
+                counter.clone(),
+                TypedValue::of(&1i64),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<i64>().unwrap(), round);
+        node.shutdown().await;
+    }
+}
+
 /// An embedded node that does not own an address forwards `Router::send` to the owner in the
 /// calling thread's order: a burst of fire-and-forget messages to one address is applied in
 /// the order it was sent (each accepted message once; a full forwarding queue refuses).
