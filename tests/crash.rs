@@ -440,8 +440,8 @@ async fn run(seed: u64, v: Variant) {
     } else {
         v.config.to_string()
     };
-    // CRASH_CHECKPOINT adds lines to the nodes' [checkpoint] section (every variant's config
-    // ends in it); with CRASH_KEEP, `retain = 1000000` keeps every epoch for a look.
+    // CRASH_CHECKPOINT adds lines (separated by `;`) to the nodes' [checkpoint] section (every
+    // variant's config ends in it); with CRASH_KEEP, `retain = 1000000` keeps every epoch.
     if let Ok(extra) = std::env::var("CRASH_CHECKPOINT") {
         config.push_str(&extra.replace(';', "\n"));
         config.push('\n');

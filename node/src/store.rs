@@ -330,6 +330,7 @@ impl Store {
     pub(crate) fn handles(&self) -> usize {
         Arc::strong_count(&self.path)
     }
+
     /// Opens (or creates) the store under `dir`, checking the key-group count.
     pub fn open(dir: &Path, key_groups: u32) -> Result<Self, StoreError> {
         let path: Arc<str> = dir.display().to_string().into();

@@ -1175,12 +1175,13 @@ impl Driver {
                             path = %object.path,
                             "a full snapshot scanned while key groups were rewritten in sled is dropped"
                         );
-                        if let Some(m) =
-                            self.cluster.as_mut().and_then(|c| c.move_snapshot.as_mut())
+                        if let Some(m) = self
+                            .cluster
+                            .as_mut()
+                            .and_then(|c| c.move_snapshot.as_mut())
+                            .filter(|_| partial)
                         {
-                            if partial {
-                                m.started = false;
-                            }
+                            m.started = false;
                         }
                     }
                     Ok(Maintenance::Full {

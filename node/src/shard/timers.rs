@@ -132,17 +132,7 @@ impl Timers {
                 .collect();
             for key in due {
                 let (kg, t) = self.schedule.remove(&key).expect("listed");
-                if let Some(tok) = &t.token {
-                    self.tokens.remove(&(t.sender.clone(), tok.clone()));
-                }
-                tracing::trace!(
-                    kg,
-                    seq = key.1,
-                    id = super::msg_id(&t.message),
-                    "delayed message due"
-                );
-                w.delete_timer(kg, key.1);
-                out.push(t);
+                out.push(self.fired(kg, key.1, t, w));
             }
             return out;
         }
@@ -151,19 +141,25 @@ impl Timers {
                 break;
             }
             let ((_, seq), (kg, t)) = entry.remove_entry();
-            if let Some(tok) = &t.token {
-                self.tokens.remove(&(t.sender.clone(), tok.clone()));
-            }
-            tracing::trace!(
-                kg,
-                seq,
-                id = super::msg_id(&t.message),
-                "delayed message due"
-            );
-            w.delete_timer(kg, seq);
-            out.push(t);
+            out.push(self.fired(kg, seq, t, w));
         }
         out
+    }
+
+    /// A delayed message taken from the schedule to fire: its token is free again, and its
+    /// record is deleted in the same batch.
+    fn fired(&mut self, kg: u32, seq: u64, t: StoredTimer, w: &mut WriteBatch) -> StoredTimer {
+        if let Some(tok) = &t.token {
+            self.tokens.remove(&(t.sender.clone(), tok.clone()));
+        }
+        tracing::trace!(
+            kg,
+            seq,
+            id = super::msg_id(&t.message),
+            "delayed message due"
+        );
+        w.delete_timer(kg, seq);
+        t
     }
 }
 
