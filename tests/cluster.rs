@@ -338,22 +338,29 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
         .await
         .unwrap();
     }
-    let mut got = Vec::new();
+    let (mut got, mut ids) = (Vec::new(), std::collections::BTreeSet::new());
     for _ in 0..2 {
-        let r = common::next_egress(&n3, "smoke", Duration::from_secs(10)).await;
-        got.push(String::from_utf8_lossy(&r).to_string());
+        let (body, id) = common::eventually("a record", Duration::from_secs(10), || async {
+            let (s, id, body) = common::pop_egress(&n3, "smoke").await;
+            (s == 200).then_some((body, id))
+        })
+        .await;
+        got.push(String::from_utf8_lossy(&body).to_string());
+        ids.insert(id.expect("a record read through a peer keeps its id"));
     }
-    let mut sub = Box::pin(c2.subscribe("smoke").await.unwrap());
+    let mut sub = Box::pin(c2.subscribe_records("smoke").await.unwrap());
     for _ in 0..2 {
-        let v = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut sub))
+        let r = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut sub))
             .await
             .expect("a record within 10 s")
             .unwrap()
             .unwrap();
-        got.push(v.get::<String>().unwrap());
+        got.push(r.value.get::<String>().unwrap());
+        ids.insert(r.id.expect("a record has an id over gRPC"));
     }
     got.sort();
     assert_eq!(got, vec!["r0", "r1", "r2", "r3"]);
+    assert_eq!(ids.len(), 4, "one id per record: {ids:?}");
     let (s, _, _) = http(
         &format!("{}/v1/egress/smoke", n1.http),
         "GET",

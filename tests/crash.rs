@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::python::{statefun3, FunctionServer};
-use common::{free_port, http, Launch, Node};
+use common::{free_port, Launch, Node};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use statemesh_mesh::sim::Rng;
@@ -1032,19 +1032,27 @@ async fn verify(
         0usize,
         None::<Instant>,
     )));
+    // Every record's id, read once: ids name one record each, across every crash of the run.
+    let ids = Arc::new(Mutex::new(BTreeMap::<String, String>::new()));
     let deadline = Instant::now() + Duration::from_secs(60);
     let readers: Vec<_> = (0..EGRESS_READERS)
         .map(|_| {
-            let (read, url, expected) = (
+            let (read, ids, url, expected) = (
                 read.clone(),
+                ids.clone(),
                 format!("{egress_http}/v1/egress/smoke"),
                 expected_egress.clone(),
             );
             tokio::spawn(async move {
                 loop {
-                    let (s, _, body) = http(&url, "GET", None, Bytes::new()).await;
+                    let (s, id, body) = common::pop_egress_at(&url).await;
                     if s == 200 {
                         let rec = String::from_utf8_lossy(&body).to_string();
+                        let id =
+                            id.unwrap_or_else(|| panic!("seed {seed}: record {rec:?} has no id"));
+                        if let Some(other) = ids.lock().insert(id.clone(), rec.clone()) {
+                            panic!("seed {seed}: records {other:?} and {rec:?} both have id {id}");
+                        }
                         let mut r = read.lock();
                         let (got, total, quiet_since) = &mut *r;
                         let c = got.entry(rec.clone()).or_default();

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{eventually, http, next_egress, post, state_value, Node};
+use common::{eventually, http, next_egress, pop_egress, post, state_value, Node};
 use futures::StreamExt;
 use statemesh_sdk::{typenames, Address, TypedValue};
 
@@ -141,6 +141,114 @@ async fn state_survives_clean_restart() {
     // State of an address that was never activated since the restart is read from sled.
     let states = c.get_state(&addr("example/counter/k0")).await.unwrap();
     assert_eq!(states[0].0, "total");
+    node.stop();
+}
+
+/// Sends `record` to the egress topic `smoke` through the smoke interpreter at `target`.
+async fn emit(node: &Node, target: &Address, record: &str) {
+    let cmds = serde_json::json!({ "cmds": [{ "egress": record }] });
+    let msg = TypedValue::new(
+        "statemesh.smoke/Commands",
+        serde_json::to_vec(&cmds).unwrap(),
+    );
+    node.client().await.send(target, msg).await.unwrap();
+}
+
+/// The next record of topic `smoke` over HTTP: (record, id).
+async fn read_smoke(node: &Node) -> (String, String) {
+    eventually("an egress record", Duration::from_secs(10), || async {
+        let (s, id, body) = pop_egress(node, "smoke").await;
+        (s == 200).then(|| {
+            let id = id.expect("a durable record has an id");
+            (String::from_utf8_lossy(&body).to_string(), id)
+        })
+    })
+    .await
+}
+
+/// An egress record id's (key group, epoch, n).
+fn id_parts(id: &str) -> (u64, u64, u64) {
+    let p: Vec<u64> = id
+        .split('-')
+        .map(|x| x.parse().unwrap_or_else(|_| panic!("record id {id:?}")))
+        .collect();
+    assert_eq!(p.len(), 3, "record id {id:?}");
+    (p[0], p[1], p[2])
+}
+
+/// Egress records carry ids (`Statemesh-Record-Id` over HTTP, `EgressRecord.id` over gRPC),
+/// and an id is never another record's: not after a restart that finds every earlier record
+/// read (the numbering once started over there), nor for records written after a crash that
+/// left one unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_record_ids_are_never_reused_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let target = addr("statemesh.smoke/fn/ids");
+    let mut read: Vec<(String, String)> = Vec::new();
+    let node = Node::start(&data, None);
+    for i in 0..3 {
+        emit(&node, &target, &format!("a{i}")).await;
+    }
+    for _ in 0..3 {
+        read.push(read_smoke(&node).await);
+    }
+    node.stop();
+    // Every record was read: the restarted node finds none to number after.
+    let node = Node::start(&data, None);
+    for i in 0..3 {
+        emit(&node, &target, &format!("b{i}")).await;
+    }
+    for _ in 0..2 {
+        read.push(read_smoke(&node).await);
+    }
+    let c = node.client().await;
+    let mut sub = Box::pin(c.subscribe_records("smoke").await.unwrap());
+    let r = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("a record within 10 s")
+        .unwrap()
+        .unwrap();
+    drop(sub);
+    read.push((
+        r.value.get::<String>().unwrap(),
+        r.id.expect("an id over gRPC"),
+    ));
+    // One record left unread across a SIGKILL, then one more.
+    emit(&node, &target, "c0").await;
+    node.kill();
+    let node = Node::start(&data, None);
+    emit(&node, &target, "d0").await;
+    for _ in 0..2 {
+        read.push(read_smoke(&node).await);
+    }
+    assert_eq!(
+        (read
+            .iter()
+            .map(|r| r.0.as_str())
+            .collect::<std::collections::BTreeSet<_>>())
+        .len(),
+        8,
+        "{read:?}"
+    );
+    let ids: std::collections::BTreeSet<&str> = read.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(ids.len(), 8, "an id was given twice: {read:?}");
+    let parts: std::collections::BTreeMap<&str, (u64, u64, u64)> = read
+        .iter()
+        .map(|(r, id)| (r.as_str(), id_parts(id)))
+        .collect();
+    let kg = parts["a0"].0;
+    assert!(
+        parts.values().all(|p| p.0 == kg),
+        "one address, one key group: {read:?}"
+    );
+    // Numbered in the epochs that wrote them: later runs, later epochs.
+    let epoch = |r: &str| parts[r].1;
+    assert!(epoch("a2") < epoch("b0"), "{read:?}");
+    assert!(
+        epoch("b2") <= epoch("c0") && epoch("c0") < epoch("d0"),
+        "{read:?}"
+    );
     node.stop();
 }
 

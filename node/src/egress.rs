@@ -7,8 +7,11 @@
 //! unread topic cannot grow memory without bound.
 //!
 //! With checkpoints on, a record is published only once the epoch that produced it commits,
-//! and it is durable until read: it is a local-store entry (`'e' ‖ kg ‖ seq`) written in that
-//! epoch, reloaded after a restart, and deleted in the epoch after it is read or dropped.
+//! and it is durable until read: it is a local-store entry (`'e' ‖ kg ‖ epoch ‖ n`) written in
+//! that epoch, reloaded after a restart, and deleted in the epoch after it is read or dropped.
+//! Its key gives readers its id (`"<key group>-<epoch>-<n>"`, [`Read::id`]): the same wherever
+//! and whenever the record is read, and never another record's, so that a reader that may see
+//! a record twice (a sink that writes on before the read commits) can drop the second.
 //! A read is answered only once the epoch deleting its record commits ([`Popped::settled`]),
 //! so a record a reader got is never read again — not after a crash, a rollback or a move of
 //! its key group — and a read that fails or is refused leaves its record unread: the record
@@ -46,7 +49,18 @@ struct Waiter {
 /// A popped record, answered to its reader once [`Popped::settled`] says so.
 pub struct Popped {
     value: TypedValue,
+    id: Option<String>,
     settle: Option<oneshot::Receiver<bool>>,
+}
+
+/// A record read from a topic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Read {
+    /// The record.
+    pub value: TypedValue,
+    /// Its id if it is durable (checkpoints on): `"<key group>-<epoch>-<n>"`, the same at
+    /// every read of the record, never another record's.
+    pub id: Option<String>,
 }
 
 impl Popped {
@@ -58,10 +72,14 @@ impl Popped {
     /// The record once its removal is committed (at once if it is not durable); `None` if it
     /// was not removed here after all (its key group moved to another node, which has it, or
     /// this node stopped first): nothing was read.
-    pub async fn settled(self) -> Option<TypedValue> {
+    pub async fn settled(self) -> Option<Read> {
+        let read = Read {
+            value: self.value,
+            id: self.id,
+        };
         match self.settle {
-            None => Some(self.value),
-            Some(rx) => matches!(rx.await, Ok(true)).then_some(self.value),
+            None => Some(read),
+            Some(rx) => matches!(rx.await, Ok(true)).then_some(read),
         }
     }
 }
@@ -76,7 +94,8 @@ pub struct Egress {
     consumed: Arc<Mutex<Vec<Vec<u8>>>>,
     /// Reads of durable records whose removal has not committed yet, by record key.
     waiting: Arc<Mutex<HashMap<Vec<u8>, Waiter>>>,
-    next_seq: Arc<AtomicU64>,
+    /// The next `Seq::n` of a durable record (numbers are unique per epoch and process).
+    next_n: Arc<AtomicU64>,
     /// Key groups are about to move: no record is read until they have (every record read
     /// before is deleted by a committed epoch, so the new owners load exactly the unread).
     paused: Arc<std::sync::atomic::AtomicBool>,
@@ -91,20 +110,21 @@ impl Egress {
             metrics,
             consumed: Arc::default(),
             waiting: Arc::default(),
-            next_seq: Arc::new(AtomicU64::new(1)),
+            next_n: Arc::new(AtomicU64::new(1)),
             paused: Arc::default(),
         }
     }
 
-    /// The next durable record key of key group `kg`.
-    pub(crate) fn next_key(&self, kg: u32) -> Vec<u8> {
-        crate::store::egress_key(kg, self.next_seq.fetch_add(1, Ordering::Relaxed))
+    /// The key of the next durable record of key group `kg`, written in epoch `epoch`.
+    pub(crate) fn next_key(&self, kg: u32, epoch: u64) -> Vec<u8> {
+        let n = self.next_n.fetch_add(1, Ordering::Relaxed);
+        crate::store::egress_key(kg, crate::store::Seq { epoch, n })
     }
 
     /// Restores durable records (in production order) after a restart.
     pub(crate) fn restore(&self, records: Vec<crate::store::StoredEgress>) {
         for (seq, key, topic, value) in records {
-            self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
+            self.next_n.fetch_max(seq.n + 1, Ordering::Relaxed);
             self.publish_durable(&topic, value, Some(key));
         }
     }
@@ -216,6 +236,7 @@ impl Egress {
         let Some(key) = key else {
             return Popped {
                 value,
+                id: None,
                 settle: None,
             };
         };
@@ -229,9 +250,11 @@ impl Egress {
                 tx,
             },
         );
+        let id = crate::store::egress_record_id(&key);
         self.consumed.lock().push(key);
         Popped {
             value,
+            id,
             settle: Some(rx),
         }
     }
@@ -327,12 +350,13 @@ impl Egress {
 mod tests {
     use super::*;
 
-    fn rec(kg: u32, seq: u64) -> crate::store::StoredEgress {
+    fn rec(kg: u32, n: u64) -> crate::store::StoredEgress {
+        let seq = crate::store::Seq { epoch: 3, n };
         (
             seq,
             crate::store::egress_key(kg, seq),
             "t".to_string(),
-            TypedValue::of(&(seq as i64)),
+            TypedValue::of(&(n as i64)),
         )
     }
 
@@ -363,7 +387,7 @@ mod tests {
         let sled = vec![rec(5, 1), rec(5, 2), rec(5, 3), rec(5, 4), rec(6, 5)];
         e.restore_missing(sled, &[5].into_iter().collect(), &read);
         assert_eq!(drain(&e), vec![2, 4]);
-        assert_eq!(e.next_key(5), crate::store::egress_key(5, 5));
+        assert_eq!(e.next_key(5, 3), rec(5, 5).1);
     }
 
     #[tokio::test]
@@ -386,7 +410,9 @@ mod tests {
         assert!(!reader.is_finished(), "answered after a rollback");
         let keys = e.take_consumed();
         e.released(&keys);
-        assert_eq!(reader.await.unwrap().unwrap().get::<i64>().unwrap(), 1);
+        let read = reader.await.unwrap().unwrap();
+        assert_eq!(read.value.get::<i64>().unwrap(), 1);
+        assert_eq!(read.id.as_deref(), Some("5-3-1"));
         assert_eq!(e.metrics.egress_unclaimed.get(), 0);
     }
 
@@ -402,7 +428,7 @@ mod tests {
         e.drop_key_groups(&[5].into_iter().collect());
         assert!(lost.settled().await.is_none());
         e.released(&[rec(6, 2).1]);
-        assert_eq!(kept.settled().await.unwrap().get::<i64>().unwrap(), 2);
+        assert_eq!(kept.settled().await.unwrap().value.get::<i64>().unwrap(), 2);
         // Nothing of key group 5 is queued or removed here any more.
         publish(&e, rec(5, 3));
         e.drop_key_groups(&[5].into_iter().collect());
@@ -440,7 +466,9 @@ mod tests {
         e.publish("t", TypedValue::of(&7i64));
         let p = e.pop("t").unwrap();
         assert!(!p.waits());
-        assert_eq!(p.settled().await.unwrap().get::<i64>().unwrap(), 7);
+        let read = p.settled().await.unwrap();
+        assert_eq!(read.value.get::<i64>().unwrap(), 7);
+        assert_eq!(read.id, None);
         assert!(e.take_consumed().is_empty());
     }
 

@@ -559,7 +559,7 @@ pub(crate) async fn pop_remote_egress(
     node: NodeId,
     addr: &str,
     topic: &str,
-) -> Option<TypedValue> {
+) -> Option<crate::egress::Read> {
     let mut c = mpb::mesh_client::MeshClient::new(p.channel(addr).ok()?)
         .max_decoding_message_size(MAX_FORWARDED);
     let mut req = Request::new(mpb::PopEgressRequest {
@@ -570,12 +570,13 @@ pub(crate) async fn pop_remote_egress(
     match c.pop_egress(req).await {
         Ok(r) => {
             let r = r.into_inner();
-            r.found.then(|| {
-                if r.has_value {
+            r.found.then(|| crate::egress::Read {
+                value: if r.has_value {
                     TypedValue::new(r.typename, r.value)
                 } else {
                     TypedValue::empty(r.typename)
-                }
+                },
+                id: (!r.id.is_empty()).then_some(r.id),
             })
         }
         Err(e) => {
@@ -1530,11 +1531,12 @@ impl mpb::mesh_server::Mesh for MeshService {
         let topic = req.into_inner().topic;
         Ok(Response::new(
             match self.router.pop_local_egress(&topic).await {
-                Some(v) => mpb::PopEgressReply {
+                Some(r) => mpb::PopEgressReply {
                     found: true,
-                    typename: v.typename().to_string(),
-                    has_value: v.has_value(),
-                    value: v.value().clone(),
+                    typename: r.value.typename().to_string(),
+                    has_value: r.value.has_value(),
+                    value: r.value.value().clone(),
+                    id: r.id.unwrap_or_default(),
                 },
                 None => mpb::PopEgressReply::default(),
             },

@@ -998,7 +998,7 @@ impl Router {
     /// Pops the next record of an egress topic: this node's first, then (unless the request
     /// came from a peer) the peers' that own key groups. Each record is popped once, where it
     /// was produced, so a topic read from any node yields every record once.
-    pub(crate) async fn pop_egress(&self, topic: &str) -> Option<TypedValue> {
+    pub(crate) async fn pop_egress(&self, topic: &str) -> Option<crate::egress::Read> {
         if let Some(v) = self.pop_local_egress(topic).await {
             return Some(v);
         }
@@ -1015,7 +1015,7 @@ impl Router {
     /// Pops the next record of an egress topic produced here, answered once its removal is
     /// committed. A record whose key group leaves this node first is not read here (its new
     /// owner has it): the next one is tried, a few times.
-    pub(crate) async fn pop_local_egress(&self, topic: &str) -> Option<TypedValue> {
+    pub(crate) async fn pop_local_egress(&self, topic: &str) -> Option<crate::egress::Read> {
         for _ in 0..4 {
             let p = self.inner.egress.pop(topic)?;
             if p.waits() {

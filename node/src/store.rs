@@ -5,12 +5,21 @@
 //!
 //! ```text
 //! 's' ‖ kg:u16be ‖ len:u32be ‖ "ns/type/id" ‖ state name  → 1 ‖ expires_at_ms:u64le ‖ tn_len:u16le ‖ typename ‖ value
-//! 't' ‖ kg:u16be ‖ seq:u64be                             → a delayed message (see `StoredTimer`)
+//! 't' ‖ kg:u16be ‖ epoch:u64be ‖ n:u64be                → a delayed message (see `StoredTimer`)
+//! 'e' ‖ kg:u16be ‖ epoch:u64be ‖ n:u64be                → an unread egress record
+//! 'i' ‖ kg:u16be ‖ scope                                 → an idempotency record
 //! 'm' ‖ "key_groups"                                     → u32le
 //! ```
 //!
 //! A timer lives in the key group of its *sender*, because cancellation tokens are scoped
 //! to the sender. Writes are batched by the shards (one `apply_batch` per flush).
+//!
+//! Delayed messages and egress records are numbered by a [`Seq`]: the epoch that wrote them
+//! and a number the writing process had not given before in that epoch. A key group's epoch
+//! is committed by one owner, and epoch numbers are not reused, so a record's key names it
+//! alone in the cluster for ever: an egress record's id stays the same across crashes, moves
+//! and restarts, and no other record ever gets it. (Keys written before this scheme,
+//! `tag ‖ kg ‖ seq:u64be`, read as epoch 0.)
 
 use std::path::Path;
 use std::sync::Arc;
@@ -76,12 +85,44 @@ fn state_prefix(kg: u32, addr: &Address) -> Vec<u8> {
     k
 }
 
-fn timer_key(kg: u32, seq: u64) -> [u8; 11] {
-    let mut k = [0u8; 11];
-    k[0] = b't';
-    k[1..3].copy_from_slice(&(kg as u16).to_be_bytes());
-    k[3..].copy_from_slice(&seq.to_be_bytes());
+/// The number of a delayed message or an egress record: the epoch that wrote it, then a
+/// number its writer had not given before (see the module documentation). Ordered as written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seq {
+    /// The epoch whose delta holds the record.
+    pub epoch: u64,
+    /// Unique per epoch and writer, increasing as records are written.
+    pub n: u64,
+}
+
+/// `tag ‖ kg:u16be ‖ epoch:u64be ‖ n:u64be`.
+fn seq_key(tag: u8, kg: u32, seq: Seq) -> Vec<u8> {
+    let mut k = Vec::with_capacity(19);
+    k.push(tag);
+    k.extend_from_slice(&(kg as u16).to_be_bytes());
+    k.extend_from_slice(&seq.epoch.to_be_bytes());
+    k.extend_from_slice(&seq.n.to_be_bytes());
     k
+}
+
+/// The sequence of a `seq_key` (or of an older `tag ‖ kg ‖ seq:u64be` key: epoch 0).
+fn key_seq(k: &[u8]) -> Option<Seq> {
+    let word = |r: std::ops::Range<usize>| u64::from_be_bytes(k[r].try_into().expect("8 bytes"));
+    match k.len() {
+        19 => Some(Seq {
+            epoch: word(3..11),
+            n: word(11..19),
+        }),
+        11 => Some(Seq {
+            epoch: 0,
+            n: word(3..11),
+        }),
+        _ => None,
+    }
+}
+
+fn timer_key(kg: u32, seq: Seq) -> Vec<u8> {
+    seq_key(b't', kg, seq)
 }
 
 fn put_str(out: &mut Vec<u8>, s: &[u8]) {
@@ -235,13 +276,13 @@ impl WriteBatch {
     }
 
     /// Stores a delayed message.
-    pub fn put_timer(&mut self, kg: u32, seq: u64, t: &StoredTimer) {
-        self.put_raw(timer_key(kg, seq).to_vec(), Some(t.encode()));
+    pub fn put_timer(&mut self, kg: u32, seq: Seq, t: &StoredTimer) {
+        self.put_raw(timer_key(kg, seq), Some(t.encode()));
     }
 
     /// Deletes a delayed message.
-    pub fn delete_timer(&mut self, kg: u32, seq: u64) {
-        self.put_raw(timer_key(kg, seq).to_vec(), None);
+    pub fn delete_timer(&mut self, kg: u32, seq: Seq) {
+        self.put_raw(timer_key(kg, seq), None);
     }
 }
 
@@ -254,7 +295,7 @@ pub fn state_entry(kg: u32, addr: &Address, slot: &StateSlot) -> (Vec<u8>, Optio
 }
 
 /// A durable egress record: (seq, key, topic, value).
-pub type StoredEgress = (u64, Vec<u8>, String, TypedValue);
+pub type StoredEgress = (Seq, Vec<u8>, String, TypedValue);
 
 /// A stored key and value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
@@ -273,13 +314,17 @@ pub(crate) fn egress_key_group(k: &[u8]) -> Option<u32> {
     (k.len() >= 3 && k[0] == b'e').then(|| u16::from_be_bytes([k[1], k[2]]) as u32)
 }
 
-/// The key of a durable egress record: `'e' ‖ kg:u16be ‖ seq:u64be`.
-pub fn egress_key(kg: u32, seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(11);
-    k.push(b'e');
-    k.extend_from_slice(&(kg as u16).to_be_bytes());
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
+/// The key of a durable egress record: `'e' ‖ kg:u16be ‖ epoch:u64be ‖ n:u64be`.
+pub fn egress_key(kg: u32, seq: Seq) -> Vec<u8> {
+    seq_key(b'e', kg, seq)
+}
+
+/// The id readers see of the durable egress record stored under `key`:
+/// `"<key group>-<epoch>-<n>"`, the same at every read of the record and never another's.
+pub fn egress_record_id(key: &[u8]) -> Option<String> {
+    let kg = egress_key_group(key)?;
+    let seq = key_seq(key)?;
+    Some(format!("{kg}-{}-{}", seq.epoch, seq.n))
 }
 
 /// The stored form of an egress record.
@@ -425,17 +470,18 @@ impl Store {
     }
 
     /// The delayed messages stored for a key group: (seq, timer).
-    pub fn load_timers(&self, kg: u32) -> Result<Vec<(u64, StoredTimer)>, StoreError> {
+    pub fn load_timers(&self, kg: u32) -> Result<Vec<(Seq, StoredTimer)>, StoreError> {
         let mut prefix = vec![b't'];
         prefix.extend_from_slice(&(kg as u16).to_be_bytes());
         let mut out = Vec::new();
         for item in self.db.scan_prefix(&prefix) {
             let (k, raw) = item.map_err(|e| self.err(e))?;
-            let seq = u64::from_be_bytes(
-                k[3..11]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("timer key".into()))?,
-            );
+            let seq = key_seq(&k).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "timer key: expected 11 or 19 bytes, found {}",
+                    k.len()
+                ))
+            })?;
             out.push((seq, StoredTimer::decode(&raw)?));
         }
         Ok(out)
@@ -613,14 +659,16 @@ impl Store {
         let mut out = Vec::new();
         for item in self.db.scan_prefix(b"e") {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            if k.len() != 11 {
-                return Err(StoreError::Corrupt("egress key: expected 11 bytes".into()));
-            }
-            let seq = u64::from_be_bytes(k[3..11].try_into().expect("8 bytes"));
+            let seq = key_seq(&k).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "egress key: expected 11 or 19 bytes, found {}",
+                    k.len()
+                ))
+            })?;
             let (topic, value) = decode_egress(&v)?;
             out.push((seq, k.to_vec(), topic, value));
         }
-        out.sort_by_key(|r| r.0);
+        out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         Ok(out)
     }
 
@@ -665,17 +713,18 @@ mod tests {
         };
         let mut b = WriteBatch::default();
         b.put_state(3, &addr, &slot);
-        b.put_timer(3, 42, &timer);
+        let seq = Seq { epoch: 7, n: 42 };
+        b.put_timer(3, seq, &timer);
         store.write(b).unwrap();
         let loaded = store
             .load_state(3, &addr, &[spec.descriptor().clone()])
             .unwrap();
         assert_eq!(loaded[0].value, slot.value);
         assert_eq!(loaded[0].expires_at_ms, 99);
-        assert_eq!(store.load_timers(3).unwrap(), vec![(42, timer)]);
+        assert_eq!(store.load_timers(3).unwrap(), vec![(seq, timer)]);
         assert!(store.load_timers(4).unwrap().is_empty());
         let mut b = WriteBatch::default();
-        b.delete_timer(3, 42);
+        b.delete_timer(3, seq);
         slot.value = None;
         b.put_state(3, &addr, &slot);
         store.write(b).unwrap();
@@ -692,5 +741,51 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
         assert!(e.contains("key_groups = 16"), "{e}");
+    }
+
+    #[test]
+    fn records_keyed_before_epochs_numbered_them_read_as_epoch_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16).unwrap();
+        let timer = StoredTimer {
+            due_ms: 5,
+            sender: Address::parse("example/counter/a").unwrap(),
+            token: None,
+            target: Address::parse("example/greeter/b").unwrap(),
+            message: TypedValue::of(&"hi".to_string()),
+        };
+        let old = |tag: u8, n: u64| {
+            let mut k = vec![tag, 0, 3];
+            k.extend_from_slice(&n.to_be_bytes());
+            k
+        };
+        let mut b = WriteBatch::default();
+        b.put_raw(old(b't', 9), Some(timer.encode()));
+        let value = TypedValue::of(&1i64);
+        b.put_raw(old(b'e', 9), Some(encode_egress("t", &value)));
+        let new = egress_key(3, Seq { epoch: 1, n: 1 });
+        b.put_raw(new.clone(), Some(encode_egress("t", &value)));
+        b.put_raw(vec![b't', 0, 3, 1], Some(timer.encode()));
+        store.write(b).unwrap();
+        let e = store.load_timers(3).unwrap_err().to_string();
+        assert!(
+            e.contains("timer key: expected 11 or 19 bytes, found 4"),
+            "{e}"
+        );
+        let mut b = WriteBatch::default();
+        b.put_raw(vec![b't', 0, 3, 1], None);
+        store.write(b).unwrap();
+        assert_eq!(
+            store.load_timers(3).unwrap(),
+            vec![(Seq { epoch: 0, n: 9 }, timer)]
+        );
+        // In production order: the old record first.
+        let egress = store.load_egress().unwrap();
+        let ids: Vec<_> = egress
+            .iter()
+            .map(|r| egress_record_id(&r.1).unwrap())
+            .collect();
+        assert_eq!(ids, ["3-0-9", "3-1-1"]);
+        assert_eq!(egress[1].1, new);
     }
 }

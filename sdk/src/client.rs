@@ -36,6 +36,17 @@ impl ClientError {
     }
 }
 
+/// A record read from an egress topic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EgressRecord {
+    /// The record.
+    pub value: TypedValue,
+    /// Its id, `"<key group>-<epoch>-<n>"`: the same at every read of this record and never
+    /// another record's, so a reader that may see a record twice can drop the second. `None`
+    /// when the node does not checkpoint (its records are not durable).
+    pub id: Option<String>,
+}
+
 /// How a client retries requests that carry an idempotency key (requests without a key are
 /// never retried: they could apply twice). A keyed request is retried when the node is
 /// unreachable or restarting (`UNAVAILABLE`, `UNKNOWN` transport failures, `CANCELLED`) or
@@ -422,6 +433,17 @@ impl Client {
         &self,
         topic: &str,
     ) -> Result<impl Stream<Item = Result<TypedValue, ClientError>>, ClientError> {
+        Ok(self
+            .subscribe_records(topic)
+            .await?
+            .map(|r| r.map(|r| r.value)))
+    }
+
+    /// Streams an egress topic's records as they arrive, with their ids.
+    pub async fn subscribe_records(
+        &self,
+        topic: &str,
+    ) -> Result<impl Stream<Item = Result<EgressRecord, ClientError>>, ClientError> {
         let stream = self
             .ingress
             .clone()
@@ -431,10 +453,16 @@ impl Client {
             .await?
             .into_inner();
         Ok(stream.map(|r| match r {
-            Ok(rec) => rec
-                .value
-                .map(TypedValue::from_proto)
-                .ok_or_else(|| ClientError::InvalidResponse("record without a value".into())),
+            Ok(rec) => {
+                let value = rec
+                    .value
+                    .map(TypedValue::from_proto)
+                    .ok_or_else(|| ClientError::InvalidResponse("record without a value".into()))?;
+                Ok(EgressRecord {
+                    value,
+                    id: (!rec.id.is_empty()).then_some(rec.id),
+                })
+            }
             Err(s) => Err(ClientError::Status(s)),
         }))
     }

@@ -428,6 +428,32 @@ where
 }
 
 /// Waits for and pops the next record of an egress topic over HTTP.
+/// Pops the next record of an egress topic over HTTP: (status, its `Statemesh-Record-Id`,
+/// body).
+pub async fn pop_egress(node: &Node, topic: &str) -> (u16, Option<String>, Bytes) {
+    pop_egress_at(&format!("{}/v1/egress/{topic}", node.http)).await
+}
+
+/// Like [`pop_egress`], at the URL of a topic.
+pub async fn pop_egress_at(url: &str) -> (u16, Option<String>, Bytes) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = hyper::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client
+        .request(req)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    let id = resp
+        .headers()
+        .get("statemesh-record-id")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, id, body)
+}
+
 pub async fn next_egress(node: &Node, topic: &str, timeout: Duration) -> Bytes {
     eventually(&format!("a record on {topic}"), timeout, || async {
         let r = http(

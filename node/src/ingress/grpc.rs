@@ -142,7 +142,8 @@ impl pb::ingress_server::Ingress for IngressService {
             };
             let rec = pb::EgressRecord {
                 topic: topic.clone(),
-                value: Some(v.to_proto()),
+                value: Some(v.value.to_proto()),
+                id: v.id.unwrap_or_default(),
             };
             Some((Ok(rec), (router, topic, ready)))
         });

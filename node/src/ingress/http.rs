@@ -5,7 +5,7 @@
 //! | `POST /v1/send/{ns}/{type}/{id}` | one-way message; 202 |
 //! | `POST /v1/call/{ns}/{type}/{id}` | request-reply; the reply in the body, its typename in `Content-Type` |
 //! | `GET /v1/state/{ns}/{type}/{id}` | JSON of the address's states |
-//! | `GET /v1/egress/{topic}` | pops the next record of a topic; 204 when there is none |
+//! | `GET /v1/egress/{topic}` | pops the next record of a topic (its id in `Statemesh-Record-Id`); 204 when there is none |
 //! | `GET /v1/functions` | the registered function types |
 //! | `GET /v1/checkpoints` | epochs, sizes, durations, the last commit and recovery |
 //! | `GET /v1/cluster` | the control group: leader, term, placement version, members and their key groups |
@@ -136,9 +136,23 @@ async fn state(
     Ok(HttpResponse::Ok().json(super::states_to_json(&address, values)))
 }
 
+/// The header naming a durable egress record's id ([`crate::egress::Read::id`]).
+pub const RECORD_ID_HEADER: &str = "statemesh-record-id";
+
+/// An egress record's response, with its id if it has one.
+fn with_record_id(mut resp: HttpResponse, id: Option<String>) -> HttpResponse {
+    if let Some(id) = id.and_then(|id| actix_web::http::header::HeaderValue::try_from(id).ok()) {
+        resp.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static(RECORD_ID_HEADER),
+            id,
+        );
+    }
+    resp
+}
+
 async fn egress(shared: web::Data<Shared>, path: web::Path<String>) -> HttpResponse {
     match shared.router.pop_egress(&path).await {
-        Some(v) => reply_response(&v),
+        Some(r) => with_record_id(reply_response(&r.value), r.id),
         None => HttpResponse::NoContent().finish(),
     }
 }
@@ -262,9 +276,14 @@ async fn playground_put(
 /// `GET /<topic>`: the StateFun playground's egress; pops the next record of the topic and
 /// answers its `payload` (204 when the topic is empty).
 async fn playground_get(shared: web::Data<Shared>, path: web::Path<String>) -> HttpResponse {
-    let Some(v) = shared.router.pop_egress(&path).await else {
+    let Some(r) = shared.router.pop_egress(&path).await else {
         return HttpResponse::NoContent().finish();
     };
+    with_record_id(playground_record(&r.value), r.id)
+}
+
+/// A playground egress record's `payload` (any other record as `/v1/egress` answers it).
+fn playground_record(v: &TypedValue) -> HttpResponse {
     if v.typename() == "io.statefun.playground/EgressRecord" {
         if let Ok(rec) = serde_json::from_slice::<serde_json::Value>(v.value()) {
             return match rec.get("payload") {
@@ -276,7 +295,7 @@ async fn playground_get(shared: web::Data<Shared>, path: web::Path<String>) -> H
             };
         }
     }
-    reply_response(&v)
+    reply_response(v)
 }
 
 /// Which routes a listener serves.

@@ -583,7 +583,7 @@ impl Shard {
     /// An egress record of key group `kg`: durable from its epoch on, published at commit.
     fn emit(&mut self, kg: u32, topic: String, value: TypedValue) {
         let key = self.checkpointing.then(|| {
-            let key = self.router.egress().next_key(kg);
+            let key = self.router.egress().next_key(kg, self.epoch);
             self.pending_writes.put_raw(
                 key.clone(),
                 Some(crate::store::encode_egress(&topic, &value)),
@@ -937,10 +937,14 @@ impl Shard {
         }
         let now = now_ms();
         for d in effects.delayed {
-            if let Err(e) =
-                self.timers
-                    .schedule(sender, sender_kg, now, d.clone(), &mut self.pending_writes)
-            {
+            if let Err(e) = self.timers.schedule(
+                sender,
+                sender_kg,
+                self.epoch,
+                now,
+                d.clone(),
+                &mut self.pending_writes,
+            ) {
                 self.dead_letter(&d.target, Some(sender), &d.message, &e, 0);
             }
         }
