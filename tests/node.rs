@@ -524,6 +524,41 @@ async fn per_address_order_under_concurrency() {
     node.stop();
 }
 
+/// An instance keeps its actor while its state is cached: visits seconds apart start it once.
+/// With `instance_linger_ms` set, an actor idle that long is stopped and the next visit starts
+/// it again; the state stays cached either way (no passivation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_keeps_its_actor_while_its_state_is_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    for (config, starts) in [(None, 1.0), (Some("instance_linger_ms = 100\n"), 3.0)] {
+        let node = Node::start(&dir.path().join(format!("n{starts}")), config);
+        let c = node.client().await;
+        for round in 1..=3i64 {
+            if round > 1 {
+                // Longer than a sweep of idle instances (at most 1 s apart).
+                tokio::time::sleep(Duration::from_millis(1300)).await;
+            }
+            let r = c
+                .call(&addr("example/counter/kept"), TypedValue::of(&1i64))
+                .await
+                .unwrap();
+            assert_eq!(r.get::<i64>().unwrap(), round, "{config:?}");
+        }
+        eventually("the metrics folded", Duration::from_secs(5), || async {
+            (node.metric("statemesh_invocations_total").await >= 3.0).then_some(())
+        })
+        .await;
+        assert_eq!(
+            node.metric("statemesh_instance_actor_starts_total").await,
+            starts,
+            "{config:?}"
+        );
+        assert_eq!(node.metric("statemesh_passivations_total").await, 0.0);
+        assert_eq!(node.metric("statemesh_active_instances").await, 1.0);
+        node.stop();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passivation_under_small_instance_limit_keeps_state() {
     let dir = tempfile::tempdir().unwrap();

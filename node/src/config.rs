@@ -260,9 +260,10 @@ pub struct NodeConfig {
     pub max_active_instances: usize,
     /// An instance idle this long is passivated. Default 300,000 ms (5 minutes).
     pub idle_timeout_ms: u64,
-    /// An active instance's actor is stopped after it has had no work this long; its state
-    /// stays cached until `idle_timeout_ms`. Default 1,000 ms.
-    pub instance_linger_ms: u64,
+    /// If set, an active instance's actor is stopped after it has had no work this long (its
+    /// state stays cached until `idle_timeout_ms`, and its next message starts it again). By
+    /// default an instance keeps its actor for as long as its state is cached.
+    pub instance_linger_ms: Option<u64>,
     /// Largest accepted message value in bytes. Default 4 MiB.
     pub max_message_bytes: usize,
     /// Default reply timeout of `Call`. Default 30,000 ms.
@@ -301,7 +302,7 @@ impl Default for NodeConfig {
             key_groups: statemesh_mesh::keygroup::DEFAULT_KEY_GROUPS,
             max_active_instances: 1_000_000,
             idle_timeout_ms: 300_000,
-            instance_linger_ms: 1_000,
+            instance_linger_ms: None,
             max_message_bytes: 4 << 20,
             call_timeout_ms: 30_000,
             flush_interval_ms: 200,

@@ -6,7 +6,13 @@
 //! messages succeeded. A failing or panicking invocation is rolled back and stops the batch,
 //! so the shard can retry it with backoff without breaking FIFO order. actix stays inside
 //! this module and the shard: nothing else depends on it.
+//!
+//! An instance keeps its actor for as long as the shard caches its state, so an actor must be
+//! cheap to keep: it holds only its slot and generation. What it needs per batch comes with
+//! the batch (its address and function) or is shared by every instance on the shard's thread
+//! (the shard's address, the invocation histogram, the undo buffer).
 
+use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -24,42 +30,56 @@ use crate::shard::{InvokeDone, Pending, Shard};
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct Invoke {
+    pub address: Address,
+    pub entry: Arc<FunctionEntry>,
     pub batch: Vec<Pending>,
     pub state: Vec<StateSlot>,
     pub now_ms: u64,
 }
 
 pub(crate) struct Instance {
-    address: Address,
-    entry: Arc<FunctionEntry>,
     slot: usize,
     /// The shard's generation when it started this instance (its results are dropped after a
     /// rollback).
     generation: u64,
-    shard: Addr<Shard>,
-    hist: Rc<LocalHistogram>,
-    undo: Vec<Undo>,
 }
 
 impl Instance {
-    pub fn new(
-        address: Address,
-        entry: Arc<FunctionEntry>,
-        slot: usize,
-        generation: u64,
-        shard: Addr<Shard>,
-        hist: Rc<LocalHistogram>,
-    ) -> Self {
-        Instance {
-            address,
-            entry,
-            slot,
-            generation,
+    pub fn new(slot: usize, generation: u64) -> Self {
+        Instance { slot, generation }
+    }
+}
+
+/// What the instances on a shard's thread share.
+struct ShardLocal {
+    shard: Addr<Shard>,
+    hist: Rc<LocalHistogram>,
+    /// Undo records of the invocation under way (kept for its capacity).
+    undo: RefCell<Vec<Undo>>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<Rc<ShardLocal>>> = const { RefCell::new(None) };
+}
+
+/// Called by a shard when it starts on its arbiter thread: the instances it starts there
+/// answer it and record their invocation times in `hist`.
+pub(crate) fn shard_started(shard: Addr<Shard>, hist: Rc<LocalHistogram>) {
+    LOCAL.with(|l| {
+        *l.borrow_mut() = Some(Rc::new(ShardLocal {
             shard,
             hist,
-            undo: Vec::new(),
-        }
-    }
+            undo: RefCell::default(),
+        }))
+    });
+}
+
+fn local() -> Rc<ShardLocal> {
+    LOCAL.with(|l| {
+        l.borrow()
+            .clone()
+            .expect("an instance runs on the thread of the shard that started it")
+    })
 }
 
 impl Actor for Instance {
@@ -99,32 +119,36 @@ impl Handler<Invoke> for Instance {
 
     fn handle(&mut self, msg: Invoke, _: &mut Self::Context) {
         let Invoke {
+            address,
+            entry,
             batch,
             mut state,
             now_ms,
         } = msg;
         refresh_ttl(&mut state, now_ms);
         let (slot, generation) = (self.slot, self.generation);
-        match &self.entry.kind {
+        let local = local();
+        match &entry.kind {
             FunctionKind::Embedded(function) => {
                 // `sleep(ms)`: a slow function, for the tests (messages queue up behind it).
                 let _ = crate::failpoint::eval("function-invoke");
                 let mut effects = Effects::default();
                 let mut processed = 0;
                 let mut failure = None;
+                let mut undo = std::mem::take(&mut *local.undo.borrow_mut());
                 for p in &batch {
                     let start = Instant::now();
                     let mut ctx = FnContext::new(
-                        &self.address,
+                        &address,
                         p.caller.as_ref(),
                         now_ms,
                         &mut state,
                         &mut effects,
-                        &mut self.undo,
+                        &mut undo,
                     );
                     let result =
                         catch_unwind(AssertUnwindSafe(|| function.invoke(&mut ctx, &p.message)));
-                    self.hist.observe(start.elapsed().as_secs_f64());
+                    local.hist.observe(start.elapsed().as_secs_f64());
                     let error = match result {
                         Ok(Ok(())) => None,
                         Ok(Err(e)) => Some(e.to_string()),
@@ -137,7 +161,9 @@ impl Handler<Invoke> for Instance {
                     }
                     processed += 1;
                 }
-                self.shard.do_send(InvokeDone {
+                undo.clear();
+                *local.undo.borrow_mut() = undo;
+                local.shard.do_send(InvokeDone {
                     slot,
                     generation,
                     batch,
@@ -151,17 +177,11 @@ impl Handler<Invoke> for Instance {
                 });
             }
             FunctionKind::Remote(remote) => {
-                let (remote, entry, address, shard, hist) = (
-                    remote.clone(),
-                    self.entry.clone(),
-                    self.address.clone(),
-                    self.shard.clone(),
-                    self.hist.clone(),
-                );
+                let remote = remote.clone();
                 actix::spawn(async move {
                     let start = Instant::now();
                     let call = remote.invoke(&address, &batch, &mut state, now_ms).await;
-                    hist.observe(start.elapsed().as_secs_f64());
+                    local.hist.observe(start.elapsed().as_secs_f64());
                     let mut done = InvokeDone {
                         slot,
                         generation,
@@ -186,7 +206,7 @@ impl Handler<Invoke> for Instance {
                         }
                         Outcome::Failed(reason) => done.batch_failure = Some(reason),
                     }
-                    shard.do_send(done);
+                    local.shard.do_send(done);
                 });
             }
         }

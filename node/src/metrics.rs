@@ -39,6 +39,8 @@ pub struct Metrics {
     pub egress_unclaimed: IntCounter,
     /// Instances passivated.
     pub passivations: IntCounter,
+    /// Instance actors started (an instance keeps its actor while its state is cached).
+    pub actor_starts: IntCounter,
     /// Local state write failures.
     pub store_errors: IntCounter,
     /// Messages per remote batch.
@@ -267,6 +269,11 @@ impl Metrics {
                 "Egress records consumed unanswered: their reader left while the read was committed",
             ),
             passivations: counter(&r, "statemesh_passivations_total", "Instances passivated"),
+            actor_starts: counter(
+                &r,
+                "statemesh_instance_actor_starts_total",
+                "Instance actors started",
+            ),
             store_errors: counter(
                 &r,
                 "statemesh_store_errors_total",

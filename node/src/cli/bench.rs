@@ -58,6 +58,9 @@ pub enum BenchCommand {
         /// Checkpoint interval.
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
+        /// The node's `instance_linger_ms` (unset: actors kept while states are cached).
+        #[arg(long)]
+        instance_linger_ms: Option<u64>,
     },
     /// Checkpoint cost vs state size: populates `--keys` states of `--value-bytes`, then
     /// changes `--change` of them per round and reports each epoch's bytes and duration.
@@ -90,6 +93,9 @@ pub enum BenchCommand {
         /// Counter instances to activate.
         #[arg(long, default_value_t = 100_000)]
         instances: u64,
+        /// The node's `instance_linger_ms` (unset: actors kept while states are cached).
+        #[arg(long)]
+        instance_linger_ms: Option<u64>,
     },
     /// Counter workload against a running node.
     Load(LoadArgs),
@@ -138,6 +144,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             shards,
             checkpoints,
             interval_ms,
+            instance_linger_ms,
         } => {
             embedded(
                 instances,
@@ -146,6 +153,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 shards,
                 checkpoints,
                 interval_ms,
+                instance_linger_ms,
             )
             .await
         }
@@ -156,7 +164,10 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             rounds,
         } => checkpoint(keys, value_bytes, change, rounds).await,
         BenchCommand::Recovery { keys, value_bytes } => recovery(keys, value_bytes).await,
-        BenchCommand::Memory { instances } => memory(instances).await,
+        BenchCommand::Memory {
+            instances,
+            instance_linger_ms,
+        } => memory(instances, instance_linger_ms).await,
         BenchCommand::Load(args) => load(args).await,
         BenchCommand::Direct {
             url,
@@ -176,6 +187,7 @@ async fn embedded(
     shards: usize,
     checkpoints: bool,
     interval_ms: u64,
+    instance_linger_ms: Option<u64>,
 ) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -223,6 +235,7 @@ async fn embedded(
     };
     cfg.checkpoint.enabled = checkpoints;
     cfg.checkpoint.interval_ms = interval_ms;
+    cfg.instance_linger_ms = instance_linger_ms;
     // Every instance stays active: this measures messaging and checkpoints, not passivation.
     cfg.max_active_instances = cfg.max_active_instances.max(2 * instances as usize);
     let node = NodeBuilder::new(cfg)
@@ -291,6 +304,7 @@ async fn embedded(
             "recent_epoch_mean_bytes": (cp.recent.iter().map(|e| e.bytes).sum::<u64>() as f64 / epochs).round(),
             "recent_epoch_mean_ms": cp.recent.iter().map(|e| e.duration_ms).sum::<f64>() / epochs,
             "instances": instances,
+            "instance_linger_ms": instance_linger_ms,
             "tokens": tokens,
             "duration_s": elapsed,
             "invocations_per_s": ((h1 - h0) as f64 / elapsed).round(),
@@ -305,9 +319,10 @@ async fn embedded(
     Ok(())
 }
 
-async fn memory(instances: u64) -> anyhow::Result<()> {
+async fn memory(instances: u64, instance_linger_ms: Option<u64>) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
-    let cfg = in_process_config(&dir);
+    let mut cfg = in_process_config(&dir);
+    cfg.instance_linger_ms = instance_linger_ms;
     let node = NodeBuilder::new(cfg).with_examples().start().await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss = || {
@@ -346,8 +361,8 @@ async fn memory(instances: u64) -> anyhow::Result<()> {
     while metrics().await < instances && t0.elapsed() < Duration::from_secs(120) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Let the periodic flush write every dirty state to sled and the instance actors'
-    // linger run out (their state stays cached in the shards: the instances stay active).
+    // Let the periodic flush write every dirty state to sled (the instances stay active, with
+    // their actors).
     tokio::time::sleep(Duration::from_millis(3000)).await;
     // Return freed pages to the OS so RSS shows live memory, not the ingest burst's garbage.
     // SAFETY: asks mimalloc to release unused memory; no preconditions.
@@ -363,6 +378,7 @@ async fn memory(instances: u64) -> anyhow::Result<()> {
         json!({
             "bench": "memory",
             "instances": instances,
+            "instance_linger_ms": instance_linger_ms,
             "idle_rss_mib": idle / 1048576.0,
             "active_rss_mib": active / 1048576.0,
             "peak_rss_mib": peak / 1048576.0,

@@ -105,8 +105,9 @@ struct Slot {
     inbox: VecDeque<Pending>,
     /// `None` while lent to the instance with a batch.
     state: Option<Vec<StateSlot>>,
-    /// The instance actor; started when the address has work, stopped after it has been
-    /// idle for `instance_linger_ms` (its state stays cached here until passivation).
+    /// The instance actor; started when the address first has work, kept while the state is
+    /// cached here (stopped earlier only if `instance_linger_ms` is set and it idles that
+    /// long).
     instance: Option<Addr<Instance>>,
     entry: Arc<FunctionEntry>,
     in_flight: bool,
@@ -318,6 +319,8 @@ pub(crate) struct Shard {
     max_active: usize,
     invocation_hist: std::rc::Rc<LocalHistogram>,
     invocations: u64,
+    /// Instance actors started since the metrics were last folded.
+    actor_starts: u64,
     invocation_errors: u64,
     me: Option<Addr<Shard>>,
     /// The epoch being accumulated (the last cut + 1).
@@ -377,6 +380,7 @@ impl Actor for Shard {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.me = Some(ctx.address());
+        crate::instance::shard_started(ctx.address(), self.invocation_hist.clone());
         self.load_from_store();
         ctx.run_interval(Duration::from_millis(5), |act, _| {
             act.fire_timers();
@@ -386,7 +390,7 @@ impl Actor for Shard {
         let sweep_ms = self
             .config
             .idle_timeout_ms
-            .min(self.config.instance_linger_ms)
+            .min(self.config.instance_linger_ms.unwrap_or(u64::MAX))
             .clamp(10, 1000);
         ctx.run_interval(Duration::from_millis(sweep_ms), |act, _| {
             act.passivate_idle();
@@ -471,6 +475,7 @@ impl Shard {
             max_active,
             invocation_hist: std::rc::Rc::new(hist),
             invocations: 0,
+            actor_starts: 0,
             invocation_errors: 0,
             me: None,
         }
@@ -802,20 +807,14 @@ impl Shard {
                     .remote_batch_size
                     .observe(batch.len() as f64);
             }
-            let (me, hist, generation) = (&self.me, &self.invocation_hist, self.generation);
-            let instance = slot.instance.get_or_insert_with(|| {
-                let shard = me.clone().expect("started");
-                Instance::new(
-                    slot.address.clone(),
-                    slot.entry.clone(),
-                    i,
-                    generation,
-                    shard,
-                    hist.clone(),
-                )
-                .start()
-            });
+            if slot.instance.is_none() {
+                slot.instance = Some(Instance::new(i, self.generation).start());
+                self.actor_starts += 1;
+            }
+            let instance = slot.instance.as_ref().expect("started above");
             instance.do_send(Invoke {
+                address: slot.address.clone(),
+                entry: slot.entry.clone(),
                 batch,
                 state,
                 now_ms: now,
@@ -1217,10 +1216,12 @@ impl Shard {
             self.evict_lru();
         }
         let now = now_ms();
-        let linger_cutoff = now.saturating_sub(self.config.instance_linger_ms);
-        for (_, s) in self.slots.iter_mut() {
-            if s.instance.is_some() && s.idle() && s.last_used_ms <= linger_cutoff {
-                s.instance = None;
+        if let Some(linger) = self.config.instance_linger_ms {
+            let linger_cutoff = now.saturating_sub(linger);
+            for (_, s) in self.slots.iter_mut() {
+                if s.instance.is_some() && s.idle() && s.last_used_ms <= linger_cutoff {
+                    s.instance = None;
+                }
             }
         }
         let cutoff = now.saturating_sub(self.config.idle_timeout_ms);
@@ -1239,6 +1240,8 @@ impl Shard {
     fn fold_metrics(&mut self) {
         let m = self.router.metrics();
         m.invocations.inc_by(std::mem::take(&mut self.invocations));
+        m.actor_starts
+            .inc_by(std::mem::take(&mut self.actor_starts));
         m.invocation_errors
             .inc_by(std::mem::take(&mut self.invocation_errors));
         self.invocation_hist.flush();
