@@ -5,10 +5,13 @@
 # Per run one JSON line: the load's figures (throughput, p50/p99 latency, peak RSS) plus the S3
 # requests per second it caused and their monthly cost at S3 Standard list prices
 # (PUT/POST/LIST $0.005 per 1,000, GET/HEAD $0.0004 per 1,000, DELETE free).
-# MODES: `true` (one node, epoch log), `false` (one node, no log), `cluster` (three nodes
+# MODES (empty: none): `true` (one node, epoch log), `false` (one node, no log), `cluster` (three nodes
 # sharing the bucket, epochs committed to S3; the load goes through node 1, so two thirds of
 # the calls are forwarded), `cluster-log` (the same three nodes, epochs committed through the
 # control group: `cluster_log = true`).
+# RECOVERY_KEYS (unset: skipped): afterwards, `statemesh bench recovery` with that many keys on
+# the same S3 (populate, restart from sled, restart from blob storage alone), with the S3
+# requests of the whole run.
 # BIN: a statemesh binary to use instead of building this tree's.
 #   DURATION=10 CONCURRENCY="1 16 64" IDLE=30 DELAY_MS=30 MODES="true false cluster cluster-log" \
 #     bash scripts/bench-s3.sh
@@ -18,7 +21,7 @@ DURATION=${DURATION:-10}
 CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 IDLE=${IDLE:-30}
 DELAY_MS=${DELAY_MS:-30}
-MODES=${MODES:-"true false"}
+MODES=${MODES-"true false"}
 if [ -z "${BIN:-}" ]; then
   cargo build --release -p statemesh-node >&2
   BIN=target/release/statemesh
@@ -136,3 +139,18 @@ EOF
   for p in $PID; do kill "$p"; done
   for p in $PID; do wait "$p" 2>/dev/null || true; done
 done
+if [ -n "${RECOVERY_KEYS:-}" ]; then
+  cat >"$WORK/recovery.toml" <<EOF
+[checkpoint]
+url = "s3://bench/recovery"
+[checkpoint.s3]
+endpoint = "$PROXY"
+region = "us-east-1"
+access_key_id = "test"
+secret_access_key = "test"
+allow_http = true
+EOF
+  reset
+  out=$("$BIN" bench recovery --keys "$RECOVERY_KEYS" --config "$WORK/recovery.toml" 2>/dev/null)
+  echo "$out" | merge recovery
+fi

@@ -84,6 +84,10 @@ pub enum BenchCommand {
         /// Keys (one state each).
         #[arg(long, default_value_t = 1_000_000)]
         keys: u64,
+        /// A node config file whose `[checkpoint]` section the node uses (for example blob
+        /// storage on S3); by default local files in the scratch directory.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
         /// Bytes per state value.
         #[arg(long, default_value_t = 100)]
         value_bytes: usize,
@@ -163,7 +167,11 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             change,
             rounds,
         } => checkpoint(keys, value_bytes, change, rounds).await,
-        BenchCommand::Recovery { keys, value_bytes } => recovery(keys, value_bytes).await,
+        BenchCommand::Recovery {
+            keys,
+            value_bytes,
+            config,
+        } => recovery(keys, value_bytes, config).await,
         BenchCommand::Memory {
             instances,
             instance_linger_ms,
@@ -517,11 +525,23 @@ async fn checkpoint(keys: u64, value_bytes: usize, change: f64, rounds: u64) -> 
     Ok(())
 }
 
-async fn recovery(keys: u64, value_bytes: usize) -> anyhow::Result<()> {
+async fn recovery(
+    keys: u64,
+    value_bytes: usize,
+    config: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
+    let checkpoint = match &config {
+        Some(path) => statemesh_node::config::NodeConfig::load(path)?.checkpoint,
+        None => in_process_config(&dir).checkpoint,
+    };
     let start = || async {
         let (typ, f) = blob_function();
-        let node = NodeBuilder::new(in_process_config(&dir))
+        let cfg = NodeConfig {
+            checkpoint: checkpoint.clone(),
+            ..in_process_config(&dir)
+        };
+        let node = NodeBuilder::new(cfg)
             .function(typ.clone(), f)
             .start()
             .await?;
@@ -538,6 +558,7 @@ async fn recovery(keys: u64, value_bytes: usize) -> anyhow::Result<()> {
         "bench": "recovery",
         "keys": keys,
         "value_bytes": value_bytes,
+        "blob_storage": checkpoint.url.as_deref().unwrap_or("local files"),
         "populate_s": populate_s,
         "full_snapshot": full,
     });
