@@ -1778,6 +1778,16 @@ async fn a_full_cluster_epoch_log_and_failing_uploads_hold_epochs_and_lose_nothi
     assert_eq!(s, 503, "{body}");
     assert!(body.contains("cluster's epoch log"), "{body}");
     println!("full at {full_at} acknowledged calls; /readyz: {body}");
+    let (ok, out, err) = n1.cli(&["cluster", "status"]);
+    assert!(ok, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("epoch log: "))
+        .unwrap_or_else(|| panic!("cluster status prints the epoch log: {out}"));
+    assert!(
+        line.contains(&format!("of {MAX} bytes")) && line.contains("FULL"),
+        "{line}"
+    );
 
     // A member that does not lead dies: the synchronisation that drops it waits for an upload.
     let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();

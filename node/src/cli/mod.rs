@@ -304,6 +304,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 c.committed_epoch,
                 c.unassigned_key_groups
             );
+            if let Some(l) = &c.epoch_log {
+                println!(
+                    "epoch log: {} epochs, {} of {} bytes, uploaded through epoch {}{}",
+                    l.epochs,
+                    l.bytes,
+                    l.max_bytes,
+                    l.uploaded,
+                    if l.bytes >= l.max_bytes {
+                        "  FULL: epochs wait for an upload to blob storage"
+                    } else {
+                        ""
+                    }
+                );
+            }
             println!(
                 "{:<20} {:>4} {:<8} {:<8} {:>10}  {:<22} {:<22}",
                 "ID", "GEN", "ROLE", "STATE", "KEY_GROUPS", "GRPC", "HTTP"

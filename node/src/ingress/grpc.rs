@@ -177,6 +177,12 @@ impl pb::admin_server::Admin for AdminService {
             placement_version: v.placement_version,
             committed_epoch: v.committed_epoch,
             unassigned_key_groups: v.unassigned_key_groups as u32,
+            epoch_log: (v.epoch_log.max_bytes > 0).then_some(pb::EpochLog {
+                epochs: v.epoch_log.epochs as u64,
+                bytes: v.epoch_log.bytes,
+                uploaded: v.epoch_log.uploaded,
+                max_bytes: v.epoch_log.max_bytes,
+            }),
             members: v
                 .members
                 .into_iter()
