@@ -3177,6 +3177,66 @@ mod tests {
         (dir, store, cp)
     }
 
+    /// `lists` finds an object in the manifest of its epoch, or in the merged manifest of a run
+    /// of epochs (walking back from the newest manifest read); it names a manifest it cannot
+    /// read rather than answering "not listed".
+    #[tokio::test]
+    async fn lists_walks_back_to_a_merged_manifest_and_names_one_it_cannot_read() {
+        let blob = crate::checkpoint::blob::open("memory://", &Default::default(), false).unwrap();
+        let cp = CheckpointStore::new(blob.clone());
+        let object = |e: u64| NodeEpoch {
+            epoch: e,
+            node: "n".into(),
+            key_groups: vec![section(3, key(3, "a"), b"1")],
+        };
+        let commit = |e: u64, previous: Option<u64>, o: crate::checkpoint::format::ObjectRef| {
+            let cp = cp.clone();
+            async move {
+                cp.commit(&Manifest {
+                    epoch: e,
+                    previous,
+                    created_ms: 0,
+                    objects: vec![o],
+                    writer: Some("test/1".into()),
+                })
+                .await
+                .unwrap();
+            }
+        };
+        let first = cp.write_node_epoch(&object(1)).await.unwrap();
+        commit(1, None, first.clone()).await;
+        // Epochs 2 to 4 uploaded as one run: one manifest, labelled 4, whose merged object
+        // names the parts of epochs 2 and 3 that removed egress records.
+        let mut run = cp.write_node_epoch(&object(4)).await.unwrap();
+        run.merged = vec!["part-2".into(), "part-3".into()];
+        commit(4, Some(1), run.clone()).await;
+        assert!(lists(&cp, 1, &first.path, None).await.unwrap());
+        assert!(!lists(&cp, 1, &run.path, Some(4)).await.unwrap());
+        assert!(lists(&cp, 4, &run.path, None).await.unwrap());
+        assert!(lists(&cp, 3, "part-3", Some(4)).await.unwrap());
+        assert!(lists(&cp, 2, "part-2", Some(4)).await.unwrap());
+        assert!(!lists(&cp, 3, "part-9", Some(4)).await.unwrap());
+        // Nothing newer to walk back from: epoch 3 did not commit as far as this reader knows.
+        assert!(!lists(&cp, 3, "part-3", None).await.unwrap());
+        assert!(!lists(&cp, 5, "part-3", Some(4)).await.unwrap());
+        // The manifest of the run is unreadable: an error naming it, not "not listed".
+        let path = object_store::path::Path::from(crate::checkpoint::format::manifest_path(4));
+        let path = if blob.prefix.as_ref().is_empty() {
+            path
+        } else {
+            object_store::path::Path::from(format!("{}/{}", blob.prefix, path))
+        };
+        object_store::ObjectStoreExt::put(
+            &*blob.store,
+            &path,
+            bytes::Bytes::from_static(b"not json").into(),
+        )
+        .await
+        .unwrap();
+        let e = lists(&cp, 3, "part-3", Some(4)).await.unwrap_err();
+        assert!(e.contains("cannot read the manifest of epoch 4"), "{e}");
+    }
+
     fn section(kg: u32, key: Vec<u8>, value: &[u8]) -> KeyGroupSection {
         KeyGroupSection {
             key_group: kg,
