@@ -68,6 +68,17 @@ d.update({"setup": sys.argv[2], "s3_requests": s["total"], "s3_by_method": m, "s
           "s3_usd_per_month": round(cost_s / s["since_s"] * 2592000, 2)})
 print(json.dumps(d))' "$(stats)" "$1"
 }
+# The nodes' S3 settings: moto behind the proxy.
+s3_section() {
+  cat <<EOF
+[checkpoint.s3]
+endpoint = "$PROXY"
+region = "us-east-1"
+access_key_id = "test"
+secret_access_key = "test"
+allow_http = true
+EOF
+}
 N=0
 for mode in $MODES; do
   N=$((N + 1))
@@ -83,12 +94,7 @@ for mode in $MODES; do
 url = "s3://bench/n$N"
 log = $log
 cluster_log = $cluster_log
-[checkpoint.s3]
-endpoint = "$PROXY"
-region = "us-east-1"
-access_key_id = "test"
-secret_access_key = "test"
-allow_http = true
+$(s3_section)
 EOF
   if [ "$mode" != true ] && [ "$mode" != false ]; then
     # Three nodes (node 1 bootstraps, 2 and 3 join); the load waits for the key groups'
@@ -143,12 +149,7 @@ if [ -n "${RECOVERY_KEYS:-}" ]; then
   cat >"$WORK/recovery.toml" <<EOF
 [checkpoint]
 url = "s3://bench/recovery"
-[checkpoint.s3]
-endpoint = "$PROXY"
-region = "us-east-1"
-access_key_id = "test"
-secret_access_key = "test"
-allow_http = true
+$(s3_section)
 EOF
   reset
   out=$("$BIN" bench recovery --keys "$RECOVERY_KEYS" --config "$WORK/recovery.toml" 2>/dev/null)

@@ -3163,18 +3163,28 @@ mod tests {
                 })
                 .await
                 .unwrap();
-            cp.commit(&Manifest {
-                epoch: e,
-                previous,
-                created_ms: 0,
-                objects: vec![o],
-                writer: Some("test/1".into()),
-            })
-            .await
-            .unwrap();
+            commit(&cp, e, previous, o).await;
             previous = Some(e);
         }
         (dir, store, cp)
+    }
+
+    /// Commits epoch `e` (after `previous`) listing object `o`.
+    async fn commit(
+        cp: &CheckpointStore,
+        e: u64,
+        previous: Option<u64>,
+        o: crate::checkpoint::format::ObjectRef,
+    ) {
+        cp.commit(&Manifest {
+            epoch: e,
+            previous,
+            created_ms: 0,
+            objects: vec![o],
+            writer: Some("test/1".into()),
+        })
+        .await
+        .unwrap();
     }
 
     /// `lists` finds an object in the manifest of its epoch, or in the merged manifest of a run
@@ -3189,27 +3199,13 @@ mod tests {
             node: "n".into(),
             key_groups: vec![section(3, key(3, "a"), b"1")],
         };
-        let commit = |e: u64, previous: Option<u64>, o: crate::checkpoint::format::ObjectRef| {
-            let cp = cp.clone();
-            async move {
-                cp.commit(&Manifest {
-                    epoch: e,
-                    previous,
-                    created_ms: 0,
-                    objects: vec![o],
-                    writer: Some("test/1".into()),
-                })
-                .await
-                .unwrap();
-            }
-        };
         let first = cp.write_node_epoch(&object(1)).await.unwrap();
-        commit(1, None, first.clone()).await;
+        commit(&cp, 1, None, first.clone()).await;
         // Epochs 2 to 4 uploaded as one run: one manifest, labelled 4, whose merged object
         // names the parts of epochs 2 and 3 that removed egress records.
         let mut run = cp.write_node_epoch(&object(4)).await.unwrap();
         run.merged = vec!["part-2".into(), "part-3".into()];
-        commit(4, Some(1), run.clone()).await;
+        commit(&cp, 4, Some(1), run.clone()).await;
         assert!(lists(&cp, 1, &first.path, None).await.unwrap());
         assert!(!lists(&cp, 1, &run.path, Some(4)).await.unwrap());
         assert!(lists(&cp, 4, &run.path, None).await.unwrap());
