@@ -352,6 +352,21 @@ async fn request(
     content_type: Option<&str>,
     body: Bytes,
 ) -> Result<(u16, String, Bytes), String> {
+    let (status, headers, b) = request_with_headers(url, method, content_type, body).await?;
+    let ct = headers
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    Ok((status, ct, b))
+}
+
+/// One HTTP request: (status, response headers, body).
+async fn request_with_headers(
+    url: &str,
+    method: &str,
+    content_type: Option<&str>,
+    body: Bytes,
+) -> Result<(u16, hyper::HeaderMap, Bytes), String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let mut req = hyper::Request::builder().method(method).uri(url);
@@ -363,18 +378,14 @@ async fn request(
         .await
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let ct = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap_or_default().to_string())
-        .unwrap_or_default();
+    let headers = resp.headers().clone();
     let b = resp
         .into_body()
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    Ok((status, ct, b))
+    Ok((status, headers, b))
 }
 
 /// One HTTP request that may fail (a node being killed): `Err` on a transport error or
@@ -436,21 +447,12 @@ pub async fn pop_egress(node: &Node, topic: &str) -> (u16, Option<String>, Bytes
 
 /// Like [`pop_egress`], at the URL of a topic.
 pub async fn pop_egress_at(url: &str) -> (u16, Option<String>, Bytes) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let req = hyper::Request::get(url)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = client
-        .request(req)
+    let (status, headers, body) = request_with_headers(url, "GET", None, Bytes::new())
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = resp.status().as_u16();
-    let id = resp
-        .headers()
+    let id = headers
         .get("statemesh-record-id")
         .map(|v| v.to_str().unwrap().to_string());
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, id, body)
 }
 
