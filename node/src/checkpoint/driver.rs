@@ -1052,12 +1052,16 @@ impl Driver {
             },
             DriverEvent::Committed { epoch, result } => match result {
                 Ok(stored) => {
-                    if self.objects.get(&epoch).is_some_and(|o| o.is_some()) {
+                    // A manifest was written (not an append to the epoch log, nor an empty
+                    // epoch): only then is a snapshot being listed this commit's (an upload
+                    // of the epoch log, which may run meanwhile, lists its own: `uploaded`).
+                    let manifest = self.objects.get(&epoch).is_some_and(|o| o.is_some());
+                    if manifest {
                         self.last_manifest = Some(epoch);
                     }
                     // One commit is in flight at a time: a listed snapshot is in this one,
                     // unless the manifest stored is an earlier attempt's that did not list it.
-                    if let Some((obj, label)) = self.listing.take() {
+                    if let Some((obj, label)) = self.listing.take_if(|_| manifest) {
                         if stored
                             .as_ref()
                             .is_none_or(|m| m.objects.iter().any(|o| o.path == obj.path))
@@ -1073,9 +1077,12 @@ impl Driver {
                     self.maybe_held();
                 }
                 Err(e) => {
-                    // The full snapshot stays unlisted until a manifest lists it.
-                    if let Some(full) = self.listing.take() {
-                        self.unlisted_full = Some(full);
+                    // The full snapshot stays unlisted until a manifest lists it (this
+                    // commit's; not an upload's in flight).
+                    if self.objects.get(&epoch).is_some_and(|o| o.is_some()) {
+                        if let Some(full) = self.listing.take() {
+                            self.unlisted_full = Some(full);
+                        }
                     }
                     self.failed(epoch, e)
                 }

@@ -154,12 +154,29 @@ pub(crate) async fn upload(
         ),
         e => e.to_string(),
     })?;
-    // Uploaded; the log not yet truncated (a restart drops what blob storage has).
-    crate::failpoint::eval("checkpoint-log-truncate")?;
-    let l = log.clone();
-    tokio::task::spawn_blocking(move || l.truncate(epoch))
-        .await
-        .map_err(|e| e.to_string())??;
+    // Uploaded; the log not yet truncated (a restart drops what blob storage has). From here
+    // on the upload stands whatever the truncation does: reported as failed, the driver would
+    // keep `previous` as the newest manifest and chain the next upload to it, past this one,
+    // while the log no longer held this one's epochs (a truncation that wrote its compaction,
+    // then failed to purge files, did that: the chain skipped them). A truncation that did not
+    // happen is done by the next upload's, which drops everything up to its own manifest.
+    let truncated = match crate::failpoint::eval("checkpoint-log-truncate") {
+        Ok(()) => {
+            let l = log.clone();
+            tokio::task::spawn_blocking(move || l.truncate(epoch))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = truncated {
+        tracing::warn!(
+            epoch,
+            error = %e,
+            "uploaded, but the epoch log was not truncated behind the upload; the next upload truncates it"
+        );
+    }
     Ok(Some(Uploaded {
         epoch,
         epochs: count,
@@ -445,6 +462,46 @@ mod tests {
             node: "n".into(),
             key_groups: sections,
         }
+    }
+
+    /// An upload whose manifest committed stands even when truncating the log behind it
+    /// fails: reported as failed, the driver kept the manifest before it as the newest, and
+    /// the next upload chained to that one, past this one (whose epochs a truncation that
+    /// wrote its compaction and then failed to purge files had dropped from the log: a crash
+    /// test lost an acknowledged message from blob storage this way). The next upload chains
+    /// to it and truncates everything behind itself.
+    #[tokio::test]
+    async fn an_upload_whose_truncation_fails_stands_and_the_next_chains_to_it() {
+        let cp = CheckpointStore::new(
+            super::super::blob::open("memory://", &Default::default(), false).unwrap(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EpochLog::open(dir.path()).unwrap());
+        let append = |e: u64, key: &str| {
+            let ne = epoch(e, vec![section(1, &[(key, "v")], &[], &[])]);
+            log.append(e, &ne.encode_to_vec()).unwrap();
+        };
+        append(1, "a");
+        append(2, "b");
+        crate::failpoint::configure("checkpoint-log-truncate=1*return(injected)").unwrap();
+        let first = upload(&cp, &log, None, 2, "w", None).await;
+        crate::failpoint::configure("checkpoint-log-truncate=off").unwrap();
+        let first = first.expect("the upload stands").expect("epochs uploaded");
+        assert_eq!((first.epoch, first.epochs), (2, 2));
+        // Not truncated: the next upload skips what the manifest has.
+        assert_eq!(log.first_epoch(), Some(1));
+        append(3, "c");
+        let next = upload(&cp, &log, Some(first.epoch), 3, "w", None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((next.epoch, next.epochs), (3, 1));
+        assert_eq!(cp.manifest(3).await.unwrap().previous, Some(2));
+        assert_eq!(
+            log.first_epoch(),
+            None,
+            "truncated behind the newest upload"
+        );
     }
 
     #[test]
