@@ -1911,6 +1911,66 @@ async fn a_leave_whose_proposal_is_lost_is_proposed_again_and_the_node_leaves() 
     }
 }
 
+/// A member restarted and told to leave at once (before its own join of the new process may
+/// have applied: a chaos run did this) leaves, and its process exits 0. The condition for
+/// "left" once required its join to have applied: removed from the Raft group before that, it
+/// heard nothing more and waited for ever.
+#[tokio::test]
+async fn a_member_told_to_leave_right_after_its_restart_leaves_and_exits() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, _) = start(root, 1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let (n2, _) = start(root, 2, Some(&seed));
+    let (n3, p3) = start(root, 3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    spread(&n1, 3, 200).await;
+    n3.kill();
+    let mut n3 = restart(root, 3, p3, Some(&seed));
+    // As soon as it answers: its restart's join is typically not applied yet.
+    let status = eventually(
+        "node 3 to take the leave",
+        Duration::from_secs(30),
+        || async {
+            let (s, _, _) = common::try_http(
+                &format!("{}/v1/cluster/leave", n3.http),
+                "POST",
+                None,
+                bytes::Bytes::new(),
+            )
+            .await
+            .ok()?;
+            (s == 202).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(status, 202);
+    let exited = eventually("node 3 to leave and exit", Duration::from_secs(60), || {
+        let s = n3.exited();
+        async move { s }
+    })
+    .await;
+    assert!(exited.success(), "node 3 exited with {exited}");
+    assert!(n3
+        .log_since_launch()
+        .contains("this node has left the cluster"));
+    eventually(
+        "nodes 1 and 2 to own every key group",
+        Duration::from_secs(30),
+        || async {
+            let v = view(&n1).await?;
+            (member(&v, 3).is_null()
+                && member_field(&v, "key_groups").iter().sum::<u64>() == 1024
+                && v["members"].as_array()?.len() == 2)
+                .then_some(())
+        },
+    )
+    .await;
+    n1.stop();
+    n2.stop();
+}
+
 /// A full snapshot lists only key groups that sled holds as of its label. Node 1 takes a full
 /// snapshot after every epoch that changed something, each waiting 1 s before it scans sled
 /// (fault point `checkpoint-full-snapshot-scan`); node 2 takes none. Node 2 joins under load:

@@ -217,7 +217,20 @@ impl<S: ControlLog> ControlNode<S> {
     /// its origin). A message that does not decode is refused with an error naming it; the
     /// node is unaffected.
     pub fn step(&mut self, bytes: &[u8]) -> Result<NodeId, String> {
+        self.step_kind(bytes).map(|(from, _)| from)
+    }
+
+    /// [`step`](Self::step), also saying whether the message is the leader's replication (an
+    /// append, a heartbeat or a snapshot): what a member stops getting once the group removed
+    /// it. (A read index's answer is not: a leader answers one from a removed member too.)
+    pub fn step_kind(&mut self, bytes: &[u8]) -> Result<(NodeId, bool), String> {
         let m = Message::parse_from_bytes(bytes).map_err(|e| format!("raft message: {e}"))?;
+        let replication = matches!(
+            m.get_msg_type(),
+            raft::prelude::MessageType::MsgAppend
+                | raft::prelude::MessageType::MsgHeartbeat
+                | raft::prelude::MessageType::MsgSnapshot
+        );
         if m.to != self.id {
             return Err(format!(
                 "raft message for node {} reached node {}",
@@ -227,7 +240,7 @@ impl<S: ControlLog> ControlNode<S> {
         let from = m.from;
         self.raw
             .step(m)
-            .map(|()| from)
+            .map(|()| (from, replication))
             .map_err(|e| format!("raft step: {e}"))
     }
 

@@ -137,6 +137,13 @@ const MOVES_PER_ROUND: usize = 1024;
 /// How long participants that own nothing wait for a move under way to end before they
 /// leave the epochs the old way (a synchronisation that rolls everyone back).
 const RETIRE_WAIT: Duration = Duration::from_secs(3);
+/// How long the participants wait to drop a dead member until its key groups can be taken
+/// over (its lease runs out `lease_ms` after the leader took over at the latest), so that the
+/// synchronisation dropping it is the failover. Without the wait, a leader elected because the
+/// old one died declares it dead before its lease ran out, drops it without moving its key
+/// groups, and the failover waits for a later moment when no move or synchronisation is
+/// under way (a busy, noisy cluster may not have one for seconds).
+const ORPHAN_WAIT: Duration = Duration::from_secs(3);
 /// How long removing a member from the Raft group waits for it to leave the cluster's epochs
 /// (`RETIRE_WAIT`, then the drain of the open epochs).
 const CONF_WAIT_FOR_RETIRE: Duration = Duration::from_secs(6);
@@ -554,6 +561,7 @@ pub(crate) fn start(
             moves_stuck_logged: None,
             move_plan: Vec::new(),
             retire_wait: None,
+            orphan_wait: None,
             conf_wait: None,
             failover_plan: Vec::new(),
             node,
@@ -721,6 +729,10 @@ struct Driver {
     /// Since when participants that own nothing wait to leave the epochs live (a move is
     /// under way).
     retire_wait: Option<Instant>,
+    /// Since when the participants wait to drop a dead member whose key groups cannot be taken
+    /// over yet (the lease it may hold runs on): the synchronisation that drops it then moves
+    /// them too (failover), for up to `ORPHAN_WAIT`.
+    orphan_wait: Option<Instant>,
     /// Since when a change of the Raft group waits for a member it removes to leave the
     /// cluster's epochs.
     conf_wait: Option<Instant>,
@@ -764,7 +776,7 @@ struct Driver {
     failure: FailureConfig,
     /// Deaths proposed (member → generation, when), proposed again after `REPROPOSE`.
     dead_proposed: HashMap<NodeId, (u64, Instant)>,
-    /// When a peer's Raft message last arrived.
+    /// When the Raft leader's replication (an append, a heartbeat, a snapshot) last arrived.
     last_heard: Instant,
     /// The last leader other than this node it knew.
     last_leader: Option<NodeId>,
@@ -779,8 +791,9 @@ struct Driver {
     left: bool,
 }
 
-/// A member leaving that owns nothing and has heard from no peer this long has left (the
-/// group stopped sending to it).
+/// A member leaving that owns nothing and has had no replication from the Raft group's
+/// leader this long has left (the group stopped sending to it; the leader still answers its
+/// read indexes, which kept a chaos run's removed member waiting for ever).
 const LEFT_SILENCE: Duration = Duration::from_secs(3);
 
 /// How long a proposal that changed nothing waits before it is proposed again.
@@ -791,15 +804,19 @@ impl Driver {
         match i {
             ControlInput::Raft { from, addr, msgs } => {
                 self.detector.heard(from, crate::mesh::mono_ms());
-                self.last_heard = Instant::now();
                 if !addr.is_empty() {
                     self.learned.insert(from, addr);
                 }
                 for m in msgs {
-                    match self.node.step(&m) {
+                    match self.node.step_kind(&m) {
                         // The member that created it (a read index forwarded by another member
                         // names its origin): what the ownership leases are bounded by.
-                        Ok(origin) => self.detector.heard(origin, crate::mesh::mono_ms()),
+                        Ok((origin, replication)) => {
+                            self.detector.heard(origin, crate::mesh::mono_ms());
+                            if replication {
+                                self.last_heard = Instant::now();
+                            }
+                        }
                         Err(e) => tracing::debug!(from, error = %e, "raft message not taken"),
                     }
                 }
@@ -1233,7 +1250,19 @@ impl Driver {
         let wait_retire = retire
             && !self.lead.as_ref().is_some_and(|l| l.ready_to_move())
             && self.retire_wait.get_or_insert_with(Instant::now).elapsed() < RETIRE_WAIT;
-        if self.participants.as_ref() != Some(&p) && !wait_retire {
+        // A dead member about to be dropped whose key groups cannot be taken over yet.
+        let wait_orphans = orphans.is_empty()
+            && self.participants.as_ref() != Some(&p)
+            && before.keys().any(|n| {
+                !p.contains_key(n)
+                    && state.members.get(n).is_some_and(|m| !m.alive)
+                    && state.owned_by(*n) > 0
+            })
+            && self.orphan_wait.get_or_insert_with(Instant::now).elapsed() < ORPHAN_WAIT;
+        if !wait_orphans {
+            self.orphan_wait = None;
+        }
+        if self.participants.as_ref() != Some(&p) && !wait_retire && !wait_orphans {
             self.retire_wait = None;
             self.participants = Some(p.clone());
             if !orphans.is_empty() {
@@ -1247,15 +1276,13 @@ impl Driver {
             } else {
                 self.lead_input(LeadInput::Participants(p));
             }
-        } else if wait_retire {
+        } else if wait_retire || wait_orphans {
             // Not while the participants are about to change.
         } else if !orphans.is_empty()
             && self.move_proposed.is_none()
             && self.lead.as_ref().is_some_and(|l| l.ready_to_move())
-            && self
-                .move_round
-                .is_none_or(|t| t.elapsed() >= MOVE_ROUND_EVERY)
         {
+            // (Whenever it can: a failover does not wait for the pace of handover rounds.)
             self.failover(p, orphans);
         }
         // Key groups move to the members rendezvous hashing gives them, a round at a time.
@@ -1820,8 +1847,10 @@ impl Driver {
             self.lease.revoke();
         }
         // Left: it was leaving, owns nothing, and the Raft group has let it go (or the
-        // members have).
-        if self.joined && !self.left {
+        // members have). Also when this process asked to leave before its own join was
+        // applied (it restarted and was told to leave at once): the leave applies to its id,
+        // and once removed it hears nothing more (a chaos run waited 90 s for it).
+        if (self.joined || self.leave_proposed.is_some()) && !self.left {
             let conf = state.conf.clone().unwrap_or_default();
             let gone = match state.members.get(&me) {
                 None => true,
