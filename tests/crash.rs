@@ -39,7 +39,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -278,6 +278,10 @@ const SMALL: &str = "shards = 2\n[checkpoint]\nretain = 2\ngc_every = 2\ngc_min_
 /// Per client, its acknowledged top-level messages in order: (target, message id).
 type Acked = Arc<Mutex<Vec<Vec<(String, String)>>>>;
 
+/// When each top-level message was acknowledged (seconds since the clients started): a
+/// failure names it, to be read against the kills' and events' times.
+type AckTimes = Arc<Mutex<HashMap<String, f64>>>;
+
 /// What the killer saw.
 #[derive(Default, Debug)]
 struct KillStats {
@@ -496,15 +500,17 @@ async fn run(seed: u64, v: Variant) {
     let done = Arc::new(AtomicBool::new(false));
     // Per worker, the ids of its acknowledged top-level messages, in order, with their target.
     let acked: Acked = Arc::new(Mutex::new(vec![Vec::new(); 4]));
+    let ack_times: AckTimes = Arc::default();
     let t0 = Instant::now();
     let mut workers = Vec::new();
     for w in 0..4u64 {
-        let (reqs, next, clients, acked, done) = (
+        let (reqs, next, clients, acked, done, ack_times) = (
             reqs.clone(),
             next.clone(),
             clients.clone(),
             acked.clone(),
             done.clone(),
+            ack_times.clone(),
         );
         let min_requests = v.requests;
         let cluster = v.cluster || v.chaos > 0;
@@ -568,6 +574,9 @@ async fn run(seed: u64, v: Variant) {
                 }
                 tokio::time::sleep(Duration::from_millis(rng.below(40))).await;
                 let ack = |at: &Address, id: &str| {
+                    ack_times
+                        .lock()
+                        .insert(id.to_string(), t0.elapsed().as_secs_f64());
                     acked.lock()[w as usize].push((at.to_string(), id.to_string()))
                 };
                 match &reqs[i] {
@@ -620,6 +629,7 @@ async fn run(seed: u64, v: Variant) {
                 kill_rng,
                 stats.clone(),
                 acked.clone(),
+                t0,
             )
             .await
         } else {
@@ -631,6 +641,7 @@ async fn run(seed: u64, v: Variant) {
                 v.lose_disk,
                 kill_rng,
                 stats.clone(),
+                t0,
             )
             .await
         };
@@ -653,6 +664,7 @@ async fn run(seed: u64, v: Variant) {
             t0,
             &addresses,
             &egress_http,
+            &ack_times,
         )
         .await;
         for o in others {
@@ -770,8 +782,9 @@ async fn run(seed: u64, v: Variant) {
                     }
                 }
                 println!(
-                    "kill {} of {kills}: {}{}{}",
+                    "kill {} of {kills} at {:.1} s: {}{}{}",
                     k + 1,
+                    t0.elapsed().as_secs_f64(),
                     match fault {
                         Some((p, skip)) => format!("abort at {p} after {skip} passes"),
                         None => format!("SIGKILL after {wait} ms"),
@@ -812,8 +825,25 @@ async fn run(seed: u64, v: Variant) {
         t0,
         &addresses,
         &egress_http,
+        &ack_times,
     )
     .await;
+}
+
+/// A message for a failure: its target, its request (what kind) and, for the request's own
+/// messages, when the client had it acknowledged (to be read against the kills' times).
+fn describe(model: &Model, reqs: &[Request], ack_times: &AckTimes, id: &str) -> String {
+    let m = &model.msgs[id];
+    let kind = match &reqs[m.req] {
+        Request::Send(..) => "a Send",
+        Request::Call(..) => "a Call",
+        Request::DelayThenCancel { .. } => "a delay then its cancel",
+    };
+    let acked = match ack_times.lock().get(id) {
+        Some(t) => format!(", acknowledged at {t:.2} s"),
+        None => String::new(),
+    };
+    format!("{id} to {} (request {}: {kind}{acked})", m.at, m.req)
 }
 
 /// Checks everything the clients had acknowledged against the model, reading through `n`
@@ -832,6 +862,7 @@ async fn verify(
     t0: Instant,
     addresses: &[String],
     egress_http: &str,
+    ack_times: &AckTimes,
 ) {
     if let Some((source, pending)) = recovery(&n.http).await {
         let mut s = stats.lock();
@@ -916,7 +947,11 @@ async fn verify(
             let dups: Vec<_> = here.iter().filter(|(_, c)| **c > 1).collect();
             assert!(
                 dups.is_empty(),
-                "seed {seed}: {a} applied messages more than once: {dups:?}"
+                "seed {seed}: {a} applied messages more than once: {dups:?} ({})",
+                dups.iter()
+                    .map(|(id, _)| describe(&model, &reqs, ack_times, id))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             );
             let want: i64 = log.iter().map(|id| model.msgs[id].inc).sum();
             let got = states["states"]["count"]["value"].as_i64().unwrap_or(0);
@@ -936,16 +971,15 @@ async fn verify(
                 .iter()
                 .take(20)
                 .map(|id| {
-                    let m = &model.msgs[**id];
                     let parent = model
                         .msgs
                         .iter()
                         .find(|(_, p)| p.sends.iter().any(|(_, s)| s == **id))
                         .map(|(p, pm)| {
-                            format!("sent by {p} at {} (applied: {})", pm.at, seen.contains(p))
+                            format!(", sent by {p} at {} (applied: {})", pm.at, seen.contains(p))
                         })
-                        .unwrap_or_else(|| "sent by the client".into());
-                    format!("{id} to {} (request {}, {parent})", m.at, m.req)
+                        .unwrap_or_default();
+                    format!("{}{parent}", describe(&model, &reqs, ack_times, id))
                 })
                 .collect();
             panic!(
@@ -1220,6 +1254,7 @@ const OUTAGE: Duration = Duration::from_secs(6);
 /// after its previous restart, and restarts it on its data directory and ports (with
 /// `lose_disk`, the node kept down long loses its data directory and comes back as node 4).
 /// Returns node 1's slot and the two others, all running.
+#[allow(clippy::too_many_arguments)]
 async fn cluster_killer(
     root: &std::path::Path,
     owner: &Launch,
@@ -1228,6 +1263,7 @@ async fn cluster_killer(
     lose_disk: bool,
     rng: Mutex<Rng>,
     stats: Arc<Mutex<KillStats>>,
+    t0: Instant,
 ) -> (Node, Vec<Node>) {
     let seed = format!("127.0.0.1:{}", owner.grpc_port);
     let mut launches: Vec<Launch> = std::iter::once({
@@ -1323,8 +1359,9 @@ async fn cluster_killer(
         }
         stats.lock().kills += 1;
         println!(
-            "kill {} of {kills}: node {} ({why}; SIGKILL after {wait} ms)",
+            "kill {} of {kills} at {:.1} s: node {} ({why}; SIGKILL after {wait} ms)",
             k + 1,
+            t0.elapsed().as_secs_f64(),
             victim + 1
         );
         let mut replaced = false;
@@ -1568,10 +1605,16 @@ impl Mesh {
         .await
     }
 
-    /// Takes node `id` out of the running ones, counting what its log says.
-    fn take(&mut self, id: u64, stats: &Mutex<KillStats>) -> Node {
+    /// Takes node `id` out of the running ones, counting what its log says and the retried
+    /// requests it deduplicated (its counter dies with it: the nodes running at the end may all
+    /// have restarted since the last retry).
+    async fn take(&mut self, id: u64, stats: &Mutex<KillStats>) -> Node {
         let n = self.running.remove(&id).unwrap();
         tally(&n, stats);
+        let read = metric(&n.http, "statemesh_idempotent_retries_total");
+        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), read).await {
+            stats.lock().dedup += d;
+        }
         n
     }
 }
@@ -1643,6 +1686,7 @@ async fn chaos(
     rng: Mutex<Rng>,
     stats: Arc<Mutex<KillStats>>,
     acked: Acked,
+    start: Instant,
 ) -> (Node, Vec<Node>) {
     let mut mesh = Mesh {
         root: root.to_path_buf(),
@@ -1686,7 +1730,7 @@ async fn chaos(
         };
         let what = match e {
             Event::KillRestart | Event::KillDown | Event::KillForever => {
-                mesh.take(victim, &stats).kill();
+                mesh.take(victim, &stats).await.kill();
                 stats.lock().kills += 1;
                 if *e != Event::KillForever {
                     tokio::time::sleep(Duration::from_millis(wait)).await;
@@ -1758,7 +1802,7 @@ async fn chaos(
                     }
                     panic!("node {victim} did not leave:\n{out}\n{err}\n{status}\n{logs}");
                 }
-                let mut n = mesh.take(victim, &stats);
+                let mut n = mesh.take(victim, &stats).await;
                 let status = common::eventually(
                     &format!("node {victim} to exit after leaving"),
                     Duration::from_secs(30),
@@ -1775,7 +1819,11 @@ async fn chaos(
             }
         };
         stats.lock().events += 1;
-        println!("event {} of {events}: {what}", k + 1);
+        println!(
+            "event {} of {events} (ended at {:.1} s): {what}",
+            k + 1,
+            start.elapsed().as_secs_f64()
+        );
     }
     mesh.settled().await;
     let during = (acks() - a1) as f64 / t1.elapsed().as_secs_f64();
