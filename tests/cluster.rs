@@ -159,12 +159,18 @@ async fn two_nodes(root: &Path) -> (Node, Node, String) {
 /// Nodes 1 (it bootstraps the cluster), 2 and 3 (joined), agreed, three voters; and node 1's
 /// gRPC address.
 async fn three_nodes(root: &Path) -> (Node, Node, Node, String) {
-    let (n1, _) = start(root, 1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let (n2, _) = start(root, 2, Some(&seed));
-    let (n3, _) = start(root, 3, Some(&seed));
-    converged(&[&n1, &n2, &n3], 3, 3).await;
+    let (n1, n2, n3, seed, _) = three_nodes_with_ports(root).await;
     (n1, n2, n3, seed)
+}
+
+/// [`three_nodes`], and the nodes' ports (to restart them on).
+async fn three_nodes_with_ports(root: &Path) -> (Node, Node, Node, String, [(u16, u16); 3]) {
+    let (n1, p1) = start(root, 1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let (n2, p2) = start(root, 2, Some(&seed));
+    let (n3, p3) = start(root, 3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    (n1, n2, n3, seed, [p1, p2, p3])
 }
 
 /// A command list for `statemesh.smoke/fn` (examples/embedded/src/smoke.rs).
@@ -228,11 +234,7 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
-    let (n1, p1) = start(root, 1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let (n2, p2) = start(root, 2, Some(&seed));
-    let (n3, p3) = start(root, 3, Some(&seed));
-    converged(&[&n1, &n2, &n3], 3, 3).await;
+    let (n1, n2, n3, seed, [p1, p2, p3]) = three_nodes_with_ports(root).await;
     // The joiners get their share of the key groups (rendezvous hashing) within 30 s.
     let t0 = std::time::Instant::now();
     let v = eventually(
@@ -1920,11 +1922,7 @@ async fn a_member_told_to_leave_right_after_its_restart_leaves_and_exits() {
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
-    let (n1, _) = start(root, 1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let (n2, _) = start(root, 2, Some(&seed));
-    let (n3, p3) = start(root, 3, Some(&seed));
-    converged(&[&n1, &n2, &n3], 3, 3).await;
+    let (n1, n2, n3, seed, [_, _, p3]) = three_nodes_with_ports(root).await;
     spread(&n1, 3, 200).await;
     n3.kill();
     let mut n3 = restart(root, 3, p3, Some(&seed));
