@@ -1121,6 +1121,7 @@ pub(crate) fn shard_messages(
                 target: Some(e.target.to_proto()),
                 caller: e.caller.map(|c| c.to_proto()),
                 message: Some(e.message.to_proto()),
+                idempotency_key: e.key.map(String::from).unwrap_or_default(),
             })
             .collect(),
     }
@@ -1155,7 +1156,8 @@ fn take_fn(router: &crate::router::Router, r: &mpb::ForwardRequest) -> Result<()
                     Some(c) => Some(Address::from_proto(&c)?),
                     None => None,
                 };
-                batch.push((t, caller, v, e.kg_version));
+                let key = Some(e.idempotency_key).filter(|k| !k.is_empty());
+                batch.push((t, caller, v, e.kg_version, key));
             }
             router.deliver_remote((m.from_node, m.from_shard), m.generation, batch);
             Ok(())
@@ -2039,7 +2041,7 @@ mod tests {
         r.deliver_remote(
             (other.0, 0),
             0,
-            vec![(a.clone(), None, TypedValue::of(&5i64), 2)],
+            vec![(a.clone(), None, TypedValue::of(&5i64), 2, None)],
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let held = total(&r, &a).await;
@@ -2050,6 +2052,45 @@ mod tests {
         p.update(&table(me, other, kg, &[me + 1, me]));
         assert_eq!(p.kg_version(kg), 2);
         total_reaches(&r, &a, 5).await;
+        node.shutdown().await;
+    }
+
+    /// A client request kept by a key group's old owner during a live move travels to the new
+    /// owner as a message between functions with its idempotency key: the new owner checks and
+    /// records it, so the same request arriving there twice (the kept one and the client's
+    /// retry, here the kept one twice) is applied once. Without the key, a retry at the new
+    /// owner was applied a second time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_client_request_carries_its_idempotency_key_to_the_new_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, me) = quiet_node(dir.path()).await;
+        let r = node.router().clone();
+        let p = r.placement().clone();
+        let a = Address::parse("example/counter/kept").unwrap();
+        let kg = r.key_group(&a);
+        let env = |key: Option<&str>| crate::router::Envelope {
+            target: a.clone(),
+            kg,
+            caller: None,
+            message: TypedValue::of(&5i64),
+            ingress: false,
+            key: key.map(Into::into),
+        };
+        let frame = |e| mpb::ForwardRequest {
+            kind: Kind::Deliver as i32,
+            request: shard_messages(&p, me + 1, 0, 0, vec![e]).into(),
+            ..Default::default()
+        };
+        let decoded = mpb::ShardMessages::decode(frame(env(Some("k1"))).request).unwrap();
+        assert_eq!(decoded.messages[0].idempotency_key, "k1");
+        take_fn(&r, &frame(env(Some("k1")))).unwrap();
+        total_reaches(&r, &a, 5).await;
+        take_fn(&r, &frame(env(Some("k1")))).unwrap();
+        // Without a key it is a message between functions: applied.
+        take_fn(&r, &frame(env(None))).unwrap();
+        total_reaches(&r, &a, 10).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(total(&r, &a).await.unwrap(), Some(10));
         node.shutdown().await;
     }
 

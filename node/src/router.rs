@@ -49,6 +49,11 @@ pub(crate) fn parse_reply_id(id: &str) -> Option<ReplyTo<'_>> {
     })
 }
 
+/// A message another node's shard sent here: target, caller, message, the target's key group
+/// version in the sender's table, and a client's idempotency key (a request its old owner kept
+/// during a live move).
+pub(crate) type RemoteMessage = (Address, Option<Address>, TypedValue, u64, Option<String>);
+
 /// A message on its way to an address.
 pub(crate) struct Envelope {
     pub target: Address,
@@ -1041,18 +1046,19 @@ impl Router {
         }
     }
 
-    /// Delivers messages another node's shard `from` sent to addresses this node owns, to
-    /// their shards in the stream's order (no admission check, as between local shards).
+    /// Delivers messages another node's shard `from` sent ([`RemoteMessage`]) to addresses
+    /// this node owns, to their shards in the stream's order (no admission check, as between
+    /// local shards).
     pub(crate) fn deliver_remote(
         &self,
         from: (u64, u32),
         generation: u64,
-        batch: Vec<(Address, Option<Address>, TypedValue, u64)>,
+        batch: Vec<RemoteMessage>,
     ) {
         let mut per: Vec<(Vec<Envelope>, Vec<u64>)> = (0..self.shard_count())
             .map(|_| Default::default())
             .collect();
-        for (target, caller, message, version) in batch {
+        for (target, caller, message, version, key) in batch {
             let kg = self.key_group(&target);
             let (envs, versions) = &mut per[self.shard_of(kg)];
             envs.push(Envelope {
@@ -1061,7 +1067,7 @@ impl Router {
                 caller,
                 message,
                 ingress: false,
-                key: None,
+                key: key.map(String::into_boxed_str),
             });
             versions.push(version);
         }

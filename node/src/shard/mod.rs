@@ -507,7 +507,9 @@ impl Shard {
     /// Keeps a message for a stopped key group until the move is done.
     fn keep_for_move(&mut self, mut env: Envelope) {
         if env.ingress {
-            // Sent on as a message between functions: no longer counted as ingress here.
+            // Sent on as a message between functions: no longer counted as ingress here. Its
+            // idempotency key goes with it (`ShardEnvelope.idempotency_key`): the new owner
+            // checks and records it, so a retry there (or this being one) applies once.
             self.router.release(self.index, 1);
             env.ingress = false;
         }
