@@ -1707,6 +1707,7 @@ async fn chaos(
     let schedule = chaos_schedule(&mut rng.lock(), events);
     println!("chaos schedule: {schedule:?}");
     let (a1, t1) = (acks(), Instant::now());
+    let mut long_pause_done = false;
     for (k, e) in schedule.iter().enumerate() {
         let leader = mesh.settled().await;
         let (victim, wait, mode) = {
@@ -1718,7 +1719,7 @@ async fn chaos(
             } else {
                 random
             };
-            let wait = match e {
+            let mut wait = match e {
                 Event::KillRestart => r.below(700),
                 Event::KillDown => 2_500 + r.below(2_500),
                 Event::Pause => 300 + r.below(2_700),
@@ -1726,6 +1727,18 @@ async fn chaos(
                 _ => 0,
             };
             let mode = ["return", "return(in)", "return(out)"][r.below(3) as usize];
+            let mut victim = victim;
+            if *e == Event::Pause && !long_pause_done {
+                // The run's first pause outlasts the failure detection, on a member that does
+                // not lead (a leader's successor counts from its election): it is declared dead
+                // and learns it when it resumes, whatever the seed.
+                long_pause_done = true;
+                wait = 4_000 + r.below(1_000);
+                let others: Vec<u64> = ids.iter().copied().filter(|i| *i != leader).collect();
+                if !others.is_empty() {
+                    victim = others[r.below(others.len() as u64) as usize];
+                }
+            }
             (victim, wait, mode)
         };
         let what = match e {
