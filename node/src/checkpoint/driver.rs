@@ -1050,43 +1050,43 @@ impl Driver {
                 }
                 Err(e) => self.failed(epoch, e),
             },
-            DriverEvent::Committed { epoch, result } => match result {
-                Ok(stored) => {
-                    // A manifest was written (not an append to the epoch log, nor an empty
-                    // epoch): only then is a snapshot being listed this commit's (an upload
-                    // of the epoch log, which may run meanwhile, lists its own: `uploaded`).
-                    let manifest = self.objects.get(&epoch).is_some_and(|o| o.is_some());
-                    if manifest {
-                        self.last_manifest = Some(epoch);
-                    }
-                    // One commit is in flight at a time: a listed snapshot is in this one,
-                    // unless the manifest stored is an earlier attempt's that did not list it.
-                    if let Some((obj, label)) = self.listing.take_if(|_| manifest) {
-                        if stored
-                            .as_ref()
-                            .is_none_or(|m| m.objects.iter().any(|o| o.path == obj.path))
-                        {
-                            self.status.lock().last_full = Some((label, obj.size));
-                        } else {
-                            self.unlisted_full = Some((obj, label));
+            DriverEvent::Committed { epoch, result } => {
+                // A manifest was written (not an append to the epoch log, nor an empty epoch):
+                // only then is a snapshot being listed this commit's (an upload of the epoch
+                // log, which may run meanwhile, lists its own: `uploaded`).
+                let manifest = self.objects.get(&epoch).is_some_and(|o| o.is_some());
+                match result {
+                    Ok(stored) => {
+                        if manifest {
+                            self.last_manifest = Some(epoch);
                         }
+                        // One commit is in flight at a time: a listed snapshot is in this one,
+                        // unless the manifest stored is an earlier attempt's that did not list it.
+                        if let Some((obj, label)) = self.listing.take_if(|_| manifest) {
+                            if stored
+                                .as_ref()
+                                .is_none_or(|m| m.objects.iter().any(|o| o.path == obj.path))
+                            {
+                                self.status.lock().last_full = Some((label, obj.size));
+                            } else {
+                                self.unlisted_full = Some((obj, label));
+                            }
+                        }
+                        self.input(Input::Committed { epoch });
+                        // Group commit: the next epoch may start right away.
+                        self.tick();
+                        self.maybe_held();
                     }
-                    self.input(Input::Committed { epoch });
-                    // Group commit: the next epoch may start right away.
-                    self.tick();
-                    self.maybe_held();
-                }
-                Err(e) => {
-                    // The full snapshot stays unlisted until a manifest lists it (this
-                    // commit's; not an upload's in flight).
-                    if self.objects.get(&epoch).is_some_and(|o| o.is_some()) {
-                        if let Some(full) = self.listing.take() {
+                    Err(e) => {
+                        // The full snapshot stays unlisted until a manifest lists it (this
+                        // commit's; not an upload's in flight).
+                        if let Some(full) = self.listing.take_if(|_| manifest) {
                             self.unlisted_full = Some(full);
                         }
+                        self.failed(epoch, e)
                     }
-                    self.failed(epoch, e)
                 }
-            },
+            }
             DriverEvent::Applied { epoch, result } => {
                 {
                     let mut s = self.status.lock();
