@@ -96,6 +96,9 @@ struct Inner {
     commit_wanted: AtomicBool,
     /// Wakes the epoch driver when `commit_wanted` turns on.
     commit_notify: tokio::sync::Notify,
+    /// Something waits for a commit, but no caller does (an egress record to publish): the
+    /// next epoch carries it, or one is started after a short wait ([`Router::want_commit_soon`]).
+    commit_soon: AtomicBool,
     /// Why ingress is refused while checkpoints are behind (`None`: it is not).
     backpressure: Refusal,
     /// The newest epoch applied to sled (shards passivate only what it holds).
@@ -185,6 +188,7 @@ impl Router {
                 ack,
                 commit_wanted: AtomicBool::new(false),
                 commit_notify: tokio::sync::Notify::new(),
+                commit_soon: AtomicBool::new(false),
                 backpressure: Refusal::default(),
                 applied: AtomicU64::new(0),
                 apply_wanted: AtomicBool::new(false),
@@ -275,6 +279,26 @@ impl Router {
         {
             self.inner.commit_notify.notify_one();
         }
+    }
+
+    /// Asks for an epoch without hurry: an output no caller waits for (an egress record to
+    /// publish) rides the next epoch a caller or the interval starts, or one the driver starts
+    /// after `SOON_MS`. Epochs for acknowledgements and replies then find the pipeline free
+    /// instead of queueing behind one for an egress record.
+    pub(crate) fn want_commit_soon(&self) {
+        if !self.inner.commit_soon.load(Ordering::Relaxed) {
+            self.inner.commit_soon.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether an epoch was asked for without hurry since the last [`Router::take_commit_soon`].
+    pub(crate) fn commit_soon(&self) -> bool {
+        self.inner.commit_soon.load(Ordering::Relaxed)
+    }
+
+    /// Clears the request for an epoch without hurry (an epoch starts that carries it).
+    pub(crate) fn take_commit_soon(&self) -> bool {
+        self.inner.commit_soon.swap(false, Ordering::AcqRel)
     }
 
     /// Resolves when something starts waiting for a commit.
