@@ -391,6 +391,8 @@ struct Driver {
     last_released: u64,
     /// Since when an epoch is wanted without hurry ([`Router::want_commit_soon`]).
     soon_since: Option<u64>,
+    /// The newest epoch this driver started its shards' cuts of.
+    last_barrier: u64,
     /// The key groups whose state sled holds (this node's when it last started or rolled
     /// back; a rollback loads the ones it gained from blob storage and drops the ones it
     /// lost).
@@ -719,6 +721,7 @@ pub(crate) fn start(
         rolling_back: None,
         last_released: committed,
         soon_since: None,
+        last_barrier: committed,
         loaded: owned.iter().copied().collect(),
         members: Arc::new(Vec::new()),
         key_groups: config.key_groups,
@@ -964,6 +967,7 @@ impl Driver {
             return;
         }
         let now = now_ms();
+        self.router.commit_soon_started(self.last_barrier);
         let soon = match (self.router.commit_soon(), self.soon_since) {
             (false, _) => {
                 self.soon_since = None;
@@ -2234,9 +2238,12 @@ impl Driver {
     fn action(&mut self, a: Action) {
         match a {
             Action::Barrier(e) => {
-                // This epoch carries every output held so far.
-                self.router.take_commit_soon();
-                self.soon_since = None;
+                // This epoch carries the outputs held for it and earlier ones.
+                self.last_barrier = e;
+                self.router.commit_soon_started(e);
+                if !self.router.commit_soon() {
+                    self.soon_since = None;
+                }
                 self.started_at.insert(e, Instant::now());
                 self.status.lock().started = e;
                 for s in &self.shards {

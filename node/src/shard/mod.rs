@@ -569,7 +569,7 @@ impl Shard {
             // A caller waits for an acknowledgement or a reply; an egress record's readers
             // poll, so it does not need an epoch of its own at once.
             if matches!(h, Held::Egress(..)) {
-                self.router.want_commit_soon();
+                self.router.want_commit_soon(self.epoch);
             } else {
                 self.router.want_commit();
             }
