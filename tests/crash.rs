@@ -72,6 +72,8 @@ struct Msg {
     optional: bool,
     /// Never applied (cancelled by the invocation that scheduled it).
     forbidden: bool,
+    /// The message that sends it and how (`None`: a client's request sends it).
+    parent: Option<(String, &'static str)>,
 }
 
 /// The expected outcome, computed from the commands only.
@@ -115,6 +117,7 @@ impl Gen<'_> {
             ..Default::default()
         };
         let mut out = Vec::new();
+        let mut children: Vec<(String, &'static str)> = Vec::new();
         for _ in 0..1 + self.rng.below(4) {
             match self.rng.below(if depth < 2 { 8 } else { 3 }) {
                 0 | 1 => {
@@ -130,12 +133,14 @@ impl Gen<'_> {
                 3 => {
                     let to = self.address();
                     let (child, cmds) = self.message(&to, depth + 1, model);
+                    children.push((child.clone(), "a send"));
                     msg.sends.push((to.clone(), child.clone()));
                     out.push(json!({ "send": { "to": to, "id": child, "cmds": cmds } }));
                 }
                 4 => {
                     let to = self.address();
                     let (child, cmds) = self.message(&to, depth + 1, model);
+                    children.push((child.clone(), "a delayed send"));
                     let ms = 5 + self.rng.below(200);
                     out.push(json!({ "delay": { "ms": ms, "to": to, "id": child, "token": null, "cmds": cmds } }));
                 }
@@ -145,6 +150,7 @@ impl Gen<'_> {
                     let to = self.address();
                     for _ in 0..3 + self.rng.below(4) {
                         let (child, cmds) = self.message(&to, 2, model);
+                        children.push((child.clone(), "a burst's send"));
                         msg.sends.push((to.clone(), child.clone()));
                         out.push(json!({ "send": { "to": to, "id": child, "cmds": cmds } }));
                     }
@@ -170,6 +176,11 @@ impl Gen<'_> {
                     out.push(json!({ "delay": { "ms": 600_000, "to": to, "id": never, "token": token, "cmds": [{ "inc": 1_000_000 }] } }));
                     out.push(json!({ "cancel": token }));
                 }
+            }
+        }
+        for (child, how) in children {
+            if let Some(c) = model.msgs.get_mut(&child) {
+                c.parent = Some((id.clone(), how));
             }
         }
         model.insert(id.clone(), msg);
@@ -843,7 +854,22 @@ fn describe(model: &Model, reqs: &[Request], ack_times: &AckTimes, id: &str) -> 
         Some(t) => format!(", acknowledged at {t:.2} s"),
         None => String::new(),
     };
-    format!("{id} to {} (request {}: {kind}{acked})", m.at, m.req)
+    // How it was sent: the chain of messages from the client's request down to it.
+    let mut chain = String::new();
+    let mut at = id;
+    while let Some((parent, how)) = model.msgs.get(at).and_then(|m| m.parent.as_ref()) {
+        let p = &model.msgs[parent];
+        chain.push_str(&format!(", {how} of {parent} at {}", p.at));
+        at = parent;
+    }
+    let top = match ack_times.lock().get(at) {
+        Some(t) => format!(", acknowledged at {t:.2} s"),
+        None => String::new(),
+    };
+    if at != id {
+        chain.push_str(&format!(" (the request's own message{top})"));
+    }
+    format!("{id} to {} (request {}: {kind}{acked}{chain})", m.at, m.req)
 }
 
 /// Checks everything the clients had acknowledged against the model, reading through `n`
