@@ -166,32 +166,6 @@ async fn read_smoke(node: &Node) -> (String, String) {
     .await
 }
 
-/// An egress record no caller waits for (produced by a `Send` acknowledged on acceptance) does
-/// not start an epoch at once, so that epochs for waiting callers find the pipeline free; nor does
-/// it wait for the checkpoint interval (here ten minutes): the driver starts an epoch for it after
-/// a few milliseconds, and the record is published when that epoch commits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_egress_record_no_caller_waits_for_is_published_soon_not_at_the_interval() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(
-        &dir.path().join("n"),
-        Some("[checkpoint]\nack = \"accepted\"\ninterval_ms = 600000\n"),
-    );
-    let target = addr("statemesh.smoke/fn/soon");
-    for i in 0..3 {
-        let t0 = std::time::Instant::now();
-        emit(&node, &target, &format!("r{i}")).await;
-        let (body, _) = read_smoke(&node).await;
-        assert_eq!(body, format!("r{i}"));
-        assert!(
-            t0.elapsed() < Duration::from_secs(3),
-            "record r{i} took {:?}",
-            t0.elapsed()
-        );
-    }
-    node.stop();
-}
-
 /// An egress record id's (key group, epoch, n).
 fn id_parts(id: &str) -> (u64, u64, u64) {
     let p: Vec<u64> = id

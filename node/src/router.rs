@@ -96,10 +96,6 @@ struct Inner {
     commit_wanted: AtomicBool,
     /// Wakes the epoch driver when `commit_wanted` turns on.
     commit_notify: tokio::sync::Notify,
-    /// Outputs no caller waits for (egress records to publish) are held for epochs up to this
-    /// one (0: none): an epoch that starts at or after it carries them, or the driver starts
-    /// one after a short wait ([`Router::want_commit_soon`]).
-    commit_soon: AtomicU64,
     /// Why ingress is refused while checkpoints are behind (`None`: it is not).
     backpressure: Refusal,
     /// The newest epoch applied to sled (shards passivate only what it holds).
@@ -189,7 +185,6 @@ impl Router {
                 ack,
                 commit_wanted: AtomicBool::new(false),
                 commit_notify: tokio::sync::Notify::new(),
-                commit_soon: AtomicU64::new(0),
                 backpressure: Refusal::default(),
                 applied: AtomicU64::new(0),
                 apply_wanted: AtomicBool::new(false),
@@ -280,39 +275,6 @@ impl Router {
         {
             self.inner.commit_notify.notify_one();
         }
-    }
-
-    /// Asks for an epoch without hurry: an output no caller waits for (an egress record to
-    /// publish), held for epoch `epoch` (the one its shard cuts next), rides that epoch when a
-    /// caller or the interval starts it, or one the driver starts after `SOON_MS`. Epochs for
-    /// acknowledgements and replies then find the pipeline free instead of queueing behind one
-    /// for an egress record.
-    pub(crate) fn want_commit_soon(&self, epoch: u64) {
-        if self.inner.commit_soon.load(Ordering::Relaxed) < epoch {
-            self.inner.commit_soon.fetch_max(epoch, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether outputs wait for an epoch without hurry.
-    pub(crate) fn commit_soon(&self) -> bool {
-        self.inner.commit_soon.load(Ordering::Relaxed) != 0
-    }
-
-    /// Clears the request for an epoch without hurry (the driver asks for one).
-    pub(crate) fn take_commit_soon(&self) {
-        self.inner.commit_soon.store(0, Ordering::Relaxed);
-    }
-
-    /// Epoch `started` has started: it carries what was held for it and earlier epochs. What
-    /// was held for a later one (a shard in a cluster cuts early, on another node's marker)
-    /// still waits.
-    pub(crate) fn commit_soon_started(&self, started: u64) {
-        let _ = self
-            .inner
-            .commit_soon
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                (v != 0 && v <= started).then_some(0)
-            });
     }
 
     /// Resolves when something starts waiting for a commit.

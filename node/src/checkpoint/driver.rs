@@ -140,10 +140,6 @@ pub(crate) struct Loaded {
 /// passes them to the leader).
 pub(crate) type EpochOut = mpsc::UnboundedSender<crate::cluster::EpochRoute>;
 
-/// How long an output no caller waits for (an egress record) waits for an epoch that carries it
-/// before the driver starts one for it.
-const SOON_MS: u64 = 5;
-
 /// How long garbage collection leaves an object no manifest lists: a full snapshot is listed
 /// only in a part after it is written (a move's snapshot after the leader's `Prepared` round),
 /// and in a cluster the member that collects is not the one that wrote it.
@@ -389,10 +385,6 @@ struct Driver {
     /// The last epoch released here (whose state sled gets): numbers after it that were
     /// abandoned are not counted.
     last_released: u64,
-    /// Since when an epoch is wanted without hurry ([`Router::want_commit_soon`]).
-    soon_since: Option<u64>,
-    /// The newest epoch this driver started its shards' cuts of.
-    last_barrier: u64,
     /// The key groups whose state sled holds (this node's when it last started or rolled
     /// back; a rollback loads the ones it gained from blob storage and drops the ones it
     /// lost).
@@ -720,8 +712,6 @@ pub(crate) fn start(
         consumed: BTreeMap::new(),
         rolling_back: None,
         last_released: committed,
-        soon_since: None,
-        last_barrier: committed,
         loaded: owned.iter().copied().collect(),
         members: Arc::new(Vec::new()),
         key_groups: config.key_groups,
@@ -966,26 +956,7 @@ impl Driver {
         if self.rolling_back.is_some() {
             return;
         }
-        let now = now_ms();
-        self.router.commit_soon_started(self.last_barrier);
-        let soon = match (self.router.commit_soon(), self.soon_since) {
-            (false, _) => {
-                self.soon_since = None;
-                false
-            }
-            (true, None) => {
-                self.soon_since = Some(now);
-                false
-            }
-            (true, Some(t)) if now.saturating_sub(t) >= SOON_MS => {
-                // Asked for once (a cluster's leader hears it once, not every tick).
-                self.router.take_commit_soon();
-                self.soon_since = None;
-                true
-            }
-            (true, Some(_)) => false,
-        };
-        let wanted = self.router.take_commit_wanted() || !self.finish.is_empty() || soon;
+        let wanted = self.router.take_commit_wanted() || !self.finish.is_empty();
         if let Some((from, msg)) = self.cluster.as_mut().and_then(|c| c.waiting_resume.take()) {
             self.epoch_msg(from, msg);
         }
@@ -1005,7 +976,7 @@ impl Driver {
         } else if wanted {
             self.input(Input::CallerWaiting);
         }
-        self.input(Input::Tick { now_ms: now });
+        self.input(Input::Tick { now_ms: now_ms() });
     }
 
     fn gauges(&self) {
@@ -2238,12 +2209,6 @@ impl Driver {
     fn action(&mut self, a: Action) {
         match a {
             Action::Barrier(e) => {
-                // This epoch carries the outputs held for it and earlier ones.
-                self.last_barrier = e;
-                self.router.commit_soon_started(e);
-                if !self.router.commit_soon() {
-                    self.soon_since = None;
-                }
                 self.started_at.insert(e, Instant::now());
                 self.status.lock().started = e;
                 for s in &self.shards {

@@ -566,14 +566,8 @@ impl Shard {
     /// are off).
     fn hold(&mut self, h: Held) {
         if self.checkpointing {
-            // A caller waits for an acknowledgement or a reply; an egress record's readers
-            // poll, so it does not need an epoch of its own at once.
-            if matches!(h, Held::Egress(..)) {
-                self.router.want_commit_soon(self.epoch);
-            } else {
-                self.router.want_commit();
-            }
             self.held.push_back((self.epoch, h));
+            self.router.want_commit();
         } else {
             self.release(h);
         }
