@@ -177,6 +177,23 @@ impl Detector {
                 *h = (generation, now_ms.max(h.1));
             }
         }
+        // A member not yet in the Raft group (joined while a change of the group was under
+        // way, say) gets no replication to answer, so it cannot be heard: its silence counts
+        // from when it is added, not from its join (declared dead before that, it would never
+        // be added, nor learn that it was declared dead).
+        if let Some(c) = &state.conf {
+            let listed = |id: &NodeId| {
+                c.voters.contains(id)
+                    || c.learners.contains(id)
+                    || c.voters_outgoing.contains(id)
+                    || c.learners_next.contains(id)
+            };
+            for (id, h) in self.heard.iter_mut() {
+                if live.contains_key(id) && !listed(id) {
+                    h.1 = h.1.max(now_ms);
+                }
+            }
+        }
         // The leader counts as heard; a majority of the voters must have been heard lately.
         let voters: Vec<NodeId> = match &state.conf {
             Some(c) => c.voters.clone(),
@@ -504,6 +521,62 @@ mod tests {
             .check(cfg.timeout_ms + cfg.stability_ms + 20, 1, &s)
             .is_empty());
         assert!(d.suspected().is_empty());
+    }
+
+    /// A chaos run: node 7 joined while the leader's change removing node 2 was under way, so it
+    /// was not added to the Raft group at once; with nothing to answer, it was declared dead
+    /// 1.8 s later, was then never added (only live members are), and the cluster never settled.
+    #[test]
+    fn a_member_not_yet_in_the_raft_group_is_not_declared_dead_until_it_is() {
+        let cfg = FailureConfig::default();
+        let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
+        // Node 4 joins; the configuration does not list it yet.
+        let n = s.applied_index + 1;
+        s.apply(
+            n,
+            &Command::Join {
+                id: 4,
+                grpc_addr: String::new(),
+                http_addr: String::new(),
+                role: Role::Learner,
+                incarnation: 4,
+                fresh: true,
+            },
+        );
+        let mut d = Detector::new(cfg);
+        d.leading(true, 0, None);
+        let end = 10 * (cfg.timeout_ms + cfg.stability_ms);
+        for t in (0..=end).step_by(50) {
+            d.heard(2, t);
+            d.heard(3, t);
+            assert!(d.check(t, 1, &s).is_empty(), "{t}");
+        }
+        // Added as a learner: from now on it must answer.
+        let conf = s.conf.clone().unwrap();
+        let n = s.applied_index + 1;
+        s.set_conf(
+            n,
+            RaftConf {
+                learners: vec![4],
+                ..conf
+            },
+        );
+        let mut declared = None;
+        for t in (end..=2 * end).step_by(50) {
+            d.heard(2, t);
+            d.heard(3, t);
+            let dead = d.check(t, 1, &s);
+            if !dead.is_empty() {
+                assert_eq!(dead, vec![(4, s.members[&4].generation)]);
+                declared = Some(t);
+                break;
+            }
+        }
+        let t = declared.expect("a silent learner is declared dead");
+        assert!(
+            t >= end + cfg.timeout_ms + cfg.stability_ms,
+            "declared at {t}: counted from before it was added ({end})"
+        );
     }
 
     #[test]
