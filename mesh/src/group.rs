@@ -38,6 +38,9 @@ pub struct Output {
     pub read_states: Vec<(Vec<u8>, u64)>,
 }
 
+/// The most entry bytes one append message carries (one entry at least, whatever its size).
+pub const MAX_SIZE_PER_MSG: u64 = 1 << 20;
+
 /// Timing of the group, in ticks.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -104,7 +107,11 @@ impl<S: ControlLog> ControlNode<S> {
             applied: state.applied_index,
             check_quorum: true,
             pre_vote: true,
-            max_inflight_msgs: 256,
+            // A member that is behind gets its entries in batches of up to 1 MiB, at most 32
+            // of them in flight (one entry per message, and 256 of them, made one leader's
+            // step read hundreds of thousands of entries).
+            max_size_per_msg: MAX_SIZE_PER_MSG,
+            max_inflight_msgs: 32,
             ..Default::default()
         };
         let logger = slog::Logger::root(slog::Discard, slog::o!());

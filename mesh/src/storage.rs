@@ -127,6 +127,8 @@ pub struct EngineStorage {
     wanted: Arc<std::sync::atomic::AtomicBool>,
     /// The epochs of the epoch log saved beside the state (`tail/` keys).
     saved_tail: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
+    /// Entries read from the log for Raft (see [`EngineStorage::entries_read`]).
+    read: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn engine_err(e: impl std::fmt::Display) -> String {
@@ -162,6 +164,7 @@ impl EngineStorage {
             })),
             wanted: Default::default(),
             saved_tail: Default::default(),
+            read: Default::default(),
         };
         *s.saved_tail.lock().unwrap() = s.saved_epochs()?.into_keys().collect();
         if s.engine.get(GROUP, CONF_STATE).is_none() {
@@ -315,11 +318,25 @@ impl Storage for EngineStorage {
         if high > self.last_index()? + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let mut v = Vec::with_capacity((high - low) as usize);
-        self.engine
-            .fetch_entries_to::<EntryExt>(GROUP, low, high, None, &mut v)
+        // Only what the size limit lets through is read: a leader sending a member that is
+        // far behind its entries asks for everything from its next index on, once per
+        // message, and reading it all each time held the control thread up for seconds (its
+        // leadership lapsed meanwhile, and the next leader did the same).
+        let max_size: Option<u64> = max_size.into();
+        let mut v = Vec::new();
+        let n = self
+            .engine
+            .fetch_entries_to::<EntryExt>(
+                GROUP,
+                low,
+                high,
+                max_size.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
+                &mut v,
+            )
             .map_err(|e| to_raft(engine_err(e)))?;
-        raft::util::limit_size(&mut v, max_size.into());
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        raft::util::limit_size(&mut v, max_size);
         Ok(v)
     }
 
@@ -478,6 +495,12 @@ impl ControlLog for EngineStorage {
 }
 
 impl EngineStorage {
+    /// Entries read from the log for Raft since it was opened (a leader reads them to send
+    /// them to the other members).
+    pub fn entries_read(&self) -> u64 {
+        self.read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Keeps a snapshot of `state` at its applied index and, with `keep`, drops the entries
     /// before the last `keep` applied ones.
     fn keep_snapshot(&self, state: &ClusterState, keep: Option<u64>) -> Result<(), String> {

@@ -596,6 +596,7 @@ pub(crate) fn start(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut epoch_tick = tokio::time::interval(Duration::from_millis(1));
         epoch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_tick = Instant::now();
         loop {
             tokio::select! {
                 _ = &mut stop_rx => return,
@@ -619,7 +620,20 @@ pub(crate) fn start(
                         continue;
                     }
                 }
-                _ = tick.tick() => c.node.tick(),
+                _ = tick.tick() => {
+                    // A thread held up for an election timeout (a long step, a stopped process,
+                    // a starved CPU) costs this node its leadership or its lease: worth a line.
+                    let gap = last_tick.elapsed();
+                    last_tick = Instant::now();
+                    if gap >= TICK * 10 {
+                        tracing::warn!(
+                            ms = gap.as_millis() as u64,
+                            "the control thread was held up: no Raft tick for {} ms (heartbeats and elections waited)",
+                            gap.as_millis()
+                        );
+                    }
+                    c.node.tick();
+                }
                 input = inbox_rx.recv() => match input {
                     Some(i) => c.input(i),
                     None => return,
