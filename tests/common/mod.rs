@@ -309,9 +309,16 @@ impl Drop for Node {
 /// A loopback port that is free now, from below the kernel's ephemeral range (32768 and up
 /// by default), so that a node restarted on it later does not race with the local ports of
 /// outgoing connections; a port taken meanwhile makes [`Node::start_at`] retry.
+///
+/// A port is handed out once per test process: a node killed for a while leaves its port
+/// free, and a test running alongside must not take it for a node of its own (the restart
+/// then found it in use for as long as that node ran; a chaos run's CI failure, seed
+/// 1796408044140921449).
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -323,15 +330,18 @@ pub fn free_port() -> u16 {
         x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
         x ^= x >> 33;
         let port = 20_000 + (x % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
-    std::net::TcpListener::bind("127.0.0.1:0")
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port()
+        .port();
+    given.push(port);
+    port
 }
 
 /// One HTTP request; returns (status, content type, body). Panics on a transport error.
