@@ -632,6 +632,14 @@ async fn a_node_alone_uploads_its_epoch_log_before_a_second_member_joins() {
     let cp = n1.get_json("/v1/checkpoints").await;
     assert_eq!(cp["log"]["active"], true, "{cp}");
     assert!(cp["log"]["epochs"].as_u64().unwrap() > 0, "{cp}");
+    // Epochs committed to the log are listed with their record's size.
+    let recent = cp["recent"].as_array().unwrap();
+    assert!(
+        recent
+            .iter()
+            .any(|e| e["bytes"].as_u64().unwrap() > 0 && e["entries"].as_u64().unwrap() > 0),
+        "{cp}"
+    );
     let manifests = root.join("n1").join("checkpoints").join("manifests");
     let before = std::fs::read_dir(&manifests).map_or(0, |d| d.count());
     assert_eq!(before, 0, "nothing uploaded yet");

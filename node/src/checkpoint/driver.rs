@@ -201,7 +201,8 @@ pub(crate) enum Maintenance {
 pub struct EpochInfo {
     /// The epoch.
     pub epoch: u64,
-    /// Bytes of its node object (0: nothing changed, nothing written).
+    /// Bytes of its node object, or of its record in the epoch log (0: nothing changed,
+    /// nothing written).
     pub bytes: u64,
     /// Key groups with a section.
     pub key_groups: usize,
@@ -2386,10 +2387,18 @@ impl Driver {
                     s.committed = e;
                     s.last_commit_ms = now_ms();
                     s.last_error = None;
-                    if let (Some(o), Some(b)) = (&obj, &built) {
+                    if let Some(b) = built
+                        .as_ref()
+                        .filter(|b| obj.is_some() || !b.key_groups.is_empty())
+                    {
+                        // An epoch committed to the epoch log has no object: its record's size.
+                        let bytes = match &obj {
+                            Some(o) => o.size,
+                            None => prost::Message::encoded_len(&**b) as u64,
+                        };
                         s.recent.push_back(EpochInfo {
                             epoch: e,
-                            bytes: o.size,
+                            bytes,
                             key_groups: b.key_groups.len(),
                             entries: b
                                 .key_groups
