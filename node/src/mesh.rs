@@ -1764,11 +1764,17 @@ pub(crate) async fn join(
                     if rep.accepted {
                         return Ok(rep);
                     }
-                    if rep.leader != 0 && !rep.leader_addr.is_empty() {
-                        last = format!("{addr}: not the leader (node {} is)", rep.leader);
-                        targets.insert(i, rep.leader_addr);
-                    } else {
-                        last = format!("{addr}: the cluster has no leader yet");
+                    match leader_to_ask(&req, &rep) {
+                        Some(leader) => {
+                            last = format!("{addr}: not the leader (node {} is)", rep.leader);
+                            targets.insert(i, leader);
+                        }
+                        None if rep.leader == req.id => {
+                            last = format!(
+                                "{addr}: it still names this node (restarting) as the leader"
+                            );
+                        }
+                        None => last = format!("{addr}: the cluster has no leader yet"),
                     }
                 }
                 Err(s)
@@ -1806,6 +1812,17 @@ pub(crate) async fn join(
     }
 }
 
+/// The leader a refused join names, to ask next; none if it names no leader, or this node
+/// itself: a member restarting soon after it led still finds the others naming it, and its
+/// own gRPC port, bound already but not serving yet, would hold the join until its deadline.
+fn leader_to_ask(req: &mpb::JoinRequest, rep: &mpb::JoinReply) -> Option<String> {
+    (rep.leader != 0
+        && !rep.leader_addr.is_empty()
+        && rep.leader != req.id
+        && rep.leader_addr != req.grpc_addr)
+        .then(|| rep.leader_addr.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1821,6 +1838,29 @@ mod tests {
             incarnation: 0,
             fresh: false,
         }
+    }
+
+    #[test]
+    fn a_join_is_not_sent_to_this_node_when_the_others_still_name_it_the_leader() {
+        let req = mpb::JoinRequest {
+            id: 2,
+            grpc_addr: "127.0.0.1:7002".into(),
+            ..Default::default()
+        };
+        let rep = |leader: NodeId, addr: &str| mpb::JoinReply {
+            leader,
+            leader_addr: addr.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            leader_to_ask(&req, &rep(3, "127.0.0.1:7003")).as_deref(),
+            Some("127.0.0.1:7003")
+        );
+        assert_eq!(leader_to_ask(&req, &rep(2, "127.0.0.1:7002")), None);
+        assert_eq!(leader_to_ask(&req, &rep(2, "127.0.0.1:9")), None);
+        assert_eq!(leader_to_ask(&req, &rep(3, "127.0.0.1:7002")), None);
+        assert_eq!(leader_to_ask(&req, &rep(0, "")), None);
+        assert_eq!(leader_to_ask(&req, &rep(3, "")), None);
     }
 
     #[test]
