@@ -1783,6 +1783,15 @@ impl Handler<Reconfigure> for Shard {
                 }
             }
             self.router.release(self.index, ingress);
+            // Messages kept here for a moving key group (parked for an owner that took no
+            // part, or held for this node's table to catch up) were pending at the move's cut,
+            // which came before they could be kept now (a stopped key group's messages go to
+            // `moving_out`): its new owner read them from this node's part. A copy kept would
+            // be delivered again (released, or read again from every later cut's part).
+            let dropped = forget_handed_over(&mut self.parked, &mut self.behind, &set);
+            if !dropped.is_empty() {
+                tracing::debug!(shard = self.index, ids = ?dropped, "moved away: parked or held messages handed over with their key groups");
+            }
             let gone: FxHashSet<usize> = gone.into_iter().collect();
             self.ready.retain(|i| !gone.contains(i));
             self.busy.retain(|i| !gone.contains(i));
@@ -1844,6 +1853,30 @@ impl Handler<Reconfigure> for Shard {
     }
 }
 
+/// Drops the parked and held (`behind`) messages of key groups in `set`; returns their ids.
+fn forget_handed_over(
+    parked: &mut Vec<Envelope>,
+    behind: &mut Vec<(u64, Envelope)>,
+    set: &FxHashSet<u32>,
+) -> Vec<String> {
+    let mut dropped = Vec::new();
+    parked.retain(|e| {
+        let keep = !set.contains(&e.kg);
+        if !keep {
+            dropped.push(msg_id(&e.message).to_string());
+        }
+        keep
+    });
+    behind.retain(|(_, e)| {
+        let keep = !set.contains(&e.kg);
+        if !keep {
+            dropped.push(msg_id(&e.message).to_string());
+        }
+        keep
+    });
+    dropped
+}
+
 impl Handler<Outstanding> for Shard {
     type Result = usize;
 
@@ -1867,5 +1900,38 @@ impl Handler<Gauges> for Shard {
         self.fold_metrics();
         let queued = self.slots.iter().map(|(_, s)| s.inbox.len()).sum();
         MessageResult((self.slots.len(), queued, self.timers.len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(kg: u32, id: &str) -> Envelope {
+        Envelope {
+            target: Address::parse("a/b/c").unwrap(),
+            kg,
+            caller: None,
+            message: TypedValue::new("json", format!("{{\"id\":\"{id}\"}}")),
+            ingress: false,
+            key: None,
+        }
+    }
+
+    /// A hand-over drops the messages this node kept for the moving key groups (their new
+    /// owner read them from this node's part at the move's cut) and keeps the others.
+    #[test]
+    fn a_hand_over_forgets_the_parked_and_held_messages_of_the_moving_key_groups_only() {
+        let mut parked = vec![env(1, "p1"), env(2, "p2"), env(3, "p3")];
+        let mut behind = vec![(7, env(2, "b2")), (7, env(4, "b4"))];
+        let set: FxHashSet<u32> = [2, 4].into_iter().collect();
+        let dropped = forget_handed_over(&mut parked, &mut behind, &set);
+        assert_eq!(dropped, ["p2", "b2", "b4"]);
+        let kgs = |v: &[Envelope]| v.iter().map(|e| e.kg).collect::<Vec<_>>();
+        assert_eq!(kgs(&parked), [1, 3]);
+        assert!(behind.is_empty());
+        let none = forget_handed_over(&mut parked, &mut behind, &FxHashSet::default());
+        assert!(none.is_empty());
+        assert_eq!(kgs(&parked), [1, 3]);
     }
 }
