@@ -25,6 +25,11 @@
 //! | `checkpoint-sled-marker` | after committed epochs are written to sled, before sled records them as applied |
 //! | `checkpoint-recovery` | during recovery, after part of the local state is rebuilt |
 //! | `checkpoint-rollback` | after an epoch object's put, before its manifest (`return`: the node abandons the epochs after the last committed one and rolls back to it, as it will when a cluster epoch is abandoned) |
+//! | `checkpoint-log-append` | before an epoch is appended to the epoch log (a node alone) |
+//! | `checkpoint-upload` | after the epoch log's merged object is written, before its manifest |
+//! | `checkpoint-log-truncate` | after an upload's manifest is stored, before the epoch log is truncated behind it (`return`: it is not truncated) |
+//! | `checkpoint-log-truncated` | after the epoch log is truncated behind an upload, before the driver learns of the upload (`return(<ms>)`: it learns that much later) |
+//! | `checkpoint-epoch-written` | when an epoch small enough to ride in its manifest is written (`return(<ms>)`: the driver learns it that much later; `return`: the write fails) |
 //! | `mesh-join-reply` | on the leader, after a new member's join is applied, before it is answered |
 //! | `function-invoke` | before an embedded function's batch runs (`sleep(ms)`: a slow function, messages queue up behind it; other actions do nothing) |
 //! | `mesh-stale-part` | when a participant reports a part that wrote key groups as their owner (`return`: it names ownership versions one below its own, as a node whose table is behind would: the leader refuses the part) |
@@ -52,6 +57,8 @@ pub const POINTS: &[&str] = &[
     "checkpoint-log-append",
     "checkpoint-upload",
     "checkpoint-log-truncate",
+    "checkpoint-log-truncated",
+    "checkpoint-epoch-written",
 ];
 
 /// The fault points of the cluster layer (reached only with more than one node).

@@ -2256,10 +2256,29 @@ impl Driver {
                         if encoded.len() <= INLINE_MAX {
                             // Small epochs ride in the manifest: one put per epoch.
                             let obj = cp.inline_node_epoch(&built, &encoded);
-                            let _ = tx.send(DriverEvent::Written {
-                                epoch: e,
-                                result: Ok(Some(obj)),
-                            });
+                            match crate::failpoint::eval_delay("checkpoint-epoch-written") {
+                                Ok(None) => {
+                                    let _ = tx.send(DriverEvent::Written {
+                                        epoch: e,
+                                        result: Ok(Some(obj)),
+                                    });
+                                }
+                                Ok(Some(ms)) => {
+                                    tokio::spawn(async move {
+                                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                                        let _ = tx.send(DriverEvent::Written {
+                                            epoch: e,
+                                            result: Ok(Some(obj)),
+                                        });
+                                    });
+                                }
+                                Err(err) => {
+                                    let _ = tx.send(DriverEvent::Written {
+                                        epoch: e,
+                                        result: Err(err),
+                                    });
+                                }
+                            }
                             return;
                         }
                         tokio::spawn(async move {
@@ -2304,7 +2323,13 @@ impl Driver {
                         }
                         // Written to blob storage after the log was left: its manifest comes
                         // after the log's epochs are uploaded (it names the last as previous).
-                        (Some(_), _) if l.log.last_epoch().is_some() => {
+                        // Also while an upload runs whose epochs the log no longer holds: it
+                        // truncates the log before its manifest is known here, and a manifest
+                        // committed meanwhile named the one before the upload's as previous:
+                        // the chain skipped the upload, and with it the changes of its epochs
+                        // (a delayed message fired then was loaded again from blob storage and
+                        // fired twice; a chaos run, seed 1796402805311548147).
+                        (Some(_), _) if l.uploading || l.log.last_epoch().is_some() => {
                             self.commit_after_upload = Some(e);
                             self.leave_log();
                             return;

@@ -177,6 +177,9 @@ pub(crate) async fn upload(
             "uploaded, but the epoch log was not truncated behind the upload; the next upload truncates it"
         );
     }
+    // (`return(<ms>)`: the driver learns of the upload that much later, the log already
+    // empty; other actions do nothing: the upload stands.)
+    let _ = crate::failpoint::eval_slow("checkpoint-log-truncated").await;
     Ok(Some(Uploaded {
         epoch,
         epochs: count,
