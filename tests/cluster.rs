@@ -609,6 +609,31 @@ async fn a_node_joining_under_load_gets_key_groups_live_and_nothing_rolls_back()
     );
 }
 
+/// Node 1 alone with its epoch log, uploaded only every 10 minutes (`failpoints`: its
+/// `FAILPOINTS`).
+fn alone_with_its_log(root: &Path, failpoints: Option<&str>) -> (Node, (u16, u16)) {
+    let ports = (free_port(), free_port());
+    let mut l = launch(root, 1, ports, None);
+    l.config = Some(
+        "[checkpoint]\ninterval_ms = 20\nlease_idle_renew_ms = 2000\nupload_interval_ms = 600000\n"
+            .into(),
+    );
+    if let Some(f) = failpoints {
+        l.env.push(("FAILPOINTS".into(), f.into()));
+    }
+    (Node::start_launch(&root.join("n1"), &l), ports)
+}
+
+/// Kills node 1, deletes its sled and its epoch log, and restarts it beside node 2.
+async fn without_sled_and_log(n1: Node, root: &Path, ports: (u16, u16), n2: &Node) -> Node {
+    n1.kill();
+    std::fs::remove_dir_all(root.join("n1").join("state")).unwrap();
+    std::fs::remove_dir_all(root.join("n1").join("epochlog")).unwrap();
+    let n1 = restart(root, 1, ports, None);
+    converged(&[&n1, n2], 2, 1).await;
+    n1
+}
+
 /// A node alone commits to its epoch log; before a second member joins, it uploads the log to
 /// blob storage (the join is answered "retry" meanwhile) and commits to blob storage from then
 /// on: a node that then loses its sled and its log recovers everything from blob storage.
@@ -617,14 +642,7 @@ async fn a_node_alone_uploads_its_epoch_log_before_a_second_member_joins() {
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
-    // Node 1 would upload its log only every 10 minutes.
-    let ports = (free_port(), free_port());
-    let mut l = launch(root, 1, ports, None);
-    l.config = Some(
-        "[checkpoint]\ninterval_ms = 20\nlease_idle_renew_ms = 2000\nupload_interval_ms = 600000\n"
-            .into(),
-    );
-    let n1 = Node::start_launch(&root.join("n1"), &l);
+    let (n1, ports) = alone_with_its_log(root, None);
     let c1 = n1.client().await;
     for i in 1..=20 {
         assert_eq!(add(&c1, "x", 1).await, i);
@@ -659,11 +677,7 @@ async fn a_node_alone_uploads_its_epoch_log_before_a_second_member_joins() {
     assert_eq!(add(&c2, "x", 1).await, 21);
 
     // Node 1 loses its sled and its log: blob storage has everything.
-    n1.kill();
-    std::fs::remove_dir_all(root.join("n1").join("state")).unwrap();
-    std::fs::remove_dir_all(root.join("n1").join("epochlog")).unwrap();
-    let n1 = restart(root, 1, ports, None);
-    converged(&[&n1, &n2], 2, 1).await;
+    let n1 = without_sled_and_log(n1, root, ports, &n2).await;
     let c1 = n1.client().await;
     assert_eq!(add(&c1, "x", 1).await, 22);
     drop(n2);
@@ -690,19 +704,12 @@ async fn epochs_committed_while_the_epoch_log_uploads_chain_after_the_upload() {
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
-    let ports = (free_port(), free_port());
-    let mut l = launch(root, 1, ports, None);
-    l.config = Some(
-        "[checkpoint]\ninterval_ms = 20\nlease_idle_renew_ms = 2000\nupload_interval_ms = 600000\n"
-            .into(),
-    );
     // The first epoch written to blob storage (the one open when node 1 leaves its log) is
     // known to the driver 100 ms after it is written: it commits inside the window.
-    l.env.push((
-        "FAILPOINTS".into(),
-        "checkpoint-log-truncated=return(800);checkpoint-epoch-written=1*return(100)".into(),
-    ));
-    let n1 = Node::start_launch(&root.join("n1"), &l);
+    let (n1, ports) = alone_with_its_log(
+        root,
+        Some("checkpoint-log-truncated=return(800);checkpoint-epoch-written=1*return(100)"),
+    );
     // Every manifest written, as it appears (garbage collection deletes a manifest the chain
     // skips: it is unreachable).
     let seen = std::sync::Arc::new(parking_lot::Mutex::new(std::collections::BTreeMap::new()));
@@ -793,11 +800,7 @@ async fn epochs_committed_while_the_epoch_log_uploads_chain_after_the_upload() {
     );
     // Node 1 loses its sled and its log: what it owns comes from blob storage alone, through
     // the chain of manifests (a skipped manifest, unreachable, was also garbage collected).
-    n1.kill();
-    std::fs::remove_dir_all(root.join("n1").join("state")).unwrap();
-    std::fs::remove_dir_all(root.join("n1").join("epochlog")).unwrap();
-    let n1 = restart(root, 1, ports, None);
-    converged(&[&n1, &n2], 2, 1).await;
+    let n1 = without_sled_and_log(n1, root, ports, &n2).await;
     let mut after = 0;
     for i in 0..8 {
         after += count(&n1, i).await;
