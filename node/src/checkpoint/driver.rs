@@ -56,6 +56,8 @@ pub(crate) enum DriverEvent {
         /// `Some`: the manifest stored is an earlier attempt's (found reading back after an
         /// ambiguous put), not the one just written.
         result: Result<Option<Manifest>, String>,
+        /// Bytes of its record, when the epoch committed to the epoch log.
+        logged: Option<u64>,
     },
     Applied {
         epoch: u64,
@@ -386,6 +388,8 @@ struct Driver {
     /// The last epoch released here (whose state sled gets): numbers after it that were
     /// abandoned are not counted.
     last_released: u64,
+    /// The newest epoch committed to the epoch log and its record's bytes (for the status).
+    last_logged: Option<(u64, u64)>,
     /// The key groups whose state sled holds (this node's when it last started or rolled
     /// back; a rollback loads the ones it gained from blob storage and drops the ones it
     /// lost).
@@ -713,6 +717,7 @@ pub(crate) fn start(
         consumed: BTreeMap::new(),
         rolling_back: None,
         last_released: committed,
+        last_logged: None,
         loaded: owned.iter().copied().collect(),
         members: Arc::new(Vec::new()),
         key_groups: config.key_groups,
@@ -1051,11 +1056,18 @@ impl Driver {
                 }
                 Err(e) => self.failed(epoch, e),
             },
-            DriverEvent::Committed { epoch, result } => {
+            DriverEvent::Committed {
+                epoch,
+                result,
+                logged,
+            } => {
                 // A manifest was written (not an append to the epoch log, nor an empty epoch):
                 // only then is a snapshot being listed this commit's (an upload of the epoch
                 // log, which may run meanwhile, lists its own: `uploaded`).
                 let manifest = self.objects.get(&epoch).is_some_and(|o| o.is_some());
+                if let Some(n) = logged {
+                    self.last_logged = Some((epoch, n));
+                }
                 match result {
                     Ok(stored) => {
                         if manifest {
@@ -2256,26 +2268,20 @@ impl Driver {
                         if encoded.len() <= INLINE_MAX {
                             // Small epochs ride in the manifest: one put per epoch.
                             let obj = cp.inline_node_epoch(&built, &encoded);
-                            match crate::failpoint::eval_delay("checkpoint-epoch-written") {
-                                Ok(None) => {
-                                    let _ = tx.send(DriverEvent::Written {
-                                        epoch: e,
-                                        result: Ok(Some(obj)),
-                                    });
+                            let (delay, result) =
+                                match crate::failpoint::eval_delay("checkpoint-epoch-written") {
+                                    Ok(delay) => (delay, Ok(Some(obj))),
+                                    Err(err) => (None, Err(err)),
+                                };
+                            let written = DriverEvent::Written { epoch: e, result };
+                            match delay {
+                                None => {
+                                    let _ = tx.send(written);
                                 }
-                                Ok(Some(ms)) => {
+                                Some(ms) => {
                                     tokio::spawn(async move {
                                         tokio::time::sleep(Duration::from_millis(ms)).await;
-                                        let _ = tx.send(DriverEvent::Written {
-                                            epoch: e,
-                                            result: Ok(Some(obj)),
-                                        });
-                                    });
-                                }
-                                Err(err) => {
-                                    let _ = tx.send(DriverEvent::Written {
-                                        epoch: e,
-                                        result: Err(err),
+                                        let _ = tx.send(written);
                                     });
                                 }
                             }
@@ -2308,16 +2314,19 @@ impl Driver {
                         (None, Some(b)) => {
                             let (log, b) = (l.log.clone(), b.clone());
                             tokio::task::spawn_blocking(move || {
+                                let record = prost::Message::encode_to_vec(&*b);
                                 let result = crate::failpoint::eval("checkpoint-log-append")
-                                    .and_then(|()| {
-                                        log.append(e, &prost::Message::encode_to_vec(&*b))
-                                    })
+                                    .and_then(|()| log.append(e, &record))
                                     .and_then(|()| {
                                         // Durable, acknowledgements not yet released.
                                         crate::failpoint::eval("checkpoint-after-commit")
                                     })
                                     .map(|()| None);
-                                let _ = tx.send(DriverEvent::Committed { epoch: e, result });
+                                let _ = tx.send(DriverEvent::Committed {
+                                    epoch: e,
+                                    result,
+                                    logged: Some(record.len() as u64),
+                                });
                             });
                             return;
                         }
@@ -2367,13 +2376,18 @@ impl Driver {
                                     crate::failpoint::eval("checkpoint-after-commit")
                                         .map(|()| stored)
                                 });
-                            let _ = tx.send(DriverEvent::Committed { epoch: e, result });
+                            let _ = tx.send(DriverEvent::Committed {
+                                epoch: e,
+                                result,
+                                logged: None,
+                            });
                         });
                     }
                     _ => {
                         let _ = tx.send(DriverEvent::Committed {
                             epoch: e,
                             result: Ok(None),
+                            logged: None,
                         });
                     }
                 }
@@ -2417,9 +2431,10 @@ impl Driver {
                         .filter(|b| obj.is_some() || !b.key_groups.is_empty())
                     {
                         // An epoch committed to the epoch log has no object: its record's size.
-                        let bytes = match &obj {
-                            Some(o) => o.size,
-                            None => prost::Message::encoded_len(&**b) as u64,
+                        let bytes = match (&obj, self.last_logged) {
+                            (Some(o), _) => o.size,
+                            (None, Some((l, n))) if l == e => n,
+                            (None, _) => 0,
                         };
                         s.recent.push_back(EpochInfo {
                             epoch: e,

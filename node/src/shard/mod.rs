@@ -1860,20 +1860,15 @@ fn forget_handed_over(
     set: &FxHashSet<u32>,
 ) -> Vec<String> {
     let mut dropped = Vec::new();
-    parked.retain(|e| {
+    let mut keep = |e: &Envelope| {
         let keep = !set.contains(&e.kg);
         if !keep {
             dropped.push(msg_id(&e.message).to_string());
         }
         keep
-    });
-    behind.retain(|(_, e)| {
-        let keep = !set.contains(&e.kg);
-        if !keep {
-            dropped.push(msg_id(&e.message).to_string());
-        }
-        keep
-    });
+    };
+    parked.retain(|e| keep(e));
+    behind.retain(|(_, e)| keep(e));
     dropped
 }
 
