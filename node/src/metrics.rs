@@ -71,6 +71,10 @@ pub struct Metrics {
     pub checkpoint_failures: IntCounter,
     /// Rollbacks to the last committed epoch.
     pub checkpoint_rollbacks: IntCounter,
+    /// Pending messages listed in full by cuts (a message's first cut).
+    pub checkpoint_pending_listed: IntCounter,
+    /// Pending message records written (a message still pending at its second cut).
+    pub checkpoint_pending_recorded: IntCounter,
     rss: IntGauge,
     peak_rss: IntGauge,
 }
@@ -221,6 +225,16 @@ impl Metrics {
                 &r,
                 "statemesh_checkpoint_rollbacks_total",
                 "Rollbacks to the last committed epoch (the epochs after it abandoned)",
+            ),
+            checkpoint_pending_listed: counter(
+                &r,
+                "statemesh_checkpoint_pending_listed_total",
+                "Pending messages listed in full by epoch cuts (a message's first cut)",
+            ),
+            checkpoint_pending_recorded: counter(
+                &r,
+                "statemesh_checkpoint_pending_recorded_total",
+                "Pending message records written (a message still pending at its second cut; deleted when processed)",
             ),
             remote_batch_size,
             remote_failed_attempts: counter(

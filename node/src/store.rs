@@ -8,6 +8,7 @@
 //! 't' ‖ kg:u16be ‖ epoch:u64be ‖ n:u64be                → a delayed message (see `StoredTimer`)
 //! 'e' ‖ kg:u16be ‖ epoch:u64be ‖ n:u64be                → an unread egress record
 //! 'i' ‖ kg:u16be ‖ scope                                 → an idempotency record
+//! 'p' ‖ kg:u16be ‖ epoch:u64be ‖ n:u64be                → a pending message (see below)
 //! 'm' ‖ "key_groups"                                     → u32le
 //! ```
 //!
@@ -20,6 +21,13 @@
 //! alone in the cluster for ever: an egress record's id stays the same across crashes, moves
 //! and restarts, and no other record ever gets it. (Keys written before this scheme,
 //! `tag ‖ kg ‖ seq:u64be`, read as epoch 0.)
+//!
+//! A *pending message record* is a message queued for an address of the key group that stayed
+//! unprocessed across two cuts (a backlog): its owner shard writes it once, in the delta of the
+//! epoch whose cut found it the second time, and deletes it in the epoch that processes it. So
+//! a backlog is written once and not in full at every cut (`checkpoint/OVERVIEW.md`). Its key
+//! orders an address's records as they were queued; its value is the encoded
+//! `checkpoint::format::PendingMessage`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -123,6 +131,11 @@ fn key_seq(k: &[u8]) -> Option<Seq> {
 
 fn timer_key(kg: u32, seq: Seq) -> Vec<u8> {
     seq_key(b't', kg, seq)
+}
+
+/// The key of a pending message record: `'p' ‖ kg:u16be ‖ epoch:u64be ‖ n:u64be`.
+pub fn pending_key(kg: u32, seq: Seq) -> Vec<u8> {
+    seq_key(b'p', kg, seq)
 }
 
 fn put_str(out: &mut Vec<u8>, s: &[u8]) {
@@ -352,10 +365,10 @@ fn decode_egress(raw: &[u8]) -> Result<(String, TypedValue), StoreError> {
 }
 
 /// Entry tags that belong to a key group.
-const KG_TAGS: [u8; 4] = [b'e', b'i', b's', b't'];
+const KG_TAGS: [u8; 5] = [b'e', b'i', b'p', b's', b't'];
 
-/// The key group of a local-store entry key (`'s'`, `'t'`, `'i'` and `'e'` keys all start
-/// with `tag ‖ kg:u16be`).
+/// The key group of a local-store entry key (`'s'`, `'t'`, `'i'`, `'p'` and `'e'` keys all
+/// start with `tag ‖ kg:u16be`).
 pub fn key_group_of(key: &[u8]) -> Option<u32> {
     (key.len() >= 3 && KG_TAGS.contains(&key[0]))
         .then(|| u32::from(u16::from_be_bytes([key[1], key[2]])))
@@ -669,6 +682,25 @@ impl Store {
             out.push((seq, k.to_vec(), topic, value));
         }
         out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        Ok(out)
+    }
+
+    /// The pending message records of a key group, in key order (as queued): (seq, encoded
+    /// `PendingMessage`).
+    pub fn load_pending(&self, kg: u32) -> Result<Vec<(Seq, Vec<u8>)>, StoreError> {
+        let mut prefix = vec![b'p'];
+        prefix.extend_from_slice(&(kg as u16).to_be_bytes());
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(&prefix) {
+            let (k, raw) = item.map_err(|e| self.err(e))?;
+            let seq = key_seq(&k).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "pending message key: expected 19 bytes, found {}",
+                    k.len()
+                ))
+            })?;
+            out.push((seq, raw.to_vec()));
+        }
         Ok(out)
     }
 

@@ -83,6 +83,13 @@ async def slow(ctx: Context, msg: Message):
     reply(ctx, long_value=ctx.storage.n)
 
 
+@functions.bind(typename="py/slower", specs=[ValueSpec(name="n", type=LongType)])
+async def slower(ctx: Context, msg: Message):
+    """A function a backlog builds up behind (10 ms a message)."""
+    await asyncio.sleep(0.01)
+    ctx.storage.n = (ctx.storage.n or 0) + 1
+
+
 SMOKE = make_json_type(typename="statemesh.smoke/Commands")
 
 

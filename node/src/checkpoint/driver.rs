@@ -876,9 +876,10 @@ fn apply_to_sled(store: &Store, epochs: &[Arc<NodeEpoch>]) -> Result<(), String>
 
 /// Builds a node's epoch object from its shards' cuts (later writes of a key win).
 /// Whether a local-store key is one only its key group's owner writes: a state entry, a
-/// delayed message or an idempotency record (egress records are deleted by whoever read them).
+/// delayed message, an idempotency record or a pending message record (egress records are
+/// deleted by whoever read them).
 fn owner_key(k: &[u8]) -> bool {
-    matches!(k.first(), Some(b's' | b't' | b'i'))
+    matches!(k.first(), Some(b's' | b't' | b'i' | b'p'))
 }
 
 /// A node's part of `epoch` from its shards' cuts; `version` gives the node's ownership

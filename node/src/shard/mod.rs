@@ -47,7 +47,7 @@ use crate::error::ServiceError;
 use crate::instance::{Instance, Invoke};
 use crate::registry::{FunctionEntry, FunctionKind};
 use crate::router::{parse_reply_id, AckTx, Envelope, Router};
-use crate::store::{idempotency_key, Change, Store, WriteBatch};
+use crate::store::{idempotency_key, pending_key, Change, Seq, Store, WriteBatch};
 use timers::Timers;
 
 /// Milliseconds since the Unix epoch.
@@ -97,6 +97,19 @@ pub(crate) struct Pending {
     pub ingress: bool,
     /// Failed attempts so far.
     pub attempts: u32,
+    /// Its pending message record (`store::pending_key`), once a cut wrote one: deleted in
+    /// the epoch that processes it.
+    pub record: Option<Seq>,
+    /// A cut listed it among its pending messages (the next cut that finds it writes its
+    /// record instead).
+    pub seen: bool,
+}
+
+/// A message of a remote batch in flight, as the cuts see it.
+struct InFlight {
+    message: PendingMessage,
+    record: Option<Seq>,
+    seen: bool,
 }
 
 struct Slot {
@@ -121,7 +134,7 @@ struct Slot {
     /// it is applied to sled).
     change_epoch: u64,
     /// A remote batch in flight, as pending messages (part of every cut while it runs).
-    in_flight_copy: Option<Vec<PendingMessage>>,
+    in_flight_copy: Option<Vec<InFlight>>,
     /// Listed in `busy` (has or had queued or in-flight messages since the last cut).
     in_busy_list: bool,
     /// The last cut that listed this slot's pending messages.
@@ -243,8 +256,12 @@ struct Cut {
     ops: Vec<Change>,
     /// (target, order: 0 in flight, 1 inbox, 2 arrived across the cut; kg; message)
     pending: Vec<(Arc<str>, u8, u32, PendingMessage)>,
-    awaiting: FxHashSet<usize>,
+    /// Embedded batches in flight at the cut, by slot, with the first record number kept for
+    /// their inputs (they come before the inbox's).
+    awaiting: FxHashMap<usize, u64>,
     markers_done: bool,
+    /// Pending message records written in `ops`.
+    recorded: u64,
 }
 
 fn pending_message(target: &Address, caller: Option<&Address>, m: &TypedValue) -> PendingMessage {
@@ -316,6 +333,8 @@ pub(crate) struct Shard {
     outgoing: Vec<Vec<Envelope>>,
     timers: Timers,
     pending_writes: WriteBatch,
+    /// The next `Seq::n` of a pending message record this shard writes.
+    record_n: u64,
     max_active: usize,
     invocation_hist: std::rc::Rc<LocalHistogram>,
     invocations: u64,
@@ -382,6 +401,8 @@ impl Actor for Shard {
         self.me = Some(ctx.address());
         crate::instance::shard_started(ctx.address(), self.invocation_hist.clone());
         self.load_from_store();
+        self.send_outgoing();
+        self.dispatch_ready();
         ctx.run_interval(Duration::from_millis(5), |act, _| {
             act.fire_timers();
             act.release_behind();
@@ -433,6 +454,37 @@ impl Shard {
             }
         }
         self.idem.load(records);
+        // Their pending message records, queued first (they are older than anything queued
+        // after the cut that wrote them).
+        for &kg in kgs {
+            let loaded = match self.store.load_pending(kg) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(key_group = kg, error = %e, "cannot load pending messages; they stay in sled until the next start");
+                    continue;
+                }
+            };
+            for (seq, raw) in loaded {
+                self.record_n = self.record_n.max(seq.n + 1);
+                let m = match <PendingMessage as prost::Message>::decode(raw.as_slice()) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!(key_group = kg, ?seq, error = %e, "skipping a corrupt pending message record");
+                        continue;
+                    }
+                };
+                for env in crate::node::envelopes(vec![(kg, m)]) {
+                    tracing::trace!(
+                        shard = self.index,
+                        kg,
+                        ?seq,
+                        id = msg_id(&env.message),
+                        "pending message record loaded"
+                    );
+                    self.enqueue_recorded(env, Some(seq));
+                }
+            }
+        }
     }
 
     pub(crate) fn new(o: ShardOptions) -> Self {
@@ -472,6 +524,7 @@ impl Shard {
             dirty: Vec::new(),
             timers: Timers::default(),
             pending_writes: WriteBatch::default(),
+            record_n: 0,
             max_active,
             invocation_hist: std::rc::Rc::new(hist),
             invocations: 0,
@@ -685,6 +738,16 @@ impl Shard {
 
     /// Queues a message for a local address.
     fn enqueue(&mut self, env: Envelope) {
+        self.enqueue_recorded(env, None);
+    }
+
+    /// Queues a message for a local address; `record`: the message's pending message record,
+    /// deleted when it is processed (or now, if it is not queued).
+    fn enqueue_recorded(&mut self, env: Envelope, record: Option<Seq>) {
+        if record.is_some() && !self.queues(&env) {
+            // Handled now (a reply) or dead-lettered below: processed in this epoch.
+            self.delete_record(env.kg, record);
+        }
         if self.router.is_reply_address(&env.target) {
             self.handle_reply(&env.target, Ok(env.message));
             return;
@@ -706,6 +769,7 @@ impl Shard {
         let i = match self.activate(&env.target, env.kg, &entry) {
             Ok(i) => i,
             Err(e) => {
+                self.delete_record(env.kg, record);
                 // Local storage is broken for this address: running the function on absent
                 // state would corrupt it, so the message goes to the dead letters (with the
                 // reason) instead of being applied or silently dropped.
@@ -729,6 +793,8 @@ impl Shard {
             message: env.message,
             ingress: env.ingress,
             attempts: 0,
+            record,
+            seen: false,
         });
         if !slot.in_busy_list {
             slot.in_busy_list = true;
@@ -745,6 +811,55 @@ impl Shard {
                     .set_saturated(self.index, &slot.address, true, limit);
             }
         }
+    }
+
+    /// Whether `enqueue` would queue this message at an address (a known function type, not
+    /// a reply), activation failures aside.
+    fn queues(&self, env: &Envelope) -> bool {
+        !self.router.is_reply_address(&env.target)
+            && self.router.registry().get(&env.target.typ).is_some()
+    }
+
+    /// Deletes a processed message's pending message record, if it has one.
+    fn delete_record(&mut self, kg: u32, record: Option<Seq>) {
+        if let Some(seq) = record {
+            self.pending_writes.put_raw(pending_key(kg, seq), None);
+        }
+    }
+
+    /// A message of key group `kg` pending at `cut`: nothing if it has a record; listed in
+    /// the cut (`order`) the first time a cut finds it (`seen`); its record written in the
+    /// cut's delta (numbered from `record_n`) the second time.
+    #[allow(clippy::too_many_arguments)]
+    fn note_pending(
+        cut: &mut Cut,
+        record_n: &mut u64,
+        kg: u32,
+        target: &Arc<str>,
+        order: u8,
+        record: &mut Option<Seq>,
+        seen: &mut bool,
+        message: impl FnOnce() -> PendingMessage,
+    ) {
+        if record.is_some() {
+            return;
+        }
+        if !*seen {
+            *seen = true;
+            cut.pending.push((target.clone(), order, kg, message()));
+            return;
+        }
+        let seq = Seq {
+            epoch: cut.epoch,
+            n: *record_n,
+        };
+        *record_n += 1;
+        cut.ops.push(Change::Raw(
+            pending_key(kg, seq),
+            Some(prost::Message::encode_to_vec(&message())),
+        ));
+        cut.recorded += 1;
+        *record = Some(seq);
     }
 
     fn dispatch_ready(&mut self) {
@@ -791,7 +906,16 @@ impl Shard {
                 slot.in_flight_copy = Some(
                     batch
                         .iter()
-                        .map(|p| pending_message(&slot.address, p.caller.as_ref(), &p.message))
+                        .map(|p| InFlight {
+                            // A recorded message is not listed again.
+                            message: if p.record.is_some() {
+                                PendingMessage::default()
+                            } else {
+                                pending_message(&slot.address, p.caller.as_ref(), &p.message)
+                            },
+                            record: p.record,
+                            seen: p.seen,
+                        })
                         .collect(),
                 );
             }
@@ -1063,8 +1187,9 @@ impl Shard {
             epoch: e,
             ops,
             pending: Vec::new(),
-            awaiting: FxHashSet::default(),
+            awaiting: FxHashMap::default(),
             markers_done: true,
+            recorded: 0,
         };
         if self.checkpointing {
             let behind = self.behind.iter().map(|(_, e)| e);
@@ -1093,24 +1218,45 @@ impl Shard {
                 }
                 slot.cut_mark = e;
                 tracing::trace!(shard = self.index, epoch = e, kg = slot.kg, in_flight = slot.in_flight, copy = slot.in_flight_copy.as_ref().map(|c| c.len()), inbox = ?slot.inbox.iter().map(|p| msg_id(&p.message)).collect::<Vec<_>>(), "busy at the cut: pending");
+                // A message a cut listed before and still pending is written once as a
+                // record (in this epoch's delta); a new one is listed.
                 let target: Arc<str> = slot.address.to_string().into();
+                let kg = slot.kg;
                 if slot.in_flight {
-                    match &slot.in_flight_copy {
-                        Some(copy) => cut
-                            .pending
-                            .extend(copy.iter().map(|m| (target.clone(), 0, slot.kg, m.clone()))),
+                    match &mut slot.in_flight_copy {
+                        Some(copy) => {
+                            for m in copy.iter_mut() {
+                                Self::note_pending(
+                                    &mut cut,
+                                    &mut self.record_n,
+                                    kg,
+                                    &target,
+                                    0,
+                                    &mut m.record,
+                                    &mut m.seen,
+                                    || m.message.clone(),
+                                );
+                            }
+                        }
                         None => {
-                            cut.awaiting.insert(i);
+                            // Its inputs come back before the inbox's records are read.
+                            cut.awaiting.insert(i, self.record_n);
+                            self.record_n += self.config.max_batch.max(1) as u64;
                         }
                     }
                 }
-                for p in &slot.inbox {
-                    cut.pending.push((
-                        target.clone(),
+                for p in slot.inbox.iter_mut() {
+                    let address = &slot.address;
+                    Self::note_pending(
+                        &mut cut,
+                        &mut self.record_n,
+                        kg,
+                        &target,
                         1,
-                        slot.kg,
-                        pending_message(&slot.address, p.caller.as_ref(), &p.message),
-                    ));
+                        &mut p.record,
+                        &mut p.seen,
+                        || pending_message(address, p.caller.as_ref(), &p.message),
+                    );
                 }
                 if slot.idle() {
                     slot.in_busy_list = false;
@@ -1172,6 +1318,9 @@ impl Shard {
             _ => return,
         }
         let cut = self.cut.take().expect("checked");
+        let m = self.router.metrics();
+        m.checkpoint_pending_listed.inc_by(cut.pending.len() as u64);
+        m.checkpoint_pending_recorded.inc_by(cut.recorded);
         let mut pending = cut.pending;
         // Per address: in-flight inputs, then the inbox, then what arrived across the cut.
         pending.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
@@ -1469,22 +1618,32 @@ impl Handler<InvokeDone> for Shard {
             slot.state = Some(done.state);
             slot.in_flight = false;
             slot.in_flight_ingress = 0;
-            slot.in_flight_copy = None;
+            if let Some(copy) = slot.in_flight_copy.take() {
+                // What the cuts made of a remote batch's inputs while it ran.
+                for (p, m) in batch.iter_mut().zip(copy) {
+                    p.record = m.record;
+                    p.seen = m.seen;
+                }
+            }
             (slot.address.clone(), slot.kg)
         };
         let mut cut_ready = false;
         if let Some(cut) = self.cut.as_mut() {
-            if cut.awaiting.remove(&i) {
+            if let Some(mut n) = cut.awaiting.remove(&i) {
                 // In flight at the cut: its inputs are pending messages of the cut epoch.
                 let target: Arc<str> = address.to_string().into();
-                cut.pending.extend(batch.iter().map(|p| {
-                    (
-                        target.clone(),
-                        0,
+                for p in batch.iter_mut() {
+                    Self::note_pending(
+                        cut,
+                        &mut n,
                         kg,
-                        pending_message(&address, p.caller.as_ref(), &p.message),
-                    )
-                }));
+                        &target,
+                        0,
+                        &mut p.record,
+                        &mut p.seen,
+                        || pending_message(&address, p.caller.as_ref(), &p.message),
+                    );
+                }
                 cut_ready = cut.awaiting.is_empty();
             }
         }
@@ -1507,6 +1666,14 @@ impl Handler<InvokeDone> for Shard {
         }
         let released = batch[..done.processed].iter().filter(|p| p.ingress).count();
         self.router.release(self.index, released);
+        if !done.renegotiate {
+            // Processed in this epoch: their records go with the effects.
+            for p in &batch[..done.processed] {
+                if let Some(seq) = p.record {
+                    self.pending_writes.put_raw(pending_key(kg, seq), None);
+                }
+            }
+        }
         self.apply_effects(&address, kg, done.effects);
         self.mark_dirty(i);
 
@@ -1523,6 +1690,7 @@ impl Handler<InvokeDone> for Shard {
                 if p.ingress {
                     self.router.release(self.index, 1);
                 }
+                self.delete_record(kg, p.record);
                 self.dead_letter(&address, p.caller.as_ref(), &p.message, &reason, 0);
             }
         } else if let Some(error) = done.failure {
@@ -1536,6 +1704,7 @@ impl Handler<InvokeDone> for Shard {
                 if failed.ingress {
                     self.router.release(self.index, 1);
                 }
+                self.delete_record(kg, failed.record);
                 self.dead_letter(
                     &address,
                     failed.caller.as_ref(),
@@ -1709,6 +1878,10 @@ impl Handler<Rollback> for Shard {
                 generation: self.generation,
                 ack: None,
             });
+        } else {
+            // The key groups' pending message records, queued by the reload.
+            self.send_outgoing();
+            self.dispatch_ready();
         }
         // What came early for this generation is taken now; for a newer one (this rollback
         // was overtaken: the next follows) it waits again; an older one's is dropped.
