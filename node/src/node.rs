@@ -595,14 +595,14 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     });
     let mesh2 = mesh.clone();
     let committed = recovered.committed;
-    let replay = recovered.pending.clone();
+    let replay = replay_batches(shard_count, &router, recovered.pending.clone());
     let actix_thread = std::thread::Builder::new()
         .name("statemesh-actix".into())
         .spawn(move || {
             let sys = actix_rt::System::new();
             let setup = sys.block_on(async move {
                 let mut shards = Vec::with_capacity(shard_count);
-                for index in 0..shard_count {
+                for (index, replay) in replay.into_iter().enumerate() {
                     let arbiter = Arbiter::new();
                     let opts = ShardOptions {
                         index,
@@ -611,15 +611,19 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
                         config: c2.clone(),
                         committed,
                         events: events2.clone(),
+                        replay,
                     };
                     shards.push(Shard::start_in_arbiter(&arbiter.handle(), move |_| {
                         Shard::new(opts)
                     }));
                 }
                 r2.set_shards(shards.clone());
-                // Pending messages of the recovered epoch go first: the shards' mailboxes
-                // hold them ahead of anything ingress sends once it opens.
-                replay_pending(&r2, replay);
+                // Each shard queued its key groups' pending message records and then the
+                // recovered epoch's pending messages when it started, ahead of anything in
+                // its mailbox; now that the router knows every shard, they may run.
+                for s in 0..shard_count {
+                    r2.deliver_internal(s, None, 0, Vec::new());
+                }
                 let shared = Shared {
                     router: r2.clone(),
                     config: c2.clone(),
@@ -744,29 +748,25 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     })
 }
 
-/// Queues a recovered epoch's pending messages at their shards, in order.
-pub(crate) fn replay_pending(
+/// A recovered epoch's pending messages per shard, in order.
+fn replay_batches(
+    shards: usize,
     router: &Router,
     pending: Vec<(u32, crate::checkpoint::format::PendingMessage)>,
-) {
-    if pending.is_empty() {
-        return;
-    }
+) -> Vec<Vec<Envelope>> {
     let n = pending.len();
     let mut per_shard: Vec<Vec<(u32, crate::checkpoint::format::PendingMessage)>> =
-        (0..router.shard_count()).map(|_| Vec::new()).collect();
+        (0..shards).map(|_| Vec::new()).collect();
     for (kg, m) in pending {
         per_shard[router.shard_of(kg)].push((kg, m));
     }
-    for (s, batch) in per_shard.into_iter().enumerate() {
-        if !batch.is_empty() {
-            router.deliver_internal(s, None, 0, envelopes(batch));
-        }
+    if n > 0 {
+        tracing::info!(
+            messages = n,
+            "replaying the recovered epoch's pending messages"
+        );
     }
-    tracing::info!(
-        messages = n,
-        "replaying the recovered epoch's pending messages"
-    );
+    per_shard.into_iter().map(envelopes).collect()
 }
 
 /// Pending messages of a checkpoint as envelopes, in order (a malformed target is logged and

@@ -616,7 +616,8 @@ impl Store {
         self.flush()
     }
 
-    /// Deletes every entry (state, timers, idempotency records) of the key groups.
+    /// Deletes every entry (state, timers, idempotency records, egress and pending message
+    /// records) of the key groups.
     pub fn clear_key_groups(&self, kgs: impl Iterator<Item = u32>) -> Result<(), StoreError> {
         for kg in kgs {
             for tag in KG_TAGS {
@@ -642,7 +643,8 @@ impl Store {
             && !self.has_entries()?)
     }
 
-    /// Whether any state, timer or idempotency record is stored.
+    /// Whether any entry of a key group (state, timer, idempotency, egress or pending message
+    /// record) is stored.
     pub fn has_entries(&self) -> Result<bool, StoreError> {
         for tag in KG_TAGS {
             if let Some(item) = self.db.scan_prefix([tag]).next() {
@@ -653,7 +655,8 @@ impl Store {
         Ok(false)
     }
 
-    /// Every entry (state, timers, idempotency records) of a key group, key-ordered.
+    /// Every entry (state, timers, idempotency, egress and pending message records) of a key
+    /// group, key-ordered.
     pub fn scan_key_group(&self, kg: u32) -> Result<Vec<KeyValue>, StoreError> {
         let mut out = Vec::new();
         for tag in KG_TAGS {

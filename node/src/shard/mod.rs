@@ -318,6 +318,8 @@ pub(crate) struct ShardOptions {
     /// The last committed epoch at start.
     pub committed: u64,
     pub events: tokio::sync::mpsc::UnboundedSender<DriverEvent>,
+    /// The recovered epoch's pending messages of this shard, in order.
+    pub replay: Vec<Envelope>,
 }
 
 /// A shard actor.
@@ -335,6 +337,8 @@ pub(crate) struct Shard {
     pending_writes: WriteBatch,
     /// The next `Seq::n` of a pending message record this shard writes.
     record_n: u64,
+    /// The recovered epoch's pending messages, queued at start.
+    replay: Vec<Envelope>,
     max_active: usize,
     invocation_hist: std::rc::Rc<LocalHistogram>,
     invocations: u64,
@@ -400,9 +404,13 @@ impl Actor for Shard {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.me = Some(ctx.address());
         crate::instance::shard_started(ctx.address(), self.invocation_hist.clone());
+        // Pending message records first, then the recovered epoch's pending messages: queued
+        // before anything in the mailbox; they run once the node's first (empty) delivery
+        // says every shard is known.
         self.load_from_store();
-        self.send_outgoing();
-        self.dispatch_ready();
+        for env in std::mem::take(&mut self.replay) {
+            self.enqueue(env);
+        }
         ctx.run_interval(Duration::from_millis(5), |act, _| {
             act.fire_timers();
             act.release_behind();
@@ -466,22 +474,26 @@ impl Shard {
             };
             for (seq, raw) in loaded {
                 self.record_n = self.record_n.max(seq.n + 1);
-                let m = match <PendingMessage as prost::Message>::decode(raw.as_slice()) {
-                    Ok(m) => m,
+                let env = match <PendingMessage as prost::Message>::decode(raw.as_slice()) {
+                    Ok(m) => crate::node::envelopes(vec![(kg, m)]).pop(),
                     Err(e) => {
-                        tracing::error!(key_group = kg, ?seq, error = %e, "skipping a corrupt pending message record");
-                        continue;
+                        tracing::error!(key_group = kg, ?seq, error = %e, "a corrupt pending message record; deleted");
+                        None
                     }
                 };
-                for env in crate::node::envelopes(vec![(kg, m)]) {
-                    tracing::trace!(
-                        shard = self.index,
-                        kg,
-                        ?seq,
-                        id = msg_id(&env.message),
-                        "pending message record loaded"
-                    );
-                    self.enqueue_recorded(env, Some(seq));
+                match env {
+                    Some(env) => {
+                        tracing::trace!(
+                            shard = self.index,
+                            kg,
+                            ?seq,
+                            id = msg_id(&env.message),
+                            "pending message record loaded"
+                        );
+                        self.enqueue_recorded(env, Some(seq));
+                    }
+                    // Unreadable (logged): deleted with the next epoch, not kept for ever.
+                    None => self.delete_record(kg, Some(seq)),
                 }
             }
         }
@@ -525,6 +537,7 @@ impl Shard {
             timers: Timers::default(),
             pending_writes: WriteBatch::default(),
             record_n: 0,
+            replay: o.replay,
             max_active,
             invocation_hist: std::rc::Rc::new(hist),
             invocations: 0,
@@ -744,6 +757,9 @@ impl Shard {
     /// Queues a message for a local address; `record`: the message's pending message record,
     /// deleted when it is processed (or now, if it is not queued).
     fn enqueue_recorded(&mut self, env: Envelope, record: Option<Seq>) {
+        // A record's message is never checked against idempotency records again (the check
+        // below would drop it without deleting its record): it has no key.
+        debug_assert!(record.is_none() || env.key.is_none());
         if record.is_some() && !self.queues(&env) {
             // Handled now (a reply) or dead-lettered below: processed in this epoch.
             self.delete_record(env.kg, record);
@@ -2084,6 +2100,53 @@ mod tests {
             ingress: false,
             key: None,
         }
+    }
+
+    /// A message pending at a cut is listed by the first cut that finds it, recorded once by
+    /// the second (in that cut's delta, numbered from the counter given), and left alone by
+    /// every later one.
+    #[test]
+    fn a_pending_message_is_listed_once_then_recorded_once() {
+        let cut = |epoch| Cut {
+            epoch,
+            ops: Vec::new(),
+            pending: Vec::new(),
+            awaiting: FxHashMap::default(),
+            markers_done: true,
+            recorded: 0,
+        };
+        let target: Arc<str> = "a/b/c".into();
+        let (mut record, mut seen, mut n) = (None, false, 7);
+        let msg = || {
+            pending_message(
+                &Address::parse("a/b/c").unwrap(),
+                None,
+                &env(5, "m").message,
+            )
+        };
+        let mut c1 = cut(10);
+        Shard::note_pending(&mut c1, &mut n, 5, &target, 1, &mut record, &mut seen, msg);
+        assert_eq!((c1.pending.len(), c1.ops.len(), record, n), (1, 0, None, 7));
+        let mut c2 = cut(11);
+        Shard::note_pending(&mut c2, &mut n, 5, &target, 1, &mut record, &mut seen, msg);
+        assert!(c2.pending.is_empty());
+        let seq = Seq { epoch: 11, n: 7 };
+        assert_eq!((record, n, c2.recorded), (Some(seq), 8, 1));
+        match &c2.ops[..] {
+            [Change::Raw(k, Some(v))] => {
+                assert_eq!(k, &pending_key(5, seq));
+                let m = <PendingMessage as prost::Message>::decode(v.as_slice()).unwrap();
+                assert_eq!(m, msg());
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut c3 = cut(12);
+        Shard::note_pending(&mut c3, &mut n, 5, &target, 1, &mut record, &mut seen, msg);
+        assert!(c3.pending.is_empty() && c3.ops.is_empty());
+        assert_eq!(n, 8);
+        // Records sort as numbered: by epoch, then number.
+        assert!(pending_key(5, seq) < pending_key(5, Seq { epoch: 11, n: 8 }));
+        assert!(pending_key(5, Seq { epoch: 11, n: 9 }) < pending_key(5, Seq { epoch: 12, n: 0 }));
     }
 
     /// A hand-over drops the messages this node kept for the moving key groups (their new
