@@ -609,6 +609,107 @@ async fn a_node_joining_under_load_gets_key_groups_live_and_nothing_rolls_back()
     );
 }
 
+/// Messages queued behind slow functions (`function-invoke=sleep(3)` on every node and
+/// `max_batch = 1`: each message waits 3 ms on its shard) stay pending across many cuts, so the
+/// cuts write them as pending message records in their key groups' chains. A third node joins
+/// while a backlog of 2,400 messages to 24 counters drains (and under the usual load), and a
+/// third of the key groups moves to it live (some of the counters with them): every queued
+/// message is applied once (the records of the moving key groups by their new owner), and
+/// nothing rolls back.
+#[tokio::test]
+async fn a_backlog_moves_live_with_its_key_groups_and_is_applied_once() {
+    const COUNTERS: usize = 24;
+    const EACH: usize = 100;
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let slow = |id: u64, join: Option<&str>| {
+        let mut l = launch(root, id, (free_port(), free_port()), join);
+        l.config = l.config.map(|c| format!("max_batch = 1\n{c}"));
+        l.env
+            .push(("FAILPOINTS".into(), "function-invoke=sleep(3)".into()));
+        Node::start_launch(&root.join(format!("n{id}")), &l)
+    };
+    let n1 = slow(1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let n2 = slow(2, Some(&seed));
+    converged(&[&n1, &n2], 2, 1).await;
+    spread(&n1, 2, 300).await;
+    let before = (n1.metric(ROLLBACKS).await, n2.metric(ROLLBACKS).await);
+    let load = Load::start(&[&n1, &n2], "backlog", true).await;
+    let c1 = n1.client().await;
+    let backlog = tokio::spawn(async move {
+        let msgs: Vec<_> = (0..EACH)
+            .flat_map(|_| {
+                (0..COUNTERS).map(|k| (counter(&format!("queued-{k}")), TypedValue::of(&1i64)))
+            })
+            .collect();
+        c1.send_stream(futures::stream::iter(msgs), 100).await
+    });
+    eventually(
+        "pending messages recorded",
+        Duration::from_secs(30),
+        || async {
+            let r = n1.metric(RECORDED).await + n2.metric(RECORDED).await;
+            (r >= 100.0).then_some(())
+        },
+    )
+    .await;
+    let n3 = slow(3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    spread(&n1, 3, 250).await;
+    let t = n1.get_json("/v1/cluster/key-groups").await;
+    let c3 = n3.client().await;
+    let mut moved = Vec::new();
+    for k in 0..COUNTERS {
+        let id = format!("queued-{k}");
+        if t["owners"][key_group(&counter(&id).to_string()) as usize] == 3 {
+            moved.push((id.clone(), add(&c3, &id, 0).await));
+        }
+    }
+    println!("counters moved to node 3 (with their count after the move): {moved:?}");
+    assert!(!moved.is_empty(), "no counter of the backlog moved");
+    assert_eq!(
+        backlog.await.unwrap().expect("the backlog's stream"),
+        (COUNTERS * EACH) as u64
+    );
+    let (calls, batches) = load.finish(&n3).await;
+    for k in 0..COUNTERS {
+        let id = format!("queued-{k}");
+        eventually(
+            &format!("counter {id} complete"),
+            Duration::from_secs(60),
+            || async {
+                let v = add(&c3, &id, 0).await;
+                assert!(
+                    v <= EACH as i64,
+                    "counter {id}: {v} of {EACH}: applied twice"
+                );
+                (v == EACH as i64).then_some(())
+            },
+        )
+        .await;
+    }
+    let after = (n1.metric(ROLLBACKS).await, n2.metric(ROLLBACKS).await);
+    let recorded = [
+        n1.metric(RECORDED).await,
+        n2.metric(RECORDED).await,
+        n3.metric(RECORDED).await,
+    ];
+    println!("{calls} calls and {batches} stream batches; pending message records written per node {recorded:?}; rollbacks before {before:?}, after {after:?}");
+    assert_eq!(before, after, "the join rolled a node back");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for k in 0..COUNTERS {
+        let id = format!("queued-{k}");
+        assert_eq!(add(&c3, &id, 0).await, EACH as i64, "counter {id}");
+    }
+    for n in [n1, n2, n3] {
+        n.stop();
+    }
+}
+
+const RECORDED: &str = "statemesh_checkpoint_pending_recorded_total";
+
 /// Node 1 alone with its epoch log, uploaded only every 10 minutes (`failpoints`: its
 /// `FAILPOINTS`).
 fn alone_with_its_log(root: &Path, failpoints: Option<&str>) -> (Node, (u16, u16)) {
