@@ -297,6 +297,8 @@ async fn embedded(
         (Some(s), Some(c)) if c > 0.0 => Some(s / c * 1e3),
         _ => None,
     };
+    let listed = metric("statemesh_checkpoint_pending_listed_total ");
+    let recorded = metric("statemesh_checkpoint_pending_recorded_total ");
     node.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     let epochs = cp.recent.len().max(1) as f64;
@@ -309,6 +311,8 @@ async fn embedded(
             "epochs_committed": cp.committed,
             "cut_pause_mean_ms": cut_mean_ms,
             "cut_pause_max_ms": cut_max_ms,
+            "pending_listed": listed,
+            "pending_recorded": recorded,
             "recent_epoch_mean_bytes": (cp.recent.iter().map(|e| e.bytes).sum::<u64>() as f64 / epochs).round(),
             "recent_epoch_mean_ms": cp.recent.iter().map(|e| e.duration_ms).sum::<f64>() / epochs,
             "instances": instances,
