@@ -482,22 +482,31 @@ impl Store {
         Ok(out)
     }
 
-    /// The delayed messages stored for a key group: (seq, timer).
-    pub fn load_timers(&self, kg: u32) -> Result<Vec<(Seq, StoredTimer)>, StoreError> {
-        let mut prefix = vec![b't'];
+    /// The records of kind `tag` (`seq_key`s) stored for a key group, in key order: (seq,
+    /// value); `what` names them in an error.
+    fn scan_seq(&self, tag: u8, kg: u32, what: &str) -> Result<Vec<(Seq, sled::IVec)>, StoreError> {
+        let mut prefix = vec![tag];
         prefix.extend_from_slice(&(kg as u16).to_be_bytes());
         let mut out = Vec::new();
         for item in self.db.scan_prefix(&prefix) {
             let (k, raw) = item.map_err(|e| self.err(e))?;
             let seq = key_seq(&k).ok_or_else(|| {
                 StoreError::Corrupt(format!(
-                    "timer key: expected 11 or 19 bytes, found {}",
+                    "{what} key: expected 11 or 19 bytes, found {}",
                     k.len()
                 ))
             })?;
-            out.push((seq, StoredTimer::decode(&raw)?));
+            out.push((seq, raw));
         }
         Ok(out)
+    }
+
+    /// The delayed messages stored for a key group: (seq, timer).
+    pub fn load_timers(&self, kg: u32) -> Result<Vec<(Seq, StoredTimer)>, StoreError> {
+        self.scan_seq(b't', kg, "timer")?
+            .into_iter()
+            .map(|(seq, raw)| Ok((seq, StoredTimer::decode(&raw)?)))
+            .collect()
     }
 
     /// Applies a batch (in order, chunk by chunk: sled keeps far less memory per operation
@@ -635,14 +644,6 @@ impl Store {
         Ok(())
     }
 
-    /// Whether nothing was ever applied here: no applied marker, no key group marked stale,
-    /// no entry.
-    pub fn is_fresh(&self) -> Result<bool, StoreError> {
-        Ok(self.applied()?.is_none()
-            && self.stale_key_groups()?.is_empty()
-            && !self.has_entries()?)
-    }
-
     /// Whether any entry of a key group (state, timer, idempotency, egress or pending message
     /// record) is stored.
     pub fn has_entries(&self) -> Result<bool, StoreError> {
@@ -691,20 +692,11 @@ impl Store {
     /// The pending message records of a key group, in key order (as queued): (seq, encoded
     /// `PendingMessage`).
     pub fn load_pending(&self, kg: u32) -> Result<Vec<(Seq, Vec<u8>)>, StoreError> {
-        let mut prefix = vec![b'p'];
-        prefix.extend_from_slice(&(kg as u16).to_be_bytes());
-        let mut out = Vec::new();
-        for item in self.db.scan_prefix(&prefix) {
-            let (k, raw) = item.map_err(|e| self.err(e))?;
-            let seq = key_seq(&k).ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "pending message key: expected 19 bytes, found {}",
-                    k.len()
-                ))
-            })?;
-            out.push((seq, raw.to_vec()));
-        }
-        Ok(out)
+        Ok(self
+            .scan_seq(b'p', kg, "pending message")?
+            .into_iter()
+            .map(|(seq, raw)| (seq, raw.to_vec()))
+            .collect())
     }
 
     /// The idempotency records of a key group: (scope, encoded record).
