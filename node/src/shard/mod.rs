@@ -760,11 +760,10 @@ impl Shard {
         // A record's message is never checked against idempotency records again (the check
         // below would drop it without deleting its record): it has no key.
         debug_assert!(record.is_none() || env.key.is_none());
-        if record.is_some() && !self.queues(&env) {
-            // Handled now (a reply) or dead-lettered below: processed in this epoch.
-            self.delete_record(env.kg, record);
-        }
+        // Every path that does not queue it handles the message in this epoch: its record
+        // goes with it.
         if self.router.is_reply_address(&env.target) {
+            self.delete_record(env.kg, record);
             self.handle_reply(&env.target, Ok(env.message));
             return;
         }
@@ -775,6 +774,7 @@ impl Shard {
             return;
         }
         let Some(entry) = self.router.registry().get(&env.target.typ) else {
+            self.delete_record(env.kg, record);
             if env.ingress {
                 self.router.release(self.index, 1);
             }
@@ -827,13 +827,6 @@ impl Shard {
                     .set_saturated(self.index, &slot.address, true, limit);
             }
         }
-    }
-
-    /// Whether `enqueue` would queue this message at an address (a known function type, not
-    /// a reply), activation failures aside.
-    fn queues(&self, env: &Envelope) -> bool {
-        !self.router.is_reply_address(&env.target)
-            && self.router.registry().get(&env.target.typ).is_some()
     }
 
     /// Deletes a processed message's pending message record, if it has one.
@@ -1685,9 +1678,7 @@ impl Handler<InvokeDone> for Shard {
         if !done.renegotiate {
             // Processed in this epoch: their records go with the effects.
             for p in &batch[..done.processed] {
-                if let Some(seq) = p.record {
-                    self.pending_writes.put_raw(pending_key(kg, seq), None);
-                }
+                self.delete_record(kg, p.record);
             }
         }
         self.apply_effects(&address, kg, done.effects);
