@@ -76,7 +76,7 @@ struct Member {
     dead_at: BTreeMap<NodeId, (u64, u64)>,
     /// Paused until (no ticks, no processing; messages wait in `inbox`).
     paused_until: Option<u64>,
-    inbox: Vec<Vec<u8>>,
+    inbox: Vec<(usize, Vec<u8>)>,
     /// Crashed until.
     down_until: u64,
     /// The last leader other than itself it knew.
@@ -203,7 +203,7 @@ impl Sim {
             let now = self.now;
             let m = &mut self.members[to];
             match (&mut m.node, m.paused_until) {
-                (Some(_), Some(_)) => m.inbox.push(bytes),
+                (Some(_), Some(_)) => m.inbox.push((from, bytes)),
                 (Some(n), None) => {
                     m.detector.heard(from as NodeId + 1, now);
                     if let Ok(origin) = n.step(&bytes) {
@@ -456,10 +456,21 @@ impl Sim {
             // Paused members go on (their clock jumped); crashed ones restart.
             if self.members[i].paused_until.is_some_and(|t| self.now >= t) {
                 self.members[i].paused_until = None;
+                // Processed now, so heard now, as `deliver` does: the lease argument needs every
+                // message the leader answers (a read-index ask above all) to reach the
+                // detector. Without it, a leader resumed from a pause answered a member's asks
+                // (granting it a lease) while its detector still had the member last heard
+                // before the pause, declared it dead and took its key group inside that lease
+                // (seed 2559869571011411332: key group 6 served by nodes 1 and 4 at once).
+                let now = self.now;
                 let inbox = std::mem::take(&mut self.members[i].inbox);
-                if let Some(n) = self.members[i].node.as_mut() {
-                    for b in inbox {
-                        let _ = n.step(&b);
+                let m = &mut self.members[i];
+                if let Some(n) = m.node.as_mut() {
+                    for (from, b) in inbox {
+                        m.detector.heard(from as NodeId + 1, now);
+                        if let Ok(origin) = n.step(&b) {
+                            m.detector.heard(origin, now);
+                        }
                     }
                 }
             }
