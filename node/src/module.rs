@@ -4,10 +4,12 @@
 //! Two shapes are read:
 //! - **v3 components**: a multi-document file, each document `kind:` + `spec:`
 //!   (`io.statefun.endpoints.v2/http`, `io.statefun.endpoints.v1/http`,
-//!   `io.statefun.playground.v1/ingress`, `io.statefun.playground.v1/egress`; Kafka and
-//!   Kinesis kinds parse but are refused at startup as not supported yet);
+//!   `io.statefun.playground.v1/ingress`, `io.statefun.playground.v1/egress`,
+//!   `io.statefun.kafka.v1/ingress`, `io.statefun.kafka.v1/egress`; Kinesis kinds are refused
+//!   by name as not supported);
 //! - **legacy single root** (`version: "1.0" | "2.0" | "3.0"`, `module: {meta, spec}`), where
-//!   versions 1.0 and 2.0 select the v2 wire protocol and 3.0 selects v3.
+//!   versions 1.0 and 2.0 select the v2 wire protocol and 3.0 selects v3; its `ingresses` and
+//!   `egresses` may be Kafka's legacy kinds ([`kafka`]).
 //!
 //! Errors name the file, the line and what was expected; unknown keys are warnings naming
 //! them (StateFun ignores them silently).
@@ -18,6 +20,12 @@ use std::time::Duration;
 
 use serde_yaml_ng::Value;
 use statemesh_sdk::{Expiration, ValueSpecDescriptor};
+
+pub mod kafka;
+
+pub use kafka::{
+    AutoOffsetReset, DeliverySemantic, KafkaEgress, KafkaIngress, KafkaTopic, StartupPosition,
+};
 
 /// A module file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +123,10 @@ pub struct Module {
     pub playground_ingress: Option<u16>,
     /// The playground egress port, if declared.
     pub playground_egress: Option<u16>,
+    /// Kafka ingresses, in file order.
+    pub kafka_ingresses: Vec<KafkaIngress>,
+    /// Kafka egresses, in file order.
+    pub kafka_egresses: Vec<KafkaEgress>,
     /// Unknown keys and other things worth a warning.
     pub warnings: Vec<String>,
 }
@@ -276,8 +288,6 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 const UNSUPPORTED_KINDS: &[&str] = &[
-    "io.statefun.kafka.v1/ingress",
-    "io.statefun.kafka.v1/egress",
     "io.statefun.kinesis.v1/ingress",
     "io.statefun.kinesis.v1/egress",
 ];
@@ -344,13 +354,21 @@ fn v3_component(
                 module.playground_egress = Some(port);
             }
         }
+        "io.statefun.kafka.v1/ingress" => {
+            let i = d.kafka_ingress(spec, kafka::Form::V1, None, kind)?;
+            module.add_kafka_ingress(d, i)?;
+        }
+        "io.statefun.kafka.v1/egress" => {
+            let e = d.kafka_egress(spec, kafka::Form::V1, None, kind)?;
+            module.add_kafka_egress(d, e)?;
+        }
         k if UNSUPPORTED_KINDS.contains(&k) => {
-            return Err(d.err("kind", format!("kind {k:?} is not supported yet (Kafka and Kinesis I/O are planned)")));
+            return Err(d.err("kind", format!("kind {k:?} is not supported (Kinesis I/O)")));
         }
         other => {
             return Err(d.err(
                 "kind",
-                format!("unknown kind {other:?}: expected io.statefun.endpoints.v2/http, io.statefun.endpoints.v1/http, io.statefun.playground.v1/ingress or io.statefun.playground.v1/egress"),
+                format!("unknown kind {other:?}: expected io.statefun.endpoints.v2/http, io.statefun.endpoints.v1/http, io.statefun.playground.v1/ingress, io.statefun.playground.v1/egress, io.statefun.kafka.v1/ingress or io.statefun.kafka.v1/egress"),
             ))
         }
     }
@@ -434,13 +452,24 @@ fn legacy_root(
         spec,
         &["functions", "ingresses", "egresses", "routers"],
     );
-    for key in ["ingresses", "egresses", "routers"] {
-        if spec
-            .get(key)
-            .and_then(|v| v.as_sequence())
-            .is_some_and(|s| !s.is_empty())
-        {
-            return Err(d.err(key, format!("module.spec.{key} is not supported yet in legacy module files (use v3 components)")));
+    if spec
+        .get("routers")
+        .and_then(|v| v.as_sequence())
+        .is_some_and(|s| !s.is_empty())
+    {
+        return Err(d.err("routers", "module.spec.routers is not supported (StateFun 2.x routers; Kafka ingresses route by record key)".into()));
+    }
+    for (key, item) in [("ingresses", "ingress"), ("egresses", "egress")] {
+        if let Some(list) = spec.get(key) {
+            let list = list.as_sequence().ok_or_else(|| {
+                d.err(
+                    key,
+                    format!("{key}: expected a list, found {}", kind_of(list)),
+                )
+            })?;
+            for entry in list {
+                legacy_io(d, entry, item, &version, module)?;
+            }
         }
     }
     let Some(functions) = spec.get("functions") else {
@@ -504,7 +533,90 @@ fn legacy_root(
     Ok(())
 }
 
+/// One entry of a legacy module's `ingresses` (`item` = `ingress`) or `egresses` list:
+/// `- ingress: {meta: {type, id}, spec}`.
+fn legacy_io(
+    d: &mut Doc<'_>,
+    entry: &Value,
+    item: &str,
+    version: &str,
+    module: &mut Module,
+) -> Result<(), ModuleError> {
+    let entry = d.map(entry, item)?;
+    let io = d.map(
+        entry
+            .get(item)
+            .ok_or_else(|| d.err(item, format!("expected an \"{item}:\" entry")))?,
+        item,
+    )?;
+    d.deny_unknown(item, io, &["meta", "spec"])?;
+    let meta = d.map(
+        io.get("meta")
+            .ok_or_else(|| d.err(item, format!("{item}: missing required key \"meta\"")))?,
+        "meta",
+    )?;
+    d.deny_unknown(&format!("{item}.meta"), meta, &["type", "id"])?;
+    let typ = d.str(meta, "type", "meta")?;
+    let id = d.str(meta, "id", "meta")?;
+    let spec = d.map(
+        io.get("spec")
+            .ok_or_else(|| d.err(item, format!("{item}: missing required key \"spec\"")))?,
+        "spec",
+    )?;
+    let v3 = matches!(version, "3.0" | "3");
+    let (form, ingress_kind, egress_kind) = if v3 {
+        (
+            kafka::Form::Legacy3,
+            "io.statefun.kafka/ingress",
+            "io.statefun.kafka/egress",
+        )
+    } else {
+        (
+            kafka::Form::Legacy2,
+            "statefun.kafka.io/routable-protobuf-ingress",
+            "statefun.kafka.io/generic-egress",
+        )
+    };
+    match (item, typ) {
+        ("ingress", t) if t == ingress_kind => {
+            let i = d.kafka_ingress(spec, form, Some(id), t)?;
+            module.add_kafka_ingress(d, i)
+        }
+        ("egress", t) if t == egress_kind => {
+            let e = d.kafka_egress(spec, form, Some(id), t)?;
+            module.add_kafka_egress(d, e)
+        }
+        (_, t) => {
+            let wanted = if item == "ingress" {
+                ingress_kind
+            } else {
+                egress_kind
+            };
+            Err(d.err(
+                "type",
+                format!("{item}.meta.type: {t:?} is not supported in a version {version:?} module; expected {wanted:?}"),
+            ))
+        }
+    }
+}
+
 impl Module {
+    fn add_kafka_ingress(&mut self, d: &Doc<'_>, i: KafkaIngress) -> Result<(), ModuleError> {
+        if self.kafka_ingresses.iter().any(|x| x.id == i.id) {
+            return Err(d.err("id", format!("Kafka ingress {:?} is declared twice", i.id)));
+        }
+        self.kafka_ingresses.push(i);
+        Ok(())
+    }
+
+    fn add_kafka_egress(&mut self, d: &Doc<'_>, e: KafkaEgress) -> Result<(), ModuleError> {
+        if self.kafka_egresses.iter().any(|x| x.id == e.id) {
+            return Err(d.err("id", format!("Kafka egress {:?} is declared twice", e.id)));
+        }
+        self.kafka_egresses.push(e);
+        Ok(())
+    }
+
     /// Parses module text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Module, ModuleError> {
         let mut module = Module::default();
@@ -647,13 +759,10 @@ mod tests {
             e.starts_with("module.yaml:3:") && e.contains("expected \"namespace/name\""),
             "{e}"
         );
-        let e = parse("kind: io.statefun.kafka.v1/ingress\nspec: {}\n")
+        let e = parse("kind: io.statefun.kinesis.v1/ingress\nspec: {}\n")
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("not supported yet") && e.contains("kafka"),
-            "{e}"
-        );
+        assert!(e.contains("not supported") && e.contains("kinesis"), "{e}");
         let e = parse("a: [\n").unwrap_err().to_string();
         assert!(
             e.starts_with("module.yaml:") && e.contains("invalid YAML"),

@@ -238,7 +238,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.checkpoint.url = checkpoint_url;
             }
             let module = match &module {
-                Some(p) => Some(statemesh_node::module::Module::load(p)?),
+                Some(p) => {
+                    let m = statemesh_node::module::Module::load(p)?;
+                    // Parsed in full; the client that runs them is the next step (issue 11).
+                    if let Some(i) = m.kafka_ingresses.first() {
+                        anyhow::bail!(
+                            "{}: Kafka ingress {:?}: Kafka I/O is not supported yet",
+                            p.display(),
+                            i.id
+                        );
+                    }
+                    if let Some(e) = m.kafka_egresses.first() {
+                        anyhow::bail!(
+                            "{}: Kafka egress {:?}: Kafka I/O is not supported yet",
+                            p.display(),
+                            e.id
+                        );
+                    }
+                    Some(m)
+                }
                 None => None,
             };
             run_node(cfg, module).await
