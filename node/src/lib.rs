@@ -19,6 +19,7 @@ pub mod error;
 pub mod failpoint;
 pub mod ingress;
 mod instance;
+pub mod kafka;
 mod mesh;
 pub mod metrics;
 pub mod module;

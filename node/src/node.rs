@@ -93,7 +93,15 @@ impl NodeBuilder {
     }
 
     /// Starts the node. Must be called inside a tokio runtime (gRPC runs on it).
-    pub async fn start(self) -> Result<NodeHandle, StartError> {
+    pub async fn start(mut self) -> Result<NodeHandle, StartError> {
+        let ingresses = self.registry.module().kafka_ingresses.clone();
+        if !ingresses.is_empty() {
+            let f = crate::kafka::PartitionFn::new(&ingresses, |t| self.registry.get(t).is_some());
+            self.registry.register(
+                statemesh_sdk::TypeName::parse(crate::kafka::PARTITION_TYPE).expect("valid"),
+                Arc::new(f),
+            );
+        }
         start(self.config, self.registry).await
     }
 }
@@ -144,6 +152,7 @@ pub struct NodeHandle {
     driver_events: tokio::sync::mpsc::UnboundedSender<DriverEvent>,
     store: Store,
     control: crate::cluster::Control,
+    kafka: Option<crate::kafka::ingress::KafkaIngresses>,
 }
 
 impl NodeHandle {
@@ -182,6 +191,9 @@ impl NodeHandle {
     /// (written to blob storage and sled) and stops the shards.
     pub async fn shutdown(mut self) {
         self.shared.ready.store(false, Ordering::SeqCst);
+        if let Some(k) = self.kafka.take() {
+            k.stop().await;
+        }
         self.shared.router.close();
         self.http_server.stop(true).await;
         for p in &self.playground {
@@ -729,6 +741,15 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
     if let Some(l) = lease {
         l.spawn();
     }
+    let ingresses = &shared.router.registry().module().kafka_ingresses;
+    let kafka = if ingresses.is_empty() {
+        None
+    } else {
+        Some(
+            crate::kafka::ingress::KafkaIngresses::start(shared.router.clone(), ingresses)
+                .map_err(StartError::Other)?,
+        )
+    };
     ready.store(true, Ordering::SeqCst);
     tracing::info!(grpc = %grpc_addr, http = %started.http_addr, shards = shard_count, data_dir = %config.data_dir.display(), "node started");
     Ok(NodeHandle {
@@ -745,6 +766,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         driver_events: events_tx,
         store,
         control,
+        kafka,
     })
 }
 

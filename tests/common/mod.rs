@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod badserver;
+pub mod kafka;
 pub mod python;
 
 use std::io::{BufRead, BufReader};

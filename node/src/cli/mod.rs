@@ -240,17 +240,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let module = match &module {
                 Some(p) => {
                     let m = statemesh_node::module::Module::load(p)?;
-                    // Parsed in full; the client that runs them is the next step (issue 11).
-                    if let Some(i) = m.kafka_ingresses.first() {
-                        anyhow::bail!(
-                            "{}: Kafka ingress {:?}: Kafka I/O is not supported yet",
-                            p.display(),
-                            i.id
-                        );
-                    }
+                    // Parsed in full; the producer that runs egresses is the next step (issue 11).
                     if let Some(e) = m.kafka_egresses.first() {
                         anyhow::bail!(
-                            "{}: Kafka egress {:?}: Kafka I/O is not supported yet",
+                            "{}: Kafka egress {:?}: Kafka egress is not supported yet",
                             p.display(),
                             e.id
                         );

@@ -1066,8 +1066,11 @@ impl Shard {
     }
 
     fn apply_effects(&mut self, sender: &Address, sender_kg: u32, effects: Effects) {
+        // A Kafka partition instance hands on ingress records: their targets see no caller,
+        // as with any ingress message (StateFun's too), and do not reply to it.
+        let caller = (sender.typ.as_str() != crate::kafka::PARTITION_TYPE).then_some(sender);
         for (target, message) in effects.messages {
-            self.route(target, Some(sender.clone()), message);
+            self.route(target, caller.cloned(), message);
         }
         let now = now_ms();
         for d in effects.delayed {

@@ -1,0 +1,147 @@
+//! A Kafka-protocol test broker: tansu (from crates.io, its in-memory engine), installed once
+//! into `target/tools/tansu` when missing (`cargo install`, several minutes), started on a
+//! loopback port and killed on drop. Records are produced and read with rdkafka.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+static INSTALL: Mutex<()> = Mutex::new(());
+
+/// The tansu binary, installed under `target/tools/tansu` if missing.
+pub fn tansu() -> PathBuf {
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools");
+    let bin = target.join("tansu/bin/tansu");
+    if bin.exists() {
+        return bin;
+    }
+    eprintln!(
+        "installing the test broker (tansu 0.6.0) into {}; this takes several minutes once",
+        target.display()
+    );
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "install",
+            "tansu",
+            "--version",
+            "0.6.0",
+            "--no-default-features",
+            "--features",
+            "dynostore",
+            "--locked",
+            "--root",
+        ])
+        .arg(target.join("tansu"))
+        .env("CARGO_TARGET_DIR", target.join("tansu-build"))
+        .output()
+        .expect("cargo install tansu");
+    assert!(
+        out.status.success() && bin.exists(),
+        "cargo install tansu failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(target.join("tansu-build"));
+    bin
+}
+
+/// A running broker.
+pub struct Broker {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub bootstrap: String,
+}
+
+impl Broker {
+    /// Starts tansu on a free loopback port and waits until it accepts connections.
+    pub fn start() -> Broker {
+        let bin = tansu();
+        let port = super::free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Broker {
+            child,
+            bootstrap: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    /// Creates a topic.
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let out = Command::new(tansu())
+            .args([
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &partitions.to_string(),
+                "--broker",
+            ])
+            .arg(format!("tcp://{}", self.bootstrap))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "creating topic {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A producer that waits for every record to be acknowledged by the broker.
+    pub fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .create()
+            .expect("producer")
+    }
+}
+
+/// Produces one record and waits for the broker's acknowledgement.
+pub async fn produce(
+    p: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: Option<&str>,
+    value: &[u8],
+) {
+    let mut r = FutureRecord::<str, [u8]>::to(topic).payload(value);
+    if let Some(k) = key {
+        r = r.key(k);
+    }
+    if let Some(p) = partition {
+        r = r.partition(p);
+    }
+    p.send(r, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
