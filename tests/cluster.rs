@@ -2298,3 +2298,122 @@ async fn a_full_snapshot_overtaken_by_a_synchronisation_is_dropped_and_nothing_r
     }
     n1.stop();
 }
+
+/// Kafka ingress in a cluster: the partitions of a topic are read by the owners of their
+/// partition instances' key groups (placement spreads them), and when a node is killed its
+/// partitions fail over with its key groups; every record produced before, during and after
+/// is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once() {
+    use common::kafka::{produce, Broker};
+    let _g = SERIAL.lock().await;
+    let broker = Broker::start();
+    const PARTITIONS: i32 = 8;
+    const KEYS: usize = 12;
+    broker.create_topic("deltas", PARTITIONS as u32);
+    let module = format!(
+        "kind: io.statefun.kafka.v1/ingress\nspec:\n  id: test/deltas\n  address: {}\n  startupPosition:\n    type: earliest\n  topics:\n    - topic: deltas\n      valueType: io.statefun.types/long\n      targets: [example/counter]\n",
+        broker.bootstrap
+    );
+    let dir = test_dir();
+    let root = dir.path();
+    let with_module = |id: u64, join: Option<&str>| {
+        let mut l = launch(root, id, (free_port(), free_port()), join);
+        l.module = Some(module.clone());
+        Node::start_launch(&root.join(format!("n{id}")), &l)
+    };
+    let n1 = with_module(1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let n2 = with_module(2, Some(&seed));
+    let n3 = with_module(3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    eventually(
+        "every member owns key groups",
+        Duration::from_secs(30),
+        || async {
+            let v = view(&n1).await?;
+            let owned: Vec<u64> = member_field(&v, "key_groups");
+            (owned.len() == 3 && owned.iter().all(|&k| k > 200)).then_some(())
+        },
+    )
+    .await;
+    let t = n1.get_json("/v1/cluster/key-groups").await;
+    let owner = |p: i32| {
+        t["owners"]
+            [key_group(&format!("statemesh.kafka/partition/test/deltas:deltas:{p}")) as usize]
+            .as_u64()
+            .unwrap()
+    };
+    let owners: Vec<u64> = (0..PARTITIONS).map(owner).collect();
+    println!("partition owners: {owners:?}");
+    let mut distinct = owners.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(
+        distinct.len() >= 2,
+        "the partitions are not spread: {owners:?}"
+    );
+    // The node to kill reads some partitions.
+    let victim = *owners.iter().find(|&&o| o != 1).unwrap();
+    let p = broker.producer();
+    let mut per_key = [0i64; KEYS];
+    let mut produce_some = |n: usize, from: usize| {
+        let p = p.clone();
+        let keys: Vec<usize> = (from..from + n).map(|i| i % KEYS).collect();
+        for &k in &keys {
+            per_key[k] += 1;
+        }
+        async move {
+            for k in keys {
+                produce(
+                    &p,
+                    "deltas",
+                    None,
+                    Some(&format!("c{k}")),
+                    TypedValue::of(&1i64).value(),
+                )
+                .await;
+            }
+        }
+    };
+    produce_some(400, 0).await;
+    let (n2, n3) = if victim == 2 {
+        n2.kill();
+        (None, Some(n3))
+    } else {
+        n3.kill();
+        (Some(n2), None)
+    };
+    let during = tokio::spawn(produce_some(400, 400));
+    failed_over(&n1, victim, Duration::from_secs(30)).await;
+    during.await.unwrap();
+    produce_some(400, 800).await;
+    for (k, want) in per_key.iter().enumerate() {
+        let id = format!("c{k}");
+        eventually(
+            &format!("counter {id} at {want}"),
+            Duration::from_secs(60),
+            || async {
+                let got = common::state_value(&n1, &format!("example/counter/{id}"), "total")
+                    .await
+                    .and_then(|v| v.as_i64())
+                    .unwrap_or(0);
+                assert!(
+                    got <= *want,
+                    "counter {id} is {got}, above the {want} records produced for it"
+                );
+                (got == *want).then_some(())
+            },
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (k, want) in per_key.iter().enumerate() {
+        let got = common::state_value(&n1, &format!("example/counter/c{k}"), "total").await;
+        assert_eq!(got, Some(serde_json::json!(want)), "c{k}");
+    }
+    for n in [n2, n3].into_iter().flatten() {
+        n.stop();
+    }
+    n1.stop();
+}

@@ -100,3 +100,93 @@ async fn a_v1_ingress_feeds_functions_and_dead_letters_bad_records() {
     }
     node.stop();
 }
+
+/// The crash test: records are produced while the node is SIGKILLed again and again; in the
+/// end every record's effect is counted exactly once in function state. `KAFKA_SEED`
+/// replays a schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_produced_across_sigkills_are_applied_exactly_once() {
+    let seed: u64 = std::env::var("KAFKA_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("KAFKA_SEED={seed}");
+    let mut rng = seed | 1;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    const KEYS: usize = 20;
+    const RECORDS: usize = 3000;
+    let broker = Broker::start();
+    broker.create_topic("deltas", 4);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let module = v1_module(&broker.bootstrap, "deltas");
+    // Spread over the kills: about 10 records each 40 ms, each acknowledged by the broker.
+    let producer = broker.producer();
+    let produced = tokio::spawn(async move {
+        let mut per_key = vec![0i64; KEYS];
+        for i in 0..RECORDS {
+            let k = (i * 7 + i / 13) % KEYS;
+            produce(&producer, "deltas", None, Some(&format!("c{k}")), &long(1)).await;
+            per_key[k] += 1;
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        }
+        per_key
+    });
+    let mut progress = Vec::new();
+    for round in 0..10 {
+        let (d, m) = (data.clone(), module.clone());
+        let node = tokio::task::spawn_blocking(move || Node::start_with_module(&d, None, Some(&m)))
+            .await
+            .unwrap();
+        let up = 400 + next(1200);
+        tokio::time::sleep(Duration::from_millis(up)).await;
+        let seen = total(&node, "c0").await.unwrap_or(0);
+        progress.push(seen);
+        eprintln!("round {round}: c0 at {seen}; SIGKILL after {up} ms");
+        node.kill();
+    }
+    let per_key = produced.await.unwrap();
+    // The kills hit a node that was consuming (not one that read everything at the end).
+    assert!(
+        progress.iter().any(|&c| c > 0 && c < per_key[0]),
+        "no round saw c0 part-way: {progress:?}"
+    );
+    let node = Node::start_with_module(&data, None, Some(&module));
+    for (k, want) in per_key.iter().enumerate() {
+        let id = format!("c{k}");
+        eventually(
+            &format!("counter {id} at {want}"),
+            Duration::from_secs(60),
+            || async {
+                let t = total(&node, &id).await.unwrap_or(0);
+                assert!(
+                    t <= *want,
+                    "counter {id} is {t}, above the {want} records produced for it (seed {seed})"
+                );
+                (t == *want).then_some(())
+            },
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (k, want) in per_key.iter().enumerate() {
+        assert_eq!(
+            total(&node, &format!("c{k}")).await,
+            Some(*want),
+            "c{k} (seed {seed})"
+        );
+    }
+    node.stop();
+}
