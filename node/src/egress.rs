@@ -99,6 +99,12 @@ pub struct Egress {
     /// Key groups are about to move: no record is read until they have (every record read
     /// before is deleted by a committed epoch, so the new owners load exactly the unread).
     paused: Arc<std::sync::atomic::AtomicBool>,
+    /// Topics drained by a sink (a Kafka egress): never dropped at capacity (a sink that
+    /// cannot deliver keeps its records until it can).
+    sinks: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Durable records a sink took and is delivering, by key: deleted once delivered
+    /// ([`Egress::delivered`]), queued again if not ([`Egress::give_back`]).
+    taken: Arc<Mutex<std::collections::HashSet<Vec<u8>>>>,
 }
 
 impl Egress {
@@ -112,7 +118,72 @@ impl Egress {
             waiting: Arc::default(),
             next_n: Arc::new(AtomicU64::new(1)),
             paused: Arc::default(),
+            sinks: Arc::default(),
+            taken: Arc::default(),
         }
+    }
+
+    /// Marks `topic` as drained by a sink: it is never cut at capacity.
+    pub(crate) fn add_sink(&self, topic: &str) {
+        self.sinks.lock().insert(topic.to_string());
+    }
+
+    /// Takes up to `max` records of a sink's topic to deliver (none while key groups move).
+    /// Each durable one stays stored until [`Egress::delivered`] says it left.
+    pub(crate) fn take(&self, topic: &str, max: usize) -> Vec<(TypedValue, Option<Vec<u8>>)> {
+        if self.paused.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let Some(t) = self.topics.lock().get(topic).cloned() else {
+            return Vec::new();
+        };
+        let out: Vec<Record> = {
+            let mut q = t.queue.lock();
+            let n = q.len().min(max);
+            q.drain(..n).collect()
+        };
+        let mut taken = self.taken.lock();
+        for (_, k) in &out {
+            if let Some(k) = k {
+                taken.insert(k.clone());
+            }
+        }
+        out
+    }
+
+    /// Records a sink delivered: deleted by the next epoch. Keys of key groups that moved away
+    /// meanwhile are skipped (their new owner has them and delivers them too).
+    pub(crate) fn delivered(&self, keys: impl IntoIterator<Item = Vec<u8>>) {
+        let mut taken = self.taken.lock();
+        let mut consumed = self.consumed.lock();
+        for k in keys {
+            if taken.remove(&k) {
+                consumed.push(k);
+            }
+        }
+    }
+
+    /// Records a sink could not deliver, first in its topic again (in their order).
+    pub(crate) fn give_back(&self, topic: &str, records: Vec<(TypedValue, Option<Vec<u8>>)>) {
+        let t = self.topic(topic);
+        let mut taken = self.taken.lock();
+        let mut q = t.queue.lock();
+        for (v, k) in records.into_iter().rev() {
+            match k {
+                Some(k) if !taken.remove(&k) => {} // its key group moved away
+                k => q.push_front((v, k)),
+            }
+        }
+    }
+
+    /// Waits until `topic` may have records.
+    pub(crate) async fn wait(&self, topic: &str) {
+        let t = self.topic(topic);
+        let notified = t.notify.notified();
+        if !t.queue.lock().is_empty() && !self.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
     }
 
     /// The key of the next durable record of key group `kg`, written in epoch `epoch`.
@@ -141,6 +212,7 @@ impl Egress {
     ) {
         let mut known: std::collections::HashSet<Vec<u8>> = also_read.clone();
         known.extend(self.consumed.lock().iter().cloned());
+        known.extend(self.taken.lock().iter().cloned());
         known.extend(self.waiting.lock().keys().cloned());
         for t in self.topics.lock().values() {
             known.extend(t.queue.lock().iter().filter_map(|(_, k)| k.clone()));
@@ -167,6 +239,7 @@ impl Egress {
                 .retain(|(_, k)| k.as_deref().is_none_or(kept));
         }
         self.consumed.lock().retain(|k| kept(k));
+        self.taken.lock().retain(|k| kept(k));
         let mut waiting = self.waiting.lock();
         let gone: Vec<Vec<u8>> = waiting.keys().filter(|k| !kept(k)).cloned().collect();
         for k in gone {
@@ -283,7 +356,7 @@ impl Egress {
         let t = self.topic(topic);
         {
             let mut q = t.queue.lock();
-            if q.len() >= self.capacity {
+            if q.len() >= self.capacity && !self.sinks.lock().contains(topic) {
                 let dropped = q.pop_front().and_then(|r| r.1);
                 self.consumed(dropped);
                 self.metrics.egress_dropped.inc();

@@ -153,6 +153,7 @@ pub struct NodeHandle {
     store: Store,
     control: crate::cluster::Control,
     kafka: Option<crate::kafka::ingress::KafkaIngresses>,
+    kafka_out: Option<crate::kafka::egress::KafkaEgresses>,
 }
 
 impl NodeHandle {
@@ -192,6 +193,9 @@ impl NodeHandle {
     pub async fn shutdown(mut self) {
         self.shared.ready.store(false, Ordering::SeqCst);
         if let Some(k) = self.kafka.take() {
+            k.stop().await;
+        }
+        if let Some(k) = self.kafka_out.take() {
             k.stop().await;
         }
         self.shared.router.close();
@@ -529,6 +533,10 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         placement.clone(),
     );
     let ready = Arc::new(AtomicBool::new(false));
+    // Kafka egresses drain their topics: never cut at capacity, restored ones included.
+    for e in &router.registry().module().kafka_egresses {
+        router.egress().add_sink(&e.id);
+    }
     if cp.is_some() {
         // Egress records committed but not read before the last stop.
         // Only the key groups this node serves: a node stopped between a move and its
@@ -750,6 +758,15 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
                 .map_err(StartError::Other)?,
         )
     };
+    let egresses = &shared.router.registry().module().kafka_egresses;
+    let kafka_out = if egresses.is_empty() {
+        None
+    } else {
+        Some(
+            crate::kafka::egress::KafkaEgresses::start(shared.router.egress().clone(), egresses)
+                .map_err(StartError::Other)?,
+        )
+    };
     ready.store(true, Ordering::SeqCst);
     tracing::info!(grpc = %grpc_addr, http = %started.http_addr, shards = shard_count, data_dir = %config.data_dir.display(), "node started");
     Ok(NodeHandle {
@@ -767,6 +784,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         store,
         control,
         kafka,
+        kafka_out,
     })
 }
 

@@ -8,7 +8,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 
 static INSTALL: Mutex<()> = Mutex::new(());
 
@@ -139,6 +142,57 @@ pub async fn produce(
         .await
         .map_err(|(e, _)| e)
         .expect("produce");
+}
+
+/// A record read back: key, value and its `statemesh-record-id` header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Read {
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub id: Option<String>,
+}
+
+/// Reads `topic`'s `partitions` from the beginning until `want` records arrived or nothing
+/// came for `quiet` (then returns what it has).
+pub async fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    want: usize,
+    quiet: Duration,
+) -> Vec<Read> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "statemesh-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut l = TopicPartitionList::new();
+    for p in 0..partitions {
+        l.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    c.assign(&l).unwrap();
+    let mut out = Vec::new();
+    while out.len() < want {
+        match tokio::time::timeout(quiet, c.recv()).await {
+            Err(_) => break,
+            Ok(m) => {
+                let m = m.expect("read");
+                let id = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == "statemesh-record-id")
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                });
+                out.push(Read {
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    id,
+                });
+            }
+        }
+    }
+    out
 }
 
 impl Drop for Broker {

@@ -8,7 +8,8 @@ from datetime import timedelta
 
 from aiohttp import web
 from statefun import (Context, IntType, LongType, Message, RequestReplyHandler, StatefulFunctions,
-                      StringType, ValueSpec, egress_message_builder, make_json_type, message_builder)
+                      StringType, ValueSpec, egress_message_builder, kafka_egress_message,
+                      make_json_type, message_builder)
 
 functions = StatefulFunctions()
 EGRESS_RECORD = make_json_type(typename="io.statefun.playground/EgressRecord")
@@ -74,6 +75,16 @@ async def egress(ctx: Context, msg: Message):
     ctx.send_egress(egress_message_builder(target_typename="io.statefun.playground/egress",
                                            value={"topic": "greetings", "payload": "hi " + msg.as_string()},
                                            value_type=EGRESS_RECORD))
+
+
+@functions.bind(typename="py/kafka-echo", specs=[ValueSpec(name="n", type=LongType)])
+async def kafka_echo(ctx: Context, msg: Message):
+    # A word from a Kafka ingress, answered into the Kafka egress test/out (topic "out"),
+    # keyed by the address id, numbered per id.
+    n = (ctx.storage.n or 0) + 1
+    ctx.storage.n = n
+    ctx.send_egress(kafka_egress_message(typename="test/out", topic="out", key=ctx.address.id,
+                                         value=f"{ctx.address.id}:{msg.as_string()}:{n}"))
 
 
 @functions.bind(typename="py/slow", specs=[ValueSpec(name="n", type=LongType)])

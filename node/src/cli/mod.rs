@@ -238,18 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.checkpoint.url = checkpoint_url;
             }
             let module = match &module {
-                Some(p) => {
-                    let m = statemesh_node::module::Module::load(p)?;
-                    // Parsed in full; the producer that runs egresses is the next step (issue 11).
-                    if let Some(e) = m.kafka_egresses.first() {
-                        anyhow::bail!(
-                            "{}: Kafka egress {:?}: Kafka egress is not supported yet",
-                            p.display(),
-                            e.id
-                        );
-                    }
-                    Some(m)
-                }
+                Some(p) => Some(statemesh_node::module::Module::load(p)?),
                 None => None,
             };
             run_node(cfg, module).await

@@ -36,6 +36,7 @@
 //! empty batch before the first record is read (so a crash before the first record cannot
 //! move a `latest` start forward past records produced meanwhile).
 
+pub(crate) mod egress;
 pub(crate) mod ingress;
 
 use std::collections::HashMap;
