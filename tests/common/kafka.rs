@@ -1,6 +1,6 @@
-//! A Kafka-protocol test broker: tansu (from crates.io, its in-memory engine), installed once
-//! into `target/tools/tansu` when missing (`cargo install --debug`, about 4 minutes), started on a
-//! loopback port and killed on drop. Records are produced and read with rdkafka.
+//! A Kafka-protocol test broker: tansu (from crates.io, its in-memory engine), built once into
+//! `target/tools/tansu` when missing (`scripts/tansu.sh install`, about 4 minutes), started on
+//! a loopback port and killed on drop. Records are produced and read with rdkafka.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,43 +15,17 @@ use rdkafka::{Offset, TopicPartitionList};
 
 static INSTALL: Mutex<()> = Mutex::new(());
 
-/// The tansu binary, installed under `target/tools/tansu` if missing.
+/// The tansu binary, built under `target/tools/tansu` if missing (`scripts/tansu.sh install`).
 pub fn tansu() -> PathBuf {
     let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools");
-    let bin = target.join("tansu/bin/tansu");
-    if bin.exists() {
-        return bin;
-    }
-    eprintln!(
-        "installing the test broker (tansu 0.6.0) into {}; this takes several minutes once",
-        target.display()
-    );
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "install",
-            "tansu",
-            "--version",
-            "0.6.0",
-            "--no-default-features",
-            "--features",
-            "dynostore",
-            "--locked",
-            // A debug build: about 4 minutes on 2 cores, against 12 and more for release.
-            "--debug",
-            "--root",
-        ])
-        .arg(target.join("tansu"))
-        .env("CARGO_TARGET_DIR", target.join("tansu-build"))
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tansu.sh");
+    let out = Command::new(&script)
+        .arg("install")
+        .stderr(Stdio::inherit())
         .output()
-        .expect("cargo install tansu");
-    assert!(
-        out.status.success() && bin.exists(),
-        "cargo install tansu failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _ = std::fs::remove_dir_all(target.join("tansu-build"));
-    bin
+        .expect("scripts/tansu.sh install");
+    assert!(out.status.success(), "scripts/tansu.sh install failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 /// A running broker.
