@@ -11,11 +11,11 @@ cleanup() {
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# start ID [JOIN] -> sets GRPC_<ID>, HTTP_<ID>, PID_<ID>
+# start ID [JOIN] -> sets GRPC_<ID>, HTTP_<ID>, PID_<ID>; NODE_ARGS (an array) adds arguments
 start() {
   local id=$1 join=${2:-} g h
   g=$(port); h=$(port)
-  local args=(node --data-dir "$ROOT/n$id" --grpc-addr "127.0.0.1:$g" --http-addr "127.0.0.1:$h" --node-id "$id")
+  local args=(node --data-dir "$ROOT/n$id" --grpc-addr "127.0.0.1:$g" --http-addr "127.0.0.1:$h" --node-id "$id" ${NODE_ARGS[@]+"${NODE_ARGS[@]}"})
   [ -n "$join" ] && args+=(--join "$join")
   "$B" "${args[@]}" >"$ROOT/n$id.out" 2>"$ROOT/n$id.log" &
   local pid=$!

@@ -318,3 +318,37 @@ async fn bandit_demo_through_kafka() {
     assert!(best >= 12, "arm 2 chosen {best} of 20 times: {stdout}");
     node.stop();
 }
+
+/// A backlog many times the consumer's buffer (4,000 records on one partition, the buffer
+/// holding 2,000): the partition pauses while its batches are delivered and reads on from
+/// where it stopped, so every record arrives once and nothing buffers without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_the_consumer_buffer_is_read_in_full() {
+    let broker = Broker::start();
+    broker.create_topic("deltas", 1);
+    let p = broker.producer();
+    let mut sends = Vec::new();
+    for i in 0..4000 {
+        let (p, v) = (p.clone(), long(1));
+        sends.push(async move {
+            produce(&p, "deltas", Some(0), Some(&format!("c{}", i % 10)), &v).await
+        });
+    }
+    futures::future::join_all(sends).await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with_module(
+        &dir.path().join("n"),
+        None,
+        Some(&v1_module(&broker.bootstrap, "deltas")),
+    );
+    for c in 0..10 {
+        let id = format!("c{c}");
+        eventually(
+            &format!("counter {id} at 400"),
+            Duration::from_secs(60),
+            || async { (total(&node, &id).await == Some(400)).then_some(()) },
+        )
+        .await;
+    }
+    node.stop();
+}

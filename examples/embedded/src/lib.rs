@@ -6,6 +6,8 @@
 //! - `example/cart` and `example/stock`: a shopping cart (see [`cart`]).
 //! - `example/memo`: state with TTLs (see [`memo`]).
 //! - `example/sequence`: a per-address FIFO checker (see [`sequence`]).
+//! - `example/forward`: hands each message on to the Kafka egress `example/kafka` (see
+//!   [`forward`]; the Kafka benchmark's workload).
 //! - `statemesh.smoke/fn`: a command interpreter for the exactly-once crash test (see
 //!   [`smoke`]).
 
@@ -15,6 +17,7 @@ use statemesh_sdk::{StatefulFunction, TypeName};
 
 pub mod cart;
 pub mod counter;
+pub mod forward;
 pub mod greeter;
 pub mod memo;
 pub mod sequence;
@@ -33,6 +36,7 @@ pub fn all() -> Vec<(TypeName, Arc<dyn StatefulFunction>)> {
         (t(cart::STOCK_TYPE), Arc::new(cart::stock_function())),
         (t(memo::TYPE), Arc::new(memo::function())),
         (t(sequence::TYPE), Arc::new(sequence::function())),
+        (t(forward::TYPE), Arc::new(forward::function())),
         (t(smoke::TYPE), Arc::new(smoke::function())),
     ]
 }

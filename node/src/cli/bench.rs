@@ -125,6 +125,38 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
     },
+    /// Kafka through running nodes: produces `--records` records to `--input` (keys over
+    /// `--keys` ids), which a Kafka ingress hands to `example/forward`, and reads them back
+    /// from the topic `forwarded` (its Kafka egress). Prints throughput, end-to-end latency
+    /// (produced → read back), duplicates and missing records, and the CPU time of `--pids`
+    /// per record. Expects empty topics.
+    Kafka(KafkaArgs),
+}
+
+/// `bench kafka`.
+#[derive(clap::Args)]
+pub struct KafkaArgs {
+    /// Bootstrap servers.
+    #[arg(long)]
+    bootstrap: String,
+    /// The input topic (the ingress's).
+    #[arg(long, default_value = "in")]
+    input: String,
+    /// Records to produce.
+    #[arg(long, default_value_t = 200_000)]
+    records: u64,
+    /// Distinct record keys (function instances).
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
+    /// Records per second to produce at (0: as fast as the broker takes them).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Node processes whose CPU time to report (comma-separated PIDs).
+    #[arg(long, value_delimiter = ',')]
+    pids: Vec<u32>,
+    /// Give up waiting for records after this many seconds without one.
+    #[arg(long, default_value_t = 30.0)]
+    quiet: f64,
 }
 
 fn hist() -> Histogram<u64> {
@@ -141,6 +173,7 @@ fn ms(h: &Histogram<u64>, q: f64) -> serde_json::Value {
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Kafka(a) => kafka(a).await,
         BenchCommand::Embedded {
             instances,
             tokens,
@@ -999,6 +1032,165 @@ async fn direct(
             "request_latency_p50_ms": ms(&all, 0.5),
             "request_latency_p99_ms": ms(&all, 0.99),
             "errors": errors.load(Ordering::Relaxed),
+        })
+    );
+    Ok(())
+}
+
+/// CPU time (user + system) of processes, in µs.
+fn cpu_us(pids: &[u32]) -> u64 {
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .map(|s| {
+            // Fields after the parenthesised command name: utime and stime are the 12th and
+            // 13th of them.
+            let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            f.iter().sum::<u64>() * 1_000_000 / tck
+        })
+        .sum()
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
+}
+
+async fn kafka(a: KafkaArgs) -> anyhow::Result<()> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &a.bootstrap)
+        .set("group.id", "statemesh-bench-reader")
+        .set("enable.auto.commit", "false")
+        // A broker that holds fetches for the full wait (tansu) would add up to it.
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    let md = consumer.fetch_metadata(Some("forwarded"), Duration::from_secs(10))?;
+    let parts = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    anyhow::ensure!(
+        parts > 0,
+        "topic \"forwarded\" has no partitions at {}",
+        a.bootstrap
+    );
+    let mut l = TopicPartitionList::new();
+    for p in 0..parts {
+        l.add_partition_offset("forwarded", p as i32, Offset::Beginning)?;
+    }
+    consumer.assign(&l)?;
+    let n = a.records;
+    let quiet = Duration::from_secs_f64(a.quiet);
+    // Reader: latency per record, duplicates by sequence number.
+    let reader = tokio::spawn(async move {
+        let mut seen = vec![false; n as usize];
+        let (mut got, mut dups) = (0u64, 0u64);
+        let mut lat = hist();
+        let mut last = Instant::now();
+        while got < n {
+            match tokio::time::timeout(quiet, consumer.recv()).await {
+                Err(_) => break,
+                Ok(Err(e)) => {
+                    eprintln!("read: {e}");
+                    continue;
+                }
+                Ok(Ok(m)) => {
+                    let v = m.payload().unwrap_or_default();
+                    if v.len() < 16 {
+                        continue;
+                    }
+                    let sent = u64::from_le_bytes(v[..8].try_into().expect("8 bytes"));
+                    let seq = u64::from_le_bytes(v[8..16].try_into().expect("8 bytes"));
+                    if seq >= n {
+                        continue;
+                    }
+                    if seen[seq as usize] {
+                        dups += 1;
+                        continue;
+                    }
+                    seen[seq as usize] = true;
+                    got += 1;
+                    last = Instant::now();
+                    let _ = lat.record(now_ns().saturating_sub(sent) / 1000);
+                }
+            }
+        }
+        (got, dups, lat, last)
+    });
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &a.bootstrap)
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let cpu0 = cpu_us(&a.pids);
+    let start = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    let mut produce_errors = 0u64;
+    let pad = [0u8; 16];
+    for i in 0..n {
+        if a.rate > 0 {
+            let due = start + Duration::from_secs_f64(i as f64 / a.rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let mut v = Vec::with_capacity(32);
+        v.extend_from_slice(&now_ns().to_le_bytes());
+        v.extend_from_slice(&i.to_le_bytes());
+        v.extend_from_slice(&pad);
+        let key = format!("k{}", i % a.keys.max(1));
+        let r = FutureRecord::to(&a.input).key(&key).payload(&v);
+        match producer.send_result(r) {
+            Ok(f) => inflight.push(f),
+            Err((e, _)) => anyhow::bail!("produce: {e}"),
+        }
+        while inflight.len() > 100_000 {
+            if let Some(Ok(Err(_)) | Err(_)) = inflight.next().await {
+                produce_errors += 1;
+            }
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        if !matches!(r, Ok(Ok(_))) {
+            produce_errors += 1;
+        }
+    }
+    let produced_s = start.elapsed().as_secs_f64();
+    let (got, dups, lat, last) = reader.await?;
+    let cpu = cpu_us(&a.pids).saturating_sub(cpu0);
+    let span = last.duration_since(start).as_secs_f64().max(1e-9);
+    println!(
+        "{}",
+        json!({
+            "bench": "kafka",
+            "records": n,
+            "read_back": got,
+            "missing": n - got,
+            "duplicates": dups,
+            "produce_errors": produce_errors,
+            "produce_rate": (n as f64 / produced_s).round(),
+            "records_per_s": (got as f64 / span).round(),
+            "e2e_ms_p50": ms(&lat, 0.5),
+            "e2e_ms_p99": ms(&lat, 0.99),
+            "cpu_us_per_record": if a.pids.is_empty() { serde_json::Value::Null } else { json!(((cpu as f64) / got.max(1) as f64 * 10.0).round() / 10.0) },
+            "cpu_cores_used": if a.pids.is_empty() { serde_json::Value::Null } else { json!(((cpu as f64) / 1e6 / span * 100.0).round() / 100.0) },
         })
     );
     Ok(())
