@@ -352,3 +352,103 @@ async fn a_backlog_larger_than_the_consumer_buffer_is_read_in_full() {
     }
     node.stop();
 }
+
+/// A broker that is down when the node starts: the node starts and serves, `/readyz` names
+/// the Kafka ingress and egress that cannot reach it (still 200: the rest of the node works),
+/// and once the broker is up the records flow and the problem is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_is_down_is_retried_and_named_in_readyz() {
+    let port = common::free_port();
+    let bootstrap = format!("127.0.0.1:{port}");
+    let module = format!(
+        "{}---\nkind: io.statefun.kafka.v1/egress\nspec:\n  id: example/kafka\n  address: {bootstrap}\n",
+        v1_module(&bootstrap, "deltas")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with_module(&dir.path().join("n"), None, Some(&module));
+    let readyz = || async {
+        let (s, _, b) = common::http(
+            &format!("{}/readyz", node.http),
+            "GET",
+            None,
+            Default::default(),
+        )
+        .await;
+        (s, String::from_utf8_lossy(&b).into_owned())
+    };
+    let (s, body) = eventually(
+        "readyz naming the ingress",
+        Duration::from_secs(30),
+        || async {
+            let (s, body) = readyz().await;
+            body.contains(&format!(
+                "degraded: Kafka ingress test/deltas at {bootstrap}"
+            ))
+            .then_some((s, body))
+        },
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    // The node serves meanwhile.
+    let c = node.client().await;
+    let a = statemesh_sdk::Address::parse("example/counter/direct").unwrap();
+    c.call(&a, TypedValue::of(&5i64)).await.unwrap();
+    // A record for the egress waits for the broker too (example/forward sends to it).
+    c.send(
+        &statemesh_sdk::Address::parse("example/forward/f1").unwrap(),
+        TypedValue::of(&7i64),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "readyz naming the egress",
+        Duration::from_secs(30),
+        || async {
+            let (_, body) = readyz().await;
+            body.contains(&format!(
+                "degraded: Kafka egress example/kafka at {bootstrap}"
+            ))
+            .then_some(())
+        },
+    )
+    .await;
+    let broker = Broker::start_on(port);
+    broker.create_topic("deltas", 2);
+    broker.create_topic("forwarded", 1);
+    let p = broker.producer();
+    for i in 0..50 {
+        produce(&p, "deltas", None, Some(&format!("c{}", i % 5)), &long(1)).await;
+    }
+    for c in 0..5 {
+        let id = format!("c{c}");
+        eventually(
+            &format!("counter {id} at 10"),
+            Duration::from_secs(60),
+            || async { (total(&node, &id).await == Some(10)).then_some(()) },
+        )
+        .await;
+    }
+    let got = common::kafka::read_topic(
+        &broker.bootstrap,
+        "forwarded",
+        1,
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        got.len(),
+        1,
+        "the egress record held while the broker was down"
+    );
+    eventually(
+        "readyz without Kafka problems",
+        Duration::from_secs(30),
+        || async {
+            let (s, body) = readyz().await;
+            (s == 200 && !body.contains("degraded")).then_some(())
+        },
+    )
+    .await;
+    node.stop();
+}

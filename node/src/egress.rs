@@ -123,6 +123,11 @@ impl Egress {
         }
     }
 
+    /// The node's metrics.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Marks `topic` as drained by a sink: it is never cut at capacity.
     pub(crate) fn add_sink(&self, topic: &str) {
         self.sinks.lock().insert(topic.to_string());

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// The metrics of a node. Cheap to clone.
@@ -75,6 +76,18 @@ pub struct Metrics {
     pub checkpoint_pending_listed: IntCounter,
     /// Pending message records written (a message still pending at its second cut).
     pub checkpoint_pending_recorded: IntCounter,
+    /// Kafka records handed to functions, by ingress.
+    pub kafka_ingress_records: IntCounterVec,
+    /// Records of a partition not yet handed to functions (its end offset minus the partition
+    /// instance's `next`), by ingress, topic and partition; read every few seconds.
+    pub kafka_ingress_lag: IntGaugeVec,
+    /// Records produced to Kafka and acknowledged, by egress.
+    pub kafka_egress_records: IntCounterVec,
+    /// Records a broker did not take (each produced again), by egress.
+    pub kafka_egress_errors: IntCounterVec,
+    /// What keeps a Kafka ingress or egress from its broker now, by client (`/readyz` names
+    /// them).
+    pub kafka_problems: Arc<parking_lot::Mutex<std::collections::BTreeMap<String, String>>>,
     rss: IntGauge,
     peak_rss: IntGauge,
 }
@@ -87,6 +100,13 @@ impl Default for Metrics {
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric name");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(c.clone()))
         .expect("metric registered once");
     c
@@ -173,7 +193,37 @@ impl Metrics {
         .expect("valid histogram");
         r.register(Box::new(checkpoint_cut_seconds.clone()))
             .expect("metric registered once");
+        let kafka_ingress_lag = IntGaugeVec::new(
+            Opts::new(
+                "statemesh_kafka_ingress_lag_records",
+                "Records of a Kafka partition not yet handed to functions (end offset minus the partition instance's next offset)",
+            ),
+            &["ingress", "topic", "partition"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(kafka_ingress_lag.clone()))
+            .expect("metric registered once");
         Metrics {
+            kafka_ingress_records: counter_vec(
+                &r,
+                "statemesh_kafka_ingress_records_total",
+                "Kafka records handed to functions",
+                &["ingress"],
+            ),
+            kafka_ingress_lag,
+            kafka_egress_records: counter_vec(
+                &r,
+                "statemesh_kafka_egress_records_total",
+                "Records produced to Kafka and acknowledged",
+                &["egress"],
+            ),
+            kafka_egress_errors: counter_vec(
+                &r,
+                "statemesh_kafka_egress_produce_errors_total",
+                "Records a Kafka broker did not take (each produced again)",
+                &["egress"],
+            ),
+            kafka_problems: Arc::default(),
             checkpoint_cut_seconds,
             checkpoint_cut_max_us: gauge(
                 &r,
@@ -338,4 +388,19 @@ pub fn proc_memory(pid: &str) -> Option<(u64, u64)> {
             .map(|kib| kib * 1024)
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+impl Metrics {
+    /// Records what keeps a Kafka client from its broker (`None`: nothing now).
+    pub(crate) fn kafka_problem(&self, client: &str, problem: Option<String>) {
+        let mut p = self.kafka_problems.lock();
+        match problem {
+            Some(text) => {
+                p.insert(client.to_string(), text);
+            }
+            None => {
+                p.remove(client);
+            }
+        }
+    }
 }

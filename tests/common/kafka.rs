@@ -38,8 +38,12 @@ pub struct Broker {
 impl Broker {
     /// Starts tansu on a free loopback port and waits until it accepts connections.
     pub fn start() -> Broker {
+        Self::start_on(super::free_port())
+    }
+
+    /// Starts tansu on `port`.
+    pub fn start_on(port: u16) -> Broker {
         let bin = tansu();
-        let port = super::free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(&bin)
             .args([

@@ -180,7 +180,13 @@ async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
     } else if !shared.router.placement().ready() {
         HttpResponse::ServiceUnavailable().body("not ready: joining the cluster\n")
     } else if shared.ready.load(Ordering::SeqCst) {
-        HttpResponse::Ok().body("ready\n")
+        // A Kafka client that cannot reach its broker is named but does not make the node
+        // unready: it serves everything else, and the client retries.
+        let mut body = String::from("ready\n");
+        for (client, problem) in shared.router.metrics().kafka_problems.lock().iter() {
+            body.push_str(&format!("degraded: {client}: {problem}\n"));
+        }
+        HttpResponse::Ok().body(body)
     } else {
         HttpResponse::ServiceUnavailable().body("not ready: starting or shutting down\n")
     }

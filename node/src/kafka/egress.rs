@@ -89,6 +89,15 @@ impl KafkaEgresses {
             if !spec.properties.iter().any(|(k, _)| k == "linger.ms") {
                 cfg.set("linger.ms", "1");
             }
+            // A broker that is down fails a record after 10 s (not librdkafka's 5 minutes):
+            // it is produced again by this loop, and `/readyz` says why meanwhile.
+            if !spec
+                .properties
+                .iter()
+                .any(|(k, _)| k == "message.timeout.ms")
+            {
+                cfg.set("message.timeout.ms", "10000");
+            }
             let producer: FutureProducer = cfg.create().map_err(|e| {
                 format!(
                     "Kafka egress {:?}: cannot create its producer: {e}",
@@ -204,10 +213,29 @@ async fn run(
                 failed.push((value, key));
             }
         }
+        let metrics = egress.metrics();
+        metrics
+            .kafka_egress_records
+            .with_label_values(&[spec.id.as_str()])
+            .inc_by(done.len() as u64);
         egress.delivered(done);
+        let client = format!("Kafka egress {} at {}", spec.id, spec.address);
         if failed.is_empty() {
             backoff = Duration::from_millis(50);
+            metrics.kafka_problem(&client, None);
         } else {
+            metrics
+                .kafka_egress_errors
+                .with_label_values(&[spec.id.as_str()])
+                .inc_by(failed.len() as u64);
+            metrics.kafka_problem(
+                &client,
+                Some(format!(
+                    "{} records not taken: {} (retrying)",
+                    failed.len(),
+                    error.as_deref().unwrap_or("?")
+                )),
+            );
             tracing::warn!(egress = %spec.id, records = failed.len(), error = ?error, retry_in_ms = backoff.as_millis() as u64, "Kafka egress: the broker did not take records; producing them again");
             egress.give_back(&spec.id, failed);
             tokio::select! {

@@ -58,6 +58,7 @@ impl KafkaIngresses {
         for spec in ingresses {
             let consumer = consumer(spec)?;
             let runner = Runner {
+                client: format!("Kafka ingress {} at {}", spec.id, spec.address),
                 spec: Arc::new(spec.clone()),
                 router: router.clone(),
                 consumer: Arc::new(consumer),
@@ -117,8 +118,14 @@ fn consumer(spec: &KafkaIngress) -> Result<StreamConsumer, String> {
 
 type Key = (Arc<str>, i32);
 
-/// A metadata read under way: partition counts by topic.
-type MetadataTask = tokio::task::JoinHandle<Result<Vec<(Arc<str>, i32)>, String>>;
+/// A metadata read under way: partition counts by topic, and the end offsets of the partitions
+/// read here.
+type MetadataTask = tokio::task::JoinHandle<Result<Metadata, String>>;
+
+struct Metadata {
+    counts: Vec<(Arc<str>, i32)>,
+    ends: Vec<(Key, i64)>,
+}
 
 #[derive(PartialEq)]
 enum Phase {
@@ -166,6 +173,8 @@ struct Done {
 
 struct Runner {
     spec: Arc<KafkaIngress>,
+    /// `Kafka ingress <id>`, as `/readyz` names it.
+    client: String,
     router: Router,
     consumer: Arc<StreamConsumer>,
     parts: HashMap<Key, Part>,
@@ -264,6 +273,10 @@ impl Runner {
                         let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
                         drop(m);
                         self.on_record(&topic, partition, Record { offset, key, value });
+                        if self.warned.contains_key("recv") {
+                            self.warned.remove("recv");
+                            self.router.metrics().kafka_problem(&self.client, None);
+                        }
                     }
                     Err(e) => {
                         self.warn("recv", format!("Kafka ingress {:?}: {e}", self.spec.id));
@@ -275,10 +288,18 @@ impl Runner {
                     let now = Instant::now();
                     if metadata.as_ref().is_some_and(|h| h.is_finished()) {
                         match metadata.take().expect("checked").await {
-                            Ok(Ok(counts)) => {
-                                for (t, n) in counts {
+                            Ok(Ok(md)) => {
+                                for (t, n) in md.counts {
                                     self.partitions.insert(t, n);
                                 }
+                                let lag = &self.router.metrics().kafka_ingress_lag;
+                                for ((t, p), end) in md.ends {
+                                    if let Some(part) = self.parts.get(&(t.clone(), p)) {
+                                        lag.with_label_values(&[self.spec.id.as_str(), &t, &p.to_string()])
+                                            .set((end - part.base).max(0));
+                                    }
+                                }
+                                self.router.metrics().kafka_problem(&self.client, None);
                             }
                             Ok(Err(e)) => self.warn("metadata", e),
                             Err(e) => self.warn("metadata", format!("metadata task: {e}")),
@@ -287,7 +308,13 @@ impl Runner {
                     if metadata.is_none() && (now >= metadata_at || self.partitions.is_empty()) {
                         metadata_at = now + METADATA_INTERVAL;
                         let (c, spec) = (self.consumer.clone(), self.spec.clone());
-                        metadata = Some(tokio::task::spawn_blocking(move || read_partitions(&c, &spec)));
+                        let read: Vec<Key> = self
+                            .parts
+                            .iter()
+                            .filter(|(_, p)| p.phase == Phase::Running)
+                            .map(|(k, _)| k.clone())
+                            .collect();
+                        metadata = Some(tokio::task::spawn_blocking(move || read_metadata(&c, &spec, read)));
                     }
                     self.follow_ownership();
                     if now >= group_commit_at {
@@ -314,6 +341,11 @@ impl Runner {
 
     /// Logs an error as a warning once a minute per kind, else at debug level.
     fn warn(&mut self, what: &str, e: String) {
+        if what == "recv" || what == "metadata" {
+            self.router
+                .metrics()
+                .kafka_problem(&self.client, Some(format!("{e} (retrying)")));
+        }
         let now = Instant::now();
         match self.warned.get(what) {
             Some(t) if now.duration_since(*t) < Duration::from_secs(60) => {
@@ -430,6 +462,11 @@ impl Runner {
             }
             Kind::Batch { records, end } => {
                 if next == end {
+                    self.router
+                        .metrics()
+                        .kafka_ingress_records
+                        .with_label_values(&[self.spec.id.as_str()])
+                        .inc_by(records as u64);
                     part.base = next;
                     let removed: usize = part
                         .buffer
@@ -594,11 +631,12 @@ impl Runner {
     }
 }
 
-/// The partition count of each topic of an ingress (blocking).
-fn read_partitions(
+/// The partition count of each topic of an ingress, and the end offsets of `read` (blocking).
+fn read_metadata(
     consumer: &StreamConsumer,
     spec: &KafkaIngress,
-) -> Result<Vec<(Arc<str>, i32)>, String> {
+    read: Vec<Key>,
+) -> Result<Metadata, String> {
     let mut out = Vec::new();
     for t in &spec.topics {
         let md = consumer
@@ -622,5 +660,12 @@ fn read_partitions(
         }
         out.push((Arc::from(t.topic.as_str()), mt.partitions().len() as i32));
     }
-    Ok(out)
+    let ends = read
+        .into_iter()
+        .filter_map(|(t, p)| {
+            let (_, high) = consumer.fetch_watermarks(&t, p, REQUEST_TIMEOUT).ok()?;
+            Some(((t, p), high))
+        })
+        .collect();
+    Ok(Metadata { counts: out, ends })
 }
