@@ -196,13 +196,9 @@ async fn records_produced_across_sigkills_are_applied_exactly_once() {
 /// (no crash here), keyed, with a stable record id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_v1_ingress_to_v1_egress() {
-    use common::python::{statefun3, FunctionServer};
-    let broker = Broker::start();
-    broker.create_topic("words", 2);
-    broker.create_topic("out", 2);
-    let server = FunctionServer::start(&statefun3(), "tests/py/statefun3_functions.py");
-    let module = format!(
-        "kind: io.statefun.endpoints.v2/http
+    python_sdk_round_trip(|url, b| {
+        format!(
+            "kind: io.statefun.endpoints.v2/http
 spec:
   functions: py/*
   urlPathTemplate: {url}
@@ -225,10 +221,69 @@ spec:
   address: {b}
   deliverySemantic:
     type: at-least-once
-",
-        url = server.url(),
-        b = broker.bootstrap
-    );
+"
+        )
+    })
+    .await;
+}
+
+/// The same through StateFun 3.0's module form: `version: "3.0"` with `endpoints`, an
+/// `io.statefun.kafka/ingress` and an `io.statefun.kafka/egress`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_legacy_3_0_module() {
+    python_sdk_round_trip(|url, b| {
+        format!(
+            "version: \"3.0\"
+module:
+  meta:
+    type: remote
+  spec:
+    endpoints:
+      - endpoint:
+          meta:
+            kind: http
+          spec:
+            functions: py/*
+            urlPathTemplate: {url}
+    ingresses:
+      - ingress:
+          meta:
+            type: io.statefun.kafka/ingress
+            id: test/words
+          spec:
+            address: {b}
+            consumerGroupId: statemesh-test
+            startupPosition:
+              type: earliest
+            topics:
+              - topic: words
+                valueType: io.statefun.types/string
+                targets:
+                  - py/kafka-echo
+    egresses:
+      - egress:
+          meta:
+            type: io.statefun.kafka/egress
+            id: test/out
+          spec:
+            address: {b}
+            deliverySemantic:
+              type: at-least-once
+"
+        )
+    })
+    .await;
+}
+
+/// 60 words through `py/kafka-echo` (StateFun 3.3 Python SDK) between the module's Kafka
+/// ingress `test/words` (topic `words`) and egress `test/out` (topic `out`).
+async fn python_sdk_round_trip(module: impl Fn(&str, &str) -> String) {
+    use common::python::{statefun3, FunctionServer};
+    let broker = Broker::start();
+    broker.create_topic("words", 2);
+    broker.create_topic("out", 2);
+    let server = FunctionServer::start(&statefun3(), "tests/py/statefun3_functions.py");
+    let module = module(&server.url(), &broker.bootstrap);
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start_with_module(&dir.path().join("n"), None, Some(&module));
     let p = broker.producer();
@@ -450,5 +505,56 @@ async fn a_broker_that_is_down_is_retried_and_named_in_readyz() {
         },
     )
     .await;
+    node.stop();
+}
+
+/// A record the broker can never take (over librdkafka's `message.max.bytes`) is
+/// dead-lettered, and the records after it are produced: the egress does not stall on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_for_good_is_dead_lettered_and_the_egress_goes_on() {
+    let broker = Broker::start();
+    broker.create_topic("forwarded", 1);
+    let module = format!(
+        "kind: io.statefun.kafka.v1/egress\nspec:\n  id: example/kafka\n  address: {}\n  properties:\n    - max.poll.records: 500\n",
+        broker.bootstrap
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with_module(&dir.path().join("n"), None, Some(&module));
+    let c = node.client().await;
+    let forward =
+        |id: &str| statemesh_sdk::Address::parse(&format!("example/forward/{id}")).unwrap();
+    c.send(
+        &forward("big"),
+        TypedValue::new("test/Bytes", vec![7u8; 1_200_000]),
+    )
+    .await
+    .unwrap();
+    c.send(
+        &forward("small"),
+        TypedValue::new("test/Bytes", b"after".to_vec()),
+    )
+    .await
+    .unwrap();
+    let got = common::kafka::read_topic(
+        &broker.bootstrap,
+        "forwarded",
+        1,
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].key.as_deref(), got[0].value.as_slice()),
+        (Some("small"), &b"after"[..])
+    );
+    let d = next_egress(&node, "statemesh/dead-letters", Duration::from_secs(10)).await;
+    let d = String::from_utf8_lossy(&d);
+    assert!(
+        d.contains("refused the record for good") && d.contains("example/kafka"),
+        "{d}"
+    );
+    // The Java-only property was left out, named in the log.
+    assert!(node.log_since_launch().contains("max.poll.records"));
     node.stop();
 }

@@ -825,7 +825,7 @@ fn malformed_module_refuses_to_start() {
         err.contains("module.yaml:3:") && err.contains("expected \"namespace/name\""),
         "{err}"
     );
-    // Kafka is parsed but refused by name until it is supported.
+    // A Kafka spec with a key missing or misspelt: named with its line.
     std::fs::write(
         &module,
         "kind: io.statefun.kafka.v1/ingress\nspec:\n  address: localhost:9092\n",
@@ -835,9 +835,28 @@ fn malformed_module_refuses_to_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("module.yaml:1:")
-            && err.contains("io.statefun.kafka.v1/ingress")
-            && err.contains("not supported yet"),
+        err.contains("module.yaml:2:") && err.contains("missing required key \"id\""),
+        "{err}"
+    );
+    std::fs::write(
+        &module,
+        "kind: io.statefun.kafka.v1/egress\nspec:\n  id: a/b\n  adress: localhost:9092\n",
+    )
+    .unwrap();
+    let out = run();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("module.yaml:4:") && err.contains("unknown key \"adress\""),
+        "{err}"
+    );
+    // Kinesis is refused by name.
+    std::fs::write(&module, "kind: io.statefun.kinesis.v1/ingress\nspec: {}\n").unwrap();
+    let out = run();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("io.statefun.kinesis.v1/ingress") && err.contains("not supported"),
         "{err}"
     );
 }

@@ -389,7 +389,8 @@ impl Egress {
 
     /// Pops the next record, if any.
     pub fn pop(&self, topic: &str) -> Option<Popped> {
-        if self.paused.load(Ordering::SeqCst) {
+        // A Kafka egress's records are its producer's alone.
+        if self.paused.load(Ordering::SeqCst) || self.sinks.lock().contains(topic) {
             return None;
         }
         let t = self.topics.lock().get(topic).cloned()?;
@@ -403,7 +404,7 @@ impl Egress {
         let t = self.topic(topic);
         loop {
             let notified = t.notify.notified();
-            if self.paused.load(Ordering::SeqCst) {
+            if self.paused.load(Ordering::SeqCst) || self.sinks.lock().contains(topic) {
                 notified.await;
                 continue;
             }

@@ -292,6 +292,68 @@ const UNSUPPORTED_KINDS: &[&str] = &[
     "io.statefun.kinesis.v1/egress",
 ];
 
+/// The spec of an HTTP endpoint (`kind` `io.statefun.endpoints.v2/http` with `transport`, or
+/// `io.statefun.endpoints.v1/http` and the 3.0 module's `endpoint` with `timeouts`).
+fn endpoint_spec(
+    d: &mut Doc<'_>,
+    kind: &str,
+    spec: &serde_yaml_ng::Mapping,
+) -> Result<Endpoint, ModuleError> {
+    let functions = d.str(spec, "functions", "spec")?;
+    let pattern = d.function_pattern(functions, "functions")?;
+    let url = d.str(spec, "urlPathTemplate", "spec")?;
+    let mut e = Endpoint::new(pattern, url.to_string(), WireProtocol::V3);
+    if let Some(n) = d.int(spec, "maxNumBatchRequests", "spec")? {
+        e.max_batch = if n <= 0 { 0 } else { n as usize };
+    }
+    let v2 = kind == "io.statefun.endpoints.v2/http";
+    let (tkey, known): (&str, &[&str]) = if v2 {
+        (
+            "transport",
+            &[
+                "type",
+                "call",
+                "connect",
+                "pool_ttl",
+                "pool_size",
+                "payload_max_bytes",
+                "timeouts",
+            ],
+        )
+    } else {
+        ("timeouts", &["call", "connect", "read", "write"])
+    };
+    d.warn_unknown(
+        &format!("{kind} spec"),
+        spec,
+        &["functions", "urlPathTemplate", "maxNumBatchRequests", tkey],
+    );
+    if let Some(t) = spec.get(tkey) {
+        let t = d.map(t, tkey)?;
+        d.warn_unknown(tkey, t, known);
+        if let Some(c) = d.duration(t, "call", tkey)? {
+            e.call_timeout = c;
+        }
+        if let Some(c) = d.duration(t, "connect", tkey)? {
+            e.connect_timeout = c;
+        }
+        if let Some(ttl) = d.duration(t, "pool_ttl", tkey)? {
+            e.pool_ttl = ttl;
+        }
+        if let Some(n) = d.int(t, "pool_size", tkey)? {
+            if n > 0 {
+                e.pool_size = n as usize;
+            }
+        }
+        if let Some(p) = d.int(t, "payload_max_bytes", tkey)? {
+            if p > 0 {
+                e.payload_max_bytes = p as usize;
+            }
+        }
+    }
+    Ok(e)
+}
+
 fn v3_component(
     d: &mut Doc<'_>,
     root: &serde_yaml_ng::Mapping,
@@ -305,43 +367,7 @@ fn v3_component(
     let spec = d.map(spec_v, "spec")?;
     match kind {
         "io.statefun.endpoints.v2/http" | "io.statefun.endpoints.v1/http" => {
-            let functions = d.str(spec, "functions", "spec")?;
-            let pattern = d.function_pattern(functions, "functions")?;
-            let url = d.str(spec, "urlPathTemplate", "spec")?;
-            let mut e = Endpoint::new(pattern, url.to_string(), WireProtocol::V3);
-            if let Some(n) = d.int(spec, "maxNumBatchRequests", "spec")? {
-                e.max_batch = if n <= 0 { 0 } else { n as usize };
-            }
-            let v2 = kind == "io.statefun.endpoints.v2/http";
-            let (tkey, known): (&str, &[&str]) = if v2 {
-                ("transport", &["type", "call", "connect", "pool_ttl", "pool_size", "payload_max_bytes", "timeouts"])
-            } else {
-                ("timeouts", &["call", "connect", "read", "write"])
-            };
-            d.warn_unknown(&format!("{kind} spec"), spec, &["functions", "urlPathTemplate", "maxNumBatchRequests", tkey]);
-            if let Some(t) = spec.get(tkey) {
-                let t = d.map(t, tkey)?;
-                d.warn_unknown(tkey, t, known);
-                if let Some(c) = d.duration(t, "call", tkey)? {
-                    e.call_timeout = c;
-                }
-                if let Some(c) = d.duration(t, "connect", tkey)? {
-                    e.connect_timeout = c;
-                }
-                if let Some(ttl) = d.duration(t, "pool_ttl", tkey)? {
-                    e.pool_ttl = ttl;
-                }
-                if let Some(n) = d.int(t, "pool_size", tkey)? {
-                    if n > 0 {
-                        e.pool_size = n as usize;
-                    }
-                }
-                if let Some(p) = d.int(t, "payload_max_bytes", tkey)? {
-                    if p > 0 {
-                        e.payload_max_bytes = p as usize;
-                    }
-                }
-            }
+            let e = endpoint_spec(d, kind, spec)?;
             module.endpoints.push(e);
         }
         "io.statefun.playground.v1/ingress" | "io.statefun.playground.v1/egress" => {
@@ -450,8 +476,54 @@ fn legacy_root(
     d.warn_unknown(
         "module.spec",
         spec,
-        &["functions", "ingresses", "egresses", "routers"],
+        &["functions", "endpoints", "ingresses", "egresses", "routers"],
     );
+    // StateFun 3.0's form: `endpoints: - endpoint: {meta: {kind: http}, spec: {functions,
+    // urlPathTemplate, maxNumBatchRequests, timeouts}}`.
+    if let Some(list) = spec.get("endpoints") {
+        let list = list.as_sequence().ok_or_else(|| {
+            d.err(
+                "endpoints",
+                format!("endpoints: expected a list, found {}", kind_of(list)),
+            )
+        })?;
+        for entry in list {
+            let entry = d.map(entry, "endpoints")?;
+            let ep = d.map(
+                entry.get("endpoint").ok_or_else(|| {
+                    d.err(
+                        "endpoints",
+                        "endpoints[]: expected an \"endpoint:\" entry".into(),
+                    )
+                })?,
+                "endpoint",
+            )?;
+            d.warn_unknown("endpoint", ep, &["meta", "spec"]);
+            if let Some(meta) = ep.get("meta") {
+                let meta = d.map(meta, "meta")?;
+                if let Some(k) = meta.get("kind") {
+                    if k.as_str() != Some("http") {
+                        return Err(d.err(
+                            "kind",
+                            format!(
+                                "endpoint.meta.kind: expected \"http\", found {}",
+                                kind_of(k)
+                            ),
+                        ));
+                    }
+                }
+            }
+            let espec = d.map(
+                ep.get("spec").ok_or_else(|| {
+                    d.err("endpoint", "endpoint: missing required key \"spec\"".into())
+                })?,
+                "spec",
+            )?;
+            let mut e = endpoint_spec(d, "io.statefun.endpoints.v1/http", espec)?;
+            e.protocol = protocol;
+            module.endpoints.push(e);
+        }
+    }
     if spec
         .get("routers")
         .and_then(|v| v.as_sequence())

@@ -94,6 +94,10 @@ impl NodeBuilder {
 
     /// Starts the node. Must be called inside a tokio runtime (gRPC runs on it).
     pub async fn start(mut self) -> Result<NodeHandle, StartError> {
+        // Kafka clients are checked before anything starts (a refusal later would leave a
+        // node half started, possibly a cluster member already).
+        crate::kafka::check(self.registry.module(), self.config.checkpoint.enabled)
+            .map_err(StartError::Other)?;
         let ingresses = self.registry.module().kafka_ingresses.clone();
         if !ingresses.is_empty() {
             let f = crate::kafka::PartitionFn::new(&ingresses, |t| self.registry.get(t).is_some());

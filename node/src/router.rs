@@ -268,6 +268,11 @@ impl Router {
         self.inner.checkpointing
     }
 
+    /// The largest message value accepted.
+    pub(crate) fn max_message_bytes(&self) -> usize {
+        self.inner.max_message_bytes
+    }
+
     /// Asks for an epoch soon (something waits for a commit).
     pub(crate) fn want_commit(&self) {
         if !self.inner.commit_wanted.load(Ordering::Relaxed)

@@ -70,35 +70,7 @@ impl KafkaEgresses {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         for spec in egresses {
-            if let DeliverySemantic::ExactlyOnce { .. } = spec.semantic {
-                return Err(format!(
-                    "Kafka egress {:?}: deliverySemantic exactly-once is not supported yet; use at-least-once (every record carries the header {ID_HEADER} with its stable id, so a reader can drop duplicates)",
-                    spec.id
-                ));
-            }
-            let mut cfg = ClientConfig::new();
-            for (k, v) in &spec.properties {
-                cfg.set(k, v);
-            }
-            cfg.set("bootstrap.servers", &spec.address);
-            if spec.semantic == DeliverySemantic::AtLeastOnce {
-                cfg.set("acks", "all");
-                // Retries keep the order of a partition's records.
-                cfg.set("max.in.flight.requests.per.connection", "1");
-            }
-            if !spec.properties.iter().any(|(k, _)| k == "linger.ms") {
-                cfg.set("linger.ms", "1");
-            }
-            // A broker that is down fails a record after 10 s (not librdkafka's 5 minutes):
-            // it is produced again by this loop, and `/readyz` says why meanwhile.
-            if !spec
-                .properties
-                .iter()
-                .any(|(k, _)| k == "message.timeout.ms")
-            {
-                cfg.set("message.timeout.ms", "10000");
-            }
-            let producer: FutureProducer = cfg.create().map_err(|e| {
+            let producer: FutureProducer = config(spec)?.create().map_err(|e| {
                 format!(
                     "Kafka egress {:?}: cannot create its producer: {e}",
                     spec.id
@@ -122,6 +94,36 @@ impl KafkaEgresses {
             let _ = t.await;
         }
     }
+}
+
+/// The producer's configuration; `exactly-once` is refused (not supported yet).
+pub(crate) fn config(spec: &KafkaEgress) -> Result<ClientConfig, String> {
+    if let DeliverySemantic::ExactlyOnce { .. } = spec.semantic {
+        return Err(format!(
+            "Kafka egress {:?}: deliverySemantic exactly-once is not supported yet; use at-least-once (every record carries the header {ID_HEADER} with its stable id, so a reader can drop duplicates)",
+            spec.id
+        ));
+    }
+    let mut fixed = vec![("bootstrap.servers", spec.address.as_str())];
+    if spec.semantic == DeliverySemantic::AtLeastOnce {
+        fixed.push(("acks", "all"));
+        // Retries keep the order of a partition's records.
+        fixed.push(("max.in.flight.requests.per.connection", "1"));
+    }
+    let has = |k: &str| spec.properties.iter().any(|(p, _)| p == k);
+    if !has("linger.ms") {
+        fixed.push(("linger.ms", "1"));
+    }
+    // A broker that is down fails a record after 10 s (not librdkafka's 5 minutes): it is
+    // produced again, and `/readyz` says why meanwhile.
+    if !has("message.timeout.ms") {
+        fixed.push(("message.timeout.ms", "10000"));
+    }
+    crate::kafka::client_config(
+        &format!("Kafka egress {}", spec.id),
+        &spec.properties,
+        &fixed,
+    )
 }
 
 /// Decodes a record sent to a Kafka egress.
@@ -177,7 +179,7 @@ async fn run(
                     value: Some(id.as_bytes()),
                 }));
             }
-            // The client's queue is bounded: waits for room rather than failing.
+            // A full client queue fails the send at once: the record is produced again.
             sends.push(Some(producer.send_result(fr).map_err(|(e, _)| e)));
         }
         if spec.semantic == DeliverySemantic::None {
@@ -188,29 +190,33 @@ async fn run(
         let mut done = Vec::new();
         let mut error = None;
         for ((value, key), send) in records.into_iter().zip(sends) {
-            let ok = match send {
-                None => true, // dead-lettered
-                Some(Err(e)) => {
-                    error = Some(e.to_string());
-                    false
-                }
+            let result = match send {
+                None => Ok(()), // dead-lettered
+                Some(Err(e)) => Err(e),
                 Some(Ok(delivery)) => match delivery.await {
-                    Ok(Ok(_)) => true,
-                    Ok(Err((e, _))) => {
-                        error = Some(e.to_string());
-                        false
-                    }
-                    Err(_) => {
-                        error = Some("the client dropped the record".into());
-                        false
-                    }
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(rdkafka::error::KafkaError::Canceled),
                 },
             };
-            // After the first failure the rest go back too, to keep their order.
-            if ok && failed.is_empty() {
-                done.extend(key);
-            } else {
-                failed.push((value, key));
+            match result {
+                Ok(()) => done.extend(key),
+                // A record the broker can never take is dead-lettered, not retried forever.
+                Err(e) if permanent(&e) => {
+                    dead_letter(
+                        &egress,
+                        &spec,
+                        &value,
+                        format!("the broker refused the record for good: {e}"),
+                    );
+                    done.extend(key);
+                }
+                // Produced again (those acknowledged are not: at-least-once allows the order
+                // of a retried record to change).
+                Err(e) => {
+                    error = Some(e.to_string());
+                    failed.push((value, key));
+                }
             }
         }
         let metrics = egress.metrics();
@@ -249,6 +255,23 @@ async fn run(
         let _ = producer.flush(Duration::from_secs(5));
     })
     .await;
+}
+
+/// Errors a retry cannot fix.
+fn permanent(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::InvalidTopic
+                | C::InvalidRecord
+                | C::MessageBatchTooLarge
+                | C::TopicAuthorizationFailed
+        )
+    )
 }
 
 fn dead_letter(egress: &Egress, spec: &KafkaEgress, value: &TypedValue, error: String) {

@@ -33,8 +33,14 @@ use crate::router::Router;
 
 /// Most records in one batch (and waiting per partition before it pauses).
 pub const MAX_RECORDS: usize = 1000;
-/// Most value and key bytes in one batch (well below the node's largest message).
+/// Most bytes in one batch (and half the node's `max_message_bytes` at most).
 pub const MAX_BYTES: usize = 1 << 20;
+/// What a record adds to a batch besides its key and value (offset and framing), at most.
+const FRAMING: usize = 32;
+
+fn size(r: &Record) -> usize {
+    r.value.len() + r.key.as_ref().map_or(0, Vec::len) + FRAMING
+}
 /// How long a call of a partition instance may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout of the client's blocking requests (metadata, offsets).
@@ -58,6 +64,7 @@ impl KafkaIngresses {
         for spec in ingresses {
             let consumer = consumer(spec)?;
             let runner = Runner {
+                batch_bytes: MAX_BYTES.min(router.max_message_bytes() / 2),
                 client: format!("Kafka ingress {} at {}", spec.id, spec.address),
                 spec: Arc::new(spec.clone()),
                 router: router.clone(),
@@ -83,32 +90,37 @@ impl KafkaIngresses {
     }
 }
 
-fn consumer(spec: &KafkaIngress) -> Result<StreamConsumer, String> {
-    let mut cfg = ClientConfig::new();
-    for (k, v) in &spec.properties {
-        cfg.set(k, v);
-    }
-    cfg.set("bootstrap.servers", &spec.address)
-        .set("group.id", &spec.group_id)
+/// The consumer's configuration.
+pub(crate) fn config(spec: &KafkaIngress) -> Result<ClientConfig, String> {
+    let reset = match spec.auto_offset_reset {
+        AutoOffsetReset::Earliest => "earliest",
+        AutoOffsetReset::Latest => "latest",
+    };
+    let mut fixed = vec![
+        ("bootstrap.servers", spec.address.as_str()),
+        ("group.id", spec.group_id.as_str()),
         // Offsets live in the partition instances; the group only mirrors them.
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .set(
-            "auto.offset.reset",
-            match spec.auto_offset_reset {
-                AutoOffsetReset::Earliest => "earliest",
-                AutoOffsetReset::Latest => "latest",
-            },
-        );
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("enable.partition.eof", "false"),
+        ("auto.offset.reset", reset),
+    ];
     if !spec
         .properties
         .iter()
         .any(|(k, _)| k == "queued.max.messages.kbytes")
     {
-        cfg.set("queued.max.messages.kbytes", "8192");
+        fixed.push(("queued.max.messages.kbytes", "8192"));
     }
-    cfg.create().map_err(|e| {
+    super::client_config(
+        &format!("Kafka ingress {}", spec.id),
+        &spec.properties,
+        &fixed,
+    )
+}
+
+fn consumer(spec: &KafkaIngress) -> Result<StreamConsumer, String> {
+    config(spec)?.create().map_err(|e| {
         format!(
             "Kafka ingress {:?}: cannot create its consumer: {e}",
             spec.id
@@ -173,6 +185,8 @@ struct Done {
 
 struct Runner {
     spec: Arc<KafkaIngress>,
+    /// Most bytes in a batch: [`MAX_BYTES`], at most half the node's largest message.
+    batch_bytes: usize,
     /// `Kafka ingress <id>`, as `/readyz` names it.
     client: String,
     router: Router,
@@ -272,7 +286,7 @@ impl Runner {
                         let value = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
                         let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
                         drop(m);
-                        self.on_record(&topic, partition, Record { offset, key, value });
+                        self.on_record(&topic, partition, Record { offset, key, value, too_large: None });
                         if self.warned.contains_key("recv") {
                             self.warned.remove("recv");
                             self.router.metrics().kafka_problem(&self.client, None);
@@ -336,7 +350,7 @@ impl Runner {
     fn full(&self) -> bool {
         self.parts
             .values()
-            .any(|p| p.buffer.len() >= 2 * MAX_RECORDS || p.bytes >= 2 * MAX_BYTES)
+            .any(|p| p.buffer.len() >= 2 * MAX_RECORDS || p.bytes >= 2 * self.batch_bytes)
     }
 
     /// Logs an error as a warning once a minute per kind, else at debug level.
@@ -411,7 +425,13 @@ impl Runner {
         }
     }
 
-    fn on_record(&mut self, topic: &str, partition: i32, r: Record) {
+    fn on_record(&mut self, topic: &str, partition: i32, mut r: Record) {
+        if size(&r) > self.batch_bytes {
+            // Handed on without its key and value, to be dead-lettered with its size.
+            r.too_large = Some((r.value.len() + r.key.as_ref().map_or(0, Vec::len)) as u64);
+            r.value = Vec::new();
+            r.key = None;
+        }
         let Some(part) = self.parts.get_mut(&(Arc::from(topic), partition)) else {
             return;
         };
@@ -426,7 +446,7 @@ impl Runner {
             }
         }
         part.end = r.offset + 1;
-        part.bytes += r.value.len() + r.key.as_ref().map_or(0, Vec::len);
+        part.bytes += size(&r);
         part.buffer.push(r);
     }
 
@@ -468,11 +488,7 @@ impl Runner {
                         .with_label_values(&[self.spec.id.as_str()])
                         .inc_by(records as u64);
                     part.base = next;
-                    let removed: usize = part
-                        .buffer
-                        .drain(..records)
-                        .map(|r| r.value.len() + r.key.as_ref().map_or(0, Vec::len))
-                        .sum();
+                    let removed: usize = part.buffer.drain(..records).map(|r| size(&r)).sum();
                     part.bytes -= removed;
                 } else {
                     tracing::info!(ingress = %self.spec.id, topic = %topic, partition, read_to = end, next, "the partition instance is elsewhere than the consumer (after a crash, a rollback or a move): reading from its offset");
@@ -576,13 +592,14 @@ impl Runner {
                 }
                 Phase::Running if !part.buffer.is_empty() => {
                     let mut bytes = 0;
+                    let batch_bytes = self.batch_bytes;
                     let n = part
                         .buffer
                         .iter()
                         .take(MAX_RECORDS)
                         .take_while(|r| {
-                            bytes += r.value.len() + r.key.as_ref().map_or(0, Vec::len);
-                            bytes <= MAX_BYTES
+                            bytes += size(r);
+                            bytes <= batch_bytes
                         })
                         .count()
                         .max(1);

@@ -92,6 +92,58 @@ pub struct Record {
     /// Its value (empty for a null value).
     #[prost(bytes = "vec", tag = "3")]
     pub value: Vec<u8>,
+    /// Its size, if it is too large to be handed on (its key and value are not carried then):
+    /// it is dead-lettered.
+    #[prost(uint64, optional, tag = "4")]
+    pub too_large: Option<u64>,
+}
+
+/// A librdkafka configuration: a module's `properties`, then `fixed` (which win). Properties
+/// of Java's Kafka client that librdkafka does not know (`max.poll.records`,
+/// `key.serializer`, `ssl.truststore.location`, …; StateFun modules carry them) are left out
+/// with a warning; a known property with a value librdkafka refuses is an error naming it.
+pub(crate) fn client_config(
+    client: &str,
+    properties: &[(String, String)],
+    fixed: &[(&str, &str)],
+) -> Result<rdkafka::config::ClientConfig, String> {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaConfRes;
+    let mut cfg = rdkafka::config::ClientConfig::new();
+    for (k, v) in properties {
+        let mut one = rdkafka::config::ClientConfig::new();
+        one.set(k, v);
+        match one.create_native_config() {
+            Ok(_) => {
+                cfg.set(k, v);
+            }
+            Err(KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..)) => {
+                tracing::warn!(client, property = %k, "a Kafka client property librdkafka does not know is left out (Java client only)");
+            }
+            Err(e) => return Err(format!("{client}: property {k} = {v:?}: {e}")),
+        }
+    }
+    for (k, v) in fixed {
+        cfg.set(*k, *v);
+    }
+    cfg.create_native_config()
+        .map_err(|e| format!("{client}: {e}"))?;
+    Ok(cfg)
+}
+
+/// Checks a module's Kafka clients before the node starts anything: their configurations,
+/// and what is not supported.
+pub(crate) fn check(module: &crate::module::Module, checkpointing: bool) -> Result<(), String> {
+    for i in &module.kafka_ingresses {
+        ingress::config(i)?;
+        if !checkpointing {
+            tracing::warn!(ingress = %i.id, "checkpoints are off: the Kafka ingress is not exactly once (its offsets and the records' effects are not committed together)");
+        }
+    }
+    for e in &module.kafka_egresses {
+        egress::config(e)?;
+    }
+    Ok(())
 }
 
 /// The partition instance's address.
@@ -220,6 +272,14 @@ impl StatefulFunction for PartitionFn {
             .topics
             .get(&(batch.ingress.clone(), batch.topic.clone()));
         for record in batch.records.iter().filter(|r| r.offset >= next) {
+            if let Some(size) = record.too_large {
+                let e = format!(
+                    "Kafka record {}/{}@{} of {size} bytes is larger than the node takes (max_message_bytes)",
+                    batch.topic, batch.partition, record.offset
+                );
+                dead_letter(ctx, &batch, record, None, "", e);
+                continue;
+            }
             let Some(topic) = topic else {
                 let e = format!(
                     "the module has no Kafka ingress {:?} reading topic {:?} (it changed since the record was read)",
@@ -362,6 +422,7 @@ mod tests {
             offset,
             key: key.map(|k| k.as_bytes().to_vec()),
             value: TypedValue::of(&v).value().to_vec(),
+            too_large: None,
         }
     }
 
@@ -397,24 +458,59 @@ mod tests {
     }
 
     #[test]
+    fn java_client_properties_are_left_out_and_bad_values_refused() {
+        let props = vec![
+            ("max.poll.records".to_string(), "500".to_string()),
+            ("fetch.wait.max.ms".to_string(), "5".to_string()),
+        ];
+        let cfg = client_config("t", &props, &[("bootstrap.servers", "k:9092")]).unwrap();
+        assert_eq!(cfg.get("max.poll.records"), None);
+        assert_eq!(cfg.get("fetch.wait.max.ms"), Some("5"));
+        let e = client_config(
+            "Kafka ingress a/b",
+            &[("fetch.wait.max.ms".to_string(), "soon".to_string())],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("fetch.wait.max.ms") && e.contains("Kafka ingress a/b"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn bad_records_are_dead_lettered_with_partition_and_offset() {
         let mut h = Harness::new();
         let bad_value = Record {
             offset: 2,
             key: Some(b"k".to_vec()),
             value: b"not a long".to_vec(),
+            too_large: None,
         };
         let non_utf8 = Record {
             offset: 3,
             key: Some(vec![0xff, 0xfe]),
             value: vec![],
+            too_large: None,
+        };
+        let huge = Record {
+            offset: 4,
+            key: None,
+            value: vec![],
+            too_large: Some(5 << 20),
         };
         let (n, eff) = h.call(
             0,
-            4,
-            vec![rec(0, None, 1), rec(1, Some(""), 1), bad_value, non_utf8],
+            5,
+            vec![
+                rec(0, None, 1),
+                rec(1, Some(""), 1),
+                bad_value,
+                non_utf8,
+                huge,
+            ],
         );
-        assert_eq!((n, eff.messages.len(), eff.egress.len()), (4, 0, 4));
+        assert_eq!((n, eff.messages.len(), eff.egress.len()), (5, 0, 5));
         let texts: Vec<String> = eff
             .egress
             .iter()
@@ -435,5 +531,10 @@ mod tests {
             texts[2]
         );
         assert!(texts[3].contains("not UTF-8"), "{}", texts[3]);
+        assert!(
+            texts[4].contains("t/0@4 of 5242880 bytes is larger"),
+            "{}",
+            texts[4]
+        );
     }
 }

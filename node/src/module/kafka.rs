@@ -522,7 +522,7 @@ pub fn parse_startup_date(s: &str) -> Option<i64> {
         b'-' => (-1, &zone[1..]),
         _ => return None,
     };
-    let zone_min = num(&z[..2.min(z.len())], 2)? * 60 + num(z.get(2..)?, 2)?;
+    let zone_min = num(z.get(..2)?, 2)? * 60 + num(z.get(2..)?, 2)?;
     // Days from the civil date (Howard Hinnant's algorithm).
     let (yy, mm) = if mo <= 2 {
         (y - 1, mo + 9)
@@ -566,6 +566,7 @@ mod tests {
             "2020-13-01 00:00:00.000 +0000",
             "2020-02-01 04:15:00 -0700",
             "2020-02-01 04:15:00.000 UTC",
+            "2020-02-01 04:15:00.000 +€00",
         ] {
             assert_eq!(parse_startup_date(bad), None, "{bad}");
         }
@@ -664,6 +665,16 @@ module:
   meta:
     type: remote
   spec:
+    endpoints:
+      - endpoint:
+          meta:
+            kind: http
+          spec:
+            functions: example/*
+            urlPathTemplate: http://functions:8000/statefun
+            maxNumBatchRequests: 50
+            timeouts:
+              call: 2 min
     ingresses:
       - ingress:
           meta:
@@ -698,12 +709,28 @@ module:
         );
         assert_eq!(i.startup, StartupPosition::Date(1_580_555_700_000));
         assert_eq!(m.kafka_egresses[0].id, "example/greets");
+        let e = m.endpoint_for("example/greeter").unwrap();
+        assert_eq!(
+            (
+                e.url_for("greeter").as_str(),
+                e.max_batch,
+                e.call_timeout,
+                e.protocol
+            ),
+            (
+                "http://functions:8000/statefun",
+                50,
+                Duration::from_secs(120),
+                WireProtocol::V3
+            )
+        );
+        assert!(m.warnings.is_empty(), "{:?}", m.warnings);
         // The pattern's fraction has three digits (upstream's parser refuses two as well).
         let e = parse(&text.replace(":00.000 -0700", ":00.00 -0700"))
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("module.yaml:16:") && e.contains("startupPosition.date"),
+            e.starts_with("module.yaml:26:") && e.contains("startupPosition.date"),
             "{e}"
         );
         let e = parse(&text.replace("io.statefun.kafka/egress", "io.statefun.kafka/egres"))
