@@ -23,15 +23,6 @@ fi
 . scripts/nodes.sh
 TCK=$(getconf CLK_TCK)
 
-ready() { # HTTP...
-  for h in "$@"; do
-    for _ in $(seq 300); do
-      [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$h/readyz")" = 200 ] && break
-      sleep 0.1
-    done
-  done
-}
-
 ticks() { # PID... -> total utime+stime in clock ticks
   local t=0 p f
   for p in "$@"; do

@@ -65,15 +65,6 @@ spec:
 YAML
 }
 
-ready() { # HTTP...
-  for h in "$@"; do
-    for _ in $(seq 300); do
-      [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$h/readyz")" = 200 ] && break
-      sleep 0.1
-    done
-  done
-}
-
 run() { # NAME PID...
   local name=$1; shift
   local pids; pids=$(IFS=,; echo "$*")

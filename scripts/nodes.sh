@@ -26,3 +26,13 @@ start() {
   printf -v "HTTP_$id" '%s' "127.0.0.1:$h"
   printf -v "PID_$id" '%s' "$pid"
 }
+
+# ready HTTP... -> waits (up to 30 s each) until the nodes answer /readyz with 200
+ready() { # HTTP...
+  for h in "$@"; do
+    for _ in $(seq 300); do
+      [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$h/readyz")" = 200 ] && break
+      sleep 0.1
+    done
+  done
+}

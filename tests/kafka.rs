@@ -31,6 +31,19 @@ spec:
     )
 }
 
+/// Waits until the counters `c0`..`c{keys-1}` are all at `want`.
+async fn counters_reach(node: &Node, keys: usize, want: i64) {
+    for c in 0..keys {
+        let id = format!("c{c}");
+        eventually(
+            &format!("counter {id} at {want}"),
+            Duration::from_secs(60),
+            || async { (total(node, &id).await == Some(want)).then_some(()) },
+        )
+        .await;
+    }
+}
+
 async fn total(node: &Node, id: &str) -> Option<i64> {
     state_value(node, &format!("example/counter/{id}"), "total")
         .await
@@ -55,15 +68,7 @@ async fn a_v1_ingress_feeds_functions_and_dead_letters_bad_records() {
     let data = dir.path().join("n");
     let module = v1_module(&broker.bootstrap, "deltas");
     let node = Node::start_with_module(&data, None, Some(&module));
-    for c in 0..10 {
-        let id = format!("c{c}");
-        eventually(
-            &format!("counter {id} at 30"),
-            Duration::from_secs(60),
-            || async { (total(&node, &id).await == Some(30)).then_some(()) },
-        )
-        .await;
-    }
+    counters_reach(&node, 10, 30).await;
     let mut reasons = Vec::new();
     for _ in 0..2 {
         let d = next_egress(&node, "statemesh/dead-letters", Duration::from_secs(10)).await;
@@ -85,15 +90,7 @@ async fn a_v1_ingress_feeds_functions_and_dead_letters_bad_records() {
         produce(&p, "deltas", None, Some(&format!("c{}", i % 10)), &long(1)).await;
     }
     let node = Node::start_with_module(&data, None, Some(&module));
-    for c in 0..10 {
-        let id = format!("c{c}");
-        eventually(
-            &format!("counter {id} at 40"),
-            Duration::from_secs(60),
-            || async { (total(&node, &id).await == Some(40)).then_some(()) },
-        )
-        .await;
-    }
+    counters_reach(&node, 10, 40).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for c in 0..10 {
         assert_eq!(total(&node, &format!("c{c}")).await, Some(40), "c{c}");
@@ -396,15 +393,7 @@ async fn a_backlog_larger_than_the_consumer_buffer_is_read_in_full() {
         None,
         Some(&v1_module(&broker.bootstrap, "deltas")),
     );
-    for c in 0..10 {
-        let id = format!("c{c}");
-        eventually(
-            &format!("counter {id} at 400"),
-            Duration::from_secs(60),
-            || async { (total(&node, &id).await == Some(400)).then_some(()) },
-        )
-        .await;
-    }
+    counters_reach(&node, 10, 400).await;
     node.stop();
 }
 
@@ -474,15 +463,7 @@ async fn a_broker_that_is_down_is_retried_and_named_in_readyz() {
     for i in 0..50 {
         produce(&p, "deltas", None, Some(&format!("c{}", i % 5)), &long(1)).await;
     }
-    for c in 0..5 {
-        let id = format!("c{c}");
-        eventually(
-            &format!("counter {id} at 10"),
-            Duration::from_secs(60),
-            || async { (total(&node, &id).await == Some(10)).then_some(()) },
-        )
-        .await;
-    }
+    counters_reach(&node, 5, 10).await;
     let got = common::kafka::read_topic(
         &broker.bootstrap,
         "forwarded",

@@ -111,6 +111,9 @@ pub(super) enum Form {
     Legacy2,
 }
 
+/// What ingress and egress specs share: id, properties and bootstrap address.
+type Common = (String, Vec<(String, String)>, String);
+
 const INGRESS_KEYS: &[&str] = &[
     "id",
     "address",
@@ -302,6 +305,33 @@ impl Doc<'_> {
         })
     }
 
+    /// What ingress and egress specs share: only `keys` (less `id` in the legacy forms, whose
+    /// id is `meta_id`), the id, the properties and the bootstrap address.
+    fn kafka_common(
+        &self,
+        spec: &Mapping,
+        form: Form,
+        meta_id: Option<&str>,
+        kind: &str,
+        keys: &[&str],
+    ) -> Result<Common, ModuleError> {
+        let ctx = "spec";
+        let known: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| form == Form::V1 || *k != "id")
+            .collect();
+        self.deny_unknown(&format!("{kind} spec"), spec, &known)?;
+        let id = match meta_id {
+            Some(id) => id.to_string(),
+            None => self.str(spec, "id", ctx)?.to_string(),
+        };
+        let id = self.type_name(&id, "id", ctx)?;
+        let properties = self.properties(spec, ctx)?;
+        let address = self.bootstrap(spec, &properties, ctx, kind)?;
+        Ok((id, properties, address))
+    }
+
     /// A Kafka ingress spec. `meta_id` is the id of the legacy forms (`meta.id`).
     pub(super) fn kafka_ingress(
         &self,
@@ -311,18 +341,8 @@ impl Doc<'_> {
         kind: &str,
     ) -> Result<KafkaIngress, ModuleError> {
         let ctx = "spec";
-        let mut known: Vec<&str> = INGRESS_KEYS.to_vec();
-        if form != Form::V1 {
-            known.retain(|k| *k != "id");
-        }
-        self.deny_unknown(&format!("{kind} spec"), spec, &known)?;
-        let id = match meta_id {
-            Some(id) => id.to_string(),
-            None => self.str(spec, "id", ctx)?.to_string(),
-        };
-        let id = self.type_name(&id, "id", ctx)?;
-        let properties = self.properties(spec, ctx)?;
-        let address = self.bootstrap(spec, &properties, ctx, kind)?;
+        let (id, properties, address) =
+            self.kafka_common(spec, form, meta_id, kind, INGRESS_KEYS)?;
         let group_id = match spec.get("consumerGroupId") {
             Some(_) => self.str(spec, "consumerGroupId", ctx)?.to_string(),
             None => properties
@@ -434,19 +454,8 @@ impl Doc<'_> {
         meta_id: Option<&str>,
         kind: &str,
     ) -> Result<KafkaEgress, ModuleError> {
-        let ctx = "spec";
-        let mut known: Vec<&str> = EGRESS_KEYS.to_vec();
-        if form != Form::V1 {
-            known.retain(|k| *k != "id");
-        }
-        self.deny_unknown(&format!("{kind} spec"), spec, &known)?;
-        let id = match meta_id {
-            Some(id) => id.to_string(),
-            None => self.str(spec, "id", ctx)?.to_string(),
-        };
-        let id = self.type_name(&id, "id", ctx)?;
-        let properties = self.properties(spec, ctx)?;
-        let address = self.bootstrap(spec, &properties, ctx, kind)?;
+        let (id, properties, address) =
+            self.kafka_common(spec, form, meta_id, kind, EGRESS_KEYS)?;
         let semantic = match spec.get("deliverySemantic") {
             None => DeliverySemantic::AtLeastOnce,
             Some(v) => {
