@@ -1406,7 +1406,22 @@ async fn cluster_killer(
                 stats.lock().lost_disks += 1;
                 replaced = true;
             }
-            tokio::time::sleep(OUTAGE).await;
+            // At least OUTAGE, and until a running node logged the failover (up to 30 s): on
+            // a loaded 2-core machine a leader elected after the kill may need longer than
+            // OUTAGE to declare the node dead and move its key groups (seed
+            // 1796437145664684873: no failover within 6 s).
+            let (least, most) = (Instant::now() + OUTAGE, Instant::now() + OUTAGE * 5);
+            loop {
+                let now = Instant::now();
+                let seen = nodes
+                    .iter()
+                    .flatten()
+                    .any(|n| n.log_since_launch().contains(FAILOVER));
+                if now >= most || (now >= least && seen) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
         if replaced {
             // A new member on the same ports: a node id of its own (its former self is a
