@@ -86,11 +86,6 @@ ready "$HTTP_11"
 start 12 "$GRPC_11"
 start 13 "$GRPC_11"
 ready "$HTTP_12" "$HTTP_13"
-for _ in $(seq 600); do
-  n=$(curl -s "http://$HTTP_11/v1/cluster/key-groups" |
-    python3 -c "import json,sys; o=json.load(sys.stdin)['owners']; print(min(o.count(i) for i in (11,12,13)))")
-  [ "$n" -gt 250 ] && break
-  sleep 0.1
-done
+spread "$HTTP_11" 11 12 13
 sleep 1
 run cluster3 "$PID_11" "$PID_12" "$PID_13"

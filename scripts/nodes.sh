@@ -36,3 +36,15 @@ ready() { # HTTP...
     done
   done
 }
+
+# spread HTTP ID... -> waits (up to 60 s) until each node ID owns over 250 key groups, as HTTP sees it
+spread() {
+  local http=$1; shift
+  local ids; ids=$(IFS=,; echo "$*")
+  for _ in $(seq 600); do
+    n=$(curl -s "http://$http/v1/cluster/key-groups" |
+      python3 -c "import json,sys; o=json.load(sys.stdin)['owners']; print(min(o.count(i) for i in ($ids,)))")
+    [ "$n" -gt 250 ] && break
+    sleep 0.1
+  done
+}

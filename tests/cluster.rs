@@ -147,6 +147,21 @@ async fn converged(nodes: &[&Node], members: usize, voters: usize) -> u64 {
     .await
 }
 
+/// Waits (30 s at most) until `via` sees `members` members, each owning more than `least`
+/// key groups.
+async fn every_member_owns(via: &Node, members: usize, least: u64) {
+    eventually(
+        &format!("{members} members owning over {least} key groups each"),
+        Duration::from_secs(30),
+        || async {
+            let v = view(via).await?;
+            let owned: Vec<u64> = member_field(&v, "key_groups");
+            (owned.len() == members && owned.iter().all(|&k| k > least)).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Node 1 (it bootstraps the cluster) and node 2 (joined), agreed; and node 1's gRPC address.
 async fn two_nodes(root: &Path) -> (Node, Node, String) {
     let (n1, _) = start(root, 1, None);
@@ -1418,16 +1433,7 @@ async fn a_part_written_at_a_stale_ownership_version_is_refused_and_nothing_is_a
         .push(("FAILPOINTS".into(), "mesh-stale-part=1*return".into()));
     let n2 = Node::start_launch(&root.join("n2"), &l2);
     converged(&[&n1, &n2], 2, 1).await;
-    eventually(
-        "both members own key groups",
-        Duration::from_secs(30),
-        || async {
-            let v = view(&n1).await?;
-            let owned: Vec<u64> = member_field(&v, "key_groups");
-            (owned.len() == 2 && owned.iter().all(|&k| k > 400)).then_some(())
-        },
-    )
-    .await;
+    every_member_owns(&n1, 2, 400).await;
     let t = n1.get_json("/v1/cluster/key-groups").await;
     let ctr = owned_address(&t, "example/counter/s-", 2);
     let id = ctr.rsplit('/').next().unwrap().to_string();
@@ -1475,16 +1481,7 @@ async fn a_killed_node_is_declared_dead_its_key_groups_fail_over_and_it_gets_its
         .push(("FAILPOINTS".into(), "function-invoke=sleep(20)".into()));
     let n3 = Node::start_launch(&root.join("n3"), &l3);
     converged(&[&n1, &n2, &n3], 3, 3).await;
-    eventually(
-        "every member owns key groups",
-        Duration::from_secs(30),
-        || async {
-            let v = view(&n1).await?;
-            let owned: Vec<u64> = member_field(&v, "key_groups");
-            (owned.len() == 3 && owned.iter().all(|&k| k > 200)).then_some(())
-        },
-    )
-    .await;
+    every_member_owns(&n1, 3, 200).await;
     let t = n1.get_json("/v1/cluster/key-groups").await;
     // A function on node 1 sends to one on node 3; a counter lives on node 2.
     let src = owned_address(&t, "statemesh.smoke/fn/src-", 1);
@@ -2327,16 +2324,7 @@ async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once()
     let n2 = with_module(2, Some(&seed));
     let n3 = with_module(3, Some(&seed));
     converged(&[&n1, &n2, &n3], 3, 3).await;
-    eventually(
-        "every member owns key groups",
-        Duration::from_secs(30),
-        || async {
-            let v = view(&n1).await?;
-            let owned: Vec<u64> = member_field(&v, "key_groups");
-            (owned.len() == 3 && owned.iter().all(|&k| k > 200)).then_some(())
-        },
-    )
-    .await;
+    every_member_owns(&n1, 3, 200).await;
     let t = n1.get_json("/v1/cluster/key-groups").await;
     let owner = |p: i32| {
         t["owners"]

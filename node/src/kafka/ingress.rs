@@ -74,6 +74,7 @@ impl KafkaIngresses {
                 calls: FuturesUnordered::new(),
                 next_gen: 0,
                 warned: HashMap::new(),
+                recv_failing: false,
             };
             tasks.push(tokio::spawn(runner.run(stop_rx.clone())));
         }
@@ -198,6 +199,8 @@ struct Runner {
     next_gen: u64,
     /// Errors already logged as warnings (repeats go to debug).
     warned: HashMap<String, Instant>,
+    /// The last read failed (cleared, with its problem, by the next record).
+    recv_failing: bool,
 }
 
 fn tpl(topic: &str, partition: i32, offset: Option<i64>) -> TopicPartitionList {
@@ -287,12 +290,14 @@ impl Runner {
                         let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
                         drop(m);
                         self.on_record(&topic, partition, Record { offset, key, value, too_large: None });
-                        if self.warned.contains_key("recv") {
+                        if self.recv_failing {
+                            self.recv_failing = false;
                             self.warned.remove("recv");
                             self.router.metrics().kafka_problem(&self.client, None);
                         }
                     }
                     Err(e) => {
+                        self.recv_failing = true;
                         self.warn("recv", format!("Kafka ingress {:?}: {e}", self.spec.id));
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
