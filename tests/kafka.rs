@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::kafka::{produce, Broker};
+use common::kafka::{produce, read_topic, Broker};
 use common::{eventually, next_egress, state_value, Node};
 use statemesh_sdk::TypedValue;
 
@@ -99,8 +99,9 @@ async fn a_v1_ingress_feeds_functions_and_dead_letters_bad_records() {
 }
 
 /// The crash test: records are produced while the node is SIGKILLed again and again; in the
-/// end every record's effect is counted exactly once in function state. `KAFKA_SEED`
-/// replays a schedule.
+/// end every record's effect is counted exactly once in function state, and every record
+/// `example/forward` sends to the exactly-once Kafka egress is in the output topic exactly
+/// once. `KAFKA_SEED` replays a schedule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_produced_across_sigkills_are_applied_exactly_once() {
     let seed: u64 = std::env::var("KAFKA_SEED")
@@ -124,9 +125,27 @@ async fn records_produced_across_sigkills_are_applied_exactly_once() {
     const RECORDS: usize = 3000;
     let broker = Broker::start();
     broker.create_topic("deltas", 4);
+    broker.create_topic("forwarded", 3);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n");
-    let module = v1_module(&broker.bootstrap, "deltas");
+    if std::env::var("KAFKA_KEEP").is_ok() {
+        eprintln!("keeping {}", data.display());
+        std::mem::forget(dir);
+    }
+    let module = format!(
+        "{}        - example/forward
+---
+kind: io.statefun.kafka.v1/egress
+spec:
+  id: example/kafka
+  address: {}
+  deliverySemantic:
+    type: exactly-once
+    transactionTimeout: 15min
+",
+        v1_module(&broker.bootstrap, "deltas"),
+        broker.bootstrap
+    );
     // Spread over the kills: about 10 records each 40 ms, each acknowledged by the broker.
     let producer = broker.producer();
     let produced = tokio::spawn(async move {
@@ -185,6 +204,67 @@ async fn records_produced_across_sigkills_are_applied_exactly_once() {
             "c{k} (seed {seed})"
         );
     }
+    // The egress: every forwarded record once. Records that were in flight at a kill are
+    // looked for once their placement settled (8 s at most after the last start).
+    let bootstrap = broker.bootstrap.clone();
+    eventually(
+        &format!("{RECORDS} forwarded records"),
+        Duration::from_secs(90),
+        || async {
+            let got = read_topic(
+                &bootstrap,
+                "forwarded",
+                3,
+                RECORDS + 1,
+                Duration::from_secs(2),
+            )
+            .await;
+            let n = got.len();
+            if n > RECORDS {
+                let mut seen = std::collections::HashMap::new();
+                for r in &got {
+                    *seen.entry(r.id.clone()).or_insert(0) += 1;
+                }
+                seen.retain(|_, n| *n > 1);
+                panic!("{n} forwarded records for {RECORDS}, twice: {seen:?} (seed {seed})");
+            }
+            (n == RECORDS).then_some(())
+        },
+    )
+    .await;
+    // Nothing more comes later (a record looked for and produced again).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let got = read_topic(
+        &bootstrap,
+        "forwarded",
+        3,
+        RECORDS + 1,
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(got.len(), RECORDS, "forwarded records (seed {seed})");
+    let mut ids: Vec<&str> = got.iter().map(|r| r.id.as_deref().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), RECORDS, "distinct record ids (seed {seed})");
+    for (k, want) in per_key.iter().enumerate() {
+        let key = format!("c{k}");
+        let n = got
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(&key))
+            .count() as i64;
+        assert_eq!(n, *want, "records forwarded for {key} (seed {seed})");
+    }
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    let looked = log
+        .lines()
+        .filter(|l| l.contains("records that may have been produced were looked for"))
+        .count();
+    eprintln!("egress look-ups after restarts: {looked}");
+    assert!(
+        looked > 0,
+        "no kill left a record placed but not deleted (seed {seed})"
+    );
     node.stop();
 }
 

@@ -33,6 +33,10 @@ use crate::metrics::Metrics;
 /// A record and, if it is durable, its local-store key.
 type Record = (TypedValue, Option<Vec<u8>>);
 
+/// A change of a durable record for the next epoch: its key and new stored form (`None`:
+/// deleted, it was read; `Some`: rewritten with its Kafka placement).
+pub(crate) type RecordOp = (Vec<u8>, Option<Vec<u8>>);
+
 struct Topic {
     queue: Mutex<VecDeque<Record>>,
     notify: Notify,
@@ -90,8 +94,9 @@ pub struct Egress {
     topics: Arc<Mutex<HashMap<String, Arc<Topic>>>>,
     capacity: usize,
     metrics: Metrics,
-    /// Keys of durable records read or dropped since the last epoch was built.
-    consumed: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Durable records read or dropped (deleted) or placed (rewritten) since the last epoch
+    /// was built.
+    consumed: Arc<Mutex<Vec<RecordOp>>>,
     /// Reads of durable records whose removal has not committed yet, by record key.
     waiting: Arc<Mutex<HashMap<Vec<u8>, Waiter>>>,
     /// The next `Seq::n` of a durable record (numbers are unique per epoch and process).
@@ -105,6 +110,11 @@ pub struct Egress {
     /// Durable records a sink took and is delivering, by key: deleted once delivered
     /// ([`Egress::delivered`]), queued again if not ([`Egress::give_back`]).
     taken: Arc<Mutex<std::collections::HashSet<Vec<u8>>>>,
+    /// Placements being committed ([`Egress::place`]), by record key.
+    placing: Arc<Mutex<HashMap<Vec<u8>, oneshot::Sender<bool>>>>,
+    /// Records that may have been produced already under this placement (restored with one,
+    /// or their produce failed): an exactly-once sink looks for them before producing again.
+    suspects: Arc<Mutex<HashMap<Vec<u8>, crate::store::Placement>>>,
 }
 
 impl Egress {
@@ -120,6 +130,8 @@ impl Egress {
             paused: Arc::default(),
             sinks: Arc::default(),
             taken: Arc::default(),
+            placing: Arc::default(),
+            suspects: Arc::default(),
         }
     }
 
@@ -163,7 +175,41 @@ impl Egress {
         let mut consumed = self.consumed.lock();
         for k in keys {
             if taken.remove(&k) {
-                consumed.push(k);
+                consumed.push((k, None));
+            }
+        }
+    }
+
+    /// Rewrites the stored record `key` (taken by a sink) as `raw` (the record with its
+    /// placement) in the next epoch. The answer is `true` once that epoch committed, `false`
+    /// if the record's key group left this node first (its new owner has the record).
+    pub(crate) fn place(&self, key: Vec<u8>, raw: Vec<u8>) -> oneshot::Receiver<bool> {
+        let (tx, rx) = oneshot::channel();
+        if !self.taken.lock().contains(&key) {
+            let _ = tx.send(false);
+            return rx;
+        }
+        // Registered before the rewrite can be taken into an epoch.
+        self.placing.lock().insert(key.clone(), tx);
+        self.consumed.lock().push((key, Some(raw)));
+        rx
+    }
+
+    /// The placement under which the record `key` may have been produced already, if any.
+    pub(crate) fn suspect(&self, key: &[u8]) -> Option<crate::store::Placement> {
+        self.suspects.lock().get(key).copied()
+    }
+
+    /// Marks the record `key` as possibly produced under `placement`; `None`: it is not
+    /// (checked, or placed anew).
+    pub(crate) fn set_suspect(&self, key: &[u8], placement: Option<crate::store::Placement>) {
+        let mut s = self.suspects.lock();
+        match placement {
+            Some(p) => {
+                s.insert(key.to_vec(), p);
+            }
+            None => {
+                s.remove(key);
             }
         }
     }
@@ -199,8 +245,11 @@ impl Egress {
 
     /// Restores durable records (in production order) after a restart.
     pub(crate) fn restore(&self, records: Vec<crate::store::StoredEgress>) {
-        for (seq, key, topic, value) in records {
+        for (seq, key, topic, value, placement) in records {
             self.next_n.fetch_max(seq.n + 1, Ordering::Relaxed);
+            if let Some(p) = placement {
+                self.suspects.lock().insert(key.clone(), p);
+            }
             self.publish_durable(&topic, value, Some(key));
         }
     }
@@ -216,7 +265,7 @@ impl Egress {
         also_read: &std::collections::HashSet<Vec<u8>>,
     ) {
         let mut known: std::collections::HashSet<Vec<u8>> = also_read.clone();
-        known.extend(self.consumed.lock().iter().cloned());
+        known.extend(self.consumed.lock().iter().map(|(k, _)| k.clone()));
         known.extend(self.taken.lock().iter().cloned());
         known.extend(self.waiting.lock().keys().cloned());
         for t in self.topics.lock().values() {
@@ -243,8 +292,18 @@ impl Egress {
                 .lock()
                 .retain(|(_, k)| k.as_deref().is_none_or(kept));
         }
-        self.consumed.lock().retain(|k| kept(k));
+        self.consumed.lock().retain(|(k, _)| kept(k));
         self.taken.lock().retain(|k| kept(k));
+        self.suspects.lock().retain(|k, _| kept(k));
+        {
+            let mut placing = self.placing.lock();
+            let gone: Vec<Vec<u8>> = placing.keys().filter(|k| !kept(k)).cloned().collect();
+            for k in gone {
+                if let Some(tx) = placing.remove(&k) {
+                    let _ = tx.send(false);
+                }
+            }
+        }
         let mut waiting = self.waiting.lock();
         let gone: Vec<Vec<u8>> = waiting.keys().filter(|k| !kept(k)).cloned().collect();
         for k in gone {
@@ -254,15 +313,16 @@ impl Egress {
         }
     }
 
-    /// Keys of durable records read or dropped since the last call (to delete them). A
-    /// record whose reader has left gives its read back: it is first in its topic again.
-    pub(crate) fn take_consumed(&self) -> Vec<Vec<u8>> {
+    /// Durable records read or dropped (to delete) or placed (to rewrite) since the last
+    /// call. A record whose reader has left gives its read back: it is first in its topic
+    /// again.
+    pub(crate) fn take_consumed(&self) -> Vec<RecordOp> {
         let mut keys = std::mem::take(&mut *self.consumed.lock());
         let mut back = Vec::new();
         {
             let mut waiting = self.waiting.lock();
-            keys.retain(|k| match waiting.get(k) {
-                Some(w) if w.tx.is_closed() => {
+            keys.retain(|(k, v)| match waiting.get(k) {
+                Some(w) if v.is_none() && w.tx.is_closed() => {
                     let w = waiting.remove(k).expect("present");
                     back.push((w.topic, w.value, k.clone()));
                     false
@@ -278,10 +338,17 @@ impl Egress {
         keys
     }
 
-    /// The epochs deleting these records committed: their readers get them.
-    pub(crate) fn released(&self, keys: &[Vec<u8>]) {
+    /// The epochs deleting (or placing) these records committed: their readers get them (their
+    /// sinks produce them).
+    pub(crate) fn released(&self, ops: &[RecordOp]) {
         let mut waiting = self.waiting.lock();
-        for k in keys {
+        for (k, v) in ops {
+            if v.is_some() {
+                if let Some(tx) = self.placing.lock().remove(k) {
+                    let _ = tx.send(true);
+                }
+                continue;
+            }
             if let Some(w) = waiting.remove(k) {
                 if w.tx.send(true).is_err() {
                     self.metrics.egress_unclaimed.inc();
@@ -294,9 +361,9 @@ impl Egress {
         }
     }
 
-    /// Gives back consumed records' keys taken for an epoch that was abandoned (rollback):
-    /// the next epoch deletes them.
-    pub(crate) fn return_consumed(&self, mut keys: Vec<Vec<u8>>) {
+    /// Gives back changes taken for an epoch that was abandoned (rollback): the next epoch
+    /// makes them.
+    pub(crate) fn return_consumed(&self, mut keys: Vec<RecordOp>) {
         if !keys.is_empty() {
             self.consumed.lock().append(&mut keys);
         }
@@ -304,7 +371,7 @@ impl Egress {
 
     fn consumed(&self, key: Option<Vec<u8>>) {
         if let Some(k) = key {
-            self.consumed.lock().push(k);
+            self.consumed.lock().push((k, None));
         }
     }
 
@@ -329,7 +396,7 @@ impl Egress {
             },
         );
         let id = crate::store::egress_record_id(&key);
-        self.consumed.lock().push(key);
+        self.consumed.lock().push((key, None));
         Popped {
             value,
             id,
@@ -436,6 +503,7 @@ mod tests {
             crate::store::egress_key(kg, seq),
             "t".to_string(),
             TypedValue::of(&(n as i64)),
+            None,
         )
     }
 
@@ -482,7 +550,7 @@ mod tests {
             "answered before its removal committed"
         );
         let keys = e.take_consumed();
-        assert_eq!(keys, vec![rec(5, 1).1]);
+        assert_eq!(keys, vec![(rec(5, 1).1, None)]);
         // A rollback gives the keys back: the next epoch removes them, the reader still waits.
         e.return_consumed(keys);
         tokio::task::yield_now().await;
@@ -506,7 +574,7 @@ mod tests {
         // Key group 5 moves away before the epoch commits: its new owner has the record.
         e.drop_key_groups(&[5].into_iter().collect());
         assert!(lost.settled().await.is_none());
-        e.released(&[rec(6, 2).1]);
+        e.released(&[(rec(6, 2).1, None)]);
         assert_eq!(kept.settled().await.unwrap().value.get::<i64>().unwrap(), 2);
         // Nothing of key group 5 is queued or removed here any more.
         publish(&e, rec(5, 3));
@@ -525,18 +593,71 @@ mod tests {
         drop(e.pop("t").unwrap());
         let second = e.pop("t").unwrap();
         // The epoch removes record 2 only; record 1 is first in the queue again.
-        assert_eq!(e.take_consumed(), vec![rec(5, 2).1]);
+        assert_eq!(e.take_consumed(), vec![(rec(5, 2).1, None)]);
         let again: Vec<Popped> = std::iter::from_fn(|| e.pop("t")).collect();
         let got: Vec<i64> = again
             .iter()
             .map(|p| p.value.get::<i64>().unwrap())
             .collect();
         assert_eq!(got, vec![1, 3]);
-        assert_eq!(e.take_consumed(), vec![rec(5, 1).1, rec(5, 3).1]);
+        assert_eq!(
+            e.take_consumed(),
+            vec![(rec(5, 1).1, None), (rec(5, 3).1, None)]
+        );
         // A reader that leaves after its epoch was built: the record is consumed unanswered.
         drop(second);
-        e.released(&[rec(5, 2).1]);
+        e.released(&[(rec(5, 2).1, None)]);
         assert_eq!(e.metrics.egress_unclaimed.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_placement_is_answered_once_committed_and_restored_placements_are_suspects() {
+        let e = Egress::new(16, Metrics::new());
+        e.add_sink("t");
+        publish(&e, rec(5, 1));
+        publish(&e, rec(6, 2));
+        let taken = e.take("t", 10);
+        assert_eq!(taken.len(), 2);
+        let (k1, k2) = (rec(5, 1).1, rec(6, 2).1);
+        let one = e.place(k1.clone(), b"placed-1".to_vec());
+        let two = e.place(k2.clone(), b"placed-2".to_vec());
+        // A record not taken here cannot be placed.
+        assert!(!e.place(rec(7, 3).1, Vec::new()).await.unwrap());
+        let ops = e.take_consumed();
+        assert_eq!(
+            ops,
+            vec![
+                (k1.clone(), Some(b"placed-1".to_vec())),
+                (k2.clone(), Some(b"placed-2".to_vec()))
+            ]
+        );
+        // A rollback: the rewrites go into the next epoch; key group 6 leaves meanwhile.
+        e.return_consumed(ops);
+        e.drop_key_groups(&[6].into_iter().collect());
+        assert!(!two.await.unwrap(), "a placement of a key group that left");
+        let ops = e.take_consumed();
+        assert_eq!(ops, vec![(k1.clone(), Some(b"placed-1".to_vec()))]);
+        e.released(&ops);
+        assert!(one.await.unwrap());
+        // Delivered: deleted by the next epoch.
+        e.delivered([k1.clone()]);
+        assert_eq!(e.take_consumed(), vec![(k1.clone(), None)]);
+        // A record restored with a placement is a suspect until told otherwise.
+        let placement = crate::store::Placement {
+            partition: 1,
+            from: 10,
+            at_ms: 5,
+        };
+        let mut r = rec(5, 4);
+        r.4 = Some(placement);
+        let k4 = r.1.clone();
+        e.restore(vec![r]);
+        assert_eq!(e.suspect(&k4), Some(placement));
+        e.set_suspect(&k4, None);
+        assert_eq!(e.suspect(&k4), None);
+        e.set_suspect(&k4, Some(placement));
+        e.drop_key_groups(&[5].into_iter().collect());
+        assert_eq!(e.suspect(&k4), None, "forgotten with its key group");
     }
 
     #[tokio::test]

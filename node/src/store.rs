@@ -307,8 +307,23 @@ pub fn state_entry(kg: u32, addr: &Address, slot: &StateSlot) -> (Vec<u8>, Optio
     (key, value)
 }
 
-/// A durable egress record: (seq, key, topic, value).
-pub type StoredEgress = (Seq, Vec<u8>, String, TypedValue);
+/// A durable egress record: (seq, key, topic, value, placement).
+pub type StoredEgress = (Seq, Vec<u8>, String, TypedValue, Option<Placement>);
+
+/// Where an exactly-once Kafka egress is about to produce a record (issue 11): written into the
+/// stored record, and committed, before the record is produced, so that after a crash the
+/// egress looks for the record's id in that partition from `from` on instead of producing it
+/// blindly again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The Kafka partition.
+    pub partition: i32,
+    /// An offset at or below the record's (the partition's end before it was produced).
+    pub from: i64,
+    /// When it was placed (ms since the Unix epoch): the record is produced within a bounded
+    /// time after this, or not at all.
+    pub at_ms: u64,
+}
 
 /// A stored key and value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
@@ -342,15 +357,27 @@ pub fn egress_record_id(key: &[u8]) -> Option<String> {
 
 /// The stored form of an egress record.
 pub fn encode_egress(topic: &str, v: &TypedValue) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + topic.len() + v.value().len());
+    encode_placed_egress(topic, v, None)
+}
+
+/// The stored form of an egress record with its placement (a trailer after the value:
+/// `1 ‖ partition:i32be ‖ from:i64be ‖ at_ms:u64be`).
+pub fn encode_placed_egress(topic: &str, v: &TypedValue, placement: Option<&Placement>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + topic.len() + v.value().len());
     put_str(&mut out, topic.as_bytes());
     put_str(&mut out, v.typename().as_bytes());
     out.push(u8::from(v.has_value()));
     put_str(&mut out, v.value());
+    if let Some(p) = placement {
+        out.push(1);
+        out.extend_from_slice(&p.partition.to_be_bytes());
+        out.extend_from_slice(&p.from.to_be_bytes());
+        out.extend_from_slice(&p.at_ms.to_be_bytes());
+    }
     out
 }
 
-fn decode_egress(raw: &[u8]) -> Result<(String, TypedValue), StoreError> {
+fn decode_egress(raw: &[u8]) -> Result<(String, TypedValue, Option<Placement>), StoreError> {
     let mut r = Reader(raw);
     let topic = r.string()?.to_string();
     let typename = r.string()?.to_string();
@@ -361,7 +388,21 @@ fn decode_egress(raw: &[u8]) -> Result<(String, TypedValue), StoreError> {
     } else {
         TypedValue::empty(typename)
     };
-    Ok((topic, v))
+    let placement = match r.0 {
+        [] => None,
+        [1, rest @ ..] if rest.len() == 20 => Some(Placement {
+            partition: i32::from_be_bytes(rest[0..4].try_into().expect("4 bytes")),
+            from: i64::from_be_bytes(rest[4..12].try_into().expect("8 bytes")),
+            at_ms: u64::from_be_bytes(rest[12..20].try_into().expect("8 bytes")),
+        }),
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "egress record: {} unexpected bytes after the value",
+                other.len()
+            )))
+        }
+    };
+    Ok((topic, v, placement))
 }
 
 /// Entry tags that belong to a key group.
@@ -682,8 +723,8 @@ impl Store {
                     k.len()
                 ))
             })?;
-            let (topic, value) = decode_egress(&v)?;
-            out.push((seq, k.to_vec(), topic, value));
+            let (topic, value, placement) = decode_egress(&v)?;
+            out.push((seq, k.to_vec(), topic, value, placement));
         }
         out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         Ok(out)
@@ -768,6 +809,46 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         };
         assert!(e.contains("key_groups = 16"), "{e}");
+    }
+
+    #[test]
+    fn an_egress_record_keeps_its_placement() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16).unwrap();
+        let value = TypedValue::of(&7i64);
+        let placement = Placement {
+            partition: 3,
+            from: 1 << 40,
+            at_ms: 1_780_000_000_123,
+        };
+        let (a, b) = (
+            egress_key(2, Seq { epoch: 4, n: 1 }),
+            egress_key(2, Seq { epoch: 4, n: 2 }),
+        );
+        let mut w = WriteBatch::default();
+        w.put_raw(a.clone(), Some(encode_egress("k", &value)));
+        w.put_raw(
+            b.clone(),
+            Some(encode_placed_egress("k", &value, Some(&placement))),
+        );
+        store.write(w).unwrap();
+        let loaded = store.load_egress().unwrap();
+        assert_eq!(loaded.len(), 2);
+        assert_eq!(
+            (&loaded[0].1, &loaded[0].3, loaded[0].4),
+            (&a, &value, None)
+        );
+        assert_eq!(
+            (&loaded[1].1, &loaded[1].3, loaded[1].4),
+            (&b, &value, Some(placement))
+        );
+        let mut w = WriteBatch::default();
+        let mut bad = encode_placed_egress("k", &value, Some(&placement));
+        bad.pop();
+        w.put_raw(b, Some(bad));
+        store.write(w).unwrap();
+        let e = store.load_egress().unwrap_err().to_string();
+        assert!(e.contains("20 unexpected bytes after the value"), "{e}");
     }
 
     #[test]

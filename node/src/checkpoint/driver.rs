@@ -380,7 +380,7 @@ struct Driver {
     last_pending: LastPending,
     /// Egress records read, taken into each epoch not committed yet (a rollback gives them
     /// back).
-    consumed: BTreeMap<u64, Vec<Vec<u8>>>,
+    consumed: BTreeMap<u64, Vec<crate::egress::RecordOp>>,
     /// A rollback under way.
     rolling_back: Option<RollingBack>,
     /// In a cluster of several: the leader's side of epochs.
@@ -2023,15 +2023,21 @@ impl Driver {
         // Reads of their records in open epochs are undone (the epochs are abandoned): the
         // new owner has the records, and this node no longer removes them.
         for keys in self.consumed.values_mut() {
-            keys.retain(|k| crate::store::egress_key_group(k).is_none_or(|kg| !lost.contains(&kg)));
+            keys.retain(|(k, _)| {
+                crate::store::egress_key_group(k).is_none_or(|kg| !lost.contains(&kg))
+            });
         }
         let egress = self.router.egress();
         egress.drop_key_groups(&lost);
         if restore.is_empty() {
             return;
         }
-        let read: std::collections::HashSet<Vec<u8>> =
-            self.consumed.values().flatten().cloned().collect();
+        let read: std::collections::HashSet<Vec<u8>> = self
+            .consumed
+            .values()
+            .flatten()
+            .map(|(k, _)| k.clone())
+            .collect();
         match self.store.load_egress() {
             Ok(v) => egress.restore_missing(v, restore, &read),
             Err(e) => {
@@ -2241,7 +2247,10 @@ impl Driver {
                             cuts.push(ShardCut {
                                 epoch: e,
                                 shard: usize::MAX,
-                                ops: consumed.into_iter().map(|k| Change::Raw(k, None)).collect(),
+                                ops: consumed
+                                    .into_iter()
+                                    .map(|(k, v)| Change::Raw(k, v))
+                                    .collect(),
                                 pending: Vec::new(),
                             });
                         }

@@ -12,9 +12,39 @@
 //!   acknowledged it (`acks=all`); one the broker refused is produced again after a backoff,
 //!   in order. A crash between the acknowledgement and that epoch's commit produces it again.
 //! - `none`: deleted as soon as it is handed to the client.
-//! - `exactly-once`: refused at start for now (the design is in the closing note of issue 11's
-//!   second session: the partition and a lower bound of the offset are written into the record
-//!   before it is produced, so that after a crash only that range is searched for its id).
+//! - `exactly-once`: see below.
+//!
+//! ## Exactly once without Kafka transactions
+//!
+//! librdkafka cannot resume a transaction prepared before a crash, and tansu (the test
+//! broker) shows aborted records to `read_committed` readers, so the egress does not use
+//! transactions. Every record carries its stable id; the egress makes sure that when it
+//! does not know whether a record reached its topic, it looks before producing it again:
+//!
+//! 1. **Place.** Before producing, the egress chooses the record's partition `P` itself
+//!    (Java's default partitioner: murmur2 of the key; the id's murmur2 for a record without
+//!    key) and a lower bound `L` of its offset (the partition's end offset, read once and then
+//!    advanced past every record acknowledged there), and rewrites the stored record with this
+//!    placement and the time `T` it was placed. The rewrite goes through the node's next epoch
+//!    ([`Egress::place`]); the record is produced only once that epoch committed.
+//! 2. **Produce** to `P`, without librdkafka retries (`retries=0`, so a record is sent at
+//!    most once per placement), within a bounded time: only if less than [`PLACE_WINDOW`] has
+//!    passed since `T`, and with `message.timeout.ms` = `M` (5 s unless set), so no request of
+//!    this placement can reach the broker after `T + PLACE_WINDOW + M`.
+//! 3. **Acknowledged:** deleted by the next epoch, like an at-least-once record.
+//! 4. **Not known** — the produce failed, or the record was restored with a placement after a
+//!    crash, a rollback or a move of its key group (a *suspect*): once `T + PLACE_WINDOW + M +`
+//!    [`SETTLE_MARGIN`] has passed (no request of that placement can still arrive), the
+//!    egress reads `P` from `L` to its end and looks for the id in the `statemesh-record-id`
+//!    headers. Found: deleted without producing. Not found: placed again and produced.
+//!
+//! Costs: one epoch (a few ms) before each round of records is produced, one sled rewrite per
+//! record, and after a crash a wait of up to `PLACE_WINDOW + M + SETTLE_MARGIN` (8 s) before
+//! records that were in flight are resolved. Assumptions: the broker appends a request within
+//! `SETTLE_MARGIN` after the client gave up on it, and the nodes' clocks agree within that
+//! margin (a record placed on one node may be resolved on another after a move). The
+//! `transactionTimeout` of the module is read but not used. `L` is always the end of a
+//! record batch, which matters on tansu (a fetch from inside a batch skips the batch).
 //!
 //! Every produced record carries the header `statemesh-record-id` with the egress record's
 //! stable id (`<key group>-<epoch>-<n>`, the same at every delivery), so a reader can drop a
@@ -25,14 +55,19 @@ use std::time::Duration;
 
 use base64::Engine;
 use prost::Message as _;
+use std::collections::{HashMap, HashSet};
+
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
 use statemesh_sdk::{TypedValue, DEAD_LETTERS_TOPIC};
 use tokio::sync::watch;
 
 use crate::egress::Egress;
 use crate::module::{DeliverySemantic, KafkaEgress};
+use crate::store::Placement;
 
 /// The v3 SDKs' typename of a Kafka record.
 pub const RECORD_TYPE_V3: &str = "type.googleapis.com/io.statefun.sdk.egress.KafkaProducerRecord";
@@ -43,6 +78,14 @@ pub const RECORD_TYPE_V2: &str =
 pub const ID_HEADER: &str = "statemesh-record-id";
 /// Most records produced at once per egress.
 const BATCH: usize = 1000;
+/// Exactly once: a placed record is produced within this time after its placement, or
+/// placed again.
+pub const PLACE_WINDOW: Duration = Duration::from_secs(2);
+/// Exactly once: how long after a request timed out the broker may still append it (at most,
+/// we assume).
+pub const SETTLE_MARGIN: Duration = Duration::from_secs(1);
+/// Exactly once: `message.timeout.ms` unless the module sets it.
+const EXACTLY_ONCE_TIMEOUT_MS: u64 = 5000;
 
 /// `KafkaProducerRecord`, the same fields in both generations.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -76,8 +119,28 @@ impl KafkaEgresses {
                     spec.id
                 )
             })?;
+            let spec = Arc::new(spec.clone());
+            if let DeliverySemantic::ExactlyOnce { .. } = spec.semantic {
+                let scanner: BaseConsumer = scanner_config(&spec)?.create().map_err(|e| {
+                    format!("Kafka egress {:?}: cannot create its reader: {e}", spec.id)
+                })?;
+                tasks.push(tokio::spawn(
+                    ExactlyOnce {
+                        timeout: Duration::from_millis(message_timeout_ms(&spec)),
+                        spec,
+                        egress: egress.clone(),
+                        producer,
+                        scanner: Arc::new(scanner),
+                        partitions: HashMap::new(),
+                        ends: HashMap::new(),
+                        held: Vec::new(),
+                    }
+                    .run(stop_rx.clone()),
+                ));
+                continue;
+            }
             tasks.push(tokio::spawn(run(
-                Arc::new(spec.clone()),
+                spec,
                 egress.clone(),
                 producer,
                 stop_rx.clone(),
@@ -96,27 +159,34 @@ impl KafkaEgresses {
     }
 }
 
-/// The producer's configuration; `exactly-once` is refused (not supported yet).
+/// The producer's configuration.
 pub(crate) fn config(spec: &KafkaEgress) -> Result<ClientConfig, String> {
-    if let DeliverySemantic::ExactlyOnce { .. } = spec.semantic {
-        return Err(format!(
-            "Kafka egress {:?}: deliverySemantic exactly-once is not supported yet; use at-least-once (every record carries the header {ID_HEADER} with its stable id, so a reader can drop duplicates)",
-            spec.id
-        ));
-    }
+    let exactly_once = matches!(spec.semantic, DeliverySemantic::ExactlyOnce { .. });
+    let timeout = message_timeout_ms(spec).to_string();
     let mut fixed = vec![("bootstrap.servers", spec.address.as_str())];
-    if spec.semantic == DeliverySemantic::AtLeastOnce {
+    if spec.semantic != DeliverySemantic::None {
         fixed.push(("acks", "all"));
         // Retries keep the order of a partition's records.
         fixed.push(("max.in.flight.requests.per.connection", "1"));
+    }
+    if exactly_once {
+        // Sent at most once per placement: the egress decides what to send again.
+        fixed.push(("message.send.max.retries", "0"));
+        fixed.push(("enable.idempotence", "false"));
+        fixed.push(("message.timeout.ms", timeout.as_str()));
+        fixed.push(("request.timeout.ms", timeout.as_str()));
     }
     let has = |k: &str| spec.properties.iter().any(|(p, _)| p == k);
     if !has("linger.ms") {
         fixed.push(("linger.ms", "1"));
     }
+    // Keyed records go where Java's clients (and so StateFun) put them.
+    if !has("partitioner") {
+        fixed.push(("partitioner", "murmur2_random"));
+    }
     // A broker that is down fails a record after 10 s (not librdkafka's 5 minutes): it is
     // produced again, and `/readyz` says why meanwhile.
-    if !has("message.timeout.ms") {
+    if !exactly_once && !has("message.timeout.ms") {
         fixed.push(("message.timeout.ms", "10000"));
     }
     crate::kafka::client_config(
@@ -124,6 +194,88 @@ pub(crate) fn config(spec: &KafkaEgress) -> Result<ClientConfig, String> {
         &spec.properties,
         &fixed,
     )
+}
+
+/// `message.timeout.ms` of an exactly-once egress: the module's, or 5 s.
+fn message_timeout_ms(spec: &KafkaEgress) -> u64 {
+    spec.properties
+        .iter()
+        .find(|(k, _)| k == "message.timeout.ms")
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(EXACTLY_ONCE_TIMEOUT_MS)
+}
+
+/// The configuration of the reader an exactly-once egress looks for records with (the
+/// module's properties, for addresses and security, and a consumer's own).
+fn scanner_config(spec: &KafkaEgress) -> Result<ClientConfig, String> {
+    let group = format!("statemesh-egress-{}", spec.id);
+    // Producer-only properties would make the consumer warn at start.
+    let producer_only = [
+        "linger.ms",
+        "acks",
+        "partitioner",
+        "message.timeout.ms",
+        "request.timeout.ms",
+        "compression.type",
+        "batch.size",
+        "batch.num.messages",
+        "queue.buffering.max.messages",
+        "queue.buffering.max.kbytes",
+        "enable.idempotence",
+        "retries",
+        "message.send.max.retries",
+        "max.in.flight.requests.per.connection",
+        "transactional.id",
+        "transaction.timeout.ms",
+    ];
+    let properties: Vec<(String, String)> = spec
+        .properties
+        .iter()
+        .filter(|(k, _)| !producer_only.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    crate::kafka::client_config(
+        &format!("Kafka egress {} (reader)", spec.id),
+        &properties,
+        &[
+            ("bootstrap.servers", spec.address.as_str()),
+            ("group.id", group.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("fetch.wait.max.ms", "10"),
+        ],
+    )
+}
+
+/// Kafka's `Utils.murmur2` (the Java client's default partitioner hashes keys with it).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        for (i, b) in rest.iter().enumerate().rev() {
+            h ^= u32::from(*b) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition Java's default partitioner gives `key` among `count`.
+pub fn partition_of(key: &[u8], count: i32) -> i32 {
+    ((murmur2(key) & 0x7fff_ffff) % count.max(1)) as i32
 }
 
 /// Decodes a record sent to a Kafka egress.
@@ -257,6 +409,521 @@ async fn run(
     .await;
 }
 
+/// A record an exactly-once egress holds: its value, key and decoded record.
+struct Held {
+    value: TypedValue,
+    key: Vec<u8>,
+    id: String,
+    record: KafkaProducerRecord,
+    /// The placement it may have been produced under (a suspect), and when to look next.
+    suspect: Option<(Placement, u64)>,
+}
+
+/// The producer of an exactly-once egress (module docs).
+struct ExactlyOnce {
+    spec: Arc<KafkaEgress>,
+    egress: Egress,
+    producer: FutureProducer,
+    scanner: Arc<BaseConsumer>,
+    /// `message.timeout.ms`.
+    timeout: Duration,
+    /// Partition counts by topic.
+    partitions: HashMap<String, i32>,
+    /// A lower bound of the next offset of partitions produced to (a batch boundary).
+    ends: HashMap<(String, i32), i64>,
+    /// Suspects waiting until they can be looked for.
+    held: Vec<Held>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl ExactlyOnce {
+    /// When no request of a placement made at `at_ms` can reach the broker any more.
+    fn settled_at(&self, at_ms: u64) -> u64 {
+        at_ms + (PLACE_WINDOW + self.timeout + SETTLE_MARGIN).as_millis() as u64
+    }
+
+    fn client(&self) -> String {
+        format!("Kafka egress {} at {}", self.spec.id, self.spec.address)
+    }
+
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let next_look = self
+                .held
+                .iter()
+                .filter_map(|h| h.suspect.map(|s| s.1))
+                .min();
+            let sleep = next_look
+                .map(|t| Duration::from_millis(t.saturating_sub(now_ms())))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = self.egress.wait(&self.spec.id) => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            let mut fresh = Vec::new();
+            for (value, key) in self.egress.take(&self.spec.id, BATCH) {
+                let record = match decode_record(&value) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        dead_letter(&self.egress, &self.spec, &value, e);
+                        self.egress.delivered(key);
+                        continue;
+                    }
+                };
+                let Some(key) = key else {
+                    // Not durable (refused at start: exactly-once needs checkpoints).
+                    tracing::error!(egress = %self.spec.id, "a record that is not durable reached an exactly-once Kafka egress; dropped");
+                    continue;
+                };
+                let id = crate::store::egress_record_id(&key).unwrap_or_default();
+                let suspect = self
+                    .egress
+                    .suspect(&key)
+                    .map(|p| (p, self.settled_at(p.at_ms)));
+                let h = Held {
+                    value,
+                    key,
+                    id,
+                    record,
+                    suspect,
+                };
+                if h.suspect.is_some() {
+                    self.held.push(h);
+                } else {
+                    fresh.push(h);
+                }
+            }
+            // Suspects whose placement settled: look for them.
+            let now = now_ms();
+            let (due, later): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|h| h.suspect.is_some_and(|s| s.1 <= now));
+            self.held = later;
+            if !due.is_empty() {
+                let (mut absent, error) = self.resolve(due).await;
+                if let Some(e) = error {
+                    self.problem(Some(e));
+                }
+                absent.append(&mut fresh);
+                fresh = absent;
+            }
+            if fresh.is_empty() {
+                continue;
+            }
+            match self.produce(fresh, &mut stop).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(50);
+                }
+                Err(e) => {
+                    self.problem(Some(e.clone()));
+                    tracing::warn!(egress = %self.spec.id, error = %e, retry_in_ms = backoff.as_millis() as u64, "Kafka egress (exactly once): records not produced; trying again");
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = producer.flush(Duration::from_secs(5));
+        })
+        .await;
+    }
+
+    fn problem(&self, error: Option<String>) {
+        self.egress.metrics().kafka_problem(&self.client(), error);
+    }
+
+    /// Looks for settled suspects in their partitions: those found are deleted; the others
+    /// are returned, to be placed again. Suspects that could not be looked for stay held.
+    async fn resolve(&mut self, due: Vec<Held>) -> (Vec<Held>, Option<String>) {
+        let mut by_partition: HashMap<(String, i32), (i64, HashSet<String>)> = HashMap::new();
+        for h in &due {
+            let (p, _) = h.suspect.expect("a suspect");
+            let e = by_partition
+                .entry((h.record.topic.clone(), p.partition))
+                .or_insert((p.from, HashSet::new()));
+            e.0 = e.0.min(p.from);
+            e.1.insert(h.id.clone());
+        }
+        let scanner = self.scanner.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let mut found = HashSet::new();
+            for ((topic, partition), (from, ids)) in by_partition {
+                found.extend(scan(&scanner, &topic, partition, from, &ids)?);
+            }
+            Ok::<_, String>(found)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the look-up task failed: {e}")));
+        let found = match found {
+            Ok(f) => f,
+            Err(e) => {
+                // Looked for again after a while.
+                let again = now_ms() + 1000;
+                for mut h in due {
+                    if let Some(s) = h.suspect.as_mut() {
+                        s.1 = again;
+                    }
+                    self.held.push(h);
+                }
+                return (
+                    Vec::new(),
+                    Some(format!(
+                        "looking for records that may have been produced: {e}"
+                    )),
+                );
+            }
+        };
+        let mut absent = Vec::new();
+        let mut there = Vec::new();
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let ids: Vec<String> = due
+                .iter()
+                .map(|h| {
+                    let p = h.suspect.expect("a suspect").0;
+                    format!(
+                        "{}@{}/{}:{}",
+                        h.id,
+                        p.partition,
+                        p.from,
+                        found.contains(&h.id)
+                    )
+                })
+                .collect();
+            tracing::trace!(egress = %self.spec.id, ?ids, "Kafka egress (exactly once): looked for");
+        }
+        for mut h in due {
+            self.egress.set_suspect(&h.key, None);
+            if found.contains(&h.id) {
+                there.push(h.key);
+            } else {
+                h.suspect = None;
+                absent.push(h);
+            }
+        }
+        tracing::info!(egress = %self.spec.id, found = there.len(), placed_again = absent.len(), "Kafka egress (exactly once): records that may have been produced were looked for");
+        if !there.is_empty() {
+            self.egress
+                .metrics()
+                .kafka_egress_records
+                .with_label_values(&[self.spec.id.as_str()])
+                .inc_by(there.len() as u64);
+        }
+        self.egress.delivered(there);
+        (absent, None)
+    }
+
+    /// Places and produces records none of which can be in their topic.
+    async fn produce(
+        &mut self,
+        records: Vec<Held>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        // Partition counts and ends of the partitions not known yet.
+        let mut topics: Vec<String> = Vec::new();
+        for h in &records {
+            if !self.partitions.contains_key(&h.record.topic) && !topics.contains(&h.record.topic) {
+                topics.push(h.record.topic.clone());
+            }
+        }
+        let give_back = |this: &Self, records: Vec<Held>| {
+            this.egress.give_back(
+                &this.spec.id,
+                records
+                    .into_iter()
+                    .map(|h| (h.value, Some(h.key)))
+                    .collect(),
+            );
+        };
+        if !topics.is_empty() {
+            let producer = self.producer.clone();
+            let counts = tokio::task::spawn_blocking(move || {
+                topics
+                    .into_iter()
+                    .map(|t| partition_count(&producer, &t).map(|n| (t, n)))
+                    .collect::<Result<Vec<_>, String>>()
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            match counts {
+                Ok(c) => self.partitions.extend(c),
+                Err(e) => {
+                    give_back(self, records);
+                    return Err(e);
+                }
+            }
+        }
+        let placed: Vec<(Held, i32)> = records
+            .into_iter()
+            .map(|h| {
+                let n = self.partitions[&h.record.topic];
+                let p = if h.record.key.is_empty() {
+                    partition_of(h.id.as_bytes(), n)
+                } else {
+                    partition_of(h.record.key.as_bytes(), n)
+                };
+                (h, p)
+            })
+            .collect();
+        let mut unknown: Vec<(String, i32)> = Vec::new();
+        for (h, p) in &placed {
+            let k = (h.record.topic.clone(), *p);
+            if !self.ends.contains_key(&k) && !unknown.contains(&k) {
+                unknown.push(k);
+            }
+        }
+        if !unknown.is_empty() {
+            let producer = self.producer.clone();
+            let ends = tokio::task::spawn_blocking(move || {
+                unknown
+                    .into_iter()
+                    .map(|(t, p)| {
+                        producer
+                            .client()
+                            .fetch_watermarks(&t, p, Duration::from_secs(5))
+                            .map(|(_, high)| ((t.clone(), p), high))
+                            .map_err(|e| format!("reading the end of {t}/{p}: {e}"))
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            match ends {
+                Ok(e) => self.ends.extend(e),
+                Err(e) => {
+                    give_back(self, placed.into_iter().map(|(h, _)| h).collect());
+                    return Err(e);
+                }
+            }
+        }
+        // 1. Place: the partition, a lower bound of the offset and the time, committed.
+        let at_ms = now_ms();
+        let mut waits = Vec::with_capacity(placed.len());
+        for (h, p) in placed {
+            let placement = Placement {
+                partition: p,
+                from: self.ends[&(h.record.topic.clone(), p)],
+                at_ms,
+            };
+            let raw = crate::store::encode_placed_egress(&self.spec.id, &h.value, Some(&placement));
+            let rx = self.egress.place(h.key.clone(), raw);
+            waits.push((h, placement, rx));
+        }
+        let mut ready = Vec::with_capacity(waits.len());
+        for (h, placement, rx) in waits {
+            let committed = tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                r = rx => matches!(r, Ok(true)),
+            };
+            // Not committed here: the key group left (its new owner has the record).
+            if committed {
+                ready.push((h, placement));
+            }
+        }
+        if ready.is_empty() {
+            return Ok(());
+        }
+        // 2. Produce, unless the placement is too old (this process was slow or paused): then
+        // nothing was sent, and the records are placed again.
+        if now_ms() > at_ms + PLACE_WINDOW.as_millis() as u64 {
+            tracing::warn!(egress = %self.spec.id, records = ready.len(), "Kafka egress (exactly once): placed too long ago to be produced; placing them again");
+            give_back(self, ready.into_iter().map(|(h, _)| h).collect());
+            return Ok(());
+        }
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let ids: Vec<String> = ready
+                .iter()
+                .map(|(h, p)| format!("{}@{}/{}", h.id, p.partition, p.from))
+                .collect();
+            tracing::trace!(egress = %self.spec.id, ?ids, "Kafka egress (exactly once): producing");
+        }
+        let mut sends = Vec::with_capacity(ready.len());
+        for (h, placement) in &ready {
+            let mut fr = FutureRecord::<str, [u8]>::to(&h.record.topic)
+                .payload(&h.record.value_bytes)
+                .partition(placement.partition)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: ID_HEADER,
+                    value: Some(h.id.as_bytes()),
+                }));
+            if !h.record.key.is_empty() {
+                fr = fr.key(&h.record.key);
+            }
+            sends.push(self.producer.send_result(fr).map_err(|(e, _)| e));
+        }
+        let mut done = Vec::new();
+        let mut failed = 0usize;
+        let mut error = None;
+        for ((h, placement), send) in ready.into_iter().zip(sends) {
+            let result = match send {
+                Err(e) => Err((e, false)),
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(d)) => Ok(d.offset),
+                    Ok(Err((e, _))) => Err((e, true)),
+                    Err(_) => Err((rdkafka::error::KafkaError::Canceled, true)),
+                },
+            };
+            match result {
+                Ok(offset) => {
+                    let end = self
+                        .ends
+                        .entry((h.record.topic.clone(), placement.partition))
+                        .or_insert(0);
+                    *end = (*end).max(offset + 1);
+                    done.push(h.key);
+                }
+                Err((e, _)) if permanent(&e) => {
+                    dead_letter(
+                        &self.egress,
+                        &self.spec,
+                        &h.value,
+                        format!("the broker refused the record for good: {e}"),
+                    );
+                    done.push(h.key);
+                }
+                // Never handed to the client: nothing was sent.
+                Err((e, false)) => {
+                    error = Some(e.to_string());
+                    failed += 1;
+                    self.egress
+                        .give_back(&self.spec.id, vec![(h.value, Some(h.key))]);
+                }
+                // Sent, perhaps appended: looked for once its placement settled.
+                Err((e, true)) => {
+                    error = Some(e.to_string());
+                    failed += 1;
+                    self.egress.set_suspect(&h.key, Some(placement));
+                    let look = self.settled_at(placement.at_ms);
+                    self.held.push(Held {
+                        suspect: Some((placement, look)),
+                        ..h
+                    });
+                }
+            }
+        }
+        let metrics = self.egress.metrics();
+        metrics
+            .kafka_egress_records
+            .with_label_values(&[self.spec.id.as_str()])
+            .inc_by(done.len() as u64);
+        self.egress.delivered(done);
+        if failed == 0 {
+            self.problem(None);
+            return Ok(());
+        }
+        metrics
+            .kafka_egress_errors
+            .with_label_values(&[self.spec.id.as_str()])
+            .inc_by(failed as u64);
+        // Partition counts may have changed.
+        self.partitions.clear();
+        Err(format!(
+            "{failed} records not taken: {} (retrying)",
+            error.as_deref().unwrap_or("?")
+        ))
+    }
+}
+
+/// The number of partitions of `topic`.
+fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, String> {
+    let md = producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .map_err(|e| format!("reading the partitions of topic {topic:?}: {e}"))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| format!("topic {topic:?}: not in the broker's metadata"))?;
+    if let Some(e) = t.error() {
+        return Err(format!(
+            "topic {topic:?}: {}",
+            rdkafka::error::RDKafkaErrorCode::from(e)
+        ));
+    }
+    match t.partitions().len() {
+        0 => Err(format!("topic {topic:?} has no partitions")),
+        n => Ok(n as i32),
+    }
+}
+
+/// The ids among `ids` found in the `statemesh-record-id` headers of `topic`/`partition` from
+/// offset `from` to its current end (read until nothing more comes once past the end offset
+/// read first: a record produced under a placement made before that read is below it).
+fn scan(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    ids: &HashSet<String>,
+) -> Result<HashSet<String>, String> {
+    let place = format!("{topic}/{partition}");
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(5))
+        .map_err(|e| format!("reading the end of {place}: {e}"))?;
+    let mut found = HashSet::new();
+    let start = from.max(low);
+    if start >= high {
+        return Ok(found);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(start))
+        .map_err(|e| e.to_string())?;
+    consumer
+        .assign(&tpl)
+        .map_err(|e| format!("reading {place}: {e}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut next = start;
+    let mut read = 0u64;
+    let result = loop {
+        if std::time::Instant::now() > deadline {
+            break Err(format!(
+                "reading {place} from {start} to {high}: timed out at {next}"
+            ));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            // Past the end offset read before, and nothing more queued: done. (tansu 0.6 gives
+            // the last batch's first offset + 1 as the end, so the rest of that batch comes
+            // after `high`.)
+            None if next >= high => break Ok(found),
+            None => {}
+            Some(Err(e)) => break Err(format!("reading {place}: {e}")),
+            // A record of an earlier assignment still queued.
+            Some(Ok(m)) if m.partition() != partition || m.topic() != topic => {}
+            Some(Ok(m)) => {
+                next = m.offset() + 1;
+                read += 1;
+                if let Some(headers) = m.headers() {
+                    for h in headers.iter() {
+                        if h.key != ID_HEADER {
+                            continue;
+                        }
+                        if let Some(id) = h.value.and_then(|v| std::str::from_utf8(v).ok()) {
+                            if ids.contains(id) {
+                                found.insert(id.to_string());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let _ = consumer.unassign();
+    tracing::debug!(topic, partition, from, low, high, read, found = ?result.as_ref().map(|f| f.len()), "Kafka egress (exactly once): looked for records");
+    result
+}
+
 /// Errors a retry cannot fix.
 fn permanent(e: &rdkafka::error::KafkaError) -> bool {
     use rdkafka::error::RDKafkaErrorCode as C;
@@ -290,4 +957,74 @@ fn dead_letter(egress: &Egress, spec: &KafkaEgress, value: &TypedValue, error: S
         TypedValue::new("statemesh/DeadLetter", json.to_string().into_bytes()),
         None,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_is_the_java_clients() {
+        // Kafka's own vectors (UtilsTest.testMurmur2).
+        for (key, want) in [
+            (&b"21"[..], -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            (b"abc", 479_470_107),
+        ] {
+            assert_eq!(murmur2(key), want, "{}", String::from_utf8_lossy(key));
+        }
+        assert_eq!(
+            partition_of(b"21", 7),
+            ((-973_932_308i32 & 0x7fff_ffff) % 7)
+        );
+        assert!((0..100).all(|i| (0..4).contains(&partition_of(format!("k{i}").as_bytes(), 4))));
+    }
+
+    fn spec(semantic: DeliverySemantic, properties: &[(&str, &str)]) -> KafkaEgress {
+        KafkaEgress {
+            id: "test/out".into(),
+            address: "127.0.0.1:1".into(),
+            semantic,
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_exactly_once_producer_sends_each_placement_once_within_its_timeout() {
+        let eo = DeliverySemantic::ExactlyOnce {
+            transaction_timeout: Duration::from_secs(900),
+        };
+        let c = config(&spec(eo.clone(), &[("message.send.max.retries", "5")])).unwrap();
+        assert_eq!(c.get("message.send.max.retries"), Some("0"));
+        assert_eq!(c.get("message.timeout.ms"), Some("5000"));
+        assert_eq!(c.get("request.timeout.ms"), Some("5000"));
+        assert_eq!(c.get("partitioner"), Some("murmur2_random"));
+        let c = config(&spec(eo.clone(), &[("message.timeout.ms", "3000")])).unwrap();
+        assert_eq!(c.get("message.timeout.ms"), Some("3000"));
+        assert_eq!(
+            message_timeout_ms(&spec(eo.clone(), &[("message.timeout.ms", "3000")])),
+            3000
+        );
+        // The reader leaves the producer's own properties out, keeps the others.
+        let r = scanner_config(&spec(
+            eo,
+            &[("linger.ms", "5"), ("client.id", "mine"), ("acks", "1")],
+        ))
+        .unwrap();
+        assert_eq!(r.get("linger.ms"), None);
+        assert_eq!(r.get("acks"), None);
+        assert_eq!(r.get("client.id"), Some("mine"));
+        let c = config(&spec(DeliverySemantic::AtLeastOnce, &[])).unwrap();
+        assert_eq!(c.get("message.timeout.ms"), Some("10000"));
+        assert_eq!(c.get("message.send.max.retries"), None);
+    }
 }

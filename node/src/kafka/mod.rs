@@ -142,6 +142,11 @@ pub(crate) fn check(module: &crate::module::Module, checkpointing: bool) -> Resu
     }
     for e in &module.kafka_egresses {
         egress::config(e)?;
+        if !checkpointing {
+            if let crate::module::DeliverySemantic::ExactlyOnce { .. } = e.semantic {
+                return Err(format!("Kafka egress {:?}: deliverySemantic exactly-once needs checkpoints (its records are placed in committed epochs before they are produced); turn checkpoints on or use at-least-once", e.id));
+            }
+        }
     }
     Ok(())
 }
