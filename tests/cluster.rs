@@ -2299,7 +2299,9 @@ async fn a_full_snapshot_overtaken_by_a_synchronisation_is_dropped_and_nothing_r
 /// Kafka ingress in a cluster: the partitions of a topic are read by the owners of their
 /// partition instances' key groups (placement spreads them), and when a node is killed its
 /// partitions fail over with its key groups; every record produced before, during and after
-/// is applied exactly once.
+/// is applied exactly once; every record `example/forward` hands on to the exactly-once Kafka
+/// egress is in its topic once, those of the killed node's key groups produced by their new
+/// owners.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once() {
     use common::kafka::{produce, Broker};
@@ -2308,8 +2310,10 @@ async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once()
     const PARTITIONS: i32 = 8;
     const KEYS: usize = 12;
     broker.create_topic("deltas", PARTITIONS as u32);
+    broker.create_topic("forwarded", 3);
+    // Every record also goes to example/forward, which hands it on to an exactly-once egress.
     let module = format!(
-        "kind: io.statefun.kafka.v1/ingress\nspec:\n  id: test/deltas\n  address: {}\n  startupPosition:\n    type: earliest\n  topics:\n    - topic: deltas\n      valueType: io.statefun.types/long\n      targets: [example/counter]\n",
+        "kind: io.statefun.kafka.v1/ingress\nspec:\n  id: test/deltas\n  address: {0}\n  startupPosition:\n    type: earliest\n  topics:\n    - topic: deltas\n      valueType: io.statefun.types/long\n      targets: [example/counter, example/forward]\n---\nkind: io.statefun.kafka.v1/egress\nspec:\n  id: example/kafka\n  address: {0}\n  deliverySemantic:\n    type: exactly-once\n    transactionTimeout: 15min\n",
         broker.bootstrap
     );
     let dir = test_dir();
@@ -2399,6 +2403,37 @@ async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once()
     for (k, want) in per_key.iter().enumerate() {
         let got = common::state_value(&n1, &format!("example/counter/c{k}"), "total").await;
         assert_eq!(got, Some(serde_json::json!(want)), "c{k}");
+    }
+    // The egress: every record forwarded once, those of the killed node's key groups by their
+    // new owners (records it may have produced are looked for first).
+    let all: usize = per_key.iter().sum::<i64>() as usize;
+    let b = broker.bootstrap.clone();
+    eventually(
+        &format!("{all} forwarded records"),
+        Duration::from_secs(90),
+        || async {
+            let n = common::kafka::read_topic(&b, "forwarded", 3, all + 1, Duration::from_secs(2))
+                .await
+                .len();
+            assert!(n <= all, "{n} forwarded records for {all}");
+            (n == all).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let got = common::kafka::read_topic(&b, "forwarded", 3, all + 1, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), all, "forwarded records");
+    let mut ids: Vec<&str> = got.iter().map(|r| r.id.as_deref().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), all, "distinct record ids");
+    for (k, want) in per_key.iter().enumerate() {
+        let key = format!("c{k}");
+        let n = got
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(&key))
+            .count() as i64;
+        assert_eq!(n, *want, "records forwarded for {key}");
     }
     for n in [n2, n3].into_iter().flatten() {
         n.stop();

@@ -619,3 +619,86 @@ async fn a_record_the_broker_refuses_for_good_is_dead_lettered_and_the_egress_go
     assert!(node.log_since_launch().contains("max.poll.records"));
     node.stop();
 }
+
+/// An exactly-once egress whose broker stalls (SIGSTOP) longer than its produce timeout: the
+/// records in flight fail on the client's side, though the broker may append them when it
+/// resumes. They are looked for once no request of theirs can still arrive, and only those
+/// not found are produced again: every record is in the topic once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_stalled_broker_may_have_taken_are_looked_for_not_produced_twice() {
+    let broker = Broker::start();
+    broker.create_topic("forwarded", 2);
+    let module = format!(
+        "kind: io.statefun.kafka.v1/egress
+spec:
+  id: example/kafka
+  address: {}
+  deliverySemantic:
+    type: exactly-once
+    transactionTimeout: 15min
+",
+        broker.bootstrap
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let node = Node::start_with_module(&data, None, Some(&module));
+    let c = node.client().await;
+    let send = |i: i64| {
+        let c = c.clone();
+        async move {
+            let a = statemesh_sdk::Address::parse(&format!("example/forward/k{}", i % 4)).unwrap();
+            c.send(&a, TypedValue::of(&i)).await.unwrap();
+        }
+    };
+    for i in 0..20 {
+        send(i).await;
+    }
+    let b = broker.bootstrap.clone();
+    eventually("20 records", Duration::from_secs(30), || async {
+        (read_topic(&b, "forwarded", 2, 20, Duration::from_secs(2))
+            .await
+            .len()
+            == 20)
+            .then_some(())
+    })
+    .await;
+    broker.pause(true);
+    for i in 20..40 {
+        send(i).await;
+    }
+    // Longer than the 5 s produce timeout: the records in flight fail.
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    broker.pause(false);
+    eventually("40 records", Duration::from_secs(60), || async {
+        let n = read_topic(&b, "forwarded", 2, 41, Duration::from_secs(2))
+            .await
+            .len();
+        assert!(n <= 40, "{n} records for 40");
+        (n == 40).then_some(())
+    })
+    .await;
+    // Nothing comes later.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let got = read_topic(&b, "forwarded", 2, 41, Duration::from_secs(3)).await;
+    let mut values: Vec<Vec<u8>> = got.iter().map(|r| r.value.clone()).collect();
+    values.sort();
+    let mut want: Vec<Vec<u8>> = (0..40).map(long).collect();
+    want.sort();
+    assert_eq!(values, want, "every record once");
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    assert!(
+        log.contains("Kafka egress (exactly once): records not produced"),
+        "no produce failed while the broker was stopped"
+    );
+    let looked: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("records that may have been produced were looked for"))
+        .collect();
+    eprintln!("{looked:#?}");
+    // tansu appends a stalled request once it resumes: the failed record is found.
+    assert!(
+        looked.iter().any(|l| !l.contains(" found=0 ")),
+        "no failed record was found in the topic"
+    );
+    node.stop();
+}

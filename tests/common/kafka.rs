@@ -69,6 +69,17 @@ impl Broker {
         }
     }
 
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the broker's process: a stalled broker.
+    pub fn pause(&self, on: bool) {
+        let ok = Command::new("kill")
+            .arg(if on { "-STOP" } else { "-CONT" })
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -STOP/-CONT tansu");
+    }
+
     /// Creates a topic.
     pub fn create_topic(&self, name: &str, partitions: u32) {
         let out = Command::new(tansu())
