@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Kafka through statemesh, exactly once on the ingress side and at-least-once on the egress
+# Kafka through statemesh, exactly once on the ingress side and SEMANTIC (exactly-once unless
+# set: at-least-once, none) on the egress
 # (release builds, loopback, checkpoints on local files, durable epochs): RECORDS records are
 # produced to topic "in" (4 partitions); a Kafka ingress hands each to `example/forward`, which
 # sends it to the Kafka egress `example/kafka` (topic "forwarded", 4 partitions), where
@@ -7,11 +8,18 @@
 # records/s, end-to-end latency produced → read back (p50/p99), missing and duplicate records,
 # and the CPU time of all node processes per record. The broker is tansu, a release build
 # (TANSU=path to use another; built once into target/tools/tansu-release, about 12 minutes).
-#   RECORDS=200000 RATE=0 bash scripts/bench-kafka.sh
+#   RECORDS=200000 RATE=0 SEMANTIC=exactly-once bash scripts/bench-kafka.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECORDS=${RECORDS:-200000}
 RATE=${RATE:-0}
+SEMANTIC=${SEMANTIC:-exactly-once}
+case $SEMANTIC in
+  exactly-once) DELIVERY="type: exactly-once
+    transactionTimeout: 15min" ;;
+  at-least-once|none) DELIVERY="type: $SEMANTIC" ;;
+  *) echo "SEMANTIC: exactly-once, at-least-once or none, not $SEMANTIC" >&2; exit 2 ;;
+esac
 if [ -n "${BIN:-}" ]; then
   B=$BIN
 else
@@ -61,7 +69,7 @@ spec:
   id: example/kafka
   address: $BOOT
   deliverySemantic:
-    type: at-least-once
+    $DELIVERY
 YAML
 }
 
@@ -69,7 +77,7 @@ run() { # NAME PID...
   local name=$1; shift
   local pids; pids=$(IFS=,; echo "$*")
   "$B" bench kafka --bootstrap "$BOOT" --records "$RECORDS" --rate "$RATE" --pids "$pids" |
-    python3 -c "import json,sys; d=json.load(sys.stdin); print(json.dumps({'scenario': sys.argv[1], **d}))" "$name"
+    python3 -c "import json,sys; d=json.load(sys.stdin); print(json.dumps({'scenario': sys.argv[1], 'egress': sys.argv[2], **d}))" "$name" "$SEMANTIC"
 }
 
 NODE_ARGS=(--module "$ROOT/module.yaml")

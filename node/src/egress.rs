@@ -200,17 +200,17 @@ impl Egress {
         self.suspects.lock().get(key).copied()
     }
 
-    /// Marks the record `key` as possibly produced under `placement`; `None`: it is not
-    /// (checked, or placed anew).
-    pub(crate) fn set_suspect(&self, key: &[u8], placement: Option<crate::store::Placement>) {
+    /// Marks the record `key` as possibly produced under `placement`.
+    pub(crate) fn set_suspect(&self, key: &[u8], placement: crate::store::Placement) {
+        self.suspects.lock().insert(key.to_vec(), placement);
+    }
+
+    /// The record `key` was looked for under `placement`: no longer a suspect of it (a newer
+    /// placement, restored meanwhile, stays).
+    pub(crate) fn clear_suspect(&self, key: &[u8], placement: &crate::store::Placement) {
         let mut s = self.suspects.lock();
-        match placement {
-            Some(p) => {
-                s.insert(key.to_vec(), p);
-            }
-            None => {
-                s.remove(key);
-            }
+        if s.get(key) == Some(placement) {
+            s.remove(key);
         }
     }
 
@@ -224,6 +224,9 @@ impl Egress {
                 Some(k) if !taken.remove(&k) => {} // its key group moved away
                 k => q.push_front((v, k)),
             }
+        }
+        if !q.is_empty() {
+            t.notify.notify_one();
         }
     }
 
@@ -365,8 +368,16 @@ impl Egress {
     /// makes them.
     pub(crate) fn return_consumed(&self, mut keys: Vec<RecordOp>) {
         if !keys.is_empty() {
-            self.consumed.lock().append(&mut keys);
+            // Before the changes made since (changes of one record stay in order).
+            let mut c = self.consumed.lock();
+            keys.append(&mut c);
+            *c = keys;
         }
+    }
+
+    /// Whether a sink holds the record `key` (taken and not delivered, given back or moved).
+    pub(crate) fn is_taken(&self, key: &[u8]) -> bool {
+        self.taken.lock().contains(key)
     }
 
     fn consumed(&self, key: Option<Vec<u8>>) {
@@ -646,16 +657,23 @@ mod tests {
         let placement = crate::store::Placement {
             partition: 1,
             from: 10,
-            at_ms: 5,
+            settled_ms: 5,
         };
         let mut r = rec(5, 4);
         r.4 = Some(placement);
         let k4 = r.1.clone();
         e.restore(vec![r]);
         assert_eq!(e.suspect(&k4), Some(placement));
-        e.set_suspect(&k4, None);
+        let newer = crate::store::Placement {
+            settled_ms: 9,
+            ..placement
+        };
+        e.set_suspect(&k4, newer);
+        e.clear_suspect(&k4, &placement);
+        assert_eq!(e.suspect(&k4), Some(newer), "a newer placement stays");
+        e.clear_suspect(&k4, &newer);
         assert_eq!(e.suspect(&k4), None);
-        e.set_suspect(&k4, Some(placement));
+        e.set_suspect(&k4, placement);
         e.drop_key_groups(&[5].into_iter().collect());
         assert_eq!(e.suspect(&k4), None, "forgotten with its key group");
     }

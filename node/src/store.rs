@@ -320,9 +320,9 @@ pub struct Placement {
     pub partition: i32,
     /// An offset at or below the record's (the partition's end before it was produced).
     pub from: i64,
-    /// When it was placed (ms since the Unix epoch): the record is produced within a bounded
-    /// time after this, or not at all.
-    pub at_ms: u64,
+    /// When no request producing it under this placement can reach the broker any more (ms
+    /// since the Unix epoch): it may be looked for from then on.
+    pub settled_ms: u64,
 }
 
 /// A stored key and value.
@@ -361,7 +361,7 @@ pub fn encode_egress(topic: &str, v: &TypedValue) -> Vec<u8> {
 }
 
 /// The stored form of an egress record with its placement (a trailer after the value:
-/// `1 ‖ partition:i32be ‖ from:i64be ‖ at_ms:u64be`).
+/// `1 ‖ partition:i32be ‖ from:i64be ‖ settled_ms:u64be`).
 pub fn encode_placed_egress(topic: &str, v: &TypedValue, placement: Option<&Placement>) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + topic.len() + v.value().len());
     put_str(&mut out, topic.as_bytes());
@@ -372,7 +372,7 @@ pub fn encode_placed_egress(topic: &str, v: &TypedValue, placement: Option<&Plac
         out.push(1);
         out.extend_from_slice(&p.partition.to_be_bytes());
         out.extend_from_slice(&p.from.to_be_bytes());
-        out.extend_from_slice(&p.at_ms.to_be_bytes());
+        out.extend_from_slice(&p.settled_ms.to_be_bytes());
     }
     out
 }
@@ -393,7 +393,7 @@ fn decode_egress(raw: &[u8]) -> Result<(String, TypedValue, Option<Placement>), 
         [1, rest @ ..] if rest.len() == 20 => Some(Placement {
             partition: i32::from_be_bytes(rest[0..4].try_into().expect("4 bytes")),
             from: i64::from_be_bytes(rest[4..12].try_into().expect("8 bytes")),
-            at_ms: u64::from_be_bytes(rest[12..20].try_into().expect("8 bytes")),
+            settled_ms: u64::from_be_bytes(rest[12..20].try_into().expect("8 bytes")),
         }),
         other => {
             return Err(StoreError::Corrupt(format!(
@@ -819,7 +819,7 @@ mod tests {
         let placement = Placement {
             partition: 3,
             from: 1 << 40,
-            at_ms: 1_780_000_000_123,
+            settled_ms: 1_780_000_000_123,
         };
         let (a, b) = (
             egress_key(2, Seq { epoch: 4, n: 1 }),

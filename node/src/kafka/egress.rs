@@ -25,26 +25,40 @@
 //!    (Java's default partitioner: murmur2 of the key; the id's murmur2 for a record without
 //!    key) and a lower bound `L` of its offset (the partition's end offset, read once and then
 //!    advanced past every record acknowledged there), and rewrites the stored record with this
-//!    placement and the time `T` it was placed. The rewrite goes through the node's next epoch
-//!    ([`Egress::place`]); the record is produced only once that epoch committed.
-//! 2. **Produce** to `P`, without librdkafka retries (`retries=0`, so a record is sent at
-//!    most once per placement), within a bounded time: only if less than [`PLACE_WINDOW`] has
-//!    passed since `T`, and with `message.timeout.ms` = `M` (5 s unless set), so no request of
-//!    this placement can reach the broker after `T + PLACE_WINDOW + M`.
+//!    placement and the time `S` from which no request producing it can reach the broker:
+//!    `S = T + W + M + SETTLE_MARGIN` (`T` now, `W` the send window, `M` the produce timeout).
+//!    The rewrite goes through the node's next epoch ([`Egress::place`]); the record is
+//!    produced only once that epoch committed.
+//! 2. **Produce** to `P` (a sender task, while the next records are placed), without
+//!    librdkafka retries (`message.send.max.retries=0` — Java's `retries` and the other
+//!    aliases of the settings fixed here are mapped onto them — so a record is sent at most
+//!    once per placement), and only within a bounded time: if less than `W` has passed since
+//!    `T` ([`PLACE_WINDOW`], 2 s, doubled up to a minute whenever placements commit too slowly
+//!    for it), and with `message.timeout.ms` = `M` (5 s unless set; it must be finite), which
+//!    librdkafka also applies to requests in flight. So no request of this placement can reach
+//!    the broker after `T + W + M`.
 //! 3. **Acknowledged:** deleted by the next epoch, like an at-least-once record.
 //! 4. **Not known** — the produce failed, or the record was restored with a placement after a
-//!    crash, a rollback or a move of its key group (a *suspect*): once `T + PLACE_WINDOW + M +`
-//!    [`SETTLE_MARGIN`] has passed (no request of that placement can still arrive), the
-//!    egress reads `P` from `L` to its end and looks for the id in the `statemesh-record-id`
-//!    headers. Found: deleted without producing. Not found: placed again and produced.
+//!    crash, a rollback or a move of its key group (a *suspect*): once `S` has passed, the
+//!    egress reads `P` from `L` to its end (uncommitted records included) and looks for the id
+//!    in the `statemesh-record-id` headers. Found: deleted without producing. Not found: placed
+//!    again and produced.
 //!
-//! Costs: one epoch (a few ms) before each round of records is produced, one sled rewrite per
-//! record, and after a crash a wait of up to `PLACE_WINDOW + M + SETTLE_MARGIN` (8 s) before
-//! records that were in flight are resolved. Assumptions: the broker appends a request within
-//! `SETTLE_MARGIN` after the client gave up on it, and the nodes' clocks agree within that
-//! margin (a record placed on one node may be resolved on another after a move). The
-//! `transactionTimeout` of the module is read but not used. `L` is always the end of a
-//! record batch, which matters on tansu (a fetch from inside a batch skips the batch).
+//! Costs: one epoch (a few ms) before each round of records is produced (pipelined with the
+//! sending of the round before), one sled rewrite per record, and after a crash a wait of up
+//! to `W + M + SETTLE_MARGIN` (8 s) before records that were in flight are resolved.
+//!
+//! Assumptions: a request the broker received is appended **and visible to readers** (for a
+//! replicated topic: replicated to the in-sync replicas) at most [`SETTLE_MARGIN`] (1 s) after
+//! the client gave up on it; the nodes' clocks agree within that margin (a record placed on one
+//! node may be resolved on another after a move); records are not removed by retention before
+//! they are looked for. A broker stalled longer than that (a paused process, a follower lagging
+//! behind an `acks=all` leader) can break the first. The `transactionTimeout` of the module is
+//! read but not used.
+//!
+//! `L` is always the end of a record batch, which matters on tansu (a fetch from inside a batch
+//! skips the batch); tansu 0.6 also reports a partition's end as its last batch's first offset
+//! + 1, so the look-up reads on until nothing more comes, or to the partition's end.
 //!
 //! Every produced record carries the header `statemesh-record-id` with the egress record's
 //! stable id (`<key group>-<epoch>-<n>`, the same at every delivery), so a reader can drop a
@@ -56,6 +70,9 @@ use std::time::Duration;
 use base64::Engine;
 use prost::Message as _;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -124,19 +141,38 @@ impl KafkaEgresses {
                 let scanner: BaseConsumer = scanner_config(&spec)?.create().map_err(|e| {
                     format!("Kafka egress {:?}: cannot create its reader: {e}", spec.id)
                 })?;
-                tasks.push(tokio::spawn(
-                    ExactlyOnce {
-                        timeout: Duration::from_millis(message_timeout_ms(&spec)),
-                        spec,
+                let (tx, rx) = mpsc::channel(2);
+                let window = Arc::new(AtomicU64::new(PLACE_WINDOW.as_millis() as u64));
+                let ends = Arc::default();
+                let sender = tokio::spawn(
+                    Sender {
+                        spec: spec.clone(),
                         egress: egress.clone(),
-                        producer,
-                        scanner: Arc::new(scanner),
-                        partitions: HashMap::new(),
-                        ends: HashMap::new(),
-                        held: Vec::new(),
+                        producer: producer.clone(),
+                        client: format!("Kafka egress {} at {}", spec.id, spec.address),
+                        ends: Arc::clone(&ends),
+                        window: window.clone(),
                     }
-                    .run(stop_rx.clone()),
-                ));
+                    .run(rx),
+                );
+                let placer = ExactlyOnce {
+                    timeout: Duration::from_millis(message_timeout_ms(&spec)?),
+                    window,
+                    spec,
+                    egress: egress.clone(),
+                    producer,
+                    scanner: Arc::new(scanner),
+                    partitions: HashMap::new(),
+                    ends,
+                    held: Vec::new(),
+                    sender: tx,
+                };
+                let stop = stop_rx.clone();
+                tasks.push(tokio::spawn(async move {
+                    placer.run(stop).await;
+                    // The sender ends once the placer dropped its channel.
+                    let _ = sender.await;
+                }));
                 continue;
             }
             tasks.push(tokio::spawn(run(
@@ -162,7 +198,8 @@ impl KafkaEgresses {
 /// The producer's configuration.
 pub(crate) fn config(spec: &KafkaEgress) -> Result<ClientConfig, String> {
     let exactly_once = matches!(spec.semantic, DeliverySemantic::ExactlyOnce { .. });
-    let timeout = message_timeout_ms(spec).to_string();
+    let timeout = message_timeout_ms(spec)?.to_string();
+    let properties = canonical(&spec.properties);
     let mut fixed = vec![("bootstrap.servers", spec.address.as_str())];
     if spec.semantic != DeliverySemantic::None {
         fixed.push(("acks", "all"));
@@ -176,7 +213,7 @@ pub(crate) fn config(spec: &KafkaEgress) -> Result<ClientConfig, String> {
         fixed.push(("message.timeout.ms", timeout.as_str()));
         fixed.push(("request.timeout.ms", timeout.as_str()));
     }
-    let has = |k: &str| spec.properties.iter().any(|(p, _)| p == k);
+    let has = |k: &str| properties.iter().any(|(p, _)| p == k);
     if !has("linger.ms") {
         fixed.push(("linger.ms", "1"));
     }
@@ -189,20 +226,53 @@ pub(crate) fn config(spec: &KafkaEgress) -> Result<ClientConfig, String> {
     if !exactly_once && !has("message.timeout.ms") {
         fixed.push(("message.timeout.ms", "10000"));
     }
-    crate::kafka::client_config(
-        &format!("Kafka egress {}", spec.id),
-        &spec.properties,
-        &fixed,
-    )
+    crate::kafka::client_config(&format!("Kafka egress {}", spec.id), &properties, &fixed)
 }
 
-/// `message.timeout.ms` of an exactly-once egress: the module's, or 5 s.
-fn message_timeout_ms(spec: &KafkaEgress) -> u64 {
-    spec.properties
+/// The module's properties under librdkafka's main names (`retries` is
+/// `message.send.max.retries`, `delivery.timeout.ms` is `message.timeout.ms`, …), so that the
+/// settings the egress fixes win over every name of theirs.
+fn canonical(properties: &[(String, String)]) -> Vec<(String, String)> {
+    const ALIASES: [(&str, &str); 5] = [
+        ("retries", "message.send.max.retries"),
+        ("delivery.timeout.ms", "message.timeout.ms"),
+        ("request.required.acks", "acks"),
+        ("max.in.flight", "max.in.flight.requests.per.connection"),
+        ("queue.buffering.max.ms", "linger.ms"),
+    ];
+    properties
         .iter()
-        .find(|(k, _)| k == "message.timeout.ms")
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(EXACTLY_ONCE_TIMEOUT_MS)
+        .map(|(k, v)| {
+            let k = ALIASES
+                .iter()
+                .find(|(alias, _)| alias == k)
+                .map_or(k.as_str(), |(_, main)| main);
+            (k.to_string(), v.clone())
+        })
+        .collect()
+}
+
+/// `message.timeout.ms` (or `delivery.timeout.ms`) of an exactly-once egress: the module's, or
+/// 5 s; it bounds when a record sent can still reach the broker, so it must be finite.
+fn message_timeout_ms(spec: &KafkaEgress) -> Result<u64, String> {
+    let Some((k, v)) = spec
+        .properties
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "message.timeout.ms" || k == "delivery.timeout.ms")
+    else {
+        return Ok(EXACTLY_ONCE_TIMEOUT_MS);
+    };
+    match v.trim().parse::<u64>() {
+        Ok(ms) if (1..=900_000).contains(&ms) => Ok(ms),
+        _ if !matches!(spec.semantic, DeliverySemantic::ExactlyOnce { .. }) => {
+            Ok(EXACTLY_ONCE_TIMEOUT_MS)
+        }
+        _ => Err(format!(
+            "Kafka egress {:?}: property {k} = {v:?}: an exactly-once egress needs a timeout of 1 to 900000 ms (0 is endless: a record sent could reach the broker at any time)",
+            spec.id
+        )),
+    }
 }
 
 /// The configuration of the reader an exactly-once egress looks for records with (the
@@ -228,11 +298,9 @@ fn scanner_config(spec: &KafkaEgress) -> Result<ClientConfig, String> {
         "transactional.id",
         "transaction.timeout.ms",
     ];
-    let properties: Vec<(String, String)> = spec
-        .properties
-        .iter()
+    let properties: Vec<(String, String)> = canonical(&spec.properties)
+        .into_iter()
         .filter(|(k, _)| !producer_only.contains(&k.as_str()))
-        .cloned()
         .collect();
     crate::kafka::client_config(
         &format!("Kafka egress {} (reader)", spec.id),
@@ -244,6 +312,10 @@ fn scanner_config(spec: &KafkaEgress) -> Result<ClientConfig, String> {
             ("enable.auto.offset.store", "false"),
             ("auto.offset.reset", "earliest"),
             ("fetch.wait.max.ms", "10"),
+            // Records of transactions (committed or not) count: another producer's open
+            // transaction must not hide ours.
+            ("isolation.level", "read_uncommitted"),
+            ("enable.partition.eof", "true"),
         ],
     )
 }
@@ -275,7 +347,7 @@ pub fn murmur2(data: &[u8]) -> i32 {
 
 /// The partition Java's default partitioner gives `key` among `count`.
 pub fn partition_of(key: &[u8], count: i32) -> i32 {
-    ((murmur2(key) & 0x7fff_ffff) % count.max(1)) as i32
+    (murmur2(key) & 0x7fff_ffff) % count.max(1)
 }
 
 /// Decodes a record sent to a Kafka egress.
@@ -427,12 +499,17 @@ struct ExactlyOnce {
     scanner: Arc<BaseConsumer>,
     /// `message.timeout.ms`.
     timeout: Duration,
+    /// How long after its placement a record may still be sent (ms): doubled (up to a
+    /// minute) whenever placements commit too slowly for it.
+    window: Arc<AtomicU64>,
     /// Partition counts by topic.
     partitions: HashMap<String, i32>,
     /// A lower bound of the next offset of partitions produced to (a batch boundary).
-    ends: HashMap<(String, i32), i64>,
+    ends: Arc<parking_lot::Mutex<HashMap<(String, i32), i64>>>,
     /// Suspects waiting until they can be looked for.
     held: Vec<Held>,
+    /// Placed records to the sender (at most two rounds ahead of it).
+    sender: mpsc::Sender<Placed>,
 }
 
 fn now_ms() -> u64 {
@@ -443,11 +520,6 @@ fn now_ms() -> u64 {
 }
 
 impl ExactlyOnce {
-    /// When no request of a placement made at `at_ms` can reach the broker any more.
-    fn settled_at(&self, at_ms: u64) -> u64 {
-        at_ms + (PLACE_WINDOW + self.timeout + SETTLE_MARGIN).as_millis() as u64
-    }
-
     fn client(&self) -> String {
         format!("Kafka egress {} at {}", self.spec.id, self.spec.address)
     }
@@ -455,6 +527,9 @@ impl ExactlyOnce {
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(50);
         loop {
+            // Suspects this egress no longer holds (their key group moved) are not its own.
+            let egress = self.egress.clone();
+            self.held.retain(|h| egress.is_taken(&h.key));
             let next_look = self
                 .held
                 .iter()
@@ -484,10 +559,9 @@ impl ExactlyOnce {
                     continue;
                 };
                 let id = crate::store::egress_record_id(&key).unwrap_or_default();
-                let suspect = self
-                    .egress
-                    .suspect(&key)
-                    .map(|p| (p, self.settled_at(p.at_ms)));
+                // Taken again (it moved away and back): what was held of it is stale.
+                self.held.retain(|h| h.key != key);
+                let suspect = self.egress.suspect(&key).map(|p| (p, p.settled_ms));
                 let h = Held {
                     value,
                     key,
@@ -533,11 +607,6 @@ impl ExactlyOnce {
                 }
             }
         }
-        let producer = self.producer.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = producer.flush(Duration::from_secs(5));
-        })
-        .await;
     }
 
     fn problem(&self, error: Option<String>) {
@@ -587,6 +656,11 @@ impl ExactlyOnce {
         };
         let mut absent = Vec::new();
         let mut there = Vec::new();
+        // Only what this egress still holds (a key group may have moved during the look-up).
+        let due: Vec<Held> = due
+            .into_iter()
+            .filter(|h| self.egress.is_taken(&h.key))
+            .collect();
         if tracing::enabled!(tracing::Level::TRACE) {
             let ids: Vec<String> = due
                 .iter()
@@ -604,7 +678,8 @@ impl ExactlyOnce {
             tracing::trace!(egress = %self.spec.id, ?ids, "Kafka egress (exactly once): looked for");
         }
         for mut h in due {
-            self.egress.set_suspect(&h.key, None);
+            self.egress
+                .clear_suspect(&h.key, &h.suspect.expect("a suspect").0);
             if found.contains(&h.id) {
                 there.push(h.key);
             } else {
@@ -679,7 +754,7 @@ impl ExactlyOnce {
         let mut unknown: Vec<(String, i32)> = Vec::new();
         for (h, p) in &placed {
             let k = (h.record.topic.clone(), *p);
-            if !self.ends.contains_key(&k) && !unknown.contains(&k) {
+            if !self.ends.lock().contains_key(&k) && !unknown.contains(&k) {
                 unknown.push(k);
             }
         }
@@ -700,7 +775,7 @@ impl ExactlyOnce {
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
             match ends {
-                Ok(e) => self.ends.extend(e),
+                Ok(e) => self.ends.lock().extend(e),
                 Err(e) => {
                     give_back(self, placed.into_iter().map(|(h, _)| h).collect());
                     return Err(e);
@@ -708,37 +783,126 @@ impl ExactlyOnce {
             }
         }
         // 1. Place: the partition, a lower bound of the offset and the time, committed.
-        let at_ms = now_ms();
+        let placed_at = std::time::Instant::now();
+        let window = Duration::from_millis(self.window.load(Ordering::Relaxed));
+        let settled_ms = now_ms() + (window + self.timeout + SETTLE_MARGIN).as_millis() as u64;
         let mut waits = Vec::with_capacity(placed.len());
         for (h, p) in placed {
             let placement = Placement {
                 partition: p,
-                from: self.ends[&(h.record.topic.clone(), p)],
-                at_ms,
+                from: self.ends.lock()[&(h.record.topic.clone(), p)],
+                settled_ms,
             };
             let raw = crate::store::encode_placed_egress(&self.spec.id, &h.value, Some(&placement));
             let rx = self.egress.place(h.key.clone(), raw);
             waits.push((h, placement, rx));
         }
         let mut ready = Vec::with_capacity(waits.len());
+        let mut lost = Vec::new();
         for (h, placement, rx) in waits {
             let committed = tokio::select! {
                 _ = stop.changed() => return Ok(()),
-                r = rx => matches!(r, Ok(true)),
+                r = rx => r,
             };
-            // Not committed here: the key group left (its new owner has the record).
-            if committed {
-                ready.push((h, placement));
+            match committed {
+                Ok(true) => ready.push((h, placement)),
+                // Not committed here: the key group left (its new owner has the record).
+                Ok(false) => {}
+                // Not answered (not expected): placed again later.
+                Err(_) => lost.push(h),
             }
+        }
+        if !lost.is_empty() {
+            tracing::warn!(egress = %self.spec.id, records = lost.len(), "Kafka egress (exactly once): placements not answered; placing them again");
+            give_back(self, lost);
         }
         if ready.is_empty() {
             return Ok(());
         }
-        // 2. Produce, unless the placement is too old (this process was slow or paused): then
-        // nothing was sent, and the records are placed again.
-        if now_ms() > at_ms + PLACE_WINDOW.as_millis() as u64 {
-            tracing::warn!(egress = %self.spec.id, records = ready.len(), "Kafka egress (exactly once): placed too long ago to be produced; placing them again");
-            give_back(self, ready.into_iter().map(|(h, _)| h).collect());
+        // 2. Produce (the sender task: the next records are placed meanwhile), unless the
+        // placement is too old by then.
+        if self
+            .sender
+            .send(Placed {
+                records: ready,
+                placed_at,
+                window,
+            })
+            .await
+            .is_err()
+        {
+            return Err("the sender stopped".into());
+        }
+        Ok(())
+    }
+}
+
+/// Records placed and committed, for the sender.
+struct Placed {
+    records: Vec<(Held, Placement)>,
+    /// When the placement was made.
+    placed_at: std::time::Instant,
+    /// How long after it they may still be sent.
+    window: Duration,
+}
+
+/// The sending half of an exactly-once egress: produces placed records in order while the
+/// next ones are placed.
+struct Sender {
+    spec: Arc<KafkaEgress>,
+    egress: Egress,
+    producer: FutureProducer,
+    client: String,
+    /// Shared with the placer: a lower bound of the next offset of partitions.
+    ends: Arc<parking_lot::Mutex<HashMap<(String, i32), i64>>>,
+    /// Shared with the placer: its window, lengthened here (ms).
+    window: Arc<AtomicU64>,
+}
+
+impl Sender {
+    async fn run(mut self, mut rx: mpsc::Receiver<Placed>) {
+        let mut backoff = Duration::from_millis(50);
+        while let Some(placed) = rx.recv().await {
+            match self.send(placed).await {
+                Ok(()) => backoff = Duration::from_millis(50),
+                Err(e) => {
+                    self.egress
+                        .metrics()
+                        .kafka_problem(&self.client, Some(e.clone()));
+                    tracing::warn!(egress = %self.spec.id, error = %e, retry_in_ms = backoff.as_millis() as u64, "Kafka egress (exactly once): records not produced; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = producer.flush(Duration::from_secs(5));
+        })
+        .await;
+    }
+
+    async fn send(&mut self, placed: Placed) -> Result<(), String> {
+        let Placed {
+            records: ready,
+            placed_at,
+            window,
+        } = placed;
+        // Unless the placement is too old (its commit was slow, or this process was paused):
+        // then nothing is sent, and the records are placed again, with a longer window.
+        let took = placed_at.elapsed();
+        if took > window {
+            let longer = (window * 2).min(Duration::from_secs(60));
+            tracing::warn!(egress = %self.spec.id, records = ready.len(), took_ms = took.as_millis() as u64, window_ms = longer.as_millis() as u64, "Kafka egress (exactly once): placements committed too late to be produced; placing them again with a longer window");
+            self.window
+                .fetch_max(longer.as_millis() as u64, Ordering::Relaxed);
+            self.egress.give_back(
+                &self.spec.id,
+                ready
+                    .into_iter()
+                    .map(|(h, _)| (h.value, Some(h.key)))
+                    .collect(),
+            );
             return Ok(());
         }
         if tracing::enabled!(tracing::Level::TRACE) {
@@ -776,8 +940,8 @@ impl ExactlyOnce {
             };
             match result {
                 Ok(offset) => {
-                    let end = self
-                        .ends
+                    let mut ends = self.ends.lock();
+                    let end = ends
                         .entry((h.record.topic.clone(), placement.partition))
                         .or_insert(0);
                     *end = (*end).max(offset + 1);
@@ -803,12 +967,10 @@ impl ExactlyOnce {
                 Err((e, true)) => {
                     error = Some(e.to_string());
                     failed += 1;
-                    self.egress.set_suspect(&h.key, Some(placement));
-                    let look = self.settled_at(placement.at_ms);
-                    self.held.push(Held {
-                        suspect: Some((placement, look)),
-                        ..h
-                    });
+                    // Taken again as a suspect.
+                    self.egress.set_suspect(&h.key, placement);
+                    self.egress
+                        .give_back(&self.spec.id, vec![(h.value, Some(h.key))]);
                 }
             }
         }
@@ -819,15 +981,13 @@ impl ExactlyOnce {
             .inc_by(done.len() as u64);
         self.egress.delivered(done);
         if failed == 0 {
-            self.problem(None);
+            self.egress.metrics().kafka_problem(&self.client, None);
             return Ok(());
         }
         metrics
             .kafka_egress_errors
             .with_label_values(&[self.spec.id.as_str()])
             .inc_by(failed as u64);
-        // Partition counts may have changed.
-        self.partitions.clear();
         Err(format!(
             "{failed} records not taken: {} (retrying)",
             error.as_deref().unwrap_or("?")
@@ -898,6 +1058,12 @@ fn scan(
             // after `high`.)
             None if next >= high => break Ok(found),
             None => {}
+            // The end of the partition (past transaction markers, which are not delivered);
+            // the records fetched before it were delivered first.
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) if p == partition => {
+                break Ok(found)
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => break Err(format!("reading {place}: {e}")),
             // A record of an earlier assignment still queued.
             Some(Ok(m)) if m.partition() != partition || m.topic() != topic => {}
@@ -1003,16 +1169,35 @@ mod tests {
         let eo = DeliverySemantic::ExactlyOnce {
             transaction_timeout: Duration::from_secs(900),
         };
-        let c = config(&spec(eo.clone(), &[("message.send.max.retries", "5")])).unwrap();
+        let c = config(&spec(eo, &[("message.send.max.retries", "5")])).unwrap();
         assert_eq!(c.get("message.send.max.retries"), Some("0"));
         assert_eq!(c.get("message.timeout.ms"), Some("5000"));
         assert_eq!(c.get("request.timeout.ms"), Some("5000"));
         assert_eq!(c.get("partitioner"), Some("murmur2_random"));
-        let c = config(&spec(eo.clone(), &[("message.timeout.ms", "3000")])).unwrap();
+        let c = config(&spec(eo, &[("message.timeout.ms", "3000")])).unwrap();
         assert_eq!(c.get("message.timeout.ms"), Some("3000"));
-        assert_eq!(
-            message_timeout_ms(&spec(eo.clone(), &[("message.timeout.ms", "3000")])),
-            3000
+        // Java's names of the settings the egress fixes do not override them.
+        let c = config(&spec(
+            eo,
+            &[
+                ("retries", "2147483647"),
+                ("delivery.timeout.ms", "4000"),
+                ("request.required.acks", "1"),
+                ("max.in.flight", "5"),
+            ],
+        ))
+        .unwrap();
+        assert_eq!(c.get("retries"), None);
+        assert_eq!(c.get("message.send.max.retries"), Some("0"));
+        assert_eq!(c.get("delivery.timeout.ms"), None);
+        assert_eq!(c.get("message.timeout.ms"), Some("4000"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("max.in.flight.requests.per.connection"), Some("1"));
+        // An endless timeout is refused, naming the property.
+        let e = config(&spec(eo, &[("message.timeout.ms", "0")])).unwrap_err();
+        assert!(
+            e.contains("message.timeout.ms") && e.contains("\"test/out\""),
+            "{e}"
         );
         // The reader leaves the producer's own properties out, keeps the others.
         let r = scanner_config(&spec(

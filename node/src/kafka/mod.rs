@@ -463,6 +463,28 @@ mod tests {
     }
 
     #[test]
+    fn an_exactly_once_egress_needs_checkpoints() {
+        let m = crate::module::Module::parse(
+            "kind: io.statefun.kafka.v1/egress
+spec:
+  id: a/out
+  address: 127.0.0.1:9092
+  deliverySemantic:
+    type: exactly-once
+    transactionTimeout: 15min
+",
+            std::path::Path::new("module.yaml"),
+        )
+        .unwrap();
+        assert_eq!(check(&m, true), Ok(()));
+        let e = check(&m, false).unwrap_err();
+        assert!(
+            e.contains("\"a/out\"") && e.contains("exactly-once needs checkpoints"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn java_client_properties_are_left_out_and_bad_values_refused() {
         let props = vec![
             ("max.poll.records".to_string(), "500".to_string()),
