@@ -95,6 +95,9 @@ pub const RECORD_TYPE_V2: &str =
 pub const ID_HEADER: &str = "statemesh-record-id";
 /// Most records produced at once per egress.
 const BATCH: usize = 1000;
+/// Most records placed at once by an exactly-once egress (each round waits for an epoch to
+/// commit, so rounds are larger).
+const PLACE_BATCH: usize = 10_000;
 /// Exactly once: a placed record is produced within this time after its placement, or
 /// placed again.
 pub const PLACE_WINDOW: Duration = Duration::from_secs(2);
@@ -544,7 +547,7 @@ impl ExactlyOnce {
                 _ = tokio::time::sleep(sleep) => {}
             }
             let mut fresh = Vec::new();
-            for (value, key) in self.egress.take(&self.spec.id, BATCH) {
+            for (value, key) in self.egress.take(&self.spec.id, PLACE_BATCH) {
                 let record = match decode_record(&value) {
                     Ok(r) => r,
                     Err(e) => {
