@@ -702,3 +702,59 @@ spec:
     );
     node.stop();
 }
+
+/// Records the node cannot deliver are dead-lettered naming partition and offset, and the
+/// partition moves on: a record for a function type the node does not run, and a record larger
+/// than a batch may be (half of `max_message_bytes`), which goes on without its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_for_unknown_functions_and_oversized_records_are_dead_lettered() {
+    let broker = Broker::start();
+    broker.create_topic("mixed", 1);
+    let p = broker.producer();
+    produce(&p, "mixed", None, Some("c0"), &long(1)).await;
+    produce(&p, "mixed", None, Some("c0"), &vec![7u8; 40_000]).await;
+    produce(&p, "mixed", None, Some("c0"), &long(1)).await;
+    let module = format!(
+        "kind: io.statefun.kafka.v1/ingress
+spec:
+  id: test/mixed
+  address: {}
+  startupPosition:
+    type: earliest
+  topics:
+    - topic: mixed
+      valueType: io.statefun.types/long
+      targets:
+        - example/counter
+        - nosuch/fn
+",
+        broker.bootstrap
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with_module(
+        &dir.path().join("n"),
+        Some("max_message_bytes = 65536\n"),
+        Some(&module),
+    );
+    counters_reach(&node, 1, 2).await;
+    let mut reasons = Vec::new();
+    for _ in 0..3 {
+        let d = next_egress(&node, "statemesh/dead-letters", Duration::from_secs(10)).await;
+        reasons.push(String::from_utf8_lossy(&d).into_owned());
+    }
+    let unknown = reasons
+        .iter()
+        .filter(|r| r.contains("nosuch/fn") && r.contains("\"topic\":\"mixed\""))
+        .count();
+    // One for each small record (the large one reaches no target).
+    assert_eq!(unknown, 2, "{reasons:#?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("mixed/0@1 of 40002 bytes is larger than the node takes")),
+        "{reasons:#?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(total(&node, "c0").await, Some(2));
+    node.stop();
+}
