@@ -2406,35 +2406,13 @@ async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once()
     }
     // The egress: every record forwarded once, those of the killed node's key groups by their
     // new owners (records it may have produced are looked for first).
-    let all: usize = per_key.iter().sum::<i64>() as usize;
-    let b = broker.bootstrap.clone();
-    eventually(
-        &format!("{all} forwarded records"),
-        Duration::from_secs(90),
-        || async {
-            let n = common::kafka::read_topic(&b, "forwarded", 3, all + 1, Duration::from_secs(2))
-                .await
-                .len();
-            assert!(n <= all, "{n} forwarded records for {all}");
-            (n == all).then_some(())
-        },
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let got = common::kafka::read_topic(&b, "forwarded", 3, all + 1, Duration::from_secs(3)).await;
-    assert_eq!(got.len(), all, "forwarded records");
-    let mut ids: Vec<&str> = got.iter().map(|r| r.id.as_deref().unwrap()).collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), all, "distinct record ids");
-    for (k, want) in per_key.iter().enumerate() {
-        let key = format!("c{k}");
-        let n = got
-            .iter()
-            .filter(|r| r.key.as_deref() == Some(&key))
-            .count() as i64;
-        assert_eq!(n, *want, "records forwarded for {key}");
-    }
+    let keys: Vec<(String, usize)> = per_key
+        .iter()
+        .enumerate()
+        .map(|(k, n)| (format!("c{k}"), *n as usize))
+        .collect();
+    let all = keys.iter().map(|k| k.1).sum();
+    common::kafka::exactly_once_in(&broker.bootstrap, "forwarded", 3, all, &keys, "3 nodes").await;
     for n in [n2, n3].into_iter().flatten() {
         n.stop();
     }

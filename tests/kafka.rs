@@ -212,55 +212,20 @@ spec:
     }
     // The egress: every forwarded record once. Records that were in flight at a kill are
     // looked for once their placement settled (8 s at most after the last start).
-    let bootstrap = broker.bootstrap.clone();
-    eventually(
-        &format!("{RECORDS} forwarded records"),
-        Duration::from_secs(90),
-        || async {
-            let got = read_topic(
-                &bootstrap,
-                "forwarded",
-                3,
-                RECORDS + 1,
-                Duration::from_secs(2),
-            )
-            .await;
-            let n = got.len();
-            if n > RECORDS {
-                let mut seen = std::collections::HashMap::new();
-                for r in &got {
-                    *seen.entry(r.id.clone()).or_insert(0) += 1;
-                }
-                seen.retain(|_, n| *n > 1);
-                panic!("{n} forwarded records for {RECORDS}, twice: {seen:?} (seed {seed})");
-            }
-            (n == RECORDS).then_some(())
-        },
-    )
-    .await;
-    // Nothing more comes later (a record looked for and produced again).
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let got = read_topic(
-        &bootstrap,
+    let keys: Vec<(String, usize)> = per_key
+        .iter()
+        .enumerate()
+        .map(|(k, n)| (format!("c{k}"), *n as usize))
+        .collect();
+    common::kafka::exactly_once_in(
+        &broker.bootstrap,
         "forwarded",
         3,
-        RECORDS + 1,
-        Duration::from_secs(3),
+        RECORDS,
+        &keys,
+        &format!("seed {seed}"),
     )
     .await;
-    assert_eq!(got.len(), RECORDS, "forwarded records (seed {seed})");
-    let mut ids: Vec<&str> = got.iter().map(|r| r.id.as_deref().unwrap()).collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), RECORDS, "distinct record ids (seed {seed})");
-    for (k, want) in per_key.iter().enumerate() {
-        let key = format!("c{k}");
-        let n = got
-            .iter()
-            .filter(|r| r.key.as_deref() == Some(&key))
-            .count() as i64;
-        assert_eq!(n, *want, "records forwarded for {key} (seed {seed})");
-    }
     let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
     let looked = log
         .lines()
@@ -675,17 +640,8 @@ spec:
     // Longer than the 5 s produce timeout: the records in flight fail.
     tokio::time::sleep(Duration::from_millis(6500)).await;
     broker.pause(false);
-    eventually("40 records", Duration::from_secs(60), || async {
-        let n = read_topic(&b, "forwarded", 2, 41, Duration::from_secs(2))
-            .await
-            .len();
-        assert!(n <= 40, "{n} records for 40");
-        (n == 40).then_some(())
-    })
-    .await;
-    // Nothing comes later.
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let got = read_topic(&b, "forwarded", 2, 41, Duration::from_secs(3)).await;
+    let keys: Vec<(String, usize)> = (0..4).map(|k| (format!("k{k}"), 10)).collect();
+    let got = common::kafka::exactly_once_in(&b, "forwarded", 2, 40, &keys, "stalled broker").await;
     let mut values: Vec<Vec<u8>> = got.iter().map(|r| r.value.clone()).collect();
     values.sort();
     let mut want: Vec<Vec<u8>> = (0..40).map(long).collect();

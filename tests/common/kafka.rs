@@ -184,6 +184,72 @@ pub async fn read_topic(
     out
 }
 
+/// Waits until `topic` holds `want` records, none twice (by `statemesh-record-id`: a record
+/// produced again), and checks that it still holds exactly those 10 s later (a record looked
+/// up and produced again would come late); `per_key` gives the count each key must have.
+/// `context` goes into every failure (a seed). Returns the records.
+pub async fn exactly_once_in(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    want: usize,
+    per_key: &[(String, usize)],
+    context: &str,
+) -> Vec<Read> {
+    let check = |got: &[Read], at_most: bool| {
+        let mut seen = std::collections::HashMap::new();
+        for r in got {
+            *seen.entry(r.id.clone()).or_insert(0) += 1;
+        }
+        seen.retain(|_, n| *n > 1);
+        assert!(
+            seen.is_empty() && (!at_most || got.len() <= want),
+            "{} records in {topic} for {want}, twice: {seen:?} ({context})",
+            got.len()
+        );
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let got = read_topic(
+            bootstrap,
+            topic,
+            partitions,
+            want + 1,
+            Duration::from_secs(2),
+        )
+        .await;
+        check(&got, true);
+        if got.len() == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} records in {topic}, not {want} ({context})",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let got = read_topic(
+        bootstrap,
+        topic,
+        partitions,
+        want + 1,
+        Duration::from_secs(3),
+    )
+    .await;
+    check(&got, true);
+    assert_eq!(got.len(), want, "records in {topic} ({context})");
+    for (key, n) in per_key {
+        let have = got
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(key.as_str()))
+            .count();
+        assert_eq!(have, *n, "records of key {key} in {topic} ({context})");
+    }
+    got
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
