@@ -195,6 +195,23 @@ impl Egress {
         rx
     }
 
+    /// Turns the record `key`, taken by a sink that cannot deliver it, into `value` on `topic`
+    /// (a dead letter): rewritten in place by the next epoch, so it keeps its id and is never
+    /// lost, and queued on `topic` at once (its read waits for the rewrite's epoch like any
+    /// read). `false` if the sink no longer holds it (its key group moved).
+    pub(crate) fn redirect(&self, key: &[u8], topic: &str, value: TypedValue) -> bool {
+        if !self.taken.lock().remove(key) {
+            return false;
+        }
+        self.suspects.lock().remove(key);
+        self.consumed.lock().push((
+            key.to_vec(),
+            Some(crate::store::encode_egress(topic, &value)),
+        ));
+        self.publish_durable(topic, value, Some(key.to_vec()));
+        true
+    }
+
     /// The placement under which the record `key` may have been produced already, if any.
     pub(crate) fn suspect(&self, key: &[u8]) -> Option<crate::store::Placement> {
         self.suspects.lock().get(key).copied()
@@ -676,6 +693,32 @@ mod tests {
         e.set_suspect(&k4, placement);
         e.drop_key_groups(&[5].into_iter().collect());
         assert_eq!(e.suspect(&k4), None, "forgotten with its key group");
+    }
+
+    #[tokio::test]
+    async fn a_record_a_sink_cannot_deliver_becomes_a_durable_dead_letter() {
+        let e = Egress::new(16, Metrics::new());
+        e.add_sink("t");
+        publish(&e, rec(5, 1));
+        let taken = e.take("t", 10);
+        let k = rec(5, 1).1;
+        let letter = TypedValue::of(&"dead".to_string());
+        assert!(e.redirect(&k, "dl", letter.clone()));
+        // Rewritten in place by the next epoch, and readable as the same record.
+        assert_eq!(
+            e.take_consumed(),
+            vec![(k.clone(), Some(crate::store::encode_egress("dl", &letter)))]
+        );
+        let p = e.pop("dl").unwrap();
+        assert_eq!(p.id.as_deref(), Some("5-3-1"));
+        // The sink's later "delivered" for it deletes nothing (it is the dead letter now).
+        e.delivered(taken.into_iter().filter_map(|(_, k)| k));
+        assert_eq!(
+            e.take_consumed(),
+            vec![(k.clone(), None)],
+            "only the read's delete"
+        );
+        assert!(!e.redirect(&k, "dl", letter), "no longer the sink's");
     }
 
     #[tokio::test]

@@ -62,7 +62,9 @@
 //!
 //! Every produced record carries the header `statemesh-record-id` with the egress record's
 //! stable id (`<key group>-<epoch>-<n>`, the same at every delivery), so a reader can drop a
-//! duplicate. A record whose value is not a `KafkaProducerRecord` is dead-lettered.
+//! duplicate. A record whose value is not a `KafkaProducerRecord`, or that the broker refuses
+//! for good, is dead-lettered: its stored record becomes the dead letter (same key and id), so
+//! a crash cannot lose it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -391,7 +393,7 @@ async fn run(
                 Ok(r) => r,
                 Err(e) => {
                     sends.push(None);
-                    dead_letter(&egress, &spec, value, e);
+                    dead_letter(&egress, &spec, value, key.as_deref(), e);
                     continue;
                 }
             };
@@ -434,9 +436,9 @@ async fn run(
                         &egress,
                         &spec,
                         &value,
+                        key.as_deref(),
                         format!("the broker refused the record for good: {e}"),
                     );
-                    done.extend(key);
                 }
                 // Produced again (those acknowledged are not: at-least-once allows the order
                 // of a retried record to change).
@@ -551,8 +553,7 @@ impl ExactlyOnce {
                 let record = match decode_record(&value) {
                     Ok(r) => r,
                     Err(e) => {
-                        dead_letter(&self.egress, &self.spec, &value, e);
-                        self.egress.delivered(key);
+                        dead_letter(&self.egress, &self.spec, &value, key.as_deref(), e);
                         continue;
                     }
                 };
@@ -955,9 +956,9 @@ impl Sender {
                         &self.egress,
                         &self.spec,
                         &h.value,
+                        Some(&h.key),
                         format!("the broker refused the record for good: {e}"),
                     );
-                    done.push(h.key);
                 }
                 // Never handed to the client: nothing was sent.
                 Err((e, false)) => {
@@ -1110,7 +1111,15 @@ fn permanent(e: &rdkafka::error::KafkaError) -> bool {
     )
 }
 
-fn dead_letter(egress: &Egress, spec: &KafkaEgress, value: &TypedValue, error: String) {
+/// Dead-letters a record the egress cannot deliver: the stored record (`key`) becomes the dead
+/// letter, so it is not lost in a crash (a record that is not durable is published as one).
+fn dead_letter(
+    egress: &Egress,
+    spec: &KafkaEgress,
+    value: &TypedValue,
+    key: Option<&[u8]>,
+    error: String,
+) {
     tracing::warn!(egress = %spec.id, error = %error, "Kafka egress record dead-lettered");
     let json = serde_json::json!({
         "address": serde_json::Value::Null,
@@ -1121,11 +1130,13 @@ fn dead_letter(egress: &Egress, spec: &KafkaEgress, value: &TypedValue, error: S
         "error": error,
         "attempts": 0,
     });
-    egress.publish_durable(
-        DEAD_LETTERS_TOPIC,
-        TypedValue::new("statemesh/DeadLetter", json.to_string().into_bytes()),
-        None,
-    );
+    let letter = TypedValue::new("statemesh/DeadLetter", json.to_string().into_bytes());
+    match key {
+        Some(k) => {
+            egress.redirect(k, DEAD_LETTERS_TOPIC, letter);
+        }
+        None => egress.publish_durable(DEAD_LETTERS_TOPIC, letter, None),
+    }
 }
 
 #[cfg(test)]
