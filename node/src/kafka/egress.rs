@@ -398,16 +398,7 @@ async fn run(
                 }
             };
             let id = key.as_deref().and_then(crate::store::egress_record_id);
-            let mut fr = FutureRecord::<str, [u8]>::to(&r.topic).payload(&r.value_bytes);
-            if !r.key.is_empty() {
-                fr = fr.key(&r.key);
-            }
-            if let Some(id) = &id {
-                fr = fr.headers(OwnedHeaders::new().insert(Header {
-                    key: ID_HEADER,
-                    value: Some(id.as_bytes()),
-                }));
-            }
+            let fr = kafka_record(&r, id.as_deref());
             // A full client queue fails the send at once: the record is produced again.
             sends.push(Some(producer.send_result(fr).map_err(|(e, _)| e)));
         }
@@ -918,16 +909,7 @@ impl Sender {
         }
         let mut sends = Vec::with_capacity(ready.len());
         for (h, placement) in &ready {
-            let mut fr = FutureRecord::<str, [u8]>::to(&h.record.topic)
-                .payload(&h.record.value_bytes)
-                .partition(placement.partition)
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: ID_HEADER,
-                    value: Some(h.id.as_bytes()),
-                }));
-            if !h.record.key.is_empty() {
-                fr = fr.key(&h.record.key);
-            }
+            let fr = kafka_record(&h.record, Some(&h.id)).partition(placement.partition);
             sends.push(self.producer.send_result(fr).map_err(|(e, _)| e));
         }
         let mut done = Vec::new();
@@ -1092,6 +1074,25 @@ fn scan(
     let _ = consumer.unassign();
     tracing::debug!(topic, partition, from, low, high, read, found = ?result.as_ref().map(|f| f.len()), "Kafka egress (exactly once): looked for records");
     result
+}
+
+/// The Kafka record of `r`, keyed unless its key is empty, with its id in the header
+/// `statemesh-record-id`.
+fn kafka_record<'a>(
+    r: &'a KafkaProducerRecord,
+    id: Option<&'a str>,
+) -> FutureRecord<'a, str, [u8]> {
+    let mut fr = FutureRecord::<str, [u8]>::to(&r.topic).payload(&r.value_bytes);
+    if !r.key.is_empty() {
+        fr = fr.key(&r.key);
+    }
+    if let Some(id) = id {
+        fr = fr.headers(OwnedHeaders::new().insert(Header {
+            key: ID_HEADER,
+            value: Some(id.as_bytes()),
+        }));
+    }
+    fr
 }
 
 /// Errors a retry cannot fix.
