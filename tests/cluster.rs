@@ -2218,6 +2218,59 @@ async fn a_member_told_to_leave_right_after_its_restart_leaves_and_exits() {
     n2.stop();
 }
 
+/// A Kubernetes StatefulSet's pod (`ops/k8s`): its preStop runs `statemesh cluster leave`, the
+/// process exits 0, and the pod starts again on the same volume with `--join` (a rolling
+/// update). The restarted node joins again as a member, gets its share of key groups back, and
+/// every counter written before, during and after is exact.
+#[tokio::test]
+async fn a_member_that_left_and_restarts_on_its_volume_joins_again() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, seed, [_, _, p3]) = three_nodes_with_ports(root).await;
+    spread(&n1, 3, 200).await;
+    let c = Client::connect(&n1.grpc).await.unwrap();
+    for i in 0..30 {
+        add(&c, &format!("k{i}"), 1).await;
+    }
+    let grpc3 = n3.grpc.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(common::BIN)
+            .args(["cluster", "leave", "--node", &grpc3, "--timeout-s", "100"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut n3 = n3;
+    let status = eventually("node 3 exits", Duration::from_secs(30), || {
+        let s = n3.exited();
+        async move { s }
+    })
+    .await;
+    assert!(status.success(), "node 3 exited with {status}");
+    for i in 0..30 {
+        add(&c, &format!("k{i}"), 10).await;
+    }
+    let n3 = restart(root, 3, p3, Some(&seed));
+    spread(&n1, 3, 200).await;
+    let v = view(&n1).await.unwrap();
+    assert_eq!(v["members"].as_array().unwrap().len(), 3, "{v}");
+    let c3 = Client::connect(&n3.grpc).await.unwrap();
+    for i in 0..30 {
+        assert_eq!(add(&c3, &format!("k{i}"), 100).await, 111, "k{i}");
+    }
+    n1.stop();
+    n2.stop();
+    n3.stop();
+}
+
 /// A full snapshot lists only key groups that sled holds as of its label. Node 1 takes a full
 /// snapshot after every epoch that changed something, each waiting 1 s before it scans sled
 /// (fault point `checkpoint-full-snapshot-scan`); node 2 takes none. Node 2 joins under load:

@@ -325,8 +325,16 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 impl NodeConfig {
-    /// Parses TOML text; `path` names the source in errors.
+    /// Parses TOML text and checks it; `path` names the source in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg = Self::parse_toml(text, path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text without [`NodeConfig::validate`] (the command line overrides some
+    /// options first, then checks the whole); `path` names the source in errors.
+    pub fn parse_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let cfg: NodeConfig = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             ConfigError::Parse {
@@ -336,17 +344,23 @@ impl NodeConfig {
                 message: e.message().to_string(),
             }
         })?;
+        Ok(cfg)
+    }
+
+    /// Loads a TOML file and checks it.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg = Self::load_unchecked(path)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Loads a TOML file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    /// Loads a TOML file without [`NodeConfig::validate`].
+    pub fn load_unchecked(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml(&text, path)
+        Self::parse_toml(&text, path)
     }
 
     /// Checks ranges.

@@ -111,6 +111,19 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Checks a node's health over HTTP (for container health checks): exits 0 when
+    /// `/healthz` (or, with `--ready`, `/readyz`) answers 200, 1 otherwise, printing why.
+    Health {
+        /// HTTP base URL of the node.
+        #[arg(long = "http", default_value = "http://127.0.0.1:8090")]
+        http: String,
+        /// Check readiness (`/readyz`: serving, placement known, no back-pressure) instead.
+        #[arg(long)]
+        ready: bool,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Load generators and benchmarks (print JSON).
     Bench {
         #[command(subcommand)]
@@ -210,7 +223,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             statemesh_node::failpoint::setup_from_env().map_err(anyhow::Error::msg)?;
             let mut cfg = match &config {
-                Some(p) => NodeConfig::load(p)?,
+                // Checked once the command line's options are in (a file may leave
+                // `advertise_addr` to `--advertise-addr`, as the container image's does).
+                Some(p) => NodeConfig::load_unchecked(p)?,
                 None => NodeConfig::default(),
             };
             if let Some(d) = data_dir {
@@ -237,6 +252,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if checkpoint_url.is_some() {
                 cfg.checkpoint.url = checkpoint_url;
             }
+            cfg.validate().map_err(|e| match &config {
+                Some(p) => anyhow::anyhow!("{}: {e}", p.display()),
+                None => e.into(),
+            })?;
             let module = match &module {
                 Some(p) => Some(statemesh_node::module::Module::load(p)?),
                 None => None,
@@ -290,6 +309,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 serde_json::to_string_pretty(&states_to_json(&address, values))?
             );
             Ok(())
+        }
+        Command::Health {
+            http,
+            ready,
+            timeout_ms,
+        } => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            let timeout = std::time::Duration::from_millis(timeout_ms.max(1));
+            let (status, body) =
+                tokio::task::spawn_blocking(move || http_get(&http, path, timeout))
+                    .await?
+                    .with_context(|| format!("GET {path}"))?;
+            let body = body.trim();
+            if status == 200 {
+                println!("{body}");
+                Ok(())
+            } else {
+                anyhow::bail!("GET {path} answered {status}: {body}")
+            }
         }
         Command::Cluster {
             command: ClusterCommand::Status { target },
@@ -400,4 +438,49 @@ async fn run_node(
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
+}
+
+/// A plain HTTP/1.0 GET of `path` on `base` (`http://HOST:PORT`): status and body. Enough for
+/// a health check, with no HTTP client in the image.
+fn http_get(base: &str, path: &str, timeout: std::time::Duration) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    use std::net::ToSocketAddrs as _;
+    let authority = base
+        .strip_prefix("http://")
+        .with_context(|| format!("{base:?}: expected http://HOST:PORT"))?
+        .trim_end_matches('/');
+    let addr = authority
+        .to_socket_addrs()
+        .with_context(|| format!("{authority:?}: not HOST:PORT"))?
+        .next()
+        .with_context(|| format!("{authority:?}: no address"))?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connect to {addr}"))?;
+    let left = || {
+        deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(std::time::Duration::from_millis(1))
+    };
+    s.set_write_timeout(Some(left()))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        s.set_read_timeout(Some(left()))?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) if response.len() < 1 << 20 => response.extend_from_slice(&buf[..n]),
+            Ok(_) => break,
+            Err(e) => return Err(e).context("read the response"),
+        }
+    }
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP response: {:?}", head.lines().next()))?;
+    Ok((status, body.to_string()))
 }
