@@ -1066,3 +1066,139 @@ async fn the_sdk_client_says_why_when_no_node_it_knows_answers() {
         t.elapsed()
     );
 }
+
+/// `statemesh state set|delete` and `PUT`/`DELETE /v1/state/…`: an edit goes through a
+/// committed epoch (it survives a SIGKILL right after its answer), is applied between two
+/// invocations of the address (the next message sees it), and bad edits are refused with
+/// errors that name what was wrong. The public ingress refuses the admin API's typename.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_is_set_and_deleted_through_committed_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let node = Node::start(&data, None);
+    assert_eq!(
+        post(&node, "call", "example/counter/a", LONG, "5").await.2,
+        "5"
+    );
+
+    // The CLI: text converted with the state's declared typename.
+    let (ok, out, err) = node.cli(&["state", "set", "example/counter/a", "total", "41"]);
+    assert!(ok, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["states"]["total"]["value"], 41, "{out}");
+    assert_eq!(
+        post(&node, "call", "example/counter/a", LONG, "1").await.2,
+        "42"
+    );
+    // With --type, converted by the CLI; the node checks it is the declared typename.
+    let (ok, out, err) = node.cli(&[
+        "state",
+        "set",
+        "example/counter/c",
+        "total",
+        "7",
+        "--type",
+        "long",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        post(&node, "call", "example/counter/c", LONG, "1").await.2,
+        "8"
+    );
+
+    // HTTP: PUT with a text body, DELETE.
+    let url = |a: &str, q: &str| format!("{}/v1/state/{a}?{q}", node.http);
+    let (s, _, body) = http(
+        &url("example/counter/b", "name=total"),
+        "PUT",
+        Some("text/plain"),
+        Bytes::from("7"),
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        post(&node, "call", "example/counter/b", LONG, "1").await.2,
+        "8"
+    );
+    let (s, _, body) = http(
+        &url("example/counter/a", "name=total"),
+        "DELETE",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["states"], serde_json::json!({}), "{v}");
+
+    // Refused, naming what was wrong; nothing changes.
+    let refused = |args: &[&str], want: &str| {
+        let (ok, out, err) = node.cli(args);
+        assert!(!ok, "{args:?} was accepted: {out}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    refused(
+        &["state", "set", "example/counter/b", "nope", "1"],
+        "function type example/counter has no state named \"nope\" (its states: total)",
+    );
+    refused(
+        &["state", "set", "example/counter/b", "total", "abc"],
+        "state \"total\" (io.statefun.types/long)",
+    );
+    refused(
+        &[
+            "state",
+            "set",
+            "example/counter/b",
+            "total",
+            "x",
+            "--type",
+            "string",
+        ],
+        "state \"total\" holds io.statefun.types/long, not io.statefun.types/string",
+    );
+    refused(
+        &["state", "delete", "nope/nope/x", "total"],
+        "unknown function type",
+    );
+    let (s, _, body) = http(
+        &url("example/counter/b", ""),
+        "PUT",
+        Some("text/plain"),
+        Bytes::from("1"),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("a state name is required"),
+        "{body:?}"
+    );
+    let (s, _, body) = post(
+        &node,
+        "send",
+        "example/counter/b",
+        "statemesh/admin.SetState",
+        "{}",
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("reserved to the node's admin API"), "{body}");
+
+    // Durable once answered: SIGKILL, restart on the same data directory.
+    let (grpc, http_port) = (node.grpc_port(), node.http_port());
+    node.kill();
+    let node = Node::start_at(&data, None, None, grpc, http_port);
+    assert_eq!(
+        post(&node, "call", "example/counter/a", LONG, "1").await.2,
+        "1"
+    );
+    assert_eq!(
+        post(&node, "call", "example/counter/b", LONG, "1").await.2,
+        "9"
+    );
+    assert_eq!(
+        post(&node, "call", "example/counter/c", LONG, "0").await.2,
+        "8"
+    );
+    node.stop();
+}

@@ -738,3 +738,153 @@ async fn slow_counts(node: &Node, count: usize) -> Vec<i64> {
     }
     v
 }
+
+/// Messages to a function server that is down are dead-lettered after the call budget;
+/// `statemesh dead-letters list` (and `GET /v1/dead-letters`) shows them with their reason,
+/// and once the server is up `statemesh dead-letters replay` (and `POST
+/// /v1/dead-letters/{id}/replay`) delivers each exactly once and removes it. A function that
+/// sends the admin API's state-edit typename gets it dead-lettered, not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_replayed_once_the_function_server_is_back() {
+    let port = free_port();
+    let module = format!("kind: io.statefun.endpoints.v2/http\nspec:\n  functions: rs/*\n  urlPathTemplate: http://127.0.0.1:{port}/statefun\n  transport:\n    call: 1s\n");
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with_module(&dir.path().join("n"), None, Some(&module));
+    let c = node.client().await;
+    for d in [5i64, 6, 7] {
+        c.send(&Address::parse("rs/counter/c").unwrap(), TypedValue::of(&d))
+            .await
+            .unwrap();
+    }
+    let listed = eventually("three dead letters", Duration::from_secs(20), || async {
+        let (ok, out, _) = node.cli(&["dead-letters", "list", "--json"]);
+        let letters: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (ok && letters.len() == 3).then_some(letters)
+    })
+    .await;
+    for l in &listed {
+        assert_eq!(l["address"], "rs/counter/c", "{l}");
+        assert_eq!(l["typename"], "io.statefun.types/long", "{l}");
+        assert!(
+            l["error"].as_str().unwrap().contains("transport error"),
+            "{l}"
+        );
+        assert_eq!(
+            l["node"],
+            node.get_json("/v1/cluster").await["node_id"],
+            "{l}"
+        );
+    }
+    let (ok, table, err) = node.cli(&["dead-letters", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        table.starts_with("NODE") && table.lines().count() == 4 && table.contains("rs/counter/c"),
+        "{table}"
+    );
+    let ids: Vec<String> = listed
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_string())
+        .collect();
+    let (s, _, body) = http(
+        &format!("{}/v1/dead-letters", node.http),
+        "GET",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(j["letters"].as_array().unwrap().len(), 3, "{j}");
+
+    // The function server comes up on the port; then the letters are replayed.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let evil = statemesh_sdk::FnFunction::new(vec![], |ctx, _msg| {
+        ctx.send(
+            Address::parse("example/counter/v").unwrap(),
+            TypedValue::new(
+                "statemesh/admin.SetState",
+                br#"{"name":"total","value":{"text":"1000"}}"#.to_vec(),
+            ),
+        );
+        Ok(())
+    });
+    let mut server = statemesh_sdk::server::FunctionServer::new();
+    for (typ, f) in statemesh_examples::all() {
+        server = server.function_arc(statemesh_sdk::TypeName::new("rs", typ.name()).unwrap(), f);
+    }
+    let server = server.function(statemesh_sdk::TypeName::new("rs", "evil").unwrap(), evil);
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(server.serve_listener(listener))
+    });
+    let (ok, out, err) = node.cli(&["dead-letters", "replay", &ids[0]]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("sent to rs/counter/c"), "{out}");
+    // Twice: refused, nothing sent.
+    let (ok, _, err) = node.cli(&["dead-letters", "replay", &ids[0]]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("no member holds dead letter {}", ids[0])),
+        "{err}"
+    );
+    for id in &ids[1..] {
+        let (s, _, body) = http(
+            &format!("{}/v1/dead-letters/{id}/replay", node.http),
+            "POST",
+            None,
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    let (s, _, body) = http(
+        &format!("{}/v1/dead-letters/1-2-3/replay", node.http),
+        "POST",
+        None,
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 404, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        post(&node, "call", "rs/counter/c", LONG, "0").await.2,
+        "18",
+        "each replayed message applied once"
+    );
+    let (ok, out, _) = node.cli(&["dead-letters", "list", "--json"]);
+    assert!(ok && out.trim().is_empty(), "{out}");
+
+    // A function sending the admin typename: dead-lettered, the state untouched.
+    c.send(&Address::parse("rs/evil/x").unwrap(), TypedValue::of(&1i64))
+        .await
+        .unwrap();
+    let letter = eventually(
+        "the evil edit dead-lettered",
+        Duration::from_secs(10),
+        || async {
+            let (_, out, _) = node.cli(&["dead-letters", "list", "--json"]);
+            out.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .find(|l| l["address"] == "example/counter/v")
+        },
+    )
+    .await;
+    assert!(
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .contains("reserved to the node's admin API"),
+        "{letter}"
+    );
+    assert_eq!(letter["caller"], "rs/evil/x", "{letter}");
+    // Its replay is refused too (the typename is reserved).
+    let (ok, _, err) = node.cli(&["dead-letters", "replay", letter["id"].as_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("reserved"), "{err}");
+    assert_eq!(
+        post(&node, "call", "example/counter/v", LONG, "1").await.2,
+        "1"
+    );
+    node.stop();
+}

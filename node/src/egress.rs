@@ -140,6 +140,11 @@ impl Egress {
         &self.metrics
     }
 
+    /// Whether a sink (a Kafka egress) drains `topic`.
+    pub(crate) fn is_sink(&self, topic: &str) -> bool {
+        self.sinks.lock().contains(topic)
+    }
+
     /// Marks `topic` as drained by a sink: it is never cut at capacity.
     pub(crate) fn add_sink(&self, topic: &str) {
         self.sinks.lock().insert(topic.to_string());
@@ -492,6 +497,71 @@ impl Egress {
         let v = t.queue.lock().pop_front();
         let (v, key) = v?;
         Some(self.read(topic, v, key))
+    }
+
+    /// The unread records of `topic`, oldest first, at most `limit` (not consumed).
+    pub fn peek(&self, topic: &str, limit: usize) -> Vec<Read> {
+        let Some(t) = self.topics.lock().get(topic).cloned() else {
+            return Vec::new();
+        };
+        let q = t.queue.lock();
+        q.iter()
+            .take(limit)
+            .map(|(v, k)| Read {
+                value: v.clone(),
+                id: k.as_deref().and_then(crate::store::egress_record_id),
+            })
+            .collect()
+    }
+
+    /// The unread record of `topic` whose id is `id`, taken out of the queue, and its key.
+    fn take_by_id(&self, topic: &str, id: &str) -> Result<(TypedValue, Vec<u8>), String> {
+        if self.paused.load(Ordering::SeqCst) {
+            return Err("key groups are moving; retry".into());
+        }
+        let t = self
+            .topics
+            .lock()
+            .get(topic)
+            .cloned()
+            .ok_or_else(|| format!("no unread record {id} in {topic} on this node"))?;
+        let mut q = t.queue.lock();
+        let at = q
+            .iter()
+            .position(|(_, k)| {
+                k.as_deref()
+                    .and_then(crate::store::egress_record_id)
+                    .is_some_and(|i| i == id)
+            })
+            .ok_or_else(|| {
+                format!("no unread record {id} in {topic} on this node (read, replayed, or moved with its key group: list again)")
+            })?;
+        let (v, k) = q.remove(at).expect("found");
+        Ok((v, k.expect("found by its key")))
+    }
+
+    /// Reads the record `id` of `topic` (not necessarily the oldest): answered once the epoch
+    /// deleting it commits, like [`Egress::pop`].
+    pub(crate) fn pop_by_id(&self, topic: &str, id: &str) -> Result<Popped, String> {
+        let (v, k) = self.take_by_id(topic, id)?;
+        Ok(self.read(topic, v, Some(k)))
+    }
+
+    /// Moves the record `id` of `topic` to `to` as `value`: rewritten in place by the next
+    /// epoch (it keeps its key and id), and queued on `to` at once.
+    pub(crate) fn move_by_id(
+        &self,
+        topic: &str,
+        id: &str,
+        to: &str,
+        value: TypedValue,
+    ) -> Result<(), String> {
+        let (_, k) = self.take_by_id(topic, id)?;
+        self.consumed
+            .lock()
+            .push((k.clone(), Some(crate::store::encode_egress(to, &value))));
+        self.publish_durable(to, value, Some(k));
+        Ok(())
     }
 
     /// Waits for and pops the next record.

@@ -11,6 +11,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;

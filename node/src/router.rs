@@ -493,6 +493,7 @@ impl Router {
     /// Sends one message from ingress, acknowledged on acceptance (returns once the owning
     /// shard has it queued; not durable).
     pub fn send(&self, target: Address, message: TypedValue) -> Result<(), ServiceError> {
+        crate::admin::check_not_reserved(message.typename())?;
         self.validate(&target, &message)?;
         if let Some((node, addr, v)) = self.remote(self.key_group(&target), None)? {
             // Queued for the owner now, in this thread's order (or refused when full).
@@ -511,6 +512,7 @@ impl Router {
         message: TypedValue,
         key: Option<String>,
     ) -> Result<(), ServiceError> {
+        crate::admin::check_not_reserved(message.typename())?;
         self.send_routed(target, message, key).await
     }
 
@@ -596,6 +598,9 @@ impl Router {
         messages: Vec<(Address, TypedValue, Option<String>)>,
         wait: bool,
     ) -> Result<usize, ServiceError> {
+        for (_, m, _) in &messages {
+            crate::admin::check_not_reserved(m.typename())?;
+        }
         self.send_batch_routed(messages, wait, None).await
     }
 
@@ -824,7 +829,104 @@ impl Router {
         timeout: Duration,
         key: Option<String>,
     ) -> Result<TypedValue, ServiceError> {
+        crate::admin::check_not_reserved(message.typename())?;
         self.call_routed(target, message, timeout, key).await
+    }
+
+    /// The dead letters this node holds (those of its key groups), oldest first.
+    pub fn dead_letters(&self, limit: usize) -> Vec<crate::admin::DeadLetter> {
+        self.inner
+            .egress
+            .peek(statemesh_sdk::DEAD_LETTERS_TOPIC, limit)
+            .iter()
+            .map(crate::admin::DeadLetter::parse)
+            .collect()
+    }
+
+    /// Replays the dead letter `id` this node holds, and removes it: a message to a function
+    /// is sent to its address again as an ingress message (idempotency key
+    /// `dead-letter/<id>`, so that a replay retried after a crash between the send and the
+    /// removal is applied once), and the letter is removed once the send is acknowledged
+    /// (answered once the removal committed); an egress record is moved back to its egress's
+    /// queue (rewritten in place by the next epoch). Returns what it did.
+    pub async fn replay_dead_letter(&self, id: &str) -> Result<String, ServiceError> {
+        use statemesh_sdk::DEAD_LETTERS_TOPIC as DL;
+        if id.is_empty() {
+            return Err(ServiceError::InvalidArgument(
+                "a dead letter id is required (statemesh dead-letters list shows them)".into(),
+            ));
+        }
+        let letter = self
+            .dead_letters(usize::MAX)
+            .into_iter()
+            .find(|l| l.id == id)
+            .ok_or_else(|| {
+                ServiceError::NotFound(format!(
+                    "no dead letter {id} on this node (replayed or read already, or moved with its key group: list again)"
+                ))
+            })?;
+        crate::admin::check_not_reserved(&letter.typename)?;
+        let value = TypedValue::new(letter.typename.clone(), letter.value.clone());
+        if let Some(address) = &letter.address {
+            let target = Address::parse(address).map_err(|e| {
+                ServiceError::InvalidArgument(format!("dead letter {id}: address {address:?}: {e}"))
+            })?;
+            self.send_routed(target, value, Some(format!("dead-letter/{id}")))
+                .await?;
+            let popped = self
+                .inner
+                .egress
+                .pop_by_id(DL, id)
+                .map_err(ServiceError::NotFound)?;
+            if popped.waits() {
+                self.want_commit();
+            }
+            return match popped.settled().await {
+                Some(_) => Ok(format!("sent to {address}")),
+                None => Err(ServiceError::Unavailable(format!(
+                    "dead letter {id} was sent to {address}, but its key group moved before its removal committed: it is still listed on its new owner, and replaying it there does not send it twice (idempotency key dead-letter/{id})"
+                ))),
+            };
+        }
+        if let Some(egress) = &letter.egress {
+            if !self.inner.egress.is_sink(egress) {
+                return Err(ServiceError::NotFound(format!(
+                    "dead letter {id} was going to egress {egress}, which this node does not run"
+                )));
+            }
+            self.inner
+                .egress
+                .move_by_id(DL, id, egress, value)
+                .map_err(ServiceError::NotFound)?;
+            self.want_commit();
+            return Ok(format!("queued on egress {egress}"));
+        }
+        Err(ServiceError::InvalidArgument(format!(
+            "dead letter {id} names no address or egress to replay to (it was dead-lettered because: {})",
+            letter.error
+        )))
+    }
+
+    /// Edits one state of `address` (`statemesh state set|delete`): applied by its owner
+    /// between two invocations, as a change of an epoch, and answered with the address's
+    /// states once that epoch committed (`crate::admin`). A retry with the same `key` is
+    /// applied once.
+    pub async fn set_state(
+        &self,
+        address: Address,
+        edit: crate::admin::StateEdit,
+        timeout: Duration,
+        key: Option<String>,
+    ) -> Result<Vec<(String, TypedValue, u64)>, ServiceError> {
+        if edit.name.is_empty() {
+            return Err(ServiceError::InvalidArgument(
+                "a state name is required".into(),
+            ));
+        }
+        let reply = self
+            .call_routed(address, edit.to_message(), timeout, key)
+            .await?;
+        crate::admin::parse_states_reply(&reply)
     }
 
     /// [`Router::call_with`]: to the owner, routed again while a node that is not the owner

@@ -502,18 +502,85 @@ impl Client {
             })
             .await?
             .into_inner();
-        Ok(resp
-            .values
-            .into_iter()
-            .map(|v| {
-                (
-                    v.name,
-                    v.value
-                        .map(TypedValue::from_proto)
-                        .unwrap_or_else(|| TypedValue::empty("")),
-                    v.expires_at_ms,
-                )
-            })
-            .collect())
+        Ok(states_of(resp))
     }
+
+    /// Sets (or with [`StateChange::Delete`] deletes) the state `name` of an address through
+    /// a committed epoch; returns the address's states after the change.
+    pub async fn set_state(
+        &self,
+        address: &Address,
+        name: &str,
+        change: StateChange,
+        idempotency_key: Option<&str>,
+    ) -> Result<Vec<(String, TypedValue, u64)>, ClientError> {
+        use pb::set_state_request::Value;
+        let value = match change {
+            StateChange::Text(t) => Value::Text(t),
+            StateChange::Typed(v) => Value::Typed(v.to_proto()),
+            StateChange::Delete => Value::Delete(true),
+        };
+        let resp = self
+            .admin
+            .clone()
+            .set_state(pb::SetStateRequest {
+                address: Some(address.to_proto()),
+                name: name.to_string(),
+                value: Some(value),
+                idempotency_key: idempotency_key.unwrap_or_default().to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(states_of(resp))
+    }
+
+    /// The dead letters the node this client talks to holds (those of its key groups).
+    pub async fn dead_letters(
+        &self,
+        limit: u32,
+    ) -> Result<pb::ListDeadLettersResponse, ClientError> {
+        Ok(self
+            .admin
+            .clone()
+            .list_dead_letters(pb::ListDeadLettersRequest { limit })
+            .await?
+            .into_inner())
+    }
+
+    /// Replays a dead letter the node this client talks to holds; returns what it did.
+    pub async fn replay_dead_letter(&self, id: &str) -> Result<String, ClientError> {
+        Ok(self
+            .admin
+            .clone()
+            .replay_dead_letter(pb::ReplayDeadLetterRequest { id: id.to_string() })
+            .await?
+            .into_inner()
+            .done)
+    }
+}
+
+/// The new value of a state set through [`Client::set_state`].
+#[derive(Clone, Debug)]
+pub enum StateChange {
+    /// Text the node converts with the state's declared typename (`"42"` for a long).
+    Text(String),
+    /// An encoded value of the state's declared typename.
+    Typed(TypedValue),
+    /// Deletes the value.
+    Delete,
+}
+
+fn states_of(resp: pb::GetStateResponse) -> Vec<(String, TypedValue, u64)> {
+    resp.values
+        .into_iter()
+        .map(|v| {
+            (
+                v.name,
+                v.value
+                    .map(TypedValue::from_proto)
+                    .unwrap_or_else(|| TypedValue::empty("")),
+                v.expires_at_ms,
+            )
+        })
+        .collect()
 }

@@ -21,7 +21,7 @@ mod types;
 pub mod server;
 
 pub use address::{Address, AddressError, TypeName};
-pub use client::{Client, ClientError, EgressRecord, RetryPolicy};
+pub use client::{Client, ClientError, EgressRecord, RetryPolicy, StateChange};
 pub use function::{
     Context, DelayedMessage, Effects, FnFunction, FunctionError, StateSlot, StatefulFunction, Undo,
 };

@@ -258,6 +258,16 @@ impl Node {
         let _ = child.wait();
     }
 
+    /// The loopback port of its gRPC address (to restart it on).
+    pub fn grpc_port(&self) -> u16 {
+        self.grpc.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// The loopback port of its HTTP address.
+    pub fn http_port(&self) -> u16 {
+        self.http.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect(&self.grpc).await.unwrap()
     }

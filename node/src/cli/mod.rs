@@ -106,6 +106,11 @@ enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
+    /// Dead letters: messages that could not be delivered (`statemesh/dead-letters`).
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
     /// The cluster: `statemesh cluster status` prints its members as a table.
     Cluster {
         #[command(subcommand)]
@@ -160,6 +165,62 @@ enum StateCommand {
         #[command(flatten)]
         target: NodeTarget,
     },
+    /// Set one state of an address through a committed epoch (applied between two
+    /// invocations of the address); prints its states after the change:
+    /// `statemesh state set example/counter/a count 42`.
+    Set {
+        /// Address `namespace/type/id`.
+        address: String,
+        /// The state's name (one the function declares).
+        name: String,
+        /// The value as text: converted with the state's declared typename (`42` for a long);
+        /// the raw bytes for a typename that is not built in.
+        value: String,
+        /// Convert the text with this typename (or short name: long, int, …) here instead;
+        /// the node refuses it unless it is the state's declared typename.
+        #[arg(long = "type")]
+        typ: Option<String>,
+        /// Idempotency key: a retry with the same key is applied once.
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        target: NodeTarget,
+    },
+    /// Delete one state of an address through a committed epoch; prints its states after.
+    Delete {
+        /// Address `namespace/type/id`.
+        address: String,
+        /// The state's name.
+        name: String,
+        /// Idempotency key.
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        target: NodeTarget,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum DeadLetterCommand {
+    /// List the dead letters of every member of the cluster (oldest first per node).
+    List {
+        /// At most this many per node.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: NodeTarget,
+    },
+    /// Replay a dead letter by id (on whichever member holds it): a message goes to its
+    /// address again, an egress record to its egress; then the letter is removed.
+    Replay {
+        /// The letter's id, as `list` shows it.
+        id: String,
+        #[command(flatten)]
+        target: NodeTarget,
+    },
 }
 
 /// Resolves `--type` short names to typenames.
@@ -205,6 +266,43 @@ pub fn main() -> ExitCode {
 
 async fn connect(t: &NodeTarget) -> anyhow::Result<Client> {
     Ok(Client::connect(&t.node).await?)
+}
+
+/// The members of the cluster of the node at `t` that are alive: (id, gRPC URL); the node
+/// itself first.
+async fn members(t: &NodeTarget) -> anyhow::Result<Vec<(u64, String)>> {
+    let c = connect(t).await?.cluster().await?;
+    let mut out = vec![(c.node_id, t.node.clone())];
+    for m in c.members {
+        if m.id != c.node_id && m.alive && !m.grpc_addr.is_empty() {
+            let url = if m.grpc_addr.contains("://") {
+                m.grpc_addr
+            } else {
+                format!("http://{}", m.grpc_addr)
+            };
+            out.push((m.id, url));
+        }
+    }
+    Ok(out)
+}
+
+/// The dead letters of every member, by node id.
+async fn dead_letters_of_members(
+    t: &NodeTarget,
+    limit: u32,
+) -> anyhow::Result<Vec<(u64, Vec<statemesh_proto::v1::DeadLetter>)>> {
+    let mut out = Vec::new();
+    for (node, grpc) in members(t).await? {
+        let letters = Client::connect(&grpc)
+            .await
+            .with_context(|| format!("node {node} at {grpc}"))?
+            .dead_letters(limit)
+            .await
+            .with_context(|| format!("node {node} at {grpc}"))?;
+        out.push((node, letters.letters));
+    }
+    out.sort_by_key(|(n, _)| *n);
+    Ok(out)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -309,6 +407,114 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 serde_json::to_string_pretty(&states_to_json(&address, values))?
             );
             Ok(())
+        }
+        Command::State {
+            command:
+                StateCommand::Set {
+                    address,
+                    name,
+                    value,
+                    typ,
+                    key,
+                    target,
+                },
+        } => {
+            let address = Address::parse(&address)?;
+            let change = match typ {
+                Some(t) => statemesh_sdk::StateChange::Typed(value_from_text(
+                    &typename(&t),
+                    value.into_bytes().into(),
+                )?),
+                None => statemesh_sdk::StateChange::Text(value),
+            };
+            let values = connect(&target)
+                .await?
+                .set_state(&address, &name, change, key.as_deref())
+                .await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&states_to_json(&address, values))?
+            );
+            Ok(())
+        }
+        Command::State {
+            command:
+                StateCommand::Delete {
+                    address,
+                    name,
+                    key,
+                    target,
+                },
+        } => {
+            let address = Address::parse(&address)?;
+            let values = connect(&target)
+                .await?
+                .set_state(
+                    &address,
+                    &name,
+                    statemesh_sdk::StateChange::Delete,
+                    key.as_deref(),
+                )
+                .await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&states_to_json(&address, values))?
+            );
+            Ok(())
+        }
+        Command::DeadLetters {
+            command:
+                DeadLetterCommand::List {
+                    limit,
+                    json,
+                    target,
+                },
+        } => {
+            let lists = dead_letters_of_members(&target, limit).await?;
+            if !json {
+                println!(
+                    "{:<5} {:<22} {:<36} {:<28} {:>8}  ERROR",
+                    "NODE", "ID", "TO", "TYPENAME", "ATTEMPTS"
+                );
+            }
+            for (node, letters) in lists {
+                for l in letters {
+                    if json {
+                        let mut record: serde_json::Value =
+                            serde_json::from_str(&l.json).unwrap_or_default();
+                        record["id"] = l.id.clone().into();
+                        record["node"] = node.into();
+                        println!("{record}");
+                    } else {
+                        let to = if !l.address.is_empty() {
+                            l.address
+                        } else if !l.egress.is_empty() {
+                            format!("egress {}", l.egress)
+                        } else {
+                            "-".into()
+                        };
+                        println!(
+                            "{:<5} {:<22} {:<36} {:<28} {:>8}  {}",
+                            node, l.id, to, l.typename, l.attempts, l.error
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::DeadLetters {
+            command: DeadLetterCommand::Replay { id, target },
+        } => {
+            for (node, grpc) in members(&target).await? {
+                let c = Client::connect(&grpc).await?;
+                let letters = c.dead_letters(u32::MAX).await?.letters;
+                if letters.iter().any(|l| l.id == id) {
+                    let done = c.replay_dead_letter(&id).await?;
+                    println!("dead letter {id} (node {node}): {done}");
+                    return Ok(());
+                }
+            }
+            anyhow::bail!("no member holds dead letter {id} (replayed or read already? list again)")
         }
         Command::Health {
             http,

@@ -213,6 +213,95 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn set_state(
+        &self,
+        req: Request<pb::SetStateRequest>,
+    ) -> Result<Response<pb::GetStateResponse>, Status> {
+        use crate::admin::{NewValue, StateEdit};
+        use pb::set_state_request::Value;
+        let req = req.into_inner();
+        let a = req
+            .address
+            .ok_or_else(|| ServiceError::InvalidArgument("missing address".into()))?;
+        let address = Address::from_proto(&a).map_err(ServiceError::from)?;
+        let value = match req.value {
+            Some(Value::Text(t)) => NewValue::Text(t),
+            Some(Value::Typed(v)) => NewValue::Typed {
+                typename: v.typename,
+                value_base64: base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    &v.value,
+                ),
+            },
+            Some(Value::Delete(true)) => NewValue::Delete,
+            Some(Value::Delete(false)) | None => {
+                return Err(ServiceError::InvalidArgument(
+                    "a value is required: text, typed, or delete".into(),
+                )
+                .into())
+            }
+        };
+        let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
+        let values = self
+            .shared
+            .router
+            .set_state(
+                address,
+                StateEdit {
+                    name: req.name,
+                    value,
+                },
+                std::time::Duration::from_millis(self.shared.config.call_timeout_ms),
+                key,
+            )
+            .await?;
+        Ok(Response::new(pb::GetStateResponse {
+            values: crate::mesh::state_values(values),
+        }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        req: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let limit = match req.into_inner().limit {
+            0 => 1000,
+            n => n as usize,
+        };
+        let letters = self
+            .shared
+            .router
+            .dead_letters(limit)
+            .into_iter()
+            .map(|l| pb::DeadLetter {
+                id: l.id,
+                address: l.address.unwrap_or_default(),
+                egress: l.egress.unwrap_or_default(),
+                typename: l.typename,
+                value: l.value.into(),
+                error: l.error,
+                attempts: l.attempts,
+                json: l.record.to_string(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            letters,
+            node_id: self.shared.cluster.lock().node_id,
+        }))
+    }
+
+    async fn replay_dead_letter(
+        &self,
+        req: Request<pb::ReplayDeadLetterRequest>,
+    ) -> Result<Response<pb::ReplayDeadLetterResponse>, Status> {
+        let done = self
+            .shared
+            .router
+            .replay_dead_letter(&req.into_inner().id)
+            .await?;
+        Ok(Response::new(pb::ReplayDeadLetterResponse { done }))
+    }
+
     async fn get_state(
         &self,
         req: Request<pb::GetStateRequest>,

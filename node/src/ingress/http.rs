@@ -5,6 +5,9 @@
 //! | `POST /v1/send/{ns}/{type}/{id}` | one-way message; 202 |
 //! | `POST /v1/call/{ns}/{type}/{id}` | request-reply; the reply in the body, its typename in `Content-Type` |
 //! | `GET /v1/state/{ns}/{type}/{id}` | JSON of the address's states |
+//! | `PUT`/`DELETE /v1/state/{ns}/{type}/{id}?name=N` | sets (body: the value) or deletes one state through a committed epoch; JSON of the states after |
+//! | `GET /v1/dead-letters` | the dead letters of every live member (`?local=true`: this node's) |
+//! | `POST /v1/dead-letters/{id}/replay` | replays a dead letter on the member holding it |
 //! | `GET /v1/egress/{topic}` | pops the next record of a topic (its id in `Statemesh-Record-Id`); 204 when there is none |
 //! | `GET /v1/functions` | the registered function types |
 //! | `GET /v1/checkpoints` | epochs, sizes, durations, the last commit and recovery |
@@ -134,6 +137,184 @@ async fn state(
     let address = Address::from_parts(&path.0, &path.1, &path.2)?;
     let values = shared.router.get_state(address.clone()).await?;
     Ok(HttpResponse::Ok().json(super::states_to_json(&address, values)))
+}
+
+#[derive(serde::Deserialize)]
+struct StateQuery {
+    name: Option<String>,
+}
+
+/// `PUT /v1/state/{ns}/{type}/{id}?name=NAME`: sets one state through a committed epoch. The
+/// body is the value: text converted with the state's declared typename when it comes as
+/// `text/plain` (or without a content type), else encoded as `Content-Type:
+/// application/vnd.<typename>` says, which must be the declared one. `DELETE` deletes it.
+/// Both answer with the address's states after the change.
+async fn set_state(
+    shared: web::Data<Shared>,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    query: web::Query<StateQuery>,
+    body: Bytes,
+) -> Result<HttpResponse, ServiceError> {
+    use crate::admin::NewValue;
+    let address = target_of(&shared, &path, &body)?;
+    let ct = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok());
+    let value = if req.method() == actix_web::http::Method::DELETE {
+        NewValue::Delete
+    } else {
+        match ct.map(|c| c.split(';').next().unwrap_or("").trim()) {
+            None | Some("text/plain") => {
+                NewValue::Text(String::from_utf8(body.to_vec()).map_err(|_| {
+                    ServiceError::InvalidArgument("a text/plain value must be UTF-8".into())
+                })?)
+            }
+            Some(_) => {
+                let typename = typename_from_content_type(ct)?;
+                let v = value_from_text(&typename, body)?;
+                NewValue::Typed {
+                    typename,
+                    value_base64: base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        v.value(),
+                    ),
+                }
+            }
+        }
+    };
+    let name = query.into_inner().name.unwrap_or_default();
+    let key = idempotency_key(&req)?;
+    let values = shared
+        .router
+        .set_state(
+            address.clone(),
+            crate::admin::StateEdit { name, value },
+            Duration::from_millis(shared.config.call_timeout_ms),
+            key,
+        )
+        .await?;
+    Ok(HttpResponse::Ok().json(super::states_to_json(&address, values)))
+}
+
+#[derive(serde::Deserialize)]
+struct DeadLetterQuery {
+    /// Only this node's.
+    #[serde(default)]
+    local: bool,
+    limit: Option<usize>,
+}
+
+/// A dead letter as JSON, with the node holding it.
+fn dead_letter_json(node: u64, l: crate::admin::DeadLetter) -> serde_json::Value {
+    let mut j = l.record;
+    if !j.is_object() {
+        j = serde_json::json!({});
+    }
+    j["id"] = l.id.into();
+    j["node"] = node.into();
+    j
+}
+
+/// The other live members' gRPC URLs, by id.
+fn other_members(shared: &Shared) -> Vec<(u64, String)> {
+    let view = shared.cluster.lock().clone();
+    view.members
+        .into_iter()
+        .filter(|m| m.member.id != view.node_id && m.member.alive && !m.member.grpc_addr.is_empty())
+        .map(|m| (m.member.id, format!("http://{}", m.member.grpc_addr)))
+        .collect()
+}
+
+/// `GET /v1/dead-letters[?local=true][&limit=N]`: the dead letters of every live member (or
+/// only this node's), oldest first per node, each with its `id` and `node`; members that do
+/// not answer are listed under `unreachable`.
+async fn dead_letters(
+    shared: web::Data<Shared>,
+    query: web::Query<DeadLetterQuery>,
+) -> HttpResponse {
+    let limit = query.limit.unwrap_or(1000);
+    let me = shared.cluster.lock().node_id;
+    let mut letters: Vec<serde_json::Value> = shared
+        .router
+        .dead_letters(limit)
+        .into_iter()
+        .map(|l| dead_letter_json(me, l))
+        .collect();
+    let mut unreachable = Vec::new();
+    if !query.local {
+        for (node, grpc) in other_members(&shared) {
+            let r = async {
+                statemesh_sdk::Client::connect(&grpc)
+                    .await?
+                    .dead_letters(limit as u32)
+                    .await
+            };
+            match tokio::time::timeout(Duration::from_secs(5), r).await {
+                Ok(Ok(list)) => letters.extend(list.letters.into_iter().map(|l| {
+                    let mut j: serde_json::Value =
+                        serde_json::from_str(&l.json).unwrap_or_else(|_| serde_json::json!({}));
+                    j["id"] = l.id.into();
+                    j["node"] = node.into();
+                    j
+                })),
+                Ok(Err(e)) => {
+                    unreachable.push(serde_json::json!({"node": node, "error": e.to_string()}))
+                }
+                Err(_) => unreachable
+                    .push(serde_json::json!({"node": node, "error": "no answer within 5 s"})),
+            }
+        }
+    }
+    HttpResponse::Ok().json(serde_json::json!({
+        "letters": letters,
+        "unreachable": unreachable,
+    }))
+}
+
+/// `POST /v1/dead-letters/{id}/replay`: replays the letter on whichever member holds it.
+async fn replay_dead_letter(
+    shared: web::Data<Shared>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ServiceError> {
+    let id = path.into_inner();
+    let me = shared.cluster.lock().node_id;
+    if shared
+        .router
+        .dead_letters(usize::MAX)
+        .iter()
+        .any(|l| l.id == id)
+    {
+        let done = shared.router.replay_dead_letter(&id).await?;
+        return Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "node": me, "done": done})));
+    }
+    for (node, grpc) in other_members(&shared) {
+        let Ok(c) = statemesh_sdk::Client::connect(&grpc).await else {
+            continue;
+        };
+        let Ok(list) = c.dead_letters(u32::MAX).await else {
+            continue;
+        };
+        if list.letters.iter().any(|l| l.id == id) {
+            let done = c
+                .replay_dead_letter(&id)
+                .await
+                .map_err(|e| match e.code() {
+                    Some(tonic::Code::NotFound) => ServiceError::NotFound(e.to_string()),
+                    Some(tonic::Code::InvalidArgument) => {
+                        ServiceError::InvalidArgument(e.to_string())
+                    }
+                    _ => ServiceError::Unavailable(format!("node {node}: {e}")),
+                })?;
+            return Ok(
+                HttpResponse::Ok().json(serde_json::json!({"id": id, "node": node, "done": done}))
+            );
+        }
+    }
+    Err(ServiceError::NotFound(format!(
+        "no member holds dead letter {id} (replayed or read already? list again)"
+    )))
 }
 
 /// The header naming a durable egress record's id ([`crate::egress::Read::id`]).
@@ -338,6 +519,13 @@ pub(crate) fn server(
                 .route("/v1/send/{ns}/{type}/{id:.+}", web::post().to(send))
                 .route("/v1/call/{ns}/{type}/{id:.+}", web::post().to(call))
                 .route("/v1/state/{ns}/{type}/{id:.+}", web::get().to(state))
+                .route("/v1/state/{ns}/{type}/{id:.+}", web::put().to(set_state))
+                .route("/v1/state/{ns}/{type}/{id:.+}", web::delete().to(set_state))
+                .route("/v1/dead-letters", web::get().to(dead_letters))
+                .route(
+                    "/v1/dead-letters/{id}/replay",
+                    web::post().to(replay_dead_letter),
+                )
                 .route("/v1/egress/{topic:.+}", web::get().to(egress))
                 .route("/v1/functions", web::get().to(functions))
                 .route("/healthz", web::get().to(healthz))

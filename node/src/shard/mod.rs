@@ -873,8 +873,18 @@ impl Shard {
 
     fn dispatch_ready(&mut self) {
         let now = now_ms();
-        let store = &self.store;
         while let Some(i) = self.ready.pop() {
+            if self.slots.get(i).is_some_and(|s| {
+                !s.in_flight
+                    && !s.retry_wait
+                    && s.inbox
+                        .front()
+                        .is_some_and(|p| p.message.typename() == crate::admin::SET_STATE)
+            }) && !self.is_stopped(self.slots[i].kg)
+            {
+                self.apply_state_edits(i);
+            }
+            let store = &self.store;
             let Some(slot) = self.slots.get_mut(i) else {
                 continue;
             };
@@ -955,6 +965,136 @@ impl Shard {
                 now_ms: now,
             });
         }
+    }
+
+    /// Applies the state edits (`crate::admin`) at the head of the inbox of slot `i`, whose
+    /// state is home: each changes the state in this epoch and is answered (held until the
+    /// epoch commits) with the address's states after it.
+    fn apply_state_edits(&mut self, i: usize) {
+        loop {
+            let slot = &mut self.slots[i];
+            if slot
+                .inbox
+                .front()
+                .is_none_or(|p| p.message.typename() != crate::admin::SET_STATE)
+            {
+                break;
+            }
+            let p = slot.inbox.pop_front().expect("checked");
+            let (kg, address) = (slot.kg, slot.address.clone());
+            if p.ingress {
+                self.router.release(self.index, 1);
+            }
+            self.delete_record(kg, p.record);
+            self.invocations += 1;
+            if !p.ingress {
+                // Sent by a function or a Kafka record: not the admin API's.
+                self.dead_letter(
+                    &address,
+                    p.caller.as_ref(),
+                    &p.message,
+                    &format!(
+                        "typename {} is reserved to the node's admin API: state edits come from `statemesh state set|delete`",
+                        crate::admin::SET_STATE
+                    ),
+                    0,
+                );
+                continue;
+            }
+            let result = self.edit_state(i, &p.message);
+            if let Err(e) = &result {
+                tracing::info!(%address, error = %e, "state edit refused");
+            } else {
+                tracing::info!(%address, "state edited through the admin API");
+            }
+            self.mark_dirty(i);
+            if let Some(c) = p.caller.filter(|c| self.router.is_reply_address(c)) {
+                let reply = result
+                    .map(|states| crate::admin::states_reply(&states))
+                    .map_err(ServiceError::InvalidArgument);
+                self.handle_reply(&c, reply);
+            }
+        }
+        let slot = &self.slots[i];
+        if slot.saturated && slot.inbox.is_empty() {
+            self.slots[i].saturated = false;
+            let address = self.slots[i].address.clone();
+            self.router.set_saturated(self.index, &address, false, 0);
+        }
+    }
+
+    /// Applies one state edit to slot `i`: the address's live states after it, or why not.
+    fn edit_state(
+        &mut self,
+        i: usize,
+        message: &TypedValue,
+    ) -> Result<Vec<(String, TypedValue, u64)>, String> {
+        use crate::admin::{NewValue, StateEdit};
+        let edit = StateEdit::from_message(message)?;
+        let slot = &mut self.slots[i];
+        let mut state = slot.state.take().expect("state is home between batches");
+        sync_state(&self.store, slot, &mut state);
+        let now = now_ms();
+        let result = (|| {
+            let names = || {
+                if state.is_empty() {
+                    "it has declared none yet; a remote function declares its states when it is first invoked".to_string()
+                } else {
+                    format!(
+                        "its states: {}",
+                        state
+                            .iter()
+                            .map(|s| &*s.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            };
+            let Some(s) = state.iter().position(|s| *s.name == *edit.name) else {
+                return Err(format!(
+                    "function type {} has no state named {:?} ({})",
+                    slot.address.typ.as_str(),
+                    edit.name,
+                    names()
+                ));
+            };
+            let s = &mut state[s];
+            let value = match edit.value {
+                NewValue::Delete => None,
+                NewValue::Text(t) => Some(
+                    crate::ingress::value_from_text(&s.typename, t.into_bytes().into())
+                        .map_err(|e| format!("state {:?} ({}): {e}", edit.name, s.typename))?
+                        .value()
+                        .clone(),
+                ),
+                NewValue::Typed {
+                    typename,
+                    value_base64,
+                } => {
+                    if *typename != *s.typename {
+                        return Err(format!(
+                            "state {:?} holds {}, not {typename}",
+                            edit.name, s.typename
+                        ));
+                    }
+                    Some(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(value_base64)
+                            .map_err(|e| format!("value_base64: {e}"))?
+                            .into(),
+                    )
+                }
+            };
+            s.expires_at_ms = match (&value, s.expiration.ttl()) {
+                (Some(_), Some(ttl)) => now + ttl.as_millis() as u64,
+                _ => 0,
+            };
+            s.value = value;
+            s.dirty = true;
+            Ok(())
+        })();
+        slot.state = Some(state);
+        result.map(|()| self.read_state(&self.slots[i]))
     }
 
     /// Routes a message produced by an invocation or a timer.
