@@ -2349,6 +2349,110 @@ async fn state_edits_and_dead_letters_work_across_the_members() {
     n3.stop();
 }
 
+/// The web console (`/ui`) in a real headless browser (Debian's Chromium driven by
+/// Playwright): against three nodes it shows three members and the 1,024 key groups (each
+/// coloured by its owner), the checkpoint epochs and the function types; an address looked up
+/// shows its state, a state set from the console is applied, and a dead letter's Replay button
+/// replays it. Screenshots go to `target/console-screenshots` (or `$CONSOLE_SCREENSHOTS`).
+#[tokio::test]
+async fn the_web_console_shows_the_cluster_in_a_real_browser() {
+    let chromium = common::python::chromium();
+    let python = common::python::venv("console", &["playwright==1.65.3"]);
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, _) = three_nodes(root).await;
+    spread(&n1, 3, 200).await;
+    let c = Client::connect(&n1.grpc).await.unwrap();
+    assert_eq!(add(&c, "console", 5).await, 5);
+    for i in 0..50 {
+        add(&c, &format!("w{i}"), 1).await;
+    }
+    c.send(&counter("bad"), TypedValue::of(&"not a long".to_string()))
+        .await
+        .unwrap();
+    let letter = eventually("a dead letter", Duration::from_secs(30), || async {
+        let j = n2.get_json("/v1/dead-letters").await;
+        j["letters"][0]["id"].as_str().map(str::to_string)
+    })
+    .await;
+    let shots = std::env::var("CONSOLE_SCREENSHOTS").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/console-screenshots").to_string()
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/py/console_check.py");
+    let http1 = n1.http.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args([script, &http1, "example/counter/console", &letter, &shots])
+            .env("CHROMIUM", chromium)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{stderr}", String::from_utf8_lossy(&out.stdout)));
+    println!("the console showed: {seen:#}");
+    assert_eq!(seen["title"], "statemesh console");
+    assert_eq!(seen["console_errors"], serde_json::json!([]), "{seen}");
+    let members = seen["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{seen}");
+    assert!(members.iter().all(|m| m[3] == "alive"), "{members:?}");
+    let owned: u64 = members
+        .iter()
+        .map(|m| m[4].as_str().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(owned, 1024, "{members:?}");
+    assert_eq!(seen["key_group_cells"], 1024, "{seen}");
+    assert_eq!(seen["key_group_colored"], 1024, "{seen}");
+    assert_eq!(seen["kg_count"], "(1024, 0 unassigned)", "{seen}");
+    assert!(
+        seen["checkpoints"].as_str().unwrap().contains("committed"),
+        "{seen}"
+    );
+    assert!(seen["chart_points"].as_u64().unwrap() > 1, "{seen}");
+    let counter_row = seen["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r[0] == "example/counter")
+        .cloned()
+        .unwrap_or_else(|| panic!("{seen}"));
+    assert!(
+        counter_row[2].as_str().unwrap().parse::<u64>().unwrap() > 0,
+        "{counter_row}"
+    );
+    assert_eq!(
+        seen["state"],
+        serde_json::json!([["total", "io.statefun.types/long", "5", ""]]),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["state_after_edit"],
+        serde_json::json!([["total", "io.statefun.types/long", "1000", ""]]),
+        "{seen}"
+    );
+    assert!(
+        seen["dead_letters_before"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|id| seen["dead_letters_after"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|a| a != id)),
+        "{seen}"
+    );
+    // The console's edit went through the cluster like any change.
+    assert_eq!(add(&c, "console", 1).await, 1001);
+    n1.stop();
+    n2.stop();
+    n3.stop();
+}
+
 /// A full snapshot lists only key groups that sled holds as of its label. Node 1 takes a full
 /// snapshot after every epoch that changed something, each waiting 1 s before it scans sled
 /// (fault point `checkpoint-full-snapshot-scan`); node 2 takes none. Node 2 joins under load:

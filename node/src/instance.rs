@@ -50,10 +50,15 @@ impl Instance {
     }
 }
 
+/// A thread's copies of the per-type histograms, by entry address (the entry is kept alive).
+type TypeHists = rustc_hash::FxHashMap<usize, (Arc<FunctionEntry>, Rc<LocalHistogram>)>;
+
 /// What the instances on a shard's thread share.
 struct ShardLocal {
     shard: Addr<Shard>,
     hist: Rc<LocalHistogram>,
+    /// This thread's copies of the per-type histograms, by entry.
+    per_type: RefCell<TypeHists>,
     /// Undo records of the invocation under way (kept for its capacity).
     undo: RefCell<Vec<Undo>>,
 }
@@ -69,9 +74,33 @@ pub(crate) fn shard_started(shard: Addr<Shard>, hist: Rc<LocalHistogram>) {
         *l.borrow_mut() = Some(Rc::new(ShardLocal {
             shard,
             hist,
+            per_type: RefCell::default(),
             undo: RefCell::default(),
         }))
     });
+}
+
+/// Adds this thread's per-type invocation times to the types' histograms (the shard calls
+/// it when it folds its metrics).
+pub(crate) fn flush_per_type() {
+    LOCAL.with(|l| {
+        if let Some(local) = l.borrow().as_ref() {
+            for (_, h) in local.per_type.borrow().values() {
+                h.flush();
+            }
+        }
+    });
+}
+
+/// This thread's copy of `entry`'s histogram.
+fn type_hist(local: &ShardLocal, entry: &Arc<FunctionEntry>) -> Rc<LocalHistogram> {
+    local
+        .per_type
+        .borrow_mut()
+        .entry(Arc::as_ptr(entry) as usize)
+        .or_insert_with(|| (entry.clone(), Rc::new(entry.latency.local())))
+        .1
+        .clone()
 }
 
 fn local() -> Rc<ShardLocal> {
@@ -136,6 +165,7 @@ impl Handler<Invoke> for Instance {
                 let mut processed = 0;
                 let mut failure = None;
                 let mut undo = std::mem::take(&mut *local.undo.borrow_mut());
+                let per_type = type_hist(&local, &entry);
                 for p in &batch {
                     let start = Instant::now();
                     let mut ctx = FnContext::new(
@@ -148,7 +178,9 @@ impl Handler<Invoke> for Instance {
                     );
                     let result =
                         catch_unwind(AssertUnwindSafe(|| function.invoke(&mut ctx, &p.message)));
-                    local.hist.observe(start.elapsed().as_secs_f64());
+                    let took = start.elapsed().as_secs_f64();
+                    local.hist.observe(took);
+                    per_type.observe(took);
                     let error = match result {
                         Ok(Ok(())) => None,
                         Ok(Err(e)) => Some(e.to_string()),
@@ -181,7 +213,9 @@ impl Handler<Invoke> for Instance {
                 actix::spawn(async move {
                     let start = Instant::now();
                     let call = remote.invoke(&address, &batch, &mut state, now_ms).await;
-                    local.hist.observe(start.elapsed().as_secs_f64());
+                    let took = start.elapsed().as_secs_f64();
+                    local.hist.observe(took);
+                    type_hist(&local, &entry).observe(took);
                     let mut done = InvokeDone {
                         slot,
                         generation,

@@ -25,13 +25,30 @@ pub struct FunctionEntry {
     pub kind: FunctionKind,
     /// Declared states, in slot order. Remote v3 functions add to them as they negotiate.
     specs: RwLock<Arc<[ValueSpecDescriptor]>>,
+    /// Invocation times of this type (embedded: one per message; remote: one per batch
+    /// call), recorded through each shard thread's local copy (`instance::record`).
+    pub latency: prometheus::Histogram,
+    /// Messages of this type dead-lettered.
+    pub dead_letters: std::sync::atomic::AtomicU64,
 }
+
+/// Buckets of the per-type invocation times, seconds.
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+    5e-2, 0.1, 1.0, 10.0,
+];
 
 impl FunctionEntry {
     fn new(kind: FunctionKind, specs: Vec<ValueSpecDescriptor>) -> Self {
         FunctionEntry {
             kind,
             specs: RwLock::new(specs.into()),
+            latency: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new("invocation_seconds", "per type")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid histogram"),
+            dead_letters: Default::default(),
         }
     }
 
@@ -142,6 +159,33 @@ impl Registry {
                 .or_insert(entry)
                 .clone(),
         )
+    }
+
+    /// Every function type met so far (embedded, bundled, and remote types invoked at least
+    /// once), with its entry, sorted by name; bundled types a module endpoint serves are left
+    /// out.
+    pub fn entries(&self) -> Vec<(String, Arc<FunctionEntry>)> {
+        let mut v: Vec<(String, Arc<FunctionEntry>)> = self
+            .embedded
+            .iter()
+            .map(|(t, e)| (t.to_string(), e.clone()))
+            .collect();
+        for (t, e) in &self.bundled {
+            if !self.embedded.contains_key(t)
+                && !self
+                    .module
+                    .endpoints
+                    .iter()
+                    .any(|p| p.functions.matches(t.as_str()))
+            {
+                v.push((t.to_string(), e.clone()));
+            }
+        }
+        for (t, e) in self.remote.read().iter() {
+            v.push((t.to_string(), e.clone()));
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Registered type names and endpoint patterns, sorted.

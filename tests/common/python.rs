@@ -227,3 +227,44 @@ impl LatencyProxy {
         .await;
     }
 }
+
+/// Debian's Chromium for the console's browser test: `/usr/bin/chromium`, installed with
+/// apt-get (as root, or through `sudo -n`) when it is missing.
+pub fn chromium() -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let path = PathBuf::from(std::env::var("CHROMIUM").unwrap_or("/usr/bin/chromium".into()));
+    if path.exists() {
+        return path;
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let apt = |args: &[&str]| {
+        let mut c = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.args(["-n", "apt-get"]);
+            c
+        };
+        c.args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .expect("apt-get")
+    };
+    let mut out = apt(&["install", "-y", "--no-install-recommends", "chromium"]);
+    if !out.status.success() {
+        apt(&["update"]);
+        out = apt(&["install", "-y", "--no-install-recommends", "chromium"]);
+    }
+    assert!(
+        out.status.success() && path.exists(),
+        "the console test needs Debian's chromium (apt-get install chromium) at {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}

@@ -13,6 +13,7 @@
 //! | `GET /v1/checkpoints` | epochs, sizes, durations, the last commit and recovery |
 //! | `GET /v1/cluster` | the control group: leader, term, placement version, members and their key groups |
 //! | `GET /healthz`, `/readyz`, `/metrics` | liveness, readiness, Prometheus |
+//! | `GET /ui` | the web console (`node/ui`, built into the binary) |
 //!
 //! Bodies use `Content-Type: application/vnd.<typename>` (`text/plain` = string). Built-in
 //! types travel in their plain-text form (`5`, `true`, `hello`); others as raw bytes.
@@ -317,6 +318,38 @@ async fn replay_dead_letter(
     )))
 }
 
+/// The web console's files, built into the binary (`node/ui`): (path, content type, body).
+const UI_FILES: [(&str, &str, &[u8]); 3] = [
+    (
+        "index.html",
+        "text/html; charset=utf-8",
+        include_bytes!("../../ui/index.html"),
+    ),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../ui/app.js"),
+    ),
+    (
+        "style.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../../ui/style.css"),
+    ),
+];
+
+/// `GET /ui`, `/ui/{file}`: the web console (it reads the admin endpoints above).
+async fn ui(req: HttpRequest) -> HttpResponse {
+    let file = req.match_info().get("file").unwrap_or("");
+    let file = if file.is_empty() { "index.html" } else { file };
+    match UI_FILES.iter().find(|(name, _, _)| *name == file) {
+        Some((_, ct, body)) => HttpResponse::Ok()
+            .content_type(*ct)
+            .insert_header(("cache-control", "no-cache"))
+            .body(*body),
+        None => HttpResponse::NotFound().body(format!("no console file {file:?}")),
+    }
+}
+
 /// The header naming a durable egress record's id ([`crate::egress::Read::id`]).
 pub const RECORD_ID_HEADER: &str = "statemesh-record-id";
 
@@ -338,8 +371,85 @@ async fn egress(shared: web::Data<Shared>, path: web::Path<String>) -> HttpRespo
     }
 }
 
+/// The `q` quantile of a histogram, interpolated linearly within its bucket; `None` when it
+/// is empty.
+fn quantile(h: &prometheus::Histogram, q: f64) -> Option<f64> {
+    use prometheus::core::Metric as _;
+    let m = h.metric();
+    let h = m.get_histogram();
+    let count = h.get_sample_count();
+    if count == 0 {
+        return None;
+    }
+    let rank = q * count as f64;
+    let (mut below, mut lower) = (0u64, 0.0f64);
+    for b in h.get_bucket() {
+        let (c, upper) = (b.cumulative_count(), b.upper_bound());
+        if c as f64 >= rank {
+            let inside = (c - below).max(1) as f64;
+            return Some(
+                lower + (upper - lower) * ((rank - below as f64) / inside).clamp(0.0, 1.0),
+            );
+        }
+        below = c;
+        lower = upper;
+    }
+    Some(lower)
+}
+
+/// `GET /v1/functions`: the registered types and endpoint patterns (`functions`), every type
+/// met so far with its invocation count, time (mean, p50, p99; embedded: per message, remote:
+/// per batch call) and dead letters since start (`types`), and the module's endpoints.
 async fn functions(shared: web::Data<Shared>) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "functions": shared.router.registry().types() }))
+    use crate::registry::FunctionKind;
+    let registry = shared.router.registry();
+    let types: Vec<serde_json::Value> = registry
+        .entries()
+        .into_iter()
+        .map(|(name, e)| {
+            let ms = |v: Option<f64>| v.map(|s| s * 1e3);
+            let count = e.latency.get_sample_count();
+            let (kind, url) = match &e.kind {
+                FunctionKind::Embedded(_) => ("embedded", None),
+                FunctionKind::Remote(r) => ("remote", Some(r.url().to_string())),
+            };
+            serde_json::json!({
+                "type": name,
+                "kind": kind,
+                "url": url,
+                "invocations": count,
+                "mean_ms": (count > 0).then(|| e.latency.get_sample_sum() * 1e3 / count as f64),
+                "p50_ms": ms(quantile(&e.latency, 0.5)),
+                "p99_ms": ms(quantile(&e.latency, 0.99)),
+                "dead_letters": e.dead_letters.load(Ordering::Relaxed),
+                "states": e.specs().iter().map(|s| serde_json::json!({
+                    "name": &*s.name,
+                    "typename": &*s.typename,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let endpoints: Vec<serde_json::Value> = registry
+        .module()
+        .endpoints
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "functions": match &e.functions {
+                    crate::module::FunctionPattern::Exact(t) => t.clone(),
+                    crate::module::FunctionPattern::Namespace(ns) => format!("{ns}/*"),
+                },
+                "url": e.url_template,
+                "max_batch": e.max_batch,
+                "call_timeout_ms": e.call_timeout.as_millis() as u64,
+            })
+        })
+        .collect();
+    HttpResponse::Ok().json(serde_json::json!({
+        "functions": registry.types(),
+        "types": types,
+        "endpoints": endpoints,
+    }))
 }
 
 async fn healthz() -> HttpResponse {
@@ -522,6 +632,8 @@ pub(crate) fn server(
                 .route("/v1/state/{ns}/{type}/{id:.+}", web::put().to(set_state))
                 .route("/v1/state/{ns}/{type}/{id:.+}", web::delete().to(set_state))
                 .route("/v1/dead-letters", web::get().to(dead_letters))
+                .route("/ui", web::get().to(ui))
+                .route("/ui/{file:.*}", web::get().to(ui))
                 .route(
                     "/v1/dead-letters/{id}/replay",
                     web::post().to(replay_dead_letter),
@@ -551,4 +663,37 @@ pub(crate) fn server(
     .map_err(|e| format!("cannot listen on {addr} (http): {e}"))?
     .run();
     Ok((server, addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let h = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new("t", "t").buckets(vec![1.0, 2.0, 4.0]),
+        )
+        .unwrap();
+        assert_eq!(quantile(&h, 0.5), None);
+        for v in [0.5, 1.5, 1.5, 3.0] {
+            h.observe(v);
+        }
+        // Ranks: 2 of 4 fall in (1, 2] with one below: the median is half way into it.
+        assert_eq!(quantile(&h, 0.5), Some(1.5));
+        assert_eq!(quantile(&h, 0.25), Some(1.0));
+        assert!((quantile(&h, 0.99).unwrap() - 3.92).abs() < 1e-9);
+        h.observe(100.0);
+        // Beyond the last bucket: its bound.
+        assert_eq!(quantile(&h, 1.0), Some(4.0));
+    }
+
+    #[test]
+    fn the_console_files_are_built_in() {
+        for (name, _, body) in UI_FILES {
+            assert!(!body.is_empty(), "{name}");
+        }
+        let index = std::str::from_utf8(UI_FILES[0].2).unwrap();
+        assert!(index.contains("/ui/app.js") && index.contains("/ui/style.css"));
+    }
 }

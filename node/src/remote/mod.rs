@@ -70,6 +70,13 @@ pub struct RemoteFunction {
     pool_id: u64,
 }
 
+impl RemoteFunction {
+    /// The URL it is called at.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
 /// How a batch call ended.
 pub enum Outcome {
     /// The function ran the whole batch: state was updated in place, these are its effects.

@@ -1174,6 +1174,10 @@ impl Shard {
     ) {
         tracing::warn!(address = %target, typename = message.typename(), attempts, error, "message dead-lettered");
         self.router.metrics().dead_letters.inc();
+        if let Some(e) = self.router.registry().get(&target.typ) {
+            e.dead_letters
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(c) = caller.filter(|c| self.router.is_reply_address(c)) {
             // A waiting caller learns now rather than at its timeout.
             // `attempts` counts the node's own retries (embedded functions); a remote
@@ -1548,6 +1552,7 @@ impl Shard {
         m.invocation_errors
             .inc_by(std::mem::take(&mut self.invocation_errors));
         self.invocation_hist.flush();
+        crate::instance::flush_per_type();
     }
 
     fn read_state(&self, slot: &Slot) -> Vec<(String, TypedValue, u64)> {
