@@ -2453,6 +2453,139 @@ async fn the_web_console_shows_the_cluster_in_a_real_browser() {
     n3.stop();
 }
 
+/// One trace follows a message across two nodes (`[telemetry]`, exported over OTLP to a
+/// collector in this process): an HTTP call with a `traceparent` enters node 1, which forwards
+/// it to node 2 (the owner); the function there sends a message to a remote function (its HTTP
+/// request carries the `invoke` span as `traceparent`) and replies. Every span continues the
+/// caller's trace, and each names its parent: ingress → forward → forwarded → invoke →
+/// {invoke of the remote function, reply}. A request whose `traceparent` says "not sampled"
+/// creates no span.
+#[tokio::test]
+async fn one_trace_follows_a_message_across_two_nodes_into_a_remote_function() {
+    let _g = SERIAL.lock().await;
+    let collector = common::otlp::Collector::start().await;
+    let bad = common::badserver::start().await;
+    let module = format!(
+        "kind: io.statefun.endpoints.v2/http\nspec:\n  functions: bad/*\n  urlPathTemplate: http://127.0.0.1:{}/{{function.name}}\n",
+        bad.port
+    );
+    let dir = test_dir();
+    let root = dir.path();
+    let traced = |id: u64, join: Option<&str>| {
+        let ports = (free_port(), free_port());
+        let mut l = launch(root, id, ports, join);
+        l.config = Some(format!(
+            "{}[telemetry]\notlp_endpoint = \"{}\"\nexport_interval_ms = 100\n",
+            l.config.unwrap_or_default(),
+            collector.endpoint
+        ));
+        l.module = Some(module.clone());
+        Node::start_launch(&root.join(format!("n{id}")), &l)
+    };
+    let n1 = traced(1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let n2 = traced(2, Some(&seed));
+    converged(&[&n1, &n2], 2, 1).await;
+    spread(&n1, 2, 300).await;
+    // An address node 2 owns.
+    let owners = n1.get_json("/v1/cluster/key-groups").await["owners"].clone();
+    let id = (0..)
+        .map(|i| format!("t{i}"))
+        .find(|id| owners[key_group(&format!("statemesh.smoke/fn/{id}")) as usize] == 2)
+        .unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let body = r#"{"cmds":[{"send":{"to":"bad/traced/x","cmds":[]}},{"reply":"done"}]}"#;
+    let (s, _, reply) = common::http_headers(
+        &format!("{}/v1/call/statemesh.smoke/fn/{id}", n1.http),
+        "POST",
+        &[
+            ("content-type", "application/vnd.statemesh.smoke/Commands"),
+            ("traceparent", &format!("00-{trace_id}-{caller_span}-01")),
+        ],
+        bytes::Bytes::from(body),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200, "{reply:?}");
+    assert_eq!(&reply[..], b"done");
+    let spans = eventually("the trace's six spans", Duration::from_secs(20), || async {
+        let spans: Vec<_> = collector
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace_id)
+            .collect();
+        let names: std::collections::BTreeSet<String> =
+            spans.iter().map(|s| s.name.clone()).collect();
+        (names.len() == 5 && spans.len() >= 6 && !bad.traceparents.lock().unwrap().is_empty())
+            .then_some(spans)
+    })
+    .await;
+    for s in &spans {
+        println!(
+            "{} node={} id={} parent={} {:?}",
+            s.name,
+            s.attr("statemesh.node"),
+            s.span_id,
+            s.parent_span_id,
+            s.attributes
+        );
+    }
+    let one = |name: &str, pred: &dyn Fn(&common::otlp::Span) -> bool| {
+        let found: Vec<_> = spans.iter().filter(|s| s.name == name && pred(s)).collect();
+        assert_eq!(found.len(), 1, "one {name} span: {spans:#?}");
+        found[0].clone()
+    };
+    let ingress = one("ingress", &|_| true);
+    assert_eq!(ingress.parent_span_id, caller_span);
+    assert_eq!(ingress.attr("statemesh.node"), "1");
+    assert_eq!(ingress.service, "statemesh");
+    let forward = one("forward", &|_| true);
+    assert_eq!(forward.parent_span_id, ingress.span_id);
+    assert_eq!(forward.attr("statemesh.node"), "1");
+    let forwarded = one("forwarded", &|_| true);
+    assert_eq!(forwarded.parent_span_id, forward.span_id);
+    assert_eq!(forwarded.attr("statemesh.node"), "2");
+    let target = format!("statemesh.smoke/fn/{id}");
+    let invoke = one("invoke", &|s| s.attr("statemesh.address") == target);
+    assert_eq!(invoke.parent_span_id, forwarded.span_id);
+    assert_eq!(invoke.attr("statemesh.node"), "2");
+    let remote = one("invoke", &|s| s.attr("statemesh.address") == "bad/traced/x");
+    assert_eq!(remote.parent_span_id, invoke.span_id);
+    let reply_span = one("reply", &|_| true);
+    assert_eq!(reply_span.parent_span_id, invoke.span_id);
+    assert_eq!(
+        bad.traceparents.lock().unwrap()[0],
+        format!("00-{trace_id}-{}-01", remote.span_id),
+        "the remote function's request continues its invoke span"
+    );
+
+    // Not sampled by the caller: no span of that trace.
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    let (s, _, _) = common::http_headers(
+        &format!("{}/v1/call/statemesh.smoke/fn/{id}", n1.http),
+        "POST",
+        &[
+            ("content-type", "application/vnd.statemesh.smoke/Commands"),
+            (
+                "traceparent",
+                &format!("00-{unsampled}-b7ad6b7169203331-00"),
+            ),
+        ],
+        bytes::Bytes::from(r#"{"cmds":[{"reply":"again"}]}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        collector.spans().iter().all(|s| s.trace_id != unsampled),
+        "an unsampled request was traced"
+    );
+    n1.stop();
+    n2.stop();
+}
+
 /// A full snapshot lists only key groups that sled holds as of its label. Node 1 takes a full
 /// snapshot after every epoch that changed something, each waiting 1 s before it scans sled
 /// (fault point `checkpoint-full-snapshot-scan`); node 2 takes none. Node 2 joins under load:

@@ -629,6 +629,7 @@ async fn bad_input_is_refused_with_clear_errors() {
         }),
         message: Some(TypedValue::of(&1i64).to_proto()),
         idempotency_key: String::new(),
+        traceparent: String::new(),
     };
     let mut ingress =
         statemesh_proto::v1::ingress_client::IngressClient::connect(node.grpc.clone())

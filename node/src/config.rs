@@ -37,6 +37,33 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// OpenTelemetry traces (`[telemetry]`), off unless `otlp_endpoint` is set.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector to export spans to, e.g. `http://127.0.0.1:4317`. Unset (the
+    /// default): no traces, and no cost on the message path.
+    pub otlp_endpoint: Option<String>,
+    /// Share of requests entering the node without a `traceparent` that are traced (0..=1).
+    /// A request with one follows its sampled flag. Default 1.0.
+    pub sampling_ratio: f64,
+    /// `service.name` of the spans. Default `statemesh`.
+    pub service_name: String,
+    /// Finished spans are sent this often (and at shutdown). Default 1,000 ms.
+    pub export_interval_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            sampling_ratio: 1.0,
+            service_name: "statemesh".into(),
+            export_interval_ms: 1_000,
+        }
+    }
+}
+
 /// Failure detection and ownership leases in a cluster (`[mesh]`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -287,6 +314,8 @@ pub struct NodeConfig {
     pub checkpoint: CheckpointConfig,
     /// Failure detection and leases in a cluster.
     pub mesh: MeshConfig,
+    /// OpenTelemetry traces.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for NodeConfig {
@@ -313,6 +342,7 @@ impl Default for NodeConfig {
             retry: RetryConfig::default(),
             checkpoint: CheckpointConfig::default(),
             mesh: MeshConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -397,6 +427,20 @@ impl NodeConfig {
         }
         if let Err(e) = self.mesh.failure().check() {
             return Err(ConfigError::Invalid(format!("mesh.{e}")));
+        }
+        let t = &self.telemetry;
+        if !(0.0..=1.0).contains(&t.sampling_ratio) {
+            return bad("telemetry.sampling_ratio: expected 0.0..=1.0");
+        }
+        if let Some(e) = &t.otlp_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return bad(
+                    "telemetry.otlp_endpoint: expected http://HOST:PORT or https://HOST:PORT",
+                );
+            }
+        }
+        if t.export_interval_ms == 0 {
+            return bad("telemetry.export_interval_ms: expected at least 1");
         }
         for a in self.join.iter().chain(self.advertise_addr.iter()) {
             if !is_host_port(a) {

@@ -35,6 +35,9 @@ pub(crate) struct Invoke {
     pub batch: Vec<Pending>,
     pub state: Vec<StateSlot>,
     pub now_ms: u64,
+    /// The `traceparent` of the batch's first traced message's `invoke` span (a remote call
+    /// carries it).
+    pub traceparent: Option<String>,
 }
 
 pub(crate) struct Instance {
@@ -153,6 +156,7 @@ impl Handler<Invoke> for Instance {
             batch,
             mut state,
             now_ms,
+            traceparent,
         } = msg;
         refresh_ttl(&mut state, now_ms);
         let (slot, generation) = (self.slot, self.generation);
@@ -212,7 +216,9 @@ impl Handler<Invoke> for Instance {
                 let remote = remote.clone();
                 actix::spawn(async move {
                     let start = Instant::now();
-                    let call = remote.invoke(&address, &batch, &mut state, now_ms).await;
+                    let call = remote
+                        .invoke(&address, &batch, &mut state, now_ms, traceparent.as_deref())
+                        .await;
                     let took = start.elapsed().as_secs_f64();
                     local.hist.observe(took);
                     type_hist(&local, &entry).observe(took);

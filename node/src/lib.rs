@@ -30,6 +30,7 @@ pub mod remote;
 mod router;
 mod shard;
 mod store;
+pub mod telemetry;
 
 pub use checkpoint::driver::{CheckpointStatus, EpochInfo, RecoveryReport};
 pub use config::{AckMode, CheckpointConfig, NodeConfig, RetryConfig};

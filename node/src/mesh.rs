@@ -448,19 +448,37 @@ pub(crate) async fn forward_send(
     key: Option<String>,
     kg_version: u64,
 ) -> Result<(), ServiceError> {
+    let (span, traceparent) = forward_span(target);
     let req = pb::SendRequest {
         target: Some(target.to_proto()),
         message: Some(message.to_proto()),
         idempotency_key: key.unwrap_or_default(),
+        traceparent,
     };
-    p.forward(
+    let f = p.forward(
         node,
         addr,
         (Kind::Send, req.encode_to_vec(), kg_version),
         FORWARD_TIMEOUT,
-    )
-    .await
+    );
+    match span {
+        Some(s) => tracing::Instrument::instrument(f, s).await,
+        None => f.await,
+    }
     .map(|_| ())
+}
+
+/// The `forward` span of a request this node sends to the owner of its key group, if the
+/// request is traced, and the `traceparent` the owner continues it from (empty if not).
+fn forward_span(target: &Address) -> (Option<tracing::Span>, String) {
+    let Some(parent) = crate::telemetry::TraceParent::current() else {
+        return (None, String::new());
+    };
+    let span = crate::telemetry::child("forward", &target.to_string(), &parent);
+    let header = crate::telemetry::TraceParent::of(&span)
+        .map(|t| t.header())
+        .unwrap_or_default();
+    (Some(span), header)
 }
 
 /// Queues a fire-and-forget `Send` for its owner (`node` at `addr`, owning the key group at
@@ -475,10 +493,12 @@ pub(crate) fn forward_send_now(
     message: TypedValue,
 ) -> Result<(), ServiceError> {
     let p = router.placement();
+    let (span, traceparent) = forward_span(target);
     let req = pb::SendRequest {
         target: Some(target.to_proto()),
         message: Some(message.to_proto()),
         idempotency_key: String::new(),
+        traceparent,
     };
     let f = p.forwarder(addr)?;
     let rt =
@@ -498,6 +518,8 @@ pub(crate) fn forward_send_now(
     let target = target.clone();
     let router = router.clone();
     rt.spawn(async move {
+        // The `forward` span lasts until the owner answered.
+        let _span = span;
         match rx.await {
             Ok(Ok(_)) => {}
             Ok(Err(s)) => match owner_version(&s) {
@@ -530,20 +552,24 @@ pub(crate) async fn forward_call(
     timeout: Duration,
     key: Option<String>,
 ) -> Result<TypedValue, ServiceError> {
+    let (span, traceparent) = forward_span(target);
     let req = pb::CallRequest {
         target: Some(target.to_proto()),
         message: Some(message.to_proto()),
         timeout_ms: timeout.as_millis() as u64,
         idempotency_key: key.unwrap_or_default(),
+        traceparent,
     };
-    let b = p
-        .forward(
-            node,
-            addr,
-            (Kind::Call, req.encode_to_vec(), kg_version),
-            timeout + Duration::from_secs(2),
-        )
-        .await?;
+    let f = p.forward(
+        node,
+        addr,
+        (Kind::Call, req.encode_to_vec(), kg_version),
+        timeout + Duration::from_secs(2),
+    );
+    let b = match span {
+        Some(s) => tracing::Instrument::instrument(f, s).await,
+        None => f.await,
+    }?;
     pb::CallResponse::decode(b)
         .ok()
         .and_then(|r| r.reply)
@@ -602,6 +628,7 @@ pub(crate) async fn forward_batch(
                 target: Some(t.to_proto()),
                 message: Some(m.to_proto()),
                 idempotency_key: k.clone().unwrap_or_default(),
+                traceparent: String::new(),
             })
             .collect(),
     };
@@ -1122,6 +1149,7 @@ pub(crate) fn shard_messages(
                 caller: e.caller.map(|c| c.to_proto()),
                 message: Some(e.message.to_proto()),
                 idempotency_key: e.key.map(String::from).unwrap_or_default(),
+                traceparent: e.trace.map(|t| t.header()).unwrap_or_default(),
             })
             .collect(),
     }
@@ -1157,7 +1185,10 @@ fn take_fn(router: &crate::router::Router, r: &mpb::ForwardRequest) -> Result<()
                     None => None,
                 };
                 let key = Some(e.idempotency_key).filter(|k| !k.is_empty());
-                batch.push((t, caller, v, e.kg_version, key));
+                let trace = crate::telemetry::TraceParent::parse(&e.traceparent)
+                    .filter(|(_, sampled)| *sampled)
+                    .map(|(p, _)| Box::new(p));
+                batch.push((t, caller, v, e.kg_version, key, trace));
             }
             router.deliver_remote((m.from_node, m.from_shard), m.generation, batch);
             Ok(())
@@ -1261,6 +1292,30 @@ pub(crate) fn serve_forward(
     }))
 }
 
+/// The `forwarded` span of a request another node forwarded here, if it is traced.
+fn forwarded_span(target: &Address, traceparent: &str) -> Option<tracing::Span> {
+    if !crate::telemetry::enabled() {
+        return None;
+    }
+    let (parent, sampled) = crate::telemetry::TraceParent::parse(traceparent)?;
+    sampled.then(|| crate::telemetry::child("forwarded", &target.to_string(), &parent))
+}
+
+/// `f` boxed, inside `span` if there is one (the span ends when `f` does).
+fn traced<F>(
+    f: F,
+    span: Option<tracing::Span>,
+) -> futures::future::BoxFuture<'static, Result<Vec<u8>, ServiceError>>
+where
+    F: std::future::Future<Output = Result<Vec<u8>, ServiceError>> + Send + 'static,
+{
+    use futures::FutureExt;
+    match span {
+        Some(s) => tracing::Instrument::instrument(f, s).boxed(),
+        None => f.boxed(),
+    }
+}
+
 /// Starts one forwarded request: a `Send` or `Call` is checked and queued at once (its
 /// future waits for the outcome); the other kinds run entirely in the future.
 fn start_one(
@@ -1273,27 +1328,35 @@ fn start_one(
             let q = pb::SendRequest::decode(r.request.clone()).map_err(bad)?;
             let (t, m) = parts(q.target, q.message)?;
             let key = Some(q.idempotency_key).filter(|k| !k.is_empty());
+            let span = forwarded_span(&t, &q.traceparent);
+            let _in = span.as_ref().map(|s| s.enter());
             let ack = router.send_forwarded_now(t, m, key, r.kg_version)?;
-            Ok(async move {
-                ack.await?;
-                Ok(pb::SendResponse {}.encode_to_vec())
-            }
-            .boxed())
+            Ok(traced(
+                async move {
+                    ack.await?;
+                    Ok(pb::SendResponse {}.encode_to_vec())
+                },
+                span.clone(),
+            ))
         })(),
         Ok(Kind::Call) => (|| {
             let q = pb::CallRequest::decode(r.request.clone()).map_err(bad)?;
             let (t, m) = parts(q.target, q.message)?;
             let key = Some(q.idempotency_key).filter(|k| !k.is_empty());
             let timeout = Duration::from_millis(q.timeout_ms.max(1));
+            let span = forwarded_span(&t, &q.traceparent);
+            let _in = span.as_ref().map(|s| s.enter());
             let reply = router.call_forwarded_now(t, m, timeout, key, r.kg_version)?;
-            Ok(async move {
-                let v = reply.await?;
-                Ok(pb::CallResponse {
-                    reply: Some(v.to_proto()),
-                }
-                .encode_to_vec())
-            }
-            .boxed())
+            Ok(traced(
+                async move {
+                    let v = reply.await?;
+                    Ok(pb::CallResponse {
+                        reply: Some(v.to_proto()),
+                    }
+                    .encode_to_vec())
+                },
+                span.clone(),
+            ))
         })(),
         _ => {
             let router = router.clone();
@@ -2081,7 +2144,7 @@ mod tests {
         r.deliver_remote(
             (other.0, 0),
             0,
-            vec![(a.clone(), None, TypedValue::of(&5i64), 2, None)],
+            vec![(a.clone(), None, TypedValue::of(&5i64), 2, None, None)],
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let held = total(&r, &a).await;
@@ -2115,6 +2178,7 @@ mod tests {
             message: TypedValue::of(&5i64),
             ingress: false,
             key: key.map(Into::into),
+            trace: None,
         };
         let frame = |e| mpb::ForwardRequest {
             kind: Kind::Deliver as i32,

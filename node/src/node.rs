@@ -325,6 +325,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         // The members of a cluster name their epoch objects apart.
         config.checkpoint.node_id = format!("node-{node_id}");
     }
+    crate::telemetry::set_node(node_id);
     let config = Arc::new(config);
     let cluster: crate::cluster::ClusterHandle = Default::default();
     // Listeners first, so a bad address fails before anything starts, and the addresses to
@@ -844,6 +845,7 @@ pub(crate) fn envelopes(
             message,
             ingress: false,
             key: None,
+            trace: None,
         });
     }
     out

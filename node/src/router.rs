@@ -52,7 +52,14 @@ pub(crate) fn parse_reply_id(id: &str) -> Option<ReplyTo<'_>> {
 /// A message another node's shard sent here: target, caller, message, the target's key group
 /// version in the sender's table, and a client's idempotency key (a request its old owner kept
 /// during a live move).
-pub(crate) type RemoteMessage = (Address, Option<Address>, TypedValue, u64, Option<String>);
+pub(crate) type RemoteMessage = (
+    Address,
+    Option<Address>,
+    TypedValue,
+    u64,
+    Option<String>,
+    crate::telemetry::Trace,
+);
 
 /// A message on its way to an address.
 pub(crate) struct Envelope {
@@ -64,6 +71,8 @@ pub(crate) struct Envelope {
     pub ingress: bool,
     /// The ingress request's idempotency key.
     pub key: Option<Box<str>>,
+    /// The span that sent it, if it is traced (`crate::telemetry`).
+    pub trace: crate::telemetry::Trace,
 }
 
 /// Where a call's reply goes.
@@ -464,6 +473,7 @@ impl Router {
                 message,
                 ingress: true,
                 key: None,
+                trace: crate::telemetry::TraceParent::current(),
             },
         )
     }
@@ -1165,7 +1175,7 @@ impl Router {
         let mut per: Vec<(Vec<Envelope>, Vec<u64>)> = (0..self.shard_count())
             .map(|_| Default::default())
             .collect();
-        for (target, caller, message, version, key) in batch {
+        for (target, caller, message, version, key, trace) in batch {
             let kg = self.key_group(&target);
             let (envs, versions) = &mut per[self.shard_of(kg)];
             envs.push(Envelope {
@@ -1175,6 +1185,7 @@ impl Router {
                 message,
                 ingress: false,
                 key: key.map(String::into_boxed_str),
+                trace,
             });
             versions.push(version);
         }

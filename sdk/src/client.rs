@@ -366,6 +366,7 @@ impl Client {
             target: Some(target.to_proto()),
             message: Some(message.to_proto()),
             idempotency_key: key.unwrap_or_default().to_string(),
+            traceparent: String::new(),
         };
         self.retrying(key.is_some(), |mut c| {
             let req = req.clone();
@@ -398,6 +399,7 @@ impl Client {
             message: Some(message.to_proto()),
             idempotency_key: key.unwrap_or_default().to_string(),
             timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+            traceparent: String::new(),
         };
         let resp = self
             .retrying(key.is_some(), |mut c| {
@@ -421,6 +423,7 @@ impl Client {
                 target: Some(a.to_proto()),
                 message: Some(v.to_proto()),
                 idempotency_key: String::new(),
+                traceparent: String::new(),
             })
             .ready_chunks(batch.max(1))
             .map(|messages| pb::SendBatch { messages });

@@ -1,6 +1,7 @@
 //! A deliberately broken StateFun function server on a loopback port: each path misbehaves
 //! in one way (garbage, wrong content type, 500, 404, hang, reset, oversized body, protocol
-//! violations), plus `/flaky` which fails twice and then answers properly.
+//! violations), plus `/flaky` which fails twice and then answers properly, and `/traced`
+//! which answers properly and records the request's `traceparent` header.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct BadServer {
     pub port: u16,
     pub flaky_calls: Arc<AtomicU32>,
+    /// The `traceparent` headers of the requests to `/traced` (empty: none).
+    pub traceparents: Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -22,7 +25,7 @@ impl Drop for BadServer {
     }
 }
 
-async fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+async fn read_request(s: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 8192];
     let header_end = loop {
@@ -53,7 +56,7 @@ async fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
         }
         body.extend_from_slice(&tmp[..n]);
     }
-    Some((path, body))
+    Some((path, head, body))
 }
 
 fn response(status: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
@@ -85,8 +88,12 @@ fn mutation(name: &str, typename: &str) -> pb::from_function::PersistedValueMuta
     }
 }
 
-async fn serve(mut s: TcpStream, flaky: Arc<AtomicU32>) {
-    while let Some((path, body)) = read_request(&mut s).await {
+async fn serve(
+    mut s: TcpStream,
+    flaky: Arc<AtomicU32>,
+    traceparents: Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    while let Some((path, head, body)) = read_request(&mut s).await {
         let ok = |b: Vec<u8>| response("200 OK", "application/octet-stream", &b);
         let reply = match path.as_str() {
             "/garbage" => ok(vec![0xff; 16]),
@@ -161,6 +168,19 @@ async fn serve(mut s: TcpStream, flaky: Arc<AtomicU32>) {
                     }))
                 }
             }
+            "/traced" => {
+                let t = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.trim()
+                            .eq_ignore_ascii_case("traceparent")
+                            .then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                traceparents.lock().unwrap().push(t);
+                ok(result(pb::from_function::InvocationResponse::default()))
+            }
             _ => response("400 Bad Request", "text/plain", b"unknown path"),
         };
         if s.write_all(&reply).await.is_err() {
@@ -173,16 +193,18 @@ pub async fn start() -> BadServer {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     let flaky_calls = Arc::new(AtomicU32::new(0));
-    let f2 = flaky_calls.clone();
+    let traceparents: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let (f2, t2) = (flaky_calls.clone(), traceparents.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
-            tokio::spawn(serve(s, f2.clone()));
+            tokio::spawn(serve(s, f2.clone(), t2.clone()));
         }
     });
     BadServer {
         port,
         flaky_calls,
+        traceparents,
         task,
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod badserver;
 pub mod kafka;
+pub mod otlp;
 pub mod python;
 
 use std::io::{BufRead, BufReader};
@@ -388,11 +389,25 @@ async fn request_with_headers(
     content_type: Option<&str>,
     body: Bytes,
 ) -> Result<(u16, hyper::HeaderMap, Bytes), String> {
+    let headers: Vec<(&str, &str)> = content_type
+        .map(|c| ("content-type", c))
+        .into_iter()
+        .collect();
+    http_headers(url, method, &headers, body).await
+}
+
+/// One HTTP request with the given request headers: (status, response headers, body).
+pub async fn http_headers(
+    url: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<(u16, hyper::HeaderMap, Bytes), String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let mut req = hyper::Request::builder().method(method).uri(url);
-    if let Some(ct) = content_type {
-        req = req.header("content-type", ct);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
     let resp = client
         .request(req.body(Full::new(body)).unwrap())

@@ -236,15 +236,27 @@ fn typename(t: &str) -> String {
     }
 }
 
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+/// Logs to stderr (`RUST_LOG`, default `info`), and spans of the message path to an OTLP
+/// collector if `[telemetry]` names one. The guard flushes the spans when dropped.
+fn init_tracing(
+    telemetry: &statemesh_node::config::TelemetryConfig,
+) -> Result<statemesh_node::telemetry::Guard, String> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_filter(filter);
+    let (otel, guard) = statemesh_node::telemetry::layer(telemetry)?;
+    tracing_subscriber::registry().with(fmt).with(otel).init();
+    Ok(guard)
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -253,6 +265,26 @@ pub fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: cannot start the tokio runtime: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    // A node's `[telemetry]` (the node reports any other problem of its file itself).
+    let telemetry = match &cli.command {
+        Command::Node {
+            config: Some(p), ..
+        } => NodeConfig::load_unchecked(p)
+            .map(|c| c.telemetry)
+            .unwrap_or_default(),
+        _ => Default::default(),
+    };
+    // Dropped before the runtime: the last spans are flushed through it.
+    let _telemetry = {
+        let _in = rt.enter();
+        match init_tracing(&telemetry) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     };
     match rt.block_on(run(cli)) {

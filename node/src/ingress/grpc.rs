@@ -32,16 +32,36 @@ fn target_and_message(
     Ok((target, TypedValue::from_proto(message)))
 }
 
+/// The request's `traceparent` metadata, if any.
+fn traceparent<T>(req: &Request<T>) -> Option<String> {
+    req.metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// The `ingress` span of a request (its `traceparent` from the metadata, else from the
+/// request's field), if it is traced.
+fn ingress_span(target: &Address, header: Option<String>, field: &str) -> Option<tracing::Span> {
+    if !crate::telemetry::enabled() {
+        return None;
+    }
+    let parent = header.or_else(|| (!field.is_empty()).then(|| field.to_string()));
+    crate::telemetry::ingress(&target.to_string(), parent.as_deref())
+}
+
 #[tonic::async_trait]
 impl pb::ingress_server::Ingress for IngressService {
     async fn send(
         &self,
         req: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
+        let header = traceparent(&req);
         let r = req.into_inner();
         let (target, message) = target_and_message(r.target, r.message)?;
+        let span = ingress_span(&target, header, &r.traceparent);
         let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
-        self.shared.router.send_with(target, message, key).await?;
+        super::traced(self.shared.router.send_with(target, message, key), span).await?;
         Ok(Response::new(pb::SendResponse {}))
     }
 
@@ -49,19 +69,23 @@ impl pb::ingress_server::Ingress for IngressService {
         &self,
         req: Request<pb::CallRequest>,
     ) -> Result<Response<pb::CallResponse>, Status> {
+        let header = traceparent(&req);
         let r = req.into_inner();
         let (target, message) = target_and_message(r.target, r.message)?;
+        let span = ingress_span(&target, header, &r.traceparent);
         let timeout = if r.timeout_ms > 0 {
             r.timeout_ms
         } else {
             self.shared.config.call_timeout_ms
         };
         let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
-        let reply = self
-            .shared
-            .router
-            .call_with(target, message, Duration::from_millis(timeout), key)
-            .await?;
+        let reply = super::traced(
+            self.shared
+                .router
+                .call_with(target, message, Duration::from_millis(timeout), key),
+            span,
+        )
+        .await?;
         Ok(Response::new(pb::CallResponse {
             reply: Some(reply.to_proto()),
         }))

@@ -76,8 +76,21 @@ async fn send(
 ) -> Result<HttpResponse, ServiceError> {
     let (target, message) = parse_request(&shared, &req, &path, body)?;
     let key = idempotency_key(&req)?;
-    shared.router.send_with(target, message, key).await?;
+    let span = ingress_span(&req, &target);
+    super::traced(shared.router.send_with(target, message, key), span).await?;
     Ok(HttpResponse::Accepted().finish())
+}
+
+/// The `ingress` span of a request (continuing its `traceparent` header), if it is traced.
+fn ingress_span(req: &HttpRequest, target: &Address) -> Option<tracing::Span> {
+    if !crate::telemetry::enabled() {
+        return None;
+    }
+    let header = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    crate::telemetry::ingress(&target.to_string(), header)
 }
 
 /// The `Idempotency-Key` header, if any.
@@ -124,10 +137,14 @@ async fn call(
     let (target, message) = parse_request(&shared, &req, &path, body)?;
     let timeout = call_timeout(&shared, &req)?;
     let key = idempotency_key(&req)?;
-    let reply = shared
-        .router
-        .call_with(target, message, Duration::from_millis(timeout), key)
-        .await?;
+    let span = ingress_span(&req, &target);
+    let reply = super::traced(
+        shared
+            .router
+            .call_with(target, message, Duration::from_millis(timeout), key),
+        span,
+    )
+    .await?;
     Ok(reply_response(&reply))
 }
 
@@ -566,7 +583,8 @@ async fn playground_put(
             }
         }
     };
-    shared.router.send_with(target, message, None).await?;
+    let span = ingress_span(&req, &target);
+    super::traced(shared.router.send_with(target, message, None), span).await?;
     Ok(HttpResponse::Ok().finish())
 }
 

@@ -142,6 +142,15 @@ pub fn states_to_json(
     serde_json::json!({ "address": address.to_string(), "states": states })
 }
 
+/// Runs `f` inside `span` if there is one (a traced request's `ingress` span, which ends when
+/// `f` does).
+pub(crate) async fn traced<F: std::future::Future>(f: F, span: Option<tracing::Span>) -> F::Output {
+    match span {
+        Some(s) => tracing::Instrument::instrument(f, s).await,
+        None => f.await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -186,14 +186,21 @@ impl RemoteFunction {
         req
     }
 
-    async fn attempt(&self, body: Bytes, budget: Duration) -> Result<Bytes, AttemptError> {
-        let req = hyper::Request::post(&self.url)
-            .header("content-type", "application/octet-stream")
-            .body(Full::new(body))
-            .map_err(|e| AttemptError {
-                reason: format!("invalid endpoint URL {:?}: {e}", self.url),
-                retryable: false,
-            })?;
+    async fn attempt(
+        &self,
+        body: Bytes,
+        budget: Duration,
+        traceparent: Option<&str>,
+    ) -> Result<Bytes, AttemptError> {
+        let mut req =
+            hyper::Request::post(&self.url).header("content-type", "application/octet-stream");
+        if let Some(t) = traceparent {
+            req = req.header("traceparent", t);
+        }
+        let req = req.body(Full::new(body)).map_err(|e| AttemptError {
+            reason: format!("invalid endpoint URL {:?}: {e}", self.url),
+            retryable: false,
+        })?;
         let limit = self.endpoint.payload_max_bytes;
         let call = async {
             let client = POOLS.with(|p| {
@@ -260,6 +267,7 @@ impl RemoteFunction {
         batch: &[Pending],
         state: &mut [StateSlot],
         now_ms: u64,
+        traceparent: Option<&str>,
     ) -> CallResult {
         let body = Bytes::from(self.request(target, batch, state, now_ms));
         let deadline = Instant::now() + self.endpoint.call_timeout;
@@ -268,7 +276,7 @@ impl RemoteFunction {
         loop {
             attempts += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let err = match self.attempt(body.clone(), remaining).await {
+            let err = match self.attempt(body.clone(), remaining, traceparent).await {
                 Ok(resp) => match self.decode(&resp, state) {
                     Ok(ff) => {
                         let outcome = match apply_response(&self.typ, ff, state, now_ms) {

@@ -103,6 +103,8 @@ pub(crate) struct Pending {
     /// A cut listed it among its pending messages (the next cut that finds it writes its
     /// record instead).
     pub seen: bool,
+    /// The span that sent it, if it is traced (`crate::telemetry`).
+    pub trace: crate::telemetry::Trace,
 }
 
 /// A message of a remote batch in flight, as the cuts see it.
@@ -332,6 +334,8 @@ pub(crate) struct Shard {
     by_addr: FxHashMap<Address, usize>,
     ready: Vec<usize>,
     dirty: Vec<usize>,
+    /// The `invoke` spans of traced batches in flight, by slot (`crate::telemetry`).
+    invoke_spans: FxHashMap<usize, Vec<tracing::Span>>,
     outgoing: Vec<Vec<Envelope>>,
     timers: Timers,
     pending_writes: WriteBatch,
@@ -534,6 +538,7 @@ impl Shard {
             by_addr: FxHashMap::default(),
             ready: Vec::new(),
             dirty: Vec::new(),
+            invoke_spans: FxHashMap::default(),
             timers: Timers::default(),
             pending_writes: WriteBatch::default(),
             record_n: 0,
@@ -764,6 +769,10 @@ impl Shard {
         // goes with it.
         if self.router.is_reply_address(&env.target) {
             self.delete_record(env.kg, record);
+            let _reply = env
+                .trace
+                .as_deref()
+                .map(|t| crate::telemetry::child("reply", &env.target.to_string(), t));
             self.handle_reply(&env.target, Ok(env.message));
             return;
         }
@@ -811,6 +820,7 @@ impl Shard {
             attempts: 0,
             record,
             seen: false,
+            trace: env.trace,
         });
         if !slot.in_busy_list {
             slot.in_busy_list = true;
@@ -956,6 +966,23 @@ impl Shard {
                 slot.instance = Some(Instance::new(i, self.generation).start());
                 self.actor_starts += 1;
             }
+            let traceparent =
+                if crate::telemetry::enabled() && batch.iter().any(|p| p.trace.is_some()) {
+                    let what = slot.address.to_string();
+                    let spans: Vec<tracing::Span> = batch
+                        .iter()
+                        .filter_map(|p| p.trace.as_deref())
+                        .map(|t| crate::telemetry::child("invoke", &what, t))
+                        .collect();
+                    let header = spans
+                        .first()
+                        .and_then(crate::telemetry::TraceParent::of)
+                        .map(|t| t.header());
+                    self.invoke_spans.insert(i, spans);
+                    header
+                } else {
+                    None
+                };
             let instance = slot.instance.as_ref().expect("started above");
             instance.do_send(Invoke {
                 address: slot.address.clone(),
@@ -963,6 +990,7 @@ impl Shard {
                 batch,
                 state,
                 now_ms: now,
+                traceparent,
             });
         }
     }
@@ -1099,6 +1127,17 @@ impl Shard {
 
     /// Routes a message produced by an invocation or a timer.
     fn route(&mut self, target: Address, caller: Option<Address>, message: TypedValue) {
+        self.route_traced(target, caller, message, None);
+    }
+
+    /// [`Shard::route`] for a message sent by a traced invocation (`trace`: its span).
+    fn route_traced(
+        &mut self,
+        target: Address,
+        caller: Option<Address>,
+        message: TypedValue,
+        trace: crate::telemetry::Trace,
+    ) {
         let kg = self.router.key_group(&target);
         let env = Envelope {
             target,
@@ -1107,6 +1146,7 @@ impl Shard {
             message,
             ingress: false,
             key: None,
+            trace,
         };
         self.route_env(env);
     }
@@ -1209,12 +1249,23 @@ impl Shard {
         );
     }
 
-    fn apply_effects(&mut self, sender: &Address, sender_kg: u32, effects: Effects) {
+    fn apply_effects(
+        &mut self,
+        sender: &Address,
+        sender_kg: u32,
+        effects: Effects,
+        trace: Option<&crate::telemetry::TraceParent>,
+    ) {
         // A Kafka partition instance hands on ingress records: their targets see no caller,
         // as with any ingress message (StateFun's too), and do not reply to it.
         let caller = (sender.typ.as_str() != crate::kafka::PARTITION_TYPE).then_some(sender);
         for (target, message) in effects.messages {
-            self.route(target, caller.cloned(), message);
+            self.route_traced(
+                target,
+                caller.cloned(),
+                message,
+                trace.map(|t| Box::new(*t)),
+            );
         }
         let now = now_ms();
         for d in effects.delayed {
@@ -1757,6 +1808,9 @@ impl Handler<InvokeDone> for Shard {
             return;
         }
         let i = done.slot;
+        // The batch's `invoke` spans end with this handler; what it sent continues the first.
+        let spans = self.invoke_spans.remove(&i).unwrap_or_default();
+        let trace = spans.first().and_then(crate::telemetry::TraceParent::of);
         if self.zombies.remove(&i) {
             // Its key group moved away meanwhile: its inputs were pending at the move's cut.
             let slot = self.slots.remove(i);
@@ -1829,7 +1883,7 @@ impl Handler<InvokeDone> for Shard {
                 self.delete_record(kg, p.record);
             }
         }
-        self.apply_effects(&address, kg, done.effects);
+        self.apply_effects(&address, kg, done.effects, trace.as_ref());
         self.mark_dirty(i);
 
         if done.renegotiate {
@@ -1963,6 +2017,7 @@ impl Handler<Rollback> for Shard {
                 self.router.complete_call(c, Err(why()));
             }
         }
+        self.invoke_spans.clear();
         let mut ingress = 0;
         for (_, slot) in std::mem::take(&mut self.slots) {
             ingress += slot.inbox.iter().filter(|p| p.ingress).count() + slot.in_flight_ingress;
@@ -2238,6 +2293,7 @@ mod tests {
             message: TypedValue::new("json", format!("{{\"id\":\"{id}\"}}")),
             ingress: false,
             key: None,
+            trace: None,
         }
     }
 
