@@ -1203,3 +1203,235 @@ async fn state_is_set_and_deleted_through_committed_epochs() {
     );
     node.stop();
 }
+
+/// `[auth]`: ingress tokens scoped to what they may address, the admin token for the admin
+/// API and the console, a tokens file read again when it changes; bad or missing credentials
+/// get UNAUTHENTICATED/401 or PERMISSION_DENIED/403, counted in a metric. `/healthz` and
+/// `/readyz` stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_control_with_scoped_tokens_an_admin_token_and_a_reloaded_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let file_token = |t: &str| {
+        std::fs::write(
+            &tokens,
+            format!("[[tokens]]\ntoken = \"{t}\"\nnamespaces = [\"example/greeter\"]\n"),
+        )
+        .unwrap()
+    };
+    file_token("greeter-token-0123456789");
+    let (counter_t, admin_t) = ("counter-token-0123456789", "admin-token-0123456789");
+    let config = format!(
+        "[auth]\ntokens = [{{ token = \"{counter_t}\", namespaces = [\"example/counter\"] }}]\ntokens_file = \"{}\"\nadmin_token = \"{admin_t}\"\n",
+        tokens.display()
+    );
+    let node = Node::start(&dir.path().join("n"), Some(&config));
+
+    // gRPC.
+    let anon = node.client().await;
+    let e = anon
+        .call(&addr("example/counter/a"), TypedValue::of(&1i64))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::Unauthenticated), "{e}");
+    let c = statemesh_sdk::Client::connect_with_token(&node.grpc, Some(counter_t))
+        .await
+        .unwrap();
+    let r = c
+        .call(&addr("example/counter/a"), TypedValue::of(&1i64))
+        .await
+        .unwrap();
+    assert_eq!(r.get::<i64>().unwrap(), 1);
+    let e = c
+        .call(
+            &addr("example/greeter/a"),
+            TypedValue::of(&"hi".to_string()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::PermissionDenied), "{e}");
+    assert!(
+        e.to_string().contains("may not address example/greeter"),
+        "{e}"
+    );
+    let e = c.get_state(&addr("example/counter/a")).await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::PermissionDenied), "{e}");
+    let admin = statemesh_sdk::Client::connect_with_token(&node.grpc, Some(admin_t))
+        .await
+        .unwrap();
+    assert_eq!(
+        admin
+            .get_state(&addr("example/counter/a"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let e = anon.cluster().await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::Unauthenticated), "{e}");
+
+    // HTTP.
+    let h = |path: &str, method: &'static str, token: Option<&str>, body: &'static str| {
+        let url = format!("{}{path}", node.http);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        async move {
+            let mut headers = vec![("content-type", "application/vnd.io.statefun.types/long")];
+            if let Some(a) = &auth {
+                headers.push(("authorization", a.as_str()));
+            }
+            let (s, _, b) = common::http_headers(&url, method, &headers, Bytes::from(body))
+                .await
+                .unwrap();
+            (s, String::from_utf8_lossy(&b).to_string())
+        }
+    };
+    assert_eq!(
+        h("/v1/call/example/counter/a", "POST", None, "1").await.0,
+        401
+    );
+    assert_eq!(
+        h(
+            "/v1/call/example/counter/a",
+            "POST",
+            Some("wrong-token-0123456789"),
+            "1"
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(
+        h("/v1/call/example/counter/a", "POST", Some(counter_t), "1").await,
+        (200, "2".to_string())
+    );
+    let (s, body) = h("/v1/send/example/cart/a", "POST", Some(counter_t), "1").await;
+    assert_eq!(
+        (s, body.contains("may not address example/cart")),
+        (403, true),
+        "{body}"
+    );
+    // Percent-encoding does not get around a scope.
+    assert_eq!(
+        h("/v1/call/ex%61mple/greeter/a", "POST", Some(counter_t), "1")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(h("/v1/cluster", "GET", None, "").await.0, 401);
+    assert_eq!(h("/v1/cluster", "GET", Some(counter_t), "").await.0, 403);
+    assert_eq!(h("/v1/cluster", "GET", Some(admin_t), "").await.0, 200);
+    assert_eq!(h("/healthz", "GET", None, "").await.0, 200);
+    assert_eq!(h("/readyz", "GET", None, "").await.0, 200);
+    // The admin token admits the ingress too.
+    assert_eq!(
+        h("/v1/call/example/counter/b", "POST", Some(admin_t), "5")
+            .await
+            .0,
+        200
+    );
+
+    // The CLI: --token or STATEMESH_TOKEN.
+    let (ok, _, err) = node.cli(&["call", "example/counter/c", "1", "--type", "long"]);
+    assert!(
+        !ok && err.to_lowercase().contains("missing credentials"),
+        "{err}"
+    );
+    let out = std::process::Command::new(common::BIN)
+        .args(["call", "example/counter/c", "1", "--type", "long"])
+        .env("STATEMESH_NODE", &node.grpc)
+        .env("STATEMESH_TOKEN", counter_t)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, out, err) = node.cli(&["state", "get", "example/counter/c", "--token", admin_t]);
+    assert!(ok, "{out}{err}");
+
+    // The tokens file is read again when it changes.
+    let call_greeter = |t: &str| {
+        let url = format!("{}/v1/call/example/greeter/g", node.http);
+        let auth = format!("Bearer {t}");
+        async move {
+            common::http_headers(
+                &url,
+                "POST",
+                &[("content-type", "text/plain"), ("authorization", &auth)],
+                Bytes::from("hi"),
+            )
+            .await
+            .unwrap()
+            .0
+        }
+    };
+    assert_eq!(call_greeter("greeter-token-0123456789").await, 200);
+    file_token("greeter-token-2-0123456789");
+    eventually(
+        "the new token of the file",
+        Duration::from_secs(10),
+        || async { (call_greeter("greeter-token-2-0123456789").await == 200).then_some(()) },
+    )
+    .await;
+    assert_eq!(call_greeter("greeter-token-0123456789").await, 401);
+
+    // The console: a login form, then a cookie.
+    let (s, body) = h("/ui", "GET", None, "").await;
+    assert_eq!(s, 401);
+    assert!(body.contains("action=\"/ui/login\""), "{body}");
+    let login = |t: &str| {
+        let url = format!("{}/ui/login", node.http);
+        let form = format!("token={t}");
+        async move {
+            common::http_headers(
+                &url,
+                "POST",
+                &[("content-type", "application/x-www-form-urlencoded")],
+                Bytes::from(form),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(login("wrong-token-0123456789").await.0, 401);
+    let (s, headers, _) = login(admin_t).await;
+    assert_eq!(s, 303);
+    let cookie = headers["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    for path in ["/ui", "/v1/cluster"] {
+        let (s, _, _) = common::http_headers(
+            &format!("{}{path}", node.http),
+            "GET",
+            &[("cookie", &cookie)],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 200, "{path}");
+    }
+
+    // Every refusal is counted.
+    let (_, metrics) = h("/metrics", "GET", Some(admin_t), "").await;
+    let count = |surface: &str, reason: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("statemesh_auth_refused_total")
+                    && l.contains(&format!("surface=\"{surface}\""))
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(count("grpc", "unauthenticated") >= 3.0, "{metrics}");
+    assert!(count("grpc", "forbidden") >= 2.0, "{metrics}");
+    assert!(count("http", "unauthenticated") >= 5.0, "{metrics}");
+    assert!(count("http", "forbidden") >= 3.0, "{metrics}");
+    node.stop();
+}

@@ -888,3 +888,45 @@ async fn dead_letters_are_listed_and_replayed_once_the_function_server_is_back()
     );
     node.stop();
 }
+
+/// `[auth] function_signing_key`: the node signs every remote-function request (an HMAC
+/// header); the SDK's `FunctionServer::verify_signatures` serves a node signing with its key
+/// and refuses (401) one signing with another key or not at all, so those messages are
+/// dead-lettered naming the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_function_requests_are_signed_and_the_sdk_server_verifies_them() {
+    let key = "function-signing-key-0123456789abcdef";
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut server = statemesh_sdk::server::FunctionServer::new().verify_signatures(key);
+    for (typ, f) in statemesh_examples::all() {
+        server = server.function_arc(statemesh_sdk::TypeName::new("rs", typ.name()).unwrap(), f);
+    }
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(server.serve_listener(listener))
+    });
+    let module = format!("kind: io.statefun.endpoints.v2/http\nspec:\n  functions: rs/*\n  urlPathTemplate: http://127.0.0.1:{port}/statefun\n  transport:\n    call: 1s\n");
+    let dir = tempfile::tempdir().unwrap();
+    for (name, signing) in [
+        ("same key", Some(key)),
+        ("another key", Some("another-signing-key-0123456789abcdef")),
+        ("unsigned", None),
+    ] {
+        let config = signing
+            .map(|k| format!("[auth]\nfunction_signing_key = \"{k}\"\n"))
+            .unwrap_or_default();
+        let node = Node::start_with_module(
+            &dir.path().join(name.replace(' ', "-")),
+            Some(&config),
+            Some(&module),
+        );
+        let (s, _, body) = post(&node, "call", "rs/counter/c", LONG, "2").await;
+        if signing == Some(key) {
+            assert_eq!((s, body.as_str()), (200, "2"), "{name}");
+        } else {
+            assert_eq!(s, 502, "{name}: {body}");
+            assert!(body.contains("HTTP status 401"), "{name}: {body}");
+        }
+        node.stop();
+    }
+}

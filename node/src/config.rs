@@ -37,6 +37,42 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// An ingress token and what it may address (`[[auth.tokens]]`, or a tokens file).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The bearer token (at least 16 characters).
+    pub token: String,
+    /// What it may address: `ns/*` (every function type and egress topic of namespace `ns`),
+    /// `ns/type` (one function type), or `*` (everything).
+    pub namespaces: Vec<String>,
+}
+
+/// Access control (`[auth]`). Off (everything open, as without it) unless tokens are set.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Ingress tokens (gRPC `Ingress`, `/v1/send`, `/v1/call`, `/v1/egress`, the playground).
+    pub tokens: Vec<TokenConfig>,
+    /// A TOML file of more `[[tokens]]`, read at start and again whenever it changes (checked
+    /// every second; a file that does not parse keeps the tokens read before, and says why).
+    pub tokens_file: Option<PathBuf>,
+    /// The token of the admin API (gRPC `Admin`, the other HTTP endpoints but `/healthz` and
+    /// `/readyz`, and the console at `/ui`). Unset while ingress tokens are set: the admin API
+    /// is refused.
+    pub admin_token: Option<String>,
+    /// Sign every request to a remote function with this key (at least 32 characters): an
+    /// HMAC-SHA256 header the function server verifies (`statemesh_sdk::signing`).
+    pub function_signing_key: Option<String>,
+}
+
+impl AuthConfig {
+    /// Whether any access control is configured.
+    pub fn enabled(&self) -> bool {
+        !self.tokens.is_empty() || self.tokens_file.is_some() || self.admin_token.is_some()
+    }
+}
+
 /// OpenTelemetry traces (`[telemetry]`), off unless `otlp_endpoint` is set.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -316,6 +352,8 @@ pub struct NodeConfig {
     pub mesh: MeshConfig,
     /// OpenTelemetry traces.
     pub telemetry: TelemetryConfig,
+    /// Access control.
+    pub auth: AuthConfig,
 }
 
 impl Default for NodeConfig {
@@ -343,6 +381,7 @@ impl Default for NodeConfig {
             checkpoint: CheckpointConfig::default(),
             mesh: MeshConfig::default(),
             telemetry: TelemetryConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -441,6 +480,25 @@ impl NodeConfig {
         }
         if t.export_interval_ms == 0 {
             return bad("telemetry.export_interval_ms: expected at least 1");
+        }
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            crate::auth::check_token(t)
+                .map_err(|e| ConfigError::Invalid(format!("auth.tokens[{i}]: {e}")))?;
+        }
+        if self
+            .auth
+            .function_signing_key
+            .as_ref()
+            .is_some_and(|k| k.len() < 32)
+        {
+            return bad("auth.function_signing_key: expected at least 32 characters");
+        }
+        if let Some(a) = &self.auth.admin_token {
+            crate::auth::check_token(&TokenConfig {
+                token: a.clone(),
+                namespaces: vec!["*".into()],
+            })
+            .map_err(|e| ConfigError::Invalid(format!("auth.admin_{e}")))?;
         }
         for a in self.join.iter().chain(self.advertise_addr.iter()) {
             if !is_host_port(a) {

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod admin;
+pub mod auth;
 pub mod checkpoint;
 pub mod cluster;
 pub mod config;

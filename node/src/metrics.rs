@@ -76,6 +76,9 @@ pub struct Metrics {
     pub checkpoint_pending_listed: IntCounter,
     /// Pending message records written (a message still pending at its second cut).
     pub checkpoint_pending_recorded: IntCounter,
+    /// Requests refused by access control, by surface (`grpc`, `http`) and reason
+    /// (`unauthenticated`: no or an unknown token; `forbidden`: a token not allowed there).
+    pub auth_refused: IntCounterVec,
     /// Kafka records handed to functions, by ingress.
     pub kafka_ingress_records: IntCounterVec,
     /// Records of a partition not yet handed to functions (its end offset minus the partition
@@ -204,6 +207,12 @@ impl Metrics {
         r.register(Box::new(kafka_ingress_lag.clone()))
             .expect("metric registered once");
         Metrics {
+            auth_refused: counter_vec(
+                &r,
+                "statemesh_auth_refused_total",
+                "Requests refused by access control (bad or missing credentials)",
+                &["surface", "reason"],
+            ),
             kafka_ingress_records: counter_vec(
                 &r,
                 "statemesh_kafka_ingress_records_total",

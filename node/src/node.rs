@@ -120,6 +120,8 @@ pub(crate) struct Shared {
     pub checkpoints: StatusHandle,
     pub cluster: crate::cluster::ClusterHandle,
     pub mesh: Arc<crate::mesh::MeshService>,
+    /// Access control (`[auth]`).
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 impl Shared {
@@ -306,8 +308,9 @@ struct ActixStarted {
     system: actix_rt::System,
 }
 
-async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, StartError> {
+async fn start(config: NodeConfig, mut registry: Registry) -> Result<NodeHandle, StartError> {
     config.validate()?;
+    registry.set_signing_key(config.auth.function_signing_key.as_deref());
     for w in &registry.module().warnings {
         tracing::warn!("{w}");
     }
@@ -604,6 +607,10 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         }
     }
 
+    let auth = crate::auth::Auth::new(&config.auth, router.metrics().clone())
+        .map_err(StartError::Other)?;
+    auth.watch();
+    let auth2 = auth.clone();
     let (started_tx, started_rx) = oneshot::channel::<Result<ActixStarted, String>>();
     let (r2, c2, ready2) = (router.clone(), config.clone(), ready.clone());
     let (store2, events2, status2) = (store.clone(), events_tx.clone(), status.clone());
@@ -657,6 +664,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
                     checkpoints: status2,
                     cluster: cluster2,
                     mesh: mesh2,
+                    auth: auth2,
                 };
                 let mut playground = Vec::new();
                 for (l, routes) in extra {
@@ -749,6 +757,7 @@ async fn start(config: NodeConfig, registry: Registry) -> Result<NodeHandle, Sta
         checkpoints: status,
         cluster,
         mesh,
+        auth,
     };
     let (grpc_shutdown, grpc_task) = crate::ingress::grpc::serve(shared.clone(), grpc_listener);
     if let Some(l) = lease {

@@ -92,6 +92,8 @@ pub struct Registry {
     module: Module,
     pools: Vec<u64>,
     remote: RwLock<HashMap<TypeName, Arc<FunctionEntry>>>,
+    /// Remote function requests are signed with this key.
+    signing_key: Option<Arc<[u8]>>,
 }
 
 impl Registry {
@@ -124,6 +126,11 @@ impl Registry {
         self.module = module;
     }
 
+    /// Signs remote function requests with `key` (`[auth] function_signing_key`).
+    pub fn set_signing_key(&mut self, key: Option<&str>) {
+        self.signing_key = key.map(|k| Arc::from(k.as_bytes()));
+    }
+
     /// The module in use.
     pub fn module(&self) -> &Module {
         &self.module
@@ -147,7 +154,12 @@ impl Registry {
             return self.bundled.get(typ).cloned();
         };
         let endpoint = &self.module.endpoints[i];
-        let f = RemoteFunction::new(typ.clone(), endpoint.clone(), self.pools[i]);
+        let f = RemoteFunction::new(
+            typ.clone(),
+            endpoint.clone(),
+            self.pools[i],
+            self.signing_key.clone(),
+        );
         let entry = Arc::new(FunctionEntry::new(
             FunctionKind::Remote(Arc::new(f)),
             endpoint.states.clone(),

@@ -2,6 +2,7 @@
 
 use futures::{Stream, StreamExt};
 use statemesh_proto::v1 as pb;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::address::Address;
@@ -98,8 +99,9 @@ fn retryable(s: &tonic::Status) -> bool {
 /// [`Client::get_state`]) always go to the first node.
 #[derive(Clone)]
 pub struct Client {
-    ingress: pb::ingress_client::IngressClient<Channel>,
-    admin: pb::admin_client::AdminClient<Channel>,
+    ingress: pb::ingress_client::IngressClient<Transport>,
+    admin: pb::admin_client::AdminClient<Transport>,
+    creds: Credentials,
     retry: RetryPolicy,
     attempt_timeout: Option<std::time::Duration>,
     nodes: std::sync::Arc<Nodes>,
@@ -117,8 +119,40 @@ struct Nodes {
 struct Known {
     /// `host:port`, as members advertise their gRPC addresses.
     addr: String,
-    ingress: pb::ingress_client::IngressClient<Channel>,
-    admin: pb::admin_client::AdminClient<Channel>,
+    ingress: pb::ingress_client::IngressClient<Transport>,
+    admin: pb::admin_client::AdminClient<Transport>,
+}
+
+/// The bearer token a client sends (`authorization` metadata), shared by every node it knows.
+#[derive(Clone, Default)]
+pub struct Credentials(
+    std::sync::Arc<
+        std::sync::RwLock<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>>,
+    >,
+);
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = self.0.read().unwrap().clone() {
+            req.metadata_mut().insert("authorization", v);
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that sends the client's credentials.
+type Transport = InterceptedService<Channel, Credentials>;
+
+fn set_token(creds: &Credentials, token: Option<&str>) -> Result<(), ClientError> {
+    let v =
+        match token {
+            None => None,
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                ClientError::InvalidResponse("a token must be visible ASCII".into())
+            })?),
+        };
+    *creds.0.write().unwrap() = v;
+    Ok(())
 }
 
 /// How often a client asks for the members at most.
@@ -140,24 +174,28 @@ fn lazy_channel(url: &str) -> Result<Channel, ClientError> {
         .connect_lazy())
 }
 
-fn known(url: &str, channel: Channel) -> Known {
+fn known(url: &str, channel: Channel, creds: &Credentials) -> Known {
     Known {
         addr: url
             .trim_start_matches("http://")
             .trim_start_matches("https://")
             .trim_end_matches('/')
             .to_string(),
-        ingress: pb::ingress_client::IngressClient::new(channel.clone())
-            .max_decoding_message_size(64 << 20),
-        admin: pb::admin_client::AdminClient::new(channel),
+        ingress: pb::ingress_client::IngressClient::with_interceptor(
+            channel.clone(),
+            creds.clone(),
+        )
+        .max_decoding_message_size(64 << 20),
+        admin: pb::admin_client::AdminClient::with_interceptor(channel, creds.clone()),
     }
 }
 
 impl Client {
-    fn over(first: Known) -> Self {
+    fn over(first: Known, creds: Credentials) -> Self {
         Client {
             ingress: first.ingress.clone(),
             admin: first.admin.clone(),
+            creds,
             retry: RetryPolicy::default(),
             attempt_timeout: None,
             nodes: std::sync::Arc::new(Nodes {
@@ -171,6 +209,14 @@ impl Client {
     /// Connects to a node's gRPC address, e.g. `http://127.0.0.1:5090`, and learns the other
     /// live members of its cluster (if it is in one) for keyed retries.
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        Client::connect_with_token(url, None).await
+    }
+
+    /// [`Client::connect`] sending a bearer token (`authorization: Bearer <token>`) with
+    /// every request, for nodes with `[auth]`.
+    pub async fn connect_with_token(url: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        let creds = Credentials::default();
+        set_token(&creds, token)?;
         let channel = endpoint(url)?
             .connect()
             .await
@@ -178,14 +224,22 @@ impl Client {
                 url: url.to_string(),
                 source,
             })?;
-        let client = Client::over(known(url, channel));
+        let client = Client::over(known(url, channel, &creds), creds);
         client.learn(0).await;
         Ok(client)
     }
 
     /// Connects lazily: the first request connects (useful when the node is still starting).
     pub fn connect_lazy(url: &str) -> Result<Self, ClientError> {
-        Ok(Client::over(known(url, lazy_channel(url)?)))
+        let creds = Credentials::default();
+        Ok(Client::over(known(url, lazy_channel(url)?, &creds), creds))
+    }
+
+    /// The same client sending `token` as its bearer token from now on (every node it knows;
+    /// `None`: none).
+    pub fn with_token(self, token: Option<&str>) -> Result<Self, ClientError> {
+        set_token(&self.creds, token)?;
+        Ok(self)
     }
 
     /// A client of several nodes of one cluster, connected lazily: requests go to the first,
@@ -212,7 +266,7 @@ impl Client {
         } else {
             format!("http://{url}")
         };
-        let k = known(&url, lazy_channel(&url)?);
+        let k = known(&url, lazy_channel(&url)?, &self.creds);
         let mut list = self.nodes.list.write().unwrap();
         if !list.iter().any(|n| n.addr == k.addr) {
             list.push(k);
@@ -280,7 +334,7 @@ impl Client {
     /// unavailable.
     async fn retrying<T, F, Fut>(&self, keyed: bool, f: F) -> Result<T, tonic::Status>
     where
-        F: Fn(pb::ingress_client::IngressClient<Channel>) -> Fut,
+        F: Fn(pb::ingress_client::IngressClient<Transport>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         use std::sync::atomic::Ordering;

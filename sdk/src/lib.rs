@@ -19,6 +19,7 @@ mod types;
 
 #[cfg(feature = "server")]
 pub mod server;
+pub mod signing;
 
 pub use address::{Address, AddressError, TypeName};
 pub use client::{Client, ClientError, EgressRecord, RetryPolicy, StateChange};

@@ -56,6 +56,8 @@ pub enum ServeError {
 #[derive(Clone, Default)]
 pub struct FunctionServer {
     functions: Arc<HashMap<TypeName, Arc<dyn StatefulFunction>>>,
+    /// Verify requests' signatures with this key ([`crate::signing`]).
+    signing_key: Option<Arc<[u8]>>,
 }
 
 fn addr_to_pb(a: &Address) -> pb::Address {
@@ -272,6 +274,14 @@ impl FunctionServer {
         .encode_to_vec())
     }
 
+    /// The same server refusing (HTTP 401) requests not signed with `key` by a node with
+    /// `[auth] function_signing_key` ([`crate::signing`]), or signed more than 5 minutes away
+    /// from now.
+    pub fn verify_signatures(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.signing_key = Some(Arc::from(key.as_ref()));
+        self
+    }
+
     /// Mounts the endpoint (`POST path`) on an actix-web app.
     pub fn configure(&self, path: &str) -> impl FnOnce(&mut web::ServiceConfig) + Clone {
         let me = self.clone();
@@ -299,7 +309,25 @@ impl FunctionServer {
     }
 }
 
-async fn endpoint(server: web::Data<FunctionServer>, body: Bytes) -> HttpResponse {
+async fn endpoint(
+    server: web::Data<FunctionServer>,
+    req: actix_web::HttpRequest,
+    body: Bytes,
+) -> HttpResponse {
+    if let Some(key) = &server.signing_key {
+        let header = req
+            .headers()
+            .get(crate::signing::HEADER)
+            .and_then(|v| v.to_str().ok());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if let Err(e) = crate::signing::verify(key, header, &body, now, Duration::from_secs(300)) {
+            tracing::warn!(error = %e, "request refused: its signature does not verify");
+            return HttpResponse::Unauthorized().body(e);
+        }
+    }
     match server.handle(&body) {
         Ok(b) => HttpResponse::Ok()
             .content_type("application/octet-stream")

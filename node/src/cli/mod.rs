@@ -28,6 +28,10 @@ struct NodeTarget {
         default_value = "http://127.0.0.1:5090"
     )]
     node: String,
+    /// Bearer token for a node with `[auth]` (an ingress token, or the admin token for
+    /// `state`, `cluster` and `dead-letters`).
+    #[arg(long = "token", env = "STATEMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -297,7 +301,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn connect(t: &NodeTarget) -> anyhow::Result<Client> {
-    Ok(Client::connect(&t.node).await?)
+    Ok(Client::connect_with_token(&t.node, t.token.as_deref()).await?)
 }
 
 /// The members of the cluster of the node at `t` that are alive: (id, gRPC URL); the node
@@ -325,7 +329,7 @@ async fn dead_letters_of_members(
 ) -> anyhow::Result<Vec<(u64, Vec<statemesh_proto::v1::DeadLetter>)>> {
     let mut out = Vec::new();
     for (node, grpc) in members(t).await? {
-        let letters = Client::connect(&grpc)
+        let letters = Client::connect_with_token(&grpc, t.token.as_deref())
             .await
             .with_context(|| format!("node {node} at {grpc}"))?
             .dead_letters(limit)
@@ -538,7 +542,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: DeadLetterCommand::Replay { id, target },
         } => {
             for (node, grpc) in members(&target).await? {
-                let c = Client::connect(&grpc).await?;
+                let c = Client::connect_with_token(&grpc, target.token.as_deref()).await?;
                 let letters = c.dead_letters(u32::MAX).await?.letters;
                 if letters.iter().any(|l| l.id == id) {
                     let done = c.replay_dead_letter(&id).await?;

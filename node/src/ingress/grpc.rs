@@ -32,6 +32,13 @@ fn target_and_message(
     Ok((target, TypedValue::from_proto(message)))
 }
 
+/// The request's `authorization` metadata, if any.
+fn authorization<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+}
+
 /// The request's `traceparent` metadata, if any.
 fn traceparent<T>(req: &Request<T>) -> Option<String> {
     req.metadata()
@@ -57,8 +64,12 @@ impl pb::ingress_server::Ingress for IngressService {
         req: Request<pb::SendRequest>,
     ) -> Result<Response<pb::SendResponse>, Status> {
         let header = traceparent(&req);
+        let authz = authorization(&req).map(str::to_string);
         let r = req.into_inner();
         let (target, message) = target_and_message(r.target, r.message)?;
+        self.shared
+            .auth
+            .ingress("grpc", authz.as_deref(), [target.typ.as_str()])?;
         let span = ingress_span(&target, header, &r.traceparent);
         let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
         super::traced(self.shared.router.send_with(target, message, key), span).await?;
@@ -70,8 +81,12 @@ impl pb::ingress_server::Ingress for IngressService {
         req: Request<pb::CallRequest>,
     ) -> Result<Response<pb::CallResponse>, Status> {
         let header = traceparent(&req);
+        let authz = authorization(&req).map(str::to_string);
         let r = req.into_inner();
         let (target, message) = target_and_message(r.target, r.message)?;
+        self.shared
+            .auth
+            .ingress("grpc", authz.as_deref(), [target.typ.as_str()])?;
         let span = ingress_span(&target, header, &r.traceparent);
         let timeout = if r.timeout_ms > 0 {
             r.timeout_ms
@@ -95,6 +110,7 @@ impl pb::ingress_server::Ingress for IngressService {
         &self,
         req: Request<Streaming<pb::SendBatch>>,
     ) -> Result<Response<pb::SendStreamSummary>, Status> {
+        let authz = authorization(&req).map(str::to_string);
         let mut stream = req.into_inner();
         let mut accepted = 0u64;
         while let Some(frame) = stream.next().await {
@@ -106,6 +122,22 @@ impl pb::ingress_server::Ingress for IngressService {
                 let key = Some(m.idempotency_key).filter(|k| !k.is_empty());
                 batch.push((t, v, key));
             }
+            self.shared
+                .auth
+                .ingress(
+                    "grpc",
+                    authz.as_deref(),
+                    batch.iter().map(|(t, _, _)| t.typ.as_str()),
+                )
+                .map_err(|e| {
+                    Status::new(
+                        Status::from(e.clone()).code(),
+                        format!(
+                            "{} (after {accepted} messages of this stream were accepted)",
+                            e.message()
+                        ),
+                    )
+                })?;
             let n = self
                 .shared
                 .router
@@ -123,10 +155,14 @@ impl pb::ingress_server::Ingress for IngressService {
         &self,
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let authz = authorization(&req).map(str::to_string);
         let topic = req.into_inner().topic;
         if topic.is_empty() {
             return Err(ServiceError::InvalidArgument("missing topic".into()).into());
         }
+        self.shared
+            .auth
+            .ingress("grpc", authz.as_deref(), [topic.as_str()])?;
         let router = self.shared.router.clone();
         // This node's records as they come, and the records of the peers that produce them
         // (polled, 50 ms apart while everything is empty): each record popped once, where it
@@ -187,12 +223,20 @@ struct AdminService {
     shared: Shared,
 }
 
+impl AdminService {
+    /// Admits an admin request (`[auth] admin_token`).
+    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        Ok(self.shared.auth.admin("grpc", authorization(req), None)?)
+    }
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
     async fn get_cluster(
         &self,
         _req: Request<pb::GetClusterRequest>,
     ) -> Result<Response<pb::GetClusterResponse>, Status> {
+        self.admin(&_req)?;
         let v = self.shared.cluster.lock().clone();
         Ok(Response::new(pb::GetClusterResponse {
             node_id: v.node_id,
@@ -231,6 +275,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _req: Request<pb::LeaveClusterRequest>,
     ) -> Result<Response<pb::LeaveClusterResponse>, Status> {
+        self.admin(&_req)?;
         crate::cluster::leave(&self.shared.mesh).await?;
         Ok(Response::new(pb::LeaveClusterResponse {
             node_id: self.shared.cluster.lock().node_id,
@@ -241,6 +286,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::SetStateRequest>,
     ) -> Result<Response<pb::GetStateResponse>, Status> {
+        self.admin(&req)?;
         use crate::admin::{NewValue, StateEdit};
         use pb::set_state_request::Value;
         let req = req.into_inner();
@@ -288,6 +334,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        self.admin(&req)?;
         let limit = match req.into_inner().limit {
             0 => 1000,
             n => n as usize,
@@ -318,6 +365,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::ReplayDeadLetterRequest>,
     ) -> Result<Response<pb::ReplayDeadLetterResponse>, Status> {
+        self.admin(&req)?;
         let done = self
             .shared
             .router
@@ -330,6 +378,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::GetStateResponse>, Status> {
+        self.admin(&req)?;
         let a = req
             .into_inner()
             .address

@@ -264,7 +264,7 @@ async fn dead_letters(
     if !query.local {
         for (node, grpc) in other_members(&shared) {
             let r = async {
-                statemesh_sdk::Client::connect(&grpc)
+                statemesh_sdk::Client::connect_with_token(&grpc, shared.auth.admin_token())
                     .await?
                     .dead_letters(limit as u32)
                     .await
@@ -308,7 +308,9 @@ async fn replay_dead_letter(
         return Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "node": me, "done": done})));
     }
     for (node, grpc) in other_members(&shared) {
-        let Ok(c) = statemesh_sdk::Client::connect(&grpc).await else {
+        let Ok(c) =
+            statemesh_sdk::Client::connect_with_token(&grpc, shared.auth.admin_token()).await
+        else {
             continue;
         };
         let Ok(list) = c.dead_letters(u32::MAX).await else {
@@ -333,6 +335,136 @@ async fn replay_dead_letter(
     Err(ServiceError::NotFound(format!(
         "no member holds dead letter {id} (replayed or read already? list again)"
     )))
+}
+
+/// `%XX`-decodes a path segment (as the routes see it).
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The function type (`ns/type`) of a path `ns/type/id…`.
+fn function_type(rest: &str) -> String {
+    let mut it = rest.splitn(3, '/');
+    let ns = decode(it.next().unwrap_or(""));
+    let typ = decode(it.next().unwrap_or(""));
+    format!("{ns}/{typ}")
+}
+
+/// The console's cookie, if the request carries it.
+fn admin_cookie(req: &actix_web::dev::ServiceRequest) -> Option<String> {
+    let h = req.headers().get("cookie")?.to_str().ok()?;
+    h.split(';').find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == crate::auth::COOKIE).then(|| v.to_string())
+    })
+}
+
+/// Access control of an HTTP request (`crate::auth`): the ingress routes need an ingress
+/// token that covers their target, every other route but `/healthz`, `/readyz` and the
+/// console's login the admin token. A refusal is the response to send.
+fn check_access(
+    auth: &crate::auth::Auth,
+    req: &actix_web::dev::ServiceRequest,
+) -> Result<(), Box<HttpResponse>> {
+    use crate::auth::Denied;
+    if !auth.enabled() {
+        return Ok(());
+    }
+    let path = req.path();
+    if matches!(path, "/healthz" | "/readyz" | "/ui/login") {
+        return Ok(());
+    }
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    let target = if let Some(rest) = path
+        .strip_prefix("/v1/send/")
+        .or_else(|| path.strip_prefix("/v1/call/"))
+    {
+        Some(function_type(rest))
+    } else if let Some(topic) = path.strip_prefix("/v1/egress/") {
+        Some(decode(topic))
+    } else if path.starts_with("/v1/")
+        || path.starts_with("/debug/")
+        || path == "/metrics"
+        || path == "/ui"
+        || path.starts_with("/ui/")
+    {
+        None
+    } else if req.method() == actix_web::http::Method::PUT {
+        // The playground's ingress (`PUT /ns/type/id`) and egress (`GET /topic`).
+        Some(function_type(path.trim_start_matches('/')))
+    } else {
+        Some(decode(path.trim_start_matches('/')))
+    };
+    let r = match &target {
+        Some(t) => auth.ingress("http", authorization, [t.as_str()]),
+        None => auth.admin("http", authorization, admin_cookie(req).as_deref()),
+    };
+    r.map_err(|d| {
+        if target.is_none() && (path == "/ui" || path == "/ui/") {
+            return Box::new(
+                HttpResponse::Unauthorized()
+                    .content_type("text/html; charset=utf-8")
+                    .body(LOGIN_PAGE),
+            );
+        }
+        Box::new(match d {
+            Denied::Unauthenticated(m) => HttpResponse::Unauthorized()
+                .insert_header(("www-authenticate", "Bearer"))
+                .body(m),
+            Denied::Forbidden(m) => HttpResponse::Forbidden().body(m),
+        })
+    })
+}
+
+/// The console's login form (when `[auth]` is on and the admin cookie is missing or wrong).
+const LOGIN_PAGE: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>statemesh console: sign in</title><link rel="icon" href="data:,"></head>
+<body style="font-family: system-ui, sans-serif; margin: 3rem">
+<h1>statemesh console</h1>
+<form method="post" action="/ui/login"><label>Admin token <input type="password" name="token" autofocus required size="40"></label> <button type="submit">Sign in</button></form>
+</body></html>"#;
+
+#[derive(serde::Deserialize)]
+struct Login {
+    token: String,
+}
+
+/// `POST /ui/login` (form `token=…`): with the admin token, sets the console's cookie
+/// (`HttpOnly`, `SameSite=Strict`) and goes to `/ui`; else the form again (401).
+async fn ui_login(shared: web::Data<Shared>, form: web::Form<Login>) -> HttpResponse {
+    let token = form.into_inner().token;
+    match shared.auth.admin("http", None, Some(token.trim())) {
+        Ok(()) => HttpResponse::SeeOther()
+            .insert_header(("location", "/ui"))
+            .insert_header((
+                "set-cookie",
+                format!(
+                    "{}={}; Path=/; HttpOnly; SameSite=Strict",
+                    crate::auth::COOKIE,
+                    token.trim()
+                ),
+            ))
+            .finish(),
+        Err(_) => HttpResponse::Unauthorized()
+            .content_type("text/html; charset=utf-8")
+            .body(LOGIN_PAGE),
+    }
 }
 
 /// The web console's files, built into the binary (`node/ui`): (path, content type, body).
@@ -651,6 +783,7 @@ pub(crate) fn server(
                 .route("/v1/state/{ns}/{type}/{id:.+}", web::delete().to(set_state))
                 .route("/v1/dead-letters", web::get().to(dead_letters))
                 .route("/ui", web::get().to(ui))
+                .route("/ui/login", web::post().to(ui_login))
                 .route("/ui/{file:.*}", web::get().to(ui))
                 .route(
                     "/v1/dead-letters/{id}/replay",
@@ -673,7 +806,21 @@ pub(crate) fn server(
         if routes.playground_egress {
             app = app.route("/{topic:.+}", web::get().to(playground_get));
         }
-        app
+        let auth = data.auth.clone();
+        app.wrap_fn(move |req, srv| {
+            use actix_web::dev::Service as _;
+            use futures::FutureExt as _;
+            match check_access(&auth, &req) {
+                Ok(()) => srv
+                    .call(req)
+                    .map(|r| r.map(|r| r.map_into_boxed_body()))
+                    .boxed_local(),
+                Err(resp) => {
+                    futures::future::ready(Ok(req.into_response(*resp).map_into_boxed_body()))
+                        .boxed_local()
+                }
+            }
+        })
     })
     .workers(workers)
     .disable_signals()

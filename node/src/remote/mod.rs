@@ -68,6 +68,8 @@ pub struct RemoteFunction {
     endpoint: Endpoint,
     url: String,
     pool_id: u64,
+    /// Sign requests with this key (`[auth] function_signing_key`).
+    signing_key: Option<Arc<[u8]>>,
 }
 
 impl RemoteFunction {
@@ -106,13 +108,19 @@ fn retryable_status(code: u16) -> bool {
 }
 
 impl RemoteFunction {
-    pub(crate) fn new(typ: TypeName, endpoint: Endpoint, pool_id: u64) -> Self {
+    pub(crate) fn new(
+        typ: TypeName,
+        endpoint: Endpoint,
+        pool_id: u64,
+        signing_key: Option<Arc<[u8]>>,
+    ) -> Self {
         let url = endpoint.url_for(typ.name());
         RemoteFunction {
             typ,
             endpoint,
             url,
             pool_id,
+            signing_key,
         }
     }
 
@@ -196,6 +204,16 @@ impl RemoteFunction {
             hyper::Request::post(&self.url).header("content-type", "application/octet-stream");
         if let Some(t) = traceparent {
             req = req.header("traceparent", t);
+        }
+        if let Some(k) = &self.signing_key {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            req = req.header(
+                statemesh_sdk::signing::HEADER,
+                statemesh_sdk::signing::sign(k, now, &body),
+            );
         }
         let req = req.body(Full::new(body)).map_err(|e| AttemptError {
             reason: format!("invalid endpoint URL {:?}: {e}", self.url),
