@@ -37,6 +37,23 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// TLS (`[tls]`): off unless `cert` is set.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// This node's certificate chain (PEM): the gRPC and HTTP listeners present it, and the
+    /// node presents it to the other members (mutual TLS).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The cluster's CA (PEM): a member's certificate must chain to it, both ways. Clients of
+    /// the ingress and admin API need no certificate.
+    pub ca: Option<PathBuf>,
+    /// More roots (PEM) to trust for `https://` remote function endpoints, besides the
+    /// system's.
+    pub remote_ca: Option<PathBuf>,
+}
+
 /// An ingress token and what it may address (`[[auth.tokens]]`, or a tokens file).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -354,6 +371,8 @@ pub struct NodeConfig {
     pub telemetry: TelemetryConfig,
     /// Access control.
     pub auth: AuthConfig,
+    /// TLS.
+    pub tls: TlsConfig,
 }
 
 impl Default for NodeConfig {
@@ -382,6 +401,7 @@ impl Default for NodeConfig {
             mesh: MeshConfig::default(),
             telemetry: TelemetryConfig::default(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -484,6 +504,13 @@ impl NodeConfig {
         for (i, t) in self.auth.tokens.iter().enumerate() {
             crate::auth::check_token(t)
                 .map_err(|e| ConfigError::Invalid(format!("auth.tokens[{i}]: {e}")))?;
+        }
+        let tls = &self.tls;
+        if tls.cert.is_some() != tls.key.is_some() || (tls.cert.is_some() && tls.ca.is_none()) {
+            return bad("tls: cert, key and ca go together (ca: the cluster's CA, which every member's certificate chains to)");
+        }
+        if tls.ca.is_some() && tls.cert.is_none() {
+            return bad("tls.ca: needs tls.cert and tls.key");
         }
         if self
             .auth

@@ -32,6 +32,7 @@ mod router;
 mod shard;
 mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use checkpoint::driver::{CheckpointStatus, EpochInfo, RecoveryReport};
 pub use config::{AckMode, CheckpointConfig, NodeConfig, RetryConfig};

@@ -377,11 +377,18 @@ impl Placement {
 }
 
 fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+    // With `[tls]`: mutual TLS, the peer verified against the cluster's CA.
+    let tls = crate::tls::mesh_client();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let e = Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5)))
+        .keep_alive_timeout(Duration::from_secs(5));
+    match tls {
+        Some(t) => e.tls_config(t),
+        None => Ok(e),
+    }
 }
 
 /// An error answered by another node, passed on as it came (same code, same text); a failed

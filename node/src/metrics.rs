@@ -76,6 +76,9 @@ pub struct Metrics {
     pub checkpoint_pending_listed: IntCounter,
     /// Pending message records written (a message still pending at its second cut).
     pub checkpoint_pending_recorded: IntCounter,
+    /// TLS handshakes refused (a certificate that does not chain to the cluster's CA, not
+    /// TLS at all, or no handshake within 10 s).
+    pub tls_refused: IntCounter,
     /// Requests refused by access control, by surface (`grpc`, `http`) and reason
     /// (`unauthenticated`: no or an unknown token; `forbidden`: a token not allowed there).
     pub auth_refused: IntCounterVec,
@@ -207,6 +210,11 @@ impl Metrics {
         r.register(Box::new(kafka_ingress_lag.clone()))
             .expect("metric registered once");
         Metrics {
+            tls_refused: counter(
+                &r,
+                "statemesh_tls_refused_total",
+                "TLS handshakes refused (bad certificate, not TLS, or too slow)",
+            ),
             auth_refused: counter_vec(
                 &r,
                 "statemesh_auth_refused_total",

@@ -122,6 +122,8 @@ pub(crate) struct Shared {
     pub mesh: Arc<crate::mesh::MeshService>,
     /// Access control (`[auth]`).
     pub auth: Arc<crate::auth::Auth>,
+    /// TLS (`[tls]`), if on.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Shared {
@@ -311,6 +313,7 @@ struct ActixStarted {
 async fn start(config: NodeConfig, mut registry: Registry) -> Result<NodeHandle, StartError> {
     config.validate()?;
     registry.set_signing_key(config.auth.function_signing_key.as_deref());
+    let tls = crate::tls::load(&config.tls).map_err(StartError::Other)?;
     for w in &registry.module().warnings {
         tracing::warn!("{w}");
     }
@@ -611,6 +614,7 @@ async fn start(config: NodeConfig, mut registry: Registry) -> Result<NodeHandle,
         .map_err(StartError::Other)?;
     auth.watch();
     let auth2 = auth.clone();
+    let tls2 = tls.clone();
     let (started_tx, started_rx) = oneshot::channel::<Result<ActixStarted, String>>();
     let (r2, c2, ready2) = (router.clone(), config.clone(), ready.clone());
     let (store2, events2, status2) = (store.clone(), events_tx.clone(), status.clone());
@@ -665,6 +669,7 @@ async fn start(config: NodeConfig, mut registry: Registry) -> Result<NodeHandle,
                     cluster: cluster2,
                     mesh: mesh2,
                     auth: auth2,
+                    tls: tls2,
                 };
                 let mut playground = Vec::new();
                 for (l, routes) in extra {
@@ -758,6 +763,7 @@ async fn start(config: NodeConfig, mut registry: Registry) -> Result<NodeHandle,
         cluster,
         mesh,
         auth,
+        tls,
     };
     let (grpc_shutdown, grpc_task) = crate::ingress::grpc::serve(shared.clone(), grpc_listener);
     if let Some(l) = lease {

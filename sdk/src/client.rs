@@ -102,6 +102,7 @@ pub struct Client {
     ingress: pb::ingress_client::IngressClient<Transport>,
     admin: pb::admin_client::AdminClient<Transport>,
     creds: Credentials,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     retry: RetryPolicy,
     attempt_timeout: Option<std::time::Duration>,
     nodes: std::sync::Arc<Nodes>,
@@ -158,20 +159,42 @@ fn set_token(creds: &Credentials, token: Option<&str>) -> Result<(), ClientError
 /// How often a client asks for the members at most.
 const LEARN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
-    Ok(Endpoint::from_shared(url.to_string())
-        .map_err(|source| ClientError::Connect {
-            url: url.to_string(),
-            source,
-        })?
-        .tcp_nodelay(true))
+fn endpoint(
+    url: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<Endpoint, ClientError> {
+    let err = |source| ClientError::Connect {
+        url: url.to_string(),
+        source,
+    };
+    let e = Endpoint::from_shared(url.to_string())
+        .map_err(err)?
+        .tcp_nodelay(true);
+    match tls {
+        Some(t) if url.starts_with("https://") => e.tls_config(t.clone()).map_err(err),
+        _ => Ok(e),
+    }
 }
 
 /// A channel that connects on its first request (within 2 s).
-fn lazy_channel(url: &str) -> Result<Channel, ClientError> {
-    Ok(endpoint(url)?
+fn lazy_channel(
+    url: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<Channel, ClientError> {
+    Ok(endpoint(url, tls)?
         .connect_timeout(std::time::Duration::from_secs(2))
         .connect_lazy())
+}
+
+/// How [`Client::connect_with`] connects.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// A bearer token sent with every request (`authorization: Bearer <token>`), for nodes
+    /// with `[auth]`.
+    pub token: Option<String>,
+    /// The CA (PEM) that signs the nodes' certificates, for `https://` URLs (nodes with
+    /// `[tls]`).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 fn known(url: &str, channel: Channel, creds: &Credentials) -> Known {
@@ -191,11 +214,16 @@ fn known(url: &str, channel: Channel, creds: &Credentials) -> Known {
 }
 
 impl Client {
-    fn over(first: Known, creds: Credentials) -> Self {
+    fn over(
+        first: Known,
+        creds: Credentials,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Self {
         Client {
             ingress: first.ingress.clone(),
             admin: first.admin.clone(),
             creds,
+            tls,
             retry: RetryPolicy::default(),
             attempt_timeout: None,
             nodes: std::sync::Arc::new(Nodes {
@@ -215,16 +243,33 @@ impl Client {
     /// [`Client::connect`] sending a bearer token (`authorization: Bearer <token>`) with
     /// every request, for nodes with `[auth]`.
     pub async fn connect_with_token(url: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        Client::connect_with(
+            url,
+            &ConnectOptions {
+                token: token.map(String::from),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// [`Client::connect`] with a token and, for `https://` URLs, the CA of the nodes'
+    /// certificates. The members it learns are reached the same way.
+    pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
         let creds = Credentials::default();
-        set_token(&creds, token)?;
-        let channel = endpoint(url)?
+        set_token(&creds, options.token.as_deref())?;
+        let tls = options.ca_pem.as_ref().map(|ca| {
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        });
+        let channel = endpoint(url, tls.as_ref())?
             .connect()
             .await
             .map_err(|source| ClientError::Connect {
                 url: url.to_string(),
                 source,
             })?;
-        let client = Client::over(known(url, channel, &creds), creds);
+        let client = Client::over(known(url, channel, &creds), creds, tls);
         client.learn(0).await;
         Ok(client)
     }
@@ -232,7 +277,11 @@ impl Client {
     /// Connects lazily: the first request connects (useful when the node is still starting).
     pub fn connect_lazy(url: &str) -> Result<Self, ClientError> {
         let creds = Credentials::default();
-        Ok(Client::over(known(url, lazy_channel(url)?, &creds), creds))
+        Ok(Client::over(
+            known(url, lazy_channel(url, None)?, &creds),
+            creds,
+            None,
+        ))
     }
 
     /// The same client sending `token` as its bearer token from now on (every node it knows;
@@ -263,10 +312,12 @@ impl Client {
     pub fn add_node(&self, url: &str) -> Result<(), ClientError> {
         let url = if url.contains("://") {
             url.to_string()
+        } else if self.tls.is_some() {
+            format!("https://{url}")
         } else {
             format!("http://{url}")
         };
-        let k = known(&url, lazy_channel(&url)?, &self.creds);
+        let k = known(&url, lazy_channel(&url, self.tls.as_ref())?, &self.creds);
         let mut list = self.nodes.list.write().unwrap();
         if !list.iter().any(|n| n.addr == k.addr) {
             list.push(k);

@@ -22,7 +22,7 @@ pub mod server;
 pub mod signing;
 
 pub use address::{Address, AddressError, TypeName};
-pub use client::{Client, ClientError, EgressRecord, RetryPolicy, StateChange};
+pub use client::{Client, ClientError, ConnectOptions, EgressRecord, RetryPolicy, StateChange};
 pub use function::{
     Context, DelayedMessage, Effects, FnFunction, FunctionError, StateSlot, StatefulFunction, Undo,
 };

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use clap::{Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
@@ -689,18 +690,48 @@ pub struct LoadArgs {
     /// The nodes' key-group count (for the timeline's key group column).
     #[arg(long, default_value_t = 1024)]
     key_groups: u32,
+    /// The CA (PEM file) of a node with `[tls]` (`https://` URLs).
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Full<Bytes>,
 >;
 
+/// The CA of `--ca` (this process's HTTPS clients trust it).
+static CA: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// An HTTP client of `http://` and, trusting `--ca`, `https://` URLs.
+fn http_client(pool: usize) -> HttpClient {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(pem) = CA.get() {
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(pem).flatten() {
+            let _ = roots.add(c);
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(pool)
+        .build(connector)
+}
+
 /// A metric of the node, from its `/metrics`.
 async fn node_metric(http: &str, name: &str) -> Option<f64> {
-    let client: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    let client = http_client(1);
     let resp = client
         .get(format!("{http}/metrics").parse().ok()?)
         .await
@@ -730,16 +761,20 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     let errors = Arc::new(AtomicU64::new(0));
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
     let retries = Arc::new(AtomicU64::new(0));
+    if let Some(p) = &a.ca {
+        let _ = CA.set(std::fs::read(p).with_context(|| format!("--ca {}", p.display()))?);
+    }
+    let options = statemesh_sdk::ConnectOptions {
+        token: None,
+        ca_pem: CA.get().cloned(),
+    };
     let mut clients = Vec::new();
     if a.protocol == Protocol::Grpc {
         for _ in 0..a.connections.max(1) {
-            clients.push(Client::connect(&a.grpc).await?);
+            clients.push(Client::connect_with(&a.grpc, &options).await?);
         }
     }
-    let http_client: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(a.concurrency)
-            .build_http();
+    let http_client = http_client(a.concurrency);
     let batches_before = node_metric(&a.http, "statemesh_remote_batch_size_count")
         .await
         .unwrap_or(0.0);
@@ -944,10 +979,7 @@ async fn direct(
     use prost::Message;
     use statemesh_proto::statefun_v3 as pb;
     let typ = TypeName::parse(&function)?;
-    let client: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(concurrency)
-            .build_http();
+    let client = http_client(concurrency);
     let deadline = Instant::now() + Duration::from_secs_f64(duration);
     let errors = Arc::new(AtomicU64::new(0));
     let messages = Arc::new(AtomicU64::new(0));

@@ -32,6 +32,22 @@ struct NodeTarget {
     /// `state`, `cluster` and `dead-letters`).
     #[arg(long = "token", env = "STATEMESH_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The CA (PEM file) of the nodes' certificates, for `https://` node URLs (`[tls]`).
+    #[arg(long = "ca", env = "STATEMESH_CA")]
+    ca: Option<PathBuf>,
+}
+
+impl NodeTarget {
+    fn options(&self) -> anyhow::Result<statemesh_sdk::ConnectOptions> {
+        let ca_pem = match &self.ca {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("--ca {}", p.display()))?),
+            None => None,
+        };
+        Ok(statemesh_sdk::ConnectOptions {
+            token: self.token.clone(),
+            ca_pem,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -301,7 +317,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn connect(t: &NodeTarget) -> anyhow::Result<Client> {
-    Ok(Client::connect_with_token(&t.node, t.token.as_deref()).await?)
+    Ok(Client::connect_with(&t.node, &t.options()?).await?)
 }
 
 /// The members of the cluster of the node at `t` that are alive: (id, gRPC URL); the node
@@ -313,6 +329,8 @@ async fn members(t: &NodeTarget) -> anyhow::Result<Vec<(u64, String)>> {
         if m.id != c.node_id && m.alive && !m.grpc_addr.is_empty() {
             let url = if m.grpc_addr.contains("://") {
                 m.grpc_addr
+            } else if t.node.starts_with("https://") {
+                format!("https://{}", m.grpc_addr)
             } else {
                 format!("http://{}", m.grpc_addr)
             };
@@ -329,7 +347,7 @@ async fn dead_letters_of_members(
 ) -> anyhow::Result<Vec<(u64, Vec<statemesh_proto::v1::DeadLetter>)>> {
     let mut out = Vec::new();
     for (node, grpc) in members(t).await? {
-        let letters = Client::connect_with_token(&grpc, t.token.as_deref())
+        let letters = Client::connect_with(&grpc, &t.options()?)
             .await
             .with_context(|| format!("node {node} at {grpc}"))?
             .dead_letters(limit)
@@ -542,7 +560,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: DeadLetterCommand::Replay { id, target },
         } => {
             for (node, grpc) in members(&target).await? {
-                let c = Client::connect_with_token(&grpc, target.token.as_deref()).await?;
+                let c = Client::connect_with(&grpc, &target.options()?).await?;
                 let letters = c.dead_letters(u32::MAX).await?.letters;
                 if letters.iter().any(|l| l.id == id) {
                     let done = c.replay_dead_letter(&id).await?;

@@ -411,18 +411,35 @@ pub(crate) fn serve(
     .max_encoding_message_size(max);
     let mesh = statemesh_proto::mesh_v1::mesh_server::MeshServer::from_arc(shared.mesh.clone())
         .max_decoding_message_size(256 << 20);
+    // With `[tls]`, only members (a certificate of the cluster's CA) reach the mesh service.
+    let mesh =
+        tonic::service::interceptor::InterceptedService::new(mesh, crate::tls::require_member);
+    let tls = shared.tls.clone();
+    let metrics = shared.router.metrics().clone();
     let admin = pb::admin_server::AdminServer::new(AdminService { shared });
     let task = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let r = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(ingress)
             .add_service(admin)
-            .add_service(mesh)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = rx.await;
-            })
-            .await;
+            .add_service(mesh);
+        let shutdown = async {
+            let _ = rx.await;
+        };
+        let r = match tls {
+            Some(t) => {
+                let incoming = crate::tls::incoming(listener, t.grpc.clone(), metrics);
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+        };
         if let Err(e) = r {
             tracing::error!(error = %e, "gRPC server failed");
         }

@@ -235,13 +235,28 @@ fn dead_letter_json(node: u64, l: crate::admin::DeadLetter) -> serde_json::Value
     j
 }
 
+/// How this node reaches another member's admin API: its admin token, the cluster's CA.
+fn member_options(shared: &Shared) -> statemesh_sdk::ConnectOptions {
+    statemesh_sdk::ConnectOptions {
+        token: shared.auth.admin_token().map(String::from),
+        ca_pem: shared.tls.as_ref().map(|t| t.ca_pem.clone()),
+    }
+}
+
 /// The other live members' gRPC URLs, by id.
 fn other_members(shared: &Shared) -> Vec<(u64, String)> {
     let view = shared.cluster.lock().clone();
     view.members
         .into_iter()
         .filter(|m| m.member.id != view.node_id && m.member.alive && !m.member.grpc_addr.is_empty())
-        .map(|m| (m.member.id, format!("http://{}", m.member.grpc_addr)))
+        .map(|m| {
+            let scheme = if shared.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            (m.member.id, format!("{scheme}://{}", m.member.grpc_addr))
+        })
         .collect()
 }
 
@@ -264,7 +279,7 @@ async fn dead_letters(
     if !query.local {
         for (node, grpc) in other_members(&shared) {
             let r = async {
-                statemesh_sdk::Client::connect_with_token(&grpc, shared.auth.admin_token())
+                statemesh_sdk::Client::connect_with(&grpc, &member_options(&shared))
                     .await?
                     .dead_letters(limit as u32)
                     .await
@@ -308,8 +323,7 @@ async fn replay_dead_letter(
         return Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "node": me, "done": done})));
     }
     for (node, grpc) in other_members(&shared) {
-        let Ok(c) =
-            statemesh_sdk::Client::connect_with_token(&grpc, shared.auth.admin_token()).await
+        let Ok(c) = statemesh_sdk::Client::connect_with(&grpc, &member_options(&shared)).await
         else {
             continue;
         };
@@ -769,6 +783,7 @@ pub(crate) fn server(
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let tls = shared.tls.clone();
     let data = web::Data::new(shared);
     let server = HttpServer::new(move || {
         let mut app = App::new()
@@ -823,8 +838,12 @@ pub(crate) fn server(
         })
     })
     .workers(workers)
-    .disable_signals()
-    .listen(listener)
+    .disable_signals();
+    let server = match tls {
+        // HTTPS with the node's certificate.
+        Some(t) => server.listen_rustls_0_23(listener, (*t.http).clone()),
+        None => server.listen(listener),
+    }
     .map_err(|e| format!("cannot listen on {addr} (http): {e}"))?
     .run();
     Ok((server, addr))

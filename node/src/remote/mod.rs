@@ -34,7 +34,7 @@ mod v2;
 
 /// The HTTP client of an endpoint (keep-alive pool).
 pub type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Full<Bytes>,
 >;
 
@@ -56,6 +56,13 @@ pub fn client_for(e: &Endpoint) -> HttpClient {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_connect_timeout(Some(e.connect_timeout));
     connector.set_nodelay(true);
+    // `https://` endpoints: the system's roots plus `[tls] remote_ca`.
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*crate::tls::remote_client()).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(e.pool_ttl)
         .pool_max_idle_per_host(e.pool_size)
