@@ -1221,8 +1221,9 @@ async fn access_control_with_scoped_tokens_an_admin_token_and_a_reloaded_file() 
     };
     file_token("greeter-token-0123456789");
     let (counter_t, admin_t) = ("counter-token-0123456789", "admin-token-0123456789");
+    let all_t = "all-namespaces-token-0123456789";
     let config = format!(
-        "[auth]\ntokens = [{{ token = \"{counter_t}\", namespaces = [\"example/counter\"] }}]\ntokens_file = \"{}\"\nadmin_token = \"{admin_t}\"\n",
+        "[auth]\ntokens = [{{ token = \"{counter_t}\", namespaces = [\"example/counter\"] }}, {{ token = \"{all_t}\", namespaces = [\"*\"] }}]\ntokens_file = \"{}\"\nadmin_token = \"{admin_t}\"\n",
         tokens.display()
     );
     let node = Node::start(&dir.path().join("n"), Some(&config));
@@ -1322,6 +1323,39 @@ async fn access_control_with_scoped_tokens_an_admin_token_and_a_reloaded_file() 
     assert_eq!(h("/v1/cluster", "GET", Some(admin_t), "").await.0, 200);
     assert_eq!(h("/healthz", "GET", None, "").await.0, 200);
     assert_eq!(h("/readyz", "GET", None, "").await.0, 200);
+    // An ingress token covering everything still does not reach the admin API: not with the
+    // path percent-encoded, not through another method on an ingress path.
+    assert_eq!(h("/%761/cluster", "GET", Some(all_t), "").await.0, 403);
+    assert_eq!(
+        h("/%761/cluster/leave", "POST", Some(all_t), "").await.0,
+        403
+    );
+    assert_eq!(
+        h("/v1/%73tate/example/counter/a", "GET", Some(all_t), "")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        h("/v1/send/example/counter/a", "PUT", Some(all_t), "1")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        h("/v1/call/example/counter/a", "POST", Some(all_t), "1")
+            .await
+            .0,
+        200
+    );
+    // [auth] without [tls]: the node-to-node service is closed.
+    let e = statemesh_proto::mesh_v1::mesh_client::MeshClient::connect(node.grpc.clone())
+        .await
+        .unwrap()
+        .join(statemesh_proto::mesh_v1::JoinRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     // The admin token admits the ingress too.
     assert_eq!(
         h("/v1/call/example/counter/b", "POST", Some(admin_t), "5")
@@ -1433,5 +1467,63 @@ async fn access_control_with_scoped_tokens_an_admin_token_and_a_reloaded_file() 
     assert!(count("grpc", "forbidden") >= 2.0, "{metrics}");
     assert!(count("http", "unauthenticated") >= 5.0, "{metrics}");
     assert!(count("http", "forbidden") >= 3.0, "{metrics}");
+    node.stop();
+}
+
+/// A state edit queued behind messages of a busy address is applied between two batches: the
+/// messages before it see the old value, those after it the new one, and the function never
+/// receives the edit. Every invocation sleeps 300 ms (`function-invoke`) so that the inbox
+/// holds messages before and after the edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_edit_queued_behind_messages_is_applied_between_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let launch = common::Launch {
+        env: vec![("FAILPOINTS".into(), "function-invoke=sleep(300)".into())],
+        ..Default::default()
+    };
+    let node = Node::start_launch(&dir.path().join("n"), &launch);
+    let c = node.client().await;
+    let a = addr("example/counter/busy");
+    let send = |c: &statemesh_sdk::Client| {
+        let (c, a) = (c.clone(), a.clone());
+        tokio::spawn(async move { c.send(&a, TypedValue::of(&1i64)).await.unwrap() })
+    };
+    // m1 runs (300 ms) while m2, m3, the edit and m4 queue behind it, in that order.
+    let m1 = send(&c);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (m2, m3) = (send(&c), send(&c));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let edit = {
+        let (c, a) = (c.clone(), a.clone());
+        tokio::spawn(async move {
+            c.set_state(
+                &a,
+                "total",
+                statemesh_sdk::StateChange::Text("100".into()),
+                None,
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let m4 = send(&c);
+    for m in [m1, m2, m3, m4] {
+        m.await.unwrap();
+    }
+    let states = edit.await.unwrap().unwrap();
+    assert_eq!(states[0].1.get::<i64>().unwrap(), 100, "{states:?}");
+    let total = eventually(
+        "the last message applied",
+        Duration::from_secs(20),
+        || async {
+            let v = state_value(&node, "example/counter/busy", "total").await?;
+            (v == serde_json::json!(101)).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(total, serde_json::json!(101));
+    // The function never saw the edit (it would fail to read it as a long).
+    assert_eq!(node.metric("statemesh_invocation_errors_total").await, 0.0);
+    assert_eq!(node.metric("statemesh_dead_letters_total").await, 0.0);
     node.stop();
 }

@@ -11,8 +11,8 @@
 //! Credentials travel as `authorization: Bearer <token>` (gRPC metadata or HTTP header). No
 //! or an unknown token: UNAUTHENTICATED / 401; a token not allowed there: PERMISSION_DENIED /
 //! 403; both counted in `statemesh_auth_refused_total{surface, reason}`. The tokens file (a
-//! TOML list of `[[tokens]]`) is read again whenever its modification time or size changes
-//! (checked every second); one that does not parse keeps the tokens read before, logged.
+//! TOML list of `[[tokens]]`) is read again whenever its content changes (checked every
+//! second); one that does not parse keeps the tokens read before, logged.
 //! Without `[auth]` everything is open, as before. Node-to-node traffic (the `Mesh` service)
 //! is not token-based.
 
@@ -330,11 +330,9 @@ impl Auth {
             return;
         };
         let me = Arc::downgrade(self);
-        let stamp = |p: &Path| {
-            std::fs::metadata(p)
-                .ok()
-                .map(|m| (m.modified().ok(), m.len()))
-        };
+        // The content itself: a rotation within one modification-time tick, to a token of the
+        // same length, is seen too.
+        let stamp = |p: &Path| std::fs::read(p).ok();
         let mut last = stamp(&path);
         tokio::spawn(async move {
             loop {

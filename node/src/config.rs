@@ -512,6 +512,9 @@ impl NodeConfig {
         if tls.ca.is_some() && tls.cert.is_none() {
             return bad("tls.ca: needs tls.cert and tls.key");
         }
+        if self.auth.enabled() && tls.cert.is_none() && !self.join.is_empty() {
+            return bad("auth: a node with [auth] joins a cluster only with [tls] (without it the node-to-node service would let anyone past the tokens)");
+        }
         if self
             .auth
             .function_signing_key
@@ -623,6 +626,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("key_groups"), "{e}");
+    }
+
+    #[test]
+    fn auth_and_tls_settings_are_checked() {
+        let e = |t: &str| {
+            NodeConfig::from_toml(t, Path::new("t.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            e("join = [\"a:1\"]\n[auth]\nadmin_token = \"0123456789abcdef0\"\n")
+                .contains("joins a cluster only with [tls]")
+        );
+        assert!(e("[tls]\ncert = \"c\"\n").contains("go together"));
+        assert!(e("[tls]\nca = \"c\"\n").contains("needs tls.cert"));
+        assert!(e("[auth]\nadmin_token = \"short\"\n")
+            .contains("auth.admin_token: expected at least 16"));
+        assert!(e("[auth]\nfunction_signing_key = \"short\"\n").contains("at least 32"));
+        assert!(
+            e("[auth]\ntokens = [{ token = \"0123456789abcdef0\", namespaces = [\"x\"] }]\n")
+                .contains("auth.tokens[0]: namespaces")
+        );
+        assert!(e("[telemetry]\nsampling_ratio = 2.0\n").contains("sampling_ratio"));
+        assert!(e("[telemetry]\notlp_endpoint = \"localhost:4317\"\n").contains("otlp_endpoint"));
     }
 
     #[test]

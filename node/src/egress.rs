@@ -517,7 +517,7 @@ impl Egress {
     /// The unread record of `topic` whose id is `id`, taken out of the queue, and its key.
     fn take_by_id(&self, topic: &str, id: &str) -> Result<(TypedValue, Vec<u8>), String> {
         if self.paused.load(Ordering::SeqCst) {
-            return Err("key groups are moving; retry".into());
+            return Err("key groups are moving".into());
         }
         let t = self
             .topics

@@ -314,6 +314,7 @@ async fn start(config: NodeConfig, mut registry: Registry) -> Result<NodeHandle,
     config.validate()?;
     registry.set_signing_key(config.auth.function_signing_key.as_deref());
     let tls = crate::tls::load(&config.tls).map_err(StartError::Other)?;
+    crate::tls::set_mesh_policy(tls.is_some(), config.auth.enabled());
     for w in &registry.module().warnings {
         tracing::warn!("{w}");
     }

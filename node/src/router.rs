@@ -883,11 +883,11 @@ impl Router {
             })?;
             self.send_routed(target, value, Some(format!("dead-letter/{id}")))
                 .await?;
-            let popped = self
-                .inner
-                .egress
-                .pop_by_id(DL, id)
-                .map_err(ServiceError::NotFound)?;
+            let popped = self.inner.egress.pop_by_id(DL, id).map_err(|e| {
+                ServiceError::Unavailable(format!(
+                    "dead letter {id} was sent to {address} but not removed ({e}); replaying it again does not send it twice within the idempotency window (key dead-letter/{id})"
+                ))
+            })?;
             if popped.waits() {
                 self.want_commit();
             }

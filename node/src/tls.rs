@@ -169,11 +169,35 @@ pub fn load(cfg: &TlsConfig) -> Result<Option<Arc<Tls>>, String> {
     Ok(Some(Arc::new(tls)))
 }
 
+/// Who may use the node-to-node service: 0 anyone (no `[tls]`, no `[auth]`), 1 members (a
+/// certificate of the cluster's CA), 2 nobody (`[auth]` without `[tls]`: a node alone).
+static MESH_POLICY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets who may use the node-to-node service (at start).
+pub(crate) fn set_mesh_policy(tls: bool, auth: bool) {
+    let p = if tls {
+        1
+    } else if auth {
+        2
+    } else {
+        0
+    };
+    MESH_POLICY.store(p, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Requires a member certificate on node-to-node requests when TLS is on (the handshake
-/// checked that any certificate presented chains to the cluster's CA).
+/// checked that any certificate presented chains to the cluster's CA); refuses them all with
+/// `[auth]` but no `[tls]` (anyone could join, forward or read egress past the tokens).
 pub(crate) fn require_member(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    if MESH_CLIENT.read().is_none() {
-        return Ok(req);
+    match MESH_POLICY.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => return Ok(req),
+        2 => {
+            tracing::warn!(peer = ?req.remote_addr(), "node-to-node request refused: [auth] without [tls]");
+            return Err(tonic::Status::permission_denied(
+                "this node has [auth] but no [tls]: its node-to-node service is closed (a cluster with [auth] needs [tls])",
+            ));
+        }
+        _ => {}
     }
     match req.peer_certs() {
         Some(c) if !c.is_empty() => Ok(req),
@@ -200,7 +224,12 @@ pub(crate) fn incoming(
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                // The server stopped: the port is released.
+                _ = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -209,9 +238,6 @@ pub(crate) fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            if tx.is_closed() {
-                return;
-            }
             let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
             tokio::spawn(async move {
                 let hs =

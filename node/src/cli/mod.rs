@@ -559,13 +559,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DeadLetters {
             command: DeadLetterCommand::Replay { id, target },
         } => {
+            // Each member replays it if it holds it (NotFound: the next one).
             for (node, grpc) in members(&target).await? {
                 let c = Client::connect_with(&grpc, &target.options()?).await?;
-                let letters = c.dead_letters(u32::MAX).await?.letters;
-                if letters.iter().any(|l| l.id == id) {
-                    let done = c.replay_dead_letter(&id).await?;
-                    println!("dead letter {id} (node {node}): {done}");
-                    return Ok(());
+                match c.replay_dead_letter(&id).await {
+                    Ok(done) => {
+                        println!("dead letter {id} (node {node}): {done}");
+                        return Ok(());
+                    }
+                    Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
             anyhow::bail!("no member holds dead letter {id} (replayed or read already? list again)")

@@ -322,28 +322,24 @@ async fn replay_dead_letter(
         let done = shared.router.replay_dead_letter(&id).await?;
         return Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "node": me, "done": done})));
     }
+    // Each member replays it if it holds it (NotFound: the next one).
     for (node, grpc) in other_members(&shared) {
         let Ok(c) = statemesh_sdk::Client::connect_with(&grpc, &member_options(&shared)).await
         else {
             continue;
         };
-        let Ok(list) = c.dead_letters(u32::MAX).await else {
-            continue;
-        };
-        if list.letters.iter().any(|l| l.id == id) {
-            let done = c
-                .replay_dead_letter(&id)
-                .await
-                .map_err(|e| match e.code() {
-                    Some(tonic::Code::NotFound) => ServiceError::NotFound(e.to_string()),
-                    Some(tonic::Code::InvalidArgument) => {
-                        ServiceError::InvalidArgument(e.to_string())
-                    }
-                    _ => ServiceError::Unavailable(format!("node {node}: {e}")),
-                })?;
-            return Ok(
-                HttpResponse::Ok().json(serde_json::json!({"id": id, "node": node, "done": done}))
-            );
+        match c.replay_dead_letter(&id).await {
+            Ok(done) => {
+                return Ok(HttpResponse::Ok()
+                    .json(serde_json::json!({"id": id, "node": node, "done": done})))
+            }
+            Err(e) => match e.code() {
+                Some(tonic::Code::NotFound) => {}
+                Some(tonic::Code::InvalidArgument) => {
+                    return Err(ServiceError::InvalidArgument(e.to_string()))
+                }
+                _ => return Err(ServiceError::Unavailable(format!("node {node}: {e}"))),
+            },
         }
     }
     Err(ServiceError::NotFound(format!(
@@ -351,15 +347,16 @@ async fn replay_dead_letter(
     )))
 }
 
-/// `%XX`-decodes a path segment (as the routes see it).
+/// `%XX`-decodes what the router left encoded in a path segment (`%2F`, `%25`, `%2B`).
 fn decode(s: &str) -> String {
     let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
                 i += 3;
                 continue;
             }
@@ -378,6 +375,62 @@ fn function_type(rest: &str) -> String {
     format!("{ns}/{typ}")
 }
 
+/// What an HTTP request needs (`crate::auth`), classified by its method and the path the
+/// router matches (decoded as the router decodes it).
+#[derive(Debug, PartialEq)]
+enum Access {
+    /// `/healthz`, `/readyz`, the console's login.
+    Open,
+    /// An ingress token covering this target (a function type `ns/type`, or a topic).
+    Ingress(String),
+    /// The admin token.
+    Admin,
+}
+
+fn access(routes: Routes, method: &actix_web::http::Method, path: &str) -> Access {
+    use actix_web::http::Method;
+    let rest = path.trim_start_matches('/');
+    if routes.api {
+        match (method, path) {
+            (&Method::GET, "/healthz" | "/readyz") | (&Method::POST, "/ui/login") => {
+                return Access::Open
+            }
+            _ => {}
+        }
+        if method == Method::POST {
+            if let Some(r) = path
+                .strip_prefix("/v1/send/")
+                .or_else(|| path.strip_prefix("/v1/call/"))
+            {
+                return Access::Ingress(function_type(r));
+            }
+        }
+        if method == Method::GET {
+            if let Some(topic) = path.strip_prefix("/v1/egress/") {
+                return Access::Ingress(decode(topic));
+            }
+        }
+        if rest.starts_with("v1/")
+            || rest.starts_with("debug/")
+            || rest == "metrics"
+            || rest == "ui"
+            || rest.starts_with("ui/")
+            || rest == "healthz"
+            || rest == "readyz"
+        {
+            return Access::Admin;
+        }
+    }
+    // The playground's routes: `PUT /ns/type/id` and `GET /topic`.
+    if method == Method::PUT && routes.playground_ingress {
+        return Access::Ingress(function_type(rest));
+    }
+    if method == Method::GET && routes.playground_egress {
+        return Access::Ingress(decode(rest));
+    }
+    Access::Admin
+}
+
 /// The console's cookie, if the request carries it.
 fn admin_cookie(req: &actix_web::dev::ServiceRequest) -> Option<String> {
     let h = req.headers().get("cookie")?.to_str().ok()?;
@@ -392,46 +445,28 @@ fn admin_cookie(req: &actix_web::dev::ServiceRequest) -> Option<String> {
 /// console's login the admin token. A refusal is the response to send.
 fn check_access(
     auth: &crate::auth::Auth,
+    routes: Routes,
     req: &actix_web::dev::ServiceRequest,
 ) -> Result<(), Box<HttpResponse>> {
     use crate::auth::Denied;
     if !auth.enabled() {
         return Ok(());
     }
-    let path = req.path();
-    if matches!(path, "/healthz" | "/readyz" | "/ui/login") {
-        return Ok(());
-    }
+    // The path as the router matches it (percent-decoded), not the raw one: a request is
+    // checked for the route that serves it.
+    let path = req.match_info().as_str();
+    let access = access(routes, req.method(), path);
     let authorization = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok());
-    let target = if let Some(rest) = path
-        .strip_prefix("/v1/send/")
-        .or_else(|| path.strip_prefix("/v1/call/"))
-    {
-        Some(function_type(rest))
-    } else if let Some(topic) = path.strip_prefix("/v1/egress/") {
-        Some(decode(topic))
-    } else if path.starts_with("/v1/")
-        || path.starts_with("/debug/")
-        || path == "/metrics"
-        || path == "/ui"
-        || path.starts_with("/ui/")
-    {
-        None
-    } else if req.method() == actix_web::http::Method::PUT {
-        // The playground's ingress (`PUT /ns/type/id`) and egress (`GET /topic`).
-        Some(function_type(path.trim_start_matches('/')))
-    } else {
-        Some(decode(path.trim_start_matches('/')))
-    };
-    let r = match &target {
-        Some(t) => auth.ingress("http", authorization, [t.as_str()]),
-        None => auth.admin("http", authorization, admin_cookie(req).as_deref()),
+    let r = match &access {
+        Access::Open => return Ok(()),
+        Access::Ingress(t) => auth.ingress("http", authorization, [t.as_str()]),
+        Access::Admin => auth.admin("http", authorization, admin_cookie(req).as_deref()),
     };
     r.map_err(|d| {
-        if target.is_none() && (path == "/ui" || path == "/ui/") {
+        if access == Access::Admin && (path == "/ui" || path == "/ui/") {
             return Box::new(
                 HttpResponse::Unauthorized()
                     .content_type("text/html; charset=utf-8")
@@ -469,9 +504,10 @@ async fn ui_login(shared: web::Data<Shared>, form: web::Form<Login>) -> HttpResp
             .insert_header((
                 "set-cookie",
                 format!(
-                    "{}={}; Path=/; HttpOnly; SameSite=Strict",
+                    "{}={}; Path=/; HttpOnly; SameSite=Strict{}",
                     crate::auth::COOKIE,
-                    token.trim()
+                    token.trim(),
+                    if shared.tls.is_some() { "; Secure" } else { "" }
                 ),
             ))
             .finish(),
@@ -825,7 +861,7 @@ pub(crate) fn server(
         app.wrap_fn(move |req, srv| {
             use actix_web::dev::Service as _;
             use futures::FutureExt as _;
-            match check_access(&auth, &req) {
+            match check_access(&auth, routes, &req) {
                 Ok(()) => srv
                     .call(req)
                     .map(|r| r.map(|r| r.map_into_boxed_body()))

@@ -914,7 +914,17 @@ impl Shard {
                 FunctionKind::Remote(_) => usize::MAX,
                 FunctionKind::Embedded(_) => self.config.max_batch,
             };
-            let n = slot.inbox.len().min(cap);
+            // A state edit is applied between batches: the batch ends before the first one.
+            let n = slot
+                .inbox
+                .iter()
+                .take(cap)
+                .position(|p| p.message.typename() == crate::admin::SET_STATE)
+                .unwrap_or(slot.inbox.len().min(cap));
+            if n == 0 {
+                // An edit at the front of an address in retry or whose key group stopped.
+                continue;
+            }
             // Taking the whole inbox hands its buffer to the batch: an idle address keeps no
             // queue capacity.
             let batch: Vec<Pending> = if n == slot.inbox.len() {
@@ -1015,7 +1025,13 @@ impl Shard {
             }
             self.delete_record(kg, p.record);
             self.invocations += 1;
-            if !p.ingress {
+            // The admin API calls (its caller is a call's reply address, kept across moves
+            // and recoveries); a function (its own address) or a Kafka record (none) cannot.
+            let from_admin = p
+                .caller
+                .as_ref()
+                .is_some_and(|c| self.router.is_reply_address(c));
+            if !from_admin {
                 // Sent by a function or a Kafka record: not the admin API's.
                 self.dead_letter(
                     &address,
