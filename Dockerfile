@@ -5,8 +5,10 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
+# Without debug info and symbols: a 33 MB binary instead of 208 MB.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
+    CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols \
     cargo build --release --locked -p statemesh-node \
     && cp target/release/statemesh /usr/local/bin/statemesh
 
