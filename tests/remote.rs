@@ -483,13 +483,7 @@ async fn rust_remote_function_server() {
     // The examples' code, served by the SDK's remote-function server in this process.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut server = statemesh_sdk::server::FunctionServer::new();
-    for (typ, f) in statemesh_examples::all() {
-        server = server.function_arc(statemesh_sdk::TypeName::new("rs", typ.name()).unwrap(), f);
-    }
-    std::thread::spawn(move || {
-        actix_web::rt::System::new().block_on(server.serve_listener(listener))
-    });
+    common::serve_rust_examples(listener, statemesh_sdk::server::FunctionServer::new());
     let module = format!("kind: io.statefun.endpoints.v2/http\nspec:\n  functions: rs/*\n  urlPathTemplate: http://127.0.0.1:{port}/statefun\n");
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start_with_module(&dir.path().join("n"), None, Some(&module));
@@ -811,14 +805,11 @@ async fn dead_letters_are_listed_and_replayed_once_the_function_server_is_back()
         );
         Ok(())
     });
-    let mut server = statemesh_sdk::server::FunctionServer::new();
-    for (typ, f) in statemesh_examples::all() {
-        server = server.function_arc(statemesh_sdk::TypeName::new("rs", typ.name()).unwrap(), f);
-    }
-    let server = server.function(statemesh_sdk::TypeName::new("rs", "evil").unwrap(), evil);
-    std::thread::spawn(move || {
-        actix_web::rt::System::new().block_on(server.serve_listener(listener))
-    });
+    common::serve_rust_examples(
+        listener,
+        statemesh_sdk::server::FunctionServer::new()
+            .function(statemesh_sdk::TypeName::new("rs", "evil").unwrap(), evil),
+    );
     let (ok, out, err) = node.cli(&["dead-letters", "replay", &ids[0]]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("sent to rs/counter/c"), "{out}");
@@ -898,13 +889,10 @@ async fn remote_function_requests_are_signed_and_the_sdk_server_verifies_them() 
     let key = "function-signing-key-0123456789abcdef";
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut server = statemesh_sdk::server::FunctionServer::new().verify_signatures(key);
-    for (typ, f) in statemesh_examples::all() {
-        server = server.function_arc(statemesh_sdk::TypeName::new("rs", typ.name()).unwrap(), f);
-    }
-    std::thread::spawn(move || {
-        actix_web::rt::System::new().block_on(server.serve_listener(listener))
-    });
+    common::serve_rust_examples(
+        listener,
+        statemesh_sdk::server::FunctionServer::new().verify_signatures(key),
+    );
     let module = format!("kind: io.statefun.endpoints.v2/http\nspec:\n  functions: rs/*\n  urlPathTemplate: http://127.0.0.1:{port}/statefun\n  transport:\n    call: 1s\n");
     let dir = tempfile::tempdir().unwrap();
     for (name, signing) in [

@@ -296,13 +296,7 @@ async fn https_remote_functions_are_verified_against_remote_ca() {
     let functions_ca = Ca::new("functions CA");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let backend = listener.local_addr().unwrap().port();
-    let mut server = statemesh_sdk::server::FunctionServer::new();
-    for (typ, f) in statemesh_examples::all() {
-        server = server.function_arc(statemesh_sdk::TypeName::new("rs", typ.name()).unwrap(), f);
-    }
-    std::thread::spawn(move || {
-        actix_web::rt::System::new().block_on(server.serve_listener(listener))
-    });
+    common::serve_rust_examples(listener, statemesh_sdk::server::FunctionServer::new());
     let (cert, key) = functions_ca.issue("functions");
     let port = tls_proxy(&cert, &key, backend).await;
     let module = format!("kind: io.statefun.endpoints.v2/http\nspec:\n  functions: rs/*\n  urlPathTemplate: https://127.0.0.1:{port}/statefun\n  transport:\n    call: 1s\n");

@@ -542,3 +542,19 @@ pub async fn state_value(node: &Node, address: &str, name: &str) -> Option<serde
     let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
     j["states"].get(name).map(|v| v["value"].clone())
 }
+
+/// The bundled examples as remote functions of namespace `rs` (`rs/counter`, `rs/greeter`,
+/// …), served by the SDK's `FunctionServer` (as `server` leaves it: e.g. with more functions or
+/// signature checks) on `listener`, in a thread of this process.
+pub fn serve_rust_examples(
+    listener: std::net::TcpListener,
+    server: statemesh_sdk::server::FunctionServer,
+) {
+    let mut server = server;
+    for (typ, f) in statemesh_examples::all() {
+        server = server.function_arc(statemesh_sdk::TypeName::new("rs", typ.name()).unwrap(), f);
+    }
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(server.serve_listener(listener))
+    });
+}

@@ -316,6 +316,25 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `statemesh state set|delete`: the edit, then the address's states as JSON.
+async fn edit_state(
+    target: &NodeTarget,
+    address: &Address,
+    name: &str,
+    change: statemesh_sdk::StateChange,
+    key: Option<&str>,
+) -> anyhow::Result<()> {
+    let values = connect(target)
+        .await?
+        .set_state(address, name, change, key)
+        .await?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&states_to_json(address, values))?
+    );
+    Ok(())
+}
+
 async fn connect(t: &NodeTarget) -> anyhow::Result<Client> {
     Ok(Client::connect_with(&t.node, &t.options()?).await?)
 }
@@ -481,15 +500,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )?),
                 None => statemesh_sdk::StateChange::Text(value),
             };
-            let values = connect(&target)
-                .await?
-                .set_state(&address, &name, change, key.as_deref())
-                .await?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&states_to_json(&address, values))?
-            );
-            Ok(())
+            edit_state(&target, &address, &name, change, key.as_deref()).await
         }
         Command::State {
             command:
@@ -501,20 +512,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let address = Address::parse(&address)?;
-            let values = connect(&target)
-                .await?
-                .set_state(
-                    &address,
-                    &name,
-                    statemesh_sdk::StateChange::Delete,
-                    key.as_deref(),
-                )
-                .await?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&states_to_json(&address, values))?
-            );
-            Ok(())
+            let change = statemesh_sdk::StateChange::Delete;
+            edit_state(&target, &address, &name, change, key.as_deref()).await
         }
         Command::DeadLetters {
             command:
