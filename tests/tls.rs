@@ -161,10 +161,13 @@ async fn nodes_talk_mutual_tls_and_refuse_strangers() {
     )
     .await;
     for i in 0..20 {
+        // With an idempotency key: the client retries what the cluster refuses for now.
         let r = c2
-            .call(
+            .call_with(
                 &Address::parse(&format!("example/counter/k{i}")).unwrap(),
                 TypedValue::of(&(i as i64)),
+                Some(&format!("k{i}")),
+                None,
             )
             .await
             .unwrap();
