@@ -2545,10 +2545,16 @@ async fn one_trace_follows_a_message_across_two_nodes_into_a_remote_function() {
                 .iter()
                 .any(|s| s.name == name && address.is_none_or(|a| s.attr("statemesh.address") == a))
         };
+        // Every span's parent has arrived too (a span ends, and is exported, after its
+        // children: the forwarded request's after the invocation's).
+        let linked = spans
+            .iter()
+            .all(|s| s.name == "ingress" || spans.iter().any(|p| p.span_id == s.parent_span_id));
         (has("invoke", Some(&target))
             && has("invoke", Some("bad/traced/x"))
             && has("reply", None)
             && has("ingress", None)
+            && linked
             && !bad.traceparents.lock().unwrap().is_empty())
         .then_some(spans)
     })
