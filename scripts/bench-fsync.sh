@@ -13,34 +13,19 @@ CONCURRENCY=${CONCURRENCY:-"1 16 64"}
 MODES=${MODES:-"call send"}
 SETTING=${SETTING:-fsync}
 VALUES=${VALUES:-"true false"}
-cargo build --release -p statemesh-node >&2
-BIN=target/release/statemesh
-DIRS=()
-PID=
-cleanup() {
-  [ -n "$PID" ] && { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; }
-  for d in "${DIRS[@]}"; do rm -rf "$d"; done
-}
-trap cleanup EXIT
+. scripts/lib-node.sh
 for round in $(seq "$ROUNDS"); do
   for value in $VALUES; do
-    DATA=$(mktemp -d)
-    DIRS+=("$DATA")
+    DATA=$(scratch)
     printf '[checkpoint]\n%s = %s\n' "$SETTING" "$value" >"$DATA/node.toml"
-    "$BIN" node --data-dir "$DATA/n" --config "$DATA/node.toml" --grpc-addr 127.0.0.1:0 \
-      --http-addr 127.0.0.1:0 >"$DATA/out" 2>"$DATA/log" &
-    PID=$!
-    for _ in $(seq 100); do grep -q listening "$DATA/out" && break; sleep 0.1; done
-    GRPC=http://$(grep -o 'grpc=[0-9.:]*' "$DATA/out" | cut -d= -f2)
-    HTTP=http://$(grep -o 'http=[0-9.:]*' "$DATA/out" | cut -d= -f2)
-    load() { "$BIN" bench load --grpc "$GRPC" --http "$HTTP" "$@" 2>/dev/null; }
+    start_node "$DATA"
     load --protocol http --mode send --concurrency 4 --duration 2 >/dev/null # warm-up
     for mode in $MODES; do
       for c in $CONCURRENCY; do
-        load --protocol http --mode "$mode" --concurrency "$c" --duration "$DURATION" |
-          python3 -c "import json,sys; d=json.load(sys.stdin); d[sys.argv[1]]=sys.argv[2].strip('\"'); d['round']=$round; print(json.dumps(d))" "$SETTING" "$value"
+        measure "{\"$SETTING\": \"${value//\"/}\", \"round\": $round}" \
+          --protocol http --mode "$mode" --concurrency "$c" --duration "$DURATION"
       done
     done
-    kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
+    stop_node
   done
 done

@@ -10,16 +10,8 @@ DURATION=${DURATION:-8}
 ROUNDS=${ROUNDS:-2}
 CONCURRENCY=${CONCURRENCY:-"1 64"}
 PROTOCOLS=${PROTOCOLS:-"grpc http"}
-cargo build --release -p statemesh-node >&2
-BIN=target/release/statemesh
-CERTS=$(mktemp -d)
-DIRS=("$CERTS")
-PID=
-cleanup() {
-  [ -n "$PID" ] && { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; }
-  for d in "${DIRS[@]}"; do rm -rf "$d"; done
-}
-trap cleanup EXIT
+. scripts/lib-node.sh
+CERTS=$(scratch)
 (
   cd "$CERTS"
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
@@ -30,43 +22,25 @@ trap cleanup EXIT
   openssl x509 -req -in node.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
     -extfile ext -out node.pem 2>/dev/null
 )
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for round in $(seq "$ROUNDS"); do
   for tls in off on; do
-    DATA=$(mktemp -d)
-    DIRS+=("$DATA")
-    scheme=http
-    ca=()
-    : >"$DATA/node.toml"
+    DATA=$(scratch)
+    SCHEME=http
+    CA_ARGS=()
     if [ "$tls" = on ]; then
       printf '[tls]\ncert = "%s/node.pem"\nkey = "%s/node.key"\nca = "%s/ca.pem"\n' \
         "$CERTS" "$CERTS" "$CERTS" >"$DATA/node.toml"
-      scheme=https
-      ca=(--ca "$CERTS/ca.pem")
+      SCHEME=https
+      CA_ARGS=(--ca "$CERTS/ca.pem")
     fi
-    "$BIN" node --data-dir "$DATA/n" --config "$DATA/node.toml" --grpc-addr 127.0.0.1:0 \
-      --http-addr 127.0.0.1:0 >"$DATA/out" 2>"$DATA/log" &
-    PID=$!
-    for _ in $(seq 100); do grep -q listening "$DATA/out" && break; sleep 0.1; done
-    GRPC=$scheme://$(grep -o 'grpc=[0-9.:]*' "$DATA/out" | cut -d= -f2)
-    HTTP=$scheme://$(grep -o 'http=[0-9.:]*' "$DATA/out" | cut -d= -f2)
-    load() { "$BIN" bench load --grpc "$GRPC" --http "$HTTP" "${ca[@]}" "$@" 2>/dev/null; }
+    start_node "$DATA"
     load --protocol grpc --mode call --concurrency 4 --duration 2 >/dev/null # warm-up
     for protocol in $PROTOCOLS; do
       for c in $CONCURRENCY; do
-        before=$(cpu_ticks "$PID")
-        out=$(load --protocol "$protocol" --mode call --concurrency "$c" --duration "$DURATION")
-        after=$(cpu_ticks "$PID")
-        echo "$out" | python3 -c "
-import json, os, sys
-d = json.load(sys.stdin)
-ops = d.get('ok') or 0
-d['tls'] = '$tls'
-d['round'] = $round
-d['node_cpu_us_per_op'] = round(($after - $before) * 1e6 / os.sysconf('SC_CLK_TCK') / ops, 1) if ops else None
-print(json.dumps(d))"
+        measure "{\"tls\": \"$tls\", \"round\": $round}" \
+          --protocol "$protocol" --mode call --concurrency "$c" --duration "$DURATION"
       done
     done
-    kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
+    stop_node
   done
 done

@@ -1530,3 +1530,157 @@ async fn a_state_edit_queued_behind_messages_is_applied_between_batches() {
     assert_eq!(node.metric("statemesh_dead_letters_total").await, 0.0);
     node.stop();
 }
+
+/// `statemesh node` with `config`: it must refuse to start; returns what it printed on stderr.
+fn refused_start(dir: &std::path::Path, config: &str) -> String {
+    let cfg = dir.join("refused.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["node", "--config", cfg.to_str().unwrap(), "--data-dir"])
+        .arg(dir.join("refused-data"))
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the node started with {config:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{config:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn missing_or_broken_tokens_and_certificate_files_refuse_to_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let missing = d.join("nowhere.toml");
+    let err = refused_start(
+        d,
+        &format!("[auth]\ntokens_file = {:?}\n", missing.to_str().unwrap()),
+    );
+    assert!(
+        err.contains("auth.tokens_file") && err.contains("nowhere.toml"),
+        "{err}"
+    );
+    // Not TOML; then a token too short to be one.
+    let tokens = d.join("tokens.toml");
+    std::fs::write(&tokens, "[[tokens]\n").unwrap();
+    let cfg = format!("[auth]\ntokens_file = {:?}\n", tokens.to_str().unwrap());
+    let err = refused_start(d, &cfg);
+    assert!(
+        err.contains("auth.tokens_file") && err.contains("tokens.toml"),
+        "{err}"
+    );
+    std::fs::write(
+        &tokens,
+        "[[tokens]]\ntoken = \"short\"\nnamespaces = [\"shop/*\"]\n",
+    )
+    .unwrap();
+    let err = refused_start(d, &cfg);
+    assert!(
+        err.contains("tokens.toml") && err.contains("at least 16 characters"),
+        "{err}"
+    );
+    std::fs::write(
+        &tokens,
+        "[[tokens]]\ntoken = \"0123456789abcdef\"\nnamespaces = [\"shop*\"]\n",
+    )
+    .unwrap();
+    let err = refused_start(d, &cfg);
+    assert!(err.contains("\"shop*\""), "{err}");
+
+    // [tls] with a certificate file missing, then files that are not PEM.
+    let pem = |name: &str| d.join(name).to_str().unwrap().to_string();
+    let tls = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+        pem("node.pem"),
+        pem("node.key"),
+        pem("ca.pem")
+    );
+    let err = refused_start(d, &tls);
+    assert!(
+        err.contains("tls.cert") && err.contains("node.pem"),
+        "{err}"
+    );
+    for f in ["node.pem", "node.key", "ca.pem"] {
+        std::fs::write(d.join(f), "not a PEM file\n").unwrap();
+    }
+    let err = refused_start(d, &tls);
+    assert!(
+        err.contains("tls.cert") && err.contains("node.pem"),
+        "{err}"
+    );
+    // Half a [tls] section.
+    let err = refused_start(d, &format!("[tls]\ncert = {:?}\n", pem("node.pem")));
+    assert!(err.contains("tls"), "{err}");
+}
+
+/// A collector that accepts connections and never answers.
+fn black_hole() -> (u16, std::thread::JoinHandle<()>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    let h = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        let until = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < until {
+            match l.accept() {
+                Ok((s, _)) => held.push(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+            if held.len() > 64 {
+                break;
+            }
+        }
+    });
+    (port, h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_to_a_collector_that_is_down_or_hangs_do_not_slow_or_stop_the_node() {
+    let (hang, _holder) = black_hole();
+    for endpoint in [
+        format!("http://127.0.0.1:{}", common::free_port()),
+        format!("http://127.0.0.1:{hang}"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::start(
+            &dir.path().join("n"),
+            Some(&format!(
+                "[telemetry]\notlp_endpoint = {endpoint:?}\nsampling_ratio = 1.0\nexport_interval_ms = 100\n"
+            )),
+        );
+        let c = node.client().await;
+        let started = Instant::now();
+        for i in 0..300i64 {
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                c.call(&addr("example/counter/t"), TypedValue::of(&1i64)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("call {i} hung with the collector at {endpoint}"))
+            .unwrap();
+            assert_eq!(r.decode::<i64>().unwrap(), i + 1);
+        }
+        eprintln!(
+            "300 traced calls, collector {endpoint}: {:?}",
+            started.elapsed()
+        );
+        // Span batches are due every 100 ms: by now some export failed or hangs.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stopping = Instant::now();
+        node.stop();
+        assert!(
+            stopping.elapsed() < Duration::from_secs(15),
+            "stopping took {:?} with the collector at {endpoint}",
+            stopping.elapsed()
+        );
+    }
+}

@@ -199,18 +199,6 @@ impl Auth {
         }))
     }
 
-    /// No access control: everything open.
-    pub fn open() -> Arc<Auth> {
-        Arc::new(Auth {
-            enabled: false,
-            fixed: Vec::new(),
-            from_file: RwLock::new(Vec::new()),
-            file: None,
-            admin: None,
-            metrics: Metrics::new(),
-        })
-    }
-
     /// Whether any access control is on.
     pub fn enabled(&self) -> bool {
         self.enabled

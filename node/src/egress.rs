@@ -514,6 +514,19 @@ impl Egress {
             .collect()
     }
 
+    /// The unread record of `topic` whose id is `id`, if any (not consumed).
+    pub fn find_by_id(&self, topic: &str, id: &str) -> Option<Read> {
+        let t = self.topics.lock().get(topic).cloned()?;
+        let q = t.queue.lock();
+        q.iter().find_map(|(v, k)| {
+            let rid = k.as_deref().and_then(crate::store::egress_record_id)?;
+            (rid == id).then(|| Read {
+                value: v.clone(),
+                id: Some(rid),
+            })
+        })
+    }
+
     /// The unread record of `topic` whose id is `id`, taken out of the queue, and its key.
     fn take_by_id(&self, topic: &str, id: &str) -> Result<(TypedValue, Vec<u8>), String> {
         if self.paused.load(Ordering::SeqCst) {

@@ -853,6 +853,14 @@ impl Router {
             .collect()
     }
 
+    /// The dead letter `id` if this node holds it.
+    pub fn dead_letter(&self, id: &str) -> Option<crate::admin::DeadLetter> {
+        self.inner
+            .egress
+            .find_by_id(statemesh_sdk::DEAD_LETTERS_TOPIC, id)
+            .map(|r| crate::admin::DeadLetter::parse(&r))
+    }
+
     /// Replays the dead letter `id` this node holds, and removes it: a message to a function
     /// is sent to its address again as an ingress message (idempotency key
     /// `dead-letter/<id>`, so that a replay retried after a crash between the send and the
@@ -866,11 +874,7 @@ impl Router {
                 "a dead letter id is required (statemesh dead-letters list shows them)".into(),
             ));
         }
-        let letter = self
-            .dead_letters(usize::MAX)
-            .into_iter()
-            .find(|l| l.id == id)
-            .ok_or_else(|| {
+        let letter = self.dead_letter(id).ok_or_else(|| {
                 ServiceError::NotFound(format!(
                     "no dead letter {id} on this node (replayed or read already, or moved with its key group: list again)"
                 ))

@@ -313,15 +313,16 @@ async fn replay_dead_letter(
 ) -> Result<HttpResponse, ServiceError> {
     let id = path.into_inner();
     let me = shared.cluster.lock().node_id;
-    if shared
-        .router
-        .dead_letters(usize::MAX)
-        .iter()
-        .any(|l| l.id == id)
-    {
-        let done = shared.router.replay_dead_letter(&id).await?;
-        return Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "node": me, "done": done})));
-    }
+    // This node first: NotFound means another member may hold it.
+    let here = match shared.router.replay_dead_letter(&id).await {
+        Ok(done) => {
+            return Ok(
+                HttpResponse::Ok().json(serde_json::json!({"id": id, "node": me, "done": done}))
+            )
+        }
+        Err(ServiceError::NotFound(why)) => why,
+        Err(e) => return Err(e),
+    };
     // Each member replays it if it holds it (NotFound: the next one).
     for (node, grpc) in other_members(&shared) {
         let Ok(c) = statemesh_sdk::Client::connect_with(&grpc, &member_options(&shared)).await
@@ -343,7 +344,7 @@ async fn replay_dead_letter(
         }
     }
     Err(ServiceError::NotFound(format!(
-        "no member holds dead letter {id} (replayed or read already? list again)"
+        "no member holds dead letter {id} (replayed or read already? list again); node {me}: {here}"
     )))
 }
 
