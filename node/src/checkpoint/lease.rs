@@ -377,30 +377,53 @@ mod tests {
         }
     }
 
-    /// Real leases in a local-files blob store: of two new clusters started at once, the
-    /// outranking one takes the location and the other leaves no lease; a later generation
-    /// numbers its epochs above the earlier ones.
+    /// Real leases in a local-files blob store: of two new clusters started at once, one takes
+    /// the location and the other leaves no lease; a later generation numbers its epochs above
+    /// the earlier ones. Which one wins depends on the schedule: when both list before either
+    /// writes, the outranking one ("bbbb"); when one lists, writes and confirms before the
+    /// other lists, that one, and the other is refused once it sees the winner renew.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn of_two_new_clusters_started_at_once_one_takes_the_location() {
         let dir = tempfile::tempdir().unwrap();
         let url = dir.path().display().to_string();
         let blob = crate::checkpoint::blob::open(&url, &Default::default(), false).unwrap();
         let cp = CheckpointStore::new(blob);
-        let (a, b) = tokio::join!(
-            acquire(&cp, "aaaa", 1, RENEW),
-            acquire(&cp, "bbbb", 2, RENEW)
+        // A started cluster renews its lease, as a node does.
+        let start = |cluster: &'static str, node: u64| {
+            let cp = cp.clone();
+            async move {
+                let l = acquire(&cp, cluster, node, RENEW).await?;
+                let g = l.generation();
+                l.spawn();
+                Ok::<_, String>(g)
+            }
+        };
+        let (a, b) = tokio::join!(start("aaaa", 1), start("bbbb", 2));
+        let (winner, g, e) = match (a, b) {
+            (Err(e), Ok(g)) => ("bbbb", g, e),
+            (Ok(g), Err(e)) => ("aaaa", g, e),
+            other => panic!("exactly one cluster starts: {other:?}"),
+        };
+        assert!(
+            e.contains("started there at the same moment")
+                || e.contains(&format!("in use by running cluster {winner}")),
+            "{e}"
         );
-        let e = a.err().expect("the outranked cluster does not start");
-        assert!(e.contains("started there at the same moment"), "{e}");
-        let b = b.expect("the outranking cluster starts");
-        assert_eq!(b.generation(), 1);
-        assert_eq!(b.epoch_floor(), 0);
+        assert_eq!(g, 1);
         let left = cp.leases().await.unwrap();
         assert_eq!(left.len(), 1, "{left:?}");
-        assert_eq!(left[0].cluster, "bbbb");
+        assert_eq!(left[0].cluster, winner);
+        // A cluster started later sees the winner renew and is refused (the other schedule).
+        let e = start("cccc", 4).await.unwrap_err();
+        assert!(
+            e.contains(&format!("in use by running cluster {winner}")),
+            "{e}"
+        );
+        assert_eq!(cp.leases().await.unwrap().len(), 1);
         // A restart of the winner keeps its generation at once.
-        let again = acquire(&cp, "bbbb", 2, RENEW).await.unwrap();
+        let again = acquire(&cp, winner, 3, RENEW).await.unwrap();
         assert_eq!(again.generation(), 1);
+        assert_eq!(again.epoch_floor(), 0);
         let l = Lease {
             generation: 3,
             ..again
