@@ -201,6 +201,33 @@ async fn nodes_talk_mutual_tls_and_refuse_strangers() {
             .map(|r| r.0 != 200)
             .unwrap_or(true)
     );
+    // `statemesh health` (the image's HEALTHCHECK, probes) over HTTPS; over plain HTTP to
+    // the TLS port it fails, naming why.
+    let health = |url: &str, ready: bool| {
+        let mut args = vec!["health", "--http", url];
+        if ready {
+            args.push("--ready");
+        }
+        std::process::Command::new(common::BIN)
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    for ready in [false, true] {
+        let out = health(&h1, ready);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = health(&n1.http, false);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("GET /healthz"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The CLI over TLS.
     let ca_file = root.join("n1-ca.pem");
     let out = std::process::Command::new(common::BIN)

@@ -138,8 +138,10 @@ enum Command {
     },
     /// Checks a node's health over HTTP (for container health checks): exits 0 when
     /// `/healthz` (or, with `--ready`, `/readyz`) answers 200, 1 otherwise, printing why.
+    /// Under `[tls]`, give an `https://` URL: like the kubelet's HTTPS probes, it does not
+    /// verify the node's certificate (it sends no credentials and reads only the status).
     Health {
-        /// HTTP base URL of the node.
+        /// HTTP base URL of the node (`http://` or `https://`).
         #[arg(long = "http", default_value = "http://127.0.0.1:8090")]
         http: String,
         /// Check readiness (`/readyz`: serving, placement known, no back-pressure) instead.
@@ -702,38 +704,56 @@ async fn run_node(
     Ok(())
 }
 
-/// A plain HTTP/1.0 GET of `path` on `base` (`http://HOST:PORT`): status and body. Enough for
-/// a health check, with no HTTP client in the image.
+/// A plain HTTP/1.0 GET of `path` on `base` (`http://HOST:PORT`, or `https://HOST:PORT`
+/// without certificate verification): status and body. Enough for a health check, with no
+/// HTTP client in the image.
 fn http_get(base: &str, path: &str, timeout: std::time::Duration) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read as _, Write as _};
+    use std::io::{Read, Write};
     use std::net::ToSocketAddrs as _;
-    let authority = base
-        .strip_prefix("http://")
-        .with_context(|| format!("{base:?}: expected http://HOST:PORT"))?
-        .trim_end_matches('/');
+    let (tls, authority) = match (base.strip_prefix("http://"), base.strip_prefix("https://")) {
+        (Some(a), _) => (false, a),
+        (_, Some(a)) => (true, a),
+        _ => anyhow::bail!("{base:?}: expected http://HOST:PORT or https://HOST:PORT"),
+    };
+    let authority = authority.trim_end_matches('/');
     let addr = authority
         .to_socket_addrs()
         .with_context(|| format!("{authority:?}: not HOST:PORT"))?
         .next()
         .with_context(|| format!("{authority:?}: no address"))?;
     let deadline = std::time::Instant::now() + timeout;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+    let tcp = std::net::TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connect to {addr}"))?;
     let left = || {
         deadline
             .saturating_duration_since(std::time::Instant::now())
             .max(std::time::Duration::from_millis(1))
     };
-    s.set_write_timeout(Some(left()))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")?;
+    tcp.set_write_timeout(Some(left()))?;
+    tcp.set_read_timeout(Some(left()))?;
+    let mut s: Box<dyn ReadWrite> = if tls {
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, _)| h)
+            .trim_matches(|c| c == '[' || c == ']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .with_context(|| format!("{host:?}: not a host name or address"))?;
+        let conn = rustls::ClientConnection::new(any_certificate(), name)?;
+        Box::new(rustls::StreamOwned::new(conn, tcp))
+    } else {
+        Box::new(tcp)
+    };
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").context("send the request")?;
+    s.flush()?;
     let mut response = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        s.set_read_timeout(Some(left()))?;
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) if response.len() < 1 << 20 => response.extend_from_slice(&buf[..n]),
             Ok(_) => break,
+            // A TLS server may close without close_notify after an HTTP/1.0 response.
+            Err(e) if tls && e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => return Err(e).context("read the response"),
         }
     }
@@ -745,4 +765,65 @@ fn http_get(base: &str, path: &str, timeout: std::time::Duration) -> anyhow::Res
         .and_then(|c| c.parse().ok())
         .with_context(|| format!("not an HTTP response: {:?}", head.lines().next()))?;
     Ok((status, body.to_string()))
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// A TLS client configuration that accepts any server certificate (`statemesh health` only:
+/// it sends no credentials and reads only the status, as the kubelet's HTTPS probes do).
+fn any_certificate() -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct Any(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for Any {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(Any(provider)))
+        .with_no_client_auth();
+    std::sync::Arc::new(config)
 }
