@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The statemesh node image: `docker build -t statemesh .` at the repository's root.
 # Build stage: the release binary (protobuf compiles with protox, librdkafka is vendored:
 # nothing beyond the Rust image is needed).
@@ -12,9 +11,15 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p statemesh-node \
     && cp target/release/statemesh /usr/local/bin/statemesh
 
-# Runtime stage: Debian slim (glibc, as the binary was built against), a non-root user.
+# Runtime stage: Debian slim (glibc, as the binary was built against), a non-root user, and
+# the CA roots that HTTPS to S3 and to https:// function endpoints needs (slim has none: the
+# node would refuse an s3:// checkpoint URL). Unpinned so that rebuilds take Debian's updates.
 FROM debian:bookworm-slim
-RUN groupadd --system --gid 10001 statemesh \
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 statemesh \
     && useradd --system --uid 10001 --gid statemesh --home-dir /var/lib/statemesh statemesh \
     && mkdir -p /var/lib/statemesh /etc/statemesh \
     && chown statemesh:statemesh /var/lib/statemesh

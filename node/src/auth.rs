@@ -223,6 +223,11 @@ impl Auth {
         d
     }
 
+    /// A refusal (403) decided by the caller, counted like the others.
+    pub fn forbidden(&self, surface: &str, why: String) -> Denied {
+        self.refuse(surface, Denied::Forbidden(why))
+    }
+
     fn is_admin(&self, token: &str) -> bool {
         self.admin
             .as_deref()

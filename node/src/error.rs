@@ -130,3 +130,19 @@ impl actix_web::ResponseError for ServiceError {
             .body(serde_json::json!({ "error": self.to_string() }).to_string())
     }
 }
+
+/// An error with its causes, `outer: cause: root cause` (a cause already at the end of the
+/// text, as wrapping errors often print their source, is not repeated).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

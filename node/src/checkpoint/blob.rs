@@ -26,7 +26,7 @@ pub enum BlobError {
         reason: String,
     },
     /// The backend refused its configuration.
-    #[error("blob store {url:?}: {source}")]
+    #[error("blob store {url:?}: {}", crate::error::error_chain(source))]
     Backend {
         /// The URL.
         url: String,

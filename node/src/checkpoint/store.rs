@@ -43,7 +43,7 @@ const OBJECT_READS: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// The blob store failed.
-    #[error("blob store {url}: {op} {path}: {source}")]
+    #[error("blob store {url}: {op} {path}: {}", crate::error::error_chain(source))]
     Blob {
         /// The store.
         url: String,

@@ -380,7 +380,7 @@ fn function_type(rest: &str) -> String {
 /// router matches (decoded as the router decodes it).
 #[derive(Debug, PartialEq)]
 enum Access {
-    /// `/healthz`, `/readyz`, the console's login.
+    /// `/healthz`, `/readyz`, the console's login and logout.
     Open,
     /// An ingress token covering this target (a function type `ns/type`, or a topic).
     Ingress(String),
@@ -393,9 +393,8 @@ fn access(routes: Routes, method: &actix_web::http::Method, path: &str) -> Acces
     let rest = path.trim_start_matches('/');
     if routes.api {
         match (method, path) {
-            (&Method::GET, "/healthz" | "/readyz") | (&Method::POST, "/ui/login") => {
-                return Access::Open
-            }
+            (&Method::GET, "/healthz" | "/readyz")
+            | (&Method::POST, "/ui/login" | "/ui/logout") => return Access::Open,
             _ => {}
         }
         if method == Method::POST {
@@ -464,7 +463,9 @@ fn check_access(
     let r = match &access {
         Access::Open => return Ok(()),
         Access::Ingress(t) => auth.ingress("http", authorization, [t.as_str()]),
-        Access::Admin => auth.admin("http", authorization, admin_cookie(req).as_deref()),
+        Access::Admin => auth
+            .admin("http", authorization, admin_cookie(req).as_deref())
+            .and_then(|()| same_origin(auth, req, crate::auth::bearer(authorization).is_some())),
     };
     r.map_err(|d| {
         if access == Access::Admin && (path == "/ui" || path == "/ui/") {
@@ -481,6 +482,50 @@ fn check_access(
             Denied::Forbidden(m) => HttpResponse::Forbidden().body(m),
         })
     })
+}
+
+/// A change made with the console's cookie (not a bearer token) must come from the console
+/// itself: its `Origin` names this host. The cookie is `SameSite=Strict` already; this refuses
+/// what a browser without SameSite, or a page on a sibling port of the same host, could send.
+fn same_origin(
+    auth: &crate::auth::Auth,
+    req: &actix_web::dev::ServiceRequest,
+    bearer: bool,
+) -> Result<(), crate::auth::Denied> {
+    use actix_web::http::Method;
+    if bearer || matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let origin = header("origin");
+    let host = header("host");
+    let authority = origin.map(|o| o.split_once("://").map_or(o, |(_, a)| a));
+    match (authority, host) {
+        (Some(a), Some(h)) if a.eq_ignore_ascii_case(h) => Ok(()),
+        _ => Err(auth.forbidden(
+            "http",
+            format!(
+                "a change with the console's cookie must come from the console (Origin {:?}, Host {:?}); send the admin token as a bearer token instead",
+                origin.unwrap_or("none"),
+                host.unwrap_or("none")
+            ),
+        )),
+    }
+}
+
+/// `POST /ui/logout`: clears the console's cookie and goes back to `/ui`.
+async fn ui_logout(shared: web::Data<Shared>) -> HttpResponse {
+    HttpResponse::SeeOther()
+        .insert_header(("location", "/ui"))
+        .insert_header((
+            "set-cookie",
+            format!(
+                "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{}",
+                crate::auth::COOKIE,
+                if shared.tls.is_some() { "; Secure" } else { "" }
+            ),
+        ))
+        .finish()
 }
 
 /// The console's login form (when `[auth]` is on and the admin cookie is missing or wrong).
@@ -538,10 +583,20 @@ const UI_FILES: [(&str, &str, &[u8]); 3] = [
 ];
 
 /// `GET /ui`, `/ui/{file}`: the web console (it reads the admin endpoints above).
-async fn ui(req: HttpRequest) -> HttpResponse {
+async fn ui(shared: web::Data<Shared>, req: HttpRequest) -> HttpResponse {
     let file = req.match_info().get("file").unwrap_or("");
     let file = if file.is_empty() { "index.html" } else { file };
     match UI_FILES.iter().find(|(name, _, _)| *name == file) {
+        // Signed in (with `[auth]`): the page offers to sign out.
+        Some((name, ct, body)) if *name == "index.html" && shared.auth.enabled() => {
+            HttpResponse::Ok()
+                .content_type(*ct)
+                .insert_header(("cache-control", "no-cache"))
+                .body(
+                    String::from_utf8_lossy(body)
+                        .replace(r#"action="/ui/logout" hidden>"#, r#"action="/ui/logout">"#),
+                )
+        }
         Some((_, ct, body)) => HttpResponse::Ok()
             .content_type(*ct)
             .insert_header(("cache-control", "no-cache"))
@@ -836,6 +891,7 @@ pub(crate) fn server(
                 .route("/v1/dead-letters", web::get().to(dead_letters))
                 .route("/ui", web::get().to(ui))
                 .route("/ui/login", web::post().to(ui_login))
+                .route("/ui/logout", web::post().to(ui_logout))
                 .route("/ui/{file:.*}", web::get().to(ui))
                 .route(
                     "/v1/dead-letters/{id}/replay",

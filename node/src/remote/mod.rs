@@ -235,7 +235,7 @@ impl RemoteFunction {
                     .clone()
             });
             let resp = client.request(req).await.map_err(|e| AttemptError {
-                reason: format!("transport error: {}", error_chain(&e)),
+                reason: format!("transport error: {}", crate::error::error_chain(&e)),
                 retryable: true,
             })?;
             let status = resp.status().as_u16();
@@ -339,17 +339,6 @@ impl RemoteFunction {
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn to_address(a: Option<pb::Address>, what: &str) -> Result<Address, String> {
