@@ -1410,6 +1410,76 @@ async fn access_control_with_scoped_tokens_an_admin_token_and_a_reloaded_file() 
     .await;
     assert_eq!(call_greeter("greeter-token-0123456789").await, 401);
 
+    // A subscription whose token is taken out of the file ends (UNAUTHENTICATED) and takes
+    // no record after that: the record sent then is still there for another reader.
+    let sub_t = "subscriber-token-0123456789";
+    std::fs::write(
+        &tokens,
+        format!("[[tokens]]\ntoken = \"{sub_t}\"\nnamespaces = [\"smoke/*\"]\n[[tokens]]\ntoken = \"greeter-token-3-0123456789\"\nnamespaces = [\"example/greeter\"]\n"),
+    )
+    .unwrap();
+    eventually(
+        "the subscriber's token",
+        Duration::from_secs(10),
+        || async { (call_greeter("greeter-token-3-0123456789").await == 200).then_some(()) },
+    )
+    .await;
+    let all = statemesh_sdk::Client::connect_with_token(&node.grpc, Some(all_t))
+        .await
+        .unwrap();
+    let smoke = addr("statemesh.smoke/fn/ids");
+    let emit_with = |record: &'static str| {
+        let (all, smoke) = (all.clone(), smoke.clone());
+        async move {
+            let cmds = serde_json::json!({ "cmds": [{ "egress": record }] });
+            all.send(
+                &smoke,
+                TypedValue::new(
+                    "statemesh.smoke/Commands",
+                    serde_json::to_vec(&cmds).unwrap(),
+                ),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let subscriber = statemesh_sdk::Client::connect_with_token(&node.grpc, Some(sub_t))
+        .await
+        .unwrap();
+    let mut sub = Box::pin(subscriber.subscribe_records("smoke").await.unwrap());
+    emit_with("before").await;
+    let r = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("a record within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.value.get::<String>().unwrap(), "before");
+    file_token("greeter-token-4-0123456789");
+    eventually(
+        "the subscriber's token gone",
+        Duration::from_secs(10),
+        || async { (call_greeter("greeter-token-4-0123456789").await == 200).then_some(()) },
+    )
+    .await;
+    let end = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("the stream ends within 10 s")
+        .expect("an error, not the end");
+    assert_eq!(
+        end.as_ref().unwrap_err().code(),
+        Some(tonic::Code::Unauthenticated),
+        "{end:?}"
+    );
+    emit_with("after").await;
+    let mut other = Box::pin(all.subscribe_records("smoke").await.unwrap());
+    let r = tokio::time::timeout(Duration::from_secs(10), other.next())
+        .await
+        .expect("a record within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.value.get::<String>().unwrap(), "after");
+    drop(other);
+
     // The console: a login form, then a cookie.
     let (s, body) = h("/ui", "GET", None, "").await;
     assert_eq!(s, 401);

@@ -164,48 +164,58 @@ impl pb::ingress_server::Ingress for IngressService {
             .auth
             .ingress("grpc", authz.as_deref(), [topic.as_str()])?;
         let router = self.shared.router.clone();
+        let auth = self.shared.auth.clone();
         // This node's records as they come, and the records of the peers that produce them
         // (polled, 50 ms apart while everything is empty): each record popped once, where it
         // was produced, and sent once its removal is committed (the records available here
-        // at once are read together, so that one commit answers them all).
-        let start = (router, topic, VecDeque::new());
-        let stream = futures::stream::unfold(start, |(router, topic, mut ready)| async move {
-            let v = loop {
-                if let Some(v) = ready.pop_front() {
-                    break v;
-                }
-                let local = router.egress().clone();
-                let mut batch = Vec::new();
-                while batch.len() < SUBSCRIBE_BATCH {
-                    match local.pop(&topic) {
-                        Some(p) => batch.push(p),
-                        None => break,
-                    }
-                }
-                if batch.is_empty() {
-                    if let Some(v) = router.pop_egress(&topic).await {
+        // at once are read together, so that one commit answers them all). The token is
+        // checked again before each read: a token taken out of the tokens file ends the
+        // stream (UNAUTHENTICATED) within 50 ms, before it takes another record.
+        let start = Some((router, topic, VecDeque::new()));
+        let stream = futures::stream::unfold(start, move |state| {
+            let (auth, authz) = (auth.clone(), authz.clone());
+            async move {
+                let (router, topic, mut ready) = state?;
+                let v = loop {
+                    if let Some(v) = ready.pop_front() {
                         break v;
                     }
-                    tokio::select! {
-                        p = local.next(&topic) => batch.push(p),
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    if let Err(d) = auth.ingress("grpc", authz.as_deref(), [topic.as_str()]) {
+                        return Some((Err(Status::from(d)), None));
                     }
-                }
-                if batch.iter().any(|p| p.waits()) {
-                    router.want_commit();
-                }
-                for p in batch {
-                    if let Some(v) = p.settled().await {
-                        ready.push_back(v);
+                    let local = router.egress().clone();
+                    let mut batch = Vec::new();
+                    while batch.len() < SUBSCRIBE_BATCH {
+                        match local.pop(&topic) {
+                            Some(p) => batch.push(p),
+                            None => break,
+                        }
                     }
-                }
-            };
-            let rec = pb::EgressRecord {
-                topic: topic.clone(),
-                value: Some(v.value.to_proto()),
-                id: v.id.unwrap_or_default(),
-            };
-            Some((Ok(rec), (router, topic, ready)))
+                    if batch.is_empty() {
+                        if let Some(v) = router.pop_egress(&topic).await {
+                            break v;
+                        }
+                        tokio::select! {
+                            p = local.next(&topic) => batch.push(p),
+                            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        }
+                    }
+                    if batch.iter().any(|p| p.waits()) {
+                        router.want_commit();
+                    }
+                    for p in batch {
+                        if let Some(v) = p.settled().await {
+                            ready.push_back(v);
+                        }
+                    }
+                };
+                let rec = pb::EgressRecord {
+                    topic: topic.clone(),
+                    value: Some(v.value.to_proto()),
+                    id: v.id.unwrap_or_default(),
+                };
+                Some((Ok(rec), Some((router, topic, ready))))
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }
