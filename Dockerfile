@@ -18,6 +18,7 @@ FROM debian:bookworm-slim
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get clean \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 statemesh \
     && useradd --system --uid 10001 --gid statemesh --home-dir /var/lib/statemesh statemesh \

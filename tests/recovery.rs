@@ -440,9 +440,27 @@ async fn a_node_checkpoints_to_s3_and_recovers_from_it_alone() {
         (200, "15".to_string())
     );
     node.kill();
-    // Only blob storage is left.
+    // Only blob storage is left. The restart is configured through the environment alone
+    // (`AWS_*`, as ops/compose.yaml does), plain HTTP included.
     std::fs::remove_dir_all(data.join("state")).unwrap();
-    let node = Node::start(&data, Some(&config));
+    let env = [
+        ("AWS_ENDPOINT", m.endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ];
+    let node = Node::start_launch(
+        &data,
+        &common::Launch {
+            config: Some("[checkpoint]\nurl = \"s3://smcp/cluster-a\"\n".into()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        },
+    );
     assert_eq!(total(&node, "s3").await, 15);
     let cp = checkpoints(&node).await;
     assert_eq!(cp["recovery"]["source"], "blob-full", "{cp}");

@@ -99,10 +99,23 @@ fn retry_config() -> object_store::RetryConfig {
     }
 }
 
-fn client_options() -> object_store::ClientOptions {
-    object_store::ClientOptions::new()
+/// The HTTP client's options: 10 s per request, 2 s to connect, then what the environment
+/// sets with `prefix` (`AWS_ALLOW_HTTP`, `AWS_PROXY_URL`, `GOOGLE_TIMEOUT`, …), which the
+/// builders' `from_env` reads but `with_client_options` would replace.
+fn client_options(prefix: &str) -> object_store::ClientOptions {
+    let mut o = object_store::ClientOptions::new()
         .with_timeout(std::time::Duration::from_secs(10))
-        .with_connect_timeout(std::time::Duration::from_secs(2))
+        .with_connect_timeout(std::time::Duration::from_secs(2));
+    for (k, v) in std::env::vars() {
+        let k = k.to_ascii_lowercase();
+        if let Some(key) = k
+            .strip_prefix(prefix)
+            .and_then(|k| k.parse::<object_store::ClientConfigKey>().ok())
+        {
+            o = o.with_config(key, v);
+        }
+    }
+    o
 }
 
 /// Opens the blob store named by `url`. `fsync`: local files (and the directory entries that
@@ -133,7 +146,7 @@ pub fn open(url: &str, s3: &S3Options, fsync: bool) -> Result<Blob, BlobError> {
         let mut b = object_store::aws::AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_retry(retry_config())
-            .with_client_options(client_options());
+            .with_client_options(client_options("aws_"));
         if let Some(e) = &s3.endpoint {
             b = b.with_endpoint(e);
         }
@@ -158,7 +171,7 @@ pub fn open(url: &str, s3: &S3Options, fsync: bool) -> Result<Blob, BlobError> {
         let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
             .with_bucket_name(bucket)
             .with_retry(retry_config())
-            .with_client_options(client_options());
+            .with_client_options(client_options("google_"));
         return Ok(blob(Arc::new(b.build().map_err(backend)?), prefix));
     }
     if let Some(rest) = url.strip_prefix("az://") {
@@ -166,7 +179,7 @@ pub fn open(url: &str, s3: &S3Options, fsync: bool) -> Result<Blob, BlobError> {
         let b = object_store::azure::MicrosoftAzureBuilder::from_env()
             .with_container_name(container)
             .with_retry(retry_config())
-            .with_client_options(client_options());
+            .with_client_options(client_options("azure_"));
         return Ok(blob(Arc::new(b.build().map_err(backend)?), prefix));
     }
     let path = match url.strip_prefix("file://") {
