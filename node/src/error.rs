@@ -131,18 +131,22 @@ impl actix_web::ResponseError for ServiceError {
     }
 }
 
-/// An error with its causes, `outer: cause: root cause` (a cause already at the end of the
-/// text, as wrapping errors often print their source, is not repeated).
+/// An error with its causes, `outer: cause: root cause` (a cause whose text is already there,
+/// as wrapping errors often print their source, is not repeated).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
+    with_causes(e.to_string(), e.source())
+}
+
+/// `text` followed by the causes from `source` on, each once.
+pub fn with_causes(mut text: String, source: Option<&dyn std::error::Error>) -> String {
+    let mut cur = source;
     while let Some(c) = cur {
         let t = c.to_string();
-        if !s.ends_with(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
         }
         cur = c.source();
     }
-    s
+    text
 }

@@ -426,17 +426,7 @@ fn from_status(node: NodeId, addr: &str, s: Status) -> ServiceError {
 
 /// A status's message with the causes tonic keeps in its source chain.
 fn error_chain(s: &Status) -> String {
-    let mut text = s.message().to_string();
-    let mut src = std::error::Error::source(s);
-    while let Some(e) = src {
-        let m = e.to_string();
-        if !text.contains(&m) {
-            text.push_str(": ");
-            text.push_str(&m);
-        }
-        src = e.source();
-    }
-    text
+    crate::error::with_causes(s.message().to_string(), std::error::Error::source(s))
 }
 
 /// Deadline of forwarded requests other than calls.
@@ -1765,15 +1755,7 @@ async fn connect(addr: &str) -> Result<Channel, String> {
         .map_err(|e| e.to_string())?
         .connect()
         .await
-        .map_err(|e| {
-            let mut text = format!("connect: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(c) = src {
-                text.push_str(&format!(": {c}"));
-                src = c.source();
-            }
-            text
-        })
+        .map_err(|e| format!("connect: {}", crate::error::error_chain(&e)))
 }
 
 /// Why a join did not succeed.

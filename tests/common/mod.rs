@@ -405,6 +405,51 @@ pub async fn http_headers(
 ) -> Result<(u16, hyper::HeaderMap, Bytes), String> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
+    send(&client, url, method, headers, body).await
+}
+
+/// [`http_headers`] over HTTPS, trusting only the CA `ca_pem`.
+pub async fn https_headers(
+    ca_pem: &str,
+    url: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<(u16, hyper::HeaderMap, Bytes), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject as _;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, Full<Bytes>>(connector);
+    send(&client, url, method, headers, body).await
+}
+
+async fn send<C>(
+    client: &hyper_util::client::legacy::Client<C, Full<Bytes>>,
+    url: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<(u16, hyper::HeaderMap, Bytes), String>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     let mut req = hyper::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -412,7 +457,7 @@ pub async fn http_headers(
     let resp = client
         .request(req.body(Full::new(body)).unwrap())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{e:?}"))?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let b = resp

@@ -513,19 +513,25 @@ fn same_origin(
     }
 }
 
-/// `POST /ui/logout`: clears the console's cookie and goes back to `/ui`.
-async fn ui_logout(shared: web::Data<Shared>) -> HttpResponse {
+/// To `/ui`, setting the console's cookie to `value` (`HttpOnly`, `SameSite=Strict`, `Secure`
+/// under TLS; `attributes` adds more).
+fn to_console_with_cookie(shared: &Shared, value: &str, attributes: &str) -> HttpResponse {
     HttpResponse::SeeOther()
         .insert_header(("location", "/ui"))
         .insert_header((
             "set-cookie",
             format!(
-                "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{}",
+                "{}={value}; Path=/;{attributes} HttpOnly; SameSite=Strict{}",
                 crate::auth::COOKIE,
                 if shared.tls.is_some() { "; Secure" } else { "" }
             ),
         ))
         .finish()
+}
+
+/// `POST /ui/logout`: clears the console's cookie and goes back to `/ui`.
+async fn ui_logout(shared: web::Data<Shared>) -> HttpResponse {
+    to_console_with_cookie(&shared, "", " Max-Age=0;")
 }
 
 /// The console's login form (when `[auth]` is on and the admin cookie is missing or wrong).
@@ -545,18 +551,7 @@ struct Login {
 async fn ui_login(shared: web::Data<Shared>, form: web::Form<Login>) -> HttpResponse {
     let token = form.into_inner().token;
     match shared.auth.admin("http", None, Some(token.trim())) {
-        Ok(()) => HttpResponse::SeeOther()
-            .insert_header(("location", "/ui"))
-            .insert_header((
-                "set-cookie",
-                format!(
-                    "{}={}; Path=/; HttpOnly; SameSite=Strict{}",
-                    crate::auth::COOKIE,
-                    token.trim(),
-                    if shared.tls.is_some() { "; Secure" } else { "" }
-                ),
-            ))
-            .finish(),
+        Ok(()) => to_console_with_cookie(&shared, token.trim(), ""),
         Err(_) => HttpResponse::Unauthorized()
             .content_type("text/html; charset=utf-8")
             .body(LOGIN_PAGE),
