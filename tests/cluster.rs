@@ -2309,6 +2309,44 @@ async fn state_edits_and_dead_letters_work_across_the_members() {
     for i in 0..20 {
         assert_eq!(add(&c, &format!("e{i}"), 1).await, 101, "e{i}");
     }
+    // The 20 invocations ran on their owners; `/v1/functions` sums the members' (each node's
+    // alone with `?local=true`; shards flush their counts every second or so).
+    let invoked = |j: &serde_json::Value| {
+        j["types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "example/counter")
+            .map_or(0, |t| t["invocations"].as_u64().unwrap())
+    };
+    eventually(
+        "20 counter invocations in all",
+        Duration::from_secs(20),
+        || async {
+            let all = n2.get_json("/v1/functions").await;
+            let mut local = Vec::new();
+            for n in [&n1, &n2, &n3] {
+                local.push(invoked(&n.get_json("/v1/functions?local=true").await));
+            }
+            (invoked(&all) == 20
+                && local.iter().sum::<u64>() == 20
+                && local.iter().filter(|&&l| l > 0).count() >= 2
+                && all["nodes"].as_array().unwrap().len() == 3)
+                .then_some(())
+        },
+    )
+    .await;
+    let all = n2.get_json("/v1/functions").await;
+    let t = all["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["type"] == "example/counter")
+        .unwrap();
+    assert!(
+        t["p50_ms"].as_f64().unwrap() > 0.0 && t["kind"] == "embedded",
+        "{t}"
+    );
     // Strings to counters fail to decode: dead-lettered by their owners.
     for i in 0..12 {
         c.send(
@@ -2436,6 +2474,12 @@ async fn the_web_console_shows_the_cluster_in_a_real_browser() {
     assert!(
         counter_row[2].as_str().unwrap().parse::<u64>().unwrap() > 0,
         "{counter_row}"
+    );
+    // Summed over the three members.
+    let scope = seen["functions_scope"].as_str().unwrap();
+    assert!(
+        scope.starts_with("(summed over members ") && scope.matches(", ").count() == 2,
+        "{scope}"
     );
     assert_eq!(
         seen["state"],

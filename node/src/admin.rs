@@ -151,6 +151,91 @@ impl DeadLetter {
     }
 }
 
+/// This node's statistics of every function type it invoked (the admin API's
+/// `GetFunctionStats`, and `/v1/functions`).
+pub fn function_stats(
+    registry: &crate::registry::Registry,
+) -> Vec<statemesh_proto::v1::FunctionStats> {
+    use crate::registry::FunctionKind;
+    use prometheus::core::Metric as _;
+    registry
+        .entries()
+        .into_iter()
+        .map(|(name, e)| {
+            let (kind, url) = match &e.kind {
+                FunctionKind::Embedded(_) => ("embedded", String::new()),
+                FunctionKind::Remote(r) => ("remote", r.url().to_string()),
+            };
+            let m = e.latency.metric();
+            let h = m.get_histogram();
+            statemesh_proto::v1::FunctionStats {
+                r#type: name,
+                kind: kind.into(),
+                url,
+                invocations: h.get_sample_count(),
+                sum_seconds: h.get_sample_sum(),
+                bucket_bounds: h.get_bucket().iter().map(|b| b.upper_bound()).collect(),
+                bucket_cumulative: h
+                    .get_bucket()
+                    .iter()
+                    .map(|b| b.cumulative_count())
+                    .collect(),
+                dead_letters: e.dead_letters.load(std::sync::atomic::Ordering::Relaxed),
+            }
+        })
+        .collect()
+}
+
+/// Adds `other` (the same type on another node) to `into`: counts, sums and buckets (the
+/// nodes' histograms have the same bounds; a bucket list that differs is left out).
+pub fn merge_function_stats(
+    into: &mut statemesh_proto::v1::FunctionStats,
+    other: &statemesh_proto::v1::FunctionStats,
+) {
+    if into.bucket_bounds == other.bucket_bounds
+        && into.bucket_cumulative.len() == other.bucket_cumulative.len()
+    {
+        for (a, b) in into
+            .bucket_cumulative
+            .iter_mut()
+            .zip(&other.bucket_cumulative)
+        {
+            *a += b;
+        }
+    } else if into.invocations == 0 {
+        into.bucket_bounds = other.bucket_bounds.clone();
+        into.bucket_cumulative = other.bucket_cumulative.clone();
+    }
+    into.invocations += other.invocations;
+    into.sum_seconds += other.sum_seconds;
+    into.dead_letters += other.dead_letters;
+    if into.kind.is_empty() {
+        into.kind = other.kind.clone();
+        into.url = other.url.clone();
+    }
+}
+
+/// The `q` quantile (0..=1) of a histogram's observations, interpolated within its bucket;
+/// `None` without observations. Beyond the last bound: that bound.
+pub fn quantile(count: u64, bounds: &[f64], cumulative: &[u64], q: f64) -> Option<f64> {
+    if count == 0 {
+        return None;
+    }
+    let rank = q * count as f64;
+    let (mut below, mut lower) = (0u64, 0.0f64);
+    for (&upper, &c) in bounds.iter().zip(cumulative) {
+        if c as f64 >= rank {
+            let inside = (c - below).max(1) as f64;
+            return Some(
+                lower + (upper - lower) * ((rank - below as f64) / inside).clamp(0.0, 1.0),
+            );
+        }
+        below = c;
+        lower = upper;
+    }
+    Some(lower)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

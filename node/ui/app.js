@@ -124,6 +124,9 @@ function renderFunctions(f) {
     }
   }
   lastFunctions = { at: now, counts: Object.fromEntries(f.types.map(t => [t.type, t.invocations])) };
+  document.getElementById("functions-scope").textContent =
+    `(summed over members ${f.nodes.join(", ")}` +
+    (f.unreachable.length ? `; not answering: ${f.unreachable.map(u => u.node).join(", ")})` : ")");
   fill(document.querySelector("#functions tbody"), f.types.map(t => el("tr", { "data-type": t.type },
     el("td", {}, t.type), el("td", { title: t.url || "" }, t.kind === "remote" ? `remote ${t.url}` : "embedded"),
     el("td", {}, t.invocations), el("td", {}, rate[t.type] == null ? "-" : rate[t.type].toFixed(1)),

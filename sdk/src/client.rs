@@ -655,6 +655,16 @@ impl Client {
             .into_inner())
     }
 
+    /// The function types the node this client talks to invoked, with their statistics.
+    pub async fn function_stats(&self) -> Result<pb::GetFunctionStatsResponse, ClientError> {
+        Ok(self
+            .admin
+            .clone()
+            .get_function_stats(pb::GetFunctionStatsRequest {})
+            .await?
+            .into_inner())
+    }
+
     /// Replays a dead letter the node this client talks to holds; returns what it did.
     pub async fn replay_dead_letter(&self, id: &str) -> Result<String, ClientError> {
         Ok(self

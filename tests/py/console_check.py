@@ -47,6 +47,7 @@ with sync_playwright() as p:
     seen["functions"] = page.eval_on_selector_all(
         "#functions tbody tr",
         "rows => rows.map(r => [...r.children].map(c => c.textContent))")
+    seen["functions_scope"] = page.inner_text("[data-testid=functions-scope]")
     seen["dead_letters_before"] = page.eval_on_selector_all(
         "#dead-letters tbody tr", "rows => rows.map(r => r.dataset.id)")
     page.screenshot(path=os.path.join(shots, "console.png"), full_page=True)

@@ -340,6 +340,17 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn get_function_stats(
+        &self,
+        req: Request<pb::GetFunctionStatsRequest>,
+    ) -> Result<Response<pb::GetFunctionStatsResponse>, Status> {
+        self.admin(&req)?;
+        Ok(Response::new(pb::GetFunctionStatsResponse {
+            types: crate::admin::function_stats(self.shared.router.registry()),
+            node_id: self.shared.cluster.lock().node_id,
+        }))
+    }
+
     async fn list_dead_letters(
         &self,
         req: Request<pb::ListDeadLettersRequest>,

@@ -217,6 +217,13 @@ async fn set_state(
 }
 
 #[derive(serde::Deserialize)]
+struct LocalQuery {
+    /// Only this node's.
+    #[serde(default)]
+    local: bool,
+}
+
+#[derive(serde::Deserialize)]
 struct DeadLetterQuery {
     /// Only this node's.
     #[serde(default)]
@@ -623,59 +630,71 @@ async fn egress(shared: web::Data<Shared>, path: web::Path<String>) -> HttpRespo
 
 /// The `q` quantile of a histogram, interpolated linearly within its bucket; `None` when it
 /// is empty.
-fn quantile(h: &prometheus::Histogram, q: f64) -> Option<f64> {
-    use prometheus::core::Metric as _;
-    let m = h.metric();
-    let h = m.get_histogram();
-    let count = h.get_sample_count();
-    if count == 0 {
-        return None;
-    }
-    let rank = q * count as f64;
-    let (mut below, mut lower) = (0u64, 0.0f64);
-    for b in h.get_bucket() {
-        let (c, upper) = (b.cumulative_count(), b.upper_bound());
-        if c as f64 >= rank {
-            let inside = (c - below).max(1) as f64;
-            return Some(
-                lower + (upper - lower) * ((rank - below as f64) / inside).clamp(0.0, 1.0),
-            );
-        }
-        below = c;
-        lower = upper;
-    }
-    Some(lower)
-}
-
 /// `GET /v1/functions`: the registered types and endpoint patterns (`functions`), every type
-/// met so far with its invocation count, time (mean, p50, p99; embedded: per message, remote:
-/// per batch call) and dead letters since start (`types`), and the module's endpoints.
-async fn functions(shared: web::Data<Shared>) -> HttpResponse {
-    use crate::registry::FunctionKind;
+/// invoked so far with its invocation count, time (mean, p50, p99; embedded: per message,
+/// remote: per batch call) and dead letters since each node started, summed over the live
+/// members (`nodes` answered, `unreachable` did not; `?local=true`: this node's alone), and
+/// the module's endpoints.
+async fn functions(shared: web::Data<Shared>, query: web::Query<LocalQuery>) -> HttpResponse {
     let registry = shared.router.registry();
-    let types: Vec<serde_json::Value> = registry
-        .entries()
-        .into_iter()
-        .map(|(name, e)| {
-            let ms = |v: Option<f64>| v.map(|s| s * 1e3);
-            let count = e.latency.get_sample_count();
-            let (kind, url) = match &e.kind {
-                FunctionKind::Embedded(_) => ("embedded", None),
-                FunctionKind::Remote(r) => ("remote", Some(r.url().to_string())),
+    let me = shared.cluster.lock().node_id;
+    let mut stats = crate::admin::function_stats(registry);
+    let (mut nodes, mut unreachable) = (vec![me], Vec::new());
+    if !query.local {
+        for (node, grpc) in other_members(&shared) {
+            let r = async {
+                statemesh_sdk::Client::connect_with(&grpc, &member_options(&shared))
+                    .await?
+                    .function_stats()
+                    .await
             };
+            match tokio::time::timeout(Duration::from_secs(5), r).await {
+                Ok(Ok(theirs)) => {
+                    nodes.push(node);
+                    for t in theirs.types {
+                        match stats.iter_mut().find(|s| s.r#type == t.r#type) {
+                            Some(s) => crate::admin::merge_function_stats(s, &t),
+                            None => stats.push(t),
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    unreachable.push(serde_json::json!({"node": node, "error": e.to_string()}))
+                }
+                Err(_) => unreachable
+                    .push(serde_json::json!({"node": node, "error": "no answer within 5 s"})),
+            }
+        }
+    }
+    stats.sort_by(|a, b| a.r#type.cmp(&b.r#type));
+    let types: Vec<serde_json::Value> = stats
+        .iter()
+        .map(|t| {
+            let q = |q| {
+                crate::admin::quantile(t.invocations, &t.bucket_bounds, &t.bucket_cumulative, q)
+                    .map(|s| s * 1e3)
+            };
+            let states = registry
+                .entries()
+                .into_iter()
+                .find(|(name, _)| *name == t.r#type)
+                .map(|(_, e)| {
+                    e.specs()
+                        .iter()
+                        .map(|s| serde_json::json!({"name": &*s.name, "typename": &*s.typename}))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
             serde_json::json!({
-                "type": name,
-                "kind": kind,
-                "url": url,
-                "invocations": count,
-                "mean_ms": (count > 0).then(|| e.latency.get_sample_sum() * 1e3 / count as f64),
-                "p50_ms": ms(quantile(&e.latency, 0.5)),
-                "p99_ms": ms(quantile(&e.latency, 0.99)),
-                "dead_letters": e.dead_letters.load(Ordering::Relaxed),
-                "states": e.specs().iter().map(|s| serde_json::json!({
-                    "name": &*s.name,
-                    "typename": &*s.typename,
-                })).collect::<Vec<_>>(),
+                "type": t.r#type,
+                "kind": t.kind,
+                "url": (!t.url.is_empty()).then_some(&t.url),
+                "invocations": t.invocations,
+                "mean_ms": (t.invocations > 0).then(|| t.sum_seconds * 1e3 / t.invocations as f64),
+                "p50_ms": q(0.5),
+                "p99_ms": q(0.99),
+                "dead_letters": t.dead_letters,
+                "states": states,
             })
         })
         .collect();
@@ -699,6 +718,8 @@ async fn functions(shared: web::Data<Shared>) -> HttpResponse {
         "functions": registry.types(),
         "types": types,
         "endpoints": endpoints,
+        "nodes": nodes,
+        "unreachable": unreachable,
     }))
 }
 
@@ -941,6 +962,29 @@ pub(crate) fn server(
 mod tests {
     use super::*;
 
+    /// A histogram as the admin API sends it.
+    fn stats_of(h: &prometheus::Histogram) -> statemesh_proto::v1::FunctionStats {
+        use prometheus::core::Metric as _;
+        let m = h.metric();
+        let h = m.get_histogram();
+        statemesh_proto::v1::FunctionStats {
+            invocations: h.get_sample_count(),
+            sum_seconds: h.get_sample_sum(),
+            bucket_bounds: h.get_bucket().iter().map(|b| b.upper_bound()).collect(),
+            bucket_cumulative: h
+                .get_bucket()
+                .iter()
+                .map(|b| b.cumulative_count())
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn quantile(h: &prometheus::Histogram, q: f64) -> Option<f64> {
+        let s = stats_of(h);
+        crate::admin::quantile(s.invocations, &s.bucket_bounds, &s.bucket_cumulative, q)
+    }
+
     #[test]
     fn quantiles_interpolate_within_buckets() {
         let h = prometheus::Histogram::with_opts(
@@ -958,6 +1002,41 @@ mod tests {
         h.observe(100.0);
         // Beyond the last bucket: its bound.
         assert_eq!(quantile(&h, 1.0), Some(4.0));
+    }
+
+    #[test]
+    fn the_members_histograms_add_up() {
+        let opts = || prometheus::HistogramOpts::new("t", "t").buckets(vec![1.0, 2.0, 4.0]);
+        let (a, b, both) = (
+            prometheus::Histogram::with_opts(opts()).unwrap(),
+            prometheus::Histogram::with_opts(opts()).unwrap(),
+            prometheus::Histogram::with_opts(opts()).unwrap(),
+        );
+        for v in [0.5, 1.5, 3.0] {
+            a.observe(v);
+            both.observe(v);
+        }
+        for v in [1.2, 1.8, 3.5, 9.0] {
+            b.observe(v);
+            both.observe(v);
+        }
+        let mut merged = statemesh_proto::v1::FunctionStats::default();
+        crate::admin::merge_function_stats(&mut merged, &stats_of(&a));
+        crate::admin::merge_function_stats(&mut merged, &stats_of(&b));
+        let want = stats_of(&both);
+        assert_eq!(
+            (
+                merged.invocations,
+                &merged.bucket_bounds,
+                &merged.bucket_cumulative
+            ),
+            (
+                want.invocations,
+                &want.bucket_bounds,
+                &want.bucket_cumulative
+            )
+        );
+        assert!((merged.sum_seconds - want.sum_seconds).abs() < 1e-9);
     }
 
     #[test]
