@@ -1,4 +1,6 @@
-# The statemesh node image: `docker build -t statemesh .` at the repository's root.
+# The statemesh node image: `docker build -t statemesh .` at the repository's root (BuildKit,
+# the default builder since Docker 23, for `RUN --mount`; no `# syntax=` line, so the build
+# needs no frontend image from Docker Hub).
 # Build stage: the release binary (protobuf compiles with protox, librdkafka is vendored:
 # nothing beyond the Rust image is needed).
 FROM rust:1.95-bookworm AS build

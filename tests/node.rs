@@ -1757,7 +1757,7 @@ fn missing_or_broken_tokens_and_certificate_files_refuse_to_start_naming_the_fil
     );
     // Half a [tls] section.
     let err = refused_start(d, &format!("[tls]\ncert = {:?}\n", pem("node.pem")));
-    assert!(err.contains("tls"), "{err}");
+    assert!(err.contains("tls: cert, key and ca go together"), "{err}");
 }
 
 /// A collector that accepts connections and never answers.

@@ -187,7 +187,8 @@ pub fn function_stats(
 }
 
 /// Adds `other` (the same type on another node) to `into`: counts, sums and buckets (the
-/// nodes' histograms have the same bounds; a bucket list that differs is left out).
+/// nodes' histograms have the same bounds; when they differ, as between versions, the buckets
+/// are dropped and the merged type has no quantiles rather than wrong ones).
 pub fn merge_function_stats(
     into: &mut statemesh_proto::v1::FunctionStats,
     other: &statemesh_proto::v1::FunctionStats,
@@ -205,6 +206,10 @@ pub fn merge_function_stats(
     } else if into.invocations == 0 {
         into.bucket_bounds = other.bucket_bounds.clone();
         into.bucket_cumulative = other.bucket_cumulative.clone();
+    } else if other.invocations > 0 {
+        // Histograms that cannot be added: no quantiles rather than wrong ones.
+        into.bucket_bounds.clear();
+        into.bucket_cumulative.clear();
     }
     into.invocations += other.invocations;
     into.sum_seconds += other.sum_seconds;
@@ -218,7 +223,7 @@ pub fn merge_function_stats(
 /// The `q` quantile (0..=1) of a histogram's observations, interpolated within its bucket;
 /// `None` without observations. Beyond the last bound: that bound.
 pub fn quantile(count: u64, bounds: &[f64], cumulative: &[u64], q: f64) -> Option<f64> {
-    if count == 0 {
+    if count == 0 || bounds.is_empty() {
         return None;
     }
     let rank = q * count as f64;

@@ -904,14 +904,17 @@ impl Router {
         }
         if let Some(egress) = &letter.egress {
             if !self.inner.egress.is_sink(egress) {
-                return Err(ServiceError::NotFound(format!(
-                    "dead letter {id} was going to egress {egress}, which this node does not run"
+                return Err(ServiceError::InvalidArgument(format!(
+                    "dead letter {id} was going to egress {egress}, which this node does not run (is it still in module.yaml?)"
                 )));
             }
+            // Found a moment ago: gone now means key groups are moving, or another reader.
             self.inner
                 .egress
                 .move_by_id(DL, id, egress, value)
-                .map_err(ServiceError::NotFound)?;
+                .map_err(|e| {
+                    ServiceError::Unavailable(format!("dead letter {id}: {e}; list again"))
+                })?;
             self.want_commit();
             return Ok(format!("queued on egress {egress}"));
         }

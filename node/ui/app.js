@@ -4,7 +4,7 @@
 
 const PALETTE = ["#2a6fdb", "#e8743b", "#19a979", "#945ecf", "#ed4a7b", "#13a4b4",
   "#bf399e", "#f2b705", "#6c8893", "#525df4"];
-let lastFunctions = null; // {at, counts: {type: invocations}}
+let lastFunctions = null; // {at, nodes, counts: {type: invocations}}
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -116,14 +116,16 @@ function fmt(v, digits = 3) {
 function renderFunctions(f) {
   const now = Date.now();
   const rate = {};
-  if (lastFunctions) {
+  const nodes = f.nodes.join(",");
+  // Sums over other members (one stopped answering or restarted) are not comparable.
+  if (lastFunctions && lastFunctions.nodes === nodes) {
     const secs = (now - lastFunctions.at) / 1000;
     for (const t of f.types) {
       const before = lastFunctions.counts[t.type];
-      if (before != null && secs > 0) rate[t.type] = (t.invocations - before) / secs;
+      if (before != null && secs > 0) rate[t.type] = Math.max(0, t.invocations - before) / secs;
     }
   }
-  lastFunctions = { at: now, counts: Object.fromEntries(f.types.map(t => [t.type, t.invocations])) };
+  lastFunctions = { at: now, nodes, counts: Object.fromEntries(f.types.map(t => [t.type, t.invocations])) };
   document.getElementById("functions-scope").textContent =
     `(summed over members ${f.nodes.join(", ")}` +
     (f.unreachable.length ? `; not answering: ${f.unreachable.map(u => u.node).join(", ")})` : ")");
@@ -211,5 +213,9 @@ document.getElementById("state-edit").addEventListener("submit", (ev) => {
   editState(false);
 });
 document.getElementById("edit-delete").addEventListener("click", () => editState(true));
-refresh();
-setInterval(refresh, 2000);
+// The next refresh 2 s after this one ends (a member slow to answer does not pile them up).
+async function loop() {
+  await refresh();
+  setTimeout(loop, 2000);
+}
+loop();

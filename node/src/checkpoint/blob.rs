@@ -106,7 +106,11 @@ fn client_options(prefix: &str) -> object_store::ClientOptions {
     let mut o = object_store::ClientOptions::new()
         .with_timeout(std::time::Duration::from_secs(10))
         .with_connect_timeout(std::time::Duration::from_secs(2));
-    for (k, v) in std::env::vars() {
+    // `vars_os`: a variable that is not Unicode (anyone's) must not stop the node.
+    for (k, v) in std::env::vars_os() {
+        let (Some(k), Some(v)) = (k.to_str(), v.to_str()) else {
+            continue;
+        };
         let k = k.to_ascii_lowercase();
         if let Some(key) = k
             .strip_prefix(prefix)

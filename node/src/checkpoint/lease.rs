@@ -328,40 +328,47 @@ impl Lease {
             .await
     }
 
-    /// Renews the lease in the background, every [`RENEW`] while this node writes checkpoints
-    /// and every `idle_renew` while it does not; exits the process at once when a cluster that
-    /// took the location over is seen renewing its own.
-    pub fn spawn(mut self) {
+    /// Renews the lease in the background (see [`Lease::renew`]); exits the process at once
+    /// when a cluster that took the location over is seen renewing its own.
+    pub fn spawn(self) {
         tokio::spawn(async move {
-            let url = self.cp.url().to_string();
-            let mut writes = self.cp.writes();
-            let mut renewed = tokio::time::Instant::now();
-            loop {
-                tokio::time::sleep(RENEW).await;
-                let now = self.cp.writes();
-                if now == writes && renewed.elapsed() + RENEW / 2 < self.idle_renew {
+            let why = self.renew().await;
+            tracing::error!("{why}");
+            eprintln!("statemesh: {why}");
+            std::process::exit(3);
+        });
+    }
+
+    /// Renews the lease every [`RENEW`] while this node writes checkpoints and every
+    /// `idle_renew` while it does not, until a cluster that took the location over is seen
+    /// renewing its own: returns why this node must stop.
+    pub async fn renew(mut self) -> String {
+        let url = self.cp.url().to_string();
+        let mut writes = self.cp.writes();
+        let mut renewed = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(RENEW).await;
+            let now = self.cp.writes();
+            if now == writes && renewed.elapsed() + RENEW / 2 < self.idle_renew {
+                continue;
+            }
+            writes = now;
+            renewed = tokio::time::Instant::now();
+            if let Err(e) = self.write().await {
+                tracing::warn!(url = %url, error = %e, "cannot renew this cluster's lease on the blob location");
+            }
+            let now = match self.cp.leases().await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(url = %url, error = %e, "cannot list the blob location's cluster leases");
                     continue;
                 }
-                writes = now;
-                renewed = tokio::time::Instant::now();
-                if let Err(e) = self.write().await {
-                    tracing::warn!(url = %url, error = %e, "cannot renew this cluster's lease on the blob location");
-                }
-                let now = match self.cp.leases().await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::warn!(url = %url, error = %e, "cannot list the blob location's cluster leases");
-                        continue;
-                    }
-                };
-                if let Some(why) = fenced(&url, &self.cluster, self.generation, &self.last, &now) {
-                    tracing::error!("{why}");
-                    eprintln!("statemesh: {why}");
-                    std::process::exit(3);
-                }
-                self.last = now;
+            };
+            if let Some(why) = fenced(&url, &self.cluster, self.generation, &self.last, &now) {
+                return why;
             }
-        });
+            self.last = now;
+        }
     }
 }
 
@@ -388,27 +395,46 @@ mod tests {
         let url = dir.path().display().to_string();
         let blob = crate::checkpoint::blob::open(&url, &Default::default(), false).unwrap();
         let cp = CheckpointStore::new(blob);
-        // A started cluster renews its lease, as a node does.
+        // A started cluster renews its lease, as a node does (here without exiting when
+        // fenced: the renewal's answer is kept).
         let start = |cluster: &'static str, node: u64| {
             let cp = cp.clone();
             async move {
                 let l = acquire(&cp, cluster, node, RENEW).await?;
                 let g = l.generation();
-                l.spawn();
-                Ok::<_, String>(g)
+                Ok::<_, String>((g, tokio::spawn(l.renew())))
             }
         };
         let (a, b) = tokio::join!(start("aaaa", 1), start("bbbb", 2));
-        let (winner, g, e) = match (a, b) {
-            (Err(e), Ok(g)) => ("bbbb", g, e),
-            (Ok(g), Err(e)) => ("aaaa", g, e),
-            other => panic!("exactly one cluster starts: {other:?}"),
+        let refused = |e: &str, winner: &str| {
+            assert!(
+                e.contains("started there at the same moment")
+                    || e.contains(&format!("in use by running cluster {winner}")),
+                "{e}"
+            );
         };
-        assert!(
-            e.contains("started there at the same moment")
-                || e.contains(&format!("in use by running cluster {winner}")),
-            "{e}"
-        );
+        let (winner, g) = match (a, b) {
+            (Err(e), Ok((g, _))) => {
+                refused(&e, "bbbb");
+                ("bbbb", g)
+            }
+            (Ok((g, _)), Err(e)) => {
+                refused(&e, "aaaa");
+                ("aaaa", g)
+            }
+            // A machine slow enough that one listed, wrote and confirmed before the other
+            // wrote: both started, and the outranked one is fenced at its next renewal.
+            (Ok((_, a)), Ok((g, _))) => {
+                let why = tokio::time::timeout(3 * RENEW, a)
+                    .await
+                    .expect("the outranked cluster is fenced")
+                    .unwrap();
+                assert!(why.contains("taken over by running cluster bbbb"), "{why}");
+                cp.delete_lease(&lease_path(1, "aaaa")).await.unwrap();
+                ("bbbb", g)
+            }
+            (Err(a), Err(b)) => panic!("neither cluster started: {a}; {b}"),
+        };
         assert_eq!(g, 1);
         let left = cp.leases().await.unwrap();
         assert_eq!(left.len(), 1, "{left:?}");

@@ -730,7 +730,8 @@ fn http_get(base: &str, path: &str, timeout: std::time::Duration) -> anyhow::Res
             .max(std::time::Duration::from_millis(1))
     };
     tcp.set_write_timeout(Some(left()))?;
-    tcp.set_read_timeout(Some(left()))?;
+    // The same socket, to shorten the read timeout to what is left before every read.
+    let timeouts = tcp.try_clone()?;
     let mut s: Box<dyn ReadWrite> = if tls {
         let host = authority
             .rsplit_once(':')
@@ -748,6 +749,7 @@ fn http_get(base: &str, path: &str, timeout: std::time::Duration) -> anyhow::Res
     let mut response = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
+        timeouts.set_read_timeout(Some(left()))?;
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) if response.len() < 1 << 20 => response.extend_from_slice(&buf[..n]),
@@ -770,8 +772,9 @@ fn http_get(base: &str, path: &str, timeout: std::time::Duration) -> anyhow::Res
 trait ReadWrite: std::io::Read + std::io::Write {}
 impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 
-/// A TLS client configuration that accepts any server certificate (`statemesh health` only:
-/// it sends no credentials and reads only the status, as the kubelet's HTTPS probes do).
+/// A TLS client configuration that accepts any server certificate: for `statemesh health`
+/// only, which sends no credentials and reads only the status, as the kubelet's HTTPS probes
+/// do. Never send credentials through it.
 fn any_certificate() -> std::sync::Arc<rustls::ClientConfig> {
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};

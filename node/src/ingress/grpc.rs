@@ -169,8 +169,8 @@ impl pb::ingress_server::Ingress for IngressService {
         // (polled, 50 ms apart while everything is empty): each record popped once, where it
         // was produced, and sent once its removal is committed (the records available here
         // at once are read together, so that one commit answers them all). The token is
-        // checked again before each read: a token taken out of the tokens file ends the
-        // stream (UNAUTHENTICATED) within 50 ms, before it takes another record.
+        // checked again before each read: a token taken out of the tokens file (read again
+        // every second) ends the stream (UNAUTHENTICATED) before it takes another record.
         let start = Some((router, topic, VecDeque::new()));
         let stream = futures::stream::unfold(start, move |state| {
             let (auth, authz) = (auth.clone(), authz.clone());

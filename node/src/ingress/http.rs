@@ -231,6 +231,37 @@ struct DeadLetterQuery {
     limit: Option<usize>,
 }
 
+/// Asks every other live member at once (`ask` on a client to it; 5 s each): the answers by
+/// node, and the members that did not answer, as JSON for the response.
+async fn ask_members<T, F, Fut>(shared: &Shared, ask: F) -> (Vec<(u64, T)>, Vec<serde_json::Value>)
+where
+    F: Fn(statemesh_sdk::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, statemesh_sdk::ClientError>>,
+{
+    let options = member_options(shared);
+    let asks = other_members(shared).into_iter().map(|(node, grpc)| {
+        let (options, ask) = (options.clone(), &ask);
+        async move {
+            let r =
+                async { ask(statemesh_sdk::Client::connect_with(&grpc, &options).await?).await };
+            (node, tokio::time::timeout(Duration::from_secs(5), r).await)
+        }
+    });
+    let (mut answers, mut unreachable) = (Vec::new(), Vec::new());
+    for (node, r) in futures::future::join_all(asks).await {
+        match r {
+            Ok(Ok(t)) => answers.push((node, t)),
+            Ok(Err(e)) => {
+                unreachable.push(serde_json::json!({"node": node, "error": e.to_string()}))
+            }
+            Err(_) => {
+                unreachable.push(serde_json::json!({"node": node, "error": "no answer within 5 s"}))
+            }
+        }
+    }
+    (answers, unreachable)
+}
+
 /// A dead letter as JSON, with the node holding it.
 fn dead_letter_json(node: u64, l: crate::admin::DeadLetter) -> serde_json::Value {
     let mut j = l.record;
@@ -284,27 +315,21 @@ async fn dead_letters(
         .collect();
     let mut unreachable = Vec::new();
     if !query.local {
-        for (node, grpc) in other_members(&shared) {
-            let r = async {
-                statemesh_sdk::Client::connect_with(&grpc, &member_options(&shared))
-                    .await?
-                    .dead_letters(limit as u32)
-                    .await
-            };
-            match tokio::time::timeout(Duration::from_secs(5), r).await {
-                Ok(Ok(list)) => letters.extend(list.letters.into_iter().map(|l| {
-                    let mut j: serde_json::Value =
-                        serde_json::from_str(&l.json).unwrap_or_else(|_| serde_json::json!({}));
-                    j["id"] = l.id.into();
-                    j["node"] = node.into();
-                    j
-                })),
-                Ok(Err(e)) => {
-                    unreachable.push(serde_json::json!({"node": node, "error": e.to_string()}))
-                }
-                Err(_) => unreachable
-                    .push(serde_json::json!({"node": node, "error": "no answer within 5 s"})),
-            }
+        let (answers, missing) =
+            ask_members(
+                &shared,
+                |c| async move { c.dead_letters(limit as u32).await },
+            )
+            .await;
+        unreachable = missing;
+        for (node, list) in answers {
+            letters.extend(list.letters.into_iter().map(|l| {
+                let mut j: serde_json::Value =
+                    serde_json::from_str(&l.json).unwrap_or_else(|_| serde_json::json!({}));
+                j["id"] = l.id.into();
+                j["node"] = node.into();
+                j
+            }));
         }
     }
     HttpResponse::Ok().json(serde_json::json!({
@@ -320,38 +345,45 @@ async fn replay_dead_letter(
 ) -> Result<HttpResponse, ServiceError> {
     let id = path.into_inner();
     let me = shared.cluster.lock().node_id;
-    // This node first: NotFound means another member may hold it.
-    let here = match shared.router.replay_dead_letter(&id).await {
-        Ok(done) => {
-            return Ok(
-                HttpResponse::Ok().json(serde_json::json!({"id": id, "node": me, "done": done}))
-            )
-        }
-        Err(ServiceError::NotFound(why)) => why,
-        Err(e) => return Err(e),
-    };
-    // Each member replays it if it holds it (NotFound: the next one).
+    if shared.router.dead_letter(&id).is_some() {
+        let done = shared.router.replay_dead_letter(&id).await?;
+        return Ok(HttpResponse::Ok().json(serde_json::json!({"id": id, "node": me, "done": done})));
+    }
+    // The member that holds it replays it (NotFound: not that one).
+    let mut unreachable = Vec::new();
     for (node, grpc) in other_members(&shared) {
-        let Ok(c) = statemesh_sdk::Client::connect_with(&grpc, &member_options(&shared)).await
-        else {
-            continue;
+        let r = async {
+            statemesh_sdk::Client::connect_with(&grpc, &member_options(&shared))
+                .await?
+                .replay_dead_letter(&id)
+                .await
         };
-        match c.replay_dead_letter(&id).await {
-            Ok(done) => {
+        match tokio::time::timeout(Duration::from_secs(10), r).await {
+            Ok(Ok(done)) => {
                 return Ok(HttpResponse::Ok()
                     .json(serde_json::json!({"id": id, "node": node, "done": done})))
             }
-            Err(e) => match e.code() {
+            Ok(Err(e)) => match e.code() {
                 Some(tonic::Code::NotFound) => {}
                 Some(tonic::Code::InvalidArgument) => {
                     return Err(ServiceError::InvalidArgument(e.to_string()))
                 }
-                _ => return Err(ServiceError::Unavailable(format!("node {node}: {e}"))),
+                Some(tonic::Code::Unavailable) => {
+                    return Err(ServiceError::Unavailable(format!("node {node}: {e}")))
+                }
+                _ => unreachable.push(format!("node {node}: {e}")),
             },
+            Err(_) => unreachable.push(format!("node {node}: no answer within 10 s")),
         }
     }
+    if !unreachable.is_empty() {
+        return Err(ServiceError::Unavailable(format!(
+            "dead letter {id} is not on node {me} nor on the members that answered; not answering: {}",
+            unreachable.join("; ")
+        )));
+    }
     Err(ServiceError::NotFound(format!(
-        "no member holds dead letter {id} (replayed or read already? list again); node {me}: {here}"
+        "no member holds dead letter {id} (replayed or read already? list again)"
     )))
 }
 
@@ -449,7 +481,8 @@ fn admin_cookie(req: &actix_web::dev::ServiceRequest) -> Option<String> {
 
 /// Access control of an HTTP request (`crate::auth`): the ingress routes need an ingress
 /// token that covers their target, every other route but `/healthz`, `/readyz` and the
-/// console's login the admin token. A refusal is the response to send.
+/// console's login and logout the admin token (a change made with the console's cookie also
+/// its origin, [`same_origin`]). A refusal is the response to send.
 fn check_access(
     auth: &crate::auth::Auth,
     routes: Routes,
@@ -505,7 +538,8 @@ fn same_origin(
     }
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let origin = header("origin");
-    let host = header("host");
+    // HTTP/2 (offered under `[tls]`) carries the host as the URI's authority, not `Host`.
+    let host = header("host").or_else(|| req.uri().authority().map(|a| a.as_str()));
     let authority = origin.map(|o| o.split_once("://").map_or(o, |(_, a)| a));
     match (authority, host) {
         (Some(a), Some(h)) if a.eq_ignore_ascii_case(h) => Ok(()),
@@ -641,32 +675,22 @@ async fn functions(shared: web::Data<Shared>, query: web::Query<LocalQuery>) -> 
     let mut stats = crate::admin::function_stats(registry);
     let (mut nodes, mut unreachable) = (vec![me], Vec::new());
     if !query.local {
-        for (node, grpc) in other_members(&shared) {
-            let r = async {
-                statemesh_sdk::Client::connect_with(&grpc, &member_options(&shared))
-                    .await?
-                    .function_stats()
-                    .await
-            };
-            match tokio::time::timeout(Duration::from_secs(5), r).await {
-                Ok(Ok(theirs)) => {
-                    nodes.push(node);
-                    for t in theirs.types {
-                        match stats.iter_mut().find(|s| s.r#type == t.r#type) {
-                            Some(s) => crate::admin::merge_function_stats(s, &t),
-                            None => stats.push(t),
-                        }
-                    }
+        let (answers, missing) =
+            ask_members(&shared, |c| async move { c.function_stats().await }).await;
+        unreachable = missing;
+        for (node, theirs) in answers {
+            nodes.push(node);
+            for t in theirs.types {
+                match stats.iter_mut().find(|s| s.r#type == t.r#type) {
+                    Some(s) => crate::admin::merge_function_stats(s, &t),
+                    None => stats.push(t),
                 }
-                Ok(Err(e)) => {
-                    unreachable.push(serde_json::json!({"node": node, "error": e.to_string()}))
-                }
-                Err(_) => unreachable
-                    .push(serde_json::json!({"node": node, "error": "no answer within 5 s"})),
             }
         }
     }
     stats.sort_by(|a, b| a.r#type.cmp(&b.r#type));
+    // Declared states, as this node knows them (a type it never invoked has none here).
+    let entries: std::collections::HashMap<String, _> = registry.entries().into_iter().collect();
     let types: Vec<serde_json::Value> = stats
         .iter()
         .map(|t| {
@@ -674,11 +698,9 @@ async fn functions(shared: web::Data<Shared>, query: web::Query<LocalQuery>) -> 
                 crate::admin::quantile(t.invocations, &t.bucket_bounds, &t.bucket_cumulative, q)
                     .map(|s| s * 1e3)
             };
-            let states = registry
-                .entries()
-                .into_iter()
-                .find(|(name, _)| *name == t.r#type)
-                .map(|(_, e)| {
+            let states = entries
+                .get(&t.r#type)
+                .map(|e| {
                     e.specs()
                         .iter()
                         .map(|s| serde_json::json!({"name": &*s.name, "typename": &*s.typename}))
@@ -1005,6 +1027,44 @@ mod tests {
     }
 
     #[test]
+    fn a_cookie_change_must_name_this_host_as_its_origin_also_over_http2() {
+        use actix_web::test::TestRequest;
+        let cfg = crate::config::AuthConfig {
+            admin_token: Some("admin-token-0123456789".into()),
+            ..Default::default()
+        };
+        let auth = crate::auth::Auth::new(&cfg, crate::metrics::Metrics::new()).unwrap();
+        let post = |uri: &str| TestRequest::post().uri(uri);
+        let ok = |r: TestRequest| same_origin(&auth, &r.to_srv_request(), false).is_ok();
+        // HTTP/1.1: Host.
+        assert!(ok(post("/v1/x")
+            .insert_header(("host", "node:8090"))
+            .insert_header(("origin", "https://NODE:8090"))));
+        assert!(!ok(post("/v1/x")
+            .insert_header(("host", "node:8090"))
+            .insert_header(("origin", "https://node:8091"))));
+        assert!(!ok(post("/v1/x").insert_header(("host", "node:8090"))));
+        assert!(!ok(post("/v1/x")
+            .insert_header(("host", "node:8090"))
+            .insert_header(("origin", "null"))));
+        // HTTP/2: no Host, the authority in the URI.
+        assert!(ok(
+            post("https://node:8090/v1/x").insert_header(("origin", "https://node:8090"))
+        ));
+        assert!(!ok(
+            post("https://node:8090/v1/x").insert_header(("origin", "https://evil:8090"))
+        ));
+        // Reads and bearer tokens need no origin.
+        assert!(same_origin(
+            &auth,
+            &TestRequest::get().uri("/v1/x").to_srv_request(),
+            false
+        )
+        .is_ok());
+        assert!(same_origin(&auth, &post("/v1/x").to_srv_request(), true).is_ok());
+    }
+
+    #[test]
     fn the_members_histograms_add_up() {
         let opts = || prometheus::HistogramOpts::new("t", "t").buckets(vec![1.0, 2.0, 4.0]);
         let (a, b, both) = (
@@ -1037,6 +1097,21 @@ mod tests {
             )
         );
         assert!((merged.sum_seconds - want.sum_seconds).abs() < 1e-9);
+        // A member with other bounds (another version): counted, but no quantiles.
+        let other = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new("t", "t").buckets(vec![1.0, 8.0]),
+        )
+        .unwrap();
+        other.observe(0.5);
+        crate::admin::merge_function_stats(&mut merged, &stats_of(&other));
+        assert_eq!(merged.invocations, 8);
+        let q = crate::admin::quantile(
+            merged.invocations,
+            &merged.bucket_bounds,
+            &merged.bucket_cumulative,
+            0.5,
+        );
+        assert_eq!(q, None);
     }
 
     #[test]
