@@ -157,7 +157,6 @@ pub fn function_stats(
     registry: &crate::registry::Registry,
 ) -> Vec<statemesh_proto::v1::FunctionStats> {
     use crate::registry::FunctionKind;
-    use prometheus::core::Metric as _;
     registry
         .entries()
         .into_iter()
@@ -166,24 +165,33 @@ pub fn function_stats(
                 FunctionKind::Embedded(_) => ("embedded", String::new()),
                 FunctionKind::Remote(r) => ("remote", r.url().to_string()),
             };
-            let m = e.latency.metric();
-            let h = m.get_histogram();
             statemesh_proto::v1::FunctionStats {
                 r#type: name,
                 kind: kind.into(),
                 url,
-                invocations: h.get_sample_count(),
-                sum_seconds: h.get_sample_sum(),
-                bucket_bounds: h.get_bucket().iter().map(|b| b.upper_bound()).collect(),
-                bucket_cumulative: h
-                    .get_bucket()
-                    .iter()
-                    .map(|b| b.cumulative_count())
-                    .collect(),
                 dead_letters: e.dead_letters.load(std::sync::atomic::Ordering::Relaxed),
+                ..histogram_stats(&e.latency)
             }
         })
         .collect()
+}
+
+/// A latency histogram as the admin API sends it: count, sum, bounds and cumulative counts.
+pub fn histogram_stats(h: &prometheus::Histogram) -> statemesh_proto::v1::FunctionStats {
+    use prometheus::core::Metric as _;
+    let m = h.metric();
+    let h = m.get_histogram();
+    statemesh_proto::v1::FunctionStats {
+        invocations: h.get_sample_count(),
+        sum_seconds: h.get_sample_sum(),
+        bucket_bounds: h.get_bucket().iter().map(|b| b.upper_bound()).collect(),
+        bucket_cumulative: h
+            .get_bucket()
+            .iter()
+            .map(|b| b.cumulative_count())
+            .collect(),
+        ..Default::default()
+    }
 }
 
 /// Adds `other` (the same type on another node) to `into`: counts, sums and buckets (the

@@ -984,22 +984,8 @@ pub(crate) fn server(
 mod tests {
     use super::*;
 
-    /// A histogram as the admin API sends it.
     fn stats_of(h: &prometheus::Histogram) -> statemesh_proto::v1::FunctionStats {
-        use prometheus::core::Metric as _;
-        let m = h.metric();
-        let h = m.get_histogram();
-        statemesh_proto::v1::FunctionStats {
-            invocations: h.get_sample_count(),
-            sum_seconds: h.get_sample_sum(),
-            bucket_bounds: h.get_bucket().iter().map(|b| b.upper_bound()).collect(),
-            bucket_cumulative: h
-                .get_bucket()
-                .iter()
-                .map(|b| b.cumulative_count())
-                .collect(),
-            ..Default::default()
-        }
+        crate::admin::histogram_stats(h)
     }
 
     fn quantile(h: &prometheus::Histogram, q: f64) -> Option<f64> {
