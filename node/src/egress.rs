@@ -518,12 +518,10 @@ impl Egress {
     pub fn find_by_id(&self, topic: &str, id: &str) -> Option<Read> {
         let t = self.topics.lock().get(topic).cloned()?;
         let q = t.queue.lock();
-        q.iter().find_map(|(v, k)| {
-            let rid = k.as_deref().and_then(crate::store::egress_record_id)?;
-            (rid == id).then(|| Read {
-                value: v.clone(),
-                id: Some(rid),
-            })
+        let at = position_of(&q, id)?;
+        Some(Read {
+            value: q[at].0.clone(),
+            id: Some(id.to_string()),
         })
     }
 
@@ -539,14 +537,7 @@ impl Egress {
             .cloned()
             .ok_or_else(|| format!("no unread record {id} in {topic} on this node"))?;
         let mut q = t.queue.lock();
-        let at = q
-            .iter()
-            .position(|(_, k)| {
-                k.as_deref()
-                    .and_then(crate::store::egress_record_id)
-                    .is_some_and(|i| i == id)
-            })
-            .ok_or_else(|| {
+        let at = position_of(&q, id).ok_or_else(|| {
                 format!("no unread record {id} in {topic} on this node (read, replayed, or moved with its key group: list again)")
             })?;
         let (v, k) = q.remove(at).expect("found");
@@ -601,6 +592,15 @@ impl Egress {
             notified.await;
         }
     }
+}
+
+/// Where the durable record `id` is in a topic's queue.
+fn position_of(q: &std::collections::VecDeque<Record>, id: &str) -> Option<usize> {
+    q.iter().position(|(_, k)| {
+        k.as_deref()
+            .and_then(crate::store::egress_record_id)
+            .is_some_and(|i| i == id)
+    })
 }
 
 #[cfg(test)]
