@@ -252,6 +252,51 @@ async fn egress_record_ids_are_never_reused_across_restarts() {
     node.stop();
 }
 
+/// `egress_reads = "at-least-once"`: a read is answered before the epoch deleting its record
+/// commits, and does not hasten that epoch. Epochs here start every 60 s unless an output
+/// waits, so a SIGKILL right after a read finds the deletion uncommitted: the record is read
+/// again, under the same id. Once a later epoch committed the deletion, it is gone for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_egress_reads_give_a_record_again_after_a_crash_under_the_same_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let config = "egress_reads = \"at-least-once\"\n[checkpoint]\ninterval_ms = 60000\n";
+    let target = addr("statemesh.smoke/fn/alo");
+    let node = Node::start(&data, Some(config));
+    emit(&node, &target, "a").await;
+    let first = read_smoke(&node).await;
+    assert_eq!(first.0, "a");
+    node.kill();
+    let node = Node::start(&data, Some(config));
+    assert_eq!(
+        read_smoke(&node).await,
+        first,
+        "read again after the crash, under the same id"
+    );
+    // `b`'s epochs (its send, then its record) commit the deletion of `a`.
+    emit(&node, &target, "b").await;
+    let second = read_smoke(&node).await;
+    assert_eq!(second.0, "b");
+    node.kill();
+    let node = Node::start(&data, Some(config));
+    assert_eq!(
+        read_smoke(&node).await,
+        second,
+        "`b` again (its deletion was not committed), and not `a`"
+    );
+    // A graceful stop commits a last epoch: nothing is read again.
+    node.stop();
+    let node = Node::start(&data, Some(config));
+    let (status, id, body) = pop_egress(&node, "smoke").await;
+    assert_eq!(
+        status,
+        204,
+        "nothing left after a graceful stop: {id:?} {:?}",
+        String::from_utf8_lossy(&body)
+    );
+    node.stop();
+}
+
 async fn stock(node: &Node, item: &str) -> i64 {
     state_value(node, &format!("example/stock/{item}"), "quantity")
         .await

@@ -188,6 +188,21 @@ impl RetryConfig {
     }
 }
 
+/// When a read of a durable egress record (`GET /v1/egress/{topic}`, the playground egress,
+/// `Subscribe`) is answered.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum EgressReads {
+    /// Once the epoch deleting the record has committed: a record a reader got is never read
+    /// again, not after a crash either (a read costs an epoch's commit).
+    #[default]
+    ExactlyOnce,
+    /// At once; the record is deleted by the next epoch. A crash (or an abandoned epoch)
+    /// before that epoch commits makes it readable again, with the same id, so a reader drops
+    /// what it has seen by id. Nothing is lost either way.
+    AtLeastOnce,
+}
+
 /// When a `Send` is acknowledged.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -357,6 +372,10 @@ pub struct NodeConfig {
     /// Records kept per egress topic until read; beyond it the oldest are dropped and
     /// counted in `statemesh_egress_dropped_total`. Default 100,000.
     pub egress_topic_capacity: usize,
+    /// When a read of a durable egress record is answered: `exactly-once` (default: once the
+    /// epoch deleting it committed) or `at-least-once` (at once; read again, with the same
+    /// id, if the node crashes before the next epoch commits).
+    pub egress_reads: EgressReads,
     /// Most messages given to one embedded instance in one batch. Default 256.
     pub max_batch: usize,
     /// Grace period to drain inboxes on shutdown. Default 5,000 ms.
@@ -394,6 +413,7 @@ impl Default for NodeConfig {
             flush_interval_ms: 200,
             max_queued_per_shard: 200_000,
             egress_topic_capacity: 100_000,
+            egress_reads: EgressReads::ExactlyOnce,
             max_batch: 256,
             shutdown_grace_ms: 5_000,
             retry: RetryConfig::default(),

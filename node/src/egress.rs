@@ -19,6 +19,11 @@
 //! epoch is built gives its record back (first in the queue); one that leaves later, while
 //! that epoch commits, loses it like a reply lost on the wire
 //! (`statemesh_egress_unclaimed_total`).
+//!
+//! With `egress_reads = "at-least-once"` a read is answered at once and its record deleted by
+//! the next epoch, which the read does not hasten: a read costs no commit. A crash, or an
+//! abandoned epoch, before that epoch commits makes the record readable again under the same
+//! id, which the reader uses to drop it. Nothing is lost in either mode.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,6 +120,8 @@ pub struct Egress {
     /// Records that may have been produced already under this placement (restored with one,
     /// or their produce failed): an exactly-once sink looks for them before producing again.
     suspects: Arc<Mutex<HashMap<Vec<u8>, crate::store::Placement>>>,
+    /// Reads of durable records are answered at once (`egress_reads = "at-least-once"`).
+    at_least_once: bool,
 }
 
 impl Egress {
@@ -132,7 +139,15 @@ impl Egress {
             taken: Arc::default(),
             placing: Arc::default(),
             suspects: Arc::default(),
+            at_least_once: false,
         }
+    }
+
+    /// Reads of durable records are answered at once, before the epoch deleting them commits
+    /// (`egress_reads = "at-least-once"`).
+    pub fn with_reads(mut self, reads: crate::config::EgressReads) -> Self {
+        self.at_least_once = reads == crate::config::EgressReads::AtLeastOnce;
+        self
     }
 
     /// The node's metrics.
@@ -409,7 +424,7 @@ impl Egress {
     }
 
     /// A read of `value` (from `topic`, stored under `key` if durable): it waits for the
-    /// epoch deleting the record to commit.
+    /// epoch deleting the record to commit (with at-least-once reads, only the deletion does).
     fn read(&self, topic: &str, value: TypedValue, key: Option<Vec<u8>>) -> Popped {
         let Some(key) = key else {
             return Popped {
@@ -418,6 +433,15 @@ impl Egress {
                 settle: None,
             };
         };
+        if self.at_least_once {
+            let id = crate::store::egress_record_id(&key);
+            self.consumed.lock().push((key, None));
+            return Popped {
+                value,
+                id,
+                settle: None,
+            };
+        }
         let (tx, rx) = oneshot::channel();
         // Registered before the key can be taken into an epoch.
         self.waiting.lock().insert(
@@ -802,6 +826,30 @@ mod tests {
             "only the read's delete"
         );
         assert!(!e.redirect(&k, "dl", letter), "no longer the sink's");
+    }
+
+    #[tokio::test]
+    async fn at_least_once_reads_are_answered_at_once_and_deleted_by_the_next_epoch() {
+        let e = Egress::new(16, Metrics::new()).with_reads(crate::config::EgressReads::AtLeastOnce);
+        publish(&e, rec(5, 1));
+        let p = e.pop("t").unwrap();
+        assert!(!p.waits(), "an at-least-once read waits for no commit");
+        let read = p.settled().await.unwrap();
+        assert_eq!(read.value.get::<i64>().unwrap(), 1);
+        assert_eq!(
+            read.id.as_deref(),
+            Some("5-3-1"),
+            "the record's id, as ever"
+        );
+        // Its deletion rides in the next epoch; an abandoned one gives it back to the next.
+        let keys = e.take_consumed();
+        assert_eq!(keys, vec![(rec(5, 1).1, None)]);
+        e.return_consumed(keys);
+        assert_eq!(e.take_consumed(), vec![(rec(5, 1).1, None)]);
+        // Read but not deleted yet: not restored a second time.
+        let read: std::collections::HashSet<Vec<u8>> = [rec(5, 1).1].into_iter().collect();
+        e.restore_missing(vec![rec(5, 1)], &[5].into_iter().collect(), &read);
+        assert!(e.pop("t").is_none());
     }
 
     #[tokio::test]

@@ -531,7 +531,8 @@ async fn start(config: NodeConfig, mut registry: Registry) -> Result<NodeHandle,
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let (epoch_tx, epoch_rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = Metrics::new();
-    let egress = Egress::new(config.egress_topic_capacity, metrics.clone());
+    let egress =
+        Egress::new(config.egress_topic_capacity, metrics.clone()).with_reads(config.egress_reads);
     let router = Router::new(
         shard_count,
         config.key_groups,
