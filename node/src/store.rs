@@ -84,12 +84,21 @@ pub struct Store {
 }
 
 fn state_prefix(kg: u32, addr: &Address) -> Vec<u8> {
-    let a = addr.to_string();
-    let mut k = Vec::with_capacity(7 + a.len() + 16);
+    state_prefix_with_room(kg, addr, 16)
+}
+
+/// [`state_prefix`] with room for `extra` more bytes (a state's name).
+fn state_prefix_with_room(kg: u32, addr: &Address, extra: usize) -> Vec<u8> {
+    // The address as `Address::to_text` writes it, without an intermediate string.
+    let (typ, id) = (addr.typ.as_str(), addr.id.as_bytes());
+    let len = typ.len() + 1 + id.len();
+    let mut k = Vec::with_capacity(7 + len + extra);
     k.push(b's');
     k.extend_from_slice(&(kg as u16).to_be_bytes());
-    k.extend_from_slice(&(a.len() as u32).to_be_bytes());
-    k.extend_from_slice(a.as_bytes());
+    k.extend_from_slice(&(len as u32).to_be_bytes());
+    k.extend_from_slice(typ.as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(id);
     k
 }
 
@@ -301,7 +310,7 @@ impl WriteBatch {
 
 /// The local-store entry of a state slot: its key and encoded value (`None`: absent).
 pub fn state_entry(kg: u32, addr: &Address, slot: &StateSlot) -> (Vec<u8>, Option<Vec<u8>>) {
-    let mut key = state_prefix(kg, addr);
+    let mut key = state_prefix_with_room(kg, addr, slot.name.len());
     key.extend_from_slice(slot.name.as_bytes());
     let value = slot.value.as_ref().map(|v| encode_value(slot, v));
     (key, value)
@@ -762,6 +771,25 @@ impl Store {
 mod tests {
     use super::*;
     use statemesh_sdk::ValueSpec;
+
+    /// The key layout stays `'s' ‖ kg:u16be ‖ len:u32be ‖ "type/id"` (then the state's name):
+    /// stores written before keep their meaning.
+    #[test]
+    fn state_keys_keep_their_layout() {
+        let addr = Address::parse("example/counter/ä 1").unwrap();
+        let a = addr.to_string();
+        let mut want = vec![b's'];
+        want.extend_from_slice(&7u16.to_be_bytes());
+        want.extend_from_slice(&(a.len() as u32).to_be_bytes());
+        want.extend_from_slice(a.as_bytes());
+        assert_eq!(state_prefix(7, &addr), want);
+        let spec = ValueSpec::<i64>::new("a_rather_long_state_name");
+        let slot = StateSlot::empty(spec.descriptor());
+        let (key, value) = state_entry(7, &addr, &slot);
+        want.extend_from_slice(b"a_rather_long_state_name");
+        assert_eq!((key.len(), key.capacity()), (want.len(), want.len()));
+        assert_eq!((key, value), (want, None));
+    }
 
     #[test]
     fn state_and_timers_round_trip() {

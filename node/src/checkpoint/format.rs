@@ -90,6 +90,62 @@ pub struct NodeEpoch {
     pub key_groups: Vec<KeyGroupSection>,
 }
 
+/// A [`KeyGroupSection`] read without its pending messages (tag 5, like the unused 6 and 7,
+/// is skipped unread): what an upload merges of every epoch but the newest.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeyGroupChanges {
+    /// [`KeyGroupSection::key_group`].
+    #[prost(uint32, tag = "1")]
+    pub key_group: u32,
+    /// [`KeyGroupSection::full`].
+    #[prost(bool, tag = "2")]
+    pub full: bool,
+    /// [`KeyGroupSection::puts`].
+    #[prost(message, repeated, tag = "3")]
+    pub puts: Vec<Entry>,
+    /// [`KeyGroupSection::deletes`].
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    pub deletes: Vec<Vec<u8>>,
+    /// [`KeyGroupSection::version`].
+    #[prost(uint64, tag = "8")]
+    pub version: u64,
+}
+
+/// A [`NodeEpoch`] read as [`KeyGroupChanges`] (its pending messages skipped).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NodeEpochChanges {
+    /// [`NodeEpoch::epoch`].
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+    /// [`NodeEpoch::node`].
+    #[prost(string, tag = "2")]
+    pub node: String,
+    /// [`NodeEpoch::key_groups`], without pending messages.
+    #[prost(message, repeated, tag = "3")]
+    pub key_groups: Vec<KeyGroupChanges>,
+}
+
+impl From<NodeEpochChanges> for NodeEpoch {
+    fn from(e: NodeEpochChanges) -> Self {
+        NodeEpoch {
+            epoch: e.epoch,
+            node: e.node,
+            key_groups: e
+                .key_groups
+                .into_iter()
+                .map(|s| KeyGroupSection {
+                    key_group: s.key_group,
+                    full: s.full,
+                    puts: s.puts,
+                    deletes: s.deletes,
+                    version: s.version,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+}
+
 /// One node object of an epoch, as the manifest lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectRef {

@@ -9,13 +9,15 @@
 //! applied that far) is also right: it carries the newest value of every key changed after `p`.
 
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use prost::Message;
 use statemesh_mesh::control::EpochBytes;
 use statemesh_mesh::epochlog::EpochLog;
 
-use super::format::{Entry, KeyGroupSection, Manifest, NodeEpoch, ObjectRef};
+use super::format::{Entry, KeyGroupSection, Manifest, NodeEpoch, NodeEpochChanges, ObjectRef};
 use super::store::{CheckpointError, CheckpointStore};
 
 /// Merges consecutive committed epochs of one node (oldest first) into one delta labelled with
@@ -29,7 +31,7 @@ pub(crate) fn merge(epochs: Vec<NodeEpoch>) -> Option<NodeEpoch> {
     let (epoch, node) = (last.epoch, last.node.clone());
     #[derive(Default)]
     struct Kg {
-        changes: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+        changes: FxHashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
         seq: u64,
         pending: Vec<super::format::PendingMessage>,
         version: u64,
@@ -121,11 +123,19 @@ pub(crate) async fn upload(
         return Ok(None);
     }
     let count = entries.len();
+    let newest = entries.last().map(|(e, _)| *e);
     let mut epochs = Vec::with_capacity(count);
     for (e, bytes) in entries {
-        epochs.push(NodeEpoch::decode(bytes.as_slice()).map_err(|err| {
-            format!("epoch log: epoch {e} cannot be decoded ({err}); the log is corrupt")
-        })?);
+        let corrupt =
+            |err| format!("epoch log: epoch {e} cannot be decoded ({err}); the log is corrupt");
+        // Only the newest epoch's pending messages are uploaded: the others' are not read.
+        epochs.push(if Some(e) == newest {
+            NodeEpoch::decode(bytes.as_slice()).map_err(corrupt)?
+        } else {
+            NodeEpochChanges::decode(bytes.as_slice())
+                .map_err(corrupt)?
+                .into()
+        });
     }
     let merged = merge(epochs).expect("not empty");
     let epoch = merged.epoch;
@@ -467,6 +477,59 @@ mod tests {
         }
     }
 
+    /// The tests calling `upload`, one at a time: one of them sets a (process-wide) fault point
+    /// that `upload` evaluates.
+    static UPLOADS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// An upload reads the pending messages of its newest epoch only (the others' are
+    /// skipped undecoded), and merges every epoch's changes.
+    #[tokio::test]
+    async fn an_upload_carries_every_change_and_the_newest_pending_messages() {
+        let _serial = UPLOADS.lock().await;
+        let cp = CheckpointStore::new(
+            super::super::blob::open("memory://", &Default::default(), false).unwrap(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EpochLog::open(dir.path()).unwrap());
+        let logged = [
+            epoch(1, vec![section(1, &[("a", "1")], &[], &["p1"])]),
+            epoch(
+                2,
+                vec![
+                    section(1, &[("b", "2")], &["a"], &["p2"]),
+                    section(2, &[("c", "3")], &[], &["q2"]),
+                ],
+            ),
+            epoch(3, vec![section(1, &[("a", "4")], &[], &["p3", "p3b"])]),
+        ];
+        for e in &logged {
+            log.append(e.epoch, &e.encode_to_vec()).unwrap();
+        }
+        let up = upload(&cp, &log, None, 3, "w", None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((up.epoch, up.epochs), (3, 3));
+        let parts = read_parts(&cp, &cp.manifest(3).await.unwrap())
+            .await
+            .unwrap();
+        let merged = merge(logged.to_vec()).unwrap();
+        assert_eq!(parts, vec![merged.clone()]);
+        let kg1 = &merged.key_groups[0];
+        assert_eq!(kg1.pending, section(1, &[], &[], &["p3", "p3b"]).pending);
+        assert!(
+            merged.key_groups[1].pending.is_empty(),
+            "key group 2 had none at epoch 3"
+        );
+        // The lighter decoding is the full one without pending messages.
+        let light: NodeEpoch = NodeEpochChanges::decode(logged[1].encode_to_vec().as_slice())
+            .unwrap()
+            .into();
+        let mut want = logged[1].clone();
+        want.key_groups.iter_mut().for_each(|s| s.pending.clear());
+        assert_eq!(light, want);
+    }
+
     /// An upload whose manifest committed stands even when truncating the log behind it
     /// fails: reported as failed, the driver kept the manifest before it as the newest, and
     /// the next upload chained to that one, past this one (whose epochs a truncation that
@@ -475,6 +538,7 @@ mod tests {
     /// to it and truncates everything behind itself.
     #[tokio::test]
     async fn an_upload_whose_truncation_fails_stands_and_the_next_chains_to_it() {
+        let _serial = UPLOADS.lock().await;
         let cp = CheckpointStore::new(
             super::super::blob::open("memory://", &Default::default(), false).unwrap(),
         );

@@ -268,8 +268,8 @@ struct Cut {
 
 fn pending_message(target: &Address, caller: Option<&Address>, m: &TypedValue) -> PendingMessage {
     PendingMessage {
-        target: target.to_string(),
-        caller: caller.map(|c| c.to_string()).unwrap_or_default(),
+        target: target.to_text(),
+        caller: caller.map(Address::to_text).unwrap_or_default(),
         typename: m.typename().to_string(),
         value: m.value().to_vec(),
         has_value: m.has_value(),
