@@ -5,7 +5,9 @@
 #     the node; and the same function server loaded directly with the same request shape
 #     (`bench direct`) — the ratio is statemesh's runtime overhead;
 #  2. the batching curve: one contended address, growing concurrency: mean batch size and
-#     throughput grow together.
+#     throughput grow together;
+#  3. a committed one-way `Send` from one client (durable acknowledgement), embedded vs the Rust
+#     and the Python remote counter: the remote path's acknowledgement against the embedded one.
 #   bash scripts/bench-remote.sh        # DURATION=10 by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +37,7 @@ wait_line "$TMP/node.out" listening
 GRPC=http://$(grep -o 'grpc=[0-9.:]*' "$TMP/node.out" | cut -d= -f2)
 HTTP=http://$(grep -o 'http=[0-9.:]*' "$TMP/node.out" | cut -d= -f2)
 load() { $BIN bench load --grpc "$GRPC" --http "$HTTP" --duration "$DURATION" --mode call "$@" 2>/dev/null; }
+send() { $BIN bench load --grpc "$GRPC" --http "$HTTP" --duration "$DURATION" --mode send "$@" 2>/dev/null; }
 
 for fn in rs py; do
   url=$RS; [ $fn = py ] && url=$PYURL
@@ -48,4 +51,7 @@ for c in 1 4 16 64 256; do
 done
 for c in 1 4 16 64 256; do
   load --function py/counter --keys 1 --concurrency $c
+done
+for fn in example/counter rs/counter py/counter; do
+  send --function $fn --keys 100 --concurrency 1
 done
