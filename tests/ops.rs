@@ -294,5 +294,38 @@ fn the_health_command_probes_healthz_and_readyz() {
     let (ok, _, err) = node.cli(&["health", "--http", "127.0.0.1:1"]);
     assert!(!ok);
     assert!(err.contains("expected http://HOST:PORT"), "{err}");
+    // A server that answers one byte every 100 ms: the timeout bounds the whole check, not
+    // each read.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let trickle = format!("http://{}", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let _ = s.read(&mut request);
+        for b in b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n"
+            .iter()
+            .cycle()
+            .take(100)
+        {
+            if s.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let (ok, out, err) = node.cli(&["health", "--http", &trickle, "--timeout-ms", "700"]);
+    let took = t0.elapsed();
+    assert!(!ok, "a trickling server is not healthy: {out}{err}");
+    assert!(
+        err.contains("GET /healthz") && err.contains("read the response"),
+        "{err}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "gave up after {took:?}, not about 700 ms"
+    );
+    server.join().unwrap();
     node.stop();
 }
