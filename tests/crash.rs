@@ -1281,6 +1281,23 @@ const OUTAGE: Duration = Duration::from_secs(6);
 /// after its previous restart, and restarts it on its data directory and ports (with
 /// `lose_disk`, the node kept down long loses its data directory and comes back as node 4).
 /// Returns node 1's slot and the two others, all running.
+/// `/v1/cluster` as the first of nodes `0..nodes` that answers sees it.
+async fn cluster_view(http: &impl Fn(usize) -> String, nodes: usize) -> Option<Value> {
+    for i in 0..nodes {
+        if let Ok((200, _, b)) = common::try_http(
+            &format!("{}/v1/cluster", http(i)),
+            "GET",
+            None,
+            Bytes::new(),
+        )
+        .await
+        {
+            return Some(serde_json::from_slice(&b).unwrap_or_default());
+        }
+    }
+    None
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn cluster_killer(
     root: &std::path::Path,
@@ -1348,23 +1365,11 @@ async fn cluster_killer(
             // after 30 s the run goes on, and the failover guard below says what happened.
             let calm = Instant::now();
             loop {
-                let mut voters = 0;
-                for i in 0..3 {
-                    if let Ok((200, _, b)) = common::try_http(
-                        &format!("{}/v1/cluster", http(i)),
-                        "GET",
-                        None,
-                        Bytes::new(),
-                    )
-                    .await
-                    {
-                        let j: Value = serde_json::from_slice(&b).unwrap_or_default();
-                        voters = j["members"]
-                            .as_array()
-                            .map_or(0, |m| m.iter().filter(|m| m["role"] == "voter").count());
-                        break;
-                    }
-                }
+                let voters = cluster_view(&http, 3).await.map_or(0, |j| {
+                    j["members"]
+                        .as_array()
+                        .map_or(0, |m| m.iter().filter(|m| m["role"] == "voter").count())
+                });
                 if voters >= 3 || calm.elapsed() > Duration::from_secs(30) {
                     println!(
                         "{voters} voters before the long outage (waited {:.1} s)",
@@ -1380,22 +1385,10 @@ async fn cluster_killer(
             0 => 0,
             1 => {
                 // The leader, as a live node sees it.
-                let mut leader = None;
-                for i in 0..if k < joins_at { 2 } else { 3 } {
-                    if let Ok((200, _, b)) = common::try_http(
-                        &format!("{}/v1/cluster", http(i)),
-                        "GET",
-                        None,
-                        Bytes::new(),
-                    )
+                cluster_view(&http, if k < joins_at { 2 } else { 3 })
                     .await
-                    {
-                        let j: Value = serde_json::from_slice(&b).unwrap_or_default();
-                        leader = j["leader"].as_u64().map(|l| l as usize - 1);
-                        break;
-                    }
-                }
-                leader.unwrap_or(victim)
+                    .and_then(|j| j["leader"].as_u64())
+                    .map_or(victim, |l| l as usize - 1)
             }
             _ => victim,
         };

@@ -433,32 +433,22 @@ impl Egress {
                 settle: None,
             };
         };
-        if self.at_least_once {
-            let id = crate::store::egress_record_id(&key);
-            self.consumed.lock().push((key, None));
-            return Popped {
-                value,
-                id,
-                settle: None,
-            };
-        }
-        let (tx, rx) = oneshot::channel();
-        // Registered before the key can be taken into an epoch.
-        self.waiting.lock().insert(
-            key.clone(),
-            Waiter {
-                topic: topic.to_string(),
-                value: value.clone(),
-                tx,
-            },
-        );
+        // An exactly-once reader waits, registered before the key can be taken into an epoch.
+        let settle = (!self.at_least_once).then(|| {
+            let (tx, rx) = oneshot::channel();
+            self.waiting.lock().insert(
+                key.clone(),
+                Waiter {
+                    topic: topic.to_string(),
+                    value: value.clone(),
+                    tx,
+                },
+            );
+            rx
+        });
         let id = crate::store::egress_record_id(&key);
         self.consumed.lock().push((key, None));
-        Popped {
-            value,
-            id,
-            settle: Some(rx),
-        }
+        Popped { value, id, settle }
     }
 
     fn topic(&self, name: &str) -> Arc<Topic> {
