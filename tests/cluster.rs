@@ -2400,6 +2400,167 @@ async fn state_edits_and_dead_letters_work_across_the_members() {
     n3.stop();
 }
 
+/// A member that stays listed but does not answer (paused with SIGSTOP; it would be declared
+/// dead only after 60 s here): the dead-letter tools asked through another node wait 10 s
+/// for it, then say so, naming it, rather than hanging or calling its letters gone. Replaying
+/// one of its letters gets 503 (HTTP) or a failing command (CLI); the listings give the other
+/// member's letters and name it (HTTP: under `unreachable`; CLI: after printing the rest, the
+/// command fails). Once it resumes, its letter is replayed: nothing was lost.
+#[tokio::test]
+async fn dead_letter_tools_name_a_member_that_does_not_answer_and_its_letters_wait_for_it() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let start_slow = |id: u64, join: Option<&str>| {
+        let mut l = launch(root, id, (free_port(), free_port()), join);
+        l.config = Some(format!(
+            "{}[mesh]\nfailure_timeout_ms = 60000\n",
+            l.config.unwrap()
+        ));
+        Node::start_launch(&root.join(format!("n{id}")), &l)
+    };
+    let n1 = start_slow(1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let n2 = start_slow(2, Some(&seed));
+    converged(&[&n1, &n2], 2, 1).await;
+    spread(&n1, 2, 300).await;
+    // Strings to counters fail to decode: two letters on each node.
+    let t = n1.get_json("/v1/cluster/key-groups").await;
+    let c = n1.client().await;
+    for (owner, prefix) in [(1, "example/counter/dl-a"), (1, "example/counter/dl-b")]
+        .into_iter()
+        .chain([(2, "example/counter/dl-c"), (2, "example/counter/dl-d")])
+    {
+        let to = Address::parse(&owned_address(&t, prefix, owner)).unwrap();
+        c.send(&to, TypedValue::of(&"not a long".to_string()))
+            .await
+            .unwrap();
+    }
+    let letters = eventually("four dead letters", Duration::from_secs(60), || async {
+        let j = n1.get_json("/v1/dead-letters").await;
+        let l = j["letters"].as_array().unwrap().clone();
+        (l.len() == 4).then_some(l)
+    })
+    .await;
+    let on = |node: u64| -> Vec<String> {
+        letters
+            .iter()
+            .filter(|l| l["node"] == node)
+            .map(|l| l["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (on1, on2) = (on(1), on(2));
+    assert_eq!((on1.len(), on2.len()), (2, 2), "{letters:?}");
+
+    let pid2 = n2.pid();
+    unsafe { libc::kill(pid2 as i32, libc::SIGSTOP) };
+    let cli = |args: Vec<String>| {
+        let grpc = n1.grpc.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(common::BIN)
+                .args(&args)
+                .env("STATEMESH_NODE", grpc)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        })
+    };
+    let began = std::time::Instant::now();
+    // All four at once: each waits 10 s for node 2.
+    let cli_list = cli(vec!["dead-letters".into(), "list".into(), "--json".into()]);
+    let cli_replay = cli(vec!["dead-letters".into(), "replay".into(), on2[1].clone()]);
+    let replay_url = format!("{}/v1/dead-letters/{}/replay", n1.http, on2[0]);
+    let list_url = format!("{}/v1/dead-letters", n1.http);
+    let (http_replay, http_list) = tokio::join!(
+        http(&replay_url, "POST", None, bytes::Bytes::new()),
+        http(&list_url, "GET", None, bytes::Bytes::new()),
+    );
+    let (cli_list, cli_replay) = (cli_list.await.unwrap(), cli_replay.await.unwrap());
+    let waited = began.elapsed();
+    println!("the tools gave up on the paused member after {waited:?}");
+    assert!(waited >= Duration::from_secs(10), "{waited:?}");
+
+    let (s, _, body) = http_replay;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(s, 503, "{body}");
+    assert!(
+        body.contains("node 2") && body.contains("no answer within 10 s"),
+        "{body}"
+    );
+    let (s, _, body) = http_list;
+    assert_eq!(s, 200);
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let listed: Vec<&str> = j["letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 2, "{j}");
+    assert!(on1.iter().all(|id| listed.contains(&id.as_str())), "{j}");
+    assert_eq!(j["unreachable"][0]["node"], 2, "{j}");
+    assert!(
+        j["unreachable"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer"),
+        "{j}"
+    );
+
+    let (ok, out, err) = cli_list;
+    assert!(!ok, "an incomplete list must fail: {out}{err}");
+    let printed: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(printed.len(), 2, "{out}{err}");
+    assert!(printed.iter().all(|l| l["node"] == 1), "{out}");
+    assert!(
+        err.contains("incomplete")
+            && err.contains("node 2")
+            && err.contains("no answer within 10 s"),
+        "{err}"
+    );
+    let (ok, out, err) = cli_replay;
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains(&format!("dead letter {} was not replayed", on2[1]))
+            && err.contains("node 2")
+            && err.contains("no answer within 10 s"),
+        "{err}"
+    );
+
+    // Resumed: both of its letters are still there, and are replayed.
+    // (503 while it renews its lease.)
+    unsafe { libc::kill(pid2 as i32, libc::SIGCONT) };
+    let j = eventually(
+        "the letter replayed on node 2",
+        Duration::from_secs(30),
+        || async {
+            let (s, _, body) = http(&replay_url, "POST", None, bytes::Bytes::new()).await;
+            assert!(
+                s == 200 || s == 503,
+                "{s} {}",
+                String::from_utf8_lossy(&body)
+            );
+            (s == 200).then(|| serde_json::from_slice::<serde_json::Value>(&body).unwrap())
+        },
+    )
+    .await;
+    assert_eq!(j["node"], 2, "{j}");
+    let (ok, out, err) = n1.cli(&["dead-letters", "replay", &on2[1]]);
+    assert!(ok && out.contains("(node 2)"), "{out}{err}");
+    let (ok, out, err) = n1.cli(&["dead-letters", "list", "--json"]);
+    assert!(ok, "{out}{err}");
+    assert!(!out.contains(&on2[0]) && !out.contains(&on2[1]), "{out}");
+    n1.stop();
+    n2.stop();
+}
+
 /// The web console (`/ui`) in a real headless browser (Debian's Chromium driven by
 /// Playwright): against three nodes it shows three members and the 1,024 key groups (each
 /// coloured by its owner), the checkpoint epochs and the function types; an address looked up

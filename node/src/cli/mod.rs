@@ -341,10 +341,40 @@ async fn connect(t: &NodeTarget) -> anyhow::Result<Client> {
     Ok(Client::connect_with(&t.node, &t.options()?).await?)
 }
 
+/// How long a command that asks every member waits for each (as the HTTP API does): a
+/// member that is paused, or whose host is gone without a reset, accepts the connection and
+/// never answers.
+const MEMBER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `f` for node `node` at `grpc`, within [`MEMBER_DEADLINE`]; errors name the node.
+async fn ask_member<T, F>(node: u64, grpc: &str, f: F) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = anyhow::Result<T>>,
+{
+    match tokio::time::timeout(MEMBER_DEADLINE, f).await {
+        Ok(r) => r.with_context(|| format!("node {node} at {grpc}")),
+        Err(_) => anyhow::bail!(
+            "node {node} at {grpc}: no answer within {} s",
+            MEMBER_DEADLINE.as_secs()
+        ),
+    }
+}
+
 /// The members of the cluster of the node at `t` that are alive: (id, gRPC URL); the node
 /// itself first.
 async fn members(t: &NodeTarget) -> anyhow::Result<Vec<(u64, String)>> {
-    let c = connect(t).await?.cluster().await?;
+    let c = match tokio::time::timeout(MEMBER_DEADLINE, async {
+        anyhow::Ok(connect(t).await?.cluster().await?)
+    })
+    .await
+    {
+        Ok(c) => c?,
+        Err(_) => anyhow::bail!(
+            "node at {}: no answer within {} s",
+            t.node,
+            MEMBER_DEADLINE.as_secs()
+        ),
+    };
     let mut out = vec![(c.node_id, t.node.clone())];
     for m in c.members {
         if m.id != c.node_id && m.alive && !m.grpc_addr.is_empty() {
@@ -361,23 +391,31 @@ async fn members(t: &NodeTarget) -> anyhow::Result<Vec<(u64, String)>> {
     Ok(out)
 }
 
-/// The dead letters of every member, by node id.
+/// The dead letters of every member that answers, by node id; and the members that do not
+/// (each error names its node).
+type MemberLetters = Vec<(u64, Vec<statemesh_proto::v1::DeadLetter>)>;
 async fn dead_letters_of_members(
     t: &NodeTarget,
     limit: u32,
-) -> anyhow::Result<Vec<(u64, Vec<statemesh_proto::v1::DeadLetter>)>> {
+) -> anyhow::Result<(MemberLetters, Vec<anyhow::Error>)> {
+    let options = t.options()?;
     let mut out = Vec::new();
+    let mut unreachable = Vec::new();
     for (node, grpc) in members(t).await? {
-        let letters = Client::connect_with(&grpc, &t.options()?)
-            .await
-            .with_context(|| format!("node {node} at {grpc}"))?
-            .dead_letters(limit)
-            .await
-            .with_context(|| format!("node {node} at {grpc}"))?;
-        out.push((node, letters.letters));
+        let letters = ask_member(node, &grpc, async {
+            Ok(Client::connect_with(&grpc, &options)
+                .await?
+                .dead_letters(limit)
+                .await?)
+        })
+        .await;
+        match letters {
+            Ok(l) => out.push((node, l.letters)),
+            Err(e) => unreachable.push(e),
+        }
     }
     out.sort_by_key(|(n, _)| *n);
-    Ok(out)
+    Ok((out, unreachable))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -525,7 +563,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     target,
                 },
         } => {
-            let lists = dead_letters_of_members(&target, limit).await?;
+            let (lists, unreachable) = dead_letters_of_members(&target, limit).await?;
             if !json {
                 println!(
                     "{:<5} {:<22} {:<36} {:<28} {:>8}  ERROR",
@@ -555,22 +593,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             }
+            // What the members that answered hold is listed; the list is incomplete, and the
+            // command says so and fails.
+            if !unreachable.is_empty() {
+                let named: Vec<String> = unreachable.iter().map(|e| format!("{e:#}")).collect();
+                anyhow::bail!(
+                    "the list above is incomplete: not answering: {}",
+                    named.join("; ")
+                )
+            }
             Ok(())
         }
         Command::DeadLetters {
             command: DeadLetterCommand::Replay { id, target },
         } => {
-            // Each member replays it if it holds it (NotFound: the next one).
+            // Each member replays it if it holds it (NotFound: the next one). A member that
+            // does not answer may hold it: then the letter is neither replayed nor known to be
+            // gone, and the command fails naming that member.
+            let options = target.options()?;
+            let mut unreachable = Vec::new();
             for (node, grpc) in members(&target).await? {
-                let c = Client::connect_with(&grpc, &target.options()?).await?;
-                match c.replay_dead_letter(&id).await {
-                    Ok(done) => {
+                let replayed = ask_member(node, &grpc, async {
+                    let c = Client::connect_with(&grpc, &options).await?;
+                    Ok(c.replay_dead_letter(&id).await)
+                })
+                .await;
+                match replayed {
+                    Ok(Ok(done)) => {
                         println!("dead letter {id} (node {node}): {done}");
                         return Ok(());
                     }
-                    Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
-                    Err(e) => return Err(e.into()),
+                    Ok(Err(e)) if e.code() == Some(tonic::Code::NotFound) => {}
+                    Ok(Err(e)) if e.code() == Some(tonic::Code::Unavailable) => {
+                        unreachable.push(format!("node {node} at {grpc}: {e}"))
+                    }
+                    Ok(Err(e)) => {
+                        return Err(anyhow::Error::from(e).context(format!("node {node} at {grpc}")))
+                    }
+                    // Not connected, or no answer in time.
+                    Err(e) => unreachable.push(format!("{e:#}")),
                 }
+            }
+            if !unreachable.is_empty() {
+                anyhow::bail!(
+                    "dead letter {id} was not replayed: it is on none of the members that answered; not answering: {}",
+                    unreachable.join("; ")
+                )
             }
             anyhow::bail!("no member holds dead letter {id} (replayed or read already? list again)")
         }
