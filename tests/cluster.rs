@@ -2561,6 +2561,91 @@ async fn dead_letter_tools_name_a_member_that_does_not_answer_and_its_letters_wa
     n2.stop();
 }
 
+/// Has `statemesh.smoke/fn` address `to` emit `record` to topic `smoke`, sent through `via`
+/// with an idempotency key (the record's text), retried while the cluster refuses for now.
+async fn emit_once(via: &Node, to: &str, record: &str) {
+    let c = via.client().await;
+    let to = Address::parse(to).unwrap();
+    let cmds = smoke(serde_json::json!([{ "egress": record }]));
+    eventually(
+        &format!("{record:?} sent"),
+        Duration::from_secs(30),
+        || async { c.send_with_key(&to, cmds.clone(), Some(record)).await.ok() },
+    )
+    .await
+}
+
+/// The next record of topic `smoke` read through `n` (its body, its id), within `within`.
+async fn read_smoke(n: &Node, within: Duration) -> (String, String) {
+    eventually("a record of topic smoke", within, || async {
+        let (s, id, body) = common::pop_egress(n, "smoke").await;
+        (s == 200).then(|| {
+            let id = id.expect("a durable record has an id");
+            (String::from_utf8_lossy(&body).to_string(), id)
+        })
+    })
+    .await
+}
+
+/// Egress reads through a peer follow the setting of the member that holds the record: node
+/// 2 reads at least once (`egress_reads = "at-least-once"`), node 1 exactly once (the
+/// default), and epochs run only when something needs one (60 s interval).
+/// - A record of node 2's, read through node 1, is answered at once: node 2 SIGKILLed before
+///   an epoch commits its deletion, it is read again, under the same id.
+/// - A record of node 1's, read through node 2, is answered once its deletion committed: node
+///   1 SIGKILLed right after the read, it is not read again (a record written after the
+///   restart, at the same address, is the next one read).
+#[tokio::test]
+async fn egress_reads_through_a_peer_follow_the_setting_of_the_member_holding_the_record() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let with = |id: u64, ports: (u16, u16), join: Option<&str>, reads: &str| {
+        let mut l = launch(root, id, ports, join);
+        l.config = Some(format!(
+            "egress_reads = \"{reads}\"\n[checkpoint]\ninterval_ms = 60000\nlease_idle_renew_ms = 2000\n"
+        ));
+        Node::start_launch(&root.join(format!("n{id}")), &l)
+    };
+    let (p1, p2) = ((free_port(), free_port()), (free_port(), free_port()));
+    let n1 = with(1, p1, None, "exactly-once");
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let n2 = with(2, p2, Some(&seed), "at-least-once");
+    converged(&[&n1, &n2], 2, 1).await;
+    spread(&n1, 2, 300).await;
+    let t = n1.get_json("/v1/cluster/key-groups").await;
+    let on2 = owned_address(&t, "statemesh.smoke/fn/alo-", 2);
+    emit_once(&n1, &on2, "held by 2").await;
+    let first = read_smoke(&n1, Duration::from_secs(20)).await;
+    assert_eq!(first.0, "held by 2");
+    n2.kill();
+    let n2 = with(2, p2, Some(&seed), "at-least-once");
+    assert_eq!(
+        read_smoke(&n1, Duration::from_secs(60)).await,
+        first,
+        "node 2 reads at least once: its record is read again after its crash, under the same id"
+    );
+
+    converged(&[&n1, &n2], 2, 1).await;
+    spread(&n1, 2, 300).await;
+    let t = n1.get_json("/v1/cluster/key-groups").await;
+    let on1 = owned_address(&t, "statemesh.smoke/fn/eo-", 1);
+    emit_once(&n1, &on1, "held by 1").await;
+    let read = read_smoke(&n2, Duration::from_secs(20)).await;
+    assert_eq!(read.0, "held by 1");
+    n1.kill();
+    let n1 = with(1, p1, None, "exactly-once");
+    converged(&[&n1, &n2], 2, 1).await;
+    emit_once(&n2, &on1, "after the restart").await;
+    let next = read_smoke(&n2, Duration::from_secs(30)).await;
+    assert_eq!(
+        next.0, "after the restart",
+        "node 1 reads exactly once: {read:?} must not be read again"
+    );
+    n1.stop();
+    n2.stop();
+}
+
 /// The web console (`/ui`) in a real headless browser (Debian's Chromium driven by
 /// Playwright): against three nodes it shows three members and the 1,024 key groups (each
 /// coloured by its owner), the checkpoint epochs and the function types; an address looked up
