@@ -6,7 +6,9 @@
 # durable acknowledgements (the default) and exactly-once egress reads (the default), then with
 # `egress_reads = "at-least-once"`, then with `ack = "accepted"`; StateFun runs too when it is
 # built (STATEFUN_PEER: a copy of ../shared/peers/statefun where fetch-deps.sh and build.sh
-# ran). RUNS runs of each; peak RSS of the node or JVM (the greeter server's is the same).
+# ran). RUNS runs of each; peak RSS of the node or JVM (the greeter server's is the same);
+# for statemesh, the epochs committed during the run (one per PUT when each PUT's commit takes
+# the previous greeting's egress record along).
 #   RUNS=2 N=2000 KEYS=100 STATEFUN_PEER=/tmp/sfpeer bash scripts/bench-greeter.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,12 +26,17 @@ PY=$PWD/$PY
 PIDS+=($!)
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.1; done
 peak() { awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$1/status"; }
+# statemesh: epochs committed so far (the node's metrics at $METRICS); StateFun: none.
+METRICS=
+epoch() { [ -n "$METRICS" ] && curl -s "$METRICS" | awk '/^statemesh_checkpoint_committed_epoch /{print $2}' || echo 0; }
 bench() { # system label pid
   for r in $(seq "$RUNS"); do
+    e0=$(epoch)
     out=$($PY "$PEER/bench_greeter.py" "$N" "$KEYS")
+    e1=$(epoch)
     rate=$(sed -n 's/.*=> \([0-9]*\) msgs\/s end-to-end.*/\1/p' <<<"$out")
     ingress=$(sed -n 's/.*(\([0-9]*\)\/s ingress).*/\1/p' <<<"$out")
-    echo "{\"bench\":\"greeter\",\"system\":\"$1\",\"mode\":\"$2\",\"run\":$r,\"messages\":$N,\"keys\":$KEYS,\"end_to_end_per_s\":${rate:-0},\"ingress_put_per_s\":${ingress:-0},\"peak_rss_mib\":$(peak "$3")}"
+    echo "{\"bench\":\"greeter\",\"system\":\"$1\",\"mode\":\"$2\",\"run\":$r,\"messages\":$N,\"keys\":$KEYS,\"end_to_end_per_s\":${rate:-0},\"ingress_put_per_s\":${ingress:-0},\"epochs_committed\":$((${e1:-0}-${e0:-0})),\"peak_rss_mib\":$(peak "$3")}"
   done
 }
 statemesh() { # label config
@@ -38,7 +45,9 @@ statemesh() { # label config
     --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 >"$TMP/node.out" 2>"$TMP/node.log" &
   local pid=$!
   wait_line "$TMP/node.out" listening
+  METRICS="$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$TMP/node.out")/metrics"
   bench statemesh "$1" "$pid"
+  METRICS=
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 statemesh "durable ack, exactly-once reads" ''

@@ -416,6 +416,8 @@ struct Driver {
     commit_after_upload: Option<u64>,
     /// The coordinator's back-pressure (epochs not committed), beside the log's.
     coord_backpressure: Option<String>,
+    /// Outputs that want a commit soon, not at once.
+    soon: CommitSoon,
 }
 
 impl ClusterSide {
@@ -569,6 +571,56 @@ struct RollingBack {
 
 pub(crate) fn now_ms() -> u64 {
     crate::shard::now_ms()
+}
+
+/// An output that wants a commit soon, not at once (an egress record nobody is blocked on),
+/// gets an epoch of its own after this long, unless one starts meanwhile and takes it along.
+pub(crate) const COMMIT_SOON_MS: u64 = 2;
+
+/// When outputs that want a commit soon (see [`Router::want_commit_soon`]) ask for an epoch.
+#[derive(Debug, Default)]
+struct CommitSoon {
+    /// When (ms) the shards were last told to cut an epoch.
+    last_barrier_ms: u64,
+    /// Since when (ms) an output has been seen that no epoch started after.
+    since: Option<u64>,
+}
+
+/// What [`CommitSoon::poll`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Soon {
+    /// Nothing waits, or not for long yet.
+    Wait,
+    /// An epoch started after the newest output: forget the outputs held until then.
+    Covered,
+    /// Ask for an epoch (again after [`COMMIT_SOON_MS`], until one starts).
+    Due,
+}
+
+impl CommitSoon {
+    /// The shards were told to cut an epoch at `now`.
+    fn barrier(&mut self, now: u64) {
+        self.last_barrier_ms = now;
+        self.since = None;
+    }
+
+    /// `held`: when the newest output wanting a commit soon was held (0: none).
+    fn poll(&mut self, held: u64, now: u64) -> Soon {
+        if held == 0 {
+            return Soon::Wait;
+        }
+        // A barrier in the same millisecond may have come before the output: not counted.
+        if self.last_barrier_ms > held {
+            self.since = None;
+            return Soon::Covered;
+        }
+        let since = *self.since.get_or_insert(now);
+        if now.saturating_sub(since) >= COMMIT_SOON_MS {
+            self.since = Some(now);
+            return Soon::Due;
+        }
+        Soon::Wait
+    }
 }
 
 /// A nonce for this process's writer id.
@@ -729,6 +781,7 @@ pub(crate) fn start(
         log,
         commit_after_upload: None,
         coord_backpressure: None,
+        soon: CommitSoon::default(),
         cluster: cluster.map(|(me, out, active)| ClusterSide {
             me,
             out,
@@ -963,7 +1016,8 @@ impl Driver {
         if self.rolling_back.is_some() {
             return;
         }
-        let wanted = self.router.take_commit_wanted() || !self.finish.is_empty();
+        let wanted =
+            self.router.take_commit_wanted() || !self.finish.is_empty() || self.commit_soon_due();
         if let Some((from, msg)) = self.cluster.as_mut().and_then(|c| c.waiting_resume.take()) {
             self.epoch_msg(from, msg);
         }
@@ -984,6 +1038,20 @@ impl Driver {
             self.input(Input::CallerWaiting);
         }
         self.input(Input::Tick { now_ms: now_ms() });
+    }
+
+    /// Whether outputs that want a commit soon have waited [`COMMIT_SOON_MS`] with no epoch
+    /// starting after them.
+    fn commit_soon_due(&mut self) -> bool {
+        let held = self.router.commit_soon_ms();
+        match self.soon.poll(held, now_ms()) {
+            Soon::Wait => false,
+            Soon::Covered => {
+                self.router.clear_commit_soon(held);
+                false
+            }
+            Soon::Due => true,
+        }
     }
 
     fn gauges(&self) {
@@ -2229,6 +2297,7 @@ impl Driver {
     fn action(&mut self, a: Action) {
         match a {
             Action::Barrier(e) => {
+                self.soon.barrier(now_ms());
                 self.started_at.insert(e, Instant::now());
                 self.status.lock().started = e;
                 for s in &self.shards {
@@ -3201,6 +3270,39 @@ where
 mod tests {
     use super::*;
     use crate::checkpoint::format::{Entry, KeyGroupSection, Manifest};
+
+    /// An egress record asks for an epoch only after `COMMIT_SOON_MS` with none started after
+    /// it, then again as often until one starts; an epoch started after it (for a caller) takes
+    /// it along, and one started in the same millisecond is not counted.
+    #[test]
+    fn an_output_wanting_a_commit_soon_rides_the_next_epoch_or_asks_after_a_while() {
+        let mut s = CommitSoon::default();
+        assert_eq!(s.poll(0, 10), Soon::Wait, "nothing held");
+        // Held at 10; nothing starts: due at 12, then at 14.
+        assert_eq!(s.poll(10, 10), Soon::Wait);
+        assert_eq!(s.poll(10, 11), Soon::Wait);
+        assert_eq!(s.poll(10, 12), Soon::Due);
+        assert_eq!(s.poll(10, 13), Soon::Wait);
+        assert_eq!(s.poll(10, 14), Soon::Due);
+        // An epoch starts at 15 (after it): covered, whenever asked.
+        s.barrier(15);
+        assert_eq!(s.poll(10, 20), Soon::Covered);
+        // Held at 30, a caller's epoch starts at 31: it takes the record along, no epoch of
+        // its own.
+        assert_eq!(s.poll(30, 30), Soon::Wait);
+        s.barrier(31);
+        assert_eq!(s.poll(30, 31), Soon::Covered);
+        // A barrier in the same millisecond as the record may have come first: not counted.
+        s.barrier(40);
+        assert_eq!(s.poll(40, 40), Soon::Wait);
+        assert_eq!(s.poll(40, 41), Soon::Wait);
+        assert_eq!(s.poll(40, 42), Soon::Due);
+        // A barrier resets the wait: a record held after it waits its own full delay.
+        s.barrier(50);
+        assert_eq!(s.poll(55, 55), Soon::Wait);
+        assert_eq!(s.poll(55, 56), Soon::Wait);
+        assert_eq!(s.poll(55, 57), Soon::Due);
+    }
 
     /// A state key of key group `kg`.
     fn key(kg: u32, k: &str) -> Vec<u8> {

@@ -634,11 +634,19 @@ impl Shard {
     }
 
     /// Holds an output until the current epoch commits (or releases it now when checkpoints
-    /// are off).
+    /// are off). A caller waits for an acknowledgement or a reply: an epoch starts at once. An
+    /// egress record gets one within a few milliseconds, unless one starts meanwhile for
+    /// another reason (the next caller's) and takes it along; a Kafka egress, which takes its
+    /// records as they are released, gets one at once.
     fn hold(&mut self, h: Held) {
         if self.checkpointing {
+            match &h {
+                Held::Egress(topic, ..) if !self.router.egress().is_sink(topic) => {
+                    self.router.want_commit_soon()
+                }
+                _ => self.router.want_commit(),
+            }
             self.held.push_back((self.epoch, h));
-            self.router.want_commit();
         } else {
             self.release(h);
         }
