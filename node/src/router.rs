@@ -105,8 +105,9 @@ struct Inner {
     commit_wanted: AtomicBool,
     /// Wakes the epoch driver when `commit_wanted` turns on.
     commit_notify: tokio::sync::Notify,
-    /// When (ms) the newest output that wants a commit soon, not at once, was held (0: none
-    /// since the driver last saw an epoch start after it); see [`Router::want_commit_soon`].
+    /// When (ms, [`crate::checkpoint::driver::monotonic_ms`]) the newest output that wants a
+    /// commit soon, not at once, was held (0: none since the driver last saw an epoch start
+    /// after it); see [`Router::want_commit_soon`].
     commit_soon_ms: AtomicU64,
     /// Why ingress is refused while checkpoints are behind (`None`: it is not).
     backpressure: Refusal,
@@ -300,10 +301,9 @@ impl Router {
     /// takes it along, so it costs no commit of its own. (A record held while an epoch persists
     /// and asking for one at once would make the next caller wait for two commits.)
     pub(crate) fn want_commit_soon(&self) {
-        self.inner.commit_soon_ms.fetch_max(
-            crate::checkpoint::driver::now_ms().max(1),
-            Ordering::Relaxed,
-        );
+        self.inner
+            .commit_soon_ms
+            .fetch_max(crate::checkpoint::driver::monotonic_ms(), Ordering::Relaxed);
     }
 
     /// When the newest output that wants a commit soon was held (0: none).

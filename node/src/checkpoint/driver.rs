@@ -577,6 +577,14 @@ pub(crate) fn now_ms() -> u64 {
 /// gets an epoch of its own after this long, unless one starts meanwhile and takes it along.
 pub(crate) const COMMIT_SOON_MS: u64 = 2;
 
+/// Milliseconds on a monotonic clock, from 1 (for [`CommitSoon`]: a wall clock stepped back
+/// would leave an output looking newer than every epoch started after it, and ask for an
+/// epoch every [`COMMIT_SOON_MS`] until the clock caught up).
+pub(crate) fn monotonic_ms() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
 /// When outputs that want a commit soon (see [`Router::want_commit_soon`]) ask for an epoch.
 #[derive(Debug, Default)]
 struct CommitSoon {
@@ -1044,7 +1052,7 @@ impl Driver {
     /// starting after them.
     fn commit_soon_due(&mut self) -> bool {
         let held = self.router.commit_soon_ms();
-        match self.soon.poll(held, now_ms()) {
+        match self.soon.poll(held, monotonic_ms()) {
             Soon::Wait => false,
             Soon::Covered => {
                 self.router.clear_commit_soon(held);
@@ -2297,7 +2305,7 @@ impl Driver {
     fn action(&mut self, a: Action) {
         match a {
             Action::Barrier(e) => {
-                self.soon.barrier(now_ms());
+                self.soon.barrier(monotonic_ms());
                 self.started_at.insert(e, Instant::now());
                 self.status.lock().started = e;
                 for s in &self.shards {
