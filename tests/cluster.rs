@@ -2528,8 +2528,10 @@ async fn dead_letter_tools_name_a_member_that_does_not_answer_and_its_letters_wa
     let (ok, out, err) = cli_replay;
     assert!(!ok, "{out}{err}");
     assert!(
-        err.contains(&format!("dead letter {} was not replayed", on2[1]))
-            && err.contains("node 2")
+        err.contains(&format!(
+            "dead letter {} is on none of the members that answered",
+            on2[1]
+        )) && err.contains("node 2")
             && err.contains("no answer within 10 s"),
         "{err}"
     );

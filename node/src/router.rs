@@ -105,10 +105,9 @@ struct Inner {
     commit_wanted: AtomicBool,
     /// Wakes the epoch driver when `commit_wanted` turns on.
     commit_notify: tokio::sync::Notify,
-    /// When (ms, [`crate::checkpoint::driver::monotonic_ms`]) the newest output that wants a
-    /// commit soon, not at once, was held (0: none since the driver last saw an epoch start
-    /// after it); see [`Router::want_commit_soon`].
-    commit_soon_ms: AtomicU64,
+    /// The newest epoch that an output wanting a commit soon, not at once, is held in (0: none
+    /// since the driver last saw that epoch's barrier); see [`Router::want_commit_soon`].
+    commit_soon: AtomicU64,
     /// Why ingress is refused while checkpoints are behind (`None`: it is not).
     backpressure: Refusal,
     /// The newest epoch applied to sled (shards passivate only what it holds).
@@ -197,7 +196,7 @@ impl Router {
                 checkpointing,
                 ack,
                 commit_wanted: AtomicBool::new(false),
-                commit_soon_ms: AtomicU64::new(0),
+                commit_soon: AtomicU64::new(0),
                 commit_notify: tokio::sync::Notify::new(),
                 backpressure: Refusal::default(),
                 applied: AtomicU64::new(0),
@@ -300,24 +299,23 @@ impl Router {
     /// nobody is blocked on (an egress record): an epoch started meanwhile for another reason
     /// takes it along, so it costs no commit of its own. (A record held while an epoch persists
     /// and asking for one at once would make the next caller wait for two commits.)
-    pub(crate) fn want_commit_soon(&self) {
-        self.inner
-            .commit_soon_ms
-            .fetch_max(crate::checkpoint::driver::monotonic_ms(), Ordering::Relaxed);
+    /// `epoch`: the epoch the output is held in (the shard's open one).
+    pub(crate) fn want_commit_soon(&self, epoch: u64) {
+        self.inner.commit_soon.fetch_max(epoch, Ordering::Relaxed);
     }
 
-    /// When the newest output that wants a commit soon was held (0: none).
-    pub(crate) fn commit_soon_ms(&self) -> u64 {
-        self.inner.commit_soon_ms.load(Ordering::Relaxed)
+    /// The newest epoch an output that wants a commit soon is held in (0: none).
+    pub(crate) fn commit_soon(&self) -> u64 {
+        self.inner.commit_soon.load(Ordering::Relaxed)
     }
 
-    /// Forgets the outputs that wanted a commit soon, held at `ms` or before, once an epoch
-    /// started after them (unless a newer one came meanwhile).
-    pub(crate) fn clear_commit_soon(&self, ms: u64) {
+    /// Forgets the outputs that wanted a commit soon, held in `epoch` or before, once that
+    /// epoch's barrier went out (unless a newer one came meanwhile).
+    pub(crate) fn clear_commit_soon(&self, epoch: u64) {
         let _ =
             self.inner
-                .commit_soon_ms
-                .compare_exchange(ms, 0, Ordering::Relaxed, Ordering::Relaxed);
+                .commit_soon
+                .compare_exchange(epoch, 0, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// Resolves when something starts waiting for a commit.

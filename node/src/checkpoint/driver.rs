@@ -577,20 +577,21 @@ pub(crate) fn now_ms() -> u64 {
 /// gets an epoch of its own after this long, unless one starts meanwhile and takes it along.
 pub(crate) const COMMIT_SOON_MS: u64 = 2;
 
-/// Milliseconds on a monotonic clock, from 1 (for [`CommitSoon`]: a wall clock stepped back
-/// would leave an output looking newer than every epoch started after it, and ask for an
-/// epoch every [`COMMIT_SOON_MS`] until the clock caught up).
+/// Milliseconds on a monotonic clock, from 1 (for [`CommitSoon`]'s delay).
 pub(crate) fn monotonic_ms() -> u64 {
     static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// When outputs that want a commit soon (see [`Router::want_commit_soon`]) ask for an epoch.
+/// Outputs are known by the epoch they are held in, not by time: in a cluster a shard may cut
+/// an epoch on a peer's marker before this node's barrier for it, and hold the next outputs
+/// in the epoch after it.
 #[derive(Debug, Default)]
 struct CommitSoon {
-    /// When (ms) the shards were last told to cut an epoch.
-    last_barrier_ms: u64,
-    /// Since when (ms) an output has been seen that no epoch started after.
+    /// The epoch whose barrier the shards were last sent.
+    last_barrier: u64,
+    /// Since when (ms, monotonic) an output has been seen in an epoch not started yet.
     since: Option<u64>,
 }
 
@@ -599,26 +600,28 @@ struct CommitSoon {
 enum Soon {
     /// Nothing waits, or not for long yet.
     Wait,
-    /// An epoch started after the newest output: forget the outputs held until then.
+    /// The newest output's epoch started: forget the outputs held until then.
     Covered,
     /// Ask for an epoch (again after [`COMMIT_SOON_MS`], until one starts).
     Due,
 }
 
 impl CommitSoon {
-    /// The shards were told to cut an epoch at `now`.
-    fn barrier(&mut self, now: u64) {
-        self.last_barrier_ms = now;
+    /// The shards were told to cut `epoch`. (After a rollback epochs are numbered again from
+    /// the last committed one: an output of an abandoned epoch then asks until its number comes
+    /// round again, an epoch every `COMMIT_SOON_MS` at most.)
+    fn barrier(&mut self, epoch: u64) {
+        self.last_barrier = epoch;
         self.since = None;
     }
 
-    /// `held`: when the newest output wanting a commit soon was held (0: none).
+    /// `held`: the newest epoch an output wanting a commit soon is held in (0: none); `now`:
+    /// ms, monotonic.
     fn poll(&mut self, held: u64, now: u64) -> Soon {
         if held == 0 {
             return Soon::Wait;
         }
-        // A barrier in the same millisecond may have come before the output: not counted.
-        if self.last_barrier_ms > held {
+        if self.last_barrier >= held {
             self.since = None;
             return Soon::Covered;
         }
@@ -1051,7 +1054,7 @@ impl Driver {
     /// Whether outputs that want a commit soon have waited [`COMMIT_SOON_MS`] with no epoch
     /// starting after them.
     fn commit_soon_due(&mut self) -> bool {
-        let held = self.router.commit_soon_ms();
+        let held = self.router.commit_soon();
         match self.soon.poll(held, monotonic_ms()) {
             Soon::Wait => false,
             Soon::Covered => {
@@ -2305,7 +2308,7 @@ impl Driver {
     fn action(&mut self, a: Action) {
         match a {
             Action::Barrier(e) => {
-                self.soon.barrier(monotonic_ms());
+                self.soon.barrier(e);
                 self.started_at.insert(e, Instant::now());
                 self.status.lock().started = e;
                 for s in &self.shards {
@@ -3279,37 +3282,47 @@ mod tests {
     use super::*;
     use crate::checkpoint::format::{Entry, KeyGroupSection, Manifest};
 
-    /// An egress record asks for an epoch only after `COMMIT_SOON_MS` with none started after
-    /// it, then again as often until one starts; an epoch started after it (for a caller) takes
-    /// it along, and one started in the same millisecond is not counted.
+    /// An egress record asks for an epoch only after `COMMIT_SOON_MS` with its epoch not
+    /// started, then again as often until it starts; the barrier of its epoch (a caller's)
+    /// takes it along; a barrier of an earlier epoch does not (a shard that cut early on a
+    /// peer's marker holds outputs in the next epoch before this node's barrier for the one it
+    /// cut); after a rollback, an output of an abandoned epoch asks until its number comes round.
     #[test]
     fn an_output_wanting_a_commit_soon_rides_the_next_epoch_or_asks_after_a_while() {
         let mut s = CommitSoon::default();
         assert_eq!(s.poll(0, 10), Soon::Wait, "nothing held");
-        // Held at 10; nothing starts: due at 12, then at 14.
-        assert_eq!(s.poll(10, 10), Soon::Wait);
-        assert_eq!(s.poll(10, 11), Soon::Wait);
-        assert_eq!(s.poll(10, 12), Soon::Due);
-        assert_eq!(s.poll(10, 13), Soon::Wait);
-        assert_eq!(s.poll(10, 14), Soon::Due);
-        // An epoch starts at 15 (after it): covered, whenever asked.
-        s.barrier(15);
-        assert_eq!(s.poll(10, 20), Soon::Covered);
-        // Held at 30, a caller's epoch starts at 31: it takes the record along, no epoch of
-        // its own.
-        assert_eq!(s.poll(30, 30), Soon::Wait);
-        s.barrier(31);
-        assert_eq!(s.poll(30, 31), Soon::Covered);
-        // A barrier in the same millisecond as the record may have come first: not counted.
-        s.barrier(40);
-        assert_eq!(s.poll(40, 40), Soon::Wait);
-        assert_eq!(s.poll(40, 41), Soon::Wait);
-        assert_eq!(s.poll(40, 42), Soon::Due);
-        // A barrier resets the wait: a record held after it waits its own full delay.
-        s.barrier(50);
-        assert_eq!(s.poll(55, 55), Soon::Wait);
-        assert_eq!(s.poll(55, 56), Soon::Wait);
-        assert_eq!(s.poll(55, 57), Soon::Due);
+        // Held in epoch 5 at 10 ms; nothing starts: due at 12, then at 14.
+        assert_eq!(s.poll(5, 10), Soon::Wait);
+        assert_eq!(s.poll(5, 11), Soon::Wait);
+        assert_eq!(s.poll(5, 12), Soon::Due);
+        assert_eq!(s.poll(5, 13), Soon::Wait);
+        assert_eq!(s.poll(5, 14), Soon::Due);
+        // Epoch 5's barrier: covered, whenever asked.
+        s.barrier(5);
+        assert_eq!(s.poll(5, 20), Soon::Covered);
+        // Held in epoch 6; a caller's epoch 6 starts within the delay: no epoch of its own.
+        assert_eq!(s.poll(6, 30), Soon::Wait);
+        s.barrier(6);
+        assert_eq!(s.poll(6, 31), Soon::Covered);
+        // A shard cut 7 early on a peer's marker and holds a record in 8; this node's barrier
+        // for 7 comes after the record: not covered, it asks.
+        s.barrier(7);
+        assert_eq!(s.poll(8, 40), Soon::Wait);
+        assert_eq!(s.poll(8, 41), Soon::Wait);
+        assert_eq!(s.poll(8, 42), Soon::Due);
+        // A barrier resets the wait: the record waits its full delay again.
+        s.barrier(7);
+        assert_eq!(s.poll(8, 43), Soon::Wait);
+        assert_eq!(s.poll(8, 45), Soon::Due);
+        s.barrier(8);
+        assert_eq!(s.poll(8, 46), Soon::Covered);
+        // A rollback to committed epoch 3 numbers epochs from 4 again: a mark of abandoned
+        // epoch 8 asks (bounded: an epoch per delay) until 8 comes round.
+        s.barrier(4);
+        assert_eq!(s.poll(8, 50), Soon::Wait);
+        assert_eq!(s.poll(8, 52), Soon::Due);
+        s.barrier(8);
+        assert_eq!(s.poll(8, 53), Soon::Covered);
     }
 
     /// A state key of key group `kg`.

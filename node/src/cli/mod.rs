@@ -598,7 +598,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !unreachable.is_empty() {
                 let named: Vec<String> = unreachable.iter().map(|e| format!("{e:#}")).collect();
                 anyhow::bail!(
-                    "the list above is incomplete: not answering: {}",
+                    "the list above is incomplete: members whose letters could not be listed: {}",
                     named.join("; ")
                 )
             }
@@ -624,19 +624,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         return Ok(());
                     }
                     Ok(Err(e)) if e.code() == Some(tonic::Code::NotFound) => {}
-                    Ok(Err(e)) if e.code() == Some(tonic::Code::Unavailable) => {
-                        unreachable.push(format!("node {node} at {grpc}: {e}"))
-                    }
+                    // The member answered (UNAVAILABLE included: it may have sent the letter
+                    // and not removed it yet, which its message says): its answer stands.
                     Ok(Err(e)) => {
                         return Err(anyhow::Error::from(e).context(format!("node {node} at {grpc}")))
                     }
-                    // Not connected, or no answer in time.
+                    // Not connected, or no answer in time (a replay it started may still
+                    // complete there).
                     Err(e) => unreachable.push(format!("{e:#}")),
                 }
             }
             if !unreachable.is_empty() {
                 anyhow::bail!(
-                    "dead letter {id} was not replayed: it is on none of the members that answered; not answering: {}",
+                    "dead letter {id} is on none of the members that answered; it may be on one that did not (where a replay may still complete: list again): {}",
                     unreachable.join("; ")
                 )
             }

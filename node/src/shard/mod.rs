@@ -642,7 +642,7 @@ impl Shard {
         if self.checkpointing {
             match &h {
                 Held::Egress(topic, ..) if !self.router.egress().is_sink(topic) => {
-                    self.router.want_commit_soon()
+                    self.router.want_commit_soon(self.epoch)
                 }
                 _ => self.router.want_commit(),
             }
