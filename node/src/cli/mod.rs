@@ -351,30 +351,27 @@ async fn ask_member<T, F>(node: u64, grpc: &str, f: F) -> anyhow::Result<T>
 where
     F: std::future::Future<Output = anyhow::Result<T>>,
 {
+    within_deadline(&format!("node {node} at {grpc}"), f).await
+}
+
+/// `f` within [`MEMBER_DEADLINE`]; errors begin with `who`.
+async fn within_deadline<T, F>(who: &str, f: F) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = anyhow::Result<T>>,
+{
     match tokio::time::timeout(MEMBER_DEADLINE, f).await {
-        Ok(r) => r.with_context(|| format!("node {node} at {grpc}")),
-        Err(_) => anyhow::bail!(
-            "node {node} at {grpc}: no answer within {} s",
-            MEMBER_DEADLINE.as_secs()
-        ),
+        Ok(r) => r.with_context(|| who.to_string()),
+        Err(_) => anyhow::bail!("{who}: no answer within {} s", MEMBER_DEADLINE.as_secs()),
     }
 }
 
 /// The members of the cluster of the node at `t` that are alive: (id, gRPC URL); the node
 /// itself first.
 async fn members(t: &NodeTarget) -> anyhow::Result<Vec<(u64, String)>> {
-    let c = match tokio::time::timeout(MEMBER_DEADLINE, async {
-        anyhow::Ok(connect(t).await?.cluster().await?)
+    let c = within_deadline(&format!("node at {}", t.node), async {
+        Ok(connect(t).await?.cluster().await?)
     })
-    .await
-    {
-        Ok(c) => c?,
-        Err(_) => anyhow::bail!(
-            "node at {}: no answer within {} s",
-            t.node,
-            MEMBER_DEADLINE.as_secs()
-        ),
-    };
+    .await?;
     let mut out = vec![(c.node_id, t.node.clone())];
     for m in c.members {
         if m.id != c.node_id && m.alive && !m.grpc_addr.is_empty() {
