@@ -108,6 +108,8 @@ struct Inner {
     /// The newest epoch that an output wanting a commit soon, not at once, is held in (0: none
     /// since the driver last saw that epoch's barrier); see [`Router::want_commit_soon`].
     commit_soon: AtomicU64,
+    /// Per shard: how many outputs it holds for commits (see [`Router::set_holding`]).
+    holding: Vec<AtomicUsize>,
     /// Why ingress is refused while checkpoints are behind (`None`: it is not).
     backpressure: Refusal,
     /// The newest epoch applied to sled (shards passivate only what it holds).
@@ -197,6 +199,7 @@ impl Router {
                 ack,
                 commit_wanted: AtomicBool::new(false),
                 commit_soon: AtomicU64::new(0),
+                holding: (0..shard_count).map(|_| AtomicUsize::new(0)).collect(),
                 commit_notify: tokio::sync::Notify::new(),
                 backpressure: Refusal::default(),
                 applied: AtomicU64::new(0),
@@ -374,6 +377,19 @@ impl Router {
 
     pub(crate) fn is_reply_address(&self, a: &Address) -> bool {
         a.typ == self.inner.reply_type
+    }
+
+    /// Shard `shard` holds `n` outputs (acknowledgements, replies, egress records) until
+    /// their epochs commit. Set before the shard reports its cut of an epoch, so that the
+    /// driver, having every cut of it, sees each output held in that epoch or before.
+    pub(crate) fn set_holding(&self, shard: usize, n: usize) {
+        self.inner.holding[shard].store(n, Ordering::Release);
+    }
+
+    /// Whether shard `shard` holds an output: a commit's release skips a shard that holds
+    /// none (it would wake its thread for nothing).
+    pub(crate) fn holding(&self, shard: usize) -> bool {
+        self.inner.holding[shard].load(Ordering::Acquire) > 0
     }
 
     /// Messages admitted from ingress and not yet processed, per shard.

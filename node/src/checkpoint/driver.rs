@@ -2505,8 +2505,11 @@ impl Driver {
                         self.status.lock().last_full = Some((label, obj.size));
                     }
                 }
-                for s in &self.shards {
-                    s.do_send(Committed { epoch: e });
+                for (i, s) in self.shards.iter().enumerate() {
+                    // Each output held in `e` or before was counted before its shard's cut.
+                    if self.router.holding(i) {
+                        s.do_send(Committed { epoch: e });
+                    }
                 }
                 let built = self.built.remove(&e);
                 let obj = self.objects.remove(&e).flatten();

@@ -647,6 +647,7 @@ impl Shard {
                 _ => self.router.want_commit(),
             }
             self.held.push_back((self.epoch, h));
+            self.router.set_holding(self.index, self.held.len());
         } else {
             self.release(h);
         }
@@ -1819,6 +1820,7 @@ impl Handler<Committed> for Shard {
             let (_, h) = self.held.pop_front().expect("non-empty");
             self.release(h);
         }
+        self.router.set_holding(self.index, self.held.len());
     }
 }
 
@@ -2025,6 +2027,7 @@ impl Handler<Rollback> for Shard {
             ))
         };
         // Outputs of the abandoned epochs (those of committed ones were released before).
+        self.router.set_holding(self.index, 0);
         for (_, h) in std::mem::take(&mut self.held) {
             match h {
                 Held::Ack(tx) => {
