@@ -157,6 +157,8 @@ pub struct NodeHandle {
     playground: Vec<actix_web::dev::ServerHandle>,
     system: actix_rt::System,
     actix_thread: Option<std::thread::JoinHandle<()>>,
+    /// The epoch driver's thread (it ends after `Stop`, or with the runtime it started on).
+    driver_thread: Option<std::thread::JoinHandle<()>>,
     driver_events: tokio::sync::mpsc::UnboundedSender<DriverEvent>,
     store: Store,
     control: crate::cluster::Control,
@@ -272,7 +274,12 @@ impl NodeHandle {
         }
         let (tx, rx) = oneshot::channel();
         if self.driver_events.send(DriverEvent::Stop(tx)).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(30), rx).await {
+                // Its thread ends right after answering; the epoch log closes with it.
+                if let Some(t) = self.driver_thread.take() {
+                    let _ = tokio::task::spawn_blocking(move || t.join()).await;
+                }
+            }
         }
         if let Err(e) = self.store.flush() {
             tracing::error!(error = %e, "final sled flush failed");
@@ -708,7 +715,7 @@ async fn start(config: NodeConfig, mut registry: Registry) -> Result<NodeHandle,
     // node commits its own until a second member joins).
     let epoch_side = cp.as_ref().map(|_| (node_id, epoch_tx.clone(), !lone));
     let epoch_cp = cp.clone();
-    driver::start(
+    let driver_thread = driver::start(
         &config,
         cp,
         store.clone(),
@@ -802,6 +809,7 @@ async fn start(config: NodeConfig, mut registry: Registry) -> Result<NodeHandle,
         playground: started.playground,
         system: started.system,
         actix_thread: Some(actix_thread),
+        driver_thread: Some(driver_thread),
         driver_events: events_tx,
         store,
         control,
@@ -866,4 +874,44 @@ pub(crate) fn envelopes(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node dropped without a shutdown, with the runtime it started on: its epoch driver,
+    /// on a thread of its own, ends too (it held the epoch log and the local store).
+    #[test]
+    fn a_node_dropped_with_its_runtime_stops_its_epoch_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = NodeConfig {
+            data_dir: dir.path().to_path_buf(),
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut node = rt
+            .block_on(NodeBuilder::new(config).with_examples().start())
+            .unwrap();
+        let driver = node.driver_thread.take().expect("a driver thread");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!driver.is_finished(), "the driver ended on its own");
+        drop(rt);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !driver.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the epoch driver still runs 10 s after its node's runtime is gone"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The rest of the node (its actix system) is not tied to the runtime; not asserted.
+        std::mem::forget(node);
+    }
 }
