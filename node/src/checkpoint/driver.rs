@@ -580,12 +580,6 @@ pub(crate) fn now_ms() -> u64 {
 /// gets an epoch of its own after this long, unless one starts meanwhile and takes it along.
 pub(crate) const COMMIT_SOON_MS: u64 = 2;
 
-/// Milliseconds on a monotonic clock, from 1 (for [`CommitSoon`]'s delay).
-pub(crate) fn monotonic_ms() -> u64 {
-    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
-
 /// When outputs that want a commit soon (see [`Router::want_commit_soon`]) ask for an epoch.
 /// Outputs are known by the epoch they are held in, not by time: in a cluster a shard may cut
 /// an epoch on a peer's marker before this node's barrier for it, and hold the next outputs
@@ -1086,7 +1080,7 @@ impl Driver {
     /// starting after them.
     fn commit_soon_due(&mut self) -> bool {
         let held = self.router.commit_soon();
-        match self.soon.poll(held, monotonic_ms()) {
+        match self.soon.poll(held, crate::mesh::mono_ms()) {
             Soon::Wait => false,
             Soon::Covered => {
                 self.router.clear_commit_soon(held);
