@@ -105,6 +105,8 @@ struct Inner {
     commit_wanted: AtomicBool,
     /// Wakes the epoch driver when `commit_wanted` turns on.
     commit_notify: tokio::sync::Notify,
+    /// Wakes the epoch driver when `commit_soon` turns on.
+    soon_notify: tokio::sync::Notify,
     /// The newest epoch that an output wanting a commit soon, not at once, is held in (0: none
     /// since the driver last saw that epoch's barrier); see [`Router::want_commit_soon`].
     commit_soon: AtomicU64,
@@ -201,6 +203,7 @@ impl Router {
                 commit_soon: AtomicU64::new(0),
                 holding: (0..shard_count).map(|_| AtomicUsize::new(0)).collect(),
                 commit_notify: tokio::sync::Notify::new(),
+                soon_notify: tokio::sync::Notify::new(),
                 backpressure: Refusal::default(),
                 applied: AtomicU64::new(0),
                 apply_wanted: AtomicBool::new(false),
@@ -304,7 +307,15 @@ impl Router {
     /// and asking for one at once would make the next caller wait for two commits.)
     /// `epoch`: the epoch the output is held in (the shard's open one).
     pub(crate) fn want_commit_soon(&self, epoch: u64) {
-        self.inner.commit_soon.fetch_max(epoch, Ordering::Relaxed);
+        if self.inner.commit_soon.fetch_max(epoch, Ordering::Relaxed) == 0 {
+            // An idle driver ticks every 10 ms: it ticks every 1 ms again from now.
+            self.inner.soon_notify.notify_one();
+        }
+    }
+
+    /// Resolves when an output starts wanting a commit soon (none did before).
+    pub(crate) async fn commit_soon_asked(&self) {
+        self.inner.soon_notify.notified().await
     }
 
     /// The newest epoch an output that wants a commit soon is held in (0: none).

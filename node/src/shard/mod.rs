@@ -170,6 +170,20 @@ pub(crate) struct Deliver {
     pub versions: Vec<u64>,
 }
 
+/// How often a shard looks for delayed messages due and for messages held until this node's
+/// table catches up, while it has any.
+const SHARD_TICK: Duration = Duration::from_millis(5);
+
+/// How often it looks while it has none (what adds some makes it look every `SHARD_TICK` again,
+/// through [`TickSoon`]): an idle shard's thread wakes 20 times a second rather than 200.
+const SHARD_IDLE_TICK: Duration = Duration::from_millis(50);
+
+/// Look for delayed messages due every [`SHARD_TICK`] again (the shard's own message, sent when
+/// it gets some while idle).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct TickSoon;
+
 /// Cut epoch `epoch` (from the epoch driver).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -338,6 +352,10 @@ pub(crate) struct Shard {
     invoke_spans: FxHashMap<usize, Vec<tracing::Span>>,
     outgoing: Vec<Vec<Envelope>>,
     timers: Timers,
+    /// The next look at `timers` and `behind` ([`Shard::arm_tick`]), and whether it is
+    /// [`SHARD_IDLE_TICK`] away.
+    tick: Option<SpawnHandle>,
+    tick_idle: bool,
     pending_writes: WriteBatch,
     /// The next `Seq::n` of a pending message record this shard writes.
     record_n: u64,
@@ -415,10 +433,7 @@ impl Actor for Shard {
         for env in std::mem::take(&mut self.replay) {
             self.enqueue(env);
         }
-        ctx.run_interval(Duration::from_millis(5), |act, _| {
-            act.fire_timers();
-            act.release_behind();
-        });
+        self.arm_tick(ctx);
         ctx.run_interval(Duration::from_millis(200), |act, _| act.fold_metrics());
         let sweep_ms = self
             .config
@@ -447,6 +462,7 @@ impl Shard {
         if let Err(e) = self.timers.load(&self.store, kgs.iter().copied()) {
             tracing::error!(shard = self.index, error = %e, "cannot load delayed messages; they stay in sled until the next start");
         }
+        self.tick_soon();
         let mut records = Vec::new();
         for &kg in kgs {
             match self.store.load_idempotency(kg) {
@@ -540,6 +556,8 @@ impl Shard {
             dirty: Vec::new(),
             invoke_spans: FxHashMap::default(),
             timers: Timers::default(),
+            tick: None,
+            tick_idle: false,
             pending_writes: WriteBatch::default(),
             record_n: 0,
             replay: o.replay,
@@ -1304,6 +1322,7 @@ impl Shard {
             ) {
                 self.dead_letter(&d.target, Some(sender), &d.message, &e, 0);
             }
+            self.tick_soon();
         }
         for token in effects.cancellations {
             self.timers.cancel(sender, &token, &mut self.pending_writes);
@@ -1331,6 +1350,36 @@ impl Shard {
         }
         self.send_outgoing();
         self.dispatch_ready();
+    }
+
+    /// Looks at delayed messages and held messages again in [`SHARD_TICK`], or in
+    /// [`SHARD_IDLE_TICK`] if there are none.
+    fn arm_tick(&mut self, ctx: &mut Context<Self>) {
+        if let Some(h) = self.tick.take() {
+            ctx.cancel_future(h);
+        }
+        self.tick_idle = self.timers.len() == 0 && self.behind.is_empty();
+        let after = if self.tick_idle {
+            SHARD_IDLE_TICK
+        } else {
+            SHARD_TICK
+        };
+        self.tick = Some(ctx.run_later(after, |act, ctx| {
+            act.tick = None;
+            act.fire_timers();
+            act.release_behind();
+            act.arm_tick(ctx);
+        }));
+    }
+
+    /// Delayed or held messages were added: an idle shard looks every [`SHARD_TICK`] again.
+    fn tick_soon(&mut self) {
+        if self.tick_idle {
+            self.tick_idle = false;
+            if let Some(me) = &self.me {
+                me.do_send(TickSoon);
+            }
+        }
     }
 
     fn fire_timers(&mut self) {
@@ -1720,6 +1769,7 @@ impl Shard {
                 if theirs > self.router.placement().kg_version(env.kg) {
                     // This node's table is behind the sender's, which names this node.
                     self.behind.push((theirs, env));
+                    self.tick_soon();
                 } else {
                     // The sender's table is behind: on to the owner.
                     self.route_env(env);
@@ -1733,6 +1783,14 @@ impl Shard {
         }
         self.send_outgoing();
         self.dispatch_ready();
+    }
+}
+
+impl Handler<TickSoon> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, _: TickSoon, ctx: &mut Self::Context) {
+        self.arm_tick(ctx);
     }
 }
 
