@@ -1919,15 +1919,19 @@ fn wakes_by_thread(pid: u32) -> Vec<(String, u64, u64)> {
 }
 
 /// An idle node sleeps between timers rather than polling: its epoch driver wakes about 100
-/// times a second and each shard about 50 (with every `checkpoint.interval_ms` epoch). They
-/// polled every 1 ms and 5 ms: 1,000 and 230 wakes a second (the node used 4.6–5.0 % of a core
-/// idle then, 1.9–2.4 % now: `scripts/bench-idle.sh`).
-/// Voluntary switches only (a thread blocking), so a loaded machine does not add to them.
+/// times a second and each shard about 20, plus what each `checkpoint.interval_ms` epoch takes
+/// (a wake per marker from every other shard: two shards and 1 s epochs here, so that the
+/// figures do not depend on the machine's cores). They polled every 1 ms and 5 ms: 1,000 and
+/// 200 wakes a second (with the defaults on 2 cores the node used 4.5–5.0 % of a core idle
+/// then, 1.6–2.4 % now: `scripts/bench-idle.sh`). Voluntary switches only (a thread blocking).
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_node_sleeps_between_its_timers() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("n"), None);
+    let node = Node::start(
+        &dir.path().join("n"),
+        Some("shards = 2\n[checkpoint]\ninterval_ms = 1000\n"),
+    );
     assert_eq!(
         post(&node, "call", "example/stock/fig", LONG, "4").await.2,
         "4"

@@ -269,6 +269,12 @@ impl Placement {
         (0..key_groups).filter(|&kg| self.is_local(kg)).collect()
     }
 
+    /// Whether messages between functions may have been lost and no epoch driver has taken
+    /// that yet.
+    pub(crate) fn fn_broken(&self) -> bool {
+        self.fn_broken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether a stream of messages between functions broke since the last call.
     pub(crate) fn take_fn_broken(&self) -> bool {
         self.fn_broken

@@ -337,6 +337,11 @@ impl Router {
         self.inner.commit_notify.notified().await
     }
 
+    /// Whether an epoch was asked for and no tick has taken the request yet.
+    pub(crate) fn commit_wanted_now(&self) -> bool {
+        self.inner.commit_wanted.load(Ordering::Relaxed)
+    }
+
     /// Whether an epoch was asked for since the last call.
     pub(crate) fn take_commit_wanted(&self) -> bool {
         self.inner.commit_wanted.swap(false, Ordering::Relaxed)

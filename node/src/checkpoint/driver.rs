@@ -1068,18 +1068,21 @@ impl Driver {
     }
 
     /// How long after a tick the next one comes: [`BUSY_TICK`] while anything is under way
-    /// that ticks move on (an epoch open, outputs waiting for a commit soon, a rollback, a
-    /// finish, a cluster's synchronisation), else [`IDLE_TICK`] (or the epoch interval, if
+    /// that ticks move on (an epoch open, a caller waiting for one that no tick has started
+    /// yet (one that asked during a rollback), outputs waiting for a commit soon, messages
+    /// between functions lost, a rollback, a finish, a cluster's synchronisation), else [`IDLE_TICK`] (or the epoch interval, if
     /// shorter). Nothing else is due sooner while idle: the interval's epoch (started up to
     /// `IDLE_TICK` late), uploads and collection (seconds) and metrics gauges; the rest wakes
     /// the loop (events, callers waiting for a commit, outputs wanting one soon).
     fn tick_period(&self) -> Duration {
         let busy = self.coord.started() > self.coord.committed()
+            || self.router.commit_wanted_now()
             || self.router.commit_soon() != 0
             || self.rolling_back.is_some()
             || !self.finish.is_empty()
             || self.cluster.as_ref().is_some_and(|c| {
-                c.holding
+                (c.active && self.router.placement().fn_broken())
+                    || c.holding
                     || c.hold_pending
                     || c.waiting_resume.is_some()
                     || !c.deferred.is_empty()

@@ -171,15 +171,16 @@ pub(crate) struct Deliver {
 }
 
 /// How often a shard looks for delayed messages due and for messages held until this node's
-/// table catches up, while it has any.
-const SHARD_TICK: Duration = Duration::from_millis(5);
+/// table catches up, at most (ms): a delayed message fires up to this late.
+const SHARD_TICK_MS: u64 = 5;
 
-/// How often it looks while it has none (what adds some makes it look every `SHARD_TICK` again,
-/// through [`TickSoon`]): an idle shard's thread wakes 20 times a second rather than 200.
-const SHARD_IDLE_TICK: Duration = Duration::from_millis(50);
+/// How often it looks at least (ms): while it holds messages of neither kind, or only delayed
+/// messages due later, its thread wakes 20 times a second rather than 200 (what adds one due
+/// sooner makes it look sooner, through [`TickSoon`]).
+const SHARD_IDLE_TICK_MS: u64 = 50;
 
-/// Look for delayed messages due every [`SHARD_TICK`] again (the shard's own message, sent when
-/// it gets some while idle).
+/// Look again by the earliest delayed message's due time (the shard's own message, sent when it
+/// gets one due before its next look).
 #[derive(Message)]
 #[rtype(result = "()")]
 struct TickSoon;
@@ -352,10 +353,10 @@ pub(crate) struct Shard {
     invoke_spans: FxHashMap<usize, Vec<tracing::Span>>,
     outgoing: Vec<Vec<Envelope>>,
     timers: Timers,
-    /// The next look at `timers` and `behind` ([`Shard::arm_tick`]), and whether it is
-    /// [`SHARD_IDLE_TICK`] away.
+    /// The next look at `timers` and `behind` ([`Shard::arm_tick`]), and when it comes (ms
+    /// since the Unix epoch; earlier if a [`TickSoon`] is on its way).
     tick: Option<SpawnHandle>,
-    tick_idle: bool,
+    tick_at: u64,
     pending_writes: WriteBatch,
     /// The next `Seq::n` of a pending message record this shard writes.
     record_n: u64,
@@ -557,7 +558,7 @@ impl Shard {
             invoke_spans: FxHashMap::default(),
             timers: Timers::default(),
             tick: None,
-            tick_idle: false,
+            tick_at: 0,
             pending_writes: WriteBatch::default(),
             record_n: 0,
             replay: o.replay,
@@ -1352,18 +1353,26 @@ impl Shard {
         self.dispatch_ready();
     }
 
-    /// Looks at delayed messages and held messages again in [`SHARD_TICK`], or in
-    /// [`SHARD_IDLE_TICK`] if there are none.
+    /// When the next look at delayed and held messages is wanted (ms since the Unix epoch):
+    /// in [`SHARD_TICK_MS`] while messages wait for this node's table, else when the earliest
+    /// delayed message is due, at least [`SHARD_TICK_MS`] and at most [`SHARD_IDLE_TICK_MS`]
+    /// from `now`.
+    fn next_look(&self, now: u64) -> u64 {
+        if !self.behind.is_empty() {
+            return now + SHARD_TICK_MS;
+        }
+        let due = self.timers.next_due().unwrap_or(u64::MAX);
+        due.clamp(now + SHARD_TICK_MS, now + SHARD_IDLE_TICK_MS)
+    }
+
+    /// Looks at delayed messages and held messages again at [`Shard::next_look`].
     fn arm_tick(&mut self, ctx: &mut Context<Self>) {
         if let Some(h) = self.tick.take() {
             ctx.cancel_future(h);
         }
-        self.tick_idle = self.timers.len() == 0 && self.behind.is_empty();
-        let after = if self.tick_idle {
-            SHARD_IDLE_TICK
-        } else {
-            SHARD_TICK
-        };
+        let now = now_ms();
+        self.tick_at = self.next_look(now);
+        let after = Duration::from_millis(self.tick_at - now);
         self.tick = Some(ctx.run_later(after, |act, ctx| {
             act.tick = None;
             act.fire_timers();
@@ -1372,10 +1381,12 @@ impl Shard {
         }));
     }
 
-    /// Delayed or held messages were added: an idle shard looks every [`SHARD_TICK`] again.
+    /// Delayed or held messages were added: the shard looks sooner if one is due before its
+    /// next look.
     fn tick_soon(&mut self) {
-        if self.tick_idle {
-            self.tick_idle = false;
+        let at = self.next_look(now_ms());
+        if at < self.tick_at {
+            self.tick_at = at;
             if let Some(me) = &self.me {
                 me.do_send(TickSoon);
             }

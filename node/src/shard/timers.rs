@@ -29,6 +29,11 @@ impl Timers {
         self.schedule.len()
     }
 
+    /// When the earliest delayed message is due (ms since the Unix epoch), if there is one.
+    pub fn next_due(&self) -> Option<u64> {
+        self.schedule.first_key_value().map(|((due, _, _), _)| *due)
+    }
+
     /// Loads the stored delayed messages of the given key groups.
     pub fn load(
         &mut self,
