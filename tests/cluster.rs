@@ -573,6 +573,51 @@ impl Load {
 }
 
 /// Waits until every one of `n` members owns more than `least` key groups.
+/// An idle cluster's leader sleeps between epoch ticks: its control thread ticked the epochs
+/// every 1 ms while leading (about 990 wakes a second), and ticks them every 10 ms while nothing
+/// is under way (about 216 a second measured, with the Raft tick and the interval's epochs).
+/// Voluntary switches only (a thread blocking); measured in 2 s windows until the moves after
+/// the joins are done (30 s at most).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_clusters_leader_ticks_its_epochs_every_10_ms() {
+    let _serial = SERIAL.lock().await;
+    let root = test_dir();
+    let (n1, n2, n3, _) = three_nodes(root.path()).await;
+    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
+    let node = [&n1, &n2, &n3][leader as usize - 1];
+    let control = |pid| {
+        let found: Vec<(u64, u64)> = common::wakes_by_thread(pid)
+            .into_iter()
+            .filter(|(name, _, _)| name.starts_with("statemesh-contr"))
+            .map(|(_, tid, w)| (tid, w))
+            .collect();
+        assert_eq!(found.len(), 1, "one control thread");
+        found[0]
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut rates = Vec::new();
+    loop {
+        let (tid, before) = control(node.pid());
+        let t0 = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (tid2, after) = control(node.pid());
+        assert_eq!(tid, tid2);
+        let rate = (after - before) as f64 / t0.elapsed().as_secs_f64();
+        rates.push(rate.round());
+        if rate < 500.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle leader's control thread (node {leader}) still wakes about 1,000 times a \
+             second (every 1 ms): {rates:?} per second in 2 s windows"
+        );
+    }
+    eprintln!("leader's control thread wakes per second, 2 s windows: {rates:?}");
+    drop((n1, n2, n3));
+}
+
 async fn spread(via: &Node, n: usize, least: u64) {
     eventually(
         &format!("{n} members own more than {least} key groups each"),

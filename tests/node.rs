@@ -1895,29 +1895,6 @@ fn without_ca_roots_an_s3_location_is_refused_naming_the_cause() {
     );
 }
 
-/// Voluntary context switches per thread of a process, by thread name (Linux).
-#[cfg(target_os = "linux")]
-fn wakes_by_thread(pid: u32) -> Vec<(String, u64, u64)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = t.unwrap().path();
-        let (Ok(name), Ok(status)) = (
-            std::fs::read_to_string(dir.join("comm")),
-            std::fs::read_to_string(dir.join("status")),
-        ) else {
-            continue; // a thread that ended meanwhile
-        };
-        let wakes = status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        let tid = dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        out.push((name.trim().to_string(), tid, wakes));
-    }
-    out
-}
-
 /// An idle node sleeps between timers rather than polling: its epoch driver wakes about 100
 /// times a second and each shard about 20, plus what each `checkpoint.interval_ms` epoch takes
 /// (a wake per marker from every other shard: two shards and 1 s epochs here, so that the
@@ -1937,10 +1914,10 @@ async fn an_idle_node_sleeps_between_its_timers() {
         "4"
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let before = wakes_by_thread(node.pid());
+    let before = common::wakes_by_thread(node.pid());
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = wakes_by_thread(node.pid());
+    let after = common::wakes_by_thread(node.pid());
     let secs = t0.elapsed().as_secs_f64();
     let rates: Vec<(String, f64)> = after
         .iter()

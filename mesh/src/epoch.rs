@@ -462,6 +462,11 @@ impl ClusterCoordinator {
         !self.cutting.is_empty()
     }
 
+    /// Whether nothing is open, being cut or written, or waited for.
+    pub fn quiet(&self) -> bool {
+        self.drained() && !self.waiting && self.persisting == Persisting::Idle
+    }
+
     fn next_open(&self) -> Option<Epoch> {
         self.open.keys().next().copied()
     }
@@ -1111,6 +1116,27 @@ pub struct EpochLeader {
 }
 
 impl EpochLeader {
+    /// Whether nothing is under way that its ticks move on, so that it may be ticked less
+    /// often (every few ms): epochs running with none open, being cut or written and no caller
+    /// waiting, and no synchronisation, move, stop, reconfiguration or intake under way or due,
+    /// nobody left out. What changes that comes as an input (a caller's `Wanted` starts its
+    /// epoch at once); only the interval's epoch is then started a few ms late.
+    pub fn idle(&self) -> bool {
+        matches!(&self.phase, Phase::Running { coord, writing, since }
+            if coord.quiet() && writing.is_none() && since.is_empty())
+            && !self.resync
+            && !self.handover
+            && !self.move_now
+            && self.prepare.is_none()
+            && self.quiesce.is_none()
+            && self.stop.is_none()
+            && self.live.is_none()
+            && self.reconfiguring.is_none()
+            && self.adding.is_none()
+            && self.joining.is_empty()
+            && self.excluded.is_empty()
+    }
+
     /// A leader whose generations start above `gen` (its term, shifted: every leader's are
     /// above every earlier leader's), knowing `committed` from the control group.
     pub fn new(
@@ -2412,6 +2438,39 @@ mod tests {
             result: Ok(true),
         });
         assert_eq!(l.committed(), epoch);
+    }
+
+    /// A running leader with nothing open is idle; an epoch started (by the interval or by a
+    /// caller's `Wanted`) makes it busy until it commits; a synchronisation is busy.
+    #[test]
+    fn a_leader_is_idle_only_with_nothing_under_way() {
+        let mut l = EpochLeader::new(1 << 32, 10, 4, 100_000, 0);
+        l.handle(LeadInput::Tick { now_ms: 0 });
+        assert!(!l.idle(), "no participants yet");
+        l.handle(LeadInput::Participants([(1, 1), (2, 1)].into()));
+        assert!(!l.idle(), "synchronising");
+        let (mut l, g) = running_leader();
+        assert!(l.idle(), "running, nothing open");
+        let mut now = 0;
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        assert!(!l.idle(), "epoch {e} open");
+        commit(&mut l, g, e);
+        assert!(l.idle(), "epoch {e} committed");
+        let a = l.handle(LeadInput::Msg {
+            from: 2,
+            msg: EpochMsg::Wanted { gen: g },
+        });
+        assert!(
+            sends(&a)
+                .iter()
+                .any(|(_, m)| matches!(m, EpochMsg::Barrier { .. })),
+            "a caller's epoch starts at once, without a tick: {a:?}"
+        );
+        assert!(!l.idle(), "the caller's epoch is open");
+        commit(&mut l, g, e + 1);
+        assert!(l.idle());
+        l.handle(LeadInput::Participants([(1, 1), (2, 1), (3, 1)].into()));
+        assert!(!l.idle(), "a participant joins");
     }
 
     #[test]

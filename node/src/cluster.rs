@@ -594,10 +594,21 @@ pub(crate) fn start(
         let mut tick = tokio::time::interval(TICK);
         // After a stall (an fsync, say) no burst of ticks: it would look like lost heartbeats.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut epoch_tick = tokio::time::interval(Duration::from_millis(1));
-        epoch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // The leader's epoch tick: every 1 ms, or every 10 ms while nothing is under way
+        // (`EpochLeader::idle`: what changes that comes as an input and runs at once).
+        let mut last_epoch_tick = tokio::time::Instant::now();
+        let epoch_tick = tokio::time::sleep_until(last_epoch_tick);
+        tokio::pin!(epoch_tick);
         let mut last_tick = Instant::now();
         loop {
+            let every = if c.lead.as_ref().is_some_and(|l| l.idle()) {
+                Duration::from_millis(10)
+            } else {
+                Duration::from_millis(1)
+            };
+            if epoch_tick.deadline() != last_epoch_tick + every {
+                epoch_tick.as_mut().reset(last_epoch_tick + every);
+            }
             tokio::select! {
                 _ = &mut stop_rx => return,
                 // Epoch messages and ticks do not run a Raft round (it runs on its own tick).
@@ -613,7 +624,8 @@ pub(crate) fn start(
                         continue;
                     }
                 }
-                _ = epoch_tick.tick(), if c.lead.is_some() => {
+                _ = &mut epoch_tick, if c.lead.is_some() => {
+                    last_epoch_tick = tokio::time::Instant::now();
                     c.lead_input(LeadInput::Tick { now_ms: crate::shard::now_ms() });
                     c.log_tick();
                     if !std::mem::take(&mut c.kick) {

@@ -603,3 +603,26 @@ pub fn serve_rust_examples(
         actix_web::rt::System::new().block_on(server.serve_listener(listener))
     });
 }
+
+/// Voluntary context switches of each thread of a process: (name, thread id, count) (Linux).
+#[cfg(target_os = "linux")]
+pub fn wakes_by_thread(pid: u32) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        let (Ok(name), Ok(status)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue; // a thread that ended meanwhile
+        };
+        let wakes = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let tid = dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        out.push((name.trim().to_string(), tid, wakes));
+    }
+    out
+}
