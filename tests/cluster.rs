@@ -572,20 +572,31 @@ impl Load {
     }
 }
 
-/// Waits until every one of `n` members owns more than `least` key groups.
 /// An idle cluster's leader sleeps between epoch ticks: its control thread ticked the epochs
-/// every 1 ms while leading (about 990 wakes a second), and ticks them every 10 ms while nothing
-/// is under way (about 216 a second measured, with the Raft tick and the interval's epochs).
-/// Voluntary switches only (a thread blocking); measured in 2 s windows until the moves after
-/// the joins are done (30 s at most).
+/// every 1 ms while leading (about 1,000 wakes a second), and ticks them every 10 ms while
+/// nothing is under way (about 200 a second measured, with the Raft tick and the interval's
+/// epochs). 200 ms epochs here, so that a slow commit on a loaded machine keeps the leader
+/// busy for a small share of the time. Voluntary switches only (a thread blocking); measured
+/// in 2 s windows once the moves after the joins are done, a window where the leader changed
+/// left out.
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_clusters_leader_ticks_its_epochs_every_10_ms() {
     let _serial = SERIAL.lock().await;
     let root = test_dir();
-    let (n1, n2, n3, _) = three_nodes(root.path()).await;
-    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
-    let node = [&n1, &n2, &n3][leader as usize - 1];
+    let start = |id: u64, join: Option<&str>| {
+        let mut l = launch(root.path(), id, (free_port(), free_port()), join);
+        l.config = Some("[checkpoint]\ninterval_ms = 200\nlease_idle_renew_ms = 2000\n".into());
+        Node::start_launch(&root.path().join(format!("n{id}")), &l)
+    };
+    let n1 = start(1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let n2 = start(2, Some(&seed));
+    let n3 = start(3, Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    every_member_owns(&n1, 3, 250).await;
+    let nodes = [&n1, &n2, &n3];
+    let leader = || async { view(&n1).await.and_then(|v| v["leader"].as_u64()) };
     let control = |pid| {
         let found: Vec<(u64, u64)> = common::wakes_by_thread(pid)
             .into_iter()
@@ -595,29 +606,31 @@ async fn an_idle_clusters_leader_ticks_its_epochs_every_10_ms() {
         assert_eq!(found.len(), 1, "one control thread");
         found[0]
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut rates = Vec::new();
-    loop {
+    for _ in 0..15 {
+        let Some(l) = leader().await else { continue };
+        let node = nodes[l as usize - 1];
         let (tid, before) = control(node.pid());
         let t0 = std::time::Instant::now();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (tid2, after) = control(node.pid());
-        assert_eq!(tid, tid2);
-        let rate = (after - before) as f64 / t0.elapsed().as_secs_f64();
-        rates.push(rate.round());
-        if rate < 500.0 {
-            break;
+        if leader().await != Some(l) || tid != tid2 {
+            continue;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the idle leader's control thread (node {leader}) still wakes about 1,000 times a \
-             second (every 1 ms): {rates:?} per second in 2 s windows"
-        );
+        let rate = (after - before) as f64 / t0.elapsed().as_secs_f64();
+        rates.push((l, rate.round()));
+        if rate < 500.0 {
+            eprintln!("leader's control thread wakes per second, 2 s windows: {rates:?}");
+            return;
+        }
     }
-    eprintln!("leader's control thread wakes per second, 2 s windows: {rates:?}");
-    drop((n1, n2, n3));
+    panic!(
+        "the idle leader's control thread still wakes about 1,000 times a second (every \
+         1 ms): (leader, wakes per second) in 2 s windows: {rates:?}"
+    );
 }
 
+/// Waits until every one of `n` members owns more than `least` key groups.
 async fn spread(via: &Node, n: usize, least: u64) {
     eventually(
         &format!("{n} members own more than {least} key groups each"),

@@ -1137,6 +1137,15 @@ impl EpochLeader {
             && self.excluded.is_empty()
     }
 
+    /// The time (ms) for an input that is not a tick: an idle leader is ticked only every
+    /// few ms, and what an input starts (a caller's epoch) counts from now. Never goes back;
+    /// before the first tick the time is not known yet (see `ticked`).
+    pub fn set_now(&mut self, now_ms: u64) {
+        if self.ticked {
+            self.now_ms = self.now_ms.max(now_ms);
+        }
+    }
+
     /// A leader whose generations start above `gen` (its term, shifted: every leader's are
     /// above every earlier leader's), knowing `committed` from the control group.
     pub fn new(

@@ -602,7 +602,8 @@ pub(crate) fn start(
         let mut last_tick = Instant::now();
         loop {
             let every = if c.lead.as_ref().is_some_and(|l| l.idle()) {
-                Duration::from_millis(10)
+                // Not longer than the epoch interval.
+                Duration::from_millis(10.min(c.epoch_cfg.0.max(1)))
             } else {
                 Duration::from_millis(1)
             };
@@ -1395,6 +1396,9 @@ impl Driver {
         let Some(l) = self.lead.as_mut() else {
             return;
         };
+        if !matches!(i, LeadInput::Tick { .. }) {
+            l.set_now(crate::shard::now_ms());
+        }
         let acts = l.handle(i);
         if l.excluded() != &self.left_out {
             let now = l.excluded().clone();
