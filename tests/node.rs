@@ -1945,5 +1945,13 @@ async fn an_idle_node_sleeps_between_its_timers() {
         actix.iter().all(|r| *r < 120.0),
         "an idle shard polls: {rates:?}"
     );
+    // The applier waits out its 1 s merge window asleep (it polled every 10 ms).
+    let applier: Vec<f64> = rates
+        .iter()
+        .filter(|(n, _)| n.starts_with("statemesh-apply"))
+        .map(|(_, r)| *r)
+        .collect();
+    assert_eq!(applier.len(), 1, "one applier thread: {rates:?}");
+    assert!(applier[0] < 20.0, "the idle applier polls: {rates:?}");
     node.stop();
 }

@@ -120,6 +120,8 @@ struct Inner {
     placement: Arc<Placement>,
     /// A shard must passivate but waits for sled: apply committed epochs now.
     apply_wanted: AtomicBool,
+    /// The thread that applies committed epochs to sled (unparked by [`Router::want_apply`]).
+    applier: parking_lot::Mutex<Option<std::thread::Thread>>,
     /// Why ingress is refused while the node rolls back (`None`: it is not).
     rolling_back: Refusal,
     /// The shards' generation (bumped by each rollback).
@@ -207,6 +209,7 @@ impl Router {
                 backpressure: Refusal::default(),
                 applied: AtomicU64::new(0),
                 apply_wanted: AtomicBool::new(false),
+                applier: parking_lot::Mutex::new(None),
                 rolling_back: Refusal::default(),
                 generation: AtomicU64::new(0),
                 placement,
@@ -361,14 +364,24 @@ impl Router {
         self.inner.applied.fetch_max(epoch, Ordering::SeqCst);
     }
 
-    /// Asks for committed epochs to be applied to sled now (instances wait to be passivated).
+    /// Asks for committed epochs to be applied to sled now (instances wait to be passivated,
+    /// a rollback waits, the node stops): wakes the applier if it waits out its merge window.
     pub(crate) fn want_apply(&self) {
-        self.inner.apply_wanted.store(true, Ordering::Relaxed);
+        if !self.inner.apply_wanted.swap(true, Ordering::AcqRel) {
+            if let Some(t) = self.inner.applier.lock().as_ref() {
+                t.unpark();
+            }
+        }
+    }
+
+    /// The thread [`Router::want_apply`] wakes.
+    pub(crate) fn set_applier(&self, thread: std::thread::Thread) {
+        *self.inner.applier.lock() = Some(thread);
     }
 
     /// Whether an early apply was asked for since the last call.
     pub(crate) fn take_apply_wanted(&self) -> bool {
-        self.inner.apply_wanted.swap(false, Ordering::Relaxed)
+        self.inner.apply_wanted.swap(false, Ordering::AcqRel)
     }
 
     /// The newest epoch applied to the local store.

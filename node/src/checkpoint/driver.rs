@@ -698,6 +698,7 @@ pub(crate) fn start(
             .spawn(move || applier(store, router, events, arx, coalesce, committed))
             .expect("spawn the applier thread")
     };
+    router.set_applier(applier_thread.thread().clone());
     router.set_applied(committed);
     {
         let mut s = status.lock();
@@ -863,20 +864,22 @@ fn applier(
         };
         let mut jobs = vec![first];
         jobs.extend(stash.drain(..));
+        // The merge window: epochs committed meanwhile wait in the channel. It ends early when
+        // asked (`Router::want_apply` unparks this thread) or when the driver is gone (it
+        // unparks it too, after dropping its sender).
         let deadline = Instant::now() + coalesce;
-        while !closed {
+        loop {
+            if !take_jobs(&rx, &mut jobs) {
+                closed = true;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if closed || left.is_zero() || router.take_apply_wanted() {
                 break;
             }
-            if router.take_apply_wanted() {
-                break;
-            }
-            match rx.recv_timeout(left.min(Duration::from_millis(10))) {
-                Ok(j) => jobs.push(j),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => closed = true,
-            }
+            std::thread::park_timeout(left);
+        }
+        if !take_jobs(&rx, &mut jobs) {
+            closed = true;
         }
         let epoch = jobs.last().map(|j| j.0).unwrap_or(0);
         // The durable marker names the newest epoch that changed something: epochs without
@@ -932,6 +935,20 @@ fn applier(
                 tracing::error!(epoch, "stopping with committed epochs not in sled; recovery re-applies them from blob storage");
                 return;
             }
+        }
+    }
+}
+
+/// Moves what waits in `rx` to `jobs`; false once the driver's sender is gone.
+fn take_jobs(
+    rx: &std::sync::mpsc::Receiver<(u64, Option<Arc<NodeEpoch>>)>,
+    jobs: &mut Vec<(u64, Option<Arc<NodeEpoch>>)>,
+) -> bool {
+    loop {
+        match rx.try_recv() {
+            Ok(j) => jobs.push(j),
+            Err(std::sync::mpsc::TryRecvError::Empty) => return true,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
         }
     }
 }
@@ -1016,6 +1033,15 @@ fn build(epoch: u64, node: &str, cuts: Vec<ShardCut>, version: impl Fn(u32) -> u
     }
 }
 
+/// However the driver's loop ends (a `Stop`, or the node's runtime gone), the applier is told
+/// at once, not at the end of its merge window: it writes what it holds and ends.
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.applier = None;
+        self.router.want_apply();
+    }
+}
+
 impl Driver {
     /// The driver's loop, until `Stop`, or until the node's runtime is gone (`runtime_gone`
     /// resolves when a task parked there is dropped with it: a node dropped without a
@@ -1043,6 +1069,7 @@ impl Driver {
                         // Dropping the sender ends the applier once it has written what
                         // it holds; then nothing here uses the store any more.
                         self.applier = None;
+                        self.router.want_apply();
                         if let Some(t) = self.applier_thread.take() {
                             let _ = tokio::task::spawn_blocking(move || t.join()).await;
                         }
@@ -3624,5 +3651,77 @@ mod tests {
         store.set_stale([9], true).unwrap();
         recover(&store, Some(&cp), &[3, 4]).await.unwrap();
         assert_eq!(store.stale_key_groups().unwrap(), [9].into());
+    }
+
+    /// The applier waits out its merge window asleep: `Router::want_apply` ends the window at
+    /// once, and the driver going away (its sender dropped, the applier unparked) ends the
+    /// applier once it has written what it holds.
+    #[test]
+    fn the_applier_sleeps_out_its_merge_window_unless_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16).unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let router = Router::new(
+            1,
+            16,
+            1000,
+            1 << 20,
+            Arc::new(crate::registry::Registry::default()),
+            crate::egress::Egress::new(16, metrics.clone()),
+            metrics,
+            true,
+            Default::default(),
+            Arc::new(crate::mesh::Placement::new(1)),
+        );
+        let (etx, mut erx) = mpsc::unbounded_channel();
+        let (atx, arx) = std::sync::mpsc::channel();
+        let thread = {
+            let (store, router) = (store.clone(), router.clone());
+            std::thread::spawn(move || applier(store, router, etx, arx, Duration::from_secs(60), 0))
+        };
+        router.set_applier(thread.thread().clone());
+        let applied = |erx: &mut mpsc::UnboundedReceiver<DriverEvent>, what: &str| -> u64 {
+            let start = Instant::now();
+            loop {
+                match erx.try_recv() {
+                    Ok(DriverEvent::Applied { epoch, result }) => {
+                        assert!(result.is_ok(), "{what}: {result:?}");
+                        return epoch;
+                    }
+                    Ok(_) => panic!("{what}: an event other than Applied"),
+                    Err(_) => {
+                        assert!(
+                            start.elapsed() < Duration::from_secs(5),
+                            "{what}: not applied within 5 s"
+                        );
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            }
+        };
+        atx.send((1, None)).unwrap();
+        atx.send((2, None)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            erx.try_recv().is_err(),
+            "applied within its merge window, unasked"
+        );
+        router.want_apply();
+        assert_eq!(applied(&mut erx, "asked to apply now"), 2);
+        assert_eq!(router.applied(), 2);
+        // The next window: the driver goes away (as `Stop` and `Drop for Driver` do it).
+        atx.send((3, None)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        drop(atx);
+        router.want_apply();
+        assert_eq!(applied(&mut erx, "the driver gone"), 3);
+        let start = Instant::now();
+        while !thread.is_finished() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the applier outlives its driver"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
