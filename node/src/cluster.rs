@@ -596,20 +596,15 @@ pub(crate) fn start(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The leader's epoch tick: every 1 ms, or every 10 ms while nothing is under way
         // (`EpochLeader::idle`: what changes that comes as an input and runs at once).
-        let mut last_epoch_tick = tokio::time::Instant::now();
-        let epoch_tick = tokio::time::sleep_until(last_epoch_tick);
-        tokio::pin!(epoch_tick);
+        let mut epoch_tick = crate::ticker::Ticker::new(Duration::from_millis(1));
         let mut last_tick = Instant::now();
         loop {
-            let every = if c.lead.as_ref().is_some_and(|l| l.idle()) {
+            epoch_tick.arm(if c.lead.as_ref().is_some_and(|l| l.idle()) {
                 // Not longer than the epoch interval.
                 Duration::from_millis(10.min(c.epoch_cfg.0.max(1)))
             } else {
                 Duration::from_millis(1)
-            };
-            if epoch_tick.deadline() != last_epoch_tick + every {
-                epoch_tick.as_mut().reset(last_epoch_tick + every);
-            }
+            });
             tokio::select! {
                 _ = &mut stop_rx => return,
                 // Epoch messages and ticks do not run a Raft round (it runs on its own tick).
@@ -625,8 +620,7 @@ pub(crate) fn start(
                         continue;
                     }
                 }
-                _ = &mut epoch_tick, if c.lead.is_some() => {
-                    last_epoch_tick = tokio::time::Instant::now();
+                _ = epoch_tick.tick(), if c.lead.is_some() => {
                     c.lead_input(LeadInput::Tick { now_ms: crate::shard::now_ms() });
                     c.log_tick();
                     if !std::mem::take(&mut c.kick) {

@@ -32,6 +32,7 @@ mod router;
 mod shard;
 mod store;
 pub mod telemetry;
+mod ticker;
 pub mod tls;
 
 pub use checkpoint::driver::{CheckpointStatus, EpochInfo, RecoveryReport};

@@ -1052,17 +1052,12 @@ impl Driver {
         mut runtime_gone: oneshot::Receiver<()>,
     ) {
         let router = self.router.clone();
-        let mut last_tick = tokio::time::Instant::now();
-        let sleep = tokio::time::sleep_until(last_tick + BUSY_TICK);
-        tokio::pin!(sleep);
+        let mut ticker = crate::ticker::Ticker::new(BUSY_TICK);
         loop {
             // The next tick: 1 ms after the last one while anything is under way, else
             // `IDLE_TICK` (what starts work meanwhile wakes the loop: an event, a caller, an
             // output that wants a commit soon).
-            let next = last_tick + self.tick_period();
-            if sleep.deadline() != next {
-                sleep.as_mut().reset(next);
-            }
+            ticker.arm(self.tick_period());
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Some(DriverEvent::Stop(done)) => {
@@ -1079,9 +1074,7 @@ impl Driver {
                     Some(ev) => self.event(ev),
                     None => return,
                 },
-                _ = &mut sleep => {
-                    // A tick late by more than one period is not made up for.
-                    last_tick = tokio::time::Instant::now();
+                _ = ticker.tick() => {
                     self.tick();
                     self.gauges();
                 }

@@ -1,0 +1,61 @@
+//! A tick whose period follows what is under way (the epoch driver's loop, the cluster
+//! leader's epoch tick): the next tick comes one period after the last one, so a loop that
+//! wakes for other reasons does not move it, and a late tick is not made up for.
+
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+pub(crate) struct Ticker {
+    last: Instant,
+    sleep: std::pin::Pin<Box<Sleep>>,
+}
+
+impl Ticker {
+    /// The first tick comes `period` from now (unless [`Ticker::arm`] changes it).
+    pub(crate) fn new(period: Duration) -> Self {
+        let last = Instant::now();
+        Ticker {
+            last,
+            sleep: Box::pin(tokio::time::sleep_until(last + period)),
+        }
+    }
+
+    /// The next tick comes `period` after the last one (from now on; call it before each wait).
+    pub(crate) fn arm(&mut self, period: Duration) {
+        let next = self.last + period;
+        if self.sleep.deadline() != next {
+            self.sleep.as_mut().reset(next);
+        }
+    }
+
+    /// Waits for the next tick (cancel-safe: `select!` may drop it), then counts from now.
+    pub(crate) async fn tick(&mut self) {
+        self.sleep.as_mut().await;
+        self.last = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tick_comes_one_period_after_the_last_whatever_the_period_was() {
+        let mut t = Ticker::new(Duration::from_millis(1));
+        let first = t.last;
+        // Re-armed before it fires: counted from the last tick, not from the arming.
+        t.arm(Duration::from_millis(10));
+        assert_eq!(t.sleep.deadline(), first + Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        t.arm(Duration::from_millis(2));
+        assert_eq!(t.sleep.deadline(), first + Duration::from_millis(2));
+        // Already due: it comes at once, and the next counts from when it came.
+        t.tick().await;
+        assert!(t.last >= first + Duration::from_millis(3));
+        t.arm(Duration::from_millis(10));
+        assert_eq!(t.sleep.deadline(), t.last + Duration::from_millis(10));
+        let before = Instant::now();
+        t.tick().await;
+        assert!(t.last >= before + Duration::from_millis(9));
+    }
+}
