@@ -2376,7 +2376,11 @@ mod tests {
 
     /// A running leader over participants 1 and 2 (synchronised at epoch 0).
     fn running_leader() -> (EpochLeader, u64) {
-        let mut l = EpochLeader::new(1 << 32, 10, 4, 100_000, 0);
+        running_leader_every(10)
+    }
+
+    fn running_leader_every(interval_ms: u64) -> (EpochLeader, u64) {
+        let mut l = EpochLeader::new(1 << 32, interval_ms, 4, 100_000, 0);
         l.handle(LeadInput::Tick { now_ms: 0 });
         l.handle(LeadInput::Participants([(1, 1), (2, 1)].into()));
         let g = l.gen();
@@ -2480,6 +2484,55 @@ mod tests {
         assert!(l.idle());
         l.handle(LeadInput::Participants([(1, 1), (2, 1), (3, 1)].into()));
         assert!(!l.idle(), "a participant joins");
+    }
+
+    /// An idle leader is ticked every few ms; a caller's epoch counts from when its `Wanted`
+    /// came (`set_now`), not from the last tick: a second caller a millisecond later waits for
+    /// the 2 ms group-commit window, even if a tick comes meanwhile.
+    #[test]
+    fn a_callers_epoch_counts_from_when_it_was_wanted_not_from_the_last_tick() {
+        let (mut l, g) = running_leader_every(1_000);
+        let mut now = 0;
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        commit(&mut l, g, e);
+        assert!(l.idle());
+        let barriers = |a: &[LeadAction]| {
+            sends(a)
+                .into_iter()
+                .filter_map(|(to, m)| match m {
+                    EpochMsg::Barrier { epoch, .. } if to == 1 => Some(epoch),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let wanted = |l: &mut EpochLeader, from, at| {
+            l.set_now(at);
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Wanted { gen: g },
+            })
+        };
+        // 9 ms after the last tick: the caller's epoch starts at once.
+        assert_eq!(barriers(&wanted(&mut l, 2, now + 9)), [e + 1]);
+        // Its participants cut it (it persists now: a second epoch may start beside it).
+        l.set_now(now + 9);
+        for from in [1, 2] {
+            let a = l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Cut {
+                    gen: g,
+                    epoch: e + 1,
+                },
+            });
+            assert_eq!(barriers(&a), [] as [u64; 0]);
+        }
+        // 1 ms later another caller, and the idle tick: within the window, nothing starts.
+        assert_eq!(barriers(&wanted(&mut l, 1, now + 10)), [] as [u64; 0]);
+        let a = l.handle(LeadInput::Tick { now_ms: now + 10 });
+        assert_eq!(barriers(&a), [] as [u64; 0], "{a:?}");
+        // 2 ms after the first: the second caller's epoch.
+        let a = l.handle(LeadInput::Tick { now_ms: now + 11 });
+        assert_eq!(barriers(&a), [e + 2], "{a:?}");
     }
 
     #[test]
