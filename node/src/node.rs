@@ -309,6 +309,38 @@ impl NodeHandle {
     }
 }
 
+/// A node dropped without [`NodeHandle::shutdown`] (or with its shutdown cut short) stops at
+/// once, the way a killed process does: ingress closes, no last epoch is committed (what was
+/// not committed is recovered and replayed at its next start), and its servers, shards, epoch
+/// driver and control group end on their own threads, releasing its ports and its data
+/// directory. Nothing here blocks the dropping thread.
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        if self.actix_thread.take().is_none() {
+            // Shut down already.
+            return;
+        }
+        tracing::warn!(
+            "node dropped without a shutdown: stopping it at once, without a last epoch"
+        );
+        self.shared.ready.store(false, Ordering::SeqCst);
+        self.shared.router.close();
+        // Both send their command when called; the futures only wait for it to be done.
+        drop(self.http_server.stop(false));
+        for p in &self.playground {
+            drop(p.stop(false));
+        }
+        if let Some(tx) = self.grpc_shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.mesh_closing.send(true);
+        let (tx, _) = oneshot::channel();
+        let _ = self.driver_events.send(DriverEvent::Stop(tx));
+        // The control group's thread ends when its stop sender (in `control`) is dropped.
+        self.system.stop();
+    }
+}
+
 struct ActixStarted {
     shards: Vec<Addr<Shard>>,
     playground: Vec<actix_web::dev::ServerHandle>,
@@ -879,6 +911,7 @@ pub(crate) fn envelopes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use statemesh_sdk::{Address, TypedValue};
 
     /// A node dropped without a shutdown, with the runtime it started on: its epoch driver,
     /// on a thread of its own, ends too (it held the epoch log and the local store).
@@ -913,5 +946,74 @@ mod tests {
         }
         // The rest of the node (its actix system) is not tied to the runtime; not asserted.
         std::mem::forget(node);
+    }
+
+    /// A node dropped without a shutdown stops at once: its ports are released, and a node
+    /// started on its data directory in the same process (sled's lock released) finds what
+    /// was committed.
+    #[test]
+    fn a_node_dropped_without_a_shutdown_stops_and_gives_back_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = NodeConfig {
+            data_dir: dir.path().to_path_buf(),
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let counter = Address::parse("example/counter/dropped").unwrap();
+        let add = |node: &NodeHandle, n: i64| {
+            let (router, counter) = (node.router().clone(), counter.clone());
+            async move {
+                let r = router
+                    .call(counter, TypedValue::of(&n), Duration::from_secs(10))
+                    .await
+                    .expect("the counter answers");
+                r.get::<i64>().unwrap()
+            }
+        };
+        rt.block_on(async {
+            let node = NodeBuilder::new(config.clone())
+                .with_examples()
+                .start()
+                .await
+                .unwrap();
+            // A call is answered once its epoch committed.
+            assert_eq!(add(&node, 5).await, 5);
+            let (grpc, http) = (node.grpc_addr(), node.http_addr());
+            drop(node);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for addr in [http, grpc] {
+                while tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{addr} still answers 30 s after the drop"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let node = loop {
+                match NodeBuilder::new(config.clone())
+                    .with_examples()
+                    .start()
+                    .await
+                {
+                    Ok(n) => break n,
+                    Err(e) => {
+                        assert!(
+                            Instant::now() < deadline,
+                            "no node starts on the data directory 30 s after the drop: {e}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            };
+            assert_eq!(add(&node, 1).await, 6, "the committed call was lost");
+            node.shutdown().await;
+        });
     }
 }
