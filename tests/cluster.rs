@@ -45,6 +45,28 @@ fn start(root: &Path, id: u64, join: Option<&str>) -> (Node, (u16, u16)) {
     (n, ports)
 }
 
+/// Nodes 1 to `N`, the others joining through node 1, each launched as `tweak` leaves its
+/// default launch; with node 1's address (the seed). Not waited for: see [`converged`].
+fn start_joined<const N: usize>(root: &Path, tweak: impl Fn(&mut Launch)) -> ([Node; N], String) {
+    let mut seed = String::new();
+    let nodes = std::array::from_fn(|i| {
+        let id = i as u64 + 1;
+        let mut l = launch(
+            root,
+            id,
+            (free_port(), free_port()),
+            (i > 0).then_some(&*seed),
+        );
+        tweak(&mut l);
+        let n = Node::start_launch(&root.join(format!("n{id}")), &l);
+        if i == 0 {
+            seed = n.grpc.trim_start_matches("http://").to_string();
+        }
+        n
+    });
+    (nodes, seed)
+}
+
 fn restart(root: &Path, id: u64, ports: (u16, u16), join: Option<&str>) -> Node {
     Node::start_launch(&root.join(format!("n{id}")), &launch(root, id, ports, join))
 }
@@ -584,15 +606,9 @@ impl Load {
 async fn an_idle_clusters_leader_ticks_its_epochs_every_10_ms() {
     let _serial = SERIAL.lock().await;
     let root = test_dir();
-    let start = |id: u64, join: Option<&str>| {
-        let mut l = launch(root.path(), id, (free_port(), free_port()), join);
+    let ([n1, n2, n3], _) = start_joined(root.path(), |l| {
         l.config = Some("[checkpoint]\ninterval_ms = 200\nlease_idle_renew_ms = 2000\n".into());
-        Node::start_launch(&root.path().join(format!("n{id}")), &l)
-    };
-    let n1 = start(1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let n2 = start(2, Some(&seed));
-    let n3 = start(3, Some(&seed));
+    });
     converged(&[&n1, &n2, &n3], 3, 3).await;
     every_member_owns(&n1, 3, 250).await;
     let nodes = [&n1, &n2, &n3];
@@ -1922,15 +1938,7 @@ async fn three_nodes_on_s3_commit_through_the_control_group_within_the_request_b
     let (_moto, proxy) = common::python::s3_behind_proxy("budget", 30).await;
     let dir = test_dir();
     let config = common::python::s3_config(&proxy.endpoint, "budget/c");
-    let start = |id: u64, join: Option<&str>| {
-        let mut l = launch(dir.path(), id, (free_port(), free_port()), join);
-        l.config = Some(config.clone());
-        Node::start_launch(&dir.path().join(format!("n{id}")), &l)
-    };
-    let n1 = start(1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let n2 = start(2, Some(&seed));
-    let n3 = start(3, Some(&seed));
+    let ([n1, n2, n3], _) = start_joined(dir.path(), |l| l.config = Some(config.clone()));
     converged(&[&n1, &n2, &n3], 3, 3).await;
     spread(&n1, 3, 200).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -2027,17 +2035,11 @@ async fn a_full_cluster_epoch_log_and_failing_uploads_hold_epochs_and_lose_nothi
     let _serial = SERIAL.lock().await;
     let dir = test_dir();
     const MAX: u64 = 100_000;
-    let start = |id: u64, join: Option<&str>| {
-        let mut l = launch(dir.path(), id, (free_port(), free_port()), join);
+    let ([n1, n2, n3], _) = start_joined(dir.path(), |l| {
         l.config = Some(format!(
             "[checkpoint]\ninterval_ms = 20\nlease_idle_renew_ms = 2000\nupload_interval_ms = 200\nlog_max_bytes = {MAX}\n"
         ));
-        Node::start_launch(&dir.path().join(format!("n{id}")), &l)
-    };
-    let n1 = start(1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let n2 = start(2, Some(&seed));
-    let n3 = start(3, Some(&seed));
+    });
     converged(&[&n1, &n2, &n3], 3, 3).await;
     spread(&n1, 3, 200).await;
     for n in [&n1, &n2, &n3] {
@@ -2469,17 +2471,12 @@ async fn dead_letter_tools_name_a_member_that_does_not_answer_and_its_letters_wa
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
-    let start_slow = |id: u64, join: Option<&str>| {
-        let mut l = launch(root, id, (free_port(), free_port()), join);
+    let ([n1, n2], _) = start_joined(root, |l| {
         l.config = Some(format!(
             "{}[mesh]\nfailure_timeout_ms = 60000\n",
-            l.config.unwrap()
+            l.config.take().unwrap()
         ));
-        Node::start_launch(&root.join(format!("n{id}")), &l)
-    };
-    let n1 = start_slow(1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let n2 = start_slow(2, Some(&seed));
+    });
     converged(&[&n1, &n2], 2, 1).await;
     spread(&n1, 2, 300).await;
     // Strings to counters fail to decode: two letters on each node.
@@ -2849,20 +2846,14 @@ async fn one_trace_follows_a_message_across_two_nodes_into_a_remote_function() {
     );
     let dir = test_dir();
     let root = dir.path();
-    let traced = |id: u64, join: Option<&str>| {
-        let ports = (free_port(), free_port());
-        let mut l = launch(root, id, ports, join);
+    let ([n1, n2], _) = start_joined(root, |l| {
         l.config = Some(format!(
             "{}[telemetry]\notlp_endpoint = \"{}\"\nexport_interval_ms = 100\n",
-            l.config.unwrap_or_default(),
+            l.config.take().unwrap_or_default(),
             collector.endpoint
         ));
         l.module = Some(module.clone());
-        Node::start_launch(&root.join(format!("n{id}")), &l)
-    };
-    let n1 = traced(1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let n2 = traced(2, Some(&seed));
+    });
     converged(&[&n1, &n2], 2, 1).await;
     spread(&n1, 2, 300).await;
     // An address node 2 owns.
@@ -3103,15 +3094,7 @@ async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once()
     );
     let dir = test_dir();
     let root = dir.path();
-    let with_module = |id: u64, join: Option<&str>| {
-        let mut l = launch(root, id, (free_port(), free_port()), join);
-        l.module = Some(module.clone());
-        Node::start_launch(&root.join(format!("n{id}")), &l)
-    };
-    let n1 = with_module(1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let n2 = with_module(2, Some(&seed));
-    let n3 = with_module(3, Some(&seed));
+    let ([n1, n2, n3], _) = start_joined(root, |l| l.module = Some(module.clone()));
     converged(&[&n1, &n2, &n3], 3, 3).await;
     every_member_owns(&n1, 3, 200).await;
     let t = n1.get_json("/v1/cluster/key-groups").await;
