@@ -28,6 +28,11 @@ impl Ticker {
         }
     }
 
+    /// How long ago the last tick came.
+    pub(crate) fn since_last(&self) -> Duration {
+        self.last.elapsed()
+    }
+
     /// Waits for the next tick (cancel-safe: `select!` may drop it), then counts from now.
     pub(crate) async fn tick(&mut self) {
         self.sleep.as_mut().await;

@@ -109,6 +109,11 @@ pub trait EpochCoordinator: Send {
     fn started(&self) -> u64;
     /// Starts no more epochs (see [`Coordinator::drain`]).
     fn drain(&mut self) {}
+    /// When (ms, the clock of `Input::Tick`) the interval's next epoch is due, if this side
+    /// starts epochs on an interval (0: at the next tick).
+    fn next_start_ms(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl EpochCoordinator for Coordinator {
@@ -123,6 +128,12 @@ impl EpochCoordinator for Coordinator {
     }
     fn drain(&mut self) {
         Coordinator::drain(self)
+    }
+    fn next_start_ms(&self) -> Option<u64> {
+        Some(
+            self.last_start_ms
+                .map_or(0, |t| t.saturating_add(self.interval_ms)),
+        )
     }
 }
 

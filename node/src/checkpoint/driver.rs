@@ -583,10 +583,16 @@ pub(crate) const COMMIT_SOON_MS: u64 = 2;
 /// The epoch driver's tick while anything is under way (see `Driver::tick_period`).
 const BUSY_TICK: Duration = Duration::from_millis(1);
 
-/// The epoch driver's tick while nothing is under way: an idle node wakes it 100 times a
-/// second rather than 1,000 (about 2 % of a core on the machine this was measured on:
-/// `scripts/bench-idle.sh`).
-const IDLE_TICK: Duration = Duration::from_millis(10);
+/// The epoch driver's tick while only the epoch log's upload is under way (its completion
+/// and the log's bound are looked at on ticks).
+const UPLOAD_TICK: Duration = Duration::from_millis(10);
+
+/// The epoch driver's longest tick, while nothing is under way: it wakes when the interval's
+/// next epoch is due (`EpochCoordinator::next_start_ms`), or after this long (a cluster's
+/// participant, whose epochs the leader starts; uploads and collection, on timers of seconds;
+/// metrics gauges). An idle node woke the driver 1,000 times a second with a 1 ms tick, about
+/// 120 with a 10 ms one (`scripts/bench-idle.sh`).
+const IDLE_TICK: Duration = Duration::from_millis(100);
 
 /// When outputs that want a commit soon (see [`Router::want_commit_soon`]) ask for an epoch.
 /// Outputs are known by the epoch they are held in, not by time: in a cluster a shard may cut
@@ -1054,10 +1060,10 @@ impl Driver {
         let router = self.router.clone();
         let mut ticker = crate::ticker::Ticker::new(BUSY_TICK);
         loop {
-            // The next tick: 1 ms after the last one while anything is under way, else
-            // `IDLE_TICK` (what starts work meanwhile wakes the loop: an event, a caller, an
-            // output that wants a commit soon).
-            ticker.arm(self.tick_period());
+            // The next tick: 1 ms after the last one while anything is under way, else when
+            // the next interval epoch is due (what starts work meanwhile wakes the loop: an
+            // event, a caller, an output that wants a commit soon).
+            ticker.arm(self.tick_period(ticker.since_last()));
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Some(DriverEvent::Stop(done)) => {
@@ -1090,11 +1096,13 @@ impl Driver {
     /// How long after a tick the next one comes: [`BUSY_TICK`] while anything is under way
     /// that ticks move on (an epoch open, a caller waiting for one that no tick has started
     /// yet (one that asked during a rollback), outputs waiting for a commit soon, messages
-    /// between functions lost, a rollback, a finish, a cluster's synchronisation), else [`IDLE_TICK`] (or the epoch interval, if
-    /// shorter). Nothing else is due sooner while idle: the interval's epoch (started up to
-    /// `IDLE_TICK` late), uploads and collection (seconds) and metrics gauges; the rest wakes
-    /// the loop (events, callers waiting for a commit, outputs wanting one soon).
-    fn tick_period(&self) -> Duration {
+    /// between functions lost, a rollback, a finish, a cluster's synchronisation);
+    /// [`UPLOAD_TICK`] while the epoch log is being uploaded, flushed or over its bound; else
+    /// 1 ms after the interval's next epoch is due, [`IDLE_TICK`] at most. Nothing else is due
+    /// sooner while idle: uploads and collection (seconds) and metrics gauges; the rest wakes
+    /// the loop (events, callers waiting for a commit, outputs wanting one soon). `since_last`:
+    /// how long ago the last tick came.
+    fn tick_period(&self, since_last: Duration) -> Duration {
         let busy = self.coord.started() > self.coord.committed()
             || self.router.commit_wanted_now()
             || self.router.commit_soon() != 0
@@ -1109,10 +1117,23 @@ impl Driver {
                     || c.move_snapshot.is_some()
             });
         if busy {
-            BUSY_TICK
-        } else {
-            IDLE_TICK.min(Duration::from_millis(self.coord_params.1.max(1)))
+            return BUSY_TICK;
         }
+        if self
+            .log
+            .as_ref()
+            .is_some_and(|l| l.uploading || !l.flush.is_empty() || l.full.is_some())
+        {
+            return UPLOAD_TICK;
+        }
+        match self.coord.next_start_ms() {
+            // 1 ms after (the coordinator's clock counts whole ms).
+            Some(due) => {
+                since_last + Duration::from_millis(due.saturating_sub(now_ms()).saturating_add(1))
+            }
+            None => IDLE_TICK,
+        }
+        .clamp(BUSY_TICK, IDLE_TICK)
     }
 
     fn tick(&mut self) {

@@ -175,9 +175,10 @@ pub(crate) struct Deliver {
 const SHARD_TICK_MS: u64 = 5;
 
 /// How often it looks at least (ms): while it holds messages of neither kind, or only delayed
-/// messages due later, its thread wakes 20 times a second rather than 200 (what adds one due
-/// sooner makes it look sooner, through [`TickSoon`]).
-const SHARD_IDLE_TICK_MS: u64 = 50;
+/// messages due later, its thread wakes once a second rather than 200 times (what adds one
+/// due sooner makes it look sooner, through [`TickSoon`]: a schedule, key groups loaded at
+/// start, at a rollback or when gained, a message held for the table).
+const SHARD_IDLE_TICK_MS: u64 = 1_000;
 
 /// Look again by the earliest delayed message's due time (the shard's own message, sent when it
 /// gets one due before its next look).
