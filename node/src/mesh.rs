@@ -67,6 +67,8 @@ pub struct Placement {
     /// A stream carrying messages between functions broke (messages may be lost): the
     /// participants must go back to the last committed epoch together.
     fn_broken: std::sync::atomic::AtomicBool,
+    /// Wakes the epoch driver when `fn_broken` is set (a permit is kept if it is not waiting).
+    fn_broken_set: tokio::sync::Notify,
     channels: Mutex<HashMap<String, Channel>>,
     forwarders: Mutex<HashMap<String, Forwarder>>,
     /// The node's main runtime: connections to peers live there, whichever thread (gRPC,
@@ -131,6 +133,7 @@ impl Placement {
             forwarders: Mutex::default(),
             rt: tokio::runtime::Handle::try_current().ok(),
             fn_broken: Default::default(),
+            fn_broken_set: tokio::sync::Notify::new(),
             moving: RwLock::new(None),
             any_moving: Default::default(),
             lease_until: std::sync::atomic::AtomicU64::new(u64::MAX),
@@ -273,6 +276,19 @@ impl Placement {
     /// that yet.
     pub(crate) fn fn_broken(&self) -> bool {
         self.fn_broken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Messages between functions may have been lost: the epoch driver is woken to tell the
+    /// leader (it takes this with [`Placement::take_fn_broken`]).
+    fn set_fn_broken(&self) {
+        self.fn_broken
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.fn_broken_set.notify_one();
+    }
+
+    /// Resolves once [`Placement::set_fn_broken`] was called (since the last time it resolved).
+    pub(crate) async fn fn_broken_set(&self) {
+        self.fn_broken_set.notified().await
     }
 
     /// Whether a stream of messages between functions broke since the last call.
@@ -1068,8 +1084,7 @@ async fn fn_forwarder_task(
         poisoned = Some(newest);
         tracing::warn!(%addr, error = %broke, generation = newest, "a stream of messages between functions broke; the participants go back to the last committed epoch (until then, this generation's messages to the peer are dropped)");
         if let Some(p) = placement.upgrade() {
-            p.fn_broken
-                .store(true, std::sync::atomic::Ordering::Release);
+            p.set_fn_broken();
         }
     }
 }
@@ -1123,8 +1138,7 @@ impl Placement {
             None => {
                 FAILED.with(|f| f.borrow_mut().insert(addr.to_string(), generation));
                 tracing::warn!(%addr, "no stream to a peer for messages between functions");
-                self.fn_broken
-                    .store(true, std::sync::atomic::Ordering::Release);
+                self.set_fn_broken();
             }
         }
     }
@@ -1919,6 +1933,27 @@ mod tests {
         assert_eq!(leader_to_ask(&req, &rep(3, "127.0.0.1:7002")), None);
         assert_eq!(leader_to_ask(&req, &rep(0, "")), None);
         assert_eq!(leader_to_ask(&req, &rep(3, "")), None);
+    }
+
+    /// Lost messages between functions wake the epoch driver (a permit is kept until it
+    /// waits), which then takes the flag once.
+    #[tokio::test]
+    async fn lost_messages_between_functions_wake_the_epoch_driver() {
+        let p = Placement::new(1);
+        assert!(!p.fn_broken());
+        p.set_fn_broken();
+        assert!(p.fn_broken());
+        tokio::time::timeout(Duration::from_secs(5), p.fn_broken_set())
+            .await
+            .expect("the driver is woken");
+        assert!(p.take_fn_broken());
+        assert!(!p.take_fn_broken() && !p.fn_broken());
+        // Nothing more to wake it for.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), p.fn_broken_set())
+                .await
+                .is_err()
+        );
     }
 
     #[test]

@@ -321,7 +321,7 @@ impl Drop for NodeHandle {
             return;
         }
         tracing::warn!(
-            "node dropped without a shutdown: stopping it at once, without a last epoch"
+            "node dropped before its shutdown was done: stopping it at once (what its last epoch did not commit is recovered at its next start)"
         );
         self.shared.ready.store(false, Ordering::SeqCst);
         self.shared.router.close();
@@ -946,6 +946,55 @@ mod tests {
         }
         // The rest of the node (its actix system) is not tied to the runtime; not asserted.
         std::mem::forget(node);
+    }
+
+    /// A shutdown waits for its last epoch to be in sled, not for the applier's merge window
+    /// (`checkpoint.apply_interval_ms`, 10 s here): it asked the applier only for the epochs
+    /// committed before it, so the last one waited for the window (1 s with the defaults).
+    #[test]
+    fn a_shutdown_does_not_wait_for_the_appliers_merge_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig {
+            data_dir: dir.path().to_path_buf(),
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        config.checkpoint.apply_interval_ms = 10_000;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let counter = Address::parse("example/counter/stopping").unwrap();
+        rt.block_on(async {
+            for expect in [5, 10] {
+                let node = NodeBuilder::new(config.clone())
+                    .with_examples()
+                    .start()
+                    .await
+                    .unwrap();
+                let r = node
+                    .router()
+                    .call(
+                        counter.clone(),
+                        TypedValue::of(&5i64),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .expect("the counter answers");
+                assert_eq!(r.get::<i64>().unwrap(), expect);
+                // Epochs go on meanwhile (100 ms apart): the applier is in a window.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let t = Instant::now();
+                node.shutdown().await;
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "the shutdown took {:?}",
+                    t.elapsed()
+                );
+            }
+        });
     }
 
     /// A node dropped without a shutdown stops at once: its ports are released, and a node

@@ -311,7 +311,8 @@ impl Router {
     /// `epoch`: the epoch the output is held in (the shard's open one).
     pub(crate) fn want_commit_soon(&self, epoch: u64) {
         if self.inner.commit_soon.fetch_max(epoch, Ordering::Relaxed) == 0 {
-            // An idle driver ticks every 10 ms: it ticks every 1 ms again from now.
+            // An idle driver sleeps until the interval's next epoch (100 ms at most): it
+            // ticks every 1 ms again from now.
             self.inner.soon_notify.notify_one();
         }
     }

@@ -487,10 +487,13 @@ mod tests {
     #[test]
     fn epochs_start_on_the_interval_and_commit_in_order() {
         let mut c = Coordinator::new(2, 100, 4, 0);
+        // When the interval's next epoch is due (the driver sleeps until then): at once.
+        assert_eq!(c.next_start_ms(), Some(0));
         assert_eq!(
             c.handle(Input::Tick { now_ms: 0 }),
             vec![Action::Barrier(1)]
         );
+        assert_eq!(c.next_start_ms(), Some(100));
         assert_eq!(c.handle(Input::Tick { now_ms: 50 }), vec![]);
         assert_eq!(
             c.handle(Input::Tick { now_ms: 100 }),
@@ -506,6 +509,7 @@ mod tests {
             c.handle(Input::Tick { now_ms: 101 }),
             vec![Action::Barrier(2)]
         );
+        assert_eq!(c.next_start_ms(), Some(201));
         // Epoch 2 is cut while epoch 1 is still being written: it waits its turn.
         assert_eq!(cut_all(&mut c, 2, 2), vec![]);
         assert_eq!(

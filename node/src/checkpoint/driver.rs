@@ -583,8 +583,9 @@ pub(crate) const COMMIT_SOON_MS: u64 = 2;
 /// The epoch driver's tick while anything is under way (see `Driver::tick_period`).
 const BUSY_TICK: Duration = Duration::from_millis(1);
 
-/// The epoch driver's tick while only the epoch log's upload is under way (its completion
-/// and the log's bound are looked at on ticks).
+/// The epoch driver's tick while only the epoch log's upload is under way, a flush of it is
+/// waited for, or it is over its bound (its completion comes as an event; what follows, a
+/// flush's answer, a retry after a failed upload, the log's bound, is looked at on ticks).
 const UPLOAD_TICK: Duration = Duration::from_millis(10);
 
 /// The epoch driver's longest tick, while nothing is under way: it wakes when the interval's
@@ -1058,6 +1059,7 @@ impl Driver {
         mut runtime_gone: oneshot::Receiver<()>,
     ) {
         let router = self.router.clone();
+        let placement = router.placement().clone();
         let mut ticker = crate::ticker::Ticker::new(BUSY_TICK);
         loop {
             // The next tick: 1 ms after the last one while anything is under way, else when
@@ -1086,8 +1088,10 @@ impl Driver {
                 }
                 // A caller waits: start its epoch now rather than at the next tick.
                 _ = router.commit_wanted() => self.tick(),
-                // An output wants a commit soon: ticks every 1 ms again (next round).
+                // An output wants a commit soon, or messages between functions were lost (in
+                // a cluster): ticks every 1 ms again (next round).
                 _ = router.commit_soon_asked() => {}
+                _ = placement.fn_broken_set() => {}
                 _ = &mut runtime_gone => return,
             }
         }
@@ -1100,8 +1104,8 @@ impl Driver {
     /// [`UPLOAD_TICK`] while the epoch log is being uploaded, flushed or over its bound; else
     /// 1 ms after the interval's next epoch is due, [`IDLE_TICK`] at most. Nothing else is due
     /// sooner while idle: uploads and collection (seconds) and metrics gauges; the rest wakes
-    /// the loop (events, callers waiting for a commit, outputs wanting one soon). `since_last`:
-    /// how long ago the last tick came.
+    /// the loop (events, callers waiting for a commit, outputs wanting one soon, messages
+    /// between functions lost). `since_last`: how long ago the last tick came.
     fn tick_period(&self, since_last: Duration) -> Duration {
         let busy = self.coord.started() > self.coord.committed()
             || self.router.commit_wanted_now()
@@ -1437,7 +1441,8 @@ impl Driver {
             }
             DriverEvent::Stop(_) => unreachable!("handled by run"),
             DriverEvent::Finish(tx) => {
-                // No waiting for the applier's merge window.
+                // No waiting for the applier's merge window (for the epochs committed so far;
+                // the last one asks again when it is released).
                 self.router.want_apply();
                 if let Some(c) = self.cluster.as_ref().filter(|c| c.active) {
                     // Epochs need the leader (which may be stopping too): a node that takes
@@ -2669,6 +2674,10 @@ impl Driver {
                 });
                 if let Some(a) = &self.applier {
                     let _ = a.send((e, if changed { built } else { None }));
+                    if !self.finish.is_empty() {
+                        // A stop waits for this epoch in sled: not for the merge window.
+                        self.router.want_apply();
+                    }
                 }
                 if obj.is_some() {
                     self.commits_since_gc += 1;
