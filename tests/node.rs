@@ -1928,30 +1928,25 @@ async fn an_idle_node_sleeps_between_its_timers() {
         })
         .collect();
     eprintln!("wakes per second, by thread: {rates:?}");
-    let driver: Vec<f64> = rates
-        .iter()
-        .filter(|(n, _)| n.starts_with("statemesh-epoch"))
-        .map(|(_, r)| *r)
-        .collect();
+    let named = |prefix: &str| -> Vec<f64> {
+        rates
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, r)| *r)
+            .collect()
+    };
+    let driver = named("statemesh-epoch");
     assert_eq!(driver.len(), 1, "one epoch driver thread: {rates:?}");
     assert!(driver[0] < 60.0, "the idle epoch driver polls: {rates:?}");
     // The shards' arbiters (and the HTTP server's workers, nearly silent) are actix threads.
-    let actix: Vec<f64> = rates
-        .iter()
-        .filter(|(n, _)| n.starts_with("actix-rt"))
-        .map(|(_, r)| *r)
-        .collect();
+    let actix = named("actix-rt");
     assert!(actix.len() >= 2, "shard threads: {rates:?}");
     assert!(
         actix.iter().all(|r| *r < 25.0),
         "an idle shard polls: {rates:?}"
     );
     // The applier waits out its 1 s merge window asleep (it polled every 10 ms).
-    let applier: Vec<f64> = rates
-        .iter()
-        .filter(|(n, _)| n.starts_with("statemesh-apply"))
-        .map(|(_, r)| *r)
-        .collect();
+    let applier = named("statemesh-apply");
     assert_eq!(applier.len(), 1, "one applier thread: {rates:?}");
     assert!(applier[0] < 20.0, "the idle applier polls: {rates:?}");
     node.stop();

@@ -913,22 +913,43 @@ mod tests {
     use super::*;
     use statemesh_sdk::{Address, TypedValue};
 
+    /// A node's configuration on `dir`, on loopback ports chosen at its start.
+    fn config_in(dir: &std::path::Path) -> NodeConfig {
+        NodeConfig {
+            data_dir: dir.to_path_buf(),
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        }
+    }
+
+    /// The runtime a test's nodes start on.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Adds `n` to `example/counter/{id}` through `node`'s router: the new total.
+    async fn add(node: &NodeHandle, id: &str, n: i64) -> i64 {
+        let counter = Address::parse(&format!("example/counter/{id}")).unwrap();
+        let r = node
+            .router()
+            .call(counter, TypedValue::of(&n), Duration::from_secs(10))
+            .await
+            .expect("the counter answers");
+        r.get::<i64>().unwrap()
+    }
+
     /// A node dropped without a shutdown, with the runtime it started on: its epoch driver,
     /// on a thread of its own, ends too (it held the epoch log and the local store).
     #[test]
     fn a_node_dropped_with_its_runtime_stops_its_epoch_driver() {
         let dir = tempfile::tempdir().unwrap();
-        let config = NodeConfig {
-            data_dir: dir.path().to_path_buf(),
-            grpc_addr: "127.0.0.1:0".parse().unwrap(),
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            ..Default::default()
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let config = config_in(dir.path());
+        let rt = runtime();
         let mut node = rt
             .block_on(NodeBuilder::new(config).with_examples().start())
             .unwrap();
@@ -954,19 +975,9 @@ mod tests {
     #[test]
     fn a_shutdown_does_not_wait_for_the_appliers_merge_window() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = NodeConfig {
-            data_dir: dir.path().to_path_buf(),
-            grpc_addr: "127.0.0.1:0".parse().unwrap(),
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            ..Default::default()
-        };
+        let mut config = config_in(dir.path());
         config.checkpoint.apply_interval_ms = 10_000;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let counter = Address::parse("example/counter/stopping").unwrap();
+        let rt = runtime();
         rt.block_on(async {
             for expect in [5, 10] {
                 let node = NodeBuilder::new(config.clone())
@@ -974,16 +985,7 @@ mod tests {
                     .start()
                     .await
                     .unwrap();
-                let r = node
-                    .router()
-                    .call(
-                        counter.clone(),
-                        TypedValue::of(&5i64),
-                        Duration::from_secs(10),
-                    )
-                    .await
-                    .expect("the counter answers");
-                assert_eq!(r.get::<i64>().unwrap(), expect);
+                assert_eq!(add(&node, "stopping", 5).await, expect);
                 // Epochs go on meanwhile (100 ms apart): the applier is in a window.
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let t = Instant::now();
@@ -1003,28 +1005,8 @@ mod tests {
     #[test]
     fn a_node_dropped_without_a_shutdown_stops_and_gives_back_its_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let config = NodeConfig {
-            data_dir: dir.path().to_path_buf(),
-            grpc_addr: "127.0.0.1:0".parse().unwrap(),
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            ..Default::default()
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let counter = Address::parse("example/counter/dropped").unwrap();
-        let add = |node: &NodeHandle, n: i64| {
-            let (router, counter) = (node.router().clone(), counter.clone());
-            async move {
-                let r = router
-                    .call(counter, TypedValue::of(&n), Duration::from_secs(10))
-                    .await
-                    .expect("the counter answers");
-                r.get::<i64>().unwrap()
-            }
-        };
+        let config = config_in(dir.path());
+        let rt = runtime();
         rt.block_on(async {
             let node = NodeBuilder::new(config.clone())
                 .with_examples()
@@ -1032,7 +1014,7 @@ mod tests {
                 .await
                 .unwrap();
             // A call is answered once its epoch committed.
-            assert_eq!(add(&node, 5).await, 5);
+            assert_eq!(add(&node, "dropped", 5).await, 5);
             let (grpc, http) = (node.grpc_addr(), node.http_addr());
             drop(node);
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -1061,7 +1043,11 @@ mod tests {
                     }
                 }
             };
-            assert_eq!(add(&node, 1).await, 6, "the committed call was lost");
+            assert_eq!(
+                add(&node, "dropped", 1).await,
+                6,
+                "the committed call was lost"
+            );
             node.shutdown().await;
         });
     }
