@@ -1949,5 +1949,14 @@ async fn an_idle_node_sleeps_between_its_timers() {
     let applier = named("statemesh-apply");
     assert_eq!(applier.len(), 1, "one applier thread: {rates:?}");
     assert!(applier[0] < 20.0, "the idle applier polls: {rates:?}");
+    // The main thread waits for a signal or for the node to leave its cluster (it looked
+    // every 50 ms, and woke the runtime's workers with it).
+    let main: Vec<f64> = rates
+        .iter()
+        .filter(|(n, _)| n == "statemesh")
+        .map(|(_, r)| *r)
+        .collect();
+    assert_eq!(main.len(), 1, "one main thread: {rates:?}");
+    assert!(main[0] < 5.0, "the main thread polls: {rates:?}");
     node.stop();
 }

@@ -471,6 +471,13 @@ impl ClusterCoordinator {
         self.open.keys().next().copied()
     }
 
+    /// When (ms, the clock of `CoordInput::Tick`) the interval's next epoch is due (0: at
+    /// the next tick, no epoch started yet).
+    pub fn next_start_ms(&self) -> u64 {
+        self.last_start_ms
+            .map_or(0, |t| t.saturating_add(self.interval_ms))
+    }
+
     fn maybe_persist(&mut self, out: &mut Vec<CoordAction>) {
         if self.persisting != Persisting::Idle {
             return;
@@ -1135,6 +1142,15 @@ impl EpochLeader {
             && self.adding.is_none()
             && self.joining.is_empty()
             && self.excluded.is_empty()
+    }
+
+    /// When (ms, the clock of `LeadInput::Tick`) the interval's next epoch is due, while
+    /// epochs run: an idle leader (see [`EpochLeader::idle`]) need not be ticked before.
+    pub fn next_start_ms(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Running { coord, .. } => Some(coord.next_start_ms()),
+            _ => None,
+        }
     }
 
     /// The time (ms) for an input that is not a tick: an idle leader is ticked only every
@@ -2460,15 +2476,25 @@ mod tests {
         let mut l = EpochLeader::new(1 << 32, 10, 4, 100_000, 0);
         l.handle(LeadInput::Tick { now_ms: 0 });
         assert!(!l.idle(), "no participants yet");
+        assert_eq!(l.next_start_ms(), None, "not running");
         l.handle(LeadInput::Participants([(1, 1), (2, 1)].into()));
         assert!(!l.idle(), "synchronising");
         let (mut l, g) = running_leader();
         assert!(l.idle(), "running, nothing open");
+        assert_eq!(
+            l.next_start_ms(),
+            Some(0),
+            "no epoch yet: due at the next tick"
+        );
         let mut now = 0;
         let (e, _, _) = next_barrier(&mut l, &mut now);
         assert!(!l.idle(), "epoch {e} open");
         commit(&mut l, g, e);
         assert!(l.idle(), "epoch {e} committed");
+        // The interval (10 ms) counts from the barrier's tick; no tick before that starts one.
+        assert_eq!(l.next_start_ms(), Some(now + 10));
+        let early = l.handle(LeadInput::Tick { now_ms: now + 9 });
+        assert!(sends(&early).is_empty(), "{early:?}");
         let a = l.handle(LeadInput::Msg {
             from: 2,
             msg: EpochMsg::Wanted { gen: g },

@@ -154,6 +154,8 @@ const MOVE_ROUND_EVERY: Duration = Duration::from_secs(2);
 
 /// One tick of the control group.
 const TICK: Duration = Duration::from_millis(50);
+/// The longest an idle epoch leader goes without a tick (see the control loop).
+const LEADER_IDLE_TICK: Duration = Duration::from_millis(100);
 /// Applied entries kept behind a compaction (a member further behind is sent a snapshot).
 const KEEP_ENTRIES: u64 = 1000;
 
@@ -522,6 +524,8 @@ pub(crate) fn start(
     handle.lock().node_id = id;
     let h = handle;
     let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    let left = Arc::new(tokio::sync::Notify::new());
+    let left_tx = left.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -594,16 +598,22 @@ pub(crate) fn start(
         let mut tick = tokio::time::interval(TICK);
         // After a stall (an fsync, say) no burst of ticks: it would look like lost heartbeats.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The leader's epoch tick: every 1 ms, or every 10 ms while nothing is under way
-        // (`EpochLeader::idle`: what changes that comes as an input and runs at once).
+        // The leader's epoch tick: every 1 ms, or while nothing is under way
+        // (`EpochLeader::idle`: what changes that comes as an input and runs at once) 1 ms
+        // after the interval's next epoch is due, at most every `LEADER_IDLE_TICK` (the
+        // epoch log's uploads are looked at on these ticks).
         let mut epoch_tick = crate::ticker::Ticker::new(Duration::from_millis(1));
         let mut last_tick = Instant::now();
         loop {
-            epoch_tick.arm(if c.lead.as_ref().is_some_and(|l| l.idle()) {
-                // Not longer than the epoch interval.
-                Duration::from_millis(10.min(c.epoch_cfg.0.max(1)))
-            } else {
-                Duration::from_millis(1)
+            epoch_tick.arm(match c.lead.as_ref().filter(|l| l.idle()) {
+                Some(l) => crate::ticker::until_due(
+                    epoch_tick.since_last(),
+                    l.next_start_ms(),
+                    crate::shard::now_ms(),
+                    Duration::from_millis(1),
+                    LEADER_IDLE_TICK,
+                ),
+                None => Duration::from_millis(1),
             });
             tokio::select! {
                 _ = &mut stop_rx => return,
@@ -683,6 +693,10 @@ pub(crate) fn start(
             }
             c.lease_lapsed = lapsed;
             *h.lock() = c.view(committed_epoch(), placement.moving());
+            if c.left {
+                // The view says so now (`Control::left`).
+                left_tx.notify_waiters();
+            }
         }
     };
     let thread = std::thread::Builder::new()
@@ -692,6 +706,7 @@ pub(crate) fn start(
     Ok(Control {
         stop: Some(stop_tx),
         thread: Some(thread),
+        left,
     })
 }
 
@@ -699,9 +714,23 @@ pub(crate) fn start(
 pub(crate) struct Control {
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Told after every round that publishes a view with `left` set.
+    left: Arc<tokio::sync::Notify>,
 }
 
 impl Control {
+    /// Resolves once `view` (the handle this group publishes to) says this node has left.
+    pub(crate) async fn left(&self, view: &ClusterHandle) {
+        loop {
+            // Made before the look, so that a round publishing it in between is not missed.
+            let told = self.left.notified();
+            if view.lock().left {
+                return;
+            }
+            told.await;
+        }
+    }
+
     /// Stops the control group and waits for its thread.
     pub(crate) async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {

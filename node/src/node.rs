@@ -190,12 +190,7 @@ impl NodeHandle {
     /// Resolves once this node has left its cluster (`statemesh cluster leave`: it owns
     /// nothing and is out of the Raft group); the caller then shuts it down.
     pub async fn left(&self) {
-        loop {
-            if self.shared.cluster.lock().left {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        self.control.left(&self.shared.cluster).await
     }
 
     /// Stops ingress, drains inboxes for up to `shutdown_grace_ms`, commits a last epoch

@@ -40,6 +40,27 @@ impl Ticker {
     }
 }
 
+/// The period, counted from a tick `since_last` ago, that makes the next tick come 1 ms
+/// after `due_ms` (a time of the epoch clocks, whole ms, `now_ms` now; 0 or past: at once),
+/// kept between `min` and `max`. An idle epoch loop sleeps until its interval's next epoch
+/// is due this way, and no longer than `max`.
+pub(crate) fn until_due(
+    since_last: Duration,
+    due_ms: Option<u64>,
+    now_ms: u64,
+    min: Duration,
+    max: Duration,
+) -> Duration {
+    match due_ms {
+        // 1 ms after: the epoch clocks count whole ms.
+        Some(due) => {
+            since_last + Duration::from_millis(due.saturating_sub(now_ms).saturating_add(1))
+        }
+        None => max,
+    }
+    .clamp(min, max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +83,21 @@ mod tests {
         let due = t.sleep.deadline();
         t.tick().await;
         assert!(t.last >= due);
+    }
+
+    #[test]
+    fn an_idle_loop_ticks_just_after_its_next_epoch_is_due_within_its_bounds() {
+        let ms = Duration::from_millis;
+        let (min, max) = (ms(1), ms(100));
+        // Due in 30 ms, the last tick 5 ms ago: 36 ms after that tick (1 ms after the due time).
+        assert_eq!(until_due(ms(5), Some(1_030), 1_000, min, max), ms(36));
+        // Due now or overdue: 1 ms from now.
+        assert_eq!(until_due(ms(5), Some(1_000), 1_000, min, max), ms(6));
+        assert_eq!(until_due(ms(0), Some(900), 1_000, min, max), ms(1));
+        // Before the first epoch (due 0): at once.
+        assert_eq!(until_due(ms(0), Some(0), 1_000, min, max), min);
+        // Far off, or nothing due: the longest period.
+        assert_eq!(until_due(ms(5), Some(60_000), 1_000, min, max), max);
+        assert_eq!(until_due(ms(5), None, 1_000, min, max), max);
     }
 }

@@ -885,9 +885,6 @@ fn applier(
             }
             std::thread::park_timeout(left);
         }
-        if !take_jobs(&rx, &mut jobs) {
-            closed = true;
-        }
         let epoch = jobs.last().map(|j| j.0).unwrap_or(0);
         // The durable marker names the newest epoch that changed something: epochs without
         // changes may have no manifest, and the marker must never be ahead of blob storage.
@@ -1044,12 +1041,18 @@ fn build(epoch: u64, node: &str, cuts: Vec<ShardCut>, version: impl Fn(u32) -> u
 /// at once, not at the end of its merge window: it writes what it holds and ends.
 impl Drop for Driver {
     fn drop(&mut self) {
-        self.applier = None;
-        self.router.want_apply();
+        self.release_applier();
     }
 }
 
 impl Driver {
+    /// Drops the applier's sender and wakes it: it writes what it holds and ends, without
+    /// waiting out its merge window.
+    fn release_applier(&mut self) {
+        self.applier = None;
+        self.router.want_apply();
+    }
+
     /// The driver's loop, until `Stop`, or until the node's runtime is gone (`runtime_gone`
     /// resolves when a task parked there is dropped with it: a node dropped without a
     /// shutdown does not leave its driver running).
@@ -1069,10 +1072,9 @@ impl Driver {
             tokio::select! {
                 ev = rx.recv() => match ev {
                     Some(DriverEvent::Stop(done)) => {
-                        // Dropping the sender ends the applier once it has written what
-                        // it holds; then nothing here uses the store any more.
-                        self.applier = None;
-                        self.router.want_apply();
+                        // The applier ends once it has written what it holds; then nothing
+                        // here uses the store any more.
+                        self.release_applier();
                         if let Some(t) = self.applier_thread.take() {
                             let _ = tokio::task::spawn_blocking(move || t.join()).await;
                         }
@@ -1130,14 +1132,13 @@ impl Driver {
         {
             return UPLOAD_TICK;
         }
-        match self.coord.next_start_ms() {
-            // 1 ms after (the coordinator's clock counts whole ms).
-            Some(due) => {
-                since_last + Duration::from_millis(due.saturating_sub(now_ms()).saturating_add(1))
-            }
-            None => IDLE_TICK,
-        }
-        .clamp(BUSY_TICK, IDLE_TICK)
+        crate::ticker::until_due(
+            since_last,
+            self.coord.next_start_ms(),
+            now_ms(),
+            BUSY_TICK,
+            IDLE_TICK,
+        )
     }
 
     fn tick(&mut self) {
