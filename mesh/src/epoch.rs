@@ -1123,11 +1123,11 @@ pub struct EpochLeader {
 }
 
 impl EpochLeader {
-    /// Whether nothing is under way that its ticks move on, so that it may be ticked less
-    /// often (every few ms): epochs running with none open, being cut or written and no caller
-    /// waiting, and no synchronisation, move, stop, reconfiguration or intake under way or due,
-    /// nobody left out. What changes that comes as an input (a caller's `Wanted` starts its
-    /// epoch at once); only the interval's epoch is then started a few ms late.
+    /// Whether nothing is under way that its ticks move on, so that it need not be ticked
+    /// before the interval's next epoch is due ([`EpochLeader::next_start_ms`]): epochs
+    /// running with none open, being cut or written and no caller waiting, and no
+    /// synchronisation, move, stop, reconfiguration or intake under way or due, nobody left
+    /// out. What changes that comes as an input (a caller's `Wanted` starts its epoch at once).
     pub fn idle(&self) -> bool {
         matches!(&self.phase, Phase::Running { coord, writing, since }
             if coord.quiet() && writing.is_none() && since.is_empty())
@@ -1153,8 +1153,8 @@ impl EpochLeader {
         }
     }
 
-    /// The time (ms) for an input that is not a tick: an idle leader is ticked only every
-    /// few ms, and what an input starts (a caller's epoch) counts from now. Never goes back;
+    /// The time (ms) for an input that is not a tick: an idle leader is ticked only when its
+    /// next epoch is due, and what an input starts (a caller's epoch) counts from now. Never goes back;
     /// before the first tick the time is not known yet (see `ticked`).
     pub fn set_now(&mut self, now_ms: u64) {
         if self.ticked {

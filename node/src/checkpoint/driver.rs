@@ -876,11 +876,16 @@ fn applier(
         // unparks it too, after dropping its sender).
         let deadline = Instant::now() + coalesce;
         loop {
+            // The request first, then the jobs: a caller sends its epoch before it asks
+            // (`Finish`, passivation), so a request seen here finds its epoch in the drain
+            // after it. The other way round, an epoch sent between the drain and the look at
+            // the request would wait a whole new window.
+            let wanted = router.take_apply_wanted();
             if !take_jobs(&rx, &mut jobs) {
                 closed = true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if closed || left.is_zero() || router.take_apply_wanted() {
+            if closed || left.is_zero() || wanted {
                 break;
             }
             std::thread::park_timeout(left);
