@@ -2278,6 +2278,83 @@ async fn a_member_told_to_leave_right_after_its_restart_leaves_and_exits() {
     n2.stop();
 }
 
+/// A member that owns nothing (declared dead while it was down, then restarted) and hears
+/// nothing from its peers while its leave applies: the leave applies at once, and the leader
+/// used to remove it from the Raft group right after, so it never learnt that its leave had
+/// applied and never stopped (a chaos run: a just-restarted member, a leader held up). The
+/// leader now removes it only once it holds the leave (or after `CONF_WAIT_FOR_RETIRE`).
+#[tokio::test]
+async fn a_member_cut_off_while_its_leave_applies_learns_it_and_exits() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, seed, [_, _, p3]) = three_nodes_with_ports(root).await;
+    spread(&n1, 3, 200).await;
+    n3.kill();
+    failed_over(&n1, 3, Duration::from_secs(30)).await;
+    let mut n3 = restart(root, 3, p3, Some(&seed));
+    eventually(
+        "node 3 to know the leader, owning nothing",
+        Duration::from_secs(30),
+        || async {
+            let v = view(&n3).await?;
+            (v["leader"].as_u64().is_some() && member(&v, 3)["key_groups"] == 0).then_some(())
+        },
+    )
+    .await;
+    // What the peers send it is lost; what it sends (its leave, forwarded to the leader) is not.
+    failpoints(&n3, "mesh-partition=return(in)").await;
+    let status = eventually(
+        "node 3 to take the leave",
+        Duration::from_secs(30),
+        || async {
+            let (s, _, _) = common::try_http(
+                &format!("{}/v1/cluster/leave", n3.http),
+                "POST",
+                None,
+                bytes::Bytes::new(),
+            )
+            .await
+            .ok()?;
+            (s == 202).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(status, 202);
+    eventually(
+        "the leader to apply node 3's leave",
+        Duration::from_secs(30),
+        || async {
+            let v = view(&n1).await?;
+            let m = member(&v, 3);
+            (m.is_null() || m["leaving"] == true).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    failpoints(&n3, "mesh-partition=off").await;
+    let exited = eventually("node 3 to leave and exit", Duration::from_secs(30), || {
+        let s = n3.exited();
+        async move { s }
+    })
+    .await;
+    assert!(exited.success(), "node 3 exited with {exited}");
+    assert!(n3
+        .log_since_launch()
+        .contains("this node has left the cluster"));
+    eventually(
+        "nodes 1 and 2 to be the members",
+        Duration::from_secs(30),
+        || async {
+            let v = view(&n1).await?;
+            (member(&v, 3).is_null() && v["members"].as_array()?.len() == 2).then_some(())
+        },
+    )
+    .await;
+    n1.stop();
+    n2.stop();
+}
+
 /// A Kubernetes StatefulSet's pod (`ops/k8s`): its preStop runs `statemesh cluster leave`, the
 /// process exits 0, and the pod starts again on the same volume with `--join` (a rolling
 /// update). The restarted node joins again as a member, gets its share of key groups back, and

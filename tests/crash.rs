@@ -1876,8 +1876,15 @@ async fn chaos(
                     let mut logs = String::new();
                     for (id, n) in &mesh.running {
                         let log = n.log_since_launch();
-                        let lines: Vec<&str> =
-                            log.lines().filter(|l| l.contains("statemesh")).collect();
+                        // Not the reconnection attempts to a node killed for good (one a
+                        // second: they filled the whole tail of a CI failure's logs).
+                        let lines: Vec<&str> = log
+                            .lines()
+                            .filter(|l| {
+                                l.contains("statemesh")
+                                    && !l.contains("mesh link to a peer is down")
+                            })
+                            .collect();
                         logs += &format!("--- node {id}, the end of its log:\n");
                         for l in &lines[lines.len().saturating_sub(25)..] {
                             logs += &format!("{}\n", l.chars().take(400).collect::<String>());

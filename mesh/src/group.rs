@@ -172,6 +172,15 @@ impl<S: ControlLog> ControlNode<S> {
                 .is_some_and(|p| p.recent_active && p.matched >= self.raw.raft.raft_log.committed)
     }
 
+    /// The highest entry peer `id` is known to hold (as the leader sees it; `None` elsewhere
+    /// or for a peer outside the group).
+    pub fn matched(&self, id: NodeId) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        self.raw.raft.prs().get(id).map(|p| p.matched)
+    }
+
     /// The current term.
     pub fn term(&self) -> u64 {
         self.raw.raft.term

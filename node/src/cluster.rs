@@ -147,6 +147,10 @@ const ORPHAN_WAIT: Duration = Duration::from_secs(3);
 /// How long removing a member from the Raft group waits for it to leave the cluster's epochs
 /// (`RETIRE_WAIT`, then the drain of the open epochs).
 const CONF_WAIT_FOR_RETIRE: Duration = Duration::from_secs(6);
+/// How long a member that leaves has held its leave's entry before it is removed from the Raft
+/// group: the heartbeats of that time tell it that the entry committed (once removed, it hears
+/// nothing more, and a member that never applied its own leave never stops).
+const LEAVE_GRACE: Duration = Duration::from_millis(500);
 /// How often a leader says why planned moves do not start.
 const MOVES_STUCK_LOG: Duration = Duration::from_secs(10);
 /// Rounds of moves start at most this often.
@@ -567,6 +571,7 @@ pub(crate) fn start(
             retire_wait: None,
             orphan_wait: None,
             conf_wait: None,
+            leave_synced: HashMap::new(),
             failover_plan: Vec::new(),
             node,
             incarnation,
@@ -784,8 +789,12 @@ struct Driver {
     /// them too (failover), for up to `ORPHAN_WAIT`.
     orphan_wait: Option<Instant>,
     /// Since when a change of the Raft group waits for a member it removes to leave the
-    /// cluster's epochs.
+    /// cluster's epochs, or to learn that its leave applied.
     conf_wait: Option<Instant>,
+    /// Per member that leaves: the entries it must hold (this leader's commit index when its
+    /// removal was first due, its leave among them), and since when it holds them (as this
+    /// leader sees it). It is removed from the Raft group only `LEAVE_GRACE` after that.
+    leave_synced: HashMap<NodeId, (u64, Option<Instant>)>,
     /// The moves of the failover in progress (empty for a handover round, whose moves are
     /// planned again when proposed).
     failover_plan: Vec<statemesh_mesh::control::MoveCommand>,
@@ -2087,9 +2096,29 @@ impl Driver {
                 .is_some_and(|p| p.contains_key(n))
                 || self.lead.as_ref().is_some_and(|l| l.active().contains(n))
         };
-        if change
-            .iter()
-            .any(|(n, role)| role.is_none() && takes_part(n))
+        // Nor before it has learnt that its leave applied: it stops on its own once it sees
+        // its leave applied and then hears nothing more (`LEFT_SILENCE`). Removed before its
+        // log held the leave (a chaos run: it had just restarted and the leader had not sent
+        // to it yet), it waited for ever. Also up to `CONF_WAIT_FOR_RETIRE`: a dead member
+        // never catches up.
+        let leave_synced = &mut self.leave_synced;
+        leave_synced.retain(|n, _| change.iter().any(|(c, role)| c == n && role.is_none()));
+        let mut unsynced = false;
+        for (n, role) in &change {
+            if role.is_some() || !state.members.get(n).is_some_and(|m| m.leaving) {
+                continue;
+            }
+            let (target, since) = leave_synced.entry(*n).or_insert((node.committed(), None));
+            if node.matched(*n).is_some_and(|m| m >= *target) {
+                unsynced |= since.get_or_insert_with(Instant::now).elapsed() < LEAVE_GRACE;
+            } else {
+                unsynced = true;
+            }
+        }
+        if (unsynced
+            || change
+                .iter()
+                .any(|(n, role)| role.is_none() && takes_part(n)))
             && self.conf_wait.get_or_insert_with(Instant::now).elapsed() < CONF_WAIT_FOR_RETIRE
         {
             return Ok(());

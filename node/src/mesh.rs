@@ -1665,6 +1665,9 @@ impl Drop for Link {
     }
 }
 
+/// How often a link that stays down says so again.
+const LINK_DOWN_REPEAT: Duration = Duration::from_secs(60);
+
 /// What a link carries.
 enum Out {
     Raft(bytes::Bytes),
@@ -1697,6 +1700,9 @@ impl Link {
         let a = addr.clone();
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
+            // While the link is down: failed attempts, and when it was last said (a peer
+            // killed for good was worth a warning a second, for as long as it stayed a member).
+            let mut down: Option<(u64, Option<std::time::Instant>)> = None;
             loop {
                 let connected = if cut_off(true) {
                     Err(CUT_OFF.to_string())
@@ -1706,6 +1712,9 @@ impl Link {
                 let err = match connected {
                     Err(e) => e,
                     Ok(ch) => {
+                        if let Some((attempts, Some(_))) = down.take() {
+                            tracing::info!(peer, addr = %a, attempts, "mesh link to a peer is up again");
+                        }
                         let (ftx, frx) = mpsc::channel::<mpb::PeerFrame>(8);
                         let mut client = mpb::mesh_client::MeshClient::new(ch);
                         let call = tokio::spawn(async move {
@@ -1754,8 +1763,13 @@ impl Link {
                         }
                     }
                 };
-                if backoff >= Duration::from_secs(1) {
-                    tracing::warn!(peer, addr = %a, error = %err, "mesh link to a peer is down; reconnecting");
+                let (attempts, said) = down.get_or_insert((0, None));
+                *attempts += 1;
+                if backoff >= Duration::from_secs(1)
+                    && said.is_none_or(|t| t.elapsed() >= LINK_DOWN_REPEAT)
+                {
+                    *said = Some(std::time::Instant::now());
+                    tracing::warn!(peer, addr = %a, error = %err, attempts = *attempts, "mesh link to a peer is down; reconnecting (said again every {} s while it stays down)", LINK_DOWN_REPEAT.as_secs());
                 } else {
                     tracing::debug!(peer, addr = %a, error = %err, "mesh link down; reconnecting");
                 }
