@@ -172,13 +172,14 @@ impl<S: ControlLog> ControlNode<S> {
                 .is_some_and(|p| p.recent_active && p.matched >= self.raw.raft.raft_log.committed)
     }
 
-    /// The highest entry peer `id` is known to hold (as the leader sees it; `None` elsewhere
-    /// or for a peer outside the group).
-    pub fn matched(&self, id: NodeId) -> Option<u64> {
+    /// The highest commit index peer `id` has reported (in its answers to appends and
+    /// heartbeats; as the leader sees it, `None` elsewhere or for a peer outside the group):
+    /// it knows every entry up to there committed.
+    pub fn peer_committed(&self, id: NodeId) -> Option<u64> {
         if !self.is_leader() {
             return None;
         }
-        self.raw.raft.prs().get(id).map(|p| p.matched)
+        self.raw.raft.prs().get(id).map(|p| p.committed_index)
     }
 
     /// The current term.

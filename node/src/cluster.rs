@@ -147,10 +147,6 @@ const ORPHAN_WAIT: Duration = Duration::from_secs(3);
 /// How long removing a member from the Raft group waits for it to leave the cluster's epochs
 /// (`RETIRE_WAIT`, then the drain of the open epochs).
 const CONF_WAIT_FOR_RETIRE: Duration = Duration::from_secs(6);
-/// How long a member that leaves has held its leave's entry before it is removed from the Raft
-/// group: the heartbeats of that time tell it that the entry committed (once removed, it hears
-/// nothing more, and a member that never applied its own leave never stops).
-const LEAVE_GRACE: Duration = Duration::from_millis(500);
 /// How often a leader says why planned moves do not start.
 const MOVES_STUCK_LOG: Duration = Duration::from_secs(10);
 /// Rounds of moves start at most this often.
@@ -791,10 +787,9 @@ struct Driver {
     /// Since when a change of the Raft group waits for a member it removes to leave the
     /// cluster's epochs, or to learn that its leave applied.
     conf_wait: Option<Instant>,
-    /// Per member that leaves: the entries it must hold (this leader's commit index when its
-    /// removal was first due, its leave among them), and since when it holds them (as this
-    /// leader sees it). It is removed from the Raft group only `LEAVE_GRACE` after that.
-    leave_synced: HashMap<NodeId, (u64, Option<Instant>)>,
+    /// Per member that leaves: the commit index it must report before it is removed from
+    /// the Raft group (this leader's when its removal was first due, its leave among them).
+    leave_synced: HashMap<NodeId, u64>,
     /// The moves of the failover in progress (empty for a handover round, whose moves are
     /// planned again when proposed).
     failover_plan: Vec<statemesh_mesh::control::MoveCommand>,
@@ -1109,6 +1104,12 @@ impl Driver {
             if let Err(e) = self.lead() {
                 tracing::debug!(error = %e, "control proposal not taken; retried");
             }
+        } else {
+            // A leader's waits start again with its next term (one kept from an earlier term
+            // would be over at once: a leave's removal proposed before the member was sent
+            // anything).
+            self.conf_wait = None;
+            self.leave_synced.clear();
         }
         self.lead_epochs();
         self.process()
@@ -1912,14 +1913,29 @@ impl Driver {
         // members have). Also when this process asked to leave before its own join was
         // applied (it restarted and was told to leave at once): the leave applies to its id,
         // and once removed it hears nothing more (a chaos run waited 90 s for it).
+        // A leader hears no replication: its silence counts from when it stopped leading. (A
+        // leader that left owned nothing counted as gone at once, before it proposed its own
+        // removal: it stopped and left its seat in the group, and a chaos run's cluster,
+        // losing one more voter, never elected a leader again.)
+        if self.node.is_leader() {
+            self.last_heard = Instant::now();
+        }
         if (self.joined || self.leave_proposed.is_some()) && !self.left {
             let conf = state.conf.clone().unwrap_or_default();
+            let listed = [
+                &conf.voters,
+                &conf.learners,
+                &conf.voters_outgoing,
+                &conf.learners_next,
+            ]
+            .iter()
+            .any(|l| l.contains(&me));
             let gone = match state.members.get(&me) {
                 None => true,
                 Some(m) => {
                     m.leaving
                         && state.owned_by(me) == 0
-                        && ((!conf.voters.contains(&me) && !conf.learners.contains(&me))
+                        && (!listed
                             // A learner removed from the group may not learn that the
                             // change committed: the leader stops sending to it.
                             || self.last_heard.elapsed() > LEFT_SILENCE)
@@ -2096,11 +2112,11 @@ impl Driver {
                 .is_some_and(|p| p.contains_key(n))
                 || self.lead.as_ref().is_some_and(|l| l.active().contains(n))
         };
-        // Nor before it has learnt that its leave applied: it stops on its own once it sees
-        // its leave applied and then hears nothing more (`LEFT_SILENCE`). Removed before its
-        // log held the leave (a chaos run: it had just restarted and the leader had not sent
-        // to it yet), it waited for ever. Also up to `CONF_WAIT_FOR_RETIRE`: a dead member
-        // never catches up.
+        // Nor before it knows that its leave committed (it reports a commit index at or past
+        // it): it stops on its own once it sees its leave applied and then hears nothing more
+        // (`LEFT_SILENCE`). Removed before its log held the leave (a chaos run: it had just
+        // restarted and the leader had not sent it anything yet), it waited for ever. Also up
+        // to `CONF_WAIT_FOR_RETIRE`: a dead member never answers.
         let leave_synced = &mut self.leave_synced;
         leave_synced.retain(|n, _| change.iter().any(|(c, role)| c == n && role.is_none()));
         let mut unsynced = false;
@@ -2108,12 +2124,9 @@ impl Driver {
             if role.is_some() || !state.members.get(n).is_some_and(|m| m.leaving) {
                 continue;
             }
-            let (target, since) = leave_synced.entry(*n).or_insert((node.committed(), None));
-            if node.matched(*n).is_some_and(|m| m >= *target) {
-                unsynced |= since.get_or_insert_with(Instant::now).elapsed() < LEAVE_GRACE;
-            } else {
-                unsynced = true;
-            }
+            // Once it reports that commit index, it knows its leave committed and applies it.
+            let target = *leave_synced.entry(*n).or_insert_with(|| node.committed());
+            unsynced |= node.peer_committed(*n).is_none_or(|c| c < target);
         }
         if (unsynced
             || change

@@ -1667,6 +1667,11 @@ impl Drop for Link {
 
 /// How often a link that stays down says so again.
 const LINK_DOWN_REPEAT: Duration = Duration::from_secs(60);
+/// A link's first retry after it breaks (or after a connect); each next one waits twice as
+/// long, up to 1 s.
+const LINK_FIRST_RETRY: Duration = Duration::from_millis(50);
+/// How long a stream carries frames before a link that was down counts as up again.
+const LINK_PROVEN: Duration = Duration::from_secs(1);
 
 /// What a link carries.
 enum Out {
@@ -1699,7 +1704,7 @@ impl Link {
         let (tx, mut rx) = mpsc::channel::<Out>(LINK_QUEUE);
         let a = addr.clone();
         let task = tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(50);
+            let mut backoff = LINK_FIRST_RETRY;
             // While the link is down: failed attempts, and when it was last said (a peer
             // killed for good was worth a warning a second, for as long as it stayed a member).
             let mut down: Option<(u64, Option<std::time::Instant>)> = None;
@@ -1712,9 +1717,8 @@ impl Link {
                 let err = match connected {
                     Err(e) => e,
                     Ok(ch) => {
-                        if let Some((attempts, Some(_))) = down.take() {
-                            tracing::info!(peer, addr = %a, attempts, "mesh link to a peer is up again");
-                        }
+                        let connected_at = std::time::Instant::now();
+                        backoff = LINK_FIRST_RETRY;
                         let (ftx, frx) = mpsc::channel::<mpb::PeerFrame>(8);
                         let mut client = mpb::mesh_client::MeshClient::new(ch);
                         let call = tokio::spawn(async move {
@@ -1722,7 +1726,6 @@ impl Link {
                                 .peer(tokio_stream::wrappers::ReceiverStream::new(frx))
                                 .await
                         });
-                        backoff = Duration::from_millis(50);
                         // Frames until the stream breaks or the link is dropped.
                         loop {
                             let Some(first) = rx.recv().await else {
@@ -1755,6 +1758,17 @@ impl Link {
                             };
                             if ftx.send(frame).await.is_err() {
                                 break;
+                            }
+                            // Up once the stream has carried frames for a while (a peer may
+                            // take the connection and refuse the stream): an outage that was
+                            // reported is over.
+                            if down.is_some()
+                                && connected_at.elapsed() >= LINK_PROVEN
+                                && !call.is_finished()
+                            {
+                                if let Some((attempts, Some(_))) = down.take() {
+                                    tracing::info!(peer, addr = %a, attempts, "mesh link to a peer is up again");
+                                }
                             }
                         }
                         match call.await {
