@@ -1823,13 +1823,13 @@ async fn a_node_cut_off_from_the_majority_stops_serving_within_its_lease_and_say
     }
 }
 
-/// The Raft group's leader leaves: it proposes its own removal (its seat to the learner)
-/// before it stops, and the others go on with three voters. A leader hears no replication, so
-/// the "removed and not told" rule (`LEFT_SILENCE`) once made it stop the moment it owned
-/// nothing, still a voter: a chaos run's cluster then lost one more voter and never elected a
-/// leader again.
+/// The Raft group's leader leaves: it hands its leadership over, the new leader removes it (its
+/// seat to the learner), and only then does it stop; the others go on with three voters. A
+/// leader hears no replication, so the "removed and not told" rule (`LEFT_SILENCE`) once made
+/// it stop the moment it owned nothing, still a voter: a chaos run's cluster then lost one more
+/// voter and never elected a leader again.
 #[tokio::test]
-async fn the_leader_leaves_after_proposing_its_own_removal() {
+async fn the_leader_leaves_after_handing_its_leadership_over_and_being_removed() {
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
@@ -1859,18 +1859,25 @@ async fn the_leader_leaves_after_proposing_its_own_removal() {
     .await;
     assert!(status.success(), "node {leader} exited with {status}");
     let log = l.log_since_launch();
-    let removal = format!("({leader}, None)");
-    let removed_at = log
+    let handed_at = log
         .lines()
-        .position(|x| x.contains("changing the Raft group") && x.contains(&removal));
+        .position(|x| x.contains("handing the Raft group's leadership over"));
     let left_at = log
         .lines()
         .position(|x| x.contains("this node has left the cluster"));
     assert!(
-        removed_at.is_some() && left_at.is_some() && removed_at < left_at,
-        "node {leader} proposed its own removal ({removed_at:?}), then left ({left_at:?})"
+        handed_at.is_some() && left_at.is_some() && handed_at < left_at,
+        "node {leader} handed its leadership over ({handed_at:?}), then left ({left_at:?})"
     );
     let rest: Vec<Node> = nodes.into_iter().flatten().collect();
+    let removal = format!("({leader}, None)");
+    assert!(
+        rest.iter().any(|n| n
+            .log_since_launch()
+            .lines()
+            .any(|x| x.contains("changing the Raft group") && x.contains(&removal))),
+        "another node removed node {leader} from the Raft group"
+    );
     let refs: Vec<&Node> = rest.iter().collect();
     converged(&refs, 3, 3).await;
     let v = view(refs[0]).await.unwrap();

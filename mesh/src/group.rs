@@ -182,6 +182,12 @@ impl<S: ControlLog> ControlNode<S> {
         self.raw.raft.prs().get(id).map(|p| p.committed_index)
     }
 
+    /// Asks (as the leader) that voter `to` lead instead: raft-rs brings it up to date, then
+    /// has it campaign at once; proposals are dropped meanwhile (up to an election timeout).
+    pub fn transfer_leader(&mut self, to: NodeId) {
+        self.raw.transfer_leader(to);
+    }
+
     /// The current term.
     pub fn term(&self) -> u64 {
         self.raw.raft.term

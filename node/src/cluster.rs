@@ -590,6 +590,7 @@ pub(crate) fn start(
             dead_proposed: HashMap::new(),
             lease_until: 0,
             remove_proposed: None,
+            transfer_asked: None,
             left: false,
             last_heard: Instant::now(),
             last_leader: None,
@@ -840,6 +841,8 @@ struct Driver {
     history: std::collections::VecDeque<Change>,
     /// The last removal proposed (a member that left), and when.
     remove_proposed: Option<(NodeId, Instant)>,
+    /// When this leader, leaving, last handed its leadership over (see `reconcile_conf`).
+    transfer_asked: Option<Instant>,
     /// This node left the cluster (`statemesh cluster leave`): it owns nothing and is out of
     /// the Raft group; the process stops.
     left: bool,
@@ -2103,6 +2106,32 @@ impl Driver {
             self.conf_wait = None;
             return Ok(());
         };
+        // A leader does not remove itself: raft-rs keeps a removed leader leading (dropping
+        // every proposal) and parts of it assume the leader is in the group. It hands the
+        // leadership to a voter that stays, the one furthest along, which removes it; it then
+        // learns from its log that it is out, and stops.
+        let me = node.id();
+        if change.iter().any(|(n, role)| *n == me && role.is_none()) {
+            let conf = state.conf.clone().unwrap_or_default();
+            let to = conf
+                .voters
+                .iter()
+                .copied()
+                .filter(|&v| v != me && !change.iter().any(|(n, r)| *n == v && r.is_none()))
+                .max_by_key(|&v| node.peer_committed(v).unwrap_or(0));
+            if let Some(to) = to {
+                if self.transfer_asked.is_none_or(|t| t.elapsed() >= REPROPOSE) {
+                    self.transfer_asked = Some(Instant::now());
+                    tracing::info!(
+                        node = me,
+                        to,
+                        "leaving: handing the Raft group's leadership over before being removed"
+                    );
+                    self.node.transfer_leader(to);
+                }
+            }
+            return Ok(());
+        }
         // A member that leaves stops once it is out of the group: not while it still takes
         // part in the cluster's epochs (it leaves them live once it owns nothing, and the open
         // epochs need its parts), for up to `CONF_WAIT_FOR_RETIRE`.
