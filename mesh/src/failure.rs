@@ -383,14 +383,19 @@ pub fn conf_change(
         .iter()
         .filter(|id| conf.learners.contains(id) && caught_up(**id));
     // A member leaving that owns nothing any more leaves the Raft group; a voter's seat goes
-    // to a caught-up learner in the same change. (The last voter stays.)
+    // to a caught-up learner in the same change. The last voter stays until a caught-up
+    // learner has become a voter beside it (a change of its own: the next one removes it).
     let departing = state
         .members
         .values()
         .find(|m| m.leaving && listed(&m.id) && state.owned_by(m.id) == 0)
-        .map(|m| m.id)
-        .filter(|d| conf.voters != [*d]);
-    if let Some(d) = departing {
+        .map(|m| m.id);
+    if departing.is_some_and(|d| conf.voters == [d]) {
+        if let Some(&c) = candidates.next() {
+            return Some(vec![(c, Some(Role::Voter))]);
+        }
+    }
+    if let Some(d) = departing.filter(|d| conf.voters != [*d]) {
         let mut change = vec![(d, None)];
         let live_voters = conf
             .voters
@@ -758,6 +763,17 @@ mod tests {
             conf_change(&s, 1, &yes),
             Some(vec![(2, None), (4, Some(Role::Voter))])
         );
+        // The only voter leaving (two members: one voter, one learner): the learner becomes a
+        // voter first, then the leaver is removed (its leadership handed over before).
+        let mut s = cluster(&[1, 2], &[1]);
+        let n = s.applied_index + 1;
+        s.apply(n, &Command::Leave { id: 1 });
+        assert_eq!(s.owned_by(1), 0);
+        assert_eq!(conf_change(&s, 1, &|_| false), None, "no caught-up learner");
+        assert_eq!(conf_change(&s, 1, &yes), Some(vec![(2, Some(Role::Voter))]));
+        s.conf.as_mut().unwrap().voters = vec![1, 2];
+        s.conf.as_mut().unwrap().learners.clear();
+        assert_eq!(conf_change(&s, 1, &yes), Some(vec![(1, None)]));
         // Without a learner the group shrinks.
         let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
         let n = s.applied_index + 1;
