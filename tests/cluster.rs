@@ -2396,6 +2396,23 @@ async fn a_member_told_to_leave_right_after_its_restart_leaves_and_exits() {
 /// takes part in the cluster's epochs at its leave (2 runs in 6 here); with it, it passes.
 #[tokio::test]
 async fn a_member_cut_off_while_its_leave_applies_learns_it_and_exits() {
+    cut_off_while_leaving(false).await;
+}
+
+/// The same, cut off for longer than the leader waits for it (`CONF_WAIT_FOR_RETIRE`): the
+/// leader removes it without its having applied its leave, and the group sends a removed
+/// member nothing, so its own log never says it left. Hearing nothing, it asks its peers
+/// whether it is still a member (`Mesh.Membership`), learns that it was removed, and exits.
+/// Without the question it ran on for ever ("leader none").
+#[tokio::test]
+async fn a_member_removed_while_cut_off_asks_its_peers_and_exits() {
+    cut_off_while_leaving(true).await;
+}
+
+/// Node 3, owning nothing, is cut off from what its peers send and told to leave; healed
+/// 0.5 s after the leader applied the leave, or (`until_removed`) once the others have
+/// removed it. It must exit 0 and the others must list two members.
+async fn cut_off_while_leaving(until_removed: bool) {
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
@@ -2442,7 +2459,21 @@ async fn a_member_cut_off_while_its_leave_applies_learns_it_and_exits() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    if until_removed {
+        eventually(
+            "nodes 1 and 2 to remove node 3",
+            Duration::from_secs(60),
+            || async {
+                let v = view(&n1).await?;
+                (member(&v, 3).is_null() && v["members"].as_array()?.len() == 2).then_some(())
+            },
+        )
+        .await;
+        // Still running: it has heard nothing of it.
+        assert!(n3.exited().is_none(), "node 3 exited while cut off");
+    } else {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     failpoints(&n3, "mesh-partition=off").await;
     let exited = eventually("node 3 to leave and exit", Duration::from_secs(30), || {
         let s = n3.exited();
@@ -2450,15 +2481,80 @@ async fn a_member_cut_off_while_its_leave_applies_learns_it_and_exits() {
     })
     .await;
     assert!(exited.success(), "node 3 exited with {exited}");
-    assert!(n3
-        .log_since_launch()
-        .contains("this node has left the cluster"));
+    let log = n3.log_since_launch();
+    assert!(log.contains("this node has left the cluster"));
+    if until_removed {
+        assert!(
+            log.contains("a peer has applied its removal"),
+            "node 3 did not learn its removal from a peer"
+        );
+    }
     eventually(
         "nodes 1 and 2 to be the members",
         Duration::from_secs(30),
         || async {
             let v = view(&n1).await?;
             (member(&v, 3).is_null() && v["members"].as_array()?.len() == 2).then_some(())
+        },
+    )
+    .await;
+    n1.stop();
+    n2.stop();
+}
+
+/// `statemesh cluster leave` at a member that knows no leader (the two others are down): the
+/// node cannot propose the leave and answers UNAVAILABLE. The command says so and asks again
+/// until a leader is back (it used to fail at once), then waits for the node to leave.
+#[tokio::test]
+async fn the_leave_command_waits_for_a_leader() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, mut n3, seed, [p1, p2, _]) = three_nodes_with_ports(root).await;
+    spread(&n1, 3, 200).await;
+    n1.kill();
+    n2.kill();
+    eventually(
+        "node 3 to know no leader",
+        Duration::from_secs(30),
+        || async { view(&n3).await?["leader"].is_null().then_some(()) },
+    )
+    .await;
+    let grpc3 = n3.grpc.clone();
+    let cli = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(common::BIN)
+            .args(["cluster", "leave", "--node", &grpc3, "--timeout-s", "90"])
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n1 = restart(root, 1, p1, None);
+    let n2 = restart(root, 2, p2, Some(&seed));
+    let out = cli.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("cannot take the leave yet") && stdout.contains("asking again"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("node 3 is leaving the cluster"), "{stdout}");
+    let exited = eventually("node 3 to exit", Duration::from_secs(30), || {
+        let s = n3.exited();
+        async move { s }
+    })
+    .await;
+    assert!(exited.success(), "node 3 exited with {exited}");
+    eventually(
+        "nodes 1 and 2 to own every key group",
+        Duration::from_secs(60),
+        || async {
+            let v = view(&n1).await?;
+            (member(&v, 3).is_null() && member_field(&v, "key_groups").iter().sum::<u64>() == 1024)
+                .then_some(())
         },
     )
     .await;

@@ -574,6 +574,7 @@ pub(crate) fn start(
             joined: false,
             join_proposed: None,
             leave_proposed: None,
+            removal_asked: None,
             grpc_addr,
             http_addr,
             cluster_id,
@@ -846,6 +847,9 @@ struct Driver {
     /// This node left the cluster (`statemesh cluster leave`): it owns nothing and is out of
     /// the Raft group; the process stops.
     left: bool,
+    /// When this node, leaving and hearing nothing from the group, last asked its peers
+    /// whether it is still a member (`ask_if_removed`).
+    removal_asked: Option<Instant>,
 }
 
 /// A member leaving that owns nothing and has had no replication from the Raft group's
@@ -888,6 +892,32 @@ impl Driver {
             ControlInput::Join { req, reply } => self.join_request(req, reply),
             ControlInput::Leave { reply } => {
                 let _ = reply.send(self.leave());
+            }
+            ControlInput::Membership { id, reply } => {
+                let s = self.node.state();
+                let _ = reply.send(mpb::MembershipReply {
+                    applied_index: s.applied_index,
+                    member: s.members.contains_key(&id),
+                });
+            }
+            ControlInput::RemovedAt {
+                peer,
+                applied_index,
+            } => {
+                // Its own applied state lists it (else it would have counted as gone): the
+                // peer's, further along the same log, applied its removal since. Only a leave
+                // removes a member, and this process asked for one.
+                let mine = self.node.state().applied_index;
+                if self.leave_proposed.is_some() && !self.left && applied_index > mine {
+                    tracing::info!(
+                        node = self.node.id(),
+                        peer,
+                        peer_applied = applied_index,
+                        applied = mine,
+                        "this node has left the cluster: a peer has applied its removal, which this node never heard of (the group stops sending to a removed member); stopping"
+                    );
+                    self.left = true;
+                }
             }
         }
     }
@@ -1054,9 +1084,44 @@ impl Driver {
         }
     }
 
+    /// A member that leaves and has heard nothing from the group's leader for `LEFT_SILENCE`
+    /// asks its peers, every `REPROPOSE`, whether it is still a member. A member cut off
+    /// while its leave applied, for longer than the leader waits for it to catch up
+    /// (`CONF_WAIT_FOR_RETIRE`), is removed without having applied its leave; the group then
+    /// sends it nothing, so its own log never says it left, and it would run on for ever.
+    fn ask_if_removed(&mut self) {
+        let silent = self.leave_proposed.is_some()
+            && !self.left
+            && !self.node.is_leader()
+            && self.last_heard.elapsed() > LEFT_SILENCE;
+        if !silent || self.removal_asked.is_some_and(|t| t.elapsed() < REPROPOSE) {
+            return;
+        }
+        self.removal_asked = Some(Instant::now());
+        let me = self.node.id();
+        let state = self.node.state();
+        let peers: Vec<(NodeId, String)> = state
+            .members
+            .values()
+            .filter(|m| m.id != me)
+            .map(|m| {
+                let addr = self.learned.get(&m.id).unwrap_or(&m.grpc_addr);
+                (m.id, addr.clone())
+            })
+            .collect();
+        tokio::spawn(crate::mesh::ask_if_removed(
+            me,
+            self.cluster_id.clone(),
+            state.applied_index,
+            peers,
+            self.inbox.clone(),
+        ));
+    }
+
     /// Handles what the group has ready (twice: proposals made in between go out at once).
     fn round(&mut self) -> Result<(), String> {
         self.process()?;
+        self.ask_if_removed();
         let now = crate::mesh::mono_ms();
         if let Some(ctx) = self.lease.due(now) {
             self.node.read_index(ctx);

@@ -1467,6 +1467,15 @@ pub(crate) enum ControlInput {
     Leave {
         reply: oneshot::Sender<Result<(), Status>>,
     },
+    /// A peer asks whether a node is a member (`Mesh.Membership`): answered with this
+    /// node's applied index and its applied members.
+    Membership {
+        id: NodeId,
+        reply: oneshot::Sender<mpb::MembershipReply>,
+    },
+    /// A peer's applied control log (at `applied_index`) no longer lists this node: see
+    /// `Driver::ask_if_removed`.
+    RemovedAt { peer: NodeId, applied_index: u64 },
 }
 
 /// Capacity of the control task's inbox; beyond it peer messages are dropped (Raft resends).
@@ -1623,6 +1632,34 @@ impl mpb::mesh_server::Mesh for MeshService {
                 None => mpb::PopEgressReply::default(),
             },
         ))
+    }
+
+    async fn membership(
+        &self,
+        req: Request<mpb::MembershipRequest>,
+    ) -> Result<Response<mpb::MembershipReply>, Status> {
+        if cut_off(false) {
+            return Err(Status::unavailable(CUT_OFF));
+        }
+        let req = req.into_inner();
+        if req.cluster_id != *self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "this node is a member of cluster {}, not {}",
+                self.cluster_id, req.cluster_id
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inbox
+            .send(ControlInput::Membership {
+                id: req.id,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| Status::unavailable("the control group stopped"))?;
+        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(r)) => Ok(Response::new(r)),
+            _ => Err(Status::unavailable("the control group did not answer")),
+        }
     }
 
     async fn join(
@@ -1804,6 +1841,55 @@ async fn connect(addr: &str) -> Result<Channel, String> {
         .connect()
         .await
         .map_err(|e| format!("connect: {}", crate::error::error_chain(&e)))
+}
+
+/// Asks `peers` (id, gRPC address) whether node `me` is still a member, each within 2 s; the
+/// first whose applied control log is past `applied_index` and no longer lists `me` is
+/// reported to the control task (`ControlInput::RemovedAt`). Traffic is cut as with
+/// `mesh-partition`.
+pub(crate) async fn ask_if_removed(
+    me: NodeId,
+    cluster_id: Arc<str>,
+    applied_index: u64,
+    peers: Vec<(NodeId, String)>,
+    inbox: mpsc::Sender<ControlInput>,
+) {
+    for (peer, addr) in peers {
+        if cut_off(true) {
+            return;
+        }
+        let ask = async {
+            let mut c = mpb::mesh_client::MeshClient::new(connect(&addr).await?);
+            c.membership(mpb::MembershipRequest {
+                cluster_id: cluster_id.to_string(),
+                id: me,
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|e| crate::error::error_chain(&e))
+        };
+        let reply = match tokio::time::timeout(Duration::from_secs(2), ask).await {
+            Ok(Ok(r)) if !cut_off(false) => r,
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(peer, %addr, error = %e, "cannot ask a peer about this node's membership");
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!(peer, %addr, "a peer did not answer about this node's membership within 2 s");
+                continue;
+            }
+        };
+        if !reply.member && reply.applied_index > applied_index {
+            let _ = inbox
+                .send(ControlInput::RemovedAt {
+                    peer,
+                    applied_index: reply.applied_index,
+                })
+                .await;
+            return;
+        }
+    }
 }
 
 /// Why a join did not succeed.

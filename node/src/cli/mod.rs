@@ -706,9 +706,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: ClusterCommand::Leave { target, timeout_s },
         } => {
             let c = connect(&target).await?;
-            let id = c.leave_cluster().await?;
-            println!("node {id} is leaving the cluster");
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+            // A node that knows no leader (an election, a majority down) cannot propose its
+            // leave yet: it answers UNAVAILABLE, and the leave is asked again until the deadline.
+            let mut told = false;
+            let id = loop {
+                let asked = tokio::time::timeout(MEMBER_DEADLINE, c.leave_cluster()).await;
+                let Ok(asked) = asked else {
+                    anyhow::bail!(
+                        "{}: no answer within {} s",
+                        target.node,
+                        MEMBER_DEADLINE.as_secs()
+                    );
+                };
+                match asked {
+                    Ok(id) => break id,
+                    Err(e) if e.code() == Some(tonic::Code::Unavailable) => {
+                        if std::time::Instant::now() > deadline {
+                            anyhow::bail!(
+                                "the node did not take the leave within {timeout_s} s: {e}"
+                            );
+                        }
+                        if !told {
+                            println!("the node cannot take the leave yet ({e}); asking again");
+                            told = true;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            println!("node {id} is leaving the cluster");
             let mut last = None;
             loop {
                 match c.cluster().await {
