@@ -269,6 +269,12 @@ const HISTORY: usize = 64;
 /// Shared with the admin endpoints.
 pub type ClusterHandle = Arc<Mutex<ClusterView>>;
 
+/// How a refused leave's UNAVAILABLE begins when it may be asked again at once: no leader is
+/// known (an election, a majority down), or the proposal was dropped (a leadership change).
+/// `statemesh cluster leave` asks again on these only (a node that is stopping, or that cannot
+/// be reached, is not waited for).
+pub const LEAVE_NOT_PROPOSED: &str = "the leave was not proposed";
+
 /// Asks this node's control group to leave the cluster (see `ControlInput::Leave`).
 pub(crate) async fn leave(mesh: &crate::mesh::MeshService) -> Result<(), Status> {
     let (tx, rx) = oneshot::channel();
@@ -848,8 +854,8 @@ struct Driver {
     /// the Raft group; the process stops.
     left: bool,
     /// When this node, leaving and hearing nothing from the group, last asked its peers
-    /// whether it is still a member (`ask_if_removed`).
-    removal_asked: Option<Instant>,
+    /// whether it is still a member (`ask_if_removed`), and the task asking.
+    removal_asked: Option<(Instant, tokio::task::JoinHandle<()>)>,
 }
 
 /// A member leaving that owns nothing and has had no replication from the Raft group's
@@ -906,7 +912,9 @@ impl Driver {
             } => {
                 // Its own applied state lists it (else it would have counted as gone): the
                 // peer's, further along the same log, applied its removal since. Only a leave
-                // removes a member, and this process asked for one.
+                // removes a member, and this process asked for one. (As with its own log's
+                // removal: a Remove meant for an earlier process of this node that applies
+                // after this process's leave was asked would stop it too.)
                 let mine = self.node.state().applied_index;
                 if self.leave_proposed.is_some() && !self.left && applied_index > mine {
                     tracing::info!(
@@ -942,7 +950,7 @@ impl Driver {
         }
         self.node
             .propose_anywhere(&Command::Leave { id: me })
-            .map_err(|e| Status::unavailable(format!("the leave was not proposed ({e}); retry")))?;
+            .map_err(|e| Status::unavailable(format!("{LEAVE_NOT_PROPOSED} ({e}); retry")))?;
         self.leave_proposed = Some(Instant::now());
         tracing::info!(
             node = me,
@@ -1094,10 +1102,21 @@ impl Driver {
             && !self.left
             && !self.node.is_leader()
             && self.last_heard.elapsed() > LEFT_SILENCE;
-        if !silent || self.removal_asked.is_some_and(|t| t.elapsed() < REPROPOSE) {
+        if !silent {
+            if self.left {
+                if let Some((_, task)) = self.removal_asked.take() {
+                    task.abort();
+                }
+            }
             return;
         }
-        self.removal_asked = Some(Instant::now());
+        if self
+            .removal_asked
+            .as_ref()
+            .is_some_and(|(t, task)| t.elapsed() < REPROPOSE || !task.is_finished())
+        {
+            return;
+        }
         let me = self.node.id();
         let state = self.node.state();
         let peers: Vec<(NodeId, String)> = state
@@ -1109,13 +1128,14 @@ impl Driver {
                 (m.id, addr.clone())
             })
             .collect();
-        tokio::spawn(crate::mesh::ask_if_removed(
+        let task = tokio::spawn(crate::mesh::ask_if_removed(
             me,
             self.cluster_id.clone(),
             state.applied_index,
             peers,
             self.inbox.clone(),
         ));
+        self.removal_asked = Some((Instant::now(), task));
     }
 
     /// Handles what the group has ready (twice: proposals made in between go out at once).
@@ -1178,6 +1198,7 @@ impl Driver {
             // anything).
             self.conf_wait = None;
             self.leave_synced.clear();
+            self.transfer_asked = None;
         }
         self.lead_epochs();
         self.process()

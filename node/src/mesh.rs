@@ -90,8 +90,9 @@ pub struct Placement {
 /// Whether the fault point `mesh-partition` (tests) cuts this node's traffic with its peers
 /// in this direction: `return` both ways, `return(in)` what peers send here, `return(out)`
 /// what this node sends them. Checked where peer traffic enters and leaves (Raft and epoch
-/// frames, forwarded requests, messages between functions): a cut stream breaks, as with a
-/// real partition, and new ones are refused.
+/// frames, forwarded requests, messages between functions, the answers to this node's
+/// membership questions): a cut stream breaks, as with a real partition, and new ones are
+/// refused.
 pub(crate) fn cut_off(outbound: bool) -> bool {
     match crate::failpoint::eval("mesh-partition") {
         Ok(()) => false,
@@ -1650,12 +1651,11 @@ impl mpb::mesh_server::Mesh for MeshService {
         }
         let (tx, rx) = oneshot::channel();
         self.inbox
-            .send(ControlInput::Membership {
+            .try_send(ControlInput::Membership {
                 id: req.id,
                 reply: tx,
             })
-            .await
-            .map_err(|_| Status::unavailable("the control group stopped"))?;
+            .map_err(|_| Status::unavailable("the control group is busy or stopped"))?;
         match tokio::time::timeout(Duration::from_secs(5), rx).await {
             Ok(Ok(r)) => Ok(Response::new(r)),
             _ => Err(Status::unavailable("the control group did not answer")),
@@ -1843,10 +1843,10 @@ async fn connect(addr: &str) -> Result<Channel, String> {
         .map_err(|e| format!("connect: {}", crate::error::error_chain(&e)))
 }
 
-/// Asks `peers` (id, gRPC address) whether node `me` is still a member, each within 2 s; the
-/// first whose applied control log is past `applied_index` and no longer lists `me` is
+/// Asks `peers` (id, gRPC address) at once whether node `me` is still a member, within 2 s in
+/// all; one whose applied control log is past `applied_index` and no longer lists `me` is
 /// reported to the control task (`ControlInput::RemovedAt`). Traffic is cut as with
-/// `mesh-partition`.
+/// `mesh-partition` (the answers are what peers send here).
 pub(crate) async fn ask_if_removed(
     me: NodeId,
     cluster_id: Arc<str>,
@@ -1854,41 +1854,48 @@ pub(crate) async fn ask_if_removed(
     peers: Vec<(NodeId, String)>,
     inbox: mpsc::Sender<ControlInput>,
 ) {
-    for (peer, addr) in peers {
-        if cut_off(true) {
-            return;
+    if cut_off(true) {
+        return;
+    }
+    let asks = peers.into_iter().map(|(peer, addr)| {
+        let cluster_id = cluster_id.to_string();
+        async move {
+            let ask = async {
+                let mut c = mpb::mesh_client::MeshClient::new(connect(&addr).await?);
+                c.membership(mpb::MembershipRequest { cluster_id, id: me })
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|e| crate::error::error_chain(&e))
+            };
+            match tokio::time::timeout(Duration::from_secs(2), ask).await {
+                Ok(Ok(r)) => Some((peer, r)),
+                Ok(Err(e)) => {
+                    tracing::debug!(peer, %addr, error = %e, "cannot ask a peer about this node's membership");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(peer, %addr, "a peer did not answer about this node's membership within 2 s");
+                    None
+                }
+            }
         }
-        let ask = async {
-            let mut c = mpb::mesh_client::MeshClient::new(connect(&addr).await?);
-            c.membership(mpb::MembershipRequest {
-                cluster_id: cluster_id.to_string(),
-                id: me,
+    });
+    let answers = futures::future::join_all(asks).await;
+    if cut_off(false) {
+        return;
+    }
+    let removed = answers
+        .into_iter()
+        .flatten()
+        .filter(|(_, r)| !r.member && r.applied_index > applied_index)
+        .max_by_key(|(_, r)| r.applied_index);
+    if let Some((peer, r)) = removed {
+        let _ = inbox
+            .send(ControlInput::RemovedAt {
+                peer,
+                applied_index: r.applied_index,
             })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|e| crate::error::error_chain(&e))
-        };
-        let reply = match tokio::time::timeout(Duration::from_secs(2), ask).await {
-            Ok(Ok(r)) if !cut_off(false) => r,
-            Ok(Ok(_)) => return,
-            Ok(Err(e)) => {
-                tracing::debug!(peer, %addr, error = %e, "cannot ask a peer about this node's membership");
-                continue;
-            }
-            Err(_) => {
-                tracing::debug!(peer, %addr, "a peer did not answer about this node's membership within 2 s");
-                continue;
-            }
-        };
-        if !reply.member && reply.applied_index > applied_index {
-            let _ = inbox
-                .send(ControlInput::RemovedAt {
-                    peer,
-                    applied_index: reply.applied_index,
-                })
-                .await;
-            return;
-        }
+            .await;
     }
 }
 

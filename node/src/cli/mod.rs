@@ -708,23 +708,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let c = connect(&target).await?;
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
             // A node that knows no leader (an election, a majority down) cannot propose its
-            // leave yet: it answers UNAVAILABLE, and the leave is asked again until the deadline.
+            // leave yet: it says so (`LEAVE_NOT_PROPOSED`), and the leave is asked again until
+            // the deadline. Anything else (a node that is stopping, or cannot be reached)
+            // fails at once.
             let mut told = false;
             let id = loop {
-                let asked = tokio::time::timeout(MEMBER_DEADLINE, c.leave_cluster()).await;
-                let Ok(asked) = asked else {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let wait = left.clamp(std::time::Duration::from_secs(1), MEMBER_DEADLINE);
+                let Ok(asked) = tokio::time::timeout(wait, c.leave_cluster()).await else {
                     anyhow::bail!(
-                        "{}: no answer within {} s",
+                        "{}: no answer within {} s (the leave may have been taken)",
                         target.node,
-                        MEMBER_DEADLINE.as_secs()
+                        wait.as_secs()
                     );
                 };
                 match asked {
                     Ok(id) => break id,
-                    Err(e) if e.code() == Some(tonic::Code::Unavailable) => {
-                        if std::time::Instant::now() > deadline {
+                    Err(e)
+                        if e.code() == Some(tonic::Code::Unavailable)
+                            && e.to_string()
+                                .contains(statemesh_node::cluster::LEAVE_NOT_PROPOSED) =>
+                    {
+                        if std::time::Instant::now() >= deadline {
                             anyhow::bail!(
-                                "the node did not take the leave within {timeout_s} s: {e}"
+                                "{}: did not take the leave within {timeout_s} s: {e}",
+                                target.node
                             );
                         }
                         if !told {
@@ -733,7 +741,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => anyhow::bail!("{}: {e}", target.node),
                 }
             };
             println!("node {id} is leaving the cluster");
