@@ -36,33 +36,41 @@ pub enum Mode {
     Stream,
 }
 
+/// `bench embedded`.
+#[derive(clap::Args)]
+pub struct EmbeddedArgs {
+    /// Function instances in the ring.
+    #[arg(long, default_value_t = 10_000)]
+    instances: u64,
+    /// Messages circulating concurrently.
+    #[arg(long, default_value_t = 2_000)]
+    tokens: u64,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Shards (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+    /// Checkpoint to blob storage (a `file://` store in the scratch directory) every
+    /// `--interval-ms`; off = sled only.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    checkpoints: bool,
+    /// Checkpoint interval.
+    #[arg(long, default_value_t = 100)]
+    interval_ms: u64,
+    /// The node's `instance_linger_ms` (unset: actors kept while states are cached).
+    #[arg(long)]
+    instance_linger_ms: Option<u64>,
+    /// The node's `[checkpoint] apply_interval_ms` (how often committed epochs are
+    /// written to sled, merged).
+    #[arg(long, default_value_t = 1_000)]
+    apply_interval_ms: u64,
+}
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// In-process ring of embedded functions.
-    Embedded {
-        /// Function instances in the ring.
-        #[arg(long, default_value_t = 10_000)]
-        instances: u64,
-        /// Messages circulating concurrently.
-        #[arg(long, default_value_t = 2_000)]
-        tokens: u64,
-        /// Seconds to measure.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
-        /// Shards (0 = one per core).
-        #[arg(long, default_value_t = 0)]
-        shards: usize,
-        /// Checkpoint to blob storage (a `file://` store in the scratch directory) every
-        /// `--interval-ms`; off = sled only.
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        checkpoints: bool,
-        /// Checkpoint interval.
-        #[arg(long, default_value_t = 100)]
-        interval_ms: u64,
-        /// The node's `instance_linger_ms` (unset: actors kept while states are cached).
-        #[arg(long)]
-        instance_linger_ms: Option<u64>,
-    },
+    Embedded(EmbeddedArgs),
     /// Checkpoint cost vs state size: populates `--keys` states of `--value-bytes`, then
     /// changes `--change` of them per round and reports each epoch's bytes and duration.
     Checkpoint {
@@ -175,26 +183,7 @@ fn ms(h: &Histogram<u64>, q: f64) -> serde_json::Value {
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Kafka(a) => kafka(a).await,
-        BenchCommand::Embedded {
-            instances,
-            tokens,
-            duration,
-            shards,
-            checkpoints,
-            interval_ms,
-            instance_linger_ms,
-        } => {
-            embedded(
-                instances,
-                tokens,
-                duration,
-                shards,
-                checkpoints,
-                interval_ms,
-                instance_linger_ms,
-            )
-            .await
-        }
+        BenchCommand::Embedded(a) => embedded(a).await,
         BenchCommand::Checkpoint {
             keys,
             value_bytes,
@@ -222,15 +211,17 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn embedded(
-    instances: u64,
-    tokens: u64,
-    duration: f64,
-    shards: usize,
-    checkpoints: bool,
-    interval_ms: u64,
-    instance_linger_ms: Option<u64>,
-) -> anyhow::Result<()> {
+async fn embedded(a: EmbeddedArgs) -> anyhow::Result<()> {
+    let EmbeddedArgs {
+        instances,
+        tokens,
+        duration,
+        shards,
+        checkpoints,
+        interval_ms,
+        instance_linger_ms,
+        apply_interval_ms,
+    } = a;
     let dir = tempfile_dir()?;
     let stop = Arc::new(AtomicBool::new(false));
     let hops = Arc::new(AtomicU64::new(0));
@@ -277,6 +268,7 @@ async fn embedded(
     };
     cfg.checkpoint.enabled = checkpoints;
     cfg.checkpoint.interval_ms = interval_ms;
+    cfg.checkpoint.apply_interval_ms = apply_interval_ms;
     cfg.instance_linger_ms = instance_linger_ms;
     // Every instance stays active: this measures messaging and checkpoints, not passivation.
     cfg.max_active_instances = cfg.max_active_instances.max(2 * instances as usize);
@@ -342,6 +334,7 @@ async fn embedded(
             "bench": "embedded-ring",
             "checkpoints": checkpoints,
             "interval_ms": interval_ms,
+            "apply_interval_ms": apply_interval_ms,
             "epochs_committed": cp.committed,
             "cut_pause_mean_ms": cut_mean_ms,
             "cut_pause_max_ms": cut_max_ms,
