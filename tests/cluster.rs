@@ -116,6 +116,48 @@ fn member_field(v: &serde_json::Value, field: &str) -> Vec<u64> {
         .collect()
 }
 
+/// How `n`'s process ended, waiting for it up to `within` (`what`: what is waited for).
+async fn exit_status(n: &mut Node, what: &str, within: Duration) -> std::process::ExitStatus {
+    eventually(what, within, || {
+        let s = n.exited();
+        async move { s }
+    })
+    .await
+}
+
+/// Asks `n` to leave (`POST /v1/cluster/leave`): it must take the leave at once (202).
+async fn post_leave(n: &Node) {
+    let (s, _, body) = http(
+        &format!("{}/v1/cluster/leave", n.http),
+        "POST",
+        None,
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&body));
+}
+
+/// Asks `n` to leave until it takes the leave (a node that has just restarted may know no
+/// leader yet, and a cut-off one may not answer at once).
+async fn leave_taken(n: &Node) {
+    eventually(
+        "the node to take the leave",
+        Duration::from_secs(30),
+        || async {
+            let (s, _, _) = common::try_http(
+                &format!("{}/v1/cluster/leave", n.http),
+                "POST",
+                None,
+                bytes::Bytes::new(),
+            )
+            .await
+            .ok()?;
+            (s == 202).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Runs `statemesh cluster leave --node <grpc>` (waiting up to `timeout_s`) in the background:
 /// whether it succeeded, its standard output and its standard error.
 fn cli_leave(grpc: &str, timeout_s: u64) -> tokio::task::JoinHandle<(bool, String, String)> {
@@ -1204,11 +1246,7 @@ async fn a_join_applied_but_not_answered_is_finished_by_the_next_start() {
         "{log}"
     );
     assert!(n2_dir.join("joining").exists() && n2_dir.join("node-id").exists());
-    eventually("the leader's abort", Duration::from_secs(10), || {
-        let s = n1.exited();
-        async move { s }
-    })
-    .await;
+    exit_status(&mut n1, "the leader's abort", Duration::from_secs(10)).await;
     let n1 = restart(root, 1, p1, None);
     let n2 = Node::start_launch(&n2_dir, &launch(root, 2, (0, 0), Some(&seed)));
     assert!(!n2_dir.join("joining").exists());
@@ -1451,13 +1489,10 @@ async fn a_new_cluster_on_the_same_blob_location_restores_everything() {
     // The paused node resumes, sees the location taken over, and stops without writing.
     unsafe { libc::kill(n1_pid as i32, libc::SIGCONT) };
     let mut n1 = n1;
-    let status = eventually(
+    let status = exit_status(
+        &mut n1,
         "the old cluster's node stops",
         Duration::from_secs(20),
-        || {
-            let s = n1.exited();
-            async move { s }
-        },
     )
     .await;
     assert_eq!(status.code(), Some(3), "{}", n1.log_since_launch());
@@ -1859,21 +1894,11 @@ async fn the_leader_leaves_after_handing_its_leadership_over_and_being_removed()
     let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
     let mut nodes: Vec<Option<Node>> = vec![Some(n1), Some(n2), Some(n3), Some(n4)];
     let mut l = nodes[leader as usize - 1].take().unwrap();
-    let (s, _, body) = http(
-        &format!("{}/v1/cluster/leave", l.http),
-        "POST",
-        None,
-        bytes::Bytes::new(),
-    )
-    .await;
-    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&body));
-    let status = eventually(
+    post_leave(&l).await;
+    let status = exit_status(
+        &mut l,
         &format!("node {leader} (the leader) to leave and exit"),
         Duration::from_secs(60),
-        || {
-            let s = l.exited();
-            async move { s }
-        },
     )
     .await;
     assert!(status.success(), "node {leader} exited with {status}");
@@ -1928,20 +1953,9 @@ async fn the_only_voter_leaves_once_the_learner_has_become_a_voter() {
     let v = view(&n1).await.unwrap();
     assert_eq!(member(&v, 1)["role"], "voter", "{v}");
     assert_eq!(member(&v, 2)["role"], "learner", "{v}");
-    let (s, _, body) = http(
-        &format!("{}/v1/cluster/leave", n1.http),
-        "POST",
-        None,
-        bytes::Bytes::new(),
-    )
-    .await;
-    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&body));
+    post_leave(&n1).await;
     let mut n1 = n1;
-    let status = eventually("node 1 to leave and exit", Duration::from_secs(60), || {
-        let s = n1.exited();
-        async move { s }
-    })
-    .await;
+    let status = exit_status(&mut n1, "node 1 to leave and exit", Duration::from_secs(60)).await;
     assert!(status.success(), "node 1 exited with {status}");
     converged(&[&n2], 1, 1).await;
     let v = view(&n2).await.unwrap();
@@ -1980,11 +1994,7 @@ async fn a_voter_leaves_under_load_its_seat_goes_to_the_learner_and_it_exits_0()
     );
     let mut n2 = n2;
     let left = std::time::Instant::now();
-    let status = eventually("node 2 exits", Duration::from_secs(30), || {
-        let s = n2.exited();
-        async move { s }
-    })
-    .await;
+    let status = exit_status(&mut n2, "node 2 exits", Duration::from_secs(30)).await;
     assert!(status.success(), "node 2 exited with {status}");
     // It stops at once: its peers' streams end once its last epoch committed (the gRPC
     // server's graceful stop waited 5 s for them before).
@@ -2291,25 +2301,15 @@ async fn a_leave_whose_proposal_is_lost_is_proposed_again_and_the_node_leaves() 
     let n = nodes[victim as usize - 1].take().unwrap();
     // Cut off (outgoing) for less than the failure timeout: the leave's proposal is lost.
     failpoints(&n, "mesh-partition=return(out)").await;
-    let (s, _, body) = http(
-        &format!("{}/v1/cluster/leave", n.http),
-        "POST",
-        None,
-        bytes::Bytes::new(),
-    )
-    .await;
-    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&body));
+    post_leave(&n).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     failpoints(&n, "mesh-partition=off").await;
     let other = nodes.iter().flatten().next().unwrap();
     let mut n = n;
-    let status = eventually(
+    let status = exit_status(
+        &mut n,
         &format!("node {victim} to leave and exit"),
         Duration::from_secs(60),
-        || {
-            let s = n.exited();
-            async move { s }
-        },
     )
     .await;
     assert!(status.success(), "node {victim} exited with {status}");
@@ -2350,28 +2350,8 @@ async fn a_member_told_to_leave_right_after_its_restart_leaves_and_exits() {
     n3.kill();
     let mut n3 = restart(root, 3, p3, Some(&seed));
     // As soon as it answers: its restart's join is typically not applied yet.
-    let status = eventually(
-        "node 3 to take the leave",
-        Duration::from_secs(30),
-        || async {
-            let (s, _, _) = common::try_http(
-                &format!("{}/v1/cluster/leave", n3.http),
-                "POST",
-                None,
-                bytes::Bytes::new(),
-            )
-            .await
-            .ok()?;
-            (s == 202).then_some(s)
-        },
-    )
-    .await;
-    assert_eq!(status, 202);
-    let exited = eventually("node 3 to leave and exit", Duration::from_secs(60), || {
-        let s = n3.exited();
-        async move { s }
-    })
-    .await;
+    leave_taken(&n3).await;
+    let exited = exit_status(&mut n3, "node 3 to leave and exit", Duration::from_secs(60)).await;
     assert!(exited.success(), "node 3 exited with {exited}");
     assert!(n3
         .log_since_launch()
@@ -2437,23 +2417,7 @@ async fn cut_off_while_leaving(until_removed: bool) {
     .await;
     // What the peers send it is lost; what it sends (its leave, forwarded to the leader) is not.
     failpoints(&n3, "mesh-partition=return(in)").await;
-    let status = eventually(
-        "node 3 to take the leave",
-        Duration::from_secs(30),
-        || async {
-            let (s, _, _) = common::try_http(
-                &format!("{}/v1/cluster/leave", n3.http),
-                "POST",
-                None,
-                bytes::Bytes::new(),
-            )
-            .await
-            .ok()?;
-            (s == 202).then_some(s)
-        },
-    )
-    .await;
-    assert_eq!(status, 202);
+    leave_taken(&n3).await;
     eventually(
         "the leader to apply node 3's leave",
         Duration::from_secs(30),
@@ -2480,11 +2444,7 @@ async fn cut_off_while_leaving(until_removed: bool) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     failpoints(&n3, "mesh-partition=off").await;
-    let exited = eventually("node 3 to leave and exit", Duration::from_secs(30), || {
-        let s = n3.exited();
-        async move { s }
-    })
-    .await;
+    let exited = exit_status(&mut n3, "node 3 to leave and exit", Duration::from_secs(30)).await;
     assert!(exited.success(), "node 3 exited with {exited}");
     let log = n3.log_since_launch();
     assert!(log.contains("this node has left the cluster"));
@@ -2570,11 +2530,7 @@ async fn the_leave_command_waits_for_a_leader() {
         "{stdout}"
     );
     assert!(stdout.contains("node 3 is leaving the cluster"), "{stdout}");
-    let exited = eventually("node 3 to exit", Duration::from_secs(30), || {
-        let s = n3.exited();
-        async move { s }
-    })
-    .await;
+    let exited = exit_status(&mut n3, "node 3 to exit", Duration::from_secs(30)).await;
     assert!(exited.success(), "node 3 exited with {exited}");
     // A node that is gone is not waited for: the command fails at once, naming it.
     let t0 = std::time::Instant::now();
@@ -2614,11 +2570,7 @@ async fn a_member_that_left_and_restarts_on_its_volume_joins_again() {
     let (ok, out, err) = cli_leave(&n3.grpc, 100).await.unwrap();
     assert!(ok, "{out}{err}");
     let mut n3 = n3;
-    let status = eventually("node 3 exits", Duration::from_secs(30), || {
-        let s = n3.exited();
-        async move { s }
-    })
-    .await;
+    let status = exit_status(&mut n3, "node 3 exits", Duration::from_secs(30)).await;
     assert!(status.success(), "node 3 exited with {status}");
     for i in 0..30 {
         add(&c, &format!("k{i}"), 10).await;
