@@ -2552,6 +2552,57 @@ async fn the_leave_command_waits_for_a_leader() {
     n2.stop();
 }
 
+/// A member that is down: its peers' links to it say so once (after about 1.5 s of failed
+/// connections), not at every retry (they said it once a second, and a dead member's lines
+/// were all a failure report's log tail showed), and the leader's says it is up again once
+/// its stream has carried frames for 1 s after the restart.
+#[tokio::test]
+async fn a_link_to_a_member_that_is_down_says_so_once_then_that_it_is_up_again() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, seed, ports) = three_nodes_with_ports(root).await;
+    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
+    // A follower goes down: the leader keeps sending it heartbeats, so its link has frames
+    // to carry once it is back.
+    let down = (1..=3u64).rev().find(|&i| i != leader).unwrap();
+    let mut nodes = vec![Some(n1), Some(n2), Some(n3)];
+    let d = nodes[down as usize - 1].take().unwrap();
+    let addr = d.grpc.trim_start_matches("http://").to_string();
+    d.kill();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mentions = |log: &str, what: &str| {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains(&addr))
+            .count()
+    };
+    for (i, n) in nodes.iter().enumerate() {
+        let Some(n) = n else { continue };
+        let said = mentions(&n.log_since_launch(), "mesh link to a peer is down");
+        // (A follower sends another follower nothing, so it may have no link to say it of.)
+        let expected = if i as u64 + 1 == leader { 1..=1 } else { 0..=1 };
+        assert!(
+            expected.contains(&said),
+            "node {} said {said} times in 8 s that its link to node {down} is down",
+            i + 1
+        );
+    }
+    nodes[down as usize - 1] = Some(restart(root, down, ports[down as usize - 1], Some(&seed)));
+    let lead = nodes[leader as usize - 1].as_ref().unwrap();
+    eventually(
+        &format!("node {leader} (the leader) to say its link to node {down} is up again"),
+        Duration::from_secs(30),
+        || async {
+            let log = lead.log_since_launch();
+            (mentions(&log, "mesh link to a peer is up again") >= 1).then_some(())
+        },
+    )
+    .await;
+    for n in nodes.into_iter().flatten() {
+        n.stop();
+    }
+}
+
 /// A Kubernetes StatefulSet's pod (`ops/k8s`): its preStop runs `statemesh cluster leave`, the
 /// process exits 0, and the pod starts again on the same volume with `--join` (a rolling
 /// update). The restarted node joins again as a member, gets its share of key groups back, and
