@@ -2555,7 +2555,8 @@ async fn the_leave_command_waits_for_a_leader() {
 /// A member that is down: its peers' links to it say so once (after about 1.5 s of failed
 /// connections), not at every retry (they said it once a second, and a dead member's lines
 /// were all a failure report's log tail showed), and the leader's says it is up again once
-/// its stream has carried frames for 1 s after the restart.
+/// its stream has carried frames for 1 s after the restart. Then the same member refuses the
+/// leader's stream (cut off): said too, and up again once healed.
 #[tokio::test]
 async fn a_link_to_a_member_that_is_down_says_so_once_then_that_it_is_up_again() {
     let _g = SERIAL.lock().await;
@@ -2595,6 +2596,35 @@ async fn a_link_to_a_member_that_is_down_says_so_once_then_that_it_is_up_again()
         || async {
             let log = lead.log_since_launch();
             (mentions(&log, "mesh link to a peer is up again") >= 1).then_some(())
+        },
+    )
+    .await;
+    // The peer takes the connection but refuses the stream (cut off from what it is sent):
+    // the link backs off and says why, as for a peer that is down. (Its backoff started
+    // again at each connect: asked every 50-100 ms, it said nothing.)
+    let back = nodes[down as usize - 1].as_ref().unwrap();
+    failpoints(back, "mesh-partition=return(in)").await;
+    eventually(
+        &format!("node {leader} to say that node {down} refuses its stream"),
+        Duration::from_secs(15),
+        || async {
+            let log = lead.log_since_launch();
+            let said = log.lines().any(|l| {
+                l.contains("mesh link to a peer is down")
+                    && l.contains(&addr)
+                    && l.contains("cut off from its peers")
+            });
+            said.then_some(())
+        },
+    )
+    .await;
+    failpoints(back, "mesh-partition=off").await;
+    eventually(
+        &format!("node {leader} to say its link to node {down} is up again, again"),
+        Duration::from_secs(30),
+        || async {
+            let log = lead.log_since_launch();
+            (mentions(&log, "mesh link to a peer is up again") >= 2).then_some(())
         },
     )
     .await;

@@ -1704,8 +1704,8 @@ impl Drop for Link {
 
 /// How often a link that stays down says so again.
 const LINK_DOWN_REPEAT: Duration = Duration::from_secs(60);
-/// A link's first retry after it breaks (or after a connect); each next one waits twice as
-/// long, up to 1 s.
+/// A link's first retry after it breaks (once its stream had carried frames for
+/// `LINK_PROVEN`); each next one waits twice as long, up to 1 s.
 const LINK_FIRST_RETRY: Duration = Duration::from_millis(50);
 /// How long a stream carries frames before a link that was down counts as up again.
 const LINK_PROVEN: Duration = Duration::from_secs(1);
@@ -1755,7 +1755,7 @@ impl Link {
                     Err(e) => e,
                     Ok(ch) => {
                         let connected_at = std::time::Instant::now();
-                        backoff = LINK_FIRST_RETRY;
+                        let mut proven = false;
                         let (ftx, frx) = mpsc::channel::<mpb::PeerFrame>(8);
                         let mut client = mpb::mesh_client::MeshClient::new(ch);
                         let call = tokio::spawn(async move {
@@ -1796,13 +1796,17 @@ impl Link {
                             if ftx.send(frame).await.is_err() {
                                 break;
                             }
-                            // Up once the stream has carried frames for a while (a peer may
-                            // take the connection and refuse the stream): an outage that was
-                            // reported is over.
-                            if down.is_some()
+                            // Up once the stream has carried frames for a while: an outage
+                            // that was reported is over, and the next break is retried soon
+                            // again. Not at the connect: a peer may take the connection and
+                            // refuse the stream (cut off, stopping, of another cluster), and
+                            // was then asked again every 50-100 ms, never saying why.
+                            if !proven
                                 && connected_at.elapsed() >= LINK_PROVEN
                                 && !call.is_finished()
                             {
+                                proven = true;
+                                backoff = LINK_FIRST_RETRY;
                                 if let Some((attempts, Some(_))) = down.take() {
                                     tracing::info!(peer, addr = %a, attempts, "mesh link to a peer is up again");
                                 }
