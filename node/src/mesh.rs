@@ -1704,10 +1704,13 @@ impl Drop for Link {
 
 /// How often a link that stays down says so again.
 const LINK_DOWN_REPEAT: Duration = Duration::from_secs(60);
-/// A link's first retry after it breaks (once its stream had carried frames for
-/// `LINK_PROVEN`); each next one waits twice as long, up to 1 s.
+/// How long a link fails before it says it is down.
+const LINK_DOWN_AFTER: Duration = Duration::from_millis(1500);
+/// A link's first retry after it breaks (or after a connect); each next one waits twice as
+/// long, up to 1 s.
 const LINK_FIRST_RETRY: Duration = Duration::from_millis(50);
-/// How long a stream carries frames before a link that was down counts as up again.
+/// How long a stream carries frames (from its first) before a link that was down counts as
+/// up again.
 const LINK_PROVEN: Duration = Duration::from_secs(1);
 
 /// What a link carries.
@@ -1742,19 +1745,24 @@ impl Link {
         let a = addr.clone();
         let task = tokio::spawn(async move {
             let mut backoff = LINK_FIRST_RETRY;
-            // While the link is down: failed attempts, and when it was last said (a peer
-            // killed for good was worth a warning a second, for as long as it stayed a member).
-            let mut down: Option<(u64, Option<std::time::Instant>)> = None;
+            // While the link is down: failed attempts, since when, and when it was last said
+            // (a peer killed for good was worth a warning a second, for as long as it stayed a
+            // member).
+            let mut down: Option<(u64, std::time::Instant, Option<std::time::Instant>)> = None;
             loop {
                 let connected = if cut_off(true) {
                     Err(CUT_OFF.to_string())
                 } else {
                     connect(&a).await
                 };
-                let err = match connected {
-                    Err(e) => e,
+                let (err, idle_for) = match connected {
+                    Err(e) => (e, None),
                     Ok(ch) => {
+                        // Soon again after a connect (a link with nothing to send never
+                        // proves itself, and an election waits for it).
+                        backoff = LINK_FIRST_RETRY;
                         let connected_at = std::time::Instant::now();
+                        let mut first_sent: Option<std::time::Instant> = None;
                         let mut proven = false;
                         let (ftx, frx) = mpsc::channel::<mpb::PeerFrame>(8);
                         let mut client = mpb::mesh_client::MeshClient::new(ch);
@@ -1796,31 +1804,37 @@ impl Link {
                             if ftx.send(frame).await.is_err() {
                                 break;
                             }
-                            // Up once the stream has carried frames for a while: an outage
-                            // that was reported is over, and the next break is retried soon
-                            // again. Not at the connect: a peer may take the connection and
-                            // refuse the stream (cut off, stopping, of another cluster), and
-                            // was then asked again every 50-100 ms, never saying why.
-                            if !proven
-                                && connected_at.elapsed() >= LINK_PROVEN
-                                && !call.is_finished()
-                            {
+                            // Up once the stream has carried frames for a while from its
+                            // first: an outage that was reported is over. Not at the connect:
+                            // a peer may take the connection and refuse the stream (cut off,
+                            // stopping, of another cluster) at its first frame.
+                            let first = *first_sent.get_or_insert_with(std::time::Instant::now);
+                            if !proven && first.elapsed() >= LINK_PROVEN && !call.is_finished() {
                                 proven = true;
-                                backoff = LINK_FIRST_RETRY;
-                                if let Some((attempts, Some(_))) = down.take() {
+                                if let Some((attempts, _, Some(_))) = down.take() {
                                     tracing::info!(peer, addr = %a, attempts, "mesh link to a peer is up again");
                                 }
                             }
                         }
-                        match call.await {
+                        let err = match call.await {
                             Ok(Err(s)) => format!("{}: {}", s.code(), s.message()),
                             _ => "stream closed".to_string(),
-                        }
+                        };
+                        (err, first_sent.is_none().then(|| connected_at.elapsed()))
                     }
                 };
-                let (attempts, said) = down.get_or_insert((0, None));
+                // A stream that stayed open a while with nothing to carry (a follower's link
+                // to another follower) was up: what ended it is a new outage.
+                if idle_for.is_some_and(|d| d >= LINK_PROVEN) {
+                    down = None;
+                }
+                let (attempts, since, said) =
+                    down.get_or_insert((0, std::time::Instant::now(), None));
                 *attempts += 1;
-                if backoff >= Duration::from_secs(1)
+                // Said once it has failed for a while, whether connecting fails (the backoff
+                // grows) or the peer refuses the stream (asked again soon after each connect:
+                // it used to fail silently for ever).
+                if since.elapsed() >= LINK_DOWN_AFTER
                     && said.is_none_or(|t| t.elapsed() >= LINK_DOWN_REPEAT)
                 {
                     *said = Some(std::time::Instant::now());
