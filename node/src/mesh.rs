@@ -1713,6 +1713,48 @@ const LINK_FIRST_RETRY: Duration = Duration::from_millis(50);
 /// up again.
 const LINK_PROVEN: Duration = Duration::from_secs(1);
 
+/// A link's outage (pure bookkeeping): when it says it is down, and that it is up again.
+#[derive(Default)]
+struct Outage {
+    /// While the link is down: failed attempts, since the first, and when it was last said
+    /// (a peer killed for good was worth a warning a second, for as long as it stayed a
+    /// member).
+    down: Option<(u64, std::time::Instant, Option<std::time::Instant>)>,
+}
+
+impl Outage {
+    /// A stream has carried frames for `LINK_PROVEN`: the outage is over. The attempts it took,
+    /// if it was said.
+    fn up(&mut self) -> Option<u64> {
+        match self.down.take() {
+            Some((attempts, _, Some(_))) => Some(attempts),
+            _ => None,
+        }
+    }
+
+    /// An attempt failed at `now`; its stream had lived `lived` (from its first frame, or from
+    /// the connect if it carried none; zero if the connect failed). Returns whether an outage
+    /// that was said is over (the stream lived `LINK_PROVEN`: what ended it is a new outage),
+    /// and whether to say that the link is down now (the attempts so far): once it has failed
+    /// for `LINK_DOWN_AFTER`, whether connecting fails or the peer refuses the stream, then
+    /// every `LINK_DOWN_REPEAT`.
+    fn failed(&mut self, now: std::time::Instant, lived: Duration) -> (Option<u64>, Option<u64>) {
+        let up = if lived >= LINK_PROVEN {
+            self.up()
+        } else {
+            None
+        };
+        let (attempts, since, said) = self.down.get_or_insert((0, now, None));
+        *attempts += 1;
+        let say = now.saturating_duration_since(*since) >= LINK_DOWN_AFTER
+            && said.is_none_or(|t| now.saturating_duration_since(t) >= LINK_DOWN_REPEAT);
+        if say {
+            *said = Some(now);
+        }
+        (up, say.then_some(*attempts))
+    }
+}
+
 /// What a link carries.
 enum Out {
     Raft(bytes::Bytes),
@@ -1745,18 +1787,15 @@ impl Link {
         let a = addr.clone();
         let task = tokio::spawn(async move {
             let mut backoff = LINK_FIRST_RETRY;
-            // While the link is down: failed attempts, since when, and when it was last said
-            // (a peer killed for good was worth a warning a second, for as long as it stayed a
-            // member).
-            let mut down: Option<(u64, std::time::Instant, Option<std::time::Instant>)> = None;
+            let mut outage = Outage::default();
             loop {
                 let connected = if cut_off(true) {
                     Err(CUT_OFF.to_string())
                 } else {
                     connect(&a).await
                 };
-                let (err, idle_for) = match connected {
-                    Err(e) => (e, None),
+                let (err, lived) = match connected {
+                    Err(e) => (e, Duration::ZERO),
                     Ok(ch) => {
                         // Soon again after a connect (a link with nothing to send never
                         // proves itself, and an election waits for it).
@@ -1766,10 +1805,12 @@ impl Link {
                         let mut proven = false;
                         let (ftx, frx) = mpsc::channel::<mpb::PeerFrame>(8);
                         let mut client = mpb::mesh_client::MeshClient::new(ch);
+                        // (When it ended: the link notices only at its next frame.)
                         let call = tokio::spawn(async move {
-                            client
+                            let r = client
                                 .peer(tokio_stream::wrappers::ReceiverStream::new(frx))
-                                .await
+                                .await;
+                            (r, std::time::Instant::now())
                         });
                         // Frames until the stream breaks or the link is dropped.
                         loop {
@@ -1811,36 +1852,31 @@ impl Link {
                             let first = *first_sent.get_or_insert_with(std::time::Instant::now);
                             if !proven && first.elapsed() >= LINK_PROVEN && !call.is_finished() {
                                 proven = true;
-                                if let Some((attempts, _, Some(_))) = down.take() {
+                                if let Some(attempts) = outage.up() {
                                     tracing::info!(peer, addr = %a, attempts, "mesh link to a peer is up again");
                                 }
                             }
                         }
-                        let err = match call.await {
-                            Ok(Err(s)) => format!("{}: {}", s.code(), s.message()),
-                            _ => "stream closed".to_string(),
+                        let (err, ended) = match call.await {
+                            Ok((Err(s), t)) => (format!("{}: {}", s.code(), s.message()), t),
+                            Ok((Ok(_), t)) => ("stream closed".to_string(), t),
+                            Err(_) => ("stream closed".to_string(), std::time::Instant::now()),
                         };
-                        (err, first_sent.is_none().then(|| connected_at.elapsed()))
+                        let from = first_sent.unwrap_or(connected_at);
+                        (err, ended.saturating_duration_since(from))
                     }
                 };
-                // A stream that stayed open a while with nothing to carry (a follower's link
-                // to another follower) was up: what ended it is a new outage.
-                if idle_for.is_some_and(|d| d >= LINK_PROVEN) {
-                    down = None;
+                let (up, say) = outage.failed(std::time::Instant::now(), lived);
+                if let Some(attempts) = up {
+                    tracing::info!(peer, addr = %a, attempts, "mesh link to a peer is up again");
                 }
-                let (attempts, since, said) =
-                    down.get_or_insert((0, std::time::Instant::now(), None));
-                *attempts += 1;
-                // Said once it has failed for a while, whether connecting fails (the backoff
-                // grows) or the peer refuses the stream (asked again soon after each connect:
-                // it used to fail silently for ever).
-                if since.elapsed() >= LINK_DOWN_AFTER
-                    && said.is_none_or(|t| t.elapsed() >= LINK_DOWN_REPEAT)
-                {
-                    *said = Some(std::time::Instant::now());
-                    tracing::warn!(peer, addr = %a, error = %err, attempts = *attempts, "mesh link to a peer is down; reconnecting (said again every {} s while it stays down)", LINK_DOWN_REPEAT.as_secs());
-                } else {
-                    tracing::debug!(peer, addr = %a, error = %err, "mesh link down; reconnecting");
+                match say {
+                    Some(attempts) => {
+                        tracing::warn!(peer, addr = %a, error = %err, attempts, "mesh link to a peer is down; reconnecting (said again every {} s while it stays down)", LINK_DOWN_REPEAT.as_secs())
+                    }
+                    None => {
+                        tracing::debug!(peer, addr = %a, error = %err, "mesh link down; reconnecting")
+                    }
                 }
                 let _ = inbox.try_send(ControlInput::Unreachable(peer));
                 // What queued meanwhile is stale: Raft resends what still matters.
@@ -2036,6 +2072,61 @@ fn leader_to_ask(req: &mpb::JoinRequest, rep: &mpb::JoinReply) -> Option<String>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_link_says_it_is_down_after_a_while_then_every_minute_and_up_again_once() {
+        use super::{Outage, LINK_DOWN_AFTER, LINK_DOWN_REPEAT, LINK_PROVEN};
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let refused = Duration::from_millis(5);
+        // A peer that refuses the stream at once, asked every 60 ms: said once it has failed
+        // for LINK_DOWN_AFTER, then not again within LINK_DOWN_REPEAT.
+        let mut o = Outage::default();
+        let mut said = Vec::new();
+        for i in 0..2_000u64 {
+            if let (None, Some(n)) = o.failed(at(i * 60), refused) {
+                said.push((i * 60, n));
+            }
+        }
+        let after = LINK_DOWN_AFTER.as_millis() as u64;
+        let repeat = LINK_DOWN_REPEAT.as_millis() as u64;
+        assert_eq!(said.first().map(|s| s.0), Some(after.div_ceil(60) * 60));
+        assert!(
+            said.windows(2).all(|w| w[1].0 - w[0].0 >= repeat),
+            "{said:?}"
+        );
+        assert_eq!(said.len() as u64, (2_000 * 60 - 1 - said[0].0) / repeat + 1);
+        // Its stream then carries frames for LINK_PROVEN: up again, with the attempts.
+        assert_eq!(o.up(), Some(2_000));
+        assert_eq!(o.up(), None);
+        // An outage that was not said is over silently.
+        let mut o = Outage::default();
+        assert_eq!(o.failed(at(0), Duration::ZERO), (None, None));
+        assert_eq!(o.up(), None);
+        // A stream that lived LINK_PROVEN (an idle link, noticed broken late) ends a said
+        // outage, and starts a new one that waits LINK_DOWN_AFTER again.
+        let mut o = Outage::default();
+        o.failed(at(0), Duration::ZERO);
+        assert_eq!(o.failed(at(after), Duration::ZERO), (None, Some(2)));
+        assert_eq!(o.failed(at(after + 5_000), LINK_PROVEN), (Some(2), None));
+        assert_eq!(o.failed(at(after + 5_100), Duration::ZERO), (None, None));
+        assert_eq!(
+            o.failed(at(2 * after + 5_000), Duration::ZERO),
+            (None, Some(3))
+        );
+        // A peer that carries frames for less than LINK_PROVEN and breaks, again and again,
+        // stays one outage and is said.
+        let mut o = Outage::default();
+        let short = LINK_PROVEN - Duration::from_millis(500);
+        let flaps: Vec<_> = (0..10u64).map(|i| o.failed(at(i * 600), short)).collect();
+        assert!(flaps.iter().all(|f| f.0.is_none()), "{flaps:?}");
+        assert_eq!(
+            flaps.iter().filter(|f| f.1.is_some()).count(),
+            1,
+            "{flaps:?}"
+        );
+    }
+
     use super::*;
     use statemesh_mesh::control::{Command, RaftConf, Role};
 
