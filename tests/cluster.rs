@@ -2552,11 +2552,11 @@ async fn the_leave_command_waits_for_a_leader() {
     n2.stop();
 }
 
-/// A member that is down: its peers' links to it say so once (after about 1.5 s of failed
-/// connections), not at every retry (they said it once a second, and a dead member's lines
-/// were all a failure report's log tail showed), and the leader's says it is up again once
-/// its stream has carried frames for 1 s after the restart. Then the same member refuses the
-/// leader's stream (cut off): said too, and up again once healed.
+/// A member that is down: its peers' links to it say so once (after 1.5 s of failures), not
+/// at every retry (they said it once a second, and a dead member's lines were all a failure
+/// report's log tail showed), and a link says it is up again once its stream has carried
+/// frames for 1 s after the restart. Then the same member refuses its peers' streams (cut
+/// off): said too, with the reason, and up again once healed.
 #[tokio::test]
 async fn a_link_to_a_member_that_is_down_says_so_once_then_that_it_is_up_again() {
     let _g = SERIAL.lock().await;
