@@ -1755,6 +1755,17 @@ impl Outage {
     }
 }
 
+/// How long a link's stream lived: from its first frame to its end, or from the connect if it
+/// ended before its first frame was queued (an idle link: noticed only at that frame).
+fn stream_lived(
+    connected: std::time::Instant,
+    first_sent: Option<std::time::Instant>,
+    ended: std::time::Instant,
+) -> Duration {
+    let from = first_sent.filter(|f| *f <= ended).unwrap_or(connected);
+    ended.saturating_duration_since(from)
+}
+
 /// What a link carries.
 enum Out {
     Raft(bytes::Bytes),
@@ -1842,14 +1853,17 @@ impl Link {
                                 raft,
                                 epoch,
                             };
+                            let sending = std::time::Instant::now();
                             if ftx.send(frame).await.is_err() {
                                 break;
                             }
                             // Up once the stream has carried frames for a while from its
                             // first: an outage that was reported is over. Not at the connect:
                             // a peer may take the connection and refuse the stream (cut off,
-                            // stopping, of another cluster) at its first frame.
-                            let first = *first_sent.get_or_insert_with(std::time::Instant::now);
+                            // stopping, of another cluster) at its first frame. ("Carried"
+                            // is "queued": a peer that is hung, its TCP still accepting,
+                            // counts as up until the keep-alive gives up on it.)
+                            let first = *first_sent.get_or_insert(sending);
                             if !proven && first.elapsed() >= LINK_PROVEN && !call.is_finished() {
                                 proven = true;
                                 if let Some(attempts) = outage.up() {
@@ -1862,8 +1876,7 @@ impl Link {
                             Ok((Ok(_), t)) => ("stream closed".to_string(), t),
                             Err(_) => ("stream closed".to_string(), std::time::Instant::now()),
                         };
-                        let from = first_sent.unwrap_or(connected_at);
-                        (err, ended.saturating_duration_since(from))
+                        (err, stream_lived(connected_at, first_sent, ended))
                     }
                 };
                 let (up, say) = outage.failed(std::time::Instant::now(), lived);
@@ -2090,12 +2103,15 @@ mod tests {
         }
         let after = LINK_DOWN_AFTER.as_millis() as u64;
         let repeat = LINK_DOWN_REPEAT.as_millis() as u64;
-        assert_eq!(said.first().map(|s| s.0), Some(after.div_ceil(60) * 60));
-        assert!(
-            said.windows(2).all(|w| w[1].0 - w[0].0 >= repeat),
-            "{said:?}"
+        // (Both are multiples of 60 ms: the thresholds are reached exactly.)
+        assert_eq!(after % 60 + repeat % 60, 0);
+        assert_eq!(
+            said,
+            [
+                (after, after / 60 + 1),
+                (after + repeat, (after + repeat) / 60 + 1)
+            ]
         );
-        assert_eq!(said.len() as u64, (2_000 * 60 - 1 - said[0].0) / repeat + 1);
         // Its stream then carries frames for LINK_PROVEN: up again, with the attempts.
         assert_eq!(o.up(), Some(2_000));
         assert_eq!(o.up(), None);
@@ -2124,6 +2140,34 @@ mod tests {
             flaps.iter().filter(|f| f.1.is_some()).count(),
             1,
             "{flaps:?}"
+        );
+    }
+
+    #[test]
+    fn a_stream_lives_from_its_first_frame_or_from_the_connect_if_it_had_none() {
+        use super::stream_lived;
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Refused at its first frame.
+        assert_eq!(
+            stream_lived(at(0), Some(at(5)), at(7)),
+            Duration::from_millis(2)
+        );
+        // Carried frames from 5 ms to 1,505 ms.
+        assert_eq!(
+            stream_lived(at(0), Some(at(5)), at(1_505)),
+            Duration::from_millis(1_500)
+        );
+        // Idle: never a frame, ended after 30 s.
+        assert_eq!(
+            stream_lived(at(0), None, at(30_000)),
+            Duration::from_secs(30)
+        );
+        // Idle, ended after 30 s, its end noticed when its first frame was queued later.
+        assert_eq!(
+            stream_lived(at(0), Some(at(31_000)), at(30_000)),
+            Duration::from_secs(30)
         );
     }
 
