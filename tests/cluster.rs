@@ -1945,9 +1945,7 @@ async fn the_only_voter_leaves_once_the_learner_has_become_a_voter() {
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
-    let (n1, _) = start(root, 1, None);
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let (n2, _) = start(root, 2, Some(&seed));
+    let ([n1, n2], _) = start_joined(root, |_| {});
     converged(&[&n1, &n2], 2, 1).await;
     spread(&n1, 2, 300).await;
     let v = view(&n1).await.unwrap();

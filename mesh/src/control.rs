@@ -327,6 +327,21 @@ pub struct RaftConf {
     pub auto_leave: bool,
 }
 
+impl RaftConf {
+    /// Whether `id` is in the group in any role: a voter or a learner, or during a joint
+    /// configuration an outgoing voter or a voter becoming a learner.
+    pub fn lists(&self, id: NodeId) -> bool {
+        [
+            &self.voters,
+            &self.learners,
+            &self.voters_outgoing,
+            &self.learners_next,
+        ]
+        .iter()
+        .any(|l| l.contains(&id))
+    }
+}
+
 /// The replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {

@@ -182,14 +182,8 @@ impl Detector {
         // from when it is added, not from its join (declared dead before that, it would never
         // be added, nor learn that it was declared dead).
         if let Some(c) = &state.conf {
-            let listed = |id: &NodeId| {
-                c.voters.contains(id)
-                    || c.learners.contains(id)
-                    || c.voters_outgoing.contains(id)
-                    || c.learners_next.contains(id)
-            };
             for (id, h) in self.heard.iter_mut() {
-                if live.contains_key(id) && !listed(id) {
+                if live.contains_key(id) && !c.lists(*id) {
                     h.1 = h.1.max(now_ms);
                 }
             }

@@ -2010,15 +2010,7 @@ impl Driver {
             self.last_heard = Instant::now();
         }
         if (self.joined || self.leave_proposed.is_some()) && !self.left {
-            let conf = state.conf.clone().unwrap_or_default();
-            let listed = [
-                &conf.voters,
-                &conf.learners,
-                &conf.voters_outgoing,
-                &conf.learners_next,
-            ]
-            .iter()
-            .any(|l| l.contains(&me));
+            let listed = state.conf.as_ref().is_some_and(|c| c.lists(me));
             let gone = match state.members.get(&me) {
                 None => true,
                 Some(m) => {
@@ -2122,21 +2114,11 @@ impl Driver {
         self.reconcile_conf()?;
         // Members that left the Raft group after leaving leave the members.
         let state = self.node.state();
-        let conf = state.conf.clone().unwrap_or_default();
         let gone: Vec<NodeId> = state
             .members
             .values()
             .filter(|m| m.leaving && state.owned_by(m.id) == 0)
-            .filter(|m| {
-                ![
-                    &conf.voters,
-                    &conf.learners,
-                    &conf.voters_outgoing,
-                    &conf.learners_next,
-                ]
-                .iter()
-                .any(|l| l.contains(&m.id))
-            })
+            .filter(|m| !state.conf.as_ref().is_some_and(|c| c.lists(m.id)))
             .map(|m| m.id)
             .collect();
         for id in gone {
