@@ -441,6 +441,31 @@ pub fn conf_change(
     (!promote.is_empty()).then_some(promote)
 }
 
+/// The voter a leader that leaves hands the leadership to: one that stays in the group
+/// (`change` does not remove it), preferring one that is alive (not marked dead), then one
+/// that answered recently (`active`: Raft's view, which notices a dead peer within an
+/// election timeout, before the failure detector's mark commits), then the one furthest
+/// along (the commit index it reported). Without the first two, a dead voter could win on a
+/// tie of commit indexes (an idle log), and a transfer to it only stalls proposals for an
+/// election timeout, again and again. `None`: no other voter stays.
+pub fn transfer_target(
+    state: &ClusterState,
+    me: NodeId,
+    change: &[(NodeId, Option<Role>)],
+    active: &dyn Fn(NodeId) -> bool,
+    committed: &dyn Fn(NodeId) -> u64,
+) -> Option<NodeId> {
+    let conf = state.conf.as_ref()?;
+    conf.voters
+        .iter()
+        .copied()
+        .filter(|&v| v != me && !change.iter().any(|(n, r)| *n == v && r.is_none()))
+        .max_by_key(|&v| {
+            let alive = state.members.get(&v).is_some_and(|m| m.alive);
+            (alive, active(v), committed(v))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,6 +507,34 @@ mod tests {
         let g = s.members[&id].generation;
         let n = s.applied_index + 1;
         s.apply(n, &Command::MarkDead { id, generation: g });
+    }
+
+    #[test]
+    fn a_leaving_leader_hands_over_to_a_live_active_voter_that_stays() {
+        let mut s = cluster(&[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5]);
+        let leave = vec![(1, None)];
+        let all = |_: NodeId| true;
+        // Furthest along wins; on a tie, the last voter listed.
+        let c = |v: NodeId| [0, 0, 7, 9, 9, 9][v as usize];
+        assert_eq!(transfer_target(&s, 1, &leave, &all, &c), Some(5));
+        // Not one that the same change removes.
+        let both = vec![(1, None), (5, None)];
+        assert_eq!(transfer_target(&s, 1, &both, &all, &c), Some(4));
+        // Not one that has not answered lately, even ahead of the others (a voter that just
+        // died while the log was idle keeps the commit index it last reported).
+        let quiet = |v: NodeId| v != 5;
+        assert_eq!(transfer_target(&s, 1, &leave, &quiet, &c), Some(4));
+        // Nor one marked dead, even if Raft still counts it as active.
+        kill(&mut s, 4);
+        kill(&mut s, 5);
+        assert_eq!(transfer_target(&s, 1, &leave, &all, &c), Some(3));
+        // A dead or silent voter only when no other stays.
+        assert_eq!(
+            transfer_target(&s, 1, &[(1, None), (2, None), (3, None)], &all, &c),
+            Some(5)
+        );
+        let s = cluster(&[1], &[1]);
+        assert_eq!(transfer_target(&s, 1, &leave, &all, &c), None);
     }
 
     #[test]

@@ -172,6 +172,12 @@ impl<S: ControlLog> ControlNode<S> {
                 .is_some_and(|p| p.recent_active && p.matched >= self.raw.raft.raft_log.committed)
     }
 
+    /// Whether peer `id` has answered (as the leader sees it) since the last quorum check,
+    /// at most an election timeout ago.
+    pub fn peer_active(&self, id: NodeId) -> bool {
+        self.is_leader() && self.raw.raft.prs().get(id).is_some_and(|p| p.recent_active)
+    }
+
     /// The highest commit index peer `id` has reported (in its answers to appends and
     /// heartbeats; as the leader sees it, `None` elsewhere or for a peer outside the group):
     /// it knows every entry up to there committed.

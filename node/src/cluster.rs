@@ -2176,17 +2176,17 @@ impl Driver {
         };
         // A leader does not remove itself: raft-rs keeps a removed leader leading (dropping
         // every proposal) and parts of it assume the leader is in the group. It hands the
-        // leadership to a voter that stays, the one furthest along, which removes it; it then
+        // leadership to a voter that stays, alive and furthest along, which removes it; it then
         // learns from its log that it is out, and stops.
         let me = node.id();
         if change.iter().any(|(n, role)| *n == me && role.is_none()) {
-            let conf = state.conf.clone().unwrap_or_default();
-            let to = conf
-                .voters
-                .iter()
-                .copied()
-                .filter(|&v| v != me && !change.iter().any(|(n, r)| *n == v && r.is_none()))
-                .max_by_key(|&v| node.peer_committed(v).unwrap_or(0));
+            let to = statemesh_mesh::failure::transfer_target(
+                state,
+                me,
+                &change,
+                &|v| node.peer_active(v),
+                &|v| node.peer_committed(v).unwrap_or(0),
+            );
             if let Some(to) = to {
                 if self.transfer_asked.is_none_or(|t| t.elapsed() >= REPROPOSE) {
                     self.transfer_asked = Some(Instant::now());
