@@ -412,6 +412,14 @@ impl pb::admin_server::Admin for AdminService {
     }
 }
 
+/// The connections of `listener` without TLS, with `TCP_NODELAY` set (as the TLS path and
+/// actix-web's HTTP do): tonic applies its own `tcp_nodelay` only to listeners it binds, so
+/// without this a response written while an earlier one was unacknowledged waited for the
+/// client's (possibly delayed) ACK.
+fn plain_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Serves gRPC on `listener` until the returned sender fires.
 pub(crate) fn serve(
     shared: Shared,
@@ -455,7 +463,7 @@ pub(crate) fn serve(
                     .await
             }
             None => {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let incoming = plain_incoming(listener);
                 router
                     .serve_with_incoming_shutdown(incoming, shutdown)
                     .await
@@ -466,4 +474,19 @@ pub(crate) fn serve(
         }
     });
     (tx, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn accepted_connections_send_without_delay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = super::plain_incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.expect("a connection").unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY is not set");
+    }
 }
