@@ -401,7 +401,37 @@ pub fn conf_change(
                 change.push((c, Some(Role::Voter)));
             }
         }
-        return Some(change);
+        if !conf.voters.contains(&d) {
+            return Some(change);
+        }
+        // The voters that stay must hold a live majority of their own: the joint
+        // configuration's new half commits nothing otherwise, so the change never completes,
+        // the leader steps down, and no leader is elected until a dead voter comes back
+        // (voters A, B and X with A dead: X leaving left A and B, B alone could not commit).
+        // Dead ones among them become learners in the same change (they are promoted again
+        // once back and caught up). With no live voter left beside it, it does not leave the
+        // group yet.
+        let is_alive = |v: &NodeId| state.members.get(v).is_some_and(|m| m.alive);
+        let stay: Vec<NodeId> = conf
+            .voters
+            .iter()
+            .filter(|v| **v != d)
+            .chain(change.iter().filter(|(_, r)| r.is_some()).map(|(n, _)| n))
+            .copied()
+            .collect();
+        let live = stay.iter().filter(|v| is_alive(v)).count();
+        if live == 0 {
+            // (Falls through: nothing below removes it.)
+        } else {
+            if 2 * live <= stay.len() {
+                change.extend(
+                    stay.iter()
+                        .filter(|v| !is_alive(v))
+                        .map(|&v| (v, Some(Role::Learner))),
+                );
+            }
+            return Some(change);
+        }
     }
     let dead_voter = conf
         .voters
@@ -507,6 +537,119 @@ mod tests {
         let g = s.members[&id].generation;
         let n = s.applied_index + 1;
         s.apply(n, &Command::MarkDead { id, generation: g });
+    }
+
+    fn leave(s: &mut ClusterState, id: NodeId) {
+        let n = s.applied_index + 1;
+        s.apply(n, &Command::Leave { id });
+    }
+
+    /// The voters once `change` is applied (a removed or demoted voter goes, a promoted
+    /// learner comes).
+    fn voters_after(s: &ClusterState, change: &[(NodeId, Option<Role>)]) -> Vec<NodeId> {
+        let conf = s.conf.clone().unwrap_or_default();
+        let mut v: Vec<NodeId> = conf
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| {
+                !change
+                    .iter()
+                    .any(|(n, r)| n == v && *r != Some(Role::Voter))
+            })
+            .collect();
+        for (n, r) in change {
+            if *r == Some(Role::Voter) && !v.contains(n) {
+                v.push(*n);
+            }
+        }
+        v
+    }
+
+    fn live_majority(s: &ClusterState, voters: &[NodeId]) -> bool {
+        let live = voters
+            .iter()
+            .filter(|v| s.members.get(v).is_some_and(|m| m.alive))
+            .count();
+        2 * live > voters.len()
+    }
+
+    #[test]
+    fn a_voter_leaving_takes_dead_voters_out_with_it_rather_than_leave_no_majority() {
+        // Voters 1, 2 and 3, learner 4; 1 and 4 died; 3 leaves and owns nothing. Removing 3
+        // alone would leave voters 1 and 2, and 2 alone commits nothing.
+        let mut s = cluster(&[1, 2, 3, 4], &[1, 2, 3]);
+        leave(&mut s, 3);
+        kill(&mut s, 1);
+        kill(&mut s, 4);
+        let change = conf_change(&s, 2, &|_| true).expect("a change");
+        assert_eq!(change, vec![(3, None), (1, Some(Role::Learner))]);
+        assert_eq!(voters_after(&s, &change), vec![2]);
+        // The last live voter beside dead ones does not leave the group (nothing can take
+        // its seat).
+        let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
+        leave(&mut s, 3);
+        kill(&mut s, 1);
+        kill(&mut s, 2);
+        let change = conf_change(&s, 3, &|_| true);
+        assert!(
+            change
+                .as_ref()
+                .is_none_or(|c| c.iter().all(|(n, r)| *n != 3 || r.is_some())),
+            "{change:?}"
+        );
+    }
+
+    /// Every change `conf_change` proposes keeps a live majority in the configuration it
+    /// leads to, whenever the current one has one (a joint change needs both halves): over
+    /// every cluster of 2 to 6 members, every set of voters, every set of dead members, a
+    /// leaving member or none, learners caught up or not.
+    #[test]
+    fn no_change_leaves_the_voters_without_a_live_majority() {
+        let mut checked = 0;
+        for n in 2..=6u64 {
+            let ids: Vec<NodeId> = (1..=n).collect();
+            for voter_mask in 1u32..(1 << n) {
+                let voters: Vec<NodeId> = ids
+                    .iter()
+                    .copied()
+                    .filter(|i| voter_mask & (1 << (i - 1)) != 0)
+                    .collect();
+                for dead_mask in 0u32..(1 << n) {
+                    for leaving in 0..=n {
+                        for caught in [true, false] {
+                            let mut s = cluster(&ids, &voters);
+                            if leaving > 0 {
+                                leave(&mut s, leaving);
+                            }
+                            for &i in &ids {
+                                if dead_mask & (1 << (i - 1)) != 0 {
+                                    kill(&mut s, i);
+                                }
+                            }
+                            if !live_majority(&s, &voters) {
+                                continue;
+                            }
+                            // The leader is a live voter.
+                            let me = *voters
+                                .iter()
+                                .find(|v| s.members[v].alive)
+                                .expect("a live voter");
+                            let Some(change) = conf_change(&s, me, &|_| caught) else {
+                                continue;
+                            };
+                            checked += 1;
+                            let after = voters_after(&s, &change);
+                            assert!(
+                                live_majority(&s, &after),
+                                "{n} members, voters {voters:?}, dead mask {dead_mask:b}, leaving {leaving}, caught up {caught}: {change:?} leaves voters {after:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 1000, "only {checked} changes checked");
     }
 
     #[test]
