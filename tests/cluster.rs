@@ -1787,6 +1787,19 @@ async fn failpoints(n: &Node, spec: &str) {
 
 #[tokio::test]
 async fn a_node_cut_off_from_the_majority_stops_serving_within_its_lease_and_says_why() {
+    cut_off_from_the_majority("return").await;
+}
+
+/// One way: node 3 hears nothing from the others, while what it sends still reaches them (its
+/// Raft pre-votes, every election timeout). It must still be declared dead: a pre-vote says
+/// it runs, not that it hears the leader. (Counted as a sign of life, it kept node 3 from
+/// being declared dead for as long as the cut lasted, and its key groups unserved.)
+#[tokio::test]
+async fn a_node_that_hears_nothing_from_the_majority_is_declared_dead_though_it_sends() {
+    cut_off_from_the_majority("return(in)").await;
+}
+
+async fn cut_off_from_the_majority(cut_spec: &str) {
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
@@ -1797,9 +1810,10 @@ async fn a_node_cut_off_from_the_majority_stops_serving_within_its_lease_and_say
     let id = ctr.rsplit('/').next().unwrap().to_string();
     let c3 = n3.client().await;
     assert_eq!(add(&c3, &id, 5).await, 5);
-    // Node 3 is cut off from both others: it must stop serving its key groups before they
+    // Node 3 is cut off (both ways, or from what the others send): it must stop serving its
+    // key groups before they
     // declare it dead and move them, and tell its callers why.
-    failpoints(&n3, "mesh-partition=return").await;
+    failpoints(&n3, &format!("mesh-partition={cut_spec}")).await;
     let cut = std::time::Instant::now();
     // Pinned to node 3: a client that knows the cluster (`c3`) would move on to another node.
     let once = Client::connect_lazy(&n3.grpc)

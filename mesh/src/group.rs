@@ -64,6 +64,32 @@ impl Default for Timing {
     }
 }
 
+/// What [`ControlNode::step`] took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stepped {
+    /// The member that created the message (a message forwarded by another member, a read
+    /// index say, names its origin).
+    pub origin: NodeId,
+    /// The leader's replication (an append, a heartbeat or a snapshot): what a member stops
+    /// getting once the group removed it. (A read index's answer is not: a leader answers one
+    /// from a removed member too.)
+    pub replication: bool,
+    /// The sender's own campaign (a vote or pre-vote request): no sign that it hears the
+    /// group. A member cut off from what the others send campaigns every election timeout,
+    /// and still reaches them; counted as a sign of life, it was never declared dead. Every
+    /// other message counts: the read indexes the leader answers above all, since the
+    /// ownership leases start at them.
+    pub campaign: bool,
+}
+
+impl Stepped {
+    /// Whether the message shows that its sender hears the group (the failure detector's
+    /// sign of life).
+    pub fn sign_of_life(&self) -> bool {
+        !self.campaign
+    }
+}
+
 /// A member's replica of the control group.
 pub struct ControlNode<S: ControlLog = MemStorage> {
     id: NodeId,
@@ -241,35 +267,29 @@ impl<S: ControlLog> ControlNode<S> {
         self.raw.tick();
     }
 
-    /// Hands over a peer's message (its encoded bytes); returns the member that sent it (the
-    /// one that created it: a message forwarded by another member, a read index say, names
-    /// its origin). A message that does not decode is refused with an error naming it; the
-    /// node is unaffected.
-    pub fn step(&mut self, bytes: &[u8]) -> Result<NodeId, String> {
-        self.step_kind(bytes).map(|(from, _)| from)
-    }
-
-    /// [`step`](Self::step), also saying whether the message is the leader's replication (an
-    /// append, a heartbeat or a snapshot): what a member stops getting once the group removed
-    /// it. (A read index's answer is not: a leader answers one from a removed member too.)
-    pub fn step_kind(&mut self, bytes: &[u8]) -> Result<(NodeId, bool), String> {
+    /// Hands over a peer's message (its encoded bytes); says which member sent it and what
+    /// kind of message it is ([`Stepped`]). A message that does not decode is refused with an
+    /// error naming it; the node is unaffected.
+    pub fn step(&mut self, bytes: &[u8]) -> Result<Stepped, String> {
         let m = Message::parse_from_bytes(bytes).map_err(|e| format!("raft message: {e}"))?;
-        let replication = matches!(
-            m.get_msg_type(),
-            raft::prelude::MessageType::MsgAppend
-                | raft::prelude::MessageType::MsgHeartbeat
-                | raft::prelude::MessageType::MsgSnapshot
-        );
+        use raft::prelude::MessageType as T;
+        let t = m.get_msg_type();
+        let replication = matches!(t, T::MsgAppend | T::MsgHeartbeat | T::MsgSnapshot);
+        let campaign = matches!(t, T::MsgRequestVote | T::MsgRequestPreVote);
         if m.to != self.id {
             return Err(format!(
                 "raft message for node {} reached node {}",
                 m.to, self.id
             ));
         }
-        let from = m.from;
+        let origin = m.from;
         self.raw
             .step(m)
-            .map(|()| (from, replication))
+            .map(|()| Stepped {
+                origin,
+                replication,
+                campaign,
+            })
             .map_err(|e| format!("raft step: {e}"))
     }
 

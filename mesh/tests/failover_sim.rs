@@ -205,9 +205,11 @@ impl Sim {
             match (&mut m.node, m.paused_until) {
                 (Some(_), Some(_)) => m.inbox.push((from, bytes)),
                 (Some(n), None) => {
-                    m.detector.heard(from as NodeId + 1, now);
-                    if let Ok(origin) = n.step(&bytes) {
-                        m.detector.heard(origin, now);
+                    if let Ok(s) = n.step(&bytes) {
+                        if s.sign_of_life() {
+                            m.detector.heard(from as NodeId + 1, now);
+                            m.detector.heard(s.origin, now);
+                        }
                     }
                 }
                 (None, _) => {}
@@ -467,9 +469,11 @@ impl Sim {
                 let m = &mut self.members[i];
                 if let Some(n) = m.node.as_mut() {
                     for (from, b) in inbox {
-                        m.detector.heard(from as NodeId + 1, now);
-                        if let Ok(origin) = n.step(&b) {
-                            m.detector.heard(origin, now);
+                        if let Ok(s) = n.step(&b) {
+                            if s.sign_of_life() {
+                                m.detector.heard(from as NodeId + 1, now);
+                                m.detector.heard(s.origin, now);
+                            }
                         }
                     }
                 }

@@ -870,17 +870,21 @@ impl Driver {
     fn input(&mut self, i: ControlInput) {
         match i {
             ControlInput::Raft { from, addr, msgs } => {
-                self.detector.heard(from, crate::mesh::mono_ms());
                 if !addr.is_empty() {
                     self.learned.insert(from, addr);
                 }
                 for m in msgs {
-                    match self.node.step_kind(&m) {
+                    match self.node.step(&m) {
                         // The member that created it (a read index forwarded by another member
-                        // names its origin): what the ownership leases are bounded by.
-                        Ok((origin, replication)) => {
-                            self.detector.heard(origin, crate::mesh::mono_ms());
-                            if replication {
+                        // names its origin): what the ownership leases are bounded by. Not a
+                        // campaign: a member that hears nothing still sends those.
+                        Ok(s) => {
+                            if s.sign_of_life() {
+                                let now = crate::mesh::mono_ms();
+                                self.detector.heard(from, now);
+                                self.detector.heard(s.origin, now);
+                            }
+                            if s.replication {
                                 self.last_heard = Instant::now();
                             }
                         }
