@@ -2480,6 +2480,71 @@ async fn cut_off_while_leaving(until_removed: bool) {
     n2.stop();
 }
 
+/// A member killed once its leave has applied, and restarted cut off from what its peers send:
+/// its applied state says it is leaving, but this process never asked, and it knows no leader
+/// to rejoin through. The others declare it dead (its campaigns are no sign of life), fail its
+/// key groups over and remove it. Once healed, hearing nothing, it asks its peers whether it
+/// is still a member, learns that it is not, and exits. (It asked only if this process had
+/// asked to leave, so it ran on for ever.)
+#[tokio::test]
+async fn a_member_restarted_while_leaving_and_removed_meanwhile_exits() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, seed, [_, _, p3]) = three_nodes_with_ports(root).await;
+    spread(&n1, 3, 200).await;
+    leave_taken(&n3).await;
+    eventually(
+        "node 3 to apply its own leave",
+        Duration::from_secs(30),
+        || async {
+            let v = view(&n3).await?;
+            (member(&v, 3)["leaving"] == true).then_some(())
+        },
+    )
+    .await;
+    n3.kill();
+    let mut l = launch(root, 3, p3, Some(&seed));
+    l.env
+        .push(("FAILPOINTS".into(), "mesh-partition=return(in)".into()));
+    let mut n3 = Node::start_launch(&root.join("n3"), &l);
+    // Its own state, once replayed from its log, says that it leaves.
+    eventually(
+        "node 3's own state to say that it leaves",
+        Duration::from_secs(15),
+        || async {
+            let v = view(&n3).await?;
+            (member(&v, 3)["leaving"] == true).then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "nodes 1 and 2 to remove node 3",
+        Duration::from_secs(60),
+        || async {
+            let v = view(&n1).await?;
+            (member(&v, 3).is_null() && v["members"].as_array()?.len() == 2).then_some(())
+        },
+    )
+    .await;
+    assert!(n3.exited().is_none(), "node 3 exited while cut off");
+    failpoints(&n3, "mesh-partition=off").await;
+    let exited = exit_status(
+        &mut n3,
+        "node 3 to learn that it was removed, and exit",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(exited.success(), "node 3 exited with {exited}");
+    assert!(
+        n3.log_since_launch()
+            .contains("a peer has applied its removal"),
+        "node 3 learnt its removal from a peer"
+    );
+    n1.stop();
+    n2.stop();
+}
+
 /// `statemesh cluster leave` at a member that knows no leader (the two others are down): the
 /// node cannot propose the leave and answers UNAVAILABLE. The command says so and asks again
 /// until a leader is back (it used to fail at once), then waits for the node to leave.

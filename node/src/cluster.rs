@@ -916,11 +916,12 @@ impl Driver {
             } => {
                 // Its own applied state lists it (else it would have counted as gone): the
                 // peer's, further along the same log, applied its removal since. Only a leave
-                // removes a member, and this process asked for one. (As with its own log's
+                // removes a member, and this node is leaving: this process asked, or its
+                // applied state says so (an earlier process asked). (As with its own log's
                 // removal: a Remove meant for an earlier process of this node that applies
                 // after this process's leave was asked would stop it too.)
                 let mine = self.node.state().applied_index;
-                if self.leave_proposed.is_some() && !self.left && applied_index > mine {
+                if self.leaving() && !self.left && applied_index > mine {
                     tracing::info!(
                         node = self.node.id(),
                         peer,
@@ -1096,13 +1097,27 @@ impl Driver {
         }
     }
 
+    /// Whether this node is leaving: this process asked to, or its applied state says it
+    /// does (an earlier process of this node asked, and this one restarted meanwhile).
+    fn leaving(&self) -> bool {
+        self.leave_proposed.is_some()
+            || self
+                .node
+                .state()
+                .members
+                .get(&self.node.id())
+                .is_some_and(|m| m.leaving)
+    }
+
     /// A member that leaves and has heard nothing from the group's leader for `LEFT_SILENCE`
     /// asks its peers, every `REPROPOSE`, whether it is still a member. A member cut off
     /// while its leave applied, for longer than the leader waits for it to catch up
     /// (`CONF_WAIT_FOR_RETIRE`), is removed without having applied its leave; the group then
-    /// sends it nothing, so its own log never says it left, and it would run on for ever.
+    /// sends it nothing, so its own log never says it left, and it would run on for ever. So
+    /// is one restarted after its leave applied and cut off before it could rejoin: it never
+    /// asked in this process, and knows no leader to rejoin through.
     fn ask_if_removed(&mut self) {
-        let silent = self.leave_proposed.is_some()
+        let silent = self.leaving()
             && !self.left
             && !self.node.is_leader()
             && self.last_heard.elapsed() > LEFT_SILENCE;
