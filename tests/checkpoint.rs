@@ -45,6 +45,7 @@ fn section(kg: u32, full: bool, puts: &[(&str, &str)], deletes: &[&str]) -> KeyG
                 typename: "x/y".into(),
                 value: vec![kg as u8],
                 has_value: true,
+                idempotency_key: String::new(),
             }]
         },
         timers: vec![],

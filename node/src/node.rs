@@ -896,7 +896,7 @@ pub(crate) fn envelopes(
             caller,
             message,
             ingress: false,
-            key: None,
+            key: (!m.idempotency_key.is_empty()).then(|| m.idempotency_key.into()),
             trace: None,
         });
     }

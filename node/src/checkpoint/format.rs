@@ -41,6 +41,12 @@ pub struct PendingMessage {
     /// Whether the value is present.
     #[prost(bool, tag = "5")]
     pub has_value: bool,
+    /// The ingress request's idempotency key (empty: none), for a message listed before its
+    /// key was checked (in flight between nodes or shards, kept for a move, parked for an
+    /// absent owner): whoever replays it checks the key then. A message queued at its address
+    /// was checked when it was queued, its record in the same epoch, and has none here.
+    #[prost(string, tag = "6")]
+    pub idempotency_key: String,
 }
 
 /// One key group's part of an epoch.

@@ -289,6 +289,18 @@ fn pending_message(target: &Address, caller: Option<&Address>, m: &TypedValue) -
         typename: m.typename().to_string(),
         value: m.value().to_vec(),
         has_value: m.has_value(),
+        idempotency_key: String::new(),
+    }
+}
+
+/// A message not yet at its address's inbox, as pending at a cut: with its idempotency key,
+/// which has not been checked yet (its check, and the key's record, come when it is queued;
+/// listed without it, a replay after a rollback or a move applied it even if the key's first
+/// message had been applied meanwhile).
+fn pending_envelope(env: &Envelope) -> PendingMessage {
+    PendingMessage {
+        idempotency_key: env.key.as_deref().unwrap_or_default().to_string(),
+        ..pending_message(&env.target, env.caller.as_ref(), &env.message)
     }
 }
 
@@ -1498,7 +1510,7 @@ impl Shard {
                     env.target.to_string().into(),
                     3,
                     env.kg,
-                    pending_message(&env.target, env.caller.as_ref(), &env.message),
+                    pending_envelope(env),
                 ));
             }
             let busy = std::mem::take(&mut self.busy);
@@ -1760,7 +1772,7 @@ impl Shard {
                     env.target.to_string().into(),
                     2,
                     env.kg,
-                    pending_message(&env.target, env.caller.as_ref(), &env.message),
+                    pending_envelope(&env),
                 ));
                 logged = true;
             }
@@ -2392,6 +2404,27 @@ mod tests {
             key: None,
             trace: None,
         }
+    }
+
+    /// A message listed before its idempotency key was checked (in flight across a cut, kept
+    /// for a move, parked for an absent owner) keeps its key through an epoch object and a
+    /// replay, so the replay checks it (a review found it dropped: a rollback or a move then
+    /// applied a message whose key's first message had been applied since). One without a key
+    /// comes back without one.
+    #[test]
+    fn a_message_listed_before_its_key_was_checked_keeps_it_through_a_replay() {
+        let mut e = env(5, "m");
+        e.key = Some("k-1".into());
+        let bytes = prost::Message::encode_to_vec(&pending_envelope(&e));
+        let listed = <PendingMessage as prost::Message>::decode(bytes.as_slice()).unwrap();
+        let back = crate::node::envelopes(vec![(5, listed)]).pop().unwrap();
+        assert_eq!(back.key.as_deref(), Some("k-1"));
+        assert_eq!(
+            (back.target, back.kg, back.message),
+            (e.target, 5, e.message)
+        );
+        let plain = crate::node::envelopes(vec![(5, pending_envelope(&env(5, "n")))]);
+        assert_eq!(plain[0].key, None);
     }
 
     /// A message pending at a cut is listed by the first cut that finds it, recorded once by
