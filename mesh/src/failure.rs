@@ -353,7 +353,11 @@ pub fn voters_wanted(live: usize) -> usize {
 /// - Live members not in the configuration are added as learners.
 /// - A dead voter is swapped for a caught-up live learner in one change (the group keeps its
 ///   size). Without such a learner it stays a voter: it may come back, and removing it would
-///   shrink the group below what its members were promised.
+///   shrink the group below what its members were promised. (Except when a voter leaves and
+///   the voters that stay would have no live majority: then the dead ones become learners
+///   with it.)
+/// - A leaving member that owns nothing leaves the group (a voter's seat to a caught-up
+///   learner).
 /// - Live learners are promoted (caught up) while fewer voters than wanted are live and no
 ///   voter is dead.
 pub fn conf_change(
@@ -408,9 +412,9 @@ pub fn conf_change(
         // configuration's new half commits nothing otherwise, so the change never completes,
         // the leader steps down, and no leader is elected until a dead voter comes back
         // (voters A, B and X with A dead: X leaving left A and B, B alone could not commit).
-        // Dead ones among them become learners in the same change (they are promoted again
-        // once back and caught up). With no live voter left beside it, it does not leave the
-        // group yet.
+        // Dead ones among them become learners in the same change (once back and caught up,
+        // they are voters again if fewer voters than wanted are live). With no live voter left
+        // beside it, it does not leave the group yet.
         let is_alive = |v: &NodeId| state.members.get(v).is_some_and(|m| m.alive);
         let stay: Vec<NodeId> = conf
             .voters
