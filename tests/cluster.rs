@@ -137,6 +137,19 @@ async fn post_leave(n: &Node) {
     assert_eq!(s, 202, "{}", String::from_utf8_lossy(&body));
 }
 
+/// Waits until `via`'s view no longer lists node `id` and has `members` members.
+async fn removed(via: &Node, id: u64, members: usize, within: Duration) {
+    eventually(
+        &format!("node {id} to be removed ({members} members left)"),
+        within,
+        || async {
+            let v = view(via).await?;
+            (member(&v, id).is_null() && v["members"].as_array()?.len() == members).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Asks `n` to leave until it takes the leave (a node that has just restarted may know no
 /// leader yet, and a cut-off one may not answer at once).
 async fn leave_taken(n: &Node) {
@@ -2441,15 +2454,7 @@ async fn cut_off_while_leaving(until_removed: bool) {
     )
     .await;
     if until_removed {
-        eventually(
-            "nodes 1 and 2 to remove node 3",
-            Duration::from_secs(60),
-            || async {
-                let v = view(&n1).await?;
-                (member(&v, 3).is_null() && v["members"].as_array()?.len() == 2).then_some(())
-            },
-        )
-        .await;
+        removed(&n1, 3, 2, Duration::from_secs(60)).await;
         // Still running: it has heard nothing of it.
         assert!(n3.exited().is_none(), "node 3 exited while cut off");
     } else {
@@ -2467,15 +2472,7 @@ async fn cut_off_while_leaving(until_removed: bool) {
         until_removed,
         "how node 3 learnt that it had left"
     );
-    eventually(
-        "nodes 1 and 2 to be the members",
-        Duration::from_secs(30),
-        || async {
-            let v = view(&n1).await?;
-            (member(&v, 3).is_null() && v["members"].as_array()?.len() == 2).then_some(())
-        },
-    )
-    .await;
+    removed(&n1, 3, 2, Duration::from_secs(30)).await;
     n1.stop();
     n2.stop();
 }
@@ -2518,15 +2515,7 @@ async fn a_member_restarted_while_leaving_and_removed_meanwhile_exits() {
         },
     )
     .await;
-    eventually(
-        "nodes 1 and 2 to remove node 3",
-        Duration::from_secs(60),
-        || async {
-            let v = view(&n1).await?;
-            (member(&v, 3).is_null() && v["members"].as_array()?.len() == 2).then_some(())
-        },
-    )
-    .await;
+    removed(&n1, 3, 2, Duration::from_secs(60)).await;
     assert!(n3.exited().is_none(), "node 3 exited while cut off");
     failpoints(&n3, "mesh-partition=off").await;
     let exited = exit_status(
