@@ -1871,8 +1871,12 @@ impl Driver {
                 // The round's plan (its new owners had caught up when it started; the
                 // participants stopped these key groups), as far as it still stands.
                 // A failover's moves were planned over the members ready then; they still
-                // stand while the key group's version and the target's membership do.
+                // stand while the key group's version and the target's membership do, and
+                // while every lease the dead owner may hold has expired (checked when planned;
+                // checked again, since an owner that came back, took a lease and was declared
+                // dead again meanwhile leaves the version as it was).
                 let state = self.node.state();
+                let now = crate::mesh::mono_ms();
                 let moves: Vec<_> = if self.failover_plan.is_empty() {
                     state
                         .plan_moves(state.table.len())
@@ -1887,6 +1891,7 @@ impl Driver {
                             o.version == m.version
                                 && o.owner.is_some_and(|d| {
                                     !state.members.get(&d).is_some_and(|x| x.alive)
+                                        && self.detector.may_take_over(d, now)
                                 })
                                 && state
                                     .members
