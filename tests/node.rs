@@ -1052,7 +1052,10 @@ async fn the_sdk_client_says_why_when_no_node_it_knows_answers() {
 
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("n"), None);
-    let closed = format!("127.0.0.1:{}", common::free_port());
+    // A listener that never accepts holds its port, so no other test's node can take it while
+    // this one counts on it not answering (a free port could be bound meanwhile).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = silent.local_addr().unwrap().to_string();
     let client = statemesh_sdk::Client::connect_cluster(&[node.grpc.as_str(), closed.as_str()])
         .unwrap()
         .with_attempt_timeout(Duration::from_millis(300))

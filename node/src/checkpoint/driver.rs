@@ -38,10 +38,52 @@ use statemesh_mesh::epoch::EpochMsg;
 pub(crate) struct ShardCut {
     pub epoch: u64,
     pub shard: usize,
+    /// The shard's generation when it cut (a rollback gives the shards a new one): a cut of
+    /// an older generation than the driver's is stale, whatever its epoch.
+    pub generation: u64,
     /// Local-store writes since the previous cut, in order.
     pub ops: Vec<Change>,
     /// Unprocessed messages at the cut, with their key group, in replay order.
     pub pending: Vec<(u32, PendingMessage)>,
+}
+
+/// What the driver does with a shard's cut.
+#[derive(Debug, PartialEq, Eq)]
+enum CutFate {
+    /// A cut of a running epoch.
+    Take,
+    /// A cut of the epoch after a rollback's base by a shard that rolled back already (a
+    /// peer's marker came first): kept until the rollback ends.
+    AfterRollback,
+    /// A cut of an abandoned epoch.
+    Drop,
+}
+
+/// What becomes of a cut of `epoch` by a shard of generation `generation`, with the shards
+/// at `shard_gen` (the generation the last rollback gave them) and `rolling_back` = (the
+/// shards were told, the rollback's base) during a rollback.
+///
+/// Everything of the epochs being abandoned is dropped (a shard's last old cut reaches the
+/// driver before `RolledBack` does). Old cuts are told apart by their generation, not their
+/// epoch: a shard may cut an epoch after the rollback's base before its `Rollback` comes (a
+/// peer's marker of the old generation came first), and after the rollback the next epoch
+/// takes the number after the base, the same one. Taken for the new epoch's, that old cut
+/// committed what the rollback abandoned: timers fired and messages applied, while their
+/// effects were dropped with the old generation (lost) or done again after it (applied twice).
+fn cut_fate(
+    rolling_back: Option<(bool, u64)>,
+    shard_gen: u64,
+    generation: u64,
+    epoch: u64,
+) -> CutFate {
+    match rolling_back {
+        Some((told, base)) if told && generation == shard_gen && epoch > base => {
+            CutFate::AfterRollback
+        }
+        Some(_) => CutFate::Drop,
+        None if generation != shard_gen => CutFate::Drop,
+        None => CutFate::Take,
+    }
 }
 
 /// Inputs of the driver.
@@ -49,6 +91,9 @@ pub(crate) enum DriverEvent {
     Cut(ShardCut),
     Written {
         epoch: u64,
+        /// [`Driver::rollbacks`] when the write began: a write begun before a rollback
+        /// belongs to an abandoned epoch, even if the epoch's number is used again after it.
+        rollbacks: u64,
         result: Result<Option<ObjectRef>, String>,
     },
     Committed {
@@ -413,6 +458,8 @@ struct Driver {
     sled_rewrites: u64,
     /// The generation the shards took at their last rollback.
     shard_gen: u64,
+    /// Counts the rollbacks begun (see [`DriverEvent::Written`]).
+    rollbacks: u64,
     /// The epoch log (a node alone commits its epochs there).
     log: Option<LogSide>,
     /// An epoch to commit to blob storage once the log is uploaded (it left the log).
@@ -805,6 +852,7 @@ pub(crate) fn start(
         handing: false,
         sled_rewrites: 0,
         shard_gen: 0,
+        rollbacks: 0,
         log,
         commit_after_upload: None,
         coord_backpressure: None,
@@ -1209,25 +1257,35 @@ impl Driver {
 
     fn event(&mut self, ev: DriverEvent) {
         match ev {
-            // Everything of the epochs being abandoned is dropped: a cut, or a write, of one
-            // (a shard's last old cut reaches this channel before `RolledBack` does).
-            // A shard that rolled back may cut the next epoch at once (another node's marker
-            // came first): kept for after the rollback.
-            DriverEvent::Cut(c)
-                if self
+            DriverEvent::Cut(c) => {
+                let rb = self
                     .rolling_back
                     .as_ref()
-                    .is_some_and(|rb| c.epoch > rb.base) =>
-            {
-                self.early_cuts.push(c);
+                    .map(|rb| (rb.shards_told, rb.base));
+                match cut_fate(rb, self.shard_gen, c.generation, c.epoch) {
+                    CutFate::Take => {
+                        let (epoch, shard) = (c.epoch, c.shard);
+                        self.cuts.entry(epoch).or_default().push(c);
+                        self.input(Input::ShardCut { epoch, shard });
+                    }
+                    CutFate::AfterRollback => self.early_cuts.push(c),
+                    CutFate::Drop => tracing::debug!(
+                        epoch = c.epoch,
+                        shard = c.shard,
+                        generation = c.generation,
+                        shards = self.shard_gen,
+                        "a cut of an abandoned epoch dropped"
+                    ),
+                }
             }
-            DriverEvent::Cut(_) | DriverEvent::Written { .. } if self.rolling_back.is_some() => {}
-            DriverEvent::Cut(c) => {
-                let (epoch, shard) = (c.epoch, c.shard);
-                self.cuts.entry(epoch).or_default().push(c);
-                self.input(Input::ShardCut { epoch, shard });
+            // A write of an abandoned epoch is dropped (during the rollback, or after it if
+            // it took longer: its epoch's number may be given again).
+            DriverEvent::Written {
+                epoch, rollbacks, ..
+            } if self.rolling_back.is_some() || rollbacks != self.rollbacks => {
+                tracing::debug!(epoch, "a write of an abandoned epoch dropped");
             }
-            DriverEvent::Written { epoch, result } => match result {
+            DriverEvent::Written { epoch, result, .. } => match result {
                 Ok(obj) => {
                     if let Some(o) = &obj {
                         self.router.metrics().checkpoint_bytes.inc_by(o.size);
@@ -1497,6 +1555,7 @@ impl Driver {
     ) {
         debug_assert!(self.cp.is_some(), "a rollback needs checkpoints");
         self.sled_rewrites += 1;
+        self.rollbacks += 1;
         tracing::warn!(
             committed = to,
             abandoned = ?(to + 1..=base),
@@ -2452,6 +2511,7 @@ impl Driver {
                             cuts.push(ShardCut {
                                 epoch: e,
                                 shard: usize::MAX,
+                                generation: self.shard_gen,
                                 ops: consumed
                                     .into_iter()
                                     .map(|(k, v)| Change::Raw(k, v))
@@ -2468,12 +2528,14 @@ impl Driver {
                     }
                 };
                 let tx = self.events.clone();
+                let rollbacks = self.rollbacks;
                 let to_log = self.log.as_ref().is_some_and(|l| l.active);
                 match &self.cp {
                     // Logged at its commit.
                     Some(_) if to_log => {
                         let _ = tx.send(DriverEvent::Written {
                             epoch: e,
+                            rollbacks,
                             result: Ok(None),
                         });
                     }
@@ -2488,7 +2550,11 @@ impl Driver {
                                     Ok(delay) => (delay, Ok(Some(obj))),
                                     Err(err) => (None, Err(err)),
                                 };
-                            let written = DriverEvent::Written { epoch: e, result };
+                            let written = DriverEvent::Written {
+                                epoch: e,
+                                rollbacks,
+                                result,
+                            };
                             match delay {
                                 None => {
                                     let _ = tx.send(written);
@@ -2508,12 +2574,17 @@ impl Driver {
                                 .await
                                 .map(Some)
                                 .map_err(|e| e.to_string());
-                            let _ = tx.send(DriverEvent::Written { epoch: e, result });
+                            let _ = tx.send(DriverEvent::Written {
+                                epoch: e,
+                                rollbacks,
+                                result,
+                            });
                         });
                     }
                     _ => {
                         let _ = tx.send(DriverEvent::Written {
                             epoch: e,
+                            rollbacks,
                             result: Ok(None),
                         });
                     }
@@ -3417,6 +3488,38 @@ mod tests {
     /// takes it along; a barrier of an earlier epoch does not (a shard that cut early on a
     /// peer's marker holds outputs in the next epoch before this node's barrier for the one it
     /// cut); after a rollback, an output of an abandoned epoch asks until its number comes round.
+    /// A cut of the old generation is dropped, during a rollback and after it, even when its
+    /// epoch is after the rollback's base (the number the next epoch takes): a crash test
+    /// committed such a cut as the new epoch's, and a delayed message was applied twice (its
+    /// sender's request replayed, and the old cut's effects kept), or lost. A cut of the new
+    /// generation waits for the rollback's end if it comes early, else it is taken.
+    #[test]
+    fn a_cut_of_the_generation_before_a_rollback_is_dropped_whatever_its_epoch() {
+        let (old, new, base) = (7, 8, 100);
+        // Before the shards are told, every cut is the old generation's.
+        for e in [base - 1, base, base + 1, base + 2] {
+            assert_eq!(
+                cut_fate(Some((false, base)), old, old, e),
+                CutFate::Drop,
+                "{e}"
+            );
+        }
+        // Told: `shard_gen` is the new generation.
+        assert_eq!(
+            cut_fate(Some((true, base)), new, old, base + 1),
+            CutFate::Drop
+        );
+        assert_eq!(cut_fate(Some((true, base)), new, old, base), CutFate::Drop);
+        assert_eq!(
+            cut_fate(Some((true, base)), new, new, base + 1),
+            CutFate::AfterRollback
+        );
+        assert_eq!(cut_fate(Some((true, base)), new, new, base), CutFate::Drop);
+        // After the rollback.
+        assert_eq!(cut_fate(None, new, new, base + 1), CutFate::Take);
+        assert_eq!(cut_fate(None, new, old, base + 1), CutFate::Drop);
+    }
+
     #[test]
     fn an_output_wanting_a_commit_soon_rides_the_next_epoch_or_asks_after_a_while() {
         let mut s = CommitSoon::default();

@@ -1632,6 +1632,7 @@ impl Shard {
         let _ = self.events.send(DriverEvent::Cut(ShardCut {
             epoch: cut.epoch,
             shard: self.index,
+            generation: self.generation,
             ops: cut.ops,
             pending: pending.into_iter().map(|(_, _, kg, m)| (kg, m)).collect(),
         }));
