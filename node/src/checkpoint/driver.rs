@@ -666,9 +666,10 @@ enum Soon {
 }
 
 impl CommitSoon {
-    /// The shards were told to cut `epoch`. (After a rollback epochs are numbered again from
-    /// the last committed one: an output of an abandoned epoch then asks until its number comes
-    /// round again, an epoch every `COMMIT_SOON_MS` at most.)
+    /// The shards were told to cut `epoch`. (After a rollback epochs go on after its base,
+    /// which may be below an epoch a shard cut early in the old generation: an output held in
+    /// an epoch of that number asks until the number comes round again, an epoch every
+    /// `COMMIT_SOON_MS` at most.)
     fn barrier(&mut self, epoch: u64) {
         self.last_barrier = epoch;
         self.since = None;
@@ -1740,6 +1741,15 @@ impl Driver {
             (None, Some(c)) => rb.gen.unwrap_or(c.gen),
             (None, None) => self.router.next_generation(),
         };
+        if generation == self.shard_gen && rb.join_live.is_some() {
+            // A cut the shards made before this rollback cannot be told from one after it by
+            // its generation (see `cut_fate`); none is known to come (its epoch is at most
+            // the base), but say so if it happens.
+            tracing::debug!(
+                generation,
+                "taken in live with the generation its shards have already"
+            );
+        }
         self.shard_gen = generation;
         let placement = self.router.placement().clone();
         let members = self.members.clone();
