@@ -3493,11 +3493,6 @@ mod tests {
     use super::*;
     use crate::checkpoint::format::{Entry, KeyGroupSection, Manifest};
 
-    /// An egress record asks for an epoch only after `COMMIT_SOON_MS` with its epoch not
-    /// started, then again as often until it starts; the barrier of its epoch (a caller's)
-    /// takes it along; a barrier of an earlier epoch does not (a shard that cut early on a
-    /// peer's marker holds outputs in the next epoch before this node's barrier for the one it
-    /// cut); after a rollback, an output of an abandoned epoch asks until its number comes round.
     /// A cut of the old generation is dropped, during a rollback and after it, even when its
     /// epoch is after the rollback's base (the number the next epoch takes): a crash test
     /// committed such a cut as the new epoch's, and a delayed message was applied twice (its
@@ -3530,6 +3525,11 @@ mod tests {
         assert_eq!(cut_fate(None, new, old, base + 1), CutFate::Drop);
     }
 
+    /// An egress record asks for an epoch only after `COMMIT_SOON_MS` with its epoch not
+    /// started, then again as often until it starts; the barrier of its epoch (a caller's)
+    /// takes it along; a barrier of an earlier epoch does not (a shard that cut early on a
+    /// peer's marker holds outputs in the next epoch before this node's barrier for the one it
+    /// cut); after a rollback, an output of an abandoned epoch asks until its number comes round.
     #[test]
     fn an_output_wanting_a_commit_soon_rides_the_next_epoch_or_asks_after_a_while() {
         let mut s = CommitSoon::default();
