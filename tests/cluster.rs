@@ -2621,7 +2621,8 @@ async fn the_leave_command_waits_for_a_leader() {
 /// A member that is down: its peers' links to it say so once (after 1.5 s of failures), not
 /// at every retry (they said it once a second, and a dead member's lines were all a failure
 /// report's log tail showed), and a link says it is up again once its stream has carried
-/// frames for 1 s after the restart. Then the same member refuses its peers' streams (cut
+/// frames for 1 s after the restart (the restarted member's first frame wakes the others'
+/// links, so they do not wait out their backoff). Then the same member refuses its peers' streams (cut
 /// off): said too, with the reason, and up again once healed.
 #[tokio::test]
 async fn a_link_to_a_member_that_is_down_says_so_once_then_that_it_is_up_again() {
@@ -2662,6 +2663,22 @@ async fn a_link_to_a_member_that_is_down_says_so_once_then_that_it_is_up_again()
         "the others said this often in 8 s that their links to node {down} are down: {said:?}"
     );
     nodes[down as usize - 1] = Some(restart(root, down, ports[down as usize - 1], Some(&seed)));
+    // The restarted member says it is back (an empty frame to each peer): the others' links
+    // to it, waiting out a backoff of up to 1 s, try again at once.
+    eventually(
+        &format!("a link to node {down} to try again as soon as it is back"),
+        Duration::from_secs(30),
+        || {
+            let n: usize = mentions(
+                &others(&nodes),
+                "mesh link to a peer tries again at once: the peer's stream arrived",
+            )
+            .iter()
+            .sum();
+            async move { (n >= 1).then_some(()) }
+        },
+    )
+    .await;
     let up = |nodes: &[Option<Node>]| -> usize {
         mentions(&others(nodes), "mesh link to a peer is up again")
             .iter()

@@ -604,6 +604,22 @@ pub(crate) fn start(
             lease_lapsed: false,
             history: Default::default(),
         };
+        // A restarted member says it is back: its peers' links to it, waiting out their
+        // backoff, try again now (the leader's heartbeats and epochs reach it sooner).
+        let me = c.node.id();
+        let peers: Vec<NodeId> = c
+            .node
+            .state()
+            .members
+            .keys()
+            .copied()
+            .filter(|&id| id != me)
+            .collect();
+        for id in peers {
+            if let Some(link) = c.link(id) {
+                link.hello();
+            }
+        }
         let mut tick = tokio::time::interval(TICK);
         // After a stall (an fsync, say) no burst of ticks: it would look like lost heartbeats.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -898,6 +914,11 @@ impl Driver {
                 // Epoch messages queued on the broken stream are gone: synchronise now rather
                 // than when the epoch stalls (a dead participant is left out after a while).
                 self.lead_input(LeadInput::Unreachable(peer));
+            }
+            ControlInput::PeerStream(peer) => {
+                if let Some(link) = self.links.get(&peer) {
+                    link.wake();
+                }
             }
             ControlInput::Join { req, reply } => self.join_request(req, reply),
             ControlInput::Leave { reply } => {

@@ -1477,6 +1477,9 @@ pub(crate) enum ControlInput {
     /// A peer's applied control log (at `applied_index`) no longer lists this node: see
     /// `Driver::ask_if_removed`.
     RemovedAt { peer: NodeId, applied_index: u64 },
+    /// A stream from a peer began: its process is up, so this node's link to it, if it is
+    /// waiting out its backoff, tries now ([`Link::wake`]).
+    PeerStream(NodeId),
 }
 
 /// Capacity of the control task's inbox; beyond it peer messages are dropped (Raft resends).
@@ -1554,6 +1557,9 @@ impl mpb::mesh_server::Mesh for MeshService {
                     "a frame names node {} as its sender (stream of {:?}, this node is {})",
                     f.from, from, self.me
                 ));
+            }
+            if from.is_none() {
+                let _ = self.inbox.try_send(ControlInput::PeerStream(f.from));
             }
             from = Some(f.from);
             for b in &f.raft {
@@ -1694,6 +1700,8 @@ pub(crate) struct Link {
     pub addr: String,
     tx: mpsc::Sender<Out>,
     task: tokio::task::JoinHandle<()>,
+    /// Cuts the link's backoff short ([`Link::wake`]).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for Link {
@@ -1766,10 +1774,22 @@ fn stream_lived(
     ended.saturating_duration_since(from)
 }
 
+/// A link's wait before it tries again: `backoff`, or less if it is woken meanwhile (its
+/// peer's stream arrived). Only a wake while it waits counts (one from before is not kept).
+/// True if it was woken.
+async fn backoff_sleep(backoff: Duration, wake: &tokio::sync::Notify) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(backoff) => false,
+        _ = wake.notified() => true,
+    }
+}
+
 /// What a link carries.
 enum Out {
     Raft(bytes::Bytes),
     Epoch(bytes::Bytes),
+    /// An empty frame: the stream begins ([`Link::hello`]).
+    Hello,
 }
 
 impl Link {
@@ -1784,6 +1804,20 @@ impl Link {
         self.tx.try_send(Out::Epoch(msg)).is_ok()
     }
 
+    /// Begins the stream with an empty frame: a process that starts says so to its peers,
+    /// whose links to it may be waiting out a backoff of up to 1 s ([`Link::wake`]).
+    pub fn hello(&self) {
+        let _ = self.tx.try_send(Out::Hello);
+    }
+
+    /// A stream from the peer arrived: its process is up. If the link is waiting out its
+    /// backoff (up to 1 s after a long outage), it tries now. A peer's streams come at most
+    /// as often as its own link retries, so a peer that sends but refuses this node's stream
+    /// is not asked more often than that.
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+    }
+
     /// Starts the stream from `me` to `peer` at `addr`; reconnects with backoff, and reports
     /// each failure to the control task (`ControlInput::Unreachable`).
     pub fn start(
@@ -1796,6 +1830,8 @@ impl Link {
     ) -> Link {
         let (tx, mut rx) = mpsc::channel::<Out>(LINK_QUEUE);
         let a = addr.clone();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let woken = wake.clone();
         let task = tokio::spawn(async move {
             let mut backoff = LINK_FIRST_RETRY;
             let mut outage = Outage::default();
@@ -1836,6 +1872,7 @@ impl Link {
                                 match m {
                                     Out::Raft(b) => raft.push(b),
                                     Out::Epoch(b) => epoch.push(b),
+                                    Out::Hello => {}
                                 }
                                 n += 1;
                                 if n < 256 {
@@ -1894,11 +1931,20 @@ impl Link {
                 let _ = inbox.try_send(ControlInput::Unreachable(peer));
                 // What queued meanwhile is stale: Raft resends what still matters.
                 while rx.try_recv().is_ok() {}
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                if backoff_sleep(backoff, &woken).await {
+                    tracing::info!(peer, addr = %a, "mesh link to a peer tries again at once: the peer's stream arrived");
+                    backoff = LINK_FIRST_RETRY;
+                } else {
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
             }
         });
-        Link { addr, tx, task }
+        Link {
+            addr,
+            tx,
+            task,
+            wake,
+        }
     }
 }
 
@@ -2169,6 +2215,33 @@ mod tests {
             stream_lived(at(0), Some(at(31_000)), at(30_000)),
             Duration::from_secs(30)
         );
+    }
+
+    /// A link waiting out its backoff tries again as soon as its peer's stream arrives, not
+    /// up to 1 s later; a wake from before it began to wait is not kept (a peer's steady
+    /// traffic would otherwise take its backoff away).
+    #[tokio::test]
+    async fn a_link_waiting_out_its_backoff_is_woken_by_its_peers_stream() {
+        use super::backoff_sleep;
+        use std::time::{Duration, Instant};
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        wake.notify_waiters();
+        let t = Instant::now();
+        assert!(!backoff_sleep(Duration::from_millis(200), &wake).await);
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        let w = wake.clone();
+        let waker = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            w.notify_waiters();
+        });
+        let t = Instant::now();
+        assert!(backoff_sleep(Duration::from_secs(30), &wake).await);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "woken after {:?}",
+            t.elapsed()
+        );
+        waker.await.unwrap();
     }
 
     use super::*;
