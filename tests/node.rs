@@ -775,6 +775,52 @@ async fn bad_input_is_refused_with_clear_errors() {
     node.stop();
 }
 
+/// A call retried with its idempotency key while the first call is still being computed
+/// waits for the first call's answer, even when the key's record expires meanwhile (a window
+/// shorter than the call). Before, the waiting retry was forgotten at the expiry and got no
+/// answer until its own timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_call_gets_the_first_calls_answer_though_its_key_expires_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("n"),
+        Some(
+            "call_timeout_ms = 60000\n[retry]\nmax_attempts = 4\ninitial_backoff_ms = 500\nmax_backoff_ms = 500\n[checkpoint]\nidempotency_window_ms = 300\n",
+        ),
+    );
+    let c = node.client().await;
+    let target = addr("statemesh.smoke/fn/slow");
+    // Fails at each of its 4 attempts, 500 ms apart: answered (dead-lettered) after ~1.5 s.
+    let bad = TypedValue::new(
+        "statemesh.smoke/Commands",
+        serde_json::to_vec(&serde_json::json!({ "cmds": [{ "nonsense": 1 }] })).unwrap(),
+    );
+    let first = {
+        let (c, target, bad) = (c.clone(), target.clone(), bad.clone());
+        tokio::spawn(async move {
+            c.call_with(&target, bad, Some("k"), Some(Duration::from_secs(50)))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = Instant::now();
+    let second = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.call_with(&target, bad, Some("k"), Some(Duration::from_secs(50))),
+    )
+    .await
+    .expect("the retry was answered when the first call was");
+    let first = first.await.unwrap();
+    let (first, second) = (
+        first.unwrap_err().to_string(),
+        second.unwrap_err().to_string(),
+    );
+    assert!(first.contains("nonsense"), "{first}");
+    assert_eq!(first, second);
+    println!("the retry was answered after {:?}", t.elapsed());
+    node.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_function_does_not_stop_others() {
     // `example/cart` panics on nothing, but a message of an unexpected type makes it fail;

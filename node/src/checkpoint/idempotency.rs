@@ -162,12 +162,15 @@ impl IdempotencyTable {
         });
     }
 
-    /// Restores the table from stored records (oldest first by `seen_ms`).
-    pub fn load(&mut self, mut records: Vec<(u32, String, Record)>) {
-        records.sort_by_key(|(_, _, r)| r.seen_ms);
+    /// Restores records from the store: at start, or those of key groups that moved in, which
+    /// can be older than records already here. They take their place by `seen_ms`, so they
+    /// expire on time and older ones do not wait behind them.
+    pub fn load(&mut self, records: Vec<(u32, String, Record)>) {
         for (kg, scope, r) in records {
             self.put(kg, &scope, r);
         }
+        // Stable: records seen in the same millisecond keep their order.
+        self.by_time.make_contiguous().sort_by_key(|(t, _, _)| *t);
     }
 }
 
@@ -218,5 +221,29 @@ mod tests {
         assert!(t.get("b").is_some());
         assert_eq!(t.expire(1000, 100), vec![(2, "b".to_string())]);
         assert!(t.is_empty());
+    }
+
+    /// Records of key groups that move in are older than some already here: they expire on
+    /// time, not after the newer ones.
+    #[test]
+    fn records_moved_in_expire_in_order_with_those_already_here() {
+        let mut t = IdempotencyTable::default();
+        let rec = |ms| Record {
+            seen_ms: ms,
+            outcome: Outcome::Sent,
+        };
+        t.load(vec![(1, "c".into(), rec(300)), (1, "a".into(), rec(100))]);
+        t.put(1, "e", rec(500));
+        t.load(vec![(7, "d".into(), rec(400)), (7, "b".into(), rec(200))]);
+        assert_eq!(
+            t.expire(350, 100),
+            vec![(1, "a".to_string()), (7, "b".to_string())]
+        );
+        assert_eq!(
+            t.expire(550, 100),
+            vec![(1, "c".to_string()), (7, "d".to_string())]
+        );
+        assert_eq!(t.len(), 1);
+        assert!(t.get("e").is_some());
     }
 }

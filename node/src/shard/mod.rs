@@ -1485,7 +1485,8 @@ impl Shard {
             .idem
             .expire(now_ms(), self.config.checkpoint.idempotency_window_ms)
         {
-            self.keyed_waiters.remove(&scope);
+            // Calls waiting for the first call of this key (`keyed_waiters`) keep waiting: its
+            // reply still comes, and answers them (`handle_reply`).
             ops.push(Change::Raw(idempotency_key(kg, &scope), None));
         }
         let mut cut = Cut {
