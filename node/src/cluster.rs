@@ -596,7 +596,7 @@ pub(crate) fn start(
             failure,
             dead_proposed: HashMap::new(),
             lease_until: 0,
-            remove_proposed: None,
+            remove_proposed: HashMap::new(),
             transfer_asked: None,
             left: false,
             last_heard: Instant::now(),
@@ -862,8 +862,9 @@ struct Driver {
     lease_lapsed: bool,
     /// The last changes (see [`Change`]).
     history: std::collections::VecDeque<Change>,
-    /// The last removal proposed (a member that left), and when.
-    remove_proposed: Option<(NodeId, Instant)>,
+    /// Removals proposed (members that left), and when: each is proposed again only after
+    /// `REPROPOSE` (two members that left at once were proposed again every round).
+    remove_proposed: HashMap<NodeId, Instant>,
     /// When this leader, leaving, last handed its leadership over (see `reconcile_conf`).
     transfer_asked: Option<Instant>,
     /// This node left the cluster (`statemesh cluster leave`): it owns nothing and is out of
@@ -2166,15 +2167,14 @@ impl Driver {
             .filter(|m| !state.conf.as_ref().is_some_and(|c| c.lists(m.id)))
             .map(|m| m.id)
             .collect();
+        self.remove_proposed
+            .retain(|id, t| gone.contains(id) && t.elapsed() < REPROPOSE);
         for id in gone {
-            if self
-                .remove_proposed
-                .is_some_and(|(r, t)| r == id && t.elapsed() < REPROPOSE)
-            {
+            if self.remove_proposed.contains_key(&id) {
                 continue;
             }
             tracing::info!(node = id, "node {id} left: removing it from the members");
-            self.remove_proposed = Some((id, Instant::now()));
+            self.remove_proposed.insert(id, Instant::now());
             self.node.propose(&Command::Remove { id })?;
         }
         let state = self.node.state();
