@@ -2036,11 +2036,18 @@ impl Handler<InvokeDone> for Shard {
                 tracing::info!(%address, attempt = failed.attempts, ?backoff, error, "invocation failed; retrying");
                 self.slots[i].retry_wait = true;
                 let generation = self.generation;
+                let waiting = address.clone();
                 ctx.run_later(backoff, move |act, _| {
                     if act.generation != generation {
                         return;
                     }
-                    if let Some(slot) = act.slots.get_mut(i) {
+                    // Still the slot it was set for: one that reuses the index of a slot
+                    // removed meanwhile (`Reconfigure`) keeps its own backoff.
+                    if let Some(slot) = act
+                        .slots
+                        .get_mut(i)
+                        .filter(|s| s.retry_wait && s.address == waiting)
+                    {
                         slot.retry_wait = false;
                         act.ready.push(i);
                         act.dispatch_ready();
