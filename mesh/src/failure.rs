@@ -145,6 +145,17 @@ impl Detector {
         now_ms >= last + self.cfg.lease_ms
     }
 
+    /// Whether this leader heard from member `id` in the last `within_ms` (a sign of life
+    /// that lasts: Raft's own `recent_active` is cleared for every peer at each quorum check,
+    /// so right after one every voter reads as silent). False when not leading.
+    pub fn heard_within(&self, id: NodeId, now_ms: u64, within_ms: u64) -> bool {
+        self.since_ms.is_some()
+            && self
+                .heard
+                .get(&id)
+                .is_some_and(|h| now_ms.saturating_sub(h.1) <= within_ms)
+    }
+
     /// The members suspected now (for the view).
     pub fn suspected(&self) -> Vec<NodeId> {
         self.suspected.keys().copied().collect()
@@ -477,8 +488,8 @@ pub fn conf_change(
 
 /// The voter a leader that leaves hands the leadership to: one that stays in the group
 /// (`change` does not remove it), preferring one that is alive (not marked dead), then one
-/// that answered recently (`active`: Raft's view, which notices a dead peer within an
-/// election timeout, before the failure detector's mark commits), then the one furthest
+/// that answered recently (`active`: heard within a fraction of the failure timeout, which
+/// notices a dead peer before the failure detector's mark commits), then the one furthest
 /// along (the commit index it reported). Without the first two, a dead voter could win on a
 /// tie of commit indexes (an idle log), and a transfer to it only stalls proposals for an
 /// election timeout, again and again. `None`: no other voter stays.
@@ -568,6 +579,26 @@ mod tests {
             }
         }
         v
+    }
+
+    /// A member heard lately counts as active for as long as the window, whatever Raft's
+    /// quorum checks do; nothing counts while not leading.
+    #[test]
+    fn a_member_heard_lately_counts_as_active_for_the_window() {
+        let mut d = Detector::new(FailureConfig::default());
+        d.heard(2, 1_000);
+        assert!(!d.heard_within(2, 1_000, 500), "not leading");
+        d.leading(true, 1_000, None);
+        d.heard(2, 1_100);
+        assert!(d.heard_within(2, 1_100, 500));
+        assert!(d.heard_within(2, 1_600, 500));
+        assert!(!d.heard_within(2, 1_601, 500));
+        assert!(!d.heard_within(3, 1_100, 500), "never heard");
+        // An older message arriving late does not move the last time back.
+        d.heard(2, 900);
+        assert!(d.heard_within(2, 1_600, 500));
+        d.leading(false, 1_700, None);
+        assert!(!d.heard_within(2, 1_700, 500));
     }
 
     fn live_majority(s: &ClusterState, voters: &[NodeId]) -> bool {

@@ -2225,11 +2225,16 @@ impl Driver {
         // learns from its log that it is out, and stops.
         let me = node.id();
         if change.iter().any(|(n, role)| *n == me && role.is_none()) {
+            // Answered lately: Raft's view, or heard within a third of the failure timeout
+            // (raft-rs clears its view at each quorum check, so for a while after one every
+            // voter read as silent, and a dead voter could win on a tie).
+            let (detector, now) = (&self.detector, crate::mesh::mono_ms());
+            let window = self.failure.timeout_ms / 3;
             let to = statemesh_mesh::failure::transfer_target(
                 state,
                 me,
                 &change,
-                &|v| node.peer_active(v),
+                &|v| node.peer_active(v) || detector.heard_within(v, now, window),
                 &|v| node.peer_committed(v).unwrap_or(0),
             );
             if let Some(to) = to {
