@@ -1900,10 +1900,15 @@ impl Driver {
                 let state = self.node.state();
                 let now = crate::mesh::mono_ms();
                 let moves: Vec<_> = if self.failover_plan.is_empty() {
+                    // Planned again: a member that joined meanwhile may be the new owner now,
+                    // and one whose control log has not caught up would hold every
+                    // participant until it answers (`ready_moves`' filter, again).
+                    let me = self.node.id();
                     state
                         .plan_moves(state.table.len())
                         .into_iter()
                         .filter(|m| self.move_plan.contains(&m.kg))
+                        .filter(|m| m.to == me || self.node.caught_up(m.to))
                         .collect()
                 } else {
                     std::mem::take(&mut self.failover_plan)
