@@ -82,6 +82,9 @@ pub struct Detector {
     /// leader's heartbeats): a new leader counts the silence of the leader it replaces from
     /// its last heartbeat, not from its own election.
     heard_as_follower: BTreeMap<NodeId, u64>,
+    /// While leading: when a message from each member last arrived (only messages: `heard`
+    /// also holds the times a member's silence is counted from).
+    last_message: BTreeMap<NodeId, u64>,
 }
 
 impl Detector {
@@ -93,6 +96,7 @@ impl Detector {
             heard: BTreeMap::new(),
             suspected: BTreeMap::new(),
             heard_as_follower: BTreeMap::new(),
+            last_message: BTreeMap::new(),
         }
     }
 
@@ -105,6 +109,8 @@ impl Detector {
         }
         let h = self.heard.entry(id).or_insert((0, now_ms));
         h.1 = h.1.max(now_ms);
+        let m = self.last_message.entry(id).or_insert(now_ms);
+        *m = (*m).max(now_ms);
     }
 
     /// Whether this node leads now (`previous`: the leader it knew before). Taking over
@@ -116,6 +122,7 @@ impl Detector {
             (true, None) => {
                 self.since_ms = Some(now_ms);
                 self.heard.clear();
+                self.last_message.clear();
                 self.suspected.clear();
                 if let Some((l, t)) =
                     previous.and_then(|l| self.heard_as_follower.get(&l).map(|t| (l, *t)))
@@ -151,9 +158,9 @@ impl Detector {
     pub fn heard_within(&self, id: NodeId, now_ms: u64, within_ms: u64) -> bool {
         self.since_ms.is_some()
             && self
-                .heard
+                .last_message
                 .get(&id)
-                .is_some_and(|h| now_ms.saturating_sub(h.1) <= within_ms)
+                .is_some_and(|&t| now_ms.saturating_sub(t) <= within_ms)
     }
 
     /// The members suspected now (for the view).
@@ -176,6 +183,8 @@ impl Detector {
             .collect();
         // (Dead members stay: `may_take_over` needs when they were last heard.)
         self.heard.retain(|id, _| state.members.contains_key(id));
+        self.last_message
+            .retain(|id, _| state.members.contains_key(id));
         self.suspected.retain(|id, _| live.contains_key(id));
         for (&id, &generation) in &live {
             let h = self.heard.entry(id).or_insert((generation, since));
@@ -599,6 +608,15 @@ mod tests {
         assert!(d.heard_within(2, 1_600, 500));
         d.leading(false, 1_700, None);
         assert!(!d.heard_within(2, 1_700, 500));
+        // A member never heard since the takeover is not heard, though its silence is
+        // counted from the takeover (`check` gives it that time).
+        let s = cluster(&[1, 2, 3], &[1, 2, 3]);
+        let mut d = Detector::new(FailureConfig::default());
+        d.leading(true, 5_000, None);
+        d.heard(2, 5_010);
+        assert!(d.check(5_020, 1, &s).is_empty());
+        assert!(d.heard_within(2, 5_020, 500));
+        assert!(!d.heard_within(3, 5_020, 500));
     }
 
     fn live_majority(s: &ClusterState, voters: &[NodeId]) -> bool {

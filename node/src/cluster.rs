@@ -606,14 +606,16 @@ pub(crate) fn start(
         };
         // A restarted member says it is back: its peers' links to it, waiting out their
         // backoff, try again now (the leader's heartbeats and epochs reach it sooner).
+        // (Members it knows as alive and staying: a link, once started, retries for as long
+        // as the process runs.)
         let me = c.node.id();
         let peers: Vec<NodeId> = c
             .node
             .state()
             .members
-            .keys()
-            .copied()
-            .filter(|&id| id != me)
+            .values()
+            .filter(|m| m.id != me && m.alive && !m.leaving)
+            .map(|m| m.id)
             .collect();
         for id in peers {
             if let Some(link) = c.link(id) {
@@ -916,9 +918,16 @@ impl Driver {
                 // than when the epoch stalls (a dead participant is left out after a while).
                 self.lead_input(LeadInput::Unreachable(peer));
             }
-            ControlInput::PeerStream(peer) => {
-                if let Some(link) = self.links.get(&peer) {
-                    link.wake();
+            ControlInput::PeerStream { from, addr } => {
+                // At the address it serves on now (a restart may have moved it): the link
+                // starts again there, or is woken where it is.
+                if !addr.is_empty() {
+                    self.learned.insert(from, addr);
+                }
+                if self.links.contains_key(&from) {
+                    if let Some(link) = self.link(from) {
+                        link.wake();
+                    }
                 }
             }
             ControlInput::Join { req, reply } => self.join_request(req, reply),
@@ -2232,9 +2241,10 @@ impl Driver {
         if change.iter().any(|(n, role)| *n == me && role.is_none()) {
             // Answered lately: Raft's view, or heard within a third of the failure timeout
             // (raft-rs clears its view at each quorum check, so for a while after one every
-            // voter read as silent, and a dead voter could win on a tie).
+            // voter read as silent, and a dead voter could win on a tie). At least two
+            // heartbeats' time (150 ms apart).
             let (detector, now) = (&self.detector, crate::mesh::mono_ms());
-            let window = self.failure.timeout_ms / 3;
+            let window = (self.failure.timeout_ms / 3).max(300);
             let to = statemesh_mesh::failure::transfer_target(
                 state,
                 me,

@@ -1478,8 +1478,8 @@ pub(crate) enum ControlInput {
     /// `Driver::ask_if_removed`.
     RemovedAt { peer: NodeId, applied_index: u64 },
     /// A stream from a peer began: its process is up, so this node's link to it, if it is
-    /// waiting out its backoff, tries now ([`Link::wake`]).
-    PeerStream(NodeId),
+    /// waiting out its backoff, tries now ([`Link::wake`]), at the address the peer gives.
+    PeerStream { from: NodeId, addr: String },
 }
 
 /// Capacity of the control task's inbox; beyond it peer messages are dropped (Raft resends).
@@ -1559,7 +1559,10 @@ impl mpb::mesh_server::Mesh for MeshService {
                 ));
             }
             if from.is_none() {
-                let _ = self.inbox.try_send(ControlInput::PeerStream(f.from));
+                let _ = self.inbox.try_send(ControlInput::PeerStream {
+                    from: f.from,
+                    addr: f.from_addr.clone(),
+                });
             }
             from = Some(f.from);
             for b in &f.raft {
