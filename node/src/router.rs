@@ -1235,6 +1235,11 @@ impl Router {
         &self.inner.placement
     }
 
+    /// Whether call `id` of this node still waits for its reply (not answered, not timed out).
+    pub(crate) fn call_waiting(&self, id: u64) -> bool {
+        self.inner.calls.lock().contains_key(&id)
+    }
+
     /// Completes a waiting call; false if nobody waits for it (any more).
     pub(crate) fn complete_call(&self, id: u64, value: Result<TypedValue, ServiceError>) -> bool {
         match self.inner.calls.lock().remove(&id) {

@@ -166,6 +166,9 @@ impl IdempotencyTable {
     /// can be older than records already here. They take their place by `seen_ms`, so they
     /// expire on time and older ones do not wait behind them.
     pub fn load(&mut self, records: Vec<(u32, String, Record)>) {
+        if records.is_empty() {
+            return;
+        }
         for (kg, scope, r) in records {
             self.put(kg, &scope, r);
         }

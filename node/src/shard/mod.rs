@@ -1486,7 +1486,14 @@ impl Shard {
             .expire(now_ms(), self.config.checkpoint.idempotency_window_ms)
         {
             // Calls waiting for the first call of this key (`keyed_waiters`) keep waiting: its
-            // reply still comes, and answers them (`handle_reply`).
+            // reply still comes, and answers them (`handle_reply`). Those their callers gave
+            // up on go (a first call that is never answered would keep them for ever).
+            if let Some(waiting) = self.keyed_waiters.get_mut(&scope) {
+                waiting.retain(|&c| self.router.call_waiting(c));
+                if waiting.is_empty() {
+                    self.keyed_waiters.remove(&scope);
+                }
+            }
             ops.push(Change::Raw(idempotency_key(kg, &scope), None));
         }
         let mut cut = Cut {
