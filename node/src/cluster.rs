@@ -22,7 +22,7 @@
 //! The node id is kept in `<data_dir>/node-id`: generated on the first start unless
 //! `--node-id` gives it, and a data directory of one node refuses to start as another.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -631,6 +631,8 @@ pub(crate) fn start(
         // epoch log's uploads are looked at on these ticks).
         let mut epoch_tick = crate::ticker::Ticker::new(Duration::from_millis(1));
         let mut last_tick = Instant::now();
+        // The members of the last published state: a link to one removed since is dropped.
+        let mut members: BTreeSet<NodeId> = c.node.state().members.keys().copied().collect();
         loop {
             epoch_tick.arm(match c.lead.as_ref().filter(|l| l.idle()) {
                 Some(l) => crate::ticker::until_due(
@@ -698,6 +700,17 @@ pub(crate) fn start(
             if applied != c.published {
                 c.published = applied;
                 placement.update(c.node.state());
+                // A member removed (it left): its link goes (it stayed, idle, for as long as
+                // this process ran). Only removals: a node catching up knows fewer members
+                // than it links to.
+                let now: BTreeSet<NodeId> = c.node.state().members.keys().copied().collect();
+                for gone in members.difference(&now) {
+                    if c.links.remove(gone).is_some() {
+                        tracing::debug!(node = *gone, "a member was removed: its link is dropped");
+                    }
+                    c.learned.remove(gone);
+                }
+                members = now;
             }
             let lone = c.node.state().members.keys().all(|&m| m == id);
             placement.set_lease(
