@@ -2662,6 +2662,7 @@ async fn a_link_to_a_member_that_is_down_says_so_once_then_that_it_is_up_again()
         said.iter().all(|&n| n <= 1) && said.contains(&1),
         "the others said this often in 8 s that their links to node {down} are down: {said:?}"
     );
+    let restarted = std::time::Instant::now();
     nodes[down as usize - 1] = Some(restart(root, down, ports[down as usize - 1], Some(&seed)));
     // The restarted member says it is back (an empty frame to each peer): the others' links
     // to it, waiting out a backoff of up to 1 s, try again at once.
@@ -2679,6 +2680,10 @@ async fn a_link_to_a_member_that_is_down_says_so_once_then_that_it_is_up_again()
         },
     )
     .await;
+    println!(
+        "a link to node {down} tried again {:?} after its restart began",
+        restarted.elapsed()
+    );
     let up = |nodes: &[Option<Node>]| -> usize {
         mentions(&others(nodes), "mesh link to a peer is up again")
             .iter()
