@@ -597,6 +597,7 @@ pub(crate) fn start(
             dead_proposed: HashMap::new(),
             lease_until: 0,
             remove_proposed: HashMap::new(),
+            removed: BTreeSet::new(),
             transfer_asked: None,
             left: false,
             last_heard: Instant::now(),
@@ -704,12 +705,14 @@ pub(crate) fn start(
                 // this process ran). Only removals: a node catching up knows fewer members
                 // than it links to.
                 let now: BTreeSet<NodeId> = c.node.state().members.keys().copied().collect();
-                for gone in members.difference(&now) {
-                    if c.links.remove(gone).is_some() {
-                        tracing::debug!(node = *gone, "a member was removed: its link is dropped");
+                for &gone in members.difference(&now) {
+                    if c.links.remove(&gone).is_some() {
+                        tracing::debug!(node = gone, "a member was removed: its link is dropped");
                     }
-                    c.learned.remove(gone);
+                    c.learned.remove(&gone);
+                    c.removed.insert(gone);
                 }
+                c.removed.retain(|id| !now.contains(id));
                 members = now;
             }
             let lone = c.node.state().members.keys().all(|&m| m == id);
@@ -877,6 +880,10 @@ struct Driver {
     lease_lapsed: bool,
     /// The last changes (see [`Change`]).
     history: std::collections::VecDeque<Change>,
+    /// Members removed from the published state (until they join again): no link to them is
+    /// started again (a removed node that does not know it yet still sends, and its
+    /// pre-votes are answered; a link made for an answer would retry for ever).
+    removed: BTreeSet<NodeId>,
     /// Removals proposed (members that left), and when: each is proposed again only after
     /// `REPROPOSE` (two members that left at once were proposed again every round).
     remove_proposed: HashMap<NodeId, Instant>,
@@ -2151,6 +2158,9 @@ impl Driver {
 
     /// The link to a peer (started, or restarted at its current address).
     fn link(&mut self, to: NodeId) -> Option<&Link> {
+        if self.removed.contains(&to) {
+            return None;
+        }
         // What the peer's current process said (its stream, its join) is newer than its last
         // applied Join, until the next one applies.
         let addr = self.learned.get(&to).cloned().or_else(|| {
@@ -2257,7 +2267,9 @@ impl Driver {
             // voter read as silent, and a dead voter could win on a tie). At least two
             // heartbeats' time (150 ms apart).
             let (detector, now) = (&self.detector, crate::mesh::mono_ms());
-            let window = (self.failure.timeout_ms / 3).max(300);
+            let window = (self.failure.timeout_ms / 3)
+                .max(300)
+                .min(self.failure.timeout_ms);
             let to = statemesh_mesh::failure::transfer_target(
                 state,
                 me,

@@ -206,13 +206,17 @@ mod tests {
         assert!(Record::decode(&bad).unwrap_err().contains("unknown tag 9"));
     }
 
+    /// A `Send`'s record first seen at `ms`.
+    fn rec(ms: u64) -> Record {
+        Record {
+            seen_ms: ms,
+            outcome: Outcome::Sent,
+        }
+    }
+
     #[test]
     fn records_expire_after_the_window_in_order() {
         let mut t = IdempotencyTable::default();
-        let rec = |ms| Record {
-            seen_ms: ms,
-            outcome: Outcome::Sent,
-        };
         t.put(1, "a", rec(100));
         t.put(2, "b", rec(200));
         // Replacing a record (a call's reply arrived) keeps its place.
@@ -231,10 +235,6 @@ mod tests {
     #[test]
     fn records_moved_in_expire_in_order_with_those_already_here() {
         let mut t = IdempotencyTable::default();
-        let rec = |ms| Record {
-            seen_ms: ms,
-            outcome: Outcome::Sent,
-        };
         t.load(vec![(1, "c".into(), rec(300)), (1, "a".into(), rec(100))]);
         t.put(1, "e", rec(500));
         t.load(vec![(7, "d".into(), rec(400)), (7, "b".into(), rec(200))]);

@@ -1486,15 +1486,20 @@ impl Shard {
             .expire(now_ms(), self.config.checkpoint.idempotency_window_ms)
         {
             // Calls waiting for the first call of this key (`keyed_waiters`) keep waiting: its
-            // reply still comes, and answers them (`handle_reply`). Those their callers gave
-            // up on go (a first call that is never answered would keep them for ever).
-            if let Some(waiting) = self.keyed_waiters.get_mut(&scope) {
-                waiting.retain(|&c| self.router.call_waiting(c));
-                if waiting.is_empty() {
-                    self.keyed_waiters.remove(&scope);
-                }
-            }
+            // reply still comes, and answers them (`handle_reply`).
             ops.push(Change::Raw(idempotency_key(kg, &scope), None));
+        }
+        // Waiting calls of keys whose record has expired, that their callers gave up on
+        // (timed out): dropped (a first call that is never answered would keep them for
+        // ever). While the record lives, they are bounded by its window.
+        if !self.keyed_waiters.is_empty() {
+            let (idem, router) = (&self.idem, &self.router);
+            self.keyed_waiters.retain(|scope, calls| {
+                if idem.get(scope).is_none() {
+                    calls.retain(|&c| router.call_waiting(c));
+                }
+                !calls.is_empty()
+            });
         }
         let mut cut = Cut {
             epoch: e,
