@@ -3629,7 +3629,8 @@ async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once()
 /// A member killed and restarted on other ports (a container rescheduled: same node id and
 /// data, new addresses) is reached at its new address: its peers' Raft and epoch messages and
 /// the calls they forward to its key groups go there, and nothing acknowledged under load is
-/// lost or applied twice. Its old address answers nothing any more.
+/// lost or applied twice. Then the same after an outage long enough for it to be declared
+/// dead: it comes back on yet other ports and gets its share of the key groups back there.
 #[tokio::test]
 async fn a_member_restarted_on_other_ports_is_reached_there() {
     let _g = SERIAL.lock().await;
@@ -3644,7 +3645,6 @@ async fn a_member_restarted_on_other_ports_is_reached_there() {
     let n3 = restart(root, 3, (free_port(), free_port()), Some(&seed));
     let new = n3.grpc.trim_start_matches("http://").to_string();
     assert_ne!(old, new);
-    let n3_ref = &n3;
     let t0 = std::time::Instant::now();
     for (i, via) in [&n1, &n2, &n3].into_iter().enumerate() {
         let new = &new;
@@ -3664,11 +3664,31 @@ async fn a_member_restarted_on_other_ports_is_reached_there() {
         "node 3 listed at its new address {:.1} s after its restart",
         t0.elapsed().as_secs_f64()
     );
-    // Its share of the key groups is its own again (kept, or moved back after a failover).
-    spread(n3_ref, 3, 200).await;
+    // Its share of the key groups is its own (kept, or moved back after a failover).
+    spread(&n3, 3, 200).await;
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let (calls, _) = load.finish(&n3).await;
     println!("{calls} calls under load across the restart on other ports");
+    // Down long enough to be declared dead (its key groups fail over), then back on yet other
+    // ports: it gets its share back there.
+    let load = Load::start(&[&n1, &n2], "dead", false).await;
+    n3.kill();
+    failed_over(&n1, 3, Duration::from_secs(30)).await;
+    let n3 = restart(root, 3, (free_port(), free_port()), Some(&seed));
+    let newer = n3.grpc.trim_start_matches("http://").to_string();
+    eventually(
+        &format!("node 1 to list node 3 at {newer}, alive"),
+        Duration::from_secs(60),
+        || async {
+            let v = view(&n1).await?;
+            let m = member(&v, 3);
+            (m["grpc_addr"] == *newer && m["alive"] == true).then_some(())
+        },
+    )
+    .await;
+    spread(&n3, 3, 200).await;
+    let (calls, _) = load.finish(&n3).await;
+    println!("{calls} calls under load while node 3 was dead and came back on other ports");
     // Calls through every node to a counter of each member's key groups, node 3's among them.
     let t = n1.get_json("/v1/cluster/key-groups").await;
     for owner in 1..=3 {
