@@ -558,7 +558,7 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     assert_eq!(add(&c3, "shared", 0).await, expected + 3);
     assert_eq!(add(&c3, "streamed", 0).await, 50);
     for n in [n1, n2, n3] {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -867,7 +867,7 @@ async fn a_backlog_moves_live_with_its_key_groups_and_is_applied_once() {
         assert_eq!(add(&c3, &id, 0).await, EACH as i64, "counter {id}");
     }
     for n in [n1, n2, n3] {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -1184,7 +1184,7 @@ async fn a_hand_over_that_is_too_slow_or_fails_falls_back_to_a_rollback_and_lose
         "{log}"
     );
     for n in [n1, n2, n3, n4] {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -1230,7 +1230,7 @@ async fn five_nodes_have_five_voters_and_a_sixth_is_a_learner() {
     assert!(ok, "{err}");
     assert!(out.contains("learner") && out.contains("voter"), "{out}");
     for n in nodes {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -1269,7 +1269,7 @@ async fn a_join_applied_but_not_answered_is_finished_by_the_next_start() {
     assert_eq!(ids, vec![1, 2], "{v}");
     assert_eq!(add(&n2.client().await, "after-join", 2).await, 2);
     for n in [n1, n2] {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -1324,7 +1324,7 @@ async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
 
     // A data directory of another cluster.
     let (other, _) = start(root, 9, None);
-    other.stop();
+    other.stop().await;
     let log = refused(&root.join("n9"), &launch(root, 9, (0, 0), Some(&seed)));
     assert!(log.contains("belongs to cluster"), "{log}");
 
@@ -1356,7 +1356,7 @@ async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
     let ids: Vec<u64> = member_field(&v, "id");
     assert_eq!(ids, vec![1, 2, 4], "{v}");
     for n in [n1, n2, n4] {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -1426,7 +1426,7 @@ async fn a_peer_that_sends_garbage_is_disconnected_and_the_node_keeps_serving() 
     .await;
     assert_eq!(s, 200);
     for n in [n1, n2, n3] {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -1548,7 +1548,7 @@ async fn a_new_cluster_on_the_same_blob_location_restores_everything() {
     let r = common::next_egress(&n11, "smoke", Duration::from_secs(10)).await;
     assert_eq!(&r[..], b"unread record");
     for n in [n11, n12] {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -1594,8 +1594,8 @@ async fn a_part_written_at_a_stale_ownership_version_is_refused_and_nothing_is_a
         "the fault point did not fire"
     );
     assert_eq!(add(&c1, &id, 0).await, 20);
-    n2.stop();
-    n1.stop();
+    n2.stop().await;
+    n1.stop().await;
 }
 
 /// An address `<prefix><i>` whose key group `owner` owns in the table `t`.
@@ -1781,7 +1781,7 @@ async fn a_killed_node_is_declared_dead_its_key_groups_fail_over_and_it_gets_its
     }
     assert_eq!(add(&n3.client().await, &ctr_id, 0).await, 3);
     for n in [n1, n2, n3] {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -1900,7 +1900,7 @@ async fn cut_off_from_the_majority(cut_spec: &str) {
     );
     assert_eq!(add(&c3, &id, 1).await, 7);
     for n in [n1, n2, n3] {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -1959,7 +1959,7 @@ async fn the_leader_leaves_after_handing_its_leadership_over_and_being_removed()
         "{v}"
     );
     for n in rest {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -1986,7 +1986,7 @@ async fn the_only_voter_leaves_once_the_learner_has_become_a_voter() {
     let v = view(&n2).await.unwrap();
     assert_eq!(v["leader"], 2, "{v}");
     assert_eq!(member_field(&v, "key_groups"), vec![1024], "{v}");
-    n2.stop();
+    n2.stop().await;
 }
 
 #[tokio::test]
@@ -2070,7 +2070,7 @@ async fn a_voter_leaves_under_load_its_seat_goes_to_the_learner_and_it_exits_0()
     let (calls, _) = load.finish(&n3).await;
     println!("{calls} calls while node 2 left");
     for n in [n1, n3, n4] {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -2164,7 +2164,7 @@ async fn three_nodes_on_s3_commit_through_the_control_group_within_the_request_b
         );
     }
     for n in nodes.into_iter().flatten() {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -2306,7 +2306,7 @@ async fn a_full_cluster_epoch_log_and_failing_uploads_hold_epochs_and_lose_nothi
     .await;
     println!("{total} calls acknowledged, each counted once");
     for n in nodes.into_iter().flatten() {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -2357,7 +2357,7 @@ async fn a_leave_whose_proposal_is_lost_is_proposed_again_and_the_node_leaves() 
     )
     .await;
     for n in nodes.into_iter().flatten() {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -2393,8 +2393,8 @@ async fn a_member_told_to_leave_right_after_its_restart_leaves_and_exits() {
         },
     )
     .await;
-    n1.stop();
-    n2.stop();
+    n1.stop().await;
+    n2.stop().await;
 }
 
 /// A member that owns nothing (declared dead while it was down, then restarted) and hears
@@ -2473,8 +2473,8 @@ async fn cut_off_while_leaving(until_removed: bool) {
         "how node 3 learnt that it had left"
     );
     removed(&n1, 3, 2, Duration::from_secs(30)).await;
-    n1.stop();
-    n2.stop();
+    n1.stop().await;
+    n2.stop().await;
 }
 
 /// A member killed once its leave has applied, and restarted cut off from what its peers send:
@@ -2530,8 +2530,8 @@ async fn a_member_restarted_while_leaving_and_removed_meanwhile_exits() {
             .contains("a peer has applied its removal"),
         "node 3 learnt its removal from a peer"
     );
-    n1.stop();
-    n2.stop();
+    n1.stop().await;
+    n2.stop().await;
 }
 
 /// `statemesh cluster leave` at a member that knows no leader (the two others are down): the
@@ -2614,8 +2614,8 @@ async fn the_leave_command_waits_for_a_leader() {
         },
     )
     .await;
-    n1.stop();
-    n2.stop();
+    n1.stop().await;
+    n2.stop().await;
 }
 
 /// A member that is down: its peers' links to it say so once (after 1.5 s of failures), not
@@ -2730,7 +2730,7 @@ async fn a_link_to_a_member_that_is_down_says_so_once_then_that_it_is_up_again()
     )
     .await;
     for n in nodes.into_iter().flatten() {
-        n.stop();
+        n.stop().await;
     }
 }
 
@@ -2765,9 +2765,9 @@ async fn a_member_that_left_and_restarts_on_its_volume_joins_again() {
     for i in 0..30 {
         assert_eq!(add(&c3, &format!("k{i}"), 100).await, 111, "k{i}");
     }
-    n1.stop();
-    n2.stop();
-    n3.stop();
+    n1.stop().await;
+    n2.stop().await;
+    n3.stop().await;
 }
 
 /// The admin tools across a cluster: `statemesh state set` through any node edits the state
@@ -2894,9 +2894,9 @@ async fn state_edits_and_dead_letters_work_across_the_members() {
             .all(|l| l["id"] != id),
         "{j}"
     );
-    n1.stop();
-    n2.stop();
-    n3.stop();
+    n1.stop().await;
+    n2.stop().await;
+    n3.stop().await;
 }
 
 /// A member that stays listed but does not answer (paused with SIGSTOP; it would be declared
@@ -3068,8 +3068,8 @@ async fn dead_letter_tools_name_a_member_that_does_not_answer_and_its_letters_wa
     let (ok, out, err) = n1.cli(&["dead-letters", "list", "--json"]);
     assert!(ok, "{out}{err}");
     assert!(!out.contains(&on2[0]) && !out.contains(&on2[1]), "{out}");
-    n1.stop();
-    n2.stop();
+    n1.stop().await;
+    n2.stop().await;
 }
 
 /// Has `statemesh.smoke/fn` address `to` emit `record` to topic `smoke`, sent through `via`
@@ -3153,8 +3153,8 @@ async fn egress_reads_through_a_peer_follow_the_setting_of_the_member_holding_th
         next.0, "after the restart",
         "node 1 reads exactly once: {read:?} must not be read again"
     );
-    n1.stop();
-    n2.stop();
+    n1.stop().await;
+    n2.stop().await;
 }
 
 /// The web console (`/ui`) in a real headless browser (Debian's Chromium driven by
@@ -3262,9 +3262,9 @@ async fn the_web_console_shows_the_cluster_in_a_real_browser() {
     );
     // The console's edit went through the cluster like any change.
     assert_eq!(add(&c, "console", 1).await, 1001);
-    n1.stop();
-    n2.stop();
-    n3.stop();
+    n1.stop().await;
+    n2.stop().await;
+    n3.stop().await;
 }
 
 /// One trace follows a message across two nodes (`[telemetry]`, exported over OTLP to a
@@ -3429,8 +3429,8 @@ async fn one_trace_follows_a_message_across_two_nodes_into_a_remote_function() {
         collector.spans().iter().all(|s| s.trace_id != unsampled),
         "an unsampled request was traced"
     );
-    n1.stop();
-    n2.stop();
+    n1.stop().await;
+    n2.stop().await;
 }
 
 /// A full snapshot lists only key groups that sled holds as of its label. Node 1 takes a full
@@ -3508,7 +3508,7 @@ async fn a_full_snapshot_overtaken_by_a_synchronisation_is_dropped_and_nothing_r
     for (k, n) in &expected {
         assert_eq!(add(&c1, k, 0).await, *n, "counter {k}");
     }
-    n1.stop();
+    n1.stop().await;
 }
 
 /// Kafka ingress in a cluster: the partitions of a topic are read by the owners of their
@@ -3621,9 +3621,9 @@ async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once()
     let all = keys.iter().map(|k| k.1).sum();
     common::kafka::exactly_once_in(&broker.bootstrap, "forwarded", 3, all, &keys, "3 nodes").await;
     for n in [n2, n3].into_iter().flatten() {
-        n.stop();
+        n.stop().await;
     }
-    n1.stop();
+    n1.stop().await;
 }
 
 /// A member killed and restarted on other ports (a container rescheduled: same node id and
@@ -3705,6 +3705,59 @@ async fn a_member_restarted_on_other_ports_is_reached_there() {
         }
     }
     for n in [n1, n2, n3] {
-        n.stop();
+        n.stop().await;
+    }
+}
+
+/// A rolling restart, as an operator does one (or a StatefulSet's rollout without its preStop
+/// leave): each member in turn stopped with SIGTERM and started again on its data and ports,
+/// the next one only once the cluster has three voters and every member its share again.
+/// Under load from callers on all three, nothing acknowledged is lost or applied twice.
+#[tokio::test]
+async fn a_rolling_restart_under_load_loses_nothing() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, seed, ports) = three_nodes_with_ports(root).await;
+    spread(&n1, 3, 200).await;
+    let mut nodes = [Some(n1), Some(n2), Some(n3)];
+    let load = {
+        let [a, b, c] = &nodes;
+        let (a, b, c) = (
+            a.as_ref().unwrap(),
+            b.as_ref().unwrap(),
+            c.as_ref().unwrap(),
+        );
+        Load::start(&[a, b, c], "rolling", false).await
+    };
+    for id in [3u64, 2, 1] {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let i = id as usize - 1;
+        let t0 = std::time::Instant::now();
+        nodes[i].take().unwrap().stop().await;
+        let join = (id != 1).then_some(seed.as_str());
+        nodes[i] = Some(restart(root, id, ports[i], join));
+        let [a, b, c] = &nodes;
+        let all = [
+            a.as_ref().unwrap(),
+            b.as_ref().unwrap(),
+            c.as_ref().unwrap(),
+        ];
+        converged(&all, 3, 3).await;
+        spread(all[i], 3, 200).await;
+        // It serves its own key groups again.
+        let t = all[0].get_json("/v1/cluster/key-groups").await;
+        let own = owned_address(&t, &format!("example/counter/roll-{id}-"), id);
+        let own = own.rsplit('/').next().unwrap();
+        assert_eq!(add(&all[i].client().await, own, 1).await, 1, "{own}");
+        println!(
+            "node {id} stopped, restarted and given its share back in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let (calls, _) = load.finish(nodes[0].as_ref().unwrap()).await;
+    println!("{calls} calls under load across the rolling restart");
+    for n in nodes.into_iter().flatten() {
+        n.stop().await;
     }
 }

@@ -680,7 +680,7 @@ async fn run(seed: u64, v: Variant) {
         )
         .await;
         for o in others {
-            o.stop();
+            o.stop().await;
         }
         return;
     }
@@ -1162,6 +1162,7 @@ async fn verify(
     for o in others {
         dedup_now += o.metric("statemesh_idempotent_retries_total").await;
     }
+    n.stop().await;
     let stats = stats.lock();
     println!("seed {seed}: {want} egress records exactly once; {stats:?}");
     // The run exercised what it claims to check.
@@ -1200,7 +1201,6 @@ async fn verify(
     if v.lose_disk {
         assert_eq!(stats.lost_disks, 1, "seed {seed}: {stats:?}");
     }
-    n.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,7 +95,7 @@ async fn a_v1_ingress_feeds_functions_and_dead_letters_bad_records() {
     for c in 0..10 {
         assert_eq!(total(&node, &format!("c{c}")).await, Some(40), "c{c}");
     }
-    node.stop();
+    node.stop().await;
 }
 
 /// The crash test: records are produced while the node is SIGKILLed again and again; in the
@@ -236,7 +236,7 @@ spec:
         looked >= 2,
         "records left in flight were not looked up both in the long round and at the end (seed {seed})"
     );
-    node.stop();
+    node.stop().await;
 }
 
 /// A v1 ingress feeds a function of the real StateFun 3.3 Python SDK, which answers into a v1
@@ -365,7 +365,7 @@ async fn python_sdk_round_trip(module: impl Fn(&str, &str) -> String) {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 60);
-    node.stop();
+    node.stop().await;
 }
 
 /// The StateFun 2.0 talk's bandit demo as `examples/bandit` runs it: its `version: "1.0"`
@@ -419,7 +419,7 @@ async fn bandit_demo_through_kafka() {
     // Greedy picks are arm 2; 10 % of the picks explore a random arm (1.5 of 20 elsewhere
     // on average, seeded by the request ids, which the client makes unique per run).
     assert!(best >= 12, "arm 2 chosen {best} of 20 times: {stdout}");
-    node.stop();
+    node.stop().await;
 }
 
 /// A backlog many times the consumer's buffer (4,000 records on one partition, the buffer
@@ -445,7 +445,7 @@ async fn a_backlog_larger_than_the_consumer_buffer_is_read_in_full() {
         Some(&v1_module(&broker.bootstrap, "deltas")),
     );
     counters_reach(&node, 10, 400).await;
-    node.stop();
+    node.stop().await;
 }
 
 /// A broker that is down when the node starts: the node starts and serves, `/readyz` names
@@ -537,7 +537,7 @@ async fn a_broker_that_is_down_is_retried_and_named_in_readyz() {
         },
     )
     .await;
-    node.stop();
+    node.stop().await;
 }
 
 /// A record the broker can never take (over librdkafka's `message.max.bytes`) is
@@ -644,7 +644,7 @@ async fn a_record_the_broker_refuses_for_good_is_dead_lettered_and_the_egress_go
         !ok && err.contains(&format!("no member holds dead letter {id}")),
         "{err}"
     );
-    node.stop();
+    node.stop().await;
 }
 
 /// An exactly-once egress whose broker stalls (SIGSTOP) longer than its produce timeout: the
@@ -718,7 +718,7 @@ spec:
         looked.iter().any(|l| !l.contains(" found=0 ")),
         "no failed record was found in the topic"
     );
-    node.stop();
+    node.stop().await;
 }
 
 /// Records the node cannot deliver are dead-lettered naming partition and offset, and the
@@ -774,5 +774,5 @@ spec:
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(total(&node, "c0").await, Some(2));
-    node.stop();
+    node.stop().await;
 }

@@ -108,7 +108,7 @@ async fn greeter_over_grpc_http_and_cli() {
     ] {
         assert!(text.contains(m), "metrics lack {m}");
     }
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +125,7 @@ async fn state_survives_clean_restart() {
         .await
         .unwrap();
     }
-    node.stop();
+    node.stop().await;
     let node = Node::start(&data, None);
     let c = node.client().await;
     for k in 0..4 {
@@ -141,7 +141,7 @@ async fn state_survives_clean_restart() {
     // State of an address that was never activated since the restart is read from sled.
     let states = c.get_state(&addr("example/counter/k0")).await.unwrap();
     assert_eq!(states[0].0, "total");
-    node.stop();
+    node.stop().await;
 }
 
 /// Sends `record` to the egress topic `smoke` through the smoke interpreter at `target`.
@@ -193,7 +193,7 @@ async fn egress_record_ids_are_never_reused_across_restarts() {
     for _ in 0..3 {
         read.push(read_smoke(&node).await);
     }
-    node.stop();
+    node.stop().await;
     // Every record was read: the restarted node finds none to number after.
     let node = Node::start(&data, None);
     for i in 0..3 {
@@ -249,7 +249,7 @@ async fn egress_record_ids_are_never_reused_across_restarts() {
         epoch("b2") <= epoch("c0") && epoch("c0") < epoch("d0"),
         "{read:?}"
     );
-    node.stop();
+    node.stop().await;
 }
 
 /// `egress_reads = "at-least-once"`: a read is answered before the epoch deleting its record
@@ -285,7 +285,7 @@ async fn at_least_once_egress_reads_give_a_record_again_after_a_crash_under_the_
         "`b` again (its deletion was not committed), and not `a`"
     );
     // A graceful stop commits a last epoch: nothing is read again.
-    node.stop();
+    node.stop().await;
     let node = Node::start(&data, Some(config));
     let (status, id, body) = pop_egress(&node, "smoke").await;
     assert_eq!(
@@ -294,7 +294,7 @@ async fn at_least_once_egress_reads_give_a_record_again_after_a_crash_under_the_
         "nothing left after a graceful stop: {id:?} {:?}",
         String::from_utf8_lossy(&body)
     );
-    node.stop();
+    node.stop().await;
 }
 
 async fn stock(node: &Node, item: &str) -> i64 {
@@ -340,7 +340,7 @@ async fn delayed_message_fires_after_restart() {
     })
     .await;
     assert_eq!(stock(&node, "apple").await, 7);
-    node.stop();
+    node.stop().await;
     // The timeout comes due while the node is down; it must fire after the restart.
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let node = Node::start(&data, None);
@@ -356,7 +356,7 @@ async fn delayed_message_fires_after_restart() {
         0.0,
         "the cart takes stock's answer to its restock"
     );
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,7 +445,7 @@ async fn checkout_cancels_timeout_and_publishes_receipt() {
         .0,
         204
     );
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -512,7 +512,7 @@ async fn ttl_expiry() {
         "",
         "expired value reads as absent"
     );
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,7 +566,7 @@ async fn per_address_order_under_concurrency() {
             );
         }
     }
-    node.stop();
+    node.stop().await;
 }
 
 /// An instance keeps its actor while its state is cached: visits seconds apart start it once.
@@ -600,7 +600,7 @@ async fn an_instance_keeps_its_actor_while_its_state_is_cached() {
         );
         assert_eq!(node.metric("statemesh_passivations_total").await, 0.0);
         assert_eq!(node.metric("statemesh_active_instances").await, 1.0);
-        node.stop();
+        node.stop().await;
     }
 }
 
@@ -642,7 +642,7 @@ async fn passivation_under_small_instance_limit_keeps_state() {
         .await
         .unwrap();
     assert_eq!(r.get::<i64>().unwrap(), 4);
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -772,7 +772,7 @@ async fn bad_input_is_refused_with_clear_errors() {
     );
     assert!(node.metric("statemesh_dead_letters_total").await >= 1.0);
     assert!(node.metric("statemesh_invocation_errors_total").await >= 5.0);
-    node.stop();
+    node.stop().await;
 }
 
 /// A call retried with its idempotency key while the first call is still being computed
@@ -818,7 +818,7 @@ async fn a_retried_call_gets_the_first_calls_answer_though_its_key_expires_meanw
     assert!(first.contains("nonsense"), "{first}");
     assert_eq!(first, second);
     println!("the retry was answered after {:?}", t.elapsed());
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -846,7 +846,7 @@ async fn a_panicking_function_does_not_stop_others() {
     let dead: serde_json::Value = serde_json::from_slice(&dead).unwrap();
     assert_eq!(dead["address"], "example/cart/x");
     assert_eq!(dead["attempts"], 3);
-    node.stop();
+    node.stop().await;
 }
 
 #[test]
@@ -962,7 +962,7 @@ async fn unreadable_local_state_is_dead_lettered_not_applied() {
         post(&node, "call", "example/counter/x", LONG, "1").await.2,
         "1"
     );
-    node.stop();
+    node.stop().await;
     // Corrupt the stored `total` of example/counter/x (layout: store.rs).
     {
         let db = sled::open(data.join("state")).unwrap();
@@ -997,7 +997,7 @@ async fn unreadable_local_state_is_dead_lettered_not_applied() {
         "2",
         "other addresses are unaffected"
     );
-    node.stop();
+    node.stop().await;
 }
 
 async fn cluster(node: &Node) -> serde_json::Value {
@@ -1059,13 +1059,13 @@ async fn a_lone_node_is_a_cluster_of_one() {
         .unwrap_or_else(|| panic!("{out}"));
     let cols: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(&cols[..5], &["7", "1", "voter", "alive", "1024"], "{out}");
-    node.stop();
+    node.stop().await;
 
     // A restart (without --node-id: it is in the data directory) rejoins as generation 2.
     let node = Node::start(&data, None);
     let c = settled(&node, 2).await;
     assert_eq!(c["members"][0]["key_groups"], 1024);
-    node.stop();
+    node.stop().await;
 
     // The data directory of node 7 refuses to start as node 8; 0 is not an id.
     let mut n = Node::launch(&data, &launch("8"));
@@ -1295,7 +1295,7 @@ async fn state_is_set_and_deleted_through_committed_epochs() {
         post(&node, "call", "example/counter/c", LONG, "0").await.2,
         "8"
     );
-    node.stop();
+    node.stop().await;
 }
 
 /// `[auth]`: ingress tokens scoped to what they may address, the admin token for the admin
@@ -1693,7 +1693,7 @@ async fn access_control_with_scoped_tokens_an_admin_token_and_a_reloaded_file() 
     assert!(count("grpc", "forbidden") >= 2.0, "{metrics}");
     assert!(count("http", "unauthenticated") >= 5.0, "{metrics}");
     assert!(count("http", "forbidden") >= 5.0, "{metrics}");
-    node.stop();
+    node.stop().await;
 }
 
 /// A state edit queued behind messages of a busy address is applied between two batches: the
@@ -1754,7 +1754,7 @@ async fn a_state_edit_queued_behind_messages_is_applied_between_batches() {
     // The function never saw the edit (it would fail to read it as a long).
     assert_eq!(node.metric("statemesh_invocation_errors_total").await, 0.0);
     assert_eq!(node.metric("statemesh_dead_letters_total").await, 0.0);
-    node.stop();
+    node.stop().await;
 }
 
 /// `statemesh node` with `config`: it must refuse to start; returns what it printed on stderr.
@@ -1908,7 +1908,7 @@ async fn traces_to_a_collector_that_is_down_or_hangs_do_not_slow_or_stop_the_nod
         // Span batches are due every 100 ms: by now some export failed or hangs.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let stopping = Instant::now();
-        node.stop();
+        node.stop().await;
         assert!(
             stopping.elapsed() < Duration::from_secs(15),
             "stopping took {:?} with the collector at {endpoint}",
@@ -2007,5 +2007,5 @@ async fn an_idle_node_sleeps_between_its_timers() {
         .collect();
     assert_eq!(main.len(), 1, "one main thread: {rates:?}");
     assert!(main[0] < 5.0, "the main thread polls: {rates:?}");
-    node.stop();
+    node.stop().await;
 }

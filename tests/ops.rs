@@ -327,5 +327,9 @@ fn the_health_command_probes_healthz_and_readyz() {
         "gave up after {took:?}, not about 700 ms"
     );
     server.join().unwrap();
-    node.stop();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(node.stop());
 }

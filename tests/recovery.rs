@@ -127,7 +127,7 @@ async fn blob_outage_holds_acks_then_backpressures_and_loses_nothing() {
     assert_eq!(send(&node, "b", 5, Some("k3")).await.0, 202);
     assert_eq!(total(&node, "a").await, 11, "a retry is not applied again");
     assert_eq!(total(&node, "b").await, 5);
-    node.stop();
+    node.stop().await;
 }
 
 /// A node alone commits its epochs to its epoch log: while blob storage is down,
@@ -239,7 +239,7 @@ async fn the_epoch_log_acknowledges_while_blob_storage_is_down_up_to_its_bound()
         "a retry is not applied again"
     );
     assert_eq!(send(&node, "b", 1, None).await.0, 202);
-    node.stop();
+    node.stop().await;
 }
 
 /// The epoch log batches blob storage's writes: a burst of committed sends becomes a few
@@ -270,7 +270,7 @@ async fn the_epoch_log_uploads_many_epochs_in_few_writes() {
     node.kill();
     let node = Node::start(&data, Some(config));
     assert_eq!(total(&node, "a").await, sent);
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,14 +348,14 @@ async fn missing_or_corrupt_local_state_is_rebuilt_from_blob_storage() {
                 .starts_with("state.corrupt-")
         });
     assert!(aside, "the corrupt store is kept aside for inspection");
-    node.stop();
+    node.stop().await;
 
     // After a clean stop the rebuilt store is current: the next start reads nothing back.
     let node = Node::start(&data, Some(config));
     let cp = checkpoints(&node).await;
     assert_eq!(cp["recovery"]["source"], "sled", "{cp}");
     assert_eq!(total(&node, "c9").await, want);
-    node.stop();
+    node.stop().await;
 }
 
 /// Local files are fsynced before an epoch commits (default); `[checkpoint] fsync = false`
@@ -383,7 +383,7 @@ async fn local_checkpoints_are_fsynced_unless_turned_off() {
         std::fs::remove_dir_all(data.join("state")).unwrap();
         let node = Node::start(&data, Some(config));
         assert_eq!(total(&node, "d").await, 6, "{durability}");
-        node.stop();
+        node.stop().await;
     }
     let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(common::BIN)
@@ -473,7 +473,7 @@ async fn a_node_checkpoints_to_s3_and_recovers_from_it_alone() {
             .starts_with("s3://smcp/cluster-a"),
         "{cp}"
     );
-    node.stop();
+    node.stop().await;
 }
 
 /// The S3 request budget (issue 10): a node alone on S3 — moto behind a proxy that adds 30 ms to
@@ -546,7 +546,7 @@ async fn s3_requests_stay_within_budget_under_load_and_when_idle() {
         n <= 2,
         "{n} S3 requests in {secs:.1} s idle (budget 1 per 10 s)"
     );
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,7 +589,7 @@ async fn idempotency_keys_dedupe_calls_and_bad_keys_are_refused() {
     assert_eq!(s, 400, "{body}");
     assert!(body.contains("idempotency key"), "{body}");
     assert_eq!(total(&node, "k").await, 106);
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -628,7 +628,7 @@ async fn a_data_directory_in_use_by_another_node_is_refused_and_left_alone() {
             .to_string_lossy()
             .starts_with("state.corrupt-")));
     assert_eq!(total(&node, "lock").await, 3);
-    node.stop();
+    node.stop().await;
 }
 
 /// Every manifest put stores the manifest and then reports an error (fault point
@@ -680,7 +680,7 @@ async fn ambiguous_manifest_puts_commit_instead_of_fencing_the_node() {
     assert_eq!(total(&node, "a").await, 20);
     assert_eq!(send(&node, "a", 1, Some("k7")).await.0, 202);
     assert_eq!(total(&node, "a").await, 20, "a retry is not applied again");
-    node.stop();
+    node.stop().await;
 }
 
 /// Blob storage with a lost manifest in the middle of the history, or a corrupt one: the node
@@ -696,7 +696,7 @@ async fn a_truncated_or_corrupt_history_stops_the_node_with_its_name() {
     for i in 0..10 {
         assert_eq!(send(&node, "a", 1, Some(&format!("k{i}"))).await.0, 202);
     }
-    node.stop();
+    node.stop().await;
     let manifests = data.join("checkpoints").join("manifests");
     let mut names: Vec<String> = std::fs::read_dir(&manifests)
         .unwrap()
@@ -759,7 +759,7 @@ async fn a_truncated_or_corrupt_history_stops_the_node_with_its_name() {
     let node = Node::start(&data, Some(config));
     assert_eq!(checkpoints(&node).await["recovery"]["source"], "blob-full");
     assert_eq!(total(&node, "a").await, 10);
-    node.stop();
+    node.stop().await;
 }
 
 /// The first write of committed epochs to sled fails (fault point `checkpoint-sled-apply`: a
@@ -809,12 +809,12 @@ async fn a_failed_sled_write_is_retried_not_skipped() {
     // not from a full rebuild: every send is there. (A clean stop, so that sled is flushed:
     // after a SIGKILL sled may have lost its newest writes, and recovery rebuilds from blob
     // storage.)
-    node.stop();
+    node.stop().await;
     let node = Node::start(&data, Some("[checkpoint]\napply_interval_ms = 20\n"));
     let source = checkpoints(&node).await["recovery"]["source"].clone();
     assert!(source == "sled" || source == "blob-deltas", "{source}");
     for i in 0..10 {
         assert_eq!(total(&node, &format!("s{i}")).await, i + 1, "s{i}");
     }
-    node.stop();
+    node.stop().await;
 }

@@ -58,7 +58,7 @@ async fn python_sdk_greeter_state_negotiation_and_replies() {
     let (ok, out, err) = node.cli(&["call", "py/counter/c", "40", "--type", "long"]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "40");
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +153,7 @@ async fn python_sdk_ttl_delayed_messages_and_egress() {
         rec,
         serde_json::json!({"topic": "greetings", "payload": "hi there"})
     );
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,7 +220,7 @@ async fn python_sdk_order_batching_and_many_addresses() {
         "500 remote calls over 100 addresses took {:?}",
         started.elapsed()
     );
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,7 +318,7 @@ async fn broken_function_servers_are_retried_then_dead_lettered_and_others_keep_
     assert_eq!(dead.len(), cases.len(), "{dead:?}");
     assert!(node.metric("statemesh_remote_failed_attempts_total").await >= 9.0);
     assert!(node.metric("statemesh_dead_letters_total").await >= 9.0);
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,7 +377,7 @@ async fn playground_greeter_example_runs_as_is() {
     ]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "Hello Ann! Nice to meet you!");
-    node.stop();
+    node.stop().await;
 }
 
 /// A protobuf `google.protobuf.StringValue` / `Int64Value` / `Struct`, hand-encoded.
@@ -475,7 +475,7 @@ async fn bandit_demo_on_the_statefun_2_sdk() {
     assert_eq!(s, 200);
     let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(j["states"]["arms"]["encoding"], "base64");
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,7 +543,7 @@ async fn rust_remote_function_server() {
         Some(serde_json::json!(3)),
         "the cancelled timeout did not restock"
     );
-    node.stop();
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,7 +614,7 @@ async fn max_num_batch_requests_back_pressures_ingress() {
         messages / batches <= 10.0,
         "batches never exceed maxNumBatchRequests"
     );
-    node.stop();
+    node.stop().await;
 }
 
 /// A backlog (messages queued behind a slow remote function) is checkpointed incrementally: a
@@ -716,7 +716,7 @@ async fn a_backlog_is_checkpointed_once_and_survives_sigkill_exactly_once() {
         expected,
         "messages applied more than once"
     );
-    node.stop();
+    node.stop().await;
 }
 
 /// The `n` of `py/slower/b0` … `b{count-1}`.
@@ -877,7 +877,7 @@ async fn dead_letters_are_listed_and_replayed_once_the_function_server_is_back()
         post(&node, "call", "example/counter/v", LONG, "1").await.2,
         "1"
     );
-    node.stop();
+    node.stop().await;
 }
 
 /// `[auth] function_signing_key`: the node signs every remote-function request (an HMAC
@@ -915,6 +915,6 @@ async fn remote_function_requests_are_signed_and_the_sdk_server_verifies_them() 
             assert_eq!(s, 502, "{name}: {body}");
             assert!(body.contains("HTTP status 401"), "{name}: {body}");
         }
-        node.stop();
+        node.stop().await;
     }
 }

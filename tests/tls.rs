@@ -258,8 +258,8 @@ async fn nodes_talk_mutual_tls_and_refuse_strangers() {
     assert_eq!(s, 200);
     let refused = common::parse_metric(metrics.as_bytes(), "statemesh_tls_refused_total").unwrap();
     assert!(refused >= 2.0, "{refused}");
-    n1.stop();
-    n2.stop();
+    n1.stop().await;
+    n2.stop().await;
 }
 
 /// A TLS-terminating proxy on a loopback port in front of `backend` (a plain HTTP port),
@@ -333,6 +333,6 @@ async fn https_remote_functions_are_verified_against_remote_ca() {
             assert_eq!(s, 502, "{body}");
             assert!(body.contains("certificate"), "{body}");
         }
-        node.stop();
+        node.stop().await;
     }
 }

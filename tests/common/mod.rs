@@ -216,8 +216,11 @@ impl Node {
         self.child.as_mut().and_then(|c| c.try_wait().unwrap())
     }
 
-    /// SIGTERM and wait for a clean exit.
-    pub fn stop(mut self) {
+    /// SIGTERM and wait for a clean exit. The wait yields: a test's runtime is single-threaded,
+    /// and the clients on it must go on answering the node (a client that cannot answer the
+    /// stopping server's GOAWAY ping holds its connection open, and the node waits 5 s for its
+    /// gRPC server).
+    pub async fn stop(mut self) {
         let mut child = self.child.take().unwrap();
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -230,7 +233,7 @@ impl Node {
                 Instant::now() < deadline,
                 "node did not stop within 30 s of SIGTERM"
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
