@@ -3631,6 +3631,7 @@ async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once()
 /// the calls they forward to its key groups go there, and nothing acknowledged under load is
 /// lost or applied twice. Then the same after an outage long enough for it to be declared
 /// dead: it comes back on yet other ports and gets its share of the key groups back there.
+/// Last, the whole cluster killed and started again with every member on new ports.
 #[tokio::test]
 async fn a_member_restarted_on_other_ports_is_reached_there() {
     let _g = SERIAL.lock().await;
@@ -3689,7 +3690,38 @@ async fn a_member_restarted_on_other_ports_is_reached_there() {
     spread(&n3, 3, 200).await;
     let (calls, _) = load.finish(&n3).await;
     println!("{calls} calls under load while node 3 was dead and came back on other ports");
-    // Calls through every node to a counter of each member's key groups, node 3's among them.
+    // The whole cluster killed and started again, every member on new ports: node 1 without
+    // `--join`, nodes 2 and 3 through node 1's new address. No member knows where the others
+    // are now; they learn it from each other's streams and joins.
+    assert_eq!(add(&n2.client().await, "before-full", 5).await, 5);
+    for n in [n1, n2, n3] {
+        n.kill();
+    }
+    let t0 = std::time::Instant::now();
+    let n1 = restart(root, 1, (free_port(), free_port()), None);
+    let seed1 = n1.grpc.trim_start_matches("http://").to_string();
+    let n2 = restart(root, 2, (free_port(), free_port()), Some(&seed1));
+    let n3 = restart(root, 3, (free_port(), free_port()), Some(&seed1));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    for (i, via) in [&n1, &n2, &n3].into_iter().enumerate() {
+        let v = view(via).await.unwrap();
+        for (j, n) in [&n1, &n2, &n3].into_iter().enumerate() {
+            let at = n.grpc.trim_start_matches("http://");
+            assert_eq!(
+                member(&v, j as u64 + 1)["grpc_addr"],
+                at,
+                "node {} lists node {} at an old address",
+                i + 1,
+                j + 1
+            );
+        }
+    }
+    assert_eq!(add(&n3.client().await, "before-full", 0).await, 5);
+    println!(
+        "the whole cluster back on new ports in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    // Calls through every node to a counter of each member's key groups.
     let t = n1.get_json("/v1/cluster/key-groups").await;
     for owner in 1..=3 {
         let addr = owned_address(&t, "example/counter/after-", owner);

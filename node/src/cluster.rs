@@ -1021,6 +1021,20 @@ impl Driver {
         reply: oneshot::Sender<Result<mpb::JoinReply, Status>>,
     ) {
         let state = self.node.state();
+        // A member restarting (its data names this cluster) says where it serves now: kept
+        // whether or not this node can take its join. When a whole cluster restarts on new
+        // addresses, no member knows where the others are, and no leader can be elected until
+        // one does: the members it joins through reach it, and it learns their addresses from
+        // their streams.
+        if *req.cluster_id == *self.cluster_id
+            && !req.grpc_addr.is_empty()
+            && req.id != self.node.id()
+            && state.members.contains_key(&req.id)
+            && self.learned.get(&req.id) != Some(&req.grpc_addr)
+        {
+            tracing::info!(node = req.id, addr = %req.grpc_addr, "a member restarting says where it serves now");
+            self.learned.insert(req.id, req.grpc_addr.clone());
+        }
         let accepted = mpb::JoinReply {
             accepted: true,
             cluster_id: self.cluster_id.to_string(),
@@ -1097,11 +1111,8 @@ impl Driver {
         }
         match state.members.get(&id) {
             // A restarting member: it proposes its own Join. Until that applies, its current
-            // address is the one it gives here.
+            // address is the one it gave (learned above).
             Some(_) if !req.cluster_id.is_empty() => {
-                if !req.grpc_addr.is_empty() {
-                    self.learned.insert(id, req.grpc_addr.clone());
-                }
                 let _ = reply.send(Ok(accepted));
             }
             // A retry of the same join (its reply was lost), possibly from a later start at
