@@ -342,6 +342,9 @@ pub(crate) struct Opened {
     /// The transport's inbox (the mesh service sends here) and its receiving end.
     pub inbox: mpsc::Sender<ControlInput>,
     inbox_rx: mpsc::Receiver<ControlInput>,
+    /// A restarting member whose `--join` members did not confirm the cluster: where, and
+    /// what, it tells them again while it knows no leader ([`Driver::announce`]).
+    announce: Option<(Vec<String>, mpb::JoinRequest)>,
 }
 
 /// How long a restarting member waits for a member named by `--join` to confirm the cluster
@@ -367,6 +370,7 @@ pub(crate) async fn open(
 ) -> Result<Opened, String> {
     let storage = open_in(data_dir, &RaftConf::default())?;
     let saved = storage.load_state()?;
+    let mut announce = None;
     // A new node's join that may have been applied without an answer is finished by the next
     // start with the same incarnation (kept in `joining` until the join succeeds).
     let joining = data_dir.join("joining");
@@ -444,12 +448,23 @@ pub(crate) async fn open(
             s
         }
         Some(s) => {
+            // Not this node itself (it does not serve yet: asking it would only wait).
+            let join: Vec<String> = join
+                .iter()
+                .filter(|j| {
+                    j.trim_start_matches("http://")
+                        .trim_start_matches("https://")
+                        != grpc_addr
+                })
+                .cloned()
+                .collect();
             if !join.is_empty() {
-                match crate::mesh::join(join, request(&s.cluster_id), REJOIN_CHECK).await {
+                match crate::mesh::join(&join, request(&s.cluster_id), REJOIN_CHECK).await {
                     Ok(_) => {}
                     Err(e) if e.refused => return Err(format!("cannot rejoin the cluster: {e}")),
                     Err(e) => {
-                        tracing::warn!(error = %e, "no member confirmed the cluster; starting on the local control log (the cluster may be restarting)")
+                        tracing::warn!(error = %e, "no member confirmed the cluster; starting on the local control log (the cluster may be restarting)");
+                        announce = Some((join.clone(), request(&s.cluster_id)));
                     }
                 }
             }
@@ -473,6 +488,7 @@ pub(crate) async fn open(
         incarnation,
         inbox,
         inbox_rx,
+        announce,
     })
 }
 
@@ -523,6 +539,7 @@ pub(crate) fn start(
         incarnation,
         inbox,
         mut inbox_rx,
+        announce,
         ..
     } = opened;
     placement.update(&state);
@@ -581,6 +598,11 @@ pub(crate) fn start(
             join_proposed: None,
             leave_proposed: None,
             removal_asked: None,
+            announce: announce.map(|(seeds, req)| Announce {
+                seeds,
+                req,
+                asked: None,
+            }),
             grpc_addr,
             http_addr,
             cluster_id,
@@ -895,6 +917,19 @@ struct Driver {
     /// When this node, leaving and hearing nothing from the group, last asked its peers
     /// whether it is still a member (`ask_if_removed`), and the task asking.
     removal_asked: Option<(Instant, tokio::task::JoinHandle<()>)>,
+    /// A restarting member that found no member of its `--join` list confirming the cluster
+    /// (the whole cluster restarting): those members, its join request, and the task telling
+    /// them again, once a second until this node knows a leader. A member records where a
+    /// restarting member serves now from its request even without a leader, so a whole cluster
+    /// restarted on new addresses finds itself again, whichever order its members start in.
+    announce: Option<Announce>,
+}
+
+/// What [`Driver::announce`] tells, to whom, and its last attempt.
+struct Announce {
+    seeds: Vec<String>,
+    req: mpb::JoinRequest,
+    asked: Option<(Instant, tokio::task::JoinHandle<()>)>,
 }
 
 /// A member leaving that owns nothing and has had no replication from the Raft group's
@@ -1026,7 +1061,13 @@ impl Driver {
         // addresses, no member knows where the others are, and no leader can be elected until
         // one does: the members it joins through reach it, and it learns their addresses from
         // their streams.
+        // (Not from a start that is then refused for its configuration, checked below.)
+        let fits = (req.key_groups == 0 || req.key_groups as usize == state.table.len())
+            && (req.checkpoint_url.is_empty()
+                || state.checkpoint_url.is_empty()
+                || req.checkpoint_url == state.checkpoint_url);
         if *req.cluster_id == *self.cluster_id
+            && fits
             && !req.grpc_addr.is_empty()
             && req.id != self.node.id()
             && state.members.contains_key(&req.id)
@@ -1046,11 +1087,11 @@ impl Driver {
             let leader = self.node.leader().filter(|&l| l != self.node.id());
             let leader_addr = leader
                 .and_then(|l| {
-                    state
-                        .members
+                    // Where its current process said it is first, as `link()` does.
+                    self.learned
                         .get(&l)
-                        .map(|m| m.grpc_addr.clone())
-                        .or_else(|| self.learned.get(&l).cloned())
+                        .cloned()
+                        .or_else(|| state.members.get(&l).map(|m| m.grpc_addr.clone()))
                 })
                 .unwrap_or_default();
             let _ = reply.send(Ok(mpb::JoinReply {
@@ -1219,10 +1260,37 @@ impl Driver {
         self.removal_asked = Some((Instant::now(), task));
     }
 
+    /// Tells the members of `--join` again where this node serves ([`Driver::announce`]),
+    /// once a second while it knows no leader.
+    fn announce(&mut self) {
+        if self.node.leader().is_some() {
+            if let Some((_, task)) = self.announce.take().and_then(|a| a.asked) {
+                task.abort();
+            }
+            return;
+        }
+        let Some(Announce { seeds, req, asked }) = self.announce.as_mut() else {
+            return;
+        };
+        if asked
+            .as_ref()
+            .is_some_and(|(t, task)| t.elapsed() < Duration::from_secs(1) || !task.is_finished())
+        {
+            return;
+        }
+        let (seeds, req) = (seeds.clone(), req.clone());
+        let task = tokio::spawn(async move {
+            // Only its side effect matters: the member asked records this node's address.
+            let _ = crate::mesh::join(&seeds, req, Duration::from_millis(900)).await;
+        });
+        *asked = Some((Instant::now(), task));
+    }
+
     /// Handles what the group has ready (twice: proposals made in between go out at once).
     fn round(&mut self) -> Result<(), String> {
         self.process()?;
         self.ask_if_removed();
+        self.announce();
         let now = crate::mesh::mono_ms();
         if let Some(ctx) = self.lease.due(now) {
             self.node.read_index(ctx);

@@ -220,12 +220,15 @@ impl Node {
     /// and the clients on it must go on answering the node (a client that cannot answer the
     /// stopping server's GOAWAY ping holds its connection open, and the node waits 5 s for its
     /// gRPC server).
+    /// The process stays owned by `self` until it has exited, so a test that panics or is
+    /// dropped meanwhile kills it (`Drop`).
     pub async fn stop(mut self) {
-        let mut child = self.child.take().unwrap();
+        let child = self.child.as_mut().unwrap();
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = child.try_wait().unwrap() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
                 assert!(status.success(), "node exited with {status}");
                 return;
             }
