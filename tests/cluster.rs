@@ -3631,7 +3631,7 @@ async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once()
 /// the calls they forward to its key groups go there, and nothing acknowledged under load is
 /// lost or applied twice. Then the same after an outage long enough for it to be declared
 /// dead: it comes back on yet other ports and gets its share of the key groups back there.
-/// Last, the whole cluster killed and started again with every member on new ports, in two
+/// Last, the whole cluster killed and started again with every member on new ports, in three
 /// orders.
 #[tokio::test]
 async fn a_member_restarted_on_other_ports_is_reached_there() {
@@ -3691,15 +3691,16 @@ async fn a_member_restarted_on_other_ports_is_reached_there() {
     spread(&n3, 3, 200).await;
     let (calls, _) = load.finish(&n3).await;
     println!("{calls} calls under load while node 3 was dead and came back on other ports");
-    // The whole cluster killed and started again, every member on new ports, twice. No member
+    // The whole cluster killed and started again, every member on new ports, three times. No member
     // knows where the others are now; they learn it from each other's joins and streams.
-    // First node 1 without `--join`, then nodes 2 and 3 through node 1's new address; then
+    // First node 1 without `--join`, then nodes 2 and 3 through node 1's new address. Then
     // nodes 2 and 3 first, through node 1's new address while node 1 is still down (their
-    // check of the cluster gives up after 3 s and they start on their own control logs), and
-    // node 1 last, through node 2's.
+    // check of the cluster gives up after 3 s and they start on their own control logs; they
+    // must keep telling node 1 where they are), and node 1 last, through node 2's. Last, every
+    // member with `--join` naming all three new addresses, itself included, in that order.
     assert_eq!(add(&n2.client().await, "before-full", 5).await, 5);
     let (mut n1, mut n2, mut n3) = (n1, n2, n3);
-    for round in 0..2 {
+    for round in 0..3 {
         for n in [n1, n2, n3] {
             n.kill();
         }
@@ -3710,10 +3711,16 @@ async fn a_member_restarted_on_other_ports_is_reached_there() {
             n1 = restart(root, 1, ports[0], None);
             n2 = restart(root, 2, ports[1], Some(&at(0)));
             n3 = restart(root, 3, ports[2], Some(&at(0)));
-        } else {
+        } else if round == 1 {
             n2 = restart(root, 2, ports[1], Some(&at(0)));
             n3 = restart(root, 3, ports[2], Some(&at(0)));
             n1 = restart(root, 1, ports[0], Some(&at(1)));
+        } else {
+            // Every member given the same list, itself included (one configuration for all).
+            let all = format!("{},{},{}", at(0), at(1), at(2));
+            n2 = restart(root, 2, ports[1], Some(&all));
+            n3 = restart(root, 3, ports[2], Some(&all));
+            n1 = restart(root, 1, ports[0], Some(&all));
         }
         converged(&[&n1, &n2, &n3], 3, 3).await;
         // (Agreeing on a leader can come before the members' new joins apply everywhere.)

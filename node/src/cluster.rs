@@ -602,6 +602,7 @@ pub(crate) fn start(
                 seeds,
                 req,
                 asked: None,
+                refused: Arc::default(),
             }),
             grpc_addr,
             http_addr,
@@ -919,17 +920,19 @@ struct Driver {
     removal_asked: Option<(Instant, tokio::task::JoinHandle<()>)>,
     /// A restarting member that found no member of its `--join` list confirming the cluster
     /// (the whole cluster restarting): those members, its join request, and the task telling
-    /// them again, once a second until this node knows a leader. A member records where a
+    /// them again, an attempt a second while this node knows no leader, until its own `Join`
+    /// applies. A member records where a
     /// restarting member serves now from its request even without a leader, so a whole cluster
     /// restarted on new addresses finds itself again, whichever order its members start in.
     announce: Option<Announce>,
 }
 
-/// What [`Driver::announce`] tells, to whom, and its last attempt.
+/// What [`Driver::announce`] tells, to whom, its last attempt, and whether a member refused it.
 struct Announce {
     seeds: Vec<String>,
     req: mpb::JoinRequest,
     asked: Option<(Instant, tokio::task::JoinHandle<()>)>,
+    refused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A member leaving that owns nothing and has had no replication from the Raft group's
@@ -1262,14 +1265,29 @@ impl Driver {
 
     /// Tells the members of `--join` again where this node serves ([`Driver::announce`]),
     /// once a second while it knows no leader.
+    /// Ends once its own `Join` has applied (the address is in the replicated state then), or
+    /// when a member refuses it; skipped while a leader is known.
     fn announce(&mut self) {
-        if self.node.leader().is_some() {
+        let refused = self
+            .announce
+            .as_ref()
+            .is_some_and(|a| a.refused.load(std::sync::atomic::Ordering::Relaxed));
+        if self.joined || refused {
             if let Some((_, task)) = self.announce.take().and_then(|a| a.asked) {
                 task.abort();
             }
             return;
         }
-        let Some(Announce { seeds, req, asked }) = self.announce.as_mut() else {
+        if self.node.leader().is_some() {
+            return;
+        }
+        let Some(Announce {
+            seeds,
+            req,
+            asked,
+            refused,
+        }) = self.announce.as_mut()
+        else {
             return;
         };
         if asked
@@ -1278,10 +1296,16 @@ impl Driver {
         {
             return;
         }
-        let (seeds, req) = (seeds.clone(), req.clone());
+        let (seeds, req, refused) = (seeds.clone(), req.clone(), refused.clone());
         let task = tokio::spawn(async move {
-            // Only its side effect matters: the member asked records this node's address.
-            let _ = crate::mesh::join(&seeds, req, Duration::from_millis(900)).await;
+            // Its side effect is what counts: the member asked records this node's address.
+            // (`join` goes over the seeds again every 200 ms within its 900 ms.)
+            if let Err(e) = crate::mesh::join(&seeds, req, Duration::from_millis(900)).await {
+                if e.refused {
+                    tracing::warn!(error = %e, "a member of --join refuses this node's cluster now; no longer telling it where this node serves");
+                    refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
         });
         *asked = Some((Instant::now(), task));
     }
