@@ -3820,3 +3820,48 @@ async fn a_rolling_restart_under_load_loses_nothing() {
         n.stop().await;
     }
 }
+
+/// A restarting member whose `--join` names a node that does not answer yet starts on its own
+/// control log and keeps telling that node where it serves; when the node answers and it turns
+/// out to belong to another cluster, the member says so once and stops asking (it goes on as
+/// a member of its own cluster, which forms again when its other member returns).
+#[tokio::test]
+async fn a_restarting_member_stops_telling_a_node_of_another_cluster() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, p1) = start(root, 1, None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let (n2, p2) = start(root, 2, Some(&seed));
+    converged(&[&n1, &n2], 2, 1).await;
+    assert_eq!(add(&n2.client().await, "refused", 3).await, 3);
+    n1.kill();
+    n2.kill();
+    // Node 2 back with `--join` at a port where nothing serves yet: no leader (node 1 is down),
+    // and its check of the cluster gives up after 3 s.
+    let other = (free_port(), free_port());
+    let n2 = restart(root, 2, p2, Some(&format!("127.0.0.1:{}", other.0)));
+    const REFUSED: &str = "a member of --join refuses this node's cluster now";
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!n2.log_since_launch().contains(REFUSED));
+    // A node of another cluster (a fresh one, bootstrapped alone) comes up there.
+    let stranger = Node::start_launch(&root.join("n9"), &launch(root, 9, other, None));
+    eventually(
+        "node 2 to say that the node of another cluster refuses it",
+        Duration::from_secs(30),
+        || async { n2.log_since_launch().contains(REFUSED).then_some(()) },
+    )
+    .await;
+    // Said once, and no more asking (it asked once a second; each refusal would be said).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(n2.log_since_launch().matches(REFUSED).count(), 1);
+    let v = view(&stranger).await.unwrap();
+    assert_eq!(member(&v, 2), serde_json::Value::Null, "{v}");
+    // Its own cluster forms again once node 1 is back, and nothing was lost.
+    let n1 = restart(root, 1, p1, None);
+    converged(&[&n1, &n2], 2, 1).await;
+    assert_eq!(add(&n1.client().await, "refused", 0).await, 3);
+    for n in [n1, n2, stranger] {
+        n.stop().await;
+    }
+}
