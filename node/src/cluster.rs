@@ -921,10 +921,33 @@ struct Driver {
     /// A restarting member that found no member of its `--join` list confirming the cluster
     /// (the whole cluster restarting): those members, its join request, and the task telling
     /// them again, an attempt a second while this node knows no leader, until its own `Join`
-    /// applies. A member records where a
-    /// restarting member serves now from its request even without a leader, so a whole cluster
-    /// restarted on new addresses finds itself again, whichever order its members start in.
+    /// applies or a member refuses it. A member records where a restarting member serves now
+    /// from its request even without a leader, so a whole cluster restarted on new addresses
+    /// finds itself again, whichever order its members start in.
     announce: Option<Announce>,
+}
+
+/// Why a node configured as `req` says cannot be a member of the cluster of `state` (its key
+/// groups, or its blob location), if it cannot.
+fn join_misfit(req: &mpb::JoinRequest, state: &ClusterState) -> Option<String> {
+    let id = req.id;
+    if req.key_groups != 0 && req.key_groups as usize != state.table.len() {
+        return Some(format!(
+            "node {id} is configured with {} key groups, this cluster has {}",
+            req.key_groups,
+            state.table.len()
+        ));
+    }
+    if !req.checkpoint_url.is_empty()
+        && !state.checkpoint_url.is_empty()
+        && req.checkpoint_url != state.checkpoint_url
+    {
+        return Some(format!(
+            "node {id} is configured with the blob location {:?}, this cluster uses {:?}: every member writes its checkpoints to the cluster's (leave --checkpoint-url out to use it)",
+            req.checkpoint_url, state.checkpoint_url
+        ));
+    }
+    None
 }
 
 /// What [`Driver::announce`] tells, to whom, its last attempt, and whether a member refused it.
@@ -1064,13 +1087,10 @@ impl Driver {
         // addresses, no member knows where the others are, and no leader can be elected until
         // one does: the members it joins through reach it, and it learns their addresses from
         // their streams.
-        // (Not from a start that is then refused for its configuration, checked below.)
-        let fits = (req.key_groups == 0 || req.key_groups as usize == state.table.len())
-            && (req.checkpoint_url.is_empty()
-                || state.checkpoint_url.is_empty()
-                || req.checkpoint_url == state.checkpoint_url);
+        // (Not from a start that is then refused for its configuration.)
+        let misfit = join_misfit(&req, state);
         if *req.cluster_id == *self.cluster_id
-            && fits
+            && misfit.is_none()
             && !req.grpc_addr.is_empty()
             && req.id != self.node.id()
             && state.members.contains_key(&req.id)
@@ -1114,22 +1134,8 @@ impl Driver {
             ))));
             return;
         }
-        if req.key_groups != 0 && req.key_groups as usize != state.table.len() {
-            let _ = reply.send(Err(Status::failed_precondition(format!(
-                "node {id} is configured with {} key groups, this cluster has {}",
-                req.key_groups,
-                state.table.len()
-            ))));
-            return;
-        }
-        if !req.checkpoint_url.is_empty()
-            && !state.checkpoint_url.is_empty()
-            && req.checkpoint_url != state.checkpoint_url
-        {
-            let _ = reply.send(Err(Status::failed_precondition(format!(
-                "node {id} is configured with the blob location {:?}, this cluster uses {:?}: every member writes its checkpoints to the cluster's (leave --checkpoint-url out to use it)",
-                req.checkpoint_url, state.checkpoint_url
-            ))));
+        if let Some(why) = misfit {
+            let _ = reply.send(Err(Status::failed_precondition(why)));
             return;
         }
         if state.table.iter().any(|o| o.owner.is_none()) {
