@@ -3922,3 +3922,52 @@ async fn two_members_leave_at_once_under_load_and_both_exit_0() {
         n.stop().await;
     }
 }
+
+/// Scaling out by two at once under load: nodes 4 and 5 start together, joining through
+/// different members. Both become voters, each gets its share of the key groups live (nothing
+/// rolls back on the members that were there), and every acknowledged call applies once.
+#[tokio::test]
+async fn two_members_join_at_once_under_load_and_get_their_share() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, seed) = three_nodes(root).await;
+    spread(&n1, 3, 200).await;
+    add(&n1.client().await, "warm", 1).await;
+    let rollbacks = || async {
+        [
+            n1.metric(ROLLBACKS).await,
+            n2.metric(ROLLBACKS).await,
+            n3.metric(ROLLBACKS).await,
+        ]
+    };
+    let before = rollbacks().await;
+    let load = Load::start(&[&n1, &n2, &n3], "two-join", true).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = std::time::Instant::now();
+    let via2 = n2.grpc.trim_start_matches("http://").to_string();
+    let l4 = launch(root, 4, (free_port(), free_port()), Some(&seed));
+    let l5 = launch(root, 5, (free_port(), free_port()), Some(&via2));
+    let mut n4 = Node::launch(&root.join("n4"), &l4);
+    let mut n5 = Node::launch(&root.join("n5"), &l5);
+    for (id, n) in [(4, &mut n4), (5, &mut n5)] {
+        if let Err(log) = n.wait_listening() {
+            panic!("node {id} did not start:\n{log}");
+        }
+    }
+    let all = [&n1, &n2, &n3, &n4, &n5];
+    converged(&all, 5, 5).await;
+    spread(&n1, 5, 100).await;
+    println!(
+        "nodes 4 and 5 joined and own their share {:.1} s after they started",
+        t0.elapsed().as_secs_f64()
+    );
+    let (calls, batches) = load.finish(&n5).await;
+    println!(
+        "{calls} calls and {batches} stream batches under load while two members joined at once"
+    );
+    assert_eq!(before, rollbacks().await, "the joins rolled a member back");
+    for n in [n1, n2, n3, n4, n5] {
+        n.stop().await;
+    }
+}
