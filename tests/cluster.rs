@@ -557,9 +557,7 @@ async fn three_nodes_form_a_cluster_route_from_every_node_and_survive_kills() {
     let c3 = n3.client().await;
     assert_eq!(add(&c3, "shared", 0).await, expected + 3);
     assert_eq!(add(&c3, "streamed", 0).await, 50);
-    for n in [n1, n2, n3] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2, n3]).await;
 }
 
 /// Load on a cluster while its members change: callers that each add to their own counters
@@ -866,9 +864,7 @@ async fn a_backlog_moves_live_with_its_key_groups_and_is_applied_once() {
         let id = format!("queued-{k}");
         assert_eq!(add(&c3, &id, 0).await, EACH as i64, "counter {id}");
     }
-    for n in [n1, n2, n3] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2, n3]).await;
 }
 
 const RECORDED: &str = "statemesh_checkpoint_pending_recorded_total";
@@ -1183,9 +1179,7 @@ async fn a_hand_over_that_is_too_slow_or_fails_falls_back_to_a_rollback_and_lose
         log.contains("cannot read the moving key groups from blob storage"),
         "{log}"
     );
-    for n in [n1, n2, n3, n4] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2, n3, n4]).await;
 }
 
 #[tokio::test]
@@ -1229,9 +1223,7 @@ async fn five_nodes_have_five_voters_and_a_sixth_is_a_learner() {
     let (ok, out, err) = nodes[4].cli(&["cluster", "status"]);
     assert!(ok, "{err}");
     assert!(out.contains("learner") && out.contains("voter"), "{out}");
-    for n in nodes {
-        n.stop().await;
-    }
+    Node::stop_all(nodes).await;
 }
 
 /// A join the leader applied but could not answer (it crashed first): the new node says so
@@ -1268,9 +1260,7 @@ async fn a_join_applied_but_not_answered_is_finished_by_the_next_start() {
     let ids: Vec<u64> = member_field(&v, "id");
     assert_eq!(ids, vec![1, 2], "{v}");
     assert_eq!(add(&n2.client().await, "after-join", 2).await, 2);
-    for n in [n1, n2] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2]).await;
 }
 
 #[tokio::test]
@@ -1355,9 +1345,7 @@ async fn joins_that_must_be_refused_are_refused_and_change_nothing() {
     let v = n1.get_json("/v1/cluster").await;
     let ids: Vec<u64> = member_field(&v, "id");
     assert_eq!(ids, vec![1, 2, 4], "{v}");
-    for n in [n1, n2, n4] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2, n4]).await;
 }
 
 #[tokio::test]
@@ -1425,9 +1413,7 @@ async fn a_peer_that_sends_garbage_is_disconnected_and_the_node_keeps_serving() 
     )
     .await;
     assert_eq!(s, 200);
-    for n in [n1, n2, n3] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2, n3]).await;
 }
 
 /// Disaster recovery: a brand-new cluster (empty data directories, other node ids) started on
@@ -1547,9 +1533,7 @@ async fn a_new_cluster_on_the_same_blob_location_restores_everything() {
     // The unread egress record is there (on the node that owns the key groups).
     let r = common::next_egress(&n11, "smoke", Duration::from_secs(10)).await;
     assert_eq!(&r[..], b"unread record");
-    for n in [n11, n12] {
-        n.stop().await;
-    }
+    Node::stop_all([n11, n12]).await;
 }
 
 /// The key group of an address (the cluster's 1,024).
@@ -1594,8 +1578,7 @@ async fn a_part_written_at_a_stale_ownership_version_is_refused_and_nothing_is_a
         "the fault point did not fire"
     );
     assert_eq!(add(&c1, &id, 0).await, 20);
-    n2.stop().await;
-    n1.stop().await;
+    Node::stop_all([n2, n1]).await;
 }
 
 /// An address `<prefix><i>` whose key group `owner` owns in the table `t`.
@@ -1780,9 +1763,7 @@ async fn a_killed_node_is_declared_dead_its_key_groups_fail_over_and_it_gets_its
         );
     }
     assert_eq!(add(&n3.client().await, &ctr_id, 0).await, 3);
-    for n in [n1, n2, n3] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2, n3]).await;
 }
 
 /// Configures fault points of a running node (`PUT /debug/failpoints`).
@@ -1899,9 +1880,7 @@ async fn cut_off_from_the_majority(cut_spec: &str) {
         "node 3 logs that it was declared dead"
     );
     assert_eq!(add(&c3, &id, 1).await, 7);
-    for n in [n1, n2, n3] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2, n3]).await;
 }
 
 /// The Raft group's leader leaves: it hands its leadership over, the new leader removes it (its
@@ -1958,9 +1937,7 @@ async fn the_leader_leaves_after_handing_its_leadership_over_and_being_removed()
         1024,
         "{v}"
     );
-    for n in rest {
-        n.stop().await;
-    }
+    Node::stop_all(rest).await;
 }
 
 /// Two members: the only voter (the leader) leaves. The learner becomes a voter first, takes
@@ -2069,9 +2046,7 @@ async fn a_voter_leaves_under_load_its_seat_goes_to_the_learner_and_it_exits_0()
     );
     let (calls, _) = load.finish(&n3).await;
     println!("{calls} calls while node 2 left");
-    for n in [n1, n3, n4] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n3, n4]).await;
 }
 
 /// The S3 budget of a cluster (issue 10): three nodes on one bucket — moto behind a proxy that
@@ -2163,9 +2138,7 @@ async fn three_nodes_on_s3_commit_through_the_control_group_within_the_request_b
             "counter budget-{c}: every acknowledged call is there"
         );
     }
-    for n in nodes.into_iter().flatten() {
-        n.stop().await;
-    }
+    Node::stop_all(nodes.into_iter().flatten()).await;
 }
 
 /// Adds `n` to counter `id` through `c` with one idempotency key, retrying whatever the
@@ -2305,9 +2278,7 @@ async fn a_full_cluster_epoch_log_and_failing_uploads_hold_epochs_and_lose_nothi
     )
     .await;
     println!("{total} calls acknowledged, each counted once");
-    for n in nodes.into_iter().flatten() {
-        n.stop().await;
-    }
+    Node::stop_all(nodes.into_iter().flatten()).await;
 }
 
 /// A leave asked for while the node is cut off from its peers (its proposal, forwarded to the
@@ -2356,9 +2327,7 @@ async fn a_leave_whose_proposal_is_lost_is_proposed_again_and_the_node_leaves() 
         },
     )
     .await;
-    for n in nodes.into_iter().flatten() {
-        n.stop().await;
-    }
+    Node::stop_all(nodes.into_iter().flatten()).await;
 }
 
 /// A member restarted and told to leave at once (before its own join of the new process may
@@ -2393,8 +2362,7 @@ async fn a_member_told_to_leave_right_after_its_restart_leaves_and_exits() {
         },
     )
     .await;
-    n1.stop().await;
-    n2.stop().await;
+    Node::stop_all([n1, n2]).await;
 }
 
 /// A member that owns nothing (declared dead while it was down, then restarted) and hears
@@ -2473,8 +2441,7 @@ async fn cut_off_while_leaving(until_removed: bool) {
         "how node 3 learnt that it had left"
     );
     removed(&n1, 3, 2, Duration::from_secs(30)).await;
-    n1.stop().await;
-    n2.stop().await;
+    Node::stop_all([n1, n2]).await;
 }
 
 /// A member killed once its leave has applied, and restarted cut off from what its peers send:
@@ -2530,8 +2497,7 @@ async fn a_member_restarted_while_leaving_and_removed_meanwhile_exits() {
             .contains("a peer has applied its removal"),
         "node 3 learnt its removal from a peer"
     );
-    n1.stop().await;
-    n2.stop().await;
+    Node::stop_all([n1, n2]).await;
 }
 
 /// `statemesh cluster leave` at a member that knows no leader (the two others are down): the
@@ -2614,8 +2580,7 @@ async fn the_leave_command_waits_for_a_leader() {
         },
     )
     .await;
-    n1.stop().await;
-    n2.stop().await;
+    Node::stop_all([n1, n2]).await;
 }
 
 /// A member that is down: its peers' links to it say so once (after 1.5 s of failures), not
@@ -2729,9 +2694,7 @@ async fn a_link_to_a_member_that_is_down_says_so_once_then_that_it_is_up_again()
         },
     )
     .await;
-    for n in nodes.into_iter().flatten() {
-        n.stop().await;
-    }
+    Node::stop_all(nodes.into_iter().flatten()).await;
 }
 
 /// A Kubernetes StatefulSet's pod (`ops/k8s`): its preStop runs `statemesh cluster leave`, the
@@ -2765,9 +2728,7 @@ async fn a_member_that_left_and_restarts_on_its_volume_joins_again() {
     for i in 0..30 {
         assert_eq!(add(&c3, &format!("k{i}"), 100).await, 111, "k{i}");
     }
-    n1.stop().await;
-    n2.stop().await;
-    n3.stop().await;
+    Node::stop_all([n1, n2, n3]).await;
 }
 
 /// The admin tools across a cluster: `statemesh state set` through any node edits the state
@@ -2894,9 +2855,7 @@ async fn state_edits_and_dead_letters_work_across_the_members() {
             .all(|l| l["id"] != id),
         "{j}"
     );
-    n1.stop().await;
-    n2.stop().await;
-    n3.stop().await;
+    Node::stop_all([n1, n2, n3]).await;
 }
 
 /// A member that stays listed but does not answer (paused with SIGSTOP; it would be declared
@@ -3068,8 +3027,7 @@ async fn dead_letter_tools_name_a_member_that_does_not_answer_and_its_letters_wa
     let (ok, out, err) = n1.cli(&["dead-letters", "list", "--json"]);
     assert!(ok, "{out}{err}");
     assert!(!out.contains(&on2[0]) && !out.contains(&on2[1]), "{out}");
-    n1.stop().await;
-    n2.stop().await;
+    Node::stop_all([n1, n2]).await;
 }
 
 /// Has `statemesh.smoke/fn` address `to` emit `record` to topic `smoke`, sent through `via`
@@ -3153,8 +3111,7 @@ async fn egress_reads_through_a_peer_follow_the_setting_of_the_member_holding_th
         next.0, "after the restart",
         "node 1 reads exactly once: {read:?} must not be read again"
     );
-    n1.stop().await;
-    n2.stop().await;
+    Node::stop_all([n1, n2]).await;
 }
 
 /// The web console (`/ui`) in a real headless browser (Debian's Chromium driven by
@@ -3262,9 +3219,7 @@ async fn the_web_console_shows_the_cluster_in_a_real_browser() {
     );
     // The console's edit went through the cluster like any change.
     assert_eq!(add(&c, "console", 1).await, 1001);
-    n1.stop().await;
-    n2.stop().await;
-    n3.stop().await;
+    Node::stop_all([n1, n2, n3]).await;
 }
 
 /// One trace follows a message across two nodes (`[telemetry]`, exported over OTLP to a
@@ -3429,8 +3384,7 @@ async fn one_trace_follows_a_message_across_two_nodes_into_a_remote_function() {
         collector.spans().iter().all(|s| s.trace_id != unsampled),
         "an unsampled request was traced"
     );
-    n1.stop().await;
-    n2.stop().await;
+    Node::stop_all([n1, n2]).await;
 }
 
 /// A full snapshot lists only key groups that sled holds as of its label. Node 1 takes a full
@@ -3620,9 +3574,7 @@ async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once()
         .collect();
     let all = keys.iter().map(|k| k.1).sum();
     common::kafka::exactly_once_in(&broker.bootstrap, "forwarded", 3, all, &keys, "3 nodes").await;
-    for n in [n2, n3].into_iter().flatten() {
-        n.stop().await;
-    }
+    Node::stop_all([n2, n3].into_iter().flatten()).await;
     n1.stop().await;
 }
 
@@ -3763,9 +3715,7 @@ async fn a_member_restarted_on_other_ports_is_reached_there() {
             );
         }
     }
-    for n in [n1, n2, n3] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2, n3]).await;
 }
 
 /// A rolling restart, as an operator does one (or a StatefulSet's rollout without its preStop
@@ -3816,9 +3766,7 @@ async fn a_rolling_restart_under_load_loses_nothing() {
     }
     let (calls, _) = load.finish(nodes[0].as_ref().unwrap()).await;
     println!("{calls} calls under load across the rolling restart");
-    for n in nodes.into_iter().flatten() {
-        n.stop().await;
-    }
+    Node::stop_all(nodes.into_iter().flatten()).await;
 }
 
 /// A restarting member whose `--join` names a node that does not answer yet starts on its own
@@ -3861,9 +3809,7 @@ async fn a_restarting_member_stops_telling_a_node_of_another_cluster() {
     let n1 = restart(root, 1, p1, None);
     converged(&[&n1, &n2], 2, 1).await;
     assert_eq!(add(&n1.client().await, "refused", 0).await, 3);
-    for n in [n1, n2, stranger] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2, stranger]).await;
 }
 
 /// Scaling in by two at once, as an operator shrinking a five-member cluster to three does:
@@ -3918,9 +3864,7 @@ async fn two_members_leave_at_once_under_load_and_both_exit_0() {
             "node {id}'s removal proposed {proposed} times in {secs} s"
         );
     }
-    for n in [n1, n2, n3] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2, n3]).await;
 }
 
 /// Scaling out by two at once under load: nodes 4 and 5 start together, joining through
@@ -3967,7 +3911,5 @@ async fn two_members_join_at_once_under_load_and_get_their_share() {
         "{calls} calls and {batches} stream batches under load while two members joined at once"
     );
     assert_eq!(before, rollbacks().await, "the joins rolled a member back");
-    for n in [n1, n2, n3, n4, n5] {
-        n.stop().await;
-    }
+    Node::stop_all([n1, n2, n3, n4, n5]).await;
 }

@@ -258,8 +258,7 @@ async fn nodes_talk_mutual_tls_and_refuse_strangers() {
     assert_eq!(s, 200);
     let refused = common::parse_metric(metrics.as_bytes(), "statemesh_tls_refused_total").unwrap();
     assert!(refused >= 2.0, "{refused}");
-    n1.stop().await;
-    n2.stop().await;
+    Node::stop_all([n1, n2]).await;
 }
 
 /// A TLS-terminating proxy on a loopback port in front of `backend` (a plain HTTP port),

@@ -240,6 +240,21 @@ impl Node {
         }
     }
 
+    /// SIGTERM to every node at once, then waits for each to exit cleanly (as [`Node::stop`]).
+    /// A cluster stopped one node at a time waits at each member whose leader has just gone:
+    /// its last epoch cannot commit, and it gives up after 5 s (`FINISH_IN_CLUSTER`); stopped
+    /// together, the members commit their last epoch while the leader still runs.
+    pub async fn stop_all(nodes: impl IntoIterator<Item = Node>) {
+        let mut nodes: Vec<Node> = nodes.into_iter().collect();
+        for n in &mut nodes {
+            let child = n.child.as_mut().unwrap();
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        for n in nodes {
+            n.stop().await;
+        }
+    }
+
     /// A handle on an already running node's HTTP address (for requests from other tasks;
     /// it does not own the process).
     pub fn attach(http: &str) -> Node {
