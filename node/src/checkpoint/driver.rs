@@ -1529,6 +1529,13 @@ impl Driver {
                 self.finish.push((self.coord.started() + 1, tx));
             }
             DriverEvent::FinishTimeout => {
+                if !self.finish.is_empty() {
+                    tracing::warn!(
+                        committed = self.last_released,
+                        "the last epoch did not commit within {} s (the cluster's leader may be stopping or gone); what this node took since is recovered from the last commit and replayed",
+                        FINISH_IN_CLUSTER.as_secs()
+                    );
+                }
                 for (_, tx) in std::mem::take(&mut self.finish) {
                     let _ = tx.send(self.last_released);
                 }
