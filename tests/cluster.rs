@@ -3574,8 +3574,7 @@ async fn kafka_partitions_are_spread_over_the_nodes_and_fail_over_exactly_once()
         .collect();
     let all = keys.iter().map(|k| k.1).sum();
     common::kafka::exactly_once_in(&broker.bootstrap, "forwarded", 3, all, &keys, "3 nodes").await;
-    Node::stop_all([n2, n3].into_iter().flatten()).await;
-    n1.stop().await;
+    Node::stop_all([n2, n3].into_iter().flatten().chain([n1])).await;
 }
 
 /// A member killed and restarted on other ports (a container rescheduled: same node id and
@@ -3803,8 +3802,6 @@ async fn a_restarting_member_stops_telling_a_node_of_another_cluster() {
     // Said once, and no more asking (it asked once a second; each refusal would be said).
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(n2.log_since_launch().matches(REFUSED).count(), 1);
-    let v = view(&stranger).await.unwrap();
-    assert_eq!(member(&v, 2), serde_json::Value::Null, "{v}");
     // Its own cluster forms again once node 1 is back, and nothing was lost.
     let n1 = restart(root, 1, p1, None);
     converged(&[&n1, &n2], 2, 1).await;
@@ -3834,10 +3831,13 @@ async fn two_members_leave_at_once_under_load_and_both_exit_0() {
         assert!(ok, "node {id}: {out}\n{err}");
         assert!(out.contains("has left"), "node {id}: {out}");
     }
+    // (Their logs too: one of them may have led, and proposed the other's removal.)
+    let mut logs = Vec::new();
     for (id, mut n) in [(4, n4), (5, n5)] {
         let status =
             exit_status(&mut n, &format!("node {id} exits"), Duration::from_secs(30)).await;
         assert!(status.success(), "node {id} exited with {status}");
+        logs.push(n.log_since_launch());
     }
     converged(&[&n1, &n2, &n3], 3, 3).await;
     let v = view(&n1).await.unwrap();
@@ -3857,7 +3857,9 @@ async fn two_members_leave_at_once_under_load_and_both_exit_0() {
         let line = format!("node {id} left: removing it from the members");
         let proposed: usize = [&n1, &n2, &n3]
             .iter()
-            .map(|n| n.log_since_launch().matches(&line).count())
+            .map(|n| n.log_since_launch())
+            .chain(logs.iter().cloned())
+            .map(|l| l.matches(&line).count())
             .sum();
         assert!(
             (1..=secs as usize / 2 + 3).contains(&proposed),
