@@ -344,7 +344,7 @@ pub(crate) struct Opened {
     inbox_rx: mpsc::Receiver<ControlInput>,
     /// A restarting member whose `--join` members did not confirm the cluster: where, and
     /// what, it tells them again while it knows no leader ([`Driver::announce`]).
-    announce: Option<(Vec<String>, mpb::JoinRequest)>,
+    announce: Option<Announce>,
 }
 
 /// How long a restarting member waits for a member named by `--join` to confirm the cluster
@@ -464,7 +464,12 @@ pub(crate) async fn open(
                     Err(e) if e.refused => return Err(format!("cannot rejoin the cluster: {e}")),
                     Err(e) => {
                         tracing::warn!(error = %e, "no member confirmed the cluster; starting on the local control log (the cluster may be restarting)");
-                        announce = Some((join.clone(), request(&s.cluster_id)));
+                        announce = Some(Announce {
+                            seeds: join.clone(),
+                            req: request(&s.cluster_id),
+                            asked: None,
+                            refused: Arc::default(),
+                        });
                     }
                 }
             }
@@ -598,12 +603,7 @@ pub(crate) fn start(
             join_proposed: None,
             leave_proposed: None,
             removal_asked: None,
-            announce: announce.map(|(seeds, req)| Announce {
-                seeds,
-                req,
-                asked: None,
-                refused: Arc::default(),
-            }),
+            announce,
             grpc_addr,
             http_addr,
             cluster_id,
@@ -1269,10 +1269,9 @@ impl Driver {
         self.removal_asked = Some((Instant::now(), task));
     }
 
-    /// Tells the members of `--join` again where this node serves ([`Driver::announce`]),
-    /// once a second while it knows no leader.
-    /// Ends once its own `Join` has applied (the address is in the replicated state then), or
-    /// when a member refuses it; skipped while a leader is known.
+    /// Tells the members of `--join` again where this node serves ([`Driver::announce`]): an
+    /// attempt a second while it knows no leader. Ends once its own `Join` has applied (the
+    /// address is in the replicated state then), or when a member refuses it.
     fn announce(&mut self) {
         let refused = self
             .announce

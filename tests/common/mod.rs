@@ -223,8 +223,7 @@ impl Node {
     /// The process stays owned by `self` until it has exited, so a test that panics or is
     /// dropped meanwhile kills it (`Drop`).
     pub async fn stop(mut self) {
-        let child = self.child.as_mut().unwrap();
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        self.sigterm();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -247,12 +246,17 @@ impl Node {
     pub async fn stop_all(nodes: impl IntoIterator<Item = Node>) {
         let mut nodes: Vec<Node> = nodes.into_iter().collect();
         for n in &mut nodes {
-            let child = n.child.as_mut().unwrap();
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            n.sigterm();
         }
         for n in nodes {
             n.stop().await;
         }
+    }
+
+    /// SIGTERM (a second one is harmless: the node keeps its handler).
+    fn sigterm(&mut self) {
+        let child = self.child.as_mut().unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     }
 
     /// A handle on an already running node's HTTP address (for requests from other tasks;
