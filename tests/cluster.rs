@@ -3915,3 +3915,35 @@ async fn two_members_join_at_once_under_load_and_get_their_share() {
     assert_eq!(before, rollbacks().await, "the joins rolled a member back");
     Node::stop_all([n1, n2, n3, n4, n5]).await;
 }
+
+/// A member stopped (SIGTERM) right after its leader stopped: its last epoch cannot commit
+/// (the leader it knows is gone), so it waits 5 s, says so, and exits 0; what it acknowledged
+/// is still there when the cluster starts again.
+#[tokio::test]
+async fn a_member_stopped_after_its_leader_says_its_last_epoch_did_not_commit_and_exits_0() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, seed) = two_warm_nodes(root).await;
+    let (p1, p2) = (
+        (n1.grpc_port(), n1.http_port()),
+        (n2.grpc_port(), n2.http_port()),
+    );
+    assert_eq!(add(&n2.client().await, "after-leader", 4).await, 4);
+    n1.stop().await;
+    let t0 = std::time::Instant::now();
+    n2.stop().await;
+    // (Its only launch: the whole log.)
+    let log = std::fs::read_to_string(root.join("n2.log")).unwrap();
+    let took = t0.elapsed();
+    println!("node 2 stopped in {took:?}");
+    assert!(
+        log.contains("the last epoch did not commit within 5 s"),
+        "node 2 does not say its last epoch did not commit"
+    );
+    let n1 = restart(root, 1, p1, None);
+    let n2 = restart(root, 2, p2, Some(&seed));
+    converged(&[&n1, &n2], 2, 1).await;
+    assert_eq!(add(&n1.client().await, "after-leader", 0).await, 4);
+    Node::stop_all([n1, n2]).await;
+}
