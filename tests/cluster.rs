@@ -3947,3 +3947,153 @@ async fn a_member_stopped_after_its_leader_says_its_last_epoch_did_not_commit_an
     assert_eq!(add(&n1.client().await, "after-leader", 0).await, 4);
     Node::stop_all([n1, n2]).await;
 }
+
+/// A member stopped (SIGTERM) tells the cluster, once its last epoch has committed: its key
+/// groups move to the others at once, not after the failure timeout (1.8 s during which every
+/// node's epochs, and so every acknowledgement in the cluster, waited for its part), nothing
+/// it acknowledged is lost, and restarted it gets its share back. The leader hands its
+/// leadership over first. A member stopped while only a bare majority of the voters is alive
+/// keeps its key groups (the cluster is being stopped), and still commits its last epoch at
+/// once.
+#[tokio::test]
+async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, seed, ports) = three_nodes_with_ports(root).await;
+    every_member_owns(&n1, 3, 200).await;
+    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
+    let follower = (1..=3).find(|&i| i != leader).unwrap();
+    let other = (1..=3).find(|&i| i != leader && i != follower).unwrap();
+    let mut nodes = [Some(n1), Some(n2), Some(n3)];
+    let at = |i: u64| i as usize - 1;
+    let join = |i: u64| (i != 1).then_some(seed.as_str());
+    let t = nodes[0]
+        .as_ref()
+        .unwrap()
+        .get_json("/v1/cluster/key-groups")
+        .await;
+    // A counter on each member, acknowledged before the stops.
+    let ids: Vec<String> = (1..=3)
+        .map(|o| {
+            let a = owned_address(&t, "example/counter/st-", o);
+            a.rsplit('/').next().unwrap().to_string()
+        })
+        .collect();
+    let c = nodes[at(other)].as_ref().unwrap().client().await;
+    for id in &ids {
+        assert_eq!(add(&c, id, 1).await, 1);
+    }
+    let stop_taken = |log: &str| log.contains("the cluster has taken this node's stop");
+    let history = |v: &serde_json::Value, id: u64| -> Vec<String> {
+        v["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["node"] == id)
+            .map(|c| c["why"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // A follower.
+    let t0 = std::time::Instant::now();
+    let f = nodes[at(follower)].take().unwrap();
+    let f_log = root.join(format!("n{follower}.log"));
+    f.stop().await;
+    let v = failed_over(
+        nodes[at(other)].as_ref().unwrap(),
+        follower,
+        Duration::from_secs(20),
+    )
+    .await;
+    println!(
+        "node {follower} (a follower) stopped and its key groups moved {:?} after SIGTERM",
+        t0.elapsed()
+    );
+    assert!(
+        stop_taken(&std::fs::read_to_string(&f_log).unwrap()),
+        "node {follower} does not say the cluster took its stop"
+    );
+    let h = history(&v, follower);
+    assert!(
+        h.last().map(String::as_str) == Some("stop") && !h.iter().any(|w| w == "failure"),
+        "node {follower}: {h:?}"
+    );
+    assert_eq!(add(&c, &ids[at(follower)], 1).await, 2);
+    nodes[at(follower)] = Some(restart(root, follower, ports[at(follower)], join(follower)));
+    {
+        let refs: Vec<&Node> = nodes.iter().flatten().collect();
+        converged(&refs, 3, 3).await;
+    }
+    every_member_owns(nodes[at(other)].as_ref().unwrap(), 3, 200).await;
+
+    // The leader: it hands its leadership over first.
+    let t0 = std::time::Instant::now();
+    let l = nodes[at(leader)].take().unwrap();
+    let l_log = root.join(format!("n{leader}.log"));
+    l.stop().await;
+    let v = failed_over(
+        nodes[at(other)].as_ref().unwrap(),
+        leader,
+        Duration::from_secs(20),
+    )
+    .await;
+    println!(
+        "node {leader} (the leader) stopped and its key groups moved {:?} after SIGTERM",
+        t0.elapsed()
+    );
+    let log = std::fs::read_to_string(&l_log).unwrap();
+    let handed = log
+        .lines()
+        .position(|x| x.contains("stopping: handing the Raft group's leadership over"));
+    let taken = log.lines().position(stop_taken);
+    assert!(
+        handed.is_some() && taken.is_some() && handed < taken,
+        "node {leader} handed its leadership over ({handed:?}), then its stop was taken ({taken:?})"
+    );
+    assert_ne!(v["leader"], leader, "{v}");
+    let h = history(&v, leader);
+    assert!(
+        h.last().map(String::as_str) == Some("stop") && !h.iter().any(|w| w == "failure"),
+        "node {leader}: {h:?}"
+    );
+    assert_eq!(add(&c, &ids[at(leader)], 1).await, 2);
+    // Nobody waited for the failure detector.
+    for n in nodes.iter().flatten() {
+        assert!(
+            !n.log_since_launch().contains("declaring it dead"),
+            "a member was declared dead by the failure detector"
+        );
+    }
+
+    // Two voters of three left: the next one stopped keeps its key groups and commits its
+    // last epoch (no 5 s wait for a leader that is gone).
+    let t0 = std::time::Instant::now();
+    nodes[at(follower)].take().unwrap().stop().await;
+    println!(
+        "node {follower} (stopped with a bare majority alive) exited in {:?}",
+        t0.elapsed()
+    );
+    let log = std::fs::read_to_string(&f_log).unwrap();
+    let last = &log[log.rfind("stopping").unwrap_or(0)..];
+    assert!(
+        log.contains("a majority of the voters would not stay alive after this node"),
+        "node {follower} does not say why it keeps its key groups"
+    );
+    assert!(
+        !last.contains("did not commit"),
+        "node {follower}'s last epoch did not commit"
+    );
+    // The whole cluster again: everything acknowledged is there.
+    nodes[at(leader)] = Some(restart(root, leader, ports[at(leader)], join(leader)));
+    nodes[at(follower)] = Some(restart(root, follower, ports[at(follower)], join(follower)));
+    {
+        let refs: Vec<&Node> = nodes.iter().flatten().collect();
+        converged(&refs, 3, 3).await;
+    }
+    let c = nodes[at(other)].as_ref().unwrap().client().await;
+    assert_eq!(add(&c, &ids[at(follower)], 0).await, 2);
+    assert_eq!(add(&c, &ids[at(leader)], 0).await, 2);
+    assert_eq!(add(&c, &ids[at(other)], 0).await, 1);
+    Node::stop_all(nodes.into_iter().flatten()).await;
+}

@@ -28,7 +28,8 @@
 //! Two chaos runs, on three nodes (embedded and Python SDK functions) and on five, put the
 //! same model through 30 seeded events each, one at a time once the cluster has settled:
 //! SIGKILL with a quick restart, SIGKILL with an outage beyond the failure detection (the
-//! node's key groups fail over, and come back when it returns), SIGKILL for good, SIGSTOP and
+//! node's key groups fail over, and come back when it returns), SIGKILL for good, SIGTERM with
+//! a restart (the node tells the cluster, and its key groups fail over at once), SIGSTOP and
 //! SIGCONT (a pause beyond 1.8 s gets the node declared dead), a network partition of one node
 //! (both ways or one way, the `mesh-partition` fault point set at run time), a join, and a
 //! leave through the CLI. The clients use one SDK client of the whole cluster, which retries
@@ -324,6 +325,10 @@ struct KillStats {
     declared_dead: usize,
     /// Times the epoch leader gave up waiting for a part and synchronised everyone again.
     stalls: usize,
+    /// Chaos runs: graceful stops (SIGTERM), and those the cluster took (the stopped node's
+    /// key groups moved at once).
+    stops: usize,
+    stops_taken: usize,
 }
 
 async fn metric(http_url: &str, name: &str) -> Option<f64> {
@@ -1584,6 +1589,9 @@ enum Event {
     KillDown,
     /// SIGKILL, never restarted (a dead member from then on).
     KillForever,
+    /// SIGTERM (it commits its last epoch and tells the cluster, whose leader moves its key
+    /// groups at once), restarted 0.3-3 s later (a new generation: it gets its share back).
+    Stop,
     /// SIGSTOP for 0.3-3 s, then SIGCONT (beyond 1.8 s it is declared dead and rejoins).
     Pause,
     /// Cut off from the others (`mesh-partition`, both ways or one way) for 0.5-3 s.
@@ -1709,10 +1717,10 @@ fn tally(n: &Node, stats: &Mutex<KillStats>) {
     s.stalls += log.matches("cluster epochs made no progress").count();
 }
 
-/// The seeded schedule of a chaos run: cycles of six events in a random order, each cycle a
+/// The seeded schedule of a chaos run: cycles of seven events in a random order, each cycle a
 /// SIGKILL with a quick restart, a SIGKILL with an outage beyond the failure detection, a
-/// pause, a partition, a join and (after it) a leave; in the second cycle a SIGKILL for good
-/// instead of the leave.
+/// SIGTERM with a restart, a pause, a partition, a join and (after it) a leave; in the second
+/// cycle a SIGKILL for good instead of the leave.
 fn chaos_schedule(rng: &mut Rng, events: usize) -> Vec<Event> {
     let mut out = Vec::new();
     let mut cycle = 0;
@@ -1720,6 +1728,7 @@ fn chaos_schedule(rng: &mut Rng, events: usize) -> Vec<Event> {
         let mut c = vec![
             Event::KillRestart,
             Event::KillDown,
+            Event::Stop,
             Event::Pause,
             Event::Partition,
             Event::Join,
@@ -1800,6 +1809,7 @@ async fn chaos(
             let mut wait = match e {
                 Event::KillRestart => r.below(700),
                 Event::KillDown => 2_500 + r.below(2_500),
+                Event::Stop => 300 + r.below(2_700),
                 Event::Pause => 300 + r.below(2_700),
                 Event::Partition => 500 + r.below(2_500),
                 _ => 0,
@@ -1834,6 +1844,26 @@ async fn chaos(
                 } else {
                     format!("SIGKILL node {victim}, restarted {wait} ms later")
                 }
+            }
+            Event::Stop => {
+                let n = mesh.take(victim, &stats).await;
+                let log = mesh.dir(victim).with_extension("log");
+                let from = std::fs::metadata(&log).map_or(0, |m| m.len()) as usize;
+                n.stop().await;
+                let all = std::fs::read(&log).unwrap_or_default();
+                let taken = String::from_utf8_lossy(all.get(from..).unwrap_or_default())
+                    .contains("the cluster has taken this node's stop");
+                {
+                    let mut s = stats.lock();
+                    s.stops += 1;
+                    s.stops_taken += usize::from(taken);
+                }
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                mesh.start(victim);
+                format!(
+                    "SIGTERM node {victim} (its stop {}), restarted {wait} ms later",
+                    if taken { "taken" } else { "not taken" }
+                )
             }
             Event::Pause => {
                 let pid = mesh.running[&victim].pid() as i32;
@@ -1937,6 +1967,10 @@ async fn chaos(
     assert!(
         s.failovers > 0 && s.declared_dead > 0 && s.joins > 0 && s.leaves > 0,
         "the chaos run exercised failover, declared deaths, joins and leaves: {s:?}"
+    );
+    assert!(
+        s.stops_taken > 0,
+        "the chaos run had a graceful stop taken by the cluster: {s:?}"
     );
     drop(s);
     let mut it = std::mem::take(&mut mesh.running).into_values();

@@ -118,6 +118,12 @@ pub enum Command {
         id: NodeId,
         /// The generation declared dead.
         generation: u64,
+        /// The member said so itself, stopping (SIGTERM) with its last epoch committed: it
+        /// gave up its ownership lease first, so its key groups may move at once (no wait for
+        /// a lease it might hold). Refused unless a majority of the voters stays alive after
+        /// it: the last members of a cluster stopped whole keep their key groups.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stopped: bool,
     },
     /// A member leaves: its key groups move to the others (it takes none any more); once it
     /// owns nothing it is removed from the Raft group, then from the members.
@@ -557,13 +563,30 @@ impl ClusterState {
                 }
                 Ok(())
             }
-            Command::MarkDead { id, generation } => {
+            Command::MarkDead {
+                id,
+                generation,
+                stopped,
+            } => {
                 let m = member(id)?;
                 if m.generation != *generation {
                     return Err(format!(
                         "node {id} is at generation {}, not {generation}",
                         m.generation
                     ));
+                }
+                if *stopped && m.alive {
+                    let voters = self.conf.as_ref().map_or(&[][..], |c| &c.voters[..]);
+                    let alive_after = voters
+                        .iter()
+                        .filter(|&&v| v != *id && self.members.get(&v).is_some_and(|x| x.alive))
+                        .count();
+                    if alive_after <= voters.len() / 2 {
+                        return Err(format!(
+                            "node {id} stops: only {alive_after} of {} voters would stay alive (the cluster is stopping; its key groups stay where they are)",
+                            voters.len()
+                        ));
+                    }
                 }
                 Ok(())
             }
@@ -896,6 +919,7 @@ mod tests {
             &Command::MarkDead {
                 id: 1,
                 generation: 1,
+                stopped: false,
             },
         );
         // Planned while node 1 is dead: a failover.
@@ -924,6 +948,7 @@ mod tests {
             &Command::MarkDead {
                 id: 1,
                 generation: 2,
+                stopped: false,
             },
         );
         assert_eq!(s.apply(8, &Command::Move { moves: plan }), Outcome::Applied);
@@ -949,6 +974,7 @@ mod tests {
             &Command::MarkDead {
                 id: 1,
                 generation: 1,
+                stopped: false,
             },
         );
         let of_1: Vec<u32> = (0..64)
@@ -979,6 +1005,7 @@ mod tests {
             &Command::MarkDead {
                 id: 2,
                 generation: 1,
+                stopped: false,
             },
         );
         assert!(s2.plan_failover(&|_| false).is_empty());
@@ -1063,7 +1090,8 @@ mod tests {
                 8,
                 &Command::MarkDead {
                     id: 1,
-                    generation: 1
+                    generation: 1,
+                    stopped: false,
                 }
             ),
             Outcome::Rejected(_)
@@ -1073,7 +1101,8 @@ mod tests {
                 9,
                 &Command::MarkDead {
                     id: 1,
-                    generation: 2
+                    generation: 2,
+                    stopped: false,
                 }
             ),
             Outcome::Applied

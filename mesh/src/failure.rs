@@ -85,6 +85,9 @@ pub struct Detector {
     /// While leading: when a message from each member last arrived (only messages: `heard`
     /// also holds the times a member's silence is counted from).
     last_message: BTreeMap<NodeId, u64>,
+    /// Members that said they stopped (an applied `MarkDead { stopped: true }`), with the
+    /// generation they stopped at: they gave up their leases first.
+    released: BTreeMap<NodeId, u64>,
 }
 
 impl Detector {
@@ -97,6 +100,7 @@ impl Detector {
             suspected: BTreeMap::new(),
             heard_as_follower: BTreeMap::new(),
             last_message: BTreeMap::new(),
+            released: BTreeMap::new(),
         }
     }
 
@@ -141,15 +145,28 @@ impl Detector {
     /// leader received, and so heard, later; asks answered by an earlier leader were sent
     /// before this one took over. (Its death may have been proposed before an ask arrived and
     /// committed after the answer: the answer then let it serve on, up to `lease_ms`.)
-    pub fn may_take_over(&self, id: NodeId, now_ms: u64) -> bool {
+    ///
+    /// At once for a member that said it stopped at `generation` ([`Detector::stopped`]): it
+    /// gave up its lease before it said so, and a later lease would be a later generation's.
+    pub fn may_take_over(&self, id: NodeId, generation: u64, now_ms: u64) -> bool {
         let Some(since) = self.since_ms else {
             return false;
         };
+        if self.released.get(&id) == Some(&generation) {
+            return true;
+        }
         // (From the takeover at the earliest, whatever was heard as a follower: a lease the
         // previous leader confirmed with others' heartbeats may have run past the last one
         // heard here.)
         let last = self.heard.get(&id).map_or(since, |h| h.1.max(since));
         now_ms >= last + self.cfg.lease_ms
+    }
+
+    /// Member `id` said it stopped at `generation` (an applied `MarkDead { stopped: true }`,
+    /// which it proposed after giving up its ownership lease): told on every member, as the
+    /// entry applies, so that whichever leads may move its key groups at once.
+    pub fn stopped(&mut self, id: NodeId, generation: u64) {
+        self.released.insert(id, generation);
     }
 
     /// Whether this leader heard from member `id` in the last `within_ms` (a sign of life
@@ -560,7 +577,14 @@ mod tests {
     fn kill(s: &mut ClusterState, id: NodeId) {
         let g = s.members[&id].generation;
         let n = s.applied_index + 1;
-        s.apply(n, &Command::MarkDead { id, generation: g });
+        s.apply(
+            n,
+            &Command::MarkDead {
+                id,
+                generation: g,
+                stopped: false,
+            },
+        );
     }
 
     fn leave(s: &mut ClusterState, id: NodeId) {
@@ -832,7 +856,7 @@ mod tests {
         let cfg = FailureConfig::default();
         let mut s = cluster(&[1, 2, 3], &[1, 2, 3]);
         let mut d = Detector::new(cfg);
-        assert!(!d.may_take_over(3, 100_000), "not leading");
+        assert!(!d.may_take_over(3, 1, 100_000), "not leading");
         d.leading(true, 0, None);
         d.check(0, 1, &s);
         d.heard(2, 1_500);
@@ -840,18 +864,78 @@ mod tests {
         assert_eq!(d.check(1_800, 1, &s), vec![(3, 1)]);
         kill(&mut s, 3);
         // Silent since this leader took over, at 0: any lease ended at 1 000.
-        assert!(d.may_take_over(3, 1_800));
+        assert!(d.may_take_over(3, 1, 1_800));
         // An ask from it arrives after its death was proposed (it restarted): the answer may
         // let it serve until 1 000 ms after the ask.
         d.heard(3, 1_850);
         d.check(1_900, 1, &s);
-        assert!(!d.may_take_over(3, 2_800));
-        assert!(d.may_take_over(3, 2_850));
+        assert!(!d.may_take_over(3, 1, 2_800));
+        assert!(d.may_take_over(3, 1, 2_850));
         // A new leader counts from when it took over.
         let mut d = Detector::new(cfg);
         d.leading(true, 5_000, None);
-        assert!(!d.may_take_over(3, 5_999));
-        assert!(d.may_take_over(3, 6_000));
+        assert!(!d.may_take_over(3, 1, 5_999));
+        assert!(d.may_take_over(3, 1, 6_000));
+    }
+
+    #[test]
+    fn a_stop_is_taken_only_while_a_majority_of_the_voters_stays_alive() {
+        use crate::control::Outcome;
+        let stop = |s: &mut ClusterState, id: NodeId| {
+            let g = s.members[&id].generation;
+            let n = s.applied_index + 1;
+            s.apply(
+                n,
+                &Command::MarkDead {
+                    id,
+                    generation: g,
+                    stopped: true,
+                },
+            )
+        };
+        // Three voters and a learner: one voter stops (two of three stay), the learner
+        // stops (it is no voter), a second voter is refused (one of three would stay): the
+        // cluster is being stopped whole, and its last members keep their key groups.
+        let mut s = cluster(&[1, 2, 3, 4], &[1, 2, 3]);
+        assert_eq!(stop(&mut s, 3), Outcome::Applied);
+        assert!(!s.members[&3].alive);
+        assert_eq!(stop(&mut s, 4), Outcome::Applied);
+        match stop(&mut s, 2) {
+            Outcome::Rejected(why) => assert!(why.contains("only 1 of 3 voters"), "{why}"),
+            o => panic!("{o:?}"),
+        }
+        assert!(s.members[&2].alive);
+        // Declared dead by the leader's detector: no such rule (it is gone already).
+        kill(&mut s, 2);
+        assert!(!s.members[&2].alive);
+        // The field is left out of the entry when false, and an entry without it reads as
+        // not stopped (entries written before it existed).
+        let old = Command::MarkDead {
+            id: 1,
+            generation: 1,
+            stopped: false,
+        };
+        let bytes = old.encode();
+        assert!(!String::from_utf8_lossy(&bytes).contains("stopped"));
+        assert_eq!(Command::decode(&bytes).unwrap(), old);
+    }
+
+    #[test]
+    fn a_member_that_said_it_stopped_has_its_key_groups_moved_at_once_at_that_generation_only() {
+        let cfg = FailureConfig::default();
+        let mut d = Detector::new(cfg);
+        d.stopped(3, 2);
+        assert!(!d.may_take_over(3, 2, 100_000), "not leading");
+        d.leading(true, 5_000, None);
+        d.heard(3, 5_100);
+        // Heard a moment ago, so a lease it asked for could run until 6 100; but it gave up
+        // its lease before saying it stopped.
+        assert!(d.may_take_over(3, 2, 5_100));
+        // Another generation (it rejoined, and was declared dead later) waits for its lease.
+        assert!(!d.may_take_over(3, 3, 5_100));
+        assert!(d.may_take_over(3, 3, 6_100));
+        // Not another member.
+        assert!(!d.may_take_over(2, 2, 5_100));
     }
 
     #[test]
@@ -871,8 +955,8 @@ mod tests {
         assert!(d.check(11_500, 2, &s).is_empty(), "suspected from 11 500");
         assert_eq!(d.check(11_800, 2, &s), vec![(1, 1)]);
         // Its key groups move only a lease after the takeover.
-        assert!(!d.may_take_over(1, 11_699));
-        assert!(d.may_take_over(1, 11_700));
+        assert!(!d.may_take_over(1, 1, 11_699));
+        assert!(d.may_take_over(1, 1, 11_700));
         // Node 3, never heard as a follower, counts from the takeover.
         assert!(!d.suspected().contains(&3));
     }

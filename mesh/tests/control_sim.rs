@@ -271,6 +271,7 @@ impl Sim {
                 Some(m) => Command::MarkDead {
                     id,
                     generation: m.generation,
+                    stopped: false,
                 },
                 None => Command::CommitEpoch {
                     epoch: state.committed_epoch + 1,

@@ -81,6 +81,11 @@ struct Member {
     down_until: u64,
     /// The last leader other than itself it knew.
     last_leader: Option<NodeId>,
+    /// Stopping gracefully (SIGTERM): until when it tries to say so before it goes down, and
+    /// whether it led when it began.
+    stopping: Option<(u64, bool)>,
+    /// When it next proposes its stop (or asks for the leadership's transfer).
+    stop_at: u64,
 }
 
 #[derive(Default, Debug)]
@@ -93,6 +98,9 @@ struct Stats {
     rejoins: usize,
     voter_swaps: usize,
     writes: usize,
+    /// Graceful stops begun, and those the group took (`MarkDead { stopped: true }` applied).
+    stops: usize,
+    stops_taken: usize,
 }
 
 struct Sim {
@@ -149,6 +157,8 @@ impl Sim {
                     inbox: Vec::new(),
                     down_until: 0,
                     last_leader: None,
+                    stopping: None,
+                    stop_at: 0,
                 }
             })
             .collect();
@@ -235,6 +245,23 @@ impl Sim {
             self.send(i, (to - 1) as usize, bytes, chaos);
         }
         let m = &mut self.members[i];
+        for (_, cmd, outcome) in &out.applied {
+            if let (
+                Command::MarkDead {
+                    id,
+                    generation,
+                    stopped: true,
+                },
+                statemesh_mesh::control::Outcome::Applied,
+            ) = (cmd, outcome)
+            {
+                m.detector.stopped(*id, *generation);
+                if *id == m.id && m.stopping.is_some() {
+                    self.stats.stops_taken += 1;
+                }
+            }
+        }
+        let m = &mut self.members[i];
         for (ctx, index) in &out.read_states {
             m.lease.read_state(ctx, *index);
         }
@@ -270,6 +297,53 @@ impl Sim {
             m.durable = state.clone();
         }
         let me = m.id;
+        if let Some((until, led)) = m.stopping {
+            // Stopping (SIGTERM, its last epoch committed): its lease was given up when the
+            // stop began, before anything else. A leader first hands the leadership over; then
+            // it proposes its own death, `stopped`, until that applies or its time is up, and
+            // goes down. (Leading again after it began as a follower, it gives up: the others
+            // then declare it dead when it is silent, as for a crash.)
+            let node = m.node.as_mut().unwrap();
+            let dead = state
+                .members
+                .get(&me)
+                .is_none_or(|r| r.incarnation != m.incarnation || !r.alive);
+            let leads = node.is_leader();
+            if dead || now >= until || (leads && !led) {
+                m.node = None;
+                m.stopping = None;
+                m.down_until = now + 300 + self.rng.below(5_000);
+                m.inbox.clear();
+                if trace() {
+                    eprintln!("{now} ms: node {me} stops (taken: {dead})");
+                }
+                return;
+            }
+            m.lease_until = 0;
+            if now >= m.stop_at {
+                m.stop_at = now + REPROPOSE_MS;
+                if leads {
+                    let to = statemesh_mesh::failure::transfer_target(
+                        &state,
+                        me,
+                        &[],
+                        &|_| true,
+                        &|v| node.peer_committed(v).unwrap_or(0),
+                    );
+                    if let Some(to) = to {
+                        node.transfer_leader(to);
+                    }
+                } else if node.leader().is_some() {
+                    let generation = state.members.get(&me).map_or(0, |r| r.generation);
+                    let _ = node.propose_anywhere(&Command::MarkDead {
+                        id: me,
+                        generation,
+                        stopped: true,
+                    });
+                }
+            }
+            return;
+        }
         // Declared dead at this incarnation: join again as a new generation.
         if state
             .members
@@ -326,7 +400,14 @@ impl Sim {
                     node.term()
                 );
             }
-            if node.propose(&Command::MarkDead { id, generation }).is_ok() {
+            if node
+                .propose(&Command::MarkDead {
+                    id,
+                    generation,
+                    stopped: false,
+                })
+                .is_ok()
+            {
                 self.stats.deaths += 1;
             }
         }
@@ -360,9 +441,10 @@ impl Sim {
                 .filter(|mv| !live(state.table[mv.kg as usize].owner))
                 // A dead owner's key groups once any lease it may hold has expired.
                 .filter(|mv| {
-                    state.table[mv.kg as usize]
-                        .owner
-                        .is_none_or(|o| detector.may_take_over(o, now))
+                    state.table[mv.kg as usize].owner.is_none_or(|o| {
+                        let generation = state.members.get(&o).map_or(0, |r| r.generation);
+                        detector.may_take_over(o, generation, now)
+                    })
                 })
                 .filter(|mv| mv.to == me || node.caught_up(mv.to))
                 .collect();
@@ -508,6 +590,7 @@ impl Sim {
                 m.detector = Detector::new(self.cfg);
                 m.dead_at.clear();
                 m.last_leader = None;
+                m.stopping = None;
             }
             Err(e) => self.fail(format!("node {} cannot restart: {e}", i + 1)),
         }
@@ -524,7 +607,7 @@ impl Sim {
             return;
         }
         let down = (0..n).filter(|&i| !self.running(i)).count();
-        match self.rng.below(3) {
+        match self.rng.below(4) {
             0 if down < 2 => {
                 let i = self.rng.below(n as u64) as usize;
                 if self.members[i].node.take().is_some() {
@@ -574,6 +657,24 @@ impl Sim {
                         "{} ms: cut {:?} until {}",
                         self.now, self.cut, self.cut_until
                     );
+                }
+            }
+            3 if down < 2 => {
+                // A graceful stop (SIGTERM): its lease goes at once.
+                let i = self.rng.below(n as u64) as usize;
+                let now = self.now;
+                let m = &mut self.members[i];
+                if m.stopping.is_none() && m.paused_until.is_none() {
+                    if let Some(node) = m.node.as_ref() {
+                        m.stopping = Some((now + 1_000, node.is_leader()));
+                        m.stop_at = now;
+                        m.lease.revoke();
+                        m.lease_until = 0;
+                        self.stats.stops += 1;
+                        if trace() {
+                            eprintln!("{now} ms: node {} is stopping", i + 1);
+                        }
+                    }
                 }
             }
             _ => {}
@@ -670,11 +771,17 @@ fn many(members: usize) {
         total.rejoins += s.rejoins;
         total.voter_swaps += s.voter_swaps;
         total.writes += s.writes;
+        total.stops += s.stops;
+        total.stops_taken += s.stops_taken;
     }
     println!("{} schedules: {total:?}", seeds.len());
     if seeds.len() >= 20 {
         assert!(total.deaths > 0 && total.failover_moves > 0 && total.rejoins > 0);
         assert!(total.crashes > 0 && total.pauses > 0 && total.partitions > 0);
+        assert!(
+            total.stops_taken > 0,
+            "no graceful stop was taken: {total:?}"
+        );
         if members == 4 {
             assert!(total.voter_swaps > 0, "{total:?}");
         }

@@ -237,8 +237,9 @@ pub struct Change {
     pub at_ms: u64,
     /// Its index in the control log.
     pub index: u64,
-    /// `join`, `rejoin`, `failure` (declared dead), `leave` (started), `left` (removed),
-    /// `failover` (a dead member's key groups moved), `rebalance`.
+    /// `join`, `rejoin`, `failure` (declared dead), `stop` (it said it stopped: SIGTERM),
+    /// `leave` (started), `left` (removed), `failover` (a dead or stopped member's key groups
+    /// moved), `rebalance`.
     pub why: &'static str,
     /// The member concerned (none for moves).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -548,6 +549,7 @@ pub(crate) fn start(
         ..
     } = opened;
     placement.update(&state);
+    let stop_inbox = inbox.clone();
     let node = ControlNode::new(id, storage, state, Timing::default())?;
     handle.lock().node_id = id;
     let h = handle;
@@ -622,6 +624,7 @@ pub(crate) fn start(
             remove_proposed: HashMap::new(),
             removed: BTreeSet::new(),
             transfer_asked: None,
+            stopping: None,
             left: false,
             last_heard: Instant::now(),
             last_leader: None,
@@ -743,6 +746,18 @@ pub(crate) fn start(
                 if lone { u64::MAX } else { c.lease_until },
                 c.failure.lease_ms,
             );
+            // A stop proposes itself only once its lease given up is published: at once then.
+            if let Some(s) = c
+                .stopping
+                .as_mut()
+                .filter(|s| !s.published && c.lease_until == 0)
+            {
+                s.published = true;
+                if let Err(e) = c.round() {
+                    tracing::error!(error = %e, "control group: cannot write its log; stopping it");
+                    return;
+                }
+            }
             // A lapse while it owns key groups is worth a line (a cut-off node, or a control
             // thread held up): requests for them are refused until it is renewed.
             let lapsed = !lone
@@ -773,6 +788,7 @@ pub(crate) fn start(
         stop: Some(stop_tx),
         thread: Some(thread),
         left,
+        inbox: stop_inbox,
     })
 }
 
@@ -782,6 +798,8 @@ pub(crate) struct Control {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Told after every round that publishes a view with `left` set.
     left: Arc<tokio::sync::Notify>,
+    /// The control task's inbox (for [`Control::stopping`]).
+    inbox: mpsc::Sender<ControlInput>,
 }
 
 impl Control {
@@ -794,6 +812,23 @@ impl Control {
                 return;
             }
             told.await;
+        }
+    }
+
+    /// This node stops (SIGTERM) with its last epoch committed: it gives up its ownership
+    /// lease and tells the cluster, so that its key groups move to the others at once rather
+    /// than after the failure timeout, during which the cluster's epochs (and so every
+    /// acknowledgement, on every node) wait for its part (see `Driver::stop_step`). Returns
+    /// once the group has taken it, or it gave up (`STOP_WAIT`).
+    pub(crate) async fn stopping(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .inbox
+            .send(ControlInput::Stopping { reply: tx })
+            .await
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(STOP_WAIT * 2, rx).await;
         }
     }
 
@@ -912,6 +947,8 @@ struct Driver {
     remove_proposed: HashMap<NodeId, Instant>,
     /// When this leader, leaving, last handed its leadership over (see `reconcile_conf`).
     transfer_asked: Option<Instant>,
+    /// Stopping (SIGTERM): see [`Driver::stop_step`].
+    stopping: Option<Stopping>,
     /// This node left the cluster (`statemesh cluster leave`): it owns nothing and is out of
     /// the Raft group; the process stops.
     left: bool,
@@ -966,6 +1003,44 @@ const LEFT_SILENCE: Duration = Duration::from_secs(3);
 /// How long a proposal that changed nothing waits before it is proposed again.
 const REPROPOSE: Duration = Duration::from_secs(2);
 
+/// How long a stopping member tries to have its stop taken (a leader: its leadership handed
+/// over first) before it exits all the same; the others then declare it dead once it has been
+/// silent for the failure timeout, as after a crash.
+const STOP_WAIT: Duration = Duration::from_millis(1_500);
+
+/// How often a stopping member proposes its stop again, or asks again for the transfer.
+const STOP_REPROPOSE: Duration = Duration::from_millis(100);
+
+/// Member `id`'s generation in `state` (0 if it is not a member).
+fn generation_of(state: &ClusterState, id: NodeId) -> u64 {
+    state.members.get(&id).map_or(0, |m| m.generation)
+}
+
+/// Whether a majority of the voters stays alive once member `me` is dead (the control group
+/// refuses a stop otherwise: `ClusterState`'s check of `MarkDead { stopped }`).
+fn alive_after_stop(state: &ClusterState, me: NodeId) -> bool {
+    let voters = state.conf.as_ref().map_or(&[][..], |c| &c.voters[..]);
+    let alive = voters
+        .iter()
+        .filter(|&&v| v != me && state.members.get(&v).is_some_and(|m| m.alive))
+        .count();
+    alive > voters.len() / 2
+}
+
+/// A member's graceful stop under way (`ControlInput::Stopping`).
+struct Stopping {
+    since: Instant,
+    /// It led the group when the stop began (only then does it hand the leadership over).
+    led: bool,
+    /// When it last proposed its stop or asked for the transfer, and whether that was the
+    /// transfer (once it follows, its stop is proposed at once).
+    asked: Option<(Instant, bool)>,
+    /// The placement has been told that its lease is given up: only then is its stop
+    /// proposed (the leader moves its key groups at once on it).
+    published: bool,
+    reply: Option<oneshot::Sender<()>>,
+}
+
 impl Driver {
     fn input(&mut self, i: ControlInput) {
         match i {
@@ -1015,6 +1090,7 @@ impl Driver {
             ControlInput::Leave { reply } => {
                 let _ = reply.send(self.leave());
             }
+            ControlInput::Stopping { reply } => self.begin_stop(reply),
             ControlInput::Membership { id, reply } => {
                 let s = self.node.state();
                 let _ = reply.send(mpb::MembershipReply {
@@ -1043,6 +1119,154 @@ impl Driver {
                     );
                     self.left = true;
                 }
+            }
+        }
+    }
+
+    /// This node stops (SIGTERM), its last epoch committed: unless it has nothing to tell (a
+    /// node alone, one not or no longer a live member, one that leaves), it gives up its
+    /// ownership lease now (published at the end of this round: requests for its key groups
+    /// are refused from then on) and proposes its own death, `stopped`, in the next rounds
+    /// ([`Driver::stop_step`]).
+    fn begin_stop(&mut self, reply: oneshot::Sender<()>) {
+        let me = self.node.id();
+        let state = self.node.state();
+        let live_peer = state.members.values().any(|m| m.id != me && m.alive);
+        let live_member = state
+            .members
+            .get(&me)
+            .is_some_and(|m| m.alive && m.incarnation == self.incarnation);
+        if !live_peer || !live_member || !self.joined || self.leaving() || self.left {
+            let _ = reply.send(());
+            return;
+        }
+        tracing::info!(
+            node = me,
+            leader = self.node.is_leader(),
+            "stopping: this node gives up its ownership lease and tells the cluster, so that its key groups move to the others now"
+        );
+        self.lease.revoke();
+        self.lease_until = 0;
+        self.stopping = Some(Stopping {
+            since: Instant::now(),
+            led: self.node.is_leader(),
+            asked: None,
+            published: false,
+            reply: Some(reply),
+        });
+    }
+
+    /// A stopping member's step, each round. A leader first hands the Raft group's leadership
+    /// to a live voter (a new election would leave the cluster without a leader, and so
+    /// without epochs, for an election timeout); then, from any member, `MarkDead { stopped }`
+    /// of itself is proposed (forwarded to the leader) until it applies. The leader moves its
+    /// key groups on it at once (the lease is given up: `Detector::stopped`), and the others
+    /// roll back to the last committed epoch, which holds everything this node acknowledged.
+    /// It gives up (and exits all the same) after `STOP_WAIT`, when the group refuses it (a
+    /// majority of the voters would not stay alive: the cluster is being stopped whole), or
+    /// when it leads again after it began as a follower (a transfer came back to it).
+    fn stop_step(&mut self) {
+        let Some(s) = self.stopping.as_mut() else {
+            return;
+        };
+        if !s.published || s.reply.is_none() {
+            return;
+        }
+        let me = self.node.id();
+        let state = self.node.state();
+        let Some(m) = state.members.get(&me) else {
+            // Removed meanwhile (an earlier leave of this node applied): nothing to tell.
+            if let Some(r) = s.reply.take() {
+                let _ = r.send(());
+            }
+            return;
+        };
+        let leads = self.node.is_leader();
+        let done = if !m.alive {
+            tracing::info!(
+                node = me,
+                ms = s.since.elapsed().as_millis() as u64,
+                "the cluster has taken this node's stop: its key groups move to the others"
+            );
+            true
+        } else if s.since.elapsed() >= STOP_WAIT {
+            tracing::warn!(
+                node = me,
+                "the cluster did not take this node's stop within {} ms; exiting all the same (the others declare it dead after the failure timeout)",
+                STOP_WAIT.as_millis()
+            );
+            true
+        } else if leads && !s.led {
+            tracing::info!(
+                node = me,
+                "stopping: this node leads the group again; exiting without telling it (the others declare it dead after the failure timeout)"
+            );
+            true
+        } else if !alive_after_stop(state, me) {
+            tracing::info!(
+                node = me,
+                "stopping: a majority of the voters would not stay alive after this node (the cluster is being stopped): its key groups stay where they are"
+            );
+            true
+        } else {
+            false
+        };
+        if done {
+            if let Some(r) = s.reply.take() {
+                let _ = r.send(());
+            }
+            return;
+        }
+        if s.asked
+            .is_some_and(|(t, transfer)| t.elapsed() < STOP_REPROPOSE && transfer == leads)
+        {
+            return;
+        }
+        s.asked = Some((Instant::now(), leads));
+        if leads {
+            let (detector, now) = (&self.detector, crate::mesh::mono_ms());
+            let window = (self.failure.timeout_ms / 3)
+                .max(300)
+                .min(self.failure.timeout_ms);
+            let node = &self.node;
+            let to = statemesh_mesh::failure::transfer_target(
+                state,
+                me,
+                &[],
+                &|v| node.peer_active(v) || detector.heard_within(v, now, window),
+                &|v| node.peer_committed(v).unwrap_or(0),
+            );
+            let live = to.filter(|&v| {
+                state.members.get(&v).is_some_and(|m| m.alive)
+                    && (node.peer_active(v) || detector.heard_within(v, now, window))
+            });
+            match live {
+                Some(to) => {
+                    tracing::info!(
+                        node = me,
+                        to,
+                        "stopping: handing the Raft group's leadership over"
+                    );
+                    self.node.transfer_leader(to);
+                }
+                None => {
+                    tracing::info!(
+                        node = me,
+                        "stopping: no live voter to hand the leadership to; exiting without telling the cluster"
+                    );
+                    if let Some(r) = self.stopping.as_mut().and_then(|s| s.reply.take()) {
+                        let _ = r.send(());
+                    }
+                }
+            }
+        } else if self.node.leader().is_some() {
+            let generation = m.generation;
+            if let Err(e) = self.node.propose_anywhere(&Command::MarkDead {
+                id: me,
+                generation,
+                stopped: true,
+            }) {
+                tracing::debug!(error = %e, "stop not proposed; retried");
             }
         }
     }
@@ -1321,10 +1545,13 @@ impl Driver {
         self.ask_if_removed();
         self.announce();
         let now = crate::mesh::mono_ms();
-        if let Some(ctx) = self.lease.due(now) {
-            self.node.read_index(ctx);
+        if self.stopping.is_none() {
+            if let Some(ctx) = self.lease.due(now) {
+                self.node.read_index(ctx);
+            }
         }
         self.detect(now);
+        self.stop_step();
         // A new member first needs the cluster's state (the leader's snapshot).
         let bootstrapped = self
             .node
@@ -1410,7 +1637,11 @@ impl Driver {
                 self.failure.detection_ms()
             );
             self.dead_proposed.insert(id, (generation, Instant::now()));
-            if let Err(e) = self.node.propose(&Command::MarkDead { id, generation }) {
+            if let Err(e) = self.node.propose(&Command::MarkDead {
+                id,
+                generation,
+                stopped: false,
+            }) {
                 tracing::debug!(error = %e, "death not proposed; retried");
             }
         }
@@ -1463,7 +1694,7 @@ impl Driver {
             .filter(|m| {
                 state.table[m.kg as usize]
                     .owner
-                    .is_some_and(|o| self.detector.may_take_over(o, now))
+                    .is_some_and(|o| self.detector.may_take_over(o, generation_of(state, o), now))
             })
             .collect()
     }
@@ -2055,7 +2286,11 @@ impl Driver {
                             o.version == m.version
                                 && o.owner.is_some_and(|d| {
                                     !state.members.get(&d).is_some_and(|x| x.alive)
-                                        && self.detector.may_take_over(d, now)
+                                        && self.detector.may_take_over(
+                                            d,
+                                            generation_of(state, d),
+                                            now,
+                                        )
                                 })
                                 && state
                                     .members
@@ -2145,6 +2380,14 @@ impl Driver {
                 self.log_applied(cmd, outcome);
                 if *outcome == Outcome::Applied {
                     self.record(*index, cmd);
+                    if let Command::MarkDead {
+                        id,
+                        generation,
+                        stopped: true,
+                    } = cmd
+                    {
+                        self.detector.stopped(*id, *generation);
+                    }
                 }
                 // A join refused when its entry applied (its id taken meanwhile): answered now.
                 if let (
@@ -2174,7 +2417,7 @@ impl Driver {
             .members
             .get(&me)
             .filter(|m| m.incarnation == self.incarnation);
-        if mine.is_some_and(|m| !m.alive) {
+        if mine.is_some_and(|m| !m.alive) && self.stopping.is_none() {
             // Declared dead (it was paused, or cut off from the majority, for longer than the
             // failure timeout): its key groups have moved. It joins again as a new generation;
             // the rollback that takes it back into the epochs drops what it held.
@@ -2216,7 +2459,11 @@ impl Driver {
             }
         }
         let alive_here = state.members.get(&me).is_some_and(|m| m.alive);
-        self.lease_until = self.lease.applied(state.applied_index, alive_here);
+        self.lease_until = if self.stopping.is_some() {
+            0
+        } else {
+            self.lease.applied(state.applied_index, alive_here)
+        };
         self.joined = state
             .members
             .get(&me)
@@ -2514,11 +2761,25 @@ impl Driver {
                 let why = if g > 1 { "rejoin" } else { "join" };
                 change(why, Some(*id), 0, format!("generation {g}"))
             }
-            Command::MarkDead { id, generation } => change(
+            Command::MarkDead {
+                id,
+                generation,
+                stopped: false,
+            } => change(
                 "failure",
                 Some(*id),
                 0,
                 format!("generation {generation} declared dead"),
+            ),
+            Command::MarkDead {
+                id,
+                generation,
+                stopped: true,
+            } => change(
+                "stop",
+                Some(*id),
+                0,
+                format!("generation {generation} stopped (SIGTERM)"),
             ),
             Command::Leave { id } => change("leave", Some(*id), 0, "leaving".into()),
             Command::Remove { id } => change("left", Some(*id), 0, "removed".into()),

@@ -1477,6 +1477,9 @@ pub(crate) enum ControlInput {
     /// A peer's applied control log (at `applied_index`) no longer lists this node: see
     /// `Driver::ask_if_removed`.
     RemovedAt { peer: NodeId, applied_index: u64 },
+    /// This node stops (SIGTERM), its last epoch committed: answered once the group has taken
+    /// its stop, or it gave up (see `Driver::stop_step`).
+    Stopping { reply: oneshot::Sender<()> },
     /// A stream from a peer began: its process is up, so this node's link to it, if it is
     /// waiting out its backoff, tries now ([`Link::wake`]), at the address the peer gives.
     PeerStream { from: NodeId, addr: String },

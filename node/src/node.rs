@@ -232,9 +232,15 @@ impl NodeHandle {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let (tx, rx) = oneshot::channel();
+        let mut committed = false;
         if self.driver_events.send(DriverEvent::Finish(tx)).is_ok() {
             match tokio::time::timeout(Duration::from_secs(30), rx).await {
-                Ok(Ok(epoch)) => tracing::info!(epoch, "last epoch committed"),
+                Ok(Ok(Some(epoch))) => {
+                    committed = true;
+                    tracing::info!(epoch, "last epoch committed")
+                }
+                // (Said by the driver.)
+                Ok(Ok(None)) => {}
                 _ => tracing::error!(
                     "the last epoch did not commit within 30 s; what it holds is recovered from the previous commit and replayed"
                 ),
@@ -254,6 +260,14 @@ impl NodeHandle {
                     "the epoch log was not uploaded within 10 s; the next start uploads it"
                 ),
             }
+        }
+        // In a cluster: the others are told (a leader hands its leadership over first), so
+        // that its key groups move now, not once it has been silent for the failure timeout
+        // (the cluster's epochs, and every acknowledgement, would wait for it meanwhile). Not
+        // when its last epoch could not commit: no leader has taken the epochs for seconds,
+        // and none would take its stop either.
+        if committed {
+            self.control.stopping().await;
         }
         // Nothing more is needed from the peers: the streams they opened end, and the gRPC
         // server stops once the replies under way are sent (a cluster's peer streams kept it

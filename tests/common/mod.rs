@@ -240,9 +240,10 @@ impl Node {
     }
 
     /// SIGTERM to every node at once, then waits for each to exit cleanly (as [`Node::stop`]).
-    /// A cluster stopped one node at a time waits at each member whose leader has just gone:
-    /// its last epoch cannot commit, and it gives up after 5 s (`FINISH_IN_CLUSTER`); stopped
-    /// together, the members commit their last epoch while the leader still runs.
+    /// Stopped together, the members commit their last epoch while the leader still runs (a
+    /// member stopped after its leader, without a majority of the voters left to take the
+    /// leader's stop, cannot commit its last epoch, and gives up after 5 s:
+    /// `FINISH_IN_CLUSTER`).
     pub async fn stop_all(nodes: impl IntoIterator<Item = Node>) {
         let mut nodes: Vec<Node> = nodes.into_iter().collect();
         for n in &mut nodes {

@@ -110,8 +110,10 @@ pub(crate) enum DriverEvent {
     },
     Maintenance(Result<Maintenance, String>),
     /// Commit everything accepted so far and apply it to sled (shutdown); answers with the
-    /// epoch.
-    Finish(oneshot::Sender<u64>),
+    /// epoch, or `None` when a participant in a cluster gave up waiting for it (no leader
+    /// known, or `FINISH_IN_CLUSTER` passed): what it accepted since the last commit is then
+    /// recovered from that commit and replayed.
+    Finish(oneshot::Sender<Option<u64>>),
     /// Stop the driver and the applier (after `Finish`); answers once they have stopped.
     Stop(oneshot::Sender<()>),
     /// Every shard has rolled back and the pending messages are replayed.
@@ -420,7 +422,7 @@ struct Driver {
     /// maintenance run here, beside the node's other work.
     rt: tokio::runtime::Handle,
     applier_thread: Option<std::thread::JoinHandle<()>>,
-    finish: Vec<(u64, oneshot::Sender<u64>)>,
+    finish: Vec<(u64, oneshot::Sender<Option<u64>>)>,
     status: StatusHandle,
     /// The coordinator's parameters (a rollback starts a new one).
     coord_params: (usize, u64, u64),
@@ -1376,7 +1378,7 @@ impl Driver {
                     .partition(|(target, _)| epoch >= *target);
                 self.finish = keep;
                 for (_, tx) in done {
-                    let _ = tx.send(epoch);
+                    let _ = tx.send(Some(epoch));
                 }
                 self.continue_rollback();
                 self.continue_reconfigure();
@@ -1516,7 +1518,13 @@ impl Driver {
                         || c.leader.is_none()
                         || self.router.placement().owned(self.key_groups).is_empty()
                     {
-                        let _ = tx.send(self.last_released);
+                        if c.leader.is_none() {
+                            tracing::warn!(
+                                committed = self.last_released,
+                                "no leader of the cluster's epochs is known: the last epoch is not committed; what this node took since is recovered from the last commit and replayed"
+                            );
+                        }
+                        let _ = tx.send(c.leader.map(|_| self.last_released));
                         return;
                     }
                     let events = self.events.clone();
@@ -1537,7 +1545,7 @@ impl Driver {
                     );
                 }
                 for (_, tx) in std::mem::take(&mut self.finish) {
-                    let _ = tx.send(self.last_released);
+                    let _ = tx.send(None);
                 }
             }
         }
