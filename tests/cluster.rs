@@ -3949,25 +3949,47 @@ async fn a_member_stopped_after_its_leader_says_its_last_epoch_did_not_commit_an
 }
 
 /// A member stopped (SIGTERM) tells the cluster, once its last epoch has committed: its key
-/// groups move to the others at once, not after the failure timeout (1.8 s during which every
-/// node's epochs, and so every acknowledgement in the cluster, waited for its part), nothing
-/// it acknowledged is lost, and restarted it gets its share back. The leader hands its
-/// leadership over first. A member stopped while only a bare majority of the voters is alive
-/// keeps its key groups (the cluster is being stopped), and still commits its last epoch at
-/// once.
+/// groups move to the others at once, not after the failure detection (by default 1.8 s,
+/// during which every node's epochs, and so every acknowledgement in the cluster, waited for
+/// its part), nothing it acknowledged is lost, and restarted it gets its share back. The
+/// leader hands its leadership over first. A member stopped while only a bare majority of the
+/// voters is alive keeps its key groups (the cluster is being stopped), and still commits its
+/// last epoch at once. (The failure detection is slowed to 10 s, and the leases to 8 s, so
+/// that a move that waited for either could not pass for one that did not.)
 #[tokio::test]
 async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
-    let (n1, n2, n3, seed, ports) = three_nodes_with_ports(root).await;
+    let slow = |id: u64, ports: (u16, u16), join: Option<&str>| {
+        let mut l = launch(root, id, ports, join);
+        l.config = Some(format!(
+            "{}[mesh]\nfailure_timeout_ms = 10000\nlease_ms = 8000\n",
+            l.config.take().unwrap_or_default()
+        ));
+        Node::start_launch(&root.join(format!("n{id}")), &l)
+    };
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let n1 = slow(1, ports[0], None);
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let n2 = slow(2, ports[1], Some(&seed));
+    let n3 = slow(3, ports[2], Some(&seed));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
     every_member_owns(&n1, 3, 200).await;
-    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
-    let follower = (1..=3).find(|&i| i != leader).unwrap();
-    let other = (1..=3).find(|&i| i != leader && i != follower).unwrap();
-    let mut nodes = [Some(n1), Some(n2), Some(n3)];
     let at = |i: u64| i as usize - 1;
     let join = |i: u64| (i != 1).then_some(seed.as_str());
+    let mut nodes = [Some(n1), Some(n2), Some(n3)];
+    let leader_now = |nodes: &[Option<Node>; 3]| {
+        let n = nodes.iter().flatten().next().unwrap();
+        let http = n.http.clone();
+        async move {
+            let v = view(&Node::attach(&http)).await.unwrap();
+            v["leader"].as_u64().unwrap()
+        }
+    };
+    let leader = leader_now(&nodes).await;
+    let follower = (1..=3).find(|&i| i != leader).unwrap();
+    let other = (1..=3).find(|&i| i != leader && i != follower).unwrap();
     let t = nodes[0]
         .as_ref()
         .unwrap()
@@ -3984,7 +4006,6 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
     for id in &ids {
         assert_eq!(add(&c, id, 1).await, 1);
     }
-    let stop_taken = |log: &str| log.contains("the cluster has taken this node's stop");
     let history = |v: &serde_json::Value, id: u64| -> Vec<String> {
         v["history"]
             .as_array()
@@ -3994,99 +4015,101 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
             .map(|c| c["why"].as_str().unwrap().to_string())
             .collect()
     };
-
-    // A follower.
-    let t0 = std::time::Instant::now();
-    let f = nodes[at(follower)].take().unwrap();
-    let f_log = root.join(format!("n{follower}.log"));
-    f.stop().await;
-    let v = failed_over(
-        nodes[at(other)].as_ref().unwrap(),
-        follower,
-        Duration::from_secs(20),
-    )
-    .await;
-    println!(
-        "node {follower} (a follower) stopped and its key groups moved {:?} after SIGTERM",
-        t0.elapsed()
-    );
-    assert!(
-        stop_taken(&std::fs::read_to_string(&f_log).unwrap()),
-        "node {follower} does not say the cluster took its stop"
-    );
-    let h = history(&v, follower);
-    assert!(
-        h.last().map(String::as_str) == Some("stop") && !h.iter().any(|w| w == "failure"),
-        "node {follower}: {h:?}"
-    );
-    assert_eq!(add(&c, &ids[at(follower)], 1).await, 2);
-    nodes[at(follower)] = Some(restart(root, follower, ports[at(follower)], join(follower)));
-    {
-        let refs: Vec<&Node> = nodes.iter().flatten().collect();
-        converged(&refs, 3, 3).await;
+    // Stops node `id`; returns what it logged meanwhile.
+    async fn stop(root: &Path, n: Node, id: u64) -> String {
+        let log = root.join(format!("n{id}.log"));
+        let from = std::fs::metadata(&log).map_or(0, |m| m.len()) as usize;
+        n.stop().await;
+        let all = std::fs::read(&log).unwrap();
+        String::from_utf8_lossy(&all[from..]).to_string()
     }
-    every_member_owns(nodes[at(other)].as_ref().unwrap(), 3, 200).await;
+    let taken = "the cluster has taken this node's stop";
 
-    // The leader: it hands its leadership over first.
-    let t0 = std::time::Instant::now();
-    let l = nodes[at(leader)].take().unwrap();
-    let l_log = root.join(format!("n{leader}.log"));
-    l.stop().await;
-    let v = failed_over(
+    // A follower, then the leader (it hands its leadership over first): each time the key
+    // groups move well within the 8 s lease and the 10.3 s detection, nobody is declared dead
+    // by the failure detector, and the stopped member, restarted, gets its share back.
+    for (who, id) in [("a follower", follower), ("the leader", leader)] {
+        let t0 = std::time::Instant::now();
+        let log = stop(root, nodes[at(id)].take().unwrap(), id).await;
+        let v = failed_over(
+            nodes[at(other)].as_ref().unwrap(),
+            id,
+            Duration::from_secs(5),
+        )
+        .await;
+        println!(
+            "node {id} ({who}) stopped and its key groups moved {:?} after SIGTERM",
+            t0.elapsed()
+        );
+        let handed = log
+            .lines()
+            .position(|x| x.contains("stopping: handing the Raft group's leadership over"));
+        let took = log.lines().position(|x| x.contains(taken));
+        assert!(
+            took.is_some(),
+            "node {id} does not say the cluster took its stop"
+        );
+        if id == leader {
+            assert!(
+                handed.is_some() && handed < took,
+                "node {id} handed its leadership over ({handed:?}) before its stop was taken ({took:?})"
+            );
+            assert_ne!(v["leader"], id, "{v}");
+        }
+        let h = history(&v, id);
+        assert!(
+            h.last().map(String::as_str) == Some("stop") && !h.iter().any(|w| w == "failure"),
+            "node {id}: {h:?}"
+        );
+        assert_eq!(add(&c, &ids[at(id)], 1).await, 2);
+        for n in nodes.iter().flatten() {
+            assert!(
+                !n.log_since_launch().contains("declaring it dead"),
+                "a member was declared dead by the failure detector"
+            );
+        }
+        nodes[at(id)] = Some(slow(id, ports[at(id)], join(id)));
+        {
+            let refs: Vec<&Node> = nodes.iter().flatten().collect();
+            converged(&refs, 3, 3).await;
+        }
+        every_member_owns(nodes[at(other)].as_ref().unwrap(), 3, 200).await;
+        if id == follower {
+            // Read again: leadership may have moved meanwhile.
+            assert_eq!(
+                leader_now(&nodes).await,
+                leader,
+                "the leadership moved before the leader's stop"
+            );
+        }
+    }
+
+    // Two of three voters alive (node `leader`, which may lead no more, stopped again, its stop
+    // taken): the next one stopped keeps its key groups, and commits its last epoch (no 5 s
+    // wait for a leader that is gone).
+    let log = stop(root, nodes[at(leader)].take().unwrap(), leader).await;
+    assert!(log.contains(taken), "{log}");
+    failed_over(
         nodes[at(other)].as_ref().unwrap(),
         leader,
-        Duration::from_secs(20),
+        Duration::from_secs(5),
     )
     .await;
-    println!(
-        "node {leader} (the leader) stopped and its key groups moved {:?} after SIGTERM",
-        t0.elapsed()
-    );
-    let log = std::fs::read_to_string(&l_log).unwrap();
-    let handed = log
-        .lines()
-        .position(|x| x.contains("stopping: handing the Raft group's leadership over"));
-    let taken = log.lines().position(stop_taken);
-    assert!(
-        handed.is_some() && taken.is_some() && handed < taken,
-        "node {leader} handed its leadership over ({handed:?}), then its stop was taken ({taken:?})"
-    );
-    assert_ne!(v["leader"], leader, "{v}");
-    let h = history(&v, leader);
-    assert!(
-        h.last().map(String::as_str) == Some("stop") && !h.iter().any(|w| w == "failure"),
-        "node {leader}: {h:?}"
-    );
-    assert_eq!(add(&c, &ids[at(leader)], 1).await, 2);
-    // Nobody waited for the failure detector.
-    for n in nodes.iter().flatten() {
-        assert!(
-            !n.log_since_launch().contains("declaring it dead"),
-            "a member was declared dead by the failure detector"
-        );
-    }
-
-    // Two voters of three left: the next one stopped keeps its key groups and commits its
-    // last epoch (no 5 s wait for a leader that is gone).
     let t0 = std::time::Instant::now();
-    nodes[at(follower)].take().unwrap().stop().await;
+    let log = stop(root, nodes[at(follower)].take().unwrap(), follower).await;
     println!(
         "node {follower} (stopped with a bare majority alive) exited in {:?}",
         t0.elapsed()
     );
-    let log = std::fs::read_to_string(&f_log).unwrap();
-    let last = &log[log.rfind("stopping").unwrap_or(0)..];
     assert!(
-        log.contains("a majority of the voters would not stay alive after this node"),
-        "node {follower} does not say why it keeps its key groups"
-    );
-    assert!(
-        !last.contains("did not commit"),
-        "node {follower}'s last epoch did not commit"
+        log.contains("a majority of the voters would not stay alive after this node")
+            && log.contains("last epoch committed")
+            && !log.contains("did not commit"),
+        "node {follower} keeps its key groups and commits its last epoch: {log}"
     );
     // The whole cluster again: everything acknowledged is there.
-    nodes[at(leader)] = Some(restart(root, leader, ports[at(leader)], join(leader)));
-    nodes[at(follower)] = Some(restart(root, follower, ports[at(follower)], join(follower)));
+    nodes[at(leader)] = Some(slow(leader, ports[at(leader)], join(leader)));
+    nodes[at(follower)] = Some(slow(follower, ports[at(follower)], join(follower)));
     {
         let refs: Vec<&Node> = nodes.iter().flatten().collect();
         converged(&refs, 3, 3).await;

@@ -1968,10 +1968,9 @@ async fn chaos(
         s.failovers > 0 && s.declared_dead > 0 && s.joins > 0 && s.leaves > 0,
         "the chaos run exercised failover, declared deaths, joins and leaves: {s:?}"
     );
-    assert!(
-        s.stops_taken > 0,
-        "the chaos run had a graceful stop taken by the cluster: {s:?}"
-    );
+    // (Whether the cluster took them depends on who else is up: not asserted here, see
+    // `tests/cluster.rs`.)
+    assert!(s.stops > 0, "the chaos run had graceful stops: {s:?}");
     drop(s);
     let mut it = std::mem::take(&mut mesh.running).into_values();
     let first = it.next().unwrap();

@@ -169,6 +169,12 @@ impl Detector {
         self.released.insert(id, generation);
     }
 
+    /// Member `id` joined again or was removed (an applied `Join` or `Remove`): its stop no
+    /// longer counts (a node given the same id later starts again at generation 1).
+    pub fn forget_stop(&mut self, id: NodeId) {
+        self.released.remove(&id);
+    }
+
     /// Whether this leader heard from member `id` in the last `within_ms` (a sign of life
     /// that lasts: Raft's own `recent_active` is cleared for every peer at each quorum check,
     /// so right after one every voter reads as silent). False when not leading.
@@ -936,6 +942,10 @@ mod tests {
         assert!(d.may_take_over(3, 3, 6_100));
         // Not another member.
         assert!(!d.may_take_over(2, 2, 5_100));
+        // Once it joined again (or was removed), not even that generation: a node given its
+        // id later starts again at generation 1.
+        d.forget_stop(3);
+        assert!(!d.may_take_over(3, 2, 5_100));
     }
 
     #[test]

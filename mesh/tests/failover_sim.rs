@@ -260,6 +260,13 @@ impl Sim {
                     self.stats.stops_taken += 1;
                 }
             }
+            if let (
+                Command::Join { id, .. } | Command::Remove { id },
+                statemesh_mesh::control::Outcome::Applied,
+            ) = (cmd, outcome)
+            {
+                m.detector.forget_stop(*id);
+            }
         }
         let m = &mut self.members[i];
         for (ctx, index) in &out.read_states {
@@ -356,7 +363,13 @@ impl Sim {
             self.stats.rejoins += 1;
         }
         let m = &mut self.members[i];
-        let alive_here = state.members.get(&me).is_some_and(|r| r.alive);
+        // Only this process's record (a new process waits for its Join): a stop its previous
+        // process proposed may apply after this one started, and its key groups then move at
+        // once.
+        let alive_here = state
+            .members
+            .get(&me)
+            .is_some_and(|r| r.alive && r.incarnation == m.incarnation);
         m.lease_until = m.lease.applied(state.applied_index, alive_here);
         let node = m.node.as_mut().unwrap();
         if let Some(ctx) = m.lease.due(now) {

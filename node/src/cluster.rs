@@ -1008,8 +1008,12 @@ const REPROPOSE: Duration = Duration::from_secs(2);
 /// silent for the failure timeout, as after a crash.
 const STOP_WAIT: Duration = Duration::from_millis(1_500);
 
-/// How often a stopping member proposes its stop again, or asks again for the transfer.
+/// How often a stopping member proposes its stop again.
 const STOP_REPROPOSE: Duration = Duration::from_millis(100);
+
+/// How often a stopping leader asks again for the transfer of its leadership (raft-rs gives a
+/// transfer an election timeout, 0.5 s here, before it drops it).
+const STOP_TRANSFER_AGAIN: Duration = Duration::from_millis(500);
 
 /// Member `id`'s generation in `state` (0 if it is not a member).
 fn generation_of(state: &ClusterState, id: NodeId) -> u64 {
@@ -1035,6 +1039,9 @@ struct Stopping {
     /// When it last proposed its stop or asked for the transfer, and whether that was the
     /// transfer (once it follows, its stop is proposed at once).
     asked: Option<(Instant, bool)>,
+    /// The voter it hands the leadership to (kept while it stays live: asking another would
+    /// abort the transfer under way).
+    transfer_to: Option<NodeId>,
     /// The placement has been told that its lease is given up: only then is its stop
     /// proposed (the leader moves its key groups at once on it).
     published: bool,
@@ -1151,6 +1158,7 @@ impl Driver {
             since: Instant::now(),
             led: self.node.is_leader(),
             asked: None,
+            transfer_to: None,
             published: false,
             reply: Some(reply),
         });
@@ -1217,8 +1225,13 @@ impl Driver {
             }
             return;
         }
+        let again = if leads {
+            STOP_TRANSFER_AGAIN
+        } else {
+            STOP_REPROPOSE
+        };
         if s.asked
-            .is_some_and(|(t, transfer)| t.elapsed() < STOP_REPROPOSE && transfer == leads)
+            .is_some_and(|(t, transfer)| t.elapsed() < again && transfer == leads)
         {
             return;
         }
@@ -1229,17 +1242,21 @@ impl Driver {
                 .max(300)
                 .min(self.failure.timeout_ms);
             let node = &self.node;
-            let to = statemesh_mesh::failure::transfer_target(
-                state,
-                me,
-                &[],
-                &|v| node.peer_active(v) || detector.heard_within(v, now, window),
-                &|v| node.peer_committed(v).unwrap_or(0),
-            );
-            let live = to.filter(|&v| {
+            let live = |v: NodeId| {
                 state.members.get(&v).is_some_and(|m| m.alive)
                     && (node.peer_active(v) || detector.heard_within(v, now, window))
+            };
+            let live = s.transfer_to.filter(|&v| live(v)).or_else(|| {
+                statemesh_mesh::failure::transfer_target(
+                    state,
+                    me,
+                    &[],
+                    &|v| node.peer_active(v) || detector.heard_within(v, now, window),
+                    &|v| node.peer_committed(v).unwrap_or(0),
+                )
+                .filter(|&v| live(v))
             });
+            s.transfer_to = live;
             match live {
                 Some(to) => {
                     tracing::info!(
@@ -2380,13 +2397,16 @@ impl Driver {
                 self.log_applied(cmd, outcome);
                 if *outcome == Outcome::Applied {
                     self.record(*index, cmd);
-                    if let Command::MarkDead {
-                        id,
-                        generation,
-                        stopped: true,
-                    } = cmd
-                    {
-                        self.detector.stopped(*id, *generation);
+                    match cmd {
+                        Command::MarkDead {
+                            id,
+                            generation,
+                            stopped: true,
+                        } => self.detector.stopped(*id, *generation),
+                        Command::Join { id, .. } | Command::Remove { id } => {
+                            self.detector.forget_stop(*id)
+                        }
+                        _ => {}
                     }
                 }
                 // A join refused when its entry applied (its id taken meanwhile): answered now.
@@ -2458,7 +2478,13 @@ impl Driver {
                 self.left = true;
             }
         }
-        let alive_here = state.members.get(&me).is_some_and(|m| m.alive);
+        // Only this process's record counts: a new process of a member that stopped (it said
+        // so at its generation, whose key groups then move at once) holds no lease until its
+        // own Join has applied, as the next generation.
+        let alive_here = state
+            .members
+            .get(&me)
+            .is_some_and(|m| m.alive && m.incarnation == self.incarnation);
         self.lease_until = if self.stopping.is_some() {
             0
         } else {

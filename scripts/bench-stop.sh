@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Graceful stops on a cluster of three (release builds, loopback, checkpoints on local files,
+# the default [mesh] options): STOPS times, SIGTERM one node (a follower and the leader in
+# turn) while two clients call counters owned by the two other nodes, one call after another.
+# Measures from the SIGTERM to the node's exit, to the first successful `Call` through a
+# survivor to a counter whose key group the stopped node owned (retried every 20 ms), and the
+# longest call of the other clients from 0.5 s before the SIGTERM to 1 s after that key group
+# is served again (what the stop cost the rest of the cluster), with their failed calls (503
+# "rolled back, retry" answers, which the SDK client retries). Then the node restarts and the
+# script waits until it has its share back. Prints one JSON line per stop and a summary.
+#   STOPS=6 bash scripts/bench-stop.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STOPS=${STOPS:-6}
+cargo build --release -p statemesh-node >&2
+ROOT=$(mktemp -d)
+trap 'if [ -n "${KEEP:-}" ]; then echo "kept $ROOT" >&2; else rm -rf "$ROOT"; fi' EXIT
+python3 - "target/release/statemesh" "$ROOT" "$STOPS" <<'EOF'
+import json, os, signal, socket, subprocess, sys, threading, time, urllib.error, urllib.request
+
+B, ROOT, STOPS = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ERRS = []
+M64 = (1 << 64) - 1
+
+def fmix64(k):
+    k ^= k >> 33; k = (k * 0xFF51AFD7ED558CCD) & M64
+    k ^= k >> 33; k = (k * 0xC4CEB9FE1A85EC53) & M64
+    return k ^ (k >> 33)
+
+def key_group(ns, typ, id_, k=1024):
+    h = 0xCBF29CE484222325
+    for b in ns.encode() + b"\x1f" + typ.encode() + b"\x1f" + id_.encode():
+        h = ((h ^ b) * 0x100000001B3) & M64
+    return fmix64(h) % k
+
+def port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+nodes = {}
+def start(i, join=None):
+    g, h = nodes[i]["ports"] if i in nodes else (port(), port())
+    args = [B, "node", "--data-dir", f"{ROOT}/n{i}", "--grpc-addr", f"127.0.0.1:{g}",
+            "--http-addr", f"127.0.0.1:{h}", "--node-id", str(i)]
+    if join:
+        args += ["--join", join]
+    out = open(f"{ROOT}/n{i}.out", "a"); log = open(f"{ROOT}/n{i}.log", "a")
+    p = subprocess.Popen(args, stdout=out, stderr=log)
+    nodes[i] = {"ports": (g, h), "proc": p, "http": f"http://127.0.0.1:{h}"}
+
+def get(url, timeout=2):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            body = r.read()
+    except Exception:
+        return None, None
+    try:
+        return r.status, json.loads(body)
+    except ValueError:
+        return r.status, None
+
+def call(http, id_, timeout_ms=500):
+    req = urllib.request.Request(f"{http}/v1/call/example/counter/{id_}?timeout_ms={timeout_ms}",
+        data=b"0", method="POST", headers={"Content-Type": "application/vnd.io.statefun.types/long"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_ms / 1000 + 1) as r:
+            return r.status == 200
+    except urllib.error.HTTPError as e:
+        ERRS.append(e.code)
+        return False
+    except Exception:
+        ERRS.append("no answer")
+        return False
+
+def view(i):
+    return get(nodes[i]["http"] + "/v1/cluster")[1]
+
+def settled(members):
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ok = True
+        for i in members:
+            v = view(i)
+            if not v or len(v["members"]) != 3 or not all(m["alive"] for m in v["members"]) \
+                    or not all(m["key_groups"] > 200 for m in v["members"]) \
+                    or get(nodes[i]["http"] + "/readyz")[0] != 200:
+                ok = False; break
+        if ok:
+            return
+        time.sleep(0.2)
+    sys.exit("the cluster did not settle")
+
+try:
+    start(1)
+    time.sleep(1)
+    seed = f"127.0.0.1:{nodes[1]['ports'][0]}"
+    start(2, seed); start(3, seed)
+    settled([1, 2, 3])
+    rows = []
+    for k in range(STOPS):
+        leader = view(1 if nodes[1]["proc"].poll() is None else 2)["leader"]
+        followers = [i for i in (1, 2, 3) if i != leader]
+        victim = leader if k % 2 == 1 else followers[0]
+        survivors = [i for i in (1, 2, 3) if i != victim]
+        owners = get(nodes[survivors[0]]["http"] + "/v1/cluster/key-groups")[1]["owners"]
+        def owned_by(prefix, o):
+            return next(f"{prefix}-{j}" for j in range(100000)
+                        if owners[key_group("example", "counter", f"{prefix}-{j}")] == o)
+        vid = owned_by(f"st-{k}", victim)
+        sids = [owned_by(f"so-{k}-{s}", s) for s in survivors]
+        lat, stop = [], [False]
+        def loop(http, id_):
+            while not stop[0]:
+                t = time.monotonic(); ok = call(http, id_, 3000)
+                lat.append((t, time.monotonic() - t, ok))
+        ths = [threading.Thread(target=loop, args=(nodes[s]["http"], i)) for s, i in zip(survivors, sids)]
+        for th in ths:
+            th.start()
+        time.sleep(1.0)
+        ERRS.clear()
+        t0 = time.monotonic()
+        nodes[victim]["proc"].send_signal(signal.SIGTERM)
+        code = nodes[victim]["proc"].wait()
+        exit_s = time.monotonic() - t0
+        while not call(nodes[survivors[0]]["http"], vid):
+            time.sleep(0.02)
+        served_s = time.monotonic() - t0
+        time.sleep(1.0)
+        stop[0] = True
+        for th in ths:
+            th.join()
+        window = [(l, ok) for (t, l, ok) in lat if t >= t0 - 0.5]
+        row = {"stop": k + 1, "node": victim, "leader": victim == leader, "exit_code": code,
+               "exit_s": round(exit_s, 3), "moved_key_served_s": round(served_s, 3),
+               "others_max_call_s": round(max(l for l, _ in window), 3),
+               "others_calls": len(window), "others_failed": sum(1 for _, ok in window if not ok),
+               "errors": sorted(set(map(str, ERRS)))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        start(victim, seed if victim != 1 else f"127.0.0.1:{nodes[2]['ports'][0]}")
+        settled([1, 2, 3])
+    def pct(xs, q):
+        xs = sorted(xs); return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
+    served = [r["moved_key_served_s"] for r in rows]
+    others = [r["others_max_call_s"] for r in rows]
+    print(json.dumps({"stops": len(rows), "moved_key_served_p50_s": pct(served, 0.5),
+                      "moved_key_served_max_s": max(served),
+                      "others_max_call_p50_s": pct(others, 0.5), "others_max_call_max_s": max(others),
+                      "others_failed_total": sum(r["others_failed"] for r in rows)}))
+finally:
+    for n in nodes.values():
+        if n["proc"].poll() is None:
+            n["proc"].send_signal(signal.SIGTERM)
+    for n in nodes.values():
+        try:
+            n["proc"].wait(timeout=30)
+        except Exception:
+            n["proc"].kill()
+EOF
