@@ -16,78 +16,14 @@ cargo build --release -p statemesh-node >&2
 ROOT=$(mktemp -d)
 trap 'if [ -n "${KEEP:-}" ]; then echo "kept $ROOT" >&2; else rm -rf "$ROOT"; fi' EXIT
 python3 - "target/release/statemesh" "$ROOT" "$STOPS" <<'EOF'
-import json, os, signal, socket, subprocess, sys, threading, time, urllib.error, urllib.request
+import json, signal, sys, threading, time
+sys.path.insert(0, "scripts")
+import cluster3
+from cluster3 import call, get, key_group, nodes, settled, start, view
 
 B, ROOT, STOPS = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cluster3.setup(B, ROOT)
 ERRS = []
-M64 = (1 << 64) - 1
-
-def fmix64(k):
-    k ^= k >> 33; k = (k * 0xFF51AFD7ED558CCD) & M64
-    k ^= k >> 33; k = (k * 0xC4CEB9FE1A85EC53) & M64
-    return k ^ (k >> 33)
-
-def key_group(ns, typ, id_, k=1024):
-    h = 0xCBF29CE484222325
-    for b in ns.encode() + b"\x1f" + typ.encode() + b"\x1f" + id_.encode():
-        h = ((h ^ b) * 0x100000001B3) & M64
-    return fmix64(h) % k
-
-def port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-nodes = {}
-def start(i, join=None):
-    g, h = nodes[i]["ports"] if i in nodes else (port(), port())
-    args = [B, "node", "--data-dir", f"{ROOT}/n{i}", "--grpc-addr", f"127.0.0.1:{g}",
-            "--http-addr", f"127.0.0.1:{h}", "--node-id", str(i)]
-    if join:
-        args += ["--join", join]
-    out = open(f"{ROOT}/n{i}.out", "a"); log = open(f"{ROOT}/n{i}.log", "a")
-    p = subprocess.Popen(args, stdout=out, stderr=log)
-    nodes[i] = {"ports": (g, h), "proc": p, "http": f"http://127.0.0.1:{h}"}
-
-def get(url, timeout=2):
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            body = r.read()
-    except Exception:
-        return None, None
-    try:
-        return r.status, json.loads(body)
-    except ValueError:
-        return r.status, None
-
-def call(http, id_, timeout_ms=500):
-    req = urllib.request.Request(f"{http}/v1/call/example/counter/{id_}?timeout_ms={timeout_ms}",
-        data=b"0", method="POST", headers={"Content-Type": "application/vnd.io.statefun.types/long"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_ms / 1000 + 1) as r:
-            return r.status == 200
-    except urllib.error.HTTPError as e:
-        ERRS.append(e.code)
-        return False
-    except Exception:
-        ERRS.append("no answer")
-        return False
-
-def view(i):
-    return get(nodes[i]["http"] + "/v1/cluster")[1]
-
-def settled(members):
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        ok = True
-        for i in members:
-            v = view(i)
-            if not v or len(v["members"]) != 3 or not all(m["alive"] for m in v["members"]) \
-                    or not all(m["key_groups"] > 200 for m in v["members"]) \
-                    or get(nodes[i]["http"] + "/readyz")[0] != 200:
-                ok = False; break
-        if ok:
-            return
-        time.sleep(0.2)
-    sys.exit("the cluster did not settle")
 
 try:
     start(1)
@@ -110,7 +46,7 @@ try:
         lat, stop = [], [False]
         def loop(http, id_):
             while not stop[0]:
-                t = time.monotonic(); ok = call(http, id_, 3000)
+                t = time.monotonic(); ok = call(http, id_, 3000, ERRS)
                 lat.append((t, time.monotonic() - t, ok))
         ths = [threading.Thread(target=loop, args=(nodes[s]["http"], i)) for s, i in zip(survivors, sids)]
         for th in ths:

@@ -581,6 +581,11 @@ mod tests {
     }
 
     fn kill(s: &mut ClusterState, id: NodeId) {
+        mark_dead(s, id, false);
+    }
+
+    /// Applies `MarkDead` of `id` at its generation (`stopped`: it said so itself).
+    fn mark_dead(s: &mut ClusterState, id: NodeId, stopped: bool) -> crate::control::Outcome {
         let g = s.members[&id].generation;
         let n = s.applied_index + 1;
         s.apply(
@@ -588,9 +593,9 @@ mod tests {
             &Command::MarkDead {
                 id,
                 generation: g,
-                stopped: false,
+                stopped,
             },
-        );
+        )
     }
 
     fn leave(s: &mut ClusterState, id: NodeId) {
@@ -887,18 +892,7 @@ mod tests {
     #[test]
     fn a_stop_is_taken_only_while_a_majority_of_the_voters_stays_alive() {
         use crate::control::Outcome;
-        let stop = |s: &mut ClusterState, id: NodeId| {
-            let g = s.members[&id].generation;
-            let n = s.applied_index + 1;
-            s.apply(
-                n,
-                &Command::MarkDead {
-                    id,
-                    generation: g,
-                    stopped: true,
-                },
-            )
-        };
+        let stop = |s: &mut ClusterState, id: NodeId| mark_dead(s, id, true);
         // Three voters and a learner: one voter stops (two of three stay), the learner
         // stops (it is no voter), a second voter is refused (one of three would stay): the
         // cluster is being stopped whole, and its last members keep their key groups.
