@@ -3988,15 +3988,11 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
     let at = |i: u64| i as usize - 1;
     let join = |i: u64| (i != 1).then_some(seed.as_str());
     let mut nodes = [Some(n1), Some(n2), Some(n3)];
-    let leader_now = |nodes: &[Option<Node>; 3]| {
-        let n = nodes.iter().flatten().next().unwrap();
-        let http = n.http.clone();
-        async move {
-            let v = view(&Node::attach(&http)).await.unwrap();
-            v["leader"].as_u64().unwrap()
-        }
+    let leader_seen_by = |n: &Node| {
+        let n = Node::attach(&n.http);
+        async move { view(&n).await.unwrap()["leader"].as_u64().unwrap() }
     };
-    let leader = leader_now(&nodes).await;
+    let leader = leader_seen_by(nodes[0].as_ref().unwrap()).await;
     let follower = (1..=3).find(|&i| i != leader).unwrap();
     let other = (1..=3).find(|&i| i != leader && i != follower).unwrap();
     let t = nodes[0]
@@ -4024,14 +4020,6 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
             .map(|c| c["why"].as_str().unwrap().to_string())
             .collect()
     };
-    // Stops node `id`; returns what it logged meanwhile.
-    async fn stop(root: &Path, n: Node, id: u64) -> String {
-        let log = root.join(format!("n{id}.log"));
-        let from = std::fs::metadata(&log).map_or(0, |m| m.len()) as usize;
-        n.stop().await;
-        let all = std::fs::read(&log).unwrap();
-        String::from_utf8_lossy(&all[from..]).to_string()
-    }
     let taken = "the cluster has taken this node's stop";
 
     // A follower, then the leader (it hands its leadership over first): each time the key
@@ -4039,7 +4027,7 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
     // by the failure detector, and the stopped member, restarted, gets its share back.
     for (who, id) in [("a follower", follower), ("the leader", leader)] {
         let t0 = std::time::Instant::now();
-        let log = stop(root, nodes[at(id)].take().unwrap(), id).await;
+        let log = nodes[at(id)].take().unwrap().stop_logged().await;
         let v = failed_over(
             nodes[at(other)].as_ref().unwrap(),
             id,
@@ -4086,7 +4074,7 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
         if id == follower {
             // Read again: leadership may have moved meanwhile.
             assert_eq!(
-                leader_now(&nodes).await,
+                leader_seen_by(nodes[at(other)].as_ref().unwrap()).await,
                 leader,
                 "the leadership moved before the leader's stop"
             );
@@ -4096,7 +4084,7 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
     // Two of three voters alive (node `leader`, which may lead no more, stopped again, its stop
     // taken): the next one stopped keeps its key groups, and commits its last epoch (no 5 s
     // wait for a leader that is gone).
-    let log = stop(root, nodes[at(leader)].take().unwrap(), leader).await;
+    let log = nodes[at(leader)].take().unwrap().stop_logged().await;
     assert!(log.contains(taken), "{log}");
     failed_over(
         nodes[at(other)].as_ref().unwrap(),
@@ -4105,7 +4093,7 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
     )
     .await;
     let t0 = std::time::Instant::now();
-    let log = stop(root, nodes[at(follower)].take().unwrap(), follower).await;
+    let log = nodes[at(follower)].take().unwrap().stop_logged().await;
     println!(
         "node {follower} (stopped with a bare majority alive) exited in {:?}",
         t0.elapsed()

@@ -1846,12 +1846,11 @@ async fn chaos(
                 }
             }
             Event::Stop => {
-                let n = mesh.take(victim, &stats).await;
-                let log = mesh.dir(victim).with_extension("log");
-                let from = std::fs::metadata(&log).map_or(0, |m| m.len()) as usize;
-                n.stop().await;
-                let all = std::fs::read(&log).unwrap_or_default();
-                let taken = String::from_utf8_lossy(all.get(from..).unwrap_or_default())
+                let taken = mesh
+                    .take(victim, &stats)
+                    .await
+                    .stop_logged()
+                    .await
                     .contains("the cluster has taken this node's stop");
                 {
                     let mut s = stats.lock();

@@ -523,6 +523,17 @@ impl ClusterState {
         }
     }
 
+    /// The live voters other than `id`, and the voters: a stop of `id` is taken only while
+    /// the first is a majority of the second.
+    pub fn voters_alive_without(&self, id: NodeId) -> (usize, usize) {
+        let voters = self.conf.as_ref().map_or(&[][..], |c| &c.voters[..]);
+        let alive = voters
+            .iter()
+            .filter(|&&v| v != id && self.members.get(&v).is_some_and(|m| m.alive))
+            .count();
+        (alive, voters.len())
+    }
+
     fn check(&self, cmd: &Command) -> Result<(), String> {
         let member = |id: &NodeId| {
             self.members
@@ -576,15 +587,10 @@ impl ClusterState {
                     ));
                 }
                 if *stopped && m.alive {
-                    let voters = self.conf.as_ref().map_or(&[][..], |c| &c.voters[..]);
-                    let alive_after = voters
-                        .iter()
-                        .filter(|&&v| v != *id && self.members.get(&v).is_some_and(|x| x.alive))
-                        .count();
-                    if alive_after <= voters.len() / 2 {
+                    let (alive_after, voters) = self.voters_alive_without(*id);
+                    if alive_after <= voters / 2 {
                         return Err(format!(
-                            "node {id} stops: only {alive_after} of {} voters would stay alive (the cluster is stopping; its key groups stay where they are)",
-                            voters.len()
+                            "node {id} stops: only {alive_after} of {voters} voters would stay alive (the cluster is stopping; its key groups stay where they are)"
                         ));
                     }
                 }

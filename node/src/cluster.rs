@@ -1023,12 +1023,8 @@ fn generation_of(state: &ClusterState, id: NodeId) -> u64 {
 /// Whether a majority of the voters stays alive once member `me` is dead (the control group
 /// refuses a stop otherwise: `ClusterState`'s check of `MarkDead { stopped }`).
 fn alive_after_stop(state: &ClusterState, me: NodeId) -> bool {
-    let voters = state.conf.as_ref().map_or(&[][..], |c| &c.voters[..]);
-    let alive = voters
-        .iter()
-        .filter(|&&v| v != me && state.members.get(&v).is_some_and(|m| m.alive))
-        .count();
-    alive > voters.len() / 2
+    let (alive, voters) = state.voters_alive_without(me);
+    alive > voters / 2
 }
 
 /// A member's graceful stop under way (`ControlInput::Stopping`).
@@ -1236,27 +1232,18 @@ impl Driver {
             return;
         }
         s.asked = Some((Instant::now(), leads));
+        let before = s.transfer_to;
         if leads {
-            let (detector, now) = (&self.detector, crate::mesh::mono_ms());
-            let window = (self.failure.timeout_ms / 3)
-                .max(300)
-                .min(self.failure.timeout_ms);
-            let node = &self.node;
+            let now = crate::mesh::mono_ms();
             let live = |v: NodeId| {
-                state.members.get(&v).is_some_and(|m| m.alive)
-                    && (node.peer_active(v) || detector.heard_within(v, now, window))
+                state.members.get(&v).is_some_and(|m| m.alive) && self.answered_lately(v, now)
             };
-            let live = s.transfer_to.filter(|&v| live(v)).or_else(|| {
-                statemesh_mesh::failure::transfer_target(
-                    state,
-                    me,
-                    &[],
-                    &|v| node.peer_active(v) || detector.heard_within(v, now, window),
-                    &|v| node.peer_committed(v).unwrap_or(0),
-                )
+            let live = before
                 .filter(|&v| live(v))
-            });
-            s.transfer_to = live;
+                .or_else(|| self.transfer_target(&[]).filter(|&v| live(v)));
+            if let Some(s) = self.stopping.as_mut() {
+                s.transfer_to = live;
+            }
             match live {
                 Some(to) => {
                     tracing::info!(
@@ -1286,6 +1273,30 @@ impl Driver {
                 tracing::debug!(error = %e, "stop not proposed; retried");
             }
         }
+    }
+
+    /// Whether voter `v` answered lately: Raft's view, or heard within a third of the failure
+    /// timeout (raft-rs clears its view at each quorum check, so for a while after one every
+    /// voter reads as silent, and a dead voter could win on a tie). At least two heartbeats'
+    /// time (150 ms apart).
+    fn answered_lately(&self, v: NodeId, now: u64) -> bool {
+        let window = (self.failure.timeout_ms / 3)
+            .max(300)
+            .min(self.failure.timeout_ms);
+        self.node.peer_active(v) || self.detector.heard_within(v, now, window)
+    }
+
+    /// The voter a leader hands its leadership to before `change` (see
+    /// `failure::transfer_target`): alive, answered lately, furthest along.
+    fn transfer_target(&self, change: &[(NodeId, Option<Role>)]) -> Option<NodeId> {
+        let now = crate::mesh::mono_ms();
+        statemesh_mesh::failure::transfer_target(
+            self.node.state(),
+            self.node.id(),
+            change,
+            &|v| self.answered_lately(v, now),
+            &|v| self.node.peer_committed(v).unwrap_or(0),
+        )
     }
 
     /// Proposes this node's `Leave` (from any member: forwarded to the leader).
@@ -2643,22 +2654,7 @@ impl Driver {
         // learns from its log that it is out, and stops.
         let me = node.id();
         if change.iter().any(|(n, role)| *n == me && role.is_none()) {
-            // Answered lately: Raft's view, or heard within a third of the failure timeout
-            // (raft-rs clears its view at each quorum check, so for a while after one every
-            // voter read as silent, and a dead voter could win on a tie). At least two
-            // heartbeats' time (150 ms apart).
-            let (detector, now) = (&self.detector, crate::mesh::mono_ms());
-            let window = (self.failure.timeout_ms / 3)
-                .max(300)
-                .min(self.failure.timeout_ms);
-            let to = statemesh_mesh::failure::transfer_target(
-                state,
-                me,
-                &change,
-                &|v| node.peer_active(v) || detector.heard_within(v, now, window),
-                &|v| node.peer_committed(v).unwrap_or(0),
-            );
-            if let Some(to) = to {
+            if let Some(to) = self.transfer_target(&change) {
                 if self.transfer_asked.is_none_or(|t| t.elapsed() >= REPROPOSE) {
                     self.transfer_asked = Some(Instant::now());
                     tracing::info!(

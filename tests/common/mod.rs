@@ -239,6 +239,17 @@ impl Node {
         }
     }
 
+    /// [`Node::stop`], and what the node logged since its launch (its stop included).
+    pub async fn stop_logged(self) -> String {
+        let (log, from) = (
+            self.data_dir.with_extension("log"),
+            self.log_offset as usize,
+        );
+        self.stop().await;
+        let all = std::fs::read(&log).unwrap_or_default();
+        String::from_utf8_lossy(all.get(from..).unwrap_or_default()).to_string()
+    }
+
     /// SIGTERM to every node at once, then waits for each to exit cleanly (as [`Node::stop`]).
     /// Stopped together, the members commit their last epoch while the leader still runs (a
     /// member stopped after its leader, without a majority of the voters left to take the
