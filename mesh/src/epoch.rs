@@ -1091,6 +1091,11 @@ pub struct EpochLeader {
     adding: Option<u64>,
     /// The participants the synchronisation under way takes in live.
     joining: BTreeSet<NodeId>,
+    /// A grown participant set (new members that own nothing) that came while the leader
+    /// could not take it in live (a synchronisation, an intake or a move under way), and
+    /// since when: taken in once it can ([`EpochLeader::can_take_in`]), or by the next
+    /// synchronisation, or the old way (everyone rolls back) after `stop_timeout_ms`.
+    grown: Option<(BTreeMap<NodeId, u64>, u64)>,
     /// See [`STOP_TIMEOUT_MS`] and [`RECONFIGURE_TIMEOUT_MS`].
     stop_timeout_ms: u64,
     reconfigure_timeout_ms: u64,
@@ -1141,6 +1146,7 @@ impl EpochLeader {
             && self.reconfiguring.is_none()
             && self.adding.is_none()
             && self.joining.is_empty()
+            && self.grown.is_none()
             && self.excluded.is_empty()
     }
 
@@ -1194,6 +1200,7 @@ impl EpochLeader {
             reconfiguring: None,
             adding: None,
             joining: BTreeSet::new(),
+            grown: None,
             stop_timeout_ms: STOP_TIMEOUT_MS,
             reconfigure_timeout_ms: RECONFIGURE_TIMEOUT_MS,
             exclude_after_ms: Some(HOLD_TIMEOUT_MS),
@@ -1244,6 +1251,7 @@ impl EpochLeader {
             (self.live.is_some(), "a live synchronisation"),
             (self.reconfiguring.is_some(), "a live hand-over"),
             (self.adding.is_some(), "participants joining or leaving"),
+            (self.grown.is_some(), "participants waiting to join"),
             (self.move_now || self.handover, "a move's synchronisation"),
         ];
         let mut why: Vec<String> = phase.into_iter().map(String::from).collect();
@@ -1266,8 +1274,29 @@ impl EpochLeader {
             && self.live.is_none()
             && self.reconfiguring.is_none()
             && self.adding.is_none()
+            && self.grown.is_none()
             && !self.move_now
             && !self.handover
+    }
+
+    /// Whether new participants that own nothing can be taken in live now: epochs run and no
+    /// move, live synchronisation or hand-over is under way (an intake under way takes them
+    /// too), nobody left out.
+    fn can_take_in(&self) -> bool {
+        self.running()
+            && self.excluded.is_empty()
+            && self.stop.is_none()
+            && self.live.is_none()
+            && self.reconfiguring.is_none()
+            && self.prepare.is_none()
+            && self.quiesce.is_none()
+    }
+
+    /// Whether `p` is the participants plus new ones (every participant still there, the
+    /// same incarnation).
+    fn grows(&self, p: &BTreeMap<NodeId, u64>) -> bool {
+        p.len() > self.participants.len()
+            && self.participants.iter().all(|(n, i)| p.get(n) == Some(i))
     }
 
     /// The participants that take part in the epochs now (a participant that
@@ -1313,6 +1342,18 @@ impl EpochLeader {
         self.reconfiguring = None;
         self.adding = None;
         self.joining.clear();
+        // New participants waiting to join are taken in by this synchronisation (it holds
+        // everyone anyway): as owning nothing, so their numbering does not count.
+        if let Some((p, _)) = self.grown.take() {
+            if !self.participants.is_empty() && self.grows(&p) {
+                self.joining = p
+                    .keys()
+                    .filter(|n| !self.participants.contains_key(n))
+                    .copied()
+                    .collect();
+                self.participants = p;
+            }
+        }
         let moving = std::mem::take(&mut self.handover).then_some(false);
         self.parts.clear();
         if self.participants.is_empty() {
@@ -1353,6 +1394,16 @@ impl EpochLeader {
         if let Phase::Running { coord, .. } = &mut self.phase {
             coord.pause(true);
         }
+    }
+
+    /// Another participant set, the old way (a synchronisation follows): one that restarted
+    /// (another incarnation) or left is no longer left out; nobody waits to join any more.
+    fn set_participants(&mut self, p: BTreeMap<NodeId, u64>) {
+        self.grown = None;
+        let old = std::mem::take(&mut self.participants);
+        self.excluded
+            .retain(|n| p.get(n).is_some_and(|i| old.get(n) == Some(i)));
+        self.participants = p;
     }
 
     fn want_sync(&mut self, out: &mut Vec<LeadAction>) {
@@ -1483,6 +1534,23 @@ impl EpochLeader {
                     // The time a synchronisation started before it was known.
                     if let Phase::Syncing { since_ms, .. } = &mut self.phase {
                         *since_ms = now_ms;
+                    }
+                    if let Some((_, since)) = &mut self.grown {
+                        *since = now_ms;
+                    }
+                }
+                if let Some((p, since)) = self.grown.take() {
+                    if self.can_take_in() {
+                        out.extend(self.handle(LeadInput::Participants(p)));
+                    } else if now_ms >= since + self.stop_timeout_ms {
+                        // Waited too long: the old way (everyone rolls back).
+                        out.push(LeadAction::Stalled(
+                            "participants waiting to join: no live intake in time".to_string(),
+                        ));
+                        self.set_participants(p);
+                        self.want_sync(&mut out);
+                    } else {
+                        self.grown = Some((p, since));
                     }
                 }
                 match &mut self.phase {
@@ -1617,7 +1685,7 @@ impl EpochLeader {
                             self.sync(&mut out);
                             self.live = Some(at);
                             self.live_gen = was;
-                            self.joining = joining;
+                            self.joining.extend(joining);
                             return out;
                         }
                         if !self.excluded.is_empty()
@@ -1684,10 +1752,7 @@ impl EpochLeader {
                 }
             }
             LeadInput::Failover(p) => {
-                let old = std::mem::take(&mut self.participants);
-                self.excluded
-                    .retain(|n| p.get(n).is_some_and(|i| old.get(n) == Some(i)));
-                self.participants = p;
+                self.set_participants(p);
                 // `sync` takes the move (now, or once the manifest being written is done).
                 self.handover = true;
                 self.want_sync(&mut out);
@@ -1717,6 +1782,7 @@ impl EpochLeader {
                 if shrinks && self.ready_to_move() {
                     // The coordinator still counts the ones retiring (`active`) until the
                     // synchronisation after the drain, which holds only those that stay.
+                    self.grown = None;
                     self.participants = p;
                     self.adding = Some(self.now_ms);
                     if let Phase::Running { coord, .. } = &mut self.phase {
@@ -1730,17 +1796,9 @@ impl EpochLeader {
                 // Only new members that own nothing (as far as the leader knows: every
                 // participant it had is still there, the same incarnation): taken in live once
                 // the open epochs drained.
-                let grows = p.len() > self.participants.len()
-                    && self.participants.iter().all(|(n, i)| p.get(n) == Some(i));
-                if grows
-                    && self.running()
-                    && self.excluded.is_empty()
-                    && self.stop.is_none()
-                    && self.live.is_none()
-                    && self.reconfiguring.is_none()
-                    && self.prepare.is_none()
-                    && self.quiesce.is_none()
-                {
+                let grows = !self.participants.is_empty() && self.grows(&p);
+                if grows && self.can_take_in() {
+                    self.grown = None;
                     let new: BTreeSet<NodeId> = p
                         .keys()
                         .filter(|n| !self.participants.contains_key(n))
@@ -1754,13 +1812,16 @@ impl EpochLeader {
                             coord.pause(true);
                         }
                     }
+                } else if grows && self.excluded.is_empty() && !matches!(self.phase, Phase::Idle) {
+                    // Not now (a synchronisation, an intake or a move is under way): they
+                    // own nothing, so the epochs go on without them until then.
+                    let since = self.grown.as_ref().map_or(self.now_ms, |(_, t)| *t);
+                    self.grown = Some((p, since));
                 } else if p != self.participants {
-                    // One that restarted (another incarnation) or left is no longer left out.
-                    let old = std::mem::take(&mut self.participants);
-                    self.excluded
-                        .retain(|n| p.get(n).is_some_and(|i| old.get(n) == Some(i)));
-                    self.participants = p;
+                    self.set_participants(p);
                     self.want_sync(&mut out);
+                } else {
+                    self.grown = None;
                 }
             }
             LeadInput::Msg { from, msg } => {
@@ -2889,6 +2950,155 @@ mod tests {
         let (mut l, g) = running_leader();
         let a = l.handle(LeadInput::Participants([(1, 2), (2, 1), (3, 1)].into()));
         assert!(sends(&a).contains(&(1, EpochMsg::Hold { gen: g + 1 })));
+    }
+
+    /// The participants' answers to the synchronisation of generation `g` (committed and cut
+    /// at `e`, in `cut_gen`; `new`: those that own nothing, with their own numbering).
+    fn held_all(
+        l: &mut EpochLeader,
+        g: u64,
+        e: Epoch,
+        cut_gen: u64,
+        old: &[NodeId],
+        new: &[NodeId],
+    ) -> Vec<(NodeId, EpochMsg)> {
+        let mut a = Vec::new();
+        for &from in old {
+            a.extend(l.handle(LeadInput::Msg {
+                from,
+                msg: held_msg(g, e, e, cut_gen),
+            }));
+        }
+        for &from in new {
+            a.extend(l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Held {
+                    gen: g,
+                    committed: 0,
+                    cut: 0,
+                    shards: 1,
+                    cut_gen: 0,
+                    shard_gen: 0,
+                },
+            }));
+        }
+        sends(&a)
+    }
+
+    fn reconfigured_all(l: &mut EpochLeader, g: u64, from: &[NodeId]) -> Vec<(NodeId, EpochMsg)> {
+        let mut a = Vec::new();
+        for &from in from {
+            a.extend(l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Reconfigured { gen: g },
+            }));
+        }
+        sends(&a)
+    }
+
+    /// Every `Resume` in `s` is live, rolls nobody back, at `e`, to exactly `to`.
+    fn assert_live_resumes(s: &[(NodeId, EpochMsg)], e: Epoch, to: &[NodeId]) {
+        let got: Vec<NodeId> = s.iter().map(|(n, _)| *n).collect();
+        assert_eq!(got, to, "{s:?}");
+        for (n, m) in s {
+            assert!(
+                matches!(m, EpochMsg::Resume { roll_back: false, live: true, committed, .. }
+                    if *committed == e),
+                "to {n}: {m:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_member_that_wants_in_while_another_is_taken_in_waits_and_is_taken_in_live_too() {
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        l.handle(LeadInput::Participants([(1, 1), (2, 1), (3, 1)].into()));
+        commit(&mut l, g, e);
+        let a = tick(&mut l, &mut now, 1);
+        let g1 = l.gen();
+        assert_eq!(a.len(), 3, "{a:?}");
+        // Node 4 wants in while node 3's intake synchronises: nothing is held again, no
+        // generation is skipped, and the intake goes on.
+        let a = l.handle(LeadInput::Participants(
+            [(1, 1), (2, 1), (3, 1), (4, 1)].into(),
+        ));
+        assert!(a.is_empty(), "{a:?}");
+        assert!(tick(&mut l, &mut now, 3).is_empty());
+        assert_eq!(l.gen(), g1);
+        assert!(!l.ready_to_move(), "no move before node 4 is in");
+        let s = held_all(&mut l, g1, e, g, &[1, 2], &[3]);
+        assert_live_resumes(&s, e, &[1, 2, 3]);
+        let mut a = reconfigured_all(&mut l, g1, &[1, 2, 3]);
+        // Then node 4 is taken in the same way once the open epochs drain: nobody rolls back.
+        let mut e = e;
+        let a = loop {
+            if let Some(&(_, EpochMsg::Barrier { epoch, .. })) = a.first() {
+                assert!(epoch > e, "{a:?}");
+                e = epoch;
+                for from in [1, 2, 3] {
+                    cut_and_report(&mut l, g1, e, from, vec![from as u8]);
+                }
+                l.handle(LeadInput::ManifestDone {
+                    epoch: e,
+                    result: Ok(true),
+                });
+                assert_eq!(l.committed(), e);
+            } else if !a.is_empty() {
+                break a;
+            }
+            assert!(now < 10_000, "node 4 is never held");
+            now += 10;
+            a = sends(&l.handle(LeadInput::Tick { now_ms: now }));
+        };
+        let g2 = l.gen();
+        assert_eq!(g2, g1 + 1, "{a:?}");
+        let held: Vec<NodeId> = a.iter().map(|(n, _)| *n).collect();
+        assert_eq!(held, vec![1, 2, 3, 4], "{a:?}");
+        let s = held_all(&mut l, g2, e, g1, &[1, 2, 3], &[4]);
+        assert_live_resumes(&s, e, &[1, 2, 3, 4]);
+        reconfigured_all(&mut l, g2, &[1, 2, 3, 4]);
+        assert!(l.ready_to_move());
+
+        // One that wants in while a synchronisation that rolls back is under way is taken in
+        // by the next one (here: the same leader's next synchronisation).
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        l.handle(LeadInput::Unreachable(2));
+        let g1 = l.gen();
+        assert_eq!(g1, g + 1);
+        let a = l.handle(LeadInput::Participants([(1, 1), (2, 1), (3, 1)].into()));
+        assert!(a.is_empty(), "{a:?}");
+        let s = held_all(&mut l, g1, 0, g, &[1, 2], &[]);
+        assert_eq!(s.len(), 2, "{s:?}");
+        reconfigured_all(&mut l, g1, &[1, 2]);
+        let a = tick(&mut l, &mut now, 1);
+        let g2 = l.gen();
+        let held: Vec<NodeId> = a.iter().map(|(n, _)| *n).collect();
+        assert_eq!(held, vec![1, 2, 3], "{a:?}");
+        let s = held_all(&mut l, g2, 0, g1, &[1, 2], &[3]);
+        assert_eq!(s.len(), 3, "{s:?}");
+
+        // One that waits too long is taken in the old way.
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        l.handle(LeadInput::Unreachable(2));
+        l.handle(LeadInput::Participants([(1, 1), (2, 1), (3, 1)].into()));
+        let mut stalled = false;
+        for _ in 0..20_000 {
+            now += 10;
+            let a = l.handle(LeadInput::Tick { now_ms: now });
+            if a.iter().any(|x| matches!(x, LeadAction::Stalled(_))) {
+                stalled = true;
+                assert!(
+                    sends(&a).contains(&(3, EpochMsg::Hold { gen: l.gen() })),
+                    "{a:?}"
+                );
+                break;
+            }
+        }
+        assert!(stalled && l.gen() > g + 1);
     }
 
     #[test]

@@ -682,6 +682,14 @@ fn run(seed: u64) -> Result<[u64; 10], String> {
     if joins_at.is_some() {
         w.parts.get_mut(&n).unwrap().waiting = true;
     }
+    // Now and then (three members) another joins soon after it, often while the first is
+    // being taken in (a cluster scaled out by two members at once).
+    let second_at = joins_at
+        .filter(|_| n == 3 && w.rng.chance(500))
+        .map(|at| at + w.rng.below(60));
+    if second_at.is_some() {
+        w.parts.get_mut(&(n - 1)).unwrap().waiting = true;
+    }
     // Now and then (three members, none joining later) the last one leaves the epochs, as a
     // member whose key groups were handed over by a leave does.
     let retires_at =
@@ -691,6 +699,11 @@ fn run(seed: u64) -> Result<[u64; 10], String> {
         if joins_at == Some(w.now) {
             w.log(|| format!("node {n} joins the epochs"));
             w.parts.get_mut(&n).unwrap().waiting = false;
+            w.participants_input();
+        }
+        if second_at == Some(w.now) {
+            w.log(|| format!("node {} joins the epochs", n - 1));
+            w.parts.get_mut(&(n - 1)).unwrap().waiting = false;
             w.participants_input();
         }
         // As the node's leader does, the retirement waits for a move under way (for a while).
