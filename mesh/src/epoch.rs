@@ -1092,10 +1092,11 @@ pub struct EpochLeader {
     /// The participants the synchronisation under way takes in live.
     joining: BTreeSet<NodeId>,
     /// A grown participant set (new members that own nothing) that came while the leader
-    /// could not take it in live (a synchronisation, an intake or a move under way), and
-    /// since when: taken in once it can ([`EpochLeader::can_take_in`]), or by the next
-    /// synchronisation, or the old way (everyone rolls back) after `stop_timeout_ms`.
-    grown: Option<(BTreeMap<NodeId, u64>, u64)>,
+    /// could not take it in live (a synchronisation, an intake or a move under way): taken in
+    /// once it can ([`EpochLeader::can_take_in`]), or by the next synchronisation that moves
+    /// nothing, or the old way (everyone rolls back) once epochs run with a participant left
+    /// out (that may last; every other blocker ends by itself or by its own timeout).
+    grown: Option<BTreeMap<NodeId, u64>>,
     /// See [`STOP_TIMEOUT_MS`] and [`RECONFIGURE_TIMEOUT_MS`].
     stop_timeout_ms: u64,
     reconfigure_timeout_ms: u64,
@@ -1292,6 +1293,13 @@ impl EpochLeader {
             && self.quiesce.is_none()
     }
 
+    /// Whether node `n` may be given key groups: a participant, not one being taken in (a
+    /// member that catches up while a move synchronises waits to join; the move's plan,
+    /// drawn again when it is proposed, must not name it).
+    pub fn may_own(&self, n: NodeId) -> bool {
+        self.participants.contains_key(&n) && !self.joining.contains(&n)
+    }
+
     /// Whether `p` is the participants plus new ones (every participant still there, the
     /// same incarnation).
     fn grows(&self, p: &BTreeMap<NodeId, u64>) -> bool {
@@ -1343,8 +1351,14 @@ impl EpochLeader {
         self.adding = None;
         self.joining.clear();
         // New participants waiting to join are taken in by this synchronisation (it holds
-        // everyone anyway): as owning nothing, so their numbering does not count.
-        if let Some((p, _)) = self.grown.take() {
+        // everyone anyway), as owning nothing, so that their numbering does not count; not by
+        // a move's (one slow to answer would be left out, and the move would roll back).
+        if let Some(p) = self.grown.take_if(|_| !self.handover) {
+            debug_assert!(
+                self.grows(&p),
+                "{p:?} does not grow {:?}",
+                self.participants
+            );
             if !self.participants.is_empty() && self.grows(&p) {
                 self.joining = p
                     .keys()
@@ -1535,22 +1549,17 @@ impl EpochLeader {
                     if let Phase::Syncing { since_ms, .. } = &mut self.phase {
                         *since_ms = now_ms;
                     }
-                    if let Some((_, since)) = &mut self.grown {
-                        *since = now_ms;
-                    }
                 }
-                if let Some((p, since)) = self.grown.take() {
+                if let Some(p) = self.grown.take() {
                     if self.can_take_in() {
                         out.extend(self.handle(LeadInput::Participants(p)));
-                    } else if now_ms >= since + self.stop_timeout_ms {
-                        // Waited too long: the old way (everyone rolls back).
-                        out.push(LeadAction::Stalled(
-                            "participants waiting to join: no live intake in time".to_string(),
-                        ));
+                    } else if self.running() && !self.excluded.is_empty() {
+                        // A participant is left out, which may last: the old way (everyone
+                        // rolls back), as when they came with one left out.
                         self.set_participants(p);
                         self.want_sync(&mut out);
                     } else {
-                        self.grown = Some((p, since));
+                        self.grown = Some(p);
                     }
                 }
                 match &mut self.phase {
@@ -1782,7 +1791,6 @@ impl EpochLeader {
                 if shrinks && self.ready_to_move() {
                     // The coordinator still counts the ones retiring (`active`) until the
                     // synchronisation after the drain, which holds only those that stay.
-                    self.grown = None;
                     self.participants = p;
                     self.adding = Some(self.now_ms);
                     if let Phase::Running { coord, .. } = &mut self.phase {
@@ -1812,11 +1820,10 @@ impl EpochLeader {
                             coord.pause(true);
                         }
                     }
-                } else if grows && self.excluded.is_empty() && !matches!(self.phase, Phase::Idle) {
+                } else if grows && self.excluded.is_empty() {
                     // Not now (a synchronisation, an intake or a move is under way): they
                     // own nothing, so the epochs go on without them until then.
-                    let since = self.grown.as_ref().map_or(self.now_ms, |(_, t)| *t);
-                    self.grown = Some((p, since));
+                    self.grown = Some(p);
                 } else if p != self.participants {
                     self.set_participants(p);
                     self.want_sync(&mut out);
@@ -2052,6 +2059,8 @@ impl EpochLeader {
                         );
                         coord.handle(CoordInput::Members(self.active.clone()));
                         self.live = None;
+                        // Those taken in are participants like the others from now on.
+                        self.joining.clear();
                         if live {
                             // No epoch starts until every participant handed over.
                             coord.pause(true);
@@ -3028,6 +3037,7 @@ mod tests {
         assert!(tick(&mut l, &mut now, 3).is_empty());
         assert_eq!(l.gen(), g1);
         assert!(!l.ready_to_move(), "no move before node 4 is in");
+        assert!(!l.may_own(3) && !l.may_own(4));
         let s = held_all(&mut l, g1, e, g, &[1, 2], &[3]);
         assert_live_resumes(&s, e, &[1, 2, 3]);
         let mut a = reconfigured_all(&mut l, g1, &[1, 2, 3]);
@@ -3059,10 +3069,10 @@ mod tests {
         let s = held_all(&mut l, g2, e, g1, &[1, 2, 3], &[4]);
         assert_live_resumes(&s, e, &[1, 2, 3, 4]);
         reconfigured_all(&mut l, g2, &[1, 2, 3, 4]);
-        assert!(l.ready_to_move());
+        assert!(l.ready_to_move() && l.may_own(3) && l.may_own(4));
 
-        // One that wants in while a synchronisation that rolls back is under way is taken in
-        // by the next one (here: the same leader's next synchronisation).
+        // One that wants in while a synchronisation that rolls back is under way waits for
+        // it, then is taken in live.
         let (mut l, g) = running_leader();
         let mut now = 0;
         l.handle(LeadInput::Unreachable(2));
@@ -3072,33 +3082,49 @@ mod tests {
         assert!(a.is_empty(), "{a:?}");
         let s = held_all(&mut l, g1, 0, g, &[1, 2], &[]);
         assert_eq!(s.len(), 2, "{s:?}");
-        reconfigured_all(&mut l, g1, &[1, 2]);
         let a = tick(&mut l, &mut now, 1);
         let g2 = l.gen();
         let held: Vec<NodeId> = a.iter().map(|(n, _)| *n).collect();
         assert_eq!(held, vec![1, 2, 3], "{a:?}");
         let s = held_all(&mut l, g2, 0, g1, &[1, 2], &[3]);
-        assert_eq!(s.len(), 3, "{s:?}");
+        assert_live_resumes(&s, 0, &[1, 2, 3]);
 
-        // One that waits too long is taken in the old way.
+        // A synchronisation that starts while one waits (here: a move's snapshot is under way,
+        // then a participant's stream breaks) takes it in.
         let (mut l, g) = running_leader();
-        let mut now = 0;
+        l.handle(LeadInput::Handover { snapshot: vec![1] });
+        assert!(!l.ready_to_move());
+        let a = l.handle(LeadInput::Participants([(1, 1), (2, 1), (3, 1)].into()));
+        assert!(a.is_empty(), "{a:?}");
+        assert!(!l.may_own(3));
+        let a = sends(&l.handle(LeadInput::Unreachable(2)));
+        let held: Vec<NodeId> = a.iter().map(|(n, _)| *n).collect();
+        assert_eq!(held, vec![1, 2, 3], "{a:?}");
+        assert!(!l.may_own(3), "being taken in");
+        let s = held_all(&mut l, g + 1, 0, g, &[1, 2], &[3]);
+        let to: Vec<NodeId> = s.iter().map(|(n, _)| *n).collect();
+        assert_eq!(to, vec![1, 2, 3], "{s:?}");
+        assert!(l.may_own(3));
+
+        // With a participant left out (which may last), one that waits is taken in the old way.
+        let (mut l, g) = running_leader();
         l.handle(LeadInput::Unreachable(2));
         l.handle(LeadInput::Participants([(1, 1), (2, 1), (3, 1)].into()));
-        let mut stalled = false;
-        for _ in 0..20_000 {
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: held_msg(g + 1, 0, 0, g),
+        });
+        let mut now = 0;
+        let mut holds = Vec::new();
+        while holds.is_empty() && now < 2 * HOLD_TIMEOUT_MS {
             now += 10;
-            let a = l.handle(LeadInput::Tick { now_ms: now });
-            if a.iter().any(|x| matches!(x, LeadAction::Stalled(_))) {
-                stalled = true;
-                assert!(
-                    sends(&a).contains(&(3, EpochMsg::Hold { gen: l.gen() })),
-                    "{a:?}"
-                );
-                break;
-            }
+            holds = sends(&l.handle(LeadInput::Tick { now_ms: now }))
+                .into_iter()
+                .filter(|(to, m)| *to == 3 && matches!(m, EpochMsg::Hold { .. }))
+                .collect();
         }
-        assert!(stalled && l.gen() > g + 1);
+        assert_eq!(l.excluded(), &BTreeSet::from([2]));
+        assert_eq!(holds, vec![(3, EpochMsg::Hold { gen: g + 2 })]);
     }
 
     #[test]

@@ -2298,13 +2298,17 @@ impl Driver {
                 let moves: Vec<_> = if self.failover_plan.is_empty() {
                     // Planned again: a member that joined meanwhile may be the new owner now,
                     // and one whose control log has not caught up would hold every
-                    // participant until it answers (`ready_moves`' filter, again).
+                    // participant until it answers (`ready_moves`' filter, again); one the
+                    // epochs' leader has not taken in yet would own key groups no epoch
+                    // covers.
                     let me = self.node.id();
+                    let lead = self.lead.as_ref();
                     state
                         .plan_moves(state.table.len())
                         .into_iter()
                         .filter(|m| self.move_plan.contains(&m.kg))
                         .filter(|m| m.to == me || self.node.caught_up(m.to))
+                        .filter(|m| lead.is_some_and(|l| l.may_own(m.to)))
                         .collect()
                 } else {
                     std::mem::take(&mut self.failover_plan)
