@@ -4108,3 +4108,96 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
     assert_eq!(add(&c, &ids[at(other)], 0).await, 1);
     Node::stop_all(nodes.into_iter().flatten()).await;
 }
+
+/// A stop the cluster does not take in time (every proposal of it lost: fault point
+/// `mesh-stop-propose`): the member gives up after `STOP_WAIT` (1.5 s), exits 0 with its last
+/// epoch committed, and the others declare it dead after the failure timeout, as after a crash;
+/// nothing acknowledged is lost, and it gets its share back when it restarts.
+#[tokio::test]
+async fn a_stop_the_cluster_does_not_take_falls_back_to_the_failure_detection() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let n1 = Node::start_launch(&root.join("n1"), &launch(root, 1, ports[0], None));
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let n2 = Node::start_launch(&root.join("n2"), &launch(root, 2, ports[1], Some(&seed)));
+    let n3 = Node::start_launch(&root.join("n3"), &launch(root, 3, ports[2], Some(&seed)));
+    converged(&[&n1, &n2, &n3], 3, 3).await;
+    every_member_owns(&n1, 3, 200).await;
+    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
+    let mut nodes = [Some(n1), Some(n2), Some(n3)];
+    let follower = (1..=3u64).find(|&i| i != leader).unwrap();
+    let other = (1..=3u64).find(|&i| i != leader && i != follower).unwrap();
+    let at = |i: u64| i as usize - 1;
+    let t = nodes[at(other)]
+        .as_ref()
+        .unwrap()
+        .get_json("/v1/cluster/key-groups")
+        .await;
+    let id = owned_address(&t, "example/counter/lost-stop-", follower)
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let c = nodes[at(other)].as_ref().unwrap().client().await;
+    assert_eq!(add(&c, &id, 1).await, 1);
+    failpoints(
+        nodes[at(follower)].as_ref().unwrap(),
+        "mesh-stop-propose=return",
+    )
+    .await;
+    let t0 = std::time::Instant::now();
+    let log = nodes[at(follower)].take().unwrap().stop_logged().await;
+    let exited = t0.elapsed();
+    assert!(
+        log.contains("did not take this node's stop within 1500 ms")
+            && log.contains("last epoch committed")
+            && !log.contains("the cluster has taken this node's stop"),
+        "node {follower} gives up on its stop and exits: {log}"
+    );
+    let v = failed_over(
+        nodes[at(other)].as_ref().unwrap(),
+        follower,
+        Duration::from_secs(15),
+    )
+    .await;
+    println!(
+        "node {follower}: its stop not taken, it exited {exited:?} and its key groups moved {:?} after SIGTERM",
+        t0.elapsed()
+    );
+    let why: Vec<&str> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["node"] == follower)
+        .map(|c| c["why"].as_str().unwrap())
+        .collect();
+    assert_eq!(why.last(), Some(&"failure"), "{why:?}");
+    assert!(!why.contains(&"stop"), "{why:?}");
+    assert!(
+        nodes
+            .iter()
+            .flatten()
+            .any(|n| n.log_since_launch().contains("declaring it dead")),
+        "nobody declared node {follower} dead"
+    );
+    assert_eq!(add(&c, &id, 1).await, 2);
+    let join = seed.clone();
+    nodes[at(follower)] = Some(Node::start_launch(
+        &root.join(format!("n{follower}")),
+        &launch(
+            root,
+            follower,
+            ports[at(follower)],
+            (follower != 1).then_some(join.as_str()),
+        ),
+    ));
+    {
+        let refs: Vec<&Node> = nodes.iter().flatten().collect();
+        converged(&refs, 3, 3).await;
+    }
+    every_member_owns(nodes[at(other)].as_ref().unwrap(), 3, 200).await;
+    assert_eq!(add(&c, &id, 0).await, 2);
+    Node::stop_all(nodes.into_iter().flatten()).await;
+}

@@ -1265,7 +1265,9 @@ impl Driver {
             }
         } else if self.node.leader().is_some() {
             let generation = m.generation;
-            if let Err(e) = self.node.propose_anywhere(&Command::MarkDead {
+            if let Err(e) = crate::failpoint::eval("mesh-stop-propose") {
+                tracing::debug!(error = %e, "stop not proposed");
+            } else if let Err(e) = self.node.propose_anywhere(&Command::MarkDead {
                 id: me,
                 generation,
                 stopped: true,
