@@ -3916,6 +3916,50 @@ async fn two_members_join_at_once_under_load_and_get_their_share() {
     Node::stop_all([n1, n2, n3, n4, n5]).await;
 }
 
+/// Replacing a member under load, as an operator moving a node to another machine does: node 4
+/// starts and joins, and node 3 is told to leave as soon as node 4 listens, so that the leave's
+/// hand-over and retirement overlap the join's intake and moves. Node 3 exits 0; nodes 1, 2 and
+/// 4 are three voters owning every key group; nothing rolls back on nodes 1 and 2; every
+/// acknowledged call and stream batch applies once.
+#[tokio::test]
+async fn a_member_replaced_under_load_joins_while_the_other_leaves_and_nothing_rolls_back() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, mut n3, seed) = three_nodes(root).await;
+    spread(&n1, 3, 200).await;
+    add(&n1.client().await, "warm", 1).await;
+    let rollbacks = || async { [n1.metric(ROLLBACKS).await, n2.metric(ROLLBACKS).await] };
+    let before = rollbacks().await;
+    let load = Load::start(&[&n1, &n2], "replace", true).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = std::time::Instant::now();
+    let mut n4 = Node::launch(
+        &root.join("n4"),
+        &launch(root, 4, (free_port(), free_port()), Some(&seed)),
+    );
+    if let Err(log) = n4.wait_listening() {
+        panic!("node 4 did not start:\n{log}");
+    }
+    let (ok, out, err) = cli_leave(&n3.grpc, 120).await.unwrap();
+    assert!(ok && out.contains("has left"), "node 3: {out}\n{err}");
+    let status = exit_status(&mut n3, "node 3 exits", Duration::from_secs(30)).await;
+    assert!(status.success(), "node 3 exited with {status}");
+    converged(&[&n1, &n2, &n4], 3, 3).await;
+    spread(&n1, 3, 200).await;
+    let v = view(&n1).await.unwrap();
+    assert_eq!(member_field(&v, "id"), vec![1, 2, 4], "{v}");
+    println!(
+        "node 3 replaced by node 4 in {:.1} s under load",
+        t0.elapsed().as_secs_f64()
+    );
+    let (calls, batches) = load.finish(&n4).await;
+    let after = rollbacks().await;
+    println!("{calls} calls and {batches} stream batches while node 3 was replaced; rollbacks of nodes 1 and 2 before {before:?}, after {after:?}");
+    assert_eq!(before, after, "the replacement rolled a member back");
+    Node::stop_all([n1, n2, n4]).await;
+}
+
 /// A member stopped (SIGTERM) right after its leader stopped: its last epoch cannot commit
 /// (the leader it knows is gone), so it waits 5 s, says so, and exits 0; what it acknowledged
 /// is still there when the cluster starts again.
