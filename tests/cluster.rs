@@ -3917,8 +3917,8 @@ async fn two_members_join_at_once_under_load_and_get_their_share() {
 }
 
 /// Replacing a member under load, as an operator moving a node to another machine does: node 4
-/// starts and joins, and node 3 is told to leave as soon as node 4 listens, so that the leave's
-/// hand-over and retirement overlap the join's intake and moves. Node 3 exits 0; nodes 1, 2 and
+/// starts and joins, and node 3 is told to leave as soon as node 4 listens (its hand-over starts
+/// while node 4 catches up and is taken in; how far the two overlap varies). Node 3 exits 0; nodes 1, 2 and
 /// 4 are three voters owning every key group; nothing rolls back on nodes 1 and 2; every
 /// acknowledged call and stream batch applies once.
 #[tokio::test]

@@ -1285,6 +1285,8 @@ impl EpochLeader {
     /// too), nobody left out.
     fn can_take_in(&self) -> bool {
         self.running()
+            && !self.move_now
+            && !self.handover
             && self.excluded.is_empty()
             && self.stop.is_none()
             && self.live.is_none()
@@ -1293,9 +1295,9 @@ impl EpochLeader {
             && self.quiesce.is_none()
     }
 
-    /// Whether node `n` may be given key groups: a participant, not one being taken in (a
-    /// member that catches up while a move synchronises waits to join; the move's plan,
-    /// drawn again when it is proposed, must not name it).
+    /// Whether node `n` may be given key groups: a participant, not one being taken in. A
+    /// member that catches up while a move is under way waits to join (it is no participant
+    /// yet): the move's plan, drawn again when it is proposed, must not name it.
     pub fn may_own(&self, n: NodeId) -> bool {
         self.participants.contains_key(&n) && !self.joining.contains(&n)
     }
@@ -3068,8 +3070,80 @@ mod tests {
         assert_eq!(held, vec![1, 2, 3, 4], "{a:?}");
         let s = held_all(&mut l, g2, e, g1, &[1, 2, 3], &[4]);
         assert_live_resumes(&s, e, &[1, 2, 3, 4]);
-        reconfigured_all(&mut l, g2, &[1, 2, 3, 4]);
+        let a = reconfigured_all(&mut l, g2, &[1, 2, 3, 4]);
         assert!(l.ready_to_move() && l.may_own(3) && l.may_own(4));
+        // Once its epochs commit, nothing is under way: the leader is idle again.
+        if let Some(&(_, EpochMsg::Barrier { epoch, .. })) = a.first() {
+            for from in [1, 2, 3, 4] {
+                cut_and_report(&mut l, g2, epoch, from, vec![from as u8]);
+            }
+            l.handle(LeadInput::ManifestDone {
+                epoch,
+                result: Ok(true),
+            });
+        }
+        assert!(l.idle(), "not idle after the intakes");
+
+        // One that wants in while a live move is under way waits: the move's synchronisation
+        // holds only the others, and it may be given nothing; then it is taken in live.
+        let (mut l, g, e, mut now) = prepared_leader();
+        tick(&mut l, &mut now, 1);
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Stopping { gen: g },
+            });
+        }
+        let a = l.handle(LeadInput::Participants([(1, 1), (2, 1), (3, 1)].into()));
+        assert!(a.is_empty(), "{a:?}");
+        assert!(!l.may_own(3));
+        let at = e + 1;
+        for from in [1, 2] {
+            cut_and_report(&mut l, g, at, from, vec![from as u8]);
+        }
+        let a = sends(&l.handle(LeadInput::ManifestDone {
+            epoch: at,
+            result: Ok(true),
+        }));
+        let g1 = l.gen();
+        assert_eq!(
+            a.iter()
+                .filter(|(_, m)| matches!(m, EpochMsg::Hold { .. }))
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>(),
+            vec![1, 2],
+            "{a:?}"
+        );
+        let mut a = Vec::new();
+        for from in [1, 2] {
+            a = l.handle(LeadInput::Msg {
+                from,
+                msg: held_msg(g1, at, at, g),
+            });
+        }
+        assert_eq!(a, vec![LeadAction::ProposeMove]);
+        assert!(!l.may_own(3), "the move's plan may not name it");
+        let s = sends(&l.handle(LeadInput::Moved));
+        assert_live_resumes(&s, at, &[1, 2]);
+        let mut a = reconfigured_all(&mut l, g1, &[1, 2]);
+        let mut e = at;
+        let a = loop {
+            if let Some(&(_, EpochMsg::Barrier { epoch, .. })) = a.first() {
+                e = epoch;
+                commit(&mut l, g1, e);
+            } else if !a.is_empty() {
+                break a;
+            }
+            assert!(now < 10_000, "node 3 is never held");
+            now += 10;
+            a = sends(&l.handle(LeadInput::Tick { now_ms: now }));
+        };
+        let held: Vec<NodeId> = a.iter().map(|(n, _)| *n).collect();
+        assert_eq!(held, vec![1, 2, 3], "{a:?}");
+        let g2 = l.gen();
+        let s = held_all(&mut l, g2, e, g1, &[1, 2], &[3]);
+        assert_live_resumes(&s, e, &[1, 2, 3]);
+        assert!(l.may_own(3));
 
         // One that wants in while a synchronisation that rolls back is under way waits for
         // it, then is taken in live.

@@ -1695,7 +1695,10 @@ impl Driver {
                     .is_none_or(|o| state.members.get(&o).is_some_and(|x| x.alive))
             })
             .filter(|m| {
-                let ok = m.to == me || self.node.caught_up(m.to);
+                // (Caught up, and taken in by the epochs' leader: a member that caught up
+                // while a move was under way waits to join.)
+                let ok = (m.to == me || self.node.caught_up(m.to))
+                    && self.lead.as_ref().is_some_and(|l| l.may_own(m.to));
                 if !ok && waiting.is_none() {
                     waiting = Some(m.to);
                 }
@@ -1893,11 +1896,11 @@ impl Driver {
             if let Some(n) = waiting {
                 tracing::debug!(
                     node = n,
-                    "key groups wait to move: their new owner's control log has not caught up"
+                    "key groups wait to move: their new owner has not caught up with the control log, or is not in the epochs yet"
                 );
                 if moves.is_empty() && self.moves_stuck_due() {
                     self.moves_stuck(format!(
-                        "their new owner (node {n}) has not caught up with the control log"
+                        "their new owner (node {n}) has not caught up with the control log, or is not in the epochs yet"
                     ));
                 }
             }
