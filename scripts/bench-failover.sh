@@ -9,10 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILLS=${KILLS:-10}
-cargo build --release -p statemesh-node >&2
-ROOT=$(mktemp -d)
-trap 'if [ -n "${KEEP:-}" ]; then echo "kept $ROOT" >&2; else rm -rf "$ROOT"; fi' EXIT
-python3 - "target/release/statemesh" "$ROOT" "$KILLS" <<'EOF'
+. scripts/lib-cluster3.sh
+python3 - "$BIN" "$ROOT" "$KILLS" <<'EOF'
 import json, signal, sys, time
 sys.path.insert(0, "scripts")
 import cluster3

@@ -8,12 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IDLE=${IDLE:-10}
-if [ -z "${BIN:-}" ]; then
-  cargo build --release -p statemesh-node >&2
-  BIN=target/release/statemesh
-fi
-ROOT=$(mktemp -d)
-trap 'if [ -n "${KEEP:-}" ]; then echo "kept $ROOT" >&2; else rm -rf "$ROOT"; fi' EXIT
+. scripts/lib-cluster3.sh
 python3 - "$BIN" "$ROOT" "$IDLE" <<'PY'
 import json, os, sys, time
 sys.path.insert(0, "scripts")

@@ -12,10 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STOPS=${STOPS:-6}
-cargo build --release -p statemesh-node >&2
-ROOT=$(mktemp -d)
-trap 'if [ -n "${KEEP:-}" ]; then echo "kept $ROOT" >&2; else rm -rf "$ROOT"; fi' EXIT
-python3 - "target/release/statemesh" "$ROOT" "$STOPS" <<'EOF'
+. scripts/lib-cluster3.sh
+python3 - "$BIN" "$ROOT" "$STOPS" <<'EOF'
 import json, signal, sys, threading, time
 sys.path.insert(0, "scripts")
 import cluster3

@@ -3007,6 +3007,38 @@ mod tests {
         sends(&a)
     }
 
+    /// Commits each epoch that starts (participants `from` cut it and report their parts; `a`:
+    /// the messages so far, then each tick's), from after `e`, until the leader sends something
+    /// else: (the last committed epoch, those messages).
+    fn commit_until_other(
+        l: &mut EpochLeader,
+        g: u64,
+        mut e: Epoch,
+        mut a: Vec<(NodeId, EpochMsg)>,
+        now: &mut u64,
+        from: &[NodeId],
+    ) -> (Epoch, Vec<(NodeId, EpochMsg)>) {
+        for _ in 0..1_000 {
+            if let Some(&(_, EpochMsg::Barrier { epoch, .. })) = a.first() {
+                assert!(epoch > e, "{a:?}");
+                e = epoch;
+                for &n in from {
+                    cut_and_report(l, g, e, n, vec![n as u8]);
+                }
+                l.handle(LeadInput::ManifestDone {
+                    epoch: e,
+                    result: Ok(true),
+                });
+                assert_eq!(l.committed(), e);
+            } else if !a.is_empty() {
+                return (e, a);
+            }
+            *now += 10;
+            a = sends(&l.handle(LeadInput::Tick { now_ms: *now }));
+        }
+        panic!("the leader sends nothing but epochs");
+    }
+
     /// Every `Resume` in `s` is live, rolls nobody back, at `e`, to exactly `to`.
     fn assert_live_resumes(s: &[(NodeId, EpochMsg)], e: Epoch, to: &[NodeId]) {
         let got: Vec<NodeId> = s.iter().map(|(n, _)| *n).collect();
@@ -3042,28 +3074,9 @@ mod tests {
         assert!(!l.may_own(3) && !l.may_own(4));
         let s = held_all(&mut l, g1, e, g, &[1, 2], &[3]);
         assert_live_resumes(&s, e, &[1, 2, 3]);
-        let mut a = reconfigured_all(&mut l, g1, &[1, 2, 3]);
+        let a = reconfigured_all(&mut l, g1, &[1, 2, 3]);
         // Then node 4 is taken in the same way once the open epochs drain: nobody rolls back.
-        let mut e = e;
-        let a = loop {
-            if let Some(&(_, EpochMsg::Barrier { epoch, .. })) = a.first() {
-                assert!(epoch > e, "{a:?}");
-                e = epoch;
-                for from in [1, 2, 3] {
-                    cut_and_report(&mut l, g1, e, from, vec![from as u8]);
-                }
-                l.handle(LeadInput::ManifestDone {
-                    epoch: e,
-                    result: Ok(true),
-                });
-                assert_eq!(l.committed(), e);
-            } else if !a.is_empty() {
-                break a;
-            }
-            assert!(now < 10_000, "node 4 is never held");
-            now += 10;
-            a = sends(&l.handle(LeadInput::Tick { now_ms: now }));
-        };
+        let (e, a) = commit_until_other(&mut l, g1, e, a, &mut now, &[1, 2, 3]);
         let g2 = l.gen();
         assert_eq!(g2, g1 + 1, "{a:?}");
         let held: Vec<NodeId> = a.iter().map(|(n, _)| *n).collect();
@@ -3125,19 +3138,8 @@ mod tests {
         assert!(!l.may_own(3), "the move's plan may not name it");
         let s = sends(&l.handle(LeadInput::Moved));
         assert_live_resumes(&s, at, &[1, 2]);
-        let mut a = reconfigured_all(&mut l, g1, &[1, 2]);
-        let mut e = at;
-        let a = loop {
-            if let Some(&(_, EpochMsg::Barrier { epoch, .. })) = a.first() {
-                e = epoch;
-                commit(&mut l, g1, e);
-            } else if !a.is_empty() {
-                break a;
-            }
-            assert!(now < 10_000, "node 3 is never held");
-            now += 10;
-            a = sends(&l.handle(LeadInput::Tick { now_ms: now }));
-        };
+        let a = reconfigured_all(&mut l, g1, &[1, 2]);
+        let (e, a) = commit_until_other(&mut l, g1, at, a, &mut now, &[1, 2]);
         let held: Vec<NodeId> = a.iter().map(|(n, _)| *n).collect();
         assert_eq!(held, vec![1, 2, 3], "{a:?}");
         let g2 = l.gen();
