@@ -58,12 +58,5 @@ try:
                       "leader_p50_s": pct(leader_times, 0.5),
                       "follower_p50_s": pct([t for t in times if t not in leader_times], 0.5)}))
 finally:
-    for n in nodes.values():
-        if n["proc"].poll() is None:
-            n["proc"].send_signal(signal.SIGTERM)
-    for n in nodes.values():
-        try:
-            n["proc"].wait(timeout=30)
-        except Exception:
-            n["proc"].kill()
+    cluster3.stop_all()
 EOF

@@ -62,8 +62,5 @@ try:
             "peak_rss_mb": round(int(rss) / 1024),
         }))
 finally:
-    for n in nodes.values():
-        n["proc"].terminate()
-    for n in nodes.values():
-        n["proc"].wait()
+    cluster3.stop_all()
 PY

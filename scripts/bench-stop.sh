@@ -81,12 +81,5 @@ try:
                       "others_max_call_p50_s": pct(others, 0.5), "others_max_call_max_s": max(others),
                       "others_failed_total": sum(r["others_failed"] for r in rows)}))
 finally:
-    for n in nodes.values():
-        if n["proc"].poll() is None:
-            n["proc"].send_signal(signal.SIGTERM)
-    for n in nodes.values():
-        try:
-            n["proc"].wait(timeout=30)
-        except Exception:
-            n["proc"].kill()
+    cluster3.stop_all()
 EOF

@@ -1,7 +1,7 @@
 """A cluster of three `statemesh` nodes on loopback for the scripts' benchmarks
 (`bench-failover.sh`, `bench-stop.sh`): start nodes, call counters over HTTP, compute a key
 group as the node does, wait until the cluster has settled. `setup(binary, root)` first."""
-import json, socket, subprocess, sys, time, urllib.error, urllib.request
+import json, signal, socket, subprocess, sys, time, urllib.error, urllib.request
 
 B = ROOT = None
 
@@ -82,3 +82,14 @@ def settled(members):
         time.sleep(0.2)
     sys.exit("the cluster did not settle")
 
+
+def stop_all():
+    """SIGTERM to every node still running, then waits for each (30 s, then SIGKILL)."""
+    for n in nodes.values():
+        if n["proc"].poll() is None:
+            n["proc"].send_signal(signal.SIGTERM)
+    for n in nodes.values():
+        try:
+            n["proc"].wait(timeout=30)
+        except Exception:
+            n["proc"].kill()

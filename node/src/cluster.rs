@@ -1681,9 +1681,16 @@ impl Driver {
     /// has caught up (its process runs and has the table). A joiner still starting would hold
     /// every participant's synchronisation, and so every key group, until it answers: moves
     /// to it wait for a later round (the others go now). Also the first member waited for.
+    /// Whether a round of moves may give key groups to `to`: this node, or a member whose
+    /// control log has caught up; and one the epochs' leader has taken in (a member that
+    /// caught up while a move was under way waits to join).
+    fn may_move_to(&self, to: NodeId) -> bool {
+        (to == self.node.id() || self.node.caught_up(to))
+            && self.lead.as_ref().is_some_and(|l| l.may_own(to))
+    }
+
     fn ready_moves(&self) -> (Vec<statemesh_mesh::control::MoveCommand>, Option<NodeId>) {
         let state = self.node.state();
-        let me = self.node.id();
         let mut waiting = None;
         let moves = state
             .plan_moves(state.table.len())
@@ -1695,10 +1702,7 @@ impl Driver {
                     .is_none_or(|o| state.members.get(&o).is_some_and(|x| x.alive))
             })
             .filter(|m| {
-                // (Caught up, and taken in by the epochs' leader: a member that caught up
-                // while a move was under way waits to join.)
-                let ok = (m.to == me || self.node.caught_up(m.to))
-                    && self.lead.as_ref().is_some_and(|l| l.may_own(m.to));
+                let ok = self.may_move_to(m.to);
                 if !ok && waiting.is_none() {
                     waiting = Some(m.to);
                 }
@@ -2306,14 +2310,11 @@ impl Driver {
                     // participant until it answers (`ready_moves`' filter, again); one the
                     // epochs' leader has not taken in yet would own key groups no epoch
                     // covers.
-                    let me = self.node.id();
-                    let lead = self.lead.as_ref();
                     state
                         .plan_moves(state.table.len())
                         .into_iter()
                         .filter(|m| self.move_plan.contains(&m.kg))
-                        .filter(|m| m.to == me || self.node.caught_up(m.to))
-                        .filter(|m| lead.is_some_and(|l| l.may_own(m.to)))
+                        .filter(|m| self.may_move_to(m.to))
                         .collect()
                 } else {
                     std::mem::take(&mut self.failover_plan)
