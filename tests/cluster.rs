@@ -770,6 +770,53 @@ async fn a_node_joining_under_load_gets_key_groups_live_and_nothing_rolls_back()
     );
 }
 
+/// A node alone serves calls and a stream when its first member joins: the cluster's first
+/// epoch leader synchronises only the node that owns key groups (it was alone: its work since
+/// its last cut depends on nobody else's), then takes the new member in live, and key groups
+/// move to it live. Node 1 never rolls back, and every call and stream batch applies once.
+/// Before, node 1 rolled back at the intake (its shards' generation was 0, which reads as not
+/// given, so the intake could not be live).
+#[tokio::test]
+async fn a_node_alone_under_load_takes_its_first_member_in_and_nothing_rolls_back() {
+    first_member_under_load(false).await;
+}
+
+/// [`a_node_alone_under_load_takes_its_first_member_in_and_nothing_rolls_back`], with node 1
+/// leading the cluster's epochs 1.5 s late (`mesh-lead-epochs`), so that node 2 has caught up
+/// with the control log by then and would be in the first synchronisation, which would roll
+/// both back: it is held out of it and taken in live after it.
+#[tokio::test]
+async fn a_node_alone_that_leads_the_epochs_late_takes_its_first_member_in_and_nothing_rolls_back()
+{
+    first_member_under_load(true).await;
+}
+
+async fn first_member_under_load(late: bool) {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, _) = start(root, 1, None);
+    add(&n1.client().await, "warm", 1).await;
+    if late {
+        failpoints(&n1, "mesh-lead-epochs=return(1500)").await;
+    }
+    let seed = n1.grpc.trim_start_matches("http://").to_string();
+    let before = n1.metric(ROLLBACKS).await;
+    let load = Load::start(&[&n1], "alone", true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (n2, _) = start(root, 2, Some(&seed));
+    converged(&[&n1, &n2], 2, 1).await;
+    spread(&n1, 2, 300).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (calls, batches) = load.finish(&n2).await;
+    let after = n1.metric(ROLLBACKS).await;
+    println!(
+        "{calls} calls and {batches} stream batches during the first join; node 1 rollbacks before {before}, after {after}"
+    );
+    assert_eq!(before, after, "the first join rolled node 1 back");
+    Node::stop_all([n1, n2]).await;
+}
+
 /// Messages queued behind slow functions (`function-invoke=sleep(3)` on every node and
 /// `max_batch = 1`: each message waits 3 ms on its shard) stay pending across many cuts, so the
 /// cuts write them as pending message records in their key groups' chains. A third node joins

@@ -595,6 +595,7 @@ pub(crate) fn start(
             moves_stuck_logged: None,
             move_plan: Vec::new(),
             retire_wait: None,
+            lead_wanted: None,
             orphan_wait: None,
             conf_wait: None,
             leave_synced: HashMap::new(),
@@ -848,6 +849,9 @@ struct Driver {
     lead: Option<EpochLeader>,
     /// The participants last given to `lead`.
     participants: Option<std::collections::BTreeMap<NodeId, u64>>,
+    /// Since when this node should lead cluster epochs but does not yet, and how long it waits
+    /// before it does (0; the fault point `mesh-lead-epochs`: a busy control thread).
+    lead_wanted: Option<(Instant, u64)>,
     epoch_tx: mpsc::UnboundedSender<EpochRoute>,
     epoch_driver: mpsc::UnboundedSender<DriverEvent>,
     epoch_cp: Option<CheckpointStore>,
@@ -1781,6 +1785,7 @@ impl Driver {
             && self.joined
             && state.members.len() > 1;
         if !want {
+            self.lead_wanted = None;
             self.log_lead = None;
             if self.lead.take().is_some() {
                 tracing::info!("no longer leading cluster epochs");
@@ -1789,6 +1794,14 @@ impl Driver {
             return;
         }
         if self.lead.is_none() {
+            let (since, delay) = *self.lead_wanted.get_or_insert_with(|| {
+                let delay = crate::failpoint::eval_delay("mesh-lead-epochs");
+                (Instant::now(), delay.ok().flatten().unwrap_or(0))
+            });
+            if since.elapsed() < Duration::from_millis(delay) {
+                return;
+            }
+            self.lead_wanted = None;
             let (interval, max) = self.epoch_cfg;
             tracing::info!(
                 term = self.node.term(),
@@ -1832,6 +1845,26 @@ impl Driver {
         // Key groups whose owner is dead move at once, in the synchronisation that drops it
         // (failover); the others a round at a time.
         let orphans = self.orphan_moves();
+        // A new leader's first synchronisation holds only the member that owns key groups when
+        // one alone does (a node alone until now that gets its first member): a lone
+        // participant keeps what it did since its last cut (no other member's lost work can be
+        // behind it), and the members that own nothing are taken in live after it. Nothing
+        // rolls back.
+        let p = match self.participants {
+            None if orphans.is_empty() => {
+                let owners: std::collections::BTreeMap<NodeId, u64> = p
+                    .iter()
+                    .filter(|(n, _)| state.owned_by(**n) > 0)
+                    .map(|(n, i)| (*n, *i))
+                    .collect();
+                if owners.len() == 1 {
+                    owners
+                } else {
+                    p
+                }
+            }
+            _ => p,
+        };
         // Participants that own nothing and are alive leave the epochs live (a member whose
         // key groups a leave handed over): once no move is under way, for up to
         // `RETIRE_WAIT`; then the old way (everyone rolls back).

@@ -36,6 +36,7 @@
 //! | `mesh-handover-read` | when a live hand-over starts reading the key groups a node gained from blob storage (`return(<ms>)`: the read is delayed that long, as on a slow store; `return`: it fails, and the participants synchronise again) |
 //! | `mesh-held-answer` | when a participant answers the epochs' leader's `Hold` (`return(<ms>)`: the answer is delayed, as from a slow or distant participant) |
 //! | `mesh-fn-stream-break` | before a frame of messages between functions is sent to a peer (`return`: the frame is lost and the stream breaks, as when the connection drops) |
+//! | `mesh-lead-epochs` | when a node is to lead the cluster's epochs (it leads the control group of a cluster of several members) (`return(<ms>)`: it starts leading them that much later, as on a busy control thread) |
 //! | `mesh-stop-propose` | when a stopping member proposes its stop (`MarkDead { stopped }`) (`return`: it is not proposed, as when every proposal is lost: the member gives up after `STOP_WAIT` and the others declare it dead after the failure timeout) |
 //! | `mesh-partition` | wherever traffic with peers enters or leaves the node (`return`: cut off both ways; `return(in)`: what peers send is lost; `return(out)`: what it sends is lost; streams break and new ones are refused, as in a network partition) |
 //!
@@ -68,6 +69,7 @@ pub const MESH_POINTS: &[&str] = &[
     "mesh-handover-read",
     "mesh-held-answer",
     "mesh-stop-propose",
+    "mesh-lead-epochs",
     "mesh-partition",
 ];
 

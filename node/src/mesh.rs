@@ -2526,7 +2526,7 @@ mod tests {
         // that table.
         r.deliver_remote(
             (other.0, 0),
-            0,
+            crate::shard::FIRST_GENERATION,
             vec![(a.clone(), None, TypedValue::of(&5i64), 2, None, None)],
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -2565,7 +2565,7 @@ mod tests {
         };
         let frame = |e| mpb::ForwardRequest {
             kind: Kind::Deliver as i32,
-            request: shard_messages(&p, me + 1, 0, 0, vec![e]).into(),
+            request: shard_messages(&p, me + 1, 0, crate::shard::FIRST_GENERATION, vec![e]).into(),
             ..Default::default()
         };
         let decoded = mpb::ShardMessages::decode(frame(env(Some("k1"))).request).unwrap();

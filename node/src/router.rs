@@ -211,7 +211,7 @@ impl Router {
                 apply_wanted: AtomicBool::new(false),
                 applier: parking_lot::Mutex::new(None),
                 rolling_back: Refusal::default(),
-                generation: AtomicU64::new(0),
+                generation: AtomicU64::new(crate::shard::FIRST_GENERATION),
                 placement,
             }),
         }

@@ -324,9 +324,16 @@ impl Node {
         )
     }
 
+    /// A metric's value. One without labels is always exported (a name not found is a test's
+    /// mistake, say a renamed metric, and fails it rather than reading 0); a labelled series
+    /// appears once it counted something, and reads 0 until then.
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, _, body) = http(&format!("{}/metrics", self.http), "GET", None, Bytes::new()).await;
-        parse_metric(&body, name).unwrap_or(0.0)
+        match parse_metric(&body, name) {
+            Some(v) => v,
+            None if name.contains('{') => 0.0,
+            None => panic!("{}: no metric {name} in GET /metrics", self.http),
+        }
     }
 
     /// `GET <path>` on the node's HTTP address, expecting 200 and a JSON body.

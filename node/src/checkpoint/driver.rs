@@ -854,7 +854,7 @@ pub(crate) fn start(
         reconfiguring: None,
         handing: false,
         sled_rewrites: 0,
-        shard_gen: 0,
+        shard_gen: crate::shard::FIRST_GENERATION,
         rollbacks: 0,
         log,
         commit_after_upload: None,

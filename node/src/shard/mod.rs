@@ -339,6 +339,12 @@ pub(crate) struct GetState {
 #[rtype(result = "usize")]
 pub(crate) struct Outstanding;
 
+/// The generation shards start in (each rollback gives them a newer one). Not 0: a
+/// participant's shard generation of 0 reads as not given (an older leader's message), and a
+/// member taken into the cluster's epochs live takes the others' generation, so that a node
+/// that never rolled back can take its first member in live too.
+pub(crate) const FIRST_GENERATION: u64 = 1;
+
 /// The construction parameters of a shard.
 pub(crate) struct ShardOptions {
     pub index: usize,
@@ -549,7 +555,7 @@ impl Shard {
             events: o.events,
             checkpointing,
             evict_blocked_at: None,
-            generation: 0,
+            generation: FIRST_GENERATION,
             early: Vec::new(),
             node: o.router.placement().me(),
             peers: Vec::new(),
