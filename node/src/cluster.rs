@@ -916,7 +916,7 @@ struct Driver {
     /// before the applied members' until the node's next Join applies: joiners, and members
     /// restarted at another address.
     learned: HashMap<NodeId, String>,
-    /// Each member's incarnation as last seen applied.
+    /// Each member's incarnation as last seen applied (members only).
     seen_incarnations: HashMap<NodeId, u64>,
     /// For the links to report failures.
     inbox: mpsc::Sender<ControlInput>,
@@ -2555,6 +2555,11 @@ impl Driver {
                     self.learned.remove(id);
                 }
             }
+        }
+        if self.seen_incarnations.len() > state.members.len() {
+            // Removed members (one that joins again is seen anew).
+            self.seen_incarnations
+                .retain(|id, _| state.members.contains_key(id));
         }
         if !self.pending_joins.is_empty() {
             let done: Vec<NodeId> = self
