@@ -12,6 +12,10 @@
 # MODE=leave measures the other way: three nodes share the key groups, and node 3 leaves
 # (`statemesh cluster leave`) under the same load; the handover ends when node 3 owns nothing
 # in node 1's table ("left_s": when the CLI returned, node 3 gone).
+# MODE=first: node 1 is alone under the load, and node 2 joins it (its first member); the
+# handover ends when node 2 owns its half (within 10 %). `load.retried_unavailable` counts the
+# calls refused with 503 (a rollback, a key group moving) and retried.
+# BIN=<path to a release statemesh> skips the build (to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BEFORE=${BEFORE:-8}
@@ -19,8 +23,10 @@ AFTER=${AFTER:-8}
 CONCURRENCY=${CONCURRENCY:-16}
 KEYS=${KEYS:-256}
 MODE=${MODE:-join}
-cargo build --release -p statemesh-node >&2
-B=target/release/statemesh
+if [ -z "${BIN:-}" ]; then
+  cargo build --release -p statemesh-node >&2
+fi
+B=${BIN:-target/release/statemesh}
 . scripts/nodes.sh
 now_ms() { python3 -c 'import time; print(int(time.time()*1000))'; }
 
@@ -30,9 +36,14 @@ owned_by() { # HTTP NODE -> key groups NODE owns in HTTP's table
 }
 
 start 1
-start 2 "$GRPC_1"
+[ "$MODE" = first ] || start 2 "$GRPC_1"
 # Until the two (leave: the three) share the key groups.
-if [ "$MODE" = leave ]; then
+if [ "$MODE" = first ]; then
+  for _ in $(seq 600); do
+    [ "$(owned_by "$HTTP_1" 1)" -eq 1024 ] && break
+    sleep 0.1
+  done
+elif [ "$MODE" = leave ]; then
   start 3 "$GRPC_1"
   for _ in $(seq 600); do
     [ "$(owned_by "$HTTP_1" 3)" -ge 307 ] && [ "$(owned_by "$HTTP_1" 2)" -ge 307 ] && break
@@ -68,6 +79,16 @@ if [ "$MODE" = leave ]; then
   [ -n "$DONE_MS" ] || { echo "node 3 still owned key groups 60 s after its leave" >&2; tail -50 "$ROOT/n3.log" >&2; exit 1; }
   wait "$LEAVE"
   LEFT_S=$(python3 -c "print(round(($(now_ms) - $JOIN_MS) / 1000, 2))")
+elif [ "$MODE" = first ]; then
+  start 2 "$GRPC_1"
+  # Poll the table until node 2 owns its half (within 10 %).
+  DONE_MS=""
+  for _ in $(seq 1200); do
+    n=$(owned_by "$HTTP_1" 2)
+    if [ "$n" -ge 460 ]; then DONE_MS=$(now_ms); break; fi
+    sleep 0.05
+  done
+  [ -n "$DONE_MS" ] || { echo "node 2 did not get its half within 60 s" >&2; tail -50 "$ROOT/n1.log" >&2; exit 1; }
 else
   start 3 "$GRPC_1"
   # Poll the table until node 3 owns its share (a third, within 10 %).
