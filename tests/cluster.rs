@@ -814,6 +814,17 @@ async fn first_member_under_load(late: bool) {
         "{calls} calls and {batches} stream batches during the first join; node 1 rollbacks before {before}, after {after}"
     );
     assert_eq!(before, after, "the first join rolled node 1 back");
+    if late {
+        // Node 2 had caught up when node 1 began to lead: the case under test.
+        let log = n1.log_since_launch();
+        assert!(
+            log.lines().any(
+                |l| l.contains("the first synchronisation holds only this node")
+                    && l.contains("later=[2]")
+            ),
+            "node 1 did not hold node 2 out of its first synchronisation"
+        );
+    }
     Node::stop_all([n1, n2]).await;
 }
 

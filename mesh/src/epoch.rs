@@ -2006,6 +2006,8 @@ impl EpochLeader {
                             .map(|(_, h)| *h)
                             .collect();
                         let shards_gen = before.first().map_or(0, |h| h.4);
+                        // (A participant taken in whose shards are of a newer generation would
+                        // go back to an older one, whose messages its peers may refuse.)
                         let live = self.live.is_some_and(|at| at == committed && base == at)
                             && self.excluded.is_empty()
                             && held.len() == self.participants.len()
@@ -2015,7 +2017,11 @@ impl EpochLeader {
                                     && cut == committed
                                     && g == self.live_gen
                                     && sg == shards_gen
-                            });
+                            })
+                            && held
+                                .iter()
+                                .filter(|(n, _)| self.joining.contains(n))
+                                .all(|(_, h)| h.4 <= shards_gen);
                         let roll_back = !live
                             && (self.active.len() > 1
                                 || held.len() > 1
@@ -2961,6 +2967,48 @@ mod tests {
         let (mut l, g) = running_leader();
         let a = l.handle(LeadInput::Participants([(1, 2), (2, 1), (3, 1)].into()));
         assert!(sends(&a).contains(&(1, EpochMsg::Hold { gen: g + 1 })));
+
+        // Nor one whose shards are of a newer generation than the others' (7): taking theirs,
+        // it would go back to an older one. Everyone rolls back instead (to the leader's).
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        l.handle(LeadInput::Participants([(1, 1), (2, 1), (3, 1)].into()));
+        commit(&mut l, g, e);
+        tick(&mut l, &mut now, 1);
+        let g1 = l.gen();
+        for from in [1, 2] {
+            l.handle(LeadInput::Msg {
+                from,
+                msg: held_msg(g1, e, e, g),
+            });
+        }
+        let a = l.handle(LeadInput::Msg {
+            from: 3,
+            msg: EpochMsg::Held {
+                gen: g1,
+                committed: 0,
+                cut: 0,
+                shards: 2,
+                cut_gen: 0,
+                shard_gen: 9,
+            },
+        });
+        let resumes = sends(&a);
+        assert_eq!(resumes.len(), 3, "{resumes:?}");
+        for (to, m) in resumes {
+            assert!(
+                matches!(
+                    m,
+                    EpochMsg::Resume {
+                        roll_back: true,
+                        live: false,
+                        ..
+                    }
+                ),
+                "to {to}: {m:?}"
+            );
+        }
     }
 
     /// The participants' answers to the synchronisation of generation `g` (committed and cut

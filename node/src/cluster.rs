@@ -596,6 +596,8 @@ pub(crate) fn start(
             move_plan: Vec::new(),
             retire_wait: None,
             lead_wanted: None,
+            alone: false,
+            lead_after_alone: false,
             orphan_wait: None,
             conf_wait: None,
             leave_synced: HashMap::new(),
@@ -852,6 +854,11 @@ struct Driver {
     /// Since when this node should lead cluster epochs but does not yet, and how long it waits
     /// before it does (0; the fault point `mesh-lead-epochs`: a busy control thread).
     lead_wanted: Option<(Instant, u64)>,
+    /// This node was alone in its cluster (it committed its own epochs) since it last led
+    /// cluster epochs; and whether the epoch leader it leads now started so (see
+    /// `lead_epochs`: its first synchronisation holds only this node).
+    alone: bool,
+    lead_after_alone: bool,
     epoch_tx: mpsc::UnboundedSender<EpochRoute>,
     epoch_driver: mpsc::UnboundedSender<DriverEvent>,
     epoch_cp: Option<CheckpointStore>,
@@ -1785,6 +1792,9 @@ impl Driver {
             && self.joined
             && state.members.len() > 1;
         if !want {
+            if self.joined && state.members.len() <= 1 {
+                self.alone = true;
+            }
             self.lead_wanted = None;
             self.log_lead = None;
             if self.lead.take().is_some() {
@@ -1802,6 +1812,7 @@ impl Driver {
                 return;
             }
             self.lead_wanted = None;
+            self.lead_after_alone = std::mem::take(&mut self.alone);
             let (interval, max) = self.epoch_cfg;
             tracing::info!(
                 term = self.node.term(),
@@ -1845,19 +1856,28 @@ impl Driver {
         // Key groups whose owner is dead move at once, in the synchronisation that drops it
         // (failover); the others a round at a time.
         let orphans = self.orphan_moves();
-        // A new leader's first synchronisation holds only the member that owns key groups when
-        // one alone does (a node alone until now that gets its first member): a lone
-        // participant keeps what it did since its last cut (no other member's lost work can be
-        // behind it), and the members that own nothing are taken in live after it. Nothing
-        // rolls back.
+        // The first synchronisation of the epoch leader of a node that was alone until now (it
+        // gets its first member) holds only this node, which owns every key group: a lone
+        // participant keeps what it did since its last cut (it took part in no epochs with
+        // others, so no other member's lost work can be behind it), and the new members, which
+        // own nothing, are taken in live after it. Nothing rolls back.
         let p = match self.participants {
-            None if orphans.is_empty() => {
+            None if self.lead_after_alone && orphans.is_empty() => {
                 let owners: std::collections::BTreeMap<NodeId, u64> = p
                     .iter()
                     .filter(|(n, _)| state.owned_by(**n) > 0)
                     .map(|(n, i)| (*n, *i))
                     .collect();
-                if owners.len() == 1 {
+                if owners.len() == 1 && owners.contains_key(&self.node.id()) {
+                    let later: Vec<NodeId> = p
+                        .keys()
+                        .filter(|n| !owners.contains_key(n))
+                        .copied()
+                        .collect();
+                    tracing::info!(
+                        ?later,
+                        "alone until now: the first synchronisation holds only this node; the new members are taken in live after it"
+                    );
                     owners
                 } else {
                     p

@@ -619,6 +619,11 @@ struct RollingBack {
     /// newer one may come meanwhile: that generation's `Resume` (its base, its participants)
     /// waits until this rollback is done, then rolls back again.
     gen: Option<u64>,
+    /// The committed epoch may have other participants' parts: this node took part in the
+    /// epochs with others before this rollback, or does after it. Its key groups' pending
+    /// messages at `to` are then read from every part (see `continue_rollback`), also when it
+    /// goes on alone (its peers left the epochs, or the leader holds only this node).
+    several: bool,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -1557,7 +1562,8 @@ impl Driver {
     /// messages are delivered again ([`end_rollback`](Self::end_rollback)). Called with no
     /// commit in flight (epochs commit one at a time; this is decided before the next).
     fn begin_rollback(&mut self, to: u64, base: u64, behind: Option<u64>, manifest: Option<u64>) {
-        self.begin_rollback_as(to, base, behind, manifest, None)
+        let several = self.members.len() > 1;
+        self.begin_rollback_as(to, base, behind, manifest, None, several)
     }
 
     /// [`begin_rollback`](Self::begin_rollback); `join_live`: see [`RollingBack`].
@@ -1568,6 +1574,7 @@ impl Driver {
         behind: Option<u64>,
         manifest: Option<u64>,
         join_live: Option<u64>,
+        several: bool,
     ) {
         debug_assert!(self.cp.is_some(), "a rollback needs checkpoints");
         self.sled_rewrites += 1;
@@ -1611,6 +1618,7 @@ impl Driver {
             extra: Vec::new(),
             since: Instant::now(),
             gen: self.cluster.as_ref().filter(|c| c.active).map(|c| c.gen),
+            several,
         });
         self.router.want_apply();
         self.continue_rollback();
@@ -1645,7 +1653,7 @@ impl Driver {
             // With several participants, a key group's pending messages at the committed epoch
             // are in every participant's part (its own inboxes; messages others kept for it or
             // logged in flight while rerouting them): the owner reads them all.
-            let several = self.members.len() > 1;
+            let several = rb.several || self.members.len() > 1;
             // Key groups whose owner takes no part now (the leader left it out: it did not
             // answer): the participant with the lowest id carries their pending messages at the
             // committed epoch (its shards keep them parked, in every cut) until the owner is
@@ -2163,6 +2171,7 @@ impl Driver {
             Vec::new()
         };
         let changed = members != *self.members;
+        let several_before = self.members.len() > 1;
         self.members = Arc::new(members);
         let owned_changed = {
             let now: std::collections::BTreeSet<u32> = self
@@ -2196,7 +2205,15 @@ impl Driver {
             if let Some(c) = self.cluster.as_mut() {
                 c.holding = true;
             }
-            self.begin_rollback(committed, base.max(self.coord.started()), missing, manifest);
+            let several = several_before || self.members.len() > 1;
+            self.begin_rollback_as(
+                committed,
+                base.max(self.coord.started()),
+                missing,
+                manifest,
+                None,
+                several,
+            );
             return;
         }
         let (n, _, max) = self.coord_params;
@@ -2257,6 +2274,7 @@ impl Driver {
                 missing,
                 manifest,
                 Some(shards_gen),
+                false,
             );
             return;
         }
