@@ -26,6 +26,15 @@ use crate::control::{ClusterState, Command, Outcome, RaftConf, Role};
 use crate::placement::NodeId;
 use crate::storage::ControlLog;
 
+/// How many of the newest committed entries a peer may lack and still count as caught up
+/// ([`ControlNode::caught_up`]). Under load the leader appends an entry every few
+/// milliseconds (the cluster's epoch log), so a learner has every committed entry only in the
+/// moments between an append and its answer: a round of moves that found the new owner caught
+/// up found it behind by one or two entries 30 ms later, when the move was proposed, and was
+/// dropped (the next round starts 2 s later). A peer that far behind applies a move within
+/// milliseconds; one that needs a snapshot, or stopped answering, is far further behind.
+pub const CAUGHT_UP_SLACK: u64 = 16;
+
 /// What a step produced.
 #[derive(Debug, Default)]
 pub struct Output {
@@ -186,16 +195,14 @@ impl<S: ControlLog> ControlNode<S> {
         self.raw.raft.state == StateRole::Leader
     }
 
-    /// Whether peer `id` has (as the leader sees it) every committed entry and answered
-    /// recently: only such a learner is promoted to voter.
+    /// Whether peer `id` has (as the leader sees it) every committed entry but at most the
+    /// last [`CAUGHT_UP_SLACK`], and answered recently: only such a learner is promoted to
+    /// voter, takes part in the cluster's epochs, or is given key groups.
     pub fn caught_up(&self, id: NodeId) -> bool {
         self.is_leader()
-            && self
-                .raw
-                .raft
-                .prs()
-                .get(id)
-                .is_some_and(|p| p.recent_active && p.matched >= self.raw.raft.raft_log.committed)
+            && self.raw.raft.prs().get(id).is_some_and(|p| {
+                p.recent_active && p.matched + CAUGHT_UP_SLACK >= self.raw.raft.raft_log.committed
+            })
     }
 
     /// Whether peer `id` has answered (as the leader sees it) since the last quorum check,

@@ -2392,6 +2392,29 @@ impl Driver {
                 };
                 let version = self.node.state().placement_version;
                 if moves.is_empty() {
+                    // Nothing of the round's plan stands now: the participants resume, and the
+                    // next round plans again.
+                    let targets: std::collections::BTreeSet<NodeId> = state
+                        .plan_moves(state.table.len())
+                        .into_iter()
+                        .filter(|m| self.move_plan.contains(&m.kg))
+                        .map(|m| m.to)
+                        .collect();
+                    let why: Vec<String> = targets
+                        .iter()
+                        .map(|&n| {
+                            format!(
+                                "node {n}: caught up {}, may own {}",
+                                n == self.node.id() || self.node.caught_up(n),
+                                self.lead.as_ref().is_some_and(|l| l.may_own(n))
+                            )
+                        })
+                        .collect();
+                    tracing::info!(
+                        planned = self.move_plan.len(),
+                        ?why,
+                        "every participant holds, but none of the round's moves stands now; the next round plans again"
+                    );
                     self.lead_input(LeadInput::Moved);
                     return;
                 }
