@@ -15,6 +15,9 @@
 # MODE=first: node 1 is alone under the load, and node 2 joins it (its first member); the
 # handover ends when node 2 owns its half (within 10 %). `load.retried_unavailable` counts the
 # calls refused with 503 (a rollback, a key group moving) and retried.
+# "rollbacks" counts the rollbacks of the members that were there before the join (node 1, and
+# node 2 but in MODE=first) since they started; "retried_unavailable" also counts calls refused
+# while their key group moved live.
 # BIN=<path to a release statemesh> skips the build (to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,10 +105,15 @@ else
 fi
 wait "$LOAD"
 curl -s "http://$HTTP_1/v1/cluster/key-groups" >"$ROOT/after.json"
-python3 - "$ROOT" "$JOIN_MS" "$DONE_MS" "$AFTER" "$MODE" "$LEFT_S" <<'PY'
+# Rollbacks of the members that were there before (a member taken in rolls back once, alone).
+rollbacks() { curl -s "http://$1/metrics" | awk '$1 == "statemesh_checkpoint_rollbacks_total" { print $2 }'; }
+ROLLBACKS="{\"1\": $(rollbacks "$HTTP_1")"
+[ "$MODE" = first ] || ROLLBACKS="$ROLLBACKS, \"2\": $(rollbacks "$HTTP_2")"
+ROLLBACKS="$ROLLBACKS}"
+python3 - "$ROOT" "$JOIN_MS" "$DONE_MS" "$AFTER" "$MODE" "$LEFT_S" "$ROLLBACKS" <<'PY'
 import csv, json, sys
 root, join_ms, done_ms, after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-mode, left_s = sys.argv[5], json.loads(sys.argv[6])
+mode, left_s, rollbacks = sys.argv[5], json.loads(sys.argv[6]), json.loads(sys.argv[7])
 load = json.load(open(f"{root}/load.json"))
 before = json.load(open(f"{root}/before.json"))["owners"]
 after_t = json.load(open(f"{root}/after.json"))["owners"]
@@ -140,6 +148,8 @@ print(json.dumps({
     "key_groups_moved": len(moved),
     "handover_s": round((done_ms - join_ms) / 1000, 2),
     "left_s": left_s,
+    # Since each node started (their rollbacks before the load included).
+    "rollbacks": rollbacks,
     "before": window(0, join, lambda kg: True),
     "during_unmoved": window(join, end, stay),
     "during_moved": window(join, end, move),
