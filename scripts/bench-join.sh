@@ -159,6 +159,6 @@ print(json.dumps({
     "pause_moved_keys": pauses(join, end, move),
     "pause_unmoved_keys": pauses(join, end, stay),
     "pause_before_join": pauses(max(0, join - 5_000_000), join, lambda kg: True),
-    "load": {k: load[k] for k in ("ok", "errors", "retried_unavailable", "first_error", "throughput_per_s", "node_peak_rss_mib")},
+    "load": {k: load.get(k) for k in ("ok", "errors", "retried_unavailable", "first_retried", "first_error", "throughput_per_s", "node_peak_rss_mib")},
 }))
 PY

@@ -11,7 +11,7 @@
 //!
 //! **Lease.** A member serves its key groups only while it can prove it still owns them: it
 //! asks the leader for a read index (raft-rs `ReadIndex`, confirmed by a heartbeat round with
-//! a majority) every `lease_ms / 4`; once it has applied up to the index returned, it holds a
+//! a majority) every `lease_ms / 4` (every `lease_ms / 20` while it holds none); once it has applied up to the index returned, it holds a
 //! lease until `sent + lease_ms`, where `sent` is when it asked. The leader received the ask
 //! after `sent`, so it heard from the member after `sent`, and declares it dead no earlier
 //! than `sent + timeout_ms + stability_ms`: with `lease_ms < timeout_ms`, a member cut off
@@ -294,15 +294,20 @@ impl Lease {
         }
     }
 
-    /// The read index to ask now, if one is due (its context, to hand to `read_index`).
+    /// The read index to ask now, if one is due (its context, to hand to `read_index`): every
+    /// `lease_ms / 4` while it holds a lease, every `lease_ms / 20` while it holds none (a
+    /// member that just joined, and may be given key groups at once, serves them within tens of
+    /// milliseconds, not a quarter of the lease later).
     pub fn due(&mut self, now_ms: u64) -> Option<Vec<u8>> {
         // Unanswered asks older than the lease cannot extend it any more.
         self.asked
             .retain(|_, sent| now_ms < *sent + self.cfg.lease_ms);
-        if self
-            .last_ask_ms
-            .is_some_and(|t| now_ms < t + self.cfg.lease_ms / 4)
-        {
+        let every = if now_ms < self.until_ms {
+            self.cfg.lease_ms / 4
+        } else {
+            self.cfg.lease_ms / 20
+        };
+        if self.last_ask_ms.is_some_and(|t| now_ms < t + every) {
             return None;
         }
         self.last_ask_ms = Some(now_ms);
@@ -1022,15 +1027,22 @@ mod tests {
         let cfg = FailureConfig::default();
         let mut l = Lease::new(cfg, 7);
         let ctx = l.due(100).unwrap();
-        assert!(l.due(150).is_none(), "asked at most every lease/4");
+        assert!(
+            l.due(140).is_none(),
+            "asked at most every lease/20 without a lease"
+        );
+        let again = l.due(150).unwrap();
         l.read_state(&ctx, 7);
         assert_eq!(l.applied(6, true), 0, "not applied up to the index");
         assert_eq!(l.applied(7, true), 100 + cfg.lease_ms);
+        assert!(l.due(300).is_none(), "asked at most every lease/4 with one");
+        l.read_state(&again, 7);
+        assert_eq!(l.applied(7, true), 150 + cfg.lease_ms);
         // An answer to an ask older than the lease extends nothing.
         let ctx = l.due(400).unwrap();
         l.due(400 + cfg.lease_ms);
         l.read_state(&ctx, 8);
-        assert_eq!(l.applied(9, true), 100 + cfg.lease_ms);
+        assert_eq!(l.applied(9, true), 150 + cfg.lease_ms);
         // Foreign contexts (another member's, with the same counter) are ignored; a member
         // that applied its own death holds nothing.
         l.read_state(b"other", 1);

@@ -753,6 +753,8 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
+    // What the first call retried was refused with (`--retry-unavailable`).
+    let first_retry: Arc<Mutex<Option<String>>> = Arc::default();
     let retries = Arc::new(AtomicU64::new(0));
     if let Some(p) = &a.ca {
         let _ = CA.set(std::fs::read(p).with_context(|| format!("--ca {}", p.display()))?);
@@ -788,7 +790,8 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
         let (http, mode, protocol, keys, batch) =
             (a.http.clone(), a.mode, a.protocol, a.keys.max(1), a.batch);
         let timeline = a.timeline.is_some();
-        let (retry, retries) = (a.retry_unavailable, retries.clone());
+        let (retry, retries, first_retry) =
+            (a.retry_unavailable, retries.clone(), first_retry.clone());
         tasks.push(tokio::spawn(async move {
             let mut h = hist();
             let mut rows: Vec<(u64, u64, u64, bool)> = Vec::new();
@@ -864,7 +867,19 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
                                     let _ = resp.into_body().collect().await;
                                     Ok(())
                                 }
-                                Ok(resp) => Err(format!("HTTP {}", resp.status())),
+                                Ok(resp) => {
+                                    // The answer names the reason (the body of a refusal).
+                                    let status = resp.status();
+                                    let body = resp
+                                        .into_body()
+                                        .collect()
+                                        .await
+                                        .map(|b| b.to_bytes())
+                                        .unwrap_or_default();
+                                    let text: String =
+                                        String::from_utf8_lossy(&body).chars().take(300).collect();
+                                    Err(format!("HTTP {status}: {text}"))
+                                }
                                 Err(e) => Err(e.to_string()),
                             }
                         }
@@ -878,6 +893,9 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
                                 && t.elapsed() < Duration::from_secs(30) =>
                         {
                             retries.fetch_add(1, Ordering::Relaxed);
+                            if let Err(e) = &r {
+                                first_retry.lock().get_or_insert_with(|| e.clone());
+                            }
                             tokio::time::sleep(Duration::from_millis(2)).await;
                         }
                         _ => break,
@@ -954,6 +972,7 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
             "latency_p99_ms": ms(&all, 0.99),
             "errors": errors.load(Ordering::Relaxed),
             "retried_unavailable": retries.load(Ordering::Relaxed),
+            "first_retried": *first_retry.lock(),
             "first_error": *first_error.lock(),
             "node_peak_rss_mib": node_peak_rss(&a.http).await,
         })
