@@ -82,26 +82,17 @@ if [ "$MODE" = leave ]; then
   [ -n "$DONE_MS" ] || { echo "node 3 still owned key groups 60 s after its leave" >&2; tail -50 "$ROOT/n3.log" >&2; exit 1; }
   wait "$LEAVE"
   LEFT_S=$(python3 -c "print(round(($(now_ms) - $JOIN_MS) / 1000, 2))")
-elif [ "$MODE" = first ]; then
-  start 2 "$GRPC_1"
-  # Poll the table until node 2 owns its half (within 10 %).
-  DONE_MS=""
-  for _ in $(seq 1200); do
-    n=$(owned_by "$HTTP_1" 2)
-    if [ "$n" -ge 460 ]; then DONE_MS=$(now_ms); break; fi
-    sleep 0.05
-  done
-  [ -n "$DONE_MS" ] || { echo "node 2 did not get its half within 60 s" >&2; tail -50 "$ROOT/n1.log" >&2; exit 1; }
 else
-  start 3 "$GRPC_1"
-  # Poll the table until node 3 owns its share (a third, within 10 %).
+  # The joiner owns its share (node 2 its half, node 3 a third; within 10 %).
+  if [ "$MODE" = first ]; then J=2 SHARE=460; else J=3 SHARE=307; fi
+  start "$J" "$GRPC_1"
   DONE_MS=""
   for _ in $(seq 1200); do
-    n=$(owned_by "$HTTP_1" 3)
-    if [ "$n" -ge 307 ]; then DONE_MS=$(now_ms); break; fi
+    n=$(owned_by "$HTTP_1" "$J")
+    if [ "$n" -ge "$SHARE" ]; then DONE_MS=$(now_ms); break; fi
     sleep 0.05
   done
-  [ -n "$DONE_MS" ] || { echo "node 3 did not get its share within 60 s" >&2; tail -50 "$ROOT/n1.log" >&2; exit 1; }
+  [ -n "$DONE_MS" ] || { echo "node $J did not get its share within 60 s" >&2; tail -50 "$ROOT/n1.log" >&2; exit 1; }
 fi
 wait "$LOAD"
 curl -s "http://$HTTP_1/v1/cluster/key-groups" >"$ROOT/after.json"
