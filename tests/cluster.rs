@@ -3826,6 +3826,58 @@ async fn a_rolling_restart_under_load_loses_nothing() {
     Node::stop_all(nodes.into_iter().flatten()).await;
 }
 
+/// A follower stopped (SIGTERM) under load first asks the leader to hand its key groups over
+/// (`Mesh.Drain`): they move to the others live and it leaves the cluster's epochs while it
+/// still serves, and only then does it tell the cluster it stopped. Restarted on its data and
+/// ports, it takes part again and gets its share back live. Nobody rolls back at any step:
+/// the survivors' rollback counters do not move, and a stream of batches without idempotency
+/// keys goes on through them (a rollback would refuse a batch). Before, the stop moved its key
+/// groups by failover, and every member rolled back to the last committed epoch; and the
+/// restart rolled them back again (their streams of messages between functions to the stopped
+/// process broke at the first message for the new one).
+#[tokio::test]
+async fn a_follower_stopped_under_load_hands_its_key_groups_over_live_and_nothing_rolls_back() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, seed, ports) = three_nodes_with_ports(root).await;
+    spread(&n1, 3, 200).await;
+    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
+    let follower = (1..=3u64).find(|&i| i != leader).unwrap();
+    let other = (1..=3u64).find(|&i| i != leader && i != follower).unwrap();
+    let at = |i: u64| i as usize - 1;
+    let mut nodes = [Some(n1), Some(n2), Some(n3)];
+    let f = nodes[at(follower)].take().unwrap();
+    let l = nodes[at(leader)].take().unwrap();
+    let o = nodes[at(other)].take().unwrap();
+    let before = (l.metric(ROLLBACKS).await, o.metric(ROLLBACKS).await);
+    let load = Load::start(&[&l, &o], "drain", true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = std::time::Instant::now();
+    let log = f.stop_logged().await;
+    let stopped = t0.elapsed();
+    assert!(
+        log.contains(
+            "this node's key groups are handed over and it is out of the cluster's epochs"
+        ) && log.contains("the cluster has taken this node's stop"),
+        "node {follower} was not drained before its stop: {log}"
+    );
+    let v = failed_over(&o, follower, Duration::from_secs(5)).await;
+    let mid = (l.metric(ROLLBACKS).await, o.metric(ROLLBACKS).await);
+    let f = restart(root, follower, ports[at(follower)], Some(&seed));
+    converged(&[&l, &o, &f], 3, 3).await;
+    spread(&o, 3, 200).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (calls, batches) = load.finish(&o).await;
+    let after = (l.metric(ROLLBACKS).await, o.metric(ROLLBACKS).await);
+    println!(
+        "node {follower} drained and stopped in {stopped:?}; {calls} calls and {batches} stream batches; rollbacks of nodes {leader} and {other}: before {before:?}, after the stop {mid:?}, after the restart {after:?}"
+    );
+    assert_eq!(before, mid, "the stop rolled a survivor back: {v}");
+    assert_eq!(mid, after, "the restart rolled a survivor back");
+    Node::stop_all([l, o, f]).await;
+}
+
 /// A restarting member whose `--join` names a node that does not answer yet starts on its own
 /// control log and keeps telling that node where it serves; when the node answers and it turns
 /// out to belong to another cluster, the member says so once and stops asking (it goes on as
@@ -4212,9 +4264,11 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
 }
 
 /// A stop the cluster does not take in time (every proposal of it lost: fault point
-/// `mesh-stop-propose`): the member gives up after `STOP_WAIT` (1.5 s), exits 0 with its last
-/// epoch committed, and the others declare it dead after the failure timeout, as after a crash;
-/// nothing acknowledged is lost, and it gets its share back when it restarts.
+/// `mesh-stop-propose`), of a member whose leader cannot drain it first (it answers
+/// UNIMPLEMENTED, as a leader of an older build would: `mesh-drain-ask`): the member stops at
+/// once as before, gives up after `STOP_WAIT` (1.5 s), exits 0 with its last epoch committed,
+/// and the others declare it dead after the failure timeout, as after a crash; nothing
+/// acknowledged is lost, and it gets its share back when it restarts.
 #[tokio::test]
 async fn a_stop_the_cluster_does_not_take_falls_back_to_the_failure_detection() {
     let _g = SERIAL.lock().await;
@@ -4249,6 +4303,9 @@ async fn a_stop_the_cluster_does_not_take_falls_back_to_the_failure_detection() 
         "mesh-stop-propose=return",
     )
     .await;
+    for n in nodes.iter().flatten() {
+        failpoints(n, "mesh-drain-ask=return(unimplemented)").await;
+    }
     let t0 = std::time::Instant::now();
     let log = nodes[at(follower)].take().unwrap().stop_logged().await;
     let exited = t0.elapsed();
@@ -4257,6 +4314,11 @@ async fn a_stop_the_cluster_does_not_take_falls_back_to_the_failure_detection() 
             && log.contains("last epoch committed")
             && !log.contains("the cluster has taken this node's stop"),
         "node {follower} gives up on its stop and exits: {log}"
+    );
+    assert!(
+        log.contains("the leader cannot hand key groups over for a stop (an older build)")
+            && !log.contains("key groups are handed over"),
+        "node {follower} stops as before when its leader cannot drain it: {log}"
     );
     let v = failed_over(
         nodes[at(other)].as_ref().unwrap(),

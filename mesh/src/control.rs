@@ -440,7 +440,13 @@ impl ClusterState {
     /// the members that take key groups, each at the version it has now (see
     /// [`crate::placement::plan`]).
     pub fn plan_moves(&self, limit: usize) -> Vec<MoveCommand> {
-        crate::placement::plan(&self.owners(), &self.placement_members(), limit)
+        self.plan_moves_among(limit, &self.placement_members())
+    }
+
+    /// [`plan_moves`](Self::plan_moves) over `members` (those that take key groups, less the
+    /// members that stop and are being drained).
+    pub fn plan_moves_among(&self, limit: usize, members: &[NodeId]) -> Vec<MoveCommand> {
+        crate::placement::plan(&self.owners(), members, limit)
             .into_iter()
             .map(|m| MoveCommand {
                 kg: m.kg,

@@ -628,6 +628,8 @@ pub(crate) fn start(
             removed: BTreeSet::new(),
             transfer_asked: None,
             stopping: None,
+            drain: None,
+            draining: HashMap::new(),
             left: false,
             last_heard: Instant::now(),
             last_leader: None,
@@ -835,6 +837,22 @@ impl Control {
         }
     }
 
+    /// This node stops (SIGTERM), first of all: the cluster hands its key groups over to the
+    /// others live and takes it out of its epochs while it goes on serving, so that its stop
+    /// rolls nobody back (see `Driver::drain_step`). Returns once that is done, or it gave up
+    /// (`DRAIN_WAIT`; the stop then moves its key groups by failover, as before).
+    pub(crate) async fn drain(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .inbox
+            .send(ControlInput::Draining { reply: tx })
+            .await
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(DRAIN_WAIT + Duration::from_secs(1), rx).await;
+        }
+    }
+
     /// Stops the control group and waits for its thread.
     pub(crate) async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
@@ -960,6 +978,13 @@ struct Driver {
     transfer_asked: Option<Instant>,
     /// Stopping (SIGTERM): see [`Driver::stop_step`].
     stopping: Option<Stopping>,
+    /// Stopping (SIGTERM), first: its key groups handed over live (see [`Driver::drain_step`]).
+    drain: Option<Drain>,
+    /// As the leader: the members that stop and asked to be drained (`Mesh.Drain`), by id:
+    /// the process (incarnation) and when it last asked. Placement leaves them out, and so do
+    /// the cluster's epochs once they own nothing; a drain not asked again for `DRAIN_TTL` is
+    /// forgotten (the member is gone, or gave up).
+    draining: HashMap<NodeId, (u64, Instant)>,
     /// This node left the cluster (`statemesh cluster leave`): it owns nothing and is out of
     /// the Raft group; the process stops.
     left: bool,
@@ -1038,6 +1063,33 @@ fn alive_after_stop(state: &ClusterState, me: NodeId) -> bool {
     alive > voters / 2
 }
 
+/// How long a stopping member waits for the cluster to hand its key groups over before it
+/// stops as before (its key groups fail over, and every participant rolls back).
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// How often a stopping member asks the leader to drain it (and how it learns it is done).
+const DRAIN_ASK_EVERY: Duration = Duration::from_millis(100);
+/// A drain the leader was not asked again for this long is forgotten.
+const DRAIN_TTL: Duration = Duration::from_secs(2);
+
+/// A member's drain under way (`ControlInput::Draining`): the leader hands its key groups over
+/// to the others live and takes it out of the cluster's epochs, as for a leave, but it stays
+/// a member (restarted, it gets its share back).
+struct Drain {
+    since: Instant,
+    /// When it last asked the leader (or asked for a leadership transfer), and whether an
+    /// ask is in flight.
+    asked: Option<Instant>,
+    in_flight: bool,
+    /// The voter it hands the leadership to, when it leads (as for a stop).
+    transfer_to: Option<NodeId>,
+    /// The leader's last answer (logged when it changes).
+    last: Option<(u32, bool)>,
+    /// The leader said it is drained: the stop goes on, and the member keeps asking, so
+    /// that the leader does not give it key groups again before its stop applies.
+    done: bool,
+    reply: Option<oneshot::Sender<()>>,
+}
+
 /// A member's graceful stop under way (`ControlInput::Stopping`).
 struct Stopping {
     since: Instant,
@@ -1105,6 +1157,15 @@ impl Driver {
                 let _ = reply.send(self.leave());
             }
             ControlInput::Stopping { reply } => self.begin_stop(reply),
+            ControlInput::Draining { reply } => self.begin_drain(reply),
+            ControlInput::DrainAsk {
+                id,
+                incarnation,
+                reply,
+            } => {
+                let _ = reply.send(self.drain_asked(id, incarnation));
+            }
+            ControlInput::DrainAnswer(answer) => self.drain_answer(answer),
             ControlInput::Membership { id, reply } => {
                 let s = self.node.state();
                 let _ = reply.send(mpb::MembershipReply {
@@ -1169,6 +1230,287 @@ impl Driver {
             published: false,
             reply: Some(reply),
         });
+    }
+
+    /// This node stops (SIGTERM), before anything else: unless it has nothing to hand over (a
+    /// node alone, one not or no longer a live member, one that leaves, one that owns nothing
+    /// and takes no part in the epochs) or the cluster is being stopped (a majority of the
+    /// voters would not stay alive after it), it asks the leader to hand its key groups over to
+    /// the others live and take it out of the epochs ([`Driver::drain_step`]), so that its stop
+    /// rolls nobody back. It goes on serving meanwhile; the reply goes once the leader says it
+    /// is drained, or it gave up (`DRAIN_WAIT`; the stop then goes as before).
+    fn begin_drain(&mut self, reply: oneshot::Sender<()>) {
+        let me = self.node.id();
+        let state = self.node.state();
+        let live_peer = state.members.values().any(|m| m.id != me && m.alive);
+        let live_member = state
+            .members
+            .get(&me)
+            .is_some_and(|m| m.alive && m.incarnation == self.incarnation);
+        if !live_peer
+            || !live_member
+            || !self.joined
+            || self.leaving()
+            || self.left
+            || !alive_after_stop(state, me)
+        {
+            let _ = reply.send(());
+            return;
+        }
+        tracing::info!(
+            node = me,
+            owned = state.owned_by(me),
+            leader = self.node.is_leader(),
+            "stopping: asking the cluster to hand this node's key groups over to the others before it exits (nobody rolls back)"
+        );
+        self.drain = Some(Drain {
+            since: Instant::now(),
+            asked: None,
+            in_flight: false,
+            transfer_to: None,
+            last: None,
+            done: false,
+            reply: Some(reply),
+        });
+    }
+
+    /// A draining member's step, each round: a leader hands the Raft group's leadership over
+    /// first (as for a stop: only a follower is drained); a follower asks the leader every
+    /// `DRAIN_ASK_EVERY` until it answers that the member owns nothing and is out of the
+    /// epochs. It gives up after `DRAIN_WAIT`, or when the leader refuses (no other member
+    /// can take its key groups; a leader of an older build).
+    fn drain_step(&mut self) {
+        let Some(d) = self.drain.as_mut() else {
+            return;
+        };
+        let me = self.node.id();
+        if !d.done && d.since.elapsed() >= DRAIN_WAIT {
+            tracing::warn!(
+                node = me,
+                "stopping: the cluster did not hand this node's key groups over within {} ms; stopping as before (its key groups fail over)",
+                DRAIN_WAIT.as_millis()
+            );
+            self.end_drain();
+            return;
+        }
+        if d.in_flight || d.asked.is_some_and(|t| t.elapsed() < DRAIN_ASK_EVERY) {
+            return;
+        }
+        let leads = self.node.is_leader();
+        if leads && d.done {
+            // (It leads again: a transfer came back to it. Its stop exits without telling.)
+            return;
+        }
+        if leads && d.asked.is_some_and(|t| t.elapsed() < STOP_TRANSFER_AGAIN) {
+            return;
+        }
+        d.asked = Some(Instant::now());
+        if leads {
+            let before = d.transfer_to;
+            let to = self.hand_leadership_over(before);
+            if to.is_some() && to != before {
+                tracing::info!(
+                    node = me,
+                    to,
+                    "stopping: handing the Raft group's leadership over"
+                );
+            }
+            match to {
+                Some(_) => {
+                    if let Some(d) = self.drain.as_mut() {
+                        d.transfer_to = to;
+                    }
+                }
+                None => {
+                    tracing::info!(
+                        node = me,
+                        "stopping: no live voter to hand the leadership to; stopping as before"
+                    );
+                    self.end_drain();
+                }
+            }
+            return;
+        }
+        let state = self.node.state();
+        let Some(addr) = self
+            .node
+            .leader()
+            .and_then(|l| state.members.get(&l))
+            .map(|m| m.grpc_addr.clone())
+        else {
+            return;
+        };
+        d.in_flight = true;
+        let req = mpb::DrainRequest {
+            cluster_id: self.cluster_id.to_string(),
+            id: me,
+            incarnation: self.incarnation,
+        };
+        tokio::spawn(crate::mesh::ask_drain(req, addr, self.inbox.clone()));
+    }
+
+    /// The leader's answer to this node's drain.
+    fn drain_answer(&mut self, answer: Result<mpb::DrainReply, Status>) {
+        let me = self.node.id();
+        let Some(d) = self.drain.as_mut() else {
+            return;
+        };
+        d.in_flight = false;
+        if d.done {
+            // Asking on until the stop applies; a refusal now (the member is dead: its stop
+            // applied) ends it.
+            if matches!(&answer, Ok(r) if !r.refused.is_empty()) {
+                self.drain = None;
+            }
+            return;
+        }
+        match answer {
+            Ok(r) if !r.refused.is_empty() => {
+                tracing::info!(
+                    node = me,
+                    why = %r.refused,
+                    "stopping: the leader does not hand this node's key groups over; stopping as before"
+                );
+                self.end_drain();
+            }
+            Ok(r) if !r.leads => {}
+            Ok(r) if r.owned == 0 && !r.in_epochs => {
+                tracing::info!(
+                    node = me,
+                    ms = d.since.elapsed().as_millis() as u64,
+                    "stopping: this node's key groups are handed over and it is out of the cluster's epochs"
+                );
+                d.done = true;
+                if let Some(r) = d.reply.take() {
+                    let _ = r.send(());
+                }
+            }
+            Ok(r) => {
+                if d.last != Some((r.owned, r.in_epochs)) {
+                    d.last = Some((r.owned, r.in_epochs));
+                    tracing::debug!(
+                        node = me,
+                        owned = r.owned,
+                        in_epochs = r.in_epochs,
+                        "stopping: being drained"
+                    );
+                }
+            }
+            Err(e) if e.code() == tonic::Code::Unimplemented => {
+                tracing::info!(
+                    node = me,
+                    "stopping: the leader cannot hand key groups over for a stop (an older build); stopping as before"
+                );
+                self.end_drain();
+            }
+            Err(e) => tracing::debug!(node = me, error = %e, "drain not asked; asked again"),
+        }
+    }
+
+    fn end_drain(&mut self) {
+        if let Some(r) = self.drain.as_mut().and_then(|d| d.reply.take()) {
+            let _ = r.send(());
+        }
+        self.drain = None;
+    }
+
+    /// As the leader: member `id` (process `incarnation`) stops and asks to be drained. The
+    /// answer says how far it is; placement leaves it out from now on (`placing`), and the
+    /// epochs once it owns nothing (`lead_epochs`' participants).
+    fn drain_asked(&mut self, id: NodeId, incarnation: u64) -> mpb::DrainReply {
+        if !self.node.is_leader() {
+            return mpb::DrainReply::default();
+        }
+        let state = self.node.state();
+        let refused = |why: String| mpb::DrainReply {
+            leads: true,
+            refused: why,
+            ..Default::default()
+        };
+        match state.members.get(&id) {
+            None => return refused(format!("node {id} is not a member")),
+            Some(m) if !m.alive || m.incarnation != incarnation => {
+                return refused(format!(
+                    "node {id}'s process that asks is not the live member (incarnation {incarnation}, the member's {}, alive {})",
+                    m.incarnation, m.alive
+                ))
+            }
+            Some(m) if m.leaving => return refused(format!("node {id} is leaving")),
+            Some(_) => {}
+        }
+        if id == self.node.id() {
+            return refused(format!("node {id} leads the cluster"));
+        }
+        if !self
+            .placing(state)
+            .iter()
+            .any(|&n| n != id && self.node.caught_up(n))
+        {
+            return refused(format!(
+                "no other member can take node {id}'s key groups now"
+            ));
+        }
+        if self
+            .draining
+            .insert(id, (incarnation, Instant::now()))
+            .is_none()
+        {
+            tracing::info!(
+                node = id,
+                owned = state.owned_by(id),
+                "node {id} stops: handing its key groups over to the others"
+            );
+            // A stop waits for it: its round of moves does not wait for the pace of rounds.
+            self.move_round = None;
+            self.kick = true;
+        }
+        mpb::DrainReply {
+            leads: true,
+            refused: String::new(),
+            owned: state.owned_by(id) as u32,
+            in_epochs: self
+                .participants
+                .as_ref()
+                .is_none_or(|p| p.contains_key(&id)),
+        }
+    }
+
+    /// Whether member `id` is being drained (see `draining`).
+    fn drained(&self, id: NodeId) -> bool {
+        self.draining.contains_key(&id)
+    }
+
+    /// The members that take key groups: alive, not leaving, not being drained.
+    fn placing(&self, state: &ClusterState) -> Vec<NodeId> {
+        state
+            .placement_members()
+            .into_iter()
+            .filter(|&n| !self.drained(n))
+            .collect()
+    }
+
+    /// The next round of placement over [`placing`](Self::placing) (see
+    /// `ClusterState::plan_moves`).
+    fn plan_moves(&self, limit: usize) -> Vec<statemesh_mesh::control::MoveCommand> {
+        let state = self.node.state();
+        state.plan_moves_among(limit, &self.placing(state))
+    }
+
+    /// Hands the Raft group's leadership to a live voter: `before` while it stays live, else
+    /// the one furthest along. Returns the voter asked (none: no live voter).
+    fn hand_leadership_over(&mut self, before: Option<NodeId>) -> Option<NodeId> {
+        let state = self.node.state();
+        let now = crate::mesh::mono_ms();
+        let live = |v: NodeId| {
+            state.members.get(&v).is_some_and(|m| m.alive) && self.answered_lately(v, now)
+        };
+        let to = before
+            .filter(|&v| live(v))
+            .or_else(|| self.transfer_target(&[]).filter(|&v| live(v)));
+        if let Some(to) = to {
+            self.node.transfer_leader(to);
+        }
+        to
     }
 
     /// A stopping member's step, each round. A leader first hands the Raft group's leadership
@@ -1244,14 +1586,9 @@ impl Driver {
         }
         s.asked = Some((Instant::now(), leads));
         let before = s.transfer_to;
+        let generation = m.generation;
         if leads {
-            let now = crate::mesh::mono_ms();
-            let live = |v: NodeId| {
-                state.members.get(&v).is_some_and(|m| m.alive) && self.answered_lately(v, now)
-            };
-            let live = before
-                .filter(|&v| live(v))
-                .or_else(|| self.transfer_target(&[]).filter(|&v| live(v)));
+            let live = self.hand_leadership_over(before);
             if let Some(s) = self.stopping.as_mut() {
                 s.transfer_to = live;
             }
@@ -1262,7 +1599,6 @@ impl Driver {
                         to,
                         "stopping: handing the Raft group's leadership over"
                     );
-                    self.node.transfer_leader(to);
                 }
                 None => {
                     tracing::info!(
@@ -1275,7 +1611,6 @@ impl Driver {
                 }
             }
         } else if self.node.leader().is_some() {
-            let generation = m.generation;
             if let Err(e) = crate::failpoint::eval("mesh-stop-propose") {
                 tracing::debug!(error = %e, "stop not proposed");
             } else if let Err(e) = self.node.propose_anywhere(&Command::MarkDead {
@@ -1592,7 +1927,28 @@ impl Driver {
             }
         }
         self.detect(now);
+        self.drain_step();
         self.stop_step();
+        if !self.node.is_leader() {
+            self.draining.clear();
+        }
+        let state = self.node.state();
+        self.draining.retain(|id, (incarnation, asked)| {
+            let keep = asked.elapsed() < DRAIN_TTL;
+            if !keep
+                && state
+                    .members
+                    .get(id)
+                    .is_some_and(|m| m.alive && m.incarnation == *incarnation)
+            {
+                // (A member whose stop applied, or that restarted, is not news.)
+                tracing::info!(
+                    node = *id,
+                    "node {id} no longer asks to be drained (it gave up its stop's hand-over): it takes key groups again"
+                );
+            }
+            keep
+        });
         // A new member first needs the cluster's state (the leader's snapshot).
         let bootstrapped = self
             .node
@@ -1703,7 +2059,7 @@ impl Driver {
     fn ready_moves(&self) -> (Vec<statemesh_mesh::control::MoveCommand>, Option<NodeId>) {
         let state = self.node.state();
         let mut waiting = None;
-        let moves = state
+        let moves = self
             .plan_moves(state.table.len())
             .into_iter()
             // Key groups of dead members move by failover only (`orphan_moves`).
@@ -1737,7 +2093,7 @@ impl Driver {
         }
         let now = crate::mesh::mono_ms();
         state
-            .plan_failover(&|n| n == me || self.node.caught_up(n))
+            .plan_failover(&|n| n == me || (self.node.caught_up(n) && !self.drained(n)))
             .into_iter()
             .filter(|m| {
                 state.table[m.kg as usize]
@@ -1845,6 +2201,7 @@ impl Driver {
                 m.alive
                     && (state.owned_by(m.id) > 0
                         || (!m.leaving
+                            && !self.drained(m.id)
                             && (before.get(&m.id) == Some(&m.incarnation)
                                 || self.node.caught_up(m.id))))
             })
@@ -1852,7 +2209,7 @@ impl Driver {
             .collect();
         let recorded = state.committed_epoch;
         let version = state.placement_version;
-        let planned = !state.plan_moves(1).is_empty();
+        let planned = !self.plan_moves(1).is_empty();
         // Key groups whose owner is dead move at once, in the synchronisation that drops it
         // (failover); the others a round at a time.
         let orphans = self.orphan_moves();
@@ -2363,8 +2720,7 @@ impl Driver {
                     // participant until it answers (`ready_moves`' filter, again); one the
                     // epochs' leader has not taken in yet would own key groups no epoch
                     // covers.
-                    state
-                        .plan_moves(state.table.len())
+                    self.plan_moves(state.table.len())
                         .into_iter()
                         .filter(|m| self.move_plan.contains(&m.kg))
                         .filter(|m| self.may_move_to(m.to))
@@ -2394,7 +2750,7 @@ impl Driver {
                 if moves.is_empty() {
                     // Nothing of the round's plan stands now: the participants resume, and the
                     // next round plans again.
-                    let targets: std::collections::BTreeSet<NodeId> = state
+                    let targets: std::collections::BTreeSet<NodeId> = self
                         .plan_moves(state.table.len())
                         .into_iter()
                         .filter(|m| self.move_plan.contains(&m.kg))

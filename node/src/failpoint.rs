@@ -38,6 +38,7 @@
 //! | `mesh-fn-stream-break` | before a frame of messages between functions is sent to a peer (`return`: the frame is lost and the stream breaks, as when the connection drops) |
 //! | `mesh-lead-epochs` | when a node is to lead the cluster's epochs (it leads the control group of a cluster of several members) (`return(<ms>)`: it starts leading them that much later, as on a busy control thread) |
 //! | `mesh-stop-propose` | when a stopping member proposes its stop (`MarkDead { stopped }`) (`return`: it is not proposed, as when every proposal is lost: the member gives up after `STOP_WAIT` and the others declare it dead after the failure timeout) |
+//! | `mesh-drain-ask` | when the leader is asked to drain a member that stops (`Mesh.Drain`) (`return(unimplemented)`: it answers UNIMPLEMENTED, as a leader of an older build does: the member stops at once as before, its key groups failing over; `return`: it answers UNAVAILABLE, and the member asks again until it gives up after `DRAIN_WAIT`) |
 //! | `mesh-partition` | wherever traffic with peers enters or leaves the node (`return`: cut off both ways; `return(in)`: what peers send is lost; `return(out)`: what it sends is lost; streams break and new ones are refused, as in a network partition) |
 //!
 //! In builds with fault points, `PUT /debug/failpoints` (body: the `FAILPOINTS` syntax; `off`
@@ -69,6 +70,7 @@ pub const MESH_POINTS: &[&str] = &[
     "mesh-handover-read",
     "mesh-held-answer",
     "mesh-stop-propose",
+    "mesh-drain-ask",
     "mesh-lead-epochs",
     "mesh-partition",
 ];

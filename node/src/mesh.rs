@@ -1023,65 +1023,126 @@ async fn fn_forwarder_task(
 ) {
     let mut next_id = 1u64;
     let mut poisoned: Option<u64> = None;
+    // A frame that never left a stream the peer ended by stopping: the first of the next.
+    let mut resend: Option<mpb::ForwardFrame> = None;
+    let mut newest = 0;
     loop {
-        let Some(first) = next_unpoisoned(&mut rx, poisoned).await else {
-            return;
-        };
+        let mut queue = Vec::new();
+        if resend.is_none() {
+            let Some(first) = next_unpoisoned(&mut rx, poisoned).await else {
+                return;
+            };
+            newest = first.1;
+            queue.push(first);
+        }
         let (ftx, frx) = mpsc::channel::<mpb::ForwardFrame>(64);
         let mut client = mpb::mesh_client::MeshClient::new(channel.clone())
             .max_decoding_message_size(MAX_FORWARDED)
             .max_encoding_message_size(MAX_FORWARDED);
         // The response stays open as long as the stream (dropping it would end the stream).
-        let call = tokio::spawn(async move {
+        // It tells whether the stream ended because the peer's process stopped (`STOPPING`).
+        let mut call = tokio::spawn(async move {
             let r = client
                 .forward(tokio_stream::wrappers::ReceiverStream::new(frx))
                 .await;
-            if let Ok(r) = r {
-                let mut replies = r.into_inner();
-                while let Ok(Some(_)) = replies.message().await {}
-            }
-        });
-        let mut newest = first.1;
-        let mut queue = vec![first];
-        let broke = loop {
-            while queue.len() < FRAME {
-                match rx.try_recv() {
-                    Ok(r) if poisoned.is_none_or(|p| r.1 > p) => queue.push(r),
-                    Ok(_) => {}
-                    Err(_) => break,
+            let mut replies = match r {
+                Ok(r) => r.into_inner(),
+                Err(e) => return e.message().contains(STOPPING),
+            };
+            loop {
+                match replies.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return false,
+                    Err(e) => return e.message().contains(STOPPING),
                 }
             }
-            let requests = queue
-                .drain(..)
-                .map(|(kind, gen, request)| {
-                    next_id += 1;
-                    newest = newest.max(gen);
-                    mpb::ForwardRequest {
-                        id: next_id,
-                        kind: kind as i32,
-                        request: request.into(),
-                        // Rerouted by the receiver itself when its table is ahead (see
-                        // `Shard::deliver`); a rollback drops what an older table sent.
-                        kg_version: 0,
+        });
+        let mut call_ended: Option<bool> = None;
+        let broke = loop {
+            let frame = match resend.take() {
+                Some(f) => f,
+                None => {
+                    while queue.len() < FRAME {
+                        match rx.try_recv() {
+                            Ok(r) if poisoned.is_none_or(|p| r.1 > p) => queue.push(r),
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
                     }
-                })
-                .collect();
+                    let requests = queue
+                        .drain(..)
+                        .map(|(kind, gen, request)| {
+                            next_id += 1;
+                            newest = newest.max(gen);
+                            mpb::ForwardRequest {
+                                id: next_id,
+                                kind: kind as i32,
+                                request: request.into(),
+                                // Rerouted by the receiver itself when its table is ahead (see
+                                // `Shard::deliver`); a rollback drops what an older table sent.
+                                kg_version: 0,
+                            }
+                        })
+                        .collect();
+                    mpb::ForwardFrame { requests }
+                }
+            };
             if let Err(e) = crate::failpoint::eval("mesh-fn-stream-break") {
                 // The frame is lost with the connection.
-                break e;
+                break Some(e);
             }
             if cut_off(true) {
-                break CUT_OFF.to_string();
+                break Some(CUT_OFF.to_string());
             }
-            if ftx.send(mpb::ForwardFrame { requests }).await.is_err() {
-                break "the stream closed".to_string();
+            if let Err(e) = ftx.send(frame).await {
+                let stopped = match call_ended {
+                    Some(s) => s,
+                    None => (&mut call).await.unwrap_or(false),
+                };
+                if stopped {
+                    // The peer's process stopped, its last epoch committed: this frame never
+                    // left, and is the first of a stream to the address's next process.
+                    resend = Some(e.0);
+                    break None;
+                }
+                break Some("the stream closed".to_string());
             }
-            match next_unpoisoned(&mut rx, poisoned).await {
+            // Waiting for the next message, a stream that the peer ends because its process
+            // stopped (its last epoch committed) is let go at once: what it carried was for
+            // a process that is gone — one that took part in the epochs is declared dead and
+            // everyone rolls back; one drained first (`Mesh.Drain`) took no part any more and
+            // owned nothing, so nothing was sent to it — and the next message goes to the
+            // next process at that address on a new stream, without a rollback. Any other end
+            // is found out by the next send, as before.
+            let next = if call_ended.is_none() {
+                tokio::select! {
+                    r = next_unpoisoned(&mut rx, poisoned) => Some(r),
+                    ended = &mut call => {
+                        let stopped = ended.unwrap_or(false);
+                        call_ended = Some(stopped);
+                        if stopped {
+                            tracing::debug!(%addr, "the peer stopped: its stream of messages between functions ended");
+                            break None;
+                        }
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let next = match next {
+                Some(r) => r,
+                None => next_unpoisoned(&mut rx, poisoned).await,
+            };
+            match next {
                 Some(r) => queue.push(r),
                 None => return,
             }
         };
         call.abort();
+        let Some(broke) = broke else {
+            continue;
+        };
         poisoned = Some(newest);
         tracing::warn!(%addr, error = %broke, generation = newest, "a stream of messages between functions broke; the participants go back to the last committed epoch (until then, this generation's messages to the peer are dropped)");
         if let Some(p) = placement.upgrade() {
@@ -1228,15 +1289,22 @@ pub(crate) fn serve_forward(
     closing: tokio::sync::watch::Receiver<bool>,
 ) -> std::pin::Pin<Box<dyn futures::Stream<Item = Result<mpb::ForwardReplyFrame, Status>> + Send>> {
     let (rtx, rrx) = mpsc::channel::<mpb::ForwardReply>(FORWARD_QUEUE);
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = stopped.clone();
     tokio::spawn(async move {
         // Once the node stopping committed its last epoch, no more requests are read: the
-        // reply stream ends when those under way have answered.
+        // reply stream ends when those under way have answered, with `STOPPING` (the sender
+        // of messages between functions learns that this process is gone, not that the
+        // stream lost messages: see `fn_forwarder_task`).
         let stop = closed(closing);
         tokio::pin!(stop);
         loop {
             let next = tokio::select! {
                 f = inbound.next() => f,
-                _ = &mut stop => return,
+                _ = &mut stop => {
+                    stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
             };
             let frame = match next {
                 Some(Ok(f)) => f,
@@ -1297,17 +1365,25 @@ pub(crate) fn serve_forward(
             }
         }
     });
-    Box::pin(futures::stream::unfold(rrx, |mut rrx| async move {
-        let first = rrx.recv().await?;
-        let mut replies = vec![first];
-        while replies.len() < FRAME {
-            match rrx.try_recv() {
-                Ok(r) => replies.push(r),
-                Err(_) => break,
+    Box::pin(futures::stream::unfold(
+        Some((rrx, stopped)),
+        |state| async move {
+            let (mut rrx, stopped) = state?;
+            let Some(first) = rrx.recv().await else {
+                return stopped
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    .then(|| (Err(Status::unavailable(STOPPING)), None));
+            };
+            let mut replies = vec![first];
+            while replies.len() < FRAME {
+                match rrx.try_recv() {
+                    Ok(r) => replies.push(r),
+                    Err(_) => break,
+                }
             }
-        }
-        Some((Ok(mpb::ForwardReplyFrame { replies }), rrx))
-    }))
+            Some((Ok(mpb::ForwardReplyFrame { replies }), Some((rrx, stopped))))
+        },
+    ))
 }
 
 /// The `forwarded` span of a request another node forwarded here, if it is traced.
@@ -1480,6 +1556,18 @@ pub(crate) enum ControlInput {
     /// This node stops (SIGTERM), its last epoch committed: answered once the group has taken
     /// its stop, or it gave up (see `Driver::stop_step`).
     Stopping { reply: oneshot::Sender<()> },
+    /// This node stops (SIGTERM), before anything else: answered once the cluster has handed
+    /// its key groups over and taken it out of the epochs, or it gave up (see
+    /// `Driver::drain_step`).
+    Draining { reply: oneshot::Sender<()> },
+    /// A stopping member asks this node, as the leader, to drain it (`Mesh.Drain`).
+    DrainAsk {
+        id: NodeId,
+        incarnation: u64,
+        reply: oneshot::Sender<mpb::DrainReply>,
+    },
+    /// The leader's answer to this node's drain (`ask_drain`), or why there was none.
+    DrainAnswer(Result<mpb::DrainReply, Status>),
     /// A stream from a peer began: its process is up, so this node's link to it, if it is
     /// waiting out its backoff, tries now ([`Link::wake`]), at the address the peer gives.
     PeerStream { from: NodeId, addr: String },
@@ -1669,6 +1757,41 @@ impl mpb::mesh_server::Mesh for MeshService {
             })
             .map_err(|_| Status::unavailable("the control group is busy or stopped"))?;
         match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(r)) => Ok(Response::new(r)),
+            _ => Err(Status::unavailable("the control group did not answer")),
+        }
+    }
+
+    async fn drain(
+        &self,
+        req: Request<mpb::DrainRequest>,
+    ) -> Result<Response<mpb::DrainReply>, Status> {
+        if cut_off(false) {
+            return Err(Status::unavailable(CUT_OFF));
+        }
+        if let Err(e) = crate::failpoint::eval("mesh-drain-ask") {
+            return Err(if e.contains("unimplemented") {
+                Status::unimplemented(e)
+            } else {
+                Status::unavailable(e)
+            });
+        }
+        let req = req.into_inner();
+        if req.cluster_id != *self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "this node is a member of cluster {}, not {}",
+                self.cluster_id, req.cluster_id
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inbox
+            .try_send(ControlInput::DrainAsk {
+                id: req.id,
+                incarnation: req.incarnation,
+                reply: tx,
+            })
+            .map_err(|_| Status::unavailable("the control group is busy or stopped"))?;
+        match tokio::time::timeout(Duration::from_secs(2), rx).await {
             Ok(Ok(r)) => Ok(Response::new(r)),
             _ => Err(Status::unavailable("the control group did not answer")),
         }
@@ -1960,6 +2083,34 @@ async fn connect(addr: &str) -> Result<Channel, String> {
         .connect()
         .await
         .map_err(|e| format!("connect: {}", crate::error::error_chain(&e)))
+}
+
+/// Asks the leader (`addr`) to drain this node (`Mesh.Drain`), within 1 s; the answer, or why
+/// there was none, goes to the control task (`ControlInput::DrainAnswer`). Traffic is cut as
+/// with `mesh-partition`.
+pub(crate) async fn ask_drain(
+    req: mpb::DrainRequest,
+    addr: String,
+    inbox: mpsc::Sender<ControlInput>,
+) {
+    let answer = if cut_off(true) {
+        Err(Status::unavailable(CUT_OFF))
+    } else {
+        let ask = async {
+            let ch = connect(&addr).await.map_err(Status::unavailable)?;
+            mpb::mesh_client::MeshClient::new(ch)
+                .drain(req)
+                .await
+                .map(|r| r.into_inner())
+        };
+        match tokio::time::timeout(Duration::from_secs(1), ask).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "the leader ({addr}) did not answer within 1 s"
+            ))),
+        }
+    };
+    let _ = inbox.send(ControlInput::DrainAnswer(answer)).await;
 }
 
 /// Asks `peers` (id, gRPC address) at once whether node `me` is still a member, within 2 s in

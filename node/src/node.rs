@@ -197,6 +197,10 @@ impl NodeHandle {
     /// (written to blob storage and sled) and stops the shards.
     pub async fn shutdown(mut self) {
         self.shared.ready.store(false, Ordering::SeqCst);
+        // In a cluster: its key groups go to the others live first, while it still serves
+        // (requests for them are forwarded to their new owners), so that its stop rolls
+        // nobody back.
+        self.control.drain().await;
         if let Some(k) = self.kafka.take() {
             k.stop().await;
         }
