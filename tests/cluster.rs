@@ -3837,6 +3837,21 @@ async fn a_rolling_restart_under_load_loses_nothing() {
 /// process broke at the first message for the new one).
 #[tokio::test]
 async fn a_follower_stopped_under_load_hands_its_key_groups_over_live_and_nothing_rolls_back() {
+    stopped_under_load(false).await;
+}
+
+/// [`a_follower_stopped_under_load_hands_its_key_groups_over_live_and_nothing_rolls_back`],
+/// for the leader: before it hands its Raft leadership over, the cluster's epochs stand still
+/// (every open one committed, none started) and its fence tells the next leader where
+/// (`Command::Fence::handoff`), whose first synchronisation resumes the participants live
+/// there instead of rolling them back; then it is drained like a follower.
+#[tokio::test]
+async fn the_leader_stopped_under_load_hands_the_epochs_and_its_key_groups_over_and_nothing_rolls_back(
+) {
+    stopped_under_load(true).await;
+}
+
+async fn stopped_under_load(the_leader: bool) {
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
@@ -3845,37 +3860,63 @@ async fn a_follower_stopped_under_load_hands_its_key_groups_over_live_and_nothin
     let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
     let follower = (1..=3u64).find(|&i| i != leader).unwrap();
     let other = (1..=3u64).find(|&i| i != leader && i != follower).unwrap();
+    let (stopped, kept) = if the_leader {
+        (leader, [follower, other])
+    } else {
+        (follower, [leader, other])
+    };
     let at = |i: u64| i as usize - 1;
     let mut nodes = [Some(n1), Some(n2), Some(n3)];
-    let f = nodes[at(follower)].take().unwrap();
-    let l = nodes[at(leader)].take().unwrap();
-    let o = nodes[at(other)].take().unwrap();
-    let before = (l.metric(ROLLBACKS).await, o.metric(ROLLBACKS).await);
-    let load = Load::start(&[&l, &o], "drain", true).await;
+    let s = nodes[at(stopped)].take().unwrap();
+    let a = nodes[at(kept[0])].take().unwrap();
+    let b = nodes[at(kept[1])].take().unwrap();
+    let before = (a.metric(ROLLBACKS).await, b.metric(ROLLBACKS).await);
+    let load = Load::start(&[&a, &b], "drain", true).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t0 = std::time::Instant::now();
-    let log = f.stop_logged().await;
-    let stopped = t0.elapsed();
+    let log = s.stop_logged().await;
+    let took = t0.elapsed();
     assert!(
         log.contains(
             "this node's key groups are handed over and it is out of the cluster's epochs"
         ) && log.contains("the cluster has taken this node's stop"),
-        "node {follower} was not drained before its stop: {log}"
+        "node {stopped} was not drained before its stop: {log}"
     );
-    let v = failed_over(&o, follower, Duration::from_secs(5)).await;
-    let mid = (l.metric(ROLLBACKS).await, o.metric(ROLLBACKS).await);
-    let f = restart(root, follower, ports[at(follower)], Some(&seed));
-    converged(&[&l, &o, &f], 3, 3).await;
-    spread(&o, 3, 200).await;
+    if the_leader {
+        assert!(
+            log.contains("the epochs stand still for the next leader"),
+            "node {stopped} did not hand the epochs over: {log}"
+        );
+    }
+    let v = failed_over(&b, stopped, Duration::from_secs(5)).await;
+    let mid = (a.metric(ROLLBACKS).await, b.metric(ROLLBACKS).await);
+    let s = restart(root, stopped, ports[at(stopped)], Some(&seed));
+    converged(&[&a, &b, &s], 3, 3).await;
+    spread(&b, 3, 200).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (calls, batches) = load.finish(&o).await;
-    let after = (l.metric(ROLLBACKS).await, o.metric(ROLLBACKS).await);
+    let (calls, batches) = load.finish(&b).await;
+    let after = (a.metric(ROLLBACKS).await, b.metric(ROLLBACKS).await);
     println!(
-        "node {follower} drained and stopped in {stopped:?}; {calls} calls and {batches} stream batches; rollbacks of nodes {leader} and {other}: before {before:?}, after the stop {mid:?}, after the restart {after:?}"
+        "node {stopped} (leader: {the_leader}) drained and stopped in {took:?}; {calls} calls and {batches} stream batches; rollbacks of nodes {kept:?}: before {before:?}, after the stop {mid:?}, after the restart {after:?}"
     );
     assert_eq!(before, mid, "the stop rolled a survivor back: {v}");
     assert_eq!(mid, after, "the restart rolled a survivor back");
-    Node::stop_all([l, o, f]).await;
+    // The whole cluster stopped at once: a leader that stops too drains nobody, so no member
+    // waits for a drain (up to 10 s) that cannot happen.
+    let t0 = std::time::Instant::now();
+    Node::stop_all([a, b, s]).await;
+    let took = t0.elapsed();
+    let logs: Vec<String> = (1..=3)
+        .map(|i| std::fs::read_to_string(root.join(format!("n{i}.log"))).unwrap_or_default())
+        .collect();
+    println!("the whole cluster stopped in {took:?}");
+    assert!(
+        took < Duration::from_secs(8)
+            && !logs
+                .iter()
+                .any(|l| l.contains("did not hand this node's key groups over within")),
+        "the whole cluster took {took:?} to stop"
+    );
 }
 
 /// A restarting member whose `--join` names a node that does not answer yet starts on its own

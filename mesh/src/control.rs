@@ -164,6 +164,12 @@ pub enum Command {
     Fence {
         /// The new generation.
         gen: u64,
+        /// The leader that fences hands the epochs over (it stops leading them: its Raft
+        /// leadership goes to another voter next) and says where it left them, so that the
+        /// next leader can resume the participants live (see [`EpochHandoff`]). A fence
+        /// without one forgets an earlier hand-over. (Older members ignore the field.)
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        handoff: Option<EpochHandoff>,
     },
     /// Blob storage holds every epoch up to `through` (an upload's manifest): the tail drops
     /// them.
@@ -348,6 +354,21 @@ impl RaftConf {
     }
 }
 
+/// Where a leader that hands the cluster's epochs over left them: it started no epoch after
+/// `committed`, which every epoch it started before has reached, in generation `gen` with
+/// these participants (id → incarnation), and it starts none again in that generation. A
+/// next leader whose first synchronisation finds exactly these participants holding exactly
+/// there, in that generation, resumes them live: nobody rolls back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochHandoff {
+    /// The generation the participants followed.
+    pub gen: u64,
+    /// The last epoch, committed.
+    pub committed: u64,
+    /// The participants, with their incarnations.
+    pub participants: BTreeMap<NodeId, u64>,
+}
+
 /// The replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -375,6 +396,9 @@ pub struct ClusterState {
     /// The epoch log's tail: committed epochs blob storage does not hold yet.
     #[serde(default)]
     pub log: EpochTail,
+    /// The epochs as the last fence's leader handed them over (see [`Command::Fence`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<EpochHandoff>,
 }
 
 impl ClusterState {
@@ -396,6 +420,7 @@ impl ClusterState {
             conf: None,
             checkpoint_url: String::new(),
             log: EpochTail::default(),
+            handoff: None,
         }
     }
 
@@ -650,7 +675,7 @@ impl ClusterState {
                 self.log.gen
             )),
             Command::LogEpoch { .. } => Ok(()),
-            Command::Fence { gen } if *gen <= self.log.gen => Err(format!(
+            Command::Fence { gen, .. } if *gen <= self.log.gen => Err(format!(
                 "generation {gen} is not newer than the fenced one ({})",
                 self.log.gen
             )),
@@ -729,7 +754,10 @@ impl ClusterState {
                 self.placement_version += 1;
             }
             Command::CommitEpoch { epoch } => self.committed_epoch = *epoch,
-            Command::Fence { gen } => self.log.gen = *gen,
+            Command::Fence { gen, handoff } => {
+                self.log.gen = *gen;
+                self.handoff = handoff.clone();
+            }
             Command::LogEpoch { epoch, bytes, .. } => {
                 self.committed_epoch = *epoch;
                 self.log.insert(*epoch, bytes.clone());
@@ -778,7 +806,16 @@ mod tests {
         assert!(
             matches!(s.apply(1, &log(3, b"three")), Outcome::Rejected(ref w) if w.contains("not in the fenced one"))
         );
-        assert_eq!(s.apply(2, &Command::Fence { gen: 7 }), Outcome::Applied);
+        assert_eq!(
+            s.apply(
+                2,
+                &Command::Fence {
+                    gen: 7,
+                    handoff: None
+                }
+            ),
+            Outcome::Applied
+        );
         assert_eq!(s.apply(3, &log(3, b"three")), Outcome::Applied);
         assert_eq!(s.apply(4, &log(5, &[0, 255, 7])), Outcome::Applied);
         assert_eq!(s.committed_epoch, 5);
@@ -830,12 +867,21 @@ mod tests {
             matches!(s.apply(9, &Command::Uploaded { through: 4 }), Outcome::Rejected(ref w) if w.contains("not newer than the last upload"))
         );
         // A new generation fences the old one: its epochs landing late do not commit.
-        assert_eq!(s.apply(10, &Command::Fence { gen: 9 }), Outcome::Applied);
+        assert_eq!(
+            s.apply(
+                10,
+                &Command::Fence {
+                    gen: 9,
+                    handoff: None
+                }
+            ),
+            Outcome::Applied
+        );
         assert!(
             matches!(s.apply(11, &log(6, b"late")), Outcome::Rejected(ref w) if w.contains("cut in generation 7"))
         );
         assert!(
-            matches!(s.apply(12, &Command::Fence { gen: 9 }), Outcome::Rejected(ref w) if w.contains("not newer than the fenced"))
+            matches!(s.apply(12, &Command::Fence { gen: 9, handoff: None }), Outcome::Rejected(ref w) if w.contains("not newer than the fenced"))
         );
         assert_eq!((s.committed_epoch, s.applied_index), (5, 12));
     }

@@ -33,6 +33,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::control::EpochHandoff;
 use crate::placement::NodeId;
 
 /// An epoch number.
@@ -915,6 +916,13 @@ pub enum LeadInput {
     /// The stream to a node broke (messages queued on it are lost): a participant taking
     /// part in the epochs makes the leader synchronise at once.
     Unreachable(NodeId),
+    /// This leader is about to hand its Raft leadership over (its node stops): it starts no
+    /// epoch from now on, and once every open one has committed (and nothing else is under
+    /// way) says where it left them ([`LeadAction::HandedOff`]); it never starts another one
+    /// in this generation. Not taken while a move, an intake or a synchronisation is under
+    /// way, or a participant is left out (asked again); given up (epochs go on) when the open
+    /// epochs do not drain within the stop timeout.
+    HandOff,
     /// A participant's message.
     Msg {
         /// The sender.
@@ -966,6 +974,9 @@ pub enum LeadAction {
     /// The epochs made no progress (why, naming the participants waited for): a
     /// synchronisation follows (every participant rolls back to the last committed epoch).
     Stalled(String),
+    /// [`LeadInput::HandOff`] is done: the epochs stand still here, for the next leader
+    /// (it goes in the control group's fence, `Command::Fence::handoff`).
+    HandedOff(EpochHandoff),
 }
 
 #[derive(Debug, Clone)]
@@ -1122,6 +1133,13 @@ pub struct EpochLeader {
     /// The generation this leader cut `committed` in (0: not known, e.g. read from blob
     /// storage): a participant that followed it releases its open epochs up to `committed`.
     committed_gen: u64,
+    /// Handing the epochs over ([`LeadInput::HandOff`]): since when it waits for the open
+    /// epochs to drain; and whether it said where it left them (then nothing starts again).
+    handing: Option<u64>,
+    handed: bool,
+    /// Where the last leader left the epochs (see [`EpochLeader::handed_over`]): its first
+    /// synchronisation resumes the participants live if they hold exactly there.
+    handoff: Option<EpochHandoff>,
     now_ms: u64,
     /// A tick told the time (until then `now_ms` is not known: a synchronisation started
     /// before the first tick counts its timeouts from it).
@@ -1149,6 +1167,7 @@ impl EpochLeader {
             && self.joining.is_empty()
             && self.grown.is_none()
             && self.excluded.is_empty()
+            && self.handing.is_none()
     }
 
     /// When (ms, the clock of `LeadInput::Tick`) the interval's next epoch is due, while
@@ -1212,9 +1231,22 @@ impl EpochLeader {
             latest_known: false,
             always_read: false,
             committed_gen: 0,
+            handing: None,
+            handed: false,
+            handoff: None,
             now_ms: 0,
             ticked: false,
         }
+    }
+
+    /// The last leader handed the epochs over ([`EpochHandoff`], from the control group's
+    /// last fence): this leader's first synchronisation resumes the participants live —
+    /// nobody rolls back — if they are the same ones (same incarnations), all answer, and
+    /// each holds with its committed epoch and its cut at the hand-over's epoch, in the
+    /// hand-over's generation, with the same shards' generation. Otherwise it rolls them back
+    /// as every new leader does (it cannot know what was lost with the last one).
+    pub fn handed_over(&mut self, h: EpochHandoff) {
+        self.handoff = Some(h);
     }
 
     /// Participants that do not answer a `Hold` within `ms` are left out of the epochs until
@@ -1278,6 +1310,7 @@ impl EpochLeader {
             && self.grown.is_none()
             && !self.move_now
             && !self.handover
+            && self.handing.is_none()
     }
 
     /// Whether new participants that own nothing can be taken in live now: epochs run and no
@@ -1293,6 +1326,7 @@ impl EpochLeader {
             && self.reconfiguring.is_none()
             && self.prepare.is_none()
             && self.quiesce.is_none()
+            && self.handing.is_none()
     }
 
     /// Whether node `n` may be given key groups: a participant, not one being taken in. A
@@ -1343,6 +1377,9 @@ impl EpochLeader {
 
     fn sync(&mut self, out: &mut Vec<LeadAction>) {
         self.resync = false;
+        // A hand-over under way is given up (one done stays done: nothing starts again in
+        // its generation, and this synchronisation opens another).
+        self.handing = None;
         // A resynchronisation drops a pending move (the next round plans again).
         self.prepare = None;
         self.quiesce = None;
@@ -1375,6 +1412,14 @@ impl EpochLeader {
         if self.participants.is_empty() {
             self.phase = Phase::Idle;
             return;
+        }
+        // The first synchronisation after the last leader handed the epochs over: live if
+        // everyone holds where it left them (checked with the answers, `LeadInput::Latest`).
+        if let Some(h) = self.handoff.take() {
+            if moving.is_none() && self.joining.is_empty() && h.participants == self.participants {
+                self.live = Some(h.committed);
+                self.live_gen = h.gen;
+            }
         }
         self.gen += 1;
         self.phase = Phase::Syncing {
@@ -1699,6 +1744,22 @@ impl EpochLeader {
                             self.joining.extend(joining);
                             return out;
                         }
+                        if let Some(t) = self.handing.filter(|_| !self.handed) {
+                            if coord.drained() && writing.is_none() {
+                                // Nothing open: the epochs stand still here for the next
+                                // leader.
+                                self.handed = true;
+                                out.push(LeadAction::HandedOff(EpochHandoff {
+                                    gen: self.gen,
+                                    committed: coord.committed(),
+                                    participants: self.participants.clone(),
+                                }));
+                            } else if now_ms >= t + self.stop_timeout_ms {
+                                // The open epochs did not drain: epochs go on here.
+                                self.handing = None;
+                                coord.pause(false);
+                            }
+                        }
                         if !self.excluded.is_empty()
                             && now_ms >= self.last_excluded_hold_ms + EXCLUDED_HOLD_EVERY_MS
                         {
@@ -1784,6 +1845,18 @@ impl EpochLeader {
                 if self.running() && self.active.contains(&n) && self.participants.contains_key(&n)
                 {
                     self.want_sync(&mut out);
+                }
+            }
+            LeadInput::HandOff => {
+                if self.handing.is_none()
+                    && !self.handed
+                    && self.ready_to_move()
+                    && self.joining.is_empty()
+                {
+                    self.handing = Some(self.now_ms);
+                    if let Phase::Running { coord, .. } = &mut self.phase {
+                        coord.pause(true);
+                    }
                 }
             }
             LeadInput::Retire(p) => {
@@ -3008,6 +3081,97 @@ mod tests {
                 ),
                 "to {to}: {m:?}"
             );
+        }
+    }
+
+    /// A leader about to hand its Raft leadership over stops starting epochs, waits for the
+    /// open one to commit, then says where it left them (once) and starts nothing again; the
+    /// next leader, told so, resumes the participants live if they hold exactly there, in
+    /// that generation, and rolls them back as any new leader otherwise.
+    #[test]
+    fn a_leader_that_hands_the_epochs_over_stops_them_and_the_next_one_resumes_them_live() {
+        let (mut l, g) = running_leader();
+        let mut now = 0;
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        assert!(l.handle(LeadInput::HandOff).is_empty());
+        assert!(!l.ready_to_move() && !l.idle(), "a hand-over is under way");
+        let mut a = Vec::new();
+        for _ in 0..5 {
+            now += 10;
+            a.extend(l.handle(LeadInput::Tick { now_ms: now }));
+        }
+        assert!(
+            !a.iter().any(|x| matches!(x, LeadAction::HandedOff(_))),
+            "epoch {e} is open: {a:?}"
+        );
+        assert!(sends(&a).is_empty(), "nothing starts: {a:?}");
+        commit(&mut l, g, e);
+        now += 10;
+        let a = l.handle(LeadInput::Tick { now_ms: now });
+        let handed: Vec<_> = a
+            .iter()
+            .filter_map(|x| match x {
+                LeadAction::HandedOff(h) => Some(h.clone()),
+                _ => None,
+            })
+            .collect();
+        let h = EpochHandoff {
+            gen: g,
+            committed: e,
+            participants: [(1, 1), (2, 1)].into(),
+        };
+        assert_eq!(handed, vec![h.clone()]);
+        // Nothing starts again, not even for a caller; it is said once.
+        l.handle(LeadInput::Msg {
+            from: 1,
+            msg: EpochMsg::Wanted { gen: g },
+        });
+        let mut a = Vec::new();
+        for _ in 0..50 {
+            now += 10;
+            a.extend(l.handle(LeadInput::Tick { now_ms: now }));
+        }
+        assert!(a.is_empty(), "{a:?}");
+
+        // The next leader's first synchronisation: (participants, their answers (cut,
+        // generation followed), hand-over live).
+        let three: BTreeMap<NodeId, u64> = [(1, 1), (2, 1), (3, 1)].into();
+        type Case = (BTreeMap<NodeId, u64>, [(Epoch, u64); 2], bool);
+        let cases: Vec<Case> = vec![
+            (h.participants.clone(), [(e, g), (e, g)], true),
+            // Participant 2 cut the next epoch (a barrier the last leader did send).
+            (h.participants.clone(), [(e, g), (e + 1, g)], false),
+            // Participant 1 followed another generation since.
+            (h.participants.clone(), [(e, g + 1), (e, g)], false),
+            // Other participants than those it left.
+            (three, [(e, g), (e, g)], false),
+        ];
+        for (p, answers, live) in cases {
+            let mut n = EpochLeader::new(2 << 32, 10, 4, 100_000, e);
+            n.handed_over(h.clone());
+            n.handle(LeadInput::Tick { now_ms: 0 });
+            n.handle(LeadInput::Participants(p.clone()));
+            let g2 = n.gen();
+            for (i, (cut, cut_gen)) in answers.into_iter().enumerate() {
+                n.handle(LeadInput::Msg {
+                    from: i as NodeId + 1,
+                    msg: held_msg(g2, e, cut, cut_gen),
+                });
+            }
+            if p.len() == 3 {
+                n.handle(LeadInput::Msg {
+                    from: 3,
+                    msg: held_msg(g2, e, e, g),
+                });
+            }
+            let a = sends(&n.handle(LeadInput::Latest(Ok(Some(e)))));
+            assert_eq!(a.len(), p.len(), "{a:?}");
+            for (to, m) in a {
+                assert!(
+                    matches!(m, EpochMsg::Resume { roll_back, live: l, .. } if l == live && roll_back != live),
+                    "{answers:?} to {to}: {m:?}"
+                );
+            }
         }
     }
 

@@ -348,7 +348,10 @@ fn the_epoch_log_survives_the_loss_of_the_leaders_disk() {
     let mut members = three(dir.path());
     run(&mut members, 60);
     leader(&mut members)
-        .propose(&Command::Fence { gen: 1 })
+        .propose(&Command::Fence {
+            gen: 1,
+            handoff: None,
+        })
         .unwrap();
     run(&mut members, 20);
     log_epochs(&mut members, 1, 40);

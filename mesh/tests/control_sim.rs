@@ -27,7 +27,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 use raft::storage::MemStorage;
-use statemesh_mesh::control::{ClusterState, Command, EpochBytes, MoveCommand, Outcome, Role};
+use statemesh_mesh::control::{
+    ClusterState, Command, EpochBytes, EpochHandoff, MoveCommand, Outcome, Role,
+};
 use statemesh_mesh::group::{bootstrap, ControlNode, Timing};
 use statemesh_mesh::placement::NodeId;
 use statemesh_mesh::sim::Rng;
@@ -310,6 +312,13 @@ impl Sim {
                 match self.rng.below(8) {
                     0 => Command::Fence {
                         gen: state.log.gen + self.rng.below(2),
+                        // Now and then a leader's hand-over rides along (replicas and
+                        // snapshots must agree on it too).
+                        handoff: (self.rng.below(2) == 0).then(|| EpochHandoff {
+                            gen: state.log.gen,
+                            committed: state.committed_epoch,
+                            participants: [(1, 7), (2, 9)].into_iter().collect(),
+                        }),
                     },
                     1 => Command::LogEpoch {
                         epoch,

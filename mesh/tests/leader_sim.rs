@@ -1,7 +1,10 @@
 //! The leader's side of cluster epochs ([`EpochLeader`]) and its participants under a
 //! deterministic, seeded simulation: 1 to 3 participants follow leaders that come and go (a new
 //! leader with the next term takes over at random; the deposed one's manifest write in flight
-//! may still land afterwards), messages between them are delayed, reordered across links and
+//! may still land afterwards; now and then a leader hands the epochs over first — they stand
+//! still, it says where in the control group, and its successor takes over a little later and
+//! may resume them live, or another takes over abruptly before or after that), messages
+//! between them are delayed, reordered across links and
 //! lost now and then (each link is FIFO, as the node-pair streams are), part and manifest
 //! writes take random times and fail (a manifest write may also fail after storing it), and participants restart (they lose everything blob
 //! storage does not hold and come back with the newest manifest and another incarnation).
@@ -29,6 +32,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use statemesh_mesh::control::EpochHandoff;
 use statemesh_mesh::epoch::{Epoch, EpochLeader, EpochMsg, LeadAction, LeadInput};
 use statemesh_mesh::placement::NodeId;
 use statemesh_mesh::sim::Rng;
@@ -127,6 +131,15 @@ struct World {
     retiring: Option<NodeId>,
     /// Participants taken out with the others resuming live (nobody rolled back).
     retired_live: u64,
+    /// The control group's record of the last leader's hand-over (its fence; the next
+    /// fence clears it), and when its successor takes over.
+    handoff: Option<EpochHandoff>,
+    transfer_at: Option<u64>,
+    /// The term of a leader that took over after a hand-over.
+    handoff_term: u64,
+    /// Hand-overs, and live resumes of participants by the leader after one.
+    handoffs: u64,
+    handed_live: u64,
 }
 
 impl World {
@@ -163,8 +176,16 @@ impl World {
             match a {
                 LeadAction::Send { to, msg } => self.send(LEADER, to, msg),
                 LeadAction::ReadLatest => {
+                    // (Its fence, which forgets a hand-over.)
+                    self.handoff = None;
                     let at = self.now + 1 + self.rng.below(5);
                     self.reads.push((at, self.term));
+                }
+                LeadAction::HandedOff(h) => {
+                    self.log(|| format!("the leader hands the epochs over: {h:?}"));
+                    self.handoff = Some(h);
+                    self.handoffs += 1;
+                    self.transfer_at = Some(self.now + 1 + self.rng.below(5));
                 }
                 LeadAction::WriteManifest {
                     epoch,
@@ -176,7 +197,8 @@ impl World {
                         .map(|p| String::from_utf8(p.clone()).unwrap().parse().unwrap())
                         .collect();
                     let at = self.now + 1 + self.rng.below(10);
-                    let fails = self.rng.chance(100);
+                    // (Once failures stop, manifest writes succeed too.)
+                    let fails = self.lossy && self.rng.chance(100);
                     self.manifest_writes.push((
                         at,
                         self.term,
@@ -340,6 +362,10 @@ impl World {
                 p.stop_at = None;
                 p.stopped = None;
                 self.live += 1;
+                // (The first synchronisation of a leader that took over after a hand-over.)
+                if self.handoff_term == self.term && gen == (self.term << 32) + 1 {
+                    self.handed_live += 1;
+                }
                 if self.retiring.is_some_and(|r| r != id) {
                     self.retiring = None;
                     self.retired_live += 1;
@@ -503,6 +529,11 @@ impl World {
         self.leader = EpochLeader::new(self.term << 32, 5, 4, 200, recorded)
             .exclude_after(Some(EXCLUDE_AFTER))
             .move_timeouts(STOP_AFTER, RECONFIGURE_AFTER);
+        if let Some(h) = self.handoff.clone() {
+            self.leader.handed_over(h);
+            self.handoff_term = self.term;
+        }
+        self.transfer_at = None;
         self.reads.clear();
         for ((from, to), q) in self.links.iter_mut() {
             if *from == LEADER || *to == LEADER {
@@ -518,6 +549,15 @@ impl World {
         self.now += 1;
         self.lossy = chaos;
         if chaos && self.rng.chance(4) {
+            self.new_leader();
+        }
+        // A leader about to hand its leadership over (its node stops): the epochs stand still
+        // first, and its successor takes over once it says where.
+        if self.rng.chance(if chaos { 8 } else { 2 }) {
+            self.log(|| "the leader is asked to hand the epochs over".to_string());
+            self.lead(LeadInput::HandOff);
+        }
+        if self.transfer_at.is_some_and(|t| t <= self.now) {
             self.new_leader();
         }
         if (chaos && self.rng.chance(5)) || (!chaos && self.rng.chance(3)) {
@@ -635,7 +675,7 @@ impl World {
 
 /// What a schedule went through: (releases, leader takeovers, participant restarts, late
 /// manifests of deposed leaders, rounds of moves proposed).
-fn run(seed: u64) -> Result<[u64; 10], String> {
+fn run(seed: u64) -> Result<[u64; 12], String> {
     let mut rng = Rng(seed.max(1));
     let n = 1 + rng.below(3);
     let mut w = World {
@@ -676,6 +716,11 @@ fn run(seed: u64) -> Result<[u64; 10], String> {
         joined_live: 0,
         retiring: None,
         retired_live: 0,
+        handoff: None,
+        transfer_at: None,
+        handoff_term: 0,
+        handoffs: 0,
+        handed_live: 0,
     };
     // Now and then the last member joins the epochs later (it owns nothing until then).
     let joins_at = (n > 1 && w.rng.chance(500)).then(|| 1 + w.rng.below(5_000));
@@ -755,6 +800,8 @@ fn run(seed: u64) -> Result<[u64; 10], String> {
         w.live,
         w.joined_live,
         w.retired_live,
+        w.handoffs,
+        w.handed_live,
     ])
 }
 
@@ -771,16 +818,21 @@ fn the_leader_synchronises_participants_safely_through_leader_changes_losses_and
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    let mut total = [0u64; 10];
+    let mut total = [0u64; 12];
     for seed in 1..=seeds {
         match run(seed) {
-            Ok(t) => (0..10).for_each(|i| total[i] += t[i]),
+            Ok(t) => (0..12).for_each(|i| total[i] += t[i]),
             Err(e) => panic!("seed {seed} (SIM_SEED={seed} reproduces it): {e}"),
         }
     }
     println!(
-        "{seeds} schedules passed: {} releases, {} leader takeovers, {} participant restarts, {} manifests of deposed leaders landing late, {} rounds of moves proposed, {} steps with a participant left out, {} resumes releasing open epochs, {} live resumes (moves that rolled nobody back), {} participants taken in live, {} taken out live",
-        total[0], total[1], total[2], total[3], total[4], total[5], total[6], total[7], total[8], total[9]
+        "{seeds} schedules passed: {} releases, {} leader takeovers, {} participant restarts, {} manifests of deposed leaders landing late, {} rounds of moves proposed, {} steps with a participant left out, {} resumes releasing open epochs, {} live resumes (moves that rolled nobody back), {} participants taken in live, {} taken out live, {} hand-overs of the epochs by a leader, {} participants resumed live by its successor",
+        total[0], total[1], total[2], total[3], total[4], total[5], total[6], total[7], total[8], total[9], total[10], total[11]
+    );
+    assert!(total[10] > 0, "no leader handed the epochs over");
+    assert!(
+        total[11] > 0,
+        "no leader resumed the participants live after a hand-over"
     );
     assert!(total[9] > 0, "no participant was taken out live");
     assert!(total[8] > 0, "no participant was taken in live");

@@ -629,6 +629,8 @@ pub(crate) fn start(
             transfer_asked: None,
             stopping: None,
             drain: None,
+            handed_off: None,
+            stop_begun: false,
             draining: HashMap::new(),
             left: false,
             last_heard: Instant::now(),
@@ -980,6 +982,11 @@ struct Driver {
     stopping: Option<Stopping>,
     /// Stopping (SIGTERM), first: its key groups handed over live (see [`Driver::drain_step`]).
     drain: Option<Drain>,
+    /// The hand-over of the epochs this leader proposed (its fence, `Command::Fence`).
+    handed_off: Option<statemesh_mesh::control::EpochHandoff>,
+    /// This process is stopping (SIGTERM): as the leader it drains nobody (see
+    /// `drain_asked`).
+    stop_begun: bool,
     /// As the leader: the members that stop and asked to be drained (`Mesh.Drain`), by id:
     /// the process (incarnation) and when it last asked. Placement leaves them out, and so do
     /// the cluster's epochs once they own nothing; a drain not asked again for `DRAIN_TTL` is
@@ -1068,6 +1075,14 @@ fn alive_after_stop(state: &ClusterState, me: NodeId) -> bool {
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
 /// How often a stopping member asks the leader to drain it (and how it learns it is done).
 const DRAIN_ASK_EVERY: Duration = Duration::from_millis(100);
+/// How long a stopping leader waits for the cluster's epochs to stand still for the next
+/// leader (the open ones commit; see `LeadInput::HandOff`) before it hands its leadership over
+/// all the same.
+const HANDOFF_WAIT: Duration = Duration::from_secs(1);
+/// A leader that stops waits this long before it moves its own key groups away: members that
+/// stop with it (the whole cluster is being stopped) ask for their drains meanwhile, and it
+/// then gives its own up, so that no move runs while they stop.
+const LEADER_DRAIN_GRACE: Duration = Duration::from_millis(200);
 /// A drain the leader was not asked again for this long is forgotten.
 const DRAIN_TTL: Duration = Duration::from_secs(2);
 
@@ -1080,13 +1095,20 @@ struct Drain {
     /// ask is in flight.
     asked: Option<Instant>,
     in_flight: bool,
-    /// The voter it hands the leadership to, when it leads (as for a stop).
+    /// The voter it hands the leadership to, when it leads (as for a stop), and when it last
+    /// asked for the transfer.
     transfer_to: Option<NodeId>,
+    transfer_asked: Option<Instant>,
+    /// When it leads: since when it asks the epochs to stand still for the next leader
+    /// (`LeadInput::HandOff`; `asked`: when it last asked).
+    handoff: Option<Instant>,
     /// The leader's last answer (logged when it changes).
     last: Option<(u32, bool)>,
     /// The leader said it is drained: the stop goes on, and the member keeps asking, so
     /// that the leader does not give it key groups again before its stop applies.
     done: bool,
+    /// It leads, and its own key groups move away (after `LEADER_DRAIN_GRACE`).
+    moving_own: bool,
     reply: Option<oneshot::Sender<()>>,
 }
 
@@ -1240,6 +1262,7 @@ impl Driver {
     /// rolls nobody back. It goes on serving meanwhile; the reply goes once the leader says it
     /// is drained, or it gave up (`DRAIN_WAIT`; the stop then goes as before).
     fn begin_drain(&mut self, reply: oneshot::Sender<()>) {
+        self.stop_begun = true;
         let me = self.node.id();
         let state = self.node.state();
         let live_peer = state.members.values().any(|m| m.id != me && m.alive);
@@ -1247,11 +1270,13 @@ impl Driver {
             .members
             .get(&me)
             .is_some_and(|m| m.alive && m.incarnation == self.incarnation);
+        // (Without checkpoints there are no cluster epochs, and no live moves.)
         if !live_peer
             || !live_member
             || !self.joined
             || self.leaving()
             || self.left
+            || self.epoch_cp.is_none()
             || !alive_after_stop(state, me)
         {
             let _ = reply.send(());
@@ -1268,8 +1293,11 @@ impl Driver {
             asked: None,
             in_flight: false,
             transfer_to: None,
+            transfer_asked: None,
+            handoff: None,
             last: None,
             done: false,
+            moving_own: false,
             reply: Some(reply),
         });
     }
@@ -1293,19 +1321,59 @@ impl Driver {
             self.end_drain();
             return;
         }
-        if d.in_flight || d.asked.is_some_and(|t| t.elapsed() < DRAIN_ASK_EVERY) {
-            return;
-        }
         let leads = self.node.is_leader();
         if leads && d.done {
             // (It leads again: a transfer came back to it. Its stop exits without telling.)
             return;
         }
-        if leads && d.asked.is_some_and(|t| t.elapsed() < STOP_TRANSFER_AGAIN) {
-            return;
-        }
-        d.asked = Some(Instant::now());
         if leads {
+            // First its own key groups move to the others (it leads their rounds: placement
+            // leaves it out, `drained`) and it leaves the epochs; members that stop meanwhile
+            // (the whole cluster is being stopped) make it give that up (`drain_asked`), so
+            // that the leader stays while they commit their last epochs.
+            let state = self.node.state();
+            let in_epochs = self.lead.as_ref().is_some_and(|l| l.active().contains(&me))
+                || self
+                    .participants
+                    .as_ref()
+                    .is_some_and(|p| p.contains_key(&me));
+            if self.lead.is_some() && (state.owned_by(me) > 0 || in_epochs) {
+                if d.since.elapsed() >= LEADER_DRAIN_GRACE && !d.moving_own {
+                    d.moving_own = true;
+                    // Its own key groups' round does not wait for the pace of rounds.
+                    self.move_round = None;
+                    self.kick = true;
+                }
+                return;
+            }
+            // Then the cluster's epochs stand still where the next leader can resume them
+            // live (`LeadInput::HandOff`, then its fence), for up to `HANDOFF_WAIT`; then the
+            // leadership goes (the next leader's first synchronisation rolls everyone back
+            // unless it finds them where this one left them).
+            let handed = self.handed_off.is_some()
+                && self.node.state().handoff.as_ref() == self.handed_off.as_ref();
+            let now = Instant::now();
+            let since = *d.handoff.get_or_insert(now);
+            if !handed && self.lead.is_some() && since.elapsed() < HANDOFF_WAIT {
+                if d.asked.is_none_or(|t| t.elapsed() >= DRAIN_ASK_EVERY) {
+                    d.asked = Some(now);
+                    self.lead_input(LeadInput::HandOff);
+                }
+                return;
+            }
+            if d.transfer_asked
+                .is_some_and(|t| t.elapsed() < STOP_TRANSFER_AGAIN)
+            {
+                return;
+            }
+            let first = d.transfer_asked.replace(now).is_none();
+            if !handed && first {
+                tracing::info!(
+                    node = me,
+                    "stopping: the epochs did not stand still for the next leader within {} ms; it will roll everyone back",
+                    HANDOFF_WAIT.as_millis()
+                );
+            }
             let before = d.transfer_to;
             let to = self.hand_leadership_over(before);
             if to.is_some() && to != before {
@@ -1316,9 +1384,24 @@ impl Driver {
                 );
             }
             match to {
-                Some(_) => {
+                Some(t) => {
                     if let Some(d) = self.drain.as_mut() {
                         d.transfer_to = to;
+                    }
+                    // The next leader knows the drain before it leads.
+                    if let Some(addr) = self
+                        .node
+                        .state()
+                        .members
+                        .get(&t)
+                        .map(|m| m.grpc_addr.clone())
+                    {
+                        let req = mpb::DrainRequest {
+                            cluster_id: self.cluster_id.to_string(),
+                            id: me,
+                            incarnation: self.incarnation,
+                        };
+                        tokio::spawn(crate::mesh::ask_drain(req, addr, self.inbox.clone()));
                     }
                 }
                 None => {
@@ -1331,6 +1414,9 @@ impl Driver {
             }
             return;
         }
+        if d.in_flight || d.asked.is_some_and(|t| t.elapsed() < DRAIN_ASK_EVERY) {
+            return;
+        }
         let state = self.node.state();
         let Some(addr) = self
             .node
@@ -1340,6 +1426,7 @@ impl Driver {
         else {
             return;
         };
+        d.asked = Some(Instant::now());
         d.in_flight = true;
         let req = mpb::DrainRequest {
             cluster_id: self.cluster_id.to_string(),
@@ -1418,10 +1505,19 @@ impl Driver {
     /// answer says how far it is; placement leaves it out from now on (`placing`), and the
     /// epochs once it owns nothing (`lead_epochs`' participants).
     fn drain_asked(&mut self, id: NodeId, incarnation: u64) -> mpb::DrainReply {
+        let state = self.node.state();
         if !self.node.is_leader() {
+            // A leader that stops asks the voter it hands its leadership to first: it knows
+            // the drain as soon as it leads (or it would give the member key groups again).
+            if state
+                .members
+                .get(&id)
+                .is_some_and(|m| m.alive && m.incarnation == incarnation && !m.leaving)
+            {
+                self.draining.insert(id, (incarnation, Instant::now()));
+            }
             return mpb::DrainReply::default();
         }
-        let state = self.node.state();
         let refused = |why: String| mpb::DrainReply {
             leads: true,
             refused: why,
@@ -1440,6 +1536,39 @@ impl Driver {
         }
         if id == self.node.id() {
             return refused(format!("node {id} leads the cluster"));
+        }
+        if self.stop_begun {
+            // The whole cluster is being stopped, most likely (members stopped together): its
+            // stops go as before — the members commit their last epochs while this leader
+            // still runs, and the last ones keep their key groups. This leader's own drain, if
+            // it has not handed its leadership over yet, is given up too.
+            if self.drain.as_ref().is_some_and(|d| !d.done) {
+                tracing::info!(
+                    node = self.node.id(),
+                    other = id,
+                    "stopping: another member stops too (the cluster is being stopped): this node stops as before"
+                );
+                self.end_drain();
+            }
+            return refused(format!(
+                "the leader (node {}) is stopping too",
+                self.node.id()
+            ));
+        }
+        // A majority of the voters must stay alive after it, counting those being drained as
+        // gone (members stopped together: the last ones keep their key groups, as their stops
+        // would be refused).
+        let voters = state.conf.as_ref().map_or(&[][..], |c| &c.voters[..]);
+        let staying = voters
+            .iter()
+            .filter(|&&v| {
+                v != id && state.members.get(&v).is_some_and(|m| m.alive) && !self.drained(v)
+            })
+            .count();
+        if staying <= voters.len() / 2 {
+            return refused(format!(
+                "a majority of the voters would not stay alive after node {id} and those stopping"
+            ));
         }
         if !self
             .placing(state)
@@ -1468,16 +1597,33 @@ impl Driver {
             leads: true,
             refused: String::new(),
             owned: state.owned_by(id) as u32,
-            in_epochs: self
-                .participants
-                .as_ref()
-                .is_none_or(|p| p.contains_key(&id)),
+            // (Still in while the epoch leader counts it: a retirement waits for the open
+            // epochs, which need its parts.)
+            in_epochs: self.lead.as_ref().is_none_or(|l| l.active().contains(&id))
+                || self
+                    .participants
+                    .as_ref()
+                    .is_none_or(|p| p.contains_key(&id)),
         }
     }
 
-    /// Whether member `id` is being drained (see `draining`).
+    /// Whether member `id` is being drained (see `draining`: the process that asked is the
+    /// member's now), or is this node while it drains (it leads: it took the leadership back,
+    /// or got it while it drains).
     fn drained(&self, id: NodeId) -> bool {
-        self.draining.contains_key(&id)
+        if id == self.node.id() {
+            return self
+                .drain
+                .as_ref()
+                .is_some_and(|d| d.since.elapsed() >= LEADER_DRAIN_GRACE);
+        }
+        self.draining.get(&id).is_some_and(|(incarnation, _)| {
+            self.node
+                .state()
+                .members
+                .get(&id)
+                .is_some_and(|m| m.incarnation == *incarnation)
+        })
     }
 
     /// The members that take key groups: alive, not leaving, not being drained.
@@ -1929,9 +2075,6 @@ impl Driver {
         self.detect(now);
         self.drain_step();
         self.stop_step();
-        if !self.node.is_leader() {
-            self.draining.clear();
-        }
         let state = self.node.state();
         self.draining.retain(|id, (incarnation, asked)| {
             let keep = asked.elapsed() < DRAIN_TTL;
@@ -2093,7 +2236,7 @@ impl Driver {
         }
         let now = crate::mesh::mono_ms();
         state
-            .plan_failover(&|n| n == me || (self.node.caught_up(n) && !self.drained(n)))
+            .plan_failover(&|n| (n == me || self.node.caught_up(n)) && !self.drained(n))
             .into_iter()
             .filter(|m| {
                 state.table[m.kg as usize]
@@ -2186,6 +2329,14 @@ impl Driver {
             // Every synchronisation fences its generation and uploads the tail first (also
             // with the log off here: a tail another leader left is uploaded).
             lead.read_latest_always();
+            if let Some(h) = state.handoff.clone() {
+                tracing::info!(
+                    committed = h.committed,
+                    gen = h.gen,
+                    "the last leader handed the epochs over: they resume live if every participant holds where it left them"
+                );
+                lead.handed_over(h);
+            }
             self.log_lead = Some(LogLead::new(self.log_cfg));
             self.lead = Some(lead);
             self.participants = None;
@@ -2490,7 +2641,7 @@ impl Driver {
                     result,
                 });
             }
-            Command::Fence { gen }
+            Command::Fence { gen, .. }
                 if ll.sync == Some((*gen, false)) && self.node.state().log.gen >= *gen =>
             {
                 self.log_fenced(*gen);
@@ -2634,7 +2785,7 @@ impl Driver {
                 if self.node.state().log.gen >= gen {
                     self.log_fenced(gen);
                 } else {
-                    match self.node.propose(&Command::Fence { gen }) {
+                    match self.node.propose(&Command::Fence { gen, handoff: None }) {
                         Ok(()) => {
                             if let Some(ll) = self.log_lead.as_mut() {
                                 ll.sync = Some((gen, false));
@@ -2701,6 +2852,23 @@ impl Driver {
                 });
             }
             LeadAction::Record(e) => self.record_wanted = self.record_wanted.max(e),
+            LeadAction::HandedOff(h) => {
+                // The fence says where the epochs stand: the next leader resumes them there.
+                let gen = self.node.state().log.gen.max(h.gen) + 1;
+                tracing::info!(
+                    committed = h.committed,
+                    gen = h.gen,
+                    participants = ?h.participants.keys().collect::<Vec<_>>(),
+                    "the epochs stand still for the next leader (nothing rolls back if they resume there)"
+                );
+                match self.node.propose(&Command::Fence {
+                    gen,
+                    handoff: Some(h.clone()),
+                }) {
+                    Ok(()) => self.handed_off = Some(h),
+                    Err(e) => tracing::debug!(error = %e, "hand-over not proposed"),
+                }
+            }
             LeadAction::Stalled(why) => tracing::warn!(
                 "cluster epochs made no progress: synchronising the participants again ({why})"
             ),

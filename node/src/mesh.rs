@@ -1040,24 +1040,35 @@ async fn fn_forwarder_task(
             .max_decoding_message_size(MAX_FORWARDED)
             .max_encoding_message_size(MAX_FORWARDED);
         // The response stays open as long as the stream (dropping it would end the stream).
-        // It tells whether the stream ended because the peer's process stopped (`STOPPING`).
+        // It tells how the stream ended: `Some(id)` when the peer's process stopped, having
+        // read every request through `id` (see `serve_forward`).
         let mut call = tokio::spawn(async move {
             let r = client
                 .forward(tokio_stream::wrappers::ReceiverStream::new(frx))
                 .await;
             let mut replies = match r {
                 Ok(r) => r.into_inner(),
-                Err(e) => return e.message().contains(STOPPING),
+                Err(e) => return read_through(&e),
             };
             loop {
                 match replies.message().await {
                     Ok(Some(_)) => {}
-                    Ok(None) => return false,
-                    Err(e) => return e.message().contains(STOPPING),
+                    Ok(None) => return None,
+                    Err(e) => return read_through(&e),
                 }
             }
         });
-        let mut call_ended: Option<bool> = None;
+        // The last request id handed to this stream (0: none yet).
+        let mut sent_through = 0u64;
+        // How the stream ended, once known.
+        let mut ended: Option<Option<u64>> = None;
+        // A stream the peer's process ended by stopping, having read everything sent on it,
+        // lost nothing: what comes next is for the next process at that address (a new
+        // stream, without a rollback). A process that took part in the epochs is declared
+        // dead then, and everyone rolls back; one drained first (`Mesh.Drain`) took no part
+        // any more and owned nothing. Any other end, or a stop before it read everything, may
+        // have lost messages: the stream is poisoned and the participants roll back.
+        let let_go = |ended: Option<u64>, sent_through: u64| ended == Some(sent_through);
         let broke = loop {
             let frame = match resend.take() {
                 Some(f) => f,
@@ -1094,36 +1105,32 @@ async fn fn_forwarder_task(
             if cut_off(true) {
                 break Some(CUT_OFF.to_string());
             }
+            let last = frame.requests.last().map_or(sent_through, |r| r.id);
             if let Err(e) = ftx.send(frame).await {
-                let stopped = match call_ended {
-                    Some(s) => s,
-                    None => (&mut call).await.unwrap_or(false),
+                let end = match ended {
+                    Some(end) => end,
+                    None => (&mut call).await.unwrap_or(None),
                 };
-                if stopped {
-                    // The peer's process stopped, its last epoch committed: this frame never
-                    // left, and is the first of a stream to the address's next process.
+                if let_go(end, sent_through) {
+                    // This frame never left: it is the first of the next stream.
                     resend = Some(e.0);
                     break None;
                 }
                 break Some("the stream closed".to_string());
             }
-            // Waiting for the next message, a stream that the peer ends because its process
-            // stopped (its last epoch committed) is let go at once: what it carried was for
-            // a process that is gone — one that took part in the epochs is declared dead and
-            // everyone rolls back; one drained first (`Mesh.Drain`) took no part any more and
-            // owned nothing, so nothing was sent to it — and the next message goes to the
-            // next process at that address on a new stream, without a rollback. Any other end
-            // is found out by the next send, as before.
-            let next = if call_ended.is_none() {
+            sent_through = last;
+            // Waiting for the next message, a stream the peer ends is looked at at once.
+            let next = if ended.is_none() {
                 tokio::select! {
                     r = next_unpoisoned(&mut rx, poisoned) => Some(r),
-                    ended = &mut call => {
-                        let stopped = ended.unwrap_or(false);
-                        call_ended = Some(stopped);
-                        if stopped {
-                            tracing::debug!(%addr, "the peer stopped: its stream of messages between functions ended");
+                    end = &mut call => {
+                        let end = end.unwrap_or(None);
+                        ended = Some(end);
+                        if let_go(end, sent_through) {
+                            tracing::debug!(%addr, "the peer stopped, having read everything sent to it: its stream of messages between functions ended");
                             break None;
                         }
+                        // (Found out by the next send, as before.)
                         None
                     }
                 }
@@ -1289,20 +1296,23 @@ pub(crate) fn serve_forward(
     closing: tokio::sync::watch::Receiver<bool>,
 ) -> std::pin::Pin<Box<dyn futures::Stream<Item = Result<mpb::ForwardReplyFrame, Status>> + Send>> {
     let (rtx, rrx) = mpsc::channel::<mpb::ForwardReply>(FORWARD_QUEUE);
-    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Set when this process stops reading: the id of the last request it read, plus one.
+    let stopped = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stopping = stopped.clone();
     tokio::spawn(async move {
         // Once the node stopping committed its last epoch, no more requests are read: the
-        // reply stream ends when those under way have answered, with `STOPPING` (the sender
-        // of messages between functions learns that this process is gone, not that the
-        // stream lost messages: see `fn_forwarder_task`).
+        // reply stream ends when those under way have answered, with `STOPPING` and the id of
+        // the last request read (the sender of messages between functions learns that this
+        // process is gone, and whether anything it sent was not read: see
+        // `fn_forwarder_task`).
         let stop = closed(closing);
         tokio::pin!(stop);
+        let mut last_read = 0u64;
         loop {
             let next = tokio::select! {
                 f = inbound.next() => f,
                 _ = &mut stop => {
-                    stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+                    stopping.store(last_read + 1, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }
             };
@@ -1317,6 +1327,9 @@ pub(crate) fn serve_forward(
             if cut_off(false) {
                 // Lost with the connection.
                 return;
+            }
+            if let Some(r) = frame.requests.last() {
+                last_read = last_read.max(r.id);
             }
             for r in frame.requests {
                 let id = r.id;
@@ -1370,9 +1383,16 @@ pub(crate) fn serve_forward(
         |state| async move {
             let (mut rrx, stopped) = state?;
             let Some(first) = rrx.recv().await else {
-                return stopped
-                    .load(std::sync::atomic::Ordering::SeqCst)
-                    .then(|| (Err(Status::unavailable(STOPPING)), None));
+                let read = stopped.load(std::sync::atomic::Ordering::SeqCst);
+                return (read > 0).then(|| {
+                    (
+                        Err(Status::unavailable(format!(
+                            "{STOPPING}{READ_THROUGH}{}",
+                            read - 1
+                        ))),
+                        None,
+                    )
+                });
             };
             let mut replies = vec![first];
             while replies.len() < FRAME {
@@ -1602,6 +1622,16 @@ async fn closed(mut closing: tokio::sync::watch::Receiver<bool>) {
 
 /// Why a peer's stream ends when this node stops.
 const STOPPING: &str = "the node is stopping (its last epoch committed)";
+/// After [`STOPPING`], on a forwarding stream: the id of the last request read follows.
+const READ_THROUGH: &str = "; requests read through id ";
+
+/// The id of the last request a peer's stopping process read from a forwarding stream, from
+/// the status that ended it (`None`: it did not end so).
+fn read_through(status: &Status) -> Option<u64> {
+    let m = status.message();
+    let rest = m.strip_prefix(STOPPING)?.strip_prefix(READ_THROUGH)?;
+    rest.parse().ok()
+}
 
 #[tonic::async_trait]
 impl mpb::mesh_server::Mesh for MeshService {
