@@ -923,6 +923,12 @@ pub enum LeadInput {
     /// way, or a participant is left out (asked again); given up (epochs go on) when the open
     /// epochs do not drain within the stop timeout.
     HandOff,
+    /// The hand-over is given up (the leadership stays, or the node stops without handing it
+    /// over): epochs go on. Once it said where it left them ([`LeadAction::HandedOff`]) —
+    /// its fence may have applied, after which no epoch of that generation commits — they go
+    /// on in a new generation (a synchronisation: everyone rolls back); before, they just
+    /// start again.
+    CancelHandOff,
     /// A participant's message.
     Msg {
         /// The sender.
@@ -1754,6 +1760,10 @@ impl EpochLeader {
                                     committed: coord.committed(),
                                     participants: self.participants.clone(),
                                 }));
+                                // The hand-over's fence takes the next generation: a later
+                                // synchronisation of this leader fences one above it (and so
+                                // forgets the hand-over).
+                                self.gen += 1;
                             } else if now_ms >= t + self.stop_timeout_ms {
                                 // The open epochs did not drain: epochs go on here.
                                 self.handing = None;
@@ -1856,6 +1866,16 @@ impl EpochLeader {
                     self.handing = Some(self.now_ms);
                     if let Phase::Running { coord, .. } = &mut self.phase {
                         coord.pause(true);
+                    }
+                }
+            }
+            LeadInput::CancelHandOff => {
+                if self.handed {
+                    self.handed = false;
+                    self.want_sync(&mut out);
+                } else if self.handing.take().is_some() {
+                    if let Phase::Running { coord, .. } = &mut self.phase {
+                        coord.pause(false);
                     }
                 }
             }
@@ -3132,6 +3152,44 @@ mod tests {
             a.extend(l.handle(LeadInput::Tick { now_ms: now }));
         }
         assert!(a.is_empty(), "{a:?}");
+        // Given up after that (the leadership stayed): a synchronisation in a generation
+        // above the hand-over's fence (`g + 1`), which forgets it.
+        let mut given_up = l.clone();
+        let a = sends(&given_up.handle(LeadInput::CancelHandOff));
+        assert_eq!(
+            a,
+            vec![
+                (1, EpochMsg::Hold { gen: g + 2 }),
+                (2, EpochMsg::Hold { gen: g + 2 })
+            ]
+        );
+        // Given up before (an epoch still open): epochs just go on.
+        let (mut l2, g2) = running_leader();
+        let mut now2 = 0;
+        let (e2, _, _) = next_barrier(&mut l2, &mut now2);
+        l2.handle(LeadInput::HandOff);
+        assert!(tick(&mut l2, &mut now2, 3).is_empty());
+        l2.handle(LeadInput::CancelHandOff);
+        assert!(l2.ready_to_move(), "no hand-over under way");
+        let mut a = Vec::new();
+        for from in [1, 2] {
+            a.extend(cut_and_report(&mut l2, g2, e2, from, vec![from as u8]));
+        }
+        a.extend(l2.handle(LeadInput::ManifestDone {
+            epoch: e2,
+            result: Ok(true),
+        }));
+        for _ in 0..3 {
+            now2 += 10;
+            a.extend(l2.handle(LeadInput::Tick { now_ms: now2 }));
+        }
+        assert!(
+            !a.iter().any(|x| matches!(x, LeadAction::HandedOff(_)))
+                && sends(&a)
+                    .iter()
+                    .any(|(_, m)| matches!(m, EpochMsg::Barrier { epoch, .. } if *epoch == e2 + 1)),
+            "{a:?}"
+        );
 
         // The next leader's first synchronisation: (participants, their answers (cut,
         // generation followed), hand-over live).

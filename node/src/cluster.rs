@@ -1367,14 +1367,16 @@ impl Driver {
                 return;
             }
             let first = d.transfer_asked.replace(now).is_none();
+            let before = d.transfer_to;
             if !handed && first {
+                // (Epochs go on here until the leadership has gone.)
+                self.lead_input(LeadInput::CancelHandOff);
                 tracing::info!(
                     node = me,
                     "stopping: the epochs did not stand still for the next leader within {} ms; it will roll everyone back",
                     HANDOFF_WAIT.as_millis()
                 );
             }
-            let before = d.transfer_to;
             let to = self.hand_leadership_over(before);
             if to.is_some() && to != before {
                 tracing::info!(
@@ -1499,6 +1501,11 @@ impl Driver {
             let _ = r.send(());
         }
         self.drain = None;
+        // A leader that gives its drain up leads the epochs on (they may stand still for a
+        // hand-over that will not happen).
+        if self.node.is_leader() {
+            self.lead_input(LeadInput::CancelHandOff);
+        }
     }
 
     /// As the leader: member `id` (process `incarnation`) stops and asks to be drained. The
@@ -2866,7 +2873,10 @@ impl Driver {
                     handoff: Some(h.clone()),
                 }) {
                     Ok(()) => self.handed_off = Some(h),
-                    Err(e) => tracing::debug!(error = %e, "hand-over not proposed"),
+                    Err(e) => {
+                        tracing::info!(error = %e, "the hand-over of the epochs was not proposed: they go on here");
+                        self.lead_input(LeadInput::CancelHandOff);
+                    }
                 }
             }
             LeadAction::Stalled(why) => tracing::warn!(
