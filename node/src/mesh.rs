@@ -1613,6 +1613,32 @@ pub(crate) struct MeshService {
     pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
+impl MeshService {
+    /// A peer's question for the control task (`input` carries the reply), if it comes from
+    /// this node's cluster; UNAVAILABLE when the task is busy, stopped, or silent for `wait`.
+    async fn ask_control<T>(
+        &self,
+        cluster_id: &str,
+        wait: Duration,
+        input: impl FnOnce(oneshot::Sender<T>) -> ControlInput,
+    ) -> Result<Response<T>, Status> {
+        if cluster_id != &*self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "this node is a member of cluster {}, not {}",
+                self.cluster_id, cluster_id
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inbox
+            .try_send(input(tx))
+            .map_err(|_| Status::unavailable("the control group is busy or stopped"))?;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(r)) => Ok(Response::new(r)),
+            _ => Err(Status::unavailable("the control group did not answer")),
+        }
+    }
+}
+
 /// Resolves once `closing` is set (never, if its sender is gone without setting it).
 async fn closed(mut closing: tokio::sync::watch::Receiver<bool>) {
     if closing.wait_for(|c| *c).await.is_err() {
@@ -1773,23 +1799,10 @@ impl mpb::mesh_server::Mesh for MeshService {
             return Err(Status::unavailable(CUT_OFF));
         }
         let req = req.into_inner();
-        if req.cluster_id != *self.cluster_id {
-            return Err(Status::failed_precondition(format!(
-                "this node is a member of cluster {}, not {}",
-                self.cluster_id, req.cluster_id
-            )));
-        }
-        let (tx, rx) = oneshot::channel();
-        self.inbox
-            .try_send(ControlInput::Membership {
-                id: req.id,
-                reply: tx,
-            })
-            .map_err(|_| Status::unavailable("the control group is busy or stopped"))?;
-        match tokio::time::timeout(Duration::from_secs(5), rx).await {
-            Ok(Ok(r)) => Ok(Response::new(r)),
-            _ => Err(Status::unavailable("the control group did not answer")),
-        }
+        self.ask_control(&req.cluster_id, Duration::from_secs(5), |reply| {
+            ControlInput::Membership { id: req.id, reply }
+        })
+        .await
     }
 
     async fn drain(
@@ -1807,24 +1820,14 @@ impl mpb::mesh_server::Mesh for MeshService {
             });
         }
         let req = req.into_inner();
-        if req.cluster_id != *self.cluster_id {
-            return Err(Status::failed_precondition(format!(
-                "this node is a member of cluster {}, not {}",
-                self.cluster_id, req.cluster_id
-            )));
-        }
-        let (tx, rx) = oneshot::channel();
-        self.inbox
-            .try_send(ControlInput::DrainAsk {
+        self.ask_control(&req.cluster_id, Duration::from_secs(2), |reply| {
+            ControlInput::DrainAsk {
                 id: req.id,
                 incarnation: req.incarnation,
-                reply: tx,
-            })
-            .map_err(|_| Status::unavailable("the control group is busy or stopped"))?;
-        match tokio::time::timeout(Duration::from_secs(2), rx).await {
-            Ok(Ok(r)) => Ok(Response::new(r)),
-            _ => Err(Status::unavailable("the control group did not answer")),
-        }
+                reply,
+            }
+        })
+        .await
     }
 
     async fn join(
