@@ -828,15 +828,8 @@ impl Control {
     /// acknowledgement, on every node) wait for its part (see `Driver::stop_step`). Returns
     /// once the group has taken it, or it gave up (`STOP_WAIT`).
     pub(crate) async fn stopping(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self
-            .inbox
-            .send(ControlInput::Stopping { reply: tx })
+        self.wait_for(|reply| ControlInput::Stopping { reply }, STOP_WAIT * 2)
             .await
-            .is_ok()
-        {
-            let _ = tokio::time::timeout(STOP_WAIT * 2, rx).await;
-        }
     }
 
     /// This node stops (SIGTERM), first of all: the cluster hands its key groups over to the
@@ -844,14 +837,22 @@ impl Control {
     /// rolls nobody back (see `Driver::drain_step`). Returns once that is done, or it gave up
     /// (`DRAIN_WAIT`; the stop then moves its key groups by failover, as before).
     pub(crate) async fn drain(&self) {
+        self.wait_for(
+            |reply| ControlInput::Draining { reply },
+            DRAIN_WAIT + Duration::from_secs(1),
+        )
+        .await
+    }
+
+    /// Gives the control task `input` and waits (at most `wait`) for its answer.
+    async fn wait_for(
+        &self,
+        input: impl FnOnce(oneshot::Sender<()>) -> ControlInput,
+        wait: Duration,
+    ) {
         let (tx, rx) = oneshot::channel();
-        if self
-            .inbox
-            .send(ControlInput::Draining { reply: tx })
-            .await
-            .is_ok()
-        {
-            let _ = tokio::time::timeout(DRAIN_WAIT + Duration::from_secs(1), rx).await;
+        if self.inbox.send(input(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(wait, rx).await;
         }
     }
 
@@ -1391,20 +1392,7 @@ impl Driver {
                         d.transfer_to = to;
                     }
                     // The next leader knows the drain before it leads.
-                    if let Some(addr) = self
-                        .node
-                        .state()
-                        .members
-                        .get(&t)
-                        .map(|m| m.grpc_addr.clone())
-                    {
-                        let req = mpb::DrainRequest {
-                            cluster_id: self.cluster_id.to_string(),
-                            id: me,
-                            incarnation: self.incarnation,
-                        };
-                        tokio::spawn(crate::mesh::ask_drain(req, addr, self.inbox.clone()));
-                    }
+                    self.ask_drain(t);
                 }
                 None => {
                     tracing::info!(
@@ -1419,23 +1407,36 @@ impl Driver {
         if d.in_flight || d.asked.is_some_and(|t| t.elapsed() < DRAIN_ASK_EVERY) {
             return;
         }
-        let state = self.node.state();
-        let Some(addr) = self
-            .node
-            .leader()
-            .and_then(|l| state.members.get(&l))
-            .map(|m| m.grpc_addr.clone())
-        else {
+        let Some(leader) = self.node.leader() else {
             return;
         };
-        d.asked = Some(Instant::now());
-        d.in_flight = true;
+        if self.ask_drain(leader) {
+            if let Some(d) = self.drain.as_mut() {
+                d.asked = Some(Instant::now());
+                d.in_flight = true;
+            }
+        }
+    }
+
+    /// Asks member `to` to drain this node (`Mesh.Drain`; the answer comes as
+    /// `ControlInput::DrainAnswer`); false if `to` is no member.
+    fn ask_drain(&self, to: NodeId) -> bool {
+        let Some(addr) = self
+            .node
+            .state()
+            .members
+            .get(&to)
+            .map(|m| m.grpc_addr.clone())
+        else {
+            return false;
+        };
         let req = mpb::DrainRequest {
             cluster_id: self.cluster_id.to_string(),
-            id: me,
+            id: self.node.id(),
             incarnation: self.incarnation,
         };
         tokio::spawn(crate::mesh::ask_drain(req, addr, self.inbox.clone()));
+        true
     }
 
     /// The leader's answer to this node's drain.
