@@ -19,11 +19,13 @@
 //! from blob storage alone). A run fails unless retried requests were deduplicated and
 //! pending messages recovered, so a run that never exercised them cannot pass.
 //!
-//! Two variants run the same model on a cluster of three nodes: every request (and every
+//! Three variants run the same model on a cluster of three nodes: every request (and every
 //! retry) goes to the next node in turn, so most are forwarded to the owner, and the killer
-//! SIGKILLs the owner, the current leader or a random node, 21–24 times, restarting each on
+//! SIGKILLs the owner, the current leader or a random node, 16–24 times, restarting each on
 //! its data directory (the others keep running). The third node joins under load, after the
-//! third kill.
+//! third kill. One of them commits epochs by manifest puts to blob storage
+//! (`cluster_log = false`), where each new leader numbers its epochs above the reservation
+//! of its predecessors.
 //!
 //! Two chaos runs, on three nodes (embedded and Python SDK functions) and on five, put the
 //! same model through 30 seeded events each, one at a time once the cluster has settled:
@@ -279,6 +281,10 @@ const CONFIG: &str = "shards = 2\n[checkpoint]\nupload_interval_ms = 100\n";
 
 /// Epochs commit to blob storage one by one (no epoch log).
 const BLOB_CONFIG: &str = "shards = 2\n[checkpoint]\nlog = false\n";
+
+/// A cluster's epochs commit by manifest puts to blob storage (no epoch log in the control
+/// group).
+const MANIFEST_PUT_CONFIG: &str = "shards = 2\n[checkpoint]\ncluster_log = false\n";
 
 /// Errors and delays at the durable steps (fault point actions other than abort), and
 /// in-place rollbacks to the last committed epoch.
@@ -665,6 +671,23 @@ async fn run(seed: u64, v: Variant) {
         done.store(true, Ordering::SeqCst);
         for w in workers {
             w.await.unwrap();
+        }
+        if v.config == MANIFEST_PUT_CONFIG {
+            // Manifest puts: epoch numbers came from the control group's reservations.
+            let view = cluster_view(&|_| n.http.clone(), 1)
+                .await
+                .expect("the cluster's view");
+            let reserved = view["epochs_reserved"].as_u64().unwrap_or(0);
+            let committed = metric(&n.http, "statemesh_checkpoint_committed_epoch")
+                .await
+                .unwrap_or(0.0);
+            println!(
+                "seed {seed}: epoch numbers reserved through {reserved}; committed epoch {committed}"
+            );
+            assert!(
+                reserved >= statemesh_mesh::epoch::RESERVE_STEP,
+                "seed {seed}: no epoch numbers were reserved: {view}"
+            );
         }
         // Egress is read through another node (it pops the owners' records).
         let egress_http = others[0].http.clone();
@@ -1528,6 +1551,29 @@ async fn embedded_functions_in_a_three_node_cluster_survive_sigkill_and_a_lost_d
             pad: false,
             cluster: true,
             lose_disk: true,
+            chaos: 0,
+        },
+    )
+    .await;
+}
+
+/// The leaders killed while their manifest puts may be in flight (`cluster_log = false`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_functions_in_a_three_node_cluster_committing_by_manifest_puts_survive_sigkill_exactly_once(
+) {
+    run(
+        seed(),
+        Variant {
+            types: &["statemesh.smoke/fn"],
+            module: None,
+            config: MANIFEST_PUT_CONFIG,
+            requests: 150,
+            kills: 16,
+            points: &[],
+            wipe_local: false,
+            pad: false,
+            cluster: true,
+            lose_disk: false,
             chaos: 0,
         },
     )

@@ -171,6 +171,14 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         handoff: Option<EpochHandoff>,
     },
+    /// The epochs' leader may number epochs up to `through`; a later leader numbers its own
+    /// above the highest reservation (manifest puts to blob storage: a deposed leader's
+    /// manifest that lands late is never in its successor's chain; see
+    /// `epoch::EpochLeader::reserve_epochs`). Members of a build without it skip the entry.
+    ReserveEpochs {
+        /// The highest epoch number reserved.
+        through: u64,
+    },
     /// Blob storage holds every epoch up to `through` (an upload's manifest): the tail drops
     /// them.
     Uploaded {
@@ -399,6 +407,10 @@ pub struct ClusterState {
     /// The epochs as the last fence's leader handed them over (see [`Command::Fence`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<EpochHandoff>,
+    /// The highest epoch number reserved by an epochs' leader (see
+    /// [`Command::ReserveEpochs`]; 0: none).
+    #[serde(default)]
+    pub epochs_reserved: u64,
 }
 
 impl ClusterState {
@@ -421,6 +433,7 @@ impl ClusterState {
             checkpoint_url: String::new(),
             log: EpochTail::default(),
             handoff: None,
+            epochs_reserved: 0,
         }
     }
 
@@ -680,6 +693,7 @@ impl ClusterState {
                 self.log.gen
             )),
             Command::Fence { .. } => Ok(()),
+            Command::ReserveEpochs { .. } => Ok(()),
             Command::Uploaded { through } if *through > self.committed_epoch => Err(format!(
                 "epoch {through} is not committed (the committed epoch is {})",
                 self.committed_epoch
@@ -761,6 +775,9 @@ impl ClusterState {
             Command::LogEpoch { epoch, bytes, .. } => {
                 self.committed_epoch = *epoch;
                 self.log.insert(*epoch, bytes.clone());
+            }
+            Command::ReserveEpochs { through } => {
+                self.epochs_reserved = self.epochs_reserved.max(*through);
             }
             Command::Uploaded { through } => {
                 self.log.drop_through(*through);
@@ -884,6 +901,21 @@ mod tests {
             matches!(s.apply(12, &Command::Fence { gen: 9, handoff: None }), Outcome::Rejected(ref w) if w.contains("not newer than the fenced"))
         );
         assert_eq!((s.committed_epoch, s.applied_index), (5, 12));
+        // Reservations of epoch numbers only grow; a state without one reads as none.
+        for (i, (through, now)) in [(70_000, 70_000), (60_000, 70_000), (90_000, 90_000)]
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(
+                s.apply(13 + i as u64, &Command::ReserveEpochs { through }),
+                Outcome::Applied
+            );
+            assert_eq!(s.epochs_reserved, now);
+        }
+        let mut old: serde_json::Value = serde_json::from_slice(&s.encode()).unwrap();
+        old.as_object_mut().unwrap().remove("epochs_reserved");
+        let old = ClusterState::decode(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(old.epochs_reserved, 0);
     }
 
     #[test]

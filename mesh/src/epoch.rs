@@ -415,6 +415,8 @@ pub struct ClusterCoordinator {
     backpressure: bool,
     /// No epoch starts (a live move waits for the open ones to commit, or for its own).
     paused: bool,
+    /// No epoch above this one starts (see [`EpochLeader::reserve_epochs`]).
+    limit: Epoch,
 }
 
 impl ClusterCoordinator {
@@ -435,7 +437,13 @@ impl ClusterCoordinator {
             failures: 0,
             backpressure: false,
             paused: false,
+            limit: Epoch::MAX,
         }
+    }
+
+    /// Starts no epoch above `through` (the open ones go on committing).
+    pub fn limit(&mut self, through: Epoch) {
+        self.limit = through;
     }
 
     /// Starts no epoch while `on` (the open ones go on committing).
@@ -530,6 +538,7 @@ impl ClusterCoordinator {
                 if due
                     && !blocked
                     && !self.paused
+                    && self.started < self.limit
                     && !self.members.is_empty()
                     && self.cutting.is_empty()
                 {
@@ -947,6 +956,13 @@ pub enum LeadInput {
         /// `Ok(wrote)`, or the error.
         result: Result<bool, String>,
     },
+    /// The control group holds a reservation of epoch numbers up to `through` (an answer to
+    /// [`LeadAction::Reserve`], or the control group's reservation as it stands, given with
+    /// every [`LeadInput::Latest`]; see [`EpochLeader::reserve_epochs`]).
+    Reserved {
+        /// The highest epoch number reserved.
+        through: Epoch,
+    },
 }
 
 /// What the leader's epoch side does.
@@ -983,6 +999,13 @@ pub enum LeadAction {
     /// [`LeadInput::HandOff`] is done: the epochs stand still here, for the next leader
     /// (it goes in the control group's fence, `Command::Fence::handoff`).
     HandedOff(EpochHandoff),
+    /// Reserve epoch numbers up to `through` in the control group
+    /// (`Command::ReserveEpochs`; [`LeadInput::Reserved`] answers once it applied). See
+    /// [`EpochLeader::reserve_epochs`].
+    Reserve {
+        /// The highest epoch number to reserve.
+        through: Epoch,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -1047,6 +1070,27 @@ struct Stop {
     since_ms: u64,
     /// When `Stop` last went out (sent again to those that did not answer).
     sent_ms: u64,
+}
+
+/// How many epoch numbers a leader reserves at a time (see [`EpochLeader::reserve_epochs`]):
+/// it asks for more once half of them are used, and a new leader numbers its epochs above the
+/// reservation, so that a leader change skips at most this many numbers (at 500 epochs a second,
+/// a reservation every minute; a cluster generation has 2^44 numbers, `lease::EPOCH_BITS`).
+pub const RESERVE_STEP: Epoch = 1 << 16;
+
+/// How long a reservation not answered waits before it is asked for again (a proposal lost
+/// with a leadership change, or refused).
+const RESERVE_RESEND_MS: u64 = 1_000;
+
+/// Epoch numbers reserved in the control group (see [`EpochLeader::reserve_epochs`]).
+#[derive(Debug, Clone, Default)]
+struct Reservation {
+    /// The highest number reserved (the control group's reservation as last known).
+    through: Epoch,
+    /// The reservation asked for and not answered yet, and when.
+    asked: Option<(Epoch, u64)>,
+    /// The first synchronisation numbered its epochs above the earlier leaders' reservation.
+    floored: bool,
 }
 
 /// How often participants left out are sent `Hold` while epochs run.
@@ -1128,6 +1172,9 @@ pub struct EpochLeader {
     /// The participants that take part in the epochs (those that answered the last
     /// synchronisation).
     active: BTreeSet<NodeId>,
+    /// Epoch numbers reserved in the control group (`None`: not used, see
+    /// [`EpochLeader::reserve_epochs`]).
+    reserve: Option<Reservation>,
     /// When the last epoch started.
     last_barrier_ms: u64,
     /// This leader knows the newest manifest (see [`EpochLeader::read_latest`]).
@@ -1233,6 +1280,7 @@ impl EpochLeader {
             excluded: BTreeSet::new(),
             last_excluded_hold_ms: 0,
             active: BTreeSet::new(),
+            reserve: None,
             last_barrier_ms: 0,
             latest_known: false,
             always_read: false,
@@ -1243,6 +1291,45 @@ impl EpochLeader {
             now_ms: 0,
             ticked: false,
         }
+    }
+
+    /// Number epochs from reservations in the control group (for manifest puts to blob
+    /// storage, where a deposed leader's manifest may land late). A deposed leader can write
+    /// the manifest of any epoch every participant cut for it, and a participant that
+    /// restarted forgot its cuts: without reservations its successor, which numbers its
+    /// epochs above the cuts it is told of, could reuse or pass those numbers, and a late
+    /// manifest would then collide with its own (nothing commits again) or become the newest
+    /// in blob storage and hide its committed epochs from the next reader (acknowledged
+    /// messages lost). So no epoch starts above the control group's reservation
+    /// ([`LeadAction::Reserve`], asked for [`RESERVE_STEP`] numbers at a time), and the first
+    /// synchronisation of a leader numbers its epochs above the reservation the control group
+    /// holds when it reads the newest manifest (after its fence applied, so every earlier
+    /// leader's reservation is in it) — unless it resumes the participants live after a
+    /// hand-over, which proves the last leader started nothing after the hand-over's epoch.
+    pub fn reserve_epochs(mut self) -> Self {
+        self.reserve = Some(Reservation::default());
+        self
+    }
+
+    /// Asks for more epoch numbers once half of those reserved are used.
+    fn reserve_more(&mut self, out: &mut Vec<LeadAction>) {
+        let (Some(r), Phase::Running { coord, .. }) = (self.reserve.as_mut(), &mut self.phase)
+        else {
+            return;
+        };
+        coord.limit(r.through);
+        let started = coord.started();
+        if r.through >= started + RESERVE_STEP / 2 {
+            return;
+        }
+        if r.asked
+            .is_some_and(|(_, at)| self.now_ms < at + RESERVE_RESEND_MS)
+        {
+            return;
+        }
+        let through = r.through.max(started) + RESERVE_STEP;
+        r.asked = Some((through, self.now_ms));
+        out.push(LeadAction::Reserve { through });
     }
 
     /// The last leader handed the epochs over ([`EpochHandoff`], from the control group's
@@ -2115,6 +2202,19 @@ impl EpochLeader {
                                 .iter()
                                 .filter(|(n, _)| self.joining.contains(n))
                                 .all(|(_, h)| h.4 <= shards_gen);
+                        // The first synchronisation of a leader that reserves numbers: above
+                        // every earlier leader's reservation (see `reserve_epochs`).
+                        let base = match self.reserve.as_mut() {
+                            Some(r) if !r.floored => {
+                                r.floored = true;
+                                if live {
+                                    base
+                                } else {
+                                    base.max(r.through)
+                                }
+                            }
+                            _ => base,
+                        };
                         let roll_back = !live
                             && (self.active.len() > 1
                                 || held.len() > 1
@@ -2158,6 +2258,9 @@ impl EpochLeader {
                             base,
                             base,
                         );
+                        if let Some(r) = &self.reserve {
+                            coord.limit(r.through);
+                        }
                         coord.handle(CoordInput::Members(self.active.clone()));
                         self.live = None;
                         // Those taken in are participants like the others from now on.
@@ -2172,6 +2275,22 @@ impl EpochLeader {
                             writing: None,
                             since: BTreeMap::new(),
                         };
+                    }
+                }
+            }
+            LeadInput::Reserved { through } => {
+                if let Some(r) = self.reserve.as_mut() {
+                    r.through = r.through.max(through);
+                    if r.asked.is_some_and(|(t, _)| t <= r.through) {
+                        r.asked = None;
+                    }
+                    if let Phase::Running { coord, .. } = &mut self.phase {
+                        coord.limit(r.through);
+                        // Epochs waiting for the numbers start now.
+                        let acts = coord.handle(CoordInput::Tick {
+                            now_ms: self.now_ms,
+                        });
+                        self.coord_actions(acts, &mut out);
                     }
                 }
             }
@@ -2218,6 +2337,7 @@ impl EpochLeader {
         if read {
             self.read_latest(&mut out);
         }
+        self.reserve_more(&mut out);
         if self.move_now
             && !matches!(
                 self.phase,
@@ -3231,6 +3351,166 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A new leader whose participants restarted (they forgot what they cut for its
+    /// predecessor, which may still write those epochs' manifests) numbers its epochs above
+    /// the control group's reservation, starts none until its own reservation applied, asks
+    /// for more once half are used (and again if unanswered), and does not renumber a live
+    /// resumption after a hand-over.
+    #[test]
+    fn a_leader_that_reserves_epoch_numbers_starts_above_its_predecessors_reservation() {
+        let reserves = |a: &[LeadAction]| -> Vec<Epoch> {
+            a.iter()
+                .filter_map(|x| match x {
+                    LeadAction::Reserve { through } => Some(*through),
+                    _ => None,
+                })
+                .collect()
+        };
+        let barriers = |a: &[LeadAction]| -> Vec<Epoch> {
+            sends(a)
+                .into_iter()
+                .filter_map(|(to, m)| match m {
+                    EpochMsg::Barrier { epoch, .. } if to == 1 => Some(epoch),
+                    _ => None,
+                })
+                .collect()
+        };
+        let synced = |reserve: bool| {
+            let mut l = EpochLeader::new(2 << 32, 10, 4, 100_000, 5);
+            if reserve {
+                l = l.reserve_epochs();
+            }
+            l.handle(LeadInput::Tick { now_ms: 0 });
+            l.handle(LeadInput::Participants([(1, 2), (2, 2)].into()));
+            let g = l.gen();
+            for from in [1, 2] {
+                l.handle(LeadInput::Msg {
+                    from,
+                    msg: held_msg(g, 5, 5, 0),
+                });
+            }
+            // The predecessor reserved up to 1,000 (and may have cut up to there).
+            let mut a = l.handle(LeadInput::Reserved { through: 1_000 });
+            a.extend(l.handle(LeadInput::Latest(Ok(Some(5)))));
+            (l, g, a)
+        };
+        let (mut l, g, a) = synced(true);
+        for (_, m) in sends(&a) {
+            assert!(
+                matches!(
+                    m,
+                    EpochMsg::Resume {
+                        committed: 5,
+                        base: 1_000,
+                        roll_back: true,
+                        ..
+                    }
+                ),
+                "{m:?}"
+            );
+        }
+        assert_eq!(reserves(&a), vec![1_000 + RESERVE_STEP]);
+        // Nothing starts until the reservation applied; unanswered, it is asked for again.
+        let mut a = Vec::new();
+        let mut now = 0;
+        for _ in 0..99 {
+            now += 10;
+            a.extend(l.handle(LeadInput::Tick { now_ms: now }));
+        }
+        assert!(barriers(&a).is_empty() && reserves(&a).is_empty(), "{a:?}");
+        now += 20;
+        let a = l.handle(LeadInput::Tick { now_ms: now });
+        assert_eq!(reserves(&a), vec![1_000 + RESERVE_STEP], "asked again");
+        // A reservation that applied, short of what was asked (another's): epochs start up to
+        // it; the ask stands.
+        let a = l.handle(LeadInput::Reserved { through: 1_002 });
+        assert_eq!(barriers(&a), vec![1_001]);
+        assert!(reserves(&a).is_empty(), "{a:?}");
+        commit(&mut l, g, 1_001);
+        let (e, _, _) = next_barrier(&mut l, &mut now);
+        assert_eq!(e, 1_002);
+        commit(&mut l, g, 1_002);
+        let a = tick(&mut l, &mut now, 20);
+        assert!(
+            a.iter()
+                .all(|(_, m)| !matches!(m, EpochMsg::Barrier { .. })),
+            "{a:?}"
+        );
+        let a = l.handle(LeadInput::Reserved {
+            through: 1_000 + RESERVE_STEP,
+        });
+        assert_eq!(barriers(&a), vec![1_003]);
+        assert!(reserves(&a).is_empty(), "enough numbers: {a:?}");
+
+        // Without reservations (the epoch log fences late epochs): above the cuts only.
+        let (_, _, a) = synced(false);
+        for (_, m) in sends(&a) {
+            assert!(matches!(m, EpochMsg::Resume { base: 5, .. }), "{m:?}");
+        }
+        assert!(reserves(&a).is_empty());
+
+        // A live resumption after a hand-over keeps its numbers (the last leader started
+        // nothing after the hand-over's epoch); the epochs go on under the reservation.
+        let h = EpochHandoff {
+            gen: 1 << 32,
+            committed: 5,
+            participants: [(1, 2), (2, 2)].into(),
+        };
+        let mut n = EpochLeader::new(2 << 32, 10, 4, 100_000, 5).reserve_epochs();
+        n.handed_over(h.clone());
+        n.handle(LeadInput::Tick { now_ms: 0 });
+        n.handle(LeadInput::Participants(h.participants.clone()));
+        let g = n.gen();
+        for from in [1, 2] {
+            n.handle(LeadInput::Msg {
+                from,
+                msg: held_msg(g, 5, 5, h.gen),
+            });
+        }
+        let through = 5 + RESERVE_STEP / 2 + 1;
+        n.handle(LeadInput::Reserved { through });
+        let a = n.handle(LeadInput::Latest(Ok(Some(5))));
+        for (_, m) in sends(&a) {
+            assert!(
+                matches!(
+                    m,
+                    EpochMsg::Resume {
+                        base: 5,
+                        live: true,
+                        roll_back: false,
+                        ..
+                    }
+                ),
+                "{m:?}"
+            );
+        }
+        assert!(reserves(&a).is_empty(), "{a:?}");
+        // More is asked for once half the numbers are used (at the start of epoch 7).
+        let mut a = Vec::new();
+        for from in [1, 2] {
+            a.extend(n.handle(LeadInput::Msg {
+                from,
+                msg: EpochMsg::Reconfigured { gen: g },
+            }));
+        }
+        let mut now = 0;
+        for e in [6, 7] {
+            for _ in 0..100 {
+                if barriers(&a).contains(&e) {
+                    break;
+                }
+                now += 10;
+                a.extend(n.handle(LeadInput::Tick { now_ms: now }));
+            }
+            assert!(barriers(&a).contains(&e), "{a:?}");
+            if e == 6 {
+                assert!(reserves(&a).is_empty(), "{a:?}");
+            }
+            commit(&mut n, g, e);
+        }
+        assert_eq!(reserves(&a), vec![through + RESERVE_STEP], "{a:?}");
     }
 
     /// The participants' answers to the synchronisation of generation `g` (committed and cut

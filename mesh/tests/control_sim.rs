@@ -320,6 +320,11 @@ impl Sim {
                             participants: [(1, 7), (2, 9)].into_iter().collect(),
                         }),
                     },
+                    // A reservation of epoch numbers (one below the last now and then).
+                    7 => Command::ReserveEpochs {
+                        through: (state.epochs_reserved + self.rng.below(1 << 17))
+                            .saturating_sub(1 << 15),
+                    },
                     1 => Command::LogEpoch {
                         epoch,
                         gen: state.log.gen.saturating_sub(1),

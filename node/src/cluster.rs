@@ -184,6 +184,9 @@ pub struct ClusterView {
     pub placement_version: u64,
     /// The newest epoch committed (today the node's own checkpoint epochs).
     pub committed_epoch: u64,
+    /// The highest epoch number the epochs' leaders reserved (with `cluster_log = false`;
+    /// 0: none, see `Command::ReserveEpochs`).
+    pub epochs_reserved: u64,
     /// The control log's applied index.
     pub applied_index: u64,
     /// Key groups without an owner yet.
@@ -2337,6 +2340,12 @@ impl Driver {
             // Every synchronisation fences its generation and uploads the tail first (also
             // with the log off here: a tail another leader left is uploaded).
             lead.read_latest_always();
+            if !self.log_cfg.enabled {
+                // Manifest puts: a deposed leader's may land late; epoch numbers come from
+                // reservations in the control group, and this leader's are above its
+                // predecessors' (`EpochLeader::reserve_epochs`).
+                lead = lead.reserve_epochs();
+            }
             if let Some(h) = state.handoff.clone() {
                 tracing::info!(
                     committed = h.committed,
@@ -2536,7 +2545,15 @@ impl Driver {
         if !matches!(i, LeadInput::Tick { .. }) {
             l.set_now(crate::shard::now_ms());
         }
-        let acts = l.handle(i);
+        let mut acts = Vec::new();
+        if !self.log_cfg.enabled && matches!(i, LeadInput::Latest(Ok(_))) {
+            // The reservation as it stands once this synchronisation's fence applied: every
+            // earlier leader's is in it.
+            acts = l.handle(LeadInput::Reserved {
+                through: self.node.state().epochs_reserved,
+            });
+        }
+        acts.extend(l.handle(i));
         if l.excluded() != &self.left_out {
             let now = l.excluded().clone();
             for n in now.difference(&self.left_out) {
@@ -2653,6 +2670,10 @@ impl Driver {
                 if ll.sync == Some((*gen, false)) && self.node.state().log.gen >= *gen =>
             {
                 self.log_fenced(*gen);
+            }
+            Command::ReserveEpochs { .. } => {
+                let through = self.node.state().epochs_reserved;
+                self.lead_input(LeadInput::Reserved { through });
             }
             _ => {}
         }
@@ -2860,6 +2881,15 @@ impl Driver {
                 });
             }
             LeadAction::Record(e) => self.record_wanted = self.record_wanted.max(e),
+            LeadAction::Reserve { through } => {
+                // Answered by `LeadInput::Reserved` once it applies; asked again if lost.
+                match self.node.propose(&Command::ReserveEpochs { through }) {
+                    Ok(()) => self.kick = true,
+                    Err(e) => {
+                        tracing::debug!(through, error = %e, "epoch numbers not reserved; retrying")
+                    }
+                }
+            }
             LeadAction::HandedOff(h) => {
                 // The fence says where the epochs stand: the next leader resumes them there.
                 let gen = self.node.state().log.gen.max(h.gen) + 1;
@@ -3365,6 +3395,7 @@ impl Driver {
             term: self.node.term(),
             placement_version: s.placement_version,
             committed_epoch,
+            epochs_reserved: s.epochs_reserved,
             applied_index: s.applied_index,
             unassigned_key_groups: s.table.iter().filter(|o| o.owner.is_none()).count(),
             members: s
@@ -3445,6 +3476,7 @@ impl Driver {
             Command::SetRole { .. }
             | Command::CommitEpoch { .. }
             | Command::LogEpoch { .. }
+            | Command::ReserveEpochs { .. }
             | Command::Fence { .. }
             | Command::Uploaded { .. } => return,
         };
