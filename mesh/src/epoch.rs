@@ -1091,6 +1091,9 @@ struct Reservation {
     asked: Option<(Epoch, u64)>,
     /// The first synchronisation numbered its epochs above the earlier leaders' reservation.
     floored: bool,
+    /// Propose the reservation again, as it stands (after each synchronisation: a member that
+    /// restarted, perhaps from a build without reservations, which skipped them, learns it).
+    refresh: bool,
 }
 
 /// How often participants left out are sent `Hold` while epochs run.
@@ -1319,15 +1322,22 @@ impl EpochLeader {
         };
         coord.limit(r.through);
         let started = coord.started();
-        if r.through >= started + RESERVE_STEP / 2 {
+        let short = r.through < started + RESERVE_STEP / 2;
+        let refresh = std::mem::take(&mut r.refresh);
+        if !short && !refresh {
             return;
         }
-        if r.asked
-            .is_some_and(|(_, at)| self.now_ms < at + RESERVE_RESEND_MS)
+        if !refresh
+            && r.asked
+                .is_some_and(|(_, at)| self.now_ms < at + RESERVE_RESEND_MS)
         {
             return;
         }
-        let through = r.through.max(started) + RESERVE_STEP;
+        let through = if short {
+            r.through.max(started) + RESERVE_STEP
+        } else {
+            r.through
+        };
         r.asked = Some((through, self.now_ms));
         out.push(LeadAction::Reserve { through });
     }
@@ -2258,8 +2268,9 @@ impl EpochLeader {
                             base,
                             base,
                         );
-                        if let Some(r) = &self.reserve {
+                        if let Some(r) = self.reserve.as_mut() {
                             coord.limit(r.through);
+                            r.refresh = true;
                         }
                         coord.handle(CoordInput::Members(self.active.clone()));
                         self.live = None;
@@ -3486,7 +3497,10 @@ mod tests {
                 "{m:?}"
             );
         }
-        assert!(reserves(&a).is_empty(), "{a:?}");
+        // Enough numbers: the reservation as it stands is proposed again (for members that
+        // skipped it).
+        assert_eq!(reserves(&a), vec![through], "{a:?}");
+        n.handle(LeadInput::Reserved { through });
         // More is asked for once half the numbers are used (at the start of epoch 7).
         let mut a = Vec::new();
         for from in [1, 2] {

@@ -52,7 +52,20 @@ pub(crate) enum EpochRoute {
         to: NodeId,
         msg: EpochMsg,
     },
-    Lead(LeadInput),
+    /// A read of the newest manifest for the synchronisation of generation `gen` ended
+    /// (dropped unless the epochs' leader still waits in that generation: an earlier one's
+    /// read, or an earlier leader's, may predate this one's fence).
+    Latest {
+        gen: u64,
+        r: Result<Option<u64>, String>,
+    },
+    /// A manifest write of the epochs' leader numbered `lead` ended (dropped unless that one
+    /// still leads).
+    ManifestDone {
+        lead: u64,
+        epoch: u64,
+        result: Result<bool, String>,
+    },
     /// An upload of the cluster's epoch log ended (its number): the newest epoch uploaded.
     Uploaded(u64, Result<u64, String>),
 }
@@ -586,6 +599,7 @@ pub(crate) fn start(
             epoch_cfg: (interval_ms, max_uncommitted),
             log_cfg: cluster_log,
             uploads: 0,
+            leads: 0,
             log_lead: None,
             kick: false,
             log_busy,
@@ -891,6 +905,9 @@ struct Driver {
     log_cfg: LogConfig,
     /// Uploads of the epoch log started (numbers them).
     uploads: u64,
+    /// The epochs' leaders this node has been (numbers them: a manifest write answers the
+    /// one that started it only).
+    leads: u64,
     /// While it leads the epochs with the cluster's epoch log.
     log_lead: Option<LogLead>,
     /// Something was proposed outside a round: run one now.
@@ -2356,6 +2373,7 @@ impl Driver {
             }
             self.log_lead = Some(LogLead::new(self.log_cfg));
             self.lead = Some(lead);
+            self.leads += 1;
             self.participants = None;
         }
         // The members that own key groups, and those that can take some (their control log
@@ -2578,6 +2596,7 @@ impl Driver {
     /// Reads blob storage's newest manifest for a synchronisation.
     fn read_latest(&self) {
         let (cp, tx) = (self.epoch_cp.clone(), self.epoch_tx.clone());
+        let gen = self.lead.as_ref().map_or(0, |l| l.gen());
         tokio::spawn(async move {
             let r = match cp {
                 Some(cp) => cp
@@ -2590,7 +2609,7 @@ impl Driver {
             if let Err(e) = &r {
                 tracing::warn!(error = %e, "cannot read the newest manifest; retrying");
             }
-            let _ = tx.send(EpochRoute::Lead(LeadInput::Latest(r)));
+            let _ = tx.send(EpochRoute::Latest { gen, r });
         });
     }
 
@@ -2868,7 +2887,7 @@ impl Driver {
                     self.log_epoch(m);
                     return;
                 }
-                let (cp, tx) = (self.epoch_cp.clone(), self.epoch_tx.clone());
+                let (cp, tx, lead) = (self.epoch_cp.clone(), self.epoch_tx.clone(), self.leads);
                 tokio::spawn(async move {
                     let result = match cp {
                         Some(cp) => cp.commit(&m).await.map(|_| true).map_err(|e| e.to_string()),
@@ -2877,7 +2896,11 @@ impl Driver {
                     if let Err(e) = &result {
                         tracing::warn!(epoch, error = %e, "cannot write an epoch's manifest; retrying");
                     }
-                    let _ = tx.send(EpochRoute::Lead(LeadInput::ManifestDone { epoch, result }));
+                    let _ = tx.send(EpochRoute::ManifestDone {
+                        lead,
+                        epoch,
+                        result,
+                    });
                 });
             }
             LeadAction::Record(e) => self.record_wanted = self.record_wanted.max(e),
@@ -3003,7 +3026,27 @@ impl Driver {
             tracing::trace!(from, to, ?msg, "epoch message");
         }
         match r {
-            EpochRoute::Lead(i) => self.lead_input(i),
+            EpochRoute::Latest { gen, r } => {
+                if self.lead.as_ref().is_some_and(|l| l.gen() == gen) {
+                    self.lead_input(LeadInput::Latest(r));
+                } else {
+                    tracing::debug!(gen, "a read of the newest manifest for an earlier synchronisation ended: dropped");
+                }
+            }
+            EpochRoute::ManifestDone {
+                lead,
+                epoch,
+                result,
+            } => {
+                if lead == self.leads && self.lead.is_some() {
+                    self.lead_input(LeadInput::ManifestDone { epoch, result });
+                } else {
+                    tracing::debug!(
+                        epoch,
+                        "a manifest write of an earlier epochs' leader ended: dropped"
+                    );
+                }
+            }
             EpochRoute::Uploaded(n, r) => self.log_uploaded(n, r),
             EpochRoute::Send { from, to, msg } if to == self.node.id() => {
                 if msg.to_leader() {
