@@ -1240,6 +1240,120 @@ async fn a_hand_over_that_is_too_slow_or_fails_falls_back_to_a_rollback_and_lose
     Node::stop_all([n1, n2, n3, n4]).await;
 }
 
+/// A stream of messages between functions that breaks while the participants hold for a
+/// synchronisation that resumes them live (a join here) is reported once they resume: the
+/// leader synchronises again at once (everyone rolls back) rather than after its 10 s stall
+/// timeout, which the markers the poisoned stream drops would otherwise take.
+#[tokio::test]
+async fn a_stream_broken_while_the_participants_hold_is_reported_once_they_resume() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, seed) = three_nodes(root).await;
+    every_member_owns(&n1, 3, 200).await;
+    let t = n1.get_json("/v1/cluster/key-groups").await;
+    // A function on node 1 relays to one on node 2, without pause, at once and after a
+    // delay (its timers fire while the participants hold: calls wait for commits then).
+    let src = Address::parse(&owned_address(&t, "statemesh.smoke/fn/src-", 1)).unwrap();
+    let dst = owned_address(&t, "statemesh.smoke/fn/dst-", 2);
+    let c1 = n1.client().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relays = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut i, mut longest) = (0u64, Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let cmds = smoke(serde_json::json!([
+                    { "send": { "to": dst, "id": format!("r{i}"), "cmds": [{ "inc": 1 }] } },
+                    { "delay": {
+                        "ms": 200 + (i % 17) * 100,
+                        "to": dst,
+                        "id": format!("d{i}"),
+                        "token": null,
+                        "cmds": [{ "inc": 1 }]
+                    } },
+                    { "reply": "relayed" }
+                ]));
+                let key = format!("relay-{i}");
+                let began = std::time::Instant::now();
+                loop {
+                    match c1
+                        .call_with(&src, cmds.clone(), Some(&key), Some(Duration::from_secs(3)))
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) => {
+                            assert!(began.elapsed() < Duration::from_secs(40), "relay {i}: {e}");
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                longest = longest.max(began.elapsed());
+                i += 1;
+            }
+            (i, longest)
+        })
+    };
+    // Node 2 answers every `Hold` 1.5 s late: the participants hold that long.
+    failpoints(&n2, "mesh-held-answer=return(1500)").await;
+    let stalls = "cluster epochs made no progress";
+    let count = |what: &str| {
+        [&n1, &n2, &n3]
+            .iter()
+            .map(|n| n.log_since_launch().matches(what).count())
+            .sum::<usize>()
+    };
+    let stalls_before = count(stalls);
+    let broke = "a stream of messages between functions broke";
+    let broke_before = n1.log_since_launch().matches(broke).count();
+    // Node 4 joins: it is taken in live (everyone holds first).
+    let (n4, _) = start(root, 4, Some(&seed));
+    let n2_ref = &n2;
+    eventually(
+        "node 2 holds for the join",
+        Duration::from_secs(30),
+        || async move {
+            n2_ref
+                .log_since_launch()
+                .contains("fault point mesh-held-answer: the step is delayed")
+                .then_some(())
+        },
+    )
+    .await;
+    // While everyone holds, node 1's next frame of messages between functions breaks its
+    // stream.
+    failpoints(&n1, "mesh-fn-stream-break=1*return").await;
+    let n1_ref = &n1;
+    eventually(
+        "node 1's stream broke",
+        Duration::from_secs(10),
+        || async move {
+            (n1_ref.log_since_launch().matches(broke).count() > broke_before).then_some(())
+        },
+    )
+    .await;
+    let broken_at = std::time::Instant::now();
+    failpoints(&n2, "mesh-held-answer=off").await;
+    converged(&[&n1, &n2, &n3, &n4], 4, 3).await;
+    // Long enough for the stall timeout (10 s) to have fired, had it been needed.
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(broken_at.elapsed())).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (relayed, longest) = relays.await.unwrap();
+    println!("{relayed} relays; the longest took {longest:?}");
+    assert!(relayed > 0);
+    assert_eq!(
+        count(stalls),
+        stalls_before,
+        "the broken stream was resolved by the leader's stall timeout: {}",
+        n1.log_since_launch()
+    );
+    assert!(
+        longest < Duration::from_secs(8),
+        "a relay waited {longest:?}"
+    );
+    Node::stop_all([n1, n2, n3, n4]).await;
+}
+
 #[tokio::test]
 async fn five_nodes_have_five_voters_and_a_sixth_is_a_learner() {
     let _g = SERIAL.lock().await;

@@ -65,8 +65,9 @@ struct Table {
 pub struct Placement {
     table: RwLock<Table>,
     /// A stream carrying messages between functions broke (messages may be lost): the
-    /// participants must go back to the last committed epoch together.
-    fn_broken: std::sync::atomic::AtomicBool,
+    /// participants must go back to the last committed epoch together. The newest shard
+    /// generation it carried, plus one (0: none).
+    fn_broken: std::sync::atomic::AtomicU64,
     /// Wakes the epoch driver when `fn_broken` is set (a permit is kept if it is not waiting).
     fn_broken_set: tokio::sync::Notify,
     channels: Mutex<HashMap<String, Channel>>,
@@ -276,14 +277,17 @@ impl Placement {
     /// Whether messages between functions may have been lost and no epoch driver has taken
     /// that yet.
     pub(crate) fn fn_broken(&self) -> bool {
-        self.fn_broken.load(std::sync::atomic::Ordering::Relaxed)
+        self.fn_broken.load(std::sync::atomic::Ordering::Relaxed) != 0
     }
 
-    /// Messages between functions may have been lost: the epoch driver is woken to tell the
-    /// leader (it takes this with [`Placement::take_fn_broken`]).
-    fn set_fn_broken(&self) {
-        self.fn_broken
-            .store(true, std::sync::atomic::Ordering::Release);
+    /// Messages between functions of shard generations up to `generation` may have been
+    /// lost: the epoch driver is woken to tell the leader (it takes this with
+    /// [`Placement::take_fn_broken`]).
+    fn set_fn_broken(&self, generation: u64) {
+        self.fn_broken.fetch_max(
+            generation.saturating_add(1),
+            std::sync::atomic::Ordering::AcqRel,
+        );
         self.fn_broken_set.notify_one();
     }
 
@@ -292,10 +296,13 @@ impl Placement {
         self.fn_broken_set.notified().await
     }
 
-    /// Whether a stream of messages between functions broke since the last call.
-    pub(crate) fn take_fn_broken(&self) -> bool {
+    /// Whether a stream of messages between functions broke since the last call: the newest
+    /// shard generation whose messages may have been lost (a rollback since, into a newer
+    /// generation, has made up for those of older ones).
+    pub(crate) fn take_fn_broken(&self) -> Option<u64> {
         self.fn_broken
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
+            .swap(0, std::sync::atomic::Ordering::AcqRel)
+            .checked_sub(1)
     }
 
     /// Replaces the table by the one of `state`.
@@ -1153,7 +1160,7 @@ async fn fn_forwarder_task(
         poisoned = Some(newest);
         tracing::warn!(%addr, error = %broke, generation = newest, "a stream of messages between functions broke; the participants go back to the last committed epoch (until then, this generation's messages to the peer are dropped)");
         if let Some(p) = placement.upgrade() {
-            p.set_fn_broken();
+            p.set_fn_broken(newest);
         }
     }
 }
@@ -1207,7 +1214,7 @@ impl Placement {
             None => {
                 FAILED.with(|f| f.borrow_mut().insert(addr.to_string(), generation));
                 tracing::warn!(%addr, "no stream to a peer for messages between functions");
-                self.set_fn_broken();
+                self.set_fn_broken(generation);
             }
         }
     }
@@ -2478,19 +2485,22 @@ mod tests {
     async fn lost_messages_between_functions_wake_the_epoch_driver() {
         let p = Placement::new(1);
         assert!(!p.fn_broken());
-        p.set_fn_broken();
+        p.set_fn_broken(7);
+        p.set_fn_broken(0);
         assert!(p.fn_broken());
         tokio::time::timeout(Duration::from_secs(5), p.fn_broken_set())
             .await
             .expect("the driver is woken");
-        assert!(p.take_fn_broken());
-        assert!(!p.take_fn_broken() && !p.fn_broken());
+        assert_eq!(p.take_fn_broken(), Some(7), "the newest generation broken");
+        assert!(p.take_fn_broken().is_none() && !p.fn_broken());
         // Nothing more to wake it for.
         assert!(
             tokio::time::timeout(Duration::from_millis(50), p.fn_broken_set())
                 .await
                 .is_err()
         );
+        p.set_fn_broken(0);
+        assert_eq!(p.take_fn_broken(), Some(0));
     }
 
     #[test]

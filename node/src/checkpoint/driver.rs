@@ -1219,10 +1219,22 @@ impl Driver {
                 }
             }
             // Messages between functions may have been lost: every participant goes back to
-            // the last committed epoch.
-            if self.router.placement().take_fn_broken() && !c.holding {
-                if let Some(l) = c.leader {
-                    c.send(l, EpochMsg::Reset { gen: c.gen });
+            // the last committed epoch. Not taken while holding (the leader may resume
+            // everyone live, keeping the generation whose messages were lost: it is told
+            // then); a rollback since, into a newer generation, made up for older ones.
+            if !c.holding {
+                match self.router.placement().take_fn_broken() {
+                    Some(g) if g >= self.shard_gen => {
+                        if let Some(l) = c.leader {
+                            c.send(l, EpochMsg::Reset { gen: c.gen });
+                        }
+                    }
+                    Some(g) => tracing::debug!(
+                        generation = g,
+                        shard_generation = self.shard_gen,
+                        "a stream of an older generation broke: nothing to do"
+                    ),
+                    None => {}
                 }
             }
         } else if wanted {
