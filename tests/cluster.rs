@@ -1351,6 +1351,34 @@ async fn a_stream_broken_while_the_participants_hold_is_reported_once_they_resum
         longest < Duration::from_secs(8),
         "a relay waited {longest:?}"
     );
+    // What happened is what the test is for: the stream broke while node 1 held (before the
+    // live resume that followed), node 1 asked for a synchronisation after it, and node 4 was
+    // taken in live.
+    let log = n1.log_since_launch();
+    let set = log
+        .find("point=\"mesh-fn-stream-break\"")
+        .expect("the fault point was set");
+    let after = &log[set..];
+    let (broke_at, live_at) = (
+        after.find(broke).expect("the stream broke"),
+        after
+            .find("key groups handed over live")
+            .expect("node 1 resumed live after the break was set"),
+    );
+    assert!(
+        broke_at < live_at,
+        "the stream broke after the participants resumed (the test did not test the hold): {after}"
+    );
+    assert!(
+        after[broke_at..].contains("asking the leader to synchronise the participants"),
+        "{after}"
+    );
+    assert!(
+        n4.log_since_launch()
+            .contains("taking part in the cluster's epochs (nothing rolls back elsewhere)"),
+        "{}",
+        n4.log_since_launch()
+    );
     Node::stop_all([n1, n2, n3, n4]).await;
 }
 

@@ -2593,10 +2593,10 @@ impl Driver {
         }
     }
 
-    /// Reads blob storage's newest manifest for a synchronisation.
-    fn read_latest(&self) {
+    /// Reads blob storage's newest manifest for the synchronisation of generation `gen`
+    /// (whose fence applied).
+    fn read_latest(&self, gen: u64) {
         let (cp, tx) = (self.epoch_cp.clone(), self.epoch_tx.clone());
-        let gen = self.lead.as_ref().map_or(0, |l| l.gen());
         tokio::spawn(async move {
             let r = match cp {
                 Some(cp) => cp
@@ -2726,9 +2726,9 @@ impl Driver {
             return;
         };
         if tail.is_empty() {
-            if matches!(ll.sync, Some((_, true))) {
+            if let Some((gen, true)) = ll.sync {
                 ll.sync = None;
-                self.read_latest();
+                self.read_latest(gen);
             }
             return;
         }
@@ -2772,10 +2772,7 @@ impl Driver {
                     }
                     self.kick = true;
                 }
-                if matches!(
-                    self.log_lead.as_ref().and_then(|ll| ll.sync),
-                    Some((_, true))
-                ) {
+                if let Some((gen, true)) = self.log_lead.as_ref().and_then(|ll| ll.sync) {
                     let more = self.node.state().log.epochs().keys().any(|e| *e > l);
                     if more {
                         self.log_upload();
@@ -2783,7 +2780,7 @@ impl Driver {
                         if let Some(ll) = self.log_lead.as_mut() {
                             ll.sync = None;
                         }
-                        self.read_latest();
+                        self.read_latest(gen);
                     }
                 }
             }
@@ -2844,7 +2841,10 @@ impl Driver {
                     }
                 }
             }
-            LeadAction::ReadLatest => self.read_latest(),
+            LeadAction::ReadLatest => {
+                let gen = self.lead.as_ref().map_or(0, |l| l.gen());
+                self.read_latest(gen)
+            }
             LeadAction::WriteManifest {
                 epoch,
                 previous,

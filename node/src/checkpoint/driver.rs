@@ -217,6 +217,13 @@ struct ClusterSide {
     waiting_resume: Option<(statemesh_mesh::placement::NodeId, EpochMsg)>,
     /// The leader asked for a full snapshot of key groups about to move.
     move_snapshot: Option<MoveSnapshot>,
+    /// A stream of messages between functions broke: the newest shard generation whose
+    /// messages may have been lost, until a rollback takes the shards past it.
+    broken: Option<u64>,
+    /// The generation in which this node last asked the leader to synchronise for it
+    /// (`Reset`; asked again in a newer one while the shards are still in that generation:
+    /// the leader ignores a `Reset` of another generation, and may resume everyone live).
+    reset_sent: Option<u64>,
 }
 
 /// A full snapshot of the key groups about to move that this node owns: once a part lists
@@ -878,6 +885,8 @@ pub(crate) fn start(
             waiting_resume: None,
             cut_gen: 0,
             move_snapshot: None,
+            broken: None,
+            reset_sent: None,
         }),
     };
     // The driver's loop runs on a thread of its own, and appends to the epoch log there (the
@@ -1176,7 +1185,9 @@ impl Driver {
             || self.rolling_back.is_some()
             || !self.finish.is_empty()
             || self.cluster.as_ref().is_some_and(|c| {
-                (c.active && self.router.placement().fn_broken())
+                (c.active
+                    && (self.router.placement().fn_broken()
+                        || (c.broken.is_some() && c.reset_sent != Some(c.gen))))
                     || c.holding
                     || c.hold_pending
                     || c.waiting_resume.is_some()
@@ -1212,30 +1223,47 @@ impl Driver {
         if let Some((from, msg)) = self.cluster.as_mut().and_then(|c| c.waiting_resume.take()) {
             self.epoch_msg(from, msg);
         }
-        if let Some(c) = self.cluster.as_ref().filter(|c| c.active) {
+        let shard_gen = self.shard_gen;
+        let taken = if self.cluster.as_ref().is_some_and(|c| c.active) {
+            self.router.placement().take_fn_broken()
+        } else {
+            None
+        };
+        if let Some(c) = self.cluster.as_mut().filter(|c| c.active) {
             if wanted && !c.holding {
                 if let Some(l) = c.leader {
                     c.send(l, EpochMsg::Wanted { gen: c.gen });
                 }
             }
             // Messages between functions may have been lost: every participant goes back to
-            // the last committed epoch. Not taken while holding (the leader may resume
-            // everyone live, keeping the generation whose messages were lost: it is told
-            // then); a rollback since, into a newer generation, made up for older ones.
-            if !c.holding {
-                match self.router.placement().take_fn_broken() {
-                    Some(g) if g >= self.shard_gen => {
-                        if let Some(l) = c.leader {
-                            c.send(l, EpochMsg::Reset { gen: c.gen });
-                        }
-                    }
-                    Some(g) => tracing::debug!(
+            // the last committed epoch. Kept until a rollback takes the shards to a newer
+            // generation (which makes up for them); asked for once not holding (the leader
+            // may resume everyone live, keeping the generation whose messages were lost),
+            // and again in each newer generation of the leader's until then.
+            if taken.is_some() {
+                c.broken = c.broken.max(taken);
+            }
+            match c.broken {
+                Some(g) if g < shard_gen => {
+                    tracing::debug!(
                         generation = g,
-                        shard_generation = self.shard_gen,
-                        "a stream of an older generation broke: nothing to do"
-                    ),
-                    None => {}
+                        shard_generation = shard_gen,
+                        "a stream of an older generation broke: a rollback since made up for it"
+                    );
+                    c.broken = None;
+                    c.reset_sent = None;
                 }
+                Some(g) if !c.holding && c.reset_sent != Some(c.gen) => {
+                    if let Some(l) = c.leader {
+                        tracing::info!(
+                            generation = g,
+                            "messages between functions may have been lost: asking the leader to synchronise the participants (they go back to the last committed epoch)"
+                        );
+                        c.send(l, EpochMsg::Reset { gen: c.gen });
+                        c.reset_sent = Some(c.gen);
+                    }
+                }
+                _ => {}
             }
         } else if wanted {
             self.input(Input::CallerWaiting);
