@@ -4452,6 +4452,73 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
 /// once as before, gives up after `STOP_WAIT` (1.5 s), exits 0 with its last epoch committed,
 /// and the others declare it dead after the failure timeout, as after a crash; nothing
 /// acknowledged is lost, and it gets its share back when it restarts.
+/// A member whose drain the leader cannot answer (UNAVAILABLE, every time) asks for
+/// `DRAIN_WAIT` (10 s), then stops as before: its stop is taken, its key groups fail over to
+/// the others at once, and nothing it acknowledged is lost.
+#[tokio::test]
+async fn a_drain_the_leader_never_answers_is_given_up_after_its_wait_and_the_stop_goes_as_before() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let (n1, n2, n3, _) = three_nodes(root).await;
+    every_member_owns(&n1, 3, 200).await;
+    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
+    let mut nodes = [Some(n1), Some(n2), Some(n3)];
+    let follower = (1..=3u64).find(|&i| i != leader).unwrap();
+    let other = (1..=3u64).find(|&i| i != leader && i != follower).unwrap();
+    let at = |i: u64| i as usize - 1;
+    let t = nodes[at(other)]
+        .as_ref()
+        .unwrap()
+        .get_json("/v1/cluster/key-groups")
+        .await;
+    let id = owned_address(&t, "example/counter/unanswered-drain-", follower)
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let c = nodes[at(other)].as_ref().unwrap().client().await;
+    assert_eq!(add(&c, &id, 1).await, 1);
+    for n in nodes.iter().flatten() {
+        failpoints(n, "mesh-drain-ask=return").await;
+    }
+    let t0 = std::time::Instant::now();
+    let log = nodes[at(follower)].take().unwrap().stop_logged().await;
+    let exited = t0.elapsed();
+    println!("node {follower}: its drain never answered, it exited {exited:?} after SIGTERM");
+    assert!(
+        log.contains(
+            "stopping: the cluster did not hand this node's key groups over within 10000 ms"
+        ) && !log.contains("it is out of the cluster's epochs"),
+        "node {follower} gives its drain up: {log}"
+    );
+    assert!(
+        log.contains("the cluster has taken this node's stop")
+            && log.contains("last epoch committed"),
+        "node {follower} then stops as before: {log}"
+    );
+    assert!(
+        exited >= Duration::from_secs(10) && exited < Duration::from_secs(20),
+        "{exited:?}"
+    );
+    let v = failed_over(
+        nodes[at(other)].as_ref().unwrap(),
+        follower,
+        Duration::from_secs(10),
+    )
+    .await;
+    let why: Vec<&str> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["node"] == follower)
+        .map(|c| c["why"].as_str().unwrap())
+        .collect();
+    assert_eq!(why.last(), Some(&"stop"), "{why:?}");
+    assert_eq!(add(&c, &id, 1).await, 2);
+    Node::stop_all(nodes.into_iter().flatten()).await;
+}
+
 #[tokio::test]
 async fn a_stop_the_cluster_does_not_take_falls_back_to_the_failure_detection() {
     let _g = SERIAL.lock().await;
