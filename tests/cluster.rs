@@ -4339,15 +4339,6 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
     for id in &ids {
         assert_eq!(add(&c, id, 1).await, 1);
     }
-    let history = |v: &serde_json::Value, id: u64| -> Vec<String> {
-        v["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["node"] == id)
-            .map(|c| c["why"].as_str().unwrap().to_string())
-            .collect()
-    };
     let taken = "the cluster has taken this node's stop";
 
     // A follower, then the leader (it hands its leadership over first): each time the key
@@ -4381,7 +4372,7 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
             );
             assert_ne!(v["leader"], id, "{v}");
         }
-        let h = history(&v, id);
+        let h = history_of(&v, id);
         assert!(
             h.last().map(String::as_str) == Some("stop") && !h.iter().any(|w| w == "failure"),
             "node {id}: {h:?}"
@@ -4452,6 +4443,57 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
 /// once as before, gives up after `STOP_WAIT` (1.5 s), exits 0 with its last epoch committed,
 /// and the others declare it dead after the failure timeout, as after a crash; nothing
 /// acknowledged is lost, and it gets its share back when it restarts.
+/// Three members, and a counter at 1 owned by a follower, called through the other follower.
+struct FollowersCounter {
+    nodes: [Option<Node>; 3],
+    follower: u64,
+    other: u64,
+    /// The counter's id.
+    id: String,
+    /// A client of `other`.
+    client: Client,
+    seed: String,
+    ports: [(u16, u16); 3],
+}
+
+async fn followers_counter(root: &Path, prefix: &str) -> FollowersCounter {
+    let (n1, n2, n3, seed, ports) = three_nodes_with_ports(root).await;
+    every_member_owns(&n1, 3, 200).await;
+    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
+    let nodes = [Some(n1), Some(n2), Some(n3)];
+    let follower = (1..=3u64).find(|&i| i != leader).unwrap();
+    let other = (1..=3u64).find(|&i| i != leader && i != follower).unwrap();
+    let via = nodes[other as usize - 1].as_ref().unwrap();
+    let t = via.get_json("/v1/cluster/key-groups").await;
+    let id = owned_address(&t, &format!("example/counter/{prefix}-"), follower)
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let client = via.client().await;
+    assert_eq!(add(&client, &id, 1).await, 1);
+    FollowersCounter {
+        nodes,
+        follower,
+        other,
+        id,
+        client,
+        seed,
+        ports,
+    }
+}
+
+/// Why the cluster's history says member `id` changed, oldest first.
+fn history_of(v: &serde_json::Value, id: u64) -> Vec<String> {
+    v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["node"] == id)
+        .map(|c| c["why"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// A member whose drain the leader cannot answer (UNAVAILABLE, every time) asks for
 /// `DRAIN_WAIT` (10 s), then stops as before: its stop is taken, its key groups fail over to
 /// the others at once, and nothing it acknowledged is lost.
@@ -4459,26 +4501,15 @@ async fn a_stopped_member_tells_the_cluster_and_its_key_groups_move_at_once() {
 async fn a_drain_the_leader_never_answers_is_given_up_after_its_wait_and_the_stop_goes_as_before() {
     let _g = SERIAL.lock().await;
     let dir = test_dir();
-    let root = dir.path();
-    let (n1, n2, n3, _) = three_nodes(root).await;
-    every_member_owns(&n1, 3, 200).await;
-    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
-    let mut nodes = [Some(n1), Some(n2), Some(n3)];
-    let follower = (1..=3u64).find(|&i| i != leader).unwrap();
-    let other = (1..=3u64).find(|&i| i != leader && i != follower).unwrap();
+    let FollowersCounter {
+        mut nodes,
+        follower,
+        other,
+        id,
+        client: c,
+        ..
+    } = followers_counter(dir.path(), "unanswered-drain").await;
     let at = |i: u64| i as usize - 1;
-    let t = nodes[at(other)]
-        .as_ref()
-        .unwrap()
-        .get_json("/v1/cluster/key-groups")
-        .await;
-    let id = owned_address(&t, "example/counter/unanswered-drain-", follower)
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let c = nodes[at(other)].as_ref().unwrap().client().await;
-    assert_eq!(add(&c, &id, 1).await, 1);
     for n in nodes.iter().flatten() {
         failpoints(n, "mesh-drain-ask=return").await;
     }
@@ -4507,14 +4538,8 @@ async fn a_drain_the_leader_never_answers_is_given_up_after_its_wait_and_the_sto
         Duration::from_secs(10),
     )
     .await;
-    let why: Vec<&str> = v["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["node"] == follower)
-        .map(|c| c["why"].as_str().unwrap())
-        .collect();
-    assert_eq!(why.last(), Some(&"stop"), "{why:?}");
+    let why = history_of(&v, follower);
+    assert_eq!(why.last().map(String::as_str), Some("stop"), "{why:?}");
     assert_eq!(add(&c, &id, 1).await, 2);
     Node::stop_all(nodes.into_iter().flatten()).await;
 }
@@ -4524,30 +4549,16 @@ async fn a_stop_the_cluster_does_not_take_falls_back_to_the_failure_detection() 
     let _g = SERIAL.lock().await;
     let dir = test_dir();
     let root = dir.path();
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let n1 = Node::start_launch(&root.join("n1"), &launch(root, 1, ports[0], None));
-    let seed = n1.grpc.trim_start_matches("http://").to_string();
-    let n2 = Node::start_launch(&root.join("n2"), &launch(root, 2, ports[1], Some(&seed)));
-    let n3 = Node::start_launch(&root.join("n3"), &launch(root, 3, ports[2], Some(&seed)));
-    converged(&[&n1, &n2, &n3], 3, 3).await;
-    every_member_owns(&n1, 3, 200).await;
-    let leader = view(&n1).await.unwrap()["leader"].as_u64().unwrap();
-    let mut nodes = [Some(n1), Some(n2), Some(n3)];
-    let follower = (1..=3u64).find(|&i| i != leader).unwrap();
-    let other = (1..=3u64).find(|&i| i != leader && i != follower).unwrap();
+    let FollowersCounter {
+        mut nodes,
+        follower,
+        other,
+        id,
+        client: c,
+        seed,
+        ports,
+    } = followers_counter(root, "lost-stop").await;
     let at = |i: u64| i as usize - 1;
-    let t = nodes[at(other)]
-        .as_ref()
-        .unwrap()
-        .get_json("/v1/cluster/key-groups")
-        .await;
-    let id = owned_address(&t, "example/counter/lost-stop-", follower)
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let c = nodes[at(other)].as_ref().unwrap().client().await;
-    assert_eq!(add(&c, &id, 1).await, 1);
     failpoints(
         nodes[at(follower)].as_ref().unwrap(),
         "mesh-stop-propose=return",
@@ -4580,15 +4591,9 @@ async fn a_stop_the_cluster_does_not_take_falls_back_to_the_failure_detection() 
         "node {follower}: its stop not taken, it exited {exited:?} and its key groups moved {:?} after SIGTERM",
         t0.elapsed()
     );
-    let why: Vec<&str> = v["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["node"] == follower)
-        .map(|c| c["why"].as_str().unwrap())
-        .collect();
-    assert_eq!(why.last(), Some(&"failure"), "{why:?}");
-    assert!(!why.contains(&"stop"), "{why:?}");
+    let why = history_of(&v, follower);
+    assert_eq!(why.last().map(String::as_str), Some("failure"), "{why:?}");
+    assert!(!why.iter().any(|w| w == "stop"), "{why:?}");
     assert!(
         nodes
             .iter()
