@@ -2163,6 +2163,10 @@ async fn the_only_voter_leaves_once_the_learner_has_become_a_voter() {
     let v = view(&n2).await.unwrap();
     assert_eq!(v["leader"], 2, "{v}");
     assert_eq!(member_field(&v, "key_groups"), vec![1024], "{v}");
+    // Alone again, it still commits (calls are acknowledged).
+    let c = n2.client().await;
+    assert_eq!(add(&c, "alone-again", 1).await, 1);
+    assert_eq!(add(&c, "alone-again", 1).await, 2);
     n2.stop().await;
 }
 

@@ -615,6 +615,7 @@ pub(crate) fn start(
             lead_wanted: None,
             alone: false,
             lead_after_alone: false,
+            several: false,
             orphan_wait: None,
             conf_wait: None,
             leave_synced: HashMap::new(),
@@ -897,6 +898,10 @@ struct Driver {
     /// `lead_epochs`: its first synchronisation holds only this node).
     alone: bool,
     lead_after_alone: bool,
+    /// This process has seen its cluster with several members: its participant side may
+    /// follow a leader's epochs (it never goes back to committing its own), so the epochs
+    /// are led even once the others have left.
+    several: bool,
     epoch_tx: mpsc::UnboundedSender<EpochRoute>,
     epoch_driver: mpsc::UnboundedSender<DriverEvent>,
     epoch_cp: Option<CheckpointStore>,
@@ -2310,16 +2315,20 @@ impl Driver {
         self.lead_input(LeadInput::Failover(p));
     }
 
-    /// Leads cluster epochs while this node leads a cluster of several members (a lone node
-    /// commits its own).
+    /// Leads cluster epochs while this node leads a cluster of several members, or one that
+    /// had several since this process started (its participant side follows a leader's
+    /// epochs: the others left). A lone node commits its own.
     fn lead_epochs(&mut self) {
         let state = self.node.state();
+        if state.members.len() > 1 {
+            self.several = true;
+        }
         let want = self.epoch_cp.is_some()
             && self.node.is_leader()
             && self.joined
-            && state.members.len() > 1;
+            && (state.members.len() > 1 || self.several);
         if !want {
-            if self.joined && state.members.len() <= 1 {
+            if self.joined && state.members.len() <= 1 && !self.several {
                 self.alone = true;
             }
             self.lead_wanted = None;
