@@ -2163,10 +2163,18 @@ async fn the_only_voter_leaves_once_the_learner_has_become_a_voter() {
     let v = view(&n2).await.unwrap();
     assert_eq!(v["leader"], 2, "{v}");
     assert_eq!(member_field(&v, "key_groups"), vec![1024], "{v}");
-    // Alone again, it still commits (calls are acknowledged).
+    // Alone again, it still commits (calls are acknowledged), and what it acknowledged
+    // survives a SIGKILL right after: restarted, it starts alone, and the epochs its
+    // cluster's epoch log held are uploaded before it recovers.
     let c = n2.client().await;
     assert_eq!(add(&c, "alone-again", 1).await, 1);
     assert_eq!(add(&c, "alone-again", 1).await, 2);
+    let port = |url: &str| url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let ports = (port(&n2.grpc), port(&n2.http));
+    n2.kill();
+    let n2 = restart(root, 2, ports, None);
+    let c = n2.client().await;
+    assert_eq!(add(&c, "alone-again", 0).await, 2);
     n2.stop().await;
 }
 
