@@ -559,46 +559,34 @@ async fn start(config: NodeConfig, mut registry: Registry) -> Result<NodeHandle,
         _ => None,
     };
     let log_busy = log.as_ref().map(|l| l.1.clone());
-    // A member alone whose cluster's epoch log holds epochs blob storage lacks (it led its
-    // own epochs through the control group once the others had left, or they left just
-    // before): they are uploaded first, so that recovery reads them. A node alone leads no
-    // cluster epochs, so nothing else would.
+    // A member alone: what its cluster's epoch log holds beyond blob storage goes there
+    // first, so that recovery reads it.
     if let Some(cp) = cp.as_ref().filter(|_| lone) {
-        let tail: Vec<(u64, statemesh_mesh::control::EpochBytes)> = opened
+        let tail = opened
             .state
             .log
             .epochs()
             .iter()
             .map(|(e, b)| (*e, b.clone()))
             .collect();
-        if !tail.is_empty() {
-            let writer = format!(
-                "{}/start-{}",
-                config.checkpoint.node_id,
-                crate::shard::now_ms()
+        let writer = format!(
+            "{}/start-{}",
+            config.checkpoint.node_id,
+            crate::shard::now_ms()
+        );
+        if let Some(through) = crate::checkpoint::upload::upload_cluster_tail_at_start(
+            cp, tail, &writer,
+        )
+        .await
+        .map_err(|e| {
+            StartError::Other(format!(
+                "recovery failed: cannot upload the cluster's epoch log to blob storage: {e}"
+            ))
+        })? {
+            tracing::info!(
+                through,
+                "the cluster's epoch log held epochs blob storage lacked: uploaded before recovery"
             );
-            let mut attempt = 1;
-            loop {
-                match crate::checkpoint::upload::upload_tail(cp, tail.clone(), &writer).await {
-                    Ok(through) => {
-                        tracing::info!(
-                            through,
-                            "the cluster's epoch log held epochs blob storage lacked: uploaded before recovery"
-                        );
-                        break;
-                    }
-                    Err(e) if attempt < 5 => {
-                        tracing::warn!(attempt, error = %e, "cannot upload the cluster's epoch log at start; retrying");
-                        tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
-                        attempt += 1;
-                    }
-                    Err(e) => {
-                        return Err(StartError::Other(format!(
-                            "recovery failed: cannot upload the cluster's epoch log to blob storage: {e}"
-                        )))
-                    }
-                }
-            }
         }
     }
     let mut recovered = driver::recover(&store, cp.as_ref(), &owned)

@@ -207,12 +207,41 @@ pub(crate) async fn upload_at_start(
     log: &Arc<EpochLog>,
     writer: &str,
 ) -> Result<Option<u64>, String> {
+    retried_at_start("the epoch log", || upload_at_start_once(cp, log, writer)).await
+}
+
+/// At start, before recovery, for a member that starts alone: uploads what its cluster's
+/// epoch log (`tail`, the control group's) holds beyond blob storage — a node alone leads no
+/// cluster epochs, so nothing else would (it led its own epochs through that log once the
+/// others had left, or they left just after it committed some). Tried again as
+/// [`upload_at_start`]. Returns the epoch uploaded (`None`: nothing to upload).
+pub(crate) async fn upload_cluster_tail_at_start(
+    cp: &CheckpointStore,
+    tail: Vec<(u64, EpochBytes)>,
+    writer: &str,
+) -> Result<Option<u64>, String> {
+    if tail.is_empty() {
+        return Ok(None);
+    }
+    retried_at_start("the cluster's epoch log", || async {
+        upload_tail(cp, tail.clone(), writer).await.map(Some)
+    })
+    .await
+}
+
+/// Runs `step` up to 5 times, 0.1 s to 1.6 s apart (a blob store that blips does not fail the
+/// start); the last error is returned.
+async fn retried_at_start<T, F, Fut>(what: &str, mut step: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let mut delay = std::time::Duration::from_millis(100);
     let mut attempt = 1;
     loop {
-        match upload_at_start_once(cp, log, writer).await {
+        match step().await {
             Err(e) if attempt < 5 => {
-                tracing::warn!(attempt, error = %e, "cannot upload the epoch log at start; retrying");
+                tracing::warn!(attempt, error = %e, "cannot upload {what} at start; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
                 attempt += 1;
