@@ -574,15 +574,10 @@ async fn start(config: NodeConfig, mut registry: Registry) -> Result<NodeHandle,
             config.checkpoint.node_id,
             crate::shard::now_ms()
         );
-        if let Some(through) = crate::checkpoint::upload::upload_cluster_tail_at_start(
-            cp, tail, &writer,
-        )
-        .await
-        .map_err(|e| {
-            StartError::Other(format!(
-                "recovery failed: cannot upload the cluster's epoch log to blob storage: {e}"
-            ))
-        })? {
+        let uploaded =
+            crate::checkpoint::upload::upload_cluster_tail_at_start(cp, tail, &writer).await;
+        let why = "recovery failed: cannot upload the cluster's epoch log to blob storage";
+        if let Some(through) = uploaded.map_err(|e| StartError::Other(format!("{why}: {e}")))? {
             tracing::info!(
                 through,
                 "the cluster's epoch log held epochs blob storage lacked: uploaded before recovery"
