@@ -2172,7 +2172,43 @@ async fn the_only_voter_leaves_once_the_learner_has_become_a_voter() {
     let port = |url: &str| url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
     let ports = (port(&n2.grpc), port(&n2.http));
     n2.kill();
-    let n2 = restart(root, 2, ports, None);
+    let failing = |spec: &str| {
+        let mut l = launch(root, 2, ports, None);
+        l.env.push(("FAILPOINTS".into(), spec.into()));
+        l
+    };
+    // Blob storage refuses that upload at every try: the node does not start (it would
+    // recover without those epochs), and says why.
+    let mut down = Node::launch(
+        &root.join("n2"),
+        &failing("checkpoint-upload=return(injected outage)"),
+    );
+    let status = exit_status(
+        &mut down,
+        "node 2 to give up its start",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        !status.success(),
+        "node 2 started without uploading its cluster's epoch log"
+    );
+    let log = down.log_since_launch();
+    assert!(
+        log.contains("cannot upload the cluster's epoch log to blob storage")
+            && log.contains("injected outage"),
+        "node 2's log names neither the upload nor its error:\n{log}"
+    );
+    // A blob store that blips: the upload is tried again, and the start goes on.
+    let n2 = Node::start_launch(
+        &root.join("n2"),
+        &failing("checkpoint-upload=2*return(injected blip)"),
+    );
+    assert!(
+        n2.log_since_launch()
+            .contains("cannot upload the cluster's epoch log at start; retrying"),
+        "node 2 did not retry the upload"
+    );
     let c = n2.client().await;
     assert_eq!(add(&c, "alone-again", 0).await, 2);
     n2.stop().await;
