@@ -600,6 +600,7 @@ pub(crate) fn start(
             log_cfg: cluster_log,
             uploads: 0,
             leads: 0,
+            unconfirmed_done: Vec::new(),
             log_lead: None,
             kick: false,
             log_busy,
@@ -639,6 +640,8 @@ pub(crate) fn start(
             published: u64::MAX,
             detector: Detector::new(failure),
             lease: Lease::new(failure, random_u64()),
+            lead_lease: Lease::new(failure, random_u64()),
+            lead_until: 0,
             failure,
             dead_proposed: HashMap::new(),
             lease_until: 0,
@@ -686,6 +689,13 @@ pub(crate) fn start(
         // The members of the last published state: a link to one removed since is dropped.
         let mut members: BTreeSet<NodeId> = c.node.state().members.keys().copied().collect();
         loop {
+            // Held up (a stopped process, a starved CPU): the node's other threads may run
+            // first, before this thread takes its next step.
+            if last_tick.elapsed() >= TICK * 10 {
+                if let Ok(Some(ms)) = crate::failpoint::eval_delay("mesh-control-resume") {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+            }
             epoch_tick.arm(match c.lead.as_ref().filter(|l| l.idle()) {
                 Some(l) => crate::ticker::until_due(
                     epoch_tick.since_last(),
@@ -712,6 +722,7 @@ pub(crate) fn start(
                     }
                 }
                 _ = epoch_tick.tick(), if c.lead.is_some() => {
+                    c.pass_confirmed_done();
                     c.lead_input(LeadInput::Tick { now_ms: crate::shard::now_ms() });
                     c.log_tick();
                     if !std::mem::take(&mut c.kick) {
@@ -913,6 +924,10 @@ struct Driver {
     /// The epochs' leaders this node has been (numbers them: a manifest write answers the
     /// one that started it only).
     leads: u64,
+    /// Manifest puts (`cluster_log = false`) of the epochs' leader that ended while its lease
+    /// (`lead_lease`) had lapsed, in order: passed on once it is confirmed again, dropped with
+    /// the leader (see [`Driver::manifest_done`]).
+    unconfirmed_done: Vec<(u64, Result<bool, String>)>,
     /// While it leads the epochs with the cluster's epoch log.
     log_lead: Option<LogLead>,
     /// Something was proposed outside a round: run one now.
@@ -983,6 +998,11 @@ struct Driver {
     detector: Detector,
     /// This node's ownership lease, and its end (in `mono_ms`).
     lease: Lease,
+    /// The same proof for the epochs' leader with manifest puts (`cluster_log = false`):
+    /// asked while it leads them, also while this node stops (its ownership lease is given
+    /// up then, but it still leads until its successor does). See [`Driver::manifest_done`].
+    lead_lease: Lease,
+    lead_until: u64,
     lease_until: u64,
     failure: FailureConfig,
     /// Deaths proposed (member → generation, when), proposed again after `REPROPOSE`.
@@ -2102,7 +2122,17 @@ impl Driver {
         let now = crate::mesh::mono_ms();
         if self.stopping.is_none() {
             if let Some(ctx) = self.lease.due(now) {
-                self.node.read_index(ctx);
+                // `return`: lost, as when the majority does not answer.
+                if crate::failpoint::eval("mesh-lease-ask").is_ok() {
+                    self.node.read_index(ctx);
+                }
+            }
+        }
+        if self.lead.is_some() && !self.log_cfg.enabled {
+            if let Some(ctx) = self.lead_lease.due(now) {
+                if crate::failpoint::eval("mesh-lease-ask").is_ok() {
+                    self.node.read_index(ctx);
+                }
             }
         }
         self.detect(now);
@@ -2333,6 +2363,7 @@ impl Driver {
             }
             self.lead_wanted = None;
             self.log_lead = None;
+            self.unconfirmed_done.clear();
             if self.lead.take().is_some() {
                 tracing::info!("no longer leading cluster epochs");
             }
@@ -2383,6 +2414,7 @@ impl Driver {
             self.log_lead = Some(LogLead::new(self.log_cfg));
             self.lead = Some(lead);
             self.leads += 1;
+            self.unconfirmed_done.clear();
             self.participants = None;
         }
         // The members that own key groups, and those that can take some (their control log
@@ -2871,18 +2903,13 @@ impl Driver {
                 }
                 if let Some(e) = bad {
                     tracing::error!("{e}");
-                    self.lead_input(LeadInput::ManifestDone {
-                        epoch,
-                        result: Err(e),
-                    });
+                    self.manifest_done(epoch, Err(e));
                     return;
                 }
                 if objects.is_empty() {
-                    // Nothing changed anywhere: committed without a manifest.
-                    self.lead_input(LeadInput::ManifestDone {
-                        epoch,
-                        result: Ok(false),
-                    });
+                    // Nothing changed anywhere: committed without a manifest (in order with
+                    // the others).
+                    self.manifest_done(epoch, Ok(false));
                     return;
                 }
                 let m = Manifest {
@@ -2898,6 +2925,7 @@ impl Driver {
                 }
                 let (cp, tx, lead) = (self.epoch_cp.clone(), self.epoch_tx.clone(), self.leads);
                 tokio::spawn(async move {
+                    let _ = crate::failpoint::eval_slow("mesh-manifest-put").await;
                     let result = match cp {
                         Some(cp) => cp.commit(&m).await.map(|_| true).map_err(|e| e.to_string()),
                         None => Err("checkpoints are off".into()),
@@ -3030,6 +3058,55 @@ impl Driver {
         }
     }
 
+    /// A manifest put of this epochs' leader ended. With manifest puts (`cluster_log =
+    /// false`) nothing in the control group fences a deposed leader's commit: a leader that
+    /// was paused (or cut off) while its put was under way may find it landed after its
+    /// successor read the newest manifest, so that the successor's chain lacks it, and its
+    /// `Committed` would have the participants acknowledge what the cluster then loses. So it
+    /// is passed on only while the leader's lease stands (`lead_lease`: a read index confirmed
+    /// by a majority within `lease_ms`, asked as the ownership lease is, and kept while the
+    /// node stops). A successor reads the newest manifest once every participant holds for
+    /// it or is left out. One that holds for it ignores this leader's `Committed` from then
+    /// on; one that took the `Committed` first holds after the manifest landed, so before the
+    /// read. One left out (`HOLD_TIMEOUT_MS`, 3 s after the successor's `Hold`) or declared
+    /// dead (`failure_timeout_ms` after it was last heard) is left out after this leader's
+    /// lease ran out — the successor was elected after the last read index this leader got
+    /// confirmed, and the lease runs `lease_ms` from when it was asked — so a `Committed` it
+    /// takes late was sent, and its manifest landed, before the read. Otherwise the answer
+    /// waits, in order, until the lease is renewed (a busy control thread) or the leadership
+    /// is gone (it is dropped with the leader).
+    fn manifest_done(&mut self, epoch: u64, result: Result<bool, String>) {
+        if self.log_cfg.enabled {
+            self.lead_input(LeadInput::ManifestDone { epoch, result });
+            return;
+        }
+        if self.unconfirmed_done.is_empty() && !self.lease_stands() {
+            tracing::warn!(
+                epoch,
+                "the epochs' leader holds the commit of epoch {epoch} until a majority confirms its leadership again (no read index confirmed within the lease: it may have been deposed meanwhile)"
+            );
+        }
+        self.unconfirmed_done.push((epoch, result));
+        self.pass_confirmed_done();
+    }
+
+    /// The epochs' leader's lease stands (a read index a majority confirmed within
+    /// `lease_ms`).
+    fn lease_stands(&self) -> bool {
+        crate::mesh::mono_ms() < self.lead_until
+    }
+
+    /// Passes the manifest puts held by [`Driver::manifest_done`] on, in order, once the
+    /// leader's lease stands again.
+    fn pass_confirmed_done(&mut self) {
+        if self.unconfirmed_done.is_empty() || !self.lease_stands() {
+            return;
+        }
+        for (epoch, result) in std::mem::take(&mut self.unconfirmed_done) {
+            self.lead_input(LeadInput::ManifestDone { epoch, result });
+        }
+    }
+
     fn epoch_route(&mut self, r: EpochRoute) {
         if let EpochRoute::Send { from, to, msg } = &r {
             tracing::trace!(from, to, ?msg, "epoch message");
@@ -3048,7 +3125,7 @@ impl Driver {
                 result,
             } => {
                 if lead == self.leads && self.lead.is_some() {
-                    self.lead_input(LeadInput::ManifestDone { epoch, result });
+                    self.manifest_done(epoch, result);
                 } else {
                     tracing::debug!(
                         epoch,
@@ -3104,6 +3181,7 @@ impl Driver {
         }
         for (ctx, index) in &out.read_states {
             self.lease.read_state(ctx, *index);
+            self.lead_lease.read_state(ctx, *index);
         }
         if !out.applied.is_empty() {
             for (index, cmd, outcome) in &out.applied {
@@ -3162,6 +3240,7 @@ impl Driver {
             self.incarnation = random_u64().max(1);
             self.join_proposed = None;
             self.lease.revoke();
+            self.lead_lease.revoke();
         }
         // Left: it was leaving, owns nothing, and the Raft group has let it go (or the
         // members have). Also when this process asked to leave before its own join was
@@ -3204,6 +3283,7 @@ impl Driver {
         } else {
             self.lease.applied(state.applied_index, alive_here)
         };
+        self.lead_until = self.lead_lease.applied(state.applied_index, alive_here);
         self.joined = state
             .members
             .get(&me)
