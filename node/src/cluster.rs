@@ -640,7 +640,6 @@ pub(crate) fn start(
             published: u64::MAX,
             detector: Detector::new(failure),
             lease: Lease::new(failure, random_u64()),
-            lead_lease: Lease::new(failure, random_u64()),
             lead_until: 0,
             failure,
             dead_proposed: HashMap::new(),
@@ -689,13 +688,6 @@ pub(crate) fn start(
         // The members of the last published state: a link to one removed since is dropped.
         let mut members: BTreeSet<NodeId> = c.node.state().members.keys().copied().collect();
         loop {
-            // Held up (a stopped process, a starved CPU): the node's other threads may run
-            // first, before this thread takes its next step.
-            if last_tick.elapsed() >= TICK * 10 {
-                if let Ok(Some(ms)) = crate::failpoint::eval_delay("mesh-control-resume") {
-                    std::thread::sleep(Duration::from_millis(ms));
-                }
-            }
             epoch_tick.arm(match c.lead.as_ref().filter(|l| l.idle()) {
                 Some(l) => crate::ticker::until_due(
                     epoch_tick.since_last(),
@@ -925,7 +917,7 @@ struct Driver {
     /// one that started it only).
     leads: u64,
     /// Manifest puts (`cluster_log = false`) of the epochs' leader that ended while its lease
-    /// (`lead_lease`) had lapsed, in order: passed on once it is confirmed again, dropped with
+    /// (`lead_until`) had lapsed, in order: passed on once it is confirmed again, dropped with
     /// the leader (see [`Driver::manifest_done`]).
     unconfirmed_done: Vec<(u64, Result<bool, String>)>,
     /// While it leads the epochs with the cluster's epoch log.
@@ -996,12 +988,11 @@ struct Driver {
     published: u64,
     /// The leader's failure detector.
     detector: Detector,
-    /// This node's ownership lease, and its end (in `mono_ms`).
+    /// This node's ownership lease, and its end (in `mono_ms`; 0 while it stops).
     lease: Lease,
-    /// The same proof for the epochs' leader with manifest puts (`cluster_log = false`):
-    /// asked while it leads them, also while this node stops (its ownership lease is given
-    /// up then, but it still leads until its successor does). See [`Driver::manifest_done`].
-    lead_lease: Lease,
+    /// The same lease's end for the epochs' leader with manifest puts (`cluster_log =
+    /// false`), also while this node stops: it still leads until its successor does (see
+    /// [`Driver::manifest_done`]).
     lead_until: u64,
     lease_until: u64,
     failure: FailureConfig,
@@ -1288,7 +1279,7 @@ impl Driver {
             leader = self.node.is_leader(),
             "stopping: this node gives up its ownership lease and tells the cluster, so that its key groups move to the others now"
         );
-        self.lease.revoke();
+        // (Its lease itself goes on being renewed while it leads the epochs: see `lead_until`.)
         self.lease_until = 0;
         self.stopping = Some(Stopping {
             since: Instant::now(),
@@ -2120,16 +2111,9 @@ impl Driver {
         self.ask_if_removed();
         self.announce();
         let now = crate::mesh::mono_ms();
-        if self.stopping.is_none() {
+        if self.stopping.is_none() || (self.lead.is_some() && !self.log_cfg.enabled) {
             if let Some(ctx) = self.lease.due(now) {
                 // `return`: lost, as when the majority does not answer.
-                if crate::failpoint::eval("mesh-lease-ask").is_ok() {
-                    self.node.read_index(ctx);
-                }
-            }
-        }
-        if self.lead.is_some() && !self.log_cfg.enabled {
-            if let Some(ctx) = self.lead_lease.due(now) {
                 if crate::failpoint::eval("mesh-lease-ask").is_ok() {
                     self.node.read_index(ctx);
                 }
@@ -2371,9 +2355,23 @@ impl Driver {
             return;
         }
         if self.lead.is_none() {
+            // With manifest puts, a leader that took over (not handed the epochs over) waits
+            // out the lease of the one before it first (see `manifest_done`).
+            let deposed_lease = if !self.log_cfg.enabled && state.handoff.is_none() {
+                self.failure.lease_ms
+            } else {
+                0
+            };
             let (since, delay) = *self.lead_wanted.get_or_insert_with(|| {
+                if deposed_lease > 0 {
+                    tracing::info!(
+                        ms = deposed_lease,
+                        "to lead the cluster's epochs (committed by manifest puts): waiting out the last leader's lease first"
+                    );
+                }
                 let delay = crate::failpoint::eval_delay("mesh-lead-epochs");
-                (Instant::now(), delay.ok().flatten().unwrap_or(0))
+                let delay = delay.ok().flatten().unwrap_or(0).max(deposed_lease);
+                (Instant::now(), delay)
             });
             if since.elapsed() < Duration::from_millis(delay) {
                 return;
@@ -3063,18 +3061,16 @@ impl Driver {
     /// was paused (or cut off) while its put was under way may find it landed after its
     /// successor read the newest manifest, so that the successor's chain lacks it, and its
     /// `Committed` would have the participants acknowledge what the cluster then loses. So it
-    /// is passed on only while the leader's lease stands (`lead_lease`: a read index confirmed
-    /// by a majority within `lease_ms`, asked as the ownership lease is, and kept while the
-    /// node stops). A successor reads the newest manifest once every participant holds for
-    /// it or is left out. One that holds for it ignores this leader's `Committed` from then
-    /// on; one that took the `Committed` first holds after the manifest landed, so before the
-    /// read. One left out (`HOLD_TIMEOUT_MS`, 3 s after the successor's `Hold`) or declared
-    /// dead (`failure_timeout_ms` after it was last heard) is left out after this leader's
-    /// lease ran out — the successor was elected after the last read index this leader got
-    /// confirmed, and the lease runs `lease_ms` from when it was asked — so a `Committed` it
-    /// takes late was sent, and its manifest landed, before the read. Otherwise the answer
-    /// waits, in order, until the lease is renewed (a busy control thread) or the leadership
-    /// is gone (it is dropped with the leader).
+    /// is passed on only while the leader's lease stands (`lead_until`: a read index confirmed
+    /// by a majority within `lease_ms` of when it was asked, renewed also while the node
+    /// stops), and a successor starts leading the epochs — and so reads the newest manifest —
+    /// only `lease_ms` after it became the Raft leader (`lead_epochs`), unless the last leader
+    /// handed the epochs over (they stood still: nothing of it was in flight). The successor
+    /// was elected after the last read index this leader got confirmed (a voter that moved to
+    /// the successor's term acknowledges no heartbeat of this one), so this leader's lease ran
+    /// out before the successor's read, and whatever it passed on, its manifest landed before
+    /// that read. Otherwise the answer waits, in order, until the lease is renewed (a busy
+    /// control thread) or the leadership is gone (it is dropped with the leader).
     fn manifest_done(&mut self, epoch: u64, result: Result<bool, String>) {
         if self.log_cfg.enabled {
             self.lead_input(LeadInput::ManifestDone { epoch, result });
@@ -3090,7 +3086,7 @@ impl Driver {
         self.pass_confirmed_done();
     }
 
-    /// The epochs' leader's lease stands (a read index a majority confirmed within
+    /// The epochs' leader's lease stands (a read index a majority confirmed, asked within
     /// `lease_ms`).
     fn lease_stands(&self) -> bool {
         crate::mesh::mono_ms() < self.lead_until
@@ -3181,7 +3177,6 @@ impl Driver {
         }
         for (ctx, index) in &out.read_states {
             self.lease.read_state(ctx, *index);
-            self.lead_lease.read_state(ctx, *index);
         }
         if !out.applied.is_empty() {
             for (index, cmd, outcome) in &out.applied {
@@ -3240,7 +3235,6 @@ impl Driver {
             self.incarnation = random_u64().max(1);
             self.join_proposed = None;
             self.lease.revoke();
-            self.lead_lease.revoke();
         }
         // Left: it was leaving, owns nothing, and the Raft group has let it go (or the
         // members have). Also when this process asked to leave before its own join was
@@ -3278,12 +3272,9 @@ impl Driver {
             .members
             .get(&me)
             .is_some_and(|m| m.alive && m.incarnation == self.incarnation);
-        self.lease_until = if self.stopping.is_some() {
-            0
-        } else {
-            self.lease.applied(state.applied_index, alive_here)
-        };
-        self.lead_until = self.lead_lease.applied(state.applied_index, alive_here);
+        let until = self.lease.applied(state.applied_index, alive_here);
+        self.lease_until = if self.stopping.is_some() { 0 } else { until };
+        self.lead_until = until;
         self.joined = state
             .members
             .get(&me)

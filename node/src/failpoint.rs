@@ -40,8 +40,7 @@
 //! | `mesh-stop-propose` | when a stopping member proposes its stop (`MarkDead { stopped }`) (`return`: it is not proposed, as when every proposal is lost: the member gives up after `STOP_WAIT` and the others declare it dead after the failure timeout) |
 //! | `mesh-drain-ask` | when the leader is asked to drain a member that stops (`Mesh.Drain`) (`return(unimplemented)`: it answers UNIMPLEMENTED, as a leader of an older build does: the member stops at once as before, its key groups failing over; `return`: it answers UNAVAILABLE, and the member asks again until it gives up after `DRAIN_WAIT`) |
 //! | `mesh-manifest-put` | when the epochs' leader puts an epoch's manifest to blob storage (`cluster_log = false`) (`return(<ms>)`: the put starts that much later, as on a slow store) |
-//! | `mesh-control-resume` | when the control thread takes its next step after it was held up for an election timeout or more (a stopped process, a starved CPU) (`return(<ms>)`: that step comes that much later, while the node's other threads go on) |
-//! | `mesh-lease-ask` | when a member asks for the read index that renews its ownership lease (`return`: the ask is lost, as when no majority answers: its lease lapses, though the Raft group still follows it) |
+//! | `mesh-lease-ask` | when a member asks for the read index that renews its ownership lease (`return`: the ask is lost, as when no majority answers: its lease lapses — and with it the epochs' leader's right to commit by manifest puts — though the Raft group still follows it) |
 //! | `mesh-partition` | wherever traffic with peers enters or leaves the node (`return`: cut off both ways; `return(in)`: what peers send is lost; `return(out)`: what it sends is lost; streams break and new ones are refused, as in a network partition) |
 //!
 //! In builds with fault points, `PUT /debug/failpoints` (body: the `FAILPOINTS` syntax; `off`
@@ -76,7 +75,6 @@ pub const MESH_POINTS: &[&str] = &[
     "mesh-drain-ask",
     "mesh-lead-epochs",
     "mesh-manifest-put",
-    "mesh-control-resume",
     "mesh-lease-ask",
     "mesh-partition",
 ];
