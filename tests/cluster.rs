@@ -2007,8 +2007,8 @@ async fn the_epochs_leader_commits_by_manifest_puts_only_while_its_lease_stands(
         || async { (seen(LAPSED) > lapsed).then_some(()) },
     )
     .await;
-    // Every read index asked before the fault point was set has run out by now (both leases
-    // end at most `lease_ms` after their last ask).
+    // Every read index asked before the fault point was set has run out by now (the lease
+    // ends at most `lease_ms` after the last ask answered).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (c2, id2) = (c.clone(), id.clone());
     let call = tokio::spawn(async move { add(&c2, &id2, 1).await });
@@ -2083,7 +2083,7 @@ async fn a_leader_paused_during_a_manifest_put_acknowledges_nothing_its_successo
     let waits = |i: usize| {
         nodes[i]
             .log_since_launch()
-            .matches("waiting out the last leader's lease first")
+            .matches("waiting out the lease of any earlier leader first")
             .count()
     };
     let waited: Vec<usize> = (0..3).map(waits).collect();

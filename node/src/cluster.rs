@@ -2355,9 +2355,10 @@ impl Driver {
             return;
         }
         if self.lead.is_none() {
-            // With manifest puts, a leader that took over (not handed the epochs over) waits
-            // out the lease of the one before it first (see `manifest_done`).
-            let deposed_lease = if !self.log_cfg.enabled && state.handoff.is_none() {
+            // With manifest puts, a new leader waits out the lease of any leader before it
+            // first (see `manifest_done`). Also after a hand-over: whether the hand-over record
+            // is current is known only once this leader's state has caught up with its term.
+            let deposed_lease = if !self.log_cfg.enabled {
                 self.failure.lease_ms
             } else {
                 0
@@ -2366,7 +2367,7 @@ impl Driver {
                 if deposed_lease > 0 {
                     tracing::info!(
                         ms = deposed_lease,
-                        "to lead the cluster's epochs (committed by manifest puts): waiting out the last leader's lease first"
+                        "to lead the cluster's epochs (committed by manifest puts): waiting out the lease of any earlier leader first"
                     );
                 }
                 let delay = crate::failpoint::eval_delay("mesh-lead-epochs");
@@ -3064,8 +3065,8 @@ impl Driver {
     /// is passed on only while the leader's lease stands (`lead_until`: a read index confirmed
     /// by a majority within `lease_ms` of when it was asked, renewed also while the node
     /// stops), and a successor starts leading the epochs — and so reads the newest manifest —
-    /// only `lease_ms` after it became the Raft leader (`lead_epochs`), unless the last leader
-    /// handed the epochs over (they stood still: nothing of it was in flight). The successor
+    /// only `lease_ms` after it became the Raft leader (`lead_epochs`; also after a hand-over,
+    /// whose record it may not have applied yet when it is elected). The successor
     /// was elected after the last read index this leader got confirmed (a voter that moved to
     /// the successor's term acknowledges no heartbeat of this one), so this leader's lease ran
     /// out before the successor's read, and whatever it passed on, its manifest landed before
