@@ -2071,7 +2071,8 @@ async fn chaos_on_three_nodes_with_python_sdk_functions_loses_nothing() {
 // Pauses and partitions of the epochs' leader where nothing fences its commits: with
 // `cluster_log = false` a commit is the leader's manifest put, and no entry of the control
 // group refuses a deposed leader's (its successor numbers its epochs above every reservation
-// instead). Four runs by hand passed before it went into CI.
+// instead). Five runs by hand passed before it went into CI (four of the five-node chaos with
+// `CRASH_CHECKPOINT="cluster_log = false"`, one of this test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_on_five_nodes_committing_by_manifest_puts_loses_nothing() {
     run(

@@ -600,6 +600,7 @@ pub(crate) fn start(
             log_cfg: cluster_log,
             uploads: 0,
             leads: 0,
+            unconfirmed_done: Vec::new(),
             log_lead: None,
             kick: false,
             log_busy,
@@ -639,6 +640,7 @@ pub(crate) fn start(
             published: u64::MAX,
             detector: Detector::new(failure),
             lease: Lease::new(failure, random_u64()),
+            lead_until: 0,
             failure,
             dead_proposed: HashMap::new(),
             lease_until: 0,
@@ -712,6 +714,7 @@ pub(crate) fn start(
                     }
                 }
                 _ = epoch_tick.tick(), if c.lead.is_some() => {
+                    c.pass_confirmed_done();
                     c.lead_input(LeadInput::Tick { now_ms: crate::shard::now_ms() });
                     c.log_tick();
                     if !std::mem::take(&mut c.kick) {
@@ -913,6 +916,10 @@ struct Driver {
     /// The epochs' leaders this node has been (numbers them: a manifest write answers the
     /// one that started it only).
     leads: u64,
+    /// Manifest puts (`cluster_log = false`) of the epochs' leader that ended while its lease
+    /// (`lead_until`) had lapsed, in order: passed on once it is confirmed again, dropped with
+    /// the leader (see [`Driver::manifest_done`]).
+    unconfirmed_done: Vec<(u64, Result<bool, String>)>,
     /// While it leads the epochs with the cluster's epoch log.
     log_lead: Option<LogLead>,
     /// Something was proposed outside a round: run one now.
@@ -981,8 +988,12 @@ struct Driver {
     published: u64,
     /// The leader's failure detector.
     detector: Detector,
-    /// This node's ownership lease, and its end (in `mono_ms`).
+    /// This node's ownership lease, and its end (in `mono_ms`; 0 while it stops).
     lease: Lease,
+    /// The same lease's end for the epochs' leader with manifest puts (`cluster_log =
+    /// false`), also while this node stops: it still leads until its successor does (see
+    /// [`Driver::manifest_done`]).
+    lead_until: u64,
     lease_until: u64,
     failure: FailureConfig,
     /// Deaths proposed (member → generation, when), proposed again after `REPROPOSE`.
@@ -1268,7 +1279,7 @@ impl Driver {
             leader = self.node.is_leader(),
             "stopping: this node gives up its ownership lease and tells the cluster, so that its key groups move to the others now"
         );
-        self.lease.revoke();
+        // (Its lease itself goes on being renewed while it leads the epochs: see `lead_until`.)
         self.lease_until = 0;
         self.stopping = Some(Stopping {
             since: Instant::now(),
@@ -2100,9 +2111,12 @@ impl Driver {
         self.ask_if_removed();
         self.announce();
         let now = crate::mesh::mono_ms();
-        if self.stopping.is_none() {
+        if self.stopping.is_none() || (self.lead.is_some() && !self.log_cfg.enabled) {
             if let Some(ctx) = self.lease.due(now) {
-                self.node.read_index(ctx);
+                // `return`: lost, as when the majority does not answer.
+                if crate::failpoint::eval("mesh-lease-ask").is_ok() {
+                    self.node.read_index(ctx);
+                }
             }
         }
         self.detect(now);
@@ -2333,6 +2347,7 @@ impl Driver {
             }
             self.lead_wanted = None;
             self.log_lead = None;
+            self.unconfirmed_done.clear();
             if self.lead.take().is_some() {
                 tracing::info!("no longer leading cluster epochs");
             }
@@ -2340,9 +2355,24 @@ impl Driver {
             return;
         }
         if self.lead.is_none() {
+            // With manifest puts, a new leader waits out the lease of any leader before it
+            // first (see `manifest_done`). Also after a hand-over: whether the hand-over record
+            // is current is known only once this leader's state has caught up with its term.
+            let deposed_lease = if !self.log_cfg.enabled {
+                self.failure.lease_ms
+            } else {
+                0
+            };
             let (since, delay) = *self.lead_wanted.get_or_insert_with(|| {
+                if deposed_lease > 0 {
+                    tracing::info!(
+                        ms = deposed_lease,
+                        "to lead the cluster's epochs (committed by manifest puts): waiting out the lease of any earlier leader first"
+                    );
+                }
                 let delay = crate::failpoint::eval_delay("mesh-lead-epochs");
-                (Instant::now(), delay.ok().flatten().unwrap_or(0))
+                let delay = delay.ok().flatten().unwrap_or(0).max(deposed_lease);
+                (Instant::now(), delay)
             });
             if since.elapsed() < Duration::from_millis(delay) {
                 return;
@@ -2383,6 +2413,7 @@ impl Driver {
             self.log_lead = Some(LogLead::new(self.log_cfg));
             self.lead = Some(lead);
             self.leads += 1;
+            self.unconfirmed_done.clear();
             self.participants = None;
         }
         // The members that own key groups, and those that can take some (their control log
@@ -2871,18 +2902,13 @@ impl Driver {
                 }
                 if let Some(e) = bad {
                     tracing::error!("{e}");
-                    self.lead_input(LeadInput::ManifestDone {
-                        epoch,
-                        result: Err(e),
-                    });
+                    self.manifest_done(epoch, Err(e));
                     return;
                 }
                 if objects.is_empty() {
-                    // Nothing changed anywhere: committed without a manifest.
-                    self.lead_input(LeadInput::ManifestDone {
-                        epoch,
-                        result: Ok(false),
-                    });
+                    // Nothing changed anywhere: committed without a manifest (in order with
+                    // the others).
+                    self.manifest_done(epoch, Ok(false));
                     return;
                 }
                 let m = Manifest {
@@ -2898,6 +2924,7 @@ impl Driver {
                 }
                 let (cp, tx, lead) = (self.epoch_cp.clone(), self.epoch_tx.clone(), self.leads);
                 tokio::spawn(async move {
+                    let _ = crate::failpoint::eval_slow("mesh-manifest-put").await;
                     let result = match cp {
                         Some(cp) => cp.commit(&m).await.map(|_| true).map_err(|e| e.to_string()),
                         None => Err("checkpoints are off".into()),
@@ -3030,6 +3057,53 @@ impl Driver {
         }
     }
 
+    /// A manifest put of this epochs' leader ended. With manifest puts (`cluster_log =
+    /// false`) nothing in the control group fences a deposed leader's commit: a leader that
+    /// was paused (or cut off) while its put was under way may find it landed after its
+    /// successor read the newest manifest, so that the successor's chain lacks it, and its
+    /// `Committed` would have the participants acknowledge what the cluster then loses. So it
+    /// is passed on only while the leader's lease stands (`lead_until`: a read index confirmed
+    /// by a majority within `lease_ms` of when it was asked, renewed also while the node
+    /// stops), and a successor starts leading the epochs — and so reads the newest manifest —
+    /// only `lease_ms` after it became the Raft leader (`lead_epochs`; also after a hand-over,
+    /// whose record it may not have applied yet when it is elected). The successor
+    /// was elected after the last read index this leader got confirmed (a voter that moved to
+    /// the successor's term acknowledges no heartbeat of this one), so this leader's lease ran
+    /// out before the successor's read, and whatever it passed on, its manifest landed before
+    /// that read. Otherwise the answer waits, in order, until the lease is renewed (a busy
+    /// control thread) or the leadership is gone (it is dropped with the leader).
+    fn manifest_done(&mut self, epoch: u64, result: Result<bool, String>) {
+        if self.log_cfg.enabled {
+            self.lead_input(LeadInput::ManifestDone { epoch, result });
+            return;
+        }
+        if self.unconfirmed_done.is_empty() && !self.lease_stands() {
+            tracing::warn!(
+                epoch,
+                "the epochs' leader holds the commit of epoch {epoch} until a majority confirms its leadership again (no read index confirmed within the lease: it may have been deposed meanwhile)"
+            );
+        }
+        self.unconfirmed_done.push((epoch, result));
+        self.pass_confirmed_done();
+    }
+
+    /// The epochs' leader's lease stands (a read index a majority confirmed, asked within
+    /// `lease_ms`).
+    fn lease_stands(&self) -> bool {
+        crate::mesh::mono_ms() < self.lead_until
+    }
+
+    /// Passes the manifest puts held by [`Driver::manifest_done`] on, in order, once the
+    /// leader's lease stands again.
+    fn pass_confirmed_done(&mut self) {
+        if self.unconfirmed_done.is_empty() || !self.lease_stands() {
+            return;
+        }
+        for (epoch, result) in std::mem::take(&mut self.unconfirmed_done) {
+            self.lead_input(LeadInput::ManifestDone { epoch, result });
+        }
+    }
+
     fn epoch_route(&mut self, r: EpochRoute) {
         if let EpochRoute::Send { from, to, msg } = &r {
             tracing::trace!(from, to, ?msg, "epoch message");
@@ -3048,7 +3122,7 @@ impl Driver {
                 result,
             } => {
                 if lead == self.leads && self.lead.is_some() {
-                    self.lead_input(LeadInput::ManifestDone { epoch, result });
+                    self.manifest_done(epoch, result);
                 } else {
                     tracing::debug!(
                         epoch,
@@ -3199,11 +3273,9 @@ impl Driver {
             .members
             .get(&me)
             .is_some_and(|m| m.alive && m.incarnation == self.incarnation);
-        self.lease_until = if self.stopping.is_some() {
-            0
-        } else {
-            self.lease.applied(state.applied_index, alive_here)
-        };
+        let until = self.lease.applied(state.applied_index, alive_here);
+        self.lease_until = if self.stopping.is_some() { 0 } else { until };
+        self.lead_until = until;
         self.joined = state
             .members
             .get(&me)

@@ -36,9 +36,11 @@
 //! | `mesh-handover-read` | when a live hand-over starts reading the key groups a node gained from blob storage (`return(<ms>)`: the read is delayed that long, as on a slow store; `return`: it fails, and the participants synchronise again) |
 //! | `mesh-held-answer` | when a participant answers the epochs' leader's `Hold` (`return(<ms>)`: the answer is delayed, as from a slow or distant participant) |
 //! | `mesh-fn-stream-break` | before a frame of messages between functions is sent to a peer (`return`: the frame is lost and the stream breaks, as when the connection drops) |
-//! | `mesh-lead-epochs` | when a node is to lead the cluster's epochs (it leads the control group of a cluster of several members) (`return(<ms>)`: it starts leading them that much later, as on a busy control thread) |
+//! | `mesh-lead-epochs` | when a node is to lead the cluster's epochs (it leads the control group of a cluster of several members) (`return(<ms>)`: it starts leading them that much later, as on a busy control thread; with manifest puts it waits `lease_ms` anyway, and the longer of the two counts) |
 //! | `mesh-stop-propose` | when a stopping member proposes its stop (`MarkDead { stopped }`) (`return`: it is not proposed, as when every proposal is lost: the member gives up after `STOP_WAIT` and the others declare it dead after the failure timeout) |
 //! | `mesh-drain-ask` | when the leader is asked to drain a member that stops (`Mesh.Drain`) (`return(unimplemented)`: it answers UNIMPLEMENTED, as a leader of an older build does: the member stops at once as before, its key groups failing over; `return`: it answers UNAVAILABLE, and the member asks again until it gives up after `DRAIN_WAIT`) |
+//! | `mesh-manifest-put` | when the epochs' leader puts an epoch's manifest to blob storage (`cluster_log = false`) (`return(<ms>)`: the put starts that much later, as on a slow store) |
+//! | `mesh-lease-ask` | when a member asks for the read index that renews its ownership lease (`return`: the ask is lost, as when no majority answers: its lease lapses — and with it the epochs' leader's right to commit by manifest puts — though the Raft group still follows it) |
 //! | `mesh-partition` | wherever traffic with peers enters or leaves the node (`return`: cut off both ways; `return(in)`: what peers send is lost; `return(out)`: what it sends is lost; streams break and new ones are refused, as in a network partition) |
 //!
 //! In builds with fault points, `PUT /debug/failpoints` (body: the `FAILPOINTS` syntax; `off`
@@ -72,6 +74,8 @@ pub const MESH_POINTS: &[&str] = &[
     "mesh-stop-propose",
     "mesh-drain-ask",
     "mesh-lead-epochs",
+    "mesh-manifest-put",
+    "mesh-lease-ask",
     "mesh-partition",
 ];
 
