@@ -2075,42 +2075,28 @@ async fn chaos_on_three_nodes_with_python_sdk_functions_loses_nothing() {
 // `CRASH_CHECKPOINT="cluster_log = false"`, one of this test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_on_five_nodes_committing_by_manifest_puts_loses_nothing() {
-    run(
-        seed(),
-        Variant {
-            types: &["statemesh.smoke/fn"],
-            module: None,
-            config: CHAOS_MANIFEST_PUT_CONFIG,
-            requests: 200,
-            kills: 30,
-            points: &[],
-            wipe_local: false,
-            pad: false,
-            cluster: false,
-            lose_disk: false,
-            chaos: 5,
-        },
-    )
-    .await;
+    run(seed(), five_node_chaos(CHAOS_MANIFEST_PUT_CONFIG)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_on_five_nodes_loses_nothing() {
-    run(
-        seed(),
-        Variant {
-            types: &["statemesh.smoke/fn"],
-            module: None,
-            config: CONFIG,
-            requests: 200,
-            kills: 30,
-            points: &[],
-            wipe_local: false,
-            pad: false,
-            cluster: false,
-            lose_disk: false,
-            chaos: 5,
-        },
-    )
-    .await;
+    run(seed(), five_node_chaos(CONFIG)).await;
+}
+
+/// The five-node chaos runs: 30 chaos events (pauses, partitions, kills, joins and leaves)
+/// over 200 requests to one embedded function.
+fn five_node_chaos(config: &'static str) -> Variant {
+    Variant {
+        types: &["statemesh.smoke/fn"],
+        module: None,
+        config,
+        requests: 200,
+        kills: 30,
+        points: &[],
+        wipe_local: false,
+        pad: false,
+        cluster: false,
+        lose_disk: false,
+        chaos: 5,
+    }
 }
