@@ -4257,12 +4257,23 @@ async fn stopped_under_load(the_leader: bool) {
         .map(|i| std::fs::read_to_string(root.join(format!("n{i}.log"))).unwrap_or_default())
         .collect();
     println!("the whole cluster stopped in {took:?}");
+    // (What each node said of its stop, for a failure in CI, which keeps no node logs.)
+    let stops: Vec<String> = logs
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let lines: Vec<&str> = l.lines().filter(|l| l.contains("stop")).collect();
+            let last = &lines[lines.len().saturating_sub(12)..];
+            format!("node {}:\n{}", i + 1, last.join("\n"))
+        })
+        .collect();
     assert!(
         took < Duration::from_secs(8)
             && !logs
                 .iter()
                 .any(|l| l.contains("did not hand this node's key groups over within")),
-        "the whole cluster took {took:?} to stop"
+        "the whole cluster took {took:?} to stop; the nodes' last words on stopping:\n{}",
+        stops.join("\n")
     );
 }
 
@@ -4747,6 +4758,52 @@ async fn a_drain_the_leader_never_answers_is_given_up_after_its_wait_and_the_sto
     assert_eq!(why.last().map(String::as_str), Some("stop"), "{why:?}");
     assert_eq!(add(&c, &id, 1).await, 2);
     Node::stop_all(nodes.into_iter().flatten()).await;
+}
+
+/// A member stopped just after the two others were killed (the whole cluster going down, or
+/// its leader handing its leadership to a member that exits at once) sees no leader: it gives
+/// its drain up after `DRAIN_LEADERLESS` (2 s) rather than `DRAIN_WAIT` (10 s), and stops as
+/// before. Restarted together, the members lose nothing. (A whole cluster's stop in
+/// `stopped_under_load` took 11.6 s now and then: its leader had handed its leadership to a
+/// member that exited at once, and a follower it had not refused waited out its drain.)
+#[tokio::test]
+async fn a_member_stopping_without_a_leader_gives_its_drain_up_soon() {
+    let _g = SERIAL.lock().await;
+    let dir = test_dir();
+    let root = dir.path();
+    let FollowersCounter {
+        mut nodes,
+        follower,
+        id,
+        seed,
+        ports,
+        ..
+    } = followers_counter(root, "leaderless-drain").await;
+    let at = |i: u64| i as usize - 1;
+    let s = nodes[at(follower)].take().unwrap();
+    for n in nodes.iter_mut() {
+        if let Some(n) = n.take() {
+            n.kill();
+        }
+    }
+    let t0 = std::time::Instant::now();
+    let log = s.stop_logged().await;
+    let exited = t0.elapsed();
+    println!("node {follower}: the others killed, it exited {exited:?} after SIGTERM");
+    assert!(
+        log.contains("stopping: the cluster has had no leader for 2000 ms")
+            && !log.contains("did not hand this node's key groups over within"),
+        "node {follower} gives its drain up for want of a leader: {log}"
+    );
+    // (An election's timeout, 2 s, then up to 5 s for a last epoch that no leader commits:
+    // under the 10 s the drain alone waited before.)
+    assert!(exited < Duration::from_secs(10), "{exited:?}");
+    let restarted: Vec<Node> = (1..=3u64)
+        .map(|i| restart(root, i, ports[at(i)], (i != 1).then_some(seed.as_str())))
+        .collect();
+    converged(&restarted.iter().collect::<Vec<_>>(), 3, 3).await;
+    assert_eq!(add(&restarted[0].client().await, &id, 0).await, 1);
+    Node::stop_all(restarted).await;
 }
 
 #[tokio::test]

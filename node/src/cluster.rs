@@ -1112,6 +1112,9 @@ fn alive_after_stop(state: &ClusterState, me: NodeId) -> bool {
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
 /// How often a stopping member asks the leader to drain it (and how it learns it is done).
 const DRAIN_ASK_EVERY: Duration = Duration::from_millis(100);
+/// A stopping member that sees no leader for this long stops as before (an election takes
+/// 0.5–1 s; a cluster stopped as a whole elects none).
+const DRAIN_LEADERLESS: Duration = Duration::from_secs(2);
 /// How long a stopping leader waits for the cluster's epochs to stand still for the next
 /// leader (the open ones commit; see `LeadInput::HandOff`) before it hands its leadership over
 /// all the same.
@@ -1139,6 +1142,8 @@ struct Drain {
     /// When it leads: since when it asks the epochs to stand still for the next leader
     /// (`LeadInput::HandOff`; `asked`: when it last asked).
     handoff: Option<Instant>,
+    /// Since when it has seen no leader (`DRAIN_LEADERLESS`).
+    leaderless: Option<Instant>,
     /// The leader's last answer (logged when it changes).
     last: Option<(u32, bool)>,
     /// The leader said it is drained: the stop goes on, and the member keeps asking, so
@@ -1332,6 +1337,7 @@ impl Driver {
             transfer_to: None,
             transfer_asked: None,
             handoff: None,
+            leaderless: None,
             last: None,
             done: false,
             moving_own: false,
@@ -1342,8 +1348,9 @@ impl Driver {
     /// A draining member's step, each round: a leader hands the Raft group's leadership over
     /// first (as for a stop: only a follower is drained); a follower asks the leader every
     /// `DRAIN_ASK_EVERY` until it answers that the member owns nothing and is out of the
-    /// epochs. It gives up after `DRAIN_WAIT`, or when the leader refuses (no other member
-    /// can take its key groups; a leader of an older build).
+    /// epochs. It gives up after `DRAIN_WAIT`, when the leader refuses (no other member can
+    /// take its key groups; a leader of an older build), or when it has seen no leader for
+    /// `DRAIN_LEADERLESS`.
     fn drain_step(&mut self) {
         let Some(d) = self.drain.as_mut() else {
             return;
@@ -1440,12 +1447,25 @@ impl Driver {
             }
             return;
         }
+        let Some(leader) = self.node.leader() else {
+            // No leader: an election is under way, or the others stopped too and none can be
+            // elected (the whole cluster is being stopped: its leader refused this drain or
+            // never saw it, and handed its leadership to a member that exited at once).
+            let since = *d.leaderless.get_or_insert_with(Instant::now);
+            if !d.done && since.elapsed() >= DRAIN_LEADERLESS {
+                tracing::warn!(
+                    node = me,
+                    "stopping: the cluster has had no leader for {} ms (the others stop too, or a majority is gone), so nobody hands this node's key groups over; stopping as before",
+                    DRAIN_LEADERLESS.as_millis()
+                );
+                self.end_drain();
+            }
+            return;
+        };
+        d.leaderless = None;
         if d.in_flight || d.asked.is_some_and(|t| t.elapsed() < DRAIN_ASK_EVERY) {
             return;
         }
-        let Some(leader) = self.node.leader() else {
-            return;
-        };
         if self.ask_drain(leader) {
             if let Some(d) = self.drain.as_mut() {
                 d.asked = Some(Instant::now());
