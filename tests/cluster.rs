@@ -4796,8 +4796,8 @@ async fn a_member_stopping_without_a_leader_gives_its_drain_up_soon() {
         "node {follower} gives its drain up for want of a leader: {log}"
     );
     // (An election's timeout, 2 s, then up to 5 s for a last epoch that no leader commits:
-    // under the 10 s the drain alone waited before.)
-    assert!(exited < Duration::from_secs(10), "{exited:?}");
+    // about 8 s, against 15 s before — 10 s for the drain alone.)
+    assert!(exited < Duration::from_secs(12), "{exited:?}");
     let restarted: Vec<Node> = (1..=3u64)
         .map(|i| restart(root, i, ports[at(i)], (i != 1).then_some(seed.as_str())))
         .collect();

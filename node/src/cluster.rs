@@ -1365,6 +1365,9 @@ impl Driver {
             self.end_drain();
             return;
         }
+        if self.node.leader().is_some() {
+            d.leaderless = None;
+        }
         let leads = self.node.is_leader();
         if leads && d.done {
             // (It leads again: a transfer came back to it. Its stop exits without telling.)
@@ -1462,7 +1465,6 @@ impl Driver {
             }
             return;
         };
-        d.leaderless = None;
         if d.in_flight || d.asked.is_some_and(|t| t.elapsed() < DRAIN_ASK_EVERY) {
             return;
         }
