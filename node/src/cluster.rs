@@ -640,7 +640,6 @@ pub(crate) fn start(
             published: u64::MAX,
             detector: Detector::new(failure),
             lease: Lease::new(failure, random_u64()),
-            lead_until: 0,
             failure,
             dead_proposed: HashMap::new(),
             lease_until: 0,
@@ -917,7 +916,7 @@ struct Driver {
     /// one that started it only).
     leads: u64,
     /// Manifest puts (`cluster_log = false`) of the epochs' leader that ended while its lease
-    /// (`lead_until`) had lapsed, in order: passed on once it is confirmed again, dropped with
+    /// (`Lease::until_ms`) had lapsed, in order: passed on once it is confirmed again, dropped with
     /// the leader (see [`Driver::manifest_done`]).
     unconfirmed_done: Vec<(u64, Result<bool, String>)>,
     /// While it leads the epochs with the cluster's epoch log.
@@ -988,12 +987,11 @@ struct Driver {
     published: u64,
     /// The leader's failure detector.
     detector: Detector,
-    /// This node's ownership lease, and its end (in `mono_ms`; 0 while it stops).
-    lease: Lease,
-    /// The same lease's end for the epochs' leader with manifest puts (`cluster_log =
-    /// false`), also while this node stops: it still leads until its successor does (see
+    /// This node's lease: its end is the ownership lease's (`lease_until`, in `mono_ms`; 0
+    /// while it stops) and, also while it stops, that of the epochs' leader with manifest puts
+    /// (`cluster_log = false`: it still leads until its successor does, see
     /// [`Driver::manifest_done`]).
-    lead_until: u64,
+    lease: Lease,
     lease_until: u64,
     failure: FailureConfig,
     /// Deaths proposed (member → generation, when), proposed again after `REPROPOSE`.
@@ -1284,7 +1282,7 @@ impl Driver {
             leader = self.node.is_leader(),
             "stopping: this node gives up its ownership lease and tells the cluster, so that its key groups move to the others now"
         );
-        // (Its lease itself goes on being renewed while it leads the epochs: see `lead_until`.)
+        // (Its lease itself goes on being renewed while it leads the epochs: see `lease_stands`.)
         self.lease_until = 0;
         self.stopping = Some(Stopping {
             since: Instant::now(),
@@ -3084,7 +3082,7 @@ impl Driver {
     /// was paused (or cut off) while its put was under way may find it landed after its
     /// successor read the newest manifest, so that the successor's chain lacks it, and its
     /// `Committed` would have the participants acknowledge what the cluster then loses. So it
-    /// is passed on only while the leader's lease stands (`lead_until`: a read index confirmed
+    /// is passed on only while the leader's lease stands (`Lease::until_ms`: a read index confirmed
     /// by a majority within `lease_ms` of when it was asked, renewed also while the node
     /// stops), and a successor starts leading the epochs — and so reads the newest manifest —
     /// only `lease_ms` after it became the Raft leader (`lead_epochs`; also after a hand-over,
@@ -3112,7 +3110,7 @@ impl Driver {
     /// The epochs' leader's lease stands (a read index a majority confirmed, asked within
     /// `lease_ms`).
     fn lease_stands(&self) -> bool {
-        crate::mesh::mono_ms() < self.lead_until
+        crate::mesh::mono_ms() < self.lease.until_ms()
     }
 
     /// Passes the manifest puts held by [`Driver::manifest_done`] on, in order, once the
@@ -3297,7 +3295,6 @@ impl Driver {
             .is_some_and(|m| m.alive && m.incarnation == self.incarnation);
         let until = self.lease.applied(state.applied_index, alive_here);
         self.lease_until = if self.stopping.is_some() { 0 } else { until };
-        self.lead_until = until;
         self.joined = state
             .members
             .get(&me)
